@@ -1,0 +1,341 @@
+//! `NativeModel`: a base model and its adapters, shared by the JS `PreTrainedModel` and
+//! `PeftModel` facades (as in HF, `get_peft_model` changes the base model in place).
+
+use crate::task::{arg_err, guard, to_napi, Job};
+use napi::bindgen_prelude::AsyncTask;
+use napi::bindgen_prelude::{Float32Array, Uint32Array, Uint8Array};
+use peft_core::generate::{generate, GenerateOptions};
+use peft_core::model::loader::load_causal_lm;
+use peft_core::model::ForwardOptions;
+use peft_core::peft_model::{PeftModel, BASE_ADAPTER};
+use peft_core::tuners::LoraConfig;
+use peft_core::PeftError;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+pub type Shared = Arc<Mutex<Option<PeftModel>>>;
+
+pub fn lock(m: &Shared) -> peft_core::Result<MutexGuard<'_, Option<PeftModel>>> {
+    Ok(m.lock().unwrap_or_else(|p| p.into_inner()))
+}
+
+pub fn with_model<T>(m: &Shared, f: impl FnOnce(&mut PeftModel) -> peft_core::Result<T>) -> peft_core::Result<T> {
+    let mut g = lock(m)?;
+    let model = g.as_mut().ok_or_else(|| PeftError::InvalidState("the model was disposed".into()))?;
+    f(model)
+}
+
+fn parse_dtype(d: &str) -> peft_core::Result<candle_core::DType> {
+    match d {
+        "f32" | "float32" => Ok(candle_core::DType::F32),
+        "f16" | "float16" => Ok(candle_core::DType::F16),
+        "bf16" | "bfloat16" => Ok(candle_core::DType::BF16),
+        other => Err(PeftError::invalid_arg("dtype", format!("must be 'f32', 'f16' or 'bf16', found {other:?}"))),
+    }
+}
+
+/// A cancellation flag shared with a running task (set from an AbortSignal listener).
+#[napi]
+pub struct AbortFlag {
+    flag: Arc<AtomicBool>,
+}
+
+#[napi]
+impl AbortFlag {
+    #[napi(constructor)]
+    pub fn new() -> Self {
+        AbortFlag { flag: Arc::new(AtomicBool::new(false)) }
+    }
+    #[napi]
+    pub fn abort(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+    }
+    #[napi(getter)]
+    pub fn aborted(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+}
+
+impl Default for AbortFlag {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[napi(object)]
+pub struct ForwardResult {
+    /// Logits, row-major `[batch, seq, vocab]`, f32.
+    pub data: Float32Array,
+    pub shape: Vec<u32>,
+}
+
+#[napi(object)]
+pub struct GenerateArgs {
+    pub max_new_tokens: u32,
+    pub do_sample: bool,
+    pub temperature: f64,
+    pub top_k: u32,
+    pub top_p: f64,
+    pub seed: u32,
+    pub eos_token_ids: Vec<u32>,
+    pub pad_token_id: u32,
+    pub use_cache: bool,
+}
+
+#[napi(object)]
+pub struct LoadResultJs {
+    pub missing_keys: Vec<String>,
+    pub unexpected_keys: Vec<String>,
+}
+
+/// The result of loading a model: the model and (when the source carries one) a tokenizer.
+#[napi]
+pub struct NativeModel {
+    pub(crate) inner: Shared,
+    tokenizer: Option<Arc<peft_core::tokenizer::Tokenizer>>,
+}
+
+/// Load a base model from a HF folder or a GGUF file, off the JS thread.
+#[napi(ts_return_type = "Promise<NativeModel>")]
+pub fn load_model(path: String, dtype: String) -> AsyncTask<Job<NativeModel, NativeModel>> {
+    AsyncTask::new(Job::plain(move || {
+        let dt = parse_dtype(&dtype)?;
+        let loaded = load_causal_lm(std::path::Path::new(&path), dt, &candle_core::Device::Cpu)?;
+        Ok(NativeModel {
+            inner: Arc::new(Mutex::new(Some(PeftModel::new(loaded.model)))),
+            tokenizer: loaded.tokenizer.map(Arc::new),
+        })
+    }))
+}
+
+fn to_rows(names: Option<Vec<String>>) -> Option<peft_core::tuners::RowAdapters> {
+    names.map(|n| Arc::new(n.into_iter().map(|x| if x == BASE_ADAPTER { None } else { Some(x) }).collect()))
+}
+
+#[napi]
+impl NativeModel {
+    /// The tokenizer that came with the model file (GGUF metadata or tokenizer.json), if any.
+    #[napi]
+    pub fn take_tokenizer(&mut self) -> Option<crate::tokenizer::NativeTokenizer> {
+        self.tokenizer.clone().map(crate::tokenizer::NativeTokenizer::from_arc)
+    }
+
+    /// The model's config as JSON (transformers names).
+    #[napi(catch_unwind)]
+    pub fn config_json(&self) -> napi::Result<String> {
+        guard(|| {
+            with_model(&self.inner, |m| {
+                let c = &m.base.config;
+                Ok(serde_json::json!({
+                    "model_type": c.model_type, "architectures": [c.architecture], "vocab_size": c.vocab_size,
+                    "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+                    "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+                    "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim, "rms_norm_eps": c.rms_norm_eps,
+                    "rope_theta": c.rope_theta, "max_position_embeddings": c.max_position_embeddings,
+                    "tie_word_embeddings": c.tie_word_embeddings, "bos_token_id": c.bos_token_id,
+                    "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id, "dtype": c.dtype,
+                    "_name_or_path": c.name_or_path,
+                })
+                .to_string())
+            })
+        })
+    }
+
+    /// Inject a LoRA adapter from an adapter_config.json object (as JSON text). Returns the
+    /// targeted module names.
+    #[napi(catch_unwind)]
+    pub fn add_adapter(&self, name: String, config_json: String, seed: u32) -> napi::Result<Vec<String>> {
+        guard(|| {
+            let v: serde_json::Value = serde_json::from_str(&config_json)
+                .map_err(|e| PeftError::InvalidAdapterConfig { path: None, msg: format!("not valid JSON: {e}") })?;
+            let cfg = LoraConfig::from_json(&v, None)?;
+            with_model(&self.inner, |m| m.add_adapter(&name, cfg, seed as u64))
+        })
+    }
+
+    #[napi(catch_unwind)]
+    pub fn set_adapter(&self, names: Vec<String>) -> napi::Result<()> {
+        guard(|| with_model(&self.inner, |m| m.set_adapter(&names)))
+    }
+
+    #[napi(catch_unwind)]
+    pub fn set_disabled(&self, disabled: bool) -> napi::Result<()> {
+        guard(|| with_model(&self.inner, |m| m.set_disabled(disabled)))
+    }
+
+    #[napi(catch_unwind)]
+    pub fn is_disabled(&self) -> napi::Result<bool> {
+        guard(|| with_model(&self.inner, |m| Ok(m.is_disabled())))
+    }
+
+    #[napi(catch_unwind)]
+    pub fn merge_adapter(&self, names: Option<Vec<String>>, safe_merge: bool) -> napi::Result<()> {
+        guard(|| with_model(&self.inner, |m| m.merge_adapter(names.as_deref(), safe_merge)))
+    }
+
+    #[napi(catch_unwind)]
+    pub fn unmerge_adapter(&self) -> napi::Result<()> {
+        guard(|| with_model(&self.inner, |m| m.unmerge_adapter()))
+    }
+
+    #[napi(catch_unwind)]
+    pub fn merge_and_unload(&self, names: Option<Vec<String>>, safe_merge: bool) -> napi::Result<()> {
+        guard(|| with_model(&self.inner, |m| m.merge_and_unload(names.as_deref(), safe_merge)))
+    }
+
+    #[napi(catch_unwind)]
+    pub fn unload(&self) -> napi::Result<()> {
+        guard(|| with_model(&self.inner, |m| m.unload()))
+    }
+
+    #[napi(catch_unwind)]
+    pub fn delete_adapter(&self, name: String) -> napi::Result<()> {
+        guard(|| with_model(&self.inner, |m| m.delete_adapter(&name)))
+    }
+
+    #[napi(catch_unwind)]
+    pub fn adapter_names(&self) -> napi::Result<Vec<String>> {
+        guard(|| with_model(&self.inner, |m| Ok(m.adapter_names())))
+    }
+
+    #[napi(catch_unwind)]
+    pub fn active_adapters(&self) -> napi::Result<Vec<String>> {
+        guard(|| with_model(&self.inner, |m| Ok(m.active_adapters().to_vec())))
+    }
+
+    #[napi(catch_unwind)]
+    pub fn merged_adapters(&self) -> napi::Result<Vec<String>> {
+        guard(|| with_model(&self.inner, |m| Ok(m.merged_adapters())))
+    }
+
+    /// adapter_config.json text of adapter `name`, as HF writes it.
+    #[napi(catch_unwind)]
+    pub fn peft_config_json(&self, name: String) -> napi::Result<String> {
+        guard(|| with_model(&self.inner, |m| m.config_json(&name)))
+    }
+
+    /// `[trainable, all]` parameter counts.
+    #[napi(catch_unwind)]
+    pub fn nb_trainable_parameters(&self) -> napi::Result<Vec<f64>> {
+        guard(|| with_model(&self.inner, |m| { let (t, a) = m.nb_trainable_parameters(); Ok(vec![t as f64, a as f64]) }))
+    }
+
+    /// Forward pass. `inputIds` row-major `[batch, seq]`; `attentionMask` the same shape (1/0).
+    #[napi(ts_return_type = "Promise<ForwardResult>")]
+    pub fn forward(
+        &self,
+        input_ids: Uint32Array,
+        batch: u32,
+        seq: u32,
+        attention_mask: Option<Uint8Array>,
+        adapter_names: Option<Vec<String>>,
+    ) -> napi::Result<AsyncTask<Job<(Vec<f32>, Vec<u32>), ForwardResult>>> {
+        let ids = input_ids.to_vec();
+        let (b, s) = (batch as usize, seq as usize);
+        if ids.len() != b * s {
+            return Err(arg_err("inputIds", format!("has {} values, expected {b} × {s}", ids.len())));
+        }
+        let mask = attention_mask.map(|m| m.to_vec());
+        let inner = self.inner.clone();
+        let rows = to_rows(adapter_names);
+        Ok(AsyncTask::new(Job::new(
+            move || {
+                with_model(&inner, |m| {
+                    let opts = ForwardOptions { attention_mask: mask, adapter_rows: rows, ..Default::default() };
+                    let logits = m.forward(&ids, b, s, &opts, None)?.to_dtype(candle_core::DType::F32)?;
+                    let shape = logits.dims().iter().map(|&d| d as u32).collect();
+                    Ok((logits.flatten_all()?.to_vec1::<f32>()?, shape))
+                })
+            },
+            |_, (data, shape)| Ok(ForwardResult { data: Float32Array::new(data), shape }),
+        )))
+    }
+
+    /// Generate; returns each row's prompt + new tokens.
+    #[napi(ts_return_type = "Promise<Array<Array<number>>>")]
+    pub fn generate(
+        &self,
+        input_ids: Uint32Array,
+        batch: u32,
+        seq: u32,
+        attention_mask: Option<Uint8Array>,
+        args: GenerateArgs,
+        adapter_names: Option<Vec<String>>,
+        abort: Option<&AbortFlag>,
+    ) -> napi::Result<AsyncTask<Job<Vec<Vec<u32>>, Vec<Vec<u32>>>>> {
+        let ids = input_ids.to_vec();
+        let (b, s) = (batch as usize, seq as usize);
+        let mask = attention_mask.map(|m| m.to_vec());
+        let inner = self.inner.clone();
+        let rows = to_rows(adapter_names);
+        let flag = abort.map(|a| a.flag.clone()).unwrap_or_default();
+        let o = GenerateOptions {
+            max_new_tokens: args.max_new_tokens as usize,
+            do_sample: args.do_sample,
+            temperature: args.temperature,
+            top_k: args.top_k as usize,
+            top_p: args.top_p,
+            seed: args.seed as u64,
+            eos_token_ids: args.eos_token_ids,
+            pad_token_id: args.pad_token_id,
+            use_cache: args.use_cache,
+        };
+        Ok(AsyncTask::new(Job::plain(move || {
+            with_model(&inner, |m| {
+                m.check_rows(&ForwardOptions { adapter_rows: rows.clone(), ..Default::default() }, b)?;
+                generate(m, &ids, b, s, mask, rows, &o, &|| flag.load(Ordering::SeqCst))
+            })
+        })))
+    }
+
+    /// Save adapters (all, or `selected`) in HF PEFT's layout under `dir`.
+    #[napi(ts_return_type = "Promise<Array<string>>")]
+    pub fn save_pretrained(&self, dir: String, selected: Option<Vec<String>>) -> AsyncTask<Job<Vec<String>, Vec<String>>> {
+        let inner = self.inner.clone();
+        AsyncTask::new(Job::plain(move || {
+            with_model(&inner, |m| {
+                let files = m.save_pretrained(std::path::Path::new(&dir), selected.as_deref())?;
+                Ok(files.into_iter().map(|p| p.to_string_lossy().into_owned()).collect())
+            })
+        }))
+    }
+
+    /// Load an adapter folder under `name`. `configJson` overrides the folder's adapter_config.json.
+    #[napi(ts_return_type = "Promise<LoadResultJs>")]
+    pub fn load_adapter(
+        &self,
+        dir: String,
+        name: String,
+        is_trainable: bool,
+        config_json: Option<String>,
+    ) -> AsyncTask<Job<peft_core::peft_model::LoadResult, LoadResultJs>> {
+        let inner = self.inner.clone();
+        AsyncTask::new(Job::new(
+            move || {
+                let cfg = match config_json {
+                    Some(j) => {
+                        let v: serde_json::Value = serde_json::from_str(&j)
+                            .map_err(|e| PeftError::InvalidAdapterConfig { path: None, msg: format!("not valid JSON: {e}") })?;
+                        Some(LoraConfig::from_json(&v, None)?)
+                    }
+                    None => None,
+                };
+                with_model(&inner, |m| m.load_adapter(std::path::Path::new(&dir), &name, is_trainable, cfg))
+            },
+            |_, r| Ok(LoadResultJs { missing_keys: r.missing_keys, unexpected_keys: r.unexpected_keys }),
+        ))
+    }
+
+    /// Free the native model now. Later calls fail with `ERR_INVALID_STATE`.
+    #[napi]
+    pub fn dispose(&self) -> napi::Result<()> {
+        let mut g = lock(&self.inner).map_err(to_napi)?;
+        *g = None;
+        Ok(())
+    }
+
+    #[napi(getter)]
+    pub fn disposed(&self) -> bool {
+        lock(&self.inner).map(|g| g.is_none()).unwrap_or(true)
+    }
+}

@@ -1,0 +1,107 @@
+//! `NativeTrainer`: optimizer state; one `step` call = one optimizer step, off the JS thread.
+//! The JS `Trainer` drives the loop, so progress callbacks and AbortSignal act between steps.
+
+use crate::model::{with_model, NativeModel, Shared};
+use crate::task::{guard, Job};
+use napi::bindgen_prelude::AsyncTask;
+use peft_core::train::{Batch, Trainer, TrainingArgs};
+
+use std::sync::{Arc, Mutex};
+
+#[napi(object)]
+pub struct TrainingArgsJs {
+    pub learning_rate: f64,
+    pub max_steps: u32,
+    pub warmup_steps: u32,
+    pub weight_decay: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_epsilon: f64,
+    pub max_grad_norm: f64,
+    pub seed: u32,
+}
+
+#[napi(object)]
+pub struct BatchJs {
+    pub input_ids: Vec<u32>,
+    pub attention_mask: Vec<u8>,
+    /// Labels, -100 = ignored.
+    pub labels: Vec<i32>,
+    pub batch_size: u32,
+    pub seq_len: u32,
+}
+
+#[napi(object)]
+pub struct StepResult {
+    pub step: u32,
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub learning_rate: f64,
+    pub tokens: u32,
+}
+
+#[napi]
+pub struct NativeTrainer {
+    trainer: Arc<Mutex<Trainer>>,
+    model: Shared,
+}
+
+#[napi]
+impl NativeTrainer {
+    #[napi(constructor, catch_unwind)]
+    pub fn new(model: &NativeModel, args: TrainingArgsJs) -> napi::Result<Self> {
+        let a = TrainingArgs {
+            learning_rate: args.learning_rate,
+            max_steps: args.max_steps as usize,
+            warmup_steps: args.warmup_steps as usize,
+            weight_decay: args.weight_decay,
+            adam_beta1: args.adam_beta1,
+            adam_beta2: args.adam_beta2,
+            adam_epsilon: args.adam_epsilon,
+            max_grad_norm: args.max_grad_norm,
+            seed: args.seed as u64,
+        };
+        let trainer = guard(|| with_model(&model.inner, |m| Trainer::new(m, a)))?;
+        Ok(NativeTrainer { trainer: Arc::new(Mutex::new(trainer)), model: model.inner.clone() })
+    }
+
+    /// One optimizer step over the given micro-batches (gradient accumulation).
+    #[napi(ts_return_type = "Promise<StepResult>")]
+    pub fn step(&self, batches: Vec<BatchJs>) -> AsyncTask<Job<StepResult, StepResult>> {
+        let trainer = self.trainer.clone();
+        let model = self.model.clone();
+        let batches: Vec<Batch> = batches
+            .into_iter()
+            .map(|b| Batch {
+                input_ids: b.input_ids,
+                attention_mask: b.attention_mask,
+                labels: b.labels.into_iter().map(|l| l as i64).collect(),
+                batch_size: b.batch_size as usize,
+                seq_len: b.seq_len as usize,
+            })
+            .collect();
+        AsyncTask::new(Job::plain(move || {
+            let mut t = trainer.lock().unwrap_or_else(|p| p.into_inner());
+            let out = with_model(&model, |m| t.step(m, &batches))?;
+            Ok(StepResult {
+                step: out.step as u32,
+                loss: out.loss,
+                grad_norm: out.grad_norm,
+                learning_rate: out.learning_rate,
+                tokens: out.tokens as u32,
+            })
+        }))
+    }
+
+    /// Learning rate the next step will use.
+    #[napi(getter)]
+    pub fn current_lr(&self) -> f64 {
+        self.trainer.lock().map(|t| t.current_lr()).unwrap_or(0.0)
+    }
+
+    #[napi(getter)]
+    pub fn global_step(&self) -> u32 {
+        self.trainer.lock().map(|t| t.global_step() as u32).unwrap_or(0)
+    }
+}
+

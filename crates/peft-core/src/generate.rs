@@ -1,0 +1,171 @@
+//! Text generation with a KV cache: greedy decoding or sampling with temperature, top-k and
+//! top-p (nucleus), as transformers' `generate` does it for decoder-only models.
+//!
+//! Position ids follow `generate`: `cumsum(attention_mask) - 1` (1 where masked), so left-padded
+//! batches work; finished rows are filled with `pad_token_id`.
+
+use crate::error::{PeftError, Result};
+use crate::model::{ForwardOptions, KvCache};
+use crate::peft_model::PeftModel;
+use crate::tuners::RowAdapters;
+use candle_core::DType;
+use rand::{Rng, SeedableRng};
+
+/// Generation settings (transformers `GenerationConfig` names).
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    pub do_sample: bool,
+    pub temperature: f64,
+    /// 0 = no top-k filtering.
+    pub top_k: usize,
+    /// 1.0 = no nucleus filtering.
+    pub top_p: f64,
+    pub seed: u64,
+    /// Stop a row when it produces one of these; empty = never stop early.
+    pub eos_token_ids: Vec<u32>,
+    pub pad_token_id: u32,
+    /// Reuse keys/values across steps (false = full forward each step; identical results).
+    pub use_cache: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            max_new_tokens: 20,
+            do_sample: false,
+            temperature: 1.0,
+            top_k: 50,
+            top_p: 1.0,
+            seed: 0,
+            eos_token_ids: vec![],
+            pad_token_id: 0,
+            use_cache: true,
+        }
+    }
+}
+
+fn sample(logits: &[f32], o: &GenerateOptions, rng: &mut rand::rngs::StdRng) -> u32 {
+    let argmax = |l: &[f32]| l.iter().enumerate().fold((0usize, f32::NEG_INFINITY), |a, (i, &v)| if v > a.1 { (i, v) } else { a }).0 as u32;
+    if !o.do_sample {
+        return argmax(logits);
+    }
+    let t = o.temperature.max(1e-5) as f32;
+    let mut idx: Vec<(usize, f32)> = logits.iter().map(|&v| v / t).enumerate().collect();
+    idx.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap_or(std::cmp::Ordering::Equal));
+    if o.top_k > 0 && o.top_k < idx.len() {
+        idx.truncate(o.top_k);
+    }
+    let max = idx[0].1;
+    let mut probs: Vec<f64> = idx.iter().map(|(_, v)| ((v - max) as f64).exp()).collect();
+    let sum: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= sum);
+    if o.top_p < 1.0 {
+        let mut cum = 0.0;
+        let mut keep = probs.len();
+        for (i, p) in probs.iter().enumerate() {
+            cum += p;
+            if cum >= o.top_p {
+                keep = i + 1;
+                break;
+            }
+        }
+        probs.truncate(keep);
+        let s: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= s);
+    }
+    let r: f64 = rng.random();
+    let mut cum = 0.0;
+    for (i, p) in probs.iter().enumerate() {
+        cum += p;
+        if r < cum {
+            return idx[i].0 as u32;
+        }
+    }
+    idx[probs.len() - 1].0 as u32
+}
+
+/// Generate up to `max_new_tokens` for each row of `input_ids` (`[b, s]` row-major, with an
+/// optional `[b, s]` attention mask for left-padded prompts). Returns each row's prompt followed
+/// by its new tokens, `[b, s + n]` (n ≤ max_new_tokens; shorter when every row hit EOS).
+/// `should_stop` is polled between tokens (for AbortSignal); it returns `Aborted`.
+pub fn generate(
+    model: &PeftModel,
+    input_ids: &[u32],
+    b: usize,
+    s: usize,
+    attention_mask: Option<Vec<u8>>,
+    adapter_rows: Option<RowAdapters>,
+    o: &GenerateOptions,
+    should_stop: &dyn Fn() -> bool,
+) -> Result<Vec<Vec<u32>>> {
+    if input_ids.len() != b * s || s == 0 {
+        return Err(PeftError::invalid_arg("inputIds", format!("expected a non-empty [{b}, {s}] batch")));
+    }
+    let mut mask: Vec<u8> = attention_mask.unwrap_or_else(|| vec![1; b * s]);
+    if mask.len() != b * s {
+        return Err(PeftError::invalid_arg("attentionMask", format!("expected {b} × {s} values")));
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(o.seed);
+    let mut rows: Vec<Vec<u32>> = (0..b).map(|i| input_ids[i * s..(i + 1) * s].to_vec()).collect();
+    let mut done = vec![false; b];
+    let mut cache = KvCache::new(model.base.layers.len());
+    let mut cur_len = s;
+    let mut step_ids: Vec<u32> = input_ids.to_vec();
+    let mut step_len = s;
+    for _ in 0..o.max_new_tokens {
+        if should_stop() {
+            return Err(PeftError::Aborted);
+        }
+        // position ids = cumsum(mask) - 1, 1 where masked; take the last `step_len` of each row.
+        let mut pos = Vec::with_capacity(b * step_len);
+        for r in 0..b {
+            let m = &mask[r * cur_len..(r + 1) * cur_len];
+            let mut c: i64 = 0;
+            let all: Vec<u32> = m.iter().map(|&v| { c += v as i64; if v == 0 { 1 } else { (c - 1) as u32 } }).collect();
+            pos.extend_from_slice(&all[cur_len - step_len..]);
+        }
+        let opts = ForwardOptions {
+            attention_mask: Some(mask.clone()),
+            position_ids: Some(pos),
+            adapter_rows: adapter_rows.clone(),
+            last_only: true,
+            ..Default::default()
+        };
+        let logits = if o.use_cache {
+            model.forward(&step_ids, b, step_len, &opts, Some(&mut cache))?
+        } else {
+            model.forward(&step_ids, b, step_len, &opts, None)?
+        };
+        let logits = logits.to_dtype(DType::F32)?.squeeze(1)?;
+        let logits: Vec<Vec<f32>> = logits.to_vec2()?;
+        let mut next = Vec::with_capacity(b);
+        for r in 0..b {
+            let tok = if done[r] { o.pad_token_id } else { sample(&logits[r], o, &mut rng) };
+            if o.eos_token_ids.contains(&tok) {
+                done[r] = true;
+            }
+            rows[r].push(tok);
+            next.push(tok);
+        }
+        // Grow the mask by one column.
+        let mut m2 = Vec::with_capacity(b * (cur_len + 1));
+        for r in 0..b {
+            m2.extend_from_slice(&mask[r * cur_len..(r + 1) * cur_len]);
+            m2.push(1);
+        }
+        mask = m2;
+        cur_len += 1;
+        if o.use_cache {
+            step_ids = next;
+            step_len = 1;
+        } else {
+            step_ids = rows.iter().flat_map(|r| r.iter().copied()).collect();
+            step_len = cur_len;
+        }
+        if done.iter().all(|d| *d) {
+            break;
+        }
+    }
+    Ok(rows)
+}

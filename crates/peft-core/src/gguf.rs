@@ -1,0 +1,673 @@
+//! Loading Llama-architecture GGUF files (llama.cpp's format) as Hugging Face transformers
+//! weights.
+//!
+//! The file is parsed with `candle_core::quantized::gguf_file` (GGUF spec:
+//! <https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>), every tensor is dequantized
+//! (`QTensor::dequantize`) and converted to the requested dtype, renamed from llama.cpp's names
+//! (`blk.0.attn_q.weight`) to transformers' (`model.layers.0.self_attn.q_proj.weight`), and the
+//! q/k projection rows that llama.cpp's `convert_hf_to_gguf.py` permutes for its interleaved
+//! RoPE are put back in Hugging Face's order (rotate-half RoPE), so that the result is the
+//! state dict of the original `LlamaForCausalLM` checkpoint (up to quantization error).
+//!
+//! Robustness: the header (magic, version) is checked before candle parses the file; every
+//! tensor's byte range is checked against the file size (with overflow-checked arithmetic)
+//! before any tensor data is read; tensor shapes are checked against the hyper-parameters
+//! before dequantizing; and candle's parser runs under `catch_unwind`, so a malformed file
+//! yields `PeftError::GgufInvalid` rather than a panic (this requires `panic = "unwind"`, the
+//! profile setting of this workspace).
+
+use crate::error::{PeftError, Result};
+use crate::model::config::LlamaConfig;
+use crate::tokenizer::Tokenizer;
+use candle_core::quantized::gguf_file;
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::path::Path;
+
+/// A GGUF model converted to transformers form.
+#[derive(Debug)]
+pub struct GgufModel {
+    /// Hyper-parameters from the `llama.*` and `tokenizer.ggml.*` metadata.
+    pub config: LlamaConfig,
+    /// Dequantized weights by transformers name, in the requested dtype and device, with
+    /// transformers' shapes (`[out_features, in_features]` for linear weights,
+    /// `[vocab, hidden]` for the embedding, `[hidden]` for RMSNorm weights). `lm_head.weight`
+    /// is present only when the file has an `output.weight` tensor
+    /// (`config.tie_word_embeddings` is false); otherwise the embedding is tied.
+    pub tensors: HashMap<String, Tensor>,
+    /// The tokenizer embedded in the file (see [`Tokenizer::from_gguf`]).
+    pub tokenizer: Tokenizer,
+}
+
+fn invalid(path: &Path, msg: impl Into<String>) -> PeftError {
+    PeftError::GgufInvalid { path: path.to_path_buf(), msg: msg.into() }
+}
+
+/// Typed access to GGUF metadata values with `GgufInvalid` errors naming the key.
+pub(crate) mod meta {
+    use super::invalid;
+    use crate::error::Result;
+    use candle_core::quantized::gguf_file::Value;
+    use std::collections::HashMap;
+    use std::path::Path;
+
+    fn type_name(v: &Value) -> String {
+        match v {
+            Value::Array(a) => format!("an array of {} values", a.len()),
+            other => format!("{:?}", other.value_type()),
+        }
+    }
+
+    fn as_i128(v: &Value) -> Option<i128> {
+        Some(match v {
+            Value::U8(x) => *x as i128,
+            Value::I8(x) => *x as i128,
+            Value::U16(x) => *x as i128,
+            Value::I16(x) => *x as i128,
+            Value::U32(x) => *x as i128,
+            Value::I32(x) => *x as i128,
+            Value::U64(x) => *x as i128,
+            Value::I64(x) => *x as i128,
+            _ => return None,
+        })
+    }
+
+    /// A non-negative integer of any integer type; `None` when the key is absent.
+    pub fn uint(md: &HashMap<String, Value>, key: &str, path: &Path) -> Result<Option<u64>> {
+        match md.get(key) {
+            None => Ok(None),
+            Some(v) => match as_i128(v) {
+                Some(x) if x >= 0 && x <= u64::MAX as i128 => Ok(Some(x as u64)),
+                Some(x) => Err(invalid(path, format!("metadata `{key}` must be non-negative, found {x}"))),
+                None => Err(invalid(
+                    path,
+                    format!("metadata `{key}` must be a single unsigned integer, found {}", type_name(v)),
+                )),
+            },
+        }
+    }
+
+    /// A number (float or integer) as f64; `None` when absent.
+    pub fn float(md: &HashMap<String, Value>, key: &str, path: &Path) -> Result<Option<f64>> {
+        match md.get(key) {
+            None => Ok(None),
+            Some(Value::F32(x)) => Ok(Some(*x as f64)),
+            Some(Value::F64(x)) => Ok(Some(*x)),
+            Some(v) => match as_i128(v) {
+                Some(x) => Ok(Some(x as f64)),
+                None => Err(invalid(path, format!("metadata `{key}` must be a number, found {}", type_name(v)))),
+            },
+        }
+    }
+
+    /// A boolean (also accepts the integers 0 and 1); `None` when absent.
+    pub fn boolean(md: &HashMap<String, Value>, key: &str, path: &Path) -> Result<Option<bool>> {
+        match md.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => match as_i128(v) {
+                Some(0) => Ok(Some(false)),
+                Some(1) => Ok(Some(true)),
+                _ => Err(invalid(path, format!("metadata `{key}` must be a boolean, found {}", type_name(v)))),
+            },
+        }
+    }
+
+    /// A string; `None` when absent.
+    pub fn string(md: &HashMap<String, Value>, key: &str, path: &Path) -> Result<Option<String>> {
+        match md.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(v) => Err(invalid(path, format!("metadata `{key}` must be a string, found {}", type_name(v)))),
+        }
+    }
+
+    /// An array of strings, borrowed; `None` when absent.
+    pub fn string_array<'a>(
+        md: &'a HashMap<String, Value>,
+        key: &str,
+        path: &Path,
+    ) -> Result<Option<Vec<&'a str>>> {
+        match md.get(key) {
+            None => Ok(None),
+            Some(Value::Array(a)) => a
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    Value::String(s) => Ok(s.as_str()),
+                    other => Err(invalid(
+                        path,
+                        format!("metadata `{key}`[{i}] must be a string, found {}", type_name(other)),
+                    )),
+                })
+                .collect::<Result<Vec<_>>>()
+                .map(Some),
+            Some(v) => Err(invalid(path, format!("metadata `{key}` must be an array, found {}", type_name(v)))),
+        }
+    }
+
+    /// An array of integers (any integer type) as i64; `None` when absent.
+    pub fn int_array(md: &HashMap<String, Value>, key: &str, path: &Path) -> Result<Option<Vec<i64>>> {
+        match md.get(key) {
+            None => Ok(None),
+            Some(Value::Array(a)) => a
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match as_i128(v) {
+                    Some(x) if x >= i64::MIN as i128 && x <= i64::MAX as i128 => Ok(x as i64),
+                    _ => Err(invalid(
+                        path,
+                        format!("metadata `{key}`[{i}] must be an integer, found {}", type_name(v)),
+                    )),
+                })
+                .collect::<Result<Vec<_>>>()
+                .map(Some),
+            Some(v) => Err(invalid(path, format!("metadata `{key}` must be an array, found {}", type_name(v)))),
+        }
+    }
+}
+
+/// The smallest possible GGUF v2/v3 file: magic (4) + version (4) + tensor count (8) +
+/// metadata count (8).
+const MIN_GGUF_LEN: u64 = 24;
+
+/// Open `path`, check the GGUF magic and version, and parse header, metadata and tensor
+/// infos with candle's reader. Returns the parsed content, the open reader and the file size.
+fn open_gguf(path: &Path) -> Result<(gguf_file::Content, BufReader<File>, u64)> {
+    let file = File::open(path).map_err(|e| PeftError::io(path, e))?;
+    let file_size = file.metadata().map_err(|e| PeftError::io(path, e))?.len();
+    let mut reader = BufReader::new(file);
+    if file_size < MIN_GGUF_LEN {
+        return Err(invalid(
+            path,
+            format!("file is {file_size} bytes long, too short for a GGUF header ({MIN_GGUF_LEN} bytes); truncated?"),
+        ));
+    }
+    let mut head = [0u8; 8];
+    reader.read_exact(&mut head).map_err(|e| PeftError::io(path, e))?;
+    if &head[0..4] != b"GGUF" {
+        return Err(invalid(
+            path,
+            format!(
+                "bad magic: expected \"GGUF\" (47 47 55 46), found {:02x} {:02x} {:02x} {:02x} ({:?}); not a GGUF file",
+                head[0],
+                head[1],
+                head[2],
+                head[3],
+                String::from_utf8_lossy(&head[0..4])
+            ),
+        ));
+    }
+    let version = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    match version {
+        2 | 3 => {}
+        1 => return Err(invalid(path, "GGUF version 1 is obsolete and not supported (need version 2 or 3)")),
+        v if (1..=3).contains(&v.swap_bytes()) => {
+            return Err(invalid(path, "big-endian GGUF files are not supported"));
+        }
+        v => return Err(invalid(path, format!("unsupported GGUF version {v} (supported: 2, 3)"))),
+    }
+    reader.seek(SeekFrom::Start(0)).map_err(|e| PeftError::io(path, e))?;
+
+    // candle's parser bounds every length against the file size, but guard against any
+    // remaining panic path (e.g. `general.alignment = 0` divides by zero).
+    let parsed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| gguf_file::Content::read(&mut reader)));
+    let content = match parsed {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            let msg = e.to_string();
+            let hint = if msg.contains("unknown dtype") {
+                "unknown tensor type (ggml type id not supported by this reader): "
+            } else if msg.contains("fill whole buffer") || msg.contains("remaining") {
+                "file is truncated or corrupt: "
+            } else {
+                ""
+            };
+            return Err(invalid(path, format!("cannot parse the header/metadata: {hint}{msg}")));
+        }
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown failure".into());
+            return Err(invalid(path, format!("cannot parse the header/metadata (malformed file): {what}")));
+        }
+    };
+    if let Some(a) = meta::uint(&content.metadata, "general.alignment", path)? {
+        if a == 0 || !a.is_power_of_two() {
+            return Err(invalid(path, format!("`general.alignment` = {a} is not a power of two")));
+        }
+    }
+    Ok((content, reader, file_size))
+}
+
+/// Check that every tensor's data lies inside the file, with overflow-checked arithmetic:
+/// element count divisible by the ggml block size, byte range
+/// `[tensor_data_offset + offset, + size)` within `file_size`, and offset aligned as the GGUF
+/// spec requires (`general.alignment`, default 32).
+fn validate_tensor_infos(content: &gguf_file::Content, file_size: u64, path: &Path) -> Result<()> {
+    let alignment = meta::uint(&content.metadata, "general.alignment", path)?.unwrap_or(gguf_file::DEFAULT_ALIGNMENT);
+    let mut names: Vec<&String> = content.tensor_infos.keys().collect();
+    names.sort();
+    for name in names {
+        let info = &content.tensor_infos[name];
+        let dims = info.shape.dims();
+        let elems = dims
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+            .ok_or_else(|| invalid(path, format!("tensor `{name}` has an impossible shape {dims:?}")))?;
+        let block = info.ggml_dtype.block_size() as u64;
+        if !elems.is_multiple_of(block) {
+            return Err(invalid(
+                path,
+                format!(
+                    "tensor `{name}` ({:?}, shape {dims:?}) has {elems} elements, not a multiple of the block size {block}",
+                    info.ggml_dtype
+                ),
+            ));
+        }
+        let bytes = (elems / block).checked_mul(info.ggml_dtype.type_size() as u64);
+        let start = content.tensor_data_offset.checked_add(info.offset);
+        let end = match (start, bytes) {
+            (Some(s), Some(b)) => s.checked_add(b),
+            _ => None,
+        };
+        match end {
+            Some(end) if end <= file_size => {}
+            _ => {
+                return Err(invalid(
+                    path,
+                    format!(
+                        "tensor `{name}` needs {} bytes at offset {} but the file has only {file_size} bytes; truncated?",
+                        bytes.map(|b| b.to_string()).unwrap_or_else(|| "too many".into()),
+                        start.map(|s| s.to_string()).unwrap_or_else(|| "beyond 2^64".into()),
+                    ),
+                ))
+            }
+        }
+        if !info.offset.is_multiple_of(alignment) {
+            return Err(invalid(
+                path,
+                format!("tensor `{name}` data offset {} is not a multiple of the alignment {alignment}", info.offset),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Map a llama.cpp tensor name to its transformers name (`LlamaForCausalLM` state dict),
+/// following the tensor table of llama.cpp's `gguf-py/gguf/tensor_mapping.py`:
+///
+/// | GGUF | transformers |
+/// |---|---|
+/// | `token_embd.weight` | `model.embed_tokens.weight` |
+/// | `output_norm.weight` | `model.norm.weight` |
+/// | `output.weight` | `lm_head.weight` |
+/// | `blk.N.attn_norm.weight` | `model.layers.N.input_layernorm.weight` |
+/// | `blk.N.attn_{q,k,v,output}.{weight,bias}` | `model.layers.N.self_attn.{q,k,v,o}_proj.{weight,bias}` |
+/// | `blk.N.ffn_norm.weight` | `model.layers.N.post_attention_layernorm.weight` |
+/// | `blk.N.ffn_{gate,up,down}.{weight,bias}` | `model.layers.N.mlp.{gate,up,down}_proj.{weight,bias}` |
+///
+/// Returns `None` for any other name. The layer index is not range-checked here.
+pub fn gguf_to_hf_name(name: &str) -> Option<String> {
+    match name {
+        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
+        "output_norm.weight" => return Some("model.norm.weight".into()),
+        "output.weight" => return Some("lm_head.weight".into()),
+        _ => {}
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    if layer.is_empty() || !layer.bytes().all(|b| b.is_ascii_digit()) || (layer.len() > 1 && layer.starts_with('0')) {
+        return None;
+    }
+    let (module, param) = rest.rsplit_once('.')?;
+    let (hf, is_norm) = match module {
+        "attn_norm" => ("input_layernorm", true),
+        "ffn_norm" => ("post_attention_layernorm", true),
+        "attn_q" => ("self_attn.q_proj", false),
+        "attn_k" => ("self_attn.k_proj", false),
+        "attn_v" => ("self_attn.v_proj", false),
+        "attn_output" => ("self_attn.o_proj", false),
+        "ffn_gate" => ("mlp.gate_proj", false),
+        "ffn_up" => ("mlp.up_proj", false),
+        "ffn_down" => ("mlp.down_proj", false),
+        _ => return None,
+    };
+    match param {
+        "weight" => {}
+        "bias" if !is_norm => {}
+        _ => return None,
+    }
+    Some(format!("model.layers.{layer}.{hf}.{param}"))
+}
+
+/// Undo the row permutation that llama.cpp's `convert_hf_to_gguf.py` (`LlamaModel.permute`)
+/// applies to `q_proj` / `k_proj` weights and biases:
+///
+/// ```text
+/// gguf = hf.reshape(n_head, 2, rows / n_head / 2, *rest).swapaxes(1, 2).reshape(hf.shape)
+/// ```
+///
+/// i.e. within each head, row `j * head_dim/2 + i` of the HF weight (rotate-half RoPE pairs
+/// dimension `i` with `i + head_dim/2`) becomes row `2 * i + j` (interleaved RoPE pairs
+/// `2i` with `2i + 1`). The inverse applied here is
+/// `gguf.reshape(n_head, head_dim/2, 2, *rest).swapaxes(1, 2).reshape(shape)`.
+///
+/// `w` has shape `[n_head * head_dim, in]` (weight) or `[n_head * head_dim]` (bias);
+/// `n_head` is `llama.attention.head_count` for q and `head_count_kv` for k. Any dtype and
+/// device. Errors: `InvalidArgument` for a scalar or when the first dimension is not a
+/// multiple of `2 * n_head`.
+pub fn unpermute_qk(w: &Tensor, n_head: usize) -> Result<Tensor> {
+    let dims = w.dims().to_vec();
+    let rows = *dims.first().ok_or_else(|| PeftError::invalid_arg("w", "unpermute_qk needs at least one dimension"))?;
+    if n_head == 0 || !rows.is_multiple_of(2 * n_head) {
+        return Err(PeftError::invalid_arg(
+            "n_head",
+            format!("unpermute_qk: {rows} rows are not a multiple of 2 * n_head ({n_head})"),
+        ));
+    }
+    let half = rows / n_head / 2;
+    let mut split = vec![n_head, half, 2];
+    split.extend_from_slice(&dims[1..]);
+    Ok(w.reshape(split)?.transpose(1, 2)?.contiguous()?.reshape(dims)?)
+}
+
+fn req_uint(content: &gguf_file::Content, key: &str, path: &Path) -> Result<usize> {
+    let v = meta::uint(&content.metadata, key, path)?
+        .ok_or_else(|| invalid(path, format!("missing metadata key `{key}`")))?;
+    usize::try_from(v).map_err(|_| invalid(path, format!("metadata `{key}` = {v} is too large")))
+}
+
+fn opt_uint(content: &gguf_file::Content, key: &str, path: &Path) -> Result<Option<usize>> {
+    match meta::uint(&content.metadata, key, path)? {
+        None => Ok(None),
+        Some(v) => usize::try_from(v)
+            .map(Some)
+            .map_err(|_| invalid(path, format!("metadata `{key}` = {v} is too large"))),
+    }
+}
+
+/// Build a [`LlamaConfig`] from the metadata of a `general.architecture = "llama"` GGUF file.
+///
+/// Keys (GGUF spec, "LLM" section): `llama.context_length` → `max_position_embeddings`,
+/// `llama.embedding_length` → `hidden_size`, `llama.feed_forward_length` →
+/// `intermediate_size`, `llama.block_count` → `num_hidden_layers`,
+/// `llama.attention.head_count` → `num_attention_heads`, `llama.attention.head_count_kv`
+/// (default: head_count) → `num_key_value_heads`, `llama.rope.freq_base` (default 10000) →
+/// `rope_theta`, `llama.attention.layer_norm_rms_epsilon` → `rms_norm_eps`,
+/// `llama.attention.key_length` (default hidden/heads) → `head_dim`, `llama.vocab_size`
+/// (default: length of `tokenizer.ggml.tokens`) → `vocab_size`, `tokenizer.ggml.bos_token_id`,
+/// `eos_token_id` (+ `eot_token_id` when different), `padding_token_id`;
+/// `tie_word_embeddings` is true when there is no `output.weight` tensor, `attention_bias` /
+/// `mlp_bias` when `blk.0.attn_q.bias` / `blk.0.ffn_up.bias` exist; `name_or_path` is
+/// `general.name` or the file stem. `dtype` is left `None` (set by [`load_gguf`]).
+///
+/// Errors (`GgufInvalid`): another architecture, a missing or mistyped required key,
+/// inconsistent head counts, or features this crate does not implement (RoPE scaling,
+/// partial rotary dimensions, mixture of experts, `value_length != key_length`).
+pub fn llama_config_from_gguf(content: &gguf_file::Content, path: &Path) -> Result<LlamaConfig> {
+    let md = &content.metadata;
+    let arch = meta::string(md, "general.architecture", path)?
+        .ok_or_else(|| invalid(path, "missing metadata key `general.architecture`"))?;
+    if arch != "llama" {
+        return Err(invalid(
+            path,
+            format!("unsupported architecture `{arch}` (general.architecture); only `llama` GGUF files are supported"),
+        ));
+    }
+    let hidden = req_uint(content, "llama.embedding_length", path)?;
+    let layers = req_uint(content, "llama.block_count", path)?;
+    let ffn = req_uint(content, "llama.feed_forward_length", path)?;
+    let heads = req_uint(content, "llama.attention.head_count", path)?;
+    let ctx = req_uint(content, "llama.context_length", path)?;
+    let kv_heads = opt_uint(content, "llama.attention.head_count_kv", path)?.unwrap_or(heads);
+    if hidden == 0 || layers == 0 || ffn == 0 || heads == 0 || kv_heads == 0 {
+        return Err(invalid(
+            path,
+            "embedding_length, block_count, feed_forward_length, head_count and head_count_kv must be positive",
+        ));
+    }
+    if heads % kv_heads != 0 {
+        return Err(invalid(
+            path,
+            format!("llama.attention.head_count_kv ({kv_heads}) must divide llama.attention.head_count ({heads})"),
+        ));
+    }
+    let head_dim = match opt_uint(content, "llama.attention.key_length", path)? {
+        Some(k) => k,
+        None => {
+            if hidden % heads != 0 {
+                return Err(invalid(path, format!("embedding_length {hidden} is not a multiple of head_count {heads}")));
+            }
+            hidden / heads
+        }
+    };
+    if head_dim == 0 || head_dim % 2 != 0 {
+        return Err(invalid(path, format!("head dimension {head_dim} must be positive and even (RoPE)")));
+    }
+    if let Some(v) = opt_uint(content, "llama.attention.value_length", path)? {
+        if v != head_dim {
+            return Err(invalid(path, format!("llama.attention.value_length {v} != key_length {head_dim} is not supported")));
+        }
+    }
+    if let Some(r) = opt_uint(content, "llama.rope.dimension_count", path)? {
+        if r != head_dim {
+            return Err(invalid(
+                path,
+                format!("partial rotary embeddings (llama.rope.dimension_count {r} != head dim {head_dim}) are not supported"),
+            ));
+        }
+    }
+    if let Some(t) = meta::string(md, "llama.rope.scaling.type", path)? {
+        if t != "none" {
+            return Err(invalid(path, format!("RoPE scaling `{t}` (llama.rope.scaling.type) is not supported")));
+        }
+    }
+    if content.tensor_infos.contains_key("rope_freqs.weight") {
+        return Err(invalid(path, "`rope_freqs.weight` (Llama 3.1-style RoPE scaling) is not supported"));
+    }
+    if opt_uint(content, "llama.expert_count", path)?.unwrap_or(0) > 0 {
+        return Err(invalid(path, "mixture-of-experts models (llama.expert_count > 0) are not supported"));
+    }
+    let rope_theta = meta::float(md, "llama.rope.freq_base", path)?.unwrap_or(10000.0);
+    let rms_norm_eps = meta::float(md, "llama.attention.layer_norm_rms_epsilon", path)?
+        .ok_or_else(|| invalid(path, "missing metadata key `llama.attention.layer_norm_rms_epsilon`"))?;
+    if !(rope_theta.is_finite() && rope_theta > 0.0 && rms_norm_eps.is_finite() && rms_norm_eps >= 0.0) {
+        return Err(invalid(path, format!("invalid rope.freq_base {rope_theta} or layer_norm_rms_epsilon {rms_norm_eps}")));
+    }
+    let vocab_size = match opt_uint(content, "llama.vocab_size", path)? {
+        Some(v) => v,
+        None => match md.get("tokenizer.ggml.tokens") {
+            Some(gguf_file::Value::Array(a)) => a.len(),
+            _ => {
+                return Err(invalid(path, "missing metadata key `llama.vocab_size` (and no `tokenizer.ggml.tokens`)"))
+            }
+        },
+    };
+    if vocab_size == 0 {
+        return Err(invalid(path, "the vocabulary size is 0"));
+    }
+    let tok_id = |key: &str| -> Result<Option<u32>> {
+        match meta::uint(md, key, path)? {
+            None => Ok(None),
+            Some(v) if v < vocab_size as u64 => Ok(Some(v as u32)),
+            Some(v) => Err(invalid(path, format!("`{key}` = {v} is out of range (vocab size {vocab_size})"))),
+        }
+    };
+    let bos = tok_id("tokenizer.ggml.bos_token_id")?;
+    let mut eos: Vec<u32> = tok_id("tokenizer.ggml.eos_token_id")?.into_iter().collect();
+    if let Some(eot) = tok_id("tokenizer.ggml.eot_token_id")? {
+        if !eos.contains(&eot) {
+            eos.push(eot);
+        }
+    }
+    let pad = tok_id("tokenizer.ggml.padding_token_id")?;
+    let name = meta::string(md, "general.name", path)?
+        .filter(|s| !s.trim().is_empty())
+        .or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()));
+    Ok(LlamaConfig {
+        model_type: "llama".into(),
+        vocab_size,
+        hidden_size: hidden,
+        intermediate_size: ffn,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        num_key_value_heads: kv_heads,
+        head_dim,
+        rms_norm_eps,
+        rope_theta,
+        max_position_embeddings: ctx,
+        tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
+        attention_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
+        mlp_bias: content.tensor_infos.contains_key("blk.0.ffn_up.bias"),
+        bos_token_id: bos,
+        eos_token_id: eos,
+        pad_token_id: pad,
+        dtype: None,
+        name_or_path: name,
+        architecture: "LlamaForCausalLM".into(),
+    })
+}
+
+/// The transformers shape every tensor of `cfg` must have, by GGUF name. Biases are included
+/// only for tensors present in the file.
+fn expected_shapes(cfg: &LlamaConfig, content: &gguf_file::Content, path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
+    let ovf = || invalid(path, "hyper-parameters overflow when computing tensor sizes");
+    let q_rows = cfg.num_attention_heads.checked_mul(cfg.head_dim).ok_or_else(ovf)?;
+    let kv_rows = cfg.num_key_value_heads.checked_mul(cfg.head_dim).ok_or_else(ovf)?;
+    let (h, v, f) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
+    let mut out = vec![
+        ("token_embd.weight".to_string(), vec![v, h]),
+        ("output_norm.weight".to_string(), vec![h]),
+    ];
+    if !cfg.tie_word_embeddings {
+        out.push(("output.weight".into(), vec![v, h]));
+    }
+    // Stop at the first layer that is missing, so a huge bogus block_count costs nothing.
+    for l in 0..cfg.num_hidden_layers {
+        let linear = [
+            ("attn_q", q_rows, h),
+            ("attn_k", kv_rows, h),
+            ("attn_v", kv_rows, h),
+            ("attn_output", h, q_rows),
+            ("ffn_gate", f, h),
+            ("ffn_up", f, h),
+            ("ffn_down", h, f),
+        ];
+        out.push((format!("blk.{l}.attn_norm.weight"), vec![h]));
+        out.push((format!("blk.{l}.ffn_norm.weight"), vec![h]));
+        for (m, o, i) in linear {
+            out.push((format!("blk.{l}.{m}.weight"), vec![o, i]));
+            let b = format!("blk.{l}.{m}.bias");
+            if content.tensor_infos.contains_key(&b) {
+                out.push((b, vec![o]));
+            }
+        }
+        if !content.tensor_infos.contains_key(&format!("blk.{l}.attn_q.weight")) {
+            return Err(invalid(
+                path,
+                format!("tensor `blk.{l}.attn_q.weight` is missing (llama.block_count = {})", cfg.num_hidden_layers),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Read only the tokenizer embedded in a GGUF file (see [`Tokenizer::from_gguf`]); tensor
+/// data is not read.
+///
+/// Errors: `NotFound`/`Io` for an unreadable file, `GgufInvalid` for a malformed file or
+/// tokenizer metadata, `Tokenizer` for an unsupported tokenizer model.
+pub fn read_gguf_tokenizer(path: &Path) -> Result<Tokenizer> {
+    let (content, _, _) = open_gguf(path)?;
+    Tokenizer::from_gguf(&content, path)
+}
+
+/// Load a Llama-architecture GGUF file as transformers weights, config and tokenizer.
+///
+/// Every tensor is dequantized with candle (`QTensor::dequantize`, any ggml type candle
+/// supports: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q8_K), converted to `dtype`
+/// (dequantization happens in f32 on the CPU, then the tensor is cast and moved to `device`),
+/// renamed with [`gguf_to_hf_name`], and q/k projections are un-permuted with
+/// [`unpermute_qk`] (n_head = head_count for q, head_count_kv for k). The result equals the
+/// original Hugging Face checkpoint up to quantization error.
+///
+/// Errors: `InvalidArgument` for a non-float `dtype`; `NotFound`/`Io` for an unreadable
+/// file; `GgufInvalid` naming the file for a bad
+/// magic or version, a truncated file, an unknown tensor type, an architecture other than
+/// `llama`, a missing/mistyped metadata key, a missing, unexpected or wrongly shaped tensor,
+/// or tensor data outside the file; `Tokenizer` for an unsupported tokenizer model.
+pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<GgufModel> {
+    let dtype_name = match dtype {
+        DType::F32 => "float32",
+        DType::F16 => "float16",
+        DType::BF16 => "bfloat16",
+        DType::F64 => "float64",
+        other => {
+            return Err(PeftError::invalid_arg(
+                "dtype",
+                format!("{other:?} is not a floating-point dtype (use F32, F16, BF16 or F64)"),
+            ))
+        }
+    };
+    let (content, mut reader, file_size) = open_gguf(path)?;
+    let mut config = llama_config_from_gguf(&content, path)?;
+    config.dtype = Some(dtype_name.to_string());
+    validate_tensor_infos(&content, file_size, path)?;
+
+    let expected = expected_shapes(&config, &content, path)?;
+    for (name, shape) in &expected {
+        let info = content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| invalid(path, format!("tensor `{name}` is missing")))?;
+        if info.shape.dims() != shape.as_slice() {
+            return Err(invalid(
+                path,
+                format!(
+                    "tensor `{name}` has shape {:?} (transformers order), expected {shape:?} from the metadata",
+                    info.shape.dims()
+                ),
+            ));
+        }
+    }
+    if content.tensor_infos.len() != expected.len() {
+        let known: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+        let mut extra: Vec<&String> = content.tensor_infos.keys().filter(|k| !known.contains(k.as_str())).collect();
+        extra.sort();
+        return Err(invalid(
+            path,
+            format!("unexpected tensor(s) for a {}-layer llama model: {:?}", config.num_hidden_layers, extra),
+        ));
+    }
+
+    let tokenizer = Tokenizer::from_gguf(&content, path)?;
+
+    let mut tensors = HashMap::with_capacity(expected.len());
+    for (name, _) in &expected {
+        let hf = gguf_to_hf_name(name).ok_or_else(|| PeftError::Internal(format!("no HF name for {name}")))?;
+        let info = &content.tensor_infos[name];
+        let ty = info.ggml_dtype;
+        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> candle_core::Result<Tensor> {
+            let q = info.read(&mut reader, content.tensor_data_offset, &Device::Cpu)?;
+            q.dequantize(&Device::Cpu)
+        }));
+        let mut t = match read {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => return Err(invalid(path, format!("cannot read tensor `{name}` ({ty:?}): {e}"))),
+            Err(_) => return Err(invalid(path, format!("cannot read tensor `{name}` ({ty:?}): malformed data"))),
+        };
+        if name.contains(".attn_q.") {
+            t = unpermute_qk(&t, config.num_attention_heads)?;
+        } else if name.contains(".attn_k.") {
+            t = unpermute_qk(&t, config.num_key_value_heads)?;
+        }
+        let t = t.to_dtype(dtype)?.to_device(device)?;
+        tensors.insert(hf, t);
+    }
+    Ok(GgufModel { config, tensors, tokenizer })
+}

@@ -1,0 +1,375 @@
+//! Llama-family causal LM (Llama, SmolLM2, Qwen2, Mistral) with transformers' module names.
+//!
+//! Per layer: `h = x + o_proj(attn(rope(q_proj(n1(x))), rope(k_proj(n1(x))), v_proj(n1(x))))`,
+//! `out = h + down_proj(silu(gate_proj(n2(h))) · up_proj(n2(h)))`, with RMSNorm `n1`, `n2`,
+//! grouped-query attention (`num_key_value_heads` ≤ `num_attention_heads`), rotate-half RoPE
+//! with the config's `rope_theta`, eager attention with an additive causal + padding mask.
+//! Matches transformers' `LlamaForCausalLM` / `Qwen2ForCausalLM` (eager attention).
+
+use super::config::LlamaConfig;
+use crate::error::{PeftError, Result};
+use crate::ops::{rms_norm, rope, softmax_last};
+use crate::tuners::linear::{LinearCtx, PeftLinear, RowAdapters};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+
+/// Per-layer key/value cache: `[b, kv_heads, t, head_dim]` each.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    pub layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize) -> Self {
+        KvCache { layers: vec![None; n_layers] }
+    }
+    /// Number of cached positions.
+    pub fn seq_len(&self) -> usize {
+        self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.dim(2).unwrap_or(0)).unwrap_or(0)
+    }
+}
+
+/// Options of one forward pass.
+#[derive(Clone, Default)]
+pub struct ForwardOptions {
+    /// `[b, past + s]` 1/0 mask over cached and new positions; `None` = all ones.
+    pub attention_mask: Option<Vec<u8>>,
+    /// `[b, s]` position ids; `None` = `past .. past + s` for every row.
+    pub position_ids: Option<Vec<u32>>,
+    /// Training mode: dropout on, differentiable kernels.
+    pub train: bool,
+    /// Mixed batch adapters, one per row (`None` = base).
+    pub adapter_rows: Option<RowAdapters>,
+    /// Compute logits for the last position only (generation).
+    pub last_only: bool,
+    /// Seeded source of LoRA dropout masks while training.
+    pub dropout_rng: Option<std::sync::Arc<std::sync::Mutex<rand::rngs::StdRng>>>,
+}
+
+pub struct Attention {
+    pub q_proj: PeftLinear,
+    pub k_proj: PeftLinear,
+    pub v_proj: PeftLinear,
+    pub o_proj: PeftLinear,
+}
+
+pub struct Mlp {
+    pub gate_proj: PeftLinear,
+    pub up_proj: PeftLinear,
+    pub down_proj: PeftLinear,
+}
+
+pub struct DecoderLayer {
+    pub input_layernorm: Tensor,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: Tensor,
+    pub mlp: Mlp,
+}
+
+/// The whole model. `lm_head.weight` shares `embed_tokens`' storage when the embeddings are tied.
+pub struct LlamaForCausalLM {
+    pub config: LlamaConfig,
+    /// `[vocab, hidden]`.
+    pub embed_tokens: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    /// `[hidden]`.
+    pub norm: Tensor,
+    pub lm_head: PeftLinear,
+    /// RoPE inverse frequencies `1 / theta^(2i/d)`, `[head_dim / 2]` f32.
+    inv_freq: Vec<f32>,
+    pub device: Device,
+    pub dtype: DType,
+}
+
+struct Ctx<'a> {
+    lin: LinearCtx<'a>,
+    cos: Tensor,
+    sin: Tensor,
+    mask: Option<Tensor>,
+}
+
+impl LlamaForCausalLM {
+    /// Build from HF-named tensors (`model.embed_tokens.weight`, ...), converted to `dtype`.
+    ///
+    /// Errors: `ShapeMismatch` / `InvalidModelConfig` naming the missing or misshapen tensor.
+    pub fn from_tensors(config: LlamaConfig, mut t: HashMap<String, Tensor>, dtype: DType, device: &Device) -> Result<Self> {
+        let c = &config;
+        let mut take = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let x = t.remove(name).ok_or_else(|| PeftError::InvalidModelConfig {
+                path: config_name(c),
+                msg: format!("the weights have no tensor `{name}`"),
+            })?;
+            if x.dims() != shape {
+                return Err(PeftError::ShapeMismatch { name: name.into(), expected: shape.to_vec(), found: x.dims().to_vec() });
+            }
+            Ok(x.to_dtype(dtype)?.to_device(device)?.contiguous()?)
+        };
+        let h = c.hidden_size;
+        let hd = c.head_dim;
+        let q_out = c.num_attention_heads * hd;
+        let kv_out = c.num_key_value_heads * hd;
+        let embed_tokens = take("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let mut lin = |name: &str, out: usize, inp: usize, bias: bool| -> Result<PeftLinear> {
+                let w = take(&format!("{p}.{name}.weight"), &[out, inp])?;
+                let b = if bias { Some(take(&format!("{p}.{name}.bias"), &[out])?) } else { None };
+                Ok(PeftLinear::new(w, b, false))
+            };
+            let self_attn = Attention {
+                q_proj: lin("self_attn.q_proj", q_out, h, c.attention_bias)?,
+                k_proj: lin("self_attn.k_proj", kv_out, h, c.attention_bias)?,
+                v_proj: lin("self_attn.v_proj", kv_out, h, c.attention_bias)?,
+                o_proj: lin("self_attn.o_proj", h, q_out, c.attention_bias && c.model_type != "qwen2")?,
+            };
+            let mlp = Mlp {
+                gate_proj: lin("mlp.gate_proj", c.intermediate_size, h, c.mlp_bias)?,
+                up_proj: lin("mlp.up_proj", c.intermediate_size, h, c.mlp_bias)?,
+                down_proj: lin("mlp.down_proj", h, c.intermediate_size, c.mlp_bias)?,
+            };
+            layers.push(DecoderLayer {
+                input_layernorm: take(&format!("{p}.input_layernorm.weight"), &[h])?,
+                self_attn,
+                post_attention_layernorm: take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                mlp,
+            });
+        }
+        let norm = take("model.norm.weight", &[h])?;
+        let lm_w = if c.tie_word_embeddings {
+            embed_tokens.clone()
+        } else {
+            take("lm_head.weight", &[c.vocab_size, h])?
+        };
+        let half = hd / 2;
+        let inv_freq = (0..half).map(|i| 1.0 / (c.rope_theta.powf(2.0 * i as f64 / hd as f64)) as f32).collect();
+        Ok(LlamaForCausalLM {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head: PeftLinear::new(lm_w, None, false),
+            inv_freq,
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    /// Every linear layer with its transformers module path (`model.layers.0.self_attn.q_proj`,
+    /// ..., `lm_head`), in module order.
+    pub fn named_linears(&self) -> Vec<(String, &PeftLinear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.self_attn.q_proj"), &l.self_attn.q_proj));
+            out.push((format!("{p}.self_attn.k_proj"), &l.self_attn.k_proj));
+            out.push((format!("{p}.self_attn.v_proj"), &l.self_attn.v_proj));
+            out.push((format!("{p}.self_attn.o_proj"), &l.self_attn.o_proj));
+            out.push((format!("{p}.mlp.gate_proj"), &l.mlp.gate_proj));
+            out.push((format!("{p}.mlp.up_proj"), &l.mlp.up_proj));
+            out.push((format!("{p}.mlp.down_proj"), &l.mlp.down_proj));
+        }
+        out.push(("lm_head".into(), &self.lm_head));
+        out
+    }
+
+    /// Mutable twin of [`Self::named_linears`].
+    pub fn named_linears_mut(&mut self) -> Vec<(String, &mut PeftLinear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.self_attn.q_proj"), &mut l.self_attn.q_proj));
+            out.push((format!("{p}.self_attn.k_proj"), &mut l.self_attn.k_proj));
+            out.push((format!("{p}.self_attn.v_proj"), &mut l.self_attn.v_proj));
+            out.push((format!("{p}.self_attn.o_proj"), &mut l.self_attn.o_proj));
+            out.push((format!("{p}.mlp.gate_proj"), &mut l.mlp.gate_proj));
+            out.push((format!("{p}.mlp.up_proj"), &mut l.mlp.up_proj));
+            out.push((format!("{p}.mlp.down_proj"), &mut l.mlp.down_proj));
+        }
+        out.push(("lm_head".into(), &mut self.lm_head));
+        out
+    }
+
+    /// Module names of every module (for error messages and targeting), transformers' naming.
+    pub fn module_names(&self) -> Vec<String> {
+        let mut out = vec!["model".to_string(), "model.embed_tokens".to_string()];
+        for i in 0..self.layers.len() {
+            let p = format!("model.layers.{i}");
+            out.push(p.clone());
+            out.push(format!("{p}.self_attn"));
+            for n in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+                out.push(format!("{p}.self_attn.{n}"));
+            }
+            out.push(format!("{p}.mlp"));
+            for n in ["gate_proj", "up_proj", "down_proj"] {
+                out.push(format!("{p}.mlp.{n}"));
+            }
+            out.push(format!("{p}.input_layernorm"));
+            out.push(format!("{p}.post_attention_layernorm"));
+        }
+        out.push("model.norm".into());
+        out.push("lm_head".into());
+        out
+    }
+
+    /// Number of base-model parameters, tied weights counted once (as `named_parameters`).
+    pub fn base_param_count(&self) -> usize {
+        let mut n = self.embed_tokens.elem_count() + self.norm.elem_count();
+        for l in &self.layers {
+            n += l.input_layernorm.elem_count() + l.post_attention_layernorm.elem_count();
+        }
+        for (name, lin) in self.named_linears() {
+            if name == "lm_head" && self.config.tie_word_embeddings {
+                continue;
+            }
+            n += lin.base_param_count();
+        }
+        n
+    }
+
+    /// Token embeddings: `ids` `[b, s]` u32 → `[b, s, hidden]`.
+    ///
+    /// Errors: `InvalidArgument` for an id outside the vocabulary.
+    pub fn embed(&self, ids: &[u32], b: usize, s: usize) -> Result<Tensor> {
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.config.vocab_size) {
+            return Err(PeftError::invalid_arg("inputIds", format!("token id {bad} is outside the vocabulary (size {})", self.config.vocab_size)));
+        }
+        let idx = Tensor::from_slice(ids, b * s, &self.device)?;
+        Ok(self.embed_tokens.index_select(&idx, 0)?.reshape((b, s, self.config.hidden_size))?)
+    }
+
+    /// Forward from token ids `[b, s]` (row-major) → logits `[b, s, vocab]` (or `[b, 1, vocab]`
+    /// with `last_only`), in the model dtype. `cache`, when given, supplies past keys/values and
+    /// receives the new ones.
+    pub fn forward(&self, ids: &[u32], b: usize, s: usize, opts: &ForwardOptions, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        if ids.len() != b * s {
+            return Err(PeftError::invalid_arg("inputIds", format!("has {} ids, expected batch {b} × seq {s}", ids.len())));
+        }
+        let x = self.embed(ids, b, s)?;
+        self.forward_embeds(&x, opts, cache)
+    }
+
+    /// Forward from input embeddings `[b, s, hidden]` (prompt learning prepends virtual tokens
+    /// here). See [`Self::forward`].
+    pub fn forward_embeds(&self, x: &Tensor, opts: &ForwardOptions, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let c = &self.config;
+        let past = cache.as_ref().map(|c| c.seq_len()).unwrap_or(0);
+        let total = past + s;
+        if total > c.max_position_embeddings {
+            return Err(PeftError::invalid_arg(
+                "inputIds",
+                format!("sequence length {total} exceeds max_position_embeddings {}", c.max_position_embeddings),
+            ));
+        }
+        // Positions → rope tables [b, s, head_dim/2].
+        let positions: Vec<u32> = match &opts.position_ids {
+            Some(p) => {
+                if p.len() != b * s {
+                    return Err(PeftError::invalid_arg("positionIds", format!("expected {} values", b * s)));
+                }
+                p.clone()
+            }
+            None => (0..b).flat_map(|_| (past..total).map(|p| p as u32)).collect(),
+        };
+        let half = c.head_dim / 2;
+        let mut angles = Vec::with_capacity(b * s * half);
+        for &p in &positions {
+            for f in &self.inv_freq {
+                angles.push(p as f32 * f);
+            }
+        }
+        let angles = Tensor::from_vec(angles, (b, s, half), &self.device)?;
+        let cos = angles.cos()?.to_dtype(self.dtype)?;
+        let sin = angles.sin()?.to_dtype(self.dtype)?;
+        // Additive mask [b, 1, s, total]; skipped when causal-only and s == 1.
+        let mask = match &opts.attention_mask {
+            Some(m) if m.len() != b * total => {
+                return Err(PeftError::invalid_arg("attentionMask", format!("has {} values, expected {b} × {total}", m.len())))
+            }
+            m => {
+                let all_ones = m.as_ref().map(|m| m.iter().all(|&v| v != 0)).unwrap_or(true);
+                if s == 1 && all_ones {
+                    None
+                } else {
+                    let mut v = vec![0f32; b * s * total];
+                    for bi in 0..b {
+                        for i in 0..s {
+                            for j in 0..total {
+                                let ok = j <= past + i && m.as_ref().map(|m| m[bi * total + j] != 0).unwrap_or(true);
+                                if !ok {
+                                    v[(bi * s + i) * total + j] = f32::MIN;
+                                }
+                            }
+                        }
+                    }
+                    Some(Tensor::from_vec(v, (b, 1, s, total), &self.device)?)
+                }
+            }
+        };
+        let lin = LinearCtx { train: opts.train, rows: opts.adapter_rows.as_ref(), rng: opts.dropout_rng.as_deref() };
+        let ctx = Ctx { lin, cos, sin, mask };
+        let mut h = x.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let kv = cache.as_mut().map(|c| &mut c.layers[i]);
+            h = self.layer_forward(layer, &h, &ctx, kv)?;
+        }
+        let h = if opts.last_only { h.narrow(1, s - 1, 1)? } else { h };
+        let h = rms_norm(&h, &self.norm, c.rms_norm_eps, opts.train)?;
+        self.lm_head.forward(&h, &ctx.lin)
+    }
+
+    fn layer_forward(&self, l: &DecoderLayer, x: &Tensor, ctx: &Ctx, kv: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
+        let c = &self.config;
+        let train = ctx.lin.train;
+        let (b, s, _) = x.dims3()?;
+        let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let n1 = rms_norm(x, &l.input_layernorm, c.rms_norm_eps, train)?;
+        let q = l.self_attn.q_proj.forward(&n1, &ctx.lin)?.reshape((b, s, nh, hd))?.transpose(1, 2)?;
+        let k = l.self_attn.k_proj.forward(&n1, &ctx.lin)?.reshape((b, s, nkv, hd))?.transpose(1, 2)?;
+        let v = l.self_attn.v_proj.forward(&n1, &ctx.lin)?.reshape((b, s, nkv, hd))?.transpose(1, 2)?;
+        let q = rope(&q, &ctx.cos, &ctx.sin, train)?;
+        let k = rope(&k, &ctx.cos, &ctx.sin, train)?;
+        let (k, v) = match kv {
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v.contiguous()?], 2)?),
+                    None => (k.contiguous()?, v.contiguous()?),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let t = k.dim(2)?;
+        let n_rep = nh / nkv;
+        let (k, v) = if n_rep > 1 {
+            let k = k.unsqueeze(2)?.broadcast_as((b, nkv, n_rep, t, hd))?.reshape((b, nh, t, hd))?;
+            let v = v.unsqueeze(2)?.broadcast_as((b, nkv, n_rep, t, hd))?.reshape((b, nh, t, hd))?;
+            (k, v)
+        } else {
+            (k.contiguous()?, v.contiguous()?)
+        };
+        let scale = 1.0 / (hd as f64).sqrt();
+        let q = q.contiguous()?;
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        let scores = scores.to_dtype(DType::F32)?;
+        let scores = match &ctx.mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = softmax_last(&scores, train)?.to_dtype(self.dtype)?;
+        let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, nh * hd))?;
+        let o = l.self_attn.o_proj.forward(&attn, &ctx.lin)?;
+        let h = (x + o)?;
+        let n2 = rms_norm(&h, &l.post_attention_layernorm, c.rms_norm_eps, train)?;
+        let g = l.mlp.gate_proj.forward(&n2, &ctx.lin)?;
+        let u = l.mlp.up_proj.forward(&n2, &ctx.lin)?;
+        let d = l.mlp.down_proj.forward(&(g.silu()? * u)?, &ctx.lin)?;
+        Ok((h + d)?)
+    }
+}
+
+fn config_name(c: &LlamaConfig) -> std::path::PathBuf {
+    std::path::PathBuf::from(c.name_or_path.clone().unwrap_or_else(|| "<model>".into()))
+}

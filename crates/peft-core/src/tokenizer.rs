@@ -1,0 +1,519 @@
+//! Text tokenization: a thin wrapper over Hugging Face [`tokenizers`] that can be built
+//! from a transformers model folder (`tokenizer.json` + `tokenizer_config.json`) or from the
+//! vocabulary embedded in a GGUF file, plus ChatML chat formatting.
+//!
+//! GGUF tokenizers are rebuilt the way Hugging Face's own `tokenizer.json` describes a
+//! byte-level BPE (GPT-2 family): a `BPE` model over `tokenizer.ggml.tokens` /
+//! `tokenizer.ggml.merges`, a `ByteLevel` pre-tokenizer (preceded by the split that llama.cpp
+//! associates with `tokenizer.ggml.pre`), a `ByteLevel` decoder, and every *control* token
+//! (`tokenizer.ggml.token_type == 3`) registered as a special added token so that text such
+//! as `<|im_start|>` encodes to its single id, exactly as with the original `tokenizer.json`.
+
+use crate::error::{PeftError, Result};
+use candle_core::quantized::gguf_file;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::processors::template::TemplateProcessing;
+use tokenizers::{AddedToken, SplitDelimiterBehavior};
+
+/// The default system prompt that SmolLM2's chat template inserts when a conversation does
+/// not start with a system message (from the `chat_template` shipped with
+/// `HuggingFaceTB/SmolLM2-*-Instruct`).
+pub const SMOLLM_DEFAULT_SYSTEM_PROMPT: &str =
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face";
+
+/// GGUF token types (`tokenizer.ggml.token_type`), as written by llama.cpp's converter
+/// (`gguf.TokenType`): 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
+const TOKEN_TYPE_CONTROL: i64 = 3;
+const TOKEN_TYPE_USER_DEFINED: i64 = 4;
+
+/// Pre-tokenizer split regex of Llama 3 (`tokenizer.ggml.pre = "llama-bpe"`), as in the
+/// `Split` pre-tokenizer of Meta-Llama-3's `tokenizer.json`.
+const LLAMA3_SPLIT_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+/// Pre-tokenizer split regex of Qwen2 (`tokenizer.ggml.pre = "qwen2"`), as in Qwen2's
+/// `tokenizer.json`.
+const QWEN2_SPLIT_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// One message of a chat conversation (`{"role": ..., "content": ...}` in transformers'
+/// `apply_chat_template`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChatMessage {
+    /// `system`, `user` or `assistant` (any string is accepted and copied verbatim).
+    pub role: String,
+    /// The message text, copied verbatim (special-token text inside it is not escaped).
+    pub content: String,
+}
+
+impl ChatMessage {
+    /// Convenience constructor.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        ChatMessage { role: role.into(), content: content.into() }
+    }
+}
+
+/// A text tokenizer with the model's special-token ids and chat template.
+///
+/// Wraps a [`tokenizers::Tokenizer`]; ids are `u32` as in Hugging Face tokenizers.
+/// Cloning is cheap relative to loading (the vocabulary is copied, nothing is re-read).
+/// `Debug` prints a summary, not the vocabulary.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    bos_token_id: Option<u32>,
+    eos_token_id: Option<u32>,
+    pad_token_id: Option<u32>,
+    chat_template: Option<String>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("vocab_size", &self.vocab_size())
+            .field("bos_token_id", &self.bos_token_id)
+            .field("eos_token_id", &self.eos_token_id)
+            .field("pad_token_id", &self.pad_token_id)
+            .field("has_chat_template", &self.chat_template.is_some())
+            .finish()
+    }
+}
+
+fn tok_err(context: &str, e: impl std::fmt::Display) -> PeftError {
+    PeftError::Tokenizer(format!("{context}: {e}"))
+}
+
+/// A special token in `tokenizer_config.json`: either a plain string or an `AddedToken`
+/// object (`{"content": "<s>", ...}`, optionally tagged `"__type": "AddedToken"`).
+fn config_token_str(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(|c| c.as_str()).map(String::from),
+        _ => None,
+    }
+}
+
+/// `chat_template` in `tokenizer_config.json`: a string, or a list of
+/// `{"name": ..., "template": ...}` (the one named `default` is used, else the first).
+fn config_chat_template(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(a) => {
+            let named = |n: &str| {
+                a.iter().find(|t| t.get("name").and_then(|x| x.as_str()) == Some(n))
+            };
+            named("default")
+                .or_else(|| a.first())
+                .and_then(|t| t.get("template"))
+                .and_then(|t| t.as_str())
+                .map(String::from)
+        }
+        _ => None,
+    }
+}
+
+impl Tokenizer {
+    /// Load a Hugging Face `tokenizer.json` file (any model type the `tokenizers` crate
+    /// supports: BPE, WordLevel, WordPiece, Unigram).
+    ///
+    /// No `tokenizer_config.json` is read, so [`bos_token_id`](Self::bos_token_id) and friends
+    /// are `None` and there is no chat template; use [`from_pretrained`](Self::from_pretrained)
+    /// for a model folder.
+    ///
+    /// Errors: `NotFound` / `Io` if the file cannot be read, `Tokenizer` if it is not a valid
+    /// `tokenizer.json`.
+    pub fn from_file(tokenizer_json: &Path) -> Result<Self> {
+        let bytes = std::fs::read(tokenizer_json).map_err(|e| PeftError::io(tokenizer_json, e))?;
+        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
+            .map_err(|e| tok_err(&format!("cannot parse {}", tokenizer_json.display()), e))?;
+        Ok(Tokenizer { inner, bos_token_id: None, eos_token_id: None, pad_token_id: None, chat_template: None })
+    }
+
+    /// Load the tokenizer of a model, like transformers' `AutoTokenizer.from_pretrained` on a
+    /// local path. `path` may be:
+    ///
+    /// * a folder containing `tokenizer.json` and optionally `tokenizer_config.json`; from the
+    ///   latter `bos_token`, `eos_token`, `pad_token` (strings or `AddedToken` objects) are
+    ///   resolved to ids, `chat_template` is kept (a `chat_template.jinja` file in the folder
+    ///   takes precedence, as in transformers), and `bos/eos/pad/unk_token` and
+    ///   `additional_special_tokens` are registered as special tokens (skipped by
+    ///   `decode(.., true)`) when `tokenizer.json` did not already mark them so;
+    /// * a `tokenizer.json` file (its folder's `tokenizer_config.json` is read as above);
+    /// * a `.gguf` file: the embedded tokenizer, see [`from_gguf`](Self::from_gguf).
+    ///
+    /// BOS/EOS insertion for tokenizer.json-based tokenizers is whatever the file's
+    /// post-processor does (transformers behaves the same way for fast tokenizers).
+    ///
+    /// Errors: `NotFound` when the path or `tokenizer.json` is missing, `Io`, `Tokenizer` for
+    /// an invalid `tokenizer.json` / `tokenizer_config.json`, `GgufInvalid` for a bad GGUF.
+    pub fn from_pretrained(path: &Path) -> Result<Self> {
+        if !path.exists() {
+            return Err(PeftError::NotFound {
+                path: path.to_path_buf(),
+                what: "tokenizer folder or file does not exist".into(),
+            });
+        }
+        let (dir, json): (PathBuf, PathBuf) = if path.is_dir() {
+            (path.to_path_buf(), path.join("tokenizer.json"))
+        } else {
+            let is_gguf = path
+                .extension()
+                .and_then(|e| e.to_str())
+                .map(|e| e.eq_ignore_ascii_case("gguf"))
+                .unwrap_or(false);
+            if is_gguf {
+                return crate::gguf::read_gguf_tokenizer(path);
+            }
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                return Err(PeftError::invalid_arg(
+                    "path",
+                    format!(
+                        "{} is neither a folder with tokenizer.json, a tokenizer.json file, nor a .gguf file",
+                        path.display()
+                    ),
+                ));
+            }
+            (path.parent().map(Path::to_path_buf).unwrap_or_default(), path.to_path_buf())
+        };
+        if !json.is_file() {
+            return Err(PeftError::NotFound {
+                path: json,
+                what: "tokenizer.json (the model folder has no tokenizer.json)".into(),
+            });
+        }
+        let mut tok = Self::from_file(&json)?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        if cfg_path.is_file() {
+            let text = std::fs::read_to_string(&cfg_path).map_err(|e| PeftError::io(&cfg_path, e))?;
+            let cfg: Value = serde_json::from_str(&text)
+                .map_err(|e| tok_err(&format!("{} is not valid JSON", cfg_path.display()), e))?;
+            tok.apply_tokenizer_config(&cfg);
+        }
+        // transformers >= 4.47 saves the template as a separate `chat_template.jinja`, which
+        // takes precedence over a `chat_template` entry of tokenizer_config.json.
+        let jinja = dir.join("chat_template.jinja");
+        if jinja.is_file() {
+            tok.chat_template = Some(std::fs::read_to_string(&jinja).map_err(|e| PeftError::io(&jinja, e))?);
+        }
+        Ok(tok)
+    }
+
+    /// Apply the special tokens and chat template of a parsed `tokenizer_config.json`.
+    fn apply_tokenizer_config(&mut self, cfg: &Value) {
+        let mut specials: Vec<String> = Vec::new();
+        for key in ["bos_token", "eos_token", "pad_token", "unk_token"] {
+            if let Some(s) = config_token_str(cfg.get(key)) {
+                specials.push(s);
+            }
+        }
+        if let Some(Value::Array(a)) = cfg.get("additional_special_tokens") {
+            specials.extend(a.iter().filter_map(|v| config_token_str(Some(v))));
+        }
+        let to_add: Vec<AddedToken> = specials
+            .iter()
+            .filter(|s| {
+                self.inner.token_to_id(s).is_some()
+                    && !self.inner.get_added_vocabulary().is_special_token(s)
+            })
+            .map(|s| AddedToken::from(s.clone(), true))
+            .collect();
+        if !to_add.is_empty() {
+            // Tokens already in the vocabulary keep their ids; this only marks them special.
+            let _ = self.inner.add_special_tokens(to_add);
+        }
+        let id_of = |key: &str| config_token_str(cfg.get(key)).and_then(|s| self.inner.token_to_id(&s));
+        self.bos_token_id = id_of("bos_token");
+        self.eos_token_id = id_of("eos_token");
+        self.pad_token_id = id_of("pad_token");
+        self.chat_template = config_chat_template(cfg.get("chat_template"));
+    }
+
+    /// Build the tokenizer embedded in GGUF metadata (GGUF spec, "tokenizer.ggml.*" keys).
+    ///
+    /// Only byte-level BPE (`tokenizer.ggml.model == "gpt2"`, used by SmolLM2, Llama 3,
+    /// Qwen2, StarCoder, ...) is supported. The Hugging Face pipeline is reconstructed from:
+    ///
+    /// * `tokenizer.ggml.tokens` (token strings, in byte-level alphabet, index = id) and
+    ///   `tokenizer.ggml.merges` (`"left right"` strings, in rank order) → `BPE` model;
+    /// * `tokenizer.ggml.pre` → pre-tokenizer, mirroring llama.cpp's table:
+    ///   `gpt2`/`default`/absent/`mpt`/`olmo` → `ByteLevel(add_prefix_space=false,
+    ///   use_regex=true)` (the GPT-2 regex); `smollm`/`starcoder`/`refact`/`codeshell` →
+    ///   `Digits(individual)` then that `ByteLevel`; `llama-bpe`/`llama3` and `qwen2` → their
+    ///   `Split` regex then `ByteLevel(use_regex=false)` (Llama 3 also sets
+    ///   `ignore_merges`, as its `tokenizer.json` does);
+    /// * `tokenizer.ggml.token_type`: control tokens (3) become special added tokens,
+    ///   user-defined tokens (4) plain added tokens; both are matched before BPE;
+    /// * `tokenizer.ggml.{bos,eos,padding}_token_id` → the special ids;
+    ///   `tokenizer.ggml.add_bos_token` / `add_eos_token` (default false) → a
+    ///   `TemplateProcessing` post-processor used when `add_special_tokens` is true;
+    /// * `tokenizer.chat_template` → [`chat_template`](Self::chat_template).
+    ///
+    /// The decoder is `ByteLevel`. If a token string occurs twice in the list, the first id
+    /// wins for encoding (the later id cannot be represented by a `BPE` vocabulary).
+    ///
+    /// Errors: `Tokenizer` (naming `path`) for an unsupported tokenizer model or
+    /// pre-tokenizer; `GgufInvalid` (naming `path`) when keys are missing, of the wrong type,
+    /// inconsistent (token_type length, special id out of range) or merges reference
+    /// unknown tokens.
+    pub fn from_gguf(content: &gguf_file::Content, path: &Path) -> Result<Self> {
+        use crate::gguf::meta;
+        let bad = |msg: String| PeftError::GgufInvalid { path: path.to_path_buf(), msg };
+        let md = &content.metadata;
+        let model = meta::string(md, "tokenizer.ggml.model", path)?
+            .ok_or_else(|| bad("missing metadata key `tokenizer.ggml.model` (the file has no tokenizer)".into()))?;
+        if model != "gpt2" {
+            return Err(PeftError::Tokenizer(format!(
+                "{}: GGUF tokenizer model `{model}` is not supported (only byte-level BPE, \
+                 tokenizer.ggml.model = \"gpt2\"); load the model's tokenizer.json instead",
+                path.display()
+            )));
+        }
+        let pre = meta::string(md, "tokenizer.ggml.pre", path)?.unwrap_or_else(|| "default".into());
+        let tokens = meta::string_array(md, "tokenizer.ggml.tokens", path)?
+            .ok_or_else(|| bad("missing metadata key `tokenizer.ggml.tokens`".into()))?;
+        if tokens.is_empty() {
+            return Err(bad("`tokenizer.ggml.tokens` is empty".into()));
+        }
+        if tokens.len() > u32::MAX as usize {
+            return Err(bad("`tokenizer.ggml.tokens` has more than 2^32 entries".into()));
+        }
+        let merges_raw = meta::string_array(md, "tokenizer.ggml.merges", path)?
+            .ok_or_else(|| bad("missing metadata key `tokenizer.ggml.merges` (required for BPE)".into()))?;
+        let token_types = meta::int_array(md, "tokenizer.ggml.token_type", path)?;
+        if let Some(tt) = &token_types {
+            if tt.len() != tokens.len() {
+                return Err(bad(format!(
+                    "`tokenizer.ggml.token_type` has {} entries but `tokenizer.ggml.tokens` has {}",
+                    tt.len(),
+                    tokens.len()
+                )));
+            }
+        }
+
+        let mut vocab = Vocab::default();
+        for (id, t) in tokens.iter().enumerate() {
+            vocab.entry(t.to_string()).or_insert(id as u32);
+        }
+        let mut merges = Vec::with_capacity(merges_raw.len());
+        for (i, m) in merges_raw.iter().enumerate() {
+            // Split at the first space after the first character, like llama.cpp
+            // (`word.find(' ', 1)`), so a merge whose left part is a space still parses.
+            let first_len = m.chars().next().map(char::len_utf8).unwrap_or(0);
+            let split = m[first_len..].find(' ').map(|p| p + first_len);
+            match split {
+                Some(p) if p + 1 < m.len() => merges.push((m[..p].to_string(), m[p + 1..].to_string())),
+                _ => return Err(bad(format!("merge #{i} `{m}` is not of the form \"left right\""))),
+            }
+        }
+
+        let (pre_tokenizer, ignore_merges): (PreTokenizerWrapper, bool) = match pre.as_str() {
+            "default" | "gpt2" | "mpt" | "olmo" => (ByteLevel::new(false, true, true).into(), false),
+            "smollm" | "starcoder" | "refact" | "codeshell" => (
+                Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]).into(),
+                false,
+            ),
+            "llama-bpe" | "llama3" | "qwen2" => {
+                let re = if pre == "qwen2" { QWEN2_SPLIT_REGEX } else { LLAMA3_SPLIT_REGEX };
+                let split = Split::new(SplitPattern::Regex(re.into()), SplitDelimiterBehavior::Isolated, false)
+                    .map_err(|e| tok_err("cannot compile the pre-tokenizer regex", e))?;
+                (
+                    Sequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()]).into(),
+                    pre != "qwen2",
+                )
+            }
+            other => {
+                return Err(PeftError::Tokenizer(format!(
+                    "{}: GGUF pre-tokenizer `tokenizer.ggml.pre = {other}` is not supported \
+                     (supported: gpt2, default, mpt, olmo, smollm, starcoder, refact, codeshell, \
+                     llama-bpe, llama3, qwen2); load the model's tokenizer.json instead",
+                    path.display()
+                )))
+            }
+        };
+
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .ignore_merges(ignore_merges)
+            .build()
+            .map_err(|e| bad(format!("cannot build the BPE tokenizer from tokenizer.ggml.tokens/merges: {e}")))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        inner.with_pre_tokenizer(Some(pre_tokenizer));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+
+        if let Some(tt) = &token_types {
+            let mut special = Vec::new();
+            let mut user = Vec::new();
+            for (t, &ty) in tokens.iter().zip(tt.iter()) {
+                if ty == TOKEN_TYPE_CONTROL {
+                    special.push(AddedToken::from(t.to_string(), true));
+                } else if ty == TOKEN_TYPE_USER_DEFINED {
+                    user.push(AddedToken::from(t.to_string(), false).normalized(false));
+                }
+            }
+            if !special.is_empty() {
+                inner.add_special_tokens(special).map_err(|e| tok_err("cannot add control tokens", e))?;
+            }
+            if !user.is_empty() {
+                inner.add_tokens(user).map_err(|e| tok_err("cannot add user-defined tokens", e))?;
+            }
+        }
+
+        let n = tokens.len() as u64;
+        let special_id = |key: &str| -> Result<Option<u32>> {
+            match meta::uint(md, key, path)? {
+                None => Ok(None),
+                Some(id) if id < n => Ok(Some(id as u32)),
+                Some(id) => Err(bad(format!("`{key}` = {id} is out of range (the vocabulary has {n} tokens)"))),
+            }
+        };
+        let bos_token_id = special_id("tokenizer.ggml.bos_token_id")?;
+        let eos_token_id = special_id("tokenizer.ggml.eos_token_id")?;
+        let pad_token_id = special_id("tokenizer.ggml.padding_token_id")?;
+        let add_bos = meta::boolean(md, "tokenizer.ggml.add_bos_token", path)?.unwrap_or(false);
+        let add_eos = meta::boolean(md, "tokenizer.ggml.add_eos_token", path)?.unwrap_or(false);
+
+        let mut pieces_a: Vec<String> = Vec::new();
+        let mut specials: Vec<(String, u32)> = Vec::new();
+        let mut push_special = |id: Option<u32>, what: &str, out: &mut Vec<String>| -> Result<()> {
+            let id = id.ok_or_else(|| {
+                bad(format!("tokenizer.ggml.add_{what}_token is true but tokenizer.ggml.{what}_token_id is missing"))
+            })?;
+            let tok = tokens[id as usize].to_string();
+            if !specials.iter().any(|(t, _)| *t == tok) {
+                specials.push((tok.clone(), id));
+            }
+            out.push(tok);
+            Ok(())
+        };
+        if add_bos || add_eos {
+            if add_bos {
+                push_special(bos_token_id, "bos", &mut pieces_a)?;
+            }
+            pieces_a.push("$A".into());
+            if add_eos {
+                push_special(eos_token_id, "eos", &mut pieces_a)?;
+            }
+            let pieces_b: Vec<String> = pieces_a
+                .iter()
+                .map(|p| if p == "$A" { "$B:1".to_string() } else { format!("{p}:1") })
+                .collect();
+            let mut pair = pieces_a.clone();
+            pair.extend(pieces_b);
+            let post = TemplateProcessing::builder()
+                .try_single(pieces_a)
+                .and_then(|b| b.try_pair(pair))
+                .map_err(|e| tok_err("cannot build the BOS/EOS template", e))?
+                .special_tokens(specials)
+                .build()
+                .map_err(|e| tok_err("cannot build the BOS/EOS template", e))?;
+            inner.with_post_processor(Some(post));
+        }
+
+        let chat_template = meta::string(md, "tokenizer.chat_template", path)?;
+        Ok(Tokenizer { inner, bos_token_id, eos_token_id, pad_token_id, chat_template })
+    }
+
+    /// Encode `text` to token ids. With `add_special_tokens`, the tokenizer's post-processor
+    /// adds its special tokens (e.g. BOS for Llama 2/3; nothing for SmolLM2, whose GGUF has
+    /// `tokenizer.ggml.add_bos_token = false` and whose tokenizer.json adds nothing).
+    /// Special-token text in `text` (e.g. `<|im_start|>`) encodes to its single id, as in
+    /// transformers.
+    ///
+    /// Errors: `Tokenizer` when the underlying tokenizer fails (e.g. a character that is not
+    /// in a non-byte-level vocabulary and there is no unknown token).
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| tok_err("cannot encode text", e))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Decode ids back to text (`tokenizer.decode` in transformers, without
+    /// `clean_up_tokenization_spaces`). With `skip_special_tokens`, special tokens (control
+    /// tokens of a GGUF, `"special": true` added tokens of a tokenizer.json) are dropped.
+    /// Unknown ids are skipped.
+    ///
+    /// Errors: `Tokenizer` when the decoder fails.
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
+        self.inner.decode(ids, skip_special_tokens).map_err(|e| tok_err("cannot decode ids", e))
+    }
+
+    /// Id of a token string (vocabulary or added token, in the tokenizer's own alphabet, e.g.
+    /// `"Ġthe"` for byte-level BPE), or `None`.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Token string of an id, or `None` when out of range.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// Number of tokens including added tokens (`len(tokenizer)` in transformers).
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Beginning-of-sequence token id, if the model defines one.
+    pub fn bos_token_id(&self) -> Option<u32> {
+        self.bos_token_id
+    }
+
+    /// End-of-sequence token id, if the model defines one (for SmolLM2-Instruct `<|im_end|>`, 2).
+    pub fn eos_token_id(&self) -> Option<u32> {
+        self.eos_token_id
+    }
+
+    /// Padding token id, if the model defines one.
+    pub fn pad_token_id(&self) -> Option<u32> {
+        self.pad_token_id
+    }
+
+    /// The model's Jinja chat template string (GGUF `tokenizer.chat_template` or
+    /// `chat_template` of tokenizer_config.json), kept for inspection; it is not executed.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+
+    /// The wrapped Hugging Face tokenizer.
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
+    /// Format a conversation as ChatML, the template of SmolLM2-Instruct (and Qwen2):
+    /// `<|im_start|>{role}\n{content}<|im_end|>\n` per message, then
+    /// `<|im_start|>assistant\n` when `add_generation_prompt`.
+    ///
+    /// When the model's chat template contains SmolLM2's default system prompt
+    /// ([`SMOLLM_DEFAULT_SYSTEM_PROMPT`]) and the first message is not a `system` message, that
+    /// system message is inserted first, as SmolLM2's Jinja template does. Other templates are
+    /// not interpreted: the output is always ChatML. The result is text; encode it with
+    /// `encode(.., false)` (the special tokens in it are recognised).
+    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> String {
+        let mut out = String::new();
+        let default_system = self
+            .chat_template
+            .as_deref()
+            .map(|t| t.contains(SMOLLM_DEFAULT_SYSTEM_PROMPT))
+            .unwrap_or(false);
+        if default_system && messages.first().map(|m| m.role != "system").unwrap_or(false) {
+            out.push_str("<|im_start|>system\n");
+            out.push_str(SMOLLM_DEFAULT_SYSTEM_PROMPT);
+            out.push_str("<|im_end|>\n");
+        }
+        for m in messages {
+            out.push_str("<|im_start|>");
+            out.push_str(&m.role);
+            out.push('\n');
+            out.push_str(&m.content);
+            out.push_str("<|im_end|>\n");
+        }
+        if add_generation_prompt {
+            out.push_str("<|im_start|>assistant\n");
+        }
+        out
+    }
+}

@@ -1,0 +1,298 @@
+//! `LoraConfig`: the fields of HF PEFT 0.21's `LoraConfig`, read from and written to
+//! `adapter_config.json` with HF's names and values.
+//!
+//! Fields this crate acts on are typed; every other field is kept verbatim (unknown fields of a
+//! loaded file are preserved and reported by [`LoraConfig::unknown_fields`]).
+
+use crate::error::{PeftError, Result};
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// Which modules LoRA is injected into (HF `target_modules`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum TargetModules {
+    /// Module names; each matches a module whose name equals it or ends with `.{name}`.
+    List(Vec<String>),
+    /// A regular expression that must match the whole module name.
+    Regex(String),
+    /// `"all-linear"`: every linear layer except the output head.
+    AllLinear,
+}
+
+/// HF `init_lora_weights`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum InitLoraWeights {
+    /// `true`: `lora_A` Kaiming-uniform (a = √5), `lora_B` zeros (the adapter starts as a no-op).
+    Default,
+    /// `"gaussian"`: `lora_A` ~ N(0, 1/r), `lora_B` zeros.
+    Gaussian,
+    /// `false`: both `lora_A` and `lora_B` Kaiming-uniform (a = √5), like `nn.Linear`'s default
+    /// init: the adapter is not a no-op (used for tests).
+    Random,
+}
+
+/// HF PEFT's `LoraConfig` (peft 0.21.0). See the module docs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub lora_alpha: f64,
+    pub target_modules: TargetModules,
+    pub exclude_modules: Option<TargetModules>,
+    pub lora_dropout: f64,
+    pub fan_in_fan_out: bool,
+    /// `"none"`, `"all"` or `"lora_only"`.
+    pub bias: String,
+    pub use_rslora: bool,
+    pub use_dora: bool,
+    pub init_lora_weights: InitLoraWeights,
+    pub modules_to_save: Option<Vec<String>>,
+    pub layers_to_transform: Option<Vec<usize>>,
+    pub layers_pattern: Option<Vec<String>>,
+    pub rank_pattern: Vec<(String, usize)>,
+    pub alpha_pattern: Vec<(String, f64)>,
+    pub task_type: Option<String>,
+    pub base_model_name_or_path: Option<String>,
+    pub revision: Option<String>,
+    pub inference_mode: bool,
+    /// The complete JSON object, HF field names, as it will be written (kept in sync by
+    /// [`LoraConfig::to_json`]); holds fields this crate does not act on.
+    raw: Map<String, Value>,
+    unknown: Vec<String>,
+}
+
+/// Largest accepted rank; larger values are refused before anything is allocated.
+pub const MAX_RANK: usize = 1 << 16;
+
+/// HF PEFT 0.21 defaults for every `LoraConfig` field, as written to adapter_config.json.
+pub fn hf_lora_defaults() -> Map<String, Value> {
+    let v = json!({
+        "alora_invocation_tokens": null, "alpha_pattern": {}, "arrow_config": null, "auto_mapping": null,
+        "base_model_name_or_path": null, "bias": "none", "corda_config": null, "ensure_weight_tying": false,
+        "eva_config": null, "exclude_modules": null, "fan_in_fan_out": false, "inference_mode": false,
+        "init_lora_weights": true, "kasa_config": null, "layer_replication": null, "layers_pattern": null,
+        "layers_to_transform": null, "loftq_config": {}, "lora_alpha": 8, "lora_bias": false,
+        "lora_dropout": 0.0, "lora_ga_config": null, "megatron_config": null, "megatron_core": "megatron.core",
+        "modules_to_save": null, "monteclora_config": null, "peft_type": "LORA", "peft_version": "0.21.0",
+        "qalora_group_size": 16, "r": 8, "rank_pattern": {}, "revision": null, "target_modules": null,
+        "target_parameters": null, "task_type": null, "trainable_token_indices": null, "use_bdlora": null,
+        "use_dora": false, "use_qalora": false, "use_rslora": false, "velora_config": null
+    });
+    match v {
+        Value::Object(m) => m,
+        _ => unreachable!(),
+    }
+}
+
+fn targets_from_json(v: &Value, field: &str) -> std::result::Result<Option<TargetModules>, String> {
+    match v {
+        Value::Null => Ok(None),
+        Value::String(s) if s == "all-linear" => Ok(Some(TargetModules::AllLinear)),
+        Value::String(s) => {
+            regex::Regex::new(&format!("^(?:{s})$")).map_err(|e| format!("`{field}` is not a valid regex: {e}"))?;
+            Ok(Some(TargetModules::Regex(s.clone())))
+        }
+        Value::Array(a) => {
+            let mut out = Vec::with_capacity(a.len());
+            for x in a {
+                match x.as_str() {
+                    Some(s) if !s.is_empty() => out.push(s.to_string()),
+                    _ => return Err(format!("`{field}` must be a list of non-empty strings, found {x}")),
+                }
+            }
+            Ok(Some(TargetModules::List(out)))
+        }
+        other => Err(format!("`{field}` must be a list of strings or a string, found {other}")),
+    }
+}
+
+fn targets_to_json(t: &Option<TargetModules>) -> Value {
+    match t {
+        None => Value::Null,
+        Some(TargetModules::AllLinear) => Value::String("all-linear".into()),
+        Some(TargetModules::Regex(s)) => Value::String(s.clone()),
+        Some(TargetModules::List(l)) => Value::Array(l.iter().map(|s| Value::String(s.clone())).collect()),
+    }
+}
+
+impl LoraConfig {
+    /// Build from an adapter_config.json object (HF snake_case). Missing fields take HF's
+    /// defaults. `path` names the file in errors.
+    ///
+    /// Errors: `InvalidAdapterConfig` for a wrong `peft_type`, `r` that is not a positive integer
+    /// (or above [`MAX_RANK`]), a non-numeric `lora_alpha`, malformed `target_modules`, an
+    /// invalid regex, an unknown `bias` value, and `use_dora` (not supported yet).
+    pub fn from_json(v: &Value, path: Option<&Path>) -> Result<Self> {
+        let bad = |msg: String| PeftError::InvalidAdapterConfig { path: path.map(|p| p.to_path_buf()), msg };
+        let obj = v.as_object().ok_or_else(|| bad("the top level must be a JSON object".into()))?;
+        let defaults = hf_lora_defaults();
+        let unknown: Vec<String> = obj.keys().filter(|k| !defaults.contains_key(*k)).cloned().collect();
+        let mut raw = defaults;
+        for (k, val) in obj {
+            raw.insert(k.clone(), val.clone());
+        }
+        match raw.get("peft_type").and_then(|x| x.as_str()) {
+            Some("LORA") => {}
+            other => return Err(bad(format!("`peft_type` must be \"LORA\" for a LoraConfig, found {other:?}"))),
+        }
+        let r = match &raw["r"] {
+            Value::Number(n) if n.as_u64().is_some() => n.as_u64().unwrap() as usize,
+            other => return Err(bad(format!("`r` must be a positive integer, found {other}"))),
+        };
+        if r == 0 || r > MAX_RANK {
+            return Err(bad(format!("`r` must be between 1 and {MAX_RANK}, found {r}")));
+        }
+        let lora_alpha = raw["lora_alpha"]
+            .as_f64()
+            .ok_or_else(|| bad(format!("`lora_alpha` must be a number, found {}", raw["lora_alpha"])))?;
+        let lora_dropout = raw["lora_dropout"]
+            .as_f64()
+            .filter(|p| (0.0..1.0).contains(p))
+            .ok_or_else(|| bad(format!("`lora_dropout` must be a number in [0, 1), found {}", raw["lora_dropout"])))?;
+        let target_modules = targets_from_json(&raw["target_modules"], "target_modules")
+            .map_err(bad)?
+            .ok_or_else(|| bad("`target_modules` must be given (a list of module names, a regex string or \"all-linear\")".into()))?;
+        let exclude_modules = targets_from_json(&raw["exclude_modules"], "exclude_modules").map_err(bad)?;
+        let get_bool = |k: &str| -> Result<bool> {
+            raw[k].as_bool().ok_or_else(|| bad(format!("`{k}` must be a boolean, found {}", raw[k])))
+        };
+        let fan_in_fan_out = get_bool("fan_in_fan_out")?;
+        let use_rslora = get_bool("use_rslora")?;
+        let use_dora = get_bool("use_dora")?;
+        if use_dora {
+            return Err(bad("`use_dora: true` (DoRA) is not supported yet".into()));
+        }
+        let inference_mode = get_bool("inference_mode")?;
+        let bias = raw["bias"].as_str().unwrap_or("").to_string();
+        if !["none", "all", "lora_only"].contains(&bias.as_str()) {
+            return Err(bad(format!("`bias` must be \"none\", \"all\" or \"lora_only\", found {}", raw["bias"])));
+        }
+        let init_lora_weights = match &raw["init_lora_weights"] {
+            Value::Bool(true) => InitLoraWeights::Default,
+            Value::Bool(false) => InitLoraWeights::Random,
+            Value::String(s) if s == "gaussian" => InitLoraWeights::Gaussian,
+            other => return Err(bad(format!("`init_lora_weights` must be true, false or \"gaussian\", found {other}"))),
+        };
+        let str_list = |k: &str| -> Result<Option<Vec<String>>> {
+            match &raw[k] {
+                Value::Null => Ok(None),
+                Value::String(s) => Ok(Some(vec![s.clone()])),
+                Value::Array(a) => a
+                    .iter()
+                    .map(|x| x.as_str().map(String::from).ok_or_else(|| bad(format!("`{k}` must hold strings, found {x}"))))
+                    .collect::<Result<Vec<_>>>()
+                    .map(Some),
+                other => Err(bad(format!("`{k}` must be a list of strings, found {other}"))),
+            }
+        };
+        let modules_to_save = str_list("modules_to_save")?;
+        let layers_pattern = str_list("layers_pattern")?;
+        let layers_to_transform = match &raw["layers_to_transform"] {
+            Value::Null => None,
+            Value::Number(n) => Some(vec![n.as_u64().ok_or_else(|| bad("`layers_to_transform` must be non-negative".into()))? as usize]),
+            Value::Array(a) => Some(
+                a.iter()
+                    .map(|x| x.as_u64().map(|n| n as usize).ok_or_else(|| bad(format!("`layers_to_transform` must hold integers, found {x}"))))
+                    .collect::<Result<Vec<_>>>()?,
+            ),
+            other => return Err(bad(format!("`layers_to_transform` must be an integer or a list, found {other}"))),
+        };
+        let mut rank_pattern = Vec::new();
+        if let Some(m) = raw["rank_pattern"].as_object() {
+            for (k, x) in m {
+                let rv = x.as_u64().filter(|n| *n >= 1 && *n as usize <= MAX_RANK)
+                    .ok_or_else(|| bad(format!("`rank_pattern[{k:?}]` must be a positive integer, found {x}")))?;
+                regex::Regex::new(k).map_err(|e| bad(format!("`rank_pattern` key {k:?} is not a valid regex: {e}")))?;
+                rank_pattern.push((k.clone(), rv as usize));
+            }
+        } else if !raw["rank_pattern"].is_null() {
+            return Err(bad("`rank_pattern` must be an object".into()));
+        }
+        let mut alpha_pattern = Vec::new();
+        if let Some(m) = raw["alpha_pattern"].as_object() {
+            for (k, x) in m {
+                let av = x.as_f64().ok_or_else(|| bad(format!("`alpha_pattern[{k:?}]` must be a number, found {x}")))?;
+                regex::Regex::new(k).map_err(|e| bad(format!("`alpha_pattern` key {k:?} is not a valid regex: {e}")))?;
+                alpha_pattern.push((k.clone(), av));
+            }
+        } else if !raw["alpha_pattern"].is_null() {
+            return Err(bad("`alpha_pattern` must be an object".into()));
+        }
+        let opt_str = |k: &str| raw[k].as_str().map(String::from);
+        Ok(LoraConfig {
+            r,
+            lora_alpha,
+            target_modules,
+            exclude_modules,
+            lora_dropout,
+            fan_in_fan_out,
+            bias,
+            use_rslora,
+            use_dora,
+            init_lora_weights,
+            modules_to_save,
+            layers_to_transform,
+            layers_pattern,
+            rank_pattern,
+            alpha_pattern,
+            task_type: opt_str("task_type"),
+            base_model_name_or_path: opt_str("base_model_name_or_path"),
+            revision: opt_str("revision"),
+            inference_mode,
+            unknown,
+            raw,
+        })
+    }
+
+    /// Parse an adapter_config.json file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| PeftError::io(path, e))?;
+        let v: Value = serde_json::from_str(&text).map_err(|e| PeftError::InvalidAdapterConfig {
+            path: Some(path.to_path_buf()),
+            msg: format!("not valid JSON: {e}"),
+        })?;
+        Self::from_json(&v, Some(path))
+    }
+
+    /// Fields of the source JSON that HF PEFT 0.21's LoraConfig does not have (kept, not acted on).
+    pub fn unknown_fields(&self) -> &[String] {
+        &self.unknown
+    }
+
+    /// The config as HF's adapter_config.json object (all fields, sorted keys when serialized).
+    pub fn to_json(&self) -> Value {
+        let mut m = self.raw.clone();
+        m.insert("target_modules".into(), targets_to_json(&Some(self.target_modules.clone())));
+        m.insert("exclude_modules".into(), targets_to_json(&self.exclude_modules));
+        m.insert("inference_mode".into(), Value::Bool(self.inference_mode));
+        m.insert("base_model_name_or_path".into(), self.base_model_name_or_path.clone().map(Value::String).unwrap_or(Value::Null));
+        m.insert("task_type".into(), self.task_type.clone().map(Value::String).unwrap_or(Value::Null));
+        m.insert("peft_version".into(), Value::String("0.21.0".into()));
+        let sorted: BTreeMap<String, Value> = m.into_iter().collect();
+        serde_json::to_value(sorted).expect("a map of JSON values serializes")
+    }
+
+    /// `adapter_config.json` text exactly as HF writes it (`json.dumps(indent=2, sort_keys=True)`).
+    pub fn to_json_string(&self) -> String {
+        crate::io::python_json_dumps(&self.to_json())
+    }
+
+    /// Effective rank of the module `name` (HF `rank_pattern` lookup, else `r`).
+    pub fn rank_for(&self, name: &str) -> usize {
+        crate::targeting::pattern_lookup(&self.rank_pattern, name).unwrap_or(self.r)
+    }
+
+    /// Effective alpha of the module `name` (HF `alpha_pattern` lookup, else `lora_alpha`).
+    pub fn alpha_for(&self, name: &str) -> f64 {
+        crate::targeting::pattern_lookup(&self.alpha_pattern, name).unwrap_or(self.lora_alpha)
+    }
+
+    /// `lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA (Kalajdzievski 2023).
+    pub fn scaling(&self, r: usize, alpha: f64) -> f64 {
+        if self.use_rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        }
+    }
+}

