@@ -23,6 +23,19 @@ export interface LoadResult {
   unexpectedKeys: string[]
 }
 
+/**
+ * Python's `f"{x:.4f}"`: like `toFixed(4)`, except that an exact tie (x a binary fraction ending
+ * in 5 at the 5th decimal, e.g. 0.03125) rounds to even as Python does; toFixed rounds it up.
+ */
+function pyFixed4(x: number): string {
+  const s = x.toFixed(4)
+  if (!Number.isFinite(x) || Math.abs(x) >= 1e21) return s
+  const exact = x.toFixed(100) // exact decimal expansion of the double
+  const dot = exact.indexOf('.')
+  if (!/^50*$/.test(exact.slice(dot + 5))) return s
+  return Number(s[s.length - 1]) % 2 === 1 ? exact.slice(0, dot + 5) : s
+}
+
 export class PeftModel {
   /** The wrapped model (HF `base_model.model`). */
   readonly baseModel: PreTrainedModel
@@ -151,7 +164,7 @@ export class PeftModel {
   printTrainableParameters(): string {
     const [t, a] = this.getNbTrainableParameters()
     const fmt = (x: number) => x.toString().replace(/\B(?=(\d{3})+(?!\d))/g, ',')
-    const line = `trainable params: ${fmt(t)} || all params: ${fmt(a)} || trainable%: ${((100 * t) / a).toFixed(4)}`
+    const line = `trainable params: ${fmt(t)} || all params: ${fmt(a)} || trainable%: ${pyFixed4((100 * t) / a)}`
     console.log(line)
     return line
   }

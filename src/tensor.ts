@@ -17,6 +17,26 @@ function inferDType(d: TensorData): DType {
   throw invalidArgument('data', 'a Uint16Array needs an explicit dtype (float16 or bfloat16)')
 }
 
+/** The typed array that holds each dtype (float16 / bfloat16 as raw bits). */
+const ARRAY_OF: Record<DType, new (n: number) => TensorData> = {
+  float32: Float32Array, float64: Float64Array, float16: Uint16Array, bfloat16: Uint16Array,
+  int32: Int32Array, int64: BigInt64Array, uint8: Uint8Array, uint32: Uint32Array,
+}
+
+/** A plain number array as the typed array of `dtype` (integers must be integers). */
+function fromNumbers(data: number[], dtype: DType): TensorData {
+  if (dtype === 'float16' || dtype === 'bfloat16') throw invalidArgument('data', `${dtype} data must be a Uint16Array of raw bits`)
+  if (dtype === 'float32') return Float32Array.from(data)
+  if (dtype === 'float64') return Float64Array.from(data)
+  data.forEach((v, i) => {
+    if (!Number.isSafeInteger(v)) throw invalidArgument('data', `${dtype} values must be integers, found ${v} at index ${i}`)
+  })
+  if (dtype === 'int64') return BigInt64Array.from(data, (v) => BigInt(v))
+  const a = new ARRAY_OF[dtype](data.length) as Int32Array | Uint8Array | Uint32Array
+  a.set(data)
+  return a
+}
+
 function f16ToF32(h: number): number {
   const s = h & 0x8000 ? -1 : 1
   const e = (h >> 10) & 0x1f
@@ -38,12 +58,16 @@ export class Tensor {
   }
 
   /**
-   * Wrap a typed array (or a plain number array, stored as float32) with a shape.
-   * @throws PeftError `ERR_INVALID_ARGUMENT` when the element count does not fit the shape.
+   * Wrap a typed array (or a plain number array, stored as `dtype`, default float32) with a shape.
+   * @throws PeftError `ERR_INVALID_ARGUMENT` when the element count does not fit the shape, or the
+   * typed array is not the one that holds `dtype` (float16 / bfloat16: a Uint16Array of raw bits).
    */
   static from(data: TensorData | number[], shape: readonly number[], dtype?: DType): Tensor {
-    const arr: TensorData = Array.isArray(data) ? Float32Array.from(data) : data
+    if (dtype !== undefined && !Object.hasOwn(ARRAY_OF, dtype)) throw invalidArgument('dtype', `unsupported dtype ${JSON.stringify(dtype)}`)
+    const arr: TensorData = Array.isArray(data) ? fromNumbers(data, dtype ?? 'float32') : data
     const dt = dtype ?? inferDType(arr)
+    const ctor = ARRAY_OF[dt]
+    if (!(arr instanceof ctor)) throw invalidArgument('dtype', `${dt} needs a ${ctor.name}, the data is a ${arr.constructor.name}`)
     if (!shape.every((d) => Number.isInteger(d) && d >= 0)) throw invalidArgument('shape', `must be non-negative integers, found [${shape}]`)
     const n = shape.reduce((a, b) => a * b, 1)
     if (n !== arr.length) throw invalidArgument('shape', `[${shape}] needs ${n} elements, the data has ${arr.length}`)
@@ -80,7 +104,11 @@ export class Tensor {
 
   /** Nested arrays of numbers (for small tensors and tests). */
   toArray(): unknown {
-    const flat = Array.from(this.dtype === 'int64' ? this.toInt32Array() : this.toFloat32Array())
+    const d = this.data
+    const flat: number[] =
+      d instanceof BigInt64Array ? Array.from(d, (x) => Number(x))
+      : d instanceof Uint16Array ? Array.from(this.toFloat32Array())
+      : Array.from(d) // float32/float64/int32/uint8/uint32 exactly
     const build = (dim: number, off: number): unknown => {
       if (dim === this.shape.length) return flat[off]
       const stride = this.shape.slice(dim + 1).reduce((a, b) => a * b, 1)

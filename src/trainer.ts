@@ -119,6 +119,9 @@ export class Trainer {
         ids = ids.slice(0, this.options.maxLength)
         labels = labels.slice(0, this.options.maxLength)
       }
+      // labels are shifted inside the model: one token has nothing to predict (and a batch of
+      // such rows has no logits left to take the loss over)
+      if (ids.length < 2) throw invalidArgument('examples', `example ${i} has ${ids.length} token; causal-LM training needs at least 2`)
       return { ids, labels }
     })
   }
@@ -189,7 +192,7 @@ export class Trainer {
       const info: StepInfo = {
         step: r.step,
         maxSteps,
-        epoch: epoch - 1 + cursor / Math.max(1, data.length),
+        epoch: epoch - 1 + Math.min(cursor, data.length) / Math.max(1, data.length),
         loss: r.loss,
         learningRate: r.learningRate,
         gradNorm: r.gradNorm,

@@ -1,0 +1,121 @@
+/** Shared helpers for the ava tests (fixture paths, numeric comparison, temp folders). */
+import * as fs from 'node:fs'
+import * as os from 'node:os'
+import * as path from 'node:path'
+import type { ExecutionContext } from 'ava'
+import { AutoModelForCausalLM, PeftError, Tensor, loadSafetensors, type PreTrainedModel } from '../src/index'
+
+export const FIXTURES = path.join(__dirname, 'fixtures')
+export const LLAMA = path.join(FIXTURES, 'models', 'llama')
+export const caseDir = (name: string): string => path.join(FIXTURES, 'cases', name)
+
+/** Logits tolerance of the fixtures (case.json -> tolerances). */
+export const ATOL = 1e-4
+export const RTOL = 1e-4
+
+export function loadLlama(): Promise<PreTrainedModel> {
+  return AutoModelForCausalLM.fromPretrained(LLAMA)
+}
+
+const expectedCache = new Map<string, Promise<Record<string, Tensor>>>()
+/** The case's expected.safetensors (read once per process). */
+export function expected(name: string): Promise<Record<string, Tensor>> {
+  let p = expectedCache.get(name)
+  if (!p) {
+    p = loadSafetensors(path.join(caseDir(name), 'expected.safetensors'))
+    expectedCache.set(name, p)
+  }
+  return p
+}
+
+/** Largest |a - b| and the first index where |a - b| > atol + rtol * |b| (or -1). */
+export function compare(actual: Tensor, want: Tensor, atol = ATOL, rtol = RTOL): { maxAbs: number; badIndex: number } {
+  const a = actual.toFloat32Array()
+  const b = want.toFloat32Array()
+  let maxAbs = 0
+  let badIndex = -1
+  for (let i = 0; i < b.length; i++) {
+    const d = Math.abs(a[i] - b[i])
+    if (!(d <= atol + rtol * Math.abs(b[i])) && badIndex < 0) badIndex = i
+    if (d > maxAbs || Number.isNaN(d)) maxAbs = Number.isNaN(d) ? Infinity : Math.max(maxAbs, d)
+  }
+  return { maxAbs, badIndex }
+}
+
+/** Assert same shape and allclose (atol + rtol * |want|). */
+export function assertClose(t: ExecutionContext, actual: Tensor, want: Tensor, what: string, atol = ATOL, rtol = RTOL): void {
+  t.deepEqual([...actual.shape], [...want.shape], `${what}: shape`)
+  const { maxAbs, badIndex } = compare(actual, want, atol, rtol)
+  t.is(badIndex, -1, `${what}: max |diff| ${maxAbs} (first out of tolerance at flat index ${badIndex})`)
+}
+
+/** Assert bit-identical float32 data and the same shape. */
+export function assertBitEqual(t: ExecutionContext, actual: Tensor, want: Tensor, what: string): void {
+  t.deepEqual([...actual.shape], [...want.shape], `${what}: shape`)
+  t.is(actual.dtype, want.dtype, `${what}: dtype`)
+  t.true(Buffer.from(actual.bytes()).equals(Buffer.from(want.bytes())), `${what}: bytes differ`)
+}
+
+/** Largest |a - b| over two tensors of the same size. */
+export function maxAbsDiff(a: Tensor, b: Tensor): number {
+  const x = a.toFloat32Array()
+  const y = b.toFloat32Array()
+  let m = 0
+  for (let i = 0; i < x.length; i++) m = Math.max(m, Math.abs(x[i] - y[i]))
+  return m
+}
+
+/** Integer tensor → number[][] (rows of a `[batch, seq]` tensor). */
+export function idRows(x: Tensor): number[][] {
+  const v = Array.from(x.toInt32Array())
+  const [b, s] = x.shape
+  return Array.from({ length: b }, (_, i) => v.slice(i * s, (i + 1) * s))
+}
+
+/** A fresh temp folder; removed when the test finishes (pass or fail). */
+export function tmpDir(t: ExecutionContext, prefix = 'peft-node-test-'): string {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix))
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }))
+  return dir
+}
+
+/** Dispose when the test finishes (tolerates an already disposed model). */
+export function disposeLater<M extends { dispose(): void }>(t: ExecutionContext, m: M): M {
+  t.teardown(() => {
+    try {
+      m.dispose()
+    } catch {
+      /* already disposed */
+    }
+  })
+  return m
+}
+
+/** Copy a fixture case folder (files only, plus subfolders) into `dest`. */
+export function copyDir(src: string, dest: string): void {
+  fs.cpSync(src, dest, { recursive: true })
+}
+
+/** Assert that `fn` rejects/throws a PeftError with `code`; returns it for more checks. */
+export async function assertPeftError(
+  t: ExecutionContext,
+  fn: () => unknown,
+  code: string,
+  mentions: Array<string | RegExp> = [],
+): Promise<PeftError> {
+  let err: unknown
+  try {
+    await fn()
+  } catch (e) {
+    err = e
+  }
+  t.truthy(err, `expected ${code}, nothing was thrown`)
+  t.true(err instanceof PeftError, `expected a PeftError, got ${err instanceof Error ? `${err.name}: ${err.message}` : String(err)}`)
+  const pe = err as PeftError
+  t.is(pe.code, code, `code (message: ${pe.message})`)
+  for (const m of mentions) {
+    if (typeof m === 'string') t.true(pe.message.includes(m), `message should name ${JSON.stringify(m)}: ${pe.message}`)
+    else t.regex(pe.message, m)
+  }
+  return pe
+}
