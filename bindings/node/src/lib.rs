@@ -18,3 +18,9 @@ pub use model::*;
 pub use safetensors_js::*;
 pub use tokenizer::*;
 pub use trainer::*;
+
+/// mimalloc keeps freed pages for reuse: training allocates and frees large activation buffers
+/// every step, and glibc's allocator returns them to the OS, paying a page fault per 4 KiB on
+/// the next step.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

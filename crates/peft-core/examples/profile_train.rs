@@ -7,6 +7,9 @@ use peft_core::peft_model::PeftModel;
 use peft_core::tuners::LoraConfig;
 use std::time::Instant;
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> peft_core::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let path = args.get(1).expect("model path");

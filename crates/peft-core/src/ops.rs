@@ -4,7 +4,7 @@
 //! is a frozen weight, which doubles the cost of every frozen linear layer in a LoRA backward
 //! pass. [`frozen_linear`] is a custom op whose backward only produces the input gradient
 //! (`dL/dx = dL/dy · W`), the frozen weight receives none. Several fused candle ops have no
-//! backward at all (`softmax_last_dim`, `rms_norm`, `rope`); the functions here use the fused
+//! backward at all (`softmax_last_dim`, `rms_norm`, `rope`); the functions here run the fused
 //! forms only when `train == false` and the differentiable compositions otherwise.
 
 use candle_core::backend::BackendStorage;
@@ -99,28 +99,106 @@ impl CustomOp1 for FrozenMatmul {
     }
 }
 
-/// RMSNorm as in transformers' `LlamaRMSNorm`: computed in f32,
-/// `y = w · (x / sqrt(mean(x², -1) + eps))`, cast back to `x`'s dtype before the weight multiply.
+/// RMSNorm as in transformers' `LlamaRMSNorm`: `y = w · (x / sqrt(mean(x², -1) + eps))`.
 ///
-/// `x`: `[..., hidden]`, `w`: `[hidden]`. Differentiable when `train` is true.
+/// `x`: `[..., hidden]`, `w`: `[hidden]` (frozen). With `train`, the fused f32 kernel runs the
+/// forward and an attached backward yields `dL/dx = r·(g·w − x·r²·mean(g·w·x))`,
+/// `r = 1/sqrt(mean(x²)+eps)`. Non-f32 inputs are computed in f32 like transformers.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, train: bool) -> candle_core::Result<Tensor> {
-    if !train && x.dtype() == DType::F32 && w.dtype() == DType::F32 {
-        return candle_nn::ops::rms_norm(&x.contiguous()?, w, eps as f32);
+    if x.dtype() != DType::F32 || w.dtype() != DType::F32 {
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = xf.broadcast_div(&(var + eps)?.sqrt()?)?;
+        return normed.to_dtype(dtype)?.broadcast_mul(w);
     }
-    let dtype = x.dtype();
-    let xf = x.to_dtype(DType::F32)?;
-    let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
-    let normed = xf.broadcast_div(&(var + eps)?.sqrt()?)?;
-    normed.to_dtype(dtype)?.broadcast_mul(w)
+    let xd = x.detach().contiguous()?;
+    let out = candle_nn::ops::rms_norm(&xd, w, eps as f32)?;
+    if !train || !x.track_op() {
+        return Ok(out);
+    }
+    let w = w.clone();
+    attach(x, out, move |g| {
+        let r = (xd.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+        let gw = g.broadcast_mul(&w)?;
+        let m = (&gw * &xd)?.mean_keepdim(D::Minus1)?;
+        let inner = (gw - xd.broadcast_mul(&(r.sqr()? * m)?)?)?;
+        inner.broadcast_mul(&r)
+    })
 }
 
-/// Softmax over the last dimension (f32). Uses the fused kernel only when no gradient is needed.
-pub fn softmax_last(x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-    if train {
-        candle_nn::ops::softmax(x, D::Minus1)
-    } else {
-        candle_nn::ops::softmax_last_dim(&x.contiguous()?)
+/// An op whose forward result `out` was computed by a fused kernel (without graph) and whose
+/// backward is `bwd(dL/dout) = dL/dx`. Connects `out` to `x` in the autograd graph.
+fn attach(
+    x: &Tensor,
+    out: Tensor,
+    bwd: impl Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync + 'static,
+) -> candle_core::Result<Tensor> {
+    x.apply_op1(Attached { out, bwd: Box::new(bwd) })
+}
+
+type BwdFn = Box<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync>;
+
+struct Attached {
+    out: Tensor,
+    bwd: BwdFn,
+}
+
+impl CustomOp1 for Attached {
+    fn name(&self) -> &'static str {
+        "attached-fused"
     }
+
+    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = self.out.contiguous()?;
+        let (st, l) = out.storage_and_layout();
+        match &*st {
+            Storage::Cpu(cs) if l.start_offset() == 0 && l.shape().elem_count() == cs_len(cs) => Ok((cs.clone(), l.shape().clone())),
+            Storage::Cpu(_) => {
+                let flat = out.flatten_all()?.to_vec1::<f32>()?;
+                Ok((CpuStorage::F32(flat), l.shape().clone()))
+            }
+            _ => candle_core::bail!("attached-fused: device mismatch"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, _s: &candle_core::CudaStorage, _l: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let out = self.out.contiguous()?.copy()?;
+        let (st, l) = out.storage_and_layout();
+        match &*st {
+            Storage::Cuda(cs) => Ok((cs.try_clone(l)?, l.shape().clone())),
+            _ => candle_core::bail!("attached-fused: device mismatch"),
+        }
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some((self.bwd)(grad_res)?))
+    }
+}
+
+fn cs_len(cs: &CpuStorage) -> usize {
+    match cs {
+        CpuStorage::F32(v) => v.len(),
+        CpuStorage::BF16(v) => v.len(),
+        CpuStorage::F16(v) => v.len(),
+        CpuStorage::F64(v) => v.len(),
+        _ => usize::MAX,
+    }
+}
+
+/// Softmax over the last dimension: the fused kernel, with an attached backward when training
+/// (`dL/dx = y · (g − Σ g·y)`).
+pub fn softmax_last(x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    let out = candle_nn::ops::softmax_last_dim(&x.detach().contiguous()?)?;
+    if !train || !x.track_op() {
+        return Ok(out);
+    }
+    let y = out.clone();
+    attach(x, out, move |g| {
+        let s = (g * &y)?.sum_keepdim(D::Minus1)?;
+        &y * g.broadcast_sub(&s)?
+    })
 }
 
 /// Rotary position embedding, the "rotate_half" (GPT-NeoX / HF Llama) form:
@@ -129,8 +207,15 @@ pub fn softmax_last(x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
 /// * `x`: `[b, heads, s, head_dim]`
 /// * `cos`, `sin`: `[b, s, head_dim / 2]` (one row of angles per position, `θ_i = pos / theta^(2i/d)`).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, train: bool) -> candle_core::Result<Tensor> {
-    if !train {
-        return candle_nn::rotary_emb::rope(&x.contiguous()?, &cos.contiguous()?, &sin.contiguous()?);
+    if x.dtype() == cos.dtype() {
+        let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
+        let out = candle_nn::rotary_emb::rope(&x.detach().contiguous()?, &cos, &sin)?;
+        if !train || !x.track_op() {
+            return Ok(out);
+        }
+        // The rotation's transpose is the rotation by −θ: dL/dx = rope(g, cos, −sin).
+        let neg_sin = sin.neg()?;
+        return attach(x, out, move |g| candle_nn::rotary_emb::rope(&g.contiguous()?, &cos, &neg_sin));
     }
     let (b, _h, s, d) = x.dims4()?;
     let half = d / 2;
@@ -142,40 +227,178 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, train: bool) -> candle_core:
     x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
 }
 
-/// Mean cross-entropy of causal-LM logits against labels, with HF's shift and ignore index.
+/// Mean cross-entropy of causal-LM logits against labels, with HF's shift and ignore index
+/// (transformers' `ForCausalLMLoss`): `logits[:, :-1]` are scored against `labels[:, 1:]` when
+/// `shift` is true; labels `< 0` (HF's `-100`) or outside the vocabulary are ignored.
 ///
-/// * `logits`: `[b, s, vocab]` (any float dtype; computed in f32)
-/// * `labels`: `[b, s]` u32/i64 ids where `-100` (for i64) marks ignored positions; for u32 input
-///   pass `mask` instead.
-/// * `mask`: `[b, s]` f32 1/0 weights of the **label** positions (already shifted or not, see
-///   `shift`).
+/// * `logits`: `[b, s, vocab]`, any float dtype (computed in f32)
+/// * `labels`: `b × s` values, row-major
 ///
-/// Returns a scalar: `Σ mask · (-log softmax(logits)[label]) / Σ mask`, with `logits[:, :-1]`
-/// scored against `labels[:, 1:]` when `shift` is true (transformers' `ForCausalLMLoss`).
+/// Returns the scalar mean over the scored positions and their count. The loss is one fused op
+/// (log-sum-exp per row in the forward, `softmax − one_hot` in the backward), so no
+/// vocabulary-sized intermediate is kept in the autograd graph.
 pub fn causal_lm_loss(logits: &Tensor, labels: &[i64], b: usize, s: usize, shift: bool) -> candle_core::Result<(Tensor, usize)> {
     let vocab = logits.dim(D::Minus1)?;
-    let (logits, s_eff, offset) = if shift { (logits.narrow(1, 0, s - 1)?, s - 1, 1) } else { (logits.clone(), s, 0) };
-    let mut targets = Vec::with_capacity(b * s_eff);
-    let mut weights = Vec::with_capacity(b * s_eff);
+    let offset = usize::from(shift);
+    let mut targets = vec![0u32; b * s];
+    let mut weights = vec![0f32; b * s];
+    let mut n = 0usize;
     for bi in 0..b {
-        for si in 0..s_eff {
+        for si in 0..s.saturating_sub(offset) {
             let l = labels[bi * s + si + offset];
-            if l < 0 || l as usize >= vocab {
-                targets.push(0u32);
-                weights.push(0f32);
-            } else {
-                targets.push(l as u32);
-                weights.push(1f32);
+            if l >= 0 && (l as usize) < vocab {
+                targets[bi * s + si] = l as u32;
+                weights[bi * s + si] = 1.0;
+                n += 1;
             }
         }
     }
-    let n: usize = weights.iter().filter(|w| **w > 0.0).count();
-    let device = logits.device();
-    let logits = logits.reshape((b * s_eff, vocab))?.to_dtype(DType::F32)?;
-    let targets = Tensor::from_vec(targets, (b * s_eff, 1), device)?;
-    let weights = Tensor::from_vec(weights, b * s_eff, device)?;
-    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let picked = log_probs.gather(&targets, 1)?.squeeze(1)?;
-    let total = (picked * weights)?.sum_all()?.neg()?;
-    Ok(((total / (n.max(1) as f64))?, n))
+    let scale = 1.0 / n.max(1) as f32;
+    weights.iter_mut().for_each(|w| *w *= scale);
+    let logits = logits.reshape((b * s, vocab))?.to_dtype(DType::F32)?.contiguous()?;
+    let loss = logits.apply_op1(CrossEntropy { targets: std::sync::Arc::new(targets), weights: std::sync::Arc::new(weights) })?;
+    Ok((loss, n))
+}
+
+/// Fused weighted cross-entropy over rows of `[n, vocab]` f32 logits: `Σ_i w_i · (lse_i − x_i,t_i)`.
+struct CrossEntropy {
+    targets: std::sync::Arc<Vec<u32>>,
+    weights: std::sync::Arc<Vec<f32>>,
+}
+
+fn row_lse(row: &[f32]) -> f32 {
+    let m = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+    let s: f32 = row.iter().map(|&x| (x - m).exp()).sum();
+    m + s.ln()
+}
+
+impl CustomOp1 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "cross-entropy"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        use rayon::prelude::*;
+        let (n, v) = layout.shape().dims2()?;
+        let data = match storage {
+            CpuStorage::F32(d) => &d[layout.start_offset()..layout.start_offset() + n * v],
+            _ => candle_core::bail!("cross-entropy: f32 logits expected"),
+        };
+        let total: f64 = data
+            .par_chunks(v)
+            .enumerate()
+            .map(|(i, row)| {
+                let w = self.weights[i];
+                if w == 0.0 { 0.0 } else { (w * (row_lse(row) - row[self.targets[i] as usize])) as f64 }
+            })
+            .sum();
+        Ok((CpuStorage::F32(vec![total as f32]), Shape::from(())))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        use rayon::prelude::*;
+        let (n, v) = arg.dims2()?;
+        let g = grad_res.to_dtype(DType::F32)?.to_vec0::<f32>()?;
+        let x = arg.detach().to_device(&candle_core::Device::Cpu)?.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; n * v];
+        out.par_chunks_mut(v).zip(x.par_chunks(v)).enumerate().for_each(|(i, (o, row))| {
+            let w = self.weights[i] * g;
+            if w == 0.0 {
+                return;
+            }
+            let lse = row_lse(row);
+            for (oj, &xj) in o.iter_mut().zip(row) {
+                *oj = w * (xj - lse).exp();
+            }
+            o[self.targets[i] as usize] -= w;
+        });
+        Ok(Some(Tensor::from_vec(out, (n, v), arg.device())?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    fn rand(shape: &[usize], seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        Tensor::from_vec((0..n).map(|_| r.random_range(-1.0f32..1.0)).collect::<Vec<_>>(), shape, &Device::Cpu).unwrap()
+    }
+
+    /// Gradient of `sum(f(x) * probe)` w.r.t. `x`.
+    fn grad_of(f: impl Fn(&Tensor) -> Tensor, x: &Tensor, probe: &Tensor) -> (Tensor, Tensor) {
+        let v = Var::from_tensor(x).unwrap();
+        let y = f(v.as_tensor());
+        let loss = (&y * probe).unwrap().sum_all().unwrap();
+        let g = loss.backward().unwrap();
+        (y.detach(), g.get(v.as_tensor()).unwrap().clone())
+    }
+
+    #[test]
+    fn fused_ops_have_the_composition_gradients() {
+        let x = rand(&[2, 3, 5, 8], 1);
+        let probe = rand(&[2, 3, 5, 8], 2);
+        // softmax
+        let (y1, g1) = grad_of(|x| softmax_last(x, true).unwrap(), &x, &probe);
+        let (y2, g2) = grad_of(|x| candle_nn::ops::softmax(x, D::Minus1).unwrap(), &x, &probe);
+        assert!(max_diff(&y1, &y2) < 1e-6 && max_diff(&g1, &g2) < 1e-5);
+        // rms norm
+        let w = rand(&[8], 3);
+        let (y1, g1) = grad_of(|x| rms_norm(x, &w, 1e-5, true).unwrap(), &x, &probe);
+        let slow = |x: &Tensor| {
+            let var = x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+            x.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(&w).unwrap()
+        };
+        let (y2, g2) = grad_of(slow, &x, &probe);
+        assert!(max_diff(&y1, &y2) < 1e-5 && max_diff(&g1, &g2) < 1e-4, "rms {} {}", max_diff(&y1, &y2), max_diff(&g1, &g2));
+        // rope: attached fused vs. the rotate-half composition
+        let ang = rand(&[2, 5, 4], 4);
+        let (cos, sin) = (ang.cos().unwrap(), ang.sin().unwrap());
+        let (y1, g1) = grad_of(|x| rope(x, &cos, &sin, true).unwrap(), &x, &probe);
+        let comp = |x: &Tensor| {
+            let c = Tensor::cat(&[&cos, &cos], D::Minus1).unwrap().reshape((2, 1, 5, 8)).unwrap();
+            let s = Tensor::cat(&[&sin, &sin], D::Minus1).unwrap().reshape((2, 1, 5, 8)).unwrap();
+            let x1 = x.narrow(D::Minus1, 0, 4).unwrap();
+            let x2 = x.narrow(D::Minus1, 4, 4).unwrap();
+            let rot = Tensor::cat(&[&x2.neg().unwrap(), &x1], D::Minus1).unwrap();
+            (x.broadcast_mul(&c).unwrap() + rot.broadcast_mul(&s).unwrap()).unwrap()
+        };
+        let (y2, g2) = grad_of(comp, &x, &probe);
+        assert!(max_diff(&y1, &y2) < 1e-5 && max_diff(&g1, &g2) < 1e-5);
+        // frozen linear: input gradient only, equal to the plain matmul's
+        let x2 = rand(&[6, 8], 5);
+        let wt = rand(&[4, 8], 6);
+        let p2 = rand(&[6, 4], 7);
+        let (y1, g1) = grad_of(|x| frozen_linear(x, &wt, None, false).unwrap(), &x2, &p2);
+        let (y2, g2) = grad_of(|x| x.matmul(&wt.t().unwrap()).unwrap(), &x2, &p2);
+        assert!(max_diff(&y1, &y2) < 1e-5 && max_diff(&g1, &g2) < 1e-5);
+    }
+
+    #[test]
+    fn fused_cross_entropy_matches_log_softmax() {
+        let logits = rand(&[2, 4, 7], 8);
+        let labels: Vec<i64> = vec![1, 2, -100, 3, 0, 6, 5, -100];
+        let v = Var::from_tensor(&logits).unwrap();
+        let (loss, n) = causal_lm_loss(v.as_tensor(), &labels, 2, 4, true).unwrap();
+        assert_eq!(n, 4);
+        let g1 = loss.backward().unwrap().get(v.as_tensor()).unwrap().clone();
+        // reference: shifted rows (b, s) -> label (b, s+1)
+        let v2 = Var::from_tensor(&logits).unwrap();
+        let lp = candle_nn::ops::log_softmax(v2.as_tensor(), D::Minus1).unwrap();
+        let mut terms = Vec::new();
+        for (bi, si, l) in [(0usize, 0usize, 2u32), (0, 2, 3), (1, 0, 6), (1, 1, 5)] {
+            terms.push(lp.get(bi).unwrap().get(si).unwrap().get(l as usize).unwrap());
+        }
+        let reference = (Tensor::stack(&terms, 0).unwrap().sum_all().unwrap().neg().unwrap() / 4.0).unwrap();
+        let g2 = reference.backward().unwrap().get(v2.as_tensor()).unwrap().clone();
+        assert!((loss.to_scalar::<f32>().unwrap() - reference.to_scalar::<f32>().unwrap()).abs() < 1e-6);
+        assert!(max_diff(&g1, &g2) < 1e-6);
+    }
 }

@@ -57,7 +57,7 @@ pub struct Batch {
 }
 
 impl Batch {
-    fn validate(&self) -> Result<()> {
+    fn validate(&self, vocab: usize) -> Result<()> {
         let n = self.batch_size * self.seq_len;
         if n == 0 {
             return Err(PeftError::invalid_arg("batch", "is empty"));
@@ -67,6 +67,9 @@ impl Batch {
                 "batch",
                 format!("inputIds/attentionMask/labels must each have {} × {} values", self.batch_size, self.seq_len),
             ));
+        }
+        if let Some(bad) = self.labels.iter().find(|&&l| l != -100 && (l < 0 || l as usize >= vocab)) {
+            return Err(PeftError::invalid_arg("labels", format!("label {bad} is neither -100 (ignored) nor a token id below the vocabulary size {vocab}")));
         }
         Ok(())
     }
@@ -99,7 +102,7 @@ pub struct Trainer {
 /// Loss (mean over label tokens) and gradients of the trainable parameters for one batch,
 /// scaled by `scale` (for accumulation). Returns `(loss, label tokens, grads)`.
 pub fn loss_and_grads(model: &PeftModel, batch: &Batch, total_items: Option<usize>, rng: Option<Arc<Mutex<rand::rngs::StdRng>>>) -> Result<(f64, usize, GradStore)> {
-    batch.validate()?;
+    batch.validate(model.base.config.vocab_size)?;
     let opts = ForwardOptions { attention_mask: Some(batch.attention_mask.clone()), train: true, dropout_rng: rng, ..Default::default() };
     let logits = model.forward(&batch.input_ids, batch.batch_size, batch.seq_len, &opts, None)?;
     let (mean, n) = causal_lm_loss(&logits, &batch.labels, batch.batch_size, batch.seq_len, true)?;
