@@ -7,7 +7,7 @@ import * as path from 'node:path'
 import { PeftModel } from '../src/index'
 import { assertClose, caseDir, disposeLater, expected, idRows, loadLlama, maxAbsDiff } from './helpers'
 
-const CASES = ['llama_lora_qv', 'llama_lora_qv_rslora', 'llama_lora_multi', 'llama_lora_patterns'] as const
+const CASES = ['llama_lora_qv', 'llama_lora_qv_rslora', 'llama_lora_multi', 'llama_lora_patterns', 'llama_lora_all_linear_mts'] as const
 
 async function loadCase(t: Parameters<typeof disposeLater>[0], name: string): Promise<PeftModel> {
   const base = await loadLlama()

@@ -116,11 +116,6 @@ impl PeftModel {
         if cfg.bias != "none" {
             return Err(PeftError::InvalidAdapterConfig { path: None, msg: format!("bias {:?} is not supported yet (only \"none\")", cfg.bias) });
         }
-        if let Some(m) = &cfg.modules_to_save {
-            if !m.is_empty() {
-                return Err(PeftError::InvalidAdapterConfig { path: None, msg: "modules_to_save is not supported yet".into() });
-            }
-        }
         if cfg.base_model_name_or_path.is_none() {
             cfg.base_model_name_or_path = self.base.config.name_or_path.clone();
         }
@@ -157,12 +152,37 @@ impl PeftModel {
                 examples: examples.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
             });
         }
+        // modules_to_save: a trainable copy of each listed (linear) module for this adapter.
+        let mut copies: std::collections::HashMap<String, (Var, Option<Var>)> = Default::default();
+        for wanted in cfg.modules_to_save.clone().unwrap_or_default() {
+            let mut found = false;
+            for (mname, lin) in self.base.named_linears() {
+                if mname == wanted || mname.ends_with(&format!(".{wanted}")) {
+                    let w = Var::from_tensor(&lin.weight.copy()?)?;
+                    let b = match &lin.bias {
+                        Some(b) => Some(Var::from_tensor(&b.copy()?)?),
+                        None => None,
+                    };
+                    copies.insert(mname, (w, b));
+                    found = true;
+                }
+            }
+            if !found {
+                return Err(PeftError::InvalidAdapterConfig {
+                    path: None,
+                    msg: format!("modules_to_save entry {wanted:?} matches no linear module of the model (only linear modules such as `lm_head` are supported)"),
+                });
+            }
+        }
         let first = self.configs.is_empty();
         let targeted: Vec<String> = planned.iter().map(|(n, _)| n.clone()).collect();
         let mut planned: std::collections::HashMap<String, LoraAdapter> = planned.into_iter().collect();
         for (mname, lin) in self.base.named_linears_mut() {
             if let Some(ad) = planned.remove(&mname) {
                 lin.adapters.insert(name.to_string(), ad);
+            }
+            if let Some(c) = copies.remove(&mname) {
+                lin.saved_copies.insert(name.to_string(), c);
             }
         }
         self.configs.push((name.to_string(), cfg));
@@ -178,7 +198,7 @@ impl PeftModel {
         let active = self.active.clone();
         let disabled = self.disabled;
         for (_, lin) in self.base.named_linears_mut() {
-            lin.active = active.iter().filter(|a| lin.adapters.contains_key(*a)).cloned().collect();
+            lin.active = active.iter().filter(|a| lin.adapters.contains_key(*a) || lin.saved_copies.contains_key(*a)).cloned().collect();
             lin.disabled = disabled;
         }
     }
@@ -236,19 +256,29 @@ impl PeftModel {
     /// base model with the deltas folded in (HF `merge_and_unload`).
     pub fn merge_and_unload(&mut self, names: Option<&[String]>, safe_merge: bool) -> Result<()> {
         self.merge_adapter(names, safe_merge)?;
-        self.strip_adapters();
+        self.strip_adapters(true);
         Ok(())
     }
 
     /// Remove all adapters without merging (HF `unload`): the base model as it was.
     pub fn unload(&mut self) -> Result<()> {
         self.unmerge_adapter()?;
-        self.strip_adapters();
+        self.strip_adapters(false);
         Ok(())
     }
 
-    fn strip_adapters(&mut self) {
+    fn strip_adapters(&mut self, keep_copies: bool) {
+        let active = self.active.clone();
         for (_, lin) in self.base.named_linears_mut() {
+            if keep_copies {
+                if let Some((w, b)) = active.iter().find_map(|a| lin.saved_copies.get(a)) {
+                    lin.weight = w.as_tensor().detach();
+                    if let Some(b) = b {
+                        lin.bias = Some(b.as_tensor().detach());
+                    }
+                }
+            }
+            lin.saved_copies.clear();
             lin.adapters.clear();
             lin.active.clear();
             lin.merged.clear();
@@ -267,6 +297,7 @@ impl PeftModel {
         }
         for (_, lin) in self.base.named_linears_mut() {
             lin.adapters.remove(name);
+            lin.saved_copies.remove(name);
         }
         self.configs.retain(|(n, _)| n != name);
         self.active.retain(|n| n != name);
@@ -293,6 +324,12 @@ impl PeftModel {
                     out.push((format!("{KEY_PREFIX}{m}.lora_A.weight"), ad.a.clone()));
                     out.push((format!("{KEY_PREFIX}{m}.lora_B.weight"), ad.b.clone()));
                 }
+                if let Some((w, b)) = lin.saved_copies.get(name) {
+                    out.push((format!("{KEY_PREFIX}{m}.weight"), w.clone()));
+                    if let Some(b) = b {
+                        out.push((format!("{KEY_PREFIX}{m}.bias"), b.clone()));
+                    }
+                }
             }
         }
         out
@@ -305,7 +342,11 @@ impl PeftModel {
             .base
             .named_linears()
             .iter()
-            .flat_map(|(_, l)| l.adapters.values().map(|a| a.a.elem_count() + a.b.elem_count()))
+            .flat_map(|(_, l)| {
+                l.adapters.values().map(|a| a.a.elem_count() + a.b.elem_count()).chain(
+                    l.saved_copies.values().map(|(w, b)| w.elem_count() + b.as_ref().map(|b| b.elem_count()).unwrap_or(0)),
+                )
+            })
             .sum();
         (trainable, self.base.base_param_count() + adapters)
     }
@@ -318,6 +359,12 @@ impl PeftModel {
             if let Some(ad) = lin.adapters.get(name) {
                 out.push((format!("{KEY_PREFIX}{m}.lora_A.weight"), ad.a.as_tensor().detach()));
                 out.push((format!("{KEY_PREFIX}{m}.lora_B.weight"), ad.b.as_tensor().detach()));
+            }
+            if let Some((w, b)) = lin.saved_copies.get(name) {
+                out.push((format!("{KEY_PREFIX}{m}.weight"), w.as_tensor().detach()));
+                if let Some(b) = b {
+                    out.push((format!("{KEY_PREFIX}{m}.bias"), b.as_tensor().detach()));
+                }
             }
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -398,6 +445,13 @@ impl PeftModel {
                 expected.insert(format!("{m}.lora_A.weight"), (m.clone(), true, vec![r, lin.in_features()]));
                 expected.insert(format!("{m}.lora_B.weight"), (m.clone(), false, vec![lin.out_features(), r]));
             }
+            let mts = cfg.modules_to_save.clone().unwrap_or_default();
+            if mts.iter().any(|w| &m == w || m.ends_with(&format!(".{w}"))) {
+                expected.insert(format!("{m}.weight"), (m.clone(), false, lin.weight.dims().to_vec()));
+                if let Some(b) = &lin.bias {
+                    expected.insert(format!("{m}.bias"), (m.clone(), false, b.dims().to_vec()));
+                }
+            }
         }
         let mut found: std::collections::HashMap<String, Tensor> = Default::default();
         let mut result = LoadResult::default();
@@ -440,6 +494,15 @@ impl PeftModel {
                     ad.b = Var::from_tensor(&b.to_dtype(DType::F32)?)?;
                 }
             }
+            let dtype = lin.weight.dtype();
+            if let Some((w, b)) = lin.saved_copies.get_mut(name) {
+                if let Some(t) = found.remove(&format!("{m}.weight")) {
+                    *w = Var::from_tensor(&t.to_dtype(dtype)?)?;
+                }
+                if let (Some(bv), Some(t)) = (b.as_mut(), found.remove(&format!("{m}.bias"))) {
+                    *bv = Var::from_tensor(&t.to_dtype(dtype)?)?;
+                }
+            }
         }
         Ok(result)
     }
@@ -479,6 +542,13 @@ impl PeftModel {
 
 /// `x.lora_A.<name>.weight` → `x.lora_A.weight` (HF's adapter-name removal rule, inverted).
 fn strip_adapter_name(k: &str) -> String {
+    // `<m>.modules_to_save.<name>.<param>` -> `<m>.<param>`
+    if let Some(i) = k.find(".modules_to_save.") {
+        let rest = &k[i + ".modules_to_save.".len()..];
+        if let Some(j) = rest.find('.') {
+            return format!("{}.{}", &k[..i], &rest[j + 1..]);
+        }
+    }
     for slot in [".lora_A.", ".lora_B."] {
         if let Some(i) = k.rfind(slot) {
             let rest = &k[i + slot.len()..];
@@ -506,5 +576,6 @@ mod tests {
     fn adapter_name_removed_from_keys() {
         assert_eq!(strip_adapter_name("m.q_proj.lora_A.default.weight"), "m.q_proj.lora_A.weight");
         assert_eq!(strip_adapter_name("m.q_proj.lora_B.weight"), "m.q_proj.lora_B.weight");
+        assert_eq!(strip_adapter_name("lm_head.modules_to_save.default.weight"), "lm_head.weight");
     }
 }

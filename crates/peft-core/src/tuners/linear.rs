@@ -44,6 +44,9 @@ pub struct PeftLinear {
     pub merged: Vec<String>,
     /// When true, adapters are bypassed (HF `disable_adapters`).
     pub disabled: bool,
+    /// `modules_to_save` copies per adapter: a trainable copy of (weight, bias) that replaces the
+    /// base parameters while that adapter is active (HF `ModulesToSaveWrapper`). Kept in the base dtype.
+    pub saved_copies: BTreeMap<String, (Var, Option<Var>)>,
 }
 
 /// What a forward pass needs to know beyond the input.
@@ -60,7 +63,7 @@ pub struct LinearCtx<'a> {
 impl PeftLinear {
     /// A plain layer with no adapter.
     pub fn new(weight: Tensor, bias: Option<Tensor>, transposed: bool) -> Self {
-        PeftLinear { weight, bias, transposed, adapters: BTreeMap::new(), active: vec![], merged: vec![], disabled: false }
+        PeftLinear { weight, bias, transposed, adapters: BTreeMap::new(), active: vec![], merged: vec![], disabled: false, saved_copies: BTreeMap::new() }
     }
 
     pub fn in_features(&self) -> usize {
@@ -109,8 +112,34 @@ impl PeftLinear {
         Ok(y.reshape(out)?)
     }
 
+    /// The `modules_to_save` copy of `name`, as a `(weight, bias)` pair: tracked tensors while
+    /// training (they are trainable), detached otherwise.
+    fn copy_params(&self, name: &str, train: bool) -> Option<(Tensor, Option<Tensor>)> {
+        let (w, b) = self.saved_copies.get(name)?;
+        let t = |v: &Var| if train { v.as_tensor().clone() } else { v.as_tensor().detach() };
+        Some((t(w), b.as_ref().map(t)))
+    }
+
+    /// `y = x Wᵀ + b` with a possibly trainable `(W, b)` (a modules_to_save copy).
+    fn linear_with(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        let wt = if self.transposed { w.clone() } else { w.t()? };
+        let dims = x.dims().to_vec();
+        let m: usize = dims[..dims.len() - 1].iter().product();
+        let y = x.reshape((m, dims[dims.len() - 1]))?.matmul(&wt)?;
+        let y = match b {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        };
+        let mut out = dims;
+        *out.last_mut().unwrap() = self.out_features();
+        Ok(y.reshape(out)?)
+    }
+
     /// Forward: `x` `[..., in]` (base dtype) → `[..., out]` (base dtype).
     pub fn forward(&self, x: &Tensor, ctx: &LinearCtx) -> Result<Tensor> {
+        if !self.saved_copies.is_empty() && !self.disabled {
+            return self.forward_with_copies(x, ctx);
+        }
         let mut y = frozen_linear(x, &self.weight, self.bias.as_ref(), self.transposed)?;
         if self.disabled || self.adapters.is_empty() {
             return Ok(y);
@@ -144,6 +173,33 @@ impl PeftLinear {
             }
         }
         Ok(y)
+    }
+
+    /// Forward of a module with modules_to_save copies: the first active adapter that has a copy
+    /// replaces the base parameters; in a mixed batch each row uses its own adapter's copy.
+    fn forward_with_copies(&self, x: &Tensor, ctx: &LinearCtx) -> Result<Tensor> {
+        if let Some(rows) = ctx.rows {
+            let mut y = frozen_linear(x, &self.weight, self.bias.as_ref(), self.transposed)?;
+            let mut names: Vec<&String> = rows.iter().flatten().collect();
+            names.sort();
+            names.dedup();
+            for name in names {
+                let Some((w, b)) = self.copy_params(name, ctx.train) else { continue };
+                let idx: Vec<u32> = rows.iter().enumerate().filter(|(_, r)| r.as_ref() == Some(name)).map(|(i, _)| i as u32).collect();
+                let idx = Tensor::from_vec(idx.clone(), idx.len(), x.device())?;
+                let sub = x.index_select(&idx, 0)?;
+                let delta = (self.linear_with(&sub, &w, b.as_ref())? - y.index_select(&idx, 0)?)?;
+                y = y.index_add(&idx, &delta, 0)?;
+            }
+            return Ok(y);
+        }
+        match self.active.iter().find(|n| self.saved_copies.contains_key(*n)) {
+            Some(name) => {
+                let (w, b) = self.copy_params(name, ctx.train).expect("checked above");
+                self.linear_with(x, &w, b.as_ref())
+            }
+            None => Ok(frozen_linear(x, &self.weight, self.bias.as_ref(), self.transposed)?),
+        }
     }
 
     /// Add `scaling · B A` of each named adapter into the base weight (HF `merge`). Adapters
