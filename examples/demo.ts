@@ -127,6 +127,10 @@ function wrap(text: string, width: number): string[] {
 
 async function main(): Promise<void> {
   const steps = Number(arg('steps') ?? 60)
+  if (!Number.isInteger(steps) || steps < 10) {
+    console.error(`--steps must be an integer of at least 10 (the first 5 are learning-rate warm-up), found ${arg('steps')}`)
+    process.exit(2)
+  }
   const outDir = path.resolve(arg('out') ?? path.join(ROOT, 'out', 'demo-adapter'))
   const modelPath = resolveModel()
   console.log(`Loading ${path.relative(ROOT, modelPath) || modelPath} ...`)
@@ -142,7 +146,14 @@ async function main(): Promise<void> {
   const before: string[] = []
   for (const h of heldout) before.push(await answer(base, tok, h.prompt))
 
-  const config = new LoraConfig({ r: 8, loraAlpha: 16, targetModules: ['q_proj', 'k_proj', 'v_proj', 'o_proj'], loraDropout: 0.0, taskType: 'CAUSAL_LM' })
+  const config = new LoraConfig({
+    r: 8,
+    loraAlpha: 16,
+    targetModules: ['q_proj', 'k_proj', 'v_proj', 'o_proj'],
+    loraDropout: 0.0,
+    taskType: 'CAUSAL_LM',
+    baseModelNameOrPath: arg('model') ? undefined : 'HuggingFaceTB/SmolLM2-135M-Instruct',
+  })
   const model = getPeftModel(base, config)
   model.printTrainableParameters()
 
@@ -192,9 +203,11 @@ async function main(): Promise<void> {
     for (let j = 0; j < Math.max(a.length, b.length); j++) console.log(`${(a[j] ?? '').padEnd(col)} | ${b[j] ?? ''}`)
     console.log()
   }
-  console.log(`${hits}/${heldout.length} fine-tuned answers contain the taught fact or format (expected substrings in data/demo/heldout.jsonl).`)
+  console.log(`${hits}/${heldout.length} fine-tuned answers contain the expected substring (data/demo/heldout.jsonl: a taught fact, or for the last prompt only the "Pip here." format).`)
   reloaded.dispose()
   model.dispose()
+  if (!same) console.error('FAILED: the reloaded adapter does not reproduce the trained model\'s logits')
+  if (!(endLoss < startLoss)) console.error('FAILED: the loss did not fall')
   if (!same || !(endLoss < startLoss)) process.exitCode = 1
 }
 

@@ -38,7 +38,10 @@ pub fn load_causal_lm(path: &Path, dtype: DType, device: &Device) -> Result<Load
         return Err(PeftError::NotFound { path: path.into(), what: "model folder or .gguf file does not exist".into() });
     }
     if is_gguf(path) {
-        let g = crate::gguf::load_gguf(path, dtype, device)?;
+        let mut g = crate::gguf::load_gguf(path, dtype, device)?;
+        // As for HF folders, the source path is the model's name (GGUF's `general.name` is a
+        // display name, not something HF can load an adapter's base model from).
+        g.config.name_or_path = Some(path.to_string_lossy().into_owned());
         let model = LlamaForCausalLM::from_tensors(g.config, g.tensors, dtype, device)?;
         return Ok(LoadedModel { model, tokenizer: Some(g.tokenizer) });
     }

@@ -265,6 +265,8 @@ impl LoraConfig {
         m.insert("target_modules".into(), targets_to_json(&Some(self.target_modules.clone())));
         m.insert("exclude_modules".into(), targets_to_json(&self.exclude_modules));
         m.insert("inference_mode".into(), Value::Bool(self.inference_mode));
+        // A Python float field: HF writes `0.0`, never `0` (JSON from JS loses the distinction).
+        m.insert("lora_dropout".into(), serde_json::Number::from_f64(self.lora_dropout).map(Value::Number).unwrap_or(Value::Null));
         m.insert("base_model_name_or_path".into(), self.base_model_name_or_path.clone().map(Value::String).unwrap_or(Value::Null));
         m.insert("task_type".into(), self.task_type.clone().map(Value::String).unwrap_or(Value::Null));
         m.insert("peft_version".into(), Value::String("0.21.0".into()));
@@ -293,6 +295,35 @@ impl LoraConfig {
             alpha / (r as f64).sqrt()
         } else {
             alpha / r as f64
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn float_fields_are_written_as_python_floats() {
+        let c = LoraConfig::from_json(&json!({"peft_type": "LORA", "target_modules": ["q_proj"], "lora_dropout": 0}), None).unwrap();
+        let text = c.to_json_string();
+        assert!(text.contains("\"lora_dropout\": 0.0,"), "{text}");
+        assert!(text.contains("\"lora_alpha\": 8,"), "{text}");
+    }
+
+    #[test]
+    fn invalid_configs_are_refused_with_the_field_named() {
+        for (v, field) in [
+            (json!({"peft_type": "LORA", "target_modules": ["q"], "r": 0}), "`r`"),
+            (json!({"peft_type": "LORA", "target_modules": ["q"], "r": 1_000_000_000u64}), "`r`"),
+            (json!({"peft_type": "LORA", "target_modules": ["q"], "lora_alpha": "x"}), "`lora_alpha`"),
+            (json!({"peft_type": "LORA", "target_modules": 3}), "`target_modules`"),
+            (json!({"peft_type": "LORA", "target_modules": "("}), "`target_modules`"),
+            (json!({"peft_type": "IA3", "target_modules": ["q"]}), "`peft_type`"),
+        ] {
+            let e = LoraConfig::from_json(&v, None).unwrap_err();
+            assert_eq!(e.code(), "ERR_ADAPTER_CONFIG_INVALID");
+            assert!(e.to_string().contains(field), "{e}");
         }
     }
 }
