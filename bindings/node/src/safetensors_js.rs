@@ -2,7 +2,7 @@
 
 use crate::task::{arg_err, Job};
 use napi::bindgen_prelude::{AsyncTask, Buffer};
-use peft_core::io::{read_safetensors, safetensors_bytes, write_atomic};
+use peft_core::io::{read_safetensors, safetensors_bytes, tensor_bytes, write_atomic};
 
 #[napi(object)]
 pub struct NamedTensor {
@@ -52,10 +52,8 @@ pub fn load_safetensors(path: String) -> AsyncTask<Job<Raw, Vec<NamedTensor>>> {
             let ts = read_safetensors(std::path::Path::new(&path), &candle_core::Device::Cpu)?;
             let mut out = Vec::with_capacity(ts.len());
             for (name, t) in ts {
-                let bytes = safetensors_bytes(&[("x".into(), t.clone())], None)?;
-                // Re-read the payload from our own serialization: header length + header + data.
-                let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-                out.push((name, dtype_name(t.dtype()).to_string(), t.dims().iter().map(|&d| d as u32).collect(), bytes[8 + n..].to_vec()));
+                let bytes = tensor_bytes(&t)?;
+                out.push((name, dtype_name(t.dtype()).to_string(), t.dims().iter().map(|&d| d as u32).collect(), bytes));
             }
             Ok(out)
         },

@@ -95,7 +95,8 @@ impl safetensors::View for &RawTensor {
     }
 }
 
-fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
+/// Little-endian bytes of a tensor's elements, row-major (copied to the CPU first).
+pub fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
     let t = t.flatten_all()?.to_device(&Device::Cpu)?;
     Ok(match t.dtype() {
         DType::F32 => t.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()).collect(),
