@@ -4,8 +4,10 @@
 //! is a frozen weight, which doubles the cost of every frozen linear layer in a LoRA backward
 //! pass. [`frozen_linear`] is a custom op whose backward only produces the input gradient
 //! (`dL/dx = dL/dy · W`), the frozen weight receives none. Several fused candle ops have no
-//! backward at all (`softmax_last_dim`, `rms_norm`, `rope`); the functions here run the fused
-//! forms only when `train == false` and the differentiable compositions otherwise.
+//! backward at all (`softmax_last_dim`, `rms_norm`, `rope`): on their own they would cut the
+//! gradient silently. The functions here run them on a detached input and, when training,
+//! connect the result to the input through [`attach`] with a hand-written backward (checked
+//! against the differentiable compositions in this module's tests and by the HF gradient fixture).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Storage, Tensor, D};

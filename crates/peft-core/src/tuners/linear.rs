@@ -150,13 +150,8 @@ impl PeftLinear {
             if rows.len() != b {
                 return Err(PeftError::invalid_arg("adapterNames", format!("has {} names for a batch of {b} rows", rows.len())));
             }
-            let mut names: Vec<&String> = rows.iter().flatten().collect();
-            names.sort();
-            names.dedup();
-            for name in names {
+            for (name, idx) in row_groups(rows, x.device())? {
                 let Some(ad) = self.adapters.get(name) else { continue };
-                let idx: Vec<u32> = rows.iter().enumerate().filter(|(_, r)| r.as_ref() == Some(name)).map(|(i, _)| i as u32).collect();
-                let idx = Tensor::from_vec(idx.clone(), idx.len(), x.device())?;
                 let sub = x.index_select(&idx, 0)?;
                 let delta = self.lora_path(&sub, ad, ctx)?.to_dtype(y.dtype())?;
                 y = y.index_add(&idx, &delta, 0)?;
@@ -180,13 +175,8 @@ impl PeftLinear {
     fn forward_with_copies(&self, x: &Tensor, ctx: &LinearCtx) -> Result<Tensor> {
         if let Some(rows) = ctx.rows {
             let mut y = frozen_linear(x, &self.weight, self.bias.as_ref(), self.transposed)?;
-            let mut names: Vec<&String> = rows.iter().flatten().collect();
-            names.sort();
-            names.dedup();
-            for name in names {
+            for (name, idx) in row_groups(rows, x.device())? {
                 let Some((w, b)) = self.copy_params(name, ctx.train) else { continue };
-                let idx: Vec<u32> = rows.iter().enumerate().filter(|(_, r)| r.as_ref() == Some(name)).map(|(i, _)| i as u32).collect();
-                let idx = Tensor::from_vec(idx.clone(), idx.len(), x.device())?;
                 let sub = x.index_select(&idx, 0)?;
                 let delta = (self.linear_with(&sub, &w, b.as_ref())? - y.index_select(&idx, 0)?)?;
                 y = y.index_add(&idx, &delta, 0)?;
@@ -237,6 +227,22 @@ impl PeftLinear {
         }
         Ok(())
     }
+}
+
+/// The rows of a mixed batch grouped by adapter name: `(name, row indices as a u32 tensor)`,
+/// names sorted; base-model rows (`None`) are left out.
+fn row_groups<'r>(rows: &'r RowAdapters, device: &candle_core::Device) -> Result<Vec<(&'r String, Tensor)>> {
+    let mut names: Vec<&String> = rows.iter().flatten().collect();
+    names.sort();
+    names.dedup();
+    names
+        .into_iter()
+        .map(|name| {
+            let idx: Vec<u32> = rows.iter().enumerate().filter(|(_, r)| r.as_ref() == Some(name)).map(|(i, _)| i as u32).collect();
+            let n = idx.len();
+            Ok((name, Tensor::from_vec(idx, n, device)?))
+        })
+        .collect()
 }
 
 /// Inverted dropout with a seeded mask: `x · mask / (1 - p)`.
