@@ -113,4 +113,276 @@ export class LoraConfig implements LoraConfigOptions {
   }
 }
 
-export type PeftConfig = LoraConfig
+
+// ---------------------------------------------------------------------------------------------
+// Prompt learning configs (HF PEFT 0.21 PromptLearningConfig subclasses)
+// ---------------------------------------------------------------------------------------------
+
+/** Fields every prompt-learning config has. Model-derived fields (numLayers, tokenDim,
+ * numAttentionHeads, numTransformerSubmodules, and encoderHiddenSize where it applies) are
+ * filled from the base model when the adapter is added, as HF's
+ * `_prepare_prompt_learning_config` does; leave them unset. */
+export interface PromptLearningConfigOptions {
+  /** Number of virtual tokens (1..16384). */
+  numVirtualTokens?: number
+  /** Width of a virtual token; for prefix tuning on grouped-query-attention models HF stores the
+   * per-layer key/value width (`head_dim · num_key_value_heads`). Derived from the model. */
+  tokenDim?: number | null
+  numTransformerSubmodules?: number | null
+  numAttentionHeads?: number | null
+  numLayers?: number | null
+  modulesToSave?: string[] | null
+  taskType?: TaskType | null
+  baseModelNameOrPath?: string | null
+  revision?: string | null
+  inferenceMode?: boolean
+}
+
+type FieldSpec = Array<[string, string, unknown]>
+
+const PROMPT_BASE_FIELDS: FieldSpec = [
+  ['numVirtualTokens', 'num_virtual_tokens', null], ['tokenDim', 'token_dim', null],
+  ['numTransformerSubmodules', 'num_transformer_submodules', null], ['numAttentionHeads', 'num_attention_heads', null],
+  ['numLayers', 'num_layers', null], ['modulesToSave', 'modules_to_save', null], ['taskType', 'task_type', null],
+  ['baseModelNameOrPath', 'base_model_name_or_path', null], ['revision', 'revision', null],
+  ['inferenceMode', 'inference_mode', false],
+]
+
+/** Shared machinery of the prompt-learning configs: camelCase fields ↔ HF's snake_case JSON. */
+abstract class PromptLearningConfigBase {
+  abstract readonly peftType: 'PREFIX_TUNING' | 'PROMPT_TUNING' | 'P_TUNING' | 'MULTITASK_PROMPT_TUNING'
+  /** Fields of a loaded adapter_config.json that this class does not name (kept as they are). */
+  readonly extra: Record<string, unknown> = {}
+  protected abstract fields(): FieldSpec
+
+  protected init(options: object): void {
+    for (const [k, , d] of this.fields()) {
+      const v = (options as Record<string, unknown>)[k]
+      ;(this as unknown as Record<string, unknown>)[k] = v !== undefined ? v : d
+    }
+  }
+
+  /** HF's adapter_config.json object (snake_case, every field of the method, sorted). */
+  toJSON(): Record<string, unknown> {
+    const out: Record<string, unknown> = { auto_mapping: null, peft_version: '0.21.0', ...this.extra }
+    for (const [k, snake] of this.fields()) out[snake] = (this as unknown as Record<string, unknown>)[k] ?? null
+    out.peft_type = this.peftType
+    return Object.fromEntries(Object.keys(out).sort().map((k) => [k, out[k]]))
+  }
+
+  protected load(json: Record<string, unknown>): this {
+    const known = new Set(this.fields().map(([, s]) => s))
+    for (const [k, snake] of this.fields()) {
+      if (json[snake] !== undefined) (this as unknown as Record<string, unknown>)[k] = json[snake]
+    }
+    for (const [k, v] of Object.entries(json)) {
+      if (!known.has(k) && !['peft_type', 'auto_mapping', 'peft_version'].includes(k)) this.extra[k] = v
+    }
+    return this
+  }
+}
+
+export interface PrefixTuningConfigOptions extends PromptLearningConfigOptions {
+  /** Hidden size of the projection MLP (default: tokenDim). */
+  encoderHiddenSize?: number | null
+  /** Produce the prefix with an MLP (embedding → tanh → linear) while training; only its output is saved. */
+  prefixProjection?: boolean
+  /** 'zero': start as a no-op prefix. */
+  initWeights?: 'zero' | null
+}
+
+/**
+ * Prefix tuning (Li & Liang 2021; HF `PrefixTuningConfig`): trainable per-layer key/value
+ * prefixes of `numVirtualTokens` positions, placed in the attention cache before the real tokens.
+ */
+export class PrefixTuningConfig extends PromptLearningConfigBase implements PrefixTuningConfigOptions {
+  readonly peftType = 'PREFIX_TUNING' as const
+  numVirtualTokens?: number
+  tokenDim?: number | null
+  numTransformerSubmodules?: number | null
+  numAttentionHeads?: number | null
+  numLayers?: number | null
+  modulesToSave?: string[] | null
+  taskType?: TaskType | null
+  baseModelNameOrPath?: string | null
+  revision?: string | null
+  inferenceMode?: boolean
+  encoderHiddenSize?: number | null
+  prefixProjection?: boolean
+  initWeights?: 'zero' | null
+  protected fields(): FieldSpec {
+    return [...PROMPT_BASE_FIELDS, ['encoderHiddenSize', 'encoder_hidden_size', null], ['prefixProjection', 'prefix_projection', false], ['initWeights', 'init_weights', null]]
+  }
+  constructor(options: PrefixTuningConfigOptions = {}) {
+    super()
+    this.init(options)
+  }
+  static fromJSON(json: Record<string, unknown>): PrefixTuningConfig {
+    return new PrefixTuningConfig().load(json)
+  }
+}
+
+export interface PromptTuningConfigOptions extends PromptLearningConfigOptions {
+  /** 'RANDOM' (N(0,1)), 'TEXT' (embeddings of promptTuningInitText's tokens, repeated or cut to
+   * numVirtualTokens) or 'SAMPLE_VOCAB' (embeddings of random vocabulary tokens). */
+  promptTuningInit?: 'RANDOM' | 'TEXT' | 'SAMPLE_VOCAB'
+  promptTuningInitText?: string | null
+  /** Folder with tokenizer.json for 'TEXT' init. */
+  tokenizerNameOrPath?: string | null
+  tokenizerKwargs?: Record<string, unknown> | null
+}
+
+const PROMPT_TUNING_FIELDS: FieldSpec = [
+  ['promptTuningInit', 'prompt_tuning_init', 'RANDOM'], ['promptTuningInitText', 'prompt_tuning_init_text', null],
+  ['tokenizerNameOrPath', 'tokenizer_name_or_path', null], ['tokenizerKwargs', 'tokenizer_kwargs', null],
+]
+
+/**
+ * Prompt tuning (Lester et al. 2021; HF `PromptTuningConfig`): `numVirtualTokens` trainable
+ * embeddings prepended to the input embeddings.
+ */
+export class PromptTuningConfig extends PromptLearningConfigBase implements PromptTuningConfigOptions {
+  readonly peftType: 'PROMPT_TUNING' | 'MULTITASK_PROMPT_TUNING' = 'PROMPT_TUNING'
+  numVirtualTokens?: number
+  tokenDim?: number | null
+  numTransformerSubmodules?: number | null
+  numAttentionHeads?: number | null
+  numLayers?: number | null
+  modulesToSave?: string[] | null
+  taskType?: TaskType | null
+  baseModelNameOrPath?: string | null
+  revision?: string | null
+  inferenceMode?: boolean
+  promptTuningInit?: 'RANDOM' | 'TEXT' | 'SAMPLE_VOCAB'
+  promptTuningInitText?: string | null
+  tokenizerNameOrPath?: string | null
+  tokenizerKwargs?: Record<string, unknown> | null
+  protected fields(): FieldSpec {
+    return [...PROMPT_BASE_FIELDS, ...PROMPT_TUNING_FIELDS]
+  }
+  constructor(options: PromptTuningConfigOptions = {}) {
+    super()
+    this.init(options)
+  }
+  static fromJSON(json: Record<string, unknown>): PromptTuningConfig {
+    return new PromptTuningConfig().load(json)
+  }
+}
+
+export interface PromptEncoderConfigOptions extends PromptLearningConfigOptions {
+  /** 'MLP' (Linear-ReLU-Linear-ReLU-Linear) or 'LSTM' (bidirectional LSTM + MLP head). */
+  encoderReparameterizationType?: 'MLP' | 'LSTM'
+  encoderHiddenSize?: number | null
+  /** LSTM layers (ignored for MLP, as in HF). */
+  encoderNumLayers?: number
+  encoderDropout?: number
+}
+
+/**
+ * P-tuning (Liu et al. 2021; HF `PromptEncoderConfig`): virtual token embeddings
+ * reparameterised by an MLP or LSTM while training. Only the computed prompt table is saved
+ * (`prompt_embeddings`), as HF does, so the MLP/LSTM itself is not stored; a loaded adapter
+ * uses the table directly (and, loaded trainable, continues training the table).
+ */
+export class PromptEncoderConfig extends PromptLearningConfigBase implements PromptEncoderConfigOptions {
+  readonly peftType = 'P_TUNING' as const
+  numVirtualTokens?: number
+  tokenDim?: number | null
+  numTransformerSubmodules?: number | null
+  numAttentionHeads?: number | null
+  numLayers?: number | null
+  modulesToSave?: string[] | null
+  taskType?: TaskType | null
+  baseModelNameOrPath?: string | null
+  revision?: string | null
+  inferenceMode?: boolean
+  encoderReparameterizationType?: 'MLP' | 'LSTM'
+  encoderHiddenSize?: number | null
+  encoderNumLayers?: number
+  encoderDropout?: number
+  protected fields(): FieldSpec {
+    return [
+      ...PROMPT_BASE_FIELDS, ['encoderReparameterizationType', 'encoder_reparameterization_type', 'MLP'],
+      ['encoderHiddenSize', 'encoder_hidden_size', null], ['encoderNumLayers', 'encoder_num_layers', 2],
+      ['encoderDropout', 'encoder_dropout', 0.0],
+    ]
+  }
+  constructor(options: PromptEncoderConfigOptions = {}) {
+    super()
+    this.init(options)
+  }
+  static fromJSON(json: Record<string, unknown>): PromptEncoderConfig {
+    return new PromptEncoderConfig().load(json)
+  }
+}
+
+export interface MultitaskPromptTuningConfigOptions extends Omit<PromptTuningConfigOptions, 'promptTuningInit'> {
+  /** Also 'AVERAGE_SOURCE_TASKS' | 'EXACT_SOURCE_TASK' | 'ONLY_SOURCE_SHARED', which load
+   * `promptTuningInitStateDictPath` (a safetensors file saved by a multitask adapter). */
+  promptTuningInit?: 'RANDOM' | 'TEXT' | 'SAMPLE_VOCAB' | 'AVERAGE_SOURCE_TASKS' | 'EXACT_SOURCE_TASK' | 'ONLY_SOURCE_SHARED'
+  promptTuningInitStateDictPath?: string | null
+  /** Source task for 'EXACT_SOURCE_TASK'. */
+  promptTuningInitTask?: number
+  numRanks?: number
+  numTasks?: number
+}
+
+/**
+ * Multitask prompt tuning (Wang et al. 2023; HF `MultitaskPromptTuningConfig`): a shared prompt
+ * multiplied elementwise by a per-task rank-`numRanks` matrix; forward/generate/training take
+ * one `taskIds` entry per row.
+ */
+export class MultitaskPromptTuningConfig extends PromptLearningConfigBase implements MultitaskPromptTuningConfigOptions {
+  readonly peftType = 'MULTITASK_PROMPT_TUNING' as const
+  numVirtualTokens?: number
+  tokenDim?: number | null
+  numTransformerSubmodules?: number | null
+  numAttentionHeads?: number | null
+  numLayers?: number | null
+  modulesToSave?: string[] | null
+  taskType?: TaskType | null
+  baseModelNameOrPath?: string | null
+  revision?: string | null
+  inferenceMode?: boolean
+  promptTuningInit?: MultitaskPromptTuningConfigOptions['promptTuningInit']
+  promptTuningInitText?: string | null
+  tokenizerNameOrPath?: string | null
+  tokenizerKwargs?: Record<string, unknown> | null
+  promptTuningInitStateDictPath?: string | null
+  promptTuningInitTask?: number
+  numRanks?: number
+  numTasks?: number
+  protected fields(): FieldSpec {
+    return [
+      ...PROMPT_BASE_FIELDS, ...PROMPT_TUNING_FIELDS,
+      ['promptTuningInitStateDictPath', 'prompt_tuning_init_state_dict_path', null],
+      ['promptTuningInitTask', 'prompt_tuning_init_task', 0], ['numRanks', 'num_ranks', 1], ['numTasks', 'num_tasks', 1],
+    ]
+  }
+  constructor(options: MultitaskPromptTuningConfigOptions = {}) {
+    super()
+    this.init(options)
+  }
+  static fromJSON(json: Record<string, unknown>): MultitaskPromptTuningConfig {
+    return new MultitaskPromptTuningConfig().load(json)
+  }
+}
+
+/** Any config `getPeftModel` / `addAdapter` accept. */
+export type PeftConfig = LoraConfig | PrefixTuningConfig | PromptTuningConfig | PromptEncoderConfig | MultitaskPromptTuningConfig
+
+/** The config class for an adapter_config.json object, chosen by `peft_type` (HF `PeftConfig.from_pretrained`). */
+export function configFromJSON(json: Record<string, unknown>): PeftConfig {
+  switch (json.peft_type) {
+    case 'PREFIX_TUNING':
+      return PrefixTuningConfig.fromJSON(json)
+    case 'PROMPT_TUNING':
+      return PromptTuningConfig.fromJSON(json)
+    case 'P_TUNING':
+      return PromptEncoderConfig.fromJSON(json)
+    case 'MULTITASK_PROMPT_TUNING':
+      return MultitaskPromptTuningConfig.fromJSON(json)
+    default:
+      return LoraConfig.fromJSON(json)
+  }
+}

@@ -4,7 +4,23 @@
  */
 export { PeftError } from './errors'
 export { Tensor, type DType, type TensorData } from './tensor'
-export { LoraConfig, HF_LORA_DEFAULTS, type LoraConfigOptions, type PeftConfig, type TaskType } from './config'
+export {
+  LoraConfig,
+  HF_LORA_DEFAULTS,
+  PrefixTuningConfig,
+  PromptTuningConfig,
+  PromptEncoderConfig,
+  MultitaskPromptTuningConfig,
+  configFromJSON,
+  type LoraConfigOptions,
+  type PrefixTuningConfigOptions,
+  type PromptTuningConfigOptions,
+  type PromptEncoderConfigOptions,
+  type MultitaskPromptTuningConfigOptions,
+  type PromptLearningConfigOptions,
+  type PeftConfig,
+  type TaskType,
+} from './config'
 export {
   AutoModelForCausalLM,
   AutoTokenizer,

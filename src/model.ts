@@ -18,11 +18,23 @@ export interface ForwardInput {
   attentionMask?: Tensor | number[][]
   /** One adapter name per row for mixed batches (`'__base__'` = no adapter). */
   adapterNames?: string[]
+  /** Multitask prompt tuning: one task id per row. */
+  taskIds?: number[]
 }
 
 export interface ForwardOutput {
-  /** `[batch, seq, vocab]` float32. */
+  /** `[batch, seq, vocab]` float32; with an active prompt-tuning / P-tuning adapter
+   * `[batch, numVirtualTokens + seq, vocab]` (the virtual positions come first, as in HF). */
   logits: Tensor
+}
+
+/** @internal Validate optional per-row task ids. */
+export function toTaskIds(v: unknown, batch: number): number[] | undefined {
+  if (v === undefined || v === null) return undefined
+  if (!Array.isArray(v) || v.length !== batch || !v.every((x) => Number.isInteger(x) && x >= 0 && x < 2 ** 32)) {
+    throw invalidArgument('taskIds', `must be ${batch} non-negative integers (one per row), found ${JSON.stringify(v)}`)
+  }
+  return v as number[]
 }
 
 export interface GenerateOptions {
@@ -38,6 +50,8 @@ export interface GenerateOptions {
   useCache?: boolean
   attentionMask?: Tensor | number[][]
   adapterNames?: string[]
+  /** Multitask prompt tuning: one task id per row. */
+  taskIds?: number[]
   signal?: AbortSignal
 }
 
@@ -61,7 +75,8 @@ export class PreTrainedModel {
   async forward(input: ForwardInput): Promise<ForwardOutput> {
     const { ids, batch, seq } = toIdMatrix(input.inputIds, 'inputIds')
     const mask = toMask(input.attentionMask, batch, seq, 'attentionMask')
-    const r = await callAsync(() => this.native.forward(ids, batch, seq, mask, input.adapterNames))
+    const taskIds = toTaskIds(input.taskIds, batch)
+    const r = await callAsync(() => this.native.forward(ids, batch, seq, mask, input.adapterNames, taskIds))
     return { logits: Tensor.from(r.data, r.shape) }
   }
 
@@ -69,6 +84,7 @@ export class PreTrainedModel {
   async generate(inputIds: Tensor | number[][] | number[], options: GenerateOptions = {}): Promise<number[][]> {
     const { ids, batch, seq } = toIdMatrix(inputIds, 'inputIds')
     const mask = toMask(options.attentionMask, batch, seq, 'attentionMask')
+    const taskIds = toTaskIds(options.taskIds, batch)
     const maxNew = options.maxNewTokens ?? 20
     if (!Number.isInteger(maxNew) || maxNew < 0) throw invalidArgument('maxNewTokens', `must be a non-negative integer, found ${maxNew}`)
     const eosCfg = this.config.eos_token_id as number[] | undefined
@@ -91,6 +107,7 @@ export class PreTrainedModel {
             eosTokenIds: eos,
             padTokenId: options.padTokenId ?? (this.config.pad_token_id as number | null) ?? 0,
             useCache: options.useCache ?? true,
+            taskIds,
           },
           options.adapterNames,
           flag,

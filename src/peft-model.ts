@@ -6,7 +6,7 @@
 import * as fs from 'node:fs'
 import * as path from 'node:path'
 import { call, callAsync, invalidArgument, PeftError } from './errors'
-import { LoraConfig, type PeftConfig } from './config'
+import { LoraConfig, configFromJSON, type PeftConfig } from './config'
 import { PreTrainedModel, type ForwardInput, type ForwardOutput, type GenerateOptions } from './model'
 import type { Tensor } from './tensor'
 
@@ -15,7 +15,7 @@ export interface LoadAdapterOptions {
   /** Load with trainable weights (default false: inference mode, as HF). */
   isTrainable?: boolean
   /** Use this config instead of the folder's adapter_config.json. */
-  config?: LoraConfig
+  config?: PeftConfig
 }
 
 export interface LoadResult {
@@ -68,7 +68,11 @@ export class PeftModel {
     return { missingKeys: r.missingKeys, unexpectedKeys: r.unexpectedKeys }
   }
 
-  /** Add a new, untrained adapter (not made active unless it is the first). */
+  /**
+   * Add a new, untrained adapter (not made active unless it is the first). Adapters of a
+   * different `peftType` than the model's are refused (HF: "Cannot combine adapters with
+   * different peft types"); prompt-learning configs get their model-derived fields filled.
+   */
   addAdapter(adapterName: string, config: PeftConfig, options: { seed?: number } = {}): void {
     call(() => this.n.addAdapter(adapterName, JSON.stringify(config.toJSON()), options.seed ?? 42))
   }
@@ -87,22 +91,25 @@ export class PeftModel {
     return call(() => this.n.activeAdapters())
   }
 
-  /** name → config of every adapter (HF `peft_config`). */
-  get peftConfig(): Record<string, LoraConfig> {
+  /** name → config of every adapter (HF `peft_config`), with model-derived fields filled. */
+  get peftConfig(): Record<string, PeftConfig> {
     const names = call(() => this.n.adapterNames())
-    return Object.fromEntries(names.map((nm) => [nm, LoraConfig.fromJSON(JSON.parse(call(() => this.n.peftConfigJson(nm))))]))
+    return Object.fromEntries(names.map((nm) => [nm, configFromJSON(JSON.parse(call(() => this.n.peftConfigJson(nm))))]))
   }
 
-  get activePeftConfig(): LoraConfig {
+  get activePeftConfig(): PeftConfig {
     return this.peftConfig[this.activeAdapter]
   }
 
-  get peftType(): 'LORA' {
-    return 'LORA'
+  /** HF `peft_type` of the adapters: 'LORA', 'PREFIX_TUNING', 'PROMPT_TUNING', 'P_TUNING' or
+   * 'MULTITASK_PROMPT_TUNING' (null when every adapter was deleted). */
+  get peftType(): PeftConfig['peftType'] | null {
+    return call(() => this.n.peftType()) as PeftConfig['peftType'] | null
   }
 
+  /** Whether the adapters are prompt-learning adapters (HF `is_prompt_learning`). */
   get isPromptLearning(): boolean {
-    return false
+    return call(() => this.n.isPromptLearning())
   }
 
   getBaseModel(): PreTrainedModel {
@@ -204,7 +211,9 @@ export class PeftModel {
  * Errors: `ERR_NO_TARGET_MODULES`, `ERR_ADAPTER_CONFIG_INVALID`, `ERR_ADAPTER_EXISTS`.
  */
 export function getPeftModel(model: PreTrainedModel, config: PeftConfig, adapterName = 'default', options: { seed?: number } = {}): PeftModel {
-  if (!(config instanceof LoraConfig)) throw invalidArgument('config', 'must be a LoraConfig')
+  if (!config || typeof (config as { toJSON?: unknown }).toJSON !== 'function' || typeof config.peftType !== 'string') {
+    throw invalidArgument('config', 'must be a LoraConfig, PrefixTuningConfig, PromptTuningConfig, PromptEncoderConfig or MultitaskPromptTuningConfig')
+  }
   const pm = new PeftModel(model)
   pm.addAdapter(adapterName, config, options)
   return pm

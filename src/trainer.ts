@@ -10,7 +10,8 @@ import { call, callAsync, invalidArgument } from './errors'
 import type { PeftModel } from './peft-model'
 import type { PreTrainedTokenizer } from './model'
 
-export type TrainExample = { inputIds: number[]; labels?: number[] } | { text: string }
+/** One training example. `taskId` is the row's task for multitask prompt tuning (required there). */
+export type TrainExample = ({ inputIds: number[]; labels?: number[] } | { text: string }) & { taskId?: number }
 
 export interface StepInfo {
   step: number
@@ -99,7 +100,7 @@ export class Trainer {
     if (!(o.learningRate >= 0)) throw invalidArgument('learningRate', `must be a non-negative number, found ${o.learningRate}`)
   }
 
-  private tokenize(examples: TrainExample[]): Array<{ ids: number[]; labels: number[] }> {
+  private tokenize(examples: TrainExample[]): Array<{ ids: number[]; labels: number[]; taskId?: number }> {
     return examples.map((ex, i) => {
       let ids: number[]
       let labels: number[]
@@ -122,7 +123,10 @@ export class Trainer {
       // labels are shifted inside the model: one token has nothing to predict (and a batch of
       // such rows has no logits left to take the loss over)
       if (ids.length < 2) throw invalidArgument('examples', `example ${i} has ${ids.length} token; causal-LM training needs at least 2`)
-      return { ids, labels }
+      if (ex.taskId !== undefined && !(Number.isInteger(ex.taskId) && ex.taskId >= 0)) {
+        throw invalidArgument('examples', `example ${i}: taskId must be a non-negative integer, found ${ex.taskId}`)
+      }
+      return { ids, labels, taskId: ex.taskId }
     })
   }
 
@@ -175,7 +179,8 @@ export class Trainer {
         attentionMask.push(...Array(n).fill(1), ...Array(seq - n).fill(0))
         labels.push(...r.labels, ...Array(seq - n).fill(-100))
       }
-      return { inputIds, attentionMask, labels, batchSize: rows.length, seqLen: seq }
+      const taskIds = rows.some((r) => r.taskId !== undefined) ? rows.map((r) => r.taskId ?? 0) : undefined
+      return { inputIds, attentionMask, labels, batchSize: rows.length, seqLen: seq, taskIds }
     }
     const history: StepInfo[] = []
     const t0 = performance.now()

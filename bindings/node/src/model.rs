@@ -8,7 +8,7 @@ use peft_core::generate::{generate, GenerateOptions};
 use peft_core::model::loader::load_causal_lm;
 use peft_core::model::ForwardOptions;
 use peft_core::peft_model::{PeftModel, BASE_ADAPTER};
-use peft_core::tuners::LoraConfig;
+use peft_core::tuners::AdapterConfig;
 use peft_core::PeftError;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -80,6 +80,8 @@ pub struct GenerateArgs {
     pub eos_token_ids: Vec<u32>,
     pub pad_token_id: u32,
     pub use_cache: bool,
+    /// Multitask prompt tuning: one task id per row.
+    pub task_ids: Option<Vec<u32>>,
 }
 
 #[napi(object)]
@@ -141,14 +143,15 @@ impl NativeModel {
         })
     }
 
-    /// Inject a LoRA adapter from an adapter_config.json object (as JSON text). Returns the
-    /// targeted module names.
+    /// Add an adapter from an adapter_config.json object (as JSON text; LoRA or a prompt-learning
+    /// method, chosen by `peft_type`). Returns the targeted module names (none for prompt
+    /// learning).
     #[napi(catch_unwind)]
     pub fn add_adapter(&self, name: String, config_json: String, seed: u32) -> napi::Result<Vec<String>> {
         guard(|| {
             let v: serde_json::Value = serde_json::from_str(&config_json)
                 .map_err(|e| PeftError::InvalidAdapterConfig { path: None, msg: format!("not valid JSON: {e}") })?;
-            let cfg = LoraConfig::from_json(&v, None)?;
+            let cfg = AdapterConfig::from_json(&v, None)?;
             with_model(&self.inner, |m| m.add_adapter(&name, cfg, seed as u64))
         })
     }
@@ -214,6 +217,18 @@ impl NativeModel {
         guard(|| with_model(&self.inner, |m| m.config_json(&name)))
     }
 
+    /// HF `peft_type` of the model's adapters, or null before the first one.
+    #[napi(catch_unwind)]
+    pub fn peft_type(&self) -> napi::Result<Option<String>> {
+        guard(|| with_model(&self.inner, |m| Ok(m.peft_type().map(String::from))))
+    }
+
+    /// Whether the adapters are prompt-learning adapters.
+    #[napi(catch_unwind)]
+    pub fn is_prompt_learning(&self) -> napi::Result<bool> {
+        guard(|| with_model(&self.inner, |m| Ok(m.is_prompt_learning())))
+    }
+
     /// `[trainable, all]` parameter counts.
     #[napi(catch_unwind)]
     pub fn nb_trainable_parameters(&self) -> napi::Result<Vec<f64>> {
@@ -229,6 +244,7 @@ impl NativeModel {
         seq: u32,
         attention_mask: Option<Uint8Array>,
         adapter_names: Option<Vec<String>>,
+        task_ids: Option<Vec<u32>>,
     ) -> napi::Result<AsyncTask<Job<(Vec<f32>, Vec<u32>), ForwardResult>>> {
         let ids = input_ids.to_vec();
         let (b, s) = (batch as usize, seq as usize);
@@ -241,7 +257,7 @@ impl NativeModel {
         Ok(AsyncTask::new(Job::new(
             move || {
                 with_model(&inner, |m| {
-                    let opts = ForwardOptions { attention_mask: mask, adapter_rows: rows, ..Default::default() };
+                    let opts = ForwardOptions { attention_mask: mask, adapter_rows: rows, task_ids, ..Default::default() };
                     let logits = m.forward(&ids, b, s, &opts, None)?.to_dtype(candle_core::DType::F32)?;
                     let shape = logits.dims().iter().map(|&d| d as u32).collect();
                     Ok((logits.flatten_all()?.to_vec1::<f32>()?, shape))
@@ -279,6 +295,7 @@ impl NativeModel {
             eos_token_ids: args.eos_token_ids,
             pad_token_id: args.pad_token_id,
             use_cache: args.use_cache,
+            task_ids: args.task_ids,
         };
         Ok(AsyncTask::new(Job::plain(move || {
             with_model(&inner, |m| {
@@ -316,7 +333,7 @@ impl NativeModel {
                     Some(j) => {
                         let v: serde_json::Value = serde_json::from_str(&j)
                             .map_err(|e| PeftError::InvalidAdapterConfig { path: None, msg: format!("not valid JSON: {e}") })?;
-                        Some(LoraConfig::from_json(&v, None)?)
+                        Some(AdapterConfig::from_json(&v, None)?)
                     }
                     None => None,
                 };

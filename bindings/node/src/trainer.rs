@@ -29,6 +29,8 @@ pub struct BatchJs {
     pub labels: Vec<i32>,
     pub batch_size: u32,
     pub seq_len: u32,
+    /// Multitask prompt tuning: one task id per row.
+    pub task_ids: Option<Vec<u32>>,
 }
 
 #[napi(object)]
@@ -78,6 +80,7 @@ impl NativeTrainer {
                 labels: b.labels.into_iter().map(|l| l as i64).collect(),
                 batch_size: b.batch_size as usize,
                 seq_len: b.seq_len as usize,
+                task_ids: b.task_ids,
             })
             .collect();
         AsyncTask::new(Job::plain(move || {

@@ -27,6 +27,8 @@ pub struct GenerateOptions {
     pub pad_token_id: u32,
     /// Reuse keys/values across steps (false = full forward each step; identical results).
     pub use_cache: bool,
+    /// Multitask prompt tuning: one task id per row.
+    pub task_ids: Option<Vec<u32>>,
 }
 
 impl Default for GenerateOptions {
@@ -41,6 +43,7 @@ impl Default for GenerateOptions {
             eos_token_ids: vec![],
             pad_token_id: 0,
             use_cache: true,
+            task_ids: None,
         }
     }
 }
@@ -130,6 +133,7 @@ pub fn generate(
             position_ids: Some(pos),
             adapter_rows: adapter_rows.clone(),
             last_only: true,
+            task_ids: o.task_ids.clone(),
             ..Default::default()
         };
         let logits = if o.use_cache {

@@ -7,6 +7,9 @@ use crate::model::{ForwardOptions, KvCache, LlamaForCausalLM};
 use crate::targeting::is_target;
 use crate::tuners::linear::LoraAdapter;
 use crate::tuners::lora::{InitLoraWeights, LoraConfig};
+use crate::tuners::prompt::{text_init_ids, ModelDims, PromptEncoder, PromptInit, PromptLearningConfig, PromptMethod};
+use crate::tuners::AdapterConfig;
+use std::collections::HashMap;
 use candle_core::{DType, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
@@ -29,7 +32,9 @@ pub struct LoadResult {
 /// A base model with adapters. See the module docs.
 pub struct PeftModel {
     pub base: LlamaForCausalLM,
-    configs: Vec<(String, LoraConfig)>,
+    configs: Vec<(String, AdapterConfig)>,
+    /// Prompt-learning adapters' encoders (HF `PeftModel.prompt_encoder`).
+    prompt_encoders: HashMap<String, PromptEncoder>,
     active: Vec<String>,
     disabled: bool,
 }
@@ -65,7 +70,7 @@ fn kaiming_uniform(rng: &mut rand::rngs::StdRng, rows: usize, cols: usize) -> Ve
 impl PeftModel {
     /// Wrap a base model (no adapters yet).
     pub fn new(base: LlamaForCausalLM) -> Self {
-        PeftModel { base, configs: vec![], active: vec![], disabled: false }
+        PeftModel { base, configs: vec![], prompt_encoders: HashMap::new(), active: vec![], disabled: false }
     }
 
     /// Adapter names in the order they were added.
@@ -74,8 +79,46 @@ impl PeftModel {
     }
 
     /// The config of `name`.
-    pub fn peft_config(&self, name: &str) -> Result<&LoraConfig> {
+    pub fn peft_config(&self, name: &str) -> Result<&AdapterConfig> {
         self.configs.iter().find(|(n, _)| n == name).map(|(_, c)| c).ok_or_else(|| self.not_found(name))
+    }
+
+    /// HF `peft_type` of the model's adapters (`None` before the first adapter).
+    pub fn peft_type(&self) -> Option<&'static str> {
+        self.configs.first().map(|(_, c)| c.peft_type())
+    }
+
+    /// HF `is_prompt_learning`: the model's adapters are prompt-learning adapters.
+    pub fn is_prompt_learning(&self) -> bool {
+        self.configs.first().map(|(_, c)| c.is_prompt_learning()).unwrap_or(false)
+    }
+
+    /// The prompt encoder of adapter `name` (prompt learning only).
+    pub fn prompt_encoder(&self, name: &str) -> Option<&PromptEncoder> {
+        self.prompt_encoders.get(name)
+    }
+
+    /// Dimensions of the base model that prompt-learning configs are derived from.
+    pub fn model_dims(&self) -> ModelDims {
+        let c = &self.base.config;
+        ModelDims {
+            num_layers: c.num_hidden_layers,
+            hidden_size: c.hidden_size,
+            num_attention_heads: c.num_attention_heads,
+            num_key_value_heads: Some(c.num_key_value_heads),
+            head_dim: c.head_dim,
+            vocab_size: c.vocab_size,
+        }
+    }
+
+    /// The active prompt-learning adapter and its encoder, unless adapters are disabled.
+    fn active_prompt(&self) -> Option<(&PromptLearningConfig, &PromptEncoder)> {
+        if self.disabled {
+            return None;
+        }
+        let name = self.active.first()?;
+        let cfg = self.peft_config(name).ok()?.as_prompt()?;
+        Some((cfg, self.prompt_encoders.get(name)?))
     }
 
     fn not_found(&self, name: &str) -> PeftError {
@@ -108,11 +151,27 @@ impl PeftModel {
     ///
     /// Errors: `InvalidArgument` (bad name), `AdapterExists`, `NoTargetModules` (naming the
     /// targets and some module names); on any error the model is left unchanged.
-    pub fn add_adapter(&mut self, name: &str, mut cfg: LoraConfig, seed: u64) -> Result<Vec<String>> {
+    pub fn add_adapter(&mut self, name: &str, cfg: impl Into<AdapterConfig>, seed: u64) -> Result<Vec<String>> {
+        let cfg = cfg.into();
         validate_adapter_name(name)?;
         if self.configs.iter().any(|(n, _)| n == name) {
             return Err(PeftError::AdapterExists(name.into()));
         }
+        if let Some(existing) = self.peft_type() {
+            if existing != cfg.peft_type() {
+                return Err(PeftError::InvalidAdapterConfig {
+                    path: None,
+                    msg: format!("Cannot combine adapters with different peft types. Found {existing} and {}.", cfg.peft_type()),
+                });
+            }
+        }
+        match cfg {
+            AdapterConfig::Lora(c) => self.add_lora(name, c, seed),
+            AdapterConfig::Prompt(c) => self.add_prompt(name, c, seed, None).map(|_| vec![]),
+        }
+    }
+
+    fn add_lora(&mut self, name: &str, mut cfg: LoraConfig, seed: u64) -> Result<Vec<String>> {
         if cfg.bias != "none" {
             return Err(PeftError::InvalidAdapterConfig { path: None, msg: format!("bias {:?} is not supported yet (only \"none\")", cfg.bias) });
         }
@@ -185,13 +244,82 @@ impl PeftModel {
                 lin.saved_copies.insert(name.to_string(), c);
             }
         }
-        self.configs.push((name.to_string(), cfg));
+        self.configs.push((name.to_string(), cfg.into()));
         if first {
             self.set_adapter(&[name.to_string()])?;
         } else {
             self.sync_layers();
         }
         Ok(targeted)
+    }
+
+    /// Add a prompt-learning adapter (HF `_setup_prompt_encoder`): derive the config's model
+    /// fields, check them against the model, build (or take) its encoder.
+    fn add_prompt(&mut self, name: &str, mut cfg: PromptLearningConfig, seed: u64, encoder: Option<PromptEncoder>) -> Result<()> {
+        let bad = |msg: String| PeftError::InvalidAdapterConfig { path: None, msg };
+        if cfg.modules_to_save_given() {
+            return Err(bad("`modules_to_save` with a prompt-learning adapter is not supported for causal LMs".into()));
+        }
+        let dims = self.model_dims();
+        cfg.prepare(&dims);
+        if cfg.base_model_name_or_path.is_none() {
+            cfg.base_model_name_or_path = self.base.config.name_or_path.clone();
+        }
+        if cfg.num_transformer_submodules != Some(1) {
+            return Err(bad(format!(
+                "num_transformer_submodules {:?} (task_type {:?}) needs an encoder-decoder model; this model is decoder-only (use task_type \"CAUSAL_LM\")",
+                cfg.num_transformer_submodules, cfg.task_type
+            )));
+        }
+        let td = cfg.token_dim.unwrap_or(0);
+        match cfg.method {
+            PromptMethod::PrefixTuning => {
+                let heads = cfg.num_attention_heads.unwrap_or(0);
+                if cfg.num_layers != Some(dims.num_layers) || heads != dims.num_key_value_heads.unwrap_or(dims.num_attention_heads) || td != heads * dims.head_dim {
+                    return Err(bad(format!(
+                        "prefix tuning config (num_layers {:?}, num_attention_heads {heads}, token_dim {td}) does not fit the model ({} layers, {} key/value heads of size {})",
+                        cfg.num_layers, dims.num_layers, dims.num_key_value_heads.unwrap_or(dims.num_attention_heads), dims.head_dim
+                    )));
+                }
+            }
+            _ => {
+                if td != dims.hidden_size {
+                    return Err(bad(format!("token_dim {td} does not match the model's hidden size {}", dims.hidden_size)));
+                }
+            }
+        }
+        let device = self.base.device.clone();
+        let encoder = match encoder {
+            Some(e) => e,
+            None => {
+                let rows = cfg.table_rows();
+                let use_vocab = !cfg.inference_mode && matches!(cfg.method, PromptMethod::PromptTuning | PromptMethod::MultitaskPromptTuning);
+                let init = if use_vocab && cfg.prompt_tuning_init == "TEXT" {
+                    let tpath = PathBuf::from(cfg.tokenizer_name_or_path.clone().unwrap_or_default());
+                    let tok = crate::tokenizer::Tokenizer::from_pretrained(&tpath)?;
+                    let ids = tok.encode(cfg.prompt_tuning_init_text.as_deref().unwrap_or(""), true)?;
+                    PromptInit::FromVocab { word_embeddings: &self.base.embed_tokens, ids: text_init_ids(&ids, rows)? }
+                } else if use_vocab && cfg.prompt_tuning_init == "SAMPLE_VOCAB" {
+                    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
+                    let ids = (0..rows).map(|_| rng.random_range(0..dims.vocab_size as u32)).collect();
+                    PromptInit::FromVocab { word_embeddings: &self.base.embed_tokens, ids }
+                } else {
+                    PromptInit::Random
+                };
+                let mut enc = PromptEncoder::new(&cfg, init, seed, &device)?;
+                if cfg.method == PromptMethod::MultitaskPromptTuning && !cfg.inference_mode {
+                    init_multitask_from_source(&cfg, &mut enc, &device)?;
+                }
+                enc
+            }
+        };
+        let first = self.configs.is_empty();
+        self.prompt_encoders.insert(name.to_string(), encoder);
+        self.configs.push((name.to_string(), cfg.into()));
+        if first {
+            self.set_adapter(&[name.to_string()])?;
+        }
+        Ok(())
     }
 
     fn sync_layers(&mut self) {
@@ -212,6 +340,9 @@ impl PeftModel {
         }
         for n in names {
             self.peft_config(n)?;
+        }
+        if self.is_prompt_learning() && names.len() > 1 {
+            return Err(PeftError::invalid_arg("adapterName", "prompt-learning models have exactly one active adapter"));
         }
         self.active = names.to_vec();
         self.sync_layers();
@@ -237,6 +368,12 @@ impl PeftModel {
         };
         for n in &names {
             self.peft_config(n)?;
+        }
+        if self.is_prompt_learning() {
+            return Err(PeftError::InvalidState(format!(
+                "{} adapters cannot be merged: they do not change the base model's weights",
+                self.peft_type().unwrap_or_default()
+            )));
         }
         for (_, lin) in self.base.named_linears_mut() {
             lin.merge(&names, safe_merge)?;
@@ -285,6 +422,7 @@ impl PeftModel {
             lin.disabled = false;
         }
         self.configs.clear();
+        self.prompt_encoders.clear();
         self.active.clear();
         self.disabled = false;
     }
@@ -299,6 +437,7 @@ impl PeftModel {
             lin.adapters.remove(name);
             lin.saved_copies.remove(name);
         }
+        self.prompt_encoders.remove(name);
         self.configs.retain(|(n, _)| n != name);
         self.active.retain(|n| n != name);
         if self.active.is_empty() {
@@ -316,7 +455,13 @@ impl PeftModel {
         let mut out = Vec::new();
         for name in &self.active {
             let Ok(cfg) = self.peft_config(name) else { continue };
-            if cfg.inference_mode {
+            if cfg.inference_mode() {
+                continue;
+            }
+            if let Some(enc) = self.prompt_encoders.get(name) {
+                for (p, v) in enc.vars() {
+                    out.push((format!("prompt_encoder.{name}.{p}"), v));
+                }
                 continue;
             }
             for (m, lin) in self.base.named_linears() {
@@ -348,13 +493,23 @@ impl PeftModel {
                 )
             })
             .sum();
-        (trainable, self.base.base_param_count() + adapters)
+        let prompts: usize = self.prompt_encoders.values().map(|e| e.param_count()).sum();
+        (trainable, self.base.base_param_count() + adapters + prompts)
     }
 
     /// Adapter `name`'s tensors under HF's on-disk keys (adapter name removed), sorted.
     pub fn adapter_state_dict(&self, name: &str) -> Result<Vec<(String, Tensor)>> {
         self.peft_config(name)?;
         let mut out = Vec::new();
+        if let Some(enc) = self.prompt_encoders.get(name) {
+            out.push(("prompt_embeddings".to_string(), enc.table_to_save()?));
+            if let Some((c, r)) = &enc.task {
+                out.push(("prefix_task_cols".to_string(), c.as_tensor().detach()));
+                out.push(("prefix_task_rows".to_string(), r.as_tensor().detach()));
+            }
+            out.sort_by(|a, b| a.0.cmp(&b.0));
+            return Ok(out);
+        }
         for (m, lin) in self.base.named_linears() {
             if let Some(ad) = lin.adapters.get(name) {
                 out.push((format!("{KEY_PREFIX}{m}.lora_A.weight"), ad.a.as_tensor().detach()));
@@ -393,7 +548,7 @@ impl PeftModel {
             let tensors = self.adapter_state_dict(name)?;
             let bytes = safetensors_bytes(&tensors, Some(&[("format", "pt")]))?;
             let mut saved = cfg.clone();
-            saved.inference_mode = true;
+            saved.set_inference_mode(true);
             let wpath = target.join("adapter_model.safetensors");
             write_atomic(&wpath, &bytes)?;
             let cpath = target.join("adapter_config.json");
@@ -403,9 +558,11 @@ impl PeftModel {
             if name == "default" || target == dir {
                 let readme = dir.join("README.md");
                 if !readme.exists() {
-                    let base = saved.base_model_name_or_path.clone().unwrap_or_default();
+                    let base = saved.base_model_name_or_path().unwrap_or_default().to_string();
+                    let tag = saved.peft_type().to_lowercase().replace('_', "-");
                     let card = format!(
-                        "---\nbase_model: {base}\nlibrary_name: peft\ntags:\n- base_model:adapter:{base}\n- lora\n- peft-node\n---\n\n# Model Card\n\nA LoRA adapter saved by peft-node in Hugging Face PEFT's format.\n\n### Framework versions\n\n- PEFT 0.21.0\n"
+                        "---\nbase_model: {base}\nlibrary_name: peft\ntags:\n- base_model:adapter:{base}\n- {tag}\n- peft-node\n---\n\n# Model Card\n\nA {} adapter saved by peft-node in Hugging Face PEFT's format.\n\n### Framework versions\n\n- PEFT 0.21.0\n",
+                        saved.peft_type()
                     );
                     write_atomic(&readme, card.as_bytes())?;
                 }
@@ -422,7 +579,7 @@ impl PeftModel {
     /// Errors: `NotFound`, `InvalidAdapterConfig`, `SafetensorsInvalid`, `ShapeMismatch` (naming
     /// the key, with expected and found shapes), `AdapterExists`, `NoTargetModules`. On error the
     /// model is unchanged.
-    pub fn load_adapter(&mut self, dir: &Path, name: &str, is_trainable: bool, config_override: Option<LoraConfig>) -> Result<LoadResult> {
+    pub fn load_adapter(&mut self, dir: &Path, name: &str, is_trainable: bool, config_override: Option<AdapterConfig>) -> Result<LoadResult> {
         validate_adapter_name(name)?;
         if !dir.exists() {
             return Err(PeftError::NotFound { path: dir.into(), what: "adapter folder does not exist".into() });
@@ -432,11 +589,23 @@ impl PeftModel {
         }
         let mut cfg = match config_override {
             Some(c) => c,
-            None => LoraConfig::from_file(&dir.join("adapter_config.json"))?,
+            None => AdapterConfig::from_file(&dir.join("adapter_config.json"))?,
         };
-        cfg.inference_mode = !is_trainable;
+        cfg.set_inference_mode(!is_trainable);
+        if let Some(existing) = self.peft_type() {
+            if existing != cfg.peft_type() {
+                return Err(PeftError::InvalidAdapterConfig {
+                    path: Some(dir.join("adapter_config.json")),
+                    msg: format!("Cannot combine adapters with different peft types. Found {existing} and {}.", cfg.peft_type()),
+                });
+            }
+        }
         let wpath = dir.join("adapter_model.safetensors");
         let tensors = read_safetensors(&wpath, &self.base.device)?;
+        let cfg = match cfg {
+            AdapterConfig::Prompt(p) => return self.load_prompt(name, p, tensors, &wpath),
+            AdapterConfig::Lora(c) => c,
+        };
         // Build the expected key map from the config before touching the model.
         let mut expected: std::collections::HashMap<String, (String, bool, Vec<usize>)> = Default::default();
         for (m, lin) in self.base.named_linears() {
@@ -507,12 +676,167 @@ impl PeftModel {
         Ok(result)
     }
 
+    /// Load a prompt-learning adapter's tensors (`prompt_embeddings`, plus `prefix_task_cols` /
+    /// `prefix_task_rows` for multitask prompt tuning) as HF `set_peft_model_state_dict` does.
+    /// The stored table is used as is; when loaded trainable, training continues on the table
+    /// itself (HF would put a freshly initialised P-tuning/projection head on top of the saved
+    /// output, which changes the adapter's outputs; we keep them).
+    fn load_prompt(&mut self, name: &str, mut cfg: PromptLearningConfig, tensors: Vec<(String, Tensor)>, wpath: &Path) -> Result<LoadResult> {
+        cfg.prepare(&self.model_dims());
+        let mut result = LoadResult::default();
+        let mut table = None;
+        let mut cols = None;
+        let mut rows = None;
+        let mt = cfg.method == PromptMethod::MultitaskPromptTuning;
+        let td = cfg.token_dim.unwrap_or(0);
+        let n = cfg.total_virtual_tokens();
+        for (key, t) in tensors {
+            let k = key.strip_prefix(KEY_PREFIX).unwrap_or(&key);
+            let (slot, shape) = match k {
+                "prompt_embeddings" => (&mut table, vec![cfg.table_rows(), cfg.table_dim()]),
+                "prefix_task_cols" if mt => (&mut cols, vec![cfg.num_tasks, n, cfg.num_ranks]),
+                "prefix_task_rows" if mt => (&mut rows, vec![cfg.num_tasks, cfg.num_ranks, td]),
+                _ => {
+                    result.unexpected_keys.push(key);
+                    continue;
+                }
+            };
+            if t.dims() != shape.as_slice() {
+                return Err(PeftError::ShapeMismatch { name: format!("{} (key `{key}`)", wpath.display()), expected: shape, found: t.dims().to_vec() });
+            }
+            *slot = Some(t);
+        }
+        let table = table.ok_or_else(|| PeftError::SafetensorsInvalid {
+            path: wpath.to_path_buf(),
+            msg: format!("the {} adapter file has no `prompt_embeddings` tensor", cfg.method.as_str()),
+        })?;
+        let task = if mt {
+            let dev = &self.base.device;
+            let c = match cols {
+                Some(c) => c,
+                None => {
+                    result.missing_keys.push("prefix_task_cols".into());
+                    Tensor::zeros((cfg.num_tasks, n, cfg.num_ranks), DType::F32, dev)?
+                }
+            };
+            let r = match rows {
+                Some(r) => r,
+                None => {
+                    result.missing_keys.push("prefix_task_rows".into());
+                    Tensor::zeros((cfg.num_tasks, cfg.num_ranks, td), DType::F32, dev)?
+                }
+            };
+            Some((c, r))
+        } else {
+            None
+        };
+        let enc = PromptEncoder::from_table(&table, task)?;
+        self.add_prompt(name, cfg, 0, Some(enc))?;
+        Ok(result)
+    }
+
     /// Forward pass (see [`LlamaForCausalLM::forward`]) with HF's checks for mixed batches:
     /// every name must exist (or be `__base__`), there must be one per row, no adapter may be
     /// merged, and the model must not be training.
+    ///
+    /// With an active prompt-learning adapter (HF `PeftModelForCausalLM.forward`), `ids`,
+    /// `attention_mask` and `position_ids` describe the real tokens only (the mask covers the
+    /// cached real tokens plus `s`):
+    /// * prefix tuning puts the per-layer key/value prefix `[b, kv_heads, n_virtual, head_dim]`
+    ///   into the cache before the first step, prepends `n_virtual` ones to the mask and shifts
+    ///   given position ids by `n_virtual`; logits are `[b, s, vocab]`;
+    /// * prompt tuning / P-tuning / multitask prompt tuning prepend the virtual token embeddings
+    ///   on the first step (no cache or an empty one), so logits are `[b, n_virtual + s, vocab]`
+    ///   then; the mask gets `n_virtual` leading ones; given position ids are ignored (as HF
+    ///   does) and positions run `past .. past + len`.
+    ///
+    /// Errors: those of the base forward; `InvalidArgument` for `adapterNames` with prompt
+    /// learning, or missing/invalid `taskIds` for multitask prompt tuning.
     pub fn forward(&self, ids: &[u32], b: usize, s: usize, opts: &ForwardOptions, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        if let Some((cfg, enc)) = self.active_prompt() {
+            return self.prompt_forward(cfg, enc, ids, b, s, opts, cache);
+        }
         self.check_rows(opts, b)?;
         self.base.forward(ids, b, s, opts, cache)
+    }
+
+    /// Number of label positions prepended by the active adapter (`num_virtual_tokens` for
+    /// prompt tuning / P-tuning / multitask prompt tuning, whose logits include the virtual
+    /// positions; 0 otherwise). Training extends labels with this many `-100` on the left, as
+    /// HF does.
+    pub fn label_prefix_len(&self) -> usize {
+        match self.active_prompt() {
+            Some((cfg, _)) if cfg.method != PromptMethod::PrefixTuning => cfg.total_virtual_tokens(),
+            _ => 0,
+        }
+    }
+
+    /// Per-layer prefix keys/values for a batch of `b`: `[b, kv_heads, n_virtual, head_dim]`
+    /// each, in the model dtype (HF `get_prompt` for prefix tuning: the table
+    /// `[n, num_layers·2·token_dim]` viewed as `[n, num_layers·2, heads, head_dim]`; chunk `2l`
+    /// is layer `l`'s key, `2l + 1` its value).
+    pub fn prefix_key_values(&self, cfg: &PromptLearningConfig, enc: &PromptEncoder, b: usize, train: bool, rng: Option<&std::sync::Mutex<rand::rngs::StdRng>>) -> Result<Vec<(Tensor, Tensor)>> {
+        let n = cfg.num_virtual_tokens;
+        let layers = cfg.num_layers.unwrap_or(0);
+        let heads = cfg.num_attention_heads.unwrap_or(1);
+        let hd = cfg.token_dim.unwrap_or(0) / heads;
+        let table = enc.table(train, rng)?.to_dtype(self.base.dtype)?.reshape((n, layers * 2, heads, hd))?;
+        let chunk = |j: usize| -> Result<Tensor> {
+            let c = table.narrow(1, j, 1)?.squeeze(1)?.transpose(0, 1)?.unsqueeze(0)?; // [1, heads, n, hd]
+            Ok(c.broadcast_as((b, heads, n, hd))?.contiguous()?)
+        };
+        (0..layers).map(|l| Ok((chunk(2 * l)?, chunk(2 * l + 1)?))).collect()
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn prompt_forward(&self, cfg: &PromptLearningConfig, enc: &PromptEncoder, ids: &[u32], b: usize, s: usize, opts: &ForwardOptions, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        if opts.adapter_rows.is_some() {
+            return Err(PeftError::invalid_arg("adapterNames", "per-row adapters (mixed batches) are not available with prompt learning"));
+        }
+        if ids.len() != b * s {
+            return Err(PeftError::invalid_arg("inputIds", format!("has {} ids, expected batch {b} × seq {s}", ids.len())));
+        }
+        let n = cfg.total_virtual_tokens();
+        let cached = cache.as_ref().map(|c| c.seq_len()).unwrap_or(0);
+        let first = cached == 0;
+        let past_real = cached.saturating_sub(n);
+        let mut o = opts.clone();
+        if let Some(m) = &opts.attention_mask {
+            if m.len() != b * (past_real + s) {
+                return Err(PeftError::invalid_arg("attentionMask", format!("has {} values, expected {b} × {}", m.len(), past_real + s)));
+            }
+            let w = past_real + s;
+            let mut ext = Vec::with_capacity(b * (n + w));
+            for r in 0..b {
+                ext.extend(std::iter::repeat_n(1u8, n));
+                ext.extend_from_slice(&m[r * w..(r + 1) * w]);
+            }
+            o.attention_mask = Some(ext);
+        }
+        let rng = opts.dropout_rng.as_deref();
+        if cfg.method == PromptMethod::PrefixTuning {
+            o.position_ids = opts.position_ids.as_ref().map(|p| p.iter().map(|&x| x + n as u32).collect());
+            let mut local = KvCache::new(self.base.layers.len());
+            let cache: &mut KvCache = match cache {
+                Some(c) => c,
+                None => &mut local,
+            };
+            if first {
+                for (l, kv) in self.prefix_key_values(cfg, enc, b, opts.train, rng)?.into_iter().enumerate() {
+                    cache.layers[l] = Some(kv);
+                }
+            }
+            return self.base.forward(ids, b, s, &o, Some(cache));
+        }
+        o.position_ids = None;
+        let x = self.base.embed(ids, b, s)?;
+        let x = if first {
+            let prompts = enc.batch_prompts(b, opts.task_ids.as_deref(), opts.train, rng)?.to_dtype(self.base.dtype)?;
+            Tensor::cat(&[&prompts, &x], 1)?
+        } else {
+            x
+        };
+        self.base.forward_embeds(&x, &o, cache)
     }
 
     /// Validate a mixed-batch request.
@@ -538,6 +862,54 @@ impl PeftModel {
     pub fn config_json(&self, name: &str) -> Result<String> {
         Ok(python_json_dumps(&self.peft_config(name)?.to_json()))
     }
+}
+
+/// Multitask prompt tuning's source-task inits (HF `MultitaskPromptEmbedding`):
+/// `AVERAGE_SOURCE_TASKS` (mean over the source tasks), `EXACT_SOURCE_TASK` (task
+/// `prompt_tuning_init_task`), both loading `prompt_embeddings` and the task matrices, and
+/// `ONLY_SOURCE_SHARED` (only `prompt_embeddings`), from a safetensors file.
+///
+/// Errors: `NotFound`/`SafetensorsInvalid` for the file, `ShapeMismatch` naming the key when
+/// the source does not fit (e.g. `num_tasks` must be 1 for the averaged/exact inits, as HF's
+/// strict load requires), `InvalidArgument` for a task index out of range.
+fn init_multitask_from_source(cfg: &PromptLearningConfig, enc: &mut PromptEncoder, device: &candle_core::Device) -> Result<()> {
+    let mode = cfg.prompt_tuning_init.as_str();
+    if !["AVERAGE_SOURCE_TASKS", "EXACT_SOURCE_TASK", "ONLY_SOURCE_SHARED"].contains(&mode) {
+        return Ok(());
+    }
+    let path = PathBuf::from(cfg.prompt_tuning_init_state_dict_path.clone().unwrap_or_default());
+    let src: HashMap<String, Tensor> = read_safetensors(&path, device)?.into_iter().collect();
+    let get = |k: &str| -> Result<Tensor> {
+        src.get(k)
+            .map(|t| t.to_dtype(DType::F32))
+            .transpose()?
+            .ok_or_else(|| PeftError::SafetensorsInvalid { path: path.clone(), msg: format!("the source checkpoint has no `{k}` tensor") })
+    };
+    let fit = |k: &str, t: Tensor, want: &[usize]| -> Result<Var> {
+        if t.dims() != want {
+            return Err(PeftError::ShapeMismatch { name: format!("{} (key `{k}`)", path.display()), expected: want.to_vec(), found: t.dims().to_vec() });
+        }
+        Ok(Var::from_tensor(&t)?)
+    };
+    let emb = get("prompt_embeddings")?;
+    enc.embedding = fit("prompt_embeddings", emb, enc.embedding.dims())?;
+    if mode == "ONLY_SOURCE_SHARED" {
+        return Ok(());
+    }
+    let (cols, rows) = (get("prefix_task_cols")?, get("prefix_task_rows")?);
+    let (cols, rows) = if mode == "AVERAGE_SOURCE_TASKS" {
+        (cols.mean_keepdim(0)?, rows.mean_keepdim(0)?)
+    } else {
+        let t = cfg.prompt_tuning_init_task;
+        let nt = cols.dim(0)?;
+        if t >= nt {
+            return Err(PeftError::invalid_arg("promptTuningInitTask", format!("task {t} is out of range: the source has {nt} tasks")));
+        }
+        (cols.narrow(0, t, 1)?, rows.narrow(0, t, 1)?)
+    };
+    let (c0, r0) = enc.task.as_ref().map(|(c, r)| (c.dims().to_vec(), r.dims().to_vec())).unwrap_or_default();
+    enc.task = Some((fit("prefix_task_cols", cols, &c0)?, fit("prefix_task_rows", rows, &r0)?));
+    Ok(())
 }
 
 /// `x.lora_A.<name>.weight` → `x.lora_A.weight` (HF's adapter-name removal rule, inverted).

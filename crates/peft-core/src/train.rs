@@ -54,6 +54,8 @@ pub struct Batch {
     pub labels: Vec<i64>,
     pub batch_size: usize,
     pub seq_len: usize,
+    /// Multitask prompt tuning: one task id per row.
+    pub task_ids: Option<Vec<u32>>,
 }
 
 impl Batch {
@@ -103,9 +105,16 @@ pub struct Trainer {
 /// scaled by `scale` (for accumulation). Returns `(loss, label tokens, grads)`.
 pub fn loss_and_grads(model: &PeftModel, batch: &Batch, total_items: Option<usize>, rng: Option<Arc<Mutex<rand::rngs::StdRng>>>) -> Result<(f64, usize, GradStore)> {
     batch.validate(model.base.config.vocab_size)?;
-    let opts = ForwardOptions { attention_mask: Some(batch.attention_mask.clone()), train: true, dropout_rng: rng, ..Default::default() };
+    let opts = ForwardOptions {
+        attention_mask: Some(batch.attention_mask.clone()),
+        train: true,
+        dropout_rng: rng,
+        task_ids: batch.task_ids.clone(),
+        ..Default::default()
+    };
     let logits = model.forward(&batch.input_ids, batch.batch_size, batch.seq_len, &opts, None)?;
-    let (mean, n) = causal_lm_loss(&logits, &batch.labels, batch.batch_size, batch.seq_len, true)?;
+    let (labels, seq) = extended_labels(model, batch);
+    let (mean, n) = causal_lm_loss(&logits, &labels, batch.batch_size, seq, true)?;
     let loss_val = mean.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? as f64;
     let scaled = match total_items {
         Some(t) if t > 0 => (mean * (n as f64 / t as f64))?,
@@ -113,6 +122,29 @@ pub fn loss_and_grads(model: &PeftModel, batch: &Batch, total_items: Option<usiz
     };
     let grads = scaled.backward()?;
     Ok((loss_val, n, grads))
+}
+
+/// Labels as the loss sees them: with prompt tuning / P-tuning the logits include the virtual
+/// positions, so each row gets `num_virtual_tokens` `-100` labels on the left (HF
+/// `PeftModelForCausalLM.forward`). Returns `(labels, seq_len)`.
+pub fn extended_labels(model: &PeftModel, batch: &Batch) -> (Vec<i64>, usize) {
+    let n = model.label_prefix_len();
+    if n == 0 {
+        return (batch.labels.clone(), batch.seq_len);
+    }
+    let s = batch.seq_len;
+    let mut out = Vec::with_capacity(batch.batch_size * (n + s));
+    for r in 0..batch.batch_size {
+        out.extend(std::iter::repeat_n(-100i64, n));
+        out.extend_from_slice(&batch.labels[r * s..(r + 1) * s]);
+    }
+    (out, n + s)
+}
+
+/// Label tokens that count towards the loss (after the causal shift).
+fn label_items(model: &PeftModel, batch: &Batch) -> usize {
+    let (labels, s) = extended_labels(model, batch);
+    (0..batch.batch_size).map(|r| (1..s).filter(|&i| labels.get(r * s + i).map(|&l| l >= 0).unwrap_or(false)).count()).sum()
 }
 
 /// Linear warm-up then linear decay to 0 (`get_linear_schedule_with_warmup`), as the factor
@@ -172,14 +204,7 @@ impl Trainer {
         if micro_batches.is_empty() {
             return Err(PeftError::invalid_arg("batches", "at least one micro-batch is required"));
         }
-        let total_items: usize = micro_batches
-            .iter()
-            .map(|b| {
-                (0..b.batch_size)
-                    .map(|r| (1..b.seq_len).filter(|&i| b.labels.get(r * b.seq_len + i).map(|&l| l >= 0).unwrap_or(false)).count())
-                    .sum::<usize>()
-            })
-            .sum();
+        let total_items: usize = micro_batches.iter().map(|b| label_items(model, b)).sum();
         let mut acc: Vec<Option<Tensor>> = vec![None; self.vars.len()];
         let mut loss_sum = 0.0;
         let mut items = 0usize;

@@ -242,7 +242,7 @@ fn llama_lora_qv_loss_and_grads() {
     let exp = Expected::load(case);
     let m = adapter_peft(case, true);
     let (ids, b, s) = exp.ids("input_ids");
-    let batch = Batch { input_ids: ids, attention_mask: exp.mask("attention_mask"), labels: exp.i64s("labels"), batch_size: b, seq_len: s };
+    let batch = Batch { input_ids: ids, attention_mask: exp.mask("attention_mask"), labels: exp.i64s("labels"), batch_size: b, seq_len: s, task_ids: None };
     let (loss, n, grads) = loss_and_grads(&m, &batch, None, None).unwrap_or_else(|e| panic!("loss_and_grads: [{}] {e}", e.code()));
     let want_loss = exp.get("loss").flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] as f64;
     let loss_atol = tolerance(case, "loss_atol", 1e-5);

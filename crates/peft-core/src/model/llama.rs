@@ -44,6 +44,8 @@ pub struct ForwardOptions {
     pub last_only: bool,
     /// Seeded source of LoRA dropout masks while training.
     pub dropout_rng: Option<std::sync::Arc<std::sync::Mutex<rand::rngs::StdRng>>>,
+    /// Multitask prompt tuning: one task id per row.
+    pub task_ids: Option<Vec<u32>>,
 }
 
 pub struct Attention {

@@ -1,0 +1,131 @@
+//! `AdapterConfig`: any adapter config this crate can load, dispatched on HF's `peft_type`.
+
+use super::lora::LoraConfig;
+use super::prompt::PromptLearningConfig;
+use crate::error::{PeftError, Result};
+use serde_json::Value;
+use std::path::Path;
+
+/// One adapter's config: LoRA or a prompt-learning method (HF `PeftConfig` subclasses).
+#[derive(Debug, Clone, PartialEq)]
+pub enum AdapterConfig {
+    Lora(LoraConfig),
+    Prompt(PromptLearningConfig),
+}
+
+impl From<LoraConfig> for AdapterConfig {
+    fn from(c: LoraConfig) -> Self {
+        AdapterConfig::Lora(c)
+    }
+}
+
+impl From<PromptLearningConfig> for AdapterConfig {
+    fn from(c: PromptLearningConfig) -> Self {
+        AdapterConfig::Prompt(c)
+    }
+}
+
+/// The `peft_type` values this crate loads.
+pub const SUPPORTED_PEFT_TYPES: &[&str] = &["LORA", "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING"];
+
+impl AdapterConfig {
+    /// Parse an adapter_config.json object, choosing the config class by `peft_type`.
+    ///
+    /// Errors: `InvalidAdapterConfig` naming the field at fault; an unknown or unsupported
+    /// `peft_type` lists the supported ones.
+    pub fn from_json(v: &Value, path: Option<&Path>) -> Result<Self> {
+        let bad = |msg: String| PeftError::InvalidAdapterConfig { path: path.map(|p| p.to_path_buf()), msg };
+        let obj = v.as_object().ok_or_else(|| bad("the top level must be a JSON object".into()))?;
+        match obj.get("peft_type").and_then(|t| t.as_str()) {
+            Some("LORA") => Ok(AdapterConfig::Lora(LoraConfig::from_json(v, path)?)),
+            Some("PREFIX_TUNING" | "PROMPT_TUNING" | "P_TUNING" | "MULTITASK_PROMPT_TUNING") => {
+                Ok(AdapterConfig::Prompt(PromptLearningConfig::from_json(v, path)?))
+            }
+            other => Err(bad(format!("`peft_type` {other:?} is not supported (supported: {SUPPORTED_PEFT_TYPES:?})"))),
+        }
+    }
+
+    /// Parse an adapter_config.json file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| PeftError::io(path, e))?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| PeftError::InvalidAdapterConfig { path: Some(path.to_path_buf()), msg: format!("not valid JSON: {e}") })?;
+        Self::from_json(&v, Some(path))
+    }
+
+    /// HF's `peft_type` string.
+    pub fn peft_type(&self) -> &'static str {
+        match self {
+            AdapterConfig::Lora(_) => "LORA",
+            AdapterConfig::Prompt(p) => p.method.as_str(),
+        }
+    }
+
+    /// HF `is_prompt_learning`.
+    pub fn is_prompt_learning(&self) -> bool {
+        matches!(self, AdapterConfig::Prompt(_))
+    }
+
+    pub fn as_lora(&self) -> Option<&LoraConfig> {
+        match self {
+            AdapterConfig::Lora(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    pub fn as_prompt(&self) -> Option<&PromptLearningConfig> {
+        match self {
+            AdapterConfig::Prompt(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    pub fn inference_mode(&self) -> bool {
+        match self {
+            AdapterConfig::Lora(c) => c.inference_mode,
+            AdapterConfig::Prompt(c) => c.inference_mode,
+        }
+    }
+
+    pub fn set_inference_mode(&mut self, on: bool) {
+        match self {
+            AdapterConfig::Lora(c) => c.inference_mode = on,
+            AdapterConfig::Prompt(c) => c.inference_mode = on,
+        }
+    }
+
+    pub fn base_model_name_or_path(&self) -> Option<&str> {
+        match self {
+            AdapterConfig::Lora(c) => c.base_model_name_or_path.as_deref(),
+            AdapterConfig::Prompt(c) => c.base_model_name_or_path.as_deref(),
+        }
+    }
+
+    pub fn set_base_model_name_or_path(&mut self, v: Option<String>) {
+        match self {
+            AdapterConfig::Lora(c) => c.base_model_name_or_path = v,
+            AdapterConfig::Prompt(c) => c.base_model_name_or_path = v,
+        }
+    }
+
+    /// Fields of the source JSON that HF's config class does not have.
+    pub fn unknown_fields(&self) -> &[String] {
+        match self {
+            AdapterConfig::Lora(c) => c.unknown_fields(),
+            AdapterConfig::Prompt(c) => c.unknown_fields(),
+        }
+    }
+
+    /// The config as HF's adapter_config.json object.
+    pub fn to_json(&self) -> Value {
+        match self {
+            AdapterConfig::Lora(c) => c.to_json(),
+            AdapterConfig::Prompt(c) => c.to_json(),
+        }
+    }
+
+    /// `adapter_config.json` text exactly as HF writes it.
+    pub fn to_json_string(&self) -> String {
+        crate::io::python_json_dumps(&self.to_json())
+    }
+}
