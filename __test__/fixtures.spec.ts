@@ -7,7 +7,7 @@ import * as path from 'node:path'
 import { PeftModel } from '../src/index'
 import { assertClose, caseDir, disposeLater, expected, idRows, loadLlama, maxAbsDiff } from './helpers'
 
-const CASES = ['llama_lora_qv', 'llama_lora_qv_rslora', 'llama_lora_multi', 'llama_lora_patterns', 'llama_lora_all_linear_mts'] as const
+const CASES = ['llama_lora_qv', 'llama_lora_qv_rslora', 'llama_lora_multi', 'llama_lora_patterns', 'llama_lora_all_linear_mts', 'llama_lora_dora', 'llama_ia3'] as const
 
 async function loadCase(t: Parameters<typeof disposeLater>[0], name: string): Promise<PeftModel> {
   const base = await loadLlama()
@@ -122,4 +122,37 @@ test('llama_lora_multi: mixed batch with adapterNames matches logits_mixed', asy
     adapterNames: ['default', 'other', '__base__'],
   })
   t.is(maxAbsDiff(again.logits, logits), 0)
+})
+
+test('IA3Config and DoRA LoraConfig: HF config files round-trip; new adapters train and save HF keys', async (t) => {
+  const { IA3Config, LoraConfig, Trainer, configFromJSON, getPeftModel } = await import('../src/index')
+  const fs = await import('node:fs')
+  const ia3Json = JSON.parse(fs.readFileSync(path.join(caseDir('llama_ia3'), 'adapter_config.json'), 'utf8'))
+  const ia3 = configFromJSON(ia3Json)
+  t.true(ia3 instanceof IA3Config)
+  t.deepEqual(ia3.toJSON(), ia3Json)
+  const doraJson = JSON.parse(fs.readFileSync(path.join(caseDir('llama_lora_dora'), 'adapter_config.json'), 'utf8'))
+  t.deepEqual(configFromJSON(doraJson).toJSON(), doraJson)
+
+  const rows = [[5, 17, 33, 9, 120, 44, 7, 81], [12, 200, 64, 3, 99, 150, 31, 8]]
+  for (const config of [
+    new IA3Config({ targetModules: ['k_proj', 'v_proj', 'down_proj'], feedforwardModules: ['down_proj'] }),
+    new LoraConfig({ r: 4, loraAlpha: 8, targetModules: ['q_proj', 'v_proj'], useDora: true }),
+  ]) {
+    const pm = disposeLater(t, getPeftModel(await loadLlama(), config))
+    t.is(pm.peftType, config.peftType)
+    const before = (await pm.forward({ inputIds: rows })).logits
+    const base = await pm.disableAdapter(async () => (await pm.forward({ inputIds: rows })).logits)
+    t.true(maxAbsDiff(before, base) < 1e-5, `${config.peftType}: a fresh adapter starts as a no-op`)
+    const out = await new Trainer(pm, { learningRate: 0.05, maxSteps: 15, perDeviceTrainBatchSize: 2, shuffle: false }).train(rows.map((r) => ({ inputIds: r })))
+    t.true(out.metrics.lastLoss < out.metrics.firstLoss, `${config.peftType}: ${out.metrics.firstLoss} -> ${out.metrics.lastLoss}`)
+    const dir = path.join(fs.mkdtempSync(path.join((await import('node:os')).tmpdir(), 'pn-')), 'a')
+    t.teardown(() => fs.rmSync(path.dirname(dir), { recursive: true, force: true }))
+    await pm.savePretrained(dir)
+    const saved = await (await import('../src/index')).loadSafetensors(path.join(dir, 'adapter_model.safetensors'))
+    const key = config.peftType === 'IA3' ? 'base_model.model.model.layers.0.mlp.down_proj.ia3_l' : 'base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector'
+    t.truthy(saved[key], `${key} saved`)
+    const again = await PeftModel.fromPretrained(disposeLater(t, await loadLlama()), dir)
+    t.true(maxAbsDiff((await again.forward({ inputIds: rows })).logits, (await pm.forward({ inputIds: rows })).logits) <= 1e-6)
+  }
 })

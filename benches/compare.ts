@@ -20,8 +20,8 @@ const ref = process.env.PEFT_BENCH_REF ?? path.resolve(ROOT, '..', 'shared', 're
 function jsonLines(out: string): Array<Record<string, any>> {
   return out.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l))
 }
-function ours(only: string) {
-  const out = execFileSync('node', [path.join(__dirname, 'train.bench.js'), '--only', only], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'] })
+function ours(only: string, extra: string[] = []) {
+  const out = execFileSync('node', [path.join(__dirname, 'train.bench.js'), '--only', only, ...extra], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'] })
   return jsonLines(out)[0]
 }
 function theirs(sub: string, extra: string[]) {
@@ -40,6 +40,13 @@ for (let r = 0; r < rounds; r++) {
   raw.push(a, b)
   add('train LoRA r8 qkvo b4x128 tokens/s', a.tokens_per_s.median, b.tokens_per_s.median)
   add('train peak RSS MiB (lower is better)', a.peak_rss_mib, b.peak_rss_mib ?? b.ru_maxrss_mib)
+  for (const method of ['prefix', 'prompt']) {
+    console.error(`round ${r + 1}/${rounds}: train ${method} tuning, 20 virtual tokens (peft-node, then HF PEFT)`)
+    const p = ours('train', ['--method', method])
+    const q = theirs('train', ['--method', method, '--virtual-tokens', '20', '--batch', '4', '--seq', '128'])[0]
+    raw.push(p, q)
+    add(`train ${method} tuning 20vt b4x128 tokens/s`, p.tokens_per_s.median, q.tokens_per_s.median)
+  }
   console.error(`round ${r + 1}/${rounds}: infer (peft-node, then HF PEFT)`)
   const c = ours('infer')
   const d = theirs('infer', ['--reps', '3'])

@@ -4,11 +4,16 @@
  * batch 4 × 128, 2 warm-up + 6 timed steps; prefill b1 × 256 with full logits; greedy decode of
  * 64 tokens after a 32-token prompt). Prints one JSON line per measurement.
  *
- *   node dist/benches/train.bench.js [--model file.gguf] [--only train|infer]
+ * Prefix / prompt tuning (`--method prefix|prompt`): 20 virtual tokens, lr 2e-4, as
+ * `bench_ref.py train --method prefix|prompt`.
+ *
+ *   node dist/benches/train.bench.js [--model file.gguf] [--only train|infer] [--method lora|prefix|prompt]
  */
 import * as path from 'node:path'
 import * as fs from 'node:fs'
-import { AutoModelForCausalLM, LoraConfig, Trainer, getPeftModel, type PreTrainedModel, type PeftModel } from '../src/index'
+import {
+  AutoModelForCausalLM, LoraConfig, PrefixTuningConfig, PromptTuningConfig, Trainer, getPeftModel, type PeftConfig, type PreTrainedModel, type PeftModel,
+} from '../src/index'
 
 const ROOT = path.resolve(__dirname, fs.existsSync(path.join(__dirname, '..', 'package.json')) ? '..' : '../..')
 const arg = (n: string) => { const i = process.argv.indexOf(`--${n}`); return i >= 0 ? process.argv[i + 1] : undefined }
@@ -21,7 +26,15 @@ function lcg(seed: number) { let s = seed >>> 0; return () => (s = (Math.imul(s,
 async function train(modelPath: string): Promise<void> {
   const base = await AutoModelForCausalLM.fromPretrained(modelPath)
   const vocab = base.config.vocab_size as number
-  const model = getPeftModel(base, new LoraConfig({ r: 8, loraAlpha: 16, targetModules: ['q_proj', 'k_proj', 'v_proj', 'o_proj'], initLoraWeights: false }))
+  const method = arg('method') ?? 'lora'
+  const configs: Record<string, [string, PeftConfig]> = {
+    lora: ['lora_r8_qkvo', new LoraConfig({ r: 8, loraAlpha: 16, targetModules: ['q_proj', 'k_proj', 'v_proj', 'o_proj'], initLoraWeights: false })],
+    prefix: ['prefix_20vt', new PrefixTuningConfig({ numVirtualTokens: 20, taskType: 'CAUSAL_LM' })],
+    prompt: ['prompt_20vt', new PromptTuningConfig({ numVirtualTokens: 20, taskType: 'CAUSAL_LM' })],
+  }
+  if (!configs[method]) throw new Error(`--method must be one of ${Object.keys(configs).join(', ')}`)
+  const [name, config] = configs[method]
+  const model = getPeftModel(base, config)
   const B = 4, S = 128, warmup = 2, steps = Number(arg('steps') ?? 6)
   const rnd = lcg(1234)
   const examples = Array.from({ length: B }, () => ({ inputIds: Array.from({ length: S }, () => rnd() % vocab) }))
@@ -33,7 +46,7 @@ async function train(modelPath: string): Promise<void> {
   }).train(examples)
   const rate = times.map((t) => (B * S) / t)
   console.log(JSON.stringify({
-    bench: 'train', impl: 'peft-node', name: 'lora_r8_qkvo', shape: { batch: B, seq: S },
+    bench: 'train', impl: 'peft-node', name, shape: { batch: B, seq: S },
     tokens_per_s: stats(rate), step_time_ms: stats(times.map((t) => t * 1000)),
     peak_rss_mib: process.resourceUsage().maxRSS / 1024,
   }))

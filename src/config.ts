@@ -148,9 +148,9 @@ const PROMPT_BASE_FIELDS: FieldSpec = [
   ['inferenceMode', 'inference_mode', false],
 ]
 
-/** Shared machinery of the prompt-learning configs: camelCase fields ↔ HF's snake_case JSON. */
-abstract class PromptLearningConfigBase {
-  abstract readonly peftType: 'PREFIX_TUNING' | 'PROMPT_TUNING' | 'P_TUNING' | 'MULTITASK_PROMPT_TUNING'
+/** Shared machinery of the IA3 and prompt-learning configs: camelCase fields ↔ HF's snake_case JSON. */
+abstract class SnakeCaseConfig {
+  abstract readonly peftType: 'PREFIX_TUNING' | 'PROMPT_TUNING' | 'P_TUNING' | 'MULTITASK_PROMPT_TUNING' | 'IA3'
   /** Fields of a loaded adapter_config.json that this class does not name (kept as they are). */
   readonly extra: Record<string, unknown> = {}
   protected abstract fields(): FieldSpec
@@ -195,7 +195,7 @@ export interface PrefixTuningConfigOptions extends PromptLearningConfigOptions {
  * Prefix tuning (Li & Liang 2021; HF `PrefixTuningConfig`): trainable per-layer key/value
  * prefixes of `numVirtualTokens` positions, placed in the attention cache before the real tokens.
  */
-export class PrefixTuningConfig extends PromptLearningConfigBase implements PrefixTuningConfigOptions {
+export class PrefixTuningConfig extends SnakeCaseConfig implements PrefixTuningConfigOptions {
   readonly peftType = 'PREFIX_TUNING' as const
   numVirtualTokens?: number
   tokenDim?: number | null
@@ -241,7 +241,7 @@ const PROMPT_TUNING_FIELDS: FieldSpec = [
  * Prompt tuning (Lester et al. 2021; HF `PromptTuningConfig`): `numVirtualTokens` trainable
  * embeddings prepended to the input embeddings.
  */
-export class PromptTuningConfig extends PromptLearningConfigBase implements PromptTuningConfigOptions {
+export class PromptTuningConfig extends SnakeCaseConfig implements PromptTuningConfigOptions {
   readonly peftType: 'PROMPT_TUNING' | 'MULTITASK_PROMPT_TUNING' = 'PROMPT_TUNING'
   numVirtualTokens?: number
   tokenDim?: number | null
@@ -284,7 +284,7 @@ export interface PromptEncoderConfigOptions extends PromptLearningConfigOptions 
  * (`prompt_embeddings`), as HF does, so the MLP/LSTM itself is not stored; a loaded adapter
  * uses the table directly (and, loaded trainable, continues training the table).
  */
-export class PromptEncoderConfig extends PromptLearningConfigBase implements PromptEncoderConfigOptions {
+export class PromptEncoderConfig extends SnakeCaseConfig implements PromptEncoderConfigOptions {
   readonly peftType = 'P_TUNING' as const
   numVirtualTokens?: number
   tokenDim?: number | null
@@ -332,7 +332,7 @@ export interface MultitaskPromptTuningConfigOptions extends Omit<PromptTuningCon
  * multiplied elementwise by a per-task rank-`numRanks` matrix; forward/generate/training take
  * one `taskIds` entry per row.
  */
-export class MultitaskPromptTuningConfig extends PromptLearningConfigBase implements MultitaskPromptTuningConfigOptions {
+export class MultitaskPromptTuningConfig extends SnakeCaseConfig implements MultitaskPromptTuningConfigOptions {
   readonly peftType = 'MULTITASK_PROMPT_TUNING' as const
   numVirtualTokens?: number
   tokenDim?: number | null
@@ -368,8 +368,58 @@ export class MultitaskPromptTuningConfig extends PromptLearningConfigBase implem
   }
 }
 
+export interface IA3ConfigOptions {
+  /** Module names (dot-suffix match), a full-match regex string, or 'all-linear'. */
+  targetModules?: string[] | string
+  excludeModules?: string[] | string | null
+  /** Targets whose input (not output) is scaled, e.g. an MLP's down projection; a subset of targetModules. */
+  feedforwardModules?: string[] | string | null
+  fanInFanOut?: boolean
+  modulesToSave?: string[] | null
+  /** true: vectors start at 1 (a no-op); false: N(0, 1). */
+  initIa3Weights?: boolean
+  taskType?: TaskType | null
+  baseModelNameOrPath?: string | null
+  revision?: string | null
+  inferenceMode?: boolean
+}
+
+/**
+ * (IA)³ (Liu et al. 2022; HF `IA3Config`): a learned vector per targeted linear layer that
+ * scales its output (`[out, 1]`) or, for feed-forward modules, its input (`[1, in]`).
+ */
+export class IA3Config extends SnakeCaseConfig implements IA3ConfigOptions {
+    readonly peftType = 'IA3' as const
+  targetModules?: string[] | string
+  excludeModules?: string[] | string | null
+  feedforwardModules?: string[] | string | null
+  fanInFanOut?: boolean
+  modulesToSave?: string[] | null
+  initIa3Weights?: boolean
+  taskType?: TaskType | null
+  baseModelNameOrPath?: string | null
+  revision?: string | null
+  inferenceMode?: boolean
+  protected fields(): FieldSpec {
+    return [
+      ['targetModules', 'target_modules', null], ['excludeModules', 'exclude_modules', null],
+      ['feedforwardModules', 'feedforward_modules', null], ['fanInFanOut', 'fan_in_fan_out', false],
+      ['modulesToSave', 'modules_to_save', null], ['initIa3Weights', 'init_ia3_weights', true],
+      ['taskType', 'task_type', null], ['baseModelNameOrPath', 'base_model_name_or_path', null],
+      ['revision', 'revision', null], ['inferenceMode', 'inference_mode', false],
+    ]
+  }
+  constructor(options: IA3ConfigOptions = {}) {
+    super()
+    this.init(options)
+  }
+  static fromJSON(json: Record<string, unknown>): IA3Config {
+    return new IA3Config().load(json)
+  }
+}
+
 /** Any config `getPeftModel` / `addAdapter` accept. */
-export type PeftConfig = LoraConfig | PrefixTuningConfig | PromptTuningConfig | PromptEncoderConfig | MultitaskPromptTuningConfig
+export type PeftConfig = LoraConfig | IA3Config | PrefixTuningConfig | PromptTuningConfig | PromptEncoderConfig | MultitaskPromptTuningConfig
 
 /** The config class for an adapter_config.json object, chosen by `peft_type` (HF `PeftConfig.from_pretrained`). */
 export function configFromJSON(json: Record<string, unknown>): PeftConfig {
@@ -382,6 +432,8 @@ export function configFromJSON(json: Record<string, unknown>): PeftConfig {
       return PromptEncoderConfig.fromJSON(json)
     case 'MULTITASK_PROMPT_TUNING':
       return MultitaskPromptTuningConfig.fromJSON(json)
+    case 'IA3':
+      return IA3Config.fromJSON(json)
     default:
       return LoraConfig.fromJSON(json)
   }

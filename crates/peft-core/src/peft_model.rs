@@ -5,7 +5,8 @@ use crate::error::{PeftError, Result};
 use crate::io::{python_json_dumps, read_safetensors, safetensors_bytes, write_atomic};
 use crate::model::{ForwardOptions, KvCache, LlamaForCausalLM};
 use crate::targeting::is_target;
-use crate::tuners::linear::LoraAdapter;
+use crate::tuners::ia3::Ia3Config;
+use crate::tuners::linear::{Ia3Adapter, LoraAdapter};
 use crate::tuners::lora::{InitLoraWeights, LoraConfig};
 use crate::tuners::prompt::{text_init_ids, ModelDims, PromptEncoder, PromptInit, PromptLearningConfig, PromptMethod};
 use crate::tuners::AdapterConfig;
@@ -135,7 +136,7 @@ impl PeftModel {
 
     /// Module paths that carry adapter `name`.
     pub fn adapter_modules(&self, name: &str) -> Vec<String> {
-        self.base.named_linears().into_iter().filter(|(_, l)| l.adapters.contains_key(name)).map(|(n, _)| n).collect()
+        self.base.named_linears().into_iter().filter(|(_, l)| l.adapters.contains_key(name) || l.ia3.contains_key(name)).map(|(n, _)| n).collect()
     }
 
     /// Names of merged adapters (in any layer).
@@ -167,6 +168,7 @@ impl PeftModel {
         }
         match cfg {
             AdapterConfig::Lora(c) => self.add_lora(name, c, seed),
+            AdapterConfig::Ia3(c) => self.add_ia3(name, c, seed),
             AdapterConfig::Prompt(c) => self.add_prompt(name, c, seed, None).map(|_| vec![]),
         }
     }
@@ -201,7 +203,12 @@ impl PeftModel {
             };
             let a = Var::from_tensor(&Tensor::from_vec(a, (r, inf), &device)?)?;
             let b = Var::from_tensor(&Tensor::from_vec(b, (outf, r), &device)?)?;
-            planned.push((mname, LoraAdapter { a, b, r, alpha, scaling: cfg.scaling(r, alpha), dropout: cfg.lora_dropout }));
+            let mut ad = LoraAdapter { a, b, r, alpha, scaling: cfg.scaling(r, alpha), dropout: cfg.lora_dropout, magnitude: None, merged_norm: None };
+            if cfg.use_dora {
+                // DoRA starts with m = ‖W + s·B A‖ per row (HF `DoraLinearLayer.update_layer`).
+                ad.magnitude = Some(Var::from_tensor(&lin.dora_weight_norm(&ad)?)?);
+            }
+            planned.push((mname, ad));
         }
         if planned.is_empty() {
             let names = self.base.module_names();
@@ -251,6 +258,58 @@ impl PeftModel {
             self.sync_layers();
         }
         Ok(targeted)
+    }
+
+    /// Inject an (IA)³ adapter (HF `IA3Model`): one vector per targeted linear layer, `[out, 1]`
+    /// or `[1, in]` for feed-forward modules; ones with `init_ia3_weights` (a no-op), else N(0, 1).
+    fn add_ia3(&mut self, name: &str, mut cfg: Ia3Config, seed: u64) -> Result<Vec<String>> {
+        if cfg.base_model_name_or_path.is_none() {
+            cfg.base_model_name_or_path = self.base.config.name_or_path.clone();
+        }
+        if cfg.modules_to_save.as_ref().map(|m| !m.is_empty()).unwrap_or(false) {
+            return Err(PeftError::InvalidAdapterConfig { path: None, msg: "`modules_to_save` with IA3 adapters is not supported yet".into() });
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let normal = Normal::new(0.0f32, 1.0).map_err(|e| PeftError::Internal(e.to_string()))?;
+        let device = self.base.device.clone();
+        let mut planned: HashMap<String, Ia3Adapter> = HashMap::new();
+        for (mname, lin) in self.base.named_linears() {
+            if !crate::targeting::is_target_with(&cfg.target_modules, cfg.exclude_modules.as_ref(), None, None, &mname, mname == "lm_head") {
+                continue;
+            }
+            let ff = cfg.is_feedforward(&mname);
+            let shape = if ff { (1, lin.in_features()) } else { (lin.out_features(), 1) };
+            let n = shape.0 * shape.1;
+            let v: Vec<f32> = if cfg.init_ia3_weights { vec![1.0; n] } else { (0..n).map(|_| normal.sample(&mut rng)).collect() };
+            planned.insert(mname, Ia3Adapter { l: Var::from_tensor(&Tensor::from_vec(v, shape, &device)?)?, feedforward: ff });
+        }
+        if planned.is_empty() {
+            return Err(self.no_targets(&crate::tuners::AdapterConfig::Ia3(cfg).to_json()["target_modules"]));
+        }
+        let mut targeted: Vec<String> = planned.keys().cloned().collect();
+        targeted.sort();
+        let first = self.configs.is_empty();
+        for (mname, lin) in self.base.named_linears_mut() {
+            if let Some(ad) = planned.remove(&mname) {
+                lin.ia3.insert(name.to_string(), ad);
+            }
+        }
+        self.configs.push((name.to_string(), cfg.into()));
+        if first {
+            self.set_adapter(&[name.to_string()])?;
+        } else {
+            self.sync_layers();
+        }
+        Ok(targeted)
+    }
+
+    fn no_targets(&self, targets: &serde_json::Value) -> PeftError {
+        let names = self.base.module_names();
+        let examples: Vec<&String> = names.iter().filter(|n| n.contains("layers.0.") || !n.contains("layers.")).take(12).collect();
+        PeftError::NoTargetModules {
+            targets: crate::io::python_json_dumps(targets).replace('\n', "").replace("  ", ""),
+            examples: examples.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
+        }
     }
 
     /// Add a prompt-learning adapter (HF `_setup_prompt_encoder`): derive the config's model
@@ -326,7 +385,11 @@ impl PeftModel {
         let active = self.active.clone();
         let disabled = self.disabled;
         for (_, lin) in self.base.named_linears_mut() {
-            lin.active = active.iter().filter(|a| lin.adapters.contains_key(*a) || lin.saved_copies.contains_key(*a)).cloned().collect();
+            lin.active = active
+                .iter()
+                .filter(|a| lin.adapters.contains_key(*a) || lin.saved_copies.contains_key(*a) || lin.ia3.contains_key(*a))
+                .cloned()
+                .collect();
             lin.disabled = disabled;
         }
     }
@@ -417,6 +480,7 @@ impl PeftModel {
             }
             lin.saved_copies.clear();
             lin.adapters.clear();
+            lin.ia3.clear();
             lin.active.clear();
             lin.merged.clear();
             lin.disabled = false;
@@ -436,6 +500,7 @@ impl PeftModel {
         for (_, lin) in self.base.named_linears_mut() {
             lin.adapters.remove(name);
             lin.saved_copies.remove(name);
+            lin.ia3.remove(name);
         }
         self.prompt_encoders.remove(name);
         self.configs.retain(|(n, _)| n != name);
@@ -468,6 +533,12 @@ impl PeftModel {
                 if let Some(ad) = lin.adapters.get(name) {
                     out.push((format!("{KEY_PREFIX}{m}.lora_A.weight"), ad.a.clone()));
                     out.push((format!("{KEY_PREFIX}{m}.lora_B.weight"), ad.b.clone()));
+                    if let Some(mag) = &ad.magnitude {
+                        out.push((format!("{KEY_PREFIX}{m}.lora_magnitude_vector"), mag.clone()));
+                    }
+                }
+                if let Some(ia) = lin.ia3.get(name) {
+                    out.push((format!("{KEY_PREFIX}{m}.ia3_l"), ia.l.clone()));
                 }
                 if let Some((w, b)) = lin.saved_copies.get(name) {
                     out.push((format!("{KEY_PREFIX}{m}.weight"), w.clone()));
@@ -488,7 +559,11 @@ impl PeftModel {
             .named_linears()
             .iter()
             .flat_map(|(_, l)| {
-                l.adapters.values().map(|a| a.a.elem_count() + a.b.elem_count()).chain(
+                l.adapters
+                    .values()
+                    .map(|a| a.a.elem_count() + a.b.elem_count() + a.magnitude.as_ref().map(|m| m.elem_count()).unwrap_or(0))
+                    .chain(l.ia3.values().map(|a| a.l.elem_count()))
+                    .chain(
                     l.saved_copies.values().map(|(w, b)| w.elem_count() + b.as_ref().map(|b| b.elem_count()).unwrap_or(0)),
                 )
             })
@@ -514,6 +589,12 @@ impl PeftModel {
             if let Some(ad) = lin.adapters.get(name) {
                 out.push((format!("{KEY_PREFIX}{m}.lora_A.weight"), ad.a.as_tensor().detach()));
                 out.push((format!("{KEY_PREFIX}{m}.lora_B.weight"), ad.b.as_tensor().detach()));
+                if let Some(mag) = &ad.magnitude {
+                    out.push((format!("{KEY_PREFIX}{m}.lora_magnitude_vector"), mag.as_tensor().detach()));
+                }
+            }
+            if let Some(ia) = lin.ia3.get(name) {
+                out.push((format!("{KEY_PREFIX}{m}.ia3_l"), ia.l.as_tensor().detach()));
             }
             if let Some((w, b)) = lin.saved_copies.get(name) {
                 out.push((format!("{KEY_PREFIX}{m}.weight"), w.as_tensor().detach()));
@@ -602,19 +683,28 @@ impl PeftModel {
         }
         let wpath = dir.join("adapter_model.safetensors");
         let tensors = read_safetensors(&wpath, &self.base.device)?;
-        let cfg = match cfg {
-            AdapterConfig::Prompt(p) => return self.load_prompt(name, p, tensors, &wpath),
-            AdapterConfig::Lora(c) => c,
-        };
+        if let AdapterConfig::Prompt(p) = cfg {
+            return self.load_prompt(name, p, tensors, &wpath);
+        }
         // Build the expected key map from the config before touching the model.
         let mut expected: std::collections::HashMap<String, (String, bool, Vec<usize>)> = Default::default();
         for (m, lin) in self.base.named_linears() {
-            if is_target(&cfg, &m, m == "lm_head") {
-                let r = cfg.rank_for(&m);
-                expected.insert(format!("{m}.lora_A.weight"), (m.clone(), true, vec![r, lin.in_features()]));
-                expected.insert(format!("{m}.lora_B.weight"), (m.clone(), false, vec![lin.out_features(), r]));
+            match &cfg {
+                AdapterConfig::Lora(c) if is_target(c, &m, m == "lm_head") => {
+                    let r = c.rank_for(&m);
+                    expected.insert(format!("{m}.lora_A.weight"), (m.clone(), true, vec![r, lin.in_features()]));
+                    expected.insert(format!("{m}.lora_B.weight"), (m.clone(), false, vec![lin.out_features(), r]));
+                    if c.use_dora {
+                        expected.insert(format!("{m}.lora_magnitude_vector"), (m.clone(), false, vec![lin.out_features()]));
+                    }
+                }
+                AdapterConfig::Ia3(c) if crate::targeting::is_target_with(&c.target_modules, c.exclude_modules.as_ref(), None, None, &m, m == "lm_head") => {
+                    let shape = if c.is_feedforward(&m) { vec![1, lin.in_features()] } else { vec![lin.out_features(), 1] };
+                    expected.insert(format!("{m}.ia3_l"), (m.clone(), false, shape));
+                }
+                _ => {}
             }
-            let mts = cfg.modules_to_save.clone().unwrap_or_default();
+            let mts = cfg.modules_to_save();
             if mts.iter().any(|w| &m == w || m.ends_with(&format!(".{w}"))) {
                 expected.insert(format!("{m}.weight"), (m.clone(), false, lin.weight.dims().to_vec()));
                 if let Some(b) = &lin.bias {
@@ -661,6 +751,14 @@ impl PeftModel {
                 }
                 if let Some(b) = found.remove(&format!("{m}.lora_B.weight")) {
                     ad.b = Var::from_tensor(&b.to_dtype(DType::F32)?)?;
+                }
+                if let Some(t) = found.remove(&format!("{m}.lora_magnitude_vector")) {
+                    ad.magnitude = Some(Var::from_tensor(&t.to_dtype(DType::F32)?)?);
+                }
+            }
+            if let Some(ia) = lin.ia3.get_mut(name) {
+                if let Some(t) = found.remove(&format!("{m}.ia3_l")) {
+                    ia.l = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
                 }
             }
             let dtype = lin.weight.dtype();
@@ -919,6 +1017,12 @@ fn strip_adapter_name(k: &str) -> String {
         let rest = &k[i + ".modules_to_save.".len()..];
         if let Some(j) = rest.find('.') {
             return format!("{}.{}", &k[..i], &rest[j + 1..]);
+        }
+    }
+    // `<m>.lora_magnitude_vector.<name>.weight` -> `<m>.lora_magnitude_vector`; `<m>.ia3_l.<name>` -> `<m>.ia3_l`
+    for slot in [".lora_magnitude_vector.", ".ia3_l."] {
+        if let Some(i) = k.rfind(slot) {
+            return format!("{}{}", &k[..i], slot.trim_end_matches('.'));
         }
     }
     for slot in [".lora_A.", ".lora_B."] {

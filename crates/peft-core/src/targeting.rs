@@ -37,21 +37,33 @@ pub fn layer_index(name: &str, patterns: Option<&[String]>) -> Option<usize> {
 
 /// Should the tuner of `cfg` be injected into the linear module `name`?
 pub fn is_target(cfg: &LoraConfig, name: &str, is_output_head: bool) -> bool {
-    if !matches_target(&cfg.target_modules, name, is_output_head) {
+    is_target_with(&cfg.target_modules, cfg.exclude_modules.as_ref(), cfg.layers_to_transform.as_deref(), cfg.layers_pattern.as_deref(), name, is_output_head)
+}
+
+/// The targeting rule on its parts (shared by every tuner config): `targets` select, `exclude`
+/// removes, and `layers` (when given) keeps only modules whose layer index is listed.
+pub fn is_target_with(
+    targets: &TargetModules,
+    exclude: Option<&TargetModules>,
+    layers: Option<&[usize]>,
+    layers_pattern: Option<&[String]>,
+    name: &str,
+    is_output_head: bool,
+) -> bool {
+    if !matches_target(targets, name, is_output_head) {
         return false;
     }
-    if let Some(ex) = &cfg.exclude_modules {
+    if let Some(ex) = exclude {
         if matches_target(ex, name, false) {
             return false;
         }
     }
-    if let Some(layers) = &cfg.layers_to_transform {
-        match layer_index(name, cfg.layers_pattern.as_deref()) {
+    match layers {
+        Some(layers) => match layer_index(name, layers_pattern) {
             Some(i) => layers.contains(&i),
             None => false,
-        }
-    } else {
-        true
+        },
+        None => true,
     }
 }
 

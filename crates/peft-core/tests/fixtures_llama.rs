@@ -184,6 +184,72 @@ lora_case!(llama_lora_qv, "llama_lora_qv");
 lora_case!(llama_lora_qv_rslora, "llama_lora_qv_rslora");
 lora_case!(llama_lora_multi, "llama_lora_multi");
 lora_case!(llama_lora_patterns, "llama_lora_patterns");
+lora_case!(llama_lora_dora, "llama_lora_dora");
+
+// ---------------------------------------------------------------------------------------------
+// llama_ia3: (IA)³ (output vectors on k/v, an input vector on down_proj)
+// ---------------------------------------------------------------------------------------------
+
+mod llama_ia3 {
+    use super::*;
+
+    #[test]
+    fn base_logits() {
+        case_base_logits("llama_ia3");
+    }
+    #[test]
+    fn adapter_and_disabled_logits() {
+        case_adapter_and_disabled_logits("llama_ia3");
+    }
+    #[test]
+    fn merge_unmerge_merge_and_unload_logits() {
+        case_merge("llama_ia3");
+    }
+    #[test]
+    fn generate_with_and_without_cache() {
+        case_generate("llama_ia3");
+    }
+    #[test]
+    fn ia3_vectors_shapes_and_feedforward() {
+        let m = adapter_peft("llama_ia3", false);
+        let cj = case_json("llama_ia3");
+        let want = cj["adapter_layers"]["default"].as_object().unwrap();
+        let got: BTreeMap<String, (bool, Vec<usize>)> =
+            m.base.named_linears().into_iter().filter_map(|(k, l)| l.ia3.get("default").map(|a| (k, (a.feedforward, a.l.dims().to_vec())))).collect();
+        assert_eq!(got.len(), want.len());
+        for (k, v) in want {
+            let shape: Vec<usize> = v["ia3_l_shape"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+            assert_eq!(got[k], (v["is_feedforward"].as_bool().unwrap(), shape), "{k}");
+        }
+    }
+}
+
+/// DoRA and IA3 adapters saved again are byte-identical to HF's files; every trainable
+/// parameter (lora_A/B, magnitude; ia3_l) receives a gradient.
+#[test]
+fn dora_and_ia3_round_trip_and_gradients() {
+    for case in ["llama_lora_dora", "llama_ia3"] {
+        let m = adapter_peft(case, true);
+        let out = temp_dir(&format!("rt-{case}"));
+        m.save_pretrained(&out, None).unwrap();
+        let ours = std::fs::read(out.join("adapter_model.safetensors")).unwrap();
+        let theirs = std::fs::read(case_dir(case).join("adapter_model.safetensors")).unwrap();
+        assert!(ours == theirs, "{case}: adapter_model.safetensors differs from HF's");
+        let exp = Expected::load(case);
+        let (ids, b, s) = exp.ids("input_ids");
+        let mask = exp.mask("attention_mask");
+        let labels: Vec<i64> = ids.iter().zip(&mask).map(|(&i, &m)| if m == 0 { -100 } else { i as i64 }).collect();
+        let batch = Batch { input_ids: ids, attention_mask: mask, labels, batch_size: b, seq_len: s, task_ids: None };
+        let (_, _, grads) = loss_and_grads(&m, &batch, None, None).unwrap();
+        let params = m.trainable_parameters();
+        assert!(params.iter().any(|(k, _)| k.ends_with("lora_magnitude_vector") || k.ends_with("ia3_l")), "{case}: {:?}", params.iter().map(|p| &p.0).collect::<Vec<_>>());
+        for (k, v) in params {
+            let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{case}: no gradient for {k}"));
+            assert!(max_abs(g) > 0.0, "{case}: zero gradient for {k}");
+        }
+        remove_dir(&out);
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // llama_lora_multi: second adapter and mixed batches

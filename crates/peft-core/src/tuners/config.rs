@@ -1,5 +1,6 @@
 //! `AdapterConfig`: any adapter config this crate can load, dispatched on HF's `peft_type`.
 
+use super::ia3::Ia3Config;
 use super::lora::LoraConfig;
 use super::prompt::PromptLearningConfig;
 use crate::error::{PeftError, Result};
@@ -10,7 +11,14 @@ use std::path::Path;
 #[derive(Debug, Clone, PartialEq)]
 pub enum AdapterConfig {
     Lora(LoraConfig),
+    Ia3(Ia3Config),
     Prompt(PromptLearningConfig),
+}
+
+impl From<Ia3Config> for AdapterConfig {
+    fn from(c: Ia3Config) -> Self {
+        AdapterConfig::Ia3(c)
+    }
 }
 
 impl From<LoraConfig> for AdapterConfig {
@@ -26,7 +34,7 @@ impl From<PromptLearningConfig> for AdapterConfig {
 }
 
 /// The `peft_type` values this crate loads.
-pub const SUPPORTED_PEFT_TYPES: &[&str] = &["LORA", "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING"];
+pub const SUPPORTED_PEFT_TYPES: &[&str] = &["LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING"];
 
 impl AdapterConfig {
     /// Parse an adapter_config.json object, choosing the config class by `peft_type`.
@@ -38,6 +46,7 @@ impl AdapterConfig {
         let obj = v.as_object().ok_or_else(|| bad("the top level must be a JSON object".into()))?;
         match obj.get("peft_type").and_then(|t| t.as_str()) {
             Some("LORA") => Ok(AdapterConfig::Lora(LoraConfig::from_json(v, path)?)),
+            Some("IA3") => Ok(AdapterConfig::Ia3(Ia3Config::from_json(v, path)?)),
             Some("PREFIX_TUNING" | "PROMPT_TUNING" | "P_TUNING" | "MULTITASK_PROMPT_TUNING") => {
                 Ok(AdapterConfig::Prompt(PromptLearningConfig::from_json(v, path)?))
             }
@@ -57,6 +66,7 @@ impl AdapterConfig {
     pub fn peft_type(&self) -> &'static str {
         match self {
             AdapterConfig::Lora(_) => "LORA",
+            AdapterConfig::Ia3(_) => "IA3",
             AdapterConfig::Prompt(p) => p.method.as_str(),
         }
     }
@@ -73,6 +83,22 @@ impl AdapterConfig {
         }
     }
 
+    pub fn as_ia3(&self) -> Option<&Ia3Config> {
+        match self {
+            AdapterConfig::Ia3(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// `modules_to_save` of LoRA / IA3 configs.
+    pub fn modules_to_save(&self) -> Vec<String> {
+        match self {
+            AdapterConfig::Lora(c) => c.modules_to_save.clone().unwrap_or_default(),
+            AdapterConfig::Ia3(c) => c.modules_to_save.clone().unwrap_or_default(),
+            AdapterConfig::Prompt(_) => vec![],
+        }
+    }
+
     pub fn as_prompt(&self) -> Option<&PromptLearningConfig> {
         match self {
             AdapterConfig::Prompt(c) => Some(c),
@@ -83,6 +109,7 @@ impl AdapterConfig {
     pub fn inference_mode(&self) -> bool {
         match self {
             AdapterConfig::Lora(c) => c.inference_mode,
+            AdapterConfig::Ia3(c) => c.inference_mode,
             AdapterConfig::Prompt(c) => c.inference_mode,
         }
     }
@@ -90,6 +117,7 @@ impl AdapterConfig {
     pub fn set_inference_mode(&mut self, on: bool) {
         match self {
             AdapterConfig::Lora(c) => c.inference_mode = on,
+            AdapterConfig::Ia3(c) => c.inference_mode = on,
             AdapterConfig::Prompt(c) => c.inference_mode = on,
         }
     }
@@ -97,6 +125,7 @@ impl AdapterConfig {
     pub fn base_model_name_or_path(&self) -> Option<&str> {
         match self {
             AdapterConfig::Lora(c) => c.base_model_name_or_path.as_deref(),
+            AdapterConfig::Ia3(c) => c.base_model_name_or_path.as_deref(),
             AdapterConfig::Prompt(c) => c.base_model_name_or_path.as_deref(),
         }
     }
@@ -104,6 +133,7 @@ impl AdapterConfig {
     pub fn set_base_model_name_or_path(&mut self, v: Option<String>) {
         match self {
             AdapterConfig::Lora(c) => c.base_model_name_or_path = v,
+            AdapterConfig::Ia3(c) => c.base_model_name_or_path = v,
             AdapterConfig::Prompt(c) => c.base_model_name_or_path = v,
         }
     }
@@ -112,6 +142,7 @@ impl AdapterConfig {
     pub fn unknown_fields(&self) -> &[String] {
         match self {
             AdapterConfig::Lora(c) => c.unknown_fields(),
+            AdapterConfig::Ia3(c) => c.unknown_fields(),
             AdapterConfig::Prompt(c) => c.unknown_fields(),
         }
     }
@@ -120,6 +151,7 @@ impl AdapterConfig {
     pub fn to_json(&self) -> Value {
         match self {
             AdapterConfig::Lora(c) => c.to_json(),
+            AdapterConfig::Ia3(c) => c.to_json(),
             AdapterConfig::Prompt(c) => c.to_json(),
         }
     }

@@ -1,9 +1,15 @@
-//! A linear layer of the base model that can carry LoRA adapters.
+//! A linear layer of the base model that can carry LoRA, DoRA or (IA)³ adapters.
 //!
-//! `y = x Wᵀ + b + Σ_{a ∈ active, not merged} scaling_a · (dropout(x) A_aᵀ) B_aᵀ`
-//! (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"; HF PEFT's
-//! `lora.Linear`). `A_a`: `[r, in]` (`lora_A`), `B_a`: `[out, r]` (`lora_B`), kept in f32
-//! (HF's `autocast_adapter_dtype`); the low-rank path runs in f32 and is cast to the base dtype.
+//! * LoRA (Hu et al. 2021; HF `lora.Linear`):
+//!   `y = x Wᵀ + b + Σ_{a ∈ active, not merged} scaling_a · (dropout(x) A_aᵀ) B_aᵀ`.
+//!   `A_a`: `[r, in]` (`lora_A`), `B_a`: `[out, r]` (`lora_B`), kept in f32 (HF's
+//!   `autocast_adapter_dtype`); the low-rank path runs in f32 and is cast to the base dtype.
+//! * DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation"; HF
+//!   `DoraLinearLayer`): `y = b + (m / ‖W + s·B A‖_row) ⊙ (x Wᵀ + s · x Aᵀ Bᵀ)`, with the
+//!   magnitude `m` `[out]` trainable and the row norm treated as a constant (detached).
+//! * (IA)³ (Liu et al. 2022; HF `ia3.Linear`): `y = (x Wᵀ + b) ⊙ l` with `l` `[out, 1]`, or for
+//!   feed-forward modules `y = (x ⊙ l) Wᵀ + b` with `l` `[1, in]`; several active vectors
+//!   multiply.
 
 use crate::error::{PeftError, Result};
 use crate::ops::frozen_linear;
@@ -24,6 +30,18 @@ pub struct LoraAdapter {
     pub scaling: f64,
     /// Dropout probability on the adapter's input while training.
     pub dropout: f64,
+    /// DoRA magnitude `lora_magnitude_vector`, `[out_features]`, f32 (`None` = plain LoRA).
+    pub magnitude: Option<Var>,
+    /// DoRA: the row norm `‖W + s·B A‖` used when merging, kept to unmerge exactly.
+    pub merged_norm: Option<Tensor>,
+}
+
+/// One (IA)³ vector of one layer.
+#[derive(Debug, Clone)]
+pub struct Ia3Adapter {
+    /// `ia3_l`: `[out, 1]` (output scaling) or `[1, in]` (feed-forward: input scaling), f32.
+    pub l: Var,
+    pub feedforward: bool,
 }
 
 /// Per-row adapter choice of a mixed batch (`adapter_names` in HF): `None` = base model.
@@ -47,6 +65,8 @@ pub struct PeftLinear {
     /// `modules_to_save` copies per adapter: a trainable copy of (weight, bias) that replaces the
     /// base parameters while that adapter is active (HF `ModulesToSaveWrapper`). Kept in the base dtype.
     pub saved_copies: BTreeMap<String, (Var, Option<Var>)>,
+    /// (IA)³ vectors per adapter.
+    pub ia3: BTreeMap<String, Ia3Adapter>,
 }
 
 /// What a forward pass needs to know beyond the input.
@@ -63,7 +83,17 @@ pub struct LinearCtx<'a> {
 impl PeftLinear {
     /// A plain layer with no adapter.
     pub fn new(weight: Tensor, bias: Option<Tensor>, transposed: bool) -> Self {
-        PeftLinear { weight, bias, transposed, adapters: BTreeMap::new(), active: vec![], merged: vec![], disabled: false, saved_copies: BTreeMap::new() }
+        PeftLinear {
+            weight,
+            bias,
+            transposed,
+            adapters: BTreeMap::new(),
+            active: vec![],
+            merged: vec![],
+            disabled: false,
+            saved_copies: BTreeMap::new(),
+            ia3: BTreeMap::new(),
+        }
     }
 
     pub fn in_features(&self) -> usize {
@@ -90,11 +120,51 @@ impl PeftLinear {
         Ok((ad.b.as_tensor().matmul(ad.a.as_tensor())? * ad.scaling)?)
     }
 
+    /// The base weight as `[out, in]` f32.
+    fn weight_out_in_f32(&self) -> Result<Tensor> {
+        let w = self.weight.to_dtype(DType::F32)?;
+        Ok(if self.transposed { w.t()?.contiguous()? } else { w })
+    }
+
+    /// DoRA's `‖W + s·B A‖` per output row, `[out]` f32, detached (HF `get_weight_norm`).
+    pub fn dora_weight_norm(&self, ad: &LoraAdapter) -> Result<Tensor> {
+        let lw = ad.b.as_tensor().detach().matmul(&ad.a.as_tensor().detach())?;
+        let w = (self.weight_out_in_f32()? + (lw * ad.scaling)?)?;
+        Ok(w.sqr()?.sum(1)?.sqrt()?)
+    }
+
+    /// DoRA's delta over the base output `y` (which includes the bias):
+    /// `(m/‖·‖ - 1) ⊙ x Wᵀ + (m/‖·‖) ⊙ s · x Aᵀ Bᵀ`, with `x` dropped out while training.
+    fn dora_delta(&self, x: &Tensor, y: &Tensor, ad: &LoraAdapter, mag: &Var, ctx: &LinearCtx) -> Result<Tensor> {
+        let norm = self.dora_weight_norm(ad)?;
+        let m = if ctx.train { mag.as_tensor().clone() } else { mag.as_tensor().detach() };
+        let scale = (m / norm)?; // [out]
+        let dropped = ctx.train && ad.dropout > 0.0;
+        let xin = if dropped { dropout(&x.to_dtype(DType::F32)?, ad.dropout, ctx.rng)? } else { x.to_dtype(DType::F32)? };
+        let base = if dropped {
+            frozen_linear(&xin.to_dtype(self.weight.dtype())?, &self.weight, None, self.transposed)?.to_dtype(DType::F32)?
+        } else {
+            let yf = y.to_dtype(DType::F32)?;
+            match &self.bias {
+                Some(b) => yf.broadcast_sub(&b.to_dtype(DType::F32)?)?,
+                None => yf,
+            }
+        };
+        let lora = self.lora_path_no_dropout(&xin, ad, ctx)?; // already scaled by s
+        let d = (base.broadcast_mul(&(&scale - 1.0)?)? + lora.broadcast_mul(&scale)?)?;
+        Ok(d)
+    }
+
     fn lora_path(&self, x: &Tensor, ad: &LoraAdapter, ctx: &LinearCtx) -> Result<Tensor> {
         let mut xf = x.to_dtype(DType::F32)?;
         if ctx.train && ad.dropout > 0.0 {
             xf = dropout(&xf, ad.dropout, ctx.rng)?;
         }
+        self.lora_path_no_dropout(&xf, ad, ctx)
+    }
+
+    /// `s · x Aᵀ Bᵀ` on an f32 input that is already dropped out.
+    fn lora_path_no_dropout(&self, xf: &Tensor, ad: &LoraAdapter, ctx: &LinearCtx) -> Result<Tensor> {
         let dims = xf.dims().to_vec();
         let m: usize = dims[..dims.len() - 1].iter().product();
         let x2 = xf.reshape((m, dims[dims.len() - 1]))?;
@@ -135,10 +205,47 @@ impl PeftLinear {
         Ok(y.reshape(out)?)
     }
 
+    /// The product of the active, unmerged (IA)³ vectors, flattened, with whether it scales the
+    /// input (`None` when no such vector is active).
+    fn ia3_scaling(&self, train: bool) -> Option<(Tensor, bool)> {
+        let mut acc: Option<Tensor> = None;
+        let mut ff = false;
+        for name in &self.active {
+            if self.merged.contains(name) {
+                continue;
+            }
+            if let Some(ad) = self.ia3.get(name) {
+                let l = if train { ad.l.as_tensor().clone() } else { ad.l.as_tensor().detach() };
+                let l = l.flatten_all().ok()?;
+                ff = ad.feedforward;
+                acc = Some(match acc {
+                    Some(a) => (a * l).ok()?,
+                    None => l,
+                });
+            }
+        }
+        acc.map(|a| (a, ff))
+    }
+
     /// Forward: `x` `[..., in]` (base dtype) → `[..., out]` (base dtype).
     pub fn forward(&self, x: &Tensor, ctx: &LinearCtx) -> Result<Tensor> {
         if !self.saved_copies.is_empty() && !self.disabled {
             return self.forward_with_copies(x, ctx);
+        }
+        if !self.disabled && !self.ia3.is_empty() {
+            if let Some((l, ff)) = self.ia3_scaling(ctx.train) {
+                if ctx.rows.is_some() {
+                    return Err(PeftError::invalid_arg("adapterNames", "per-row adapters (mixed batches) are available for LoRA adapters only"));
+                }
+                let dt = x.dtype();
+                return Ok(if ff {
+                    let xs = x.to_dtype(DType::F32)?.broadcast_mul(&l)?.to_dtype(dt)?;
+                    frozen_linear(&xs, &self.weight, self.bias.as_ref(), self.transposed)?
+                } else {
+                    let y = frozen_linear(x, &self.weight, self.bias.as_ref(), self.transposed)?;
+                    y.to_dtype(DType::F32)?.broadcast_mul(&l)?.to_dtype(dt)?
+                });
+            }
         }
         let mut y = frozen_linear(x, &self.weight, self.bias.as_ref(), self.transposed)?;
         if self.disabled || self.adapters.is_empty() {
@@ -152,6 +259,9 @@ impl PeftLinear {
             }
             for (name, idx) in row_groups(rows, x.device())? {
                 let Some(ad) = self.adapters.get(name) else { continue };
+                if ad.magnitude.is_some() {
+                    return Err(PeftError::invalid_arg("adapterNames", "Cannot pass `adapter_names` when DoRA is enabled."));
+                }
                 let sub = x.index_select(&idx, 0)?;
                 let delta = self.lora_path(&sub, ad, ctx)?.to_dtype(y.dtype())?;
                 y = y.index_add(&idx, &delta, 0)?;
@@ -163,7 +273,10 @@ impl PeftLinear {
                 continue;
             }
             if let Some(ad) = self.adapters.get(name) {
-                let delta = self.lora_path(x, ad, ctx)?;
+                let delta = match &ad.magnitude {
+                    Some(m) => self.dora_delta(x, &y, ad, m, ctx)?,
+                    None => self.lora_path(x, ad, ctx)?,
+                };
                 y = (y + delta.to_dtype(x.dtype())?)?;
             }
         }
@@ -197,12 +310,29 @@ impl PeftLinear {
     /// merged weight is checked for NaN/Inf before it replaces the old one.
     pub fn merge(&mut self, names: &[String], safe: bool) -> Result<()> {
         for name in names {
-            if self.merged.contains(name) || !self.adapters.contains_key(name) {
+            if self.merged.contains(name) {
                 continue;
             }
+            if let Some(ia) = self.ia3.get(name) {
+                self.merge_ia3(name, ia.clone(), safe)?;
+                continue;
+            }
+            let Some(ad) = self.adapters.get(name).cloned() else { continue };
             let delta = self.delta_weight(name)?;
-            let delta = if self.transposed { delta.t()? } else { delta };
-            let w = (self.weight.to_dtype(DType::F32)? + delta)?;
+            let (w, norm) = match &ad.magnitude {
+                // DoRA: W' = (m / ‖W + ΔW‖_row) ⊙ (W + ΔW) (HF `DoraLinearVariant.merge_safe`).
+                Some(m) => {
+                    let full = (self.weight_out_in_f32()? + delta)?;
+                    let norm = full.sqr()?.sum(1)?.sqrt()?;
+                    let factor = (m.as_tensor().detach() / &norm)?;
+                    let merged = full.broadcast_mul(&factor.unsqueeze(1)?)?;
+                    (if self.transposed { merged.t()?.contiguous()? } else { merged }, Some(norm))
+                }
+                None => {
+                    let delta = if self.transposed { delta.t()? } else { delta };
+                    ((self.weight.to_dtype(DType::F32)? + delta)?, None)
+                }
+            };
             if safe {
                 let s = w.sum_all()?.to_scalar::<f32>()?;
                 if !s.is_finite() {
@@ -212,17 +342,70 @@ impl PeftLinear {
                 }
             }
             self.weight = w.to_dtype(self.weight.dtype())?.contiguous()?;
+            if let Some(ad) = self.adapters.get_mut(name) {
+                ad.merged_norm = norm;
+            }
             self.merged.push(name.clone());
         }
         Ok(())
     }
 
-    /// Subtract the deltas of all merged adapters (HF `unmerge`), newest first.
+    /// (IA)³ merge (HF `ia3.Linear.merge`): scale the weight's rows (output vectors; the bias too)
+    /// or columns (feed-forward vectors) by `l`.
+    fn merge_ia3(&mut self, name: &str, ad: Ia3Adapter, safe: bool) -> Result<()> {
+        let (w, b) = self.ia3_scaled(&ad, false)?;
+        if safe {
+            let s = w.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()? + b.as_ref().map(|b| b.sum_all().and_then(|x| x.to_dtype(DType::F32)?.to_scalar::<f32>()).unwrap_or(f32::NAN)).unwrap_or(0.0);
+            if !s.is_finite() {
+                return Err(PeftError::InvalidState(format!("NaNs detected in the merged weights. The adapter {name} seems to be broken")));
+            }
+        }
+        self.weight = w;
+        self.bias = b;
+        self.merged.push(name.to_string());
+        Ok(())
+    }
+
+    /// The weight and bias scaled (or, with `inverse`, unscaled) by an (IA)³ vector.
+    fn ia3_scaled(&self, ad: &Ia3Adapter, inverse: bool) -> Result<(Tensor, Option<Tensor>)> {
+        let l = ad.l.as_tensor().detach().flatten_all()?;
+        let l = if inverse { l.recip()? } else { l };
+        let dt = self.weight.dtype();
+        // Output vectors scale rows of [out, in] (columns when stored [in, out]); feed-forward
+        // vectors scale the `in` axis.
+        let along_out = !ad.feedforward;
+        let w = self.weight.to_dtype(DType::F32)?;
+        let w = if along_out != self.transposed { w.broadcast_mul(&l.unsqueeze(1)?)? } else { w.broadcast_mul(&l.unsqueeze(0)?)? };
+        let b = match (&self.bias, along_out) {
+            (Some(b), true) => Some((b.to_dtype(DType::F32)? * &l)?.to_dtype(b.dtype())?),
+            (b, _) => b.clone(),
+        };
+        Ok((w.to_dtype(dt)?.contiguous()?, b))
+    }
+
+    /// Undo every merged adapter (HF `unmerge`), newest first: LoRA deltas are subtracted, DoRA
+    /// weights divided by their merge factor, (IA)³ scalings divided out.
     pub fn unmerge(&mut self) -> Result<()> {
         while let Some(name) = self.merged.pop() {
+            if let Some(ia) = self.ia3.get(&name).cloned() {
+                let (w, b) = self.ia3_scaled(&ia, true)?;
+                self.weight = w;
+                self.bias = b;
+                continue;
+            }
+            let ad = self.adapters.get(&name).cloned();
             let delta = self.delta_weight(&name)?;
-            let delta = if self.transposed { delta.t()? } else { delta };
-            let w = (self.weight.to_dtype(DType::F32)? - delta)?;
+            let w = match ad.as_ref().and_then(|a| a.magnitude.clone().zip(a.merged_norm.clone())) {
+                Some((m, norm)) => {
+                    let factor = (m.as_tensor().detach() / norm)?;
+                    let orig = (self.weight_out_in_f32()?.broadcast_div(&factor.unsqueeze(1)?)? - delta)?;
+                    if self.transposed { orig.t()?.contiguous()? } else { orig }
+                }
+                None => {
+                    let delta = if self.transposed { delta.t()? } else { delta };
+                    (self.weight.to_dtype(DType::F32)? - delta)?
+                }
+            };
             self.weight = w.to_dtype(self.weight.dtype())?.contiguous()?;
         }
         Ok(())

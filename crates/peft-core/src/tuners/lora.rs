@@ -84,7 +84,7 @@ pub fn hf_lora_defaults() -> Map<String, Value> {
     }
 }
 
-fn targets_from_json(v: &Value, field: &str) -> std::result::Result<Option<TargetModules>, String> {
+pub(crate) fn targets_from_json(v: &Value, field: &str) -> std::result::Result<Option<TargetModules>, String> {
     match v {
         Value::Null => Ok(None),
         Value::String(s) if s == "all-linear" => Ok(Some(TargetModules::AllLinear)),
@@ -106,7 +106,7 @@ fn targets_from_json(v: &Value, field: &str) -> std::result::Result<Option<Targe
     }
 }
 
-fn targets_to_json(t: &Option<TargetModules>) -> Value {
+pub(crate) fn targets_to_json(t: &Option<TargetModules>) -> Value {
     match t {
         None => Value::Null,
         Some(TargetModules::AllLinear) => Value::String("all-linear".into()),
@@ -121,7 +121,7 @@ impl LoraConfig {
     ///
     /// Errors: `InvalidAdapterConfig` for a wrong `peft_type`, `r` that is not a positive integer
     /// (or above [`MAX_RANK`]), a non-numeric `lora_alpha`, malformed `target_modules`, an
-    /// invalid regex, an unknown `bias` value, and `use_dora` (not supported yet).
+    /// invalid regex and an unknown `bias` value.
     pub fn from_json(v: &Value, path: Option<&Path>) -> Result<Self> {
         let bad = |msg: String| PeftError::InvalidAdapterConfig { path: path.map(|p| p.to_path_buf()), msg };
         let obj = v.as_object().ok_or_else(|| bad("the top level must be a JSON object".into()))?;
@@ -159,9 +159,6 @@ impl LoraConfig {
         let fan_in_fan_out = get_bool("fan_in_fan_out")?;
         let use_rslora = get_bool("use_rslora")?;
         let use_dora = get_bool("use_dora")?;
-        if use_dora {
-            return Err(bad("`use_dora: true` (DoRA) is not supported yet".into()));
-        }
         let inference_mode = get_bool("inference_mode")?;
         let bias = raw["bias"].as_str().unwrap_or("").to_string();
         if !["none", "all", "lora_only"].contains(&bias.as_str()) {

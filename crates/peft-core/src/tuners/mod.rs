@@ -3,11 +3,13 @@
 //! that feeds the frozen model (prompt learning).
 
 pub mod config;
+pub mod ia3;
 pub mod linear;
 pub mod lora;
 pub mod prompt;
 
 pub use config::AdapterConfig;
+pub use ia3::Ia3Config;
 pub use linear::{LoraAdapter, PeftLinear, RowAdapters};
 pub use lora::{InitLoraWeights, LoraConfig, TargetModules};
 pub use prompt::{PromptEncoder, PromptLearningConfig, PromptMethod};

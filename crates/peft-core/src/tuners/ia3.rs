@@ -1,0 +1,116 @@
+//! `IA3Config`: HF PEFT 0.21's (IA)³ config (Liu et al. 2022, "Few-Shot Parameter-Efficient
+//! Fine-Tuning is Better and Cheaper than In-Context Learning"). Each targeted linear layer gets
+//! a learned vector `ia3_l`: `[out, 1]` scaling the layer's output (bias included), or, for
+//! `feedforward_modules`, `[1, in]` scaling its input. Saved as `<module>.ia3_l` (no `.weight`).
+
+use super::lora::{targets_from_json, targets_to_json, TargetModules};
+use crate::error::{PeftError, Result};
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// HF PEFT 0.21 defaults of every `IA3Config` field, as written to adapter_config.json.
+pub fn hf_ia3_defaults() -> Map<String, Value> {
+    match json!({
+        "auto_mapping": null, "base_model_name_or_path": null, "exclude_modules": null, "fan_in_fan_out": false,
+        "feedforward_modules": null, "inference_mode": false, "init_ia3_weights": true, "modules_to_save": null,
+        "peft_type": "IA3", "peft_version": "0.21.0", "revision": null, "target_modules": null, "task_type": null
+    }) {
+        Value::Object(m) => m,
+        _ => unreachable!(),
+    }
+}
+
+/// HF PEFT's `IA3Config`. See the module docs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ia3Config {
+    pub target_modules: TargetModules,
+    pub exclude_modules: Option<TargetModules>,
+    /// Modules whose input (not output) is scaled; must be among the targets.
+    pub feedforward_modules: Option<TargetModules>,
+    pub fan_in_fan_out: bool,
+    /// `true`: vectors start at 1 (a no-op); `false`: N(0, 1) (for tests).
+    pub init_ia3_weights: bool,
+    pub modules_to_save: Option<Vec<String>>,
+    pub task_type: Option<String>,
+    pub base_model_name_or_path: Option<String>,
+    pub inference_mode: bool,
+    raw: Map<String, Value>,
+    unknown: Vec<String>,
+}
+
+impl Ia3Config {
+    /// Build from an adapter_config.json object. Errors: `InvalidAdapterConfig` naming the
+    /// field (wrong types, invalid regex, feedforward modules that are not targets).
+    pub fn from_json(v: &Value, path: Option<&Path>) -> Result<Self> {
+        let bad = |msg: String| PeftError::InvalidAdapterConfig { path: path.map(|p| p.to_path_buf()), msg };
+        let obj = v.as_object().ok_or_else(|| bad("the top level must be a JSON object".into()))?;
+        let defaults = hf_ia3_defaults();
+        let unknown: Vec<String> = obj.keys().filter(|k| !defaults.contains_key(*k)).cloned().collect();
+        let mut raw = defaults;
+        for (k, val) in obj {
+            raw.insert(k.clone(), val.clone());
+        }
+        if raw.get("peft_type").and_then(|x| x.as_str()) != Some("IA3") {
+            return Err(bad(format!("`peft_type` must be \"IA3\" for an IA3Config, found {}", raw["peft_type"])));
+        }
+        let target_modules = targets_from_json(&raw["target_modules"], "target_modules")
+            .map_err(bad)?
+            .ok_or_else(|| bad("`target_modules` must be given (a list of module names, a regex string or \"all-linear\")".into()))?;
+        let exclude_modules = targets_from_json(&raw["exclude_modules"], "exclude_modules").map_err(bad)?;
+        let feedforward_modules = targets_from_json(&raw["feedforward_modules"], "feedforward_modules").map_err(bad)?;
+        if let (Some(TargetModules::List(ff)), TargetModules::List(t)) = (&feedforward_modules, &target_modules) {
+            if !ff.iter().all(|f| t.contains(f)) {
+                return Err(bad("`feedforward_modules` should be a subset of `target_modules`".into()));
+            }
+        }
+        let get_bool = |k: &str| -> Result<bool> { raw[k].as_bool().ok_or_else(|| bad(format!("`{k}` must be a boolean, found {}", raw[k]))) };
+        let modules_to_save = match &raw["modules_to_save"] {
+            Value::Null => None,
+            Value::Array(a) => Some(
+                a.iter()
+                    .map(|x| x.as_str().map(String::from).ok_or_else(|| bad(format!("`modules_to_save` must hold strings, found {x}"))))
+                    .collect::<Result<Vec<_>>>()?,
+            ),
+            other => return Err(bad(format!("`modules_to_save` must be a list of strings, found {other}"))),
+        };
+        let opt_str = |k: &str| raw[k].as_str().map(String::from);
+        Ok(Ia3Config {
+            target_modules,
+            exclude_modules,
+            feedforward_modules,
+            fan_in_fan_out: get_bool("fan_in_fan_out")?,
+            init_ia3_weights: get_bool("init_ia3_weights")?,
+            modules_to_save,
+            task_type: opt_str("task_type"),
+            base_model_name_or_path: opt_str("base_model_name_or_path"),
+            inference_mode: get_bool("inference_mode")?,
+            unknown,
+            raw,
+        })
+    }
+
+    /// Fields of the source JSON that HF's IA3Config does not have.
+    pub fn unknown_fields(&self) -> &[String] {
+        &self.unknown
+    }
+
+    /// Is the module `name` (a target) a feed-forward module (input scaled)?
+    pub fn is_feedforward(&self, name: &str) -> bool {
+        self.feedforward_modules.as_ref().map(|f| crate::targeting::matches_target(f, name, false)).unwrap_or(false)
+    }
+
+    /// The config as HF's adapter_config.json object.
+    pub fn to_json(&self) -> Value {
+        let mut m = self.raw.clone();
+        m.insert("target_modules".into(), targets_to_json(&Some(self.target_modules.clone())));
+        m.insert("exclude_modules".into(), targets_to_json(&self.exclude_modules));
+        m.insert("feedforward_modules".into(), targets_to_json(&self.feedforward_modules));
+        m.insert("inference_mode".into(), Value::Bool(self.inference_mode));
+        m.insert("base_model_name_or_path".into(), self.base_model_name_or_path.clone().map(Value::String).unwrap_or(Value::Null));
+        m.insert("task_type".into(), self.task_type.clone().map(Value::String).unwrap_or(Value::Null));
+        m.insert("peft_version".into(), Value::String("0.21.0".into()));
+        let sorted: BTreeMap<String, Value> = m.into_iter().collect();
+        serde_json::to_value(sorted).expect("a map of JSON values serializes")
+    }
+}
