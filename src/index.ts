@@ -34,6 +34,6 @@ export {
   type GenerateOptions,
   type ModelDType,
 } from './model'
-export { PeftModel, getPeftModel, type LoadAdapterOptions, type LoadResult } from './peft-model'
+export { PeftModel, getPeftModel, type LoadAdapterOptions, type LoadResult, type SaveOptions, type TunerLayerStatus, type TunerModelStatus } from './peft-model'
 export { Trainer, type TrainerOptions, type TrainExample, type StepInfo, type TrainOutput } from './trainer'
 export { loadSafetensors, saveSafetensors } from './safetensors'

@@ -16,11 +16,77 @@ export interface LoadAdapterOptions {
   isTrainable?: boolean
   /** Use this config instead of the folder's adapter_config.json. */
   config?: PeftConfig
+  /** Keep adapter weights in float32 (default true, as HF); false stores them in the base
+   * model's dtype (bf16/f16 models). */
+  autocastAdapterDtype?: boolean
+  /** Accepted for HF compatibility; loading here never keeps a second copy of the adapter. */
+  lowCpuMemUsage?: boolean
+  /** Rename keys before loading (HF `key_mapping`): regex → replacement (`\\1` or `${1}` group
+   * references), applied after the `base_model.model.` prefix is removed; the first matching
+   * pattern wins. */
+  keyMapping?: Record<string, string>
+  /** Only `'cpu'` exists in this build (CUDA is a separate build). */
+  device?: 'cpu'
+}
+
+export interface SaveOptions {
+  /** Save only these adapters (default: all). */
+  selectedAdapters?: string[]
+  /** Must be true or unset: only safetensors is written (no pickle format). */
+  safeSerialization?: boolean
+  /** false: write nothing (HF's multi-process guard). */
+  isMainProcess?: boolean
+  /** `'auto'` (default) saves embedding layers only when an adapter targets them (LoRA on
+   * embeddings is not available here, so nothing extra is written); `false` never saves them.
+   * `true` is refused: saving full embedding matrices into the adapter is not supported yet. */
+  saveEmbeddingLayers?: 'auto' | boolean
+  /** PiSSA/OLoRA weight conversion is not available (those inits are not implemented); must be unset. */
+  pathInitialModelForWeightConversion?: string
 }
 
 export interface LoadResult {
   missingKeys: string[]
   unexpectedKeys: string[]
+}
+
+/** One adapter layer's state (HF `TunerLayerStatus`). */
+export interface TunerLayerStatus {
+  /** HF's module name, e.g. `model.model.layers.0.self_attn.q_proj`. */
+  name: string
+  /** `lora.Linear`, `ia3.Linear` or `ModulesToSaveWrapper`. */
+  moduleType: string
+  enabled: boolean
+  activeAdapters: string[]
+  mergedAdapters: string[]
+  /** adapter name → whether its parameters are trainable (`'irregular'` if mixed). */
+  requiresGrad: Record<string, boolean | 'irregular'>
+  availableAdapters: string[]
+  /** adapter name → device types of its parameters, e.g. `['cpu']`. */
+  devices: Record<string, string[]>
+  quantizationBackend: string | null
+}
+
+/** The model's adapter state aggregated over its layers (HF `TunerModelStatus`); `'irregular'`
+ * where layers disagree (an inconsistent model). */
+export interface TunerModelStatus {
+  baseModelType: string
+  adapterModelType: string
+  peftTypes: Record<string, string>
+  trainableParams: number
+  totalParams: number
+  numAdapterLayers: number
+  enabled: boolean | 'irregular'
+  activeAdapters: string[] | 'irregular'
+  mergedAdapters: string[] | 'irregular'
+  requiresGrad: Record<string, boolean | 'irregular'>
+  availableAdapters: string[]
+  devices: Record<string, string[]>
+  quantizationBackend: string | null | 'irregular'
+}
+
+/** snake_case keys → camelCase (top level only; nested maps are keyed by adapter names). */
+function camelKeys<T>(o: Record<string, unknown>): T {
+  return Object.fromEntries(Object.entries(o).map(([k, v]) => [k.replace(/_([a-z])/g, (_, c: string) => c.toUpperCase()), v])) as T
 }
 
 /**
@@ -64,8 +130,24 @@ export class PeftModel {
   async loadAdapter(dir: string, adapterName: string, options: Omit<LoadAdapterOptions, 'adapterName'> = {}): Promise<LoadResult> {
     if (typeof dir !== 'string' || !dir) throw invalidArgument('dir', 'must be a non-empty string')
     const cfg = options.config ? JSON.stringify(options.config.toJSON()) : undefined
-    const r = await callAsync(() => this.n.loadAdapter(dir, adapterName, options.isTrainable ?? false, cfg))
+    if (options.device !== undefined && options.device !== 'cpu') throw invalidArgument('device', `only 'cpu' is available in this build, found ${JSON.stringify(options.device)}`)
+    let mapping: string[][] | undefined
+    if (options.keyMapping !== undefined) {
+      if (typeof options.keyMapping !== 'object' || options.keyMapping === null || Object.values(options.keyMapping).some((v) => typeof v !== 'string')) {
+        throw invalidArgument('keyMapping', 'must be an object mapping regex strings to replacement strings')
+      }
+      mapping = Object.entries(options.keyMapping)
+    }
+    const r = await callAsync(() =>
+      this.n.loadAdapter(dir, adapterName, options.isTrainable ?? false, cfg, mapping, options.autocastAdapterDtype, options.lowCpuMemUsage),
+    )
+    this.emitWarnings()
     return { missingKeys: r.missingKeys, unexpectedKeys: r.unexpectedKeys }
+  }
+
+  /** Forward the core's warnings (HF `warnings.warn`) to `process.emitWarning` ('PeftWarning'). */
+  private emitWarnings(): void {
+    for (const w of call(() => this.n.takeWarnings())) process.emitWarning(w, 'PeftWarning')
   }
 
   /**
@@ -74,7 +156,11 @@ export class PeftModel {
    * different peft types"); prompt-learning configs get their model-derived fields filled.
    */
   addAdapter(adapterName: string, config: PeftConfig, options: { seed?: number } = {}): void {
-    call(() => this.n.addAdapter(adapterName, JSON.stringify(config.toJSON()), options.seed ?? 42))
+    try {
+      call(() => this.n.addAdapter(adapterName, JSON.stringify(config.toJSON()), options.seed ?? 42))
+    } finally {
+      this.emitWarnings()
+    }
   }
 
   /** Activate one adapter, or several (summed). Errors: `ERR_ADAPTER_NOT_FOUND`. */
@@ -110,6 +196,11 @@ export class PeftModel {
   /** Whether the adapters are prompt-learning adapters (HF `is_prompt_learning`). */
   get isPromptLearning(): boolean {
     return call(() => this.n.isPromptLearning())
+  }
+
+  /** The base model's dtype as torch names it (`'float32'`, `'bfloat16'`, `'float16'`; HF `base_model_torch_dtype`). */
+  get baseModelTorchDtype(): string {
+    return call(() => this.n.dtypeName())
   }
 
   getBaseModel(): PreTrainedModel {
@@ -161,6 +252,20 @@ export class PeftModel {
     call(() => this.n.deleteAdapter(adapterName))
   }
 
+  /**
+   * The state of every adapter layer (HF `get_layer_status`). Errors: `ERR_INVALID_STATE` for
+   * prompt-learning models (as HF) or when there is no adapter layer.
+   */
+  getLayerStatus(): TunerLayerStatus[] {
+    const raw = JSON.parse(call(() => this.n.layerStatusJson())) as Array<Record<string, unknown>>
+    return raw.map((r) => camelKeys<TunerLayerStatus>(r))
+  }
+
+  /** The adapter state of the whole model (HF `get_model_status`). Errors: as `getLayerStatus`. */
+  getModelStatus(): TunerModelStatus {
+    return camelKeys<TunerModelStatus>(JSON.parse(call(() => this.n.modelStatusJson())))
+  }
+
   /** `[trainable, all]` parameter counts, as HF's `get_nb_trainable_parameters`. */
   getNbTrainableParameters(): [number, number] {
     const [t, a] = call(() => this.n.nbTrainableParameters())
@@ -188,10 +293,23 @@ export class PeftModel {
    * Save adapters in HF PEFT's format: `adapter_config.json` + `adapter_model.safetensors` in
    * `dir` for 'default', in `dir/<name>/` for the others. Files are written atomically.
    */
-  async savePretrained(dir: string, options: { selectedAdapters?: string[]; safeSerialization?: boolean } = {}): Promise<string[]> {
+  async savePretrained(dir: string, options: SaveOptions = {}): Promise<string[]> {
     if (options.safeSerialization === false) {
       throw new PeftError('ERR_INVALID_ARGUMENT', 'invalid argument `safeSerialization`: only safetensors is supported (no pickle format)')
     }
+    if (options.saveEmbeddingLayers === true) {
+      throw invalidArgument('saveEmbeddingLayers', "true is not supported yet (use 'auto' or false; no adapter here targets embedding layers)")
+    }
+    if (options.saveEmbeddingLayers !== undefined && options.saveEmbeddingLayers !== false && options.saveEmbeddingLayers !== 'auto') {
+      throw invalidArgument('saveEmbeddingLayers', `must be 'auto' or a boolean, found ${JSON.stringify(options.saveEmbeddingLayers)}`)
+    }
+    if (options.pathInitialModelForWeightConversion !== undefined) {
+      throw invalidArgument('pathInitialModelForWeightConversion', 'PiSSA/OLoRA weight conversion is not available (those initialisations are not implemented)')
+    }
+    if (options.selectedAdapters !== undefined && (!Array.isArray(options.selectedAdapters) || options.selectedAdapters.some((s) => typeof s !== 'string'))) {
+      throw invalidArgument('selectedAdapters', 'must be an array of adapter names')
+    }
+    if (options.isMainProcess === false) return []
     await fs.promises.mkdir(path.resolve(dir), { recursive: true })
     return callAsync(() => this.n.savePretrained(dir, options.selectedAdapters))
   }

@@ -229,6 +229,39 @@ impl NativeModel {
         guard(|| with_model(&self.inner, |m| Ok(m.is_prompt_learning())))
     }
 
+    /// The dtype the base model runs in, as torch names it (`float32`, `bfloat16`, `float16`).
+    #[napi(catch_unwind)]
+    pub fn dtype_name(&self) -> napi::Result<String> {
+        guard(|| {
+            with_model(&self.inner, |m| {
+                Ok(match m.base.dtype {
+                    candle_core::DType::BF16 => "bfloat16",
+                    candle_core::DType::F16 => "float16",
+                    _ => "float32",
+                }
+                .to_string())
+            })
+        })
+    }
+
+    /// Warnings raised by the model since the last call (HF `warnings.warn` messages).
+    #[napi(catch_unwind)]
+    pub fn take_warnings(&self) -> napi::Result<Vec<String>> {
+        guard(|| with_model(&self.inner, |m| Ok(m.take_warnings())))
+    }
+
+    /// HF `get_layer_status()` as JSON (snake_case fields).
+    #[napi(catch_unwind)]
+    pub fn layer_status_json(&self) -> napi::Result<String> {
+        guard(|| with_model(&self.inner, |m| Ok(serde_json::Value::Array(m.layer_status()?).to_string())))
+    }
+
+    /// HF `get_model_status()` as JSON (snake_case fields).
+    #[napi(catch_unwind)]
+    pub fn model_status_json(&self) -> napi::Result<String> {
+        guard(|| with_model(&self.inner, |m| Ok(m.model_status()?.to_string())))
+    }
+
     /// `[trainable, all]` parameter counts.
     #[napi(catch_unwind)]
     pub fn nb_trainable_parameters(&self) -> napi::Result<Vec<f64>> {
@@ -317,14 +350,19 @@ impl NativeModel {
         }))
     }
 
-    /// Load an adapter folder under `name`. `configJson` overrides the folder's adapter_config.json.
+    /// Load an adapter folder under `name`. `configJson` overrides the folder's adapter_config.json;
+    /// `keyMapping` holds `[regex, replacement]` pairs (HF `key_mapping`, in order).
     #[napi(ts_return_type = "Promise<LoadResultJs>")]
+    #[allow(clippy::too_many_arguments)]
     pub fn load_adapter(
         &self,
         dir: String,
         name: String,
         is_trainable: bool,
         config_json: Option<String>,
+        key_mapping: Option<Vec<Vec<String>>>,
+        autocast_adapter_dtype: Option<bool>,
+        low_cpu_mem_usage: Option<bool>,
     ) -> AsyncTask<Job<peft_core::peft_model::LoadResult, LoadResultJs>> {
         let inner = self.inner.clone();
         AsyncTask::new(Job::new(
@@ -337,7 +375,21 @@ impl NativeModel {
                     }
                     None => None,
                 };
-                with_model(&inner, |m| m.load_adapter(std::path::Path::new(&dir), &name, is_trainable, cfg))
+                let mut pairs = Vec::new();
+                for p in key_mapping.unwrap_or_default() {
+                    match p.as_slice() {
+                        [a, b] => pairs.push((a.clone(), b.clone())),
+                        _ => return Err(PeftError::invalid_arg("keyMapping", "must map regex strings to replacement strings")),
+                    }
+                }
+                let o = peft_core::peft_model::LoadOptions {
+                    is_trainable,
+                    config: cfg,
+                    key_mapping: pairs,
+                    autocast_adapter_dtype: autocast_adapter_dtype.unwrap_or(true),
+                    low_cpu_mem_usage: low_cpu_mem_usage.unwrap_or(false),
+                };
+                with_model(&inner, |m| m.load_adapter_with(std::path::Path::new(&dir), &name, &o))
             },
             |_, r| Ok(LoadResultJs { missing_keys: r.missing_keys, unexpected_keys: r.unexpected_keys }),
         ))

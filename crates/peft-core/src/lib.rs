@@ -15,6 +15,7 @@ pub mod gguf;
 pub mod generate;
 pub mod io;
 pub mod model;
+pub mod model_card;
 pub mod ops;
 pub mod peft_model;
 pub mod targeting;

@@ -30,6 +30,40 @@ pub struct LoadResult {
     pub unexpected_keys: Vec<String>,
 }
 
+/// Options of [`PeftModel::load_adapter_with`] (HF `load_adapter` keyword arguments).
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Load with trainable weights (false: inference mode).
+    pub is_trainable: bool,
+    /// Use this config instead of the folder's adapter_config.json.
+    pub config: Option<AdapterConfig>,
+    /// `(regex, replacement)` pairs applied to each key after its `base_model.model.` /
+    /// `base_model.` prefix is removed; the first pattern that matches rewrites the key (HF
+    /// `key_mapping`).
+    pub key_mapping: Vec<(String, String)>,
+    /// Keep adapter weights in f32 (true, HF's default); false stores them in the base model's
+    /// dtype.
+    pub autocast_adapter_dtype: bool,
+    /// HF creates the adapter on the meta device first; here loading never keeps a second copy,
+    /// so this changes nothing (accepted for API compatibility).
+    pub low_cpu_mem_usage: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions { is_trainable: false, config: None, key_mapping: vec![], autocast_adapter_dtype: true, low_cpu_mem_usage: false }
+    }
+}
+
+/// HF `PEFT_TYPE_TO_PREFIX_MAPPING`: the parameter-name prefix of a tuner's weights.
+fn tuner_prefix(peft_type: &str) -> Option<&'static str> {
+    match peft_type {
+        "LORA" => Some("lora_"),
+        "IA3" => Some("ia3_"),
+        _ => None,
+    }
+}
+
 /// A base model with adapters. See the module docs.
 pub struct PeftModel {
     pub base: LlamaForCausalLM,
@@ -38,6 +72,8 @@ pub struct PeftModel {
     prompt_encoders: HashMap<String, PromptEncoder>,
     active: Vec<String>,
     disabled: bool,
+    /// Warnings of the last calls (HF's `warnings.warn`), drained by [`Self::take_warnings`].
+    warnings: Vec<String>,
 }
 
 /// Check an adapter name is usable, also as a folder name (HF saves non-default adapters in a
@@ -71,7 +107,7 @@ fn kaiming_uniform(rng: &mut rand::rngs::StdRng, rows: usize, cols: usize) -> Ve
 impl PeftModel {
     /// Wrap a base model (no adapters yet).
     pub fn new(base: LlamaForCausalLM) -> Self {
-        PeftModel { base, configs: vec![], prompt_encoders: HashMap::new(), active: vec![], disabled: false }
+        PeftModel { base, configs: vec![], prompt_encoders: HashMap::new(), active: vec![], disabled: false, warnings: vec![] }
     }
 
     /// Adapter names in the order they were added.
@@ -82,6 +118,11 @@ impl PeftModel {
     /// The config of `name`.
     pub fn peft_config(&self, name: &str) -> Result<&AdapterConfig> {
         self.configs.iter().find(|(n, _)| n == name).map(|(_, c)| c).ok_or_else(|| self.not_found(name))
+    }
+
+    /// Warnings raised since the last call (HF's `warnings.warn` messages), oldest first.
+    pub fn take_warnings(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.warnings)
     }
 
     /// HF `peft_type` of the model's adapters (`None` before the first adapter).
@@ -164,6 +205,31 @@ impl PeftModel {
                     path: None,
                     msg: format!("Cannot combine adapters with different peft types. Found {existing} and {}.", cfg.peft_type()),
                 });
+            }
+        }
+        if let Some(prefix) = tuner_prefix(cfg.peft_type()) {
+            if prefix.contains(name) {
+                self.warnings.push(format!(
+                    "Adapter name '{name}' should not be contained in the prefix '{prefix}'. This may lead to reinitialization of the adapter weights during loading."
+                ));
+            }
+        }
+        if !cfg.unknown_fields().is_empty() {
+            self.warnings.push(format!(
+                "the config of adapter '{name}' has fields that {} configs do not have (kept, not used): {:?}",
+                cfg.peft_type(),
+                cfg.unknown_fields()
+            ));
+        }
+        if let AdapterConfig::Lora(c) = &cfg {
+            let names: Vec<String> = self.base.named_linears().into_iter().map(|(n, _)| n).collect();
+            for (what, keys) in [("rank_pattern", c.rank_pattern.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>()), ("alpha_pattern", c.alpha_pattern.iter().map(|(k, _)| k.clone()).collect())] {
+                for k in keys {
+                    let hit = names.iter().any(|n| crate::targeting::pattern_lookup(&[(k.clone(), ())], n).is_some());
+                    if !hit {
+                        self.warnings.push(format!("{what} key {k:?} matches no module of the model"));
+                    }
+                }
             }
         }
         match cfg {
@@ -407,6 +473,11 @@ impl PeftModel {
         if self.is_prompt_learning() && names.len() > 1 {
             return Err(PeftError::invalid_arg("adapterName", "prompt-learning models have exactly one active adapter"));
         }
+        if !self.merged_adapters().is_empty() {
+            // HF LoraModel.set_adapter: unmerge first (with this warning).
+            self.warnings.push("Adapter cannot be set when the model is merged. Unmerging the model first.".into());
+            self.unmerge_adapter()?;
+        }
         self.active = names.to_vec();
         self.sync_layers();
         Ok(())
@@ -636,19 +707,22 @@ impl PeftModel {
             write_atomic(&cpath, saved.to_json_string().as_bytes())?;
             written.push(wpath);
             written.push(cpath);
-            if name == "default" || target == dir {
-                let readme = dir.join("README.md");
-                if !readme.exists() {
-                    let base = saved.base_model_name_or_path().unwrap_or_default().to_string();
-                    let tag = saved.peft_type().to_lowercase().replace('_', "-");
-                    let card = format!(
-                        "---\nbase_model: {base}\nlibrary_name: peft\ntags:\n- base_model:adapter:{base}\n- {tag}\n- peft-node\n---\n\n# Model Card\n\nA {} adapter saved by peft-node in Hugging Face PEFT's format.\n\n### Framework versions\n\n- PEFT 0.21.0\n",
-                        saved.peft_type()
-                    );
-                    write_atomic(&readme, card.as_bytes())?;
-                }
-            }
         }
+        // README.md model card in `dir`: created, or updated keeping what the user wrote
+        // (HF `create_or_update_model_card`, called once per save).
+        let readme = dir.join("README.md");
+        let existing = match std::fs::read_to_string(&readme) {
+            Ok(t) => Some(t),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(PeftError::io(&readme, e)),
+        };
+        let card_cfg = self.peft_config(self.active.first().unwrap_or(&names[0])).unwrap_or(self.peft_config(&names[0])?);
+        let base = card_cfg.base_model_name_or_path().unwrap_or_default().to_string();
+        let card = crate::model_card::create_or_update(existing.as_deref(), card_cfg.peft_type(), &base);
+        if existing.as_deref() != Some(card.as_str()) {
+            write_atomic(&readme, card.as_bytes())?;
+        }
+        written.push(readme);
         Ok(written)
     }
 
@@ -661,6 +735,41 @@ impl PeftModel {
     /// the key, with expected and found shapes), `AdapterExists`, `NoTargetModules`. On error the
     /// model is unchanged.
     pub fn load_adapter(&mut self, dir: &Path, name: &str, is_trainable: bool, config_override: Option<AdapterConfig>) -> Result<LoadResult> {
+        self.load_adapter_with(dir, name, &LoadOptions { is_trainable, config: config_override, ..Default::default() })
+    }
+
+    /// [`Self::load_adapter`] with HF's other options ([`LoadOptions`]).
+    ///
+    /// Errors: as [`Self::load_adapter`], plus `InvalidArgument` for an invalid `keyMapping`
+    /// regex.
+    pub fn load_adapter_with(&mut self, dir: &Path, name: &str, o: &LoadOptions) -> Result<LoadResult> {
+        let r = self.load_adapter_inner(dir, name, o)?;
+        if !o.autocast_adapter_dtype {
+            self.cast_adapter(name, self.base.dtype)?;
+        }
+        Ok(r)
+    }
+
+    /// Store adapter `name`'s weights in `dtype` (HF `_cast_adapter_dtype` with autocast off).
+    fn cast_adapter(&mut self, name: &str, dtype: DType) -> Result<()> {
+        let cast = |v: &Var| -> Result<Var> { Ok(Var::from_tensor(&v.as_tensor().to_dtype(dtype)?)?) };
+        for (_, lin) in self.base.named_linears_mut() {
+            if let Some(ad) = lin.adapters.get_mut(name) {
+                ad.a = cast(&ad.a)?;
+                ad.b = cast(&ad.b)?;
+                if let Some(m) = &ad.magnitude {
+                    ad.magnitude = Some(cast(m)?);
+                }
+            }
+            if let Some(ia) = lin.ia3.get_mut(name) {
+                ia.l = cast(&ia.l)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn load_adapter_inner(&mut self, dir: &Path, name: &str, o: &LoadOptions) -> Result<LoadResult> {
+        let (is_trainable, config_override) = (o.is_trainable, o.config.clone());
         validate_adapter_name(name)?;
         if !dir.exists() {
             return Err(PeftError::NotFound { path: dir.into(), what: "adapter folder does not exist".into() });
@@ -682,7 +791,28 @@ impl PeftModel {
             }
         }
         let wpath = dir.join("adapter_model.safetensors");
-        let tensors = read_safetensors(&wpath, &self.base.device)?;
+        let mut tensors = read_safetensors(&wpath, &self.base.device)?;
+        if !o.key_mapping.is_empty() {
+            let maps = o
+                .key_mapping
+                .iter()
+                .map(|(p, r)| {
+                    regex::Regex::new(p).map(|re| (re, r.clone())).map_err(|e| PeftError::invalid_arg("keyMapping", format!("pattern {p:?} is not a valid regex: {e}")))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            for (key, _) in tensors.iter_mut() {
+                let prefix = if key.starts_with(KEY_PREFIX) { KEY_PREFIX } else if key.starts_with("base_model.") { "base_model." } else { "" };
+                let rest = key[prefix.len()..].to_string();
+                for (re, rep) in &maps {
+                    if re.is_match(&rest) {
+                        // Python's `\1` group references become the regex crate's `${1}`.
+                        let rep = py_group_refs(rep);
+                        *key = format!("{prefix}{}", re.replace_all(&rest, rep.as_str()));
+                        break;
+                    }
+                }
+            }
+        }
         if let AdapterConfig::Prompt(p) = cfg {
             return self.load_prompt(name, p, tensors, &wpath);
         }
@@ -956,6 +1086,144 @@ impl PeftModel {
         Ok(())
     }
 
+    /// HF `get_layer_status`: one entry per adapter layer (`lora.Linear`, `ia3.Linear`, or
+    /// `ModulesToSaveWrapper`), named as in HF's `base_model.named_modules()`
+    /// (`model.<module path>`), as a JSON array with HF's field names.
+    ///
+    /// Errors: `InvalidState` for prompt-learning models (HF: not supported there) or a model
+    /// without adapter layers.
+    pub fn layer_status(&self) -> Result<Vec<serde_json::Value>> {
+        use serde_json::json;
+        if self.is_prompt_learning() {
+            return Err(PeftError::InvalidState(
+                "get_layer_status() got an invalid PeftModel instance; prefix tuning and adaption prompt are not supported.".into(),
+            ));
+        }
+        let mut out = Vec::new();
+        for (path, lin) in self.base.named_linears() {
+            let (module_type, mut available): (&str, Vec<String>) = if !lin.saved_copies.is_empty() {
+                ("ModulesToSaveWrapper", lin.saved_copies.keys().cloned().collect())
+            } else if !lin.adapters.is_empty() {
+                ("lora.Linear", lin.adapters.keys().cloned().collect())
+            } else if !lin.ia3.is_empty() {
+                ("ia3.Linear", lin.ia3.keys().cloned().collect())
+            } else {
+                continue;
+            };
+            available.sort();
+            let requires_grad: serde_json::Map<String, serde_json::Value> = available
+                .iter()
+                .map(|a| {
+                    let trainable = self.active.contains(a) && self.peft_config(a).map(|c| !c.inference_mode()).unwrap_or(false);
+                    (a.clone(), json!(trainable))
+                })
+                .collect();
+            let devices: serde_json::Map<String, serde_json::Value> =
+                available.iter().map(|a| (a.clone(), json!([device_type(&self.base.device)]))).collect();
+            out.push(json!({
+                "name": format!("model.{path}"),
+                "module_type": module_type,
+                "enabled": !lin.disabled,
+                "active_adapters": self.active,
+                "merged_adapters": lin.merged,
+                "requires_grad": requires_grad,
+                "available_adapters": available,
+                "devices": devices,
+                "quantization_backend": null,
+            }));
+        }
+        if out.is_empty() {
+            return Err(PeftError::InvalidState(
+                "No adapter layers found in the model, please ensure that it's a PEFT model or that you have PEFT adapters injected in the model.".into(),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// HF `get_model_status`: the layers' states aggregated, `"irregular"` where layers disagree.
+    ///
+    /// Errors: as [`Self::layer_status`].
+    pub fn model_status(&self) -> Result<serde_json::Value> {
+        use serde_json::{json, Value};
+        let layers = self.layer_status()?;
+        let irregular = || Value::String("irregular".into());
+        let enabled: std::collections::BTreeSet<bool> = layers.iter().map(|l| l["enabled"].as_bool().unwrap_or(false)).collect();
+        let enabled = if enabled.len() == 1 { json!(enabled.into_iter().next()) } else { irregular() };
+        let strs = |v: &Value| -> Vec<String> { v.as_array().map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect()).unwrap_or_default() };
+        let mut available: Vec<String> = layers.iter().flat_map(|l| strs(&l["available_adapters"])).collect();
+        available.sort();
+        available.dedup();
+        let actives: std::collections::BTreeSet<Vec<String>> = layers.iter().map(|l| strs(&l["active_adapters"])).collect();
+        let active = match actives.len() {
+            0 => json!([]),
+            1 => json!(actives.into_iter().next()),
+            _ => irregular(),
+        };
+        let mut merged_all: Vec<String> = layers.iter().flat_map(|l| strs(&l["merged_adapters"])).collect();
+        merged_all.sort();
+        merged_all.dedup();
+        let mut merged = json!(merged_all);
+        for l in &layers {
+            let m = strs(&l["merged_adapters"]);
+            if strs(&l["available_adapters"]).iter().any(|a| !m.contains(a) && merged_all.contains(a)) {
+                merged = irregular();
+                break;
+            }
+        }
+        let mut rg: std::collections::BTreeMap<String, Vec<Value>> = Default::default();
+        let mut dev: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for l in &layers {
+            for (k, v) in l["requires_grad"].as_object().into_iter().flatten() {
+                rg.entry(k.clone()).or_default().push(v.clone());
+            }
+            for (k, v) in l["devices"].as_object().into_iter().flatten() {
+                dev.entry(k.clone()).or_default().extend(strs(v));
+            }
+        }
+        let requires_grad: serde_json::Map<String, Value> = rg
+            .into_iter()
+            .map(|(k, vals)| {
+                let v = if vals.iter().all(|x| x == &json!(true)) {
+                    json!(true)
+                } else if vals.iter().all(|x| x == &json!(false)) {
+                    json!(false)
+                } else {
+                    irregular()
+                };
+                (k, v)
+            })
+            .collect();
+        let devices: serde_json::Map<String, Value> = dev
+            .into_iter()
+            .map(|(k, mut v)| {
+                v.sort();
+                v.dedup();
+                (k, json!(v))
+            })
+            .collect();
+        let (trainable, total) = self.nb_trainable_parameters();
+        let peft_types: serde_json::Map<String, Value> = self.configs.iter().map(|(n, c)| (n.clone(), json!(c.peft_type()))).collect();
+        let adapter_model_type = match self.peft_type() {
+            Some("IA3") => "IA3Model",
+            _ => "LoraModel",
+        };
+        Ok(json!({
+            "base_model_type": self.base.config.architecture,
+            "adapter_model_type": adapter_model_type,
+            "peft_types": peft_types,
+            "trainable_params": trainable,
+            "total_params": total,
+            "num_adapter_layers": layers.len(),
+            "enabled": enabled,
+            "active_adapters": active,
+            "merged_adapters": merged,
+            "requires_grad": requires_grad,
+            "available_adapters": available,
+            "devices": devices,
+            "quantization_backend": null,
+        }))
+    }
+
     /// Lines of `adapter_config.json` for `name` (HF's exact text).
     pub fn config_json(&self, name: &str) -> Result<String> {
         Ok(python_json_dumps(&self.peft_config(name)?.to_json()))
@@ -1010,6 +1278,36 @@ fn init_multitask_from_source(cfg: &PromptLearningConfig, enc: &mut PromptEncode
     Ok(())
 }
 
+/// `\\1` (Python `re.sub` group reference) → `${1}` (regex crate syntax); `$` kept literal otherwise.
+fn py_group_refs(rep: &str) -> String {
+    let mut out = String::new();
+    let mut chars = rep.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if chars.peek().map(|d| d.is_ascii_digit()).unwrap_or(false) => {
+                let mut n = String::new();
+                while let Some(d) = chars.peek().filter(|d| d.is_ascii_digit()) {
+                    n.push(*d);
+                    chars.next();
+                }
+                out.push_str(&format!("${{{n}}}"));
+            }
+            '$' => out.push_str("$$"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// torch's device type name (`"cpu"`, `"cuda"`).
+fn device_type(d: &candle_core::Device) -> &'static str {
+    match d {
+        candle_core::Device::Cpu => "cpu",
+        candle_core::Device::Cuda(_) => "cuda",
+        candle_core::Device::Metal(_) => "mps",
+    }
+}
+
 /// `x.lora_A.<name>.weight` → `x.lora_A.weight` (HF's adapter-name removal rule, inverted).
 fn strip_adapter_name(k: &str) -> String {
     // `<m>.modules_to_save.<name>.<param>` -> `<m>.<param>`
@@ -1046,6 +1344,12 @@ mod tests {
             assert!(validate_adapter_name(bad).is_err(), "{bad:?}");
         }
         assert!(validate_adapter_name("default").is_ok());
+    }
+
+    #[test]
+    fn python_group_references_are_translated() {
+        assert_eq!(py_group_refs(r"model.\1.x"), "model.${1}.x");
+        assert_eq!(py_group_refs("a$b"), "a$$b");
     }
 
     #[test]

@@ -117,7 +117,7 @@ impl PeftLinear {
             name: name.into(),
             available: self.adapters.keys().cloned().collect(),
         })?;
-        Ok((ad.b.as_tensor().matmul(ad.a.as_tensor())? * ad.scaling)?)
+        Ok((ad.b.as_tensor().to_dtype(DType::F32)?.matmul(&ad.a.as_tensor().to_dtype(DType::F32)?)? * ad.scaling)?)
     }
 
     /// The base weight as `[out, in]` f32.
@@ -128,7 +128,7 @@ impl PeftLinear {
 
     /// DoRA's `‖W + s·B A‖` per output row, `[out]` f32, detached (HF `get_weight_norm`).
     pub fn dora_weight_norm(&self, ad: &LoraAdapter) -> Result<Tensor> {
-        let lw = ad.b.as_tensor().detach().matmul(&ad.a.as_tensor().detach())?;
+        let lw = ad.b.as_tensor().detach().to_dtype(DType::F32)?.matmul(&ad.a.as_tensor().detach().to_dtype(DType::F32)?)?;
         let w = (self.weight_out_in_f32()? + (lw * ad.scaling)?)?;
         Ok(w.sqr()?.sum(1)?.sqrt()?)
     }
@@ -137,7 +137,7 @@ impl PeftLinear {
     /// `(m/‖·‖ - 1) ⊙ x Wᵀ + (m/‖·‖) ⊙ s · x Aᵀ Bᵀ`, with `x` dropped out while training.
     fn dora_delta(&self, x: &Tensor, y: &Tensor, ad: &LoraAdapter, mag: &Var, ctx: &LinearCtx) -> Result<Tensor> {
         let norm = self.dora_weight_norm(ad)?;
-        let m = if ctx.train { mag.as_tensor().clone() } else { mag.as_tensor().detach() };
+        let m = if ctx.train { mag.as_tensor().clone() } else { mag.as_tensor().detach() }.to_dtype(DType::F32)?;
         let scale = (m / norm)?; // [out]
         let dropped = ctx.train && ad.dropout > 0.0;
         let xin = if dropped { dropout(&x.to_dtype(DType::F32)?, ad.dropout, ctx.rng)? } else { x.to_dtype(DType::F32)? };
@@ -167,7 +167,8 @@ impl PeftLinear {
     fn lora_path_no_dropout(&self, xf: &Tensor, ad: &LoraAdapter, ctx: &LinearCtx) -> Result<Tensor> {
         let dims = xf.dims().to_vec();
         let m: usize = dims[..dims.len() - 1].iter().product();
-        let x2 = xf.reshape((m, dims[dims.len() - 1]))?;
+        // The low-rank path runs in the adapter's dtype (f32 unless autocast_adapter_dtype was off).
+        let x2 = xf.reshape((m, dims[dims.len() - 1]))?.to_dtype(ad.a.dtype())?;
         // Outside training the adapter weights are detached so no autograd graph is kept
         // (a KV cache would otherwise pin every step's graph).
         let (a, b) = if ctx.train {
@@ -176,7 +177,7 @@ impl PeftLinear {
             (ad.a.as_tensor().detach(), ad.b.as_tensor().detach())
         };
         let h = (x2.matmul(&a.t()?)? * ad.scaling)?;
-        let y = h.matmul(&b.t()?)?;
+        let y = h.matmul(&b.t()?)?.to_dtype(DType::F32)?;
         let mut out = dims;
         *out.last_mut().unwrap() = self.out_features();
         Ok(y.reshape(out)?)
@@ -216,7 +217,7 @@ impl PeftLinear {
             }
             if let Some(ad) = self.ia3.get(name) {
                 let l = if train { ad.l.as_tensor().clone() } else { ad.l.as_tensor().detach() };
-                let l = l.flatten_all().ok()?;
+                let l = l.flatten_all().ok()?.to_dtype(DType::F32).ok()?;
                 ff = ad.feedforward;
                 acc = Some(match acc {
                     Some(a) => (a * l).ok()?,
@@ -324,7 +325,7 @@ impl PeftLinear {
                 Some(m) => {
                     let full = (self.weight_out_in_f32()? + delta)?;
                     let norm = full.sqr()?.sum(1)?.sqrt()?;
-                    let factor = (m.as_tensor().detach() / &norm)?;
+                    let factor = (m.as_tensor().detach().to_dtype(DType::F32)? / &norm)?;
                     let merged = full.broadcast_mul(&factor.unsqueeze(1)?)?;
                     (if self.transposed { merged.t()?.contiguous()? } else { merged }, Some(norm))
                 }
@@ -368,7 +369,7 @@ impl PeftLinear {
 
     /// The weight and bias scaled (or, with `inverse`, unscaled) by an (IA)³ vector.
     fn ia3_scaled(&self, ad: &Ia3Adapter, inverse: bool) -> Result<(Tensor, Option<Tensor>)> {
-        let l = ad.l.as_tensor().detach().flatten_all()?;
+        let l = ad.l.as_tensor().detach().flatten_all()?.to_dtype(DType::F32)?;
         let l = if inverse { l.recip()? } else { l };
         let dt = self.weight.dtype();
         // Output vectors scale rows of [out, in] (columns when stored [in, out]); feed-forward
@@ -397,7 +398,7 @@ impl PeftLinear {
             let delta = self.delta_weight(&name)?;
             let w = match ad.as_ref().and_then(|a| a.magnitude.clone().zip(a.merged_norm.clone())) {
                 Some((m, norm)) => {
-                    let factor = (m.as_tensor().detach() / norm)?;
+                    let factor = (m.as_tensor().detach().to_dtype(DType::F32)? / norm)?;
                     let orig = (self.weight_out_in_f32()?.broadcast_div(&factor.unsqueeze(1)?)? - delta)?;
                     if self.transposed { orig.t()?.contiguous()? } else { orig }
                 }
