@@ -320,6 +320,7 @@ pub fn safetensors_bytes(tensors: &[(String, Tensor)], metadata: Option<&[(&str,
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
     let fname = path.file_name().ok_or_else(|| PeftError::invalid_arg("path", format!("{} has no file name", path.display())))?;
+    remove_stale_temps(&dir, &fname.to_string_lossy());
     let tmp = dir.join(format!(".{}.tmp-{}-{}", fname.to_string_lossy(), std::process::id(), unique()));
     let res = (|| -> std::io::Result<()> {
         let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
@@ -337,6 +338,29 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         return Err(PeftError::io(path, e));
     }
     Ok(())
+}
+
+/// Remove temp files `.<fname>.tmp-<pid>-<n>` left in `dir` by a process that no longer runs
+/// (killed during a [`write_atomic`]). Linux only (liveness is read from `/proc`); temp files of
+/// live processes, including this one, are never touched. Failures are ignored.
+fn remove_stale_temps(dir: &Path, fname: &str) {
+    if !cfg!(target_os = "linux") || !Path::new("/proc/self").exists() {
+        return;
+    }
+    let prefix = format!(".{fname}.tmp-");
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else { continue };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
+            if let Ok(md) = std::fs::symlink_metadata(e.path()) {
+                if md.is_file() {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
 }
 
 fn unique() -> u64 {
