@@ -298,7 +298,7 @@ test('forward + generate + train on one model at once are serialized: no deadloc
   t.true(['ok', 'ERR_INVALID_STATE'].includes(await pending))
 })
 
-test('native memory is reported to V8 and freed: 500 load/dispose cycles keep RSS flat', async (t) => {
+test.serial('native memory is reported to V8 and freed: 500 load/dispose cycles keep RSS flat', async (t) => {
   // what the addon told V8 (napi_adjust_external_memory); process.memoryUsage().external omits it
   const before = native.nativeReportedMemory()
   const m = await loadLlama()

@@ -193,7 +193,13 @@ fn gguf_seed() -> Vec<u8> {
     use gguf_file::Value as V;
     let (h, ffn, vocab) = (32usize, 64usize, 6usize);
     let dev = Device::Cpu;
-    let t = |dims: &[usize], q: GgmlDType| QTensor::quantize(&Tensor::randn(0f32, 0.1, dims, &dev).unwrap(), q).unwrap();
+    // deterministic values (candle's randn is not seeded), so every run fuzzes the same seed file
+    let t = |dims: &[usize], q: GgmlDType| {
+        let n: usize = dims.iter().product();
+        let v = Tensor::arange(0u32, n as u32, &dev).unwrap().to_dtype(DType::F32).unwrap();
+        let v = ((v * 0.37).unwrap().sin().unwrap() * 0.1).unwrap().reshape(dims).unwrap();
+        QTensor::quantize(&v, q).unwrap()
+    };
     let tensors: Vec<(String, QTensor)> = vec![
         ("token_embd.weight".into(), t(&[vocab, h], GgmlDType::F32)),
         ("output_norm.weight".into(), t(&[h], GgmlDType::F32)),
