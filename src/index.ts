@@ -35,5 +35,5 @@ export {
   type ModelDType,
 } from './model'
 export { PeftModel, getPeftModel, type LoadAdapterOptions, type LoadResult, type SaveOptions, type TunerLayerStatus, type TunerModelStatus } from './peft-model'
-export { Trainer, type TrainerOptions, type TrainExample, type StepInfo, type TrainOutput } from './trainer'
+export { Trainer, listCheckpoints, type TrainerOptions, type TrainExample, type StepInfo, type TrainOutput } from './trainer'
 export { loadSafetensors, saveSafetensors } from './safetensors'

@@ -87,6 +87,15 @@ export class PreTrainedModel {
     const taskIds = toTaskIds(options.taskIds, batch)
     const maxNew = options.maxNewTokens ?? 20
     if (!Number.isInteger(maxNew) || maxNew < 0) throw invalidArgument('maxNewTokens', `must be a non-negative integer, found ${maxNew}`)
+    const num = (k: 'temperature' | 'topP', v: number | undefined, ok: (x: number) => boolean, want: string) => {
+      if (v !== undefined && !(typeof v === 'number' && Number.isFinite(v) && ok(v))) throw invalidArgument(k, `must be ${want}, found ${v}`)
+    }
+    num('temperature', options.temperature, (x) => x > 0, 'a finite number > 0')
+    num('topP', options.topP, (x) => x > 0 && x <= 1, 'a number in (0, 1]')
+    for (const k of ['topK', 'seed', 'padTokenId'] as const) {
+      const v = options[k]
+      if (v !== undefined && !(Number.isInteger(v) && v >= 0 && v <= 0xffffffff)) throw invalidArgument(k, `must be an integer in [0, 2^32), found ${v}`)
+    }
     const eosCfg = this.config.eos_token_id as number[] | undefined
     const eos = options.eosTokenId === null ? [] : options.eosTokenId === undefined ? (eosCfg ?? []) : [options.eosTokenId].flat()
     const flag = new native.AbortFlag()

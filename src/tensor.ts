@@ -138,11 +138,22 @@ export class Tensor {
   }
 }
 
-/** Row-major `[batch, seq]` ids from a Tensor or `number[][]`, checked. */
-export function toIdMatrix(x: Tensor | number[][] | number[], arg: string): { ids: Uint32Array; batch: number; seq: number } {
+/**
+ * Row-major `[batch, seq]` ids from a Tensor or `number[][]`, checked: integer values in
+ * [0, 2^32), a rectangular non-empty batch, and for a Tensor a 2-D shape and (unless
+ * `allowFloat`, used for masks) an integer dtype. Throws `ERR_INVALID_ARGUMENT` naming `arg`.
+ */
+export function toIdMatrix(x: Tensor | number[][] | number[], arg: string, allowFloat = false): { ids: Uint32Array; batch: number; seq: number } {
   if (x instanceof Tensor) {
     if (x.shape.length !== 2) throw invalidArgument(arg, `must have shape [batch, seq], found [${x.shape}]`)
-    const v = x.dtype === 'int64' || x.dtype === 'int32' ? x.toInt32Array() : x.toFloat32Array()
+    const isInt = x.dtype === 'int64' || x.dtype === 'int32' || x.dtype === 'uint32' || x.dtype === 'uint8'
+    if (!isInt && !allowFloat) throw invalidArgument(arg, `must have an integer dtype (int64, int32, uint32 or uint8) and shape [batch, seq], found ${x.dtype} [${x.shape}]`)
+    if (x.shape[0] === 0 || x.shape[1] === 0) throw invalidArgument(arg, `must be a non-empty [batch, seq] tensor, found [${x.shape}]`)
+    const d = x.data
+    const v: ArrayLike<number> =
+      d instanceof BigInt64Array ? Array.from(d, (b) => (b >= 0n && b <= 0xffffffffn ? Number(b) : -1))
+      : isInt ? (d as ArrayLike<number>)
+      : x.toFloat32Array()
     const ids = new Uint32Array(v.length)
     for (let i = 0; i < v.length; i++) {
       const t = v[i]
@@ -151,14 +162,16 @@ export function toIdMatrix(x: Tensor | number[][] | number[], arg: string): { id
     }
     return { ids, batch: x.shape[0], seq: x.shape[1] }
   }
+  if (!Array.isArray(x)) throw invalidArgument(arg, `must be a Tensor or a number[][] of shape [batch, seq], found ${typeof x}`)
   const rows: number[][] = Array.isArray(x[0]) ? (x as number[][]) : [x as number[]]
   const seq = rows[0]?.length ?? 0
   if (rows.length === 0 || seq === 0) throw invalidArgument(arg, 'must be a non-empty [batch, seq] array')
   const ids = new Uint32Array(rows.length * seq)
   rows.forEach((r, i) => {
+    if (!Array.isArray(r)) throw invalidArgument(arg, `row ${i} is not an array (expected shape [batch, seq])`)
     if (r.length !== seq) throw invalidArgument(arg, `row ${i} has ${r.length} tokens, row 0 has ${seq} (pad the batch)`)
     r.forEach((t, j) => {
-      if (!Number.isInteger(t) || t < 0) throw invalidArgument(arg, `token ids must be non-negative integers, found ${t} at [${i}, ${j}]`)
+      if (!Number.isInteger(t) || t < 0 || t > 0xffffffff) throw invalidArgument(arg, `token ids must be non-negative integers, found ${t} at [${i}, ${j}]`)
       ids[i * seq + j] = t
     })
   })
@@ -168,7 +181,7 @@ export function toIdMatrix(x: Tensor | number[][] | number[], arg: string): { id
 /** A 0/1 mask of the given shape from a Tensor or `number[][]`. */
 export function toMask(x: Tensor | number[][] | undefined, batch: number, seq: number, arg: string): Uint8Array | undefined {
   if (x === undefined) return undefined
-  const m = toIdMatrix(x, arg)
+  const m = toIdMatrix(x, arg, true)
   if (m.batch !== batch || m.seq !== seq) throw invalidArgument(arg, `must have shape [${batch}, ${seq}], found [${m.batch}, ${m.seq}]`)
   return Uint8Array.from(m.ids, (v) => (v ? 1 : 0))
 }

@@ -5,8 +5,10 @@
  * Each optimizer step runs off the JS thread; `onStep` sees every step and `signal` stops
  * training between steps (the run then resolves with `aborted: true` and the metrics so far).
  */
+import * as fs from 'node:fs'
+import * as path from 'node:path'
 import { native } from './native'
-import { call, callAsync, invalidArgument } from './errors'
+import { call, callAsync, invalidArgument, PeftError } from './errors'
 import type { PeftModel } from './peft-model'
 import type { PreTrainedTokenizer } from './model'
 
@@ -48,6 +50,41 @@ export interface TrainerOptions {
   shuffle?: boolean
   onStep?: (info: StepInfo) => void
   signal?: AbortSignal
+  /** Folder for checkpoints (`<outputDir>/checkpoint-<step>/`); needed with `saveSteps` or `resumeFromCheckpoint: true`. */
+  outputDir?: string
+  /**
+   * Write a checkpoint every `saveSteps` optimizer steps and after the last step: the adapters
+   * in HF PEFT format, `optimizer.safetensors` (AdamW m/v per parameter) and
+   * `trainer_state.json` (step, schedule, seed, data order, log history). Each checkpoint
+   * folder is written to a temp folder and renamed, so it is complete or absent.
+   */
+  saveSteps?: number
+  /**
+   * Resume from a checkpoint: `true` = the latest `checkpoint-<step>` in `outputDir`, or a
+   * checkpoint folder's path. The run continues with the same weights, optimizer state,
+   * schedule, dropout RNG and data order, so its losses equal those of an uninterrupted run.
+   * Errors: `ERR_NOT_FOUND` when there is no checkpoint.
+   */
+  resumeFromCheckpoint?: boolean | string
+}
+
+/** Data-order state of a run: the shuffling RNG, the current epoch's order and position. */
+interface DataState {
+  rng: number
+  order: number[]
+  cursor: number
+  epoch: number
+}
+
+/** The checkpoint folders `checkpoint-<step>` in `dir`, highest step first. */
+export function listCheckpoints(dir: string): string[] {
+  if (!fs.existsSync(dir)) return []
+  return fs
+    .readdirSync(dir, { withFileTypes: true })
+    .filter((e) => e.isDirectory() && /^checkpoint-\d+$/.test(e.name))
+    .map((e) => e.name)
+    .sort((a, b) => Number(b.slice(11)) - Number(a.slice(11)))
+    .map((n) => path.join(dir, n))
 }
 
 export interface TrainOutput {
@@ -59,11 +96,11 @@ export interface TrainOutput {
   metrics: { trainRuntimeMs: number; trainTokensPerSecond: number; trainStepsPerSecond: number; firstLoss: number; lastLoss: number }
 }
 
-function mulberry32(seed: number): () => number {
-  let a = seed >>> 0
+/** mulberry32 over `st.rng` (the state lives in `st`, so it can be saved in a checkpoint). */
+function mulberry32(st: { rng: number }): () => number {
   return () => {
-    a = (a + 0x6d2b79f5) >>> 0
-    let t = a
+    st.rng = (st.rng + 0x6d2b79f5) >>> 0
+    let t = st.rng
     t = Math.imul(t ^ (t >>> 15), t | 1)
     t ^= t + Math.imul(t ^ (t >>> 7), t | 61)
     return ((t ^ (t >>> 14)) >>> 0) / 4294967296
@@ -72,7 +109,9 @@ function mulberry32(seed: number): () => number {
 
 export class Trainer {
   readonly model: PeftModel
-  readonly options: Required<Omit<TrainerOptions, 'tokenizer' | 'maxLength' | 'onStep' | 'signal' | 'maxSteps' | 'numTrainEpochs'>> &
+  readonly options: Required<
+    Omit<TrainerOptions, 'tokenizer' | 'maxLength' | 'onStep' | 'signal' | 'maxSteps' | 'numTrainEpochs' | 'outputDir' | 'saveSteps' | 'resumeFromCheckpoint'>
+  > &
     TrainerOptions
 
   constructor(model: PeftModel, options: TrainerOptions = {}) {
@@ -97,7 +136,19 @@ export class Trainer {
     }
     if (o.maxSteps !== undefined && (!Number.isInteger(o.maxSteps) || o.maxSteps < 1))
       throw invalidArgument('maxSteps', `must be a positive integer, found ${o.maxSteps}`)
-    if (!(o.learningRate >= 0)) throw invalidArgument('learningRate', `must be a non-negative number, found ${o.learningRate}`)
+    if (!(o.learningRate >= 0 && Number.isFinite(o.learningRate))) throw invalidArgument('learningRate', `must be a finite non-negative number, found ${o.learningRate}`)
+    for (const k of ['weightDecay', 'maxGradNorm', 'adamEpsilon'] as const) {
+      if (!(Number.isFinite(o[k]) && o[k] >= 0)) throw invalidArgument(k, `must be a finite non-negative number, found ${o[k]}`)
+    }
+    for (const k of ['adamBeta1', 'adamBeta2'] as const) {
+      if (!(Number.isFinite(o[k]) && o[k] >= 0 && o[k] < 1)) throw invalidArgument(k, `must be a number in [0, 1), found ${o[k]}`)
+    }
+    if (!Number.isInteger(o.warmupSteps) || o.warmupSteps < 0) throw invalidArgument('warmupSteps', `must be a non-negative integer, found ${o.warmupSteps}`)
+    if (!Number.isInteger(o.seed) || o.seed < 0 || o.seed > 0xffffffff) throw invalidArgument('seed', `must be an integer in [0, 2^32), found ${o.seed}`)
+    if (o.saveSteps !== undefined && (!Number.isInteger(o.saveSteps) || o.saveSteps < 1))
+      throw invalidArgument('saveSteps', `must be a positive integer, found ${o.saveSteps}`)
+    if ((o.saveSteps !== undefined || o.resumeFromCheckpoint === true) && !o.outputDir)
+      throw invalidArgument('outputDir', 'is required with saveSteps or resumeFromCheckpoint: true')
   }
 
   private tokenize(examples: TrainExample[]): Array<{ ids: number[]; labels: number[]; taskId?: number }> {
@@ -156,19 +207,18 @@ export class Trainer {
           seed: o.seed,
         }),
     )
-    const rand = mulberry32(o.seed)
-    let order: number[] = []
-    let cursor = 0
-    let epoch = 0
+    const st: DataState = { rng: o.seed >>> 0, order: [], cursor: 0, epoch: 0 }
+    const rand = mulberry32(st)
     const nextBatch = () => {
-      if (cursor + 1 > order.length) {
-        order = data.map((_, i) => i)
+      if (st.cursor + 1 > st.order.length) {
+        st.order = data.map((_, i) => i)
+        const order = st.order
         if (o.shuffle) for (let i = order.length - 1; i > 0; i--) { const j = Math.floor(rand() * (i + 1)); [order[i], order[j]] = [order[j], order[i]] }
-        cursor = 0
-        epoch++
+        st.cursor = 0
+        st.epoch++
       }
-      const rows = order.slice(cursor, cursor + bs).map((i) => data[i])
-      cursor += bs
+      const rows = st.order.slice(st.cursor, st.cursor + bs).map((i) => data[i])
+      st.cursor += bs
       const seq = Math.max(...rows.map((r) => r.ids.length))
       const inputIds: number[] = []
       const attentionMask: number[] = []
@@ -182,11 +232,30 @@ export class Trainer {
       const taskIds = rows.some((r) => r.taskId !== undefined) ? rows.map((r) => r.taskId ?? 0) : undefined
       return { inputIds, attentionMask, labels, batchSize: rows.length, seqLen: seq, taskIds }
     }
-    const history: StepInfo[] = []
+    let history: StepInfo[] = []
+    let first = 0
+    if (o.resumeFromCheckpoint) {
+      const ckpt = o.resumeFromCheckpoint === true ? listCheckpoints(o.outputDir as string)[0] : o.resumeFromCheckpoint
+      if (!ckpt) throw new PeftError('ERR_NOT_FOUND', `not found: ${o.outputDir}: no checkpoint-<step> folder to resume from`)
+      const extra = JSON.parse(await callAsync(() => nativeTrainer.loadCheckpoint(ckpt)))
+      if (extra?.dataSize !== data.length) {
+        throw invalidArgument('examples', `the checkpoint ${ckpt} was made with ${extra?.dataSize} examples, this run has ${data.length}`)
+      }
+      Object.assign(st, extra.data as DataState)
+      history = extra.logHistory as StepInfo[]
+      first = nativeTrainer.globalStep
+    }
+    const save = (step: number) =>
+      callAsync(() =>
+        nativeTrainer.saveCheckpoint(
+          path.join(o.outputDir as string, `checkpoint-${step}`),
+          JSON.stringify({ dataSize: data.length, data: st, logHistory: history }),
+        ),
+      )
     const t0 = performance.now()
     let tokens = 0
     let aborted = false
-    for (let s = 0; s < maxSteps; s++) {
+    for (let s = first; s < maxSteps; s++) {
       if (o.signal?.aborted) { aborted = true; break }
       const micro = Array.from({ length: accum }, nextBatch)
       const ts = performance.now()
@@ -197,7 +266,7 @@ export class Trainer {
       const info: StepInfo = {
         step: r.step,
         maxSteps,
-        epoch: epoch - 1 + Math.min(cursor, data.length) / Math.max(1, data.length),
+        epoch: st.epoch - 1 + Math.min(st.cursor, data.length) / Math.max(1, data.length),
         loss: r.loss,
         learningRate: r.learningRate,
         gradNorm: r.gradNorm,
@@ -206,6 +275,7 @@ export class Trainer {
         etaMs: (elapsedMs / r.step) * (maxSteps - r.step),
       }
       history.push(info)
+      if (o.saveSteps !== undefined && (r.step % o.saveSteps === 0 || r.step === maxSteps)) await save(r.step)
       o.onStep?.(info)
     }
     const runtime = performance.now() - t0
@@ -217,7 +287,7 @@ export class Trainer {
       metrics: {
         trainRuntimeMs: runtime,
         trainTokensPerSecond: tokens / (runtime / 1000),
-        trainStepsPerSecond: history.length / (runtime / 1000),
+        trainStepsPerSecond: (history.length - first) / (runtime / 1000),
         firstLoss: history[0]?.loss ?? NaN,
         lastLoss: history[history.length - 1]?.loss ?? NaN,
       },

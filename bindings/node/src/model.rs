@@ -10,7 +10,9 @@ use peft_core::model::ForwardOptions;
 use peft_core::peft_model::{PeftModel, BASE_ADAPTER};
 use peft_core::tuners::AdapterConfig;
 use peft_core::PeftError;
-use std::sync::atomic::{AtomicBool, Ordering};
+use napi::bindgen_prelude::ObjectFinalize;
+use napi::Env;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 pub type Shared = Arc<Mutex<Option<PeftModel>>>;
@@ -91,23 +93,74 @@ pub struct LoadResultJs {
 }
 
 /// The result of loading a model: the model and (when the source carries one) a tokenizer.
-#[napi]
+///
+/// The bytes of the base weights are reported to V8 as external memory when the model reaches
+/// JS, and the report is undone by `dispose()` or, if the user never disposes, by the finalizer
+/// that runs when the JS object is garbage-collected (which also frees the model).
+#[napi(custom_finalize)]
 pub struct NativeModel {
     pub(crate) inner: Shared,
     tokenizer: Option<Arc<peft_core::tokenizer::Tokenizer>>,
+    /// Bytes currently reported to V8 (`adjust_external_memory`); 0 once undone.
+    external: Arc<AtomicI64>,
+}
+
+impl NativeModel {
+    /// Undo the external-memory report (once; later calls do nothing).
+    fn release_external(&self, env: &Env) {
+        let n = self.external.swap(0, Ordering::SeqCst);
+        if n > 0 {
+            let _ = report_external(env, -n);
+        }
+    }
+}
+
+impl ObjectFinalize for NativeModel {
+    fn finalize(self, env: Env) -> napi::Result<()> {
+        self.release_external(&env);
+        Ok(())
+    }
+}
+
+/// Bytes this addon currently reports to V8 as external memory, over all models of the process
+/// (every `adjust_external_memory` call of this file goes through [`report_external`]). For
+/// tests and diagnostics: Node's `process.memoryUsage().external` does not show these reports.
+#[napi]
+pub fn native_reported_memory() -> f64 {
+    REPORTED.load(Ordering::SeqCst) as f64
+}
+
+static REPORTED: AtomicI64 = AtomicI64::new(0);
+
+/// Tell V8 about `delta` bytes of native memory (negative: freed) and keep [`REPORTED`] in step.
+fn report_external(env: &Env, delta: i64) -> napi::Result<()> {
+    env.adjust_external_memory(delta)?;
+    REPORTED.fetch_add(delta, Ordering::SeqCst);
+    Ok(())
 }
 
 /// Load a base model from a HF folder or a GGUF file, off the JS thread.
 #[napi(ts_return_type = "Promise<NativeModel>")]
 pub fn load_model(path: String, dtype: String) -> AsyncTask<Job<NativeModel, NativeModel>> {
-    AsyncTask::new(Job::plain(move || {
-        let dt = parse_dtype(&dtype)?;
-        let loaded = load_causal_lm(std::path::Path::new(&path), dt, &candle_core::Device::Cpu)?;
-        Ok(NativeModel {
-            inner: Arc::new(Mutex::new(Some(PeftModel::new(loaded.model)))),
-            tokenizer: loaded.tokenizer.map(Arc::new),
-        })
-    }))
+    AsyncTask::new(Job::new(
+        move || {
+            let dt = parse_dtype(&dtype)?;
+            let loaded = load_causal_lm(std::path::Path::new(&path), dt, &candle_core::Device::Cpu)?;
+            let bytes = (loaded.model.base_param_count() * dt.size_in_bytes()) as i64;
+            Ok(NativeModel {
+                inner: Arc::new(Mutex::new(Some(PeftModel::new(loaded.model)))),
+                tokenizer: loaded.tokenizer.map(Arc::new),
+                external: Arc::new(AtomicI64::new(bytes)),
+            })
+        },
+        |env, m| {
+            let n = m.external.load(Ordering::SeqCst);
+            if n > 0 {
+                report_external(&env, n)?;
+            }
+            Ok(m)
+        },
+    ))
 }
 
 fn to_rows(names: Option<Vec<String>>) -> Option<peft_core::tuners::RowAdapters> {
@@ -395,12 +448,21 @@ impl NativeModel {
         ))
     }
 
-    /// Free the native model now. Later calls fail with `ERR_INVALID_STATE`.
+    /// Free the native model now (waiting for a running call on it to finish) and undo its
+    /// external-memory report. Later calls fail with `ERR_INVALID_STATE`.
     #[napi]
-    pub fn dispose(&self) -> napi::Result<()> {
+    pub fn dispose(&self, env: Env) -> napi::Result<()> {
         let mut g = lock(&self.inner).map_err(to_napi)?;
         *g = None;
+        drop(g);
+        self.release_external(&env);
         Ok(())
+    }
+
+    /// Bytes of native memory this model reports to V8 as external memory (0 after dispose).
+    #[napi(getter)]
+    pub fn external_memory(&self) -> f64 {
+        self.external.load(Ordering::SeqCst) as f64
     }
 
     #[napi(getter)]

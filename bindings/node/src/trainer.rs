@@ -96,6 +96,33 @@ impl NativeTrainer {
         }))
     }
 
+    /// Write a checkpoint folder `dir` (adapters in HF format, AdamW state, trainer state with
+    /// `extraJson` stored as `extra`), atomically (temp folder + rename). Resolves to `dir`.
+    #[napi(ts_return_type = "Promise<string>")]
+    pub fn save_checkpoint(&self, dir: String, extra_json: String) -> AsyncTask<Job<String, String>> {
+        let trainer = self.trainer.clone();
+        let model = self.model.clone();
+        AsyncTask::new(Job::plain(move || {
+            let extra: serde_json::Value = serde_json::from_str(&extra_json)
+                .map_err(|e| peft_core::PeftError::invalid_arg("extraJson", format!("not valid JSON: {e}")))?;
+            let t = trainer.lock().unwrap_or_else(|p| p.into_inner());
+            let p = with_model(&model, |m| t.save_checkpoint(m, std::path::Path::new(&dir), extra))?;
+            Ok(p.to_string_lossy().into_owned())
+        }))
+    }
+
+    /// Restore a checkpoint folder written by `saveCheckpoint`; resolves to its `extra` as JSON.
+    #[napi(ts_return_type = "Promise<string>")]
+    pub fn load_checkpoint(&self, dir: String) -> AsyncTask<Job<String, String>> {
+        let trainer = self.trainer.clone();
+        let model = self.model.clone();
+        AsyncTask::new(Job::plain(move || {
+            let mut t = trainer.lock().unwrap_or_else(|p| p.into_inner());
+            let extra = with_model(&model, |m| t.load_checkpoint(m, std::path::Path::new(&dir)))?;
+            Ok(extra.to_string())
+        }))
+    }
+
     /// Learning rate the next step will use.
     #[napi(getter)]
     pub fn current_lr(&self) -> f64 {

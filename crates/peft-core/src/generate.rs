@@ -105,6 +105,13 @@ pub fn generate(
     if input_ids.len() != b * s || s == 0 {
         return Err(PeftError::invalid_arg("inputIds", format!("expected a non-empty [{b}, {s}] batch")));
     }
+    let max_pos = model.base.config.max_position_embeddings;
+    if s.saturating_add(o.max_new_tokens) > max_pos {
+        return Err(PeftError::invalid_arg(
+            "maxNewTokens",
+            format!("prompt length {s} + maxNewTokens {} exceeds max_position_embeddings {max_pos}", o.max_new_tokens),
+        ));
+    }
     let mut mask: Vec<u8> = attention_mask.unwrap_or_else(|| vec![1; b * s]);
     if mask.len() != b * s {
         return Err(PeftError::invalid_arg("attentionMask", format!("expected {b} × {s} values")));

@@ -35,39 +35,227 @@ fn candle_to_st(d: DType) -> Result<StDtype> {
     })
 }
 
+/// Largest accepted safetensors header (the limit of the `safetensors` crate and of HF's reader).
+pub const MAX_SAFETENSORS_HEADER: u64 = 100_000_000;
+
+/// One tensor entry of a validated safetensors header.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeaderEntry {
+    pub name: String,
+    pub dtype: StDtype,
+    pub shape: Vec<usize>,
+    /// Byte range within the data section (after the 8-byte length and the header).
+    pub start: usize,
+    pub end: usize,
+}
+
+/// The header's top-level entries in file order, duplicates kept (serde_json's `Map` would keep
+/// only the last of two equal keys, hiding a duplicated tensor name).
+struct RawEntries(Vec<(String, serde_json::Value)>);
+
+impl<'de> serde::Deserialize<'de> for RawEntries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RawEntries;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> std::result::Result<RawEntries, A::Error> {
+                let mut out = Vec::new();
+                while let Some(kv) = m.next_entry::<String, serde_json::Value>()? {
+                    out.push(kv);
+                }
+                Ok(RawEntries(out))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+fn parse_st_dtype(s: &str) -> Option<StDtype> {
+    Some(match s {
+        "F64" => StDtype::F64,
+        "F32" => StDtype::F32,
+        "F16" => StDtype::F16,
+        "BF16" => StDtype::BF16,
+        "I64" => StDtype::I64,
+        "I32" => StDtype::I32,
+        "U32" => StDtype::U32,
+        "U8" => StDtype::U8,
+        _ => return None,
+    })
+}
+
+/// dtype names of the safetensors format that this reader does not load (candle has no type
+/// for them); named in errors so that they are not reported as unknown.
+const ST_UNSUPPORTED: &[&str] =
+    &["BOOL", "I8", "I16", "U16", "U64", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F4", "F6_E2M3", "F6_E3M2", "C64"];
+
+/// Validate a safetensors header (the JSON text after the 8-byte length) against a data
+/// section of `data_len` bytes, before any tensor memory is allocated.
+///
+/// Checks: UTF-8 JSON object; `__metadata__` (optional) maps strings to strings; every other key
+/// names a tensor exactly once with `dtype` (one this reader loads: F64, F32, F16, BF16, I64,
+/// I32, U32, U8), `shape` (non-negative integers) and `data_offsets` `[start, end]`;
+/// `end - start` equals the element count × dtype size (overflow-checked); the ranges lie within
+/// the data, do not overlap and leave no gap, and the last one ends at the end of the file.
+/// Returns the entries sorted by offset.
+///
+/// Errors: `SafetensorsInvalid` naming `path` and, where one is at fault, the tensor.
+pub fn validate_safetensors_header(header: &[u8], data_len: u64, path: &Path) -> Result<Vec<HeaderEntry>> {
+    let bad = |msg: String| PeftError::SafetensorsInvalid { path: path.to_path_buf(), msg };
+    let text = std::str::from_utf8(header).map_err(|e| bad(format!("the header is not UTF-8: {e}")))?;
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(format!("the header is not valid JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(bad(format!("the header must be a JSON object, found {}", json_kind(&value))));
+    }
+    let RawEntries(raw) = serde_json::from_str(text).map_err(|e| bad(format!("the header is not a JSON object: {e}")))?;
+    let mut seen = std::collections::HashSet::new();
+    let mut entries = Vec::with_capacity(raw.len());
+    for (name, v) in raw {
+        if !seen.insert(name.clone()) {
+            return Err(bad(format!("tensor `{name}` appears twice in the header")));
+        }
+        if name == "__metadata__" {
+            let ok = v.as_object().map(|m| m.values().all(|x| x.is_string())).unwrap_or(false);
+            if !ok {
+                return Err(bad("`__metadata__` must be an object of strings".into()));
+            }
+            continue;
+        }
+        let tbad = |m: String| bad(format!("tensor `{name}`: {m}"));
+        let obj = v.as_object().ok_or_else(|| tbad(format!("the entry must be an object, found {}", json_kind(&v))))?;
+        let dtype_s = obj.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| tbad("`dtype` must be a string".into()))?;
+        let dtype = match parse_st_dtype(dtype_s) {
+            Some(d) => d,
+            None if ST_UNSUPPORTED.contains(&dtype_s) => return Err(tbad(format!("dtype {dtype_s} is not supported by this reader"))),
+            None => return Err(tbad(format!("unknown dtype {dtype_s:?}"))),
+        };
+        let shape_v = obj.get("shape").and_then(|s| s.as_array()).ok_or_else(|| tbad("`shape` must be an array".into()))?;
+        let mut shape = Vec::with_capacity(shape_v.len().min(16));
+        for d in shape_v {
+            let d = d.as_u64().and_then(|d| usize::try_from(d).ok()).ok_or_else(|| tbad(format!("shape entry {d} is not a non-negative integer")))?;
+            shape.push(d);
+        }
+        let offs = obj.get("data_offsets").and_then(|o| o.as_array()).filter(|o| o.len() == 2).ok_or_else(|| tbad("`data_offsets` must be [start, end]".into()))?;
+        let (start, end) = match (offs[0].as_u64(), offs[1].as_u64()) {
+            (Some(s), Some(e)) => (s, e),
+            _ => return Err(tbad(format!("`data_offsets` must be two non-negative integers, found {}", obj["data_offsets"]))),
+        };
+        if start > end {
+            return Err(tbad(format!("data_offsets [{start}, {end}] end before they start")));
+        }
+        if end > data_len {
+            return Err(tbad(format!("data_offsets [{start}, {end}] run past the data section ({data_len} bytes); truncated file?")));
+        }
+        let elems = shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d as u64));
+        let nbytes = elems.and_then(|n| n.checked_mul(dtype.bitsize() as u64 / 8));
+        match nbytes {
+            Some(n) if n == end - start => {}
+            Some(n) => return Err(tbad(format!("data_offsets [{start}, {end}] hold {} bytes but {dtype_s} × {shape:?} needs {n}", end - start))),
+            None => return Err(tbad(format!("shape {shape:?} of {dtype_s} overflows"))),
+        }
+        entries.push(HeaderEntry { name, dtype, shape, start: start as usize, end: end as usize });
+    }
+    entries.sort_by(|a, b| (a.start, a.end).cmp(&(b.start, b.end)));
+    let mut pos = 0usize;
+    let mut prev: Option<&str> = None;
+    for e in &entries {
+        if e.start < pos {
+            return Err(bad(format!("tensor `{}` (bytes {}..{}) overlaps tensor `{}`", e.name, e.start, e.end, prev.unwrap_or("?"))));
+        }
+        if e.start > pos {
+            return Err(bad(format!("tensor `{}` starts at byte {} but the previous tensor ends at {pos} (gap in the data)", e.name, e.start)));
+        }
+        pos = e.end;
+        prev = Some(&e.name);
+    }
+    if pos as u64 != data_len {
+        return Err(bad(format!("the tensors cover {pos} bytes but the data section has {data_len} (trailing bytes)")));
+    }
+    Ok(entries)
+}
+
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
 /// Read every tensor of a safetensors file, in file order.
 ///
-/// The header is validated by the `safetensors` crate (length, JSON, offsets within the data,
-/// offsets consistent with dtype × shape) before any tensor is built. I32 tensors are widened to
-/// I64; other dtypes candle cannot hold are refused.
+/// Hostile files are refused before memory is allocated for them: the 8-byte header length is
+/// checked against the file size and [`MAX_SAFETENSORS_HEADER`], the header is validated by
+/// [`validate_safetensors_header`] (offsets, dtype × shape, duplicates, overlaps), and only then
+/// is the data section (whose size is the file's real size) read. I32 tensors are widened to
+/// I64; dtypes candle cannot hold are refused.
 ///
-/// Errors: `NotFound`, `SafetensorsInvalid` naming the file (and tensor, where one is at fault).
+/// Errors: `NotFound`, `Io`, `SafetensorsInvalid` naming the file (and the tensor at fault).
 pub fn read_safetensors(path: &Path, device: &Device) -> Result<Vec<(String, Tensor)>> {
-    let bytes = std::fs::read(path).map_err(|e| PeftError::io(path, e))?;
+    use std::io::Read;
+    let bad = |msg: String| PeftError::SafetensorsInvalid { path: path.to_path_buf(), msg };
+    let mut f = std::fs::File::open(path).map_err(|e| PeftError::io(path, e))?;
+    let size = f.metadata().map_err(|e| PeftError::io(path, e))?.len();
+    if size < 8 {
+        return Err(bad(format!("the file is {size} bytes long, too short for the 8-byte header length; truncated?")));
+    }
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|e| PeftError::io(path, e))?;
+    let n = u64::from_le_bytes(len);
+    if n > MAX_SAFETENSORS_HEADER {
+        return Err(bad(format!("header length {n} exceeds the limit of {MAX_SAFETENSORS_HEADER} bytes")));
+    }
+    if n > size - 8 {
+        return Err(bad(format!("header length {n} runs past the end of the file ({size} bytes); truncated?")));
+    }
+    let mut bytes = Vec::with_capacity(8 + n as usize);
+    bytes.extend_from_slice(&len);
+    (&mut f).take(n).read_to_end(&mut bytes).map_err(|e| PeftError::io(path, e))?;
+    if bytes.len() as u64 != 8 + n {
+        return Err(bad("the file changed while it was read".into()));
+    }
+    let data_len = size - 8 - n;
+    validate_safetensors_header(&bytes[8..], data_len, path)?;
+    // The header is sound: the rest of the file is the data section (its true size).
+    bytes.try_reserve_exact(data_len as usize).map_err(|_| bad(format!("cannot allocate {data_len} bytes for the tensor data")))?;
+    (&mut f).take(data_len + 1).read_to_end(&mut bytes).map_err(|e| PeftError::io(path, e))?;
+    if bytes.len() as u64 != size {
+        return Err(bad("the file changed while it was read".into()));
+    }
     parse_safetensors(&bytes, path, device)
 }
 
 /// [`read_safetensors`] over bytes already in memory; `path` is used in error messages.
+/// Validates the header with [`validate_safetensors_header`] first.
 pub fn parse_safetensors(bytes: &[u8], path: &Path, device: &Device) -> Result<Vec<(String, Tensor)>> {
     let bad = |msg: String| PeftError::SafetensorsInvalid { path: path.to_path_buf(), msg };
-    let st = SafeTensors::deserialize(bytes).map_err(|e| bad(format!("{e}")))?;
-    let mut names: Vec<(usize, String)> = Vec::new();
-    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| bad(format!("{e}")))?;
-    for (name, info) in meta.tensors() {
-        names.push((info.data_offsets.0, name));
+    if bytes.len() < 8 {
+        return Err(bad(format!("{} bytes, too short for the 8-byte header length; truncated?", bytes.len())));
     }
-    names.sort();
-    let mut out = Vec::with_capacity(names.len());
-    for (_, name) in names {
-        let view = st.tensor(&name).map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
-        let shape = view.shape().to_vec();
-        let t = if view.dtype() == StDtype::I32 {
-            let v: Vec<i64> = view.data().chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64).collect();
-            Tensor::from_vec(v, shape, device)?
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+    if n > MAX_SAFETENSORS_HEADER || n > bytes.len() as u64 - 8 {
+        return Err(bad(format!("header length {n} runs past the end of the data ({} bytes) or exceeds the limit", bytes.len())));
+    }
+    let entries = validate_safetensors_header(&bytes[8..8 + n as usize], bytes.len() as u64 - 8 - n, path)?;
+    // Second opinion from the reference implementation.
+    SafeTensors::deserialize(bytes).map_err(|e| bad(format!("{e}")))?;
+    let data = &bytes[8 + n as usize..];
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        let raw = &data[e.start..e.end];
+        let name = e.name;
+        let t = if e.dtype == StDtype::I32 {
+            let v: Vec<i64> = raw.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64).collect();
+            Tensor::from_vec(v, e.shape, device)?
         } else {
-            let dt = st_to_candle(view.dtype()).ok_or_else(|| bad(format!("tensor `{name}` has unsupported dtype {:?}", view.dtype())))?;
-            Tensor::from_raw_buffer(view.data(), dt, &shape, device)
-                .map_err(|e| bad(format!("tensor `{name}`: {e}")))?
+            let dt = st_to_candle(e.dtype).ok_or_else(|| bad(format!("tensor `{name}` has unsupported dtype {:?}", e.dtype)))?;
+            Tensor::from_raw_buffer(raw, dt, &e.shape, device).map_err(|err| bad(format!("tensor `{name}`: {err}")))?
         };
         out.push((name, t));
     }
@@ -123,13 +311,19 @@ pub fn safetensors_bytes(tensors: &[(String, Tensor)], metadata: Option<&[(&str,
 }
 
 /// Write `bytes` to `path` atomically: a temp file in the same folder, fsync, rename over
-/// `path`, fsync the folder. A crash leaves either the old file or the new one.
+/// `path`, fsync the folder. A crash leaves either the old file or the new one (and possibly a
+/// stray `.<name>.tmp-*` file). The temp file is created with `O_EXCL` (never through an
+/// existing file or symlink), and the rename replaces a symlink at `path` by a regular file
+/// instead of writing through it.
+///
+/// Errors: `Io` / `NotFound` naming `path`; `InvalidArgument` when `path` has no file name.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
     let fname = path.file_name().ok_or_else(|| PeftError::invalid_arg("path", format!("{} has no file name", path.display())))?;
+    remove_stale_temps(&dir, &fname.to_string_lossy());
     let tmp = dir.join(format!(".{}.tmp-{}-{}", fname.to_string_lossy(), std::process::id(), unique()));
     let res = (|| -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         drop(f);
@@ -144,6 +338,29 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         return Err(PeftError::io(path, e));
     }
     Ok(())
+}
+
+/// Remove temp files `.<fname>.tmp-<pid>-<n>` left in `dir` by a process that no longer runs
+/// (killed during a [`write_atomic`]). Linux only (liveness is read from `/proc`); temp files of
+/// live processes, including this one, are never touched. Failures are ignored.
+fn remove_stale_temps(dir: &Path, fname: &str) {
+    if !cfg!(target_os = "linux") || !Path::new("/proc/self").exists() {
+        return;
+    }
+    let prefix = format!(".{fname}.tmp-");
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(&prefix)) else { continue };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
+            if let Ok(md) = std::fs::symlink_metadata(e.path()) {
+                if md.is_file() {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+    }
 }
 
 fn unique() -> u64 {

@@ -588,18 +588,22 @@ impl PeftModel {
     /// Adapter parameters that training updates: those of the active adapters whose config is
     /// not in inference mode, as `(key as saved on disk, Var)`.
     pub fn trainable_parameters(&self) -> Vec<(String, Var)> {
-        let mut out = Vec::new();
+        self.trainable_parameters_by_adapter().into_iter().flat_map(|(_, v)| v).collect()
+    }
+
+    /// [`Self::trainable_parameters`] grouped by adapter name (active adapters in order).
+    pub fn trainable_parameters_by_adapter(&self) -> Vec<(String, Vec<(String, Var)>)> {
+        let mut groups = Vec::new();
         for name in &self.active {
             let Ok(cfg) = self.peft_config(name) else { continue };
             if cfg.inference_mode() {
                 continue;
             }
             if let Some(enc) = self.prompt_encoders.get(name) {
-                for (p, v) in enc.vars() {
-                    out.push((format!("prompt_encoder.{name}.{p}"), v));
-                }
+                groups.push((name.clone(), enc.vars().into_iter().map(|(p, v)| (format!("prompt_encoder.{name}.{p}"), v)).collect()));
                 continue;
             }
+            let mut out = Vec::new();
             for (m, lin) in self.base.named_linears() {
                 if let Some(ad) = lin.adapters.get(name) {
                     out.push((format!("{KEY_PREFIX}{m}.lora_A.weight"), ad.a.clone()));
@@ -618,8 +622,9 @@ impl PeftModel {
                     }
                 }
             }
+            groups.push((name.clone(), out));
         }
-        out
+        groups
     }
 
     /// `(trainable, all)` parameter counts as HF `get_nb_trainable_parameters` reports them.
@@ -681,7 +686,14 @@ impl PeftModel {
     /// Save adapters in HF PEFT's layout: `default` in `dir`, others in `dir/<name>/`, each with
     /// `adapter_config.json` (inference_mode true) and `adapter_model.safetensors`
     /// (metadata `{"format": "pt"}`); a README.md model card is created when missing. Every file
-    /// is written atomically.
+    /// is written atomically (see [`write_atomic`]).
+    ///
+    /// Paths: nothing is written outside `dir`. `dir` itself may be a symlink (it is followed:
+    /// the caller named it); an adapter subfolder `dir/<name>` that is a symlink or not a folder
+    /// is refused (`InvalidArgument`), and a file in the folder that is a symlink is replaced by a
+    /// regular file, never written through. Each file is atomic on its own; the weights are
+    /// written before the config, so a crash between the two leaves the new weights with the
+    /// old config (the same config when the same adapter is saved again).
     pub fn save_pretrained(&self, dir: &Path, selected: Option<&[String]>) -> Result<Vec<PathBuf>> {
         let names: Vec<String> = match selected {
             Some(s) => s.to_vec(),
@@ -696,6 +708,7 @@ impl PeftModel {
             validate_adapter_name(name)?;
             let cfg = self.peft_config(name)?;
             let target = if name == "default" { dir.to_path_buf() } else { dir.join(name) };
+            check_save_subfolder(dir, &target)?;
             std::fs::create_dir_all(&target).map_err(|e| PeftError::io(&target, e))?;
             let tensors = self.adapter_state_dict(name)?;
             let bytes = safetensors_bytes(&tensors, Some(&[("format", "pt")]))?;
@@ -1306,6 +1319,26 @@ fn device_type(d: &candle_core::Device) -> &'static str {
         candle_core::Device::Cuda(_) => "cuda",
         candle_core::Device::Metal(_) => "mps",
     }
+}
+
+/// Refuse an adapter subfolder that would lead a save outside `dir`: a symlink (to anywhere),
+/// something that is not a folder, or a path that does not resolve inside `dir`.
+fn check_save_subfolder(dir: &Path, target: &Path) -> Result<()> {
+    if target == dir {
+        return Ok(());
+    }
+    let bad = |m: &str| Err(PeftError::invalid_arg("adapterName", format!("cannot save into {}: {m}", target.display())));
+    match std::fs::symlink_metadata(target) {
+        Ok(md) if md.file_type().is_symlink() => return bad("it is a symlink (saves never follow links out of the target folder)"),
+        Ok(md) if !md.is_dir() => return bad("it exists and is not a folder"),
+        _ => {}
+    }
+    if let (Ok(d), Some(parent)) = (dir.canonicalize(), target.parent()) {
+        if parent.canonicalize().map(|p| p != d).unwrap_or(true) {
+            return bad("it does not lie directly inside the target folder");
+        }
+    }
+    Ok(())
 }
 
 /// `x.lora_A.<name>.weight` → `x.lora_A.weight` (HF's adapter-name removal rule, inverted).

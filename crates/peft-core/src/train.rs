@@ -9,8 +9,9 @@ use crate::ops::causal_lm_loss;
 use crate::peft_model::PeftModel;
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_nn::ParamsAdamW;
 use rand::SeedableRng;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 /// Hyper-parameters (transformers `TrainingArguments` names).
@@ -92,14 +93,118 @@ pub struct StepOutput {
     pub tokens: usize,
 }
 
+/// AdamW (Loshchilov & Hutter; PyTorch `torch.optim.AdamW` semantics: decoupled weight decay
+/// `θ ← θ·(1 − lr·λ)`, bias-corrected moments, `eps` added to `sqrt(v̂)`) with the same operations
+/// in the same order as `candle_nn::AdamW`, so results are bit-identical, but with state that
+/// can be exported and imported (for checkpoints). `m`/`v` have each parameter's shape and dtype.
+pub struct AdamW {
+    /// `(name, parameter, first moment m, second moment v)`.
+    vars: Vec<(String, Var, Var, Var)>,
+    step_t: usize,
+    params: ParamsAdamW,
+}
+
+impl AdamW {
+    /// Zero moments for every float parameter (non-float parameters are skipped, as candle does).
+    pub fn new(vars: Vec<(String, Var)>, params: ParamsAdamW) -> Result<Self> {
+        let vars = vars
+            .into_iter()
+            .filter(|(_, v)| v.dtype().is_float())
+            .map(|(n, v)| {
+                let m = Var::zeros(v.shape(), v.dtype(), v.device())?;
+                let s = Var::zeros(v.shape(), v.dtype(), v.device())?;
+                Ok((n, v, m, s))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(AdamW { vars, step_t: 0, params })
+    }
+
+    pub fn set_learning_rate(&mut self, lr: f64) {
+        self.params.lr = lr;
+    }
+
+    /// Optimizer steps taken (the `t` of the bias correction).
+    pub fn step_t(&self) -> usize {
+        self.step_t
+    }
+
+    /// One update of every parameter that has a gradient in `grads`.
+    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.step_t += 1;
+        let p = &self.params;
+        let (lr, beta1, beta2) = (p.lr, p.beta1, p.beta2);
+        let lr_lambda = lr * p.weight_decay;
+        let scale_m = 1f64 / (1f64 - beta1.powi(self.step_t as i32));
+        let scale_v = 1f64 / (1f64 - beta2.powi(self.step_t as i32));
+        for (_, theta, m, v) in &self.vars {
+            if let Some(g) = grads.get(theta) {
+                let next_m = ((m.as_tensor() * beta1)? + (g * (1.0 - beta1))?)?;
+                let next_v = ((v.as_tensor() * beta2)? + (g.sqr()? * (1.0 - beta2))?)?;
+                let m_hat = (&next_m * scale_m)?;
+                let v_hat = (&next_v * scale_v)?;
+                let next_theta = (theta.as_tensor() * (1f64 - lr_lambda))?;
+                let adjusted = (m_hat / (v_hat.sqrt()? + p.eps)?)?;
+                let next_theta = (next_theta - (adjusted * lr)?)?;
+                m.set(&next_m)?;
+                v.set(&next_v)?;
+                theta.set(&next_theta)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The moments as `<name>.exp_avg` (m) and `<name>.exp_avg_sq` (v), torch's names.
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::with_capacity(2 * self.vars.len());
+        for (n, _, m, v) in &self.vars {
+            out.push((format!("{n}.exp_avg"), m.as_tensor().detach()));
+            out.push((format!("{n}.exp_avg_sq"), v.as_tensor().detach()));
+        }
+        out
+    }
+
+    /// Restore what [`Self::state_tensors`] and [`Self::step_t`] returned. Every parameter must
+    /// have both moments with its own shape; `file` names the source in errors.
+    ///
+    /// Errors: `InvalidState` naming the missing or mis-shaped key.
+    pub fn load_state(&mut self, tensors: &std::collections::HashMap<String, Tensor>, step_t: usize, file: &Path) -> Result<()> {
+        let mut staged = Vec::with_capacity(self.vars.len());
+        for (n, theta, _, _) in &self.vars {
+            for key in [format!("{n}.exp_avg"), format!("{n}.exp_avg_sq")] {
+                let t = tensors.get(&key).ok_or_else(|| {
+                    PeftError::InvalidState(format!("checkpoint {} lacks optimizer state `{key}`", file.display()))
+                })?;
+                if t.dims() != theta.dims() {
+                    return Err(PeftError::ShapeMismatch { name: format!("{} (key `{key}`)", file.display()), expected: theta.dims().to_vec(), found: t.dims().to_vec() });
+                }
+                staged.push(t.to_dtype(theta.dtype())?);
+            }
+        }
+        for (i, (_, _, m, v)) in self.vars.iter().enumerate() {
+            m.set(&staged[2 * i])?;
+            v.set(&staged[2 * i + 1])?;
+        }
+        self.step_t = step_t;
+        Ok(())
+    }
+}
+
 /// Optimizer state for the trainable adapter parameters of a [`PeftModel`].
 pub struct Trainer {
     args: TrainingArgs,
     opt: AdamW,
     vars: Vec<(String, Var)>,
     step: usize,
-    rng: Arc<Mutex<rand::rngs::StdRng>>,
 }
+
+/// Name of the trainer state file in a checkpoint folder.
+pub const TRAINER_STATE_FILE: &str = "trainer_state.json";
+/// Name of the optimizer state file in a checkpoint folder (AdamW m and v per parameter).
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+/// File of a checkpoint holding every trainable parameter under the trainer's names
+/// (`<adapter>/<key>`): exact training state also where the HF-format adapter file stores a
+/// derived tensor (prompt learning saves the computed prompt table, not the P-tuning MLP).
+pub const TRAINABLE_FILE: &str = "trainable_parameters.safetensors";
 
 /// Loss (mean over label tokens) and gradients of the trainable parameters for one batch,
 /// scaled by `scale` (for accumulation). Returns `(loss, label tokens, grads)`.
@@ -182,9 +287,124 @@ impl Trainer {
             eps: args.adam_epsilon,
             weight_decay: args.weight_decay,
         };
-        let opt = AdamW::new(vars.iter().map(|(_, v)| v.clone()).collect(), params)?;
-        let rng = Arc::new(Mutex::new(rand::rngs::StdRng::seed_from_u64(args.seed)));
-        Ok(Trainer { args, opt, vars, step: 0, rng })
+        let named: Vec<(String, Var)> = model
+            .trainable_parameters_by_adapter()
+            .into_iter()
+            .flat_map(|(a, vs)| vs.into_iter().map(move |(k, v)| (format!("{a}/{k}"), v)))
+            .collect();
+        let opt = AdamW::new(named.clone(), params)?;
+        Ok(Trainer { args, opt, vars: named, step: 0 })
+    }
+
+    /// The dropout RNG of 0-based optimizer step `step`: a function of the seed and the step
+    /// only, so a run resumed from a checkpoint draws the same masks as an uninterrupted one.
+    fn step_rng(&self) -> Arc<Mutex<rand::rngs::StdRng>> {
+        let s = self.args.seed ^ (self.step as u64).wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        Arc::new(Mutex::new(rand::rngs::StdRng::seed_from_u64(s)))
+    }
+
+    /// Write a checkpoint of the training state to `dir` (e.g. `out/checkpoint-20`): the model's
+    /// adapters in HF PEFT format ([`PeftModel::save_pretrained`]), [`OPTIMIZER_FILE`] (AdamW
+    /// moments per parameter) and [`TRAINER_STATE_FILE`] (`global_step`, optimizer step,
+    /// schedule arguments, seed, and `extra`: the caller's data-order state). Everything is
+    /// written to a temp folder beside `dir` which is then renamed to `dir`, so `dir` is either
+    /// absent or complete; an existing `dir` is replaced.
+    ///
+    /// Errors: `Io` naming the path; errors of `save_pretrained`.
+    pub fn save_checkpoint(&self, model: &PeftModel, dir: &Path, extra: serde_json::Value) -> Result<PathBuf> {
+        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
+        let fname = dir.file_name().ok_or_else(|| PeftError::invalid_arg("outputDir", format!("{} has no folder name", dir.display())))?;
+        std::fs::create_dir_all(&parent).map_err(|e| PeftError::io(&parent, e))?;
+        let tmp = parent.join(format!(".{}.tmp-{}", fname.to_string_lossy(), std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| PeftError::io(&tmp, e))?;
+        }
+        let res = (|| -> Result<()> {
+            std::fs::create_dir_all(&tmp).map_err(|e| PeftError::io(&tmp, e))?;
+            model.save_pretrained(&tmp, None)?;
+            let opt = crate::io::safetensors_bytes(&self.opt.state_tensors(), Some(&[("format", "pt")]))?;
+            crate::io::write_atomic(&tmp.join(OPTIMIZER_FILE), &opt)?;
+            let params: Vec<(String, Tensor)> = self.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect();
+            crate::io::write_atomic(&tmp.join(TRAINABLE_FILE), &crate::io::safetensors_bytes(&params, Some(&[("format", "pt")]))?)?;
+            let state = serde_json::json!({
+                "global_step": self.step,
+                "optimizer_step": self.opt.step_t(),
+                "max_steps": self.args.max_steps,
+                "warmup_steps": self.args.warmup_steps,
+                "learning_rate": self.args.learning_rate,
+                "seed": self.args.seed,
+                "parameters": self.vars.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
+                "extra": extra,
+            });
+            crate::io::write_atomic(&tmp.join(TRAINER_STATE_FILE), serde_json::to_string_pretty(&state).expect("JSON").as_bytes())?;
+            if dir.exists() {
+                std::fs::remove_dir_all(dir).map_err(|e| PeftError::io(dir, e))?;
+            }
+            std::fs::rename(&tmp, dir).map_err(|e| PeftError::io(dir, e))?;
+            if let Ok(d) = std::fs::File::open(&parent) {
+                let _ = d.sync_all();
+            }
+            Ok(())
+        })();
+        if res.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        res.map(|_| dir.to_path_buf())
+    }
+
+    /// Restore a checkpoint written by [`Self::save_checkpoint`] into this trainer and `model`:
+    /// the trainable adapter weights (from each active adapter's `adapter_model.safetensors`:
+    /// `dir` for `default`, `dir/<name>` otherwise), the AdamW moments and step, and the
+    /// optimizer step (hence the learning-rate schedule and dropout RNG). Returns `extra`.
+    ///
+    /// Errors: `NotFound`, `SafetensorsInvalid`, `ShapeMismatch`, `InvalidState` (a parameter
+    /// missing from the checkpoint, or a malformed trainer_state.json); on error the model's
+    /// weights are unchanged.
+    pub fn load_checkpoint(&mut self, model: &PeftModel, dir: &Path) -> Result<serde_json::Value> {
+        let spath = dir.join(TRAINER_STATE_FILE);
+        let text = std::fs::read_to_string(&spath).map_err(|e| PeftError::io(&spath, e))?;
+        let state: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| PeftError::InvalidState(format!("{} is not valid JSON: {e}", spath.display())))?;
+        let get = |k: &str| {
+            state[k].as_u64().map(|x| x as usize).ok_or_else(|| PeftError::InvalidState(format!("{}: `{k}` must be a non-negative integer", spath.display())))
+        };
+        let (global_step, opt_step) = (get("global_step")?, get("optimizer_step")?);
+        let mut staged: Vec<(Var, Tensor)> = Vec::new();
+        let tpath = dir.join(TRAINABLE_FILE);
+        let trainable: Option<std::collections::HashMap<String, Tensor>> =
+            if tpath.exists() { Some(crate::io::read_safetensors(&tpath, &model.base.device)?.into_iter().collect()) } else { None };
+        for (adapter, vars) in model.trainable_parameters_by_adapter() {
+            if let Some(file) = &trainable {
+                for (key, var) in vars {
+                    let name = format!("{adapter}/{key}");
+                    let t = file.get(&name).ok_or_else(|| PeftError::InvalidState(format!("checkpoint {} lacks `{name}`", tpath.display())))?;
+                    if t.dims() != var.dims() {
+                        return Err(PeftError::ShapeMismatch { name: format!("{} (key `{name}`)", tpath.display()), expected: var.dims().to_vec(), found: t.dims().to_vec() });
+                    }
+                    staged.push((var.clone(), t.to_dtype(var.dtype())?));
+                }
+                continue;
+            }
+            let folder = if adapter == "default" { dir.to_path_buf() } else { dir.join(&adapter) };
+            let wpath = folder.join("adapter_model.safetensors");
+            let file: std::collections::HashMap<String, Tensor> = crate::io::read_safetensors(&wpath, &model.base.device)?.into_iter().collect();
+            for (key, var) in vars {
+                let t = file.get(&key).ok_or_else(|| PeftError::InvalidState(format!("checkpoint {} lacks `{key}`", wpath.display())))?;
+                if t.dims() != var.dims() {
+                    return Err(PeftError::ShapeMismatch { name: format!("{} (key `{key}`)", wpath.display()), expected: var.dims().to_vec(), found: t.dims().to_vec() });
+                }
+                let t = t.to_dtype(var.dtype())?;
+                staged.push((var, t));
+            }
+        }
+        let opath = dir.join(OPTIMIZER_FILE);
+        let opt: std::collections::HashMap<String, Tensor> = crate::io::read_safetensors(&opath, &model.base.device)?.into_iter().collect();
+        self.opt.load_state(&opt, opt_step, &opath)?;
+        for (var, t) in staged {
+            var.set(&t)?;
+        }
+        self.step = global_step;
+        Ok(state["extra"].clone())
     }
 
     /// Optimizer steps taken so far.
@@ -210,8 +430,9 @@ impl Trainer {
         let mut items = 0usize;
         let mut tokens = 0usize;
         let mut last: Option<GradStore> = None;
+        let rng = self.step_rng();
         for b in micro_batches {
-            let (loss, n, grads) = loss_and_grads(model, b, Some(total_items), Some(self.rng.clone()))?;
+            let (loss, n, grads) = loss_and_grads(model, b, Some(total_items), Some(rng.clone()))?;
             loss_sum += loss * n as f64;
             items += n;
             tokens += b.attention_mask.iter().filter(|&&m| m != 0).count();
