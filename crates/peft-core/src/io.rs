@@ -340,6 +340,93 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Name of the journal a group write leaves in its folder between its renames.
+pub const SAVE_JOURNAL: &str = ".peft-node-save.journal";
+
+/// Write several files of one folder so that readers see all old or all new contents (an
+/// adapter's weights and config must never mix): each file goes to a fsynced temp file, then a
+/// journal listing the pending renames is written atomically, the temp files are renamed over
+/// their targets, and the journal is removed. A process killed after the journal was written
+/// leaves a journal that [`recover_group_write`] (run by every save and load of the folder)
+/// completes, so the folder then holds the new files; killed before, the old files are intact.
+///
+/// Errors: `Io` naming the file.
+pub fn write_atomic_group(dir: &Path, files: &[(&str, &[u8])]) -> Result<()> {
+    recover_group_write(dir)?;
+    let mut pending: Vec<(PathBuf, PathBuf)> = Vec::new();
+    let cleanup = |p: &[(PathBuf, PathBuf)]| {
+        for (t, _) in p {
+            let _ = std::fs::remove_file(t);
+        }
+    };
+    for (name, bytes) in files {
+        let path = dir.join(name);
+        remove_stale_temps(dir, name);
+        let tmp = dir.join(format!(".{name}.tmp-{}-{}", std::process::id(), unique()));
+        let res = (|| -> std::io::Result<()> {
+            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+            f.write_all(bytes)?;
+            f.sync_all()
+        })();
+        if let Err(e) = res {
+            let _ = std::fs::remove_file(&tmp);
+            cleanup(&pending);
+            return Err(PeftError::io(&path, e));
+        }
+        pending.push((tmp, path));
+    }
+    let journal = serde_json::json!(pending
+        .iter()
+        .map(|(t, p)| [t.file_name().unwrap_or_default().to_string_lossy(), p.file_name().unwrap_or_default().to_string_lossy()])
+        .collect::<Vec<_>>());
+    if let Err(e) = write_atomic(&dir.join(SAVE_JOURNAL), journal.to_string().as_bytes()) {
+        cleanup(&pending);
+        return Err(e);
+    }
+    for (tmp, path) in &pending {
+        std::fs::rename(tmp, path).map_err(|e| PeftError::io(path, e))?;
+    }
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    let jpath = dir.join(SAVE_JOURNAL);
+    std::fs::remove_file(&jpath).map_err(|e| PeftError::io(&jpath, e))?;
+    Ok(())
+}
+
+/// Complete a [`write_atomic_group`] that was interrupted after its journal was written: rename
+/// the temp files still present over their targets and remove the journal. Does nothing
+/// without a journal. A journal naming anything but plain file names in `dir` is refused.
+///
+/// Errors: `Io`, `InvalidState` for a malformed journal.
+pub fn recover_group_write(dir: &Path) -> Result<()> {
+    let jpath = dir.join(SAVE_JOURNAL);
+    let text = match std::fs::read_to_string(&jpath) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(PeftError::io(&jpath, e)),
+    };
+    let bad = || PeftError::InvalidState(format!("{} is not a valid save journal", jpath.display()));
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|_| bad())?;
+    let plain = |s: &str| !s.is_empty() && !s.contains('/') && !s.contains('\\') && s != "." && s != "..";
+    for pair in v.as_array().ok_or_else(bad)? {
+        let (Some(t), Some(p)) = (pair.get(0).and_then(|x| x.as_str()), pair.get(1).and_then(|x| x.as_str())) else { return Err(bad()) };
+        if !plain(t) || !plain(p) {
+            return Err(bad());
+        }
+        let tmp = dir.join(t);
+        if tmp.exists() {
+            let path = dir.join(p);
+            std::fs::rename(&tmp, &path).map_err(|e| PeftError::io(&path, e))?;
+        }
+    }
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    std::fs::remove_file(&jpath).map_err(|e| PeftError::io(&jpath, e))?;
+    Ok(())
+}
+
 /// Remove temp files `.<fname>.tmp-<pid>-<n>` left in `dir` by a process that no longer runs
 /// (killed during a [`write_atomic`]). Linux only (liveness is read from `/proc`); temp files of
 /// live processes, including this one, are never touched. Failures are ignored.

@@ -691,9 +691,9 @@ impl PeftModel {
     /// Paths: nothing is written outside `dir`. `dir` itself may be a symlink (it is followed:
     /// the caller named it); an adapter subfolder `dir/<name>` that is a symlink or not a folder
     /// is refused (`InvalidArgument`), and a file in the folder that is a symlink is replaced by a
-    /// regular file, never written through. Each file is atomic on its own; the weights are
-    /// written before the config, so a crash between the two leaves the new weights with the
-    /// old config (the same config when the same adapter is saved again).
+    /// regular file, never written through. Each adapter's weights and config are written as one
+    /// group ([`crate::io::write_atomic_group`]): after a crash the folder holds the old pair or
+    /// (once recovered by the next save or load) the new one, never a mix.
     pub fn save_pretrained(&self, dir: &Path, selected: Option<&[String]>) -> Result<Vec<PathBuf>> {
         let names: Vec<String> = match selected {
             Some(s) => s.to_vec(),
@@ -715,9 +715,9 @@ impl PeftModel {
             let mut saved = cfg.clone();
             saved.set_inference_mode(true);
             let wpath = target.join("adapter_model.safetensors");
-            write_atomic(&wpath, &bytes)?;
             let cpath = target.join("adapter_config.json");
-            write_atomic(&cpath, saved.to_json_string().as_bytes())?;
+            // Weights and config together: a crash leaves the old pair or the new one.
+            crate::io::write_atomic_group(&target, &[("adapter_model.safetensors", &bytes), ("adapter_config.json", saved.to_json_string().as_bytes())])?;
             written.push(wpath);
             written.push(cpath);
         }
@@ -790,6 +790,8 @@ impl PeftModel {
         if self.configs.iter().any(|(n, _)| n == name) {
             return Err(PeftError::AdapterExists(name.into()));
         }
+        // Finish a save of this folder that a crash interrupted (see `write_atomic_group`).
+        crate::io::recover_group_write(dir)?;
         let mut cfg = match config_override {
             Some(c) => c,
             None => AdapterConfig::from_file(&dir.join("adapter_config.json"))?,
