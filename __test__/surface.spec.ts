@@ -68,7 +68,8 @@ test('getLayerStatus / getModelStatus follow HF (active, merged, disabled, requi
   t.true(pm.getModelStatus().enabled as boolean)
 
   const prefix = getPeftModel(disposeLater(t, await loadLlama()), new PrefixTuningConfig({ numVirtualTokens: 2 }))
-  await assertPeftError(t, () => prefix.getLayerStatus(), 'ERR_INVALID_STATE', ['prefix tuning'])
+  await assertPeftError(t, () => prefix.getLayerStatus(), 'ERR_INVALID_STATE', ['not available for prompt-learning adapters (PREFIX_TUNING)'])
+  await assertPeftError(t, () => prefix.getModelStatus(), 'ERR_INVALID_STATE', ['prompt-learning'])
 })
 
 test('savePretrained creates the model card, then updates it keeping what the user wrote', async (t) => {
@@ -146,4 +147,26 @@ test('loadAdapter options: keyMapping renames keys, autocastAdapterDtype keeps b
     const logits = (await p.forward({ inputIds: exp.input_ids, attentionMask: exp.attention_mask })).logits
     t.true(maxAbsDiff(logits, exp.logits_adapter) < 0.5, 'bf16 logits near the f32 reference')
   }
+})
+
+test('the package resolves by its own name (package.json main/types point at the build)', async (t) => {
+  const pkgDir = path.join(__dirname, '..')
+  const pkg = JSON.parse(fs.readFileSync(path.join(pkgDir, 'package.json'), 'utf8'))
+  t.true(fs.existsSync(path.join(pkgDir, pkg.main)), `main ${pkg.main} exists`)
+  t.true(fs.existsSync(path.join(pkgDir, pkg.types)), `types ${pkg.types} exists`)
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const mod = require(pkgDir)
+  for (const name of ['PeftModel', 'getPeftModel', 'LoraConfig', 'PrefixTuningConfig', 'PromptTuningConfig', 'PromptEncoderConfig', 'IA3Config', 'Trainer']) {
+    t.is(typeof mod[name], 'function', name)
+  }
+  t.is(typeof mod.AutoModelForCausalLM.fromPretrained, 'function')
+})
+
+test('configs a causal LM cannot serve are refused when the adapter is added, naming the option', async (t) => {
+  const base = disposeLater(t, await loadLlama())
+  await assertPeftError(t, () => getPeftModel(base, new PrefixTuningConfig({ numVirtualTokens: 2, taskType: 'SEQ_CLS' })), 'ERR_ADAPTER_CONFIG_INVALID', ['task_type', 'SEQ_CLS', 'option `taskType`'])
+  await assertPeftError(t, () => getPeftModel(base, new LoraConfig({ targetModules: ['q_proj'], taskType: 'TOKEN_CLS' })), 'ERR_ADAPTER_CONFIG_INVALID', ['TOKEN_CLS'])
+  // 128 positions: 200 virtual tokens leave none for the input
+  await assertPeftError(t, () => getPeftModel(base, new PrefixTuningConfig({ numVirtualTokens: 200 })), 'ERR_ADAPTER_CONFIG_INVALID', ['num_virtual_tokens', 'option `numVirtualTokens`', 'max_position_embeddings 128'])
+  t.is(new PeftModel(base).peftType, null, 'nothing was added')
 })

@@ -15,12 +15,22 @@ export class PeftError extends Error {
 
 const TAGGED = /^\[(ERR_[A-Z0-9_]+)\] ([\s\S]*)$/
 
+/** A config error names HF's on-disk field (`num_virtual_tokens`); add the option name a JS
+ * user passed (`numVirtualTokens`) after each backquoted snake_case field. */
+function withCamelCase(message: string): string {
+  return message.replace(/`([a-z][a-z0-9]*(?:_[a-z0-9]+)+)`(?! \()/g, (all, snake: string) => {
+    if (/_proj$|^model\b|\./.test(snake)) return all // module names, not fields
+    const camel = snake.replace(/_([a-z0-9])/g, (_, c: string) => c.toUpperCase())
+    return `\`${snake}\` (option \`${camel}\`)`
+  })
+}
+
 /** Turn an error from the native addon (message `[CODE] text`) into a {@link PeftError}. */
 export function fromNative(e: unknown): unknown {
   if (e instanceof PeftError) return e
   if (e instanceof Error) {
     const m = TAGGED.exec(e.message)
-    if (m) return new PeftError(m[1], m[2], { cause: e })
+    if (m) return new PeftError(m[1], m[1] === 'ERR_ADAPTER_CONFIG_INVALID' ? withCamelCase(m[2]) : m[2], { cause: e })
   }
   return e
 }

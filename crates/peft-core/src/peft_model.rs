@@ -207,6 +207,24 @@ impl PeftModel {
                 });
             }
         }
+        let task_type = match &cfg {
+            AdapterConfig::Lora(c) => c.task_type.clone(),
+            AdapterConfig::Ia3(c) => c.task_type.clone(),
+            AdapterConfig::Prompt(c) => c.task_type.clone(),
+        };
+        match task_type.as_deref() {
+            None | Some("CAUSAL_LM") => {}
+            Some("SEQ_2_SEQ_LM") if cfg.is_prompt_learning() => {} // refused below with the encoder-decoder reason
+            Some(t) => {
+                return Err(PeftError::InvalidAdapterConfig {
+                    path: None,
+                    msg: format!(
+                        "`task_type` {t:?} needs a task head that this causal LM does not have ({} models support \"CAUSAL_LM\" here; other task types are not available yet)",
+                        self.base.config.architecture
+                    ),
+                })
+            }
+        }
         if let Some(prefix) = tuner_prefix(cfg.peft_type()) {
             if prefix.contains(name) {
                 self.warnings.push(format!(
@@ -397,6 +415,13 @@ impl PeftModel {
             )));
         }
         let td = cfg.token_dim.unwrap_or(0);
+        let max_pos = self.base.config.max_position_embeddings;
+        if cfg.total_virtual_tokens() >= max_pos {
+            return Err(bad(format!(
+                "`num_virtual_tokens` {} leaves no position for real tokens: the model has max_position_embeddings {max_pos}",
+                cfg.num_virtual_tokens
+            )));
+        }
         match cfg.method {
             PromptMethod::PrefixTuning => {
                 let heads = cfg.num_attention_heads.unwrap_or(0);
@@ -1110,9 +1135,10 @@ impl PeftModel {
     pub fn layer_status(&self) -> Result<Vec<serde_json::Value>> {
         use serde_json::json;
         if self.is_prompt_learning() {
-            return Err(PeftError::InvalidState(
-                "get_layer_status() got an invalid PeftModel instance; prefix tuning and adaption prompt are not supported.".into(),
-            ));
+            return Err(PeftError::InvalidState(format!(
+                "layer and model status are not available for prompt-learning adapters ({}): they do not change the model's layers (HF's get_layer_status() refuses them too)",
+                self.peft_type().unwrap_or_default()
+            )));
         }
         let mut out = Vec::new();
         for (path, lin) in self.base.named_linears() {
