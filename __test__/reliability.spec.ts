@@ -307,6 +307,14 @@ test.serial('native memory is reported to V8 and freed: 500 load/dispose cycles 
   const reported = m.native.externalMemory
   t.true(reported > 400_000, `reports the base weights (${reported} bytes)`)
   t.is(native.nativeReportedMemory(), before + reported, 'V8 was told about the weights')
+  // adapters are reported too: loading adds their bytes, deleting takes them back
+  const pmx = await PeftModel.fromPretrained(m, QV)
+  const withAdapter = m.native.externalMemory
+  t.is(withAdapter - reported, 2 * (8 * 64 + 64 * 8 + 8 * 64 + 32 * 8) * 4, 'q/v LoRA A and B of 2 layers, f32')
+  t.is(native.nativeReportedMemory(), before + withAdapter)
+  pmx.deleteAdapter('default')
+  t.is(m.native.externalMemory, reported)
+  t.is(native.nativeReportedMemory(), before + reported)
   m.dispose()
   t.is(m.native.externalMemory, 0)
   t.is(native.nativeReportedMemory(), before, 'dispose undid the report')

@@ -145,8 +145,10 @@ export class PeftModel {
     return { missingKeys: r.missingKeys, unexpectedKeys: r.unexpectedKeys }
   }
 
-  /** Forward the core's warnings (HF `warnings.warn`) to `process.emitWarning` ('PeftWarning'). */
+  /** Forward the core's warnings (HF `warnings.warn`) to `process.emitWarning` ('PeftWarning'),
+   * and bring the external-memory report to V8 up to date with the adapters held. */
   private emitWarnings(): void {
+    this.n.syncExternalMemory()
     for (const w of call(() => this.n.takeWarnings())) process.emitWarning(w, 'PeftWarning')
   }
 
@@ -239,17 +241,20 @@ export class PeftModel {
   /** Merge adapters into the base weights and remove them; returns the base model. */
   mergeAndUnload(options: { safeMerge?: boolean; adapterNames?: string[] } = {}): PreTrainedModel {
     call(() => this.n.mergeAndUnload(options.adapterNames, options.safeMerge ?? false))
+    this.n.syncExternalMemory()
     return this.baseModel
   }
 
   /** Remove all adapters without merging; returns the base model as it was. */
   unload(): PreTrainedModel {
     call(() => this.n.unload())
+    this.n.syncExternalMemory()
     return this.baseModel
   }
 
   deleteAdapter(adapterName: string): void {
     call(() => this.n.deleteAdapter(adapterName))
+    this.n.syncExternalMemory()
   }
 
   /**

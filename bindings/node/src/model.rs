@@ -459,6 +459,25 @@ impl NativeModel {
         Ok(())
     }
 
+    /// Bring the external-memory report up to date with the model's current weights (adapters
+    /// added, loaded or deleted). Never blocks: while a task holds the model, nothing changes
+    /// and the report catches up on a later call. Returns the bytes now reported.
+    #[napi]
+    pub fn sync_external_memory(&self, env: Env) -> napi::Result<f64> {
+        let now = match self.inner.try_lock() {
+            Ok(g) => g.as_ref().map(|m| m.native_bytes() as i64),
+            Err(_) => None,
+        };
+        let prev = self.external.load(Ordering::SeqCst);
+        if let Some(now) = now {
+            if prev > 0 && now != prev {
+                report_external(&env, now - prev)?;
+                self.external.store(now, Ordering::SeqCst);
+            }
+        }
+        Ok(self.external.load(Ordering::SeqCst) as f64)
+    }
+
     /// Bytes of native memory this model reports to V8 as external memory (0 after dispose).
     #[napi(getter)]
     pub fn external_memory(&self) -> f64 {

@@ -180,6 +180,29 @@ impl PeftModel {
         self.base.named_linears().into_iter().filter(|(_, l)| l.adapters.contains_key(name) || l.ia3.contains_key(name)).map(|(n, _)| n).collect()
     }
 
+    /// Bytes of native memory held by the model's weights: the base parameters (tied weights
+    /// once) and every adapter's tensors (LoRA/DoRA, IA3, modules_to_save copies, prompt
+    /// encoders). Used to report external memory to the JS engine.
+    pub fn native_bytes(&self) -> usize {
+        let bytes = |v: &Var| v.elem_count() * v.dtype().size_in_bytes();
+        let mut n = self.base.base_param_count() * self.base.dtype.size_in_bytes();
+        for (_, l) in self.base.named_linears() {
+            for a in l.adapters.values() {
+                n += bytes(&a.a) + bytes(&a.b) + a.magnitude.as_ref().map(bytes).unwrap_or(0);
+            }
+            for ia in l.ia3.values() {
+                n += bytes(&ia.l);
+            }
+            for (w, b) in l.saved_copies.values() {
+                n += bytes(w) + b.as_ref().map(bytes).unwrap_or(0);
+            }
+        }
+        for e in self.prompt_encoders.values() {
+            n += e.vars().iter().map(|(_, v)| bytes(v)).sum::<usize>();
+        }
+        n
+    }
+
     /// Names of merged adapters (in any layer).
     pub fn merged_adapters(&self) -> Vec<String> {
         let mut out: Vec<String> = self.base.named_linears().into_iter().flat_map(|(_, l)| l.merged.clone()).collect();
