@@ -191,25 +191,14 @@ export interface PrefixTuningConfigOptions extends PromptLearningConfigOptions {
   initWeights?: 'zero' | null
 }
 
+// The options are the config's fields (declaration merging).
+export interface PrefixTuningConfig extends PrefixTuningConfigOptions {}
 /**
  * Prefix tuning (Li & Liang 2021; HF `PrefixTuningConfig`): trainable per-layer key/value
  * prefixes of `numVirtualTokens` positions, placed in the attention cache before the real tokens.
  */
-export class PrefixTuningConfig extends SnakeCaseConfig implements PrefixTuningConfigOptions {
+export class PrefixTuningConfig extends SnakeCaseConfig {
   readonly peftType = 'PREFIX_TUNING' as const
-  numVirtualTokens?: number
-  tokenDim?: number | null
-  numTransformerSubmodules?: number | null
-  numAttentionHeads?: number | null
-  numLayers?: number | null
-  modulesToSave?: string[] | null
-  taskType?: TaskType | null
-  baseModelNameOrPath?: string | null
-  revision?: string | null
-  inferenceMode?: boolean
-  encoderHiddenSize?: number | null
-  prefixProjection?: boolean
-  initWeights?: 'zero' | null
   protected fields(): FieldSpec {
     return [...PROMPT_BASE_FIELDS, ['encoderHiddenSize', 'encoder_hidden_size', null], ['prefixProjection', 'prefix_projection', false], ['initWeights', 'init_weights', null]]
   }
@@ -237,26 +226,14 @@ const PROMPT_TUNING_FIELDS: FieldSpec = [
   ['tokenizerNameOrPath', 'tokenizer_name_or_path', null], ['tokenizerKwargs', 'tokenizer_kwargs', null],
 ]
 
+// The options are the config's fields (declaration merging).
+export interface PromptTuningConfig extends PromptTuningConfigOptions {}
 /**
  * Prompt tuning (Lester et al. 2021; HF `PromptTuningConfig`): `numVirtualTokens` trainable
  * embeddings prepended to the input embeddings.
  */
-export class PromptTuningConfig extends SnakeCaseConfig implements PromptTuningConfigOptions {
+export class PromptTuningConfig extends SnakeCaseConfig {
   readonly peftType: 'PROMPT_TUNING' | 'MULTITASK_PROMPT_TUNING' = 'PROMPT_TUNING'
-  numVirtualTokens?: number
-  tokenDim?: number | null
-  numTransformerSubmodules?: number | null
-  numAttentionHeads?: number | null
-  numLayers?: number | null
-  modulesToSave?: string[] | null
-  taskType?: TaskType | null
-  baseModelNameOrPath?: string | null
-  revision?: string | null
-  inferenceMode?: boolean
-  promptTuningInit?: 'RANDOM' | 'TEXT' | 'SAMPLE_VOCAB'
-  promptTuningInitText?: string | null
-  tokenizerNameOrPath?: string | null
-  tokenizerKwargs?: Record<string, unknown> | null
   protected fields(): FieldSpec {
     return [...PROMPT_BASE_FIELDS, ...PROMPT_TUNING_FIELDS]
   }
@@ -278,28 +255,16 @@ export interface PromptEncoderConfigOptions extends PromptLearningConfigOptions 
   encoderDropout?: number
 }
 
+// The options are the config's fields (declaration merging).
+export interface PromptEncoderConfig extends PromptEncoderConfigOptions {}
 /**
  * P-tuning (Liu et al. 2021; HF `PromptEncoderConfig`): virtual token embeddings
  * reparameterised by an MLP or LSTM while training. Only the computed prompt table is saved
  * (`prompt_embeddings`), as HF does, so the MLP/LSTM itself is not stored; a loaded adapter
  * uses the table directly (and, loaded trainable, continues training the table).
  */
-export class PromptEncoderConfig extends SnakeCaseConfig implements PromptEncoderConfigOptions {
+export class PromptEncoderConfig extends SnakeCaseConfig {
   readonly peftType = 'P_TUNING' as const
-  numVirtualTokens?: number
-  tokenDim?: number | null
-  numTransformerSubmodules?: number | null
-  numAttentionHeads?: number | null
-  numLayers?: number | null
-  modulesToSave?: string[] | null
-  taskType?: TaskType | null
-  baseModelNameOrPath?: string | null
-  revision?: string | null
-  inferenceMode?: boolean
-  encoderReparameterizationType?: 'MLP' | 'LSTM'
-  encoderHiddenSize?: number | null
-  encoderNumLayers?: number
-  encoderDropout?: number
   protected fields(): FieldSpec {
     return [
       ...PROMPT_BASE_FIELDS, ['encoderReparameterizationType', 'encoder_reparameterization_type', 'MLP'],
@@ -327,31 +292,15 @@ export interface MultitaskPromptTuningConfigOptions extends Omit<PromptTuningCon
   numTasks?: number
 }
 
+// The options are the config's fields (declaration merging).
+export interface MultitaskPromptTuningConfig extends MultitaskPromptTuningConfigOptions {}
 /**
  * Multitask prompt tuning (Wang et al. 2023; HF `MultitaskPromptTuningConfig`): a shared prompt
  * multiplied elementwise by a per-task rank-`numRanks` matrix; forward/generate/training take
  * one `taskIds` entry per row.
  */
-export class MultitaskPromptTuningConfig extends SnakeCaseConfig implements MultitaskPromptTuningConfigOptions {
+export class MultitaskPromptTuningConfig extends SnakeCaseConfig {
   readonly peftType = 'MULTITASK_PROMPT_TUNING' as const
-  numVirtualTokens?: number
-  tokenDim?: number | null
-  numTransformerSubmodules?: number | null
-  numAttentionHeads?: number | null
-  numLayers?: number | null
-  modulesToSave?: string[] | null
-  taskType?: TaskType | null
-  baseModelNameOrPath?: string | null
-  revision?: string | null
-  inferenceMode?: boolean
-  promptTuningInit?: MultitaskPromptTuningConfigOptions['promptTuningInit']
-  promptTuningInitText?: string | null
-  tokenizerNameOrPath?: string | null
-  tokenizerKwargs?: Record<string, unknown> | null
-  promptTuningInitStateDictPath?: string | null
-  promptTuningInitTask?: number
-  numRanks?: number
-  numTasks?: number
   protected fields(): FieldSpec {
     return [
       ...PROMPT_BASE_FIELDS, ...PROMPT_TUNING_FIELDS,
@@ -384,22 +333,14 @@ export interface IA3ConfigOptions {
   inferenceMode?: boolean
 }
 
+// The options are the config's fields (declaration merging).
+export interface IA3Config extends IA3ConfigOptions {}
 /**
  * (IA)³ (Liu et al. 2022; HF `IA3Config`): a learned vector per targeted linear layer that
  * scales its output (`[out, 1]`) or, for feed-forward modules, its input (`[1, in]`).
  */
-export class IA3Config extends SnakeCaseConfig implements IA3ConfigOptions {
-    readonly peftType = 'IA3' as const
-  targetModules?: string[] | string
-  excludeModules?: string[] | string | null
-  feedforwardModules?: string[] | string | null
-  fanInFanOut?: boolean
-  modulesToSave?: string[] | null
-  initIa3Weights?: boolean
-  taskType?: TaskType | null
-  baseModelNameOrPath?: string | null
-  revision?: string | null
-  inferenceMode?: boolean
+export class IA3Config extends SnakeCaseConfig {
+  readonly peftType = 'IA3' as const
   protected fields(): FieldSpec {
     return [
       ['targetModules', 'target_modules', null], ['excludeModules', 'exclude_modules', null],

@@ -318,12 +318,7 @@ impl PeftModel {
             planned.push((mname, ad));
         }
         if planned.is_empty() {
-            let names = self.base.module_names();
-            let examples: Vec<&String> = names.iter().filter(|n| n.contains("layers.0.") || !n.contains("layers.")).take(12).collect();
-            return Err(PeftError::NoTargetModules {
-                targets: crate::io::python_json_dumps(&cfg.to_json()["target_modules"]).replace('\n', "").replace("  ", ""),
-                examples: examples.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
-            });
+            return Err(self.no_targets(&cfg.to_json()["target_modules"]));
         }
         // modules_to_save: a trainable copy of each listed (linear) module for this adapter.
         let mut copies: std::collections::HashMap<String, (Var, Option<Var>)> = Default::default();
@@ -358,12 +353,7 @@ impl PeftModel {
                 lin.saved_copies.insert(name.to_string(), c);
             }
         }
-        self.configs.push((name.to_string(), cfg.into()));
-        if first {
-            self.set_adapter(&[name.to_string()])?;
-        } else {
-            self.sync_layers();
-        }
+        self.register(name, cfg.into(), first)?;
         Ok(targeted)
     }
 
@@ -401,12 +391,7 @@ impl PeftModel {
                 lin.ia3.insert(name.to_string(), ad);
             }
         }
-        self.configs.push((name.to_string(), cfg.into()));
-        if first {
-            self.set_adapter(&[name.to_string()])?;
-        } else {
-            self.sync_layers();
-        }
+        self.register(name, cfg.into(), first)?;
         Ok(targeted)
     }
 
@@ -488,11 +473,19 @@ impl PeftModel {
         };
         let first = self.configs.is_empty();
         self.prompt_encoders.insert(name.to_string(), encoder);
-        self.configs.push((name.to_string(), cfg.into()));
+        self.register(name, cfg.into(), first)
+    }
+
+    /// Record a newly injected adapter's config; the model's first adapter becomes active (as
+    /// `get_peft_model` does), later ones are not.
+    fn register(&mut self, name: &str, cfg: AdapterConfig, first: bool) -> Result<()> {
+        self.configs.push((name.to_string(), cfg));
         if first {
-            self.set_adapter(&[name.to_string()])?;
+            self.set_adapter(&[name.to_string()])
+        } else {
+            self.sync_layers();
+            Ok(())
         }
-        Ok(())
     }
 
     fn sync_layers(&mut self) {
