@@ -14,6 +14,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use peft_core::generate::{generate, GenerateOptions};
+use peft_core::model::BaseModel;
 use peft_core::peft_model::PeftModel;
 use peft_core::train::{loss_and_grads, Batch};
 use std::collections::{BTreeMap, BTreeSet};
