@@ -180,18 +180,7 @@ impl NativeModel {
     pub fn config_json(&self) -> napi::Result<String> {
         guard(|| {
             with_model(&self.inner, |m| {
-                let c = &m.base.config;
-                Ok(serde_json::json!({
-                    "model_type": c.model_type, "architectures": [c.architecture], "vocab_size": c.vocab_size,
-                    "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
-                    "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
-                    "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim, "rms_norm_eps": c.rms_norm_eps,
-                    "rope_theta": c.rope_theta, "max_position_embeddings": c.max_position_embeddings,
-                    "tie_word_embeddings": c.tie_word_embeddings, "bos_token_id": c.bos_token_id,
-                    "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id, "dtype": c.dtype,
-                    "_name_or_path": c.name_or_path,
-                })
-                .to_string())
+                Ok(m.base.config_json().to_string())
             })
         })
     }
@@ -287,7 +276,7 @@ impl NativeModel {
     pub fn dtype_name(&self) -> napi::Result<String> {
         guard(|| {
             with_model(&self.inner, |m| {
-                Ok(match m.base.dtype {
+                Ok(match m.base.dtype() {
                     candle_core::DType::BF16 => "bfloat16",
                     candle_core::DType::F16 => "float16",
                     _ => "float32",

@@ -19,7 +19,7 @@ fn main() -> peft_core::Result<()> {
     let mut m = PeftModel::new(loaded.model);
     let cfg = LoraConfig::from_json(&serde_json::json!({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "init_lora_weights": false}), None)?;
     m.add_adapter("default", cfg, 0)?;
-    let vocab = m.base.config.vocab_size as u32;
+    let vocab = m.base.info().vocab_size as u32;
     let ids: Vec<u32> = (0..b * s).map(|i| (i as u32 * 7919) % vocab).collect();
     let labels: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
     for it in 0..3 {

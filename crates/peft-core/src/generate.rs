@@ -5,7 +5,7 @@
 //! batches work; finished rows are filled with `pad_token_id`.
 
 use crate::error::{PeftError, Result};
-use crate::model::{ForwardOptions, KvCache};
+use crate::model::ForwardOptions;
 use crate::peft_model::PeftModel;
 use crate::tuners::RowAdapters;
 use candle_core::DType;
@@ -105,7 +105,7 @@ pub fn generate(
     if input_ids.len() != b * s || s == 0 {
         return Err(PeftError::invalid_arg("inputIds", format!("expected a non-empty [{b}, {s}] batch")));
     }
-    let max_pos = model.base.config.max_position_embeddings;
+    let max_pos = model.base.info().max_position_embeddings;
     if s.saturating_add(o.max_new_tokens) > max_pos {
         return Err(PeftError::invalid_arg(
             "maxNewTokens",
@@ -119,7 +119,7 @@ pub fn generate(
     let mut rng = rand::rngs::StdRng::seed_from_u64(o.seed);
     let mut rows: Vec<Vec<u32>> = (0..b).map(|i| input_ids[i * s..(i + 1) * s].to_vec()).collect();
     let mut done = vec![false; b];
-    let mut cache = KvCache::new(model.base.layers.len());
+    let mut cache = model.base.new_cache();
     let mut cur_len = s;
     let mut step_ids: Vec<u32> = input_ids.to_vec();
     let mut step_len = s;

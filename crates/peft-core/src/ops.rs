@@ -129,6 +129,55 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64, train: bool) -> candle_core::R
     })
 }
 
+/// LayerNorm as in `torch.nn.LayerNorm` (GPT-2's `ln_1`, `ln_2`, `ln_f`):
+/// `y = w · (x − mean(x)) / sqrt(var(x) + eps) + b`, biased variance over the last dimension.
+///
+/// * `x`: `[..., hidden]`; `w`, `b`: `[hidden]` (same dtype as `x`).
+///
+/// The weight is frozen. With `train` the fused f32 kernel runs the forward and an attached
+/// backward yields `dL/dx = r · (g·w − mean(g·w) − x̂ · mean(g·w·x̂))` (`x̂ = (x − μ)·r`,
+/// `r = 1/sqrt(var + eps)`); the bias is added outside the kernel so that a trainable bias
+/// (LoRA `bias: "all"`) receives `dL/db = Σ g`. Non-f32 inputs are computed in f32 like torch's
+/// autocast does and cast back.
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64, train: bool) -> candle_core::Result<Tensor> {
+    let b = &if train { b.clone() } else { b.detach() };
+    if x.dtype() != DType::F32 {
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let mu = xf.mean_keepdim(D::Minus1)?;
+        let xc = xf.broadcast_sub(&mu)?;
+        let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = xc.broadcast_div(&(var + eps)?.sqrt()?)?;
+        let y = normed.broadcast_mul(&w.to_dtype(DType::F32)?)?.broadcast_add(&b.to_dtype(DType::F32)?)?;
+        return y.to_dtype(dtype);
+    }
+    let xd = x.detach().contiguous()?;
+    if !train || !x.track_op() {
+        if !train || !b.track_op() {
+            return candle_nn::ops::layer_norm(&xd, w, &b.detach(), eps as f32);
+        }
+    }
+    let zeros = w.zeros_like()?;
+    let out = candle_nn::ops::layer_norm(&xd, w, &zeros, eps as f32)?;
+    let out = if x.track_op() {
+        let w = w.clone();
+        attach(x, out, move |g| {
+            let mu = xd.mean_keepdim(D::Minus1)?;
+            let xc = xd.broadcast_sub(&mu)?;
+            let r = (xc.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+            let xhat = xc.broadcast_mul(&r)?;
+            let gw = g.broadcast_mul(&w)?;
+            let m1 = gw.mean_keepdim(D::Minus1)?;
+            let m2 = (&gw * &xhat)?.mean_keepdim(D::Minus1)?;
+            let inner = (gw.broadcast_sub(&m1)? - xhat.broadcast_mul(&m2)?)?;
+            inner.broadcast_mul(&r)
+        })?
+    } else {
+        out
+    };
+    out.broadcast_add(b)
+}
+
 /// An op whose forward result `out` was computed by a fused kernel (without graph) and whose
 /// backward is `bwd(dL/dout) = dL/dx`. Connects `out` to `x` in the autograd graph.
 fn attach(
@@ -374,6 +423,29 @@ mod tests {
         };
         let (y2, g2) = grad_of(comp, &x, &probe);
         assert!(max_diff(&y1, &y2) < 1e-5 && max_diff(&g1, &g2) < 1e-5);
+        // layer norm: attached fused vs. the mean/variance composition, input and bias gradients
+        let (w, bias) = (rand(&[8], 9), rand(&[8], 10));
+        let bv = Var::from_tensor(&bias).unwrap();
+        let xv = Var::from_tensor(&x).unwrap();
+        let y1 = layer_norm(xv.as_tensor(), &w, bv.as_tensor(), 1e-5, true).unwrap();
+        let g = (&y1 * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let (gx1, gb1) = (g.get(xv.as_tensor()).unwrap().clone(), g.get(bv.as_tensor()).unwrap().clone());
+        let bv2 = Var::from_tensor(&bias).unwrap();
+        let xv2 = Var::from_tensor(&x).unwrap();
+        let y2 = {
+            let x = xv2.as_tensor();
+            let xc = x.broadcast_sub(&x.mean_keepdim(D::Minus1).unwrap()).unwrap();
+            let var = xc.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+            xc.broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(&w).unwrap().broadcast_add(bv2.as_tensor()).unwrap()
+        };
+        let g = (&y2 * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let (gx2, gb2) = (g.get(xv2.as_tensor()).unwrap().clone(), g.get(bv2.as_tensor()).unwrap().clone());
+        assert!(max_diff(&y1, &y2) < 1e-5, "ln fwd {}", max_diff(&y1, &y2));
+        assert!(max_diff(&gx1, &gx2) < 1e-4 && max_diff(&gb1, &gb2) < 1e-5, "ln grads {} {}", max_diff(&gx1, &gx2), max_diff(&gb1, &gb2));
+        assert!(gx1.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+        // inference path (fused with bias) equals the training path's values
+        let y3 = layer_norm(&x, &w, &bias, 1e-5, false).unwrap();
+        assert!(max_diff(&y1, &y3) < 1e-6);
         // frozen linear: input gradient only, equal to the plain matmul's
         let x2 = rand(&[6, 8], 5);
         let wt = rand(&[4, 8], 6);

@@ -3,7 +3,7 @@
 
 use crate::error::{PeftError, Result};
 use crate::io::{python_json_dumps, read_safetensors, safetensors_bytes, write_atomic};
-use crate::model::{ForwardOptions, KvCache, LlamaForCausalLM};
+use crate::model::{BaseModel, ForwardOptions, KvCache};
 use crate::targeting::is_target;
 use crate::tuners::ia3::Ia3Config;
 use crate::tuners::linear::{Ia3Adapter, LoraAdapter};
@@ -66,7 +66,8 @@ fn tuner_prefix(peft_type: &str) -> Option<&'static str> {
 
 /// A base model with adapters. See the module docs.
 pub struct PeftModel {
-    pub base: LlamaForCausalLM,
+    /// The base model (Llama family or GPT-2).
+    pub base: Box<dyn BaseModel>,
     configs: Vec<(String, AdapterConfig)>,
     /// Prompt-learning adapters' encoders (HF `PeftModel.prompt_encoder`).
     prompt_encoders: HashMap<String, PromptEncoder>,
@@ -106,7 +107,7 @@ fn kaiming_uniform(rng: &mut rand::rngs::StdRng, rows: usize, cols: usize) -> Ve
 
 impl PeftModel {
     /// Wrap a base model (no adapters yet).
-    pub fn new(base: LlamaForCausalLM) -> Self {
+    pub fn new(base: Box<dyn BaseModel>) -> Self {
         PeftModel { base, configs: vec![], prompt_encoders: HashMap::new(), active: vec![], disabled: false, warnings: vec![] }
     }
 
@@ -142,12 +143,12 @@ impl PeftModel {
 
     /// Dimensions of the base model that prompt-learning configs are derived from.
     pub fn model_dims(&self) -> ModelDims {
-        let c = &self.base.config;
+        let c = self.base.info();
         ModelDims {
             num_layers: c.num_hidden_layers,
             hidden_size: c.hidden_size,
             num_attention_heads: c.num_attention_heads,
-            num_key_value_heads: Some(c.num_key_value_heads),
+            num_key_value_heads: c.num_key_value_heads,
             head_dim: c.head_dim,
             vocab_size: c.vocab_size,
         }
@@ -185,7 +186,7 @@ impl PeftModel {
     /// encoders). Used to report external memory to the JS engine.
     pub fn native_bytes(&self) -> usize {
         let bytes = |v: &Var| v.elem_count() * v.dtype().size_in_bytes();
-        let mut n = self.base.base_param_count() * self.base.dtype.size_in_bytes();
+        let mut n = self.base.base_param_count() * self.base.dtype().size_in_bytes();
         for (_, l) in self.base.named_linears() {
             for a in l.adapters.values() {
                 n += bytes(&a.a) + bytes(&a.b) + a.magnitude.as_ref().map(bytes).unwrap_or(0);
@@ -243,7 +244,7 @@ impl PeftModel {
                     path: None,
                     msg: format!(
                         "`task_type` {t:?} needs a task head that this causal LM does not have ({} models support \"CAUSAL_LM\" here; other task types are not available yet)",
-                        self.base.config.architecture
+                        self.base.info().architecture
                     ),
                 })
             }
@@ -281,18 +282,30 @@ impl PeftModel {
     }
 
     fn add_lora(&mut self, name: &str, mut cfg: LoraConfig, seed: u64) -> Result<Vec<String>> {
-        if cfg.bias != "none" {
-            return Err(PeftError::InvalidAdapterConfig { path: None, msg: format!("bias {:?} is not supported yet (only \"none\")", cfg.bias) });
+        // HF `BaseTuner._check_new_adapter_config`: at most one adapter with a trainable bias.
+        if cfg.bias != "none" && self.configs.iter().any(|(_, c)| matches!(c, AdapterConfig::Lora(o) if o.bias != "none")) {
+            return Err(PeftError::InvalidAdapterConfig {
+                path: None,
+                msg: "LoraModel supports only 1 adapter with bias. When using multiple adapters, set bias to 'none' for all adapters.".into(),
+            });
         }
         if cfg.base_model_name_or_path.is_none() {
-            cfg.base_model_name_or_path = self.base.config.name_or_path.clone();
+            cfg.base_model_name_or_path = self.base.info().name_or_path.clone();
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let device = self.base.device.clone();
+        let device = self.base.device().clone();
         let mut planned: Vec<(String, LoraAdapter)> = Vec::new();
         for (mname, lin) in self.base.named_linears() {
             if !is_target(&cfg, &mname, mname == "lm_head") {
                 continue;
+            }
+            // HF `_create_new_module`: the layer type decides `fan_in_fan_out` (with a warning).
+            if lin.transposed && !cfg.fan_in_fan_out {
+                self.warnings.push("fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True.".into());
+                cfg.fan_in_fan_out = true;
+            } else if !lin.transposed && cfg.fan_in_fan_out {
+                self.warnings.push("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting fan_in_fan_out to False.".into());
+                cfg.fan_in_fan_out = false;
             }
             let r = cfg.rank_for(&mname);
             let alpha = cfg.alpha_for(&mname);
@@ -353,22 +366,89 @@ impl PeftModel {
                 lin.saved_copies.insert(name.to_string(), c);
             }
         }
+        let (bias_mode, trainable) = (cfg.bias.clone(), !cfg.inference_mode);
         self.register(name, cfg.into(), first)?;
+        if bias_mode != "none" && trainable {
+            self.make_biases_trainable(&bias_mode)?;
+        }
         Ok(targeted)
+    }
+
+    /// The base biases a LoRA adapter with `bias` = `"all"` or `"lora_only"` trains and saves
+    /// (HF `_mark_only_adapters_as_trainable` / `_get_learnable_bias_state_dict`), as
+    /// `(on-disk key, bias)`: `lora_only` = the biases of LoRA layers, saved as
+    /// `base_model.model.<module>.base_layer.bias`; `all` = those plus every other bias of the
+    /// model at its plain path (`base_model.model.transformer.h.0.ln_1.bias`). Layers wrapped by
+    /// `modules_to_save` are left out (their copies are saved as such). Empty for `"none"`.
+    fn bias_entries(&self, mode: &str) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        if mode == "none" {
+            return out;
+        }
+        for (m, lin) in self.base.named_linears() {
+            let Some(b) = &lin.bias else { continue };
+            if !lin.saved_copies.is_empty() {
+                continue;
+            }
+            if !lin.adapters.is_empty() {
+                out.push((format!("{KEY_PREFIX}{m}.base_layer.bias"), b.clone()));
+            } else if mode == "all" {
+                out.push((format!("{KEY_PREFIX}{m}.bias"), b.clone()));
+            }
+        }
+        if mode == "all" {
+            for (m, b) in self.base.named_norm_biases() {
+                out.push((format!("{KEY_PREFIX}{m}.bias"), b.clone()));
+            }
+        }
+        out
+    }
+
+    /// Turn the biases [`Self::bias_entries`] names into trainable variables (in place: the layers
+    /// use the variable's tensor, so optimizer updates reach the forward pass).
+    fn make_biases_trainable(&mut self, mode: &str) -> Result<()> {
+        let to_var = |t: &mut Tensor| -> Result<()> {
+            if !t.is_variable() {
+                *t = Var::from_tensor(t)?.as_tensor().clone();
+            }
+            Ok(())
+        };
+        for (_, lin) in self.base.named_linears_mut() {
+            if !lin.saved_copies.is_empty() || (mode == "lora_only" && lin.adapters.is_empty()) {
+                continue;
+            }
+            if let Some(b) = lin.bias.as_mut() {
+                to_var(b)?;
+            }
+        }
+        if mode == "all" {
+            for (_, b) in self.base.named_norm_biases_mut() {
+                to_var(b)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The `bias` setting of adapter `name` (`"none"` for non-LoRA adapters).
+    fn bias_mode(&self, name: &str) -> String {
+        match self.peft_config(name) {
+            Ok(AdapterConfig::Lora(c)) => c.bias.clone(),
+            _ => "none".into(),
+        }
     }
 
     /// Inject an (IA)³ adapter (HF `IA3Model`): one vector per targeted linear layer, `[out, 1]`
     /// or `[1, in]` for feed-forward modules; ones with `init_ia3_weights` (a no-op), else N(0, 1).
     fn add_ia3(&mut self, name: &str, mut cfg: Ia3Config, seed: u64) -> Result<Vec<String>> {
         if cfg.base_model_name_or_path.is_none() {
-            cfg.base_model_name_or_path = self.base.config.name_or_path.clone();
+            cfg.base_model_name_or_path = self.base.info().name_or_path.clone();
         }
         if cfg.modules_to_save.as_ref().map(|m| !m.is_empty()).unwrap_or(false) {
             return Err(PeftError::InvalidAdapterConfig { path: None, msg: "`modules_to_save` with IA3 adapters is not supported yet".into() });
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let normal = Normal::new(0.0f32, 1.0).map_err(|e| PeftError::Internal(e.to_string()))?;
-        let device = self.base.device.clone();
+        let device = self.base.device().clone();
         let mut planned: HashMap<String, Ia3Adapter> = HashMap::new();
         for (mname, lin) in self.base.named_linears() {
             if !crate::targeting::is_target_with(&cfg.target_modules, cfg.exclude_modules.as_ref(), None, None, &mname, mname == "lm_head") {
@@ -414,7 +494,7 @@ impl PeftModel {
         let dims = self.model_dims();
         cfg.prepare(&dims);
         if cfg.base_model_name_or_path.is_none() {
-            cfg.base_model_name_or_path = self.base.config.name_or_path.clone();
+            cfg.base_model_name_or_path = self.base.info().name_or_path.clone();
         }
         if cfg.num_transformer_submodules != Some(1) {
             return Err(bad(format!(
@@ -423,7 +503,7 @@ impl PeftModel {
             )));
         }
         let td = cfg.token_dim.unwrap_or(0);
-        let max_pos = self.base.config.max_position_embeddings;
+        let max_pos = self.base.info().max_position_embeddings;
         if cfg.total_virtual_tokens() >= max_pos {
             return Err(bad(format!(
                 "`num_virtual_tokens` {} leaves no position for real tokens: the model has max_position_embeddings {max_pos}",
@@ -446,7 +526,7 @@ impl PeftModel {
                 }
             }
         }
-        let device = self.base.device.clone();
+        let device = self.base.device().clone();
         let encoder = match encoder {
             Some(e) => e,
             None => {
@@ -456,11 +536,11 @@ impl PeftModel {
                     let tpath = PathBuf::from(cfg.tokenizer_name_or_path.clone().unwrap_or_default());
                     let tok = crate::tokenizer::Tokenizer::from_pretrained(&tpath)?;
                     let ids = tok.encode(cfg.prompt_tuning_init_text.as_deref().unwrap_or(""), true)?;
-                    PromptInit::FromVocab { word_embeddings: &self.base.embed_tokens, ids: text_init_ids(&ids, rows)? }
+                    PromptInit::FromVocab { word_embeddings: self.base.word_embeddings(), ids: text_init_ids(&ids, rows)? }
                 } else if use_vocab && cfg.prompt_tuning_init == "SAMPLE_VOCAB" {
                     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
                     let ids = (0..rows).map(|_| rng.random_range(0..dims.vocab_size as u32)).collect();
-                    PromptInit::FromVocab { word_embeddings: &self.base.embed_tokens, ids }
+                    PromptInit::FromVocab { word_embeddings: self.base.word_embeddings(), ids }
                 } else {
                     PromptInit::Random
                 };
@@ -645,6 +725,13 @@ impl PeftModel {
                 continue;
             }
             let mut out = Vec::new();
+            for (k, b) in self.bias_entries(&self.bias_mode(name)) {
+                if b.is_variable() {
+                    if let Ok(v) = Var::from_tensor(&b) {
+                        out.push((k, v));
+                    }
+                }
+            }
             for (m, lin) in self.base.named_linears() {
                 if let Some(ad) = lin.adapters.get(name) {
                     out.push((format!("{KEY_PREFIX}{m}.lora_A.weight"), ad.a.clone()));
@@ -701,6 +788,9 @@ impl PeftModel {
             }
             out.sort_by(|a, b| a.0.cmp(&b.0));
             return Ok(out);
+        }
+        for (k, b) in self.bias_entries(&self.bias_mode(name)) {
+            out.push((k, b.detach()));
         }
         for (m, lin) in self.base.named_linears() {
             if let Some(ad) = lin.adapters.get(name) {
@@ -799,7 +889,7 @@ impl PeftModel {
     pub fn load_adapter_with(&mut self, dir: &Path, name: &str, o: &LoadOptions) -> Result<LoadResult> {
         let r = self.load_adapter_inner(dir, name, o)?;
         if !o.autocast_adapter_dtype {
-            self.cast_adapter(name, self.base.dtype)?;
+            self.cast_adapter(name, self.base.dtype())?;
         }
         Ok(r)
     }
@@ -847,7 +937,7 @@ impl PeftModel {
             }
         }
         let wpath = dir.join("adapter_model.safetensors");
-        let mut tensors = read_safetensors(&wpath, &self.base.device)?;
+        let mut tensors = read_safetensors(&wpath, self.base.device())?;
         if !o.key_mapping.is_empty() {
             let maps = o
                 .key_mapping
@@ -898,11 +988,34 @@ impl PeftModel {
                 }
             }
         }
+        // Base biases in the file (HF `bias="all" | "lora_only"`): loaded into the base layers
+        // whatever the config says (HF's non-strict `load_state_dict`), replacing their values.
+        let mut bias_shapes: std::collections::HashMap<String, Vec<usize>> = Default::default();
+        for (m, lin) in self.base.named_linears() {
+            if let Some(b) = &lin.bias {
+                if !expected.contains_key(&format!("{m}.bias")) {
+                    bias_shapes.insert(m.clone(), b.dims().to_vec());
+                }
+            }
+        }
+        for (m, b) in self.base.named_norm_biases() {
+            bias_shapes.insert(m, b.dims().to_vec());
+        }
+        let mut biases: std::collections::HashMap<String, Tensor> = Default::default();
         let mut found: std::collections::HashMap<String, Tensor> = Default::default();
         let mut result = LoadResult::default();
         for (key, t) in tensors {
             let k = key.strip_prefix(KEY_PREFIX).unwrap_or(&key).to_string();
             let k = strip_adapter_name(&k);
+            let bias_module = k.strip_suffix(".base_layer.bias").or_else(|| k.strip_suffix(".bias")).filter(|m| bias_shapes.contains_key(*m));
+            if let (Some(m), false) = (bias_module, expected.contains_key(&k)) {
+                let shape = &bias_shapes[m];
+                if t.dims() != shape.as_slice() {
+                    return Err(PeftError::ShapeMismatch { name: format!("{} (key `{key}`)", wpath.display()), expected: shape.clone(), found: t.dims().to_vec() });
+                }
+                biases.insert(m.to_string(), t);
+                continue;
+            }
             match expected.get(&k) {
                 Some((_, _, shape)) => {
                     if t.dims() != shape.as_slice() {
@@ -929,7 +1042,26 @@ impl PeftModel {
                 msg: format!("no tensor of the file matches the adapter's modules (unexpected keys: {:?})", &result.unexpected_keys[..result.unexpected_keys.len().min(5)]),
             });
         }
+        let (bias_mode, trainable) = match &cfg {
+            AdapterConfig::Lora(c) => (c.bias.clone(), !c.inference_mode),
+            _ => ("none".to_string(), false),
+        };
         self.add_adapter(name, cfg, 0)?;
+        if !biases.is_empty() {
+            for (m, lin) in self.base.named_linears_mut() {
+                if let Some(t) = biases.remove(&m) {
+                    lin.bias = Some(t.to_dtype(lin.weight.dtype())?);
+                }
+            }
+            for (m, b) in self.base.named_norm_biases_mut() {
+                if let Some(t) = biases.remove(&m) {
+                    *b = t.to_dtype(b.dtype())?;
+                }
+            }
+            if bias_mode != "none" && trainable {
+                self.make_biases_trainable(&bias_mode)?;
+            }
+        }
         for (m, lin) in self.base.named_linears_mut() {
             if let Some(ad) = lin.adapters.get_mut(name) {
                 if let Some(a) = found.remove(&format!("{m}.lora_A.weight")) {
@@ -995,7 +1127,7 @@ impl PeftModel {
             msg: format!("the {} adapter file has no `prompt_embeddings` tensor", cfg.method.as_str()),
         })?;
         let task = if mt {
-            let dev = &self.base.device;
+            let dev = self.base.device();
             let c = match cols {
                 Some(c) => c,
                 None => {
@@ -1019,7 +1151,7 @@ impl PeftModel {
         Ok(result)
     }
 
-    /// Forward pass (see [`LlamaForCausalLM::forward`]) with HF's checks for mixed batches:
+    /// Forward pass (see [`BaseModel::forward`]) with HF's checks for mixed batches:
     /// every name must exist (or be `__base__`), there must be one per row, no adapter may be
     /// merged, and the model must not be training.
     ///
@@ -1064,7 +1196,7 @@ impl PeftModel {
         let layers = cfg.num_layers.unwrap_or(0);
         let heads = cfg.num_attention_heads.unwrap_or(1);
         let hd = cfg.token_dim.unwrap_or(0) / heads;
-        let table = enc.table(train, rng)?.to_dtype(self.base.dtype)?.reshape((n, layers * 2, heads, hd))?;
+        let table = enc.table(train, rng)?.to_dtype(self.base.dtype())?.reshape((n, layers * 2, heads, hd))?;
         let chunk = |j: usize| -> Result<Tensor> {
             let c = table.narrow(1, j, 1)?.squeeze(1)?.transpose(0, 1)?.unsqueeze(0)?; // [1, heads, n, hd]
             Ok(c.broadcast_as((b, heads, n, hd))?.contiguous()?)
@@ -1100,7 +1232,7 @@ impl PeftModel {
         let rng = opts.dropout_rng.as_deref();
         if cfg.method == PromptMethod::PrefixTuning {
             o.position_ids = opts.position_ids.as_ref().map(|p| p.iter().map(|&x| x + n as u32).collect());
-            let mut local = KvCache::new(self.base.layers.len());
+            let mut local = self.base.new_cache();
             let cache: &mut KvCache = match cache {
                 Some(c) => c,
                 None => &mut local,
@@ -1115,7 +1247,7 @@ impl PeftModel {
         o.position_ids = None;
         let x = self.base.embed(ids, b, s)?;
         let x = if first {
-            let prompts = enc.batch_prompts(b, opts.task_ids.as_deref(), opts.train, rng)?.to_dtype(self.base.dtype)?;
+            let prompts = enc.batch_prompts(b, opts.task_ids.as_deref(), opts.train, rng)?.to_dtype(self.base.dtype())?;
             Tensor::cat(&[&prompts, &x], 1)?
         } else {
             x
@@ -1176,7 +1308,7 @@ impl PeftModel {
                 })
                 .collect();
             let devices: serde_json::Map<String, serde_json::Value> =
-                available.iter().map(|a| (a.clone(), json!([device_type(&self.base.device)]))).collect();
+                available.iter().map(|a| (a.clone(), json!([device_type(self.base.device())]))).collect();
             out.push(json!({
                 "name": format!("model.{path}"),
                 "module_type": module_type,
@@ -1265,7 +1397,7 @@ impl PeftModel {
             _ => "LoraModel",
         };
         Ok(json!({
-            "base_model_type": self.base.config.architecture,
+            "base_model_type": self.base.info().architecture,
             "adapter_model_type": adapter_model_type,
             "peft_types": peft_types,
             "trainable_params": trainable,

@@ -209,7 +209,7 @@ pub const TRAINABLE_FILE: &str = "trainable_parameters.safetensors";
 /// Loss (mean over label tokens) and gradients of the trainable parameters for one batch,
 /// scaled by `scale` (for accumulation). Returns `(loss, label tokens, grads)`.
 pub fn loss_and_grads(model: &PeftModel, batch: &Batch, total_items: Option<usize>, rng: Option<Arc<Mutex<rand::rngs::StdRng>>>) -> Result<(f64, usize, GradStore)> {
-    batch.validate(model.base.config.vocab_size)?;
+    batch.validate(model.base.info().vocab_size)?;
     let opts = ForwardOptions {
         attention_mask: Some(batch.attention_mask.clone()),
         train: true,
@@ -372,7 +372,7 @@ impl Trainer {
         let mut staged: Vec<(Var, Tensor)> = Vec::new();
         let tpath = dir.join(TRAINABLE_FILE);
         let trainable: Option<std::collections::HashMap<String, Tensor>> =
-            if tpath.exists() { Some(crate::io::read_safetensors(&tpath, &model.base.device)?.into_iter().collect()) } else { None };
+            if tpath.exists() { Some(crate::io::read_safetensors(&tpath, model.base.device())?.into_iter().collect()) } else { None };
         for (adapter, vars) in model.trainable_parameters_by_adapter() {
             if let Some(file) = &trainable {
                 for (key, var) in vars {
@@ -387,7 +387,7 @@ impl Trainer {
             }
             let folder = if adapter == "default" { dir.to_path_buf() } else { dir.join(&adapter) };
             let wpath = folder.join("adapter_model.safetensors");
-            let file: std::collections::HashMap<String, Tensor> = crate::io::read_safetensors(&wpath, &model.base.device)?.into_iter().collect();
+            let file: std::collections::HashMap<String, Tensor> = crate::io::read_safetensors(&wpath, model.base.device())?.into_iter().collect();
             for (key, var) in vars {
                 let t = file.get(&key).ok_or_else(|| PeftError::InvalidState(format!("checkpoint {} lacks `{key}`", wpath.display())))?;
                 if t.dims() != var.dims() {
@@ -398,7 +398,7 @@ impl Trainer {
             }
         }
         let opath = dir.join(OPTIMIZER_FILE);
-        let opt: std::collections::HashMap<String, Tensor> = crate::io::read_safetensors(&opath, &model.base.device)?.into_iter().collect();
+        let opt: std::collections::HashMap<String, Tensor> = crate::io::read_safetensors(&opath, model.base.device())?.into_iter().collect();
         self.opt.load_state(&opt, opt_step, &opath)?;
         for (var, t) in staged {
             var.set(&t)?;

@@ -146,7 +146,7 @@ fn prompt_text_init_equals_hf() {
     let theirs = peft_core::io::read_safetensors(&case_dir(case).join("adapter_model.safetensors"), &Device::Cpu).unwrap();
     assert_eq!(ours[0].0, "prompt_embeddings");
     assert_close("TEXT init prompt_embeddings", &ours[0].1, &theirs[0].1, 0.0, 0.0);
-    let emb = m.base.embed_tokens.narrow(0, 4, 6).unwrap();
+    let emb = m.base.word_embeddings().narrow(0, 4, 6).unwrap();
     assert_close("TEXT init = embed_tokens rows 4..9", &ours[0].1, &emb, 0.0, 0.0);
 }
 
@@ -239,7 +239,7 @@ fn every_method_trains_and_reloads() {
 #[test]
 fn prefix_tuning_on_gqa_builds_kv_head_shapes() {
     let mut m = base_peft("llama_prefix");
-    assert!(m.base.config.num_key_value_heads < m.base.config.num_attention_heads);
+    assert!(m.base.info().num_key_value_heads.unwrap() < m.base.info().num_attention_heads);
     m.add_adapter("default", cfg(json!({"peft_type": "PREFIX_TUNING", "num_virtual_tokens": 3})), 1).unwrap();
     let c = m.peft_config("default").unwrap().as_prompt().unwrap().clone();
     assert_eq!((c.token_dim, c.num_attention_heads, c.num_layers, c.encoder_hidden_size), (Some(32), Some(2), Some(2), Some(32)));

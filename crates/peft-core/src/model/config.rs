@@ -38,7 +38,7 @@ pub struct LlamaConfig {
     pub architecture: String,
 }
 
-fn get_usize(v: &Value, key: &str, path: &Path) -> Result<Option<usize>> {
+pub(crate) fn get_usize(v: &Value, key: &str, path: &Path) -> Result<Option<usize>> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(x) => x.as_u64().map(|n| Some(n as usize)).ok_or_else(|| PeftError::InvalidModelConfig {
@@ -48,7 +48,7 @@ fn get_usize(v: &Value, key: &str, path: &Path) -> Result<Option<usize>> {
     }
 }
 
-fn get_f64(v: &Value, key: &str, path: &Path) -> Result<Option<f64>> {
+pub(crate) fn get_f64(v: &Value, key: &str, path: &Path) -> Result<Option<f64>> {
     match v.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(x) => x.as_f64().map(Some).ok_or_else(|| PeftError::InvalidModelConfig {
@@ -58,7 +58,7 @@ fn get_f64(v: &Value, key: &str, path: &Path) -> Result<Option<f64>> {
     }
 }
 
-fn token_ids(v: Option<&Value>) -> Vec<u32> {
+pub(crate) fn token_ids(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
         Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
@@ -66,9 +66,12 @@ fn token_ids(v: Option<&Value>) -> Vec<u32> {
     }
 }
 
-/// Supported `architectures` / `model_type` values.
-pub const SUPPORTED_ARCHITECTURES: &[&str] =
-    &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
+/// The Llama-family `architectures` values [`LlamaConfig`] reads.
+pub const LLAMA_ARCHITECTURES: &[&str] = &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
+
+/// Every supported `architectures` value (the loader dispatches on it; see
+/// [`crate::model::loader::load_causal_lm`]).
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GPT2LMHeadModel"];
 
 impl LlamaConfig {
     /// Parse a transformers `config.json` value. `path` is used in error messages only.
@@ -92,9 +95,10 @@ impl LlamaConfig {
                 "mistral" => "MistralForCausalLM".into(),
                 _ => "LlamaForCausalLM".into(),
             });
-        if !SUPPORTED_ARCHITECTURES.contains(&architecture.as_str()) {
+        if !LLAMA_ARCHITECTURES.contains(&architecture.as_str()) {
             return Err(bad(format!(
-                "architecture `{architecture}` is not supported; supported: {}",
+                "architecture `{architecture}` is not a Llama-family decoder ({}); supported architectures: {}",
+                LLAMA_ARCHITECTURES.join(", "),
                 SUPPORTED_ARCHITECTURES.join(", ")
             )));
         }

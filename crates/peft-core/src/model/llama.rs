@@ -7,6 +7,7 @@
 //! Matches transformers' `LlamaForCausalLM` / `Qwen2ForCausalLM` (eager attention).
 
 use super::config::LlamaConfig;
+use super::{BaseModel, ModelInfo};
 use crate::error::{PeftError, Result};
 use crate::ops::{rms_norm, rope, softmax_last};
 use crate::tuners::linear::{LinearCtx, PeftLinear, RowAdapters};
@@ -81,6 +82,7 @@ pub struct LlamaForCausalLM {
     inv_freq: Vec<f32>,
     pub device: Device,
     pub dtype: DType,
+    info: ModelInfo,
 }
 
 struct Ctx<'a> {
@@ -145,7 +147,23 @@ impl LlamaForCausalLM {
         };
         let half = hd / 2;
         let inv_freq = (0..half).map(|i| 1.0 / (c.rope_theta.powf(2.0 * i as f64 / hd as f64)) as f32).collect();
+        let info = ModelInfo {
+            architecture: c.architecture.clone(),
+            model_type: c.model_type.clone(),
+            name_or_path: c.name_or_path.clone(),
+            vocab_size: c.vocab_size,
+            hidden_size: c.hidden_size,
+            num_hidden_layers: c.num_hidden_layers,
+            num_attention_heads: c.num_attention_heads,
+            num_key_value_heads: Some(c.num_key_value_heads),
+            head_dim: c.head_dim,
+            max_position_embeddings: c.max_position_embeddings,
+            pad_token_id: c.pad_token_id,
+            bos_token_id: c.bos_token_id,
+            eos_token_id: c.eos_token_id.clone(),
+        };
         Ok(LlamaForCausalLM {
+            info,
             config,
             embed_tokens,
             layers,
@@ -285,30 +303,7 @@ impl LlamaForCausalLM {
         let cos = angles.cos()?.to_dtype(self.dtype)?;
         let sin = angles.sin()?.to_dtype(self.dtype)?;
         // Additive mask [b, 1, s, total]; skipped when causal-only and s == 1.
-        let mask = match &opts.attention_mask {
-            Some(m) if m.len() != b * total => {
-                return Err(PeftError::invalid_arg("attentionMask", format!("has {} values, expected {b} × {total}", m.len())))
-            }
-            m => {
-                let all_ones = m.as_ref().map(|m| m.iter().all(|&v| v != 0)).unwrap_or(true);
-                if s == 1 && all_ones {
-                    None
-                } else {
-                    let mut v = vec![0f32; b * s * total];
-                    for bi in 0..b {
-                        for i in 0..s {
-                            for j in 0..total {
-                                let ok = j <= past + i && m.as_ref().map(|m| m[bi * total + j] != 0).unwrap_or(true);
-                                if !ok {
-                                    v[(bi * s + i) * total + j] = f32::MIN;
-                                }
-                            }
-                        }
-                    }
-                    Some(Tensor::from_vec(v, (b, 1, s, total), &self.device)?)
-                }
-            }
-        };
+        let mask = super::causal_mask(opts.attention_mask.as_ref(), b, s, past, &self.device)?;
         let lin = LinearCtx { train: opts.train, rows: opts.adapter_rows.as_ref(), rng: opts.dropout_rng.as_deref() };
         let ctx = Ctx { lin, cos, sin, mask };
         let mut h = x.clone();
@@ -369,6 +364,61 @@ impl LlamaForCausalLM {
         let u = l.mlp.up_proj.forward(&n2, &ctx.lin)?;
         let d = l.mlp.down_proj.forward(&(g.silu()? * u)?, &ctx.lin)?;
         Ok((h + d)?)
+    }
+}
+
+impl BaseModel for LlamaForCausalLM {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+    fn config_json(&self) -> serde_json::Value {
+        let c = &self.config;
+        serde_json::json!({
+            "model_type": c.model_type, "architectures": [c.architecture], "vocab_size": c.vocab_size,
+            "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+            "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+            "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim, "rms_norm_eps": c.rms_norm_eps,
+            "rope_theta": c.rope_theta, "max_position_embeddings": c.max_position_embeddings,
+            "tie_word_embeddings": c.tie_word_embeddings, "bos_token_id": c.bos_token_id,
+            "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id, "dtype": c.dtype,
+            "_name_or_path": c.name_or_path,
+        })
+    }
+    fn device(&self) -> &Device {
+        &self.device
+    }
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+    fn named_linears(&self) -> Vec<(String, &PeftLinear)> {
+        LlamaForCausalLM::named_linears(self)
+    }
+    fn named_linears_mut(&mut self) -> Vec<(String, &mut PeftLinear)> {
+        LlamaForCausalLM::named_linears_mut(self)
+    }
+    fn named_norm_biases_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        vec![]
+    }
+    fn named_norm_biases(&self) -> Vec<(String, &Tensor)> {
+        vec![]
+    }
+    fn module_names(&self) -> Vec<String> {
+        LlamaForCausalLM::module_names(self)
+    }
+    fn base_param_count(&self) -> usize {
+        LlamaForCausalLM::base_param_count(self)
+    }
+    fn word_embeddings(&self) -> &Tensor {
+        &self.embed_tokens
+    }
+    fn embed(&self, ids: &[u32], b: usize, s: usize) -> Result<Tensor> {
+        LlamaForCausalLM::embed(self, ids, b, s)
+    }
+    fn forward_embeds(&self, x: &Tensor, opts: &ForwardOptions, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        LlamaForCausalLM::forward_embeds(self, x, opts, cache)
+    }
+    fn forward(&self, ids: &[u32], b: usize, s: usize, opts: &ForwardOptions, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        LlamaForCausalLM::forward(self, ids, b, s, opts, cache)
     }
 }
 

@@ -1,9 +1,138 @@
 //! Base models. Every linear layer is a [`crate::tuners::linear::PeftLinear`], addressed by its
 //! transformers module path, so tuners attach by name without changing the model's code.
+//!
+//! [`BaseModel`] is what [`crate::peft_model::PeftModel`] needs from a base model; it is
+//! implemented by [`LlamaForCausalLM`] (Llama, Qwen2, Mistral) and [`Gpt2LMHeadModel`].
 
 pub mod config;
+pub mod gpt2;
 pub mod llama;
 pub mod loader;
 
 pub use config::LlamaConfig;
+pub use gpt2::{Gpt2Config, Gpt2LMHeadModel};
 pub use llama::{ForwardOptions, KvCache, LlamaForCausalLM};
+
+use crate::error::{PeftError, Result};
+use crate::tuners::linear::PeftLinear;
+use candle_core::{DType, Device, Tensor};
+
+/// The architecture facts of a base model that PEFT code reads (HF's `model.config` fields
+/// under their Llama names; GPT-2's `n_embd` is `hidden_size`, `n_head` is
+/// `num_attention_heads`, `n_layer` is `num_hidden_layers`, `n_positions` is
+/// `max_position_embeddings`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelInfo {
+    /// The `architectures` entry of config.json, e.g. `"LlamaForCausalLM"`, `"GPT2LMHeadModel"`.
+    pub architecture: String,
+    /// `model_type` of config.json (`"llama"`, `"qwen2"`, `"gpt2"`, ...).
+    pub model_type: String,
+    /// `_name_or_path` (or the folder the model was loaded from); written as
+    /// `base_model_name_or_path` when adapters are saved.
+    pub name_or_path: Option<String>,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    /// `Some` only when the config has `num_key_value_heads` (Llama family); HF's prefix tuning
+    /// then sizes its per-layer prefix by the KV heads. `None` for GPT-2.
+    pub num_key_value_heads: Option<usize>,
+    /// Size of one attention head.
+    pub head_dim: usize,
+    /// Longest sequence (cache included) the model accepts.
+    pub max_position_embeddings: usize,
+    pub pad_token_id: Option<u32>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Vec<u32>,
+}
+
+/// A base causal LM that adapters attach to (object safe; `PeftModel` holds a
+/// `Box<dyn BaseModel>`).
+///
+/// Tensors: token ids are `u32`, row-major `[b, s]`; embeddings `[b, s, hidden]` and logits
+/// `[b, s, vocab]` are in [`BaseModel::dtype`]. Key/value caches are [`KvCache`]s with one
+/// `[b, kv_heads, t, head_dim]` pair per layer.
+pub trait BaseModel: Send + Sync {
+    /// Architecture facts (see [`ModelInfo`]).
+    fn info(&self) -> &ModelInfo;
+    /// The model's config as transformers names it (the config.json fields this crate reads).
+    fn config_json(&self) -> serde_json::Value;
+    /// The device the weights live on.
+    fn device(&self) -> &Device;
+    /// The dtype the weights are stored and run in (F32, F16 or BF16).
+    fn dtype(&self) -> DType;
+    /// Every linear layer (nn.Linear or GPT-2 Conv1D) with its transformers module path, in
+    /// module order; the output head comes last as `lm_head`.
+    fn named_linears(&self) -> Vec<(String, &PeftLinear)>;
+    /// Mutable twin of [`BaseModel::named_linears`] (same names, same order).
+    fn named_linears_mut(&mut self) -> Vec<(String, &mut PeftLinear)>;
+    /// Biases of modules that are not linear layers (GPT-2's LayerNorm `ln_1`, `ln_2`, `ln_f`),
+    /// as `(module path, bias [hidden])`; empty for Llama (RMSNorm has no bias). Used by LoRA's
+    /// `bias: "all"`.
+    fn named_norm_biases_mut(&mut self) -> Vec<(String, &mut Tensor)>;
+    /// Read-only twin of [`BaseModel::named_norm_biases_mut`].
+    fn named_norm_biases(&self) -> Vec<(String, &Tensor)>;
+    /// Every module path (for error messages and targeting).
+    fn module_names(&self) -> Vec<String>;
+    /// Number of base-model parameters, tied weights counted once (as torch's `named_parameters`).
+    fn base_param_count(&self) -> usize;
+    /// The input word-embedding table `[vocab, hidden]` (`model.embed_tokens`, `transformer.wte`).
+    fn word_embeddings(&self) -> &Tensor;
+    /// Token embeddings only (no position embeddings): `ids` `[b, s]` → `[b, s, hidden]`.
+    ///
+    /// Errors: `InvalidArgument` for an id outside the vocabulary.
+    fn embed(&self, ids: &[u32], b: usize, s: usize) -> Result<Tensor>;
+    /// Forward from input embeddings `[b, s, hidden]` (as [`BaseModel::embed`] returns them;
+    /// prompt learning prepends virtual tokens) → logits `[b, s, vocab]` (`[b, 1, vocab]` with
+    /// `last_only`). `cache`, when given, supplies past keys/values and receives the new ones.
+    ///
+    /// Errors: `InvalidArgument` for a mask or position ids of the wrong length, or a sequence
+    /// longer than `max_position_embeddings`.
+    fn forward_embeds(&self, x: &Tensor, opts: &ForwardOptions, cache: Option<&mut KvCache>) -> Result<Tensor>;
+    /// Forward from token ids `[b, s]` → logits; see [`BaseModel::forward_embeds`].
+    fn forward(&self, ids: &[u32], b: usize, s: usize, opts: &ForwardOptions, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        if ids.len() != b * s {
+            return Err(PeftError::invalid_arg("inputIds", format!("has {} ids, expected batch {b} × seq {s}", ids.len())));
+        }
+        let x = self.embed(ids, b, s)?;
+        self.forward_embeds(&x, opts, cache)
+    }
+    /// Number of decoder layers (the length of a [`KvCache`]).
+    fn num_layers(&self) -> usize {
+        self.info().num_hidden_layers
+    }
+    /// An empty cache for this model.
+    fn new_cache(&self) -> KvCache {
+        KvCache::new(self.num_layers())
+    }
+}
+
+/// Additive attention mask `[b, 1, s, past + s]` (f32; 0 where a query may attend, `f32::MIN`
+/// elsewhere) for causal attention over `past` cached and `s` new positions, with an optional
+/// 1/0 padding mask `[b, past + s]`. `None` when nothing is masked (one new token, no padding).
+///
+/// Errors: `InvalidArgument` when the padding mask has the wrong length.
+pub(crate) fn causal_mask(mask: Option<&Vec<u8>>, b: usize, s: usize, past: usize, device: &Device) -> Result<Option<Tensor>> {
+    let total = past + s;
+    if let Some(m) = mask {
+        if m.len() != b * total {
+            return Err(PeftError::invalid_arg("attentionMask", format!("has {} values, expected {b} × {total}", m.len())));
+        }
+    }
+    let all_ones = mask.map(|m| m.iter().all(|&v| v != 0)).unwrap_or(true);
+    if s == 1 && all_ones {
+        return Ok(None);
+    }
+    let mut v = vec![0f32; b * s * total];
+    for bi in 0..b {
+        for i in 0..s {
+            for j in 0..total {
+                let ok = j <= past + i && mask.map(|m| m[bi * total + j] != 0).unwrap_or(true);
+                if !ok {
+                    v[(bi * s + i) * total + j] = f32::MIN;
+                }
+            }
+        }
+    }
+    Ok(Some(Tensor::from_vec(v, (b, 1, s, total), device)?))
+}

@@ -52,6 +52,8 @@ pub type RowAdapters = Arc<Vec<Option<String>>>;
 pub struct PeftLinear {
     /// Base weight: `[out, in]`, or `[in, out]` when `transposed` (GPT-2 `Conv1D`).
     pub weight: Tensor,
+    /// Base bias `[out]`. A trainable variable while a LoRA adapter with `bias != "none"` trains
+    /// it (HF `bias="all" | "lora_only"`); forward passes outside training detach it.
     pub bias: Option<Tensor>,
     /// Weight stored `[in, out]` (HF `fan_in_fan_out`).
     pub transposed: bool,
@@ -106,6 +108,12 @@ impl PeftLinear {
         if self.transposed { d[1] } else { d[0] }
     }
 
+    /// The bias as the forward pass uses it: tracked while training, detached otherwise (so a
+    /// trainable bias keeps no autograd graph alive during inference).
+    fn bias_for(&self, train: bool) -> Option<Tensor> {
+        self.bias.as_ref().map(|b| if train { b.clone() } else { b.detach() })
+    }
+
     /// Number of base parameters (weight and bias).
     pub fn base_param_count(&self) -> usize {
         self.weight.elem_count() + self.bias.as_ref().map(|b| b.elem_count()).unwrap_or(0)
@@ -145,7 +153,7 @@ impl PeftLinear {
             frozen_linear(&xin.to_dtype(self.weight.dtype())?, &self.weight, None, self.transposed)?.to_dtype(DType::F32)?
         } else {
             let yf = y.to_dtype(DType::F32)?;
-            match &self.bias {
+            match &self.bias_for(ctx.train) {
                 Some(b) => yf.broadcast_sub(&b.to_dtype(DType::F32)?)?,
                 None => yf,
             }
@@ -241,14 +249,14 @@ impl PeftLinear {
                 let dt = x.dtype();
                 return Ok(if ff {
                     let xs = x.to_dtype(DType::F32)?.broadcast_mul(&l)?.to_dtype(dt)?;
-                    frozen_linear(&xs, &self.weight, self.bias.as_ref(), self.transposed)?
+                    frozen_linear(&xs, &self.weight, self.bias_for(ctx.train).as_ref(), self.transposed)?
                 } else {
-                    let y = frozen_linear(x, &self.weight, self.bias.as_ref(), self.transposed)?;
+                    let y = frozen_linear(x, &self.weight, self.bias_for(ctx.train).as_ref(), self.transposed)?;
                     y.to_dtype(DType::F32)?.broadcast_mul(&l)?.to_dtype(dt)?
                 });
             }
         }
-        let mut y = frozen_linear(x, &self.weight, self.bias.as_ref(), self.transposed)?;
+        let mut y = frozen_linear(x, &self.weight, self.bias_for(ctx.train).as_ref(), self.transposed)?;
         if self.disabled || self.adapters.is_empty() {
             return Ok(y);
         }
@@ -288,7 +296,7 @@ impl PeftLinear {
     /// replaces the base parameters; in a mixed batch each row uses its own adapter's copy.
     fn forward_with_copies(&self, x: &Tensor, ctx: &LinearCtx) -> Result<Tensor> {
         if let Some(rows) = ctx.rows {
-            let mut y = frozen_linear(x, &self.weight, self.bias.as_ref(), self.transposed)?;
+            let mut y = frozen_linear(x, &self.weight, self.bias_for(ctx.train).as_ref(), self.transposed)?;
             for (name, idx) in row_groups(rows, x.device())? {
                 let Some((w, b)) = self.copy_params(name, ctx.train) else { continue };
                 let sub = x.index_select(&idx, 0)?;
@@ -302,7 +310,7 @@ impl PeftLinear {
                 let (w, b) = self.copy_params(name, ctx.train).expect("checked above");
                 self.linear_with(x, &w, b.as_ref())
             }
-            None => Ok(frozen_linear(x, &self.weight, self.bias.as_ref(), self.transposed)?),
+            None => Ok(frozen_linear(x, &self.weight, self.bias_for(ctx.train).as_ref(), self.transposed)?),
         }
     }
 

@@ -262,6 +262,8 @@ impl LoraConfig {
         m.insert("target_modules".into(), targets_to_json(&Some(self.target_modules.clone())));
         m.insert("exclude_modules".into(), targets_to_json(&self.exclude_modules));
         m.insert("inference_mode".into(), Value::Bool(self.inference_mode));
+        m.insert("fan_in_fan_out".into(), Value::Bool(self.fan_in_fan_out));
+        m.insert("bias".into(), Value::String(self.bias.clone()));
         // A Python float field: HF writes `0.0`, never `0` (JSON from JS loses the distinction).
         m.insert("lora_dropout".into(), serde_json::Number::from_f64(self.lora_dropout).map(Value::Number).unwrap_or(Value::Null));
         m.insert("base_model_name_or_path".into(), self.base_model_name_or_path.clone().map(Value::String).unwrap_or(Value::Null));
