@@ -31,6 +31,16 @@ pub struct BatchJs {
     pub seq_len: u32,
     /// Multitask prompt tuning: one task id per row.
     pub task_ids: Option<Vec<u32>>,
+    /// BERT-family segment ids `[b, s]`.
+    pub token_type_ids: Option<Vec<u32>>,
+    /// QUESTION_ANS: answer start token per row `[b]`.
+    pub start_positions: Option<Vec<i32>>,
+    /// QUESTION_ANS: answer end token per row `[b]`.
+    pub end_positions: Option<Vec<i32>>,
+    /// SEQ_2_SEQ_LM: decoder input ids `[b, t]` (default: labels shifted right).
+    pub decoder_input_ids: Option<Vec<u32>>,
+    /// SEQ_2_SEQ_LM: decoder mask `[b, t]`.
+    pub decoder_attention_mask: Option<Vec<u8>>,
 }
 
 #[napi(object)]
@@ -81,6 +91,11 @@ impl NativeTrainer {
                 batch_size: b.batch_size as usize,
                 seq_len: b.seq_len as usize,
                 task_ids: b.task_ids,
+                token_type_ids: b.token_type_ids,
+                start_positions: b.start_positions.map(|v| v.into_iter().map(|x| x as i64).collect()),
+                end_positions: b.end_positions.map(|v| v.into_iter().map(|x| x as i64).collect()),
+                decoder_input_ids: b.decoder_input_ids,
+                decoder_attention_mask: b.decoder_attention_mask,
             })
             .collect();
         AsyncTask::new(Job::plain(move || {

@@ -3,7 +3,7 @@
 
 use crate::error::{PeftError, Result};
 use crate::io::{python_json_dumps, read_safetensors, safetensors_bytes, write_atomic};
-use crate::model::{BaseModel, ForwardOptions, KvCache};
+use crate::model::{BaseModel, ForwardOptions, KvCache, Task};
 use crate::targeting::is_target;
 use crate::tuners::ia3::Ia3Config;
 use crate::tuners::linear::{Ia3Adapter, LoraAdapter};
@@ -236,15 +236,30 @@ impl PeftModel {
             AdapterConfig::Ia3(c) => c.task_type.clone(),
             AdapterConfig::Prompt(c) => c.task_type.clone(),
         };
+        let head = self.base.task();
         match task_type.as_deref() {
-            None | Some("CAUSAL_LM") => {}
-            Some("SEQ_2_SEQ_LM") if cfg.is_prompt_learning() => {} // refused below with the encoder-decoder reason
+            None => {}
+            Some(t) if Some(head) == Task::from_task_type(t) => {}
+            // A seq2seq prompt config on a decoder-only model is refused below with the
+            // encoder-decoder reason.
+            Some("SEQ_2_SEQ_LM") if cfg.is_prompt_learning() && head == Task::CausalLm => {}
+            Some(t) if Task::from_task_type(t).is_none() => {
+                return Err(PeftError::InvalidAdapterConfig {
+                    path: None,
+                    msg: format!(
+                        "unknown `task_type` {t:?} (taskType); expected one of {}",
+                        Task::ALL.iter().map(|t| t.task_type()).collect::<Vec<_>>().join(", ")
+                    ),
+                })
+            }
             Some(t) => {
                 return Err(PeftError::InvalidAdapterConfig {
                     path: None,
                     msg: format!(
-                        "`task_type` {t:?} needs a task head that this causal LM does not have ({} models support \"CAUSAL_LM\" here; other task types are not available yet)",
-                        self.base.info().architecture
+                        "`task_type` {t:?} (taskType) does not match the model: {} has a {} head; load the model for {t} (e.g. AutoModelForSequenceClassification for SEQ_CLS) or use task_type {:?}",
+                        self.base.info().architecture,
+                        head.task_type(),
+                        head.task_type()
                     ),
                 })
             }
@@ -292,11 +307,14 @@ impl PeftModel {
         if cfg.base_model_name_or_path.is_none() {
             cfg.base_model_name_or_path = self.base.info().name_or_path.clone();
         }
+        if let Some(t) = cfg.task_type.as_deref().and_then(Task::from_task_type) {
+            extend_head_modules(&mut cfg.modules_to_save, t);
+        }
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let device = self.base.device().clone();
         let mut planned: Vec<(String, LoraAdapter)> = Vec::new();
         for (mname, lin) in self.base.named_linears() {
-            if !is_target(&cfg, &mname, mname == "lm_head") {
+            if !is_target(&cfg, &mname, is_output_head(self.base.task(), &mname)) {
                 continue;
             }
             // HF `_create_new_module`: the layer type decides `fan_in_fan_out` (with a warning).
@@ -335,6 +353,7 @@ impl PeftModel {
         }
         // modules_to_save: a trainable copy of each listed (linear) module for this adapter.
         let mut copies: std::collections::HashMap<String, (Var, Option<Var>)> = Default::default();
+        let mut unmatched = Vec::new();
         for wanted in cfg.modules_to_save.clone().unwrap_or_default() {
             let mut found = false;
             for (mname, lin) in self.base.named_linears() {
@@ -348,12 +367,17 @@ impl PeftModel {
                     found = true;
                 }
             }
-            if !found {
-                return Err(PeftError::InvalidAdapterConfig {
-                    path: None,
-                    msg: format!("modules_to_save entry {wanted:?} matches no linear module of the model (only linear modules such as `lm_head` are supported)"),
-                });
+            // HF's `_set_trainable` ignores names that match nothing (PeftModelForSequenceClassification
+            // adds both `classifier` and `score`); a user's own entry that matches nothing warns.
+            let auto = cfg.task_type.as_deref().and_then(Task::from_task_type).map(|t| t.head_modules().contains(&wanted.as_str())).unwrap_or(false);
+            if !found && !auto {
+                unmatched.push(wanted);
             }
+        }
+        if !unmatched.is_empty() {
+            self.warnings.push(format!(
+                "modules_to_save entries {unmatched:?} of adapter '{name}' match no linear module of the model and are ignored (only linear modules such as `lm_head` or `classifier` are supported)"
+            ));
         }
         let first = self.configs.is_empty();
         let targeted: Vec<String> = planned.iter().map(|(n, _)| n.clone()).collect();
@@ -451,7 +475,7 @@ impl PeftModel {
         let device = self.base.device().clone();
         let mut planned: HashMap<String, Ia3Adapter> = HashMap::new();
         for (mname, lin) in self.base.named_linears() {
-            if !crate::targeting::is_target_with(&cfg.target_modules, cfg.exclude_modules.as_ref(), None, None, &mname, mname == "lm_head") {
+            if !crate::targeting::is_target_with(&cfg.target_modules, cfg.exclude_modules.as_ref(), None, None, &mname, is_output_head(self.base.task(), &mname)) {
                 continue;
             }
             let ff = cfg.is_feedforward(&mname);
@@ -966,7 +990,7 @@ impl PeftModel {
         let mut expected: std::collections::HashMap<String, (String, bool, Vec<usize>)> = Default::default();
         for (m, lin) in self.base.named_linears() {
             match &cfg {
-                AdapterConfig::Lora(c) if is_target(c, &m, m == "lm_head") => {
+                AdapterConfig::Lora(c) if is_target(c, &m, is_output_head(self.base.task(), &m)) => {
                     let r = c.rank_for(&m);
                     expected.insert(format!("{m}.lora_A.weight"), (m.clone(), true, vec![r, lin.in_features()]));
                     expected.insert(format!("{m}.lora_B.weight"), (m.clone(), false, vec![lin.out_features(), r]));
@@ -974,7 +998,7 @@ impl PeftModel {
                         expected.insert(format!("{m}.lora_magnitude_vector"), (m.clone(), false, vec![lin.out_features()]));
                     }
                 }
-                AdapterConfig::Ia3(c) if crate::targeting::is_target_with(&c.target_modules, c.exclude_modules.as_ref(), None, None, &m, m == "lm_head") => {
+                AdapterConfig::Ia3(c) if crate::targeting::is_target_with(&c.target_modules, c.exclude_modules.as_ref(), None, None, &m, is_output_head(self.base.task(), &m)) => {
                     let shape = if c.is_feedforward(&m) { vec![1, lin.in_features()] } else { vec![lin.out_features(), 1] };
                     expected.insert(format!("{m}.ia3_l"), (m.clone(), false, shape));
                 }
@@ -1518,6 +1542,28 @@ fn check_save_subfolder(dir: &Path, target: &Path) -> Result<()> {
 }
 
 /// `x.lora_A.<name>.weight` → `x.lora_A.weight` (HF's adapter-name removal rule, inverted).
+/// The layer `target_modules="all-linear"` leaves out (HF `_maybe_include_all_linear_layers`):
+/// the output embedding `lm_head`, or for sequence classification the `score` / `classifier`
+/// head (HF's `SEQ_CLS_HEAD_NAMES`).
+pub(crate) fn is_output_head(task: Task, module: &str) -> bool {
+    module == "lm_head" || (task == Task::SeqCls && (module == "score" || module == "classifier"))
+}
+
+/// HF `PeftModelForSequenceClassification` / `...TokenClassification` / `...QuestionAnswering`:
+/// the task's head modules are appended to `modules_to_save` (created when `None`), once.
+pub(crate) fn extend_head_modules(mts: &mut Option<Vec<String>>, task: Task) {
+    let names = task.head_modules();
+    if names.is_empty() {
+        return;
+    }
+    let list = mts.get_or_insert_with(Vec::new);
+    for n in names {
+        if !list.iter().any(|x| x == n) {
+            list.push(n.to_string());
+        }
+    }
+}
+
 fn strip_adapter_name(k: &str) -> String {
     // `<m>.modules_to_save.<name>.<param>` -> `<m>.<param>`
     if let Some(i) = k.find(".modules_to_save.") {

@@ -4,7 +4,7 @@
 //! `get_linear_schedule_with_warmup`, `clip_grad_norm_`).
 
 use crate::error::{PeftError, Result};
-use crate::model::ForwardOptions;
+use crate::model::{ForwardOptions, Task};
 use crate::ops::causal_lm_loss;
 use crate::peft_model::PeftModel;
 use candle_core::backprop::GradStore;
@@ -47,8 +47,14 @@ impl Default for TrainingArgs {
 }
 
 /// One micro-batch: row-major `[b, s]` ids, mask (1 = token, 0 = pad) and labels (`-100` =
-/// ignored). Labels are the input ids in the usual causal-LM case; the loss shifts them.
-#[derive(Debug, Clone)]
+/// ignored). What `labels` holds depends on the model's head ([`Task`]), as in transformers:
+/// - `CausalLm`: `[b, s]` token ids, usually the input ids; the loss shifts them by one;
+/// - `SeqCls`: `[b]` class indices;
+/// - `TokenCls`: `[b, s]` class indices per token;
+/// - `QuestionAns`: empty; `start_positions` / `end_positions` `[b]` instead;
+/// - `Seq2SeqLm`: `[b, t]` target ids (any `t`); the decoder input is the labels shifted right
+///   (`decoder_start_token_id` first, `-100` read as pad) unless `decoder_input_ids` is given.
+#[derive(Debug, Clone, Default)]
 pub struct Batch {
     pub input_ids: Vec<u32>,
     pub attention_mask: Vec<u8>,
@@ -57,22 +63,59 @@ pub struct Batch {
     pub seq_len: usize,
     /// Multitask prompt tuning: one task id per row.
     pub task_ids: Option<Vec<u32>>,
+    /// BERT-family segment ids `[b, s]`.
+    pub token_type_ids: Option<Vec<u32>>,
+    /// Question answering: answer start / end token per row `[b]` (clamped to `[0, s]`; `s`
+    /// is ignored, as transformers does).
+    pub start_positions: Option<Vec<i64>>,
+    pub end_positions: Option<Vec<i64>>,
+    /// Seq2seq: explicit decoder input ids `[b, t]` (default: labels shifted right).
+    pub decoder_input_ids: Option<Vec<u32>>,
+    /// Seq2seq: decoder mask `[b, t]`.
+    pub decoder_attention_mask: Option<Vec<u8>>,
 }
 
 impl Batch {
-    fn validate(&self, vocab: usize) -> Result<()> {
+    fn validate(&self, model: &PeftModel) -> Result<()> {
+        let info = model.base.info();
         let n = self.batch_size * self.seq_len;
         if n == 0 {
             return Err(PeftError::invalid_arg("batch", "is empty"));
         }
-        if self.input_ids.len() != n || self.attention_mask.len() != n || self.labels.len() != n {
-            return Err(PeftError::invalid_arg(
-                "batch",
-                format!("inputIds/attentionMask/labels must each have {} × {} values", self.batch_size, self.seq_len),
-            ));
+        if self.input_ids.len() != n || self.attention_mask.len() != n {
+            return Err(PeftError::invalid_arg("batch", format!("inputIds/attentionMask must each have {} × {} values", self.batch_size, self.seq_len)));
         }
-        if let Some(bad) = self.labels.iter().find(|&&l| l != -100 && (l < 0 || l as usize >= vocab)) {
-            return Err(PeftError::invalid_arg("labels", format!("label {bad} is neither -100 (ignored) nor a token id below the vocabulary size {vocab}")));
+        let (want, classes, what) = match info.task {
+            Task::CausalLm => (Some(n), info.vocab_size, "a token id below the vocabulary size"),
+            Task::TokenCls => (Some(n), info.num_labels.unwrap_or(0), "a class index below num_labels"),
+            Task::SeqCls => (Some(self.batch_size), info.num_labels.unwrap_or(0), "a class index below num_labels"),
+            Task::Seq2SeqLm => (None, info.vocab_size, "a token id below the vocabulary size"),
+            Task::QuestionAns | Task::FeatureExtraction => (None, 0, ""),
+        };
+        if let Some(w) = want {
+            if self.labels.len() != w {
+                return Err(PeftError::invalid_arg("labels", format!("must have {w} values for a {} model (batch {} × seq {})", info.task.task_type(), self.batch_size, self.seq_len)));
+            }
+        }
+        if info.task == Task::Seq2SeqLm && (self.labels.is_empty() || self.labels.len() % self.batch_size != 0) {
+            return Err(PeftError::invalid_arg("labels", format!("must hold batch {} × target length values", self.batch_size)));
+        }
+        if info.task == Task::FeatureExtraction {
+            return Err(PeftError::invalid_arg("batch", "a FEATURE_EXTRACTION model has no loss to train on"));
+        }
+        if info.task == Task::SeqCls && info.num_labels == Some(1) {
+            return Err(PeftError::invalid_arg("labels", "regression (num_labels = 1) is not supported; use at least 2 labels"));
+        }
+        if let Some(bad) = self.labels.iter().find(|&&l| l != -100 && (l < 0 || l as usize >= classes)) {
+            return Err(PeftError::invalid_arg("labels", format!("label {bad} is neither -100 (ignored) nor {what} ({classes})")));
+        }
+        if info.task == Task::QuestionAns {
+            for (k, v) in [("startPositions", &self.start_positions), ("endPositions", &self.end_positions)] {
+                match v {
+                    Some(v) if v.len() == self.batch_size => {}
+                    _ => return Err(PeftError::invalid_arg(k, format!("a QUESTION_ANS batch needs {} positions", self.batch_size))),
+                }
+            }
         }
         Ok(())
     }
@@ -209,17 +252,23 @@ pub const TRAINABLE_FILE: &str = "trainable_parameters.safetensors";
 /// Loss (mean over label tokens) and gradients of the trainable parameters for one batch,
 /// scaled by `scale` (for accumulation). Returns `(loss, label tokens, grads)`.
 pub fn loss_and_grads(model: &PeftModel, batch: &Batch, total_items: Option<usize>, rng: Option<Arc<Mutex<rand::rngs::StdRng>>>) -> Result<(f64, usize, GradStore)> {
-    batch.validate(model.base.info().vocab_size)?;
+    batch.validate(model)?;
     let opts = ForwardOptions {
         attention_mask: Some(batch.attention_mask.clone()),
         train: true,
         dropout_rng: rng,
         task_ids: batch.task_ids.clone(),
+        token_type_ids: batch.token_type_ids.clone(),
+        decoder_input_ids: match (&batch.decoder_input_ids, model.base.task()) {
+            (Some(d), _) => Some(d.clone()),
+            (None, Task::Seq2SeqLm) => Some(shift_right(&batch.labels, batch.batch_size, model.base.info().decoder_start_token_id.unwrap_or(0), model.base.info().pad_token_id.unwrap_or(0))),
+            _ => None,
+        },
+        decoder_attention_mask: batch.decoder_attention_mask.clone(),
         ..Default::default()
     };
     let logits = model.forward(&batch.input_ids, batch.batch_size, batch.seq_len, &opts, None)?;
-    let (labels, seq) = extended_labels(model, batch);
-    let (mean, n) = causal_lm_loss(&logits, &labels, batch.batch_size, seq, true)?;
+    let (mean, n) = task_loss(model, &logits, batch)?;
     let loss_val = mean.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? as f64;
     let scaled = match total_items {
         Some(t) if t > 0 => (mean * (n as f64 / t as f64))?,
@@ -246,10 +295,70 @@ pub fn extended_labels(model: &PeftModel, batch: &Batch) -> (Vec<i64>, usize) {
     (out, n + s)
 }
 
-/// Label tokens that count towards the loss (after the causal shift).
+/// Label items that count towards the loss (tokens after the causal shift; rows for sequence
+/// classification and QA).
 fn label_items(model: &PeftModel, batch: &Batch) -> usize {
-    let (labels, s) = extended_labels(model, batch);
-    (0..batch.batch_size).map(|r| (1..s).filter(|&i| labels.get(r * s + i).map(|&l| l >= 0).unwrap_or(false)).count()).sum()
+    match model.base.task() {
+        Task::CausalLm => {
+            let (labels, s) = extended_labels(model, batch);
+            (0..batch.batch_size).map(|r| (1..s).filter(|&i| labels.get(r * s + i).map(|&l| l >= 0).unwrap_or(false)).count()).sum()
+        }
+        Task::QuestionAns => batch.batch_size,
+        _ => batch.labels.iter().filter(|&&l| l >= 0).count(),
+    }
+}
+
+/// T5's `_shift_right`: `[b, t]` labels → decoder input ids: `start` first, then the labels
+/// without their last column, `-100` replaced by `pad`.
+pub fn shift_right(labels: &[i64], b: usize, start: u32, pad: u32) -> Vec<u32> {
+    let t = labels.len() / b.max(1);
+    let mut out = Vec::with_capacity(b * t);
+    for r in 0..b {
+        out.push(start);
+        for i in 0..t.saturating_sub(1) {
+            let l = labels[r * t + i];
+            out.push(if l < 0 { pad } else { l as u32 });
+        }
+    }
+    out
+}
+
+/// The loss transformers computes for the model's head, as `(mean, items)`: shifted
+/// cross-entropy for causal LMs; cross-entropy over `[b, num_labels]` (SEQ_CLS), over every
+/// token (TOKEN_CLS, `-100` ignored) and over decoder positions (SEQ_2_SEQ_LM, unshifted); for
+/// QA the mean of the start and end cross-entropies with positions clamped to `[0, s]` and `s`
+/// ignored (`BertForQuestionAnswering`).
+///
+/// Errors: `InvalidArgument` when the logits' shape does not fit the batch.
+pub fn task_loss(model: &PeftModel, logits: &Tensor, batch: &Batch) -> Result<(Tensor, usize)> {
+    let b = batch.batch_size;
+    Ok(match model.base.task() {
+        Task::CausalLm => {
+            let (labels, seq) = extended_labels(model, batch);
+            causal_lm_loss(logits, &labels, b, seq, true)?
+        }
+        Task::SeqCls => causal_lm_loss(logits, &batch.labels, b, 1, false)?,
+        Task::TokenCls | Task::Seq2SeqLm => {
+            let t = batch.labels.len() / b;
+            let dims = logits.dims();
+            if dims.len() != 3 || dims[0] != b || dims[1] != t {
+                return Err(PeftError::invalid_arg("labels", format!("{t} labels per row do not fit logits of shape {dims:?}")));
+            }
+            causal_lm_loss(logits, &batch.labels, b, t, false)?
+        }
+        Task::QuestionAns => {
+            let (_, s, _) = logits.dims3()?;
+            let clamp = |v: &Vec<i64>| -> Vec<i64> { v.iter().map(|&p| if p.clamp(0, s as i64) == s as i64 { -100 } else { p.clamp(0, s as i64) }).collect() };
+            let start = logits.narrow(2, 0, 1)?.squeeze(2)?;
+            let end = logits.narrow(2, 1, 1)?.squeeze(2)?;
+            let sp = clamp(batch.start_positions.as_ref().unwrap());
+            let ep = clamp(batch.end_positions.as_ref().unwrap());
+            let (ls, _) = causal_lm_loss(&start, &sp, b, 1, false)?;
+            let (le, _) = causal_lm_loss(&end, &ep, b, 1, false)?;
+            (((ls + le)? * 0.5)?, b)
+        }
+        Task::FeatureExtraction => return Err(PeftError::invalid_arg("batch", "a FEATURE_EXTRACTION model has no loss")),
+    })
 }
 
 /// Linear warm-up then linear decay to 0 (`get_linear_schedule_with_warmup`), as the factor

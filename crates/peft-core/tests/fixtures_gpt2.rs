@@ -44,7 +44,7 @@ fn train_batch() -> Batch {
     let ids: Vec<u32> = vec![5, 17, 33, 9, 120, 44, 7, 81, 12, 150, 64, 3, 0, 0];
     let mask: Vec<u8> = vec![1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0];
     let labels = ids.iter().zip(&mask).map(|(&i, &m)| if m == 0 { -100 } else { i as i64 }).collect();
-    Batch { input_ids: ids, attention_mask: mask, labels, batch_size: 2, seq_len: 7, task_ids: None }
+    Batch { input_ids: ids, attention_mask: mask, labels, batch_size: 2, seq_len: 7, task_ids: None, ..Default::default() }
 }
 
 fn logits_of(m: &PeftModel, batch: &Batch) -> Tensor {
@@ -146,7 +146,7 @@ fn gpt2_lora_c_attn_loss_and_grads() {
     let exp = Expected::load(case);
     let m = adapter_peft(case, true);
     let (ids, b, s) = exp.ids("input_ids");
-    let batch = Batch { input_ids: ids, attention_mask: exp.mask("attention_mask"), labels: exp.i64s("labels"), batch_size: b, seq_len: s, task_ids: None };
+    let batch = Batch { input_ids: ids, attention_mask: exp.mask("attention_mask"), labels: exp.i64s("labels"), batch_size: b, seq_len: s, task_ids: None, ..Default::default() };
     let (loss, _, grads) = loss_and_grads(&m, &batch, None, None).unwrap();
     let want = exp.get("loss").flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] as f64;
     let latol = tolerance(case, "loss_atol", 1e-5);

@@ -239,7 +239,7 @@ fn dora_and_ia3_round_trip_and_gradients() {
         let (ids, b, s) = exp.ids("input_ids");
         let mask = exp.mask("attention_mask");
         let labels: Vec<i64> = ids.iter().zip(&mask).map(|(&i, &m)| if m == 0 { -100 } else { i as i64 }).collect();
-        let batch = Batch { input_ids: ids, attention_mask: mask, labels, batch_size: b, seq_len: s, task_ids: None };
+        let batch = Batch { input_ids: ids, attention_mask: mask, labels, batch_size: b, seq_len: s, task_ids: None, ..Default::default() };
         let (_, _, grads) = loss_and_grads(&m, &batch, None, None).unwrap();
         let params = m.trainable_parameters();
         assert!(params.iter().any(|(k, _)| k.ends_with("lora_magnitude_vector") || k.ends_with("ia3_l")), "{case}: {:?}", params.iter().map(|p| &p.0).collect::<Vec<_>>());
@@ -308,7 +308,7 @@ fn llama_lora_qv_loss_and_grads() {
     let exp = Expected::load(case);
     let m = adapter_peft(case, true);
     let (ids, b, s) = exp.ids("input_ids");
-    let batch = Batch { input_ids: ids, attention_mask: exp.mask("attention_mask"), labels: exp.i64s("labels"), batch_size: b, seq_len: s, task_ids: None };
+    let batch = Batch { input_ids: ids, attention_mask: exp.mask("attention_mask"), labels: exp.i64s("labels"), batch_size: b, seq_len: s, task_ids: None, ..Default::default() };
     let (loss, n, grads) = loss_and_grads(&m, &batch, None, None).unwrap_or_else(|e| panic!("loss_and_grads: [{}] {e}", e.code()));
     let want_loss = exp.get("loss").flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] as f64;
     let loss_atol = tolerance(case, "loss_atol", 1e-5);

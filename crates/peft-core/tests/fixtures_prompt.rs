@@ -179,7 +179,7 @@ fn train_batch() -> Batch {
     let ids: Vec<u32> = vec![5, 17, 33, 9, 120, 44, 7, 81, 12, 200, 64, 3, 0, 0];
     let mask: Vec<u8> = vec![1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0];
     let labels = ids.iter().zip(&mask).map(|(&i, &m)| if m == 0 { -100 } else { i as i64 }).collect();
-    Batch { input_ids: ids, attention_mask: mask, labels, batch_size: 2, seq_len: 7, task_ids: None }
+    Batch { input_ids: ids, attention_mask: mask, labels, batch_size: 2, seq_len: 7, task_ids: None, ..Default::default() }
 }
 
 /// 30 AdamW steps of every method on the tiny model make the loss fall; every trainable

@@ -73,7 +73,7 @@ fn batches() -> Vec<Vec<Batch>> {
                     let mut labels: Vec<i64> = ids.iter().map(|&x| x as i64).collect();
                     labels[11] = -100;
                     labels[0] = -100;
-                    Batch { input_ids: ids, attention_mask: mask, labels, batch_size: 2, seq_len: 6, task_ids: None }
+                    Batch { input_ids: ids, attention_mask: mask, labels, batch_size: 2, seq_len: 6, task_ids: None, ..Default::default() }
                 })
                 .collect()
         })

@@ -71,7 +71,16 @@ pub const LLAMA_ARCHITECTURES: &[&str] = &["LlamaForCausalLM", "MistralForCausal
 
 /// Every supported `architectures` value (the loader dispatches on it; see
 /// [`crate::model::loader::load_causal_lm`]).
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GPT2LMHeadModel"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
+    "LlamaForCausalLM",
+    "LlamaForSequenceClassification",
+    "MistralForCausalLM",
+    "MistralForSequenceClassification",
+    "Qwen2ForCausalLM",
+    "Qwen2ForSequenceClassification",
+    "GPT2LMHeadModel",
+    "GPT2ForSequenceClassification",
+];
 
 impl LlamaConfig {
     /// Parse a transformers `config.json` value. `path` is used in error messages only.
@@ -95,7 +104,7 @@ impl LlamaConfig {
                 "mistral" => "MistralForCausalLM".into(),
                 _ => "LlamaForCausalLM".into(),
             });
-        if !LLAMA_ARCHITECTURES.contains(&architecture.as_str()) {
+        if !LLAMA_ARCHITECTURES.contains(&architecture.replace("ForSequenceClassification", "ForCausalLM").as_str()) {
             return Err(bad(format!(
                 "architecture `{architecture}` is not a Llama-family decoder ({}); supported architectures: {}",
                 LLAMA_ARCHITECTURES.join(", "),

@@ -12,7 +12,7 @@
 
 use super::config::{get_f64, get_usize, token_ids};
 use super::llama::{ForwardOptions, KvCache};
-use super::{causal_mask, BaseModel, ModelInfo};
+use super::{causal_mask, BaseModel, ModelInfo, Task};
 use crate::error::{PeftError, Result};
 use crate::ops::{layer_norm, softmax_last};
 use crate::tuners::linear::{LinearCtx, PeftLinear};
@@ -119,8 +119,10 @@ pub struct Gpt2LMHeadModel {
     pub wpe: Tensor,
     pub h: Vec<Gpt2Block>,
     pub ln_f: LayerNorm,
-    /// `lm_head`: `[vocab, n_embd]` nn.Linear without bias, weight tied to `wte`.
+    /// `lm_head`: `[vocab, n_embd]` nn.Linear without bias, weight tied to `wte`; or, for
+    /// `GPT2ForSequenceClassification`, `score` `[num_labels, n_embd]` (no bias).
     pub lm_head: PeftLinear,
+    head_name: &'static str,
     pub device: Device,
     pub dtype: DType,
     info: ModelInfo,
@@ -132,7 +134,34 @@ impl Gpt2LMHeadModel {
     /// `GPT2Model` checkpoint); `lm_head.weight` is ignored when present (it is tied to `wte`).
     ///
     /// Errors: `InvalidModelConfig` naming a missing tensor, `ShapeMismatch` naming a misshapen one.
-    pub fn from_tensors(config: Gpt2Config, mut t: HashMap<String, Tensor>, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn from_tensors(config: Gpt2Config, t: HashMap<String, Tensor>, dtype: DType, device: &Device) -> Result<Self> {
+        Self::from_tensors_for(config, t, dtype, device, Task::CausalLm, None)
+    }
+
+    /// Build with the head of `task`: `CausalLm` (`GPT2LMHeadModel`) or `SeqCls`
+    /// (`GPT2ForSequenceClassification`: `score.weight` `[num_labels, n_embd]` must be in `t`;
+    /// pooled on the last non-pad token).
+    ///
+    /// Errors: as [`Self::from_tensors`]; `InvalidModelConfig` for another task.
+    pub fn from_tensors_for(config: Gpt2Config, mut t: HashMap<String, Tensor>, dtype: DType, device: &Device, task: Task, num_labels: Option<usize>) -> Result<Self> {
+        let score = match task {
+            Task::CausalLm => None,
+            Task::SeqCls => {
+                let p = std::path::PathBuf::from(config.name_or_path.clone().unwrap_or_else(|| "<model>".into()));
+                let n = num_labels.ok_or_else(|| PeftError::InvalidModelConfig { path: p.clone(), msg: "sequence classification needs `num_labels`".into() })?;
+                let w = t.remove("score.weight").ok_or_else(|| PeftError::InvalidModelConfig { path: p.clone(), msg: "the weights have no tensor `score.weight`".into() })?;
+                if w.dims() != [n, config.n_embd] {
+                    return Err(PeftError::ShapeMismatch { name: "score.weight".into(), expected: vec![n, config.n_embd], found: w.dims().to_vec() });
+                }
+                Some(w.to_dtype(dtype)?.to_device(device)?.contiguous()?)
+            }
+            other => {
+                return Err(PeftError::InvalidModelConfig {
+                    path: std::path::PathBuf::from(config.name_or_path.clone().unwrap_or_else(|| "<model>".into())),
+                    msg: format!("gpt2 models have no {} head here (supported: CAUSAL_LM, SEQ_CLS)", other.task_type()),
+                })
+            }
+        };
         let c = &config;
         let path = std::path::PathBuf::from(c.name_or_path.clone().unwrap_or_else(|| "<model>".into()));
         let mut take = |name: &str, shape: &[usize]| -> Result<Tensor> {
@@ -171,7 +200,7 @@ impl Gpt2LMHeadModel {
         }
         let ln_f = LayerNorm { weight: take("ln_f.weight", &[e])?, bias: take("ln_f.bias", &[e])? };
         let info = ModelInfo {
-            architecture: "GPT2LMHeadModel".into(),
+            architecture: if task == Task::SeqCls { "GPT2ForSequenceClassification".into() } else { "GPT2LMHeadModel".into() },
             model_type: "gpt2".into(),
             name_or_path: c.name_or_path.clone(),
             vocab_size: c.vocab_size,
@@ -184,9 +213,13 @@ impl Gpt2LMHeadModel {
             pad_token_id: c.pad_token_id,
             bos_token_id: c.bos_token_id,
             eos_token_id: c.eos_token_id.clone(),
+            decoder_start_token_id: None,
+            task,
+            num_labels: if task == Task::SeqCls { num_labels } else { None },
         };
         Ok(Gpt2LMHeadModel {
-            lm_head: PeftLinear::new(wte.clone(), None, false),
+            head_name: if score.is_some() { "score" } else { "lm_head" },
+            lm_head: PeftLinear::new(score.unwrap_or_else(|| wte.clone()), None, false),
             wte,
             wpe,
             h,
@@ -239,6 +272,9 @@ impl BaseModel for Gpt2LMHeadModel {
     fn info(&self) -> &ModelInfo {
         &self.info
     }
+    fn pools_last_token(&self) -> bool {
+        true
+    }
 
     /// config.json's GPT-2 fields plus transformers' `attribute_map` aliases (`hidden_size`,
     /// `num_hidden_layers`, `num_attention_heads`, `max_position_embeddings`).
@@ -273,7 +309,7 @@ impl BaseModel for Gpt2LMHeadModel {
             out.push((format!("{p}.mlp.c_fc"), &l.c_fc));
             out.push((format!("{p}.mlp.c_proj"), &l.mlp_c_proj));
         }
-        out.push(("lm_head".into(), &self.lm_head));
+        out.push((self.head_name.into(), &self.lm_head));
         out
     }
 
@@ -286,7 +322,7 @@ impl BaseModel for Gpt2LMHeadModel {
             out.push((format!("{p}.mlp.c_fc"), &mut l.c_fc));
             out.push((format!("{p}.mlp.c_proj"), &mut l.mlp_c_proj));
         }
-        out.push(("lm_head".into(), &mut self.lm_head));
+        out.push((self.head_name.into(), &mut self.lm_head));
         out
     }
 
@@ -327,7 +363,7 @@ impl BaseModel for Gpt2LMHeadModel {
             }
         }
         out.push("transformer.ln_f".into());
-        out.push("lm_head".into());
+        out.push(self.head_name.into());
         out
     }
 
@@ -386,6 +422,12 @@ impl BaseModel for Gpt2LMHeadModel {
         for (i, l) in self.h.iter().enumerate() {
             let kv = cache.as_mut().map(|c| &mut c.layers[i]);
             h = self.block_forward(l, &h, &lin, mask.as_ref(), kv)?;
+        }
+        if self.info.task == Task::SeqCls {
+            let idx = opts.pool_index.clone().unwrap_or_else(|| vec![s - 1; b]);
+            let h = super::gather_rows(&h, &idx)?;
+            let h = self.ln(&h, &self.ln_f, opts.train)?;
+            return Ok(self.lm_head.forward(&h, &lin)?.squeeze(1)?);
         }
         let h = if opts.last_only { h.narrow(1, s - 1, 1)? } else { h };
         let h = self.ln(&h, &self.ln_f, opts.train)?;

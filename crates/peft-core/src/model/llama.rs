@@ -7,7 +7,7 @@
 //! Matches transformers' `LlamaForCausalLM` / `Qwen2ForCausalLM` (eager attention).
 
 use super::config::LlamaConfig;
-use super::{BaseModel, ModelInfo};
+use super::{BaseModel, ModelInfo, Task};
 use crate::error::{PeftError, Result};
 use crate::ops::{rms_norm, rope, softmax_last};
 use crate::tuners::linear::{LinearCtx, PeftLinear, RowAdapters};
@@ -47,6 +47,17 @@ pub struct ForwardOptions {
     pub dropout_rng: Option<std::sync::Arc<std::sync::Mutex<rand::rngs::StdRng>>>,
     /// Multitask prompt tuning: one task id per row.
     pub task_ids: Option<Vec<u32>>,
+    /// Sequence classification on decoder models: the position pooled per row (`[b]`, indices
+    /// into the sequence passed to `forward_embeds`). `None` = the last position (transformers'
+    /// behaviour for `inputs_embeds`); `BaseModel::forward` fills it from the ids.
+    pub pool_index: Option<Vec<usize>>,
+    /// BERT-family segment ids `[b, s]` (`None` = all 0).
+    pub token_type_ids: Option<Vec<u32>>,
+    /// Encoder-decoder models: decoder input ids `[b, t]` (row-major). `None` with a cache that
+    /// holds encoder states means "continue decoding" (see the model's docs).
+    pub decoder_input_ids: Option<Vec<u32>>,
+    /// Encoder-decoder models: `[b, past + t]` 1/0 decoder mask (`None` = all ones).
+    pub decoder_attention_mask: Option<Vec<u8>>,
 }
 
 pub struct Attention {
@@ -72,6 +83,9 @@ pub struct DecoderLayer {
 /// The whole model. `lm_head.weight` shares `embed_tokens`' storage when the embeddings are tied.
 pub struct LlamaForCausalLM {
     pub config: LlamaConfig,
+    /// Module path of the output head: `lm_head` (causal LM) or `score`
+    /// (`LlamaForSequenceClassification`, `[num_labels, hidden]`, no bias).
+    head_name: &'static str,
     /// `[vocab, hidden]`.
     pub embed_tokens: Tensor,
     pub layers: Vec<DecoderLayer>,
@@ -96,7 +110,17 @@ impl LlamaForCausalLM {
     /// Build from HF-named tensors (`model.embed_tokens.weight`, ...), converted to `dtype`.
     ///
     /// Errors: `ShapeMismatch` / `InvalidModelConfig` naming the missing or misshapen tensor.
-    pub fn from_tensors(config: LlamaConfig, mut t: HashMap<String, Tensor>, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn from_tensors(config: LlamaConfig, t: HashMap<String, Tensor>, dtype: DType, device: &Device) -> Result<Self> {
+        Self::from_tensors_for(config, t, dtype, device, Task::CausalLm, None)
+    }
+
+    /// Build with the head of `task`: `CausalLm` (`lm_head`) or `SeqCls`
+    /// (`LlamaForSequenceClassification`: `score.weight` `[num_labels, hidden]`, which must be in
+    /// `t`; the loader initialises it when the checkpoint has none).
+    ///
+    /// Errors: as [`Self::from_tensors`]; `InvalidModelConfig` for another task or a missing
+    /// `num_labels`.
+    pub fn from_tensors_for(config: LlamaConfig, mut t: HashMap<String, Tensor>, dtype: DType, device: &Device, task: Task, num_labels: Option<usize>) -> Result<Self> {
         let c = &config;
         let mut take = |name: &str, shape: &[usize]| -> Result<Tensor> {
             let x = t.remove(name).ok_or_else(|| PeftError::InvalidModelConfig {
@@ -140,15 +164,27 @@ impl LlamaForCausalLM {
             });
         }
         let norm = take("model.norm.weight", &[h])?;
-        let lm_w = if c.tie_word_embeddings {
-            embed_tokens.clone()
-        } else {
-            take("lm_head.weight", &[c.vocab_size, h])?
+        let (head_name, lm_w) = match task {
+            Task::CausalLm if c.tie_word_embeddings => ("lm_head", embed_tokens.clone()),
+            Task::CausalLm => ("lm_head", take("lm_head.weight", &[c.vocab_size, h])?),
+            Task::SeqCls => {
+                let n = num_labels.ok_or_else(|| PeftError::InvalidModelConfig { path: config_name(c), msg: "sequence classification needs `num_labels`".into() })?;
+                ("score", take("score.weight", &[n, h])?)
+            }
+            other => {
+                return Err(PeftError::InvalidModelConfig {
+                    path: config_name(c),
+                    msg: format!("{} models have no {} head here (supported: CAUSAL_LM, SEQ_CLS)", c.model_type, other.task_type()),
+                })
+            }
         };
         let half = hd / 2;
         let inv_freq = (0..half).map(|i| 1.0 / (c.rope_theta.powf(2.0 * i as f64 / hd as f64)) as f32).collect();
         let info = ModelInfo {
-            architecture: c.architecture.clone(),
+            architecture: match task {
+                Task::SeqCls => c.architecture.replace("ForCausalLM", "ForSequenceClassification"),
+                _ => c.architecture.replace("ForSequenceClassification", "ForCausalLM"),
+            },
             model_type: c.model_type.clone(),
             name_or_path: c.name_or_path.clone(),
             vocab_size: c.vocab_size,
@@ -161,8 +197,12 @@ impl LlamaForCausalLM {
             pad_token_id: c.pad_token_id,
             bos_token_id: c.bos_token_id,
             eos_token_id: c.eos_token_id.clone(),
+            decoder_start_token_id: None,
+            task,
+            num_labels: if task == Task::SeqCls { num_labels } else { None },
         };
         Ok(LlamaForCausalLM {
+            head_name,
             info,
             config,
             embed_tokens,
@@ -189,7 +229,7 @@ impl LlamaForCausalLM {
             out.push((format!("{p}.mlp.up_proj"), &l.mlp.up_proj));
             out.push((format!("{p}.mlp.down_proj"), &l.mlp.down_proj));
         }
-        out.push(("lm_head".into(), &self.lm_head));
+        out.push((self.head_name.into(), &self.lm_head));
         out
     }
 
@@ -206,7 +246,7 @@ impl LlamaForCausalLM {
             out.push((format!("{p}.mlp.up_proj"), &mut l.mlp.up_proj));
             out.push((format!("{p}.mlp.down_proj"), &mut l.mlp.down_proj));
         }
-        out.push(("lm_head".into(), &mut self.lm_head));
+        out.push((self.head_name.into(), &mut self.lm_head));
         out
     }
 
@@ -228,7 +268,7 @@ impl LlamaForCausalLM {
             out.push(format!("{p}.post_attention_layernorm"));
         }
         out.push("model.norm".into());
-        out.push("lm_head".into());
+        out.push(self.head_name.into());
         out
     }
 
@@ -239,7 +279,7 @@ impl LlamaForCausalLM {
             n += l.input_layernorm.elem_count() + l.post_attention_layernorm.elem_count();
         }
         for (name, lin) in self.named_linears() {
-            if name == "lm_head" && self.config.tie_word_embeddings {
+            if name == "lm_head" && self.config.tie_word_embeddings && self.info.task == Task::CausalLm {
                 continue;
             }
             n += lin.base_param_count();
@@ -311,6 +351,14 @@ impl LlamaForCausalLM {
             let kv = cache.as_mut().map(|c| &mut c.layers[i]);
             h = self.layer_forward(layer, &h, &ctx, kv)?;
         }
+        if self.info.task == Task::SeqCls {
+            // LlamaForSequenceClassification: score every position, keep one per row; scoring
+            // only the pooled rows gives the same numbers with less work.
+            let idx = opts.pool_index.clone().unwrap_or_else(|| vec![s - 1; b]);
+            let h = super::gather_rows(&h, &idx)?;
+            let h = rms_norm(&h, &self.norm, c.rms_norm_eps, opts.train)?;
+            return Ok(self.lm_head.forward(&h, &ctx.lin)?.squeeze(1)?);
+        }
         let h = if opts.last_only { h.narrow(1, s - 1, 1)? } else { h };
         let h = rms_norm(&h, &self.norm, c.rms_norm_eps, opts.train)?;
         self.lm_head.forward(&h, &ctx.lin)
@@ -370,6 +418,9 @@ impl LlamaForCausalLM {
 impl BaseModel for LlamaForCausalLM {
     fn info(&self) -> &ModelInfo {
         &self.info
+    }
+    fn pools_last_token(&self) -> bool {
+        true
     }
     fn config_json(&self) -> serde_json::Value {
         let c = &self.config;

@@ -4,7 +4,7 @@
 use super::config::{LlamaConfig, LLAMA_ARCHITECTURES, SUPPORTED_ARCHITECTURES};
 use super::gpt2::{Gpt2Config, Gpt2LMHeadModel};
 use super::llama::LlamaForCausalLM;
-use super::BaseModel;
+use super::{BaseModel, Task};
 use crate::error::{PeftError, Result};
 use crate::io::read_safetensors;
 use crate::tokenizer::Tokenizer;
@@ -17,6 +17,58 @@ pub struct LoadedModel {
     /// The model (Llama family or GPT-2), ready for [`crate::peft_model::PeftModel::new`].
     pub model: Box<dyn BaseModel>,
     pub tokenizer: Option<Tokenizer>,
+    /// Head weights the checkpoint did not have and that were freshly initialised (transformers'
+    /// "Some weights of X were not initialized from the model checkpoint" list), e.g.
+    /// `["score.weight"]` when a causal-LM checkpoint is loaded for sequence classification.
+    pub newly_initialized: Vec<String>,
+}
+
+/// Which head to build, as HF's `AutoModelFor*` classes choose it.
+#[derive(Debug, Clone, Default)]
+pub struct LoadRequest {
+    /// `None`: the head config.json's `architectures` names.
+    pub task: Option<Task>,
+    /// Classes of a new classification head; default: config.json's `id2label` length, else
+    /// `num_labels`, else 2 (transformers' default).
+    pub num_labels: Option<usize>,
+    /// Seed for freshly initialised head weights.
+    pub seed: u64,
+}
+
+/// The task an `architectures` entry names (`...ForCausalLM` / `GPT2LMHeadModel` → causal LM,
+/// `...ForSequenceClassification` → SEQ_CLS, ...); `None` for an unknown suffix.
+pub fn task_of_architecture(a: &str) -> Option<Task> {
+    let table: [(&str, Task); 8] = [
+        ("ForCausalLM", Task::CausalLm),
+        ("LMHeadModel", Task::CausalLm),
+        ("ForSequenceClassification", Task::SeqCls),
+        ("ForTokenClassification", Task::TokenCls),
+        ("ForQuestionAnswering", Task::QuestionAns),
+        ("ForConditionalGeneration", Task::Seq2SeqLm),
+        ("ForMaskedLM", Task::FeatureExtraction),
+        ("Model", Task::FeatureExtraction),
+    ];
+    table.iter().find(|(suffix, _)| a.ends_with(suffix)).map(|(_, t)| *t)
+}
+
+/// Number of labels for a classification head: the request's, else config.json's `id2label`
+/// length, else `num_labels`, else 2.
+pub fn num_labels_of(v: &serde_json::Value, req: &LoadRequest) -> usize {
+    req.num_labels
+        .or_else(|| v.get("id2label").and_then(|m| m.as_object()).map(|m| m.len()).filter(|&n| n > 0))
+        .or_else(|| v.get("num_labels").and_then(|n| n.as_u64()).map(|n| n as usize))
+        .unwrap_or(2)
+}
+
+/// Insert a freshly initialised `[out, in]` weight under `key` when the checkpoint lacks it
+/// (normal(0, `initializer_range`), as transformers initialises a new head), recording it.
+pub fn init_missing(t: &mut HashMap<String, Tensor>, key: &str, out: usize, inp: usize, v: &serde_json::Value, seed: u64, device: &Device, record: &mut Vec<String>) -> Result<()> {
+    if !t.contains_key(key) {
+        let std = v.get("initializer_range").and_then(|x| x.as_f64()).unwrap_or(0.02);
+        t.insert(key.to_string(), super::init_normal(out, inp, std, seed, device)?);
+        record.push(key.to_string());
+    }
+    Ok(())
 }
 
 /// Whether `path` names a GGUF file (by extension, else by its magic bytes).
@@ -40,6 +92,16 @@ pub fn is_gguf(path: &Path) -> bool {
 /// unsupported architecture, naming it and listing the supported ones),
 /// `SafetensorsInvalid`, `GgufInvalid`, `ShapeMismatch`.
 pub fn load_causal_lm(path: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
+    load_model(path, dtype, device, &LoadRequest::default())
+}
+
+/// [`load_causal_lm`] with the head chosen by `req` (HF's `AutoModelFor*.from_pretrained`): a
+/// checkpoint of one head can be loaded with another (a causal LM as a sequence classifier gets
+/// a new `score`, listed in [`LoadedModel::newly_initialized`]).
+///
+/// Errors: as [`load_causal_lm`]; `InvalidModelConfig` when the architecture family has no such
+/// head (naming the supported ones).
+pub fn load_model(path: &Path, dtype: DType, device: &Device, req: &LoadRequest) -> Result<LoadedModel> {
     if !path.exists() {
         return Err(PeftError::NotFound { path: path.into(), what: "model folder or .gguf file does not exist".into() });
     }
@@ -48,8 +110,14 @@ pub fn load_causal_lm(path: &Path, dtype: DType, device: &Device) -> Result<Load
         // As for HF folders, the source path is the model's name (GGUF's `general.name` is a
         // display name, not something HF can load an adapter's base model from).
         g.config.name_or_path = Some(path.to_string_lossy().into_owned());
-        let model = LlamaForCausalLM::from_tensors(g.config, g.tensors, dtype, device)?;
-        return Ok(LoadedModel { model: Box::new(model), tokenizer: Some(g.tokenizer) });
+        let mut newly_initialized = Vec::new();
+        let task = req.task.unwrap_or(Task::CausalLm);
+        let num_labels = (task == Task::SeqCls).then(|| req.num_labels.unwrap_or(2));
+        if let Some(n) = num_labels {
+            init_missing(&mut g.tensors, "score.weight", n, g.config.hidden_size, &serde_json::Value::Null, req.seed, device, &mut newly_initialized)?;
+        }
+        let model = LlamaForCausalLM::from_tensors_for(g.config, g.tensors, dtype, device, task, num_labels)?;
+        return Ok(LoadedModel { model: Box::new(model), tokenizer: Some(g.tokenizer), newly_initialized });
     }
     if !path.is_dir() {
         return Err(PeftError::invalid_arg("path", format!("{} is neither a model folder nor a .gguf file", path.display())));
@@ -61,33 +129,47 @@ pub fn load_causal_lm(path: &Path, dtype: DType, device: &Device) -> Result<Load
     let text = std::fs::read_to_string(&cfg_path).map_err(|e| PeftError::io(&cfg_path, e))?;
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| PeftError::InvalidModelConfig { path: cfg_path.clone(), msg: format!("not valid JSON: {e}") })?;
-    let model: Box<dyn BaseModel> = match architecture_of(&v) {
-        Some(a) if a == "GPT2LMHeadModel" => {
-            let mut config = Gpt2Config::from_json(&v, &cfg_path)?;
-            if config.name_or_path.is_none() {
-                config.name_or_path = Some(path.to_string_lossy().into_owned());
-            }
-            let tensors = load_folder_weights(path, device)?;
-            Box::new(Gpt2LMHeadModel::from_tensors(config, tensors, dtype, device)?)
+    let arch = architecture_of(&v).unwrap_or_else(|| "LlamaForCausalLM".into());
+    let unsupported = || PeftError::InvalidModelConfig {
+        path: cfg_path.clone(),
+        msg: format!("architecture `{arch}` is not supported; supported architectures: {}", SUPPORTED_ARCHITECTURES.join(", ")),
+    };
+    let task = match req.task {
+        Some(t) => t,
+        None => task_of_architecture(&arch).ok_or_else(unsupported)?,
+    };
+    let mut newly_initialized = Vec::new();
+    let model: Box<dyn BaseModel> = if arch.starts_with("GPT2") {
+        if !SUPPORTED_ARCHITECTURES.contains(&arch.as_str()) {
+            return Err(unsupported());
         }
-        Some(a) if !LLAMA_ARCHITECTURES.contains(&a.as_str()) => {
-            return Err(PeftError::InvalidModelConfig {
-                path: cfg_path,
-                msg: format!("architecture `{a}` is not supported; supported architectures: {}", SUPPORTED_ARCHITECTURES.join(", ")),
-            });
+        let mut config = Gpt2Config::from_json(&v, &cfg_path)?;
+        if config.name_or_path.is_none() {
+            config.name_or_path = Some(path.to_string_lossy().into_owned());
         }
-        _ => {
-            let mut config = LlamaConfig::from_json(&v, &cfg_path)?;
-            if config.name_or_path.is_none() {
-                config.name_or_path = Some(path.to_string_lossy().into_owned());
-            }
-            let tensors = load_folder_weights(path, device)?;
-            Box::new(LlamaForCausalLM::from_tensors(config, tensors, dtype, device)?)
+        let mut tensors = load_folder_weights(path, device)?;
+        let num_labels = (task == Task::SeqCls).then(|| num_labels_of(&v, req));
+        if let Some(n) = num_labels {
+            init_missing(&mut tensors, "score.weight", n, config.n_embd, &v, req.seed, device, &mut newly_initialized)?;
         }
+        Box::new(Gpt2LMHeadModel::from_tensors_for(config, tensors, dtype, device, task, num_labels)?)
+    } else if LLAMA_ARCHITECTURES.contains(&arch.replace("ForSequenceClassification", "ForCausalLM").as_str()) {
+        let mut config = LlamaConfig::from_json(&v, &cfg_path)?;
+        if config.name_or_path.is_none() {
+            config.name_or_path = Some(path.to_string_lossy().into_owned());
+        }
+        let mut tensors = load_folder_weights(path, device)?;
+        let num_labels = (task == Task::SeqCls).then(|| num_labels_of(&v, req));
+        if let Some(n) = num_labels {
+            init_missing(&mut tensors, "score.weight", n, config.hidden_size, &v, req.seed, device, &mut newly_initialized)?;
+        }
+        Box::new(LlamaForCausalLM::from_tensors_for(config, tensors, dtype, device, task, num_labels)?)
+    } else {
+        return Err(unsupported());
     };
     let tok_path = path.join("tokenizer.json");
     let tokenizer = if tok_path.exists() { Some(Tokenizer::from_pretrained(path)?) } else { None };
-    Ok(LoadedModel { model, tokenizer })
+    Ok(LoadedModel { model, tokenizer, newly_initialized })
 }
 
 /// The architecture a config.json names: its first `architectures` entry, else derived from

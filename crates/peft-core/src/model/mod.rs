@@ -44,6 +44,109 @@ pub struct ModelInfo {
     pub pad_token_id: Option<u32>,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Vec<u32>,
+    /// Encoder-decoder models: the first decoder token (`decoder_start_token_id`); `None` for
+    /// decoder-only and encoder-only models.
+    pub decoder_start_token_id: Option<u32>,
+    /// The head this model was built with (HF's `AutoModelFor*` class).
+    pub task: Task,
+    /// Output classes of a classification head (`len(id2label)` / `num_labels` of config.json);
+    /// `None` for heads without labels (causal LM, QA, feature extraction, seq2seq).
+    pub num_labels: Option<usize>,
+}
+
+/// A model head, named as HF PEFT's `task_type` names it (`PeftModelFor*` / `AutoModelFor*`).
+///
+/// What [`BaseModel::forward_embeds`] returns for each:
+/// - `CausalLm`, `Seq2SeqLm`: logits `[b, s, vocab]` (decoder positions for seq2seq);
+/// - `SeqCls`: pooled logits `[b, num_labels]` (pooling per architecture: BERT's pooler on token
+///   0; Llama/GPT-2 take the last non-pad token, see [`ForwardOptions::pool_index`]);
+/// - `TokenCls`: `[b, s, num_labels]`;
+/// - `QuestionAns`: `[b, s, 2]` (start logits `[..., 0]`, end logits `[..., 1]`, as HF splits
+///   `qa_outputs`);
+/// - `FeatureExtraction`: the last hidden state `[b, s, hidden]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Task {
+    CausalLm,
+    SeqCls,
+    TokenCls,
+    QuestionAns,
+    FeatureExtraction,
+    Seq2SeqLm,
+}
+
+impl Task {
+    /// Every task, in HF's order.
+    pub const ALL: [Task; 6] = [Task::SeqCls, Task::Seq2SeqLm, Task::CausalLm, Task::TokenCls, Task::QuestionAns, Task::FeatureExtraction];
+
+    /// HF PEFT's `task_type` string (`"CAUSAL_LM"`, `"SEQ_CLS"`, `"TOKEN_CLS"`, `"QUESTION_ANS"`,
+    /// `"FEATURE_EXTRACTION"`, `"SEQ_2_SEQ_LM"`).
+    pub fn task_type(self) -> &'static str {
+        match self {
+            Task::CausalLm => "CAUSAL_LM",
+            Task::SeqCls => "SEQ_CLS",
+            Task::TokenCls => "TOKEN_CLS",
+            Task::QuestionAns => "QUESTION_ANS",
+            Task::FeatureExtraction => "FEATURE_EXTRACTION",
+            Task::Seq2SeqLm => "SEQ_2_SEQ_LM",
+        }
+    }
+
+    /// Parse a `task_type` string; `None` for an unknown one.
+    pub fn from_task_type(s: &str) -> Option<Task> {
+        Task::ALL.into_iter().find(|t| t.task_type() == s)
+    }
+
+    /// The modules HF's `PeftModelFor*` adds to `modules_to_save` for this task
+    /// (`classifier_module_names` / `qa_module_names`); names that match nothing are ignored.
+    pub fn head_modules(self) -> &'static [&'static str] {
+        match self {
+            Task::SeqCls | Task::TokenCls => &["classifier", "score"],
+            Task::QuestionAns => &["qa_outputs"],
+            _ => &[],
+        }
+    }
+}
+
+/// `LlamaForSequenceClassification` / `GPT2ForSequenceClassification` pooling: per row, the
+/// index of the rightmost token that is not `pad_token_id` (0 when the row is all padding), as
+/// transformers computes `last_non_pad_token` from `input_ids`. Without a pad token, `s - 1` for
+/// a batch of one.
+///
+/// Errors: `InvalidArgument` ("Cannot handle batch sizes > 1 if no padding token is defined", as
+/// transformers) when `pad` is `None` and `b > 1`.
+pub fn last_non_pad_indices(ids: &[u32], b: usize, s: usize, pad: Option<u32>) -> Result<Vec<usize>> {
+    match pad {
+        None if b > 1 => Err(PeftError::invalid_arg(
+            "inputIds",
+            "Cannot handle batch sizes > 1 if no padding token is defined (config.json has no `pad_token_id`)",
+        )),
+        None => Ok(vec![s.saturating_sub(1); b]),
+        Some(p) => Ok((0..b).map(|r| (0..s).rev().find(|&i| ids[r * s + i] != p).unwrap_or(0)).collect()),
+    }
+}
+
+/// Gather one position per row: `h` `[b, s, d]`, `idx[r] < s` → `[b, 1, d]` (differentiable).
+pub(crate) fn gather_rows(h: &Tensor, idx: &[usize]) -> Result<Tensor> {
+    let (b, s, _) = h.dims3()?;
+    if idx.len() != b || idx.iter().any(|&i| i >= s) {
+        return Err(PeftError::invalid_arg("poolIndex", format!("needs {b} positions below {s}")));
+    }
+    let rows: Vec<Tensor> = idx.iter().enumerate().map(|(r, &i)| h.narrow(0, r, 1)?.narrow(1, i, 1)).collect::<candle_core::Result<_>>()?;
+    Ok(Tensor::cat(&rows, 0)?)
+}
+
+/// Freshly initialised head weight `[out, in]` as transformers' `_init_weights` does for a
+/// linear layer: `normal(0, std)` (std = `initializer_range`, 0.02 by default), drawn from a
+/// seeded `StdRng`, f32.
+///
+/// Errors: `InvalidArgument` for a negative or non-finite `std`.
+pub fn init_normal(out: usize, inp: usize, std: f64, seed: u64, device: &Device) -> Result<Tensor> {
+    use rand::SeedableRng;
+    use rand_distr::Distribution;
+    let dist = rand_distr::Normal::new(0.0f32, std as f32).map_err(|e| PeftError::invalid_arg("initializer_range", e.to_string()))?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let v: Vec<f32> = (0..out * inp).map(|_| dist.sample(&mut rng)).collect();
+    Ok(Tensor::from_vec(v, (out, inp), device)?)
 }
 
 /// A base causal LM that adapters attach to (object safe; `PeftModel` holds a
@@ -95,7 +198,21 @@ pub trait BaseModel: Send + Sync {
             return Err(PeftError::invalid_arg("inputIds", format!("has {} ids, expected batch {b} × seq {s}", ids.len())));
         }
         let x = self.embed(ids, b, s)?;
+        if self.task() == Task::SeqCls && opts.pool_index.is_none() && self.pools_last_token() {
+            let mut o = opts.clone();
+            o.pool_index = Some(last_non_pad_indices(ids, b, s, self.info().pad_token_id)?);
+            return self.forward_embeds(&x, &o, cache);
+        }
         self.forward_embeds(&x, opts, cache)
+    }
+    /// Whether sequence classification pools the last non-pad token (decoder models: Llama,
+    /// GPT-2) rather than a fixed token (BERT's `[CLS]`).
+    fn pools_last_token(&self) -> bool {
+        false
+    }
+    /// The head (see [`Task`]); `info().task`.
+    fn task(&self) -> Task {
+        self.info().task
     }
     /// Number of decoder layers (the length of a [`KvCache`]).
     fn num_layers(&self) -> usize {
