@@ -393,3 +393,62 @@ fn scale_decoder_outputs_is_honoured() {
     let d = assert_close("scale_decoder_outputs: logits_base / 8", &fixture_logits(&m, &exp), &want, 1e-5, 1e-4);
     visible(&format!("ok scale_decoder_outputs=true: logits == HF's / sqrt(d_model) (max diff {d:.1e})"));
 }
+
+/// Mixed batches (one adapter per row, `__base__` = none) give each row its single adapter's
+/// logits; (IA)³ on `k`, `v`, `wo` (feed-forward) trains every vector and merges exactly.
+#[test]
+fn mixed_batch_rows_and_ia3() {
+    let exp = Expected::load(CASE);
+    let (ids, _, s) = exp.ids("input_ids");
+    let (dec, _, t) = exp.ids("decoder_input_ids");
+    let mut m = base_peft(CASE);
+    m.add_adapter("a", lora_qv(), 1).unwrap();
+    m.add_adapter("b", config(json!({"peft_type": "LORA", "task_type": "SEQ_2_SEQ_LM", "r": 2, "target_modules": ["k", "o", "wo"], "init_lora_weights": false})), 2).unwrap();
+    let ids3: Vec<u32> = [&ids[..s], &ids[..s], &ids[..s]].concat();
+    let dec3: Vec<u32> = [&dec[..t], &dec[..t], &dec[..t]].concat();
+    let rows = vec![Some("a".to_string()), Some("b".to_string()), None];
+    let opts = ForwardOptions { decoder_input_ids: Some(dec3), adapter_rows: Some(std::sync::Arc::new(rows)), ..Default::default() };
+    let mixed = m.forward(&ids3, 3, s, &opts, None).unwrap();
+    let mut worst = 0f64;
+    for (r, name) in [(0, Some("a")), (1, Some("b")), (2, None)] {
+        match name {
+            Some(n) => {
+                m.set_disabled(false).unwrap();
+                m.set_adapter(&[n.to_string()]).unwrap();
+            }
+            None => m.set_disabled(true).unwrap(),
+        }
+        let single = fwd(&m, &ids[..s], 1, None, &dec[..t], None);
+        let d = max_diff(&mixed.narrow(0, r, 1).unwrap(), &single);
+        assert!(d < 1e-5, "row {r} ({name:?}) differs from its adapter alone by {d}");
+        worst = worst.max(d);
+    }
+    let mut ia3 = base_peft(CASE);
+    let cfg = config(json!({"peft_type": "IA3", "task_type": "SEQ_2_SEQ_LM", "target_modules": ["k", "v", "wo"], "feedforward_modules": ["wo"], "init_ia3_weights": false}));
+    let targeted = ia3.add_adapter("default", cfg, 4).unwrap();
+    assert_eq!(targeted.len(), 2 * 3 + 2 * 5, "{targeted:?}");
+    assert_all_grads("ia3", &ia3, &train_batch());
+    let before = batch_logits(&ia3, &train_batch());
+    ia3.merge_adapter(None, true).unwrap();
+    let dm = max_diff(&batch_logits(&ia3, &train_batch()), &before);
+    assert!(dm < 1e-4, "IA3 merged logits differ by {dm}");
+    ia3.unmerge_adapter().unwrap();
+    let du = max_diff(&batch_logits(&ia3, &train_batch()), &before);
+    assert!(du < 1e-5, "IA3 unmerged logits differ by {du}");
+    visible(&format!("ok mixed batch rows == single adapters (max diff {worst:.1e}); IA3 k/v/wo: grads everywhere, merged diff {dm:.1e}, unmerged {du:.1e}"));
+}
+
+/// The model runs in bfloat16 (weights, activations; scores, position bias and masks in f32):
+/// its logits stay within bf16 rounding of HF's fp32 ones.
+#[test]
+fn bf16_forward_stays_close_to_f32() {
+    let exp = Expected::load(CASE);
+    let loaded = peft_core::model::loader::load_causal_lm(&fixtures_dir().join("models/t5"), DType::BF16, &candle_core::Device::Cpu).unwrap();
+    let m = PeftModel::new(loaded.model);
+    let got = fixture_logits(&m, &exp).to_dtype(DType::F32).unwrap();
+    let want = exp.get("logits_base");
+    let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap() as f64;
+    let d = max_diff(&got, want);
+    assert!(d < 0.05 * scale, "bf16 logits differ by {d} (max |logit| {scale})");
+    visible(&format!("ok bf16 forward: max diff {d:.3e} vs fp32 reference (max |logit| {scale:.3})"));
+}
