@@ -20,11 +20,17 @@ export interface ForwardInput {
   adapterNames?: string[]
   /** Multitask prompt tuning: one task id per row. */
   taskIds?: number[]
+  /** Encoder-decoder models (T5, required there): `[batch, t]` decoder input ids
+   * (transformers' `decoder_input_ids`; `inputIds` / `attentionMask` are the encoder's). */
+  decoderInputIds?: Tensor | number[][]
+  /** Encoder-decoder models: `[batch, t]` 1/0 decoder mask (default all ones). */
+  decoderAttentionMask?: Tensor | number[][]
 }
 
 export interface ForwardOutput {
   /** `[batch, seq, vocab]` float32; with an active prompt-tuning / P-tuning adapter
-   * `[batch, numVirtualTokens + seq, vocab]` (the virtual positions come first, as in HF). */
+   * `[batch, numVirtualTokens + seq, vocab]` (the virtual positions come first, as in HF).
+   * Encoder-decoder models: the decoder's `[batch, t, vocab]`. */
   logits: Tensor
 }
 
@@ -76,11 +82,22 @@ export class PreTrainedModel {
     const { ids, batch, seq } = toIdMatrix(input.inputIds, 'inputIds')
     const mask = toMask(input.attentionMask, batch, seq, 'attentionMask')
     const taskIds = toTaskIds(input.taskIds, batch)
-    const r = await callAsync(() => this.native.forward(ids, batch, seq, mask, input.adapterNames, taskIds))
+    let dec: Uint32Array | undefined
+    let decMask: Uint8Array | undefined
+    if (input.decoderInputIds !== undefined) {
+      const d = toIdMatrix(input.decoderInputIds, 'decoderInputIds')
+      if (d.batch !== batch) throw invalidArgument('decoderInputIds', `must have ${batch} rows (the batch of inputIds), found ${d.batch}`)
+      dec = d.ids
+      decMask = toMask(input.decoderAttentionMask, batch, d.seq, 'decoderAttentionMask')
+    } else if (input.decoderAttentionMask !== undefined) {
+      throw invalidArgument('decoderAttentionMask', 'needs decoderInputIds')
+    }
+    const r = await callAsync(() => this.native.forward(ids, batch, seq, mask, input.adapterNames, taskIds, dec, decMask))
     return { logits: Tensor.from(r.data, r.shape) }
   }
 
-  /** Greedy or sampled generation with a KV cache; returns `[batch, seq + new]` ids per row. */
+  /** Greedy or sampled generation with a KV cache; returns `[batch, seq + new]` ids per row
+   * (encoder-decoder models: each row's decoder sequence `[decoder_start_token_id, new...]`). */
   async generate(inputIds: Tensor | number[][] | number[], options: GenerateOptions = {}): Promise<number[][]> {
     const { ids, batch, seq } = toIdMatrix(inputIds, 'inputIds')
     const mask = toMask(options.attentionMask, batch, seq, 'attentionMask')

@@ -311,7 +311,10 @@ impl NativeModel {
     }
 
     /// Forward pass. `inputIds` row-major `[batch, seq]`; `attentionMask` the same shape (1/0).
+    /// Encoder-decoder models: `decoderInputIds` row-major `[batch, t]` (required there) and
+    /// `decoderAttentionMask` the same shape; the logits are the decoder's.
     #[napi(ts_return_type = "Promise<ForwardResult>")]
+    #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         input_ids: Uint32Array,
@@ -320,6 +323,8 @@ impl NativeModel {
         attention_mask: Option<Uint8Array>,
         adapter_names: Option<Vec<String>>,
         task_ids: Option<Vec<u32>>,
+        decoder_input_ids: Option<Uint32Array>,
+        decoder_attention_mask: Option<Uint8Array>,
     ) -> napi::Result<AsyncTask<Job<(Vec<f32>, Vec<u32>), ForwardResult>>> {
         let ids = input_ids.to_vec();
         let (b, s) = (batch as usize, seq as usize);
@@ -327,12 +332,14 @@ impl NativeModel {
             return Err(arg_err("inputIds", format!("has {} values, expected {b} × {s}", ids.len())));
         }
         let mask = attention_mask.map(|m| m.to_vec());
+        let decoder_input_ids = decoder_input_ids.map(|d| d.to_vec());
+        let decoder_attention_mask = decoder_attention_mask.map(|d| d.to_vec());
         let inner = self.inner.clone();
         let rows = to_rows(adapter_names);
         Ok(AsyncTask::new(Job::new(
             move || {
                 with_model(&inner, |m| {
-                    let opts = ForwardOptions { attention_mask: mask, adapter_rows: rows, task_ids, ..Default::default() };
+                    let opts = ForwardOptions { attention_mask: mask, adapter_rows: rows, task_ids, decoder_input_ids, decoder_attention_mask, ..Default::default() };
                     let logits = m.forward(&ids, b, s, &opts, None)?.to_dtype(candle_core::DType::F32)?;
                     let shape = logits.dims().iter().map(|&d| d as u32).collect();
                     Ok((logits.flatten_all()?.to_vec1::<f32>()?, shape))

@@ -67,8 +67,9 @@ pub struct ForwardOptions {
     pub pool_index: Option<Vec<usize>>,
     /// BERT-family segment ids `[b, s]` (`None` = all 0).
     pub token_type_ids: Option<Vec<u32>>,
-    /// Encoder-decoder models: decoder input ids `[b, t]` (row-major). `None` with a cache that
-    /// holds encoder states means "continue decoding" (see the model's docs).
+    /// Encoder-decoder models: decoder input ids `[b, t]` (row-major), required in every call;
+    /// with a cache that already holds the encoder output, only the new decoder tokens (the
+    /// encoder input is then not re-encoded, see `T5ForConditionalGeneration::forward_embeds`).
     pub decoder_input_ids: Option<Vec<u32>>,
     /// Encoder-decoder models: `[b, past + t]` 1/0 decoder mask (`None` = all ones).
     pub decoder_attention_mask: Option<Vec<u8>>,
