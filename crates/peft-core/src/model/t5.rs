@@ -71,7 +71,9 @@ impl T5Activation {
 /// T5 hyper-parameters from a transformers `config.json` (`model_type: "t5"`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct T5Config {
+    /// Rows of `shared` (and `lm_head`).
     pub vocab_size: usize,
+    /// Hidden size of both stacks (transformers' `hidden_size` alias).
     pub d_model: usize,
     /// Size of one attention head.
     pub d_kv: usize,
@@ -81,9 +83,13 @@ pub struct T5Config {
     pub num_layers: usize,
     /// Decoder blocks (default `num_layers`).
     pub num_decoder_layers: usize,
+    /// Attention heads of every attention layer (`num_attention_heads` alias).
     pub num_heads: usize,
+    /// Buckets of the relative position bias (default 32).
     pub relative_attention_num_buckets: usize,
+    /// Distance from which relative positions share the last bucket (default 128).
     pub relative_attention_max_distance: usize,
+    /// `T5LayerNorm` epsilon (default 1e-6).
     pub layer_norm_epsilon: f64,
     /// `feed_forward_proj` as written (`"relu"`, `"gated-gelu"`, ...).
     pub feed_forward_proj: String,
@@ -91,6 +97,7 @@ pub struct T5Config {
     pub is_gated_act: bool,
     /// `dense_act_fn` (from config.json, else from `feed_forward_proj`; `"gated-gelu"` → `gelu_new`).
     pub dense_act_fn: String,
+    /// `dense_act_fn` parsed.
     pub activation: T5Activation,
     /// `tie_word_embeddings` as config.json states it (default true).
     pub tie_word_embeddings: bool,
@@ -98,8 +105,11 @@ pub struct T5Config {
     /// `scale_decoder_outputs` when present, else `tie_word_embeddings != false` (transformers'
     /// `T5Config.__post_init__`).
     pub scale_decoder_outputs: bool,
+    /// `pad_token_id` (T5: 0); also what `-100` labels become in the shifted decoder input.
     pub pad_token_id: Option<u32>,
+    /// `eos_token_id`, one or several ids (T5: 1).
     pub eos_token_id: Vec<u32>,
+    /// First decoder token of generation and of shifted labels (T5: 0, the pad token).
     pub decoder_start_token_id: Option<u32>,
     /// The dtype named in the config, informational.
     pub dtype: Option<String>,
@@ -169,9 +179,13 @@ impl T5Config {
 /// One `T5Attention` (`SelfAttention` or `EncDecAttention`): bias-free `q`, `k`, `v`
 /// (`d_model → num_heads·d_kv`) and `o` (back to `d_model`).
 pub struct T5Attention {
+    /// Query projection `[num_heads·d_kv, d_model]`.
     pub q: PeftLinear,
+    /// Key projection `[num_heads·d_kv, d_model]` (applied to the encoder output in cross-attention).
     pub k: PeftLinear,
+    /// Value projection `[num_heads·d_kv, d_model]`.
     pub v: PeftLinear,
+    /// Output projection `[d_model, num_heads·d_kv]`.
     pub o: PeftLinear,
     /// `relative_attention_bias.weight` `[num_buckets, num_heads]` (block 0 of each stack only).
     pub relative_attention_bias: Option<Tensor>,
@@ -179,7 +193,10 @@ pub struct T5Attention {
 
 /// `DenseReluDense`: `T5DenseActDense` (`wi`, `wo`) or `T5DenseGatedActDense` (`wi_0`, `wi_1`, `wo`).
 pub enum T5DenseReluDense {
+    /// `wi` `[d_ff, d_model]`, `wo` `[d_model, d_ff]` (`feed_forward_proj: "relu"` etc.).
     Plain { wi: PeftLinear, wo: PeftLinear },
+    /// `wi_0` (activated), `wi_1` (linear) `[d_ff, d_model]`, `wo` `[d_model, d_ff]`
+    /// (`feed_forward_proj: "gated-gelu"`, T5 v1.1 / flan-t5).
     Gated { wi_0: PeftLinear, wi_1: PeftLinear, wo: PeftLinear },
 }
 
@@ -201,27 +218,35 @@ impl T5DenseReluDense {
 pub struct T5Block {
     /// `layer.0.layer_norm.weight` `[d_model]`.
     pub self_attn_norm: Tensor,
+    /// `layer.0.SelfAttention` (bidirectional in the encoder, causal in the decoder).
     pub self_attn: T5Attention,
+    /// Decoder only: `layer.1.layer_norm.weight` `[d_model]` and `layer.1.EncDecAttention`.
     pub cross: Option<(Tensor, T5Attention)>,
     /// `layer.{1|2}.layer_norm.weight` `[d_model]`.
     pub ff_norm: Tensor,
+    /// `layer.{1|2}.DenseReluDense`.
     pub ff: T5DenseReluDense,
 }
 
 /// transformers' `T5ForConditionalGeneration`. See the module docs.
 pub struct T5ForConditionalGeneration {
+    /// The parsed config.json.
     pub config: T5Config,
     /// `shared.weight` `[vocab, d_model]`: the encoder's and decoder's token embeddings.
     pub shared: Tensor,
+    /// `encoder.block.{i}` (`num_layers` blocks).
     pub encoder: Vec<T5Block>,
     /// `encoder.final_layer_norm.weight`.
     pub encoder_final_layer_norm: Tensor,
+    /// `decoder.block.{i}` (`num_decoder_layers` blocks).
     pub decoder: Vec<T5Block>,
     /// `decoder.final_layer_norm.weight`.
     pub decoder_final_layer_norm: Tensor,
     /// `lm_head` `[vocab, d_model]`, no bias (tied to `shared` unless the checkpoint has one).
     pub lm_head: PeftLinear,
+    /// Where the weights live.
     pub device: Device,
+    /// Weights' and activations' dtype (attention scores, position bias and masks are f32).
     pub dtype: DType,
     info: ModelInfo,
     /// `lm_head` shares `shared`'s weight (counted once).
