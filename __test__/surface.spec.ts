@@ -106,8 +106,8 @@ test('savePretrained options: selectedAdapters matches names exactly, isMainProc
   await assertPeftError(t, () => pm.savePretrained(dir, { saveEmbeddingLayers: 'yes' as unknown as boolean }), 'ERR_INVALID_ARGUMENT', ['saveEmbeddingLayers'])
   // true: the (untargeted) embedding tables are written as HF writes them
   const withEmb = tmpDir(t)
-  await pm.savePretrained(withEmb, { saveEmbeddingLayers: true, selectedAdapters: ['default'] })
-  const embKeys = Object.keys(await loadSafetensors(path.join(withEmb, 'adapter_model.safetensors')))
+  await pm.savePretrained(withEmb, { saveEmbeddingLayers: true, selectedAdapters: ['foo'] })
+  const embKeys = Object.keys(await loadSafetensors(path.join(withEmb, 'foo', 'adapter_model.safetensors')))
   t.true(embKeys.includes('base_model.model.model.embed_tokens.weight') && embKeys.includes('base_model.model.lm_head.weight'), embKeys.join(','))
   await assertPeftError(t, () => pm.savePretrained(dir, { safeSerialization: false }), 'ERR_INVALID_ARGUMENT', ['safeSerialization'])
   await pm.savePretrained(tmpDir(t), { saveEmbeddingLayers: 'auto' })

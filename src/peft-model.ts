@@ -311,7 +311,7 @@ export class PeftModel {
     if (options.safeSerialization === false) {
       throw new PeftError('ERR_INVALID_ARGUMENT', 'invalid argument `safeSerialization`: only safetensors is supported (no pickle format)')
     }
-    if (options.saveEmbeddingLayers !== undefined && options.saveEmbeddingLayers !== false && options.saveEmbeddingLayers !== 'auto') {
+    if (options.saveEmbeddingLayers !== undefined && typeof options.saveEmbeddingLayers !== 'boolean' && options.saveEmbeddingLayers !== 'auto') {
       throw invalidArgument('saveEmbeddingLayers', `must be 'auto' or a boolean, found ${JSON.stringify(options.saveEmbeddingLayers)}`)
     }
     if (options.pathInitialModelForWeightConversion !== undefined) {
