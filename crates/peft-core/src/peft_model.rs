@@ -1577,7 +1577,7 @@ impl PeftModel {
         let n = cfg.num_virtual_tokens;
         let rng = opts.dropout_rng.as_deref();
         let ones_first = |m: &[u8], arg: &str| -> Result<Vec<u8>> {
-            if b == 0 || m.len() % b != 0 {
+            if b == 0 || !m.len().is_multiple_of(b) {
                 return Err(PeftError::invalid_arg(arg, format!("has {} values, not a multiple of the batch size {b}", m.len())));
             }
             let w = m.len() / b;

@@ -506,7 +506,7 @@ impl T5ForConditionalGeneration {
         let ids = opts.decoder_input_ids.as_ref().ok_or_else(|| {
             PeftError::invalid_arg("decoderInputIds", "T5ForConditionalGeneration needs decoder input ids (or labels to derive them from while training)")
         })?;
-        if ids.is_empty() || ids.len() % b != 0 {
+        if ids.is_empty() || !ids.len().is_multiple_of(b) {
             return Err(PeftError::invalid_arg("decoderInputIds", format!("has {} ids, expected batch {b} × target length", ids.len())));
         }
         let t = ids.len() / b;
@@ -771,7 +771,9 @@ impl BaseModel for T5ForConditionalGeneration {
         self.decode(&enc, mask.as_ref(), opts, cache)
     }
 
-    /// Decoder blocks (the self-attention layers of a [`KvCache`]).
+    /// Decoder blocks (the self-attention layers of a [`KvCache`]); `info().num_hidden_layers`
+    /// is the encoder's `num_layers`, as transformers' alias has it.
+    #[allow(clippy::misnamed_getters)]
     fn num_layers(&self) -> usize {
         self.config.num_decoder_layers
     }
