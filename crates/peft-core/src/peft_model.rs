@@ -574,10 +574,30 @@ impl PeftModel {
         if cfg.base_model_name_or_path.is_none() {
             cfg.base_model_name_or_path = self.base.info().name_or_path.clone();
         }
-        if cfg.num_transformer_submodules != Some(1) {
+        // HF: SEQ_2_SEQ_LM gives 2 transformer submodules (encoder and decoder), else 1.
+        let seq2seq = self.base.task() == Task::Seq2SeqLm;
+        if seq2seq && cfg.num_transformer_submodules != Some(2) {
+            return Err(bad(format!(
+                "num_transformer_submodules {:?} (task_type {:?}) does not fit the encoder-decoder model {}: use task_type \"SEQ_2_SEQ_LM\" (num_transformer_submodules 2)",
+                cfg.num_transformer_submodules,
+                cfg.task_type,
+                self.base.info().architecture
+            )));
+        }
+        if !seq2seq && cfg.num_transformer_submodules != Some(1) {
             return Err(bad(format!(
                 "num_transformer_submodules {:?} (task_type {:?}) needs an encoder-decoder model; this model is decoder-only (use task_type \"CAUSAL_LM\")",
                 cfg.num_transformer_submodules, cfg.task_type
+            )));
+        }
+        if seq2seq && cfg.method == PromptMethod::MultitaskPromptTuning {
+            return Err(bad("MULTITASK_PROMPT_TUNING is not supported for encoder-decoder models here (use PROMPT_TUNING, P_TUNING or PREFIX_TUNING)".into()));
+        }
+        if seq2seq && cfg.method == PromptMethod::PrefixTuning && cfg.num_layers.unwrap_or(0) < self.base.num_layers() {
+            return Err(bad(format!(
+                "prefix tuning `num_layers` {:?} is smaller than the model's {} decoder layers (HF PEFT builds one prefix group per layer up to num_layers)",
+                cfg.num_layers,
+                self.base.num_layers()
             )));
         }
         let td = cfg.token_dim.unwrap_or(0);
@@ -1538,6 +1558,12 @@ impl PeftModel {
     ///   then; the mask gets `n_virtual` leading ones; given position ids are ignored (as HF
     ///   does) and positions run `past .. past + len`.
     ///
+    /// Encoder-decoder models (SEQ_2_SEQ_LM, HF `PeftModelForSeq2SeqLM`): `ids` / `attention_mask`
+    /// are the encoder's, `opts.decoder_input_ids` / `decoder_attention_mask` the decoder's, and
+    /// the logits are the decoder's `[b, t, vocab]`; prompt learning follows
+    /// `prompt_forward_seq2seq` (prefix on the decoder self-attention, virtual tokens before the
+    /// encoder input).
+    ///
     /// Errors: those of the base forward; `InvalidArgument` for `adapterNames` with prompt
     /// learning, or missing/invalid `taskIds` for multitask prompt tuning.
     pub fn forward(&self, ids: &[u32], b: usize, s: usize, opts: &ForwardOptions, cache: Option<&mut KvCache>) -> Result<Tensor> {
@@ -1554,7 +1580,8 @@ impl PeftModel {
     /// HF does.
     pub fn label_prefix_len(&self) -> usize {
         match self.active_prompt() {
-            Some((cfg, _)) if cfg.method != PromptMethod::PrefixTuning => cfg.total_virtual_tokens(),
+            // Seq2seq: the virtual tokens go to the encoder; the decoder's logits are unchanged.
+            Some((cfg, _)) if cfg.method != PromptMethod::PrefixTuning && self.base.task() != Task::Seq2SeqLm => cfg.total_virtual_tokens(),
             _ => 0,
         }
     }
@@ -1563,6 +1590,12 @@ impl PeftModel {
     /// each, in the model dtype (HF `get_prompt` for prefix tuning: the table
     /// `[n, num_layers·2·token_dim]` viewed as `[n, num_layers·2, heads, head_dim]`; chunk `2l`
     /// is layer `l`'s key, `2l + 1` its value).
+    ///
+    /// With `num_transformer_submodules = 2` (SEQ_2_SEQ_LM) HF concatenates the `2L` chunks with
+    /// themselves and splits them in groups of 4 per decoder layer (self K, self V, cross K,
+    /// cross V), then drops the cross part: decoder layer `l` gets key chunk `(4l) mod 2L` and
+    /// value chunk `(4l + 1) mod 2L`; one entry per decoder layer is returned (the encoder gets
+    /// no prefix).
     pub fn prefix_key_values(&self, cfg: &PromptLearningConfig, enc: &PromptEncoder, b: usize, train: bool, rng: Option<&std::sync::Mutex<rand::rngs::StdRng>>) -> Result<Vec<(Tensor, Tensor)>> {
         let n = cfg.num_virtual_tokens;
         let layers = cfg.num_layers.unwrap_or(0);
@@ -1573,7 +1606,14 @@ impl PeftModel {
             let c = table.narrow(1, j, 1)?.squeeze(1)?.transpose(0, 1)?.unsqueeze(0)?; // [1, heads, n, hd]
             Ok(c.broadcast_as((b, heads, n, hd))?.contiguous()?)
         };
-        (0..layers).map(|l| Ok((chunk(2 * l)?, chunk(2 * l + 1)?))).collect()
+        let sub = cfg.num_transformer_submodules.unwrap_or(1).max(1);
+        let count = if sub == 1 { layers } else { self.base.num_layers() };
+        (0..count)
+            .map(|l| {
+                let kc = (2 * sub * l) % (2 * layers).max(1);
+                Ok((chunk(kc)?, chunk(kc + 1)?))
+            })
+            .collect()
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1583,6 +1623,9 @@ impl PeftModel {
         }
         if ids.len() != b * s {
             return Err(PeftError::invalid_arg("inputIds", format!("has {} ids, expected batch {b} × seq {s}", ids.len())));
+        }
+        if self.base.task() == Task::Seq2SeqLm {
+            return self.prompt_forward_seq2seq(cfg, enc, ids, b, s, opts, cache);
         }
         let n = cfg.total_virtual_tokens();
         let cached = cache.as_ref().map(|c| c.seq_len()).unwrap_or(0);
@@ -1624,6 +1667,59 @@ impl PeftModel {
         } else {
             x
         };
+        self.base.forward_embeds(&x, &o, cache)
+    }
+
+    /// HF `PeftModelForSeq2SeqLM.forward` for prompt learning (`ids`, `attention_mask`: the
+    /// encoder's real tokens; `decoder_input_ids` / `decoder_attention_mask`: the decoder's):
+    /// * prefix tuning: the per-decoder-layer prefix (see [`Self::prefix_key_values`]) goes into
+    ///   the decoder self-attention cache before the first step, `decoder_attention_mask` (when
+    ///   given) gets `n_virtual` leading ones; the encoder and cross-attention get no prefix;
+    /// * prompt tuning / P-tuning: the first `num_virtual_tokens` rows of the prompt table are
+    ///   prepended to the encoder input embeddings and the encoder mask gets as many leading
+    ///   ones (when the cache does not hold an encoder output yet); the decoder is unchanged.
+    ///
+    /// Logits are the decoder's `[b, t, vocab]` in both cases.
+    #[allow(clippy::too_many_arguments)]
+    fn prompt_forward_seq2seq(&self, cfg: &PromptLearningConfig, enc: &PromptEncoder, ids: &[u32], b: usize, s: usize, opts: &ForwardOptions, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let n = cfg.num_virtual_tokens;
+        let rng = opts.dropout_rng.as_deref();
+        let ones_first = |m: &[u8], arg: &str| -> Result<Vec<u8>> {
+            if b == 0 || !m.len().is_multiple_of(b) {
+                return Err(PeftError::invalid_arg(arg, format!("has {} values, not a multiple of the batch size {b}", m.len())));
+            }
+            let w = m.len() / b;
+            Ok((0..b).flat_map(|r| std::iter::repeat_n(1u8, n).chain(m[r * w..(r + 1) * w].iter().copied())).collect())
+        };
+        let mut o = opts.clone();
+        if cfg.method == PromptMethod::PrefixTuning {
+            if let Some(m) = &opts.decoder_attention_mask {
+                o.decoder_attention_mask = Some(ones_first(m, "decoderAttentionMask")?);
+            }
+            let mut local = self.base.new_cache();
+            let cache: &mut KvCache = match cache {
+                Some(c) => c,
+                None => &mut local,
+            };
+            if cache.seq_len() == 0 {
+                for (l, kv) in self.prefix_key_values(cfg, enc, b, opts.train, rng)?.into_iter().enumerate() {
+                    cache.layers[l] = Some(kv);
+                }
+            }
+            return self.base.forward(ids, b, s, &o, Some(cache));
+        }
+        let x = self.base.embed(ids, b, s)?;
+        if cache.as_ref().map(|c| c.encoder_hidden.is_some()).unwrap_or(false) {
+            return self.base.forward_embeds(&x, &o, cache);
+        }
+        if let Some(m) = &opts.attention_mask {
+            if m.len() != b * s {
+                return Err(PeftError::invalid_arg("attentionMask", format!("has {} values, expected {b} × {s}", m.len())));
+            }
+            o.attention_mask = Some(ones_first(m, "attentionMask")?);
+        }
+        let prompts = enc.batch_prompts(b, None, opts.train, rng)?.narrow(1, 0, n)?.to_dtype(self.base.dtype())?;
+        let x = Tensor::cat(&[&prompts, &x], 1)?;
         self.base.forward_embeds(&x, &o, cache)
     }
 

@@ -80,6 +80,7 @@ pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
     "Qwen2ForSequenceClassification",
     "GPT2LMHeadModel",
     "GPT2ForSequenceClassification",
+    "T5ForConditionalGeneration",
 ];
 
 impl LlamaConfig {
