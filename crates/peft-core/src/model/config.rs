@@ -80,6 +80,12 @@ pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
     "Qwen2ForSequenceClassification",
     "GPT2LMHeadModel",
     "GPT2ForSequenceClassification",
+    "BertModel",
+    "BertForSequenceClassification",
+    "BertForTokenClassification",
+    "BertForQuestionAnswering",
+    "BertForMaskedLM",
+    "BertForPreTraining",
 ];
 
 impl LlamaConfig {

@@ -4,11 +4,13 @@
 //! [`BaseModel`] is what [`crate::peft_model::PeftModel`] needs from a base model; it is
 //! implemented by [`LlamaForCausalLM`] (Llama, Qwen2, Mistral) and [`Gpt2LMHeadModel`].
 
+pub mod bert;
 pub mod config;
 pub mod gpt2;
 pub mod llama;
 pub mod loader;
 
+pub use bert::{mean_pool, BertConfig, BertModel};
 pub use config::LlamaConfig;
 pub use gpt2::{Gpt2Config, Gpt2LMHeadModel};
 pub use llama::{ForwardOptions, KvCache, LlamaForCausalLM};
