@@ -268,6 +268,7 @@ impl LoraConfig {
         m.insert("lora_dropout".into(), serde_json::Number::from_f64(self.lora_dropout).map(Value::Number).unwrap_or(Value::Null));
         m.insert("base_model_name_or_path".into(), self.base_model_name_or_path.clone().map(Value::String).unwrap_or(Value::Null));
         m.insert("task_type".into(), self.task_type.clone().map(Value::String).unwrap_or(Value::Null));
+        m.insert("modules_to_save".into(), self.modules_to_save.clone().map(Value::from).unwrap_or(Value::Null));
         m.insert("peft_version".into(), Value::String("0.21.0".into()));
         let sorted: BTreeMap<String, Value> = m.into_iter().collect();
         serde_json::to_value(sorted).expect("a map of JSON values serializes")
