@@ -1269,6 +1269,18 @@ impl PeftModel {
             return self.base.forward(ids, b, s, &o, Some(cache));
         }
         o.position_ids = None;
+        // HF `PeftModelFor{SequenceClassification,TokenClassification,QuestionAnswering}`: the
+        // virtual tokens get segment 0; `PeftModelForFeatureExtraction` drops token types.
+        if let Some(tt) = &opts.token_type_ids {
+            if tt.len() != b * s {
+                return Err(PeftError::invalid_arg("tokenTypeIds", format!("has {} values, expected {b} × {s}", tt.len())));
+            }
+            o.token_type_ids = match self.base.task() {
+                Task::FeatureExtraction => None,
+                _ if first => Some((0..b).flat_map(|r| std::iter::repeat_n(0, n).chain(tt[r * s..(r + 1) * s].iter().copied())).collect()),
+                _ => Some(tt.clone()),
+            };
+        }
         let x = self.base.embed(ids, b, s)?;
         let x = if first {
             let prompts = enc.batch_prompts(b, opts.task_ids.as_deref(), opts.train, rng)?.to_dtype(self.base.dtype())?;
