@@ -25,6 +25,15 @@ export {
 } from './config'
 export {
   AutoModelForCausalLM,
+  AutoModelForSequenceClassification,
+  AutoModelForTokenClassification,
+  AutoModelForQuestionAnswering,
+  AutoModelForSeq2SeqLM,
+  AutoModel,
+  meanPool,
+  type AutoModelLoader,
+  type FromPretrainedOptions,
+  type ModelTaskType,
   AutoTokenizer,
   PreTrainedModel,
   PreTrainedTokenizer,
@@ -34,6 +43,15 @@ export {
   type GenerateOptions,
   type ModelDType,
 } from './model'
-export { PeftModel, getPeftModel, type LoadAdapterOptions, type LoadResult, type SaveOptions, type TunerLayerStatus, type TunerModelStatus } from './peft-model'
+export {
+  PeftModel,
+  PeftModelForCausalLM,
+  PeftModelForSequenceClassification,
+  PeftModelForTokenClassification,
+  PeftModelForQuestionAnswering,
+  PeftModelForFeatureExtraction,
+  PeftModelForSeq2SeqLM,
+  peftModelClassFor,
+  getPeftModel, type LoadAdapterOptions, type LoadResult, type SaveOptions, type TunerLayerStatus, type TunerModelStatus } from './peft-model'
 export { Trainer, listCheckpoints, type TrainerOptions, type TrainExample, type StepInfo, type TrainOutput } from './trainer'
 export { loadSafetensors, saveSafetensors } from './safetensors'

@@ -1,13 +1,16 @@
 /**
- * Base models and tokenizers: `AutoModelForCausalLM.fromPretrained(pathOrGguf)` and
- * `AutoTokenizer.fromPretrained(pathOrGguf)`. A model folder is a Hugging Face folder
- * (config.json + model.safetensors or a sharded index); a `.gguf` file is dequantized at load.
- * Supported architectures: LlamaForCausalLM (Llama, SmolLM2), MistralForCausalLM, Qwen2ForCausalLM.
+ * Base models and tokenizers: `AutoModelForCausalLM.fromPretrained(pathOrGguf)` (and the other
+ * `AutoModelFor*` loaders, one per task head) and `AutoTokenizer.fromPretrained(pathOrGguf)`. A
+ * model folder is a Hugging Face folder (config.json + model.safetensors or a sharded index); a
+ * `.gguf` file is dequantized at load. Supported architectures: Llama, Mistral and Qwen2
+ * (causal LM, sequence classification), GPT-2 (causal LM, sequence classification); the error
+ * for another architecture lists the supported ones.
  */
 import { native } from './native'
 import type { NativeTypes } from './native'
 import { call, callAsync, invalidArgument } from './errors'
 import { Tensor, toIdMatrix, toMask } from './tensor'
+import type { TaskType } from './config'
 
 export type ModelDType = 'f32' | 'f16' | 'bf16'
 
@@ -20,12 +23,79 @@ export interface ForwardInput {
   adapterNames?: string[]
   /** Multitask prompt tuning: one task id per row. */
   taskIds?: number[]
+  /** BERT-family segment ids `[batch, seq]` (default all 0). */
+  tokenTypeIds?: Tensor | number[][]
+  /** Encoder-decoder models: decoder input ids `[batch, target]` (default: `labels` shifted
+   * right, as T5 does). */
+  decoderInputIds?: Tensor | number[][]
+  /** Encoder-decoder models: decoder mask `[batch, target]`. */
+  decoderAttentionMask?: Tensor | number[][]
+  /**
+   * Labels; when given the output has `loss` (transformers' loss for the head): causal LM
+   * `[batch, seq]` token ids (shifted inside), SEQ_CLS `[batch]` class indices, TOKEN_CLS
+   * `[batch, seq]`, SEQ_2_SEQ_LM `[batch, target]`; -100 is ignored.
+   */
+  labels?: number[] | number[][]
+  /** QUESTION_ANS: answer start / end token per row (`[batch]`); with them the output has `loss`. */
+  startPositions?: number[]
+  endPositions?: number[]
 }
 
 export interface ForwardOutput {
-  /** `[batch, seq, vocab]` float32; with an active prompt-tuning / P-tuning adapter
-   * `[batch, numVirtualTokens + seq, vocab]` (the virtual positions come first, as in HF). */
+  /**
+   * float32, the head's output: causal LM `[batch, seq, vocab]` (with an active prompt-tuning /
+   * P-tuning adapter `[batch, numVirtualTokens + seq, vocab]`, virtual positions first, as in HF);
+   * SEQ_CLS `[batch, numLabels]`; TOKEN_CLS `[batch, seq, numLabels]`; QUESTION_ANS
+   * `[batch, seq, 2]` (also split into `startLogits` / `endLogits`); SEQ_2_SEQ_LM
+   * `[batch, target, vocab]`; FEATURE_EXTRACTION the last hidden state `[batch, seq, hidden]`
+   * (also as `lastHiddenState`).
+   */
   logits: Tensor
+  /** The head's loss (mean) when labels / positions were given. */
+  loss?: number
+  /** QUESTION_ANS: `[batch, seq]` start logits. */
+  startLogits?: Tensor
+  /** QUESTION_ANS: `[batch, seq]` end logits. */
+  endLogits?: Tensor
+  /** FEATURE_EXTRACTION: `[batch, seq, hidden]`. */
+  lastHiddenState?: Tensor
+}
+
+/** The head of a model, as HF PEFT's `task_type` names it. */
+export type ModelTaskType = TaskType
+
+/** @internal Labels as a flat int32 array (validated integers). */
+function toLabels(v: number[] | number[][] | undefined, arg: string): number[] | undefined {
+  if (v === undefined) return undefined
+  const flat = (v as unknown[]).flat() as unknown[]
+  if (!flat.every((x) => Number.isInteger(x) && (x as number) >= -(2 ** 31) && (x as number) < 2 ** 31)) {
+    throw invalidArgument(arg, 'must hold integers (-100 = ignored)')
+  }
+  return flat as number[]
+}
+
+/**
+ * Masked mean over the sequence (sentence-transformers' mean pooling): `hidden` `[batch, seq,
+ * dim]`, `attentionMask` `[batch, seq]` (default all ones) → `[batch, dim]` float32. Rows with no
+ * token give zeros.
+ */
+export function meanPool(hidden: Tensor, attentionMask?: Tensor | number[][]): Tensor {
+  if (hidden.shape.length !== 3) throw invalidArgument('hidden', `must have shape [batch, seq, dim], found [${hidden.shape}]`)
+  const [b, s, d] = hidden.shape
+  const mask = toMask(attentionMask, b, s, 'attentionMask') ?? new Uint8Array(b * s).fill(1)
+  const src = hidden.data as Float32Array
+  const out = new Float32Array(b * d)
+  for (let r = 0; r < b; r++) {
+    let n = 0
+    for (let i = 0; i < s; i++) {
+      if (!mask[r * s + i]) continue
+      n++
+      for (let j = 0; j < d; j++) out[r * d + j] += src[(r * s + i) * d + j]
+    }
+    const c = Math.max(n, 1e-9)
+    for (let j = 0; j < d; j++) out[r * d + j] /= n > 0 ? c : 1
+  }
+  return Tensor.from(out, [b, d])
 }
 
 /** @internal Validate optional per-row task ids. */
@@ -71,13 +141,78 @@ export class PreTrainedModel {
     this.nativeTokenizer = n.takeTokenizer() ?? null
   }
 
-  /** Run the model. Errors: `ERR_INVALID_ARGUMENT` for ids out of the vocabulary or bad shapes. */
+  /** The model's head as an HF PEFT `task_type` ('CAUSAL_LM', 'SEQ_CLS', ...). */
+  get taskType(): ModelTaskType {
+    return call(() => this.native.taskInfo()).taskType as ModelTaskType
+  }
+
+  /** Number of labels of a classification head (null for other heads). */
+  get numLabels(): number | null {
+    return call(() => this.native.taskInfo()).numLabels ?? null
+  }
+
+  /** The transformers class the model was built as (e.g. 'LlamaForSequenceClassification'). */
+  get architecture(): string {
+    return call(() => this.native.taskInfo()).architecture
+  }
+
+  /**
+   * Run the model (off the JS thread). With `labels` (or QA positions) the output also has the
+   * head's `loss`. Errors: `ERR_INVALID_ARGUMENT` for ids out of the vocabulary, bad shapes or
+   * labels that do not fit the head.
+   */
   async forward(input: ForwardInput): Promise<ForwardOutput> {
     const { ids, batch, seq } = toIdMatrix(input.inputIds, 'inputIds')
     const mask = toMask(input.attentionMask, batch, seq, 'attentionMask')
     const taskIds = toTaskIds(input.taskIds, batch)
-    const r = await callAsync(() => this.native.forward(ids, batch, seq, mask, input.adapterNames, taskIds))
-    return { logits: Tensor.from(r.data, r.shape) }
+    const tokenTypeIds = input.tokenTypeIds === undefined ? undefined : Array.from(toIdMatrix(input.tokenTypeIds, 'tokenTypeIds').ids)
+    if (tokenTypeIds && tokenTypeIds.length !== batch * seq) throw invalidArgument('tokenTypeIds', `must have shape [${batch}, ${seq}]`)
+    let decoderInputIds: number[] | undefined
+    let decoderAttentionMask: number[] | undefined
+    if (input.decoderInputIds !== undefined) {
+      const d = toIdMatrix(input.decoderInputIds, 'decoderInputIds')
+      if (d.batch !== batch) throw invalidArgument('decoderInputIds', `must have ${batch} rows, found ${d.batch}`)
+      decoderInputIds = Array.from(d.ids)
+      const dm = toMask(input.decoderAttentionMask, d.batch, d.seq, 'decoderAttentionMask')
+      decoderAttentionMask = dm ? Array.from(dm) : undefined
+    } else if (input.decoderAttentionMask !== undefined) {
+      throw invalidArgument('decoderAttentionMask', 'needs decoderInputIds')
+    }
+    const labels = toLabels(input.labels, 'labels')
+    const startPositions = toLabels(input.startPositions, 'startPositions')
+    const endPositions = toLabels(input.endPositions, 'endPositions')
+    if ((startPositions === undefined) !== (endPositions === undefined)) {
+      throw invalidArgument(startPositions ? 'endPositions' : 'startPositions', 'startPositions and endPositions go together')
+    }
+    const r = await callAsync(() =>
+      this.native.forward(ids, batch, seq, mask, input.adapterNames, {
+        taskIds,
+        tokenTypeIds,
+        decoderInputIds,
+        decoderAttentionMask,
+        labels,
+        startPositions,
+        endPositions,
+      }),
+    )
+    const logits = Tensor.from(r.data, r.shape)
+    const out: ForwardOutput = { logits }
+    if (r.loss !== undefined && r.loss !== null) out.loss = r.loss
+    const task = this.taskType
+    if (task === 'QUESTION_ANS') {
+      const [b, s] = r.shape
+      const start = new Float32Array(b * s)
+      const end = new Float32Array(b * s)
+      for (let i = 0; i < b * s; i++) {
+        start[i] = r.data[2 * i]
+        end[i] = r.data[2 * i + 1]
+      }
+      out.startLogits = Tensor.from(start, [b, s])
+      out.endLogits = Tensor.from(end, [b, s])
+    } else if (task === 'FEATURE_EXTRACTION') {
+      out.lastHiddenState = logits
+    }
+    return out
   }
 
   /** Greedy or sampled generation with a KV cache; returns `[batch, seq + new]` ids per row. */
@@ -140,20 +275,63 @@ export class PreTrainedModel {
 export interface FromPretrainedOptions {
   /** Compute dtype of the base weights (default 'f32'). */
   dtype?: ModelDType
+  /** Classification heads: number of labels (default: config.json's `id2label` / `num_labels`, else 2). */
+  numLabels?: number
+  /** Seed for head weights the checkpoint lacks (freshly initialised, as transformers does; default 0). */
+  seed?: number
 }
 
-export const AutoModelForCausalLM = {
-  /**
-   * Load a causal LM from a HF model folder or a .gguf file, off the JS thread.
-   * Errors: `ERR_NOT_FOUND`, `ERR_MODEL_CONFIG_INVALID`, `ERR_SAFETENSORS_INVALID`,
-   * `ERR_GGUF_INVALID`, `ERR_SHAPE_MISMATCH`.
-   */
-  async fromPretrained(pathOrGguf: string, options: FromPretrainedOptions = {}): Promise<PreTrainedModel> {
-    if (typeof pathOrGguf !== 'string' || !pathOrGguf) throw invalidArgument('pathOrGguf', 'must be a non-empty string')
-    const n = await callAsync(() => native.loadModel(pathOrGguf, options.dtype ?? 'f32'))
-    return new PreTrainedModel(n)
-  },
+/** @internal Shared loader of the `AutoModelFor*` objects. */
+async function loadFor(task: ModelTaskType, pathOrGguf: string, options: FromPretrainedOptions): Promise<PreTrainedModel> {
+  if (typeof pathOrGguf !== 'string' || !pathOrGguf) throw invalidArgument('pathOrGguf', 'must be a non-empty string')
+  if (options.numLabels !== undefined && !(Number.isInteger(options.numLabels) && options.numLabels >= 1 && options.numLabels < 2 ** 31)) {
+    throw invalidArgument('numLabels', `must be a positive integer, found ${options.numLabels}`)
+  }
+  if (options.seed !== undefined && !(Number.isInteger(options.seed) && options.seed >= 0 && options.seed <= 0xffffffff)) {
+    throw invalidArgument('seed', `must be an integer in [0, 2^32), found ${options.seed}`)
+  }
+  const n = await callAsync(() => native.loadModel(pathOrGguf, options.dtype ?? 'f32', task, options.numLabels, options.seed))
+  const model = new PreTrainedModel(n)
+  const fresh = n.newlyInitialized
+  if (fresh.length > 0) {
+    process.emitWarning(
+      `Some weights of ${model.architecture} were not initialized from the model checkpoint at ${pathOrGguf} and are newly initialized: ${JSON.stringify(fresh)}. You should probably TRAIN this model on a down-stream task to be able to use it for predictions and inference.`,
+      'PeftWarning',
+    )
+  }
+  return model
 }
+
+/** A transformers `AutoModelFor*` loader: `fromPretrained(pathOrGguf, options)`. */
+export interface AutoModelLoader {
+  /**
+   * Load a model with this head from a HF model folder (or, for causal LMs, a .gguf file), off
+   * the JS thread. A checkpoint saved with another head of the same family loads too; head
+   * weights it lacks are freshly initialised (normal(0, initializer_range)) with a warning, as
+   * transformers does. Errors: `ERR_NOT_FOUND`, `ERR_MODEL_CONFIG_INVALID` (also for an
+   * unsupported architecture or head, listing the supported ones), `ERR_SAFETENSORS_INVALID`,
+   * `ERR_GGUF_INVALID`, `ERR_SHAPE_MISMATCH`, `ERR_INVALID_ARGUMENT`.
+   */
+  fromPretrained(pathOrGguf: string, options?: FromPretrainedOptions): Promise<PreTrainedModel>
+}
+
+const loader = (task: ModelTaskType): AutoModelLoader => ({
+  fromPretrained: (p: string, o: FromPretrainedOptions = {}) => loadFor(task, p, o),
+})
+
+/** Causal LMs (`LlamaForCausalLM`, `GPT2LMHeadModel`, ...). */
+export const AutoModelForCausalLM: AutoModelLoader = loader('CAUSAL_LM')
+/** Sequence classification (`...ForSequenceClassification`: head `score` or `classifier`). */
+export const AutoModelForSequenceClassification: AutoModelLoader = loader('SEQ_CLS')
+/** Token classification (`...ForTokenClassification`). */
+export const AutoModelForTokenClassification: AutoModelLoader = loader('TOKEN_CLS')
+/** Extractive question answering (`...ForQuestionAnswering`, head `qa_outputs`). */
+export const AutoModelForQuestionAnswering: AutoModelLoader = loader('QUESTION_ANS')
+/** Encoder-decoder LMs (`T5ForConditionalGeneration`). */
+export const AutoModelForSeq2SeqLM: AutoModelLoader = loader('SEQ_2_SEQ_LM')
+/** The bare model (feature extraction: last hidden state). */
+export const AutoModel: AutoModelLoader = loader('FEATURE_EXTRACTION')
+
 
 export interface ChatMessage {
   role: 'system' | 'user' | 'assistant' | string

@@ -121,7 +121,14 @@ export class PeftModel {
    * `ERR_SAFETENSORS_INVALID`, `ERR_SHAPE_MISMATCH`, `ERR_ADAPTER_EXISTS`.
    */
   static async fromPretrained(model: PreTrainedModel, dir: string, options: LoadAdapterOptions = {}): Promise<PeftModel> {
-    const pm = new PeftModel(model)
+    // HF: `PeftModel.from_pretrained` builds the class its config's task_type maps to
+    // (MODEL_TYPE_TO_PEFT_MODEL_MAPPING); a subclass builds itself.
+    let Cls: new (b: PreTrainedModel) => PeftModel = this as unknown as new (b: PreTrainedModel) => PeftModel
+    if ((this as unknown) === PeftModel) {
+      const taskType = options.config ? options.config.taskType : readTaskType(dir)
+      Cls = peftModelClassFor(taskType)
+    }
+    const pm = new Cls(model)
     await pm.loadAdapter(dir, options.adapterName ?? 'default', options)
     return pm
   }
@@ -337,7 +344,62 @@ export function getPeftModel(model: PreTrainedModel, config: PeftConfig, adapter
   if (!config || typeof (config as { toJSON?: unknown }).toJSON !== 'function' || typeof config.peftType !== 'string') {
     throw invalidArgument('config', 'must be a LoraConfig, PrefixTuningConfig, PromptTuningConfig, PromptEncoderConfig or MultitaskPromptTuningConfig')
   }
-  const pm = new PeftModel(model)
+  const Cls = peftModelClassFor(config.taskType)
+  const pm = new Cls(model)
   pm.addAdapter(adapterName, config, options)
   return pm
+}
+
+/** HF `PeftModelForCausalLM`: a PeftModel whose adapters' `taskType` is 'CAUSAL_LM'. */
+export class PeftModelForCausalLM extends PeftModel {}
+
+/**
+ * HF `PeftModelForSequenceClassification` ('SEQ_CLS'): the head (`classifier` / `score`) is
+ * added to `modulesToSave`, so it trains with the adapter and is saved with it; `forward`
+ * returns `[batch, numLabels]` logits and, with `labels` `[batch]`, the cross-entropy `loss`.
+ */
+export class PeftModelForSequenceClassification extends PeftModel {}
+
+/** HF `PeftModelForTokenClassification` ('TOKEN_CLS'): head in `modulesToSave`; logits `[batch, seq, numLabels]`. */
+export class PeftModelForTokenClassification extends PeftModel {}
+
+/** HF `PeftModelForQuestionAnswering` ('QUESTION_ANS'): `qa_outputs` in `modulesToSave`; `startLogits` / `endLogits`. */
+export class PeftModelForQuestionAnswering extends PeftModel {}
+
+/** HF `PeftModelForFeatureExtraction` ('FEATURE_EXTRACTION'): `lastHiddenState` `[batch, seq, hidden]`. */
+export class PeftModelForFeatureExtraction extends PeftModel {}
+
+/** HF `PeftModelForSeq2SeqLM` ('SEQ_2_SEQ_LM'): encoder-decoder models; `forward` takes `decoderInputIds` or `labels`. */
+export class PeftModelForSeq2SeqLM extends PeftModel {}
+
+/** HF `MODEL_TYPE_TO_PEFT_MODEL_MAPPING`: the PeftModel class for a `taskType` (PeftModel when none). */
+export function peftModelClassFor(taskType: string | null | undefined): new (b: PreTrainedModel) => PeftModel {
+  switch (taskType) {
+    case 'CAUSAL_LM':
+      return PeftModelForCausalLM
+    case 'SEQ_CLS':
+      return PeftModelForSequenceClassification
+    case 'TOKEN_CLS':
+      return PeftModelForTokenClassification
+    case 'QUESTION_ANS':
+      return PeftModelForQuestionAnswering
+    case 'FEATURE_EXTRACTION':
+      return PeftModelForFeatureExtraction
+    case 'SEQ_2_SEQ_LM':
+      return PeftModelForSeq2SeqLM
+    default:
+      return PeftModel
+  }
+}
+
+/** The `task_type` of the adapter_config.json in `dir` (undefined when unreadable: the native
+ * loader then reports the problem with its own error code). */
+function readTaskType(dir: string): string | undefined {
+  try {
+    const file = fs.statSync(dir).isDirectory() ? path.join(dir, 'adapter_config.json') : path.join(path.dirname(dir), 'adapter_config.json')
+    const v = JSON.parse(fs.readFileSync(file, 'utf8')) as { task_type?: unknown }
+    return typeof v.task_type === 'string' ? v.task_type : undefined
+  } catch {
+    return undefined
+  }
 }

@@ -5,8 +5,8 @@ use crate::task::{arg_err, guard, to_napi, Job};
 use napi::bindgen_prelude::AsyncTask;
 use napi::bindgen_prelude::{Float32Array, Uint32Array, Uint8Array};
 use peft_core::generate::{generate, GenerateOptions};
-use peft_core::model::loader::load_causal_lm;
-use peft_core::model::ForwardOptions;
+use peft_core::model::loader::{self as loader, LoadRequest};
+use peft_core::model::{ForwardOptions, Task};
 use peft_core::peft_model::{PeftModel, BASE_ADAPTER};
 use peft_core::tuners::AdapterConfig;
 use peft_core::PeftError;
@@ -66,9 +66,40 @@ impl Default for AbortFlag {
 
 #[napi(object)]
 pub struct ForwardResult {
-    /// Logits, row-major `[batch, seq, vocab]`, f32.
+    /// The head's output, row-major, f32: logits `[batch, seq, vocab]` (causal / seq2seq LM),
+    /// `[batch, num_labels]` (SEQ_CLS), `[batch, seq, num_labels]` (TOKEN_CLS), `[batch, seq, 2]`
+    /// (QUESTION_ANS) or the last hidden state `[batch, seq, hidden]` (FEATURE_EXTRACTION).
     pub data: Float32Array,
     pub shape: Vec<u32>,
+    /// The task's loss when labels were given (mean, as transformers computes it).
+    pub loss: Option<f64>,
+}
+
+#[napi(object)]
+pub struct TaskInfo {
+    /// HF `task_type` of the model's head.
+    pub task_type: String,
+    pub num_labels: Option<u32>,
+    /// The transformers class the model was built as, e.g. `LlamaForSequenceClassification`.
+    pub architecture: String,
+}
+
+/// Optional forward inputs beyond ids and mask.
+#[napi(object)]
+pub struct ForwardExtra {
+    /// Multitask prompt tuning: one task id per row.
+    pub task_ids: Option<Vec<u32>>,
+    /// BERT-family segment ids `[b, s]`, row-major.
+    pub token_type_ids: Option<Vec<u32>>,
+    /// Encoder-decoder models: decoder input ids `[b, t]`, row-major.
+    pub decoder_input_ids: Option<Vec<u32>>,
+    /// Encoder-decoder models: decoder mask `[b, t]`.
+    pub decoder_attention_mask: Option<Vec<u8>>,
+    /// Labels for the loss (shape per task, see `peft_core::train::Batch`); -100 = ignored.
+    pub labels: Option<Vec<i32>>,
+    /// QUESTION_ANS: answer start / end per row.
+    pub start_positions: Option<Vec<i32>>,
+    pub end_positions: Option<Vec<i32>>,
 }
 
 #[napi(object)]
@@ -103,6 +134,8 @@ pub struct NativeModel {
     tokenizer: Option<Arc<peft_core::tokenizer::Tokenizer>>,
     /// Bytes currently reported to V8 (`adjust_external_memory`); 0 once undone.
     external: Arc<AtomicI64>,
+    /// Head weights that were freshly initialised at load (not in the checkpoint).
+    newly_initialized: Vec<String>,
 }
 
 impl NativeModel {
@@ -139,18 +172,30 @@ fn report_external(env: &Env, delta: i64) -> napi::Result<()> {
     Ok(())
 }
 
-/// Load a base model from a HF folder or a GGUF file, off the JS thread.
+/// Load a base model from a HF folder or a GGUF file, off the JS thread. `task` is an HF
+/// `task_type` string choosing the head (`AutoModelFor*`); `None` = the checkpoint's own head.
 #[napi(ts_return_type = "Promise<NativeModel>")]
-pub fn load_model(path: String, dtype: String) -> AsyncTask<Job<NativeModel, NativeModel>> {
+pub fn load_model(path: String, dtype: String, task: Option<String>, num_labels: Option<u32>, seed: Option<u32>) -> AsyncTask<Job<NativeModel, NativeModel>> {
     AsyncTask::new(Job::new(
         move || {
             let dt = parse_dtype(&dtype)?;
-            let loaded = load_causal_lm(std::path::Path::new(&path), dt, &candle_core::Device::Cpu)?;
+            let task = match task.as_deref() {
+                None => None,
+                Some(t) => Some(Task::from_task_type(t).ok_or_else(|| {
+                    PeftError::invalid_arg("taskType", format!("unknown task type {t:?}; expected one of {}", Task::ALL.map(|t| t.task_type()).join(", ")))
+                })?),
+            };
+            if num_labels == Some(0) {
+                return Err(PeftError::invalid_arg("numLabels", "must be at least 1"));
+            }
+            let req = LoadRequest { task, num_labels: num_labels.map(|n| n as usize), seed: seed.unwrap_or(0) as u64 };
+            let loaded = loader::load_model(std::path::Path::new(&path), dt, &candle_core::Device::Cpu, &req)?;
             let bytes = (loaded.model.base_param_count() * dt.size_in_bytes()) as i64;
             Ok(NativeModel {
                 inner: Arc::new(Mutex::new(Some(PeftModel::new(loaded.model)))),
                 tokenizer: loaded.tokenizer.map(Arc::new),
                 external: Arc::new(AtomicI64::new(bytes)),
+                newly_initialized: loaded.newly_initialized,
             })
         },
         |env, m| {
@@ -173,6 +218,25 @@ impl NativeModel {
     #[napi]
     pub fn take_tokenizer(&mut self) -> Option<crate::tokenizer::NativeTokenizer> {
         self.tokenizer.clone().map(crate::tokenizer::NativeTokenizer::from_arc)
+    }
+
+    /// Head weights that were freshly initialised at load because the checkpoint lacks them
+    /// (transformers' "newly initialized" list), e.g. `["score.weight"]`.
+    #[napi(getter)]
+    pub fn newly_initialized(&self) -> Vec<String> {
+        self.newly_initialized.clone()
+    }
+
+    /// The model's head as an HF `task_type` string (`"CAUSAL_LM"`, `"SEQ_CLS"`, ...) and, for
+    /// classification heads, its number of labels.
+    #[napi(catch_unwind)]
+    pub fn task_info(&self) -> napi::Result<TaskInfo> {
+        guard(|| {
+            with_model(&self.inner, |m| {
+                let i = m.base.info();
+                Ok(TaskInfo { task_type: i.task.task_type().to_string(), num_labels: i.num_labels.map(|n| n as u32), architecture: i.architecture.clone() })
+            })
+        })
     }
 
     /// The model's config as JSON (transformers names).
@@ -319,8 +383,8 @@ impl NativeModel {
         seq: u32,
         attention_mask: Option<Uint8Array>,
         adapter_names: Option<Vec<String>>,
-        task_ids: Option<Vec<u32>>,
-    ) -> napi::Result<AsyncTask<Job<(Vec<f32>, Vec<u32>), ForwardResult>>> {
+        extra: Option<ForwardExtra>,
+    ) -> napi::Result<AsyncTask<Job<(Vec<f32>, Vec<u32>, Option<f64>), ForwardResult>>> {
         let ids = input_ids.to_vec();
         let (b, s) = (batch as usize, seq as usize);
         if ids.len() != b * s {
@@ -332,13 +396,61 @@ impl NativeModel {
         Ok(AsyncTask::new(Job::new(
             move || {
                 with_model(&inner, |m| {
-                    let opts = ForwardOptions { attention_mask: mask, adapter_rows: rows, task_ids, ..Default::default() };
-                    let logits = m.forward(&ids, b, s, &opts, None)?.to_dtype(candle_core::DType::F32)?;
+                    let e = extra.unwrap_or(ForwardExtra {
+                        task_ids: None,
+                        token_type_ids: None,
+                        decoder_input_ids: None,
+                        decoder_attention_mask: None,
+                        labels: None,
+                        start_positions: None,
+                        end_positions: None,
+                    });
+                    let to64 = |v: Option<Vec<i32>>| v.map(|v| v.into_iter().map(|x| x as i64).collect::<Vec<i64>>());
+                    let batch = peft_core::train::Batch {
+                        input_ids: ids.clone(),
+                        attention_mask: mask.clone().unwrap_or_else(|| vec![1; b * s]),
+                        labels: to64(e.labels.clone()).unwrap_or_default(),
+                        batch_size: b,
+                        seq_len: s,
+                        task_ids: e.task_ids.clone(),
+                        token_type_ids: e.token_type_ids.clone(),
+                        start_positions: to64(e.start_positions.clone()),
+                        end_positions: to64(e.end_positions.clone()),
+                        decoder_input_ids: e.decoder_input_ids.clone(),
+                        decoder_attention_mask: e.decoder_attention_mask.clone(),
+                    };
+                    let wants_loss = e.labels.is_some() || e.start_positions.is_some();
+                    let decoder_input_ids = match (&e.decoder_input_ids, &batch.labels, m.base.task()) {
+                        (Some(d), _, _) => Some(d.clone()),
+                        (None, l, Task::Seq2SeqLm) if !l.is_empty() => {
+                            let i = m.base.info();
+                            Some(peft_core::train::shift_right(l, b, i.decoder_start_token_id.unwrap_or(0), i.pad_token_id.unwrap_or(0)))
+                        }
+                        _ => None,
+                    };
+                    let opts = ForwardOptions {
+                        attention_mask: mask,
+                        adapter_rows: rows,
+                        task_ids: e.task_ids,
+                        token_type_ids: e.token_type_ids,
+                        decoder_input_ids,
+                        decoder_attention_mask: e.decoder_attention_mask,
+                        ..Default::default()
+                    };
+                    let logits = m.forward(&ids, b, s, &opts, None)?;
+                    let loss = if wants_loss {
+                        batch.validate(m)?;
+                        let (l, _) = peft_core::train::task_loss(m, &logits, &batch)?;
+                        Some(l.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? as f64)
+                    } else {
+                        None
+                    };
+                    let logits = logits.to_dtype(candle_core::DType::F32)?;
                     let shape = logits.dims().iter().map(|&d| d as u32).collect();
-                    Ok((logits.flatten_all()?.to_vec1::<f32>()?, shape))
+                    Ok((logits.flatten_all()?.to_vec1::<f32>()?, shape, loss))
                 })
             },
-            |_, (data, shape)| Ok(ForwardResult { data: Float32Array::new(data), shape }),
+            |_, (data, shape, loss)| Ok(ForwardResult { data: Float32Array::new(data), shape, loss }),
         )))
     }
 

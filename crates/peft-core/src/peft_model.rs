@@ -351,34 +351,8 @@ impl PeftModel {
         if planned.is_empty() {
             return Err(self.no_targets(&cfg.to_json()["target_modules"]));
         }
-        // modules_to_save: a trainable copy of each listed (linear) module for this adapter.
-        let mut copies: std::collections::HashMap<String, (Var, Option<Var>)> = Default::default();
-        let mut unmatched = Vec::new();
-        for wanted in cfg.modules_to_save.clone().unwrap_or_default() {
-            let mut found = false;
-            for (mname, lin) in self.base.named_linears() {
-                if mname == wanted || mname.ends_with(&format!(".{wanted}")) {
-                    let w = Var::from_tensor(&lin.weight.copy()?)?;
-                    let b = match &lin.bias {
-                        Some(b) => Some(Var::from_tensor(&b.copy()?)?),
-                        None => None,
-                    };
-                    copies.insert(mname, (w, b));
-                    found = true;
-                }
-            }
-            // HF's `_set_trainable` ignores names that match nothing (PeftModelForSequenceClassification
-            // adds both `classifier` and `score`); a user's own entry that matches nothing warns.
-            let auto = cfg.task_type.as_deref().and_then(Task::from_task_type).map(|t| t.head_modules().contains(&wanted.as_str())).unwrap_or(false);
-            if !found && !auto {
-                unmatched.push(wanted);
-            }
-        }
-        if !unmatched.is_empty() {
-            self.warnings.push(format!(
-                "modules_to_save entries {unmatched:?} of adapter '{name}' match no linear module of the model and are ignored (only linear modules such as `lm_head` or `classifier` are supported)"
-            ));
-        }
+        let task = cfg.task_type.as_deref().and_then(Task::from_task_type);
+        let mut copies = self.plan_saved_copies(name, &cfg.modules_to_save.clone().unwrap_or_default(), task)?;
         let first = self.configs.is_empty();
         let targeted: Vec<String> = planned.iter().map(|(n, _)| n.clone()).collect();
         let mut planned: std::collections::HashMap<String, LoraAdapter> = planned.into_iter().collect();
@@ -467,9 +441,11 @@ impl PeftModel {
         if cfg.base_model_name_or_path.is_none() {
             cfg.base_model_name_or_path = self.base.info().name_or_path.clone();
         }
-        if cfg.modules_to_save.as_ref().map(|m| !m.is_empty()).unwrap_or(false) {
-            return Err(PeftError::InvalidAdapterConfig { path: None, msg: "`modules_to_save` with IA3 adapters is not supported yet".into() });
+        let task = cfg.task_type.as_deref().and_then(Task::from_task_type);
+        if let Some(t) = task {
+            extend_head_modules(&mut cfg.modules_to_save, t);
         }
+        let copies = self.plan_saved_copies(name, &cfg.modules_to_save.clone().unwrap_or_default(), task)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let normal = Normal::new(0.0f32, 1.0).map_err(|e| PeftError::Internal(e.to_string()))?;
         let device = self.base.device().clone();
@@ -495,6 +471,7 @@ impl PeftModel {
                 lin.ia3.insert(name.to_string(), ad);
             }
         }
+        self.install_saved_copies(name, copies);
         self.register(name, cfg.into(), first)?;
         Ok(targeted)
     }
@@ -512,8 +489,11 @@ impl PeftModel {
     /// fields, check them against the model, build (or take) its encoder.
     fn add_prompt(&mut self, name: &str, mut cfg: PromptLearningConfig, seed: u64, encoder: Option<PromptEncoder>) -> Result<()> {
         let bad = |msg: String| PeftError::InvalidAdapterConfig { path: None, msg };
-        if cfg.modules_to_save_given() {
-            return Err(bad("`modules_to_save` with a prompt-learning adapter is not supported for causal LMs".into()));
+        let task = cfg.task_type.as_deref().and_then(Task::from_task_type);
+        if let Some(t) = task {
+            let mut mts = cfg.modules_to_save();
+            extend_head_modules(&mut mts, t);
+            cfg.set_modules_to_save(mts);
         }
         let dims = self.model_dims();
         cfg.prepare(&dims);
@@ -575,9 +555,52 @@ impl PeftModel {
                 enc
             }
         };
+        let copies = self.plan_saved_copies(name, &cfg.modules_to_save().unwrap_or_default(), task)?;
         let first = self.configs.is_empty();
         self.prompt_encoders.insert(name.to_string(), encoder);
+        self.install_saved_copies(name, copies);
         self.register(name, cfg.into(), first)
+    }
+
+    /// HF `ModulesToSaveWrapper` for `modules_to_save`: a trainable copy of each listed linear
+    /// module (matched by full name or dotted suffix) for adapter `name`, as `module → (weight,
+    /// bias)`. Nothing is changed on the model. Entries that match nothing are ignored, as HF's
+    /// `_set_trainable` does; a user's own entry (not one `task` adds) that matches nothing warns.
+    fn plan_saved_copies(&mut self, name: &str, wanted: &[String], task: Option<Task>) -> Result<HashMap<String, (Var, Option<Var>)>> {
+        let mut copies = HashMap::new();
+        let mut unmatched = Vec::new();
+        for w in wanted {
+            let mut found = false;
+            for (mname, lin) in self.base.named_linears() {
+                if &mname == w || mname.ends_with(&format!(".{w}")) {
+                    let wt = Var::from_tensor(&lin.weight.copy()?)?;
+                    let b = match &lin.bias {
+                        Some(b) => Some(Var::from_tensor(&b.copy()?)?),
+                        None => None,
+                    };
+                    copies.insert(mname, (wt, b));
+                    found = true;
+                }
+            }
+            let auto = task.map(|t| t.head_modules().contains(&w.as_str())).unwrap_or(false);
+            if !found && !auto {
+                unmatched.push(w.clone());
+            }
+        }
+        if !unmatched.is_empty() {
+            self.warnings.push(format!(
+                "modules_to_save entries {unmatched:?} of adapter '{name}' match no linear module of the model and are ignored (only linear modules such as `lm_head` or `classifier` are supported)"
+            ));
+        }
+        Ok(copies)
+    }
+
+    fn install_saved_copies(&mut self, name: &str, mut copies: HashMap<String, (Var, Option<Var>)>) {
+        for (mname, lin) in self.base.named_linears_mut() {
+            if let Some(c) = copies.remove(&mname) {
+                lin.saved_copies.insert(name.to_string(), c);
+            }
+        }
     }
 
     /// Record a newly injected adapter's config; the model's first adapter becomes active (as
@@ -745,7 +768,16 @@ impl PeftModel {
                 continue;
             }
             if let Some(enc) = self.prompt_encoders.get(name) {
-                groups.push((name.clone(), enc.vars().into_iter().map(|(p, v)| (format!("prompt_encoder.{name}.{p}"), v)).collect()));
+                let mut vars: Vec<(String, Var)> = enc.vars().into_iter().map(|(p, v)| (format!("prompt_encoder.{name}.{p}"), v)).collect();
+                for (m, lin) in self.base.named_linears() {
+                    if let Some((w, b)) = lin.saved_copies.get(name) {
+                        vars.push((format!("base_model.{m}.weight"), w.clone()));
+                        if let Some(b) = b {
+                            vars.push((format!("base_model.{m}.bias"), b.clone()));
+                        }
+                    }
+                }
+                groups.push((name.clone(), vars));
                 continue;
             }
             let mut out = Vec::new();
@@ -809,6 +841,14 @@ impl PeftModel {
             if let Some((c, r)) = &enc.task {
                 out.push(("prefix_task_cols".to_string(), c.as_tensor().detach()));
                 out.push(("prefix_task_rows".to_string(), r.as_tensor().detach()));
+            }
+            for (m, lin) in self.base.named_linears() {
+                if let Some((w, b)) = lin.saved_copies.get(name) {
+                    out.push((format!("base_model.{m}.weight"), w.as_tensor().detach()));
+                    if let Some(b) = b {
+                        out.push((format!("base_model.{m}.bias"), b.as_tensor().detach()));
+                    }
+                }
             }
             out.sort_by(|a, b| a.0.cmp(&b.0));
             return Ok(out);
@@ -983,6 +1023,21 @@ impl PeftModel {
                 }
             }
         }
+        // HF's PeftModelFor<Task> adds the task head to modules_to_save before loading.
+        let mut cfg = cfg;
+        match &mut cfg {
+            AdapterConfig::Lora(c) => {
+                if let Some(t) = c.task_type.as_deref().and_then(Task::from_task_type) {
+                    extend_head_modules(&mut c.modules_to_save, t);
+                }
+            }
+            AdapterConfig::Ia3(c) => {
+                if let Some(t) = c.task_type.as_deref().and_then(Task::from_task_type) {
+                    extend_head_modules(&mut c.modules_to_save, t);
+                }
+            }
+            AdapterConfig::Prompt(_) => {}
+        }
         if let AdapterConfig::Prompt(p) = cfg {
             return self.load_prompt(name, p, tensors, &wpath);
         }
@@ -1130,7 +1185,31 @@ impl PeftModel {
         let mt = cfg.method == PromptMethod::MultitaskPromptTuning;
         let td = cfg.token_dim.unwrap_or(0);
         let n = cfg.total_virtual_tokens();
+        // modules_to_save copies (`base_model.<module>.weight` / `.bias`) and their shapes.
+        let mut mts = cfg.modules_to_save().unwrap_or_default();
+        if let Some(t) = cfg.task_type.as_deref().and_then(Task::from_task_type) {
+            let mut m = Some(mts);
+            extend_head_modules(&mut m, t);
+            mts = m.unwrap_or_default();
+        }
+        let mut copy_shapes: HashMap<String, Vec<usize>> = HashMap::new();
+        for (m, lin) in self.base.named_linears() {
+            if mts.iter().any(|w| &m == w || m.ends_with(&format!(".{w}"))) {
+                copy_shapes.insert(format!("base_model.{m}.weight"), lin.weight.dims().to_vec());
+                if let Some(b) = &lin.bias {
+                    copy_shapes.insert(format!("base_model.{m}.bias"), b.dims().to_vec());
+                }
+            }
+        }
+        let mut copy_tensors: HashMap<String, Tensor> = HashMap::new();
         for (key, t) in tensors {
+            if let Some(shape) = copy_shapes.get(&key) {
+                if t.dims() != shape.as_slice() {
+                    return Err(PeftError::ShapeMismatch { name: format!("{} (key `{key}`)", wpath.display()), expected: shape.clone(), found: t.dims().to_vec() });
+                }
+                copy_tensors.insert(key, t);
+                continue;
+            }
             let k = key.strip_prefix(KEY_PREFIX).unwrap_or(&key);
             let (slot, shape) = match k {
                 "prompt_embeddings" => (&mut table, vec![cfg.table_rows(), cfg.table_dim()]),
@@ -1170,8 +1249,25 @@ impl PeftModel {
         } else {
             None
         };
+        for k in copy_shapes.keys() {
+            if !copy_tensors.contains_key(k) {
+                result.missing_keys.push(k.clone());
+            }
+        }
+        result.missing_keys.sort();
         let enc = PromptEncoder::from_table(&table, task)?;
         self.add_prompt(name, cfg, 0, Some(enc))?;
+        for (m, lin) in self.base.named_linears_mut() {
+            let dtype = lin.weight.dtype();
+            if let Some((w, b)) = lin.saved_copies.get_mut(name) {
+                if let Some(t) = copy_tensors.remove(&format!("base_model.{m}.weight")) {
+                    *w = Var::from_tensor(&t.to_dtype(dtype)?)?;
+                }
+                if let (Some(bv), Some(t)) = (b.as_mut(), copy_tensors.remove(&format!("base_model.{m}.bias"))) {
+                    *bv = Var::from_tensor(&t.to_dtype(dtype)?)?;
+                }
+            }
+        }
         Ok(result)
     }
 

@@ -76,7 +76,10 @@ pub struct Batch {
 }
 
 impl Batch {
-    fn validate(&self, model: &PeftModel) -> Result<()> {
+    /// Check the batch against the model's head (shapes, label ranges).
+    ///
+    /// Errors: `InvalidArgument` naming `batch`, `labels`, `startPositions` or `endPositions`.
+    pub fn validate(&self, model: &PeftModel) -> Result<()> {
         let info = model.base.info();
         let n = self.batch_size * self.seq_len;
         if n == 0 {

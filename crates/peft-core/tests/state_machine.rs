@@ -196,7 +196,7 @@ fn failed_add_adapter_rolls_back() {
     let counts = m.nb_trainable_parameters();
     for bad in [
         json!({"peft_type": "LORA", "target_modules": ["nothing_matches"]}),
-        json!({"peft_type": "LORA", "target_modules": ["q_proj"], "modules_to_save": ["no_such_module"]}),
+        json!({"peft_type": "LORA", "target_modules": ["q_proj"], "layers_to_transform": [7]}),
     ] {
         let cfg = LoraConfig::from_json(&bad, None).unwrap();
         assert!(m.add_adapter("second", cfg, 1).is_err());
@@ -205,6 +205,13 @@ fn failed_add_adapter_rolls_back() {
         assert_eq!(m.nb_trainable_parameters(), counts);
         assert_eq!(max_diff(&before, &logits(&m)), 0.0);
     }
+    // A modules_to_save entry that matches nothing is ignored with a warning (HF's
+    // `_set_trainable` ignores it silently); the adapter is added.
+    let cfg = LoraConfig::from_json(&json!({"peft_type": "LORA", "target_modules": ["q_proj"], "modules_to_save": ["no_such_module"]}), None).unwrap();
+    m.add_adapter("third", cfg, 1).unwrap();
+    assert!(m.take_warnings().iter().any(|w| w.contains("no_such_module")));
+    m.delete_adapter("third").unwrap();
+    assert_eq!(max_diff(&before, &logits(&m)), 0.0);
     // the existing name is refused and the adapter left untouched
     let cfg = LoraConfig::from_json(&json!({"peft_type": "LORA", "target_modules": ["k_proj"], "init_lora_weights": false}), None).unwrap();
     assert_eq!(m.add_adapter("default", cfg, 1).unwrap_err().code(), "ERR_ADAPTER_EXISTS");

@@ -301,12 +301,9 @@ impl LlamaForCausalLM {
     /// Forward from token ids `[b, s]` (row-major) → logits `[b, s, vocab]` (or `[b, 1, vocab]`
     /// with `last_only`), in the model dtype. `cache`, when given, supplies past keys/values and
     /// receives the new ones.
+    /// Sequence classification pools the last non-pad token of `ids` (see [`BaseModel::forward`]).
     pub fn forward(&self, ids: &[u32], b: usize, s: usize, opts: &ForwardOptions, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        if ids.len() != b * s {
-            return Err(PeftError::invalid_arg("inputIds", format!("has {} ids, expected batch {b} × seq {s}", ids.len())));
-        }
-        let x = self.embed(ids, b, s)?;
-        self.forward_embeds(&x, opts, cache)
+        BaseModel::forward(self, ids, b, s, opts, cache)
     }
 
     /// Forward from input embeddings `[b, s, hidden]` (prompt learning prepends virtual tokens
@@ -467,9 +464,6 @@ impl BaseModel for LlamaForCausalLM {
     }
     fn forward_embeds(&self, x: &Tensor, opts: &ForwardOptions, cache: Option<&mut KvCache>) -> Result<Tensor> {
         LlamaForCausalLM::forward_embeds(self, x, opts, cache)
-    }
-    fn forward(&self, ids: &[u32], b: usize, s: usize, opts: &ForwardOptions, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        LlamaForCausalLM::forward(self, ids, b, s, opts, cache)
     }
 }
 

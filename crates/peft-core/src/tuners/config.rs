@@ -90,12 +90,12 @@ impl AdapterConfig {
         }
     }
 
-    /// `modules_to_save` of LoRA / IA3 configs.
+    /// `modules_to_save` of the config (any PEFT type).
     pub fn modules_to_save(&self) -> Vec<String> {
         match self {
             AdapterConfig::Lora(c) => c.modules_to_save.clone().unwrap_or_default(),
             AdapterConfig::Ia3(c) => c.modules_to_save.clone().unwrap_or_default(),
-            AdapterConfig::Prompt(_) => vec![],
+            AdapterConfig::Prompt(c) => c.modules_to_save().unwrap_or_default(),
         }
     }
 

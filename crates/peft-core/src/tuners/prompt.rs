@@ -157,6 +157,11 @@ impl PromptLearningConfig {
                 other => Err(bad(format!("`{k}` must be an integer, found {other}"))),
             }
         };
+        match raw.get("modules_to_save") {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(a)) if a.iter().all(|x| x.is_string()) => {}
+            Some(other) => return Err(bad(format!("`modules_to_save` must be a list of strings or null, found {other}"))),
+        }
         let num_virtual_tokens = opt_size("num_virtual_tokens", MAX_VIRTUAL_TOKENS)?
             .ok_or_else(|| bad("`num_virtual_tokens` must be given (a positive integer)".into()))?;
         let token_dim = opt_size("token_dim", MAX_DIM)?;
@@ -262,6 +267,19 @@ impl PromptLearningConfig {
     /// Whether `modules_to_save` is set to a non-empty list.
     pub fn modules_to_save_given(&self) -> bool {
         self.raw.get("modules_to_save").and_then(|v| v.as_array()).map(|a| !a.is_empty()).unwrap_or(false)
+    }
+
+    /// `modules_to_save` (`None` when null). Non-string entries are skipped (validated at parse).
+    pub fn modules_to_save(&self) -> Option<Vec<String>> {
+        self.raw.get("modules_to_save").and_then(|v| v.as_array()).map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+    }
+
+    /// Set `modules_to_save` (written to adapter_config.json as HF writes it).
+    pub fn set_modules_to_save(&mut self, v: Option<Vec<String>>) {
+        self.raw["modules_to_save"] = match v {
+            Some(list) => serde_json::Value::from(list),
+            None => serde_json::Value::Null,
+        };
     }
 
     /// Fields of the source JSON that HF's config class does not have (kept, not acted on).

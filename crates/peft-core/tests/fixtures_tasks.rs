@@ -1,0 +1,215 @@
+//! Task heads on decoder models against references made with transformers 5.18 + HF PEFT 0.21
+//! (`scripts/make_task_fixtures.py`): `LlamaForSequenceClassification` and
+//! `GPT2ForSequenceClassification` (last non-pad token pooling) with a SEQ_CLS LoRA adapter
+//! (the `score` head in modules_to_save), a SEQ_CLS prompt-tuning adapter (its `score` copy
+//! saved as `base_model.score.weight`), losses with labels, merged logits, byte-identical
+//! re-saves; plus loading a causal-LM checkpoint with a new classification head, task-type
+//! checks, and training the head with the adapter.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use peft_core::model::loader::{load_model, LoadRequest};
+use peft_core::model::{last_non_pad_indices, Task};
+use peft_core::peft_model::PeftModel;
+use peft_core::train::{task_loss, Batch, Trainer, TrainingArgs};
+use peft_core::tuners::AdapterConfig;
+use serde_json::json;
+
+const CASES: [&str; 3] = ["llama_lora_seqcls", "llama_prompt_seqcls", "gpt2_lora_seqcls"];
+
+fn batch_of(exp: &Expected) -> Batch {
+    let (ids, b, s) = exp.ids("input_ids");
+    Batch { input_ids: ids, attention_mask: exp.mask("attention_mask"), labels: exp.i64s("labels"), batch_size: b, seq_len: s, ..Default::default() }
+}
+
+fn scalar(t: &Tensor) -> f64 {
+    t.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap()[0]
+}
+
+#[test]
+fn seqcls_models_load_with_their_heads() {
+    for (case, arch, labels) in [("llama_lora_seqcls", "LlamaForSequenceClassification", 3), ("gpt2_lora_seqcls", "GPT2ForSequenceClassification", 2)] {
+        let m = base_peft(case);
+        let info = m.base.info();
+        assert_eq!((info.architecture.as_str(), info.task, info.num_labels), (arch, Task::SeqCls, Some(labels)));
+        let (last, lin) = m.base.named_linears().pop().unwrap();
+        assert_eq!((last.as_str(), lin.out_features()), ("score", labels));
+        assert!(m.base.module_names().contains(&"score".to_string()));
+        assert!(!m.base.module_names().contains(&"lm_head".to_string()));
+    }
+}
+
+#[test]
+fn seqcls_fixtures_match_hf() {
+    for case in CASES {
+        let exp = Expected::load(case);
+        let base = base_peft(case);
+        let d = check_logits("base", &base, &exp, "logits_base");
+        visible(&format!("ok {case}: base logits max |diff| {d:.2e}"));
+        let m = adapter_peft(case, false);
+        let d = check_logits("adapter", &m, &exp, "logits_adapter");
+        visible(&format!("ok {case}: adapter logits max |diff| {d:.2e}"));
+        // The loss transformers computes with labels [b].
+        let batch = batch_of(&exp);
+        let logits = forward_batch(&m, &exp);
+        let (loss, n) = task_loss(&m, &logits, &batch).unwrap();
+        let want = scalar(exp.get("loss"));
+        assert!((scalar(&loss) - want).abs() < 1e-5, "{case}: loss {} vs HF {want}", scalar(&loss));
+        assert_eq!(n, 2);
+        // Each row alone (unpadded) equals its row of the padded batch. Not with prompt tuning:
+        // HF passes `inputs_embeds`, so transformers pools the last position, which is padding
+        // in a right-padded row (it warns); we match HF's numbers there (checked above) and
+        // check that the unpadded row still equals HF's row alone.
+        let alone = exp.get("logits_rows_alone");
+        if case.contains("prompt") {
+            assert_close(&format!("{case} unpadded row 0"), &logits.narrow(0, 0, 1).unwrap(), &alone.narrow(0, 0, 1).unwrap(), 1e-5, 1e-5);
+            let (ids, _, s) = exp.ids("input_ids");
+            let row1 = forward(&m, &ids[s..s + 5], 1, 5, &[1; 5], None);
+            assert_close(&format!("{case} row 1 alone"), &row1, &alone.narrow(0, 1, 1).unwrap(), 1e-5, 1e-5);
+        } else {
+            assert_close(&format!("{case} padded batch vs rows alone"), &logits, alone, 1e-5, 1e-5);
+        }
+        if exp.has("logits_merged") {
+            let mut m = adapter_peft(case, false);
+            m.merge_and_unload(None, true).unwrap();
+            let d = check_logits("merged", &m, &exp, "logits_merged");
+            visible(&format!("ok {case}: merged logits max |diff| {d:.2e}"));
+        }
+    }
+}
+
+#[test]
+fn seqcls_resave_is_byte_identical() {
+    for case in CASES {
+        let m = adapter_peft(case, false);
+        let dir = temp_dir(case);
+        m.save_pretrained(&dir, None).unwrap();
+        for f in ["adapter_model.safetensors", "adapter_config.json"] {
+            let a = std::fs::read(dir.join(f)).unwrap();
+            let b = std::fs::read(case_dir(case).join(f)).unwrap();
+            assert!(a == b, "{case}: re-saved {f} differs from HF's");
+        }
+        remove_dir(&dir);
+        visible(&format!("ok {case}: re-saved files byte-identical"));
+    }
+}
+
+#[test]
+fn new_seqcls_adapter_gets_the_head_in_modules_to_save() {
+    // LoRA: HF writes ["classifier", "score"]; the copy is trainable and saved as base_model.model.score.weight.
+    let mut m = base_peft("llama_lora_seqcls");
+    let cfg = AdapterConfig::from_json(&json!({"peft_type": "LORA", "task_type": "SEQ_CLS", "r": 2, "target_modules": ["q_proj"]}), None).unwrap();
+    m.add_adapter("default", cfg, 1).unwrap();
+    let saved = m.peft_config("default").unwrap().to_json();
+    assert_eq!(saved["modules_to_save"], json!(["classifier", "score"]));
+    let keys: Vec<String> = m.trainable_parameters().into_iter().map(|(k, _)| k).collect();
+    assert!(keys.contains(&"base_model.model.score.weight".to_string()), "{keys:?}");
+    assert!(m.take_warnings().iter().all(|w| !w.contains("modules_to_save")), "auto-added names must not warn");
+    // Prompt tuning: the copy is keyed base_model.score.weight, as HF saves it.
+    let mut p = base_peft("llama_lora_seqcls");
+    let cfg = AdapterConfig::from_json(&json!({"peft_type": "PROMPT_TUNING", "task_type": "SEQ_CLS", "num_virtual_tokens": 3}), None).unwrap();
+    p.add_adapter("default", cfg, 1).unwrap();
+    let sd: Vec<String> = p.adapter_state_dict("default").unwrap().into_iter().map(|(k, _)| k).collect();
+    assert_eq!(sd, vec!["base_model.score.weight".to_string(), "prompt_embeddings".to_string()]);
+    let (trainable, _) = p.nb_trainable_parameters();
+    assert_eq!(trainable, 3 * 64 + 3 * 64, "prompt table + score copy");
+}
+
+#[test]
+fn task_type_must_match_the_head() {
+    let mut m = base_peft("llama_lora_seqcls");
+    let cfg = AdapterConfig::from_json(&json!({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "target_modules": ["q_proj"]}), None).unwrap();
+    let e = m.add_adapter("default", cfg, 1).unwrap_err();
+    assert_eq!(e.code(), "ERR_ADAPTER_CONFIG_INVALID");
+    assert!(e.to_string().contains("LlamaForSequenceClassification has a SEQ_CLS head"), "{e}");
+    assert!(m.adapter_names().is_empty(), "nothing added");
+    let mut c = base_peft("llama_lora_qv");
+    let cfg = AdapterConfig::from_json(&json!({"peft_type": "LORA", "task_type": "TOKEN_CLS", "r": 2, "target_modules": ["q_proj"]}), None).unwrap();
+    let e = c.add_adapter("default", cfg, 1).unwrap_err();
+    assert!(e.to_string().contains("TOKEN_CLS"), "{e}");
+}
+
+#[test]
+fn causal_checkpoint_loads_as_classifier_with_a_new_head() {
+    let path = fixtures_dir().join("models/llama");
+    let req = LoadRequest { task: Some(Task::SeqCls), num_labels: Some(4), seed: 3 };
+    let a = load_model(&path, DType::F32, &Device::Cpu, &req).unwrap();
+    assert_eq!(a.newly_initialized, vec!["score.weight".to_string()]);
+    assert_eq!(a.model.info().num_labels, Some(4));
+    // Seeded: the same seed gives the same head; normal(0, 0.02) as transformers initialises it.
+    let b = load_model(&path, DType::F32, &Device::Cpu, &req).unwrap();
+    let w = |m: &dyn peft_core::model::BaseModel| m.named_linears().pop().unwrap().1.weight.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let (wa, wb) = (w(a.model.as_ref()), w(b.model.as_ref()));
+    assert_eq!(wa, wb);
+    let sd = (wa.iter().map(|x| (x * x) as f64).sum::<f64>() / wa.len() as f64).sqrt();
+    assert!((0.01..0.03).contains(&sd), "std {sd}");
+    // A head the family does not have is refused with the supported ones named.
+    let req = LoadRequest { task: Some(Task::QuestionAns), ..Default::default() };
+    let e = load_model(&path, DType::F32, &Device::Cpu, &req).err().unwrap();
+    assert!(e.to_string().contains("QUESTION_ANS") && e.to_string().contains("SEQ_CLS"), "{e}");
+    // And an unknown architecture names itself and the supported list.
+    let dir = temp_dir("unsupported-arch");
+    std::fs::write(dir.join("config.json"), r#"{"architectures": ["FalconForCausalLM"], "model_type": "falcon"}"#).unwrap();
+    let e = load_model(&dir, DType::F32, &Device::Cpu, &LoadRequest::default()).err().unwrap();
+    assert_eq!(e.code(), "ERR_MODEL_CONFIG_INVALID");
+    assert!(e.to_string().contains("FalconForCausalLM") && e.to_string().contains("GPT2ForSequenceClassification"), "{e}");
+    remove_dir(&dir);
+}
+
+#[test]
+fn pooling_follows_transformers() {
+    assert_eq!(last_non_pad_indices(&[5, 6, 0, 0, 7, 8, 9, 1], 2, 4, Some(0)).unwrap(), vec![1, 3]);
+    // Left padding: the last position.
+    assert_eq!(last_non_pad_indices(&[0, 0, 5, 6], 1, 4, Some(0)).unwrap(), vec![3]);
+    // All padding: 0 (argmax of zeros).
+    assert_eq!(last_non_pad_indices(&[0, 0], 1, 2, Some(0)).unwrap(), vec![0]);
+    assert_eq!(last_non_pad_indices(&[4, 5], 1, 2, None).unwrap(), vec![1]);
+    let e = last_non_pad_indices(&[4, 5, 6, 7], 2, 2, None).unwrap_err();
+    assert!(e.to_string().contains("Cannot handle batch sizes > 1 if no padding token is defined"));
+}
+
+#[test]
+fn seqcls_training_learns_the_labels() {
+    // A causal LM with a new 2-class head; LoRA + the head copy learn a token-presence rule.
+    let path = fixtures_dir().join("models/llama");
+    let loaded = load_model(&path, DType::F32, &Device::Cpu, &LoadRequest { task: Some(Task::SeqCls), num_labels: Some(2), seed: 1 }).unwrap();
+    let mut m = PeftModel::new(loaded.model);
+    let cfg = AdapterConfig::from_json(&json!({"peft_type": "LORA", "task_type": "SEQ_CLS", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}), None).unwrap();
+    m.add_adapter("default", cfg, 5).unwrap();
+    let rows: Vec<(Vec<u32>, i64)> = (0..8u32).map(|i| (vec![10 + i, 50 + i, if i % 2 == 0 { 200 } else { 100 }, 30 + i], (i % 2 == 0) as i64)).collect();
+    let batch = Batch {
+        input_ids: rows.iter().flat_map(|r| r.0.clone()).collect(),
+        attention_mask: vec![1; 32],
+        labels: rows.iter().map(|r| r.1).collect(),
+        batch_size: 8,
+        seq_len: 4,
+        ..Default::default()
+    };
+    let args = TrainingArgs { learning_rate: 5e-3, max_steps: 30, ..Default::default() };
+    let mut t = Trainer::new(&m, args).unwrap();
+    let first = t.step(&m, std::slice::from_ref(&batch)).unwrap().loss;
+    let mut last = first;
+    for _ in 1..30 {
+        last = t.step(&m, std::slice::from_ref(&batch)).unwrap().loss;
+    }
+    visible(&format!("ok SEQ_CLS training on the tiny llama: loss {first:.4} -> {last:.4}"));
+    assert!(last < first * 0.5, "loss {first} -> {last}");
+    // The head copy changed, the original head did not.
+    let lin = m.base.named_linears().pop().unwrap().1;
+    let (copy, _) = lin.saved_copies.get("default").unwrap();
+    let diff = (copy.as_tensor() - &lin.weight).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(diff > 0.0);
+    // Save + reload gives the same logits.
+    let dir = temp_dir("seqcls-train");
+    m.save_pretrained(&dir, None).unwrap();
+    let loaded = load_model(&path, DType::F32, &Device::Cpu, &LoadRequest { task: Some(Task::SeqCls), num_labels: Some(2), seed: 99 }).unwrap();
+    let mut r = PeftModel::new(loaded.model);
+    let res = r.load_adapter(&dir, "default", false, None).unwrap();
+    assert!(res.missing_keys.is_empty() && res.unexpected_keys.is_empty(), "{res:?}");
+    let a = forward(&m, &batch.input_ids, 8, 4, &batch.attention_mask, None);
+    let b = forward(&r, &batch.input_ids, 8, 4, &batch.attention_mask, None);
+    assert_close("reloaded SEQ_CLS adapter", &b, &a, 0.0, 0.0);
+    remove_dir(&dir);
+}
