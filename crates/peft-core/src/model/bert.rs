@@ -338,7 +338,9 @@ impl BertModel {
                     let key = format!("{name}.{leaf}");
                     let x = t.remove(&key).ok_or_else(|| PeftError::InvalidModelConfig { path: path.clone(), msg: format!("the weights have no tensor `{key}`") })?;
                     if x.dims() != shape {
-                        return Err(PeftError::ShapeMismatch { name: key, expected: shape.to_vec(), found: x.dims().to_vec() });
+                        // transformers refuses this too (unless `ignore_mismatched_sizes=True`).
+                        let name = format!("{key} (the checkpoint's `{name}` has {} outputs; load with that many labels, or from a checkpoint without this head)", x.dims()[0]);
+                        return Err(PeftError::ShapeMismatch { name, expected: shape.to_vec(), found: x.dims().to_vec() });
                     }
                     conv(x)
                 };
