@@ -572,7 +572,7 @@ impl PeftModel {
         for w in wanted {
             let mut found = false;
             for (mname, lin) in self.base.named_linears() {
-                if &mname == w || mname.ends_with(&format!(".{w}")) {
+                if saves_module(&mname, w) {
                     let wt = Var::from_tensor(&lin.weight.copy()?)?;
                     let b = match &lin.bias {
                         Some(b) => Some(Var::from_tensor(&b.copy()?)?),
@@ -1060,7 +1060,7 @@ impl PeftModel {
                 _ => {}
             }
             let mts = cfg.modules_to_save();
-            if mts.iter().any(|w| &m == w || m.ends_with(&format!(".{w}"))) {
+            if mts.iter().any(|w| saves_module(&m, w)) {
                 expected.insert(format!("{m}.weight"), (m.clone(), false, lin.weight.dims().to_vec()));
                 if let Some(b) = &lin.bias {
                     expected.insert(format!("{m}.bias"), (m.clone(), false, b.dims().to_vec()));
@@ -1194,7 +1194,7 @@ impl PeftModel {
         }
         let mut copy_shapes: HashMap<String, Vec<usize>> = HashMap::new();
         for (m, lin) in self.base.named_linears() {
-            if mts.iter().any(|w| &m == w || m.ends_with(&format!(".{w}"))) {
+            if mts.iter().any(|w| saves_module(&m, w)) {
                 copy_shapes.insert(format!("base_model.{m}.weight"), lin.weight.dims().to_vec());
                 if let Some(b) = &lin.bias {
                     copy_shapes.insert(format!("base_model.{m}.bias"), b.dims().to_vec());
@@ -1655,6 +1655,13 @@ fn check_save_subfolder(dir: &Path, target: &Path) -> Result<()> {
 /// head (HF's `SEQ_CLS_HEAD_NAMES`).
 pub(crate) fn is_output_head(task: Task, module: &str) -> bool {
     module == "lm_head" || (task == Task::SeqCls && (module == "score" || module == "classifier"))
+}
+
+/// Whether the `modules_to_save` entry `entry` selects module `module`: HF `_set_trainable` tests
+/// a plain `key.endswith(entry)`, without a dot boundary, so `classifier` also selects
+/// DistilBERT's `pre_classifier` (which HF PEFT then trains and saves).
+pub(crate) fn saves_module(module: &str, entry: &str) -> bool {
+    module.ends_with(entry)
 }
 
 /// HF `PeftModelForSequenceClassification` / `...TokenClassification` / `...QuestionAnswering`:
