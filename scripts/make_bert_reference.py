@@ -15,6 +15,9 @@ Writes (relative to the repository root):
       token_type_ids.
   __test__/fixtures/bert_reference/prefix_seqcls/   PrefixTuningConfig(SEQ_CLS) adapter + logits
   __test__/fixtures/bert_reference/prompt_seqcls/   PromptTuningConfig(SEQ_CLS) adapter + logits
+  __test__/fixtures/models/distilbert/ + bert_reference/distilbert_lora_seqcls/   a tiny random
+      DistilBERT (seeded), a LoRA SEQ_CLS adapter on q_lin/v_lin, base/adapter logits, hidden
+      states and QA logits
   __test__/fixtures/minilm/expected.safetensors     (--minilm) last hidden state and mean-pooled
       embeddings of all-MiniLM-L6-v2 for a few sentences, with the tokenizer's ids.
 """
@@ -117,6 +120,49 @@ def prompt_learning():
             os.remove(readme)
 
 
+def distilbert():
+    """Tiny DistilBERT (same shape as the fixture BERT) + a HF PEFT LoRA SEQ_CLS adapter."""
+    import json
+    from peft import LoraConfig, get_peft_model
+    from transformers import DistilBertConfig, DistilBertForQuestionAnswering, DistilBertForSequenceClassification, DistilBertModel
+
+    torch.manual_seed(31)
+    cfg = DistilBertConfig(vocab_size=160, dim=64, n_layers=2, n_heads=4, hidden_dim=128, max_position_embeddings=64,
+                           pad_token_id=0, num_labels=3, dropout=0.0, attention_dropout=0.0, seq_classif_dropout=0.0)
+    model = DistilBertForSequenceClassification(cfg).eval()
+    mdir = os.path.join(FX, "models", "distilbert")
+    model.save_pretrained(mdir)
+    ids, mask, _ = batch()
+    model = DistilBertForSequenceClassification.from_pretrained(mdir, attn_implementation="eager").eval()
+    out = {"input_ids": ids, "attention_mask": mask, "logits_base": model(input_ids=ids, attention_mask=mask).logits}
+    torch.manual_seed(32)
+    pm = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=["q_lin", "v_lin"], init_lora_weights=False)).eval()
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(torch.randn_like(p) * 0.05)
+    d = os.path.join(FX, "bert_reference", "distilbert_lora_seqcls")
+    pm.save_pretrained(d)
+    cp = os.path.join(d, "adapter_config.json")
+    c = json.load(open(cp))
+    c["base_model_name_or_path"] = "models/distilbert"
+    with open(cp, "w") as f:
+        json.dump(c, f, indent=2, sort_keys=True)
+    os.remove(os.path.join(d, "README.md"))
+    with torch.no_grad():
+        out["logits_adapter"] = pm(input_ids=ids, attention_mask=mask).logits
+    enc = DistilBertModel.from_pretrained(mdir, attn_implementation="eager").eval()
+    out["last_hidden_state"] = enc(input_ids=ids, attention_mask=mask).last_hidden_state
+    qa = DistilBertForQuestionAnswering.from_pretrained(mdir, num_labels=2, attn_implementation="eager").eval()
+    with torch.no_grad():
+        qa.qa_outputs.weight.normal_(0, 0.2)
+        qa.qa_outputs.bias.normal_(0, 0.2)
+        o = qa(input_ids=ids, attention_mask=mask)
+    out.update({"qa.qa_outputs.weight": qa.qa_outputs.weight, "qa.qa_outputs.bias": qa.qa_outputs.bias,
+                "qa.start_logits": o.start_logits, "qa.end_logits": o.end_logits})
+    save_file({k: v.detach().contiguous() for k, v in out.items()}, os.path.join(d, "expected.safetensors"), metadata={"format": "pt"})
+
+
 SENTENCES = [
     "A man is eating food.",
     "The new movie is awesome!",
@@ -148,6 +194,7 @@ if __name__ == "__main__":
     torch.set_grad_enabled(True)
     heads()
     prompt_learning()
+    distilbert()
     if a.minilm:
         minilm(a.minilm)
     print("ok", file=sys.stderr)

@@ -439,3 +439,77 @@ fn unsupported_architecture_lists_supported_ones() {
     remove_dir(&dir);
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// DistilBERT: a tiny random DistilBertForSequenceClassification and a HF PEFT LoRA SEQ_CLS
+// adapter (q_lin / v_lin; `classifier` in modules_to_save also selects `pre_classifier`, as HF's
+// plain `endswith` match does), made by scripts/make_bert_reference.py.
+// ---------------------------------------------------------------------------------------------
+
+fn distil_dir() -> PathBuf {
+    fixtures_dir().join("models/distilbert")
+}
+
+fn distil(task: Option<Task>) -> PeftModel {
+    let req = LoadRequest { task, num_labels: None, seed: 0 };
+    let l = load_model(&distil_dir(), DType::F32, &Device::Cpu, &req).unwrap_or_else(|e| panic!("[{}] {e}", e.code()));
+    PeftModel::new(l.model)
+}
+
+#[test]
+fn distilbert_lora_seqcls_matches_peft() {
+    let dir = fixtures_dir().join("bert_reference/distilbert_lora_seqcls");
+    let exp = reference("distilbert_lora_seqcls/expected.safetensors");
+    let (ids, mask) = (ids_of(&exp["input_ids"]), mask_of(&exp["attention_mask"]));
+    let mut m = distil(None);
+    assert_eq!(m.base.info().architecture, "DistilBertForSequenceClassification");
+    let names: Vec<String> = m.base.named_linears().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names[..2], ["distilbert.transformer.layer.0.attention.q_lin".to_string(), "distilbert.transformer.layer.0.attention.k_lin".into()]);
+    assert_eq!(names[names.len() - 2..], ["pre_classifier".to_string(), "classifier".into()]);
+    assert!(m.base.module_names().contains(&"distilbert.transformer.layer.1.output_layer_norm".to_string()));
+    assert_close("distilbert base logits", &run(&m, &ids, 2, 7, &mask, None), &exp["logits_base"], 1e-5, 1e-4);
+    let res = m.load_adapter(&dir, "default", false, None).unwrap_or_else(|e| panic!("[{}] {e}", e.code()));
+    assert!(res.missing_keys.is_empty() && res.unexpected_keys.is_empty(), "{res:?}");
+    assert_close("distilbert adapter logits", &run(&m, &ids, 2, 7, &mask, None), &exp["logits_adapter"], 1e-5, 1e-4);
+    let out = temp_dir("distilbert-resave");
+    m.save_pretrained(&out, None).unwrap();
+    for f in ["adapter_model.safetensors", "adapter_config.json"] {
+        let (fx, ours) = (std::fs::read(dir.join(f)).unwrap(), std::fs::read(out.join(f)).unwrap());
+        assert!(fx == ours, "distilbert: re-saved {f} differs from HF's");
+    }
+    remove_dir(&out);
+    m.set_disabled(true).unwrap();
+    assert_close("distilbert disabled logits", &run(&m, &ids, 2, 7, &mask, None), &exp["logits_base"], 1e-5, 1e-4);
+    m.set_disabled(false).unwrap();
+    m.merge_and_unload(None, true).unwrap();
+    assert_close("distilbert merged logits", &run(&m, &ids, 2, 7, &mask, None), &exp["logits_adapter"], 1e-5, 1e-4);
+    // DistilBERT has no token types and no past_key_values.
+    let e = m.forward(&ids, 2, 7, &ForwardOptions { token_type_ids: Some(vec![0; 14]), ..Default::default() }, None).unwrap_err();
+    assert!(e.to_string().contains("no token type embeddings"), "{e}");
+}
+
+#[test]
+fn distilbert_encoder_and_qa_match_transformers() {
+    let exp = reference("distilbert_lora_seqcls/expected.safetensors");
+    let (ids, mask) = (ids_of(&exp["input_ids"]), mask_of(&exp["attention_mask"]));
+    let enc = distil(Some(Task::FeatureExtraction));
+    assert_eq!(enc.base.info().architecture, "DistilBertModel");
+    assert_eq!(enc.base.named_linears()[0].0, "transformer.layer.0.attention.q_lin");
+    assert_close("DistilBertModel last_hidden_state", &run(&enc, &ids, 2, 7, &mask, None), &exp["last_hidden_state"], 1e-5, 1e-4);
+    let dir = distil_dir();
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let cfg = BertConfig::from_json(&v, &dir.join("config.json")).unwrap();
+    let mut t = peft_core::model::loader::load_folder_weights(&dir, &Device::Cpu).unwrap();
+    t.insert("qa_outputs.weight".into(), exp["qa.qa_outputs.weight"].clone());
+    t.insert("qa_outputs.bias".into(), exp["qa.qa_outputs.bias"].clone());
+    let qa = PeftModel::new(Box::new(BertModel::from_tensors_for(cfg, t, DType::F32, &Device::Cpu, Task::QuestionAns, None).unwrap()));
+    let logits = run(&qa, &ids, 2, 7, &mask, None);
+    assert_close("distilbert qa start logits", &logits.narrow(2, 0, 1).unwrap().squeeze(2).unwrap(), &exp["qa.start_logits"], 1e-5, 1e-4);
+    assert_close("distilbert qa end logits", &logits.narrow(2, 1, 1).unwrap().squeeze(2).unwrap(), &exp["qa.end_logits"], 1e-5, 1e-4);
+    // Prefix tuning is refused clearly (HF's DistilBERT takes no past_key_values).
+    use peft_core::tuners::prompt::PromptLearningConfig;
+    let mut m = distil(None);
+    m.add_adapter("default", PromptLearningConfig::from_json(&json!({"peft_type": "PREFIX_TUNING", "task_type": "SEQ_CLS", "num_virtual_tokens": 2}), None).unwrap(), 1).unwrap();
+    let e = m.forward(&ids, 2, 7, &ForwardOptions { attention_mask: Some(mask.clone()), ..Default::default() }, None).unwrap_err();
+    assert!(e.to_string().contains("prefix tuning"), "{e}");
+}

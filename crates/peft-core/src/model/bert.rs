@@ -18,6 +18,14 @@
 //! - feature extraction (`BertModel`): the last hidden state `[b, s, hidden]`; module paths
 //!   have no `bert.` prefix, as in transformers' `BertModel`.
 //!
+//! DistilBERT (`DistilBertModel`, `DistilBertFor{SequenceClassification,TokenClassification,
+//! QuestionAnswering}`, Sanh et al. 2019, <https://arxiv.org/abs/1910.01108>) is the same
+//! post-LayerNorm encoder under other names (`distilbert.transformer.layer.{i}.attention.q_lin`,
+//! `k_lin`, `v_lin`, `out_lin`, `sa_layer_norm`, `ffn.lin1`, `ffn.lin2`, `output_layer_norm`;
+//! LayerNorm eps 1e-12) without token type embeddings; its sequence classifier is
+//! `classifier(relu(pre_classifier(h_L[:, 0])))`. It has no `past_key_values`, so prefix tuning
+//! is refused on it (as in HF).
+//!
 //! Dropout of the base model (`hidden_dropout_prob`, `attention_probs_dropout_prob`) is not
 //! applied, also while training (as for the other base models here); LoRA's own dropout is.
 //! Prefix tuning: a [`KvCache`] holding per-layer prefix keys/values `[b, heads, n, head_dim]`
@@ -44,7 +52,73 @@ pub const BERT_ARCHITECTURES: &[&str] = &[
     "BertForQuestionAnswering",
     "BertForMaskedLM",
     "BertForPreTraining",
+    "DistilBertModel",
+    "DistilBertForSequenceClassification",
+    "DistilBertForTokenClassification",
+    "DistilBertForQuestionAnswering",
+    "DistilBertForMaskedLM",
 ];
+
+/// Which encoder family a [`BertConfig`] describes (`model_type` `bert` or `distilbert`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BertFamily {
+    Bert,
+    DistilBert,
+}
+
+/// transformers' module names of one family.
+struct Names {
+    /// Attribute of the encoder in the `*For*` classes (`bert`, `distilbert`).
+    base: &'static str,
+    layers: &'static str,
+    query: &'static str,
+    key: &'static str,
+    value: &'static str,
+    attn_out: &'static str,
+    attn_norm: &'static str,
+    intermediate: &'static str,
+    output: &'static str,
+    out_norm: &'static str,
+    /// Extra submodules of a layer, for `module_names`.
+    others: &'static [&'static str],
+}
+
+const BERT_NAMES: Names = Names {
+    base: "bert",
+    layers: "encoder.layer",
+    query: "attention.self.query",
+    key: "attention.self.key",
+    value: "attention.self.value",
+    attn_out: "attention.output.dense",
+    attn_norm: "attention.output.LayerNorm",
+    intermediate: "intermediate.dense",
+    output: "output.dense",
+    out_norm: "output.LayerNorm",
+    others: &["attention", "attention.self", "attention.self.dropout", "attention.output", "attention.output.dropout", "intermediate", "intermediate.intermediate_act_fn", "output", "output.dropout"],
+};
+
+const DISTILBERT_NAMES: Names = Names {
+    base: "distilbert",
+    layers: "transformer.layer",
+    query: "attention.q_lin",
+    key: "attention.k_lin",
+    value: "attention.v_lin",
+    attn_out: "attention.out_lin",
+    attn_norm: "sa_layer_norm",
+    intermediate: "ffn.lin1",
+    output: "ffn.lin2",
+    out_norm: "output_layer_norm",
+    others: &["attention", "attention.dropout", "ffn", "ffn.dropout", "ffn.activation"],
+};
+
+impl BertFamily {
+    fn names(self) -> &'static Names {
+        match self {
+            BertFamily::Bert => &BERT_NAMES,
+            BertFamily::DistilBert => &DISTILBERT_NAMES,
+        }
+    }
+}
 
 /// The activation named by `hidden_act` (transformers' `ACT2FN`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,6 +165,9 @@ impl Activation {
 /// BERT hyper-parameters from a transformers `config.json` (`model_type: "bert"`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct BertConfig {
+    /// `bert` or `distilbert` (DistilBERT's `dim`, `n_layers`, `n_heads`, `hidden_dim`,
+    /// `activation` are read into the BERT names below).
+    pub family: BertFamily,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub num_hidden_layers: usize,
@@ -99,7 +176,8 @@ pub struct BertConfig {
     pub hidden_act: Activation,
     /// Size of the position table (512 for the published checkpoints).
     pub max_position_embeddings: usize,
-    /// Number of segment types (`token_type_ids` must be below it; 2 by default).
+    /// Number of segment types (`token_type_ids` must be below it; 2 by default, 0 for
+    /// DistilBERT, which has no token type embeddings).
     pub type_vocab_size: usize,
     pub layer_norm_eps: f64,
     /// Standard deviation of freshly initialised head weights (0.02 by default).
@@ -121,10 +199,16 @@ impl BertConfig {
     /// by `num_attention_heads`, an unknown `hidden_act`, or an unsupported option
     /// (`position_embedding_type` other than `absolute`, `is_decoder: true`,
     /// `add_cross_attention: true`).
+    /// A `model_type: "distilbert"` config is read as DistilBERT (`dim`, `n_layers`, `n_heads`,
+    /// `hidden_dim`, `activation`; `sinusoidal_pos_embds` needs no special case, the table is
+    /// in the checkpoint).
     pub fn from_json(v: &Value, path: &Path) -> Result<Self> {
         let bad = |msg: String| PeftError::InvalidModelConfig { path: path.to_path_buf(), msg };
         if !v.is_object() {
             return Err(bad("the top level must be a JSON object".into()));
+        }
+        if v.get("model_type").and_then(|x| x.as_str()) == Some("distilbert") {
+            return Self::from_distilbert_json(v, path);
         }
         let req = |k: &str| -> Result<usize> { get_usize(v, k, path)?.ok_or_else(|| bad(format!("missing required field `{k}`"))) };
         let hidden_size = req("hidden_size")?;
@@ -150,6 +234,7 @@ impl BertConfig {
             .filter(|&n| n > 0)
             .or(get_usize(v, "num_labels", path)?);
         Ok(BertConfig {
+            family: BertFamily::Bert,
             vocab_size: req("vocab_size")?,
             num_hidden_layers: req("num_hidden_layers")?,
             intermediate_size: req("intermediate_size")?,
@@ -164,6 +249,36 @@ impl BertConfig {
             num_attention_heads,
             hidden_act,
             num_labels,
+        })
+    }
+
+    fn from_distilbert_json(v: &Value, path: &Path) -> Result<Self> {
+        let bad = |msg: String| PeftError::InvalidModelConfig { path: path.to_path_buf(), msg };
+        let req = |k: &str| -> Result<usize> { get_usize(v, k, path)?.ok_or_else(|| bad(format!("missing required field `{k}`"))) };
+        let dim = req("dim")?;
+        let n_heads = req("n_heads")?;
+        if dim == 0 || n_heads == 0 || dim % n_heads != 0 {
+            return Err(bad(format!("`dim` ({dim}) must be a positive multiple of `n_heads` ({n_heads})")));
+        }
+        let act = v.get("activation").and_then(|x| x.as_str()).unwrap_or("gelu");
+        let hidden_act = Activation::parse(act).ok_or_else(|| bad(format!("activation `{act}` is not supported (gelu, gelu_new, relu, silu)")))?;
+        let num_labels = v.get("id2label").and_then(|m| m.as_object()).map(|m| m.len()).filter(|&n| n > 0).or(get_usize(v, "num_labels", path)?);
+        Ok(BertConfig {
+            family: BertFamily::DistilBert,
+            vocab_size: req("vocab_size")?,
+            hidden_size: dim,
+            num_hidden_layers: req("n_layers")?,
+            num_attention_heads: n_heads,
+            intermediate_size: req("hidden_dim")?,
+            hidden_act,
+            max_position_embeddings: get_usize(v, "max_position_embeddings", path)?.unwrap_or(512),
+            type_vocab_size: 0,
+            layer_norm_eps: 1e-12,
+            initializer_range: get_f64(v, "initializer_range", path)?.unwrap_or(0.02),
+            pad_token_id: get_usize(v, "pad_token_id", path)?.map(|x| x as u32),
+            num_labels,
+            dtype: v.get("dtype").or(v.get("torch_dtype")).and_then(|x| x.as_str()).map(String::from),
+            name_or_path: v.get("_name_or_path").and_then(|x| x.as_str()).map(String::from),
         })
     }
 }
@@ -200,8 +315,9 @@ pub struct BertModel {
     pub word_embeddings: Tensor,
     /// `embeddings.position_embeddings.weight` `[max_position_embeddings, hidden]`.
     pub position_embeddings: Tensor,
-    /// `embeddings.token_type_embeddings.weight` `[type_vocab_size, hidden]`.
-    pub token_type_embeddings: Tensor,
+    /// `embeddings.token_type_embeddings.weight` `[type_vocab_size, hidden]` (`None` for
+    /// DistilBERT).
+    pub token_type_embeddings: Option<Tensor>,
     /// `embeddings.LayerNorm`.
     pub embed_norm: Norm,
     pub layers: Vec<BertLayer>,
@@ -209,22 +325,31 @@ pub struct BertModel {
     /// `BertForSequenceClassification`, absent for the token-classification and QA heads (and
     /// for a feature extractor read from a checkpoint without pooler weights).
     pub pooler: Option<PeftLinear>,
+    /// Module path of `pooler`: `bert.pooler.dense` / `pooler.dense`, or DistilBERT's
+    /// `pre_classifier` (ReLU instead of tanh).
+    pooler_name: String,
     /// `classifier` (`[num_labels, hidden]`) or `qa_outputs` (`[2, hidden]`), with bias.
     pub head: Option<PeftLinear>,
-    /// `"bert."` for the `BertFor*` classes, `""` for `BertModel` (transformers' module paths).
-    prefix: &'static str,
+    /// `"bert."` / `"distilbert."` for the `*For*` classes, `""` for the bare model
+    /// (transformers' module paths).
+    prefix: String,
     pub device: Device,
     pub dtype: DType,
     info: ModelInfo,
 }
 
-fn arch_name(task: Task) -> &'static str {
-    match task {
-        Task::SeqCls => "BertForSequenceClassification",
-        Task::TokenCls => "BertForTokenClassification",
-        Task::QuestionAns => "BertForQuestionAnswering",
-        _ => "BertModel",
-    }
+fn arch_name(family: BertFamily, task: Task) -> String {
+    let stem = match family {
+        BertFamily::Bert => "Bert",
+        BertFamily::DistilBert => "DistilBert",
+    };
+    let suffix = match task {
+        Task::SeqCls => "ForSequenceClassification",
+        Task::TokenCls => "ForTokenClassification",
+        Task::QuestionAns => "ForQuestionAnswering",
+        _ => "Model",
+    };
+    format!("{stem}{suffix}")
 }
 
 fn head_name(task: Task) -> Option<&'static str> {
@@ -283,17 +408,20 @@ impl BertModel {
             other => {
                 return Err(PeftError::InvalidModelConfig {
                     path,
-                    msg: format!("bert models have no {} head (supported: SEQ_CLS, TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION)", other.task_type()),
+                    msg: format!("{} models have no {} head (supported: SEQ_CLS, TOKEN_CLS, QUESTION_ANS, FEATURE_EXTRACTION)", config.family.names().base, other.task_type()),
                 })
             }
         };
-        let prefix: &'static str = if task == Task::FeatureExtraction { "" } else { "bert." };
+        let nm = config.family.names();
+        let base = nm.base;
+        let prefix = if task == Task::FeatureExtraction { String::new() } else { format!("{base}.") };
         let c = &config;
-        let has_pooler = t.contains_key("pooler.dense.weight") || t.contains_key("bert.pooler.dense.weight");
+        let distil = c.family == BertFamily::DistilBert;
+        let has_pooler = !distil && (t.contains_key("pooler.dense.weight") || t.contains_key("bert.pooler.dense.weight"));
         let conv = |x: Tensor| -> Result<Tensor> { Ok(x.to_dtype(dtype)?.to_device(device)?.contiguous()?) };
         let mut take = |name: &str, shape: &[usize]| -> Result<Tensor> {
             let x = t
-                .remove(&format!("bert.{name}"))
+                .remove(&format!("{base}.{name}"))
                 .or_else(|| t.remove(name))
                 .ok_or_else(|| PeftError::InvalidModelConfig { path: path.clone(), msg: format!("the weights have no tensor `{prefix}{name}`") })?;
             if x.dims() != shape {
@@ -304,28 +432,40 @@ impl BertModel {
         let (h, inter) = (c.hidden_size, c.intermediate_size);
         let word_embeddings = take("embeddings.word_embeddings.weight", &[c.vocab_size, h])?;
         let position_embeddings = take("embeddings.position_embeddings.weight", &[c.max_position_embeddings, h])?;
-        let token_type_embeddings = take("embeddings.token_type_embeddings.weight", &[c.type_vocab_size, h])?;
+        let token_type_embeddings = if distil { None } else { Some(take("embeddings.token_type_embeddings.weight", &[c.type_vocab_size, h])?) };
         let embed_norm = Norm { weight: take("embeddings.LayerNorm.weight", &[h])?, bias: take("embeddings.LayerNorm.bias", &[h])? };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
-            let p = format!("encoder.layer.{i}");
+            let p = format!("{}.{i}", nm.layers);
             let mut lin = |name: &str, out: usize, inp: usize| -> Result<PeftLinear> {
                 let w = take(&format!("{p}.{name}.weight"), &[out, inp])?;
                 let b = take(&format!("{p}.{name}.bias"), &[out])?;
                 Ok(PeftLinear::new(w, Some(b), false))
             };
-            let query = lin("attention.self.query", h, h)?;
-            let key = lin("attention.self.key", h, h)?;
-            let value = lin("attention.self.value", h, h)?;
-            let attn_out = lin("attention.output.dense", h, h)?;
-            let intermediate = lin("intermediate.dense", inter, h)?;
-            let output = lin("output.dense", h, inter)?;
+            let query = lin(nm.query, h, h)?;
+            let key = lin(nm.key, h, h)?;
+            let value = lin(nm.value, h, h)?;
+            let attn_out = lin(nm.attn_out, h, h)?;
+            let intermediate = lin(nm.intermediate, inter, h)?;
+            let output = lin(nm.output, h, inter)?;
             let mut norm = |name: &str| -> Result<Norm> { Ok(Norm { weight: take(&format!("{p}.{name}.weight"), &[h])?, bias: take(&format!("{p}.{name}.bias"), &[h])? }) };
-            let attn_norm = norm("attention.output.LayerNorm")?;
-            let out_norm = norm("output.LayerNorm")?;
+            let attn_norm = norm(nm.attn_norm)?;
+            let out_norm = norm(nm.out_norm)?;
             layers.push(BertLayer { query, key, value, attn_out, attn_norm, intermediate, output, out_norm });
         }
+        let pooler_name = if distil { "pre_classifier".to_string() } else { format!("{prefix}pooler.dense") };
         let pooler = match task {
+            Task::SeqCls if distil => {
+                let mut get = |leaf: &str, shape: &[usize]| -> Result<Tensor> {
+                    let key = format!("pre_classifier.{leaf}");
+                    let x = t.remove(&key).ok_or_else(|| PeftError::InvalidModelConfig { path: path.clone(), msg: format!("the weights have no tensor `{key}`") })?;
+                    if x.dims() != shape {
+                        return Err(PeftError::ShapeMismatch { name: key, expected: shape.to_vec(), found: x.dims().to_vec() });
+                    }
+                    conv(x)
+                };
+                Some(PeftLinear::new(get("weight", &[h, h])?, Some(get("bias", &[h])?), false))
+            }
             Task::SeqCls => Some(PeftLinear::new(take("pooler.dense.weight", &[h, h])?, Some(take("pooler.dense.bias", &[h])?), false)),
             Task::FeatureExtraction if has_pooler => {
                 Some(PeftLinear::new(take("pooler.dense.weight", &[h, h])?, Some(take("pooler.dense.bias", &[h])?), false))
@@ -349,8 +489,8 @@ impl BertModel {
             _ => None,
         };
         let info = ModelInfo {
-            architecture: arch_name(task).into(),
-            model_type: "bert".into(),
+            architecture: arch_name(c.family, task),
+            model_type: if distil { "distilbert".into() } else { "bert".into() },
             name_or_path: c.name_or_path.clone(),
             vocab_size: c.vocab_size,
             hidden_size: h,
@@ -366,7 +506,7 @@ impl BertModel {
             task,
             num_labels: if matches!(task, Task::SeqCls | Task::TokenCls) { num_labels } else { None },
         };
-        Ok(BertModel { word_embeddings, position_embeddings, token_type_embeddings, embed_norm, layers, pooler, head, prefix, device: device.clone(), dtype, info, config })
+        Ok(BertModel { word_embeddings, position_embeddings, token_type_embeddings, embed_norm, layers, pooler, pooler_name, head, prefix, device: device.clone(), dtype, info, config })
     }
 
     fn ln(&self, x: &Tensor, n: &Norm, train: bool) -> Result<Tensor> {
@@ -432,6 +572,21 @@ impl BaseModel for BertModel {
     /// built here.
     fn config_json(&self) -> Value {
         let c = &self.config;
+        if c.family == BertFamily::DistilBert {
+            let mut v = serde_json::json!({
+                "model_type": "distilbert", "architectures": [self.info.architecture], "vocab_size": c.vocab_size,
+                "dim": c.hidden_size, "n_layers": c.num_hidden_layers, "n_heads": c.num_attention_heads,
+                "hidden_dim": c.intermediate_size, "activation": c.hidden_act.name(),
+                "max_position_embeddings": c.max_position_embeddings, "initializer_range": c.initializer_range,
+                "pad_token_id": c.pad_token_id, "dtype": c.dtype, "_name_or_path": c.name_or_path,
+                // transformers' DistilBertConfig.attribute_map aliases
+                "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+            });
+            if let Some(n) = self.info.num_labels {
+                v["num_labels"] = n.into();
+            }
+            return v;
+        }
         let mut v = serde_json::json!({
             "model_type": "bert", "architectures": [self.info.architecture], "vocab_size": c.vocab_size,
             "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
@@ -457,18 +612,19 @@ impl BaseModel for BertModel {
     }
 
     fn named_linears(&self) -> Vec<(String, &PeftLinear)> {
+        let nm = self.config.family.names();
         let mut out = Vec::new();
         for (i, l) in self.layers.iter().enumerate() {
-            let p = self.prefixed(&format!("encoder.layer.{i}"));
-            out.push((format!("{p}.attention.self.query"), &l.query));
-            out.push((format!("{p}.attention.self.key"), &l.key));
-            out.push((format!("{p}.attention.self.value"), &l.value));
-            out.push((format!("{p}.attention.output.dense"), &l.attn_out));
-            out.push((format!("{p}.intermediate.dense"), &l.intermediate));
-            out.push((format!("{p}.output.dense"), &l.output));
+            let p = self.prefixed(&format!("{}.{i}", nm.layers));
+            out.push((format!("{p}.{}", nm.query), &l.query));
+            out.push((format!("{p}.{}", nm.key), &l.key));
+            out.push((format!("{p}.{}", nm.value), &l.value));
+            out.push((format!("{p}.{}", nm.attn_out), &l.attn_out));
+            out.push((format!("{p}.{}", nm.intermediate), &l.intermediate));
+            out.push((format!("{p}.{}", nm.output), &l.output));
         }
         if let Some(pl) = &self.pooler {
-            out.push((self.prefixed("pooler.dense"), pl));
+            out.push((self.pooler_name.clone(), pl));
         }
         if let (Some(h), Some(name)) = (&self.head, head_name(self.info.task)) {
             out.push((name.into(), h));
@@ -477,19 +633,20 @@ impl BaseModel for BertModel {
     }
 
     fn named_linears_mut(&mut self) -> Vec<(String, &mut PeftLinear)> {
-        let prefix = self.prefix;
+        let nm = self.config.family.names();
+        let prefix = self.prefix.clone();
         let mut out = Vec::new();
         for (i, l) in self.layers.iter_mut().enumerate() {
-            let p = format!("{prefix}encoder.layer.{i}");
-            out.push((format!("{p}.attention.self.query"), &mut l.query));
-            out.push((format!("{p}.attention.self.key"), &mut l.key));
-            out.push((format!("{p}.attention.self.value"), &mut l.value));
-            out.push((format!("{p}.attention.output.dense"), &mut l.attn_out));
-            out.push((format!("{p}.intermediate.dense"), &mut l.intermediate));
-            out.push((format!("{p}.output.dense"), &mut l.output));
+            let p = format!("{prefix}{}.{i}", nm.layers);
+            out.push((format!("{p}.{}", nm.query), &mut l.query));
+            out.push((format!("{p}.{}", nm.key), &mut l.key));
+            out.push((format!("{p}.{}", nm.value), &mut l.value));
+            out.push((format!("{p}.{}", nm.attn_out), &mut l.attn_out));
+            out.push((format!("{p}.{}", nm.intermediate), &mut l.intermediate));
+            out.push((format!("{p}.{}", nm.output), &mut l.output));
         }
         if let Some(pl) = &mut self.pooler {
-            out.push((format!("{prefix}pooler.dense"), pl));
+            out.push((self.pooler_name.clone(), pl));
         }
         if let (Some(h), Some(name)) = (&mut self.head, head_name(self.info.task)) {
             out.push((name.into(), h));
@@ -498,59 +655,73 @@ impl BaseModel for BertModel {
     }
 
     fn named_norm_biases_mut(&mut self) -> Vec<(String, &mut Tensor)> {
-        let prefix = self.prefix;
+        let nm = self.config.family.names();
+        let prefix = self.prefix.clone();
         let mut out = vec![(format!("{prefix}embeddings.LayerNorm"), &mut self.embed_norm.bias)];
         for (i, l) in self.layers.iter_mut().enumerate() {
-            out.push((format!("{prefix}encoder.layer.{i}.attention.output.LayerNorm"), &mut l.attn_norm.bias));
-            out.push((format!("{prefix}encoder.layer.{i}.output.LayerNorm"), &mut l.out_norm.bias));
+            out.push((format!("{prefix}{}.{i}.{}", nm.layers, nm.attn_norm), &mut l.attn_norm.bias));
+            out.push((format!("{prefix}{}.{i}.{}", nm.layers, nm.out_norm), &mut l.out_norm.bias));
         }
         out
     }
 
     fn named_norm_biases(&self) -> Vec<(String, &Tensor)> {
+        let nm = self.config.family.names();
         let mut out = vec![(self.prefixed("embeddings.LayerNorm"), &self.embed_norm.bias)];
         for (i, l) in self.layers.iter().enumerate() {
-            out.push((self.prefixed(&format!("encoder.layer.{i}.attention.output.LayerNorm")), &l.attn_norm.bias));
-            out.push((self.prefixed(&format!("encoder.layer.{i}.output.LayerNorm")), &l.out_norm.bias));
+            out.push((self.prefixed(&format!("{}.{i}.{}", nm.layers, nm.attn_norm)), &l.attn_norm.bias));
+            out.push((self.prefixed(&format!("{}.{i}.{}", nm.layers, nm.out_norm)), &l.out_norm.bias));
         }
         out
     }
 
     fn module_names(&self) -> Vec<String> {
+        let nm = self.config.family.names();
+        let distil = self.config.family == BertFamily::DistilBert;
         let mut out = Vec::new();
         if !self.prefix.is_empty() {
-            out.push("bert".to_string());
+            out.push(nm.base.to_string());
         }
-        for n in ["embeddings", "embeddings.word_embeddings", "embeddings.position_embeddings", "embeddings.token_type_embeddings", "embeddings.LayerNorm", "embeddings.dropout", "encoder", "encoder.layer"] {
+        let mut emb = vec!["embeddings", "embeddings.word_embeddings", "embeddings.position_embeddings"];
+        if !distil {
+            emb.push("embeddings.token_type_embeddings");
+        }
+        emb.extend(["embeddings.LayerNorm", "embeddings.dropout"]);
+        emb.extend(if distil { ["transformer", "transformer.layer"] } else { ["encoder", "encoder.layer"] });
+        for n in emb {
             out.push(self.prefixed(n));
         }
         for i in 0..self.layers.len() {
-            let p = self.prefixed(&format!("encoder.layer.{i}"));
+            let p = self.prefixed(&format!("{}.{i}", nm.layers));
             out.push(p.clone());
-            for n in [
-                "attention", "attention.self", "attention.self.query", "attention.self.key", "attention.self.value", "attention.self.dropout",
-                "attention.output", "attention.output.dense", "attention.output.LayerNorm", "attention.output.dropout", "intermediate",
-                "intermediate.dense", "intermediate.intermediate_act_fn", "output", "output.dense", "output.LayerNorm", "output.dropout",
-            ] {
+            for n in [nm.query, nm.key, nm.value, nm.attn_out, nm.attn_norm, nm.intermediate, nm.output, nm.out_norm].iter().chain(nm.others) {
                 out.push(format!("{p}.{n}"));
             }
         }
         if self.pooler.is_some() {
-            for n in ["pooler", "pooler.dense", "pooler.activation"] {
-                out.push(self.prefixed(n));
+            if distil {
+                out.push("pre_classifier".into());
+            } else {
+                for n in ["pooler", "pooler.dense", "pooler.activation"] {
+                    out.push(self.prefixed(n));
+                }
             }
         }
         match self.info.task {
             Task::SeqCls | Task::TokenCls => out.extend(["dropout".to_string(), "classifier".to_string()]),
-            Task::QuestionAns => out.push("qa_outputs".into()),
+            Task::QuestionAns => out.extend(["dropout".to_string(), "qa_outputs".to_string()]),
             _ => {}
+        }
+        if self.info.task == Task::QuestionAns && !distil {
+            out.retain(|n| n != "dropout"); // BertForQuestionAnswering has no top-level dropout
         }
         out
     }
 
     fn base_param_count(&self) -> usize {
         let norm = |n: &Norm| n.weight.elem_count() + n.bias.elem_count();
-        let mut n = self.word_embeddings.elem_count() + self.position_embeddings.elem_count() + self.token_type_embeddings.elem_count() + norm(&self.embed_norm);
+        let te = self.token_type_embeddings.as_ref().map(|t| t.elem_count()).unwrap_or(0);
+        let mut n = self.word_embeddings.elem_count() + self.position_embeddings.elem_count() + te + norm(&self.embed_norm);
         for l in &self.layers {
             n += norm(&l.attn_norm) + norm(&l.out_norm);
         }
@@ -594,6 +765,9 @@ impl BaseModel for BertModel {
             }
         };
         let past = prefix.first().and_then(|p| p.as_ref()).map(|(k, _)| k.dim(2)).transpose()?.unwrap_or(0);
+        if past > 0 && c.family == BertFamily::DistilBert {
+            return Err(PeftError::invalid_arg("cache", "DistilBERT has no past_key_values, so prefix tuning cannot be applied to it (HF refuses it too); use prompt tuning or LoRA"));
+        }
         for (i, p) in prefix.iter().enumerate() {
             let ok = match p {
                 Some((k, v)) => k.dims() == [b, nh, past, hd] && v.dims() == [b, nh, past, hd],
@@ -623,6 +797,9 @@ impl BaseModel for BertModel {
             None => (0..b).flat_map(|_| (past..total).map(|p| p as u32)).collect(),
         };
         let types: Vec<u32> = match &opts.token_type_ids {
+            Some(_) if self.token_type_embeddings.is_none() => {
+                return Err(PeftError::invalid_arg("tokenTypeIds", "DistilBERT has no token type embeddings; leave tokenTypeIds out"));
+            }
             Some(t) => {
                 if t.len() != b * s {
                     return Err(PeftError::invalid_arg("tokenTypeIds", format!("has {} values, expected {b} × {s}", t.len())));
@@ -635,8 +812,10 @@ impl BaseModel for BertModel {
             None => vec![0; b * s],
         };
         let pe = self.lookup(&self.position_embeddings, positions, b, s)?;
-        let te = self.lookup(&self.token_type_embeddings, types, b, s)?;
-        let e = ((x.to_dtype(self.dtype)? + te)? + pe)?;
+        let e = match &self.token_type_embeddings {
+            Some(table) => ((x.to_dtype(self.dtype)? + self.lookup(table, types, b, s)?)? + pe)?,
+            None => (x.to_dtype(self.dtype)? + pe)?,
+        };
         let mut h = self.ln(&e, &self.embed_norm, opts.train)?;
         let mask = self.padding_mask(opts.attention_mask.as_ref(), b, total)?;
         let lin = LinearCtx { train: opts.train, rows: opts.adapter_rows.as_ref(), rng: opts.dropout_rng.as_deref() };
@@ -647,7 +826,8 @@ impl BaseModel for BertModel {
             Task::SeqCls => {
                 let pooler = self.pooler.as_ref().ok_or_else(|| PeftError::Internal("sequence classification without pooler".into()))?;
                 let first = h.narrow(1, 0, 1)?.squeeze(1)?;
-                let pooled = pooler.forward(&first, &lin)?.tanh()?;
+                let pooled = pooler.forward(&first, &lin)?;
+                let pooled = if c.family == BertFamily::DistilBert { pooled.relu()? } else { pooled.tanh()? };
                 self.head.as_ref().ok_or_else(|| PeftError::Internal("missing classifier".into()))?.forward(&pooled, &lin)
             }
             Task::TokenCls | Task::QuestionAns => self.head.as_ref().ok_or_else(|| PeftError::Internal("missing head".into()))?.forward(&h, &lin),
@@ -675,8 +855,12 @@ pub fn init_missing_heads(t: &mut HashMap<String, Tensor>, task: Task, num_label
         }
         Ok(())
     };
-    if task == Task::SeqCls && !t.contains_key("pooler.dense.weight") {
-        add(t, "bert.pooler.dense", h, 1, record)?;
+    if task == Task::SeqCls {
+        match config.family {
+            BertFamily::Bert if !t.contains_key("pooler.dense.weight") => add(t, "bert.pooler.dense", h, 1, record)?,
+            BertFamily::DistilBert => add(t, "pre_classifier", h, 1, record)?,
+            _ => {}
+        }
     }
     match (head_name(task), task) {
         (Some(name), Task::QuestionAns) => add(t, name, 2, 0, record),

@@ -86,6 +86,11 @@ pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
     "BertForQuestionAnswering",
     "BertForMaskedLM",
     "BertForPreTraining",
+    "DistilBertModel",
+    "DistilBertForSequenceClassification",
+    "DistilBertForTokenClassification",
+    "DistilBertForQuestionAnswering",
+    "DistilBertForMaskedLM",
 ];
 
 impl LlamaConfig {

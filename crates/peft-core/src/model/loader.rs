@@ -197,6 +197,7 @@ pub fn architecture_of(v: &serde_json::Value) -> Option<String> {
             "mistral" => "MistralForCausalLM",
             "llama" => "LlamaForCausalLM",
             "bert" => "BertModel",
+            "distilbert" => "DistilBertModel",
             other => other,
         }
         .to_string(),
