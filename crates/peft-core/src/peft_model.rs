@@ -1657,11 +1657,15 @@ pub(crate) fn is_output_head(task: Task, module: &str) -> bool {
     module == "lm_head" || (task == Task::SeqCls && (module == "score" || module == "classifier"))
 }
 
-/// Whether the `modules_to_save` entry `entry` selects module `module`: HF `_set_trainable` tests
-/// a plain `key.endswith(entry)`, without a dot boundary, so `classifier` also selects
+/// Whether the `modules_to_save` entry `entry` selects linear module `module`: HF `_set_trainable`
+/// tests a plain `key.endswith(entry)`, without a dot boundary, so `classifier` also selects
 /// DistilBERT's `pre_classifier` (which HF PEFT then trains and saves).
+///
+/// HF wraps the matched module whole, so a linear layer is also selected when one of its parent
+/// modules matches (RoBERTa's `classifier` head holds `classifier.dense` and
+/// `classifier.out_proj`); the copies are saved under the same keys as HF's.
 pub(crate) fn saves_module(module: &str, entry: &str) -> bool {
-    module.ends_with(entry)
+    module.ends_with(entry) || module.match_indices('.').any(|(i, _)| module[..i].ends_with(entry))
 }
 
 /// HF `PeftModelForSequenceClassification` / `...TokenClassification` / `...QuestionAnswering`:
