@@ -18,6 +18,8 @@ Writes (relative to the repository root):
   __test__/fixtures/models/distilbert/ + bert_reference/distilbert_lora_seqcls/   a tiny random
       DistilBERT (seeded), a LoRA SEQ_CLS adapter on q_lin/v_lin, base/adapter logits, hidden
       states and QA logits
+  __test__/fixtures/models/roberta/ + bert_reference/roberta_lora_seqcls/   the same for a tiny
+      random RoBERTa (pad 1, positions from padding_idx + 1, RobertaClassificationHead)
   __test__/fixtures/minilm/expected.safetensors     (--minilm) last hidden state and mean-pooled
       embeddings of all-MiniLM-L6-v2 for a few sentences, with the tokenizer's ids.
 """
@@ -163,6 +165,45 @@ def distilbert():
     save_file({k: v.detach().contiguous() for k, v in out.items()}, os.path.join(d, "expected.safetensors"), metadata={"format": "pt"})
 
 
+def roberta():
+    """Tiny RoBERTa (pad 1, positions offset by padding_idx + 1) + a HF PEFT LoRA SEQ_CLS adapter
+    (the whole RobertaClassificationHead `classifier` is in modules_to_save)."""
+    import json
+    from peft import LoraConfig, get_peft_model
+    from transformers import RobertaConfig, RobertaForSequenceClassification, RobertaModel
+
+    torch.manual_seed(41)
+    cfg = RobertaConfig(vocab_size=160, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+                        max_position_embeddings=66, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                        num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = RobertaForSequenceClassification(cfg).eval()
+    mdir = os.path.join(FX, "models", "roberta")
+    model.save_pretrained(mdir)
+    ids, mask, _ = batch()
+    ids[1, 5:] = 1  # RoBERTa pads with 1
+    model = RobertaForSequenceClassification.from_pretrained(mdir, attn_implementation="eager").eval()
+    out = {"input_ids": ids, "attention_mask": mask, "logits_base": model(input_ids=ids, attention_mask=mask).logits}
+    torch.manual_seed(42)
+    pm = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=["query", "value"], init_lora_weights=False)).eval()
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(torch.randn_like(p) * 0.05)
+    d = os.path.join(FX, "bert_reference", "roberta_lora_seqcls")
+    pm.save_pretrained(d)
+    cp = os.path.join(d, "adapter_config.json")
+    c = json.load(open(cp))
+    c["base_model_name_or_path"] = "models/roberta"
+    with open(cp, "w") as f:
+        json.dump(c, f, indent=2, sort_keys=True)
+    os.remove(os.path.join(d, "README.md"))
+    with torch.no_grad():
+        out["logits_adapter"] = pm(input_ids=ids, attention_mask=mask).logits
+    enc = RobertaModel.from_pretrained(mdir, attn_implementation="eager").eval()
+    out["last_hidden_state"] = enc(input_ids=ids, attention_mask=mask).last_hidden_state
+    save_file({k: v.detach().contiguous() for k, v in out.items()}, os.path.join(d, "expected.safetensors"), metadata={"format": "pt"})
+
+
 SENTENCES = [
     "A man is eating food.",
     "The new movie is awesome!",
@@ -195,6 +236,7 @@ if __name__ == "__main__":
     heads()
     prompt_learning()
     distilbert()
+    roberta()
     if a.minilm:
         minilm(a.minilm)
     print("ok", file=sys.stderr)

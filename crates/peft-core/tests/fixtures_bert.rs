@@ -513,3 +513,46 @@ fn distilbert_encoder_and_qa_match_transformers() {
     let e = m.forward(&ids, 2, 7, &ForwardOptions { attention_mask: Some(mask.clone()), ..Default::default() }, None).unwrap_err();
     assert!(e.to_string().contains("prefix tuning"), "{e}");
 }
+
+/// RoBERTa: positions from the ids (pad id 1 in the padded row), the RobertaClassificationHead
+/// (`classifier.dense` + `classifier.out_proj`, both saved through modules_to_save `classifier`
+/// as HF does), a HF LoRA SEQ_CLS adapter with byte-identical re-save, and RobertaModel.
+#[test]
+fn roberta_lora_seqcls_matches_peft() {
+    let dir = fixtures_dir().join("bert_reference/roberta_lora_seqcls");
+    let exp = reference("roberta_lora_seqcls/expected.safetensors");
+    let (ids, mask) = (ids_of(&exp["input_ids"]), mask_of(&exp["attention_mask"]));
+    assert_eq!(ids[12..], [1, 1], "the padded row uses RoBERTa's pad id");
+    let load = |task: Option<Task>| {
+        let l = load_model(&fixtures_dir().join("models/roberta"), DType::F32, &Device::Cpu, &LoadRequest { task, num_labels: None, seed: 0 }).unwrap_or_else(|e| panic!("[{}] {e}", e.code()));
+        PeftModel::new(l.model)
+    };
+    let mut m = load(None);
+    assert_eq!(m.base.info().architecture, "RobertaForSequenceClassification");
+    let names: Vec<String> = m.base.named_linears().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names[0], "roberta.encoder.layer.0.attention.self.query");
+    assert_eq!(names[names.len() - 2..], ["classifier.dense".to_string(), "classifier.out_proj".into()]);
+    assert_close("roberta base logits", &run(&m, &ids, 2, 7, &mask, None), &exp["logits_base"], 1e-5, 1e-4);
+    let res = m.load_adapter(&dir, "default", false, None).unwrap_or_else(|e| panic!("[{}] {e}", e.code()));
+    assert!(res.missing_keys.is_empty() && res.unexpected_keys.is_empty(), "{res:?}");
+    assert_close("roberta adapter logits", &run(&m, &ids, 2, 7, &mask, None), &exp["logits_adapter"], 1e-5, 1e-4);
+    let out = temp_dir("roberta-resave");
+    m.save_pretrained(&out, None).unwrap();
+    for f in ["adapter_model.safetensors", "adapter_config.json"] {
+        let (fx, ours) = (std::fs::read(dir.join(f)).unwrap(), std::fs::read(out.join(f)).unwrap());
+        assert!(fx == ours, "roberta: re-saved {f} differs from HF's");
+    }
+    remove_dir(&out);
+    m.merge_and_unload(None, true).unwrap();
+    assert_close("roberta merged logits", &run(&m, &ids, 2, 7, &mask, None), &exp["logits_adapter"], 1e-5, 1e-4);
+    let enc = load(Some(Task::FeatureExtraction));
+    assert_eq!(enc.base.info().architecture, "RobertaModel");
+    assert_close("RobertaModel last_hidden_state", &run(&enc, &ids, 2, 7, &mask, None), &exp["last_hidden_state"], 1e-5, 1e-4);
+    // A fresh SEQ_CLS LoRA adapter trains both head linears (modules_to_save `classifier`).
+    let mut fresh = load(None);
+    fresh.add_adapter("default", lora(json!({"peft_type": "LORA", "task_type": "SEQ_CLS", "r": 4, "target_modules": ["query", "value"]})), 1).unwrap();
+    let keys: Vec<String> = fresh.trainable_parameters().into_iter().map(|(k, _)| k).collect();
+    for k in ["base_model.model.classifier.dense.weight", "base_model.model.classifier.out_proj.bias"] {
+        assert!(keys.contains(&k.to_string()), "{k} not trainable: {keys:?}");
+    }
+}

@@ -26,6 +26,11 @@
 //! `classifier(relu(pre_classifier(h_L[:, 0])))`. It has no `past_key_values`, so prefix tuning
 //! is refused on it (as in HF).
 //!
+//! RoBERTa (`RobertaModel`, `RobertaFor{SequenceClassification,TokenClassification,
+//! QuestionAnswering}`): BERT's layers under `roberta.`; positions from the ids (padding keeps
+//! `padding_idx`, real tokens count from `padding_idx + 1`); sequence classification is
+//! `classifier.out_proj(tanh(classifier.dense(h_L[:, 0])))` (no pooler).
+//!
 //! Dropout of the base model (`hidden_dropout_prob`, `attention_probs_dropout_prob`) is not
 //! applied, also while training (as for the other base models here); LoRA's own dropout is.
 //! Prefix tuning: a [`KvCache`] holding per-layer prefix keys/values `[b, heads, n, head_dim]`
@@ -57,6 +62,11 @@ pub const BERT_ARCHITECTURES: &[&str] = &[
     "DistilBertForTokenClassification",
     "DistilBertForQuestionAnswering",
     "DistilBertForMaskedLM",
+    "RobertaModel",
+    "RobertaForSequenceClassification",
+    "RobertaForTokenClassification",
+    "RobertaForQuestionAnswering",
+    "RobertaForMaskedLM",
 ];
 
 /// Which encoder family a [`BertConfig`] describes (`model_type` `bert` or `distilbert`).
@@ -64,6 +74,11 @@ pub const BERT_ARCHITECTURES: &[&str] = &[
 pub enum BertFamily {
     Bert,
     DistilBert,
+    /// RoBERTa (Liu et al. 2019): BERT's layers under `roberta.`, positions counted from
+    /// `padding_idx + 1` (padding keeps `padding_idx`), a `RobertaClassificationHead`
+    /// (`classifier.dense` + tanh + `classifier.out_proj` on token 0) instead of pooler +
+    /// classifier.
+    Roberta,
 }
 
 /// transformers' module names of one family.
@@ -97,6 +112,8 @@ const BERT_NAMES: Names = Names {
     others: &["attention", "attention.self", "attention.self.dropout", "attention.output", "attention.output.dropout", "intermediate", "intermediate.intermediate_act_fn", "output", "output.dropout"],
 };
 
+const ROBERTA_NAMES: Names = Names { base: "roberta", ..BERT_NAMES };
+
 const DISTILBERT_NAMES: Names = Names {
     base: "distilbert",
     layers: "transformer.layer",
@@ -116,6 +133,7 @@ impl BertFamily {
         match self {
             BertFamily::Bert => &BERT_NAMES,
             BertFamily::DistilBert => &DISTILBERT_NAMES,
+            BertFamily::Roberta => &ROBERTA_NAMES,
         }
     }
 }
@@ -207,9 +225,11 @@ impl BertConfig {
         if !v.is_object() {
             return Err(bad("the top level must be a JSON object".into()));
         }
-        if v.get("model_type").and_then(|x| x.as_str()) == Some("distilbert") {
+        let model_type = v.get("model_type").and_then(|x| x.as_str());
+        if model_type == Some("distilbert") {
             return Self::from_distilbert_json(v, path);
         }
+        let family = if model_type == Some("roberta") { BertFamily::Roberta } else { BertFamily::Bert };
         let req = |k: &str| -> Result<usize> { get_usize(v, k, path)?.ok_or_else(|| bad(format!("missing required field `{k}`"))) };
         let hidden_size = req("hidden_size")?;
         let num_attention_heads = req("num_attention_heads")?;
@@ -234,7 +254,7 @@ impl BertConfig {
             .filter(|&n| n > 0)
             .or(get_usize(v, "num_labels", path)?);
         Ok(BertConfig {
-            family: BertFamily::Bert,
+            family,
             vocab_size: req("vocab_size")?,
             num_hidden_layers: req("num_hidden_layers")?,
             intermediate_size: req("intermediate_size")?,
@@ -328,6 +348,8 @@ pub struct BertModel {
     /// Module path of `pooler`: `bert.pooler.dense` / `pooler.dense`, or DistilBERT's
     /// `pre_classifier` (ReLU instead of tanh).
     pooler_name: String,
+    /// Module path of `head`: `classifier`, `qa_outputs`, or RoBERTa's `classifier.out_proj`.
+    head_path: String,
     /// `classifier` (`[num_labels, hidden]`) or `qa_outputs` (`[2, hidden]`), with bias.
     pub head: Option<PeftLinear>,
     /// `"bert."` / `"distilbert."` for the `*For*` classes, `""` for the bare model
@@ -342,6 +364,7 @@ fn arch_name(family: BertFamily, task: Task) -> String {
     let stem = match family {
         BertFamily::Bert => "Bert",
         BertFamily::DistilBert => "DistilBert",
+        BertFamily::Roberta => "Roberta",
     };
     let suffix = match task {
         Task::SeqCls => "ForSequenceClassification",
@@ -417,7 +440,8 @@ impl BertModel {
         let prefix = if task == Task::FeatureExtraction { String::new() } else { format!("{base}.") };
         let c = &config;
         let distil = c.family == BertFamily::DistilBert;
-        let has_pooler = !distil && (t.contains_key("pooler.dense.weight") || t.contains_key("bert.pooler.dense.weight"));
+        let roberta = c.family == BertFamily::Roberta;
+        let has_pooler = !distil && (t.contains_key("pooler.dense.weight") || t.contains_key(&format!("{base}.pooler.dense.weight")));
         let conv = |x: Tensor| -> Result<Tensor> { Ok(x.to_dtype(dtype)?.to_device(device)?.contiguous()?) };
         let mut take = |name: &str, shape: &[usize]| -> Result<Tensor> {
             let x = t
@@ -453,11 +477,15 @@ impl BertModel {
             let out_norm = norm(nm.out_norm)?;
             layers.push(BertLayer { query, key, value, attn_out, attn_norm, intermediate, output, out_norm });
         }
-        let pooler_name = if distil { "pre_classifier".to_string() } else { format!("{prefix}pooler.dense") };
+        let pooler_name = match (c.family, task) {
+            (BertFamily::DistilBert, _) => "pre_classifier".to_string(),
+            (BertFamily::Roberta, Task::SeqCls) => "classifier.dense".to_string(),
+            _ => format!("{prefix}pooler.dense"),
+        };
         let pooler = match task {
-            Task::SeqCls if distil => {
+            Task::SeqCls if distil || roberta => {
                 let mut get = |leaf: &str, shape: &[usize]| -> Result<Tensor> {
-                    let key = format!("pre_classifier.{leaf}");
+                    let key = format!("{pooler_name}.{leaf}");
                     let x = t.remove(&key).ok_or_else(|| PeftError::InvalidModelConfig { path: path.clone(), msg: format!("the weights have no tensor `{key}`") })?;
                     if x.dims() != shape {
                         return Err(PeftError::ShapeMismatch { name: key, expected: shape.to_vec(), found: x.dims().to_vec() });
@@ -472,7 +500,11 @@ impl BertModel {
             }
             _ => None,
         };
-        let head = match (head_name(task), head_out) {
+        let head_path = match (roberta, task) {
+            (true, Task::SeqCls) => "classifier.out_proj".to_string(),
+            _ => head_name(task).unwrap_or_default().to_string(),
+        };
+        let head = match (head_name(task).map(|_| head_path.as_str()), head_out) {
             (Some(name), Some(out)) => {
                 let mut get = |leaf: &str, shape: &[usize]| -> Result<Tensor> {
                     let key = format!("{name}.{leaf}");
@@ -490,7 +522,11 @@ impl BertModel {
         };
         let info = ModelInfo {
             architecture: arch_name(c.family, task),
-            model_type: if distil { "distilbert".into() } else { "bert".into() },
+            model_type: match c.family {
+                BertFamily::Bert => "bert".into(),
+                BertFamily::DistilBert => "distilbert".into(),
+                BertFamily::Roberta => "roberta".into(),
+            },
             name_or_path: c.name_or_path.clone(),
             vocab_size: c.vocab_size,
             hidden_size: h,
@@ -506,7 +542,7 @@ impl BertModel {
             task,
             num_labels: if matches!(task, Task::SeqCls | Task::TokenCls) { num_labels } else { None },
         };
-        Ok(BertModel { word_embeddings, position_embeddings, token_type_embeddings, embed_norm, layers, pooler, pooler_name, head, prefix, device: device.clone(), dtype, info, config })
+        Ok(BertModel { word_embeddings, position_embeddings, token_type_embeddings, embed_norm, layers, pooler, pooler_name, head_path, head, prefix, device: device.clone(), dtype, info, config })
     }
 
     fn ln(&self, x: &Tensor, n: &Norm, train: bool) -> Result<Tensor> {
@@ -626,8 +662,8 @@ impl BaseModel for BertModel {
         if let Some(pl) = &self.pooler {
             out.push((self.pooler_name.clone(), pl));
         }
-        if let (Some(h), Some(name)) = (&self.head, head_name(self.info.task)) {
-            out.push((name.into(), h));
+        if let Some(h) = &self.head {
+            out.push((self.head_path.clone(), h));
         }
         out
     }
@@ -648,8 +684,8 @@ impl BaseModel for BertModel {
         if let Some(pl) = &mut self.pooler {
             out.push((self.pooler_name.clone(), pl));
         }
-        if let (Some(h), Some(name)) = (&mut self.head, head_name(self.info.task)) {
-            out.push((name.into(), h));
+        if let Some(h) = &mut self.head {
+            out.push((self.head_path.clone(), h));
         }
         out
     }
@@ -701,6 +737,8 @@ impl BaseModel for BertModel {
         if self.pooler.is_some() {
             if distil {
                 out.push("pre_classifier".into());
+            } else if self.config.family == BertFamily::Roberta && self.info.task == Task::SeqCls {
+                out.extend(["classifier".to_string(), "classifier.dense".into(), "classifier.dropout".into(), "classifier.out_proj".into()]);
             } else {
                 for n in ["pooler", "pooler.dense", "pooler.activation"] {
                     out.push(self.prefixed(n));
@@ -708,6 +746,7 @@ impl BaseModel for BertModel {
             }
         }
         match self.info.task {
+            Task::SeqCls if self.config.family == BertFamily::Roberta => {}
             Task::SeqCls | Task::TokenCls => out.extend(["dropout".to_string(), "classifier".to_string()]),
             Task::QuestionAns => out.extend(["dropout".to_string(), "qa_outputs".to_string()]),
             _ => {}
@@ -741,6 +780,34 @@ impl BaseModel for BertModel {
             return Err(PeftError::invalid_arg("inputIds", format!("token id {bad} is outside the vocabulary (size {vocab})")));
         }
         self.lookup(&self.word_embeddings, ids.to_vec(), b, s)
+    }
+
+    /// RoBERTa computes its positions from the ids (transformers'
+    /// `create_position_ids_from_input_ids`): real tokens count from `padding_idx + 1` (after the
+    /// prefix, if any), padding keeps `padding_idx`. BERT and DistilBERT use `past .. past + s`.
+    fn forward(&self, ids: &[u32], b: usize, s: usize, opts: &ForwardOptions, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let x = self.embed(ids, b, s)?;
+        if self.config.family == BertFamily::Roberta && opts.position_ids.is_none() && s > 0 {
+            let pad = self.config.pad_token_id.unwrap_or(1);
+            let past = cache.as_deref().and_then(|c| c.layers.first().cloned().flatten()).map(|(k, _)| k.dim(2)).transpose()?.unwrap_or(0) as u32;
+            let positions = ids
+                .chunks(s)
+                .flat_map(|row| {
+                    let mut n = 0u32;
+                    row.iter().map(move |&id| {
+                        if id == pad {
+                            pad
+                        } else {
+                            n += 1;
+                            n + past + pad
+                        }
+                    })
+                })
+                .collect();
+            let o = ForwardOptions { position_ids: Some(positions), ..opts.clone() };
+            return self.forward_embeds(&x, &o, cache);
+        }
+        self.forward_embeds(&x, opts, cache)
     }
 
     /// See the module docs. `x`: `[b, s, hidden]`; `opts.attention_mask`: `b × (past + s)`
@@ -794,8 +861,17 @@ impl BaseModel for BertModel {
                 }
                 p.clone()
             }
+            // RoBERTa from embeddings: `padding_idx + 1 ..` whatever the past length (transformers'
+            // `create_position_ids_from_inputs_embeds`).
+            None if c.family == BertFamily::Roberta => {
+                let first = c.pad_token_id.unwrap_or(1) + 1;
+                (0..b).flat_map(|_| (0..s as u32).map(move |p| first + p)).collect()
+            }
             None => (0..b).flat_map(|_| (past..total).map(|p| p as u32)).collect(),
         };
+        if let Some(bad) = positions.iter().find(|&&q| q as usize >= c.max_position_embeddings) {
+            return Err(PeftError::invalid_arg("inputIds", format!("position {bad} exceeds max_position_embeddings {} (sequence too long)", c.max_position_embeddings)));
+        }
         let types: Vec<u32> = match &opts.token_type_ids {
             Some(_) if self.token_type_embeddings.is_none() => {
                 return Err(PeftError::invalid_arg("tokenTypeIds", "DistilBERT has no token type embeddings; leave tokenTypeIds out"));
@@ -859,6 +935,10 @@ pub fn init_missing_heads(t: &mut HashMap<String, Tensor>, task: Task, num_label
         match config.family {
             BertFamily::Bert if !t.contains_key("pooler.dense.weight") => add(t, "bert.pooler.dense", h, 1, record)?,
             BertFamily::DistilBert => add(t, "pre_classifier", h, 1, record)?,
+            BertFamily::Roberta => {
+                add(t, "classifier.dense", h, 1, record)?;
+                return add(t, "classifier.out_proj", num_labels.unwrap_or(2), 0, record);
+            }
             _ => {}
         }
     }

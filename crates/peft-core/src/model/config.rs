@@ -91,6 +91,11 @@ pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
     "DistilBertForTokenClassification",
     "DistilBertForQuestionAnswering",
     "DistilBertForMaskedLM",
+    "RobertaModel",
+    "RobertaForSequenceClassification",
+    "RobertaForTokenClassification",
+    "RobertaForQuestionAnswering",
+    "RobertaForMaskedLM",
 ];
 
 impl LlamaConfig {

@@ -198,6 +198,7 @@ pub fn architecture_of(v: &serde_json::Value) -> Option<String> {
             "llama" => "LlamaForCausalLM",
             "bert" => "BertModel",
             "distilbert" => "DistilBertModel",
+            "roberta" => "RobertaModel",
             other => other,
         }
         .to_string(),
