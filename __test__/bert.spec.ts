@@ -91,3 +91,15 @@ test('LoRA SEQ_CLS training on BERT learns, and a save + reload reproduces it', 
   const pm2 = disposeLater(t, await PeftModel.fromPretrained(base2, dir))
   t.deepEqual(Array.from((await pm2.forward({ inputIds: ids })).logits.data as Float32Array), Array.from(d))
 })
+
+for (const family of ['distilbert', 'roberta'] as const) {
+  test(`${family}: HF's LoRA SEQ_CLS adapter through the JS API`, async (t) => {
+    const exp = await reference(`${family}_lora_seqcls/expected.safetensors`)
+    const base = disposeLater(t, await AutoModelForSequenceClassification.fromPretrained(path.join(FIXTURES, 'models', family)))
+    t.is(base.architecture, family === 'roberta' ? 'RobertaForSequenceClassification' : 'DistilBertForSequenceClassification')
+    const input = { inputIds: exp.input_ids, attentionMask: exp.attention_mask }
+    assertClose(t, (await base.forward(input)).logits, exp.logits_base, 'logits_base', 1e-5)
+    const pm = disposeLater(t, await PeftModel.fromPretrained(base, path.join(FIXTURES, 'bert_reference', `${family}_lora_seqcls`)))
+    assertClose(t, (await pm.forward(input)).logits, exp.logits_adapter, 'logits_adapter', 1e-5)
+  })
+}

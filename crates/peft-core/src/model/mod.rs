@@ -2,7 +2,8 @@
 //! transformers module path, so tuners attach by name without changing the model's code.
 //!
 //! [`BaseModel`] is what [`crate::peft_model::PeftModel`] needs from a base model; it is
-//! implemented by [`LlamaForCausalLM`] (Llama, Qwen2, Mistral) and [`Gpt2LMHeadModel`].
+//! implemented by [`LlamaForCausalLM`] (Llama, Qwen2, Mistral), [`Gpt2LMHeadModel`] and
+//! [`BertModel`] (BERT, DistilBERT, RoBERTa encoders with their task heads).
 
 pub mod bert;
 pub mod config;
