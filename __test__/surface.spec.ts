@@ -103,7 +103,12 @@ test('savePretrained options: selectedAdapters matches names exactly, isMainProc
   const none = tmpDir(t)
   t.deepEqual(await pm.savePretrained(path.join(none, 'x'), { isMainProcess: false }), [])
   t.false(fs.existsSync(path.join(none, 'x')))
-  await assertPeftError(t, () => pm.savePretrained(dir, { saveEmbeddingLayers: true }), 'ERR_INVALID_ARGUMENT', ['saveEmbeddingLayers'])
+  await assertPeftError(t, () => pm.savePretrained(dir, { saveEmbeddingLayers: 'yes' as unknown as boolean }), 'ERR_INVALID_ARGUMENT', ['saveEmbeddingLayers'])
+  // true: the (untargeted) embedding tables are written as HF writes them
+  const withEmb = tmpDir(t)
+  await pm.savePretrained(withEmb, { saveEmbeddingLayers: true, selectedAdapters: ['foo'] })
+  const embKeys = Object.keys(await loadSafetensors(path.join(withEmb, 'foo', 'adapter_model.safetensors')))
+  t.true(embKeys.includes('base_model.model.model.embed_tokens.weight') && embKeys.includes('base_model.model.lm_head.weight'), embKeys.join(','))
   await assertPeftError(t, () => pm.savePretrained(dir, { safeSerialization: false }), 'ERR_INVALID_ARGUMENT', ['safeSerialization'])
   await pm.savePretrained(tmpDir(t), { saveEmbeddingLayers: 'auto' })
 })

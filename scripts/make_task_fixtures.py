@@ -111,3 +111,43 @@ def case(name, base_kind, peft_cfg, seed, merge=True):
 case("llama_lora_seqcls", "llama", LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False), 11)
 case("llama_prompt_seqcls", "llama", PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=4), 12, merge=False)
 case("gpt2_lora_seqcls", "gpt2", LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False), 13)
+
+
+def embedding_case():
+    """llama_lora_embedding: LoRA on `embed_tokens` (lora.Embedding: lora_embedding_A/B) and
+    q_proj of the causal llama; save_embedding_layers="auto" saves the targeted embedding's
+    base weight as `...embed_tokens.base_layer.weight`."""
+    from transformers import LlamaForCausalLM
+    name = "llama_lora_embedding"
+    model = LlamaForCausalLM.from_pretrained("models/llama", attn_implementation="eager")
+    model.eval()
+    ids, mask = inputs(model.config.vocab_size, 21)
+    with torch.no_grad():
+        base = model(input_ids=ids, attention_mask=mask).logits
+    torch.manual_seed(21)
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False))
+    pm.eval()
+    labels = ids.masked_fill(mask == 0, -100)
+    out = pm(input_ids=ids, attention_mask=mask, labels=labels)
+    exp = {"input_ids": ids, "attention_mask": mask, "labels": labels, "logits_base": base,
+           "logits_adapter": out.logits.detach(), "loss": out.loss.detach().reshape(1)}
+    out.loss.backward()
+    for n, p in pm.named_parameters():
+        if "lora_embedding" in n:
+            exp["grad." + n.replace(".default", "")] = p.grad.detach().clone()
+    d = f"cases/{name}"
+    shutil.rmtree(d, ignore_errors=True)
+    pm.save_pretrained(d)
+    with torch.no_grad():
+        exp["logits_merged"] = pm.merge_and_unload()(input_ids=ids, attention_mask=mask).logits
+    save_file({k: v.contiguous() for k, v in exp.items()}, f"{d}/expected.safetensors")
+    info = {"name": name, "base_model": "models/llama", "generator": "scripts/make_task_fixtures.py",
+            "config": json.load(open(f"{d}/adapter_config.json")),
+            "tolerances": {"logits_atol": 1e-4, "logits_rtol": 1e-4, "loss_atol": 1e-5},
+            "library_versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                                 "peft": __import__("peft").__version__}}
+    json.dump(info, open(f"{d}/case.json", "w"), indent=2)
+    print(name, {k: list(v.shape) for k, v in exp.items()})
+
+
+embedding_case()

@@ -36,9 +36,11 @@ export interface SaveOptions {
   safeSerialization?: boolean
   /** false: write nothing (HF's multi-process guard). */
   isMainProcess?: boolean
-  /** `'auto'` (default) saves embedding layers only when an adapter targets them (LoRA on
-   * embeddings is not available here, so nothing extra is written); `false` never saves them.
-   * `true` is refused: saving full embedding matrices into the adapter is not supported yet. */
+  /** HF `save_embedding_layers`: `'auto'` (default) saves the base embedding layers when the
+   * config's `targetModules` names one (`embed_tokens` / `lm_head`): each targeted one as
+   * `<module>.base_layer.weight`; `true` also saves them when not targeted (as
+   * `model.embed_tokens.weight` and `lm_head.weight`, e.g. after resizing); `false` never.
+   * Loading an adapter restores saved embedding layers into the base model. */
   saveEmbeddingLayers?: 'auto' | boolean
   /** PiSSA/OLoRA weight conversion is not available (those inits are not implemented); must be unset. */
   pathInitialModelForWeightConversion?: string
@@ -309,10 +311,7 @@ export class PeftModel {
     if (options.safeSerialization === false) {
       throw new PeftError('ERR_INVALID_ARGUMENT', 'invalid argument `safeSerialization`: only safetensors is supported (no pickle format)')
     }
-    if (options.saveEmbeddingLayers === true) {
-      throw invalidArgument('saveEmbeddingLayers', "true is not supported yet (use 'auto' or false; no adapter here targets embedding layers)")
-    }
-    if (options.saveEmbeddingLayers !== undefined && options.saveEmbeddingLayers !== false && options.saveEmbeddingLayers !== 'auto') {
+    if (options.saveEmbeddingLayers !== undefined && typeof options.saveEmbeddingLayers !== 'boolean' && options.saveEmbeddingLayers !== 'auto') {
       throw invalidArgument('saveEmbeddingLayers', `must be 'auto' or a boolean, found ${JSON.stringify(options.saveEmbeddingLayers)}`)
     }
     if (options.pathInitialModelForWeightConversion !== undefined) {
@@ -323,7 +322,8 @@ export class PeftModel {
     }
     if (options.isMainProcess === false) return []
     await fs.promises.mkdir(path.resolve(dir), { recursive: true })
-    return callAsync(() => this.n.savePretrained(dir, options.selectedAdapters))
+    const emb = options.saveEmbeddingLayers === undefined ? 'auto' : String(options.saveEmbeddingLayers)
+    return callAsync(() => this.n.savePretrained(dir, options.selectedAdapters, emb))
   }
 
   /** Free the native model (base and adapters). */

@@ -65,6 +65,17 @@ fn tuner_prefix(peft_type: &str) -> Option<&'static str> {
 }
 
 /// A base model with adapters. See the module docs.
+/// HF `save_pretrained(save_embedding_layers=...)`: whether the base embedding layers are
+/// saved with the adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SaveEmbeddingLayers {
+    /// Save them when the config's `target_modules` names an embedding layer (HF `"auto"`).
+    #[default]
+    Auto,
+    Yes,
+    No,
+}
+
 pub struct PeftModel {
     /// The base model (Llama family or GPT-2).
     pub base: Box<dyn BaseModel>,
@@ -314,7 +325,31 @@ impl PeftModel {
         let device = self.base.device().clone();
         let mut planned: Vec<(String, LoraAdapter)> = Vec::new();
         for (mname, lin) in self.base.named_linears() {
-            if !is_target(&cfg, &mname, is_output_head(self.base.task(), &mname)) {
+            // `all-linear` leaves out the output head and embedding layers (they are no nn.Linear).
+            if !is_target(&cfg, &mname, lin.is_embedding || is_output_head(self.base.task(), &mname)) {
+                continue;
+            }
+            if lin.is_embedding {
+                // HF `lora.Embedding`: A [r, num_embeddings], B [dim, r]; init_lora_weights=True
+                // gives A = 0, B ~ N(0, 1) (`reset_lora_parameters`), False keeps randn for both.
+                if cfg.use_dora {
+                    return Err(PeftError::InvalidAdapterConfig {
+                        path: None,
+                        msg: format!("`use_dora` on the embedding layer `{mname}` is not supported here; leave it out of target_modules or disable DoRA"),
+                    });
+                }
+                let r = cfg.rank_for(&mname);
+                let alpha = cfg.alpha_for(&mname);
+                let (num, dim) = (lin.in_features(), lin.out_features());
+                let n = Normal::new(0.0f32, 1.0).map_err(|e| PeftError::Internal(e.to_string()))?;
+                let a: Vec<f32> = match cfg.init_lora_weights {
+                    InitLoraWeights::Random => (0..r * num).map(|_| n.sample(&mut rng)).collect(),
+                    _ => vec![0f32; r * num],
+                };
+                let b: Vec<f32> = (0..dim * r).map(|_| n.sample(&mut rng)).collect();
+                let a = Var::from_tensor(&Tensor::from_vec(a, (r, num), &device)?)?;
+                let b = Var::from_tensor(&Tensor::from_vec(b, (dim, r), &device)?)?;
+                planned.push((mname, LoraAdapter { a, b, r, alpha, scaling: cfg.scaling(r, alpha), dropout: cfg.lora_dropout, magnitude: None, merged_norm: None }));
                 continue;
             }
             // HF `_create_new_module`: the layer type decides `fan_in_fan_out` (with a warning).
@@ -451,8 +486,14 @@ impl PeftModel {
         let device = self.base.device().clone();
         let mut planned: HashMap<String, Ia3Adapter> = HashMap::new();
         for (mname, lin) in self.base.named_linears() {
-            if !crate::targeting::is_target_with(&cfg.target_modules, cfg.exclude_modules.as_ref(), None, None, &mname, is_output_head(self.base.task(), &mname)) {
+            if !crate::targeting::is_target_with(&cfg.target_modules, cfg.exclude_modules.as_ref(), None, None, &mname, lin.is_embedding || is_output_head(self.base.task(), &mname)) {
                 continue;
+            }
+            if lin.is_embedding {
+                return Err(PeftError::InvalidAdapterConfig {
+                    path: None,
+                    msg: format!("Target module `{mname}` is an embedding layer, which IA3 does not support. Currently, only `torch.nn.Linear`, `torch.nn.Conv2d`, and `Conv1D` are supported."),
+                });
             }
             let ff = cfg.is_feedforward(&mname);
             let shape = if ff { (1, lin.in_features()) } else { (lin.out_features(), 1) };
@@ -790,8 +831,9 @@ impl PeftModel {
             }
             for (m, lin) in self.base.named_linears() {
                 if let Some(ad) = lin.adapters.get(name) {
-                    out.push((format!("{KEY_PREFIX}{m}.lora_A.weight"), ad.a.clone()));
-                    out.push((format!("{KEY_PREFIX}{m}.lora_B.weight"), ad.b.clone()));
+                    let (ka, kb) = lora_keys(&m, lin.is_embedding);
+                    out.push((format!("{KEY_PREFIX}{ka}"), ad.a.clone()));
+                    out.push((format!("{KEY_PREFIX}{kb}"), ad.b.clone()));
                     if let Some(mag) = &ad.magnitude {
                         out.push((format!("{KEY_PREFIX}{m}.lora_magnitude_vector"), mag.clone()));
                     }
@@ -832,6 +874,72 @@ impl PeftModel {
         (trainable, self.base.base_param_count() + adapters + prompts)
     }
 
+    /// The base embedding layers saved with adapter `name` (HF `get_peft_model_state_dict`'s
+    /// `save_embedding_layers`): with `Auto`, only when the config's `target_modules` names an
+    /// embedding layer (`embed_tokens` / `lm_head`, HF's `EMBEDDING_LAYER_NAMES`). When targeted,
+    /// each of the input and output embeddings that carries LoRA adapters is saved as
+    /// `<module>.base_layer.weight`; with `Yes` and no targeted embedding, both are saved as
+    /// `<module>.weight` (the input embedding `model.embed_tokens` / `transformer.wte`, and
+    /// `lm_head` on causal LMs). Weights are the unmerged base weights, in the base dtype.
+    ///
+    /// Errors: `AdapterNotFound`.
+    pub fn embedding_layers_to_save(&self, name: &str, mode: SaveEmbeddingLayers) -> Result<Vec<(String, Tensor)>> {
+        let cfg = self.peft_config(name)?;
+        let targets = match cfg {
+            AdapterConfig::Lora(c) => Some(c.target_modules.clone()),
+            AdapterConfig::Ia3(c) => Some(c.target_modules.clone()),
+            AdapterConfig::Prompt(_) => None,
+        };
+        let names = ["embed_tokens", "lm_head"];
+        let targeted = match &targets {
+            Some(crate::tuners::lora::TargetModules::List(l)) => names.iter().any(|n| l.iter().any(|x| x == n)),
+            Some(crate::tuners::lora::TargetModules::Regex(r)) => {
+                let re = regex::Regex::new(&format!("^(?:{r})$")).ok();
+                self.base.named_linears().iter().any(|(m, _)| {
+                    names.iter().any(|n| m == n || m.ends_with(&format!(".{n}"))) && re.as_ref().map(|re| re.is_match(m)).unwrap_or(false)
+                })
+            }
+            _ => false,
+        };
+        let save = match mode {
+            SaveEmbeddingLayers::No => false,
+            SaveEmbeddingLayers::Yes => true,
+            SaveEmbeddingLayers::Auto => targeted,
+        };
+        let mut out = Vec::new();
+        if !save {
+            return Ok(out);
+        }
+        for (m, lin) in self.base.named_linears() {
+            let is_output = m == "lm_head" && self.base.task() == Task::CausalLm;
+            if !(lin.is_embedding || is_output) {
+                continue;
+            }
+            let w = self.unmerged_base_weight(lin)?;
+            if targeted {
+                if !lin.adapters.is_empty() {
+                    out.push((format!("{KEY_PREFIX}{m}.base_layer.weight"), w));
+                }
+            } else {
+                out.push((format!("{KEY_PREFIX}{m}.weight"), w));
+            }
+        }
+        Ok(out)
+    }
+
+    /// A layer's base weight without any merged LoRA delta, in the base dtype and layout.
+    fn unmerged_base_weight(&self, lin: &crate::tuners::linear::PeftLinear) -> Result<Tensor> {
+        let mut w = lin.weight.to_dtype(DType::F32)?;
+        for n in &lin.merged {
+            if lin.adapters.contains_key(n) {
+                let d = lin.delta_weight(n)?;
+                let d = if lin.transposed { d.t()? } else { d };
+                w = (w - d)?;
+            }
+        }
+        Ok(w.to_dtype(lin.weight.dtype())?.contiguous()?)
+    }
+
     /// Adapter `name`'s tensors under HF's on-disk keys (adapter name removed), sorted.
     pub fn adapter_state_dict(&self, name: &str) -> Result<Vec<(String, Tensor)>> {
         self.peft_config(name)?;
@@ -858,8 +966,9 @@ impl PeftModel {
         }
         for (m, lin) in self.base.named_linears() {
             if let Some(ad) = lin.adapters.get(name) {
-                out.push((format!("{KEY_PREFIX}{m}.lora_A.weight"), ad.a.as_tensor().detach()));
-                out.push((format!("{KEY_PREFIX}{m}.lora_B.weight"), ad.b.as_tensor().detach()));
+                let (ka, kb) = lora_keys(&m, lin.is_embedding);
+                out.push((format!("{KEY_PREFIX}{ka}"), ad.a.as_tensor().detach()));
+                out.push((format!("{KEY_PREFIX}{kb}"), ad.b.as_tensor().detach()));
                 if let Some(mag) = &ad.magnitude {
                     out.push((format!("{KEY_PREFIX}{m}.lora_magnitude_vector"), mag.as_tensor().detach()));
                 }
@@ -890,6 +999,11 @@ impl PeftModel {
     /// group ([`crate::io::write_atomic_group`]): after a crash the folder holds the old pair or
     /// (once recovered by the next save or load) the new one, never a mix.
     pub fn save_pretrained(&self, dir: &Path, selected: Option<&[String]>) -> Result<Vec<PathBuf>> {
+        self.save_pretrained_with(dir, selected, SaveEmbeddingLayers::Auto)
+    }
+
+    /// [`Self::save_pretrained`] with HF's `save_embedding_layers` (see [`SaveEmbeddingLayers`]).
+    pub fn save_pretrained_with(&self, dir: &Path, selected: Option<&[String]>, embeddings: SaveEmbeddingLayers) -> Result<Vec<PathBuf>> {
         let names: Vec<String> = match selected {
             Some(s) => s.to_vec(),
             None => self.adapter_names(),
@@ -905,7 +1019,9 @@ impl PeftModel {
             let target = if name == "default" { dir.to_path_buf() } else { dir.join(name) };
             check_save_subfolder(dir, &target)?;
             std::fs::create_dir_all(&target).map_err(|e| PeftError::io(&target, e))?;
-            let tensors = self.adapter_state_dict(name)?;
+            let mut tensors = self.adapter_state_dict(name)?;
+            tensors.extend(self.embedding_layers_to_save(name, embeddings)?);
+            tensors.sort_by(|a, b| a.0.cmp(&b.0));
             let bytes = safetensors_bytes(&tensors, Some(&[("format", "pt")]))?;
             let mut saved = cfg.clone();
             saved.set_inference_mode(true);
@@ -1047,8 +1163,9 @@ impl PeftModel {
             match &cfg {
                 AdapterConfig::Lora(c) if is_target(c, &m, is_output_head(self.base.task(), &m)) => {
                     let r = c.rank_for(&m);
-                    expected.insert(format!("{m}.lora_A.weight"), (m.clone(), true, vec![r, lin.in_features()]));
-                    expected.insert(format!("{m}.lora_B.weight"), (m.clone(), false, vec![lin.out_features(), r]));
+                    let (ka, kb) = lora_keys(&m, lin.is_embedding);
+                    expected.insert(ka, (m.clone(), true, vec![r, lin.in_features()]));
+                    expected.insert(kb, (m.clone(), false, vec![lin.out_features(), r]));
                     if c.use_dora {
                         expected.insert(format!("{m}.lora_magnitude_vector"), (m.clone(), false, vec![lin.out_features()]));
                     }
@@ -1080,12 +1197,31 @@ impl PeftModel {
         for (m, b) in self.base.named_norm_biases() {
             bias_shapes.insert(m, b.dims().to_vec());
         }
+        // Saved embedding layers (HF `save_embedding_layers`): `<m>.base_layer.weight` or
+        // `<m>.weight` of the input embedding / lm_head replace the base weights, as HF's
+        // non-strict `load_state_dict` does.
+        let mut emb_shapes: std::collections::HashMap<String, Vec<usize>> = Default::default();
+        for (m, lin) in self.base.named_linears() {
+            if lin.is_embedding || (m == "lm_head" && self.base.task() == Task::CausalLm) {
+                emb_shapes.insert(m.clone(), lin.weight.dims().to_vec());
+            }
+        }
+        let mut emb_weights: std::collections::HashMap<String, Tensor> = Default::default();
         let mut biases: std::collections::HashMap<String, Tensor> = Default::default();
         let mut found: std::collections::HashMap<String, Tensor> = Default::default();
         let mut result = LoadResult::default();
         for (key, t) in tensors {
             let k = key.strip_prefix(KEY_PREFIX).unwrap_or(&key).to_string();
             let k = strip_adapter_name(&k);
+            let emb_module = k.strip_suffix(".base_layer.weight").or_else(|| k.strip_suffix(".weight")).filter(|m| emb_shapes.contains_key(*m));
+            if let (Some(m), false) = (emb_module, expected.contains_key(&k)) {
+                let shape = &emb_shapes[m];
+                if t.dims() != shape.as_slice() {
+                    return Err(PeftError::ShapeMismatch { name: format!("{} (key `{key}`)", wpath.display()), expected: shape.clone(), found: t.dims().to_vec() });
+                }
+                emb_weights.insert(m.to_string(), t);
+                continue;
+            }
             let bias_module = k.strip_suffix(".base_layer.bias").or_else(|| k.strip_suffix(".bias")).filter(|m| bias_shapes.contains_key(*m));
             if let (Some(m), false) = (bias_module, expected.contains_key(&k)) {
                 let shape = &bias_shapes[m];
@@ -1126,6 +1262,13 @@ impl PeftModel {
             _ => ("none".to_string(), false),
         };
         self.add_adapter(name, cfg, 0)?;
+        if !emb_weights.is_empty() {
+            for (m, lin) in self.base.named_linears_mut() {
+                if let Some(t) = emb_weights.remove(&m) {
+                    lin.weight = t.to_dtype(lin.weight.dtype())?;
+                }
+            }
+        }
         if !biases.is_empty() {
             for (m, lin) in self.base.named_linears_mut() {
                 if let Some(t) = biases.remove(&m) {
@@ -1143,10 +1286,11 @@ impl PeftModel {
         }
         for (m, lin) in self.base.named_linears_mut() {
             if let Some(ad) = lin.adapters.get_mut(name) {
-                if let Some(a) = found.remove(&format!("{m}.lora_A.weight")) {
+                let (ka, kb) = lora_keys(&m, lin.is_embedding);
+                if let Some(a) = found.remove(&ka) {
                     ad.a = Var::from_tensor(&a.to_dtype(DType::F32)?)?;
                 }
-                if let Some(b) = found.remove(&format!("{m}.lora_B.weight")) {
+                if let Some(b) = found.remove(&kb) {
                     ad.b = Var::from_tensor(&b.to_dtype(DType::F32)?)?;
                 }
                 if let Some(t) = found.remove(&format!("{m}.lora_magnitude_vector")) {
@@ -1425,7 +1569,7 @@ impl PeftModel {
             let (module_type, mut available): (&str, Vec<String>) = if !lin.saved_copies.is_empty() {
                 ("ModulesToSaveWrapper", lin.saved_copies.keys().cloned().collect())
             } else if !lin.adapters.is_empty() {
-                ("lora.Linear", lin.adapters.keys().cloned().collect())
+                (if lin.is_embedding { "lora.Embedding" } else { "lora.Linear" }, lin.adapters.keys().cloned().collect())
             } else if !lin.ia3.is_empty() {
                 ("ia3.Linear", lin.ia3.keys().cloned().collect())
             } else {
@@ -1649,7 +1793,6 @@ fn check_save_subfolder(dir: &Path, target: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `x.lora_A.<name>.weight` → `x.lora_A.weight` (HF's adapter-name removal rule, inverted).
 /// The layer `target_modules="all-linear"` leaves out (HF `_maybe_include_all_linear_layers`):
 /// the output embedding `lm_head`, or for sequence classification the `score` / `classifier`
 /// head (HF's `SEQ_CLS_HEAD_NAMES`).
@@ -1683,6 +1826,18 @@ pub(crate) fn extend_head_modules(mts: &mut Option<Vec<String>>, task: Task) {
     }
 }
 
+/// The on-disk keys of a LoRA layer's A and B (adapter name removed): `<m>.lora_A.weight` /
+/// `<m>.lora_B.weight`, or for an embedding layer HF's `<m>.lora_embedding_A` /
+/// `<m>.lora_embedding_B` (plain parameters, no `.weight`).
+fn lora_keys(m: &str, is_embedding: bool) -> (String, String) {
+    if is_embedding {
+        (format!("{m}.lora_embedding_A"), format!("{m}.lora_embedding_B"))
+    } else {
+        (format!("{m}.lora_A.weight"), format!("{m}.lora_B.weight"))
+    }
+}
+
+/// `x.lora_A.<name>.weight` → `x.lora_A.weight` (HF's adapter-name removal rule, inverted).
 fn strip_adapter_name(k: &str) -> String {
     // `<m>.modules_to_save.<name>.<param>` -> `<m>.<param>`
     if let Some(i) = k.find(".modules_to_save.") {
@@ -1692,7 +1847,7 @@ fn strip_adapter_name(k: &str) -> String {
         }
     }
     // `<m>.lora_magnitude_vector.<name>.weight` -> `<m>.lora_magnitude_vector`; `<m>.ia3_l.<name>` -> `<m>.ia3_l`
-    for slot in [".lora_magnitude_vector.", ".ia3_l."] {
+    for slot in [".lora_magnitude_vector.", ".ia3_l.", ".lora_embedding_A.", ".lora_embedding_B."] {
         if let Some(i) = k.rfind(slot) {
             return format!("{}{}", &k[..i], slot.trim_end_matches('.'));
         }

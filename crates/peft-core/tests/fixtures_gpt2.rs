@@ -58,7 +58,10 @@ fn gpt2_loads_with_transformers_module_names() {
     let info = m.base.info();
     assert_eq!((info.architecture.as_str(), info.hidden_size, info.num_hidden_layers, info.num_attention_heads, info.num_key_value_heads), ("GPT2LMHeadModel", 64, 2, 4, None));
     let names: Vec<String> = m.base.named_linears().into_iter().map(|(n, l)| format!("{n}:{}:{}x{}", l.transposed, l.in_features(), l.out_features())).collect();
-    assert_eq!(&names[..4], &[
+    // The token embedding comes first: an embedding table [vocab, n_embd] held like a Conv1D
+    // (in = vocab, out = n_embd), so LoRA can target it (HF `lora.Embedding`).
+    assert_eq!(names[0], "transformer.wte:true:192x64");
+    assert_eq!(&names[1..5], &[
         "transformer.h.0.attn.c_attn:true:64x192", "transformer.h.0.attn.c_proj:true:64x64",
         "transformer.h.0.mlp.c_fc:true:64x256", "transformer.h.0.mlp.c_proj:true:256x64"
     ]);

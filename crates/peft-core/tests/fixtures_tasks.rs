@@ -213,3 +213,81 @@ fn seqcls_training_learns_the_labels() {
     assert_close("reloaded SEQ_CLS adapter", &b, &a, 0.0, 0.0);
     remove_dir(&dir);
 }
+
+/// LoRA on `embed_tokens` (HF `lora.Embedding`, keys `lora_embedding_A` / `lora_embedding_B`)
+/// plus q_proj: logits, loss and the embedding LoRA gradients equal HF's; merging folds
+/// `(s·B A)ᵀ` into the table; the re-save (with `save_embedding_layers="auto"`, which writes the
+/// targeted table as `embed_tokens.base_layer.weight`) is byte-identical.
+#[test]
+fn lora_on_embeddings_matches_hf() {
+    let case = "llama_lora_embedding";
+    let exp = Expected::load(case);
+    let m = adapter_peft(case, true);
+    let (ka, kb) = ("base_model.model.model.embed_tokens.lora_embedding_A", "base_model.model.model.embed_tokens.lora_embedding_B");
+    let status = m.layer_status().unwrap();
+    assert!(status.iter().any(|l| l["name"] == "model.model.embed_tokens" && l["module_type"] == "lora.Embedding"), "{status:?}");
+    let d = check_logits("adapter", &m, &exp, "logits_adapter");
+    visible(&format!("ok {case}: adapter logits max |diff| {d:.2e}"));
+    let (ids, b, s) = exp.ids("input_ids");
+    let batch = Batch { input_ids: ids.clone(), attention_mask: exp.mask("attention_mask"), labels: exp.i64s("labels"), batch_size: b, seq_len: s, ..Default::default() };
+    let (loss, _, grads) = peft_core::train::loss_and_grads(&m, &batch, None, None).unwrap();
+    assert!((loss - scalar(exp.get("loss"))).abs() < 1e-5, "loss {loss}");
+    for (k, v) in m.trainable_parameters() {
+        if k == ka || k == kb {
+            let g = grads.get(v.as_tensor()).expect("gradient reaches the embedding LoRA");
+            let dg = assert_close(&format!("{case} grad {k}"), g, exp.get(&format!("grad.{k}")), 1e-5, 1e-4);
+            visible(&format!("ok {case}: grad {k} max |diff| {dg:.2e}"));
+        }
+    }
+    // Mixed batch: row 0 with the adapter, row 1 base = each row alone.
+    let rows = vec![Some("default".to_string()), None];
+    let mixed = forward(&m, &ids, b, s, &exp.mask("attention_mask"), Some(rows));
+    assert_close("mixed row 0", &mixed.narrow(0, 0, 1).unwrap(), &exp.get("logits_adapter").narrow(0, 0, 1).unwrap(), 1e-4, 1e-4);
+    assert_close("mixed row 1", &mixed.narrow(0, 1, 1).unwrap(), &exp.get("logits_base").narrow(0, 1, 1).unwrap(), 1e-4, 1e-4);
+    // Re-save byte-identical (embedding base layer included by "auto").
+    let dir = temp_dir(case);
+    m.save_pretrained(&dir, None).unwrap();
+    for f in ["adapter_model.safetensors", "adapter_config.json"] {
+        assert!(std::fs::read(dir.join(f)).unwrap() == std::fs::read(case_dir(case).join(f)).unwrap(), "{case}: re-saved {f} differs");
+    }
+    // Explicit "no" leaves the table out.
+    m.save_pretrained_with(&dir, None, peft_core::peft_model::SaveEmbeddingLayers::No).unwrap();
+    let keys: Vec<String> = peft_core::io::read_safetensors(&dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap().into_iter().map(|(k, _)| k).collect();
+    assert!(!keys.iter().any(|k| k.contains("base_layer")), "{keys:?}");
+    remove_dir(&dir);
+    // Merge / unmerge.
+    let mut m = adapter_peft(case, false);
+    m.merge_adapter(None, true).unwrap();
+    let d = check_logits("merged", &m, &exp, "logits_merged");
+    visible(&format!("ok {case}: merged logits max |diff| {d:.2e}"));
+    m.unmerge_adapter().unwrap();
+    check_logits("unmerged", &m, &exp, "logits_adapter");
+    m.set_disabled(true).unwrap();
+    check_logits("disabled", &m, &exp, "logits_base");
+}
+
+#[test]
+fn save_embedding_layers_true_saves_the_tables_and_loading_restores_them() {
+    // Not targeted + Yes: `model.embed_tokens.weight` and `lm_head.weight` are saved (HF), and
+    // loading them replaces the base tables.
+    let mut m = base_peft("llama_lora_qv");
+    let cfg = AdapterConfig::from_json(&json!({"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"]}), None).unwrap();
+    m.add_adapter("default", cfg, 1).unwrap();
+    for (name, lin) in m.base.named_linears_mut() {
+        if name == "model.embed_tokens" || name == "lm_head" {
+            lin.weight = (&lin.weight + 0.25).unwrap(); // a "resized / fine-tuned" table
+        }
+    }
+    let dir = temp_dir("emb-true");
+    m.save_pretrained_with(&dir, None, peft_core::peft_model::SaveEmbeddingLayers::Yes).unwrap();
+    let keys: Vec<String> = peft_core::io::read_safetensors(&dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap().into_iter().map(|(k, _)| k).collect();
+    assert!(keys.contains(&"base_model.model.model.embed_tokens.weight".to_string()) && keys.contains(&"base_model.model.lm_head.weight".to_string()), "{keys:?}");
+    let mut r = base_peft("llama_lora_qv");
+    let res = r.load_adapter(&dir, "default", false, None).unwrap();
+    assert!(res.unexpected_keys.is_empty(), "{res:?}");
+    let ids = [5u32, 9, 33, 2];
+    let a = forward(&m, &ids, 1, 4, &[1; 4], None);
+    let b = forward(&r, &ids, 1, 4, &[1; 4], None);
+    assert_close("saved tables restored on load", &b, &a, 0.0, 0.0);
+    remove_dir(&dir);
+}

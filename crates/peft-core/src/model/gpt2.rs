@@ -114,7 +114,7 @@ pub struct Gpt2Block {
 pub struct Gpt2LMHeadModel {
     pub config: Gpt2Config,
     /// `transformer.wte.weight` `[vocab, n_embd]` (also the output head).
-    pub wte: Tensor,
+    pub wte: PeftLinear,
     /// `transformer.wpe.weight` `[n_positions, n_embd]`.
     pub wpe: Tensor,
     pub h: Vec<Gpt2Block>,
@@ -175,7 +175,7 @@ impl Gpt2LMHeadModel {
             Ok(x.to_dtype(dtype)?.to_device(device)?.contiguous()?)
         };
         let (e, inner) = (c.n_embd, c.n_inner);
-        let wte = take("wte.weight", &[c.vocab_size, e])?;
+        let wte = PeftLinear::embedding(take("wte.weight", &[c.vocab_size, e])?);
         let wpe = take("wpe.weight", &[c.n_positions, e])?;
         let mut h = Vec::with_capacity(c.n_layer);
         for i in 0..c.n_layer {
@@ -219,7 +219,7 @@ impl Gpt2LMHeadModel {
         };
         Ok(Gpt2LMHeadModel {
             head_name: if score.is_some() { "score" } else { "lm_head" },
-            lm_head: PeftLinear::new(score.unwrap_or_else(|| wte.clone()), None, false),
+            lm_head: PeftLinear::new(score.unwrap_or_else(|| wte.weight.clone()), None, false),
             wte,
             wpe,
             h,
@@ -301,7 +301,7 @@ impl BaseModel for Gpt2LMHeadModel {
     }
 
     fn named_linears(&self) -> Vec<(String, &PeftLinear)> {
-        let mut out = Vec::new();
+        let mut out = vec![("transformer.wte".to_string(), &self.wte)];
         for (i, l) in self.h.iter().enumerate() {
             let p = format!("transformer.h.{i}");
             out.push((format!("{p}.attn.c_attn"), &l.c_attn));
@@ -314,7 +314,7 @@ impl BaseModel for Gpt2LMHeadModel {
     }
 
     fn named_linears_mut(&mut self) -> Vec<(String, &mut PeftLinear)> {
-        let mut out = Vec::new();
+        let mut out = vec![("transformer.wte".to_string(), &mut self.wte)];
         for (i, l) in self.h.iter_mut().enumerate() {
             let p = format!("transformer.h.{i}");
             out.push((format!("{p}.attn.c_attn"), &mut l.c_attn));
@@ -369,7 +369,7 @@ impl BaseModel for Gpt2LMHeadModel {
 
     fn base_param_count(&self) -> usize {
         let ln = |n: &LayerNorm| n.weight.elem_count() + n.bias.elem_count();
-        let mut n = self.wte.elem_count() + self.wpe.elem_count() + ln(&self.ln_f);
+        let mut n = self.wpe.elem_count() + ln(&self.ln_f);
         for l in &self.h {
             n += ln(&l.ln_1) + ln(&l.ln_2);
         }
@@ -382,17 +382,23 @@ impl BaseModel for Gpt2LMHeadModel {
     }
 
     fn word_embeddings(&self) -> &Tensor {
-        &self.wte
+        &self.wte.weight
     }
 
     fn embed(&self, ids: &[u32], b: usize, s: usize) -> Result<Tensor> {
+        self.embed_with(ids, b, s, &ForwardOptions::default())
+    }
+
+    fn embed_with(&self, ids: &[u32], b: usize, s: usize, opts: &ForwardOptions) -> Result<Tensor> {
         let vocab = self.config.vocab_size;
         if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
             return Err(PeftError::invalid_arg("inputIds", format!("token id {bad} is outside the vocabulary (size {vocab})")));
         }
         let idx = Tensor::from_slice(ids, b * s, &self.device)?;
-        Ok(self.wte.index_select(&idx, 0)?.reshape((b, s, self.config.n_embd))?)
+        let ctx = LinearCtx { train: opts.train, rows: opts.adapter_rows.as_ref(), rng: opts.dropout_rng.as_deref() };
+        self.wte.forward_embedding(&idx, b, s, &ctx)
     }
+
 
     fn forward_embeds(&self, x: &Tensor, opts: &ForwardOptions, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;

@@ -87,7 +87,7 @@ pub struct LlamaForCausalLM {
     /// (`LlamaForSequenceClassification`, `[num_labels, hidden]`, no bias).
     head_name: &'static str,
     /// `[vocab, hidden]`.
-    pub embed_tokens: Tensor,
+    pub embed_tokens: PeftLinear,
     pub layers: Vec<DecoderLayer>,
     /// `[hidden]`.
     pub norm: Tensor,
@@ -136,7 +136,7 @@ impl LlamaForCausalLM {
         let hd = c.head_dim;
         let q_out = c.num_attention_heads * hd;
         let kv_out = c.num_key_value_heads * hd;
-        let embed_tokens = take("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let embed_tokens = PeftLinear::embedding(take("model.embed_tokens.weight", &[c.vocab_size, h])?);
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -165,7 +165,7 @@ impl LlamaForCausalLM {
         }
         let norm = take("model.norm.weight", &[h])?;
         let (head_name, lm_w) = match task {
-            Task::CausalLm if c.tie_word_embeddings => ("lm_head", embed_tokens.clone()),
+            Task::CausalLm if c.tie_word_embeddings => ("lm_head", embed_tokens.weight.clone()),
             Task::CausalLm => ("lm_head", take("lm_head.weight", &[c.vocab_size, h])?),
             Task::SeqCls => {
                 let n = num_labels.ok_or_else(|| PeftError::InvalidModelConfig { path: config_name(c), msg: "sequence classification needs `num_labels`".into() })?;
@@ -218,7 +218,7 @@ impl LlamaForCausalLM {
     /// Every linear layer with its transformers module path (`model.layers.0.self_attn.q_proj`,
     /// ..., `lm_head`), in module order.
     pub fn named_linears(&self) -> Vec<(String, &PeftLinear)> {
-        let mut out = Vec::new();
+        let mut out = vec![("model.embed_tokens".to_string(), &self.embed_tokens)];
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
             out.push((format!("{p}.self_attn.q_proj"), &l.self_attn.q_proj));
@@ -235,7 +235,7 @@ impl LlamaForCausalLM {
 
     /// Mutable twin of [`Self::named_linears`].
     pub fn named_linears_mut(&mut self) -> Vec<(String, &mut PeftLinear)> {
-        let mut out = Vec::new();
+        let mut out = vec![("model.embed_tokens".to_string(), &mut self.embed_tokens)];
         for (i, l) in self.layers.iter_mut().enumerate() {
             let p = format!("model.layers.{i}");
             out.push((format!("{p}.self_attn.q_proj"), &mut l.self_attn.q_proj));
@@ -274,7 +274,7 @@ impl LlamaForCausalLM {
 
     /// Number of base-model parameters, tied weights counted once (as `named_parameters`).
     pub fn base_param_count(&self) -> usize {
-        let mut n = self.embed_tokens.elem_count() + self.norm.elem_count();
+        let mut n = self.norm.elem_count();
         for l in &self.layers {
             n += l.input_layernorm.elem_count() + l.post_attention_layernorm.elem_count();
         }
@@ -294,8 +294,16 @@ impl LlamaForCausalLM {
         if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.config.vocab_size) {
             return Err(PeftError::invalid_arg("inputIds", format!("token id {bad} is outside the vocabulary (size {})", self.config.vocab_size)));
         }
+        self.embed_with_ctx(ids, b, s, &LinearCtx::default())
+    }
+
+    /// [`Self::embed`] with LoRA-on-embedding context (training, mixed-batch rows).
+    pub fn embed_with_ctx(&self, ids: &[u32], b: usize, s: usize, ctx: &LinearCtx) -> Result<Tensor> {
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.config.vocab_size) {
+            return Err(PeftError::invalid_arg("inputIds", format!("token id {bad} is outside the vocabulary (size {})", self.config.vocab_size)));
+        }
         let idx = Tensor::from_slice(ids, b * s, &self.device)?;
-        Ok(self.embed_tokens.index_select(&idx, 0)?.reshape((b, s, self.config.hidden_size))?)
+        self.embed_tokens.forward_embedding(&idx, b, s, ctx)
     }
 
     /// Forward from token ids `[b, s]` (row-major) → logits `[b, s, vocab]` (or `[b, 1, vocab]`
@@ -419,6 +427,10 @@ impl BaseModel for LlamaForCausalLM {
     fn pools_last_token(&self) -> bool {
         true
     }
+    fn embed_with(&self, ids: &[u32], b: usize, s: usize, opts: &ForwardOptions) -> Result<Tensor> {
+        let ctx = LinearCtx { train: opts.train, rows: opts.adapter_rows.as_ref(), rng: opts.dropout_rng.as_deref() };
+        self.embed_with_ctx(ids, b, s, &ctx)
+    }
     fn config_json(&self) -> serde_json::Value {
         let c = &self.config;
         serde_json::json!({
@@ -457,7 +469,7 @@ impl BaseModel for LlamaForCausalLM {
         LlamaForCausalLM::base_param_count(self)
     }
     fn word_embeddings(&self) -> &Tensor {
-        &self.embed_tokens
+        &self.embed_tokens.weight
     }
     fn embed(&self, ids: &[u32], b: usize, s: usize) -> Result<Tensor> {
         LlamaForCausalLM::embed(self, ids, b, s)

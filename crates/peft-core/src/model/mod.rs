@@ -188,6 +188,14 @@ pub trait BaseModel: Send + Sync {
     ///
     /// Errors: `InvalidArgument` for an id outside the vocabulary.
     fn embed(&self, ids: &[u32], b: usize, s: usize) -> Result<Tensor>;
+    /// [`BaseModel::embed`] with the forward options: LoRA adapters on the embedding layer
+    /// (HF `lora.Embedding`) add their delta here, per row in a mixed batch. Default: `embed`.
+    ///
+    /// Errors: as [`BaseModel::embed`].
+    fn embed_with(&self, ids: &[u32], b: usize, s: usize, opts: &ForwardOptions) -> Result<Tensor> {
+        let _ = opts;
+        self.embed(ids, b, s)
+    }
     /// Forward from input embeddings `[b, s, hidden]` (as [`BaseModel::embed`] returns them;
     /// prompt learning prepends virtual tokens) → logits `[b, s, vocab]` (`[b, 1, vocab]` with
     /// `last_only`). `cache`, when given, supplies past keys/values and receives the new ones.
@@ -200,7 +208,7 @@ pub trait BaseModel: Send + Sync {
         if ids.len() != b * s {
             return Err(PeftError::invalid_arg("inputIds", format!("has {} ids, expected batch {b} × seq {s}", ids.len())));
         }
-        let x = self.embed(ids, b, s)?;
+        let x = self.embed_with(ids, b, s, opts)?;
         if self.task() == Task::SeqCls && opts.pool_index.is_none() && self.pools_last_token() {
             let mut o = opts.clone();
             o.pool_index = Some(last_non_pad_indices(ids, b, s, self.info().pad_token_id)?);

@@ -69,6 +69,11 @@ pub struct PeftLinear {
     pub saved_copies: BTreeMap<String, (Var, Option<Var>)>,
     /// (IA)³ vectors per adapter.
     pub ia3: BTreeMap<String, Ia3Adapter>,
+    /// An embedding table `[num_embeddings, dim]` (HF `lora.Embedding`), stored as a
+    /// `transposed` layer with `in = num_embeddings`, `out = dim`: its LoRA `A` `[r, num]` and `B`
+    /// `[dim, r]` are HF's `lora_embedding_A` / `lora_embedding_B`, and merging adds
+    /// `(scaling · B A)ᵀ` to the table. Looked up with [`PeftLinear::forward_embedding`].
+    pub is_embedding: bool,
 }
 
 /// What a forward pass needs to know beyond the input.
@@ -95,7 +100,67 @@ impl PeftLinear {
             disabled: false,
             saved_copies: BTreeMap::new(),
             ia3: BTreeMap::new(),
+            is_embedding: false,
         }
+    }
+
+    /// An embedding table `[num_embeddings, dim]` that can carry LoRA adapters (HF
+    /// `lora.Embedding`); see [`PeftLinear::is_embedding`].
+    pub fn embedding(table: Tensor) -> Self {
+        let mut l = PeftLinear::new(table, None, true);
+        l.is_embedding = true;
+        l
+    }
+
+    /// Embedding lookup (HF `lora.Embedding.forward`): `ids` `[b·s]` u32 → `[b, s, dim]` (base
+    /// dtype): the table's rows (a modules_to_save copy's when an active adapter has one) plus,
+    /// for each active unmerged LoRA adapter, `scaling · A[:, ids]ᵀ Bᵀ` (no dropout, as in HF).
+    /// A mixed batch (`ctx.rows`) adds each row's own adapter.
+    ///
+    /// Errors: `InvalidArgument` for a mixed batch with modules_to_save copies of the table, or
+    /// a row count that does not match.
+    pub fn forward_embedding(&self, ids: &Tensor, b: usize, s: usize, ctx: &LinearCtx) -> Result<Tensor> {
+        let dim = self.out_features();
+        let copy = if self.disabled { None } else { self.active.iter().find_map(|n| self.copy_params(n, ctx.train)) };
+        if copy.is_some() && ctx.rows.is_some() {
+            return Err(PeftError::invalid_arg("adapterNames", "per-row adapters (mixed batches) are not available with a modules_to_save copy of the embedding layer"));
+        }
+        let table = match &copy {
+            Some((w, _)) => w.clone(),
+            None => self.weight.clone(),
+        };
+        let mut y = table.index_select(ids, 0)?.reshape((b, s, dim))?;
+        if self.disabled || self.adapters.is_empty() {
+            return Ok(y);
+        }
+        let delta = |ad: &LoraAdapter, ids: &Tensor, rows: usize| -> Result<Tensor> {
+            let a = if ctx.train { ad.a.as_tensor().clone() } else { ad.a.as_tensor().detach() };
+            let bm = if ctx.train { ad.b.as_tensor().clone() } else { ad.b.as_tensor().detach() };
+            let xa = a.t()?.contiguous()?.index_select(ids, 0)?; // [n, r]
+            Ok((xa.matmul(&bm.t()?)? * ad.scaling)?.reshape((rows, s, dim))?)
+        };
+        if let Some(rows) = ctx.rows {
+            if rows.len() != b {
+                return Err(PeftError::invalid_arg("adapterNames", format!("has {} names for a batch of {b} rows", rows.len())));
+            }
+            let ids2 = ids.reshape((b, s))?;
+            for (name, idx) in row_groups(rows, ids.device())? {
+                let Some(ad) = self.adapters.get(name) else { continue };
+                let sub = ids2.index_select(&idx, 0)?.flatten_all()?;
+                let d = delta(ad, &sub, idx.dim(0)?)?.to_dtype(y.dtype())?;
+                y = y.index_add(&idx, &d, 0)?;
+            }
+            return Ok(y);
+        }
+        for name in &self.active {
+            if self.merged.contains(name) {
+                continue;
+            }
+            if let Some(ad) = self.adapters.get(name) {
+                y = (y + delta(ad, ids, b)?.to_dtype(table.dtype())?)?;
+            }
+        }
+        Ok(y)
     }
 
     pub fn in_features(&self) -> usize {
