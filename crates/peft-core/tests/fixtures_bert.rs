@@ -97,12 +97,13 @@ fn bert_loads_with_transformers_module_names() {
         ("BertForSequenceClassification", Task::SeqCls, Some(3), 64, 2, 4, None, None)
     );
     let names: Vec<String> = m.base.named_linears().into_iter().map(|(n, l)| format!("{n}:{}x{}", l.in_features(), l.out_features())).collect();
-    assert_eq!(&names[..6], &[
+    assert_eq!(names[0], "bert.embeddings.word_embeddings:160x64"); // HF lora.Embedding: in = num_embeddings
+    assert_eq!(&names[1..7], &[
         "bert.encoder.layer.0.attention.self.query:64x64", "bert.encoder.layer.0.attention.self.key:64x64",
         "bert.encoder.layer.0.attention.self.value:64x64", "bert.encoder.layer.0.attention.output.dense:64x64",
         "bert.encoder.layer.0.intermediate.dense:64x128", "bert.encoder.layer.0.output.dense:128x64",
     ]);
-    assert_eq!(&names[12..], &["bert.pooler.dense:64x64", "classifier:64x3"]);
+    assert_eq!(&names[13..], &["bert.pooler.dense:64x64", "classifier:64x3"]);
     // torch: sum(p.numel() for p in BertForSequenceClassification.parameters()) = 85891
     assert_eq!(m.base.base_param_count(), 85891);
     let biases: Vec<String> = m.base.named_norm_biases().into_iter().map(|(n, _)| n).collect();
@@ -116,7 +117,7 @@ fn bert_loads_with_transformers_module_names() {
     let (fe, new) = load_task(Task::FeatureExtraction, None);
     assert!(new.is_empty(), "{new:?}");
     let names: Vec<String> = fe.base.named_linears().into_iter().map(|(n, _)| n).collect();
-    assert_eq!(names.first().unwrap(), "encoder.layer.0.attention.self.query");
+    assert_eq!(names[..2], ["embeddings.word_embeddings".to_string(), "encoder.layer.0.attention.self.query".into()]);
     assert_eq!(names.last().unwrap(), "pooler.dense");
     assert_eq!(fe.base.info().architecture, "BertModel");
 }
@@ -464,7 +465,7 @@ fn distilbert_lora_seqcls_matches_peft() {
     let mut m = distil(None);
     assert_eq!(m.base.info().architecture, "DistilBertForSequenceClassification");
     let names: Vec<String> = m.base.named_linears().into_iter().map(|(n, _)| n).collect();
-    assert_eq!(names[..2], ["distilbert.transformer.layer.0.attention.q_lin".to_string(), "distilbert.transformer.layer.0.attention.k_lin".into()]);
+    assert_eq!(names[..3], ["distilbert.embeddings.word_embeddings".to_string(), "distilbert.transformer.layer.0.attention.q_lin".into(), "distilbert.transformer.layer.0.attention.k_lin".into()]);
     assert_eq!(names[names.len() - 2..], ["pre_classifier".to_string(), "classifier".into()]);
     assert!(m.base.module_names().contains(&"distilbert.transformer.layer.1.output_layer_norm".to_string()));
     assert_close("distilbert base logits", &run(&m, &ids, 2, 7, &mask, None), &exp["logits_base"], 1e-5, 1e-4);
@@ -494,7 +495,7 @@ fn distilbert_encoder_and_qa_match_transformers() {
     let (ids, mask) = (ids_of(&exp["input_ids"]), mask_of(&exp["attention_mask"]));
     let enc = distil(Some(Task::FeatureExtraction));
     assert_eq!(enc.base.info().architecture, "DistilBertModel");
-    assert_eq!(enc.base.named_linears()[0].0, "transformer.layer.0.attention.q_lin");
+    assert_eq!(enc.base.named_linears()[1].0, "transformer.layer.0.attention.q_lin");
     assert_close("DistilBertModel last_hidden_state", &run(&enc, &ids, 2, 7, &mask, None), &exp["last_hidden_state"], 1e-5, 1e-4);
     let dir = distil_dir();
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
@@ -530,7 +531,7 @@ fn roberta_lora_seqcls_matches_peft() {
     let mut m = load(None);
     assert_eq!(m.base.info().architecture, "RobertaForSequenceClassification");
     let names: Vec<String> = m.base.named_linears().into_iter().map(|(n, _)| n).collect();
-    assert_eq!(names[0], "roberta.encoder.layer.0.attention.self.query");
+    assert_eq!(names[1], "roberta.encoder.layer.0.attention.self.query");
     assert_eq!(names[names.len() - 2..], ["classifier.dense".to_string(), "classifier.out_proj".into()]);
     assert_close("roberta base logits", &run(&m, &ids, 2, 7, &mask, None), &exp["logits_base"], 1e-5, 1e-4);
     let res = m.load_adapter(&dir, "default", false, None).unwrap_or_else(|e| panic!("[{}] {e}", e.code()));
@@ -555,4 +556,31 @@ fn roberta_lora_seqcls_matches_peft() {
     for k in ["base_model.model.classifier.dense.weight", "base_model.model.classifier.out_proj.bias"] {
         assert!(keys.contains(&k.to_string()), "{k} not trainable: {keys:?}");
     }
+}
+
+/// LoRA on the word embeddings (HF `lora.Embedding`, target `word_embeddings`) trains with
+/// gradients on `lora_embedding_A/B`, saves under HF's keys and reloads identically.
+#[test]
+fn lora_on_word_embeddings_trains_and_reloads() {
+    let r = reference("heads.safetensors");
+    let (ids, mask, tt) = (ids_of(&r["input_ids"]), mask_of(&r["attention_mask"]), ids_of(&r["token_type_ids"]));
+    let mut m = base_peft(CASE);
+    m.add_adapter("default", lora(json!({"peft_type": "LORA", "task_type": "SEQ_CLS", "r": 4, "target_modules": ["word_embeddings", "query"]})), 2).unwrap();
+    let keys: Vec<String> = m.trainable_parameters().into_iter().map(|(k, _)| k).collect();
+    assert!(keys.contains(&"base_model.model.bert.embeddings.word_embeddings.lora_embedding_A".to_string()), "{keys:?}");
+    let batch = Batch { input_ids: ids.clone(), attention_mask: mask.clone(), labels: vec![0, 2], batch_size: 2, seq_len: 7, token_type_ids: Some(tt.clone()), ..Default::default() };
+    let args = TrainingArgs { learning_rate: 5e-2, max_steps: 8, seed: 1, ..Default::default() };
+    let mut tr = Trainer::new(&m, args).unwrap();
+    let losses: Vec<f64> = (0..8).map(|_| tr.step(&m, std::slice::from_ref(&batch)).unwrap().loss).collect();
+    let (_, _, grads) = loss_and_grads(&m, &batch, None, None).unwrap();
+    assert_all_grads(&m, &grads, "embedding lora");
+    assert!(losses[7] < losses[0], "loss {:?}", losses);
+    let out = temp_dir("bert-emb-lora");
+    m.save_pretrained(&out, None).unwrap();
+    let mut back = base_peft(CASE);
+    let res = back.load_adapter(&out, "default", false, None).unwrap();
+    assert!(res.missing_keys.is_empty() && res.unexpected_keys.is_empty(), "{res:?}");
+    let d = max_diff(&run(&m, &ids, 2, 7, &mask, Some(tt.clone())), &run(&back, &ids, 2, 7, &mask, Some(tt)));
+    assert!(d < 1e-6, "reload differs by {d}");
+    remove_dir(&out);
 }

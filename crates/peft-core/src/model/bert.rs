@@ -331,8 +331,9 @@ pub struct BertLayer {
 /// A BERT encoder with the head of [`ModelInfo::task`]. See the module docs.
 pub struct BertModel {
     pub config: BertConfig,
-    /// `embeddings.word_embeddings.weight` `[vocab, hidden]`.
-    pub word_embeddings: Tensor,
+    /// `embeddings.word_embeddings` (`weight` `[vocab, hidden]`), an embedding-kind
+    /// [`PeftLinear`] so LoRA can target it (HF `lora.Embedding`).
+    pub word_embeddings: PeftLinear,
     /// `embeddings.position_embeddings.weight` `[max_position_embeddings, hidden]`.
     pub position_embeddings: Tensor,
     /// `embeddings.token_type_embeddings.weight` `[type_vocab_size, hidden]` (`None` for
@@ -454,7 +455,7 @@ impl BertModel {
             conv(x)
         };
         let (h, inter) = (c.hidden_size, c.intermediate_size);
-        let word_embeddings = take("embeddings.word_embeddings.weight", &[c.vocab_size, h])?;
+        let word_embeddings = PeftLinear::embedding(take("embeddings.word_embeddings.weight", &[c.vocab_size, h])?);
         let position_embeddings = take("embeddings.position_embeddings.weight", &[c.max_position_embeddings, h])?;
         let token_type_embeddings = if distil { None } else { Some(take("embeddings.token_type_embeddings.weight", &[c.type_vocab_size, h])?) };
         let embed_norm = Norm { weight: take("embeddings.LayerNorm.weight", &[h])?, bias: take("embeddings.LayerNorm.bias", &[h])? };
@@ -649,7 +650,7 @@ impl BaseModel for BertModel {
 
     fn named_linears(&self) -> Vec<(String, &PeftLinear)> {
         let nm = self.config.family.names();
-        let mut out = Vec::new();
+        let mut out = vec![(self.prefixed("embeddings.word_embeddings"), &self.word_embeddings)];
         for (i, l) in self.layers.iter().enumerate() {
             let p = self.prefixed(&format!("{}.{i}", nm.layers));
             out.push((format!("{p}.{}", nm.query), &l.query));
@@ -671,7 +672,7 @@ impl BaseModel for BertModel {
     fn named_linears_mut(&mut self) -> Vec<(String, &mut PeftLinear)> {
         let nm = self.config.family.names();
         let prefix = self.prefix.clone();
-        let mut out = Vec::new();
+        let mut out = vec![(format!("{prefix}embeddings.word_embeddings"), &mut self.word_embeddings)];
         for (i, l) in self.layers.iter_mut().enumerate() {
             let p = format!("{prefix}{}.{i}", nm.layers);
             out.push((format!("{p}.{}", nm.query), &mut l.query));
@@ -760,7 +761,8 @@ impl BaseModel for BertModel {
     fn base_param_count(&self) -> usize {
         let norm = |n: &Norm| n.weight.elem_count() + n.bias.elem_count();
         let te = self.token_type_embeddings.as_ref().map(|t| t.elem_count()).unwrap_or(0);
-        let mut n = self.word_embeddings.elem_count() + self.position_embeddings.elem_count() + te + norm(&self.embed_norm);
+        // The word embeddings are counted with the linears below (`named_linears` lists them).
+        let mut n = self.position_embeddings.elem_count() + te + norm(&self.embed_norm);
         for l in &self.layers {
             n += norm(&l.attn_norm) + norm(&l.out_norm);
         }
@@ -768,10 +770,15 @@ impl BaseModel for BertModel {
     }
 
     fn word_embeddings(&self) -> &Tensor {
-        &self.word_embeddings
+        &self.word_embeddings.weight
     }
 
     fn embed(&self, ids: &[u32], b: usize, s: usize) -> Result<Tensor> {
+        self.embed_with(ids, b, s, &ForwardOptions::default())
+    }
+
+    /// Word embeddings with LoRA on `embeddings.word_embeddings` when an adapter targets it.
+    fn embed_with(&self, ids: &[u32], b: usize, s: usize, opts: &ForwardOptions) -> Result<Tensor> {
         let vocab = self.config.vocab_size;
         if ids.len() != b * s {
             return Err(PeftError::invalid_arg("inputIds", format!("has {} ids, expected batch {b} × seq {s}", ids.len())));
@@ -779,14 +786,16 @@ impl BaseModel for BertModel {
         if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
             return Err(PeftError::invalid_arg("inputIds", format!("token id {bad} is outside the vocabulary (size {vocab})")));
         }
-        self.lookup(&self.word_embeddings, ids.to_vec(), b, s)
+        let idx = Tensor::from_slice(ids, b * s, &self.device)?;
+        let ctx = LinearCtx { train: opts.train, rows: opts.adapter_rows.as_ref(), rng: opts.dropout_rng.as_deref() };
+        self.word_embeddings.forward_embedding(&idx, b, s, &ctx)
     }
 
     /// RoBERTa computes its positions from the ids (transformers'
     /// `create_position_ids_from_input_ids`): real tokens count from `padding_idx + 1` (after the
     /// prefix, if any), padding keeps `padding_idx`. BERT and DistilBERT use `past .. past + s`.
     fn forward(&self, ids: &[u32], b: usize, s: usize, opts: &ForwardOptions, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        let x = self.embed(ids, b, s)?;
+        let x = self.embed_with(ids, b, s, opts)?;
         if self.config.family == BertFamily::Roberta && opts.position_ids.is_none() && s > 0 {
             let pad = self.config.pad_token_id.unwrap_or(1);
             let past = cache.as_deref().and_then(|c| c.layers.first().cloned().flatten()).map(|(k, _)| k.dim(2)).transpose()?.unwrap_or(0) as u32;
