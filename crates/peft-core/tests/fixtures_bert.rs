@@ -584,3 +584,17 @@ fn lora_on_word_embeddings_trains_and_reloads() {
     assert!(d < 1e-6, "reload differs by {d}");
     remove_dir(&out);
 }
+
+/// A config.json without `model_type` is read by the family its `architectures` entry names.
+#[test]
+fn family_from_architectures_without_model_type() {
+    let dir = temp_dir("roberta-no-model-type");
+    let src = fixtures_dir().join("models/roberta");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    v.as_object_mut().unwrap().remove("model_type");
+    std::fs::write(dir.join("config.json"), v.to_string()).unwrap();
+    std::fs::copy(src.join("model.safetensors"), dir.join("model.safetensors")).unwrap();
+    let l = load_model(&dir, DType::F32, &Device::Cpu, &LoadRequest::default()).unwrap_or_else(|e| panic!("[{}] {e}", e.code()));
+    assert_eq!(l.model.info().model_type, "roberta");
+    remove_dir(&dir);
+}

@@ -225,7 +225,15 @@ impl BertConfig {
         if !v.is_object() {
             return Err(bad("the top level must be a JSON object".into()));
         }
-        let model_type = v.get("model_type").and_then(|x| x.as_str());
+        // `model_type`, else the family the `architectures` entry names.
+        let arch = v.get("architectures").and_then(|a| a.as_array()).and_then(|a| a.first()).and_then(|x| x.as_str()).unwrap_or("");
+        let model_type = v.get("model_type").and_then(|x| x.as_str()).or(if arch.starts_with("DistilBert") {
+            Some("distilbert")
+        } else if arch.starts_with("Roberta") {
+            Some("roberta")
+        } else {
+            None
+        });
         if model_type == Some("distilbert") {
             return Self::from_distilbert_json(v, path);
         }
