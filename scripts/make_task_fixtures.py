@@ -151,3 +151,42 @@ def embedding_case():
 
 
 embedding_case()
+
+
+def pissa_olora_cases():
+    """llama_lora_pissa / llama_lora_olora: the adapters right after `init_lora_weights="pissa"` /
+    `"olora"` (r=4 on q_proj/v_proj). A and B are decompositions of the base weights (unique up
+    to signs, so compare products B·A); `residual.<module>` holds the mutated base weight; the
+    logits equal the base model's."""
+    from transformers import LlamaForCausalLM
+    for init in ["pissa", "olora"]:
+        name = f"llama_lora_{init}"
+        model = LlamaForCausalLM.from_pretrained("models/llama", attn_implementation="eager")
+        model.eval()
+        ids, mask = inputs(model.config.vocab_size, 31)
+        with torch.no_grad():
+            base = model(input_ids=ids, attention_mask=mask).logits
+        pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=init))
+        pm.eval()
+        exp = {"input_ids": ids, "attention_mask": mask, "logits_base": base}
+        with torch.no_grad():
+            exp["logits_adapter"] = pm(input_ids=ids, attention_mask=mask).logits
+        for n, mod in pm.named_modules():
+            if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {}):
+                key = n.replace("base_model.model.", "")
+                exp[f"residual.{key}"] = mod.base_layer.weight.detach().clone()
+                exp[f"delta.{key}"] = (mod.lora_B["default"].weight @ mod.lora_A["default"].weight).detach() * mod.scaling["default"]
+        d = f"cases/{name}"
+        shutil.rmtree(d, ignore_errors=True)
+        pm.save_pretrained(d)
+        save_file({k: v.contiguous() for k, v in exp.items()}, f"{d}/expected.safetensors")
+        info = {"name": name, "base_model": "models/llama", "generator": "scripts/make_task_fixtures.py",
+                "config": json.load(open(f"{d}/adapter_config.json")),
+                "tolerances": {"logits_atol": 1e-4, "logits_rtol": 1e-4},
+                "library_versions": {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
+                                     "peft": __import__("peft").__version__}}
+        json.dump(info, open(f"{d}/case.json", "w"), indent=2)
+        print(name, sorted(exp.keys())[:6])
+
+
+pissa_olora_cases()

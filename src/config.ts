@@ -21,8 +21,13 @@ export interface LoraConfigOptions {
   /** scaling = loraAlpha / sqrt(r) (Kalajdzievski 2023). */
   useRslora?: boolean
   useDora?: boolean
-  /** true: A Kaiming-uniform, B zeros; 'gaussian': A ~ N(0, 1/r); false: both random. */
-  initLoraWeights?: boolean | 'gaussian'
+  /**
+   * true: A Kaiming-uniform, B zeros; 'gaussian': A ~ N(0, 1/r); false: both random;
+   * 'pissa' / `pissa_niter_${n}` (PiSSA: A, B from the top-r SVD of the base weight, which
+   * becomes the residual) and 'olora' (QR); see `savePretrained`'s
+   * `pathInitialModelForWeightConversion` to turn such an adapter into a plain LoRA adapter.
+   */
+  initLoraWeights?: boolean | 'gaussian' | 'pissa' | 'olora' | `pissa_niter_${number}`
   modulesToSave?: string[] | null
   layersToTransform?: number[] | number | null
   layersPattern?: string[] | string | null
@@ -68,7 +73,7 @@ export class LoraConfig implements LoraConfigOptions {
   bias: 'none' | 'all' | 'lora_only' = 'none'
   useRslora = false
   useDora = false
-  initLoraWeights: boolean | 'gaussian' = true
+  initLoraWeights: boolean | 'gaussian' | 'pissa' | 'olora' | `pissa_niter_${number}` = true
   modulesToSave: string[] | null = null
   layersToTransform: number[] | number | null = null
   layersPattern: string[] | string | null = null

@@ -42,7 +42,9 @@ export interface SaveOptions {
    * `model.embed_tokens.weight` and `lm_head.weight`, e.g. after resizing); `false` never.
    * Loading an adapter restores saved embedding layers into the base model. */
   saveEmbeddingLayers?: 'auto' | boolean
-  /** PiSSA/OLoRA weight conversion is not available (those inits are not implemented); must be unset. */
+  /** HF `path_initial_model_for_weight_conversion`: the folder of a PiSSA / OLoRA adapter saved
+   * right after initialisation; the adapter is then saved as a plain LoRA adapter (rank 2r) that
+   * applies to the original base model instead of the residual one. */
   pathInitialModelForWeightConversion?: string
 }
 
@@ -314,8 +316,8 @@ export class PeftModel {
     if (options.saveEmbeddingLayers !== undefined && typeof options.saveEmbeddingLayers !== 'boolean' && options.saveEmbeddingLayers !== 'auto') {
       throw invalidArgument('saveEmbeddingLayers', `must be 'auto' or a boolean, found ${JSON.stringify(options.saveEmbeddingLayers)}`)
     }
-    if (options.pathInitialModelForWeightConversion !== undefined) {
-      throw invalidArgument('pathInitialModelForWeightConversion', 'PiSSA/OLoRA weight conversion is not available (those initialisations are not implemented)')
+    if (options.pathInitialModelForWeightConversion !== undefined && (typeof options.pathInitialModelForWeightConversion !== 'string' || !options.pathInitialModelForWeightConversion)) {
+      throw invalidArgument('pathInitialModelForWeightConversion', 'must be the folder of the adapter saved right after PiSSA/OLoRA initialisation')
     }
     if (options.selectedAdapters !== undefined && (!Array.isArray(options.selectedAdapters) || options.selectedAdapters.some((s) => typeof s !== 'string'))) {
       throw invalidArgument('selectedAdapters', 'must be an array of adapter names')
@@ -323,7 +325,7 @@ export class PeftModel {
     if (options.isMainProcess === false) return []
     await fs.promises.mkdir(path.resolve(dir), { recursive: true })
     const emb = options.saveEmbeddingLayers === undefined ? 'auto' : String(options.saveEmbeddingLayers)
-    return callAsync(() => this.n.savePretrained(dir, options.selectedAdapters, emb))
+    return callAsync(() => this.n.savePretrained(dir, options.selectedAdapters, emb, options.pathInitialModelForWeightConversion))
   }
 
   /** Free the native model (base and adapters). */

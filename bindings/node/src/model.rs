@@ -7,7 +7,7 @@ use napi::bindgen_prelude::{Float32Array, Uint32Array, Uint8Array};
 use peft_core::generate::{generate, GenerateOptions};
 use peft_core::model::loader::{self as loader, LoadRequest};
 use peft_core::model::{ForwardOptions, Task};
-use peft_core::peft_model::{PeftModel, SaveEmbeddingLayers, BASE_ADAPTER};
+use peft_core::peft_model::{PeftModel, SaveEmbeddingLayers, SaveOptions, BASE_ADAPTER};
 use peft_core::tuners::AdapterConfig;
 use peft_core::PeftError;
 use napi::bindgen_prelude::ObjectFinalize;
@@ -495,7 +495,13 @@ impl NativeModel {
     /// Save adapters (all, or `selected`) in HF PEFT's layout under `dir`.
     /// `saveEmbeddingLayers`: "auto" (default), "true" or "false" (HF `save_embedding_layers`).
     #[napi(ts_return_type = "Promise<Array<string>>")]
-    pub fn save_pretrained(&self, dir: String, selected: Option<Vec<String>>, save_embedding_layers: Option<String>) -> AsyncTask<Job<Vec<String>, Vec<String>>> {
+    pub fn save_pretrained(
+        &self,
+        dir: String,
+        selected: Option<Vec<String>>,
+        save_embedding_layers: Option<String>,
+        path_initial_model_for_weight_conversion: Option<String>,
+    ) -> AsyncTask<Job<Vec<String>, Vec<String>>> {
         let inner = self.inner.clone();
         AsyncTask::new(Job::plain(move || {
             let emb = match save_embedding_layers.as_deref() {
@@ -505,7 +511,8 @@ impl NativeModel {
                 Some(o) => return Err(PeftError::invalid_arg("saveEmbeddingLayers", format!("must be 'auto' or a boolean, found {o:?}"))),
             };
             with_model(&inner, |m| {
-                let files = m.save_pretrained_with(std::path::Path::new(&dir), selected.as_deref(), emb)?;
+                let opts = SaveOptions { save_embedding_layers: emb, path_initial_model_for_weight_conversion: path_initial_model_for_weight_conversion.map(std::path::PathBuf::from) };
+                let files = m.save_pretrained_with(std::path::Path::new(&dir), selected.as_deref(), &opts)?;
                 Ok(files.into_iter().map(|p| p.to_string_lossy().into_owned()).collect())
             })
         }))

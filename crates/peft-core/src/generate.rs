@@ -3,9 +3,12 @@
 //!
 //! Position ids follow `generate`: `cumsum(attention_mask) - 1` (1 where masked), so left-padded
 //! batches work; finished rows are filled with `pad_token_id`.
+//!
+//! Encoder-decoder models (T5) encode the prompt once and decode from `decoder_start_token_id`
+//! (transformers' `generate` for `is_encoder_decoder`); the result is the decoder sequence.
 
 use crate::error::{PeftError, Result};
-use crate::model::ForwardOptions;
+use crate::model::{ForwardOptions, Task};
 use crate::peft_model::PeftModel;
 use crate::tuners::RowAdapters;
 use candle_core::DType;
@@ -90,8 +93,9 @@ fn sample(logits: &[f32], o: &GenerateOptions, rng: &mut rand::rngs::StdRng) -> 
 
 /// Generate up to `max_new_tokens` for each row of `input_ids` (`[b, s]` row-major, with an
 /// optional `[b, s]` attention mask for left-padded prompts). Returns each row's prompt followed
-/// by its new tokens, `[b, s + n]` (n ≤ max_new_tokens; shorter when every row hit EOS).
-/// `should_stop` is polled between tokens (for AbortSignal); it returns `Aborted`.
+/// by its new tokens, `[b, s + n]` (n ≤ max_new_tokens; shorter when every row hit EOS); for an
+/// encoder-decoder model (T5), each row's decoder sequence `[decoder_start, new tokens...]`
+/// instead (see [`generate_seq2seq`]). `should_stop` is polled between tokens (for AbortSignal); it returns `Aborted`.
 pub fn generate(
     model: &PeftModel,
     input_ids: &[u32],
@@ -104,6 +108,9 @@ pub fn generate(
 ) -> Result<Vec<Vec<u32>>> {
     if input_ids.len() != b * s || s == 0 {
         return Err(PeftError::invalid_arg("inputIds", format!("expected a non-empty [{b}, {s}] batch")));
+    }
+    if model.base.task() == Task::Seq2SeqLm {
+        return generate_seq2seq(model, input_ids, b, s, attention_mask, adapter_rows, o, should_stop);
     }
     let max_pos = model.base.info().max_position_embeddings;
     if s.saturating_add(o.max_new_tokens) > max_pos {
@@ -173,6 +180,77 @@ pub fn generate(
         } else {
             step_ids = rows.iter().flat_map(|r| r.iter().copied()).collect();
             step_len = cur_len;
+        }
+        if done.iter().all(|d| *d) {
+            break;
+        }
+    }
+    Ok(rows)
+}
+
+/// Encoder-decoder generation (transformers' `generate` with `is_encoder_decoder`): the prompt
+/// `[b, s]` (with its padding mask) is encoded once; decoding starts from
+/// `decoder_start_token_id` and appends one token per step (greedy or sampled as for decoder
+/// models) until `max_new_tokens` or every row has produced an EOS. With `use_cache` the
+/// encoder output, cross-attention and self-attention keys/values are kept in the cache and each
+/// step feeds only the newest token; without it every step re-runs the encoder and the whole
+/// decoder sequence (identical results). Returns each row's decoder sequence
+/// `[decoder_start, new tokens...]` (`[b, 1 + n]`); finished rows are filled with `pad_token_id`.
+///
+/// Errors: `InvalidModelConfig` when the model has no `decoder_start_token_id`; `Aborted`; those
+/// of the forward pass.
+#[allow(clippy::too_many_arguments)]
+fn generate_seq2seq(
+    model: &PeftModel,
+    input_ids: &[u32],
+    b: usize,
+    s: usize,
+    attention_mask: Option<Vec<u8>>,
+    adapter_rows: Option<RowAdapters>,
+    o: &GenerateOptions,
+    should_stop: &dyn Fn() -> bool,
+) -> Result<Vec<Vec<u32>>> {
+    let info = model.base.info();
+    let start = info.decoder_start_token_id.ok_or_else(|| PeftError::InvalidModelConfig {
+        path: std::path::PathBuf::from(info.name_or_path.clone().unwrap_or_else(|| "<model>".into())),
+        msg: "config.json has no `decoder_start_token_id`, which encoder-decoder generation starts from".into(),
+    })?;
+    let mask: Vec<u8> = attention_mask.unwrap_or_else(|| vec![1; b * s]);
+    if mask.len() != b * s {
+        return Err(PeftError::invalid_arg("attentionMask", format!("expected {b} × {s} values")));
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(o.seed);
+    let mut rows: Vec<Vec<u32>> = vec![vec![start]; b];
+    let mut done = vec![false; b];
+    let mut cache = model.base.new_cache();
+    let mut step: Vec<u32> = vec![start; b];
+    for _ in 0..o.max_new_tokens {
+        if should_stop() {
+            return Err(PeftError::Aborted);
+        }
+        let decoder_input_ids = if o.use_cache { step.clone() } else { rows.iter().flat_map(|r| r.iter().copied()).collect() };
+        let opts = ForwardOptions {
+            attention_mask: Some(mask.clone()),
+            adapter_rows: adapter_rows.clone(),
+            last_only: true,
+            task_ids: o.task_ids.clone(),
+            decoder_input_ids: Some(decoder_input_ids),
+            ..Default::default()
+        };
+        let logits = if o.use_cache {
+            model.forward(input_ids, b, s, &opts, Some(&mut cache))?
+        } else {
+            model.forward(input_ids, b, s, &opts, None)?
+        };
+        let logits: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.squeeze(1)?.to_vec2()?;
+        step.clear();
+        for r in 0..b {
+            let tok = if done[r] { o.pad_token_id } else { sample(&logits[r], o, &mut rng) };
+            if o.eos_token_ids.contains(&tok) {
+                done[r] = true;
+            }
+            rows[r].push(tok);
+            step.push(tok);
         }
         if done.iter().all(|d| *d) {
             break;

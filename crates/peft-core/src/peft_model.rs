@@ -65,6 +65,16 @@ fn tuner_prefix(peft_type: &str) -> Option<&'static str> {
 }
 
 /// A base model with adapters. See the module docs.
+/// Options of [`PeftModel::save_pretrained_with`] (HF `save_pretrained` keyword arguments).
+#[derive(Debug, Clone, Default)]
+pub struct SaveOptions {
+    pub save_embedding_layers: SaveEmbeddingLayers,
+    /// HF `path_initial_model_for_weight_conversion`: the folder of the adapter as saved right
+    /// after PiSSA / OLoRA initialisation; the saved adapter is converted to a plain LoRA adapter
+    /// for the original base model (see `PeftModel::convert_mutated_init`).
+    pub path_initial_model_for_weight_conversion: Option<PathBuf>,
+}
+
 /// HF `save_pretrained(save_embedding_layers=...)`: whether the base embedding layers are
 /// saved with the adapter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -324,6 +334,7 @@ impl PeftModel {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let device = self.base.device().clone();
         let mut planned: Vec<(String, LoraAdapter)> = Vec::new();
+        let mut residuals: HashMap<String, Tensor> = HashMap::new();
         for (mname, lin) in self.base.named_linears() {
             // `all-linear` leaves out the output head and embedding layers (they are no nn.Linear).
             if !is_target(&cfg, &mname, lin.is_embedding || is_output_head(self.base.task(), &mname)) {
@@ -363,6 +374,25 @@ impl PeftModel {
             let r = cfg.rank_for(&mname);
             let alpha = cfg.alpha_for(&mname);
             let (inf, outf) = (lin.in_features(), lin.out_features());
+            if matches!(cfg.init_lora_weights, InitLoraWeights::Pissa(_) | InitLoraWeights::Olora) {
+                if cfg.use_dora {
+                    return Err(PeftError::InvalidAdapterConfig { path: None, msg: "`init_lora_weights` \"pissa\" / \"olora\" together with `use_dora` is not supported here".into() });
+                }
+                // The base weight [out, in] in f32; the residual replaces it when the adapter is
+                // installed (HF `pissa_init` / `olora_init` mutate the base layer).
+                let w = lin.weight.to_dtype(DType::F32)?;
+                let w = if lin.transposed { w.t()?.contiguous()? } else { w };
+                let scaling = cfg.scaling(r, alpha);
+                let (a, b, res) = match cfg.init_lora_weights {
+                    InitLoraWeights::Olora => crate::tuners::init::olora(&w, r, scaling)?,
+                    _ => crate::tuners::init::pissa(&w, r, scaling)?,
+                };
+                let res = if lin.transposed { res.t()?.contiguous()? } else { res };
+                residuals.insert(mname.clone(), res.to_dtype(lin.weight.dtype())?);
+                let ad = LoraAdapter { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)?, r, alpha, scaling, dropout: cfg.lora_dropout, magnitude: None, merged_norm: None };
+                planned.push((mname, ad));
+                continue;
+            }
             let a = match cfg.init_lora_weights {
                 InitLoraWeights::Gaussian => {
                     let n = Normal::new(0.0f32, 1.0 / r as f32).map_err(|e| PeftError::Internal(e.to_string()))?;
@@ -397,6 +427,9 @@ impl PeftModel {
             }
             if let Some(c) = copies.remove(&mname) {
                 lin.saved_copies.insert(name.to_string(), c);
+            }
+            if let Some(res) = residuals.remove(&mname) {
+                lin.weight = res;
             }
         }
         let (bias_mode, trainable) = (cfg.bias.clone(), !cfg.inference_mode);
@@ -541,10 +574,30 @@ impl PeftModel {
         if cfg.base_model_name_or_path.is_none() {
             cfg.base_model_name_or_path = self.base.info().name_or_path.clone();
         }
-        if cfg.num_transformer_submodules != Some(1) {
+        // HF: SEQ_2_SEQ_LM gives 2 transformer submodules (encoder and decoder), else 1.
+        let seq2seq = self.base.task() == Task::Seq2SeqLm;
+        if seq2seq && cfg.num_transformer_submodules != Some(2) {
+            return Err(bad(format!(
+                "num_transformer_submodules {:?} (task_type {:?}) does not fit the encoder-decoder model {}: use task_type \"SEQ_2_SEQ_LM\" (num_transformer_submodules 2)",
+                cfg.num_transformer_submodules,
+                cfg.task_type,
+                self.base.info().architecture
+            )));
+        }
+        if !seq2seq && cfg.num_transformer_submodules != Some(1) {
             return Err(bad(format!(
                 "num_transformer_submodules {:?} (task_type {:?}) needs an encoder-decoder model; this model is decoder-only (use task_type \"CAUSAL_LM\")",
                 cfg.num_transformer_submodules, cfg.task_type
+            )));
+        }
+        if seq2seq && cfg.method == PromptMethod::MultitaskPromptTuning {
+            return Err(bad("MULTITASK_PROMPT_TUNING is not supported for encoder-decoder models here (use PROMPT_TUNING, P_TUNING or PREFIX_TUNING)".into()));
+        }
+        if seq2seq && cfg.method == PromptMethod::PrefixTuning && cfg.num_layers.unwrap_or(0) < self.base.num_layers() {
+            return Err(bad(format!(
+                "prefix tuning `num_layers` {:?} is smaller than the model's {} decoder layers (HF PEFT builds one prefix group per layer up to num_layers)",
+                cfg.num_layers,
+                self.base.num_layers()
             )));
         }
         let td = cfg.token_dim.unwrap_or(0);
@@ -999,11 +1052,17 @@ impl PeftModel {
     /// group ([`crate::io::write_atomic_group`]): after a crash the folder holds the old pair or
     /// (once recovered by the next save or load) the new one, never a mix.
     pub fn save_pretrained(&self, dir: &Path, selected: Option<&[String]>) -> Result<Vec<PathBuf>> {
-        self.save_pretrained_with(dir, selected, SaveEmbeddingLayers::Auto)
+        self.save_pretrained_with(dir, selected, &SaveOptions::default())
     }
 
-    /// [`Self::save_pretrained`] with HF's `save_embedding_layers` (see [`SaveEmbeddingLayers`]).
-    pub fn save_pretrained_with(&self, dir: &Path, selected: Option<&[String]>, embeddings: SaveEmbeddingLayers) -> Result<Vec<PathBuf>> {
+    /// [`Self::save_pretrained`] with HF's `save_embedding_layers` and
+    /// `path_initial_model_for_weight_conversion` (see [`SaveOptions`]).
+    ///
+    /// Errors: as [`Self::save_pretrained`]; with a conversion path, `NotFound` /
+    /// `SafetensorsInvalid` / `InvalidAdapterConfig` for the initial adapter, `InvalidArgument`
+    /// for a prompt-learning or IA3 adapter.
+    pub fn save_pretrained_with(&self, dir: &Path, selected: Option<&[String]>, opts: &SaveOptions) -> Result<Vec<PathBuf>> {
+        let embeddings = opts.save_embedding_layers;
         let names: Vec<String> = match selected {
             Some(s) => s.to_vec(),
             None => self.adapter_names(),
@@ -1021,14 +1080,20 @@ impl PeftModel {
             std::fs::create_dir_all(&target).map_err(|e| PeftError::io(&target, e))?;
             let mut tensors = self.adapter_state_dict(name)?;
             tensors.extend(self.embedding_layers_to_save(name, embeddings)?);
-            tensors.sort_by(|a, b| a.0.cmp(&b.0));
-            let bytes = safetensors_bytes(&tensors, Some(&[("format", "pt")]))?;
             let mut saved = cfg.clone();
             saved.set_inference_mode(true);
+            let mut config_text = saved.to_json_string();
+            if let Some(initial) = &opts.path_initial_model_for_weight_conversion {
+                let (t, c) = self.convert_mutated_init(tensors, &saved, initial)?;
+                tensors = t;
+                config_text = crate::io::python_json_dumps(&c);
+            }
+            tensors.sort_by(|a, b| a.0.cmp(&b.0));
+            let bytes = safetensors_bytes(&tensors, Some(&[("format", "pt")]))?;
             let wpath = target.join("adapter_model.safetensors");
             let cpath = target.join("adapter_config.json");
             // Weights and config together: a crash leaves the old pair or the new one.
-            crate::io::write_atomic_group(&target, &[("adapter_model.safetensors", &bytes), ("adapter_config.json", saved.to_json_string().as_bytes())])?;
+            crate::io::write_atomic_group(&target, &[("adapter_model.safetensors", &bytes), ("adapter_config.json", config_text.as_bytes())])?;
             written.push(wpath);
             written.push(cpath);
         }
@@ -1048,6 +1113,69 @@ impl PeftModel {
         }
         written.push(readme);
         Ok(written)
+    }
+
+    /// HF `subtract_mutated_init` (`save_pretrained(path_initial_model_for_weight_conversion=...)`):
+    /// turn a PiSSA / OLoRA adapter trained on the residual base into a plain LoRA adapter for
+    /// the original base. With the initial adapter `(A₀, B₀)` saved right after initialisation
+    /// in `initial` and the trained `(A, B)`: `ΔW = s·(B A − B₀ A₀) = s·[B | −B₀][A ; A₀]`, so
+    /// `lora_A = cat(A, A₀)` (dim 0) and `lora_B = cat(B, −B₀)` (dim 1) at rank `2r`; the config
+    /// gets `r·2`, `lora_alpha·2` (`·√2` with rsLoRA, keeping the scaling), doubled
+    /// `rank_pattern` / `alpha_pattern` values and `init_lora_weights: true`. Other tensors
+    /// (modules_to_save copies, biases) are kept as they are valid for the original base (HF drops
+    /// them). The initial folder is only read (HF rewrites its config).
+    ///
+    /// Errors: `InvalidArgument` for a non-LoRA adapter or rsLoRA with rank/alpha patterns (as
+    /// HF); `NotFound` / `SafetensorsInvalid` for the initial adapter's files, naming a missing key.
+    fn convert_mutated_init(&self, tensors: Vec<(String, Tensor)>, saved: &AdapterConfig, initial: &Path) -> Result<(Vec<(String, Tensor)>, serde_json::Value)> {
+        let AdapterConfig::Lora(c) = saved else {
+            return Err(PeftError::invalid_arg("pathInitialModelForWeightConversion", "converting a mutated initialisation applies to LoRA adapters (PiSSA / OLoRA) only"));
+        };
+        if c.use_rslora && (!c.rank_pattern.is_empty() || !c.alpha_pattern.is_empty()) {
+            return Err(PeftError::invalid_arg(
+                "pathInitialModelForWeightConversion",
+                "Passing `path_initial_model_for_weight_conversion` to `save_pretrained` is not supported when using `rank_pattern` or `alpha_pattern` at the same time as `use_rslora=True`.",
+            ));
+        }
+        let wpath = initial.join("adapter_model.safetensors");
+        if !wpath.exists() {
+            return Err(PeftError::NotFound { path: wpath, what: "the initial adapter (saved right after PiSSA/OLoRA initialisation) has no adapter_model.safetensors".into() });
+        }
+        let init: HashMap<String, Tensor> = read_safetensors(&wpath, self.base.device())?.into_iter().collect();
+        let mut out = Vec::with_capacity(tensors.len());
+        for (k, t) in tensors {
+            let is_a = k.ends_with(".lora_A.weight") || k.ends_with(".lora_embedding_A");
+            let is_b = k.ends_with(".lora_B.weight") || k.ends_with(".lora_embedding_B");
+            if !(is_a || is_b) {
+                out.push((k, t));
+                continue;
+            }
+            let t0 = init.get(&k).ok_or_else(|| PeftError::SafetensorsInvalid { path: wpath.clone(), msg: format!("the initial adapter has no tensor `{k}`") })?;
+            let t0 = t0.to_dtype(t.dtype())?;
+            let merged = if is_a { Tensor::cat(&[&t, &t0], 0) } else { Tensor::cat(&[&t, &t0.neg()?], 1) }
+                .map_err(|e| PeftError::SafetensorsInvalid { path: wpath.clone(), msg: format!("tensor `{k}` does not fit the trained adapter: {e}") })?;
+            out.push((k, merged));
+        }
+        let mut j = saved.to_json();
+        j["init_lora_weights"] = serde_json::Value::Bool(true);
+        j["r"] = serde_json::json!(c.r * 2);
+        let alpha = &j["lora_alpha"];
+        j["lora_alpha"] = match (c.use_rslora, alpha.as_i64()) {
+            (false, Some(a)) => serde_json::json!(a * 2),
+            (false, None) => serde_json::json!(alpha.as_f64().unwrap_or(8.0) * 2.0),
+            (true, _) => serde_json::json!(alpha.as_f64().unwrap_or(8.0) * std::f64::consts::SQRT_2),
+        };
+        for key in ["rank_pattern", "alpha_pattern"] {
+            if let Some(m) = j[key].as_object_mut() {
+                for v in m.values_mut() {
+                    *v = match v.as_i64() {
+                        Some(i) => serde_json::json!(i * 2),
+                        None => serde_json::json!(v.as_f64().unwrap_or(0.0) * 2.0),
+                    };
+                }
+            }
+        }
+        Ok((out, j))
     }
 
     /// Load an adapter saved by HF PEFT (or by [`Self::save_pretrained`]) from `dir` (holding
@@ -1430,6 +1558,12 @@ impl PeftModel {
     ///   then; the mask gets `n_virtual` leading ones; given position ids are ignored (as HF
     ///   does) and positions run `past .. past + len`.
     ///
+    /// Encoder-decoder models (SEQ_2_SEQ_LM, HF `PeftModelForSeq2SeqLM`): `ids` / `attention_mask`
+    /// are the encoder's, `opts.decoder_input_ids` / `decoder_attention_mask` the decoder's, and
+    /// the logits are the decoder's `[b, t, vocab]`; prompt learning follows
+    /// `prompt_forward_seq2seq` (prefix on the decoder self-attention, virtual tokens before the
+    /// encoder input).
+    ///
     /// Errors: those of the base forward; `InvalidArgument` for `adapterNames` with prompt
     /// learning, or missing/invalid `taskIds` for multitask prompt tuning.
     pub fn forward(&self, ids: &[u32], b: usize, s: usize, opts: &ForwardOptions, cache: Option<&mut KvCache>) -> Result<Tensor> {
@@ -1446,7 +1580,8 @@ impl PeftModel {
     /// HF does.
     pub fn label_prefix_len(&self) -> usize {
         match self.active_prompt() {
-            Some((cfg, _)) if cfg.method != PromptMethod::PrefixTuning => cfg.total_virtual_tokens(),
+            // Seq2seq: the virtual tokens go to the encoder; the decoder's logits are unchanged.
+            Some((cfg, _)) if cfg.method != PromptMethod::PrefixTuning && self.base.task() != Task::Seq2SeqLm => cfg.total_virtual_tokens(),
             _ => 0,
         }
     }
@@ -1455,6 +1590,12 @@ impl PeftModel {
     /// each, in the model dtype (HF `get_prompt` for prefix tuning: the table
     /// `[n, num_layers·2·token_dim]` viewed as `[n, num_layers·2, heads, head_dim]`; chunk `2l`
     /// is layer `l`'s key, `2l + 1` its value).
+    ///
+    /// With `num_transformer_submodules = 2` (SEQ_2_SEQ_LM) HF concatenates the `2L` chunks with
+    /// themselves and splits them in groups of 4 per decoder layer (self K, self V, cross K,
+    /// cross V), then drops the cross part: decoder layer `l` gets key chunk `(4l) mod 2L` and
+    /// value chunk `(4l + 1) mod 2L`; one entry per decoder layer is returned (the encoder gets
+    /// no prefix).
     pub fn prefix_key_values(&self, cfg: &PromptLearningConfig, enc: &PromptEncoder, b: usize, train: bool, rng: Option<&std::sync::Mutex<rand::rngs::StdRng>>) -> Result<Vec<(Tensor, Tensor)>> {
         let n = cfg.num_virtual_tokens;
         let layers = cfg.num_layers.unwrap_or(0);
@@ -1465,7 +1606,14 @@ impl PeftModel {
             let c = table.narrow(1, j, 1)?.squeeze(1)?.transpose(0, 1)?.unsqueeze(0)?; // [1, heads, n, hd]
             Ok(c.broadcast_as((b, heads, n, hd))?.contiguous()?)
         };
-        (0..layers).map(|l| Ok((chunk(2 * l)?, chunk(2 * l + 1)?))).collect()
+        let sub = cfg.num_transformer_submodules.unwrap_or(1).max(1);
+        let count = if sub == 1 { layers } else { self.base.num_layers() };
+        (0..count)
+            .map(|l| {
+                let kc = (2 * sub * l) % (2 * layers).max(1);
+                Ok((chunk(kc)?, chunk(kc + 1)?))
+            })
+            .collect()
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1475,6 +1623,9 @@ impl PeftModel {
         }
         if ids.len() != b * s {
             return Err(PeftError::invalid_arg("inputIds", format!("has {} ids, expected batch {b} × seq {s}", ids.len())));
+        }
+        if self.base.task() == Task::Seq2SeqLm {
+            return self.prompt_forward_seq2seq(cfg, enc, ids, b, s, opts, cache);
         }
         let n = cfg.total_virtual_tokens();
         let cached = cache.as_ref().map(|c| c.seq_len()).unwrap_or(0);
@@ -1528,6 +1679,59 @@ impl PeftModel {
         } else {
             x
         };
+        self.base.forward_embeds(&x, &o, cache)
+    }
+
+    /// HF `PeftModelForSeq2SeqLM.forward` for prompt learning (`ids`, `attention_mask`: the
+    /// encoder's real tokens; `decoder_input_ids` / `decoder_attention_mask`: the decoder's):
+    /// * prefix tuning: the per-decoder-layer prefix (see [`Self::prefix_key_values`]) goes into
+    ///   the decoder self-attention cache before the first step, `decoder_attention_mask` (when
+    ///   given) gets `n_virtual` leading ones; the encoder and cross-attention get no prefix;
+    /// * prompt tuning / P-tuning: the first `num_virtual_tokens` rows of the prompt table are
+    ///   prepended to the encoder input embeddings and the encoder mask gets as many leading
+    ///   ones (when the cache does not hold an encoder output yet); the decoder is unchanged.
+    ///
+    /// Logits are the decoder's `[b, t, vocab]` in both cases.
+    #[allow(clippy::too_many_arguments)]
+    fn prompt_forward_seq2seq(&self, cfg: &PromptLearningConfig, enc: &PromptEncoder, ids: &[u32], b: usize, s: usize, opts: &ForwardOptions, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let n = cfg.num_virtual_tokens;
+        let rng = opts.dropout_rng.as_deref();
+        let ones_first = |m: &[u8], arg: &str| -> Result<Vec<u8>> {
+            if b == 0 || !m.len().is_multiple_of(b) {
+                return Err(PeftError::invalid_arg(arg, format!("has {} values, not a multiple of the batch size {b}", m.len())));
+            }
+            let w = m.len() / b;
+            Ok((0..b).flat_map(|r| std::iter::repeat_n(1u8, n).chain(m[r * w..(r + 1) * w].iter().copied())).collect())
+        };
+        let mut o = opts.clone();
+        if cfg.method == PromptMethod::PrefixTuning {
+            if let Some(m) = &opts.decoder_attention_mask {
+                o.decoder_attention_mask = Some(ones_first(m, "decoderAttentionMask")?);
+            }
+            let mut local = self.base.new_cache();
+            let cache: &mut KvCache = match cache {
+                Some(c) => c,
+                None => &mut local,
+            };
+            if cache.seq_len() == 0 {
+                for (l, kv) in self.prefix_key_values(cfg, enc, b, opts.train, rng)?.into_iter().enumerate() {
+                    cache.layers[l] = Some(kv);
+                }
+            }
+            return self.base.forward(ids, b, s, &o, Some(cache));
+        }
+        let x = self.base.embed(ids, b, s)?;
+        if cache.as_ref().map(|c| c.encoder_hidden.is_some()).unwrap_or(false) {
+            return self.base.forward_embeds(&x, &o, cache);
+        }
+        if let Some(m) = &opts.attention_mask {
+            if m.len() != b * s {
+                return Err(PeftError::invalid_arg("attentionMask", format!("has {} values, expected {b} × {s}", m.len())));
+            }
+            o.attention_mask = Some(ones_first(m, "attentionMask")?);
+        }
+        let prompts = enc.batch_prompts(b, None, opts.train, rng)?.narrow(1, 0, n)?.to_dtype(self.base.dtype())?;
+        let x = Tensor::cat(&[&prompts, &x], 1)?;
         self.base.forward_embeds(&x, &o, cache)
     }
 

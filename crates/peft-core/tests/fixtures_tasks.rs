@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Tensor};
 use common::*;
 use peft_core::model::loader::{load_model, LoadRequest};
 use peft_core::model::{last_non_pad_indices, Task};
-use peft_core::peft_model::PeftModel;
+use peft_core::peft_model::{PeftModel, SaveEmbeddingLayers, SaveOptions};
 use peft_core::train::{task_loss, Batch, Trainer, TrainingArgs};
 use peft_core::tuners::AdapterConfig;
 use serde_json::json;
@@ -251,7 +251,7 @@ fn lora_on_embeddings_matches_hf() {
         assert!(std::fs::read(dir.join(f)).unwrap() == std::fs::read(case_dir(case).join(f)).unwrap(), "{case}: re-saved {f} differs");
     }
     // Explicit "no" leaves the table out.
-    m.save_pretrained_with(&dir, None, peft_core::peft_model::SaveEmbeddingLayers::No).unwrap();
+    m.save_pretrained_with(&dir, None, &SaveOptions { save_embedding_layers: SaveEmbeddingLayers::No, ..Default::default() }).unwrap();
     let keys: Vec<String> = peft_core::io::read_safetensors(&dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap().into_iter().map(|(k, _)| k).collect();
     assert!(!keys.iter().any(|k| k.contains("base_layer")), "{keys:?}");
     remove_dir(&dir);
@@ -279,7 +279,7 @@ fn save_embedding_layers_true_saves_the_tables_and_loading_restores_them() {
         }
     }
     let dir = temp_dir("emb-true");
-    m.save_pretrained_with(&dir, None, peft_core::peft_model::SaveEmbeddingLayers::Yes).unwrap();
+    m.save_pretrained_with(&dir, None, &SaveOptions { save_embedding_layers: SaveEmbeddingLayers::Yes, ..Default::default() }).unwrap();
     let keys: Vec<String> = peft_core::io::read_safetensors(&dir.join("adapter_model.safetensors"), &Device::Cpu).unwrap().into_iter().map(|(k, _)| k).collect();
     assert!(keys.contains(&"base_model.model.model.embed_tokens.weight".to_string()) && keys.contains(&"base_model.model.lm_head.weight".to_string()), "{keys:?}");
     let mut r = base_peft("llama_lora_qv");
@@ -290,4 +290,76 @@ fn save_embedding_layers_true_saves_the_tables_and_loading_restores_them() {
     let b = forward(&r, &ids, 1, 4, &[1; 4], None);
     assert_close("saved tables restored on load", &b, &a, 0.0, 0.0);
     remove_dir(&dir);
+}
+
+/// PiSSA / OLoRA (`init_lora_weights: "pissa" | "olora"`) against HF PEFT 0.21: the adapter's
+/// delta `s·B A` and the residual base weight of every targeted module equal HF's (A and B alone
+/// are unique only up to signs), outputs at initialisation equal the base model's, and loading
+/// HF's saved PiSSA adapter onto the original base (which re-derives the residual, as HF does)
+/// reproduces HF's logits.
+#[test]
+fn pissa_and_olora_match_hf() {
+    for case in ["llama_lora_pissa", "llama_lora_olora"] {
+        let exp = Expected::load(case);
+        let init = if case.ends_with("pissa") { "pissa" } else { "olora" };
+        let mut m = base_peft(case);
+        let cfg = AdapterConfig::from_json(&json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": init}), None).unwrap();
+        m.add_adapter("default", cfg, 1).unwrap();
+        let mut worst = (0f64, 0f64);
+        for (name, lin) in m.base.named_linears() {
+            if lin.adapters.is_empty() {
+                continue;
+            }
+            let delta = lin.delta_weight("default").unwrap();
+            let d1 = assert_close(&format!("{case} delta {name}"), &delta, exp.get(&format!("delta.{name}")), 1e-4, 1e-4);
+            let d2 = assert_close(&format!("{case} residual {name}"), &lin.weight, exp.get(&format!("residual.{name}")), 1e-4, 1e-4);
+            worst = (worst.0.max(d1), worst.1.max(d2));
+        }
+        let d = check_logits("adapter at init", &m, &exp, "logits_adapter");
+        check_logits("adapter at init vs base", &m, &exp, "logits_base");
+        visible(&format!("ok {case}: s·BA max |diff| {:.2e}, residual {:.2e}, logits {d:.2e}", worst.0, worst.1));
+        let loaded = adapter_peft(case, false);
+        let d = check_logits("HF adapter loaded on the original base", &loaded, &exp, "logits_adapter");
+        visible(&format!("ok {case}: HF's saved adapter reproduces its logits ({d:.2e})"));
+    }
+}
+
+/// `path_initial_model_for_weight_conversion`: a trained PiSSA adapter saved as a plain LoRA
+/// adapter (rank 2r, alpha 2·alpha, init true) gives the trained model's outputs on the
+/// original base model.
+#[test]
+fn pissa_converts_to_lora_for_the_original_base() {
+    let mut m = base_peft("llama_lora_pissa");
+    let cfg = AdapterConfig::from_json(&json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": "pissa"}), None).unwrap();
+    m.add_adapter("default", cfg, 1).unwrap();
+    let root = temp_dir("pissa-convert");
+    let initial = root.join("initial");
+    m.save_pretrained(&initial, None).unwrap();
+    // "Train": move A and B.
+    for (_, lin) in m.base.named_linears_mut() {
+        if let Some(ad) = lin.adapters.get_mut("default") {
+            ad.a = candle_core::Var::from_tensor(&(ad.a.as_tensor() * 1.3).unwrap()).unwrap();
+            ad.b = candle_core::Var::from_tensor(&(ad.b.as_tensor() + 0.01).unwrap()).unwrap();
+        }
+    }
+    let trained_ids = [7u32, 19, 3, 44, 101, 5];
+    let want = forward(&m, &trained_ids, 1, 6, &[1; 6], None);
+    let out = root.join("converted");
+    m.save_pretrained_with(&out, None, &SaveOptions { path_initial_model_for_weight_conversion: Some(initial.clone()), ..Default::default() }).unwrap();
+    let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!((saved["r"].clone(), saved["lora_alpha"].clone(), saved["init_lora_weights"].clone()), (json!(8), json!(16), json!(true)));
+    // The original base (no residual) with the converted adapter = the trained PiSSA model.
+    let mut orig = base_peft("llama_lora_pissa");
+    let res = orig.load_adapter(&out, "default", false, None).unwrap();
+    assert!(res.missing_keys.is_empty() && res.unexpected_keys.is_empty(), "{res:?}");
+    let got = forward(&orig, &trained_ids, 1, 6, &[1; 6], None);
+    let d = assert_close("converted LoRA on the original base", &got, &want, 1e-4, 1e-4);
+    visible(&format!("ok PiSSA → LoRA conversion: logits max |diff| {d:.2e}"));
+    // The initial folder is only read, never rewritten.
+    let init_cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(initial.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(init_cfg["init_lora_weights"], json!("pissa"));
+    // A missing initial adapter is a clear error.
+    let e = m.save_pretrained_with(&root.join("x"), None, &SaveOptions { path_initial_model_for_weight_conversion: Some(root.join("nope")), ..Default::default() }).unwrap_err();
+    assert_eq!(e.code(), "ERR_NOT_FOUND");
+    remove_dir(&root);
 }

@@ -96,6 +96,7 @@ pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
     "RobertaForTokenClassification",
     "RobertaForQuestionAnswering",
     "RobertaForMaskedLM",
+    "T5ForConditionalGeneration",
 ];
 
 impl LlamaConfig {

@@ -15,14 +15,28 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
 
 /// Per-layer key/value cache: `[b, kv_heads, t, head_dim]` each.
+///
+/// Encoder-decoder models (T5) also keep what does not change while decoding: the encoder's
+/// output and padding mask, and each decoder layer's cross-attention keys/values computed from
+/// it (transformers' `EncoderDecoderCache.cross_attention_cache`). Decoder-only models leave
+/// these empty; `layers` then holds the decoder self-attention.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
+    /// Self-attention (k, v) per (decoder) layer.
     pub layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Encoder-decoder: cross-attention (k, v) `[b, heads, s_enc, head_dim]` per decoder layer.
+    pub cross: Vec<Option<(Tensor, Tensor)>>,
+    /// Encoder-decoder: the encoder's last hidden state `[b, s_enc, hidden]` (set on the first
+    /// step; later steps reuse it instead of encoding again).
+    pub encoder_hidden: Option<Tensor>,
+    /// Encoder-decoder: the encoder's 1/0 padding mask `[b, s_enc]` (`None` = all ones).
+    pub encoder_mask: Option<Vec<u8>>,
 }
 
 impl KvCache {
+    /// An empty cache for `n_layers` self-attention layers.
     pub fn new(n_layers: usize) -> Self {
-        KvCache { layers: vec![None; n_layers] }
+        KvCache { layers: vec![None; n_layers], ..Default::default() }
     }
     /// Number of cached positions.
     pub fn seq_len(&self) -> usize {
@@ -53,8 +67,9 @@ pub struct ForwardOptions {
     pub pool_index: Option<Vec<usize>>,
     /// BERT-family segment ids `[b, s]` (`None` = all 0).
     pub token_type_ids: Option<Vec<u32>>,
-    /// Encoder-decoder models: decoder input ids `[b, t]` (row-major). `None` with a cache that
-    /// holds encoder states means "continue decoding" (see the model's docs).
+    /// Encoder-decoder models: decoder input ids `[b, t]` (row-major), required in every call;
+    /// with a cache that already holds the encoder output, only the new decoder tokens (the
+    /// encoder input is then not re-encoded, see `T5ForConditionalGeneration::forward_embeds`).
     pub decoder_input_ids: Option<Vec<u32>>,
     /// Encoder-decoder models: `[b, past + t]` 1/0 decoder mask (`None` = all ones).
     pub decoder_attention_mask: Option<Vec<u8>>,

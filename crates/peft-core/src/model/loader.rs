@@ -5,6 +5,7 @@ use super::bert::{BertConfig, BertModel, BERT_ARCHITECTURES};
 use super::config::{LlamaConfig, LLAMA_ARCHITECTURES, SUPPORTED_ARCHITECTURES};
 use super::gpt2::{Gpt2Config, Gpt2LMHeadModel};
 use super::llama::LlamaForCausalLM;
+use super::t5::{T5Config, T5ForConditionalGeneration};
 use super::{BaseModel, Task};
 use crate::error::{PeftError, Result};
 use crate::io::read_safetensors;
@@ -87,7 +88,8 @@ pub fn is_gguf(path: &Path) -> bool {
 
 /// Load from a HF folder or a `.gguf` file; HF folders are dispatched on config.json's
 /// `architectures` (else `model_type`): Llama-family decoders (`LlamaForCausalLM`,
-/// `MistralForCausalLM`, `Qwen2ForCausalLM`) and `GPT2LMHeadModel`. Weights are converted to `dtype`
+/// `MistralForCausalLM`, `Qwen2ForCausalLM`), `GPT2LMHeadModel` and `T5ForConditionalGeneration`
+/// (encoder-decoder, SEQ_2_SEQ_LM). Weights are converted to `dtype`
 /// (`F32`, `F16` or `BF16`; GGUF quantized tensors are dequantized).
 ///
 /// Errors: `NotFound` (missing path, config.json or weights), `InvalidModelConfig` (also for an
@@ -155,6 +157,19 @@ pub fn load_model(path: &Path, dtype: DType, device: &Device, req: &LoadRequest)
             init_missing(&mut tensors, "score.weight", n, config.n_embd, &v, req.seed, device, &mut newly_initialized)?;
         }
         Box::new(Gpt2LMHeadModel::from_tensors_for(config, tensors, dtype, device, task, num_labels)?)
+    } else if arch == "T5ForConditionalGeneration" {
+        if task != Task::Seq2SeqLm {
+            return Err(PeftError::InvalidModelConfig {
+                path: cfg_path.clone(),
+                msg: format!("T5ForConditionalGeneration has no {} head here (supported: SEQ_2_SEQ_LM)", task.task_type()),
+            });
+        }
+        let mut config = T5Config::from_json(&v, &cfg_path)?;
+        if config.name_or_path.is_none() {
+            config.name_or_path = Some(path.to_string_lossy().into_owned());
+        }
+        let tensors = load_folder_weights(path, device)?;
+        Box::new(T5ForConditionalGeneration::from_tensors(config, tensors, dtype, device)?)
     } else if LLAMA_ARCHITECTURES.contains(&arch.replace("ForSequenceClassification", "ForCausalLM").as_str()) {
         let mut config = LlamaConfig::from_json(&v, &cfg_path)?;
         if config.name_or_path.is_none() {
@@ -193,6 +208,7 @@ pub fn architecture_of(v: &serde_json::Value) -> Option<String> {
     Some(
         match v.get("model_type").and_then(|x| x.as_str())? {
             "gpt2" => "GPT2LMHeadModel",
+            "t5" => "T5ForConditionalGeneration",
             "qwen2" => "Qwen2ForCausalLM",
             "mistral" => "MistralForCausalLM",
             "llama" => "LlamaForCausalLM",

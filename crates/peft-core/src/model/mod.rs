@@ -2,19 +2,22 @@
 //! transformers module path, so tuners attach by name without changing the model's code.
 //!
 //! [`BaseModel`] is what [`crate::peft_model::PeftModel`] needs from a base model; it is
-//! implemented by [`LlamaForCausalLM`] (Llama, Qwen2, Mistral), [`Gpt2LMHeadModel`] and
-//! [`BertModel`] (BERT, DistilBERT, RoBERTa encoders with their task heads).
+//! implemented by [`LlamaForCausalLM`] (Llama, Qwen2, Mistral), [`Gpt2LMHeadModel`],
+//! [`BertModel`] (BERT, DistilBERT, RoBERTa encoders with their task heads) and
+//! [`T5ForConditionalGeneration`] (encoder-decoder).
 
 pub mod bert;
 pub mod config;
 pub mod gpt2;
 pub mod llama;
 pub mod loader;
+pub mod t5;
 
 pub use bert::{mean_pool, BertConfig, BertModel};
 pub use config::LlamaConfig;
 pub use gpt2::{Gpt2Config, Gpt2LMHeadModel};
 pub use llama::{ForwardOptions, KvCache, LlamaForCausalLM};
+pub use t5::{T5Config, T5ForConditionalGeneration};
 
 use crate::error::{PeftError, Result};
 use crate::tuners::linear::PeftLinear;
@@ -152,8 +155,10 @@ pub fn init_normal(out: usize, inp: usize, std: f64, seed: u64, device: &Device)
     Ok(Tensor::from_vec(v, (out, inp), device)?)
 }
 
-/// A base causal LM that adapters attach to (object safe; `PeftModel` holds a
-/// `Box<dyn BaseModel>`).
+/// A base model that adapters attach to (object safe; `PeftModel` holds a
+/// `Box<dyn BaseModel>`): a decoder-only LM or classifier, or an encoder-decoder (T5, whose
+/// `embed` / `forward_embeds` input is the encoder's and whose logits are the decoder's; see
+/// [`ForwardOptions::decoder_input_ids`]).
 ///
 /// Tensors: token ids are `u32`, row-major `[b, s]`; embeddings `[b, s, hidden]` and logits
 /// `[b, s, vocab]` are in [`BaseModel::dtype`]. Key/value caches are [`KvCache`]s with one

@@ -30,6 +30,15 @@ pub enum InitLoraWeights {
     /// `false`: both `lora_A` and `lora_B` Kaiming-uniform (a = √5), like `nn.Linear`'s default
     /// init: the adapter is not a no-op (used for tests).
     Random,
+    /// `"pissa"` / `"pissa_niter_<n>"` (Meng et al. 2024, "PiSSA: Principal Singular Values and
+    /// Singular Vectors Adaptation"; HF `pissa_init`): with `W = U S Vᵀ` (f32 SVD of the base
+    /// weight `[out, in]`), `A = diag(√(S_r/s)) V_rᵀ`, `B = U_r diag(√(S_r/s))` and the base weight
+    /// becomes the residual `W − s·B A`. `pissa_niter_<n>` (HF: randomized SVD with n subspace
+    /// iterations) uses the exact SVD here, which the randomized one approximates.
+    Pissa(Option<usize>),
+    /// `"olora"` (Büyükakyüz 2024, "OLoRA: Orthonormal Low-Rank Adaptation"; HF `olora_init`):
+    /// `W = Q R` (f32 QR), `A = R[:r]`, `B = Q[:, :r]`, base weight `W − s·B A`.
+    Olora,
 }
 
 /// HF PEFT's `LoraConfig` (peft 0.21.0). See the module docs.
@@ -168,7 +177,16 @@ impl LoraConfig {
             Value::Bool(true) => InitLoraWeights::Default,
             Value::Bool(false) => InitLoraWeights::Random,
             Value::String(s) if s == "gaussian" => InitLoraWeights::Gaussian,
-            other => return Err(bad(format!("`init_lora_weights` must be true, false or \"gaussian\", found {other}"))),
+            Value::String(s) if s == "pissa" => InitLoraWeights::Pissa(None),
+            Value::String(s) if s == "olora" => InitLoraWeights::Olora,
+            Value::String(s) if s.starts_with("pissa_niter_") => match s["pissa_niter_".len()..].parse::<usize>() {
+                Ok(n) if n >= 1 => InitLoraWeights::Pissa(Some(n)),
+                _ => return Err(bad(format!("`init_lora_weights` {s:?}: the number of iterations after `pissa_niter_` must be a positive integer"))),
+            },
+            Value::String(s) if ["loftq", "eva", "corda", "orthogonal"].contains(&s.as_str()) => {
+                return Err(bad(format!("`init_lora_weights` {s:?} is not supported here (supported: true, false, \"gaussian\", \"pissa\", \"pissa_niter_<n>\", \"olora\")")))
+            }
+            other => return Err(bad(format!("`init_lora_weights` must be true, false, \"gaussian\", \"pissa\", \"pissa_niter_<n>\" or \"olora\", found {other}"))),
         };
         let str_list = |k: &str| -> Result<Option<Vec<String>>> {
             match &raw[k] {

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod ia3;
+pub mod init;
 pub mod linear;
 pub mod lora;
 pub mod prompt;

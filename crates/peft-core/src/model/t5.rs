@@ -1,0 +1,849 @@
+//! T5 encoder-decoder (`T5ForConditionalGeneration`) with transformers' module names.
+//!
+//! Encoder block `i` (`encoder.block.{i}`):
+//! `h = x + o(attn(q(n₀(x)), k(n₀(x)), v(n₀(x)); B_enc + M))` (`layer.0.SelfAttention`),
+//! `out = h + wo(act(wi(n₁(h))))` (`layer.1.DenseReluDense`; gated: `wo(act(wi_0(n)) · wi_1(n))`).
+//! Decoder block `i` (`decoder.block.{i}`) adds cross-attention between the two:
+//! `layer.0.SelfAttention` (causal, `B_dec`), `layer.1.EncDecAttention` (keys/values from the
+//! encoder output, padding mask only), `layer.2.DenseReluDense`. Every `nⱼ` is a
+//! `T5LayerNorm` (RMS norm without mean subtraction or bias, `layer_norm_epsilon`); each stack
+//! ends with `final_layer_norm`; `logits = lm_head(d · s)` with `s = d_model^-0.5` when
+//! `scale_decoder_outputs` is true and 1 otherwise.
+//!
+//! Attention scores are `q · kᵀ` **without** the `1/√d_kv` factor, plus the relative position
+//! bias `B[h, i, j] = relative_attention_bias[bucket(j − i), h]` (Raffel et al. 2020, §2.1;
+//! transformers' `T5Attention._relative_position_bucket`): bidirectional buckets in the encoder,
+//! unidirectional (only `j ≤ i` distinguished) in the decoder; the bias table exists in block 0
+//! of each stack only and is shared by the others. Query positions start at the number of
+//! cached positions (a prefix-tuning prefix counts), as transformers' `compute_bias` does with
+//! `past_seen_tokens`. Cross-attention has no position bias.
+//!
+//! The word embeddings `shared` feed both stacks (no scaling); `lm_head` is tied to `shared`
+//! unless the checkpoint has its own `lm_head.weight`. T5's own dropout (`dropout_rate`) is not
+//! applied, also while training (as for the other base models here; LoRA dropout is).
+//! Matches transformers 5.18's `T5ForConditionalGeneration` with eager attention.
+
+use super::config::{get_f64, get_usize, token_ids};
+use super::llama::{ForwardOptions, KvCache};
+use super::{causal_mask, BaseModel, ModelInfo, Task};
+use crate::error::{PeftError, Result};
+use crate::ops::{rms_norm, softmax_last};
+use crate::tuners::linear::{LinearCtx, PeftLinear};
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// The feed-forward activation (`dense_act_fn`: transformers' `ACT2FN` names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum T5Activation {
+    /// `"relu"` (original T5).
+    Relu,
+    /// `"gelu"`: exact erf GELU.
+    Gelu,
+    /// `"gelu_new"`: tanh approximation (T5 v1.1 / flan-t5 `"gated-gelu"`).
+    GeluNew,
+    /// `"silu"` / `"swish"`.
+    Silu,
+}
+
+impl T5Activation {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "relu" => T5Activation::Relu,
+            "gelu" => T5Activation::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" => T5Activation::GeluNew,
+            "silu" | "swish" => T5Activation::Silu,
+            _ => return None,
+        })
+    }
+
+    fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            T5Activation::Relu => x.relu(),
+            T5Activation::Gelu => x.gelu_erf(),
+            T5Activation::GeluNew => x.gelu(),
+            T5Activation::Silu => x.silu(),
+        }
+    }
+}
+
+/// T5 hyper-parameters from a transformers `config.json` (`model_type: "t5"`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct T5Config {
+    /// Rows of `shared` (and `lm_head`).
+    pub vocab_size: usize,
+    /// Hidden size of both stacks (transformers' `hidden_size` alias).
+    pub d_model: usize,
+    /// Size of one attention head.
+    pub d_kv: usize,
+    /// Feed-forward width.
+    pub d_ff: usize,
+    /// Encoder blocks (transformers' `num_hidden_layers` alias).
+    pub num_layers: usize,
+    /// Decoder blocks (default `num_layers`).
+    pub num_decoder_layers: usize,
+    /// Attention heads of every attention layer (`num_attention_heads` alias).
+    pub num_heads: usize,
+    /// Buckets of the relative position bias (default 32).
+    pub relative_attention_num_buckets: usize,
+    /// Distance from which relative positions share the last bucket (default 128).
+    pub relative_attention_max_distance: usize,
+    /// `T5LayerNorm` epsilon (default 1e-6).
+    pub layer_norm_epsilon: f64,
+    /// `feed_forward_proj` as written (`"relu"`, `"gated-gelu"`, ...).
+    pub feed_forward_proj: String,
+    /// `is_gated_act`: `wi_0`/`wi_1` instead of `wi` (from config.json, else from `feed_forward_proj`).
+    pub is_gated_act: bool,
+    /// `dense_act_fn` (from config.json, else from `feed_forward_proj`; `"gated-gelu"` → `gelu_new`).
+    pub dense_act_fn: String,
+    /// `dense_act_fn` parsed.
+    pub activation: T5Activation,
+    /// `tie_word_embeddings` as config.json states it (default true).
+    pub tie_word_embeddings: bool,
+    /// Multiply the decoder output by `d_model^-0.5` before `lm_head`: config.json's
+    /// `scale_decoder_outputs` when present, else `tie_word_embeddings != false` (transformers'
+    /// `T5Config.__post_init__`).
+    pub scale_decoder_outputs: bool,
+    /// `pad_token_id` (T5: 0); also what `-100` labels become in the shifted decoder input.
+    pub pad_token_id: Option<u32>,
+    /// `eos_token_id`, one or several ids (T5: 1).
+    pub eos_token_id: Vec<u32>,
+    /// First decoder token of generation and of shifted labels (T5: 0, the pad token).
+    pub decoder_start_token_id: Option<u32>,
+    /// The dtype named in the config, informational.
+    pub dtype: Option<String>,
+    /// `_name_or_path`, used as `base_model_name_or_path` when saving adapters.
+    pub name_or_path: Option<String>,
+}
+
+impl T5Config {
+    /// Parse a transformers T5 `config.json` value. `path` is used in error messages only.
+    ///
+    /// Errors: `InvalidModelConfig` for a missing/mistyped field, a `feed_forward_proj` that is
+    /// not `ACT` or `gated-ACT` (transformers' check), an activation other than relu, gelu,
+    /// gelu_new, silu, or zero-sized dimensions.
+    pub fn from_json(v: &Value, path: &Path) -> Result<Self> {
+        let bad = |msg: String| PeftError::InvalidModelConfig { path: path.to_path_buf(), msg };
+        if !v.is_object() {
+            return Err(bad("the top level must be a JSON object".into()));
+        }
+        let req = |k: &str| -> Result<usize> { get_usize(v, k, path)?.ok_or_else(|| bad(format!("missing required field `{k}`"))) };
+        let d_model = req("d_model")?;
+        let num_heads = req("num_heads")?;
+        let d_kv = req("d_kv")?;
+        let num_layers = req("num_layers")?;
+        if d_model == 0 || num_heads == 0 || d_kv == 0 {
+            return Err(bad("`d_model`, `num_heads` and `d_kv` must be positive".into()));
+        }
+        let ffp = v.get("feed_forward_proj").and_then(|x| x.as_str()).unwrap_or("relu").to_string();
+        let parts: Vec<&str> = ffp.split('-').collect();
+        if parts.len() > 2 || (parts.len() == 2 && parts[0] != "gated") {
+            return Err(bad(format!("`feed_forward_proj`: {ffp} is not of the format `gated-{{ACT_FN}}` or `{{ACT_FN}}` (e.g. 'gated-gelu' or 'relu')")));
+        }
+        let derived_act = if ffp == "gated-gelu" { "gelu_new".to_string() } else { parts[parts.len() - 1].to_string() };
+        let dense_act_fn = v.get("dense_act_fn").and_then(|x| x.as_str()).map(String::from).unwrap_or(derived_act);
+        let is_gated_act = v.get("is_gated_act").and_then(|x| x.as_bool()).unwrap_or(parts[0] == "gated" && parts.len() == 2);
+        let activation = T5Activation::parse(&dense_act_fn).ok_or_else(|| bad(format!("`dense_act_fn` `{dense_act_fn}` is not supported (relu, gelu, gelu_new, silu)")))?;
+        let tie = v.get("tie_word_embeddings").and_then(|x| x.as_bool());
+        let buckets = get_usize(v, "relative_attention_num_buckets", path)?.unwrap_or(32);
+        if buckets < 2 {
+            return Err(bad(format!("`relative_attention_num_buckets` must be at least 2, found {buckets}")));
+        }
+        Ok(T5Config {
+            vocab_size: req("vocab_size")?,
+            d_ff: req("d_ff")?,
+            num_decoder_layers: get_usize(v, "num_decoder_layers", path)?.unwrap_or(num_layers),
+            relative_attention_num_buckets: buckets,
+            relative_attention_max_distance: get_usize(v, "relative_attention_max_distance", path)?.unwrap_or(128),
+            layer_norm_epsilon: get_f64(v, "layer_norm_epsilon", path)?.unwrap_or(1e-6),
+            feed_forward_proj: ffp,
+            is_gated_act,
+            dense_act_fn,
+            activation,
+            tie_word_embeddings: tie.unwrap_or(true),
+            scale_decoder_outputs: v.get("scale_decoder_outputs").and_then(|x| x.as_bool()).unwrap_or(tie != Some(false)),
+            pad_token_id: token_ids(v.get("pad_token_id")).first().copied(),
+            eos_token_id: token_ids(v.get("eos_token_id")),
+            decoder_start_token_id: token_ids(v.get("decoder_start_token_id")).first().copied(),
+            dtype: v.get("dtype").or(v.get("torch_dtype")).and_then(|x| x.as_str()).map(String::from),
+            name_or_path: v.get("_name_or_path").and_then(|x| x.as_str()).map(String::from),
+            d_model,
+            d_kv,
+            num_layers,
+            num_heads,
+        })
+    }
+}
+
+/// One `T5Attention` (`SelfAttention` or `EncDecAttention`): bias-free `q`, `k`, `v`
+/// (`d_model → num_heads·d_kv`) and `o` (back to `d_model`).
+pub struct T5Attention {
+    /// Query projection `[num_heads·d_kv, d_model]`.
+    pub q: PeftLinear,
+    /// Key projection `[num_heads·d_kv, d_model]` (applied to the encoder output in cross-attention).
+    pub k: PeftLinear,
+    /// Value projection `[num_heads·d_kv, d_model]`.
+    pub v: PeftLinear,
+    /// Output projection `[d_model, num_heads·d_kv]`.
+    pub o: PeftLinear,
+    /// `relative_attention_bias.weight` `[num_buckets, num_heads]` (block 0 of each stack only).
+    pub relative_attention_bias: Option<Tensor>,
+}
+
+/// `DenseReluDense`: `T5DenseActDense` (`wi`, `wo`) or `T5DenseGatedActDense` (`wi_0`, `wi_1`, `wo`).
+pub enum T5DenseReluDense {
+    /// `wi` `[d_ff, d_model]`, `wo` `[d_model, d_ff]` (`feed_forward_proj: "relu"` etc.).
+    Plain { wi: PeftLinear, wo: PeftLinear },
+    /// `wi_0` (activated), `wi_1` (linear) `[d_ff, d_model]`, `wo` `[d_model, d_ff]`
+    /// (`feed_forward_proj: "gated-gelu"`, T5 v1.1 / flan-t5).
+    Gated { wi_0: PeftLinear, wi_1: PeftLinear, wo: PeftLinear },
+}
+
+impl T5DenseReluDense {
+    /// `wo(act(wi(x)))`, or gated `wo(act(wi_0(x)) · wi_1(x))` (`T5DenseGatedActDense`):
+    /// `x` `[..., d_model]` → `[..., d_model]`.
+    pub fn forward(&self, act: T5Activation, x: &Tensor, lin: &LinearCtx) -> Result<Tensor> {
+        match self {
+            T5DenseReluDense::Plain { wi, wo } => wo.forward(&act.apply(&wi.forward(x, lin)?)?, lin),
+            T5DenseReluDense::Gated { wi_0, wi_1, wo } => {
+                let g = act.apply(&wi_0.forward(x, lin)?)?;
+                wo.forward(&(g * wi_1.forward(x, lin)?)?, lin)
+            }
+        }
+    }
+}
+
+/// One `T5Block`. `cross` (decoder only) is `layer.1`: its `layer_norm.weight` and `EncDecAttention`.
+pub struct T5Block {
+    /// `layer.0.layer_norm.weight` `[d_model]`.
+    pub self_attn_norm: Tensor,
+    /// `layer.0.SelfAttention` (bidirectional in the encoder, causal in the decoder).
+    pub self_attn: T5Attention,
+    /// Decoder only: `layer.1.layer_norm.weight` `[d_model]` and `layer.1.EncDecAttention`.
+    pub cross: Option<(Tensor, T5Attention)>,
+    /// `layer.{1|2}.layer_norm.weight` `[d_model]`.
+    pub ff_norm: Tensor,
+    /// `layer.{1|2}.DenseReluDense`.
+    pub ff: T5DenseReluDense,
+}
+
+/// transformers' `T5ForConditionalGeneration`. See the module docs.
+pub struct T5ForConditionalGeneration {
+    /// The parsed config.json.
+    pub config: T5Config,
+    /// `shared.weight` `[vocab, d_model]`: the encoder's and decoder's token embeddings.
+    pub shared: Tensor,
+    /// `encoder.block.{i}` (`num_layers` blocks).
+    pub encoder: Vec<T5Block>,
+    /// `encoder.final_layer_norm.weight`.
+    pub encoder_final_layer_norm: Tensor,
+    /// `decoder.block.{i}` (`num_decoder_layers` blocks).
+    pub decoder: Vec<T5Block>,
+    /// `decoder.final_layer_norm.weight`.
+    pub decoder_final_layer_norm: Tensor,
+    /// `lm_head` `[vocab, d_model]`, no bias (tied to `shared` unless the checkpoint has one).
+    pub lm_head: PeftLinear,
+    /// Where the weights live.
+    pub device: Device,
+    /// Weights' and activations' dtype (attention scores, position bias and masks are f32).
+    pub dtype: DType,
+    info: ModelInfo,
+    /// `lm_head` shares `shared`'s weight (counted once).
+    lm_head_tied: bool,
+}
+
+/// Checkpoint tensors being taken apart by name.
+struct Weights {
+    t: HashMap<String, Tensor>,
+    dtype: DType,
+    device: Device,
+    path: PathBuf,
+}
+
+impl Weights {
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let x = self.t.remove(name).ok_or_else(|| PeftError::InvalidModelConfig { path: self.path.clone(), msg: format!("the weights have no tensor `{name}`") })?;
+        if x.dims() != shape {
+            return Err(PeftError::ShapeMismatch { name: name.into(), expected: shape.to_vec(), found: x.dims().to_vec() });
+        }
+        Ok(x.to_dtype(self.dtype)?.to_device(&self.device)?.contiguous()?)
+    }
+
+    fn linear(&mut self, name: &str, out: usize, inp: usize) -> Result<PeftLinear> {
+        Ok(PeftLinear::new(self.take(&format!("{name}.weight"), &[out, inp])?, None, false))
+    }
+
+    fn attention(&mut self, prefix: &str, c: &T5Config, relative_bias: bool) -> Result<T5Attention> {
+        let (d, inner) = (c.d_model, c.num_heads * c.d_kv);
+        Ok(T5Attention {
+            q: self.linear(&format!("{prefix}.q"), inner, d)?,
+            k: self.linear(&format!("{prefix}.k"), inner, d)?,
+            v: self.linear(&format!("{prefix}.v"), inner, d)?,
+            o: self.linear(&format!("{prefix}.o"), d, inner)?,
+            relative_attention_bias: if relative_bias {
+                Some(self.take(&format!("{prefix}.relative_attention_bias.weight"), &[c.relative_attention_num_buckets, c.num_heads])?)
+            } else {
+                None
+            },
+        })
+    }
+}
+
+/// transformers' `T5Attention._relative_position_bucket` for one relative position
+/// `rel = key position − query position`.
+pub fn relative_position_bucket(rel: i64, bidirectional: bool, num_buckets: usize, max_distance: usize) -> usize {
+    let mut nb = num_buckets as i64;
+    let mut ret = 0i64;
+    let n = if bidirectional {
+        nb /= 2;
+        if rel > 0 {
+            ret += nb;
+        }
+        rel.abs()
+    } else {
+        -(rel.min(0))
+    };
+    let max_exact = (nb / 2).max(1);
+    if n < max_exact {
+        return (ret + n) as usize;
+    }
+    // Computed in f32 like torch (`log(n / max_exact) / log(max_distance / max_exact) * (nb - max_exact)`,
+    // truncated).
+    let ratio = (n as f32 / max_exact as f32).ln() / ((max_distance as f64 / max_exact as f64).ln() as f32) * (nb - max_exact) as f32;
+    let large = (max_exact + ratio as i64).min(nb - 1);
+    (ret + large) as usize
+}
+
+fn lin_ctx(opts: &ForwardOptions) -> LinearCtx<'_> {
+    LinearCtx { train: opts.train, rows: opts.adapter_rows.as_ref(), rng: opts.dropout_rng.as_deref() }
+}
+
+impl T5ForConditionalGeneration {
+    /// Build from HF-named tensors (`shared.weight`, `encoder.block.0.layer.0.SelfAttention.q.weight`,
+    /// ...), converted to `dtype`. `encoder.embed_tokens.weight` / `decoder.embed_tokens.weight`
+    /// are ignored (tied to `shared`); `lm_head.weight` is used when present.
+    ///
+    /// Errors: `InvalidModelConfig` naming a missing tensor, `ShapeMismatch` naming a misshapen one.
+    pub fn from_tensors(config: T5Config, t: HashMap<String, Tensor>, dtype: DType, device: &Device) -> Result<Self> {
+        let c = &config;
+        let path = PathBuf::from(c.name_or_path.clone().unwrap_or_else(|| "<model>".into()));
+        let mut w = Weights { t, dtype, device: device.clone(), path };
+        let (d, ff) = (c.d_model, c.d_ff);
+        let shared = w.take("shared.weight", &[c.vocab_size, d])?;
+        let mut stacks = Vec::new();
+        for (stack, n) in [("encoder", c.num_layers), ("decoder", c.num_decoder_layers)] {
+            let is_dec = stack == "decoder";
+            let mut blocks = Vec::with_capacity(n);
+            for i in 0..n {
+                let p = format!("{stack}.block.{i}.layer");
+                let self_attn = w.attention(&format!("{p}.0.SelfAttention"), c, i == 0)?;
+                let self_attn_norm = w.take(&format!("{p}.0.layer_norm.weight"), &[d])?;
+                let cross = if is_dec {
+                    let a = w.attention(&format!("{p}.1.EncDecAttention"), c, false)?;
+                    Some((w.take(&format!("{p}.1.layer_norm.weight"), &[d])?, a))
+                } else {
+                    None
+                };
+                let fi = if is_dec { 2 } else { 1 };
+                let q = format!("{p}.{fi}.DenseReluDense");
+                let ff_mod = if c.is_gated_act {
+                    T5DenseReluDense::Gated { wi_0: w.linear(&format!("{q}.wi_0"), ff, d)?, wi_1: w.linear(&format!("{q}.wi_1"), ff, d)?, wo: w.linear(&format!("{q}.wo"), d, ff)? }
+                } else {
+                    T5DenseReluDense::Plain { wi: w.linear(&format!("{q}.wi"), ff, d)?, wo: w.linear(&format!("{q}.wo"), d, ff)? }
+                };
+                let ff_norm = w.take(&format!("{p}.{fi}.layer_norm.weight"), &[d])?;
+                blocks.push(T5Block { self_attn_norm, self_attn, cross, ff_norm, ff: ff_mod });
+            }
+            let final_norm = w.take(&format!("{stack}.final_layer_norm.weight"), &[d])?;
+            stacks.push((blocks, final_norm));
+        }
+        let lm_head_tied = !w.t.contains_key("lm_head.weight");
+        let lm_w = if lm_head_tied { shared.clone() } else { w.take("lm_head.weight", &[c.vocab_size, d])? };
+        let (decoder, decoder_final_layer_norm) = stacks.pop().expect("two stacks");
+        let (encoder, encoder_final_layer_norm) = stacks.pop().expect("two stacks");
+        let info = ModelInfo {
+            architecture: "T5ForConditionalGeneration".into(),
+            model_type: "t5".into(),
+            name_or_path: c.name_or_path.clone(),
+            vocab_size: c.vocab_size,
+            hidden_size: d,
+            num_hidden_layers: c.num_layers,
+            num_attention_heads: c.num_heads,
+            num_key_value_heads: None,
+            head_dim: c.d_kv,
+            // Relative positions: no length limit.
+            max_position_embeddings: usize::MAX,
+            pad_token_id: c.pad_token_id,
+            bos_token_id: None,
+            eos_token_id: c.eos_token_id.clone(),
+            decoder_start_token_id: c.decoder_start_token_id,
+            task: Task::Seq2SeqLm,
+            num_labels: None,
+        };
+        Ok(T5ForConditionalGeneration {
+            lm_head: PeftLinear::new(lm_w, None, false),
+            shared,
+            encoder,
+            encoder_final_layer_norm,
+            decoder,
+            decoder_final_layer_norm,
+            device: device.clone(),
+            dtype,
+            info,
+            lm_head_tied,
+            config,
+        })
+    }
+
+    /// Relative position bias `[1, heads, q_len, k_len]` f32 for queries at positions
+    /// `q_offset .. q_offset + q_len` and keys at `0 .. k_len`.
+    fn position_bias(&self, table: &Tensor, bidirectional: bool, q_len: usize, k_len: usize, q_offset: usize) -> Result<Tensor> {
+        let c = &self.config;
+        let (nb, md) = (c.relative_attention_num_buckets, c.relative_attention_max_distance);
+        let idx: Vec<u32> = (0..q_len)
+            .flat_map(|i| (0..k_len).map(move |j| relative_position_bucket(j as i64 - (i + q_offset) as i64, bidirectional, nb, md) as u32))
+            .collect();
+        let idx = Tensor::from_vec(idx, q_len * k_len, &self.device)?;
+        let v = table.index_select(&idx, 0)?.reshape((q_len, k_len, c.num_heads))?.permute((2, 0, 1))?.unsqueeze(0)?;
+        Ok(v.to_dtype(DType::F32)?)
+    }
+
+    /// Additive key-padding mask `[b, 1, 1, s]` (0 / `f32::MIN`); `None` when nothing is masked.
+    fn key_mask(&self, mask: Option<&Vec<u8>>, b: usize, s: usize, arg: &str) -> Result<Option<Tensor>> {
+        let Some(m) = mask else { return Ok(None) };
+        if m.len() != b * s {
+            return Err(PeftError::invalid_arg(arg, format!("has {} values, expected {b} × {s}", m.len())));
+        }
+        if m.iter().all(|&x| x != 0) {
+            return Ok(None);
+        }
+        let v: Vec<f32> = m.iter().map(|&x| if x != 0 { 0.0 } else { f32::MIN }).collect();
+        Ok(Some(Tensor::from_vec(v, (b, 1, 1, s), &self.device)?))
+    }
+
+    /// One `T5Attention`. `x` `[b, s, d_model]`; `kv_src` is the encoder output for
+    /// cross-attention (`None` = self-attention); `bias` `[1|b, heads, s, t]` f32 (position bias
+    /// plus mask). `slot` is this layer's cache entry: self-attention appends to it,
+    /// cross-attention computes it once and reuses it.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(&self, a: &T5Attention, x: &Tensor, kv_src: Option<&Tensor>, bias: Option<&Tensor>, lin: &LinearCtx, slot: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let (h, dk) = (self.config.num_heads, self.config.d_kv);
+        let q = a.q.forward(x, lin)?.reshape((b, s, h, dk))?.transpose(1, 2)?.contiguous()?;
+        let proj = |src: &Tensor| -> Result<(Tensor, Tensor)> {
+            let t = src.dim(1)?;
+            let k = a.k.forward(src, lin)?.reshape((b, t, h, dk))?.transpose(1, 2)?.contiguous()?;
+            let v = a.v.forward(src, lin)?.reshape((b, t, h, dk))?.transpose(1, 2)?.contiguous()?;
+            Ok((k, v))
+        };
+        let (k, v) = match (kv_src, slot) {
+            (Some(src), Some(slot)) => match slot {
+                Some(kv) => kv.clone(),
+                None => {
+                    let kv = proj(src)?;
+                    *slot = Some(kv.clone());
+                    kv
+                }
+            },
+            (Some(src), None) => proj(src)?,
+            (None, Some(slot)) => {
+                let (k, v) = proj(x)?;
+                let kv = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                };
+                *slot = Some(kv.clone());
+                kv
+            }
+            (None, None) => proj(x)?,
+        };
+        let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?;
+        let scores = match bias {
+            Some(bias) => scores.broadcast_add(bias)?,
+            None => scores,
+        };
+        let probs = softmax_last(&scores, lin.train)?.to_dtype(self.dtype)?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h * dk))?;
+        a.o.forward(&out, lin)
+    }
+
+    fn feed_forward(&self, f: &T5DenseReluDense, x: &Tensor, lin: &LinearCtx) -> Result<Tensor> {
+        f.forward(self.config.activation, x, lin)
+    }
+
+    /// The encoder (`T5Stack` with `is_decoder = False`): input embeddings `[b, s, d_model]` and
+    /// an optional 1/0 padding mask `[b, s]` → `encoder.last_hidden_state` `[b, s, d_model]`.
+    ///
+    /// Errors: `InvalidArgument` (`attentionMask`) for a mask of the wrong length.
+    pub fn encode(&self, x: &Tensor, mask: Option<&Vec<u8>>, opts: &ForwardOptions) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let c = &self.config;
+        let lin = lin_ctx(opts);
+        let table = self.encoder[0].self_attn.relative_attention_bias.as_ref().expect("encoder block 0 has the bias table");
+        let bias = self.position_bias(table, true, s, s, 0)?;
+        let bias = match self.key_mask(mask, b, s, "attentionMask")? {
+            Some(m) => bias.broadcast_add(&m)?,
+            None => bias,
+        };
+        let mut h = x.to_dtype(self.dtype)?;
+        for blk in &self.encoder {
+            let n = rms_norm(&h, &blk.self_attn_norm, c.layer_norm_epsilon, lin.train)?;
+            h = (&h + self.attention(&blk.self_attn, &n, None, Some(&bias), &lin, None)?)?;
+            let n = rms_norm(&h, &blk.ff_norm, c.layer_norm_epsilon, lin.train)?;
+            h = (&h + self.feed_forward(&blk.ff, &n, &lin)?)?;
+        }
+        Ok(rms_norm(&h, &self.encoder_final_layer_norm, c.layer_norm_epsilon, lin.train)?)
+    }
+
+    /// The decoder and `lm_head`: decoder ids `[b, t]` over the encoder output `enc`
+    /// `[b, s, d_model]` (padding mask `enc_mask` `[b, s]`) → logits `[b, t, vocab]`
+    /// (`[b, 1, vocab]` with `last_only`). `cache` supplies past self-attention keys/values
+    /// (e.g. a prefix) and the cross-attention keys/values, and receives the new ones.
+    fn decode(&self, enc: &Tensor, enc_mask: Option<&Vec<u8>>, opts: &ForwardOptions, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, s_enc, _) = enc.dims3()?;
+        let ids = opts.decoder_input_ids.as_ref().ok_or_else(|| {
+            PeftError::invalid_arg("decoderInputIds", "T5ForConditionalGeneration needs decoder input ids (or labels to derive them from while training)")
+        })?;
+        if ids.is_empty() || !ids.len().is_multiple_of(b) {
+            return Err(PeftError::invalid_arg("decoderInputIds", format!("has {} ids, expected batch {b} × target length", ids.len())));
+        }
+        let t = ids.len() / b;
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= c.vocab_size) {
+            return Err(PeftError::invalid_arg("decoderInputIds", format!("token id {bad} is outside the vocabulary (size {})", c.vocab_size)));
+        }
+        let lin = lin_ctx(opts);
+        let n_dec = self.decoder.len();
+        if let Some(cache) = cache.as_deref_mut() {
+            if cache.layers.len() < n_dec {
+                cache.layers.resize(n_dec, None);
+            }
+            if cache.cross.len() < n_dec {
+                cache.cross.resize(n_dec, None);
+            }
+            if let Some((k, _)) = cache.layers[0].as_ref() {
+                if k.dim(0)? != b {
+                    return Err(PeftError::invalid_arg("decoderInputIds", format!("batch {b} does not match the cache's batch {}", k.dim(0)?)));
+                }
+            }
+        }
+        let past = cache.as_ref().map(|c| c.seq_len()).unwrap_or(0);
+        if let Some(m) = &opts.decoder_attention_mask {
+            if m.len() != b * (past + t) {
+                return Err(PeftError::invalid_arg("decoderAttentionMask", format!("has {} values, expected {b} × {} (cached + new positions)", m.len(), past + t)));
+            }
+        }
+        let table = self.decoder[0].self_attn.relative_attention_bias.as_ref().expect("decoder block 0 has the bias table");
+        let self_bias = self.position_bias(table, false, t, past + t, past)?;
+        let self_bias = match causal_mask(opts.decoder_attention_mask.as_ref(), b, t, past, &self.device)? {
+            Some(m) => self_bias.broadcast_add(&m)?,
+            None => self_bias,
+        };
+        let cross_bias = self.key_mask(enc_mask, b, s_enc, "attentionMask")?;
+        let idx = Tensor::from_slice(ids, b * t, &self.device)?;
+        let mut h = self.shared.index_select(&idx, 0)?.reshape((b, t, c.d_model))?;
+        for (i, blk) in self.decoder.iter().enumerate() {
+            let n = rms_norm(&h, &blk.self_attn_norm, c.layer_norm_epsilon, lin.train)?;
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            h = (&h + self.attention(&blk.self_attn, &n, None, Some(&self_bias), &lin, slot)?)?;
+            let (norm, cross) = blk.cross.as_ref().expect("decoder blocks have cross-attention");
+            let n = rms_norm(&h, norm, c.layer_norm_epsilon, lin.train)?;
+            let slot = cache.as_deref_mut().map(|c| &mut c.cross[i]);
+            h = (&h + self.attention(cross, &n, Some(enc), cross_bias.as_ref(), &lin, slot)?)?;
+            let n = rms_norm(&h, &blk.ff_norm, c.layer_norm_epsilon, lin.train)?;
+            h = (&h + self.feed_forward(&blk.ff, &n, &lin)?)?;
+        }
+        let h = if opts.last_only { h.narrow(1, t - 1, 1)? } else { h };
+        let h = rms_norm(&h, &self.decoder_final_layer_norm, c.layer_norm_epsilon, lin.train)?;
+        let h = if c.scale_decoder_outputs { (h * (c.d_model as f64).powf(-0.5))? } else { h };
+        self.lm_head.forward(&h, &lin)
+    }
+}
+
+fn attn_names(p: String) -> [String; 4] {
+    ["q", "k", "v", "o"].map(|n| format!("{p}.{n}"))
+}
+
+fn ff_names(p: String, gated: bool) -> Vec<String> {
+    let names: &[&str] = if gated { &["wi_0", "wi_1", "wo"] } else { &["wi", "wo"] };
+    names.iter().map(|n| format!("{p}.DenseReluDense.{n}")).collect()
+}
+
+impl BaseModel for T5ForConditionalGeneration {
+    fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    /// config.json's T5 fields plus transformers' `attribute_map` aliases (`hidden_size`,
+    /// `num_attention_heads`, `num_hidden_layers`, `head_dim`).
+    fn config_json(&self) -> Value {
+        let c = &self.config;
+        serde_json::json!({
+            "model_type": "t5", "architectures": ["T5ForConditionalGeneration"], "vocab_size": c.vocab_size,
+            "d_model": c.d_model, "d_kv": c.d_kv, "d_ff": c.d_ff, "num_layers": c.num_layers,
+            "num_decoder_layers": c.num_decoder_layers, "num_heads": c.num_heads,
+            "relative_attention_num_buckets": c.relative_attention_num_buckets,
+            "relative_attention_max_distance": c.relative_attention_max_distance,
+            "layer_norm_epsilon": c.layer_norm_epsilon, "feed_forward_proj": c.feed_forward_proj,
+            "dense_act_fn": c.dense_act_fn, "is_gated_act": c.is_gated_act,
+            "tie_word_embeddings": c.tie_word_embeddings, "scale_decoder_outputs": c.scale_decoder_outputs,
+            "is_encoder_decoder": true, "pad_token_id": c.pad_token_id, "eos_token_id": c.eos_token_id,
+            "decoder_start_token_id": c.decoder_start_token_id, "dtype": c.dtype, "_name_or_path": c.name_or_path,
+            // transformers' T5Config.attribute_map aliases
+            "hidden_size": c.d_model, "num_attention_heads": c.num_heads, "num_hidden_layers": c.num_layers,
+            "head_dim": c.d_kv,
+        })
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// `encoder.block.{i}.layer.0.SelfAttention.{q,k,v,o}`, `encoder.block.{i}.layer.1.DenseReluDense.{wi,wo}`
+    /// (gated: `wi_0`, `wi_1`, `wo`), then per decoder block `layer.0.SelfAttention`,
+    /// `layer.1.EncDecAttention`, `layer.2.DenseReluDense`, and `lm_head` last (module order).
+    fn named_linears(&self) -> Vec<(String, &PeftLinear)> {
+        let gated = self.config.is_gated_act;
+        let mut out = Vec::new();
+        for (stack, blocks) in [("encoder", &self.encoder), ("decoder", &self.decoder)] {
+            for (i, blk) in blocks.iter().enumerate() {
+                let p = format!("{stack}.block.{i}.layer");
+                let a = &blk.self_attn;
+                out.extend(attn_names(format!("{p}.0.SelfAttention")).into_iter().zip([&a.q, &a.k, &a.v, &a.o]));
+                let fi = match &blk.cross {
+                    Some((_, a)) => {
+                        out.extend(attn_names(format!("{p}.1.EncDecAttention")).into_iter().zip([&a.q, &a.k, &a.v, &a.o]));
+                        2
+                    }
+                    None => 1,
+                };
+                let lins: Vec<&PeftLinear> = match &blk.ff {
+                    T5DenseReluDense::Plain { wi, wo } => vec![wi, wo],
+                    T5DenseReluDense::Gated { wi_0, wi_1, wo } => vec![wi_0, wi_1, wo],
+                };
+                out.extend(ff_names(format!("{p}.{fi}"), gated).into_iter().zip(lins));
+            }
+        }
+        out.push(("lm_head".into(), &self.lm_head));
+        out
+    }
+
+    fn named_linears_mut(&mut self) -> Vec<(String, &mut PeftLinear)> {
+        let gated = self.config.is_gated_act;
+        let mut out: Vec<(String, &mut PeftLinear)> = Vec::new();
+        for (stack, blocks) in [("encoder", &mut self.encoder), ("decoder", &mut self.decoder)] {
+            for (i, blk) in blocks.iter_mut().enumerate() {
+                let p = format!("{stack}.block.{i}.layer");
+                let T5Block { self_attn, cross, ff, .. } = blk;
+                let T5Attention { q, k, v, o, .. } = self_attn;
+                out.extend(attn_names(format!("{p}.0.SelfAttention")).into_iter().zip([q, k, v, o]));
+                let fi = match cross {
+                    Some((_, a)) => {
+                        let T5Attention { q, k, v, o, .. } = a;
+                        out.extend(attn_names(format!("{p}.1.EncDecAttention")).into_iter().zip([q, k, v, o]));
+                        2
+                    }
+                    None => 1,
+                };
+                let lins: Vec<&mut PeftLinear> = match ff {
+                    T5DenseReluDense::Plain { wi, wo } => vec![wi, wo],
+                    T5DenseReluDense::Gated { wi_0, wi_1, wo } => vec![wi_0, wi_1, wo],
+                };
+                out.extend(ff_names(format!("{p}.{fi}"), gated).into_iter().zip(lins));
+            }
+        }
+        out.push(("lm_head".into(), &mut self.lm_head));
+        out
+    }
+
+    fn named_norm_biases_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+        vec![]
+    }
+
+    fn named_norm_biases(&self) -> Vec<(String, &Tensor)> {
+        vec![]
+    }
+
+    fn module_names(&self) -> Vec<String> {
+        let gated = self.config.is_gated_act;
+        let mut out = vec!["shared".to_string()];
+        for (stack, blocks) in [("encoder", &self.encoder), ("decoder", &self.decoder)] {
+            out.extend([stack.to_string(), format!("{stack}.embed_tokens"), format!("{stack}.block")]);
+            for (i, blk) in blocks.iter().enumerate() {
+                let p = format!("{stack}.block.{i}");
+                out.extend([p.clone(), format!("{p}.layer"), format!("{p}.layer.0"), format!("{p}.layer.0.SelfAttention")]);
+                out.extend(attn_names(format!("{p}.layer.0.SelfAttention")));
+                if blk.self_attn.relative_attention_bias.is_some() {
+                    out.push(format!("{p}.layer.0.SelfAttention.relative_attention_bias"));
+                }
+                out.extend([format!("{p}.layer.0.layer_norm"), format!("{p}.layer.0.dropout")]);
+                let fi = if blk.cross.is_some() {
+                    out.extend([format!("{p}.layer.1"), format!("{p}.layer.1.EncDecAttention")]);
+                    out.extend(attn_names(format!("{p}.layer.1.EncDecAttention")));
+                    out.extend([format!("{p}.layer.1.layer_norm"), format!("{p}.layer.1.dropout")]);
+                    2
+                } else {
+                    1
+                };
+                out.extend([format!("{p}.layer.{fi}"), format!("{p}.layer.{fi}.DenseReluDense")]);
+                out.extend(ff_names(format!("{p}.layer.{fi}"), gated));
+                out.extend([
+                    format!("{p}.layer.{fi}.DenseReluDense.dropout"),
+                    format!("{p}.layer.{fi}.DenseReluDense.act"),
+                    format!("{p}.layer.{fi}.layer_norm"),
+                    format!("{p}.layer.{fi}.dropout"),
+                ]);
+            }
+            out.extend([format!("{stack}.final_layer_norm"), format!("{stack}.dropout")]);
+        }
+        out.push("lm_head".into());
+        out
+    }
+
+    /// `shared`, every linear except a tied `lm_head`, the layer norms and the two bias tables
+    /// (as `named_parameters` counts them).
+    fn base_param_count(&self) -> usize {
+        let tied = self.lm_head_tied;
+        let mut n = self.shared.elem_count() + self.encoder_final_layer_norm.elem_count() + self.decoder_final_layer_norm.elem_count();
+        for blk in self.encoder.iter().chain(&self.decoder) {
+            n += blk.self_attn_norm.elem_count() + blk.ff_norm.elem_count();
+            n += blk.cross.as_ref().map(|(w, _)| w.elem_count()).unwrap_or(0);
+            n += blk.self_attn.relative_attention_bias.as_ref().map(|t| t.elem_count()).unwrap_or(0);
+        }
+        for (name, lin) in self.named_linears() {
+            if name == "lm_head" && tied {
+                continue;
+            }
+            n += lin.base_param_count();
+        }
+        n
+    }
+
+    fn word_embeddings(&self) -> &Tensor {
+        &self.shared
+    }
+
+    fn embed(&self, ids: &[u32], b: usize, s: usize) -> Result<Tensor> {
+        let vocab = self.config.vocab_size;
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+            return Err(PeftError::invalid_arg("inputIds", format!("token id {bad} is outside the vocabulary (size {vocab})")));
+        }
+        let idx = Tensor::from_slice(ids, b * s, &self.device)?;
+        Ok(self.shared.index_select(&idx, 0)?.reshape((b, s, self.config.d_model))?)
+    }
+
+    /// `x`: encoder input embeddings `[b, s, d_model]` with `opts.attention_mask` `[b, s]`;
+    /// `opts.decoder_input_ids` `[b, t]` (required) with `opts.decoder_attention_mask`
+    /// `[b, past + t]` → decoder logits `[b, t, vocab]`. `position_ids` are not used (relative
+    /// positions).
+    ///
+    /// With a `cache` that already holds the encoder output (a later decoding step), `x` and
+    /// `attention_mask` are not used: the cached encoder output and mask are (as transformers'
+    /// `generate` passes `encoder_outputs`). Otherwise the encoder runs and, with a cache, its
+    /// output and mask are stored there.
+    fn forward_embeds(&self, x: &Tensor, opts: &ForwardOptions, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let cached = cache.as_ref().and_then(|c| c.encoder_hidden.clone().map(|h| (h, c.encoder_mask.clone())));
+        let (enc, mask) = match cached {
+            Some(hm) => hm,
+            None => {
+                let (b, s, _) = x.dims3()?;
+                if let Some(m) = &opts.attention_mask {
+                    if m.len() != b * s {
+                        return Err(PeftError::invalid_arg("attentionMask", format!("has {} values, expected {b} × {s}", m.len())));
+                    }
+                }
+                let h = self.encode(x, opts.attention_mask.as_ref(), opts)?;
+                (h, opts.attention_mask.clone())
+            }
+        };
+        let mut cache = cache;
+        if let Some(c) = cache.as_deref_mut() {
+            if c.encoder_hidden.is_none() {
+                c.encoder_hidden = Some(enc.clone());
+                c.encoder_mask = mask.clone();
+            }
+        }
+        self.decode(&enc, mask.as_ref(), opts, cache)
+    }
+
+    /// Decoder blocks (the self-attention layers of a [`KvCache`]); `info().num_hidden_layers`
+    /// is the encoder's `num_layers`, as transformers' alias has it.
+    #[allow(clippy::misnamed_getters)]
+    fn num_layers(&self) -> usize {
+        self.config.num_decoder_layers
+    }
+
+    fn new_cache(&self) -> KvCache {
+        let n = self.config.num_decoder_layers;
+        KvCache { layers: vec![None; n], cross: vec![None; n], ..Default::default() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::relative_position_bucket as bucket;
+    use super::*;
+
+    fn lin(v: &[f32]) -> PeftLinear {
+        PeftLinear::new(Tensor::from_slice(v, (2, 2), &Device::Cpu).unwrap(), None, false)
+    }
+
+    #[test]
+    fn gated_feed_forward_gates_the_activated_branch() {
+        // x = [1, -1]; wi_0 = I, wi_1 = diag(2, 3), wo = I → act([1, -1]) · [2, -3].
+        let ff = T5DenseReluDense::Gated { wi_0: lin(&[1., 0., 0., 1.]), wi_1: lin(&[2., 0., 0., 3.]), wo: lin(&[1., 0., 0., 1.]) };
+        let x = Tensor::from_slice(&[1f32, -1.], (1, 2), &Device::Cpu).unwrap();
+        let ctx = LinearCtx { train: false, rows: None, rng: None };
+        let run = |a| -> Vec<f32> { ff.forward(a, &x, &ctx).unwrap().flatten_all().unwrap().to_vec1().unwrap() };
+        let close = |got: Vec<f32>, want: [f32; 2]| got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-5);
+        assert!(close(run(T5Activation::Relu), [2.0, 0.0]));
+        // gelu_new(1) = 0.841192, gelu_new(-1) = -0.158808 (tanh form); erf GELU: 0.841345, -0.158655.
+        assert!(close(run(T5Activation::GeluNew), [1.682384, 0.476424]), "{:?}", run(T5Activation::GeluNew));
+        assert!(close(run(T5Activation::Gelu), [1.682689, 0.475965]), "{:?}", run(T5Activation::Gelu));
+    }
+
+    #[test]
+    fn config_follows_transformers_post_init() {
+        let p = Path::new("config.json");
+        let base = serde_json::json!({"vocab_size": 10, "d_model": 8, "d_kv": 4, "d_ff": 16, "num_layers": 2, "num_heads": 2});
+        let with = |k: &str, v: Value| {
+            let mut x = base.clone();
+            x[k] = v;
+            T5Config::from_json(&x, p)
+        };
+        let c = T5Config::from_json(&base, p).unwrap();
+        assert_eq!((c.is_gated_act, c.activation, c.scale_decoder_outputs, c.num_decoder_layers, c.relative_attention_num_buckets), (false, T5Activation::Relu, true, 2, 32));
+        let g = with("feed_forward_proj", "gated-gelu".into()).unwrap();
+        assert_eq!((g.is_gated_act, g.activation, g.dense_act_fn.as_str()), (true, T5Activation::GeluNew, "gelu_new"));
+        assert_eq!(with("feed_forward_proj", "gated-silu".into()).unwrap().activation, T5Activation::Silu);
+        // v1.1 configs say `tie_word_embeddings: false` → no scaling; an explicit
+        // `scale_decoder_outputs` wins (transformers sets config.json's keys after `__post_init__`).
+        assert!(!with("tie_word_embeddings", false.into()).unwrap().scale_decoder_outputs);
+        assert!(!with("scale_decoder_outputs", false.into()).unwrap().scale_decoder_outputs);
+        let mut both = base.clone();
+        both["tie_word_embeddings"] = false.into();
+        both["scale_decoder_outputs"] = true.into();
+        assert!(T5Config::from_json(&both, p).unwrap().scale_decoder_outputs);
+        let e = with("feed_forward_proj", "double-gelu".into()).unwrap_err();
+        assert!(e.to_string().contains("feed_forward_proj"), "{e}");
+        let e = with("feed_forward_proj", "tanh".into()).unwrap_err();
+        assert!(e.to_string().contains("dense_act_fn"), "{e}");
+        let mut missing = base.clone();
+        missing.as_object_mut().unwrap().remove("d_kv");
+        assert!(T5Config::from_json(&missing, p).unwrap_err().to_string().contains("d_kv"));
+    }
+
+    #[test]
+    fn buckets_follow_transformers() {
+        // Values from transformers' `_relative_position_bucket` (num_buckets 32, max_distance 128).
+        let bi: Vec<usize> = [-200, -128, -20, -8, -7, -1, 0, 1, 7, 8, 20, 128].iter().map(|&r| bucket(r, true, 32, 128)).collect();
+        assert_eq!(bi, [15, 15, 10, 8, 7, 1, 0, 17, 23, 24, 26, 31]);
+        let uni: Vec<usize> = [-200, -20, -16, -15, -1, 0, 3].iter().map(|&r| bucket(r, false, 32, 128)).collect();
+        assert_eq!(uni, [31, 17, 16, 15, 1, 0, 0]);
+    }
+}
