@@ -666,7 +666,7 @@ impl PeftModel {
         for w in wanted {
             let mut found = false;
             for (mname, lin) in self.base.named_linears() {
-                if &mname == w || mname.ends_with(&format!(".{w}")) {
+                if saves_module(&mname, w) {
                     let wt = Var::from_tensor(&lin.weight.copy()?)?;
                     let b = match &lin.bias {
                         Some(b) => Some(Var::from_tensor(&b.copy()?)?),
@@ -1305,7 +1305,7 @@ impl PeftModel {
                 _ => {}
             }
             let mts = cfg.modules_to_save();
-            if mts.iter().any(|w| &m == w || m.ends_with(&format!(".{w}"))) {
+            if mts.iter().any(|w| saves_module(&m, w)) {
                 expected.insert(format!("{m}.weight"), (m.clone(), false, lin.weight.dims().to_vec()));
                 if let Some(b) = &lin.bias {
                     expected.insert(format!("{m}.bias"), (m.clone(), false, b.dims().to_vec()));
@@ -1466,7 +1466,7 @@ impl PeftModel {
         }
         let mut copy_shapes: HashMap<String, Vec<usize>> = HashMap::new();
         for (m, lin) in self.base.named_linears() {
-            if mts.iter().any(|w| &m == w || m.ends_with(&format!(".{w}"))) {
+            if mts.iter().any(|w| saves_module(&m, w)) {
                 copy_shapes.insert(format!("base_model.{m}.weight"), lin.weight.dims().to_vec());
                 if let Some(b) = &lin.bias {
                     copy_shapes.insert(format!("base_model.{m}.bias"), b.dims().to_vec());
@@ -1660,6 +1660,18 @@ impl PeftModel {
             return self.base.forward(ids, b, s, &o, Some(cache));
         }
         o.position_ids = None;
+        // HF `PeftModelFor{SequenceClassification,TokenClassification,QuestionAnswering}`: the
+        // virtual tokens get segment 0; `PeftModelForFeatureExtraction` drops token types.
+        if let Some(tt) = &opts.token_type_ids {
+            if tt.len() != b * s {
+                return Err(PeftError::invalid_arg("tokenTypeIds", format!("has {} values, expected {b} × {s}", tt.len())));
+            }
+            o.token_type_ids = match self.base.task() {
+                Task::FeatureExtraction => None,
+                _ if first => Some((0..b).flat_map(|r| std::iter::repeat_n(0, n).chain(tt[r * s..(r + 1) * s].iter().copied())).collect()),
+                _ => Some(tt.clone()),
+            };
+        }
         let x = self.base.embed(ids, b, s)?;
         let x = if first {
             let prompts = enc.batch_prompts(b, opts.task_ids.as_deref(), opts.train, rng)?.to_dtype(self.base.dtype())?;
@@ -1990,6 +2002,17 @@ fn check_save_subfolder(dir: &Path, target: &Path) -> Result<()> {
 /// head (HF's `SEQ_CLS_HEAD_NAMES`).
 pub(crate) fn is_output_head(task: Task, module: &str) -> bool {
     module == "lm_head" || (task == Task::SeqCls && (module == "score" || module == "classifier"))
+}
+
+/// Whether the `modules_to_save` entry `entry` selects linear module `module`: HF `_set_trainable`
+/// tests a plain `key.endswith(entry)`, without a dot boundary, so `classifier` also selects
+/// DistilBERT's `pre_classifier` (which HF PEFT then trains and saves).
+///
+/// HF wraps the matched module whole, so a linear layer is also selected when one of its parent
+/// modules matches (RoBERTa's `classifier` head holds `classifier.dense` and
+/// `classifier.out_proj`); the copies are saved under the same keys as HF's.
+pub(crate) fn saves_module(module: &str, entry: &str) -> bool {
+    module.ends_with(entry) || module.match_indices('.').any(|(i, _)| module[..i].ends_with(entry))
 }
 
 /// HF `PeftModelForSequenceClassification` / `...TokenClassification` / `...QuestionAnswering`:

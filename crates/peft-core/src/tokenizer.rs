@@ -129,8 +129,14 @@ impl Tokenizer {
     /// `tokenizer.json`.
     pub fn from_file(tokenizer_json: &Path) -> Result<Self> {
         let bytes = std::fs::read(tokenizer_json).map_err(|e| PeftError::io(tokenizer_json, e))?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
+        let mut inner = tokenizers::Tokenizer::from_bytes(&bytes)
             .map_err(|e| tok_err(&format!("cannot parse {}", tokenizer_json.display()), e))?;
+        // transformers' fast tokenizers ignore the file's padding and truncation unless a call
+        // asks for them (sentence-transformers' files pad every text to 128 tokens).
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| tok_err(&format!("cannot disable truncation of {}", tokenizer_json.display()), e))?;
         Ok(Tokenizer { inner, bos_token_id: None, eos_token_id: None, pad_token_id: None, chat_template: None })
     }
 
@@ -429,6 +435,21 @@ impl Tokenizer {
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
         let enc = self.inner.encode(text, add_special_tokens).map_err(|e| tok_err("cannot encode text", e))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Encode a text, or a text pair (BERT's `[CLS] a [SEP] b [SEP]`), to `(ids, token_type_ids)`
+    /// as transformers' `tokenizer(a, b)` returns `input_ids` and `token_type_ids`: the segment
+    /// ids come from the post-processor (0 for the first text and its special tokens, 1 for
+    /// the second with WordPiece/BERT templates; all 0 for tokenizers without segments).
+    ///
+    /// Errors: `Tokenizer` when the underlying tokenizer fails.
+    pub fn encode_with_type_ids(&self, text: &str, pair: Option<&str>, add_special_tokens: bool) -> Result<(Vec<u32>, Vec<u32>)> {
+        let enc = match pair {
+            Some(b) => self.inner.encode((text, b), add_special_tokens),
+            None => self.inner.encode(text, add_special_tokens),
+        }
+        .map_err(|e| tok_err("cannot encode text", e))?;
+        Ok((enc.get_ids().to_vec(), enc.get_type_ids().to_vec()))
     }
 
     /// Decode ids back to text (`tokenizer.decode` in transformers, without

@@ -294,9 +294,9 @@ fn prompt_and_prefix_tuning_train_and_reload() {
 #[test]
 fn unsupported_architecture_is_named() {
     let dir = temp_dir("gpt2-unsupported");
-    std::fs::write(dir.join("config.json"), r#"{"architectures": ["BertForMaskedLM"], "model_type": "bert"}"#).unwrap();
+    std::fs::write(dir.join("config.json"), r#"{"architectures": ["ElectraForMaskedLM"], "model_type": "electra"}"#).unwrap();
     let e = peft_core::model::loader::load_causal_lm(&dir, DType::F32, &candle_core::Device::Cpu).err().expect("must fail");
     let msg = e.to_string();
-    assert!(msg.contains("BertForMaskedLM") && msg.contains("GPT2LMHeadModel") && msg.contains("LlamaForCausalLM"), "{msg}");
+    assert!(msg.contains("ElectraForMaskedLM") && msg.contains("GPT2LMHeadModel") && msg.contains("LlamaForCausalLM"), "{msg}");
     remove_dir(&dir);
 }

@@ -1,6 +1,7 @@
 //! Loading a Llama-family causal LM from a Hugging Face model folder (config.json +
 //! model.safetensors or a sharded model.safetensors.index.json) or from a GGUF file.
 
+use super::bert::{BertConfig, BertModel, BERT_ARCHITECTURES};
 use super::config::{LlamaConfig, LLAMA_ARCHITECTURES, SUPPORTED_ARCHITECTURES};
 use super::gpt2::{Gpt2Config, Gpt2LMHeadModel};
 use super::llama::LlamaForCausalLM;
@@ -39,7 +40,7 @@ pub struct LoadRequest {
 /// The task an `architectures` entry names (`...ForCausalLM` / `GPT2LMHeadModel` → causal LM,
 /// `...ForSequenceClassification` → SEQ_CLS, ...); `None` for an unknown suffix.
 pub fn task_of_architecture(a: &str) -> Option<Task> {
-    let table: [(&str, Task); 8] = [
+    let table: [(&str, Task); 9] = [
         ("ForCausalLM", Task::CausalLm),
         ("LMHeadModel", Task::CausalLm),
         ("ForSequenceClassification", Task::SeqCls),
@@ -47,6 +48,7 @@ pub fn task_of_architecture(a: &str) -> Option<Task> {
         ("ForQuestionAnswering", Task::QuestionAns),
         ("ForConditionalGeneration", Task::Seq2SeqLm),
         ("ForMaskedLM", Task::FeatureExtraction),
+        ("ForPreTraining", Task::FeatureExtraction),
         ("Model", Task::FeatureExtraction),
     ];
     table.iter().find(|(suffix, _)| a.ends_with(suffix)).map(|(_, t)| *t)
@@ -179,6 +181,15 @@ pub fn load_model(path: &Path, dtype: DType, device: &Device, req: &LoadRequest)
             init_missing(&mut tensors, "score.weight", n, config.hidden_size, &v, req.seed, device, &mut newly_initialized)?;
         }
         Box::new(LlamaForCausalLM::from_tensors_for(config, tensors, dtype, device, task, num_labels)?)
+    } else if BERT_ARCHITECTURES.contains(&arch.as_str()) {
+        let mut config = BertConfig::from_json(&v, &cfg_path)?;
+        if config.name_or_path.is_none() {
+            config.name_or_path = Some(path.to_string_lossy().into_owned());
+        }
+        let mut tensors = load_folder_weights(path, device)?;
+        let num_labels = matches!(task, Task::SeqCls | Task::TokenCls).then(|| num_labels_of(&v, req));
+        super::bert::init_missing_heads(&mut tensors, task, num_labels, &config, &v, req.seed, device, &mut newly_initialized)?;
+        Box::new(BertModel::from_tensors_for(config, tensors, dtype, device, task, num_labels)?)
     } else {
         return Err(unsupported());
     };
@@ -201,6 +212,9 @@ pub fn architecture_of(v: &serde_json::Value) -> Option<String> {
             "qwen2" => "Qwen2ForCausalLM",
             "mistral" => "MistralForCausalLM",
             "llama" => "LlamaForCausalLM",
+            "bert" => "BertModel",
+            "distilbert" => "DistilBertModel",
+            "roberta" => "RobertaModel",
             other => other,
         }
         .to_string(),

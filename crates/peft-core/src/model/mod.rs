@@ -2,15 +2,18 @@
 //! transformers module path, so tuners attach by name without changing the model's code.
 //!
 //! [`BaseModel`] is what [`crate::peft_model::PeftModel`] needs from a base model; it is
-//! implemented by [`LlamaForCausalLM`] (Llama, Qwen2, Mistral), [`Gpt2LMHeadModel`] and
+//! implemented by [`LlamaForCausalLM`] (Llama, Qwen2, Mistral), [`Gpt2LMHeadModel`],
+//! [`BertModel`] (BERT, DistilBERT, RoBERTa encoders with their task heads) and
 //! [`T5ForConditionalGeneration`] (encoder-decoder).
 
+pub mod bert;
 pub mod config;
 pub mod gpt2;
 pub mod llama;
 pub mod loader;
 pub mod t5;
 
+pub use bert::{mean_pool, BertConfig, BertModel};
 pub use config::LlamaConfig;
 pub use gpt2::{Gpt2Config, Gpt2LMHeadModel};
 pub use llama::{ForwardOptions, KvCache, LlamaForCausalLM};
