@@ -3,8 +3,9 @@
  * `AutoModelFor*` loaders, one per task head) and `AutoTokenizer.fromPretrained(pathOrGguf)`. A
  * model folder is a Hugging Face folder (config.json + model.safetensors or a sharded index); a
  * `.gguf` file is dequantized at load. Supported architectures: Llama, Mistral and Qwen2
- * (causal LM, sequence classification), GPT-2 (causal LM, sequence classification); the error
- * for another architecture lists the supported ones.
+ * (causal LM, sequence classification), GPT-2 (causal LM, sequence classification), BERT,
+ * RoBERTa and DistilBERT (sequence / token classification, question answering, feature
+ * extraction) and T5 (seq2seq LM); the error for another architecture lists the supported ones.
  */
 import { native } from './native'
 import type { NativeTypes } from './native'
