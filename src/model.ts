@@ -179,6 +179,9 @@ export class PreTrainedModel {
     } else if (input.decoderAttentionMask !== undefined) {
       throw invalidArgument('decoderAttentionMask', 'needs decoderInputIds')
     }
+    if (Array.isArray(input.labels) && Array.isArray(input.labels[0]) && input.labels.length !== batch) {
+      throw invalidArgument('labels', `has ${input.labels.length} rows for a batch of ${batch}`)
+    }
     const labels = toLabels(input.labels, 'labels')
     const startPositions = toLabels(input.startPositions, 'startPositions')
     const endPositions = toLabels(input.endPositions, 'endPositions')
@@ -285,8 +288,14 @@ export interface FromPretrainedOptions {
 /** @internal Shared loader of the `AutoModelFor*` objects. */
 async function loadFor(task: ModelTaskType, pathOrGguf: string, options: FromPretrainedOptions): Promise<PreTrainedModel> {
   if (typeof pathOrGguf !== 'string' || !pathOrGguf) throw invalidArgument('pathOrGguf', 'must be a non-empty string')
-  if (options.numLabels !== undefined && !(Number.isInteger(options.numLabels) && options.numLabels >= 1 && options.numLabels < 2 ** 31)) {
-    throw invalidArgument('numLabels', `must be a positive integer, found ${options.numLabels}`)
+  for (const k of Object.keys(options ?? {})) {
+    if (!['dtype', 'numLabels', 'seed'].includes(k)) {
+      const hint = k === 'num_labels' ? " (did you mean 'numLabels'?)" : ''
+      throw invalidArgument(k, `is not an option of fromPretrained (options: dtype, numLabels, seed)${hint}`)
+    }
+  }
+  if (options.numLabels !== undefined && !(Number.isInteger(options.numLabels) && options.numLabels >= 1 && options.numLabels <= 2 ** 20)) {
+    throw invalidArgument('numLabels', `must be an integer between 1 and 2^20, found ${JSON.stringify(options.numLabels)}`)
   }
   if (options.seed !== undefined && !(Number.isInteger(options.seed) && options.seed >= 0 && options.seed <= 0xffffffff)) {
     throw invalidArgument('seed', `must be an integer in [0, 2^32), found ${options.seed}`)

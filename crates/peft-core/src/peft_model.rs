@@ -277,9 +277,10 @@ impl PeftModel {
                 return Err(PeftError::InvalidAdapterConfig {
                     path: None,
                     msg: format!(
-                        "`task_type` {t:?} (taskType) does not match the model: {} has a {} head; load the model for {t} (e.g. AutoModelForSequenceClassification for SEQ_CLS) or use task_type {:?}",
+                        "`task_type` {t:?} (taskType) does not match the model: {} has a {} head; load the model with {} for {t}, or use task_type {:?}",
                         self.base.info().architecture,
                         head.task_type(),
+                        Task::from_task_type(t).map(|x| x.auto_class()).unwrap_or("AutoModelForCausalLM"),
                         head.task_type()
                     ),
                 })
@@ -1137,6 +1138,12 @@ impl PeftModel {
                 "Passing `path_initial_model_for_weight_conversion` to `save_pretrained` is not supported when using `rank_pattern` or `alpha_pattern` at the same time as `use_rslora=True`.",
             ));
         }
+        if !matches!(c.init_lora_weights, InitLoraWeights::Pissa(_) | InitLoraWeights::Olora) {
+            return Err(PeftError::invalid_arg(
+                "pathInitialModelForWeightConversion",
+                "converts adapters initialised with init_lora_weights \"pissa\", \"pissa_niter_<n>\" or \"olora\" only (this adapter's base weights were not changed, so it is already a plain LoRA adapter)",
+            ));
+        }
         let wpath = initial.join("adapter_model.safetensors");
         if !wpath.exists() {
             return Err(PeftError::NotFound { path: wpath, what: "the initial adapter (saved right after PiSSA/OLoRA initialisation) has no adapter_model.safetensors".into() });
@@ -1151,6 +1158,9 @@ impl PeftModel {
                 continue;
             }
             let t0 = init.get(&k).ok_or_else(|| PeftError::SafetensorsInvalid { path: wpath.clone(), msg: format!("the initial adapter has no tensor `{k}`") })?;
+            if t0.dims() != t.dims() {
+                return Err(PeftError::ShapeMismatch { name: format!("{} (key `{k}`: the initial adapter must be this adapter right after its PiSSA/OLoRA initialisation)", wpath.display()), expected: t.dims().to_vec(), found: t0.dims().to_vec() });
+            }
             let t0 = t0.to_dtype(t.dtype())?;
             let merged = if is_a { Tensor::cat(&[&t, &t0], 0) } else { Tensor::cat(&[&t, &t0.neg()?], 1) }
                 .map_err(|e| PeftError::SafetensorsInvalid { path: wpath.clone(), msg: format!("tensor `{k}` does not fit the trained adapter: {e}") })?;

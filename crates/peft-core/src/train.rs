@@ -103,6 +103,9 @@ impl Batch {
         if info.task == Task::Seq2SeqLm && (self.labels.is_empty() || self.labels.len() % self.batch_size != 0) {
             return Err(PeftError::invalid_arg("labels", format!("must hold batch {} × target length values", self.batch_size)));
         }
+        if info.task == Task::QuestionAns && !self.labels.is_empty() {
+            return Err(PeftError::invalid_arg("labels", "a QUESTION_ANS model takes startPositions / endPositions (one per row), not labels"));
+        }
         if info.task == Task::FeatureExtraction {
             return Err(PeftError::invalid_arg("batch", "a FEATURE_EXTRACTION model has no loss to train on"));
         }

@@ -363,3 +363,25 @@ fn pissa_converts_to_lora_for_the_original_base() {
     assert_eq!(e.code(), "ERR_NOT_FOUND");
     remove_dir(&root);
 }
+
+/// Found by the fresh-user check: generation on a head without a vocabulary, a conversion of an
+/// adapter that was not PiSSA/OLoRA-initialised, and a huge `num_labels` are refused up front.
+#[test]
+fn misuse_is_refused_before_any_work() {
+    let m = base_peft("llama_lora_seqcls");
+    let e = peft_core::generate::generate(&m, &[5, 6], 1, 2, None, None, &Default::default(), &|| false).unwrap_err();
+    assert_eq!(e.code(), "ERR_INVALID_STATE");
+    assert!(e.to_string().contains("SEQ_CLS"), "{e}");
+    let path = fixtures_dir().join("models/llama");
+    let e = load_model(&path, DType::F32, &Device::Cpu, &LoadRequest { task: Some(Task::SeqCls), num_labels: Some(1_000_000_000), seed: 0 }).err().unwrap();
+    assert_eq!(e.code(), "ERR_INVALID_ARGUMENT");
+    assert!(e.to_string().contains("numLabels"), "{e}");
+    let mut p = base_peft("llama_lora_qv");
+    let cfg = AdapterConfig::from_json(&json!({"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"]}), None).unwrap();
+    p.add_adapter("default", cfg, 1).unwrap();
+    let dir = temp_dir("convert-plain");
+    let e = p.save_pretrained_with(&dir.join("out"), None, &SaveOptions { path_initial_model_for_weight_conversion: Some(case_dir("llama_lora_pissa")), ..Default::default() }).unwrap_err();
+    assert_eq!(e.code(), "ERR_INVALID_ARGUMENT");
+    assert!(e.to_string().contains("pissa"), "{e}");
+    remove_dir(&dir);
+}

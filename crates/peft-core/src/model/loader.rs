@@ -25,6 +25,10 @@ pub struct LoadedModel {
     pub newly_initialized: Vec<String>,
 }
 
+/// Largest `num_labels` a new classification head may have (a head `[num_labels, hidden]` is
+/// allocated at load; larger requests are refused before allocating).
+pub const MAX_NUM_LABELS: usize = 1 << 20;
+
 /// Which head to build, as HF's `AutoModelFor*` classes choose it.
 #[derive(Debug, Clone, Default)]
 pub struct LoadRequest {
@@ -106,6 +110,11 @@ pub fn load_causal_lm(path: &Path, dtype: DType, device: &Device) -> Result<Load
 /// Errors: as [`load_causal_lm`]; `InvalidModelConfig` when the architecture family has no such
 /// head (naming the supported ones).
 pub fn load_model(path: &Path, dtype: DType, device: &Device, req: &LoadRequest) -> Result<LoadedModel> {
+    if let Some(n) = req.num_labels {
+        if n == 0 || n > MAX_NUM_LABELS {
+            return Err(PeftError::invalid_arg("numLabels", format!("must be between 1 and {MAX_NUM_LABELS}, found {n}")));
+        }
+    }
     if !path.exists() {
         return Err(PeftError::NotFound { path: path.into(), what: "model folder or .gguf file does not exist".into() });
     }

@@ -97,6 +97,18 @@ impl Task {
         }
     }
 
+    /// The transformers (and peft-node) loader for this head: `AutoModelForCausalLM`, ...
+    pub fn auto_class(self) -> &'static str {
+        match self {
+            Task::CausalLm => "AutoModelForCausalLM",
+            Task::SeqCls => "AutoModelForSequenceClassification",
+            Task::TokenCls => "AutoModelForTokenClassification",
+            Task::QuestionAns => "AutoModelForQuestionAnswering",
+            Task::FeatureExtraction => "AutoModel",
+            Task::Seq2SeqLm => "AutoModelForSeq2SeqLM",
+        }
+    }
+
     /// Parse a `task_type` string; `None` for an unknown one.
     pub fn from_task_type(s: &str) -> Option<Task> {
         Task::ALL.into_iter().find(|t| t.task_type() == s)
