@@ -66,38 +66,28 @@ pub(crate) fn token_ids(v: Option<&Value>) -> Vec<u32> {
     }
 }
 
-/// The Llama-family `architectures` values [`LlamaConfig`] reads.
-pub const LLAMA_ARCHITECTURES: &[&str] = &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
-
-/// Every supported `architectures` value (the loader dispatches on it; see
-/// [`crate::model::loader::load_causal_lm`]).
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
+/// The Llama-family `architectures` values [`LlamaConfig`] reads (causal LM and sequence
+/// classification heads).
+pub const LLAMA_ARCHITECTURES: &[&str] = &[
     "LlamaForCausalLM",
     "LlamaForSequenceClassification",
     "MistralForCausalLM",
     "MistralForSequenceClassification",
     "Qwen2ForCausalLM",
     "Qwen2ForSequenceClassification",
-    "GPT2LMHeadModel",
-    "GPT2ForSequenceClassification",
-    "BertModel",
-    "BertForSequenceClassification",
-    "BertForTokenClassification",
-    "BertForQuestionAnswering",
-    "BertForMaskedLM",
-    "BertForPreTraining",
-    "DistilBertModel",
-    "DistilBertForSequenceClassification",
-    "DistilBertForTokenClassification",
-    "DistilBertForQuestionAnswering",
-    "DistilBertForMaskedLM",
-    "RobertaModel",
-    "RobertaForSequenceClassification",
-    "RobertaForTokenClassification",
-    "RobertaForQuestionAnswering",
-    "RobertaForMaskedLM",
-    "T5ForConditionalGeneration",
 ];
+
+/// The GPT-2 `architectures` values.
+pub const GPT2_ARCHITECTURES: &[&str] = &["GPT2LMHeadModel", "GPT2ForSequenceClassification"];
+
+/// The T5 `architectures` values.
+pub const T5_ARCHITECTURES: &[&str] = &["T5ForConditionalGeneration"];
+
+/// Every supported `architectures` value, per family (the loader dispatches on them; see
+/// [`crate::model::loader::load_model`]).
+pub fn supported_architectures() -> Vec<&'static str> {
+    [LLAMA_ARCHITECTURES, GPT2_ARCHITECTURES, crate::model::bert::BERT_ARCHITECTURES, T5_ARCHITECTURES].concat()
+}
 
 impl LlamaConfig {
     /// Parse a transformers `config.json` value. `path` is used in error messages only.
@@ -121,11 +111,11 @@ impl LlamaConfig {
                 "mistral" => "MistralForCausalLM".into(),
                 _ => "LlamaForCausalLM".into(),
             });
-        if !LLAMA_ARCHITECTURES.contains(&architecture.replace("ForSequenceClassification", "ForCausalLM").as_str()) {
+        if !LLAMA_ARCHITECTURES.contains(&architecture.as_str()) {
             return Err(bad(format!(
                 "architecture `{architecture}` is not a Llama-family decoder ({}); supported architectures: {}",
                 LLAMA_ARCHITECTURES.join(", "),
-                SUPPORTED_ARCHITECTURES.join(", ")
+                supported_architectures().join(", ")
             )));
         }
         let req = |k: &str| -> Result<usize> {

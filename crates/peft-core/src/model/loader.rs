@@ -2,7 +2,7 @@
 //! model.safetensors or a sharded model.safetensors.index.json) or from a GGUF file.
 
 use super::bert::{BertConfig, BertModel, BERT_ARCHITECTURES};
-use super::config::{LlamaConfig, LLAMA_ARCHITECTURES, SUPPORTED_ARCHITECTURES};
+use super::config::{supported_architectures, LlamaConfig, GPT2_ARCHITECTURES, LLAMA_ARCHITECTURES, T5_ARCHITECTURES};
 use super::gpt2::{Gpt2Config, Gpt2LMHeadModel};
 use super::llama::LlamaForCausalLM;
 use super::t5::{T5Config, T5ForConditionalGeneration};
@@ -145,28 +145,25 @@ pub fn load_model(path: &Path, dtype: DType, device: &Device, req: &LoadRequest)
     let arch = architecture_of(&v).unwrap_or_else(|| "LlamaForCausalLM".into());
     let unsupported = || PeftError::InvalidModelConfig {
         path: cfg_path.clone(),
-        msg: format!("architecture `{arch}` is not supported; supported architectures: {}", SUPPORTED_ARCHITECTURES.join(", ")),
+        msg: format!("architecture `{arch}` is not supported; supported architectures: {}", supported_architectures().join(", ")),
     };
     let task = match req.task {
         Some(t) => t,
         None => task_of_architecture(&arch).ok_or_else(unsupported)?,
     };
     let mut newly_initialized = Vec::new();
-    let model: Box<dyn BaseModel> = if arch.starts_with("GPT2") {
-        if !SUPPORTED_ARCHITECTURES.contains(&arch.as_str()) {
-            return Err(unsupported());
-        }
+    let is = |family: &[&str]| family.contains(&arch.as_str());
+    let source = || Some(path.to_string_lossy().into_owned());
+    let model: Box<dyn BaseModel> = if is(GPT2_ARCHITECTURES) {
         let mut config = Gpt2Config::from_json(&v, &cfg_path)?;
-        if config.name_or_path.is_none() {
-            config.name_or_path = Some(path.to_string_lossy().into_owned());
-        }
+        config.name_or_path = config.name_or_path.or_else(source);
         let mut tensors = load_folder_weights(path, device)?;
         let num_labels = (task == Task::SeqCls).then(|| num_labels_of(&v, req));
         if let Some(n) = num_labels {
             init_missing(&mut tensors, "score.weight", n, config.n_embd, &v, req.seed, device, &mut newly_initialized)?;
         }
         Box::new(Gpt2LMHeadModel::from_tensors_for(config, tensors, dtype, device, task, num_labels)?)
-    } else if arch == "T5ForConditionalGeneration" {
+    } else if is(T5_ARCHITECTURES) {
         if task != Task::Seq2SeqLm {
             return Err(PeftError::InvalidModelConfig {
                 path: cfg_path.clone(),
@@ -174,27 +171,21 @@ pub fn load_model(path: &Path, dtype: DType, device: &Device, req: &LoadRequest)
             });
         }
         let mut config = T5Config::from_json(&v, &cfg_path)?;
-        if config.name_or_path.is_none() {
-            config.name_or_path = Some(path.to_string_lossy().into_owned());
-        }
+        config.name_or_path = config.name_or_path.or_else(source);
         let tensors = load_folder_weights(path, device)?;
         Box::new(T5ForConditionalGeneration::from_tensors(config, tensors, dtype, device)?)
-    } else if LLAMA_ARCHITECTURES.contains(&arch.replace("ForSequenceClassification", "ForCausalLM").as_str()) {
+    } else if is(LLAMA_ARCHITECTURES) {
         let mut config = LlamaConfig::from_json(&v, &cfg_path)?;
-        if config.name_or_path.is_none() {
-            config.name_or_path = Some(path.to_string_lossy().into_owned());
-        }
+        config.name_or_path = config.name_or_path.or_else(source);
         let mut tensors = load_folder_weights(path, device)?;
         let num_labels = (task == Task::SeqCls).then(|| num_labels_of(&v, req));
         if let Some(n) = num_labels {
             init_missing(&mut tensors, "score.weight", n, config.hidden_size, &v, req.seed, device, &mut newly_initialized)?;
         }
         Box::new(LlamaForCausalLM::from_tensors_for(config, tensors, dtype, device, task, num_labels)?)
-    } else if BERT_ARCHITECTURES.contains(&arch.as_str()) {
+    } else if is(BERT_ARCHITECTURES) {
         let mut config = BertConfig::from_json(&v, &cfg_path)?;
-        if config.name_or_path.is_none() {
-            config.name_or_path = Some(path.to_string_lossy().into_owned());
-        }
+        config.name_or_path = config.name_or_path.or_else(source);
         let mut tensors = load_folder_weights(path, device)?;
         let num_labels = matches!(task, Task::SeqCls | Task::TokenCls).then(|| num_labels_of(&v, req));
         super::bert::init_missing_heads(&mut tensors, task, num_labels, &config, &v, req.seed, device, &mut newly_initialized)?;
