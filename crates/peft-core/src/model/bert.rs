@@ -452,16 +452,7 @@ impl BertModel {
         let roberta = c.family == BertFamily::Roberta;
         let has_pooler = !distil && (t.contains_key("pooler.dense.weight") || t.contains_key(&format!("{base}.pooler.dense.weight")));
         let conv = |x: Tensor| -> Result<Tensor> { Ok(x.to_dtype(dtype)?.to_device(device)?.contiguous()?) };
-        let mut take = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            let x = t
-                .remove(&format!("{base}.{name}"))
-                .or_else(|| t.remove(name))
-                .ok_or_else(|| PeftError::InvalidModelConfig { path: path.clone(), msg: format!("the weights have no tensor `{prefix}{name}`") })?;
-            if x.dims() != shape {
-                return Err(PeftError::ShapeMismatch { name: format!("{prefix}{name}"), expected: shape.to_vec(), found: x.dims().to_vec() });
-            }
-            conv(x)
-        };
+        let mut take = |name: &str, shape: &[usize]| super::take_weight(&mut t, &[&format!("{base}.{name}"), name], &format!("{prefix}{name}"), shape, dtype, device, &path);
         let (h, inter) = (c.hidden_size, c.intermediate_size);
         let word_embeddings = PeftLinear::embedding(take("embeddings.word_embeddings.weight", &[c.vocab_size, h])?);
         let position_embeddings = take("embeddings.position_embeddings.weight", &[c.max_position_embeddings, h])?;

@@ -164,15 +164,9 @@ impl Gpt2LMHeadModel {
         };
         let c = &config;
         let path = std::path::PathBuf::from(c.name_or_path.clone().unwrap_or_else(|| "<model>".into()));
-        let mut take = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            let x = t
-                .remove(&format!("transformer.{name}"))
-                .or_else(|| t.remove(name))
-                .ok_or_else(|| PeftError::InvalidModelConfig { path: path.clone(), msg: format!("the weights have no tensor `transformer.{name}`") })?;
-            if x.dims() != shape {
-                return Err(PeftError::ShapeMismatch { name: format!("transformer.{name}"), expected: shape.to_vec(), found: x.dims().to_vec() });
-            }
-            Ok(x.to_dtype(dtype)?.to_device(device)?.contiguous()?)
+        let mut take = |name: &str, shape: &[usize]| {
+            let full = format!("transformer.{name}");
+            super::take_weight(&mut t, &[&full, name], &full, shape, dtype, device, &path)
         };
         let (e, inner) = (c.n_embd, c.n_inner);
         let wte = PeftLinear::embedding(take("wte.weight", &[c.vocab_size, e])?);

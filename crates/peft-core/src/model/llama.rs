@@ -137,16 +137,8 @@ impl LlamaForCausalLM {
     /// `num_labels`.
     pub fn from_tensors_for(config: LlamaConfig, mut t: HashMap<String, Tensor>, dtype: DType, device: &Device, task: Task, num_labels: Option<usize>) -> Result<Self> {
         let c = &config;
-        let mut take = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            let x = t.remove(name).ok_or_else(|| PeftError::InvalidModelConfig {
-                path: config_name(c),
-                msg: format!("the weights have no tensor `{name}`"),
-            })?;
-            if x.dims() != shape {
-                return Err(PeftError::ShapeMismatch { name: name.into(), expected: shape.to_vec(), found: x.dims().to_vec() });
-            }
-            Ok(x.to_dtype(dtype)?.to_device(device)?.contiguous()?)
-        };
+        let path = config_name(c);
+        let mut take = |name: &str, shape: &[usize]| super::take_weight(&mut t, &[name], name, shape, dtype, device, &path);
         let h = c.hidden_size;
         let hd = c.head_dim;
         let q_out = c.num_attention_heads * hd;

@@ -153,6 +153,23 @@ pub(crate) fn gather_rows(h: &Tensor, idx: &[usize]) -> Result<Tensor> {
     Ok(Tensor::cat(&rows, 0)?)
 }
 
+/// Take a checkpoint tensor out of `t` (under the first of `keys` present, e.g. with and without
+/// a `transformer.` / `bert.` prefix), check its shape and convert it to `dtype` on `device`,
+/// contiguous. Shared by the models' `from_tensors`.
+///
+/// Errors: `InvalidModelConfig` naming `shown` when no key is present (`path` is the model
+/// folder), `ShapeMismatch` naming `shown` for another shape.
+pub(crate) fn take_weight(t: &mut std::collections::HashMap<String, Tensor>, keys: &[&str], shown: &str, shape: &[usize], dtype: DType, device: &Device, path: &std::path::Path) -> Result<Tensor> {
+    let x = keys
+        .iter()
+        .find_map(|k| t.remove(*k))
+        .ok_or_else(|| PeftError::InvalidModelConfig { path: path.to_path_buf(), msg: format!("the weights have no tensor `{shown}`") })?;
+    if x.dims() != shape {
+        return Err(PeftError::ShapeMismatch { name: shown.into(), expected: shape.to_vec(), found: x.dims().to_vec() });
+    }
+    Ok(x.to_dtype(dtype)?.to_device(device)?.contiguous()?)
+}
+
 /// Freshly initialised head weight `[out, in]` as transformers' `_init_weights` does for a
 /// linear layer: `normal(0, std)` (std = `initializer_range`, 0.02 by default), drawn from a
 /// seeded `StdRng`, f32.

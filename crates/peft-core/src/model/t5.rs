@@ -263,11 +263,7 @@ struct Weights {
 
 impl Weights {
     fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        let x = self.t.remove(name).ok_or_else(|| PeftError::InvalidModelConfig { path: self.path.clone(), msg: format!("the weights have no tensor `{name}`") })?;
-        if x.dims() != shape {
-            return Err(PeftError::ShapeMismatch { name: name.into(), expected: shape.to_vec(), found: x.dims().to_vec() });
-        }
-        Ok(x.to_dtype(self.dtype)?.to_device(&self.device)?.contiguous()?)
+        super::take_weight(&mut self.t, &[name], name, shape, self.dtype, &self.device, &self.path)
     }
 
     fn linear(&mut self, name: &str, out: usize, inp: usize) -> Result<PeftLinear> {
