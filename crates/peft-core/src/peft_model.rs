@@ -311,6 +311,8 @@ impl PeftModel {
                 }
             }
         }
+        let mut cfg = cfg;
+        cfg.add_task_head_modules();
         match cfg {
             AdapterConfig::Lora(c) => self.add_lora(name, c, seed),
             AdapterConfig::Ia3(c) => self.add_ia3(name, c, seed),
@@ -328,9 +330,6 @@ impl PeftModel {
         }
         if cfg.base_model_name_or_path.is_none() {
             cfg.base_model_name_or_path = self.base.info().name_or_path.clone();
-        }
-        if let Some(t) = cfg.task_type.as_deref().and_then(Task::from_task_type) {
-            extend_head_modules(&mut cfg.modules_to_save, t);
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let device = self.base.device().clone();
@@ -511,9 +510,6 @@ impl PeftModel {
             cfg.base_model_name_or_path = self.base.info().name_or_path.clone();
         }
         let task = cfg.task_type.as_deref().and_then(Task::from_task_type);
-        if let Some(t) = task {
-            extend_head_modules(&mut cfg.modules_to_save, t);
-        }
         let copies = self.plan_saved_copies(name, &cfg.modules_to_save.clone().unwrap_or_default(), task)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let normal = Normal::new(0.0f32, 1.0).map_err(|e| PeftError::Internal(e.to_string()))?;
@@ -565,11 +561,6 @@ impl PeftModel {
     fn add_prompt(&mut self, name: &str, mut cfg: PromptLearningConfig, seed: u64, encoder: Option<PromptEncoder>) -> Result<()> {
         let bad = |msg: String| PeftError::InvalidAdapterConfig { path: None, msg };
         let task = cfg.task_type.as_deref().and_then(Task::from_task_type);
-        if let Some(t) = task {
-            let mut mts = cfg.modules_to_save();
-            extend_head_modules(&mut mts, t);
-            cfg.set_modules_to_save(mts);
-        }
         let dims = self.model_dims();
         cfg.prepare(&dims);
         if cfg.base_model_name_or_path.is_none() {
@@ -1279,19 +1270,7 @@ impl PeftModel {
         }
         // HF's PeftModelFor<Task> adds the task head to modules_to_save before loading.
         let mut cfg = cfg;
-        match &mut cfg {
-            AdapterConfig::Lora(c) => {
-                if let Some(t) = c.task_type.as_deref().and_then(Task::from_task_type) {
-                    extend_head_modules(&mut c.modules_to_save, t);
-                }
-            }
-            AdapterConfig::Ia3(c) => {
-                if let Some(t) = c.task_type.as_deref().and_then(Task::from_task_type) {
-                    extend_head_modules(&mut c.modules_to_save, t);
-                }
-            }
-            AdapterConfig::Prompt(_) => {}
-        }
+        cfg.add_task_head_modules();
         if let AdapterConfig::Prompt(p) = cfg {
             return self.load_prompt(name, p, tensors, &wpath);
         }
@@ -1468,12 +1447,7 @@ impl PeftModel {
         let td = cfg.token_dim.unwrap_or(0);
         let n = cfg.total_virtual_tokens();
         // modules_to_save copies (`base_model.<module>.weight` / `.bias`) and their shapes.
-        let mut mts = cfg.modules_to_save().unwrap_or_default();
-        if let Some(t) = cfg.task_type.as_deref().and_then(Task::from_task_type) {
-            let mut m = Some(mts);
-            extend_head_modules(&mut m, t);
-            mts = m.unwrap_or_default();
-        }
+        let mts = cfg.modules_to_save().unwrap_or_default();
         let mut copy_shapes: HashMap<String, Vec<usize>> = HashMap::new();
         for (m, lin) in self.base.named_linears() {
             if mts.iter().any(|w| saves_module(&m, w)) {
@@ -2023,21 +1997,6 @@ pub(crate) fn is_output_head(task: Task, module: &str) -> bool {
 /// `classifier.out_proj`); the copies are saved under the same keys as HF's.
 pub(crate) fn saves_module(module: &str, entry: &str) -> bool {
     module.ends_with(entry) || module.match_indices('.').any(|(i, _)| module[..i].ends_with(entry))
-}
-
-/// HF `PeftModelForSequenceClassification` / `...TokenClassification` / `...QuestionAnswering`:
-/// the task's head modules are appended to `modules_to_save` (created when `None`), once.
-pub(crate) fn extend_head_modules(mts: &mut Option<Vec<String>>, task: Task) {
-    let names = task.head_modules();
-    if names.is_empty() {
-        return;
-    }
-    let list = mts.get_or_insert_with(Vec::new);
-    for n in names {
-        if !list.iter().any(|x| x == n) {
-            list.push(n.to_string());
-        }
-    }
 }
 
 /// The on-disk keys of a LoRA layer's A and B (adapter name removed): `<m>.lora_A.weight` /

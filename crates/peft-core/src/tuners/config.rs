@@ -90,6 +90,44 @@ impl AdapterConfig {
         }
     }
 
+    /// The head `task_type` names (`None` when unset or unknown).
+    pub fn task(&self) -> Option<crate::model::Task> {
+        let t = match self {
+            AdapterConfig::Lora(c) => c.task_type.as_deref(),
+            AdapterConfig::Ia3(c) => c.task_type.as_deref(),
+            AdapterConfig::Prompt(c) => c.task_type.as_deref(),
+        };
+        t.and_then(crate::model::Task::from_task_type)
+    }
+
+    /// HF `PeftModelForSequenceClassification` / `...TokenClassification` /
+    /// `...QuestionAnswering`: append the task's head modules (`classifier`, `score` /
+    /// `qa_outputs`, see [`crate::model::Task::head_modules`]) to `modules_to_save` (created when
+    /// `None`), each once. Other task types leave the config unchanged.
+    pub fn add_task_head_modules(&mut self) {
+        let Some(task) = self.task() else { return };
+        let names = task.head_modules();
+        if names.is_empty() {
+            return;
+        }
+        let extend = |list: &mut Vec<String>| {
+            for n in names {
+                if !list.iter().any(|x| x == n) {
+                    list.push(n.to_string());
+                }
+            }
+        };
+        match self {
+            AdapterConfig::Lora(c) => extend(c.modules_to_save.get_or_insert_with(Vec::new)),
+            AdapterConfig::Ia3(c) => extend(c.modules_to_save.get_or_insert_with(Vec::new)),
+            AdapterConfig::Prompt(c) => {
+                let mut list = c.modules_to_save().unwrap_or_default();
+                extend(&mut list);
+                c.set_modules_to_save(Some(list));
+            }
+        }
+    }
+
     /// `modules_to_save` of the config (any PEFT type).
     pub fn modules_to_save(&self) -> Vec<String> {
         match self {
