@@ -406,38 +406,24 @@ impl NativeModel {
                         end_positions: None,
                     });
                     let to64 = |v: Option<Vec<i32>>| v.map(|v| v.into_iter().map(|x| x as i64).collect::<Vec<i64>>());
+                    let wants_loss = e.labels.is_some() || e.start_positions.is_some();
                     let batch = peft_core::train::Batch {
-                        input_ids: ids.clone(),
                         attention_mask: mask.clone().unwrap_or_else(|| vec![1; b * s]),
-                        labels: to64(e.labels.clone()).unwrap_or_default(),
+                        labels: to64(e.labels).unwrap_or_default(),
                         batch_size: b,
                         seq_len: s,
-                        task_ids: e.task_ids.clone(),
-                        token_type_ids: e.token_type_ids.clone(),
-                        start_positions: to64(e.start_positions.clone()),
-                        end_positions: to64(e.end_positions.clone()),
-                        decoder_input_ids: e.decoder_input_ids.clone(),
-                        decoder_attention_mask: e.decoder_attention_mask.clone(),
-                    };
-                    let wants_loss = e.labels.is_some() || e.start_positions.is_some();
-                    let decoder_input_ids = match (&e.decoder_input_ids, &batch.labels, m.base.task()) {
-                        (Some(d), _, _) => Some(d.clone()),
-                        (None, l, Task::Seq2SeqLm) if !l.is_empty() => {
-                            let i = m.base.info();
-                            Some(peft_core::train::shift_right(l, b, i.decoder_start_token_id.unwrap_or(0), i.pad_token_id.unwrap_or(0)))
-                        }
-                        _ => None,
-                    };
-                    let opts = ForwardOptions {
-                        attention_mask: mask,
-                        adapter_rows: rows,
                         task_ids: e.task_ids,
                         token_type_ids: e.token_type_ids,
-                        decoder_input_ids,
+                        start_positions: to64(e.start_positions),
+                        end_positions: to64(e.end_positions),
+                        decoder_input_ids: e.decoder_input_ids,
                         decoder_attention_mask: e.decoder_attention_mask,
-                        ..Default::default()
+                        input_ids: ids,
                     };
-                    let logits = m.forward(&ids, b, s, &opts, None)?;
+                    // The batch's own options (decoder ids from labels for seq2seq), with the
+                    // caller's mask as given (None = no padding) and per-row adapters.
+                    let opts = ForwardOptions { attention_mask: mask, adapter_rows: rows, ..batch.forward_options(m) };
+                    let logits = m.forward(&batch.input_ids, b, s, &opts, None)?;
                     let loss = if wants_loss {
                         batch.validate(m)?;
                         let (l, _) = peft_core::train::task_loss(m, &logits, &batch)?;

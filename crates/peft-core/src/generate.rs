@@ -109,19 +109,16 @@ pub fn generate(
     if input_ids.len() != b * s || s == 0 {
         return Err(PeftError::invalid_arg("inputIds", format!("expected a non-empty [{b}, {s}] batch")));
     }
-    {
-        use crate::model::Task;
-        let task = model.base.task();
-        if !matches!(task, Task::CausalLm | Task::Seq2SeqLm) {
+    match model.base.task() {
+        Task::CausalLm => {}
+        Task::Seq2SeqLm => return generate_seq2seq(model, input_ids, b, s, attention_mask, adapter_rows, o, should_stop),
+        task => {
             return Err(PeftError::InvalidState(format!(
                 "generate needs a language-model head (CAUSAL_LM or SEQ_2_SEQ_LM); {} has a {} head",
                 model.base.info().architecture,
                 task.task_type()
-            )));
+            )))
         }
-    }
-    if model.base.task() == Task::Seq2SeqLm {
-        return generate_seq2seq(model, input_ids, b, s, attention_mask, adapter_rows, o, should_stop);
     }
     let max_pos = model.base.info().max_position_embeddings;
     if s.saturating_add(o.max_new_tokens) > max_pos {

@@ -76,6 +76,28 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// The forward options the batch implies (evaluation mode; set `train` / `dropout_rng` for
+    /// training): its mask, task ids, token types and decoder inputs; for a seq2seq model without
+    /// `decoder_input_ids`, the labels shifted right (T5's `_shift_right`).
+    pub fn forward_options(&self, model: &PeftModel) -> ForwardOptions {
+        let info = model.base.info();
+        let decoder_input_ids = match (&self.decoder_input_ids, info.task) {
+            (Some(d), _) => Some(d.clone()),
+            (None, Task::Seq2SeqLm) if !self.labels.is_empty() => {
+                Some(shift_right(&self.labels, self.batch_size, info.decoder_start_token_id.unwrap_or(0), info.pad_token_id.unwrap_or(0)))
+            }
+            _ => None,
+        };
+        ForwardOptions {
+            attention_mask: Some(self.attention_mask.clone()),
+            task_ids: self.task_ids.clone(),
+            token_type_ids: self.token_type_ids.clone(),
+            decoder_input_ids,
+            decoder_attention_mask: self.decoder_attention_mask.clone(),
+            ..Default::default()
+        }
+    }
+
     /// Check the batch against the model's head (shapes, label ranges).
     ///
     /// Errors: `InvalidArgument` naming `batch`, `labels`, `startPositions` or `endPositions`.
@@ -259,20 +281,7 @@ pub const TRAINABLE_FILE: &str = "trainable_parameters.safetensors";
 /// scaled by `scale` (for accumulation). Returns `(loss, label tokens, grads)`.
 pub fn loss_and_grads(model: &PeftModel, batch: &Batch, total_items: Option<usize>, rng: Option<Arc<Mutex<rand::rngs::StdRng>>>) -> Result<(f64, usize, GradStore)> {
     batch.validate(model)?;
-    let opts = ForwardOptions {
-        attention_mask: Some(batch.attention_mask.clone()),
-        train: true,
-        dropout_rng: rng,
-        task_ids: batch.task_ids.clone(),
-        token_type_ids: batch.token_type_ids.clone(),
-        decoder_input_ids: match (&batch.decoder_input_ids, model.base.task()) {
-            (Some(d), _) => Some(d.clone()),
-            (None, Task::Seq2SeqLm) => Some(shift_right(&batch.labels, batch.batch_size, model.base.info().decoder_start_token_id.unwrap_or(0), model.base.info().pad_token_id.unwrap_or(0))),
-            _ => None,
-        },
-        decoder_attention_mask: batch.decoder_attention_mask.clone(),
-        ..Default::default()
-    };
+    let opts = ForwardOptions { train: true, dropout_rng: rng, ..batch.forward_options(model) };
     let logits = model.forward(&batch.input_ids, batch.batch_size, batch.seq_len, &opts, None)?;
     let (mean, n) = task_loss(model, &logits, batch)?;
     let loss_val = mean.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? as f64;
