@@ -140,21 +140,27 @@ export class PreTrainedModel {
     this.native = n
     this.config = JSON.parse(call(() => n.configJson()))
     this.nativeTokenizer = n.takeTokenizer() ?? null
+    // The head is fixed at load: read it once (a native call takes the model's lock, which a
+    // running training step holds, so per-forward reads could stall the JS thread).
+    this.head = call(() => n.taskInfo())
   }
+
+  /** @internal The head the model was loaded with. */
+  private readonly head: NativeTypes.TaskInfo
 
   /** The model's head as an HF PEFT `task_type` ('CAUSAL_LM', 'SEQ_CLS', ...). */
   get taskType(): ModelTaskType {
-    return call(() => this.native.taskInfo()).taskType as ModelTaskType
+    return this.head.taskType as ModelTaskType
   }
 
   /** Number of labels of a classification head (null for other heads). */
   get numLabels(): number | null {
-    return call(() => this.native.taskInfo()).numLabels ?? null
+    return this.head.numLabels ?? null
   }
 
   /** The transformers class the model was built as (e.g. 'LlamaForSequenceClassification'). */
   get architecture(): string {
-    return call(() => this.native.taskInfo()).architecture
+    return this.head.architecture
   }
 
   /**
