@@ -176,7 +176,8 @@ impl PeftModel {
     }
 
     /// The active prompt-learning adapter and its encoder, unless adapters are disabled.
-    fn active_prompt(&self) -> Option<(&PromptLearningConfig, &PromptEncoder)> {
+    /// The active prompt-learning adapter's config and encoder (`None` when disabled or none).
+    pub(crate) fn active_prompt(&self) -> Option<(&PromptLearningConfig, &PromptEncoder)> {
         if self.disabled {
             return None;
         }

@@ -281,6 +281,11 @@ pub const TRAINABLE_FILE: &str = "trainable_parameters.safetensors";
 /// scaled by `scale` (for accumulation). Returns `(loss, label tokens, grads)`.
 pub fn loss_and_grads(model: &PeftModel, batch: &Batch, total_items: Option<usize>, rng: Option<Arc<Mutex<rand::rngs::StdRng>>>) -> Result<(f64, usize, GradStore)> {
     batch.validate(model)?;
+    if model.base.task() == Task::CausalLm {
+        if let Some(out) = crate::engine::try_loss_and_grads(model, batch, total_items, rng.clone())? {
+            return Ok(out);
+        }
+    }
     let opts = ForwardOptions { train: true, dropout_rng: rng, ..batch.forward_options(model) };
     let logits = model.forward(&batch.input_ids, batch.batch_size, batch.seq_len, &opts, None)?;
     let (mean, n) = task_loss(model, &logits, batch)?;

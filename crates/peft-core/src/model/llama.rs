@@ -279,6 +279,11 @@ impl LlamaForCausalLM {
         out
     }
 
+    /// RoPE inverse frequencies `1 / theta^(2i/d)`, `[head_dim / 2]`.
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
     /// Number of base-model parameters, tied weights counted once (as `named_parameters`).
     pub fn base_param_count(&self) -> usize {
         let mut n = self.norm.elem_count();
@@ -430,6 +435,9 @@ impl LlamaForCausalLM {
 impl BaseModel for LlamaForCausalLM {
     fn info(&self) -> &ModelInfo {
         &self.info
+    }
+    fn as_llama(&self) -> Option<&LlamaForCausalLM> {
+        Some(self)
     }
     fn pools_last_token(&self) -> bool {
         true

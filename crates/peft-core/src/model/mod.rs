@@ -195,6 +195,10 @@ pub fn init_normal(out: usize, inp: usize, std: f64, seed: u64, device: &Device)
 pub trait BaseModel: Send + Sync {
     /// Architecture facts (see [`ModelInfo`]).
     fn info(&self) -> &ModelInfo;
+    /// The model as a Llama-family decoder, for the fused engine (`None` for other families).
+    fn as_llama(&self) -> Option<&llama::LlamaForCausalLM> {
+        None
+    }
     /// The model's config as transformers names it (the config.json fields this crate reads).
     fn config_json(&self) -> serde_json::Value;
     /// The device the weights live on.

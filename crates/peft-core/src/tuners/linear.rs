@@ -504,19 +504,11 @@ fn row_groups<'r>(rows: &'r RowAdapters, device: &candle_core::Device) -> Result
 
 /// Inverted dropout with a seeded mask: `x · mask / (1 - p)`.
 fn dropout(x: &Tensor, p: f64, rng: Option<&std::sync::Mutex<rand::rngs::StdRng>>) -> Result<Tensor> {
-    use rand::Rng;
-    let n = x.elem_count();
-    let scale = 1.0 / (1.0 - p) as f32;
-    let mask: Vec<f32> = match rng {
-        Some(r) => {
-            let mut r = r.lock().map_err(|_| PeftError::Internal("rng lock poisoned".into()))?;
-            (0..n).map(|_| if r.random::<f64>() < p { 0.0 } else { scale }).collect()
-        }
-        None => {
-            let mut r = rand::rng();
-            (0..n).map(|_| if r.random::<f64>() < p { 0.0 } else { scale }).collect()
-        }
-    };
+    // One seed per call from the step's generator, then a counter-based mask: the fused engine
+    // draws the same seeds in the same order, so both paths drop the same elements.
+    let seed = crate::engine::dropout_seed(rng);
+    let mut mask = vec![0f32; x.elem_count()];
+    crate::engine::dropout_mask(seed, p, &mut mask);
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?;
     Ok((x * mask)?)
 }

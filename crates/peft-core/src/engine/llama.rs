@@ -1,0 +1,879 @@
+//! The engine's Llama-family training step: explicit forward and backward per decoder layer.
+//!
+//! Shapes (row-major, token-major): `T = b·s` tokens, `H` hidden, `QD = heads·head_dim`,
+//! `KD = kv_heads·head_dim`, `I` intermediate, `P` prefix length (prefix tuning, else 0),
+//! `t = P + s` key positions. Activations are stored as `[T, features]`, so a head is a strided
+//! column block and attention needs no transposes.
+
+use super::gemm::{gemm, Dst, View};
+use super::simd;
+use crate::error::{PeftError, Result};
+use crate::model::llama::LlamaForCausalLM;
+use crate::model::Task;
+use crate::peft_model::PeftModel;
+use crate::train::{extended_labels, Batch};
+use crate::tuners::linear::PeftLinear;
+use crate::tuners::prompt::PromptMethod;
+use candle_core::backprop::GradStore;
+use candle_core::{CpuStorage, DType, Storage, Tensor, Var};
+use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
+
+/// A read-only view of a contiguous f32 CPU tensor's data. The tensor must outlive every use
+/// and must not be written meanwhile (the model is borrowed for the whole step).
+#[derive(Clone, Copy)]
+struct Raw {
+    ptr: *const f32,
+    len: usize,
+}
+
+// SAFETY: see the type's docs; the data is only read.
+unsafe impl Send for Raw {}
+unsafe impl Sync for Raw {}
+
+impl Raw {
+    fn of(t: &Tensor) -> Option<Raw> {
+        if t.dtype() != DType::F32 || !t.device().is_cpu() || !t.is_contiguous() {
+            return None;
+        }
+        let (st, l) = t.storage_and_layout();
+        match &*st {
+            Storage::Cpu(CpuStorage::F32(v)) => {
+                let s = &v[l.start_offset()..];
+                (s.len() >= t.elem_count()).then(|| Raw { ptr: s.as_ptr(), len: t.elem_count() })
+            }
+            _ => None,
+        }
+    }
+    fn get(&self) -> &[f32] {
+        // SAFETY: built from a live tensor's storage (see the type's docs).
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+}
+
+/// One active, unmerged LoRA adapter of a linear layer.
+struct Lora {
+    a: Raw,
+    b: Raw,
+    r: usize,
+    scaling: f32,
+    dropout: f64,
+    var_a: Var,
+    var_b: Var,
+}
+
+/// A frozen linear layer `y = x Wᵀ + b` with its active LoRA adapters.
+struct Lin {
+    w: Raw,
+    bias: Option<Raw>,
+    out: usize,
+    inp: usize,
+    loras: Vec<Lora>,
+}
+
+impl Lin {
+    /// `None` when the layer carries something the engine does not compute (DoRA, (IA)³,
+    /// modules_to_save copies, a trainable bias, a transposed or non-f32 weight).
+    fn of(l: &PeftLinear) -> Option<Lin> {
+        if l.transposed || l.is_embedding {
+            return None;
+        }
+        if !l.disabled && (!l.saved_copies.is_empty() || l.active.iter().any(|n| l.ia3.contains_key(n) && !l.merged.contains(n))) {
+            return None;
+        }
+        if l.bias.as_ref().is_some_and(|b| b.is_variable() || b.track_op()) {
+            return None;
+        }
+        let mut loras = Vec::new();
+        if !l.disabled {
+            for name in &l.active {
+                if l.merged.contains(name) {
+                    continue;
+                }
+                let Some(ad) = l.adapters.get(name) else { continue };
+                if ad.magnitude.is_some() {
+                    return None;
+                }
+                loras.push(Lora {
+                    a: Raw::of(ad.a.as_tensor())?,
+                    b: Raw::of(ad.b.as_tensor())?,
+                    r: ad.r,
+                    scaling: ad.scaling as f32,
+                    dropout: ad.dropout,
+                    var_a: ad.a.clone(),
+                    var_b: ad.b.clone(),
+                });
+            }
+        }
+        let (out, inp) = l.weight.dims2().ok()?;
+        for lo in &loras {
+            if lo.a.len != lo.r * inp || lo.b.len != out * lo.r {
+                return None;
+            }
+        }
+        let bias = match &l.bias {
+            Some(b) => Some(Raw::of(b)?),
+            None => None,
+        };
+        Some(Lin { w: Raw::of(&l.weight)?, bias, out, inp, loras })
+    }
+}
+
+struct Layer {
+    ln1: Raw,
+    ln2: Raw,
+    /// q, k, v, o, gate, up, down.
+    lins: [Lin; 7],
+}
+
+const Q: usize = 0;
+const K: usize = 1;
+const V: usize = 2;
+const O: usize = 3;
+const GATE: usize = 4;
+const UP: usize = 5;
+const DOWN: usize = 6;
+
+/// Model dimensions of one step.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+struct Dims {
+    b: usize,
+    s: usize,
+    p: usize,
+    h: usize,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    inter: usize,
+    vocab: usize,
+}
+
+impl Dims {
+    fn t(&self) -> usize {
+        self.p + self.s
+    }
+    fn tok(&self) -> usize {
+        self.b * self.s
+    }
+    fn qd(&self) -> usize {
+        self.nh * self.hd
+    }
+    fn kd(&self) -> usize {
+        self.nkv * self.hd
+    }
+}
+
+/// The model's weights as the engine reads them.
+struct Plan<'m> {
+    model: &'m LlamaForCausalLM,
+    layers: Vec<Layer>,
+    norm: Raw,
+    head: Raw,
+    embed: Raw,
+    eps: f32,
+}
+
+impl<'m> Plan<'m> {
+    fn of(m: &'m LlamaForCausalLM) -> Option<Plan<'m>> {
+        if m.dtype != DType::F32 || !m.device.is_cpu() || crate::model::BaseModel::task(m) != Task::CausalLm {
+            return None;
+        }
+        // The embedding and the head must be plain tables (no LoRA, no modules_to_save copy).
+        for l in [&m.embed_tokens, &m.lm_head] {
+            let live = !l.disabled && l.active.iter().any(|n| (l.adapters.contains_key(n) && !l.merged.contains(n)) || l.saved_copies.contains_key(n) || l.ia3.contains_key(n));
+            if live || l.bias.is_some() {
+                return None;
+            }
+        }
+        let mut layers = Vec::with_capacity(m.layers.len());
+        for l in &m.layers {
+            let a = &l.self_attn;
+            let f = &l.mlp;
+            layers.push(Layer {
+                ln1: Raw::of(&l.input_layernorm)?,
+                ln2: Raw::of(&l.post_attention_layernorm)?,
+                lins: [Lin::of(&a.q_proj)?, Lin::of(&a.k_proj)?, Lin::of(&a.v_proj)?, Lin::of(&a.o_proj)?, Lin::of(&f.gate_proj)?, Lin::of(&f.up_proj)?, Lin::of(&f.down_proj)?],
+            });
+        }
+        Some(Plan {
+            model: m,
+            layers,
+            norm: Raw::of(&m.norm)?,
+            head: Raw::of(&m.lm_head.weight)?,
+            embed: Raw::of(&m.embed_tokens.weight)?,
+            eps: m.config.rms_norm_eps as f32,
+        })
+    }
+}
+
+/// What the forward pass keeps of one LoRA adapter for the backward.
+#[derive(Default)]
+struct LoraAct {
+    /// `scaling · dropout(x) Aᵀ`, `[T, r]`.
+    h: Vec<f32>,
+    /// Seed of the dropout mask (regenerated in the backward), when dropout is on.
+    seed: Option<u64>,
+}
+
+/// Saved activations of one decoder layer.
+#[derive(Default)]
+struct LayerActs {
+    /// Layer input `[T, H]`.
+    x: Vec<f32>,
+    rstd1: Vec<f32>,
+    /// After RoPE: `[T, QD]`, `[T, KD]`; `v` `[T, KD]`.
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// Attention probabilities `[b, heads, s, t]`.
+    probs: Vec<f32>,
+    /// Attention output before `o_proj`, `[T, QD]`.
+    attn: Vec<f32>,
+    /// Residual after attention, `[T, H]`.
+    hmid: Vec<f32>,
+    rstd2: Vec<f32>,
+    /// Gate and up projections `[T, I]`.
+    g: Vec<f32>,
+    u: Vec<f32>,
+    lora: [Vec<LoraAct>; 7],
+}
+
+/// Buffers reused across steps (an arena): activations and scratch space.
+#[derive(Default)]
+struct Workspace {
+    dims: Option<Dims>,
+    acts: Vec<LayerActs>,
+    /// Output of the last layer `[T, H]`.
+    out: Vec<f32>,
+    n: Vec<f32>,
+    n2: Vec<f32>,
+    tmp_h: Vec<f32>,
+    act: Vec<f32>,
+    gi: Vec<f32>,
+    gq: Vec<f32>,
+    gk: Vec<f32>,
+    gv: Vec<f32>,
+    gattn: Vec<f32>,
+    g: Vec<f32>,
+    gn: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    rstd_f: Vec<f32>,
+    drop_x: Vec<f32>,
+    drop_m: Vec<f32>,
+    lora_tmp: Vec<f32>,
+    lora_tmp2: Vec<f32>,
+    logits: Vec<f32>,
+    hc: Vec<f32>,
+    ghc: Vec<f32>,
+}
+
+/// A buffer of exactly `n` elements, reusing the allocation (contents unspecified).
+fn buf(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if v.len() != n {
+        v.clear();
+        v.resize(n, 0.0);
+    }
+    &mut v[..]
+}
+
+fn workspace_slot() -> &'static Mutex<Workspace> {
+    static WS: std::sync::OnceLock<Mutex<Workspace>> = std::sync::OnceLock::new();
+    WS.get_or_init(|| Mutex::new(Workspace::default()))
+}
+
+/// Per-token masking facts for attention.
+struct MaskInfo {
+    /// `[b, t]` key mask (1 = attend), `None` = all ones.
+    keys: Option<Vec<u8>>,
+    /// Per (b, i): number of key columns the row may see before masking holes
+    /// (`P + i + 1`), or `t` for a row whose every key is masked (candle's softmax then spreads
+    /// evenly over the whole row).
+    limit: Vec<usize>,
+    /// Per (b, i): whether every key is masked.
+    dead: Vec<bool>,
+    /// Per b: whether the row has masked keys inside its causal window (holes to zero).
+    holes: Vec<bool>,
+}
+
+impl MaskInfo {
+    fn new(d: &Dims, keys: Option<Vec<u8>>) -> MaskInfo {
+        let (b, s, p, t) = (d.b, d.s, d.p, d.t());
+        let mut limit = vec![0; b * s];
+        let mut dead = vec![false; b * s];
+        let mut holes = vec![false; b];
+        for bi in 0..b {
+            let km = keys.as_ref().map(|k| &k[bi * t..(bi + 1) * t]);
+            holes[bi] = km.is_some_and(|k| k.iter().any(|&v| v == 0));
+            let mut seen = 0usize;
+            let mut j = 0usize;
+            for i in 0..s {
+                while j <= p + i {
+                    if km.map(|k| k[j] != 0).unwrap_or(true) {
+                        seen += 1;
+                    }
+                    j += 1;
+                }
+                let idx = bi * s + i;
+                dead[idx] = seen == 0;
+                limit[idx] = if seen == 0 { t } else { p + i + 1 };
+            }
+        }
+        MaskInfo { keys, limit, dead, holes }
+    }
+}
+
+/// Rows per attention block (the causal triangle is skipped per block).
+const RB: usize = 32;
+
+/// A pointer that may cross threads; users write disjoint regions only.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: every user writes a region no other task touches.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// The pointer (a method, so closures capture the whole `SendPtr`).
+    fn ptr(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Prefix keys/values for one layer: `[b, kv_heads, P, hd]` each.
+struct Prefix {
+    k: Raw,
+    v: Raw,
+}
+
+struct Step {
+    d: Dims,
+    mask: MaskInfo,
+    threads: usize,
+    rng: Option<Arc<Mutex<rand::rngs::StdRng>>>,
+    prefix: Vec<Prefix>,
+}
+
+impl Step {
+    /// `y = x Wᵀ + b + Σ scaling · (dropout(x) Aᵀ) Bᵀ`, saving each adapter's `[T, r]` product.
+    fn lin_fwd(&self, lin: &Lin, x: &[f32], y: &mut [f32], saves: &mut Vec<LoraAct>, drop_x: &mut Vec<f32>) {
+        let t = self.d.tok();
+        gemm(&mut Dst::of(y, t, lin.out), View::of(x, t, lin.inp), View::of(lin.w.get(), lin.out, lin.inp).t(), 1.0, false, self.threads);
+        if let Some(b) = &lin.bias {
+            simd::add_bias(y, b.get());
+        }
+        saves.resize_with(lin.loras.len(), LoraAct::default);
+        for (lo, sv) in lin.loras.iter().zip(saves.iter_mut()) {
+            let h = buf(&mut sv.h, t * lo.r);
+            let xin: &[f32] = if lo.dropout > 0.0 {
+                let seed = super::dropout_seed(self.rng.as_deref());
+                sv.seed = Some(seed);
+                let dx = buf(drop_x, t * lin.inp);
+                super::dropout_mask(seed, lo.dropout, dx);
+                for (o, &v) in dx.iter_mut().zip(x) {
+                    *o *= v;
+                }
+                dx
+            } else {
+                sv.seed = None;
+                x
+            };
+            gemm(&mut Dst::of(h, t, lo.r), View::of(xin, t, lin.inp), View::of(lo.a.get(), lo.r, lin.inp).t(), lo.scaling, false, self.threads);
+            gemm(&mut Dst::of(y, t, lin.out), View::of(h, t, lo.r), View::of(lo.b.get(), lin.out, lo.r).t(), 1.0, true, self.threads);
+        }
+    }
+
+    /// Backward of [`Self::lin_fwd`]: `gx (+)= gy W + Σ scaling · mask ⊙ (gy B) A`, and the
+    /// adapters' gradients `∂B = gyᵀ h`, `∂A = scaling · (gy B)ᵀ dropout(x)`.
+    #[allow(clippy::too_many_arguments)]
+    fn lin_bwd(&self, lin: &Lin, gy: &[f32], x: &[f32], gx: &mut [f32], acc: bool, saves: &[LoraAct], grads: &mut Vec<(Var, Vec<f32>)>, ws: &mut Scratch) {
+        let t = self.d.tok();
+        gemm(&mut Dst::of(gx, t, lin.inp), View::of(gy, t, lin.out), View::of(lin.w.get(), lin.out, lin.inp), 1.0, acc, self.threads);
+        for (lo, sv) in lin.loras.iter().zip(saves) {
+            let mut gb = vec![0f32; lin.out * lo.r];
+            gemm(&mut Dst::of(&mut gb, lin.out, lo.r), View::of(gy, t, lin.out).t(), View::of(&sv.h, t, lo.r), 1.0, false, self.threads);
+            let tmp = buf(&mut ws.lora_tmp, t * lo.r);
+            gemm(&mut Dst::of(tmp, t, lo.r), View::of(gy, t, lin.out), View::of(lo.b.get(), lin.out, lo.r), 1.0, false, self.threads);
+            let mut ga = vec![0f32; lo.r * lin.inp];
+            match sv.seed {
+                Some(seed) => {
+                    let m = buf(&mut ws.drop_m, t * lin.inp);
+                    super::dropout_mask(seed, lo.dropout, m);
+                    let dx = buf(&mut ws.drop_x, t * lin.inp);
+                    simd::mul_to(x, m, dx);
+                    gemm(&mut Dst::of(&mut ga, lo.r, lin.inp), View::of(tmp, t, lo.r).t(), View::of(dx, t, lin.inp), lo.scaling, false, self.threads);
+                    let t2 = buf(&mut ws.lora_tmp2, t * lin.inp);
+                    gemm(&mut Dst::of(t2, t, lin.inp), View::of(tmp, t, lo.r), View::of(lo.a.get(), lo.r, lin.inp), 1.0, false, self.threads);
+                    simd::mul_acc(t2, m, lo.scaling, gx);
+                }
+                None => {
+                    gemm(&mut Dst::of(&mut ga, lo.r, lin.inp), View::of(tmp, t, lo.r).t(), View::of(x, t, lin.inp), lo.scaling, false, self.threads);
+                    gemm(&mut Dst::of(gx, t, lin.inp), View::of(tmp, t, lo.r), View::of(lo.a.get(), lo.r, lin.inp), lo.scaling, true, self.threads);
+                }
+            }
+            grads.push((lo.var_a.clone(), ga));
+            grads.push((lo.var_b.clone(), gb));
+        }
+    }
+
+    /// Causal (grouped-query) attention of one layer: `probs = softmax(q kᵀ / sqrt(hd) + mask)`,
+    /// `attn = probs v`, with the prefix keys/values in front of the real ones.
+    fn attn_fwd(&self, l: usize, q: &[f32], k: &[f32], v: &[f32], probs: &mut [f32], attn: &mut [f32]) {
+        let d = self.d;
+        let (s, p, t, hd, qd, kd) = (d.s, d.p, d.t(), d.hd, d.qd(), d.kd());
+        let rep = d.nh / d.nkv;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let probs_p = SendPtr(probs.as_mut_ptr());
+        let attn_p = SendPtr(attn.as_mut_ptr());
+        let attn_len = attn.len();
+        let pre = self.prefix.get(l);
+        (0..d.b * d.nh).into_par_iter().for_each(|bh| {
+            let (bi, h) = (bh / d.nh, bh % d.nh);
+            let g = h / rep;
+            let qv = View::rm(q, bi * s * qd + h * hd, s, hd, qd);
+            let kv = View::rm(k, bi * s * kd + g * hd, s, hd, kd);
+            let vv = View::rm(v, bi * s * kd + g * hd, s, hd, kd);
+            let pk = pre.map(|x| View::rm(x.k.get(), (bi * d.nkv + g) * p * hd, p, hd, hd));
+            let pv = pre.map(|x| View::rm(x.v.get(), (bi * d.nkv + g) * p * hd, p, hd, hd));
+            // SAFETY: task (bi, h) owns probs[(bi·nh + h)·s·t ..][..s·t] and the column block h
+            // of rows bi·s .. (bi+1)·s of `attn`.
+            let pr = unsafe { std::slice::from_raw_parts_mut(probs_p.ptr().add(bh * s * t), s * t) };
+            assert!(bi * s * qd + (s - 1) * qd + h * hd + hd <= attn_len);
+            let mut out = unsafe { Dst::raw(attn_p.ptr().add(bi * s * qd + h * hd), s, hd, qd) };
+            let keys = self.mask.keys.as_ref().map(|km| &km[bi * t..(bi + 1) * t]);
+            for i0 in (0..s).step_by(RB) {
+                let n = RB.min(s - i0);
+                let lim = (i0..i0 + n).map(|i| self.mask.limit[bi * s + i]).max().unwrap_or(t);
+                let mut sc = Dst::rm(pr, i0 * t, n, t, t);
+                if let Some(pk) = pk {
+                    gemm(&mut sc.cols(0, p), qv.rows(i0, n), pk.t(), scale, false, 1);
+                }
+                gemm(&mut sc.cols(p, lim - p), qv.rows(i0, n), kv.rows(0, lim - p).t(), scale, false, 1);
+                for i in i0..i0 + n {
+                    let row = &mut pr[i * t..(i + 1) * t];
+                    let idx = bi * s + i;
+                    if self.mask.dead[idx] {
+                        simd::softmax_prefix(row, 0);
+                        continue;
+                    }
+                    let valid = self.mask.limit[idx];
+                    if let (Some(km), true) = (keys, self.mask.holes[bi]) {
+                        for (x, &m) in row[..valid].iter_mut().zip(km) {
+                            if m == 0 {
+                                *x = f32::MIN;
+                            }
+                        }
+                        simd::softmax_prefix(row, valid);
+                        for (x, &m) in row[..valid].iter_mut().zip(km) {
+                            if m == 0 {
+                                *x = 0.0;
+                            }
+                        }
+                    } else {
+                        simd::softmax_prefix(row, valid);
+                    }
+                }
+                let pview = View::rm(pr, i0 * t, n, t, t);
+                let mut ob = out.rows(i0, n);
+                match pv {
+                    Some(pv) => {
+                        gemm(&mut ob, pview.cols(0, p), pv, 1.0, false, 1);
+                        gemm(&mut ob, pview.cols(p, lim - p), vv.rows(0, lim - p), 1.0, true, 1);
+                    }
+                    None => gemm(&mut ob, pview.cols(0, lim), vv.rows(0, lim), 1.0, false, 1),
+                }
+            }
+        });
+    }
+
+    /// Backward of [`Self::attn_fwd`], in parallel over (batch, kv head): `gq` is overwritten,
+    /// `gk`, `gv` and the prefix gradients `gpk`, `gpv` (`[b, kv_heads, P, hd]`) are zeroed and
+    /// accumulated over the heads of each group.
+    #[allow(clippy::too_many_arguments)]
+    fn attn_bwd(&self, l: usize, a: &LayerActs, gattn: &[f32], gq: &mut [f32], gk: &mut [f32], gv: &mut [f32], gpk: &mut [f32], gpv: &mut [f32]) {
+        let d = self.d;
+        let (s, p, t, hd, qd, kd) = (d.s, d.p, d.t(), d.hd, d.qd(), d.kd());
+        let rep = d.nh / d.nkv;
+        let scale = 1.0 / (hd as f32).sqrt();
+        gk.fill(0.0);
+        gv.fill(0.0);
+        gpk.fill(0.0);
+        gpv.fill(0.0);
+        let (gq_p, gk_p, gv_p, gpk_p, gpv_p) = (SendPtr(gq.as_mut_ptr()), SendPtr(gk.as_mut_ptr()), SendPtr(gv.as_mut_ptr()), SendPtr(gpk.as_mut_ptr()), SendPtr(gpv.as_mut_ptr()));
+        let (q, k, v, probs) = (&a.q[..], &a.k[..], &a.v[..], &a.probs[..]);
+        let pre = self.prefix.get(l);
+        (0..d.b * d.nkv).into_par_iter().for_each(|bg| {
+            let (bi, g) = (bg / d.nkv, bg % d.nkv);
+            let kv = View::rm(k, bi * s * kd + g * hd, s, hd, kd);
+            let vv = View::rm(v, bi * s * kd + g * hd, s, hd, kd);
+            let pk = pre.map(|x| View::rm(x.k.get(), (bi * d.nkv + g) * p * hd, p, hd, hd));
+            let pv = pre.map(|x| View::rm(x.v.get(), (bi * d.nkv + g) * p * hd, p, hd, hd));
+            // SAFETY: task (bi, g) owns the column block g of rows bi·s .. (bi+1)·s of gk / gv,
+            // the prefix gradient block (bi, g), and the column blocks of its heads in gq.
+            let mut gkd = unsafe { Dst::raw(gk_p.ptr().add(bi * s * kd + g * hd), s, hd, kd) };
+            let mut gvd = unsafe { Dst::raw(gv_p.ptr().add(bi * s * kd + g * hd), s, hd, kd) };
+            let mut gpkd = unsafe { Dst::raw(gpk_p.ptr().add((bi * d.nkv + g) * p * hd), p, hd, hd) };
+            let mut gpvd = unsafe { Dst::raw(gpv_p.ptr().add((bi * d.nkv + g) * p * hd), p, hd, hd) };
+            let mut gp = vec![0f32; RB * t];
+            for h in g * rep..(g + 1) * rep {
+                let qv = View::rm(q, bi * s * qd + h * hd, s, hd, qd);
+                let go = View::rm(gattn, bi * s * qd + h * hd, s, hd, qd);
+                let mut gqd = unsafe { Dst::raw(gq_p.ptr().add(bi * s * qd + h * hd), s, hd, qd) };
+                let pr = &probs[(bi * d.nh + h) * s * t..][..s * t];
+                for i0 in (0..s).step_by(RB) {
+                    let n = RB.min(s - i0);
+                    let lim = (i0..i0 + n).map(|i| self.mask.limit[bi * s + i]).max().unwrap_or(t);
+                    let pview = View::rm(pr, i0 * t, n, t, t);
+                    let mut gpd = Dst::rm(&mut gp, 0, n, t, t);
+                    if let Some(pv) = pv {
+                        gemm(&mut gpd.cols(0, p), go.rows(i0, n), pv.t(), 1.0, false, 1);
+                    }
+                    gemm(&mut gpd.cols(p, lim - p), go.rows(i0, n), vv.rows(0, lim - p).t(), 1.0, false, 1);
+                    for r in 0..n {
+                        simd::softmax_bwd_inplace(&pr[(i0 + r) * t..(i0 + r) * t + lim], &mut gp[r * t..r * t + lim], scale);
+                    }
+                    let gs = View::rm(&gp, 0, n, t, t);
+                    let mut gqb = gqd.rows(i0, n);
+                    match pk {
+                        Some(pk) => {
+                            gemm(&mut gqb, gs.cols(0, p), pk, 1.0, false, 1);
+                            gemm(&mut gqb, gs.cols(p, lim - p), kv.rows(0, lim - p), 1.0, true, 1);
+                        }
+                        None => gemm(&mut gqb, gs.cols(0, lim), kv.rows(0, lim), 1.0, false, 1),
+                    }
+                    let qb = qv.rows(i0, n);
+                    let gob = go.rows(i0, n);
+                    gemm(&mut gkd.rows(0, lim - p), gs.cols(p, lim - p).t(), qb, 1.0, true, 1);
+                    gemm(&mut gvd.rows(0, lim - p), pview.cols(p, lim - p).t(), gob, 1.0, true, 1);
+                    if p > 0 {
+                        gemm(&mut gpkd, gs.cols(0, p).t(), qb, 1.0, true, 1);
+                        gemm(&mut gpvd, pview.cols(0, p).t(), gob, 1.0, true, 1);
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Scratch buffers handed to the linear backward.
+struct Scratch {
+    drop_x: Vec<f32>,
+    drop_m: Vec<f32>,
+    lora_tmp: Vec<f32>,
+    lora_tmp2: Vec<f32>,
+}
+
+/// What the engine's step returns.
+struct StepResult {
+    /// `Σ (lse − x_target)` over the scored rows.
+    loss_sum: f64,
+    /// Scored rows.
+    n: usize,
+    /// LoRA gradients.
+    grads: Vec<(Var, Vec<f32>)>,
+    /// Gradient of the input embeddings `[T, H]` (prompt learning), if asked for.
+    gx: Option<Vec<f32>>,
+    /// Gradients of each layer's prefix keys/values (prefix tuning).
+    gprefix: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+/// Runs one forward + backward. `x0`: input embeddings `[T, H]`; `labels`: `[b, s]` (shifted
+/// by one inside); `weight`: the loss weight of each scored row.
+#[allow(clippy::too_many_arguments)]
+fn run(plan: &Plan, d: Dims, x0: &[f32], keys: Option<Vec<u8>>, positions: &[u32], labels: &[i64], weight: Option<f32>, prefix: Vec<Prefix>, want_gx: bool, rng: Option<Arc<Mutex<rand::rngs::StdRng>>>, threads: usize) -> StepResult {
+    let mut guard = workspace_slot().try_lock();
+    let mut own = Workspace::default();
+    let ws: &mut Workspace = match guard.as_mut() {
+        Ok(g) => g,
+        Err(_) => &mut own,
+    };
+    if ws.dims != Some(d) {
+        // Shapes changed: drop what no longer fits instead of keeping two sizes alive.
+        *ws = Workspace { dims: Some(d), ..Default::default() };
+    }
+    let nl = plan.layers.len();
+    ws.acts.resize_with(nl, LayerActs::default);
+    let step = Step { d, mask: MaskInfo::new(&d, keys), threads, rng, prefix };
+    let (tk, h, qd, kd, inter) = (d.tok(), d.h, d.qd(), d.kd(), d.inter);
+    // RoPE tables.
+    let half = d.hd / 2;
+    let inv = plan.model.inv_freq();
+    {
+        let cos = buf(&mut ws.cos, tk * half);
+        for (i, &p) in positions.iter().enumerate() {
+            for (j, f) in inv.iter().enumerate() {
+                cos[i * half + j] = (p as f32 * f).cos();
+            }
+        }
+        let sin = buf(&mut ws.sin, tk * half);
+        for (i, &p) in positions.iter().enumerate() {
+            for (j, f) in inv.iter().enumerate() {
+                sin[i * half + j] = (p as f32 * f).sin();
+            }
+        }
+    }
+    // ---- forward ----
+    buf(&mut ws.acts[0].x, tk * h).copy_from_slice(x0);
+    for li in 0..nl {
+        let layer = &plan.layers[li];
+        let (before, rest) = ws.acts.split_at_mut(li + 1);
+        let a = &mut before[li];
+        let n1 = buf(&mut ws.n, tk * h);
+        simd::rms_norm_fwd(&a.x, layer.ln1.get(), plan.eps, n1, buf(&mut a.rstd1, tk));
+        step.lin_fwd(&layer.lins[Q], n1, buf(&mut a.q, tk * qd), &mut a.lora[Q], &mut ws.drop_x);
+        step.lin_fwd(&layer.lins[K], n1, buf(&mut a.k, tk * kd), &mut a.lora[K], &mut ws.drop_x);
+        step.lin_fwd(&layer.lins[V], n1, buf(&mut a.v, tk * kd), &mut a.lora[V], &mut ws.drop_x);
+        simd::rope_inplace(&mut a.q, &ws.cos, &ws.sin, d.nh, d.hd, 1.0);
+        simd::rope_inplace(&mut a.k, &ws.cos, &ws.sin, d.nkv, d.hd, 1.0);
+        buf(&mut a.probs, d.b * d.nh * d.s * d.t());
+        buf(&mut a.attn, tk * qd);
+        step.attn_fwd(li, &a.q, &a.k, &a.v, &mut a.probs, &mut a.attn);
+        let tmp = buf(&mut ws.tmp_h, tk * h);
+        step.lin_fwd(&layer.lins[O], &a.attn, tmp, &mut a.lora[O], &mut ws.drop_x);
+        simd::add_to(&a.x, tmp, buf(&mut a.hmid, tk * h));
+        let n2 = buf(&mut ws.n, tk * h);
+        simd::rms_norm_fwd(&a.hmid, layer.ln2.get(), plan.eps, n2, buf(&mut a.rstd2, tk));
+        step.lin_fwd(&layer.lins[GATE], n2, buf(&mut a.g, tk * inter), &mut a.lora[GATE], &mut ws.drop_x);
+        step.lin_fwd(&layer.lins[UP], n2, buf(&mut a.u, tk * inter), &mut a.lora[UP], &mut ws.drop_x);
+        let act = buf(&mut ws.act, tk * inter);
+        simd::silu_mul(&a.g, &a.u, act);
+        let tmp = buf(&mut ws.tmp_h, tk * h);
+        step.lin_fwd(&layer.lins[DOWN], act, tmp, &mut a.lora[DOWN], &mut ws.drop_x);
+        let next = if li + 1 < nl { buf(&mut rest[0].x, tk * h) } else { buf(&mut ws.out, tk * h) };
+        simd::add_to(&a.hmid, &ws.tmp_h, next);
+    }
+    // ---- final norm, lm_head and cross-entropy, chunked over scored rows ----
+    let hf = buf(&mut ws.n, tk * h);
+    simd::rms_norm_fwd(&ws.out, plan.norm.get(), plan.eps, hf, buf(&mut ws.rstd_f, tk));
+    let mut rows: Vec<(usize, usize)> = Vec::new();
+    for bi in 0..d.b {
+        for i in 0..d.s.saturating_sub(1) {
+            let l = labels[bi * d.s + i + 1];
+            if l >= 0 && (l as usize) < d.vocab {
+                rows.push((bi * d.s + i, l as usize));
+            }
+        }
+    }
+    let n = rows.len();
+    let w = weight.unwrap_or(1.0 / n.max(1) as f32);
+    let ghf = buf(&mut ws.gn, tk * h);
+    ghf.fill(0.0);
+    let mut loss_sum = 0f64;
+    const CH: usize = 128;
+    for chunk in rows.chunks(CH) {
+        let c = chunk.len();
+        let hc = buf(&mut ws.hc, c * h);
+        for (r, &(row, _)) in chunk.iter().enumerate() {
+            hc[r * h..(r + 1) * h].copy_from_slice(&hf[row * h..(row + 1) * h]);
+        }
+        let logits = buf(&mut ws.logits, c * d.vocab);
+        gemm(&mut Dst::of(logits, c, d.vocab), View::of(hc, c, h), View::of(plan.head.get(), d.vocab, h).t(), 1.0, false, threads);
+        loss_sum += logits
+            .par_chunks_mut(d.vocab)
+            .zip(chunk.par_iter())
+            .map(|(row, &(_, target))| simd::cross_entropy_row(row, target, w) / w as f64)
+            .sum::<f64>();
+        let ghc = buf(&mut ws.ghc, c * h);
+        gemm(&mut Dst::of(ghc, c, h), View::of(logits, c, d.vocab), View::of(plan.head.get(), d.vocab, h), 1.0, false, threads);
+        for (r, &(row, _)) in chunk.iter().enumerate() {
+            ghf[row * h..(row + 1) * h].copy_from_slice(&ghc[r * h..(r + 1) * h]);
+        }
+    }
+    let g = buf(&mut ws.g, tk * h);
+    g.fill(0.0);
+    simd::rms_norm_bwd_acc(&ws.out, plan.norm.get(), &ws.rstd_f, &ws.gn, g);
+    // ---- backward through the layers; `ws.g` is the residual stream's gradient ----
+    let mut grads = Vec::new();
+    let mut gprefix = Vec::new();
+    let mut scratch = Scratch { drop_x: std::mem::take(&mut ws.drop_x), drop_m: std::mem::take(&mut ws.drop_m), lora_tmp: std::mem::take(&mut ws.lora_tmp), lora_tmp2: std::mem::take(&mut ws.lora_tmp2) };
+    for li in (0..nl).rev() {
+        let layer = &plan.layers[li];
+        let a = &mut ws.acts[li];
+        // MLP
+        let needs = |m: usize| !layer.lins[m].loras.is_empty();
+        let act = buf(&mut ws.act, tk * inter);
+        if needs(DOWN) {
+            simd::silu_mul(&a.g, &a.u, act);
+        }
+        let gi = buf(&mut ws.gi, tk * inter);
+        step.lin_bwd(&layer.lins[DOWN], &ws.g, act, gi, false, &a.lora[DOWN], &mut grads, &mut scratch);
+        simd::silu_mul_bwd_inplace(&mut a.g, &mut a.u, gi);
+        let n2 = buf(&mut ws.n2, tk * h);
+        if needs(GATE) || needs(UP) {
+            simd::rms_norm_apply(&a.hmid, layer.ln2.get(), &a.rstd2, n2);
+        }
+        let gn = buf(&mut ws.gn, tk * h);
+        step.lin_bwd(&layer.lins[GATE], &a.g, n2, gn, false, &a.lora[GATE], &mut grads, &mut scratch);
+        step.lin_bwd(&layer.lins[UP], &a.u, n2, gn, true, &a.lora[UP], &mut grads, &mut scratch);
+        simd::rms_norm_bwd_acc(&a.hmid, layer.ln2.get(), &a.rstd2, gn, &mut ws.g);
+        // attention
+        let gattn = buf(&mut ws.gattn, tk * qd);
+        step.lin_bwd(&layer.lins[O], &ws.g, &a.attn, gattn, false, &a.lora[O], &mut grads, &mut scratch);
+        let gq = buf(&mut ws.gq, tk * qd);
+        let gk = buf(&mut ws.gk, tk * kd);
+        let gv = buf(&mut ws.gv, tk * kd);
+        let np = d.b * d.nkv * d.p * d.hd;
+        let (mut gpk, mut gpv) = (vec![0f32; np], vec![0f32; np]);
+        step.attn_bwd(li, a, gattn, gq, gk, gv, &mut gpk, &mut gpv);
+        if d.p > 0 {
+            gprefix.push((gpk, gpv));
+        }
+        simd::rope_inplace(gq, &ws.cos, &ws.sin, d.nh, d.hd, -1.0);
+        simd::rope_inplace(gk, &ws.cos, &ws.sin, d.nkv, d.hd, -1.0);
+        let n1 = buf(&mut ws.n2, tk * h);
+        if needs(Q) || needs(K) || needs(V) {
+            simd::rms_norm_apply(&a.x, layer.ln1.get(), &a.rstd1, n1);
+        }
+        let gn = buf(&mut ws.gn, tk * h);
+        step.lin_bwd(&layer.lins[Q], gq, n1, gn, false, &a.lora[Q], &mut grads, &mut scratch);
+        step.lin_bwd(&layer.lins[K], gk, n1, gn, true, &a.lora[K], &mut grads, &mut scratch);
+        step.lin_bwd(&layer.lins[V], gv, n1, gn, true, &a.lora[V], &mut grads, &mut scratch);
+        simd::rms_norm_bwd_acc(&a.x, layer.ln1.get(), &a.rstd1, gn, &mut ws.g);
+    }
+    gprefix.reverse();
+    (ws.drop_x, ws.drop_m, ws.lora_tmp, ws.lora_tmp2) = (scratch.drop_x, scratch.drop_m, scratch.lora_tmp, scratch.lora_tmp2);
+    StepResult { loss_sum, n, grads, gx: want_gx.then(|| ws.g.clone()), gprefix }
+}
+
+/// The engine's version of `train::loss_and_grads` for a Llama-family causal LM, or `Ok(None)`
+/// when the model or its adapters need the general path (see the module docs of
+/// [`crate::engine`]). Returns `(mean loss, label tokens, gradients)` exactly as the general
+/// path does; with `total_items`, the gradients are those of `mean · n / total_items`.
+///
+/// Errors: as the general path (`InvalidArgument` for ids outside the vocabulary, a mask of
+/// the wrong length or a sequence longer than `max_position_embeddings`).
+pub fn try_loss_and_grads(model: &PeftModel, batch: &Batch, total_items: Option<usize>, rng: Option<Arc<Mutex<rand::rngs::StdRng>>>) -> Result<Option<(f64, usize, GradStore)>> {
+    if !super::enabled() || batch.token_type_ids.is_some() || batch.decoder_input_ids.is_some() {
+        return Ok(None);
+    }
+    let Some(llama) = model.base.as_llama() else { return Ok(None) };
+    let Some(plan) = Plan::of(llama) else { return Ok(None) };
+    let c = &llama.config;
+    if c.head_dim % 2 != 0 || c.num_key_value_heads == 0 || c.num_attention_heads % c.num_key_value_heads != 0 {
+        return Ok(None);
+    }
+    let prompt = model.active_prompt();
+    // Prompt learning and LoRA adapters never coexist (HF refuses the mix); a prompt adapter
+    // with a LoRA adapter active elsewhere would need both paths.
+    if prompt.is_some() && plan.layers.iter().any(|l| l.lins.iter().any(|x| !x.loras.is_empty())) {
+        return Ok(None);
+    }
+    let (b, s) = (batch.batch_size, batch.seq_len);
+    if let Some(bad) = batch.input_ids.iter().find(|&&i| i as usize >= c.vocab_size) {
+        return Err(PeftError::invalid_arg("inputIds", format!("token id {bad} is outside the vocabulary (size {})", c.vocab_size)));
+    }
+    let h = c.hidden_size;
+    let embed = plan.embed.get();
+    let gather = |ids: &[u32], out: &mut Vec<f32>| {
+        for &id in ids {
+            out.extend_from_slice(&embed[id as usize * h..(id as usize + 1) * h]);
+        }
+    };
+    let threads = super::num_threads();
+    let mut dims = Dims { b, s, p: 0, h, nh: c.num_attention_heads, nkv: c.num_key_value_heads, hd: c.head_dim, inter: c.intermediate_size, vocab: c.vocab_size };
+    let rng_ref = rng.as_deref();
+    // Inputs per method, mirroring `PeftModel::prompt_forward` and `BaseModel::forward`.
+    let mut x0 = Vec::with_capacity(b * s * h);
+    let mut keys = Some(batch.attention_mask.clone());
+    let mut prompts: Option<Tensor> = None;
+    let mut prefix_tensors: Vec<(Tensor, Tensor)> = Vec::new();
+    let mut prefix = Vec::new();
+    match prompt {
+        None => gather(&batch.input_ids, &mut x0),
+        Some((cfg, enc)) => {
+            let n = cfg.total_virtual_tokens();
+            keys = Some((0..b).flat_map(|r| std::iter::repeat_n(1u8, n).chain(batch.attention_mask[r * s..(r + 1) * s].iter().copied())).collect());
+            if cfg.method == PromptMethod::PrefixTuning {
+                let n = cfg.num_virtual_tokens;
+                dims.p = n;
+                prefix_tensors = model.prefix_key_values(cfg, enc, b, true, rng_ref)?;
+                for (k, v) in &prefix_tensors {
+                    if k.dims() != [b, dims.nkv, n, dims.hd] || v.dims() != [b, dims.nkv, n, dims.hd] {
+                        return Ok(None);
+                    }
+                    let (Some(k), Some(v)) = (Raw::of(k), Raw::of(v)) else { return Ok(None) };
+                    prefix.push(Prefix { k, v });
+                }
+                if prefix.len() != llama.layers.len() {
+                    return Ok(None);
+                }
+                gather(&batch.input_ids, &mut x0);
+            } else {
+                // Virtual token embeddings in front of the real ones.
+                let mut real = Vec::with_capacity(b * s * h);
+                gather(&batch.input_ids, &mut real);
+                let p = enc.batch_prompts(b, batch.task_ids.as_deref(), true, rng_ref)?.to_dtype(DType::F32)?.contiguous()?;
+                if p.dims() != [b, n, h] {
+                    return Ok(None);
+                }
+                let pv = p.flatten_all()?.to_vec1::<f32>()?;
+                x0.clear();
+                for r in 0..b {
+                    x0.extend_from_slice(&pv[r * n * h..(r + 1) * n * h]);
+                    x0.extend_from_slice(&real[r * s * h..(r + 1) * s * h]);
+                }
+                dims.s = n + s;
+                prompts = Some(p);
+            }
+        }
+    }
+    let total = dims.t();
+    if total > c.max_position_embeddings {
+        return Err(PeftError::invalid_arg("inputIds", format!("sequence length {total} exceeds max_position_embeddings {}", c.max_position_embeddings)));
+    }
+    if keys.as_ref().is_some_and(|k| k.iter().all(|&v| v != 0)) {
+        keys = None;
+    }
+    let positions: Vec<u32> = (0..b).flat_map(|_| (dims.p..dims.p + dims.s).map(|p| p as u32)).collect();
+    let (labels, lseq) = extended_labels(model, batch);
+    if lseq != dims.s || labels.len() != b * dims.s {
+        return Ok(None);
+    }
+    // Scored rows (after the shift) decide the weight, as `causal_lm_loss` and the trainer do.
+    let n_items = (0..b).map(|r| (1..dims.s).filter(|&i| labels[r * dims.s + i] >= 0 && (labels[r * dims.s + i] as usize) < dims.vocab).count()).sum::<usize>();
+    let weight = match total_items {
+        Some(t) if t > 0 => 1.0 / t as f32,
+        _ => 1.0 / n_items.max(1) as f32,
+    };
+    let want_gx = prompts.is_some();
+    let res = super::pool().install(|| run(&plan, dims, &x0, keys, &positions, &labels, Some(weight), prefix, want_gx, rng, threads));
+    let mean = if res.n > 0 { (res.loss_sum / res.n as f64) as f32 as f64 } else { 0.0 };
+    let dev = llama.device.clone();
+    // Gradients of the prompt encoders: backpropagate the engine's input gradient through
+    // candle's graph of the prompt tables (`Σ prompts ⊙ g` has gradient `g` w.r.t. `prompts`).
+    let mut store = if let (Some(p), Some(gx)) = (&prompts, &res.gx) {
+        let n = p.dim(1)?;
+        let mut gp = Vec::with_capacity(b * n * h);
+        for r in 0..b {
+            gp.extend_from_slice(&gx[r * dims.s * h..(r * dims.s + n) * h]);
+        }
+        let gp = Tensor::from_vec(gp, (b, n, h), &dev)?;
+        (p * gp)?.sum_all()?.backward()?
+    } else if !prefix_tensors.is_empty() {
+        let mut acc: Option<Tensor> = None;
+        for ((k, v), (gk, gv)) in prefix_tensors.iter().zip(&res.gprefix) {
+            let gk = Tensor::from_slice(gk, k.dims(), &dev)?;
+            let gv = Tensor::from_slice(gv, v.dims(), &dev)?;
+            let term = ((k * gk)?.sum_all()? + (v * gv)?.sum_all()?)?;
+            acc = Some(match acc {
+                Some(a) => (a + term)?,
+                None => term,
+            });
+        }
+        match acc {
+            Some(a) => a.backward()?,
+            None => GradStore::default(),
+        }
+    } else {
+        GradStore::default()
+    };
+    for (var, g) in res.grads {
+        let t = Tensor::from_vec(g, var.shape(), &dev)?.to_dtype(var.dtype())?;
+        let t = match store.remove(var.as_tensor()) {
+            Some(prev) => (prev + t)?,
+            None => t,
+        };
+        store.insert(var.as_tensor(), t);
+    }
+    Ok(Some((mean, res.n, store)))
+}

@@ -1,0 +1,211 @@
+//! The fused engine (`peft_core::engine`) against the general path (candle's autograd over
+//! `PeftModel::forward`): loss and every trainable gradient on random Llama-family models of
+//! several shapes (grouped-query attention, head_dim ≠ hidden/heads, attention biases, padded
+//! batches), for LoRA (q,k,v,o and all-linear, rsLoRA, several active adapters, dropout with a
+//! fixed seed, merged and disabled adapters) and prompt learning (prefix tuning with and without
+//! projection, prompt tuning, P-tuning, multitask prompt tuning).
+
+use candle_core::{DType, Device, Tensor};
+use peft_core::engine;
+use peft_core::model::llama::LlamaForCausalLM;
+use peft_core::model::config::LlamaConfig;
+use peft_core::peft_model::PeftModel;
+use peft_core::train::{loss_and_grads, Batch};
+use peft_core::tuners::AdapterConfig;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, Normal};
+use serde_json::json;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+struct Shape {
+    hidden: usize,
+    heads: usize,
+    kv: usize,
+    head_dim: usize,
+    inter: usize,
+    layers: usize,
+    vocab: usize,
+    model_type: &'static str,
+    tie: bool,
+}
+
+fn model(sh: &Shape, seed: u64) -> PeftModel {
+    let cfg = json!({
+        "model_type": sh.model_type, "vocab_size": sh.vocab, "hidden_size": sh.hidden, "intermediate_size": sh.inter,
+        "num_hidden_layers": sh.layers, "num_attention_heads": sh.heads, "num_key_value_heads": sh.kv,
+        "head_dim": sh.head_dim, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256,
+        "tie_word_embeddings": sh.tie,
+    });
+    let config = LlamaConfig::from_json(&cfg, std::path::Path::new("engine-test")).unwrap();
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+    let normal = Normal::new(0.0f32, 0.15).unwrap();
+    let mut t = HashMap::new();
+    let mut put = |name: String, shape: Vec<usize>, norm: bool, r: &mut rand::rngs::StdRng| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = if norm { (0..n).map(|_| 1.0 + r.random_range(-0.2f32..0.2)).collect() } else { (0..n).map(|_| normal.sample(r)).collect() };
+        t.insert(name, Tensor::from_vec(v, shape, &Device::Cpu).unwrap());
+    };
+    let (h, q, kv) = (sh.hidden, sh.heads * sh.head_dim, sh.kv * sh.head_dim);
+    put("model.embed_tokens.weight".into(), vec![sh.vocab, h], false, &mut r);
+    for i in 0..sh.layers {
+        let p = format!("model.layers.{i}");
+        for (n, o, inp) in [("self_attn.q_proj", q, h), ("self_attn.k_proj", kv, h), ("self_attn.v_proj", kv, h), ("self_attn.o_proj", h, q), ("mlp.gate_proj", sh.inter, h), ("mlp.up_proj", sh.inter, h), ("mlp.down_proj", h, sh.inter)] {
+            put(format!("{p}.{n}.weight"), vec![o, inp], false, &mut r);
+        }
+        if sh.model_type == "qwen2" {
+            for (n, o) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
+                put(format!("{p}.self_attn.{n}.bias"), vec![o], false, &mut r);
+            }
+        }
+        put(format!("{p}.input_layernorm.weight"), vec![h], true, &mut r);
+        put(format!("{p}.post_attention_layernorm.weight"), vec![h], true, &mut r);
+    }
+    put("model.norm.weight".into(), vec![h], true, &mut r);
+    if !sh.tie {
+        put("lm_head.weight".into(), vec![sh.vocab, h], false, &mut r);
+    }
+    PeftModel::new(Box::new(LlamaForCausalLM::from_tensors(config, t, DType::F32, &Device::Cpu).unwrap()))
+}
+
+fn adapter(v: serde_json::Value) -> AdapterConfig {
+    AdapterConfig::from_json(&v, None).unwrap()
+}
+
+/// A batch with ragged rows: row i keeps `s - pad_i` tokens, padded on the left or the right.
+fn batch(b: usize, s: usize, vocab: usize, pads: &[(usize, bool)], seed: u64) -> Batch {
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut ids = vec![0u32; b * s];
+    let mut mask = vec![1u8; b * s];
+    let mut labels = vec![-100i64; b * s];
+    for bi in 0..b {
+        let (pad, left) = pads.get(bi).copied().unwrap_or((0, false));
+        for i in 0..s {
+            let is_pad = if left { i < pad } else { i >= s - pad };
+            let id = r.random_range(0..vocab as u32);
+            ids[bi * s + i] = if is_pad { 0 } else { id };
+            mask[bi * s + i] = u8::from(!is_pad);
+            labels[bi * s + i] = if is_pad || r.random_bool(0.1) { -100 } else { id as i64 };
+        }
+    }
+    Batch { input_ids: ids, attention_mask: mask, labels, batch_size: b, seq_len: s, ..Default::default() }
+}
+
+fn max_abs(v: &[f32]) -> f32 {
+    v.iter().fold(0f32, |a, &x| a.max(x.abs()))
+}
+
+/// Runs both paths with the same seeded generator and compares the loss and every trainable
+/// gradient (relative to the gradient's largest entry).
+fn compare(what: &str, m: &PeftModel, b: &Batch, total: Option<usize>) {
+    let rng = || Some(Arc::new(Mutex::new(rand::rngs::StdRng::seed_from_u64(99))));
+    let fast = engine::try_loss_and_grads(m, b, total, rng()).unwrap();
+    let (l1, n1, g1) = fast.unwrap_or_else(|| panic!("{what}: the engine declined a model it should run"));
+    engine::force_general_path(true);
+    let (l2, n2, g2) = loss_and_grads(m, b, total, rng()).unwrap();
+    engine::force_general_path(false);
+    assert_eq!(n1, n2, "{what}: scored tokens");
+    assert!((l1 - l2).abs() <= 1e-5 * l2.abs().max(1.0), "{what}: loss {l1} vs {l2}");
+    let params = m.trainable_parameters();
+    assert!(!params.is_empty());
+    for (name, var) in params {
+        let a = g1.get(var.as_tensor()).unwrap_or_else(|| panic!("{what}: engine has no gradient for {name}"));
+        let e = g2.get(var.as_tensor()).unwrap_or_else(|| panic!("{what}: general path has no gradient for {name}"));
+        assert_eq!(a.dims(), e.dims(), "{what}: {name}");
+        let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let e = e.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let scale = max_abs(&e).max(1e-6);
+        let diff = a.iter().zip(&e).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff <= 1e-4 * scale, "{what}: gradient of {name} differs by {diff} (largest entry {scale})");
+        assert!(scale > 1e-7, "{what}: gradient of {name} is zero");
+    }
+}
+
+fn gqa() -> Shape {
+    // head_dim 12 ≠ hidden / heads = 8; 4 query heads over 2 key/value heads.
+    Shape { hidden: 32, heads: 4, kv: 2, head_dim: 12, inter: 48, layers: 2, vocab: 97, model_type: "llama", tie: false }
+}
+
+#[test]
+fn lora_qkvo_gqa_padded_batch() {
+    let mut m = model(&gqa(), 1);
+    m.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "init_lora_weights": false})), 3).unwrap();
+    let b = batch(3, 37, 97, &[(0, false), (5, true), (9, false)], 11);
+    compare("q,k,v,o padded", &m, &b, None);
+    compare("q,k,v,o with num_items_in_batch", &m, &b, Some(123));
+    // unpadded, one row, and a batch long enough for several attention row blocks
+    compare("unpadded", &m, &batch(2, 70, 97, &[], 12), None);
+    compare("one row", &m, &batch(1, 5, 97, &[], 13), None);
+}
+
+#[test]
+fn lora_all_linear_rslora_qwen2_biases_tied() {
+    let sh = Shape { hidden: 24, heads: 6, kv: 3, head_dim: 4, inter: 40, layers: 3, vocab: 61, model_type: "qwen2", tie: true };
+    let mut m = model(&sh, 2);
+    m.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 3, "lora_alpha": 5, "use_rslora": true, "target_modules": "all-linear", "init_lora_weights": false})), 4).unwrap();
+    compare("all-linear rsLoRA", &m, &batch(2, 19, 61, &[(4, true)], 21), None);
+}
+
+#[test]
+fn lora_dropout_with_a_fixed_seed() {
+    let mut m = model(&gqa(), 3);
+    m.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 4, "lora_alpha": 16, "lora_dropout": 0.3, "target_modules": ["q_proj", "v_proj", "gate_proj", "down_proj"], "init_lora_weights": false})), 5).unwrap();
+    compare("dropout 0.3", &m, &batch(2, 23, 97, &[(3, false)], 31), None);
+}
+
+#[test]
+fn several_adapters_merged_and_disabled() {
+    let mut m = model(&gqa(), 4);
+    m.add_adapter("a", adapter(json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "up_proj"], "init_lora_weights": false})), 6).unwrap();
+    m.add_adapter("b", adapter(json!({"peft_type": "LORA", "r": 5, "lora_alpha": 3, "target_modules": ["q_proj", "k_proj", "down_proj"], "init_lora_weights": false})), 7).unwrap();
+    let bt = batch(2, 17, 97, &[(2, true)], 41);
+    m.set_adapter(&["a".to_string(), "b".to_string()]).unwrap();
+    compare("two active adapters", &m, &bt, None);
+    m.set_adapter(&["b".to_string()]).unwrap();
+    compare("adapter b", &m, &bt, None);
+    // `a` merged into the base while `b` trains
+    m.merge_adapter(Some(&["a".to_string()]), false).unwrap();
+    m.set_adapter(&["a".to_string(), "b".to_string()]).unwrap();
+    compare("a merged, b active", &m, &bt, None);
+}
+
+#[test]
+fn prefix_tuning_with_and_without_projection() {
+    for (proj, tag) in [(false, "prefix"), (true, "prefix+projection")] {
+        let mut m = model(&gqa(), 5);
+        m.add_adapter("default", adapter(json!({"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 6, "prefix_projection": proj, "encoder_hidden_size": 16})), 8).unwrap();
+        compare(tag, &m, &batch(3, 21, 97, &[(0, false), (4, true), (6, false)], 51), None);
+    }
+}
+
+#[test]
+fn prompt_tuning_ptuning_and_multitask() {
+    let cases = [
+        ("prompt tuning", json!({"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 5})),
+        ("p-tuning mlp", json!({"peft_type": "P_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 4, "encoder_hidden_size": 16, "encoder_reparameterization_type": "MLP"})),
+        ("p-tuning lstm", json!({"peft_type": "P_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 4, "encoder_hidden_size": 8, "encoder_reparameterization_type": "LSTM"})),
+        ("multitask", json!({"peft_type": "MULTITASK_PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 4, "num_tasks": 3})),
+    ];
+    for (tag, cfg) in cases {
+        let mut m = model(&gqa(), 6);
+        m.add_adapter("default", adapter(cfg), 9).unwrap();
+        let mut b = batch(2, 15, 97, &[(3, true)], 61);
+        if tag == "multitask" {
+            b.task_ids = Some(vec![2, 0]);
+        }
+        compare(tag, &m, &b, None);
+    }
+}
+
+#[test]
+fn engine_declines_what_it_does_not_compute() {
+    let mut m = model(&gqa(), 7);
+    m.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "use_dora": true})), 1).unwrap();
+    assert!(engine::try_loss_and_grads(&m, &batch(1, 8, 97, &[], 1), None, None).unwrap().is_none(), "DoRA goes through the general path");
+    let mut m = model(&gqa(), 7);
+    m.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]})), 1).unwrap();
+    assert!(engine::try_loss_and_grads(&m, &batch(1, 8, 97, &[], 1), None, None).unwrap().is_none(), "modules_to_save goes through the general path");
+    let mut m = model(&gqa(), 7);
+    m.add_adapter("default", adapter(json!({"peft_type": "IA3", "target_modules": ["k_proj", "down_proj"], "feedforward_modules": ["down_proj"]})), 1).unwrap();
+    assert!(engine::try_loss_and_grads(&m, &batch(1, 8, 97, &[], 1), None, None).unwrap().is_none(), "IA3 goes through the general path");
+}
