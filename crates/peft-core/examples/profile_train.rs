@@ -11,7 +11,13 @@ use std::time::Instant;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+extern "C" {
+    fn mi_option_set(option: std::os::raw::c_int, value: std::os::raw::c_long);
+}
+
 fn main() -> peft_core::Result<()> {
+    // As the Node addon does: keep freed memory 30 s (mi_option_purge_delay = 15).
+    unsafe { mi_option_set(15, 30_000) };
     let args: Vec<String> = std::env::args().collect();
     let path = args.get(1).expect("model path");
     let b: usize = args.get(2).map(|s| s.parse().unwrap()).unwrap_or(4);

@@ -1556,6 +1556,11 @@ impl PeftModel {
             return self.prompt_forward(cfg, enc, ids, b, s, opts, cache);
         }
         self.check_rows(opts, b)?;
+        if cache.is_none() && self.base.task() == Task::CausalLm {
+            if let Some(logits) = crate::engine::try_forward(self, ids, b, s, opts)? {
+                return Ok(logits);
+            }
+        }
         self.base.forward(ids, b, s, opts, cache)
     }
 

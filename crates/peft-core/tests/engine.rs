@@ -209,3 +209,42 @@ fn engine_declines_what_it_does_not_compute() {
     m.add_adapter("default", adapter(json!({"peft_type": "IA3", "target_modules": ["k_proj", "down_proj"], "feedforward_modules": ["down_proj"]})), 1).unwrap();
     assert!(engine::try_loss_and_grads(&m, &batch(1, 8, 97, &[], 1), None, None).unwrap().is_none(), "IA3 goes through the general path");
 }
+
+/// The engine's inference forward against the general path's logits.
+fn compare_logits(what: &str, m: &PeftModel, b: &Batch, last_only: bool, positions: Option<Vec<u32>>) {
+    let opts = peft_core::model::ForwardOptions { attention_mask: Some(b.attention_mask.clone()), last_only, position_ids: positions, ..Default::default() };
+    let fast = engine::try_forward(m, &b.input_ids, b.batch_size, b.seq_len, &opts).unwrap().unwrap_or_else(|| panic!("{what}: the engine declined"));
+    engine::force_general_path(true);
+    let slow = m.forward(&b.input_ids, b.batch_size, b.seq_len, &opts, None).unwrap();
+    engine::force_general_path(false);
+    assert_eq!(fast.dims(), slow.dims(), "{what}");
+    let a = fast.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let e = slow.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let scale = max_abs(&e);
+    let diff = a.iter().zip(&e).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(diff <= 1e-5 * scale.max(1.0), "{what}: logits differ by {diff} (largest {scale})");
+    // and `PeftModel::forward` takes the engine when it applies
+    let via = m.forward(&b.input_ids, b.batch_size, b.seq_len, &opts, None).unwrap();
+    assert_eq!(via.flatten_all().unwrap().to_vec1::<f32>().unwrap(), a, "{what}: PeftModel::forward");
+}
+
+#[test]
+fn inference_logits_match_the_general_path() {
+    let mut m = model(&gqa(), 8);
+    let bt = batch(3, 29, 97, &[(0, false), (6, true), (4, false)], 71);
+    compare_logits("base", &m, &bt, false, None);
+    m.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.2, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"], "init_lora_weights": false})), 3).unwrap();
+    compare_logits("LoRA unmerged", &m, &bt, false, None);
+    compare_logits("LoRA last position", &m, &bt, true, None);
+    let pos: Vec<u32> = (0..3 * 29).map(|i| (i % 29) as u32 + 3).collect();
+    compare_logits("LoRA explicit positions", &m, &bt, false, Some(pos));
+    m.merge_adapter(None, false).unwrap();
+    compare_logits("LoRA merged", &m, &bt, false, None);
+    m.unmerge_adapter().unwrap();
+    m.set_disabled(true).unwrap();
+    compare_logits("disabled", &m, &bt, false, None);
+    let sh = Shape { hidden: 24, heads: 6, kv: 3, head_dim: 4, inter: 40, layers: 3, vocab: 61, model_type: "qwen2", tie: true };
+    let mut q = model(&sh, 9);
+    q.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 3, "lora_alpha": 5, "use_rslora": true, "target_modules": "all-linear", "init_lora_weights": false})), 4).unwrap();
+    compare_logits("qwen2 all-linear", &q, &batch(2, 40, 61, &[(7, true)], 81), false, None);
+}

@@ -277,9 +277,28 @@ fn buf(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     &mut v[..]
 }
 
-fn workspace_slot() -> &'static Mutex<Workspace> {
-    static WS: std::sync::OnceLock<Mutex<Workspace>> = std::sync::OnceLock::new();
-    WS.get_or_init(|| Mutex::new(Workspace::default()))
+/// The process's reusable workspaces: one for training steps, one for inference (so that an
+/// evaluation between steps does not evict the training buffers). A caller that finds one busy
+/// (two models working at once) uses a temporary workspace.
+fn workspace_slot(train: bool) -> &'static Mutex<Workspace> {
+    static TRAIN: std::sync::OnceLock<Mutex<Workspace>> = std::sync::OnceLock::new();
+    static INFER: std::sync::OnceLock<Mutex<Workspace>> = std::sync::OnceLock::new();
+    (if train { &TRAIN } else { &INFER }).get_or_init(|| Mutex::new(Workspace::default()))
+}
+
+/// Locks the workspace of `train`, or gives a fresh one when it is busy; resets it when the
+/// shapes changed (so that two sizes are never kept alive).
+fn with_workspace<R>(train: bool, d: Dims, f: impl FnOnce(&mut Workspace) -> R) -> R {
+    let mut guard = workspace_slot(train).try_lock();
+    let mut own = Workspace::default();
+    let ws: &mut Workspace = match guard.as_mut() {
+        Ok(g) => g,
+        Err(_) => &mut own,
+    };
+    if ws.dims != Some(d) {
+        *ws = Workspace { dims: Some(d), ..Default::default() };
+    }
+    f(ws)
 }
 
 /// Per-token masking facts for attention.
@@ -348,6 +367,8 @@ struct Prefix {
 
 struct Step {
     d: Dims,
+    /// Training: LoRA dropout is applied.
+    train: bool,
     mask: MaskInfo,
     threads: usize,
     rng: Option<Arc<Mutex<rand::rngs::StdRng>>>,
@@ -365,7 +386,7 @@ impl Step {
         saves.resize_with(lin.loras.len(), LoraAct::default);
         for (lo, sv) in lin.loras.iter().zip(saves.iter_mut()) {
             let h = buf(&mut sv.h, t * lo.r);
-            let xin: &[f32] = if lo.dropout > 0.0 {
+            let xin: &[f32] = if self.train && lo.dropout > 0.0 {
                 let seed = super::dropout_seed(self.rng.as_deref());
                 sv.seed = Some(seed);
                 let dx = buf(drop_x, t * lin.inp);
@@ -563,61 +584,38 @@ struct Scratch {
     lora_tmp2: Vec<f32>,
 }
 
-/// What the engine's step returns.
-struct StepResult {
-    /// `Σ (lse − x_target)` over the scored rows.
-    loss_sum: f64,
-    /// Scored rows.
-    n: usize,
-    /// LoRA gradients.
-    grads: Vec<(Var, Vec<f32>)>,
-    /// Gradient of the input embeddings `[T, H]` (prompt learning), if asked for.
-    gx: Option<Vec<f32>>,
-    /// Gradients of each layer's prefix keys/values (prefix tuning).
-    gprefix: Vec<(Vec<f32>, Vec<f32>)>,
+/// Fills the RoPE tables for `positions` (`[T]`), as `LlamaForCausalLM::forward_embeds` does.
+fn rope_tables(plan: &Plan, ws: &mut Workspace, positions: &[u32], half: usize) {
+    let inv = plan.model.inv_freq();
+    let tk = positions.len();
+    let cos = buf(&mut ws.cos, tk * half);
+    for (i, &p) in positions.iter().enumerate() {
+        for (j, f) in inv.iter().enumerate() {
+            cos[i * half + j] = (p as f32 * f).cos();
+        }
+    }
+    let sin = buf(&mut ws.sin, tk * half);
+    for (i, &p) in positions.iter().enumerate() {
+        for (j, f) in inv.iter().enumerate() {
+            sin[i * half + j] = (p as f32 * f).sin();
+        }
+    }
 }
 
-/// Runs one forward + backward. `x0`: input embeddings `[T, H]`; `labels`: `[b, s]` (shifted
-/// by one inside); `weight`: the loss weight of each scored row.
-#[allow(clippy::too_many_arguments)]
-fn run(plan: &Plan, d: Dims, x0: &[f32], keys: Option<Vec<u8>>, positions: &[u32], labels: &[i64], weight: Option<f32>, prefix: Vec<Prefix>, want_gx: bool, rng: Option<Arc<Mutex<rand::rngs::StdRng>>>, threads: usize) -> StepResult {
-    let mut guard = workspace_slot().try_lock();
-    let mut own = Workspace::default();
-    let ws: &mut Workspace = match guard.as_mut() {
-        Ok(g) => g,
-        Err(_) => &mut own,
-    };
-    if ws.dims != Some(d) {
-        // Shapes changed: drop what no longer fits instead of keeping two sizes alive.
-        *ws = Workspace { dims: Some(d), ..Default::default() };
-    }
+/// The decoder layers' forward from `x0` `[T, H]`; the last layer's output is left in
+/// `ws.out`. With `save`, every layer keeps its activations for the backward; without, all
+/// layers share one set of buffers (inference).
+fn forward_layers(step: &Step, plan: &Plan, ws: &mut Workspace, x0: &[f32], save: bool) {
+    let d = step.d;
     let nl = plan.layers.len();
-    ws.acts.resize_with(nl, LayerActs::default);
-    let step = Step { d, mask: MaskInfo::new(&d, keys), threads, rng, prefix };
     let (tk, h, qd, kd, inter) = (d.tok(), d.h, d.qd(), d.kd(), d.inter);
-    // RoPE tables.
-    let half = d.hd / 2;
-    let inv = plan.model.inv_freq();
-    {
-        let cos = buf(&mut ws.cos, tk * half);
-        for (i, &p) in positions.iter().enumerate() {
-            for (j, f) in inv.iter().enumerate() {
-                cos[i * half + j] = (p as f32 * f).cos();
-            }
-        }
-        let sin = buf(&mut ws.sin, tk * half);
-        for (i, &p) in positions.iter().enumerate() {
-            for (j, f) in inv.iter().enumerate() {
-                sin[i * half + j] = (p as f32 * f).sin();
-            }
-        }
-    }
-    // ---- forward ----
+    ws.acts.resize_with(if save { nl } else { 1 }, LayerActs::default);
     buf(&mut ws.acts[0].x, tk * h).copy_from_slice(x0);
     for li in 0..nl {
         let layer = &plan.layers[li];
-        let (before, rest) = ws.acts.split_at_mut(li + 1);
-        let a = &mut before[li];
+        let ai = if save { li } else { 0 };
+        let (before, rest) = ws.acts.split_at_mut(ai + 1);
+        let a = &mut before[ai];
         let n1 = buf(&mut ws.n, tk * h);
         simd::rms_norm_fwd(&a.x, layer.ln1.get(), plan.eps, n1, buf(&mut a.rstd1, tk));
         step.lin_fwd(&layer.lins[Q], n1, buf(&mut a.q, tk * qd), &mut a.lora[Q], &mut ws.drop_x);
@@ -639,9 +637,44 @@ fn run(plan: &Plan, d: Dims, x0: &[f32], keys: Option<Vec<u8>>, positions: &[u32
         simd::silu_mul(&a.g, &a.u, act);
         let tmp = buf(&mut ws.tmp_h, tk * h);
         step.lin_fwd(&layer.lins[DOWN], act, tmp, &mut a.lora[DOWN], &mut ws.drop_x);
-        let next = if li + 1 < nl { buf(&mut rest[0].x, tk * h) } else { buf(&mut ws.out, tk * h) };
+        let last = li + 1 == nl;
+        let next = if save && !last { buf(&mut rest[0].x, tk * h) } else { buf(&mut ws.out, tk * h) };
         simd::add_to(&a.hmid, &ws.tmp_h, next);
+        if !save && !last {
+            std::mem::swap(&mut ws.acts[0].x, &mut ws.out);
+        }
     }
+}
+
+/// What the engine's step returns.
+struct StepResult {
+    /// `Σ (lse − x_target)` over the scored rows.
+    loss_sum: f64,
+    /// Scored rows.
+    n: usize,
+    /// LoRA gradients.
+    grads: Vec<(Var, Vec<f32>)>,
+    /// Gradient of the input embeddings `[T, H]` (prompt learning), if asked for.
+    gx: Option<Vec<f32>>,
+    /// Gradients of each layer's prefix keys/values (prefix tuning).
+    gprefix: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
+/// Runs one forward + backward. `x0`: input embeddings `[T, H]`; `labels`: `[b, s]` (shifted
+/// by one inside); `weight`: the loss weight of each scored row.
+#[allow(clippy::too_many_arguments)]
+fn run(plan: &Plan, d: Dims, x0: &[f32], keys: Option<Vec<u8>>, positions: &[u32], labels: &[i64], weight: Option<f32>, prefix: Vec<Prefix>, want_gx: bool, rng: Option<Arc<Mutex<rand::rngs::StdRng>>>, threads: usize) -> StepResult {
+    with_workspace(true, d, |ws| run_in(ws, plan, d, x0, keys, positions, labels, weight, prefix, want_gx, rng, threads))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_in(ws: &mut Workspace, plan: &Plan, d: Dims, x0: &[f32], keys: Option<Vec<u8>>, positions: &[u32], labels: &[i64], weight: Option<f32>, prefix: Vec<Prefix>, want_gx: bool, rng: Option<Arc<Mutex<rand::rngs::StdRng>>>, threads: usize) -> StepResult {
+    let nl = plan.layers.len();
+    let step = Step { d, train: true, mask: MaskInfo::new(&d, keys), threads, rng, prefix };
+    rope_tables(plan, ws, positions, d.hd / 2);
+    // ---- forward ----
+    forward_layers(&step, plan, ws, x0, true);
+    let (tk, h, qd, kd, inter) = (d.tok(), d.h, d.qd(), d.kd(), d.inter);
     // ---- final norm, lm_head and cross-entropy, chunked over scored rows ----
     let hf = buf(&mut ws.n, tk * h);
     simd::rms_norm_fwd(&ws.out, plan.norm.get(), plan.eps, hf, buf(&mut ws.rstd_f, tk));
@@ -876,4 +909,76 @@ pub fn try_loss_and_grads(model: &PeftModel, batch: &Batch, total_items: Option<
         store.insert(var.as_tensor(), t);
     }
     Ok(Some((mean, res.n, store)))
+}
+
+/// The engine's inference forward for a Llama-family causal LM with LoRA adapters (merged or
+/// not) or none: logits `[b, s, vocab]` f32 (`[b, 1, vocab]` with `last_only`), as
+/// `PeftModel::forward` returns them without a KV cache. `Ok(None)` when the general path is
+/// needed: training, mixed-adapter batches, prompt learning, a cache, or anything
+/// [`try_loss_and_grads`] declines.
+///
+/// Errors: `InvalidArgument` for ids outside the vocabulary, a mask or position ids of the
+/// wrong length, or a sequence longer than `max_position_embeddings`.
+pub fn try_forward(model: &PeftModel, ids: &[u32], b: usize, s: usize, opts: &crate::model::ForwardOptions) -> Result<Option<Tensor>> {
+    if !super::enabled() || opts.train || opts.adapter_rows.is_some() || opts.token_type_ids.is_some() || opts.decoder_input_ids.is_some() || opts.task_ids.is_some() {
+        return Ok(None);
+    }
+    if model.active_prompt().is_some() || b == 0 || s == 0 || ids.len() != b * s {
+        return Ok(None);
+    }
+    let Some(llama) = model.base.as_llama() else { return Ok(None) };
+    let Some(plan) = Plan::of(llama) else { return Ok(None) };
+    let c = &llama.config;
+    if c.head_dim % 2 != 0 || c.num_key_value_heads == 0 || c.num_attention_heads % c.num_key_value_heads != 0 {
+        return Ok(None);
+    }
+    if let Some(bad) = ids.iter().find(|&&i| i as usize >= c.vocab_size) {
+        return Err(PeftError::invalid_arg("inputIds", format!("token id {bad} is outside the vocabulary (size {})", c.vocab_size)));
+    }
+    if s > c.max_position_embeddings {
+        return Err(PeftError::invalid_arg("inputIds", format!("sequence length {s} exceeds max_position_embeddings {}", c.max_position_embeddings)));
+    }
+    if let Some(m) = &opts.attention_mask {
+        if m.len() != b * s {
+            return Err(PeftError::invalid_arg("attentionMask", format!("has {} values, expected {b} × {s}", m.len())));
+        }
+    }
+    let positions: Vec<u32> = match &opts.position_ids {
+        Some(p) if p.len() != b * s => return Err(PeftError::invalid_arg("positionIds", format!("expected {} values", b * s))),
+        Some(p) => p.clone(),
+        None => (0..b).flat_map(|_| 0..s as u32).collect(),
+    };
+    let h = c.hidden_size;
+    let embed = plan.embed.get();
+    let mut x0 = Vec::with_capacity(b * s * h);
+    for &id in ids {
+        x0.extend_from_slice(&embed[id as usize * h..(id as usize + 1) * h]);
+    }
+    let d = Dims { b, s, p: 0, h, nh: c.num_attention_heads, nkv: c.num_key_value_heads, hd: c.head_dim, inter: c.intermediate_size, vocab: c.vocab_size };
+    let keys = opts.attention_mask.clone().filter(|k| k.iter().any(|&v| v == 0));
+    let threads = super::num_threads();
+    let step = Step { d, train: false, mask: MaskInfo::new(&d, keys), threads, rng: None, prefix: Vec::new() };
+    let rows: Vec<usize> = if opts.last_only { (0..b).map(|r| r * s + s - 1).collect() } else { (0..b * s).collect() };
+    let logits = super::pool().install(|| {
+        with_workspace(false, d, |ws| {
+            rope_tables(&plan, ws, &positions, d.hd / 2);
+            forward_layers(&step, &plan, ws, &x0, false);
+            let hf = buf(&mut ws.n, d.tok() * h);
+            simd::rms_norm_fwd(&ws.out, plan.norm.get(), plan.eps, hf, buf(&mut ws.rstd_f, d.tok()));
+            let mut out = vec![0f32; rows.len() * d.vocab];
+            let src: &[f32] = if opts.last_only {
+                let hc = buf(&mut ws.hc, rows.len() * h);
+                for (r, &row) in rows.iter().enumerate() {
+                    hc[r * h..(r + 1) * h].copy_from_slice(&ws.n[row * h..(row + 1) * h]);
+                }
+                &ws.hc
+            } else {
+                &ws.n
+            };
+            gemm(&mut Dst::of(&mut out, rows.len(), d.vocab), View::of(src, rows.len(), h), View::of(plan.head.get(), d.vocab, h).t(), 1.0, false, threads);
+            out
+        })
+    });
+    let t = if opts.last_only { 1 } else { s };
+    Ok(Some(Tensor::from_vec(logits, (b, t, d.vocab), &llama.device)?))
 }

@@ -28,7 +28,7 @@ pub mod gemm;
 mod llama;
 pub mod simd;
 
-pub use llama::try_loss_and_grads;
+pub use llama::{try_forward, try_loss_and_grads};
 
 use std::sync::{Arc, Mutex, OnceLock};
 
