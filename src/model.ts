@@ -207,7 +207,7 @@ export class PreTrainedModel {
     const state = rt.captureForCompute()
     const r = await callAsync(() =>
       rt.schedule(() => {
-        rt.applyDisabled(state.disabled)
+        rt.applyCompute(state)
         return this.native.forward(ids, batch, seq, mask, input.adapterNames, {
           taskIds,
           tokenTypeIds,
@@ -272,7 +272,7 @@ export class PreTrainedModel {
     try {
       return await callAsync(() =>
         rt.schedule(() => {
-          rt.applyDisabled(state.disabled)
+          rt.applyCompute(state)
           return this.native.generate(
           ids, batch, seq, mask,
           {

@@ -34,6 +34,13 @@ export interface AdapterInfo {
   layers: Array<[string, LayerKind]>
 }
 
+/** What a forward / generate captured at its call. */
+export interface ComputeState {
+  disabled: boolean
+  /** Merged adapters must be unmerged first (a forward with adapters disabled, as HF). */
+  unmerge: boolean
+}
+
 interface Op {
   /** Runs on the JS thread when the op's turn comes (the model's lock is then free). */
   run: () => unknown
@@ -262,10 +269,18 @@ export class ModelRuntime {
    * The adapter state a forward / generate called now computes with. A forward with adapters
    * disabled unmerges merged layers (HF lora.Linear.forward), so the merged set empties.
    */
-  captureForCompute(): { disabled: boolean } {
+  captureForCompute(): ComputeState {
     const disabled = this.disabled
-    if (disabled && this.merged.length > 0) this.merged = []
-    return { disabled }
+    const unmerge = disabled && this.merged.length > 0
+    if (unmerge) this.merged = []
+    return { disabled, unmerge }
+  }
+
+  /** Inside the job's op: put the native model in the captured state. */
+  applyCompute(s: ComputeState): void {
+    // merged while already disabled natively (a merge inside a disable scope): unmerge here
+    if (s.unmerge) call(() => this.native.unmergeAdapter())
+    this.applyDisabled(s.disabled)
   }
 
   /** Free the native model once the jobs queued before this call are done; never blocks. */
