@@ -315,10 +315,11 @@ export class PeftModel {
    * its result. Without `fn`, disables now and returns a handle whose `restore()` (or
    * `[Symbol.dispose]`) ends the scope. Scopes count: adapters are disabled while any scope is
    * open, so overlapping or nested scopes (also from concurrent async code) end with the state
-   * of before the first. Calls made inside a scope compute with the base model; as in HF, such
-   * a forward unmerges merged adapters, and adapters merged inside a scope take effect after
-   * it. Training steps always run with the Trainer's adapters enabled. Never waits; allowed
-   * while training. Errors: `ERR_INVALID_STATE` after `dispose()`.
+   * of before the first. As in HF the state is the model's: every forward / generate called
+   * while a scope is open (from any code) computes with the base model, and such a forward
+   * unmerges merged adapters; adapters merged inside a scope take effect after it when no
+   * forward ran in it. Training steps always run with the Trainer's adapters enabled. Never
+   * waits; allowed while training. Errors: `ERR_INVALID_STATE` after `dispose()`.
    */
   disableAdapter<T>(fn: () => T | Promise<T>): Promise<T>
   disableAdapter(): { [Symbol.dispose](): void; restore(): void }

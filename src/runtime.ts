@@ -160,7 +160,12 @@ export class ModelRuntime {
    */
   mutate(what: string, fn: () => void): void {
     if (this.idle) {
-      fn()
+      try {
+        fn()
+      } catch (e) {
+        this.resync() // a native step that failed half-way (e.g. safeMerge) may have changed some layers
+        throw e
+      }
       return
     }
     this.schedule(fn).catch((e) => {
