@@ -633,7 +633,8 @@ export class PeftModel {
 
 /**
  * Wrap `model` with a new adapter (HF `get_peft_model`). The model is changed in place.
- * Errors: `ERR_NO_TARGET_MODULES`, `ERR_ADAPTER_CONFIG_INVALID`, `ERR_ADAPTER_EXISTS`.
+ * Errors: `ERR_NO_TARGET_MODULES`, `ERR_ADAPTER_CONFIG_INVALID`, `ERR_ADAPTER_EXISTS`,
+ * `ERR_BUSY` (as `addAdapter`: a job of the model is running or queued, or it is training).
  */
 export function getPeftModel(model: PreTrainedModel, config: PeftConfig, adapterName = 'default', options: { seed?: number } = {}): PeftModel {
   if (!config || typeof (config as { toJSON?: unknown }).toJSON !== 'function' || typeof config.peftType !== 'string') {
