@@ -487,6 +487,7 @@ test('seeded random concurrent operations: every forward and generate equals a r
         const s = stateOf(pm)
         const fresh = s.active.filter((a) => !s.merged.includes(a))
         if (fresh.length > 0) pm.mergeAdapter(rand() < 0.5 ? fresh : [pick(fresh)])
+        if (rand() < 0.5) record('forward') // computes merged (or, in a scope, unmerges)
         break
       }
       case 'unmergeAdapter':
