@@ -10,6 +10,7 @@
 import { native } from './native'
 import type { NativeTypes } from './native'
 import { call, callAsync, invalidArgument } from './errors'
+import { ModelRuntime } from './runtime'
 import { Tensor, toIdMatrix, toMask } from './tensor'
 import type { TaskType } from './config'
 
@@ -135,14 +136,17 @@ export class PreTrainedModel {
   /** @internal */
   readonly nativeTokenizer: NativeTypes.NativeTokenizer | null
 
+  /** @internal The model's job queue, adapter state and snapshot (shared with its PeftModel). */
+  readonly runtime: ModelRuntime
+
   /** @internal */
   constructor(n: NativeTypes.NativeModel) {
     this.native = n
+    // Everything fixed at load is read once here, while no job can hold the model's lock.
     this.config = JSON.parse(call(() => n.configJson()))
     this.nativeTokenizer = n.takeTokenizer() ?? null
-    // The head is fixed at load: read it once (a native call takes the model's lock, which a
-    // running training step holds, so per-forward reads could stall the JS thread).
     this.head = call(() => n.taskInfo())
+    this.runtime = new ModelRuntime(n)
   }
 
   /** @internal The head the model was loaded with. */
@@ -165,10 +169,15 @@ export class PreTrainedModel {
 
   /**
    * Run the model (off the JS thread). With `labels` (or QA positions) the output also has the
-   * head's `loss`. Errors: `ERR_INVALID_ARGUMENT` for ids out of the vocabulary, bad shapes or
-   * labels that do not fit the head.
+   * head's `loss`. Queued: calls on one model run one at a time in call order, and each computes
+   * with the adapter state of the moment it was called (active adapters, a `disableAdapter`
+   * scope, merged adapters), whatever is changed afterwards. As in HF PEFT, a forward with
+   * adapters disabled unmerges merged adapters. Errors: `ERR_INVALID_ARGUMENT` for ids out of
+   * the vocabulary, bad shapes or labels that do not fit the head; `ERR_INVALID_STATE` after
+   * `dispose()`.
    */
   async forward(input: ForwardInput): Promise<ForwardOutput> {
+    this.runtime.checkAlive()
     const { ids, batch, seq } = toIdMatrix(input.inputIds, 'inputIds')
     const mask = toMask(input.attentionMask, batch, seq, 'attentionMask')
     const taskIds = toTaskIds(input.taskIds, batch)
@@ -194,15 +203,20 @@ export class PreTrainedModel {
     if ((startPositions === undefined) !== (endPositions === undefined)) {
       throw invalidArgument(startPositions ? 'endPositions' : 'startPositions', 'startPositions and endPositions go together')
     }
+    const rt = this.runtime
+    const state = rt.captureForCompute()
     const r = await callAsync(() =>
-      this.native.forward(ids, batch, seq, mask, input.adapterNames, {
-        taskIds,
-        tokenTypeIds,
-        decoderInputIds,
-        decoderAttentionMask,
-        labels,
-        startPositions,
-        endPositions,
+      rt.schedule(() => {
+        rt.applyCompute(state)
+        return this.native.forward(ids, batch, seq, mask, input.adapterNames, {
+          taskIds,
+          tokenTypeIds,
+          decoderInputIds,
+          decoderAttentionMask,
+          labels,
+          startPositions,
+          endPositions,
+        })
       }),
     )
     const logits = Tensor.from(r.data, r.shape)
@@ -225,8 +239,14 @@ export class PreTrainedModel {
     return out
   }
 
-  /** Greedy or sampled generation with a KV cache; returns `[batch, seq + new]` ids per row. */
+  /**
+   * Greedy or sampled generation with a KV cache; returns `[batch, seq + new]` ids per row.
+   * Queued like `forward`, with the adapter state of the moment it was called. Errors:
+   * `ERR_INVALID_ARGUMENT`; `ERR_INVALID_STATE` for heads without a vocabulary and after
+   * `dispose()`.
+   */
   async generate(inputIds: Tensor | number[][] | number[], options: GenerateOptions = {}): Promise<number[][]> {
+    this.runtime.checkAlive()
     const { ids, batch, seq } = toIdMatrix(inputIds, 'inputIds')
     const mask = toMask(options.attentionMask, batch, seq, 'attentionMask')
     const taskIds = toTaskIds(options.taskIds, batch)
@@ -247,9 +267,13 @@ export class PreTrainedModel {
     const onAbort = () => flag.abort()
     if (options.signal?.aborted) flag.abort()
     options.signal?.addEventListener('abort', onAbort, { once: true })
+    const rt = this.runtime
+    const state = rt.captureForCompute()
     try {
       return await callAsync(() =>
-        this.native.generate(
+        rt.schedule(() => {
+          rt.applyCompute(state)
+          return this.native.generate(
           ids, batch, seq, mask,
           {
             maxNewTokens: maxNew,
@@ -265,20 +289,32 @@ export class PreTrainedModel {
           },
           options.adapterNames,
           flag,
-        ),
+          )
+        }),
       )
     } finally {
       options.signal?.removeEventListener('abort', onAbort)
     }
   }
 
-  /** Free the native memory now; later calls throw `ERR_INVALID_STATE`. */
+  /**
+   * Free the native model (base and adapters). Never blocks: when no job of the model is
+   * running the memory is freed now, else right after the calls made before `dispose()` (they
+   * complete normally). Calls made afterwards throw or reject with `ERR_INVALID_STATE`.
+   * Disposing twice is harmless. `await model[Symbol.asyncDispose]()` waits until it is freed.
+   */
   dispose(): void {
-    this.native.dispose()
+    this.runtime.dispose()
   }
 
   [Symbol.dispose](): void {
     this.dispose()
+  }
+
+  /** `dispose()`, resolving once the native memory is freed (`await using model = ...`). */
+  [Symbol.asyncDispose](): Promise<void> {
+    this.dispose()
+    return this.runtime.freed
   }
 }
 

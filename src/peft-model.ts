@@ -6,6 +6,7 @@
 import * as fs from 'node:fs'
 import * as path from 'node:path'
 import { call, callAsync, invalidArgument, PeftError } from './errors'
+import { busyError, type AdapterInfo, type ModelRuntime } from './runtime'
 import { LoraConfig, configFromJSON, type PeftConfig } from './config'
 import { PreTrainedModel, type ForwardInput, type ForwardOutput, type GenerateOptions } from './model'
 import type { Tensor } from './tensor'
@@ -88,11 +89,6 @@ export interface TunerModelStatus {
   quantizationBackend: string | null | 'irregular'
 }
 
-/** snake_case keys → camelCase (top level only; nested maps are keyed by adapter names). */
-function camelKeys<T>(o: Record<string, unknown>): T {
-  return Object.fromEntries(Object.entries(o).map(([k, v]) => [k.replace(/_([a-z])/g, (_, c: string) => c.toUpperCase()), v])) as T
-}
-
 /**
  * Python's `f"{x:.4f}"`: like `toFixed(4)`, except that an exact tie (x a binary fraction ending
  * in 5 at the 5th decimal, e.g. 0.03125) rounds to even as Python does; toFixed rounds it up.
@@ -106,6 +102,36 @@ function pyFixed4(x: number): string {
   return Number(s[s.length - 1]) % 2 === 1 ? exact.slice(0, dot + 5) : s
 }
 
+/** HF's warning texts for adapter-state changes (tuners_utils.py, lora/layer.py). */
+const WARN_SET_WHILE_MERGED = 'Adapter cannot be set when the model is merged. Unmerging the model first.'
+const WARN_ALREADY_UNMERGED = 'Already unmerged. Nothing to do.'
+const WARN_ALL_MERGED = 'All adapters are already merged, nothing to do.'
+
+function peftWarning(message: string): void {
+  process.emitWarning(message, 'PeftWarning')
+}
+
+/** `names` as a list of adapter names that exist; throws `ERR_INVALID_ARGUMENT` / `ERR_ADAPTER_NOT_FOUND`. */
+function checkNames(rt: ModelRuntime, names: unknown, arg: string): string[] {
+  if (!Array.isArray(names) || names.some((n) => typeof n !== 'string')) throw invalidArgument(arg, 'must be an array of adapter names')
+  for (const n of names as string[]) if (!rt.adapters.has(n)) throw rt.notFound(n)
+  return names as string[]
+}
+
+/**
+ * A `PeftModel` (HF PEFT's `PeftModel`): a base model with adapters.
+ *
+ * Concurrency: every getter and sync method returns at once, also while a forward, generation
+ * or training step runs (they read a snapshot kept on the JS side; nothing on the JS thread
+ * waits for the native model). Native work on one model runs one job at a time in call order.
+ * Each `forward` / `generate` computes with the adapter state of the moment it was called:
+ * `forward()` followed synchronously by `setAdapter('b')` computes with the previous adapter.
+ * Sync methods that change the adapters (`setAdapter`, `mergeAdapter`, `unmergeAdapter`,
+ * `deleteAdapter`, `mergeAndUnload`, `unload`) validate against the current state and throw
+ * at once for bad input; the change is applied at once when the model is idle, else queued
+ * behind the calls made before it, and getters show it immediately. While a `Trainer` trains
+ * the model they (and `addAdapter`, `loadAdapter`) throw `ERR_BUSY`.
+ */
 export class PeftModel {
   /** The wrapped model (HF `base_model.model`). */
   readonly baseModel: PreTrainedModel
@@ -119,10 +145,15 @@ export class PeftModel {
     return this.baseModel.native
   }
 
+  private get rt(): ModelRuntime {
+    return this.baseModel.runtime
+  }
+
   /**
    * Load an adapter folder saved by HF PEFT or by `savePretrained` onto `model`
    * (HF `PeftModel.from_pretrained`). Errors: `ERR_NOT_FOUND`, `ERR_ADAPTER_CONFIG_INVALID`,
-   * `ERR_SAFETENSORS_INVALID`, `ERR_SHAPE_MISMATCH`, `ERR_ADAPTER_EXISTS`.
+   * `ERR_SAFETENSORS_INVALID`, `ERR_SHAPE_MISMATCH`, `ERR_ADAPTER_EXISTS`, `ERR_BUSY` (the model
+   * is being trained).
    */
   static async fromPretrained(model: PreTrainedModel, dir: string, options: LoadAdapterOptions = {}): Promise<PeftModel> {
     // HF: `PeftModel.from_pretrained` builds the class its config's task_type maps to
@@ -137,8 +168,18 @@ export class PeftModel {
     return pm
   }
 
-  /** Load another adapter under `adapterName` (not made active). */
+  /**
+   * Load another adapter under `adapterName` (made active only when it is the model's first
+   * adapter). Queued: it loads after the calls made before it, and getters show the adapter once
+   * the promise resolves; its warnings are emitted before that. Errors (rejections):
+   * `ERR_NOT_FOUND`, `ERR_ADAPTER_CONFIG_INVALID`, `ERR_SAFETENSORS_INVALID`,
+   * `ERR_SHAPE_MISMATCH`, `ERR_ADAPTER_EXISTS`, `ERR_INVALID_ARGUMENT`, `ERR_INVALID_STATE`
+   * (disposed), `ERR_BUSY` while a Trainer trains the model.
+   */
   async loadAdapter(dir: string, adapterName: string, options: Omit<LoadAdapterOptions, 'adapterName'> = {}): Promise<LoadResult> {
+    const rt = this.rt
+    rt.checkAlive()
+    rt.refuseWhileTraining('loadAdapter')
     if (typeof dir !== 'string' || !dir) throw invalidArgument('dir', 'must be a non-empty string')
     const cfg = options.config ? JSON.stringify(options.config.toJSON()) : undefined
     if (options.device !== undefined && options.device !== 'cpu') throw invalidArgument('device', `only 'cpu' is available in this build, found ${JSON.stringify(options.device)}`)
@@ -150,35 +191,80 @@ export class PeftModel {
       mapping = Object.entries(options.keyMapping)
     }
     const r = await callAsync(() =>
-      this.n.loadAdapter(dir, adapterName, options.isTrainable ?? false, cfg, mapping, options.autocastAdapterDtype, options.lowCpuMemUsage),
+      rt.schedule(() =>
+        this.n
+          .loadAdapter(dir, adapterName, options.isTrainable ?? false, cfg, mapping, options.autocastAdapterDtype, options.lowCpuMemUsage)
+          .then(
+            (res) => {
+              rt.readAdapter(adapterName)
+              if (rt.active.length === 0) rt.active = [adapterName]
+              rt.afterNativeChange()
+              return res
+            },
+            (e) => {
+              rt.emitNativeWarnings()
+              throw e
+            },
+          ),
+      ),
     )
-    this.emitWarnings()
     return { missingKeys: r.missingKeys, unexpectedKeys: r.unexpectedKeys }
-  }
-
-  /** Forward the core's warnings (HF `warnings.warn`) to `process.emitWarning` ('PeftWarning'),
-   * and bring the external-memory report to V8 up to date with the adapters held. */
-  private emitWarnings(): void {
-    this.n.syncExternalMemory()
-    for (const w of call(() => this.n.takeWarnings())) process.emitWarning(w, 'PeftWarning')
   }
 
   /**
    * Add a new, untrained adapter (not made active unless it is the first). Adapters of a
    * different `peftType` than the model's are refused (HF: "Cannot combine adapters with
    * different peft types"); prompt-learning configs get their model-derived fields filled.
+   * Checking the config needs the model's modules, so this runs now: it throws `ERR_BUSY` when
+   * a job of the model is running or queued (await it, or use `loadAdapter`, which is queued)
+   * and while a Trainer trains the model. Other errors: `ERR_NO_TARGET_MODULES`,
+   * `ERR_ADAPTER_CONFIG_INVALID`, `ERR_ADAPTER_EXISTS`, `ERR_INVALID_ARGUMENT`.
    */
   addAdapter(adapterName: string, config: PeftConfig, options: { seed?: number } = {}): void {
+    const rt = this.rt
+    rt.checkAlive()
+    rt.refuseWhileTraining('addAdapter')
+    if (!rt.idle) {
+      throw busyError(
+        'addAdapter',
+        'a forward, generation, save or load is running or queued on this model, and adding an adapter checks its config against the model now. Await the pending calls first, or use loadAdapter (queued).',
+      )
+    }
+    const json = JSON.stringify(config.toJSON())
     try {
-      call(() => this.n.addAdapter(adapterName, JSON.stringify(config.toJSON()), options.seed ?? 42))
+      call(() => this.n.addAdapter(adapterName, json, options.seed ?? 42))
+      rt.readAdapter(adapterName)
+      rt.active = call(() => this.n.activeAdapters())
     } finally {
-      this.emitWarnings()
+      rt.afterNativeChange()
     }
   }
 
-  /** Activate one adapter, or several (summed). Errors: `ERR_ADAPTER_NOT_FOUND`. */
+  /**
+   * Activate one adapter, or several (summed). Applied now when the model is idle, else queued
+   * behind the calls made before it (they compute with the previous adapter); `activeAdapters`
+   * shows the change at once. When adapters are merged, they are unmerged first with HF's
+   * warning (emitted by this call). Errors: `ERR_ADAPTER_NOT_FOUND`, `ERR_INVALID_ARGUMENT`
+   * (no name; several for a prompt-learning model), `ERR_BUSY` while a Trainer trains the model,
+   * `ERR_INVALID_STATE` after `dispose()`.
+   */
   setAdapter(adapterName: string | string[]): void {
-    call(() => this.n.setAdapter([adapterName].flat()))
+    const rt = this.rt
+    rt.checkAlive()
+    rt.refuseWhileTraining('setAdapter')
+    const names = [adapterName].flat()
+    if (names.length === 0) throw invalidArgument('adapterName', 'at least one adapter name is required')
+    checkNames(rt, names, 'adapterName')
+    if (rt.isPromptLearning() && names.length > 1) throw invalidArgument('adapterName', 'prompt-learning models have exactly one active adapter')
+    rt.mutate('setAdapter', () => {
+      call(() => this.n.setAdapter(names))
+      rt.emitNativeWarnings([WARN_SET_WHILE_MERGED])
+    })
+    if (rt.merged.length > 0) {
+      rt.merged = []
+      peftWarning(WARN_SET_WHILE_MERGED)
+    }
+    rt.active = names
   }
 
   /** The first active adapter (HF `active_adapter`). */
@@ -186,14 +272,16 @@ export class PeftModel {
     return this.activeAdapters[0]
   }
 
+  /** The active adapters (HF `active_adapters`), as of the last call; never waits. */
   get activeAdapters(): string[] {
-    return call(() => this.n.activeAdapters())
+    this.rt.checkAlive()
+    return this.rt.active.slice()
   }
 
   /** name → config of every adapter (HF `peft_config`), with model-derived fields filled. */
   get peftConfig(): Record<string, PeftConfig> {
-    const names = call(() => this.n.adapterNames())
-    return Object.fromEntries(names.map((nm) => [nm, configFromJSON(JSON.parse(call(() => this.n.peftConfigJson(nm))))]))
+    this.rt.checkAlive()
+    return Object.fromEntries([...this.rt.adapters.values()].map((a) => [a.name, configFromJSON(JSON.parse(a.config))]))
   }
 
   get activePeftConfig(): PeftConfig {
@@ -203,17 +291,19 @@ export class PeftModel {
   /** HF `peft_type` of the adapters: 'LORA', 'PREFIX_TUNING', 'PROMPT_TUNING', 'P_TUNING' or
    * 'MULTITASK_PROMPT_TUNING' (null when every adapter was deleted). */
   get peftType(): PeftConfig['peftType'] | null {
-    return call(() => this.n.peftType()) as PeftConfig['peftType'] | null
+    this.rt.checkAlive()
+    return this.rt.peftType() as PeftConfig['peftType'] | null
   }
 
   /** Whether the adapters are prompt-learning adapters (HF `is_prompt_learning`). */
   get isPromptLearning(): boolean {
-    return call(() => this.n.isPromptLearning())
+    this.rt.checkAlive()
+    return this.rt.isPromptLearning()
   }
 
   /** The base model's dtype as torch names it (`'float32'`, `'bfloat16'`, `'float16'`; HF `base_model_torch_dtype`). */
   get baseModelTorchDtype(): string {
-    return call(() => this.n.dtypeName())
+    return this.rt.dtype
   }
 
   getBaseModel(): PreTrainedModel {
@@ -221,15 +311,21 @@ export class PeftModel {
   }
 
   /**
-   * Run `fn` with all adapters disabled, restoring the previous state afterwards (also when `fn`
-   * throws). Without `fn`, disables now and returns a disposable that restores the state.
+   * Run `fn` with all adapters disabled (HF's `with model.disable_adapter():`); resolves with
+   * its result. Without `fn`, disables now and returns a handle whose `restore()` (or
+   * `[Symbol.dispose]`) ends the scope. Scopes count: adapters are disabled while any scope is
+   * open, so overlapping or nested scopes (also from concurrent async code) end with the state
+   * of before the first. As in HF the state is the model's: every forward / generate called
+   * while a scope is open (from any code) computes with the base model, and such a forward
+   * unmerges merged adapters; adapters merged inside a scope take effect after it when no
+   * forward ran in it. Training steps always run with the Trainer's adapters enabled. Never
+   * waits; allowed while training. Errors: `ERR_INVALID_STATE` after `dispose()`.
    */
   disableAdapter<T>(fn: () => T | Promise<T>): Promise<T>
   disableAdapter(): { [Symbol.dispose](): void; restore(): void }
   disableAdapter<T>(fn?: () => T | Promise<T>): Promise<T> | { [Symbol.dispose](): void; restore(): void } {
-    const prev = call(() => this.n.isDisabled())
-    call(() => this.n.setDisabled(true))
-    const restore = () => call(() => this.n.setDisabled(prev))
+    this.rt.checkAlive()
+    const restore = this.rt.openDisableScope()
     if (!fn) return { restore, [Symbol.dispose]: restore }
     return (async () => {
       try {
@@ -240,55 +336,236 @@ export class PeftModel {
     })()
   }
 
-  /** Merge adapters (default: the active ones) into the base weights. */
+  /**
+   * Merge adapters (default: the active ones) into the base weights (HF `merge_adapter`).
+   * Applied now when the model is idle, else queued behind the calls made before it. As in HF,
+   * merging already merged adapters warns (`Already following adapters were merged ...` or
+   * `All adapters are already merged, nothing to do.`), and merging inside a `disableAdapter`
+   * scope changes the weights for calls after the scope (a forward inside it unmerges them).
+   * `safeMerge: true` checks the merged weights for NaN/Inf and throws `ERR_INVALID_STATE`
+   * here, so it needs the model now: it throws `ERR_BUSY` when a job is running or queued.
+   * Errors: `ERR_ADAPTER_NOT_FOUND`, `ERR_INVALID_ARGUMENT`, `ERR_INVALID_STATE` (prompt
+   * learning; disposed), `ERR_BUSY` while a Trainer trains the model.
+   */
   mergeAdapter(adapterNames?: string[], options: { safeMerge?: boolean } = {}): void {
-    call(() => this.n.mergeAdapter(adapterNames, options.safeMerge ?? false))
+    const rt = this.rt
+    rt.checkAlive()
+    rt.refuseWhileTraining('mergeAdapter')
+    const names = adapterNames === undefined ? rt.active.slice() : checkNames(rt, adapterNames, 'adapterNames')
+    this.refuseMergePromptLearning()
+    const safe = options.safeMerge ?? false
+    if (safe && !rt.idle) {
+      throw busyError('mergeAdapter', 'safeMerge: true checks the merged weights and throws here if they are broken, so it needs the model now, and a job is running or queued on it. Await the pending calls first.')
+    }
+    rt.mutate('mergeAdapter', () => call(() => this.n.mergeAdapter(names, safe)))
+    const already = rt.merged.slice()
+    const fresh = [...new Set(names)].filter((n) => !already.includes(n))
+    if (already.length > 0) {
+      peftWarning(fresh.length > 0 ? `Already following adapters were merged ${already.join(',')}. You are now additionally merging ${fresh.join(',')}.` : WARN_ALL_MERGED)
+    }
+    rt.merged = already.concat(fresh.filter((n) => rt.mergeable(n)))
   }
 
-  unmergeAdapter(): void {
-    call(() => this.n.unmergeAdapter())
-  }
-
-  /** Merge adapters into the base weights and remove them; returns the base model. */
-  mergeAndUnload(options: { safeMerge?: boolean; adapterNames?: string[] } = {}): PreTrainedModel {
-    call(() => this.n.mergeAndUnload(options.adapterNames, options.safeMerge ?? false))
-    this.n.syncExternalMemory()
-    return this.baseModel
-  }
-
-  /** Remove all adapters without merging; returns the base model as it was. */
-  unload(): PreTrainedModel {
-    call(() => this.n.unload())
-    this.n.syncExternalMemory()
-    return this.baseModel
-  }
-
-  deleteAdapter(adapterName: string): void {
-    call(() => this.n.deleteAdapter(adapterName))
-    this.n.syncExternalMemory()
+  private refuseMergePromptLearning(): void {
+    if (this.rt.isPromptLearning()) {
+      throw new PeftError('ERR_INVALID_STATE', `invalid state: ${this.rt.peftType()} adapters cannot be merged: they do not change the base model's weights`)
+    }
   }
 
   /**
-   * The state of every adapter layer (HF `get_layer_status`). Errors: `ERR_INVALID_STATE` for
-   * prompt-learning models (as HF) or when there is no adapter layer.
+   * Subtract merged adapters from the base weights again (HF `unmerge_adapter`). Applied now
+   * when the model is idle, else queued. With nothing merged it warns as HF does (`Already
+   * unmerged. Nothing to do.`). Errors: `ERR_BUSY` while a Trainer trains the model,
+   * `ERR_INVALID_STATE` after `dispose()`.
+   */
+  unmergeAdapter(): void {
+    const rt = this.rt
+    rt.checkAlive()
+    rt.refuseWhileTraining('unmergeAdapter')
+    if (rt.merged.length === 0) {
+      peftWarning(WARN_ALREADY_UNMERGED)
+      return
+    }
+    rt.mutate('unmergeAdapter', () => call(() => this.n.unmergeAdapter()))
+    rt.merged = []
+  }
+
+  /**
+   * Merge adapters (default: the active ones) into the base weights and remove all adapters
+   * (HF `merge_and_unload`); returns the base model. Applied now when the model is idle, else
+   * queued behind the calls made before it (getters show no adapters at once). Errors: as
+   * `mergeAdapter` (`safeMerge: true` needs an idle model).
+   */
+  mergeAndUnload(options: { safeMerge?: boolean; adapterNames?: string[] } = {}): PreTrainedModel {
+    const rt = this.rt
+    rt.checkAlive()
+    rt.refuseWhileTraining('mergeAndUnload')
+    const names = options.adapterNames === undefined ? rt.active.slice() : checkNames(rt, options.adapterNames, 'adapterNames')
+    this.refuseMergePromptLearning()
+    const safe = options.safeMerge ?? false
+    if (safe && !rt.idle) {
+      throw busyError('mergeAndUnload', 'safeMerge: true checks the merged weights and throws here if they are broken, so it needs the model now, and a job is running or queued on it. Await the pending calls first.')
+    }
+    rt.mutate('mergeAndUnload', () => {
+      call(() => this.n.mergeAndUnload(names, safe))
+      rt.nativeStripped()
+      rt.afterNativeChange()
+    })
+    rt.adapters.clear()
+    rt.active = []
+    rt.merged = []
+    return this.baseModel
+  }
+
+  /**
+   * Remove all adapters without merging (HF `unload`); returns the base model as it was.
+   * Applied now when idle, else queued. Errors: `ERR_BUSY` while a Trainer trains the model,
+   * `ERR_INVALID_STATE` after `dispose()`.
+   */
+  unload(): PreTrainedModel {
+    const rt = this.rt
+    rt.checkAlive()
+    rt.refuseWhileTraining('unload')
+    rt.mutate('unload', () => {
+      call(() => this.n.unload())
+      rt.nativeStripped()
+      rt.afterNativeChange()
+    })
+    rt.adapters.clear()
+    rt.active = []
+    rt.merged = []
+    return this.baseModel
+  }
+
+  /**
+   * Remove adapter `adapterName` (HF `delete_adapter`); when it was the only active one, the
+   * first remaining adapter becomes active. Applied now when idle, else queued. Errors:
+   * `ERR_ADAPTER_NOT_FOUND`, `ERR_INVALID_STATE` (merged: unmerge first; disposed), `ERR_BUSY`
+   * while a Trainer trains the model.
+   */
+  deleteAdapter(adapterName: string): void {
+    const rt = this.rt
+    rt.checkAlive()
+    rt.refuseWhileTraining('deleteAdapter')
+    if (!rt.adapters.has(adapterName)) throw rt.notFound(adapterName)
+    if (rt.merged.includes(adapterName)) {
+      throw new PeftError('ERR_INVALID_STATE', `invalid state: adapter \`${adapterName}\` is merged; unmerge it before deleting it`)
+    }
+    rt.mutate('deleteAdapter', () => {
+      call(() => this.n.deleteAdapter(adapterName))
+      rt.afterNativeChange()
+    })
+    rt.adapters.delete(adapterName)
+    rt.active = rt.active.filter((a) => a !== adapterName)
+    const first = rt.adapters.keys().next()
+    if (rt.active.length === 0 && !first.done) rt.active = [first.value]
+  }
+
+  /**
+   * The state of every adapter layer (HF `get_layer_status`), as of the last call; never waits.
+   * Errors: `ERR_INVALID_STATE` for prompt-learning models (as HF), when there is no adapter
+   * layer, and after `dispose()`.
    */
   getLayerStatus(): TunerLayerStatus[] {
-    const raw = JSON.parse(call(() => this.n.layerStatusJson())) as Array<Record<string, unknown>>
-    return raw.map((r) => camelKeys<TunerLayerStatus>(r))
+    const rt = this.rt
+    rt.checkAlive()
+    if (rt.isPromptLearning()) {
+      throw new PeftError(
+        'ERR_INVALID_STATE',
+        `invalid state: layer and model status are not available for prompt-learning adapters (${rt.peftType()}): they do not change the model's layers (HF's get_layer_status() refuses them too)`,
+      )
+    }
+    const byLayer = new Map<string, { saved: string[]; lora: string[]; embedding: boolean; ia3: string[] }>()
+    for (const a of rt.adapters.values()) {
+      for (const [p, kind] of a.layers) {
+        let e = byLayer.get(p)
+        if (!e) byLayer.set(p, (e = { saved: [], lora: [], embedding: false, ia3: [] }))
+        if (kind === 'modules_to_save') e.saved.push(a.name)
+        else if (kind === 'ia3') e.ia3.push(a.name)
+        else {
+          e.lora.push(a.name)
+          e.embedding ||= kind === 'lora_embedding'
+        }
+      }
+    }
+    const out: TunerLayerStatus[] = []
+    for (const p of rt.layerOrder) {
+      const e = byLayer.get(p)
+      if (!e) continue
+      // HF's module type of the layer: a ModulesToSaveWrapper wraps the whole module
+      const [moduleType, names] = e.saved.length > 0 ? ['ModulesToSaveWrapper', e.saved] : e.lora.length > 0 ? [e.embedding ? 'lora.Embedding' : 'lora.Linear', e.lora] : ['ia3.Linear', e.ia3]
+      const available = [...names].sort()
+      out.push({
+        name: `model.${p}`,
+        moduleType,
+        enabled: !rt.disabled,
+        activeAdapters: rt.active.slice(),
+        mergedAdapters: rt.merged.filter((m) => e.lora.includes(m) || e.ia3.includes(m)),
+        requiresGrad: Object.fromEntries(available.map((a) => [a, rt.active.includes(a) && !(rt.adapters.get(a) as AdapterInfo).inferenceMode])),
+        availableAdapters: available,
+        devices: Object.fromEntries(available.map((a) => [a, [rt.device]])),
+        quantizationBackend: null,
+      })
+    }
+    if (out.length === 0) {
+      throw new PeftError(
+        'ERR_INVALID_STATE',
+        "invalid state: No adapter layers found in the model, please ensure that it's a PEFT model or that you have PEFT adapters injected in the model.",
+      )
+    }
+    return out
   }
 
-  /** The adapter state of the whole model (HF `get_model_status`). Errors: as `getLayerStatus`. */
+  /** The adapter state of the whole model (HF `get_model_status`), as of the last call; never
+   * waits. Errors: as `getLayerStatus`. */
   getModelStatus(): TunerModelStatus {
-    return camelKeys<TunerModelStatus>(JSON.parse(call(() => this.n.modelStatusJson())))
+    const rt = this.rt
+    const layers = this.getLayerStatus()
+    const sortedUnion = (lists: string[][]) => [...new Set(lists.flat())].sort()
+    const enabled = new Set(layers.map((l) => l.enabled))
+    const actives = new Set(layers.map((l) => JSON.stringify(l.activeAdapters)))
+    const mergedAll = sortedUnion(layers.map((l) => l.mergedAdapters))
+    const irregularMerge = layers.some((l) => l.availableAdapters.some((a) => !l.mergedAdapters.includes(a) && mergedAll.includes(a)))
+    const grads = new Map<string, boolean[]>()
+    const devices = new Map<string, string[]>()
+    for (const l of layers) {
+      for (const [k, v] of Object.entries(l.requiresGrad)) grads.set(k, [...(grads.get(k) ?? []), v === true])
+      for (const [k, v] of Object.entries(l.devices)) devices.set(k, [...(devices.get(k) ?? []), ...v])
+    }
+    const byKey = <V>(m: Map<string, V>) => [...m.keys()].sort().map((k) => [k, m.get(k) as V] as const)
+    const [trainable, total] = this.getNbTrainableParameters()
+    return {
+      baseModelType: this.baseModel.architecture,
+      adapterModelType: rt.peftType() === 'IA3' ? 'IA3Model' : 'LoraModel',
+      peftTypes: Object.fromEntries([...rt.adapters.values()].map((a) => [a.name, a.peftType])),
+      trainableParams: trainable,
+      totalParams: total,
+      numAdapterLayers: layers.length,
+      enabled: enabled.size === 1 ? [...enabled][0] : 'irregular',
+      activeAdapters: actives.size === 1 ? (JSON.parse([...actives][0]) as string[]) : 'irregular',
+      mergedAdapters: irregularMerge ? 'irregular' : mergedAll,
+      requiresGrad: Object.fromEntries(byKey(grads).map(([k, v]) => [k, v.every((x) => x) ? true : v.every((x) => !x) ? false : 'irregular'])),
+      availableAdapters: sortedUnion(layers.map((l) => l.availableAdapters)),
+      devices: Object.fromEntries(byKey(devices).map(([k, v]) => [k, [...new Set(v)].sort()])),
+      quantizationBackend: null,
+    }
   }
 
-  /** `[trainable, all]` parameter counts, as HF's `get_nb_trainable_parameters`. */
+  /** `[trainable, all]` parameter counts, as HF's `get_nb_trainable_parameters` (for the
+   * active adapters as of the last call); never waits. */
   getNbTrainableParameters(): [number, number] {
-    const [t, a] = call(() => this.n.nbTrainableParameters())
-    return [t, a]
+    const rt = this.rt
+    rt.checkAlive()
+    let trainable = 0
+    let total = rt.baseParams
+    for (const a of rt.adapters.values()) {
+      total += a.params
+      if (rt.active.includes(a.name)) trainable += a.trainable
+    }
+    return [trainable, total]
   }
 
-  /** HF's line: `trainable params: 1,234 || all params: 5,678 || trainable%: 21.7330`. */
+  /** HF's line: `trainable params: 1,234 || all params: 5,678 || trainable%: 21.7330` (printed and returned). */
   printTrainableParameters(): string {
     const [t, a] = this.getNbTrainableParameters()
     const fmt = (x: number) => x.toString().replace(/\B(?=(\d{3})+(?!\d))/g, ',')
@@ -297,19 +574,26 @@ export class PeftModel {
     return line
   }
 
+  /** See `PreTrainedModel.forward` (queued; computes with the adapter state at the call). */
   forward(input: ForwardInput): Promise<ForwardOutput> {
     return this.baseModel.forward(input)
   }
 
+  /** See `PreTrainedModel.generate` (queued; computes with the adapter state at the call). */
   generate(inputIds: Tensor | number[][] | number[], options: GenerateOptions = {}): Promise<number[][]> {
     return this.baseModel.generate(inputIds, options)
   }
 
   /**
    * Save adapters in HF PEFT's format: `adapter_config.json` + `adapter_model.safetensors` in
-   * `dir` for 'default', in `dir/<name>/` for the others. Files are written atomically.
+   * `dir` for 'default', in `dir/<name>/` for the others. Files are written atomically. Queued:
+   * saves the adapters as they are after the calls made before it (allowed while training: it
+   * saves between steps). Resolves with the files written. Errors: `ERR_INVALID_ARGUMENT`,
+   * `ERR_ADAPTER_NOT_FOUND` (selectedAdapters), `ERR_IO`, `ERR_INVALID_STATE` after `dispose()`.
    */
   async savePretrained(dir: string, options: SaveOptions = {}): Promise<string[]> {
+    const rt = this.rt
+    rt.checkAlive()
     if (options.safeSerialization === false) {
       throw new PeftError('ERR_INVALID_ARGUMENT', 'invalid argument `safeSerialization`: only safetensors is supported (no pickle format)')
     }
@@ -323,12 +607,16 @@ export class PeftModel {
       throw invalidArgument('selectedAdapters', 'must be an array of adapter names')
     }
     if (options.isMainProcess === false) return []
-    await fs.promises.mkdir(path.resolve(dir), { recursive: true })
     const emb = options.saveEmbeddingLayers === undefined ? 'auto' : String(options.saveEmbeddingLayers)
-    return callAsync(() => this.n.savePretrained(dir, options.selectedAdapters, emb, options.pathInitialModelForWeightConversion))
+    return callAsync(() =>
+      rt.schedule(async () => {
+        await fs.promises.mkdir(path.resolve(dir), { recursive: true })
+        return this.n.savePretrained(dir, options.selectedAdapters, emb, options.pathInitialModelForWeightConversion)
+      }),
+    )
   }
 
-  /** Free the native model (base and adapters). */
+  /** Free the native model (base and adapters); never blocks. See `PreTrainedModel.dispose`. */
   dispose(): void {
     this.baseModel.dispose()
   }
@@ -336,11 +624,17 @@ export class PeftModel {
   [Symbol.dispose](): void {
     this.dispose()
   }
+
+  /** `dispose()`, resolving once the native memory is freed (`await using pm = ...`). */
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.baseModel[Symbol.asyncDispose]()
+  }
 }
 
 /**
  * Wrap `model` with a new adapter (HF `get_peft_model`). The model is changed in place.
- * Errors: `ERR_NO_TARGET_MODULES`, `ERR_ADAPTER_CONFIG_INVALID`, `ERR_ADAPTER_EXISTS`.
+ * Errors: `ERR_NO_TARGET_MODULES`, `ERR_ADAPTER_CONFIG_INVALID`, `ERR_ADAPTER_EXISTS`,
+ * `ERR_BUSY` (as `addAdapter`: a job of the model is running or queued, or it is training).
  */
 export function getPeftModel(model: PreTrainedModel, config: PeftConfig, adapterName = 'default', options: { seed?: number } = {}): PeftModel {
   if (!config || typeof (config as { toJSON?: unknown }).toJSON !== 'function' || typeof config.peftType !== 'string') {

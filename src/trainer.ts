@@ -10,6 +10,7 @@ import * as path from 'node:path'
 import { native } from './native'
 import { call, callAsync, invalidArgument, PeftError } from './errors'
 import type { PeftModel } from './peft-model'
+import { busyError, type ModelRuntime } from './runtime'
 import type { PreTrainedTokenizer } from './model'
 
 /** One training example. `taskId` is the row's task for multitask prompt tuning (required there). */
@@ -236,11 +237,35 @@ export class Trainer {
     })
   }
 
-  /** Train on `examples`; resolves when `maxSteps` (or the epochs) are done or `signal` aborts. */
+  /**
+   * Train on `examples`; resolves when `maxSteps` (or the epochs) are done or `signal` aborts.
+   *
+   * Each optimizer step runs off the JS thread, queued with the model's other calls (a
+   * `forward` made from `onStep` runs between steps). Steps always run with the adapters that
+   * were active when `train()` was called, enabled and unmerged: while training, methods that
+   * would change them (`setAdapter`, `mergeAdapter`, `unmergeAdapter`, `deleteAdapter`,
+   * `mergeAndUnload`, `unload`, `addAdapter`, `loadAdapter`) throw `ERR_BUSY`, and a
+   * `disableAdapter` scope affects forward / generate calls only. Errors: `ERR_INVALID_ARGUMENT`,
+   * `ERR_INVALID_STATE` (adapters disabled or merged when called, no trainable parameter, the
+   * model disposed during training), `ERR_BUSY` (another Trainer is training the model),
+   * `ERR_NOT_FOUND` (no checkpoint to resume from).
+   */
   async train(examples: TrainExample[]): Promise<TrainOutput> {
     if (!Array.isArray(examples) || examples.length === 0) throw invalidArgument('examples', 'must be a non-empty array')
-    const o = this.options
+    const rt = this.model.baseModel.runtime
+    rt.checkAlive()
+    if (rt.training) throw busyError('train', 'another Trainer is training this model; await its train() first')
     const data = this.tokenize(examples)
+    rt.training = true
+    try {
+      return await this.run(rt, data)
+    } finally {
+      rt.training = false
+    }
+  }
+
+  private async run(rt: ModelRuntime, data: Row[]): Promise<TrainOutput> {
+    const o = this.options
     const task = this.model.baseModel.taskType
     const bs = o.perDeviceTrainBatchSize
     const accum = o.gradientAccumulationSteps
@@ -249,20 +274,35 @@ export class Trainer {
     const maxSteps = o.maxSteps ?? Math.ceil((o.numTrainEpochs ?? 3) * stepsPerEpoch)
     const pad = this.model.baseModel.config.pad_token_id as number | null
     const padId = pad ?? 0
-    const nativeTrainer = call(
-      () =>
-        new native.NativeTrainer(this.model.baseModel.native, {
-          learningRate: o.learningRate,
-          maxSteps,
-          warmupSteps: o.warmupSteps,
-          weightDecay: o.weightDecay,
-          adamBeta1: o.adamBeta1,
-          adamBeta2: o.adamBeta2,
-          adamEpsilon: o.adamEpsilon,
-          maxGradNorm: o.maxGradNorm,
-          seed: o.seed,
-        }),
+    // The adapter state at the call: the native trainer refuses disabled or merged adapters.
+    const disabled = rt.disabled
+    const active = rt.active.slice()
+    const nativeTrainer = await callAsync(() =>
+      rt.schedule(() => {
+        rt.applyDisabled(disabled)
+        return call(
+          () =>
+            new native.NativeTrainer(this.model.baseModel.native, {
+              learningRate: o.learningRate,
+              maxSteps,
+              warmupSteps: o.warmupSteps,
+              weightDecay: o.weightDecay,
+              adamBeta1: o.adamBeta1,
+              adamBeta2: o.adamBeta2,
+              adamEpsilon: o.adamEpsilon,
+              maxGradNorm: o.maxGradNorm,
+              seed: o.seed,
+            }),
+        )
+      }),
     )
+    /** Each step re-checks that the model still holds what the trainer trains. */
+    const recheck = () => {
+      rt.checkAlive()
+      if (rt.merged.length > 0 || rt.active.length !== active.length || rt.active.some((a, i) => a !== active[i])) {
+        throw new PeftError('ERR_INVALID_STATE', `invalid state: the adapters changed during training (active ${JSON.stringify(rt.active)}, merged ${JSON.stringify(rt.merged)}; trained ${JSON.stringify(active)})`)
+      }
+    }
     const st: DataState = { rng: o.seed >>> 0, order: [], cursor: 0, epoch: 0 }
     const rand = mulberry32(st)
     const nextBatch = () => {
@@ -312,7 +352,7 @@ export class Trainer {
     if (o.resumeFromCheckpoint) {
       const ckpt = o.resumeFromCheckpoint === true ? listCheckpoints(o.outputDir as string)[0] : o.resumeFromCheckpoint
       if (!ckpt) throw new PeftError('ERR_NOT_FOUND', `not found: ${o.outputDir}: no checkpoint-<step> folder to resume from`)
-      const extra = JSON.parse(await callAsync(() => nativeTrainer.loadCheckpoint(ckpt)))
+      const extra = JSON.parse(await callAsync(() => rt.schedule(() => nativeTrainer.loadCheckpoint(ckpt))))
       if (extra?.dataSize !== data.length) {
         throw invalidArgument('examples', `the checkpoint ${ckpt} was made with ${extra?.dataSize} examples, this run has ${data.length}`)
       }
@@ -320,13 +360,10 @@ export class Trainer {
       history = extra.logHistory as StepInfo[]
       first = nativeTrainer.globalStep
     }
-    const save = (step: number) =>
-      callAsync(() =>
-        nativeTrainer.saveCheckpoint(
-          path.join(o.outputDir as string, `checkpoint-${step}`),
-          JSON.stringify({ dataSize: data.length, data: st, logHistory: history }),
-        ),
-      )
+    const save = (step: number) => {
+      const extra = JSON.stringify({ dataSize: data.length, data: st, logHistory: history })
+      return callAsync(() => rt.schedule(() => nativeTrainer.saveCheckpoint(path.join(o.outputDir as string, `checkpoint-${step}`), extra)))
+    }
     const t0 = performance.now()
     let tokens = 0
     let aborted = false
@@ -334,7 +371,14 @@ export class Trainer {
       if (o.signal?.aborted) { aborted = true; break }
       const micro = Array.from({ length: accum }, nextBatch)
       const ts = performance.now()
-      const r = await callAsync(() => nativeTrainer.step(micro))
+      recheck()
+      const r = await callAsync(() =>
+        rt.schedule(() => {
+          // steps train the trainer's adapters, enabled, whatever disable scope is open
+          rt.applyDisabled(false)
+          return nativeTrainer.step(micro)
+        }),
+      )
       const now = performance.now()
       tokens += r.tokens
       const elapsedMs = now - t0

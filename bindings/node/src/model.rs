@@ -136,6 +136,8 @@ pub struct NativeModel {
     external: Arc<AtomicI64>,
     /// Head weights that were freshly initialised at load (not in the checkpoint).
     newly_initialized: Vec<String>,
+    /// Set by `dispose()`; read without the model's lock.
+    freed: Arc<AtomicBool>,
 }
 
 impl NativeModel {
@@ -196,6 +198,7 @@ pub fn load_model(path: String, dtype: String, task: Option<String>, num_labels:
                 tokenizer: loaded.tokenizer.map(Arc::new),
                 external: Arc::new(AtomicI64::new(bytes)),
                 newly_initialized: loaded.newly_initialized,
+                freed: Arc::new(AtomicBool::new(false)),
             })
         },
         |env, m| {
@@ -354,6 +357,77 @@ impl NativeModel {
     #[napi(catch_unwind)]
     pub fn take_warnings(&self) -> napi::Result<Vec<String>> {
         guard(|| with_model(&self.inner, |m| Ok(m.take_warnings())))
+    }
+
+    /// What never changes after load, as JSON, for the JS facade's snapshot: `layers` (the path of
+    /// every linear layer that can carry adapters, in the model's order), `baseParams` (HF's
+    /// count of base parameters), `dtype` (torch's name of the base dtype) and `device` (torch's
+    /// device type: `cpu`, `cuda`).
+    #[napi(catch_unwind)]
+    pub fn base_info_json(&self) -> napi::Result<String> {
+        guard(|| {
+            with_model(&self.inner, |m| {
+                let dtype = match m.base.dtype() {
+                    candle_core::DType::BF16 => "bfloat16",
+                    candle_core::DType::F16 => "float16",
+                    _ => "float32",
+                };
+                let device = match m.base.device() {
+                    candle_core::Device::Cpu => "cpu",
+                    candle_core::Device::Cuda(_) => "cuda",
+                    candle_core::Device::Metal(_) => "mps",
+                };
+                let layers: Vec<String> = m.base.named_linears().into_iter().map(|(p, _)| p).collect();
+                Ok(serde_json::json!({ "layers": layers, "baseParams": m.base.base_param_count(), "dtype": dtype, "device": device }).to_string())
+            })
+        })
+    }
+
+    /// Everything the JS facade's snapshot keeps about adapter `name`, as JSON: `config`
+    /// (adapter_config.json text), `peftType`, `promptLearning`, `inferenceMode`, `trainable`
+    /// (parameters training updates while it is active), `params` (all its parameters) and
+    /// `layers` (`[path, kind]` for each layer that carries it; kind `lora`, `lora_embedding`,
+    /// `ia3` or `modules_to_save`). Errors: `ERR_ADAPTER_NOT_FOUND`.
+    #[napi(catch_unwind)]
+    pub fn adapter_info_json(&self, name: String) -> napi::Result<String> {
+        guard(|| {
+            with_model(&self.inner, |m| {
+                let cfg = m.peft_config(&name)?;
+                let (peft_type, prompt, inference) = (cfg.peft_type(), cfg.is_prompt_learning(), cfg.inference_mode());
+                let trainable: usize = m
+                    .trainable_parameters_of(std::slice::from_ref(&name))
+                    .iter()
+                    .flat_map(|(_, vs)| vs.iter().map(|(_, v)| v.elem_count()))
+                    .sum();
+                let mut params = m.prompt_encoder(&name).map(|e| e.param_count()).unwrap_or(0);
+                let mut layers = Vec::new();
+                for (path, l) in m.base.named_linears() {
+                    if let Some((w, b)) = l.saved_copies.get(&name) {
+                        params += w.elem_count() + b.as_ref().map(|b| b.elem_count()).unwrap_or(0);
+                        layers.push(serde_json::json!([path, "modules_to_save"]));
+                    }
+                    if let Some(a) = l.adapters.get(&name) {
+                        params += a.a.elem_count() + a.b.elem_count() + a.magnitude.as_ref().map(|m| m.elem_count()).unwrap_or(0);
+                        layers.push(serde_json::json!([path, if l.is_embedding { "lora_embedding" } else { "lora" }]));
+                    }
+                    if let Some(a) = l.ia3.get(&name) {
+                        params += a.l.elem_count();
+                        layers.push(serde_json::json!([path, "ia3"]));
+                    }
+                }
+                Ok(serde_json::json!({
+                    "name": name,
+                    "config": m.config_json(&name)?,
+                    "peftType": peft_type,
+                    "promptLearning": prompt,
+                    "inferenceMode": inference,
+                    "trainable": trainable,
+                    "params": params,
+                    "layers": layers,
+                })
+                .to_string())
+            })
+        })
     }
 
     /// HF `get_layer_status()` as JSON (snake_case fields).
@@ -549,13 +623,16 @@ impl NativeModel {
         ))
     }
 
-    /// Free the native model now (waiting for a running call on it to finish) and undo its
-    /// external-memory report. Later calls fail with `ERR_INVALID_STATE`.
+    /// Free the native model now and undo its external-memory report. Later calls fail with
+    /// `ERR_INVALID_STATE`. This takes the model's lock, so it waits for a running job: the JS
+    /// facade calls it only when its queue for the model is idle (`PeftModel.dispose()` schedules
+    /// it after running jobs).
     #[napi]
     pub fn dispose(&self, env: Env) -> napi::Result<()> {
         let mut g = lock(&self.inner).map_err(to_napi)?;
         *g = None;
         drop(g);
+        self.freed.store(true, Ordering::SeqCst);
         self.release_external(&env);
         Ok(())
     }
@@ -585,8 +662,9 @@ impl NativeModel {
         self.external.load(Ordering::SeqCst) as f64
     }
 
+    /// Whether `dispose()` has freed the model (never waits for a running job).
     #[napi(getter)]
     pub fn disposed(&self) -> bool {
-        lock(&self.inner).map(|g| g.is_none()).unwrap_or(true)
+        self.freed.load(Ordering::SeqCst)
     }
 }

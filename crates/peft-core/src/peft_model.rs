@@ -848,8 +848,14 @@ impl PeftModel {
 
     /// [`Self::trainable_parameters`] grouped by adapter name (active adapters in order).
     pub fn trainable_parameters_by_adapter(&self) -> Vec<(String, Vec<(String, Var)>)> {
+        self.trainable_parameters_of(&self.active)
+    }
+
+    /// The parameters training would update for each of `names` if they were the active
+    /// adapters (unknown names and adapters in inference mode give nothing), grouped by adapter.
+    pub fn trainable_parameters_of(&self, names: &[String]) -> Vec<(String, Vec<(String, Var)>)> {
         let mut groups = Vec::new();
-        for name in &self.active {
+        for name in names {
             let Ok(cfg) = self.peft_config(name) else { continue };
             if cfg.inference_mode() {
                 continue;
