@@ -4,7 +4,7 @@
  */
 import test from 'ava'
 import * as path from 'node:path'
-import { LoraConfig, PeftModel, Trainer, getPeftModel, loadSafetensors, type StepInfo, type Tensor, type TrainExample } from '../src/index'
+import { LoraConfig, PeftModel, Trainer, getNumThreads, getPeftModel, loadSafetensors, setNumThreads, type StepInfo, type Tensor, type TrainExample } from '../src/index'
 import { assertBitEqual, disposeLater, expected, loadLlama, tmpDir } from './helpers'
 
 type T = Parameters<typeof disposeLater>[0]
@@ -174,4 +174,27 @@ test('epoch counts whole passes when the batch is larger than the dataset', asyn
     out.logHistory.map((s) => s.epoch),
     [1, 2, 3],
   )
+})
+
+test('numThreads: one thread and two threads train to the same losses; bad values are refused', async (t) => {
+  const run = async (n: number) => {
+    setNumThreads(n)
+    t.is(getNumThreads(), n)
+    const pm = await newModel(t, 6)
+    const out = await new Trainer(pm, { ...trainerOptions, maxSteps: 5 }).train(dataset())
+    pm.dispose()
+    return out.logHistory.map((s) => s.loss)
+  }
+  try {
+    const one = await run(1)
+    const two = await run(2)
+    t.is(one.length, 5)
+    for (let i = 0; i < one.length; i++) t.true(Math.abs(one[i] - two[i]) <= 1e-4 * Math.abs(one[i]), `step ${i + 1}: ${one[i]} vs ${two[i]}`)
+    t.true(one[4] < one[0])
+    const e = t.throws(() => setNumThreads(-1))
+    t.is((e as { code?: string }).code, 'ERR_INVALID_ARGUMENT')
+    t.throws(() => setNumThreads(1.5))
+  } finally {
+    setNumThreads(0)
+  }
 })

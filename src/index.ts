@@ -31,6 +31,8 @@ export {
   AutoModelForSeq2SeqLM,
   AutoModel,
   meanPool,
+  setNumThreads,
+  getNumThreads,
   type AutoModelLoader,
   type FromPretrainedOptions,
   type ModelTaskType,

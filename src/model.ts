@@ -325,15 +325,38 @@ export interface FromPretrainedOptions {
   numLabels?: number
   /** Seed for head weights the checkpoint lacks (freshly initialised, as transformers does; default 0). */
   seed?: number
+  /**
+   * Threads for training steps and forward passes (default: every core, or `RAYON_NUM_THREADS`).
+   * The compute pool is shared by every model of the process, so this sets it for all of them,
+   * as {@link setNumThreads} does; pass fewer than the machine's cores to leave one for a UI.
+   */
+  numThreads?: number
+}
+
+/**
+ * Sets the number of threads of peft-node's compute pool (one pool for the whole process,
+ * shared by every model; `0` = every core). Takes effect from the next training step or forward
+ * pass; never waits for a running one.
+ *
+ * @throws PeftError `ERR_INVALID_ARGUMENT` when `n` is not an integer in [0, 1024].
+ */
+export function setNumThreads(n: number): void {
+  if (!(Number.isInteger(n) && n >= 0 && n <= 1024)) throw invalidArgument('numThreads', `must be an integer in [0, 1024], found ${JSON.stringify(n)}`)
+  native.setNumThreads(n)
+}
+
+/** The compute pool's thread count (see {@link setNumThreads}). */
+export function getNumThreads(): number {
+  return native.numThreads()
 }
 
 /** @internal Shared loader of the `AutoModelFor*` objects. */
 async function loadFor(task: ModelTaskType, pathOrGguf: string, options: FromPretrainedOptions): Promise<PreTrainedModel> {
   if (typeof pathOrGguf !== 'string' || !pathOrGguf) throw invalidArgument('pathOrGguf', 'must be a non-empty string')
   for (const k of Object.keys(options ?? {})) {
-    if (!['dtype', 'numLabels', 'seed'].includes(k)) {
-      const hint = k === 'num_labels' ? " (did you mean 'numLabels'?)" : ''
-      throw invalidArgument(k, `is not an option of fromPretrained (options: dtype, numLabels, seed)${hint}`)
+    if (!['dtype', 'numLabels', 'seed', 'numThreads'].includes(k)) {
+      const hint = k === 'num_labels' ? " (did you mean 'numLabels'?)" : k === 'num_threads' ? " (did you mean 'numThreads'?)" : ''
+      throw invalidArgument(k, `is not an option of fromPretrained (options: dtype, numLabels, seed, numThreads)${hint}`)
     }
   }
   if (options.numLabels !== undefined && !(Number.isInteger(options.numLabels) && options.numLabels >= 1 && options.numLabels <= 2 ** 20)) {
@@ -342,6 +365,7 @@ async function loadFor(task: ModelTaskType, pathOrGguf: string, options: FromPre
   if (options.seed !== undefined && !(Number.isInteger(options.seed) && options.seed >= 0 && options.seed <= 0xffffffff)) {
     throw invalidArgument('seed', `must be an integer in [0, 2^32), found ${options.seed}`)
   }
+  if (options.numThreads !== undefined) setNumThreads(options.numThreads)
   const n = await callAsync(() => native.loadModel(pathOrGguf, options.dtype ?? 'f32', task, options.numLabels, options.seed))
   const model = new PreTrainedModel(n)
   const fresh = n.newlyInitialized

@@ -167,6 +167,20 @@ pub fn native_reported_memory() -> f64 {
 
 static REPORTED: AtomicI64 = AtomicI64::new(0);
 
+/// Sets the number of threads of the engine's one compute pool, shared by every model of the
+/// process (`0` = every core). Never waits for a running job: a running step finishes on the
+/// old pool, the next one uses the new pool.
+#[napi(catch_unwind)]
+pub fn set_num_threads(n: u32) -> napi::Result<()> {
+    peft_core::engine::set_num_threads(n as usize).map_err(to_napi)
+}
+
+/// The engine pool's thread count.
+#[napi(catch_unwind)]
+pub fn num_threads() -> u32 {
+    peft_core::engine::num_threads() as u32
+}
+
 /// Tell V8 about `delta` bytes of native memory (negative: freed) and keep [`REPORTED`] in step.
 fn report_external(env: &Env, delta: i64) -> napi::Result<()> {
     env.adjust_external_memory(delta)?;
