@@ -40,7 +40,10 @@ impl Raw {
         match &*st {
             Storage::Cpu(CpuStorage::F32(v)) => {
                 let s = &v[l.start_offset()..];
-                (s.len() >= t.elem_count()).then(|| Raw { ptr: s.as_ptr(), len: t.elem_count() })
+                (s.len() >= t.elem_count()).then(|| Raw {
+                    ptr: s.as_ptr(),
+                    len: t.elem_count(),
+                })
             }
             _ => None,
         }
@@ -78,10 +81,18 @@ impl Lin {
         if l.transposed || l.is_embedding {
             return None;
         }
-        if !l.disabled && (!l.saved_copies.is_empty() || l.active.iter().any(|n| l.ia3.contains_key(n) && !l.merged.contains(n))) {
+        if !l.disabled
+            && (!l.saved_copies.is_empty()
+                || l.active
+                    .iter()
+                    .any(|n| l.ia3.contains_key(n) && !l.merged.contains(n)))
+        {
             return None;
         }
-        if l.bias.as_ref().is_some_and(|b| b.is_variable() || b.track_op()) {
+        if l.bias
+            .as_ref()
+            .is_some_and(|b| b.is_variable() || b.track_op())
+        {
             return None;
         }
         let mut loras = Vec::new();
@@ -90,7 +101,9 @@ impl Lin {
                 if l.merged.contains(name) {
                     continue;
                 }
-                let Some(ad) = l.adapters.get(name) else { continue };
+                let Some(ad) = l.adapters.get(name) else {
+                    continue;
+                };
                 if ad.magnitude.is_some() {
                     return None;
                 }
@@ -115,7 +128,13 @@ impl Lin {
             Some(b) => Some(Raw::of(b)?),
             None => None,
         };
-        Some(Lin { w: Raw::of(&l.weight)?, bias, out, inp, loras })
+        Some(Lin {
+            w: Raw::of(&l.weight)?,
+            bias,
+            out,
+            inp,
+            loras,
+        })
     }
 }
 
@@ -175,12 +194,20 @@ struct Plan<'m> {
 
 impl<'m> Plan<'m> {
     fn of(m: &'m LlamaForCausalLM) -> Option<Plan<'m>> {
-        if m.dtype != DType::F32 || !m.device.is_cpu() || crate::model::BaseModel::task(m) != Task::CausalLm {
+        if m.dtype != DType::F32
+            || !m.device.is_cpu()
+            || crate::model::BaseModel::task(m) != Task::CausalLm
+        {
             return None;
         }
         // The embedding and the head must be plain tables (no LoRA, no modules_to_save copy).
         for l in [&m.embed_tokens, &m.lm_head] {
-            let live = !l.disabled && l.active.iter().any(|n| (l.adapters.contains_key(n) && !l.merged.contains(n)) || l.saved_copies.contains_key(n) || l.ia3.contains_key(n));
+            let live = !l.disabled
+                && l.active.iter().any(|n| {
+                    (l.adapters.contains_key(n) && !l.merged.contains(n))
+                        || l.saved_copies.contains_key(n)
+                        || l.ia3.contains_key(n)
+                });
             if live || l.bias.is_some() {
                 return None;
             }
@@ -192,7 +219,15 @@ impl<'m> Plan<'m> {
             layers.push(Layer {
                 ln1: Raw::of(&l.input_layernorm)?,
                 ln2: Raw::of(&l.post_attention_layernorm)?,
-                lins: [Lin::of(&a.q_proj)?, Lin::of(&a.k_proj)?, Lin::of(&a.v_proj)?, Lin::of(&a.o_proj)?, Lin::of(&f.gate_proj)?, Lin::of(&f.up_proj)?, Lin::of(&f.down_proj)?],
+                lins: [
+                    Lin::of(&a.q_proj)?,
+                    Lin::of(&a.k_proj)?,
+                    Lin::of(&a.v_proj)?,
+                    Lin::of(&a.o_proj)?,
+                    Lin::of(&f.gate_proj)?,
+                    Lin::of(&f.up_proj)?,
+                    Lin::of(&f.down_proj)?,
+                ],
             });
         }
         Some(Plan {
@@ -296,7 +331,10 @@ fn with_workspace<R>(train: bool, d: Dims, f: impl FnOnce(&mut Workspace) -> R) 
         Err(_) => &mut own,
     };
     if ws.dims != Some(d) {
-        *ws = Workspace { dims: Some(d), ..Default::default() };
+        *ws = Workspace {
+            dims: Some(d),
+            ..Default::default()
+        };
     }
     f(ws)
 }
@@ -338,7 +376,164 @@ impl MaskInfo {
                 limit[idx] = if seen == 0 { t } else { p + i + 1 };
             }
         }
-        MaskInfo { keys, limit, dead, holes }
+        MaskInfo {
+            keys,
+            limit,
+            dead,
+            holes,
+        }
+    }
+}
+
+/// Row-parallel wrappers of the [`simd`] kernels: the rows are split into one chunk per thread
+/// of the current pool (these kernels are memory-bound; one thread would leave a core idle).
+mod par {
+    use super::simd;
+    use rayon::prelude::*;
+
+    /// Rows per chunk for `rows` rows.
+    fn per(rows: usize) -> usize {
+        rows.div_ceil(rayon::current_num_threads()).max(1)
+    }
+
+    pub fn rms_norm_fwd(x: &[f32], w: &[f32], eps: f32, y: &mut [f32], rstd: &mut [f32]) {
+        let d = w.len();
+        let p = per(rstd.len());
+        y.par_chunks_mut(p * d)
+            .zip(rstd.par_chunks_mut(p))
+            .zip(x.par_chunks(p * d))
+            .for_each(|((y, r), x)| simd::rms_norm_fwd(x, w, eps, y, r));
+    }
+
+    pub fn rms_norm_apply(x: &[f32], w: &[f32], rstd: &[f32], y: &mut [f32]) {
+        let d = w.len();
+        let p = per(rstd.len());
+        y.par_chunks_mut(p * d)
+            .zip(rstd.par_chunks(p))
+            .zip(x.par_chunks(p * d))
+            .for_each(|((y, r), x)| simd::rms_norm_apply(x, w, r, y));
+    }
+
+    pub fn rms_norm_bwd_acc(x: &[f32], w: &[f32], rstd: &[f32], gy: &[f32], gx: &mut [f32]) {
+        let d = w.len();
+        let p = per(rstd.len());
+        gx.par_chunks_mut(p * d)
+            .zip(rstd.par_chunks(p))
+            .zip(x.par_chunks(p * d).zip(gy.par_chunks(p * d)))
+            .for_each(|((gx, r), (x, gy))| simd::rms_norm_bwd_acc(x, w, r, gy, gx));
+    }
+
+    pub fn rope_inplace(
+        x: &mut [f32],
+        cos: &[f32],
+        sin: &[f32],
+        heads: usize,
+        hd: usize,
+        sign: f32,
+    ) {
+        let half = hd / 2;
+        let rows = cos.len() / half;
+        let p = per(rows);
+        x.par_chunks_mut(p * heads * hd)
+            .zip(cos.par_chunks(p * half).zip(sin.par_chunks(p * half)))
+            .for_each(|(x, (c, s))| simd::rope_inplace(x, c, s, heads, hd, sign));
+    }
+
+    /// Elementwise kernels: chunks of whole cache lines per thread.
+    fn per_elems(n: usize) -> usize {
+        n.div_ceil(rayon::current_num_threads()).div_ceil(16).max(1) * 16
+    }
+
+    pub fn silu_mul(g: &[f32], u: &[f32], a: &mut [f32]) {
+        let p = per_elems(a.len());
+        a.par_chunks_mut(p)
+            .zip(g.par_chunks(p).zip(u.par_chunks(p)))
+            .for_each(|(a, (g, u))| simd::silu_mul(g, u, a));
+    }
+
+    pub fn silu_mul_bwd_inplace(g: &mut [f32], u: &mut [f32], ga: &[f32]) {
+        let p = per_elems(ga.len());
+        g.par_chunks_mut(p)
+            .zip(u.par_chunks_mut(p))
+            .zip(ga.par_chunks(p))
+            .for_each(|((g, u), ga)| simd::silu_mul_bwd_inplace(g, u, ga));
+    }
+
+    pub fn add_to(a: &[f32], b: &[f32], y: &mut [f32]) {
+        let p = per_elems(y.len());
+        y.par_chunks_mut(p)
+            .zip(a.par_chunks(p).zip(b.par_chunks(p)))
+            .for_each(|(y, (a, b))| simd::add_to(a, b, y));
+    }
+}
+
+/// Optional phase timer (`PEFT_ENGINE_PROFILE=1` prints each step's breakdown to stderr).
+struct Prof {
+    on: bool,
+    ns: [std::sync::atomic::AtomicU64; PHASES.len()],
+}
+
+const PHASES: [&str; 9] = [
+    "fwd base GEMM",
+    "fwd LoRA",
+    "fwd attention",
+    "fwd norm/rope/act",
+    "lm_head+CE",
+    "bwd base GEMM",
+    "bwd LoRA",
+    "bwd attention",
+    "bwd norm/rope/act",
+];
+const P_FWD_LIN: usize = 0;
+const P_FWD_LORA: usize = 1;
+const P_FWD_ATTN: usize = 2;
+const P_FWD_ELT: usize = 3;
+const P_HEAD: usize = 4;
+const P_BWD_LIN: usize = 5;
+const P_BWD_LORA: usize = 6;
+const P_BWD_ATTN: usize = 7;
+const P_BWD_ELT: usize = 8;
+
+impl Prof {
+    fn new() -> Prof {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let on = *ON.get_or_init(|| std::env::var("PEFT_ENGINE_PROFILE").is_ok_and(|v| v != "0"));
+        Prof {
+            on,
+            ns: Default::default(),
+        }
+    }
+    fn start(&self) -> Option<std::time::Instant> {
+        self.on.then(std::time::Instant::now)
+    }
+    fn add(&self, phase: usize, t: Option<std::time::Instant>) {
+        if let Some(t) = t {
+            self.ns[phase].fetch_add(
+                t.elapsed().as_nanos() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+    }
+    fn report(&self, what: &str) {
+        if !self.on {
+            return;
+        }
+        let v: Vec<u64> = self
+            .ns
+            .iter()
+            .map(|a| a.load(std::sync::atomic::Ordering::Relaxed))
+            .collect();
+        let total: u64 = v.iter().sum();
+        let parts: Vec<String> = PHASES
+            .iter()
+            .zip(&v)
+            .map(|(n, &x)| format!("{n} {:.1} ms", x as f64 / 1e6))
+            .collect();
+        eprintln!(
+            "[peft-engine] {what}: {:.1} ms: {}",
+            total as f64 / 1e6,
+            parts.join(", ")
+        );
     }
 }
 
@@ -366,6 +561,7 @@ struct Prefix {
 }
 
 struct Step {
+    prof: Prof,
     d: Dims,
     /// Training: LoRA dropout is applied.
     train: bool,
@@ -377,12 +573,29 @@ struct Step {
 
 impl Step {
     /// `y = x Wᵀ + b + Σ scaling · (dropout(x) Aᵀ) Bᵀ`, saving each adapter's `[T, r]` product.
-    fn lin_fwd(&self, lin: &Lin, x: &[f32], y: &mut [f32], saves: &mut Vec<LoraAct>, drop_x: &mut Vec<f32>) {
+    fn lin_fwd(
+        &self,
+        lin: &Lin,
+        x: &[f32],
+        y: &mut [f32],
+        saves: &mut Vec<LoraAct>,
+        drop_x: &mut Vec<f32>,
+    ) {
         let t = self.d.tok();
-        gemm(&mut Dst::of(y, t, lin.out), View::of(x, t, lin.inp), View::of(lin.w.get(), lin.out, lin.inp).t(), 1.0, false, self.threads);
+        let t0 = self.prof.start();
+        gemm(
+            &mut Dst::of(y, t, lin.out),
+            View::of(x, t, lin.inp),
+            View::of(lin.w.get(), lin.out, lin.inp).t(),
+            1.0,
+            false,
+            self.threads,
+        );
         if let Some(b) = &lin.bias {
             simd::add_bias(y, b.get());
         }
+        self.prof.add(P_FWD_LIN, t0);
+        let t0 = self.prof.start();
         saves.resize_with(lin.loras.len(), LoraAct::default);
         for (lo, sv) in lin.loras.iter().zip(saves.iter_mut()) {
             let h = buf(&mut sv.h, t * lo.r);
@@ -399,22 +612,71 @@ impl Step {
                 sv.seed = None;
                 x
             };
-            gemm(&mut Dst::of(h, t, lo.r), View::of(xin, t, lin.inp), View::of(lo.a.get(), lo.r, lin.inp).t(), lo.scaling, false, self.threads);
-            gemm(&mut Dst::of(y, t, lin.out), View::of(h, t, lo.r), View::of(lo.b.get(), lin.out, lo.r).t(), 1.0, true, self.threads);
+            gemm(
+                &mut Dst::of(h, t, lo.r),
+                View::of(xin, t, lin.inp),
+                View::of(lo.a.get(), lo.r, lin.inp).t(),
+                lo.scaling,
+                false,
+                self.threads,
+            );
+            gemm(
+                &mut Dst::of(y, t, lin.out),
+                View::of(h, t, lo.r),
+                View::of(lo.b.get(), lin.out, lo.r).t(),
+                1.0,
+                true,
+                self.threads,
+            );
         }
+        self.prof.add(P_FWD_LORA, t0);
     }
 
     /// Backward of [`Self::lin_fwd`]: `gx (+)= gy W + Σ scaling · mask ⊙ (gy B) A`, and the
     /// adapters' gradients `∂B = gyᵀ h`, `∂A = scaling · (gy B)ᵀ dropout(x)`.
     #[allow(clippy::too_many_arguments)]
-    fn lin_bwd(&self, lin: &Lin, gy: &[f32], x: &[f32], gx: &mut [f32], acc: bool, saves: &[LoraAct], grads: &mut Vec<(Var, Vec<f32>)>, ws: &mut Scratch) {
+    fn lin_bwd(
+        &self,
+        lin: &Lin,
+        gy: &[f32],
+        x: &[f32],
+        gx: &mut [f32],
+        acc: bool,
+        saves: &[LoraAct],
+        grads: &mut Vec<(Var, Vec<f32>)>,
+        ws: &mut Scratch,
+    ) {
         let t = self.d.tok();
-        gemm(&mut Dst::of(gx, t, lin.inp), View::of(gy, t, lin.out), View::of(lin.w.get(), lin.out, lin.inp), 1.0, acc, self.threads);
+        let t0 = self.prof.start();
+        gemm(
+            &mut Dst::of(gx, t, lin.inp),
+            View::of(gy, t, lin.out),
+            View::of(lin.w.get(), lin.out, lin.inp),
+            1.0,
+            acc,
+            self.threads,
+        );
+        self.prof.add(P_BWD_LIN, t0);
+        let t0 = self.prof.start();
         for (lo, sv) in lin.loras.iter().zip(saves) {
             let mut gb = vec![0f32; lin.out * lo.r];
-            gemm(&mut Dst::of(&mut gb, lin.out, lo.r), View::of(gy, t, lin.out).t(), View::of(&sv.h, t, lo.r), 1.0, false, self.threads);
+            gemm(
+                &mut Dst::of(&mut gb, lin.out, lo.r),
+                View::of(gy, t, lin.out).t(),
+                View::of(&sv.h, t, lo.r),
+                1.0,
+                false,
+                self.threads,
+            );
             let tmp = buf(&mut ws.lora_tmp, t * lo.r);
-            gemm(&mut Dst::of(tmp, t, lo.r), View::of(gy, t, lin.out), View::of(lo.b.get(), lin.out, lo.r), 1.0, false, self.threads);
+            gemm(
+                &mut Dst::of(tmp, t, lo.r),
+                View::of(gy, t, lin.out),
+                View::of(lo.b.get(), lin.out, lo.r),
+                1.0,
+                false,
+                self.threads,
+            );
             let mut ga = vec![0f32; lo.r * lin.inp];
             match sv.seed {
                 Some(seed) => {
@@ -422,24 +684,61 @@ impl Step {
                     super::dropout_mask(seed, lo.dropout, m);
                     let dx = buf(&mut ws.drop_x, t * lin.inp);
                     simd::mul_to(x, m, dx);
-                    gemm(&mut Dst::of(&mut ga, lo.r, lin.inp), View::of(tmp, t, lo.r).t(), View::of(dx, t, lin.inp), lo.scaling, false, self.threads);
+                    gemm(
+                        &mut Dst::of(&mut ga, lo.r, lin.inp),
+                        View::of(tmp, t, lo.r).t(),
+                        View::of(dx, t, lin.inp),
+                        lo.scaling,
+                        false,
+                        self.threads,
+                    );
                     let t2 = buf(&mut ws.lora_tmp2, t * lin.inp);
-                    gemm(&mut Dst::of(t2, t, lin.inp), View::of(tmp, t, lo.r), View::of(lo.a.get(), lo.r, lin.inp), 1.0, false, self.threads);
+                    gemm(
+                        &mut Dst::of(t2, t, lin.inp),
+                        View::of(tmp, t, lo.r),
+                        View::of(lo.a.get(), lo.r, lin.inp),
+                        1.0,
+                        false,
+                        self.threads,
+                    );
                     simd::mul_acc(t2, m, lo.scaling, gx);
                 }
                 None => {
-                    gemm(&mut Dst::of(&mut ga, lo.r, lin.inp), View::of(tmp, t, lo.r).t(), View::of(x, t, lin.inp), lo.scaling, false, self.threads);
-                    gemm(&mut Dst::of(gx, t, lin.inp), View::of(tmp, t, lo.r), View::of(lo.a.get(), lo.r, lin.inp), lo.scaling, true, self.threads);
+                    gemm(
+                        &mut Dst::of(&mut ga, lo.r, lin.inp),
+                        View::of(tmp, t, lo.r).t(),
+                        View::of(x, t, lin.inp),
+                        lo.scaling,
+                        false,
+                        self.threads,
+                    );
+                    gemm(
+                        &mut Dst::of(gx, t, lin.inp),
+                        View::of(tmp, t, lo.r),
+                        View::of(lo.a.get(), lo.r, lin.inp),
+                        lo.scaling,
+                        true,
+                        self.threads,
+                    );
                 }
             }
             grads.push((lo.var_a.clone(), ga));
             grads.push((lo.var_b.clone(), gb));
         }
+        self.prof.add(P_BWD_LORA, t0);
     }
 
     /// Causal (grouped-query) attention of one layer: `probs = softmax(q kᵀ / sqrt(hd) + mask)`,
     /// `attn = probs v`, with the prefix keys/values in front of the real ones.
-    fn attn_fwd(&self, l: usize, q: &[f32], k: &[f32], v: &[f32], probs: &mut [f32], attn: &mut [f32]) {
+    fn attn_fwd(
+        &self,
+        l: usize,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        probs: &mut [f32],
+        attn: &mut [f32],
+    ) {
         let d = self.d;
         let (s, p, t, hd, qd, kd) = (d.s, d.p, d.t(), d.hd, d.qd(), d.kd());
         let rep = d.nh / d.nkv;
@@ -458,18 +757,29 @@ impl Step {
             let pv = pre.map(|x| View::rm(x.v.get(), (bi * d.nkv + g) * p * hd, p, hd, hd));
             // SAFETY: task (bi, h) owns probs[(bi·nh + h)·s·t ..][..s·t] and the column block h
             // of rows bi·s .. (bi+1)·s of `attn`.
-            let pr = unsafe { std::slice::from_raw_parts_mut(probs_p.ptr().add(bh * s * t), s * t) };
+            let pr =
+                unsafe { std::slice::from_raw_parts_mut(probs_p.ptr().add(bh * s * t), s * t) };
             assert!(bi * s * qd + (s - 1) * qd + h * hd + hd <= attn_len);
             let mut out = unsafe { Dst::raw(attn_p.ptr().add(bi * s * qd + h * hd), s, hd, qd) };
             let keys = self.mask.keys.as_ref().map(|km| &km[bi * t..(bi + 1) * t]);
             for i0 in (0..s).step_by(RB) {
                 let n = RB.min(s - i0);
-                let lim = (i0..i0 + n).map(|i| self.mask.limit[bi * s + i]).max().unwrap_or(t);
+                let lim = (i0..i0 + n)
+                    .map(|i| self.mask.limit[bi * s + i])
+                    .max()
+                    .unwrap_or(t);
                 let mut sc = Dst::rm(pr, i0 * t, n, t, t);
                 if let Some(pk) = pk {
                     gemm(&mut sc.cols(0, p), qv.rows(i0, n), pk.t(), scale, false, 1);
                 }
-                gemm(&mut sc.cols(p, lim - p), qv.rows(i0, n), kv.rows(0, lim - p).t(), scale, false, 1);
+                gemm(
+                    &mut sc.cols(p, lim - p),
+                    qv.rows(i0, n),
+                    kv.rows(0, lim - p).t(),
+                    scale,
+                    false,
+                    1,
+                );
                 for i in i0..i0 + n {
                     let row = &mut pr[i * t..(i + 1) * t];
                     let idx = bi * s + i;
@@ -499,7 +809,14 @@ impl Step {
                 match pv {
                     Some(pv) => {
                         gemm(&mut ob, pview.cols(0, p), pv, 1.0, false, 1);
-                        gemm(&mut ob, pview.cols(p, lim - p), vv.rows(0, lim - p), 1.0, true, 1);
+                        gemm(
+                            &mut ob,
+                            pview.cols(p, lim - p),
+                            vv.rows(0, lim - p),
+                            1.0,
+                            true,
+                            1,
+                        );
                     }
                     None => gemm(&mut ob, pview.cols(0, lim), vv.rows(0, lim), 1.0, false, 1),
                 }
@@ -511,7 +828,17 @@ impl Step {
     /// `gk`, `gv` and the prefix gradients `gpk`, `gpv` (`[b, kv_heads, P, hd]`) are zeroed and
     /// accumulated over the heads of each group.
     #[allow(clippy::too_many_arguments)]
-    fn attn_bwd(&self, l: usize, a: &LayerActs, gattn: &[f32], gq: &mut [f32], gk: &mut [f32], gv: &mut [f32], gpk: &mut [f32], gpv: &mut [f32]) {
+    fn attn_bwd(
+        &self,
+        l: usize,
+        a: &LayerActs,
+        gattn: &[f32],
+        gq: &mut [f32],
+        gk: &mut [f32],
+        gv: &mut [f32],
+        gpk: &mut [f32],
+        gpv: &mut [f32],
+    ) {
         let d = self.d;
         let (s, p, t, hd, qd, kd) = (d.s, d.p, d.t(), d.hd, d.qd(), d.kd());
         let rep = d.nh / d.nkv;
@@ -520,7 +847,13 @@ impl Step {
         gv.fill(0.0);
         gpk.fill(0.0);
         gpv.fill(0.0);
-        let (gq_p, gk_p, gv_p, gpk_p, gpv_p) = (SendPtr(gq.as_mut_ptr()), SendPtr(gk.as_mut_ptr()), SendPtr(gv.as_mut_ptr()), SendPtr(gpk.as_mut_ptr()), SendPtr(gpv.as_mut_ptr()));
+        let (gq_p, gk_p, gv_p, gpk_p, gpv_p) = (
+            SendPtr(gq.as_mut_ptr()),
+            SendPtr(gk.as_mut_ptr()),
+            SendPtr(gv.as_mut_ptr()),
+            SendPtr(gpk.as_mut_ptr()),
+            SendPtr(gpv.as_mut_ptr()),
+        );
         let (q, k, v, probs) = (&a.q[..], &a.k[..], &a.v[..], &a.probs[..]);
         let pre = self.prefix.get(l);
         (0..d.b * d.nkv).into_par_iter().for_each(|bg| {
@@ -533,8 +866,10 @@ impl Step {
             // the prefix gradient block (bi, g), and the column blocks of its heads in gq.
             let mut gkd = unsafe { Dst::raw(gk_p.ptr().add(bi * s * kd + g * hd), s, hd, kd) };
             let mut gvd = unsafe { Dst::raw(gv_p.ptr().add(bi * s * kd + g * hd), s, hd, kd) };
-            let mut gpkd = unsafe { Dst::raw(gpk_p.ptr().add((bi * d.nkv + g) * p * hd), p, hd, hd) };
-            let mut gpvd = unsafe { Dst::raw(gpv_p.ptr().add((bi * d.nkv + g) * p * hd), p, hd, hd) };
+            let mut gpkd =
+                unsafe { Dst::raw(gpk_p.ptr().add((bi * d.nkv + g) * p * hd), p, hd, hd) };
+            let mut gpvd =
+                unsafe { Dst::raw(gpv_p.ptr().add((bi * d.nkv + g) * p * hd), p, hd, hd) };
             let mut gp = vec![0f32; RB * t];
             for h in g * rep..(g + 1) * rep {
                 let qv = View::rm(q, bi * s * qd + h * hd, s, hd, qd);
@@ -543,29 +878,64 @@ impl Step {
                 let pr = &probs[(bi * d.nh + h) * s * t..][..s * t];
                 for i0 in (0..s).step_by(RB) {
                     let n = RB.min(s - i0);
-                    let lim = (i0..i0 + n).map(|i| self.mask.limit[bi * s + i]).max().unwrap_or(t);
+                    let lim = (i0..i0 + n)
+                        .map(|i| self.mask.limit[bi * s + i])
+                        .max()
+                        .unwrap_or(t);
                     let pview = View::rm(pr, i0 * t, n, t, t);
                     let mut gpd = Dst::rm(&mut gp, 0, n, t, t);
                     if let Some(pv) = pv {
                         gemm(&mut gpd.cols(0, p), go.rows(i0, n), pv.t(), 1.0, false, 1);
                     }
-                    gemm(&mut gpd.cols(p, lim - p), go.rows(i0, n), vv.rows(0, lim - p).t(), 1.0, false, 1);
+                    gemm(
+                        &mut gpd.cols(p, lim - p),
+                        go.rows(i0, n),
+                        vv.rows(0, lim - p).t(),
+                        1.0,
+                        false,
+                        1,
+                    );
                     for r in 0..n {
-                        simd::softmax_bwd_inplace(&pr[(i0 + r) * t..(i0 + r) * t + lim], &mut gp[r * t..r * t + lim], scale);
+                        simd::softmax_bwd_inplace(
+                            &pr[(i0 + r) * t..(i0 + r) * t + lim],
+                            &mut gp[r * t..r * t + lim],
+                            scale,
+                        );
                     }
                     let gs = View::rm(&gp, 0, n, t, t);
                     let mut gqb = gqd.rows(i0, n);
                     match pk {
                         Some(pk) => {
                             gemm(&mut gqb, gs.cols(0, p), pk, 1.0, false, 1);
-                            gemm(&mut gqb, gs.cols(p, lim - p), kv.rows(0, lim - p), 1.0, true, 1);
+                            gemm(
+                                &mut gqb,
+                                gs.cols(p, lim - p),
+                                kv.rows(0, lim - p),
+                                1.0,
+                                true,
+                                1,
+                            );
                         }
                         None => gemm(&mut gqb, gs.cols(0, lim), kv.rows(0, lim), 1.0, false, 1),
                     }
                     let qb = qv.rows(i0, n);
                     let gob = go.rows(i0, n);
-                    gemm(&mut gkd.rows(0, lim - p), gs.cols(p, lim - p).t(), qb, 1.0, true, 1);
-                    gemm(&mut gvd.rows(0, lim - p), pview.cols(p, lim - p).t(), gob, 1.0, true, 1);
+                    gemm(
+                        &mut gkd.rows(0, lim - p),
+                        gs.cols(p, lim - p).t(),
+                        qb,
+                        1.0,
+                        true,
+                        1,
+                    );
+                    gemm(
+                        &mut gvd.rows(0, lim - p),
+                        pview.cols(p, lim - p).t(),
+                        gob,
+                        1.0,
+                        true,
+                        1,
+                    );
                     if p > 0 {
                         gemm(&mut gpkd, gs.cols(0, p).t(), qb, 1.0, true, 1);
                         gemm(&mut gpvd, pview.cols(0, p).t(), gob, 1.0, true, 1);
@@ -609,7 +979,8 @@ fn forward_layers(step: &Step, plan: &Plan, ws: &mut Workspace, x0: &[f32], save
     let d = step.d;
     let nl = plan.layers.len();
     let (tk, h, qd, kd, inter) = (d.tok(), d.h, d.qd(), d.kd(), d.inter);
-    ws.acts.resize_with(if save { nl } else { 1 }, LayerActs::default);
+    ws.acts
+        .resize_with(if save { nl } else { 1 }, LayerActs::default);
     buf(&mut ws.acts[0].x, tk * h).copy_from_slice(x0);
     for li in 0..nl {
         let layer = &plan.layers[li];
@@ -617,29 +988,107 @@ fn forward_layers(step: &Step, plan: &Plan, ws: &mut Workspace, x0: &[f32], save
         let (before, rest) = ws.acts.split_at_mut(ai + 1);
         let a = &mut before[ai];
         let n1 = buf(&mut ws.n, tk * h);
-        simd::rms_norm_fwd(&a.x, layer.ln1.get(), plan.eps, n1, buf(&mut a.rstd1, tk));
-        step.lin_fwd(&layer.lins[Q], n1, buf(&mut a.q, tk * qd), &mut a.lora[Q], &mut ws.drop_x);
-        step.lin_fwd(&layer.lins[K], n1, buf(&mut a.k, tk * kd), &mut a.lora[K], &mut ws.drop_x);
-        step.lin_fwd(&layer.lins[V], n1, buf(&mut a.v, tk * kd), &mut a.lora[V], &mut ws.drop_x);
-        simd::rope_inplace(&mut a.q, &ws.cos, &ws.sin, d.nh, d.hd, 1.0);
-        simd::rope_inplace(&mut a.k, &ws.cos, &ws.sin, d.nkv, d.hd, 1.0);
+        {
+            let t0 = step.prof.start();
+            par::rms_norm_fwd(&a.x, layer.ln1.get(), plan.eps, n1, buf(&mut a.rstd1, tk));
+            step.prof.add(P_FWD_ELT, t0);
+        }
+        step.lin_fwd(
+            &layer.lins[Q],
+            n1,
+            buf(&mut a.q, tk * qd),
+            &mut a.lora[Q],
+            &mut ws.drop_x,
+        );
+        step.lin_fwd(
+            &layer.lins[K],
+            n1,
+            buf(&mut a.k, tk * kd),
+            &mut a.lora[K],
+            &mut ws.drop_x,
+        );
+        step.lin_fwd(
+            &layer.lins[V],
+            n1,
+            buf(&mut a.v, tk * kd),
+            &mut a.lora[V],
+            &mut ws.drop_x,
+        );
+        {
+            let t0 = step.prof.start();
+            par::rope_inplace(&mut a.q, &ws.cos, &ws.sin, d.nh, d.hd, 1.0);
+            step.prof.add(P_FWD_ELT, t0);
+        }
+        {
+            let t0 = step.prof.start();
+            par::rope_inplace(&mut a.k, &ws.cos, &ws.sin, d.nkv, d.hd, 1.0);
+            step.prof.add(P_FWD_ELT, t0);
+        }
         buf(&mut a.probs, d.b * d.nh * d.s * d.t());
         buf(&mut a.attn, tk * qd);
-        step.attn_fwd(li, &a.q, &a.k, &a.v, &mut a.probs, &mut a.attn);
+        {
+            let t0 = step.prof.start();
+            step.attn_fwd(li, &a.q, &a.k, &a.v, &mut a.probs, &mut a.attn);
+            step.prof.add(P_FWD_ATTN, t0);
+        }
         let tmp = buf(&mut ws.tmp_h, tk * h);
         step.lin_fwd(&layer.lins[O], &a.attn, tmp, &mut a.lora[O], &mut ws.drop_x);
-        simd::add_to(&a.x, tmp, buf(&mut a.hmid, tk * h));
+        {
+            let t0 = step.prof.start();
+            par::add_to(&a.x, tmp, buf(&mut a.hmid, tk * h));
+            step.prof.add(P_FWD_ELT, t0);
+        }
         let n2 = buf(&mut ws.n, tk * h);
-        simd::rms_norm_fwd(&a.hmid, layer.ln2.get(), plan.eps, n2, buf(&mut a.rstd2, tk));
-        step.lin_fwd(&layer.lins[GATE], n2, buf(&mut a.g, tk * inter), &mut a.lora[GATE], &mut ws.drop_x);
-        step.lin_fwd(&layer.lins[UP], n2, buf(&mut a.u, tk * inter), &mut a.lora[UP], &mut ws.drop_x);
+        {
+            let t0 = step.prof.start();
+            par::rms_norm_fwd(
+                &a.hmid,
+                layer.ln2.get(),
+                plan.eps,
+                n2,
+                buf(&mut a.rstd2, tk),
+            );
+            step.prof.add(P_FWD_ELT, t0);
+        }
+        step.lin_fwd(
+            &layer.lins[GATE],
+            n2,
+            buf(&mut a.g, tk * inter),
+            &mut a.lora[GATE],
+            &mut ws.drop_x,
+        );
+        step.lin_fwd(
+            &layer.lins[UP],
+            n2,
+            buf(&mut a.u, tk * inter),
+            &mut a.lora[UP],
+            &mut ws.drop_x,
+        );
         let act = buf(&mut ws.act, tk * inter);
-        simd::silu_mul(&a.g, &a.u, act);
+        {
+            let t0 = step.prof.start();
+            par::silu_mul(&a.g, &a.u, act);
+            step.prof.add(P_FWD_ELT, t0);
+        }
         let tmp = buf(&mut ws.tmp_h, tk * h);
-        step.lin_fwd(&layer.lins[DOWN], act, tmp, &mut a.lora[DOWN], &mut ws.drop_x);
+        step.lin_fwd(
+            &layer.lins[DOWN],
+            act,
+            tmp,
+            &mut a.lora[DOWN],
+            &mut ws.drop_x,
+        );
         let last = li + 1 == nl;
-        let next = if save && !last { buf(&mut rest[0].x, tk * h) } else { buf(&mut ws.out, tk * h) };
-        simd::add_to(&a.hmid, &ws.tmp_h, next);
+        let next = if save && !last {
+            buf(&mut rest[0].x, tk * h)
+        } else {
+            buf(&mut ws.out, tk * h)
+        };
+        {
+            let t0 = step.prof.start();
+            par::add_to(&a.hmid, &ws.tmp_h, next);
+            step.prof.add(P_FWD_ELT, t0);
+        }
         if !save && !last {
             std::mem::swap(&mut ws.acts[0].x, &mut ws.out);
         }
@@ -663,21 +1112,65 @@ struct StepResult {
 /// Runs one forward + backward. `x0`: input embeddings `[T, H]`; `labels`: `[b, s]` (shifted
 /// by one inside); `weight`: the loss weight of each scored row.
 #[allow(clippy::too_many_arguments)]
-fn run(plan: &Plan, d: Dims, x0: &[f32], keys: Option<Vec<u8>>, positions: &[u32], labels: &[i64], weight: Option<f32>, prefix: Vec<Prefix>, want_gx: bool, rng: Option<Arc<Mutex<rand::rngs::StdRng>>>, threads: usize) -> StepResult {
-    with_workspace(true, d, |ws| run_in(ws, plan, d, x0, keys, positions, labels, weight, prefix, want_gx, rng, threads))
+fn run(
+    plan: &Plan,
+    d: Dims,
+    x0: &[f32],
+    keys: Option<Vec<u8>>,
+    positions: &[u32],
+    labels: &[i64],
+    weight: Option<f32>,
+    prefix: Vec<Prefix>,
+    want_gx: bool,
+    rng: Option<Arc<Mutex<rand::rngs::StdRng>>>,
+    threads: usize,
+) -> StepResult {
+    with_workspace(true, d, |ws| {
+        run_in(
+            ws, plan, d, x0, keys, positions, labels, weight, prefix, want_gx, rng, threads,
+        )
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
-fn run_in(ws: &mut Workspace, plan: &Plan, d: Dims, x0: &[f32], keys: Option<Vec<u8>>, positions: &[u32], labels: &[i64], weight: Option<f32>, prefix: Vec<Prefix>, want_gx: bool, rng: Option<Arc<Mutex<rand::rngs::StdRng>>>, threads: usize) -> StepResult {
+fn run_in(
+    ws: &mut Workspace,
+    plan: &Plan,
+    d: Dims,
+    x0: &[f32],
+    keys: Option<Vec<u8>>,
+    positions: &[u32],
+    labels: &[i64],
+    weight: Option<f32>,
+    prefix: Vec<Prefix>,
+    want_gx: bool,
+    rng: Option<Arc<Mutex<rand::rngs::StdRng>>>,
+    threads: usize,
+) -> StepResult {
     let nl = plan.layers.len();
-    let step = Step { d, train: true, mask: MaskInfo::new(&d, keys), threads, rng, prefix };
+    let step = Step {
+        prof: Prof::new(),
+        d,
+        train: true,
+        mask: MaskInfo::new(&d, keys),
+        threads,
+        rng,
+        prefix,
+    };
     rope_tables(plan, ws, positions, d.hd / 2);
     // ---- forward ----
     forward_layers(&step, plan, ws, x0, true);
     let (tk, h, qd, kd, inter) = (d.tok(), d.h, d.qd(), d.kd(), d.inter);
     // ---- final norm, lm_head and cross-entropy, chunked over scored rows ----
+    let t_head = step.prof.start();
     let hf = buf(&mut ws.n, tk * h);
-    simd::rms_norm_fwd(&ws.out, plan.norm.get(), plan.eps, hf, buf(&mut ws.rstd_f, tk));
+    par::rms_norm_fwd(
+        &ws.out,
+        plan.norm.get(),
+        plan.eps,
+        hf,
+        buf(&mut ws.rstd_f, tk),
+    );
     let mut rows: Vec<(usize, usize)> = Vec::new();
     for bi in 0..d.b {
         for i in 0..d.s.saturating_sub(1) {
@@ -700,25 +1193,49 @@ fn run_in(ws: &mut Workspace, plan: &Plan, d: Dims, x0: &[f32], keys: Option<Vec
             hc[r * h..(r + 1) * h].copy_from_slice(&hf[row * h..(row + 1) * h]);
         }
         let logits = buf(&mut ws.logits, c * d.vocab);
-        gemm(&mut Dst::of(logits, c, d.vocab), View::of(hc, c, h), View::of(plan.head.get(), d.vocab, h).t(), 1.0, false, threads);
+        gemm(
+            &mut Dst::of(logits, c, d.vocab),
+            View::of(hc, c, h),
+            View::of(plan.head.get(), d.vocab, h).t(),
+            1.0,
+            false,
+            threads,
+        );
         loss_sum += logits
             .par_chunks_mut(d.vocab)
             .zip(chunk.par_iter())
             .map(|(row, &(_, target))| simd::cross_entropy_row(row, target, w) / w as f64)
             .sum::<f64>();
         let ghc = buf(&mut ws.ghc, c * h);
-        gemm(&mut Dst::of(ghc, c, h), View::of(logits, c, d.vocab), View::of(plan.head.get(), d.vocab, h), 1.0, false, threads);
+        gemm(
+            &mut Dst::of(ghc, c, h),
+            View::of(logits, c, d.vocab),
+            View::of(plan.head.get(), d.vocab, h),
+            1.0,
+            false,
+            threads,
+        );
         for (r, &(row, _)) in chunk.iter().enumerate() {
             ghf[row * h..(row + 1) * h].copy_from_slice(&ghc[r * h..(r + 1) * h]);
         }
     }
+    step.prof.add(P_HEAD, t_head);
     let g = buf(&mut ws.g, tk * h);
     g.fill(0.0);
-    simd::rms_norm_bwd_acc(&ws.out, plan.norm.get(), &ws.rstd_f, &ws.gn, g);
+    {
+        let t0 = step.prof.start();
+        par::rms_norm_bwd_acc(&ws.out, plan.norm.get(), &ws.rstd_f, &ws.gn, g);
+        step.prof.add(P_BWD_ELT, t0);
+    }
     // ---- backward through the layers; `ws.g` is the residual stream's gradient ----
     let mut grads = Vec::new();
     let mut gprefix = Vec::new();
-    let mut scratch = Scratch { drop_x: std::mem::take(&mut ws.drop_x), drop_m: std::mem::take(&mut ws.drop_m), lora_tmp: std::mem::take(&mut ws.lora_tmp), lora_tmp2: std::mem::take(&mut ws.lora_tmp2) };
+    let mut scratch = Scratch {
+        drop_x: std::mem::take(&mut ws.drop_x),
+        drop_m: std::mem::take(&mut ws.drop_m),
+        lora_tmp: std::mem::take(&mut ws.lora_tmp),
+        lora_tmp2: std::mem::take(&mut ws.lora_tmp2),
+    };
     for li in (0..nl).rev() {
         let layer = &plan.layers[li];
         let a = &mut ws.acts[li];
@@ -726,46 +1243,157 @@ fn run_in(ws: &mut Workspace, plan: &Plan, d: Dims, x0: &[f32], keys: Option<Vec
         let needs = |m: usize| !layer.lins[m].loras.is_empty();
         let act = buf(&mut ws.act, tk * inter);
         if needs(DOWN) {
-            simd::silu_mul(&a.g, &a.u, act);
+            {
+                let t0 = step.prof.start();
+                par::silu_mul(&a.g, &a.u, act);
+                step.prof.add(P_BWD_ELT, t0);
+            }
         }
         let gi = buf(&mut ws.gi, tk * inter);
-        step.lin_bwd(&layer.lins[DOWN], &ws.g, act, gi, false, &a.lora[DOWN], &mut grads, &mut scratch);
-        simd::silu_mul_bwd_inplace(&mut a.g, &mut a.u, gi);
+        step.lin_bwd(
+            &layer.lins[DOWN],
+            &ws.g,
+            act,
+            gi,
+            false,
+            &a.lora[DOWN],
+            &mut grads,
+            &mut scratch,
+        );
+        {
+            let t0 = step.prof.start();
+            par::silu_mul_bwd_inplace(&mut a.g, &mut a.u, gi);
+            step.prof.add(P_BWD_ELT, t0);
+        }
         let n2 = buf(&mut ws.n2, tk * h);
         if needs(GATE) || needs(UP) {
-            simd::rms_norm_apply(&a.hmid, layer.ln2.get(), &a.rstd2, n2);
+            {
+                let t0 = step.prof.start();
+                par::rms_norm_apply(&a.hmid, layer.ln2.get(), &a.rstd2, n2);
+                step.prof.add(P_BWD_ELT, t0);
+            }
         }
         let gn = buf(&mut ws.gn, tk * h);
-        step.lin_bwd(&layer.lins[GATE], &a.g, n2, gn, false, &a.lora[GATE], &mut grads, &mut scratch);
-        step.lin_bwd(&layer.lins[UP], &a.u, n2, gn, true, &a.lora[UP], &mut grads, &mut scratch);
-        simd::rms_norm_bwd_acc(&a.hmid, layer.ln2.get(), &a.rstd2, gn, &mut ws.g);
+        step.lin_bwd(
+            &layer.lins[GATE],
+            &a.g,
+            n2,
+            gn,
+            false,
+            &a.lora[GATE],
+            &mut grads,
+            &mut scratch,
+        );
+        step.lin_bwd(
+            &layer.lins[UP],
+            &a.u,
+            n2,
+            gn,
+            true,
+            &a.lora[UP],
+            &mut grads,
+            &mut scratch,
+        );
+        {
+            let t0 = step.prof.start();
+            par::rms_norm_bwd_acc(&a.hmid, layer.ln2.get(), &a.rstd2, gn, &mut ws.g);
+            step.prof.add(P_BWD_ELT, t0);
+        }
         // attention
         let gattn = buf(&mut ws.gattn, tk * qd);
-        step.lin_bwd(&layer.lins[O], &ws.g, &a.attn, gattn, false, &a.lora[O], &mut grads, &mut scratch);
+        step.lin_bwd(
+            &layer.lins[O],
+            &ws.g,
+            &a.attn,
+            gattn,
+            false,
+            &a.lora[O],
+            &mut grads,
+            &mut scratch,
+        );
         let gq = buf(&mut ws.gq, tk * qd);
         let gk = buf(&mut ws.gk, tk * kd);
         let gv = buf(&mut ws.gv, tk * kd);
         let np = d.b * d.nkv * d.p * d.hd;
         let (mut gpk, mut gpv) = (vec![0f32; np], vec![0f32; np]);
-        step.attn_bwd(li, a, gattn, gq, gk, gv, &mut gpk, &mut gpv);
+        {
+            let t0 = step.prof.start();
+            step.attn_bwd(li, a, gattn, gq, gk, gv, &mut gpk, &mut gpv);
+            step.prof.add(P_BWD_ATTN, t0);
+        }
         if d.p > 0 {
             gprefix.push((gpk, gpv));
         }
-        simd::rope_inplace(gq, &ws.cos, &ws.sin, d.nh, d.hd, -1.0);
-        simd::rope_inplace(gk, &ws.cos, &ws.sin, d.nkv, d.hd, -1.0);
+        {
+            let t0 = step.prof.start();
+            par::rope_inplace(gq, &ws.cos, &ws.sin, d.nh, d.hd, -1.0);
+            step.prof.add(P_BWD_ELT, t0);
+        }
+        {
+            let t0 = step.prof.start();
+            par::rope_inplace(gk, &ws.cos, &ws.sin, d.nkv, d.hd, -1.0);
+            step.prof.add(P_BWD_ELT, t0);
+        }
         let n1 = buf(&mut ws.n2, tk * h);
         if needs(Q) || needs(K) || needs(V) {
-            simd::rms_norm_apply(&a.x, layer.ln1.get(), &a.rstd1, n1);
+            {
+                let t0 = step.prof.start();
+                par::rms_norm_apply(&a.x, layer.ln1.get(), &a.rstd1, n1);
+                step.prof.add(P_BWD_ELT, t0);
+            }
         }
         let gn = buf(&mut ws.gn, tk * h);
-        step.lin_bwd(&layer.lins[Q], gq, n1, gn, false, &a.lora[Q], &mut grads, &mut scratch);
-        step.lin_bwd(&layer.lins[K], gk, n1, gn, true, &a.lora[K], &mut grads, &mut scratch);
-        step.lin_bwd(&layer.lins[V], gv, n1, gn, true, &a.lora[V], &mut grads, &mut scratch);
-        simd::rms_norm_bwd_acc(&a.x, layer.ln1.get(), &a.rstd1, gn, &mut ws.g);
+        step.lin_bwd(
+            &layer.lins[Q],
+            gq,
+            n1,
+            gn,
+            false,
+            &a.lora[Q],
+            &mut grads,
+            &mut scratch,
+        );
+        step.lin_bwd(
+            &layer.lins[K],
+            gk,
+            n1,
+            gn,
+            true,
+            &a.lora[K],
+            &mut grads,
+            &mut scratch,
+        );
+        step.lin_bwd(
+            &layer.lins[V],
+            gv,
+            n1,
+            gn,
+            true,
+            &a.lora[V],
+            &mut grads,
+            &mut scratch,
+        );
+        {
+            let t0 = step.prof.start();
+            par::rms_norm_bwd_acc(&a.x, layer.ln1.get(), &a.rstd1, gn, &mut ws.g);
+            step.prof.add(P_BWD_ELT, t0);
+        }
     }
     gprefix.reverse();
-    (ws.drop_x, ws.drop_m, ws.lora_tmp, ws.lora_tmp2) = (scratch.drop_x, scratch.drop_m, scratch.lora_tmp, scratch.lora_tmp2);
-    StepResult { loss_sum, n, grads, gx: want_gx.then(|| ws.g.clone()), gprefix }
+    step.prof.report("training step");
+    (ws.drop_x, ws.drop_m, ws.lora_tmp, ws.lora_tmp2) = (
+        scratch.drop_x,
+        scratch.drop_m,
+        scratch.lora_tmp,
+        scratch.lora_tmp2,
+    );
+    StepResult {
+        loss_sum,
+        n,
+        grads,
+        gx: want_gx.then(|| ws.g.clone()),
+        gprefix,
+    }
 }
 
 /// The engine's version of `train::loss_and_grads` for a Llama-family causal LM, or `Ok(None)`
@@ -775,25 +1403,52 @@ fn run_in(ws: &mut Workspace, plan: &Plan, d: Dims, x0: &[f32], keys: Option<Vec
 ///
 /// Errors: as the general path (`InvalidArgument` for ids outside the vocabulary, a mask of
 /// the wrong length or a sequence longer than `max_position_embeddings`).
-pub fn try_loss_and_grads(model: &PeftModel, batch: &Batch, total_items: Option<usize>, rng: Option<Arc<Mutex<rand::rngs::StdRng>>>) -> Result<Option<(f64, usize, GradStore)>> {
+pub fn try_loss_and_grads(
+    model: &PeftModel,
+    batch: &Batch,
+    total_items: Option<usize>,
+    rng: Option<Arc<Mutex<rand::rngs::StdRng>>>,
+) -> Result<Option<(f64, usize, GradStore)>> {
     if !super::enabled() || batch.token_type_ids.is_some() || batch.decoder_input_ids.is_some() {
         return Ok(None);
     }
-    let Some(llama) = model.base.as_llama() else { return Ok(None) };
-    let Some(plan) = Plan::of(llama) else { return Ok(None) };
+    let Some(llama) = model.base.as_llama() else {
+        return Ok(None);
+    };
+    let Some(plan) = Plan::of(llama) else {
+        return Ok(None);
+    };
     let c = &llama.config;
-    if c.head_dim % 2 != 0 || c.num_key_value_heads == 0 || c.num_attention_heads % c.num_key_value_heads != 0 {
+    if c.head_dim % 2 != 0
+        || c.num_key_value_heads == 0
+        || c.num_attention_heads % c.num_key_value_heads != 0
+    {
         return Ok(None);
     }
     let prompt = model.active_prompt();
     // Prompt learning and LoRA adapters never coexist (HF refuses the mix); a prompt adapter
     // with a LoRA adapter active elsewhere would need both paths.
-    if prompt.is_some() && plan.layers.iter().any(|l| l.lins.iter().any(|x| !x.loras.is_empty())) {
+    if prompt.is_some()
+        && plan
+            .layers
+            .iter()
+            .any(|l| l.lins.iter().any(|x| !x.loras.is_empty()))
+    {
         return Ok(None);
     }
     let (b, s) = (batch.batch_size, batch.seq_len);
-    if let Some(bad) = batch.input_ids.iter().find(|&&i| i as usize >= c.vocab_size) {
-        return Err(PeftError::invalid_arg("inputIds", format!("token id {bad} is outside the vocabulary (size {})", c.vocab_size)));
+    if let Some(bad) = batch
+        .input_ids
+        .iter()
+        .find(|&&i| i as usize >= c.vocab_size)
+    {
+        return Err(PeftError::invalid_arg(
+            "inputIds",
+            format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                c.vocab_size
+            ),
+        ));
     }
     let h = c.hidden_size;
     let embed = plan.embed.get();
@@ -803,7 +1458,17 @@ pub fn try_loss_and_grads(model: &PeftModel, batch: &Batch, total_items: Option<
         }
     };
     let threads = super::num_threads();
-    let mut dims = Dims { b, s, p: 0, h, nh: c.num_attention_heads, nkv: c.num_key_value_heads, hd: c.head_dim, inter: c.intermediate_size, vocab: c.vocab_size };
+    let mut dims = Dims {
+        b,
+        s,
+        p: 0,
+        h,
+        nh: c.num_attention_heads,
+        nkv: c.num_key_value_heads,
+        hd: c.head_dim,
+        inter: c.intermediate_size,
+        vocab: c.vocab_size,
+    };
     let rng_ref = rng.as_deref();
     // Inputs per method, mirroring `PeftModel::prompt_forward` and `BaseModel::forward`.
     let mut x0 = Vec::with_capacity(b * s * h);
@@ -815,16 +1480,27 @@ pub fn try_loss_and_grads(model: &PeftModel, batch: &Batch, total_items: Option<
         None => gather(&batch.input_ids, &mut x0),
         Some((cfg, enc)) => {
             let n = cfg.total_virtual_tokens();
-            keys = Some((0..b).flat_map(|r| std::iter::repeat_n(1u8, n).chain(batch.attention_mask[r * s..(r + 1) * s].iter().copied())).collect());
+            keys = Some(
+                (0..b)
+                    .flat_map(|r| {
+                        std::iter::repeat_n(1u8, n)
+                            .chain(batch.attention_mask[r * s..(r + 1) * s].iter().copied())
+                    })
+                    .collect(),
+            );
             if cfg.method == PromptMethod::PrefixTuning {
                 let n = cfg.num_virtual_tokens;
                 dims.p = n;
                 prefix_tensors = model.prefix_key_values(cfg, enc, b, true, rng_ref)?;
                 for (k, v) in &prefix_tensors {
-                    if k.dims() != [b, dims.nkv, n, dims.hd] || v.dims() != [b, dims.nkv, n, dims.hd] {
+                    if k.dims() != [b, dims.nkv, n, dims.hd]
+                        || v.dims() != [b, dims.nkv, n, dims.hd]
+                    {
                         return Ok(None);
                     }
-                    let (Some(k), Some(v)) = (Raw::of(k), Raw::of(v)) else { return Ok(None) };
+                    let (Some(k), Some(v)) = (Raw::of(k), Raw::of(v)) else {
+                        return Ok(None);
+                    };
                     prefix.push(Prefix { k, v });
                 }
                 if prefix.len() != llama.layers.len() {
@@ -835,7 +1511,10 @@ pub fn try_loss_and_grads(model: &PeftModel, batch: &Batch, total_items: Option<
                 // Virtual token embeddings in front of the real ones.
                 let mut real = Vec::with_capacity(b * s * h);
                 gather(&batch.input_ids, &mut real);
-                let p = enc.batch_prompts(b, batch.task_ids.as_deref(), true, rng_ref)?.to_dtype(DType::F32)?.contiguous()?;
+                let p = enc
+                    .batch_prompts(b, batch.task_ids.as_deref(), true, rng_ref)?
+                    .to_dtype(DType::F32)?
+                    .contiguous()?;
                 if p.dims() != [b, n, h] {
                     return Ok(None);
                 }
@@ -852,25 +1531,59 @@ pub fn try_loss_and_grads(model: &PeftModel, batch: &Batch, total_items: Option<
     }
     let total = dims.t();
     if total > c.max_position_embeddings {
-        return Err(PeftError::invalid_arg("inputIds", format!("sequence length {total} exceeds max_position_embeddings {}", c.max_position_embeddings)));
+        return Err(PeftError::invalid_arg(
+            "inputIds",
+            format!(
+                "sequence length {total} exceeds max_position_embeddings {}",
+                c.max_position_embeddings
+            ),
+        ));
     }
     if keys.as_ref().is_some_and(|k| k.iter().all(|&v| v != 0)) {
         keys = None;
     }
-    let positions: Vec<u32> = (0..b).flat_map(|_| (dims.p..dims.p + dims.s).map(|p| p as u32)).collect();
+    let positions: Vec<u32> = (0..b)
+        .flat_map(|_| (dims.p..dims.p + dims.s).map(|p| p as u32))
+        .collect();
     let (labels, lseq) = extended_labels(model, batch);
     if lseq != dims.s || labels.len() != b * dims.s {
         return Ok(None);
     }
     // Scored rows (after the shift) decide the weight, as `causal_lm_loss` and the trainer do.
-    let n_items = (0..b).map(|r| (1..dims.s).filter(|&i| labels[r * dims.s + i] >= 0 && (labels[r * dims.s + i] as usize) < dims.vocab).count()).sum::<usize>();
+    let n_items = (0..b)
+        .map(|r| {
+            (1..dims.s)
+                .filter(|&i| {
+                    labels[r * dims.s + i] >= 0 && (labels[r * dims.s + i] as usize) < dims.vocab
+                })
+                .count()
+        })
+        .sum::<usize>();
     let weight = match total_items {
         Some(t) if t > 0 => 1.0 / t as f32,
         _ => 1.0 / n_items.max(1) as f32,
     };
     let want_gx = prompts.is_some();
-    let res = super::pool().install(|| run(&plan, dims, &x0, keys, &positions, &labels, Some(weight), prefix, want_gx, rng, threads));
-    let mean = if res.n > 0 { (res.loss_sum / res.n as f64) as f32 as f64 } else { 0.0 };
+    let res = super::pool().install(|| {
+        run(
+            &plan,
+            dims,
+            &x0,
+            keys,
+            &positions,
+            &labels,
+            Some(weight),
+            prefix,
+            want_gx,
+            rng,
+            threads,
+        )
+    });
+    let mean = if res.n > 0 {
+        (res.loss_sum / res.n as f64) as f32 as f64
+    } else {
+        0.0
+    };
     let dev = llama.device.clone();
     // Gradients of the prompt encoders: backpropagate the engine's input gradient through
     // candle's graph of the prompt tables (`Σ prompts ⊙ g` has gradient `g` w.r.t. `prompts`).
@@ -919,32 +1632,71 @@ pub fn try_loss_and_grads(model: &PeftModel, batch: &Batch, total_items: Option<
 ///
 /// Errors: `InvalidArgument` for ids outside the vocabulary, a mask or position ids of the
 /// wrong length, or a sequence longer than `max_position_embeddings`.
-pub fn try_forward(model: &PeftModel, ids: &[u32], b: usize, s: usize, opts: &crate::model::ForwardOptions) -> Result<Option<Tensor>> {
-    if !super::enabled() || opts.train || opts.adapter_rows.is_some() || opts.token_type_ids.is_some() || opts.decoder_input_ids.is_some() || opts.task_ids.is_some() {
+pub fn try_forward(
+    model: &PeftModel,
+    ids: &[u32],
+    b: usize,
+    s: usize,
+    opts: &crate::model::ForwardOptions,
+) -> Result<Option<Tensor>> {
+    if !super::enabled()
+        || opts.train
+        || opts.adapter_rows.is_some()
+        || opts.token_type_ids.is_some()
+        || opts.decoder_input_ids.is_some()
+        || opts.task_ids.is_some()
+    {
         return Ok(None);
     }
     if model.active_prompt().is_some() || b == 0 || s == 0 || ids.len() != b * s {
         return Ok(None);
     }
-    let Some(llama) = model.base.as_llama() else { return Ok(None) };
-    let Some(plan) = Plan::of(llama) else { return Ok(None) };
+    let Some(llama) = model.base.as_llama() else {
+        return Ok(None);
+    };
+    let Some(plan) = Plan::of(llama) else {
+        return Ok(None);
+    };
     let c = &llama.config;
-    if c.head_dim % 2 != 0 || c.num_key_value_heads == 0 || c.num_attention_heads % c.num_key_value_heads != 0 {
+    if c.head_dim % 2 != 0
+        || c.num_key_value_heads == 0
+        || c.num_attention_heads % c.num_key_value_heads != 0
+    {
         return Ok(None);
     }
     if let Some(bad) = ids.iter().find(|&&i| i as usize >= c.vocab_size) {
-        return Err(PeftError::invalid_arg("inputIds", format!("token id {bad} is outside the vocabulary (size {})", c.vocab_size)));
+        return Err(PeftError::invalid_arg(
+            "inputIds",
+            format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                c.vocab_size
+            ),
+        ));
     }
     if s > c.max_position_embeddings {
-        return Err(PeftError::invalid_arg("inputIds", format!("sequence length {s} exceeds max_position_embeddings {}", c.max_position_embeddings)));
+        return Err(PeftError::invalid_arg(
+            "inputIds",
+            format!(
+                "sequence length {s} exceeds max_position_embeddings {}",
+                c.max_position_embeddings
+            ),
+        ));
     }
     if let Some(m) = &opts.attention_mask {
         if m.len() != b * s {
-            return Err(PeftError::invalid_arg("attentionMask", format!("has {} values, expected {b} × {s}", m.len())));
+            return Err(PeftError::invalid_arg(
+                "attentionMask",
+                format!("has {} values, expected {b} × {s}", m.len()),
+            ));
         }
     }
     let positions: Vec<u32> = match &opts.position_ids {
-        Some(p) if p.len() != b * s => return Err(PeftError::invalid_arg("positionIds", format!("expected {} values", b * s))),
+        Some(p) if p.len() != b * s => {
+            return Err(PeftError::invalid_arg(
+                "positionIds",
+                format!("expected {} values", b * s),
+            ))
+        }
         Some(p) => p.clone(),
         None => (0..b).flat_map(|_| 0..s as u32).collect(),
     };
@@ -954,17 +1706,48 @@ pub fn try_forward(model: &PeftModel, ids: &[u32], b: usize, s: usize, opts: &cr
     for &id in ids {
         x0.extend_from_slice(&embed[id as usize * h..(id as usize + 1) * h]);
     }
-    let d = Dims { b, s, p: 0, h, nh: c.num_attention_heads, nkv: c.num_key_value_heads, hd: c.head_dim, inter: c.intermediate_size, vocab: c.vocab_size };
-    let keys = opts.attention_mask.clone().filter(|k| k.iter().any(|&v| v == 0));
+    let d = Dims {
+        b,
+        s,
+        p: 0,
+        h,
+        nh: c.num_attention_heads,
+        nkv: c.num_key_value_heads,
+        hd: c.head_dim,
+        inter: c.intermediate_size,
+        vocab: c.vocab_size,
+    };
+    let keys = opts
+        .attention_mask
+        .clone()
+        .filter(|k| k.iter().any(|&v| v == 0));
     let threads = super::num_threads();
-    let step = Step { d, train: false, mask: MaskInfo::new(&d, keys), threads, rng: None, prefix: Vec::new() };
-    let rows: Vec<usize> = if opts.last_only { (0..b).map(|r| r * s + s - 1).collect() } else { (0..b * s).collect() };
+    let step = Step {
+        prof: Prof::new(),
+        d,
+        train: false,
+        mask: MaskInfo::new(&d, keys),
+        threads,
+        rng: None,
+        prefix: Vec::new(),
+    };
+    let rows: Vec<usize> = if opts.last_only {
+        (0..b).map(|r| r * s + s - 1).collect()
+    } else {
+        (0..b * s).collect()
+    };
     let logits = super::pool().install(|| {
         with_workspace(false, d, |ws| {
             rope_tables(&plan, ws, &positions, d.hd / 2);
             forward_layers(&step, &plan, ws, &x0, false);
             let hf = buf(&mut ws.n, d.tok() * h);
-            simd::rms_norm_fwd(&ws.out, plan.norm.get(), plan.eps, hf, buf(&mut ws.rstd_f, d.tok()));
+            par::rms_norm_fwd(
+                &ws.out,
+                plan.norm.get(),
+                plan.eps,
+                hf,
+                buf(&mut ws.rstd_f, d.tok()),
+            );
             let mut out = vec![0f32; rows.len() * d.vocab];
             let src: &[f32] = if opts.last_only {
                 let hc = buf(&mut ws.hc, rows.len() * h);
@@ -975,10 +1758,21 @@ pub fn try_forward(model: &PeftModel, ids: &[u32], b: usize, s: usize, opts: &cr
             } else {
                 &ws.n
             };
-            gemm(&mut Dst::of(&mut out, rows.len(), d.vocab), View::of(src, rows.len(), h), View::of(plan.head.get(), d.vocab, h).t(), 1.0, false, threads);
+            gemm(
+                &mut Dst::of(&mut out, rows.len(), d.vocab),
+                View::of(src, rows.len(), h),
+                View::of(plan.head.get(), d.vocab, h).t(),
+                1.0,
+                false,
+                threads,
+            );
             out
         })
     });
     let t = if opts.last_only { 1 } else { s };
-    Ok(Some(Tensor::from_vec(logits, (b, t, d.vocab), &llama.device)?))
+    Ok(Some(Tensor::from_vec(
+        logits,
+        (b, t, d.vocab),
+        &llama.device,
+    )?))
 }
