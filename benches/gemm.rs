@@ -3,7 +3,8 @@
 //!
 //!   npm run bench:gemm                       # gemm crate only
 //!   cargo run --release -p peft-core --example gemm_bench --features bench-blis  # + BLIS
-//!   GEMM_BENCH_OPENBLAS=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 npm run bench:gemm  # + OpenBLAS
+//!   GEMM_BENCH_OPENBLAS=libopenblas.so.0,/work/venv-hf/lib/python3.11/site-packages/numpy.libs/libscipy_openblas64_-32a4b2a6.so \
+//!     npm run bench:gemm                     # + Debian's OpenBLAS and the one in numpy's wheel
 //!
 //! Libraries:
 //! * `gemm` 0.19 (what candle's CPU matmul calls), `Parallelism::None` for 1 thread and
@@ -237,7 +238,7 @@ mod bench {
         c("lora_B r8", "weight grad", 1, 576, t, 8, Layout::TN);
         // Attention, 4 sequences x 9 heads of 128 positions, head dim 64: one call per block.
         c("attn scores", "Q·Kᵀ, dO·Vᵀ", 36, 128, 64, 128, Layout::NT);
-        c("attn scores", "dS·K-shaped", 36, 128, 64, 128, Layout::NN);
+        c("attn scores", "Q·Kᵀ, Kᵀ stored", 36, 128, 64, 128, Layout::NN);
         c("attn values", "P·V, dS·K", 36, 128, 128, 64, Layout::NN);
         c("attn values", "Pᵀ·dO, dSᵀ·Q", 36, 128, 128, 64, Layout::TN);
         // Ceiling.
@@ -410,7 +411,8 @@ mod bench {
             let version = config.split_whitespace().nth(1).unwrap_or("?").to_string();
             eprintln!("OpenBLAS from {path}: {config} (core {core})");
             std::mem::forget(h);
-            Ok(Lib { name: format!("openblas {version}"), kind: Kind::OpenBlas { sgemm, set_threads } })
+            let family = if suffix.0 == "scipy_" { "scipy-openblas" } else { "openblas" };
+            Ok(Lib { name: format!("{family} {version}"), kind: Kind::OpenBlas { sgemm, set_threads } })
         }
     }
 
