@@ -17,7 +17,7 @@
 //!   recognised. Not linked, so it never becomes a build dependency.
 //!
 //! Arguments: `--quick` (fewer, shorter samples), `--only <substring of the shape name>`,
-//! `--threads 1|2` (default both).
+//! `--threads 1|2` (default both), `--libs <substring>[,<substring>...]` (library columns to keep).
 //!
 //! Layouts (A is the left operand, row-major storage; "T" means the operand is stored transposed):
 //! * NT `A·Bᵀ`: a linear layer's forward `x·Wᵀ` with W row-major `[out, in]`; attention `Q·Kᵀ`.
@@ -349,6 +349,7 @@ mod bench {
                 b: *const f32, ldb: i32, beta: f32, c: *mut f32, ldc: i32,
             );
             pub fn bli_thread_set_num_threads(n: i64);
+        pub fn bli_init();
             pub fn bli_info_get_version_str() -> *const std::ffi::c_char;
             pub fn bli_arch_query_id() -> i32;
             pub fn bli_arch_string(id: i32) -> *const std::ffi::c_char;
@@ -480,6 +481,7 @@ mod bench {
         let args: Vec<String> = std::env::args().collect();
         let arg = |n: &str| args.iter().position(|a| a == n).and_then(|i| args.get(i + 1)).cloned();
         let quick = args.iter().any(|a| a == "--quick");
+        let lib_filter: Option<Vec<String>> = arg("--libs").map(|l| l.split(',').map(str::to_string).collect());
         let only = arg("--only");
         let thread_counts: Vec<usize> = match arg("--threads") {
             Some(t) => vec![t.parse().expect("--threads 1|2")],
@@ -511,6 +513,16 @@ mod bench {
         let mut libs = vec![Lib { name: "gemm 0.19".into(), kind: Kind::GemmCrate }];
         #[cfg(feature = "bench-blis")]
         unsafe {
+            // BLIS picks its AVX-512 kernels ("skx") only when it can tell the core has two FMA
+            // units, which it guesses from the brand string; a KVM guest's generic "Intel(R)
+            // Xeon(R) Processor" makes it fall back to the AVX2 "haswell" kernels. The measured
+            // peak above says whether AVX-512 pays; force skx (arch id 0) unless told otherwise.
+            if has512 && std::env::var_os("BLIS_ARCH_TYPE").is_none() {
+                std::env::set_var("BLIS_ARCH_TYPE", "0");
+            }
+            // Register the kernel contexts first: BLIS 1.0 checks BLIS_ARCH_TYPE against them
+            // and aborts ("Accessed uninitialized context in gks") if the arch is queried first.
+            blis::bli_init();
             let v = std::ffi::CStr::from_ptr(blis::bli_info_get_version_str()).to_string_lossy().into_owned();
             let arch = std::ffi::CStr::from_ptr(blis::bli_arch_string(blis::bli_arch_query_id())).to_string_lossy().into_owned();
             eprintln!("BLIS {v}, kernels for {arch}");
@@ -524,6 +536,9 @@ mod bench {
             }
         }
 
+        if let Some(f) = &lib_filter {
+            libs.retain(|l| f.iter().any(|x| l.name.contains(x.as_str())));
+        }
         let head: Vec<String> = libs.iter().map(|l| format!("{} GFLOP/s (% peak)", l.name)).collect();
         println!("\n| shape | what | layout | threads | {} | fastest |", head.join(" | "));
         println!("|---|---|---|---|{}---|", "---|".repeat(libs.len()));
