@@ -2,7 +2,10 @@
  * Side-by-side CPU benchmark: peft-node vs HF PEFT (torch + peft from PyPI), interleaved A/B/A/B
  * in one run because this machine's speed drifts; reports medians and the ratio of medians.
  *
- *   npm run bench -- [--rounds 2] [--python /path/to/python-with-torch-peft]
+ *   npm run bench -- [--rounds 3] [--python /path/to/python-with-torch-peft] [--only <substring>]
+ *
+ * `--only` keeps the measures whose name contains the substring (e.g. `--only 1x512`,
+ * `--only all-linear`, `--only decode`) and runs only the jobs that produce them.
  *
  * HF's side is ../shared/reference/bench_ref.py (or $PEFT_BENCH_REF). Results go to
  * benches/results/latest.json.
@@ -13,7 +16,8 @@ import * as path from 'node:path'
 
 const ROOT = path.resolve(__dirname, fs.existsSync(path.join(__dirname, '..', 'package.json')) ? '..' : '../..')
 const arg = (n: string) => { const i = process.argv.indexOf(`--${n}`); return i >= 0 ? process.argv[i + 1] : undefined }
-const rounds = Number(arg('rounds') ?? 2)
+const rounds = Number(arg('rounds') ?? 3)
+const only = arg('only')
 const py = arg('python') ?? process.env.PEFT_BENCH_PYTHON ?? 'python3'
 const ref = process.env.PEFT_BENCH_REF ?? path.resolve(ROOT, '..', 'shared', 'reference', 'bench_ref.py')
 
@@ -31,34 +35,63 @@ function theirs(sub: string, extra: string[]) {
 const med = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]
 
 const rows: Record<string, { ours: number[]; hf: number[] }> = {}
-const add = (k: string, o: number, h: number) => { rows[k] ??= { ours: [], hf: [] }; rows[k].ours.push(o); rows[k].hf.push(h) }
+const add = (k: string, o: number, h: number) => {
+  if (only && !k.includes(only)) return
+  rows[k] ??= { ours: [], hf: [] }; rows[k].ours.push(o); rows[k].hf.push(h)
+}
 const raw: unknown[] = []
+
+/** One A/B job: the measures it produces (for `--only`) and how to run both sides. */
+interface Job { label: string; measures: string[]; run: () => void }
+const jobs: Job[] = []
+const trainJob = (label: string, ourArgs: string[], refArgs: string[], withRss: boolean) => {
+  const rate = `train ${label} tokens/s`
+  const rss = `train ${label} peak RSS MiB (lower is better)`
+  jobs.push({
+    label: `train ${label}`,
+    measures: withRss ? [rate, rss] : [rate],
+    run: () => {
+      const a = ours('train', ourArgs)
+      const b = theirs('train', refArgs)[0]
+      raw.push(a, b)
+      add(rate, a.tokens_per_s.median, b.tokens_per_s.median)
+      if (withRss) add(rss, a.peak_rss_mib, b.peak_rss_mib ?? b.ru_maxrss_mib)
+    },
+  })
+}
+trainJob('LoRA r8 qkvo b4x128', [], ['--method', 'lora', '--target', 'qkvo', '--batch', '4', '--seq', '128'], true)
+trainJob('LoRA r8 qkvo b1x512', ['--batch', '1', '--seq', '512'], ['--method', 'lora', '--target', 'qkvo', '--batch', '1', '--seq', '512'], true)
+trainJob('LoRA r8 all-linear b4x128', ['--target', 'all-linear'], ['--method', 'lora', '--target', 'all-linear', '--batch', '4', '--seq', '128'], true)
+for (const method of ['prefix', 'prompt']) {
+  trainJob(`${method} tuning 20vt b4x128`, ['--method', method], ['--method', method, '--virtual-tokens', '20', '--batch', '4', '--seq', '128'], false)
+}
+jobs.push({
+  label: 'infer',
+  measures: ['prefill b1x256 base tokens/s', 'prefill LoRA unmerged tokens/s', 'decode base tokens/s', 'decode LoRA unmerged tokens/s', 'decode LoRA merged tokens/s'],
+  run: () => {
+    const c = ours('infer')
+    const d = theirs('infer', ['--reps', '3'])
+    raw.push(c, d)
+    const hf = (variant: string, key: string): number => d.find((x) => x.name === variant)?.[key]?.median ?? NaN
+    add('prefill b1x256 base tokens/s', c.base.prefill_tokens_per_s.median, hf('base', 'prefill_full_logits_tokens_per_s'))
+    add('prefill LoRA unmerged tokens/s', c.lora_qkvo_unmerged.prefill_tokens_per_s.median, hf('lora_qkvo_unmerged', 'prefill_full_logits_tokens_per_s'))
+    add('decode base tokens/s', c.base.decode_tokens_per_s.median, hf('base', 'generate_decode_only_tokens_per_s'))
+    add('decode LoRA unmerged tokens/s', c.lora_qkvo_unmerged.decode_tokens_per_s.median, hf('lora_qkvo_unmerged', 'generate_decode_only_tokens_per_s'))
+    add('decode LoRA merged tokens/s', c.lora_qkvo_merged.decode_tokens_per_s.median, hf('lora_qkvo_merged', 'generate_decode_only_tokens_per_s'))
+  },
+})
+const selected = jobs.filter((j) => !only || j.measures.some((m) => m.includes(only)))
+if (selected.length === 0) {
+  console.error(`--only ${only} matches no measure; measures are:\n  ${jobs.flatMap((j) => j.measures).join('\n  ')}`)
+  process.exit(2)
+}
 for (let r = 0; r < rounds; r++) {
-  console.error(`round ${r + 1}/${rounds}: train (peft-node, then HF PEFT)`)
-  const a = ours('train')
-  const b = theirs('train', ['--method', 'lora', '--target', 'qkvo', '--batch', '4', '--seq', '128'])[0]
-  raw.push(a, b)
-  add('train LoRA r8 qkvo b4x128 tokens/s', a.tokens_per_s.median, b.tokens_per_s.median)
-  add('train peak RSS MiB (lower is better)', a.peak_rss_mib, b.peak_rss_mib ?? b.ru_maxrss_mib)
-  for (const method of ['prefix', 'prompt']) {
-    console.error(`round ${r + 1}/${rounds}: train ${method} tuning, 20 virtual tokens (peft-node, then HF PEFT)`)
-    const p = ours('train', ['--method', method])
-    const q = theirs('train', ['--method', method, '--virtual-tokens', '20', '--batch', '4', '--seq', '128'])[0]
-    raw.push(p, q)
-    add(`train ${method} tuning 20vt b4x128 tokens/s`, p.tokens_per_s.median, q.tokens_per_s.median)
+  for (const job of selected) {
+    console.error(`round ${r + 1}/${rounds}: ${job.label} (peft-node, then HF PEFT)`)
+    job.run()
   }
-  console.error(`round ${r + 1}/${rounds}: infer (peft-node, then HF PEFT)`)
-  const c = ours('infer')
-  const d = theirs('infer', ['--reps', '3'])
-  raw.push(c, d)
-  const hf = (variant: string, key: string): number => d.find((x) => x.name === variant)?.[key]?.median ?? NaN
-  add('prefill b1x256 base tokens/s', c.base.prefill_tokens_per_s.median, hf('base', 'prefill_full_logits_tokens_per_s'))
-  add('prefill LoRA unmerged tokens/s', c.lora_qkvo_unmerged.prefill_tokens_per_s.median, hf('lora_qkvo_unmerged', 'prefill_full_logits_tokens_per_s'))
-  add('decode base tokens/s', c.base.decode_tokens_per_s.median, hf('base', 'generate_decode_only_tokens_per_s'))
-  add('decode LoRA unmerged tokens/s', c.lora_qkvo_unmerged.decode_tokens_per_s.median, hf('lora_qkvo_unmerged', 'generate_decode_only_tokens_per_s'))
-  add('decode LoRA merged tokens/s', c.lora_qkvo_merged.decode_tokens_per_s.median, hf('lora_qkvo_merged', 'generate_decode_only_tokens_per_s'))
 }
 const table = Object.entries(rows).map(([k, v]) => ({ measure: k, peft_node: +med(v.ours).toFixed(1), hf_peft: +med(v.hf).toFixed(1), ratio: +(med(v.ours) / med(v.hf)).toFixed(3) }))
 console.table(table)
 fs.mkdirSync(path.join(ROOT, 'benches', 'results'), { recursive: true })
-fs.writeFileSync(path.join(ROOT, 'benches', 'results', 'latest.json'), JSON.stringify({ date: new Date().toISOString(), rounds, table, raw }, null, 2))
+fs.writeFileSync(path.join(ROOT, 'benches', 'results', 'latest.json'), JSON.stringify({ date: new Date().toISOString(), rounds, ...(only ? { only } : {}), table, raw }, null, 2))

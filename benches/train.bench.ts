@@ -5,9 +5,12 @@
  * 64 tokens after a 32-token prompt). Prints one JSON line per measurement.
  *
  * Prefix / prompt tuning (`--method prefix|prompt`): 20 virtual tokens, lr 2e-4, as
- * `bench_ref.py train --method prefix|prompt`.
+ * `bench_ref.py train --method prefix|prompt`. `--target all-linear` puts LoRA on all seven
+ * projections (q,k,v,o,gate,up,down; not lm_head), and `--batch` / `--seq` change the training
+ * shape, with the same meaning as `bench_ref.py train`'s flags.
  *
  *   node dist/benches/train.bench.js [--model file.gguf] [--only train|infer] [--method lora|prefix|prompt]
+ *     [--target qkvo|all-linear] [--batch 4] [--seq 128] [--steps 6]
  */
 import * as path from 'node:path'
 import * as fs from 'node:fs'
@@ -27,15 +30,18 @@ async function train(modelPath: string): Promise<void> {
   const base = await AutoModelForCausalLM.fromPretrained(modelPath)
   const vocab = base.config.vocab_size as number
   const method = arg('method') ?? 'lora'
+  const target = arg('target') ?? 'qkvo'
+  const targets: Record<string, string[] | string> = { qkvo: ['q_proj', 'k_proj', 'v_proj', 'o_proj'], 'all-linear': 'all-linear' }
+  if (!targets[target]) throw new Error(`--target must be one of ${Object.keys(targets).join(', ')}`)
   const configs: Record<string, [string, PeftConfig]> = {
-    lora: ['lora_r8_qkvo', new LoraConfig({ r: 8, loraAlpha: 16, targetModules: ['q_proj', 'k_proj', 'v_proj', 'o_proj'], initLoraWeights: false })],
+    lora: [`lora_r8_${target}`, new LoraConfig({ r: 8, loraAlpha: 16, targetModules: targets[target], initLoraWeights: false })],
     prefix: ['prefix_20vt', new PrefixTuningConfig({ numVirtualTokens: 20, taskType: 'CAUSAL_LM' })],
     prompt: ['prompt_20vt', new PromptTuningConfig({ numVirtualTokens: 20, taskType: 'CAUSAL_LM' })],
   }
   if (!configs[method]) throw new Error(`--method must be one of ${Object.keys(configs).join(', ')}`)
   const [name, config] = configs[method]
   const model = getPeftModel(base, config)
-  const B = 4, S = 128, warmup = 2, steps = Number(arg('steps') ?? 6)
+  const B = Number(arg('batch') ?? 4), S = Number(arg('seq') ?? 128), warmup = 2, steps = Number(arg('steps') ?? 6)
   const rnd = lcg(1234)
   const examples = Array.from({ length: B }, () => ({ inputIds: Array.from({ length: S }, () => rnd() % vocab) }))
   const times: number[] = []
