@@ -1185,7 +1185,7 @@ fn run_in(
     let ghf = buf(&mut ws.gn, tk * h);
     ghf.fill(0.0);
     let mut loss_sum = 0f64;
-    const CH: usize = 128;
+    const CH: usize = 256;
     for chunk in rows.chunks(CH) {
         let c = chunk.len();
         let hc = buf(&mut ws.hc, c * h);
