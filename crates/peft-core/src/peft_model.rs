@@ -1562,8 +1562,9 @@ impl PeftModel {
             return self.prompt_forward(cfg, enc, ids, b, s, opts, cache);
         }
         self.check_rows(opts, b)?;
-        if cache.is_none() && self.base.task() == Task::CausalLm {
-            if let Some(logits) = crate::engine::try_forward(self, ids, b, s, opts)? {
+        let mut cache = cache;
+        if self.base.task() == Task::CausalLm {
+            if let Some(logits) = crate::engine::try_forward(self, ids, b, s, opts, cache.as_deref_mut())? {
                 return Ok(logits);
             }
         }

@@ -109,6 +109,10 @@ impl Dst {
 /// Products smaller than this many multiply-adds run on one thread (threading costs more).
 const PAR_MIN_WORK: usize = 1 << 20;
 
+/// Products whose right operand has at least this many elements are threaded whatever the
+/// row count: a matrix-vector product is bound by reading the weight, which both cores speed up.
+const PAR_MIN_WEIGHT: usize = 1 << 16;
+
 /// `dst = (acc ? dst : 0) + alpha · a · b`, with `a` `[m, k]`, `b` `[k, n]`, `dst` `[m, n]`.
 /// `threads > 1` lets a large product use the current rayon pool.
 ///
@@ -128,7 +132,9 @@ pub fn gemm(dst: &mut Dst, a: View, b: View, alpha: f32, acc: bool, threads: usi
         }
         return;
     }
-    let par = if threads > 1 && m * n * k >= PAR_MIN_WORK { Parallelism::Rayon(threads) } else { Parallelism::None };
+    // Few rows (decoding) are memory-bound: split them too once the weight is large enough.
+    let big = m * n * k >= PAR_MIN_WORK || n * k >= PAR_MIN_WEIGHT;
+    let par = if threads > 1 && big { Parallelism::Rayon(threads) } else { Parallelism::None };
     // SAFETY: the views and the destination were bounds-checked when built; the destination does
     // not alias the operands (the engine's buffers are distinct allocations or disjoint regions).
     unsafe {

@@ -975,7 +975,14 @@ fn rope_tables(plan: &Plan, ws: &mut Workspace, positions: &[u32], half: usize) 
 /// The decoder layers' forward from `x0` `[T, H]`; the last layer's output is left in
 /// `ws.out`. With `save`, every layer keeps its activations for the backward; without, all
 /// layers share one set of buffers (inference).
-fn forward_layers(step: &Step, plan: &Plan, ws: &mut Workspace, x0: &[f32], save: bool) {
+fn forward_layers(
+    step: &Step,
+    plan: &Plan,
+    ws: &mut Workspace,
+    x0: &[f32],
+    save: bool,
+    mut kv_out: Option<&mut Vec<(Vec<f32>, Vec<f32>)>>,
+) {
     let d = step.d;
     let nl = plan.layers.len();
     let (tk, h, qd, kd, inter) = (d.tok(), d.h, d.qd(), d.kd(), d.inter);
@@ -1030,6 +1037,9 @@ fn forward_layers(step: &Step, plan: &Plan, ws: &mut Workspace, x0: &[f32], save
             let t0 = step.prof.start();
             step.attn_fwd(li, &a.q, &a.k, &a.v, &mut a.probs, &mut a.attn);
             step.prof.add(P_FWD_ATTN, t0);
+        }
+        if let Some(out) = kv_out.as_mut() {
+            out.push((a.k.clone(), a.v.clone()));
         }
         let tmp = buf(&mut ws.tmp_h, tk * h);
         step.lin_fwd(&layer.lins[O], &a.attn, tmp, &mut a.lora[O], &mut ws.drop_x);
@@ -1159,7 +1169,7 @@ fn run_in(
     };
     rope_tables(plan, ws, positions, d.hd / 2);
     // ---- forward ----
-    forward_layers(&step, plan, ws, x0, true);
+    forward_layers(&step, plan, ws, x0, true, None);
     let (tk, h, qd, kd, inter) = (d.tok(), d.h, d.qd(), d.kd(), d.inter);
     // ---- final norm, lm_head and cross-entropy, chunked over scored rows ----
     let t_head = step.prof.start();
@@ -1638,6 +1648,7 @@ pub fn try_forward(
     b: usize,
     s: usize,
     opts: &crate::model::ForwardOptions,
+    cache: Option<&mut crate::model::KvCache>,
 ) -> Result<Option<Tensor>> {
     if !super::enabled()
         || opts.train
@@ -1673,20 +1684,46 @@ pub fn try_forward(
             ),
         ));
     }
-    if s > c.max_position_embeddings {
+    // A KV cache enters as the attention's prefix (`[b, kv_heads, past, hd]` per layer, keys
+    // after RoPE, as the general path stores them); the new keys/values are appended after.
+    let (nkv, hd) = (c.num_key_value_heads, c.head_dim);
+    let past = cache.as_ref().map(|c| c.seq_len()).unwrap_or(0);
+    let mut prefix = Vec::new();
+    if let Some(cache) = cache.as_ref() {
+        if cache.layers.len() != llama.layers.len() || !cache.cross.is_empty() {
+            return Ok(None);
+        }
+        for l in &cache.layers {
+            match l {
+                Some((k, v)) if past > 0 => {
+                    if k.dims() != [b, nkv, past, hd] || v.dims() != [b, nkv, past, hd] {
+                        return Ok(None);
+                    }
+                    let (Some(k), Some(v)) = (Raw::of(k), Raw::of(v)) else {
+                        return Ok(None);
+                    };
+                    prefix.push(Prefix { k, v });
+                }
+                None if past == 0 => {}
+                _ => return Ok(None),
+            }
+        }
+    }
+    let total = past + s;
+    if total > c.max_position_embeddings {
         return Err(PeftError::invalid_arg(
             "inputIds",
             format!(
-                "sequence length {s} exceeds max_position_embeddings {}",
+                "sequence length {total} exceeds max_position_embeddings {}",
                 c.max_position_embeddings
             ),
         ));
     }
     if let Some(m) = &opts.attention_mask {
-        if m.len() != b * s {
+        if m.len() != b * total {
             return Err(PeftError::invalid_arg(
                 "attentionMask",
-                format!("has {} values, expected {b} × {s}", m.len()),
+                format!("has {} values, expected {b} × {total}", m.len()),
             ));
         }
     }
@@ -1698,7 +1735,7 @@ pub fn try_forward(
             ))
         }
         Some(p) => p.clone(),
-        None => (0..b).flat_map(|_| 0..s as u32).collect(),
+        None => (0..b).flat_map(|_| (past..total).map(|p| p as u32)).collect(),
     };
     let h = c.hidden_size;
     let embed = plan.embed.get();
@@ -1709,7 +1746,7 @@ pub fn try_forward(
     let d = Dims {
         b,
         s,
-        p: 0,
+        p: past,
         h,
         nh: c.num_attention_heads,
         nkv: c.num_key_value_heads,
@@ -1717,6 +1754,7 @@ pub fn try_forward(
         inter: c.intermediate_size,
         vocab: c.vocab_size,
     };
+    let mut kv_out: Option<Vec<(Vec<f32>, Vec<f32>)>> = cache.as_ref().map(|_| Vec::new());
     let keys = opts
         .attention_mask
         .clone()
@@ -1729,7 +1767,7 @@ pub fn try_forward(
         mask: MaskInfo::new(&d, keys),
         threads,
         rng: None,
-        prefix: Vec::new(),
+        prefix,
     };
     let rows: Vec<usize> = if opts.last_only {
         (0..b).map(|r| r * s + s - 1).collect()
@@ -1739,7 +1777,7 @@ pub fn try_forward(
     let logits = super::pool().install(|| {
         with_workspace(false, d, |ws| {
             rope_tables(&plan, ws, &positions, d.hd / 2);
-            forward_layers(&step, &plan, ws, &x0, false);
+            forward_layers(&step, &plan, ws, &x0, false, kv_out.as_mut());
             let hf = buf(&mut ws.n, d.tok() * h);
             par::rms_norm_fwd(
                 &ws.out,
@@ -1769,6 +1807,30 @@ pub fn try_forward(
             out
         })
     });
+    if let (Some(cache), Some(kv)) = (cache, kv_out) {
+        // Append the new keys/values, `[b, kv_heads, s, hd]`, to each layer's cache.
+        let kd = nkv * hd;
+        let to_heads = |x: &[f32]| -> Vec<f32> {
+            let mut out = vec![0f32; b * s * kd];
+            for bi in 0..b {
+                for i in 0..s {
+                    for g in 0..nkv {
+                        let src = &x[(bi * s + i) * kd + g * hd..][..hd];
+                        out[((bi * nkv + g) * s + i) * hd..][..hd].copy_from_slice(src);
+                    }
+                }
+            }
+            out
+        };
+        for (slot, (k, v)) in cache.layers.iter_mut().zip(kv) {
+            let k = Tensor::from_vec(to_heads(&k), (b, nkv, s, hd), &llama.device)?;
+            let v = Tensor::from_vec(to_heads(&v), (b, nkv, s, hd), &llama.device)?;
+            *slot = Some(match slot.take() {
+                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                None => (k, v),
+            });
+        }
+    }
     let t = if opts.last_only { 1 } else { s };
     Ok(Some(Tensor::from_vec(
         logits,
