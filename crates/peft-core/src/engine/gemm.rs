@@ -133,7 +133,12 @@ pub fn gemm(dst: &mut Dst, a: View, b: View, alpha: f32, acc: bool, threads: usi
         return;
     }
     // Few rows (decoding) are memory-bound: split them too once the weight is large enough.
-    let big = m * n * k >= PAR_MIN_WORK || n * k >= PAR_MIN_WEIGHT;
+    // A skinny product (a LoRA rank-r side, m, n or k below 64) is faster on one thread: the
+    // `gemm` crate's split costs more than it gains there (benches/README.md: rank-8 shapes
+    // run at 24-58 GFLOP/s on two threads against 43-156 on one).
+    // Likewise a narrow output (k/v projections, n = 192: 214 GFLOP/s on one thread, 141 on two).
+    let skinny = m.min(n).min(k) < 64 || (n < 256 && m >= 64);
+    let big = !skinny && (m * n * k >= PAR_MIN_WORK || n * k >= PAR_MIN_WEIGHT) || (m < 64 && n * k >= PAR_MIN_WEIGHT && n.min(k) >= 64);
     let par = if threads > 1 && big { Parallelism::Rayon(threads) } else { Parallelism::None };
     // SAFETY: the views and the destination were bounds-checked when built; the destination does
     // not alias the operands (the engine's buffers are distinct allocations or disjoint regions).
