@@ -563,7 +563,7 @@ mod bench {
                     let t = Instant::now();
                     lib.run(case, threads, &a, &b, &mut c);
                     calls[li] = ((sample_time / t.elapsed().as_secs_f64()).ceil() as usize).max(1);
-                    std::thread::sleep(Duration::from_millis(100));
+                    std::thread::sleep(Duration::from_millis(200));
                 }
                 for r in 0..rounds {
                     let order: Vec<usize> = if r % 2 == 0 { (0..libs.len()).collect() } else { (0..libs.len()).rev().collect() };
@@ -578,7 +578,7 @@ mod bench {
                             }
                             samples[li].push(case.flops() * calls[li] as f64 / t.elapsed().as_secs_f64() / 1e9);
                         }
-                        std::thread::sleep(Duration::from_millis(100));
+                        std::thread::sleep(Duration::from_millis(200));
                     }
                 }
                 let gf: Vec<f64> = samples.into_iter().map(median).collect();
