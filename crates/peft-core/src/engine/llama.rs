@@ -1406,6 +1406,24 @@ fn run_in(
     }
 }
 
+/// The Llama model behind `model` and its engine plan, when the engine can run it (see
+/// [`Plan::of`]; also an even head_dim and a whole number of query heads per kv head).
+fn plan_for(model: &PeftModel) -> Option<(&LlamaForCausalLM, Plan<'_>)> {
+    let llama = model.base.as_llama()?;
+    let plan = Plan::of(llama)?;
+    let c = &llama.config;
+    let ok = c.head_dim % 2 == 0 && c.num_key_value_heads > 0 && c.num_attention_heads % c.num_key_value_heads == 0;
+    ok.then_some((llama, plan))
+}
+
+/// `InvalidArgument` naming `inputIds` for an id outside the vocabulary (the general path's error).
+fn check_ids(ids: &[u32], vocab: usize) -> Result<()> {
+    match ids.iter().find(|&&i| i as usize >= vocab) {
+        Some(bad) => Err(PeftError::invalid_arg("inputIds", format!("token id {bad} is outside the vocabulary (size {vocab})"))),
+        None => Ok(()),
+    }
+}
+
 /// The engine's version of `train::loss_and_grads` for a Llama-family causal LM, or `Ok(None)`
 /// when the model or its adapters need the general path (see the module docs of
 /// [`crate::engine`]). Returns `(mean loss, label tokens, gradients)` exactly as the general
@@ -1422,19 +1440,10 @@ pub fn try_loss_and_grads(
     if !super::enabled() || batch.token_type_ids.is_some() || batch.decoder_input_ids.is_some() {
         return Ok(None);
     }
-    let Some(llama) = model.base.as_llama() else {
-        return Ok(None);
-    };
-    let Some(plan) = Plan::of(llama) else {
+    let Some((llama, plan)) = plan_for(model) else {
         return Ok(None);
     };
     let c = &llama.config;
-    if c.head_dim % 2 != 0
-        || c.num_key_value_heads == 0
-        || c.num_attention_heads % c.num_key_value_heads != 0
-    {
-        return Ok(None);
-    }
     let prompt = model.active_prompt();
     // Prompt learning and LoRA adapters never coexist (HF refuses the mix); a prompt adapter
     // with a LoRA adapter active elsewhere would need both paths.
@@ -1447,19 +1456,7 @@ pub fn try_loss_and_grads(
         return Ok(None);
     }
     let (b, s) = (batch.batch_size, batch.seq_len);
-    if let Some(bad) = batch
-        .input_ids
-        .iter()
-        .find(|&&i| i as usize >= c.vocab_size)
-    {
-        return Err(PeftError::invalid_arg(
-            "inputIds",
-            format!(
-                "token id {bad} is outside the vocabulary (size {})",
-                c.vocab_size
-            ),
-        ));
-    }
+    check_ids(&batch.input_ids, c.vocab_size)?;
     let h = c.hidden_size;
     let embed = plan.embed.get();
     let gather = |ids: &[u32], out: &mut Vec<f32>| {
@@ -1662,28 +1659,11 @@ pub fn try_forward(
     if model.active_prompt().is_some() || b == 0 || s == 0 || ids.len() != b * s {
         return Ok(None);
     }
-    let Some(llama) = model.base.as_llama() else {
-        return Ok(None);
-    };
-    let Some(plan) = Plan::of(llama) else {
+    let Some((llama, plan)) = plan_for(model) else {
         return Ok(None);
     };
     let c = &llama.config;
-    if c.head_dim % 2 != 0
-        || c.num_key_value_heads == 0
-        || c.num_attention_heads % c.num_key_value_heads != 0
-    {
-        return Ok(None);
-    }
-    if let Some(bad) = ids.iter().find(|&&i| i as usize >= c.vocab_size) {
-        return Err(PeftError::invalid_arg(
-            "inputIds",
-            format!(
-                "token id {bad} is outside the vocabulary (size {})",
-                c.vocab_size
-            ),
-        ));
-    }
+    check_ids(ids, c.vocab_size)?;
     // A KV cache enters as the attention's prefix (`[b, kv_heads, past, hd]` per layer, keys
     // after RoPE, as the general path stores them); the new keys/values are appended after.
     let (nkv, hd) = (c.num_key_value_heads, c.head_dim);
