@@ -37,6 +37,10 @@ export interface LoraConfigOptions {
   baseModelNameOrPath?: string | null
   revision?: string | null
   inferenceMode?: boolean
+  /** HF `ensure_weight_tying` (default false). With a tied `lm_head` / input embedding in
+   * `modulesToSave` or `targetModules`, HF ties the adapter's copies; peft-node does not, and
+   * refuses such a config (`ERR_ADAPTER_CONFIG_INVALID`). Otherwise HF's warnings. */
+  ensureWeightTying?: boolean
 }
 
 /** HF PEFT 0.21 defaults of every LoraConfig field (snake_case, as on disk). */
@@ -59,7 +63,7 @@ const FIELDS: Array<[keyof LoraConfigOptions, string]> = [
   ['useDora', 'use_dora'], ['initLoraWeights', 'init_lora_weights'], ['modulesToSave', 'modules_to_save'],
   ['layersToTransform', 'layers_to_transform'], ['layersPattern', 'layers_pattern'], ['rankPattern', 'rank_pattern'],
   ['alphaPattern', 'alpha_pattern'], ['taskType', 'task_type'], ['baseModelNameOrPath', 'base_model_name_or_path'],
-  ['revision', 'revision'], ['inferenceMode', 'inference_mode'],
+  ['revision', 'revision'], ['inferenceMode', 'inference_mode'], ['ensureWeightTying', 'ensure_weight_tying'],
 ]
 
 export class LoraConfig implements LoraConfigOptions {
@@ -83,6 +87,7 @@ export class LoraConfig implements LoraConfigOptions {
   baseModelNameOrPath: string | null = null
   revision: string | null = null
   inferenceMode = false
+  ensureWeightTying = false
   /** Fields of a loaded adapter_config.json that this class does not name (kept as they are). */
   readonly extra: Record<string, unknown> = {}
 

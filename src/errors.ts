@@ -59,3 +59,19 @@ export async function callAsync<T>(fn: () => Promise<T>): Promise<T> {
 export function invalidArgument(arg: string, message: string): PeftError {
   return new PeftError('ERR_INVALID_ARGUMENT', `invalid argument \`${arg}\`: ${message}`)
 }
+
+/**
+ * Refuse option names `method` does not take (`ERR_INVALID_ARGUMENT` naming the first one), as
+ * the `AutoModel*` loaders do: a misspelt or snake_case option would otherwise be silently
+ * ignored. A snake_case name whose camelCase form is an option gets a hint.
+ */
+export function refuseUnknownOptions(method: string, options: object | undefined, allowed: readonly string[]): void {
+  if (options === undefined || options === null) return
+  if (typeof options !== 'object') throw invalidArgument('options', `${method} takes an options object, found ${typeof options}`)
+  for (const k of Object.keys(options)) {
+    if (allowed.includes(k)) continue
+    const camel = k.replace(/_([a-z])/g, (_, c: string) => c.toUpperCase())
+    const hint = camel !== k && allowed.includes(camel) ? ` (did you mean '${camel}'?)` : ''
+    throw invalidArgument(k, `is not an option of ${method} (options: ${allowed.join(', ')})${hint}`)
+  }
+}

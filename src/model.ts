@@ -9,7 +9,7 @@
  */
 import { native } from './native'
 import type { NativeTypes } from './native'
-import { call, callAsync, invalidArgument } from './errors'
+import { call, callAsync, invalidArgument, refuseUnknownOptions } from './errors'
 import { ModelRuntime } from './runtime'
 import { Tensor, toIdMatrix, toMask } from './tensor'
 import type { TaskType } from './config'
@@ -353,12 +353,7 @@ export function getNumThreads(): number {
 /** @internal Shared loader of the `AutoModelFor*` objects. */
 async function loadFor(task: ModelTaskType, pathOrGguf: string, options: FromPretrainedOptions): Promise<PreTrainedModel> {
   if (typeof pathOrGguf !== 'string' || !pathOrGguf) throw invalidArgument('pathOrGguf', 'must be a non-empty string')
-  for (const k of Object.keys(options ?? {})) {
-    if (!['dtype', 'numLabels', 'seed', 'numThreads'].includes(k)) {
-      const hint = k === 'num_labels' ? " (did you mean 'numLabels'?)" : k === 'num_threads' ? " (did you mean 'numThreads'?)" : ''
-      throw invalidArgument(k, `is not an option of fromPretrained (options: dtype, numLabels, seed, numThreads)${hint}`)
-    }
-  }
+  refuseUnknownOptions('fromPretrained', options, ['dtype', 'numLabels', 'seed', 'numThreads'])
   if (options.numLabels !== undefined && !(Number.isInteger(options.numLabels) && options.numLabels >= 1 && options.numLabels <= 2 ** 20)) {
     throw invalidArgument('numLabels', `must be an integer between 1 and 2^20, found ${JSON.stringify(options.numLabels)}`)
   }

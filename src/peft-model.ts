@@ -5,7 +5,7 @@
  */
 import * as fs from 'node:fs'
 import * as path from 'node:path'
-import { call, callAsync, invalidArgument, PeftError } from './errors'
+import { call, callAsync, invalidArgument, PeftError, refuseUnknownOptions } from './errors'
 import { busyError, type AdapterInfo, type ModelRuntime } from './runtime'
 import { LoraConfig, configFromJSON, type PeftConfig } from './config'
 import { PreTrainedModel, type ForwardInput, type ForwardOutput, type GenerateOptions } from './model'
@@ -28,6 +28,34 @@ export interface LoadAdapterOptions {
   keyMapping?: Record<string, string>
   /** Only `'cpu'` exists in this build (CUDA is a separate build). */
   device?: 'cpu'
+  /** HF `subfolder`: the adapter lies in `<dir>/<subfolder>` (a relative path). */
+  subfolder?: string
+}
+
+const LOAD_OPTIONS = ['adapterName', 'isTrainable', 'config', 'autocastAdapterDtype', 'lowCpuMemUsage', 'keyMapping', 'device', 'subfolder'] as const
+const SAVE_OPTIONS = ['selectedAdapters', 'safeSerialization', 'isMainProcess', 'saveEmbeddingLayers', 'pathInitialModelForWeightConversion'] as const
+
+/** Python's `str(list)` of strings, as HF's warnings print key lists. */
+function pyList(keys: string[]): string {
+  return `[${keys.map((k) => `'${k}'`).join(', ')}]`
+}
+
+/**
+ * The adapter folder `dir` (joined with `subfolder`), checked before the native load: a path
+ * to a file (such as the adapter_model.safetensors inside the folder) is refused naming the
+ * argument. A missing path is left to the native loader (`ERR_NOT_FOUND`).
+ */
+async function adapterDir(dir: string, subfolder: string | undefined, arg: string): Promise<string> {
+  if (typeof dir !== 'string' || !dir) throw invalidArgument(arg, 'must be a non-empty string')
+  if (subfolder !== undefined) {
+    if (typeof subfolder !== 'string' || !subfolder || path.isAbsolute(subfolder)) throw invalidArgument('subfolder', `must be a non-empty relative path, found ${JSON.stringify(subfolder)}`)
+    dir = path.join(dir, subfolder)
+  }
+  const st = await fs.promises.stat(dir).catch(() => null)
+  if (st && !st.isDirectory()) {
+    throw invalidArgument(subfolder !== undefined ? 'subfolder' : arg, `${JSON.stringify(dir)} is a file; expected the adapter folder (the one holding adapter_config.json)`)
+  }
+  return dir
 }
 
 export interface SaveOptions {
@@ -158,13 +186,20 @@ export class PeftModel {
   static async fromPretrained(model: PreTrainedModel, dir: string, options: LoadAdapterOptions = {}): Promise<PeftModel> {
     // HF: `PeftModel.from_pretrained` builds the class its config's task_type maps to
     // (MODEL_TYPE_TO_PEFT_MODEL_MAPPING); a subclass builds itself.
+    refuseUnknownOptions('PeftModel.fromPretrained', options, LOAD_OPTIONS)
+    const folder = await adapterDir(dir, options.subfolder, 'dir')
     let Cls: new (b: PreTrainedModel) => PeftModel = this as unknown as new (b: PreTrainedModel) => PeftModel
     if ((this as unknown) === PeftModel) {
-      const taskType = options.config ? options.config.taskType : readTaskType(dir)
+      const taskType = options.config ? options.config.taskType : readTaskType(folder)
       Cls = peftModelClassFor(taskType)
     }
     const pm = new Cls(model)
-    await pm.loadAdapter(dir, options.adapterName ?? 'default', options)
+    const { subfolder: _sub, adapterName, ...rest } = options
+    const r = await pm.loadAdapter(folder, adapterName ?? 'default', rest)
+    // HF `PeftModel.from_pretrained` warns about missing adapter keys (it returns no load
+    // result); unexpected keys are named too, as a partly matching file is likely a mistake.
+    if (r.missingKeys.length > 0) peftWarning(`Found missing adapter keys while loading the checkpoint: ${pyList(r.missingKeys)}.`)
+    if (r.unexpectedKeys.length > 0) peftWarning(`Found unexpected keys while loading the checkpoint (not used): ${pyList(r.unexpectedKeys)}.`)
     return pm
   }
 
@@ -180,7 +215,8 @@ export class PeftModel {
     const rt = this.rt
     rt.checkAlive()
     rt.refuseWhileTraining('loadAdapter')
-    if (typeof dir !== 'string' || !dir) throw invalidArgument('dir', 'must be a non-empty string')
+    refuseUnknownOptions('loadAdapter', options, LOAD_OPTIONS.filter((k) => k !== 'adapterName'))
+    dir = await adapterDir(dir, options.subfolder, 'dir')
     const cfg = options.config ? JSON.stringify(options.config.toJSON()) : undefined
     if (options.device !== undefined && options.device !== 'cpu') throw invalidArgument('device', `only 'cpu' is available in this build, found ${JSON.stringify(options.device)}`)
     let mapping: string[][] | undefined
@@ -284,6 +320,15 @@ export class PeftModel {
     return Object.fromEntries([...this.rt.adapters.values()].map((a) => [a.name, configFromJSON(JSON.parse(a.config))]))
   }
 
+  /** HF `targeted_module_names`: the modules an adapter (LoRA, IA3) was injected into, over
+   * every adapter, in the model's order; `modules_to_save` copies are not listed. Never waits. */
+  get targetedModuleNames(): string[] {
+    this.rt.checkAlive()
+    const hit = new Set<string>()
+    for (const a of this.rt.adapters.values()) for (const [m, kind] of a.layers) if (kind !== 'modules_to_save') hit.add(m)
+    return this.rt.layerOrder.filter((m) => hit.has(m))
+  }
+
   get activePeftConfig(): PeftConfig {
     return this.peftConfig[this.activeAdapter]
   }
@@ -325,6 +370,15 @@ export class PeftModel {
   disableAdapter(): { [Symbol.dispose](): void; restore(): void }
   disableAdapter<T>(fn?: () => T | Promise<T>): Promise<T> | { [Symbol.dispose](): void; restore(): void } {
     this.rt.checkAlive()
+    // HF `disable_adapter_layers`: a trainable base bias (`bias` 'all' / 'lora_only') stays
+    // in the base model, so the output is not the pristine base model's.
+    for (const name of this.rt.active) {
+      const info = this.rt.adapters.get(name)
+      const bias = info ? (JSON.parse(info.config) as { bias?: unknown }).bias : undefined
+      if (typeof bias === 'string' && bias !== 'none') {
+        peftWarning(`Careful, disabling adapter layers with bias configured to be '${bias}' does not produce the same output as the base model would without adaption.`)
+      }
+    }
     const restore = this.rt.openDisableScope()
     if (!fn) return { restore, [Symbol.dispose]: restore }
     return (async () => {
@@ -594,6 +648,8 @@ export class PeftModel {
   async savePretrained(dir: string, options: SaveOptions = {}): Promise<string[]> {
     const rt = this.rt
     rt.checkAlive()
+    refuseUnknownOptions('savePretrained', options, SAVE_OPTIONS)
+    if (typeof dir !== 'string' || !dir) throw invalidArgument('dir', 'must be a non-empty string')
     if (options.safeSerialization === false) {
       throw new PeftError('ERR_INVALID_ARGUMENT', 'invalid argument `safeSerialization`: only safetensors is supported (no pickle format)')
     }
@@ -610,6 +666,8 @@ export class PeftModel {
     const emb = options.saveEmbeddingLayers === undefined ? 'auto' : String(options.saveEmbeddingLayers)
     return callAsync(() =>
       rt.schedule(async () => {
+        const st = await fs.promises.stat(dir).catch(() => null)
+        if (st && !st.isDirectory()) throw invalidArgument('dir', `${JSON.stringify(dir)} is a file; savePretrained writes a folder`)
         await fs.promises.mkdir(path.resolve(dir), { recursive: true })
         return this.n.savePretrained(dir, options.selectedAdapters, emb, options.pathInitialModelForWeightConversion)
       }),

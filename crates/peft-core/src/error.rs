@@ -30,9 +30,11 @@ pub enum PeftError {
     /// A tensor whose shape does not fit where it is used (e.g. an adapter for another base).
     #[error("shape mismatch for {name}: expected {expected:?}, found {found:?}")]
     ShapeMismatch { name: String, expected: Vec<usize>, found: Vec<usize> },
-    /// `target_modules` matched no module of the model.
-    #[error("target modules {targets} matched no module of the model; some module names are: {examples}")]
-    NoTargetModules { targets: String, examples: String },
+    /// `target_modules` selected no module of the model: `msg` is HF's
+    /// `NoMatchingPeftModuleError` text plus the modules the exclusions or the layer selection
+    /// left out.
+    #[error("{msg} Some module names are: {examples}")]
+    NoTargetModules { msg: String, examples: String },
     /// An adapter name that is already used.
     #[error("adapter name `{0}` is already in use")]
     AdapterExists(String),

@@ -15,6 +15,7 @@ pub mod error;
 pub mod gguf;
 pub mod generate;
 pub mod io;
+pub mod keys;
 pub mod model;
 pub mod model_card;
 pub mod ops;

@@ -7,7 +7,7 @@ use crate::model::{BaseModel, ForwardOptions, KvCache, Task};
 use crate::targeting::is_target;
 use crate::tuners::ia3::Ia3Config;
 use crate::tuners::linear::{Ia3Adapter, LoraAdapter};
-use crate::tuners::lora::{InitLoraWeights, LoraConfig};
+use crate::tuners::lora::{InitLoraWeights, LoraConfig, TargetModules};
 use crate::tuners::prompt::{text_init_ids, ModelDims, PromptEncoder, PromptInit, PromptLearningConfig, PromptMethod};
 use crate::tuners::AdapterConfig;
 use std::collections::HashMap;
@@ -17,7 +17,8 @@ use rand_distr::{Distribution, Normal};
 use std::path::{Path, PathBuf};
 
 /// Prefix of every key in adapter_model.safetensors (`base_model.model.<module path>...`).
-pub const KEY_PREFIX: &str = "base_model.model.";
+pub use crate::keys::KEY_PREFIX;
+use crate::keys::{lora_keys, strip_adapter_name, with_adapter_name};
 /// The adapter name meaning "no adapter" in mixed batches.
 pub const BASE_ADAPTER: &str = "__base__";
 
@@ -314,11 +315,58 @@ impl PeftModel {
         }
         let mut cfg = cfg;
         cfg.add_task_head_modules();
+        self.check_tied_modules(&cfg)?;
         match cfg {
             AdapterConfig::Lora(c) => self.add_lora(name, c, seed),
             AdapterConfig::Ia3(c) => self.add_ia3(name, c, seed),
             AdapterConfig::Prompt(c) => self.add_prompt(name, c, seed, None).map(|_| vec![]),
         }
+    }
+
+    /// HF `BaseTuner._check_tied_modules` for a LoRA or IA3 config on a model whose `lm_head`
+    /// is tied to the input embedding (`tie_word_embeddings`): when the adapter wraps a tied
+    /// layer (an `embed_tokens` / `lm_head` entry in `modules_to_save` or `target_modules`), HF's
+    /// warning; with `ensure_weight_tying`, HF's warnings when nothing tied is involved. HF 0.21
+    /// implements `ensure_weight_tying` for a tied layer in the adapter by tying the adapter's
+    /// copies; that is not built here, so such a config is refused rather than silently untied.
+    ///
+    /// Errors: `InvalidAdapterConfig` naming `ensure_weight_tying` in that last case.
+    fn check_tied_modules(&mut self, cfg: &AdapterConfig) -> Result<()> {
+        const EMBEDDING_LAYER_NAMES: [&str; 2] = ["embed_tokens", "lm_head"];
+        let (targets, mts, ensure, has_field) = match cfg {
+            AdapterConfig::Lora(c) => (&c.target_modules, c.modules_to_save.clone().unwrap_or_default(), c.to_json()["ensure_weight_tying"].as_bool().unwrap_or(false), true),
+            AdapterConfig::Ia3(c) => (&c.target_modules, c.modules_to_save.clone().unwrap_or_default(), false, false),
+            AdapterConfig::Prompt(_) => return Ok(()),
+        };
+        let last = |m: &str| m.rsplit('.').next().unwrap_or(m).to_string();
+        let to_save = mts.iter().any(|m| EMBEDDING_LAYER_NAMES.contains(&last(m).as_str()));
+        let in_target = match targets {
+            TargetModules::List(l) => l.iter().any(|m| EMBEDDING_LAYER_NAMES.contains(&last(m).as_str())),
+            TargetModules::Regex(r) => EMBEDDING_LAYER_NAMES.iter().any(|n| regex::Regex::new(&format!("^(?:{r})$")).map(|re| re.is_match(n)).unwrap_or(false)),
+            TargetModules::AllLinear => false,
+        };
+        let tied = self.base.config_json()["tie_word_embeddings"].as_bool() == Some(true) && matches!(self.base.task(), Task::CausalLm | Task::Seq2SeqLm);
+        if ensure {
+            if !tied {
+                self.warnings.push("You have requested `ensure_weight_tying`, but no tied modules were found in the model".into());
+            } else if to_save || in_target {
+                return Err(PeftError::InvalidAdapterConfig {
+                    path: None,
+                    msg: format!(
+                        "`ensure_weight_tying` (ensureWeightTying) with a tied layer in {} is not supported here: peft-node does not tie the adapter's copies of `lm_head` and the input embedding. Set it to false (the tied layers then get separate adapter weights, as HF does without it).",
+                        if to_save { "`modules_to_save`" } else { "`target_modules`" }
+                    ),
+                });
+            } else {
+                self.warnings.push("You have requested `ensure_weight_tying`, but no tied modules are added in either `modules_to_save` or `target_modules`".into());
+            }
+        } else if (to_save || in_target) && tied {
+            let how = if has_field { "but `ensure_weight_tying` is not set to True" } else { "but no implementation exists to tie the adapters" };
+            self.warnings.push(format!(
+                "Model has `tie_word_embeddings=True` and a tied layer is part of the adapter, {how}. This can lead to complications, for example when merging the adapter or converting your model to formats other than safetensors. Check the discussion here: https://github.com/huggingface/peft/issues/2777"
+            ));
+        }
+        Ok(())
     }
 
     fn add_lora(&mut self, name: &str, mut cfg: LoraConfig, seed: u64) -> Result<Vec<String>> {
@@ -336,9 +384,11 @@ impl PeftModel {
         let device = self.base.device().clone();
         let mut planned: Vec<(String, LoraAdapter)> = Vec::new();
         let mut residuals: HashMap<String, Tensor> = HashMap::new();
+        let mut misses = crate::targeting::Misses::default();
         for (mname, lin) in self.base.named_linears() {
             // `all-linear` leaves out the output head and embedding layers (they are no nn.Linear).
-            if !is_target(&cfg, &mname, lin.is_embedding || is_output_head(self.base.task(), &mname)) {
+            let sel = cfg.rule().select(&mname, lin.is_embedding || is_output_head(self.base.task(), &mname));
+            if !misses.note(&mname, sel, cfg.layers_pattern.as_deref()) {
                 continue;
             }
             if lin.is_embedding {
@@ -415,7 +465,7 @@ impl PeftModel {
             planned.push((mname, ad));
         }
         if planned.is_empty() {
-            return Err(self.no_targets(&cfg.to_json()["target_modules"]));
+            return Err(self.no_targets(&cfg.to_json()["target_modules"], &misses, cfg.layers_to_transform.as_deref(), cfg.layers_pattern.as_deref()));
         }
         let task = cfg.task_type.as_deref().and_then(Task::from_task_type);
         let mut copies = self.plan_saved_copies(name, &cfg.modules_to_save.clone().unwrap_or_default(), task)?;
@@ -516,8 +566,10 @@ impl PeftModel {
         let normal = Normal::new(0.0f32, 1.0).map_err(|e| PeftError::Internal(e.to_string()))?;
         let device = self.base.device().clone();
         let mut planned: HashMap<String, Ia3Adapter> = HashMap::new();
+        let mut misses = crate::targeting::Misses::default();
         for (mname, lin) in self.base.named_linears() {
-            if !crate::targeting::is_target_with(&cfg.target_modules, cfg.exclude_modules.as_ref(), None, None, &mname, lin.is_embedding || is_output_head(self.base.task(), &mname)) {
+            let sel = cfg.rule().select(&mname, lin.is_embedding || is_output_head(self.base.task(), &mname));
+            if !misses.note(&mname, sel, None) {
                 continue;
             }
             if lin.is_embedding {
@@ -533,7 +585,7 @@ impl PeftModel {
             planned.insert(mname, Ia3Adapter { l: Var::from_tensor(&Tensor::from_vec(v, shape, &device)?)?, feedforward: ff });
         }
         if planned.is_empty() {
-            return Err(self.no_targets(&crate::tuners::AdapterConfig::Ia3(cfg).to_json()["target_modules"]));
+            return Err(self.no_targets(&crate::tuners::AdapterConfig::Ia3(cfg).to_json()["target_modules"], &misses, None, None));
         }
         let mut targeted: Vec<String> = planned.keys().cloned().collect();
         targeted.sort();
@@ -548,11 +600,14 @@ impl PeftModel {
         Ok(targeted)
     }
 
-    fn no_targets(&self, targets: &serde_json::Value) -> PeftError {
+    /// HF's `NoMatchingPeftModuleError` for a targeting pass that selected nothing, with the
+    /// modules it left out and some module names of the model.
+    fn no_targets(&self, targets: &serde_json::Value, misses: &crate::targeting::Misses, layers: Option<&[usize]>, layers_pattern: Option<&[String]>) -> PeftError {
         let names = self.base.module_names();
         let examples: Vec<&String> = names.iter().filter(|n| n.contains("layers.0.") || !n.contains("layers.")).take(12).collect();
+        let targets = crate::io::python_json_dumps(targets).replace('\n', "").replace("  ", "");
         PeftError::NoTargetModules {
-            targets: crate::io::python_json_dumps(targets).replace('\n', "").replace("  ", ""),
+            msg: misses.message(&targets, layers, layers_pattern),
             examples: examples.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
         }
     }
@@ -1013,10 +1068,27 @@ impl PeftModel {
             out.sort_by(|a, b| a.0.cmp(&b.0));
             return Ok(out);
         }
-        for (k, b) in self.bias_entries(&self.bias_mode(name)) {
+        let bias_mode = self.bias_mode(name);
+        for (k, b) in self.bias_entries(&bias_mode) {
             out.push((k, b.detach()));
         }
         for (m, lin) in self.base.named_linears() {
+            // HF `bias="all"` keeps every state-dict key holding "bias", so a `modules_to_save`
+            // wrapper also contributes its frozen original's bias (`<m>.original_module.bias`) and
+            // each copy's bias under the wrapper's own key (`<m>.modules_to_save.<adapter>.bias`,
+            // the saved adapter's name removed). HF loads the first back into the base and
+            // reports the second as unexpected; both are written so files stay byte-identical.
+            if bias_mode == "all" && !lin.saved_copies.is_empty() {
+                if let Some(b) = &lin.bias {
+                    out.push((format!("{KEY_PREFIX}{m}.original_module.bias"), b.detach()));
+                }
+                for (n, (_, b)) in &lin.saved_copies {
+                    if let Some(b) = b {
+                        let slot = if n == name { "modules_to_save".to_string() } else { format!("modules_to_save.{n}") };
+                        out.push((format!("{KEY_PREFIX}{m}.{slot}.bias"), b.as_tensor().detach()));
+                    }
+                }
+            }
             if let Some(ad) = lin.adapters.get(name) {
                 let (ka, kb) = lora_keys(&m, lin.is_embedding);
                 out.push((format!("{KEY_PREFIX}{ka}"), ad.a.as_tensor().detach()));
@@ -1294,7 +1366,7 @@ impl PeftModel {
                         expected.insert(format!("{m}.lora_magnitude_vector"), (m.clone(), false, vec![lin.out_features()]));
                     }
                 }
-                AdapterConfig::Ia3(c) if crate::targeting::is_target_with(&c.target_modules, c.exclude_modules.as_ref(), None, None, &m, is_output_head(self.base.task(), &m)) => {
+                AdapterConfig::Ia3(c) if c.rule().select(&m, is_output_head(self.base.task(), &m)) == crate::targeting::Selection::Target => {
                     let shape = if c.is_feedforward(&m) { vec![1, lin.in_features()] } else { vec![lin.out_features(), 1] };
                     expected.insert(format!("{m}.ia3_l"), (m.clone(), false, shape));
                 }
@@ -1336,6 +1408,17 @@ impl PeftModel {
         let mut result = LoadResult::default();
         for (key, t) in tensors {
             let k = key.strip_prefix(KEY_PREFIX).unwrap_or(&key).to_string();
+            // HF `bias="all"` writes the frozen original bias of a `modules_to_save` module
+            // (see `adapter_state_dict`); HF's non-strict load puts it back into the base layer.
+            if let Some(m) = k.strip_suffix(".original_module.bias") {
+                if let Some((_, _, shape)) = expected.get(&format!("{m}.bias")) {
+                    if t.dims() != shape.as_slice() {
+                        return Err(PeftError::ShapeMismatch { name: format!("{} (key `{key}`)", wpath.display()), expected: shape.clone(), found: t.dims().to_vec() });
+                    }
+                    biases.insert(m.to_string(), t);
+                    continue;
+                }
+            }
             let k = strip_adapter_name(&k);
             let emb_module = k.strip_suffix(".base_layer.weight").or_else(|| k.strip_suffix(".weight")).filter(|m| emb_shapes.contains_key(*m));
             if let (Some(m), false) = (emb_module, expected.contains_key(&k)) {
@@ -1371,7 +1454,8 @@ impl PeftModel {
         }
         for k in expected.keys() {
             if !found.contains_key(k) {
-                result.missing_keys.push(format!("{KEY_PREFIX}{k}"));
+                // HF reports missing keys as the model names them, with the adapter name.
+                result.missing_keys.push(format!("{KEY_PREFIX}{}", with_adapter_name(k, name)));
             }
         }
         result.missing_keys.sort();
@@ -2012,43 +2096,6 @@ pub(crate) fn saves_module(module: &str, entry: &str) -> bool {
     module.ends_with(entry) || module.match_indices('.').any(|(i, _)| module[..i].ends_with(entry))
 }
 
-/// The on-disk keys of a LoRA layer's A and B (adapter name removed): `<m>.lora_A.weight` /
-/// `<m>.lora_B.weight`, or for an embedding layer HF's `<m>.lora_embedding_A` /
-/// `<m>.lora_embedding_B` (plain parameters, no `.weight`).
-fn lora_keys(m: &str, is_embedding: bool) -> (String, String) {
-    if is_embedding {
-        (format!("{m}.lora_embedding_A"), format!("{m}.lora_embedding_B"))
-    } else {
-        (format!("{m}.lora_A.weight"), format!("{m}.lora_B.weight"))
-    }
-}
-
-/// `x.lora_A.<name>.weight` → `x.lora_A.weight` (HF's adapter-name removal rule, inverted).
-fn strip_adapter_name(k: &str) -> String {
-    // `<m>.modules_to_save.<name>.<param>` -> `<m>.<param>`
-    if let Some(i) = k.find(".modules_to_save.") {
-        let rest = &k[i + ".modules_to_save.".len()..];
-        if let Some(j) = rest.find('.') {
-            return format!("{}.{}", &k[..i], &rest[j + 1..]);
-        }
-    }
-    // `<m>.lora_magnitude_vector.<name>.weight` -> `<m>.lora_magnitude_vector`; `<m>.ia3_l.<name>` -> `<m>.ia3_l`
-    for slot in [".lora_magnitude_vector.", ".ia3_l.", ".lora_embedding_A.", ".lora_embedding_B."] {
-        if let Some(i) = k.rfind(slot) {
-            return format!("{}{}", &k[..i], slot.trim_end_matches('.'));
-        }
-    }
-    for slot in [".lora_A.", ".lora_B."] {
-        if let Some(i) = k.rfind(slot) {
-            let rest = &k[i + slot.len()..];
-            if rest != "weight" && rest.ends_with(".weight") {
-                return format!("{}{}weight", &k[..i], slot);
-            }
-        }
-    }
-    k.to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2065,12 +2112,5 @@ mod tests {
     fn python_group_references_are_translated() {
         assert_eq!(py_group_refs(r"model.\1.x"), "model.${1}.x");
         assert_eq!(py_group_refs("a$b"), "a$$b");
-    }
-
-    #[test]
-    fn adapter_name_removed_from_keys() {
-        assert_eq!(strip_adapter_name("m.q_proj.lora_A.default.weight"), "m.q_proj.lora_A.weight");
-        assert_eq!(strip_adapter_name("m.q_proj.lora_B.weight"), "m.q_proj.lora_B.weight");
-        assert_eq!(strip_adapter_name("lm_head.modules_to_save.default.weight"), "lm_head.weight");
     }
 }

@@ -37,34 +37,132 @@ pub fn layer_index(name: &str, patterns: Option<&[String]>) -> Option<usize> {
 
 /// Should the tuner of `cfg` be injected into the linear module `name`?
 pub fn is_target(cfg: &LoraConfig, name: &str, is_output_head: bool) -> bool {
-    is_target_with(&cfg.target_modules, cfg.exclude_modules.as_ref(), cfg.layers_to_transform.as_deref(), cfg.layers_pattern.as_deref(), name, is_output_head)
+    cfg.rule().select(name, is_output_head) == Selection::Target
 }
 
-/// The targeting rule on its parts (shared by every tuner config): `targets` select, `exclude`
-/// removes, and `layers` (when given) keeps only modules whose layer index is listed.
-pub fn is_target_with(
-    targets: &TargetModules,
-    exclude: Option<&TargetModules>,
-    layers: Option<&[usize]>,
-    layers_pattern: Option<&[String]>,
-    name: &str,
-    is_output_head: bool,
-) -> bool {
-    if !matches_target(targets, name, is_output_head) {
-        return false;
-    }
-    if let Some(ex) = exclude {
-        if matches_target(ex, name, false) {
-            return false;
+/// What the targeting rule says of one module (HF `check_target_module_exists`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Selection {
+    /// The tuner is injected.
+    Target,
+    /// Matched `exclude_modules`, or is a `modules_to_save` module (HF `_ExcludedModule`: an
+    /// adapter never wraps a module that is saved whole).
+    Excluded,
+    /// Matched `target_modules` but its layer index is not in `layers_to_transform` (or it has
+    /// none under `layers_pattern`).
+    OutsideLayers,
+    /// Not selected by `target_modules`.
+    Unmatched,
+}
+
+/// The targeting rule shared by every tuner config: `targets` select; `exclude` and the
+/// `saved` (`modules_to_save`) entries remove; `layers` (when given) keeps only modules whose
+/// layer index is listed.
+#[derive(Clone, Copy, Debug)]
+pub struct Rule<'a> {
+    pub targets: &'a TargetModules,
+    pub exclude: Option<&'a TargetModules>,
+    pub layers: Option<&'a [usize]>,
+    pub layers_pattern: Option<&'a [String]>,
+    pub saved: &'a [String],
+}
+
+impl Rule<'_> {
+    /// Classify module `name`; `is_output_head` excludes it from `"all-linear"`. The order is
+    /// HF's: `exclude_modules`, then `modules_to_save` (matched as HF does, by the regex
+    /// `(^|.*\.){entry}($|\..*)`), then `target_modules`, then the layer selection.
+    pub fn select(&self, name: &str, is_output_head: bool) -> Selection {
+        if let Some(ex) = self.exclude {
+            if matches_target(ex, name, false) {
+                return Selection::Excluded;
+            }
+        }
+        if self.saved.iter().any(|m| is_saved_module_key(name, m)) {
+            return Selection::Excluded;
+        }
+        if !matches_target(self.targets, name, is_output_head) {
+            return Selection::Unmatched;
+        }
+        match self.layers {
+            Some(layers) => match layer_index(name, self.layers_pattern) {
+                Some(i) if layers.contains(&i) => Selection::Target,
+                _ => Selection::OutsideLayers,
+            },
+            None => Selection::Target,
         }
     }
-    match layers {
-        Some(layers) => match layer_index(name, layers_pattern) {
-            Some(i) => layers.contains(&i),
-            None => false,
-        },
-        None => true,
+}
+
+/// HF's guard against adapting a `modules_to_save` module: `re.match(rf"(^|.*\.){m}($|\..*)",
+/// key)` (the entry is a regex; the key must equal it or hold it between dots). An entry that is
+/// not a valid regex matches nothing.
+pub fn is_saved_module_key(key: &str, entry: &str) -> bool {
+    Regex::new(&format!(r"^(?:|.*\.)(?:{entry})(?:$|\..*)")).map(|re| re.is_match(key)).unwrap_or(false)
+}
+
+/// What a targeting pass left out, for the error when nothing is targeted.
+#[derive(Default, Debug)]
+pub struct Misses {
+    /// Modules removed by `exclude_modules` or `modules_to_save`.
+    pub excluded: Vec<String>,
+    /// Modules `target_modules` matched that the layer selection left out.
+    pub outside_layers: Vec<String>,
+    /// Every layer index seen among the visited modules.
+    pub layers_seen: std::collections::BTreeSet<usize>,
+}
+
+impl Misses {
+    /// Record module `name`'s selection; returns whether it is a target.
+    pub fn note(&mut self, name: &str, sel: Selection, layers_pattern: Option<&[String]>) -> bool {
+        if let Some(i) = layer_index(name, layers_pattern) {
+            self.layers_seen.insert(i);
+        }
+        match sel {
+            Selection::Target => return true,
+            Selection::Excluded => self.excluded.push(name.to_string()),
+            Selection::OutsideLayers => self.outside_layers.push(name.to_string()),
+            Selection::Unmatched => {}
+        }
+        false
     }
+
+    /// HF's `NoMatchingPeftModuleError` message for this pass (`targets` as written in the
+    /// config), followed by what peft-node adds: the modules left out and why.
+    pub fn message(&self, targets: &str, layers: Option<&[usize]>, layers_pattern: Option<&[String]>) -> String {
+        let mut msg = if !self.excluded.is_empty() {
+            "No modules were targeted for adaptation. This might be caused by a combination of mismatched target modules and excluded modules. \
+             Please check your `target_modules` and `exclude_modules` configuration. You may also have only targeted modules that are marked to be saved (`modules_to_save`)."
+                .to_string()
+        } else {
+            format!("Target modules {targets} not found in the base model. Please check the target modules and try again.")
+        };
+        if let Some(l) = layers {
+            msg.push_str(&format!(" Note: You specified 'layers_to_transform': {l:?}."));
+        }
+        if let Some(p) = layers_pattern {
+            let p = if p.len() == 1 { p[0].clone() } else { format!("{p:?}") };
+            msg.push_str(&format!(" You also specified 'layers_pattern': {p}."));
+        }
+        if !self.excluded.is_empty() {
+            msg.push_str(&format!(" Excluded by `exclude_modules` / `modules_to_save`: {}.", list_some(&self.excluded)));
+        }
+        if !self.outside_layers.is_empty() {
+            let have = match (self.layers_seen.first(), self.layers_seen.last()) {
+                (Some(a), Some(b)) => format!("the model's layers are {a}..={b}"),
+                _ => "the model has no numbered layers".to_string(),
+            };
+            msg.push_str(&format!(" The layer selection excluded every matching module ({}): {have}.", list_some(&self.outside_layers)));
+        }
+        msg
+    }
+}
+
+fn list_some(v: &[String]) -> String {
+    let mut s = v.iter().take(6).cloned().collect::<Vec<_>>().join(", ");
+    if v.len() > 6 {
+        s.push_str(&format!(" and {} more", v.len() - 6));
+    }
+    s
 }
 
 /// HF `get_pattern_key`: the value of the first pattern `p` such that `(.*\.)?(p)$` matches
@@ -106,6 +204,21 @@ mod tests {
     fn all_linear_skips_output_head() {
         assert!(matches_target(&TargetModules::AllLinear, "model.layers.0.mlp.up_proj", false));
         assert!(!matches_target(&TargetModules::AllLinear, "lm_head", true));
+    }
+
+    #[test]
+    fn saved_modules_are_excluded_as_hf() {
+        assert!(is_saved_module_key("model.layers.0.self_attn.q_proj", "q_proj"));
+        assert!(is_saved_module_key("q_proj", "q_proj"));
+        assert!(is_saved_module_key("classifier.dense", "classifier"));
+        assert!(!is_saved_module_key("lm_head", "head"));
+        assert!(!is_saved_module_key("model.layers.0.self_attn.xq_proj", "q_proj"));
+        let t = TargetModules::List(vec!["q_proj".into(), "v_proj".into()]);
+        let saved = vec!["q_proj".to_string()];
+        let r = Rule { targets: &t, exclude: None, layers: None, layers_pattern: None, saved: &saved };
+        assert_eq!(r.select("model.layers.0.self_attn.q_proj", false), Selection::Excluded);
+        assert_eq!(r.select("model.layers.0.self_attn.v_proj", false), Selection::Target);
+        assert_eq!(r.select("model.layers.0.self_attn.k_proj", false), Selection::Unmatched);
     }
 
     #[test]

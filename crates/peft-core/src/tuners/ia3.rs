@@ -90,6 +90,17 @@ impl Ia3Config {
         })
     }
 
+    /// The module-targeting rule of this config (IA3 has no layer selection).
+    pub fn rule(&self) -> crate::targeting::Rule<'_> {
+        crate::targeting::Rule {
+            targets: &self.target_modules,
+            exclude: self.exclude_modules.as_ref(),
+            layers: None,
+            layers_pattern: None,
+            saved: self.modules_to_save.as_deref().unwrap_or(&[]),
+        }
+    }
+
     /// Fields of the source JSON that HF's IA3Config does not have.
     pub fn unknown_fields(&self) -> &[String] {
         &self.unknown

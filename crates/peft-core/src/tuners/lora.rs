@@ -269,6 +269,18 @@ impl LoraConfig {
         Self::from_json(&v, Some(path))
     }
 
+    /// The module-targeting rule of this config (target/exclude modules, the layer selection,
+    /// and `modules_to_save`, which HF never adapts).
+    pub fn rule(&self) -> crate::targeting::Rule<'_> {
+        crate::targeting::Rule {
+            targets: &self.target_modules,
+            exclude: self.exclude_modules.as_ref(),
+            layers: self.layers_to_transform.as_deref(),
+            layers_pattern: self.layers_pattern.as_deref(),
+            saved: self.modules_to_save.as_deref().unwrap_or(&[]),
+        }
+    }
+
     /// Fields of the source JSON that HF PEFT 0.21's LoraConfig does not have (kept, not acted on).
     pub fn unknown_fields(&self) -> &[String] {
         &self.unknown
