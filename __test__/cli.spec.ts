@@ -1,0 +1,114 @@
+/**
+ * The `peft-node` command line, run as a user runs it (a child process): help, exit codes, one-line
+ * coded errors, `inspect` of adapters / models / GGUF files, and `generate` equal to the library's
+ * own greedy generation.
+ */
+import test from 'ava'
+import { spawnSync } from 'node:child_process'
+import * as fs from 'node:fs'
+import * as path from 'node:path'
+import { AutoModelForCausalLM, PeftModel } from '../src/index'
+import { FIXTURES, LLAMA, caseDir, disposeLater, tmpDir } from './helpers'
+
+const ROOT = path.join(__dirname, '..')
+const MAIN = path.join(ROOT, 'src', 'cli', 'main.ts')
+
+function cli(...args: string[]): { code: number | null; stdout: string; stderr: string } {
+  const r = spawnSync(process.execPath, ['--import', 'tsx', MAIN, ...args], { cwd: ROOT, encoding: 'utf8', timeout: 120_000 })
+  return { code: r.status, stdout: r.stdout, stderr: r.stderr }
+}
+
+test('help lists the commands; usage errors exit 2 with one coded line', (t) => {
+  const h = cli('--help')
+  t.is(h.code, 0)
+  for (const c of ['inspect', 'generate']) t.true(h.stdout.includes(c), h.stdout)
+  const ch = cli('generate', '--help')
+  t.is(ch.code, 0)
+  t.true(ch.stdout.includes('--max-new-tokens'), ch.stdout)
+  const none = cli()
+  t.is(none.code, 2)
+  const unknown = cli('frobnicate')
+  t.is(unknown.code, 2)
+  t.regex(unknown.stderr, /^error ERR_USAGE: unknown command 'frobnicate'/)
+  const badFlag = cli('inspect', '--bogus', 'x')
+  t.is(badFlag.code, 2)
+  t.regex(badFlag.stderr, /^error ERR_USAGE: .*--bogus/)
+  const noModel = cli('generate', 'hello')
+  t.is(noModel.code, 2)
+  t.regex(noModel.stderr, /--model is required/)
+})
+
+test('inspect: adapter folders (with other adapters), model folders, errors with codes', (t) => {
+  const a = cli('inspect', '--json', caseDir('llama_lora_multi'))
+  t.is(a.code, 0, a.stderr)
+  const x = JSON.parse(a.stdout)
+  t.is(x.kind, 'adapter')
+  t.is(x.peftType, 'LORA')
+  t.is(x.r, 8)
+  t.deepEqual(x.ranksInFile, [8])
+  t.is(x.adaptedModules, 4)
+  t.is(x.otherAdapters[0].adapterName, 'other')
+  t.deepEqual(x.otherAdapters[0].ranksInFile, [4])
+  // parameters = the sum over the file's tensors
+  const info = JSON.parse(fs.readFileSync(path.join(caseDir('llama_lora_multi'), 'case.json'), 'utf8'))
+  const shapes = Object.values(info.adapter_files['adapter_model.safetensors'].tensors as Record<string, { shape: number[] }>)
+  t.is(x.parameters, shapes.reduce((s, v) => s + v.shape.reduce((a, b) => a * b, 1), 0))
+  const m = cli('inspect', '--json', LLAMA)
+  t.is(m.code, 0, m.stderr)
+  const y = JSON.parse(m.stdout)
+  t.is(y.kind, 'model')
+  t.is(y.layers, 2)
+  t.is(y.parameters, 106816)
+  const missing = cli('inspect', path.join(FIXTURES, 'nope'))
+  t.is(missing.code, 1)
+  t.regex(missing.stderr, /^error ERR_NOT_FOUND: .*nope/)
+  const notGguf = cli('inspect', path.join(LLAMA, 'config.json'))
+  t.is(notGguf.code, 1)
+  t.regex(notGguf.stderr, /^error ERR_INVALID_ARGUMENT: .*not a GGUF file/)
+})
+
+test('inspect reads a GGUF header; a truncated GGUF is a coded error', (t) => {
+  const dir = tmpDir(t)
+  // A minimal GGUF v3: one string and one u32 metadata entry, one F32 tensor info.
+  const parts: Buffer[] = []
+  const u32 = (v: number) => { const b = Buffer.alloc(4); b.writeUInt32LE(v); parts.push(b) }
+  const u64 = (v: number) => { const b = Buffer.alloc(8); b.writeBigUInt64LE(BigInt(v)); parts.push(b) }
+  const str = (s: string) => { u64(Buffer.byteLength(s)); parts.push(Buffer.from(s)) }
+  parts.push(Buffer.from('GGUF'))
+  u32(3); u64(1); u64(2)
+  str('general.architecture'); u32(8); str('llama')
+  str('llama.block_count'); u32(4); u32(7)
+  str('token_embd.weight'); u32(2); u64(16); u64(8); u32(0); u64(0)
+  const file = path.join(dir, 'tiny.gguf')
+  fs.writeFileSync(file, Buffer.concat(parts))
+  const r = cli('inspect', '--json', file)
+  t.is(r.code, 0, r.stderr)
+  const x = JSON.parse(r.stdout)
+  t.is(x.architecture, 'llama')
+  t.is(x.layers, 7)
+  t.is(x.parameters, 128)
+  t.deepEqual(x.dtypes, { F32: 1 })
+  const cut = path.join(dir, 'cut.gguf')
+  fs.writeFileSync(cut, Buffer.concat(parts).subarray(0, 40))
+  const c = cli('inspect', cut)
+  t.is(c.code, 1)
+  t.regex(c.stderr, /^error ERR_GGUF_INVALID: .*cut\.gguf/)
+})
+
+test('generate: greedy tokens equal the library with the adapter', async (t) => {
+  // The tiny fixture llama has a word-level tokenizer: the prompt's words are in its vocabulary.
+  const base = disposeLater(t, await AutoModelForCausalLM.fromPretrained(LLAMA))
+  const pm = await PeftModel.fromPretrained(base, caseDir('llama_lora_qv'))
+  const { AutoTokenizer } = await import('../src/index')
+  const tok = await AutoTokenizer.fromPretrained(LLAMA)
+  const prompt = 'classify the sentiment of this review'
+  const ids = tok.encode(prompt)
+  t.false(ids.includes(3), 'every word is in the fixture vocabulary')
+  const want = tok.decode((await pm.generate([ids], { maxNewTokens: 8, eosTokenId: null }))[0].slice(ids.length), { skipSpecialTokens: true })
+  const r = cli('generate', '--model', LLAMA, '--adapter', caseDir('llama_lora_qv'), '--max-new-tokens', '8', '--no-eos', prompt)
+  t.is(r.code, 0, r.stderr)
+  t.is(r.stdout, `${want}\n`)
+  const b = cli('generate', '--model', LLAMA, '--max-new-tokens', '8', '--no-eos', prompt)
+  t.is(b.code, 0, b.stderr)
+  t.not(b.stdout, r.stdout, 'the adapter changes the continuation')
+})

@@ -1,0 +1,204 @@
+#!/usr/bin/env node
+/**
+ * The `peft-node` command line (package.json `bin`): `npx peft-node <command> [options]`.
+ *
+ * Exit codes: 0 success; 1 an error of the library (printed as one line `error <CODE>: <message>`
+ * on stderr, `CODE` being the `PeftError` code); 2 a usage error (`error ERR_USAGE: ...`);
+ * 130 interrupted (Ctrl-C).
+ */
+import { parseArgs, type ParseArgsConfig } from 'node:util'
+import { PeftError } from '../errors'
+import { formatInspection, inspectPath } from './inspect'
+
+type Options = NonNullable<ParseArgsConfig['options']>
+type Values = Record<string, string | boolean | undefined>
+
+interface Command {
+  summary: string
+  usage: string
+  options: Options
+  /** Help text per option, in the order shown. */
+  help: Record<string, string>
+  run(values: Values, positionals: string[], signal: AbortSignal): Promise<void>
+}
+
+export class UsageError extends Error {}
+
+function int(values: Values, key: string, min: number): number | undefined {
+  const v = values[key]
+  if (v === undefined) return undefined
+  const n = Number(v)
+  if (!Number.isInteger(n) || n < min) throw new UsageError(`--${key} must be an integer ≥ ${min}, found ${JSON.stringify(v)}`)
+  return n
+}
+
+function num(values: Values, key: string): number | undefined {
+  const v = values[key]
+  if (v === undefined) return undefined
+  const n = Number(v)
+  if (!Number.isFinite(n)) throw new UsageError(`--${key} must be a number, found ${JSON.stringify(v)}`)
+  return n
+}
+
+const COMMANDS: Record<string, Command> = {
+  inspect: {
+    summary: 'show an adapter folder, a model folder or a GGUF file: type, targets, ranks, parameter counts',
+    usage: 'peft-node inspect <path> [--json]',
+    options: { json: { type: 'boolean' } },
+    help: { json: 'print JSON instead of aligned text' },
+    async run(values, positionals) {
+      if (positionals.length !== 1) throw new UsageError('inspect takes one path')
+      const x = await inspectPath(positionals[0])
+      process.stdout.write(values.json ? `${JSON.stringify(x, (_, v: unknown) => (typeof v === 'bigint' ? Number(v) : v), 2)}\n` : `${formatInspection(x)}\n`)
+    },
+  },
+  generate: {
+    summary: 'generate a continuation of a prompt with a model (and an adapter)',
+    usage: 'peft-node generate --model <hf-folder|file.gguf> [--adapter <dir>] [--chat] <prompt>',
+    options: {
+      model: { type: 'string', short: 'm' },
+      adapter: { type: 'string', short: 'a' },
+      prompt: { type: 'string', short: 'p' },
+      chat: { type: 'boolean' },
+      system: { type: 'string' },
+      'max-new-tokens': { type: 'string' },
+      'do-sample': { type: 'boolean' },
+      temperature: { type: 'string' },
+      'top-p': { type: 'string' },
+      'top-k': { type: 'string' },
+      seed: { type: 'string' },
+      'no-eos': { type: 'boolean' },
+      'num-threads': { type: 'string' },
+    },
+    help: {
+      model: 'base model: an HF folder or a GGUF file (required)',
+      adapter: 'adapter folder to apply (HF PEFT format)',
+      prompt: 'the prompt (or give it as the last argument)',
+      chat: "format the prompt as a user turn with the tokenizer's chat template, plus the generation prompt",
+      system: 'system message (with --chat)',
+      'max-new-tokens': 'tokens to generate (default 64)',
+      'do-sample': 'sample instead of greedy decoding',
+      temperature: 'sampling temperature (with --do-sample)',
+      'top-p': 'nucleus sampling threshold (with --do-sample)',
+      'top-k': 'top-k sampling (with --do-sample)',
+      seed: 'sampling seed',
+      'no-eos': 'generate exactly --max-new-tokens tokens (do not stop at the end-of-sequence token)',
+      'num-threads': 'compute threads (default: all cores)',
+    },
+    async run(values, positionals, signal) {
+      const prompt = (values.prompt as string | undefined) ?? positionals.join(' ')
+      if (!values.model) throw new UsageError('--model is required')
+      if (!prompt) throw new UsageError('give a prompt (--prompt or as the last argument)')
+      const maxNewTokens = int(values, 'max-new-tokens', 1) ?? 64
+      const numThreads = int(values, 'num-threads', 1)
+      const lib = await import('../index')
+      const model = await lib.AutoModelForCausalLM.fromPretrained(values.model as string, numThreads ? { numThreads } : {})
+      try {
+        const tokenizer = await lib.AutoTokenizer.fromPretrained(values.model as string)
+        const target = values.adapter ? await lib.PeftModel.fromPretrained(model, values.adapter as string) : model
+        let text = prompt
+        let addSpecialTokens = true
+        if (values.chat) {
+          const messages = [...(values.system ? [{ role: 'system', content: values.system as string }] : []), { role: 'user', content: prompt }]
+          text = tokenizer.applyChatTemplate(messages, { addGenerationPrompt: true })
+          addSpecialTokens = false
+        }
+        const ids = tokenizer.encode(text, { addSpecialTokens })
+        const out = await target.generate([ids], {
+          maxNewTokens,
+          doSample: Boolean(values['do-sample']),
+          temperature: num(values, 'temperature'),
+          topP: num(values, 'top-p'),
+          topK: int(values, 'top-k', 1),
+          seed: int(values, 'seed', 0),
+          ...(values['no-eos'] ? { eosTokenId: null } : {}),
+          signal,
+        })
+        process.stdout.write(`${tokenizer.decode(out[0].slice(ids.length), { skipSpecialTokens: true })}\n`)
+      } finally {
+        model.dispose()
+      }
+    },
+  },
+}
+
+function commandHelp(name: string, c: Command): string {
+  const lines = [`${c.usage}`, '', c.summary, '', 'Options:']
+  for (const [k, o] of Object.entries(c.options)) {
+    const flag = `${o.short ? `-${o.short}, ` : '    '}--${k}${o.type === 'string' ? ' <value>' : ''}`
+    lines.push(`  ${flag.padEnd(30)} ${c.help[k] ?? ''}`)
+  }
+  lines.push(`  ${'    --help'.padEnd(30)} show this help`)
+  void name
+  return lines.join('\n')
+}
+
+function mainHelp(): string {
+  const lines = ['Usage: peft-node <command> [options]', '', 'Commands:']
+  for (const [k, c] of Object.entries(COMMANDS)) lines.push(`  ${k.padEnd(12)} ${c.summary}`)
+  lines.push('', "Run 'peft-node <command> --help' for a command's options.")
+  return lines.join('\n')
+}
+
+/** Run the CLI on `argv` (without node and the script); resolves with the exit code. */
+export async function main(argv: string[]): Promise<number> {
+  const [name, ...rest] = argv
+  if (!name || name === '--help' || name === '-h' || name === 'help') {
+    process.stdout.write(`${mainHelp()}\n`)
+    return name ? 0 : 2
+  }
+  const cmd = COMMANDS[name]
+  if (!cmd) {
+    process.stderr.write(`error ERR_USAGE: unknown command '${name}' (commands: ${Object.keys(COMMANDS).join(', ')})\n`)
+    return 2
+  }
+  const ac = new AbortController()
+  let interrupted = false
+  const onSigint = () => {
+    if (interrupted) process.exit(130)
+    interrupted = true
+    process.stderr.write('\ninterrupted: stopping (Ctrl-C again to quit at once)\n')
+    ac.abort()
+  }
+  process.on('SIGINT', onSigint)
+  try {
+    let parsed: { values: Values; positionals: string[] }
+    try {
+      parsed = parseArgs({ args: rest, options: { ...cmd.options, help: { type: 'boolean', short: 'h' } }, allowPositionals: true, strict: true }) as typeof parsed
+    } catch (e) {
+      throw new UsageError((e as Error).message)
+    }
+    if (parsed.values.help) {
+      process.stdout.write(`${commandHelp(name, cmd)}\n`)
+      return 0
+    }
+    await cmd.run(parsed.values, parsed.positionals, ac.signal)
+    return interrupted ? 130 : 0
+  } catch (e) {
+    if (interrupted) return 130
+    if (e instanceof UsageError) {
+      process.stderr.write(`error ERR_USAGE: ${e.message}\nRun 'peft-node ${name} --help' for usage.\n`)
+      return 2
+    }
+    if (e instanceof PeftError) {
+      process.stderr.write(`error ${e.code}: ${e.message.replace(/\s*\n\s*/g, ' ')}\n`)
+      return 1
+    }
+    process.stderr.write(`error ERR_INTERNAL: ${e instanceof Error ? e.message : String(e)}\n`)
+    return 1
+  } finally {
+    process.off('SIGINT', onSigint)
+  }
+}
+
+if (require.main === module) {
+  main(process.argv.slice(2)).then(
+    (code) => {
+      process.exitCode = code
+    },
+    (e: unknown) => {
+      process.stderr.write(`error ERR_INTERNAL: ${String(e)}\n`)
+      process.exitCode = 1
+    },
+  )
+}
