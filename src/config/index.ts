@@ -1,0 +1,47 @@
+/**
+ * The adapter config classes, one file per method, and the registry that maps HF's `peft_type`
+ * to its class (HF `PEFT_TYPE_TO_CONFIG_MAPPING`). Adding a method = one file here, one
+ * registry line and one member of the `PeftConfig` union.
+ */
+import { IA3Config } from './ia3'
+import { LoraConfig } from './lora'
+import { MultitaskPromptTuningConfig } from './multitask-prompt-tuning'
+import { PromptEncoderConfig } from './p-tuning'
+import { PrefixTuningConfig } from './prefix-tuning'
+import { PromptTuningConfig } from './prompt-tuning'
+
+export type { TaskType } from './base'
+export { LoraConfig, HF_LORA_DEFAULTS, type LoraConfigOptions } from './lora'
+export { IA3Config, type IA3ConfigOptions } from './ia3'
+export type { PromptLearningConfigOptions } from './prompt-learning'
+export { PrefixTuningConfig, type PrefixTuningConfigOptions } from './prefix-tuning'
+export { PromptTuningConfig, type PromptTuningConfigOptions } from './prompt-tuning'
+export { PromptEncoderConfig, type PromptEncoderConfigOptions } from './p-tuning'
+export { MultitaskPromptTuningConfig, type MultitaskPromptTuningConfigOptions } from './multitask-prompt-tuning'
+
+/** Any config `getPeftModel` / `addAdapter` accept. */
+export type PeftConfig = LoraConfig | IA3Config | PrefixTuningConfig | PromptTuningConfig | PromptEncoderConfig | MultitaskPromptTuningConfig
+
+/** HF `peft_type` → the class that reads its adapter_config.json. */
+const REGISTRY: Record<string, { fromJSON(json: Record<string, unknown>): PeftConfig }> = {
+  LORA: LoraConfig,
+  IA3: IA3Config,
+  PREFIX_TUNING: PrefixTuningConfig,
+  PROMPT_TUNING: PromptTuningConfig,
+  P_TUNING: PromptEncoderConfig,
+  MULTITASK_PROMPT_TUNING: MultitaskPromptTuningConfig,
+}
+
+/** The `peft_type` values this package reads. */
+export const PEFT_TYPES: readonly string[] = Object.freeze(Object.keys(REGISTRY))
+
+/**
+ * The config class for an adapter_config.json object, chosen by `peft_type` (HF
+ * `PeftConfig.from_pretrained`). A missing `peft_type` reads as LoRA (files written before HF
+ * stored it); an unknown one is left to the Rust core, which refuses it with
+ * `ERR_ADAPTER_CONFIG_INVALID` naming the type, so it reads as LoRA here too.
+ */
+export function configFromJSON(json: Record<string, unknown>): PeftConfig {
+  const cls = typeof json.peft_type === 'string' ? REGISTRY[json.peft_type] : undefined
+  return (cls ?? LoraConfig).fromJSON(json)
+}
