@@ -4,7 +4,6 @@
 use crate::error::{PeftError, Result};
 use crate::io::{python_json_dumps, read_safetensors, safetensors_bytes, write_atomic};
 use crate::model::{BaseModel, ForwardOptions, KvCache, Task};
-use crate::targeting::is_target;
 use crate::tuners::ia3::Ia3Config;
 use crate::tuners::linear::{Ia3Adapter, LoraAdapter};
 use crate::tuners::lora::{InitLoraWeights, LoraConfig, TargetModules};
@@ -1357,7 +1356,7 @@ impl PeftModel {
         let mut expected: std::collections::HashMap<String, (String, bool, Vec<usize>)> = Default::default();
         for (m, lin) in self.base.named_linears() {
             match &cfg {
-                AdapterConfig::Lora(c) if is_target(c, &m, is_output_head(self.base.task(), &m)) => {
+                AdapterConfig::Lora(c) if c.rule().select(&m, is_output_head(self.base.task(), &m)) == crate::targeting::Selection::Target => {
                     let r = c.rank_for(&m);
                     let (ka, kb) = lora_keys(&m, lin.is_embedding);
                     expected.insert(ka, (m.clone(), true, vec![r, lin.in_features()]));

@@ -7,8 +7,19 @@
 //! * `"all-linear"` is every linear layer except the output head;
 //! * `layers_to_transform` keeps modules whose `.{layers_pattern}.{i}.` index is listed.
 
-use crate::tuners::lora::{LoraConfig, TargetModules};
 use regex::Regex;
+
+/// Which modules a tuner is injected into (HF `target_modules`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum TargetModules {
+    /// Module names; each matches a module whose name equals it or ends with `.{name}`.
+    List(Vec<String>),
+    /// A regular expression that must match the whole module name.
+    Regex(String),
+    /// `"all-linear"`: every linear layer except the output head.
+    AllLinear,
+}
+
 
 /// Default `layers_pattern` candidates when none is configured (HF `COMMON_LAYERS_PATTERN`).
 pub const COMMON_LAYERS_PATTERN: &[&str] = &["layers", "h", "block", "blocks", "layer"];
@@ -33,11 +44,6 @@ pub fn layer_index(name: &str, patterns: Option<&[String]>) -> Option<usize> {
         }
     }
     None
-}
-
-/// Should the tuner of `cfg` be injected into the linear module `name`?
-pub fn is_target(cfg: &LoraConfig, name: &str, is_output_head: bool) -> bool {
-    cfg.rule().select(name, is_output_head) == Selection::Target
 }
 
 /// What the targeting rule says of one module (HF `check_target_module_exists`).

@@ -323,7 +323,6 @@ fn random_json(rng: &mut StdRng, depth: usize) -> serde_json::Value {
 
 #[test]
 fn fuzz_adapter_config_parser() {
-    use peft_core::targeting::is_target;
     let mut rng = StdRng::seed_from_u64(0xada9);
     let fixture = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../__test__/fixtures/cases/llama_lora_qv/adapter_config.json")).unwrap();
     let base: serde_json::Value = serde_json::from_slice(&fixture).unwrap();
@@ -340,7 +339,7 @@ fn fuzz_adapter_config_parser() {
                 assert!(cfg.r >= 1 && cfg.r <= peft_core::tuners::lora::MAX_RANK, "input #{i}: r = {}", cfg.r);
                 no_panic(&format!("targeting #{i}"), || {
                     for m in modules {
-                        let _ = is_target(&cfg, m, m == "lm_head");
+                        let _ = cfg.rule().select(m, m == "lm_head");
                         let _ = cfg.rank_for(m);
                         let _ = cfg.alpha_for(m);
                     }

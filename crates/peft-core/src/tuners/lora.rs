@@ -9,16 +9,7 @@ use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-/// Which modules LoRA is injected into (HF `target_modules`).
-#[derive(Debug, Clone, PartialEq)]
-pub enum TargetModules {
-    /// Module names; each matches a module whose name equals it or ends with `.{name}`.
-    List(Vec<String>),
-    /// A regular expression that must match the whole module name.
-    Regex(String),
-    /// `"all-linear"`: every linear layer except the output head.
-    AllLinear,
-}
+pub use crate::targeting::TargetModules;
 
 /// HF `init_lora_weights`.
 #[derive(Debug, Clone, PartialEq)]
