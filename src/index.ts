@@ -54,6 +54,6 @@ export {
   PeftModelForFeatureExtraction,
   PeftModelForSeq2SeqLM,
   peftModelClassFor,
-  getPeftModel, type LoadAdapterOptions, type LoadResult, type SaveOptions, type TunerLayerStatus, type TunerModelStatus } from './peft-model'
+  getPeftModel, type LoadAdapterOptions, type WeightedAdapterOptions, type LoadResult, type SaveOptions, type TunerLayerStatus, type TunerModelStatus } from './peft-model'
 export { Trainer, listCheckpoints, type TrainerOptions, type TrainExample, type StepInfo, type TrainOutput } from './trainer'
 export { loadSafetensors, saveSafetensors } from './safetensors'

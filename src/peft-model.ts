@@ -77,6 +77,21 @@ export interface SaveOptions {
   pathInitialModelForWeightConversion?: string
 }
 
+/** Options of {@link PeftModel.addWeightedAdapter} (HF names in camelCase). */
+export interface WeightedAdapterOptions {
+  combinationType?: 'svd' | 'linear' | 'cat' | 'ties' | 'ties_svd' | 'dare_ties' | 'dare_linear' | 'dare_ties_svd' | 'dare_linear_svd' | 'magnitude_prune' | 'magnitude_prune_svd'
+  /** Rank of the SVD methods' result (default: the largest rank of the adapters). */
+  svdRank?: number
+  /** Clamp U and Vᵀ to this quantile (0..1) of their values (SVD methods). */
+  svdClamp?: number
+  /** Fraction of entries kept (0..1) by ties, dare_* and magnitude_prune*; required for them. */
+  density?: number
+  /** TIES sign election: 'total' (sign of the sum, default) or 'frequency' (majority of signs). */
+  majoritySignMethod?: 'total' | 'frequency'
+  /** Seed of DARE's random pruning (default 0). */
+  seed?: number
+}
+
 export interface LoadResult {
   missingKeys: string[]
   unexpectedKeys: string[]
@@ -245,6 +260,52 @@ export class PeftModel {
       ),
     )
     return { missingKeys: r.missingKeys, unexpectedKeys: r.unexpectedKeys }
+  }
+
+  /**
+   * A new LoRA adapter combining existing ones (HF `add_weighted_adapter`): per layer,
+   * `'cat'` stacks `w_i·s_i·A_i` and `B_i` (exactly `Σ w_i ΔW_i`, rank Σ r_i); the SVD methods
+   * (`'svd'` (default), `'ties_svd'`, `'dare_linear_svd'`, `'dare_ties_svd'`,
+   * `'magnitude_prune_svd'`) merge the deltas `ΔW_i = s_i·B_i·A_i` and keep a rank-`svdRank`
+   * SVD; `'linear'`, `'ties'`, `'dare_linear'`, `'dare_ties'`, `'magnitude_prune'` merge the A
+   * and B matrices separately (same rank required). TIES / DARE / magnitude pruning follow HF's
+   * `merge_utils` (TIES-Merging, Yadav et al. 2023; DARE, Yu et al. 2023); DARE's random
+   * pruning is seeded by `seed`. The new adapter is frozen and not made active (as HF); if
+   * `adapterName` exists, nothing happens (HF) and a warning says so. Queued like `loadAdapter`
+   * (SVDs run off the JS thread). Errors: `ERR_ADAPTER_NOT_FOUND`, `ERR_INVALID_ARGUMENT`
+   * (lengths, ranks, `density` missing for a pruning method, non-LoRA or DoRA adapters),
+   * `ERR_BUSY` while a Trainer trains the model.
+   */
+  async addWeightedAdapter(adapters: string[], weights: number[], adapterName: string, options: WeightedAdapterOptions = {}): Promise<void> {
+    const rt = this.rt
+    rt.checkAlive()
+    rt.refuseWhileTraining('addWeightedAdapter')
+    refuseUnknownOptions('addWeightedAdapter', options, ['combinationType', 'svdRank', 'svdClamp', 'density', 'majoritySignMethod', 'seed'])
+    if (!Array.isArray(adapters) || adapters.length === 0) throw invalidArgument('adapters', 'must be a non-empty array of adapter names')
+    checkNames(rt, adapters, 'adapters')
+    if (!Array.isArray(weights) || weights.length !== adapters.length || weights.some((w) => typeof w !== 'number' || !Number.isFinite(w))) {
+      throw invalidArgument('weights', `must be ${adapters.length} finite numbers, one per adapter`)
+    }
+    if (typeof adapterName !== 'string' || !adapterName) throw invalidArgument('adapterName', 'must be a non-empty string')
+    if (rt.adapters.has(adapterName)) {
+      peftWarning(`add_weighted_adapter: adapter '${adapterName}' already exists; nothing was done (as HF)`)
+      return
+    }
+    const json = JSON.stringify({ adapters, weights, adapterName, ...options })
+    await callAsync(() =>
+      rt.schedule(() =>
+        this.n.addWeightedAdapter(json).then(
+          () => {
+            rt.readAdapter(adapterName)
+            rt.afterNativeChange()
+          },
+          (e) => {
+            rt.emitNativeWarnings()
+            throw e
+          },
+        ),
+      ),
+    )
   }
 
   /**

@@ -592,6 +592,57 @@ impl NativeModel {
         }))
     }
 
+    /// HF `add_weighted_adapter`, off the JS thread (SVD-based combinations take seconds on real
+    /// models). `optionsJson`: `{adapters, weights, adapterName, combinationType, svdRank,
+    /// svdClamp, density, majoritySignMethod, seed}`.
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn add_weighted_adapter(&self, options_json: String) -> AsyncTask<Job<(), ()>> {
+        let inner = self.inner.clone();
+        AsyncTask::new(Job::new(
+            move || {
+                use peft_core::tuners::weighted::{Combination, MajoritySign, WeightedAdapterOptions};
+                let v: serde_json::Value = serde_json::from_str(&options_json).map_err(|e| PeftError::invalid_arg("options", format!("not valid JSON: {e}")))?;
+                let strings = |k: &str| -> Result<Vec<String>, PeftError> {
+                    v[k].as_array()
+                        .and_then(|a| a.iter().map(|x| x.as_str().map(String::from)).collect::<Option<Vec<_>>>())
+                        .ok_or_else(|| PeftError::invalid_arg(k, "must be an array of strings"))
+                };
+                let weights = v["weights"]
+                    .as_array()
+                    .and_then(|a| a.iter().map(|x| x.as_f64()).collect::<Option<Vec<_>>>())
+                    .ok_or_else(|| PeftError::invalid_arg("weights", "must be an array of numbers"))?;
+                let opt_f64 = |k: &str| -> Result<Option<f64>, PeftError> {
+                    match &v[k] {
+                        serde_json::Value::Null => Ok(None),
+                        x => x.as_f64().map(Some).ok_or_else(|| PeftError::invalid_arg(k, "must be a number")),
+                    }
+                };
+                let svd_rank = match &v["svdRank"] {
+                    serde_json::Value::Null => None,
+                    x => Some(x.as_u64().ok_or_else(|| PeftError::invalid_arg("svdRank", "must be a positive integer"))? as usize),
+                };
+                let o = WeightedAdapterOptions {
+                    adapters: strings("adapters")?,
+                    weights,
+                    adapter_name: v["adapterName"].as_str().ok_or_else(|| PeftError::invalid_arg("adapterName", "must be a string"))?.to_string(),
+                    combination_type: Combination::parse(v["combinationType"].as_str().unwrap_or("svd"))?,
+                    svd_rank,
+                    svd_clamp: opt_f64("svdClamp")?,
+                    density: opt_f64("density")?,
+                    majority_sign_method: match v["majoritySignMethod"].as_str().unwrap_or("total") {
+                        "total" => MajoritySign::Total,
+                        "frequency" => MajoritySign::Frequency,
+                        other => return Err(PeftError::invalid_arg("majoritySignMethod", format!("must be 'total' or 'frequency', found {other:?}"))),
+                    },
+                    seed: v["seed"].as_u64().unwrap_or(0),
+                };
+                peft_core::peft_model::validate_adapter_name(&o.adapter_name)?;
+                with_model(&inner, |m| m.add_weighted_adapter(&o))
+            },
+            |_, _| Ok(()),
+        ))
+    }
+
     /// Load an adapter folder under `name`. `configJson` overrides the folder's adapter_config.json;
     /// `keyMapping` holds `[regex, replacement]` pairs (HF `key_mapping`, in order).
     #[napi(ts_return_type = "Promise<LoadResultJs>")]

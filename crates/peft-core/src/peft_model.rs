@@ -142,6 +142,11 @@ impl PeftModel {
         self.configs.iter().find(|(n, _)| n == name).map(|(_, c)| c).ok_or_else(|| self.not_found(name))
     }
 
+    /// Queue a warning for [`Self::take_warnings`] (HF `warnings.warn`).
+    pub(crate) fn warn(&mut self, msg: String) {
+        self.warnings.push(msg);
+    }
+
     /// Warnings raised since the last call (HF's `warnings.warn` messages), oldest first.
     pub fn take_warnings(&mut self) -> Vec<String> {
         std::mem::take(&mut self.warnings)

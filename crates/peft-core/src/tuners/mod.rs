@@ -8,6 +8,7 @@ pub mod init;
 pub mod linear;
 pub mod lora;
 pub mod prompt;
+pub mod weighted;
 
 pub use config::AdapterConfig;
 pub use ia3::Ia3Config;
