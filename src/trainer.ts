@@ -349,6 +349,13 @@ export class Trainer {
 
   /**
    * Train on `examples`; resolves when `maxSteps` (or the epochs) are done or `signal` aborts.
+   * `examples` are `TrainExample`s, or a dataset in TRL's formats: a `.jsonl` / `.json` file
+   * path, a `Dataset` from `loadDataset`, or rows with `messages` or `prompt` / `completion`
+   * (tokenized with `tokenizer` as `tokenizeDataset` does, with the `assistantOnlyLoss`,
+   * `completionOnlyLoss`, `chatTemplate`, `templateKwargs` and `maxLength` options; an array of
+   * `{ text }` rows keeps the `TrainExample` meaning, without TRL's appended EOS). With
+   * `evalDataset` or `valSetSize`, the eval loss is computed every `evalSteps` steps and after
+   * the last one (`onEvaluate`, `StepInfo.evalLoss`, `evalHistory`).
    *
    * Each optimizer step runs off the JS thread, queued with the model's other calls (a
    * `forward` made from `onStep` runs between steps). Steps always run with the adapters that
@@ -358,7 +365,8 @@ export class Trainer {
    * `disableAdapter` scope affects forward / generate calls only. Errors: `ERR_INVALID_ARGUMENT`,
    * `ERR_INVALID_STATE` (adapters disabled or merged when called, no trainable parameter, the
    * model disposed during training), `ERR_BUSY` (another Trainer is training the model),
-   * `ERR_NOT_FOUND` (no checkpoint to resume from).
+   * `ERR_NOT_FOUND` (no checkpoint or dataset file), `ERR_DATASET` (a malformed dataset row,
+   * naming its file and line), `ERR_CHAT_TEMPLATE` (no chat template for conversational data).
    */
   async train(examples: TrainExample[] | DatasetSource): Promise<TrainOutput> {
     if (!Trainer.isTrlData(examples) && (!Array.isArray(examples) || examples.length === 0)) throw invalidArgument('examples', 'must be a non-empty array, a dataset file path or a Dataset')
