@@ -85,6 +85,73 @@ TOOLS = [
 ]
 
 
+# Templates with transformers' `{% generation %}` tags (written for this test, in the styles TRL
+# patches into chat templates for `assistant_only_loss`), with each kind of whitespace control
+# around the tags. transformers' `return_assistant_tokens_mask` reports the character ranges of
+# the tagged text; generation_expected.json keeps the rendering and those texts.
+GENERATION_TEMPLATES = {
+    "inline": (
+        "{% for message in messages %}{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
+        "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+        "{% else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+    "dash_controls": (
+        "{%- for message in messages %}\n"
+        "    {%- if message.role == 'assistant' %}\n"
+        "        {{- '<|im_start|>assistant\\n' }}\n"
+        "        {%- generation %}\n"
+        "        {{- message.content | trim }}<|im_end|>\n"
+        "        {%- endgeneration %}\n"
+        "        {{- '\\n' }}\n"
+        "    {%- else %}\n"
+        "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}\n"
+        "    {%- endif %}\n"
+        "{%- endfor %}\n"
+    ),
+    "block_lines": (
+        "{% for m in messages %}\n"
+        "{% if m.role == 'assistant' %}\n"
+        "<|im_start|>assistant\n"
+        "  {% generation %}\n"
+        "{{ m.content }}<|im_end|>\n"
+        "  {% endgeneration %}\n"
+        "\n"
+        "{% else %}\n"
+        "<|im_start|>{{ m.role }}\n"
+        "{{ m.content }}<|im_end|>\n"
+        "{% endif %}\n"
+        "{% endfor %}\n"
+    ),
+}
+
+
+def make_generation_fixtures():
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    cases = []
+    for name, template in GENERATION_TEMPLATES.items():
+        for conv_name in ("multi_turn", "system_multi_turn", "whitespace_unicode_quotes"):
+            messages = CONVERSATIONS[conv_name]
+            rendered, indices = render_jinja_template(
+                conversations=[messages], chat_template=template, return_assistant_tokens_mask=True, add_generation_prompt=False
+            )
+            text = rendered[0]
+            cases.append(
+                {
+                    "name": name,
+                    "template": template,
+                    "conversation": conv_name,
+                    "messages": messages,
+                    "rendered": text,
+                    "assistant_texts": [text[a:b] for a, b in indices[0]],
+                }
+            )
+    out = {"made_with": f"transformers {transformers.__version__}, jinja2 {jinja2.__version__}", "cases": cases}
+    (HERE / "generation_expected.json").write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    print(f"wrote {len(cases)} {{% generation %}} cases to {HERE / 'generation_expected.json'}")
+
+
 def make_tokenizer(special_tokens, template):
     vocab = {"x": 0, **{t: i + 1 for i, t in enumerate(sorted(set(special_tokens.values())))}}
     tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="x")), **special_tokens)
@@ -131,6 +198,7 @@ def main():
     (HERE / "expected.json").write_text(json.dumps(out, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     n_err = sum("error" in c for c in cases)
     print(f"wrote {len(cases)} cases ({n_err} raising) to {HERE / 'expected.json'}")
+    make_generation_fixtures()
 
 
 if __name__ == "__main__":

@@ -346,7 +346,7 @@ impl ChatTemplate {
     ///
     /// With `{% generation %}` tags in the template, the ranges are the tagged text
     /// (transformers' `return_assistant_tokens_mask`). Otherwise each assistant message's
-    /// content is located by rendering once with the content's non-blank core wrapped in two
+    /// content (when not blank) is located by rendering once with its non-blank core wrapped in two
     /// private-use marker characters (so templates that `trim` or `strip()` the content behave
     /// as with the plain content; the rendering without the markers must equal the plain one)
     /// and the range is extended over the end-of-turn text the template writes right after the
@@ -375,7 +375,11 @@ impl ChatTemplate {
         let assistant: Vec<usize> = messages
             .iter()
             .enumerate()
-            .filter(|(_, m)| m.get("role").and_then(Json::as_str) == Some("assistant") && m.get("content").map(Json::is_string).unwrap_or(false))
+            // Assistant messages with text (a blank content, e.g. beside `tool_calls`, has no text to mark).
+            .filter(|(_, m)| {
+                m.get("role").and_then(Json::as_str) == Some("assistant")
+                    && m.get("content").and_then(Json::as_str).map(|c| !c.trim().is_empty()).unwrap_or(false)
+            })
             .map(|(i, _)| i)
             .collect();
         if assistant.is_empty() {

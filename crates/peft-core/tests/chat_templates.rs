@@ -182,3 +182,45 @@ fn a_tokenizer_without_template_says_so() {
     let opts = ChatOptions { chat_template: Some("{{ bos_token }}{{ messages[0].content }}".into()), ..Default::default() };
     assert_eq!(tok.apply_chat_template(msgs.as_array().unwrap(), &opts).unwrap(), "<s>x");
 }
+
+/// transformers' `{% generation %}` tags: the rendering and the tagged texts
+/// (`return_assistant_tokens_mask`'s character ranges) equal transformers'.
+#[test]
+fn generation_tags_mark_what_transformers_marks() {
+    let expected: Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("generation_expected.json")).unwrap()).unwrap();
+    let cases = expected["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 9);
+    for case in cases {
+        let what = format!("{} / {}", case["name"], case["conversation"]);
+        let t = ChatTemplate::new(case["template"].as_str().unwrap()).unwrap();
+        assert!(t.has_generation_tags(), "{what}");
+        let msgs = case["messages"].as_array().unwrap();
+        let (text, ranges) = t.render_with_assistant_ranges(msgs, &RenderContext::default()).unwrap();
+        assert_eq!(text, case["rendered"].as_str().unwrap(), "{what}");
+        assert_eq!(t.render(msgs, &RenderContext::default()).unwrap(), text, "{what}");
+        let want: Vec<String> = case["assistant_texts"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().to_string()).collect();
+        assert_eq!(spans(&text, &ranges), want, "{what}");
+    }
+}
+
+/// An assistant message without text (a tool call) has no range; the rendering is unchanged.
+#[test]
+fn assistant_tool_call_without_text_has_no_range() {
+    let t = ChatTemplate::new(&template("Qwen-Qwen2.5-7B-Instruct.jinja")).unwrap();
+    let msgs = json!([
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        {"role": "tool", "content": "18°C"},
+        {"role": "assistant", "content": "It is 18°C."}
+    ]);
+    let msgs = msgs.as_array().unwrap();
+    let ctx = RenderContext::default();
+    let (text, ranges) = t.render_with_assistant_ranges(msgs, &ctx).unwrap();
+    assert_eq!(text, t.render(msgs, &ctx).unwrap());
+    // transformers 5.18's rendering of the same messages
+    let want = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\nWeather in Paris?<|im_end|>\n\
+                <|im_start|>assistant\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call><|im_end|>\n\
+                <|im_start|>user\n<tool_response>\n18°C\n</tool_response><|im_end|>\n<|im_start|>assistant\nIt is 18°C.<|im_end|>\n";
+    assert_eq!(text, want);
+    assert_eq!(spans(&text, &ranges), ["It is 18°C.<|im_end|>"]);
+}
