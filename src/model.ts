@@ -9,7 +9,7 @@
  */
 import { native } from './native'
 import type { NativeTypes } from './native'
-import { call, callAsync, invalidArgument, refuseUnknownOptions } from './errors'
+import { call, callAsync, fromNative, invalidArgument, refuseUnknownOptions } from './errors'
 import { ModelRuntime } from './runtime'
 import { Tensor, toIdMatrix, toMask } from './tensor'
 import type { TaskType } from './config'
@@ -404,9 +404,40 @@ export const AutoModelForSeq2SeqLM: AutoModelLoader = loader('SEQ_2_SEQ_LM')
 export const AutoModel: AutoModelLoader = loader('FEATURE_EXTRACTION')
 
 
+/** One chat message, as transformers' `apply_chat_template` takes it: `role` and `content`, plus
+ * any field the template reads (`tool_calls`, `name`, ...), passed through unchanged. */
 export interface ChatMessage {
-  role: 'system' | 'user' | 'assistant' | string
+  role: 'system' | 'user' | 'assistant' | 'tool' | (string & {})
   content: string
+  [field: string]: unknown
+}
+
+/** Options of {@link PreTrainedTokenizer.applyChatTemplate}, named after transformers' arguments. */
+export interface ChatTemplateOptions {
+  /** Append the text that opens an assistant turn (`add_generation_prompt`; default false). */
+  addGenerationPrompt?: boolean
+  /** A Jinja template to use instead of the tokenizer's own (`chat_template`). */
+  chatTemplate?: string
+  /** Tool schemas, passed to the template as `tools` (JSON-serialisable). */
+  tools?: unknown[]
+  /** Extra template variables (transformers' `**kwargs`, e.g. `{ date_string: '26 Jul 2024' }`). */
+  templateKwargs?: Record<string, unknown>
+}
+
+/** A tokenized conversation: ids and the mask of the assistant tokens (1) TRL's `assistant_only_loss` trains on. */
+export interface ChatEncoding {
+  inputIds: number[]
+  assistantMask: number[]
+}
+
+/** @internal the native form of {@link ChatTemplateOptions}. */
+export function nativeChatOptions(o: ChatTemplateOptions = {}): NativeTypes.ChatOptionsJs {
+  return {
+    addGenerationPrompt: o.addGenerationPrompt ?? false,
+    chatTemplate: o.chatTemplate,
+    toolsJson: o.tools === undefined ? undefined : JSON.stringify(o.tools),
+    kwargsJson: o.templateKwargs === undefined ? undefined : JSON.stringify(o.templateKwargs),
+  }
 }
 
 /** A HF `tokenizers` tokenizer (tokenizer.json, or the byte-level BPE stored in a GGUF file). */
@@ -417,12 +448,56 @@ export class PreTrainedTokenizer {
   encode(text: string, options: { addSpecialTokens?: boolean } = {}): number[] {
     return call(() => this.native.encode(text, options.addSpecialTokens ?? true))
   }
+  /** Encode many texts off the JS thread. Errors: `ERR_TOKENIZER`. */
+  encodeBatch(texts: string[], options: { addSpecialTokens?: boolean } = {}): Promise<number[][]> {
+    return callAsync(() => this.native.encodeBatch(texts, options.addSpecialTokens ?? true))
+  }
   decode(ids: number[], options: { skipSpecialTokens?: boolean } = {}): string {
     return call(() => this.native.decode(ids, options.skipSpecialTokens ?? false))
   }
-  /** ChatML text of the messages (SmolLM2's / Qwen's template). */
-  applyChatTemplate(messages: ChatMessage[], options: { addGenerationPrompt?: boolean } = {}): string {
-    return call(() => this.native.applyChatTemplate(messages, options.addGenerationPrompt ?? false))
+  /**
+   * Render a conversation with the model's own Jinja chat template (tokenizer_config.json's
+   * `chat_template`, `chat_template.jinja`, or the GGUF's `tokenizer.chat_template`), byte for
+   * byte as transformers' `apply_chat_template(messages, tokenize=False, ...)` does: minijinja
+   * with transformers' environment (trim_blocks, lstrip_blocks, Python string methods,
+   * `raise_exception`, `strftime_now`, Python-style `tojson`) and variables (`messages`,
+   * `tools`, `add_generation_prompt`, `bos_token`, `eos_token`, ...). Encode the result with
+   * `encode(text, { addSpecialTokens: false })`: the template writes the special tokens.
+   *
+   * Errors: `ERR_CHAT_TEMPLATE` when the model has no template and `chatTemplate` is not given,
+   * when the template does not compile, or when it raises (its own message, e.g. Gemma's
+   * "System role not supported"); `ERR_INVALID_ARGUMENT` for messages that are not JSON.
+   */
+  applyChatTemplate(messages: ChatMessage[], options: ChatTemplateOptions = {}): string {
+    return call(() => this.native.applyChatTemplate(JSON.stringify(messages), nativeChatOptions(options)))
+  }
+  /**
+   * Render and tokenize a conversation off the JS thread, with its assistant-token mask: the
+   * tokens of each assistant message's content and of the end-of-turn text the template writes
+   * after it (`<|im_end|>`, `<|eot_id|>`, `</s>`, ...), or of the template's `{% generation %}`
+   * blocks when it has them (transformers' `return_assistant_tokens_mask`). The assistant text
+   * is located by rendering the contents between two marker characters and checking that the
+   * rendering is otherwise unchanged; see the README ("Chat templates").
+   *
+   * Errors: those of {@link applyChatTemplate}; `ERR_CHAT_TEMPLATE` when the template rewrites
+   * assistant contents so that they cannot be located.
+   */
+  async encodeChat(messages: ChatMessage[], options: ChatTemplateOptions = {}): Promise<ChatEncoding> {
+    const [r] = await callAsync(() => this.native.encodeChats(JSON.stringify([messages]), nativeChatOptions(options)))
+    if (r.error) throw fromNative(new Error(r.error))
+    return { inputIds: r.inputIds, assistantMask: Array.from(r.assistantMask) }
+  }
+  /** The model's Jinja chat template, or null. */
+  get chatTemplate(): string | null {
+    return this.native.chatTemplate ?? null
+  }
+  /** Special tokens by transformers' name (`bos_token`, `eos_token`, `unk_token`, `pad_token`, ...). */
+  get specialTokens(): Record<string, string> {
+    return Object.fromEntries(this.native.specialTokens.map(([k, v]) => [k, v]))
+  }
+  /** The end-of-sequence token's text (transformers' `eos_token`), or null. */
+  get eosToken(): string | null {
+    return this.specialTokens.eos_token ?? null
   }
   tokenToId(token: string): number | null {
     return this.native.tokenToId(token) ?? null

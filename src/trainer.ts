@@ -2,8 +2,12 @@
  * `Trainer`: fine-tunes the active adapter of a PeftModel, with transformers Trainer's defaults
  * (AdamW lr 5e-5, betas 0.9/0.999, eps 1e-8, weight decay 0, linear schedule with warm-up,
  * max_grad_norm 1.0, causal-LM loss with labels shifted inside the model and -100 ignored).
+ * Training data may also be a dataset in TRL's formats (`{ text }`, `{ messages }`,
+ * `{ prompt, completion }`; see `src/data/dataset.ts`), tokenized with TRL's loss masks.
  * Each optimizer step runs off the JS thread; `onStep` sees every step and `signal` stops
  * training between steps (the run then resolves with `aborted: true` and the metrics so far).
+ * With an evaluation set, the eval loss and perplexity are computed every `evalSteps` steps
+ * and after the last step.
  */
 import * as fs from 'node:fs'
 import * as path from 'node:path'
@@ -12,6 +16,27 @@ import { call, callAsync, invalidArgument, PeftError } from './errors'
 import type { PeftModel } from './peft-model'
 import { busyError, type ModelRuntime } from './runtime'
 import type { PreTrainedTokenizer } from './model'
+import { Dataset, loadDataset, splitItems, tokenizeDataset, type TokenizeOptions } from './data/dataset'
+import { lossCurveSvg } from './plot'
+
+/** A dataset in TRL's formats: a .jsonl / .json file path, a {@link Dataset}, or an array of rows. */
+export type DatasetSource = string | Dataset | ReadonlyArray<Record<string, unknown>>
+
+/** transformers' learning-rate schedules (`lr_scheduler_type`). */
+export type LrSchedulerType = 'linear' | 'cosine' | 'constant' | 'constant_with_warmup'
+
+/** Metrics of one evaluation (HF's `eval_*` metrics; `evalPerplexity = exp(evalLoss)`, as transformers' run_clm.py reports it). */
+export interface EvalMetrics {
+  step: number
+  epoch: number
+  /** Mean of the batches' losses weighted by their sizes (transformers' `evaluation_loop`). */
+  evalLoss: number
+  evalPerplexity: number
+  evalRuntimeMs: number
+  evalSamplesPerSecond: number
+  evalStepsPerSecond: number
+  numExamples: number
+}
 
 /** One training example. `taskId` is the row's task for multitask prompt tuning (required there). */
 /**
@@ -50,6 +75,9 @@ export interface StepInfo {
   elapsedMs: number
   /** Estimated time left, from the mean step time so far. */
   etaMs: number
+  /** Set on steps after which an evaluation ran. */
+  evalLoss?: number
+  evalPerplexity?: number
 }
 
 export interface TrainerOptions {
@@ -67,8 +95,39 @@ export interface TrainerOptions {
   seed?: number
   /** Needed for `{ text }` examples. */
   tokenizer?: PreTrainedTokenizer
-  /** Truncate examples to this many tokens. */
+  /**
+   * Truncate examples to this many tokens (keeping the start). For TRL-format datasets the
+   * default is TRL's 1024; other examples are not truncated unless it is given.
+   */
   maxLength?: number
+  /** TRL-format conversational data: train on assistant tokens only (default true; see `tokenizeDataset`). */
+  assistantOnlyLoss?: boolean
+  /** TRL-format prompt-completion data: train on the completion only (default true, as TRL). */
+  completionOnlyLoss?: boolean
+  /** A chat template to use instead of the tokenizer's own for conversational data. */
+  chatTemplate?: string
+  /** Extra chat-template variables (transformers' `**kwargs`). */
+  templateKwargs?: Record<string, unknown>
+  /**
+   * The learning-rate schedule (transformers' `lr_scheduler_type`, default `linear`):
+   * `cosine` (half a cosine from the peak to 0 after warm-up), `constant` (no warm-up, as in
+   * transformers), `constant_with_warmup`.
+   */
+  lrSchedulerType?: LrSchedulerType
+  /** Warm-up as a fraction of `maxSteps` (`ceil(maxSteps × warmupRatio)`), used when `warmupSteps` is 0. */
+  warmupRatio?: number
+  /** Evaluation data (`eval_dataset`): TRL-format rows or a file, or `TrainExample`s. */
+  evalDataset?: DatasetSource | TrainExample[]
+  /** Hold out this many training examples (an integer, or a fraction in (0, 1)) for evaluation, split with `seed`. */
+  valSetSize?: number
+  /** Evaluate every `evalSteps` optimizer steps (and after the last); without it, only after the last. */
+  evalSteps?: number
+  /** Batch size of evaluation (`per_device_eval_batch_size`, default 8). */
+  perDeviceEvalBatchSize?: number
+  /** Called after each evaluation. */
+  onEvaluate?: (metrics: EvalMetrics) => void
+  /** Keep at most this many `checkpoint-<step>` folders in `outputDir`, deleting the oldest (`save_total_limit`). */
+  saveTotalLimit?: number
   /** Shuffle examples each epoch (seeded; default true). */
   shuffle?: boolean
   onStep?: (info: StepInfo) => void
@@ -116,7 +175,9 @@ export interface TrainOutput {
   trainingLoss: number
   aborted: boolean
   logHistory: StepInfo[]
-  metrics: { trainRuntimeMs: number; trainTokensPerSecond: number; trainStepsPerSecond: number; firstLoss: number; lastLoss: number }
+  /** Every evaluation of the run. */
+  evalHistory: EvalMetrics[]
+  metrics: { trainRuntimeMs: number; trainTokensPerSecond: number; trainStepsPerSecond: number; firstLoss: number; lastLoss: number; evalLoss?: number; evalPerplexity?: number }
 }
 
 /** mulberry32 over `st.rng` (the state lives in `st`, so it can be saved in a checkpoint). */
@@ -133,7 +194,12 @@ function mulberry32(st: { rng: number }): () => number {
 export class Trainer {
   readonly model: PeftModel
   readonly options: Required<
-    Omit<TrainerOptions, 'tokenizer' | 'maxLength' | 'onStep' | 'signal' | 'maxSteps' | 'numTrainEpochs' | 'outputDir' | 'saveSteps' | 'resumeFromCheckpoint'>
+    Omit<
+      TrainerOptions,
+      | 'tokenizer' | 'maxLength' | 'onStep' | 'signal' | 'maxSteps' | 'numTrainEpochs' | 'outputDir' | 'saveSteps' | 'resumeFromCheckpoint'
+      | 'assistantOnlyLoss' | 'completionOnlyLoss' | 'chatTemplate' | 'templateKwargs' | 'warmupRatio' | 'evalDataset' | 'valSetSize' | 'evalSteps'
+      | 'onEvaluate' | 'saveTotalLimit'
+    >
   > &
     TrainerOptions
 
@@ -151,6 +217,8 @@ export class Trainer {
       adamEpsilon: 1e-8,
       seed: 42,
       shuffle: true,
+      lrSchedulerType: 'linear',
+      perDeviceEvalBatchSize: 8,
       ...options,
     }
     const o = this.options
@@ -172,6 +240,48 @@ export class Trainer {
       throw invalidArgument('saveSteps', `must be a positive integer, found ${o.saveSteps}`)
     if ((o.saveSteps !== undefined || o.resumeFromCheckpoint === true) && !o.outputDir)
       throw invalidArgument('outputDir', 'is required with saveSteps or resumeFromCheckpoint: true')
+    if (!['linear', 'cosine', 'constant', 'constant_with_warmup'].includes(o.lrSchedulerType))
+      throw invalidArgument('lrSchedulerType', `must be one of linear, cosine, constant, constant_with_warmup, found ${JSON.stringify(o.lrSchedulerType)}`)
+    if (o.warmupRatio !== undefined && !(Number.isFinite(o.warmupRatio) && o.warmupRatio >= 0 && o.warmupRatio < 1))
+      throw invalidArgument('warmupRatio', `must be a number in [0, 1), found ${o.warmupRatio}`)
+    for (const k of ['evalSteps', 'perDeviceEvalBatchSize', 'saveTotalLimit'] as const) {
+      const v = o[k]
+      if (v !== undefined && (!Number.isInteger(v) || v < 1)) throw invalidArgument(k, `must be a positive integer, found ${v}`)
+    }
+    if (o.valSetSize !== undefined && o.evalDataset !== undefined) throw invalidArgument('valSetSize', 'cannot be combined with evalDataset; give one of them')
+    if (o.valSetSize !== undefined && !(o.valSetSize > 0)) throw invalidArgument('valSetSize', `must be a fraction in (0, 1) or a positive integer, found ${o.valSetSize}`)
+    if (o.saveTotalLimit !== undefined && !o.outputDir) throw invalidArgument('outputDir', 'is required with saveTotalLimit')
+  }
+
+  /** Whether `data` is a TRL-format dataset (a path, a Dataset, or rows with `messages` / `prompt` / `completion`). */
+  private static isTrlData(data: unknown): boolean {
+    if (typeof data === 'string' || data instanceof Dataset) return true
+    if (!Array.isArray(data) || data.length === 0) return false
+    const r = data[0] as Record<string, unknown> | null
+    return r !== null && typeof r === 'object' && ('messages' in r || 'prompt' in r || 'completion' in r)
+  }
+
+  /** Rows of a TRL-format dataset, tokenized with TRL's masks. */
+  private async datasetRows(source: DatasetSource, what: string): Promise<Row[]> {
+    const o = this.options
+    if (this.model.baseModel.taskType !== 'CAUSAL_LM') throw invalidArgument(what, `TRL-format datasets train causal LMs; this model's task is ${this.model.baseModel.taskType}`)
+    if (!o.tokenizer) throw invalidArgument('tokenizer', `is required to tokenize the ${what} (a TRL-format dataset)`)
+    const ds = source instanceof Dataset ? source : loadDataset(source as string | readonly unknown[])
+    const opts: TokenizeOptions = {
+      maxLength: o.maxLength ?? 1024,
+      assistantOnlyLoss: o.assistantOnlyLoss,
+      completionOnlyLoss: o.completionOnlyLoss,
+      chatTemplate: o.chatTemplate,
+      templateKwargs: o.templateKwargs,
+    }
+    const ex = await tokenizeDataset(ds, o.tokenizer, opts)
+    return ex.map((e) => ({ ids: e.inputIds, labels: e.labels }))
+  }
+
+  private async rowsOf(data: DatasetSource | TrainExample[], what: string): Promise<Row[]> {
+    if (Trainer.isTrlData(data)) return this.datasetRows(data as DatasetSource, what)
+    if (!Array.isArray(data) || data.length === 0) throw invalidArgument(what, 'must be a non-empty array, a dataset file path or a Dataset')
+    return this.tokenize(data as TrainExample[])
   }
 
   private tokenize(examples: TrainExample[]): Row[] {
@@ -239,6 +349,13 @@ export class Trainer {
 
   /**
    * Train on `examples`; resolves when `maxSteps` (or the epochs) are done or `signal` aborts.
+   * `examples` are `TrainExample`s, or a dataset in TRL's formats: a `.jsonl` / `.json` file
+   * path, a `Dataset` from `loadDataset`, or rows with `messages` or `prompt` / `completion`
+   * (tokenized with `tokenizer` as `tokenizeDataset` does, with the `assistantOnlyLoss`,
+   * `completionOnlyLoss`, `chatTemplate`, `templateKwargs` and `maxLength` options; an array of
+   * `{ text }` rows keeps the `TrainExample` meaning, without TRL's appended EOS). With
+   * `evalDataset` or `valSetSize`, the eval loss is computed every `evalSteps` steps and after
+   * the last one (`onEvaluate`, `StepInfo.evalLoss`, `evalHistory`).
    *
    * Each optimizer step runs off the JS thread, queued with the model's other calls (a
    * `forward` made from `onStep` runs between steps). Steps always run with the adapters that
@@ -248,23 +365,64 @@ export class Trainer {
    * `disableAdapter` scope affects forward / generate calls only. Errors: `ERR_INVALID_ARGUMENT`,
    * `ERR_INVALID_STATE` (adapters disabled or merged when called, no trainable parameter, the
    * model disposed during training), `ERR_BUSY` (another Trainer is training the model),
-   * `ERR_NOT_FOUND` (no checkpoint to resume from).
+   * `ERR_NOT_FOUND` (no checkpoint or dataset file), `ERR_DATASET` (a malformed dataset row,
+   * naming its file and line), `ERR_CHAT_TEMPLATE` (no chat template for conversational data).
    */
-  async train(examples: TrainExample[]): Promise<TrainOutput> {
-    if (!Array.isArray(examples) || examples.length === 0) throw invalidArgument('examples', 'must be a non-empty array')
+  async train(examples: TrainExample[] | DatasetSource): Promise<TrainOutput> {
+    if (!Trainer.isTrlData(examples) && (!Array.isArray(examples) || examples.length === 0)) throw invalidArgument('examples', 'must be a non-empty array, a dataset file path or a Dataset')
     const rt = this.model.baseModel.runtime
     rt.checkAlive()
     if (rt.training) throw busyError('train', 'another Trainer is training this model; await its train() first')
-    const data = this.tokenize(examples)
+    let data = await this.rowsOf(examples, 'examples')
+    let evalData: Row[] = []
+    if (this.options.evalDataset !== undefined) evalData = await this.rowsOf(this.options.evalDataset, 'evalDataset')
+    else if (this.options.valSetSize !== undefined) ({ train: data, eval: evalData } = splitItems(data, this.options.valSetSize, this.options.seed))
+    if (rt.training) throw busyError('train', 'another Trainer is training this model; await its train() first')
     rt.training = true
     try {
-      return await this.run(rt, data)
+      return await this.run(rt, data, evalData)
     } finally {
       rt.training = false
     }
   }
 
-  private async run(rt: ModelRuntime, data: Row[]): Promise<TrainOutput> {
+  /** Row-major batch tensors of `rows` (right padding, -100 labels on padding). */
+  private collate(rows: Row[], padId: number) {
+    const task = this.model.baseModel.taskType
+    const seq = Math.max(...rows.map((r) => r.ids.length))
+    const inputIds: number[] = []
+    const attentionMask: number[] = []
+    let labels: number[] = []
+    const typed = rows.some((r) => r.tokenTypeIds !== undefined)
+    const tokenTypeIds: number[] = []
+    for (const r of rows) {
+      const n = r.ids.length
+      inputIds.push(...r.ids, ...Array(seq - n).fill(padId))
+      attentionMask.push(...Array(n).fill(1), ...Array(seq - n).fill(0))
+      if (typed) tokenTypeIds.push(...(r.tokenTypeIds ?? Array(n).fill(0)), ...Array(seq - n).fill(0))
+      if (task === 'CAUSAL_LM' || task === 'TOKEN_CLS') labels.push(...r.labels, ...Array(seq - n).fill(-100))
+    }
+    if (task === 'SEQ_CLS') labels = rows.map((r) => r.labels[0])
+    if (task === 'SEQ_2_SEQ_LM') {
+      const t = Math.max(...rows.map((r) => r.labels.length))
+      labels = rows.flatMap((r) => [...r.labels, ...Array(t - r.labels.length).fill(-100)])
+    }
+    const qa = task === 'QUESTION_ANS'
+    const taskIds = rows.some((r) => r.taskId !== undefined) ? rows.map((r) => r.taskId ?? 0) : undefined
+    return {
+      inputIds,
+      attentionMask,
+      labels,
+      batchSize: rows.length,
+      seqLen: seq,
+      taskIds,
+      tokenTypeIds: typed ? tokenTypeIds : undefined,
+      startPositions: qa ? rows.map((r) => r.start as number) : undefined,
+      endPositions: qa ? rows.map((r) => r.end as number) : undefined,
+    }
+  }
+
+  private async run(rt: ModelRuntime, data: Row[], evalData: Row[]): Promise<TrainOutput> {
     const o = this.options
     const task = this.model.baseModel.taskType
     const bs = o.perDeviceTrainBatchSize
@@ -272,6 +430,8 @@ export class Trainer {
     const batchesPerEpoch = Math.ceil(data.length / bs)
     const stepsPerEpoch = Math.max(1, Math.floor(batchesPerEpoch / accum))
     const maxSteps = o.maxSteps ?? Math.ceil((o.numTrainEpochs ?? 3) * stepsPerEpoch)
+    // transformers' get_warmup_steps: warmup_steps if > 0, else ceil(max_steps × warmup_ratio)
+    const warmupSteps = o.warmupSteps > 0 ? o.warmupSteps : Math.ceil(maxSteps * (o.warmupRatio ?? 0))
     const pad = this.model.baseModel.config.pad_token_id as number | null
     const padId = pad ?? 0
     // The adapter state at the call: the native trainer refuses disabled or merged adapters.
@@ -285,7 +445,8 @@ export class Trainer {
             new native.NativeTrainer(this.model.baseModel.native, {
               learningRate: o.learningRate,
               maxSteps,
-              warmupSteps: o.warmupSteps,
+              warmupSteps,
+              lrSchedulerType: o.lrSchedulerType,
               weightDecay: o.weightDecay,
               adamBeta1: o.adamBeta1,
               adamBeta2: o.adamBeta2,
@@ -315,39 +476,11 @@ export class Trainer {
       }
       const rows = st.order.slice(st.cursor, st.cursor + bs).map((i) => data[i])
       st.cursor += bs
-      const seq = Math.max(...rows.map((r) => r.ids.length))
-      const inputIds: number[] = []
-      const attentionMask: number[] = []
-      let labels: number[] = []
-      const typed = rows.some((r) => r.tokenTypeIds !== undefined)
-      const tokenTypeIds: number[] = []
-      for (const r of rows) {
-        const n = r.ids.length
-        inputIds.push(...r.ids, ...Array(seq - n).fill(padId))
-        attentionMask.push(...Array(n).fill(1), ...Array(seq - n).fill(0))
-        if (typed) tokenTypeIds.push(...(r.tokenTypeIds ?? Array(n).fill(0)), ...Array(seq - n).fill(0))
-        if (task === 'CAUSAL_LM' || task === 'TOKEN_CLS') labels.push(...r.labels, ...Array(seq - n).fill(-100))
-      }
-      if (task === 'SEQ_CLS') labels = rows.map((r) => r.labels[0])
-      if (task === 'SEQ_2_SEQ_LM') {
-        const t = Math.max(...rows.map((r) => r.labels.length))
-        labels = rows.flatMap((r) => [...r.labels, ...Array(t - r.labels.length).fill(-100)])
-      }
-      const qa = task === 'QUESTION_ANS'
-      const taskIds = rows.some((r) => r.taskId !== undefined) ? rows.map((r) => r.taskId ?? 0) : undefined
-      return {
-        inputIds,
-        attentionMask,
-        labels,
-        batchSize: rows.length,
-        seqLen: seq,
-        taskIds,
-        tokenTypeIds: typed ? tokenTypeIds : undefined,
-        startPositions: qa ? rows.map((r) => r.start as number) : undefined,
-        endPositions: qa ? rows.map((r) => r.end as number) : undefined,
-      }
+      return this.collate(rows, padId)
     }
     let history: StepInfo[] = []
+    let evalHistory: EvalMetrics[] = []
+    let tokensSeen = 0
     let first = 0
     if (o.resumeFromCheckpoint) {
       const ckpt = o.resumeFromCheckpoint === true ? listCheckpoints(o.outputDir as string)[0] : o.resumeFromCheckpoint
@@ -358,11 +491,112 @@ export class Trainer {
       }
       Object.assign(st, extra.data as DataState)
       history = extra.logHistory as StepInfo[]
+      evalHistory = (extra.evalHistory ?? []) as EvalMetrics[]
+      tokensSeen = extra.tokensSeen ?? 0
       first = nativeTrainer.globalStep
     }
-    const save = (step: number) => {
-      const extra = JSON.stringify({ dataSize: data.length, data: st, logHistory: history })
-      return callAsync(() => rt.schedule(() => nativeTrainer.saveCheckpoint(path.join(o.outputDir as string, `checkpoint-${step}`), extra)))
+    const epochNow = () => st.epoch - 1 + Math.min(st.cursor, data.length) / Math.max(1, data.length)
+    const evalBs = o.perDeviceEvalBatchSize
+    /** transformers' evaluation_loop: per-batch mean losses, averaged weighted by batch size. */
+    const evaluate = async (step: number): Promise<EvalMetrics> => {
+      const te = performance.now()
+      let weighted = 0
+      let nBatches = 0
+      for (let i = 0; i < evalData.length; i += evalBs) {
+        const batch = this.collate(evalData.slice(i, i + evalBs), padId)
+        recheck()
+        const [r] = await callAsync(() =>
+          rt.schedule(() => {
+            rt.applyDisabled(false)
+            return nativeTrainer.evaluate([batch])
+          }),
+        )
+        weighted += r.loss * batch.batchSize
+        nBatches++
+      }
+      const ms = performance.now() - te
+      const evalLoss = weighted / evalData.length
+      const m: EvalMetrics = {
+        step,
+        epoch: epochNow(),
+        evalLoss,
+        evalPerplexity: Math.exp(evalLoss),
+        evalRuntimeMs: ms,
+        evalSamplesPerSecond: evalData.length / (ms / 1000),
+        evalStepsPerSecond: nBatches / (ms / 1000),
+        numExamples: evalData.length,
+      }
+      evalHistory.push(m)
+      o.onEvaluate?.(m)
+      return m
+    }
+    const allParams = this.model.getNbTrainableParameters()[1]
+    const cfg = this.model.baseModel.config as Record<string, unknown>
+    const embedding = typeof cfg.vocab_size === 'number' && typeof cfg.hidden_size === 'number' ? cfg.vocab_size * cfg.hidden_size : 0
+    /** transformers' `TrainerState` (trainer_state.json) of the run so far. */
+    const hfState = (step: number, final?: { runtimeMs: number }) => {
+      const logHistory: Array<Record<string, number>> = []
+      let e = 0
+      for (const h of history) {
+        logHistory.push({ epoch: h.epoch, grad_norm: h.gradNorm, learning_rate: h.learningRate, loss: h.loss, step: h.step })
+        while (e < evalHistory.length && evalHistory[e].step === h.step) {
+          const m = evalHistory[e++]
+          logHistory.push({ epoch: m.epoch, eval_loss: m.evalLoss, eval_perplexity: m.evalPerplexity, eval_runtime: m.evalRuntimeMs / 1000, eval_samples_per_second: m.evalSamplesPerSecond, eval_steps_per_second: m.evalStepsPerSecond, step: m.step })
+        }
+      }
+      // transformers' floating_point_ops: 6 × tokens × parameters without the embeddings
+      const totalFlos = 6 * tokensSeen * Math.max(0, allParams - embedding)
+      if (final) {
+        const n = history.length
+        logHistory.push({
+          epoch: epochNow(),
+          step,
+          total_flos: totalFlos,
+          train_loss: history.reduce((a, h) => a + h.loss, 0) / Math.max(1, n),
+          train_runtime: final.runtimeMs / 1000,
+          train_samples_per_second: ((n - first) * bs * accum) / (final.runtimeMs / 1000),
+          train_steps_per_second: (n - first) / (final.runtimeMs / 1000),
+        })
+      }
+      const best = evalHistory.reduce<EvalMetrics | null>((b, m) => (b === null || m.evalLoss < b.evalLoss ? m : b), null)
+      return {
+        best_global_step: best?.step ?? null,
+        best_metric: best?.evalLoss ?? null,
+        best_model_checkpoint: null,
+        epoch: epochNow(),
+        eval_steps: o.evalSteps ?? 500,
+        global_step: step,
+        is_hyper_param_search: false,
+        is_local_process_zero: true,
+        is_world_process_zero: true,
+        log_history: logHistory,
+        logging_steps: 1,
+        max_steps: maxSteps,
+        num_input_tokens_seen: tokensSeen,
+        num_train_epochs: Math.ceil(maxSteps / stepsPerEpoch),
+        save_steps: o.saveSteps ?? 500,
+        stateful_callbacks: {},
+        total_flos: totalFlos,
+        train_batch_size: bs,
+        trial_name: null,
+        trial_params: null,
+      }
+    }
+    const writeCurve = () => {
+      const svg = lossCurveSvg(
+        history.map((h) => ({ step: h.step, loss: h.loss })),
+        evalHistory.map((m) => ({ step: m.step, loss: m.evalLoss })),
+        'Training loss' + (evalHistory.length ? ' and eval loss' : ''),
+      )
+      fs.mkdirSync(o.outputDir as string, { recursive: true })
+      fs.writeFileSync(path.join(o.outputDir as string, 'loss_curve.svg'), svg)
+    }
+    const save = async (step: number) => {
+      const extra = JSON.stringify({ dataSize: data.length, data: st, logHistory: history, evalHistory, tokensSeen })
+      await callAsync(() => rt.schedule(() => nativeTrainer.saveCheckpoint(path.join(o.outputDir as string, `checkpoint-${step}`), extra, JSON.stringify(hfState(step)))))
+      // save_total_limit: delete the oldest checkpoints beyond the limit (transformers' _rotate_checkpoints)
+      if (o.saveTotalLimit !== undefined) for (const old of listCheckpoints(o.outputDir as string).slice(o.saveTotalLimit)) fs.rmSync(old, { recursive: true, force: true })
+      writeCurve()
     }
     const t0 = performance.now()
     let tokens = 0
@@ -381,11 +615,12 @@ export class Trainer {
       )
       const now = performance.now()
       tokens += r.tokens
+      tokensSeen += r.tokens
       const elapsedMs = now - t0
       const info: StepInfo = {
         step: r.step,
         maxSteps,
-        epoch: st.epoch - 1 + Math.min(st.cursor, data.length) / Math.max(1, data.length),
+        epoch: epochNow(),
         loss: r.loss,
         learningRate: r.learningRate,
         gradNorm: r.gradNorm,
@@ -394,21 +629,36 @@ export class Trainer {
         etaMs: (elapsedMs / r.step) * (maxSteps - r.step),
       }
       history.push(info)
+      if (evalData.length > 0 && ((o.evalSteps !== undefined && r.step % o.evalSteps === 0) || r.step === maxSteps)) {
+        const m = await evaluate(r.step)
+        info.evalLoss = m.evalLoss
+        info.evalPerplexity = m.evalPerplexity
+      }
       if (o.saveSteps !== undefined && (r.step % o.saveSteps === 0 || r.step === maxSteps)) await save(r.step)
       o.onStep?.(info)
     }
     const runtime = performance.now() - t0
+    if (o.outputDir && history.length > 0) {
+      fs.mkdirSync(o.outputDir, { recursive: true })
+      const state = hfState(history[history.length - 1].step, { runtimeMs: runtime })
+      fs.writeFileSync(path.join(o.outputDir, 'trainer_state.json'), JSON.stringify(state, null, 2) + '\n')
+      writeCurve()
+    }
+    const lastEval = evalHistory[evalHistory.length - 1]
     return {
       globalStep: history.length,
       trainingLoss: history.reduce((a, h) => a + h.loss, 0) / Math.max(1, history.length),
       aborted,
       logHistory: history,
+      evalHistory,
       metrics: {
         trainRuntimeMs: runtime,
         trainTokensPerSecond: tokens / (runtime / 1000),
         trainStepsPerSecond: (history.length - first) / (runtime / 1000),
         firstLoss: history[0]?.loss ?? NaN,
         lastLoss: history[history.length - 1]?.loss ?? NaN,
+        evalLoss: lastEval?.evalLoss,
+        evalPerplexity: lastEval?.evalPerplexity,
       },
     }
   }

@@ -4,7 +4,7 @@
 use crate::model::{with_model, NativeModel, Shared};
 use crate::task::{guard, Job};
 use napi::bindgen_prelude::AsyncTask;
-use peft_core::train::{Batch, Trainer, TrainingArgs};
+use peft_core::train::{Batch, LrSchedule, Trainer, TrainingArgs};
 
 use std::sync::{Arc, Mutex};
 
@@ -19,6 +19,8 @@ pub struct TrainingArgsJs {
     pub adam_epsilon: f64,
     pub max_grad_norm: f64,
     pub seed: u32,
+    /// transformers' `lr_scheduler_type` (`linear` when absent).
+    pub lr_scheduler_type: Option<String>,
 }
 
 #[napi(object)]
@@ -52,6 +54,32 @@ pub struct StepResult {
     pub tokens: u32,
 }
 
+/// The evaluation loss of one batch and its label items.
+#[napi(object)]
+pub struct EvalBatchResult {
+    pub loss: f64,
+    pub items: u32,
+}
+
+fn to_batches(batches: Vec<BatchJs>) -> Vec<Batch> {
+    batches
+        .into_iter()
+        .map(|b| Batch {
+            input_ids: b.input_ids,
+            attention_mask: b.attention_mask,
+            labels: b.labels.into_iter().map(|l| l as i64).collect(),
+            batch_size: b.batch_size as usize,
+            seq_len: b.seq_len as usize,
+            task_ids: b.task_ids,
+            token_type_ids: b.token_type_ids,
+            start_positions: b.start_positions.map(|v| v.into_iter().map(|x| x as i64).collect()),
+            end_positions: b.end_positions.map(|v| v.into_iter().map(|x| x as i64).collect()),
+            decoder_input_ids: b.decoder_input_ids,
+            decoder_attention_mask: b.decoder_attention_mask,
+        })
+        .collect()
+}
+
 #[napi]
 pub struct NativeTrainer {
     trainer: Arc<Mutex<Trainer>>,
@@ -72,6 +100,10 @@ impl NativeTrainer {
             adam_epsilon: args.adam_epsilon,
             max_grad_norm: args.max_grad_norm,
             seed: args.seed as u64,
+            lr_scheduler_type: match &args.lr_scheduler_type {
+                Some(n) => guard(|| LrSchedule::parse(n))?,
+                None => LrSchedule::Linear,
+            },
         };
         let trainer = guard(|| with_model(&model.inner, |m| Trainer::new(m, a)))?;
         Ok(NativeTrainer { trainer: Arc::new(Mutex::new(trainer)), model: model.inner.clone() })
@@ -82,22 +114,7 @@ impl NativeTrainer {
     pub fn step(&self, batches: Vec<BatchJs>) -> AsyncTask<Job<StepResult, StepResult>> {
         let trainer = self.trainer.clone();
         let model = self.model.clone();
-        let batches: Vec<Batch> = batches
-            .into_iter()
-            .map(|b| Batch {
-                input_ids: b.input_ids,
-                attention_mask: b.attention_mask,
-                labels: b.labels.into_iter().map(|l| l as i64).collect(),
-                batch_size: b.batch_size as usize,
-                seq_len: b.seq_len as usize,
-                task_ids: b.task_ids,
-                token_type_ids: b.token_type_ids,
-                start_positions: b.start_positions.map(|v| v.into_iter().map(|x| x as i64).collect()),
-                end_positions: b.end_positions.map(|v| v.into_iter().map(|x| x as i64).collect()),
-                decoder_input_ids: b.decoder_input_ids,
-                decoder_attention_mask: b.decoder_attention_mask,
-            })
-            .collect();
+        let batches = to_batches(batches);
         AsyncTask::new(Job::plain(move || {
             let mut t = trainer.lock().unwrap_or_else(|p| p.into_inner());
             let out = with_model(&model, |m| t.step(m, &batches))?;
@@ -111,17 +128,36 @@ impl NativeTrainer {
         }))
     }
 
-    /// Write a checkpoint folder `dir` (adapters in HF format, AdamW state, trainer state with
-    /// `extraJson` stored as `extra`), atomically (temp folder + rename). Resolves to `dir`.
+    /// Evaluation losses of batches (no training): one `{ loss, items }` per batch, the loss
+    /// averaged over the batch's label items.
+    #[napi(ts_return_type = "Promise<EvalBatchResult[]>")]
+    pub fn evaluate(&self, batches: Vec<BatchJs>) -> AsyncTask<Job<Vec<EvalBatchResult>, Vec<EvalBatchResult>>> {
+        let trainer = self.trainer.clone();
+        let model = self.model.clone();
+        let batches = to_batches(batches);
+        AsyncTask::new(Job::plain(move || {
+            let t = trainer.lock().unwrap_or_else(|p| p.into_inner());
+            with_model(&model, |m| {
+                batches.iter().map(|b| t.eval_batch(m, b).map(|(loss, items)| EvalBatchResult { loss, items: items as u32 })).collect()
+            })
+        }))
+    }
+
+    /// Write a checkpoint folder `dir` (adapters in HF format, AdamW state, resume state with
+    /// `extraJson` stored as `extra`, and `hfStateJson` as transformers' trainer_state.json),
+    /// atomically (temp folder + rename). Resolves to `dir`.
     #[napi(ts_return_type = "Promise<string>")]
-    pub fn save_checkpoint(&self, dir: String, extra_json: String) -> AsyncTask<Job<String, String>> {
+    pub fn save_checkpoint(&self, dir: String, extra_json: String, hf_state_json: Option<String>) -> AsyncTask<Job<String, String>> {
         let trainer = self.trainer.clone();
         let model = self.model.clone();
         AsyncTask::new(Job::plain(move || {
             let extra: serde_json::Value = serde_json::from_str(&extra_json)
                 .map_err(|e| peft_core::PeftError::invalid_arg("extraJson", format!("not valid JSON: {e}")))?;
+            let hf: Option<serde_json::Value> = hf_state_json
+                .map(|h| serde_json::from_str(&h).map_err(|e| peft_core::PeftError::invalid_arg("hfStateJson", format!("not valid JSON: {e}"))))
+                .transpose()?;
             let t = trainer.lock().unwrap_or_else(|p| p.into_inner());
-            let p = with_model(&model, |m| t.save_checkpoint(m, std::path::Path::new(&dir), extra))?;
+            let p = with_model(&model, |m| t.save_checkpoint_with_state(m, std::path::Path::new(&dir), extra, hf.as_ref()))?;
             Ok(p.to_string_lossy().into_owned())
         }))
     }

@@ -27,6 +27,10 @@ pub enum PeftError {
     /// A tokenizer that cannot be built or used.
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
+    /// A chat template that is missing, does not compile, or fails while rendering (its
+    /// `raise_exception` message, e.g. "Conversation roles must alternate ...").
+    #[error("chat template error: {0}")]
+    ChatTemplate(String),
     /// A tensor whose shape does not fit where it is used (e.g. an adapter for another base).
     #[error("shape mismatch for {name}: expected {expected:?}, found {found:?}")]
     ShapeMismatch { name: String, expected: Vec<usize>, found: Vec<usize> },
@@ -69,6 +73,7 @@ impl PeftError {
             PeftError::SafetensorsInvalid { .. } => "ERR_SAFETENSORS_INVALID",
             PeftError::GgufInvalid { .. } => "ERR_GGUF_INVALID",
             PeftError::Tokenizer(_) => "ERR_TOKENIZER",
+            PeftError::ChatTemplate(_) => "ERR_CHAT_TEMPLATE",
             PeftError::ShapeMismatch { .. } => "ERR_SHAPE_MISMATCH",
             PeftError::NoTargetModules { .. } => "ERR_NO_TARGET_MODULES",
             PeftError::AdapterExists(_) => "ERR_ADAPTER_EXISTS",

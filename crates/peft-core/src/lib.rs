@@ -10,6 +10,7 @@
 //! * [`io`]: adapter_config.json / adapter_model.safetensors reading and atomic writing.
 //! * [`train`]: AdamW training of adapter parameters with HF Trainer's defaults.
 
+pub mod chat_template;
 pub mod engine;
 pub mod error;
 pub mod gguf;

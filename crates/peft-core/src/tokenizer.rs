@@ -1,6 +1,7 @@
 //! Text tokenization: a thin wrapper over Hugging Face [`tokenizers`] that can be built
 //! from a transformers model folder (`tokenizer.json` + `tokenizer_config.json`) or from the
-//! vocabulary embedded in a GGUF file, plus ChatML chat formatting.
+//! vocabulary embedded in a GGUF file, plus the model's chat template (rendered with
+//! [`crate::chat_template`]).
 //!
 //! GGUF tokenizers are rebuilt the way Hugging Face's own `tokenizer.json` describes a
 //! byte-level BPE (GPT-2 family): a `BPE` model over `tokenizer.ggml.tokens` /
@@ -9,10 +10,12 @@
 //! (`tokenizer.ggml.token_type == 3`) registered as a special added token so that text such
 //! as `<|im_start|>` encodes to its single id, exactly as with the original `tokenizer.json`.
 
+use crate::chat_template::{token_mask, ChatTemplate, RenderContext};
 use crate::error::{PeftError, Result};
 use candle_core::quantized::gguf_file;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -56,6 +59,43 @@ impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
         ChatMessage { role: role.into(), content: content.into() }
     }
+
+    /// The message as the JSON object a chat template sees (`{"role": ..., "content": ...}`).
+    pub fn to_json(&self) -> Value {
+        serde_json::json!({ "role": self.role, "content": self.content })
+    }
+
+    /// Several messages as JSON objects.
+    pub fn to_json_list(messages: &[ChatMessage]) -> Vec<Value> {
+        messages.iter().map(ChatMessage::to_json).collect()
+    }
+}
+
+/// Options of [`Tokenizer::apply_chat_template`] / [`Tokenizer::encode_chat`], named after
+/// transformers' `apply_chat_template` arguments.
+#[derive(Debug, Clone, Default)]
+pub struct ChatOptions {
+    /// Append the prompt that opens an assistant turn.
+    pub add_generation_prompt: bool,
+    /// A template to use instead of the tokenizer's own.
+    pub chat_template: Option<String>,
+    /// Tool schemas passed to the template as `tools`.
+    pub tools: Option<Value>,
+    /// Extra template variables (transformers' `**kwargs`, e.g. `date_string`).
+    pub extra: serde_json::Map<String, Value>,
+}
+
+/// A tokenized conversation ([`Tokenizer::encode_chat`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChatEncoding {
+    /// The rendered text.
+    pub text: String,
+    /// Its token ids (encoded without adding special tokens, as transformers'
+    /// `apply_chat_template(tokenize=True)` does: the template writes them).
+    pub ids: Vec<u32>,
+    /// 1 for tokens of assistant turns (see
+    /// [`ChatTemplate::render_with_assistant_ranges`]), 0 elsewhere; one per id.
+    pub assistant_mask: Vec<u8>,
 }
 
 /// A text tokenizer with the model's special-token ids and chat template.
@@ -70,7 +110,16 @@ pub struct Tokenizer {
     eos_token_id: Option<u32>,
     pad_token_id: Option<u32>,
     chat_template: Option<String>,
+    /// Special token strings by transformers' attribute name (`bos_token`, `eos_token`, ...).
+    special_tokens: Vec<(String, String)>,
+    /// Where the tokenizer was loaded from (named in errors).
+    source: Option<PathBuf>,
+    /// The last compiled template, by source.
+    compiled: Arc<Mutex<Option<Arc<ChatTemplate>>>>,
 }
+
+/// transformers' `SPECIAL_TOKENS_ATTRIBUTES`, the names a chat template sees.
+const SPECIAL_TOKEN_NAMES: [&str; 7] = ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"];
 
 impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -137,7 +186,16 @@ impl Tokenizer {
         inner
             .with_truncation(None)
             .map_err(|e| tok_err(&format!("cannot disable truncation of {}", tokenizer_json.display()), e))?;
-        Ok(Tokenizer { inner, bos_token_id: None, eos_token_id: None, pad_token_id: None, chat_template: None })
+        Ok(Tokenizer {
+            inner,
+            bos_token_id: None,
+            eos_token_id: None,
+            pad_token_id: None,
+            chat_template: None,
+            special_tokens: Vec::new(),
+            source: Some(tokenizer_json.to_path_buf()),
+            compiled: Arc::default(),
+        })
     }
 
     /// Load the tokenizer of a model, like transformers' `AutoTokenizer.from_pretrained` on a
@@ -193,6 +251,7 @@ impl Tokenizer {
             });
         }
         let mut tok = Self::from_file(&json)?;
+        tok.source = Some(dir.clone());
         let cfg_path = dir.join("tokenizer_config.json");
         if cfg_path.is_file() {
             let text = std::fs::read_to_string(&cfg_path).map_err(|e| PeftError::io(&cfg_path, e))?;
@@ -237,6 +296,10 @@ impl Tokenizer {
         self.eos_token_id = id_of("eos_token");
         self.pad_token_id = id_of("pad_token");
         self.chat_template = config_chat_template(cfg.get("chat_template"));
+        self.special_tokens = SPECIAL_TOKEN_NAMES
+            .iter()
+            .filter_map(|k| config_token_str(cfg.get(*k)).map(|v| (k.to_string(), v)))
+            .collect();
     }
 
     /// Build the tokenizer embedded in GGUF metadata (GGUF spec, "tokenizer.ggml.*" keys).
@@ -421,7 +484,21 @@ impl Tokenizer {
         }
 
         let chat_template = meta::string(md, "tokenizer.chat_template", path)?;
-        Ok(Tokenizer { inner, bos_token_id, eos_token_id, pad_token_id, chat_template })
+        let unk_token_id = special_id("tokenizer.ggml.unknown_token_id")?;
+        let special_tokens = [("bos_token", bos_token_id), ("eos_token", eos_token_id), ("unk_token", unk_token_id), ("pad_token", pad_token_id)]
+            .into_iter()
+            .filter_map(|(k, id)| id.map(|id| (k.to_string(), tokens[id as usize].to_string())))
+            .collect();
+        Ok(Tokenizer {
+            inner,
+            bos_token_id,
+            eos_token_id,
+            pad_token_id,
+            chat_template,
+            special_tokens,
+            source: Some(path.to_path_buf()),
+            compiled: Arc::default(),
+        })
     }
 
     /// Encode `text` to token ids. With `add_special_tokens`, the tokenizer's post-processor
@@ -504,37 +581,83 @@ impl Tokenizer {
         &self.inner
     }
 
-    /// Format a conversation as ChatML, the template of SmolLM2-Instruct (and Qwen2):
-    /// `<|im_start|>{role}\n{content}<|im_end|>\n` per message, then
-    /// `<|im_start|>assistant\n` when `add_generation_prompt`.
+    /// Special token strings by transformers' attribute name (`bos_token`, `eos_token`,
+    /// `unk_token`, `pad_token`, ...), as the chat template sees them: from
+    /// tokenizer_config.json, or the GGUF's `tokenizer.ggml.*_token_id` tokens.
+    pub fn special_tokens(&self) -> &[(String, String)] {
+        &self.special_tokens
+    }
+
+    /// Set or replace the chat template (transformers' `tokenizer.chat_template = ...`).
+    pub fn set_chat_template(&mut self, template: Option<String>) {
+        self.chat_template = template;
+    }
+
+    fn template_for(&self, opts: &ChatOptions) -> Result<Arc<ChatTemplate>> {
+        let src = match opts.chat_template.as_deref().or(self.chat_template.as_deref()) {
+            Some(s) => s,
+            None => {
+                let from = self.source.as_ref().map(|p| format!(" loaded from {}", p.display())).unwrap_or_default();
+                return Err(PeftError::ChatTemplate(format!(
+                    "the tokenizer{from} has no chat template (no `chat_template` in tokenizer_config.json, no \
+                     chat_template.jinja, no GGUF `tokenizer.chat_template`); pass one with the `chatTemplate` option"
+                )));
+            }
+        };
+        let mut cache = self.compiled.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(t) = cache.as_ref().filter(|t| t.source() == src) {
+            return Ok(t.clone());
+        }
+        let t = Arc::new(ChatTemplate::new(src)?);
+        *cache = Some(t.clone());
+        Ok(t)
+    }
+
+    fn render_context(&self, opts: &ChatOptions) -> RenderContext {
+        RenderContext {
+            add_generation_prompt: opts.add_generation_prompt,
+            special_tokens: self.special_tokens.clone(),
+            tools: opts.tools.clone(),
+            documents: None,
+            extra: opts.extra.clone(),
+        }
+    }
+
+    /// Render a conversation with the model's chat template (or `opts.chat_template`), as
+    /// transformers' `apply_chat_template(messages, tokenize=False, ...)` does; see
+    /// [`crate::chat_template`] for the environment. `messages` are JSON objects
+    /// (`{"role", "content"}`, plus any fields the template reads, such as `tool_calls`).
+    /// The result is text; encode it with `encode(.., false)` (the special tokens in it are
+    /// recognised).
     ///
-    /// When the model's chat template contains SmolLM2's default system prompt
-    /// ([`SMOLLM_DEFAULT_SYSTEM_PROMPT`]) and the first message is not a `system` message, that
-    /// system message is inserted first, as SmolLM2's Jinja template does. Other templates are
-    /// not interpreted: the output is always ChatML. The result is text; encode it with
-    /// `encode(.., false)` (the special tokens in it are recognised).
-    pub fn apply_chat_template(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> String {
-        let mut out = String::new();
-        let default_system = self
-            .chat_template
-            .as_deref()
-            .map(|t| t.contains(SMOLLM_DEFAULT_SYSTEM_PROMPT))
-            .unwrap_or(false);
-        if default_system && messages.first().map(|m| m.role != "system").unwrap_or(false) {
-            out.push_str("<|im_start|>system\n");
-            out.push_str(SMOLLM_DEFAULT_SYSTEM_PROMPT);
-            out.push_str("<|im_end|>\n");
-        }
-        for m in messages {
-            out.push_str("<|im_start|>");
-            out.push_str(&m.role);
-            out.push('\n');
-            out.push_str(&m.content);
-            out.push_str("<|im_end|>\n");
-        }
-        if add_generation_prompt {
-            out.push_str("<|im_start|>assistant\n");
-        }
-        out
+    /// Errors: `ChatTemplate` when the tokenizer has no template and none is given (naming
+    /// where the tokenizer came from), when the template does not compile, or when it raises
+    /// (its `raise_exception` message); `InvalidArgument` for messages holding U+F0000/U+F0001.
+    pub fn apply_chat_template(&self, messages: &[Value], opts: &ChatOptions) -> Result<String> {
+        self.template_for(opts)?.render(messages, &self.render_context(opts))
+    }
+
+    /// Render and tokenize a conversation, with the mask of its assistant tokens: the tokens
+    /// that overlap the assistant ranges of
+    /// [`ChatTemplate::render_with_assistant_ranges`] (each assistant content and the
+    /// end-of-turn text right after it, or the template's `{% generation %}` blocks). TRL's
+    /// `assistant_only_loss` trains on exactly these tokens.
+    ///
+    /// Errors: those of [`Self::apply_chat_template`]; `ChatTemplate` when the assistant
+    /// text cannot be located; `Tokenizer` when encoding fails.
+    pub fn encode_chat(&self, messages: &[Value], opts: &ChatOptions) -> Result<ChatEncoding> {
+        let t = self.template_for(opts)?;
+        let (text, ranges) = t.render_with_assistant_ranges(messages, &self.render_context(opts))?;
+        let enc = self.inner.encode(text.as_str(), false).map_err(|e| tok_err("cannot encode the rendered conversation", e))?;
+        let assistant_mask = token_mask(enc.get_offsets(), &ranges);
+        Ok(ChatEncoding { text, ids: enc.get_ids().to_vec(), assistant_mask })
+    }
+
+    /// Token ids and byte offsets `(start, end)` of `text` in `text` (no special tokens added).
+    ///
+    /// Errors: `Tokenizer` when encoding fails.
+    pub fn encode_with_offsets(&self, text: &str, add_special_tokens: bool) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| tok_err("cannot encode text", e))?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
 }

@@ -1,7 +1,8 @@
 //! Training of adapter parameters: causal-LM loss, backward with candle's autograd, gradient
-//! accumulation, clipping by global norm, AdamW, and a linear warm-up/decay schedule — the
-//! defaults of transformers' `Trainer` (AdamW betas 0.9/0.999, eps 1e-8, weight decay 0,
-//! `get_linear_schedule_with_warmup`, `clip_grad_norm_`).
+//! accumulation, clipping by global norm, AdamW, and transformers' learning-rate schedules
+//! (linear, cosine, constant, constant with warm-up; [`LrSchedule`]) — the defaults of
+//! transformers' `Trainer` (AdamW betas 0.9/0.999, eps 1e-8, weight decay 0,
+//! `get_linear_schedule_with_warmup`, `clip_grad_norm_`) — and evaluation loss.
 
 use crate::error::{PeftError, Result};
 use crate::model::{ForwardOptions, Task};
@@ -28,6 +29,73 @@ pub struct TrainingArgs {
     /// Clip the global gradient L2 norm to this value; `0` disables clipping.
     pub max_grad_norm: f64,
     pub seed: u64,
+    /// The learning-rate schedule (transformers' `lr_scheduler_type`; default linear).
+    pub lr_scheduler_type: LrSchedule,
+}
+
+/// transformers' learning-rate schedules (`SchedulerType`), as the factor applied to the base
+/// learning rate at 0-based optimizer step `step` of `total` with `warmup` warm-up steps
+/// (`transformers.optimization`, `_get_*_lr_lambda`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LrSchedule {
+    /// `get_linear_schedule_with_warmup`: `step / warmup`, then linear decay to 0 at `total`.
+    #[default]
+    Linear,
+    /// `get_cosine_schedule_with_warmup` (`num_cycles = 0.5`): `step / warmup`, then
+    /// `0.5 · (1 + cos(π · progress))` with `progress = (step − warmup) / (total − warmup)`.
+    Cosine,
+    /// `get_constant_schedule`: 1 at every step (the warm-up is ignored, as in transformers).
+    Constant,
+    /// `get_constant_schedule_with_warmup`: `step / warmup`, then 1.
+    ConstantWithWarmup,
+}
+
+impl LrSchedule {
+    /// Parse transformers' name (`linear`, `cosine`, `constant`, `constant_with_warmup`).
+    ///
+    /// Errors: `InvalidArgument` naming `lrSchedulerType` and the supported names.
+    pub fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "linear" => LrSchedule::Linear,
+            "cosine" => LrSchedule::Cosine,
+            "constant" => LrSchedule::Constant,
+            "constant_with_warmup" => LrSchedule::ConstantWithWarmup,
+            other => {
+                return Err(PeftError::invalid_arg(
+                    "lrSchedulerType",
+                    format!("`{other}` is not supported (supported: linear, cosine, constant, constant_with_warmup)"),
+                ))
+            }
+        })
+    }
+
+    /// transformers' name of the schedule.
+    pub fn name(self) -> &'static str {
+        match self {
+            LrSchedule::Linear => "linear",
+            LrSchedule::Cosine => "cosine",
+            LrSchedule::Constant => "constant",
+            LrSchedule::ConstantWithWarmup => "constant_with_warmup",
+        }
+    }
+
+    /// The factor at 0-based step `step`.
+    pub fn factor(self, step: usize, warmup: usize, total: usize) -> f64 {
+        if self == LrSchedule::Constant {
+            return 1.0;
+        }
+        if step < warmup {
+            return step as f64 / warmup.max(1) as f64;
+        }
+        match self {
+            LrSchedule::Linear => linear_schedule(step, warmup, total),
+            LrSchedule::Cosine => {
+                let progress = (step - warmup) as f64 / total.saturating_sub(warmup).max(1) as f64;
+                (0.5 * (1.0 + (std::f64::consts::PI * progress).cos())).max(0.0)
+            }
+            LrSchedule::Constant | LrSchedule::ConstantWithWarmup => 1.0,
+        }
+    }
 }
 
 impl Default for TrainingArgs {
@@ -42,6 +110,7 @@ impl Default for TrainingArgs {
             adam_epsilon: 1e-8,
             max_grad_norm: 1.0,
             seed: 42,
+            lr_scheduler_type: LrSchedule::Linear,
         }
     }
 }
@@ -268,8 +337,13 @@ pub struct Trainer {
     step: usize,
 }
 
-/// Name of the trainer state file in a checkpoint folder.
+/// Name of the trainer state file in a checkpoint folder: transformers' `TrainerState` JSON
+/// (`global_step`, `log_history`, ...), as the caller gives it.
 pub const TRAINER_STATE_FILE: &str = "trainer_state.json";
+/// peft-node's own resume state in a checkpoint folder (optimizer step, schedule, seed, the
+/// caller's data-order state). Checkpoints written before this file existed kept these fields
+/// in `trainer_state.json`, which [`Trainer::load_checkpoint`] still reads.
+pub const RESUME_STATE_FILE: &str = "peft_node_state.json";
 /// Name of the optimizer state file in a checkpoint folder (AdamW m and v per parameter).
 pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 /// File of a checkpoint holding every trainable parameter under the trainer's names
@@ -432,15 +506,22 @@ impl Trainer {
         Arc::new(Mutex::new(rand::rngs::StdRng::seed_from_u64(s)))
     }
 
+    /// [`Self::save_checkpoint_with_state`] with a minimal transformers `TrainerState`
+    /// (`global_step`, `max_steps`, empty `log_history`).
+    pub fn save_checkpoint(&self, model: &PeftModel, dir: &Path, extra: serde_json::Value) -> Result<PathBuf> {
+        self.save_checkpoint_with_state(model, dir, extra, None)
+    }
+
     /// Write a checkpoint of the training state to `dir` (e.g. `out/checkpoint-20`): the model's
     /// adapters in HF PEFT format ([`PeftModel::save_pretrained`]), [`OPTIMIZER_FILE`] (AdamW
-    /// moments per parameter) and [`TRAINER_STATE_FILE`] (`global_step`, optimizer step,
-    /// schedule arguments, seed, and `extra`: the caller's data-order state). Everything is
-    /// written to a temp folder beside `dir` which is then renamed to `dir`, so `dir` is either
-    /// absent or complete; an existing `dir` is replaced.
+    /// moments per parameter), [`TRAINER_STATE_FILE`] (`hf_state`, transformers'
+    /// `TrainerState` as JSON, written as given) and [`RESUME_STATE_FILE`] (`global_step`,
+    /// optimizer step, schedule arguments, seed, and `extra`: the caller's data-order state).
+    /// Everything is written to a temp folder beside `dir` which is then renamed to `dir`, so
+    /// `dir` is either absent or complete; an existing `dir` is replaced.
     ///
     /// Errors: `Io` naming the path; errors of `save_pretrained`.
-    pub fn save_checkpoint(&self, model: &PeftModel, dir: &Path, extra: serde_json::Value) -> Result<PathBuf> {
+    pub fn save_checkpoint_with_state(&self, model: &PeftModel, dir: &Path, extra: serde_json::Value, hf_state: Option<&serde_json::Value>) -> Result<PathBuf> {
         let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
         let fname = dir.file_name().ok_or_else(|| PeftError::invalid_arg("outputDir", format!("{} has no folder name", dir.display())))?;
         std::fs::create_dir_all(&parent).map_err(|e| PeftError::io(&parent, e))?;
@@ -461,11 +542,19 @@ impl Trainer {
                 "max_steps": self.args.max_steps,
                 "warmup_steps": self.args.warmup_steps,
                 "learning_rate": self.args.learning_rate,
+                "lr_scheduler_type": self.args.lr_scheduler_type.name(),
                 "seed": self.args.seed,
                 "parameters": self.vars.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
                 "extra": extra,
             });
-            crate::io::write_atomic(&tmp.join(TRAINER_STATE_FILE), serde_json::to_string_pretty(&state).expect("JSON").as_bytes())?;
+            crate::io::write_atomic(&tmp.join(RESUME_STATE_FILE), serde_json::to_string_pretty(&state).expect("JSON").as_bytes())?;
+            let minimal = serde_json::json!({
+                "global_step": self.step,
+                "max_steps": self.args.max_steps,
+                "log_history": [],
+            });
+            let hf = hf_state.unwrap_or(&minimal);
+            crate::io::write_atomic(&tmp.join(TRAINER_STATE_FILE), serde_json::to_string_pretty(hf).expect("JSON").as_bytes())?;
             if dir.exists() {
                 std::fs::remove_dir_all(dir).map_err(|e| PeftError::io(dir, e))?;
             }
@@ -490,7 +579,7 @@ impl Trainer {
     /// missing from the checkpoint, or a malformed trainer_state.json); on error the model's
     /// weights are unchanged.
     pub fn load_checkpoint(&mut self, model: &PeftModel, dir: &Path) -> Result<serde_json::Value> {
-        let spath = dir.join(TRAINER_STATE_FILE);
+        let spath = if dir.join(RESUME_STATE_FILE).exists() { dir.join(RESUME_STATE_FILE) } else { dir.join(TRAINER_STATE_FILE) };
         let text = std::fs::read_to_string(&spath).map_err(|e| PeftError::io(&spath, e))?;
         let state: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| PeftError::InvalidState(format!("{} is not valid JSON: {e}", spath.display())))?;
@@ -543,7 +632,21 @@ impl Trainer {
 
     /// Learning rate of the next step.
     pub fn current_lr(&self) -> f64 {
-        self.args.learning_rate * linear_schedule(self.step, self.args.warmup_steps, self.args.max_steps)
+        self.args.learning_rate * self.args.lr_scheduler_type.factor(self.step, self.args.warmup_steps, self.args.max_steps)
+    }
+
+    /// Evaluation loss of one batch, as transformers' `evaluation_loop` computes it per batch:
+    /// the model in eval mode (no dropout), the head's loss averaged over the batch's label
+    /// items ([`task_loss`]). Returns `(mean loss, label items)`; nothing is trained.
+    ///
+    /// Errors: `InvalidArgument` for a batch that does not fit the model (see
+    /// [`Batch::validate`]).
+    pub fn eval_batch(&self, model: &PeftModel, batch: &Batch) -> Result<(f64, usize)> {
+        batch.validate(model)?;
+        let opts = batch.forward_options(model);
+        let logits = model.forward(&batch.input_ids, batch.batch_size, batch.seq_len, &opts, None)?.detach();
+        let (mean, n) = task_loss(model, &logits, batch)?;
+        Ok((mean.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?, n))
     }
 
     /// One optimizer step over `micro_batches` (gradient accumulation): the loss of each is
@@ -603,5 +706,29 @@ impl Trainer {
             return Err(PeftError::InvalidState(format!("the loss became {loss} at step {}", self.step)));
         }
         Ok(StepOutput { step: self.step, loss, grad_norm: norm, learning_rate: lr, tokens })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::LrSchedule;
+
+    /// transformers 5.18's `get_*_schedule_with_warmup(num_warmup_steps=2, num_training_steps=6)` factors.
+    #[test]
+    fn schedules_match_transformers() {
+        let cases: [(&str, [f64; 6]); 4] = [
+            ("linear", [0.0, 0.5, 1.0, 0.75, 0.5, 0.25]),
+            ("cosine", [0.0, 0.5, 1.0, 0.8535533905932737, 0.5, 0.14644660940672627]),
+            ("constant", [1.0; 6]),
+            ("constant_with_warmup", [0.0, 0.5, 1.0, 1.0, 1.0, 1.0]),
+        ];
+        for (name, want) in cases {
+            let s = LrSchedule::parse(name).unwrap();
+            assert_eq!(s.name(), name);
+            for (step, w) in want.iter().enumerate() {
+                assert!((s.factor(step, 2, 6) - w).abs() < 1e-12, "{name} step {step}");
+            }
+        }
+        assert_eq!(LrSchedule::parse("polynomial").unwrap_err().code(), "ERR_INVALID_ARGUMENT");
     }
 }

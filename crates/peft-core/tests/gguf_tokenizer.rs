@@ -7,7 +7,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use peft_core::gguf::{gguf_to_hf_name, load_gguf, read_gguf_tokenizer, unpermute_qk};
-use peft_core::tokenizer::{ChatMessage, Tokenizer, SMOLLM_DEFAULT_SYSTEM_PROMPT};
+use peft_core::tokenizer::{ChatMessage, ChatOptions, Tokenizer, SMOLLM_DEFAULT_SYSTEM_PROMPT};
 use peft_core::PeftError;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -332,7 +332,8 @@ fn tiny_builder(output: bool, bias: bool) -> GgufBuilder {
         .kv("tokenizer.ggml.add_bos_token", Mv::Bool(false))
         .kv(
             "tokenizer.chat_template",
-            Mv::Str(format!("{{% if loop.first %}}<|im_start|>system\n{SMOLLM_DEFAULT_SYSTEM_PROMPT}<|im_end|>{{% endif %}}")),
+            // SmolLM2-Instruct's own template (ChatML with a default system prompt).
+            Mv::Str(include_str!("../../../__test__/fixtures/chat_templates/HuggingFaceTB-SmolLM2-135M-Instruct.jinja").into()),
         );
     for (name, dims, values) in tiny_hf_tensors(output, bias) {
         let gname = hf_to_gguf_name(&name);
@@ -638,11 +639,17 @@ fn gguf_add_bos_token_is_respected() {
     assert_eq!(tok.encode("ab", false).unwrap(), vec![6]);
 }
 
+/// The tokenizer's own template, rendered (transformers' `apply_chat_template(tokenize=False)`).
+fn chat(tok: &Tokenizer, msgs: &[ChatMessage], add_generation_prompt: bool) -> String {
+    let opts = ChatOptions { add_generation_prompt, ..Default::default() };
+    tok.apply_chat_template(&ChatMessage::to_json_list(msgs), &opts).unwrap()
+}
+
 #[test]
 fn chat_template_chatml_and_default_system() {
     let tok = read_gguf_tokenizer(&write_tmp("chat.gguf", &tiny_builder(false, false).build())).unwrap();
     let msgs = vec![ChatMessage::new("user", "Hi!"), ChatMessage::new("assistant", "Hello.")];
-    let out = tok.apply_chat_template(&msgs, true);
+    let out = chat(&tok, &msgs, true);
     assert_eq!(
         out,
         format!(
@@ -651,17 +658,19 @@ fn chat_template_chatml_and_default_system() {
         )
     );
     let with_system = vec![ChatMessage::new("system", "Be terse."), ChatMessage::new("user", "Hi!")];
-    assert_eq!(
-        tok.apply_chat_template(&with_system, false),
-        "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n"
-    );
-    assert_eq!(tok.apply_chat_template(&[], true), "<|im_start|>assistant\n");
+    assert_eq!(chat(&tok, &with_system, false), "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n");
+    assert_eq!(chat(&tok, &[], true), "<|im_start|>assistant\n");
+    assert_eq!(tok.special_tokens().iter().find(|(k, _)| k == "eos_token").map(|(_, v)| v.as_str()), Some("<|im_end|>"));
 
-    // A template without SmolLM's sentence: plain ChatML, no system message inserted.
+    // A GGUF without a template: a clear error naming the file, unless a template is given.
     let mut g = tiny_builder(false, false);
-    g.kv("tokenizer.chat_template", Mv::Str("{{ messages }}".into()));
+    g.remove_kv("tokenizer.chat_template");
     let tok = read_gguf_tokenizer(&write_tmp("chat2.gguf", &g.build())).unwrap();
-    assert_eq!(tok.apply_chat_template(&msgs[..1], false), "<|im_start|>user\nHi!<|im_end|>\n");
+    let err = tok.apply_chat_template(&ChatMessage::to_json_list(&msgs[..1]), &ChatOptions::default()).unwrap_err();
+    assert_eq!(err.code(), "ERR_CHAT_TEMPLATE");
+    assert!(err.to_string().contains("chat2.gguf") && err.to_string().contains("no chat template"), "{err}");
+    let opts = ChatOptions { chat_template: Some("{{ eos_token }}{{ messages | length }}".into()), ..Default::default() };
+    assert_eq!(tok.apply_chat_template(&ChatMessage::to_json_list(&msgs), &opts).unwrap(), "<|im_end|>2");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -688,8 +697,10 @@ fn from_pretrained_word_level_folder() {
     assert_eq!(tok.decode(&ids, false).unwrap(), "classify the sentiment of this review");
     assert_eq!(tok.decode(&[1, 4, 5, 2], true).unwrap(), "classify the");
     assert!(tok.chat_template().is_none());
-    // ChatML without the SmolLM default system prompt.
-    assert_eq!(tok.apply_chat_template(&[ChatMessage::new("user", "x")], true), "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n");
+    assert!(matches!(
+        tok.apply_chat_template(&ChatMessage::to_json_list(&[ChatMessage::new("user", "x")]), &ChatOptions::default()),
+        Err(PeftError::ChatTemplate(_))
+    ));
 
     // A tokenizer.json path reads its folder's tokenizer_config.json too; from_file does not.
     let via_file = Tokenizer::from_pretrained(&dir.join("tokenizer.json")).unwrap();
@@ -708,7 +719,7 @@ fn from_pretrained_word_level_folder() {
     std::fs::write(with_jinja.join("chat_template.jinja"), &jinja).unwrap();
     let tok = Tokenizer::from_pretrained(&with_jinja).unwrap();
     assert_eq!(tok.chat_template(), Some(jinja.as_str()));
-    assert!(tok.apply_chat_template(&[ChatMessage::new("user", "x")], false).starts_with("<|im_start|>system\n"));
+    assert!(chat(&tok, &[ChatMessage::new("user", "x")], false).starts_with("<|im_start|>system\n"));
 
     // Missing things.
     let empty = tmp_dir().join("empty_tok_dir");
@@ -802,7 +813,7 @@ fn real_smollm2_tokenizer() {
     assert_eq!(pieces, vec!["1", "2", "3", "4", "5"]);
 
     // ChatML with SmolLM2's default system prompt, special tokens as single ids.
-    let chat = tok.apply_chat_template(&[ChatMessage::new("user", "What is 2+2?")], true);
+    let chat = chat(&tok, &[ChatMessage::new("user", "What is 2+2?")], true);
     assert_eq!(
         chat,
         format!("<|im_start|>system\n{SMOLLM_DEFAULT_SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
