@@ -43,6 +43,8 @@ export {
   type ForwardInput,
   type ForwardOutput,
   type GenerateOptions,
+  type GenerateStep,
+  type GenerateStream,
   type ModelDType,
 } from './model'
 export {
@@ -57,3 +59,4 @@ export {
   getPeftModel, type LoadAdapterOptions, type LoadResult, type SaveOptions, type TunerLayerStatus, type TunerModelStatus } from './peft-model'
 export { Trainer, listCheckpoints, type TrainerOptions, type TrainExample, type StepInfo, type TrainOutput } from './trainer'
 export { loadSafetensors, saveSafetensors } from './safetensors'
+export { type Progress, type ProgressOptions } from './progress'
