@@ -320,6 +320,9 @@ test('fromPretrained, loadAdapter and savePretrained report progress in tensors:
     smol.dispose()
     check('fromPretrained(gguf)', g, g[0].total)
     t.log(`SmolLM2 GGUF: ${g[0].total} tensors reported`)
+    // and aborted while dequantizing
+    const ac = new AbortController()
+    await assertPeftError(t, () => AutoModelForCausalLM.fromPretrained(SMOL, { signal: ac.signal, onProgress: (p) => { if (p.loaded >= 10) ac.abort() } }), 'ERR_ABORTED')
   }
 })
 

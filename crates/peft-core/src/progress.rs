@@ -52,6 +52,7 @@ pub struct Counter<'c, 'a> {
 }
 
 impl<'c, 'a> Counter<'c, 'a> {
+    /// A counter of `total` tensors reporting to `ctl` (nothing is reported yet).
     pub fn new(ctl: &'c Control<'a>, total: u64) -> Self {
         Counter { ctl, done: 0, total, finished_reported: false }
     }
@@ -74,6 +75,7 @@ impl<'c, 'a> Counter<'c, 'a> {
         self.finished_reported = true;
     }
 
+    /// Tensors counted so far.
     pub fn done(&self) -> u64 {
         self.done
     }
