@@ -9,6 +9,7 @@ import * as fs from 'node:fs'
 import * as path from 'node:path'
 import { monitorEventLoopDelay } from 'node:perf_hooks'
 import { LoraConfig, PeftError, PeftModel, Trainer, getPeftModel, type Tensor, type TrainExample } from '../src/index'
+import { call } from '../src/errors'
 import { assertClose, assertPeftError, caseDir, disposeLater, expected, loadLlama, maxAbsDiff, tmpDir } from './helpers'
 
 const MULTI = caseDir('llama_lora_multi')
@@ -439,7 +440,7 @@ test('sync mutations while a job runs: validated and thrown at the call, applied
   t.deepEqual(pm.getModelStatus().mergedAdapters, ['other'])
 })
 
-test('seeded random concurrent operations: every forward and generate equals a reference put in the state captured at its call', async (t) => {
+test('seeded random concurrent operations, saves and loads included: every forward and generate equals a reference put in the state captured at its call; saved and loaded adapters are complete', async (t) => {
   const pm = await twoAdapters(t)
   const x = await input()
   const rand = mulberry32(20261205)
@@ -458,11 +459,37 @@ test('seeded random concurrent operations: every forward and generate equals a r
     return new Promise((res) => setTimeout(res, Math.floor(rand() * 4)))
   }
   const counts: Record<string, number> = {}
+  const dir = tmpDir(t)
+  // saves (of one adapter, into a fresh folder) and loads of completed saves under new names,
+  // concurrent with everything else; a loaded adapter is never made active, so the states the
+  // forwards capture are unchanged
+  const io: Array<Promise<unknown>> = []
+  const saved: Array<{ name: string; folder: string; done: Promise<string[]> }> = []
+  const loaded: Array<{ as: string; from: string }> = []
   const op = async (depth: number): Promise<void> => {
     const r = rand()
-    const name = r < 0.3 ? 'forward' : r < 0.4 ? 'generate' : r < 0.55 ? 'setAdapter' : r < 0.7 ? 'disableAdapter' : r < 0.85 ? 'mergeAdapter' : 'unmergeAdapter'
+    const name = r < 0.27 ? 'forward' : r < 0.37 ? 'generate' : r < 0.5 ? 'setAdapter' : r < 0.63 ? 'disableAdapter' : r < 0.76 ? 'mergeAdapter' : r < 0.86 ? 'unmergeAdapter' : r < 0.93 ? 'savePretrained' : 'loadAdapter'
     counts[name] = (counts[name] ?? 0) + 1
     switch (name) {
+      case 'savePretrained': {
+        const which = pick(['default', 'other'])
+        const folder = path.join(dir, `save${saved.length}`)
+        const done = pm.savePretrained(folder, { selectedAdapters: [which] })
+        saved.push({ name: which, folder, done })
+        io.push(done)
+        if (rand() < 0.5) await done
+        break
+      }
+      case 'loadAdapter': {
+        if (saved.length === 0) break
+        const s = pick(saved)
+        const as = `loaded${loaded.length}`
+        loaded.push({ as, from: s.name })
+        const p = s.done.then(() => pm.loadAdapter(s.name === 'default' ? s.folder : path.join(s.folder, s.name), as))
+        io.push(p)
+        if (rand() < 0.5) await p
+        break
+      }
       case 'forward':
       case 'generate': {
         const p = record(name)
@@ -503,6 +530,7 @@ test('seeded random concurrent operations: every forward and generate equals a r
   }
   await Promise.all([actor(), actor(), actor(), actor()])
   const outs = await Promise.all(results.map((r) => r.out))
+  await Promise.all(io) // no save or load failed (no ERR_INTERNAL, no ERR_BUSY)
 
   // one reference model, put in each captured state serially
   const ref = await twoAdapters(t)
@@ -532,6 +560,17 @@ test('seeded random concurrent operations: every forward and generate equals a r
     if (kind === 'forward') assertClose(t, outs[i] as Tensor, want as Tensor, `forward #${i} in state ${JSON.stringify(state)}`)
     else t.deepEqual(outs[i], want, `generate #${i} in state ${JSON.stringify(state)}`)
   }
-  t.log(`${results.length} forwards/generates over ${states.size} distinct states (${disabledSeen} disabled, ${mergedSeen} merged); ops: ${JSON.stringify(counts)}`)
+  t.log(`${results.length} forwards/generates over ${states.size} distinct states (${disabledSeen} disabled, ${mergedSeen} merged); ${saved.length} saves, ${loaded.length} loads; ops: ${JSON.stringify(counts)}`)
   t.true(states.size >= 6 && disabledSeen > 0 && mergedSeen > 0, 'the run covered disabled, merged and several active sets')
+  t.true(saved.length >= 2 && loaded.length >= 2, 'the run saved and loaded adapters')
+  // the snapshot lists every adapter loaded, and each computes as the adapter it was saved from
+  t.deepEqual(Object.keys(pm.peftConfig).sort(), ['default', 'other', ...loaded.map((l) => l.as)].sort())
+  t.deepEqual(Object.keys(pm.peftConfig).sort(), call(() => pm.baseModel.native.adapterNames()).sort(), 'snapshot and native model agree')
+  if (pm.getModelStatus().mergedAdapters.length > 0) pm.unmergeAdapter()
+  const rowsOf = (n: string) => Array<string>((x.inputIds as Tensor).shape[0]).fill(n)
+  for (const l of loaded) {
+    const got = (await pm.forward({ ...x, adapterNames: rowsOf(l.as) })).logits
+    const want = (await pm.forward({ ...x, adapterNames: rowsOf(l.from) })).logits
+    t.is(maxAbsDiff(got, want), 0, `${l.as} (loaded from a save of ${l.from}) computes as ${l.from}`)
+  }
 })

@@ -2,8 +2,10 @@
  * Errors thrown by peft-node. Every error has a stable `code` (e.g. `ERR_NOT_FOUND`,
  * `ERR_ADAPTER_CONFIG_INVALID`, `ERR_SAFETENSORS_INVALID`, `ERR_SHAPE_MISMATCH`,
  * `ERR_NO_TARGET_MODULES`, `ERR_ADAPTER_EXISTS`, `ERR_ADAPTER_NOT_FOUND`, `ERR_INVALID_ARGUMENT`,
- * `ERR_INVALID_STATE`, `ERR_BUSY`, `ERR_CHAT_TEMPLATE`, `ERR_DATASET`, `ERR_INTERNAL`) and a
- * message naming the file, key or argument at fault (for datasets, `file:line: ...`). `ERR_BUSY` names the method that was refused: one that would change the
+ * `ERR_INVALID_STATE`, `ERR_BUSY`, `ERR_ABORTED`, `ERR_CHAT_TEMPLATE`, `ERR_DATASET`, `ERR_INTERNAL`)
+ * and a message naming the file, key or argument at fault (for datasets, `file:line: ...`).
+ * `ERR_ABORTED` errors (a call stopped by its `signal`) are named `AbortError`, with the
+ * signal's reason as `cause`. `ERR_BUSY` names the method that was refused: one that would change the
  * adapters while a Trainer trains the model, or one that needs the model at once (`addAdapter`,
  * `mergeAdapter` with `safeMerge`) while a job of the model is running or queued.
  */

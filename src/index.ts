@@ -45,6 +45,8 @@ export {
   type ForwardInput,
   type ForwardOutput,
   type GenerateOptions,
+  type GenerateStep,
+  type GenerateStream,
   type ModelDType,
 } from './model'
 export {
@@ -81,3 +83,4 @@ export {
 } from './data/dataset'
 export { lossCurveSvg, type CurvePoint } from './plot'
 export { loadSafetensors, saveSafetensors } from './safetensors'
+export { type Progress, type ProgressOptions } from './progress'

@@ -9,7 +9,8 @@
  */
 import { native } from './native'
 import type { NativeTypes } from './native'
-import { call, callAsync, fromNative, invalidArgument, refuseUnknownOptions } from './errors'
+import { call, callAsync, fromNative, invalidArgument, PeftError, refuseUnknownOptions } from './errors'
+import { abortError, checkCallback, checkSignal, JobControl, type ProgressOptions } from './progress'
 import { ModelRuntime } from './runtime'
 import { Tensor, toIdMatrix, toMask } from './tensor'
 import type { TaskType } from './config'
@@ -124,7 +125,50 @@ export interface GenerateOptions {
   adapterNames?: string[]
   /** Multitask prompt tuning: one task id per row. */
   taskIds?: number[]
+  /**
+   * Stops generation between tokens: the call rejects with a `PeftError` named `AbortError`,
+   * code `ERR_ABORTED` (`cause`: the signal's reason); the KV cache is freed and the model
+   * stays usable.
+   */
   signal?: AbortSignal
+  /**
+   * Called on the JS thread with each step as it is produced (the tokens are the same as the
+   * resolved sequences'). If it throws, generation stops and the call rejects with that error.
+   */
+  onToken?: (step: GenerateStep) => void
+  /**
+   * transformers' `stop_strings`: a row finishes at the token that completes one of these
+   * strings in its decoded text (the match may start in earlier tokens, including the prompt,
+   * and run past the end of that token; the sequence ends with that token, its text is not
+   * cut), then gets `padTokenId` like a row that produced EOS. Needs `tokenizer`.
+   */
+  stopStrings?: string | string[]
+  /** Decodes for `stopStrings` and fills each step's `text`. */
+  tokenizer?: PreTrainedTokenizer
+}
+
+/** One generation step (see `generate`'s `onToken` and `generateStream`). */
+export interface GenerateStep {
+  /** 0-based index of the step among the new tokens. */
+  step: number
+  /** Each row's token of this step (`padTokenId` for rows that finished at an earlier step). */
+  tokens: number[]
+  /** Whether each row is finished after this step (EOS or a stop string at this step or before). */
+  finished: boolean[]
+  /** With `tokenizer`: each row's new text since the previous step, decoded without special
+   * tokens (text ending inside a UTF-8 character is held back until the character is complete;
+   * joined over the steps it equals `tokenizer.decode(newTokens, { skipSpecialTokens: true })`). */
+  text?: string[]
+}
+
+/**
+ * `generateStream`'s result: an async iterator of {@link GenerateStep}s (`for await`), plus the
+ * final sequences. Leaving the loop early (`break`, `return`, a throw) stops the native job
+ * before the next token; `sequences` then rejects with `ERR_ABORTED`.
+ */
+export interface GenerateStream extends AsyncIterableIterator<GenerateStep> {
+  /** Each row's prompt + new tokens, as `generate` resolves them. */
+  readonly sequences: Promise<number[][]>
 }
 
 /** A loaded base model (a transformers `PreTrainedModel`). Free it with `dispose()`. */
@@ -240,12 +284,95 @@ export class PreTrainedModel {
   }
 
   /**
-   * Greedy or sampled generation with a KV cache; returns `[batch, seq + new]` ids per row.
-   * Queued like `forward`, with the adapter state of the moment it was called. Errors:
-   * `ERR_INVALID_ARGUMENT`; `ERR_INVALID_STATE` for heads without a vocabulary and after
-   * `dispose()`.
+   * Greedy or sampled generation with a KV cache; returns `[batch, seq + new]` ids per row
+   * (encoder-decoder models: the decoder sequences). Queued like `forward`, with the adapter
+   * state of the moment it was called. With `onToken`, each step is delivered as it is produced
+   * (the resolved ids are the same); `stopStrings` end rows at a stop string; `signal` stops
+   * between tokens. Errors: `ERR_INVALID_ARGUMENT` (bad ids or options, `stopStrings` without a
+   * `tokenizer`); `ERR_INVALID_STATE` for heads without a vocabulary and after `dispose()`;
+   * `ERR_ABORTED` (an `AbortError`) when `signal` aborts; whatever `onToken` throws.
    */
   async generate(inputIds: Tensor | number[][] | number[], options: GenerateOptions = {}): Promise<number[][]> {
+    return this.startGenerate(inputIds, options)
+  }
+
+  /**
+   * Streaming generation: `for await (const step of model.generateStream(ids, opts))` yields
+   * each {@link GenerateStep} as the native job produces it (tokens are pushed from the
+   * generating thread; the JS thread never waits for the job). Takes `generate`'s options;
+   * `opts.onToken`, if given, is called too. Breaking out of the loop stops the job before its
+   * next token. The iterator rejects like `generate` (`ERR_ABORTED` when `signal` aborts).
+   * Bad options throw here, synchronously.
+   */
+  generateStream(inputIds: Tensor | number[][] | number[], options: GenerateOptions = {}): GenerateStream {
+    const buffer: GenerateStep[] = []
+    let finished = false
+    let failure: { e: unknown } | undefined
+    let stopped = false
+    let wake: (() => void) | undefined
+    const internal = new AbortController()
+    const user = options.signal
+    const forward = () => internal.abort(user?.reason)
+    checkSignal(user)
+    const userOnToken = checkCallback<(s: GenerateStep) => void>(options.onToken, 'onToken')
+    if (user?.aborted) forward()
+    const sequences = this.startGenerate(inputIds, {
+      ...options,
+      signal: internal.signal,
+      onToken: (step) => {
+        userOnToken?.(step)
+        buffer.push(step)
+        wake?.()
+      },
+    }, user)
+    if (!user?.aborted) user?.addEventListener('abort', forward, { once: true })
+    const done = sequences.then(
+      () => undefined,
+      (e) => void (failure = { e }),
+    ).finally(() => {
+      finished = true
+      user?.removeEventListener('abort', forward)
+      wake?.()
+    })
+    const it: GenerateStream = {
+      sequences,
+      [Symbol.asyncIterator]() {
+        return it
+      },
+      async next(): Promise<IteratorResult<GenerateStep>> {
+        for (;;) {
+          if (stopped) return { value: undefined, done: true }
+          const v = buffer.shift()
+          if (v) return { value: v, done: false }
+          if (finished) {
+            if (failure) throw failure.e
+            return { value: undefined, done: true }
+          }
+          await new Promise<void>((r) => (wake = r))
+          wake = undefined
+        }
+      },
+      async return(): Promise<IteratorResult<GenerateStep>> {
+        if (!stopped) {
+          stopped = true
+          buffer.length = 0
+          internal.abort()
+          await done
+        }
+        return { value: undefined, done: true }
+      },
+      async throw(e?: unknown): Promise<IteratorResult<GenerateStep>> {
+        await it.return?.()
+        throw e
+      },
+    }
+    return it
+  }
+
+  /** Validates now (throws), then queues the job; resolves with the sequences once every
+   * step was delivered to `onToken`. `userSignal`: the signal named in errors (streams pass
+   * their internal one as `options.signal`). */
+  private startGenerate(inputIds: Tensor | number[][] | number[], options: GenerateOptions, userSignal = options.signal): Promise<number[][]> {
     this.runtime.checkAlive()
     const { ids, batch, seq } = toIdMatrix(inputIds, 'inputIds')
     const mask = toMask(options.attentionMask, batch, seq, 'attentionMask')
@@ -261,40 +388,93 @@ export class PreTrainedModel {
       const v = options[k]
       if (v !== undefined && !(Number.isInteger(v) && v >= 0 && v <= 0xffffffff)) throw invalidArgument(k, `must be an integer in [0, 2^32), found ${v}`)
     }
+    const signal = checkSignal(options.signal)
+    const onToken = checkCallback<(s: GenerateStep) => void>(options.onToken, 'onToken')
+    const tokenizer = options.tokenizer
+    if (tokenizer !== undefined && !(tokenizer instanceof PreTrainedTokenizer)) throw invalidArgument('tokenizer', 'must be a tokenizer from AutoTokenizer.fromPretrained')
+    let stops: string[] | undefined
+    if (options.stopStrings !== undefined) {
+      stops = [options.stopStrings].flat()
+      if (stops.some((x) => typeof x !== 'string' || x.length === 0)) throw invalidArgument('stopStrings', 'must be a non-empty string or an array of non-empty strings')
+      if (stops.length > 0 && !tokenizer) throw invalidArgument('stopStrings', 'need the `tokenizer` option, to decode the generated tokens')
+    }
     const eosCfg = this.config.eos_token_id as number[] | undefined
     const eos = options.eosTokenId === null ? [] : options.eosTokenId === undefined ? (eosCfg ?? []) : [options.eosTokenId].flat()
+    if (userSignal?.aborted) return Promise.reject(abortError('generate', userSignal))
     const flag = new native.AbortFlag()
     const onAbort = () => flag.abort()
-    if (options.signal?.aborted) flag.abort()
-    options.signal?.addEventListener('abort', onAbort, { once: true })
+    signal?.addEventListener('abort', onAbort, { once: true })
+    // steps arrive from the generating thread; the job's result can reach JS before the last
+    // of them, so the result waits until all were delivered
+    let delivered = 0
+    let expected = -1
+    let allDelivered: (() => void) | undefined
+    let closed = false
+    let callbackError: { e: unknown } | undefined
+    const onStep = onToken
+      ? (ev: NativeTypes.GenerateStepJs) => {
+          if (closed) return
+          delivered++
+          if (!callbackError) {
+            const step: GenerateStep = { step: ev.step, tokens: ev.tokens, finished: ev.finished }
+            if (ev.text) step.text = ev.text
+            try {
+              onToken(step)
+            } catch (e) {
+              callbackError = { e }
+              flag.abort()
+            }
+          }
+          if (delivered === expected) allDelivered?.()
+        }
+      : undefined
     const rt = this.runtime
     const state = rt.captureForCompute()
-    try {
-      return await callAsync(() =>
-        rt.schedule(() => {
-          rt.applyCompute(state)
-          return this.native.generate(
-          ids, batch, seq, mask,
-          {
-            maxNewTokens: maxNew,
-            doSample: options.doSample ?? false,
-            temperature: options.temperature ?? 1,
-            topK: options.topK ?? 50,
-            topP: options.topP ?? 1,
-            seed: options.seed ?? 0,
-            eosTokenIds: eos,
-            padTokenId: options.padTokenId ?? (this.config.pad_token_id as number | null) ?? 0,
-            useCache: options.useCache ?? true,
-            taskIds,
-          },
-          options.adapterNames,
-          flag,
-          )
-        }),
+    const job = rt.schedule(() => {
+      rt.applyCompute(state)
+      return this.native.generate(
+        ids, batch, seq, mask,
+        {
+          maxNewTokens: maxNew,
+          doSample: options.doSample ?? false,
+          temperature: options.temperature ?? 1,
+          topK: options.topK ?? 50,
+          topP: options.topP ?? 1,
+          seed: options.seed ?? 0,
+          eosTokenIds: eos,
+          padTokenId: options.padTokenId ?? (this.config.pad_token_id as number | null) ?? 0,
+          useCache: options.useCache ?? true,
+          taskIds,
+        },
+        options.adapterNames,
+        flag,
+        onStep,
+        stops,
+        tokenizer?.native,
       )
-    } finally {
-      options.signal?.removeEventListener('abort', onAbort)
-    }
+    })
+    return (async () => {
+      try {
+        let r: NativeTypes.GenerateResultJs
+        try {
+          r = await job
+        } catch (e) {
+          if (callbackError) throw callbackError.e
+          const err = fromNative(e)
+          if (err instanceof PeftError && err.code === 'ERR_ABORTED') throw abortError('generate', userSignal, err)
+          throw err
+        }
+        if (onStep && delivered < r.steps) {
+          expected = r.steps
+          await new Promise<void>((res) => (allDelivered = res))
+        }
+        if (callbackError) throw callbackError.e
+        return r.sequences
+      } finally {
+        closed = true
+        signal?.removeEventListener('abort', onAbort)
+      }
+    })()
   }
 
   /**
@@ -318,7 +498,7 @@ export class PreTrainedModel {
   }
 }
 
-export interface FromPretrainedOptions {
+export interface FromPretrainedOptions extends ProgressOptions {
   /** Compute dtype of the base weights (default 'f32'). */
   dtype?: ModelDType
   /** Classification heads: number of labels (default: config.json's `id2label` / `num_labels`, else 2). */
@@ -353,7 +533,9 @@ export function getNumThreads(): number {
 /** @internal Shared loader of the `AutoModelFor*` objects. */
 async function loadFor(task: ModelTaskType, pathOrGguf: string, options: FromPretrainedOptions): Promise<PreTrainedModel> {
   if (typeof pathOrGguf !== 'string' || !pathOrGguf) throw invalidArgument('pathOrGguf', 'must be a non-empty string')
-  refuseUnknownOptions('fromPretrained', options, ['dtype', 'numLabels', 'seed', 'numThreads'])
+  refuseUnknownOptions('fromPretrained', options, ['dtype', 'numLabels', 'seed', 'numThreads', 'onProgress', 'signal'])
+  const signal = checkSignal(options.signal)
+  const onProgress = checkCallback<ProgressOptions['onProgress']>(options.onProgress, 'onProgress')
   if (options.numLabels !== undefined && !(Number.isInteger(options.numLabels) && options.numLabels >= 1 && options.numLabels <= 2 ** 20)) {
     throw invalidArgument('numLabels', `must be an integer between 1 and 2^20, found ${JSON.stringify(options.numLabels)}`)
   }
@@ -361,7 +543,16 @@ async function loadFor(task: ModelTaskType, pathOrGguf: string, options: FromPre
     throw invalidArgument('seed', `must be an integer in [0, 2^32), found ${options.seed}`)
   }
   if (options.numThreads !== undefined) setNumThreads(options.numThreads)
-  const n = await callAsync(() => native.loadModel(pathOrGguf, options.dtype ?? 'f32', task, options.numLabels, options.seed))
+  const ctl = new JobControl('fromPretrained', signal, onProgress)
+  ctl.throwIfAborted()
+  let loaded: NativeTypes.NativeModel | undefined
+  let n: NativeTypes.NativeModel
+  try {
+    n = await ctl.settle(native.loadModel(pathOrGguf, options.dtype ?? 'f32', task, options.numLabels, options.seed, ctl.progress, ctl.flag).then((m) => (loaded = m)))
+  } catch (e) {
+    loaded?.dispose() // loaded, but onProgress threw at the last report: free it now
+    throw e
+  }
   const model = new PreTrainedModel(n)
   const fresh = n.newlyInitialized
   if (fresh.length > 0) {
@@ -379,9 +570,12 @@ export interface AutoModelLoader {
    * Load a model with this head from a HF model folder (or, for causal LMs, a .gguf file), off
    * the JS thread. A checkpoint saved with another head of the same family loads too; head
    * weights it lacks are freshly initialised (normal(0, initializer_range)) with a warning, as
-   * transformers does. Errors: `ERR_NOT_FOUND`, `ERR_MODEL_CONFIG_INVALID` (also for an
+   * transformers does. `onProgress` reports `{ loaded, total, unit: 'tensors' }` (tensors of
+   * the checkpoint read, GGUF: read and dequantized); `signal` aborts between tensors, freeing
+   * what was read. Errors: `ERR_NOT_FOUND`, `ERR_MODEL_CONFIG_INVALID` (also for an
    * unsupported architecture or head, listing the supported ones), `ERR_SAFETENSORS_INVALID`,
-   * `ERR_GGUF_INVALID`, `ERR_SHAPE_MISMATCH`, `ERR_INVALID_ARGUMENT`.
+   * `ERR_GGUF_INVALID`, `ERR_SHAPE_MISMATCH`, `ERR_INVALID_ARGUMENT`, `ERR_ABORTED` (an
+   * `AbortError`), or what `onProgress` throws.
    */
   fromPretrained(pathOrGguf: string, options?: FromPretrainedOptions): Promise<PreTrainedModel>
 }

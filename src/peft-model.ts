@@ -8,10 +8,11 @@ import * as path from 'node:path'
 import { call, callAsync, invalidArgument, PeftError, refuseUnknownOptions } from './errors'
 import { busyError, type AdapterInfo, type ModelRuntime } from './runtime'
 import { LoraConfig, configFromJSON, type PeftConfig } from './config'
-import { PreTrainedModel, type ForwardInput, type ForwardOutput, type GenerateOptions } from './model'
+import { PreTrainedModel, type ForwardInput, type ForwardOutput, type GenerateOptions, type GenerateStream } from './model'
+import { checkCallback, checkSignal, JobControl, type ProgressOptions } from './progress'
 import type { Tensor } from './tensor'
 
-export interface LoadAdapterOptions {
+export interface LoadAdapterOptions extends ProgressOptions {
   adapterName?: string
   /** Load with trainable weights (default false: inference mode, as HF). */
   isTrainable?: boolean
@@ -32,8 +33,8 @@ export interface LoadAdapterOptions {
   subfolder?: string
 }
 
-const LOAD_OPTIONS = ['adapterName', 'isTrainable', 'config', 'autocastAdapterDtype', 'lowCpuMemUsage', 'keyMapping', 'device', 'subfolder'] as const
-const SAVE_OPTIONS = ['selectedAdapters', 'safeSerialization', 'isMainProcess', 'saveEmbeddingLayers', 'pathInitialModelForWeightConversion'] as const
+const LOAD_OPTIONS = ['adapterName', 'isTrainable', 'config', 'autocastAdapterDtype', 'lowCpuMemUsage', 'keyMapping', 'device', 'subfolder', 'onProgress', 'signal'] as const
+const SAVE_OPTIONS = ['selectedAdapters', 'safeSerialization', 'isMainProcess', 'saveEmbeddingLayers', 'pathInitialModelForWeightConversion', 'onProgress', 'signal'] as const
 
 /** Python's `str(list)` of strings, as HF's warnings print key lists. */
 function pyList(keys: string[]): string {
@@ -58,7 +59,7 @@ async function adapterDir(dir: string, subfolder: string | undefined, arg: strin
   return dir
 }
 
-export interface SaveOptions {
+export interface SaveOptions extends ProgressOptions {
   /** Save only these adapters (default: all). */
   selectedAdapters?: string[]
   /** Must be true or unset: only safetensors is written (no pickle format). */
@@ -224,7 +225,10 @@ export class PeftModel {
    * the promise resolves; its warnings are emitted before that. Errors (rejections):
    * `ERR_NOT_FOUND`, `ERR_ADAPTER_CONFIG_INVALID`, `ERR_SAFETENSORS_INVALID`,
    * `ERR_SHAPE_MISMATCH`, `ERR_ADAPTER_EXISTS`, `ERR_INVALID_ARGUMENT`, `ERR_INVALID_STATE`
-   * (disposed), `ERR_BUSY` while a Trainer trains the model.
+   * (disposed), `ERR_BUSY` while a Trainer trains the model, `ERR_ABORTED` (an `AbortError`)
+   * when `signal` aborts. `onProgress` reports `{ loaded, total, unit: 'tensors' }` (tensors of
+   * adapter_model.safetensors read); `signal` aborts between tensors and before the model is
+   * changed: an aborted load leaves the model as it was.
    */
   async loadAdapter(dir: string, adapterName: string, options: Omit<LoadAdapterOptions, 'adapterName'> = {}): Promise<LoadResult> {
     const rt = this.rt
@@ -241,10 +245,12 @@ export class PeftModel {
       }
       mapping = Object.entries(options.keyMapping)
     }
-    const r = await callAsync(() =>
+    const ctl = new JobControl('loadAdapter', checkSignal(options.signal), checkCallback<ProgressOptions['onProgress']>(options.onProgress, 'onProgress'))
+    ctl.throwIfAborted()
+    const r = await ctl.settle(
       rt.schedule(() =>
         this.n
-          .loadAdapter(dir, adapterName, options.isTrainable ?? false, cfg, mapping, options.autocastAdapterDtype, options.lowCpuMemUsage)
+          .loadAdapter(dir, adapterName, options.isTrainable ?? false, cfg, mapping, options.autocastAdapterDtype, options.lowCpuMemUsage, ctl.progress, ctl.flag)
           .then(
             (res) => {
               rt.readAdapter(adapterName)
@@ -699,12 +705,22 @@ export class PeftModel {
     return this.baseModel.generate(inputIds, options)
   }
 
+  /** See `PreTrainedModel.generateStream` (an async iterator of steps; queued like `generate`). */
+  generateStream(inputIds: Tensor | number[][] | number[], options: GenerateOptions = {}): GenerateStream {
+    return this.baseModel.generateStream(inputIds, options)
+  }
+
   /**
    * Save adapters in HF PEFT's format: `adapter_config.json` + `adapter_model.safetensors` in
    * `dir` for 'default', in `dir/<name>/` for the others. Files are written atomically. Queued:
    * saves the adapters as they are after the calls made before it (allowed while training: it
-   * saves between steps). Resolves with the files written. Errors: `ERR_INVALID_ARGUMENT`,
-   * `ERR_ADAPTER_NOT_FOUND` (selectedAdapters), `ERR_IO`, `ERR_INVALID_STATE` after `dispose()`.
+   * saves between steps). Resolves with the files written. `onProgress` reports `{ loaded,
+   * total, unit: 'tensors' }` (tensors serialized, over all adapters saved); `signal` aborts
+   * the save before its files are committed: the temp files and the folders it created are
+   * removed and existing adapter files are untouched (once the first adapter's files are
+   * committed, the save completes). Errors: `ERR_INVALID_ARGUMENT`, `ERR_ADAPTER_NOT_FOUND`
+   * (selectedAdapters), `ERR_IO`, `ERR_INVALID_STATE` after `dispose()`, `ERR_ABORTED` (an
+   * `AbortError`), or what `onProgress` throws.
    */
   async savePretrained(dir: string, options: SaveOptions = {}): Promise<string[]> {
     const rt = this.rt
@@ -723,14 +739,27 @@ export class PeftModel {
     if (options.selectedAdapters !== undefined && (!Array.isArray(options.selectedAdapters) || options.selectedAdapters.some((s) => typeof s !== 'string'))) {
       throw invalidArgument('selectedAdapters', 'must be an array of adapter names')
     }
-    if (options.isMainProcess === false) return []
+    const ctl = new JobControl('savePretrained', checkSignal(options.signal), checkCallback<ProgressOptions['onProgress']>(options.onProgress, 'onProgress'))
+    if (options.isMainProcess === false) {
+      ctl.close()
+      return []
+    }
+    ctl.throwIfAborted()
     const emb = options.saveEmbeddingLayers === undefined ? 'auto' : String(options.saveEmbeddingLayers)
-    return callAsync(() =>
+    return ctl.settle(
       rt.schedule(async () => {
         const st = await fs.promises.stat(dir).catch(() => null)
         if (st && !st.isDirectory()) throw invalidArgument('dir', `${JSON.stringify(dir)} is a file; savePretrained writes a folder`)
-        await fs.promises.mkdir(path.resolve(dir), { recursive: true })
-        return this.n.savePretrained(dir, options.selectedAdapters, emb, options.pathInitialModelForWeightConversion)
+        const target = path.resolve(dir)
+        const created = await fs.promises.mkdir(target, { recursive: true })
+        try {
+          return await this.n.savePretrained(dir, options.selectedAdapters, emb, options.pathInitialModelForWeightConversion, ctl.progress, ctl.flag)
+        } catch (e) {
+          // a failed or aborted save leaves no folder it created (the native side removed its
+          // temp files and subfolders); only empty folders are removed
+          if (created !== undefined) await removeEmptyDirs(target, created)
+          throw e
+        }
       }),
     )
   }
@@ -816,5 +845,22 @@ function readTaskType(dir: string): string | undefined {
     return typeof v.task_type === 'string' ? v.task_type : undefined
   } catch {
     return undefined
+  }
+}
+
+/** Remove `deepest` and its parents up to `top` (the first folder `mkdir -p` created), each only
+ * when empty; stops at the first that is not. */
+async function removeEmptyDirs(deepest: string, top: string): Promise<void> {
+  let d = deepest
+  for (;;) {
+    try {
+      await fs.promises.rmdir(d)
+    } catch {
+      return
+    }
+    if (path.resolve(d) === path.resolve(top)) return
+    const up = path.dirname(d)
+    if (up === d) return
+    d = up
   }
 }

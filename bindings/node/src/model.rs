@@ -4,7 +4,10 @@
 use crate::task::{arg_err, guard, to_napi, Job};
 use napi::bindgen_prelude::AsyncTask;
 use napi::bindgen_prelude::{Float32Array, Uint32Array, Uint8Array};
-use peft_core::generate::{generate, GenerateOptions};
+use napi::bindgen_prelude::Function;
+use napi::threadsafe_function::{ThreadsafeFunction, ThreadsafeFunctionCallMode};
+use peft_core::generate::{generate_with, GenerateHooks, GenerateOptions, Step, StopStrings};
+use peft_core::progress::Control;
 use peft_core::model::loader::{self as loader, LoadRequest};
 use peft_core::model::{ForwardOptions, Task};
 use peft_core::peft_model::{PeftModel, SaveEmbeddingLayers, SaveOptions, BASE_ADAPTER};
@@ -62,6 +65,59 @@ impl Default for AbortFlag {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// One progress report of a load or save: `loaded` of `total` tensors done.
+#[napi(object)]
+pub struct ProgressJs {
+    /// Tensors read (loads) or serialized (saves) so far.
+    pub loaded: u32,
+    /// Tensors of the whole operation.
+    pub total: u32,
+}
+
+/// One generation step, as streamed to `generate`'s `onStep`.
+#[napi(object)]
+pub struct GenerateStepJs {
+    /// 0-based index of the step among the new tokens.
+    pub step: u32,
+    /// Each row's token of this step (`padTokenId` for rows finished earlier).
+    pub tokens: Vec<u32>,
+    /// Whether each row is finished after this step.
+    pub finished: Vec<bool>,
+    /// With a tokenizer: each row's new text since the previous step (decoded without special
+    /// tokens; text that ends inside a UTF-8 character is held back until it is complete).
+    pub text: Option<Vec<String>>,
+}
+
+/// What `generate` resolves with.
+#[napi(object)]
+pub struct GenerateResultJs {
+    /// Each row's prompt + new tokens (decoder sequences for seq2seq).
+    pub sequences: Vec<Vec<u32>>,
+    /// Steps delivered to `onStep` (the facade waits for all of them before resolving).
+    pub steps: u32,
+}
+
+type ProgressFn = ThreadsafeFunction<ProgressJs, (), ProgressJs, napi::Status, false>;
+type StepFn = ThreadsafeFunction<GenerateStepJs, (), GenerateStepJs, napi::Status, false>;
+
+/// A threadsafe function for progress reports (called without blocking from the job's thread;
+/// released when the job ends, after its queued calls were delivered).
+fn progress_tsfn(f: Option<Function<'_, ProgressJs, ()>>) -> napi::Result<Option<Arc<ProgressFn>>> {
+    f.map(|f| f.build_threadsafe_function::<ProgressJs>().build().map(Arc::new)).transpose()
+}
+
+/// Runs `work` with a [`Control`] that reports to `progress` and stops when `flag` is set.
+fn with_control<T>(progress: Option<Arc<ProgressFn>>, flag: Arc<AtomicBool>, work: impl FnOnce(&Control) -> peft_core::Result<T>) -> peft_core::Result<T> {
+    let has_progress = progress.is_some();
+    let report = move |loaded: u64, total: u64| {
+        if let Some(p) = &progress {
+            let _ = p.call(ProgressJs { loaded: loaded as u32, total: total as u32 }, ThreadsafeFunctionCallMode::NonBlocking);
+        }
+    };
+    let stop = move || flag.load(Ordering::SeqCst);
+    work(&Control { progress: if has_progress { Some(&report) } else { None }, should_stop: Some(&stop) })
 }
 
 #[napi(object)]
@@ -190,9 +246,22 @@ fn report_external(env: &Env, delta: i64) -> napi::Result<()> {
 
 /// Load a base model from a HF folder or a GGUF file, off the JS thread. `task` is an HF
 /// `task_type` string choosing the head (`AutoModelFor*`); `None` = the checkpoint's own head.
+/// `progress` receives `{ loaded, total }` in tensors of the checkpoint (asynchronously, from
+/// the loading thread; the last report of a successful load has `loaded == total`); `abort`
+/// stops the load between tensors with `ERR_ABORTED`, dropping what was read.
 #[napi(ts_return_type = "Promise<NativeModel>")]
-pub fn load_model(path: String, dtype: String, task: Option<String>, num_labels: Option<u32>, seed: Option<u32>) -> AsyncTask<Job<NativeModel, NativeModel>> {
-    AsyncTask::new(Job::new(
+pub fn load_model(
+    path: String,
+    dtype: String,
+    task: Option<String>,
+    num_labels: Option<u32>,
+    seed: Option<u32>,
+    progress: Option<Function<'_, ProgressJs, ()>>,
+    abort: Option<&AbortFlag>,
+) -> napi::Result<AsyncTask<Job<NativeModel, NativeModel>>> {
+    let progress = progress_tsfn(progress)?;
+    let flag = abort.map(|a| a.flag.clone()).unwrap_or_default();
+    Ok(AsyncTask::new(Job::new(
         move || {
             let dt = parse_dtype(&dtype)?;
             let task = match task.as_deref() {
@@ -205,7 +274,7 @@ pub fn load_model(path: String, dtype: String, task: Option<String>, num_labels:
                 return Err(PeftError::invalid_arg("numLabels", "must be at least 1"));
             }
             let req = LoadRequest { task, num_labels: num_labels.map(|n| n as usize), seed: seed.unwrap_or(0) as u64 };
-            let loaded = loader::load_model(std::path::Path::new(&path), dt, &candle_core::Device::Cpu, &req)?;
+            let loaded = with_control(progress, flag, |ctl| loader::load_model_ctl(std::path::Path::new(&path), dt, &candle_core::Device::Cpu, &req, ctl))?;
             let bytes = (loaded.model.base_param_count() * dt.size_in_bytes()) as i64;
             Ok(NativeModel {
                 inner: Arc::new(Mutex::new(Some(PeftModel::new(loaded.model)))),
@@ -222,7 +291,7 @@ pub fn load_model(path: String, dtype: String, task: Option<String>, num_labels:
             }
             Ok(m)
         },
-    ))
+    )))
 }
 
 fn to_rows(names: Option<Vec<String>>) -> Option<peft_core::tuners::RowAdapters> {
@@ -528,8 +597,13 @@ impl NativeModel {
         )))
     }
 
-    /// Generate; returns each row's prompt + new tokens.
-    #[napi(ts_return_type = "Promise<Array<Array<number>>>")]
+    /// Generate; resolves with each row's prompt + new tokens and the number of steps streamed.
+    /// `onStep` (optional) receives every step as it is produced (asynchronously, from the
+    /// generating thread, in order); `stopStrings` finish a row at the token completing one of
+    /// them (transformers' `StopStringCriteria`; needs `tokenizer`, which also adds each step's
+    /// decoded text to the events); `abort` stops between tokens with `ERR_ABORTED`.
+    #[napi(ts_return_type = "Promise<GenerateResultJs>")]
+    #[allow(clippy::too_many_arguments)]
     pub fn generate(
         &self,
         input_ids: Uint32Array,
@@ -539,13 +613,25 @@ impl NativeModel {
         args: GenerateArgs,
         adapter_names: Option<Vec<String>>,
         abort: Option<&AbortFlag>,
-    ) -> napi::Result<AsyncTask<Job<Vec<Vec<u32>>, Vec<Vec<u32>>>>> {
+        on_step: Option<Function<'_, GenerateStepJs, ()>>,
+        stop_strings: Option<Vec<String>>,
+        tokenizer: Option<&crate::tokenizer::NativeTokenizer>,
+    ) -> napi::Result<AsyncTask<Job<GenerateResultJs, GenerateResultJs>>> {
         let ids = input_ids.to_vec();
         let (b, s) = (batch as usize, seq as usize);
         let mask = attention_mask.map(|m| m.to_vec());
         let inner = self.inner.clone();
         let rows = to_rows(adapter_names);
         let flag = abort.map(|a| a.flag.clone()).unwrap_or_default();
+        let stops = stop_strings.unwrap_or_default();
+        if stops.iter().any(|x| x.is_empty()) {
+            return Err(arg_err("stopStrings", "must not contain an empty string"));
+        }
+        let tok = tokenizer.map(|t| t.arc());
+        if !stops.is_empty() && tok.is_none() {
+            return Err(arg_err("stopStrings", "need a `tokenizer` to decode the generated tokens"));
+        }
+        let on_step: Option<StepFn> = on_step.map(|f| f.build_threadsafe_function::<GenerateStepJs>().build()).transpose()?;
         let o = GenerateOptions {
             max_new_tokens: args.max_new_tokens as usize,
             do_sample: args.do_sample,
@@ -561,23 +647,77 @@ impl NativeModel {
         Ok(AsyncTask::new(Job::plain(move || {
             with_model(&inner, |m| {
                 m.check_rows(&ForwardOptions { adapter_rows: rows.clone(), ..Default::default() }, b)?;
-                generate(m, &ids, b, s, mask, rows, &o, &|| flag.load(Ordering::SeqCst))
+                let start = if m.base.task() == peft_core::model::Task::Seq2SeqLm { 1 } else { s };
+                let mut steps = 0u32;
+                // per row: the text already sent (decoded new tokens, without special tokens)
+                let mut sent: Vec<String> = vec![String::new(); b];
+                let mut failed: Option<PeftError> = None;
+                let mut was_finished = vec![false; b];
+                let mut emit = |st: &Step| {
+                    steps += 1;
+                    let Some(f) = &on_step else { return };
+                    let text = tok.as_ref().map(|t| {
+                        (0..b)
+                            .map(|r| {
+                                // a row finished before this step only gets padding
+                                if was_finished[r] {
+                                    return String::new();
+                                }
+                                match t.decode(&st.rows[r][start..], true) {
+                                    // held back while it ends inside a UTF-8 character
+                                    Ok(full) if !full.ends_with('\u{FFFD}') && full.starts_with(sent[r].as_str()) => {
+                                        let delta = full[sent[r].len()..].to_string();
+                                        sent[r] = full;
+                                        delta
+                                    }
+                                    Ok(_) => String::new(),
+                                    Err(e) => {
+                                        failed.get_or_insert(e);
+                                        String::new()
+                                    }
+                                }
+                            })
+                            .collect()
+                    });
+                    was_finished.copy_from_slice(st.finished);
+                    let ev = GenerateStepJs { step: st.index as u32, tokens: st.tokens.to_vec(), finished: st.finished.to_vec(), text };
+                    let _ = f.call(ev, ThreadsafeFunctionCallMode::NonBlocking);
+                };
+                let stop = || flag.load(Ordering::SeqCst);
+                let hooks = GenerateHooks {
+                    should_stop: &stop,
+                    on_step: Some(&mut emit),
+                    stop_strings: tok.as_deref().filter(|_| !stops.is_empty()).map(|t| StopStrings { strings: &stops, tokenizer: t }),
+                };
+                let sequences = generate_with(m, &ids, b, s, mask, rows, &o, hooks)?;
+                if let Some(e) = failed {
+                    return Err(e);
+                }
+                Ok(GenerateResultJs { sequences, steps })
             })
         })))
     }
 
     /// Save adapters (all, or `selected`) in HF PEFT's layout under `dir`.
     /// `saveEmbeddingLayers`: "auto" (default), "true" or "false" (HF `save_embedding_layers`).
+    /// `progress` receives `{ loaded, total }` in tensors serialized; `abort` stops the save
+    /// before its files are committed (`ERR_ABORTED`; temp files and folders it created are
+    /// removed). See `PeftModel::save_pretrained_ctl`.
     #[napi(ts_return_type = "Promise<Array<string>>")]
+    #[allow(clippy::too_many_arguments)]
     pub fn save_pretrained(
         &self,
         dir: String,
         selected: Option<Vec<String>>,
         save_embedding_layers: Option<String>,
         path_initial_model_for_weight_conversion: Option<String>,
-    ) -> AsyncTask<Job<Vec<String>, Vec<String>>> {
+        progress: Option<Function<'_, ProgressJs, ()>>,
+        abort: Option<&AbortFlag>,
+    ) -> napi::Result<AsyncTask<Job<Vec<String>, Vec<String>>>> {
         let inner = self.inner.clone();
-        AsyncTask::new(Job::plain(move || {
+        let progress = progress_tsfn(progress)?;
+        let flag = abort.map(|a| a.flag.clone()).unwrap_or_default();
+        Ok(AsyncTask::new(Job::plain(move || {
             let emb = match save_embedding_layers.as_deref() {
                 None | Some("auto") => SaveEmbeddingLayers::Auto,
                 Some("true") => SaveEmbeddingLayers::Yes,
@@ -586,10 +726,10 @@ impl NativeModel {
             };
             with_model(&inner, |m| {
                 let opts = SaveOptions { save_embedding_layers: emb, path_initial_model_for_weight_conversion: path_initial_model_for_weight_conversion.map(std::path::PathBuf::from) };
-                let files = m.save_pretrained_with(std::path::Path::new(&dir), selected.as_deref(), &opts)?;
+                let files = with_control(progress, flag, |ctl| m.save_pretrained_ctl(std::path::Path::new(&dir), selected.as_deref(), &opts, ctl))?;
                 Ok(files.into_iter().map(|p| p.to_string_lossy().into_owned()).collect())
             })
-        }))
+        })))
     }
 
     /// HF `add_weighted_adapter`, off the JS thread (SVD-based combinations take seconds on real
@@ -644,7 +784,9 @@ impl NativeModel {
     }
 
     /// Load an adapter folder under `name`. `configJson` overrides the folder's adapter_config.json;
-    /// `keyMapping` holds `[regex, replacement]` pairs (HF `key_mapping`, in order).
+    /// `keyMapping` holds `[regex, replacement]` pairs (HF `key_mapping`, in order). `progress`
+    /// receives `{ loaded, total }` in tensors of adapter_model.safetensors; `abort` stops the
+    /// load between tensors (`ERR_ABORTED`), leaving the model unchanged.
     #[napi(ts_return_type = "Promise<LoadResultJs>")]
     #[allow(clippy::too_many_arguments)]
     pub fn load_adapter(
@@ -656,9 +798,13 @@ impl NativeModel {
         key_mapping: Option<Vec<Vec<String>>>,
         autocast_adapter_dtype: Option<bool>,
         low_cpu_mem_usage: Option<bool>,
-    ) -> AsyncTask<Job<peft_core::peft_model::LoadResult, LoadResultJs>> {
+        progress: Option<Function<'_, ProgressJs, ()>>,
+        abort: Option<&AbortFlag>,
+    ) -> napi::Result<AsyncTask<Job<peft_core::peft_model::LoadResult, LoadResultJs>>> {
         let inner = self.inner.clone();
-        AsyncTask::new(Job::new(
+        let progress = progress_tsfn(progress)?;
+        let flag = abort.map(|a| a.flag.clone()).unwrap_or_default();
+        Ok(AsyncTask::new(Job::new(
             move || {
                 let cfg = match config_json {
                     Some(j) => {
@@ -682,10 +828,10 @@ impl NativeModel {
                     autocast_adapter_dtype: autocast_adapter_dtype.unwrap_or(true),
                     low_cpu_mem_usage: low_cpu_mem_usage.unwrap_or(false),
                 };
-                with_model(&inner, |m| m.load_adapter_with(std::path::Path::new(&dir), &name, &o))
+                with_model(&inner, |m| with_control(progress, flag, |ctl| m.load_adapter_ctl(std::path::Path::new(&dir), &name, &o, ctl)))
             },
             |_, r| Ok(LoadResultJs { missing_keys: r.missing_keys, unexpected_keys: r.unexpected_keys }),
-        ))
+        )))
     }
 
     /// Free the native model now and undo its external-memory report. Later calls fail with

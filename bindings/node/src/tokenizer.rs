@@ -56,6 +56,11 @@ impl NativeTokenizer {
     pub fn from_arc(inner: Arc<Tokenizer>) -> Self {
         NativeTokenizer { inner }
     }
+
+    /// The shared core tokenizer (for jobs that decode off the JS thread).
+    pub fn arc(&self) -> Arc<Tokenizer> {
+        self.inner.clone()
+    }
 }
 
 /// Load a tokenizer from a model folder (tokenizer.json) or a .gguf file.

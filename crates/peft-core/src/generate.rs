@@ -12,6 +12,7 @@ use crate::model::{ForwardOptions, Task};
 use crate::peft_model::PeftModel;
 use crate::tuners::RowAdapters;
 use candle_core::DType;
+use crate::tokenizer::Tokenizer;
 use rand::{Rng, SeedableRng};
 
 /// Generation settings (transformers `GenerationConfig` names).
@@ -49,6 +50,68 @@ impl Default for GenerateOptions {
             task_ids: None,
         }
     }
+}
+
+/// Stop strings (transformers' `stop_strings` / `StopStringCriteria`): a row finishes at the
+/// token that completes one of `strings` in its decoded text. As in transformers, the match
+/// may overhang both ends (for "stop": `["st", "op"]`, `["st", "opera"]` and `["las",
+/// "topper"]` all match) but must end inside the newest token (`["stop", "at"]` matched one
+/// step earlier, at "stop"); the row's sequence ends with that token (its text is not cut) and
+/// the earlier context includes the prompt. Rows are decoded with special tokens kept.
+pub struct StopStrings<'a> {
+    pub strings: &'a [String],
+    pub tokenizer: &'a Tokenizer,
+}
+
+impl StopStrings<'_> {
+    /// Whether the last id of `ids` completes one of the stop strings (see [`StopStrings`]).
+    ///
+    /// Errors: `Tokenizer` when decoding fails.
+    pub fn completed_by_last(&self, ids: &[u32]) -> Result<bool> {
+        let Some(longest) = self.strings.iter().map(|s| s.len()).max() else { return Ok(false) };
+        if ids.is_empty() || longest == 0 {
+            return Ok(false);
+        }
+        let n = ids.len();
+        // Enough earlier tokens to hold the longest stop string's other bytes: every token
+        // decodes to at least one byte, so `longest` of them suffice (plus one for a token
+        // split inside a UTF-8 character).
+        let start = (n - 1).saturating_sub(longest + 1);
+        let all = self.tokenizer.decode(&ids[start..], false)?;
+        let prev = self.tokenizer.decode(&ids[start..n - 1], false)?;
+        // The new token's text starts where the two decodings part (a partial UTF-8 character
+        // at the end of `prev` decodes differently once completed).
+        let common = all.bytes().zip(prev.bytes()).take_while(|(a, b)| a == b).count();
+        // An occurrence (overlapping ones included) that ends inside the new token's text.
+        Ok(self.strings.iter().filter(|s| !s.is_empty()).any(|s| {
+            let first = common.saturating_sub(s.len() - 1);
+            (first..all.len()).any(|i| all.is_char_boundary(i) && all[i..].starts_with(s.as_str()))
+        }))
+    }
+}
+
+/// One generation step as streamed to [`GenerateHooks::on_step`].
+#[derive(Debug, Clone)]
+pub struct Step<'a> {
+    /// 0-based step index (= the position of the token among the new tokens).
+    pub index: usize,
+    /// The token of each row at this step (`pad_token_id` for rows that finished earlier).
+    pub tokens: &'a [u32],
+    /// Whether each row is finished after this step (EOS, or a stop string completed by this
+    /// step's token, or earlier).
+    pub finished: &'a [bool],
+    /// Each row's sequence so far (prompt + new tokens; decoder sequence for seq2seq).
+    pub rows: &'a [Vec<u32>],
+}
+
+/// What [`generate_with`] reports and how it stops, besides [`GenerateOptions`].
+pub struct GenerateHooks<'a> {
+    /// Polled before each step; `true` ends generation with `Aborted`.
+    pub should_stop: &'a dyn Fn() -> bool,
+    /// Called after each step, on the generating thread.
+    pub on_step: Option<&'a mut dyn FnMut(&Step)>,
+    /// Finish rows at stop strings (needs a tokenizer).
+    pub stop_strings: Option<StopStrings<'a>>,
 }
 
 fn sample(logits: &[f32], o: &GenerateOptions, rng: &mut rand::rngs::StdRng) -> u32 {
@@ -96,6 +159,7 @@ fn sample(logits: &[f32], o: &GenerateOptions, rng: &mut rand::rngs::StdRng) -> 
 /// by its new tokens, `[b, s + n]` (n ≤ max_new_tokens; shorter when every row hit EOS); for an
 /// encoder-decoder model (T5), each row's decoder sequence `[decoder_start, new tokens...]`
 /// instead (see [`generate_seq2seq`]). `should_stop` is polled between tokens (for AbortSignal); it returns `Aborted`.
+#[allow(clippy::too_many_arguments)]
 pub fn generate(
     model: &PeftModel,
     input_ids: &[u32],
@@ -106,12 +170,34 @@ pub fn generate(
     o: &GenerateOptions,
     should_stop: &dyn Fn() -> bool,
 ) -> Result<Vec<Vec<u32>>> {
+    generate_with(model, input_ids, b, s, attention_mask, adapter_rows, o, GenerateHooks { should_stop, on_step: None, stop_strings: None })
+}
+
+/// [`generate`] with streaming and stop strings: `hooks.on_step` sees every step's tokens as
+/// they are produced (the same tokens, in the same order, as the returned rows), and rows
+/// finish at EOS or at a stop string ([`StopStrings`]), after which they get `pad_token_id`.
+/// Generation ends when every row is finished, after `max_new_tokens` steps, or with `Aborted`
+/// when `hooks.should_stop` returns true before a step (the KV cache and the rows are dropped).
+///
+/// Errors: as [`generate`]; `Tokenizer` from stop-string decoding.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_with(
+    model: &PeftModel,
+    input_ids: &[u32],
+    b: usize,
+    s: usize,
+    attention_mask: Option<Vec<u8>>,
+    adapter_rows: Option<RowAdapters>,
+    o: &GenerateOptions,
+    mut hooks: GenerateHooks,
+) -> Result<Vec<Vec<u32>>> {
+    let should_stop = hooks.should_stop;
     if input_ids.len() != b * s || s == 0 {
         return Err(PeftError::invalid_arg("inputIds", format!("expected a non-empty [{b}, {s}] batch")));
     }
     match model.base.task() {
         Task::CausalLm => {}
-        Task::Seq2SeqLm => return generate_seq2seq(model, input_ids, b, s, attention_mask, adapter_rows, o, should_stop),
+        Task::Seq2SeqLm => return generate_seq2seq(model, input_ids, b, s, attention_mask, adapter_rows, o, hooks),
         task => {
             return Err(PeftError::InvalidState(format!(
                 "generate needs a language-model head (CAUSAL_LM or SEQ_2_SEQ_LM); {} has a {} head",
@@ -168,11 +254,12 @@ pub fn generate(
         let mut next = Vec::with_capacity(b);
         for r in 0..b {
             let tok = if done[r] { o.pad_token_id } else { sample(&logits[r], o, &mut rng) };
-            if o.eos_token_ids.contains(&tok) {
-                done[r] = true;
-            }
             rows[r].push(tok);
             next.push(tok);
+        }
+        finish_rows(&mut done, &next, &rows, o, &hooks)?;
+        if let Some(f) = hooks.on_step.as_mut() {
+            f(&Step { index: rows[0].len() - s - 1, tokens: &next, finished: &done, rows: &rows });
         }
         // Grow the mask by one column.
         let mut m2 = Vec::with_capacity(b * (cur_len + 1));
@@ -216,8 +303,9 @@ fn generate_seq2seq(
     attention_mask: Option<Vec<u8>>,
     adapter_rows: Option<RowAdapters>,
     o: &GenerateOptions,
-    should_stop: &dyn Fn() -> bool,
+    mut hooks: GenerateHooks,
 ) -> Result<Vec<Vec<u32>>> {
+    let should_stop = hooks.should_stop;
     let info = model.base.info();
     let start = info.decoder_start_token_id.ok_or_else(|| PeftError::InvalidModelConfig {
         path: std::path::PathBuf::from(info.name_or_path.clone().unwrap_or_else(|| "<model>".into())),
@@ -254,15 +342,33 @@ fn generate_seq2seq(
         step.clear();
         for r in 0..b {
             let tok = if done[r] { o.pad_token_id } else { sample(&logits[r], o, &mut rng) };
-            if o.eos_token_ids.contains(&tok) {
-                done[r] = true;
-            }
             rows[r].push(tok);
             step.push(tok);
+        }
+        finish_rows(&mut done, &step, &rows, o, &hooks)?;
+        if let Some(f) = hooks.on_step.as_mut() {
+            f(&Step { index: rows[0].len() - 2, tokens: &step, finished: &done, rows: &rows });
         }
         if done.iter().all(|d| *d) {
             break;
         }
     }
     Ok(rows)
+}
+
+/// Mark rows finished by this step's tokens: EOS, or a stop string completed by the token.
+fn finish_rows(done: &mut [bool], tokens: &[u32], rows: &[Vec<u32>], o: &GenerateOptions, hooks: &GenerateHooks) -> Result<()> {
+    for r in 0..done.len() {
+        if done[r] {
+            continue;
+        }
+        if o.eos_token_ids.contains(&tokens[r]) {
+            done[r] = true;
+        } else if let Some(st) = &hooks.stop_strings {
+            if st.completed_by_last(&rows[r])? {
+                done[r] = true;
+            }
+        }
+    }
+    Ok(())
 }

@@ -602,6 +602,13 @@ pub fn read_gguf_tokenizer(path: &Path) -> Result<Tokenizer> {
 /// `llama`, a missing/mistyped metadata key, a missing, unexpected or wrongly shaped tensor,
 /// or tensor data outside the file; `Tokenizer` for an unsupported tokenizer model.
 pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<GgufModel> {
+    load_gguf_ctl(path, dtype, device, &crate::progress::Control::NONE)
+}
+
+/// [`load_gguf`] reporting progress in tensors (`total` = the file's tensor count, reported as
+/// each is read and dequantized) and polling `ctl` after each one; on an abort the tensors read
+/// so far are dropped before this returns `Aborted`.
+pub fn load_gguf_ctl(path: &Path, dtype: DType, device: &Device, ctl: &crate::progress::Control) -> Result<GgufModel> {
     let dtype_name = match dtype {
         DType::F32 => "float32",
         DType::F16 => "float16",
@@ -648,6 +655,7 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<GgufModel
     let tokenizer = Tokenizer::from_gguf(&content, path)?;
 
     let mut tensors = HashMap::with_capacity(expected.len());
+    let mut counter = crate::progress::Counter::new(ctl, expected.len() as u64);
     for (name, _) in &expected {
         let hf = gguf_to_hf_name(name).ok_or_else(|| PeftError::Internal(format!("no HF name for {name}")))?;
         let info = &content.tensor_infos[name];
@@ -668,6 +676,8 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<GgufModel
         }
         let t = t.to_dtype(dtype)?.to_device(device)?;
         tensors.insert(hf, t);
+        counter.tick()?;
     }
+    counter.finish();
     Ok(GgufModel { config, tensors, tokenizer })
 }

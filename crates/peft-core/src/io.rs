@@ -198,6 +198,12 @@ fn json_kind(v: &serde_json::Value) -> &'static str {
 ///
 /// Errors: `NotFound`, `Io`, `SafetensorsInvalid` naming the file (and the tensor at fault).
 pub fn read_safetensors(path: &Path, device: &Device) -> Result<Vec<(String, Tensor)>> {
+    read_safetensors_with(path, device, &mut || Ok(()))
+}
+
+/// [`read_safetensors`] calling `tick` after each tensor is built (in file order): a tick that
+/// returns an error (e.g. `Aborted`) stops the read, and the tensors read so far are dropped.
+pub fn read_safetensors_with(path: &Path, device: &Device, tick: &mut dyn FnMut() -> Result<()>) -> Result<Vec<(String, Tensor)>> {
     use std::io::Read;
     let bad = |msg: String| PeftError::SafetensorsInvalid { path: path.to_path_buf(), msg };
     let mut f = std::fs::File::open(path).map_err(|e| PeftError::io(path, e))?;
@@ -228,12 +234,40 @@ pub fn read_safetensors(path: &Path, device: &Device) -> Result<Vec<(String, Ten
     if bytes.len() as u64 != size {
         return Err(bad("the file changed while it was read".into()));
     }
-    parse_safetensors(&bytes, path, device)
+    parse_safetensors_with(&bytes, path, device, tick)
+}
+
+/// The number of tensors of a safetensors file, from its header alone (validated as
+/// [`read_safetensors`] does; the data section is not read). Used to announce a progress total.
+///
+/// Errors: as [`read_safetensors`].
+pub fn safetensors_tensor_count(path: &Path) -> Result<usize> {
+    use std::io::Read;
+    let bad = |msg: String| PeftError::SafetensorsInvalid { path: path.to_path_buf(), msg };
+    let mut f = std::fs::File::open(path).map_err(|e| PeftError::io(path, e))?;
+    let size = f.metadata().map_err(|e| PeftError::io(path, e))?.len();
+    if size < 8 {
+        return Err(bad(format!("the file is {size} bytes long, too short for the 8-byte header length; truncated?")));
+    }
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|e| PeftError::io(path, e))?;
+    let n = u64::from_le_bytes(len);
+    if n > MAX_SAFETENSORS_HEADER || n > size - 8 {
+        return Err(bad(format!("header length {n} runs past the end of the file ({size} bytes) or exceeds the limit of {MAX_SAFETENSORS_HEADER} bytes")));
+    }
+    let mut header = Vec::with_capacity(n as usize);
+    (&mut f).take(n).read_to_end(&mut header).map_err(|e| PeftError::io(path, e))?;
+    Ok(validate_safetensors_header(&header, size - 8 - n, path)?.len())
 }
 
 /// [`read_safetensors`] over bytes already in memory; `path` is used in error messages.
 /// Validates the header with [`validate_safetensors_header`] first.
 pub fn parse_safetensors(bytes: &[u8], path: &Path, device: &Device) -> Result<Vec<(String, Tensor)>> {
+    parse_safetensors_with(bytes, path, device, &mut || Ok(()))
+}
+
+/// [`parse_safetensors`] calling `tick` after each tensor (see [`read_safetensors_with`]).
+pub fn parse_safetensors_with(bytes: &[u8], path: &Path, device: &Device, tick: &mut dyn FnMut() -> Result<()>) -> Result<Vec<(String, Tensor)>> {
     let bad = |msg: String| PeftError::SafetensorsInvalid { path: path.to_path_buf(), msg };
     if bytes.len() < 8 {
         return Err(bad(format!("{} bytes, too short for the 8-byte header length; truncated?", bytes.len())));
@@ -258,6 +292,7 @@ pub fn parse_safetensors(bytes: &[u8], path: &Path, device: &Device) -> Result<V
             Tensor::from_raw_buffer(raw, dt, &e.shape, device).map_err(|err| bad(format!("tensor `{name}`: {err}")))?
         };
         out.push((name, t));
+        tick()?;
     }
     Ok(out)
 }
@@ -301,10 +336,17 @@ pub fn tensor_bytes(t: &Tensor) -> Result<Vec<u8>> {
 /// Serialize tensors to safetensors bytes with `metadata` (HF PEFT writes `{"format": "pt"}`).
 /// Tensors are written in the order given (safetensors sorts them by dtype alignment, then name).
 pub fn safetensors_bytes(tensors: &[(String, Tensor)], metadata: Option<&[(&str, &str)]>) -> Result<Vec<u8>> {
-    let raws: Vec<(String, RawTensor)> = tensors
-        .iter()
-        .map(|(n, t)| Ok((n.clone(), RawTensor { dtype: candle_to_st(t.dtype())?, shape: t.dims().to_vec(), data: tensor_bytes(t)? })))
-        .collect::<Result<_>>()?;
+    safetensors_bytes_with(tensors, metadata, &mut || Ok(()))
+}
+
+/// [`safetensors_bytes`] calling `tick` after each tensor's bytes are made; an error from `tick`
+/// (e.g. `Aborted`) stops and drops what was made.
+pub fn safetensors_bytes_with(tensors: &[(String, Tensor)], metadata: Option<&[(&str, &str)]>, tick: &mut dyn FnMut() -> Result<()>) -> Result<Vec<u8>> {
+    let mut raws: Vec<(String, RawTensor)> = Vec::with_capacity(tensors.len());
+    for (n, t) in tensors {
+        raws.push((n.clone(), RawTensor { dtype: candle_to_st(t.dtype())?, shape: t.dims().to_vec(), data: tensor_bytes(t)? }));
+        tick()?;
+    }
     let meta = metadata.map(|m| m.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<std::collections::HashMap<_, _>>());
     safetensors::serialize(raws.iter().map(|(n, r)| (n.as_str(), r)), meta)
         .map_err(|e| PeftError::Internal(format!("safetensors serialization failed: {e}")))
@@ -352,6 +394,13 @@ pub const SAVE_JOURNAL: &str = ".peft-node-save.journal";
 ///
 /// Errors: `Io` naming the file.
 pub fn write_atomic_group(dir: &Path, files: &[(&str, &[u8])]) -> Result<()> {
+    write_atomic_group_with(dir, files, &|| Ok(()))
+}
+
+/// [`write_atomic_group`] that polls `check` before each temp file and before the journal (the
+/// commit point): when it fails (e.g. `Aborted`), the temp files written so far are removed and
+/// the folder's files are untouched. After the journal is written the group always completes.
+pub fn write_atomic_group_with(dir: &Path, files: &[(&str, &[u8])], check: &dyn Fn() -> Result<()>) -> Result<()> {
     recover_group_write(dir)?;
     let mut pending: Vec<(PathBuf, PathBuf)> = Vec::new();
     let cleanup = |p: &[(PathBuf, PathBuf)]| {
@@ -360,6 +409,10 @@ pub fn write_atomic_group(dir: &Path, files: &[(&str, &[u8])]) -> Result<()> {
         }
     };
     for (name, bytes) in files {
+        if let Err(e) = check() {
+            cleanup(&pending);
+            return Err(e);
+        }
         let path = dir.join(name);
         remove_stale_temps(dir, name);
         let tmp = dir.join(format!(".{name}.tmp-{}-{}", std::process::id(), unique()));
@@ -379,7 +432,7 @@ pub fn write_atomic_group(dir: &Path, files: &[(&str, &[u8])]) -> Result<()> {
         .iter()
         .map(|(t, p)| [t.file_name().unwrap_or_default().to_string_lossy(), p.file_name().unwrap_or_default().to_string_lossy()])
         .collect::<Vec<_>>());
-    if let Err(e) = write_atomic(&dir.join(SAVE_JOURNAL), journal.to_string().as_bytes()) {
+    if let Err(e) = check().and_then(|_| write_atomic(&dir.join(SAVE_JOURNAL), journal.to_string().as_bytes())) {
         cleanup(&pending);
         return Err(e);
     }

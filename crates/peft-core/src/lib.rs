@@ -21,6 +21,7 @@ pub mod model;
 pub mod model_card;
 pub mod ops;
 pub mod peft_model;
+pub mod progress;
 pub mod targeting;
 pub mod tokenizer;
 pub mod train;

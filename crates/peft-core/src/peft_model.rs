@@ -2,7 +2,7 @@
 //! disabling, merging, deleting, saving and loading adapters (peft 0.21 `PeftModel` / `LoraModel`).
 
 use crate::error::{PeftError, Result};
-use crate::io::{python_json_dumps, read_safetensors, safetensors_bytes, write_atomic};
+use crate::io::{python_json_dumps, read_safetensors, write_atomic};
 use crate::model::{BaseModel, ForwardOptions, KvCache, Task};
 use crate::tuners::ia3::Ia3Config;
 use crate::tuners::linear::{Ia3Adapter, LoraAdapter};
@@ -1137,6 +1137,22 @@ impl PeftModel {
     /// `SafetensorsInvalid` / `InvalidAdapterConfig` for the initial adapter, `InvalidArgument`
     /// for a prompt-learning or IA3 adapter.
     pub fn save_pretrained_with(&self, dir: &Path, selected: Option<&[String]>, opts: &SaveOptions) -> Result<Vec<PathBuf>> {
+        self.save_pretrained_ctl(dir, selected, opts, &crate::progress::Control::NONE)
+    }
+
+    /// [`Self::save_pretrained_with`] reporting progress and honouring cancellation through
+    /// `ctl`. Unit: tensors, over all adapters saved (`total` = the tensors of every selected
+    /// adapter's `adapter_model.safetensors`), reported as each one is serialized.
+    ///
+    /// Every adapter is serialized in memory first; `ctl` is polled after each tensor, so an
+    /// abort there writes nothing. Then the files are written: while the first adapter's temp
+    /// files are written `ctl` is still polled, and an abort there removes them; after the first
+    /// adapter's group is committed the save always completes (a later abort would leave a mix
+    /// of new and old adapters). Folders this call created are removed again (when empty) if it
+    /// fails or is aborted, so an aborted save into a new folder leaves nothing behind.
+    ///
+    /// Errors: as [`Self::save_pretrained_with`]; `Aborted`.
+    pub fn save_pretrained_ctl(&self, dir: &Path, selected: Option<&[String]>, opts: &SaveOptions, ctl: &crate::progress::Control) -> Result<Vec<PathBuf>> {
         let embeddings = opts.save_embedding_layers;
         let names: Vec<String> = match selected {
             Some(s) => s.to_vec(),
@@ -1145,14 +1161,17 @@ impl PeftModel {
         if names.is_empty() {
             return Err(PeftError::InvalidState("the model has no adapter to save".into()));
         }
-        let mut written = Vec::new();
-        std::fs::create_dir_all(dir).map_err(|e| PeftError::io(dir, e))?;
+        // Phase 1: everything in memory (the slow part for large adapters), abortable.
+        struct Prepared {
+            target: PathBuf,
+            tensors: Vec<(String, Tensor)>,
+            config_text: String,
+        }
+        let mut prepared = Vec::with_capacity(names.len());
         for name in &names {
             validate_adapter_name(name)?;
             let cfg = self.peft_config(name)?;
             let target = if name == "default" { dir.to_path_buf() } else { dir.join(name) };
-            check_save_subfolder(dir, &target)?;
-            std::fs::create_dir_all(&target).map_err(|e| PeftError::io(&target, e))?;
             let mut tensors = self.adapter_state_dict(name)?;
             tensors.extend(self.embedding_layers_to_save(name, embeddings)?);
             let mut saved = cfg.clone();
@@ -1164,13 +1183,61 @@ impl PeftModel {
                 config_text = crate::io::python_json_dumps(&c);
             }
             tensors.sort_by(|a, b| a.0.cmp(&b.0));
-            let bytes = safetensors_bytes(&tensors, Some(&[("format", "pt")]))?;
-            let wpath = target.join("adapter_model.safetensors");
-            let cpath = target.join("adapter_config.json");
-            // Weights and config together: a crash leaves the old pair or the new one.
-            crate::io::write_atomic_group(&target, &[("adapter_model.safetensors", &bytes), ("adapter_config.json", config_text.as_bytes())])?;
-            written.push(wpath);
-            written.push(cpath);
+            prepared.push(Prepared { target, tensors, config_text });
+        }
+        ctl.check()?;
+        let total: u64 = prepared.iter().map(|p| p.tensors.len() as u64).sum();
+        let mut counter = crate::progress::Counter::new(ctl, total);
+        let mut groups = Vec::with_capacity(prepared.len());
+        for p in prepared {
+            let bytes = crate::io::safetensors_bytes_with(&p.tensors, Some(&[("format", "pt")]), &mut || counter.tick())?;
+            groups.push((p.target, bytes, p.config_text));
+        }
+        counter.finish();
+        ctl.check()?;
+        // Phase 2: the files. Folders created here are removed again if the save fails.
+        let mut created: Vec<PathBuf> = Vec::new();
+        let res = self.write_prepared(dir, &names, &groups, ctl, &mut created);
+        if res.is_err() {
+            for d in created.iter().rev() {
+                let _ = std::fs::remove_dir(d); // only when empty
+            }
+        }
+        res
+    }
+
+    /// Phase 2 of [`Self::save_pretrained_ctl`]: folders, adapter file groups, model card.
+    fn write_prepared(&self, dir: &Path, names: &[String], groups: &[(PathBuf, Vec<u8>, String)], ctl: &crate::progress::Control, created: &mut Vec<PathBuf>) -> Result<Vec<PathBuf>> {
+        let mkdirs = |d: &Path, created: &mut Vec<PathBuf>| -> Result<()> {
+            // the missing ancestors, outermost first, so they can be removed innermost first
+            let mut missing = Vec::new();
+            let mut cur = Some(d);
+            while let Some(c) = cur {
+                if c.as_os_str().is_empty() || std::fs::symlink_metadata(c).is_ok() {
+                    break;
+                }
+                missing.push(c.to_path_buf());
+                cur = c.parent();
+            }
+            std::fs::create_dir_all(d).map_err(|e| PeftError::io(d, e))?;
+            created.extend(missing.into_iter().rev());
+            Ok(())
+        };
+        mkdirs(dir, created)?;
+        let mut written = Vec::new();
+        for (i, (target, bytes, config_text)) in groups.iter().enumerate() {
+            check_save_subfolder(dir, target)?;
+            mkdirs(target, created)?;
+            let files: [(&str, &[u8]); 2] = [("adapter_model.safetensors", bytes), ("adapter_config.json", config_text.as_bytes())];
+            // Weights and config together: a crash leaves the old pair or the new one. Only the
+            // first group can be aborted (see `save_pretrained_ctl`).
+            if i == 0 {
+                crate::io::write_atomic_group_with(target, &files, &|| ctl.check())?;
+            } else {
+                crate::io::write_atomic_group(target, &files)?;
+            }
+            written.push(target.join("adapter_model.safetensors"));
+            written.push(target.join("adapter_config.json"));
         }
         // README.md model card in `dir`: created, or updated keeping what the user wrote
         // (HF `create_or_update_model_card`, called once per save).
@@ -1279,7 +1346,17 @@ impl PeftModel {
     /// Errors: as [`Self::load_adapter`], plus `InvalidArgument` for an invalid `keyMapping`
     /// regex.
     pub fn load_adapter_with(&mut self, dir: &Path, name: &str, o: &LoadOptions) -> Result<LoadResult> {
-        let r = self.load_adapter_inner(dir, name, o)?;
+        self.load_adapter_ctl(dir, name, o, &crate::progress::Control::NONE)
+    }
+
+    /// [`Self::load_adapter_with`] reporting progress and honouring cancellation through `ctl`.
+    /// Unit: tensors of `adapter_model.safetensors` (`total` = the file's tensor count), reported
+    /// as each is read. `ctl` is polled after each tensor and once more before the model is
+    /// changed; an aborted load leaves the model as it was and drops what it read.
+    ///
+    /// Errors: as [`Self::load_adapter_with`]; `Aborted`.
+    pub fn load_adapter_ctl(&mut self, dir: &Path, name: &str, o: &LoadOptions, ctl: &crate::progress::Control) -> Result<LoadResult> {
+        let r = self.load_adapter_inner(dir, name, o, ctl)?;
         if !o.autocast_adapter_dtype {
             self.cast_adapter(name, self.base.dtype())?;
         }
@@ -1304,7 +1381,7 @@ impl PeftModel {
         Ok(())
     }
 
-    fn load_adapter_inner(&mut self, dir: &Path, name: &str, o: &LoadOptions) -> Result<LoadResult> {
+    fn load_adapter_inner(&mut self, dir: &Path, name: &str, o: &LoadOptions, ctl: &crate::progress::Control) -> Result<LoadResult> {
         let (is_trainable, config_override) = (o.is_trainable, o.config.clone());
         validate_adapter_name(name)?;
         if !dir.exists() {
@@ -1329,7 +1406,15 @@ impl PeftModel {
             }
         }
         let wpath = dir.join("adapter_model.safetensors");
-        let mut tensors = read_safetensors(&wpath, self.base.device())?;
+        let mut tensors = if ctl.progress.is_some() || ctl.should_stop.is_some() {
+            let total = crate::io::safetensors_tensor_count(&wpath)? as u64;
+            let mut counter = crate::progress::Counter::new(ctl, total);
+            let t = crate::io::read_safetensors_with(&wpath, self.base.device(), &mut || counter.tick())?;
+            counter.finish();
+            t
+        } else {
+            read_safetensors(&wpath, self.base.device())?
+        };
         if !o.key_mapping.is_empty() {
             let maps = o
                 .key_mapping
@@ -1355,6 +1440,7 @@ impl PeftModel {
         let mut cfg = cfg;
         cfg.add_task_head_modules();
         if let AdapterConfig::Prompt(p) = cfg {
+            ctl.check()?; // the last point before the model changes
             return self.load_prompt(name, p, tensors, &wpath);
         }
         // Build the expected key map from the config before touching the model.
@@ -1473,6 +1559,7 @@ impl PeftModel {
             AdapterConfig::Lora(c) => (c.bias.clone(), !c.inference_mode),
             _ => ("none".to_string(), false),
         };
+        ctl.check()?; // the last point before the model changes
         self.add_adapter(name, cfg, 0)?;
         if !emb_weights.is_empty() {
             for (m, lin) in self.base.named_linears_mut() {

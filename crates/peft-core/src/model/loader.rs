@@ -8,7 +8,8 @@ use super::llama::LlamaForCausalLM;
 use super::t5::{T5Config, T5ForConditionalGeneration};
 use super::{BaseModel, Task};
 use crate::error::{PeftError, Result};
-use crate::io::read_safetensors;
+use crate::io::read_safetensors_with;
+use crate::progress::{Control, Counter};
 use crate::tokenizer::Tokenizer;
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -110,6 +111,17 @@ pub fn load_causal_lm(path: &Path, dtype: DType, device: &Device) -> Result<Load
 /// Errors: as [`load_causal_lm`]; `InvalidModelConfig` when the architecture family has no such
 /// head (naming the supported ones).
 pub fn load_model(path: &Path, dtype: DType, device: &Device, req: &LoadRequest) -> Result<LoadedModel> {
+    load_model_ctl(path, dtype, device, req, &Control::NONE)
+}
+
+/// [`load_model`] reporting progress and honouring cancellation through `ctl`. Unit: tensors
+/// of the checkpoint (`total` = the tensors of the GGUF file, or of `model.safetensors` / all
+/// shards, counted from their headers before reading), reported as each is read (GGUF: read
+/// and dequantized). `ctl` is polled after each tensor and once more before the model is
+/// built; on an abort the tensors read so far are dropped before this returns.
+///
+/// Errors: as [`load_model`]; `Aborted`.
+pub fn load_model_ctl(path: &Path, dtype: DType, device: &Device, req: &LoadRequest, ctl: &Control) -> Result<LoadedModel> {
     if let Some(n) = req.num_labels {
         if n == 0 || n > MAX_NUM_LABELS {
             return Err(PeftError::invalid_arg("numLabels", format!("must be between 1 and {MAX_NUM_LABELS}, found {n}")));
@@ -119,7 +131,8 @@ pub fn load_model(path: &Path, dtype: DType, device: &Device, req: &LoadRequest)
         return Err(PeftError::NotFound { path: path.into(), what: "model folder or .gguf file does not exist".into() });
     }
     if is_gguf(path) {
-        let mut g = crate::gguf::load_gguf(path, dtype, device)?;
+        let mut g = crate::gguf::load_gguf_ctl(path, dtype, device, ctl)?;
+        ctl.check()?;
         // As for HF folders, the source path is the model's name (GGUF's `general.name` is a
         // display name, not something HF can load an adapter's base model from).
         g.config.name_or_path = Some(path.to_string_lossy().into_owned());
@@ -157,7 +170,7 @@ pub fn load_model(path: &Path, dtype: DType, device: &Device, req: &LoadRequest)
     let model: Box<dyn BaseModel> = if is(GPT2_ARCHITECTURES) {
         let mut config = Gpt2Config::from_json(&v, &cfg_path)?;
         config.name_or_path = config.name_or_path.or_else(source);
-        let mut tensors = load_folder_weights(path, device)?;
+        let mut tensors = load_folder_weights_ctl(path, device, ctl)?;
         let num_labels = (task == Task::SeqCls).then(|| num_labels_of(&v, req));
         if let Some(n) = num_labels {
             init_missing(&mut tensors, "score.weight", n, config.n_embd, &v, req.seed, device, &mut newly_initialized)?;
@@ -172,12 +185,12 @@ pub fn load_model(path: &Path, dtype: DType, device: &Device, req: &LoadRequest)
         }
         let mut config = T5Config::from_json(&v, &cfg_path)?;
         config.name_or_path = config.name_or_path.or_else(source);
-        let tensors = load_folder_weights(path, device)?;
+        let tensors = load_folder_weights_ctl(path, device, ctl)?;
         Box::new(T5ForConditionalGeneration::from_tensors(config, tensors, dtype, device)?)
     } else if is(LLAMA_ARCHITECTURES) {
         let mut config = LlamaConfig::from_json(&v, &cfg_path)?;
         config.name_or_path = config.name_or_path.or_else(source);
-        let mut tensors = load_folder_weights(path, device)?;
+        let mut tensors = load_folder_weights_ctl(path, device, ctl)?;
         let num_labels = (task == Task::SeqCls).then(|| num_labels_of(&v, req));
         if let Some(n) = num_labels {
             init_missing(&mut tensors, "score.weight", n, config.hidden_size, &v, req.seed, device, &mut newly_initialized)?;
@@ -186,7 +199,7 @@ pub fn load_model(path: &Path, dtype: DType, device: &Device, req: &LoadRequest)
     } else if is(BERT_ARCHITECTURES) {
         let mut config = BertConfig::from_json(&v, &cfg_path)?;
         config.name_or_path = config.name_or_path.or_else(source);
-        let mut tensors = load_folder_weights(path, device)?;
+        let mut tensors = load_folder_weights_ctl(path, device, ctl)?;
         let num_labels = matches!(task, Task::SeqCls | Task::TokenCls).then(|| num_labels_of(&v, req));
         super::bert::init_missing_heads(&mut tensors, task, num_labels, &config, &v, req.seed, device, &mut newly_initialized)?;
         Box::new(BertModel::from_tensors_for(config, tensors, dtype, device, task, num_labels)?)
@@ -223,6 +236,13 @@ pub fn architecture_of(v: &serde_json::Value) -> Option<String> {
 
 /// All tensors of `model.safetensors` or of the shards listed in `model.safetensors.index.json`.
 pub fn load_folder_weights(dir: &Path, device: &Device) -> Result<HashMap<String, Tensor>> {
+    load_folder_weights_ctl(dir, device, &Control::NONE)
+}
+
+/// [`load_folder_weights`] with progress in tensors over all files and cancellation between
+/// tensors (see [`load_model_ctl`]); on success the last report has `done == total` and `ctl`
+/// was polled after the last tensor.
+pub fn load_folder_weights_ctl(dir: &Path, device: &Device, ctl: &Control) -> Result<HashMap<String, Tensor>> {
     let single = dir.join("model.safetensors");
     let index = dir.join("model.safetensors.index.json");
     let files: Vec<std::path::PathBuf> = if single.exists() {
@@ -250,11 +270,20 @@ pub fn load_folder_weights(dir: &Path, device: &Device) -> Result<HashMap<String
             what: "no model.safetensors or model.safetensors.index.json in the model folder".into(),
         });
     };
+    let mut total = 0u64;
+    if ctl.progress.is_some() {
+        for f in &files {
+            total += crate::io::safetensors_tensor_count(f)? as u64;
+        }
+    }
+    let mut counter = Counter::new(ctl, total);
     let mut out = HashMap::new();
     for f in files {
-        for (k, t) in read_safetensors(&f, device)? {
+        for (k, t) in read_safetensors_with(&f, device, &mut || if ctl.progress.is_some() { counter.tick() } else { ctl.check() })? {
             out.insert(k, t);
         }
     }
+    counter.finish();
+    ctl.check()?;
     Ok(out)
 }
