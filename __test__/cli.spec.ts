@@ -4,7 +4,7 @@
  * own greedy generation.
  */
 import test from 'ava'
-import { spawnSync } from 'node:child_process'
+import { spawn, spawnSync } from 'node:child_process'
 import * as fs from 'node:fs'
 import * as path from 'node:path'
 import { AutoModelForCausalLM, PeftModel } from '../src/index'
@@ -111,4 +111,69 @@ test('generate: greedy tokens equal the library with the adapter', async (t) => 
   const b = cli('generate', '--model', LLAMA, '--max-new-tokens', '8', '--no-eos', prompt)
   t.is(b.code, 0, b.stderr)
   t.not(b.stdout, r.stdout, 'the adapter changes the continuation')
+})
+
+function sftData(dir: string): string {
+  const rows = ['classify the sentiment of this review as positive or negative', 'translate the text to the question']
+  const file = path.join(dir, 'train.jsonl')
+  fs.writeFileSync(file, Array.from({ length: 8 }, (_, i) => JSON.stringify({ text: rows[i % 2] })).join('\n') + '\n')
+  return file
+}
+
+test('sft: a config file plus flags trains, saves the adapter, state and curve; bad fields are named', (t) => {
+  const dir = tmpDir(t)
+  const data = sftData(dir)
+  const out = path.join(dir, 'out')
+  const cfg = path.join(dir, 'run.json')
+  fs.writeFileSync(cfg, JSON.stringify({ model_name_or_path: LLAMA, dataset: data, output_dir: out, max_steps: 8, per_device_train_batch_size: 2, learning_rate: 0.01, save_steps: 4 }))
+  const r = cli('sft', '-c', cfg, '--lora-r', '4', '--seed', '3')
+  t.is(r.code, 0, r.stderr)
+  const res = JSON.parse(r.stdout)
+  t.false(res.interrupted)
+  for (const f of ['adapter_config.json', 'adapter_model.safetensors', 'trainer_state.json', 'loss_curve.svg', 'checkpoint-4', 'checkpoint-8']) t.true(fs.existsSync(path.join(out, f)), f)
+  const adapter = JSON.parse(fs.readFileSync(path.join(out, 'adapter_config.json'), 'utf8'))
+  t.is(adapter.r, 4, 'the flag overrides the default rank')
+  const state = JSON.parse(fs.readFileSync(path.join(out, 'trainer_state.json'), 'utf8'))
+  const losses = (state.log_history as Array<{ loss?: number }>).filter((h) => h.loss !== undefined).map((h) => h.loss as number)
+  t.is(losses.length, 8)
+  t.true(losses[7] < losses[0], `loss falls: ${losses[0]} -> ${losses[7]}`)
+  t.true(Math.abs(res.finalLoss - losses[7]) < 1e-6)
+  fs.writeFileSync(cfg, JSON.stringify({ model_name_or_path: LLAMA, dataset: data, output_dir: out, lerning_rate: 1 }))
+  const bad = cli('sft', '-c', cfg)
+  t.is(bad.code, 1)
+  t.regex(bad.stderr, /^error ERR_INVALID_ARGUMENT: .*run\.json: unknown field `lerning_rate`/m)
+  const missing = cli('sft', '--dataset', data, '--output-dir', out)
+  t.is(missing.code, 1)
+  t.regex(missing.stderr, /`model_name_or_path` is required/)
+  const badData = path.join(dir, 'bad.jsonl')
+  fs.writeFileSync(badData, '{"text": "the"}\n{oops\n')
+  const e = cli('sft', '--model-name-or-path', LLAMA, '--dataset', badData, '--output-dir', out)
+  t.is(e.code, 1)
+  t.regex(e.stderr, /^error ERR_DATASET: .*bad\.jsonl:2/m)
+})
+
+test('sft: Ctrl-C saves a resumable checkpoint and the adapter, exits 130; resume continues', async (t) => {
+  const dir = tmpDir(t)
+  const data = sftData(dir)
+  const out = path.join(dir, 'out')
+  const args = ['--import', 'tsx', MAIN, 'sft', '--model-name-or-path', LLAMA, '--dataset', data, '--output-dir', out, '--max-steps', '100000', '--per-device-train-batch-size', '2', '--learning-rate', '0.001']
+  const child = spawn(process.execPath, args, { cwd: ROOT })
+  let err = ''
+  const code: number | null = await new Promise((resolve) => {
+    child.stderr.on('data', (d: Buffer) => {
+      err += d.toString()
+      if (/step 5\/100000/.test(err) && !child.killed) child.kill('SIGINT')
+    })
+    child.on('close', (c) => resolve(c))
+  })
+  t.is(code, 130, err)
+  const ckpts = fs.readdirSync(out).filter((f) => f.startsWith('checkpoint-'))
+  t.is(ckpts.length, 1, JSON.stringify(ckpts))
+  const step = Number(ckpts[0].slice('checkpoint-'.length))
+  t.true(step >= 5, `checkpoint at step ${step}`)
+  t.true(fs.existsSync(path.join(out, 'adapter_model.safetensors')))
+  const r = cli('sft', '--model-name-or-path', LLAMA, '--dataset', data, '--output-dir', out, '--max-steps', String(step + 2), '--per-device-train-batch-size', '2', '--learning-rate', '0.001', '--resume-from-checkpoint', 'true')
+  t.is(r.code, 0, r.stderr)
+  t.regex(r.stderr, new RegExp(`step ${step + 2}/${step + 2}`))
+  t.notRegex(r.stderr, /step 1\//, 'resumed, not restarted')
 })

@@ -128,6 +128,9 @@ export interface TrainerOptions {
   onEvaluate?: (metrics: EvalMetrics) => void
   /** Keep at most this many `checkpoint-<step>` folders in `outputDir`, deleting the oldest (`save_total_limit`). */
   saveTotalLimit?: number
+  /** With `outputDir`: when `signal` aborts the run, save a checkpoint of the last finished
+   * step (`checkpoint-<step>/`, resumable) before resolving. Default false. */
+  saveOnAbort?: boolean
   /** Shuffle examples each epoch (seeded; default true). */
   shuffle?: boolean
   onStep?: (info: StepInfo) => void
@@ -198,7 +201,7 @@ export class Trainer {
       TrainerOptions,
       | 'tokenizer' | 'maxLength' | 'onStep' | 'signal' | 'maxSteps' | 'numTrainEpochs' | 'outputDir' | 'saveSteps' | 'resumeFromCheckpoint'
       | 'assistantOnlyLoss' | 'completionOnlyLoss' | 'chatTemplate' | 'templateKwargs' | 'warmupRatio' | 'evalDataset' | 'valSetSize' | 'evalSteps'
-      | 'onEvaluate' | 'saveTotalLimit'
+      | 'onEvaluate' | 'saveTotalLimit' | 'saveOnAbort'
     >
   > &
     TrainerOptions
@@ -602,7 +605,13 @@ export class Trainer {
     let tokens = 0
     let aborted = false
     for (let s = first; s < maxSteps; s++) {
-      if (o.signal?.aborted) { aborted = true; break }
+      if (o.signal?.aborted) {
+        aborted = true
+        // saveOnAbort: a checkpoint of the last finished step, to resume from (the CLI's Ctrl-C)
+        const last = history[history.length - 1]?.step
+        if (o.saveOnAbort && o.outputDir && last !== undefined && !(o.saveSteps !== undefined && last % o.saveSteps === 0)) await save(last)
+        break
+      }
       const micro = Array.from({ length: accum }, nextBatch)
       const ts = performance.now()
       recheck()

@@ -9,6 +9,7 @@
 import { parseArgs, type ParseArgsConfig } from 'node:util'
 import { PeftError } from '../errors'
 import { formatInspection, inspectPath } from './inspect'
+import { SFT_FIELDS, readSftConfig, runSft } from './sft'
 
 type Options = NonNullable<ParseArgsConfig['options']>
 type Values = Record<string, string | boolean | undefined>
@@ -50,6 +51,108 @@ const COMMANDS: Record<string, Command> = {
       if (positionals.length !== 1) throw new UsageError('inspect takes one path')
       const x = await inspectPath(positionals[0])
       process.stdout.write(values.json ? `${JSON.stringify(x, (_, v: unknown) => (typeof v === 'bigint' ? Number(v) : v), 2)}\n` : `${formatInspection(x)}\n`)
+    },
+  },
+  sft: {
+    summary: 'fine-tune a model with LoRA on a dataset in a TRL format (config file and/or flags)',
+    usage: 'peft-node sft --config run.json [--field value ...]   (or every field as a flag)',
+    options: {
+      config: { type: 'string', short: 'c' },
+      ...Object.fromEntries(SFT_FIELDS.map((f) => [f.name.replace(/_/g, '-'), { type: f.type === 'boolean' ? 'boolean' : 'string' }])),
+    } as Options,
+    help: {
+      config: 'JSON file of the fields below in snake_case (TRL SFTConfig / axolotl names); flags override it',
+      ...Object.fromEntries(SFT_FIELDS.map((f) => [f.name.replace(/_/g, '-'), f.help])),
+    },
+    async run(values, positionals, signal) {
+      if (positionals.length > 0) throw new UsageError(`sft takes no positional arguments, found ${JSON.stringify(positionals)}`)
+      const { config, ...flags } = values
+      const c = readSftConfig(config as string | undefined, flags)
+      const tty = process.stderr.isTTY
+      let open = false
+      const r = await runSft(c, signal, (line, transient) => {
+        if (tty && transient) {
+          process.stderr.write(`\r\x1b[K${line}`)
+          open = true
+        } else {
+          process.stderr.write(`${open ? '\r\x1b[K' : ''}${line}\n`)
+          open = false
+        }
+      })
+      if (open) process.stderr.write('\n')
+      process.stdout.write(`${JSON.stringify({ adapter: r.adapterDir, finalLoss: r.finalLoss, interrupted: r.interrupted })}\n`)
+    },
+  },
+  chat: {
+    summary: 'chat with a model (and an adapter) in the terminal, with its chat template, streaming the answer',
+    usage: 'peft-node chat --model <hf-folder|file.gguf> [--adapter <dir>] [--system <text>]',
+    options: {
+      model: { type: 'string', short: 'm' },
+      adapter: { type: 'string', short: 'a' },
+      system: { type: 'string' },
+      'max-new-tokens': { type: 'string' },
+      'do-sample': { type: 'boolean' },
+      temperature: { type: 'string' },
+      'top-p': { type: 'string' },
+      seed: { type: 'string' },
+      'num-threads': { type: 'string' },
+    },
+    help: {
+      model: 'base model: an HF folder or a GGUF file (required)',
+      adapter: 'adapter folder to apply (HF PEFT format)',
+      system: 'system message',
+      'max-new-tokens': 'longest answer in tokens (default 256)',
+      'do-sample': 'sample instead of greedy decoding',
+      temperature: 'sampling temperature',
+      'top-p': 'nucleus sampling threshold',
+      seed: 'sampling seed',
+      'num-threads': 'compute threads (default: all cores)',
+    },
+    async run(values, _positionals, signal) {
+      if (!values.model) throw new UsageError('--model is required')
+      const maxNewTokens = int(values, 'max-new-tokens', 1) ?? 256
+      const numThreads = int(values, 'num-threads', 1)
+      const lib = await import('../index')
+      const readline = await import('node:readline/promises')
+      const model = await lib.AutoModelForCausalLM.fromPretrained(values.model as string, numThreads ? { numThreads } : {})
+      const rl = readline.createInterface({ input: process.stdin, output: process.stdout, terminal: Boolean(process.stdin.isTTY) })
+      try {
+        const tokenizer = await lib.AutoTokenizer.fromPretrained(values.model as string)
+        const target = values.adapter ? await lib.PeftModel.fromPretrained(model, values.adapter as string) : model
+        const messages: Array<{ role: string; content: string }> = values.system ? [{ role: 'system', content: values.system as string }] : []
+        if (process.stdin.isTTY) process.stdout.write('Type a message; an empty line or Ctrl-D ends the chat.\n')
+        for (;;) {
+          let line: string
+          try {
+            line = await rl.question(process.stdin.isTTY ? '> ' : '', { signal })
+          } catch {
+            break // Ctrl-C / Ctrl-D / end of input
+          }
+          if (!line.trim()) break
+          messages.push({ role: 'user', content: line })
+          const ids = tokenizer.encode(tokenizer.applyChatTemplate(messages, { addGenerationPrompt: true }), { addSpecialTokens: false })
+          let answer = ''
+          await target.generate([ids], {
+            maxNewTokens,
+            doSample: Boolean(values['do-sample']),
+            temperature: num(values, 'temperature'),
+            topP: num(values, 'top-p'),
+            seed: int(values, 'seed', 0),
+            tokenizer,
+            signal,
+            onToken: (st) => {
+              const t = st.text?.[0] ?? ''
+              answer += t
+              process.stdout.write(t)
+            },
+          })
+          process.stdout.write('\n')
+          messages.push({ role: 'assistant', content: answer })
+        }
+      } finally {
+        rl.close()
+        model.dispose()
+      }
     },
   },
   generate: {
