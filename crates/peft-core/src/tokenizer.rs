@@ -499,6 +499,14 @@ impl Tokenizer {
         self.chat_template.as_deref()
     }
 
+    /// The tokenizer as `tokenizer.json` text (the `tokenizers` crate's serialization, which
+    /// transformers' `PreTrainedTokenizerFast` / `TokenizersBackend` reads).
+    ///
+    /// Errors: `Tokenizer` when serialization fails.
+    pub fn to_json(&self) -> Result<String> {
+        self.inner.to_string(true).map_err(|e| tok_err("cannot serialize the tokenizer", e))
+    }
+
     /// The wrapped Hugging Face tokenizer.
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
