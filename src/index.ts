@@ -57,3 +57,4 @@ export {
   getPeftModel, type LoadAdapterOptions, type LoadResult, type SaveOptions, type TunerLayerStatus, type TunerModelStatus } from './peft-model'
 export { Trainer, listCheckpoints, type TrainerOptions, type TrainExample, type StepInfo, type TrainOutput } from './trainer'
 export { loadSafetensors, saveSafetensors } from './safetensors'
+export { exportGgufLora, exportGguf, type ExportGgufLoraOptions, type ExportGgufLoraResult, type ExportGgufOptions, type GgufOutType } from './export'
