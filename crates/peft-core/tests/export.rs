@@ -174,6 +174,27 @@ fn lora_export_names_permutation_and_folded_scales_match_hf() {
 }
 
 #[test]
+fn lora_export_for_a_qwen2_base_keeps_hf_row_order() {
+    // The tiny Llama's config as a Qwen2 config (same shapes): GGUF architecture `qwen2`, whose
+    // q/k rows llama.cpp does not permute.
+    let d = scratch("qwen2");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tiny_hf().join("config.json")).unwrap()).unwrap();
+    cfg["model_type"] = "qwen2".into();
+    cfg["architectures"] = serde_json::json!(["Qwen2ForCausalLM"]);
+    std::fs::create_dir_all(d.join("base")).unwrap();
+    std::fs::write(d.join("base/config.json"), cfg.to_string()).unwrap();
+    let out = d.join("q.gguf");
+    let rep = export::export_gguf_lora(&case_dir("llama_lora_qv"), &out, &LoraExportOptions { base_model: Some(d.join("base")), outtype: GgmlType::F32 }).unwrap();
+    assert_eq!(rep.architecture, "qwen2");
+    let (md, t) = read_gguf(&out);
+    assert!(matches!(&md["general.architecture"], Value::String(s) if s == "qwen2"));
+    let hf = peft_core::io::read_safetensors(&case_dir("llama_lora_qv").join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let b = &hf.iter().find(|(k, _)| k == "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight").unwrap().1;
+    assert_eq!(max_diff(&t["blk.1.attn_q.weight.lora_b"].0, b), 0.0);
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+#[test]
 fn lora_export_refusals_have_codes_and_name_the_feature() {
     let d = scratch("refuse");
     let out = d.join("x.gguf");
