@@ -180,8 +180,8 @@ const TOKENIZER_FILES: &[&str] = &[
 /// Save the merged model `m` as a transformers model folder in `dir` (created if missing):
 /// `config.json`, the weights in safetensors (`model.safetensors`, or shards of at most
 /// `max_shard_size` bytes named `model-0000i-of-0000n.safetensors` with
-/// `model.safetensors.index.json` mapping each tensor to its shard, as transformers writes
-/// them), and the tokenizer: for a model loaded from a HF folder its tokenizer files
+/// `model.safetensors.index.json` mapping each tensor to its shard with `total_parameters` and
+/// `total_size`, as transformers 5 writes them), and the tokenizer: for a model loaded from a HF folder its tokenizer files
 /// (`tokenizer.json`, `tokenizer_config.json`, ...) are copied; for a model loaded from a GGUF
 /// file, `tokenizer` (the one built from the GGUF metadata) is written as `tokenizer.json` with
 /// a `tokenizer_config.json` naming its special tokens and chat template. Tensors keep the
@@ -199,12 +199,16 @@ pub fn save_merged_pretrained(m: &PeftModel, dir: &Path, tokenizer: Option<&Toke
     let state = llama_state_dict(llama);
     // Split in order, as transformers' `split_torch_state_dict_into_shards` does.
     let mut shards: Vec<Vec<(String, Tensor)>> = vec![vec![]];
+    // A tensor larger than the limit gets a shard of its own, as in `huggingface_hub`.
     let mut cur = 0u64;
     let mut total = 0u64;
+    let mut params = 0u64;
     for (k, t) in state {
         let bytes = (t.elem_count() * t.dtype().size_in_bytes()) as u64;
         total += bytes;
-        if cur + bytes > opts.max_shard_size && !shards.last().map(|s| s.is_empty()).unwrap_or(true) {
+        params += t.elem_count() as u64;
+        let open = !shards.last().map(|s| s.is_empty()).unwrap_or(true);
+        if open && cur + bytes > opts.max_shard_size {
             shards.push(vec![]);
             cur = 0;
         }
@@ -228,11 +232,11 @@ pub fn save_merged_pretrained(m: &PeftModel, dir: &Path, tokenizer: Option<&Toke
         let mut sorted: Vec<(String, serde_json::Value)> = weight_map.into_iter().collect();
         sorted.sort_by(|a, b| a.0.cmp(&b.0));
         let index = serde_json::json!({
-            "metadata": { "total_size": total },
+            "metadata": { "total_parameters": params, "total_size": total },
             "weight_map": serde_json::Map::from_iter(sorted),
         });
         let path = dir.join("model.safetensors.index.json");
-        write_atomic(&path, (serde_json::to_string_pretty(&index).expect("json") + "\n").as_bytes())?;
+        write_atomic(&path, (crate::io::python_json_dumps(&index) + "\n").as_bytes())?;
         written.push(path);
     }
     let cfg_path = dir.join("config.json");
