@@ -12,7 +12,7 @@ import * as fs from 'node:fs'
 import * as path from 'node:path'
 import { AutoModelForCausalLM, AutoTokenizer, LoraConfig, Tensor, Trainer, exportGguf, exportGgufLora, getPeftModel } from '../src/index'
 import { hfPython, maxAbsDiff, tmpDir } from './helpers'
-import { agreement, peftGreedy, prefixAgreement, runLlamaCpp } from './llamacpp'
+import { agreement, llamaCppTokenize, peftGreedy, prefixAgreement, runLlamaCpp } from './llamacpp'
 
 const SMOL = path.join(__dirname, '..', '.cache', 'models', 'SmolLM2-135M-Instruct.Q4_1.gguf')
 const ROOT = path.join(__dirname, '..')
@@ -78,9 +78,20 @@ test('SmolLM2: trained adapter as GGUF LoRA and merged GGUF in llama.cpp give pe
   t.true(m.forced >= 0.8 && m.greedy >= 0.6, JSON.stringify(m))
   t.true(agreement(cppMerged.greedy, cppBase.greedy) < 0.6, 'the merged file is not the base model')
 
-  // Merged HF folder, checked by transformers when available.
+  // Merged HF folder; loaded again and exported as GGUF from it (tokenizer metadata built from
+  // tokenizer.json), llama.cpp must tokenize and decode as peft-node does.
   const hf = path.join(dir, 'hf')
   await merged.savePretrained(hf, { maxShardSize: '200MB' })
+  const fromHf = await AutoModelForCausalLM.fromPretrained(hf)
+  const hfGguf = path.join(dir, 'from-hf.gguf')
+  await exportGguf(fromHf, hfGguf, { outtype: 'f16' })
+  fromHf.dispose()
+  const cppHf = await runLlamaCpp(hfGguf, undefined, prompts, N_NEW, oursMerged)
+  t.log(`GGUF exported from the merged HF folder: llama.cpp greedy agreement ${agreement(cppHf.greedy, oursMerged).toFixed(3)} (teacher-forced ${agreement(cppHf.forced, oursMerged).toFixed(3)})`)
+  t.true(agreement(cppHf.forced, oursMerged) >= 0.8 && agreement(cppHf.greedy, oursMerged) >= 0.6)
+  const sample = 'Who is the captain? 1234 tokens, naïve café!\n<|im_start|>user'
+  t.deepEqual(await llamaCppTokenize(hfGguf, sample), tok.encode(sample, { addSpecialTokens: false }), 'llama.cpp tokenizes with the written tokenizer metadata as peft-node does')
+
   const py = hfPython()
   if (!py) {
     t.log('skipped: transformers check of the merged SmolLM2 folder (no Python with torch + transformers; set PEFT_HF_PYTHON)')

@@ -99,3 +99,17 @@ export function prefixAgreement(a: number[][], b: number[][]): number {
   }
   return n === 0 ? 1 : same / n
 }
+
+/** llama.cpp's tokenization of `text` with the vocabulary of `modelPath` (special tokens parsed,
+ * no BOS added). */
+export async function llamaCppTokenize(modelPath: string, text: string): Promise<number[]> {
+  const { getLlama } = await import('node-llama-cpp')
+  const llama = await getLlama({ gpu: false, build: 'never', logLevel: 'error' as never })
+  const model = await llama.loadModel({ modelPath, gpuLayers: 0, vocabOnly: true } as never)
+  try {
+    return Array.from(model.tokenize(text, true) as unknown as number[])
+  } finally {
+    await model.dispose()
+    await llama.dispose()
+  }
+}

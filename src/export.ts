@@ -97,19 +97,22 @@ export interface ExportGgufOptions {
 /**
  * Write a merged model as a GGUF model file for llama.cpp, off the JS thread, through the
  * model's job queue (after the calls made before it, e.g. `mergeAndUnload()`). The model must
- * carry no adapter (call `peftModel.mergeAndUnload()` first) and must have been loaded from a
- * Llama GGUF file: that file's metadata (hyper-parameters, tokenizer, chat template) is copied
- * and the merged weights are written under llama.cpp's names (q/k rows permuted as llama.cpp
- * stores them), matrices as `outtype`, norms f32. Written atomically.
+ * carry no adapter (call `peftModel.mergeAndUnload()` first). The metadata comes from where the
+ * model was loaded: a Llama GGUF file's metadata (hyper-parameters, tokenizer, chat template) is
+ * copied; for a HF folder it is built from config.json and the folder's byte-level BPE
+ * tokenizer.json / tokenizer_config.json (as llama.cpp's `convert_hf_to_gguf.py` writes it for
+ * GPT-2-style tokenizers: SmolLM2, Llama 3, Qwen2). The merged weights are written under
+ * llama.cpp's names (q/k rows permuted as llama.cpp stores them for the `llama` architecture),
+ * matrices as `outtype`, norms f32. Written atomically.
  *
  * @param model the merged base model (a `PeftModel` is accepted and its base model is used).
  * @param outFile the `.gguf` file to write (its folder must exist).
  * @returns the written tensors as `[name, type]` pairs.
  * @throws PeftError `ERR_INVALID_STATE` (adapters still attached; disposed model);
- *   `ERR_EXPORT_UNSUPPORTED` (a model loaded from a HF folder: converting its tokenizer to GGUF
- *   metadata is not implemented, save it with `savePretrained` and use llama.cpp's
- *   `convert_hf_to_gguf.py`; a non-Llama model or a classification head);
- *   `ERR_INVALID_ARGUMENT`; `ERR_NOT_FOUND` (the source GGUF file is gone); `ERR_IO`.
+ *   `ERR_EXPORT_UNSUPPORTED` (a HF folder whose tokenizer is not byte-level BPE, e.g.
+ *   WordLevel or SentencePiece, naming it; a non-Llama model; a classification head);
+ *   `ERR_INVALID_ARGUMENT`; `ERR_NOT_FOUND` (the source file or folder, or its tokenizer.json,
+ *   is gone); `ERR_TOKENIZER`; `ERR_IO`.
  */
 export async function exportGguf(model: PreTrainedModel | PeftModel, outFile: string, options: ExportGgufOptions = {}): Promise<Array<[string, GgufOutType]>> {
   checkPath('outFile', outFile)

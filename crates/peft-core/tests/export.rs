@@ -272,10 +272,31 @@ fn merged_gguf_and_hf_folder_reload_to_the_merged_logits() {
     let names: Vec<String> = std::fs::read_dir(&hf).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert!(names.contains(&"model.safetensors".to_string()) && !names.iter().any(|n| n.starts_with("model-") || n.ends_with("index.json")), "{names:?}");
 
-    // A model loaded from a HF folder cannot be written as GGUF (no tokenizer conversion).
+    // The HF folder, loaded again, exported as GGUF: metadata built from config.json and
+    // tokenizer.json gives the source file's tokenizer back, and the same logits.
+    export::save_merged_pretrained(&m, &hf, tok.as_ref(), &MergedSaveOptions::default()).unwrap();
+    let from_hf = PeftModel::new(load_causal_lm(&hf, DType::F32, &Device::Cpu).unwrap().model);
+    let p = d.join("from-hf.gguf");
+    export::export_merged_gguf(&from_hf, &p, GgmlType::F32).unwrap();
+    let back = PeftModel::new(load_causal_lm(&p, DType::F32, &Device::Cpu).unwrap().model);
+    assert_eq!(max_diff(&logits(&back, &IDS), &merged), 0.0);
+    let (src_md, _) = read_gguf(&tiny_gguf());
+    let (md, _) = read_gguf(&p);
+    for k in ["tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.pre", "tokenizer.ggml.model", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"] {
+        assert_eq!(format!("{:?}", md[k]), format!("{:?}", src_md[k]), "{k}");
+    }
+    // token types: i32 here, whatever integer type the source used
+    let ints = |v: &Value| match v {
+        Value::Array(a) => a.iter().map(|x| x.to_i32().unwrap()).collect::<Vec<i32>>(),
+        _ => panic!(),
+    };
+    assert_eq!(ints(&md["tokenizer.ggml.token_type"]), ints(&src_md["tokenizer.ggml.token_type"]));
+
+    // The fixture's own HF folder has a WordLevel tokenizer, which GGUF cannot hold.
     let mut h = PeftModel::new(load_causal_lm(&tiny_hf(), DType::F32, &Device::Cpu).unwrap().model);
     h.merge_and_unload(None, false).unwrap();
     let e = export::export_merged_gguf(&h, &d.join("y.gguf"), GgmlType::F32).unwrap_err();
     assert_eq!(e.code(), "ERR_EXPORT_UNSUPPORTED", "{e}");
+    assert!(e.to_string().contains("WordLevel"), "{e}");
     let _ = std::fs::remove_dir_all(&d);
 }

@@ -294,58 +294,54 @@ pub fn save_merged_pretrained(m: &PeftModel, dir: &Path, tokenizer: Option<&Toke
 
 /// Write the merged model `m` as a GGUF file for llama.cpp at `out` (atomically).
 ///
-/// The model must come from a Llama GGUF file (its path is the model's `name_or_path`): that
-/// file's metadata (architecture hyper-parameters, tokenizer, chat template, ...) is copied,
-/// `general.file_type` is set for `outtype`, and the model's merged weights are written under
+/// The metadata comes from where the model was loaded (its `name_or_path`): a Llama GGUF file's
+/// metadata (hyper-parameters, tokenizer, chat template, ...) is copied; for a HF folder it is
+/// built from the config and the folder's byte-level BPE tokenizer
+/// ([`super::hf_metadata::hf_gguf_metadata`]). `general.file_type` is set for `outtype`, and the
+/// model's merged weights are written under
 /// llama.cpp's names with the q/k rows permuted as llama.cpp stores them. 1-D tensors (norms,
 /// biases) are f32; the others `outtype` (Q8_0 falls back to F16 for rows that are not a
 /// multiple of 32). Returns the tensors written with their types.
 ///
 /// Errors: `InvalidState` when adapters are still attached or the source GGUF file no longer
-/// matches the model; `ExportUnsupported` for a model loaded from a HF folder (writing a HF
-/// tokenizer as GGUF metadata is not implemented: save it with `save_merged_pretrained` and
-/// convert that folder with llama.cpp's `convert_hf_to_gguf.py`), a non-Llama model or a
-/// sequence-classification head; `NotFound` when the source file is gone; `GgufInvalid`; `Io`.
+/// matches the model; `ExportUnsupported` for a HF folder whose tokenizer is not byte-level BPE
+/// (naming it), a non-Llama model or a sequence-classification head; `NotFound` when the
+/// source file / folder (or its tokenizer.json) is gone; `GgufInvalid`; `Tokenizer`; `Io`.
 pub fn export_merged_gguf(m: &PeftModel, out: &Path, outtype: GgmlType) -> Result<Vec<(String, GgmlType)>> {
     let llama = plain_llama(m, "exportGguf")?;
     if llama.info().task != Task::CausalLm {
         return Err(unsupported(format!("a {} head", llama.info().task.task_type()), "GGUF export writes causal LMs only"));
     }
-    let src = llama.config.name_or_path.as_deref().map(Path::new);
-    let src = match src {
-        Some(p) if p.is_file() && crate::model::loader::is_gguf(p) => p,
-        Some(p) if p.is_dir() => {
-            return Err(unsupported(
-                "a model loaded from a Hugging Face folder as GGUF",
-                format!(
-                    "writing {}'s tokenizer as GGUF metadata is not implemented; save the merged model with savePretrained and convert that folder with llama.cpp's convert_hf_to_gguf.py",
-                    p.display()
-                ),
-            ))
+    let (arch, permute) = gguf_architecture(&llama.config)?;
+    let c = &llama.config;
+    let mut w = GgufWriter::new();
+    match c.name_or_path.as_deref().map(Path::new) {
+        Some(src) if src.is_file() && crate::model::loader::is_gguf(src) => {
+            let content = crate::gguf::read_gguf_header(src)?;
+            let scfg = crate::gguf::llama_config_from_gguf(&content, src)?;
+            if (scfg.hidden_size, scfg.num_hidden_layers, scfg.vocab_size, scfg.tie_word_embeddings) != (c.hidden_size, c.num_hidden_layers, c.vocab_size, c.tie_word_embeddings) {
+                return Err(PeftError::InvalidState(format!("{} no longer matches the loaded model's hyper-parameters", src.display())));
+            }
+            let mut keys: Vec<&String> = content.metadata.keys().collect();
+            // general.* first, then the rest, each sorted (the reader does not keep the order).
+            keys.sort_by_key(|k| (!k.starts_with("general."), k.as_str()));
+            for k in keys {
+                if k != "general.alignment" {
+                    w.set(k, content.metadata[k].clone());
+                }
+            }
+        }
+        Some(dir) if dir.is_dir() => {
+            for (k, v) in super::hf_metadata::hf_gguf_metadata(dir, c, arch)? {
+                w.set(&k, v);
+            }
         }
         other => {
             return Err(PeftError::NotFound {
                 path: other.map(|p| p.to_path_buf()).unwrap_or_default(),
-                what: "exportGguf copies the metadata (tokenizer) of the GGUF file the model was loaded from, and it is no longer there".into(),
+                what: "exportGguf reads the tokenizer of the GGUF file or HF folder the model was loaded from, and it is no longer there".into(),
             })
         }
-    };
-    let (arch, permute) = gguf_architecture(&llama.config)?;
-    let content = crate::gguf::read_gguf_header(src)?;
-    let scfg = crate::gguf::llama_config_from_gguf(&content, src)?;
-    let c = &llama.config;
-    if (scfg.hidden_size, scfg.num_hidden_layers, scfg.vocab_size, scfg.tie_word_embeddings) != (c.hidden_size, c.num_hidden_layers, c.vocab_size, c.tie_word_embeddings) {
-        return Err(PeftError::InvalidState(format!("{} no longer matches the loaded model's hyper-parameters", src.display())));
-    }
-    let mut w = GgufWriter::new();
-    let mut keys: Vec<&String> = content.metadata.keys().collect();
-    // general.* first, then the rest, each sorted (the source order is not kept by the reader).
-    keys.sort_by_key(|k| (!k.starts_with("general."), k.as_str()));
-    for k in keys {
-        if k == "general.alignment" {
-            continue;
-        }
-        w.set(k, content.metadata[k].clone());
     }
     w.set("general.architecture", Value::String(arch.into()));
     w.set("general.file_type", Value::U32(outtype.file_type()));

@@ -12,6 +12,7 @@
 //! RoPE ([`permute_qk`]); `qwen2` files keep transformers' order (NeoX-style RoPE).
 
 pub mod gguf_writer;
+pub mod hf_metadata;
 pub mod lora;
 pub mod merged;
 
