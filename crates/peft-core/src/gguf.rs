@@ -530,6 +530,7 @@ pub fn llama_config_from_gguf(content: &gguf_file::Content, path: &Path) -> Resu
         dtype: None,
         name_or_path: name,
         architecture: "LlamaForCausalLM".into(),
+        source_path: None,
     })
 }
 

@@ -273,8 +273,12 @@ fn merged_gguf_and_hf_folder_reload_to_the_merged_logits() {
     assert!(names.contains(&"model.safetensors".to_string()) && !names.iter().any(|n| n.starts_with("model-") || n.ends_with("index.json")), "{names:?}");
 
     // The HF folder, loaded again, exported as GGUF: metadata built from config.json and
-    // tokenizer.json gives the source file's tokenizer back, and the same logits.
+    // tokenizer.json gives the source file's tokenizer back, and the same logits. A
+    // `_name_or_path` naming a hub id (as older transformers wrote) does not hide the folder.
     export::save_merged_pretrained(&m, &hf, tok.as_ref(), &MergedSaveOptions::default()).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(hf.join("config.json")).unwrap()).unwrap();
+    cfg["_name_or_path"] = "someone/tiny-llama".into();
+    std::fs::write(hf.join("config.json"), cfg.to_string()).unwrap();
     let from_hf = PeftModel::new(load_causal_lm(&hf, DType::F32, &Device::Cpu).unwrap().model);
     let p = d.join("from-hf.gguf");
     export::export_merged_gguf(&from_hf, &p, GgmlType::F32).unwrap();

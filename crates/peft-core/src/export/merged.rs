@@ -150,6 +150,11 @@ fn hf_config(m: &LlamaForCausalLM) -> serde_json::Value {
     v
 }
 
+/// Where the model was loaded from: the loader's record, else `name_or_path`.
+fn source_of(m: &LlamaForCausalLM) -> Option<&Path> {
+    m.config.source_path.as_deref().or_else(|| m.config.name_or_path.as_deref().map(Path::new))
+}
+
 /// `model-00001-of-00003.safetensors`-style shard name, as transformers names them.
 fn shard_name(i: usize, n: usize) -> String {
     format!("model-{:05}-of-{:05}.safetensors", i + 1, n)
@@ -244,7 +249,7 @@ pub fn save_merged_pretrained(m: &PeftModel, dir: &Path, tokenizer: Option<&Toke
     written.push(cfg_path);
 
     // Tokenizer files.
-    let source = llama.config.name_or_path.as_deref().map(Path::new).filter(|p| p.is_dir());
+    let source = source_of(llama).filter(|p| p.is_dir());
     match (source, tokenizer) {
         (Some(src), _) => {
             for f in TOKENIZER_FILES {
@@ -294,7 +299,8 @@ pub fn save_merged_pretrained(m: &PeftModel, dir: &Path, tokenizer: Option<&Toke
 
 /// Write the merged model `m` as a GGUF file for llama.cpp at `out` (atomically).
 ///
-/// The metadata comes from where the model was loaded (its `name_or_path`): a Llama GGUF file's
+/// The metadata comes from where the model was loaded (`source_path`, else `name_or_path`): a
+/// Llama GGUF file's
 /// metadata (hyper-parameters, tokenizer, chat template, ...) is copied; for a HF folder it is
 /// built from the config and the folder's byte-level BPE tokenizer
 /// ([`super::hf_metadata::hf_gguf_metadata`]). `general.file_type` is set for `outtype`, and the
@@ -315,7 +321,7 @@ pub fn export_merged_gguf(m: &PeftModel, out: &Path, outtype: GgmlType) -> Resul
     let (arch, permute) = gguf_architecture(&llama.config)?;
     let c = &llama.config;
     let mut w = GgufWriter::new();
-    match c.name_or_path.as_deref().map(Path::new) {
+    match source_of(llama) {
         Some(src) if src.is_file() && crate::model::loader::is_gguf(src) => {
             let content = crate::gguf::read_gguf_header(src)?;
             let scfg = crate::gguf::llama_config_from_gguf(&content, src)?;

@@ -123,6 +123,7 @@ pub fn load_model(path: &Path, dtype: DType, device: &Device, req: &LoadRequest)
         // As for HF folders, the source path is the model's name (GGUF's `general.name` is a
         // display name, not something HF can load an adapter's base model from).
         g.config.name_or_path = Some(path.to_string_lossy().into_owned());
+        g.config.source_path = Some(path.to_path_buf());
         let mut newly_initialized = Vec::new();
         let task = req.task.unwrap_or(Task::CausalLm);
         let num_labels = (task == Task::SeqCls).then(|| req.num_labels.unwrap_or(2));
@@ -177,6 +178,7 @@ pub fn load_model(path: &Path, dtype: DType, device: &Device, req: &LoadRequest)
     } else if is(LLAMA_ARCHITECTURES) {
         let mut config = LlamaConfig::from_json(&v, &cfg_path)?;
         config.name_or_path = config.name_or_path.or_else(source);
+        config.source_path = Some(path.to_path_buf());
         let mut tensors = load_folder_weights(path, device)?;
         let num_labels = (task == Task::SeqCls).then(|| num_labels_of(&v, req));
         if let Some(n) = num_labels {
