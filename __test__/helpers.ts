@@ -119,3 +119,10 @@ export async function assertPeftError(
   }
   return pe
 }
+
+/** A Python with torch + transformers for cross-checks: `PEFT_HF_PYTHON`, else the dev
+ * machine's `/work/venv-hf`; null when neither exists (the check is then skipped visibly). */
+export function hfPython(): string | null {
+  const p = process.env.PEFT_HF_PYTHON ?? '/work/venv-hf/bin/python'
+  return fs.existsSync(p) ? p : null
+}

@@ -2,7 +2,7 @@
  * Errors thrown by peft-node. Every error has a stable `code` (e.g. `ERR_NOT_FOUND`,
  * `ERR_ADAPTER_CONFIG_INVALID`, `ERR_SAFETENSORS_INVALID`, `ERR_SHAPE_MISMATCH`,
  * `ERR_NO_TARGET_MODULES`, `ERR_ADAPTER_EXISTS`, `ERR_ADAPTER_NOT_FOUND`, `ERR_INVALID_ARGUMENT`,
- * `ERR_INVALID_STATE`, `ERR_BUSY`, `ERR_ABORTED`, `ERR_CHAT_TEMPLATE`, `ERR_DATASET`, `ERR_INTERNAL`)
+ * `ERR_INVALID_STATE`, `ERR_BUSY`, `ERR_ABORTED`, `ERR_EXPORT_UNSUPPORTED`, `ERR_CHAT_TEMPLATE`, `ERR_DATASET`, `ERR_INTERNAL`)
  * and a message naming the file, key or argument at fault (for datasets, `file:line: ...`).
  * `ERR_ABORTED` errors (a call stopped by its `signal`) are named `AbortError`, with the
  * signal's reason as `cause`. `ERR_BUSY` names the method that was refused: one that would change the

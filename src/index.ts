@@ -84,3 +84,4 @@ export {
 export { lossCurveSvg, type CurvePoint } from './plot'
 export { loadSafetensors, saveSafetensors } from './safetensors'
 export { type Progress, type ProgressOptions } from './progress'
+export { exportGgufLora, exportGguf, type ExportGgufLoraOptions, type ExportGgufLoraResult, type ExportGgufOptions, type GgufOutType } from './export'

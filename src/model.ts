@@ -478,6 +478,40 @@ export class PreTrainedModel {
   }
 
   /**
+   * Save the model as a transformers model folder (transformers' `save_pretrained`), off the JS
+   * thread and through the model's job queue: `config.json`, the weights as safetensors in the
+   * model's dtype (`model.safetensors`, or shards of at most `maxShardSize` named
+   * `model-00001-of-0000N.safetensors` with `model.safetensors.index.json`), and the tokenizer
+   * (a HF folder's tokenizer files are copied; a GGUF file's tokenizer is written as
+   * `tokenizer.json` + `tokenizer_config.json`). Each file is written atomically; weight files
+   * of an earlier save that this one does not use are removed. Use it after
+   * `peftModel.mergeAndUnload()` to get a merged model that transformers loads (Llama family).
+   *
+   * @param dir the folder (created if missing).
+   * @param options.maxShardSize bytes per shard: a number, or a string such as `'500MB'` /
+   *   `'2GiB'` (decimal `KB`/`MB`/`GB`, binary `KiB`/`MiB`/`GiB`; default `'50GB'`, as
+   *   transformers 5).
+   * @param options.safeSerialization must be true or unset (only safetensors is written).
+   * @returns the written file paths.
+   * @throws PeftError `ERR_INVALID_STATE` (adapters still attached: merge or unload them first;
+   *   disposed model), `ERR_EXPORT_UNSUPPORTED` (not a Llama-family model),
+   *   `ERR_INVALID_ARGUMENT`, `ERR_IO`.
+   */
+  async savePretrained(dir: string, options: { maxShardSize?: number | string; safeSerialization?: boolean } = {}): Promise<string[]> {
+    this.runtime.checkAlive()
+    if (typeof dir !== 'string' || !dir) throw invalidArgument('dir', 'must be a non-empty path string')
+    for (const k of Object.keys(options)) {
+      if (k !== 'maxShardSize' && k !== 'safeSerialization') throw invalidArgument(k, 'is not an option of savePretrained (options: maxShardSize, safeSerialization)')
+    }
+    if (options.safeSerialization === false) {
+      throw invalidArgument('safeSerialization', 'only safetensors is supported (no pickle format)')
+    }
+    const bytes = parseShardSize(options.maxShardSize ?? '50GB')
+    const rt = this.runtime
+    return callAsync(() => rt.schedule(() => this.native.saveMergedPretrained(dir, bytes)))
+  }
+
+  /**
    * Free the native model (base and adapters). Never blocks: when no job of the model is
    * running the memory is freed now, else right after the calls made before `dispose()` (they
    * complete normally). Calls made afterwards throw or reject with `ERR_INVALID_STATE`.
@@ -496,6 +530,22 @@ export class PreTrainedModel {
     this.dispose()
     return this.runtime.freed
   }
+}
+
+/** @internal transformers' `convert_file_size_to_int`: a byte count or `'5GB'` / `'500MiB'`. */
+export function parseShardSize(v: number | string): number {
+  if (typeof v === 'number') {
+    if (Number.isInteger(v) && v >= 1) return v
+  } else if (typeof v === 'string') {
+    const m = /^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)?\s*$/i.exec(v)
+    if (m) {
+      const unit = (m[2] ?? 'B').toUpperCase()
+      const mult: Record<string, number> = { B: 1, KB: 1e3, MB: 1e6, GB: 1e9, TB: 1e12, KIB: 2 ** 10, MIB: 2 ** 20, GIB: 2 ** 30, TIB: 2 ** 40 }
+      const n = Math.floor(Number(m[1]) * mult[unit])
+      if (n >= 1) return n
+    }
+  }
+  throw invalidArgument('maxShardSize', `must be a positive byte count or a size such as '5GB' or '500MiB', found ${JSON.stringify(v)}`)
 }
 
 export interface FromPretrainedOptions extends ProgressOptions {

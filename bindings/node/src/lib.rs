@@ -8,12 +8,14 @@
 #[macro_use]
 extern crate napi_derive;
 
+mod export;
 mod model;
 mod safetensors_js;
 mod task;
 mod tokenizer;
 mod trainer;
 
+pub use export::*;
 pub use model::*;
 pub use safetensors_js::*;
 pub use tokenizer::*;

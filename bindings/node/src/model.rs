@@ -834,6 +834,41 @@ impl NativeModel {
         )))
     }
 
+    /// Save the model (merged: no adapter attached) as a transformers model folder: config.json,
+    /// safetensors weights in shards of at most `maxShardSize` bytes (with
+    /// model.safetensors.index.json when there are several) and the tokenizer files. Returns the
+    /// written paths. See `peft_core::export::save_merged_pretrained`.
+    #[napi(ts_return_type = "Promise<Array<string>>")]
+    pub fn save_merged_pretrained(&self, dir: String, max_shard_size: f64) -> napi::Result<AsyncTask<Job<Vec<String>, Vec<String>>>> {
+        if !(max_shard_size.is_finite() && max_shard_size >= 1.0 && max_shard_size <= 9.007_199_254_740_991e15) {
+            return Err(arg_err("maxShardSize", format!("must be a positive number of bytes, found {max_shard_size}")));
+        }
+        let inner = self.inner.clone();
+        let tok = self.tokenizer.clone();
+        Ok(AsyncTask::new(Job::plain(move || {
+            with_model(&inner, |m| {
+                let o = peft_core::export::MergedSaveOptions { max_shard_size: max_shard_size as u64 };
+                let files = peft_core::export::save_merged_pretrained(m, std::path::Path::new(&dir), tok.as_deref(), &o)?;
+                Ok(files.into_iter().map(|p| p.to_string_lossy().into_owned()).collect())
+            })
+        })))
+    }
+
+    /// Write the model (merged: no adapter attached; loaded from a GGUF file) as a GGUF file for
+    /// llama.cpp, tensors as `outtype` ('f32' | 'f16' | 'q8_0'; norms stay f32). Returns
+    /// `[name, type]` pairs of the written tensors. See `peft_core::export::export_merged_gguf`.
+    #[napi(ts_return_type = "Promise<Array<Array<string>>>")]
+    pub fn export_gguf(&self, file: String, outtype: String) -> AsyncTask<Job<Vec<Vec<String>>, Vec<Vec<String>>>> {
+        let inner = self.inner.clone();
+        AsyncTask::new(Job::plain(move || {
+            let ty = peft_core::export::GgmlType::parse(&outtype)?;
+            with_model(&inner, |m| {
+                let t = peft_core::export::export_merged_gguf(m, std::path::Path::new(&file), ty)?;
+                Ok(t.into_iter().map(|(n, ty)| vec![n, format!("{ty:?}").to_lowercase()]).collect())
+            })
+        }))
+    }
+
     /// Free the native model now and undo its external-memory report. Later calls fail with
     /// `ERR_INVALID_STATE`. This takes the model's lock, so it waits for a running job: the JS
     /// facade calls it only when its queue for the model is idle (`PeftModel.dispose()` schedules

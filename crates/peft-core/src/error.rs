@@ -51,6 +51,11 @@ pub enum PeftError {
     /// The operation is not valid in the current state (e.g. training a merged adapter).
     #[error("invalid state: {0}")]
     InvalidState(String),
+    /// An export asked for something the target format or runtime cannot express (llama.cpp
+    /// cannot apply DoRA, `modules_to_save` copies, prompt learning, IA3, LoRA on embeddings;
+    /// an architecture without a GGUF mapping). `what` names the feature, `msg` says why.
+    #[error("cannot export {what}: {msg}")]
+    ExportUnsupported { what: String, msg: String },
     /// The operation was aborted by the caller.
     #[error("aborted")]
     Aborted,
@@ -80,6 +85,7 @@ impl PeftError {
             PeftError::AdapterNotFound { .. } => "ERR_ADAPTER_NOT_FOUND",
             PeftError::InvalidArgument { .. } => "ERR_INVALID_ARGUMENT",
             PeftError::InvalidState(_) => "ERR_INVALID_STATE",
+            PeftError::ExportUnsupported { .. } => "ERR_EXPORT_UNSUPPORTED",
             PeftError::Aborted => "ERR_ABORTED",
             PeftError::Candle(_) => "ERR_INTERNAL",
             PeftError::Internal(_) => "ERR_INTERNAL",

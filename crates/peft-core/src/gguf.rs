@@ -530,6 +530,7 @@ pub fn llama_config_from_gguf(content: &gguf_file::Content, path: &Path) -> Resu
         dtype: None,
         name_or_path: name,
         architecture: "LlamaForCausalLM".into(),
+        source_path: None,
     })
 }
 
@@ -575,6 +576,27 @@ fn expected_shapes(cfg: &LlamaConfig, content: &gguf_file::Content, path: &Path)
         }
     }
     Ok(out)
+}
+
+/// Read a GGUF file's header: metadata and tensor infos (checked to lie inside the file); no
+/// tensor data is read. Used by the exports to copy a source file's metadata.
+///
+/// Errors: `NotFound`/`Io` for an unreadable file, `GgufInvalid` for a malformed one.
+pub fn read_gguf_header(path: &Path) -> Result<gguf_file::Content> {
+    let (content, _, file_size) = open_gguf(path)?;
+    validate_tensor_infos(&content, file_size, path)?;
+    Ok(content)
+}
+
+/// The [`LlamaConfig`] of a Llama GGUF file, from its metadata only (see
+/// [`llama_config_from_gguf`]); `name_or_path` is the file's path.
+///
+/// Errors: as [`read_gguf_header`] and [`llama_config_from_gguf`].
+pub fn read_gguf_config(path: &Path) -> Result<LlamaConfig> {
+    let content = read_gguf_header(path)?;
+    let mut cfg = llama_config_from_gguf(&content, path)?;
+    cfg.name_or_path = Some(path.to_string_lossy().into_owned());
+    Ok(cfg)
 }
 
 /// Read only the tokenizer embedded in a GGUF file (see [`Tokenizer::from_gguf`]); tensor

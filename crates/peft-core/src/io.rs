@@ -360,26 +360,40 @@ pub fn safetensors_bytes_with(tensors: &[(String, Tensor)], metadata: Option<&[(
 ///
 /// Errors: `Io` / `NotFound` naming `path`; `InvalidArgument` when `path` has no file name.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |w| w.write_all(bytes).map_err(|e| PeftError::io(path, e)))
+}
+
+/// [`write_atomic`] for contents produced by `fill`, which writes them into a buffered writer
+/// on the temp file (so large files, such as a merged model, are streamed rather than held in
+/// memory). When `fill` fails the temp file is removed and `path` is left as it was.
+///
+/// Errors: what `fill` returns; `Io` / `NotFound` naming `path`; `InvalidArgument` when `path`
+/// has no file name.
+pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
     let fname = path.file_name().ok_or_else(|| PeftError::invalid_arg("path", format!("{} has no file name", path.display())))?;
     remove_stale_temps(&dir, &fname.to_string_lossy());
     let tmp = dir.join(format!(".{}.tmp-{}-{}", fname.to_string_lossy(), std::process::id(), unique()));
-    let res = (|| -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)?;
-        if let Ok(d) = std::fs::File::open(&dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    })();
-    if let Err(e) = res {
+    let f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| PeftError::io(path, e))?;
+    let mut bw = std::io::BufWriter::with_capacity(1 << 20, f);
+    let filled = fill(&mut bw);
+    let res = filled.and_then(|()| {
+        (|| -> std::io::Result<()> {
+            let f = bw.into_inner().map_err(|e| e.into_error())?;
+            f.sync_all()?;
+            drop(f);
+            std::fs::rename(&tmp, path)?;
+            if let Ok(d) = std::fs::File::open(&dir) {
+                let _ = d.sync_all();
+            }
+            Ok(())
+        })()
+        .map_err(|e| PeftError::io(path, e))
+    });
+    if res.is_err() {
         let _ = std::fs::remove_file(&tmp);
-        return Err(PeftError::io(path, e));
     }
-    Ok(())
+    res
 }
 
 /// Name of the journal a group write leaves in its folder between its renames.

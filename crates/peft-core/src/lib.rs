@@ -8,11 +8,13 @@
 //! * [`tuners`]: tuner layers. LoRA (`y = W x + scaling · B A x`, Hu et al. 2021).
 //! * [`peft_model`]: the adapter-managing wrapper (`PeftModel` in HF PEFT).
 //! * [`io`]: adapter_config.json / adapter_model.safetensors reading and atomic writing.
+//! * [`export`]: llama.cpp GGUF LoRA adapters, merged models as HF folders or GGUF files.
 //! * [`train`]: AdamW training of adapter parameters with HF Trainer's defaults.
 
 pub mod chat_template;
 pub mod engine;
 pub mod error;
+pub mod export;
 pub mod gguf;
 pub mod generate;
 pub mod io;

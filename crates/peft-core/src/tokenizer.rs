@@ -39,10 +39,10 @@ const TOKEN_TYPE_USER_DEFINED: i64 = 4;
 
 /// Pre-tokenizer split regex of Llama 3 (`tokenizer.ggml.pre = "llama-bpe"`), as in the
 /// `Split` pre-tokenizer of Meta-Llama-3's `tokenizer.json`.
-const LLAMA3_SPLIT_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub(crate) const LLAMA3_SPLIT_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Pre-tokenizer split regex of Qwen2 (`tokenizer.ggml.pre = "qwen2"`), as in Qwen2's
 /// `tokenizer.json`.
-const QWEN2_SPLIT_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+pub(crate) const QWEN2_SPLIT_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// One message of a chat conversation (`{"role": ..., "content": ...}` in transformers'
 /// `apply_chat_template`).
@@ -381,7 +381,7 @@ impl Tokenizer {
         }
 
         let (pre_tokenizer, ignore_merges): (PreTokenizerWrapper, bool) = match pre.as_str() {
-            "default" | "gpt2" | "mpt" | "olmo" => (ByteLevel::new(false, true, true).into(), false),
+            "default" | "gpt2" | "gpt-2" | "mpt" | "olmo" => (ByteLevel::new(false, true, true).into(), false),
             "smollm" | "starcoder" | "refact" | "codeshell" => (
                 Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]).into(),
                 false,
@@ -398,7 +398,7 @@ impl Tokenizer {
             other => {
                 return Err(PeftError::Tokenizer(format!(
                     "{}: GGUF pre-tokenizer `tokenizer.ggml.pre = {other}` is not supported \
-                     (supported: gpt2, default, mpt, olmo, smollm, starcoder, refact, codeshell, \
+                     (supported: gpt-2, gpt2, default, mpt, olmo, smollm, starcoder, refact, codeshell, \
                      llama-bpe, llama3, qwen2); load the model's tokenizer.json instead",
                     path.display()
                 )))
@@ -574,6 +574,14 @@ impl Tokenizer {
     /// `chat_template` of tokenizer_config.json), kept for inspection; it is not executed.
     pub fn chat_template(&self) -> Option<&str> {
         self.chat_template.as_deref()
+    }
+
+    /// The tokenizer as `tokenizer.json` text (the `tokenizers` crate's serialization, which
+    /// transformers' `PreTrainedTokenizerFast` / `TokenizersBackend` reads).
+    ///
+    /// Errors: `Tokenizer` when serialization fails.
+    pub fn to_json(&self) -> Result<String> {
+        self.inner.to_string(true).map_err(|e| tok_err("cannot serialize the tokenizer", e))
     }
 
     /// The wrapped Hugging Face tokenizer.

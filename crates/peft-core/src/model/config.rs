@@ -36,6 +36,10 @@ pub struct LlamaConfig {
     pub name_or_path: Option<String>,
     /// The `architectures` entry, e.g. "LlamaForCausalLM".
     pub architecture: String,
+    /// The HF folder or GGUF file the model was loaded from (set by the loader; `None` for a
+    /// config parsed on its own). Exports read the tokenizer from there, whatever
+    /// `_name_or_path` says.
+    pub source_path: Option<std::path::PathBuf>,
 }
 
 pub(crate) fn get_usize(v: &Value, key: &str, path: &Path) -> Result<Option<usize>> {
@@ -173,6 +177,7 @@ impl LlamaConfig {
             name_or_path: v.get("_name_or_path").and_then(|x| x.as_str()).map(String::from),
             model_type,
             architecture,
+            source_path: None,
         };
         Ok(cfg)
     }

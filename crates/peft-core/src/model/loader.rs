@@ -136,6 +136,7 @@ pub fn load_model_ctl(path: &Path, dtype: DType, device: &Device, req: &LoadRequ
         // As for HF folders, the source path is the model's name (GGUF's `general.name` is a
         // display name, not something HF can load an adapter's base model from).
         g.config.name_or_path = Some(path.to_string_lossy().into_owned());
+        g.config.source_path = Some(path.to_path_buf());
         let mut newly_initialized = Vec::new();
         let task = req.task.unwrap_or(Task::CausalLm);
         let num_labels = (task == Task::SeqCls).then(|| req.num_labels.unwrap_or(2));
@@ -190,6 +191,7 @@ pub fn load_model_ctl(path: &Path, dtype: DType, device: &Device, req: &LoadRequ
     } else if is(LLAMA_ARCHITECTURES) {
         let mut config = LlamaConfig::from_json(&v, &cfg_path)?;
         config.name_or_path = config.name_or_path.or_else(source);
+        config.source_path = Some(path.to_path_buf());
         let mut tensors = load_folder_weights_ctl(path, device, ctl)?;
         let num_labels = (task == Task::SeqCls).then(|| num_labels_of(&v, req));
         if let Some(n) = num_labels {
