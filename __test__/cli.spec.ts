@@ -8,7 +8,7 @@ import { spawn, spawnSync } from 'node:child_process'
 import * as fs from 'node:fs'
 import * as path from 'node:path'
 import { AutoModelForCausalLM, PeftModel } from '../src/index'
-import { FIXTURES, LLAMA, caseDir, disposeLater, tmpDir } from './helpers'
+import { FIXTURES, LLAMA, caseDir, disposeLater, expected, tmpDir } from './helpers'
 
 const ROOT = path.join(__dirname, '..')
 const MAIN = path.join(ROOT, 'src', 'cli', 'main.ts')
@@ -176,4 +176,34 @@ test('sft: Ctrl-C saves a resumable checkpoint and the adapter, exits 130; resum
   t.is(r.code, 0, r.stderr)
   t.regex(r.stderr, new RegExp(`step ${step + 2}/${step + 2}`))
   t.notRegex(r.stderr, /step 1\//, 'resumed, not restarted')
+})
+
+test('merge and export-gguf: files llama.cpp and transformers read, checked by inspect and a reload', async (t) => {
+  const dir = tmpDir(t)
+  const adapter = caseDir('llama_lora_qv')
+  const g = cli('export-gguf', '--adapter', adapter, '--base-model', LLAMA, '--output', path.join(dir, 'lora.gguf'), '--outtype', 'f16')
+  t.is(g.code, 0, g.stderr)
+  t.is(JSON.parse(g.stdout).modules, 4)
+  const gi = JSON.parse(cli('inspect', '--json', path.join(dir, 'lora.gguf')).stdout)
+  t.is(gi.type, 'adapter')
+  t.is(gi.adapterType, 'lora')
+  t.deepEqual(gi.dtypes, { F16: 8 })
+  const m = cli('merge', '--model', LLAMA, '--adapter', adapter, '--output', path.join(dir, 'merged'))
+  t.is(m.code, 0, m.stderr)
+  // GGUF output needs a byte-level BPE tokenizer: the tiny model's GGUF twin carries one.
+  const mg = cli('merge', '--model', path.join(FIXTURES, 'models', 'llama.gguf'), '--adapter', adapter, '--gguf', path.join(dir, 'merged.gguf'), '--outtype', 'f32')
+  t.is(mg.code, 0, mg.stderr)
+  const mi = JSON.parse(cli('inspect', '--json', path.join(dir, 'merged.gguf')).stdout)
+  t.is(mi.type, 'model')
+  t.is(mi.layers, 2)
+  // The merged HF folder reloads to HF's merged logits.
+  const exp = await expected('llama_lora_qv')
+  const back = disposeLater(t, await AutoModelForCausalLM.fromPretrained(path.join(dir, 'merged')))
+  const { assertClose } = await import('./helpers')
+  assertClose(t, (await back.forward({ inputIds: exp.input_ids, attentionMask: exp.attention_mask })).logits, exp.logits_merged, 'merged folder vs HF merged logits')
+  const bad = cli('merge', '--model', LLAMA, '--adapter', adapter)
+  t.is(bad.code, 2)
+  const dora = cli('export-gguf', '--adapter', caseDir('llama_lora_dora'), '--base-model', LLAMA, '--output', path.join(dir, 'x.gguf'))
+  t.is(dora.code, 1)
+  t.regex(dora.stderr, /^error ERR_EXPORT_UNSUPPORTED: .*DoRA/im)
 })

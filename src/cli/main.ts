@@ -155,6 +155,73 @@ const COMMANDS: Record<string, Command> = {
       }
     },
   },
+  merge: {
+    summary: 'merge an adapter into its base model and save the result as an HF folder and/or a GGUF file',
+    usage: 'peft-node merge --model <hf-folder|file.gguf> --adapter <dir> [--output <dir>] [--gguf <file.gguf>]',
+    options: {
+      model: { type: 'string', short: 'm' },
+      adapter: { type: 'string', short: 'a' },
+      output: { type: 'string', short: 'o' },
+      'max-shard-size': { type: 'string' },
+      gguf: { type: 'string' },
+      outtype: { type: 'string' },
+    },
+    help: {
+      model: 'base model: an HF folder or a GGUF file (required)',
+      adapter: 'LoRA adapter folder (HF PEFT format; required)',
+      output: 'write the merged model as an HF folder (config.json, safetensors shards, tokenizer files)',
+      'max-shard-size': "largest safetensors shard, e.g. '2GB' (default '5GB')",
+      gguf: 'write the merged model as a GGUF file (for llama.cpp, node-llama-cpp, ollama)',
+      outtype: "GGUF tensor type: 'f32', 'f16' (default) or 'q8_0'",
+    },
+    async run(values) {
+      if (!values.model || !values.adapter) throw new UsageError('--model and --adapter are required')
+      if (!values.output && !values.gguf) throw new UsageError('give --output (HF folder) and/or --gguf (GGUF file)')
+      const lib = await import('../index')
+      const base = await lib.AutoModelForCausalLM.fromPretrained(values.model as string)
+      try {
+        const pm = await lib.PeftModel.fromPretrained(base, values.adapter as string)
+        const merged = pm.mergeAndUnload()
+        const written: Record<string, unknown> = {}
+        if (values.output) {
+          const maxShardSize = values['max-shard-size'] as string | undefined
+          written.hfFolder = await merged.savePretrained(values.output as string, maxShardSize ? { maxShardSize } : {})
+        }
+        if (values.gguf) {
+          const tensors = await lib.exportGguf(merged, values.gguf as string, { outtype: ((values.outtype as string | undefined) ?? 'f16') as never })
+          written.gguf = { file: values.gguf, tensors: tensors.length }
+        }
+        process.stdout.write(`${JSON.stringify(written)}\n`)
+      } finally {
+        base.dispose()
+      }
+    },
+  },
+  'export-gguf': {
+    summary: "export a LoRA adapter as a GGUF LoRA file (llama.cpp's convert_lora_to_gguf format)",
+    usage: 'peft-node export-gguf --adapter <dir> --output <file.gguf> [--base-model <hf-folder|file.gguf>] [--outtype f32|f16|q8_0]',
+    options: {
+      adapter: { type: 'string', short: 'a' },
+      output: { type: 'string', short: 'o' },
+      'base-model': { type: 'string' },
+      outtype: { type: 'string' },
+    },
+    help: {
+      adapter: 'LoRA adapter folder (HF PEFT format; required)',
+      output: 'the .gguf file to write (required)',
+      'base-model': "the base model (default: the adapter's base_model_name_or_path)",
+      outtype: "tensor type: 'f32' (default), 'f16' or 'q8_0'",
+    },
+    async run(values) {
+      if (!values.adapter || !values.output) throw new UsageError('--adapter and --output are required')
+      const lib = await import('../index')
+      const r = await lib.exportGgufLora(values.adapter as string, values.output as string, {
+        ...(values['base-model'] ? { baseModel: values['base-model'] as string } : {}),
+        ...(values.outtype ? { outtype: values.outtype as never } : {}),
+      })
+      process.stdout.write(`${JSON.stringify({ file: values.output, ...r })}\n`)
+    },
+  },
   generate: {
     summary: 'generate a continuation of a prompt with a model (and an adapter)',
     usage: 'peft-node generate --model <hf-folder|file.gguf> [--adapter <dir>] [--chat] <prompt>',
