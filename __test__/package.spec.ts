@@ -57,6 +57,10 @@ test('npm pack → install the tarball offline into a scratch project → forwar
   fs.writeFileSync(path.join(proj, 'esm.mjs'), script("import { AutoModelForCausalLM, PeftModel, PeftError } from 'peft-node'"))
   fs.writeFileSync(path.join(proj, 'cjs.cjs'), script("const { AutoModelForCausalLM, PeftModel, PeftError } = require('peft-node')"))
   const run = (file: string) => JSON.parse(execFileSync(process.execPath, [file, LLAMA, QV], { cwd: proj, encoding: 'utf8' })) as { shape: number[]; data: number[]; code: string; disposed: boolean }
+  // the `peft-node` command is installed as a bin
+  const help = spawnSync(path.join(proj, 'node_modules', '.bin', 'peft-node'), ['--help'], { cwd: proj, encoding: 'utf8', env })
+  t.is(help.status, 0, help.stderr)
+  t.regex(help.stdout, /sft .*\n(.|\n)*export-gguf/)
   const esm = run('esm.mjs')
   const cjs = run('cjs.cjs')
 
