@@ -3,13 +3,27 @@
 //! Parameter-efficient fine-tuning on [candle](https://github.com/huggingface/candle), with
 //! Hugging Face PEFT's semantics and on-disk format (PEFT 0.21).
 //!
-//! * [`model`]: Llama-family decoders whose modules carry transformers' names
-//!   (`model.layers.0.self_attn.q_proj`), loaded from HF folders or GGUF files.
-//! * [`tuners`]: tuner layers. LoRA (`y = W x + scaling · B A x`, Hu et al. 2021).
-//! * [`peft_model`]: the adapter-managing wrapper (`PeftModel` in HF PEFT).
-//! * [`io`]: adapter_config.json / adapter_model.safetensors reading and atomic writing.
-//! * [`export`]: llama.cpp GGUF LoRA adapters, merged models as HF folders or GGUF files.
-//! * [`train`]: AdamW training of adapter parameters with HF Trainer's defaults.
+//! * [`model`]: base models whose modules carry transformers' names
+//!   (`model.layers.0.self_attn.q_proj`): the Llama family (Llama, SmolLM2, Qwen2, Mistral),
+//!   GPT-2, the BERT family and T5, with every HF task head, loaded from HF folders or GGUF files.
+//! * [`tuners`]: adapter configs and layers: LoRA (Hu et al. 2021) with rsLoRA, DoRA, PiSSA /
+//!   OLoRA, (IA)³, the prompt-learning methods, and [`tuners::weighted`] (HF's
+//!   `add_weighted_adapter`).
+//! * [`targeting`]: HF's module-targeting rules (`target_modules`, `exclude_modules`,
+//!   `layers_to_transform`, `modules_to_save` never adapted); [`keys`]: the state-dict key
+//!   grammar (on-disk and in-model names).
+//! * [`peft_model`]: the adapter-managing wrapper (`PeftModel` in HF PEFT): add / load / save /
+//!   merge / disable / status.
+//! * [`engine`]: the fused CPU forward and backward of Llama-family decoders (chosen
+//!   automatically; the general path handles the rest).
+//! * [`train`]: AdamW training with HF Trainer's defaults and schedules; [`generate`]: greedy and
+//!   sampled generation with a KV cache, streaming hooks and stop strings.
+//! * [`tokenizer`], [`chat_template`]: tokenizers from HF folders and GGUF files, and the model's
+//!   own Jinja chat template (minijinja).
+//! * [`io`], [`gguf`], [`export`]: safetensors / adapter files with atomic writes, GGUF reading,
+//!   and export to llama.cpp (GGUF LoRA adapters, merged models as HF folders or GGUF files).
+//! * [`progress`]: progress reports and cancellation of long calls; [`error`]: the one error
+//!   type, whose variants map to the stable codes JS sees.
 
 pub mod chat_template;
 pub mod engine;
