@@ -330,7 +330,9 @@ fn with_workspace<R>(train: bool, d: Dims, f: impl FnOnce(&mut Workspace) -> R) 
         Ok(g) => g,
         Err(_) => &mut own,
     };
-    if ws.dims != Some(d) {
+    // The prefix length alone (a KV cache growing by one position per decoding step) does not
+    // reset the buffers: `buf` resizes each one as it is used.
+    if ws.dims.map(|w| Dims { p: 0, ..w }) != Some(Dims { p: 0, ..d }) {
         *ws = Workspace {
             dims: Some(d),
             ..Default::default()
@@ -439,8 +441,13 @@ mod par {
             .for_each(|(x, (c, s))| simd::rope_inplace(x, c, s, heads, hd, sign));
     }
 
-    /// Elementwise kernels: chunks of whole cache lines per thread.
+    /// Elementwise kernels: chunks of whole cache lines per thread; one chunk (no hand-off to
+    /// another thread, which costs more than it saves) below `SMALL` elements (decoding).
     fn per_elems(n: usize) -> usize {
+        const SMALL: usize = 1 << 14;
+        if n < SMALL {
+            return n.max(1);
+        }
         n.div_ceil(rayon::current_num_threads()).div_ceil(16).max(1) * 16
     }
 
