@@ -3,8 +3,8 @@
 //!
 //! `cargo run --release -p peft-core --example profile_train -- model.gguf [batch] [seq] [engine|general|both|decode|bandwidth] [lora|all|prefix|prompt|base|merged] [iters]`
 //!
-//! * `decode`: greedy generation of 64 tokens after a 32-token prompt (batch `batch`), as the
-//!   side-by-side bench's decode row: tokens/s = 64 / (time of 65 new tokens − time of 1).
+//! * `decode`: greedy generation of 64 tokens after a `seq`-token prompt (batch `batch`; the
+//!   side-by-side bench's decode row is `1 32`): tokens/s = 64 / (time of 65 new tokens − time of 1).
 //!   `base` = no adapter, `lora` = LoRA q,k,v,o unmerged, `merged` = the same merged.
 //! * `bandwidth`: the machine's read bandwidth (a streaming sum over 1 GiB on every engine
 //!   thread) and the engine's few-row `x·Wᵀ` kernel on a 1 GiB weight, in GB/s.
@@ -67,7 +67,7 @@ fn main() -> peft_core::Result<()> {
         let variants = if variants.is_empty() { vec![0] } else { variants };
         let mut times: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
         let vocab = m.base.info().vocab_size as u32;
-        let prompt: Vec<u32> = (0..b * 32).map(|i| (i as u32 * 7919 + 11) % vocab).collect();
+        let prompt: Vec<u32> = (0..b * s).map(|i| (i as u32 * 7919 + 11) % vocab).collect();
         let ids: Vec<u32> = (0..b * s).map(|i| (i as u32 * 7919) % vocab).collect();
         let batch = Batch { labels: ids.iter().map(|&x| x as i64).collect(), input_ids: ids, attention_mask: vec![1; b * s], batch_size: b, seq_len: s, ..Default::default() };
         let mut reference: Option<Vec<Vec<u32>>> = None;
@@ -78,7 +78,7 @@ fn main() -> peft_core::Result<()> {
                     let gen = |n: usize| -> peft_core::Result<(f64, Vec<Vec<u32>>)> {
                         let o = peft_core::generate::GenerateOptions { max_new_tokens: n, ..Default::default() };
                         let t0 = Instant::now();
-                        let out = peft_core::generate::generate(&m, &prompt, b, 32, None, None, &o, &|| false)?;
+                        let out = peft_core::generate::generate(&m, &prompt, b, s, None, None, &o, &|| false)?;
                         Ok((t0.elapsed().as_secs_f64(), out))
                     };
                     let (t1, _) = gen(1)?;
