@@ -301,3 +301,65 @@ fn cached_decoding_matches_the_general_path() {
         }
     }
 }
+
+/// The engine's in-place KV cache: decoding far past its first capacity (64 positions, so it
+/// grows twice), switching between the engine and the general path on the same cache object,
+/// a cache cloned mid-way that then diverges from the original, and a cache truncated by the
+/// caller: every step's logits match a general-path-only run of the same steps.
+#[test]
+fn cached_decoding_grows_and_mixes_paths() {
+    use peft_core::model::{ForwardOptions, KvCache};
+    let mut m = model(&gqa(), 12);
+    m.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"], "init_lora_weights": false})), 3).unwrap();
+    let (b, s) = (2, 7);
+    let bt = batch(b, s, 97, &[(0, false), (2, true)], 93);
+    let mask_for = |len: usize| -> Vec<u8> {
+        (0..b).flat_map(|r| (0..len).map(move |i| if r == 1 && i < 2 { 0 } else { 1 })).collect()
+    };
+    let step = |cache: &mut KvCache, ids: &[u32], general: bool| -> Vec<f32> {
+        let n = ids.len() / b;
+        let len = cache.seq_len() + n;
+        engine::force_general_path(general);
+        let opts = ForwardOptions { attention_mask: Some(mask_for(len)), last_only: true, ..Default::default() };
+        let l = m.forward(ids, b, n, &opts, Some(cache)).unwrap();
+        engine::force_general_path(false);
+        l.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    };
+    let close = |what: &str, a: &[f32], e: &[f32]| {
+        let diff = a.iter().zip(e).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff <= 2e-5 * max_abs(e).max(1.0), "{what}: logits differ by {diff}");
+    };
+    let tok = |i: usize| vec![(3 + i * 5) as u32 % 97, (11 + i * 7) as u32 % 97];
+    // Reference: the general path only.
+    let mut rc = KvCache::new(2);
+    let mut want = vec![step(&mut rc, &bt.input_ids, true)];
+    for i in 0..140 {
+        want.push(step(&mut rc, &tok(i), true));
+    }
+    // The engine, with general-path steps in between (steps 30..33 and 100).
+    let mut c = KvCache::new(2);
+    close("prefill", &step(&mut c, &bt.input_ids, false), &want[0]);
+    let mut forked = None;
+    for i in 0..140 {
+        let general = (30..33).contains(&i) || i == 100;
+        close(&format!("step {i}"), &step(&mut c, &tok(i), general), &want[i + 1]);
+        if i == 50 {
+            forked = Some(c.clone());
+        }
+    }
+    assert_eq!(c.seq_len(), s + 140);
+    // The clone taken after step 50 continues on its own (its own storage): steps 51.. again.
+    let mut f = forked.unwrap();
+    for i in 51..80 {
+        close(&format!("clone, step {i}"), &step(&mut f, &tok(i), false), &want[i + 1]);
+    }
+    // The original is untouched by the clone's appends: truncate it to step 60 and go on.
+    let keep = s + 61;
+    for l in c.layers.iter_mut() {
+        let (k, v) = l.take().unwrap();
+        *l = Some((k.narrow(2, 0, keep).unwrap(), v.narrow(2, 0, keep).unwrap()));
+    }
+    for i in 61..70 {
+        close(&format!("truncated, step {i}"), &step(&mut c, &tok(i), false), &want[i + 1]);
+    }
+}

@@ -137,6 +137,12 @@ pub fn gemm(dst: &mut Dst, a: View, b: View, alpha: f32, acc: bool, threads: usi
     // `gemm` crate's split costs more than it gains there (benches/README.md: rank-8 shapes
     // run at 24-58 GFLOP/s on two threads against 43-156 on one).
     // Likewise a narrow output (k/v projections, n = 192: 214 GFLOP/s on one thread, 141 on two).
+    // A few rows against a row-major weight (`x·Wᵀ` while decoding): a streaming kernel over
+    // the weight's rows, split across threads by output columns (see [`gemv_nt`]).
+    if m <= GEMV_MAX_ROWS && a.cs == 1 && b.rs == 1 && super::ab_flags() & super::AB_GEMM_CRATE_GEMV == 0 {
+        gemv_nt(dst, a, b, alpha, acc, threads);
+        return;
+    }
     let skinny = m.min(n).min(k) < 64 || (n < 256 && m >= 64);
     let big = !skinny && (m * n * k >= PAR_MIN_WORK || n * k >= PAR_MIN_WEIGHT) || (m < 64 && n * k >= PAR_MIN_WEIGHT && n.min(k) >= 64);
     let par = if threads > 1 && big { Parallelism::Rayon(threads) } else { Parallelism::None };
@@ -164,6 +170,68 @@ pub fn gemm(dst: &mut Dst, a: View, b: View, alpha: f32, acc: bool, threads: usi
             false,
             par,
         )
+    }
+}
+
+/// Row counts up to this use [`gemv_nt`] for `x·Wᵀ` products.
+const GEMV_MAX_ROWS: usize = 4;
+
+/// `dst = (acc ? dst : 0) + alpha · a · b` for `m ≤ GEMV_MAX_ROWS` rows of `a` (unit column
+/// stride) and `b = Wᵀ` with `W` `[n, k]` in rows of unit stride: each output `(i, j)` is a dot
+/// product of row `i` of `a` with row `j` of `W`. The product is bound by reading `W` once
+/// (decoding); `W`'s rows are split into chunks over the current rayon pool when it is large, so
+/// both cores stream. The `gemm` crate pays more per call here (packing, its own split).
+fn gemv_nt(dst: &mut Dst, a: View, b: View, alpha: f32, acc: bool, threads: usize) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let (wp, wld) = (SyncPtr(b.ptr), b.cs as usize);
+    let (ap, ald) = (SyncPtr(a.ptr), a.rs as usize);
+    let (dp, dld) = (SyncMut(dst.ptr), dst.ld);
+    let run = |j0: usize, j1: usize| {
+        // SAFETY: the views were bounds-checked when built: rows j0..j1 of W (`k` elements each,
+        // leading dimension `wld`), the `m` rows of `a`, and columns j0..j1 of the destination
+        // rows, which no other chunk writes.
+        unsafe {
+            let x = |i: usize| std::slice::from_raw_parts(ap.get().add(i * ald), k);
+            let y = |i: usize| std::slice::from_raw_parts_mut(dp.get().add(i * dld + j0), j1 - j0);
+            let w = std::slice::from_raw_parts(wp.get().add(j0 * wld), (j1 - j0 - 1) * wld + k);
+            match m {
+                1 => super::simd::gemv_rows(w, wld, k, &[x(0)], &mut [y(0)], alpha, acc),
+                2 => super::simd::gemv_rows(w, wld, k, &[x(0), x(1)], &mut [y(0), y(1)], alpha, acc),
+                3 => super::simd::gemv_rows(w, wld, k, &[x(0), x(1), x(2)], &mut [y(0), y(1), y(2)], alpha, acc),
+                _ => super::simd::gemv_rows(w, wld, k, &[x(0), x(1), x(2), x(3)], &mut [y(0), y(1), y(2), y(3)], alpha, acc),
+            }
+        }
+    };
+    let chunks = if threads > 1 && n * k >= PAR_MIN_WEIGHT { (threads * 4).min(n / 16).max(1) } else { 1 };
+    if chunks == 1 {
+        run(0, n);
+        return;
+    }
+    // Chunks of whole groups of 4 rows, balanced.
+    let per = n.div_ceil(chunks).div_ceil(4) * 4;
+    use rayon::prelude::*;
+    (0..n.div_ceil(per)).into_par_iter().for_each(|c| run(c * per, ((c + 1) * per).min(n)));
+}
+
+/// Raw operand pointers for [`gemv_nt`]'s tasks.
+#[derive(Clone, Copy)]
+struct SyncPtr(*const f32);
+// SAFETY: only read, see `gemv_nt`.
+unsafe impl Send for SyncPtr {}
+unsafe impl Sync for SyncPtr {}
+impl SyncPtr {
+    fn get(self) -> *const f32 {
+        self.0
+    }
+}
+#[derive(Clone, Copy)]
+struct SyncMut(*mut f32);
+// SAFETY: each task writes disjoint columns, see `gemv_nt`.
+unsafe impl Send for SyncMut {}
+unsafe impl Sync for SyncMut {}
+impl SyncMut {
+    fn get(self) -> *mut f32 {
+        self.0
     }
 }
 
@@ -200,5 +268,26 @@ mod tests {
         let mut wide = vec![0f32; m * (n + 5)];
         gemm(&mut Dst::rm(&mut wide, 0, m, n + 5, n + 5).cols(5, n), View::of(&a, m, k), View::of(&b, k, n), 1.0, false, 1);
         assert_eq!(wide[5..5 + n], want[..n]);
+    }
+
+    #[test]
+    fn few_row_products_match_naive() {
+        // x·Wᵀ with 1..=4 rows (the decoding kernel), odd sizes, a strided W, alpha and acc.
+        for (m, k, n) in [(1, 37, 23), (2, 576, 70), (3, 5, 9), (4, 64, 1300), (1, 600, 300)] {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 31) % 17) as f32 * 0.25 - 2.0).collect();
+            let ld = k + 3;
+            let w: Vec<f32> = (0..n * ld).map(|i| ((i * 7) % 13) as f32 * 0.5 - 3.0).collect();
+            let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * ld + i / n]).collect(); // [k, n]
+            let want = naive(&a, &wt, m, k, n);
+            let mut c = vec![1f32; m * n];
+            gemm(&mut Dst::of(&mut c, m, n), View::of(&a, m, k), View::rm(&w, 0, n, k, ld).t(), 2.0, true, 2);
+            for (x, y) in c.iter().zip(&want) {
+                assert!((x - (1.0 + 2.0 * y)).abs() <= 1e-4 * y.abs().max(1.0), "[{m}x{k}]x[{k}x{n}]: {x} vs {}", 1.0 + 2.0 * y);
+            }
+            gemm(&mut Dst::of(&mut c, m, n), View::of(&a, m, k), View::rm(&w, 0, n, k, ld).t(), 1.0, false, 1);
+            for (x, y) in c.iter().zip(&want) {
+                assert!((x - y).abs() <= 1e-4 * y.abs().max(1.0));
+            }
+        }
     }
 }

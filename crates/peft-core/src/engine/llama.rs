@@ -330,7 +330,9 @@ fn with_workspace<R>(train: bool, d: Dims, f: impl FnOnce(&mut Workspace) -> R) 
         Ok(g) => g,
         Err(_) => &mut own,
     };
-    if ws.dims != Some(d) {
+    // The prefix length alone (a KV cache growing by one position per decoding step) does not
+    // reset the buffers: `buf` resizes each one as it is used.
+    if ws.dims.map(|w| Dims { p: 0, ..w }) != Some(Dims { p: 0, ..d }) {
         *ws = Workspace {
             dims: Some(d),
             ..Default::default()
@@ -439,8 +441,13 @@ mod par {
             .for_each(|(x, (c, s))| simd::rope_inplace(x, c, s, heads, hd, sign));
     }
 
-    /// Elementwise kernels: chunks of whole cache lines per thread.
+    /// Elementwise kernels: chunks of whole cache lines per thread; one chunk (no hand-off to
+    /// another thread, which costs more than it saves) below `SMALL` elements (decoding).
     fn per_elems(n: usize) -> usize {
+        const SMALL: usize = 1 << 14;
+        if n < SMALL {
+            return n.max(1);
+        }
         n.div_ceil(rayon::current_num_threads()).div_ceil(16).max(1) * 16
     }
 
@@ -554,10 +561,12 @@ impl SendPtr {
     }
 }
 
-/// Prefix keys/values for one layer: `[b, kv_heads, P, hd]` each.
+/// Prefix keys/values for one layer: the first `P` positions of `[b, kv_heads, cap, hd]` each
+/// (`cap = P` for prefix tuning; a KV cache's capacity while decoding).
 struct Prefix {
     k: Raw,
     v: Raw,
+    cap: usize,
 }
 
 struct Step {
@@ -753,8 +762,8 @@ impl Step {
             let qv = View::rm(q, bi * s * qd + h * hd, s, hd, qd);
             let kv = View::rm(k, bi * s * kd + g * hd, s, hd, kd);
             let vv = View::rm(v, bi * s * kd + g * hd, s, hd, kd);
-            let pk = pre.map(|x| View::rm(x.k.get(), (bi * d.nkv + g) * p * hd, p, hd, hd));
-            let pv = pre.map(|x| View::rm(x.v.get(), (bi * d.nkv + g) * p * hd, p, hd, hd));
+            let pk = pre.map(|x| View::rm(x.k.get(), (bi * d.nkv + g) * x.cap * hd, p, hd, hd));
+            let pv = pre.map(|x| View::rm(x.v.get(), (bi * d.nkv + g) * x.cap * hd, p, hd, hd));
             // SAFETY: task (bi, h) owns probs[(bi·nh + h)·s·t ..][..s·t] and the column block h
             // of rows bi·s .. (bi+1)·s of `attn`.
             let pr =
@@ -860,8 +869,8 @@ impl Step {
             let (bi, g) = (bg / d.nkv, bg % d.nkv);
             let kv = View::rm(k, bi * s * kd + g * hd, s, hd, kd);
             let vv = View::rm(v, bi * s * kd + g * hd, s, hd, kd);
-            let pk = pre.map(|x| View::rm(x.k.get(), (bi * d.nkv + g) * p * hd, p, hd, hd));
-            let pv = pre.map(|x| View::rm(x.v.get(), (bi * d.nkv + g) * p * hd, p, hd, hd));
+            let pk = pre.map(|x| View::rm(x.k.get(), (bi * d.nkv + g) * x.cap * hd, p, hd, hd));
+            let pv = pre.map(|x| View::rm(x.v.get(), (bi * d.nkv + g) * x.cap * hd, p, hd, hd));
             // SAFETY: task (bi, g) owns the column block g of rows bi·s .. (bi+1)·s of gk / gv,
             // the prefix gradient block (bi, g), and the column blocks of its heads in gq.
             let mut gkd = unsafe { Dst::raw(gk_p.ptr().add(bi * s * kd + g * hd), s, hd, kd) };
@@ -1406,20 +1415,130 @@ fn run_in(
     }
 }
 
+/// The engine's storage behind a [`KvCache`](crate::model::KvCache): per layer, key and value
+/// buffers `[b, kv_heads, cap, hd]` that cached decoding appends to in place (capacity doubling
+/// when full), instead of concatenating a new tensor per layer and token. The cache's public
+/// `layers` then hold views of the first `len` positions, so the general path, `seq_len` and
+/// callers read them as before.
+///
+/// The store is trusted only while `layers` still holds exactly the views it handed out (same
+/// tensor ids) with `len` positions; after anything else wrote `layers` (the general path,
+/// a caller truncating or replacing them) the next engine call copies them into a fresh store.
+/// Positions below `len` are never rewritten, and a grown or re-imported store is a new
+/// allocation, so views kept by callers (or by a cloned cache) stay valid. A clone of a cache
+/// starts with an empty store, so two caches never append into the same buffers.
+#[derive(Default)]
+pub struct KvStore {
+    inner: Option<KvBuffers>,
+}
+
+struct KvBuffers {
+    b: usize,
+    nkv: usize,
+    hd: usize,
+    cap: usize,
+    len: usize,
+    /// Per layer: keys and values `[b, kv_heads, cap, hd]`.
+    bufs: Vec<(Tensor, Tensor)>,
+    /// Ids of the views last put into `KvCache::layers`.
+    ids: Vec<(candle_core::TensorId, candle_core::TensorId)>,
+}
+
+impl Clone for KvStore {
+    fn clone(&self) -> Self {
+        KvStore::default()
+    }
+}
+
+impl std::fmt::Debug for KvStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.inner {
+            Some(st) => write!(f, "KvStore {{ len: {}, cap: {} }}", st.len, st.cap),
+            None => write!(f, "KvStore {{ empty }}"),
+        }
+    }
+}
+
+impl KvStore {
+    /// Makes `cache`'s store hold its `past` positions with room for `need`: kept as it is when
+    /// it is current and large enough, else rebuilt (copying the cache's tensors).
+    #[allow(clippy::too_many_arguments)]
+    fn ready<'c>(
+        cache: &'c mut crate::model::KvCache,
+        b: usize,
+        nkv: usize,
+        hd: usize,
+        past: usize,
+        need: usize,
+        max_pos: usize,
+        dev: &candle_core::Device,
+    ) -> Result<&'c KvBuffers> {
+        let current = cache.engine.inner.as_ref().is_some_and(|st| {
+            st.b == b
+                && st.nkv == nkv
+                && st.hd == hd
+                && st.len == past
+                && past > 0
+                && st.ids.len() == cache.layers.len()
+                && cache.layers.iter().zip(&st.ids).all(|(l, id)| {
+                    l.as_ref()
+                        .is_some_and(|(k, v)| k.id() == id.0 && v.id() == id.1)
+                })
+        });
+        if current && cache.engine.inner.as_ref().is_some_and(|st| st.cap >= need) {
+            return Ok(cache.engine.inner.as_ref().expect("checked"));
+        }
+        let cap = need.next_power_of_two().max(64).min(max_pos.max(need));
+        let mut bufs = Vec::with_capacity(cache.layers.len());
+        for l in &cache.layers {
+            let mut kb = vec![0f32; b * nkv * cap * hd];
+            let mut vb = vec![0f32; b * nkv * cap * hd];
+            if let (Some((k, v)), true) = (l, past > 0) {
+                for (src, dst) in [(k, &mut kb), (v, &mut vb)] {
+                    let data = src.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                    for bg in 0..b * nkv {
+                        dst[bg * cap * hd..][..past * hd]
+                            .copy_from_slice(&data[bg * past * hd..][..past * hd]);
+                    }
+                }
+            }
+            bufs.push((
+                Tensor::from_vec(kb, (b, nkv, cap, hd), dev)?,
+                Tensor::from_vec(vb, (b, nkv, cap, hd), dev)?,
+            ));
+        }
+        cache.engine.inner = Some(KvBuffers {
+            b,
+            nkv,
+            hd,
+            cap,
+            len: past,
+            bufs,
+            ids: Vec::new(),
+        });
+        Ok(cache.engine.inner.as_ref().expect("just set"))
+    }
+}
+
 /// The Llama model behind `model` and its engine plan, when the engine can run it (see
 /// [`Plan::of`]; also an even head_dim and a whole number of query heads per kv head).
 fn plan_for(model: &PeftModel) -> Option<(&LlamaForCausalLM, Plan<'_>)> {
     let llama = model.base.as_llama()?;
     let plan = Plan::of(llama)?;
     let c = &llama.config;
-    let ok = c.head_dim % 2 == 0 && c.num_key_value_heads > 0 && c.num_attention_heads % c.num_key_value_heads == 0;
+    let ok = c.head_dim % 2 == 0
+        && c.num_key_value_heads > 0
+        && c.num_attention_heads % c.num_key_value_heads == 0;
     ok.then_some((llama, plan))
 }
 
 /// `InvalidArgument` naming `inputIds` for an id outside the vocabulary (the general path's error).
 fn check_ids(ids: &[u32], vocab: usize) -> Result<()> {
     match ids.iter().find(|&&i| i as usize >= vocab) {
-        Some(bad) => Err(PeftError::invalid_arg("inputIds", format!("token id {bad} is outside the vocabulary (size {vocab})"))),
+        Some(bad) => Err(PeftError::invalid_arg(
+            "inputIds",
+            format!("token id {bad} is outside the vocabulary (size {vocab})"),
+        )),
         None => Ok(()),
     }
 }
@@ -1508,7 +1627,7 @@ pub fn try_loss_and_grads(
                     let (Some(k), Some(v)) = (Raw::of(k), Raw::of(v)) else {
                         return Ok(None);
                     };
-                    prefix.push(Prefix { k, v });
+                    prefix.push(Prefix { k, v, cap: n });
                 }
                 if prefix.len() != llama.layers.len() {
                     return Ok(None);
@@ -1645,7 +1764,7 @@ pub fn try_forward(
     b: usize,
     s: usize,
     opts: &crate::model::ForwardOptions,
-    cache: Option<&mut crate::model::KvCache>,
+    mut cache: Option<&mut crate::model::KvCache>,
 ) -> Result<Option<Tensor>> {
     if !super::enabled()
         || opts.train
@@ -1668,27 +1787,6 @@ pub fn try_forward(
     // after RoPE, as the general path stores them); the new keys/values are appended after.
     let (nkv, hd) = (c.num_key_value_heads, c.head_dim);
     let past = cache.as_ref().map(|c| c.seq_len()).unwrap_or(0);
-    let mut prefix = Vec::new();
-    if let Some(cache) = cache.as_ref() {
-        if cache.layers.len() != llama.layers.len() || !cache.cross.is_empty() {
-            return Ok(None);
-        }
-        for l in &cache.layers {
-            match l {
-                Some((k, v)) if past > 0 => {
-                    if k.dims() != [b, nkv, past, hd] || v.dims() != [b, nkv, past, hd] {
-                        return Ok(None);
-                    }
-                    let (Some(k), Some(v)) = (Raw::of(k), Raw::of(v)) else {
-                        return Ok(None);
-                    };
-                    prefix.push(Prefix { k, v });
-                }
-                None if past == 0 => {}
-                _ => return Ok(None),
-            }
-        }
-    }
     let total = past + s;
     if total > c.max_position_embeddings {
         return Err(PeftError::invalid_arg(
@@ -1707,6 +1805,50 @@ pub fn try_forward(
             ));
         }
     }
+    let legacy_cache = super::ab_flags() & super::AB_CAT_KV_CACHE != 0;
+    let mut prefix = Vec::new();
+    if let Some(cache) = cache.as_mut() {
+        if cache.layers.len() != llama.layers.len() || !cache.cross.is_empty() {
+            return Ok(None);
+        }
+        for l in &cache.layers {
+            match l {
+                Some((k, v)) if past > 0 => {
+                    if k.dims() != [b, nkv, past, hd] || v.dims() != [b, nkv, past, hd] {
+                        return Ok(None);
+                    }
+                    if legacy_cache {
+                        let (Some(k), Some(v)) = (Raw::of(k), Raw::of(v)) else {
+                            return Ok(None);
+                        };
+                        prefix.push(Prefix { k, v, cap: past });
+                    }
+                }
+                None if past == 0 => {}
+                _ => return Ok(None),
+            }
+        }
+        if !legacy_cache {
+            let st = KvStore::ready(
+                cache,
+                b,
+                nkv,
+                hd,
+                past,
+                total,
+                c.max_position_embeddings,
+                &llama.device,
+            )?;
+            if past > 0 {
+                for (k, v) in &st.bufs {
+                    let (Some(k), Some(v)) = (Raw::of(k), Raw::of(v)) else {
+                        return Ok(None);
+                    };
+                    prefix.push(Prefix { k, v, cap: st.cap });
+                }
+            }
+        }
+    }
     let positions: Vec<u32> = match &opts.position_ids {
         Some(p) if p.len() != b * s => {
             return Err(PeftError::invalid_arg(
@@ -1715,7 +1857,9 @@ pub fn try_forward(
             ))
         }
         Some(p) => p.clone(),
-        None => (0..b).flat_map(|_| (past..total).map(|p| p as u32)).collect(),
+        None => (0..b)
+            .flat_map(|_| (past..total).map(|p| p as u32))
+            .collect(),
     };
     let h = c.hidden_size;
     let embed = plan.embed.get();
@@ -1802,13 +1946,35 @@ pub fn try_forward(
             }
             out
         };
-        for (slot, (k, v)) in cache.layers.iter_mut().zip(kv) {
-            let k = Tensor::from_vec(to_heads(&k), (b, nkv, s, hd), &llama.device)?;
-            let v = Tensor::from_vec(to_heads(&v), (b, nkv, s, hd), &llama.device)?;
-            *slot = Some(match slot.take() {
-                Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                None => (k, v),
-            });
+        if legacy_cache {
+            for (slot, (k, v)) in cache.layers.iter_mut().zip(kv) {
+                let k = Tensor::from_vec(to_heads(&k), (b, nkv, s, hd), &llama.device)?;
+                let v = Tensor::from_vec(to_heads(&v), (b, nkv, s, hd), &llama.device)?;
+                *slot = Some(match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k, v),
+                });
+            }
+        } else {
+            // In place, after the cached positions; the cache's tensors become views of the
+            // first `past + s` positions.
+            let Some(st) = cache.engine.inner.as_mut() else {
+                return Err(PeftError::Internal(
+                    "the KV store vanished during a forward".into(),
+                ));
+            };
+            st.ids.clear();
+            st.len = 0;
+            for ((slot, (k, v)), (kb, vb)) in cache.layers.iter_mut().zip(kv).zip(&st.bufs) {
+                let k = Tensor::from_vec(to_heads(&k), (b, nkv, s, hd), &llama.device)?;
+                let v = Tensor::from_vec(to_heads(&v), (b, nkv, s, hd), &llama.device)?;
+                kb.slice_set(&k, 2, past)?;
+                vb.slice_set(&v, 2, past)?;
+                let (k, v) = (kb.narrow(2, 0, total)?, vb.narrow(2, 0, total)?);
+                st.ids.push((k.id(), v.id()));
+                *slot = Some((k, v));
+            }
+            st.len = total;
         }
     }
     let t = if opts.last_only { 1 } else { s };

@@ -28,7 +28,7 @@ pub mod gemm;
 mod llama;
 pub mod simd;
 
-pub use llama::{try_forward, try_loss_and_grads};
+pub use llama::{try_forward, try_loss_and_grads, KvStore};
 
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -46,6 +46,30 @@ pub fn enabled() -> bool {
 /// engine where it applies (`false`, the default). For tests that compare the two.
 pub fn force_general_path(on: bool) {
     FORCE_GENERAL.with(|f| f.set(on));
+}
+
+/// A/B switches for interleaved measurements of the engine against its earlier code paths
+/// (`crates/peft-core/examples/profile_train.rs`); 0 (the default) is the current engine.
+static AB_FLAGS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+/// Few-row `x·Wᵀ` products (decoding) through the `gemm` crate instead of [`gemm`]'s own kernel.
+#[doc(hidden)]
+pub const AB_GEMM_CRATE_GEMV: u32 = 1;
+/// Cached decoding appends with `Tensor::cat` per layer and token instead of in place.
+#[doc(hidden)]
+pub const AB_CAT_KV_CACHE: u32 = 2;
+/// Separate q/k/v and gate/up products even where the weights are packed together.
+#[doc(hidden)]
+pub const AB_UNFUSED: u32 = 4;
+
+/// Sets the A/B switches (`AB_*`, for benchmarks only).
+#[doc(hidden)]
+pub fn set_ab_flags(flags: u32) {
+    AB_FLAGS.store(flags, std::sync::atomic::Ordering::Relaxed);
+}
+
+#[inline]
+pub(crate) fn ab_flags() -> u32 {
+    AB_FLAGS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 fn pool_slot() -> &'static Mutex<Option<Arc<rayon::ThreadPool>>> {

@@ -114,6 +114,64 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// Dot products of four rows with one vector (`k` elements each).
+#[inline(always)]
+fn dot4(r0: &[f32], r1: &[f32], r2: &[f32], r3: &[f32], x: &[f32], k: usize) -> [f32; 4] {
+    let (r0, r1, r2, r3, x) = (&r0[..k], &r1[..k], &r2[..k], &r3[..k], &x[..k]);
+    let mut a = [[0f32; L]; 4];
+    let full = k / L * L;
+    let mut c = 0;
+    while c < full {
+        let xs = &x[c..c + L];
+        let (w0, w1, w2, w3) = (&r0[c..c + L], &r1[c..c + L], &r2[c..c + L], &r3[c..c + L]);
+        for i in 0..L {
+            a[0][i] += w0[i] * xs[i];
+            a[1][i] += w1[i] * xs[i];
+            a[2][i] += w2[i] * xs[i];
+            a[3][i] += w3[i] * xs[i];
+        }
+        c += L;
+    }
+    let mut out = [0f32; 4];
+    for (q, r) in [r0, r1, r2, r3].into_iter().enumerate() {
+        let mut s: f32 = a[q].iter().sum();
+        for l in full..k {
+            s += r[l] * x[l];
+        }
+        out[q] = s;
+    }
+    out
+}
+
+multiversion! {
+    /// Rows of `x·Wᵀ` for a few vectors: `ys[i][j] = (acc ? ys[i][j] : 0) + alpha · Σ_l
+    /// w[j·ld + l] · xs[i][l]` for `j < ys[i].len()`, `l < k` (the decoding kernel; four rows
+    /// of `W` at a time, each read once for all the vectors).
+    pub fn gemv_rows(w: &[f32], ld: usize, k: usize, xs: &[&[f32]], ys: &mut [&mut [f32]], alpha: f32, acc: bool) {
+        let n = ys.first().map_or(0, |y| y.len());
+        let mut j = 0;
+        while j + 4 <= n {
+            let r = |q: usize| &w[(j + q) * ld..(j + q) * ld + k];
+            let (r0, r1, r2, r3) = (r(0), r(1), r(2), r(3));
+            for (x, y) in xs.iter().zip(ys.iter_mut()) {
+                let d = dot4(r0, r1, r2, r3, x, k);
+                for q in 0..4 {
+                    y[j + q] = if acc { y[j + q] + alpha * d[q] } else { alpha * d[q] };
+                }
+            }
+            j += 4;
+        }
+        while j < n {
+            let r = &w[j * ld..j * ld + k];
+            for (x, y) in xs.iter().zip(ys.iter_mut()) {
+                let d = dot(r, &x[..k]);
+                y[j] = if acc { y[j] + alpha * d } else { alpha * d };
+            }
+            j += 1;
+        }
+    }
+}
+
 /// Maximum of a non-empty slice.
 #[inline(always)]
 fn max(x: &[f32]) -> f32 {

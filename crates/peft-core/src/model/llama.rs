@@ -31,6 +31,10 @@ pub struct KvCache {
     pub encoder_hidden: Option<Tensor>,
     /// Encoder-decoder: the encoder's 1/0 padding mask `[b, s_enc]` (`None` = all ones).
     pub encoder_mask: Option<Vec<u8>>,
+    /// The fused engine's in-place key/value buffers behind `layers` (see
+    /// [`crate::engine::KvStore`]); a clone starts without them.
+    #[doc(hidden)]
+    pub engine: crate::engine::KvStore,
 }
 
 impl KvCache {
