@@ -168,3 +168,24 @@ test('Dataset.split holds out a seeded, reproducible part with locations kept', 
   t.notDeepEqual(ds.split(3, 8).eval.records.map((r) => r.where), a.eval.records.map((r) => r.where))
   t.throws(() => ds.split(10, 1), { code: 'ERR_INVALID_ARGUMENT' } as never)
 })
+
+test('packing: the examples are concatenated in order with their masks and cut every maxLength tokens', async (t) => {
+  const rows = [row('classify the', 'positive'), row('translate to french', 'tok1 tok2'), row('the', 'negative')].join('\n')
+  const ds = loadDataset(write(t, 'train.jsonl', rows))
+  const plain = await tokenizeDataset(ds, tok, { chatTemplate: TEMPLATE })
+  const packed = await tokenizeDataset(ds, tok, { chatTemplate: TEMPLATE, packing: true, maxLength: 7 })
+  const allIds = plain.flatMap((e) => e.inputIds)
+  const allLabels = plain.flatMap((e) => e.labels)
+  t.not(plain[0].inputIds.length % 7, 0, 'the first example does not end on a sequence boundary')
+  const want: Array<{ inputIds: number[]; labels: number[] }> = []
+  for (let s = 0; s < allIds.length; s += 7) {
+    const ids = allIds.slice(s, s + 7)
+    const labels = allLabels.slice(s, s + 7)
+    if (ids.length >= 2 && labels.some((l, j) => j >= 1 && l !== -100)) want.push({ inputIds: ids, labels })
+  }
+  t.true(want.length >= 2)
+  t.deepEqual(packed.map((e) => ({ inputIds: e.inputIds, labels: e.labels })), want)
+  t.true(packed.slice(0, -1).every((e) => e.inputIds.length === 7))
+  t.true(packed.every((e) => /packed sequence \d+/.test(e.where)))
+  await t.throwsAsync(() => tokenizeDataset(ds, tok, { chatTemplate: TEMPLATE, packing: true, maxLength: null }), { message: /packing needs a sequence length/ })
+})

@@ -131,6 +131,9 @@ export interface TrainerOptions {
   /** With `outputDir`: when `signal` aborts the run, save a checkpoint of the last finished
    * step (`checkpoint-<step>/`, resumable) before resolving. Default false. */
   saveOnAbort?: boolean
+  /** TRL-format data: pack the examples into `maxLength`-token sequences (TRL `packing=True`,
+   * wrapped strategy; see `TokenizeOptions.packing`). Default false. */
+  packing?: boolean
   /** Shuffle examples each epoch (seeded; default true). */
   shuffle?: boolean
   onStep?: (info: StepInfo) => void
@@ -201,7 +204,7 @@ export class Trainer {
       TrainerOptions,
       | 'tokenizer' | 'maxLength' | 'onStep' | 'signal' | 'maxSteps' | 'numTrainEpochs' | 'outputDir' | 'saveSteps' | 'resumeFromCheckpoint'
       | 'assistantOnlyLoss' | 'completionOnlyLoss' | 'chatTemplate' | 'templateKwargs' | 'warmupRatio' | 'evalDataset' | 'valSetSize' | 'evalSteps'
-      | 'onEvaluate' | 'saveTotalLimit' | 'saveOnAbort'
+      | 'onEvaluate' | 'saveTotalLimit' | 'saveOnAbort' | 'packing'
     >
   > &
     TrainerOptions
@@ -276,6 +279,7 @@ export class Trainer {
       completionOnlyLoss: o.completionOnlyLoss,
       chatTemplate: o.chatTemplate,
       templateKwargs: o.templateKwargs,
+      packing: o.packing,
     }
     const ex = await tokenizeDataset(ds, o.tokenizer, opts)
     return ex.map((e) => ({ ids: e.inputIds, labels: e.labels }))

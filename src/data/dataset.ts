@@ -348,6 +348,15 @@ export interface TokenizeOptions {
   chatTemplate?: string
   /** Extra chat-template variables. */
   templateKwargs?: Record<string, unknown>
+  /**
+   * Pack the tokenized examples into sequences of exactly `maxLength` tokens (TRL's
+   * `packing=True` with `packing_strategy="wrapped"`): the examples (each ending with its EOS
+   * token or end-of-turn text) are concatenated in order and cut every `maxLength` tokens, with
+   * their loss masks; the last, shorter piece is kept. No padding is wasted, but an example can
+   * be split across two sequences and attention crosses example boundaries inside a sequence,
+   * as in TRL's wrapped packing. Examples are not truncated first. Default false.
+   */
+  packing?: boolean
 }
 
 /** A tokenized example: ids and labels (`-100` = not trained on), with its row's location. */
@@ -368,7 +377,8 @@ export interface TokenizedExample {
  * - `{ prompt: [...], completion: [...] }`: `prompt` rendered with the generation prompt and
  *   `prompt + completion` rendered; loss on the tokens after the prompt's
  *   (`completionOnlyLoss`), also restricted to assistant tokens with `assistantOnlyLoss`.
- * Then every example is truncated to `maxLength` tokens.
+ * Then every example is truncated to `maxLength` tokens, or, with `packing`, all are packed
+ * into `maxLength`-token sequences.
  *
  * Errors (`ERR_DATASET`, naming the row's file and line): a conversation without an assistant
  * message when `assistantOnlyLoss` is on, a row left with no trained token (after truncation,
@@ -442,6 +452,20 @@ export async function tokenizeDataset(ds: Dataset, tok: PreTrainedTokenizer, opt
       }))
       break
     }
+  }
+  if (opts.packing) {
+    if (maxLength === null) throw new PeftError('ERR_INVALID_ARGUMENT', 'invalid argument `maxLength`: packing needs a sequence length, found null')
+    const allIds = examples.flatMap((e) => e.ids)
+    const allLabels = examples.flatMap((e) => e.labels)
+    const packed: TokenizedExample[] = []
+    for (let k = 0, start = 0; start < allIds.length; k++, start += maxLength) {
+      const ids = allIds.slice(start, start + maxLength)
+      const labels = allLabels.slice(start, start + maxLength)
+      // A piece without a trained token after its first position adds nothing to the loss.
+      if (ids.length >= 2 && labels.some((l, j) => j >= 1 && l !== -100)) packed.push({ inputIds: ids, labels, where: `${ds.source} (packed sequence ${k + 1})` })
+    }
+    if (packed.length === 0) throw datasetError(`${ds.source}`, 'packing left no sequence with a trained token')
+    return packed
   }
   return examples.map((e, i) => {
     let { ids, labels } = e
