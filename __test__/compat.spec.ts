@@ -9,25 +9,11 @@ import test from 'ava'
 import * as fs from 'node:fs'
 import * as path from 'node:path'
 import { AutoModelForCausalLM, LoraConfig, PeftModel, getPeftModel } from '../src/index'
-import { FIXTURES, LLAMA, assertClose, assertPeftError, caseDir, copyDir, disposeLater, expected, loadLlama, tmpDir } from './helpers'
+import { FIXTURES, LLAMA, assertClose, assertPeftError, caseDir, copyDir, disposeLater, expected, loadLlama, tmpDir, captureWarnings } from './helpers'
 
 const GPT2 = path.join(FIXTURES, 'models', 'gpt2')
 const messages = JSON.parse(fs.readFileSync(path.join(FIXTURES, 'cases', 'compat_messages.json'), 'utf8')) as Record<string, unknown>
 
-async function captureWarnings<T>(fn: () => Promise<T> | T): Promise<{ result: T; warnings: string[] }> {
-  const warnings: string[] = []
-  const onWarning = (w: Error) => {
-    if (w.name === 'PeftWarning') warnings.push(w.message)
-  }
-  process.on('warning', onWarning)
-  try {
-    const result = await fn()
-    await new Promise((r) => setImmediate(r)) // emitWarning dispatches on the next tick
-    return { result, warnings }
-  } finally {
-    process.off('warning', onWarning)
-  }
-}
 
 // serial: the warning listener is process-wide
 test.serial('a partly matching adapter: HF warning from fromPretrained, keys from loadAdapter', async (t) => {

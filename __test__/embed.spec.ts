@@ -10,7 +10,7 @@ import * as path from 'node:path'
 import { monitorEventLoopDelay } from 'node:perf_hooks'
 import { LoraConfig, PeftError, PeftModel, Trainer, getPeftModel, type Tensor, type TrainExample } from '../src/index'
 import { call } from '../src/errors'
-import { assertClose, assertPeftError, caseDir, disposeLater, expected, loadLlama, maxAbsDiff, tmpDir } from './helpers'
+import { assertClose, assertPeftError, caseDir, disposeLater, expected, loadLlama, maxAbsDiff, tmpDir, captureWarnings } from './helpers'
 
 const MULTI = caseDir('llama_lora_multi')
 
@@ -49,20 +49,6 @@ async function freshReference(t: ExecutionContext, state: State): Promise<Tensor
   return logits
 }
 
-async function captureWarnings<T>(fn: () => T): Promise<{ result: T; warnings: string[] }> {
-  const warnings: string[] = []
-  const onWarning = (w: Error) => {
-    if (w.name === 'PeftWarning') warnings.push(w.message)
-  }
-  process.on('warning', onWarning)
-  try {
-    const result = fn()
-    await new Promise((r) => setImmediate(r)) // emitWarning dispatches on the next tick
-    return { result, warnings }
-  } finally {
-    process.off('warning', onWarning)
-  }
-}
 
 /** Rows of ids in 3..255, deterministic. */
 function rows(batch: number, seq: number, salt = 0): number[][] {

@@ -126,3 +126,22 @@ export function hfPython(): string | null {
   const p = process.env.PEFT_HF_PYTHON ?? '/work/venv-hf/bin/python'
   return fs.existsSync(p) ? p : null
 }
+
+/**
+ * Run `fn` (awaited) and collect the `PeftWarning`s emitted meanwhile (process-wide listener: use
+ * from `test.serial` tests).
+ */
+export async function captureWarnings<T>(fn: () => Promise<T> | T): Promise<{ result: T; warnings: string[] }> {
+  const warnings: string[] = []
+  const onWarning = (w: Error) => {
+    if (w.name === 'PeftWarning') warnings.push(w.message)
+  }
+  process.on('warning', onWarning)
+  try {
+    const result = await fn()
+    await new Promise((r) => setImmediate(r)) // emitWarning dispatches on the next tick
+    return { result, warnings }
+  } finally {
+    process.off('warning', onWarning)
+  }
+}

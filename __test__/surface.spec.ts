@@ -7,22 +7,10 @@ import test from 'ava'
 import * as fs from 'node:fs'
 import * as path from 'node:path'
 import { AutoModelForCausalLM, LoraConfig, PeftModel, PrefixTuningConfig, getPeftModel, loadSafetensors, saveSafetensors } from '../src/index'
-import { LLAMA, assertPeftError, caseDir, disposeLater, expected, assertClose, loadLlama, maxAbsDiff, tmpDir } from './helpers'
+import { LLAMA, assertPeftError, caseDir, disposeLater, expected, assertClose, loadLlama, maxAbsDiff, tmpDir, captureWarnings } from './helpers'
 
 const QV = caseDir('llama_lora_qv')
 
-async function captureWarnings<T>(fn: () => Promise<T> | T): Promise<{ result: T; warnings: string[] }> {
-  const warnings: string[] = []
-  const onWarning = (w: Error) => { if (w.name === 'PeftWarning') warnings.push(w.message) }
-  process.on('warning', onWarning)
-  try {
-    const result = await fn()
-    await new Promise((r) => setImmediate(r)) // emitWarning dispatches on the next tick
-    return { result, warnings }
-  } finally {
-    process.off('warning', onWarning)
-  }
-}
 
 test('getLayerStatus / getModelStatus follow HF (active, merged, disabled, requiresGrad, modules_to_save)', async (t) => {
   const base = disposeLater(t, await loadLlama())

@@ -380,14 +380,17 @@ export class Trainer {
     const rt = this.model.baseModel.runtime
     rt.checkAlive()
     if (rt.training) throw busyError('train', 'another Trainer is training this model; await its train() first')
-    let data = await this.rowsOf(examples, 'examples')
-    let evalData: Row[] = []
-    if (this.options.evalDataset !== undefined) evalData = await this.rowsOf(this.options.evalDataset, 'evalDataset')
-    else if (this.options.valSetSize !== undefined) ({ train: data, eval: evalData } = splitItems(data, this.options.valSetSize, this.options.seed))
-    if (rt.training) throw busyError('train', 'another Trainer is training this model; await its train() first')
+    // Marked as training at the call (before the data is tokenized), so adapter changes made
+    // after train() is called are refused, as they are during the steps.
     rt.training = true
+    // The adapter state at the call: the native trainer refuses disabled or merged adapters.
+    const atCall = { disabled: rt.disabled, active: rt.active.slice() }
     try {
-      return await this.run(rt, data, evalData)
+      let data = await this.rowsOf(examples, 'examples')
+      let evalData: Row[] = []
+      if (this.options.evalDataset !== undefined) evalData = await this.rowsOf(this.options.evalDataset, 'evalDataset')
+      else if (this.options.valSetSize !== undefined) ({ train: data, eval: evalData } = splitItems(data, this.options.valSetSize, this.options.seed))
+      return await this.run(rt, data, evalData, atCall)
     } finally {
       rt.training = false
     }
@@ -429,7 +432,7 @@ export class Trainer {
     }
   }
 
-  private async run(rt: ModelRuntime, data: Row[], evalData: Row[]): Promise<TrainOutput> {
+  private async run(rt: ModelRuntime, data: Row[], evalData: Row[], atCall: { disabled: boolean; active: string[] }): Promise<TrainOutput> {
     const o = this.options
     const task = this.model.baseModel.taskType
     const bs = o.perDeviceTrainBatchSize
@@ -441,9 +444,7 @@ export class Trainer {
     const warmupSteps = o.warmupSteps > 0 ? o.warmupSteps : Math.ceil(maxSteps * (o.warmupRatio ?? 0))
     const pad = this.model.baseModel.config.pad_token_id as number | null
     const padId = pad ?? 0
-    // The adapter state at the call: the native trainer refuses disabled or merged adapters.
-    const disabled = rt.disabled
-    const active = rt.active.slice()
+    const { disabled, active } = atCall
     const nativeTrainer = await callAsync(() =>
       rt.schedule(() => {
         rt.applyDisabled(disabled)

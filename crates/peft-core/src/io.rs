@@ -206,6 +206,24 @@ pub fn read_safetensors(path: &Path, device: &Device) -> Result<Vec<(String, Ten
 pub fn read_safetensors_with(path: &Path, device: &Device, tick: &mut dyn FnMut() -> Result<()>) -> Result<Vec<(String, Tensor)>> {
     use std::io::Read;
     let bad = |msg: String| PeftError::SafetensorsInvalid { path: path.to_path_buf(), msg };
+    let (mut f, mut bytes, size) = open_safetensors(path)?;
+    let data_len = size - bytes.len() as u64;
+    validate_safetensors_header(&bytes[8..], data_len, path)?;
+    // The header is sound: the rest of the file is the data section (its true size).
+    bytes.try_reserve_exact(data_len as usize).map_err(|_| bad(format!("cannot allocate {data_len} bytes for the tensor data")))?;
+    (&mut f).take(data_len + 1).read_to_end(&mut bytes).map_err(|e| PeftError::io(path, e))?;
+    if bytes.len() as u64 != size {
+        return Err(bad("the file changed while it was read".into()));
+    }
+    parse_safetensors_with(&bytes, path, device, tick)
+}
+
+/// Open a safetensors file and read its 8-byte header length and header (checked against the
+/// limit and the file's size, not yet parsed): `(file positioned at the data section, the
+/// length prefix + header bytes, file size)`.
+fn open_safetensors(path: &Path) -> Result<(std::fs::File, Vec<u8>, u64)> {
+    use std::io::Read;
+    let bad = |msg: String| PeftError::SafetensorsInvalid { path: path.to_path_buf(), msg };
     let mut f = std::fs::File::open(path).map_err(|e| PeftError::io(path, e))?;
     let size = f.metadata().map_err(|e| PeftError::io(path, e))?.len();
     if size < 8 {
@@ -226,15 +244,7 @@ pub fn read_safetensors_with(path: &Path, device: &Device, tick: &mut dyn FnMut(
     if bytes.len() as u64 != 8 + n {
         return Err(bad("the file changed while it was read".into()));
     }
-    let data_len = size - 8 - n;
-    validate_safetensors_header(&bytes[8..], data_len, path)?;
-    // The header is sound: the rest of the file is the data section (its true size).
-    bytes.try_reserve_exact(data_len as usize).map_err(|_| bad(format!("cannot allocate {data_len} bytes for the tensor data")))?;
-    (&mut f).take(data_len + 1).read_to_end(&mut bytes).map_err(|e| PeftError::io(path, e))?;
-    if bytes.len() as u64 != size {
-        return Err(bad("the file changed while it was read".into()));
-    }
-    parse_safetensors_with(&bytes, path, device, tick)
+    Ok((f, bytes, size))
 }
 
 /// The number of tensors of a safetensors file, from its header alone (validated as
@@ -242,22 +252,8 @@ pub fn read_safetensors_with(path: &Path, device: &Device, tick: &mut dyn FnMut(
 ///
 /// Errors: as [`read_safetensors`].
 pub fn safetensors_tensor_count(path: &Path) -> Result<usize> {
-    use std::io::Read;
-    let bad = |msg: String| PeftError::SafetensorsInvalid { path: path.to_path_buf(), msg };
-    let mut f = std::fs::File::open(path).map_err(|e| PeftError::io(path, e))?;
-    let size = f.metadata().map_err(|e| PeftError::io(path, e))?.len();
-    if size < 8 {
-        return Err(bad(format!("the file is {size} bytes long, too short for the 8-byte header length; truncated?")));
-    }
-    let mut len = [0u8; 8];
-    f.read_exact(&mut len).map_err(|e| PeftError::io(path, e))?;
-    let n = u64::from_le_bytes(len);
-    if n > MAX_SAFETENSORS_HEADER || n > size - 8 {
-        return Err(bad(format!("header length {n} runs past the end of the file ({size} bytes) or exceeds the limit of {MAX_SAFETENSORS_HEADER} bytes")));
-    }
-    let mut header = Vec::with_capacity(n as usize);
-    (&mut f).take(n).read_to_end(&mut header).map_err(|e| PeftError::io(path, e))?;
-    Ok(validate_safetensors_header(&header, size - 8 - n, path)?.len())
+    let (_, bytes, size) = open_safetensors(path)?;
+    Ok(validate_safetensors_header(&bytes[8..], size - bytes.len() as u64, path)?.len())
 }
 
 /// [`read_safetensors`] over bytes already in memory; `path` is used in error messages.
