@@ -207,3 +207,32 @@ test('merge and export-gguf: files llama.cpp and transformers read, checked by i
   t.is(dora.code, 1)
   t.regex(dora.stderr, /^error ERR_EXPORT_UNSUPPORTED: .*DoRA/im)
 })
+
+test('chat: piped lines are all answered, each as the library generates it; end of input ends the chat', async (t) => {
+  const dir = tmpDir(t)
+  const template = "{% for m in messages %}<s> {{ m.role }} {{ m.content }} </s> {% endfor %}{% if add_generation_prompt %}<s> assistant {% endif %}"
+  const tf = path.join(dir, 'template.jinja')
+  fs.writeFileSync(tf, template)
+  const r = spawnSync(process.execPath, ['--import', 'tsx', MAIN, 'chat', '-m', LLAMA, '-a', caseDir('llama_lora_qv'), '--chat-template', tf, '--max-new-tokens', '5'], {
+    cwd: ROOT, encoding: 'utf8', input: 'classify the sentiment\ntranslate the text\n', timeout: 120_000,
+  })
+  t.is(r.status, 0, r.stderr)
+  const answers = r.stdout.split('\n').filter((l) => l.length > 0)
+  t.is(answers.length, 2, JSON.stringify(r.stdout))
+  // the same two turns through the library
+  const { AutoTokenizer } = await import('../src/index')
+  const tok = await AutoTokenizer.fromPretrained(LLAMA)
+  const base = disposeLater(t, await AutoModelForCausalLM.fromPretrained(LLAMA))
+  const pm = await PeftModel.fromPretrained(base, caseDir('llama_lora_qv'))
+  const messages: Array<{ role: string; content: string }> = []
+  const want: string[] = []
+  for (const q of ['classify the sentiment', 'translate the text']) {
+    messages.push({ role: 'user', content: q })
+    const ids = tok.encode(tok.applyChatTemplate(messages, { addGenerationPrompt: true, chatTemplate: template }), { addSpecialTokens: false })
+    const out = await pm.generate([ids], { maxNewTokens: 5 })
+    const a = tok.decode(out[0].slice(ids.length), { skipSpecialTokens: true })
+    want.push(a)
+    messages.push({ role: 'assistant', content: a })
+  }
+  t.deepEqual(answers, want.filter((a) => a.length > 0))
+})

@@ -114,3 +114,14 @@ test('addWeightedAdapter: HF numbers through the JS API; refusals have codes', a
   await assertPeftError(t, () => pm.addWeightedAdapter(['a', 'b'], [1, 1], 'x', { combination_type: 'cat' } as never), 'ERR_INVALID_ARGUMENT', ["did you mean 'combinationType'"])
   t.false('x' in pm.peftConfig)
 })
+
+test('Trainer and config classes refuse unknown options and a model without adapters', async (t) => {
+  const { Trainer, PrefixTuningConfig } = await import('../src/index')
+  const base = disposeLater(t, await loadLlama())
+  t.throws(() => new Trainer(base as never, {}), { message: /PeftModel/ })
+  const pm = getPeftModel(base, new LoraConfig({ r: 2, targetModules: ['q_proj'] }))
+  await assertPeftError(t, () => new Trainer(pm, { learning_rate: 0.5 } as never), 'ERR_INVALID_ARGUMENT', ['learning_rate', "did you mean 'learningRate'"])
+  await assertPeftError(t, () => new LoraConfig({ rank: 4 } as never), 'ERR_INVALID_ARGUMENT', ['rank', 'LoraConfig'])
+  await assertPeftError(t, () => new LoraConfig({ target_modules: ['q_proj'] } as never), 'ERR_INVALID_ARGUMENT', ["did you mean 'targetModules'"])
+  await assertPeftError(t, () => new PrefixTuningConfig({ num_virtual_tokens: 4 } as never), 'ERR_INVALID_ARGUMENT', ["did you mean 'numVirtualTokens'"])
+})

@@ -12,7 +12,7 @@
 import * as fs from 'node:fs'
 import * as path from 'node:path'
 import { native } from './native'
-import { call, callAsync, invalidArgument, PeftError } from './errors'
+import { call, callAsync, invalidArgument, PeftError, refuseUnknownOptions } from './errors'
 import type { PeftModel } from './peft-model'
 import { busyError, type ModelRuntime } from './runtime'
 import type { PreTrainedTokenizer } from './model'
@@ -197,6 +197,13 @@ function mulberry32(st: { rng: number }): () => number {
   }
 }
 
+const TRAINER_OPTIONS = [
+  'learningRate', 'maxSteps', 'numTrainEpochs', 'perDeviceTrainBatchSize', 'gradientAccumulationSteps', 'warmupSteps', 'weightDecay',
+  'maxGradNorm', 'adamBeta1', 'adamBeta2', 'adamEpsilon', 'seed', 'tokenizer', 'maxLength', 'assistantOnlyLoss', 'completionOnlyLoss',
+  'chatTemplate', 'templateKwargs', 'lrSchedulerType', 'warmupRatio', 'evalDataset', 'valSetSize', 'evalSteps', 'perDeviceEvalBatchSize',
+  'onEvaluate', 'saveTotalLimit', 'saveOnAbort', 'packing', 'shuffle', 'onStep', 'signal', 'outputDir', 'saveSteps', 'resumeFromCheckpoint',
+] as const
+
 export class Trainer {
   readonly model: PeftModel
   readonly options: Required<
@@ -210,6 +217,10 @@ export class Trainer {
     TrainerOptions
 
   constructor(model: PeftModel, options: TrainerOptions = {}) {
+    if (!model || typeof model !== 'object' || !('baseModel' in model) || !(model as PeftModel).baseModel?.runtime) {
+      throw invalidArgument('model', 'the Trainer trains the adapters of a PeftModel: wrap the base model first, e.g. getPeftModel(model, new LoraConfig({ ... }))')
+    }
+    refuseUnknownOptions('Trainer', options, TRAINER_OPTIONS)
     this.model = model
     this.options = {
       learningRate: 5e-5,
@@ -640,7 +651,7 @@ export class Trainer {
         gradNorm: r.gradNorm,
         tokensPerSecond: r.tokens / ((now - ts) / 1000),
         elapsedMs,
-        etaMs: (elapsedMs / r.step) * (maxSteps - r.step),
+        etaMs: (elapsedMs / Math.max(1, r.step - first)) * (maxSteps - r.step),
       }
       history.push(info)
       if (evalData.length > 0 && ((o.evalSteps !== undefined && r.step % o.evalSteps === 0) || r.step === maxSteps)) {

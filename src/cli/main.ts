@@ -90,6 +90,7 @@ const COMMANDS: Record<string, Command> = {
       model: { type: 'string', short: 'm' },
       adapter: { type: 'string', short: 'a' },
       system: { type: 'string' },
+      'chat-template': { type: 'string' },
       'max-new-tokens': { type: 'string' },
       'do-sample': { type: 'boolean' },
       temperature: { type: 'string' },
@@ -101,6 +102,7 @@ const COMMANDS: Record<string, Command> = {
       model: 'base model: an HF folder or a GGUF file (required)',
       adapter: 'adapter folder to apply (HF PEFT format)',
       system: 'system message',
+      'chat-template': "a Jinja chat template file to use instead of the model's own",
       'max-new-tokens': 'longest answer in tokens (default 256)',
       'do-sample': 'sample instead of greedy decoding',
       temperature: 'sampling temperature',
@@ -113,24 +115,31 @@ const COMMANDS: Record<string, Command> = {
       const maxNewTokens = int(values, 'max-new-tokens', 1) ?? 256
       const numThreads = int(values, 'num-threads', 1)
       const lib = await import('../index')
-      const readline = await import('node:readline/promises')
+      const readline = await import('node:readline')
+      const fsp = await import('node:fs/promises')
+      const chatTemplate = values['chat-template'] ? await fsp.readFile(values['chat-template'] as string, 'utf8').catch(() => {
+        throw new PeftError('ERR_NOT_FOUND', `--chat-template: ${values['chat-template']} cannot be read`)
+      }) : undefined
       const model = await lib.AutoModelForCausalLM.fromPretrained(values.model as string, numThreads ? { numThreads } : {})
-      const rl = readline.createInterface({ input: process.stdin, output: process.stdout, terminal: Boolean(process.stdin.isTTY) })
+      // Created after loading: stdin stays paused meanwhile, so piped lines wait in the pipe,
+      // and the line iterator buffers lines that arrive while an answer is generated.
+      const tty = Boolean(process.stdin.isTTY)
+      const rl = readline.createInterface({ input: process.stdin, output: process.stdout, terminal: tty })
+      rl.on('SIGINT', () => rl.close()) // Ctrl-C at the prompt (a TTY in raw mode) ends the chat
+      const lines = rl[Symbol.asyncIterator]()
       try {
         const tokenizer = await lib.AutoTokenizer.fromPretrained(values.model as string)
         const target = values.adapter ? await lib.PeftModel.fromPretrained(model, values.adapter as string) : model
         const messages: Array<{ role: string; content: string }> = values.system ? [{ role: 'system', content: values.system as string }] : []
-        if (process.stdin.isTTY) process.stdout.write('Type a message; an empty line or Ctrl-D ends the chat.\n')
+        if (tty) process.stdout.write('Type a message; an empty line or Ctrl-D ends the chat.\n')
         for (;;) {
-          let line: string
-          try {
-            line = await rl.question(process.stdin.isTTY ? '> ' : '', { signal })
-          } catch {
-            break // Ctrl-C / Ctrl-D / end of input
-          }
+          if (tty) process.stdout.write('> ')
+          const next = await lines.next()
+          if (next.done || signal.aborted) break
+          const line = String(next.value)
           if (!line.trim()) break
           messages.push({ role: 'user', content: line })
-          const ids = tokenizer.encode(tokenizer.applyChatTemplate(messages, { addGenerationPrompt: true }), { addSpecialTokens: false })
+          const ids = tokenizer.encode(tokenizer.applyChatTemplate(messages, { addGenerationPrompt: true, ...(chatTemplate ? { chatTemplate } : {}) }), { addSpecialTokens: false })
           let answer = ''
           await target.generate([ids], {
             maxNewTokens,

@@ -5,6 +5,8 @@
  * used (`ERR_ADAPTER_CONFIG_INVALID`).
  */
 
+import { refuseUnknownOptions } from '../errors'
+
 export type TaskType = 'CAUSAL_LM' | 'SEQ_CLS' | 'SEQ_2_SEQ_LM' | 'TOKEN_CLS' | 'QUESTION_ANS' | 'FEATURE_EXTRACTION'
 
 /** One field: camelCase name, HF's snake_case name, default. */
@@ -19,6 +21,7 @@ export abstract class SnakeCaseConfig {
   protected abstract fields(): FieldSpec
 
   protected init(options: object): void {
+    refuseUnknownOptions(this.constructor.name, options, this.fields().map(([k]) => k))
     for (const [k, , d] of this.fields()) {
       const v = (options as Record<string, unknown>)[k]
       ;(this as unknown as Record<string, unknown>)[k] = v !== undefined ? v : d

@@ -4,6 +4,7 @@
  * adapter_config.json; `fromJSON()` reads one.
  */
 import type { TaskType } from './base'
+import { refuseUnknownOptions } from '../errors'
 
 export interface LoraConfigOptions {
   /** LoRA rank (HF default 8). */
@@ -90,6 +91,7 @@ export class LoraConfig implements LoraConfigOptions {
   readonly extra: Record<string, unknown> = {}
 
   constructor(options: LoraConfigOptions = {}) {
+    refuseUnknownOptions('LoraConfig', options, FIELDS.map(([k]) => k))
     for (const [k] of FIELDS) {
       const v = options[k]
       if (v !== undefined) (this as Record<string, unknown>)[k] = v
