@@ -489,13 +489,9 @@ impl NativeModel {
                         params += w.elem_count() + b.as_ref().map(|b| b.elem_count()).unwrap_or(0);
                         layers.push(serde_json::json!([path, "modules_to_save"]));
                     }
-                    if let Some(a) = l.adapters.get(&name) {
-                        params += a.a.elem_count() + a.b.elem_count() + a.magnitude.as_ref().map(|m| m.elem_count()).unwrap_or(0);
-                        layers.push(serde_json::json!([path, if l.is_embedding { "lora_embedding" } else { "lora" }]));
-                    }
-                    if let Some(a) = l.ia3.get(&name) {
-                        params += a.l.elem_count();
-                        layers.push(serde_json::json!([path, "ia3"]));
+                    if let Some(kind) = l.adapter_kind(&name) {
+                        params += l.adapter_params(&name).iter().map(|(_, v)| v.elem_count()).sum::<usize>();
+                        layers.push(serde_json::json!([path, kind]));
                     }
                 }
                 Ok(serde_json::json!({

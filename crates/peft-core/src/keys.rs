@@ -13,18 +13,9 @@
 /// `model` (the transformers model)).
 pub const KEY_PREFIX: &str = "base_model.model.";
 
-/// The on-disk keys of a LoRA layer's A and B (adapter name removed): `<m>.lora_A.weight` /
-/// `<m>.lora_B.weight`, or for an embedding layer HF's `<m>.lora_embedding_A` /
-/// `<m>.lora_embedding_B` (plain parameters, no `.weight`).
-pub fn lora_keys(m: &str, is_embedding: bool) -> (String, String) {
-    if is_embedding {
-        (format!("{m}.lora_embedding_A"), format!("{m}.lora_embedding_B"))
-    } else {
-        (format!("{m}.lora_A.weight"), format!("{m}.lora_B.weight"))
-    }
-}
-
-/// `x.lora_A.<name>.weight` → `x.lora_A.weight` (HF's adapter-name removal rule, inverted).
+/// `x.lora_A.<name>.weight` → `x.lora_A.weight` (HF's adapter-name removal rule, inverted):
+/// the model's key of a registered tuner slot (see [`crate::tuners::layer::Slot`]) or of a
+/// `modules_to_save` copy becomes its on-disk key. Other keys are returned unchanged.
 pub fn strip_adapter_name(k: &str) -> String {
     // `<m>.modules_to_save.<name>.<param>` -> `<m>.<param>`
     if let Some(i) = k.find(".modules_to_save.") {
@@ -33,18 +24,19 @@ pub fn strip_adapter_name(k: &str) -> String {
             return format!("{}.{}", &k[..i], &rest[j + 1..]);
         }
     }
-    // `<m>.lora_magnitude_vector.<name>.weight` -> `<m>.lora_magnitude_vector`; `<m>.ia3_l.<name>` -> `<m>.ia3_l`
-    for slot in [".lora_magnitude_vector.", ".ia3_l.", ".lora_embedding_A.", ".lora_embedding_B."] {
-        if let Some(i) = k.rfind(slot) {
-            return format!("{}{}", &k[..i], slot.trim_end_matches('.'));
-        }
-    }
-    for slot in [".lora_A.", ".lora_B."] {
-        if let Some(i) = k.rfind(slot) {
-            let rest = &k[i + slot.len()..];
-            if rest != "weight" && rest.ends_with(".weight") {
-                return format!("{}{}weight", &k[..i], slot);
-            }
+    for slot in crate::tuners::registry::all_slots() {
+        let needle = format!(".{}.", slot.name);
+        let Some(i) = k.rfind(&needle) else { continue };
+        let rest = &k[i + needle.len()..];
+        let adapter = match slot.model_param {
+            Some(p) => match rest.strip_suffix(&format!(".{p}")) {
+                Some(a) => a,
+                None => continue,
+            },
+            None => rest,
+        };
+        if !adapter.is_empty() && !adapter.contains('.') {
+            return slot.disk_key(&k[..i]);
         }
     }
     k.to_string()
@@ -53,20 +45,14 @@ pub fn strip_adapter_name(k: &str) -> String {
 /// The model's name of the on-disk key `k` (no prefix) for adapter `name` (the inverse of
 /// [`strip_adapter_name`] for tuner slots): `m.lora_A.weight` → `m.lora_A.<name>.weight`,
 /// `m.lora_magnitude_vector` → `m.lora_magnitude_vector.<name>.weight`, `m.ia3_l` →
-/// `m.ia3_l.<name>`, `m.lora_embedding_A` → `m.lora_embedding_A.<name>`. Other keys are
-/// returned unchanged.
+/// `m.ia3_l.<name>`. Other keys are returned unchanged.
 pub fn with_adapter_name(k: &str, name: &str) -> String {
-    for slot in [".lora_A.weight", ".lora_B.weight"] {
-        if let Some(m) = k.strip_suffix(slot) {
-            return format!("{m}{}.{name}.weight", &slot[..slot.len() - ".weight".len()]);
-        }
-    }
-    if let Some(m) = k.strip_suffix(".lora_magnitude_vector") {
-        return format!("{m}.lora_magnitude_vector.{name}.weight");
-    }
-    for slot in [".ia3_l", ".lora_embedding_A", ".lora_embedding_B"] {
-        if k.ends_with(slot) {
-            return format!("{k}.{name}");
+    for slot in crate::tuners::registry::all_slots() {
+        let suffix = slot.disk_key("");
+        if let Some(m) = k.strip_suffix(&suffix) {
+            if !m.is_empty() {
+                return slot.model_key(m, name);
+            }
         }
     }
     k.to_string()

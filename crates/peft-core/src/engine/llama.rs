@@ -75,8 +75,8 @@ struct Lin {
 }
 
 impl Lin {
-    /// `None` when the layer carries something the engine does not compute (DoRA, (IA)³,
-    /// modules_to_save copies, a trainable bias, a transposed or non-f32 weight).
+    /// `None` when the layer carries something the engine does not compute (DoRA, (IA)³, other
+    /// tuners' layers, modules_to_save copies, a trainable bias, a transposed or non-f32 weight).
     fn of(l: &PeftLinear) -> Option<Lin> {
         if l.transposed || l.is_embedding {
             return None;
@@ -85,7 +85,7 @@ impl Lin {
             && (!l.saved_copies.is_empty()
                 || l.active
                     .iter()
-                    .any(|n| l.ia3.contains_key(n) && !l.merged.contains(n)))
+                    .any(|n| (l.ia3.contains_key(n) || l.others.contains_key(n)) && !l.merged.contains(n)))
         {
             return None;
         }
@@ -207,6 +207,7 @@ impl<'m> Plan<'m> {
                     (l.adapters.contains_key(n) && !l.merged.contains(n))
                         || l.saved_copies.contains_key(n)
                         || l.ia3.contains_key(n)
+                        || l.others.contains_key(n)
                 });
             if live || l.bias.is_some() {
                 return None;

@@ -126,14 +126,12 @@ fn module_shape(cfg: &LlamaConfig, sub: &str) -> Option<(usize, usize)> {
 /// `InvalidAdapterConfig`, `SafetensorsInvalid`, `GgufInvalid`, `Io`.
 pub fn export_gguf_lora(adapter_dir: &Path, out: &Path, opts: &LoraExportOptions) -> Result<LoraExportReport> {
     let cfg_path = adapter_dir.join("adapter_config.json");
-    let cfg = match AdapterConfig::from_file(&cfg_path)? {
-        AdapterConfig::Lora(c) => c,
-        AdapterConfig::Ia3(_) => return Err(unsupported("an IA3 adapter", format!("{}: llama.cpp applies LoRA adapters only", cfg_path.display()))),
-        AdapterConfig::Prompt(p) => {
-            return Err(unsupported(
-                format!("a prompt-learning adapter ({})", AdapterConfig::Prompt(p).peft_type()),
-                format!("{}: llama.cpp applies LoRA adapters only", cfg_path.display()),
-            ))
+    let any = AdapterConfig::from_file(&cfg_path)?;
+    let cfg = match any.as_lora() {
+        Some(c) => c.clone(),
+        None => {
+            let what = if any.is_prompt_learning() { format!("a prompt-learning adapter ({})", any.peft_type()) } else { format!("an {} adapter", any.peft_type()) };
+            return Err(unsupported(what, format!("{}: llama.cpp applies LoRA adapters only", cfg_path.display())));
         }
     };
     if cfg.use_dora {

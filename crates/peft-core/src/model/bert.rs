@@ -647,69 +647,38 @@ impl BaseModel for BertModel {
         self.dtype
     }
 
-    fn named_linears(&self) -> Vec<(String, &PeftLinear)> {
-        let nm = self.config.family.names();
-        let mut out = vec![(self.prefixed("embeddings.word_embeddings"), &self.word_embeddings)];
-        for (i, l) in self.layers.iter().enumerate() {
-            let p = self.prefixed(&format!("{}.{i}", nm.layers));
-            out.push((format!("{p}.{}", nm.query), &l.query));
-            out.push((format!("{p}.{}", nm.key), &l.key));
-            out.push((format!("{p}.{}", nm.value), &l.value));
-            out.push((format!("{p}.{}", nm.attn_out), &l.attn_out));
-            out.push((format!("{p}.{}", nm.intermediate), &l.intermediate));
-            out.push((format!("{p}.{}", nm.output), &l.output));
+    // Every linear layer with its transformers module path (family names from
+    // `BertFamily::names`), in module order: embeddings, layers, pooler, head.
+    super::named_twins!(linears: |this| {
+        let BertModel { config, word_embeddings, layers, pooler, pooler_name, head, head_path, prefix, .. } = this;
+        let nm = config.family.names();
+        let mut out = vec![(format!("{prefix}embeddings.word_embeddings"), word_embeddings)];
+        for (i, l) in layers.into_iter().enumerate() {
+            let BertLayer { query, key, value, attn_out, intermediate, output, .. } = l;
+            let named = [(nm.query, query), (nm.key, key), (nm.value, value), (nm.attn_out, attn_out), (nm.intermediate, intermediate), (nm.output, output)];
+            out.extend(named.into_iter().map(|(n, lin)| (format!("{prefix}{}.{i}.{n}", nm.layers), lin)));
         }
-        if let Some(pl) = &self.pooler {
-            out.push((self.pooler_name.clone(), pl));
+        if let Some(pl) = pooler {
+            out.push((pooler_name.to_string(), pl));
         }
-        if let Some(h) = &self.head {
-            out.push((self.head_path.clone(), h));
+        if let Some(h) = head {
+            out.push((head_path.to_string(), h));
         }
         out
-    }
+    });
 
-    fn named_linears_mut(&mut self) -> Vec<(String, &mut PeftLinear)> {
-        let nm = self.config.family.names();
-        let prefix = self.prefix.clone();
-        let mut out = vec![(format!("{prefix}embeddings.word_embeddings"), &mut self.word_embeddings)];
-        for (i, l) in self.layers.iter_mut().enumerate() {
-            let p = format!("{prefix}{}.{i}", nm.layers);
-            out.push((format!("{p}.{}", nm.query), &mut l.query));
-            out.push((format!("{p}.{}", nm.key), &mut l.key));
-            out.push((format!("{p}.{}", nm.value), &mut l.value));
-            out.push((format!("{p}.{}", nm.attn_out), &mut l.attn_out));
-            out.push((format!("{p}.{}", nm.intermediate), &mut l.intermediate));
-            out.push((format!("{p}.{}", nm.output), &mut l.output));
-        }
-        if let Some(pl) = &mut self.pooler {
-            out.push((self.pooler_name.clone(), pl));
-        }
-        if let Some(h) = &mut self.head {
-            out.push((self.head_path.clone(), h));
+    // LayerNorm biases (LoRA's `bias: "all"`).
+    super::named_twins!(norm_biases: |this| {
+        let BertModel { config, embed_norm: Norm { bias: emb_bias, .. }, layers, prefix, .. } = this;
+        let nm = config.family.names();
+        let mut out = vec![(format!("{prefix}embeddings.LayerNorm"), emb_bias)];
+        for (i, l) in layers.into_iter().enumerate() {
+            let BertLayer { attn_norm: Norm { bias: b1, .. }, out_norm: Norm { bias: b2, .. }, .. } = l;
+            out.push((format!("{prefix}{}.{i}.{}", nm.layers, nm.attn_norm), b1));
+            out.push((format!("{prefix}{}.{i}.{}", nm.layers, nm.out_norm), b2));
         }
         out
-    }
-
-    fn named_norm_biases_mut(&mut self) -> Vec<(String, &mut Tensor)> {
-        let nm = self.config.family.names();
-        let prefix = self.prefix.clone();
-        let mut out = vec![(format!("{prefix}embeddings.LayerNorm"), &mut self.embed_norm.bias)];
-        for (i, l) in self.layers.iter_mut().enumerate() {
-            out.push((format!("{prefix}{}.{i}.{}", nm.layers, nm.attn_norm), &mut l.attn_norm.bias));
-            out.push((format!("{prefix}{}.{i}.{}", nm.layers, nm.out_norm), &mut l.out_norm.bias));
-        }
-        out
-    }
-
-    fn named_norm_biases(&self) -> Vec<(String, &Tensor)> {
-        let nm = self.config.family.names();
-        let mut out = vec![(self.prefixed("embeddings.LayerNorm"), &self.embed_norm.bias)];
-        for (i, l) in self.layers.iter().enumerate() {
-            out.push((self.prefixed(&format!("{}.{i}.{}", nm.layers, nm.attn_norm)), &l.attn_norm.bias));
-            out.push((self.prefixed(&format!("{}.{i}.{}", nm.layers, nm.out_norm)), &l.out_norm.bias));
-        }
-        out
-    }
+    });
 
     fn module_names(&self) -> Vec<String> {
         let nm = self.config.family.names();

@@ -294,51 +294,32 @@ impl BaseModel for Gpt2LMHeadModel {
         self.dtype
     }
 
-    fn named_linears(&self) -> Vec<(String, &PeftLinear)> {
-        let mut out = vec![("transformer.wte".to_string(), &self.wte)];
-        for (i, l) in self.h.iter().enumerate() {
-            let p = format!("transformer.h.{i}");
-            out.push((format!("{p}.attn.c_attn"), &l.c_attn));
-            out.push((format!("{p}.attn.c_proj"), &l.attn_c_proj));
-            out.push((format!("{p}.mlp.c_fc"), &l.c_fc));
-            out.push((format!("{p}.mlp.c_proj"), &l.mlp_c_proj));
+    // Every linear layer with its transformers module path, in module order (the output head
+    // last).
+    super::named_twins!(linears: |this| {
+        let Gpt2LMHeadModel { wte, h, lm_head, head_name, .. } = this;
+        let mut out = vec![("transformer.wte".to_string(), wte)];
+        for (i, l) in h.into_iter().enumerate() {
+            let Gpt2Block { c_attn, attn_c_proj, c_fc, mlp_c_proj, .. } = l;
+            let named = [("attn.c_attn", c_attn), ("attn.c_proj", attn_c_proj), ("mlp.c_fc", c_fc), ("mlp.c_proj", mlp_c_proj)];
+            out.extend(named.into_iter().map(|(n, lin)| (format!("transformer.h.{i}.{n}"), lin)));
         }
-        out.push((self.head_name.into(), &self.lm_head));
+        out.push((head_name.to_string(), lm_head));
         out
-    }
+    });
 
-    fn named_linears_mut(&mut self) -> Vec<(String, &mut PeftLinear)> {
-        let mut out = vec![("transformer.wte".to_string(), &mut self.wte)];
-        for (i, l) in self.h.iter_mut().enumerate() {
-            let p = format!("transformer.h.{i}");
-            out.push((format!("{p}.attn.c_attn"), &mut l.c_attn));
-            out.push((format!("{p}.attn.c_proj"), &mut l.attn_c_proj));
-            out.push((format!("{p}.mlp.c_fc"), &mut l.c_fc));
-            out.push((format!("{p}.mlp.c_proj"), &mut l.mlp_c_proj));
-        }
-        out.push((self.head_name.into(), &mut self.lm_head));
-        out
-    }
-
-    fn named_norm_biases_mut(&mut self) -> Vec<(String, &mut Tensor)> {
+    // LayerNorm biases (LoRA's `bias: "all"`).
+    super::named_twins!(norm_biases: |this| {
+        let Gpt2LMHeadModel { h, ln_f: LayerNorm { bias: bias_f, .. }, .. } = this;
         let mut out = Vec::new();
-        for (i, l) in self.h.iter_mut().enumerate() {
-            out.push((format!("transformer.h.{i}.ln_1"), &mut l.ln_1.bias));
-            out.push((format!("transformer.h.{i}.ln_2"), &mut l.ln_2.bias));
+        for (i, l) in h.into_iter().enumerate() {
+            let Gpt2Block { ln_1: LayerNorm { bias: b1, .. }, ln_2: LayerNorm { bias: b2, .. }, .. } = l;
+            out.push((format!("transformer.h.{i}.ln_1"), b1));
+            out.push((format!("transformer.h.{i}.ln_2"), b2));
         }
-        out.push(("transformer.ln_f".into(), &mut self.ln_f.bias));
+        out.push(("transformer.ln_f".into(), bias_f));
         out
-    }
-
-    fn named_norm_biases(&self) -> Vec<(String, &Tensor)> {
-        let mut out = Vec::new();
-        for (i, l) in self.h.iter().enumerate() {
-            out.push((format!("transformer.h.{i}.ln_1"), &l.ln_1.bias));
-            out.push((format!("transformer.h.{i}.ln_2"), &l.ln_2.bias));
-        }
-        out.push(("transformer.ln_f".into(), &self.ln_f.bias));
-        out
-    }
+    });
 
     fn module_names(&self) -> Vec<String> {
         let mut out = vec!["transformer".to_string(), "transformer.wte".into(), "transformer.wpe".into(), "transformer.drop".into(), "transformer.h".into()];

@@ -226,41 +226,6 @@ impl LlamaForCausalLM {
         })
     }
 
-    /// Every linear layer with its transformers module path (`model.layers.0.self_attn.q_proj`,
-    /// ..., `lm_head`), in module order.
-    pub fn named_linears(&self) -> Vec<(String, &PeftLinear)> {
-        let mut out = vec![("model.embed_tokens".to_string(), &self.embed_tokens)];
-        for (i, l) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            out.push((format!("{p}.self_attn.q_proj"), &l.self_attn.q_proj));
-            out.push((format!("{p}.self_attn.k_proj"), &l.self_attn.k_proj));
-            out.push((format!("{p}.self_attn.v_proj"), &l.self_attn.v_proj));
-            out.push((format!("{p}.self_attn.o_proj"), &l.self_attn.o_proj));
-            out.push((format!("{p}.mlp.gate_proj"), &l.mlp.gate_proj));
-            out.push((format!("{p}.mlp.up_proj"), &l.mlp.up_proj));
-            out.push((format!("{p}.mlp.down_proj"), &l.mlp.down_proj));
-        }
-        out.push((self.head_name.into(), &self.lm_head));
-        out
-    }
-
-    /// Mutable twin of [`Self::named_linears`].
-    pub fn named_linears_mut(&mut self) -> Vec<(String, &mut PeftLinear)> {
-        let mut out = vec![("model.embed_tokens".to_string(), &mut self.embed_tokens)];
-        for (i, l) in self.layers.iter_mut().enumerate() {
-            let p = format!("model.layers.{i}");
-            out.push((format!("{p}.self_attn.q_proj"), &mut l.self_attn.q_proj));
-            out.push((format!("{p}.self_attn.k_proj"), &mut l.self_attn.k_proj));
-            out.push((format!("{p}.self_attn.v_proj"), &mut l.self_attn.v_proj));
-            out.push((format!("{p}.self_attn.o_proj"), &mut l.self_attn.o_proj));
-            out.push((format!("{p}.mlp.gate_proj"), &mut l.mlp.gate_proj));
-            out.push((format!("{p}.mlp.up_proj"), &mut l.mlp.up_proj));
-            out.push((format!("{p}.mlp.down_proj"), &mut l.mlp.down_proj));
-        }
-        out.push((self.head_name.into(), &mut self.lm_head));
-        out
-    }
-
     /// Module names of every module (for error messages and targeting), transformers' naming.
     pub fn module_names(&self) -> Vec<String> {
         let mut out = vec!["model".to_string(), "model.embed_tokens".to_string()];
@@ -469,12 +434,27 @@ impl BaseModel for LlamaForCausalLM {
     fn dtype(&self) -> DType {
         self.dtype
     }
-    fn named_linears(&self) -> Vec<(String, &PeftLinear)> {
-        LlamaForCausalLM::named_linears(self)
-    }
-    fn named_linears_mut(&mut self) -> Vec<(String, &mut PeftLinear)> {
-        LlamaForCausalLM::named_linears_mut(self)
-    }
+    // Every linear layer with its transformers module path (`model.embed_tokens`,
+    // `model.layers.0.self_attn.q_proj`, ..., `lm_head` / `score`), in module order.
+    super::named_twins!(linears: |this| {
+        let LlamaForCausalLM { embed_tokens, layers, lm_head, head_name, .. } = this;
+        let mut out = vec![("model.embed_tokens".to_string(), embed_tokens)];
+        for (i, l) in layers.into_iter().enumerate() {
+            let DecoderLayer { self_attn: Attention { q_proj, k_proj, v_proj, o_proj }, mlp: Mlp { gate_proj, up_proj, down_proj }, .. } = l;
+            let named = [
+                ("self_attn.q_proj", q_proj),
+                ("self_attn.k_proj", k_proj),
+                ("self_attn.v_proj", v_proj),
+                ("self_attn.o_proj", o_proj),
+                ("mlp.gate_proj", gate_proj),
+                ("mlp.up_proj", up_proj),
+                ("mlp.down_proj", down_proj),
+            ];
+            out.extend(named.into_iter().map(|(n, lin)| (format!("model.layers.{i}.{n}"), lin)));
+        }
+        out.push((head_name.to_string(), lm_head));
+        out
+    });
     fn named_norm_biases_mut(&mut self) -> Vec<(String, &mut Tensor)> {
         vec![]
     }

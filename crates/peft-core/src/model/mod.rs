@@ -184,6 +184,34 @@ pub fn init_normal(out: usize, inp: usize, std: f64, seed: u64, device: &Device)
     Ok(Tensor::from_vec(v, (out, inp), device)?)
 }
 
+/// Declares a model's layers with their transformers module paths once, and expands that one
+/// body into both [`BaseModel::named_linears`] and [`BaseModel::named_linears_mut`] (and the
+/// `named_norm_biases` pair): the body destructures `$this` (`&Self` in one, `&mut Self` in the
+/// other; match ergonomics give `&` or `&mut` bindings), so the two lists cannot drift apart.
+macro_rules! named_twins {
+    (linears: |$this:ident| $body:block) => {
+        fn named_linears(&self) -> Vec<(String, &$crate::tuners::linear::PeftLinear)> {
+            let $this = self;
+            $body
+        }
+        fn named_linears_mut(&mut self) -> Vec<(String, &mut $crate::tuners::linear::PeftLinear)> {
+            let $this = self;
+            $body
+        }
+    };
+    (norm_biases: |$this:ident| $body:block) => {
+        fn named_norm_biases(&self) -> Vec<(String, &candle_core::Tensor)> {
+            let $this = self;
+            $body
+        }
+        fn named_norm_biases_mut(&mut self) -> Vec<(String, &mut candle_core::Tensor)> {
+            let $this = self;
+            $body
+        }
+    };
+}
+pub(crate) use named_twins;
+
 /// A base model that adapters attach to (object safe; `PeftModel` holds a
 /// `Box<dyn BaseModel>`): a decoder-only LM or classifier, or an encoder-decoder (T5, whose
 /// `embed` / `forward_embeds` input is the encoder's and whose logits are the decoder's; see

@@ -600,40 +600,15 @@ impl BaseModel for T5ForConditionalGeneration {
         self.dtype
     }
 
-    /// `encoder.block.{i}.layer.0.SelfAttention.{q,k,v,o}`, `encoder.block.{i}.layer.1.DenseReluDense.{wi,wo}`
-    /// (gated: `wi_0`, `wi_1`, `wo`), then per decoder block `layer.0.SelfAttention`,
-    /// `layer.1.EncDecAttention`, `layer.2.DenseReluDense`, and `lm_head` last (module order).
-    fn named_linears(&self) -> Vec<(String, &PeftLinear)> {
-        let gated = self.config.is_gated_act;
+    // `encoder.block.{i}.layer.0.SelfAttention.{q,k,v,o}`, `encoder.block.{i}.layer.1.DenseReluDense.{wi,wo}`
+    // (gated: `wi_0`, `wi_1`, `wo`), then per decoder block `layer.0.SelfAttention`,
+    // `layer.1.EncDecAttention`, `layer.2.DenseReluDense`, and `lm_head` last (module order).
+    super::named_twins!(linears: |this| {
+        let T5ForConditionalGeneration { config, encoder, decoder, lm_head, .. } = this;
+        let gated = config.is_gated_act;
         let mut out = Vec::new();
-        for (stack, blocks) in [("encoder", &self.encoder), ("decoder", &self.decoder)] {
-            for (i, blk) in blocks.iter().enumerate() {
-                let p = format!("{stack}.block.{i}.layer");
-                let a = &blk.self_attn;
-                out.extend(attn_names(format!("{p}.0.SelfAttention")).into_iter().zip([&a.q, &a.k, &a.v, &a.o]));
-                let fi = match &blk.cross {
-                    Some((_, a)) => {
-                        out.extend(attn_names(format!("{p}.1.EncDecAttention")).into_iter().zip([&a.q, &a.k, &a.v, &a.o]));
-                        2
-                    }
-                    None => 1,
-                };
-                let lins: Vec<&PeftLinear> = match &blk.ff {
-                    T5DenseReluDense::Plain { wi, wo } => vec![wi, wo],
-                    T5DenseReluDense::Gated { wi_0, wi_1, wo } => vec![wi_0, wi_1, wo],
-                };
-                out.extend(ff_names(format!("{p}.{fi}"), gated).into_iter().zip(lins));
-            }
-        }
-        out.push(("lm_head".into(), &self.lm_head));
-        out
-    }
-
-    fn named_linears_mut(&mut self) -> Vec<(String, &mut PeftLinear)> {
-        let gated = self.config.is_gated_act;
-        let mut out: Vec<(String, &mut PeftLinear)> = Vec::new();
-        for (stack, blocks) in [("encoder", &mut self.encoder), ("decoder", &mut self.decoder)] {
-            for (i, blk) in blocks.iter_mut().enumerate() {
+        for (stack, blocks) in [("encoder", encoder), ("decoder", decoder)] {
+            for (i, blk) in blocks.into_iter().enumerate() {
                 let p = format!("{stack}.block.{i}.layer");
                 let T5Block { self_attn, cross, ff, .. } = blk;
                 let T5Attention { q, k, v, o, .. } = self_attn;
@@ -646,16 +621,16 @@ impl BaseModel for T5ForConditionalGeneration {
                     }
                     None => 1,
                 };
-                let lins: Vec<&mut PeftLinear> = match ff {
+                let lins = match ff {
                     T5DenseReluDense::Plain { wi, wo } => vec![wi, wo],
                     T5DenseReluDense::Gated { wi_0, wi_1, wo } => vec![wi_0, wi_1, wo],
                 };
                 out.extend(ff_names(format!("{p}.{fi}"), gated).into_iter().zip(lins));
             }
         }
-        out.push(("lm_head".into(), &mut self.lm_head));
+        out.push(("lm_head".into(), lm_head));
         out
-    }
+    });
 
     fn named_norm_biases_mut(&mut self) -> Vec<(String, &mut Tensor)> {
         vec![]

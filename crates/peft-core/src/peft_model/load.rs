@@ -95,28 +95,18 @@ impl PeftModel {
         // HF's PeftModelFor<Task> adds the task head to modules_to_save before loading.
         let mut cfg = cfg;
         cfg.add_task_head_modules();
-        if let AdapterConfig::Prompt(p) = cfg {
+        let tuner = cfg.tuner();
+        if cfg.is_prompt_learning() {
             ctl.check()?; // the last point before the model changes
-            return self.load_prompt(name, p, tensors, &wpath);
+            if let Some(r) = tuner.load(self, name, &cfg, &mut tensors, &wpath) {
+                return r;
+            }
         }
         // Build the expected key map from the config before touching the model.
         let mut expected: std::collections::HashMap<String, (String, bool, Vec<usize>)> = Default::default();
         for (m, lin) in self.base.named_linears() {
-            match &cfg {
-                AdapterConfig::Lora(c) if c.rule().select(&m, is_output_head(self.base.task(), &m)) == crate::targeting::Selection::Target => {
-                    let r = c.rank_for(&m);
-                    let (ka, kb) = lora_keys(&m, lin.is_embedding);
-                    expected.insert(ka, (m.clone(), true, vec![r, lin.in_features()]));
-                    expected.insert(kb, (m.clone(), false, vec![lin.out_features(), r]));
-                    if c.use_dora {
-                        expected.insert(format!("{m}.lora_magnitude_vector"), (m.clone(), false, vec![lin.out_features()]));
-                    }
-                }
-                AdapterConfig::Ia3(c) if c.rule().select(&m, is_output_head(self.base.task(), &m)) == crate::targeting::Selection::Target => {
-                    let shape = if c.is_feedforward(&m) { vec![1, lin.in_features()] } else { vec![lin.out_features(), 1] };
-                    expected.insert(format!("{m}.ia3_l"), (m.clone(), false, shape));
-                }
-                _ => {}
+            for (slot, shape) in tuner.expected_params(&cfg, self.base.task(), &m, lin) {
+                expected.insert(slot.disk_key(&m), (m.clone(), true, shape));
             }
             let mts = cfg.modules_to_save();
             if mts.iter().any(|w| saves_module(&m, w)) {
@@ -211,9 +201,9 @@ impl PeftModel {
                 msg: format!("no tensor of the file matches the adapter's modules (unexpected keys: {:?})", &result.unexpected_keys[..result.unexpected_keys.len().min(5)]),
             });
         }
-        let (bias_mode, trainable) = match &cfg {
-            AdapterConfig::Lora(c) => (c.bias.clone(), !c.inference_mode),
-            _ => ("none".to_string(), false),
+        let (bias_mode, trainable) = match cfg.as_lora() {
+            Some(c) => (c.bias.clone(), !c.inference_mode),
+            None => ("none".to_string(), false),
         };
         ctl.check()?; // the last point before the model changes
         self.add_adapter(name, cfg, 0)?;
@@ -240,21 +230,11 @@ impl PeftModel {
             }
         }
         for (m, lin) in self.base.named_linears_mut() {
-            if let Some(ad) = lin.adapters.get_mut(name) {
-                let (ka, kb) = lora_keys(&m, lin.is_embedding);
-                if let Some(a) = found.remove(&ka) {
-                    ad.a = Var::from_tensor(&a.to_dtype(DType::F32)?)?;
-                }
-                if let Some(b) = found.remove(&kb) {
-                    ad.b = Var::from_tensor(&b.to_dtype(DType::F32)?)?;
-                }
-                if let Some(t) = found.remove(&format!("{m}.lora_magnitude_vector")) {
-                    ad.magnitude = Some(Var::from_tensor(&t.to_dtype(DType::F32)?)?);
-                }
-            }
-            if let Some(ia) = lin.ia3.get_mut(name) {
-                if let Some(t) = found.remove(&format!("{m}.ia3_l")) {
-                    ia.l = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
+            // Adapter weights are kept in f32 (HF `autocast_adapter_dtype`; see `cast_adapter`).
+            let slots: Vec<_> = lin.adapter_params(name).into_iter().map(|(s, _)| s).collect();
+            for slot in slots {
+                if let Some(t) = found.remove(&slot.disk_key(&m)) {
+                    lin.set_adapter_param(name, &slot, Var::from_tensor(&t.to_dtype(DType::F32)?)?)?;
                 }
             }
             let dtype = lin.weight.dtype();
@@ -270,98 +250,4 @@ impl PeftModel {
         Ok(result)
     }
 
-    /// Load a prompt-learning adapter's tensors (`prompt_embeddings`, plus `prefix_task_cols` /
-    /// `prefix_task_rows` for multitask prompt tuning) as HF `set_peft_model_state_dict` does.
-    /// The stored table is used as is; when loaded trainable, training continues on the table
-    /// itself (HF would put a freshly initialised P-tuning/projection head on top of the saved
-    /// output, which changes the adapter's outputs; we keep them).
-    pub(crate) fn load_prompt(&mut self, name: &str, mut cfg: PromptLearningConfig, tensors: Vec<(String, Tensor)>, wpath: &Path) -> Result<LoadResult> {
-        cfg.prepare(&self.model_dims());
-        let mut result = LoadResult::default();
-        let mut table = None;
-        let mut cols = None;
-        let mut rows = None;
-        let mt = cfg.method == PromptMethod::MultitaskPromptTuning;
-        let td = cfg.token_dim.unwrap_or(0);
-        let n = cfg.total_virtual_tokens();
-        // modules_to_save copies (`base_model.<module>.weight` / `.bias`) and their shapes.
-        let mts = cfg.modules_to_save().unwrap_or_default();
-        let mut copy_shapes: HashMap<String, Vec<usize>> = HashMap::new();
-        for (m, lin) in self.base.named_linears() {
-            if mts.iter().any(|w| saves_module(&m, w)) {
-                copy_shapes.insert(format!("base_model.{m}.weight"), lin.weight.dims().to_vec());
-                if let Some(b) = &lin.bias {
-                    copy_shapes.insert(format!("base_model.{m}.bias"), b.dims().to_vec());
-                }
-            }
-        }
-        let mut copy_tensors: HashMap<String, Tensor> = HashMap::new();
-        for (key, t) in tensors {
-            if let Some(shape) = copy_shapes.get(&key) {
-                if t.dims() != shape.as_slice() {
-                    return Err(PeftError::ShapeMismatch { name: format!("{} (key `{key}`)", wpath.display()), expected: shape.clone(), found: t.dims().to_vec() });
-                }
-                copy_tensors.insert(key, t);
-                continue;
-            }
-            let k = key.strip_prefix(KEY_PREFIX).unwrap_or(&key);
-            let (slot, shape) = match k {
-                "prompt_embeddings" => (&mut table, vec![cfg.table_rows(), cfg.table_dim()]),
-                "prefix_task_cols" if mt => (&mut cols, vec![cfg.num_tasks, n, cfg.num_ranks]),
-                "prefix_task_rows" if mt => (&mut rows, vec![cfg.num_tasks, cfg.num_ranks, td]),
-                _ => {
-                    result.unexpected_keys.push(key);
-                    continue;
-                }
-            };
-            if t.dims() != shape.as_slice() {
-                return Err(PeftError::ShapeMismatch { name: format!("{} (key `{key}`)", wpath.display()), expected: shape, found: t.dims().to_vec() });
-            }
-            *slot = Some(t);
-        }
-        let table = table.ok_or_else(|| PeftError::SafetensorsInvalid {
-            path: wpath.to_path_buf(),
-            msg: format!("the {} adapter file has no `prompt_embeddings` tensor", cfg.method.as_str()),
-        })?;
-        let task = if mt {
-            let dev = self.base.device();
-            let c = match cols {
-                Some(c) => c,
-                None => {
-                    result.missing_keys.push("prefix_task_cols".into());
-                    Tensor::zeros((cfg.num_tasks, n, cfg.num_ranks), DType::F32, dev)?
-                }
-            };
-            let r = match rows {
-                Some(r) => r,
-                None => {
-                    result.missing_keys.push("prefix_task_rows".into());
-                    Tensor::zeros((cfg.num_tasks, cfg.num_ranks, td), DType::F32, dev)?
-                }
-            };
-            Some((c, r))
-        } else {
-            None
-        };
-        for k in copy_shapes.keys() {
-            if !copy_tensors.contains_key(k) {
-                result.missing_keys.push(k.clone());
-            }
-        }
-        result.missing_keys.sort();
-        let enc = PromptEncoder::from_table(&table, task)?;
-        self.add_prompt(name, cfg, 0, Some(enc))?;
-        for (m, lin) in self.base.named_linears_mut() {
-            let dtype = lin.weight.dtype();
-            if let Some((w, b)) = lin.saved_copies.get_mut(name) {
-                if let Some(t) = copy_tensors.remove(&format!("base_model.{m}.weight")) {
-                    *w = Var::from_tensor(&t.to_dtype(dtype)?)?;
-                }
-                if let (Some(bv), Some(t)) = (b.as_mut(), copy_tensors.remove(&format!("base_model.{m}.bias"))) {
-                    *bv = Var::from_tensor(&t.to_dtype(dtype)?)?;
-                }
-            }
-        }
-        Ok(result)
-    }
 }

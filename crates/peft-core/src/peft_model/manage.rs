@@ -92,12 +92,7 @@ impl PeftModel {
                     }
                 }
             }
-            lin.saved_copies.clear();
-            lin.adapters.clear();
-            lin.ia3.clear();
-            lin.active.clear();
-            lin.merged.clear();
-            lin.disabled = false;
+            lin.clear_adapters();
         }
         self.configs.clear();
         self.prompt_encoders.clear();
@@ -112,9 +107,7 @@ impl PeftModel {
             return Err(PeftError::InvalidState(format!("adapter `{name}` is merged; unmerge it before deleting it")));
         }
         for (_, lin) in self.base.named_linears_mut() {
-            lin.adapters.remove(name);
-            lin.saved_copies.remove(name);
-            lin.ia3.remove(name);
+            lin.remove_adapter(name);
         }
         self.prompt_encoders.remove(name);
         self.configs.retain(|(n, _)| n != name);

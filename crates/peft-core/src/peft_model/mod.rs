@@ -4,15 +4,12 @@
 use crate::error::{PeftError, Result};
 use crate::io::{python_json_dumps, read_safetensors, write_atomic};
 use crate::model::{BaseModel, ForwardOptions, KvCache, Task};
-use crate::tuners::ia3::Ia3Config;
-use crate::tuners::linear::{Ia3Adapter, LoraAdapter};
-use crate::tuners::lora::{InitLoraWeights, LoraConfig, TargetModules};
-use crate::tuners::prompt::{text_init_ids, ModelDims, PromptEncoder, PromptInit, PromptLearningConfig, PromptMethod};
+use crate::tuners::lora::{InitLoraWeights, TargetModules};
+use crate::tuners::prompt::{ModelDims, PromptEncoder, PromptLearningConfig, PromptMethod};
 use crate::tuners::AdapterConfig;
 use std::collections::HashMap;
 use candle_core::{DType, Tensor, Var};
-use rand::{Rng, SeedableRng};
-use rand_distr::{Distribution, Normal};
+use rand::Rng;
 use std::path::{Path, PathBuf};
 
 mod inject;
@@ -25,7 +22,7 @@ mod status;
 
 /// Prefix of every key in adapter_model.safetensors (`base_model.model.<module path>...`).
 pub use crate::keys::KEY_PREFIX;
-use crate::keys::{lora_keys, strip_adapter_name, with_adapter_name};
+use crate::keys::{strip_adapter_name, with_adapter_name};
 /// The adapter name meaning "no adapter" in mixed batches.
 pub const BASE_ADAPTER: &str = "__base__";
 
@@ -97,13 +94,13 @@ pub enum SaveEmbeddingLayers {
 pub struct PeftModel {
     /// The base model (Llama family or GPT-2).
     pub base: Box<dyn BaseModel>,
-    configs: Vec<(String, AdapterConfig)>,
+    pub(crate) configs: Vec<(String, AdapterConfig)>,
     /// Prompt-learning adapters' encoders (HF `PeftModel.prompt_encoder`).
-    prompt_encoders: HashMap<String, PromptEncoder>,
-    active: Vec<String>,
-    disabled: bool,
+    pub(crate) prompt_encoders: HashMap<String, PromptEncoder>,
+    pub(crate) active: Vec<String>,
+    pub(crate) disabled: bool,
     /// Warnings of the last calls (HF's `warnings.warn`), drained by [`Self::take_warnings`].
-    warnings: Vec<String>,
+    pub(crate) warnings: Vec<String>,
 }
 
 /// Check an adapter name is usable, also as a folder name (HF saves non-default adapters in a
@@ -128,7 +125,7 @@ pub fn validate_adapter_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-fn kaiming_uniform(rng: &mut rand::rngs::StdRng, rows: usize, cols: usize) -> Vec<f32> {
+pub(crate) fn kaiming_uniform(rng: &mut rand::rngs::StdRng, rows: usize, cols: usize) -> Vec<f32> {
     // torch.nn.init.kaiming_uniform_(w, a=sqrt(5)) on [rows, cols]: bound = 1 / sqrt(fan_in = cols).
     let bound = 1.0 / (cols as f32).sqrt();
     (0..rows * cols).map(|_| rng.random_range(-bound..bound)).collect()
@@ -213,7 +210,7 @@ impl PeftModel {
 
     /// Module paths that carry adapter `name`.
     pub fn adapter_modules(&self, name: &str) -> Vec<String> {
-        self.base.named_linears().into_iter().filter(|(_, l)| l.adapters.contains_key(name) || l.ia3.contains_key(name)).map(|(n, _)| n).collect()
+        self.base.named_linears().into_iter().filter(|(_, l)| l.has_adapter(name)).map(|(n, _)| n).collect()
     }
 
     /// Bytes of native memory held by the model's weights: the base parameters (tied weights
@@ -223,15 +220,7 @@ impl PeftModel {
         let bytes = |v: &Var| v.elem_count() * v.dtype().size_in_bytes();
         let mut n = self.base.base_param_count() * self.base.dtype().size_in_bytes();
         for (_, l) in self.base.named_linears() {
-            for a in l.adapters.values() {
-                n += bytes(&a.a) + bytes(&a.b) + a.magnitude.as_ref().map(bytes).unwrap_or(0);
-            }
-            for ia in l.ia3.values() {
-                n += bytes(&ia.l);
-            }
-            for (w, b) in l.saved_copies.values() {
-                n += bytes(w) + b.as_ref().map(bytes).unwrap_or(0);
-            }
+            n += l.all_adapter_vars().into_iter().map(bytes).sum::<usize>();
         }
         for e in self.prompt_encoders.values() {
             n += e.vars().iter().map(|(_, v)| bytes(v)).sum::<usize>();
@@ -253,53 +242,6 @@ impl PeftModel {
     }
 }
 
-/// Multitask prompt tuning's source-task inits (HF `MultitaskPromptEmbedding`):
-/// `AVERAGE_SOURCE_TASKS` (mean over the source tasks), `EXACT_SOURCE_TASK` (task
-/// `prompt_tuning_init_task`), both loading `prompt_embeddings` and the task matrices, and
-/// `ONLY_SOURCE_SHARED` (only `prompt_embeddings`), from a safetensors file.
-///
-/// Errors: `NotFound`/`SafetensorsInvalid` for the file, `ShapeMismatch` naming the key when
-/// the source does not fit (e.g. `num_tasks` must be 1 for the averaged/exact inits, as HF's
-/// strict load requires), `InvalidArgument` for a task index out of range.
-fn init_multitask_from_source(cfg: &PromptLearningConfig, enc: &mut PromptEncoder, device: &candle_core::Device) -> Result<()> {
-    let mode = cfg.prompt_tuning_init.as_str();
-    if !["AVERAGE_SOURCE_TASKS", "EXACT_SOURCE_TASK", "ONLY_SOURCE_SHARED"].contains(&mode) {
-        return Ok(());
-    }
-    let path = PathBuf::from(cfg.prompt_tuning_init_state_dict_path.clone().unwrap_or_default());
-    let src: HashMap<String, Tensor> = read_safetensors(&path, device)?.into_iter().collect();
-    let get = |k: &str| -> Result<Tensor> {
-        src.get(k)
-            .map(|t| t.to_dtype(DType::F32))
-            .transpose()?
-            .ok_or_else(|| PeftError::SafetensorsInvalid { path: path.clone(), msg: format!("the source checkpoint has no `{k}` tensor") })
-    };
-    let fit = |k: &str, t: Tensor, want: &[usize]| -> Result<Var> {
-        if t.dims() != want {
-            return Err(PeftError::ShapeMismatch { name: format!("{} (key `{k}`)", path.display()), expected: want.to_vec(), found: t.dims().to_vec() });
-        }
-        Ok(Var::from_tensor(&t)?)
-    };
-    let emb = get("prompt_embeddings")?;
-    enc.embedding = fit("prompt_embeddings", emb, enc.embedding.dims())?;
-    if mode == "ONLY_SOURCE_SHARED" {
-        return Ok(());
-    }
-    let (cols, rows) = (get("prefix_task_cols")?, get("prefix_task_rows")?);
-    let (cols, rows) = if mode == "AVERAGE_SOURCE_TASKS" {
-        (cols.mean_keepdim(0)?, rows.mean_keepdim(0)?)
-    } else {
-        let t = cfg.prompt_tuning_init_task;
-        let nt = cols.dim(0)?;
-        if t >= nt {
-            return Err(PeftError::invalid_arg("promptTuningInitTask", format!("task {t} is out of range: the source has {nt} tasks")));
-        }
-        (cols.narrow(0, t, 1)?, rows.narrow(0, t, 1)?)
-    };
-    let (c0, r0) = enc.task.as_ref().map(|(c, r)| (c.dims().to_vec(), r.dims().to_vec())).unwrap_or_default();
-    enc.task = Some((fit("prefix_task_cols", cols, &c0)?, fit("prefix_task_rows", rows, &r0)?));
-    Ok(())
-}
 
 /// `\\1` (Python `re.sub` group reference) → `${1}` (regex crate syntax); `$` kept literal otherwise.
 fn py_group_refs(rep: &str) -> String {

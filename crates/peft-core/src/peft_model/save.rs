@@ -158,7 +158,7 @@ impl PeftModel {
     /// Errors: `InvalidArgument` for a non-LoRA adapter or rsLoRA with rank/alpha patterns (as
     /// HF); `NotFound` / `SafetensorsInvalid` for the initial adapter's files, naming a missing key.
     pub(crate) fn convert_mutated_init(&self, tensors: Vec<(String, Tensor)>, saved: &AdapterConfig, initial: &Path) -> Result<(Vec<(String, Tensor)>, serde_json::Value)> {
-        let AdapterConfig::Lora(c) = saved else {
+        let Some(c) = saved.as_lora() else {
             return Err(PeftError::invalid_arg("pathInitialModelForWeightConversion", "converting a mutated initialisation applies to LoRA adapters (PiSSA / OLoRA) only"));
         };
         if c.use_rslora && (!c.rank_pattern.is_empty() || !c.alpha_pattern.is_empty()) {

@@ -45,22 +45,11 @@ impl PeftModel {
                 }
             }
             for (m, lin) in self.base.named_linears() {
-                if let Some(ad) = lin.adapters.get(name) {
-                    let (ka, kb) = lora_keys(&m, lin.is_embedding);
-                    out.push((format!("{KEY_PREFIX}{ka}"), ad.a.clone()));
-                    out.push((format!("{KEY_PREFIX}{kb}"), ad.b.clone()));
-                    if let Some(mag) = &ad.magnitude {
-                        out.push((format!("{KEY_PREFIX}{m}.lora_magnitude_vector"), mag.clone()));
-                    }
+                for (slot, v) in lin.adapter_params(name) {
+                    out.push((format!("{KEY_PREFIX}{}", slot.disk_key(&m)), v.clone()));
                 }
-                if let Some(ia) = lin.ia3.get(name) {
-                    out.push((format!("{KEY_PREFIX}{m}.ia3_l"), ia.l.clone()));
-                }
-                if let Some((w, b)) = lin.saved_copies.get(name) {
-                    out.push((format!("{KEY_PREFIX}{m}.weight"), w.clone()));
-                    if let Some(b) = b {
-                        out.push((format!("{KEY_PREFIX}{m}.bias"), b.clone()));
-                    }
+                for (p, v) in lin.saved_copy_params(name) {
+                    out.push((format!("{KEY_PREFIX}{m}.{p}"), v.clone()));
                 }
             }
             groups.push((name.clone(), out));
@@ -71,20 +60,7 @@ impl PeftModel {
     /// `(trainable, all)` parameter counts as HF `get_nb_trainable_parameters` reports them.
     pub fn nb_trainable_parameters(&self) -> (usize, usize) {
         let trainable: usize = self.trainable_parameters().iter().map(|(_, v)| v.elem_count()).sum();
-        let adapters: usize = self
-            .base
-            .named_linears()
-            .iter()
-            .flat_map(|(_, l)| {
-                l.adapters
-                    .values()
-                    .map(|a| a.a.elem_count() + a.b.elem_count() + a.magnitude.as_ref().map(|m| m.elem_count()).unwrap_or(0))
-                    .chain(l.ia3.values().map(|a| a.l.elem_count()))
-                    .chain(
-                    l.saved_copies.values().map(|(w, b)| w.elem_count() + b.as_ref().map(|b| b.elem_count()).unwrap_or(0)),
-                )
-            })
-            .sum();
+        let adapters: usize = self.base.named_linears().iter().flat_map(|(_, l)| l.all_adapter_vars()).map(|v| v.elem_count()).sum();
         let prompts: usize = self.prompt_encoders.values().map(|e| e.param_count()).sum();
         (trainable, self.base.base_param_count() + adapters + prompts)
     }
@@ -100,11 +76,7 @@ impl PeftModel {
     /// Errors: `AdapterNotFound`.
     pub fn embedding_layers_to_save(&self, name: &str, mode: SaveEmbeddingLayers) -> Result<Vec<(String, Tensor)>> {
         let cfg = self.peft_config(name)?;
-        let targets = match cfg {
-            AdapterConfig::Lora(c) => Some(c.target_modules.clone()),
-            AdapterConfig::Ia3(c) => Some(c.target_modules.clone()),
-            AdapterConfig::Prompt(_) => None,
-        };
+        let targets = cfg.common().target_modules().cloned();
         let names = ["embed_tokens", "lm_head"];
         let targeted = match &targets {
             Some(crate::tuners::lora::TargetModules::List(l)) => names.iter().any(|n| l.iter().any(|x| x == n)),
@@ -197,22 +169,11 @@ impl PeftModel {
                     }
                 }
             }
-            if let Some(ad) = lin.adapters.get(name) {
-                let (ka, kb) = lora_keys(&m, lin.is_embedding);
-                out.push((format!("{KEY_PREFIX}{ka}"), ad.a.as_tensor().detach()));
-                out.push((format!("{KEY_PREFIX}{kb}"), ad.b.as_tensor().detach()));
-                if let Some(mag) = &ad.magnitude {
-                    out.push((format!("{KEY_PREFIX}{m}.lora_magnitude_vector"), mag.as_tensor().detach()));
-                }
+            for (slot, v) in lin.adapter_params(name) {
+                out.push((format!("{KEY_PREFIX}{}", slot.disk_key(&m)), v.as_tensor().detach()));
             }
-            if let Some(ia) = lin.ia3.get(name) {
-                out.push((format!("{KEY_PREFIX}{m}.ia3_l"), ia.l.as_tensor().detach()));
-            }
-            if let Some((w, b)) = lin.saved_copies.get(name) {
-                out.push((format!("{KEY_PREFIX}{m}.weight"), w.as_tensor().detach()));
-                if let Some(b) = b {
-                    out.push((format!("{KEY_PREFIX}{m}.bias"), b.as_tensor().detach()));
-                }
+            for (p, v) in lin.saved_copy_params(name) {
+                out.push((format!("{KEY_PREFIX}{m}.{p}"), v.as_tensor().detach()));
             }
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -221,17 +182,10 @@ impl PeftModel {
 
     /// Store adapter `name`'s weights in `dtype` (HF `_cast_adapter_dtype` with autocast off).
     pub(crate) fn cast_adapter(&mut self, name: &str, dtype: DType) -> Result<()> {
-        let cast = |v: &Var| -> Result<Var> { Ok(Var::from_tensor(&v.as_tensor().to_dtype(dtype)?)?) };
         for (_, lin) in self.base.named_linears_mut() {
-            if let Some(ad) = lin.adapters.get_mut(name) {
-                ad.a = cast(&ad.a)?;
-                ad.b = cast(&ad.b)?;
-                if let Some(m) = &ad.magnitude {
-                    ad.magnitude = Some(cast(m)?);
-                }
-            }
-            if let Some(ia) = lin.ia3.get_mut(name) {
-                ia.l = cast(&ia.l)?;
+            let cast: Vec<_> = lin.adapter_params(name).into_iter().map(|(s, v)| Ok((s, Var::from_tensor(&v.as_tensor().to_dtype(dtype)?)?))).collect::<Result<_>>()?;
+            for (slot, v) in cast {
+                lin.set_adapter_param(name, &slot, v)?;
             }
         }
         Ok(())

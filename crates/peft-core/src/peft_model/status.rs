@@ -21,10 +21,8 @@ impl PeftModel {
         for (path, lin) in self.base.named_linears() {
             let (module_type, mut available): (&str, Vec<String>) = if !lin.saved_copies.is_empty() {
                 ("ModulesToSaveWrapper", lin.saved_copies.keys().cloned().collect())
-            } else if !lin.adapters.is_empty() {
-                (if lin.is_embedding { "lora.Embedding" } else { "lora.Linear" }, lin.adapters.keys().cloned().collect())
-            } else if !lin.ia3.is_empty() {
-                ("ia3.Linear", lin.ia3.keys().cloned().collect())
+            } else if lin.has_adapters() {
+                (lin.tuner_module_type(), lin.tuner_adapter_names().into_iter().cloned().collect())
             } else {
                 continue;
             };

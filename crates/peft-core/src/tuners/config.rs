@@ -1,56 +1,207 @@
-//! `AdapterConfig`: any adapter config this crate can load, dispatched on HF's `peft_type`.
+//! `AdapterConfig`: any adapter config this crate can load, dispatched on HF's `peft_type`
+//! through the tuner registry ([`super::registry`]).
+//!
+//! Each tuner's config type implements [`TunerConfig`] (HF's `PeftConfig` subclasses): the
+//! fields every PEFT config has (`task_type`, `base_model_name_or_path`, `inference_mode`,
+//! `modules_to_save`, the unknown fields of a loaded file) behind one set of accessors, and its
+//! own fields on the concrete type. [`AdapterConfig`] owns one boxed `TunerConfig`; code that needs
+//! a tuner's own fields asks for the concrete type with [`AdapterConfig::get`].
 
 use super::ia3::Ia3Config;
-use super::lora::LoraConfig;
+use super::lora::{LoraConfig, TargetModules};
 use super::prompt::PromptLearningConfig;
 use crate::error::{PeftError, Result};
-use serde_json::Value;
+use serde_json::{Map, Value};
+use std::any::Any;
 use std::path::Path;
 
-/// One adapter's config: LoRA or a prompt-learning method (HF `PeftConfig` subclasses).
-#[derive(Debug, Clone, PartialEq)]
-pub enum AdapterConfig {
-    Lora(LoraConfig),
-    Ia3(Ia3Config),
-    Prompt(PromptLearningConfig),
+/// The contract of a tuner's config (HF `PeftConfig` / `PeftConfigMixin`).
+///
+/// Implementations keep every field of the source JSON (typed where the tuner acts on it,
+/// verbatim otherwise) so that [`TunerConfig::to_json`] writes HF's adapter_config.json back byte
+/// for byte.
+pub trait TunerConfig: Send + Sync + std::fmt::Debug + Any {
+    /// HF's `peft_type` string (`"LORA"`, `"IA3"`, `"PREFIX_TUNING"`, ...).
+    fn peft_type(&self) -> &'static str;
+    /// HF `is_prompt_learning`.
+    fn is_prompt_learning(&self) -> bool {
+        false
+    }
+    /// `task_type` (`None` when unset).
+    fn task_type(&self) -> Option<&str>;
+    fn inference_mode(&self) -> bool;
+    fn set_inference_mode(&mut self, on: bool);
+    fn base_model_name_or_path(&self) -> Option<&str>;
+    fn set_base_model_name_or_path(&mut self, v: Option<String>);
+    /// `modules_to_save` (`None` when unset).
+    fn modules_to_save(&self) -> Option<Vec<String>>;
+    fn set_modules_to_save(&mut self, v: Option<Vec<String>>);
+    /// Fields of the source JSON that HF's config class does not have.
+    fn unknown_fields(&self) -> &[String];
+    /// `target_modules` of tuners that inject into named layers (`None` for prompt learning).
+    fn target_modules(&self) -> Option<&TargetModules> {
+        None
+    }
+    /// The config as HF's adapter_config.json object.
+    fn to_json(&self) -> Value;
+    /// A boxed copy.
+    fn clone_box(&self) -> Box<dyn TunerConfig>;
+    fn as_any(&self) -> &dyn Any;
+    fn as_any_mut(&mut self) -> &mut dyn Any;
 }
 
-impl From<Ia3Config> for AdapterConfig {
-    fn from(c: Ia3Config) -> Self {
-        AdapterConfig::Ia3(c)
+/// Implements the [`TunerConfig`] accessors of the common fields for a config struct that has
+/// them as plain fields (`task_type`, `inference_mode`, `base_model_name_or_path`,
+/// `modules_to_save`, `target_modules`) and an `unknown_fields()` / `to_json()` pair.
+macro_rules! impl_tuner_config {
+    ($ty:ty, $peft_type:expr) => {
+        impl $crate::tuners::config::TunerConfig for $ty {
+            fn peft_type(&self) -> &'static str {
+                $peft_type
+            }
+            fn task_type(&self) -> Option<&str> {
+                self.task_type.as_deref()
+            }
+            fn inference_mode(&self) -> bool {
+                self.inference_mode
+            }
+            fn set_inference_mode(&mut self, on: bool) {
+                self.inference_mode = on;
+            }
+            fn base_model_name_or_path(&self) -> Option<&str> {
+                self.base_model_name_or_path.as_deref()
+            }
+            fn set_base_model_name_or_path(&mut self, v: Option<String>) {
+                self.base_model_name_or_path = v;
+            }
+            fn modules_to_save(&self) -> Option<Vec<String>> {
+                self.modules_to_save.clone()
+            }
+            fn set_modules_to_save(&mut self, v: Option<Vec<String>>) {
+                self.modules_to_save = v;
+            }
+            fn unknown_fields(&self) -> &[String] {
+                <$ty>::unknown_fields(self)
+            }
+            fn target_modules(&self) -> Option<&$crate::tuners::lora::TargetModules> {
+                Some(&self.target_modules)
+            }
+            fn to_json(&self) -> serde_json::Value {
+                <$ty>::to_json(self)
+            }
+            fn clone_box(&self) -> Box<dyn $crate::tuners::config::TunerConfig> {
+                Box::new(self.clone())
+            }
+            fn as_any(&self) -> &dyn std::any::Any {
+                self
+            }
+            fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+                self
+            }
+        }
+        impl From<$ty> for $crate::tuners::config::AdapterConfig {
+            fn from(c: $ty) -> Self {
+                $crate::tuners::config::AdapterConfig::new(c)
+            }
+        }
+    };
+}
+pub(crate) use impl_tuner_config;
+
+/// The parts of an adapter_config.json object every config parses the same way: the object
+/// merged over the tuner's HF defaults (`raw`), the names of fields HF's class lacks
+/// (`unknown`), and typed readers reporting `InvalidAdapterConfig` with the file and field.
+pub struct RawConfig<'p> {
+    pub raw: Map<String, Value>,
+    pub unknown: Vec<String>,
+    path: Option<&'p Path>,
+}
+
+impl<'p> RawConfig<'p> {
+    /// Merge `v` over `defaults`; `peft_type` must be one of `peft_types` (`class` names HF's
+    /// config class in the message).
+    ///
+    /// Errors: `InvalidAdapterConfig` when `v` is not an object or names another `peft_type`.
+    pub fn parse(v: &Value, path: Option<&'p Path>, defaults: Map<String, Value>, peft_types: &[&str], class: &str) -> Result<Self> {
+        let bad = |msg: String| PeftError::InvalidAdapterConfig { path: path.map(|p| p.to_path_buf()), msg };
+        let obj = v.as_object().ok_or_else(|| bad("the top level must be a JSON object".into()))?;
+        let unknown: Vec<String> = obj.keys().filter(|k| !defaults.contains_key(*k)).cloned().collect();
+        let mut raw = defaults;
+        for (k, val) in obj {
+            raw.insert(k.clone(), val.clone());
+        }
+        let pt = raw.get("peft_type").and_then(|x| x.as_str()).unwrap_or_default();
+        if !peft_types.contains(&pt) {
+            return Err(bad(format!("`peft_type` must be {} for a {class}, found {}", peft_types.iter().map(|t| format!("{t:?}")).collect::<Vec<_>>().join(" or "), raw["peft_type"])));
+        }
+        Ok(RawConfig { raw, unknown, path })
+    }
+
+    /// The `InvalidAdapterConfig` error of this file.
+    pub fn bad(&self, msg: String) -> PeftError {
+        PeftError::InvalidAdapterConfig { path: self.path.map(|p| p.to_path_buf()), msg }
+    }
+
+    /// A boolean field. Errors: `InvalidAdapterConfig` for another JSON type.
+    pub fn bool(&self, k: &str) -> Result<bool> {
+        self.raw[k].as_bool().ok_or_else(|| self.bad(format!("`{k}` must be a boolean, found {}", self.raw[k])))
+    }
+
+    /// An optional string field (`null` → `None`).
+    pub fn opt_str(&self, k: &str) -> Option<String> {
+        self.raw.get(k).and_then(|x| x.as_str()).map(String::from)
+    }
+
+    /// `modules_to_save`: `null` or a list of strings.
+    ///
+    /// Errors: `InvalidAdapterConfig` for anything else.
+    pub fn modules_to_save(&self) -> Result<Option<Vec<String>>> {
+        match &self.raw["modules_to_save"] {
+            Value::Null => Ok(None),
+            Value::Array(a) => Ok(Some(
+                a.iter()
+                    .map(|x| x.as_str().map(String::from).ok_or_else(|| self.bad(format!("`modules_to_save` must hold strings, found {x}"))))
+                    .collect::<Result<Vec<_>>>()?,
+            )),
+            other => Err(self.bad(format!("`modules_to_save` must be a list of strings, found {other}"))),
+        }
     }
 }
 
-impl From<LoraConfig> for AdapterConfig {
-    fn from(c: LoraConfig) -> Self {
-        AdapterConfig::Lora(c)
+/// One adapter's config: any registered tuner's (HF `PeftConfig` subclasses). See the module docs.
+#[derive(Debug)]
+pub struct AdapterConfig(Box<dyn TunerConfig>);
+
+impl Clone for AdapterConfig {
+    fn clone(&self) -> Self {
+        AdapterConfig(self.0.clone_box())
     }
 }
 
-impl From<PromptLearningConfig> for AdapterConfig {
-    fn from(c: PromptLearningConfig) -> Self {
-        AdapterConfig::Prompt(c)
+impl PartialEq for AdapterConfig {
+    fn eq(&self, other: &Self) -> bool {
+        self.peft_type() == other.peft_type() && self.to_json() == other.to_json()
     }
 }
-
-/// The `peft_type` values this crate loads.
-pub const SUPPORTED_PEFT_TYPES: &[&str] = &["LORA", "IA3", "PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING"];
 
 impl AdapterConfig {
-    /// Parse an adapter_config.json object, choosing the config class by `peft_type`.
+    /// Wrap a tuner's config.
+    pub fn new(c: impl TunerConfig) -> Self {
+        AdapterConfig(Box::new(c))
+    }
+
+    /// Parse an adapter_config.json object, choosing the config class by `peft_type` from the
+    /// tuner registry.
     ///
     /// Errors: `InvalidAdapterConfig` naming the field at fault; an unknown or unsupported
     /// `peft_type` lists the supported ones.
     pub fn from_json(v: &Value, path: Option<&Path>) -> Result<Self> {
         let bad = |msg: String| PeftError::InvalidAdapterConfig { path: path.map(|p| p.to_path_buf()), msg };
         let obj = v.as_object().ok_or_else(|| bad("the top level must be a JSON object".into()))?;
-        match obj.get("peft_type").and_then(|t| t.as_str()) {
-            Some("LORA") => Ok(AdapterConfig::Lora(LoraConfig::from_json(v, path)?)),
-            Some("IA3") => Ok(AdapterConfig::Ia3(Ia3Config::from_json(v, path)?)),
-            Some("PREFIX_TUNING" | "PROMPT_TUNING" | "P_TUNING" | "MULTITASK_PROMPT_TUNING") => {
-                Ok(AdapterConfig::Prompt(PromptLearningConfig::from_json(v, path)?))
-            }
-            other => Err(bad(format!("`peft_type` {other:?} is not supported (supported: {SUPPORTED_PEFT_TYPES:?})"))),
+        let pt = obj.get("peft_type").and_then(|t| t.as_str());
+        match pt.and_then(super::registry::tuner_for) {
+            Some(t) => t.parse_config(v, path),
+            None => Err(bad(format!("`peft_type` {pt:?} is not supported (supported: {:?})", super::registry::supported_peft_types()))),
         }
     }
 
@@ -62,42 +213,56 @@ impl AdapterConfig {
         Self::from_json(&v, Some(path))
     }
 
+    /// The tuner's own config type, when it is `T`.
+    pub fn get<T: TunerConfig>(&self) -> Option<&T> {
+        self.0.as_any().downcast_ref::<T>()
+    }
+
+    /// Mutable twin of [`Self::get`].
+    pub fn get_mut<T: TunerConfig>(&mut self) -> Option<&mut T> {
+        self.0.as_any_mut().downcast_mut::<T>()
+    }
+
+    /// The tuner that handles this config (registered for its `peft_type`).
+    pub fn tuner(&self) -> &'static dyn super::registry::Tuner {
+        super::registry::tuner_for(self.peft_type()).expect("every config type is registered")
+    }
+
     /// HF's `peft_type` string.
     pub fn peft_type(&self) -> &'static str {
-        match self {
-            AdapterConfig::Lora(_) => "LORA",
-            AdapterConfig::Ia3(_) => "IA3",
-            AdapterConfig::Prompt(p) => p.method.as_str(),
-        }
+        self.0.peft_type()
     }
 
     /// HF `is_prompt_learning`.
     pub fn is_prompt_learning(&self) -> bool {
-        matches!(self, AdapterConfig::Prompt(_))
+        self.0.is_prompt_learning()
     }
 
     pub fn as_lora(&self) -> Option<&LoraConfig> {
-        match self {
-            AdapterConfig::Lora(c) => Some(c),
-            _ => None,
-        }
+        self.get()
     }
 
     pub fn as_ia3(&self) -> Option<&Ia3Config> {
-        match self {
-            AdapterConfig::Ia3(c) => Some(c),
-            _ => None,
-        }
+        self.get()
     }
 
-    /// The head `task_type` names (`None` when unset or unknown).
+    pub fn as_prompt(&self) -> Option<&PromptLearningConfig> {
+        self.get()
+    }
+
+    /// The common part (see [`TunerConfig`]).
+    pub fn common(&self) -> &dyn TunerConfig {
+        self.0.as_ref()
+    }
+
+    /// Mutable twin of [`Self::common`].
+    pub fn common_mut(&mut self) -> &mut dyn TunerConfig {
+        self.0.as_mut()
+    }
+
+    /// `task_type` as a [`crate::model::Task`] (`None` when unset or unknown).
     pub fn task(&self) -> Option<crate::model::Task> {
-        let t = match self {
-            AdapterConfig::Lora(c) => c.task_type.as_deref(),
-            AdapterConfig::Ia3(c) => c.task_type.as_deref(),
-            AdapterConfig::Prompt(c) => c.task_type.as_deref(),
-        };
-        t.and_then(crate::model::Task::from_task_type)
+        self.0.task_type().and_then(crate::model::Task::from_task_type)
     }
 
     /// HF `PeftModelForSequenceClassification` / `...TokenClassification` /
@@ -110,88 +275,44 @@ impl AdapterConfig {
         if names.is_empty() {
             return;
         }
-        let extend = |list: &mut Vec<String>| {
-            for n in names {
-                if !list.iter().any(|x| x == n) {
-                    list.push(n.to_string());
-                }
-            }
-        };
-        match self {
-            AdapterConfig::Lora(c) => extend(c.modules_to_save.get_or_insert_with(Vec::new)),
-            AdapterConfig::Ia3(c) => extend(c.modules_to_save.get_or_insert_with(Vec::new)),
-            AdapterConfig::Prompt(c) => {
-                let mut list = c.modules_to_save().unwrap_or_default();
-                extend(&mut list);
-                c.set_modules_to_save(Some(list));
+        let mut list = self.0.modules_to_save().unwrap_or_default();
+        for n in names {
+            if !list.iter().any(|x| x == n) {
+                list.push(n.to_string());
             }
         }
+        self.0.set_modules_to_save(Some(list));
     }
 
-    /// `modules_to_save` of the config (any PEFT type).
+    /// `modules_to_save` of the config (empty when unset).
     pub fn modules_to_save(&self) -> Vec<String> {
-        match self {
-            AdapterConfig::Lora(c) => c.modules_to_save.clone().unwrap_or_default(),
-            AdapterConfig::Ia3(c) => c.modules_to_save.clone().unwrap_or_default(),
-            AdapterConfig::Prompt(c) => c.modules_to_save().unwrap_or_default(),
-        }
-    }
-
-    pub fn as_prompt(&self) -> Option<&PromptLearningConfig> {
-        match self {
-            AdapterConfig::Prompt(c) => Some(c),
-            _ => None,
-        }
+        self.0.modules_to_save().unwrap_or_default()
     }
 
     pub fn inference_mode(&self) -> bool {
-        match self {
-            AdapterConfig::Lora(c) => c.inference_mode,
-            AdapterConfig::Ia3(c) => c.inference_mode,
-            AdapterConfig::Prompt(c) => c.inference_mode,
-        }
+        self.0.inference_mode()
     }
 
     pub fn set_inference_mode(&mut self, on: bool) {
-        match self {
-            AdapterConfig::Lora(c) => c.inference_mode = on,
-            AdapterConfig::Ia3(c) => c.inference_mode = on,
-            AdapterConfig::Prompt(c) => c.inference_mode = on,
-        }
+        self.0.set_inference_mode(on)
     }
 
     pub fn base_model_name_or_path(&self) -> Option<&str> {
-        match self {
-            AdapterConfig::Lora(c) => c.base_model_name_or_path.as_deref(),
-            AdapterConfig::Ia3(c) => c.base_model_name_or_path.as_deref(),
-            AdapterConfig::Prompt(c) => c.base_model_name_or_path.as_deref(),
-        }
+        self.0.base_model_name_or_path()
     }
 
     pub fn set_base_model_name_or_path(&mut self, v: Option<String>) {
-        match self {
-            AdapterConfig::Lora(c) => c.base_model_name_or_path = v,
-            AdapterConfig::Ia3(c) => c.base_model_name_or_path = v,
-            AdapterConfig::Prompt(c) => c.base_model_name_or_path = v,
-        }
+        self.0.set_base_model_name_or_path(v)
     }
 
     /// Fields of the source JSON that HF's config class does not have.
     pub fn unknown_fields(&self) -> &[String] {
-        match self {
-            AdapterConfig::Lora(c) => c.unknown_fields(),
-            AdapterConfig::Ia3(c) => c.unknown_fields(),
-            AdapterConfig::Prompt(c) => c.unknown_fields(),
-        }
+        self.0.unknown_fields()
     }
 
     /// The config as HF's adapter_config.json object.
     pub fn to_json(&self) -> Value {
-        match self {
-            AdapterConfig::Lora(c) => c.to_json(),
-            AdapterConfig::Ia3(c) => c.to_json(),
-            AdapterConfig::Prompt(c) => c.to_json(),
-        }
+        self.0.to_json()
     }
 
     /// `adapter_config.json` text exactly as HF writes it.

@@ -1,53 +1,33 @@
-//! A linear layer of the base model that can carry LoRA, DoRA or (IA)³ adapters.
+//! The host layer of every tuner (HF `BaseTunerLayer` plus the wrapped base layer): a linear
+//! layer (or embedding table) of the base model with the adapters each tuner adds to it.
 //!
-//! * LoRA (Hu et al. 2021; HF `lora.Linear`):
-//!   `y = x Wᵀ + b + Σ_{a ∈ active, not merged} scaling_a · (dropout(x) A_aᵀ) B_aᵀ`.
-//!   `A_a`: `[r, in]` (`lora_A`), `B_a`: `[out, r]` (`lora_B`), kept in f32 (HF's
-//!   `autocast_adapter_dtype`); the low-rank path runs in f32 and is cast to the base dtype.
-//! * DoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation"; HF
-//!   `DoraLinearLayer`): `y = b + (m / ‖W + s·B A‖_row) ⊙ (x Wᵀ + s · x Aᵀ Bᵀ)`, with the
-//!   magnitude `m` `[out]` trainable and the row norm treated as a constant (detached).
-//! * (IA)³ (Liu et al. 2022; HF `ia3.Linear`): `y = (x Wᵀ + b) ⊙ l` with `l` `[out, 1]`, or for
-//!   feed-forward modules `y = (x ⊙ l) Wᵀ + b` with `l` `[1, in]`; several active vectors
-//!   multiply.
+//! `y = f(x)` with, per active unmerged adapter:
+//! * LoRA / DoRA ([`crate::tuners::lora::layer`]): `y += scaling · (dropout(x) Aᵀ) Bᵀ`, or DoRA's
+//!   magnitude-rescaled form;
+//! * (IA)³ ([`crate::tuners::ia3::layer`]): `y = (x Wᵀ + b) ⊙ l`, or `(x ⊙ l) Wᵀ + b` for
+//!   feed-forward modules;
+//! * any other tuner ([`AdapterLayer`], a weight delta): `y += forward_delta(x)`;
+//! * a `modules_to_save` copy (HF `ModulesToSaveWrapper`) replaces `(W, b)` while its adapter is
+//!   active.
+//!
+//! Every adapter's parameters are listed under HF's slot names by [`PeftLinear::adapter_params`],
+//! which is what saving, loading, training, counting and casting use.
 
+use super::ia3::layer::IA3_L;
+use super::layer::{AdapterLayer, Param, Slot};
 use crate::error::{PeftError, Result};
 use crate::ops::frozen_linear;
 use candle_core::{DType, Tensor, Var};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-/// One LoRA adapter of one layer.
-#[derive(Debug, Clone)]
-pub struct LoraAdapter {
-    /// `lora_A.weight`, `[r, in_features]`, f32.
-    pub a: Var,
-    /// `lora_B.weight`, `[out_features, r]`, f32.
-    pub b: Var,
-    pub r: usize,
-    pub alpha: f64,
-    /// `alpha / r` (or `alpha / sqrt(r)` with rsLoRA).
-    pub scaling: f64,
-    /// Dropout probability on the adapter's input while training.
-    pub dropout: f64,
-    /// DoRA magnitude `lora_magnitude_vector`, `[out_features]`, f32 (`None` = plain LoRA).
-    pub magnitude: Option<Var>,
-    /// DoRA: the row norm `‖W + s·B A‖` used when merging, kept to unmerge exactly.
-    pub merged_norm: Option<Tensor>,
-}
-
-/// One (IA)³ vector of one layer.
-#[derive(Debug, Clone)]
-pub struct Ia3Adapter {
-    /// `ia3_l`: `[out, 1]` (output scaling) or `[1, in]` (feed-forward: input scaling), f32.
-    pub l: Var,
-    pub feedforward: bool,
-}
+pub use super::ia3::layer::Ia3Adapter;
+pub use super::lora::layer::LoraAdapter;
 
 /// Per-row adapter choice of a mixed batch (`adapter_names` in HF): `None` = base model.
 pub type RowAdapters = Arc<Vec<Option<String>>>;
 
-/// A base linear layer plus its LoRA adapters. See the module docs.
+/// A base linear layer plus its adapters. See the module docs.
 #[derive(Debug, Clone)]
 pub struct PeftLinear {
     /// Base weight: `[out, in]`, or `[in, out]` when `transposed` (GPT-2 `Conv1D`).
@@ -57,6 +37,7 @@ pub struct PeftLinear {
     pub bias: Option<Tensor>,
     /// Weight stored `[in, out]` (HF `fan_in_fan_out`).
     pub transposed: bool,
+    /// LoRA / DoRA adapters per adapter name.
     pub adapters: BTreeMap<String, LoraAdapter>,
     /// Names of the adapters that take part in `forward`.
     pub active: Vec<String>,
@@ -69,6 +50,8 @@ pub struct PeftLinear {
     pub saved_copies: BTreeMap<String, (Var, Option<Var>)>,
     /// (IA)³ vectors per adapter.
     pub ia3: BTreeMap<String, Ia3Adapter>,
+    /// The layers of every other tuner (weight-delta tuners, see [`AdapterLayer`]) per adapter name.
+    pub others: BTreeMap<String, Box<dyn AdapterLayer>>,
     /// An embedding table `[num_embeddings, dim]` (HF `lora.Embedding`), stored as a
     /// `transposed` layer with `in = num_embeddings`, `out = dim`: its LoRA `A` `[r, num]` and `B`
     /// `[dim, r]` are HF's `lora_embedding_A` / `lora_embedding_B`, and merging adds
@@ -100,6 +83,7 @@ impl PeftLinear {
             disabled: false,
             saved_copies: BTreeMap::new(),
             ia3: BTreeMap::new(),
+            others: BTreeMap::new(),
             is_embedding: false,
         }
     }
@@ -110,57 +94,6 @@ impl PeftLinear {
         let mut l = PeftLinear::new(table, None, true);
         l.is_embedding = true;
         l
-    }
-
-    /// Embedding lookup (HF `lora.Embedding.forward`): `ids` `[b·s]` u32 → `[b, s, dim]` (base
-    /// dtype): the table's rows (a modules_to_save copy's when an active adapter has one) plus,
-    /// for each active unmerged LoRA adapter, `scaling · A[:, ids]ᵀ Bᵀ` (no dropout, as in HF).
-    /// A mixed batch (`ctx.rows`) adds each row's own adapter.
-    ///
-    /// Errors: `InvalidArgument` for a mixed batch with modules_to_save copies of the table, or
-    /// a row count that does not match.
-    pub fn forward_embedding(&self, ids: &Tensor, b: usize, s: usize, ctx: &LinearCtx) -> Result<Tensor> {
-        let dim = self.out_features();
-        let copy = if self.disabled { None } else { self.active.iter().find_map(|n| self.copy_params(n, ctx.train)) };
-        if copy.is_some() && ctx.rows.is_some() {
-            return Err(PeftError::invalid_arg("adapterNames", "per-row adapters (mixed batches) are not available with a modules_to_save copy of the embedding layer"));
-        }
-        let table = match &copy {
-            Some((w, _)) => w.clone(),
-            None => self.weight.clone(),
-        };
-        let mut y = table.index_select(ids, 0)?.reshape((b, s, dim))?;
-        if self.disabled || self.adapters.is_empty() {
-            return Ok(y);
-        }
-        let delta = |ad: &LoraAdapter, ids: &Tensor, rows: usize| -> Result<Tensor> {
-            let a = if ctx.train { ad.a.as_tensor().clone() } else { ad.a.as_tensor().detach() };
-            let bm = if ctx.train { ad.b.as_tensor().clone() } else { ad.b.as_tensor().detach() };
-            let xa = a.t()?.contiguous()?.index_select(ids, 0)?; // [n, r]
-            Ok((xa.matmul(&bm.t()?)? * ad.scaling)?.reshape((rows, s, dim))?)
-        };
-        if let Some(rows) = ctx.rows {
-            if rows.len() != b {
-                return Err(PeftError::invalid_arg("adapterNames", format!("has {} names for a batch of {b} rows", rows.len())));
-            }
-            let ids2 = ids.reshape((b, s))?;
-            for (name, idx) in row_groups(rows, ids.device())? {
-                let Some(ad) = self.adapters.get(name) else { continue };
-                let sub = ids2.index_select(&idx, 0)?.flatten_all()?;
-                let d = delta(ad, &sub, idx.dim(0)?)?.to_dtype(y.dtype())?;
-                y = y.index_add(&idx, &d, 0)?;
-            }
-            return Ok(y);
-        }
-        for name in &self.active {
-            if self.merged.contains(name) {
-                continue;
-            }
-            if let Some(ad) = self.adapters.get(name) {
-                y = (y + delta(ad, ids, b)?.to_dtype(table.dtype())?)?;
-            }
-        }
-        Ok(y)
     }
 
     pub fn in_features(&self) -> usize {
@@ -175,7 +108,7 @@ impl PeftLinear {
 
     /// The bias as the forward pass uses it: tracked while training, detached otherwise (so a
     /// trainable bias keeps no autograd graph alive during inference).
-    fn bias_for(&self, train: bool) -> Option<Tensor> {
+    pub(crate) fn bias_for(&self, train: bool) -> Option<Tensor> {
         self.bias.as_ref().map(|b| if train { b.clone() } else { b.detach() })
     }
 
@@ -184,88 +117,22 @@ impl PeftLinear {
         self.weight.elem_count() + self.bias.as_ref().map(|b| b.elem_count()).unwrap_or(0)
     }
 
-    /// `scaling · B A` as a `[out, in]` f32 tensor (HF `get_delta_weight`).
-    pub fn delta_weight(&self, name: &str) -> Result<Tensor> {
-        let ad = self.adapters.get(name).ok_or_else(|| PeftError::AdapterNotFound {
-            name: name.into(),
-            available: self.adapters.keys().cloned().collect(),
-        })?;
-        Ok((ad.b.as_tensor().to_dtype(DType::F32)?.matmul(&ad.a.as_tensor().to_dtype(DType::F32)?)? * ad.scaling)?)
-    }
-
     /// The base weight as `[out, in]` f32.
-    fn weight_out_in_f32(&self) -> Result<Tensor> {
+    pub(crate) fn weight_out_in_f32(&self) -> Result<Tensor> {
         let w = self.weight.to_dtype(DType::F32)?;
         Ok(if self.transposed { w.t()?.contiguous()? } else { w })
     }
 
-    /// DoRA's `‖W + s·B A‖` per output row, `[out]` f32, detached (HF `get_weight_norm`).
-    pub fn dora_weight_norm(&self, ad: &LoraAdapter) -> Result<Tensor> {
-        let lw = ad.b.as_tensor().detach().to_dtype(DType::F32)?.matmul(&ad.a.as_tensor().detach().to_dtype(DType::F32)?)?;
-        let w = (self.weight_out_in_f32()? + (lw * ad.scaling)?)?;
-        Ok(w.sqr()?.sum(1)?.sqrt()?)
-    }
-
-    /// DoRA's delta over the base output `y` (which includes the bias):
-    /// `(m/‖·‖ - 1) ⊙ x Wᵀ + (m/‖·‖) ⊙ s · x Aᵀ Bᵀ`, with `x` dropped out while training.
-    fn dora_delta(&self, x: &Tensor, y: &Tensor, ad: &LoraAdapter, mag: &Var, ctx: &LinearCtx) -> Result<Tensor> {
-        let norm = self.dora_weight_norm(ad)?;
-        let m = if ctx.train { mag.as_tensor().clone() } else { mag.as_tensor().detach() }.to_dtype(DType::F32)?;
-        let scale = (m / norm)?; // [out]
-        let dropped = ctx.train && ad.dropout > 0.0;
-        let xin = if dropped { dropout(&x.to_dtype(DType::F32)?, ad.dropout, ctx.rng)? } else { x.to_dtype(DType::F32)? };
-        let base = if dropped {
-            frozen_linear(&xin.to_dtype(self.weight.dtype())?, &self.weight, None, self.transposed)?.to_dtype(DType::F32)?
-        } else {
-            let yf = y.to_dtype(DType::F32)?;
-            match &self.bias_for(ctx.train) {
-                Some(b) => yf.broadcast_sub(&b.to_dtype(DType::F32)?)?,
-                None => yf,
-            }
-        };
-        let lora = self.lora_path_no_dropout(&xin, ad, ctx)?; // already scaled by s
-        let d = (base.broadcast_mul(&(&scale - 1.0)?)? + lora.broadcast_mul(&scale)?)?;
-        Ok(d)
-    }
-
-    fn lora_path(&self, x: &Tensor, ad: &LoraAdapter, ctx: &LinearCtx) -> Result<Tensor> {
-        let mut xf = x.to_dtype(DType::F32)?;
-        if ctx.train && ad.dropout > 0.0 {
-            xf = dropout(&xf, ad.dropout, ctx.rng)?;
-        }
-        self.lora_path_no_dropout(&xf, ad, ctx)
-    }
-
-    /// `s · x Aᵀ Bᵀ` on an f32 input that is already dropped out.
-    fn lora_path_no_dropout(&self, xf: &Tensor, ad: &LoraAdapter, ctx: &LinearCtx) -> Result<Tensor> {
-        let dims = xf.dims().to_vec();
-        let m: usize = dims[..dims.len() - 1].iter().product();
-        // The low-rank path runs in the adapter's dtype (f32 unless autocast_adapter_dtype was off).
-        let x2 = xf.reshape((m, dims[dims.len() - 1]))?.to_dtype(ad.a.dtype())?;
-        // Outside training the adapter weights are detached so no autograd graph is kept
-        // (a KV cache would otherwise pin every step's graph).
-        let (a, b) = if ctx.train {
-            (ad.a.as_tensor().clone(), ad.b.as_tensor().clone())
-        } else {
-            (ad.a.as_tensor().detach(), ad.b.as_tensor().detach())
-        };
-        let h = (x2.matmul(&a.t()?)? * ad.scaling)?;
-        let y = h.matmul(&b.t()?)?.to_dtype(DType::F32)?;
-        let mut out = dims;
-        *out.last_mut().unwrap() = self.out_features();
-        Ok(y.reshape(out)?)
-    }
-
     /// The `modules_to_save` copy of `name`, as a `(weight, bias)` pair: tracked tensors while
     /// training (they are trainable), detached otherwise.
-    fn copy_params(&self, name: &str, train: bool) -> Option<(Tensor, Option<Tensor>)> {
+    pub(crate) fn copy_params(&self, name: &str, train: bool) -> Option<(Tensor, Option<Tensor>)> {
         let (w, b) = self.saved_copies.get(name)?;
         let t = |v: &Var| if train { v.as_tensor().clone() } else { v.as_tensor().detach() };
         Some((t(w), b.as_ref().map(t)))
     }
 
     /// `y = x Wᵀ + b` with a possibly trainable `(W, b)` (a modules_to_save copy).
-    fn linear_with(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    pub(crate) fn linear_with(&self, x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         let wt = if self.transposed { w.clone() } else { w.t()? };
         let dims = x.dims().to_vec();
         let m: usize = dims[..dims.len() - 1].iter().product();
@@ -277,28 +144,6 @@ impl PeftLinear {
         let mut out = dims;
         *out.last_mut().unwrap() = self.out_features();
         Ok(y.reshape(out)?)
-    }
-
-    /// The product of the active, unmerged (IA)³ vectors, flattened, with whether it scales the
-    /// input (`None` when no such vector is active).
-    fn ia3_scaling(&self, train: bool) -> Option<(Tensor, bool)> {
-        let mut acc: Option<Tensor> = None;
-        let mut ff = false;
-        for name in &self.active {
-            if self.merged.contains(name) {
-                continue;
-            }
-            if let Some(ad) = self.ia3.get(name) {
-                let l = if train { ad.l.as_tensor().clone() } else { ad.l.as_tensor().detach() };
-                let l = l.flatten_all().ok()?.to_dtype(DType::F32).ok()?;
-                ff = ad.feedforward;
-                acc = Some(match acc {
-                    Some(a) => (a * l).ok()?,
-                    None => l,
-                });
-            }
-        }
-        acc.map(|a| (a, ff))
     }
 
     /// Forward: `x` `[..., in]` (base dtype) → `[..., out]` (base dtype).
@@ -322,7 +167,7 @@ impl PeftLinear {
             }
         }
         let mut y = frozen_linear(x, &self.weight, self.bias_for(ctx.train).as_ref(), self.transposed)?;
-        if self.disabled || self.adapters.is_empty() {
+        if self.disabled || (self.adapters.is_empty() && self.others.is_empty()) {
             return Ok(y);
         }
         if let Some(rows) = ctx.rows {
@@ -332,13 +177,18 @@ impl PeftLinear {
                 return Err(PeftError::invalid_arg("adapterNames", format!("has {} names for a batch of {b} rows", rows.len())));
             }
             for (name, idx) in row_groups(rows, x.device())? {
-                let Some(ad) = self.adapters.get(name) else { continue };
-                if ad.magnitude.is_some() {
-                    return Err(PeftError::invalid_arg("adapterNames", "Cannot pass `adapter_names` when DoRA is enabled."));
-                }
                 let sub = x.index_select(&idx, 0)?;
-                let delta = self.lora_path(&sub, ad, ctx)?.to_dtype(y.dtype())?;
-                y = y.index_add(&idx, &delta, 0)?;
+                let delta = if let Some(ad) = self.adapters.get(name) {
+                    if ad.magnitude.is_some() {
+                        return Err(PeftError::invalid_arg("adapterNames", "Cannot pass `adapter_names` when DoRA is enabled."));
+                    }
+                    self.lora_path(&sub, ad, ctx)?
+                } else if let Some(l) = self.others.get(name) {
+                    l.forward_delta(self, &sub, ctx)?
+                } else {
+                    continue;
+                };
+                y = y.index_add(&idx, &delta.to_dtype(y.dtype())?, 0)?;
             }
             return Ok(y);
         }
@@ -352,6 +202,8 @@ impl PeftLinear {
                     None => self.lora_path(x, ad, ctx)?,
                 };
                 y = (y + delta.to_dtype(x.dtype())?)?;
+            } else if let Some(l) = self.others.get(name) {
+                y = (y + l.forward_delta(self, x, ctx)?.to_dtype(x.dtype())?)?;
             }
         }
         Ok(y)
@@ -359,7 +211,7 @@ impl PeftLinear {
 
     /// Forward of a module with modules_to_save copies: the first active adapter that has a copy
     /// replaces the base parameters; in a mixed batch each row uses its own adapter's copy.
-    fn forward_with_copies(&self, x: &Tensor, ctx: &LinearCtx) -> Result<Tensor> {
+    pub(crate) fn forward_with_copies(&self, x: &Tensor, ctx: &LinearCtx) -> Result<Tensor> {
         if let Some(rows) = ctx.rows {
             let mut y = frozen_linear(x, &self.weight, self.bias_for(ctx.train).as_ref(), self.transposed)?;
             for (name, idx) in row_groups(rows, x.device())? {
@@ -379,9 +231,12 @@ impl PeftLinear {
         }
     }
 
-    /// Add `scaling · B A` of each named adapter into the base weight (HF `merge`). Adapters
+    /// Merge each named adapter into the base weights (HF `merge`): LoRA adds `scaling · B A`
+    /// (DoRA rescales rows), (IA)³ scales rows or columns, other tuners add their `ΔW`. Adapters
     /// already merged are skipped, so merging twice never adds a delta twice. With `safe`, the
     /// merged weight is checked for NaN/Inf before it replaces the old one.
+    ///
+    /// Errors: `InvalidState` when `safe` finds NaN/Inf (the weights are then unchanged).
     pub fn merge(&mut self, names: &[String], safe: bool) -> Result<()> {
         for name in names {
             if self.merged.contains(name) {
@@ -389,106 +244,162 @@ impl PeftLinear {
             }
             if let Some(ia) = self.ia3.get(name) {
                 self.merge_ia3(name, ia.clone(), safe)?;
-                continue;
-            }
-            let Some(ad) = self.adapters.get(name).cloned() else { continue };
-            let delta = self.delta_weight(name)?;
-            let (w, norm) = match &ad.magnitude {
-                // DoRA: W' = (m / ‖W + ΔW‖_row) ⊙ (W + ΔW) (HF `DoraLinearVariant.merge_safe`).
-                Some(m) => {
-                    let full = (self.weight_out_in_f32()? + delta)?;
-                    let norm = full.sqr()?.sum(1)?.sqrt()?;
-                    let factor = (m.as_tensor().detach().to_dtype(DType::F32)? / &norm)?;
-                    let merged = full.broadcast_mul(&factor.unsqueeze(1)?)?;
-                    (if self.transposed { merged.t()?.contiguous()? } else { merged }, Some(norm))
+            } else if self.adapters.contains_key(name) {
+                self.merge_lora(name, safe)?;
+            } else if let Some(l) = self.others.get(name) {
+                let delta = l.delta_weight(self)?;
+                let w = (self.weight.to_dtype(DType::F32)? + if self.transposed { delta.t()? } else { delta })?;
+                if safe && !w.sum_all()?.to_scalar::<f32>()?.is_finite() {
+                    return Err(PeftError::InvalidState(format!("NaNs or Infs detected in the merged weights; the adapter `{name}` seems broken")));
                 }
-                None => {
-                    let delta = if self.transposed { delta.t()? } else { delta };
-                    ((self.weight.to_dtype(DType::F32)? + delta)?, None)
-                }
-            };
-            if safe {
-                let s = w.sum_all()?.to_scalar::<f32>()?;
-                if !s.is_finite() {
-                    return Err(PeftError::InvalidState(format!(
-                        "NaNs or Infs detected in the merged weights; the adapter `{name}` seems broken"
-                    )));
-                }
+                self.weight = w.to_dtype(self.weight.dtype())?.contiguous()?;
+                self.merged.push(name.clone());
             }
-            self.weight = w.to_dtype(self.weight.dtype())?.contiguous()?;
-            if let Some(ad) = self.adapters.get_mut(name) {
-                ad.merged_norm = norm;
-            }
-            self.merged.push(name.clone());
         }
         Ok(())
-    }
-
-    /// (IA)³ merge (HF `ia3.Linear.merge`): scale the weight's rows (output vectors; the bias too)
-    /// or columns (feed-forward vectors) by `l`.
-    fn merge_ia3(&mut self, name: &str, ad: Ia3Adapter, safe: bool) -> Result<()> {
-        let (w, b) = self.ia3_scaled(&ad, false)?;
-        if safe {
-            let s = w.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()? + b.as_ref().map(|b| b.sum_all().and_then(|x| x.to_dtype(DType::F32)?.to_scalar::<f32>()).unwrap_or(f32::NAN)).unwrap_or(0.0);
-            if !s.is_finite() {
-                return Err(PeftError::InvalidState(format!("NaNs detected in the merged weights. The adapter {name} seems to be broken")));
-            }
-        }
-        self.weight = w;
-        self.bias = b;
-        self.merged.push(name.to_string());
-        Ok(())
-    }
-
-    /// The weight and bias scaled (or, with `inverse`, unscaled) by an (IA)³ vector.
-    fn ia3_scaled(&self, ad: &Ia3Adapter, inverse: bool) -> Result<(Tensor, Option<Tensor>)> {
-        let l = ad.l.as_tensor().detach().flatten_all()?.to_dtype(DType::F32)?;
-        let l = if inverse { l.recip()? } else { l };
-        let dt = self.weight.dtype();
-        // Output vectors scale rows of [out, in] (columns when stored [in, out]); feed-forward
-        // vectors scale the `in` axis.
-        let along_out = !ad.feedforward;
-        let w = self.weight.to_dtype(DType::F32)?;
-        let w = if along_out != self.transposed { w.broadcast_mul(&l.unsqueeze(1)?)? } else { w.broadcast_mul(&l.unsqueeze(0)?)? };
-        let b = match (&self.bias, along_out) {
-            (Some(b), true) => Some((b.to_dtype(DType::F32)? * &l)?.to_dtype(b.dtype())?),
-            (b, _) => b.clone(),
-        };
-        Ok((w.to_dtype(dt)?.contiguous()?, b))
     }
 
     /// Undo every merged adapter (HF `unmerge`), newest first: LoRA deltas are subtracted, DoRA
-    /// weights divided by their merge factor, (IA)³ scalings divided out.
+    /// weights divided by their merge factor, (IA)³ scalings divided out, other tuners' `ΔW`
+    /// subtracted.
     pub fn unmerge(&mut self) -> Result<()> {
         while let Some(name) = self.merged.pop() {
             if let Some(ia) = self.ia3.get(&name).cloned() {
-                let (w, b) = self.ia3_scaled(&ia, true)?;
-                self.weight = w;
-                self.bias = b;
-                continue;
+                self.unmerge_ia3(&ia)?;
+            } else if self.adapters.contains_key(&name) {
+                self.unmerge_lora(&name)?;
+            } else if let Some(l) = self.others.get(&name) {
+                let delta = l.delta_weight(self)?;
+                let w = (self.weight.to_dtype(DType::F32)? - if self.transposed { delta.t()? } else { delta })?;
+                self.weight = w.to_dtype(self.weight.dtype())?.contiguous()?;
             }
-            let ad = self.adapters.get(&name).cloned();
-            let delta = self.delta_weight(&name)?;
-            let w = match ad.as_ref().and_then(|a| a.magnitude.clone().zip(a.merged_norm.clone())) {
-                Some((m, norm)) => {
-                    let factor = (m.as_tensor().detach().to_dtype(DType::F32)? / norm)?;
-                    let orig = (self.weight_out_in_f32()?.broadcast_div(&factor.unsqueeze(1)?)? - delta)?;
-                    if self.transposed { orig.t()?.contiguous()? } else { orig }
-                }
-                None => {
-                    let delta = if self.transposed { delta.t()? } else { delta };
-                    (self.weight.to_dtype(DType::F32)? - delta)?
-                }
-            };
-            self.weight = w.to_dtype(self.weight.dtype())?.contiguous()?;
         }
         Ok(())
+    }
+
+    /// Whether adapter `name` has a tuner layer here (any tuner; `modules_to_save` copies aside).
+    pub fn has_adapter(&self, name: &str) -> bool {
+        self.adapters.contains_key(name) || self.ia3.contains_key(name) || self.others.contains_key(name)
+    }
+
+    /// Whether any tuner layer is attached (`modules_to_save` copies aside).
+    pub fn has_adapters(&self) -> bool {
+        !self.adapters.is_empty() || !self.ia3.is_empty() || !self.others.is_empty()
+    }
+
+    /// Every parameter adapter `name` holds in this layer, under HF's slot names (see
+    /// [`Slot`]), in HF's state-dict order; `modules_to_save` copies are not included (see
+    /// [`Self::saved_copies`]).
+    pub fn adapter_params(&self, name: &str) -> Vec<Param<'_>> {
+        let mut out = Vec::new();
+        if let Some(ad) = self.adapters.get(name) {
+            out.extend(ad.params(self.is_embedding));
+        }
+        if let Some(ia) = self.ia3.get(name) {
+            out.push((IA3_L, &ia.l));
+        }
+        if let Some(l) = self.others.get(name) {
+            out.extend(l.params());
+        }
+        out
+    }
+
+    /// Replace the variable in `slot` of adapter `name` (loading, casting).
+    ///
+    /// Errors: `InvalidArgument` when the adapter has no such slot in this layer.
+    pub fn set_adapter_param(&mut self, name: &str, slot: &Slot, v: Var) -> Result<()> {
+        if let Some(ad) = self.adapters.get_mut(name) {
+            if ad.set_param(slot, v.clone(), self.is_embedding) {
+                return Ok(());
+            }
+        }
+        if let Some(ia) = self.ia3.get_mut(name) {
+            if *slot == IA3_L {
+                ia.l = v;
+                return Ok(());
+            }
+        }
+        if let Some(l) = self.others.get_mut(name) {
+            return l.set_param(slot, v);
+        }
+        Err(PeftError::invalid_arg("adapterName", format!("adapter `{name}` has no `{}` here", slot.name)))
+    }
+
+    /// HF's class name of this layer once adapted (`lora.Linear`, `lora.Embedding`, `ia3.Linear`,
+    /// or the other tuner's [`AdapterLayer::module_type`]), as `get_layer_status` reports it.
+    pub fn tuner_module_type(&self) -> &'static str {
+        if !self.adapters.is_empty() {
+            if self.is_embedding { "lora.Embedding" } else { "lora.Linear" }
+        } else if !self.ia3.is_empty() {
+            "ia3.Linear"
+        } else {
+            self.others.values().next().map(|l| l.module_type()).unwrap_or("Linear")
+        }
+    }
+
+    /// The kind of adapter `name`'s layer here, as the bindings report it: `"lora"`,
+    /// `"lora_embedding"`, `"ia3"`, or another tuner's module type without its class
+    /// (`"loha"` for `loha.Linear`); `None` when the adapter has no tuner layer here.
+    pub fn adapter_kind(&self, name: &str) -> Option<&'static str> {
+        if self.adapters.contains_key(name) {
+            Some(if self.is_embedding { "lora_embedding" } else { "lora" })
+        } else if self.ia3.contains_key(name) {
+            Some("ia3")
+        } else {
+            self.others.get(name).map(|l| l.module_type().split('.').next().unwrap_or("adapter"))
+        }
+    }
+
+    /// Names of the adapters with a tuner layer here (sorted, each once).
+    pub fn tuner_adapter_names(&self) -> Vec<&String> {
+        let mut v: Vec<&String> = self.adapters.keys().chain(self.ia3.keys()).chain(self.others.keys()).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+
+    /// Every parameter of every adapter here: tuner slots and `modules_to_save` copies.
+    pub fn all_adapter_vars(&self) -> Vec<&Var> {
+        let mut out: Vec<&Var> = self.tuner_adapter_names().into_iter().flat_map(|n| self.adapter_params(n).into_iter().map(|(_, v)| v)).collect();
+        for (w, b) in self.saved_copies.values() {
+            out.push(w);
+            out.extend(b.iter());
+        }
+        out
+    }
+
+    /// The `modules_to_save` copy of adapter `name` as `(parameter name, variable)`: `weight`
+    /// and, when the layer has one, `bias`.
+    pub fn saved_copy_params(&self, name: &str) -> Vec<(&'static str, &Var)> {
+        match self.saved_copies.get(name) {
+            Some((w, b)) => std::iter::once(("weight", w)).chain(b.iter().map(|b| ("bias", b))).collect(),
+            None => vec![],
+        }
+    }
+
+    /// Remove adapter `name` from this layer: its tuner layer and its `modules_to_save` copy.
+    pub fn remove_adapter(&mut self, name: &str) {
+        self.adapters.remove(name);
+        self.ia3.remove(name);
+        self.others.remove(name);
+        self.saved_copies.remove(name);
+    }
+
+    /// Remove every adapter (tuner layers, copies, merge and activation state).
+    pub fn clear_adapters(&mut self) {
+        self.saved_copies.clear();
+        self.adapters.clear();
+        self.ia3.clear();
+        self.others.clear();
+        self.active.clear();
+        self.merged.clear();
+        self.disabled = false;
     }
 }
 
 /// The rows of a mixed batch grouped by adapter name: `(name, row indices as a u32 tensor)`,
 /// names sorted; base-model rows (`None`) are left out.
-fn row_groups<'r>(rows: &'r RowAdapters, device: &candle_core::Device) -> Result<Vec<(&'r String, Tensor)>> {
+pub(crate) fn row_groups<'r>(rows: &'r RowAdapters, device: &candle_core::Device) -> Result<Vec<(&'r String, Tensor)>> {
     let mut names: Vec<&String> = rows.iter().flatten().collect();
     names.sort();
     names.dedup();
@@ -503,7 +414,7 @@ fn row_groups<'r>(rows: &'r RowAdapters, device: &candle_core::Device) -> Result
 }
 
 /// Inverted dropout with a seeded mask: `x · mask / (1 - p)`.
-fn dropout(x: &Tensor, p: f64, rng: Option<&std::sync::Mutex<rand::rngs::StdRng>>) -> Result<Tensor> {
+pub(crate) fn dropout(x: &Tensor, p: f64, rng: Option<&std::sync::Mutex<rand::rngs::StdRng>>) -> Result<Tensor> {
     // One seed per call from the step's generator, then a counter-based mask: the fused engine
     // draws the same seeds in the same order, so both paths drop the same elements.
     let seed = crate::engine::dropout_seed(rng);

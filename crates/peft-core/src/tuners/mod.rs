@@ -1,17 +1,22 @@
-//! Tuner layers and configs. A tuner is a config (what HF writes as `adapter_config.json`) plus
-//! the per-layer state it adds to the base model's linear layers (LoRA), or a prompt encoder
-//! that feeds the frozen model (prompt learning).
+//! Tuners: one folder per method, each registered once in [`registry`].
+//!
+//! A tuner is a config ([`config::TunerConfig`], what HF writes as `adapter_config.json`), the
+//! layer state it adds to the base model's linear layers ([`layer`], hosted by
+//! [`linear::PeftLinear`]) or a prompt encoder that feeds the frozen model, and its injection
+//! into a model ([`registry::Tuner`]). Adding a tuner means one new folder and one line in
+//! [`registry::TUNERS`].
 
 pub mod config;
 pub mod ia3;
-pub mod init;
+pub mod layer;
 pub mod linear;
 pub mod lora;
 pub mod prompt;
-pub mod weighted;
+pub mod registry;
 
-pub use config::AdapterConfig;
+pub use config::{AdapterConfig, TunerConfig};
 pub use ia3::Ia3Config;
 pub use linear::{LoraAdapter, PeftLinear, RowAdapters};
+pub use lora::{init, weighted};
 pub use lora::{InitLoraWeights, LoraConfig, TargetModules};
 pub use prompt::{PromptEncoder, PromptLearningConfig, PromptMethod};

@@ -320,6 +320,8 @@ impl LoraConfig {
     }
 }
 
+crate::tuners::config::impl_tuner_config!(LoraConfig, "LORA");
+
 #[cfg(test)]
 mod tests {
     use super::*;

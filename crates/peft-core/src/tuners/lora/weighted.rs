@@ -27,7 +27,7 @@
 
 use crate::error::{PeftError, Result};
 use crate::peft_model::PeftModel;
-use crate::tuners::{AdapterConfig, LoraConfig, TargetModules};
+use crate::tuners::{LoraConfig, TargetModules};
 use candle_core::{DType, Tensor, Var};
 use nalgebra::DMatrix;
 use rand::{Rng, SeedableRng};
@@ -157,8 +157,8 @@ impl PeftModel {
         let mut cfgs: Vec<LoraConfig> = Vec::new();
         for a in &o.adapters {
             match self.peft_config(a)? {
-                AdapterConfig::Lora(c) if c.use_dora => return Err(PeftError::invalid_arg("adapters", format!("adapter '{a}' uses DoRA; add_weighted_adapter combines plain LoRA adapters"))),
-                AdapterConfig::Lora(c) => cfgs.push(c.clone()),
+                c if c.as_lora().is_some_and(|c| c.use_dora) => return Err(PeftError::invalid_arg("adapters", format!("adapter '{a}' uses DoRA; add_weighted_adapter combines plain LoRA adapters"))),
+                c if c.as_lora().is_some() => cfgs.push(c.as_lora().expect("checked").clone()),
                 other => return Err(PeftError::invalid_arg("adapters", format!("adapter '{a}' is {}, add_weighted_adapter combines LoRA adapters", other.peft_type()))),
             }
         }

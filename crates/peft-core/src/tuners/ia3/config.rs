@@ -3,7 +3,7 @@
 //! a learned vector `ia3_l`: `[out, 1]` scaling the layer's output (bias included), or, for
 //! `feedforward_modules`, `[1, in]` scaling its input. Saved as `<module>.ia3_l` (no `.weight`).
 
-use super::lora::{targets_from_json, targets_to_json, TargetModules};
+use crate::tuners::lora::{targets_from_json, targets_to_json, TargetModules};
 use crate::error::{PeftError, Result};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
@@ -126,3 +126,6 @@ impl Ia3Config {
         serde_json::to_value(sorted).expect("a map of JSON values serializes")
     }
 }
+
+crate::tuners::config::impl_tuner_config!(Ia3Config, "IA3");
+

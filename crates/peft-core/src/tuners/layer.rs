@@ -1,0 +1,98 @@
+//! The layer-level tuner contract (HF `BaseTunerLayer`): the named parameter slots an adapter
+//! adds to a layer, and, for tuners whose layer is a weight delta, its forward contribution and
+//! merge.
+//!
+//! HF names an adapter's parameters `<module>.<slot>.<adapter>[.<param>]` in the model and
+//! `<module>.<slot>[.<param>]` on disk (the adapter name removed by `get_peft_model_state_dict`).
+//! A [`Slot`] states that grammar once per parameter kind; [`crate::keys`] applies it for every
+//! registered tuner, and `PeftModel`'s save, load, trainable-parameter, counting, casting and
+//! memory code loop over [`crate::tuners::linear::PeftLinear::adapter_params`] instead of
+//! naming tuners.
+
+use super::linear::{LinearCtx, PeftLinear};
+use crate::error::Result;
+use candle_core::{Tensor, Var};
+
+/// One named parameter kind of an adapter layer, under HF's names.
+///
+/// - `lora_A` (an `nn.Linear` in a `ModuleDict`): model `<m>.lora_A.<adapter>.weight`, disk
+///   `<m>.lora_A.weight` → [`Slot::module`].
+/// - `ia3_l`, `lora_embedding_A` (`nn.ParameterDict` entries): model `<m>.ia3_l.<adapter>`, disk
+///   `<m>.ia3_l` → [`Slot::param`].
+/// - `lora_magnitude_vector` (a module whose `.weight` HF's state dict renames away): model
+///   `<m>.lora_magnitude_vector.<adapter>.weight`, disk `<m>.lora_magnitude_vector`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Slot {
+    /// The attribute name in HF's layer (`lora_A`, `ia3_l`, `hada_w1_a`, ...).
+    pub name: &'static str,
+    /// The parameter name after the adapter name in the model's keys (`None`: the slot entry is
+    /// the parameter itself).
+    pub model_param: Option<&'static str>,
+    /// The parameter name on disk after the slot (`None`: the key ends with the slot name).
+    pub disk_param: Option<&'static str>,
+}
+
+impl Slot {
+    /// A sub-module slot holding `.weight` (HF `ModuleDict` of `nn.Linear`).
+    pub const fn module(name: &'static str) -> Slot {
+        Slot { name, model_param: Some("weight"), disk_param: Some("weight") }
+    }
+
+    /// A parameter slot (HF `ParameterDict` entry).
+    pub const fn param(name: &'static str) -> Slot {
+        Slot { name, model_param: None, disk_param: None }
+    }
+
+    /// The on-disk key of this slot of module `m` (no `base_model.model.` prefix).
+    pub fn disk_key(&self, m: &str) -> String {
+        match self.disk_param {
+            Some(p) => format!("{m}.{}.{p}", self.name),
+            None => format!("{m}.{}", self.name),
+        }
+    }
+
+    /// The model's key of this slot of module `m` for adapter `adapter` (HF `named_parameters`).
+    pub fn model_key(&self, m: &str, adapter: &str) -> String {
+        match self.model_param {
+            Some(p) => format!("{m}.{}.{adapter}.{p}", self.name),
+            None => format!("{m}.{}.{adapter}", self.name),
+        }
+    }
+}
+
+/// A parameter of an adapter layer: its slot and variable.
+pub type Param<'a> = (Slot, &'a Var);
+
+/// The layer of a tuner whose effect on a linear layer is a weight delta `ΔW` `[out, in]`
+/// (LoHa, LoKr, VeRA, ... : HF's `BaseTunerLayer` subclasses with `get_delta_weight`).
+/// [`PeftLinear`] keeps such layers per adapter name and, for every active unmerged one, adds
+/// [`AdapterLayer::forward_delta`] to the base output, merges by adding
+/// [`AdapterLayer::delta_weight`] and unmerges by subtracting it.
+///
+/// LoRA/DoRA and (IA)³ implement the same slot contract ([`AdapterLayer::params`]) but keep
+/// typed storage in [`PeftLinear`], because the fused engine reads them directly.
+pub trait AdapterLayer: Send + Sync + std::fmt::Debug {
+    /// HF `peft_type` of the tuner.
+    fn peft_type(&self) -> &'static str;
+    /// HF's class name of the adapted layer (`"loha.Linear"`), as `get_layer_status` reports it.
+    fn module_type(&self) -> &'static str;
+    /// Every parameter under its slot, in HF's state-dict order.
+    fn params(&self) -> Vec<Param<'_>>;
+    /// Replace the variable of `slot` (loading, casting).
+    ///
+    /// Errors: `InvalidArgument` for a slot this layer does not have.
+    fn set_param(&mut self, slot: &Slot, v: Var) -> Result<()>;
+    /// `ΔW` `[out, in]` f32 for the base layer `lin` (HF `get_delta_weight`).
+    fn delta_weight(&self, lin: &PeftLinear) -> Result<Tensor>;
+    /// The contribution `x ΔWᵀ` (or the tuner's cheaper equivalent) for input `x` `[..., in]`,
+    /// `[..., out]` f32, tracked while `ctx.train`.
+    fn forward_delta(&self, lin: &PeftLinear, x: &Tensor, ctx: &LinearCtx) -> Result<Tensor>;
+    /// A boxed copy.
+    fn clone_box(&self) -> Box<dyn AdapterLayer>;
+}
+
+impl Clone for Box<dyn AdapterLayer> {
+    fn clone(&self) -> Self {
+        self.clone_box()
+    }
+}

@@ -1,0 +1,61 @@
+//! LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") and its variants
+//! as HF PEFT 0.21 implements them: rsLoRA, DoRA, PiSSA / OLoRA initialisation, rank and alpha
+//! patterns, trainable biases, LoRA on embeddings; plus adapter arithmetic
+//! ([`weighted`], HF `add_weighted_adapter`).
+//!
+//! - [`config`]: `LoraConfig` (adapter_config.json);
+//! - [`layer`]: the layer (`lora_A`, `lora_B`, `lora_magnitude_vector`, forward, merge);
+//! - `model`: injection into a model (HF `LoraModel._create_and_replace`) and trainable biases;
+//! - [`init`]: PiSSA / OLoRA initialisation; [`weighted`]: combining adapters.
+
+pub mod config;
+pub mod init;
+pub mod layer;
+mod model;
+pub mod weighted;
+
+pub use config::*;
+
+use crate::error::Result;
+use crate::model::Task;
+use crate::peft_model::{is_output_head, PeftModel};
+use crate::tuners::config::AdapterConfig;
+use crate::tuners::layer::Slot;
+use crate::tuners::linear::PeftLinear;
+use crate::tuners::registry::Tuner;
+use std::path::Path;
+
+/// The LoRA tuner (HF `LoraModel`), registered for `peft_type` `"LORA"`.
+pub struct LoraTuner;
+
+impl Tuner for LoraTuner {
+    fn peft_types(&self) -> &'static [&'static str] {
+        &["LORA"]
+    }
+    fn prefix(&self) -> Option<&'static str> {
+        Some("lora_")
+    }
+    fn slots(&self) -> &'static [Slot] {
+        layer::SLOTS
+    }
+    fn parse_config(&self, v: &serde_json::Value, path: Option<&Path>) -> Result<AdapterConfig> {
+        Ok(LoraConfig::from_json(v, path)?.into())
+    }
+    fn inject(&self, model: &mut PeftModel, name: &str, cfg: AdapterConfig, seed: u64) -> Result<Vec<String>> {
+        let c = cfg.as_lora().expect("a LORA config").clone();
+        model.add_lora(name, c, seed)
+    }
+    fn expected_params(&self, cfg: &AdapterConfig, task: Task, m: &str, lin: &PeftLinear) -> Vec<(Slot, Vec<usize>)> {
+        let Some(c) = cfg.as_lora() else { return vec![] };
+        if c.rule().select(m, is_output_head(task, m)) != crate::targeting::Selection::Target {
+            return vec![];
+        }
+        let r = c.rank_for(m);
+        let (sa, sb) = layer::LoraAdapter::ab_slots(lin.is_embedding);
+        let mut out = vec![(sa, vec![r, lin.in_features()]), (sb, vec![lin.out_features(), r])];
+        if c.use_dora {
+            out.push((layer::LORA_MAGNITUDE, vec![lin.out_features()]));
+        }
+        out
+    }
+}

@@ -1,0 +1,65 @@
+//! The tuner registry (HF `PEFT_TYPE_TO_TUNER_MAPPING` / `register_peft_method`): every tuner is
+//! one [`Tuner`] value in [`TUNERS`]. Config parsing, injection, the key grammar and load-time
+//! shape checks find the tuner here by `peft_type`; nothing else names tuners.
+
+use super::config::AdapterConfig;
+use super::layer::Slot;
+use super::linear::PeftLinear;
+use crate::error::Result;
+use crate::model::Task;
+use crate::peft_model::{LoadResult, PeftModel};
+use candle_core::Tensor;
+use serde_json::Value;
+use std::path::Path;
+
+/// The model-level tuner contract (HF `BaseTuner` plus its registration).
+pub trait Tuner: Sync {
+    /// The `peft_type` strings this tuner handles (several for prompt learning).
+    fn peft_types(&self) -> &'static [&'static str];
+    /// HF `PEFT_TYPE_TO_PREFIX_MAPPING`: the prefix of the tuner's parameter names (`"lora_"`).
+    fn prefix(&self) -> Option<&'static str> {
+        None
+    }
+    /// The parameter slots the tuner's layers hold (the key grammar, see [`Slot`]).
+    fn slots(&self) -> &'static [Slot] {
+        &[]
+    }
+    /// Parse HF's adapter_config.json object into this tuner's config.
+    ///
+    /// Errors: `InvalidAdapterConfig` naming the field.
+    fn parse_config(&self, v: &Value, path: Option<&Path>) -> Result<AdapterConfig>;
+    /// Inject adapter `name` into `model` (HF `inject_adapter` / `_create_and_replace`); returns
+    /// the targeted module paths (empty for prompt learning). On error the model is unchanged.
+    fn inject(&self, model: &mut PeftModel, name: &str, cfg: AdapterConfig, seed: u64) -> Result<Vec<String>>;
+    /// The parameters adapter `cfg` will hold in module `m` (layer `lin`) as `(slot, shape)`:
+    /// empty when the module is not targeted. Used to check a file's tensors before the model
+    /// changes.
+    fn expected_params(&self, cfg: &AdapterConfig, task: Task, m: &str, lin: &PeftLinear) -> Vec<(Slot, Vec<usize>)> {
+        let _ = (cfg, task, m, lin);
+        vec![]
+    }
+    /// Tuners that do not live in layers (prompt learning) load their own tensors; `None` means
+    /// the generic layer loading applies.
+    fn load(&self, model: &mut PeftModel, name: &str, cfg: &AdapterConfig, tensors: &mut Vec<(String, Tensor)>, wpath: &Path) -> Option<Result<LoadResult>> {
+        let _ = (model, name, cfg, tensors, wpath);
+        None
+    }
+}
+
+/// Every registered tuner.
+pub static TUNERS: &[&dyn Tuner] = &[&super::lora::LoraTuner, &super::ia3::Ia3Tuner, &super::prompt::PromptTuner];
+
+/// The tuner registered for `peft_type`.
+pub fn tuner_for(peft_type: &str) -> Option<&'static dyn Tuner> {
+    TUNERS.iter().copied().find(|t| t.peft_types().contains(&peft_type))
+}
+
+/// Every `peft_type` this crate loads, in registry order.
+pub fn supported_peft_types() -> Vec<&'static str> {
+    TUNERS.iter().flat_map(|t| t.peft_types().iter().copied()).collect()
+}
+
+/// The slots of every registered tuner.
+pub fn all_slots() -> impl Iterator<Item = &'static Slot> {
+    TUNERS.iter().flat_map(|t| t.slots().iter())
+}
