@@ -171,6 +171,34 @@ test.serial('the root tarball alone (platform package missing) fails to install 
   t.regex(r.stderr, new RegExp(`no prebuilt addon loads on ${ABI}.*\\n.*platform package peft-node-${ABI}`))
 })
 
+test.serial('plain npm pack (self-contained, addon in native/) installs offline and runs a forward', async (t) => {
+  if (!supported) {
+    t.log(`skipped: the prebuilt layout is built for ${ABI} only`)
+    t.pass()
+    return
+  }
+  if (!installed) {
+    t.fail('needs the fresh dist/ of the first test, which failed')
+    return
+  }
+  const out = path.join(work, 'plain')
+  fs.mkdirSync(out)
+  // --ignore-scripts: prepack would run the full `npm run build`; dist/ and native/ are fresh
+  const packed = JSON.parse(execFileSync(npm, ['pack', '--ignore-scripts', '--json', '--pack-destination', out], { cwd: ROOT, encoding: 'utf8' })) as Array<{ filename: string; size: number; files: Array<{ path: string }> }>
+  const files = packed[0].files.map((f) => f.path)
+  t.true(files.includes(`native/${ADDON}`), 'the addon is in the tarball')
+  t.false(files.some((f) => /^(bindings|crates|src|__test__|npm)\//.test(f)), 'no sources, tests or platform folders')
+  t.log(`plain tarball: ${(packed[0].size / 2 ** 20).toFixed(1)} MiB, ${files.length} files`)
+  const proj = path.join(work, 'plain-app')
+  fs.mkdirSync(proj)
+  fs.writeFileSync(path.join(proj, 'package.json'), JSON.stringify({ name: 'scratch-plain', version: '1.0.0', private: true }))
+  execFileSync(npm, ['install', '--offline', '--no-audit', '--no-fund', path.join(out, path.basename(packed[0].filename))], { cwd: proj, stdio: 'pipe', env })
+  fs.writeFileSync(path.join(proj, 'cjs.cjs'), CJS)
+  const r = JSON.parse(execFileSync(process.execPath, ['cjs.cjs', LLAMA, QV], { cwd: proj, encoding: 'utf8', env })) as Result
+  t.deepEqual(r.data, await want(), 'logits equal the in-repo forward')
+  t.deepEqual(r.addons, [path.join(fs.realpathSync(proj), 'node_modules', 'peft-node', 'native', ADDON)], 'the addon comes from native/')
+})
+
 test.serial('Electron: app.asar with *.node unpacked; the JS loads from the archive and the addon from app.asar.unpacked', async (t) => {
   if (!supported) {
     t.log(`skipped: the prebuilt layout is built for ${ABI} only`)
