@@ -401,42 +401,62 @@ impl QuantWeight {
         self.q.len() + 4 * (self.d.len() + self.m.len())
     }
 
-    #[inline(always)]
-    fn code(&self, r: usize, c: usize) -> u8 {
-        let (g, lane, b, i) = (r / R, r % R, c / QK, c % QK);
+    /// Block `b` (32 columns) of group `g` (16 rows) dequantized: `out[lane][i]` =
+    /// `W[16g + lane, 32b + i]`, as llama.cpp's `dequantize_row_*` computes it (`d·q`,
+    /// `d·(n − 8)`, `d·n + m`, `d·sc·n − dmin·mn`); padding rows give 0.
+    fn dequant_block(&self, g: usize, b: usize, out: &mut [[f32; QK]; R]) {
         let nb = self.cols / QK;
-        let base = (g * nb + b) * self.ty.group_block_bytes();
-        if self.ty.nibbles() {
-            let v = self.q[base + (((i % 16) / 4) * R + lane) * 4 + i % 4];
-            if i < 16 {
-                v & 0xF
+        let gbb = self.ty.group_block_bytes();
+        let q = &self.q[(g * nb + b) * gbb..(g * nb + b + 1) * gbb];
+        let d = &self.d[(g * nb + b) * R..(g * nb + b + 1) * R];
+        let off = self.ty.offset() as f32;
+        for (lane, o) in out.iter_mut().enumerate() {
+            let mut n = [0u8; QK];
+            if self.ty.nibbles() {
+                for j in 0..4 {
+                    for t in 0..4 {
+                        let v = q[(j * R + lane) * 4 + t];
+                        n[4 * j + t] = v & 0xF;
+                        n[16 + 4 * j + t] = v >> 4;
+                    }
+                }
             } else {
-                v >> 4
+                for j in 0..8 {
+                    n[4 * j..4 * j + 4].copy_from_slice(&q[(j * R + lane) * 4..(j * R + lane) * 4 + 4]);
+                }
             }
-        } else {
-            self.q[base + ((i / 4) * R + lane) * 4 + i % 4]
+            if self.ty.has_min() {
+                let m = self.m[(g * nb + b) * R + lane];
+                for (v, &c) in o.iter_mut().zip(&n) {
+                    *v = d[lane] * c as f32 + m;
+                }
+            } else {
+                for (v, &c) in o.iter_mut().zip(&n) {
+                    *v = d[lane] * (c as f32 - off);
+                }
+            }
         }
     }
 
-    /// `W[r, c0 .. c0 + out.len()]` dequantized into `out` (f32), as llama.cpp's
-    /// `dequantize_row_*` computes it (`d·q`, `d·(n − 8)`, `d·n + m`, `d·sc·n − dmin·mn`).
-    fn dequant_row_range(&self, r: usize, c0: usize, out: &mut [f32]) {
-        let nb = self.cols / QK;
-        let (g, lane) = (r / R, r % R);
-        for (k, o) in out.iter_mut().enumerate() {
-            let c = c0 + k;
-            let si = (g * nb + c / QK) * R + lane;
-            let n = self.code(r, c) as i32;
-            *o = if self.ty.has_min() { self.d[si] * n as f32 + self.m[si] } else { self.d[si] * (n - self.ty.offset()) as f32 };
+    /// Columns `c0 .. c0 + w` (`c0`, `w` multiples of 32) of every row, dequantized into
+    /// `out` `[rows, w]` row-major.
+    fn dequant_panel(&self, c0: usize, w: usize, out: &mut [f32]) {
+        let mut blk = [[0f32; QK]; R];
+        for g in 0..self.rows.div_ceil(R) {
+            for bi in 0..w / QK {
+                self.dequant_block(g, c0 / QK + bi, &mut blk);
+                for (lane, vals) in blk.iter().enumerate().take(self.rows - g * R) {
+                    let r = g * R + lane;
+                    out[r * w + bi * QK..r * w + (bi + 1) * QK].copy_from_slice(vals);
+                }
+            }
         }
     }
 
     /// The whole weight dequantized, `[rows, cols]` row-major f32.
     pub fn dequantize(&self) -> Vec<f32> {
         let mut out = vec![0f32; self.rows * self.cols];
-        for (r, row) in out.chunks_exact_mut(self.cols).enumerate() {
-            self.dequant_row_range(r, 0, row);
-        }
+        self.dequant_panel(0, self.cols, &mut out);
         out
     }
 
@@ -580,9 +600,7 @@ impl QuantWeight {
             let (c0, c1) = (p * PANEL, ((p + 1) * PANEL).min(k));
             let w = c1 - c0;
             let mut panel = vec![0f32; n * w];
-            for (r, row) in panel.chunks_exact_mut(w).enumerate() {
-                self.dequant_row_range(r, c0, row);
-            }
+            self.dequant_panel(c0, w, &mut panel);
             // SAFETY: dx is [m, k] (checked); this task writes only columns c0..c1.
             let mut dst = unsafe { super::gemm::Dst::raw(dxp.get().add(c0), m, w, k) };
             super::gemm::gemm(&mut dst, super::gemm::View::of(dy, m, n), super::gemm::View::of(&panel, n, w), 1.0, acc, 1);
