@@ -1,0 +1,367 @@
+//! Loading adapters from HF PEFT folders (HF `load_adapter` / `set_peft_model_state_dict`).
+
+use super::*;
+
+impl PeftModel {
+    /// Load an adapter saved by HF PEFT (or by [`Self::save_pretrained`]) from `dir` (holding
+    /// `adapter_config.json` and `adapter_model.safetensors`) under `name` (HF `load_adapter`).
+    /// Keys may carry the `base_model.model.` prefix or not, and an adapter name or not.
+    /// With `is_trainable` false the adapter is loaded in inference mode (no trainable params).
+    ///
+    /// Errors: `NotFound`, `InvalidAdapterConfig`, `SafetensorsInvalid`, `ShapeMismatch` (naming
+    /// the key, with expected and found shapes), `AdapterExists`, `NoTargetModules`. On error the
+    /// model is unchanged.
+    pub fn load_adapter(&mut self, dir: &Path, name: &str, is_trainable: bool, config_override: Option<AdapterConfig>) -> Result<LoadResult> {
+        self.load_adapter_with(dir, name, &LoadOptions { is_trainable, config: config_override, ..Default::default() })
+    }
+
+    /// [`Self::load_adapter`] with HF's other options ([`LoadOptions`]).
+    ///
+    /// Errors: as [`Self::load_adapter`], plus `InvalidArgument` for an invalid `keyMapping`
+    /// regex.
+    pub fn load_adapter_with(&mut self, dir: &Path, name: &str, o: &LoadOptions) -> Result<LoadResult> {
+        self.load_adapter_ctl(dir, name, o, &crate::progress::Control::NONE)
+    }
+
+    /// [`Self::load_adapter_with`] reporting progress and honouring cancellation through `ctl`.
+    /// Unit: tensors of `adapter_model.safetensors` (`total` = the file's tensor count), reported
+    /// as each is read. `ctl` is polled after each tensor and once more before the model is
+    /// changed; an aborted load leaves the model as it was and drops what it read.
+    ///
+    /// Errors: as [`Self::load_adapter_with`]; `Aborted`.
+    pub fn load_adapter_ctl(&mut self, dir: &Path, name: &str, o: &LoadOptions, ctl: &crate::progress::Control) -> Result<LoadResult> {
+        let r = self.load_adapter_inner(dir, name, o, ctl)?;
+        if !o.autocast_adapter_dtype {
+            self.cast_adapter(name, self.base.dtype())?;
+        }
+        Ok(r)
+    }
+
+    pub(crate) fn load_adapter_inner(&mut self, dir: &Path, name: &str, o: &LoadOptions, ctl: &crate::progress::Control) -> Result<LoadResult> {
+        let (is_trainable, config_override) = (o.is_trainable, o.config.clone());
+        validate_adapter_name(name)?;
+        if !dir.exists() {
+            return Err(PeftError::NotFound { path: dir.into(), what: "adapter folder does not exist".into() });
+        }
+        if self.configs.iter().any(|(n, _)| n == name) {
+            return Err(PeftError::AdapterExists(name.into()));
+        }
+        // Finish a save of this folder that a crash interrupted (see `write_atomic_group`).
+        crate::io::recover_group_write(dir)?;
+        let mut cfg = match config_override {
+            Some(c) => c,
+            None => AdapterConfig::from_file(&dir.join("adapter_config.json"))?,
+        };
+        cfg.set_inference_mode(!is_trainable);
+        if let Some(existing) = self.peft_type() {
+            if existing != cfg.peft_type() {
+                return Err(PeftError::InvalidAdapterConfig {
+                    path: Some(dir.join("adapter_config.json")),
+                    msg: format!("Cannot combine adapters with different peft types. Found {existing} and {}.", cfg.peft_type()),
+                });
+            }
+        }
+        let wpath = dir.join("adapter_model.safetensors");
+        let mut tensors = if ctl.progress.is_some() || ctl.should_stop.is_some() {
+            let total = crate::io::safetensors_tensor_count(&wpath)? as u64;
+            let mut counter = crate::progress::Counter::new(ctl, total);
+            let t = crate::io::read_safetensors_with(&wpath, self.base.device(), &mut || counter.tick())?;
+            counter.finish();
+            t
+        } else {
+            read_safetensors(&wpath, self.base.device())?
+        };
+        if !o.key_mapping.is_empty() {
+            let maps = o
+                .key_mapping
+                .iter()
+                .map(|(p, r)| {
+                    regex::Regex::new(p).map(|re| (re, r.clone())).map_err(|e| PeftError::invalid_arg("keyMapping", format!("pattern {p:?} is not a valid regex: {e}")))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            for (key, _) in tensors.iter_mut() {
+                let prefix = if key.starts_with(KEY_PREFIX) { KEY_PREFIX } else if key.starts_with("base_model.") { "base_model." } else { "" };
+                let rest = key[prefix.len()..].to_string();
+                for (re, rep) in &maps {
+                    if re.is_match(&rest) {
+                        // Python's `\1` group references become the regex crate's `${1}`.
+                        let rep = py_group_refs(rep);
+                        *key = format!("{prefix}{}", re.replace_all(&rest, rep.as_str()));
+                        break;
+                    }
+                }
+            }
+        }
+        // HF's PeftModelFor<Task> adds the task head to modules_to_save before loading.
+        let mut cfg = cfg;
+        cfg.add_task_head_modules();
+        if let AdapterConfig::Prompt(p) = cfg {
+            ctl.check()?; // the last point before the model changes
+            return self.load_prompt(name, p, tensors, &wpath);
+        }
+        // Build the expected key map from the config before touching the model.
+        let mut expected: std::collections::HashMap<String, (String, bool, Vec<usize>)> = Default::default();
+        for (m, lin) in self.base.named_linears() {
+            match &cfg {
+                AdapterConfig::Lora(c) if c.rule().select(&m, is_output_head(self.base.task(), &m)) == crate::targeting::Selection::Target => {
+                    let r = c.rank_for(&m);
+                    let (ka, kb) = lora_keys(&m, lin.is_embedding);
+                    expected.insert(ka, (m.clone(), true, vec![r, lin.in_features()]));
+                    expected.insert(kb, (m.clone(), false, vec![lin.out_features(), r]));
+                    if c.use_dora {
+                        expected.insert(format!("{m}.lora_magnitude_vector"), (m.clone(), false, vec![lin.out_features()]));
+                    }
+                }
+                AdapterConfig::Ia3(c) if c.rule().select(&m, is_output_head(self.base.task(), &m)) == crate::targeting::Selection::Target => {
+                    let shape = if c.is_feedforward(&m) { vec![1, lin.in_features()] } else { vec![lin.out_features(), 1] };
+                    expected.insert(format!("{m}.ia3_l"), (m.clone(), false, shape));
+                }
+                _ => {}
+            }
+            let mts = cfg.modules_to_save();
+            if mts.iter().any(|w| saves_module(&m, w)) {
+                expected.insert(format!("{m}.weight"), (m.clone(), false, lin.weight.dims().to_vec()));
+                if let Some(b) = &lin.bias {
+                    expected.insert(format!("{m}.bias"), (m.clone(), false, b.dims().to_vec()));
+                }
+            }
+        }
+        // Base biases in the file (HF `bias="all" | "lora_only"`): loaded into the base layers
+        // whatever the config says (HF's non-strict `load_state_dict`), replacing their values.
+        let mut bias_shapes: std::collections::HashMap<String, Vec<usize>> = Default::default();
+        for (m, lin) in self.base.named_linears() {
+            if let Some(b) = &lin.bias {
+                if !expected.contains_key(&format!("{m}.bias")) {
+                    bias_shapes.insert(m.clone(), b.dims().to_vec());
+                }
+            }
+        }
+        for (m, b) in self.base.named_norm_biases() {
+            bias_shapes.insert(m, b.dims().to_vec());
+        }
+        // Saved embedding layers (HF `save_embedding_layers`): `<m>.base_layer.weight` or
+        // `<m>.weight` of the input embedding / lm_head replace the base weights, as HF's
+        // non-strict `load_state_dict` does.
+        let mut emb_shapes: std::collections::HashMap<String, Vec<usize>> = Default::default();
+        for (m, lin) in self.base.named_linears() {
+            if lin.is_embedding || (m == "lm_head" && self.base.task() == Task::CausalLm) {
+                emb_shapes.insert(m.clone(), lin.weight.dims().to_vec());
+            }
+        }
+        let mut emb_weights: std::collections::HashMap<String, Tensor> = Default::default();
+        let mut biases: std::collections::HashMap<String, Tensor> = Default::default();
+        let mut found: std::collections::HashMap<String, Tensor> = Default::default();
+        let mut result = LoadResult::default();
+        for (key, t) in tensors {
+            let k = key.strip_prefix(KEY_PREFIX).unwrap_or(&key).to_string();
+            // HF `bias="all"` writes the frozen original bias of a `modules_to_save` module
+            // (see `adapter_state_dict`); HF's non-strict load puts it back into the base layer.
+            if let Some(m) = k.strip_suffix(".original_module.bias") {
+                if let Some((_, _, shape)) = expected.get(&format!("{m}.bias")) {
+                    if t.dims() != shape.as_slice() {
+                        return Err(PeftError::ShapeMismatch { name: format!("{} (key `{key}`)", wpath.display()), expected: shape.clone(), found: t.dims().to_vec() });
+                    }
+                    biases.insert(m.to_string(), t);
+                    continue;
+                }
+            }
+            let k = strip_adapter_name(&k);
+            let emb_module = k.strip_suffix(".base_layer.weight").or_else(|| k.strip_suffix(".weight")).filter(|m| emb_shapes.contains_key(*m));
+            if let (Some(m), false) = (emb_module, expected.contains_key(&k)) {
+                let shape = &emb_shapes[m];
+                if t.dims() != shape.as_slice() {
+                    return Err(PeftError::ShapeMismatch { name: format!("{} (key `{key}`)", wpath.display()), expected: shape.clone(), found: t.dims().to_vec() });
+                }
+                emb_weights.insert(m.to_string(), t);
+                continue;
+            }
+            let bias_module = k.strip_suffix(".base_layer.bias").or_else(|| k.strip_suffix(".bias")).filter(|m| bias_shapes.contains_key(*m));
+            if let (Some(m), false) = (bias_module, expected.contains_key(&k)) {
+                let shape = &bias_shapes[m];
+                if t.dims() != shape.as_slice() {
+                    return Err(PeftError::ShapeMismatch { name: format!("{} (key `{key}`)", wpath.display()), expected: shape.clone(), found: t.dims().to_vec() });
+                }
+                biases.insert(m.to_string(), t);
+                continue;
+            }
+            match expected.get(&k) {
+                Some((_, _, shape)) => {
+                    if t.dims() != shape.as_slice() {
+                        return Err(PeftError::ShapeMismatch {
+                            name: format!("{} (key `{key}`)", wpath.display()),
+                            expected: shape.clone(),
+                            found: t.dims().to_vec(),
+                        });
+                    }
+                    found.insert(k, t);
+                }
+                None => result.unexpected_keys.push(key),
+            }
+        }
+        for k in expected.keys() {
+            if !found.contains_key(k) {
+                // HF reports missing keys as the model names them, with the adapter name.
+                result.missing_keys.push(format!("{KEY_PREFIX}{}", with_adapter_name(k, name)));
+            }
+        }
+        result.missing_keys.sort();
+        if found.is_empty() && !expected.is_empty() {
+            return Err(PeftError::SafetensorsInvalid {
+                path: wpath,
+                msg: format!("no tensor of the file matches the adapter's modules (unexpected keys: {:?})", &result.unexpected_keys[..result.unexpected_keys.len().min(5)]),
+            });
+        }
+        let (bias_mode, trainable) = match &cfg {
+            AdapterConfig::Lora(c) => (c.bias.clone(), !c.inference_mode),
+            _ => ("none".to_string(), false),
+        };
+        ctl.check()?; // the last point before the model changes
+        self.add_adapter(name, cfg, 0)?;
+        if !emb_weights.is_empty() {
+            for (m, lin) in self.base.named_linears_mut() {
+                if let Some(t) = emb_weights.remove(&m) {
+                    lin.weight = t.to_dtype(lin.weight.dtype())?;
+                }
+            }
+        }
+        if !biases.is_empty() {
+            for (m, lin) in self.base.named_linears_mut() {
+                if let Some(t) = biases.remove(&m) {
+                    lin.bias = Some(t.to_dtype(lin.weight.dtype())?);
+                }
+            }
+            for (m, b) in self.base.named_norm_biases_mut() {
+                if let Some(t) = biases.remove(&m) {
+                    *b = t.to_dtype(b.dtype())?;
+                }
+            }
+            if bias_mode != "none" && trainable {
+                self.make_biases_trainable(&bias_mode)?;
+            }
+        }
+        for (m, lin) in self.base.named_linears_mut() {
+            if let Some(ad) = lin.adapters.get_mut(name) {
+                let (ka, kb) = lora_keys(&m, lin.is_embedding);
+                if let Some(a) = found.remove(&ka) {
+                    ad.a = Var::from_tensor(&a.to_dtype(DType::F32)?)?;
+                }
+                if let Some(b) = found.remove(&kb) {
+                    ad.b = Var::from_tensor(&b.to_dtype(DType::F32)?)?;
+                }
+                if let Some(t) = found.remove(&format!("{m}.lora_magnitude_vector")) {
+                    ad.magnitude = Some(Var::from_tensor(&t.to_dtype(DType::F32)?)?);
+                }
+            }
+            if let Some(ia) = lin.ia3.get_mut(name) {
+                if let Some(t) = found.remove(&format!("{m}.ia3_l")) {
+                    ia.l = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
+                }
+            }
+            let dtype = lin.weight.dtype();
+            if let Some((w, b)) = lin.saved_copies.get_mut(name) {
+                if let Some(t) = found.remove(&format!("{m}.weight")) {
+                    *w = Var::from_tensor(&t.to_dtype(dtype)?)?;
+                }
+                if let (Some(bv), Some(t)) = (b.as_mut(), found.remove(&format!("{m}.bias"))) {
+                    *bv = Var::from_tensor(&t.to_dtype(dtype)?)?;
+                }
+            }
+        }
+        Ok(result)
+    }
+
+    /// Load a prompt-learning adapter's tensors (`prompt_embeddings`, plus `prefix_task_cols` /
+    /// `prefix_task_rows` for multitask prompt tuning) as HF `set_peft_model_state_dict` does.
+    /// The stored table is used as is; when loaded trainable, training continues on the table
+    /// itself (HF would put a freshly initialised P-tuning/projection head on top of the saved
+    /// output, which changes the adapter's outputs; we keep them).
+    pub(crate) fn load_prompt(&mut self, name: &str, mut cfg: PromptLearningConfig, tensors: Vec<(String, Tensor)>, wpath: &Path) -> Result<LoadResult> {
+        cfg.prepare(&self.model_dims());
+        let mut result = LoadResult::default();
+        let mut table = None;
+        let mut cols = None;
+        let mut rows = None;
+        let mt = cfg.method == PromptMethod::MultitaskPromptTuning;
+        let td = cfg.token_dim.unwrap_or(0);
+        let n = cfg.total_virtual_tokens();
+        // modules_to_save copies (`base_model.<module>.weight` / `.bias`) and their shapes.
+        let mts = cfg.modules_to_save().unwrap_or_default();
+        let mut copy_shapes: HashMap<String, Vec<usize>> = HashMap::new();
+        for (m, lin) in self.base.named_linears() {
+            if mts.iter().any(|w| saves_module(&m, w)) {
+                copy_shapes.insert(format!("base_model.{m}.weight"), lin.weight.dims().to_vec());
+                if let Some(b) = &lin.bias {
+                    copy_shapes.insert(format!("base_model.{m}.bias"), b.dims().to_vec());
+                }
+            }
+        }
+        let mut copy_tensors: HashMap<String, Tensor> = HashMap::new();
+        for (key, t) in tensors {
+            if let Some(shape) = copy_shapes.get(&key) {
+                if t.dims() != shape.as_slice() {
+                    return Err(PeftError::ShapeMismatch { name: format!("{} (key `{key}`)", wpath.display()), expected: shape.clone(), found: t.dims().to_vec() });
+                }
+                copy_tensors.insert(key, t);
+                continue;
+            }
+            let k = key.strip_prefix(KEY_PREFIX).unwrap_or(&key);
+            let (slot, shape) = match k {
+                "prompt_embeddings" => (&mut table, vec![cfg.table_rows(), cfg.table_dim()]),
+                "prefix_task_cols" if mt => (&mut cols, vec![cfg.num_tasks, n, cfg.num_ranks]),
+                "prefix_task_rows" if mt => (&mut rows, vec![cfg.num_tasks, cfg.num_ranks, td]),
+                _ => {
+                    result.unexpected_keys.push(key);
+                    continue;
+                }
+            };
+            if t.dims() != shape.as_slice() {
+                return Err(PeftError::ShapeMismatch { name: format!("{} (key `{key}`)", wpath.display()), expected: shape, found: t.dims().to_vec() });
+            }
+            *slot = Some(t);
+        }
+        let table = table.ok_or_else(|| PeftError::SafetensorsInvalid {
+            path: wpath.to_path_buf(),
+            msg: format!("the {} adapter file has no `prompt_embeddings` tensor", cfg.method.as_str()),
+        })?;
+        let task = if mt {
+            let dev = self.base.device();
+            let c = match cols {
+                Some(c) => c,
+                None => {
+                    result.missing_keys.push("prefix_task_cols".into());
+                    Tensor::zeros((cfg.num_tasks, n, cfg.num_ranks), DType::F32, dev)?
+                }
+            };
+            let r = match rows {
+                Some(r) => r,
+                None => {
+                    result.missing_keys.push("prefix_task_rows".into());
+                    Tensor::zeros((cfg.num_tasks, cfg.num_ranks, td), DType::F32, dev)?
+                }
+            };
+            Some((c, r))
+        } else {
+            None
+        };
+        for k in copy_shapes.keys() {
+            if !copy_tensors.contains_key(k) {
+                result.missing_keys.push(k.clone());
+            }
+        }
+        result.missing_keys.sort();
+        let enc = PromptEncoder::from_table(&table, task)?;
+        self.add_prompt(name, cfg, 0, Some(enc))?;
+        for (m, lin) in self.base.named_linears_mut() {
+            let dtype = lin.weight.dtype();
+            if let Some((w, b)) = lin.saved_copies.get_mut(name) {
+                if let Some(t) = copy_tensors.remove(&format!("base_model.{m}.weight")) {
+                    *w = Var::from_tensor(&t.to_dtype(dtype)?)?;
+                }
+                if let (Some(bv), Some(t)) = (b.as_mut(), copy_tensors.remove(&format!("base_model.{m}.bias"))) {
+                    *bv = Var::from_tensor(&t.to_dtype(dtype)?)?;
+                }
+            }
+        }
+        Ok(result)
+    }
+}

@@ -1,0 +1,239 @@
+//! Adapter parameters: trainable sets, counts and the state dict under HF's keys (HF `get_peft_model_state_dict`, `get_nb_trainable_parameters`).
+
+use super::*;
+
+impl PeftModel {
+    /// Adapter parameters that training updates: those of the active adapters whose config is
+    /// not in inference mode, as `(key as saved on disk, Var)`.
+    pub fn trainable_parameters(&self) -> Vec<(String, Var)> {
+        self.trainable_parameters_by_adapter().into_iter().flat_map(|(_, v)| v).collect()
+    }
+
+    /// [`Self::trainable_parameters`] grouped by adapter name (active adapters in order).
+    pub fn trainable_parameters_by_adapter(&self) -> Vec<(String, Vec<(String, Var)>)> {
+        self.trainable_parameters_of(&self.active)
+    }
+
+    /// The parameters training would update for each of `names` if they were the active
+    /// adapters (unknown names and adapters in inference mode give nothing), grouped by adapter.
+    pub fn trainable_parameters_of(&self, names: &[String]) -> Vec<(String, Vec<(String, Var)>)> {
+        let mut groups = Vec::new();
+        for name in names {
+            let Ok(cfg) = self.peft_config(name) else { continue };
+            if cfg.inference_mode() {
+                continue;
+            }
+            if let Some(enc) = self.prompt_encoders.get(name) {
+                let mut vars: Vec<(String, Var)> = enc.vars().into_iter().map(|(p, v)| (format!("prompt_encoder.{name}.{p}"), v)).collect();
+                for (m, lin) in self.base.named_linears() {
+                    if let Some((w, b)) = lin.saved_copies.get(name) {
+                        vars.push((format!("base_model.{m}.weight"), w.clone()));
+                        if let Some(b) = b {
+                            vars.push((format!("base_model.{m}.bias"), b.clone()));
+                        }
+                    }
+                }
+                groups.push((name.clone(), vars));
+                continue;
+            }
+            let mut out = Vec::new();
+            for (k, b) in self.bias_entries(&self.bias_mode(name)) {
+                if b.is_variable() {
+                    if let Ok(v) = Var::from_tensor(&b) {
+                        out.push((k, v));
+                    }
+                }
+            }
+            for (m, lin) in self.base.named_linears() {
+                if let Some(ad) = lin.adapters.get(name) {
+                    let (ka, kb) = lora_keys(&m, lin.is_embedding);
+                    out.push((format!("{KEY_PREFIX}{ka}"), ad.a.clone()));
+                    out.push((format!("{KEY_PREFIX}{kb}"), ad.b.clone()));
+                    if let Some(mag) = &ad.magnitude {
+                        out.push((format!("{KEY_PREFIX}{m}.lora_magnitude_vector"), mag.clone()));
+                    }
+                }
+                if let Some(ia) = lin.ia3.get(name) {
+                    out.push((format!("{KEY_PREFIX}{m}.ia3_l"), ia.l.clone()));
+                }
+                if let Some((w, b)) = lin.saved_copies.get(name) {
+                    out.push((format!("{KEY_PREFIX}{m}.weight"), w.clone()));
+                    if let Some(b) = b {
+                        out.push((format!("{KEY_PREFIX}{m}.bias"), b.clone()));
+                    }
+                }
+            }
+            groups.push((name.clone(), out));
+        }
+        groups
+    }
+
+    /// `(trainable, all)` parameter counts as HF `get_nb_trainable_parameters` reports them.
+    pub fn nb_trainable_parameters(&self) -> (usize, usize) {
+        let trainable: usize = self.trainable_parameters().iter().map(|(_, v)| v.elem_count()).sum();
+        let adapters: usize = self
+            .base
+            .named_linears()
+            .iter()
+            .flat_map(|(_, l)| {
+                l.adapters
+                    .values()
+                    .map(|a| a.a.elem_count() + a.b.elem_count() + a.magnitude.as_ref().map(|m| m.elem_count()).unwrap_or(0))
+                    .chain(l.ia3.values().map(|a| a.l.elem_count()))
+                    .chain(
+                    l.saved_copies.values().map(|(w, b)| w.elem_count() + b.as_ref().map(|b| b.elem_count()).unwrap_or(0)),
+                )
+            })
+            .sum();
+        let prompts: usize = self.prompt_encoders.values().map(|e| e.param_count()).sum();
+        (trainable, self.base.base_param_count() + adapters + prompts)
+    }
+
+    /// The base embedding layers saved with adapter `name` (HF `get_peft_model_state_dict`'s
+    /// `save_embedding_layers`): with `Auto`, only when the config's `target_modules` names an
+    /// embedding layer (`embed_tokens` / `lm_head`, HF's `EMBEDDING_LAYER_NAMES`). When targeted,
+    /// each of the input and output embeddings that carries LoRA adapters is saved as
+    /// `<module>.base_layer.weight`; with `Yes` and no targeted embedding, both are saved as
+    /// `<module>.weight` (the input embedding `model.embed_tokens` / `transformer.wte`, and
+    /// `lm_head` on causal LMs). Weights are the unmerged base weights, in the base dtype.
+    ///
+    /// Errors: `AdapterNotFound`.
+    pub fn embedding_layers_to_save(&self, name: &str, mode: SaveEmbeddingLayers) -> Result<Vec<(String, Tensor)>> {
+        let cfg = self.peft_config(name)?;
+        let targets = match cfg {
+            AdapterConfig::Lora(c) => Some(c.target_modules.clone()),
+            AdapterConfig::Ia3(c) => Some(c.target_modules.clone()),
+            AdapterConfig::Prompt(_) => None,
+        };
+        let names = ["embed_tokens", "lm_head"];
+        let targeted = match &targets {
+            Some(crate::tuners::lora::TargetModules::List(l)) => names.iter().any(|n| l.iter().any(|x| x == n)),
+            Some(crate::tuners::lora::TargetModules::Regex(r)) => {
+                let re = regex::Regex::new(&format!("^(?:{r})$")).ok();
+                self.base.named_linears().iter().any(|(m, _)| {
+                    names.iter().any(|n| m == n || m.ends_with(&format!(".{n}"))) && re.as_ref().map(|re| re.is_match(m)).unwrap_or(false)
+                })
+            }
+            _ => false,
+        };
+        let save = match mode {
+            SaveEmbeddingLayers::No => false,
+            SaveEmbeddingLayers::Yes => true,
+            SaveEmbeddingLayers::Auto => targeted,
+        };
+        let mut out = Vec::new();
+        if !save {
+            return Ok(out);
+        }
+        for (m, lin) in self.base.named_linears() {
+            let is_output = m == "lm_head" && self.base.task() == Task::CausalLm;
+            if !(lin.is_embedding || is_output) {
+                continue;
+            }
+            let w = self.unmerged_base_weight(lin)?;
+            if targeted {
+                if !lin.adapters.is_empty() {
+                    out.push((format!("{KEY_PREFIX}{m}.base_layer.weight"), w));
+                }
+            } else {
+                out.push((format!("{KEY_PREFIX}{m}.weight"), w));
+            }
+        }
+        Ok(out)
+    }
+
+    /// A layer's base weight without any merged LoRA delta, in the base dtype and layout.
+    pub(crate) fn unmerged_base_weight(&self, lin: &crate::tuners::linear::PeftLinear) -> Result<Tensor> {
+        let mut w = lin.weight.to_dtype(DType::F32)?;
+        for n in &lin.merged {
+            if lin.adapters.contains_key(n) {
+                let d = lin.delta_weight(n)?;
+                let d = if lin.transposed { d.t()? } else { d };
+                w = (w - d)?;
+            }
+        }
+        Ok(w.to_dtype(lin.weight.dtype())?.contiguous()?)
+    }
+
+    /// Adapter `name`'s tensors under HF's on-disk keys (adapter name removed), sorted.
+    pub fn adapter_state_dict(&self, name: &str) -> Result<Vec<(String, Tensor)>> {
+        self.peft_config(name)?;
+        let mut out = Vec::new();
+        if let Some(enc) = self.prompt_encoders.get(name) {
+            out.push(("prompt_embeddings".to_string(), enc.table_to_save()?));
+            if let Some((c, r)) = &enc.task {
+                out.push(("prefix_task_cols".to_string(), c.as_tensor().detach()));
+                out.push(("prefix_task_rows".to_string(), r.as_tensor().detach()));
+            }
+            for (m, lin) in self.base.named_linears() {
+                if let Some((w, b)) = lin.saved_copies.get(name) {
+                    out.push((format!("base_model.{m}.weight"), w.as_tensor().detach()));
+                    if let Some(b) = b {
+                        out.push((format!("base_model.{m}.bias"), b.as_tensor().detach()));
+                    }
+                }
+            }
+            out.sort_by(|a, b| a.0.cmp(&b.0));
+            return Ok(out);
+        }
+        let bias_mode = self.bias_mode(name);
+        for (k, b) in self.bias_entries(&bias_mode) {
+            out.push((k, b.detach()));
+        }
+        for (m, lin) in self.base.named_linears() {
+            // HF `bias="all"` keeps every state-dict key holding "bias", so a `modules_to_save`
+            // wrapper also contributes its frozen original's bias (`<m>.original_module.bias`) and
+            // each copy's bias under the wrapper's own key (`<m>.modules_to_save.<adapter>.bias`,
+            // the saved adapter's name removed). HF loads the first back into the base and
+            // reports the second as unexpected; both are written so files stay byte-identical.
+            if bias_mode == "all" && !lin.saved_copies.is_empty() {
+                if let Some(b) = &lin.bias {
+                    out.push((format!("{KEY_PREFIX}{m}.original_module.bias"), b.detach()));
+                }
+                for (n, (_, b)) in &lin.saved_copies {
+                    if let Some(b) = b {
+                        let slot = if n == name { "modules_to_save".to_string() } else { format!("modules_to_save.{n}") };
+                        out.push((format!("{KEY_PREFIX}{m}.{slot}.bias"), b.as_tensor().detach()));
+                    }
+                }
+            }
+            if let Some(ad) = lin.adapters.get(name) {
+                let (ka, kb) = lora_keys(&m, lin.is_embedding);
+                out.push((format!("{KEY_PREFIX}{ka}"), ad.a.as_tensor().detach()));
+                out.push((format!("{KEY_PREFIX}{kb}"), ad.b.as_tensor().detach()));
+                if let Some(mag) = &ad.magnitude {
+                    out.push((format!("{KEY_PREFIX}{m}.lora_magnitude_vector"), mag.as_tensor().detach()));
+                }
+            }
+            if let Some(ia) = lin.ia3.get(name) {
+                out.push((format!("{KEY_PREFIX}{m}.ia3_l"), ia.l.as_tensor().detach()));
+            }
+            if let Some((w, b)) = lin.saved_copies.get(name) {
+                out.push((format!("{KEY_PREFIX}{m}.weight"), w.as_tensor().detach()));
+                if let Some(b) = b {
+                    out.push((format!("{KEY_PREFIX}{m}.bias"), b.as_tensor().detach()));
+                }
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// Store adapter `name`'s weights in `dtype` (HF `_cast_adapter_dtype` with autocast off).
+    pub(crate) fn cast_adapter(&mut self, name: &str, dtype: DType) -> Result<()> {
+        let cast = |v: &Var| -> Result<Var> { Ok(Var::from_tensor(&v.as_tensor().to_dtype(dtype)?)?) };
+        for (_, lin) in self.base.named_linears_mut() {
+            if let Some(ad) = lin.adapters.get_mut(name) {
+                ad.a = cast(&ad.a)?;
+                ad.b = cast(&ad.b)?;
+                if let Some(m) = &ad.magnitude {
+                    ad.magnitude = Some(cast(m)?);
+                }
+            }
+            if let Some(ia) = lin.ia3.get_mut(name) {
+                ia.l = cast(&ia.l)?;
+            }
+        }
+        Ok(())
+    }
+}
