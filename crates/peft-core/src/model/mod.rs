@@ -167,7 +167,13 @@ pub(crate) fn take_weight(t: &mut std::collections::HashMap<String, Tensor>, key
     if x.dims() != shape {
         return Err(PeftError::ShapeMismatch { name: shown.into(), expected: shape.to_vec(), found: x.dims().to_vec() });
     }
-    Ok(x.to_dtype(dtype)?.to_device(device)?.contiguous()?)
+    let x = x.to_dtype(dtype)?.to_device(device)?;
+    // A zero-stride placeholder (a weight kept quantized, see `PeftLinear::quant`) holds no
+    // data: keep it as it is instead of materialising zeros.
+    if x.elem_count() > 1 && x.stride().iter().all(|&s| s == 0) {
+        return Ok(x);
+    }
+    Ok(x.contiguous()?)
 }
 
 /// Freshly initialised head weight `[out, in]` as transformers' `_init_weights` does for a

@@ -197,6 +197,7 @@ impl PeftModel {
                 if cfg.use_dora {
                     return Err(PeftError::InvalidAdapterConfig { path: None, msg: "`init_lora_weights` \"pissa\" / \"olora\" together with `use_dora` is not supported here".into() });
                 }
+                lin.refuse_quantized("initialise PiSSA / OLoRA (they rewrite the base weight)")?;
                 // The base weight [out, in] in f32; the residual replaces it when the adapter is
                 // installed (HF `pissa_init` / `olora_init` mutate the base layer).
                 let w = lin.weight.to_dtype(DType::F32)?;
@@ -483,7 +484,7 @@ impl PeftModel {
             let mut found = false;
             for (mname, lin) in self.base.named_linears() {
                 if saves_module(&mname, w) {
-                    let wt = Var::from_tensor(&lin.weight.copy()?)?;
+                    let wt = Var::from_tensor(&lin.dense_weight()?.copy()?)?;
                     let b = match &lin.bias {
                         Some(b) => Some(Var::from_tensor(&b.copy()?)?),
                         None => None,
