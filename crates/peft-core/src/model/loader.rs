@@ -134,6 +134,9 @@ pub fn load_model_ctl(path: &Path, dtype: DType, device: &Device, req: &LoadRequ
     if !path.exists() {
         return Err(PeftError::NotFound { path: path.into(), what: "model folder or .gguf file does not exist".into() });
     }
+    if req.keep_quantized && !is_gguf(path) {
+        return Err(PeftError::invalid_arg("quantization", format!("'keep' applies to .gguf files; {} is a model folder (load it with quantization: 'dequantize')", path.display())));
+    }
     if is_gguf(path) {
         let mut g = crate::gguf::load_gguf_opts(path, dtype, device, ctl, req.keep_quantized)?;
         ctl.check()?;
