@@ -34,8 +34,8 @@
 //! `|Δy_j| ≤ Σ_b (s_b / 2)·Σ_{i∈b} |W_ji|` plus `f32` rounding; `tests/quant.rs` checks it.
 //!
 //! **Input gradient** `dX = dY·W` ([`QuantWeight::matmul`]): `W` is needed along its other
-//! dimension. Panels of 64 input columns are dequantized to `f32` (`[out, 64]`, at most
-//! `out·256` bytes per thread) and multiplied with the engine's `f32` GEMM ([`super::gemm`]);
+//! dimension. Panels of up to 256 input columns are dequantized to `f32` (`[out, ≤256]`, at most
+//! `out·1024` bytes per thread) and multiplied with the engine's `f32` GEMM ([`super::gemm`]);
 //! panels run in parallel. This is exact up to `f32` rounding (no activation quantization of
 //! `dY`) and needs no second copy of `W`. A second, transposed quantized copy would need a
 //! requantization of `W` along `out` (lossy: it would no longer be the file's weight) and double
@@ -50,8 +50,19 @@ use half::f16;
 const R: usize = 16;
 /// Elements per scale block of the packed layout.
 const QK: usize = 32;
-/// Input columns per dequantized panel of the input-gradient product.
-const PANEL: usize = 64;
+/// Widest dequantized panel of the input-gradient product, in input columns.
+const PANEL_MAX: usize = 256;
+
+/// Panel width for `dY·W` over `k` input columns: as wide as `PANEL_MAX` allows while giving
+/// every thread the same number of panels (a multiple of 32). `PEFT_QUANT_PANEL=<n>` overrides
+/// it (for measurements).
+fn panel_width(k: usize, threads: usize) -> usize {
+    if let Some(w) = std::env::var("PEFT_QUANT_PANEL").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&w| w >= QK) {
+        return w / QK * QK;
+    }
+    let panels = threads.max(1) * k.div_ceil(threads.max(1) * PANEL_MAX);
+    k.div_ceil(panels).div_ceil(QK) * QK
+}
 
 /// The GGUF block types kept quantized.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -583,7 +594,7 @@ impl QuantWeight {
     }
 
     /// `dX = (acc ? dX : 0) + dY·W`: `dy` `[m, rows]` f32, `dx` `[m, cols]` f32 (the input
-    /// gradient of `x·Wᵀ`). Panels of 64 columns of `W` are dequantized to f32 and multiplied
+    /// gradient of `x·Wᵀ`). Panels of up to 256 columns of `W` are dequantized to f32 and multiplied
     /// with the engine's f32 GEMM, in parallel over panels on the engine's pool; no activation
     /// quantization (exact up to f32 rounding against `dY·W` on the dequantized weight).
     ///
@@ -594,10 +605,11 @@ impl QuantWeight {
             return Ok(());
         }
         let (n, k) = (self.rows, self.cols);
-        let panels = k.div_ceil(PANEL);
+        let pw = panel_width(k, super::num_threads());
+        let panels = k.div_ceil(pw);
         let dxp = SyncMut(dx.as_mut_ptr());
         let task = |p: usize| {
-            let (c0, c1) = (p * PANEL, ((p + 1) * PANEL).min(k));
+            let (c0, c1) = (p * pw, ((p + 1) * pw).min(k));
             let w = c1 - c0;
             let mut panel = vec![0f32; n * w];
             self.dequant_panel(c0, w, &mut panel);
