@@ -170,3 +170,24 @@ fn merging_into_a_quantized_base_is_refused_before_anything_changes() {
     lora(&mut d);
     assert_eq!(d.model_status().unwrap()["quantization_backend"], json!(null));
 }
+
+#[test]
+fn a_corrupted_quantized_block_in_the_file_is_a_coded_error_naming_the_tensor() {
+    use candle_core::quantized::gguf_file;
+    let src = q8_gguf();
+    let content = gguf_file::Content::read(&mut std::fs::File::open(&src).unwrap()).unwrap();
+    let info = &content.tensor_infos["blk.1.ffn_down.weight"];
+    let at = (content.tensor_data_offset + info.offset) as usize;
+    let mut bytes = std::fs::read(&src).unwrap();
+    // The f16 scale of the tensor's third block becomes NaN (0x7e00).
+    bytes[at + 2 * 34..at + 2 * 34 + 2].copy_from_slice(&[0x00, 0x7e]);
+    let bad = src.with_file_name("corrupt-q8_0.gguf");
+    std::fs::write(&bad, &bytes).unwrap();
+    let req = LoadRequest { keep_quantized: true, ..Default::default() };
+    let e = load_model(&bad, DType::F32, &Device::Cpu, &req).err().expect("a NaN scale must not load");
+    assert_eq!(e.code(), "ERR_GGUF_INVALID", "{e}");
+    assert!(e.to_string().contains("model.layers.1.mlp.down_proj.weight") && e.to_string().contains("block 2"), "{e}");
+    // 'keep' on a model folder is refused with a coded error
+    let e = load_model(&fixtures_dir().join("models/llama"), DType::F32, &Device::Cpu, &req).err().unwrap();
+    assert_eq!(e.code(), "ERR_INVALID_ARGUMENT", "{e}");
+}
