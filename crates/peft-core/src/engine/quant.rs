@@ -575,6 +575,7 @@ impl QuantWeight {
             ldx: xa.k,
             xs: xa.s[r * nb..].as_ptr(),
             xsum: xa.sum[r * nb..].as_ptr(),
+            xss: xa.ss[r * nb..].as_ptr(),
             ldb: nb,
             ty: self.ty,
         };
@@ -638,12 +639,14 @@ struct QAct {
     s: Vec<f32>,
     /// `[m, k/32]` sums of the codes.
     sum: Vec<i32>,
+    /// `[m, k/32]` `s · Σq` (the minimum term's factor), precomputed.
+    ss: Vec<f32>,
 }
 
 impl QAct {
     fn quantize(x: &[f32], m: usize, k: usize) -> QAct {
         let nb = k / QK;
-        let mut a = QAct { m, k, q: vec![0i8; m * k], s: vec![0f32; m * nb], sum: vec![0i32; m * nb] };
+        let mut a = QAct { m, k, q: vec![0i8; m * k], s: vec![0f32; m * nb], sum: vec![0i32; m * nb], ss: Vec::new() };
         let fill = |(xb, (qb, (s, sum))): (&[f32], (&mut [i8], (&mut f32, &mut i32)))| {
             let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
             // NaN when the block holds a NaN or an infinity (x·0 is NaN for those only).
@@ -666,6 +669,7 @@ impl QAct {
         } else {
             x.chunks_exact(QK).zip(a.q.chunks_exact_mut(QK).zip(a.s.iter_mut().zip(a.sum.iter_mut()))).for_each(fill);
         }
+        a.ss = a.s.iter().zip(&a.sum).map(|(&s, &t)| s * t as f32).collect();
         a
     }
 }
@@ -681,6 +685,7 @@ struct Args {
     ldx: usize,
     xs: *const f32,
     xsum: *const i32,
+    xss: *const f32,
     ldb: usize,
     ty: QuantType,
 }
@@ -767,12 +772,12 @@ mod x86 {
                 }
             }
             let d = _mm512_loadu_ps(a.wd.add(b * R));
+            let m = if T == 2 { _mm512_loadu_ps(a.wm.add(b * R)) } else { d };
             for r in 0..MR {
                 let s = *a.xs.add(r * a.ldb + b);
                 facc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(iacc[r]), d), _mm512_set1_ps(s), facc[r]);
                 if T == 2 {
-                    let m = _mm512_loadu_ps(a.wm.add(b * R));
-                    facc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(s * *a.xsum.add(r * a.ldb + b) as f32), facc[r]);
+                    facc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(*a.xss.add(r * a.ldb + b)), facc[r]);
                 }
             }
         }
@@ -871,7 +876,7 @@ mod x86 {
                             facc[r][h] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(iacc[r][h]), d), _mm256_set1_ps(s), facc[r][h]);
                             if T == 2 {
                                 let m = _mm256_loadu_ps(a.wm.add(b * R + h * 8));
-                                facc[r][h] = _mm256_fmadd_ps(m, _mm256_set1_ps(s * *a.xsum.add(r * a.ldb + b) as f32), facc[r][h]);
+                                facc[r][h] = _mm256_fmadd_ps(m, _mm256_set1_ps(*a.xss.add(r * a.ldb + b)), facc[r][h]);
                             }
                         }
                     }
