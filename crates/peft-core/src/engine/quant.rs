@@ -270,7 +270,7 @@ impl QuantWeight {
         if rows == 0 || cols == 0 {
             return Err(bad(name, format!("empty shape [{rows}, {cols}]")));
         }
-        if cols % be != 0 {
+        if !cols.is_multiple_of(be) {
             return Err(bad(name, format!("{} needs rows of a multiple of {be} elements, found {cols}", ty.name())));
         }
         let bpr = cols / be; // GGUF blocks per row
@@ -374,7 +374,7 @@ impl QuantWeight {
         if w.len() != rows * cols {
             return Err(bad(name, format!("{} values for a [{rows}, {cols}] weight", w.len())));
         }
-        if cols % QK != 0 {
+        if !cols.is_multiple_of(QK) {
             return Err(bad(name, format!("Q8_0 needs rows of a multiple of 32 elements, found {cols}")));
         }
         let mut bytes = Vec::with_capacity(rows * cols / QK * 34);
@@ -647,7 +647,8 @@ impl QAct {
     fn quantize(x: &[f32], m: usize, k: usize) -> QAct {
         let nb = k / QK;
         let mut a = QAct { m, k, q: vec![0i8; m * k], s: vec![0f32; m * nb], sum: vec![0i32; m * nb], ss: Vec::new() };
-        let fill = |(xb, (qb, (s, sum))): (&[f32], (&mut [i8], (&mut f32, &mut i32)))| {
+        type Item<'a> = (&'a [f32], (&'a mut [i8], (&'a mut f32, &'a mut i32)));
+        let fill = |(xb, (qb, (s, sum))): Item| {
             let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
             // NaN when the block holds a NaN or an infinity (x·0 is NaN for those only).
             let poison = xb.iter().fold(0f32, |a, v| a + v * 0.0);
