@@ -112,6 +112,9 @@ export interface TunerLayerStatus {
   availableAdapters: string[]
   /** adapter name → device types of its parameters, e.g. `['cpu']`. */
   devices: Record<string, string[]>
+  /** The backend holding this layer's base weight quantized, `'gguf-<type>'` (e.g.
+   * `'gguf-Q4_1'`) for a GGUF base loaded with `quantization: 'keep'`, else `null` (HF reports
+   * its bitsandbytes / GPTQ layers here). */
   quantizationBackend: string | null
 }
 
@@ -625,7 +628,7 @@ export class PeftModel {
         requiresGrad: Object.fromEntries(available.map((a) => [a, rt.active.includes(a) && !(rt.adapters.get(a) as AdapterInfo).inferenceMode])),
         availableAdapters: available,
         devices: Object.fromEntries(available.map((a) => [a, [rt.device]])),
-        quantizationBackend: null,
+        quantizationBackend: rt.quantized.get(p) ?? null,
       })
     }
     if (out.length === 0) {
@@ -655,6 +658,7 @@ export class PeftModel {
     }
     const byKey = <V>(m: Map<string, V>) => [...m.keys()].sort().map((k) => [k, m.get(k) as V] as const)
     const [trainable, total] = this.getNbTrainableParameters()
+    const backends = new Set(layers.map((l) => l.quantizationBackend))
     return {
       baseModelType: this.baseModel.architecture,
       adapterModelType: rt.peftType() === 'IA3' ? 'IA3Model' : 'LoraModel',
@@ -668,7 +672,7 @@ export class PeftModel {
       requiresGrad: Object.fromEntries(byKey(grads).map(([k, v]) => [k, v.every((x) => x) ? true : v.every((x) => !x) ? false : 'irregular'])),
       availableAdapters: sortedUnion(layers.map((l) => l.availableAdapters)),
       devices: Object.fromEntries(byKey(devices).map(([k, v]) => [k, [...new Set(v)].sort()])),
-      quantizationBackend: null,
+      quantizationBackend: backends.size === 1 ? [...backends][0] : 'irregular',
     }
   }
 

@@ -61,6 +61,8 @@ export class ModelRuntime {
   readonly dtype: string
   /** torch's device type of the weights (`'cpu'`). */
   readonly device: string
+  /** Layers whose base weight is kept quantized (`quantization: 'keep'`): path → backend, e.g. `'gguf-Q4_1'`. */
+  readonly quantized: Map<string, string>
 
   /** Adapters in the order they were added. */
   readonly adapters = new Map<string, AdapterInfo>()
@@ -84,11 +86,12 @@ export class ModelRuntime {
 
   constructor(n: NativeTypes.NativeModel) {
     this.native = n
-    const info = JSON.parse(call(() => n.baseInfoJson())) as { layers: string[]; baseParams: number; dtype: string; device: string }
+    const info = JSON.parse(call(() => n.baseInfoJson())) as { layers: string[]; baseParams: number; dtype: string; device: string; quantized?: Record<string, string> }
     this.layerOrder = info.layers
     this.baseParams = info.baseParams
     this.dtype = info.dtype
     this.device = info.device
+    this.quantized = new Map(Object.entries(info.quantized ?? {}))
     this.freed = new Promise((r) => (this.markFreed = r))
   }
 

@@ -256,6 +256,7 @@ pub fn load_model(
     task: Option<String>,
     num_labels: Option<u32>,
     seed: Option<u32>,
+    quantization: Option<String>,
     progress: Option<Function<'_, ProgressJs, ()>>,
     abort: Option<&AbortFlag>,
 ) -> napi::Result<AsyncTask<Job<NativeModel, NativeModel>>> {
@@ -273,9 +274,22 @@ pub fn load_model(
             if num_labels == Some(0) {
                 return Err(PeftError::invalid_arg("numLabels", "must be at least 1"));
             }
-            let req = LoadRequest { task, num_labels: num_labels.map(|n| n as usize), seed: seed.unwrap_or(0) as u64 };
+            let keep_quantized = match quantization.as_deref() {
+                None | Some("dequantize") => false,
+                Some("keep") => true,
+                Some(o) => return Err(PeftError::invalid_arg("quantization", format!("must be 'keep' or 'dequantize', found {o:?}"))),
+            };
+            let req = LoadRequest { task, num_labels: num_labels.map(|n| n as usize), seed: seed.unwrap_or(0) as u64, keep_quantized };
             let loaded = with_control(progress, flag, |ctl| loader::load_model_ctl(std::path::Path::new(&path), dt, &candle_core::Device::Cpu, &req, ctl))?;
-            let bytes = (loaded.model.base_param_count() * dt.size_in_bytes()) as i64;
+            // Native memory: dense weights at the dtype's size, kept-quantized ones at theirs.
+            let (mut dense, mut packed) = (loaded.model.base_param_count(), 0usize);
+            for (_, l) in loaded.model.named_linears() {
+                if let Some(q) = &l.quant {
+                    dense -= q.rows() * q.cols();
+                    packed += q.bytes();
+                }
+            }
+            let bytes = (dense * dt.size_in_bytes() + packed) as i64;
             Ok(NativeModel {
                 inner: Arc::new(Mutex::new(Some(PeftModel::new(loaded.model)))),
                 tokenizer: loaded.tokenizer.map(Arc::new),
@@ -461,7 +475,14 @@ impl NativeModel {
                     candle_core::Device::Metal(_) => "mps",
                 };
                 let layers: Vec<String> = m.base.named_linears().into_iter().map(|(p, _)| p).collect();
-                Ok(serde_json::json!({ "layers": layers, "baseParams": m.base.base_param_count(), "dtype": dtype, "device": device }).to_string())
+                // Layers whose base weight is kept quantized: path -> "gguf-<type>".
+                let quantized: serde_json::Map<String, serde_json::Value> = m
+                    .base
+                    .named_linears()
+                    .into_iter()
+                    .filter_map(|(p, l)| l.quant.as_ref().map(|q| (p, serde_json::json!(format!("gguf-{}", q.quant_type().name())))))
+                    .collect();
+                Ok(serde_json::json!({ "layers": layers, "baseParams": m.base.base_param_count(), "dtype": dtype, "device": device, "quantized": quantized }).to_string())
             })
         })
     }

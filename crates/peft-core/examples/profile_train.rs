@@ -11,10 +11,13 @@
 //! * `fused-gemm`: the training step's q/k/v and gate/up products on SmolLM2's shapes with
 //!   `batch × seq` rows, as separate products and as one product over concatenated weights
 //!   (forward `x·Wᵀ` and input gradient `g·W`), interleaved, `iters` rounds.
+//! * `prefill`: one forward pass (no gradients) over `batch × seq` tokens, `iters` times:
+//!   tokens/s (the prompt-processing figure; `1 256` is llama.cpp's `pp256`).
+//! * `PEFT_QUANT=keep`: load a GGUF base with its layer weights kept quantized (issue 20);
+//!   the resident set size after loading is printed either way.
 //! * `PEFT_AB=a,b,...` (with `engine` or `decode`): runs `iters` rounds, each trying the engine
 //!   with the A/B switches `a`, then `b`, ... (`peft_core::engine::AB_*`, 0 = current), and
 //!   prints min / median per variant: an interleaved comparison in one process.
-use peft_core::model::loader::load_causal_lm;
 use peft_core::peft_model::PeftModel;
 use peft_core::train::{loss_and_grads, Batch};
 use peft_core::tuners::AdapterConfig;
@@ -45,7 +48,11 @@ fn main() -> peft_core::Result<()> {
         fused_gemm(b * s, iters);
         return Ok(());
     }
-    let loaded = load_causal_lm(std::path::Path::new(path), candle_core::DType::F32, &candle_core::Device::Cpu)?;
+    let keep = std::env::var("PEFT_QUANT").as_deref() == Ok("keep");
+    let req = peft_core::model::loader::LoadRequest { keep_quantized: keep, ..Default::default() };
+    let loaded = peft_core::model::loader::load_model(std::path::Path::new(path), candle_core::DType::F32, &candle_core::Device::Cpu, &req)?;
+    let rss = std::fs::read_to_string("/proc/self/status").ok().and_then(|s| s.lines().find(|l| l.starts_with("VmRSS")).map(|l| l.to_string())).unwrap_or_default();
+    println!("loaded ({}): {rss}", if keep { "quantization keep" } else { "dequantize" });
     let mut m = PeftModel::new(loaded.model);
     let cfg = match method.as_str() {
         "lora" => serde_json::json!({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "init_lora_weights": false}),
@@ -105,6 +112,18 @@ fn main() -> peft_core::Result<()> {
             t.sort_by(|a, b| a.partial_cmp(b).unwrap());
             let unit = if which == "decode" { "tokens/s" } else { "ms" };
             println!("variant {flags}: min {:.2} median {:.2} max {:.2} {unit} over {} rounds", t[0], t[t.len() / 2], t[t.len() - 1], t.len());
+        }
+        return Ok(());
+    }
+    if which == "prefill" {
+        let vocab = m.base.info().vocab_size as u32;
+        let ids: Vec<u32> = (0..b * s).map(|i| (i as u32 * 7919 + 3) % vocab).collect();
+        for it in 0..iters {
+            let t0 = Instant::now();
+            let y = m.forward(&ids, b, s, &peft_core::model::ForwardOptions::default(), None)?;
+            let dt = t0.elapsed().as_secs_f64();
+            drop(y);
+            println!("prefill iter {it}: {} tokens in {:.0} ms ({:.1} tokens/s)", b * s, dt * 1e3, (b * s) as f64 / dt);
         }
         return Ok(());
     }

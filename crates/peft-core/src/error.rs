@@ -24,6 +24,11 @@ pub enum PeftError {
     /// A GGUF file that is malformed or uses an unsupported layout.
     #[error("invalid GGUF file {path}: {msg}")]
     GgufInvalid { path: PathBuf, msg: String },
+    /// A quantized tensor whose blocks are malformed (a NaN / infinite scale, a byte length that
+    /// does not match its shape and type, a row length that is not a whole number of blocks).
+    /// Shares `ERR_GGUF_INVALID` with [`PeftError::GgufInvalid`]: such blocks come from GGUF files.
+    #[error("invalid quantized tensor {tensor}: {msg}")]
+    QuantInvalid { tensor: String, msg: String },
     /// A tokenizer that cannot be built or used.
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
@@ -76,7 +81,7 @@ impl PeftError {
             PeftError::InvalidModelConfig { .. } => "ERR_MODEL_CONFIG_INVALID",
             PeftError::InvalidAdapterConfig { .. } => "ERR_ADAPTER_CONFIG_INVALID",
             PeftError::SafetensorsInvalid { .. } => "ERR_SAFETENSORS_INVALID",
-            PeftError::GgufInvalid { .. } => "ERR_GGUF_INVALID",
+            PeftError::GgufInvalid { .. } | PeftError::QuantInvalid { .. } => "ERR_GGUF_INVALID",
             PeftError::Tokenizer(_) => "ERR_TOKENIZER",
             PeftError::ChatTemplate(_) => "ERR_CHAT_TEMPLATE",
             PeftError::ShapeMismatch { .. } => "ERR_SHAPE_MISMATCH",

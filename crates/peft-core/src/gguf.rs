@@ -39,6 +39,15 @@ pub struct GgufModel {
     pub tensors: HashMap<String, Tensor>,
     /// The tokenizer embedded in the file (see [`Tokenizer::from_gguf`]).
     pub tokenizer: Tokenizer,
+    /// With [`load_gguf_opts`]`(keep_quantized = true)`: the decoder layers' linear weights
+    /// (q/k/v/o, gate/up/down) whose GGUF type has integer kernels (`Q8_0`, `Q4_0`, `Q4_1`,
+    /// `Q4_K`), kept quantized, by transformers name (`model.layers.0.self_attn.q_proj.weight`);
+    /// `tensors` then holds a zero-stride placeholder of the right shape for each. Empty
+    /// otherwise.
+    pub quantized: HashMap<String, std::sync::Arc<crate::engine::quant::QuantWeight>>,
+    /// One line per GGUF type that was asked to stay quantized but was dequantized instead
+    /// (no kernels for it), e.g. `"6 tensors of type Q6K dequantized to f32 (no integer kernels for this type)"`.
+    pub notices: Vec<String>,
 }
 
 fn invalid(path: &Path, msg: impl Into<String>) -> PeftError {
@@ -376,6 +385,28 @@ pub fn unpermute_qk(w: &Tensor, n_head: usize) -> Result<Tensor> {
     Ok(w.reshape(split)?.transpose(1, 2)?.contiguous()?.reshape(dims)?)
 }
 
+/// [`unpermute_qk`] on the raw rows of a quantized `[rows, ·]` tensor (whole rows move, so the
+/// blocks are untouched). Errors when `rows` is not a multiple of `2·n_head`.
+fn unpermute_rows_raw(raw: &[u8], rows: usize, n_head: usize) -> std::result::Result<Vec<u8>, ()> {
+    if n_head == 0 || rows == 0 || !rows.is_multiple_of(2 * n_head) || !raw.len().is_multiple_of(rows) {
+        return Err(());
+    }
+    let rb = raw.len() / rows;
+    let per_head = rows / n_head;
+    let half = per_head / 2;
+    let mut out = vec![0u8; raw.len()];
+    for h in 0..n_head {
+        for j in 0..2 {
+            for i in 0..half {
+                // new row (h, j, i) = old row (h, i, j): reshape(n_head, half, 2).swapaxes(1, 2)
+                let (new, old) = (h * per_head + j * half + i, h * per_head + i * 2 + j);
+                out[new * rb..(new + 1) * rb].copy_from_slice(&raw[old * rb..(old + 1) * rb]);
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn req_uint(content: &gguf_file::Content, key: &str, path: &Path) -> Result<usize> {
     let v = meta::uint(&content.metadata, key, path)?
         .ok_or_else(|| invalid(path, format!("missing metadata key `{key}`")))?;
@@ -631,6 +662,23 @@ pub fn load_gguf(path: &Path, dtype: DType, device: &Device) -> Result<GgufModel
 /// each is read and dequantized) and polling `ctl` after each one; on an abort the tensors read
 /// so far are dropped before this returns `Aborted`.
 pub fn load_gguf_ctl(path: &Path, dtype: DType, device: &Device, ctl: &crate::progress::Control) -> Result<GgufModel> {
+    load_gguf_opts(path, dtype, device, ctl, false)
+}
+
+/// Whether a GGUF tensor is a decoder layer's linear weight (kept quantized on request).
+fn is_layer_linear(gguf_name: &str) -> bool {
+    [".attn_q.", ".attn_k.", ".attn_v.", ".attn_output.", ".ffn_gate.", ".ffn_up.", ".ffn_down."].iter().any(|p| gguf_name.contains(p))
+        && gguf_name.ends_with(".weight")
+}
+
+/// [`load_gguf_ctl`], and with `keep_quantized` the decoder layers' linear weights of a type
+/// with integer kernels stay quantized ([`GgufModel::quantized`], QLoRA-style; q/k rows are
+/// un-permuted on the raw blocks, which is lossless). Other quantized types are dequantized as
+/// before, with one line per type in [`GgufModel::notices`] (also printed to stderr).
+///
+/// Errors: as [`load_gguf`]; `ERR_GGUF_INVALID` ([`PeftError::QuantInvalid`]) naming the
+/// tensor for a corrupted block (a NaN or infinite scale).
+pub fn load_gguf_opts(path: &Path, dtype: DType, device: &Device, ctl: &crate::progress::Control, keep_quantized: bool) -> Result<GgufModel> {
     let dtype_name = match dtype {
         DType::F32 => "float32",
         DType::F16 => "float16",
@@ -677,11 +725,45 @@ pub fn load_gguf_ctl(path: &Path, dtype: DType, device: &Device, ctl: &crate::pr
     let tokenizer = Tokenizer::from_gguf(&content, path)?;
 
     let mut tensors = HashMap::with_capacity(expected.len());
+    let mut quantized = HashMap::new();
+    let mut skipped: std::collections::BTreeMap<String, usize> = Default::default();
     let mut counter = crate::progress::Counter::new(ctl, expected.len() as u64);
     for (name, _) in &expected {
         let hf = gguf_to_hf_name(name).ok_or_else(|| PeftError::Internal(format!("no HF name for {name}")))?;
         let info = &content.tensor_infos[name];
         let ty = info.ggml_dtype;
+        if keep_quantized && is_layer_linear(name) && ty != candle_core::quantized::GgmlDType::F32 {
+            if let Some(qt) = crate::engine::quant::QuantType::from_ggml(ty) {
+                let dims = info.shape.dims().to_vec();
+                let (rows, cols) = (dims[0], dims[1]);
+                let raw = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> candle_core::Result<Vec<u8>> {
+                    let q = info.read(&mut reader, content.tensor_data_offset, &Device::Cpu)?;
+                    Ok(q.data()?.into_owned())
+                }));
+                let mut raw = match raw {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(e)) => return Err(invalid(path, format!("cannot read tensor `{name}` ({ty:?}): {e}"))),
+                    Err(_) => return Err(invalid(path, format!("cannot read tensor `{name}` ({ty:?}): malformed data"))),
+                };
+                let heads = if name.contains(".attn_q.") {
+                    Some(config.num_attention_heads)
+                } else if name.contains(".attn_k.") {
+                    Some(config.num_key_value_heads)
+                } else {
+                    None
+                };
+                if let Some(h) = heads {
+                    raw = unpermute_rows_raw(&raw, rows, h).map_err(|_| invalid(path, format!("tensor `{name}`: {rows} rows are not a multiple of 2 x {h} heads")))?;
+                }
+                let w = crate::engine::quant::QuantWeight::from_gguf_bytes(&hf, qt, rows, cols, &raw)?;
+                tensors.insert(hf.clone(), Tensor::zeros((), dtype, device)?.broadcast_as((rows, cols))?);
+                quantized.insert(hf, std::sync::Arc::new(w));
+                counter.tick()?;
+                continue;
+            } else if is_layer_linear(name) && !matches!(ty, candle_core::quantized::GgmlDType::F16 | candle_core::quantized::GgmlDType::BF16) {
+                *skipped.entry(format!("{ty:?}")).or_default() += 1;
+            }
+        }
         let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> candle_core::Result<Tensor> {
             let q = info.read(&mut reader, content.tensor_data_offset, &Device::Cpu)?;
             q.dequantize(&Device::Cpu)
@@ -701,5 +783,9 @@ pub fn load_gguf_ctl(path: &Path, dtype: DType, device: &Device, ctl: &crate::pr
         counter.tick()?;
     }
     counter.finish();
-    Ok(GgufModel { config, tensors, tokenizer })
+    let notices: Vec<String> = skipped.iter().map(|(t, n)| format!("{n} tensors of type {t} dequantized to f32 (no integer kernels for this type)")).collect();
+    for n in &notices {
+        eprintln!("peft-node: {}: {n}", path.display());
+    }
+    Ok(GgufModel { config, tensors, tokenizer, quantized, notices })
 }

@@ -6,9 +6,13 @@
 //! * [`model`]: base models whose modules carry transformers' names
 //!   (`model.layers.0.self_attn.q_proj`): the Llama family (Llama, SmolLM2, Qwen2, Mistral),
 //!   GPT-2, the BERT family and T5, with every HF task head, loaded from HF folders or GGUF files.
-//! * [`tuners`]: adapter configs and layers: LoRA (Hu et al. 2021) with rsLoRA, DoRA, PiSSA /
-//!   OLoRA, (IA)³, the prompt-learning methods, and [`tuners::weighted`] (HF's
-//!   `add_weighted_adapter`).
+//! * [`tuners`]: one folder per method (`tuners/lora/`, `tuners/ia3/`, `tuners/prompt/`), each a
+//!   config, a layer and its injection, registered once in [`tuners::registry`] (HF's
+//!   `BaseTuner` / `BaseTunerLayer` split: [`tuners::registry::Tuner`],
+//!   [`tuners::layer::AdapterLayer`], [`tuners::config::TunerConfig`]): LoRA (Hu et al. 2021)
+//!   with rsLoRA, DoRA, PiSSA / OLoRA, (IA)³, the prompt-learning methods, and
+//!   [`tuners::weighted`] (HF's `add_weighted_adapter`). [`tuners::linear::PeftLinear`] hosts
+//!   every tuner's layer on a base linear layer.
 //! * [`targeting`]: HF's module-targeting rules (`target_modules`, `exclude_modules`,
 //!   `layers_to_transform`, `modules_to_save` never adapted); [`keys`]: the state-dict key
 //!   grammar (on-disk and in-model names).

@@ -101,6 +101,67 @@ impl CustomOp1 for FrozenMatmul {
     }
 }
 
+/// `y = x · Wᵀ (+ bias)` with a frozen `W` kept quantized ([`crate::engine::quant::QuantWeight`],
+/// QLoRA-style): `x` `[..., in]` (any float dtype, computed in f32), `bias` `[out]`; returns
+/// `[..., out]` in f32. The forward quantizes `x` to 8 bits per block of 32 and uses the integer
+/// kernels (error bound in [`crate::engine::quant`]); the backward yields `dL/dx = dL/dy · W`
+/// through dequantized panels (exact up to f32 rounding), and `W` receives no gradient.
+pub fn quant_linear(x: &Tensor, w: &std::sync::Arc<crate::engine::quant::QuantWeight>, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let in_dim = *dims.last().ok_or_else(|| candle_core::Error::Msg("quant_linear: scalar input".into()))?;
+    if in_dim != w.cols() {
+        candle_core::bail!("quant_linear {}: input has {in_dim} features, the weight {}", w.name(), w.cols());
+    }
+    let m: usize = dims[..dims.len() - 1].iter().product();
+    let x2 = x.to_dtype(DType::F32)?.reshape((m, in_dim))?;
+    let y = x2.apply_op1(QuantMatmul { w: w.clone(), grad: false })?;
+    let y = match bias {
+        Some(b) => y.broadcast_add(&b.to_dtype(DType::F32)?)?,
+        None => y,
+    };
+    let mut out_dims = dims;
+    *out_dims.last_mut().unwrap() = w.rows();
+    y.reshape(out_dims)
+}
+
+/// `x[m, in] · Wᵀ` (`grad == false`) or `g[m, out] · W` (`grad == true`, the input gradient)
+/// on a quantized frozen weight.
+struct QuantMatmul {
+    w: std::sync::Arc<crate::engine::quant::QuantWeight>,
+    grad: bool,
+}
+
+impl CustomOp1 for QuantMatmul {
+    fn name(&self) -> &'static str {
+        if self.grad {
+            "quant-matmul-grad"
+        } else {
+            "quant-matmul"
+        }
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (m, k) = layout.shape().dims2()?;
+        let x = match (storage, layout.contiguous_offsets()) {
+            (CpuStorage::F32(v), Some((a, b))) => &v[a..b],
+            _ => candle_core::bail!("{}: needs a contiguous f32 input", self.name()),
+        };
+        let n = if self.grad { self.w.cols() } else { self.w.rows() };
+        let mut y = vec![0f32; m * n];
+        let r = if self.grad { self.w.matmul(x, m, &mut y, false) } else { self.w.matmul_t(x, m, &mut y, false) };
+        r.map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let _ = k;
+        Ok((CpuStorage::F32(y), Shape::from((m, n))))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        if self.grad {
+            candle_core::bail!("quant-matmul-grad: no second-order gradient");
+        }
+        Ok(Some(grad_res.contiguous()?.apply_op1(QuantMatmul { w: self.w.clone(), grad: true })?))
+    }
+}
+
 /// RMSNorm as in transformers' `LlamaRMSNorm`: `y = w · (x / sqrt(mean(x², -1) + eps))`.
 ///
 /// `x`: `[..., hidden]`, `w`: `[hidden]` (frozen). With `train`, the fused f32 kernel runs the

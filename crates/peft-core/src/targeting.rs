@@ -184,6 +184,40 @@ pub fn pattern_lookup<T: Copy>(patterns: &[(String, T)], name: &str) -> Option<T
     None
 }
 
+/// Parse a `target_modules`-like field (`null`, `"all-linear"`, a regex string, a list of
+/// names) as HF's configs accept it; the error names `field`.
+pub(crate) fn targets_from_json(v: &serde_json::Value, field: &str) -> std::result::Result<Option<TargetModules>, String> {
+    match v {
+        serde_json::Value::Null => Ok(None),
+        serde_json::Value::String(s) if s == "all-linear" => Ok(Some(TargetModules::AllLinear)),
+        serde_json::Value::String(s) => {
+            regex::Regex::new(&format!("^(?:{s})$")).map_err(|e| format!("`{field}` is not a valid regex: {e}"))?;
+            Ok(Some(TargetModules::Regex(s.clone())))
+        }
+        serde_json::Value::Array(a) => {
+            let mut out = Vec::with_capacity(a.len());
+            for x in a {
+                match x.as_str() {
+                    Some(s) if !s.is_empty() => out.push(s.to_string()),
+                    _ => return Err(format!("`{field}` must be a list of non-empty strings, found {x}")),
+                }
+            }
+            Ok(Some(TargetModules::List(out)))
+        }
+        other => Err(format!("`{field}` must be a list of strings or a string, found {other}")),
+    }
+}
+
+/// The JSON HF writes for a `target_modules`-like field.
+pub(crate) fn targets_to_json(t: &Option<TargetModules>) -> serde_json::Value {
+    match t {
+        None => serde_json::Value::Null,
+        Some(TargetModules::AllLinear) => serde_json::Value::String("all-linear".into()),
+        Some(TargetModules::Regex(s)) => serde_json::Value::String(s.clone()),
+        Some(TargetModules::List(l)) => serde_json::Value::Array(l.iter().map(|s| serde_json::Value::String(s.clone())).collect()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

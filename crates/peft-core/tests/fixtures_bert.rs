@@ -52,7 +52,7 @@ fn lora(v: serde_json::Value) -> AdapterConfig {
 
 /// The tiny BERT with the head of `task` (new heads initialised as transformers does).
 fn load_task(task: Task, num_labels: Option<usize>) -> (PeftModel, Vec<String>) {
-    let req = LoadRequest { task: Some(task), num_labels, seed: 42 };
+    let req = LoadRequest { task: Some(task), num_labels, seed: 42, ..Default::default() };
     let l = load_model(&bert_dir(), DType::F32, &Device::Cpu, &req).unwrap_or_else(|e| panic!("load_model({task:?}): [{}] {e}", e.code()));
     (PeftModel::new(l.model), l.newly_initialized)
 }
@@ -287,9 +287,9 @@ fn new_heads_are_initialised_and_listed() {
     // The checkpoint's classifier (3 labels) is reused for token classification with 3 labels.
     let (_, new) = load_task(Task::TokenCls, None);
     assert!(new.is_empty(), "{new:?}");
-    let Err(e) = load_model(&bert_dir(), DType::F32, &Device::Cpu, &LoadRequest { task: Some(Task::TokenCls), num_labels: Some(5), seed: 0 }) else { panic!("size mismatch must fail") };
+    let Err(e) = load_model(&bert_dir(), DType::F32, &Device::Cpu, &LoadRequest { task: Some(Task::TokenCls), num_labels: Some(5), seed: 0, ..Default::default() }) else { panic!("size mismatch must fail") };
     assert!(e.to_string().contains("classifier.weight"), "{e}");
-    let Err(e) = load_model(&bert_dir(), DType::F32, &Device::Cpu, &LoadRequest { task: Some(Task::CausalLm), num_labels: None, seed: 0 }) else { panic!("causal LM must fail") };
+    let Err(e) = load_model(&bert_dir(), DType::F32, &Device::Cpu, &LoadRequest { task: Some(Task::CausalLm), num_labels: None, seed: 0, ..Default::default() }) else { panic!("causal LM must fail") };
     assert!(e.to_string().contains("CAUSAL_LM"), "{e}");
 }
 
@@ -452,7 +452,7 @@ fn distil_dir() -> PathBuf {
 }
 
 fn distil(task: Option<Task>) -> PeftModel {
-    let req = LoadRequest { task, num_labels: None, seed: 0 };
+    let req = LoadRequest { task, num_labels: None, seed: 0, ..Default::default() };
     let l = load_model(&distil_dir(), DType::F32, &Device::Cpu, &req).unwrap_or_else(|e| panic!("[{}] {e}", e.code()));
     PeftModel::new(l.model)
 }
@@ -525,7 +525,7 @@ fn roberta_lora_seqcls_matches_peft() {
     let (ids, mask) = (ids_of(&exp["input_ids"]), mask_of(&exp["attention_mask"]));
     assert_eq!(ids[12..], [1, 1], "the padded row uses RoBERTa's pad id");
     let load = |task: Option<Task>| {
-        let l = load_model(&fixtures_dir().join("models/roberta"), DType::F32, &Device::Cpu, &LoadRequest { task, num_labels: None, seed: 0 }).unwrap_or_else(|e| panic!("[{}] {e}", e.code()));
+        let l = load_model(&fixtures_dir().join("models/roberta"), DType::F32, &Device::Cpu, &LoadRequest { task, num_labels: None, seed: 0, ..Default::default() }).unwrap_or_else(|e| panic!("[{}] {e}", e.code()));
         PeftModel::new(l.model)
     };
     let mut m = load(None);

@@ -134,7 +134,7 @@ fn task_type_must_match_the_head() {
 #[test]
 fn causal_checkpoint_loads_as_classifier_with_a_new_head() {
     let path = fixtures_dir().join("models/llama");
-    let req = LoadRequest { task: Some(Task::SeqCls), num_labels: Some(4), seed: 3 };
+    let req = LoadRequest { task: Some(Task::SeqCls), num_labels: Some(4), seed: 3, ..Default::default() };
     let a = load_model(&path, DType::F32, &Device::Cpu, &req).unwrap();
     assert_eq!(a.newly_initialized, vec!["score.weight".to_string()]);
     assert_eq!(a.model.info().num_labels, Some(4));
@@ -174,7 +174,7 @@ fn pooling_follows_transformers() {
 fn seqcls_training_learns_the_labels() {
     // A causal LM with a new 2-class head; LoRA + the head copy learn a token-presence rule.
     let path = fixtures_dir().join("models/llama");
-    let loaded = load_model(&path, DType::F32, &Device::Cpu, &LoadRequest { task: Some(Task::SeqCls), num_labels: Some(2), seed: 1 }).unwrap();
+    let loaded = load_model(&path, DType::F32, &Device::Cpu, &LoadRequest { task: Some(Task::SeqCls), num_labels: Some(2), seed: 1, ..Default::default() }).unwrap();
     let mut m = PeftModel::new(loaded.model);
     let cfg = AdapterConfig::from_json(&json!({"peft_type": "LORA", "task_type": "SEQ_CLS", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}), None).unwrap();
     m.add_adapter("default", cfg, 5).unwrap();
@@ -204,7 +204,7 @@ fn seqcls_training_learns_the_labels() {
     // Save + reload gives the same logits.
     let dir = temp_dir("seqcls-train");
     m.save_pretrained(&dir, None).unwrap();
-    let loaded = load_model(&path, DType::F32, &Device::Cpu, &LoadRequest { task: Some(Task::SeqCls), num_labels: Some(2), seed: 99 }).unwrap();
+    let loaded = load_model(&path, DType::F32, &Device::Cpu, &LoadRequest { task: Some(Task::SeqCls), num_labels: Some(2), seed: 99, ..Default::default() }).unwrap();
     let mut r = PeftModel::new(loaded.model);
     let res = r.load_adapter(&dir, "default", false, None).unwrap();
     assert!(res.missing_keys.is_empty() && res.unexpected_keys.is_empty(), "{res:?}");
@@ -373,7 +373,7 @@ fn misuse_is_refused_before_any_work() {
     assert_eq!(e.code(), "ERR_INVALID_STATE");
     assert!(e.to_string().contains("SEQ_CLS"), "{e}");
     let path = fixtures_dir().join("models/llama");
-    let e = load_model(&path, DType::F32, &Device::Cpu, &LoadRequest { task: Some(Task::SeqCls), num_labels: Some(1_000_000_000), seed: 0 }).err().unwrap();
+    let e = load_model(&path, DType::F32, &Device::Cpu, &LoadRequest { task: Some(Task::SeqCls), num_labels: Some(1_000_000_000), seed: 0, ..Default::default() }).err().unwrap();
     assert_eq!(e.code(), "ERR_INVALID_ARGUMENT");
     assert!(e.to_string().contains("numLabels"), "{e}");
     let mut p = base_peft("llama_lora_qv");

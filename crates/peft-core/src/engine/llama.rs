@@ -67,7 +67,11 @@ struct Lora {
 
 /// A frozen linear layer `y = x Wᵀ + b` with its active LoRA adapters.
 struct Lin {
-    w: Raw,
+    /// The f32 weight `[out, in]`, or `None` when it is kept quantized (`q`).
+    w: Option<Raw>,
+    /// The weight kept quantized (QLoRA-style, `engine::quant`): the base products use the
+    /// integer kernels (forward) and dequantized panels (input gradient).
+    q: Option<Arc<super::quant::QuantWeight>>,
     bias: Option<Raw>,
     out: usize,
     inp: usize,
@@ -128,8 +132,14 @@ impl Lin {
             Some(b) => Some(Raw::of(b)?),
             None => None,
         };
+        let (w, q) = match &l.quant {
+            Some(q) if q.rows() == out && q.cols() == inp => (None, Some(q.clone())),
+            Some(_) => return None,
+            None => (Some(Raw::of(&l.weight)?), None),
+        };
         Some(Lin {
-            w: Raw::of(&l.weight)?,
+            w,
+            q,
             bias,
             out,
             inp,
@@ -593,14 +603,24 @@ impl Step {
     ) {
         let t = self.d.tok();
         let t0 = self.prof.start();
-        gemm(
-            &mut Dst::of(y, t, lin.out),
-            View::of(x, t, lin.inp),
-            View::of(lin.w.get(), lin.out, lin.inp).t(),
-            1.0,
-            false,
-            self.threads,
-        );
+        match (&lin.q, &lin.w) {
+            (Some(q), _) => {
+                // Shapes agree by construction (Lin::of checks q against [out, in], the step's
+                // buffers are [T, in] / [T, out]); a mismatch would leave NaN, never garbage.
+                if q.matmul_t(&x[..t * lin.inp], t, &mut y[..t * lin.out], false).is_err() {
+                    y.fill(f32::NAN);
+                }
+            }
+            (None, Some(w)) => gemm(
+                &mut Dst::of(y, t, lin.out),
+                View::of(x, t, lin.inp),
+                View::of(w.get(), lin.out, lin.inp).t(),
+                1.0,
+                false,
+                self.threads,
+            ),
+            (None, None) => y.fill(f32::NAN),
+        }
         if let Some(b) = &lin.bias {
             simd::add_bias(y, b.get());
         }
@@ -658,14 +678,23 @@ impl Step {
     ) {
         let t = self.d.tok();
         let t0 = self.prof.start();
-        gemm(
-            &mut Dst::of(gx, t, lin.inp),
-            View::of(gy, t, lin.out),
-            View::of(lin.w.get(), lin.out, lin.inp),
-            1.0,
-            acc,
-            self.threads,
-        );
+        match (&lin.q, &lin.w) {
+            (Some(q), _) => {
+                // See lin_fwd: shapes agree by construction.
+                if q.matmul(&gy[..t * lin.out], t, &mut gx[..t * lin.inp], acc).is_err() {
+                    gx.fill(f32::NAN);
+                }
+            }
+            (None, Some(w)) => gemm(
+                &mut Dst::of(gx, t, lin.inp),
+                View::of(gy, t, lin.out),
+                View::of(w.get(), lin.out, lin.inp),
+                1.0,
+                acc,
+                self.threads,
+            ),
+            (None, None) => gx.fill(f32::NAN),
+        }
         self.prof.add(P_BWD_LIN, t0);
         let t0 = self.prof.start();
         for (lo, sv) in lin.loras.iter().zip(saves) {

@@ -26,6 +26,7 @@
 
 pub mod gemm;
 mod llama;
+pub mod quant;
 pub mod simd;
 
 pub use llama::{try_forward, try_loss_and_grads, KvStore};

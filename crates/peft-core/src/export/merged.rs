@@ -65,7 +65,8 @@ pub fn llama_state_dict(m: &LlamaForCausalLM) -> Vec<(String, Tensor)> {
             ("mlp.up_proj", &l.mlp.up_proj),
             ("mlp.down_proj", &l.mlp.down_proj),
         ] {
-            out.push((format!("{p}.{n}.weight"), lin.weight.clone()));
+            // A weight kept quantized is written dequantized (its placeholder holds no data).
+            out.push((format!("{p}.{n}.weight"), lin.dense_weight().unwrap_or_else(|_| lin.weight.clone())));
             if let Some(b) = &lin.bias {
                 out.push((format!("{p}.{n}.bias"), b.clone()));
             }

@@ -38,7 +38,7 @@
 //! encoder); the cache is read, never extended (an encoder has nothing to decode).
 
 use super::config::{get_f64, get_usize};
-use super::llama::{ForwardOptions, KvCache};
+use super::forward::{ForwardOptions, KvCache};
 use super::{BaseModel, ModelInfo, Task};
 use crate::error::{PeftError, Result};
 use crate::ops::{layer_norm, softmax_last};

@@ -11,7 +11,7 @@
 //! `reorder_and_upcast_attn`, no cross-attention).
 
 use super::config::{get_f64, get_usize, token_ids};
-use super::llama::{ForwardOptions, KvCache};
+use super::forward::{ForwardOptions, KvCache};
 use super::{causal_mask, BaseModel, ModelInfo, Task};
 use crate::error::{PeftError, Result};
 use crate::ops::{layer_norm, softmax_last};

@@ -1,5 +1,7 @@
-//! Loading a Llama-family causal LM from a Hugging Face model folder (config.json +
-//! model.safetensors or a sharded model.safetensors.index.json) or from a GGUF file.
+//! Loading a base model from a Hugging Face model folder (config.json + model.safetensors or a
+//! sharded model.safetensors.index.json; the architecture from `architectures` / `model_type`:
+//! Llama family, GPT-2, BERT family, T5, each with the requested task head) or from a GGUF file
+//! (Llama family; weights dequantized, or kept quantized for the engine's integer kernels).
 
 use super::bert::{BertConfig, BertModel, BERT_ARCHITECTURES};
 use super::config::{supported_architectures, LlamaConfig, GPT2_ARCHITECTURES, LLAMA_ARCHITECTURES, T5_ARCHITECTURES};
@@ -40,6 +42,10 @@ pub struct LoadRequest {
     pub num_labels: Option<usize>,
     /// Seed for freshly initialised head weights.
     pub seed: u64,
+    /// GGUF files: keep the decoder layers' linear weights quantized (`true`, QLoRA-style, see
+    /// [`crate::engine::quant`]) or dequantize everything (`false`, the default). Ignored for
+    /// HF folders.
+    pub keep_quantized: bool,
 }
 
 /// The task an `architectures` entry names (`...ForCausalLM` / `GPT2LMHeadModel` → causal LM,
@@ -130,8 +136,11 @@ pub fn load_model_ctl(path: &Path, dtype: DType, device: &Device, req: &LoadRequ
     if !path.exists() {
         return Err(PeftError::NotFound { path: path.into(), what: "model folder or .gguf file does not exist".into() });
     }
+    if req.keep_quantized && !is_gguf(path) {
+        return Err(PeftError::invalid_arg("quantization", format!("'keep' applies to .gguf files; {} is a model folder (load it with quantization: 'dequantize')", path.display())));
+    }
     if is_gguf(path) {
-        let mut g = crate::gguf::load_gguf_ctl(path, dtype, device, ctl)?;
+        let mut g = crate::gguf::load_gguf_opts(path, dtype, device, ctl, req.keep_quantized)?;
         ctl.check()?;
         // As for HF folders, the source path is the model's name (GGUF's `general.name` is a
         // display name, not something HF can load an adapter's base model from).
@@ -143,7 +152,17 @@ pub fn load_model_ctl(path: &Path, dtype: DType, device: &Device, req: &LoadRequ
         if let Some(n) = num_labels {
             init_missing(&mut g.tensors, "score.weight", n, g.config.hidden_size, &serde_json::Value::Null, req.seed, device, &mut newly_initialized)?;
         }
-        let model = LlamaForCausalLM::from_tensors_for(g.config, g.tensors, dtype, device, task, num_labels)?;
+        let mut model = LlamaForCausalLM::from_tensors_for(g.config, g.tensors, dtype, device, task, num_labels)?;
+        if !g.quantized.is_empty() {
+            for (name, lin) in model.named_linears_mut() {
+                if let Some(q) = g.quantized.remove(&format!("{name}.weight")) {
+                    lin.set_quantized(q)?;
+                }
+            }
+            if let Some(k) = g.quantized.keys().next() {
+                return Err(PeftError::Internal(format!("kept-quantized tensor {k} matches no linear layer")));
+            }
+        }
         return Ok(LoadedModel { model: Box::new(model), tokenizer: Some(g.tokenizer), newly_initialized });
     }
     if !path.is_dir() {

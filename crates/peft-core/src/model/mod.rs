@@ -8,6 +8,7 @@
 
 pub mod bert;
 pub mod config;
+pub mod forward;
 pub mod gpt2;
 pub mod llama;
 pub mod loader;
@@ -16,7 +17,8 @@ pub mod t5;
 pub use bert::{mean_pool, BertConfig, BertModel};
 pub use config::LlamaConfig;
 pub use gpt2::{Gpt2Config, Gpt2LMHeadModel};
-pub use llama::{ForwardOptions, KvCache, LlamaForCausalLM};
+pub use forward::{ForwardOptions, KvCache};
+pub use llama::LlamaForCausalLM;
 pub use t5::{T5Config, T5ForConditionalGeneration};
 
 use crate::error::{PeftError, Result};
@@ -167,7 +169,13 @@ pub(crate) fn take_weight(t: &mut std::collections::HashMap<String, Tensor>, key
     if x.dims() != shape {
         return Err(PeftError::ShapeMismatch { name: shown.into(), expected: shape.to_vec(), found: x.dims().to_vec() });
     }
-    Ok(x.to_dtype(dtype)?.to_device(device)?.contiguous()?)
+    let x = x.to_dtype(dtype)?.to_device(device)?;
+    // A zero-stride placeholder (a weight kept quantized, see `PeftLinear::quant`) holds no
+    // data: keep it as it is instead of materialising zeros.
+    if x.elem_count() > 1 && x.stride().iter().all(|&s| s == 0) {
+        return Ok(x);
+    }
+    Ok(x.contiguous()?)
 }
 
 /// Freshly initialised head weight `[out, in]` as transformers' `_init_weights` does for a

@@ -24,7 +24,7 @@
 //! Matches transformers 5.18's `T5ForConditionalGeneration` with eager attention.
 
 use super::config::{get_f64, get_usize, token_ids};
-use super::llama::{ForwardOptions, KvCache};
+use super::forward::{ForwardOptions, KvCache};
 use super::{causal_mask, BaseModel, ModelInfo, Task};
 use crate::error::{PeftError, Result};
 use crate::ops::{rms_norm, softmax_last};

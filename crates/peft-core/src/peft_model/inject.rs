@@ -154,7 +154,7 @@ impl PeftModel {
             let mut found = false;
             for (mname, lin) in self.base.named_linears() {
                 if saves_module(&mname, w) {
-                    let wt = Var::from_tensor(&lin.weight.copy()?)?;
+                    let wt = Var::from_tensor(&lin.dense_weight()?.copy()?)?;
                     let b = match &lin.bias {
                         Some(b) => Some(Var::from_tensor(&b.copy()?)?),
                         None => None,

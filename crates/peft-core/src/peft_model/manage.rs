@@ -52,6 +52,12 @@ impl PeftModel {
                 self.peft_type().unwrap_or_default()
             )));
         }
+        // A base kept quantized cannot take a merge: refuse before any layer changes.
+        for (_, lin) in self.base.named_linears() {
+            if names.iter().any(|n| lin.has_adapter(n) && !lin.merged.contains(n)) {
+                lin.refuse_quantized("merge an adapter")?;
+            }
+        }
         for (_, lin) in self.base.named_linears_mut() {
             lin.merge(&names, safe_merge)?;
         }

@@ -116,7 +116,7 @@ impl PeftModel {
 
     /// A layer's base weight without any merged LoRA delta, in the base dtype and layout.
     pub(crate) fn unmerged_base_weight(&self, lin: &crate::tuners::linear::PeftLinear) -> Result<Tensor> {
-        let mut w = lin.weight.to_dtype(DType::F32)?;
+        let mut w = lin.dense_weight()?.to_dtype(DType::F32)?;
         for n in &lin.merged {
             if lin.adapters.contains_key(n) {
                 let d = lin.delta_weight(n)?;

@@ -45,7 +45,9 @@ impl PeftModel {
                 "requires_grad": requires_grad,
                 "available_adapters": available,
                 "devices": devices,
-                "quantization_backend": null,
+                // A base weight kept quantized (GGUF `quantization: 'keep'`): the backend and
+                // the block type, e.g. "gguf-Q4_1" (HF reports its bitsandbytes / GPTQ layers here).
+                "quantization_backend": lin.quant.as_ref().map(|q| format!("gguf-{}", q.quant_type().name())),
             }));
         }
         if out.is_empty() {
@@ -117,6 +119,13 @@ impl PeftModel {
                 (k, json!(v))
             })
             .collect();
+        // One backend for every layer, "irregular" when they differ, null without any.
+        let backends: std::collections::BTreeSet<String> = layers.iter().map(|l| l["quantization_backend"].as_str().unwrap_or("none").to_string()).collect();
+        let backend = match backends.len() {
+            1 if backends.contains("none") => Value::Null,
+            1 => json!(backends.into_iter().next()),
+            _ => irregular(),
+        };
         let (trainable, total) = self.nb_trainable_parameters();
         let peft_types: serde_json::Map<String, Value> = self.configs.iter().map(|(n, c)| (n.clone(), json!(c.peft_type()))).collect();
         let adapter_model_type = match self.peft_type() {
@@ -136,7 +145,8 @@ impl PeftModel {
             "requires_grad": requires_grad,
             "available_adapters": available,
             "devices": devices,
-            "quantization_backend": null,
+            // One backend for every layer, "irregular" when they differ, null without any.
+            "quantization_backend": backend,
         }))
     }
 }

@@ -50,14 +50,46 @@ pub trait TunerConfig: Send + Sync + std::fmt::Debug + Any {
     fn as_any_mut(&mut self) -> &mut dyn Any;
 }
 
-/// Implements the [`TunerConfig`] accessors of the common fields for a config struct that has
-/// them as plain fields (`task_type`, `inference_mode`, `base_model_name_or_path`,
-/// `modules_to_save`, `target_modules`) and an `unknown_fields()` / `to_json()` pair.
+/// Implements [`TunerConfig`] (and `From<T> for AdapterConfig`) for a config struct with the
+/// common fields as plain fields (`task_type`, `inference_mode`, `base_model_name_or_path`) and
+/// inherent `unknown_fields()` / `to_json()`:
+/// - `impl_tuner_config!(T, "PEFT_TYPE")`: a tuner that injects into layers, with
+///   `modules_to_save` and `target_modules` fields;
+/// - `impl_tuner_config!(T, prompt: |c| c.peft_type_expr)`: a prompt-learning config, whose
+///   `modules_to_save` goes through its inherent `modules_to_save()` / `set_modules_to_save()`.
 macro_rules! impl_tuner_config {
     ($ty:ty, $peft_type:expr) => {
+        $crate::tuners::config::impl_tuner_config!(@impl $ty, |_c| $peft_type, false,
+            fn modules_to_save(&self) -> Option<Vec<String>> {
+                self.modules_to_save.clone()
+            }
+            fn set_modules_to_save(&mut self, v: Option<Vec<String>>) {
+                self.modules_to_save = v;
+            }
+            fn target_modules(&self) -> Option<&$crate::targeting::TargetModules> {
+                Some(&self.target_modules)
+            }
+        );
+    };
+    ($ty:ty, prompt: |$c:ident| $peft_type:expr) => {
+        $crate::tuners::config::impl_tuner_config!(@impl $ty, |$c| $peft_type, true,
+            fn modules_to_save(&self) -> Option<Vec<String>> {
+                <$ty>::modules_to_save(self)
+            }
+            fn set_modules_to_save(&mut self, v: Option<Vec<String>>) {
+                <$ty>::set_modules_to_save(self, v)
+            }
+        );
+    };
+    (@impl $ty:ty, |$c:ident| $peft_type:expr, $prompt:expr, $($items:item)*) => {
         impl $crate::tuners::config::TunerConfig for $ty {
             fn peft_type(&self) -> &'static str {
+                let $c = self;
+                let _ = $c;
                 $peft_type
+            }
+            fn is_prompt_learning(&self) -> bool {
+                $prompt
             }
             fn task_type(&self) -> Option<&str> {
                 self.task_type.as_deref()
@@ -74,17 +106,8 @@ macro_rules! impl_tuner_config {
             fn set_base_model_name_or_path(&mut self, v: Option<String>) {
                 self.base_model_name_or_path = v;
             }
-            fn modules_to_save(&self) -> Option<Vec<String>> {
-                self.modules_to_save.clone()
-            }
-            fn set_modules_to_save(&mut self, v: Option<Vec<String>>) {
-                self.modules_to_save = v;
-            }
             fn unknown_fields(&self) -> &[String] {
                 <$ty>::unknown_fields(self)
-            }
-            fn target_modules(&self) -> Option<&$crate::tuners::lora::TargetModules> {
-                Some(&self.target_modules)
             }
             fn to_json(&self) -> serde_json::Value {
                 <$ty>::to_json(self)
@@ -98,6 +121,7 @@ macro_rules! impl_tuner_config {
             fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
                 self
             }
+            $($items)*
         }
         impl From<$ty> for $crate::tuners::config::AdapterConfig {
             fn from(c: $ty) -> Self {
@@ -119,7 +143,7 @@ pub struct RawConfig<'p> {
 
 impl<'p> RawConfig<'p> {
     /// Merge `v` over `defaults`; `peft_type` must be one of `peft_types` (`class` names HF's
-    /// config class in the message).
+    /// config class in the message, with its article: `"an IA3Config"`).
     ///
     /// Errors: `InvalidAdapterConfig` when `v` is not an object or names another `peft_type`.
     pub fn parse(v: &Value, path: Option<&'p Path>, defaults: Map<String, Value>, peft_types: &[&str], class: &str) -> Result<Self> {
@@ -132,7 +156,7 @@ impl<'p> RawConfig<'p> {
         }
         let pt = raw.get("peft_type").and_then(|x| x.as_str()).unwrap_or_default();
         if !peft_types.contains(&pt) {
-            return Err(bad(format!("`peft_type` must be {} for a {class}, found {}", peft_types.iter().map(|t| format!("{t:?}")).collect::<Vec<_>>().join(" or "), raw["peft_type"])));
+            return Err(bad(format!("`peft_type` must be {} for {class}, found {}", peft_types.iter().map(|t| format!("{t:?}")).collect::<Vec<_>>().join(" or "), raw["peft_type"])));
         }
         Ok(RawConfig { raw, unknown, path })
     }

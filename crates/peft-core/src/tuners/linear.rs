@@ -57,6 +57,12 @@ pub struct PeftLinear {
     /// `[dim, r]` are HF's `lora_embedding_A` / `lora_embedding_B`, and merging adds
     /// `(scaling · B A)ᵀ` to the table. Looked up with [`PeftLinear::forward_embedding`].
     pub is_embedding: bool,
+    /// The base weight kept quantized (a GGUF base loaded with `quantization: 'keep'`,
+    /// QLoRA-style): when set, the base product uses its integer kernels and `weight` is only a
+    /// zero-stride `[out, in]` placeholder that holds no data (its shape is still right).
+    /// Merging into such a base is refused (`ERR_INVALID_STATE`), as HF refuses merging into a
+    /// bitsandbytes 4-bit base without dequantizing.
+    pub quant: Option<std::sync::Arc<crate::engine::quant::QuantWeight>>,
 }
 
 /// What a forward pass needs to know beyond the input.
@@ -85,6 +91,54 @@ impl PeftLinear {
             ia3: BTreeMap::new(),
             others: BTreeMap::new(),
             is_embedding: false,
+            quant: None,
+        }
+    }
+
+    /// Makes the layer use `q` as its frozen base weight (see [`PeftLinear::quant`]); `weight`
+    /// becomes a placeholder that holds no data.
+    ///
+    /// Errors: `ERR_SHAPE_MISMATCH` when `q` is not `[out, in]` of this layer;
+    /// `ERR_INVALID_STATE` for a transposed layer or an embedding.
+    pub fn set_quantized(&mut self, q: std::sync::Arc<crate::engine::quant::QuantWeight>) -> Result<()> {
+        if self.transposed || self.is_embedding {
+            return Err(PeftError::InvalidState(format!("{}: only [out, in] linear layers can keep a quantized weight", q.name())));
+        }
+        if self.weight.dims() != [q.rows(), q.cols()] {
+            return Err(PeftError::ShapeMismatch { name: q.name().to_string(), expected: self.weight.dims().to_vec(), found: vec![q.rows(), q.cols()] });
+        }
+        self.weight = Tensor::zeros((), self.weight.dtype(), self.weight.device())?.broadcast_as((q.rows(), q.cols()))?;
+        self.quant = Some(q);
+        Ok(())
+    }
+
+    /// The frozen base product `x·Wᵀ (+ bias)`, through the quantized kernels when the weight is
+    /// kept quantized (result in f32 then, cast back to `x`'s dtype).
+    pub(crate) fn base(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        match &self.quant {
+            Some(q) => Ok(crate::ops::quant_linear(x, q, bias)?.to_dtype(x.dtype())?),
+            None => Ok(frozen_linear(x, &self.weight, bias, self.transposed)?),
+        }
+    }
+
+    /// The base weight as a dense tensor in the base dtype and layout: `weight`, or the kept
+    /// quantized weight dequantized (a fresh `[out, in]` f32 tensor cast to the base dtype).
+    pub fn dense_weight(&self) -> Result<Tensor> {
+        match &self.quant {
+            Some(q) => Ok(Tensor::from_vec(q.dequantize(), (q.rows(), q.cols()), self.weight.device())?.to_dtype(self.weight.dtype())?),
+            None => Ok(self.weight.clone()),
+        }
+    }
+
+    /// Refuses weight edits (merge, unmerge, modules_to_save copies) on a quantized base.
+    pub fn refuse_quantized(&self, what: &str) -> Result<()> {
+        match &self.quant {
+            Some(q) => Err(PeftError::InvalidState(format!(
+                "cannot {what} on {}: the base weight is kept quantized ({}); load the model with quantization: 'dequantize' to merge (as HF PEFT refuses merging into a 4-bit bitsandbytes base without dequantizing)",
+                q.name(),
+                q.quant_type().name()
+            ))),
+            None => Ok(()),
         }
     }
 
@@ -119,6 +173,9 @@ impl PeftLinear {
 
     /// The base weight as `[out, in]` f32.
     pub(crate) fn weight_out_in_f32(&self) -> Result<Tensor> {
+        if let Some(q) = &self.quant {
+            return Ok(Tensor::from_vec(q.dequantize(), (q.rows(), q.cols()), self.weight.device())?);
+        }
         let w = self.weight.to_dtype(DType::F32)?;
         Ok(if self.transposed { w.t()?.contiguous()? } else { w })
     }
@@ -159,14 +216,14 @@ impl PeftLinear {
                 let dt = x.dtype();
                 return Ok(if ff {
                     let xs = x.to_dtype(DType::F32)?.broadcast_mul(&l)?.to_dtype(dt)?;
-                    frozen_linear(&xs, &self.weight, self.bias_for(ctx.train).as_ref(), self.transposed)?
+                    self.base(&xs, self.bias_for(ctx.train).as_ref())?
                 } else {
-                    let y = frozen_linear(x, &self.weight, self.bias_for(ctx.train).as_ref(), self.transposed)?;
+                    let y = self.base(x, self.bias_for(ctx.train).as_ref())?;
                     y.to_dtype(DType::F32)?.broadcast_mul(&l)?.to_dtype(dt)?
                 });
             }
         }
-        let mut y = frozen_linear(x, &self.weight, self.bias_for(ctx.train).as_ref(), self.transposed)?;
+        let mut y = self.base(x, self.bias_for(ctx.train).as_ref())?;
         if self.disabled || (self.adapters.is_empty() && self.others.is_empty()) {
             return Ok(y);
         }
@@ -213,7 +270,7 @@ impl PeftLinear {
     /// replaces the base parameters; in a mixed batch each row uses its own adapter's copy.
     pub(crate) fn forward_with_copies(&self, x: &Tensor, ctx: &LinearCtx) -> Result<Tensor> {
         if let Some(rows) = ctx.rows {
-            let mut y = frozen_linear(x, &self.weight, self.bias_for(ctx.train).as_ref(), self.transposed)?;
+            let mut y = self.base(x, self.bias_for(ctx.train).as_ref())?;
             for (name, idx) in row_groups(rows, x.device())? {
                 let Some((w, b)) = self.copy_params(name, ctx.train) else { continue };
                 let sub = x.index_select(&idx, 0)?;
@@ -227,7 +284,7 @@ impl PeftLinear {
                 let (w, b) = self.copy_params(name, ctx.train).expect("checked above");
                 self.linear_with(x, &w, b.as_ref())
             }
-            None => Ok(frozen_linear(x, &self.weight, self.bias_for(ctx.train).as_ref(), self.transposed)?),
+            None => Ok(self.base(x, self.bias_for(ctx.train).as_ref())?),
         }
     }
 
@@ -238,6 +295,9 @@ impl PeftLinear {
     ///
     /// Errors: `InvalidState` when `safe` finds NaN/Inf (the weights are then unchanged).
     pub fn merge(&mut self, names: &[String], safe: bool) -> Result<()> {
+        if names.iter().any(|n| !self.merged.contains(n)) {
+            self.refuse_quantized("merge an adapter")?;
+        }
         for name in names {
             if self.merged.contains(name) {
                 continue;

@@ -3,8 +3,9 @@
 //! a learned vector `ia3_l`: `[out, 1]` scaling the layer's output (bias included), or, for
 //! `feedforward_modules`, `[1, in]` scaling its input. Saved as `<module>.ia3_l` (no `.weight`).
 
-use crate::tuners::lora::{targets_from_json, targets_to_json, TargetModules};
-use crate::error::{PeftError, Result};
+use crate::targeting::{targets_from_json, targets_to_json, TargetModules};
+use crate::error::Result;
+use crate::tuners::config::RawConfig;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -43,17 +44,9 @@ impl Ia3Config {
     /// Build from an adapter_config.json object. Errors: `InvalidAdapterConfig` naming the
     /// field (wrong types, invalid regex, feedforward modules that are not targets).
     pub fn from_json(v: &Value, path: Option<&Path>) -> Result<Self> {
-        let bad = |msg: String| PeftError::InvalidAdapterConfig { path: path.map(|p| p.to_path_buf()), msg };
-        let obj = v.as_object().ok_or_else(|| bad("the top level must be a JSON object".into()))?;
-        let defaults = hf_ia3_defaults();
-        let unknown: Vec<String> = obj.keys().filter(|k| !defaults.contains_key(*k)).cloned().collect();
-        let mut raw = defaults;
-        for (k, val) in obj {
-            raw.insert(k.clone(), val.clone());
-        }
-        if raw.get("peft_type").and_then(|x| x.as_str()) != Some("IA3") {
-            return Err(bad(format!("`peft_type` must be \"IA3\" for an IA3Config, found {}", raw["peft_type"])));
-        }
+        let rc = RawConfig::parse(v, path, hf_ia3_defaults(), &["IA3"], "an IA3Config")?;
+        let bad = |msg: String| rc.bad(msg);
+        let raw = &rc.raw;
         let target_modules = targets_from_json(&raw["target_modules"], "target_modules")
             .map_err(bad)?
             .ok_or_else(|| bad("`target_modules` must be given (a list of module names, a regex string or \"all-linear\")".into()))?;
@@ -64,29 +57,18 @@ impl Ia3Config {
                 return Err(bad("`feedforward_modules` should be a subset of `target_modules`".into()));
             }
         }
-        let get_bool = |k: &str| -> Result<bool> { raw[k].as_bool().ok_or_else(|| bad(format!("`{k}` must be a boolean, found {}", raw[k]))) };
-        let modules_to_save = match &raw["modules_to_save"] {
-            Value::Null => None,
-            Value::Array(a) => Some(
-                a.iter()
-                    .map(|x| x.as_str().map(String::from).ok_or_else(|| bad(format!("`modules_to_save` must hold strings, found {x}"))))
-                    .collect::<Result<Vec<_>>>()?,
-            ),
-            other => return Err(bad(format!("`modules_to_save` must be a list of strings, found {other}"))),
-        };
-        let opt_str = |k: &str| raw[k].as_str().map(String::from);
         Ok(Ia3Config {
             target_modules,
             exclude_modules,
             feedforward_modules,
-            fan_in_fan_out: get_bool("fan_in_fan_out")?,
-            init_ia3_weights: get_bool("init_ia3_weights")?,
-            modules_to_save,
-            task_type: opt_str("task_type"),
-            base_model_name_or_path: opt_str("base_model_name_or_path"),
-            inference_mode: get_bool("inference_mode")?,
-            unknown,
-            raw,
+            fan_in_fan_out: rc.bool("fan_in_fan_out")?,
+            init_ia3_weights: rc.bool("init_ia3_weights")?,
+            modules_to_save: rc.modules_to_save()?,
+            task_type: rc.opt_str("task_type"),
+            base_model_name_or_path: rc.opt_str("base_model_name_or_path"),
+            inference_mode: rc.bool("inference_mode")?,
+            unknown: rc.unknown.clone(),
+            raw: rc.raw.clone(),
         })
     }
 

@@ -84,36 +84,7 @@ pub fn hf_lora_defaults() -> Map<String, Value> {
     }
 }
 
-pub(crate) fn targets_from_json(v: &Value, field: &str) -> std::result::Result<Option<TargetModules>, String> {
-    match v {
-        Value::Null => Ok(None),
-        Value::String(s) if s == "all-linear" => Ok(Some(TargetModules::AllLinear)),
-        Value::String(s) => {
-            regex::Regex::new(&format!("^(?:{s})$")).map_err(|e| format!("`{field}` is not a valid regex: {e}"))?;
-            Ok(Some(TargetModules::Regex(s.clone())))
-        }
-        Value::Array(a) => {
-            let mut out = Vec::with_capacity(a.len());
-            for x in a {
-                match x.as_str() {
-                    Some(s) if !s.is_empty() => out.push(s.to_string()),
-                    _ => return Err(format!("`{field}` must be a list of non-empty strings, found {x}")),
-                }
-            }
-            Ok(Some(TargetModules::List(out)))
-        }
-        other => Err(format!("`{field}` must be a list of strings or a string, found {other}")),
-    }
-}
-
-pub(crate) fn targets_to_json(t: &Option<TargetModules>) -> Value {
-    match t {
-        None => Value::Null,
-        Some(TargetModules::AllLinear) => Value::String("all-linear".into()),
-        Some(TargetModules::Regex(s)) => Value::String(s.clone()),
-        Some(TargetModules::List(l)) => Value::Array(l.iter().map(|s| Value::String(s.clone())).collect()),
-    }
-}
+pub(crate) use crate::targeting::{targets_from_json, targets_to_json};
 
 impl LoraConfig {
     /// Build from an adapter_config.json object (HF snake_case). Missing fields take HF's

@@ -10,7 +10,6 @@
 //!   `lora_embedding_A` / `lora_embedding_B` parameters.
 
 use crate::error::{PeftError, Result};
-use crate::ops::frozen_linear;
 use crate::tuners::layer::{Param, Slot};
 use crate::tuners::linear::{dropout, row_groups, LinearCtx, PeftLinear};
 use candle_core::{DType, Tensor, Var};
@@ -162,7 +161,7 @@ impl PeftLinear {
         let dropped = ctx.train && ad.dropout > 0.0;
         let xin = if dropped { dropout(&x.to_dtype(DType::F32)?, ad.dropout, ctx.rng)? } else { x.to_dtype(DType::F32)? };
         let base = if dropped {
-            frozen_linear(&xin.to_dtype(self.weight.dtype())?, &self.weight, None, self.transposed)?.to_dtype(DType::F32)?
+            self.base(&xin.to_dtype(self.weight.dtype())?, None)?.to_dtype(DType::F32)?
         } else {
             let yf = y.to_dtype(DType::F32)?;
             match &self.bias_for(ctx.train) {

@@ -74,6 +74,7 @@ impl PeftModel {
                 if cfg.use_dora {
                     return Err(PeftError::InvalidAdapterConfig { path: None, msg: "`init_lora_weights` \"pissa\" / \"olora\" together with `use_dora` is not supported here".into() });
                 }
+                lin.refuse_quantized("initialise PiSSA / OLoRA (they rewrite the base weight)")?;
                 // The base weight [out, in] in f32; the residual replaces it when the adapter is
                 // installed (HF `pissa_init` / `olora_init` mutate the base layer).
                 let w = lin.weight.to_dtype(DType::F32)?;

@@ -727,56 +727,7 @@ pub fn text_init_ids(text_ids: &[u32], rows: usize) -> Result<Vec<u32>> {
     Ok(text_ids.iter().copied().cycle().take(rows).collect())
 }
 
-impl crate::tuners::config::TunerConfig for PromptLearningConfig {
-    fn peft_type(&self) -> &'static str {
-        self.method.as_str()
-    }
-    fn is_prompt_learning(&self) -> bool {
-        true
-    }
-    fn task_type(&self) -> Option<&str> {
-        self.task_type.as_deref()
-    }
-    fn inference_mode(&self) -> bool {
-        self.inference_mode
-    }
-    fn set_inference_mode(&mut self, on: bool) {
-        self.inference_mode = on;
-    }
-    fn base_model_name_or_path(&self) -> Option<&str> {
-        self.base_model_name_or_path.as_deref()
-    }
-    fn set_base_model_name_or_path(&mut self, v: Option<String>) {
-        self.base_model_name_or_path = v;
-    }
-    fn modules_to_save(&self) -> Option<Vec<String>> {
-        PromptLearningConfig::modules_to_save(self)
-    }
-    fn set_modules_to_save(&mut self, v: Option<Vec<String>>) {
-        PromptLearningConfig::set_modules_to_save(self, v)
-    }
-    fn unknown_fields(&self) -> &[String] {
-        PromptLearningConfig::unknown_fields(self)
-    }
-    fn to_json(&self) -> Value {
-        PromptLearningConfig::to_json(self)
-    }
-    fn clone_box(&self) -> Box<dyn crate::tuners::config::TunerConfig> {
-        Box::new(self.clone())
-    }
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
-        self
-    }
-}
-
-impl From<PromptLearningConfig> for crate::tuners::config::AdapterConfig {
-    fn from(c: PromptLearningConfig) -> Self {
-        crate::tuners::config::AdapterConfig::new(c)
-    }
-}
+crate::tuners::config::impl_tuner_config!(PromptLearningConfig, prompt: |c| c.method.as_str());
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,924 @@
+//! Frozen linear weights kept quantized (QLoRA-style training and inference on the CPU, issue 20)
+//! with integer dot-product kernels.
+//!
+//! A [`QuantWeight`] holds a frozen `W` of shape `[out, in]` (PyTorch's `nn.Linear` layout) in
+//! one of llama.cpp's block formats, read from GGUF tensor bytes (block layouts from the GGUF
+//! spec, <https://github.com/ggml-org/ggml/blob/master/docs/gguf.md>, and llama.cpp's
+//! `ggml-common.h` / `ggml-quants.c`):
+//!
+//! | type   | block | bytes | value of element `i`                                            |
+//! |--------|-------|-------|-----------------------------------------------------------------|
+//! | `Q8_0` | 32    | 34    | `d · q[i]`, `d` f16, `q` i8                                      |
+//! | `Q4_0` | 32    | 18    | `d · (n[i] − 8)`, `d` f16, `n` 4-bit (`i < 16`: low nibble of byte `i`, else high nibble of byte `i − 16`) |
+//! | `Q4_1` | 32    | 20    | `d · n[i] + m`, `d`, `m` f16, `n` as `Q4_0`                      |
+//! | `Q4_K` | 256   | 144   | 8 sub-blocks of 32: `d·sc[s] · n[i] − dmin·mn[s]`, 6-bit `sc`/`mn` packed in 12 bytes, `n` 4-bit (in 64-element chunks: low nibbles then high nibbles of 32 bytes) |
+//!
+//! Every supported type is an affine code per 32 elements, `w = d·n + m` with an unsigned
+//! integer `n`, so the kernels share one form. At load the blocks are repacked (losslessly) into
+//! groups of 16 output rows, interleaved by 4 input elements, so that one 512-bit load holds four
+//! consecutive `n` of 16 rows and one `vpdpbusd` with a broadcast activation word accumulates all
+//! 16 rows (llama.cpp's "repacked" CPU layouts work the same way). Scales are kept as `f32`
+//! (`d`, and `m` for `Q4_1` / `Q4_K`), so memory per weight is 1.125 bytes (`Q8_0`), 0.625
+//! (`Q4_0`) and 0.75 (`Q4_1`, `Q4_K`), against 4 for `f32`. Other GGUF types (`Q6_K`, `Q5_*`,
+//! `Q2_K` ...) are not kept quantized: [`QuantType::from_ggml`] returns `None` and the loader
+//! dequantizes them as before.
+//!
+//! **Forward** `y = x·Wᵀ` ([`QuantWeight::matmul_t`]): each row of `x` is quantized per block
+//! of 32 to 8 bits, `x ≈ s·q` with `s = max|x|/127`, `q ∈ [−127, 127]` (llama.cpp's `Q8_0` /
+//! `Q8_K` activation quantization); the block dot products `Σ n·q` are exact in `i32`
+//! (`vpdpbusd` on AVX-512 VNNI or AVX-VNNI, `vpmaddubsw` + `vpmaddwd` on AVX2, scalar elsewhere,
+//! chosen at run time), then the scales are folded in `f32`:
+//! `y += d·s·(Σ n·q − o·Σq) + m·s·Σq`, with the offset `o` = 128 (`Q8_0`, stored `n = q + 128`),
+//! 8 (`Q4_0`) or 0 (with `m`). Error bound (against `x·Wᵀ` in exact arithmetic on the
+//! dequantized `W`): each activation moves by at most `s_b/2` in block `b`, so
+//! `|Δy_j| ≤ Σ_b (s_b / 2)·Σ_{i∈b} |W_ji|` plus `f32` rounding; `tests/quant.rs` checks it.
+//!
+//! **Input gradient** `dX = dY·W` ([`QuantWeight::matmul`]): `W` is needed along its other
+//! dimension. Panels of up to 256 input columns are dequantized to `f32` (`[out, ≤256]`, at most
+//! `out·1024` bytes per thread) and multiplied with the engine's `f32` GEMM ([`super::gemm`]);
+//! panels run in parallel. This is exact up to `f32` rounding (no activation quantization of
+//! `dY`) and needs no second copy of `W`. A second, transposed quantized copy would need a
+//! requantization of `W` along `out` (lossy: it would no longer be the file's weight) and double
+//! the memory, so it is not kept.
+//!
+//! AMX-INT8 (`tdpbusd`) is not used: its intrinsics are not stable in Rust 1.95.
+
+use crate::{PeftError, Result};
+use half::f16;
+
+/// Output rows per packed group (one 512-bit vector of `i32` / `f32` lanes).
+const R: usize = 16;
+/// Elements per scale block of the packed layout.
+const QK: usize = 32;
+/// Widest dequantized panel of the input-gradient product, in input columns.
+const PANEL_MAX: usize = 256;
+
+/// Panel width for `dY·W` over `k` input columns: as wide as `PANEL_MAX` allows while giving
+/// every thread the same number of panels (a multiple of 32). `PEFT_QUANT_PANEL=<n>` overrides
+/// it (for measurements).
+fn panel_width(k: usize, threads: usize) -> usize {
+    if let Some(w) = std::env::var("PEFT_QUANT_PANEL").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&w| w >= QK) {
+        return w / QK * QK;
+    }
+    let panels = threads.max(1) * k.div_ceil(threads.max(1) * PANEL_MAX);
+    k.div_ceil(panels).div_ceil(QK) * QK
+}
+
+/// The GGUF block types kept quantized.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum QuantType {
+    /// `Q8_0`: 32 × i8 with an f16 scale.
+    Q8_0,
+    /// `Q4_0`: 32 × 4-bit with an f16 scale, offset −8.
+    Q4_0,
+    /// `Q4_1`: 32 × 4-bit with an f16 scale and an f16 minimum.
+    Q4_1,
+    /// `Q4_K`: 256-element super-blocks of 8 × 32 × 4-bit with 6-bit sub-scales and minimums.
+    Q4K,
+}
+
+impl QuantType {
+    /// llama.cpp's name (`"Q8_0"`, `"Q4_0"`, `"Q4_1"`, `"Q4_K"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            QuantType::Q8_0 => "Q8_0",
+            QuantType::Q4_0 => "Q4_0",
+            QuantType::Q4_1 => "Q4_1",
+            QuantType::Q4K => "Q4_K",
+        }
+    }
+
+    /// Elements per GGUF block.
+    pub fn block_elems(self) -> usize {
+        match self {
+            QuantType::Q4K => 256,
+            _ => 32,
+        }
+    }
+
+    /// Bytes per GGUF block.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            QuantType::Q8_0 => 34,
+            QuantType::Q4_0 => 18,
+            QuantType::Q4_1 => 20,
+            QuantType::Q4K => 144,
+        }
+    }
+
+    /// The kept-quantized type for a ggml type, `None` for types that are dequantized instead.
+    pub fn from_ggml(t: candle_core::quantized::GgmlDType) -> Option<QuantType> {
+        use candle_core::quantized::GgmlDType as G;
+        match t {
+            G::Q8_0 => Some(QuantType::Q8_0),
+            G::Q4_0 => Some(QuantType::Q4_0),
+            G::Q4_1 => Some(QuantType::Q4_1),
+            G::Q4K => Some(QuantType::Q4K),
+            _ => None,
+        }
+    }
+
+    fn nibbles(self) -> bool {
+        self != QuantType::Q8_0
+    }
+
+    /// Whether blocks carry a minimum `m` (else the offset is a constant).
+    fn has_min(self) -> bool {
+        matches!(self, QuantType::Q4_1 | QuantType::Q4K)
+    }
+
+    /// The constant offset `o` in `w = d·(n − o)` for types without a minimum.
+    fn offset(self) -> i32 {
+        match self {
+            QuantType::Q8_0 => 128,
+            QuantType::Q4_0 => 8,
+            _ => 0,
+        }
+    }
+
+    /// Packed quant bytes per group of 16 rows and block of 32.
+    fn group_block_bytes(self) -> usize {
+        if self.nibbles() {
+            R * QK / 2
+        } else {
+            R * QK
+        }
+    }
+}
+
+/// An integer kernel family. [`Kernel::best`] picks the widest the CPU has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// Portable Rust (any CPU).
+    Scalar,
+    /// AVX2: `vpmaddubsw` + `vpmaddwd` (16-bit intermediate sums; `Q8_0` uses the sign trick so
+    /// that they cannot saturate).
+    Avx2,
+    /// AVX-VNNI: 256-bit `vpdpbusd` (VEX encoding, e.g. Alder Lake).
+    AvxVnni,
+    /// AVX-512 VNNI: 512-bit `vpdpbusd`.
+    Avx512Vnni,
+}
+
+impl Kernel {
+    /// Whether this CPU can run the kernel.
+    pub fn available(self) -> bool {
+        match self {
+            Kernel::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::AvxVnni => Kernel::Avx2.available() && std::arch::is_x86_feature_detected!("avxvnni"),
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => {
+                std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx512bw")
+                    && std::arch::is_x86_feature_detected!("avx512vnni")
+                    && Kernel::Avx2.available()
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// Every kernel this CPU can run, narrowest first.
+    pub fn all_available() -> Vec<Kernel> {
+        [Kernel::Scalar, Kernel::Avx2, Kernel::AvxVnni, Kernel::Avx512Vnni].into_iter().filter(|k| k.available()).collect()
+    }
+
+    /// The widest kernel this CPU can run (detected once). `PEFT_QUANT_KERNEL=scalar|avx2|avxvnni|avx512vnni`
+    /// caps it (for comparisons); a kernel the CPU lacks is ignored.
+    pub fn best() -> Kernel {
+        use std::sync::OnceLock;
+        static BEST: OnceLock<Kernel> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            let all = Kernel::all_available();
+            let want = match std::env::var("PEFT_QUANT_KERNEL").as_deref() {
+                Ok("scalar") => Some(Kernel::Scalar),
+                Ok("avx2") => Some(Kernel::Avx2),
+                Ok("avxvnni") => Some(Kernel::AvxVnni),
+                Ok("avx512vnni") => Some(Kernel::Avx512Vnni),
+                _ => None,
+            };
+            match want {
+                Some(k) if all.contains(&k) => k,
+                _ => *all.last().unwrap_or(&Kernel::Scalar),
+            }
+        })
+    }
+
+    /// A short name (`"avx512vnni"`, ...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Scalar => "scalar",
+            Kernel::Avx2 => "avx2",
+            Kernel::AvxVnni => "avxvnni",
+            Kernel::Avx512Vnni => "avx512vnni",
+        }
+    }
+}
+
+/// A frozen linear weight `W` `[rows = out, cols = in]` kept quantized, repacked for the integer
+/// kernels (see the module docs for the layout and the formats). Immutable once built.
+pub struct QuantWeight {
+    name: String,
+    ty: QuantType,
+    rows: usize,
+    cols: usize,
+    /// `[group][block][k4 or k4-pair][16 rows][4 bytes]` unsigned codes `n` (nibble pairs for
+    /// 4-bit types: low nibble = element `4j + b`, high nibble = element `16 + 4j + b`).
+    q: Vec<u8>,
+    /// `[group][block][16 rows]` scales `d` (0 for padding rows).
+    d: Vec<f32>,
+    /// `[group][block][16 rows]` minimums `m` (types with a minimum only, else empty).
+    m: Vec<f32>,
+}
+
+impl std::fmt::Debug for QuantWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "QuantWeight({} {} [{}, {}])", self.name, self.ty.name(), self.rows, self.cols)
+    }
+}
+
+fn bad(name: &str, msg: impl Into<String>) -> PeftError {
+    PeftError::QuantInvalid { tensor: name.to_string(), msg: msg.into() }
+}
+
+fn rd_f16(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// llama.cpp's `get_scale_min_k4`: the 6-bit scale and minimum of sub-block `j` (0..8) of a
+/// `Q4_K` super-block from its 12 packed bytes.
+fn scale_min_k4(j: usize, s: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (s[j] & 63, s[j + 4] & 63)
+    } else {
+        ((s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4), (s[j + 4] >> 4) | ((s[j] >> 6) << 4))
+    }
+}
+
+impl QuantWeight {
+    /// Builds the weight from GGUF tensor bytes: `rows · cols / block_elems` blocks of `ty`,
+    /// row-major (GGUF's `ne = [cols, rows]`). `name` is used in errors.
+    ///
+    /// Errors (`ERR_GGUF_INVALID`, [`PeftError::QuantInvalid`] naming `name`): `cols` not a
+    /// multiple of the block size, a byte length that is not exactly the expected one (truncated
+    /// or trailing data), a NaN or infinite `f16` scale or minimum (with the row and block).
+    pub fn from_gguf_bytes(name: &str, ty: QuantType, rows: usize, cols: usize, data: &[u8]) -> Result<QuantWeight> {
+        let be = ty.block_elems();
+        if rows == 0 || cols == 0 {
+            return Err(bad(name, format!("empty shape [{rows}, {cols}]")));
+        }
+        if !cols.is_multiple_of(be) {
+            return Err(bad(name, format!("{} needs rows of a multiple of {be} elements, found {cols}", ty.name())));
+        }
+        let bpr = cols / be; // GGUF blocks per row
+        let want = rows.checked_mul(bpr).and_then(|n| n.checked_mul(ty.block_bytes()));
+        if want != Some(data.len()) {
+            return Err(bad(
+                name,
+                format!("{} [{rows}, {cols}] needs {} bytes, found {} (truncated or corrupted data)", ty.name(), want.map_or("too many".into(), |w| w.to_string()), data.len()),
+            ));
+        }
+        let nb = cols / QK;
+        let groups = rows.div_ceil(R);
+        let gbb = ty.group_block_bytes();
+        let mut w = QuantWeight {
+            name: name.to_string(),
+            ty,
+            rows,
+            cols,
+            q: vec![0u8; groups * nb * gbb],
+            d: vec![0f32; groups * nb * R],
+            m: if ty.has_min() { vec![0f32; groups * nb * R] } else { Vec::new() },
+        };
+        let mut n = [0u8; QK];
+        for r in 0..rows {
+            let (g, lane) = (r / R, r % R);
+            let row = &data[r * bpr * ty.block_bytes()..(r + 1) * bpr * ty.block_bytes()];
+            for gb in 0..bpr {
+                let blk = &row[gb * ty.block_bytes()..(gb + 1) * ty.block_bytes()];
+                let check = |v: f32, what: &str| -> Result<f32> {
+                    if v.is_finite() {
+                        Ok(v)
+                    } else {
+                        Err(bad(name, format!("{what} of row {r}, block {gb} is {v} ({} data is corrupted)", ty.name())))
+                    }
+                };
+                // (sub-block index along the row, n, d, m) for each 32-element sub-block.
+                let mut put = |b: usize, n: &[u8; QK], d: f32, m: f32| {
+                    let base = (g * nb + b) * gbb;
+                    for (i, &v) in n.iter().enumerate() {
+                        if ty.nibbles() {
+                            // element i: k4 pair j = (i % 16) / 4, byte b = i % 4, high nibble if i >= 16
+                            let j = (i % 16) / 4;
+                            let at = base + (j * R + lane) * 4 + i % 4;
+                            w.q[at] |= if i < 16 { v } else { v << 4 };
+                        } else {
+                            w.q[base + ((i / 4) * R + lane) * 4 + i % 4] = v;
+                        }
+                    }
+                    w.d[(g * nb + b) * R + lane] = d;
+                    if ty.has_min() {
+                        w.m[(g * nb + b) * R + lane] = m;
+                    }
+                };
+                match ty {
+                    QuantType::Q8_0 => {
+                        let d = check(rd_f16(blk, 0), "scale")?;
+                        for i in 0..QK {
+                            n[i] = (blk[2 + i] as i8 as i32 + 128) as u8;
+                        }
+                        put(gb, &n, d, 0.0);
+                    }
+                    QuantType::Q4_0 | QuantType::Q4_1 => {
+                        let d = check(rd_f16(blk, 0), "scale")?;
+                        let (m, qs) = if ty == QuantType::Q4_1 { (check(rd_f16(blk, 2), "minimum")?, &blk[4..20]) } else { (0.0, &blk[2..18]) };
+                        for i in 0..16 {
+                            n[i] = qs[i] & 0xF;
+                            n[i + 16] = qs[i] >> 4;
+                        }
+                        put(gb, &n, d, m);
+                    }
+                    QuantType::Q4K => {
+                        let d = check(rd_f16(blk, 0), "scale")?;
+                        let dmin = check(rd_f16(blk, 2), "minimum")?;
+                        let sc = &blk[4..16];
+                        let qs = &blk[16..144];
+                        for c in 0..4 {
+                            let q = &qs[c * 32..(c + 1) * 32];
+                            for (half, shift) in [(0usize, 0u8), (1, 4)] {
+                                let s = 2 * c + half;
+                                let (scv, mnv) = scale_min_k4(s, sc);
+                                for l in 0..QK {
+                                    n[l] = (q[l] >> shift) & 0xF;
+                                }
+                                put(gb * 8 + s, &n, d * scv as f32, -(dmin * mnv as f32));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(w)
+    }
+
+    /// Quantizes an `f32` weight `[rows, cols]` (row-major) to `Q8_0` as llama.cpp's
+    /// `quantize_row_q8_0_ref` does (`d = max|w|/127` per block of 32, stored as f16,
+    /// `q = round(w/d)`). For quantizing f32/f16/bf16 checkpoints at load.
+    ///
+    /// Errors: `ERR_GGUF_INVALID` naming `name` for a length that is not `rows · cols`, `cols`
+    /// not a multiple of 32, or a non-finite weight.
+    pub fn quantize_q8_0(name: &str, rows: usize, cols: usize, w: &[f32]) -> Result<QuantWeight> {
+        if w.len() != rows * cols {
+            return Err(bad(name, format!("{} values for a [{rows}, {cols}] weight", w.len())));
+        }
+        if !cols.is_multiple_of(QK) {
+            return Err(bad(name, format!("Q8_0 needs rows of a multiple of 32 elements, found {cols}")));
+        }
+        let mut bytes = Vec::with_capacity(rows * cols / QK * 34);
+        for (bi, blk) in w.chunks_exact(QK).enumerate() {
+            if let Some(v) = blk.iter().find(|v| !v.is_finite()) {
+                return Err(bad(name, format!("non-finite weight {v} in row {}", bi * QK / cols)));
+            }
+            let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            bytes.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+            bytes.extend(blk.iter().map(|v| ((v * id).round() as i32).clamp(-127, 127) as i8 as u8));
+        }
+        QuantWeight::from_gguf_bytes(name, QuantType::Q8_0, rows, cols, &bytes)
+    }
+
+    /// The tensor name given at load.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// The block type.
+    pub fn quant_type(&self) -> QuantType {
+        self.ty
+    }
+    /// `out` (rows of `W`).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    /// `in` (columns of `W`).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    /// Bytes held (codes and scales, including the padding rows of the last group).
+    pub fn bytes(&self) -> usize {
+        self.q.len() + 4 * (self.d.len() + self.m.len())
+    }
+
+    /// Block `b` (32 columns) of group `g` (16 rows) dequantized: `out[lane][i]` =
+    /// `W[16g + lane, 32b + i]`, as llama.cpp's `dequantize_row_*` computes it (`d·q`,
+    /// `d·(n − 8)`, `d·n + m`, `d·sc·n − dmin·mn`); padding rows give 0.
+    fn dequant_block(&self, g: usize, b: usize, out: &mut [[f32; QK]; R]) {
+        let nb = self.cols / QK;
+        let gbb = self.ty.group_block_bytes();
+        let q = &self.q[(g * nb + b) * gbb..(g * nb + b + 1) * gbb];
+        let d = &self.d[(g * nb + b) * R..(g * nb + b + 1) * R];
+        let off = self.ty.offset() as f32;
+        for (lane, o) in out.iter_mut().enumerate() {
+            let mut n = [0u8; QK];
+            if self.ty.nibbles() {
+                for j in 0..4 {
+                    for t in 0..4 {
+                        let v = q[(j * R + lane) * 4 + t];
+                        n[4 * j + t] = v & 0xF;
+                        n[16 + 4 * j + t] = v >> 4;
+                    }
+                }
+            } else {
+                for j in 0..8 {
+                    n[4 * j..4 * j + 4].copy_from_slice(&q[(j * R + lane) * 4..(j * R + lane) * 4 + 4]);
+                }
+            }
+            if self.ty.has_min() {
+                let m = self.m[(g * nb + b) * R + lane];
+                for (v, &c) in o.iter_mut().zip(&n) {
+                    *v = d[lane] * c as f32 + m;
+                }
+            } else {
+                for (v, &c) in o.iter_mut().zip(&n) {
+                    *v = d[lane] * (c as f32 - off);
+                }
+            }
+        }
+    }
+
+    /// Columns `c0 .. c0 + w` (`c0`, `w` multiples of 32) of every row, dequantized into
+    /// `out` `[rows, w]` row-major.
+    fn dequant_panel(&self, c0: usize, w: usize, out: &mut [f32]) {
+        let mut blk = [[0f32; QK]; R];
+        for g in 0..self.rows.div_ceil(R) {
+            for bi in 0..w / QK {
+                self.dequant_block(g, c0 / QK + bi, &mut blk);
+                for (lane, vals) in blk.iter().enumerate().take(self.rows - g * R) {
+                    let r = g * R + lane;
+                    out[r * w + bi * QK..r * w + (bi + 1) * QK].copy_from_slice(vals);
+                }
+            }
+        }
+    }
+
+    /// The whole weight dequantized, `[rows, cols]` row-major f32.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        self.dequant_panel(0, self.cols, &mut out);
+        out
+    }
+
+    fn check_shapes(&self, what: &str, x: usize, xw: usize, m: usize, y: usize, yw: usize) -> Result<()> {
+        if x != m * xw || y != m * yw {
+            return Err(PeftError::ShapeMismatch {
+                name: format!("{} ({what})", self.name),
+                expected: vec![m * xw, m * yw],
+                found: vec![x, y],
+            });
+        }
+        Ok(())
+    }
+
+    /// `y = (acc ? y : 0) + x·Wᵀ`: `x` `[m, cols]` f32 row-major, `y` `[m, rows]` f32 row-major,
+    /// through [`Kernel::best`]. Activations are quantized to 8 bits per block of 32 (error
+    /// bound in the module docs). Runs on the engine's thread pool: blocked over 16-row groups of
+    /// `W` and 64-row tiles of `x`; one row (decoding) is split over groups only.
+    ///
+    /// Errors: `ERR_SHAPE_MISMATCH` when `x.len() != m·cols` or `y.len() != m·rows`.
+    pub fn matmul_t(&self, x: &[f32], m: usize, y: &mut [f32], acc: bool) -> Result<()> {
+        self.matmul_t_with(Kernel::best(), x, m, y, acc)
+    }
+
+    /// [`QuantWeight::matmul_t`] with a chosen kernel (for tests and benchmarks).
+    ///
+    /// Errors: as `matmul_t`, and `ERR_INVALID_ARGUMENT` for a kernel this CPU cannot run.
+    pub fn matmul_t_with(&self, kernel: Kernel, x: &[f32], m: usize, y: &mut [f32], acc: bool) -> Result<()> {
+        self.check_shapes("x·Wᵀ", x.len(), self.cols, m, y.len(), self.rows)?;
+        if !kernel.available() {
+            return Err(PeftError::invalid_arg("kernel", format!("{} is not supported by this CPU", kernel.name())));
+        }
+        if m == 0 {
+            return Ok(());
+        }
+        let xa = QAct::quantize(x, m, self.cols);
+        self.run_t(kernel, &xa, y, acc);
+        Ok(())
+    }
+
+    fn run_t(&self, kernel: Kernel, xa: &QAct, y: &mut [f32], acc: bool) {
+        let (m, n) = (xa.m, self.rows);
+        let groups = n.div_ceil(R);
+        let threads = super::num_threads().max(1);
+        // Tiles of x rows x chunks of groups, enough tasks for the pool, each small enough that
+        // a group's codes (nb x 512 bytes) stay in L1 while the tile's rows pass over it.
+        let mt = if m <= 4 { m } else { 64.min(m) };
+        let mtiles = m.div_ceil(mt);
+        let work = m * n * self.cols;
+        let want_tasks = if work < (1 << 18) || threads == 1 { 1 } else { threads * 4 };
+        let gchunks = (want_tasks.div_ceil(mtiles)).clamp(1, groups);
+        let gper = groups.div_ceil(gchunks);
+        let gchunks = groups.div_ceil(gper);
+        let yp = SyncMut(y.as_mut_ptr());
+        let task = |t: usize| {
+            let (ti, gc) = (t / gchunks, t % gchunks);
+            let (r0, r1) = (ti * mt, ((ti + 1) * mt).min(m));
+            let (g0, g1) = (gc * gper, ((gc + 1) * gper).min(groups));
+            for g in g0..g1 {
+                let mut r = r0;
+                while r < r1 {
+                    let mr = match kernel {
+                        Kernel::Avx512Vnni => (r1 - r).min(8),
+                        Kernel::Avx2 | Kernel::AvxVnni => (r1 - r).min(2),
+                        Kernel::Scalar => 1,
+                    };
+                    let mut out = [[0f32; R]; 8];
+                    self.kernel_call(kernel, g, xa, r, mr, &mut out);
+                    let cols = R.min(n - g * R);
+                    for (i, o) in out.iter().enumerate().take(mr) {
+                        // SAFETY: row r+i, columns g*16 .. g*16+cols of y are written by this task
+                        // only (tasks own disjoint (row tile, group) pairs) and lie inside y
+                        // (checked by check_shapes).
+                        let dst = unsafe { std::slice::from_raw_parts_mut(yp.get().add((r + i) * n + g * R), cols) };
+                        if acc {
+                            for (d, v) in dst.iter_mut().zip(o) {
+                                *d += v;
+                            }
+                        } else {
+                            dst.copy_from_slice(&o[..cols]);
+                        }
+                    }
+                    r += mr;
+                }
+            }
+        };
+        let ntasks = mtiles * gchunks;
+        if ntasks == 1 {
+            task(0);
+        } else {
+            use rayon::prelude::*;
+            super::pool().install(|| (0..ntasks).into_par_iter().for_each(task));
+        }
+    }
+
+    fn kernel_call(&self, kernel: Kernel, g: usize, xa: &QAct, r: usize, mr: usize, out: &mut [[f32; R]; 8]) {
+        let nb = self.cols / QK;
+        let gbb = self.ty.group_block_bytes();
+        let args = Args {
+            nb,
+            wq: self.q[g * nb * gbb..(g + 1) * nb * gbb].as_ptr(),
+            wd: self.d[g * nb * R..(g + 1) * nb * R].as_ptr(),
+            wm: if self.ty.has_min() { self.m[g * nb * R..(g + 1) * nb * R].as_ptr() } else { std::ptr::null() },
+            xq: xa.q[r * xa.k..].as_ptr(),
+            ldx: xa.k,
+            xs: xa.s[r * nb..].as_ptr(),
+            xsum: xa.sum[r * nb..].as_ptr(),
+            xss: xa.ss[r * nb..].as_ptr(),
+            ldb: nb,
+            ty: self.ty,
+        };
+        match kernel {
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => {
+                // SAFETY: the kernel was checked to be available; Args points into live buffers
+                // of the sizes the kernel reads (nb blocks of one group, mr rows of x).
+                unsafe { x86::dispatch_512(&args, mr, out) }
+            }
+            #[cfg(target_arch = "x86_64")]
+            Kernel::AvxVnni => unsafe { x86::dispatch_256::<true>(&args, mr, out) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx2 => unsafe { x86::dispatch_256::<false>(&args, mr, out) },
+            _ => scalar_kernel(&args, mr, out),
+        }
+    }
+
+    /// `dX = (acc ? dX : 0) + dY·W`: `dy` `[m, rows]` f32, `dx` `[m, cols]` f32 (the input
+    /// gradient of `x·Wᵀ`). Panels of up to 256 columns of `W` are dequantized to f32 and multiplied
+    /// with the engine's f32 GEMM, in parallel over panels on the engine's pool; no activation
+    /// quantization (exact up to f32 rounding against `dY·W` on the dequantized weight).
+    ///
+    /// Errors: `ERR_SHAPE_MISMATCH` when `dy.len() != m·rows` or `dx.len() != m·cols`.
+    pub fn matmul(&self, dy: &[f32], m: usize, dx: &mut [f32], acc: bool) -> Result<()> {
+        self.check_shapes("dY·W", dy.len(), self.rows, m, dx.len(), self.cols)?;
+        if m == 0 {
+            return Ok(());
+        }
+        let (n, k) = (self.rows, self.cols);
+        let pw = panel_width(k, super::num_threads());
+        let panels = k.div_ceil(pw);
+        let dxp = SyncMut(dx.as_mut_ptr());
+        let task = |p: usize| {
+            let (c0, c1) = (p * pw, ((p + 1) * pw).min(k));
+            let w = c1 - c0;
+            let mut panel = vec![0f32; n * w];
+            self.dequant_panel(c0, w, &mut panel);
+            // SAFETY: dx is [m, k] (checked); this task writes only columns c0..c1.
+            let mut dst = unsafe { super::gemm::Dst::raw(dxp.get().add(c0), m, w, k) };
+            super::gemm::gemm(&mut dst, super::gemm::View::of(dy, m, n), super::gemm::View::of(&panel, n, w), 1.0, acc, 1);
+        };
+        if panels == 1 || m * n * k < (1 << 20) {
+            (0..panels).for_each(task);
+        } else {
+            use rayon::prelude::*;
+            super::pool().install(|| (0..panels).into_par_iter().for_each(task));
+        }
+        Ok(())
+    }
+}
+
+/// Activations quantized per row and block of 32: `x[r, b·32 + i] ≈ s[r, b]·q[r, b·32 + i]`.
+struct QAct {
+    m: usize,
+    k: usize,
+    /// `[m, k]` codes in `[−127, 127]`.
+    q: Vec<i8>,
+    /// `[m, k/32]` scales `max|x|/127` (NaN when the block holds a NaN or an infinity, so
+    /// that the output is NaN as the f32 product would be).
+    s: Vec<f32>,
+    /// `[m, k/32]` sums of the codes.
+    sum: Vec<i32>,
+    /// `[m, k/32]` `s · Σq` (the minimum term's factor), precomputed.
+    ss: Vec<f32>,
+}
+
+impl QAct {
+    fn quantize(x: &[f32], m: usize, k: usize) -> QAct {
+        let nb = k / QK;
+        let mut a = QAct { m, k, q: vec![0i8; m * k], s: vec![0f32; m * nb], sum: vec![0i32; m * nb], ss: Vec::new() };
+        type Item<'a> = (&'a [f32], (&'a mut [i8], (&'a mut f32, &'a mut i32)));
+        let fill = |(xb, (qb, (s, sum))): Item| {
+            let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+            // NaN when the block holds a NaN or an infinity (x·0 is NaN for those only).
+            let poison = xb.iter().fold(0f32, |a, v| a + v * 0.0);
+            let d = amax / 127.0;
+            let id = if d > 0.0 { 127.0 / amax } else { 0.0 };
+            let mut t = 0i32;
+            for (q, v) in qb.iter_mut().zip(xb) {
+                let c = (v * id).round().clamp(-127.0, 127.0) as i32;
+                *q = c as i8;
+                t += c;
+            }
+            *s = d + poison;
+            *sum = t;
+        };
+        if m * k >= 1 << 16 {
+            use rayon::prelude::*;
+            let pit = x.par_chunks_exact(QK).zip(a.q.par_chunks_exact_mut(QK).zip(a.s.par_iter_mut().zip(a.sum.par_iter_mut())));
+            super::pool().install(|| pit.for_each(fill));
+        } else {
+            x.chunks_exact(QK).zip(a.q.chunks_exact_mut(QK).zip(a.s.iter_mut().zip(a.sum.iter_mut()))).for_each(fill);
+        }
+        a.ss = a.s.iter().zip(&a.sum).map(|(&s, &t)| s * t as f32).collect();
+        a
+    }
+}
+
+/// Raw operands of one kernel call: one group of 16 rows of `W` over all `nb` blocks, and
+/// `mr` rows of quantized activations.
+struct Args {
+    nb: usize,
+    wq: *const u8,
+    wd: *const f32,
+    wm: *const f32,
+    xq: *const i8,
+    ldx: usize,
+    xs: *const f32,
+    xsum: *const i32,
+    xss: *const f32,
+    ldb: usize,
+    ty: QuantType,
+}
+
+/// Portable kernel: the same arithmetic as the vector kernels (exact i32 block sums, scales
+/// folded in f32), one row of `x` at a time.
+fn scalar_kernel(a: &Args, mr: usize, out: &mut [[f32; R]; 8]) {
+    let gbb = a.ty.group_block_bytes();
+    for (rr, o) in out.iter_mut().enumerate().take(mr) {
+        *o = [0f32; R];
+        for b in 0..a.nb {
+            // SAFETY: Args points at nb blocks of one group and mr rows of activations.
+            let (wq, xq) = unsafe { (std::slice::from_raw_parts(a.wq.add(b * gbb), gbb), std::slice::from_raw_parts(a.xq.add(rr * a.ldx + b * QK), QK)) };
+            let (s, sum) = unsafe { (*a.xs.add(rr * a.ldb + b), *a.xsum.add(rr * a.ldb + b)) };
+            for (lane, ol) in o.iter_mut().enumerate() {
+                let mut dot = -a.ty.offset() * sum;
+                for i in 0..QK {
+                    let n = if a.ty.nibbles() {
+                        let v = wq[(((i % 16) / 4) * R + lane) * 4 + i % 4];
+                        if i < 16 {
+                            v & 0xF
+                        } else {
+                            v >> 4
+                        }
+                    } else {
+                        wq[((i / 4) * R + lane) * 4 + i % 4]
+                    };
+                    dot += n as i32 * xq[i] as i32;
+                }
+                let d = unsafe { *a.wd.add(b * R + lane) };
+                *ol += dot as f32 * d * s;
+                if a.ty.has_min() {
+                    *ol += unsafe { *a.wm.add(b * R + lane) } * (s * sum as f32);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Args, QuantType, QK, R};
+    use std::arch::x86_64::*;
+
+    #[inline(always)]
+    unsafe fn xword(a: &Args, r: usize, b: usize, j: usize) -> i32 {
+        std::ptr::read_unaligned(a.xq.add(r * a.ldx + b * QK + 4 * j) as *const i32)
+    }
+
+    /// AVX-512 VNNI: `MR` rows of x against one 16-row group, one zmm per row.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+    unsafe fn k512<const MR: usize, const T: u8>(a: &Args, out: &mut [[f32; R]; 8]) {
+        // T: 0 = Q8_0 (offset 128), 1 = Q4_0 (offset 8), 2 = with minimum (Q4_1, Q4_K)
+        let off: i32 = match T {
+            0 => 128,
+            1 => 8,
+            _ => 0,
+        };
+        let gbb = if T == 0 { R * QK } else { R * QK / 2 };
+        let mut facc = [_mm512_setzero_ps(); MR];
+        let lo4 = _mm512_set1_epi8(0x0F);
+        for b in 0..a.nb {
+            let mut iacc = [_mm512_setzero_si512(); MR];
+            for (r, ia) in iacc.iter_mut().enumerate() {
+                *ia = _mm512_set1_epi32(-off * *a.xsum.add(r * a.ldb + b));
+            }
+            let wq = a.wq.add(b * gbb);
+            if T == 0 {
+                for j in 0..8 {
+                    let w = _mm512_loadu_si512(wq.add(j * 64) as *const _);
+                    for (r, ia) in iacc.iter_mut().enumerate() {
+                        *ia = _mm512_dpbusd_epi32(*ia, w, _mm512_set1_epi32(xword(a, r, b, j)));
+                    }
+                }
+            } else {
+                for j in 0..4 {
+                    let p = _mm512_loadu_si512(wq.add(j * 64) as *const _);
+                    let lo = _mm512_and_si512(p, lo4);
+                    let hi = _mm512_and_si512(_mm512_srli_epi16(p, 4), lo4);
+                    for (r, ia) in iacc.iter_mut().enumerate() {
+                        *ia = _mm512_dpbusd_epi32(*ia, lo, _mm512_set1_epi32(xword(a, r, b, j)));
+                        *ia = _mm512_dpbusd_epi32(*ia, hi, _mm512_set1_epi32(xword(a, r, b, j + 4)));
+                    }
+                }
+            }
+            let d = _mm512_loadu_ps(a.wd.add(b * R));
+            let m = if T == 2 { _mm512_loadu_ps(a.wm.add(b * R)) } else { d };
+            for r in 0..MR {
+                let s = *a.xs.add(r * a.ldb + b);
+                facc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(iacc[r]), d), _mm512_set1_ps(s), facc[r]);
+                if T == 2 {
+                    facc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(*a.xss.add(r * a.ldb + b)), facc[r]);
+                }
+            }
+        }
+        for r in 0..MR {
+            _mm512_storeu_ps(out[r].as_mut_ptr(), facc[r]);
+        }
+    }
+
+    pub(super) unsafe fn dispatch_512(a: &Args, mr: usize, out: &mut [[f32; R]; 8]) {
+        macro_rules! go {
+            ($t:literal) => {
+                match mr {
+                    1 => k512::<1, $t>(a, out),
+                    2 => k512::<2, $t>(a, out),
+                    3 => k512::<3, $t>(a, out),
+                    4 => k512::<4, $t>(a, out),
+                    5 => k512::<5, $t>(a, out),
+                    6 => k512::<6, $t>(a, out),
+                    7 => k512::<7, $t>(a, out),
+                    _ => k512::<8, $t>(a, out),
+                }
+            };
+        }
+        match a.ty {
+            QuantType::Q8_0 => go!(0),
+            QuantType::Q4_0 => go!(1),
+            _ => go!(2),
+        }
+    }
+
+    /// u8 × i8 sums of 4 into i32 lanes: `vpdpbusd` (AVX-VNNI) or `vpmaddubsw` + `vpmaddwd`
+    /// (AVX2; the 16-bit pair sums cannot saturate for `u ≤ 15`, nor for `Q8_0`'s sign trick).
+    macro_rules! k256 {
+        ($name:ident, $feat:literal, $vnni:expr) => {
+            #[target_feature(enable = $feat)]
+            unsafe fn $name<const MR: usize, const T: u8>(a: &Args, out: &mut [[f32; R]; 8]) {
+                #[target_feature(enable = $feat)]
+                #[inline]
+                unsafe fn dot(acc: __m256i, u: __m256i, s: __m256i, ones: __m256i) -> __m256i {
+                    if $vnni {
+                        _mm256_dpbusd_avx_epi32(acc, u, s)
+                    } else {
+                        _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), ones))
+                    }
+                }
+                // On AVX2 Q8_0 uses q = n - 128 (signed) with |q| x sign(x, q): no offset term.
+                let off: i32 = match T {
+                    0 if $vnni => 128,
+                    1 => 8,
+                    _ => 0,
+                };
+                let gbb = if T == 0 { R * QK } else { R * QK / 2 };
+                let ones = _mm256_set1_epi16(1);
+                let lo4 = _mm256_set1_epi8(0x0F);
+                let flip = _mm256_set1_epi8(-128i8);
+                let mut facc = [[_mm256_setzero_ps(); 2]; MR];
+                for b in 0..a.nb {
+                    let mut iacc = [[_mm256_setzero_si256(); 2]; MR];
+                    for (r, ia) in iacc.iter_mut().enumerate() {
+                        let v = _mm256_set1_epi32(-off * *a.xsum.add(r * a.ldb + b));
+                        *ia = [v, v];
+                    }
+                    let wq = a.wq.add(b * gbb);
+                    if T == 0 {
+                        for j in 0..8 {
+                            for h in 0..2 {
+                                let w = _mm256_loadu_si256(wq.add(j * 64 + h * 32) as *const _);
+                                for r in 0..MR {
+                                    let x = _mm256_set1_epi32(xword(a, r, b, j));
+                                    iacc[r][h] = if $vnni {
+                                        dot(iacc[r][h], w, x, ones)
+                                    } else {
+                                        let q = _mm256_xor_si256(w, flip);
+                                        dot(iacc[r][h], _mm256_abs_epi8(q), _mm256_sign_epi8(x, q), ones)
+                                    };
+                                }
+                            }
+                        }
+                    } else {
+                        for j in 0..4 {
+                            for h in 0..2 {
+                                let p = _mm256_loadu_si256(wq.add(j * 64 + h * 32) as *const _);
+                                let lo = _mm256_and_si256(p, lo4);
+                                let hi = _mm256_and_si256(_mm256_srli_epi16(p, 4), lo4);
+                                for r in 0..MR {
+                                    iacc[r][h] = dot(iacc[r][h], lo, _mm256_set1_epi32(xword(a, r, b, j)), ones);
+                                    iacc[r][h] = dot(iacc[r][h], hi, _mm256_set1_epi32(xword(a, r, b, j + 4)), ones);
+                                }
+                            }
+                        }
+                    }
+                    for h in 0..2 {
+                        let d = _mm256_loadu_ps(a.wd.add(b * R + h * 8));
+                        for r in 0..MR {
+                            let s = *a.xs.add(r * a.ldb + b);
+                            facc[r][h] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(iacc[r][h]), d), _mm256_set1_ps(s), facc[r][h]);
+                            if T == 2 {
+                                let m = _mm256_loadu_ps(a.wm.add(b * R + h * 8));
+                                facc[r][h] = _mm256_fmadd_ps(m, _mm256_set1_ps(*a.xss.add(r * a.ldb + b)), facc[r][h]);
+                            }
+                        }
+                    }
+                }
+                for r in 0..MR {
+                    _mm256_storeu_ps(out[r].as_mut_ptr(), facc[r][0]);
+                    _mm256_storeu_ps(out[r].as_mut_ptr().add(8), facc[r][1]);
+                }
+            }
+        };
+    }
+    k256!(k256_vnni, "avx2,fma,avxvnni", true);
+    k256!(k256_avx2, "avx2,fma", false);
+
+    pub(super) unsafe fn dispatch_256<const VNNI: bool>(a: &Args, mr: usize, out: &mut [[f32; R]; 8]) {
+        macro_rules! go {
+            ($f:ident, $t:literal) => {
+                match mr {
+                    1 => $f::<1, $t>(a, out),
+                    _ => $f::<2, $t>(a, out),
+                }
+            };
+        }
+        match (VNNI, a.ty) {
+            (true, QuantType::Q8_0) => go!(k256_vnni, 0),
+            (true, QuantType::Q4_0) => go!(k256_vnni, 1),
+            (true, _) => go!(k256_vnni, 2),
+            (false, QuantType::Q8_0) => go!(k256_avx2, 0),
+            (false, QuantType::Q4_0) => go!(k256_avx2, 1),
+            (false, _) => go!(k256_avx2, 2),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SyncMut(*mut f32);
+// SAFETY: tasks write disjoint regions (see the callers).
+unsafe impl Send for SyncMut {}
+unsafe impl Sync for SyncMut {}
+impl SyncMut {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}

@@ -1,0 +1,71 @@
+//! What every base model's forward pass takes besides its input: [`ForwardOptions`] (masks,
+//! positions, training mode, mixed-batch adapters, task extras) and the [`KvCache`] of past
+//! keys and values (with the encoder state of encoder-decoder models).
+
+use crate::tuners::linear::RowAdapters;
+use candle_core::Tensor;
+
+/// Per-layer key/value cache: `[b, kv_heads, t, head_dim]` each.
+///
+/// Encoder-decoder models (T5) also keep what does not change while decoding: the encoder's
+/// output and padding mask, and each decoder layer's cross-attention keys/values computed from
+/// it (transformers' `EncoderDecoderCache.cross_attention_cache`). Decoder-only models leave
+/// these empty; `layers` then holds the decoder self-attention.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    /// Self-attention (k, v) per (decoder) layer.
+    pub layers: Vec<Option<(Tensor, Tensor)>>,
+    /// Encoder-decoder: cross-attention (k, v) `[b, heads, s_enc, head_dim]` per decoder layer.
+    pub cross: Vec<Option<(Tensor, Tensor)>>,
+    /// Encoder-decoder: the encoder's last hidden state `[b, s_enc, hidden]` (set on the first
+    /// step; later steps reuse it instead of encoding again).
+    pub encoder_hidden: Option<Tensor>,
+    /// Encoder-decoder: the encoder's 1/0 padding mask `[b, s_enc]` (`None` = all ones).
+    pub encoder_mask: Option<Vec<u8>>,
+    /// The fused engine's in-place key/value buffers behind `layers` (see
+    /// [`crate::engine::KvStore`]); a clone starts without them.
+    #[doc(hidden)]
+    pub engine: crate::engine::KvStore,
+}
+
+impl KvCache {
+    /// An empty cache for `n_layers` self-attention layers.
+    pub fn new(n_layers: usize) -> Self {
+        KvCache { layers: vec![None; n_layers], ..Default::default() }
+    }
+    /// Number of cached positions.
+    pub fn seq_len(&self) -> usize {
+        self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.dim(2).unwrap_or(0)).unwrap_or(0)
+    }
+}
+
+/// Options of one forward pass.
+#[derive(Clone, Default)]
+pub struct ForwardOptions {
+    /// `[b, past + s]` 1/0 mask over cached and new positions; `None` = all ones.
+    pub attention_mask: Option<Vec<u8>>,
+    /// `[b, s]` position ids; `None` = `past .. past + s` for every row.
+    pub position_ids: Option<Vec<u32>>,
+    /// Training mode: dropout on, differentiable kernels.
+    pub train: bool,
+    /// Mixed batch adapters, one per row (`None` = base).
+    pub adapter_rows: Option<RowAdapters>,
+    /// Compute logits for the last position only (generation).
+    pub last_only: bool,
+    /// Seeded source of LoRA dropout masks while training.
+    pub dropout_rng: Option<std::sync::Arc<std::sync::Mutex<rand::rngs::StdRng>>>,
+    /// Multitask prompt tuning: one task id per row.
+    pub task_ids: Option<Vec<u32>>,
+    /// Sequence classification on decoder models: the position pooled per row (`[b]`, indices
+    /// into the sequence passed to `forward_embeds`). `None` = the last position (transformers'
+    /// behaviour for `inputs_embeds`); `BaseModel::forward` fills it from the ids.
+    pub pool_index: Option<Vec<usize>>,
+    /// BERT-family segment ids `[b, s]` (`None` = all 0).
+    pub token_type_ids: Option<Vec<u32>>,
+    /// Encoder-decoder models: decoder input ids `[b, t]` (row-major), required in every call;
+    /// with a cache that already holds the encoder output, only the new decoder tokens (the
+    /// encoder input is then not re-encoded, see `T5ForConditionalGeneration::forward_embeds`).
+    pub decoder_input_ids: Option<Vec<u32>>,
+    /// Encoder-decoder models: `[b, past + t]` 1/0 decoder mask (`None` = all ones).
+    pub decoder_attention_mask: Option<Vec<u8>>,
+}

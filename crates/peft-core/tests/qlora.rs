@@ -1,0 +1,193 @@
+//! QLoRA on the CPU (issue 20): a GGUF base loaded with its layer weights kept quantized
+//! (`LoadRequest::keep_quantized`) against the same file dequantized at load.
+//!
+//! The fixture is the tiny Llama GGUF re-exported with Q8_0 linear weights (the project's own
+//! GGUF writer, `export_merged_gguf`). Each base product under `keep` differs from the
+//! dequantized one only by the activation quantization (per-product bound derived and tested in
+//! `tests/quant.rs`); through the network these errors compound, so the logits are compared
+//! with a tolerance relative to the logits' scale, and training losses within 1%.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::fixtures_dir;
+use peft_core::engine;
+use peft_core::export::{self, gguf_writer::GgmlType};
+use peft_core::model::loader::{load_causal_lm, load_model, LoadRequest};
+use peft_core::model::ForwardOptions;
+use peft_core::peft_model::PeftModel;
+use peft_core::train::{loss_and_grads, AdamW, Batch};
+use peft_core::tuners::AdapterConfig;
+use serde_json::json;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+/// The tiny Llama GGUF with its 2-D weights stored as Q8_0 (written once per test process).
+fn q8_gguf() -> PathBuf {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("peft-qlora-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join("llama-q8_0.gguf");
+        let base = PeftModel::new(load_causal_lm(&fixtures_dir().join("models/llama.gguf"), DType::F32, &Device::Cpu).unwrap().model);
+        let types = export::export_merged_gguf(&base, &p, GgmlType::Q8_0).unwrap();
+        assert!(types.iter().filter(|(n, t)| n.contains("attn_q") && *t == GgmlType::Q8_0).count() >= 2, "{types:?}");
+        p
+    })
+    .clone()
+}
+
+fn load(keep: bool) -> PeftModel {
+    let req = LoadRequest { keep_quantized: keep, ..Default::default() };
+    PeftModel::new(load_model(&q8_gguf(), DType::F32, &Device::Cpu, &req).unwrap().model)
+}
+
+fn logits(m: &PeftModel, ids: &[u32]) -> Vec<f32> {
+    let t: Tensor = m.forward(ids, 1, ids.len(), &ForwardOptions::default(), None).unwrap();
+    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+const IDS: [u32; 12] = [1, 17, 42, 99, 3, 250, 7, 128, 64, 5, 200, 31];
+
+fn max_abs(v: &[f32]) -> f32 {
+    v.iter().fold(0f32, |a, x| a.max(x.abs()))
+}
+
+#[test]
+fn keep_holds_every_layer_linear_quantized_and_reports_it() {
+    let m = load(true);
+    let mut n = 0;
+    for (name, lin) in m.base.named_linears() {
+        let is_layer = name.contains(".layers.");
+        assert_eq!(lin.quant.is_some(), is_layer, "{name}");
+        if let Some(q) = &lin.quant {
+            n += 1;
+            assert_eq!(q.quant_type().name(), "Q8_0");
+            assert_eq!(lin.weight.dims(), &[q.rows(), q.cols()]);
+            // The placeholder holds no data: every stride is 0.
+            assert!(lin.weight.stride().iter().all(|&s| s == 0), "{name}");
+        }
+    }
+    assert_eq!(n, 7 * m.base.num_layers());
+    assert!(load(false).base.named_linears().iter().all(|(_, l)| l.quant.is_none()));
+}
+
+#[test]
+fn keep_logits_match_the_dequantized_model() {
+    let (k, d) = (load(true), load(false));
+    let (a, b) = (logits(&k, &IDS), logits(&d, &IDS));
+    let scale = max_abs(&b);
+    let diff = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    eprintln!("max |Δlogit| {diff:.3e} (max |logit| {scale:.3})");
+    // 8-bit activations: ~0.4% relative error per product (max|x|/254 per element against
+    // typical |x|), a few products deep; 3% of the logit scale leaves room, and the difference
+    // must not be zero (the kernels ran).
+    assert!(diff <= 0.03 * scale && diff > 0.0, "{diff} vs scale {scale}");
+    // the general path (candle graph + quant_linear op) computes the same as the engine
+    engine::force_general_path(true);
+    let g = logits(&k, &IDS);
+    engine::force_general_path(false);
+    let dg = a.iter().zip(&g).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(dg <= 1e-4 * scale, "engine vs general path under keep: {dg}");
+    // greedy next tokens agree at (almost) every position
+    let vocab = b.len() / IDS.len();
+    let argmax = |v: &[f32]| -> Vec<usize> { v.chunks(vocab).map(|r| r.iter().enumerate().fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0).collect() };
+    let agree = argmax(&a).iter().zip(argmax(&b)).filter(|(x, y)| **x == *y).count();
+    assert!(agree + 1 >= IDS.len(), "greedy tokens agree at {agree} of {} positions", IDS.len());
+}
+
+fn batch() -> Batch {
+    let (b, s) = (2, 16);
+    let ids: Vec<u32> = (0..b * s).map(|i| ((i * 37 + 11) % 250) as u32 + 1).collect();
+    let labels: Vec<i64> = ids.iter().enumerate().map(|(i, &t)| if i % s < 3 { -100 } else { t as i64 }).collect();
+    Batch { input_ids: ids, attention_mask: vec![1; b * s], labels, batch_size: b, seq_len: s, ..Default::default() }
+}
+
+fn lora(m: &mut PeftModel) {
+    let cfg = AdapterConfig::from_json(&json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": "all-linear"}), None).unwrap();
+    m.add_adapter("default", cfg, 7).unwrap();
+}
+
+fn train(m: &PeftModel, steps: usize) -> Vec<f64> {
+    let params = candle_nn::ParamsAdamW { lr: 5e-3, ..Default::default() };
+    let mut opt = AdamW::new(m.trainable_parameters(), params).unwrap();
+    let b = batch();
+    (0..steps)
+        .map(|_| {
+            let (loss, _, grads) = loss_and_grads(m, &b, None, None).unwrap();
+            opt.step(&grads).unwrap();
+            loss
+        })
+        .collect()
+}
+
+#[test]
+fn training_through_the_quantized_base_matches_the_dequantized_run() {
+    let (mut k, mut d) = (load(true), load(false));
+    lora(&mut k);
+    lora(&mut d);
+    // the fused engine runs the kept-quantized model (it does not fall back to the general path)
+    assert!(engine::try_loss_and_grads(&k, &batch(), None, None).unwrap().is_some(), "the engine declined a kept-quantized model");
+    // every LoRA factor gets a gradient through the quantized layers above it, on both paths
+    for general in [false, true] {
+        engine::force_general_path(general);
+        let (_, _, g) = loss_and_grads(&k, &batch(), None, None).unwrap();
+        engine::force_general_path(false);
+        for (name, v) in k.trainable_parameters() {
+            let gv = g.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name} (general path: {general})"));
+            // lora_B starts at 0, so only lora_B's gradient (gyᵀ·x·Aᵀ) is non-zero in the
+            // first step; in layer 0 it needs the input gradient through every layer above.
+            if name.contains("lora_B") {
+                assert!(max_abs(&gv.flatten_all().unwrap().to_vec1::<f32>().unwrap()) > 0.0, "zero gradient for {name} (general path: {general})");
+            }
+        }
+    }
+    let (lk, ld) = (train(&k, 6), train(&d, 6));
+    eprintln!("keep {lk:?}\ndequantize {ld:?}");
+    for (i, (a, b)) in lk.iter().zip(&ld).enumerate() {
+        assert!((a - b).abs() <= 0.01 * b.abs(), "step {i}: loss {a} (keep) vs {b} (dequantize)");
+    }
+    assert!(lk[5] < lk[0] - 0.05, "the loss must go down: {lk:?}");
+}
+
+#[test]
+fn merging_into_a_quantized_base_is_refused_before_anything_changes() {
+    let mut k = load(true);
+    lora(&mut k);
+    let before = logits(&k, &IDS);
+    let e = k.merge_and_unload(None, false).unwrap_err();
+    assert_eq!(e.code(), "ERR_INVALID_STATE");
+    assert!(e.to_string().contains("quantized") && e.to_string().contains("dequantize"), "{e}");
+    assert_eq!(logits(&k, &IDS), before);
+    assert!(k.base.named_linears().iter().all(|(_, l)| l.merged.is_empty()));
+    // status reports the backend per layer and for the model
+    let st = k.model_status().unwrap();
+    assert_eq!(st["quantization_backend"], json!("gguf-Q8_0"));
+    let layers = k.layer_status().unwrap();
+    assert!(layers.iter().all(|l| l["quantization_backend"] == json!("gguf-Q8_0")));
+    let mut d = load(false);
+    lora(&mut d);
+    assert_eq!(d.model_status().unwrap()["quantization_backend"], json!(null));
+}
+
+#[test]
+fn a_corrupted_quantized_block_in_the_file_is_a_coded_error_naming_the_tensor() {
+    use candle_core::quantized::gguf_file;
+    let src = q8_gguf();
+    let content = gguf_file::Content::read(&mut std::fs::File::open(&src).unwrap()).unwrap();
+    let info = &content.tensor_infos["blk.1.ffn_down.weight"];
+    let at = (content.tensor_data_offset + info.offset) as usize;
+    let mut bytes = std::fs::read(&src).unwrap();
+    // The f16 scale of the tensor's third block becomes NaN (0x7e00).
+    bytes[at + 2 * 34..at + 2 * 34 + 2].copy_from_slice(&[0x00, 0x7e]);
+    let bad = src.with_file_name("corrupt-q8_0.gguf");
+    std::fs::write(&bad, &bytes).unwrap();
+    let req = LoadRequest { keep_quantized: true, ..Default::default() };
+    let e = load_model(&bad, DType::F32, &Device::Cpu, &req).err().expect("a NaN scale must not load");
+    assert_eq!(e.code(), "ERR_GGUF_INVALID", "{e}");
+    assert!(e.to_string().contains("model.layers.1.mlp.down_proj.weight") && e.to_string().contains("block 2"), "{e}");
+    // 'keep' on a model folder is refused with a coded error
+    let e = load_model(&fixtures_dir().join("models/llama"), DType::F32, &Device::Cpu, &req).err().unwrap();
+    assert_eq!(e.code(), "ERR_INVALID_ARGUMENT", "{e}");
+}
