@@ -80,6 +80,7 @@ fn loha_counts_status_and_gradients_match_hf() {
     let status = m.layer_status().unwrap();
     assert_eq!(status.len(), 4, "{status:?}");
     assert!(status.iter().all(|s| s["module_type"] == "loha.Linear"), "{status:?}");
+    assert_eq!(m.model_status().unwrap()["adapter_model_type"], "LoHaModel");
 
     let (ids, b, s) = exp.ids("input_ids");
     let batch = Batch { input_ids: ids, attention_mask: exp.mask("attention_mask"), labels: exp.i64s("labels"), batch_size: b, seq_len: s, task_ids: None, ..Default::default() };
