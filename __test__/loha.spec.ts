@@ -6,7 +6,7 @@
 import test from 'ava'
 import * as fs from 'node:fs'
 import * as path from 'node:path'
-import { LoHaConfig, LoraConfig, PeftModel, configFromJSON, getPeftModel, loadSafetensors } from '../src/index'
+import { LoHaConfig, LoraConfig, PeftModel, Trainer, configFromJSON, getPeftModel, loadSafetensors } from '../src/index'
 import { assertClose, caseDir, disposeLater, expected, loadLlama, maxAbsDiff, tmpDir } from './helpers'
 
 const CASE = 'llama_loha'
@@ -66,4 +66,15 @@ test('LoHa: HF folder loads and matches HF logits; addAdapter + forward + merge 
   ])
   // LoRA and LoHa adapters do not mix in one model (HF: different peft types).
   t.throws(() => fresh.addAdapter('lora', new LoraConfig({ r: 2, targetModules: ['q_proj'] })))
+})
+
+test('LoHa trains (general path; the fused engine leaves LoHa layers to it) and reloads', async (t) => {
+  const rows = [[5, 17, 33, 9, 120, 44, 7, 81], [12, 200, 64, 3, 99, 150, 31, 8]]
+  const pm = disposeLater(t, getPeftModel(await loadLlama(), new LoHaConfig({ r: 4, alpha: 8, targetModules: ['q_proj', 'v_proj', 'up_proj'] })))
+  const out = await new Trainer(pm, { learningRate: 0.05, maxSteps: 12, perDeviceTrainBatchSize: 2, shuffle: false }).train(rows.map((r) => ({ inputIds: r })))
+  t.true(out.metrics.lastLoss < out.metrics.firstLoss, `${out.metrics.firstLoss} -> ${out.metrics.lastLoss}`)
+  const dir = path.join(tmpDir(t), 'a')
+  await pm.savePretrained(dir)
+  const again = disposeLater(t, await PeftModel.fromPretrained(disposeLater(t, await loadLlama()), dir))
+  t.true(maxAbsDiff((await again.forward({ inputIds: rows })).logits, (await pm.forward({ inputIds: rows })).logits) <= 1e-6)
 })
