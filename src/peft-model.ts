@@ -102,7 +102,7 @@ export interface LoadResult {
 export interface TunerLayerStatus {
   /** HF's module name, e.g. `model.model.layers.0.self_attn.q_proj`. */
   name: string
-  /** `lora.Linear`, `ia3.Linear` or `ModulesToSaveWrapper`. */
+  /** `lora.Linear`, `lora.Embedding`, `ia3.Linear`, `loha.Linear` or `ModulesToSaveWrapper`. */
   moduleType: string
   enabled: boolean
   activeAdapters: string[]
@@ -599,16 +599,17 @@ export class PeftModel {
         `invalid state: layer and model status are not available for prompt-learning adapters (${rt.peftType()}): they do not change the model's layers (HF's get_layer_status() refuses them too)`,
       )
     }
-    const byLayer = new Map<string, { saved: string[]; lora: string[]; embedding: boolean; ia3: string[] }>()
+    // `tuned`: adapters with a tuner layer here, `kind` the tuner's (one peft type per model):
+    // 'lora', 'lora_embedding', 'ia3' or another tuner's module type prefix ('loha').
+    const byLayer = new Map<string, { saved: string[]; tuned: string[]; kind: string }>()
     for (const a of rt.adapters.values()) {
       for (const [p, kind] of a.layers) {
         let e = byLayer.get(p)
-        if (!e) byLayer.set(p, (e = { saved: [], lora: [], embedding: false, ia3: [] }))
+        if (!e) byLayer.set(p, (e = { saved: [], tuned: [], kind: '' }))
         if (kind === 'modules_to_save') e.saved.push(a.name)
-        else if (kind === 'ia3') e.ia3.push(a.name)
         else {
-          e.lora.push(a.name)
-          e.embedding ||= kind === 'lora_embedding'
+          e.tuned.push(a.name)
+          if (e.kind === '' || kind === 'lora_embedding') e.kind = kind
         }
       }
     }
@@ -617,14 +618,14 @@ export class PeftModel {
       const e = byLayer.get(p)
       if (!e) continue
       // HF's module type of the layer: a ModulesToSaveWrapper wraps the whole module
-      const [moduleType, names] = e.saved.length > 0 ? ['ModulesToSaveWrapper', e.saved] : e.lora.length > 0 ? [e.embedding ? 'lora.Embedding' : 'lora.Linear', e.lora] : ['ia3.Linear', e.ia3]
+      const [moduleType, names] = e.saved.length > 0 ? ['ModulesToSaveWrapper', e.saved] : [e.kind === 'lora_embedding' ? 'lora.Embedding' : `${e.kind}.Linear`, e.tuned]
       const available = [...names].sort()
       out.push({
         name: `model.${p}`,
         moduleType,
         enabled: !rt.disabled,
         activeAdapters: rt.active.slice(),
-        mergedAdapters: rt.merged.filter((m) => e.lora.includes(m) || e.ia3.includes(m)),
+        mergedAdapters: rt.merged.filter((m) => e.tuned.includes(m)),
         requiresGrad: Object.fromEntries(available.map((a) => [a, rt.active.includes(a) && !(rt.adapters.get(a) as AdapterInfo).inferenceMode])),
         availableAdapters: available,
         devices: Object.fromEntries(available.map((a) => [a, [rt.device]])),
@@ -661,7 +662,7 @@ export class PeftModel {
     const backends = new Set(layers.map((l) => l.quantizationBackend))
     return {
       baseModelType: this.baseModel.architecture,
-      adapterModelType: rt.peftType() === 'IA3' ? 'IA3Model' : 'LoraModel',
+      adapterModelType: ({ IA3: 'IA3Model', LOHA: 'LoHaModel' } as Record<string, string>)[rt.peftType() ?? ''] ?? 'LoraModel',
       peftTypes: Object.fromEntries([...rt.adapters.values()].map((a) => [a.name, a.peftType])),
       trainableParams: trainable,
       totalParams: total,

@@ -16,7 +16,7 @@ import { call, fromNative, PeftError } from './errors'
 import type { NativeTypes } from './native'
 
 /** How an adapter sits in one layer (decides HF's module type in the layer status). */
-export type LayerKind = 'lora' | 'lora_embedding' | 'ia3' | 'modules_to_save'
+export type LayerKind = 'lora' | 'lora_embedding' | 'ia3' | 'loha' | 'modules_to_save'
 
 /** What the snapshot keeps about one adapter (from the native `adapterInfoJson`). */
 export interface AdapterInfo {

@@ -15,7 +15,7 @@ export type FieldSpec = Array<[string, string, unknown]>
 
 /** Shared machinery of the IA3 and prompt-learning configs: camelCase fields ↔ HF's snake_case JSON. */
 export abstract class SnakeCaseConfig {
-  abstract readonly peftType: 'PREFIX_TUNING' | 'PROMPT_TUNING' | 'P_TUNING' | 'MULTITASK_PROMPT_TUNING' | 'IA3'
+  abstract readonly peftType: 'PREFIX_TUNING' | 'PROMPT_TUNING' | 'P_TUNING' | 'MULTITASK_PROMPT_TUNING' | 'IA3' | 'LOHA'
   /** Fields of a loaded adapter_config.json that this class does not name (kept as they are). */
   readonly extra: Record<string, unknown> = {}
   protected abstract fields(): FieldSpec

@@ -4,6 +4,7 @@
  * registry line and one member of the `PeftConfig` union.
  */
 import { IA3Config } from './ia3'
+import { LoHaConfig } from './loha'
 import { LoraConfig } from './lora'
 import { MultitaskPromptTuningConfig } from './multitask-prompt-tuning'
 import { PromptEncoderConfig } from './p-tuning'
@@ -13,6 +14,7 @@ import { PromptTuningConfig } from './prompt-tuning'
 export type { TaskType } from './base'
 export { LoraConfig, HF_LORA_DEFAULTS, type LoraConfigOptions } from './lora'
 export { IA3Config, type IA3ConfigOptions } from './ia3'
+export { LoHaConfig, type LoHaConfigOptions } from './loha'
 export type { PromptLearningConfigOptions } from './prompt-learning'
 export { PrefixTuningConfig, type PrefixTuningConfigOptions } from './prefix-tuning'
 export { PromptTuningConfig, type PromptTuningConfigOptions } from './prompt-tuning'
@@ -20,12 +22,13 @@ export { PromptEncoderConfig, type PromptEncoderConfigOptions } from './p-tuning
 export { MultitaskPromptTuningConfig, type MultitaskPromptTuningConfigOptions } from './multitask-prompt-tuning'
 
 /** Any config `getPeftModel` / `addAdapter` accept. */
-export type PeftConfig = LoraConfig | IA3Config | PrefixTuningConfig | PromptTuningConfig | PromptEncoderConfig | MultitaskPromptTuningConfig
+export type PeftConfig = LoraConfig | IA3Config | LoHaConfig | PrefixTuningConfig | PromptTuningConfig | PromptEncoderConfig | MultitaskPromptTuningConfig
 
 /** HF `peft_type` → the class that reads its adapter_config.json. */
 const REGISTRY: Record<string, { fromJSON(json: Record<string, unknown>): PeftConfig }> = {
   LORA: LoraConfig,
   IA3: IA3Config,
+  LOHA: LoHaConfig,
   PREFIX_TUNING: PrefixTuningConfig,
   PROMPT_TUNING: PromptTuningConfig,
   P_TUNING: PromptEncoderConfig,

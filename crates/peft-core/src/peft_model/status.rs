@@ -130,6 +130,7 @@ impl PeftModel {
         let peft_types: serde_json::Map<String, Value> = self.configs.iter().map(|(n, c)| (n.clone(), json!(c.peft_type()))).collect();
         let adapter_model_type = match self.peft_type() {
             Some("IA3") => "IA3Model",
+            Some("LOHA") => "LoHaModel",
             _ => "LoraModel",
         };
         Ok(json!({

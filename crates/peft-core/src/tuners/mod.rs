@@ -10,6 +10,7 @@ pub mod config;
 pub mod ia3;
 pub mod layer;
 pub mod linear;
+pub mod loha;
 pub mod lora;
 pub mod prompt;
 pub mod registry;

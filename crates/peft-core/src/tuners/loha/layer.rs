@@ -1,0 +1,100 @@
+//! LoHa layers (HF `loha.Linear`): `ΔW = (w1_a w1_b) ⊙ (w2_a w2_b) · scaling` with `w1_a`, `w2_a`
+//! `[out, r]`, `w1_b`, `w2_b` `[r, in]` and `scaling = alpha / r`; forward adds `x ΔWᵀ` (HF builds
+//! `ΔW` and calls `F.linear(x, ΔW)`, so does this). While training, HF's `module_dropout` skips the
+//! adapter for a whole forward with that probability and `rank_dropout` keeps each output row of
+//! `ΔW` with probability `1 - p`, dividing the 0/1 mask by its mean.
+
+use crate::error::{PeftError, Result};
+use crate::tuners::layer::{AdapterLayer, Param, Slot};
+use crate::tuners::linear::{LinearCtx, PeftLinear};
+use candle_core::{DType, Tensor, Var};
+use rand::{Rng, SeedableRng};
+
+pub const HADA_W1_A: Slot = Slot::param("hada_w1_a");
+pub const HADA_W1_B: Slot = Slot::param("hada_w1_b");
+pub const HADA_W2_A: Slot = Slot::param("hada_w2_a");
+pub const HADA_W2_B: Slot = Slot::param("hada_w2_b");
+/// Every LoHa slot of a linear layer, in HF's state-dict order.
+pub const SLOTS: [Slot; 4] = [HADA_W1_A, HADA_W1_B, HADA_W2_A, HADA_W2_B];
+
+/// One LoHa adapter of one linear layer (f32 parameters).
+#[derive(Debug, Clone)]
+pub struct LohaLayer {
+    pub w1_a: Var,
+    pub w1_b: Var,
+    pub w2_a: Var,
+    pub w2_b: Var,
+    pub r: usize,
+    pub alpha: f64,
+    /// `alpha / r`.
+    pub scaling: f64,
+    pub rank_dropout: f64,
+    pub module_dropout: f64,
+}
+
+impl LohaLayer {
+    fn t(v: &Var, train: bool) -> Tensor {
+        if train { v.as_tensor().clone() } else { v.as_tensor().detach() }
+    }
+
+    /// `ΔW` `[out, in]` f32 (HF `get_delta_weight`, `make_weight`), tracked when `train`.
+    fn delta(&self, train: bool) -> Result<Tensor> {
+        let f = |v: &Var| Self::t(v, train).to_dtype(DType::F32);
+        let p1 = f(&self.w1_a)?.matmul(&f(&self.w1_b)?)?;
+        let p2 = f(&self.w2_a)?.matmul(&f(&self.w2_b)?)?;
+        Ok(((p1 * p2)? * self.scaling)?)
+    }
+}
+
+impl AdapterLayer for LohaLayer {
+    fn peft_type(&self) -> &'static str {
+        "LOHA"
+    }
+    fn module_type(&self) -> &'static str {
+        "loha.Linear"
+    }
+    fn params(&self) -> Vec<Param<'_>> {
+        vec![(HADA_W1_A, &self.w1_a), (HADA_W1_B, &self.w1_b), (HADA_W2_A, &self.w2_a), (HADA_W2_B, &self.w2_b)]
+    }
+    fn set_param(&mut self, slot: &Slot, v: Var) -> Result<()> {
+        let dst = match slot.name {
+            "hada_w1_a" => &mut self.w1_a,
+            "hada_w1_b" => &mut self.w1_b,
+            "hada_w2_a" => &mut self.w2_a,
+            "hada_w2_b" => &mut self.w2_b,
+            other => return Err(PeftError::invalid_arg("slot", format!("a LoHa linear layer has no `{other}`"))),
+        };
+        *dst = v;
+        Ok(())
+    }
+    fn delta_weight(&self, _lin: &PeftLinear) -> Result<Tensor> {
+        self.delta(false)
+    }
+    fn forward_delta(&self, lin: &PeftLinear, x: &Tensor, ctx: &LinearCtx) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (inf, out) = (lin.in_features(), lin.out_features());
+        let mut out_dims = dims.clone();
+        *out_dims.last_mut().expect("x has a feature axis") = out;
+        let mut dw = self.delta(ctx.train)?;
+        if ctx.train && (self.module_dropout > 0.0 || self.rank_dropout > 0.0) {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(crate::engine::dropout_seed(ctx.rng));
+            // HF: `if not self.training or torch.rand(1) > module_dropout: result += delta`.
+            if self.module_dropout > 0.0 && rng.random::<f64>() <= self.module_dropout {
+                return Ok(Tensor::zeros(out_dims, DType::F32, x.device())?);
+            }
+            if self.rank_dropout > 0.0 {
+                // HF: `drop = (rand(out) > p)`, `drop /= drop.mean()`, rows of ΔW scaled.
+                let keep: Vec<f32> = (0..out).map(|_| if rng.random::<f64>() > self.rank_dropout { 1.0 } else { 0.0 }).collect();
+                let mean = keep.iter().sum::<f32>() / out as f32;
+                let drop: Vec<f32> = keep.into_iter().map(|k| k / mean).collect();
+                dw = dw.broadcast_mul(&Tensor::from_vec(drop, (out, 1), x.device())?)?;
+            }
+        }
+        let m: usize = dims[..dims.len() - 1].iter().product();
+        let y = x.to_dtype(DType::F32)?.reshape((m, inf))?.matmul(&dw.t()?)?;
+        Ok(y.reshape(out_dims)?)
+    }
+    fn clone_box(&self) -> Box<dyn AdapterLayer> {
+        Box::new(self.clone())
+    }
+}

@@ -1,0 +1,176 @@
+//! LoHa (issue 15) against HF PEFT 0.21: `__test__/fixtures/cases/llama_loha` (LoHaConfig r=4,
+//! alpha=8 on q_proj/v_proj of the tiny Llama, init_weights=False; made by
+//! `__test__/scripts/make_loha_fixtures.py`).
+//!
+//! Run: `cargo test -p peft-core --test loha`.
+
+mod common;
+
+use candle_core::{DType, Tensor};
+use common::*;
+use peft_core::peft_model::PeftModel;
+use peft_core::train::{loss_and_grads, Batch};
+use peft_core::tuners::config::AdapterConfig;
+use serde_json::json;
+use std::collections::BTreeSet;
+
+const CASE: &str = "llama_loha";
+
+fn max_abs(t: &Tensor) -> f64 {
+    t.to_dtype(DType::F32).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() as f64
+}
+
+fn base_weights(m: &PeftModel) -> Vec<(String, Tensor)> {
+    m.base.named_linears().into_iter().map(|(n, l)| (n, l.weight.clone())).collect()
+}
+
+#[test]
+fn loha_logits_adapted_disabled_merged_match_hf() {
+    let exp = Expected::load(CASE);
+    let mut m = adapter_peft(CASE, false);
+    assert_eq!(m.peft_type().as_deref(), Some("LOHA"));
+    check_logits("adapter", &m, &exp, "logits_adapter");
+    m.set_disabled(true).unwrap();
+    check_logits("disabled", &m, &exp, "logits_disabled");
+    check_logits("disabled = base", &m, &exp, "logits_base");
+    m.set_disabled(false).unwrap();
+    let before = base_weights(&m);
+    m.merge_adapter(None, true).unwrap();
+    check_logits("merged", &m, &exp, "logits_merged");
+    m.unmerge_adapter().unwrap();
+    check_logits("unmerged", &m, &exp, "logits_unmerged");
+    // Unmerge restores the base weights (up to f32 rounding of + ΔW - ΔW).
+    for ((n, a), (_, b)) in before.iter().zip(base_weights(&m)) {
+        let d = max_abs(&(a - &b).unwrap());
+        assert!(d <= 1e-6, "{n}: unmerged weight differs from the base by {d:e}");
+    }
+    m.set_disabled(true).unwrap();
+    check_logits("disabled after unmerge", &m, &exp, "logits_base");
+}
+
+#[test]
+fn loha_merge_and_unload_matches_hf_merged() {
+    let exp = Expected::load(CASE);
+    let mut m = adapter_peft(CASE, false);
+    m.merge_and_unload(None, true).unwrap();
+    check_logits("merge_and_unload", &m, &exp, "logits_merged");
+}
+
+#[test]
+fn loha_round_trip_is_byte_identical() {
+    let m = adapter_peft(CASE, false);
+    let out = temp_dir("loha-rt");
+    m.save_pretrained(&out, None).unwrap();
+    for f in ["adapter_model.safetensors", "adapter_config.json"] {
+        let ours = std::fs::read(out.join(f)).unwrap();
+        let theirs = std::fs::read(case_dir(CASE).join(f)).unwrap();
+        assert!(ours == theirs, "{f} differs from HF's:\n{}\nvs\n{}", String::from_utf8_lossy(&ours).chars().take(2000).collect::<String>(), String::from_utf8_lossy(&theirs).chars().take(2000).collect::<String>());
+    }
+    remove_dir(&out);
+}
+
+#[test]
+fn loha_counts_status_and_gradients_match_hf() {
+    let exp = Expected::load(CASE);
+    let cj = case_json(CASE);
+    let m = adapter_peft(CASE, true);
+    let (trainable, total) = m.nb_trainable_parameters();
+    assert_eq!(trainable as u64, cj["trainable_params"].as_u64().unwrap(), "trainable parameters");
+    assert_eq!(total as u64, cj["all_params"].as_u64().unwrap(), "all parameters");
+    let status = m.layer_status().unwrap();
+    assert_eq!(status.len(), 4, "{status:?}");
+    assert!(status.iter().all(|s| s["module_type"] == "loha.Linear"), "{status:?}");
+    assert_eq!(m.model_status().unwrap()["adapter_model_type"], "LoHaModel");
+
+    let (ids, b, s) = exp.ids("input_ids");
+    let batch = Batch { input_ids: ids, attention_mask: exp.mask("attention_mask"), labels: exp.i64s("labels"), batch_size: b, seq_len: s, task_ids: None, ..Default::default() };
+    let (loss, _, grads) = loss_and_grads(&m, &batch, None, None).unwrap_or_else(|e| panic!("loss_and_grads: [{}] {e}", e.code()));
+    let want = exp.get("loss").flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] as f64;
+    visible(&format!("diff {CASE} loss: got {loss:.8} expected {want:.8}"));
+    assert!((loss - want).abs() <= 1e-5, "loss {loss} vs {want}");
+    let params = m.trainable_parameters();
+    let keys: BTreeSet<String> = params.iter().map(|(k, _)| k.clone()).collect();
+    let want_keys: BTreeSet<String> = exp.t.keys().filter_map(|k| k.strip_prefix("grad.")).map(String::from).collect();
+    assert_eq!(keys, want_keys, "trainable parameters vs HF's grad.* keys");
+    for (k, v) in &params {
+        let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {k}"));
+        let e = exp.get(&format!("grad.{k}"));
+        // 1e-4 relative to the gradient's scale.
+        let atol = 1e-4 * max_abs(e);
+        assert!(max_abs(e) > 0.0);
+        assert_close(&format!("grad.{k}"), g, e, atol, 1e-4);
+    }
+}
+
+#[test]
+fn loha_fresh_adapter_is_a_no_op_and_config_round_trips() {
+    let exp = Expected::load(CASE);
+    let mut m = base_peft(CASE);
+    let cfg = AdapterConfig::from_json(&json!({"peft_type": "LOHA", "task_type": "CAUSAL_LM", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}), None).unwrap();
+    let targeted = m.add_adapter("default", cfg, 7).unwrap();
+    assert_eq!(targeted.len(), 4);
+    // init_weights=True: hada_w2_b = 0, so ΔW = 0.
+    check_logits("fresh LoHa (init_weights=True)", &m, &exp, "logits_base");
+    let (trainable, _) = m.nb_trainable_parameters();
+    assert_eq!(trainable as u64, case_json(CASE)["trainable_params"].as_u64().unwrap());
+    // HF's own options JSON parses and is written back unchanged.
+    let hf = case_json(CASE)["options_to_dict"].clone();
+    let c = AdapterConfig::from_json(&hf, None).unwrap();
+    let mut want = hf.clone();
+    want["peft_type"] = json!("LOHA");
+    assert_eq!(c.to_json()["rank_pattern"], want["rank_pattern"]);
+    assert_eq!(c.to_json()["rank_dropout"], json!(0.1));
+    assert!(c.unknown_fields().is_empty(), "{:?}", c.unknown_fields());
+}
+
+#[test]
+fn loha_refuses_what_hf_refuses() {
+    let mut m = base_peft(CASE);
+    for (bad, what) in [
+        (json!({"peft_type": "LOHA", "r": 0, "target_modules": ["q_proj"]}), "`r`"),
+        (json!({"peft_type": "LOHA", "rank_dropout": 1.5, "target_modules": ["q_proj"]}), "rank_dropout"),
+        (json!({"peft_type": "LOHA", "layers_pattern": "layers", "target_modules": ["q_proj"]}), "layers_to_transform"),
+    ] {
+        let e = AdapterConfig::from_json(&bad, None).unwrap_err();
+        assert_eq!(e.code(), "ERR_ADAPTER_CONFIG_INVALID");
+        assert!(e.to_string().contains(what), "{e}");
+    }
+    let e = m.add_adapter("x", AdapterConfig::from_json(&json!({"peft_type": "LOHA", "target_modules": ["embed_tokens"]}), None).unwrap(), 1).unwrap_err();
+    assert!(e.to_string().contains("not supported"), "{e}");
+    assert!(m.adapter_names().is_empty());
+}
+
+#[test]
+fn loha_dropouts_apply_in_training_only() {
+    // Same seed, same factors (alpha 400: a large ΔW); only the dropouts differ. Eval: identical logits. Training: rank
+    // dropout changes the loss; module dropout near 1 skips every LoHa layer (loss = the base's).
+    let exp = Expected::load(CASE);
+    let (ids, b, s) = exp.ids("input_ids");
+    let batch = Batch { input_ids: ids, attention_mask: exp.mask("attention_mask"), labels: exp.i64s("labels"), batch_size: b, seq_len: s, task_ids: None, ..Default::default() };
+    let make = |extra: serde_json::Value| {
+        let mut m = base_peft(CASE);
+        let mut c = json!({"peft_type": "LOHA", "task_type": "CAUSAL_LM", "r": 4, "alpha": 400, "init_weights": false, "target_modules": ["q_proj", "v_proj"]});
+        for (k, v) in extra.as_object().unwrap() {
+            c[k] = v.clone();
+        }
+        m.add_adapter("default", AdapterConfig::from_json(&c, None).unwrap(), 3).unwrap();
+        m
+    };
+    let rng = || Some(std::sync::Arc::new(std::sync::Mutex::new(<rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(11))));
+    let plain = make(json!({}));
+    let rank = make(json!({"rank_dropout": 0.5}));
+    let module = make(json!({"module_dropout": 0.999}));
+    let eval = |m: &PeftModel| forward_batch(m, &exp);
+    assert_eq!(max_abs(&(eval(&plain) - eval(&rank)).unwrap()), 0.0, "rank dropout acts in eval");
+    assert_eq!(max_abs(&(eval(&plain) - eval(&module)).unwrap()), 0.0, "module dropout acts in eval");
+    let (lp, _, _) = loss_and_grads(&plain, &batch, None, rng()).unwrap();
+    let (lr, _, gr) = loss_and_grads(&rank, &batch, None, rng()).unwrap();
+    assert!(lr.is_finite() && (lr - lp).abs() > 1e-6, "rank dropout: {lr} vs {lp}");
+    assert!(rank.trainable_parameters().iter().all(|(_, v)| gr.get(v.as_tensor()).is_some()));
+    let (lm, _, _) = loss_and_grads(&module, &batch, None, rng()).unwrap();
+    let mut base = make(json!({}));
+    base.set_disabled(true).unwrap();
+    let (lb, _, _) = loss_and_grads(&base, &batch, None, rng()).unwrap_or_else(|e| panic!("disabled loss: [{}] {e}", e.code()));
+    visible(&format!("loha dropout losses: plain {lp} rank {lr} module {lm} base {lb}"));
+    assert!((lm - lb).abs() <= 1e-6 && (lm - lp).abs() > 1e-6, "module dropout 0.999: {lm} vs base {lb}");
+}
