@@ -43,10 +43,17 @@ fn plain_llama<'a>(m: &'a PeftModel, call: &str) -> Result<&'a LlamaForCausalLM>
             "{call}: the model still carries adapters {names:?}; call mergeAndUnload() (or unload()) first, or export the adapter with exportGgufLora"
         )));
     }
-    m.base.as_llama().ok_or_else(|| {
+    let llama = m.base.as_llama().ok_or_else(|| {
         let i = m.base.info();
-        unsupported(format!("architecture `{}`", i.architecture), format!("{call} supports Llama-family models (Llama, SmolLM2, Mistral, Qwen2)"))
-    })
+        unsupported(format!("architecture `{}`", i.architecture), format!("{call} supports Llama-family models (Llama, SmolLM2, Mistral, Qwen2, Qwen3)"))
+    })?;
+    if let Some(crate::model::config::RopeScaling::Factors(_)) = llama.config.rope_scaling {
+        return Err(unsupported(
+            "RoPE scaling factors from GGUF",
+            format!("{call}: the model's RoPE scaling came from a GGUF `rope_freqs.weight`, which has no config.json form"),
+        ));
+    }
+    Ok(llama)
 }
 
 /// The model's weights under their transformers names, in module order (the `state_dict` that
@@ -61,6 +68,17 @@ pub fn llama_state_dict(m: &LlamaForCausalLM) -> Vec<(String, Tensor)> {
             ("self_attn.k_proj", &l.self_attn.k_proj),
             ("self_attn.v_proj", &l.self_attn.v_proj),
             ("self_attn.o_proj", &l.self_attn.o_proj),
+        ] {
+            out.push((format!("{p}.{n}.weight"), lin.weight.clone()));
+            if let Some(b) = &lin.bias {
+                out.push((format!("{p}.{n}.bias"), b.clone()));
+            }
+        }
+        if let (Some(qn), Some(kn)) = (&l.self_attn.q_norm, &l.self_attn.k_norm) {
+            out.push((format!("{p}.self_attn.q_norm.weight"), qn.clone()));
+            out.push((format!("{p}.self_attn.k_norm.weight"), kn.clone()));
+        }
+        for (n, lin) in [
             ("mlp.gate_proj", &l.mlp.gate_proj),
             ("mlp.up_proj", &l.mlp.up_proj),
             ("mlp.down_proj", &l.mlp.down_proj),
@@ -116,7 +134,7 @@ fn hf_config(m: &LlamaForCausalLM) -> serde_json::Value {
         "pad_token_id": c.pad_token_id,
         "pretraining_tp": 1,
         "rms_norm_eps": c.rms_norm_eps,
-        "rope_parameters": { "rope_theta": c.rope_theta, "rope_type": "default" },
+        "rope_parameters": rope_parameters(c),
         "tie_word_embeddings": c.tie_word_embeddings,
         "transformers_version": "5.18.0",
         "use_cache": true,
@@ -133,6 +151,14 @@ fn hf_config(m: &LlamaForCausalLM) -> serde_json::Value {
             o.insert("sliding_window".into(), serde_json::Value::Null);
             o.insert("max_window_layers".into(), c.num_hidden_layers.into());
         }
+        "qwen3" => {
+            o.remove("mlp_bias");
+            o.remove("pretraining_tp");
+            o.insert("use_sliding_window".into(), false.into());
+            o.insert("sliding_window".into(), serde_json::Value::Null);
+            o.insert("max_window_layers".into(), c.num_hidden_layers.into());
+            o.insert("layer_types".into(), vec!["full_attention"; c.num_hidden_layers].into());
+        }
         "mistral" => {
             o.remove("attention_bias");
             o.remove("mlp_bias");
@@ -148,6 +174,21 @@ fn hf_config(m: &LlamaForCausalLM) -> serde_json::Value {
         o.insert("label2id".into(), label2id.into());
     }
     v
+}
+
+/// transformers 5's `rope_parameters` of `c` (rope_theta, and the llama3 scaling fields). Scaling
+/// known only as GGUF per-frequency factors has no config.json form; it is written as `default`
+/// (callers that save such a model refuse it first, see [`plain_llama`]).
+fn rope_parameters(c: &crate::model::config::LlamaConfig) -> serde_json::Value {
+    use crate::model::config::RopeScaling;
+    match &c.rope_scaling {
+        Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => serde_json::json!({
+            "factor": factor, "high_freq_factor": high_freq_factor, "low_freq_factor": low_freq_factor,
+            "original_max_position_embeddings": *original_max_position_embeddings as u64,
+            "rope_theta": c.rope_theta, "rope_type": "llama3",
+        }),
+        _ => serde_json::json!({ "rope_theta": c.rope_theta, "rope_type": "default" }),
+    }
 }
 
 /// Where the model was loaded from: the loader's record, else `name_or_path`.
