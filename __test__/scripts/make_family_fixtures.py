@@ -20,6 +20,11 @@ downloads. Run with torch 2.13 + transformers 5.18 + peft 0.21 + gguf from PyPI:
 import json
 import math
 import os
+import sys
+
+# PEFT writes `target_modules` as list(set): fix the hash seed so that the files are reproducible.
+if os.environ.get("PYTHONHASHSEED") != "0":
+    os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, "PYTHONHASHSEED": "0"})
 
 import numpy as np
 import torch

@@ -255,3 +255,21 @@ fn merged_save_reloads() {
         remove_dir(&dir);
     }
 }
+
+/// Re-saving a loaded HF adapter gives HF's files: `adapter_model.safetensors` byte-identical,
+/// `adapter_config.json` byte-identical (LoRA; prefix tuning too).
+#[test]
+fn resave_is_byte_identical() {
+    for case in ["llama3_lora_qv", "qwen3_lora_qv", "qwen3_prefix"] {
+        let m = adapter_peft(case, false);
+        let out = temp_dir("families-resave");
+        m.save_pretrained(&out, None).unwrap();
+        for f in ["adapter_model.safetensors", "adapter_config.json"] {
+            let fx = std::fs::read(case_dir(case).join(f)).unwrap();
+            let ours = std::fs::read(out.join(f)).unwrap();
+            assert!(fx == ours, "{case}: re-saved {f} differs from HF's ({} vs {} bytes):\n{}", ours.len(), fx.len(), String::from_utf8_lossy(&ours[..ours.len().min(1500)]));
+            visible(&format!("ok {case}: re-saved {f} byte-identical ({} bytes)", ours.len()));
+        }
+        remove_dir(&out);
+    }
+}
