@@ -8,8 +8,8 @@
   attn_k_norm);
 * cases `llama3_lora_qv`, `qwen3_lora_qv` (LoRA r=8 alpha=16 on q_proj/v_proj,
   init_lora_weights=False): base / adapter / disabled / merged logits, loss, lora gradients,
-  greedy ids (base, adapter, merged); `qwen3_prefix` (prefix tuning, 5 virtual tokens):
-  adapter logits and greedy ids.
+  greedy ids (base, adapter, merged); `qwen3_prefix`, `llama3_prefix` (prefix tuning, 5
+  virtual tokens): adapter logits and greedy ids.
 
 Everything is fp32, tiny (hidden 64, 2 layers, vocab 256), random-init with fixed seeds, no
 downloads. Run with torch 2.13 + transformers 5.18 + peft 0.21 + gguf from PyPI:
@@ -262,11 +262,12 @@ def main():
     obs["llama3_lora_qv"]["logits_with_vs_without_llama3_scaling_max_abs"] = obs["llama3_scaled_vs_unscaled_max_abs"]
     obs["qwen3_lora_qv"] = lora_case("qwen3_lora_qv", "qwen3", 202)
     obs["qwen3_prefix"] = prefix_case("qwen3_prefix", "qwen3", 203)
+    obs["llama3_prefix"] = prefix_case("llama3_prefix", "llama3", 204)
     obs["versions"] = {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
                        "peft": __import__("peft").__version__, "gguf": "PyPI gguf"}
     obs["tolerances"] = {"logits_atol": 1e-4, "logits_rtol": 1e-4, "grad_rtol": 1e-4,
                          "grad_atol": "1e-4 * max |expected gradient| of the tensor"}
-    for case in ("llama3_lora_qv", "qwen3_lora_qv", "qwen3_prefix"):
+    for case in ("llama3_lora_qv", "qwen3_lora_qv", "qwen3_prefix", "llama3_prefix"):
         with open(f"cases/{case}/case.json", "w") as f:
             json.dump({"name": case, "generator": "__test__/scripts/make_family_fixtures.py", "observed": obs[case],
                        "tolerances": {"logits_atol": 1e-4, "logits_rtol": 1e-4}, "versions": obs["versions"]}, f, indent=1)

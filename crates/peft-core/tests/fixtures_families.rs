@@ -6,7 +6,9 @@
 //!   `llama3_lora_qv`; both on the fused engine and on the general path;
 //! * Qwen3 (per-head q/k RMSNorm, explicit head_dim 32 with hidden 64 / 4 heads, tied
 //!   embeddings): `models/qwen3`, `models/qwen3.gguf` (arch `qwen3`), cases `qwen3_lora_qv` and
-//!   `qwen3_prefix`; the engine declines Qwen3, so everything runs on the general path.
+//!   `qwen3_prefix`; the engine declines Qwen3, so everything runs on the general path;
+//! * prefix tuning on Llama 3.x (`llama3_prefix`; inference with prompt learning runs on the
+//!   general path).
 //!
 //! Per LoRA case: base, adapter, disabled and merged logits (1e-4), loss, LoRA gradients (1e-4
 //! relative to the tensor's largest gradient), greedy ids with and without a KV cache; the GGUF
@@ -229,15 +231,23 @@ fn qwen3_gguf_matches_hf() {
     gguf_matches_hf("qwen3_lora_qv", "qwen3.gguf");
 }
 
-#[test]
-fn qwen3_prefix_tuning() {
-    let case = "qwen3_prefix";
+fn prefix_case(case: &str) {
     let exp = Expected::load(case);
     let m = adapter_peft(case, false);
     check_logits("prefix tuning", &m, &exp, "logits_adapter");
     let want = exp.rows_u32("generate_adapter");
     assert_eq!(gen(&m, &exp, true), want, "{case}: generate");
     visible(&format!("ok {case}: generate == generate_adapter"));
+}
+
+#[test]
+fn qwen3_prefix_tuning() {
+    prefix_case("qwen3_prefix");
+}
+
+#[test]
+fn llama3_prefix_tuning() {
+    prefix_case("llama3_prefix");
 }
 
 /// A merged Qwen3 / Llama 3.x model saved in HF format reloads with the same logits (q/k norms
@@ -260,7 +270,7 @@ fn merged_save_reloads() {
 /// `adapter_config.json` byte-identical (LoRA; prefix tuning too).
 #[test]
 fn resave_is_byte_identical() {
-    for case in ["llama3_lora_qv", "qwen3_lora_qv", "qwen3_prefix"] {
+    for case in ["llama3_lora_qv", "qwen3_lora_qv", "qwen3_prefix", "llama3_prefix"] {
         let m = adapter_peft(case, false);
         let out = temp_dir("families-resave");
         m.save_pretrained(&out, None).unwrap();
