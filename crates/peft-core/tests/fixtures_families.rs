@@ -143,6 +143,10 @@ fn llama3_config_and_inv_freq() {
     for (a, b) in g.config.inv_freq().iter().zip(&scaled) {
         assert!((a - b).abs() <= 1e-6 * b.abs(), "GGUF inv_freq {a} vs config {b}");
     }
+    // The model's config (JS `model.config`) reports the scaling as config.json does.
+    let cj = base_peft("llama3_lora_qv").base.config_json();
+    let on_disk: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures_dir().join("models/llama3/config.json")).unwrap()).unwrap();
+    assert_eq!(cj["rope_parameters"], on_disk["rope_parameters"]);
     // An unknown rope_type is refused, not silently ignored.
     let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures_dir().join("models/llama3/config.json")).unwrap()).unwrap();
     v["rope_parameters"]["rope_type"] = "yarn".into();

@@ -134,7 +134,7 @@ fn hf_config(m: &LlamaForCausalLM) -> serde_json::Value {
         "pad_token_id": c.pad_token_id,
         "pretraining_tp": 1,
         "rms_norm_eps": c.rms_norm_eps,
-        "rope_parameters": rope_parameters(c),
+        "rope_parameters": c.rope_parameters_json(),
         "tie_word_embeddings": c.tie_word_embeddings,
         "transformers_version": "5.18.0",
         "use_cache": true,
@@ -174,21 +174,6 @@ fn hf_config(m: &LlamaForCausalLM) -> serde_json::Value {
         o.insert("label2id".into(), label2id.into());
     }
     v
-}
-
-/// transformers 5's `rope_parameters` of `c` (rope_theta, and the llama3 scaling fields). Scaling
-/// known only as GGUF per-frequency factors has no config.json form; it is written as `default`
-/// (callers that save such a model refuse it first, see [`plain_llama`]).
-fn rope_parameters(c: &crate::model::config::LlamaConfig) -> serde_json::Value {
-    use crate::model::config::RopeScaling;
-    match &c.rope_scaling {
-        Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => serde_json::json!({
-            "factor": factor, "high_freq_factor": high_freq_factor, "low_freq_factor": low_freq_factor,
-            "original_max_position_embeddings": *original_max_position_embeddings as u64,
-            "rope_theta": c.rope_theta, "rope_type": "llama3",
-        }),
-        _ => serde_json::json!({ "rope_theta": c.rope_theta, "rope_type": "default" }),
-    }
 }
 
 /// Where the model was loaded from: the loader's record, else `name_or_path`.

@@ -262,6 +262,21 @@ impl LlamaConfig {
         }
     }
 
+    /// transformers 5's `rope_parameters` (rope_theta, and the llama3 scaling fields). Scaling
+    /// known only as GGUF per-frequency factors has no config.json form and is written as
+    /// `default` plus `"gguf_rope_freqs"` (the factors); saving such a model is refused.
+    pub fn rope_parameters_json(&self) -> Value {
+        match &self.rope_scaling {
+            Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => serde_json::json!({
+                "factor": factor, "high_freq_factor": high_freq_factor, "low_freq_factor": low_freq_factor,
+                "original_max_position_embeddings": *original_max_position_embeddings as u64,
+                "rope_theta": self.rope_theta, "rope_type": "llama3",
+            }),
+            Some(RopeScaling::Factors(f)) => serde_json::json!({ "rope_theta": self.rope_theta, "rope_type": "default", "gguf_rope_freqs": f }),
+            None => serde_json::json!({ "rope_theta": self.rope_theta, "rope_type": "default" }),
+        }
+    }
+
     /// Read and parse `config.json` at `path`.
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| PeftError::io(path, e))?;
