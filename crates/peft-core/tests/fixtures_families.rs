@@ -287,3 +287,22 @@ fn resave_is_byte_identical() {
         remove_dir(&out);
     }
 }
+
+/// GGUF export: a merged Llama 3.x model is refused (the writer has no `rope_freqs.weight` yet),
+/// and so is a Qwen3 one (no `qwen3` GGUF writer); a LoRA adapter over the Llama 3.x base exports
+/// (LoRA GGUFs carry no RoPE parameters: llama.cpp takes them from the base file).
+#[test]
+fn gguf_export_refusals() {
+    for case in ["llama3_lora_qv", "qwen3_lora_qv"] {
+        let mut m = adapter_peft(case, false);
+        m.merge_and_unload(None, false).unwrap();
+        let out = temp_dir("families-export").join("m.gguf");
+        let e = peft_core::export::export_merged_gguf(&m, &out, peft_core::export::GgmlType::F32).unwrap_err();
+        assert_eq!(e.code(), "ERR_EXPORT_UNSUPPORTED", "{case}: {e}");
+        visible(&format!("ok {case}: exportGguf refused: {e}"));
+    }
+    let out = temp_dir("families-lora-export").join("a.gguf");
+    let opts = peft_core::export::LoraExportOptions { base_model: Some(fixtures_dir().join("models/llama3")), ..Default::default() };
+    peft_core::export::export_gguf_lora(&case_dir("llama3_lora_qv"), &out, &opts).unwrap_or_else(|e| panic!("[{}] {e}", e.code()));
+    assert!(out.is_file());
+}

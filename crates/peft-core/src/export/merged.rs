@@ -344,6 +344,9 @@ pub fn export_merged_gguf(m: &PeftModel, out: &Path, outtype: GgmlType) -> Resul
     if llama.info().task != Task::CausalLm {
         return Err(unsupported(format!("a {} head", llama.info().task.task_type()), "GGUF export writes causal LMs only"));
     }
+    if llama.config.rope_scaling.is_some() {
+        return Err(unsupported("RoPE scaling", "exportGguf does not write Llama 3.x RoPE scaling (`rope_freqs.weight`) yet"));
+    }
     let (arch, permute) = gguf_architecture(&llama.config)?;
     let c = &llama.config;
     let mut w = GgufWriter::new();

@@ -29,12 +29,6 @@ pub use merged::{export_merged_gguf, save_merged_pretrained, MergedSaveOptions};
 ///
 /// Errors: `ExportUnsupported` naming any other `model_type`.
 pub fn gguf_architecture(cfg: &LlamaConfig) -> Result<(&'static str, bool)> {
-    if cfg.rope_scaling.is_some() {
-        return Err(PeftError::ExportUnsupported {
-            what: "RoPE scaling".into(),
-            msg: "GGUF export does not write llama3 RoPE scaling (`rope_freqs.weight`) yet".into(),
-        });
-    }
     match cfg.model_type.as_str() {
         "llama" | "mistral" => Ok(("llama", true)),
         "qwen2" => Ok(("qwen2", false)),
