@@ -692,6 +692,12 @@ pub fn load_gguf_ctl(path: &Path, dtype: DType, device: &Device, ctl: &crate::pr
     let mut tensors = HashMap::with_capacity(expected.len());
     let mut counter = crate::progress::Counter::new(ctl, expected.len() as u64);
     for (name, _) in &expected {
+        // `rope_freqs.weight` has no transformers name: it becomes `config.rope_scaling` below.
+        let hf = match gguf_to_hf_name(name) {
+            Some(h) => h,
+            None if name == "rope_freqs.weight" => String::new(),
+            None => return Err(PeftError::Internal(format!("no HF name for {name}"))),
+        };
         let info = &content.tensor_infos[name];
         let ty = info.ggml_dtype;
         let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> candle_core::Result<Tensor> {
@@ -714,7 +720,6 @@ pub fn load_gguf_ctl(path: &Path, dtype: DType, device: &Device, ctl: &crate::pr
             counter.tick()?;
             continue;
         }
-        let hf = gguf_to_hf_name(name).ok_or_else(|| PeftError::Internal(format!("no HF name for {name}")))?;
         // llama.cpp permutes q/k rows for the `llama` architecture only (its NEOX-RoPE
         // architectures, qwen3 here, keep Hugging Face's order).
         if config.model_type == "llama" && name.contains(".attn_q.") {
