@@ -317,6 +317,7 @@ fn validate_tensor_infos(content: &gguf_file::Content, file_size: u64, path: &Pa
 /// | `output.weight` | `lm_head.weight` |
 /// | `blk.N.attn_norm.weight` | `model.layers.N.input_layernorm.weight` |
 /// | `blk.N.attn_{q,k,v,output}.{weight,bias}` | `model.layers.N.self_attn.{q,k,v,o}_proj.{weight,bias}` |
+/// | `blk.N.attn_{q,k}_norm.weight` (Qwen3) | `model.layers.N.self_attn.{q,k}_norm.weight` |
 /// | `blk.N.ffn_norm.weight` | `model.layers.N.post_attention_layernorm.weight` |
 /// | `blk.N.ffn_{gate,up,down}.{weight,bias}` | `model.layers.N.mlp.{gate,up,down}_proj.{weight,bias}` |
 ///
@@ -336,6 +337,8 @@ pub fn gguf_to_hf_name(name: &str) -> Option<String> {
     let (module, param) = rest.rsplit_once('.')?;
     let (hf, is_norm) = match module {
         "attn_norm" => ("input_layernorm", true),
+        "attn_q_norm" => ("self_attn.q_norm", true),
+        "attn_k_norm" => ("self_attn.k_norm", true),
         "ffn_norm" => ("post_attention_layernorm", true),
         "attn_q" => ("self_attn.q_proj", false),
         "attn_k" => ("self_attn.k_proj", false),
@@ -422,7 +425,9 @@ fn opt_uint(content: &gguf_file::Content, key: &str, path: &Path) -> Result<Opti
     }
 }
 
-/// Build a [`LlamaConfig`] from the metadata of a `general.architecture = "llama"` GGUF file.
+/// Build a [`LlamaConfig`] from the metadata of a `general.architecture = "llama"` or `"qwen3"`
+/// GGUF file (for `qwen3` the keys below are prefixed `qwen3.` instead of `llama.`, and the
+/// config gets `qk_norm`).
 ///
 /// Keys (GGUF spec, "LLM" section): `llama.context_length` → `max_position_embeddings`,
 /// `llama.embedding_length` → `hidden_size`, `llama.feed_forward_length` →
@@ -438,24 +443,25 @@ fn opt_uint(content: &gguf_file::Content, key: &str, path: &Path) -> Result<Opti
 /// `general.name` or the file stem. `dtype` is left `None` (set by [`load_gguf`]).
 ///
 /// Errors (`GgufInvalid`): another architecture, a missing or mistyped required key,
-/// inconsistent head counts, or features this crate does not implement (RoPE scaling,
-/// partial rotary dimensions, mixture of experts, `value_length != key_length`).
+/// inconsistent head counts, or features this crate does not implement (RoPE scaling other
+/// than Llama 3.x's `rope_freqs.weight`, which [`load_gguf`] reads, partial rotary dimensions, mixture of experts, `value_length != key_length`).
 pub fn llama_config_from_gguf(content: &gguf_file::Content, path: &Path) -> Result<LlamaConfig> {
     let md = &content.metadata;
     let arch = meta::string(md, "general.architecture", path)?
         .ok_or_else(|| invalid(path, "missing metadata key `general.architecture`"))?;
-    if arch != "llama" {
+    if arch != "llama" && arch != "qwen3" {
         return Err(invalid(
             path,
-            format!("unsupported architecture `{arch}` (general.architecture); only `llama` GGUF files are supported"),
+            format!("unsupported architecture `{arch}` (general.architecture); only `llama` and `qwen3` GGUF files are supported"),
         ));
     }
-    let hidden = req_uint(content, "llama.embedding_length", path)?;
-    let layers = req_uint(content, "llama.block_count", path)?;
-    let ffn = req_uint(content, "llama.feed_forward_length", path)?;
-    let heads = req_uint(content, "llama.attention.head_count", path)?;
-    let ctx = req_uint(content, "llama.context_length", path)?;
-    let kv_heads = opt_uint(content, "llama.attention.head_count_kv", path)?.unwrap_or(heads);
+    let k = |key: &str| format!("{arch}.{key}");
+    let hidden = req_uint(content, &k("embedding_length"), path)?;
+    let layers = req_uint(content, &k("block_count"), path)?;
+    let ffn = req_uint(content, &k("feed_forward_length"), path)?;
+    let heads = req_uint(content, &k("attention.head_count"), path)?;
+    let ctx = req_uint(content, &k("context_length"), path)?;
+    let kv_heads = opt_uint(content, &k("attention.head_count_kv"), path)?.unwrap_or(heads);
     if hidden == 0 || layers == 0 || ffn == 0 || heads == 0 || kv_heads == 0 {
         return Err(invalid(
             path,
@@ -465,10 +471,10 @@ pub fn llama_config_from_gguf(content: &gguf_file::Content, path: &Path) -> Resu
     if heads % kv_heads != 0 {
         return Err(invalid(
             path,
-            format!("llama.attention.head_count_kv ({kv_heads}) must divide llama.attention.head_count ({heads})"),
+            format!("{arch}.attention.head_count_kv ({kv_heads}) must divide {arch}.attention.head_count ({heads})"),
         ));
     }
-    let head_dim = match opt_uint(content, "llama.attention.key_length", path)? {
+    let head_dim = match opt_uint(content, &k("attention.key_length"), path)? {
         Some(k) => k,
         None => {
             if hidden % heads != 0 {
@@ -480,42 +486,39 @@ pub fn llama_config_from_gguf(content: &gguf_file::Content, path: &Path) -> Resu
     if head_dim == 0 || head_dim % 2 != 0 {
         return Err(invalid(path, format!("head dimension {head_dim} must be positive and even (RoPE)")));
     }
-    if let Some(v) = opt_uint(content, "llama.attention.value_length", path)? {
+    if let Some(v) = opt_uint(content, &k("attention.value_length"), path)? {
         if v != head_dim {
-            return Err(invalid(path, format!("llama.attention.value_length {v} != key_length {head_dim} is not supported")));
+            return Err(invalid(path, format!("{arch}.attention.value_length {v} != key_length {head_dim} is not supported")));
         }
     }
-    if let Some(r) = opt_uint(content, "llama.rope.dimension_count", path)? {
+    if let Some(r) = opt_uint(content, &k("rope.dimension_count"), path)? {
         if r != head_dim {
             return Err(invalid(
                 path,
-                format!("partial rotary embeddings (llama.rope.dimension_count {r} != head dim {head_dim}) are not supported"),
+                format!("partial rotary embeddings ({arch}.rope.dimension_count {r} != head dim {head_dim}) are not supported"),
             ));
         }
     }
-    if let Some(t) = meta::string(md, "llama.rope.scaling.type", path)? {
+    if let Some(t) = meta::string(md, &k("rope.scaling.type"), path)? {
         if t != "none" {
-            return Err(invalid(path, format!("RoPE scaling `{t}` (llama.rope.scaling.type) is not supported")));
+            return Err(invalid(path, format!("RoPE scaling `{t}` ({arch}.rope.scaling.type) is not supported")));
         }
     }
-    if content.tensor_infos.contains_key("rope_freqs.weight") {
-        return Err(invalid(path, "`rope_freqs.weight` (Llama 3.1-style RoPE scaling) is not supported"));
+    if opt_uint(content, &k("expert_count"), path)?.unwrap_or(0) > 0 {
+        return Err(invalid(path, format!("mixture-of-experts models ({arch}.expert_count > 0) are not supported")));
     }
-    if opt_uint(content, "llama.expert_count", path)?.unwrap_or(0) > 0 {
-        return Err(invalid(path, "mixture-of-experts models (llama.expert_count > 0) are not supported"));
-    }
-    let rope_theta = meta::float(md, "llama.rope.freq_base", path)?.unwrap_or(10000.0);
-    let rms_norm_eps = meta::float(md, "llama.attention.layer_norm_rms_epsilon", path)?
-        .ok_or_else(|| invalid(path, "missing metadata key `llama.attention.layer_norm_rms_epsilon`"))?;
+    let rope_theta = meta::float(md, &k("rope.freq_base"), path)?.unwrap_or(10000.0);
+    let rms_norm_eps = meta::float(md, &k("attention.layer_norm_rms_epsilon"), path)?
+        .ok_or_else(|| invalid(path, format!("missing metadata key `{arch}.attention.layer_norm_rms_epsilon`")))?;
     if !(rope_theta.is_finite() && rope_theta > 0.0 && rms_norm_eps.is_finite() && rms_norm_eps >= 0.0) {
         return Err(invalid(path, format!("invalid rope.freq_base {rope_theta} or layer_norm_rms_epsilon {rms_norm_eps}")));
     }
-    let vocab_size = match opt_uint(content, "llama.vocab_size", path)? {
+    let vocab_size = match opt_uint(content, &k("vocab_size"), path)? {
         Some(v) => v,
         None => match md.get("tokenizer.ggml.tokens") {
             Some(gguf_file::Value::Array(a)) => a.len(),
             _ => {
-                return Err(invalid(path, "missing metadata key `llama.vocab_size` (and no `tokenizer.ggml.tokens`)"))
+                return Err(invalid(path, format!("missing metadata key `{arch}.vocab_size` (and no `tokenizer.ggml.tokens`)")))
             }
         },
     };
@@ -541,7 +544,7 @@ pub fn llama_config_from_gguf(content: &gguf_file::Content, path: &Path) -> Resu
         .filter(|s| !s.trim().is_empty())
         .or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()));
     Ok(LlamaConfig {
-        model_type: "llama".into(),
+        model_type: arch.clone(),
         vocab_size,
         hidden_size: hidden,
         intermediate_size: ffn,
@@ -551,6 +554,9 @@ pub fn llama_config_from_gguf(content: &gguf_file::Content, path: &Path) -> Resu
         head_dim,
         rms_norm_eps,
         rope_theta,
+        // Llama 3.x scaling is stored as the tensor `rope_freqs.weight`, read by `load_gguf`.
+        rope_scaling: None,
+        qk_norm: arch == "qwen3",
         max_position_embeddings: ctx,
         tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
         attention_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
@@ -560,7 +566,7 @@ pub fn llama_config_from_gguf(content: &gguf_file::Content, path: &Path) -> Resu
         pad_token_id: pad,
         dtype: None,
         name_or_path: name,
-        architecture: "LlamaForCausalLM".into(),
+        architecture: if arch == "qwen3" { "Qwen3ForCausalLM".into() } else { "LlamaForCausalLM".into() },
         source_path: None,
     })
 }
@@ -579,6 +585,9 @@ fn expected_shapes(cfg: &LlamaConfig, content: &gguf_file::Content, path: &Path)
     if !cfg.tie_word_embeddings {
         out.push(("output.weight".into(), vec![v, h]));
     }
+    if content.tensor_infos.contains_key("rope_freqs.weight") {
+        out.push(("rope_freqs.weight".into(), vec![cfg.head_dim / 2]));
+    }
     // Stop at the first layer that is missing, so a huge bogus block_count costs nothing.
     for l in 0..cfg.num_hidden_layers {
         let linear = [
@@ -592,6 +601,10 @@ fn expected_shapes(cfg: &LlamaConfig, content: &gguf_file::Content, path: &Path)
         ];
         out.push((format!("blk.{l}.attn_norm.weight"), vec![h]));
         out.push((format!("blk.{l}.ffn_norm.weight"), vec![h]));
+        if cfg.qk_norm {
+            out.push((format!("blk.{l}.attn_q_norm.weight"), vec![cfg.head_dim]));
+            out.push((format!("blk.{l}.attn_k_norm.weight"), vec![cfg.head_dim]));
+        }
         for (m, o, i) in linear {
             out.push((format!("blk.{l}.{m}.weight"), vec![o, i]));
             let b = format!("blk.{l}.{m}.bias");
@@ -718,7 +731,7 @@ pub fn load_gguf_opts(path: &Path, dtype: DType, device: &Device, ctl: &crate::p
         extra.sort();
         return Err(invalid(
             path,
-            format!("unexpected tensor(s) for a {}-layer llama model: {:?}", config.num_hidden_layers, extra),
+            format!("unexpected tensor(s) for a {}-layer {} model: {:?}", config.num_hidden_layers, config.model_type, extra),
         ));
     }
 
@@ -729,7 +742,12 @@ pub fn load_gguf_opts(path: &Path, dtype: DType, device: &Device, ctl: &crate::p
     let mut skipped: std::collections::BTreeMap<String, usize> = Default::default();
     let mut counter = crate::progress::Counter::new(ctl, expected.len() as u64);
     for (name, _) in &expected {
-        let hf = gguf_to_hf_name(name).ok_or_else(|| PeftError::Internal(format!("no HF name for {name}")))?;
+        // `rope_freqs.weight` has no transformers name: it becomes `config.rope_scaling` below.
+        let hf = match gguf_to_hf_name(name) {
+            Some(h) => h,
+            None if name == "rope_freqs.weight" => String::new(),
+            None => return Err(PeftError::Internal(format!("no HF name for {name}"))),
+        };
         let info = &content.tensor_infos[name];
         let ty = info.ggml_dtype;
         if keep_quantized && is_layer_linear(name) && ty != candle_core::quantized::GgmlDType::F32 {
@@ -773,9 +791,22 @@ pub fn load_gguf_opts(path: &Path, dtype: DType, device: &Device, ctl: &crate::p
             Ok(Err(e)) => return Err(invalid(path, format!("cannot read tensor `{name}` ({ty:?}): {e}"))),
             Err(_) => return Err(invalid(path, format!("cannot read tensor `{name}` ({ty:?}): malformed data"))),
         };
-        if name.contains(".attn_q.") {
+        if name == "rope_freqs.weight" {
+            // llama.cpp's Llama 3.x RoPE scaling: per-frequency divisors (convert_hf_to_gguf.py
+            // `LlamaModel.generate_extra_tensors`).
+            let f: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            if f.iter().any(|x| !x.is_finite() || *x <= 0.0) {
+                return Err(invalid(path, "`rope_freqs.weight` holds a non-positive or non-finite factor"));
+            }
+            config.rope_scaling = Some(crate::model::config::RopeScaling::Factors(f));
+            counter.tick()?;
+            continue;
+        }
+        // llama.cpp permutes q/k rows for the `llama` architecture only (its NEOX-RoPE
+        // architectures, qwen3 here, keep Hugging Face's order).
+        if config.model_type == "llama" && name.contains(".attn_q.") {
             t = unpermute_qk(&t, config.num_attention_heads)?;
-        } else if name.contains(".attn_k.") {
+        } else if config.model_type == "llama" && name.contains(".attn_k.") {
             t = unpermute_qk(&t, config.num_key_value_heads)?;
         }
         let t = t.to_dtype(dtype)?.to_device(device)?;

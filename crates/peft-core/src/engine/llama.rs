@@ -223,6 +223,10 @@ impl<'m> Plan<'m> {
                 return None;
             }
         }
+        // Qwen3's per-head q/k RMSNorm is not computed here: the general path runs it.
+        if m.config.qk_norm || m.layers.iter().any(|l| l.self_attn.q_norm.is_some() || l.self_attn.k_norm.is_some()) {
+            return None;
+        }
         let mut layers = Vec::with_capacity(m.layers.len());
         for l in &m.layers {
             let a = &l.self_attn;

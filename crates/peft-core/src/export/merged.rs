@@ -43,10 +43,17 @@ fn plain_llama<'a>(m: &'a PeftModel, call: &str) -> Result<&'a LlamaForCausalLM>
             "{call}: the model still carries adapters {names:?}; call mergeAndUnload() (or unload()) first, or export the adapter with exportGgufLora"
         )));
     }
-    m.base.as_llama().ok_or_else(|| {
+    let llama = m.base.as_llama().ok_or_else(|| {
         let i = m.base.info();
-        unsupported(format!("architecture `{}`", i.architecture), format!("{call} supports Llama-family models (Llama, SmolLM2, Mistral, Qwen2)"))
-    })
+        unsupported(format!("architecture `{}`", i.architecture), format!("{call} supports Llama-family models (Llama, SmolLM2, Mistral, Qwen2, Qwen3)"))
+    })?;
+    if let Some(crate::model::config::RopeScaling::Factors(_)) = llama.config.rope_scaling {
+        return Err(unsupported(
+            "RoPE scaling factors from GGUF",
+            format!("{call}: the model's RoPE scaling came from a GGUF `rope_freqs.weight`, which has no config.json form"),
+        ));
+    }
+    Ok(llama)
 }
 
 /// The model's weights under their transformers names, in module order (the `state_dict` that
@@ -61,6 +68,17 @@ pub fn llama_state_dict(m: &LlamaForCausalLM) -> Vec<(String, Tensor)> {
             ("self_attn.k_proj", &l.self_attn.k_proj),
             ("self_attn.v_proj", &l.self_attn.v_proj),
             ("self_attn.o_proj", &l.self_attn.o_proj),
+        ] {
+            out.push((format!("{p}.{n}.weight"), lin.weight.clone()));
+            if let Some(b) = &lin.bias {
+                out.push((format!("{p}.{n}.bias"), b.clone()));
+            }
+        }
+        if let (Some(qn), Some(kn)) = (&l.self_attn.q_norm, &l.self_attn.k_norm) {
+            out.push((format!("{p}.self_attn.q_norm.weight"), qn.clone()));
+            out.push((format!("{p}.self_attn.k_norm.weight"), kn.clone()));
+        }
+        for (n, lin) in [
             ("mlp.gate_proj", &l.mlp.gate_proj),
             ("mlp.up_proj", &l.mlp.up_proj),
             ("mlp.down_proj", &l.mlp.down_proj),
@@ -117,7 +135,7 @@ fn hf_config(m: &LlamaForCausalLM) -> serde_json::Value {
         "pad_token_id": c.pad_token_id,
         "pretraining_tp": 1,
         "rms_norm_eps": c.rms_norm_eps,
-        "rope_parameters": { "rope_theta": c.rope_theta, "rope_type": "default" },
+        "rope_parameters": c.rope_parameters_json(),
         "tie_word_embeddings": c.tie_word_embeddings,
         "transformers_version": "5.18.0",
         "use_cache": true,
@@ -133,6 +151,14 @@ fn hf_config(m: &LlamaForCausalLM) -> serde_json::Value {
             o.insert("use_sliding_window".into(), false.into());
             o.insert("sliding_window".into(), serde_json::Value::Null);
             o.insert("max_window_layers".into(), c.num_hidden_layers.into());
+        }
+        "qwen3" => {
+            o.remove("mlp_bias");
+            o.remove("pretraining_tp");
+            o.insert("use_sliding_window".into(), false.into());
+            o.insert("sliding_window".into(), serde_json::Value::Null);
+            o.insert("max_window_layers".into(), c.num_hidden_layers.into());
+            o.insert("layer_types".into(), vec!["full_attention"; c.num_hidden_layers].into());
         }
         "mistral" => {
             o.remove("attention_bias");
@@ -318,6 +344,9 @@ pub fn export_merged_gguf(m: &PeftModel, out: &Path, outtype: GgmlType) -> Resul
     let llama = plain_llama(m, "exportGguf")?;
     if llama.info().task != Task::CausalLm {
         return Err(unsupported(format!("a {} head", llama.info().task.task_type()), "GGUF export writes causal LMs only"));
+    }
+    if llama.config.rope_scaling.is_some() {
+        return Err(unsupported("RoPE scaling", "exportGguf does not write Llama 3.x RoPE scaling (`rope_freqs.weight`) yet"));
     }
     let (arch, permute) = gguf_architecture(&llama.config)?;
     let c = &llama.config;

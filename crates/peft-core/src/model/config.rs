@@ -6,7 +6,21 @@ use crate::error::{PeftError, Result};
 use serde_json::Value;
 use std::path::Path;
 
-/// Architecture hyper-parameters of a Llama-family decoder (Llama, SmolLM2, Qwen2, Mistral).
+/// RoPE frequency scaling applied to the default inverse frequencies `1 / theta^(2i/d)`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    /// Llama 3.x (`rope_type: "llama3"`), as transformers' `_compute_llama3_parameters`:
+    /// wavelengths `2π / f` above `original_max_position_embeddings / low_freq_factor` are divided
+    /// by `factor`, those below `original / high_freq_factor` are kept, and the ones between are
+    /// interpolated with `smooth = (original / wavelen - low) / (high - low)`.
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+    /// Per-frequency divisors, `[head_dim / 2]` (llama.cpp's precomputed `rope_freqs.weight` of a
+    /// GGUF file: the frequency used is `f / factors[i]`).
+    Factors(Vec<f32>),
+}
+
+/// Architecture hyper-parameters of a Llama-family decoder (Llama, Llama 3.x, SmolLM2, Qwen2,
+/// Qwen3, Mistral).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
     /// `model_type` from config.json ("llama", "qwen2", "mistral").
@@ -21,6 +35,11 @@ pub struct LlamaConfig {
     pub head_dim: usize,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
+    /// RoPE scaling (`None` = the default frequencies).
+    pub rope_scaling: Option<RopeScaling>,
+    /// Qwen3: per-head RMSNorm of the queries and keys (`self_attn.q_norm` / `k_norm`, weight
+    /// `[head_dim]`) after the projections' reshape to heads and before RoPE.
+    pub qk_norm: bool,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
     /// q/k/v projections carry a bias (Qwen2, or Llama's `attention_bias`).
@@ -79,6 +98,8 @@ pub const LLAMA_ARCHITECTURES: &[&str] = &[
     "MistralForSequenceClassification",
     "Qwen2ForCausalLM",
     "Qwen2ForSequenceClassification",
+    "Qwen3ForCausalLM",
+    "Qwen3ForSequenceClassification",
 ];
 
 /// The GPT-2 `architectures` values.
@@ -113,6 +134,7 @@ impl LlamaConfig {
             .unwrap_or_else(|| match model_type.as_str() {
                 "qwen2" => "Qwen2ForCausalLM".into(),
                 "mistral" => "MistralForCausalLM".into(),
+                "qwen3" => "Qwen3ForCausalLM".into(),
                 _ => "LlamaForCausalLM".into(),
             });
         if !LLAMA_ARCHITECTURES.contains(&architecture.as_str()) {
@@ -145,16 +167,45 @@ impl LlamaConfig {
                 .and_then(|t| t.as_f64())
                 .unwrap_or(10000.0),
         };
-        if let Some(rt) = v.get("rope_parameters").and_then(|p| p.get("rope_type")).and_then(|t| t.as_str()) {
-            if rt != "default" {
-                return Err(bad(format!("rope_type `{rt}` is not supported (only `default`)")));
+        // transformers 5 writes `rope_parameters` (rope_theta + the scaling fields); older
+        // configs write `rope_scaling` (the scaling fields, `type` or `rope_type`).
+        let mut rope_scaling = None;
+        for key in ["rope_parameters", "rope_scaling"] {
+            let Some(p) = v.get(key).filter(|p| !p.is_null()) else { continue };
+            if !p.is_object() {
+                return Err(bad(format!("`{key}` must be an object, found {p}")));
+            }
+            let rt = p.get("rope_type").or(p.get("type")).and_then(|x| x.as_str()).unwrap_or("default");
+            match rt {
+                "default" => {}
+                "llama3" => {
+                    let f = |k: &str, d: Option<f64>| -> Result<f64> {
+                        match p.get(k).and_then(|x| x.as_f64()).or(d) {
+                            Some(x) if x.is_finite() && x > 0.0 => Ok(x),
+                            Some(x) => Err(bad(format!("`{key}.{k}` must be a positive number, found {x}"))),
+                            None => Err(bad(format!("`{key}` of rope_type llama3 needs `{k}`"))),
+                        }
+                    };
+                    let s = RopeScaling::Llama3 {
+                        factor: f("factor", None)?,
+                        low_freq_factor: f("low_freq_factor", None)?,
+                        high_freq_factor: f("high_freq_factor", None)?,
+                        original_max_position_embeddings: f("original_max_position_embeddings", None)?,
+                    };
+                    if let RopeScaling::Llama3 { low_freq_factor, high_freq_factor, .. } = &s {
+                        if high_freq_factor <= low_freq_factor {
+                            return Err(bad(format!("`{key}`: high_freq_factor must exceed low_freq_factor")));
+                        }
+                    }
+                    rope_scaling = Some(s);
+                }
+                other => {
+                    return Err(bad(format!("rope_type `{other}` ({key}) is not supported (supported: default, llama3)")));
+                }
             }
         }
-        if let Some(Value::Object(_)) = v.get("rope_scaling") {
-            let rt = v["rope_scaling"].get("rope_type").or(v["rope_scaling"].get("type"));
-            if rt.and_then(|x| x.as_str()).map(|s| s != "default").unwrap_or(true) {
-                return Err(bad(format!("rope_scaling {} is not supported", v["rope_scaling"])));
-            }
+        if v.get("use_sliding_window").and_then(|x| x.as_bool()) == Some(true) {
+            return Err(bad("`use_sliding_window: true` (sliding-window attention) is not supported".into()));
         }
         let cfg = LlamaConfig {
             vocab_size: req("vocab_size")?,
@@ -166,6 +217,8 @@ impl LlamaConfig {
             head_dim,
             rms_norm_eps: get_f64(v, "rms_norm_eps", path)?.unwrap_or(1e-6),
             rope_theta,
+            rope_scaling,
+            qk_norm: model_type == "qwen3",
             max_position_embeddings: get_usize(v, "max_position_embeddings", path)?.unwrap_or(2048),
             tie_word_embeddings: v.get("tie_word_embeddings").and_then(|x| x.as_bool()).unwrap_or(false),
             attention_bias: v.get("attention_bias").and_then(|x| x.as_bool()).unwrap_or(model_type == "qwen2"),
@@ -180,6 +233,48 @@ impl LlamaConfig {
             source_path: None,
         };
         Ok(cfg)
+    }
+
+    /// RoPE inverse frequencies `[head_dim / 2]`: `1 / theta^(2i/d)` with [`Self::rope_scaling`]
+    /// applied.
+    pub fn inv_freq(&self) -> Vec<f32> {
+        let hd = self.head_dim;
+        let base: Vec<f64> = (0..hd / 2).map(|i| 1.0 / self.rope_theta.powf(2.0 * i as f64 / hd as f64)).collect();
+        match &self.rope_scaling {
+            None => base.iter().map(|&f| f as f32).collect(),
+            Some(RopeScaling::Factors(k)) => base.iter().zip(k).map(|(&f, &k)| (f / k as f64) as f32).collect(),
+            Some(RopeScaling::Llama3 { factor, low_freq_factor: lo, high_freq_factor: hi, original_max_position_embeddings: old }) => base
+                .iter()
+                .map(|&f| {
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    let (low_wl, high_wl) = (old / lo, old / hi);
+                    let g = if wavelen < high_wl {
+                        f
+                    } else if wavelen > low_wl {
+                        f / factor
+                    } else {
+                        let smooth = (old / wavelen - lo) / (hi - lo);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    };
+                    g as f32
+                })
+                .collect(),
+        }
+    }
+
+    /// transformers 5's `rope_parameters` (rope_theta, and the llama3 scaling fields). Scaling
+    /// known only as GGUF per-frequency factors has no config.json form and is written as
+    /// `default` plus `"gguf_rope_freqs"` (the factors); saving such a model is refused.
+    pub fn rope_parameters_json(&self) -> Value {
+        match &self.rope_scaling {
+            Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => serde_json::json!({
+                "factor": factor, "high_freq_factor": high_freq_factor, "low_freq_factor": low_freq_factor,
+                "original_max_position_embeddings": *original_max_position_embeddings as u64,
+                "rope_theta": self.rope_theta, "rope_type": "llama3",
+            }),
+            Some(RopeScaling::Factors(f)) => serde_json::json!({ "rope_theta": self.rope_theta, "rope_type": "default", "gguf_rope_freqs": f }),
+            None => serde_json::json!({ "rope_theta": self.rope_theta, "rope_type": "default" }),
+        }
     }
 
     /// Read and parse `config.json` at `path`.

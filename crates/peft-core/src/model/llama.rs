@@ -1,10 +1,14 @@
-//! Llama-family causal LM (Llama, SmolLM2, Qwen2, Mistral) with transformers' module names.
+//! Llama-family causal LM (Llama, Llama 3.x, SmolLM2, Qwen2, Qwen3, Mistral) with transformers'
+//! module names.
 //!
 //! Per layer: `h = x + o_proj(attn(rope(q_proj(n1(x))), rope(k_proj(n1(x))), v_proj(n1(x))))`,
 //! `out = h + down_proj(silu(gate_proj(n2(h))) · up_proj(n2(h)))`, with RMSNorm `n1`, `n2`,
 //! grouped-query attention (`num_key_value_heads` ≤ `num_attention_heads`), rotate-half RoPE
-//! with the config's `rope_theta`, eager attention with an additive causal + padding mask.
-//! Matches transformers' `LlamaForCausalLM` / `Qwen2ForCausalLM` (eager attention).
+//! with the config's `rope_theta` (and Llama 3.x `llama3` frequency scaling), eager attention with an
+//! additive causal + padding mask. Qwen3 adds a per-head RMSNorm of q and k (`self_attn.q_norm` /
+//! `k_norm`, weight `[head_dim]`) between the reshape to heads and RoPE.
+//! Matches transformers' `LlamaForCausalLM` / `Qwen2ForCausalLM` / `Qwen3ForCausalLM` (eager
+//! attention).
 
 use super::config::LlamaConfig;
 use super::{BaseModel, ModelInfo, Task};
@@ -20,6 +24,9 @@ pub struct Attention {
     pub k_proj: PeftLinear,
     pub v_proj: PeftLinear,
     pub o_proj: PeftLinear,
+    /// Qwen3: per-head RMSNorm weights `[head_dim]` of the queries and keys.
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
 }
 
 pub struct Mlp {
@@ -97,12 +104,19 @@ impl LlamaForCausalLM {
                 k_proj: lin("self_attn.k_proj", kv_out, h, c.attention_bias)?,
                 v_proj: lin("self_attn.v_proj", kv_out, h, c.attention_bias)?,
                 o_proj: lin("self_attn.o_proj", h, q_out, c.attention_bias && c.model_type != "qwen2")?,
+                q_norm: None,
+                k_norm: None,
             };
             let mlp = Mlp {
                 gate_proj: lin("mlp.gate_proj", c.intermediate_size, h, c.mlp_bias)?,
                 up_proj: lin("mlp.up_proj", c.intermediate_size, h, c.mlp_bias)?,
                 down_proj: lin("mlp.down_proj", h, c.intermediate_size, c.mlp_bias)?,
             };
+            let mut self_attn = self_attn;
+            if c.qk_norm {
+                self_attn.q_norm = Some(take(&format!("{p}.self_attn.q_norm.weight"), &[hd])?);
+                self_attn.k_norm = Some(take(&format!("{p}.self_attn.k_norm.weight"), &[hd])?);
+            }
             layers.push(DecoderLayer {
                 input_layernorm: take(&format!("{p}.input_layernorm.weight"), &[h])?,
                 self_attn,
@@ -125,8 +139,7 @@ impl LlamaForCausalLM {
                 })
             }
         };
-        let half = hd / 2;
-        let inv_freq = (0..half).map(|i| 1.0 / (c.rope_theta.powf(2.0 * i as f64 / hd as f64)) as f32).collect();
+        let inv_freq = c.inv_freq();
         let info = ModelInfo {
             architecture: match task {
                 Task::SeqCls => c.architecture.replace("ForCausalLM", "ForSequenceClassification"),
@@ -172,6 +185,10 @@ impl LlamaForCausalLM {
             for n in ["q_proj", "k_proj", "v_proj", "o_proj"] {
                 out.push(format!("{p}.self_attn.{n}"));
             }
+            if self.config.qk_norm {
+                out.push(format!("{p}.self_attn.q_norm"));
+                out.push(format!("{p}.self_attn.k_norm"));
+            }
             out.push(format!("{p}.mlp"));
             for n in ["gate_proj", "up_proj", "down_proj"] {
                 out.push(format!("{p}.mlp.{n}"));
@@ -184,7 +201,8 @@ impl LlamaForCausalLM {
         out
     }
 
-    /// RoPE inverse frequencies `1 / theta^(2i/d)`, `[head_dim / 2]`.
+    /// RoPE inverse frequencies `1 / theta^(2i/d)` (scaled as the config's `rope_scaling`
+    /// says), `[head_dim / 2]`.
     pub fn inv_freq(&self) -> &[f32] {
         &self.inv_freq
     }
@@ -194,6 +212,7 @@ impl LlamaForCausalLM {
         let mut n = self.norm.elem_count();
         for l in &self.layers {
             n += l.input_layernorm.elem_count() + l.post_attention_layernorm.elem_count();
+            n += [&l.self_attn.q_norm, &l.self_attn.k_norm].iter().filter_map(|t| t.as_ref()).map(|t| t.elem_count()).sum::<usize>();
         }
         for (name, lin) in self.named_linears() {
             if name == "lm_head" && self.config.tie_word_embeddings && self.info.task == Task::CausalLm {
@@ -292,8 +311,14 @@ impl LlamaForCausalLM {
         let (b, s, _) = x.dims3()?;
         let (nh, nkv, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let n1 = rms_norm(x, &l.input_layernorm, c.rms_norm_eps, train)?;
-        let q = l.self_attn.q_proj.forward(&n1, &ctx.lin)?.reshape((b, s, nh, hd))?.transpose(1, 2)?;
-        let k = l.self_attn.k_proj.forward(&n1, &ctx.lin)?.reshape((b, s, nkv, hd))?.transpose(1, 2)?;
+        let q = l.self_attn.q_proj.forward(&n1, &ctx.lin)?.reshape((b, s, nh, hd))?;
+        let k = l.self_attn.k_proj.forward(&n1, &ctx.lin)?.reshape((b, s, nkv, hd))?;
+        let (q, k) = match (&l.self_attn.q_norm, &l.self_attn.k_norm) {
+            (Some(qn), Some(kn)) => (rms_norm(&q, qn, c.rms_norm_eps, train)?, rms_norm(&k, kn, c.rms_norm_eps, train)?),
+            _ => (q, k),
+        };
+        let q = q.transpose(1, 2)?;
+        let k = k.transpose(1, 2)?;
         let v = l.self_attn.v_proj.forward(&n1, &ctx.lin)?.reshape((b, s, nkv, hd))?.transpose(1, 2)?;
         let q = rope(&q, &ctx.cos, &ctx.sin, train)?;
         let k = rope(&k, &ctx.cos, &ctx.sin, train)?;
@@ -358,7 +383,8 @@ impl BaseModel for LlamaForCausalLM {
             "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
             "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
             "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim, "rms_norm_eps": c.rms_norm_eps,
-            "rope_theta": c.rope_theta, "max_position_embeddings": c.max_position_embeddings,
+            "rope_theta": c.rope_theta, "rope_parameters": c.rope_parameters_json(),
+            "max_position_embeddings": c.max_position_embeddings,
             "tie_word_embeddings": c.tie_word_embeddings, "bos_token_id": c.bos_token_id,
             "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id, "dtype": c.dtype,
             "_name_or_path": c.name_or_path,
@@ -376,7 +402,7 @@ impl BaseModel for LlamaForCausalLM {
         let LlamaForCausalLM { embed_tokens, layers, lm_head, head_name, .. } = this;
         let mut out = vec![("model.embed_tokens".to_string(), embed_tokens)];
         for (i, l) in layers.into_iter().enumerate() {
-            let DecoderLayer { self_attn: Attention { q_proj, k_proj, v_proj, o_proj }, mlp: Mlp { gate_proj, up_proj, down_proj }, .. } = l;
+            let DecoderLayer { self_attn: Attention { q_proj, k_proj, v_proj, o_proj, .. }, mlp: Mlp { gate_proj, up_proj, down_proj }, .. } = l;
             let named = [
                 ("self_attn.q_proj", q_proj),
                 ("self_attn.k_proj", k_proj),

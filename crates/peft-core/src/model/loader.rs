@@ -244,6 +244,7 @@ pub fn architecture_of(v: &serde_json::Value) -> Option<String> {
             "gpt2" => "GPT2LMHeadModel",
             "t5" => "T5ForConditionalGeneration",
             "qwen2" => "Qwen2ForCausalLM",
+            "qwen3" => "Qwen3ForCausalLM",
             "mistral" => "MistralForCausalLM",
             "llama" => "LlamaForCausalLM",
             "bert" => "BertModel",

@@ -1,0 +1,308 @@
+//! Golden tests for the newer Llama-like families (issue 18) against HF PEFT 0.21 (torch 2.13,
+//! transformers 5.18) fixtures made by `__test__/scripts/make_family_fixtures.py`:
+//!
+//! * Llama 3.x RoPE scaling (`rope_parameters.rope_type = "llama3"`): `models/llama3` and its
+//!   GGUF `models/llama3.gguf` (with llama.cpp's precomputed `rope_freqs.weight`), case
+//!   `llama3_lora_qv`; both on the fused engine and on the general path;
+//! * Qwen3 (per-head q/k RMSNorm, explicit head_dim 32 with hidden 64 / 4 heads, tied
+//!   embeddings): `models/qwen3`, `models/qwen3.gguf` (arch `qwen3`), cases `qwen3_lora_qv` and
+//!   `qwen3_prefix`; the engine declines Qwen3, so everything runs on the general path;
+//! * prefix tuning on Llama 3.x (`llama3_prefix`; inference with prompt learning runs on the
+//!   general path).
+//!
+//! Per LoRA case: base, adapter, disabled and merged logits (1e-4), loss, LoRA gradients (1e-4
+//! relative to the tensor's largest gradient), greedy ids with and without a KV cache; the GGUF
+//! loads and gives the HF folder's base logits.
+//!
+//! Run: `cargo test --release -p peft-core --test fixtures_families`.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use peft_core::engine;
+use peft_core::generate::{generate, GenerateOptions};
+use peft_core::model::config::{LlamaConfig, RopeScaling};
+use peft_core::model::loader::load_causal_lm;
+use peft_core::model::ForwardOptions;
+use peft_core::peft_model::PeftModel;
+use peft_core::train::{loss_and_grads, Batch};
+use std::collections::BTreeSet;
+
+fn max_abs(t: &Tensor) -> f64 {
+    t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+}
+
+fn gen(m: &PeftModel, exp: &Expected, use_cache: bool) -> Vec<Vec<u32>> {
+    let (ids, b, s) = exp.ids("generate_input_ids");
+    let opts = GenerateOptions { max_new_tokens: 6, eos_token_ids: vec![], pad_token_id: 0, use_cache, ..Default::default() };
+    generate(m, &ids, b, s, None, None, &opts, &|| false).unwrap_or_else(|e| panic!("generate: [{}] {e}", e.code()))
+}
+
+fn check_generate(what: &str, m: &PeftModel, exp: &Expected, key: &str) {
+    let want = exp.rows_u32(key);
+    for use_cache in [true, false] {
+        assert_eq!(gen(m, exp, use_cache), want, "{} {what}: generate(use_cache={use_cache}) != `{key}`", exp.case);
+    }
+    visible(&format!("ok {} {what}: generate == {key} (use_cache true and false)", exp.case));
+}
+
+/// Whether the fused engine computes this model's inference forward (it must decline what it
+/// does not compute).
+fn engine_runs(m: &PeftModel, exp: &Expected) -> bool {
+    let (ids, b, s) = exp.ids("input_ids");
+    let opts = ForwardOptions { attention_mask: Some(exp.mask("attention_mask")), ..Default::default() };
+    engine::try_forward(m, &ids, b, s, &opts, None).unwrap().is_some()
+}
+
+/// Base / adapter / disabled / merged logits and greedy ids of a LoRA case.
+fn lora_logits_and_generate(case: &str) {
+    let exp = Expected::load(case);
+    let base = base_peft(case);
+    check_logits("base model", &base, &exp, "logits_base");
+    check_generate("base model", &base, &exp, "generate_base");
+    let mut m = adapter_peft(case, false);
+    check_logits("adapter", &m, &exp, "logits_adapter");
+    check_generate("adapter", &m, &exp, "generate_adapter");
+    m.set_disabled(true).unwrap();
+    check_logits("disabled adapter", &m, &exp, "logits_disabled");
+    check_logits("disabled adapter vs base", &m, &exp, "logits_base");
+    m.set_disabled(false).unwrap();
+    m.merge_adapter(None, false).unwrap();
+    check_logits("merged (merge_adapter)", &m, &exp, "logits_merged");
+    m.unmerge_adapter().unwrap();
+    check_logits("unmerged", &m, &exp, "logits_adapter");
+    m.merge_and_unload(None, false).unwrap();
+    check_logits("merge_and_unload", &m, &exp, "logits_merged");
+    check_generate("merge_and_unload", &m, &exp, "generate_merged");
+}
+
+/// Loss and every LoRA gradient of a case (`grad.*` in expected.safetensors).
+fn lora_loss_and_grads(case: &str) {
+    let exp = Expected::load(case);
+    let m = adapter_peft(case, true);
+    let (ids, b, s) = exp.ids("input_ids");
+    let batch = Batch { input_ids: ids, attention_mask: exp.mask("attention_mask"), labels: exp.i64s("labels"), batch_size: b, seq_len: s, ..Default::default() };
+    let (loss, _n, grads) = loss_and_grads(&m, &batch, None, None).unwrap_or_else(|e| panic!("loss_and_grads: [{}] {e}", e.code()));
+    let want = exp.get("loss").flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] as f64;
+    visible(&format!("diff {case} loss: got {loss:.8} expected {want:.8}"));
+    assert!((loss - want).abs() <= 1e-4 * want.abs().max(1.0), "{case}: loss {loss} vs {want}");
+    let params = m.trainable_parameters();
+    let want_keys: BTreeSet<String> = exp.t.keys().filter_map(|k| k.strip_prefix("grad.")).map(String::from).collect();
+    let got_keys: BTreeSet<String> = params.iter().map(|(k, _)| k.clone()).collect();
+    assert_eq!(got_keys, want_keys, "{case}: trainable parameters vs grad.* keys");
+    for (key, var) in &params {
+        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{case}: no gradient for {key}"));
+        let e = exp.get(&format!("grad.{key}"));
+        let scale = max_abs(e);
+        assert!(scale > 0.0, "{case}: expected gradient of {key} is zero");
+        // 1e-4 relative to the tensor's largest gradient, plus 1e-4 of each element.
+        assert_close(&format!("{case} grad.{key}"), g, e, 1e-4 * scale, 1e-4);
+    }
+}
+
+/// The GGUF of a fixture model loads (config, tokenizer, weights) and gives the HF folder's
+/// base logits on the case's batch.
+fn gguf_matches_hf(case: &str, gguf: &str) {
+    let exp = Expected::load(case);
+    let path = fixtures_dir().join("models").join(gguf);
+    let loaded = load_causal_lm(&path, DType::F32, &Device::Cpu).unwrap_or_else(|e| panic!("load {gguf}: [{}] {e}", e.code()));
+    assert!(loaded.tokenizer.is_some(), "{gguf}: no tokenizer from the file");
+    let m = PeftModel::new(loaded.model);
+    check_logits(&format!("GGUF {gguf} base"), &m, &exp, "logits_base");
+    check_generate(&format!("GGUF {gguf} base"), &m, &exp, "generate_base");
+}
+
+fn hf_config(model: &str) -> LlamaConfig {
+    LlamaConfig::from_file(&fixtures_dir().join("models").join(model).join("config.json")).unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Llama 3.x RoPE scaling
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn llama3_config_and_inv_freq() {
+    let c = hf_config("llama3");
+    assert_eq!(
+        c.rope_scaling,
+        Some(RopeScaling::Llama3 { factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, original_max_position_embeddings: 32.0 })
+    );
+    let scaled = c.inv_freq();
+    let plain: Vec<f32> = (0..8).map(|i| 1.0 / 10000f64.powf(2.0 * i as f64 / 16.0) as f32).collect();
+    // head_dim 16, theta 1e4, original context 32: wavelength 6.3 < 8 is kept, 19.9 is
+    // interpolated, the rest (> 32) are divided by 8.
+    assert!((scaled[0] - plain[0]).abs() < 1e-7);
+    assert!(scaled[1] < plain[1] && scaled[1] > plain[1] / 8.0);
+    for i in 2..8 {
+        assert!((scaled[i] * 8.0 - plain[i]).abs() <= 1e-6 * plain[i], "freq {i}");
+    }
+    // llama.cpp's precomputed factors (from the GGUF) give the same frequencies.
+    let g = peft_core::gguf::load_gguf(&fixtures_dir().join("models/llama3.gguf"), DType::F32, &Device::Cpu).unwrap();
+    assert!(matches!(g.config.rope_scaling, Some(RopeScaling::Factors(ref f)) if f.len() == 8));
+    for (a, b) in g.config.inv_freq().iter().zip(&scaled) {
+        assert!((a - b).abs() <= 1e-6 * b.abs(), "GGUF inv_freq {a} vs config {b}");
+    }
+    // The model's config (JS `model.config`) reports the scaling as config.json does.
+    let cj = base_peft("llama3_lora_qv").base.config_json();
+    let on_disk: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures_dir().join("models/llama3/config.json")).unwrap()).unwrap();
+    assert_eq!(cj["rope_parameters"], on_disk["rope_parameters"]);
+    // An unknown rope_type is refused, not silently ignored.
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures_dir().join("models/llama3/config.json")).unwrap()).unwrap();
+    v["rope_parameters"]["rope_type"] = "yarn".into();
+    let e = LlamaConfig::from_json(&v, std::path::Path::new("config.json")).unwrap_err();
+    assert!(e.to_string().contains("yarn"), "{e}");
+    // The older layout: top-level rope_theta + `rope_scaling`.
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures_dir().join("models/llama3/config.json")).unwrap()).unwrap();
+    let mut rs = v["rope_parameters"].take();
+    v.as_object_mut().unwrap().remove("rope_parameters");
+    v["rope_theta"] = 10000.0.into();
+    rs.as_object_mut().unwrap().remove("rope_theta");
+    v["rope_scaling"] = rs;
+    assert_eq!(LlamaConfig::from_json(&v, std::path::Path::new("config.json")).unwrap().inv_freq(), scaled);
+}
+
+#[test]
+fn llama3_lora_logits_generate_engine() {
+    let exp = Expected::load("llama3_lora_qv");
+    assert!(engine_runs(&adapter_peft("llama3_lora_qv", false), &exp), "the engine should run Llama 3.x scaling");
+    lora_logits_and_generate("llama3_lora_qv");
+}
+
+#[test]
+fn llama3_lora_logits_generate_general_path() {
+    engine::force_general_path(true);
+    let exp = Expected::load("llama3_lora_qv");
+    assert!(!engine_runs(&adapter_peft("llama3_lora_qv", false), &exp));
+    lora_logits_and_generate("llama3_lora_qv");
+}
+
+#[test]
+fn llama3_lora_loss_and_grads_engine() {
+    lora_loss_and_grads("llama3_lora_qv");
+}
+
+#[test]
+fn llama3_lora_loss_and_grads_general_path() {
+    engine::force_general_path(true);
+    lora_loss_and_grads("llama3_lora_qv");
+}
+
+#[test]
+fn llama3_gguf_matches_hf() {
+    gguf_matches_hf("llama3_lora_qv", "llama3.gguf");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Qwen3
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn qwen3_config_and_modules() {
+    let c = hf_config("qwen3");
+    assert_eq!((c.model_type.as_str(), c.architecture.as_str()), ("qwen3", "Qwen3ForCausalLM"));
+    assert!(c.qk_norm && !c.attention_bias && c.tie_word_embeddings);
+    assert_eq!((c.head_dim, c.num_attention_heads, c.hidden_size), (32, 4, 64));
+    let m = base_peft("qwen3_lora_qv");
+    let names = m.base.module_names();
+    assert!(names.contains(&"model.layers.1.self_attn.q_norm".to_string()) && names.contains(&"model.layers.0.self_attn.k_norm".to_string()));
+    // Parameter count as transformers' named_parameters (tied lm_head once): 256*64 + 2 *
+    // (q 128*64 + k 64*64 + v 64*64 + o 64*128 + 3 * 128*64 + 2*64 norms + 2*32 q/k norms) + 64.
+    let per_layer = 128 * 64 + 64 * 64 * 2 + 64 * 128 + 3 * 128 * 64 + 2 * 64 + 2 * 32;
+    assert_eq!(m.base.base_param_count(), 256 * 64 + 2 * per_layer + 64);
+    // The GGUF config equals the HF one in everything the model uses.
+    let g = peft_core::gguf::read_gguf_config(&fixtures_dir().join("models/qwen3.gguf")).unwrap();
+    assert_eq!(
+        (g.model_type.as_str(), g.architecture.as_str(), g.qk_norm, g.head_dim, g.tie_word_embeddings, g.num_key_value_heads),
+        ("qwen3", "Qwen3ForCausalLM", true, 32, true, 2)
+    );
+}
+
+#[test]
+fn qwen3_lora_logits_generate() {
+    let exp = Expected::load("qwen3_lora_qv");
+    assert!(!engine_runs(&adapter_peft("qwen3_lora_qv", false), &exp), "the engine must decline Qwen3 (q/k norm)");
+    lora_logits_and_generate("qwen3_lora_qv");
+}
+
+#[test]
+fn qwen3_lora_loss_and_grads() {
+    lora_loss_and_grads("qwen3_lora_qv");
+}
+
+#[test]
+fn qwen3_gguf_matches_hf() {
+    gguf_matches_hf("qwen3_lora_qv", "qwen3.gguf");
+}
+
+fn prefix_case(case: &str) {
+    let exp = Expected::load(case);
+    let m = adapter_peft(case, false);
+    check_logits("prefix tuning", &m, &exp, "logits_adapter");
+    let want = exp.rows_u32("generate_adapter");
+    assert_eq!(gen(&m, &exp, true), want, "{case}: generate");
+    visible(&format!("ok {case}: generate == generate_adapter"));
+}
+
+#[test]
+fn qwen3_prefix_tuning() {
+    prefix_case("qwen3_prefix");
+}
+
+#[test]
+fn llama3_prefix_tuning() {
+    prefix_case("llama3_prefix");
+}
+
+/// A merged Qwen3 / Llama 3.x model saved in HF format reloads with the same logits (q/k norms
+/// and the llama3 rope parameters are written).
+#[test]
+fn merged_save_reloads() {
+    for case in ["qwen3_lora_qv", "llama3_lora_qv"] {
+        let exp = Expected::load(case);
+        let mut m = adapter_peft(case, false);
+        m.merge_and_unload(None, false).unwrap();
+        let dir = temp_dir("families-merged");
+        peft_core::export::save_merged_pretrained(&m, &dir, None, &Default::default()).unwrap_or_else(|e| panic!("{case}: [{}] {e}", e.code()));
+        let re = PeftModel::new(load_causal_lm(&dir, DType::F32, &Device::Cpu).unwrap().model);
+        check_logits("merged, saved and reloaded", &re, &exp, "logits_merged");
+        remove_dir(&dir);
+    }
+}
+
+/// Re-saving a loaded HF adapter gives HF's files: `adapter_model.safetensors` byte-identical,
+/// `adapter_config.json` byte-identical (LoRA; prefix tuning too).
+#[test]
+fn resave_is_byte_identical() {
+    for case in ["llama3_lora_qv", "qwen3_lora_qv", "qwen3_prefix", "llama3_prefix"] {
+        let m = adapter_peft(case, false);
+        let out = temp_dir("families-resave");
+        m.save_pretrained(&out, None).unwrap();
+        for f in ["adapter_model.safetensors", "adapter_config.json"] {
+            let fx = std::fs::read(case_dir(case).join(f)).unwrap();
+            let ours = std::fs::read(out.join(f)).unwrap();
+            assert!(fx == ours, "{case}: re-saved {f} differs from HF's ({} vs {} bytes):\n{}", ours.len(), fx.len(), String::from_utf8_lossy(&ours[..ours.len().min(1500)]));
+            visible(&format!("ok {case}: re-saved {f} byte-identical ({} bytes)", ours.len()));
+        }
+        remove_dir(&out);
+    }
+}
+
+/// GGUF export: a merged Llama 3.x model is refused (the writer has no `rope_freqs.weight` yet),
+/// and so is a Qwen3 one (no `qwen3` GGUF writer); a LoRA adapter over the Llama 3.x base exports
+/// (LoRA GGUFs carry no RoPE parameters: llama.cpp takes them from the base file).
+#[test]
+fn gguf_export_refusals() {
+    for case in ["llama3_lora_qv", "qwen3_lora_qv"] {
+        let mut m = adapter_peft(case, false);
+        m.merge_and_unload(None, false).unwrap();
+        let out = temp_dir("families-export").join("m.gguf");
+        let e = peft_core::export::export_merged_gguf(&m, &out, peft_core::export::GgmlType::F32).unwrap_err();
+        assert_eq!(e.code(), "ERR_EXPORT_UNSUPPORTED", "{case}: {e}");
+        visible(&format!("ok {case}: exportGguf refused: {e}"));
+    }
+    let out = temp_dir("families-lora-export").join("a.gguf");
+    let opts = peft_core::export::LoraExportOptions { base_model: Some(fixtures_dir().join("models/llama3")), ..Default::default() };
+    peft_core::export::export_gguf_lora(&case_dir("llama3_lora_qv"), &out, &opts).unwrap_or_else(|e| panic!("[{}] {e}", e.code()));
+    assert!(out.is_file());
+}
