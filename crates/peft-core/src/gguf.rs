@@ -763,9 +763,10 @@ pub fn load_gguf_opts(path: &Path, dtype: DType, device: &Device, ctl: &crate::p
                     Ok(Err(e)) => return Err(invalid(path, format!("cannot read tensor `{name}` ({ty:?}): {e}"))),
                     Err(_) => return Err(invalid(path, format!("cannot read tensor `{name}` ({ty:?}): malformed data"))),
                 };
-                let heads = if name.contains(".attn_q.") {
+                // llama.cpp permutes q/k rows for the llama architecture only (not Qwen2/Qwen3).
+                let heads = if config.model_type == "llama" && name.contains(".attn_q.") {
                     Some(config.num_attention_heads)
-                } else if name.contains(".attn_k.") {
+                } else if config.model_type == "llama" && name.contains(".attn_k.") {
                     Some(config.num_key_value_heads)
                 } else {
                     None
