@@ -357,6 +357,22 @@ pub fn gguf_to_hf_name(name: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{hf}.{param}"))
 }
 
+/// The head count whose q/k row permutation llama.cpp applied to GGUF tensor `name`: the
+/// attention heads for `attn_q`, the KV heads for `attn_k`, for the `llama` architecture only
+/// (its NEOX-RoPE architectures, Qwen2/Qwen3, keep Hugging Face's order); `None` otherwise.
+fn permuted_heads(config: &LlamaConfig, name: &str) -> Option<usize> {
+    if config.model_type != "llama" {
+        return None;
+    }
+    if name.contains(".attn_q.") {
+        Some(config.num_attention_heads)
+    } else if name.contains(".attn_k.") {
+        Some(config.num_key_value_heads)
+    } else {
+        None
+    }
+}
+
 /// Undo the row permutation that llama.cpp's `convert_hf_to_gguf.py` (`LlamaModel.permute`)
 /// applies to `q_proj` / `k_proj` weights and biases:
 ///
@@ -763,15 +779,7 @@ pub fn load_gguf_opts(path: &Path, dtype: DType, device: &Device, ctl: &crate::p
                     Ok(Err(e)) => return Err(invalid(path, format!("cannot read tensor `{name}` ({ty:?}): {e}"))),
                     Err(_) => return Err(invalid(path, format!("cannot read tensor `{name}` ({ty:?}): malformed data"))),
                 };
-                // llama.cpp permutes q/k rows for the llama architecture only (not Qwen2/Qwen3).
-                let heads = if config.model_type == "llama" && name.contains(".attn_q.") {
-                    Some(config.num_attention_heads)
-                } else if config.model_type == "llama" && name.contains(".attn_k.") {
-                    Some(config.num_key_value_heads)
-                } else {
-                    None
-                };
-                if let Some(h) = heads {
+                if let Some(h) = permuted_heads(&config, &name) {
                     raw = unpermute_rows_raw(&raw, rows, h).map_err(|_| invalid(path, format!("tensor `{name}`: {rows} rows are not a multiple of 2 x {h} heads")))?;
                 }
                 let w = crate::engine::quant::QuantWeight::from_gguf_bytes(&hf, qt, rows, cols, &raw)?;
@@ -803,12 +811,8 @@ pub fn load_gguf_opts(path: &Path, dtype: DType, device: &Device, ctl: &crate::p
             counter.tick()?;
             continue;
         }
-        // llama.cpp permutes q/k rows for the `llama` architecture only (its NEOX-RoPE
-        // architectures, qwen3 here, keep Hugging Face's order).
-        if config.model_type == "llama" && name.contains(".attn_q.") {
-            t = unpermute_qk(&t, config.num_attention_heads)?;
-        } else if config.model_type == "llama" && name.contains(".attn_k.") {
-            t = unpermute_qk(&t, config.num_key_value_heads)?;
+        if let Some(h) = permuted_heads(&config, &name) {
+            t = unpermute_qk(&t, h)?;
         }
         let t = t.to_dtype(dtype)?.to_device(device)?;
         tensors.insert(hf, t);

@@ -57,7 +57,10 @@ const PANEL_MAX: usize = 256;
 /// every thread the same number of panels (a multiple of 32). `PEFT_QUANT_PANEL=<n>` overrides
 /// it (for measurements).
 fn panel_width(k: usize, threads: usize) -> usize {
-    if let Some(w) = std::env::var("PEFT_QUANT_PANEL").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&w| w >= QK) {
+    // Read once: this runs for every input-gradient product of every step.
+    static OVERRIDE: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let fixed = *OVERRIDE.get_or_init(|| std::env::var("PEFT_QUANT_PANEL").ok().and_then(|v| v.parse::<usize>().ok()).filter(|&w| w >= QK));
+    if let Some(w) = fixed {
         return w / QK * QK;
     }
     let panels = threads.max(1) * k.div_ceil(threads.max(1) * PANEL_MAX);

@@ -128,11 +128,8 @@ impl PeftModel {
         };
         let (trainable, total) = self.nb_trainable_parameters();
         let peft_types: serde_json::Map<String, Value> = self.configs.iter().map(|(n, c)| (n.clone(), json!(c.peft_type()))).collect();
-        let adapter_model_type = match self.peft_type() {
-            Some("IA3") => "IA3Model",
-            Some("LOHA") => "LoHaModel",
-            _ => "LoraModel",
-        };
+        // HF's tuner model class (`LoraModel`, `IA3Model`, ...), from the registry.
+        let adapter_model_type = self.configs.first().map(|(_, c)| c.tuner().model_class()).unwrap_or("LoraModel");
         Ok(json!({
             "base_model_type": self.base.info().architecture,
             "adapter_model_type": adapter_model_type,

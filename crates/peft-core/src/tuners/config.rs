@@ -176,6 +176,37 @@ impl<'p> RawConfig<'p> {
         self.raw.get(k).and_then(|x| x.as_str()).map(String::from)
     }
 
+    /// `rank_pattern`: `null` or an object of regex → rank in `1..=max_rank` (HF's
+    /// `get_pattern_key` keys), in file order.
+    ///
+    /// Errors: `InvalidAdapterConfig` naming the key for a bad rank or regex.
+    pub fn rank_pattern(&self, max_rank: usize) -> Result<Vec<(String, usize)>> {
+        self.pattern("rank_pattern", |x| x.as_u64().filter(|n| *n >= 1 && *n as usize <= max_rank).map(|n| n as usize), "a positive integer")
+    }
+
+    /// `alpha_pattern`: `null` or an object of regex → alpha, in file order.
+    ///
+    /// Errors: `InvalidAdapterConfig` naming the key for a bad alpha or regex.
+    pub fn alpha_pattern(&self) -> Result<Vec<(String, f64)>> {
+        self.pattern("alpha_pattern", |x| x.as_f64(), "a number")
+    }
+
+    fn pattern<T>(&self, field: &str, value: impl Fn(&Value) -> Option<T>, what: &str) -> Result<Vec<(String, T)>> {
+        let mut out = Vec::new();
+        match &self.raw[field] {
+            Value::Object(m) => {
+                for (k, x) in m {
+                    let v = value(x).ok_or_else(|| self.bad(format!("`{field}[{k:?}]` must be {what}, found {x}")))?;
+                    regex::Regex::new(k).map_err(|e| self.bad(format!("`{field}` key {k:?} is not a valid regex: {e}")))?;
+                    out.push((k.clone(), v));
+                }
+            }
+            Value::Null => {}
+            _ => return Err(self.bad(format!("`{field}` must be an object"))),
+        }
+        Ok(out)
+    }
+
     /// `modules_to_save`: `null` or a list of strings.
     ///
     /// Errors: `InvalidAdapterConfig` for anything else.
@@ -190,6 +221,23 @@ impl<'p> RawConfig<'p> {
             other => Err(self.bad(format!("`modules_to_save` must be a list of strings, found {other}"))),
         }
     }
+}
+
+/// HF's adapter_config.json object of a tuner that injects into layers: `m` (the source fields
+/// kept verbatim, with the tuner's own typed fields already written back) plus the fields every
+/// such config has (`target_modules`, `exclude_modules`, `inference_mode`,
+/// `base_model_name_or_path`, `task_type`, `modules_to_save`, `peft_version`), keys sorted as
+/// HF's `json.dumps(sort_keys=True)` writes them.
+pub(crate) fn layer_config_json(mut m: Map<String, Value>, c: &dyn TunerConfig, exclude: &Option<TargetModules>) -> Value {
+    let opt_str = |v: Option<&str>| v.map(|s| Value::String(s.into())).unwrap_or(Value::Null);
+    m.insert("target_modules".into(), crate::targeting::targets_to_json(&c.target_modules().cloned()));
+    m.insert("exclude_modules".into(), crate::targeting::targets_to_json(exclude));
+    m.insert("inference_mode".into(), Value::Bool(c.inference_mode()));
+    m.insert("base_model_name_or_path".into(), opt_str(c.base_model_name_or_path()));
+    m.insert("task_type".into(), opt_str(c.task_type()));
+    m.insert("modules_to_save".into(), c.modules_to_save().map(Value::from).unwrap_or(Value::Null));
+    m.insert("peft_version".into(), Value::String("0.21.0".into()));
+    Value::Object(m.into_iter().collect::<std::collections::BTreeMap<_, _>>().into_iter().collect())
 }
 
 /// One adapter's config: any registered tuner's (HF `PeftConfig` subclasses). See the module docs.

@@ -16,6 +16,8 @@ use std::path::Path;
 pub trait Tuner: Sync {
     /// The `peft_type` strings this tuner handles (several for prompt learning).
     fn peft_types(&self) -> &'static [&'static str];
+    /// HF's tuner model class (`"LoraModel"`), as `get_model_status` reports it.
+    fn model_class(&self) -> &'static str;
     /// HF `PEFT_TYPE_TO_PREFIX_MAPPING`: the prefix of the tuner's parameter names (`"lora_"`).
     fn prefix(&self) -> Option<&'static str> {
         None

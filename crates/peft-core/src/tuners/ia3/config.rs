@@ -7,7 +7,6 @@ use crate::targeting::{targets_from_json, targets_to_json, TargetModules};
 use crate::error::Result;
 use crate::tuners::config::RawConfig;
 use serde_json::{json, Map, Value};
-use std::collections::BTreeMap;
 use std::path::Path;
 
 /// HF PEFT 0.21 defaults of every `IA3Config` field, as written to adapter_config.json.
@@ -96,16 +95,8 @@ impl Ia3Config {
     /// The config as HF's adapter_config.json object.
     pub fn to_json(&self) -> Value {
         let mut m = self.raw.clone();
-        m.insert("target_modules".into(), targets_to_json(&Some(self.target_modules.clone())));
-        m.insert("exclude_modules".into(), targets_to_json(&self.exclude_modules));
         m.insert("feedforward_modules".into(), targets_to_json(&self.feedforward_modules));
-        m.insert("inference_mode".into(), Value::Bool(self.inference_mode));
-        m.insert("base_model_name_or_path".into(), self.base_model_name_or_path.clone().map(Value::String).unwrap_or(Value::Null));
-        m.insert("task_type".into(), self.task_type.clone().map(Value::String).unwrap_or(Value::Null));
-        m.insert("modules_to_save".into(), self.modules_to_save.clone().map(Value::from).unwrap_or(Value::Null));
-        m.insert("peft_version".into(), Value::String("0.21.0".into()));
-        let sorted: BTreeMap<String, Value> = m.into_iter().collect();
-        serde_json::to_value(sorted).expect("a map of JSON values serializes")
+        crate::tuners::config::layer_config_json(m, self, &self.exclude_modules)
     }
 }
 

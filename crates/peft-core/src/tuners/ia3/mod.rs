@@ -26,6 +26,9 @@ impl Tuner for Ia3Tuner {
     fn peft_types(&self) -> &'static [&'static str] {
         &["IA3"]
     }
+    fn model_class(&self) -> &'static str {
+        "IA3Model"
+    }
     fn prefix(&self) -> Option<&'static str> {
         Some("ia3_")
     }

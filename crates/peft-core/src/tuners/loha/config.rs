@@ -5,9 +5,9 @@
 
 use crate::error::Result;
 use crate::tuners::config::RawConfig;
-use crate::tuners::lora::{targets_from_json, targets_to_json, TargetModules, MAX_RANK};
+use crate::targeting::{targets_from_json, TargetModules};
+use crate::tuners::lora::MAX_RANK;
 use serde_json::{json, Map, Number, Value};
-use std::collections::BTreeMap;
 use std::path::Path;
 
 /// HF PEFT 0.21 defaults of every `LoHaConfig` field, as written to adapter_config.json.
@@ -93,31 +93,8 @@ impl LohaConfig {
         if layers_pattern.is_some() && layers_to_transform.is_none() {
             return Err(rc.bad("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ".into()));
         }
-        let mut rank_pattern = Vec::new();
-        match &raw["rank_pattern"] {
-            Value::Object(m) => {
-                for (k, x) in m {
-                    let rv = x.as_u64().filter(|n| *n >= 1 && *n as usize <= MAX_RANK)
-                        .ok_or_else(|| rc.bad(format!("`rank_pattern[{k:?}]` must be a positive integer, found {x}")))?;
-                    regex::Regex::new(k).map_err(|e| rc.bad(format!("`rank_pattern` key {k:?} is not a valid regex: {e}")))?;
-                    rank_pattern.push((k.clone(), rv as usize));
-                }
-            }
-            Value::Null => {}
-            _ => return Err(rc.bad("`rank_pattern` must be an object".into())),
-        }
-        let mut alpha_pattern = Vec::new();
-        match &raw["alpha_pattern"] {
-            Value::Object(m) => {
-                for (k, x) in m {
-                    let av = x.as_f64().ok_or_else(|| rc.bad(format!("`alpha_pattern[{k:?}]` must be a number, found {x}")))?;
-                    regex::Regex::new(k).map_err(|e| rc.bad(format!("`alpha_pattern` key {k:?} is not a valid regex: {e}")))?;
-                    alpha_pattern.push((k.clone(), av));
-                }
-            }
-            Value::Null => {}
-            _ => return Err(rc.bad("`alpha_pattern` must be an object".into())),
-        }
+        let rank_pattern = rc.rank_pattern(MAX_RANK)?;
+        let alpha_pattern = rc.alpha_pattern()?;
         Ok(LohaConfig {
             r,
             alpha,
@@ -169,19 +146,11 @@ impl LohaConfig {
     /// The config as HF's adapter_config.json object.
     pub fn to_json(&self) -> Value {
         let mut m = self.raw.clone();
-        m.insert("target_modules".into(), targets_to_json(&Some(self.target_modules.clone())));
-        m.insert("exclude_modules".into(), targets_to_json(&self.exclude_modules));
-        m.insert("inference_mode".into(), Value::Bool(self.inference_mode));
         // Python float fields: HF writes `0.0`, never `0` (JSON from JS loses the distinction).
         for (k, p) in [("rank_dropout", self.rank_dropout), ("module_dropout", self.module_dropout)] {
             m.insert(k.into(), Number::from_f64(p).map(Value::Number).unwrap_or(Value::Null));
         }
-        m.insert("base_model_name_or_path".into(), self.base_model_name_or_path.clone().map(Value::String).unwrap_or(Value::Null));
-        m.insert("task_type".into(), self.task_type.clone().map(Value::String).unwrap_or(Value::Null));
-        m.insert("modules_to_save".into(), self.modules_to_save.clone().map(Value::from).unwrap_or(Value::Null));
-        m.insert("peft_version".into(), Value::String("0.21.0".into()));
-        let sorted: BTreeMap<String, Value> = m.into_iter().collect();
-        serde_json::to_value(sorted).expect("a map of JSON values serializes")
+        crate::tuners::config::layer_config_json(m, self, &self.exclude_modules)
     }
 }
 

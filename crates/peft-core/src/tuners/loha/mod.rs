@@ -28,6 +28,9 @@ impl Tuner for LohaTuner {
     fn peft_types(&self) -> &'static [&'static str] {
         &["LOHA"]
     }
+    fn model_class(&self) -> &'static str {
+        "LoHaModel"
+    }
     fn prefix(&self) -> Option<&'static str> {
         Some("hada_")
     }

@@ -6,7 +6,6 @@
 
 use crate::error::{PeftError, Result};
 use serde_json::{json, Map, Value};
-use std::collections::BTreeMap;
 use std::path::Path;
 
 pub use crate::targeting::TargetModules;
@@ -84,7 +83,7 @@ pub fn hf_lora_defaults() -> Map<String, Value> {
     }
 }
 
-pub(crate) use crate::targeting::{targets_from_json, targets_to_json};
+use crate::targeting::targets_from_json;
 
 impl LoraConfig {
     /// Build from an adapter_config.json object (HF snake_case). Missing fields take HF's
@@ -94,18 +93,9 @@ impl LoraConfig {
     /// (or above [`MAX_RANK`]), a non-numeric `lora_alpha`, malformed `target_modules`, an
     /// invalid regex and an unknown `bias` value.
     pub fn from_json(v: &Value, path: Option<&Path>) -> Result<Self> {
-        let bad = |msg: String| PeftError::InvalidAdapterConfig { path: path.map(|p| p.to_path_buf()), msg };
-        let obj = v.as_object().ok_or_else(|| bad("the top level must be a JSON object".into()))?;
-        let defaults = hf_lora_defaults();
-        let unknown: Vec<String> = obj.keys().filter(|k| !defaults.contains_key(*k)).cloned().collect();
-        let mut raw = defaults;
-        for (k, val) in obj {
-            raw.insert(k.clone(), val.clone());
-        }
-        match raw.get("peft_type").and_then(|x| x.as_str()) {
-            Some("LORA") => {}
-            other => return Err(bad(format!("`peft_type` must be \"LORA\" for a LoraConfig, found {other:?}"))),
-        }
+        let rc = crate::tuners::config::RawConfig::parse(v, path, hf_lora_defaults(), &["LORA"], "a LoraConfig")?;
+        let bad = |msg: String| rc.bad(msg);
+        let raw = &rc.raw;
         let r = match &raw["r"] {
             Value::Number(n) if n.as_u64().is_some() => n.as_u64().unwrap() as usize,
             other => return Err(bad(format!("`r` must be a positive integer, found {other}"))),
@@ -174,27 +164,8 @@ impl LoraConfig {
             ),
             other => return Err(bad(format!("`layers_to_transform` must be an integer or a list, found {other}"))),
         };
-        let mut rank_pattern = Vec::new();
-        if let Some(m) = raw["rank_pattern"].as_object() {
-            for (k, x) in m {
-                let rv = x.as_u64().filter(|n| *n >= 1 && *n as usize <= MAX_RANK)
-                    .ok_or_else(|| bad(format!("`rank_pattern[{k:?}]` must be a positive integer, found {x}")))?;
-                regex::Regex::new(k).map_err(|e| bad(format!("`rank_pattern` key {k:?} is not a valid regex: {e}")))?;
-                rank_pattern.push((k.clone(), rv as usize));
-            }
-        } else if !raw["rank_pattern"].is_null() {
-            return Err(bad("`rank_pattern` must be an object".into()));
-        }
-        let mut alpha_pattern = Vec::new();
-        if let Some(m) = raw["alpha_pattern"].as_object() {
-            for (k, x) in m {
-                let av = x.as_f64().ok_or_else(|| bad(format!("`alpha_pattern[{k:?}]` must be a number, found {x}")))?;
-                regex::Regex::new(k).map_err(|e| bad(format!("`alpha_pattern` key {k:?} is not a valid regex: {e}")))?;
-                alpha_pattern.push((k.clone(), av));
-            }
-        } else if !raw["alpha_pattern"].is_null() {
-            return Err(bad("`alpha_pattern` must be an object".into()));
-        }
+        let rank_pattern = rc.rank_pattern(MAX_RANK)?;
+        let alpha_pattern = rc.alpha_pattern()?;
         let opt_str = |k: &str| raw[k].as_str().map(String::from);
         Ok(LoraConfig {
             r,
@@ -216,8 +187,8 @@ impl LoraConfig {
             base_model_name_or_path: opt_str("base_model_name_or_path"),
             revision: opt_str("revision"),
             inference_mode,
-            unknown,
-            raw,
+            unknown: rc.unknown.clone(),
+            raw: rc.raw.clone(),
         })
     }
 
@@ -251,19 +222,11 @@ impl LoraConfig {
     /// The config as HF's adapter_config.json object (all fields, sorted keys when serialized).
     pub fn to_json(&self) -> Value {
         let mut m = self.raw.clone();
-        m.insert("target_modules".into(), targets_to_json(&Some(self.target_modules.clone())));
-        m.insert("exclude_modules".into(), targets_to_json(&self.exclude_modules));
-        m.insert("inference_mode".into(), Value::Bool(self.inference_mode));
         m.insert("fan_in_fan_out".into(), Value::Bool(self.fan_in_fan_out));
         m.insert("bias".into(), Value::String(self.bias.clone()));
         // A Python float field: HF writes `0.0`, never `0` (JSON from JS loses the distinction).
         m.insert("lora_dropout".into(), serde_json::Number::from_f64(self.lora_dropout).map(Value::Number).unwrap_or(Value::Null));
-        m.insert("base_model_name_or_path".into(), self.base_model_name_or_path.clone().map(Value::String).unwrap_or(Value::Null));
-        m.insert("task_type".into(), self.task_type.clone().map(Value::String).unwrap_or(Value::Null));
-        m.insert("modules_to_save".into(), self.modules_to_save.clone().map(Value::from).unwrap_or(Value::Null));
-        m.insert("peft_version".into(), Value::String("0.21.0".into()));
-        let sorted: BTreeMap<String, Value> = m.into_iter().collect();
-        serde_json::to_value(sorted).expect("a map of JSON values serializes")
+        crate::tuners::config::layer_config_json(m, self, &self.exclude_modules)
     }
 
     /// `adapter_config.json` text exactly as HF writes it (`json.dumps(indent=2, sort_keys=True)`).

@@ -32,6 +32,9 @@ impl Tuner for LoraTuner {
     fn peft_types(&self) -> &'static [&'static str] {
         &["LORA"]
     }
+    fn model_class(&self) -> &'static str {
+        "LoraModel"
+    }
     fn prefix(&self) -> Option<&'static str> {
         Some("lora_")
     }

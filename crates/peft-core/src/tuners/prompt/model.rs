@@ -23,6 +23,10 @@ impl Tuner for PromptTuner {
     fn peft_types(&self) -> &'static [&'static str] {
         &["PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING"]
     }
+    /// Prompt learning has no tuner model; status refuses it before asking (HF: PeftModel).
+    fn model_class(&self) -> &'static str {
+        "PeftModel"
+    }
     fn parse_config(&self, v: &serde_json::Value, path: Option<&Path>) -> Result<AdapterConfig> {
         Ok(PromptLearningConfig::from_json(v, path)?.into())
     }
