@@ -132,45 +132,71 @@ pub fn gemm(dst: &mut Dst, a: View, b: View, alpha: f32, acc: bool, threads: usi
         }
         return;
     }
-    // Few rows (decoding) are memory-bound: split them too once the weight is large enough.
-    // A skinny product (a LoRA rank-r side, m, n or k below 64) is faster on one thread: the
-    // `gemm` crate's split costs more than it gains there (benches/README.md: rank-8 shapes
-    // run at 24-58 GFLOP/s on two threads against 43-156 on one).
-    // Likewise a narrow output (k/v projections, n = 192: 214 GFLOP/s on one thread, 141 on two).
     // A few rows against a row-major weight (`x·Wᵀ` while decoding): a streaming kernel over
     // the weight's rows, split across threads by output columns (see [`gemv_nt`]).
     if m <= GEMV_MAX_ROWS && a.cs == 1 && b.rs == 1 && super::ab_flags() & super::AB_GEMM_CRATE_GEMV == 0 {
         gemv_nt(dst, a, b, alpha, acc, threads);
         return;
     }
-    let skinny = m.min(n).min(k) < 64 || (n < 256 && m >= 64);
-    let big = !skinny && (m * n * k >= PAR_MIN_WORK || n * k >= PAR_MIN_WEIGHT) || (m < 64 && n * k >= PAR_MIN_WEIGHT && n.min(k) >= 64);
-    let par = if threads > 1 && big { Parallelism::Rayon(threads) } else { Parallelism::None };
-    // SAFETY: the views and the destination were bounds-checked when built; the destination does
-    // not alias the operands (the engine's buffers are distinct allocations or disjoint regions).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.ptr,
-            1,
-            dst.ld as isize,
-            acc,
-            a.ptr,
-            a.cs,
-            a.rs,
-            b.ptr,
-            b.cs,
-            b.rs,
-            1.0f32,
-            alpha,
-            false,
-            false,
-            false,
-            par,
-        )
+    if super::ab_flags() & super::AB_GEMM_CRATE_SPLIT != 0 {
+        // The earlier rule: the `gemm` crate's own rayon split, narrow outputs on one thread.
+        let skinny = m.min(n).min(k) < 64 || (n < 256 && m >= 64);
+        let big = !skinny && (m * n * k >= PAR_MIN_WORK || n * k >= PAR_MIN_WEIGHT) || (m < 64 && n * k >= PAR_MIN_WEIGHT && n.min(k) >= 64);
+        let par = if threads > 1 && big { Parallelism::Rayon(threads) } else { Parallelism::None };
+        // SAFETY: as in `gemm_seq`'s contract: bounds checked when the views were built.
+        unsafe { gemm_seq(dst.ptr, dst.ld, a, b, alpha, acc, par) };
+        return;
     }
+    // A skinny product (a LoRA rank-r side: m, n or k below 64) runs on one thread: threading
+    // costs more than it gains there (benches/README.md: rank-8 shapes run at 24-58 GFLOP/s on
+    // two threads against 43-156 on one). Few rows against a large weight are memory-bound and
+    // are split whatever their count, so that both cores stream the weight.
+    let skinny = m.min(n).min(k) < 64;
+    let big = m * n * k >= PAR_MIN_WORK || n * k >= PAR_MIN_WEIGHT;
+    if threads < 2 || skinny && !(m < 64 && n * k >= PAR_MIN_WEIGHT && n.min(k) >= 64) || !big {
+        // SAFETY: bounds checked when the views were built.
+        unsafe { gemm_seq(dst.ptr, dst.ld, a, b, alpha, acc, Parallelism::None) };
+        return;
+    }
+    // Threaded: the product is cut into one block per thread along the longer of its row and
+    // column dimensions, and each block runs single-threaded. On SmolLM2's training shapes with
+    // 2 threads this reaches 310-390 GFLOP/s where the `gemm` crate's own rayon split reaches
+    // 270-350 (and 190 for the n = 192 k/v projections, which it did not speed up at all).
+    let along_rows = m >= n;
+    let len = if along_rows { m } else { n };
+    let chunks = threads.min(len / 32).max(1);
+    let per = len.div_ceil(chunks).div_ceil(16) * 16;
+    let blocks = len.div_ceil(per);
+    let (dp, dld) = (SyncMut(dst.ptr), dst.ld);
+    let run = |c: usize| {
+        let (i0, n_i) = (c * per, per.min(len - c * per));
+        // SAFETY: block `c` covers rows (or columns) i0 .. i0 + n_i of the destination, which no
+        // other block writes; the operand views are sub-views of bounds-checked views.
+        unsafe {
+            if along_rows {
+                gemm_seq(dp.get().add(i0 * dld), dld, a.rows(i0, n_i), b, alpha, acc, Parallelism::None)
+            } else {
+                gemm_seq(dp.get().add(i0), dld, a, b.cols(i0, n_i), alpha, acc, Parallelism::None)
+            }
+        }
+    };
+    if blocks == 1 {
+        run(0);
+    } else {
+        use rayon::prelude::*;
+        (0..blocks).into_par_iter().for_each(run);
+    }
+}
+
+/// One `gemm` crate call: `dst = (acc ? dst : 0) + alpha · a · b` with `dst` row-major at
+/// `dst_ptr` (leading dimension `ld`).
+///
+/// # Safety
+/// `dst_ptr` must point to `a.rows` rows of `b.cols` writable elements spaced `ld` apart that no
+/// other thread touches during the call and that do not alias the operands.
+unsafe fn gemm_seq(dst_ptr: *mut f32, ld: usize, a: View, b: View, alpha: f32, acc: bool, par: Parallelism) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    gemm::gemm(m, n, k, dst_ptr, 1, ld as isize, acc, a.ptr, a.cs, a.rs, b.ptr, b.cs, b.rs, 1.0f32, alpha, false, false, false, par)
 }
 
 /// Row counts up to this use [`gemv_nt`] for `x·Wᵀ` products.
@@ -287,6 +313,35 @@ mod tests {
             gemm(&mut Dst::of(&mut c, m, n), View::of(&a, m, k), View::rm(&w, 0, n, k, ld).t(), 1.0, false, 1);
             for (x, y) in c.iter().zip(&want) {
                 assert!((x - y).abs() <= 1e-4 * y.abs().max(1.0));
+            }
+        }
+    }
+
+    #[test]
+    fn threaded_block_split_matches_one_thread() {
+        // Products large enough to be cut into one block per thread: along the rows (m ≥ n), along
+        // the columns (n > m), few rows against a large weight, uneven block sizes, a strided
+        // destination, alpha and accumulation. Each block is the same single-threaded product
+        // over a sub-view, so the result equals the one-thread product exactly.
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        for (m, k, n) in [(301, 96, 70), (70, 96, 517), (9, 300, 700), (128, 64, 128)] {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 31) % 17) as f32 * 0.25 - 2.0).collect();
+            let w: Vec<f32> = (0..n * k).map(|i| ((i * 7) % 13) as f32 * 0.5 - 3.0).collect(); // [n, k]
+            let ld = n + 3;
+            let mut one = vec![0.5f32; m * ld];
+            gemm(&mut Dst::rm(&mut one, 0, m, n, ld), View::of(&a, m, k), View::of(&w, n, k).t(), 0.75, true, 1);
+            for threads in [2, 3] {
+                let mut par = vec![0.5f32; m * ld];
+                pool.install(|| gemm(&mut Dst::rm(&mut par, 0, m, n, ld), View::of(&a, m, k), View::of(&w, n, k).t(), 0.75, true, threads));
+                assert_eq!(par, one, "[{m}x{k}]x[{k}x{n}] on {threads} threads");
+            }
+            let want = naive(&a, &(0..k * n).map(|i| w[(i % n) * k + i / n]).collect::<Vec<_>>(), m, k, n);
+            for i in 0..m {
+                for j in 0..n {
+                    let (x, y) = (one[i * ld + j], 0.5 + 0.75 * want[i * n + j]);
+                    assert!((x - y).abs() <= 1e-4 * y.abs().max(1.0), "[{m}x{k}]x[{k}x{n}] ({i},{j}): {x} vs {y}");
+                }
+                assert_eq!(one[i * ld + n..(i + 1) * ld], [0.5f32; 3], "padding columns untouched");
             }
         }
     }

@@ -58,9 +58,10 @@ pub const AB_GEMM_CRATE_GEMV: u32 = 1;
 /// Cached decoding appends with `Tensor::cat` per layer and token instead of in place.
 #[doc(hidden)]
 pub const AB_CAT_KV_CACHE: u32 = 2;
-/// Separate q/k/v and gate/up products even where the weights are packed together.
+/// Threaded products through the `gemm` crate's own rayon split (and the k/v projections on one
+/// thread) instead of [`gemm::gemm`]'s one block per thread.
 #[doc(hidden)]
-pub const AB_UNFUSED: u32 = 4;
+pub const AB_GEMM_CRATE_SPLIT: u32 = 4;
 
 /// Sets the A/B switches (`AB_*`, for benchmarks only).
 #[doc(hidden)]
