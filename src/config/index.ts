@@ -6,6 +6,7 @@
  */
 import { IA3Config } from './ia3'
 import { LoHaConfig } from './loha'
+import { LoKrConfig } from './lokr'
 import { LoraConfig } from './lora'
 import { MultitaskPromptTuningConfig } from './multitask-prompt-tuning'
 import { PromptEncoderConfig } from './p-tuning'
@@ -16,6 +17,7 @@ export type { TaskType } from './base'
 export { LoraConfig, HF_LORA_DEFAULTS, type LoraConfigOptions } from './lora'
 export { IA3Config, type IA3ConfigOptions } from './ia3'
 export { LoHaConfig, type LoHaConfigOptions } from './loha'
+export { LoKrConfig, type LoKrConfigOptions } from './lokr'
 export type { PromptLearningConfigOptions } from './prompt-learning'
 export { PrefixTuningConfig, type PrefixTuningConfigOptions } from './prefix-tuning'
 export { PromptTuningConfig, type PromptTuningConfigOptions } from './prompt-tuning'
@@ -27,6 +29,7 @@ const REGISTRY = {
   LORA: LoraConfig,
   IA3: IA3Config,
   LOHA: LoHaConfig,
+  LOKR: LoKrConfig,
   PREFIX_TUNING: PrefixTuningConfig,
   PROMPT_TUNING: PromptTuningConfig,
   P_TUNING: PromptEncoderConfig,
