@@ -78,7 +78,7 @@ fn lokr_logits_generate_merge_match_hf() {
     for case in CASES {
         let exp = Expected::load(case);
         let mut m = adapter_peft(case, false);
-        assert_eq!(m.peft_type().as_deref(), Some("LOKR"));
+        assert_eq!(m.peft_type(), Some("LOKR"));
         check_logits("adapter", &m, &exp, "logits_adapter");
         check_generate("adapter", &m, &exp, "generate_adapter");
         m.set_disabled(true).unwrap();

@@ -132,6 +132,9 @@ macro_rules! impl_tuner_config {
 }
 pub(crate) use impl_tuner_config;
 
+/// `(layers_to_transform, layers_pattern)` of a config (see [`RawConfig::layers`]).
+pub type LayerSelection = (Option<Vec<usize>>, Option<Vec<String>>);
+
 /// The parts of an adapter_config.json object every config parses the same way: the object
 /// merged over the tuner's HF defaults (`raw`), the names of fields HF's class lacks
 /// (`unknown`), and typed readers reporting `InvalidAdapterConfig` with the file and field.
@@ -212,7 +215,7 @@ impl<'p> RawConfig<'p> {
     ///
     /// Errors: `InvalidAdapterConfig` for other JSON types, and (HF `__post_init__`) when
     /// `layers_pattern` is given without `layers_to_transform`.
-    pub fn layers(&self) -> Result<(Option<Vec<usize>>, Option<Vec<String>>)> {
+    pub fn layers(&self) -> Result<LayerSelection> {
         let layers_pattern = match &self.raw["layers_pattern"] {
             Value::Null => None,
             Value::String(s) => Some(vec![s.clone()]),

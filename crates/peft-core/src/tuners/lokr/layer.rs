@@ -49,7 +49,7 @@ pub const SLOTS: [Slot; 6] = [LOKR_W1, LOKR_W1_A, LOKR_W1_B, LOKR_W2, LOKR_W2_A,
 /// otherwise `m` grows through the divisors of `dimension` while `m + n` does not grow and `m`
 /// stays at most `factor` (`-1`: no bound, so the pair nearest the square root).
 pub fn factorization(dimension: usize, factor: i64) -> (usize, usize) {
-    if factor > 0 && dimension % factor as usize == 0 {
+    if factor > 0 && dimension.is_multiple_of(factor as usize) {
         let m = factor as usize;
         return (m, dimension / m);
     }
@@ -58,7 +58,7 @@ pub fn factorization(dimension: usize, factor: i64) -> (usize, usize) {
     let length = m + n;
     while m < n {
         let mut new_m = m + 1;
-        while dimension % new_m != 0 {
+        while !dimension.is_multiple_of(new_m) {
             new_m += 1;
         }
         let new_n = dimension / new_m;
@@ -89,13 +89,13 @@ impl LokrShape {
     pub fn new(out: usize, inf: usize, r: usize, decompose_both: bool, decompose_factor: i64) -> Self {
         let (in_m, in_n) = factorization(inf, decompose_factor);
         let (out_l, out_k) = factorization(out, decompose_factor);
-        let rf = r as f64;
+        // HF: `r < max(...) / 2` (true division), i.e. `2r < max(...)`.
         LokrShape {
             w1: (out_l, in_m),
             w2: (out_k, in_n),
             r,
-            w1_full: !(decompose_both && rf < out_l.max(in_m) as f64 / 2.0),
-            w2_full: !(rf < out_k.max(in_n) as f64 / 2.0),
+            w1_full: !(decompose_both && 2 * r < out_l.max(in_m)),
+            w2_full: 2 * r >= out_k.max(in_n),
         }
     }
 
