@@ -4,27 +4,9 @@
  */
 export { PeftError } from './errors'
 export { Tensor, type DType, type TensorData } from './tensor'
-export {
-  LoraConfig,
-  HF_LORA_DEFAULTS,
-  IA3Config,
-  LoHaConfig,
-  PrefixTuningConfig,
-  PromptTuningConfig,
-  PromptEncoderConfig,
-  MultitaskPromptTuningConfig,
-  configFromJSON,
-  type LoraConfigOptions,
-  type IA3ConfigOptions,
-  type LoHaConfigOptions,
-  type PrefixTuningConfigOptions,
-  type PromptTuningConfigOptions,
-  type PromptEncoderConfigOptions,
-  type MultitaskPromptTuningConfigOptions,
-  type PromptLearningConfigOptions,
-  type PeftConfig,
-  type TaskType,
-} from './config'
+// Every config class, its options type, `PeftConfig`, `configFromJSON` and `PEFT_TYPES` (a new
+// method's config file is exported from ./config only).
+export * from './config'
 export {
   AutoModelForCausalLM,
   AutoModelForSequenceClassification,

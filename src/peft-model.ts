@@ -102,7 +102,7 @@ export interface LoadResult {
 export interface TunerLayerStatus {
   /** HF's module name, e.g. `model.model.layers.0.self_attn.q_proj`. */
   name: string
-  /** `lora.Linear`, `lora.Embedding`, `ia3.Linear`, `loha.Linear` or `ModulesToSaveWrapper`. */
+  /** `lora.Linear`, `lora.Embedding`, `ia3.Linear`, another tuner's `<prefix>.Linear` (`loha.Linear`) or `ModulesToSaveWrapper`. */
   moduleType: string
   enabled: boolean
   activeAdapters: string[]
@@ -403,8 +403,8 @@ export class PeftModel {
     return this.peftConfig[this.activeAdapter]
   }
 
-  /** HF `peft_type` of the adapters: 'LORA', 'PREFIX_TUNING', 'PROMPT_TUNING', 'P_TUNING' or
-   * 'MULTITASK_PROMPT_TUNING' (null when every adapter was deleted). */
+  /** HF `peft_type` of the adapters: one of the registered configs' types ('LORA', 'IA3', 'LOHA',
+   * 'PREFIX_TUNING', ...; null when every adapter was deleted). */
   get peftType(): PeftConfig['peftType'] | null {
     this.rt.checkAlive()
     return this.rt.peftType() as PeftConfig['peftType'] | null
@@ -662,7 +662,7 @@ export class PeftModel {
     const backends = new Set(layers.map((l) => l.quantizationBackend))
     return {
       baseModelType: this.baseModel.architecture,
-      adapterModelType: ({ IA3: 'IA3Model', LOHA: 'LoHaModel' } as Record<string, string>)[rt.peftType() ?? ''] ?? 'LoraModel',
+      adapterModelType: rt.adapters.values().next().value?.modelClass ?? 'LoraModel',
       peftTypes: Object.fromEntries([...rt.adapters.values()].map((a) => [a.name, a.peftType])),
       trainableParams: trainable,
       totalParams: total,

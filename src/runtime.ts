@@ -15,8 +15,14 @@
 import { call, fromNative, PeftError } from './errors'
 import type { NativeTypes } from './native'
 
-/** How an adapter sits in one layer (decides HF's module type in the layer status). */
-export type LayerKind = 'lora' | 'lora_embedding' | 'ia3' | 'loha' | 'modules_to_save'
+/**
+ * How an adapter sits in one layer (decides HF's module type in the layer status), as the Rust
+ * core reports it: `'lora'`, `'lora_embedding'`, `'ia3'`, `'modules_to_save'`, or for any other
+ * tuner the prefix of HF's layer class (`'loha'` for `loha.Linear`), so that a new tuner needs no
+ * edit here. The layer's module type is `'<kind>.Linear'` except for `'lora_embedding'`
+ * (`lora.Embedding`) and `'modules_to_save'` (`ModulesToSaveWrapper`).
+ */
+export type LayerKind = 'lora' | 'lora_embedding' | 'ia3' | 'modules_to_save' | (string & {})
 
 /** What the snapshot keeps about one adapter (from the native `adapterInfoJson`). */
 export interface AdapterInfo {
@@ -24,6 +30,8 @@ export interface AdapterInfo {
   /** adapter_config.json text, as HF writes it. */
   config: string
   peftType: string
+  /** HF's tuner model class of the adapter's method (`'LoraModel'`, `'LoHaModel'`, ...), from the Rust tuner registry. */
+  modelClass: string
   promptLearning: boolean
   inferenceMode: boolean
   /** Parameters training updates while this adapter is active. */

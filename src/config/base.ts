@@ -15,7 +15,12 @@ export type FieldSpec = Array<[string, string, unknown]>
 
 /** Shared machinery of the IA3 and prompt-learning configs: camelCase fields ↔ HF's snake_case JSON. */
 export abstract class SnakeCaseConfig {
-  abstract readonly peftType: 'PREFIX_TUNING' | 'PROMPT_TUNING' | 'P_TUNING' | 'MULTITASK_PROMPT_TUNING' | 'IA3' | 'LOHA'
+  /**
+   * HF's `peft_type`. Open here so that a new method needs no edit of this file: each subclass
+   * narrows it to its literal (`readonly peftType = 'LOHA' as const`), so `PeftConfig['peftType']`
+   * is the union of the registered methods' types.
+   */
+  abstract readonly peftType: string
   /** Fields of a loaded adapter_config.json that this class does not name (kept as they are). */
   readonly extra: Record<string, unknown> = {}
   protected abstract fields(): FieldSpec

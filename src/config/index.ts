@@ -1,10 +1,12 @@
 /**
  * The adapter config classes, one file per method, and the registry that maps HF's `peft_type`
- * to its class (HF `PEFT_TYPE_TO_CONFIG_MAPPING`). Adding a method = one file here, one
- * registry line and one member of the `PeftConfig` union.
+ * to its class (HF `PEFT_TYPE_TO_CONFIG_MAPPING`). Adding a method = one file here, its import,
+ * its export and one registry line below: the `PeftConfig` union and `PEFT_TYPES` follow from the
+ * registry, and `src/index.ts` re-exports this module as it is.
  */
 import { IA3Config } from './ia3'
 import { LoHaConfig } from './loha'
+import { LoKrConfig } from './lokr'
 import { LoraConfig } from './lora'
 import { MultitaskPromptTuningConfig } from './multitask-prompt-tuning'
 import { PromptEncoderConfig } from './p-tuning'
@@ -15,25 +17,27 @@ export type { TaskType } from './base'
 export { LoraConfig, HF_LORA_DEFAULTS, type LoraConfigOptions } from './lora'
 export { IA3Config, type IA3ConfigOptions } from './ia3'
 export { LoHaConfig, type LoHaConfigOptions } from './loha'
+export { LoKrConfig, type LoKrConfigOptions } from './lokr'
 export type { PromptLearningConfigOptions } from './prompt-learning'
 export { PrefixTuningConfig, type PrefixTuningConfigOptions } from './prefix-tuning'
 export { PromptTuningConfig, type PromptTuningConfigOptions } from './prompt-tuning'
 export { PromptEncoderConfig, type PromptEncoderConfigOptions } from './p-tuning'
 export { MultitaskPromptTuningConfig, type MultitaskPromptTuningConfigOptions } from './multitask-prompt-tuning'
 
-/** Any config `getPeftModel` / `addAdapter` accept. */
-export type PeftConfig = LoraConfig | IA3Config | LoHaConfig | PrefixTuningConfig | PromptTuningConfig | PromptEncoderConfig | MultitaskPromptTuningConfig
-
 /** HF `peft_type` → the class that reads its adapter_config.json. */
-const REGISTRY: Record<string, { fromJSON(json: Record<string, unknown>): PeftConfig }> = {
+const REGISTRY = {
   LORA: LoraConfig,
   IA3: IA3Config,
   LOHA: LoHaConfig,
+  LOKR: LoKrConfig,
   PREFIX_TUNING: PrefixTuningConfig,
   PROMPT_TUNING: PromptTuningConfig,
   P_TUNING: PromptEncoderConfig,
   MULTITASK_PROMPT_TUNING: MultitaskPromptTuningConfig,
-}
+} as const
+
+/** Any config `getPeftModel` / `addAdapter` accept: an instance of a registered class. */
+export type PeftConfig = InstanceType<(typeof REGISTRY)[keyof typeof REGISTRY]>
 
 /** The `peft_type` values this package reads. */
 export const PEFT_TYPES: readonly string[] = Object.freeze(Object.keys(REGISTRY))
@@ -45,6 +49,7 @@ export const PEFT_TYPES: readonly string[] = Object.freeze(Object.keys(REGISTRY)
  * `ERR_ADAPTER_CONFIG_INVALID` naming the type, so it reads as LoRA here too.
  */
 export function configFromJSON(json: Record<string, unknown>): PeftConfig {
-  const cls = typeof json.peft_type === 'string' ? REGISTRY[json.peft_type] : undefined
+  const classes: Record<string, { fromJSON(json: Record<string, unknown>): PeftConfig } | undefined> = REGISTRY
+  const cls = typeof json.peft_type === 'string' ? classes[json.peft_type] : undefined
   return (cls ?? LoraConfig).fromJSON(json)
 }

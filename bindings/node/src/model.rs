@@ -488,10 +488,12 @@ impl NativeModel {
     }
 
     /// Everything the JS facade's snapshot keeps about adapter `name`, as JSON: `config`
-    /// (adapter_config.json text), `peftType`, `promptLearning`, `inferenceMode`, `trainable`
-    /// (parameters training updates while it is active), `params` (all its parameters) and
-    /// `layers` (`[path, kind]` for each layer that carries it; kind `lora`, `lora_embedding`,
-    /// `ia3` or `modules_to_save`). Errors: `ERR_ADAPTER_NOT_FOUND`.
+    /// (adapter_config.json text), `peftType`, `modelClass` (HF's tuner model class, from the
+    /// tuner registry), `promptLearning`, `inferenceMode`, `trainable` (parameters training
+    /// updates while it is active), `params` (all its parameters) and `layers` (`[path, kind]`
+    /// for each layer that carries it; kind `lora`, `lora_embedding`, `ia3`, `modules_to_save` or
+    /// another tuner's module-type prefix, `loha` for `loha.Linear`). Errors:
+    /// `ERR_ADAPTER_NOT_FOUND`.
     #[napi(catch_unwind)]
     pub fn adapter_info_json(&self, name: String) -> napi::Result<String> {
         guard(|| {
@@ -519,6 +521,7 @@ impl NativeModel {
                     "name": name,
                     "config": m.config_json(&name)?,
                     "peftType": peft_type,
+                    "modelClass": cfg.tuner().model_class(),
                     "promptLearning": prompt,
                     "inferenceMode": inference,
                     "trainable": trainable,

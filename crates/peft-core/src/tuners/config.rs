@@ -132,6 +132,9 @@ macro_rules! impl_tuner_config {
 }
 pub(crate) use impl_tuner_config;
 
+/// `(layers_to_transform, layers_pattern)` of a config (see [`RawConfig::layers`]).
+pub type LayerSelection = (Option<Vec<usize>>, Option<Vec<String>>);
+
 /// The parts of an adapter_config.json object every config parses the same way: the object
 /// merged over the tuner's HF defaults (`raw`), the names of fields HF's class lacks
 /// (`unknown`), and typed readers reporting `InvalidAdapterConfig` with the file and field.
@@ -205,6 +208,38 @@ impl<'p> RawConfig<'p> {
             _ => return Err(self.bad(format!("`{field}` must be an object"))),
         }
         Ok(out)
+    }
+
+    /// `layers_to_transform` (`null`, an integer or a list of integers) and `layers_pattern`
+    /// (`null`, a string or a list of strings), as HF's `LycorisConfig` / `LoraConfig` read them.
+    ///
+    /// Errors: `InvalidAdapterConfig` for other JSON types, and (HF `__post_init__`) when
+    /// `layers_pattern` is given without `layers_to_transform`.
+    pub fn layers(&self) -> Result<LayerSelection> {
+        let layers_pattern = match &self.raw["layers_pattern"] {
+            Value::Null => None,
+            Value::String(s) => Some(vec![s.clone()]),
+            Value::Array(a) => Some(
+                a.iter()
+                    .map(|x| x.as_str().map(String::from).ok_or_else(|| self.bad(format!("`layers_pattern` must hold strings, found {x}"))))
+                    .collect::<Result<Vec<_>>>()?,
+            ),
+            other => return Err(self.bad(format!("`layers_pattern` must be a string or a list of strings, found {other}"))),
+        };
+        let layers_to_transform = match &self.raw["layers_to_transform"] {
+            Value::Null => None,
+            Value::Number(n) => Some(vec![n.as_u64().ok_or_else(|| self.bad("`layers_to_transform` must be non-negative".into()))? as usize]),
+            Value::Array(a) => Some(
+                a.iter()
+                    .map(|x| x.as_u64().map(|n| n as usize).ok_or_else(|| self.bad(format!("`layers_to_transform` must hold integers, found {x}"))))
+                    .collect::<Result<Vec<_>>>()?,
+            ),
+            other => return Err(self.bad(format!("`layers_to_transform` must be an integer or a list, found {other}"))),
+        };
+        if layers_pattern.is_some() && layers_to_transform.is_none() {
+            return Err(self.bad("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ".into()));
+        }
+        Ok((layers_to_transform, layers_pattern))
     }
 
     /// `modules_to_save`: `null` or a list of strings.

@@ -11,6 +11,7 @@ pub mod ia3;
 pub mod layer;
 pub mod linear;
 pub mod loha;
+pub mod lokr;
 pub mod lora;
 pub mod prompt;
 pub mod registry;

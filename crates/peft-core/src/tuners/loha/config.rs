@@ -70,29 +70,7 @@ impl LohaConfig {
             .map_err(|m| rc.bad(m))?
             .ok_or_else(|| rc.bad("`target_modules` must be given (a list of module names, a regex string or \"all-linear\")".into()))?;
         let exclude_modules = targets_from_json(&raw["exclude_modules"], "exclude_modules").map_err(|m| rc.bad(m))?;
-        let layers_pattern = match &raw["layers_pattern"] {
-            Value::Null => None,
-            Value::String(s) => Some(vec![s.clone()]),
-            Value::Array(a) => Some(
-                a.iter()
-                    .map(|x| x.as_str().map(String::from).ok_or_else(|| rc.bad(format!("`layers_pattern` must hold strings, found {x}"))))
-                    .collect::<Result<Vec<_>>>()?,
-            ),
-            other => return Err(rc.bad(format!("`layers_pattern` must be a string or a list of strings, found {other}"))),
-        };
-        let layers_to_transform = match &raw["layers_to_transform"] {
-            Value::Null => None,
-            Value::Number(n) => Some(vec![n.as_u64().ok_or_else(|| rc.bad("`layers_to_transform` must be non-negative".into()))? as usize]),
-            Value::Array(a) => Some(
-                a.iter()
-                    .map(|x| x.as_u64().map(|n| n as usize).ok_or_else(|| rc.bad(format!("`layers_to_transform` must hold integers, found {x}"))))
-                    .collect::<Result<Vec<_>>>()?,
-            ),
-            other => return Err(rc.bad(format!("`layers_to_transform` must be an integer or a list, found {other}"))),
-        };
-        if layers_pattern.is_some() && layers_to_transform.is_none() {
-            return Err(rc.bad("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ".into()));
-        }
+        let (layers_to_transform, layers_pattern) = rc.layers()?;
         let rank_pattern = rc.rank_pattern(MAX_RANK)?;
         let alpha_pattern = rc.alpha_pattern()?;
         Ok(LohaConfig {
