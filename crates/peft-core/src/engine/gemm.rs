@@ -138,6 +138,15 @@ pub fn gemm(dst: &mut Dst, a: View, b: View, alpha: f32, acc: bool, threads: usi
         gemv_nt(dst, a, b, alpha, acc, threads);
         return;
     }
+    // A narrow `x·Wᵀ` (a LoRA rank side: `x·Aᵀ`, `gy·B`): dot products of each row of `a` with
+    // the few rows of `W`, on AVX-512 (the `gemm` crate reaches 60 GFLOP/s on [512x576]·[576x8]).
+    #[cfg(target_arch = "x86_64")]
+    if n <= NARROW_MAX && a.cs == 1 && b.rs == 1 && super::simd::level() >= 3 && super::ab_flags() & super::AB_GEMM_CRATE_NARROW == 0 {
+        // SAFETY: AVX-512F is present (level 3); the views were bounds-checked when built, and
+        // the destination does not alias them.
+        unsafe { narrow_nt_avx512(dst, a, b, alpha, acc) };
+        return;
+    }
     if super::ab_flags() & super::AB_GEMM_CRATE_SPLIT != 0 {
         // The earlier rule: the `gemm` crate's own rayon split, narrow outputs on one thread.
         let skinny = m.min(n).min(k) < 64 || (n < 256 && m >= 64);
@@ -197,6 +206,73 @@ pub fn gemm(dst: &mut Dst, a: View, b: View, alpha: f32, acc: bool, threads: usi
 unsafe fn gemm_seq(dst_ptr: *mut f32, ld: usize, a: View, b: View, alpha: f32, acc: bool, par: Parallelism) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     gemm::gemm(m, n, k, dst_ptr, 1, ld as isize, acc, a.ptr, a.cs, a.rs, b.ptr, b.cs, b.rs, 1.0f32, alpha, false, false, false, par)
+}
+
+/// Output widths up to this use [`narrow_nt_avx512`] for `x·Wᵀ` products.
+const NARROW_MAX: usize = 32;
+
+/// `dst = (acc ? dst : 0) + alpha · a · Wᵀ` for a narrow output (`n ≤ NARROW_MAX`): `b = Wᵀ` with
+/// `W` `[n, k]` in rows of unit stride, `a` `[m, k]` in rows of unit stride. Two rows of `a`
+/// against eight rows of `W` at a time: sixteen AVX-512 accumulators, each `a` element loaded
+/// once per eight rows of `W` (which stay in L1: 8 × k floats), fused multiply-adds, one
+/// horizontal sum per output. Single-threaded: at 512 × 576 × 8 the product takes ~30 µs, less
+/// than handing half of it to another thread costs.
+///
+/// # Safety
+/// The CPU must support AVX-512F; the views must be in bounds and not alias `dst`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn narrow_nt_avx512(dst: &mut Dst, a: View, b: View, alpha: f32, acc: bool) {
+    use std::arch::x86_64::*;
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    let (ald, wld) = (a.rs as usize, b.cs as usize);
+    let tail = k % 16;
+    let full = k - tail;
+    let mask: __mmask16 = ((1u32 << tail) - 1) as __mmask16;
+    for j0 in (0..n).step_by(8) {
+        let nj = (n - j0).min(8);
+        // Rows past the end of W repeat its first row of the group; their sums are discarded.
+        let w: [*const f32; 8] = std::array::from_fn(|j| b.ptr.add((j0 + if j < nj { j } else { 0 }) * wld));
+        let mut i = 0;
+        while i < m {
+            let two = i + 1 < m;
+            let x0 = a.ptr.add(i * ald);
+            let x1 = if two { a.ptr.add((i + 1) * ald) } else { x0 };
+            let mut s0 = [_mm512_setzero_ps(); 8];
+            let mut s1 = [_mm512_setzero_ps(); 8];
+            let mut l = 0;
+            while l < full {
+                let v0 = _mm512_loadu_ps(x0.add(l));
+                let v1 = _mm512_loadu_ps(x1.add(l));
+                for j in 0..8 {
+                    let wv = _mm512_loadu_ps(w[j].add(l));
+                    s0[j] = _mm512_fmadd_ps(v0, wv, s0[j]);
+                    s1[j] = _mm512_fmadd_ps(v1, wv, s1[j]);
+                }
+                l += 16;
+            }
+            if tail > 0 {
+                let v0 = _mm512_maskz_loadu_ps(mask, x0.add(l));
+                let v1 = _mm512_maskz_loadu_ps(mask, x1.add(l));
+                for j in 0..8 {
+                    let wv = _mm512_maskz_loadu_ps(mask, w[j].add(l));
+                    s0[j] = _mm512_fmadd_ps(v0, wv, s0[j]);
+                    s1[j] = _mm512_fmadd_ps(v1, wv, s1[j]);
+                }
+            }
+            for (r, s) in [(i, &s0), (i + 1, &s1)] {
+                if r >= m {
+                    break;
+                }
+                let out = dst.ptr.add(r * dst.ld + j0);
+                for (j, v) in s.iter().take(nj).enumerate() {
+                    let y = alpha * _mm512_reduce_add_ps(*v);
+                    *out.add(j) = if acc { *out.add(j) + y } else { y };
+                }
+            }
+            i += 2;
+        }
+    }
 }
 
 /// Row counts up to this use [`gemv_nt`] for `x·Wᵀ` products.
@@ -342,6 +418,30 @@ mod tests {
                     assert!((x - y).abs() <= 1e-4 * y.abs().max(1.0), "[{m}x{k}]x[{k}x{n}] ({i},{j}): {x} vs {y}");
                 }
                 assert_eq!(one[i * ld + n..(i + 1) * ld], [0.5f32; 3], "padding columns untouched");
+            }
+        }
+    }
+
+    #[test]
+    fn narrow_products_match_naive() {
+        // x·Wᵀ with an output of at most 32 columns (LoRA rank sides): odd row counts, k with and
+        // without a 16-wide tail, widths below, at and above one group of 8, strided operands,
+        // alpha and accumulation; on AVX-512 CPUs through the dot-product kernel.
+        for (m, k, n) in [(7, 37, 8), (512, 576, 8), (33, 16, 13), (5, 100, 32), (64, 8, 3), (9, 1536, 17)] {
+            let (ald, wld) = (k + 5, k + 2);
+            let a: Vec<f32> = (0..m * ald).map(|i| ((i * 31) % 17) as f32 * 0.25 - 2.0).collect();
+            let w: Vec<f32> = (0..n * wld).map(|i| ((i * 7) % 13) as f32 * 0.5 - 3.0).collect();
+            let ac: Vec<f32> = (0..m * k).map(|i| a[(i / k) * ald + i % k]).collect();
+            let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * wld + i / n]).collect(); // [k, n]
+            let want = naive(&ac, &wt, m, k, n);
+            let mut c = vec![1f32; m * n];
+            gemm(&mut Dst::of(&mut c, m, n), View::rm(&a, 0, m, k, ald), View::rm(&w, 0, n, k, wld).t(), 2.0, true, 2);
+            for (x, y) in c.iter().zip(&want) {
+                assert!((x - (1.0 + 2.0 * y)).abs() <= 1e-4 * y.abs().max(1.0), "[{m}x{k}]x[{k}x{n}]: {x} vs {}", 1.0 + 2.0 * y);
+            }
+            gemm(&mut Dst::of(&mut c, m, n), View::rm(&a, 0, m, k, ald), View::rm(&w, 0, n, k, wld).t(), 1.0, false, 1);
+            for (x, y) in c.iter().zip(&want) {
+                assert!((x - y).abs() <= 1e-4 * y.abs().max(1.0), "[{m}x{k}]x[{k}x{n}]: {x} vs {y}");
             }
         }
     }

@@ -63,6 +63,11 @@ pub const AB_CAT_KV_CACHE: u32 = 2;
 #[doc(hidden)]
 pub const AB_GEMM_CRATE_SPLIT: u32 = 4;
 
+/// Narrow `x·Wᵀ` products (LoRA rank sides) through the `gemm` crate instead of the AVX-512
+/// dot-product kernel, and the `∂B` product in its earlier orientation.
+#[doc(hidden)]
+pub const AB_GEMM_CRATE_NARROW: u32 = 8;
+
 /// Sets the A/B switches (`AB_*`, for benchmarks only).
 #[doc(hidden)]
 pub fn set_ab_flags(flags: u32) {

@@ -9,7 +9,7 @@
 const L: usize = 16;
 
 #[cfg(target_arch = "x86_64")]
-fn level() -> u8 {
+pub(crate) fn level() -> u8 {
     use std::sync::atomic::{AtomicU8, Ordering};
     static LEVEL: AtomicU8 = AtomicU8::new(0);
     let l = LEVEL.load(Ordering::Relaxed);
