@@ -428,8 +428,8 @@ fn gemma3_resave_is_byte_identical() {
     }
 }
 
-/// Saving a merged Gemma 3 model (HF folder or GGUF) is refused with ERR_EXPORT_UNSUPPORTED,
-/// not written wrongly.
+/// Saving a merged Gemma 3 model (HF folder or GGUF) and exporting its LoRA adapter as a GGUF
+/// are refused with ERR_EXPORT_UNSUPPORTED, not written wrongly.
 #[test]
 fn gemma3_merged_exports_refused() {
     let mut m = adapter_peft("gemma3_lora_all", false);
@@ -439,5 +439,10 @@ fn gemma3_merged_exports_refused() {
     assert_eq!(e.code(), "ERR_EXPORT_UNSUPPORTED", "{e}");
     let e = peft_core::export::export_merged_gguf(&m, &dir.join("m.gguf"), peft_core::export::GgmlType::F32).unwrap_err();
     assert_eq!(e.code(), "ERR_EXPORT_UNSUPPORTED", "{e}");
+    for base in ["models/gemma3", "models/gemma3.gguf"] {
+        let opts = peft_core::export::LoraExportOptions { base_model: Some(fixtures_dir().join(base)), ..Default::default() };
+        let e = peft_core::export::export_gguf_lora(&case_dir("gemma3_lora_all"), &dir.join("a.gguf"), &opts).unwrap_err();
+        assert_eq!(e.code(), "ERR_EXPORT_UNSUPPORTED", "{base}: {e}");
+    }
     remove_dir(&dir);
 }
