@@ -359,11 +359,9 @@ fn gemma3_config_and_modules() {
     // GGUF stores the epsilon as f32.
     assert!((g.rms_norm_eps - 1e-6).abs() < 1e-12);
     g.rms_norm_eps = c.rms_norm_eps;
-    for (x, y) in [(&mut g, &c)] {
-        x.name_or_path = y.name_or_path.clone();
-        x.dtype = y.dtype.clone();
-        x.raw = y.raw.clone();
-    }
+    g.name_or_path = c.name_or_path.clone();
+    g.dtype = c.dtype.clone();
+    g.raw = c.raw.clone();
     assert_eq!(g, c);
     // Refusals: bidirectional attention, another activation, an unknown rope type.
     let v = c.raw.clone().unwrap();
