@@ -3,7 +3,8 @@
  * `AutoModelFor*` loaders, one per task head) and `AutoTokenizer.fromPretrained(pathOrGguf)`. A
  * model folder is a Hugging Face folder (config.json + model.safetensors or a sharded index); a
  * `.gguf` file is dequantized at load. Supported architectures: Llama (incl. Llama 3.x rope scaling), Mistral, Qwen2 and Qwen3
- * (causal LM, sequence classification), GPT-2 (causal LM, sequence classification), BERT,
+ * (causal LM, sequence classification), Gemma 3 text (`Gemma3ForCausalLM`, causal LM; its GGUF loads without a
+ * tokenizer), GPT-2 (causal LM, sequence classification), BERT,
  * RoBERTa and DistilBERT (sequence / token classification, question answering, feature
  * extraction) and T5 (seq2seq LM); the error for another architecture lists the supported ones.
  */

@@ -50,6 +50,17 @@ pub struct GgufModel {
     pub notices: Vec<String>,
 }
 
+mod gemma3;
+pub use gemma3::{gemma3_config_from_gguf, gemma3_hf_name, load_gguf_gemma3, GgufGemma3};
+
+/// `general.architecture` of a GGUF file (reads the header only).
+///
+/// Errors: as [`read_gguf_header`]; `GgufInvalid` when the key is missing.
+pub fn gguf_architecture(path: &Path) -> Result<String> {
+    let (content, _, _) = open_gguf(path)?;
+    meta::string(&content.metadata, "general.architecture", path)?.ok_or_else(|| invalid(path, "missing metadata key `general.architecture`"))
+}
+
 fn invalid(path: &Path, msg: impl Into<String>) -> PeftError {
     PeftError::GgufInvalid { path: path.to_path_buf(), msg: msg.into() }
 }

@@ -8,7 +8,13 @@
 //!   embeddings): `models/qwen3`, `models/qwen3.gguf` (arch `qwen3`), cases `qwen3_lora_qv` and
 //!   `qwen3_prefix`; the engine declines Qwen3, so everything runs on the general path;
 //! * prefix tuning on Llama 3.x (`llama3_prefix`; inference with prompt learning runs on the
-//!   general path).
+//!   general path);
+//! * Gemma 3 (`Gemma3ForCausalLM`, made by `__test__/scripts/make_gemma3_fixtures.py`):
+//!   `models/gemma3` (sliding and full layers with a window shorter than the batch, head_dim 32
+//!   != 64/4, query_pre_attn_scalar 24, linear RoPE scaling on global layers, final logit
+//!   soft-capping, tied embeddings) and `models/gemma3.gguf` (arch `gemma3`, norms stored as
+//!   1 + w), cases `gemma3_lora_all` (LoRA on all seven linears) and `gemma3_prefix`; the engine
+//!   declines Gemma 3 (general path).
 //!
 //! Per LoRA case: base, adapter, disabled and merged logits (1e-4), loss, LoRA gradients (1e-4
 //! relative to the tensor's largest gradient), greedy ids with and without a KV cache; the GGUF
@@ -275,6 +281,12 @@ fn merged_save_reloads() {
 #[test]
 fn resave_is_byte_identical() {
     for case in ["llama3_lora_qv", "qwen3_lora_qv", "qwen3_prefix", "llama3_prefix"] {
+        resave_case(case);
+    }
+}
+
+fn resave_case(case: &str) {
+    {
         let m = adapter_peft(case, false);
         let out = temp_dir("families-resave");
         m.save_pretrained(&out, None).unwrap();
@@ -305,4 +317,130 @@ fn gguf_export_refusals() {
     let opts = peft_core::export::LoraExportOptions { base_model: Some(fixtures_dir().join("models/llama3")), ..Default::default() };
     peft_core::export::export_gguf_lora(&case_dir("llama3_lora_qv"), &out, &opts).unwrap_or_else(|e| panic!("[{}] {e}", e.code()));
     assert!(out.is_file());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Gemma 3
+// ---------------------------------------------------------------------------------------------
+
+fn gemma3_hf_config() -> peft_core::model::Gemma3Config {
+    let p = fixtures_dir().join("models/gemma3/config.json");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    peft_core::model::Gemma3Config::from_json(&v, &p).unwrap()
+}
+
+#[test]
+fn gemma3_config_and_modules() {
+    let c = gemma3_hf_config();
+    assert_eq!(c.sliding_layers, vec![true, false, true, false]);
+    assert_eq!((c.sliding_window, c.head_dim, c.num_attention_heads, c.num_key_value_heads, c.hidden_size), (Some(6), 32, 4, 2, 64));
+    assert_eq!((c.query_pre_attn_scalar, c.rope_theta, c.rope_local_theta, c.rope_linear_factor), (24.0, 1e6, 1e4, Some(2.0)));
+    assert_eq!((c.final_logit_softcapping, c.attn_logit_softcapping, c.tie_word_embeddings), (Some(30.0), None, true));
+    // Global frequencies are the 1e6 ones divided by the linear factor 2; local ones use 1e4.
+    assert!((c.inv_freq(false)[0] - 0.5).abs() < 1e-7 && (c.inv_freq(true)[0] - 1.0).abs() < 1e-7);
+    assert!((c.inv_freq(true)[1] - 1e4f64.powf(-2.0 / 32.0) as f32).abs() < 1e-7);
+    let m = base_peft("gemma3_lora_all");
+    assert_eq!(m.base.info().architecture, "Gemma3ForCausalLM");
+    assert!(m.base.as_llama().is_none(), "Gemma 3 is its own model, not a Llama variant");
+    let names = m.base.module_names();
+    for n in ["model.layers.3.self_attn.q_norm", "model.layers.0.pre_feedforward_layernorm", "model.layers.2.post_feedforward_layernorm", "model.layers.1.mlp.down_proj"] {
+        assert!(names.contains(&n.to_string()), "{n}");
+    }
+    // As transformers' named_parameters (tied lm_head once): 256*64 + 4 * (q 128*64 + k 64*64 +
+    // v 64*64 + o 64*128 + 3 * 128*64 + 4*64 norms + 2*32 q/k norms) + 64.
+    let per_layer = 128 * 64 + 64 * 64 * 2 + 64 * 128 + 3 * 128 * 64 + 4 * 64 + 2 * 32;
+    assert_eq!(m.base.base_param_count(), 256 * 64 + 4 * per_layer + 64);
+    // The GGUF's config equals config.json's in everything the model uses.
+    let content = peft_core::gguf::read_gguf_header(&fixtures_dir().join("models/gemma3.gguf")).unwrap();
+    let mut g = peft_core::gguf::gemma3_config_from_gguf(&content, std::path::Path::new("gemma3.gguf")).unwrap();
+    // The attention scale comes from `gemma3.attention.scale` (f32 of 24^-1/2).
+    assert!((g.query_pre_attn_scalar - 24.0).abs() < 1e-5, "{}", g.query_pre_attn_scalar);
+    g.query_pre_attn_scalar = c.query_pre_attn_scalar;
+    // GGUF stores the epsilon as f32.
+    assert!((g.rms_norm_eps - 1e-6).abs() < 1e-12);
+    g.rms_norm_eps = c.rms_norm_eps;
+    g.name_or_path = c.name_or_path.clone();
+    g.dtype = c.dtype.clone();
+    g.raw = c.raw.clone();
+    assert_eq!(g, c);
+    // Refusals: bidirectional attention, another activation, an unknown rope type.
+    let v = c.raw.clone().unwrap();
+    for (k, val, needle) in [
+        ("use_bidirectional_attention", serde_json::json!(true), "bidirectional"),
+        ("hidden_activation", serde_json::json!("silu"), "silu"),
+        ("rope_parameters", serde_json::json!({"full_attention": {"rope_type": "yarn", "factor": 4.0}}), "yarn"),
+    ] {
+        let mut w = v.clone();
+        w[k] = val;
+        let e = peft_core::model::Gemma3Config::from_json(&w, std::path::Path::new("config.json")).unwrap_err();
+        assert!(e.to_string().contains(needle), "{k}: {e}");
+    }
+    // Without layer_types, sliding_window_pattern (default 6) decides.
+    let mut w = v.clone();
+    w.as_object_mut().unwrap().remove("layer_types");
+    w["sliding_window_pattern"] = 2.into();
+    assert_eq!(peft_core::model::Gemma3Config::from_json(&w, std::path::Path::new("c")).unwrap().sliding_layers, vec![true, false, true, false]);
+}
+
+#[test]
+fn gemma3_lora_logits_generate() {
+    let exp = Expected::load("gemma3_lora_all");
+    assert!(!engine_runs(&adapter_peft("gemma3_lora_all", false), &exp), "the engine must decline Gemma 3");
+    lora_logits_and_generate("gemma3_lora_all");
+}
+
+#[test]
+fn gemma3_lora_loss_and_grads() {
+    lora_loss_and_grads("gemma3_lora_all");
+}
+
+/// The GGUF (norms stored as 1 + w, llama.cpp names) loads through the loader and gives the HF
+/// folder's logits and greedy ids; its SentencePiece (`llama`) tokenizer is not built here, so
+/// it loads without one. Without `gemma3.attention.scale` llama.cpp's rule (head_dim) applies.
+#[test]
+fn gemma3_gguf_matches_hf() {
+    let exp = Expected::load("gemma3_lora_all");
+    let path = fixtures_dir().join("models/gemma3.gguf");
+    let loaded = load_causal_lm(&path, DType::F32, &Device::Cpu).unwrap_or_else(|e| panic!("[{}] {e}", e.code()));
+    assert!(loaded.tokenizer.is_none(), "the gemma3 GGUF's SentencePiece tokenizer is not supported");
+    assert_eq!(loaded.model.info().architecture, "Gemma3ForCausalLM");
+    let m = PeftModel::new(loaded.model);
+    check_logits("GGUF gemma3.gguf base", &m, &exp, "logits_base");
+    check_generate("GGUF gemma3.gguf base", &m, &exp, "generate_base");
+    let g = peft_core::gguf::load_gguf_gemma3(&path, DType::F32, &Device::Cpu, &Default::default()).unwrap();
+    assert!(g.notices.iter().any(|n| n.contains("`llama`")), "{:?}", g.notices);
+    let mut content = peft_core::gguf::read_gguf_header(&path).unwrap();
+    content.metadata.remove("gemma3.attention.scale");
+    assert_eq!(peft_core::gguf::gemma3_config_from_gguf(&content, &path).unwrap().query_pre_attn_scalar, 32.0);
+}
+
+#[test]
+fn gemma3_prefix_tuning() {
+    prefix_case("gemma3_prefix");
+}
+
+#[test]
+fn gemma3_resave_is_byte_identical() {
+    for case in ["gemma3_lora_all", "gemma3_prefix"] {
+        resave_case(case);
+    }
+}
+
+/// Saving a merged Gemma 3 model (HF folder or GGUF) and exporting its LoRA adapter as a GGUF
+/// are refused with ERR_EXPORT_UNSUPPORTED, not written wrongly.
+#[test]
+fn gemma3_merged_exports_refused() {
+    let mut m = adapter_peft("gemma3_lora_all", false);
+    m.merge_and_unload(None, false).unwrap();
+    let dir = temp_dir("gemma3-merged");
+    let e = peft_core::export::save_merged_pretrained(&m, &dir, None, &Default::default()).unwrap_err();
+    assert_eq!(e.code(), "ERR_EXPORT_UNSUPPORTED", "{e}");
+    let e = peft_core::export::export_merged_gguf(&m, &dir.join("m.gguf"), peft_core::export::GgmlType::F32).unwrap_err();
+    assert_eq!(e.code(), "ERR_EXPORT_UNSUPPORTED", "{e}");
+    for base in ["models/gemma3", "models/gemma3.gguf"] {
+        let opts = peft_core::export::LoraExportOptions { base_model: Some(fixtures_dir().join(base)), ..Default::default() };
+        let e = peft_core::export::export_gguf_lora(&case_dir("gemma3_lora_all"), &dir.join("a.gguf"), &opts).unwrap_err();
+        assert_eq!(e.code(), "ERR_EXPORT_UNSUPPORTED", "{base}: {e}");
+    }
+    remove_dir(&dir);
 }

@@ -2,13 +2,15 @@
 //! transformers module path, so tuners attach by name without changing the model's code.
 //!
 //! [`BaseModel`] is what [`crate::peft_model::PeftModel`] needs from a base model; it is
-//! implemented by [`LlamaForCausalLM`] (Llama, Qwen2, Mistral), [`Gpt2LMHeadModel`],
+//! implemented by [`LlamaForCausalLM`] (Llama, Llama 3.x, Qwen2, Qwen3, Mistral),
+//! [`Gemma3ForCausalLM`] (Gemma 3 text), [`Gpt2LMHeadModel`],
 //! [`BertModel`] (BERT, DistilBERT, RoBERTa encoders with their task heads) and
 //! [`T5ForConditionalGeneration`] (encoder-decoder).
 
 pub mod bert;
 pub mod config;
 pub mod forward;
+pub mod gemma3;
 pub mod gpt2;
 pub mod llama;
 pub mod loader;
@@ -16,6 +18,7 @@ pub mod t5;
 
 pub use bert::{mean_pool, BertConfig, BertModel};
 pub use config::LlamaConfig;
+pub use gemma3::{Gemma3Config, Gemma3ForCausalLM};
 pub use gpt2::{Gpt2Config, Gpt2LMHeadModel};
 pub use forward::{ForwardOptions, KvCache};
 pub use llama::LlamaForCausalLM;
@@ -315,6 +318,15 @@ pub trait BaseModel: Send + Sync {
 ///
 /// Errors: `InvalidArgument` when the padding mask has the wrong length.
 pub(crate) fn causal_mask(mask: Option<&Vec<u8>>, b: usize, s: usize, past: usize, device: &Device) -> Result<Option<Tensor>> {
+    windowed_causal_mask(mask, b, s, past, None, device)
+}
+
+/// [`causal_mask`] restricted to a sliding window (Gemma 3's `sliding_attention` layers, as
+/// transformers' `sliding_window_overlay`): query position `q` attends key position `k` when
+/// `q - window < k <= q`. `window: None` is the plain causal mask.
+///
+/// Errors: as [`causal_mask`].
+pub(crate) fn windowed_causal_mask(mask: Option<&Vec<u8>>, b: usize, s: usize, past: usize, window: Option<usize>, device: &Device) -> Result<Option<Tensor>> {
     let total = past + s;
     if let Some(m) = mask {
         if m.len() != b * total {
@@ -322,14 +334,15 @@ pub(crate) fn causal_mask(mask: Option<&Vec<u8>>, b: usize, s: usize, past: usiz
         }
     }
     let all_ones = mask.map(|m| m.iter().all(|&v| v != 0)).unwrap_or(true);
-    if s == 1 && all_ones {
+    if s == 1 && all_ones && window.map(|w| total <= w).unwrap_or(true) {
         return Ok(None);
     }
     let mut v = vec![0f32; b * s * total];
     for bi in 0..b {
         for i in 0..s {
             for j in 0..total {
-                let ok = j <= past + i && mask.map(|m| m[bi * total + j] != 0).unwrap_or(true);
+                let in_window = window.map(|w| j + w > past + i).unwrap_or(true);
+                let ok = j <= past + i && in_window && mask.map(|m| m[bi * total + j] != 0).unwrap_or(true);
                 if !ok {
                     v[(bi * s + i) * total + j] = f32::MIN;
                 }
