@@ -291,6 +291,9 @@ mod bench {
 
     enum Kind {
         GemmCrate,
+        /// peft-core's engine entry point (`engine::gemm::gemm`): the `gemm` crate cut into one
+        /// single-threaded block per thread, narrow outputs through its AVX-512 kernel.
+        Engine,
         #[cfg(feature = "bench-blis")]
         Blis,
         OpenBlas { sgemm: Cblas, set_threads: Option<unsafe extern "C" fn(i32)> },
@@ -304,7 +307,7 @@ mod bench {
     impl Lib {
         fn set_threads(&self, threads: usize) {
             match &self.kind {
-                Kind::GemmCrate => {}
+                Kind::GemmCrate | Kind::Engine => {}
                 #[cfg(feature = "bench-blis")]
                 Kind::Blis => unsafe { blis::bli_thread_set_num_threads(threads as i64) },
                 Kind::OpenBlas { set_threads, .. } => {
@@ -330,6 +333,20 @@ mod bench {
                             let (rrs, rcs) = case.layout.rhs_strides(k, n);
                             let par = if threads == 1 { gemm::Parallelism::None } else { gemm::Parallelism::Rayon(threads) };
                             gemm::gemm(m, n, k, c, 1, n as isize, false, a, lcs, lrs, b, rcs, rrs, 0.0f32, 1.0f32, false, false, false, par);
+                        }
+                        Kind::Engine => {
+                            use peft_core::engine::gemm::{gemm, Dst, View};
+                            let (asz, bsz) = (m * k, k * n);
+                            let (a, b) = (std::slice::from_raw_parts(a, asz), std::slice::from_raw_parts(b, bsz));
+                            let av = match case.layout {
+                                Layout::TN => View::of(a, k, m).t(),
+                                _ => View::of(a, m, k),
+                            };
+                            let bv = match case.layout {
+                                Layout::NT => View::of(b, n, k).t(),
+                                _ => View::of(b, k, n),
+                            };
+                            gemm(&mut Dst::of(std::slice::from_raw_parts_mut(c, m * n), m, n), av, bv, 1.0, false, threads);
                         }
                         #[cfg(feature = "bench-blis")]
                         Kind::Blis => Cblas::Lp64(blis::cblas_sgemm).call(case.layout, m, k, n, a, b, c),
@@ -510,7 +527,7 @@ mod bench {
         }
 
         // Libraries.
-        let mut libs = vec![Lib { name: "gemm 0.19".into(), kind: Kind::GemmCrate }];
+        let mut libs = vec![Lib { name: "gemm 0.19".into(), kind: Kind::GemmCrate }, Lib { name: "peft engine".into(), kind: Kind::Engine }];
         #[cfg(feature = "bench-blis")]
         unsafe {
             // BLIS picks its AVX-512 kernels ("skx") only when it can tell the core has two FMA
