@@ -147,6 +147,19 @@ fn lora_all_linear_rslora_qwen2_biases_tied() {
 }
 
 #[test]
+fn lora_on_upper_layers_only() {
+    // The backward stops at the lowest adapted layer (its q/k/v input gradient is not computed):
+    // adapters on layer 2 of 4 (attention and MLP), then on the top layer's MLP only.
+    let sh = Shape { layers: 4, ..gqa() };
+    let mut m = model(&sh, 5);
+    m.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"], "layers_to_transform": [2, 3], "init_lora_weights": false})), 3).unwrap();
+    compare("layers 2-3", &m, &batch(2, 21, 97, &[(3, true)], 31), None);
+    let mut m = model(&sh, 6);
+    m.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["down_proj"], "layers_to_transform": [3], "init_lora_weights": false})), 3).unwrap();
+    compare("top layer MLP only", &m, &batch(2, 21, 97, &[], 32), None);
+}
+
+#[test]
 fn lora_dropout_with_a_fixed_seed() {
     let mut m = model(&gqa(), 3);
     m.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 4, "lora_alpha": 16, "lora_dropout": 0.3, "target_modules": ["q_proj", "v_proj", "gate_proj", "down_proj"], "init_lora_weights": false})), 5).unwrap();

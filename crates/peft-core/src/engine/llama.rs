@@ -668,7 +668,8 @@ impl Step {
     }
 
     /// Backward of [`Self::lin_fwd`]: `gx (+)= gy W + Σ scaling · mask ⊙ (gy B) A`, and the
-    /// adapters' gradients `∂B = gyᵀ h`, `∂A = scaling · (gy B)ᵀ dropout(x)`.
+    /// adapters' gradients `∂B = gyᵀ h`, `∂A = scaling · (gy B)ᵀ dropout(x)`. With `need_gx`
+    /// false only the adapters' gradients are computed (`gx` is left as it is).
     #[allow(clippy::too_many_arguments)]
     fn lin_bwd(
         &self,
@@ -677,6 +678,7 @@ impl Step {
         x: &[f32],
         gx: &mut [f32],
         acc: bool,
+        need_gx: bool,
         saves: &[LoraAct],
         grads: &mut Vec<(Var, Vec<f32>)>,
         ws: &mut Scratch,
@@ -684,6 +686,7 @@ impl Step {
         let t = self.d.tok();
         let t0 = self.prof.start();
         match (&lin.q, &lin.w) {
+            _ if !need_gx => {}
             (Some(q), _) => {
                 // See lin_fwd: shapes agree by construction.
                 if q.matmul(&gy[..t * lin.out], t, &mut gx[..t * lin.inp], acc).is_err() {
@@ -743,7 +746,8 @@ impl Step {
                         self.threads,
                     );
                     let t2 = buf(&mut ws.lora_tmp2, t * lin.inp);
-                    gemm(
+                    if need_gx {
+                        gemm(
                         &mut Dst::of(t2, t, lin.inp),
                         View::of(tmp, t, lo.r),
                         View::of(lo.a.get(), lo.r, lin.inp),
@@ -751,7 +755,10 @@ impl Step {
                         false,
                         self.threads,
                     );
-                    simd::mul_acc(t2, m, lo.scaling, gx);
+                    }
+                    if need_gx {
+                        simd::mul_acc(t2, m, lo.scaling, gx);
+                    }
                 }
                 None => {
                     gemm(
@@ -762,7 +769,8 @@ impl Step {
                         false,
                         self.threads,
                     );
-                    gemm(
+                    if need_gx {
+                        gemm(
                         &mut Dst::of(gx, t, lin.inp),
                         View::of(tmp, t, lo.r),
                         View::of(lo.a.get(), lo.r, lin.inp),
@@ -770,6 +778,7 @@ impl Step {
                         true,
                         self.threads,
                     );
+                    }
                 }
             }
             grads.push((lo.var_a.clone(), ga));
@@ -1299,7 +1308,16 @@ fn run_in(
         lora_bt: std::mem::take(&mut ws.lora_bt),
         lora_tmp2: std::mem::take(&mut ws.lora_tmp2),
     };
-    for li in (0..nl).rev() {
+    // Below the lowest layer holding an adapter nothing trainable is left, unless the input
+    // gradient is wanted (prompt learning) or prefixes are trained in every layer: as autograd
+    // does, the backward stops there, and that layer's q/k/v input gradient is not computed.
+    let lowest = if want_gx || d.p > 0 || super::ab_flags() & super::AB_FULL_BACKWARD != 0 {
+        0
+    } else {
+        plan.layers.iter().position(|l| l.lins.iter().any(|x| !x.loras.is_empty())).unwrap_or(nl)
+    };
+    for li in (lowest..nl).rev() {
+        let need_in = li > lowest || want_gx || super::ab_flags() & super::AB_FULL_BACKWARD != 0;
         let layer = &plan.layers[li];
         let a = &mut ws.acts[li];
         // MLP
@@ -1319,6 +1337,7 @@ fn run_in(
             act,
             gi,
             false,
+            true,
             &a.lora[DOWN],
             &mut grads,
             &mut scratch,
@@ -1343,6 +1362,7 @@ fn run_in(
             n2,
             gn,
             false,
+            true,
             &a.lora[GATE],
             &mut grads,
             &mut scratch,
@@ -1352,6 +1372,7 @@ fn run_in(
             &a.u,
             n2,
             gn,
+            true,
             true,
             &a.lora[UP],
             &mut grads,
@@ -1370,6 +1391,7 @@ fn run_in(
             &a.attn,
             gattn,
             false,
+            true,
             &a.lora[O],
             &mut grads,
             &mut scratch,
@@ -1412,6 +1434,7 @@ fn run_in(
             n1,
             gn,
             false,
+            need_in,
             &a.lora[Q],
             &mut grads,
             &mut scratch,
@@ -1422,6 +1445,7 @@ fn run_in(
             n1,
             gn,
             true,
+            need_in,
             &a.lora[K],
             &mut grads,
             &mut scratch,
@@ -1432,11 +1456,12 @@ fn run_in(
             n1,
             gn,
             true,
+            need_in,
             &a.lora[V],
             &mut grads,
             &mut scratch,
         );
-        {
+        if need_in {
             let t0 = step.prof.start();
             par::rms_norm_bwd_acc(&a.x, layer.ln1.get(), &a.rstd1, gn, &mut ws.g);
             step.prof.add(P_BWD_ELT, t0);

@@ -68,6 +68,10 @@ pub const AB_GEMM_CRATE_SPLIT: u32 = 4;
 #[doc(hidden)]
 pub const AB_GEMM_CRATE_NARROW: u32 = 8;
 
+/// The training backward through every layer down to the input, whatever is trainable.
+#[doc(hidden)]
+pub const AB_FULL_BACKWARD: u32 = 16;
+
 /// Sets the A/B switches (`AB_*`, for benchmarks only).
 #[doc(hidden)]
 pub fn set_ab_flags(flags: u32) {
