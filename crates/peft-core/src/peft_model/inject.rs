@@ -176,6 +176,24 @@ impl PeftModel {
         Ok(copies)
     }
 
+    /// The end of injecting adapter `name` (HF `inject_adapter`) for a tuner whose layers are
+    /// planned first and installed only when every target is valid: each planned layer into its
+    /// module with `put`, the `modules_to_save` copies, then the config (the model's first
+    /// adapter becomes active). Returns the targeted module paths, sorted.
+    pub(crate) fn install_planned<L>(&mut self, name: &str, cfg: AdapterConfig, mut planned: HashMap<String, L>, copies: HashMap<String, (Var, Option<Var>)>, put: impl Fn(&mut crate::tuners::linear::PeftLinear, String, L)) -> Result<Vec<String>> {
+        let mut targeted: Vec<String> = planned.keys().cloned().collect();
+        targeted.sort();
+        let first = self.configs.is_empty();
+        for (mname, lin) in self.base.named_linears_mut() {
+            if let Some(l) = planned.remove(&mname) {
+                put(lin, name.to_string(), l);
+            }
+        }
+        self.install_saved_copies(name, copies);
+        self.register(name, cfg, first)?;
+        Ok(targeted)
+    }
+
     pub(crate) fn install_saved_copies(&mut self, name: &str, mut copies: HashMap<String, (Var, Option<Var>)>) {
         for (mname, lin) in self.base.named_linears_mut() {
             if let Some(c) = copies.remove(&mname) {

@@ -55,11 +55,19 @@ pub trait TunerConfig: Send + Sync + std::fmt::Debug + Any {
 /// inherent `unknown_fields()` / `to_json()`:
 /// - `impl_tuner_config!(T, "PEFT_TYPE")`: a tuner that injects into layers, with
 ///   `modules_to_save` and `target_modules` fields;
+/// - `impl_tuner_config!(<K: Bound> T<K>, K::PEFT_TYPE_EXPR)`: the same for a generic config
+///   (one type parameter with one bound);
 /// - `impl_tuner_config!(T, prompt: |c| c.peft_type_expr)`: a prompt-learning config, whose
 ///   `modules_to_save` goes through its inherent `modules_to_save()` / `set_modules_to_save()`.
 macro_rules! impl_tuner_config {
+    (<$g:ident: $bound:path> $ty:ty, $peft_type:expr) => {
+        $crate::tuners::config::impl_tuner_config!(@layer [$g: $bound] $ty, $peft_type);
+    };
     ($ty:ty, $peft_type:expr) => {
-        $crate::tuners::config::impl_tuner_config!(@impl $ty, |_c| $peft_type, false,
+        $crate::tuners::config::impl_tuner_config!(@layer [] $ty, $peft_type);
+    };
+    (@layer [$($gen:tt)*] $ty:ty, $peft_type:expr) => {
+        $crate::tuners::config::impl_tuner_config!(@impl [$($gen)*] $ty, |_c| $peft_type, false,
             fn modules_to_save(&self) -> Option<Vec<String>> {
                 self.modules_to_save.clone()
             }
@@ -72,7 +80,7 @@ macro_rules! impl_tuner_config {
         );
     };
     ($ty:ty, prompt: |$c:ident| $peft_type:expr) => {
-        $crate::tuners::config::impl_tuner_config!(@impl $ty, |$c| $peft_type, true,
+        $crate::tuners::config::impl_tuner_config!(@impl [] $ty, |$c| $peft_type, true,
             fn modules_to_save(&self) -> Option<Vec<String>> {
                 <$ty>::modules_to_save(self)
             }
@@ -81,8 +89,8 @@ macro_rules! impl_tuner_config {
             }
         );
     };
-    (@impl $ty:ty, |$c:ident| $peft_type:expr, $prompt:expr, $($items:item)*) => {
-        impl $crate::tuners::config::TunerConfig for $ty {
+    (@impl [$($gen:tt)*] $ty:ty, |$c:ident| $peft_type:expr, $prompt:expr, $($items:item)*) => {
+        impl<$($gen)*> $crate::tuners::config::TunerConfig for $ty {
             fn peft_type(&self) -> &'static str {
                 let $c = self;
                 let _ = $c;
@@ -123,7 +131,7 @@ macro_rules! impl_tuner_config {
             }
             $($items)*
         }
-        impl From<$ty> for $crate::tuners::config::AdapterConfig {
+        impl<$($gen)*> From<$ty> for $crate::tuners::config::AdapterConfig {
             fn from(c: $ty) -> Self {
                 $crate::tuners::config::AdapterConfig::new(c)
             }

@@ -4,7 +4,8 @@
 //! layer state it adds to the base model's linear layers ([`layer`], hosted by
 //! [`linear::PeftLinear`]) or a prompt encoder that feeds the frozen model, and its injection
 //! into a model ([`registry::Tuner`]). Adding a tuner means one new folder and one line in
-//! [`registry::TUNERS`].
+//! [`registry::TUNERS`]; a LyCORIS method's folder holds its [`lycoris::LycorisKind`] and its
+//! layer, the rest is [`lycoris`]'s.
 
 pub mod config;
 pub mod ia3;
@@ -13,6 +14,7 @@ pub mod linear;
 pub mod loha;
 pub mod lokr;
 pub mod lora;
+pub mod lycoris;
 pub mod prompt;
 pub mod registry;
 

@@ -44,16 +44,8 @@ impl PeftModel {
         if planned.is_empty() {
             return Err(self.no_targets(&cfg.to_json()["target_modules"], &misses, None, None));
         }
-        let mut targeted: Vec<String> = planned.keys().cloned().collect();
-        targeted.sort();
-        let first = self.configs.is_empty();
-        for (mname, lin) in self.base.named_linears_mut() {
-            if let Some(ad) = planned.remove(&mname) {
-                lin.ia3.insert(name.to_string(), ad);
-            }
-        }
-        self.install_saved_copies(name, copies);
-        self.register(name, cfg.into(), first)?;
-        Ok(targeted)
+        self.install_planned(name, cfg.into(), planned, copies, |lin, name, ad| {
+            lin.ia3.insert(name, ad);
+        })
     }
 }

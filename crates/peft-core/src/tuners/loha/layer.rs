@@ -7,8 +7,8 @@
 use crate::error::{PeftError, Result};
 use crate::tuners::layer::{AdapterLayer, Param, Slot};
 use crate::tuners::linear::{LinearCtx, PeftLinear};
+use crate::tuners::lycoris::{draw_dropout, rows_and_out_dims, Dropout};
 use candle_core::{DType, Tensor, Var};
-use rand::{Rng, SeedableRng};
 
 pub const HADA_W1_A: Slot = Slot::param("hada_w1_a");
 pub const HADA_W1_B: Slot = Slot::param("hada_w1_b");
@@ -71,26 +71,19 @@ impl AdapterLayer for LohaLayer {
         self.delta(false)
     }
     fn forward_delta(&self, lin: &PeftLinear, x: &Tensor, ctx: &LinearCtx) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
         let (inf, out) = (lin.in_features(), lin.out_features());
-        let mut out_dims = dims.clone();
-        *out_dims.last_mut().expect("x has a feature axis") = out;
+        let (m, out_dims) = rows_and_out_dims(x, out);
         let mut dw = self.delta(ctx.train)?;
-        if ctx.train && (self.module_dropout > 0.0 || self.rank_dropout > 0.0) {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(crate::engine::dropout_seed(ctx.rng));
-            // HF: `if not self.training or torch.rand(1) > module_dropout: result += delta`.
-            if self.module_dropout > 0.0 && rng.random::<f64>() <= self.module_dropout {
-                return Ok(Tensor::zeros(out_dims, DType::F32, x.device())?);
-            }
-            if self.rank_dropout > 0.0 {
-                // HF: `drop = (rand(out) > p)`, `drop /= drop.mean()`, rows of ΔW scaled.
-                let keep: Vec<f32> = (0..out).map(|_| if rng.random::<f64>() > self.rank_dropout { 1.0 } else { 0.0 }).collect();
-                let mean = keep.iter().sum::<f32>() / out as f32;
+        match draw_dropout(ctx, self.module_dropout, self.rank_dropout, out) {
+            Dropout::Off => {}
+            Dropout::SkipModule => return Ok(Tensor::zeros(out_dims, DType::F32, x.device())?),
+            Dropout::Rows { keep, mean } => {
+                // HF: `drop /= drop.mean()` always (an all-zero mask gives NaN, as in HF), rows
+                // of ΔW scaled.
                 let drop: Vec<f32> = keep.into_iter().map(|k| k / mean).collect();
                 dw = dw.broadcast_mul(&Tensor::from_vec(drop, (out, 1), x.device())?)?;
             }
         }
-        let m: usize = dims[..dims.len() - 1].iter().product();
         let y = x.to_dtype(DType::F32)?.reshape((m, inf))?.matmul(&dw.t()?)?;
         Ok(y.reshape(out_dims)?)
     }

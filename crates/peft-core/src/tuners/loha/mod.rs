@@ -3,8 +3,9 @@
 //! for linear layers: `ΔW = (w1_a w1_b) ⊙ (w2_a w2_b) · alpha / r`.
 //!
 //! - [`config`]: `LoHaConfig`; [`layer`]: the four factors, forward, `ΔW`, dropouts; `model`:
-//!   injection. The layer lives in [`PeftLinear::others`] (the fused engine then takes the general
-//!   path).
+//!   a new layer's factors. The layer lives in [`PeftLinear::others`] (the fused engine then
+//!   takes the general path). What LoHa shares with LoKr (config fields, injection, registry
+//!   entry, dropout draws) is [`crate::tuners::lycoris`].
 
 pub mod config;
 pub mod layer;
@@ -13,43 +14,37 @@ mod model;
 pub use config::*;
 
 use crate::error::Result;
-use crate::model::Task;
-use crate::peft_model::{is_output_head, PeftModel};
-use crate::tuners::config::AdapterConfig;
-use crate::tuners::layer::Slot;
+use crate::tuners::config::RawConfig;
+use crate::tuners::layer::{AdapterLayer, Slot};
 use crate::tuners::linear::PeftLinear;
-use crate::tuners::registry::Tuner;
-use std::path::Path;
+use crate::tuners::lycoris::{LycorisKind, LycorisTuner};
+use candle_core::Device;
+use serde_json::{json, Map, Value};
 
 /// The LoHa tuner (HF `LoHaModel`), registered for `peft_type` `"LOHA"`.
-pub struct LohaTuner;
+pub static TUNER: LycorisTuner<Loha> = LycorisTuner::new();
 
-impl Tuner for LohaTuner {
-    fn peft_types(&self) -> &'static [&'static str] {
-        &["LOHA"]
-    }
-    fn model_class(&self) -> &'static str {
-        "LoHaModel"
-    }
-    fn prefix(&self) -> Option<&'static str> {
-        Some("hada_")
-    }
-    fn slots(&self) -> &'static [Slot] {
-        &layer::SLOTS
-    }
-    fn parse_config(&self, v: &serde_json::Value, path: Option<&Path>) -> Result<AdapterConfig> {
-        Ok(LohaConfig::from_json(v, path)?.into())
-    }
-    fn inject(&self, model: &mut PeftModel, name: &str, cfg: AdapterConfig, seed: u64) -> Result<Vec<String>> {
-        let c = cfg.get::<LohaConfig>().expect("a LOHA config").clone();
-        model.add_loha(name, c, seed)
-    }
-    fn expected_params(&self, cfg: &AdapterConfig, task: Task, m: &str, lin: &PeftLinear) -> Vec<(Slot, Vec<usize>)> {
-        let Some(c) = cfg.get::<LohaConfig>() else { return vec![] };
-        if lin.is_embedding || c.rule().select(m, is_output_head(task, m)) != crate::targeting::Selection::Target {
-            return vec![];
+impl LycorisKind for Loha {
+    const PEFT_TYPES: &'static [&'static str] = &["LOHA"];
+    const CONFIG_CLASS: &'static str = "LoHaConfig";
+    const MODEL_CLASS: &'static str = "LoHaModel";
+    const NAME: &'static str = "LoHa";
+    const PREFIX: &'static str = "hada_";
+    const SLOTS: &'static [Slot] = &layer::SLOTS;
+    fn own_defaults() -> Map<String, Value> {
+        match json!({"init_weights": true, "peft_type": "LOHA", "use_effective_conv2d": false}) {
+            Value::Object(m) => m,
+            _ => unreachable!(),
         }
-        let (r, outf, inf) = (c.rank_for(m), lin.out_features(), lin.in_features());
+    }
+    fn parse(rc: &RawConfig) -> Result<Self> {
+        Ok(Loha { use_effective_conv2d: rc.bool("use_effective_conv2d")?, init_weights: rc.bool("init_weights")? })
+    }
+    fn param_shapes(_cfg: &LohaConfig, lin: &PeftLinear, r: usize) -> Vec<(Slot, Vec<usize>)> {
+        let (outf, inf) = (lin.out_features(), lin.in_features());
         vec![(layer::HADA_W1_A, vec![outf, r]), (layer::HADA_W1_B, vec![r, inf]), (layer::HADA_W2_A, vec![outf, r]), (layer::HADA_W2_B, vec![r, inf])]
+    }
+    fn new_layer(cfg: &LohaConfig, lin: &PeftLinear, r: usize, alpha: f64, rng: &mut rand::rngs::StdRng, device: &Device) -> Result<Box<dyn AdapterLayer>> {
+        Ok(Box::new(model::new_layer(cfg, lin, r, alpha, rng, device)?))
     }
 }

@@ -32,8 +32,8 @@
 use crate::error::{PeftError, Result};
 use crate::tuners::layer::{AdapterLayer, Param, Slot};
 use crate::tuners::linear::{LinearCtx, PeftLinear};
+use crate::tuners::lycoris::{draw_dropout, rows_and_out_dims, Dropout};
 use candle_core::{DType, Tensor, Var};
-use rand::{Rng, SeedableRng};
 
 pub const LOKR_W1: Slot = Slot::param("lokr_w1");
 pub const LOKR_W1_A: Slot = Slot::param("lokr_w1_a");
@@ -190,29 +190,20 @@ impl AdapterLayer for LokrLayer {
         self.delta(false)
     }
     fn forward_delta(&self, lin: &PeftLinear, x: &Tensor, ctx: &LinearCtx) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
         let (inf, out) = (lin.in_features(), lin.out_features());
-        let mut out_dims = dims.clone();
-        *out_dims.last_mut().expect("x has a feature axis") = out;
-        let mut drop = None;
-        if ctx.train && (self.module_dropout > 0.0 || self.rank_dropout > 0.0) {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(crate::engine::dropout_seed(ctx.rng));
-            // HF: `if not self.training or torch.rand(1) > module_dropout: result += delta`.
-            if self.module_dropout > 0.0 && rng.random::<f64>() <= self.module_dropout {
-                return Ok(Tensor::zeros(out_dims, DType::F32, x.device())?);
-            }
-            if self.rank_dropout > 0.0 {
-                // HF: `drop = (rand(out) > p).float()`, `/= drop.mean()` when rank_dropout_scale,
-                // rows of ΔW scaled (= columns of the output).
-                let keep: Vec<f32> = (0..out).map(|_| if rng.random::<f64>() > self.rank_dropout { 1.0 } else { 0.0 }).collect();
-                let mean = keep.iter().sum::<f32>() / out as f32;
+        let (m, out_dims) = rows_and_out_dims(x, out);
+        let drop = match draw_dropout(ctx, self.module_dropout, self.rank_dropout, out) {
+            Dropout::Off => None,
+            Dropout::SkipModule => return Ok(Tensor::zeros(out_dims, DType::F32, x.device())?),
+            Dropout::Rows { keep, mean } => {
+                // HF: `/= drop.mean()` when rank_dropout_scale, rows of ΔW scaled (= columns of
+                // the output).
                 let div = if self.rank_dropout_scale && mean > 0.0 { mean } else { 1.0 };
-                drop = Some(Tensor::from_vec(keep.into_iter().map(|k| k / div).collect::<Vec<f32>>(), out, x.device())?);
+                Some(Tensor::from_vec(keep.into_iter().map(|k| k / div).collect::<Vec<f32>>(), out, x.device())?)
             }
-        }
+        };
         let (w1, w2) = (self.w1.matrix(ctx.train)?, self.w2.matrix(ctx.train)?);
         let ((a, c), (b, d)) = (w1.dims2()?, w2.dims2()?);
-        let m: usize = dims[..dims.len() - 1].iter().product();
         debug_assert_eq!((a * b, c * d), (out, inf));
         // x [m, c·d] -> [m, c, d]; (x w2ᵀ) [m, c, b]; w1 · that -> [m, a, b] -> [m, out].
         let t = x.to_dtype(DType::F32)?.reshape((m, c, d))?.broadcast_matmul(&w2.t()?)?;

@@ -4,8 +4,10 @@
 //! `ΔW = (w1 ⊗ w2) · alpha / r`, each factor a full matrix or a rank-r product.
 //!
 //! - [`config`]: `LoKrConfig`; [`layer`]: `factorization`, the factor shapes, forward, `ΔW`,
-//!   dropouts; `model`: injection and HF's three initialisations. The layer lives in
-//!   [`PeftLinear::others`] (the fused engine then takes the general path).
+//!   dropouts; `model`: a new layer's factors with HF's three initialisations. The layer lives
+//!   in [`PeftLinear::others`] (the fused engine then takes the general path). What LoKr shares
+//!   with LoHa (config fields, injection, registry entry, dropout draws) is
+//!   [`crate::tuners::lycoris`].
 //! - Not implemented: HF's `Conv1d` / `Conv2d` LoKr layers (`lokr_t2`, `use_effective_conv2d`);
 //!   a conv target does not exist in the supported models.
 
@@ -16,42 +18,55 @@ mod model;
 pub use config::*;
 
 use crate::error::Result;
-use crate::model::Task;
-use crate::peft_model::{is_output_head, PeftModel};
-use crate::tuners::config::AdapterConfig;
-use crate::tuners::layer::Slot;
+use crate::tuners::config::RawConfig;
+use crate::tuners::layer::{AdapterLayer, Slot};
 use crate::tuners::linear::PeftLinear;
-use crate::tuners::registry::Tuner;
-use std::path::Path;
+use crate::tuners::lycoris::{LycorisKind, LycorisTuner};
+use candle_core::Device;
+use serde_json::{json, Map, Value};
 
 /// The LoKr tuner (HF `LoKrModel`), registered for `peft_type` `"LOKR"`.
-pub struct LokrTuner;
+pub static TUNER: LycorisTuner<Lokr> = LycorisTuner::new();
 
-impl Tuner for LokrTuner {
-    fn peft_types(&self) -> &'static [&'static str] {
-        &["LOKR"]
-    }
-    fn model_class(&self) -> &'static str {
-        "LoKrModel"
-    }
-    fn prefix(&self) -> Option<&'static str> {
-        Some("lokr_")
-    }
-    fn slots(&self) -> &'static [Slot] {
-        &layer::SLOTS
-    }
-    fn parse_config(&self, v: &serde_json::Value, path: Option<&Path>) -> Result<AdapterConfig> {
-        Ok(LokrConfig::from_json(v, path)?.into())
-    }
-    fn inject(&self, model: &mut PeftModel, name: &str, cfg: AdapterConfig, seed: u64) -> Result<Vec<String>> {
-        let c = cfg.get::<LokrConfig>().expect("a LOKR config").clone();
-        model.add_lokr(name, c, seed)
-    }
-    fn expected_params(&self, cfg: &AdapterConfig, task: Task, m: &str, lin: &PeftLinear) -> Vec<(Slot, Vec<usize>)> {
-        let Some(c) = cfg.get::<LokrConfig>() else { return vec![] };
-        if lin.is_embedding || c.rule().select(m, is_output_head(task, m)) != crate::targeting::Selection::Target {
-            return vec![];
+impl LycorisKind for Lokr {
+    const PEFT_TYPES: &'static [&'static str] = &["LOKR"];
+    const CONFIG_CLASS: &'static str = "LoKrConfig";
+    const MODEL_CLASS: &'static str = "LoKrModel";
+    const NAME: &'static str = "LoKr";
+    const PREFIX: &'static str = "lokr_";
+    const SLOTS: &'static [Slot] = &layer::SLOTS;
+    fn own_defaults() -> Map<String, Value> {
+        match json!({
+            "decompose_both": false, "decompose_factor": -1, "init_weights": true, "peft_type": "LOKR",
+            "rank_dropout_scale": false, "use_effective_conv2d": false
+        }) {
+            Value::Object(m) => m,
+            _ => unreachable!(),
         }
-        layer::LokrShape::new(lin.out_features(), lin.in_features(), c.rank_for(m), c.decompose_both, c.decompose_factor).params()
+    }
+    /// Errors: `InvalidAdapterConfig` for non-boolean flags, a non-integer `decompose_factor`
+    /// and `init_weights` other than `true` / `false` / `"lycoris"`.
+    fn parse(rc: &RawConfig) -> Result<Self> {
+        let raw = &rc.raw;
+        let decompose_factor = raw["decompose_factor"].as_i64().ok_or_else(|| rc.bad(format!("`decompose_factor` must be an integer, found {}", raw["decompose_factor"])))?;
+        let init_weights = match &raw["init_weights"] {
+            Value::Bool(true) => LokrInit::Zero,
+            Value::Bool(false) => LokrInit::Random,
+            Value::String(s) if s == "lycoris" => LokrInit::Lycoris,
+            other => return Err(rc.bad(format!("`init_weights` must be true, false or \"lycoris\", found {other}"))),
+        };
+        Ok(Lokr {
+            use_effective_conv2d: rc.bool("use_effective_conv2d")?,
+            decompose_both: rc.bool("decompose_both")?,
+            decompose_factor,
+            rank_dropout_scale: rc.bool("rank_dropout_scale")?,
+            init_weights,
+        })
+    }
+    fn param_shapes(cfg: &LokrConfig, lin: &PeftLinear, r: usize) -> Vec<(Slot, Vec<usize>)> {
+        layer::LokrShape::new(lin.out_features(), lin.in_features(), r, cfg.own.decompose_both, cfg.own.decompose_factor).params()
+    }
+    fn new_layer(cfg: &LokrConfig, lin: &PeftLinear, r: usize, alpha: f64, rng: &mut rand::rngs::StdRng, device: &Device) -> Result<Box<dyn AdapterLayer>> {
+        Ok(Box::new(model::new_layer(cfg, lin, r, alpha, rng, device)?))
     }
 }

@@ -1,0 +1,312 @@
+//! What HF's LyCORIS tuners (LoHa, LoKr) share, as HF PEFT 0.21's `lycoris_utils.py` shares it
+//! between them (`LycorisConfig`, `LycorisLayer`, `LycorisTuner`):
+//!
+//! - [`LycorisConfig`]: the config fields every LyCORIS config has (`r`, `alpha`, the two
+//!   dropouts, targeting, `rank_pattern` / `alpha_pattern`, ...), parsed and written back once;
+//!   the method's own fields are its [`LycorisKind`] value ([`LycorisConfig::own`]);
+//! - [`LycorisTuner`]: the registry entry of a method (HF `LycorisTuner`): config parsing,
+//!   injection (`_create_and_replace`: linear layers only, embeddings and GPT-2 `Conv1D` refused)
+//!   and the load-time shapes, each asking the method only for what differs;
+//! - [`draw_dropout`]: the training-time `module_dropout` / `rank_dropout` draws of a forward.
+//!
+//! A LyCORIS method is then its [`LycorisKind`] impl (names, defaults, own fields, parameter
+//! shapes, a new layer) and its layer (an [`AdapterLayer`]).
+
+use crate::error::{PeftError, Result};
+use crate::model::Task;
+use crate::peft_model::{is_output_head, PeftModel};
+use crate::targeting::{targets_from_json, TargetModules};
+use crate::tuners::config::{AdapterConfig, RawConfig};
+use crate::tuners::layer::{AdapterLayer, Slot};
+use crate::tuners::linear::{LinearCtx, PeftLinear};
+use crate::tuners::lora::MAX_RANK;
+use crate::tuners::registry::Tuner;
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Map, Number, Value};
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::path::Path;
+
+/// One LyCORIS method (LoHa, LoKr): its names, its own config fields (the value itself, kept in
+/// [`LycorisConfig::own`]) and what its layers look like.
+pub trait LycorisKind: Sized + Clone + PartialEq + std::fmt::Debug + Send + Sync + 'static {
+    /// HF's `peft_type` (one entry: `&["LOHA"]`).
+    const PEFT_TYPES: &'static [&'static str];
+    /// HF's config class (`"LoHaConfig"`), named in config errors.
+    const CONFIG_CLASS: &'static str;
+    /// HF's tuner model class (`"LoHaModel"`).
+    const MODEL_CLASS: &'static str;
+    /// The method's name in messages (`"LoHa"`).
+    const NAME: &'static str;
+    /// HF's parameter-name prefix (`"hada_"`).
+    const PREFIX: &'static str;
+    /// Every slot of the method's linear layer, in HF's state-dict order.
+    const SLOTS: &'static [Slot];
+    /// HF PEFT 0.21 defaults of the method's own fields (`peft_type` included); the common
+    /// ones are [`lycoris_defaults`].
+    fn own_defaults() -> Map<String, Value>;
+    /// Read the method's own fields. Errors: `InvalidAdapterConfig` naming the field.
+    fn parse(rc: &RawConfig) -> Result<Self>;
+    /// The parameters of the layer for base layer `lin` at rank `r`, as `(slot, shape)`.
+    fn param_shapes(cfg: &LycorisConfig<Self>, lin: &PeftLinear, r: usize) -> Vec<(Slot, Vec<usize>)>;
+    /// A new layer for `lin` (HF `update_layer` + `reset_adapter_parameters`), drawing its
+    /// initial values from `rng`.
+    fn new_layer(cfg: &LycorisConfig<Self>, lin: &PeftLinear, r: usize, alpha: f64, rng: &mut rand::rngs::StdRng, device: &Device) -> Result<Box<dyn AdapterLayer>>;
+}
+
+/// HF PEFT 0.21 defaults of the fields every LyCORIS config has, as written to
+/// adapter_config.json (the method adds its own with [`LycorisKind::own_defaults`]).
+pub fn lycoris_defaults() -> Map<String, Value> {
+    match json!({
+        "alpha": 8, "alpha_pattern": {}, "auto_mapping": null, "base_model_name_or_path": null,
+        "exclude_modules": null, "inference_mode": false, "layers_pattern": null,
+        "layers_to_transform": null, "module_dropout": 0.0, "modules_to_save": null,
+        "peft_version": "0.21.0", "r": 8, "rank_dropout": 0.0, "rank_pattern": {}, "revision": null,
+        "target_modules": null, "task_type": null
+    }) {
+        Value::Object(m) => m,
+        _ => unreachable!(),
+    }
+}
+
+/// A LyCORIS config (HF `LycorisConfig` and its subclasses `LoHaConfig`, `LoKrConfig`): the
+/// common fields, typed, and the method's own in [`Self::own`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct LycorisConfig<K> {
+    pub r: usize,
+    pub alpha: f64,
+    /// Training only: each output row of `ΔW` is kept with probability `1 - rank_dropout` (the
+    /// method's layer says how the mask is rescaled).
+    pub rank_dropout: f64,
+    /// Training only: the whole adapter is skipped for a forward with this probability.
+    pub module_dropout: f64,
+    pub target_modules: TargetModules,
+    pub exclude_modules: Option<TargetModules>,
+    pub layers_to_transform: Option<Vec<usize>>,
+    pub layers_pattern: Option<Vec<String>>,
+    pub rank_pattern: Vec<(String, usize)>,
+    pub alpha_pattern: Vec<(String, f64)>,
+    pub modules_to_save: Option<Vec<String>>,
+    pub task_type: Option<String>,
+    pub base_model_name_or_path: Option<String>,
+    pub inference_mode: bool,
+    /// The method's own fields (LoHa's `init_weights`, LoKr's `decompose_both`, ...).
+    pub own: K,
+    raw: Map<String, Value>,
+    unknown: Vec<String>,
+}
+
+impl<K: LycorisKind> LycorisConfig<K> {
+    /// HF PEFT 0.21 defaults of every field of the method's config, as written to
+    /// adapter_config.json.
+    pub fn hf_defaults() -> Map<String, Value> {
+        let mut m = lycoris_defaults();
+        m.extend(K::own_defaults());
+        m
+    }
+
+    /// Build from an adapter_config.json object (missing fields take HF's defaults). Errors:
+    /// `InvalidAdapterConfig` naming the field (wrong types, `r` outside 1..=2^16, dropouts
+    /// outside [0, 1), invalid pattern regexes, `layers_pattern` without `layers_to_transform`,
+    /// and the method's own checks).
+    pub fn from_json(v: &Value, path: Option<&Path>) -> Result<Self> {
+        let rc = RawConfig::parse(v, path, Self::hf_defaults(), K::PEFT_TYPES, K::CONFIG_CLASS)?;
+        let raw = &rc.raw;
+        let r = raw["r"].as_u64().filter(|r| *r >= 1 && *r as usize <= MAX_RANK)
+            .ok_or_else(|| rc.bad(format!("`r` should be a positive integer value (at most {MAX_RANK}), found {}", raw["r"])))? as usize;
+        let alpha = raw["alpha"].as_f64().ok_or_else(|| rc.bad(format!("`alpha` must be a number, found {}", raw["alpha"])))?;
+        let prob = |k: &str| -> Result<f64> {
+            raw[k].as_f64().filter(|p| (0.0..1.0).contains(p)).ok_or_else(|| rc.bad(format!("`{k}` must be a number in [0, 1), found {}", raw[k])))
+        };
+        let (rank_dropout, module_dropout) = (prob("rank_dropout")?, prob("module_dropout")?);
+        let target_modules = targets_from_json(&raw["target_modules"], "target_modules")
+            .map_err(|m| rc.bad(m))?
+            .ok_or_else(|| rc.bad("`target_modules` must be given (a list of module names, a regex string or \"all-linear\")".into()))?;
+        let exclude_modules = targets_from_json(&raw["exclude_modules"], "exclude_modules").map_err(|m| rc.bad(m))?;
+        let (layers_to_transform, layers_pattern) = rc.layers()?;
+        Ok(LycorisConfig {
+            r,
+            alpha,
+            rank_dropout,
+            module_dropout,
+            target_modules,
+            exclude_modules,
+            layers_to_transform,
+            layers_pattern,
+            rank_pattern: rc.rank_pattern(MAX_RANK)?,
+            alpha_pattern: rc.alpha_pattern()?,
+            own: K::parse(&rc)?,
+            modules_to_save: rc.modules_to_save()?,
+            task_type: rc.opt_str("task_type"),
+            base_model_name_or_path: rc.opt_str("base_model_name_or_path"),
+            inference_mode: rc.bool("inference_mode")?,
+            unknown: rc.unknown.clone(),
+            raw: rc.raw.clone(),
+        })
+    }
+
+    /// The module-targeting rule of this config.
+    pub fn rule(&self) -> crate::targeting::Rule<'_> {
+        crate::targeting::Rule {
+            targets: &self.target_modules,
+            exclude: self.exclude_modules.as_ref(),
+            layers: self.layers_to_transform.as_deref(),
+            layers_pattern: self.layers_pattern.as_deref(),
+            saved: self.modules_to_save.as_deref().unwrap_or(&[]),
+        }
+    }
+
+    /// Fields of the source JSON that HF's config class does not have.
+    pub fn unknown_fields(&self) -> &[String] {
+        &self.unknown
+    }
+
+    /// Effective rank of module `name` (HF `rank_pattern` lookup via `get_pattern_key`, else `r`).
+    pub fn rank_for(&self, name: &str) -> usize {
+        crate::targeting::pattern_lookup(&self.rank_pattern, name).unwrap_or(self.r)
+    }
+
+    /// Effective alpha of module `name` (`alpha_pattern`, else `alpha`).
+    pub fn alpha_for(&self, name: &str) -> f64 {
+        crate::targeting::pattern_lookup(&self.alpha_pattern, name).unwrap_or(self.alpha)
+    }
+
+    /// The config as HF's adapter_config.json object.
+    pub fn to_json(&self) -> Value {
+        let mut m = self.raw.clone();
+        // Python float fields: HF writes `0.0`, never `0` (JSON from JS loses the distinction).
+        for (k, p) in [("rank_dropout", self.rank_dropout), ("module_dropout", self.module_dropout)] {
+            m.insert(k.into(), Number::from_f64(p).map(Value::Number).unwrap_or(Value::Null));
+        }
+        crate::tuners::config::layer_config_json(m, self, &self.exclude_modules)
+    }
+}
+
+crate::tuners::config::impl_tuner_config!(<K: LycorisKind> LycorisConfig<K>, K::PEFT_TYPES[0]);
+
+/// The registry entry of a LyCORIS method (HF `LycorisTuner`).
+pub struct LycorisTuner<K>(PhantomData<K>);
+
+impl<K> LycorisTuner<K> {
+    pub const fn new() -> Self {
+        LycorisTuner(PhantomData)
+    }
+}
+
+impl<K> Default for LycorisTuner<K> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<K: LycorisKind> Tuner for LycorisTuner<K> {
+    fn peft_types(&self) -> &'static [&'static str] {
+        K::PEFT_TYPES
+    }
+    fn model_class(&self) -> &'static str {
+        K::MODEL_CLASS
+    }
+    fn prefix(&self) -> Option<&'static str> {
+        Some(K::PREFIX)
+    }
+    fn slots(&self) -> &'static [Slot] {
+        K::SLOTS
+    }
+    fn parse_config(&self, v: &Value, path: Option<&Path>) -> Result<AdapterConfig> {
+        Ok(LycorisConfig::<K>::from_json(v, path)?.into())
+    }
+    fn inject(&self, model: &mut PeftModel, name: &str, cfg: AdapterConfig, seed: u64) -> Result<Vec<String>> {
+        let c = cfg.get::<LycorisConfig<K>>().expect("a LyCORIS config of this method").clone();
+        model.add_lycoris(name, c, seed)
+    }
+    fn expected_params(&self, cfg: &AdapterConfig, task: Task, m: &str, lin: &PeftLinear) -> Vec<(Slot, Vec<usize>)> {
+        let Some(c) = cfg.get::<LycorisConfig<K>>() else { return vec![] };
+        if lin.is_embedding || c.rule().select(m, is_output_head(task, m)) != crate::targeting::Selection::Target {
+            return vec![];
+        }
+        K::param_shapes(c, lin, c.rank_for(m))
+    }
+}
+
+impl PeftModel {
+    /// Inject a LyCORIS adapter (HF `LycorisTuner._create_and_replace`): one layer of the method
+    /// per targeted linear layer, with r and alpha from `rank_pattern` / `alpha_pattern`,
+    /// initialised by [`LycorisKind::new_layer`] from one RNG seeded with `seed`, in module order.
+    ///
+    /// Errors: `InvalidAdapterConfig` for an embedding or a GPT-2 `Conv1D` target (HF: "Target
+    /// module of type ... not supported") or when nothing matches. The model is then unchanged.
+    pub(crate) fn add_lycoris<K: LycorisKind>(&mut self, name: &str, mut cfg: LycorisConfig<K>, seed: u64) -> Result<Vec<String>> {
+        if cfg.base_model_name_or_path.is_none() {
+            cfg.base_model_name_or_path = self.base.info().name_or_path.clone();
+        }
+        let task = cfg.task_type.as_deref().and_then(Task::from_task_type);
+        let copies = self.plan_saved_copies(name, &cfg.modules_to_save.clone().unwrap_or_default(), task)?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let device = self.base.device().clone();
+        let mut planned: HashMap<String, Box<dyn AdapterLayer>> = HashMap::new();
+        let mut misses = crate::targeting::Misses::default();
+        for (mname, lin) in self.base.named_linears() {
+            let sel = cfg.rule().select(&mname, lin.is_embedding || is_output_head(self.base.task(), &mname));
+            if !misses.note(&mname, sel, cfg.layers_pattern.as_deref()) {
+                continue;
+            }
+            if lin.is_embedding || lin.transposed {
+                let kind = if lin.is_embedding { "Embedding" } else { "Conv1D" };
+                return Err(PeftError::InvalidAdapterConfig {
+                    path: None,
+                    msg: format!("Target module `{mname}` of type {kind} not supported, currently only adapters for Conv2d, Conv1d, Linear are supported ({} here: Linear)", K::NAME),
+                });
+            }
+            let layer = K::new_layer(&cfg, lin, cfg.rank_for(&mname), cfg.alpha_for(&mname), &mut rng, &device)?;
+            planned.insert(mname, layer);
+        }
+        if planned.is_empty() {
+            return Err(self.no_targets(&cfg.to_json()["target_modules"], &misses, cfg.layers_to_transform.as_deref(), cfg.layers_pattern.as_deref()));
+        }
+        self.install_planned(name, cfg.into(), planned, copies, |lin, name, l| {
+            lin.others.insert(name, l);
+        })
+    }
+}
+
+/// The training-time dropouts of one LyCORIS forward (HF `LycorisLayer` subclasses' `forward`
+/// and `get_delta_weight(apply_rank_dropout=True)`).
+#[derive(Debug)]
+pub enum Dropout {
+    /// No dropout this forward (not training, or both probabilities 0, or not drawn).
+    Off,
+    /// `module_dropout` drew: the adapter adds nothing this forward.
+    SkipModule,
+    /// `rank_dropout`: the 0/1 keep mask of the `out` rows of `ΔW` and its mean (the method
+    /// decides whether to divide by it).
+    Rows { keep: Vec<f32>, mean: f32 },
+}
+
+/// Draw the dropouts of one forward from the layer context's dropout stream, in HF's order:
+/// first the module (`torch.rand(1) > module_dropout` keeps it), then one draw per output row
+/// (`rand(out) > rank_dropout` keeps the row). Draws nothing unless `ctx.train` and a
+/// probability is positive.
+pub fn draw_dropout(ctx: &LinearCtx, module_dropout: f64, rank_dropout: f64, out: usize) -> Dropout {
+    if !ctx.train || (module_dropout <= 0.0 && rank_dropout <= 0.0) {
+        return Dropout::Off;
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(crate::engine::dropout_seed(ctx.rng));
+    if module_dropout > 0.0 && rng.random::<f64>() <= module_dropout {
+        return Dropout::SkipModule;
+    }
+    if rank_dropout <= 0.0 {
+        return Dropout::Off;
+    }
+    let keep: Vec<f32> = (0..out).map(|_| if rng.random::<f64>() > rank_dropout { 1.0 } else { 0.0 }).collect();
+    let mean = keep.iter().sum::<f32>() / out as f32;
+    Dropout::Rows { keep, mean }
+}
+
+/// `x` `[..., in]` seen as `[m, in]`: `m`, and the dims of the layer's output `[..., out]`.
+pub fn rows_and_out_dims(x: &Tensor, out: usize) -> (usize, Vec<usize>) {
+    let dims = x.dims();
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().expect("x has a feature axis") = out;
+    (dims[..dims.len() - 1].iter().product(), out_dims)
+}
