@@ -85,10 +85,21 @@ def inputs(seed, b=2, s=S):
     return ids, mask
 
 
-def greedy(model, ids):
+def greedy(model, ids, use_cache=True):
     with torch.no_grad():
         return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                              num_beams=1, use_cache=True, eos_token_id=None, pad_token_id=0)
+                              num_beams=1, use_cache=use_cache, eos_token_id=None, pad_token_id=0)
+
+
+def greedy_longrope(model, ids, obs, key):
+    """Greedy ids without a cache: transformers 5.18's Phi-3 `prepare_inputs_for_generation` drops
+    the cache at the step that crosses original_max_position_embeddings (to recompute it with the
+    long factors) but generate then feeds only that step's token, without any context; the
+    uncached ids are the intended ones. The cached ids are recorded in case.json."""
+    ids_nc = greedy(model, ids, use_cache=False)
+    obs.setdefault("hf_generate_use_cache_true", {})[key] = greedy(model, ids).tolist()
+    obs.setdefault("hf_generate_use_cache_false", {})[key] = ids_nc.tolist()
+    return ids_nc
 
 
 def write_gguf(name="phi3"):
@@ -159,7 +170,10 @@ def lora_case(name, model, seed, targets, full=True):
     with torch.no_grad():
         logits_base = base_model(input_ids=ids, attention_mask=mask).logits
     gen_ids = ids[:1, :7].clone()
-    gen_base = greedy(base_model, gen_ids)
+    obs = {}
+    longrope = CONFIGS[model]["rope_parameters"]["rope_type"] == "longrope"
+    gr = (lambda mm, key: greedy_longrope(mm, gen_ids, obs, key)) if longrope else (lambda mm, key: greedy(mm, gen_ids))
+    gen_base = gr(base_model, "generate_base")
     torch.manual_seed(seed)
     cfg = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0,
                      init_lora_weights=False)
@@ -169,7 +183,7 @@ def lora_case(name, model, seed, targets, full=True):
         logits_adapter = pm(input_ids=ids, attention_mask=mask).logits
         with pm.disable_adapter():
             logits_disabled = pm(input_ids=ids, attention_mask=mask).logits
-    gen_adapter = greedy(pm, gen_ids)
+    gen_adapter = gr(pm, "generate_adapter")
     labels = ids.masked_fill(mask == 0, -100)
     grads = {}
     if full:
@@ -184,7 +198,7 @@ def lora_case(name, model, seed, targets, full=True):
     merged = pm.merge_and_unload().eval()
     with torch.no_grad():
         logits_merged = merged(input_ids=ids, attention_mask=mask).logits
-    gen_merged = greedy(merged, gen_ids)
+    gen_merged = gr(merged, "generate_merged")
     t = {"input_ids": ids, "attention_mask": mask, "labels": labels,
          "logits_base": logits_base, "logits_adapter": logits_adapter, "logits_disabled": logits_disabled,
          "logits_merged": logits_merged, "generate_input_ids": gen_ids, "generate_base": gen_base,
@@ -192,7 +206,7 @@ def lora_case(name, model, seed, targets, full=True):
     save_file({k: v.contiguous() for k, v in t.items()}, f"{out}/expected.safetensors")
     return {"adapter_vs_base_max_abs": float((logits_adapter - logits_base).abs().max()),
             "disabled_vs_base_max_abs": float((logits_disabled - logits_base).abs().max()),
-            "grad_keys": len(grads) - (1 if full else 0)}
+            "grad_keys": len(grads) - (1 if full else 0), **obs}
 
 
 def short_case(name, seed):

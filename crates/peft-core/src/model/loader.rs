@@ -1,6 +1,6 @@
 //! Loading a base model from a Hugging Face model folder (config.json + model.safetensors or a
 //! sharded model.safetensors.index.json; the architecture from `architectures` / `model_type`:
-//! Llama family, Gemma 3, GPT-2, BERT family, T5, each with the requested task head) or from a
+//! Llama family, Gemma 3, Phi-3, GPT-2, BERT family, T5, each with the requested task head) or from a
 //! GGUF file (Llama family: weights dequantized, or kept quantized for the engine's integer
 //! kernels; Gemma 3: dequantized).
 
@@ -9,6 +9,7 @@ use super::config::{supported_architectures, LlamaConfig, GPT2_ARCHITECTURES, LL
 use super::gemma3::{Gemma3Config, Gemma3ForCausalLM, GEMMA3_ARCHITECTURES};
 use super::gpt2::{Gpt2Config, Gpt2LMHeadModel};
 use super::llama::LlamaForCausalLM;
+use super::phi3::{Phi3Config, Phi3ForCausalLM, PHI3_ARCHITECTURES};
 use super::t5::{T5Config, T5ForConditionalGeneration};
 use super::{BaseModel, Task};
 use crate::error::{PeftError, Result};
@@ -246,6 +247,18 @@ pub fn load_model_ctl(path: &Path, dtype: DType, device: &Device, req: &LoadRequ
         config.source_path = Some(path.to_path_buf());
         let tensors = load_folder_weights_ctl(path, device, ctl)?;
         Box::new(Gemma3ForCausalLM::from_tensors(config, tensors, dtype, device)?)
+    } else if is(PHI3_ARCHITECTURES) {
+        if task != Task::CausalLm {
+            return Err(PeftError::InvalidModelConfig {
+                path: cfg_path.clone(),
+                msg: format!("Phi3ForCausalLM has no {} head here (supported: CAUSAL_LM)", task.task_type()),
+            });
+        }
+        let mut config = Phi3Config::from_json(&v, &cfg_path)?;
+        config.name_or_path = config.name_or_path.or_else(source);
+        config.source_path = Some(path.to_path_buf());
+        let tensors = load_folder_weights_ctl(path, device, ctl)?;
+        Box::new(Phi3ForCausalLM::from_tensors(config, tensors, dtype, device)?)
     } else if is(BERT_ARCHITECTURES) {
         let mut config = BertConfig::from_json(&v, &cfg_path)?;
         config.name_or_path = config.name_or_path.or_else(source);
@@ -275,6 +288,7 @@ pub fn architecture_of(v: &serde_json::Value) -> Option<String> {
             "qwen2" => "Qwen2ForCausalLM",
             "qwen3" => "Qwen3ForCausalLM",
             "gemma3_text" => "Gemma3ForCausalLM",
+            "phi3" => "Phi3ForCausalLM",
             "mistral" => "MistralForCausalLM",
             "llama" => "LlamaForCausalLM",
             "bert" => "BertModel",
