@@ -569,3 +569,40 @@ fn phi3_merged_exports_refused() {
     assert_eq!(e.code(), "ERR_EXPORT_UNSUPPORTED", "{e}");
     remove_dir(&dir);
 }
+
+/// The GGUF written as convert_hf_to_gguf.py `Phi3MiniModel` (fused attn_qkv and ffn_up,
+/// rope_factors_long/short, rope.dimension_count 12, attn_factor) loads through the loader with
+/// its byte-level BPE tokenizer and gives the HF folder's logits (long factors at 12 tokens,
+/// short at 6) and greedy ids; its config equals config.json's.
+#[test]
+fn phi3_gguf_matches_hf() {
+    let path = fixtures_dir().join("models/phi3.gguf");
+    let exp = Expected::load("phi3_lora");
+    let loaded = load_causal_lm(&path, DType::F32, &Device::Cpu).unwrap_or_else(|e| panic!("[{}] {e}", e.code()));
+    assert!(loaded.tokenizer.is_some(), "phi3.gguf: no tokenizer from the file");
+    assert_eq!(loaded.model.info().architecture, "Phi3ForCausalLM");
+    let m = PeftModel::new(loaded.model);
+    check_logits("GGUF phi3.gguf base", &m, &exp, "logits_base");
+    check_generate("GGUF phi3.gguf base", &m, &exp, "generate_base");
+    check_logits("GGUF phi3.gguf base, 6 tokens", &m, &Expected::load("phi3_short"), "logits_base");
+    // An HF adapter over the GGUF base.
+    let mut a = PeftModel::new(load_causal_lm(&path, DType::F32, &Device::Cpu).unwrap().model);
+    a.load_adapter(&case_dir("phi3_lora"), "default", false, None).unwrap_or_else(|e| panic!("[{}] {e}", e.code()));
+    check_logits("GGUF phi3.gguf + HF LoRA", &a, &exp, "logits_adapter");
+    let g = peft_core::gguf::load_gguf_phi3(&path, DType::F32, &Device::Cpu, &Default::default()).unwrap();
+    let mut gc = g.config.clone();
+    let c = phi3_hf_config("phi3");
+    // GGUF stores the epsilon, the attention factor and the factors as f32.
+    assert!((gc.rms_norm_eps - c.rms_norm_eps).abs() < 1e-12);
+    let (glr, lr) = (gc.longrope.clone().unwrap(), c.longrope.clone().unwrap());
+    assert!((glr.attention_factor - lr.attention_factor).abs() < 1e-6);
+    for (x, y) in glr.long_factor.iter().chain(&glr.short_factor).zip(lr.long_factor.iter().chain(&lr.short_factor)) {
+        assert!((x - y).abs() < 1e-6, "{x} vs {y}");
+    }
+    gc.rms_norm_eps = c.rms_norm_eps;
+    gc.longrope = c.longrope.clone();
+    gc.name_or_path = c.name_or_path.clone();
+    gc.dtype = c.dtype.clone();
+    gc.raw = c.raw.clone();
+    assert_eq!(gc, c);
+}

@@ -2,7 +2,7 @@
 //! sharded model.safetensors.index.json; the architecture from `architectures` / `model_type`:
 //! Llama family, Gemma 3, Phi-3, GPT-2, BERT family, T5, each with the requested task head) or from a
 //! GGUF file (Llama family: weights dequantized, or kept quantized for the engine's integer
-//! kernels; Gemma 3: dequantized).
+//! kernels; Gemma 3 and Phi-3: dequantized).
 
 use super::bert::{BertConfig, BertModel, BERT_ARCHITECTURES};
 use super::config::{supported_architectures, LlamaConfig, GPT2_ARCHITECTURES, LLAMA_ARCHITECTURES, T5_ARCHITECTURES};
@@ -155,6 +155,21 @@ pub fn load_model_ctl(path: &Path, dtype: DType, device: &Device, req: &LoadRequ
         g.config.name_or_path = Some(path.to_string_lossy().into_owned());
         g.config.source_path = Some(path.to_path_buf());
         let model = Gemma3ForCausalLM::from_tensors(g.config, g.tensors, dtype, device)?;
+        return Ok(LoadedModel { model: Box::new(model), tokenizer: g.tokenizer, newly_initialized: vec![] });
+    }
+    if is_gguf(path) && crate::gguf::gguf_architecture(path)? == "phi3" {
+        let task = req.task.unwrap_or(Task::CausalLm);
+        if task != Task::CausalLm {
+            return Err(PeftError::InvalidModelConfig { path: path.into(), msg: format!("Phi-3 has no {} head here (supported: CAUSAL_LM)", task.task_type()) });
+        }
+        if req.keep_quantized {
+            return Err(PeftError::invalid_arg("quantization", "'keep' is not supported for Phi-3 GGUF files (the fused engine does not run Phi-3); load with quantization: 'dequantize'"));
+        }
+        let mut g = crate::gguf::load_gguf_phi3(path, dtype, device, ctl)?;
+        ctl.check()?;
+        g.config.name_or_path = Some(path.to_string_lossy().into_owned());
+        g.config.source_path = Some(path.to_path_buf());
+        let model = Phi3ForCausalLM::from_tensors(g.config, g.tensors, dtype, device)?;
         return Ok(LoadedModel { model: Box::new(model), tokenizer: g.tokenizer, newly_initialized: vec![] });
     }
     if is_gguf(path) {
