@@ -567,6 +567,12 @@ fn phi3_merged_exports_refused() {
     assert_eq!(e.code(), "ERR_EXPORT_UNSUPPORTED", "{e}");
     let e = peft_core::export::export_merged_gguf(&m, &dir.join("m.gguf"), peft_core::export::GgmlType::F32).unwrap_err();
     assert_eq!(e.code(), "ERR_EXPORT_UNSUPPORTED", "{e}");
+    for base in ["models/phi3", "models/phi3.gguf"] {
+        let opts = peft_core::export::LoraExportOptions { base_model: Some(fixtures_dir().join(base)), ..Default::default() };
+        let r = peft_core::export::export_gguf_lora(&case_dir("phi3_lora"), &dir.join("a.gguf"), &opts);
+        visible(&format!("phi3 exportGgufLora over {base}: {:?}", r.as_ref().map(|_| ()).map_err(|e| e.to_string())));
+        assert_eq!(r.unwrap_err().code(), "ERR_EXPORT_UNSUPPORTED", "{base}");
+    }
     remove_dir(&dir);
 }
 
