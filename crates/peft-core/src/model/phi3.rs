@@ -138,11 +138,11 @@ impl Phi3Config {
             Some(f) => f,
             None => get_f64(v, "partial_rotary_factor", path)?.unwrap_or(1.0),
         };
-        if !(rope_theta.is_finite() && rope_theta > 0.0) || !(partial_rotary_factor > 0.0 && partial_rotary_factor <= 1.0) {
+        if !(rope_theta.is_finite() && rope_theta > 0.0 && partial_rotary_factor > 0.0 && partial_rotary_factor <= 1.0) {
             return Err(bad(format!("rope_theta ({rope_theta}) must be positive and partial_rotary_factor ({partial_rotary_factor}) in (0, 1]")));
         }
         let rotary_dim = (head_dim as f64 * partial_rotary_factor) as usize;
-        if rotary_dim == 0 || rotary_dim % 2 != 0 {
+        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
             return Err(bad(format!("rotary dimension {rotary_dim} (head_dim {head_dim} × partial_rotary_factor {partial_rotary_factor}) must be positive and even")));
         }
         let max_position_embeddings = get_usize(v, "max_position_embeddings", path)?.unwrap_or(4096);
