@@ -8,7 +8,7 @@
   factors), max_position_embeddings 64 (attention factor sqrt(1 + ln 8 / ln 8)), untied
   embeddings, no sliding window, random norm weights;
 * `models/phi3_tied`: default RoPE, full rotary, tied embeddings, sliding_window 6 < 12 (as
-  Phi-3-mini's sliding_window), 2 layers;
+  Phi-3-mini's sliding_window), 1 layer;
 * `models/phi3.gguf`: the `phi3` weights written with PyPI `gguf` as llama.cpp's
   convert_hf_to_gguf.py `Phi3MiniModel` writes them (arch `phi3`, fused `attn_qkv` and `ffn_up`
   (gate then up rows), `rope.dimension_count` 12, `rope.scaling.original_context_length`,
@@ -56,7 +56,7 @@ CONFIGS = {
                  rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
                                   "short_factor": [1.0, 1.1, 1.3, 1.7, 2.3, 3.1],
                                   "long_factor": [1.0, 1.6, 2.9, 5.2, 9.7, 17.0]}),
-    "phi3_tied": dict(COMMON, num_hidden_layers=2, max_position_embeddings=128, original_max_position_embeddings=128,
+    "phi3_tied": dict(COMMON, num_hidden_layers=1, max_position_embeddings=128, original_max_position_embeddings=128,
                       tie_word_embeddings=True, sliding_window=6,
                       rope_parameters={"rope_type": "default", "rope_theta": 500.0}),
 }
