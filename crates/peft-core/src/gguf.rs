@@ -52,6 +52,8 @@ pub struct GgufModel {
 
 mod gemma3;
 pub use gemma3::{gemma3_config_from_gguf, gemma3_hf_name, load_gguf_gemma3, GgufGemma3};
+mod phi3;
+pub use phi3::{load_gguf_phi3, phi3_config_from_gguf, phi3_hf_name, GgufPhi3};
 
 /// `general.architecture` of a GGUF file (reads the header only).
 ///

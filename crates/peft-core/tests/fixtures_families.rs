@@ -14,7 +14,12 @@
 //!   != 64/4, query_pre_attn_scalar 24, linear RoPE scaling on global layers, final logit
 //!   soft-capping, tied embeddings) and `models/gemma3.gguf` (arch `gemma3`, norms stored as
 //!   1 + w), cases `gemma3_lora_all` (LoRA on all seven linears) and `gemma3_prefix`; the engine
-//!   declines Gemma 3 (general path).
+//!   declines Gemma 3 (general path);
+//! * Phi-3 (`Phi3ForCausalLM`, made by `__test__/scripts/make_phi3_fixtures.py`): `models/phi3`
+//!   (fused qkv_proj / gate_up_proj, GQA, partial_rotary_factor 0.75, longrope with the batch past
+//!   original_max_position_embeddings, untied), `models/phi3_tied` (tied, sliding window 6),
+//!   cases `phi3_lora` (LoRA on the fused linears), `phi3_short`, `phi3_tied_lora`
+//!   (all-linear), `phi3_prefix`; the engine declines Phi-3 (general path).
 //!
 //! Per LoRA case: base, adapter, disabled and merged logits (1e-4), loss, LoRA gradients (1e-4
 //! relative to the tensor's largest gradient), greedy ids with and without a KV cache; the GGUF
@@ -443,4 +448,167 @@ fn gemma3_merged_exports_refused() {
         assert_eq!(e.code(), "ERR_EXPORT_UNSUPPORTED", "{base}: {e}");
     }
     remove_dir(&dir);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Phi-3
+// ---------------------------------------------------------------------------------------------
+
+fn phi3_hf_config(model: &str) -> peft_core::model::Phi3Config {
+    let p = fixtures_dir().join("models").join(model).join("config.json");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    peft_core::model::Phi3Config::from_json(&v, &p).unwrap()
+}
+
+#[test]
+fn phi3_config_and_modules() {
+    let c = phi3_hf_config("phi3");
+    assert_eq!((c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rotary_dim), (64, 4, 2, 16, 12));
+    assert_eq!((c.sliding_window, c.tie_word_embeddings, c.max_position_embeddings), (None, false, 64));
+    let lr = c.longrope.clone().expect("longrope");
+    assert_eq!(lr.original_max_position_embeddings, 8);
+    // transformers: sqrt(1 + ln(64 / 8) / ln 8).
+    assert!((lr.attention_factor - 2f64.sqrt()).abs() < 1e-12, "{}", lr.attention_factor);
+    // Within the original length the short factors apply, beyond it the long ones.
+    let (short, a) = c.inv_freq(8);
+    let (long, _) = c.inv_freq(9);
+    assert_eq!(a, 2f32.sqrt());
+    assert!((short[1] - (1.0 / (1.1 * 1e4f64.powf(2.0 / 12.0))) as f32).abs() < 1e-7);
+    assert!((long[1] - (1.0 / (1.6 * 1e4f64.powf(2.0 / 12.0))) as f32).abs() < 1e-7);
+    let t = phi3_hf_config("phi3_tied");
+    assert_eq!((t.sliding_window, t.tie_word_embeddings, t.rotary_dim, t.longrope.is_none()), (Some(6), true, 16, true));
+    let m = base_peft("phi3_lora");
+    assert_eq!(m.base.info().architecture, "Phi3ForCausalLM");
+    assert!(m.base.as_llama().is_none(), "the engine must not take Phi-3 for a Llama");
+    let names = m.base.module_names();
+    for n in ["model.layers.1.self_attn.qkv_proj", "model.layers.0.mlp.gate_up_proj", "model.layers.1.mlp.down_proj", "model.layers.0.post_attention_layernorm", "lm_head"] {
+        assert!(names.contains(&n.to_string()), "{n}");
+    }
+    // As transformers' named_parameters: embed + lm_head 128*64 each, per layer qkv 128*64,
+    // o 64*64, gate_up 128*64, down 64*64, two norms; final norm.
+    let per_layer = 128 * 64 + 64 * 64 + 128 * 64 + 64 * 64 + 2 * 64;
+    assert_eq!(m.base.base_param_count(), 2 * 128 * 64 + 2 * per_layer + 64);
+    // Refusals: another rope type, factors of the wrong length, another activation.
+    let v = c.raw.clone().unwrap();
+    let mut w = v.clone();
+    w["rope_parameters"]["rope_type"] = "yarn".into();
+    assert!(peft_core::model::Phi3Config::from_json(&w, std::path::Path::new("c")).unwrap_err().to_string().contains("yarn"));
+    let mut w = v.clone();
+    w["rope_parameters"]["long_factor"] = serde_json::json!([1.0, 2.0]);
+    assert!(peft_core::model::Phi3Config::from_json(&w, std::path::Path::new("c")).unwrap_err().to_string().contains("long_factor"));
+    let mut w = v.clone();
+    w["hidden_act"] = "gelu".into();
+    assert!(peft_core::model::Phi3Config::from_json(&w, std::path::Path::new("c")).unwrap_err().to_string().contains("gelu"));
+    // Older configs: `rope_scaling` of type `su`, theta and partial_rotary_factor at the top.
+    let mut w = v.clone();
+    let mut rs = w["rope_parameters"].clone();
+    rs.as_object_mut().unwrap().remove("rope_type");
+    rs.as_object_mut().unwrap().remove("rope_theta");
+    rs.as_object_mut().unwrap().remove("partial_rotary_factor");
+    rs["type"] = "su".into();
+    w.as_object_mut().unwrap().remove("rope_parameters");
+    w["rope_scaling"] = rs;
+    w["rope_theta"] = 10000.0.into();
+    w["partial_rotary_factor"] = 0.75.into();
+    let old = peft_core::model::Phi3Config::from_json(&w, std::path::Path::new("c")).unwrap();
+    assert_eq!((old.rotary_dim, old.longrope.clone(), old.rope_theta), (c.rotary_dim, c.longrope.clone(), c.rope_theta));
+}
+
+/// LoRA on the fused qkv_proj / gate_up_proj (one LoRA per fused linear, as HF) with longrope
+/// long factors (the batch of 12 exceeds original_max_position_embeddings 8) and partial RoPE;
+/// greedy generation crosses the original length (short factors in the prompt, long ones in the
+/// later decode steps, as transformers). The engine declines Phi-3.
+#[test]
+fn phi3_lora_logits_generate() {
+    let exp = Expected::load("phi3_lora");
+    assert!(!engine_runs(&adapter_peft("phi3_lora", false), &exp), "the engine must decline Phi-3");
+    lora_logits_and_generate("phi3_lora");
+}
+
+#[test]
+fn phi3_lora_loss_and_grads() {
+    lora_loss_and_grads("phi3_lora");
+}
+
+/// A batch within original_max_position_embeddings (short factors).
+#[test]
+fn phi3_short_factors() {
+    let exp = Expected::load("phi3_short");
+    let m = PeftModel::new(load_causal_lm(&fixtures_dir().join("models/phi3"), DType::F32, &Device::Cpu).unwrap().model);
+    check_logits("base model, 6 tokens", &m, &exp, "logits_base");
+}
+
+/// Tied embeddings, default RoPE, sliding window 6 < 12, LoRA "all-linear".
+#[test]
+fn phi3_tied_all_linear_lora() {
+    lora_logits_and_generate("phi3_tied_lora");
+}
+
+#[test]
+fn phi3_prefix_tuning() {
+    prefix_case("phi3_prefix");
+}
+
+#[test]
+fn phi3_resave_is_byte_identical() {
+    for case in ["phi3_lora", "phi3_tied_lora", "phi3_prefix"] {
+        resave_case(case);
+    }
+}
+
+/// Saving a merged Phi-3 model (HF folder or GGUF) is refused with ERR_EXPORT_UNSUPPORTED, not
+/// written wrongly.
+#[test]
+fn phi3_merged_exports_refused() {
+    let mut m = adapter_peft("phi3_lora", false);
+    m.merge_and_unload(None, false).unwrap();
+    let dir = temp_dir("phi3-merged");
+    let e = peft_core::export::save_merged_pretrained(&m, &dir, None, &Default::default()).unwrap_err();
+    assert_eq!(e.code(), "ERR_EXPORT_UNSUPPORTED", "{e}");
+    let e = peft_core::export::export_merged_gguf(&m, &dir.join("m.gguf"), peft_core::export::GgmlType::F32).unwrap_err();
+    assert_eq!(e.code(), "ERR_EXPORT_UNSUPPORTED", "{e}");
+    for base in ["models/phi3", "models/phi3.gguf"] {
+        let opts = peft_core::export::LoraExportOptions { base_model: Some(fixtures_dir().join(base)), ..Default::default() };
+        let r = peft_core::export::export_gguf_lora(&case_dir("phi3_lora"), &dir.join("a.gguf"), &opts);
+        visible(&format!("phi3 exportGgufLora over {base}: {:?}", r.as_ref().map(|_| ()).map_err(|e| e.to_string())));
+        assert_eq!(r.unwrap_err().code(), "ERR_EXPORT_UNSUPPORTED", "{base}");
+    }
+    remove_dir(&dir);
+}
+
+/// The GGUF written as convert_hf_to_gguf.py `Phi3MiniModel` (fused attn_qkv and ffn_up,
+/// rope_factors_long/short, rope.dimension_count 12, attn_factor) loads through the loader with
+/// its byte-level BPE tokenizer and gives the HF folder's logits (long factors at 12 tokens,
+/// short at 6) and greedy ids; its config equals config.json's.
+#[test]
+fn phi3_gguf_matches_hf() {
+    let path = fixtures_dir().join("models/phi3.gguf");
+    let exp = Expected::load("phi3_lora");
+    let loaded = load_causal_lm(&path, DType::F32, &Device::Cpu).unwrap_or_else(|e| panic!("[{}] {e}", e.code()));
+    assert!(loaded.tokenizer.is_some(), "phi3.gguf: no tokenizer from the file");
+    assert_eq!(loaded.model.info().architecture, "Phi3ForCausalLM");
+    let m = PeftModel::new(loaded.model);
+    check_logits("GGUF phi3.gguf base", &m, &exp, "logits_base");
+    check_generate("GGUF phi3.gguf base", &m, &exp, "generate_base");
+    check_logits("GGUF phi3.gguf base, 6 tokens", &m, &Expected::load("phi3_short"), "logits_base");
+    // An HF adapter over the GGUF base.
+    let mut a = PeftModel::new(load_causal_lm(&path, DType::F32, &Device::Cpu).unwrap().model);
+    a.load_adapter(&case_dir("phi3_lora"), "default", false, None).unwrap_or_else(|e| panic!("[{}] {e}", e.code()));
+    check_logits("GGUF phi3.gguf + HF LoRA", &a, &exp, "logits_adapter");
+    let g = peft_core::gguf::load_gguf_phi3(&path, DType::F32, &Device::Cpu, &Default::default()).unwrap();
+    let mut gc = g.config.clone();
+    let c = phi3_hf_config("phi3");
+    // GGUF stores the epsilon, the attention factor and the factors as f32.
+    assert!((gc.rms_norm_eps - c.rms_norm_eps).abs() < 1e-12);
+    let (glr, lr) = (gc.longrope.clone().unwrap(), c.longrope.clone().unwrap());
+    assert!((glr.attention_factor - lr.attention_factor).abs() < 1e-6);
+    for (x, y) in glr.long_factor.iter().chain(&glr.short_factor).zip(lr.long_factor.iter().chain(&lr.short_factor)) {
+        assert!((x - y).abs() < 1e-6, "{x} vs {y}");
+    }
+    gc.rms_norm_eps = c.rms_norm_eps;
+    gc.longrope = c.longrope.clone();
+    gc.name_or_path = c.name_or_path.clone();
+    gc.dtype = c.dtype.clone();
+    gc.raw = c.raw.clone();
+    assert_eq!(gc, c);
 }

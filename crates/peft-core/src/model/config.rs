@@ -111,7 +111,7 @@ pub const T5_ARCHITECTURES: &[&str] = &["T5ForConditionalGeneration"];
 /// Every supported `architectures` value, per family (the loader dispatches on them; see
 /// [`crate::model::loader::load_model`]).
 pub fn supported_architectures() -> Vec<&'static str> {
-    [LLAMA_ARCHITECTURES, crate::model::gemma3::GEMMA3_ARCHITECTURES, GPT2_ARCHITECTURES, crate::model::bert::BERT_ARCHITECTURES, T5_ARCHITECTURES].concat()
+    [LLAMA_ARCHITECTURES, crate::model::gemma3::GEMMA3_ARCHITECTURES, crate::model::phi3::PHI3_ARCHITECTURES, GPT2_ARCHITECTURES, crate::model::bert::BERT_ARCHITECTURES, T5_ARCHITECTURES].concat()
 }
 
 impl LlamaConfig {

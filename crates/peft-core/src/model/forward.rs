@@ -22,6 +22,10 @@ pub struct KvCache {
     pub encoder_hidden: Option<Tensor>,
     /// Encoder-decoder: the encoder's 1/0 padding mask `[b, s_enc]` (`None` = all ones).
     pub encoder_mask: Option<Vec<u8>>,
+    /// Longrope models (Phi-3): the first cached position whose keys the model rotated with the
+    /// short factors (positions before it, e.g. a prefix-tuning prefix, were not rotated by the
+    /// model); `None` when none was. See [`crate::model::phi3`].
+    pub rope_short_from: Option<usize>,
     /// The fused engine's in-place key/value buffers behind `layers` (see
     /// [`crate::engine::KvStore`]); a clone starts without them.
     #[doc(hidden)]

@@ -1,14 +1,15 @@
 //! Loading a base model from a Hugging Face model folder (config.json + model.safetensors or a
 //! sharded model.safetensors.index.json; the architecture from `architectures` / `model_type`:
-//! Llama family, Gemma 3, GPT-2, BERT family, T5, each with the requested task head) or from a
+//! Llama family, Gemma 3, Phi-3, GPT-2, BERT family, T5, each with the requested task head) or from a
 //! GGUF file (Llama family: weights dequantized, or kept quantized for the engine's integer
-//! kernels; Gemma 3: dequantized).
+//! kernels; Gemma 3 and Phi-3: dequantized).
 
 use super::bert::{BertConfig, BertModel, BERT_ARCHITECTURES};
 use super::config::{supported_architectures, LlamaConfig, GPT2_ARCHITECTURES, LLAMA_ARCHITECTURES, T5_ARCHITECTURES};
 use super::gemma3::{Gemma3Config, Gemma3ForCausalLM, GEMMA3_ARCHITECTURES};
 use super::gpt2::{Gpt2Config, Gpt2LMHeadModel};
 use super::llama::LlamaForCausalLM;
+use super::phi3::{Phi3Config, Phi3ForCausalLM, PHI3_ARCHITECTURES};
 use super::t5::{T5Config, T5ForConditionalGeneration};
 use super::{BaseModel, Task};
 use crate::error::{PeftError, Result};
@@ -156,6 +157,21 @@ pub fn load_model_ctl(path: &Path, dtype: DType, device: &Device, req: &LoadRequ
         let model = Gemma3ForCausalLM::from_tensors(g.config, g.tensors, dtype, device)?;
         return Ok(LoadedModel { model: Box::new(model), tokenizer: g.tokenizer, newly_initialized: vec![] });
     }
+    if is_gguf(path) && crate::gguf::gguf_architecture(path)? == "phi3" {
+        let task = req.task.unwrap_or(Task::CausalLm);
+        if task != Task::CausalLm {
+            return Err(PeftError::InvalidModelConfig { path: path.into(), msg: format!("Phi-3 has no {} head here (supported: CAUSAL_LM)", task.task_type()) });
+        }
+        if req.keep_quantized {
+            return Err(PeftError::invalid_arg("quantization", "'keep' is not supported for Phi-3 GGUF files (the fused engine does not run Phi-3); load with quantization: 'dequantize'"));
+        }
+        let mut g = crate::gguf::load_gguf_phi3(path, dtype, device, ctl)?;
+        ctl.check()?;
+        g.config.name_or_path = Some(path.to_string_lossy().into_owned());
+        g.config.source_path = Some(path.to_path_buf());
+        let model = Phi3ForCausalLM::from_tensors(g.config, g.tensors, dtype, device)?;
+        return Ok(LoadedModel { model: Box::new(model), tokenizer: g.tokenizer, newly_initialized: vec![] });
+    }
     if is_gguf(path) {
         let mut g = crate::gguf::load_gguf_opts(path, dtype, device, ctl, req.keep_quantized)?;
         ctl.check()?;
@@ -246,6 +262,18 @@ pub fn load_model_ctl(path: &Path, dtype: DType, device: &Device, req: &LoadRequ
         config.source_path = Some(path.to_path_buf());
         let tensors = load_folder_weights_ctl(path, device, ctl)?;
         Box::new(Gemma3ForCausalLM::from_tensors(config, tensors, dtype, device)?)
+    } else if is(PHI3_ARCHITECTURES) {
+        if task != Task::CausalLm {
+            return Err(PeftError::InvalidModelConfig {
+                path: cfg_path.clone(),
+                msg: format!("Phi3ForCausalLM has no {} head here (supported: CAUSAL_LM)", task.task_type()),
+            });
+        }
+        let mut config = Phi3Config::from_json(&v, &cfg_path)?;
+        config.name_or_path = config.name_or_path.or_else(source);
+        config.source_path = Some(path.to_path_buf());
+        let tensors = load_folder_weights_ctl(path, device, ctl)?;
+        Box::new(Phi3ForCausalLM::from_tensors(config, tensors, dtype, device)?)
     } else if is(BERT_ARCHITECTURES) {
         let mut config = BertConfig::from_json(&v, &cfg_path)?;
         config.name_or_path = config.name_or_path.or_else(source);
@@ -275,6 +303,7 @@ pub fn architecture_of(v: &serde_json::Value) -> Option<String> {
             "qwen2" => "Qwen2ForCausalLM",
             "qwen3" => "Qwen3ForCausalLM",
             "gemma3_text" => "Gemma3ForCausalLM",
+            "phi3" => "Phi3ForCausalLM",
             "mistral" => "MistralForCausalLM",
             "llama" => "LlamaForCausalLM",
             "bert" => "BertModel",

@@ -3,7 +3,8 @@
 //!
 //! [`BaseModel`] is what [`crate::peft_model::PeftModel`] needs from a base model; it is
 //! implemented by [`LlamaForCausalLM`] (Llama, Llama 3.x, Qwen2, Qwen3, Mistral),
-//! [`Gemma3ForCausalLM`] (Gemma 3 text), [`Gpt2LMHeadModel`],
+//! [`Gemma3ForCausalLM`] (Gemma 3 text), [`Phi3ForCausalLM`] (Phi-3 / Phi-3.5 / Phi-4-mini),
+//! [`Gpt2LMHeadModel`],
 //! [`BertModel`] (BERT, DistilBERT, RoBERTa encoders with their task heads) and
 //! [`T5ForConditionalGeneration`] (encoder-decoder).
 
@@ -14,6 +15,7 @@ pub mod gemma3;
 pub mod gpt2;
 pub mod llama;
 pub mod loader;
+pub mod phi3;
 pub mod t5;
 
 pub use bert::{mean_pool, BertConfig, BertModel};
@@ -22,6 +24,7 @@ pub use gemma3::{Gemma3Config, Gemma3ForCausalLM};
 pub use gpt2::{Gpt2Config, Gpt2LMHeadModel};
 pub use forward::{ForwardOptions, KvCache};
 pub use llama::LlamaForCausalLM;
+pub use phi3::{Phi3Config, Phi3ForCausalLM};
 pub use t5::{T5Config, T5ForConditionalGeneration};
 
 use crate::error::{PeftError, Result};
