@@ -379,7 +379,7 @@ impl MaskInfo {
         let mut holes = vec![false; b];
         for bi in 0..b {
             let km = keys.as_ref().map(|k| &k[bi * t..(bi + 1) * t]);
-            holes[bi] = km.is_some_and(|k| k.iter().any(|&v| v == 0));
+            holes[bi] = km.is_some_and(|k| k.contains(&0));
             let mut seen = 0usize;
             let mut j = 0usize;
             for i in 0..s {
@@ -1952,7 +1952,7 @@ pub fn try_forward(
     let keys = opts
         .attention_mask
         .clone()
-        .filter(|k| k.iter().any(|&v| v == 0));
+        .filter(|k| k.contains(&0));
     let threads = super::num_threads();
     let step = Step {
         prof: Prof::new(),
