@@ -58,6 +58,10 @@ fn model(sh: &Shape, seed: u64) -> PeftModel {
                 put(format!("{p}.self_attn.{n}.bias"), vec![o], false, &mut r);
             }
         }
+        if sh.model_type == "qwen3" {
+            put(format!("{p}.self_attn.q_norm.weight"), vec![sh.head_dim], true, &mut r);
+            put(format!("{p}.self_attn.k_norm.weight"), vec![sh.head_dim], true, &mut r);
+        }
         put(format!("{p}.input_layernorm.weight"), vec![h], true, &mut r);
         put(format!("{p}.post_attention_layernorm.weight"), vec![h], true, &mut r);
     }
@@ -207,6 +211,40 @@ fn prompt_tuning_ptuning_and_multitask() {
             b.task_ids = Some(vec![2, 0]);
         }
         compare(tag, &m, &b, None);
+    }
+}
+
+/// Qwen3's per-head q/k RMSNorm (before RoPE) in the engine: training (LoRA on every linear,
+/// with the q/k projections adapted so that gradients flow back through both norms), inference
+/// logits with padding, and cached decoding, all against the general path.
+#[test]
+fn qwen3_qk_norm_training_inference_and_decoding() {
+    use peft_core::model::{ForwardOptions, KvCache};
+    let sh = Shape { hidden: 32, heads: 4, kv: 2, head_dim: 12, inter: 40, layers: 2, vocab: 89, model_type: "qwen3", tie: true };
+    let mut m = model(&sh, 21);
+    m.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": "all-linear", "init_lora_weights": false})), 5).unwrap();
+    compare("qwen3 all-linear", &m, &batch(3, 17, 89, &[(0, false), (5, true), (3, false)], 23), None);
+    let bt = batch(2, 13, 89, &[(4, true)], 29);
+    compare_logits("qwen3 logits", &m, &bt, false, None);
+    // a prefill and three cached steps, engine against general path
+    let run = |general: bool| -> Vec<Vec<f32>> {
+        engine::force_general_path(general);
+        let mut cache = KvCache::new(sh.layers);
+        let opts = ForwardOptions { attention_mask: Some(bt.attention_mask.clone()), last_only: true, ..Default::default() };
+        let mut out = vec![m.forward(&bt.input_ids, 2, 13, &opts, Some(&mut cache)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()];
+        let mut mask = bt.attention_mask.clone();
+        for step in 0..3u32 {
+            let len = 13 + step as usize;
+            mask = (0..2).flat_map(|r| mask[r * len..(r + 1) * len].iter().copied().chain([1u8])).collect();
+            let opts = ForwardOptions { attention_mask: Some(mask.clone()), last_only: true, ..Default::default() };
+            out.push(m.forward(&[7 + step, 40 + step], 2, 1, &opts, Some(&mut cache)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        }
+        engine::force_general_path(false);
+        out
+    };
+    for (i, (a, e)) in run(false).iter().zip(&run(true)).enumerate() {
+        let diff = a.iter().zip(e).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff <= 1e-5 * max_abs(e).max(1.0), "qwen3 decoding step {i}: logits differ by {diff}");
     }
 }
 

@@ -6,7 +6,7 @@
 //!   `llama3_lora_qv`; both on the fused engine and on the general path;
 //! * Qwen3 (per-head q/k RMSNorm, explicit head_dim 32 with hidden 64 / 4 heads, tied
 //!   embeddings): `models/qwen3`, `models/qwen3.gguf` (arch `qwen3`), cases `qwen3_lora_qv` and
-//!   `qwen3_prefix`; the engine declines Qwen3, so everything runs on the general path;
+//!   `qwen3_prefix`; on the fused engine and on the general path;
 //! * prefix tuning on Llama 3.x (`llama3_prefix`; inference with prompt learning runs on the
 //!   general path);
 //! * Gemma 3 (`Gemma3ForCausalLM`, made by `__test__/scripts/make_gemma3_fixtures.py`):
@@ -230,14 +230,28 @@ fn qwen3_config_and_modules() {
 }
 
 #[test]
-fn qwen3_lora_logits_generate() {
+fn qwen3_lora_logits_generate_engine() {
     let exp = Expected::load("qwen3_lora_qv");
-    assert!(!engine_runs(&adapter_peft("qwen3_lora_qv", false), &exp), "the engine must decline Qwen3 (q/k norm)");
+    assert!(engine_runs(&adapter_peft("qwen3_lora_qv", false), &exp), "the engine should run Qwen3 (per-head q/k norm)");
     lora_logits_and_generate("qwen3_lora_qv");
 }
 
 #[test]
-fn qwen3_lora_loss_and_grads() {
+fn qwen3_lora_logits_generate_general_path() {
+    engine::force_general_path(true);
+    let exp = Expected::load("qwen3_lora_qv");
+    assert!(!engine_runs(&adapter_peft("qwen3_lora_qv", false), &exp));
+    lora_logits_and_generate("qwen3_lora_qv");
+}
+
+#[test]
+fn qwen3_lora_loss_and_grads_engine() {
+    lora_loss_and_grads("qwen3_lora_qv");
+}
+
+#[test]
+fn qwen3_lora_loss_and_grads_general_path() {
+    engine::force_general_path(true);
     lora_loss_and_grads("qwen3_lora_qv");
 }
 

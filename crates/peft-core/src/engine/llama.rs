@@ -151,6 +151,9 @@ impl Lin {
 struct Layer {
     ln1: Raw,
     ln2: Raw,
+    /// Qwen3's per-head RMSNorm weights of the queries and keys (`self_attn.q_norm` /
+    /// `k_norm`, `[head_dim]`), applied to each head before RoPE.
+    qk_norm: Option<(Raw, Raw)>,
     /// q, k, v, o, gate, up, down.
     lins: [Lin; 7],
 }
@@ -223,17 +226,19 @@ impl<'m> Plan<'m> {
                 return None;
             }
         }
-        // Qwen3's per-head q/k RMSNorm is not computed here: the general path runs it.
-        if m.config.qk_norm || m.layers.iter().any(|l| l.self_attn.q_norm.is_some() || l.self_attn.k_norm.is_some()) {
-            return None;
-        }
         let mut layers = Vec::with_capacity(m.layers.len());
         for l in &m.layers {
             let a = &l.self_attn;
             let f = &l.mlp;
+            let qk_norm = match (&a.q_norm, &a.k_norm) {
+                (Some(q), Some(k)) => Some((Raw::of(q)?, Raw::of(k)?)),
+                (None, None) => None,
+                _ => return None,
+            };
             layers.push(Layer {
                 ln1: Raw::of(&l.input_layernorm)?,
                 ln2: Raw::of(&l.post_attention_layernorm)?,
+                qk_norm,
                 lins: [
                     Lin::of(&a.q_proj)?,
                     Lin::of(&a.k_proj)?,
@@ -274,6 +279,12 @@ struct LayerActs {
     /// After RoPE: `[T, QD]`, `[T, KD]`; `v` `[T, KD]`.
     q: Vec<f32>,
     k: Vec<f32>,
+    /// Qwen3: the projections before the per-head q/k RMSNorm (`[T, QD]`, `[T, KD]`) and its
+    /// reciprocal RMS per head (`[T · heads]`, `[T · kv_heads]`).
+    q_raw: Vec<f32>,
+    k_raw: Vec<f32>,
+    rstd_q: Vec<f32>,
+    rstd_k: Vec<f32>,
     v: Vec<f32>,
     /// Attention probabilities `[b, heads, s, t]`.
     probs: Vec<f32>,
@@ -303,6 +314,9 @@ struct Workspace {
     gq: Vec<f32>,
     gk: Vec<f32>,
     gv: Vec<f32>,
+    /// Qwen3: gradients of the q/k projections' outputs (before the per-head RMSNorm).
+    gq_raw: Vec<f32>,
+    gk_raw: Vec<f32>,
     gattn: Vec<f32>,
     g: Vec<f32>,
     gn: Vec<f32>,
@@ -1061,20 +1075,29 @@ fn forward_layers(
             par::rms_norm_fwd(&a.x, layer.ln1.get(), plan.eps, n1, buf(&mut a.rstd1, tk));
             step.prof.add(P_FWD_ELT, t0);
         }
+        // With Qwen3's q/k norm the projections land in `q_raw` / `k_raw` and are normalised
+        // per head (rows of `head_dim`) into `q` / `k`.
+        let (qdst, kdst) = if layer.qk_norm.is_some() { (&mut a.q_raw, &mut a.k_raw) } else { (&mut a.q, &mut a.k) };
         step.lin_fwd(
             &layer.lins[Q],
             n1,
-            buf(&mut a.q, tk * qd),
+            buf(qdst, tk * qd),
             &mut a.lora[Q],
             &mut ws.drop_x,
         );
         step.lin_fwd(
             &layer.lins[K],
             n1,
-            buf(&mut a.k, tk * kd),
+            buf(kdst, tk * kd),
             &mut a.lora[K],
             &mut ws.drop_x,
         );
+        if let Some((qn, kn)) = &layer.qk_norm {
+            let t0 = step.prof.start();
+            par::rms_norm_fwd(&a.q_raw, qn.get(), plan.eps, buf(&mut a.q, tk * qd), buf(&mut a.rstd_q, tk * d.nh));
+            par::rms_norm_fwd(&a.k_raw, kn.get(), plan.eps, buf(&mut a.k, tk * kd), buf(&mut a.rstd_k, tk * d.nkv));
+            step.prof.add(P_FWD_ELT, t0);
+        }
         step.lin_fwd(
             &layer.lins[V],
             n1,
@@ -1419,6 +1442,21 @@ fn run_in(
             par::rope_inplace(gk, &ws.cos, &ws.sin, d.nkv, d.hd, -1.0);
             step.prof.add(P_BWD_ELT, t0);
         }
+        // Qwen3: back through the per-head q/k RMSNorm (its weights are frozen).
+        let (gq, gk): (&[f32], &[f32]) = match &layer.qk_norm {
+            Some((qn, kn)) => {
+                let t0 = step.prof.start();
+                let gqr = buf(&mut ws.gq_raw, tk * qd);
+                gqr.fill(0.0);
+                par::rms_norm_bwd_acc(&a.q_raw, qn.get(), &a.rstd_q, gq, gqr);
+                let gkr = buf(&mut ws.gk_raw, tk * kd);
+                gkr.fill(0.0);
+                par::rms_norm_bwd_acc(&a.k_raw, kn.get(), &a.rstd_k, gk, gkr);
+                step.prof.add(P_BWD_ELT, t0);
+                (&ws.gq_raw, &ws.gk_raw)
+            }
+            None => (gq, gk),
+        };
         let n1 = buf(&mut ws.n2, tk * h);
         if needs(Q) || needs(K) || needs(V) {
             {
