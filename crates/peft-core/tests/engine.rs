@@ -248,6 +248,61 @@ fn qwen3_qk_norm_training_inference_and_decoding() {
     }
 }
 
+/// Mixed batches (HF's `adapter_names`): each row gets its own LoRA adapter (or none, also
+/// `None` rows), on the engine and on the general path: full logits with padding, and a
+/// prefill plus cached decoding steps; an inactive adapter named by a row counts too.
+#[test]
+fn mixed_batches_match_the_general_path() {
+    use peft_core::model::{ForwardOptions, KvCache};
+    let mut m = model(&gqa(), 31);
+    m.add_adapter("a", adapter(json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"], "init_lora_weights": false})), 6).unwrap();
+    m.add_adapter("b", adapter(json!({"peft_type": "LORA", "r": 2, "lora_alpha": 6, "use_rslora": true, "target_modules": ["k_proj", "o_proj", "up_proj", "v_proj"], "init_lora_weights": false})), 7).unwrap();
+    m.set_adapter(&["a".to_string()]).unwrap();
+    let (b, s) = (5, 11);
+    let bt = batch(b, s, 97, &[(0, false), (3, true), (0, false), (2, false), (4, true)], 33);
+    let names = |v: &[Option<&str>]| -> Arc<Vec<Option<String>>> { Arc::new(v.iter().map(|n| n.map(String::from)).collect()) };
+    let rows = names(&[Some("a"), None, Some("b"), Some("b"), None]);
+    let run = |m: &PeftModel, general: bool, last_only: bool, cache: Option<&mut KvCache>| -> Vec<f32> {
+        engine::force_general_path(general);
+        let opts = ForwardOptions { attention_mask: Some(bt.attention_mask.clone()), last_only, adapter_rows: Some(rows.clone()), ..Default::default() };
+        let y = m.forward(&bt.input_ids, b, s, &opts, cache).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        engine::force_general_path(false);
+        y
+    };
+    let opts = ForwardOptions { attention_mask: Some(bt.attention_mask.clone()), adapter_rows: Some(rows.clone()), ..Default::default() };
+    assert!(engine::try_forward(&m, &bt.input_ids, b, s, &opts, None).unwrap().is_some(), "the engine should run a LoRA mixed batch");
+    let (fast, slow) = (run(&m, false, false, None), run(&m, true, false, None));
+    let diff = fast.iter().zip(&slow).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(diff <= 1e-5 * max_abs(&slow).max(1.0), "mixed batch logits differ by {diff}");
+    // the rows really differ by adapter: the base-only rows equal a plain base forward's rows
+    m.set_disabled(true).unwrap();
+    let base = run(&m, false, false, None);
+    m.set_disabled(false).unwrap();
+    let same = |r: usize| fast[r * s * 97..(r + 1) * s * 97] == base[r * s * 97..(r + 1) * s * 97];
+    assert!(same(1) && same(4), "rows without an adapter must be the base model's");
+    assert!(!same(0) && !same(2) && !same(3), "rows with an adapter must differ from the base model's");
+    // prefill + cached steps
+    let decode = |m: &PeftModel, general: bool| -> Vec<Vec<f32>> {
+        let mut cache = KvCache::new(2);
+        let mut out = vec![run(m, general, true, Some(&mut cache))];
+        let mut mask = bt.attention_mask.clone();
+        for step in 0..3u32 {
+            let len = s + step as usize;
+            mask = (0..b).flat_map(|r| mask[r * len..(r + 1) * len].iter().copied().chain([1u8])).collect();
+            engine::force_general_path(general);
+            let opts = ForwardOptions { attention_mask: Some(mask.clone()), last_only: true, adapter_rows: Some(rows.clone()), ..Default::default() };
+            let ids: Vec<u32> = (0..b as u32).map(|r| 3 + r * 11 + step).collect();
+            out.push(m.forward(&ids, b, 1, &opts, Some(&mut cache)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            engine::force_general_path(false);
+        }
+        out
+    };
+    for (i, (a, e)) in decode(&m, false).iter().zip(&decode(&m, true)).enumerate() {
+        let diff = a.iter().zip(e).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff <= 1e-5 * max_abs(e).max(1.0), "mixed batch decoding step {i}: logits differ by {diff}");
+    }
+}
+
 #[test]
 fn engine_declines_what_it_does_not_compute() {
     let mut m = model(&gqa(), 7);

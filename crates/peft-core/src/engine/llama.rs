@@ -63,6 +63,8 @@ struct Lora {
     dropout: f64,
     var_a: Var,
     var_b: Var,
+    /// A mixed batch (`adapterNames`): the batch rows this adapter applies to (`None` = all).
+    rows: Option<Arc<Vec<bool>>>,
 }
 
 /// A frozen linear layer `y = x Wᵀ + b` with its active LoRA adapters.
@@ -81,7 +83,10 @@ struct Lin {
 impl Lin {
     /// `None` when the layer carries something the engine does not compute (DoRA, (IA)³, other
     /// tuners' layers, modules_to_save copies, a trainable bias, a transposed or non-f32 weight).
-    fn of(l: &PeftLinear) -> Option<Lin> {
+    /// With `rows` (a mixed batch), each named adapter applies to its own rows only, whether it
+    /// is active or not, as `PeftLinear::forward` does; an adapter of another tuner, a
+    /// modules_to_save copy or DoRA named by a row is left to the general path.
+    fn of(l: &PeftLinear, rows: Option<&crate::tuners::linear::RowAdapters>) -> Option<Lin> {
         if l.transposed || l.is_embedding {
             return None;
         }
@@ -100,7 +105,32 @@ impl Lin {
             return None;
         }
         let mut loras = Vec::new();
-        if !l.disabled {
+        if let (Some(rows), false) = (rows, l.disabled) {
+            let mut names: Vec<&String> = rows.iter().flatten().collect();
+            names.sort();
+            names.dedup();
+            for name in names {
+                if l.others.contains_key(name) || l.saved_copies.contains_key(name) || l.ia3.contains_key(name) {
+                    return None;
+                }
+                let Some(ad) = l.adapters.get(name) else {
+                    continue;
+                };
+                if ad.magnitude.is_some() {
+                    return None;
+                }
+                loras.push(Lora {
+                    a: Raw::of(ad.a.as_tensor())?,
+                    b: Raw::of(ad.b.as_tensor())?,
+                    r: ad.r,
+                    scaling: ad.scaling as f32,
+                    dropout: ad.dropout,
+                    var_a: ad.a.clone(),
+                    var_b: ad.b.clone(),
+                    rows: Some(Arc::new(rows.iter().map(|r| r.as_ref() == Some(name)).collect())),
+                });
+            }
+        } else if !l.disabled {
             for name in &l.active {
                 if l.merged.contains(name) {
                     continue;
@@ -119,6 +149,7 @@ impl Lin {
                     dropout: ad.dropout,
                     var_a: ad.a.clone(),
                     var_b: ad.b.clone(),
+                    rows: None,
                 });
             }
         }
@@ -206,7 +237,7 @@ struct Plan<'m> {
 }
 
 impl<'m> Plan<'m> {
-    fn of(m: &'m LlamaForCausalLM) -> Option<Plan<'m>> {
+    fn of(m: &'m LlamaForCausalLM, rows: Option<&crate::tuners::linear::RowAdapters>) -> Option<Plan<'m>> {
         if m.dtype != DType::F32
             || !m.device.is_cpu()
             || crate::model::BaseModel::task(m) != Task::CausalLm
@@ -240,13 +271,13 @@ impl<'m> Plan<'m> {
                 ln2: Raw::of(&l.post_attention_layernorm)?,
                 qk_norm,
                 lins: [
-                    Lin::of(&a.q_proj)?,
-                    Lin::of(&a.k_proj)?,
-                    Lin::of(&a.v_proj)?,
-                    Lin::of(&a.o_proj)?,
-                    Lin::of(&f.gate_proj)?,
-                    Lin::of(&f.up_proj)?,
-                    Lin::of(&f.down_proj)?,
+                    Lin::of(&a.q_proj, rows)?,
+                    Lin::of(&a.k_proj, rows)?,
+                    Lin::of(&a.v_proj, rows)?,
+                    Lin::of(&a.o_proj, rows)?,
+                    Lin::of(&f.gate_proj, rows)?,
+                    Lin::of(&f.up_proj, rows)?,
+                    Lin::of(&f.down_proj, rows)?,
                 ],
             });
         }
@@ -331,6 +362,25 @@ struct Workspace {
     logits: Vec<f32>,
     hc: Vec<f32>,
     ghc: Vec<f32>,
+}
+
+/// The token ranges `(first, count)` of the maximal runs of selected batch rows (`s` tokens
+/// per row, row-major tokens).
+fn row_runs(sel: &[bool], s: usize) -> Vec<(usize, usize)> {
+    let mut runs = Vec::new();
+    let mut r = 0;
+    while r < sel.len() {
+        if !sel[r] {
+            r += 1;
+            continue;
+        }
+        let r0 = r;
+        while r < sel.len() && sel[r] {
+            r += 1;
+        }
+        runs.push((r0 * s, (r - r0) * s));
+    }
+    runs
 }
 
 /// A buffer of exactly `n` elements, reusing the allocation (contents unspecified).
@@ -661,22 +711,29 @@ impl Step {
                 sv.seed = None;
                 x
             };
-            gemm(
-                &mut Dst::of(h, t, lo.r),
-                View::of(xin, t, lin.inp),
-                View::of(lo.a.get(), lo.r, lin.inp).t(),
-                lo.scaling,
-                false,
-                self.threads,
-            );
-            gemm(
-                &mut Dst::of(y, t, lin.out),
-                View::of(h, t, lo.r),
-                View::of(lo.b.get(), lin.out, lo.r).t(),
-                1.0,
-                true,
-                self.threads,
-            );
+            // Token ranges the adapter applies to: all, or the runs of its batch rows.
+            let runs: Vec<(usize, usize)> = match &lo.rows {
+                None => vec![(0, t)],
+                Some(sel) => row_runs(sel, self.d.s),
+            };
+            for (r0, n) in runs {
+                gemm(
+                    &mut Dst::of(h, t, lo.r).rows(r0, n),
+                    View::of(xin, t, lin.inp).rows(r0, n),
+                    View::of(lo.a.get(), lo.r, lin.inp).t(),
+                    lo.scaling,
+                    false,
+                    self.threads,
+                );
+                gemm(
+                    &mut Dst::of(y, t, lin.out).rows(r0, n),
+                    View::of(h, t, lo.r).rows(r0, n),
+                    View::of(lo.b.get(), lin.out, lo.r).t(),
+                    1.0,
+                    true,
+                    self.threads,
+                );
+            }
         }
         self.prof.add(P_FWD_LORA, t0);
     }
@@ -1630,9 +1687,9 @@ impl KvStore {
 
 /// The Llama model behind `model` and its engine plan, when the engine can run it (see
 /// [`Plan::of`]; also an even head_dim and a whole number of query heads per kv head).
-fn plan_for(model: &PeftModel) -> Option<(&LlamaForCausalLM, Plan<'_>)> {
+fn plan_for<'m>(model: &'m PeftModel, rows: Option<&crate::tuners::linear::RowAdapters>) -> Option<(&'m LlamaForCausalLM, Plan<'m>)> {
     let llama = model.base.as_llama()?;
-    let plan = Plan::of(llama)?;
+    let plan = Plan::of(llama, rows)?;
     let c = &llama.config;
     let ok = c.head_dim % 2 == 0
         && c.num_key_value_heads > 0
@@ -1667,7 +1724,7 @@ pub fn try_loss_and_grads(
     if !super::enabled() || batch.token_type_ids.is_some() || batch.decoder_input_ids.is_some() {
         return Ok(None);
     }
-    let Some((llama, plan)) = plan_for(model) else {
+    let Some((llama, plan)) = plan_for(model, None) else {
         return Ok(None);
     };
     let c = &llama.config;
@@ -1860,9 +1917,10 @@ pub fn try_loss_and_grads(
 
 /// The engine's inference forward for a Llama-family causal LM with LoRA adapters (merged or
 /// not) or none: logits `[b, s, vocab]` f32 (`[b, 1, vocab]` with `last_only`), as
-/// `PeftModel::forward` returns them without a KV cache. `Ok(None)` when the general path is
-/// needed: training, mixed-adapter batches, prompt learning, a cache, or anything
-/// [`try_loss_and_grads`] declines.
+/// `PeftModel::forward` returns them, with or without a KV cache. Mixed batches
+/// (`opts.adapter_rows`, HF's `adapter_names`) apply each row's named LoRA adapter to that row's
+/// tokens only. `Ok(None)` when the general path is needed: training, prompt learning, a row
+/// naming an adapter of another tuner (or DoRA), or anything [`try_loss_and_grads`] declines.
 ///
 /// Errors: `InvalidArgument` for ids outside the vocabulary, a mask or position ids of the
 /// wrong length, or a sequence longer than `max_position_embeddings`.
@@ -1876,7 +1934,7 @@ pub fn try_forward(
 ) -> Result<Option<Tensor>> {
     if !super::enabled()
         || opts.train
-        || opts.adapter_rows.is_some()
+        || opts.adapter_rows.as_ref().is_some_and(|r| r.len() != b)
         || opts.token_type_ids.is_some()
         || opts.decoder_input_ids.is_some()
         || opts.task_ids.is_some()
@@ -1886,7 +1944,7 @@ pub fn try_forward(
     if model.active_prompt().is_some() || b == 0 || s == 0 || ids.len() != b * s {
         return Ok(None);
     }
-    let Some((llama, plan)) = plan_for(model) else {
+    let Some((llama, plan)) = plan_for(model, opts.adapter_rows.as_ref()) else {
         return Ok(None);
     };
     let c = &llama.config;
