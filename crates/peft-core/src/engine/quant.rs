@@ -235,6 +235,9 @@ pub struct QuantWeight {
     d: Vec<f32>,
     /// `[group][block][16 rows]` minimums `m` (types with a minimum only, else empty).
     m: Vec<f32>,
+    /// Quantized at load from an f32/f16/bf16 weight ([`QuantWeight::quantize`]) rather than
+    /// read from GGUF blocks; only changes [`QuantWeight::backend`].
+    at_load: bool,
 }
 
 impl std::fmt::Debug for QuantWeight {
@@ -295,6 +298,7 @@ impl QuantWeight {
             q: vec![0u8; groups * nb * gbb],
             d: vec![0f32; groups * nb * R],
             m: if ty.has_min() { vec![0f32; groups * nb * R] } else { Vec::new() },
+            at_load: false,
         };
         let mut n = [0u8; QK];
         for r in 0..rows {
@@ -368,30 +372,92 @@ impl QuantWeight {
     }
 
     /// Quantizes an `f32` weight `[rows, cols]` (row-major) to `Q8_0` as llama.cpp's
-    /// `quantize_row_q8_0_ref` does (`d = max|w|/127` per block of 32, stored as f16,
-    /// `q = round(w/d)`). For quantizing f32/f16/bf16 checkpoints at load.
+    /// `quantize_row_q8_0_ref` does; see [`QuantWeight::quantize`].
     ///
-    /// Errors: `ERR_GGUF_INVALID` naming `name` for a length that is not `rows · cols`, `cols`
-    /// not a multiple of 32, or a non-finite weight.
+    /// Errors: as [`QuantWeight::quantize`].
     pub fn quantize_q8_0(name: &str, rows: usize, cols: usize, w: &[f32]) -> Result<QuantWeight> {
+        QuantWeight::quantize(name, QuantType::Q8_0, rows, cols, w)
+    }
+
+    /// The GGUF blocks of one row-major `f32` weight quantized to `ty` by round-to-nearest, as
+    /// llama.cpp's reference quantizers (`ggml-quants.c`) compute them, per block of 32:
+    ///
+    /// - `Q8_0` (`quantize_row_q8_0_ref`): `d = max|x|/127`, `q = roundf(x/d)` (half away from
+    ///   zero), `d` stored as f16; 34 bytes.
+    /// - `Q4_0` (`quantize_row_q4_0_ref`): `d = x_max/−8` where `x_max` is the first element of
+    ///   largest magnitude (sign kept), `n = min(15, trunc(x/d + 8.5))`, `d` stored as f16
+    ///   (the codes use the f32 `d`, as llama.cpp does); 18 bytes, element `i < 16` in the low
+    ///   nibble of byte `i`, element `16 + i` in its high nibble.
+    ///
+    /// Returns `None` for the other types (they are never produced from f32 here).
+    pub fn quantize_blocks(ty: QuantType, w: &[f32]) -> Option<Vec<u8>> {
+        let mut bytes = Vec::with_capacity(w.len() / QK * ty.block_bytes());
+        for blk in w.chunks_exact(QK) {
+            match ty {
+                QuantType::Q8_0 => {
+                    let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
+                    let d = amax / 127.0;
+                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    bytes.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                    bytes.extend(blk.iter().map(|v| ((v * id).round() as i32).clamp(-127, 127) as i8 as u8));
+                }
+                QuantType::Q4_0 => {
+                    let (mut amax, mut max) = (0f32, 0f32);
+                    for &v in blk {
+                        if amax < v.abs() {
+                            amax = v.abs();
+                            max = v;
+                        }
+                    }
+                    let d = max / -8.0;
+                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    bytes.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                    // (int8_t)(x·id + 8.5f): truncation toward zero, then min(15, ·)
+                    let code = |v: f32| ((v * id + 8.5) as i8).clamp(0, 15) as u8;
+                    for j in 0..QK / 2 {
+                        bytes.push(code(blk[j]) | (code(blk[QK / 2 + j]) << 4));
+                    }
+                }
+                _ => return None,
+            }
+        }
+        Some(bytes)
+    }
+
+    /// Quantizes an `f32` weight `[rows, cols]` (row-major) to `ty` (`Q8_0` or `Q4_0`) with
+    /// llama.cpp's round-to-nearest reference quantizers ([`QuantWeight::quantize_blocks`]) and
+    /// keeps it in the packed form. For quantizing f32/f16/bf16 checkpoints at load
+    /// (`quantization: 'q8_0'` / `'q4_0'`); [`QuantWeight::backend`] then reports `"q8_0"` /
+    /// `"q4_0"`.
+    ///
+    /// Errors: `ERR_GGUF_INVALID` ([`PeftError::QuantInvalid`]) naming `name` for a length that
+    /// is not `rows · cols`, `cols` not a multiple of 32, a non-finite weight (with its row), or
+    /// a type other than `Q8_0` / `Q4_0`.
+    pub fn quantize(name: &str, ty: QuantType, rows: usize, cols: usize, w: &[f32]) -> Result<QuantWeight> {
         if w.len() != rows * cols {
             return Err(bad(name, format!("{} values for a [{rows}, {cols}] weight", w.len())));
         }
         if !cols.is_multiple_of(QK) {
-            return Err(bad(name, format!("Q8_0 needs rows of a multiple of 32 elements, found {cols}")));
+            return Err(bad(name, format!("{} needs rows of a multiple of 32 elements, found {cols}", ty.name())));
         }
-        let mut bytes = Vec::with_capacity(rows * cols / QK * 34);
-        for (bi, blk) in w.chunks_exact(QK).enumerate() {
-            if let Some(v) = blk.iter().find(|v| !v.is_finite()) {
-                return Err(bad(name, format!("non-finite weight {v} in row {}", bi * QK / cols)));
-            }
-            let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-            bytes.extend_from_slice(&f16::from_f32(d).to_le_bytes());
-            bytes.extend(blk.iter().map(|v| ((v * id).round() as i32).clamp(-127, 127) as i8 as u8));
+        if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+            return Err(bad(name, format!("non-finite weight {} in row {}", w[i], i / cols)));
         }
-        QuantWeight::from_gguf_bytes(name, QuantType::Q8_0, rows, cols, &bytes)
+        let bytes = QuantWeight::quantize_blocks(ty, w).ok_or_else(|| bad(name, format!("quantizing to {} is not supported (Q8_0 and Q4_0 are)", ty.name())))?;
+        let mut q = QuantWeight::from_gguf_bytes(name, ty, rows, cols, &bytes)?;
+        q.at_load = true;
+        Ok(q)
+    }
+
+    /// The backend string reported by `getLayerStatus()` / `getModelStatus()`
+    /// (`quantizationBackend`): `"gguf-<TYPE>"` (e.g. `"gguf-Q4_1"`) for blocks read from a GGUF
+    /// file, the load option's value (`"q8_0"`, `"q4_0"`) for a weight quantized at load.
+    pub fn backend(&self) -> String {
+        if self.at_load {
+            self.ty.name().to_ascii_lowercase()
+        } else {
+            format!("gguf-{}", self.ty.name())
+        }
     }
 
     /// The tensor name given at load.
