@@ -17,7 +17,7 @@ use peft_core::engine::quant::{Kernel, QuantType, QuantWeight};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-const TYPES: [QuantType; 4] = [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1, QuantType::Q4K];
+const TYPES: [QuantType; 5] = [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1, QuantType::Q4K, QuantType::Q6K];
 
 fn ggml(t: QuantType) -> GgmlDType {
     match t {
@@ -25,6 +25,7 @@ fn ggml(t: QuantType) -> GgmlDType {
         QuantType::Q4_0 => GgmlDType::Q4_0,
         QuantType::Q4_1 => GgmlDType::Q4_1,
         QuantType::Q4K => GgmlDType::Q4K,
+        QuantType::Q6K => GgmlDType::Q6K,
     }
 }
 
@@ -56,6 +57,12 @@ fn random_blocks(t: QuantType, rows: usize, cols: usize, rng: &mut StdRng) -> Ve
                 out.extend_from_slice(&f16b(rng.random_range(1e-4f32..3e-4)));
                 out.extend_from_slice(&f16b(rng.random_range(1e-4f32..2e-3)));
                 out.extend((0..12 + 128).map(|_| rng.random::<u8>()));
+            }
+            QuantType::Q6K => {
+                // ql, qh: random codes; sub-scales: any i8 (negative ones too); d last
+                out.extend((0..128 + 64).map(|_| rng.random::<u8>()));
+                out.extend((0..16).map(|_| rng.random::<u8>()));
+                out.extend_from_slice(&f16b(rng.random_range(1e-5f32..1e-4)));
             }
         }
     }
@@ -308,7 +315,7 @@ fn corrupted_blocks_are_coded_errors_naming_the_tensor() {
         // NaN / infinite scale in row 2, second block of the row
         for bad in [f32::NAN, f32::INFINITY] {
             let mut b = good.clone();
-            let at = (2 * (k / t.block_elems()) + 1) * t.block_bytes();
+            let at = (2 * (k / t.block_elems()) + 1) * t.block_bytes() + if t == QuantType::Q6K { 208 } else { 0 };
             b[at..at + 2].copy_from_slice(&f16b(bad));
             assert_gguf_err(QuantWeight::from_gguf_bytes(name, t, n, k, &b), &[name, "scale", "row 2", "block 1"]);
         }
@@ -332,7 +339,9 @@ fn corrupted_blocks_are_coded_errors_naming_the_tensor() {
 
 #[test]
 fn unsupported_ggml_types_are_not_kept_quantized() {
-    assert_eq!(QuantType::from_ggml(GgmlDType::Q6K), None);
+    assert_eq!(QuantType::from_ggml(GgmlDType::Q5K), None);
+    assert_eq!(QuantType::from_ggml(GgmlDType::Q5_0), None);
+    assert_eq!(QuantType::from_ggml(GgmlDType::Q6K), Some(QuantType::Q6K));
     assert_eq!(QuantType::from_ggml(GgmlDType::F16), None);
     assert_eq!(QuantType::from_ggml(GgmlDType::Q4_1), Some(QuantType::Q4_1));
     assert_eq!(QuantType::from_ggml(GgmlDType::Q4K), Some(QuantType::Q4K));
