@@ -295,3 +295,48 @@ fn q6_k_layers_are_kept_quantized_and_match_the_dequantized_model() {
     }
     assert!(lk[3] < lk[0], "the loss must go down: {lk:?}");
 }
+
+/// `LoadRequest::quantize` on a Llama-family folder (`quantization: 'q8_0' | 'q4_0'`): every
+/// decoder layer linear is quantized at load (zero-stride placeholder, backend `q8_0` /
+/// `q4_0`), its weight equals llama.cpp's reference quantization of the folder's f32 weight
+/// (through `QuantWeight::quantize`, checked byte for byte against gguf-py in `tests/quant.rs`),
+/// it works with an f16 `dtype`, and a `.gguf` file or another architecture is a coded error.
+#[test]
+fn quantizing_a_model_folder_at_load() {
+    use peft_core::engine::quant::{QuantType, QuantWeight};
+    let dir = fixtures_dir().join("models/llama");
+    let f32m = load_causal_lm(&dir, DType::F32, &Device::Cpu).unwrap().model;
+    for qt in [QuantType::Q8_0, QuantType::Q4_0] {
+        let req = LoadRequest { quantize: Some(qt), ..Default::default() };
+        let m = load_model(&dir, DType::F32, &Device::Cpu, &req).unwrap().model;
+        let dense: std::collections::HashMap<String, Tensor> = f32m.named_linears().into_iter().map(|(n, l)| (n, l.weight.clone())).collect();
+        let mut n = 0;
+        for (name, lin) in m.named_linears() {
+            match &lin.quant {
+                Some(q) => {
+                    n += 1;
+                    assert!(name.contains(".layers."), "{name}");
+                    assert_eq!(q.backend(), qt.name().to_ascii_lowercase());
+                    assert!(lin.weight.stride().iter().all(|&s| s == 0), "{name}");
+                    let w = &dense[&name];
+                    let (r, c) = w.dims2().unwrap();
+                    let want = QuantWeight::quantize(&name, qt, r, c, &w.flatten_all().unwrap().to_vec1::<f32>().unwrap()).unwrap();
+                    assert_eq!(q.dequantize(), want.dequantize(), "{name}");
+                }
+                None => assert!(!name.contains(".layers."), "{name} not quantized"),
+            }
+        }
+        assert_eq!(n, 7 * m.num_layers());
+        // f16 dtype: the model runs, with f16 logits
+        let h = PeftModel::new(load_model(&dir, DType::F16, &Device::Cpu, &req).unwrap().model);
+        let t = h.forward(&IDS, 1, IDS.len(), &ForwardOptions::default(), None).unwrap();
+        assert_eq!(t.dtype(), DType::F16);
+        assert!(t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite()));
+    }
+    let req = LoadRequest { quantize: Some(QuantType::Q8_0), ..Default::default() };
+    for (p, needle) in [(fixtures_dir().join("models/llama.gguf"), "'keep'"), (fixtures_dir().join("models/gpt2"), "GPT2LMHeadModel")] {
+        let e = load_model(&p, DType::F32, &Device::Cpu, &req).err().expect("refused");
+        assert_eq!(e.code(), "ERR_INVALID_ARGUMENT", "{e}");
+        assert!(e.to_string().contains("quantization") && e.to_string().contains(needle), "{e}");
+    }
+}
