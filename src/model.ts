@@ -564,24 +564,47 @@ export interface FromPretrainedOptions extends ProgressOptions {
    */
   numThreads?: number
   /**
-   * GGUF files only: `'dequantize'` (the default, as before) dequantizes every tensor to
-   * `dtype` at load; `'keep'` keeps the decoder layers' linear weights (q/k/v/o, gate/up/down)
-   * in their GGUF block type (Q8_0, Q4_0, Q4_1, Q4_K; other types are dequantized with a
-   * one-line notice on stderr), QLoRA-style (Dettmers et al. 2023, on the CPU): the frozen base
-   * products run on integer dot-product kernels (AVX-512 VNNI / AVX-VNNI / AVX2, chosen at run
-   * time) with activations quantized to 8 bits per block of 32 as llama.cpp does, and the input
-   * gradient goes through dequantized tiles, so LoRA adapters train through the quantized base.
-   * Memory: about 0.75 byte per weight for Q4_1 instead of 4 (SmolLM2-135M Q4_1: ~250 MB resident
-   * instead of ~620 MB). Outputs differ from `'dequantize'` by the 8-bit activation rounding
-   * (a per-product bound: max|x| / 254 per element of each block of 32). Adapters stay f32 and
-   * are saved as ordinary HF adapters for the unquantized base. Merging into a kept-quantized
-   * base is refused (`ERR_INVALID_STATE`), as HF PEFT refuses merging into a 4-bit
-   * bitsandbytes base; load with `'dequantize'` to merge or export a merged model.
-   * `getLayerStatus()` / `getModelStatus()` report `quantizationBackend: 'gguf-<type>'`.
-   * `'keep'` on a model folder is `ERR_INVALID_ARGUMENT`; a corrupted quantized block is
-   * `ERR_GGUF_INVALID` naming the tensor.
+   * How the decoder layers' linear weights (q/k/v/o, gate/up/down) are held, QLoRA-style
+   * (Dettmers et al. 2023, on the CPU).
+   *
+   * - `'dequantize'` (the default, as before): every tensor in `dtype`; a GGUF file's quantized
+   *   tensors are dequantized at load.
+   * - `'keep'` (GGUF files): those weights stay in their GGUF block type (Q8_0, Q4_0, Q4_1,
+   *   Q4_K, Q6_K; other types are dequantized with a one-line notice on stderr). Q6_K is held
+   *   with one byte per 6-bit code (1.25 bytes per weight with its scales).
+   * - `'q8_0'` / `'q4_0'` (Llama-family model folders: Llama, Mistral, Qwen2): those weights,
+   *   read from f32 / f16 / bf16 safetensors, are quantized at load to llama.cpp's Q8_0 (8-bit
+   *   codes, one f16 scale `max|w|/127` per 32 weights, `q = round(w / d)`) or Q4_0 (4-bit,
+   *   `d = w_max / −8`) blocks with llama.cpp's round-to-nearest reference quantizers
+   *   (`quantize_row_q8_0_ref` / `quantize_row_q4_0_ref`; the same blocks `llama-quantize`
+   *   writes without an importance matrix) and kept in that form. A weight whose input size is
+   *   not a multiple of 32 stays dense (notice on stderr). Peak memory while loading is still
+   *   the checkpoint's; the resident model then holds 1.125 (Q8_0) or 0.625 (Q4_0) bytes per
+   *   such weight instead of 4.
+   *
+   * With a weight kept quantized, the frozen base products run on integer dot-product kernels
+   * (AVX-512 VNNI / AVX-VNNI / AVX2, chosen at run time) with activations quantized to 8 bits
+   * per block of 32 as llama.cpp does, and the input gradient goes through dequantized tiles,
+   * so LoRA adapters train through the quantized base. Memory: about 0.75 byte per weight for
+   * Q4_1 instead of 4 (SmolLM2-135M Q4_1: ~250 MB resident instead of ~620 MB). Outputs differ
+   * from the dequantized weights' by the 8-bit activation rounding (a per-product bound:
+   * max|x| / 254 per element of each block of 32), and for `'q8_0'` / `'q4_0'` also from the
+   * original weights by the weight rounding (at most half a step, `d / 2`, per weight). Adapters
+   * stay f32 and are saved as ordinary HF adapters for the unquantized base (as HF documents
+   * for QLoRA adapters). Merging into a kept-quantized base is refused (`ERR_INVALID_STATE`),
+   * as HF PEFT refuses merging into a 4-bit bitsandbytes base; load with `'dequantize'` to
+   * merge or export a merged model.
+   *
+   * `getLayerStatus()` / `getModelStatus()` report `quantizationBackend: 'gguf-<TYPE>'` (e.g.
+   * `'gguf-Q4_1'`) for `'keep'`, and the option's value (`'q8_0'` / `'q4_0'`) for a folder
+   * quantized at load.
+   *
+   * Errors (`ERR_INVALID_ARGUMENT` naming `quantization`): another value; `'keep'` on a model
+   * folder (it points to `'q8_0'`); `'q8_0'` / `'q4_0'` on a `.gguf` file or on a folder of
+   * another architecture. A corrupted quantized block is `ERR_GGUF_INVALID` naming the tensor,
+   * as is a non-finite weight met while quantizing at load.
    */
-  quantization?: 'keep' | 'dequantize'
+  quantization?: 'dequantize' | 'keep' | 'q8_0' | 'q4_0'
 }
 
 /**
@@ -605,8 +628,8 @@ export function getNumThreads(): number {
 async function loadFor(task: ModelTaskType, pathOrGguf: string, options: FromPretrainedOptions): Promise<PreTrainedModel> {
   if (typeof pathOrGguf !== 'string' || !pathOrGguf) throw invalidArgument('pathOrGguf', 'must be a non-empty string')
   refuseUnknownOptions('fromPretrained', options, ['dtype', 'numLabels', 'seed', 'numThreads', 'quantization', 'onProgress', 'signal'])
-  if (options.quantization !== undefined && options.quantization !== 'keep' && options.quantization !== 'dequantize') {
-    throw invalidArgument('quantization', `must be 'keep' or 'dequantize', found ${JSON.stringify(options.quantization)}`)
+  if (options.quantization !== undefined && !['dequantize', 'keep', 'q8_0', 'q4_0'].includes(options.quantization)) {
+    throw invalidArgument('quantization', `must be 'dequantize', 'keep', 'q8_0' or 'q4_0', found ${JSON.stringify(options.quantization)}`)
   }
   const signal = checkSignal(options.signal)
   const onProgress = checkCallback<ProgressOptions['onProgress']>(options.onProgress, 'onProgress')

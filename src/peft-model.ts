@@ -112,9 +112,10 @@ export interface TunerLayerStatus {
   availableAdapters: string[]
   /** adapter name → device types of its parameters, e.g. `['cpu']`. */
   devices: Record<string, string[]>
-  /** The backend holding this layer's base weight quantized, `'gguf-<type>'` (e.g.
-   * `'gguf-Q4_1'`) for a GGUF base loaded with `quantization: 'keep'`, else `null` (HF reports
-   * its bitsandbytes / GPTQ layers here). */
+  /** The backend holding this layer's base weight quantized: `'gguf-<TYPE>'` (e.g.
+   * `'gguf-Q4_1'`) for a GGUF base loaded with `quantization: 'keep'`, `'q8_0'` / `'q4_0'` for
+   * a model folder quantized at load with that option, else `null` (HF reports its
+   * bitsandbytes / GPTQ layers here). */
   quantizationBackend: string | null
 }
 

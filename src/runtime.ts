@@ -69,7 +69,7 @@ export class ModelRuntime {
   readonly dtype: string
   /** torch's device type of the weights (`'cpu'`). */
   readonly device: string
-  /** Layers whose base weight is kept quantized (`quantization: 'keep'`): path → backend, e.g. `'gguf-Q4_1'`. */
+  /** Layers whose base weight is kept quantized (`quantization: 'keep' | 'q8_0' | 'q4_0'`): path → backend, e.g. `'gguf-Q4_1'`, `'q8_0'`. */
   readonly quantized: Map<string, string>
 
   /** Adapters in the order they were added. */

@@ -274,12 +274,15 @@ pub fn load_model(
             if num_labels == Some(0) {
                 return Err(PeftError::invalid_arg("numLabels", "must be at least 1"));
             }
-            let keep_quantized = match quantization.as_deref() {
-                None | Some("dequantize") => false,
-                Some("keep") => true,
-                Some(o) => return Err(PeftError::invalid_arg("quantization", format!("must be 'keep' or 'dequantize', found {o:?}"))),
+            use peft_core::engine::quant::QuantType;
+            let (keep_quantized, quantize) = match quantization.as_deref() {
+                None | Some("dequantize") => (false, None),
+                Some("keep") => (true, None),
+                Some("q8_0") => (false, Some(QuantType::Q8_0)),
+                Some("q4_0") => (false, Some(QuantType::Q4_0)),
+                Some(o) => return Err(PeftError::invalid_arg("quantization", format!("must be 'dequantize', 'keep', 'q8_0' or 'q4_0', found {o:?}"))),
             };
-            let req = LoadRequest { task, num_labels: num_labels.map(|n| n as usize), seed: seed.unwrap_or(0) as u64, keep_quantized };
+            let req = LoadRequest { task, num_labels: num_labels.map(|n| n as usize), seed: seed.unwrap_or(0) as u64, keep_quantized, quantize };
             let loaded = with_control(progress, flag, |ctl| loader::load_model_ctl(std::path::Path::new(&path), dt, &candle_core::Device::Cpu, &req, ctl))?;
             // Native memory: dense weights at the dtype's size, kept-quantized ones at theirs.
             let (mut dense, mut packed) = (loaded.model.base_param_count(), 0usize);
@@ -475,12 +478,12 @@ impl NativeModel {
                     candle_core::Device::Metal(_) => "mps",
                 };
                 let layers: Vec<String> = m.base.named_linears().into_iter().map(|(p, _)| p).collect();
-                // Layers whose base weight is kept quantized: path -> "gguf-<type>".
+                // Layers whose base weight is kept quantized: path -> backend ("gguf-<TYPE>", "q8_0", ...).
                 let quantized: serde_json::Map<String, serde_json::Value> = m
                     .base
                     .named_linears()
                     .into_iter()
-                    .filter_map(|(p, l)| l.quant.as_ref().map(|q| (p, serde_json::json!(format!("gguf-{}", q.quant_type().name())))))
+                    .filter_map(|(p, l)| l.quant.as_ref().map(|q| (p, serde_json::json!(q.backend()))))
                     .collect();
                 Ok(serde_json::json!({ "layers": layers, "baseParams": m.base.base_param_count(), "dtype": dtype, "device": device, "quantized": quantized }).to_string())
             })

@@ -41,7 +41,7 @@ pub struct GgufModel {
     pub tokenizer: Tokenizer,
     /// With [`load_gguf_opts`]`(keep_quantized = true)`: the decoder layers' linear weights
     /// (q/k/v/o, gate/up/down) whose GGUF type has integer kernels (`Q8_0`, `Q4_0`, `Q4_1`,
-    /// `Q4_K`), kept quantized, by transformers name (`model.layers.0.self_attn.q_proj.weight`);
+    /// `Q4_K`, `Q6_K`), kept quantized, by transformers name (`model.layers.0.self_attn.q_proj.weight`);
     /// `tensors` then holds a zero-stride placeholder of the right shape for each. Empty
     /// otherwise.
     pub quantized: HashMap<String, std::sync::Arc<crate::engine::quant::QuantWeight>>,

@@ -17,7 +17,7 @@ use peft_core::engine::quant::{Kernel, QuantType, QuantWeight};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-const TYPES: [QuantType; 4] = [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1, QuantType::Q4K];
+const TYPES: [QuantType; 5] = [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1, QuantType::Q4K, QuantType::Q6K];
 
 fn ggml(t: QuantType) -> GgmlDType {
     match t {
@@ -25,6 +25,7 @@ fn ggml(t: QuantType) -> GgmlDType {
         QuantType::Q4_0 => GgmlDType::Q4_0,
         QuantType::Q4_1 => GgmlDType::Q4_1,
         QuantType::Q4K => GgmlDType::Q4K,
+        QuantType::Q6K => GgmlDType::Q6K,
     }
 }
 
@@ -56,6 +57,12 @@ fn random_blocks(t: QuantType, rows: usize, cols: usize, rng: &mut StdRng) -> Ve
                 out.extend_from_slice(&f16b(rng.random_range(1e-4f32..3e-4)));
                 out.extend_from_slice(&f16b(rng.random_range(1e-4f32..2e-3)));
                 out.extend((0..12 + 128).map(|_| rng.random::<u8>()));
+            }
+            QuantType::Q6K => {
+                // ql, qh: random codes; sub-scales: any i8 (negative ones too); d last
+                out.extend((0..128 + 64).map(|_| rng.random::<u8>()));
+                out.extend((0..16).map(|_| rng.random::<u8>()));
+                out.extend_from_slice(&f16b(rng.random_range(1e-5f32..1e-4)));
             }
         }
     }
@@ -308,7 +315,7 @@ fn corrupted_blocks_are_coded_errors_naming_the_tensor() {
         // NaN / infinite scale in row 2, second block of the row
         for bad in [f32::NAN, f32::INFINITY] {
             let mut b = good.clone();
-            let at = (2 * (k / t.block_elems()) + 1) * t.block_bytes();
+            let at = (2 * (k / t.block_elems()) + 1) * t.block_bytes() + if t == QuantType::Q6K { 208 } else { 0 };
             b[at..at + 2].copy_from_slice(&f16b(bad));
             assert_gguf_err(QuantWeight::from_gguf_bytes(name, t, n, k, &b), &[name, "scale", "row 2", "block 1"]);
         }
@@ -332,8 +339,49 @@ fn corrupted_blocks_are_coded_errors_naming_the_tensor() {
 
 #[test]
 fn unsupported_ggml_types_are_not_kept_quantized() {
-    assert_eq!(QuantType::from_ggml(GgmlDType::Q6K), None);
+    assert_eq!(QuantType::from_ggml(GgmlDType::Q5K), None);
+    assert_eq!(QuantType::from_ggml(GgmlDType::Q5_0), None);
+    assert_eq!(QuantType::from_ggml(GgmlDType::Q6K), Some(QuantType::Q6K));
     assert_eq!(QuantType::from_ggml(GgmlDType::F16), None);
     assert_eq!(QuantType::from_ggml(GgmlDType::Q4_1), Some(QuantType::Q4_1));
     assert_eq!(QuantType::from_ggml(GgmlDType::Q4K), Some(QuantType::Q4K));
+}
+
+/// Quantizing f32 weights at load (`quantization: 'q8_0' | 'q4_0'` on a model folder) gives
+/// exactly the blocks of llama.cpp's reference quantizers: `tests/data/quant_reference.json`
+/// holds f32 rows (typical weights, an all-zero block, a negative largest magnitude and a tie of
+/// |max| with opposite signs, codes near .5, f16-subnormal and large scales) and their Q8_0 /
+/// Q4_0 blocks and dequantized values from the PyPI `gguf` package's numpy ports of
+/// `quantize_row_q8_0_ref` / `quantize_row_q4_0_ref` (`__test__/scripts/make_quant_reference.py`).
+#[test]
+fn quantizing_at_load_matches_llama_cpp_reference_rounding() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/quant_reference.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let (rows, cols) = (v["rows"].as_u64().unwrap() as usize, v["cols"].as_u64().unwrap() as usize);
+    let bits = |key: &str| -> Vec<f32> { v[key].as_array().unwrap().iter().map(|b| f32::from_bits(b.as_u64().unwrap() as u32)).collect() };
+    let x = bits("x_bits");
+    assert_eq!(x.len(), rows * cols);
+    for (t, key) in [(QuantType::Q8_0, "Q8_0"), (QuantType::Q4_0, "Q4_0")] {
+        let hex = v[key].as_str().unwrap();
+        let want: Vec<u8> = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+        let ours = QuantWeight::quantize_blocks(t, &x).unwrap();
+        assert_eq!(ours.len(), want.len(), "{key}");
+        for (bi, (a, b)) in ours.chunks(t.block_bytes()).zip(want.chunks(t.block_bytes())).enumerate() {
+            assert_eq!(a, b, "{key} block {bi} (row {}, block {} of the row)", bi / (cols / 32), bi % (cols / 32));
+        }
+        let w = QuantWeight::quantize("model.layers.0.mlp.up_proj.weight", t, rows, cols, &x).unwrap();
+        assert_eq!(w.backend(), key.to_ascii_lowercase());
+        let deq = w.dequantize();
+        let ref_deq = bits(&format!("{key}_dequantized_bits"));
+        for (i, (a, b)) in deq.iter().zip(&ref_deq).enumerate() {
+            // d·q in f32 both here and in gguf: identical
+            assert_eq!(a.to_bits(), b.to_bits(), "{key} element {i} (row {}): {a} vs reference {b}", i / cols);
+        }
+        // and the GGUF blocks read back give the same weight (only the backend name differs)
+        let from_file = QuantWeight::from_gguf_bytes("blk.0.ffn_up.weight", t, rows, cols, &want).unwrap();
+        assert_eq!(from_file.dequantize(), deq);
+        assert_eq!(from_file.backend(), format!("gguf-{key}"));
+    }
+    assert_gguf_err(QuantWeight::quantize("w", QuantType::Q4_1, 1, 32, &[0.5; 32]), &["w", "Q4_1", "not supported"]);
+    assert_gguf_err(QuantWeight::quantize("w", QuantType::Q4_0, 1, 48, &[0.5; 48]), &["w", "multiple of 32"]);
 }

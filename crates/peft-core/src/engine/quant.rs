@@ -12,15 +12,19 @@
 //! | `Q4_0` | 32    | 18    | `d · (n[i] − 8)`, `d` f16, `n` 4-bit (`i < 16`: low nibble of byte `i`, else high nibble of byte `i − 16`) |
 //! | `Q4_1` | 32    | 20    | `d · n[i] + m`, `d`, `m` f16, `n` as `Q4_0`                      |
 //! | `Q4_K` | 256   | 144   | 8 sub-blocks of 32: `d·sc[s] · n[i] − dmin·mn[s]`, 6-bit `sc`/`mn` packed in 12 bytes, `n` 4-bit (in 64-element chunks: low nibbles then high nibbles of 32 bytes) |
+//! | `Q6_K` | 256   | 210   | 16 sub-blocks of 16: `d·sc[s] · (n[i] − 32)`, `n` 6-bit (low 4 bits in `ql[128]`, high 2 in `qh[64]`, interleaved as `dequantize_row_q6_K` reads them), `sc` i8 ×16, `d` f16 last |
 //!
 //! Every supported type is an affine code per 32 elements, `w = d·n + m` with an unsigned
-//! integer `n`, so the kernels share one form. At load the blocks are repacked (losslessly) into
+//! integer `n`, so the kernels share one form; `Q6_K` has a scale per 16 elements, kept as two
+//! scales per 32-element block (`d` for elements 0..16, `d2` for 16..32) whose integer sums the
+//! kernels accumulate apart. At load the blocks are repacked (losslessly) into
 //! groups of 16 output rows, interleaved by 4 input elements, so that one 512-bit load holds four
 //! consecutive `n` of 16 rows and one `vpdpbusd` with a broadcast activation word accumulates all
 //! 16 rows (llama.cpp's "repacked" CPU layouts work the same way). Scales are kept as `f32`
-//! (`d`, and `m` for `Q4_1` / `Q4_K`), so memory per weight is 1.125 bytes (`Q8_0`), 0.625
-//! (`Q4_0`) and 0.75 (`Q4_1`, `Q4_K`), against 4 for `f32`. Other GGUF types (`Q6_K`, `Q5_*`,
-//! `Q2_K` ...) are not kept quantized: [`QuantType::from_ggml`] returns `None` and the loader
+//! (`d`, and `m` for `Q4_1` / `Q4_K`, `d2` for `Q6_K`), so memory per weight is 1.125 bytes
+//! (`Q8_0`), 0.625 (`Q4_0`), 0.75 (`Q4_1`, `Q4_K`) and 1.25 (`Q6_K`: one byte per 6-bit code,
+//! against 0.82 in the file), against 4 for `f32`. Other GGUF types (`Q5_*`, `Q2_K`, `Q3_K`,
+//! `Q5_K` ...) are not kept quantized: [`QuantType::from_ggml`] returns `None` and the loader
 //! dequantizes them as before.
 //!
 //! **Forward** `y = x·Wᵀ` ([`QuantWeight::matmul_t`]): each row of `x` is quantized per block
@@ -29,7 +33,7 @@
 //! (`vpdpbusd` on AVX-512 VNNI or AVX-VNNI, `vpmaddubsw` + `vpmaddwd` on AVX2, scalar elsewhere,
 //! chosen at run time), then the scales are folded in `f32`:
 //! `y += d·s·(Σ n·q − o·Σq) + m·s·Σq`, with the offset `o` = 128 (`Q8_0`, stored `n = q + 128`),
-//! 8 (`Q4_0`) or 0 (with `m`). Error bound (against `x·Wᵀ` in exact arithmetic on the
+//! 8 (`Q4_0`), 32 (`Q6_K`, per half block with its scale) or 0 (with `m`). Error bound (against `x·Wᵀ` in exact arithmetic on the
 //! dequantized `W`): each activation moves by at most `s_b/2` in block `b`, so
 //! `|Δy_j| ≤ Σ_b (s_b / 2)·Σ_{i∈b} |W_ji|` plus `f32` rounding; `tests/quant.rs` checks it.
 //!
@@ -78,6 +82,8 @@ pub enum QuantType {
     Q4_1,
     /// `Q4_K`: 256-element super-blocks of 8 × 32 × 4-bit with 6-bit sub-scales and minimums.
     Q4K,
+    /// `Q6_K`: 256-element super-blocks of 16 × 16 × 6-bit with 8-bit sub-scales, offset −32.
+    Q6K,
 }
 
 impl QuantType {
@@ -88,13 +94,14 @@ impl QuantType {
             QuantType::Q4_0 => "Q4_0",
             QuantType::Q4_1 => "Q4_1",
             QuantType::Q4K => "Q4_K",
+            QuantType::Q6K => "Q6_K",
         }
     }
 
     /// Elements per GGUF block.
     pub fn block_elems(self) -> usize {
         match self {
-            QuantType::Q4K => 256,
+            QuantType::Q4K | QuantType::Q6K => 256,
             _ => 32,
         }
     }
@@ -106,6 +113,7 @@ impl QuantType {
             QuantType::Q4_0 => 18,
             QuantType::Q4_1 => 20,
             QuantType::Q4K => 144,
+            QuantType::Q6K => 210,
         }
     }
 
@@ -117,12 +125,19 @@ impl QuantType {
             G::Q4_0 => Some(QuantType::Q4_0),
             G::Q4_1 => Some(QuantType::Q4_1),
             G::Q4K => Some(QuantType::Q4K),
+            G::Q6K => Some(QuantType::Q6K),
             _ => None,
         }
     }
 
+    /// Whether the packed codes are 4-bit (two per byte); else one byte per code.
     fn nibbles(self) -> bool {
-        self != QuantType::Q8_0
+        matches!(self, QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q4K)
+    }
+
+    /// Whether each 32-element block has two scales, one per 16 elements (`Q6_K`).
+    fn half_scales(self) -> bool {
+        self == QuantType::Q6K
     }
 
     /// Whether blocks carry a minimum `m` (else the offset is a constant).
@@ -135,6 +150,7 @@ impl QuantType {
         match self {
             QuantType::Q8_0 => 128,
             QuantType::Q4_0 => 8,
+            QuantType::Q6K => 32,
             _ => 0,
         }
     }
@@ -235,6 +251,12 @@ pub struct QuantWeight {
     d: Vec<f32>,
     /// `[group][block][16 rows]` minimums `m` (types with a minimum only, else empty).
     m: Vec<f32>,
+    /// `[group][block][16 rows]` scales of elements 16..32 of each block (`Q6_K` only, else
+    /// empty); `d` then scales elements 0..16.
+    d2: Vec<f32>,
+    /// Quantized at load from an f32/f16/bf16 weight ([`QuantWeight::quantize`]) rather than
+    /// read from GGUF blocks; only changes [`QuantWeight::backend`].
+    at_load: bool,
 }
 
 impl std::fmt::Debug for QuantWeight {
@@ -295,6 +317,8 @@ impl QuantWeight {
             q: vec![0u8; groups * nb * gbb],
             d: vec![0f32; groups * nb * R],
             m: if ty.has_min() { vec![0f32; groups * nb * R] } else { Vec::new() },
+            d2: if ty.half_scales() { vec![0f32; groups * nb * R] } else { Vec::new() },
+            at_load: false,
         };
         let mut n = [0u8; QK];
         for r in 0..rows {
@@ -309,8 +333,8 @@ impl QuantWeight {
                         Err(bad(name, format!("{what} of row {r}, block {gb} is {v} ({} data is corrupted)", ty.name())))
                     }
                 };
-                // (sub-block index along the row, n, d, m) for each 32-element sub-block.
-                let mut put = |b: usize, n: &[u8; QK], d: f32, m: f32| {
+                // (sub-block index along the row, n, d, m, d2) for each 32-element sub-block.
+                let mut put = |b: usize, n: &[u8; QK], d: f32, m: f32, d2: f32| {
                     let base = (g * nb + b) * gbb;
                     for (i, &v) in n.iter().enumerate() {
                         if ty.nibbles() {
@@ -326,6 +350,9 @@ impl QuantWeight {
                     if ty.has_min() {
                         w.m[(g * nb + b) * R + lane] = m;
                     }
+                    if ty.half_scales() {
+                        w.d2[(g * nb + b) * R + lane] = d2;
+                    }
                 };
                 match ty {
                     QuantType::Q8_0 => {
@@ -333,7 +360,7 @@ impl QuantWeight {
                         for i in 0..QK {
                             n[i] = (blk[2 + i] as i8 as i32 + 128) as u8;
                         }
-                        put(gb, &n, d, 0.0);
+                        put(gb, &n, d, 0.0, 0.0);
                     }
                     QuantType::Q4_0 | QuantType::Q4_1 => {
                         let d = check(rd_f16(blk, 0), "scale")?;
@@ -342,7 +369,7 @@ impl QuantWeight {
                             n[i] = qs[i] & 0xF;
                             n[i + 16] = qs[i] >> 4;
                         }
-                        put(gb, &n, d, m);
+                        put(gb, &n, d, m, 0.0);
                     }
                     QuantType::Q4K => {
                         let d = check(rd_f16(blk, 0), "scale")?;
@@ -357,8 +384,28 @@ impl QuantWeight {
                                 for l in 0..QK {
                                     n[l] = (q[l] >> shift) & 0xF;
                                 }
-                                put(gb * 8 + s, &n, d * scv as f32, -(dmin * mnv as f32));
+                                put(gb * 8 + s, &n, d * scv as f32, -(dmin * mnv as f32), 0.0);
                             }
+                        }
+                    }
+                    QuantType::Q6K => {
+                        // llama.cpp's dequantize_row_q6_K: ql[128] low 4 bits, qh[64] high 2
+                        // bits, scales[16] i8 (one per 16 elements), d f16 at byte 208.
+                        let d = check(rd_f16(blk, 208), "scale")?;
+                        let (ql, qh, sc) = (&blk[0..128], &blk[128..192], &blk[192..208]);
+                        let mut q = [0u8; 256];
+                        for c in 0..2 {
+                            for l in 0..32 {
+                                let (a, b, h) = (ql[c * 64 + l], ql[c * 64 + l + 32], qh[c * 32 + l]);
+                                q[c * 128 + l] = (a & 0xF) | ((h & 3) << 4);
+                                q[c * 128 + l + 32] = (b & 0xF) | (((h >> 2) & 3) << 4);
+                                q[c * 128 + l + 64] = (a >> 4) | (((h >> 4) & 3) << 4);
+                                q[c * 128 + l + 96] = (b >> 4) | (((h >> 6) & 3) << 4);
+                            }
+                        }
+                        for s in 0..8 {
+                            n.copy_from_slice(&q[s * QK..(s + 1) * QK]);
+                            put(gb * 8 + s, &n, d * sc[2 * s] as i8 as f32, 0.0, d * sc[2 * s + 1] as i8 as f32);
                         }
                     }
                 }
@@ -368,30 +415,92 @@ impl QuantWeight {
     }
 
     /// Quantizes an `f32` weight `[rows, cols]` (row-major) to `Q8_0` as llama.cpp's
-    /// `quantize_row_q8_0_ref` does (`d = max|w|/127` per block of 32, stored as f16,
-    /// `q = round(w/d)`). For quantizing f32/f16/bf16 checkpoints at load.
+    /// `quantize_row_q8_0_ref` does; see [`QuantWeight::quantize`].
     ///
-    /// Errors: `ERR_GGUF_INVALID` naming `name` for a length that is not `rows · cols`, `cols`
-    /// not a multiple of 32, or a non-finite weight.
+    /// Errors: as [`QuantWeight::quantize`].
     pub fn quantize_q8_0(name: &str, rows: usize, cols: usize, w: &[f32]) -> Result<QuantWeight> {
+        QuantWeight::quantize(name, QuantType::Q8_0, rows, cols, w)
+    }
+
+    /// The GGUF blocks of one row-major `f32` weight quantized to `ty` by round-to-nearest, as
+    /// llama.cpp's reference quantizers (`ggml-quants.c`) compute them, per block of 32:
+    ///
+    /// - `Q8_0` (`quantize_row_q8_0_ref`): `d = max|x|/127`, `q = roundf(x/d)` (half away from
+    ///   zero), `d` stored as f16; 34 bytes.
+    /// - `Q4_0` (`quantize_row_q4_0_ref`): `d = x_max/−8` where `x_max` is the first element of
+    ///   largest magnitude (sign kept), `n = min(15, trunc(x/d + 8.5))`, `d` stored as f16
+    ///   (the codes use the f32 `d`, as llama.cpp does); 18 bytes, element `i < 16` in the low
+    ///   nibble of byte `i`, element `16 + i` in its high nibble.
+    ///
+    /// Returns `None` for the other types (they are never produced from f32 here).
+    pub fn quantize_blocks(ty: QuantType, w: &[f32]) -> Option<Vec<u8>> {
+        let mut bytes = Vec::with_capacity(w.len() / QK * ty.block_bytes());
+        for blk in w.chunks_exact(QK) {
+            match ty {
+                QuantType::Q8_0 => {
+                    let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
+                    let d = amax / 127.0;
+                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    bytes.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                    bytes.extend(blk.iter().map(|v| ((v * id).round() as i32).clamp(-127, 127) as i8 as u8));
+                }
+                QuantType::Q4_0 => {
+                    let (mut amax, mut max) = (0f32, 0f32);
+                    for &v in blk {
+                        if amax < v.abs() {
+                            amax = v.abs();
+                            max = v;
+                        }
+                    }
+                    let d = max / -8.0;
+                    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                    bytes.extend_from_slice(&f16::from_f32(d).to_le_bytes());
+                    // (int8_t)(x·id + 8.5f): truncation toward zero, then min(15, ·)
+                    let code = |v: f32| ((v * id + 8.5) as i8).clamp(0, 15) as u8;
+                    for j in 0..QK / 2 {
+                        bytes.push(code(blk[j]) | (code(blk[QK / 2 + j]) << 4));
+                    }
+                }
+                _ => return None,
+            }
+        }
+        Some(bytes)
+    }
+
+    /// Quantizes an `f32` weight `[rows, cols]` (row-major) to `ty` (`Q8_0` or `Q4_0`) with
+    /// llama.cpp's round-to-nearest reference quantizers ([`QuantWeight::quantize_blocks`]) and
+    /// keeps it in the packed form. For quantizing f32/f16/bf16 checkpoints at load
+    /// (`quantization: 'q8_0'` / `'q4_0'`); [`QuantWeight::backend`] then reports `"q8_0"` /
+    /// `"q4_0"`.
+    ///
+    /// Errors: `ERR_GGUF_INVALID` ([`PeftError::QuantInvalid`]) naming `name` for a length that
+    /// is not `rows · cols`, `cols` not a multiple of 32, a non-finite weight (with its row), or
+    /// a type other than `Q8_0` / `Q4_0`.
+    pub fn quantize(name: &str, ty: QuantType, rows: usize, cols: usize, w: &[f32]) -> Result<QuantWeight> {
         if w.len() != rows * cols {
             return Err(bad(name, format!("{} values for a [{rows}, {cols}] weight", w.len())));
         }
         if !cols.is_multiple_of(QK) {
-            return Err(bad(name, format!("Q8_0 needs rows of a multiple of 32 elements, found {cols}")));
+            return Err(bad(name, format!("{} needs rows of a multiple of 32 elements, found {cols}", ty.name())));
         }
-        let mut bytes = Vec::with_capacity(rows * cols / QK * 34);
-        for (bi, blk) in w.chunks_exact(QK).enumerate() {
-            if let Some(v) = blk.iter().find(|v| !v.is_finite()) {
-                return Err(bad(name, format!("non-finite weight {v} in row {}", bi * QK / cols)));
-            }
-            let amax = blk.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let d = amax / 127.0;
-            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
-            bytes.extend_from_slice(&f16::from_f32(d).to_le_bytes());
-            bytes.extend(blk.iter().map(|v| ((v * id).round() as i32).clamp(-127, 127) as i8 as u8));
+        if let Some(i) = w.iter().position(|v| !v.is_finite()) {
+            return Err(bad(name, format!("non-finite weight {} in row {}", w[i], i / cols)));
         }
-        QuantWeight::from_gguf_bytes(name, QuantType::Q8_0, rows, cols, &bytes)
+        let bytes = QuantWeight::quantize_blocks(ty, w).ok_or_else(|| bad(name, format!("quantizing to {} is not supported (Q8_0 and Q4_0 are)", ty.name())))?;
+        let mut q = QuantWeight::from_gguf_bytes(name, ty, rows, cols, &bytes)?;
+        q.at_load = true;
+        Ok(q)
+    }
+
+    /// The backend string reported by `getLayerStatus()` / `getModelStatus()`
+    /// (`quantizationBackend`): `"gguf-<TYPE>"` (e.g. `"gguf-Q4_1"`) for blocks read from a GGUF
+    /// file, the load option's value (`"q8_0"`, `"q4_0"`) for a weight quantized at load.
+    pub fn backend(&self) -> String {
+        if self.at_load {
+            self.ty.name().to_ascii_lowercase()
+        } else {
+            format!("gguf-{}", self.ty.name())
+        }
     }
 
     /// The tensor name given at load.
@@ -412,7 +521,7 @@ impl QuantWeight {
     }
     /// Bytes held (codes and scales, including the padding rows of the last group).
     pub fn bytes(&self) -> usize {
-        self.q.len() + 4 * (self.d.len() + self.m.len())
+        self.q.len() + 4 * (self.d.len() + self.m.len() + self.d2.len())
     }
 
     /// Block `b` (32 columns) of group `g` (16 rows) dequantized: `out[lane][i]` =
@@ -443,6 +552,11 @@ impl QuantWeight {
                 let m = self.m[(g * nb + b) * R + lane];
                 for (v, &c) in o.iter_mut().zip(&n) {
                     *v = d[lane] * c as f32 + m;
+                }
+            } else if self.ty.half_scales() {
+                let d2 = self.d2[(g * nb + b) * R + lane];
+                for (i, (v, &c)) in o.iter_mut().zip(&n).enumerate() {
+                    *v = if i < QK / 2 { d[lane] } else { d2 } * (c as f32 - off);
                 }
             } else {
                 for (v, &c) in o.iter_mut().zip(&n) {
@@ -506,7 +620,10 @@ impl QuantWeight {
         if m == 0 {
             return Ok(());
         }
-        let xa = QAct::quantize(x, m, self.cols);
+        let mut xa = QAct::quantize(x, m, self.cols);
+        if self.ty.half_scales() {
+            xa.sum16 = xa.q.chunks_exact(QK / 2).map(|c| c.iter().map(|&v| v as i32).sum()).collect();
+        }
         self.run_t(kernel, &xa, y, acc);
         Ok(())
     }
@@ -581,6 +698,8 @@ impl QuantWeight {
             xss: xa.ss[r * nb..].as_ptr(),
             ldb: nb,
             ty: self.ty,
+            wd2: if self.ty.half_scales() { self.d2[g * nb * R..(g + 1) * nb * R].as_ptr() } else { std::ptr::null() },
+            xsum16: if self.ty.half_scales() { xa.sum16[r * 2 * nb..].as_ptr() } else { std::ptr::null() },
         };
         match kernel {
             #[cfg(target_arch = "x86_64")]
@@ -644,12 +763,14 @@ struct QAct {
     sum: Vec<i32>,
     /// `[m, k/32]` `s · Σq` (the minimum term's factor), precomputed.
     ss: Vec<f32>,
+    /// `[m, k/16]` sums of the codes per half block (for `Q6_K`'s per-16 scales; else empty).
+    sum16: Vec<i32>,
 }
 
 impl QAct {
     fn quantize(x: &[f32], m: usize, k: usize) -> QAct {
         let nb = k / QK;
-        let mut a = QAct { m, k, q: vec![0i8; m * k], s: vec![0f32; m * nb], sum: vec![0i32; m * nb], ss: Vec::new() };
+        let mut a = QAct { m, k, q: vec![0i8; m * k], s: vec![0f32; m * nb], sum: vec![0i32; m * nb], ss: Vec::new(), sum16: Vec::new() };
         type Item<'a> = (&'a [f32], (&'a mut [i8], (&'a mut f32, &'a mut i32)));
         let fill = |(xb, (qb, (s, sum))): Item| {
             let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
@@ -692,6 +813,10 @@ struct Args {
     xss: *const f32,
     ldb: usize,
     ty: QuantType,
+    /// Scales of elements 16..32 of each block (`Q6_K`), else null.
+    wd2: *const f32,
+    /// `[rows, 2·ldb]` half-block code sums (`Q6_K`), else null.
+    xsum16: *const i32,
 }
 
 /// Portable kernel: the same arithmetic as the vector kernels (exact i32 block sums, scales
@@ -704,6 +829,20 @@ fn scalar_kernel(a: &Args, mr: usize, out: &mut [[f32; R]; 8]) {
             // SAFETY: Args points at nb blocks of one group and mr rows of activations.
             let (wq, xq) = unsafe { (std::slice::from_raw_parts(a.wq.add(b * gbb), gbb), std::slice::from_raw_parts(a.xq.add(rr * a.ldx + b * QK), QK)) };
             let (s, sum) = unsafe { (*a.xs.add(rr * a.ldb + b), *a.xsum.add(rr * a.ldb + b)) };
+            if a.ty.half_scales() {
+                // SAFETY: Q6_K calls carry the half-block sums and second scales.
+                let sums = unsafe { [*a.xsum16.add(rr * 2 * a.ldb + 2 * b), *a.xsum16.add(rr * 2 * a.ldb + 2 * b + 1)] };
+                for (lane, ol) in o.iter_mut().enumerate() {
+                    let mut dots = [-a.ty.offset() * sums[0], -a.ty.offset() * sums[1]];
+                    for i in 0..QK {
+                        dots[i / 16] += wq[((i / 4) * R + lane) * 4 + i % 4] as i32 * xq[i] as i32;
+                    }
+                    let (d, d2) = unsafe { (*a.wd.add(b * R + lane), *a.wd2.add(b * R + lane)) };
+                    *ol += dots[0] as f32 * d * s;
+                    *ol += dots[1] as f32 * d2 * s;
+                }
+                continue;
+            }
             for (lane, ol) in o.iter_mut().enumerate() {
                 let mut dot = -a.ty.offset() * sum;
                 for i in 0..QK {
@@ -742,7 +881,8 @@ mod x86 {
     /// AVX-512 VNNI: `MR` rows of x against one 16-row group, one zmm per row.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
     unsafe fn k512<const MR: usize, const T: u8>(a: &Args, out: &mut [[f32; R]; 8]) {
-        // T: 0 = Q8_0 (offset 128), 1 = Q4_0 (offset 8), 2 = with minimum (Q4_1, Q4_K)
+        // T: 0 = Q8_0 (offset 128), 1 = Q4_0 (offset 8), 2 = with minimum (Q4_1, Q4_K),
+        // 3 = Q6_K (offset 32, two scales per block)
         let off: i32 = match T {
             0 => 128,
             1 => 8,
@@ -752,6 +892,33 @@ mod x86 {
         let mut facc = [_mm512_setzero_ps(); MR];
         let lo4 = _mm512_set1_epi8(0x0F);
         for b in 0..a.nb {
+            if T == 3 {
+                // Q6_K: codes 0..63 (offset 32) one byte each, a scale per 16 elements: elements
+                // 0..16 (words j < 4) and 16..32 (j >= 4) accumulate apart.
+                let mut lo = [_mm512_setzero_si512(); MR];
+                let mut hi = [_mm512_setzero_si512(); MR];
+                for r in 0..MR {
+                    lo[r] = _mm512_set1_epi32(-32 * *a.xsum16.add(r * 2 * a.ldb + 2 * b));
+                    hi[r] = _mm512_set1_epi32(-32 * *a.xsum16.add(r * 2 * a.ldb + 2 * b + 1));
+                }
+                let wq = a.wq.add(b * R * QK);
+                for j in 0..4 {
+                    let w = _mm512_loadu_si512(wq.add(j * 64) as *const _);
+                    let w2 = _mm512_loadu_si512(wq.add((j + 4) * 64) as *const _);
+                    for r in 0..MR {
+                        lo[r] = _mm512_dpbusd_epi32(lo[r], w, _mm512_set1_epi32(xword(a, r, b, j)));
+                        hi[r] = _mm512_dpbusd_epi32(hi[r], w2, _mm512_set1_epi32(xword(a, r, b, j + 4)));
+                    }
+                }
+                let d = _mm512_loadu_ps(a.wd.add(b * R));
+                let d2 = _mm512_loadu_ps(a.wd2.add(b * R));
+                for r in 0..MR {
+                    let s = _mm512_set1_ps(*a.xs.add(r * a.ldb + b));
+                    facc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(lo[r]), d), s, facc[r]);
+                    facc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(hi[r]), d2), s, facc[r]);
+                }
+                continue;
+            }
             let mut iacc = [_mm512_setzero_si512(); MR];
             for (r, ia) in iacc.iter_mut().enumerate() {
                 *ia = _mm512_set1_epi32(-off * *a.xsum.add(r * a.ldb + b));
@@ -808,6 +975,7 @@ mod x86 {
         match a.ty {
             QuantType::Q8_0 => go!(0),
             QuantType::Q4_0 => go!(1),
+            QuantType::Q6K => go!(3),
             _ => go!(2),
         }
     }
@@ -839,6 +1007,38 @@ mod x86 {
                 let flip = _mm256_set1_epi8(-128i8);
                 let mut facc = [[_mm256_setzero_ps(); 2]; MR];
                 for b in 0..a.nb {
+                    if T == 3 {
+                        // Q6_K: unsigned 6-bit codes (the 16-bit pair sums of maddubs stay below
+                        // 2·63·127), elements 0..16 and 16..32 accumulated apart for their scales.
+                        let mut lo = [[_mm256_setzero_si256(); 2]; MR];
+                        let mut hi = [[_mm256_setzero_si256(); 2]; MR];
+                        for r in 0..MR {
+                            let (v, v2) = (*a.xsum16.add(r * 2 * a.ldb + 2 * b), *a.xsum16.add(r * 2 * a.ldb + 2 * b + 1));
+                            lo[r] = [_mm256_set1_epi32(-32 * v); 2];
+                            hi[r] = [_mm256_set1_epi32(-32 * v2); 2];
+                        }
+                        let wq = a.wq.add(b * R * QK);
+                        for j in 0..4 {
+                            for h in 0..2 {
+                                let w = _mm256_loadu_si256(wq.add(j * 64 + h * 32) as *const _);
+                                let w2 = _mm256_loadu_si256(wq.add((j + 4) * 64 + h * 32) as *const _);
+                                for r in 0..MR {
+                                    lo[r][h] = dot(lo[r][h], w, _mm256_set1_epi32(xword(a, r, b, j)), ones);
+                                    hi[r][h] = dot(hi[r][h], w2, _mm256_set1_epi32(xword(a, r, b, j + 4)), ones);
+                                }
+                            }
+                        }
+                        for h in 0..2 {
+                            let d = _mm256_loadu_ps(a.wd.add(b * R + h * 8));
+                            let d2 = _mm256_loadu_ps(a.wd2.add(b * R + h * 8));
+                            for r in 0..MR {
+                                let s = _mm256_set1_ps(*a.xs.add(r * a.ldb + b));
+                                facc[r][h] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(lo[r][h]), d), s, facc[r][h]);
+                                facc[r][h] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(hi[r][h]), d2), s, facc[r][h]);
+                            }
+                        }
+                        continue;
+                    }
                     let mut iacc = [[_mm256_setzero_si256(); 2]; MR];
                     for (r, ia) in iacc.iter_mut().enumerate() {
                         let v = _mm256_set1_epi32(-off * *a.xsum.add(r * a.ldb + b));
@@ -905,6 +1105,8 @@ mod x86 {
             };
         }
         match (VNNI, a.ty) {
+            (true, QuantType::Q6K) => go!(k256_vnni, 3),
+            (false, QuantType::Q6K) => go!(k256_avx2, 3),
             (true, QuantType::Q8_0) => go!(k256_vnni, 0),
             (true, QuantType::Q4_0) => go!(k256_vnni, 1),
             (true, _) => go!(k256_vnni, 2),

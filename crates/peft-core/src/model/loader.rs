@@ -47,8 +47,13 @@ pub struct LoadRequest {
     pub seed: u64,
     /// GGUF files: keep the decoder layers' linear weights quantized (`true`, QLoRA-style, see
     /// [`crate::engine::quant`]) or dequantize everything (`false`, the default). Ignored for
-    /// HF folders.
+    /// HF folders (see `quantize`).
     pub keep_quantized: bool,
+    /// HF folders of the Llama family: quantize the decoder layers' linear weights (q/k/v/o,
+    /// gate/up/down) at load to this GGUF block type (`Q8_0` or `Q4_0`, llama.cpp's
+    /// round-to-nearest reference quantizers, [`crate::engine::quant::QuantWeight::quantize`])
+    /// and keep them in that form, QLoRA-style. `None` (the default): as stored.
+    pub quantize: Option<crate::engine::quant::QuantType>,
 }
 
 /// The task an `architectures` entry names (`...ForCausalLM` / `GPT2LMHeadModel` → causal LM,
@@ -140,7 +145,18 @@ pub fn load_model_ctl(path: &Path, dtype: DType, device: &Device, req: &LoadRequ
         return Err(PeftError::NotFound { path: path.into(), what: "model folder or .gguf file does not exist".into() });
     }
     if req.keep_quantized && !is_gguf(path) {
-        return Err(PeftError::invalid_arg("quantization", format!("'keep' applies to .gguf files; {} is a model folder (load it with quantization: 'dequantize')", path.display())));
+        return Err(PeftError::invalid_arg(
+            "quantization",
+            format!("'keep' applies to .gguf files; {} is a model folder (quantize it at load with quantization: 'q8_0' or 'q4_0', or load it with 'dequantize')", path.display()),
+        ));
+    }
+    if let Some(qt) = req.quantize {
+        if is_gguf(path) {
+            return Err(PeftError::invalid_arg(
+                "quantization",
+                format!("'{}' quantizes a model folder's weights at load; {} is a .gguf file (use 'keep' to keep its quantized types, or 'dequantize')", qt.name().to_ascii_lowercase(), path.display()),
+            ));
+        }
     }
     if is_gguf(path) && crate::gguf::gguf_architecture(path)? == "gemma3" {
         let task = req.task.unwrap_or(Task::CausalLm);
@@ -186,16 +202,7 @@ pub fn load_model_ctl(path: &Path, dtype: DType, device: &Device, req: &LoadRequ
             init_missing(&mut g.tensors, "score.weight", n, g.config.hidden_size, &serde_json::Value::Null, req.seed, device, &mut newly_initialized)?;
         }
         let mut model = LlamaForCausalLM::from_tensors_for(g.config, g.tensors, dtype, device, task, num_labels)?;
-        if !g.quantized.is_empty() {
-            for (name, lin) in model.named_linears_mut() {
-                if let Some(q) = g.quantized.remove(&format!("{name}.weight")) {
-                    lin.set_quantized(q)?;
-                }
-            }
-            if let Some(k) = g.quantized.keys().next() {
-                return Err(PeftError::Internal(format!("kept-quantized tensor {k} matches no linear layer")));
-            }
-        }
+        attach_quantized(&mut model, g.quantized)?;
         return Ok(LoadedModel { model: Box::new(model), tokenizer: Some(g.tokenizer), newly_initialized });
     }
     if !path.is_dir() {
@@ -220,6 +227,14 @@ pub fn load_model_ctl(path: &Path, dtype: DType, device: &Device, req: &LoadRequ
     let mut newly_initialized = Vec::new();
     let is = |family: &[&str]| family.contains(&arch.as_str());
     let source = || Some(path.to_string_lossy().into_owned());
+    if let Some(qt) = req.quantize {
+        if !is(LLAMA_ARCHITECTURES) {
+            return Err(PeftError::invalid_arg(
+                "quantization",
+                format!("'{}' is supported for Llama-family folders ({}), not for `{arch}` (the fused engine does not run it); load with quantization: 'dequantize'", qt.name().to_ascii_lowercase(), LLAMA_ARCHITECTURES.join(", ")),
+            ));
+        }
+    }
     let model: Box<dyn BaseModel> = if is(GPT2_ARCHITECTURES) {
         let mut config = Gpt2Config::from_json(&v, &cfg_path)?;
         config.name_or_path = config.name_or_path.or_else(source);
@@ -249,7 +264,14 @@ pub fn load_model_ctl(path: &Path, dtype: DType, device: &Device, req: &LoadRequ
         if let Some(n) = num_labels {
             init_missing(&mut tensors, "score.weight", n, config.hidden_size, &v, req.seed, device, &mut newly_initialized)?;
         }
-        Box::new(LlamaForCausalLM::from_tensors_for(config, tensors, dtype, device, task, num_labels)?)
+        let quantized = match req.quantize {
+            Some(qt) => quantize_layer_linears(&mut tensors, qt, dtype, device, path)?,
+            None => HashMap::new(),
+        };
+        ctl.check()?;
+        let mut model = LlamaForCausalLM::from_tensors_for(config, tensors, dtype, device, task, num_labels)?;
+        attach_quantized(&mut model, quantized)?;
+        Box::new(model)
     } else if is(GEMMA3_ARCHITECTURES) {
         if task != Task::CausalLm {
             return Err(PeftError::InvalidModelConfig {
@@ -287,6 +309,70 @@ pub fn load_model_ctl(path: &Path, dtype: DType, device: &Device, req: &LoadRequ
     let tok_path = path.join("tokenizer.json");
     let tokenizer = if tok_path.exists() { Some(Tokenizer::from_pretrained(path)?) } else { None };
     Ok(LoadedModel { model, tokenizer, newly_initialized })
+}
+
+/// Whether an HF tensor name is a Llama-family decoder layer's linear weight
+/// (`model.layers.<i>.self_attn.{q,k,v,o}_proj.weight`, `model.layers.<i>.mlp.{gate,up,down}_proj.weight`).
+fn is_hf_layer_linear(name: &str) -> bool {
+    name.starts_with("model.layers.")
+        && [".self_attn.q_proj.weight", ".self_attn.k_proj.weight", ".self_attn.v_proj.weight", ".self_attn.o_proj.weight", ".mlp.gate_proj.weight", ".mlp.up_proj.weight", ".mlp.down_proj.weight"]
+            .iter()
+            .any(|s| name.ends_with(s))
+}
+
+/// Quantizes the decoder layers' linear weights of a Llama-family state dict to `qt` (one
+/// tensor at a time, read as f32), replacing each in `tensors` by a zero-stride placeholder of
+/// its shape in `dtype`. A weight whose `in` is not a multiple of 32 stays dense, with a
+/// one-line notice on stderr.
+///
+/// Errors: `ERR_GGUF_INVALID` naming the tensor for a non-finite weight; candle errors.
+fn quantize_layer_linears(
+    tensors: &mut HashMap<String, Tensor>,
+    qt: crate::engine::quant::QuantType,
+    dtype: DType,
+    device: &Device,
+    path: &Path,
+) -> Result<HashMap<String, std::sync::Arc<crate::engine::quant::QuantWeight>>> {
+    let mut names: Vec<String> = tensors.keys().filter(|n| is_hf_layer_linear(n)).cloned().collect();
+    names.sort();
+    let mut out = HashMap::with_capacity(names.len());
+    let mut kept_dense = 0usize;
+    for name in names {
+        let t = &tensors[&name];
+        let (rows, cols) = t.dims2()?;
+        if !cols.is_multiple_of(32) {
+            kept_dense += 1;
+            continue;
+        }
+        let w: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        let q = crate::engine::quant::QuantWeight::quantize(&name, qt, rows, cols, &w)?;
+        drop(w);
+        tensors.insert(name.clone(), Tensor::zeros((), dtype, device)?.broadcast_as((rows, cols))?);
+        out.insert(name, std::sync::Arc::new(q));
+    }
+    if kept_dense > 0 {
+        eprintln!("peft-node: {}: {kept_dense} layer weights kept dense (their input size is not a multiple of 32, which {} needs)", path.display(), qt.name());
+    }
+    Ok(out)
+}
+
+/// Makes each linear layer whose `<path>.weight` is in `quantized` use it as its frozen base.
+///
+/// Errors: `ERR_INTERNAL` for a quantized tensor that matches no layer; as
+/// [`crate::tuners::linear::PeftLinear::set_quantized`].
+fn attach_quantized(model: &mut LlamaForCausalLM, mut quantized: HashMap<String, std::sync::Arc<crate::engine::quant::QuantWeight>>) -> Result<()> {
+    if quantized.is_empty() {
+        return Ok(());
+    }
+    for (name, lin) in model.named_linears_mut() {
+        if let Some(q) = quantized.remove(&format!("{name}.weight")) {
+            lin.set_quantized(q)?;
+        }
+    }
+    if let Some(k) = quantized.keys().next() {
+        return Err(PeftError::Internal(format!("kept-quantized tensor {k} matches no linear layer")));
+    }
+    Ok(())
 }
 
 /// The architecture a config.json names: its first `architectures` entry, else derived from

@@ -45,9 +45,10 @@ impl PeftModel {
                 "requires_grad": requires_grad,
                 "available_adapters": available,
                 "devices": devices,
-                // A base weight kept quantized (GGUF `quantization: 'keep'`): the backend and
-                // the block type, e.g. "gguf-Q4_1" (HF reports its bitsandbytes / GPTQ layers here).
-                "quantization_backend": lin.quant.as_ref().map(|q| format!("gguf-{}", q.quant_type().name())),
+                // A base weight kept quantized: "gguf-Q4_1" (etc.) for a GGUF file loaded with
+                // `quantization: 'keep'`, "q8_0" / "q4_0" for a folder quantized at load (HF
+                // reports its bitsandbytes / GPTQ layers here).
+                "quantization_backend": lin.quant.as_ref().map(|q| q.backend()),
             }));
         }
         if out.is_empty() {
