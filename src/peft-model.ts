@@ -374,6 +374,66 @@ export class PeftModel {
     rt.active = names
   }
 
+  /**
+   * Set a LoRA adapter's scale to `scale` times its initial one in every layer that holds it
+   * (HF `LoraLayer.set_scale`, applied to each LoRA layer): `scaling = scale · lora_alpha / r`
+   * (`/ √r` with rsLoRA), per layer, so `rankPattern` / `alphaPattern` are kept. `1` restores
+   * the initial scale, `0` silences the adapter, a negative scale subtracts it. Applied now when
+   * the model is idle, else queued behind the calls made before it. The adapter's saved files
+   * do not change (HF saves `lora_alpha`, not the runtime scale).
+   *
+   * Errors: `ERR_ADAPTER_NOT_FOUND`; `ERR_INVALID_ARGUMENT` for a non-LoRA adapter or a scale
+   * that is not a finite number; `ERR_INVALID_STATE` while an adapter is merged (the scale is
+   * baked into the merged weights; unmerge first: HF would change it silently, and a later
+   * unmerge would subtract a different delta) or after `dispose()`; `ERR_BUSY` while a Trainer
+   * trains the model.
+   */
+  setAdapterScale(adapterName: string, scale: number): void {
+    const rt = this.rt
+    rt.checkAlive()
+    rt.refuseWhileTraining('setAdapterScale')
+    checkNames(rt, [adapterName], 'adapterName')
+    if (typeof scale !== 'number' || !Number.isFinite(scale)) throw invalidArgument('scale', `must be a finite number, found ${String(scale)}`)
+    this.refuseScaleWhileMerged('setAdapterScale')
+    rt.mutate('setAdapterScale', () => call(() => this.n.setAdapterScale(adapterName, scale)))
+  }
+
+  /**
+   * Run `fn` with every LoRA adapter's scaling multiplied by `multiplier`, then restore the
+   * exact previous scalings, also when `fn` throws (HF's context manager
+   * `peft.helpers.rescale_adapter_scale`; with a multiplier in [0, 1] this is WiSE-FT's
+   * interpolation between the base and the fine-tuned model). Calls nest. Resolves with what
+   * `fn` returns.
+   *
+   * ```ts
+   * const half = await model.rescaleAdapterScale(0.5, () => model.generate(ids, { maxNewTokens: 20 }))
+   * ```
+   *
+   * Errors: `ERR_INVALID_ARGUMENT` for a multiplier that is not a finite number or a model
+   * without LoRA layers (HF's `ValueError`); `ERR_INVALID_STATE` while an adapter is merged or
+   * after `dispose()`; `ERR_BUSY` while a Trainer trains the model; and whatever `fn` throws.
+   */
+  async rescaleAdapterScale<T>(multiplier: number, fn: () => T | Promise<T>): Promise<T> {
+    const rt = this.rt
+    rt.checkAlive()
+    rt.refuseWhileTraining('rescaleAdapterScale')
+    if (typeof multiplier !== 'number' || !Number.isFinite(multiplier)) throw invalidArgument('multiplier', `must be a finite number, found ${String(multiplier)}`)
+    if (typeof fn !== 'function') throw invalidArgument('fn', 'must be a function to run with the rescaled adapters')
+    this.refuseScaleWhileMerged('rescaleAdapterScale')
+    rt.mutate('rescaleAdapterScale', () => call(() => this.n.rescaleAdapterScale(multiplier)))
+    try {
+      return await fn()
+    } finally {
+      if (!rt.disposed) rt.mutate('restoreAdapterScale', () => call(() => this.n.restoreAdapterScale()))
+    }
+  }
+
+  private refuseScaleWhileMerged(method: string): void {
+    if (this.rt.merged.length > 0) {
+      throw new PeftError('ERR_INVALID_STATE', `invalid state: ${method} changes the scaling of unmerged LoRA adapters only: ${this.rt.merged.join(', ')} merged into the base weights (their scale is baked in); call unmergeAdapter() first`)
+    }
+  }
+
   /** The first active adapter (HF `active_adapter`). */
   get activeAdapter(): string {
     return this.activeAdapters[0]

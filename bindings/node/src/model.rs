@@ -370,6 +370,25 @@ impl NativeModel {
         guard(|| with_model(&self.inner, |m| m.set_adapter(&names)))
     }
 
+    /// HF `LoraLayer.set_scale` on every layer holding `name` (see `PeftModel::set_adapter_scale`).
+    #[napi(catch_unwind)]
+    pub fn set_adapter_scale(&self, name: String, scale: f64) -> napi::Result<()> {
+        guard(|| with_model(&self.inner, |m| m.set_adapter_scale(&name, scale)))
+    }
+
+    /// Multiply every LoRA scaling by `multiplier` until `restoreAdapterScale` (HF
+    /// `rescale_adapter_scale`).
+    #[napi(catch_unwind)]
+    pub fn rescale_adapter_scale(&self, multiplier: f64) -> napi::Result<()> {
+        guard(|| with_model(&self.inner, |m| m.rescale_adapter_scale(multiplier)))
+    }
+
+    /// Undo the latest `rescaleAdapterScale`; `false` when there was none.
+    #[napi(catch_unwind)]
+    pub fn restore_adapter_scale(&self) -> napi::Result<bool> {
+        guard(|| with_model(&self.inner, |m| Ok(m.restore_adapter_scale())))
+    }
+
     #[napi(catch_unwind)]
     pub fn set_disabled(&self, disabled: bool) -> napi::Result<()> {
         guard(|| with_model(&self.inner, |m| m.set_disabled(disabled)))

@@ -127,3 +127,91 @@ impl PeftModel {
         Ok(())
     }
 }
+
+impl PeftModel {
+    fn refuse_scale_while_merged(&self, what: &str) -> Result<()> {
+        let merged = self.merged_adapters();
+        if merged.is_empty() {
+            return Ok(());
+        }
+        Err(PeftError::InvalidState(format!(
+            "{what} changes the LoRA scaling of unmerged adapters only: adapter(s) {} are merged into the base weights (their scale is baked in); unmerge them first",
+            merged.join(", ")
+        )))
+    }
+
+    /// Set the scale of the LoRA adapter `name` to `scale` times its initial one, in every layer
+    /// that holds it (HF `LoraLayer.set_scale`): `scaling = scale · lora_alpha / r`, or
+    /// `scale · lora_alpha / √r` with rsLoRA, per layer (so `rank_pattern` / `alpha_pattern` are
+    /// kept). `scale = 1` restores the initial scaling; `0` turns the adapter off.
+    ///
+    /// Errors: `AdapterNotFound`; `InvalidArgument` for a non-LoRA adapter or a non-finite scale;
+    /// `InvalidState` while any adapter is merged (HF would change the scaling of a merged
+    /// adapter without changing the merged weights, so a later unmerge would subtract a different
+    /// delta than was added).
+    pub fn set_adapter_scale(&mut self, name: &str, scale: f64) -> Result<()> {
+        let cfg = self.peft_config(name)?;
+        let Some(lora) = cfg.as_lora().cloned() else {
+            return Err(PeftError::invalid_arg("adapterName", format!("'{name}' is not a LoRA adapter: only LoRA adapters have a scale")));
+        };
+        if !scale.is_finite() {
+            return Err(PeftError::invalid_arg("scale", format!("must be a finite number, found {scale}")));
+        }
+        self.refuse_scale_while_merged("setAdapterScale")?;
+        for (_, lin) in self.base.named_linears_mut() {
+            if let Some(ad) = lin.adapters.get_mut(name) {
+                ad.scaling = scale * lora.scaling(ad.r, ad.alpha);
+            }
+        }
+        Ok(())
+    }
+
+    /// Multiply the scaling of every LoRA adapter of every layer by `multiplier` until
+    /// [`Self::restore_adapter_scale`] (HF `peft.helpers.rescale_adapter_scale`; with a
+    /// multiplier in [0, 1] this is WiSE-FT's interpolation between the base and the fine-tuned
+    /// model). Calls nest: each restore undoes the latest rescale, exactly (the scalings are
+    /// saved, not divided back).
+    ///
+    /// Errors: `InvalidArgument` for a non-finite multiplier or a model without LoRA layers (HF's
+    /// `ValueError`); `InvalidState` while any adapter is merged.
+    pub fn rescale_adapter_scale(&mut self, multiplier: f64) -> Result<()> {
+        if !multiplier.is_finite() {
+            return Err(PeftError::invalid_arg("multiplier", format!("must be a finite number, found {multiplier}")));
+        }
+        self.refuse_scale_while_merged("rescaleAdapterScale")?;
+        let mut saved = Vec::new();
+        for (path, lin) in self.base.named_linears_mut() {
+            for (name, ad) in lin.adapters.iter_mut() {
+                saved.push((path.clone(), name.clone(), ad.scaling));
+                ad.scaling *= multiplier;
+            }
+        }
+        if saved.is_empty() {
+            return Err(PeftError::invalid_arg("model", "scaling is only supported for models with LoRA layers"));
+        }
+        self.saved_scalings.push(saved);
+        Ok(())
+    }
+
+    /// Undo the latest [`Self::rescale_adapter_scale`]: every LoRA scaling it changed gets its
+    /// saved value back. Returns `false` when there is nothing to restore.
+    pub fn restore_adapter_scale(&mut self) -> bool {
+        let Some(saved) = self.saved_scalings.pop() else {
+            return false;
+        };
+        let mut by_path: HashMap<String, Vec<(String, f64)>> = HashMap::new();
+        for (path, name, s) in saved {
+            by_path.entry(path).or_default().push((name, s));
+        }
+        for (path, lin) in self.base.named_linears_mut() {
+            if let Some(list) = by_path.get(&path) {
+                for (name, s) in list {
+                    if let Some(ad) = lin.adapters.get_mut(name) {
+                        ad.scaling = *s;
+                    }
+                }
+            }
+        }
+        true
+    }
+}

@@ -101,6 +101,9 @@ pub struct PeftModel {
     pub(crate) disabled: bool,
     /// Warnings of the last calls (HF's `warnings.warn`), drained by [`Self::take_warnings`].
     pub(crate) warnings: Vec<String>,
+    /// LoRA scalings saved by [`Self::rescale_adapter_scale`] (module path, adapter, value), one
+    /// entry per nested call.
+    pub(crate) saved_scalings: Vec<Vec<(String, String, f64)>>,
 }
 
 /// Check an adapter name is usable, also as a folder name (HF saves non-default adapters in a
@@ -134,7 +137,7 @@ pub(crate) fn kaiming_uniform(rng: &mut rand::rngs::StdRng, rows: usize, cols: u
 impl PeftModel {
     /// Wrap a base model (no adapters yet).
     pub fn new(base: Box<dyn BaseModel>) -> Self {
-        PeftModel { base, configs: vec![], prompt_encoders: HashMap::new(), active: vec![], disabled: false, warnings: vec![] }
+        PeftModel { base, configs: vec![], prompt_encoders: HashMap::new(), active: vec![], disabled: false, warnings: vec![], saved_scalings: vec![] }
     }
 
     /// Adapter names in the order they were added.
