@@ -1,8 +1,9 @@
 /**
- * LoRA scales (issue 15): `setAdapterScale` (HF `LoraLayer.set_scale` on every layer) on an
- * rsLoRA adapter and `rescaleAdapterScale` (HF `peft.helpers.rescale_adapter_scale`, nested) on a
- * plain one, against HF PEFT 0.21 logits (`__test__/scripts/make_scale_fixtures.py`, adapters of
- * the `weighted` case); restoring is exact; refusals have codes.
+ * LoRA scales and hotswapping (issue 15): `setAdapterScale` (HF `LoraLayer.set_scale` on every
+ * layer) on an rsLoRA adapter, `rescaleAdapterScale` (HF `peft.helpers.rescale_adapter_scale`,
+ * nested) on a plain one, and `hotswapAdapter` (HF `hotswap_adapter`), against HF PEFT 0.21
+ * logits (`__test__/scripts/make_scale_fixtures.py`, `make_hotswap_fixtures.py`, adapters of the
+ * `weighted` case); restoring is exact; refusals have codes and change nothing.
  */
 import test from 'ava'
 import * as path from 'node:path'
@@ -63,4 +64,28 @@ test('scale refusals: unknown adapter, non-LoRA adapter, bad numbers, merged ada
   const ia3 = disposeLater(t, getPeftModel(await loadLlama(), new IA3Config({ targetModules: ['k_proj', 'down_proj'], feedforwardModules: ['down_proj'] })))
   await assertPeftError(t, () => ia3.setAdapterScale('default', 2), 'ERR_INVALID_ARGUMENT', ['not a LoRA adapter'])
   await assertPeftError(t, () => ia3.rescaleAdapterScale(2, () => 0), 'ERR_INVALID_ARGUMENT', ['LoRA layers'])
+})
+
+test('hotswapAdapter matches HF hotswap_adapter (new alpha and weights; a file without v_proj zeroes it) and refuses incompatible adapters unchanged', async (t) => {
+  const { LLAMA } = await import('./helpers')
+  const { AutoModelForCausalLM } = await import('../src/index')
+  const dir = caseDir('hotswap')
+  const pm = disposeLater(t, await PeftModel.fromPretrained(await AutoModelForCausalLM.fromPretrained(LLAMA), path.join(caseDir('weighted'), 'a')))
+  const exp = await expected('hotswap')
+  const logits = async () => (await pm.forward({ inputIds: exp.input_ids })).logits
+  assertClose(t, await logits(), exp.logits_a, 'before')
+  await pm.hotswapAdapter(path.join(dir, 'a2'), 'default')
+  t.deepEqual(pm.activeAdapters, ['default'])
+  assertClose(t, await logits(), exp.logits_a2, 'after swapping in a2')
+  await pm.hotswapAdapter(path.join(dir, 'q_only'), 'default')
+  assertClose(t, await logits(), exp.logits_q_only, 'after swapping in q_only')
+  const before = await logits()
+  await assertPeftError(t, () => pm.hotswapAdapter(path.join(dir, 'rslora'), 'default'), 'ERR_ADAPTER_CONFIG_INVALID', ['Configs are incompatible', 'use_rslora'])
+  await assertPeftError(t, () => pm.hotswapAdapter(path.join(caseDir('weighted'), 'c'), 'default'), 'ERR_SHAPE_MISMATCH')
+  await assertPeftError(t, () => pm.hotswapAdapter(path.join(caseDir('weighted'), 'b'), 'default'), 'ERR_ADAPTER_CONFIG_INVALID', ['use_rslora'])
+  await assertPeftError(t, () => pm.hotswapAdapter(path.join(dir, 'a2'), 'nope'), 'ERR_ADAPTER_NOT_FOUND')
+  await assertPeftError(t, () => pm.hotswapAdapter(path.join(dir, 'missing'), 'default'), 'ERR_NOT_FOUND')
+  t.is(maxAbsDiff(await logits(), before), 0, 'refused swaps changed nothing')
+  pm.mergeAdapter()
+  await assertPeftError(t, () => pm.hotswapAdapter(path.join(dir, 'a2'), 'default'), 'ERR_INVALID_STATE', ['merged'])
 })

@@ -273,6 +273,33 @@ export class PeftModel {
   }
 
   /**
+   * Replace the weights of the loaded LoRA adapter `adapterName` in place with those of the
+   * adapter saved in `dir` (HF `peft.utils.hotswap.hotswap_adapter`), e.g. to switch the
+   * adapter a server answers with, without re-injecting layers: the adapter keeps its name,
+   * stays active or not, and keeps its config (as HF); each layer's scaling becomes the new
+   * config's (`lora_alpha`, `r`, patterns). Modules the new file has no weights for are zeroed.
+   * Queued behind the calls made before it; resolves once swapped.
+   *
+   * Errors: `ERR_ADAPTER_NOT_FOUND`; `ERR_INVALID_ARGUMENT` for a non-LoRA adapter or a bad
+   * `dir`; `ERR_NOT_FOUND` for a missing folder or file; `ERR_ADAPTER_CONFIG_INVALID` for
+   * another PEFT type or a different `use_rslora` / `lora_dropout` / `alpha_pattern` /
+   * `use_dora` (HF's "Configs are incompatible"); `ERR_SAFETENSORS_INVALID` for weights of
+   * modules the adapter does not target (HF's "unexpected keys"); `ERR_SHAPE_MISMATCH` for a
+   * weight of another shape (another rank: load it with `loadAdapter` instead);
+   * `ERR_INVALID_STATE` while the adapter is merged or after `dispose()`; `ERR_BUSY` while a
+   * Trainer trains the model. On an error nothing changes.
+   */
+  async hotswapAdapter(dir: string, adapterName: string, options: { subfolder?: string } = {}): Promise<void> {
+    const rt = this.rt
+    rt.checkAlive()
+    rt.refuseWhileTraining('hotswapAdapter')
+    refuseUnknownOptions('hotswapAdapter', options, ['subfolder'])
+    checkNames(rt, [adapterName], 'adapterName')
+    dir = await adapterDir(dir, options.subfolder, 'dir')
+    await callAsync(() => rt.schedule(() => this.n.hotswapAdapter(dir, adapterName)))
+  }
+
+  /**
    * A new LoRA adapter combining existing ones (HF `add_weighted_adapter`): per layer,
    * `'cat'` stacks `w_i·s_i·A_i` and `B_i` (exactly `Σ w_i ΔW_i`, rank Σ r_i); the SVD methods
    * (`'svd'` (default), `'ties_svd'`, `'dare_linear_svd'`, `'dare_ties_svd'`,

@@ -774,6 +774,14 @@ impl NativeModel {
         })))
     }
 
+    /// HF `hotswap_adapter`, off the JS thread (reads the folder's files): the weights of the
+    /// loaded LoRA adapter `name` replaced in place by those in `dir`.
+    #[napi(ts_return_type = "Promise<void>")]
+    pub fn hotswap_adapter(&self, dir: String, name: String) -> AsyncTask<Job<(), ()>> {
+        let inner = self.inner.clone();
+        AsyncTask::new(Job::plain(move || with_model(&inner, |m| m.hotswap_adapter(std::path::Path::new(&dir), &name))))
+    }
+
     /// HF `add_weighted_adapter`, off the JS thread (SVD-based combinations take seconds on real
     /// models). `optionsJson`: `{adapters, weights, adapterName, combinationType, svdRank,
     /// svdClamp, density, majoritySignMethod, seed}`.

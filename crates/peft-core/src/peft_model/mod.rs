@@ -17,6 +17,7 @@ mod manage;
 mod state_dict;
 mod save;
 mod load;
+mod hotswap;
 mod forward;
 mod status;
 

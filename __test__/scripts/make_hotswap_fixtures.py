@@ -1,0 +1,68 @@
+"""HF PEFT 0.21 reference for `hotswap_adapter` (issue 15) on the tiny llama: adapter `a` of the
+weighted case is loaded as "default", then swapped in place for `a2` (same targets and rank,
+another lora_alpha and other weights) and for `q_only` (q_proj only: v_proj's weights become 0).
+
+    python __test__/scripts/make_hotswap_fixtures.py   # torch 2.13, transformers 5.18, peft 0.21
+
+Writes `__test__/fixtures/cases/hotswap/` (adapters `a2/`, `q_only/`, `rslora/` (incompatible),
+`expected.safetensors`).
+"""
+
+import os
+
+import torch
+from safetensors.torch import save_file
+from transformers import LlamaForCausalLM
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils.hotswap import hotswap_adapter
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures")
+os.chdir(ROOT)
+OUT = "cases/hotswap"
+
+
+def base():
+    return LlamaForCausalLM.from_pretrained("models/llama", attn_implementation="eager").eval()
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    specs = {
+        "a2": (LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False), 3031),
+        "q_only": (LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False), 3032),
+        "rslora": (LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"], init_lora_weights=False), 3033),
+    }
+    for name, (cfg, seed) in specs.items():
+        torch.manual_seed(seed)
+        m = get_peft_model(base(), cfg)
+        m.save_pretrained(f"{OUT}/{name}")
+        if os.path.exists(f"{OUT}/{name}/README.md"):
+            os.remove(f"{OUT}/{name}/README.md")
+    g = torch.Generator().manual_seed(3030)
+    ids = torch.randint(3, 256, (2, 7), generator=g)
+    out = {"input_ids": ids}
+    m = PeftModel.from_pretrained(base(), "cases/weighted/a")
+
+    def logits():
+        with torch.no_grad():
+            return m(input_ids=ids).logits.contiguous()
+
+    out["logits_a"] = logits()
+    hotswap_adapter(m, f"{OUT}/a2", adapter_name="default", torch_device="cpu")
+    out["logits_a2"] = logits()
+    hotswap_adapter(m, f"{OUT}/q_only", adapter_name="default", torch_device="cpu")
+    out["logits_q_only"] = logits()
+    try:
+        hotswap_adapter(m, f"{OUT}/rslora", adapter_name="default", torch_device="cpu")
+        raise SystemExit("expected an error")
+    except ValueError as e:
+        assert "use_rslora" in str(e), e
+    # a fresh load of a2 gives the hotswapped logits
+    fresh = PeftModel.from_pretrained(base(), f"{OUT}/a2")
+    with torch.no_grad():
+        assert torch.allclose(fresh(input_ids=ids).logits, out["logits_a2"], atol=1e-6)
+    save_file(out, f"{OUT}/expected.safetensors")
+
+
+if __name__ == "__main__":
+    main()
