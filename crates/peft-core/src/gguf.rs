@@ -724,13 +724,16 @@ pub(crate) fn optional_tokenizer(content: &gguf_file::Content, path: &Path, noti
     }
 }
 
+/// A per-architecture change of a dequantized tensor, by GGUF name.
+pub(crate) type TensorFix<'a> = &'a dyn Fn(&str, Tensor) -> Result<Tensor>;
+
 /// How a non-Llama decoder architecture's weights are read by [`load_arch_weights`].
 pub(crate) struct ArchWeights<'a> {
     /// transformers' name of a GGUF weight.
     pub hf_name: fn(&str) -> Option<String>,
     /// Applied to each dequantized f32 tensor (by GGUF name) before the cast to the model dtype
     /// (Gemma's norm shift); `None`: as read.
-    pub fix: Option<&'a dyn Fn(&str, Tensor) -> Result<Tensor>>,
+    pub fix: Option<TensorFix<'a>>,
 }
 
 /// Read the `weights` (GGUF name, shape; checked before) dequantized, fixed by `arch`, converted
@@ -919,7 +922,7 @@ pub fn load_gguf_opts(path: &Path, dtype: DType, device: &Device, ctl: &crate::p
                 let dims = info.shape.dims().to_vec();
                 let (rows, cols) = (dims[0], dims[1]);
                 let mut raw = guarded_read(&content, name, path, |info| Ok(info.read(&mut reader, content.tensor_data_offset, &Device::Cpu)?.data()?.into_owned()))?;
-                if let Some(h) = permuted_heads(&config, &name) {
+                if let Some(h) = permuted_heads(&config, name) {
                     raw = unpermute_rows_raw(&raw, rows, h).map_err(|_| invalid(path, format!("tensor `{name}`: {rows} rows are not a multiple of 2 x {h} heads")))?;
                 }
                 let w = crate::engine::quant::QuantWeight::from_gguf_bytes(&hf, qt, rows, cols, &raw)?;
@@ -943,7 +946,7 @@ pub fn load_gguf_opts(path: &Path, dtype: DType, device: &Device, ctl: &crate::p
             counter.tick()?;
             continue;
         }
-        if let Some(h) = permuted_heads(&config, &name) {
+        if let Some(h) = permuted_heads(&config, name) {
             t = unpermute_qk(&t, h)?;
         }
         let t = t.to_dtype(dtype)?.to_device(device)?;

@@ -309,7 +309,7 @@ impl BaseModel for LlamaForCausalLM {
     // `model.layers.0.self_attn.q_proj`, ..., `lm_head` / `score`), in module order.
     super::named_twins!(linears: |this| {
         let LlamaForCausalLM { embed_tokens, layers, lm_head, head_name, .. } = this;
-        let layers = layers.into_iter().map(|l| {
+        let layers = IntoIterator::into_iter(layers).map(|l| {
             let DecoderLayer { self_attn: Attention { q_proj, k_proj, v_proj, o_proj, .. }, mlp: Mlp { gate_proj, up_proj, down_proj }, .. } = l;
             decoder::llama_layer_linears([q_proj, k_proj, v_proj, o_proj], [gate_proj, up_proj, down_proj])
         });

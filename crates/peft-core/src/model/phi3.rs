@@ -426,7 +426,7 @@ impl BaseModel for Phi3ForCausalLM {
     // Every linear layer with its transformers module path, in module order.
     super::named_twins!(linears: |this| {
         let Phi3ForCausalLM { embed_tokens, layers, lm_head, .. } = this;
-        let layers = layers.into_iter().map(|l| {
+        let layers = IntoIterator::into_iter(layers).map(|l| {
             let DecoderLayer { self_attn: Attention { qkv_proj, o_proj }, mlp: Mlp { gate_up_proj, down_proj }, .. } = l;
             vec![("self_attn.o_proj", o_proj), ("self_attn.qkv_proj", qkv_proj), ("mlp.gate_up_proj", gate_up_proj), ("mlp.down_proj", down_proj)]
         });
