@@ -67,6 +67,23 @@ test('inspect: adapter folders (with other adapters), model folders, errors with
   t.regex(notGguf.stderr, /^error ERR_INVALID_ARGUMENT: .*not a GGUF file/)
 })
 
+test('inspect: LoKr, LoHa and IA3 adapters count their modules by the tuner registry\'s slot names', (t) => {
+  const lokr = JSON.parse(cli('inspect', '--json', caseDir('llama_lokr')).stdout)
+  t.is(lokr.peftType, 'LOKR')
+  t.is(lokr.adaptedModules, 4) // lokr_w1 / lokr_w2_a / lokr_w2_b on q_proj and v_proj of 2 layers
+  t.is(lokr.tensors, 12)
+  t.is(lokr.r, 2)
+  t.is(lokr.alpha, 4)
+  const loha = JSON.parse(cli('inspect', '--json', caseDir('llama_loha')).stdout)
+  t.is(loha.adaptedModules, 4)
+  t.is(loha.r, 4)
+  const ia3 = cli('inspect', caseDir('llama_ia3'))
+  t.is(ia3.code, 0, ia3.stderr)
+  t.regex(ia3.stdout, /^peftType +IA3$/m)
+  t.regex(ia3.stdout, /^adaptedModules +6$/m) // k_proj, v_proj, down_proj of 2 layers
+  t.false(/^r /m.test(ia3.stdout))
+})
+
 test('inspect reads a GGUF header; a truncated GGUF is a coded error', (t) => {
   const dir = tmpDir(t)
   // A minimal GGUF v3: one string and one u32 metadata entry, one F32 tensor info.

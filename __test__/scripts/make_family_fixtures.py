@@ -19,22 +19,17 @@ downloads. Run with torch 2.13 + transformers 5.18 + peft 0.21 + gguf from PyPI:
 
 import json
 import math
-import os
-import sys
 
-# PEFT writes `target_modules` as list(set): fix the hash seed so that the files are reproducible.
-if os.environ.get("PYTHONHASHSEED") != "0":
-    os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, "PYTHONHASHSEED": "0"})
+import fixture_common as fc
+
+fc.start()  # PYTHONHASHSEED=0, in the fixtures root
 
 import numpy as np
 import torch
 import gguf
-from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
-from peft import LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
+from fixture_common import byte_tokens, greedy, permute
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures")
-os.chdir(ROOT)  # base_model_name_or_path is stored relative to the fixtures root
 
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=128, hidden_act="silu", pad_token_id=0, bos_token_id=1,
@@ -68,41 +63,10 @@ def make_model(name):
 
 
 def inputs(seed, vocab=256, b=2, s=S):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (b, s), generator=g)
-    mask = torch.ones(b, s, dtype=torch.long)
-    mask[1, -3:] = 0
-    ids[1, -3:] = 0
-    return ids, mask
-
-
-def greedy(model, ids):
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                             num_beams=1, use_cache=True, eos_token_id=None, pad_token_id=0)
-    return out
+    return fc.padded_inputs(seed, vocab, 3, b, s)
 
 
 # --- GGUF (PyPI gguf = llama.cpp's gguf-py) ---------------------------------------------------
-
-def byte_tokens():
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    table = {b: chr(c) for b, c in zip(bs, cs)}
-    order = [10] + list(range(32, 127)) + list(range(161, 173)) + list(range(174, 256)) + list(range(0, 10)) + \
-        list(range(11, 32)) + list(range(127, 161)) + [173]
-    return ["<pad>", "<s>", "</s>"] + [table[b] for b in order[:252]] + ["Ġt"]
-
-
-def permute(x, n_head):
-    return x.reshape(n_head, 2, x.shape[0] // n_head // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
-
 
 def llama3_rope_factors(cfg):
     # convert_hf_to_gguf.py LlamaModel.generate_extra_tensors (llama.cpp divides each frequency by its factor)
@@ -174,71 +138,17 @@ def write_gguf(name):
     g.add_tensor("output_norm.weight", w["model.norm.weight"].astype(np.float32))
     if not cfg.get("tie_word_embeddings"):
         g.add_tensor("output.weight", w["lm_head.weight"].astype(np.float32))
-    g.write_header_to_file()
-    g.write_kv_data_to_file()
-    g.write_tensors_to_file()
-    g.close()
+    fc.finish_gguf(g)
 
 
 # --- cases --------------------------------------------------------------------------------------
 
 def lora_case(name, base, seed):
-    out = f"cases/{name}"
-    os.makedirs(out, exist_ok=True)
-    ids, mask = inputs(seed)
-    base_model = load(base)
-    with torch.no_grad():
-        logits_base = base_model(input_ids=ids, attention_mask=mask).logits
-    gen_ids = ids[:1, :7].clone()
-    gen_base = greedy(base_model, gen_ids)
-    torch.manual_seed(seed)
-    cfg = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
-                     init_lora_weights=False)
-    pm = get_peft_model(load(base), cfg).eval()
-    pm.save_pretrained(out)
-    with torch.no_grad():
-        logits_adapter = pm(input_ids=ids, attention_mask=mask).logits
-        with pm.disable_adapter():
-            logits_disabled = pm(input_ids=ids, attention_mask=mask).logits
-    gen_adapter = greedy(pm, gen_ids)
-    labels = ids.masked_fill(mask == 0, -100)
-    with torch.enable_grad():
-        pm.zero_grad(set_to_none=True)
-        o = pm(input_ids=ids, attention_mask=mask, labels=labels)
-        o.loss.backward()
-    grads = {}
-    for n, p in pm.named_parameters():
-        if p.grad is not None:
-            grads["grad." + n.replace(".default.weight", ".weight")] = p.grad.detach().clone()
-    merged = pm.merge_and_unload().eval()
-    with torch.no_grad():
-        logits_merged = merged(input_ids=ids, attention_mask=mask).logits
-    gen_merged = greedy(merged, gen_ids)
-    t = {"input_ids": ids, "attention_mask": mask, "labels": labels, "loss": o.loss.detach().reshape(1),
-         "logits_base": logits_base, "logits_adapter": logits_adapter, "logits_disabled": logits_disabled,
-         "logits_merged": logits_merged, "generate_input_ids": gen_ids, "generate_base": gen_base,
-         "generate_adapter": gen_adapter, "generate_merged": gen_merged, **grads}
-    save_file({k: v.contiguous() for k, v in t.items()}, f"{out}/expected.safetensors")
-    return {"adapter_vs_base_max_abs": float((logits_adapter - logits_base).abs().max()),
-            "disabled_vs_base_max_abs": float((logits_disabled - logits_base).abs().max()),
-            "grad_keys": sorted(grads)}
+    return fc.lora_case(name, lambda: load(base), inputs, seed, ["q_proj", "v_proj"])
 
 
 def prefix_case(name, base, seed):
-    out = f"cases/{name}"
-    os.makedirs(out, exist_ok=True)
-    ids, mask = inputs(seed)
-    torch.manual_seed(seed)
-    pm = get_peft_model(load(base), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5)).eval()
-    pm.save_pretrained(out)
-    with torch.no_grad():
-        logits_adapter = pm(input_ids=ids, attention_mask=mask).logits
-        logits_base = load(base)(input_ids=ids, attention_mask=mask).logits
-    gen_ids = ids[:1, :7].clone()
-    t = {"input_ids": ids, "attention_mask": mask, "logits_base": logits_base, "logits_adapter": logits_adapter,
-         "generate_input_ids": gen_ids, "generate_adapter": greedy(pm, gen_ids)}
-    save_file({k: v.contiguous() for k, v in t.items()}, f"{out}/expected.safetensors")
-    return {"adapter_vs_base_max_abs": float((logits_adapter - logits_base).abs().max())}
+    return fc.prefix_case(name, lambda: load(base), inputs, seed, 5)
 
 
 def main():
@@ -263,14 +173,11 @@ def main():
     obs["qwen3_lora_qv"] = lora_case("qwen3_lora_qv", "qwen3", 202)
     obs["qwen3_prefix"] = prefix_case("qwen3_prefix", "qwen3", 203)
     obs["llama3_prefix"] = prefix_case("llama3_prefix", "llama3", 204)
-    obs["versions"] = {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                       "peft": __import__("peft").__version__, "gguf": "PyPI gguf"}
+    obs["versions"] = fc.versions(gguf=True)
     obs["tolerances"] = {"logits_atol": 1e-4, "logits_rtol": 1e-4, "grad_rtol": 1e-4,
                          "grad_atol": "1e-4 * max |expected gradient| of the tensor"}
     for case in ("llama3_lora_qv", "qwen3_lora_qv", "qwen3_prefix", "llama3_prefix"):
-        with open(f"cases/{case}/case.json", "w") as f:
-            json.dump({"name": case, "generator": "__test__/scripts/make_family_fixtures.py", "observed": obs[case],
-                       "tolerances": {"logits_atol": 1e-4, "logits_rtol": 1e-4}, "versions": obs["versions"]}, f, indent=1)
+        fc.write_case_json(case, "__test__/scripts/make_family_fixtures.py", obs[case], obs["versions"])
     print(json.dumps(obs, indent=1))
 
 

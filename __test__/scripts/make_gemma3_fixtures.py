@@ -24,22 +24,17 @@ Run with torch 2.13 + transformers 5.18 + peft 0.21 + gguf from PyPI:
 """
 
 import json
-import os
-import sys
 
-# PEFT writes `target_modules` as list(set): fix the hash seed so that the files are reproducible.
-if os.environ.get("PYTHONHASHSEED") != "0":
-    os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, "PYTHONHASHSEED": "0"})
+import fixture_common as fc
+
+fc.start()  # PYTHONHASHSEED=0, in the fixtures root
 
 import numpy as np
 import torch
 import gguf
-from safetensors.torch import save_file
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-from peft import LoraConfig, PrefixTuningConfig, get_peft_model
+from fixture_common import greedy
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures")
-os.chdir(ROOT)  # base_model_name_or_path is stored relative to the fixtures root
 
 NAME = "gemma3"
 S = 12
@@ -69,18 +64,7 @@ def make_model():
 
 
 def inputs(seed, b=2, s=S):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(4, CONFIG["vocab_size"], (b, s), generator=g)
-    mask = torch.ones(b, s, dtype=torch.long)
-    mask[1, -3:] = 0
-    ids[1, -3:] = 0
-    return ids, mask
-
-
-def greedy(model, ids):
-    with torch.no_grad():
-        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                              num_beams=1, use_cache=True, eos_token_id=None, pad_token_id=0)
+    return fc.padded_inputs(seed, CONFIG["vocab_size"], 4, b, s)
 
 
 def write_gguf():
@@ -146,69 +130,16 @@ def write_gguf():
         for hf, gg in names.items():
             put(f"blk.{i}.{gg}.weight", f"model.layers.{i}.{hf}.weight")
     put("output_norm.weight", "model.norm.weight")  # lm_head is tied (and skipped by the converter)
-    g.write_header_to_file()
-    g.write_kv_data_to_file()
-    g.write_tensors_to_file()
-    g.close()
+    fc.finish_gguf(g)
 
 
 def lora_case(name, seed):
-    out = f"cases/{name}"
-    os.makedirs(out, exist_ok=True)
-    ids, mask = inputs(seed)
-    base_model = load()
-    with torch.no_grad():
-        logits_base = base_model(input_ids=ids, attention_mask=mask).logits
-    gen_ids = ids[:1, :7].clone()
-    gen_base = greedy(base_model, gen_ids)
-    torch.manual_seed(seed)
-    cfg = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0,
-                     init_lora_weights=False)
-    pm = get_peft_model(load(), cfg).eval()
-    pm.save_pretrained(out)
-    with torch.no_grad():
-        logits_adapter = pm(input_ids=ids, attention_mask=mask).logits
-        with pm.disable_adapter():
-            logits_disabled = pm(input_ids=ids, attention_mask=mask).logits
-    gen_adapter = greedy(pm, gen_ids)
-    labels = ids.masked_fill(mask == 0, -100)
-    with torch.enable_grad():
-        pm.zero_grad(set_to_none=True)
-        o = pm(input_ids=ids, attention_mask=mask, labels=labels)
-        o.loss.backward()
-    grads = {}
-    for n, p in pm.named_parameters():
-        if p.grad is not None:
-            grads["grad." + n.replace(".default.weight", ".weight")] = p.grad.detach().clone()
-    merged = pm.merge_and_unload().eval()
-    with torch.no_grad():
-        logits_merged = merged(input_ids=ids, attention_mask=mask).logits
-    gen_merged = greedy(merged, gen_ids)
-    t = {"input_ids": ids, "attention_mask": mask, "labels": labels, "loss": o.loss.detach().reshape(1),
-         "logits_base": logits_base, "logits_adapter": logits_adapter, "logits_disabled": logits_disabled,
-         "logits_merged": logits_merged, "generate_input_ids": gen_ids, "generate_base": gen_base,
-         "generate_adapter": gen_adapter, "generate_merged": gen_merged, **grads}
-    save_file({k: v.contiguous() for k, v in t.items()}, f"{out}/expected.safetensors")
-    return {"adapter_vs_base_max_abs": float((logits_adapter - logits_base).abs().max()),
-            "disabled_vs_base_max_abs": float((logits_disabled - logits_base).abs().max()),
-            "grad_keys": len(grads)}
+    obs = fc.lora_case(name, load, inputs, seed, TARGETS)
+    return {**obs, "grad_keys": len(obs["grad_keys"])}
 
 
 def prefix_case(name, seed):
-    out = f"cases/{name}"
-    os.makedirs(out, exist_ok=True)
-    ids, mask = inputs(seed)
-    torch.manual_seed(seed)
-    pm = get_peft_model(load(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
-    pm.save_pretrained(out)
-    with torch.no_grad():
-        logits_adapter = pm(input_ids=ids, attention_mask=mask).logits
-        logits_base = load()(input_ids=ids, attention_mask=mask).logits
-    gen_ids = ids[:1, :7].clone()
-    t = {"input_ids": ids, "attention_mask": mask, "logits_base": logits_base, "logits_adapter": logits_adapter,
-         "generate_input_ids": gen_ids, "generate_adapter": greedy(pm, gen_ids)}
-    save_file({k: v.contiguous() for k, v in t.items()}, f"{out}/expected.safetensors")
-    return {"adapter_vs_base_max_abs": float((logits_adapter - logits_base).abs().max())}
+    return fc.prefix_case(name, load, inputs, seed, 4)
 
 
 def sensitivity():
@@ -240,12 +171,9 @@ def main():
     write_gguf()
     obs = {"gemma3_lora_all": lora_case("gemma3_lora_all", 301), "gemma3_prefix": prefix_case("gemma3_prefix", 302)}
     obs["gemma3_lora_all"]["base_logits_sensitivity"] = sensitivity()
-    versions = {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                "peft": __import__("peft").__version__, "gguf": "PyPI gguf"}
+    versions = fc.versions(gguf=True)
     for case in ("gemma3_lora_all", "gemma3_prefix"):
-        with open(f"cases/{case}/case.json", "w") as f:
-            json.dump({"name": case, "generator": "__test__/scripts/make_gemma3_fixtures.py", "observed": obs[case],
-                       "tolerances": {"logits_atol": 1e-4, "logits_rtol": 1e-4}, "versions": versions}, f, indent=1)
+        fc.write_case_json(case, "__test__/scripts/make_gemma3_fixtures.py", obs[case], versions)
     print(json.dumps(obs, indent=1))
 
 

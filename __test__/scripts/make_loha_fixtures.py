@@ -15,19 +15,16 @@ JSON of a second option set).
 import json
 import os
 
+import fixture_common as fc
+
+fc.start()  # PYTHONHASHSEED=0 (target_modules is a set in HF's config), in the fixtures root
+
 import torch
 from safetensors.torch import save_file
-from transformers import LlamaForCausalLM
-from peft import LoHaConfig, PeftModel, get_peft_model
-
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures")
-os.chdir(ROOT)
+from peft import LoHaConfig, get_peft_model
+from fixture_common import load_tiny_llama as load
 NAME = "llama_loha"
 OUT = f"cases/{NAME}"
-
-
-def load():
-    return LlamaForCausalLM.from_pretrained("models/llama", attn_implementation="eager").eval()
 
 
 def main():
@@ -37,15 +34,8 @@ def main():
     cfg = LoHaConfig(task_type="CAUSAL_LM", r=4, alpha=8, target_modules=["q_proj", "v_proj"], init_weights=False)
     model = get_peft_model(load(), cfg)
     model.save_pretrained(OUT)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    g = torch.Generator().manual_seed(seed + 1)
-    vocab = model.config.vocab_size
-    ids = torch.randint(3, vocab, (2, 7), generator=g)
-    mask = torch.ones(2, 7, dtype=torch.long)
-    mask[1, -2:] = 0
-    ids[1, -2:] = 0
-    labels = ids.masked_fill(mask == 0, -100)
+    trainable, total = fc.param_counts(model)
+    ids, mask, labels, _ = fc.lycoris_batch(seed, model.config.vocab_size)
     model.eval()
     with torch.no_grad():
         adapted = model(input_ids=ids, attention_mask=mask).logits
@@ -56,11 +46,7 @@ def main():
     model.zero_grad()
     out = model(input_ids=ids, attention_mask=mask, labels=labels)
     out.loss.backward()
-    grads = {}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            key = n.replace(".default", "")
-            grads[f"grad.{key}"] = p.grad.detach().clone().contiguous()
+    grads = fc.adapter_grads(model)
     with torch.no_grad():
         model.merge_adapter()
         merged = model(input_ids=ids, attention_mask=mask).logits

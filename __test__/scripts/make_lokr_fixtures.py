@@ -33,17 +33,15 @@ import json
 import os
 import sys
 
-# target_modules is a set in HF's config: pin the string hash so its saved order is the same each run.
-if os.environ.get("PYTHONHASHSEED") != "0":
-    os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, "PYTHONHASHSEED": "0"})
+import fixture_common as fc
+
+fc.start(enter_root=False)  # PYTHONHASHSEED=0 (target_modules is a set in HF's config); --check resolves its path first
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from transformers import LlamaForCausalLM
 from peft import LoKrConfig, PeftModel, get_peft_model
-
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures")
+from fixture_common import ROOT, greedy, load_tiny_llama as load
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -61,30 +59,14 @@ CASES = [
 ]
 
 
-def load():
-    return LlamaForCausalLM.from_pretrained("models/llama", attn_implementation="eager").eval()
-
-
-def greedy(model, ids):
-    with torch.no_grad():
-        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                              num_beams=1, use_cache=True, eos_token_id=None, pad_token_id=0)
-
-
 def make_case(name, seed, description, kwargs):
     out_dir = f"cases/{name}"
     os.makedirs(out_dir, exist_ok=True)
     torch.manual_seed(seed)
     model = get_peft_model(load(), LoKrConfig(**kwargs))
     model.save_pretrained(out_dir)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    g = torch.Generator().manual_seed(seed + 1)
-    ids = torch.randint(3, model.config.vocab_size, (2, 7), generator=g)
-    mask = torch.ones(2, 7, dtype=torch.long)
-    mask[1, -2:] = 0
-    ids[1, -2:] = 0
-    labels = ids.masked_fill(mask == 0, -100)
+    trainable, total = fc.param_counts(model)
+    ids, mask, labels, g = fc.lycoris_batch(seed, model.config.vocab_size)
     gen_ids = torch.randint(3, model.config.vocab_size, (2, 4), generator=g)
     model.eval()
     base_model = load()
@@ -99,10 +81,7 @@ def make_case(name, seed, description, kwargs):
     model.zero_grad()
     out = model(input_ids=ids, attention_mask=mask, labels=labels)
     out.loss.backward()
-    grads = {}
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            grads[f"grad.{n.replace('.default', '')}"] = p.grad.detach().clone().contiguous()
+    grads = fc.adapter_grads(model)
     with torch.no_grad():
         model.merge_adapter()
         merged = model(input_ids=ids, attention_mask=mask).logits

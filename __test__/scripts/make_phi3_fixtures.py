@@ -30,21 +30,18 @@ Run with torch 2.13 + transformers 5.18 + peft 0.21 + gguf from PyPI:
 import json
 import math
 import os
-import sys
 
-# PEFT writes `target_modules` as list(set): fix the hash seed so that the files are reproducible.
-if os.environ.get("PYTHONHASHSEED") != "0":
-    os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, "PYTHONHASHSEED": "0"})
+import fixture_common as fc
+
+fc.start()  # PYTHONHASHSEED=0, in the fixtures root
 
 import numpy as np
 import torch
 import gguf
-from safetensors.torch import save_file
 from transformers import Phi3ForCausalLM, Phi3Config
-from peft import LoraConfig, PrefixTuningConfig, get_peft_model
+from peft import LoraConfig, get_peft_model
+from fixture_common import byte_tokens, greedy, save_expected
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures")
-os.chdir(ROOT)  # base_model_name_or_path is stored relative to the fixtures root
 
 S = 12
 COMMON = dict(vocab_size=128, hidden_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -77,18 +74,7 @@ def make_model(name, seed):
 
 
 def inputs(seed, b=2, s=S):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(4, COMMON["vocab_size"], (b, s), generator=g)
-    mask = torch.ones(b, s, dtype=torch.long)
-    mask[1, -3:] = 0
-    ids[1, -3:] = 0
-    return ids, mask
-
-
-def greedy(model, ids, use_cache=True):
-    with torch.no_grad():
-        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                              num_beams=1, use_cache=use_cache, eos_token_id=None, pad_token_id=0)
+    return fc.padded_inputs(seed, COMMON["vocab_size"], 4, b, s)
 
 
 def greedy_longrope(model, ids, obs, key):
@@ -128,8 +114,6 @@ def write_gguf(name="phi3"):
     scale = max_pos / orig
     g.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0)
     # A byte-level BPE vocabulary (`_set_vocab_gpt2`, as Phi-4-mini), the one make_family_fixtures.py writes.
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from make_family_fixtures import byte_tokens
     tokens = byte_tokens()[:127] + ["Ġt"]  # the vocabulary is 128: bytes up to "y" and the merge
     g.add_tokenizer_model("gpt2")
     g.add_tokenizer_pre("gpt-2")
@@ -156,10 +140,7 @@ def write_gguf(name="phi3"):
     put("output_norm.weight", "model.norm.weight")
     if not cfg["tie_word_embeddings"]:
         put("output.weight", "lm_head.weight")
-    g.write_header_to_file()
-    g.write_kv_data_to_file()
-    g.write_tensors_to_file()
-    g.close()
+    fc.finish_gguf(g)
 
 
 def lora_case(name, model, seed, targets, full=True):
@@ -191,9 +172,7 @@ def lora_case(name, model, seed, targets, full=True):
             pm.zero_grad(set_to_none=True)
             o = pm(input_ids=ids, attention_mask=mask, labels=labels)
             o.loss.backward()
-        for n, p in pm.named_parameters():
-            if p.grad is not None:
-                grads["grad." + n.replace(".default.weight", ".weight")] = p.grad.detach().clone()
+        grads = fc.lora_grads(pm)
         grads["loss"] = o.loss.detach().reshape(1)
     merged = pm.merge_and_unload().eval()
     with torch.no_grad():
@@ -203,7 +182,7 @@ def lora_case(name, model, seed, targets, full=True):
          "logits_base": logits_base, "logits_adapter": logits_adapter, "logits_disabled": logits_disabled,
          "logits_merged": logits_merged, "generate_input_ids": gen_ids, "generate_base": gen_base,
          "generate_adapter": gen_adapter, "generate_merged": gen_merged, **grads}
-    save_file({k: v.contiguous() for k, v in t.items()}, f"{out}/expected.safetensors")
+    save_expected(out, t)
     return {"adapter_vs_base_max_abs": float((logits_adapter - logits_base).abs().max()),
             "disabled_vs_base_max_abs": float((logits_disabled - logits_base).abs().max()),
             "grad_keys": len(grads) - (1 if full else 0), **obs}
@@ -216,26 +195,12 @@ def short_case(name, seed):
     ids, mask = inputs(seed, s=6)
     with torch.no_grad():
         logits_base = load("phi3")(input_ids=ids, attention_mask=mask).logits
-    save_file({"input_ids": ids, "attention_mask": mask, "logits_base": logits_base.contiguous()},
-              f"{out}/expected.safetensors")
+    save_expected(out, {"input_ids": ids, "attention_mask": mask, "logits_base": logits_base})
     return {}
 
 
 def prefix_case(name, seed):
-    out = f"cases/{name}"
-    os.makedirs(out, exist_ok=True)
-    ids, mask = inputs(seed)
-    torch.manual_seed(seed)
-    pm = get_peft_model(load("phi3"), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
-    pm.save_pretrained(out)
-    with torch.no_grad():
-        logits_adapter = pm(input_ids=ids, attention_mask=mask).logits
-        logits_base = load("phi3")(input_ids=ids, attention_mask=mask).logits
-    gen_ids = ids[:1, :7].clone()
-    t = {"input_ids": ids, "attention_mask": mask, "logits_base": logits_base, "logits_adapter": logits_adapter,
-         "generate_input_ids": gen_ids, "generate_adapter": greedy(pm, gen_ids)}
-    save_file({k: v.contiguous() for k, v in t.items()}, f"{out}/expected.safetensors")
-    return {"adapter_vs_base_max_abs": float((logits_adapter - logits_base).abs().max())}
+    return fc.prefix_case(name, lambda: load("phi3"), inputs, seed, 4)
 
 
 def sensitivity():
@@ -268,12 +233,9 @@ def main():
            "phi3_tied_lora": lora_case("phi3_tied_lora", "phi3_tied", 403, "all-linear", full=False),
            "phi3_prefix": prefix_case("phi3_prefix", 404)}
     obs["phi3_lora"]["base_logits_sensitivity"] = sensitivity()
-    versions = {"torch": torch.__version__, "transformers": __import__("transformers").__version__,
-                "peft": __import__("peft").__version__, "gguf": "PyPI gguf"}
+    versions = fc.versions(gguf=True)
     for case in obs:
-        with open(f"cases/{case}/case.json", "w") as f:
-            json.dump({"name": case, "generator": "__test__/scripts/make_phi3_fixtures.py", "observed": obs[case],
-                       "tolerances": {"logits_atol": 1e-4, "logits_rtol": 1e-4}, "versions": versions}, f, indent=1)
+        fc.write_case_json(case, "__test__/scripts/make_phi3_fixtures.py", obs[case], versions)
     print(json.dumps(obs, indent=1))
 
 

@@ -17,6 +17,7 @@ import sys
 import numpy as np
 import gguf
 from safetensors.numpy import load_file
+from fixture_common import byte_tokens, finish_gguf, permute
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(HERE, "..", "fixtures", "models", "llama")
@@ -27,26 +28,7 @@ w = load_file(os.path.join(SRC, "model.safetensors"))
 H, NH, NKV, HD = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
 
 
-def permute(x, n_head):
-    return x.reshape(n_head, 2, x.shape[0] // n_head // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
-
-
-def byte_chars():
-    # GPT-2's bytes_to_unicode table: printable bytes map to themselves, the others to 256 + n.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
-
-
-table = byte_chars()
-order = [10] + list(range(32, 127)) + list(range(161, 173)) + list(range(174, 256)) + list(range(0, 10)) + list(range(11, 32)) + list(range(127, 161)) + [173]
-tokens = ["<pad>", "<s>", "</s>"] + [table[b] for b in order[:252]] + ["Ġt"]
+tokens = byte_tokens()
 assert len(tokens) == cfg["vocab_size"] == 256 and len(set(tokens)) == 256
 types = [gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.NORMAL] * 253
 
@@ -86,8 +68,5 @@ for i in range(cfg["num_hidden_layers"]):
         g.add_tensor(f"blk.{i}.{gg}.weight", np.ascontiguousarray(t))
 g.add_tensor("output_norm.weight", w["model.norm.weight"].astype(np.float32))
 g.add_tensor("output.weight", w["lm_head.weight"].astype(np.float32))
-g.write_header_to_file()
-g.write_kv_data_to_file()
-g.write_tensors_to_file()
-g.close()
+finish_gguf(g)
 print("wrote", OUT, os.path.getsize(OUT), "bytes")

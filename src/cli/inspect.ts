@@ -41,14 +41,33 @@ async function modelTensors(dir: string): Promise<TensorInfo[]> {
   return out
 }
 
+/** Escape `s` for use inside a regular expression. */
+const reEscape = (s: string) => s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')
+
+/**
+ * The key pattern of the adapter parameters of `peftType`: `base_model.model.<module>.<slot>`
+ * followed by `.` or the end, with the slot names of the tuner registry (peft-core's `TUNERS`,
+ * through the addon); all registered slots for an unknown type. `null` when the tuner has none
+ * (prompt learning).
+ */
+async function slotPattern(peftType: unknown): Promise<RegExp | null> {
+  const { native } = await import('../native')
+  const tuners = native.tunerSlots()
+  const own = tuners.find((t) => t.peftTypes.includes(String(peftType)))
+  const slots = own ? own.slots : tuners.flatMap((t) => t.slots)
+  if (slots.length === 0) return null
+  return new RegExp(`^base_model\\.model\\.(.+?)\\.(?:${slots.map(reEscape).join('|')})(?:\\.|$)`)
+}
+
 async function inspectAdapter(dir: string, sub = ''): Promise<Inspection> {
   const cfg = await readJson(path.join(dir, 'adapter_config.json'))
   const weights = path.join(dir, 'adapter_model.safetensors')
   const tensors = fs.existsSync(weights) ? (await safetensorsHeader(weights)).tensors : []
   const modules = new Set<string>()
   const ranks = new Set<number>()
+  const slot = await slotPattern(cfg.peft_type)
   for (const t of tensors) {
-    const m = /^base_model\.model\.(.+?)\.(lora_A|lora_embedding_A|ia3_l|lora_magnitude_vector)/.exec(t.name)
+    const m = slot?.exec(t.name)
     if (m) modules.add(m[1])
     if (/\.lora_A(\.weight)?$/.test(t.name)) ranks.add(t.shape[0])
     if (/\.lora_embedding_A$/.test(t.name)) ranks.add(t.shape[0])
@@ -70,6 +89,9 @@ async function inspectAdapter(dir: string, sub = ''): Promise<Inspection> {
       bias: cfg.bias ?? 'none',
       ranksInFile: [...ranks].sort((a, b) => a - b),
     })
+  }
+  if ((cfg.peft_type === 'LOHA' || cfg.peft_type === 'LOKR') && cfg.r !== undefined) {
+    Object.assign(out, { r: cfg.r, alpha: cfg.alpha ?? null })
   }
   if (cfg.num_virtual_tokens !== undefined) out.numVirtualTokens = cfg.num_virtual_tokens
   Object.assign(out, {

@@ -14,12 +14,14 @@ mod safetensors_js;
 mod task;
 mod tokenizer;
 mod trainer;
+mod tuners;
 
 pub use export::*;
 pub use model::*;
 pub use safetensors_js::*;
 pub use tokenizer::*;
 pub use trainer::*;
+pub use tuners::*;
 
 /// mimalloc keeps freed pages for reuse: training allocates and frees large activation buffers
 /// every step, and glibc's allocator returns them to the OS, paying a page fault per 4 KiB on

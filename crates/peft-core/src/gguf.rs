@@ -336,35 +336,44 @@ fn validate_tensor_infos(content: &gguf_file::Content, file_size: u64, path: &Pa
 ///
 /// Returns `None` for any other name. The layer index is not range-checked here.
 pub fn gguf_to_hf_name(name: &str) -> Option<String> {
+    decoder_hf_name(name, |module| {
+        Some(match module {
+            "attn_norm" => ("input_layernorm", false),
+            "attn_q_norm" => ("self_attn.q_norm", false),
+            "attn_k_norm" => ("self_attn.k_norm", false),
+            "ffn_norm" => ("post_attention_layernorm", false),
+            "attn_q" => ("self_attn.q_proj", true),
+            "attn_k" => ("self_attn.k_proj", true),
+            "attn_v" => ("self_attn.v_proj", true),
+            "attn_output" => ("self_attn.o_proj", true),
+            "ffn_gate" => ("mlp.gate_proj", true),
+            "ffn_up" => ("mlp.up_proj", true),
+            "ffn_down" => ("mlp.down_proj", true),
+            _ => return None,
+        })
+    })
+}
+
+/// transformers' name of a decoder GGUF tensor: `token_embd` / `output_norm` / `output`, or
+/// `blk.N.<module>.weight` (`.bias` where allowed) with `module(<module>)` = the architecture's
+/// `(transformers module, may have a bias)`. `None` for any other name (a layer number with a
+/// leading zero included).
+pub(crate) fn decoder_hf_name(name: &str, module: impl Fn(&str) -> Option<(&'static str, bool)>) -> Option<String> {
     match name {
         "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
         "output_norm.weight" => return Some("model.norm.weight".into()),
         "output.weight" => return Some("lm_head.weight".into()),
         _ => {}
     }
-    let rest = name.strip_prefix("blk.")?;
-    let (layer, rest) = rest.split_once('.')?;
+    let (layer, rest) = name.strip_prefix("blk.")?.split_once('.')?;
     if layer.is_empty() || !layer.bytes().all(|b| b.is_ascii_digit()) || (layer.len() > 1 && layer.starts_with('0')) {
         return None;
     }
-    let (module, param) = rest.rsplit_once('.')?;
-    let (hf, is_norm) = match module {
-        "attn_norm" => ("input_layernorm", true),
-        "attn_q_norm" => ("self_attn.q_norm", true),
-        "attn_k_norm" => ("self_attn.k_norm", true),
-        "ffn_norm" => ("post_attention_layernorm", true),
-        "attn_q" => ("self_attn.q_proj", false),
-        "attn_k" => ("self_attn.k_proj", false),
-        "attn_v" => ("self_attn.v_proj", false),
-        "attn_output" => ("self_attn.o_proj", false),
-        "ffn_gate" => ("mlp.gate_proj", false),
-        "ffn_up" => ("mlp.up_proj", false),
-        "ffn_down" => ("mlp.down_proj", false),
-        _ => return None,
-    };
+    let (m, param) = rest.rsplit_once('.')?;
+    let (hf, bias) = module(m)?;
     match param {
         "weight" => {}
-        "bias" if !is_norm => {}
+        "bias" if bias => {}
         _ => return None,
     }
     Some(format!("model.layers.{layer}.{hf}.{param}"))
@@ -485,24 +494,7 @@ pub fn llama_config_from_gguf(content: &gguf_file::Content, path: &Path) -> Resu
         ));
     }
     let k = |key: &str| format!("{arch}.{key}");
-    let hidden = req_uint(content, &k("embedding_length"), path)?;
-    let layers = req_uint(content, &k("block_count"), path)?;
-    let ffn = req_uint(content, &k("feed_forward_length"), path)?;
-    let heads = req_uint(content, &k("attention.head_count"), path)?;
-    let ctx = req_uint(content, &k("context_length"), path)?;
-    let kv_heads = opt_uint(content, &k("attention.head_count_kv"), path)?.unwrap_or(heads);
-    if hidden == 0 || layers == 0 || ffn == 0 || heads == 0 || kv_heads == 0 {
-        return Err(invalid(
-            path,
-            "embedding_length, block_count, feed_forward_length, head_count and head_count_kv must be positive",
-        ));
-    }
-    if heads % kv_heads != 0 {
-        return Err(invalid(
-            path,
-            format!("{arch}.attention.head_count_kv ({kv_heads}) must divide {arch}.attention.head_count ({heads})"),
-        ));
-    }
+    let GgufDims { hidden, layers, ffn, heads, kv_heads, context: ctx } = GgufDims::read(content, &arch, path)?;
     let head_dim = match opt_uint(content, &k("attention.key_length"), path)? {
         Some(k) => k,
         None => {
@@ -600,6 +592,196 @@ pub fn llama_config_from_gguf(content: &gguf_file::Content, path: &Path) -> Resu
     })
 }
 
+/// The sizes every decoder GGUF file states under its architecture's prefix (`<arch>.`).
+pub(crate) struct GgufDims {
+    /// `embedding_length`.
+    pub hidden: usize,
+    /// `block_count`.
+    pub layers: usize,
+    /// `feed_forward_length`.
+    pub ffn: usize,
+    /// `attention.head_count`.
+    pub heads: usize,
+    /// `attention.head_count_kv` (default: `heads`).
+    pub kv_heads: usize,
+    /// `context_length`.
+    pub context: usize,
+}
+
+impl GgufDims {
+    /// Read the sizes of an `arch` file.
+    ///
+    /// Errors: `GgufInvalid` for a missing or mistyped key, a size of 0, or KV heads that do not
+    /// divide the heads.
+    pub(crate) fn read(content: &gguf_file::Content, arch: &str, path: &Path) -> Result<GgufDims> {
+        let k = |key: &str| format!("{arch}.{key}");
+        let hidden = req_uint(content, &k("embedding_length"), path)?;
+        let layers = req_uint(content, &k("block_count"), path)?;
+        let ffn = req_uint(content, &k("feed_forward_length"), path)?;
+        let heads = req_uint(content, &k("attention.head_count"), path)?;
+        let context = req_uint(content, &k("context_length"), path)?;
+        let kv_heads = opt_uint(content, &k("attention.head_count_kv"), path)?.unwrap_or(heads);
+        if hidden == 0 || layers == 0 || ffn == 0 || heads == 0 || kv_heads == 0 {
+            return Err(invalid(path, "embedding_length, block_count, feed_forward_length, head_count and head_count_kv must be positive"));
+        }
+        if heads % kv_heads != 0 {
+            return Err(invalid(path, format!("{arch}.attention.head_count_kv ({kv_heads}) must divide {arch}.attention.head_count ({heads})")));
+        }
+        Ok(GgufDims { hidden, layers, ffn, heads, kv_heads, context })
+    }
+}
+
+/// The vocabulary size of a file as its embedding's row count.
+///
+/// Errors: `GgufInvalid` when `token_embd.weight` is missing or not 2-D.
+pub(crate) fn embedding_rows(content: &gguf_file::Content, path: &Path) -> Result<usize> {
+    match content.tensor_infos.get("token_embd.weight") {
+        Some(t) if t.shape.dims().len() == 2 => Ok(t.shape.dims()[0]),
+        _ => Err(invalid(path, "tensor `token_embd.weight` is missing or not 2-D")),
+    }
+}
+
+/// The tensors of a decoder GGUF file with their transformers shapes, in load order:
+/// `token_embd`, `output_norm`, `output` (untied only), the architecture's `globals`, then
+/// `per_layer(l)` for every block. Stops at the first block whose first tensor is missing, so
+/// that a huge bogus `block_count` costs nothing.
+///
+/// Errors: `GgufInvalid` naming that missing tensor.
+pub(crate) fn decoder_tensor_shapes(
+    content: &gguf_file::Content,
+    arch: &str,
+    (vocab, hidden, tied, layers): (usize, usize, bool, usize),
+    globals: Vec<(String, Vec<usize>)>,
+    per_layer: impl Fn(usize) -> Vec<(String, Vec<usize>)>,
+    path: &Path,
+) -> Result<Vec<(String, Vec<usize>)>> {
+    let mut out = vec![("token_embd.weight".to_string(), vec![vocab, hidden]), ("output_norm.weight".to_string(), vec![hidden])];
+    if !tied {
+        out.push(("output.weight".into(), vec![vocab, hidden]));
+    }
+    out.extend(globals);
+    for l in 0..layers {
+        let block = per_layer(l);
+        if let Some((first, _)) = block.first().filter(|(n, _)| !content.tensor_infos.contains_key(n)) {
+            return Err(invalid(path, format!("tensor `{first}` is missing ({arch}.block_count = {layers})")));
+        }
+        out.extend(block);
+    }
+    Ok(out)
+}
+
+/// Check that the file holds exactly the tensors of `expected`, with those (transformers order)
+/// shapes.
+///
+/// Errors: `GgufInvalid` naming a missing or misshapen tensor, or the unexpected ones.
+pub(crate) fn check_tensor_shapes(content: &gguf_file::Content, expected: &[(String, Vec<usize>)], what: &str, path: &Path) -> Result<()> {
+    for (name, shape) in expected {
+        let info = content.tensor_infos.get(name).ok_or_else(|| invalid(path, format!("tensor `{name}` is missing")))?;
+        if info.shape.dims() != shape.as_slice() {
+            return Err(invalid(path, format!("tensor `{name}` has shape {:?} (transformers order), expected {shape:?} from the metadata", info.shape.dims())));
+        }
+    }
+    if content.tensor_infos.len() != expected.len() {
+        let known: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+        let mut extra: Vec<&String> = content.tensor_infos.keys().filter(|k| !known.contains(k.as_str())).collect();
+        extra.sort();
+        return Err(invalid(path, format!("unexpected tensor(s) for a {what} model: {extra:?}")));
+    }
+    Ok(())
+}
+
+/// Run a candle read of tensor `name`, turning its errors and panics (malformed data) into
+/// `GgufInvalid` naming the tensor.
+fn guarded_read<T>(content: &gguf_file::Content, name: &str, path: &Path, read: impl FnOnce(&gguf_file::TensorInfo) -> candle_core::Result<T>) -> Result<T> {
+    let info = &content.tensor_infos[name];
+    let ty = info.ggml_dtype;
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read(info))) {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(invalid(path, format!("cannot read tensor `{name}` ({ty:?}): {e}"))),
+        Err(_) => Err(invalid(path, format!("cannot read tensor `{name}` ({ty:?}): malformed data"))),
+    }
+}
+
+/// Tensor `name` read and dequantized to f32 on the CPU.
+///
+/// Errors: `GgufInvalid` naming the tensor for unreadable or malformed data.
+pub(crate) fn read_dequantized(content: &gguf_file::Content, reader: &mut BufReader<File>, name: &str, path: &Path) -> Result<Tensor> {
+    guarded_read(content, name, path, |info| info.read(reader, content.tensor_data_offset, &Device::Cpu)?.dequantize(&Device::Cpu))
+}
+
+/// The file's tokenizer; `None` with a notice in `notices` for a tokenizer model that is not
+/// built (llama.cpp's SentencePiece `llama`).
+///
+/// Errors: `GgufInvalid` for malformed tokenizer metadata.
+pub(crate) fn optional_tokenizer(content: &gguf_file::Content, path: &Path, notices: &mut Vec<String>) -> Result<Option<Tokenizer>> {
+    match Tokenizer::from_gguf(content, path) {
+        Ok(t) => Ok(Some(t)),
+        Err(PeftError::Tokenizer(msg)) => {
+            notices.push(format!("no tokenizer: {msg}"));
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// A per-architecture change of a dequantized tensor, by GGUF name.
+pub(crate) type TensorFix<'a> = &'a dyn Fn(&str, Tensor) -> Result<Tensor>;
+
+/// How a non-Llama decoder architecture's weights are read by [`load_arch_weights`].
+pub(crate) struct ArchWeights<'a> {
+    /// transformers' name of a GGUF weight.
+    pub hf_name: fn(&str) -> Option<String>,
+    /// Applied to each dequantized f32 tensor (by GGUF name) before the cast to the model dtype
+    /// (Gemma's norm shift); `None`: as read.
+    pub fix: Option<TensorFix<'a>>,
+}
+
+/// Read the `weights` (GGUF name, shape; checked before) dequantized, fixed by `arch`, converted
+/// to `dtype` on `device`, by transformers name; one progress tick each after `done` ticks
+/// for tensors the caller read itself (of `total`).
+///
+/// Errors: as [`read_dequantized`]; `Aborted` through `ctl`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn load_arch_weights(
+    content: &gguf_file::Content,
+    reader: &mut BufReader<File>,
+    weights: &[(String, Vec<usize>)],
+    arch: &ArchWeights,
+    (done, total): (usize, usize),
+    dtype: DType,
+    device: &Device,
+    ctl: &crate::progress::Control,
+    path: &Path,
+) -> Result<HashMap<String, Tensor>> {
+    let mut tensors = HashMap::with_capacity(weights.len());
+    let mut counter = crate::progress::Counter::new(ctl, total as u64);
+    for _ in 0..done {
+        counter.tick()?;
+    }
+    for (name, _) in weights {
+        let hf = (arch.hf_name)(name).ok_or_else(|| PeftError::Internal(format!("no HF name for {name}")))?;
+        let t = read_dequantized(content, reader, name, path)?;
+        let t = match arch.fix {
+            Some(fix) => fix(name, t)?,
+            None => t,
+        };
+        tensors.insert(hf, t.to_dtype(dtype)?.to_device(device)?);
+        counter.tick()?;
+    }
+    counter.finish();
+    Ok(tensors)
+}
+
+/// The config's `dtype` name of a load in `dtype` (`float32` for anything but F16 / BF16).
+pub(crate) fn dtype_name(dtype: DType) -> String {
+    match dtype {
+        DType::F16 => "float16",
+        DType::BF16 => "bfloat16",
+        _ => "float32",
+    }
+    .to_string()
+}
+
 /// The transformers shape every tensor of `cfg` must have, by GGUF name. Biases are included
 /// only for tensors present in the file.
 fn expected_shapes(cfg: &LlamaConfig, content: &gguf_file::Content, path: &Path) -> Result<Vec<(String, Vec<usize>)>> {
@@ -607,48 +789,27 @@ fn expected_shapes(cfg: &LlamaConfig, content: &gguf_file::Content, path: &Path)
     let q_rows = cfg.num_attention_heads.checked_mul(cfg.head_dim).ok_or_else(ovf)?;
     let kv_rows = cfg.num_key_value_heads.checked_mul(cfg.head_dim).ok_or_else(ovf)?;
     let (h, v, f) = (cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size);
-    let mut out = vec![
-        ("token_embd.weight".to_string(), vec![v, h]),
-        ("output_norm.weight".to_string(), vec![h]),
-    ];
-    if !cfg.tie_word_embeddings {
-        out.push(("output.weight".into(), vec![v, h]));
-    }
+    let mut globals = vec![];
     if content.tensor_infos.contains_key("rope_freqs.weight") {
-        out.push(("rope_freqs.weight".into(), vec![cfg.head_dim / 2]));
+        globals.push(("rope_freqs.weight".into(), vec![cfg.head_dim / 2]));
     }
-    // Stop at the first layer that is missing, so a huge bogus block_count costs nothing.
-    for l in 0..cfg.num_hidden_layers {
-        let linear = [
-            ("attn_q", q_rows, h),
-            ("attn_k", kv_rows, h),
-            ("attn_v", kv_rows, h),
-            ("attn_output", h, q_rows),
-            ("ffn_gate", f, h),
-            ("ffn_up", f, h),
-            ("ffn_down", h, f),
-        ];
-        out.push((format!("blk.{l}.attn_norm.weight"), vec![h]));
-        out.push((format!("blk.{l}.ffn_norm.weight"), vec![h]));
+    let per_layer = |l: usize| {
+        let mut out = vec![(format!("blk.{l}.attn_norm.weight"), vec![h]), (format!("blk.{l}.ffn_norm.weight"), vec![h])];
         if cfg.qk_norm {
             out.push((format!("blk.{l}.attn_q_norm.weight"), vec![cfg.head_dim]));
             out.push((format!("blk.{l}.attn_k_norm.weight"), vec![cfg.head_dim]));
         }
-        for (m, o, i) in linear {
-            out.push((format!("blk.{l}.{m}.weight"), vec![o, i]));
+        let linear = [("attn_q", q_rows, h), ("attn_k", kv_rows, h), ("attn_v", kv_rows, h), ("attn_output", h, q_rows), ("ffn_gate", f, h), ("ffn_up", f, h), ("ffn_down", h, f)];
+        for (m, o, inp) in linear {
+            out.push((format!("blk.{l}.{m}.weight"), vec![o, inp]));
             let b = format!("blk.{l}.{m}.bias");
             if content.tensor_infos.contains_key(&b) {
                 out.push((b, vec![o]));
             }
         }
-        if !content.tensor_infos.contains_key(&format!("blk.{l}.attn_q.weight")) {
-            return Err(invalid(
-                path,
-                format!("tensor `blk.{l}.attn_q.weight` is missing (llama.block_count = {})", cfg.num_hidden_layers),
-            ));
-        }
-    }
-    Ok(out)
+        out
+    };
+    decoder_tensor_shapes(content, &cfg.model_type, (v, h, cfg.tie_word_embeddings, cfg.num_hidden_layers), globals, per_layer, path)
 }
 
 /// Read a GGUF file's header: metadata and tensor infos (checked to lie inside the file); no
@@ -739,30 +900,7 @@ pub fn load_gguf_opts(path: &Path, dtype: DType, device: &Device, ctl: &crate::p
     validate_tensor_infos(&content, file_size, path)?;
 
     let expected = expected_shapes(&config, &content, path)?;
-    for (name, shape) in &expected {
-        let info = content
-            .tensor_infos
-            .get(name)
-            .ok_or_else(|| invalid(path, format!("tensor `{name}` is missing")))?;
-        if info.shape.dims() != shape.as_slice() {
-            return Err(invalid(
-                path,
-                format!(
-                    "tensor `{name}` has shape {:?} (transformers order), expected {shape:?} from the metadata",
-                    info.shape.dims()
-                ),
-            ));
-        }
-    }
-    if content.tensor_infos.len() != expected.len() {
-        let known: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
-        let mut extra: Vec<&String> = content.tensor_infos.keys().filter(|k| !known.contains(k.as_str())).collect();
-        extra.sort();
-        return Err(invalid(
-            path,
-            format!("unexpected tensor(s) for a {}-layer {} model: {:?}", config.num_hidden_layers, config.model_type, extra),
-        ));
-    }
+    check_tensor_shapes(&content, &expected, &format!("{}-layer {}", config.num_hidden_layers, config.model_type), path)?;
 
     let tokenizer = Tokenizer::from_gguf(&content, path)?;
 
@@ -783,16 +921,8 @@ pub fn load_gguf_opts(path: &Path, dtype: DType, device: &Device, ctl: &crate::p
             if let Some(qt) = crate::engine::quant::QuantType::from_ggml(ty) {
                 let dims = info.shape.dims().to_vec();
                 let (rows, cols) = (dims[0], dims[1]);
-                let raw = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> candle_core::Result<Vec<u8>> {
-                    let q = info.read(&mut reader, content.tensor_data_offset, &Device::Cpu)?;
-                    Ok(q.data()?.into_owned())
-                }));
-                let mut raw = match raw {
-                    Ok(Ok(r)) => r,
-                    Ok(Err(e)) => return Err(invalid(path, format!("cannot read tensor `{name}` ({ty:?}): {e}"))),
-                    Err(_) => return Err(invalid(path, format!("cannot read tensor `{name}` ({ty:?}): malformed data"))),
-                };
-                if let Some(h) = permuted_heads(&config, &name) {
+                let mut raw = guarded_read(&content, name, path, |info| Ok(info.read(&mut reader, content.tensor_data_offset, &Device::Cpu)?.data()?.into_owned()))?;
+                if let Some(h) = permuted_heads(&config, name) {
                     raw = unpermute_rows_raw(&raw, rows, h).map_err(|_| invalid(path, format!("tensor `{name}`: {rows} rows are not a multiple of 2 x {h} heads")))?;
                 }
                 let w = crate::engine::quant::QuantWeight::from_gguf_bytes(&hf, qt, rows, cols, &raw)?;
@@ -804,15 +934,7 @@ pub fn load_gguf_opts(path: &Path, dtype: DType, device: &Device, ctl: &crate::p
                 *skipped.entry(format!("{ty:?}")).or_default() += 1;
             }
         }
-        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> candle_core::Result<Tensor> {
-            let q = info.read(&mut reader, content.tensor_data_offset, &Device::Cpu)?;
-            q.dequantize(&Device::Cpu)
-        }));
-        let mut t = match read {
-            Ok(Ok(t)) => t,
-            Ok(Err(e)) => return Err(invalid(path, format!("cannot read tensor `{name}` ({ty:?}): {e}"))),
-            Err(_) => return Err(invalid(path, format!("cannot read tensor `{name}` ({ty:?}): malformed data"))),
-        };
+        let mut t = read_dequantized(&content, &mut reader, name, path)?;
         if name == "rope_freqs.weight" {
             // llama.cpp's Llama 3.x RoPE scaling: per-frequency divisors (convert_hf_to_gguf.py
             // `LlamaModel.generate_extra_tensors`).
@@ -824,7 +946,7 @@ pub fn load_gguf_opts(path: &Path, dtype: DType, device: &Device, ctl: &crate::p
             counter.tick()?;
             continue;
         }
-        if let Some(h) = permuted_heads(&config, &name) {
+        if let Some(h) = permuted_heads(&config, name) {
             t = unpermute_qk(&t, h)?;
         }
         let t = t.to_dtype(dtype)?.to_device(device)?;

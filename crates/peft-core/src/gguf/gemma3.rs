@@ -24,8 +24,8 @@
 //! "llama"`), which [`Tokenizer::from_gguf`] does not build; the model then loads without a
 //! tokenizer (a notice says so). A byte-level BPE (`gpt2`) tokenizer is read as for Llama.
 
-use super::{invalid, meta, open_gguf, opt_uint, req_uint, validate_tensor_infos};
-use crate::error::{PeftError, Result};
+use super::{check_tensor_shapes, decoder_tensor_shapes, dtype_name, embedding_rows, invalid, load_arch_weights, meta, open_gguf, opt_uint, optional_tokenizer, validate_tensor_infos, ArchWeights, GgufDims};
+use crate::error::Result;
 use crate::model::gemma3::{sliding_from_pattern, Gemma3Config};
 use crate::tokenizer::Tokenizer;
 use candle_core::quantized::gguf_file;
@@ -46,33 +46,25 @@ pub struct GgufGemma3 {
 
 /// transformers' name of a Gemma 3 GGUF tensor; `None` for a name this architecture lacks.
 pub fn gemma3_hf_name(name: &str) -> Option<String> {
-    match name {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
-        _ => {}
-    }
-    let (layer, rest) = name.strip_prefix("blk.")?.split_once('.')?;
-    if layer.is_empty() || !layer.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let hf = match rest.strip_suffix(".weight")? {
-        "attn_norm" => "input_layernorm",
-        "post_attention_norm" => "post_attention_layernorm",
-        "ffn_norm" => "pre_feedforward_layernorm",
-        "post_ffw_norm" => "post_feedforward_layernorm",
-        "attn_q_norm" => "self_attn.q_norm",
-        "attn_k_norm" => "self_attn.k_norm",
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}.weight"))
+    super::decoder_hf_name(name, |module| {
+        let hf = match module {
+            "attn_norm" => "input_layernorm",
+            "post_attention_norm" => "post_attention_layernorm",
+            "ffn_norm" => "pre_feedforward_layernorm",
+            "post_ffw_norm" => "post_feedforward_layernorm",
+            "attn_q_norm" => "self_attn.q_norm",
+            "attn_k_norm" => "self_attn.k_norm",
+            "attn_q" => "self_attn.q_proj",
+            "attn_k" => "self_attn.k_proj",
+            "attn_v" => "self_attn.v_proj",
+            "attn_output" => "self_attn.o_proj",
+            "ffn_gate" => "mlp.gate_proj",
+            "ffn_up" => "mlp.up_proj",
+            "ffn_down" => "mlp.down_proj",
+            _ => return None,
+        };
+        Some((hf, false))
+    })
 }
 
 /// The [`Gemma3Config`] of a `gemma3` GGUF file's metadata (see the module docs).
@@ -86,14 +78,7 @@ pub fn gemma3_config_from_gguf(content: &gguf_file::Content, path: &Path) -> Res
         return Err(invalid(path, format!("architecture `{arch}` is not gemma3")));
     }
     let k = |key: &str| format!("gemma3.{key}");
-    let hidden = req_uint(content, &k("embedding_length"), path)?;
-    let layers = req_uint(content, &k("block_count"), path)?;
-    let ffn = req_uint(content, &k("feed_forward_length"), path)?;
-    let heads = req_uint(content, &k("attention.head_count"), path)?;
-    let kv_heads = opt_uint(content, &k("attention.head_count_kv"), path)?.unwrap_or(heads);
-    if hidden == 0 || layers == 0 || ffn == 0 || heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
-        return Err(invalid(path, format!("inconsistent sizes: embedding {hidden}, blocks {layers}, ffn {ffn}, heads {heads}, kv heads {kv_heads}")));
-    }
+    let GgufDims { hidden, layers, ffn, heads, kv_heads, context } = GgufDims::read(content, "gemma3", path)?;
     let head_dim = opt_uint(content, &k("attention.key_length"), path)?.unwrap_or(hidden / heads);
     if head_dim == 0 || head_dim % 2 != 0 {
         return Err(invalid(path, format!("head dimension {head_dim} must be positive and even (RoPE)")));
@@ -128,10 +113,7 @@ pub fn gemma3_config_from_gguf(content: &gguf_file::Content, path: &Path) -> Res
     if !(rope_theta > 0.0 && rope_local_theta > 0.0 && rms_norm_eps >= 0.0) {
         return Err(invalid(path, "rope.freq_base, rope.freq_base_swa and layer_norm_rms_epsilon must be positive"));
     }
-    let vocab_size = match content.tensor_infos.get("token_embd.weight") {
-        Some(t) if t.shape.dims().len() == 2 => t.shape.dims()[0],
-        _ => return Err(invalid(path, "tensor `token_embd.weight` is missing or not 2-D")),
-    };
+    let vocab_size = embedding_rows(content, path)?;
     let tok_id = |key: &str| -> Result<Option<u32>> {
         Ok(meta::uint(md, key, path)?.filter(|&v| v < vocab_size as u64).map(|v| v as u32))
     };
@@ -158,7 +140,7 @@ pub fn gemma3_config_from_gguf(content: &gguf_file::Content, path: &Path) -> Res
         rope_linear_factor,
         final_logit_softcapping: positive("final_logit_softcapping")?,
         attn_logit_softcapping: positive("attn_logit_softcapping")?,
-        max_position_embeddings: req_uint(content, &k("context_length"), path)?,
+        max_position_embeddings: context,
         tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
         attention_bias: false,
         bos_token_id: tok_id("tokenizer.ggml.bos_token_id")?,
@@ -180,71 +162,23 @@ pub fn load_gguf_gemma3(path: &Path, dtype: DType, device: &Device, ctl: &crate:
     let (content, mut reader, file_size) = open_gguf(path)?;
     validate_tensor_infos(&content, file_size, path)?;
     let mut config = gemma3_config_from_gguf(&content, path)?;
-    config.dtype = Some(match dtype {
-        DType::F16 => "float16",
-        DType::BF16 => "bfloat16",
-        _ => "float32",
-    }.to_string());
+    config.dtype = Some(dtype_name(dtype));
     let c = &config;
-    let (h, hd, f, v) = (c.hidden_size, c.head_dim, c.intermediate_size, c.vocab_size);
+    let (h, hd, f) = (c.hidden_size, c.head_dim, c.intermediate_size);
     let (q, kv) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
-    let mut expected: Vec<(String, Vec<usize>)> = vec![("token_embd.weight".into(), vec![v, h]), ("output_norm.weight".into(), vec![h])];
-    if !c.tie_word_embeddings {
-        expected.push(("output.weight".into(), vec![v, h]));
-    }
-    for l in 0..c.num_hidden_layers {
-        for n in ["attn_norm", "post_attention_norm", "ffn_norm", "post_ffw_norm"] {
-            expected.push((format!("blk.{l}.{n}.weight"), vec![h]));
-        }
-        for n in ["attn_q_norm", "attn_k_norm"] {
-            expected.push((format!("blk.{l}.{n}.weight"), vec![hd]));
-        }
+    let per_layer = |l: usize| {
+        let norms = [("attn_norm", h), ("post_attention_norm", h), ("ffn_norm", h), ("post_ffw_norm", h), ("attn_q_norm", hd), ("attn_k_norm", hd)];
         let linear = [("attn_q", q, h), ("attn_k", kv, h), ("attn_v", kv, h), ("attn_output", h, q), ("ffn_gate", f, h), ("ffn_up", f, h), ("ffn_down", h, f)];
-        for (n, o, i) in linear {
-            expected.push((format!("blk.{l}.{n}.weight"), vec![o, i]));
-        }
-    }
-    for (name, shape) in &expected {
-        let info = content.tensor_infos.get(name).ok_or_else(|| invalid(path, format!("tensor `{name}` is missing")))?;
-        if info.shape.dims() != shape.as_slice() {
-            return Err(invalid(path, format!("tensor `{name}` has shape {:?}, expected {shape:?} from the metadata", info.shape.dims())));
-        }
-    }
-    if content.tensor_infos.len() != expected.len() {
-        let known: std::collections::HashSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
-        let mut extra: Vec<&String> = content.tensor_infos.keys().filter(|k| !known.contains(k.as_str())).collect();
-        extra.sort();
-        return Err(invalid(path, format!("unexpected tensor(s) for a {}-layer gemma3 model: {extra:?}", c.num_hidden_layers)));
-    }
-    let mut notices = Vec::new();
-    let tokenizer = match Tokenizer::from_gguf(&content, path) {
-        Ok(t) => Some(t),
-        Err(PeftError::Tokenizer(msg)) => {
-            notices.push(format!("no tokenizer: {msg}"));
-            None
-        }
-        Err(e) => return Err(e),
+        let norms = norms.into_iter().map(|(n, d)| (format!("blk.{l}.{n}.weight"), vec![d]));
+        norms.chain(linear.into_iter().map(|(n, o, i)| (format!("blk.{l}.{n}.weight"), vec![o, i]))).collect()
     };
-    let mut tensors = HashMap::with_capacity(expected.len());
-    let mut counter = crate::progress::Counter::new(ctl, expected.len() as u64);
-    for (name, _) in &expected {
-        let hf = gemma3_hf_name(name).ok_or_else(|| PeftError::Internal(format!("no HF name for {name}")))?;
-        let info = &content.tensor_infos[name];
-        let ty = info.ggml_dtype;
-        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> candle_core::Result<Tensor> {
-            info.read(&mut reader, content.tensor_data_offset, &Device::Cpu)?.dequantize(&Device::Cpu)
-        }));
-        let mut t = match read {
-            Ok(Ok(t)) => t,
-            Ok(Err(e)) => return Err(invalid(path, format!("cannot read tensor `{name}` ({ty:?}): {e}"))),
-            Err(_) => return Err(invalid(path, format!("cannot read tensor `{name}` ({ty:?}): malformed data"))),
-        };
-        if name.ends_with("norm.weight") {
-            t = (t.to_dtype(DType::F32)? - 1.0)?;
-        }
-        tensors.insert(hf, t.to_dtype(dtype)?.to_device(device)?);
-        counter.tick()?;
-    }
-    counter.finish();
+    let expected = decoder_tensor_shapes(&content, "gemma3", (c.vocab_size, h, c.tie_word_embeddings, c.num_hidden_layers), vec![], per_layer, path)?;
+    check_tensor_shapes(&content, &expected, &format!("{}-layer gemma3", c.num_hidden_layers), path)?;
+    let mut notices = Vec::new();
+    let tokenizer = optional_tokenizer(&content, path, &mut notices)?;
+    // Gemma3Model.norm_shift: llama.cpp stores `1 + w`.
+    let shift = |name: &str, t: Tensor| -> Result<Tensor> { if name.ends_with("norm.weight") { Ok((t.to_dtype(DType::F32)? - 1.0)?) } else { Ok(t) } };
+    let arch = ArchWeights { hf_name: gemma3_hf_name, fix: Some(&shift) };
+    let tensors = load_arch_weights(&content, &mut reader, &expected, &arch, (0, expected.len()), dtype, device, ctl, path)?;
     Ok(GgufGemma3 { config, tensors, tokenizer, notices })
 }

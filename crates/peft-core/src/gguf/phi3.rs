@@ -22,8 +22,8 @@
 //! (`llama`, Phi-3 / Phi-3.5-mini) is not, and the model then loads without a tokenizer (a
 //! notice says so).
 
-use super::{invalid, meta, open_gguf, opt_uint, req_uint, validate_tensor_infos};
-use crate::error::{PeftError, Result};
+use super::{check_tensor_shapes, decoder_tensor_shapes, dtype_name, embedding_rows, invalid, load_arch_weights, meta, open_gguf, opt_uint, optional_tokenizer, read_dequantized, validate_tensor_infos, ArchWeights, GgufDims};
+use crate::error::Result;
 use crate::model::phi3::{longrope_attention_factor, LongRope, Phi3Config};
 use crate::tokenizer::Tokenizer;
 use candle_core::quantized::gguf_file;
@@ -45,39 +45,18 @@ pub struct GgufPhi3 {
 /// transformers' name of a Phi-3 GGUF weight; `None` for a name this architecture lacks (the
 /// rope factor tensors are config, not weights).
 pub fn phi3_hf_name(name: &str) -> Option<String> {
-    match name {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
-        _ => {}
-    }
-    let (layer, rest) = name.strip_prefix("blk.")?.split_once('.')?;
-    if layer.is_empty() || !layer.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let hf = match rest.strip_suffix(".weight")? {
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        "attn_qkv" => "self_attn.qkv_proj",
-        "attn_output" => "self_attn.o_proj",
-        "ffn_up" => "mlp.gate_up_proj",
-        "ffn_down" => "mlp.down_proj",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}.weight"))
-}
-
-fn read_f32(content: &gguf_file::Content, reader: &mut std::io::BufReader<std::fs::File>, name: &str, path: &Path) -> Result<Tensor> {
-    let info = &content.tensor_infos[name];
-    let ty = info.ggml_dtype;
-    let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> candle_core::Result<Tensor> {
-        info.read(reader, content.tensor_data_offset, &Device::Cpu)?.dequantize(&Device::Cpu)
-    }));
-    match read {
-        Ok(Ok(t)) => Ok(t),
-        Ok(Err(e)) => Err(invalid(path, format!("cannot read tensor `{name}` ({ty:?}): {e}"))),
-        Err(_) => Err(invalid(path, format!("cannot read tensor `{name}` ({ty:?}): malformed data"))),
-    }
+    super::decoder_hf_name(name, |module| {
+        let hf = match module {
+            "attn_norm" => "input_layernorm",
+            "ffn_norm" => "post_attention_layernorm",
+            "attn_qkv" => "self_attn.qkv_proj",
+            "attn_output" => "self_attn.o_proj",
+            "ffn_up" => "mlp.gate_up_proj",
+            "ffn_down" => "mlp.down_proj",
+            _ => return None,
+        };
+        Some((hf, false))
+    })
 }
 
 /// The [`Phi3Config`] of a `phi3` GGUF file's metadata, without the longrope factors (which
@@ -92,13 +71,9 @@ pub fn phi3_config_from_gguf(content: &gguf_file::Content, path: &Path) -> Resul
         return Err(invalid(path, format!("architecture `{arch}` is not phi3")));
     }
     let k = |key: &str| format!("phi3.{key}");
-    let hidden = req_uint(content, &k("embedding_length"), path)?;
-    let layers = req_uint(content, &k("block_count"), path)?;
-    let ffn = req_uint(content, &k("feed_forward_length"), path)?;
-    let heads = req_uint(content, &k("attention.head_count"), path)?;
-    let kv_heads = opt_uint(content, &k("attention.head_count_kv"), path)?.unwrap_or(heads);
-    if hidden == 0 || layers == 0 || ffn == 0 || heads == 0 || kv_heads == 0 || heads % kv_heads != 0 || hidden % heads != 0 {
-        return Err(invalid(path, format!("inconsistent sizes: embedding {hidden}, blocks {layers}, ffn {ffn}, heads {heads}, kv heads {kv_heads}")));
+    let GgufDims { hidden, layers, ffn, heads, kv_heads, context } = GgufDims::read(content, "phi3", path)?;
+    if hidden % heads != 0 {
+        return Err(invalid(path, format!("phi3.embedding_length {hidden} is not a multiple of phi3.attention.head_count {heads}")));
     }
     let head_dim = hidden / heads;
     let rotary_dim = opt_uint(content, &k("rope.dimension_count"), path)?.unwrap_or(head_dim);
@@ -110,10 +85,7 @@ pub fn phi3_config_from_gguf(content: &gguf_file::Content, path: &Path) -> Resul
     if !(rope_theta > 0.0 && rms_norm_eps >= 0.0) {
         return Err(invalid(path, "rope.freq_base and layer_norm_rms_epsilon must be positive"));
     }
-    let vocab_size = match content.tensor_infos.get("token_embd.weight") {
-        Some(t) if t.shape.dims().len() == 2 => t.shape.dims()[0],
-        _ => return Err(invalid(path, "tensor `token_embd.weight` is missing or not 2-D")),
-    };
+    let vocab_size = embedding_rows(content, path)?;
     let tok_id = |key: &str| -> Result<Option<u32>> { Ok(meta::uint(md, key, path)?.filter(|&v| v < vocab_size as u64).map(|v| v as u32)) };
     Ok(Phi3Config {
         vocab_size,
@@ -129,7 +101,7 @@ pub fn phi3_config_from_gguf(content: &gguf_file::Content, path: &Path) -> Resul
         partial_rotary_factor: rotary_dim as f64 / head_dim as f64,
         longrope: None,
         sliding_window: opt_uint(content, &k("attention.sliding_window"), path)?.filter(|&w| w > 0),
-        max_position_embeddings: req_uint(content, &k("context_length"), path)?,
+        max_position_embeddings: context,
         tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
         bos_token_id: tok_id("tokenizer.ggml.bos_token_id")?,
         eos_token_id: tok_id("tokenizer.ggml.eos_token_id")?.into_iter().collect(),
@@ -152,26 +124,15 @@ pub fn load_gguf_phi3(path: &Path, dtype: DType, device: &Device, ctl: &crate::p
     let (content, mut reader, file_size) = open_gguf(path)?;
     validate_tensor_infos(&content, file_size, path)?;
     let mut config = phi3_config_from_gguf(&content, path)?;
-    config.dtype = Some(match dtype {
-        DType::F16 => "float16",
-        DType::BF16 => "bfloat16",
-        _ => "float32",
-    }.to_string());
+    config.dtype = Some(dtype_name(dtype));
     let c = &config;
-    let (h, hd, f, v) = (c.hidden_size, c.head_dim, c.intermediate_size, c.vocab_size);
+    let (h, hd, f) = (c.hidden_size, c.head_dim, c.intermediate_size);
     let (q, kv) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
-    let mut expected: Vec<(String, Vec<usize>)> = vec![("token_embd.weight".into(), vec![v, h]), ("output_norm.weight".into(), vec![h])];
-    if !c.tie_word_embeddings {
-        expected.push(("output.weight".into(), vec![v, h]));
-    }
-    for l in 0..c.num_hidden_layers {
-        for n in ["attn_norm", "ffn_norm"] {
-            expected.push((format!("blk.{l}.{n}.weight"), vec![h]));
-        }
-        for (n, o, i) in [("attn_qkv", q + 2 * kv, h), ("attn_output", h, q), ("ffn_up", 2 * f, h), ("ffn_down", h, f)] {
-            expected.push((format!("blk.{l}.{n}.weight"), vec![o, i]));
-        }
-    }
+    let per_layer = |l: usize| {
+        let shapes = [("attn_norm", vec![h]), ("ffn_norm", vec![h]), ("attn_qkv", vec![q + 2 * kv, h]), ("attn_output", vec![h, q]), ("ffn_up", vec![2 * f, h]), ("ffn_down", vec![h, f])];
+        shapes.into_iter().map(|(n, s)| (format!("blk.{l}.{n}.weight"), s)).collect()
+    };
+    let expected = decoder_tensor_shapes(&content, "phi3", (c.vocab_size, h, c.tie_word_embeddings, c.num_hidden_layers), vec![], per_layer, path)?;
     let factors = ["rope_factors_long.weight", "rope_factors_short.weight"];
     let n_factors = factors.iter().filter(|n| content.tensor_infos.contains_key(**n)).count();
     if n_factors == 1 {
@@ -181,22 +142,11 @@ pub fn load_gguf_phi3(path: &Path, dtype: DType, device: &Device, ctl: &crate::p
     if n_factors == 2 {
         checked.extend(factors.iter().map(|n| (n.to_string(), vec![c.rotary_dim / 2])));
     }
-    for (name, shape) in &checked {
-        let info = content.tensor_infos.get(name).ok_or_else(|| invalid(path, format!("tensor `{name}` is missing")))?;
-        if info.shape.dims() != shape.as_slice() {
-            return Err(invalid(path, format!("tensor `{name}` has shape {:?}, expected {shape:?} from the metadata", info.shape.dims())));
-        }
-    }
-    if content.tensor_infos.len() != checked.len() {
-        let known: std::collections::HashSet<&str> = checked.iter().map(|(n, _)| n.as_str()).collect();
-        let mut extra: Vec<&String> = content.tensor_infos.keys().filter(|k| !known.contains(k.as_str())).collect();
-        extra.sort();
-        return Err(invalid(path, format!("unexpected tensor(s) for a {}-layer phi3 model: {extra:?}", c.num_hidden_layers)));
-    }
+    check_tensor_shapes(&content, &checked, &format!("{}-layer phi3", c.num_hidden_layers), path)?;
     if n_factors == 2 {
         let vec = |t: Tensor| -> Result<Vec<f64>> { Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?) };
-        let long_factor = vec(read_f32(&content, &mut reader, factors[0], path)?)?;
-        let short_factor = vec(read_f32(&content, &mut reader, factors[1], path)?)?;
+        let long_factor = vec(read_dequantized(&content, &mut reader, factors[0], path)?)?;
+        let short_factor = vec(read_dequantized(&content, &mut reader, factors[1], path)?)?;
         let md = &content.metadata;
         let original = opt_uint(&content, "phi3.rope.scaling.original_context_length", path)?.unwrap_or(c.max_position_embeddings);
         if original < 2 {
@@ -210,25 +160,8 @@ pub fn load_gguf_phi3(path: &Path, dtype: DType, device: &Device, ctl: &crate::p
         config.longrope = Some(LongRope { short_factor, long_factor, original_max_position_embeddings: original, attention_factor });
     }
     let mut notices = Vec::new();
-    let tokenizer = match Tokenizer::from_gguf(&content, path) {
-        Ok(t) => Some(t),
-        Err(PeftError::Tokenizer(msg)) => {
-            notices.push(format!("no tokenizer: {msg}"));
-            None
-        }
-        Err(e) => return Err(e),
-    };
-    let mut tensors = HashMap::with_capacity(expected.len());
-    let mut counter = crate::progress::Counter::new(ctl, checked.len() as u64);
-    for _ in expected.len()..checked.len() {
-        counter.tick()?;
-    }
-    for (name, _) in &expected {
-        let hf = phi3_hf_name(name).ok_or_else(|| PeftError::Internal(format!("no HF name for {name}")))?;
-        let t = read_f32(&content, &mut reader, name, path)?;
-        tensors.insert(hf, t.to_dtype(dtype)?.to_device(device)?);
-        counter.tick()?;
-    }
-    counter.finish();
+    let tokenizer = optional_tokenizer(&content, path, &mut notices)?;
+    let arch = ArchWeights { hf_name: phi3_hf_name, fix: None };
+    let tensors = load_arch_weights(&content, &mut reader, &expected, &arch, (checked.len() - expected.len(), checked.len()), dtype, device, ctl, path)?;
     Ok(GgufPhi3 { config, tensors, tokenizer, notices })
 }

@@ -2,6 +2,7 @@
 //! (both the older layout with top-level `rope_theta` / `torch_dtype` and the
 //! transformers-5 layout with `rope_parameters` / `dtype`) or filled from GGUF metadata.
 
+use super::decoder::{DecoderDefaults, DecoderFields};
 use crate::error::{PeftError, Result};
 use serde_json::Value;
 use std::path::Path;
@@ -144,21 +145,8 @@ impl LlamaConfig {
                 supported_architectures().join(", ")
             )));
         }
-        let req = |k: &str| -> Result<usize> {
-            get_usize(v, k, path)?.ok_or_else(|| bad(format!("missing required field `{k}`")))
-        };
-        let hidden_size = req("hidden_size")?;
-        let num_attention_heads = req("num_attention_heads")?;
-        if num_attention_heads == 0 || hidden_size == 0 {
-            return Err(bad("`hidden_size` and `num_attention_heads` must be positive".into()));
-        }
-        let num_key_value_heads = get_usize(v, "num_key_value_heads", path)?.unwrap_or(num_attention_heads);
-        if num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
-            return Err(bad(format!(
-                "`num_key_value_heads` ({num_key_value_heads}) must divide `num_attention_heads` ({num_attention_heads})"
-            )));
-        }
-        let head_dim = get_usize(v, "head_dim", path)?.unwrap_or(hidden_size / num_attention_heads);
+        let defaults = DecoderDefaults { heads: None, kv_heads: None, head_dim: None, rms_norm_eps: 1e-6, max_position_embeddings: 2048, tie_word_embeddings: false };
+        let f = DecoderFields::from_json(v, path, &defaults)?;
         let rope_theta = match get_f64(v, "rope_theta", path)? {
             Some(t) => t,
             None => v
@@ -208,26 +196,26 @@ impl LlamaConfig {
             return Err(bad("`use_sliding_window: true` (sliding-window attention) is not supported".into()));
         }
         let cfg = LlamaConfig {
-            vocab_size: req("vocab_size")?,
-            intermediate_size: req("intermediate_size")?,
-            num_hidden_layers: req("num_hidden_layers")?,
-            hidden_size,
-            num_attention_heads,
-            num_key_value_heads,
-            head_dim,
-            rms_norm_eps: get_f64(v, "rms_norm_eps", path)?.unwrap_or(1e-6),
+            vocab_size: f.vocab_size,
+            intermediate_size: f.intermediate_size,
+            num_hidden_layers: f.num_hidden_layers,
+            hidden_size: f.hidden_size,
+            num_attention_heads: f.num_attention_heads,
+            num_key_value_heads: f.num_key_value_heads,
+            head_dim: f.head_dim,
+            rms_norm_eps: f.rms_norm_eps,
             rope_theta,
             rope_scaling,
             qk_norm: model_type == "qwen3",
-            max_position_embeddings: get_usize(v, "max_position_embeddings", path)?.unwrap_or(2048),
-            tie_word_embeddings: v.get("tie_word_embeddings").and_then(|x| x.as_bool()).unwrap_or(false),
+            max_position_embeddings: f.max_position_embeddings,
+            tie_word_embeddings: f.tie_word_embeddings,
             attention_bias: v.get("attention_bias").and_then(|x| x.as_bool()).unwrap_or(model_type == "qwen2"),
             mlp_bias: v.get("mlp_bias").and_then(|x| x.as_bool()).unwrap_or(false),
-            bos_token_id: token_ids(v.get("bos_token_id")).first().copied(),
-            eos_token_id: token_ids(v.get("eos_token_id")),
-            pad_token_id: token_ids(v.get("pad_token_id")).first().copied(),
-            dtype: v.get("dtype").or(v.get("torch_dtype")).and_then(|x| x.as_str()).map(String::from),
-            name_or_path: v.get("_name_or_path").and_then(|x| x.as_str()).map(String::from),
+            bos_token_id: f.bos_token_id,
+            eos_token_id: f.eos_token_id,
+            pad_token_id: f.pad_token_id,
+            dtype: f.dtype,
+            name_or_path: f.name_or_path,
             model_type,
             architecture,
             source_path: None,

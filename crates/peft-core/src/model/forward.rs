@@ -4,6 +4,24 @@
 
 use crate::tuners::linear::RowAdapters;
 use candle_core::Tensor;
+use std::any::Any;
+
+/// A model's own per-cache state (see [`KvCache::model_state`]): any `Clone + Debug` type.
+pub trait CacheState: Any + std::fmt::Debug + Send + Sync {
+    fn clone_box(&self) -> Box<dyn CacheState>;
+}
+
+impl<T: Any + Clone + std::fmt::Debug + Send + Sync> CacheState for T {
+    fn clone_box(&self) -> Box<dyn CacheState> {
+        Box::new(self.clone())
+    }
+}
+
+impl Clone for Box<dyn CacheState> {
+    fn clone(&self) -> Self {
+        (**self).clone_box()
+    }
+}
 
 /// Per-layer key/value cache: `[b, kv_heads, t, head_dim]` each.
 ///
@@ -22,10 +40,10 @@ pub struct KvCache {
     pub encoder_hidden: Option<Tensor>,
     /// Encoder-decoder: the encoder's 1/0 padding mask `[b, s_enc]` (`None` = all ones).
     pub encoder_mask: Option<Vec<u8>>,
-    /// Longrope models (Phi-3): the first cached position whose keys the model rotated with the
-    /// short factors (positions before it, e.g. a prefix-tuning prefix, were not rotated by the
-    /// model); `None` when none was. See [`crate::model::phi3`].
-    pub rope_short_from: Option<usize>,
+    /// What a model keeps with its cache besides keys and values (Phi-3's longrope keeps which
+    /// cached keys it rotated with which factors, see [`crate::model::phi3`]); `None` for the
+    /// models that keep nothing. A clone clones it.
+    pub model_state: Option<Box<dyn CacheState>>,
     /// The fused engine's in-place key/value buffers behind `layers` (see
     /// [`crate::engine::KvStore`]); a clone starts without them.
     #[doc(hidden)]
@@ -36,6 +54,15 @@ impl KvCache {
     /// An empty cache for `n_layers` self-attention layers.
     pub fn new(n_layers: usize) -> Self {
         KvCache { layers: vec![None; n_layers], ..Default::default() }
+    }
+    /// The model state of type `T` kept with this cache, created with `T::default()` when the
+    /// cache holds none (or another model's).
+    pub fn model_state<T: CacheState + Default>(&mut self) -> &mut T {
+        if !self.model_state.as_deref().is_some_and(|s| (s as &dyn Any).is::<T>()) {
+            self.model_state = Some(Box::new(T::default()));
+        }
+        let state = self.model_state.as_deref_mut().and_then(|s| (s as &mut dyn Any).downcast_mut::<T>());
+        state.expect("the model state was just set to a T")
     }
     /// Number of cached positions.
     pub fn seq_len(&self) -> usize {

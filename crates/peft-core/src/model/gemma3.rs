@@ -24,7 +24,8 @@
 //! The fused engine does not compute this architecture (`as_llama` is `None`): inference and
 //! training run here, on the general candle path.
 
-use super::config::{get_f64, get_usize, supported_architectures, token_ids};
+use super::config::{get_f64, get_usize, supported_architectures};
+use super::decoder::{self, append_kv, config_name, linear_ctx, repeat_kv, DecoderDefaults, DecoderFields};
 use super::{BaseModel, ModelInfo, Task};
 pub use super::forward::{ForwardOptions, KvCache};
 use crate::error::{PeftError, Result};
@@ -103,15 +104,9 @@ impl Gemma3Config {
         if !GEMMA3_ARCHITECTURES.contains(&architecture) {
             return Err(bad(format!("architecture `{architecture}` is not a Gemma 3 text decoder; supported architectures: {}", supported_architectures().join(", "))));
         }
-        let req = |k: &str| -> Result<usize> { get_usize(v, k, path)?.ok_or_else(|| bad(format!("missing required field `{k}`"))) };
-        let hidden_size = req("hidden_size")?;
-        let num_hidden_layers = req("num_hidden_layers")?;
-        let num_attention_heads = get_usize(v, "num_attention_heads", path)?.unwrap_or(8);
-        let num_key_value_heads = get_usize(v, "num_key_value_heads", path)?.unwrap_or(4);
-        let head_dim = get_usize(v, "head_dim", path)?.unwrap_or(256);
-        if hidden_size == 0 || num_attention_heads == 0 || num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
-            return Err(bad(format!("`num_key_value_heads` ({num_key_value_heads}) must divide `num_attention_heads` ({num_attention_heads}), both positive")));
-        }
+        let defaults = DecoderDefaults { heads: Some(8), kv_heads: Some(4), head_dim: Some(256), rms_norm_eps: 1e-6, max_position_embeddings: 131_072, tie_word_embeddings: true };
+        let f = DecoderFields::from_json(v, path, &defaults)?;
+        let (num_hidden_layers, head_dim) = (f.num_hidden_layers, f.head_dim);
         if head_dim == 0 || head_dim % 2 != 0 {
             return Err(bad(format!("`head_dim` {head_dim} must be positive and even (RoPE)")));
         }
@@ -176,14 +171,14 @@ impl Gemma3Config {
             }
         };
         Ok(Gemma3Config {
-            vocab_size: req("vocab_size")?,
-            intermediate_size: req("intermediate_size")?,
+            vocab_size: f.vocab_size,
+            intermediate_size: f.intermediate_size,
             num_hidden_layers,
-            hidden_size,
-            num_attention_heads,
-            num_key_value_heads,
+            hidden_size: f.hidden_size,
+            num_attention_heads: f.num_attention_heads,
+            num_key_value_heads: f.num_key_value_heads,
             head_dim,
-            rms_norm_eps: get_f64(v, "rms_norm_eps", path)?.unwrap_or(1e-6),
+            rms_norm_eps: f.rms_norm_eps,
             query_pre_attn_scalar: get_f64(v, "query_pre_attn_scalar", path)?.unwrap_or(256.0),
             sliding_window: get_usize(v, "sliding_window", path)?.filter(|&w| w > 0),
             sliding_layers,
@@ -192,14 +187,14 @@ impl Gemma3Config {
             rope_linear_factor,
             final_logit_softcapping: softcap("final_logit_softcapping")?,
             attn_logit_softcapping: softcap("attn_logit_softcapping")?,
-            max_position_embeddings: get_usize(v, "max_position_embeddings", path)?.unwrap_or(131_072),
-            tie_word_embeddings: v.get("tie_word_embeddings").and_then(|x| x.as_bool()).unwrap_or(true),
+            max_position_embeddings: f.max_position_embeddings,
+            tie_word_embeddings: f.tie_word_embeddings,
             attention_bias: v.get("attention_bias").and_then(|x| x.as_bool()).unwrap_or(false),
-            bos_token_id: token_ids(v.get("bos_token_id")).first().copied(),
-            eos_token_id: token_ids(v.get("eos_token_id")),
-            pad_token_id: token_ids(v.get("pad_token_id")).first().copied(),
-            dtype: v.get("dtype").or(v.get("torch_dtype")).and_then(|x| x.as_str()).map(String::from),
-            name_or_path: v.get("_name_or_path").and_then(|x| x.as_str()).map(String::from),
+            bos_token_id: f.bos_token_id,
+            eos_token_id: f.eos_token_id,
+            pad_token_id: f.pad_token_id,
+            dtype: f.dtype,
+            name_or_path: f.name_or_path,
             source_path: None,
             raw: Some(v.clone()),
         })
@@ -316,10 +311,6 @@ struct Ctx<'a> {
     mask: [Option<Tensor>; 2],
 }
 
-fn config_name(c: &Gemma3Config) -> PathBuf {
-    PathBuf::from(c.name_or_path.clone().unwrap_or_else(|| "<model>".into()))
-}
-
 impl Gemma3ForCausalLM {
     /// Build from HF-named tensors (`model.embed_tokens.weight`, ...), converted to `dtype`.
     /// Norm weights are transformers' `w` (GGUF files store `1 + w`; the GGUF loader subtracts 1).
@@ -363,24 +354,7 @@ impl Gemma3ForCausalLM {
         }
         let norm = GemmaNorm::new(take("model.norm.weight", &[h])?)?;
         let lm_w = if c.tie_word_embeddings { embed_tokens.weight.clone() } else { take("lm_head.weight", &[c.vocab_size, h])? };
-        let info = ModelInfo {
-            architecture: "Gemma3ForCausalLM".into(),
-            model_type: "gemma3_text".into(),
-            name_or_path: c.name_or_path.clone(),
-            vocab_size: c.vocab_size,
-            hidden_size: h,
-            num_hidden_layers: c.num_hidden_layers,
-            num_attention_heads: c.num_attention_heads,
-            num_key_value_heads: Some(c.num_key_value_heads),
-            head_dim: hd,
-            max_position_embeddings: c.max_position_embeddings,
-            pad_token_id: c.pad_token_id,
-            bos_token_id: c.bos_token_id,
-            eos_token_id: c.eos_token_id.clone(),
-            decoder_start_token_id: None,
-            task: Task::CausalLm,
-            num_labels: None,
-        };
+        let info = decoder::model_info(c, "Gemma3ForCausalLM".into(), "gemma3_text".into(), Task::CausalLm, None);
         Ok(Gemma3ForCausalLM {
             inv_freq_local: c.inv_freq(true),
             inv_freq_global: c.inv_freq(false),
@@ -398,19 +372,13 @@ impl Gemma3ForCausalLM {
     /// [`BaseModel::embed_with`]: the (LoRA-adapted) embedding rows times `sqrt(hidden_size)`
     /// rounded to the model dtype.
     fn embed_scaled(&self, ids: &[u32], b: usize, s: usize, ctx: &LinearCtx) -> Result<Tensor> {
-        if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.config.vocab_size) {
-            return Err(PeftError::invalid_arg("inputIds", format!("token id {bad} is outside the vocabulary (size {})", self.config.vocab_size)));
-        }
-        let idx = Tensor::from_slice(ids, b * s, &self.device)?;
-        let e = self.embed_tokens.forward_embedding(&idx, b, s, ctx)?;
+        let e = decoder::embed_ids(&self.embed_tokens, self.config.vocab_size, ids, b, s, &self.device, ctx)?;
         let scale = Tensor::new((self.config.hidden_size as f32).sqrt(), &self.device)?.to_dtype(e.dtype())?;
         Ok(e.broadcast_mul(&scale)?)
     }
 
     fn rope_tables(&self, positions: &[u32], b: usize, s: usize, inv_freq: &[f32]) -> Result<(Tensor, Tensor)> {
-        let half = inv_freq.len();
-        let angles: Vec<f32> = positions.iter().flat_map(|&p| inv_freq.iter().map(move |f| p as f32 * f)).collect();
-        let angles = Tensor::from_vec(angles, (b, s, half), &self.device)?;
+        let angles = decoder::rope_angles(positions, inv_freq, b, s, &self.device)?;
         Ok((angles.cos()?.to_dtype(self.dtype)?, angles.sin()?.to_dtype(self.dtype)?))
     }
 
@@ -428,24 +396,8 @@ impl Gemma3ForCausalLM {
         let (cos, sin) = &ctx.rope[which];
         let q = rope(&q, cos, sin, train)?;
         let k = rope(&k, cos, sin, train)?;
-        let (k, v) = match kv {
-            Some(slot) => {
-                let (k, v) = match slot.take() {
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v.contiguous()?], 2)?),
-                    None => (k.contiguous()?, v.contiguous()?),
-                };
-                *slot = Some((k.clone(), v.clone()));
-                (k, v)
-            }
-            None => (k, v),
-        };
-        let t = k.dim(2)?;
-        let n_rep = nh / nkv;
-        let (k, v) = if n_rep > 1 {
-            (k.unsqueeze(2)?.broadcast_as((b, nkv, n_rep, t, hd))?.reshape((b, nh, t, hd))?, v.unsqueeze(2)?.broadcast_as((b, nkv, n_rep, t, hd))?.reshape((b, nh, t, hd))?)
-        } else {
-            (k.contiguous()?, v.contiguous()?)
-        };
+        let (k, v) = append_kv(kv, k, v)?;
+        let (k, v) = repeat_kv(k, v, nh)?;
         let scores = (q.contiguous()?.matmul(&k.t()?)? * c.query_pre_attn_scalar.powf(-0.5))?.to_dtype(DType::F32)?;
         let scores = match &ctx.mask[which] {
             Some(m) => scores.broadcast_add(m)?,
@@ -478,22 +430,11 @@ impl BaseModel for Gemma3ForCausalLM {
     // Every linear layer with its transformers module path, in module order.
     super::named_twins!(linears: |this| {
         let Gemma3ForCausalLM { embed_tokens, layers, lm_head, .. } = this;
-        let mut out = vec![("model.embed_tokens".to_string(), embed_tokens)];
-        for (i, l) in layers.into_iter().enumerate() {
+        let layers = IntoIterator::into_iter(layers).map(|l| {
             let DecoderLayer { self_attn: Attention { q_proj, k_proj, v_proj, o_proj, .. }, mlp: Mlp { gate_proj, up_proj, down_proj }, .. } = l;
-            let named = [
-                ("self_attn.q_proj", q_proj),
-                ("self_attn.k_proj", k_proj),
-                ("self_attn.v_proj", v_proj),
-                ("self_attn.o_proj", o_proj),
-                ("mlp.gate_proj", gate_proj),
-                ("mlp.up_proj", up_proj),
-                ("mlp.down_proj", down_proj),
-            ];
-            out.extend(named.into_iter().map(|(n, lin)| (format!("model.layers.{i}.{n}"), lin)));
-        }
-        out.push(("lm_head".to_string(), lm_head));
-        out
+            decoder::llama_layer_linears([q_proj, k_proj, v_proj, o_proj], [gate_proj, up_proj, down_proj])
+        });
+        decoder::named_linears(embed_tokens, layers, ("lm_head", lm_head))
     });
     fn named_norm_biases_mut(&mut self) -> Vec<(String, &mut Tensor)> {
         vec![]
@@ -502,25 +443,8 @@ impl BaseModel for Gemma3ForCausalLM {
         vec![]
     }
     fn module_names(&self) -> Vec<String> {
-        let mut out = vec!["model".to_string(), "model.embed_tokens".to_string()];
-        for i in 0..self.layers.len() {
-            let p = format!("model.layers.{i}");
-            out.push(p.clone());
-            out.push(format!("{p}.self_attn"));
-            for n in ["q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"] {
-                out.push(format!("{p}.self_attn.{n}"));
-            }
-            out.push(format!("{p}.mlp"));
-            for n in ["gate_proj", "up_proj", "down_proj"] {
-                out.push(format!("{p}.mlp.{n}"));
-            }
-            for n in ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"] {
-                out.push(format!("{p}.{n}"));
-            }
-        }
-        out.push("model.norm".into());
-        out.push("lm_head".into());
-        out
+        let norms = ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"];
+        decoder::module_names(self.layers.len(), &["q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"], &["gate_proj", "up_proj", "down_proj"], &norms, "lm_head")
     }
     fn base_param_count(&self) -> usize {
         let mut n = self.norm.weight.elem_count();
@@ -528,13 +452,7 @@ impl BaseModel for Gemma3ForCausalLM {
             let norms = [&l.input_layernorm, &l.post_attention_layernorm, &l.pre_feedforward_layernorm, &l.post_feedforward_layernorm, &l.self_attn.q_norm, &l.self_attn.k_norm];
             n += norms.iter().map(|x| x.weight.elem_count()).sum::<usize>();
         }
-        for (name, lin) in self.named_linears() {
-            if name == "lm_head" && self.config.tie_word_embeddings {
-                continue;
-            }
-            n += lin.base_param_count();
-        }
-        n
+        decoder::base_param_count(n, self.named_linears(), self.config.tie_word_embeddings)
     }
     fn word_embeddings(&self) -> &Tensor {
         &self.embed_tokens.weight
@@ -543,29 +461,18 @@ impl BaseModel for Gemma3ForCausalLM {
         self.embed_scaled(ids, b, s, &LinearCtx::default())
     }
     fn embed_with(&self, ids: &[u32], b: usize, s: usize, opts: &ForwardOptions) -> Result<Tensor> {
-        let ctx = LinearCtx { train: opts.train, rows: opts.adapter_rows.as_ref(), rng: opts.dropout_rng.as_deref() };
-        self.embed_scaled(ids, b, s, &ctx)
+        self.embed_scaled(ids, b, s, &linear_ctx(opts))
     }
     fn forward_embeds(&self, x: &Tensor, opts: &ForwardOptions, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let c = &self.config;
-        let past = cache.as_ref().map(|c| c.seq_len()).unwrap_or(0);
-        let total = past + s;
-        if total > c.max_position_embeddings {
-            return Err(PeftError::invalid_arg("inputIds", format!("sequence length {total} exceeds max_position_embeddings {}", c.max_position_embeddings)));
-        }
-        let positions: Vec<u32> = match &opts.position_ids {
-            Some(p) if p.len() != b * s => return Err(PeftError::invalid_arg("positionIds", format!("expected {} values", b * s))),
-            Some(p) => p.clone(),
-            None => (0..b).flat_map(|_| (past..total).map(|p| p as u32)).collect(),
-        };
+        let (past, positions) = decoder::positions(opts, cache.as_deref(), b, s, c.max_position_embeddings)?;
         let rope = [self.rope_tables(&positions, b, s, &self.inv_freq_local)?, self.rope_tables(&positions, b, s, &self.inv_freq_global)?];
         let mask = [
             super::windowed_causal_mask(opts.attention_mask.as_ref(), b, s, past, c.sliding_window, &self.device)?,
             super::causal_mask(opts.attention_mask.as_ref(), b, s, past, &self.device)?,
         ];
-        let lin = LinearCtx { train: opts.train, rows: opts.adapter_rows.as_ref(), rng: opts.dropout_rng.as_deref() };
-        let ctx = Ctx { lin, rope, mask };
+        let ctx = Ctx { lin: linear_ctx(opts), rope, mask };
         let mut h = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_mut().map(|c| &mut c.layers[i]);

@@ -11,6 +11,7 @@
 //! attention).
 
 use super::config::LlamaConfig;
+use super::decoder::{self, append_kv, config_name, linear_ctx, repeat_kv};
 use super::{BaseModel, ModelInfo, Task};
 pub use super::forward::{ForwardOptions, KvCache};
 use crate::error::{PeftError, Result};
@@ -140,27 +141,11 @@ impl LlamaForCausalLM {
             }
         };
         let inv_freq = c.inv_freq();
-        let info = ModelInfo {
-            architecture: match task {
-                Task::SeqCls => c.architecture.replace("ForCausalLM", "ForSequenceClassification"),
-                _ => c.architecture.replace("ForSequenceClassification", "ForCausalLM"),
-            },
-            model_type: c.model_type.clone(),
-            name_or_path: c.name_or_path.clone(),
-            vocab_size: c.vocab_size,
-            hidden_size: c.hidden_size,
-            num_hidden_layers: c.num_hidden_layers,
-            num_attention_heads: c.num_attention_heads,
-            num_key_value_heads: Some(c.num_key_value_heads),
-            head_dim: c.head_dim,
-            max_position_embeddings: c.max_position_embeddings,
-            pad_token_id: c.pad_token_id,
-            bos_token_id: c.bos_token_id,
-            eos_token_id: c.eos_token_id.clone(),
-            decoder_start_token_id: None,
-            task,
-            num_labels: if task == Task::SeqCls { num_labels } else { None },
+        let architecture = match task {
+            Task::SeqCls => c.architecture.replace("ForCausalLM", "ForSequenceClassification"),
+            _ => c.architecture.replace("ForSequenceClassification", "ForCausalLM"),
         };
+        let info = decoder::model_info(c, architecture, c.model_type.clone(), task, if task == Task::SeqCls { num_labels } else { None });
         Ok(LlamaForCausalLM {
             head_name,
             info,
@@ -177,28 +162,8 @@ impl LlamaForCausalLM {
 
     /// Module names of every module (for error messages and targeting), transformers' naming.
     pub fn module_names(&self) -> Vec<String> {
-        let mut out = vec!["model".to_string(), "model.embed_tokens".to_string()];
-        for i in 0..self.layers.len() {
-            let p = format!("model.layers.{i}");
-            out.push(p.clone());
-            out.push(format!("{p}.self_attn"));
-            for n in ["q_proj", "k_proj", "v_proj", "o_proj"] {
-                out.push(format!("{p}.self_attn.{n}"));
-            }
-            if self.config.qk_norm {
-                out.push(format!("{p}.self_attn.q_norm"));
-                out.push(format!("{p}.self_attn.k_norm"));
-            }
-            out.push(format!("{p}.mlp"));
-            for n in ["gate_proj", "up_proj", "down_proj"] {
-                out.push(format!("{p}.mlp.{n}"));
-            }
-            out.push(format!("{p}.input_layernorm"));
-            out.push(format!("{p}.post_attention_layernorm"));
-        }
-        out.push("model.norm".into());
-        out.push(self.head_name.into());
-        out
+        let attn: &[&str] = if self.config.qk_norm { &["q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm"] } else { &["q_proj", "k_proj", "v_proj", "o_proj"] };
+        decoder::module_names(self.layers.len(), attn, &["gate_proj", "up_proj", "down_proj"], &["input_layernorm", "post_attention_layernorm"], self.head_name)
     }
 
     /// RoPE inverse frequencies `1 / theta^(2i/d)` (scaled as the config's `rope_scaling`
@@ -214,32 +179,19 @@ impl LlamaForCausalLM {
             n += l.input_layernorm.elem_count() + l.post_attention_layernorm.elem_count();
             n += [&l.self_attn.q_norm, &l.self_attn.k_norm].iter().filter_map(|t| t.as_ref()).map(|t| t.elem_count()).sum::<usize>();
         }
-        for (name, lin) in self.named_linears() {
-            if name == "lm_head" && self.config.tie_word_embeddings && self.info.task == Task::CausalLm {
-                continue;
-            }
-            n += lin.base_param_count();
-        }
-        n
+        decoder::base_param_count(n, self.named_linears(), self.config.tie_word_embeddings && self.info.task == Task::CausalLm)
     }
 
     /// Token embeddings: `ids` `[b, s]` u32 → `[b, s, hidden]`.
     ///
     /// Errors: `InvalidArgument` for an id outside the vocabulary.
     pub fn embed(&self, ids: &[u32], b: usize, s: usize) -> Result<Tensor> {
-        if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.config.vocab_size) {
-            return Err(PeftError::invalid_arg("inputIds", format!("token id {bad} is outside the vocabulary (size {})", self.config.vocab_size)));
-        }
         self.embed_with_ctx(ids, b, s, &LinearCtx::default())
     }
 
     /// [`Self::embed`] with LoRA-on-embedding context (training, mixed-batch rows).
     pub fn embed_with_ctx(&self, ids: &[u32], b: usize, s: usize, ctx: &LinearCtx) -> Result<Tensor> {
-        if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.config.vocab_size) {
-            return Err(PeftError::invalid_arg("inputIds", format!("token id {bad} is outside the vocabulary (size {})", self.config.vocab_size)));
-        }
-        let idx = Tensor::from_slice(ids, b * s, &self.device)?;
-        self.embed_tokens.forward_embedding(&idx, b, s, ctx)
+        decoder::embed_ids(&self.embed_tokens, self.config.vocab_size, ids, b, s, &self.device, ctx)
     }
 
     /// Forward from token ids `[b, s]` (row-major) → logits `[b, s, vocab]` (or `[b, 1, vocab]`
@@ -255,38 +207,14 @@ impl LlamaForCausalLM {
     pub fn forward_embeds(&self, x: &Tensor, opts: &ForwardOptions, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let c = &self.config;
-        let past = cache.as_ref().map(|c| c.seq_len()).unwrap_or(0);
-        let total = past + s;
-        if total > c.max_position_embeddings {
-            return Err(PeftError::invalid_arg(
-                "inputIds",
-                format!("sequence length {total} exceeds max_position_embeddings {}", c.max_position_embeddings),
-            ));
-        }
+        let (past, positions) = decoder::positions(opts, cache.as_deref(), b, s, c.max_position_embeddings)?;
         // Positions → rope tables [b, s, head_dim/2].
-        let positions: Vec<u32> = match &opts.position_ids {
-            Some(p) => {
-                if p.len() != b * s {
-                    return Err(PeftError::invalid_arg("positionIds", format!("expected {} values", b * s)));
-                }
-                p.clone()
-            }
-            None => (0..b).flat_map(|_| (past..total).map(|p| p as u32)).collect(),
-        };
-        let half = c.head_dim / 2;
-        let mut angles = Vec::with_capacity(b * s * half);
-        for &p in &positions {
-            for f in &self.inv_freq {
-                angles.push(p as f32 * f);
-            }
-        }
-        let angles = Tensor::from_vec(angles, (b, s, half), &self.device)?;
+        let angles = decoder::rope_angles(&positions, &self.inv_freq, b, s, &self.device)?;
         let cos = angles.cos()?.to_dtype(self.dtype)?;
         let sin = angles.sin()?.to_dtype(self.dtype)?;
         // Additive mask [b, 1, s, total]; skipped when causal-only and s == 1.
         let mask = super::causal_mask(opts.attention_mask.as_ref(), b, s, past, &self.device)?;
-        let lin = LinearCtx { train: opts.train, rows: opts.adapter_rows.as_ref(), rng: opts.dropout_rng.as_deref() };
-        let ctx = Ctx { lin, cos, sin, mask };
+        let ctx = Ctx { lin: linear_ctx(opts), cos, sin, mask };
         let mut h = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_mut().map(|c| &mut c.layers[i]);
@@ -322,26 +250,8 @@ impl LlamaForCausalLM {
         let v = l.self_attn.v_proj.forward(&n1, &ctx.lin)?.reshape((b, s, nkv, hd))?.transpose(1, 2)?;
         let q = rope(&q, &ctx.cos, &ctx.sin, train)?;
         let k = rope(&k, &ctx.cos, &ctx.sin, train)?;
-        let (k, v) = match kv {
-            Some(slot) => {
-                let (k, v) = match slot.take() {
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v.contiguous()?], 2)?),
-                    None => (k.contiguous()?, v.contiguous()?),
-                };
-                *slot = Some((k.clone(), v.clone()));
-                (k, v)
-            }
-            None => (k, v),
-        };
-        let t = k.dim(2)?;
-        let n_rep = nh / nkv;
-        let (k, v) = if n_rep > 1 {
-            let k = k.unsqueeze(2)?.broadcast_as((b, nkv, n_rep, t, hd))?.reshape((b, nh, t, hd))?;
-            let v = v.unsqueeze(2)?.broadcast_as((b, nkv, n_rep, t, hd))?.reshape((b, nh, t, hd))?;
-            (k, v)
-        } else {
-            (k.contiguous()?, v.contiguous()?)
-        };
+        let (k, v) = append_kv(kv, k, v)?;
+        let (k, v) = repeat_kv(k, v, nh)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let q = q.contiguous()?;
         let scores = (q.matmul(&k.t()?)? * scale)?;
@@ -373,8 +283,7 @@ impl BaseModel for LlamaForCausalLM {
         true
     }
     fn embed_with(&self, ids: &[u32], b: usize, s: usize, opts: &ForwardOptions) -> Result<Tensor> {
-        let ctx = LinearCtx { train: opts.train, rows: opts.adapter_rows.as_ref(), rng: opts.dropout_rng.as_deref() };
-        self.embed_with_ctx(ids, b, s, &ctx)
+        self.embed_with_ctx(ids, b, s, &linear_ctx(opts))
     }
     fn config_json(&self) -> serde_json::Value {
         let c = &self.config;
@@ -400,22 +309,11 @@ impl BaseModel for LlamaForCausalLM {
     // `model.layers.0.self_attn.q_proj`, ..., `lm_head` / `score`), in module order.
     super::named_twins!(linears: |this| {
         let LlamaForCausalLM { embed_tokens, layers, lm_head, head_name, .. } = this;
-        let mut out = vec![("model.embed_tokens".to_string(), embed_tokens)];
-        for (i, l) in layers.into_iter().enumerate() {
+        let layers = IntoIterator::into_iter(layers).map(|l| {
             let DecoderLayer { self_attn: Attention { q_proj, k_proj, v_proj, o_proj, .. }, mlp: Mlp { gate_proj, up_proj, down_proj }, .. } = l;
-            let named = [
-                ("self_attn.q_proj", q_proj),
-                ("self_attn.k_proj", k_proj),
-                ("self_attn.v_proj", v_proj),
-                ("self_attn.o_proj", o_proj),
-                ("mlp.gate_proj", gate_proj),
-                ("mlp.up_proj", up_proj),
-                ("mlp.down_proj", down_proj),
-            ];
-            out.extend(named.into_iter().map(|(n, lin)| (format!("model.layers.{i}.{n}"), lin)));
-        }
-        out.push((head_name.to_string(), lm_head));
-        out
+            decoder::llama_layer_linears([q_proj, k_proj, v_proj, o_proj], [gate_proj, up_proj, down_proj])
+        });
+        decoder::named_linears(embed_tokens, layers, (*head_name, lm_head))
     });
     fn named_norm_biases_mut(&mut self) -> Vec<(String, &mut Tensor)> {
         vec![]
@@ -438,8 +336,4 @@ impl BaseModel for LlamaForCausalLM {
     fn forward_embeds(&self, x: &Tensor, opts: &ForwardOptions, cache: Option<&mut KvCache>) -> Result<Tensor> {
         LlamaForCausalLM::forward_embeds(self, x, opts, cache)
     }
-}
-
-fn config_name(c: &LlamaConfig) -> std::path::PathBuf {
-    std::path::PathBuf::from(c.name_or_path.clone().unwrap_or_else(|| "<model>".into()))
 }

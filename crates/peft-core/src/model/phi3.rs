@@ -30,7 +30,8 @@
 //! The fused engine does not compute this architecture (`as_llama` is `None`): inference and
 //! training run here, on the general candle path.
 
-use super::config::{get_f64, get_usize, supported_architectures, token_ids};
+use super::config::{get_f64, get_usize, supported_architectures};
+use super::decoder::{self, append_kv, config_name, linear_ctx, repeat_kv, DecoderDefaults, DecoderFields};
 use super::{BaseModel, ModelInfo, Task};
 pub use super::forward::{ForwardOptions, KvCache};
 use crate::error::{PeftError, Result};
@@ -111,14 +112,9 @@ impl Phi3Config {
         if !PHI3_ARCHITECTURES.contains(&architecture) {
             return Err(bad(format!("architecture `{architecture}` is not a Phi-3 decoder; supported architectures: {}", supported_architectures().join(", "))));
         }
-        let req = |k: &str| -> Result<usize> { get_usize(v, k, path)?.ok_or_else(|| bad(format!("missing required field `{k}`"))) };
-        let hidden_size = req("hidden_size")?;
-        let num_attention_heads = req("num_attention_heads")?;
-        let num_key_value_heads = get_usize(v, "num_key_value_heads", path)?.unwrap_or(num_attention_heads);
-        if hidden_size == 0 || num_attention_heads == 0 || num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
-            return Err(bad(format!("`num_key_value_heads` ({num_key_value_heads}) must divide `num_attention_heads` ({num_attention_heads}), both positive")));
-        }
-        let head_dim = get_usize(v, "head_dim", path)?.unwrap_or(hidden_size / num_attention_heads);
+        let defaults = DecoderDefaults { heads: None, kv_heads: None, head_dim: None, rms_norm_eps: 1e-5, max_position_embeddings: 4096, tie_word_embeddings: false };
+        let f = DecoderFields::from_json(v, path, &defaults)?;
+        let head_dim = f.head_dim;
         let act = v.get("hidden_act").and_then(|x| x.as_str()).unwrap_or("silu");
         if act != "silu" {
             return Err(bad(format!("hidden_act `{act}` is not supported (supported: silu)")));
@@ -145,7 +141,7 @@ impl Phi3Config {
         if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
             return Err(bad(format!("rotary dimension {rotary_dim} (head_dim {head_dim} × partial_rotary_factor {partial_rotary_factor}) must be positive and even")));
         }
-        let max_position_embeddings = get_usize(v, "max_position_embeddings", path)?.unwrap_or(4096);
+        let max_position_embeddings = f.max_position_embeddings;
         let rope_type = rget("rope_type").or(rget("type")).and_then(|x| x.as_str()).unwrap_or("default");
         let longrope = match rope_type {
             "default" => None,
@@ -174,26 +170,26 @@ impl Phi3Config {
             other => return Err(bad(format!("rope_type `{other}` is not supported for Phi-3 (supported: default, longrope)"))),
         };
         Ok(Phi3Config {
-            vocab_size: req("vocab_size")?,
-            intermediate_size: req("intermediate_size")?,
-            num_hidden_layers: req("num_hidden_layers")?,
-            hidden_size,
-            num_attention_heads,
-            num_key_value_heads,
+            vocab_size: f.vocab_size,
+            intermediate_size: f.intermediate_size,
+            num_hidden_layers: f.num_hidden_layers,
+            hidden_size: f.hidden_size,
+            num_attention_heads: f.num_attention_heads,
+            num_key_value_heads: f.num_key_value_heads,
             head_dim,
-            rms_norm_eps: get_f64(v, "rms_norm_eps", path)?.unwrap_or(1e-5),
+            rms_norm_eps: f.rms_norm_eps,
             rope_theta,
             rotary_dim,
             partial_rotary_factor,
             longrope,
             sliding_window: get_usize(v, "sliding_window", path)?.filter(|&w| w > 0),
             max_position_embeddings,
-            tie_word_embeddings: v.get("tie_word_embeddings").and_then(|x| x.as_bool()).unwrap_or(false),
-            bos_token_id: token_ids(v.get("bos_token_id")).first().copied(),
-            eos_token_id: token_ids(v.get("eos_token_id")),
-            pad_token_id: token_ids(v.get("pad_token_id")).first().copied(),
-            dtype: v.get("dtype").or(v.get("torch_dtype")).and_then(|x| x.as_str()).map(String::from),
-            name_or_path: v.get("_name_or_path").and_then(|x| x.as_str()).map(String::from),
+            tie_word_embeddings: f.tie_word_embeddings,
+            bos_token_id: f.bos_token_id,
+            eos_token_id: f.eos_token_id,
+            pad_token_id: f.pad_token_id,
+            dtype: f.dtype,
+            name_or_path: f.name_or_path,
             source_path: None,
             raw: Some(v.clone()),
         })
@@ -245,6 +241,14 @@ impl Phi3Config {
     }
 }
 
+/// Longrope state kept with a [`KvCache`] ([`KvCache::model_state`]): the first cached position
+/// whose keys this model rotated with the short factors (positions before it, e.g. a
+/// prefix-tuning prefix, were not rotated by the model); `None` when none was.
+#[derive(Debug, Clone, Default)]
+struct LongRopeCache {
+    short_from: Option<usize>,
+}
+
 pub struct Attention {
     /// `[(heads + 2 · kv_heads) · head_dim, hidden]`: q rows, then k, then v.
     pub qkv_proj: PeftLinear,
@@ -285,10 +289,6 @@ struct Ctx<'a> {
     mask: Option<Tensor>,
 }
 
-fn config_name(c: &Phi3Config) -> PathBuf {
-    PathBuf::from(c.name_or_path.clone().unwrap_or_else(|| "<model>".into()))
-}
-
 impl Phi3ForCausalLM {
     /// Build from HF-named tensors (`model.layers.0.self_attn.qkv_proj.weight`, ...), converted
     /// to `dtype`.
@@ -317,33 +317,12 @@ impl Phi3ForCausalLM {
         }
         let norm = take("model.norm.weight", &[h])?;
         let lm_w = if c.tie_word_embeddings { embed_tokens.weight.clone() } else { take("lm_head.weight", &[c.vocab_size, h])? };
-        let info = ModelInfo {
-            architecture: "Phi3ForCausalLM".into(),
-            model_type: "phi3".into(),
-            name_or_path: c.name_or_path.clone(),
-            vocab_size: c.vocab_size,
-            hidden_size: h,
-            num_hidden_layers: c.num_hidden_layers,
-            num_attention_heads: c.num_attention_heads,
-            num_key_value_heads: Some(c.num_key_value_heads),
-            head_dim: hd,
-            max_position_embeddings: c.max_position_embeddings,
-            pad_token_id: c.pad_token_id,
-            bos_token_id: c.bos_token_id,
-            eos_token_id: c.eos_token_id.clone(),
-            decoder_start_token_id: None,
-            task: Task::CausalLm,
-            num_labels: None,
-        };
+        let info = decoder::model_info(c, "Phi3ForCausalLM".into(), "phi3".into(), Task::CausalLm, None);
         Ok(Phi3ForCausalLM { info, config, embed_tokens, layers, norm, lm_head: PeftLinear::new(lm_w, None, false), device: device.clone(), dtype })
     }
 
     fn embed_ctx(&self, ids: &[u32], b: usize, s: usize, ctx: &LinearCtx) -> Result<Tensor> {
-        if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.config.vocab_size) {
-            return Err(PeftError::invalid_arg("inputIds", format!("token id {bad} is outside the vocabulary (size {})", self.config.vocab_size)));
-        }
-        let idx = Tensor::from_slice(ids, b * s, &self.device)?;
-        self.embed_tokens.forward_embedding(&idx, b, s, ctx)
+        decoder::embed_ids(&self.embed_tokens, self.config.vocab_size, ids, b, s, &self.device, ctx)
     }
 
     /// RoPE on the first `rotary_dim` dimensions of `x` `[b, heads, s, head_dim]`.
@@ -397,7 +376,7 @@ impl Phi3ForCausalLM {
                 *slot = Some((k.contiguous()?, v));
             }
         }
-        cache.rope_short_from = None;
+        cache.model_state::<LongRopeCache>().short_from = None;
         Ok(())
     }
 
@@ -413,24 +392,8 @@ impl Phi3ForCausalLM {
         let v = qkv.narrow(2, (nh + nkv) * hd, nkv * hd)?.reshape((b, s, nkv, hd))?.transpose(1, 2)?;
         let q = self.partial_rope(&q, &ctx.cos, &ctx.sin, train)?;
         let k = self.partial_rope(&k, &ctx.cos, &ctx.sin, train)?;
-        let (k, v) = match kv {
-            Some(slot) => {
-                let (k, v) = match slot.take() {
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v.contiguous()?], 2)?),
-                    None => (k.contiguous()?, v.contiguous()?),
-                };
-                *slot = Some((k.clone(), v.clone()));
-                (k, v)
-            }
-            None => (k, v),
-        };
-        let t = k.dim(2)?;
-        let n_rep = nh / nkv;
-        let (k, v) = if n_rep > 1 {
-            (k.unsqueeze(2)?.broadcast_as((b, nkv, n_rep, t, hd))?.reshape((b, nh, t, hd))?, v.unsqueeze(2)?.broadcast_as((b, nkv, n_rep, t, hd))?.reshape((b, nh, t, hd))?)
-        } else {
-            (k.contiguous()?, v.contiguous()?)
-        };
+        let (k, v) = append_kv(kv, k, v)?;
+        let (k, v) = repeat_kv(k, v, nh)?;
         let scores = (q.contiguous()?.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?.to_dtype(DType::F32)?;
         let scores = match &ctx.mask {
             Some(m) => scores.broadcast_add(m)?,
@@ -463,14 +426,11 @@ impl BaseModel for Phi3ForCausalLM {
     // Every linear layer with its transformers module path, in module order.
     super::named_twins!(linears: |this| {
         let Phi3ForCausalLM { embed_tokens, layers, lm_head, .. } = this;
-        let mut out = vec![("model.embed_tokens".to_string(), embed_tokens)];
-        for (i, l) in layers.into_iter().enumerate() {
+        let layers = IntoIterator::into_iter(layers).map(|l| {
             let DecoderLayer { self_attn: Attention { qkv_proj, o_proj }, mlp: Mlp { gate_up_proj, down_proj }, .. } = l;
-            let named = [("self_attn.o_proj", o_proj), ("self_attn.qkv_proj", qkv_proj), ("mlp.gate_up_proj", gate_up_proj), ("mlp.down_proj", down_proj)];
-            out.extend(named.into_iter().map(|(n, lin)| (format!("model.layers.{i}.{n}"), lin)));
-        }
-        out.push(("lm_head".to_string(), lm_head));
-        out
+            vec![("self_attn.o_proj", o_proj), ("self_attn.qkv_proj", qkv_proj), ("mlp.gate_up_proj", gate_up_proj), ("mlp.down_proj", down_proj)]
+        });
+        decoder::named_linears(embed_tokens, layers, ("lm_head", lm_head))
     });
     fn named_norm_biases_mut(&mut self) -> Vec<(String, &mut Tensor)> {
         vec![]
@@ -479,35 +439,11 @@ impl BaseModel for Phi3ForCausalLM {
         vec![]
     }
     fn module_names(&self) -> Vec<String> {
-        let mut out = vec!["model".to_string(), "model.embed_tokens".to_string()];
-        for i in 0..self.layers.len() {
-            let p = format!("model.layers.{i}");
-            out.push(p.clone());
-            out.push(format!("{p}.self_attn"));
-            out.push(format!("{p}.self_attn.o_proj"));
-            out.push(format!("{p}.self_attn.qkv_proj"));
-            out.push(format!("{p}.mlp"));
-            out.push(format!("{p}.mlp.gate_up_proj"));
-            out.push(format!("{p}.mlp.down_proj"));
-            out.push(format!("{p}.input_layernorm"));
-            out.push(format!("{p}.post_attention_layernorm"));
-        }
-        out.push("model.norm".into());
-        out.push("lm_head".into());
-        out
+        decoder::module_names(self.layers.len(), &["o_proj", "qkv_proj"], &["gate_up_proj", "down_proj"], &["input_layernorm", "post_attention_layernorm"], "lm_head")
     }
     fn base_param_count(&self) -> usize {
-        let mut n = self.norm.elem_count();
-        for l in &self.layers {
-            n += l.input_layernorm.elem_count() + l.post_attention_layernorm.elem_count();
-        }
-        for (name, lin) in self.named_linears() {
-            if name == "lm_head" && self.config.tie_word_embeddings {
-                continue;
-            }
-            n += lin.base_param_count();
-        }
-        n
+        let norms: usize = self.layers.iter().map(|l| l.input_layernorm.elem_count() + l.post_attention_layernorm.elem_count()).sum();
+        decoder::base_param_count(self.norm.elem_count() + norms, self.named_linears(), self.config.tie_word_embeddings)
     }
     fn word_embeddings(&self) -> &Tensor {
         &self.embed_tokens.weight
@@ -516,41 +452,28 @@ impl BaseModel for Phi3ForCausalLM {
         self.embed_ctx(ids, b, s, &LinearCtx::default())
     }
     fn embed_with(&self, ids: &[u32], b: usize, s: usize, opts: &ForwardOptions) -> Result<Tensor> {
-        let ctx = LinearCtx { train: opts.train, rows: opts.adapter_rows.as_ref(), rng: opts.dropout_rng.as_deref() };
-        self.embed_ctx(ids, b, s, &ctx)
+        self.embed_ctx(ids, b, s, &linear_ctx(opts))
     }
     fn forward_embeds(&self, x: &Tensor, opts: &ForwardOptions, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let c = &self.config;
-        let past = cache.as_ref().map(|c| c.seq_len()).unwrap_or(0);
-        let total = past + s;
-        if total > c.max_position_embeddings {
-            return Err(PeftError::invalid_arg("inputIds", format!("sequence length {total} exceeds max_position_embeddings {}", c.max_position_embeddings)));
-        }
-        let positions: Vec<u32> = match &opts.position_ids {
-            Some(p) if p.len() != b * s => return Err(PeftError::invalid_arg("positionIds", format!("expected {} values", b * s))),
-            Some(p) => p.clone(),
-            None => (0..b).flat_map(|_| (past..total).map(|p| p as u32)).collect(),
-        };
+        let (past, positions) = decoder::positions(opts, cache.as_deref(), b, s, c.max_position_embeddings)?;
         // transformers' longrope: the factors of this forward follow max(position_ids) + 1.
         let seq_len = positions.iter().max().map(|&p| p as usize + 1).unwrap_or(0);
         if let (Some(lr), Some(cache)) = (&c.longrope, cache.as_mut()) {
             let orig = lr.original_max_position_embeddings;
-            match cache.rope_short_from {
+            match cache.model_state::<LongRopeCache>().short_from {
                 Some(from) if seq_len > orig && from < past => self.rerotate_cache(cache, from, past, opts.attention_mask.as_ref(), b)?,
-                None if seq_len <= orig => cache.rope_short_from = Some(past),
+                None if seq_len <= orig => cache.model_state::<LongRopeCache>().short_from = Some(past),
                 _ => {}
             }
         }
         let (inv_freq, scale) = c.inv_freq(seq_len);
-        let half = inv_freq.len();
-        let angles: Vec<f32> = positions.iter().flat_map(|&p| inv_freq.iter().map(move |f| p as f32 * f)).collect();
-        let angles = Tensor::from_vec(angles, (b, s, half), &self.device)?;
+        let angles = decoder::rope_angles(&positions, &inv_freq, b, s, &self.device)?;
         let (cos, sin) = if scale == 1.0 { (angles.cos()?, angles.sin()?) } else { ((angles.cos()? * scale as f64)?, (angles.sin()? * scale as f64)?) };
         let (cos, sin) = (cos.to_dtype(self.dtype)?, sin.to_dtype(self.dtype)?);
         let mask = super::windowed_causal_mask(opts.attention_mask.as_ref(), b, s, past, c.sliding_window, &self.device)?;
-        let lin = LinearCtx { train: opts.train, rows: opts.adapter_rows.as_ref(), rng: opts.dropout_rng.as_deref() };
-        let ctx = Ctx { lin, cos, sin, mask };
+        let ctx = Ctx { lin: linear_ctx(opts), cos, sin, mask };
         let mut h = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_mut().map(|c| &mut c.layers[i]);

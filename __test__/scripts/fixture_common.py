@@ -1,0 +1,193 @@
+"""What the fixture generators share (make_family_fixtures.py, make_gemma3_fixtures.py,
+make_phi3_fixtures.py, make_lokr_fixtures.py, make_loha_fixtures.py): the reproducible start,
+the test batches, greedy generation, gradients keyed by the on-disk adapter key, the LoRA and
+prefix-tuning cases of the decoder families, and the GGUF helpers.
+
+Importing it changes nothing; a generator calls `start()` first (before torch is imported by
+anything else it needs), which re-executes it with PYTHONHASHSEED=0 and enters the fixtures root.
+"""
+
+import os
+import sys
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures")
+
+
+def start(enter_root=True):
+    """PEFT writes `target_modules` as list(set): fix the hash seed so that the files are
+    reproducible (re-executes the script once), then (with `enter_root`) work in the fixtures
+    root, since base_model_name_or_path is stored relative to it."""
+    if os.environ.get("PYTHONHASHSEED") != "0":
+        os.execve(sys.executable, [sys.executable] + sys.argv, {**os.environ, "PYTHONHASHSEED": "0"})
+    if enter_root:
+        os.chdir(ROOT)
+
+
+def load_tiny_llama():
+    """The tiny Llama of `models/llama` (eager attention, eval mode)."""
+    from transformers import LlamaForCausalLM
+    return LlamaForCausalLM.from_pretrained("models/llama", attn_implementation="eager").eval()
+
+
+def versions(gguf=False):
+    import peft
+    import torch
+    import transformers
+    v = {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+    if gguf:
+        v["gguf"] = "PyPI gguf"
+    return v
+
+
+def padded_inputs(seed, vocab, low, b, s):
+    """A `[b, s]` batch of ids in [low, vocab) whose second row ends in 3 pad tokens (id 0, mask 0)."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(low, vocab, (b, s), generator=g)
+    mask = torch.ones(b, s, dtype=torch.long)
+    mask[1, -3:] = 0
+    ids[1, -3:] = 0
+    return ids, mask
+
+
+def lycoris_batch(seed, vocab):
+    """The LoKr / LoHa cases' batch: `[2, 7]` ids in [3, vocab) from a generator seeded `seed + 1`,
+    the second row ending in 2 pad tokens; returns the generator too (LoKr draws its prompts from it)."""
+    import torch
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(3, vocab, (2, 7), generator=g)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, -2:] = 0
+    ids[1, -2:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    return ids, mask, labels, g
+
+
+def param_counts(model):
+    """(trainable, all) parameter counts."""
+    return (sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters()))
+
+
+def greedy(model, ids, use_cache=True):
+    """6 greedy tokens after `ids` (no eos stop, pad 0)."""
+    import torch
+    with torch.no_grad():
+        return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                              num_beams=1, use_cache=use_cache, eos_token_id=None, pad_token_id=0)
+
+
+def lora_grads(model):
+    """`grad.<key>` of every parameter with a gradient, `.default.weight` → `.weight` (LoRA's on-disk keys)."""
+    return {"grad." + n.replace(".default.weight", ".weight"): p.grad.detach().clone()
+            for n, p in model.named_parameters() if p.grad is not None}
+
+
+def adapter_grads(model):
+    """`grad.<key>` of every trainable parameter, `.default` removed (LyCORIS' on-disk keys), contiguous."""
+    return {f"grad.{n.replace('.default', '')}": p.grad.detach().clone().contiguous()
+            for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_expected(out, tensors):
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in tensors.items()}, f"{out}/expected.safetensors")
+
+
+def lora_case(out, load, inputs, seed, target_modules):
+    """A decoder family's LoRA case (r=8, alpha=16, init_lora_weights=False) in `cases/<out>`: base /
+    adapter / disabled / merged logits, loss, LoRA gradients, greedy ids (base, adapter, merged).
+    `load()` gives a fresh base model, `inputs(seed)` the batch."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    out = f"cases/{out}"
+    os.makedirs(out, exist_ok=True)
+    ids, mask = inputs(seed)
+    base_model = load()
+    with torch.no_grad():
+        logits_base = base_model(input_ids=ids, attention_mask=mask).logits
+    gen_ids = ids[:1, :7].clone()
+    gen_base = greedy(base_model, gen_ids)
+    torch.manual_seed(seed)
+    cfg = LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=target_modules, lora_dropout=0.0,
+                     init_lora_weights=False)
+    pm = get_peft_model(load(), cfg).eval()
+    pm.save_pretrained(out)
+    with torch.no_grad():
+        logits_adapter = pm(input_ids=ids, attention_mask=mask).logits
+        with pm.disable_adapter():
+            logits_disabled = pm(input_ids=ids, attention_mask=mask).logits
+    gen_adapter = greedy(pm, gen_ids)
+    labels = ids.masked_fill(mask == 0, -100)
+    with torch.enable_grad():
+        pm.zero_grad(set_to_none=True)
+        o = pm(input_ids=ids, attention_mask=mask, labels=labels)
+        o.loss.backward()
+    grads = lora_grads(pm)
+    merged = pm.merge_and_unload().eval()
+    with torch.no_grad():
+        logits_merged = merged(input_ids=ids, attention_mask=mask).logits
+    gen_merged = greedy(merged, gen_ids)
+    save_expected(out, {"input_ids": ids, "attention_mask": mask, "labels": labels, "loss": o.loss.detach().reshape(1),
+                        "logits_base": logits_base, "logits_adapter": logits_adapter, "logits_disabled": logits_disabled,
+                        "logits_merged": logits_merged, "generate_input_ids": gen_ids, "generate_base": gen_base,
+                        "generate_adapter": gen_adapter, "generate_merged": gen_merged, **grads})
+    return {"adapter_vs_base_max_abs": float((logits_adapter - logits_base).abs().max()),
+            "disabled_vs_base_max_abs": float((logits_disabled - logits_base).abs().max()),
+            "grad_keys": sorted(grads)}
+
+
+def prefix_case(out, load, inputs, seed, num_virtual_tokens):
+    """A decoder family's prefix-tuning case in `cases/<out>`: adapter logits and greedy ids."""
+    import torch
+    from peft import PrefixTuningConfig, get_peft_model
+    out = f"cases/{out}"
+    os.makedirs(out, exist_ok=True)
+    ids, mask = inputs(seed)
+    torch.manual_seed(seed)
+    pm = get_peft_model(load(), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=num_virtual_tokens)).eval()
+    pm.save_pretrained(out)
+    with torch.no_grad():
+        logits_adapter = pm(input_ids=ids, attention_mask=mask).logits
+        logits_base = load()(input_ids=ids, attention_mask=mask).logits
+    gen_ids = ids[:1, :7].clone()
+    save_expected(out, {"input_ids": ids, "attention_mask": mask, "logits_base": logits_base,
+                        "logits_adapter": logits_adapter, "generate_input_ids": gen_ids,
+                        "generate_adapter": greedy(pm, gen_ids)})
+    return {"adapter_vs_base_max_abs": float((logits_adapter - logits_base).abs().max())}
+
+
+def write_case_json(case, generator, observed, versions):
+    import json
+    with open(f"cases/{case}/case.json", "w") as f:
+        json.dump({"name": case, "generator": generator, "observed": observed,
+                   "tolerances": {"logits_atol": 1e-4, "logits_rtol": 1e-4}, "versions": versions}, f, indent=1)
+
+
+# --- GGUF (PyPI gguf = llama.cpp's gguf-py) ---------------------------------------------------
+
+def byte_tokens():
+    """A byte-level BPE (`gpt2`) vocabulary of 256: <pad> <s> </s>, 252 byte tokens, "Ġt"."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    table = {b: chr(c) for b, c in zip(bs, cs)}
+    order = [10] + list(range(32, 127)) + list(range(161, 173)) + list(range(174, 256)) + list(range(0, 10)) + \
+        list(range(11, 32)) + list(range(127, 161)) + [173]
+    return ["<pad>", "<s>", "</s>"] + [table[b] for b in order[:252]] + ["Ġt"]
+
+
+def permute(x, n_head):
+    """convert_hf_to_gguf.py's q/k row permutation of Llama."""
+    return x.reshape(n_head, 2, x.shape[0] // n_head // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+
+def finish_gguf(g):
+    g.write_header_to_file()
+    g.write_kv_data_to_file()
+    g.write_tensors_to_file()
+    g.close()
