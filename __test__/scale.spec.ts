@@ -66,7 +66,7 @@ test('scale refusals: unknown adapter, non-LoRA adapter, bad numbers, merged ada
   await assertPeftError(t, () => ia3.rescaleAdapterScale(2, () => 0), 'ERR_INVALID_ARGUMENT', ['LoRA layers'])
 })
 
-test('hotswapAdapter matches HF hotswap_adapter (new alpha and weights; a file without v_proj zeroes it) and refuses incompatible adapters unchanged', async (t) => {
+test('hotswapAdapter matches HF hotswap_adapter (new alpha and weights; a file without v_proj zeroes it; smaller and larger ranks) and refuses incompatible adapters unchanged', async (t) => {
   const { LLAMA } = await import('./helpers')
   const { AutoModelForCausalLM } = await import('../src/index')
   const dir = caseDir('hotswap')
@@ -81,11 +81,19 @@ test('hotswapAdapter matches HF hotswap_adapter (new alpha and weights; a file w
   assertClose(t, await logits(), exp.logits_q_only, 'after swapping in q_only')
   const before = await logits()
   await assertPeftError(t, () => pm.hotswapAdapter(path.join(dir, 'rslora'), 'default'), 'ERR_ADAPTER_CONFIG_INVALID', ['Configs are incompatible', 'use_rslora'])
-  await assertPeftError(t, () => pm.hotswapAdapter(path.join(caseDir('weighted'), 'c'), 'default'), 'ERR_SHAPE_MISMATCH')
+  await assertPeftError(t, () => pm.hotswapAdapter(path.join(caseDir('weighted'), 'c'), 'default'), 'ERR_SAFETENSORS_INVALID', ['unexpected keys', 'down_proj'])
   await assertPeftError(t, () => pm.hotswapAdapter(path.join(caseDir('weighted'), 'b'), 'default'), 'ERR_ADAPTER_CONFIG_INVALID', ['use_rslora'])
   await assertPeftError(t, () => pm.hotswapAdapter(path.join(dir, 'a2'), 'nope'), 'ERR_ADAPTER_NOT_FOUND')
   await assertPeftError(t, () => pm.hotswapAdapter(path.join(dir, 'missing'), 'default'), 'ERR_NOT_FOUND')
   t.is(maxAbsDiff(await logits(), before), 0, 'refused swaps changed nothing')
+  // other ranks, as HF: rank 2 zero-padded into the rank-4 tensors, rank 8 grows them, then
+  // rank 4 again padded into the rank-8 tensors
+  await pm.hotswapAdapter(path.join(dir, 'r2'), 'default')
+  assertClose(t, await logits(), exp.logits_r2, 'after swapping in r2')
+  await pm.hotswapAdapter(path.join(dir, 'r8'), 'default')
+  assertClose(t, await logits(), exp.logits_r8, 'after swapping in r8')
+  await pm.hotswapAdapter(path.join(dir, 'a2'), 'default')
+  assertClose(t, await logits(), exp.logits_r8_then_a2, 'after swapping a2 back in')
   pm.mergeAdapter()
   await assertPeftError(t, () => pm.hotswapAdapter(path.join(dir, 'a2'), 'default'), 'ERR_INVALID_STATE', ['merged'])
 })

@@ -572,7 +572,7 @@ export interface FromPretrainedOptions extends ProgressOptions {
    * - `'keep'` (GGUF files): those weights stay in their GGUF block type (Q8_0, Q4_0, Q4_1,
    *   Q4_K, Q6_K; other types are dequantized with a one-line notice on stderr). Q6_K is held
    *   with one byte per 6-bit code (1.25 bytes per weight with its scales).
-   * - `'q8_0'` / `'q4_0'` (Llama-family model folders: Llama, Mistral, Qwen2): those weights,
+   * - `'q8_0'` / `'q4_0'` (Llama-family model folders: Llama, Mistral, Qwen2, Qwen3): those weights,
    *   read from f32 / f16 / bf16 safetensors, are quantized at load to llama.cpp's Q8_0 (8-bit
    *   codes, one f16 scale `max|w|/127` per 32 weights, `q = round(w / d)`) or Q4_0 (4-bit,
    *   `d = w_max / −8`) blocks with llama.cpp's round-to-nearest reference quantizers

@@ -276,16 +276,20 @@ export class PeftModel {
    * Replace the weights of the loaded LoRA adapter `adapterName` in place with those of the
    * adapter saved in `dir` (HF `peft.utils.hotswap.hotswap_adapter`), e.g. to switch the
    * adapter a server answers with, without re-injecting layers: the adapter keeps its name,
-   * stays active or not, and keeps its config (as HF); each layer's scaling becomes the new
-   * config's (`lora_alpha`, `r`, patterns). Modules the new file has no weights for are zeroed.
-   * Queued behind the calls made before it; resolves once swapped.
+   * stays active or not, and keeps its config (as HF: `savePretrained` then writes the old
+   * config, and `setAdapterScale` starts from the old `lora_alpha / r`); each layer's scaling
+   * becomes the new config's (`lora_alpha`, `r`, patterns). Another rank is swapped as HF does
+   * (a smaller one zero-padded into the current tensors, a larger one replacing them). Modules
+   * the new file has no weights for are zeroed. The new weights are kept as float32. `subfolder`:
+   * a folder inside `dir` holding the adapter (HF's `subfolder`). Queued behind the calls made
+   * before it; resolves once swapped.
    *
    * Errors: `ERR_ADAPTER_NOT_FOUND`; `ERR_INVALID_ARGUMENT` for a non-LoRA adapter or a bad
    * `dir`; `ERR_NOT_FOUND` for a missing folder or file; `ERR_ADAPTER_CONFIG_INVALID` for
    * another PEFT type or a different `use_rslora` / `lora_dropout` / `alpha_pattern` /
    * `use_dora` (HF's "Configs are incompatible"); `ERR_SAFETENSORS_INVALID` for weights of
    * modules the adapter does not target (HF's "unexpected keys"); `ERR_SHAPE_MISMATCH` for a
-   * weight of another shape (another rank: load it with `loadAdapter` instead);
+   * weight whose dimensions other than the rank differ;
    * `ERR_INVALID_STATE` while the adapter is merged or after `dispose()`; `ERR_BUSY` while a
    * Trainer trains the model. On an error nothing changes.
    */
@@ -429,7 +433,10 @@ export class PeftModel {
    * Run `fn` with every LoRA adapter's scaling multiplied by `multiplier`, then restore the
    * exact previous scalings, also when `fn` throws (HF's context manager
    * `peft.helpers.rescale_adapter_scale`; with a multiplier in [0, 1] this is WiSE-FT's
-   * interpolation between the base and the fine-tuned model). Calls nest. Resolves with what
+   * interpolation between the base and the fine-tuned model). Every LoRA adapter is scaled,
+   * active or not, as HF does. Calls nest: each restore undoes the latest rescale, so calls
+   * whose `fn`s overlap in time without nesting (two concurrent `rescaleAdapterScale` on one
+   * model) restore in the wrong order; await one before starting the next. Resolves with what
    * `fn` returns.
    *
    * ```ts
@@ -447,7 +454,9 @@ export class PeftModel {
     if (typeof multiplier !== 'number' || !Number.isFinite(multiplier)) throw invalidArgument('multiplier', `must be a finite number, found ${String(multiplier)}`)
     if (typeof fn !== 'function') throw invalidArgument('fn', 'must be a function to run with the rescaled adapters')
     this.refuseScaleWhileMerged('rescaleAdapterScale')
-    rt.mutate('rescaleAdapterScale', () => call(() => this.n.rescaleAdapterScale(multiplier)))
+    // Scheduled and awaited (not a fire-and-forget mutation): when it fails behind a running
+    // job, the error reaches the caller and neither `fn` nor a restore runs.
+    await callAsync(() => rt.schedule(() => this.n.rescaleAdapterScale(multiplier)))
     try {
       return await fn()
     } finally {

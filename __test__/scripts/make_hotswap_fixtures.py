@@ -1,10 +1,11 @@
 """HF PEFT 0.21 reference for `hotswap_adapter` (issue 15) on the tiny llama: adapter `a` of the
 weighted case is loaded as "default", then swapped in place for `a2` (same targets and rank,
-another lora_alpha and other weights) and for `q_only` (q_proj only: v_proj's weights become 0).
+another lora_alpha and other weights), for `q_only` (q_proj only: v_proj's weights become 0), for
+`r2` (rank 2: zero-padded into the rank-4 tensors) and for `r8` (rank 8: the tensors grow).
 
     python __test__/scripts/make_hotswap_fixtures.py   # torch 2.13, transformers 5.18, peft 0.21
 
-Writes `__test__/fixtures/cases/hotswap/` (adapters `a2/`, `q_only/`, `rslora/` (incompatible),
+Writes `__test__/fixtures/cases/hotswap/` (adapters `a2/`, `q_only/`, `r2/`, `r8/`, `rslora/` (incompatible),
 `expected.safetensors`).
 """
 
@@ -31,6 +32,8 @@ def main():
         "a2": (LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False), 3031),
         "q_only": (LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False), 3032),
         "rslora": (LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "v_proj"], init_lora_weights=False), 3033),
+        "r2": (LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"], init_lora_weights=False), 3034),
+        "r8": (LoraConfig(r=8, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False), 3035),
     }
     for name, (cfg, seed) in specs.items():
         torch.manual_seed(seed)
@@ -52,15 +55,22 @@ def main():
     out["logits_a2"] = logits()
     hotswap_adapter(m, f"{OUT}/q_only", adapter_name="default", torch_device="cpu")
     out["logits_q_only"] = logits()
+    hotswap_adapter(m, f"{OUT}/r2", adapter_name="default", torch_device="cpu")
+    out["logits_r2"] = logits()
+    hotswap_adapter(m, f"{OUT}/r8", adapter_name="default", torch_device="cpu")
+    out["logits_r8"] = logits()
+    hotswap_adapter(m, f"{OUT}/a2", adapter_name="default", torch_device="cpu")
+    out["logits_r8_then_a2"] = logits()
     try:
         hotswap_adapter(m, f"{OUT}/rslora", adapter_name="default", torch_device="cpu")
         raise SystemExit("expected an error")
     except ValueError as e:
         assert "use_rslora" in str(e), e
-    # a fresh load of a2 gives the hotswapped logits
-    fresh = PeftModel.from_pretrained(base(), f"{OUT}/a2")
-    with torch.no_grad():
-        assert torch.allclose(fresh(input_ids=ids).logits, out["logits_a2"], atol=1e-6)
+    # a fresh load of a2 / r2 / r8 gives the hotswapped logits
+    for name, key in [("a2", "logits_a2"), ("r2", "logits_r2"), ("r8", "logits_r8"), ("a2", "logits_r8_then_a2")]:
+        fresh = PeftModel.from_pretrained(base(), f"{OUT}/{name}")
+        with torch.no_grad():
+            assert torch.allclose(fresh(input_ids=ids).logits, out[key], atol=1e-5), name
     save_file(out, f"{OUT}/expected.safetensors")
 
 

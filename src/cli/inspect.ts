@@ -51,8 +51,14 @@ const reEscape = (s: string) => s.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')
  * (prompt learning).
  */
 async function slotPattern(peftType: unknown): Promise<RegExp | null> {
-  const { native } = await import('../native')
-  const tuners = native.tunerSlots()
+  let tuners: { peftTypes: string[]; slots: string[] }[]
+  try {
+    const { native } = await import('../native')
+    tuners = native.tunerSlots()
+  } catch {
+    // No addon for this platform: inspecting files needs none, so fall back to LoRA's slots.
+    tuners = [{ peftTypes: ['LORA'], slots: ['lora_A', 'lora_B', 'lora_embedding_A', 'lora_embedding_B', 'lora_magnitude_vector'] }]
+  }
   const own = tuners.find((t) => t.peftTypes.includes(String(peftType)))
   const slots = own ? own.slots : tuners.flatMap((t) => t.slots)
   if (slots.length === 0) return null

@@ -974,7 +974,10 @@ fn f32_array(t: candle_core::Tensor) -> napi::Result<Float32Array> {
     let (ptr, len) = {
         let (storage, layout) = t.storage_and_layout();
         let candle_core::Storage::Cpu(cpu) = &*storage else {
-            return Err(napi::Error::from_reason("[ERR_INTERNAL] forward output is not on the CPU"));
+            // A device tensor (the `cuda` feature): copied to a JS-owned array.
+            drop(storage);
+            let data = t.flatten_all().and_then(|f| f.to_vec1::<f32>()).map_err(|e| to_napi(e.into()))?;
+            return Ok(Float32Array::new(data));
         };
         let data = cpu.as_slice::<f32>().map_err(|e| to_napi(e.into()))?;
         let Some((start, end)) = layout.contiguous_offsets() else {

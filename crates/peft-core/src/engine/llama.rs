@@ -67,6 +67,23 @@ struct Lora {
     rows: Option<Arc<Vec<bool>>>,
 }
 
+impl Lora {
+    /// The engine's view of one LoRA adapter of a layer (`None` when a weight is not a plain
+    /// contiguous f32 CPU tensor).
+    fn of(ad: &crate::tuners::lora::layer::LoraAdapter, rows: Option<Arc<Vec<bool>>>) -> Option<Lora> {
+        Some(Lora {
+            a: Raw::of(ad.a.as_tensor())?,
+            b: Raw::of(ad.b.as_tensor())?,
+            r: ad.r,
+            scaling: ad.scaling as f32,
+            dropout: ad.dropout,
+            var_a: ad.a.clone(),
+            var_b: ad.b.clone(),
+            rows,
+        })
+    }
+}
+
 /// A frozen linear layer `y = x Wᵀ + b` with its active LoRA adapters.
 struct Lin {
     /// The f32 weight `[out, in]`, or `None` when it is kept quantized (`q`).
@@ -119,16 +136,7 @@ impl Lin {
                 if ad.magnitude.is_some() {
                     return None;
                 }
-                loras.push(Lora {
-                    a: Raw::of(ad.a.as_tensor())?,
-                    b: Raw::of(ad.b.as_tensor())?,
-                    r: ad.r,
-                    scaling: ad.scaling as f32,
-                    dropout: ad.dropout,
-                    var_a: ad.a.clone(),
-                    var_b: ad.b.clone(),
-                    rows: Some(Arc::new(rows.iter().map(|r| r.as_ref() == Some(name)).collect())),
-                });
+                loras.push(Lora::of(ad, Some(Arc::new(rows.iter().map(|r| r.as_ref() == Some(name)).collect())))?);
             }
         } else if !l.disabled {
             for name in &l.active {
@@ -141,16 +149,7 @@ impl Lin {
                 if ad.magnitude.is_some() {
                     return None;
                 }
-                loras.push(Lora {
-                    a: Raw::of(ad.a.as_tensor())?,
-                    b: Raw::of(ad.b.as_tensor())?,
-                    r: ad.r,
-                    scaling: ad.scaling as f32,
-                    dropout: ad.dropout,
-                    var_a: ad.a.clone(),
-                    var_b: ad.b.clone(),
-                    rows: None,
-                });
+                loras.push(Lora::of(ad, None)?);
             }
         }
         let (out, inp) = l.weight.dims2().ok()?;

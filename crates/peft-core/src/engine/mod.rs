@@ -20,7 +20,7 @@
 //! `backward`) computes, up to float rounding; `crates/peft-core/tests/engine.rs` compares the
 //! two on random shapes. Anything it does not cover (DoRA, (IA)³, LoRA bias or
 //! `modules_to_save`, LoRA on embeddings or the head, other families, other dtypes, other task
-//! heads, mixed-adapter batches while training) goes through the general path, chosen per step by
+//! heads, mixed-adapter batches naming another tuner or DoRA) goes through the general path, chosen per step by
 //! [`try_loss_and_grads`]. Setting the environment variable `PEFT_ENGINE=0` forces the general
 //! path (for comparisons).
 

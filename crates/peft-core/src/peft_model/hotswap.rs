@@ -9,8 +9,8 @@ const KEYS_TO_CHECK: [&str; 4] = ["use_rslora", "lora_dropout", "alpha_pattern",
 
 impl PeftModel {
     /// Replace the weights of the loaded LoRA adapter `name` with those of the adapter in `dir`
-    /// (HF `hotswap_adapter`): no re-injection, the same parameters (and the same `Var`s, so a
-    /// model being served keeps its buffers) get the new values; the name, the active set and
+    /// (HF `hotswap_adapter`): no re-injection, the same parameters (the same `Var`s, unless the
+    /// rank grows) get the new values; the name, the active set and
     /// the adapter's config stay as they are, and each layer's scaling becomes the new config's
     /// (`lora_alpha` / `r`, or rsLoRA, with its `rank_pattern` / `alpha_pattern`). Modules the
     /// new file has no weights for get zeros (HF), so they no longer contribute.
@@ -19,9 +19,16 @@ impl PeftModel {
     /// `InvalidAdapterConfig` (naming `adapter_config.json`) for another PEFT type or when
     /// `use_rslora`, `lora_dropout`, `alpha_pattern` or `use_dora` differ (HF's "Configs are
     /// incompatible"); `SafetensorsInvalid` for tensors of modules the adapter does not target
-    /// (HF's "unexpected keys"); `ShapeMismatch` for a weight of another shape (a different rank:
-    /// load it as a new adapter instead); `InvalidState` while the adapter is merged. Nothing is
-    /// changed when an error is returned.
+    /// (HF's "unexpected keys"); `ShapeMismatch` for a weight whose dimensions other than the
+    /// rank differ; `InvalidState` while the adapter is merged. Nothing is changed when an error
+    /// is returned.
+    ///
+    /// Another rank is swapped as HF does: a smaller one is zero-padded into the current
+    /// tensors (same parameters), a larger one replaces them (new parameters of the new shape).
+    /// The layer keeps its `lora_alpha` and the adapter its config (HF updates only the
+    /// scaling), so [`Self::set_adapter_scale`] afterwards still starts from the old adapter's
+    /// `lora_alpha / r`, and saving writes the old config next to the new weights. The new
+    /// weights are stored as f32 (as loading does).
     pub fn hotswap_adapter(&mut self, dir: &Path, name: &str) -> Result<()> {
         let old = self.peft_config(name)?.clone();
         let Some(old_lora) = old.as_lora() else {
@@ -62,11 +69,13 @@ impl PeftModel {
         }
         let wpath = dir.join("adapter_model.safetensors");
         let tensors = read_safetensors(&wpath, self.base.device())?;
-        // The adapter's parameters as the file names them: disk key -> shape.
-        let mut expected: HashMap<String, Vec<usize>> = HashMap::new();
+        // The adapter's parameters as the file names them: disk key -> (shape, rank dimension:
+        // rows of `lora_A` / `lora_embedding_A`, columns of `lora_B` / `lora_embedding_B`).
+        let mut expected: HashMap<String, (Vec<usize>, Option<usize>)> = HashMap::new();
         for (m, lin) in self.base.named_linears() {
             for (slot, var) in lin.adapter_params(name) {
-                expected.insert(slot.disk_key(&m), var.dims().to_vec());
+                let rank_dim = if slot.name.ends_with("_A") { Some(0) } else if slot.name.ends_with("_B") { Some(1) } else { None };
+                expected.insert(slot.disk_key(&m), (var.dims().to_vec(), rank_dim));
             }
         }
         let mut found: HashMap<String, Tensor> = HashMap::new();
@@ -74,10 +83,13 @@ impl PeftModel {
         for (key, t) in tensors {
             let k = strip_adapter_name(key.strip_prefix(KEY_PREFIX).unwrap_or(&key));
             match expected.get(&k) {
-                Some(shape) if t.dims() != shape.as_slice() => {
-                    return Err(PeftError::ShapeMismatch { name: format!("{} (key `{key}`; hotswapping needs the loaded adapter's shapes: load an adapter of another rank as a new adapter)", wpath.display()), expected: shape.clone(), found: t.dims().to_vec() });
-                }
-                Some(_) => {
+                Some((shape, rank_dim)) => {
+                    // Another rank is fine (HF pads a smaller one with zeros and replaces the
+                    // tensor for a larger one); every other dimension must match.
+                    let fits = t.rank() == shape.len() && t.dims().iter().zip(shape).enumerate().all(|(d, (a, b))| a == b || Some(d) == *rank_dim);
+                    if !fits {
+                        return Err(PeftError::ShapeMismatch { name: format!("{} (key `{key}`; a hotswap keeps the layers' shapes, only the rank may differ)", wpath.display()), expected: shape.clone(), found: t.dims().to_vec() });
+                    }
                     found.insert(k, t);
                 }
                 None => unexpected.push(key),
@@ -91,17 +103,34 @@ impl PeftModel {
         for (m, lin) in self.base.named_linears_mut() {
             let params: Vec<_> = lin.adapter_params(name).into_iter().map(|(s, v)| (s, v.clone())).collect();
             let mut any = false;
+            let mut grown = Vec::new();
             for (slot, var) in params {
-                match found.remove(&slot.disk_key(&m)) {
-                    Some(t) => {
-                        var.set(&t.to_dtype(var.dtype())?)?;
-                        any = true;
-                    }
-                    None => var.set(&var.zeros_like()?)?,
+                let Some(t) = found.remove(&slot.disk_key(&m)) else {
+                    // Not in the new file: zeroed, so that the module no longer contributes (HF).
+                    var.set(&var.zeros_like()?)?;
+                    continue;
+                };
+                any = true;
+                let t = t.to_dtype(var.dtype())?;
+                if t.dims() == var.dims() {
+                    var.set(&t)?;
+                } else if t.dims().iter().zip(var.dims()).all(|(n, o)| n <= o) {
+                    // A smaller rank: zeros, then the new weights in the leading rows (A) or
+                    // columns (B); the padding contributes nothing (HF).
+                    let ranges: Vec<std::ops::Range<usize>> = t.dims().iter().map(|&n| 0..n).collect();
+                    var.set(&var.zeros_like()?.slice_assign(&ranges, &t)?)?;
+                } else {
+                    grown.push((slot, Var::from_tensor(&t)?));
                 }
             }
-            if any {
-                if let Some(ad) = lin.adapters.get_mut(name) {
+            // A larger rank: the parameters are replaced (HF `swap_tensors`), and the layer's
+            // rank follows them.
+            for (slot, v) in grown {
+                lin.set_adapter_param(name, &slot, v)?;
+            }
+            if let Some(ad) = lin.adapters.get_mut(name) {
+                ad.r = ad.a.dims()[0];
+                if any {
                     ad.scaling = new_lora.scaling(new_lora.rank_for(&m), new_lora.alpha_for(&m));
                 }
             }
