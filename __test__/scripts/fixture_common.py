@@ -1,7 +1,8 @@
 """What the fixture generators share (make_family_fixtures.py, make_gemma3_fixtures.py,
-make_phi3_fixtures.py, make_lokr_fixtures.py, make_loha_fixtures.py): the reproducible start,
-the test batches, greedy generation, gradients keyed by the on-disk adapter key, the LoRA and
-prefix-tuning cases of the decoder families, and the GGUF helpers.
+make_phi3_fixtures.py, make_lokr_fixtures.py, make_loha_fixtures.py, make_weighted_fixtures.py,
+make_hotswap_fixtures.py, make_scale_fixtures.py): the reproducible start, the test batches,
+greedy generation, gradients keyed by the on-disk adapter key, seeded adapters saved as HF writes
+them, the LoRA and prefix-tuning cases of the decoder families, and the GGUF helpers.
 
 Importing it changes nothing; a generator calls `start()` first (before torch is imported by
 anything else it needs), which re-executes it with PYTHONHASHSEED=0 and enters the fixtures root.
@@ -27,6 +28,20 @@ def load_tiny_llama():
     """The tiny Llama of `models/llama` (eager attention, eval mode)."""
     from transformers import LlamaForCausalLM
     return LlamaForCausalLM.from_pretrained("models/llama", attn_implementation="eager").eval()
+
+
+def save_seeded_adapters(out, specs, load=load_tiny_llama):
+    """For each `name: (config, seed)` of `specs`: seed torch, wrap a fresh base from `load` with
+    the config and write `out/name` as save_pretrained does, less the generated model card."""
+    import torch
+    from peft import get_peft_model
+    for name, (cfg, seed) in specs.items():
+        torch.manual_seed(seed)
+        m = get_peft_model(load(), cfg)
+        m.save_pretrained(f"{out}/{name}")
+        card = f"{out}/{name}/README.md"
+        if os.path.exists(card):
+            os.remove(card)
 
 
 def versions(gguf=False):

@@ -13,17 +13,13 @@ import os
 
 import torch
 from safetensors.torch import save_file
-from transformers import LlamaForCausalLM
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel
 from peft.utils.hotswap import hotswap_adapter
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures")
-os.chdir(ROOT)
+from fixture_common import load_tiny_llama as base, save_seeded_adapters, start
+
+start()
 OUT = "cases/hotswap"
-
-
-def base():
-    return LlamaForCausalLM.from_pretrained("models/llama", attn_implementation="eager").eval()
 
 
 def main():
@@ -35,12 +31,7 @@ def main():
         "r2": (LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"], init_lora_weights=False), 3034),
         "r8": (LoraConfig(r=8, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False), 3035),
     }
-    for name, (cfg, seed) in specs.items():
-        torch.manual_seed(seed)
-        m = get_peft_model(base(), cfg)
-        m.save_pretrained(f"{OUT}/{name}")
-        if os.path.exists(f"{OUT}/{name}/README.md"):
-            os.remove(f"{OUT}/{name}/README.md")
+    save_seeded_adapters(OUT, specs)
     g = torch.Generator().manual_seed(3030)
     ids = torch.randint(3, 256, (2, 7), generator=g)
     out = {"input_ids": ids}

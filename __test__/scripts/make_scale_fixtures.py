@@ -12,20 +12,19 @@ import os
 
 import torch
 from safetensors.torch import save_file
-from transformers import LlamaForCausalLM
 from peft import PeftModel
 from peft.helpers import rescale_adapter_scale
 from peft.tuners.lora import LoraLayer
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures")
-os.chdir(ROOT)
+from fixture_common import load_tiny_llama as base, save_seeded_adapters, start
+
+start()
 OUT = "cases/scale"
 
 
 def main():
     os.makedirs(OUT, exist_ok=True)
-    base = LlamaForCausalLM.from_pretrained("models/llama", attn_implementation="eager").eval()
-    m = PeftModel.from_pretrained(base, "cases/weighted/a", adapter_name="a")
+    m = PeftModel.from_pretrained(base(), "cases/weighted/a", adapter_name="a")
     m.load_adapter("cases/weighted/b", adapter_name="b")
     g = torch.Generator().manual_seed(3020)
     ids = torch.randint(3, 256, (2, 7), generator=g)

@@ -13,16 +13,12 @@ import os
 
 import torch
 from safetensors.torch import save_file
-from transformers import LlamaForCausalLM
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures")
-os.chdir(ROOT)
+from fixture_common import load_tiny_llama as base, save_seeded_adapters, start
+
+start()
 OUT = "cases/weighted"
-
-
-def base():
-    return LlamaForCausalLM.from_pretrained("models/llama", attn_implementation="eager").eval()
 
 
 def main():
@@ -32,12 +28,7 @@ def main():
         "b": (LoraConfig(r=4, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "k_proj"], init_lora_weights=False), 3002),
         "c": (LoraConfig(r=2, lora_alpha=2, target_modules=["v_proj", "down_proj"], init_lora_weights=False), 3003),
     }
-    for name, (cfg, seed) in specs.items():
-        torch.manual_seed(seed)
-        m = get_peft_model(base(), cfg)
-        m.save_pretrained(f"{OUT}/{name}")
-        if os.path.exists(f"{OUT}/{name}/README.md"):
-            os.remove(f"{OUT}/{name}/README.md")
+    save_seeded_adapters(OUT, specs)
     g = torch.Generator().manual_seed(3010)
     ids = torch.randint(3, 256, (2, 6), generator=g)
     expected = {"input_ids": ids}

@@ -54,6 +54,19 @@ fn max_abs(v: &[f32]) -> f32 {
     v.iter().fold(0f32, |a, x| a.max(x.abs()))
 }
 
+/// The largest elementwise |a - b|.
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()))
+}
+
+/// The logits of `m` through the general path (candle graph) instead of the engine.
+fn general_logits(m: &PeftModel, ids: &[u32]) -> Vec<f32> {
+    engine::force_general_path(true);
+    let g = logits(m, ids);
+    engine::force_general_path(false);
+    g
+}
+
 #[test]
 fn keep_holds_every_layer_linear_quantized_and_reports_it() {
     let m = load(true);
@@ -78,17 +91,14 @@ fn keep_logits_match_the_dequantized_model() {
     let (k, d) = (load(true), load(false));
     let (a, b) = (logits(&k, &IDS), logits(&d, &IDS));
     let scale = max_abs(&b);
-    let diff = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    let diff = max_diff(&a, &b);
     eprintln!("max |Δlogit| {diff:.3e} (max |logit| {scale:.3})");
     // 8-bit activations: ~0.4% relative error per product (max|x|/254 per element against
     // typical |x|), a few products deep; 3% of the logit scale leaves room, and the difference
     // must not be zero (the kernels ran).
     assert!(diff <= 0.03 * scale && diff > 0.0, "{diff} vs scale {scale}");
     // the general path (candle graph + quant_linear op) computes the same as the engine
-    engine::force_general_path(true);
-    let g = logits(&k, &IDS);
-    engine::force_general_path(false);
-    let dg = a.iter().zip(&g).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    let dg = max_diff(&a, &general_logits(&k, &IDS));
     assert!(dg <= 1e-4 * scale, "engine vs general path under keep: {dg}");
     // greedy next tokens agree at (almost) every position
     let vocab = b.len() / IDS.len();
@@ -268,17 +278,11 @@ fn q6_k_layers_are_kept_quantized_and_match_the_dequantized_model() {
     assert_eq!(n, 7);
     let (a, b) = (logits(&k, &IDS), logits(&d, &IDS));
     let scale = max_abs(&b);
-    let diff = a.iter().zip(&b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    let diff = max_diff(&a, &b);
     eprintln!("Q6_K: max |Δlogit| {diff:.3e} (max |logit| {scale:.3})");
     assert!(diff <= 0.03 * scale && diff > 0.0, "{diff} vs scale {scale}");
-    engine::force_general_path(true);
-    let g = logits(&k, &IDS);
-    engine::force_general_path(false);
-    let dg = a.iter().zip(&g).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-    engine::force_general_path(true);
-    let gd = logits(&d, &IDS);
-    engine::force_general_path(false);
-    let dgd = b.iter().zip(&gd).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    let dg = max_diff(&a, &general_logits(&k, &IDS));
+    let dgd = max_diff(&b, &general_logits(&d, &IDS));
     eprintln!("engine vs general path: keep {dg:.3e}, dequantize {dgd:.3e}");
     assert!(dgd <= 1e-4 * scale, "engine vs general path, dequantized: {dgd}");
     // Under keep the two paths agree only up to the activation rounding: their f32 inputs differ
