@@ -4,7 +4,7 @@
  */
 import test from 'ava'
 import * as path from 'node:path'
-import { LoraConfig, PeftModel, Trainer, getNumThreads, getPeftModel, loadSafetensors, setNumThreads, type StepInfo, type Tensor, type TrainExample } from '../src/index'
+import { LoraConfig, PeftModel, Trainer, amxAvailable, getFloat32MatmulPrecision, getNumThreads, getPeftModel, loadSafetensors, setFloat32MatmulPrecision, setNumThreads, type StepInfo, type Tensor, type TrainExample } from '../src/index'
 import { assertBitEqual, disposeLater, expected, loadLlama, tmpDir } from './helpers'
 
 type T = Parameters<typeof disposeLater>[0]
@@ -174,6 +174,31 @@ test('epoch counts whole passes when the batch is larger than the dataset', asyn
     out.logHistory.map((s) => s.epoch),
     [1, 2, 3],
   )
+})
+
+test('setFloat32MatmulPrecision: PyTorch\'s three names round-trip, training still converges under "high", other values are refused with ERR_INVALID_ARGUMENT', async (t) => {
+  t.is(getFloat32MatmulPrecision(), 'highest')
+  t.is(typeof amxAvailable(), 'boolean')
+  try {
+    for (const p of ['high', 'medium', 'highest'] as const) {
+      setFloat32MatmulPrecision(p)
+      t.is(getFloat32MatmulPrecision(), p)
+    }
+    setFloat32MatmulPrecision('high')
+    const pm = await newModel(t, 6)
+    const out = await new Trainer(pm, { ...trainerOptions, maxSteps: 5 }).train(dataset())
+    pm.dispose()
+    const losses = out.logHistory.map((s) => s.loss)
+    t.true(losses[4] < losses[0], `losses ${losses}`)
+    for (const bad of ['low', 'HIGH', '', 3]) {
+      const e = t.throws(() => setFloat32MatmulPrecision(bad as never))
+      t.is((e as { code?: string }).code, 'ERR_INVALID_ARGUMENT')
+      t.regex(e!.message, /precision/)
+    }
+    t.is(getFloat32MatmulPrecision(), 'high')
+  } finally {
+    setFloat32MatmulPrecision('highest')
+  }
 })
 
 test('numThreads: one thread and two threads train to the same losses; bad values are refused', async (t) => {

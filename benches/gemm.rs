@@ -294,6 +294,9 @@ mod bench {
         /// peft-core's engine entry point (`engine::gemm::gemm`): the `gemm` crate cut into one
         /// single-threaded block per thread, narrow outputs through its AVX-512 kernel.
         Engine,
+        /// The engine entry point with `set_float32_matmul_precision` "high" (bf16x3 on AMX,
+        /// `AB_MATMUL_HIGH`) or "medium" (one bf16 pass, `AB_MATMUL_MEDIUM`).
+        EngineAmx(u32),
         #[cfg(feature = "bench-blis")]
         Blis,
         OpenBlas { sgemm: Cblas, set_threads: Option<unsafe extern "C" fn(i32)> },
@@ -307,7 +310,7 @@ mod bench {
     impl Lib {
         fn set_threads(&self, threads: usize) {
             match &self.kind {
-                Kind::GemmCrate | Kind::Engine => {}
+                Kind::GemmCrate | Kind::Engine | Kind::EngineAmx(_) => {}
                 #[cfg(feature = "bench-blis")]
                 Kind::Blis => unsafe { blis::bli_thread_set_num_threads(threads as i64) },
                 Kind::OpenBlas { set_threads, .. } => {
@@ -334,8 +337,9 @@ mod bench {
                             let par = if threads == 1 { gemm::Parallelism::None } else { gemm::Parallelism::Rayon(threads) };
                             gemm::gemm(m, n, k, c, 1, n as isize, false, a, lcs, lrs, b, rcs, rrs, 0.0f32, 1.0f32, false, false, false, par);
                         }
-                        Kind::Engine => {
+                        Kind::Engine | Kind::EngineAmx(_) => {
                             use peft_core::engine::gemm::{gemm, Dst, View};
+                            peft_core::engine::set_ab_flags(if let Kind::EngineAmx(f) = self.kind { f } else { 0 });
                             let (asz, bsz) = (m * k, k * n);
                             let (a, b) = (std::slice::from_raw_parts(a, asz), std::slice::from_raw_parts(b, bsz));
                             let av = match case.layout {
@@ -528,6 +532,10 @@ mod bench {
 
         // Libraries.
         let mut libs = vec![Lib { name: "gemm 0.19".into(), kind: Kind::GemmCrate }, Lib { name: "peft engine".into(), kind: Kind::Engine }];
+        if peft_core::engine::amx::available() {
+            libs.push(Lib { name: "peft AMX bf16x3 (high)".into(), kind: Kind::EngineAmx(peft_core::engine::AB_MATMUL_HIGH) });
+            libs.push(Lib { name: "peft AMX bf16 (medium)".into(), kind: Kind::EngineAmx(peft_core::engine::AB_MATMUL_MEDIUM) });
+        }
         #[cfg(feature = "bench-blis")]
         unsafe {
             // BLIS picks its AVX-512 kernels ("skx") only when it can tell the core has two FMA
@@ -574,7 +582,9 @@ mod bench {
                     c.fill(f32::NAN);
                     lib.run(case, threads, &a, &b, &mut c);
                     let err = check(case, &a, &b, &c);
-                    if !(err < 1e-4) {
+                    // One bf16 pass ("medium") is accurate to about 2^-8 relative by design.
+                    let tol = if matches!(lib.kind, Kind::EngineAmx(f) if f == peft_core::engine::AB_MATMUL_MEDIUM) { 1e-2 } else { 1e-4 };
+                    if !(err < tol) {
                         bad[li] = Some(err);
                     }
                     let t = Instant::now();

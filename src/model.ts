@@ -624,6 +624,50 @@ export function getNumThreads(): number {
   return native.numThreads()
 }
 
+/** Internal precision of `float32` matrix products (PyTorch's `float32_matmul_precision`). */
+export type Float32MatmulPrecision = 'highest' | 'high' | 'medium'
+
+/**
+ * Sets the internal precision of peft-node's large `float32` matrix products for the whole
+ * process, as `torch.set_float32_matmul_precision` does in PyTorch:
+ *
+ * - `'highest'` (the default): `float32` throughout.
+ * - `'high'`: each `float32` operand is split into two bfloat16 numbers (`x = hi + lo`, about
+ *   16 significant bits) and the product `A_hi·B_hi + A_hi·B_lo + A_lo·B_hi` is accumulated in
+ *   `float32` on Intel AMX ("bf16x3", the scheme PyTorch's documentation names for `'high'`).
+ *   Each product's error is about 10⁻⁶ of the sum of its terms' magnitudes (measured 0.8-2.5·10⁻⁶);
+ *   through a training step, LoRA gradients move by about 2·10⁻⁴ of their largest entry and
+ *   the loss by 10⁻⁶ relative. A SmolLM2-135M LoRA training step runs about 1.2× faster.
+ * - `'medium'`: one bfloat16 pass (8 significant bits per operand, `float32` accumulation):
+ *   product errors about 10⁻³ of that sum, gradients about 10⁻¹ of their largest entry;
+ *   steps about 1.6× faster.
+ *
+ * It applies to the fused engine's products large enough to repay converting their operands
+ * (the frozen base linears and the `lm_head` of Llama-family models in training and prefill;
+ * attention, LoRA's low-rank products and decoding stay `float32`), and takes effect only where
+ * {@link amxAvailable} is true (Sapphire Rapids or later, Linux 5.16+); elsewhere, as in
+ * PyTorch when no faster algorithm exists, products stay `float32`. Never waits for a running
+ * job: products started after the call use the new setting.
+ *
+ * @throws PeftError `ERR_INVALID_ARGUMENT` naming `precision` for another value.
+ */
+export function setFloat32MatmulPrecision(precision: Float32MatmulPrecision): void {
+  if (precision !== 'highest' && precision !== 'high' && precision !== 'medium') {
+    throw invalidArgument('precision', `must be 'highest', 'high' or 'medium', found ${JSON.stringify(precision)}`)
+  }
+  native.setFloat32MatmulPrecision(precision)
+}
+
+/** The precision set by {@link setFloat32MatmulPrecision} (`'highest'` unless set). */
+export function getFloat32MatmulPrecision(): Float32MatmulPrecision {
+  return native.float32MatmulPrecision() as Float32MatmulPrecision
+}
+
+/** Whether this machine can run `'high'` / `'medium'` products (CPU with AMX-BF16, and the OS grants its tile state). */
+export function amxAvailable(): boolean {
+  return native.amxAvailable()
+}
+
 /** @internal Shared loader of the `AutoModelFor*` objects. */
 async function loadFor(task: ModelTaskType, pathOrGguf: string, options: FromPretrainedOptions): Promise<PreTrainedModel> {
   if (typeof pathOrGguf !== 'string' || !pathOrGguf) throw invalidArgument('pathOrGguf', 'must be a non-empty string')

@@ -237,6 +237,31 @@ pub fn num_threads() -> u32 {
     peft_core::engine::num_threads() as u32
 }
 
+/// Sets the internal precision of the engine's large `f32` matrix products for the process
+/// (`torch.set_float32_matmul_precision`): "highest", "high" (bf16x3 on AMX) or "medium" (bf16
+/// on AMX). Errors: `ERR_INVALID_ARGUMENT` naming `precision` for another value.
+#[napi(catch_unwind)]
+pub fn set_float32_matmul_precision(precision: String) -> napi::Result<()> {
+    use peft_core::engine::amx;
+    let p = amx::MatmulPrecision::parse(&precision)
+        .ok_or_else(|| peft_core::PeftError::invalid_arg("precision", format!("must be 'highest', 'high' or 'medium', found '{precision}'")))
+        .map_err(to_napi)?;
+    amx::set_float32_matmul_precision(p);
+    Ok(())
+}
+
+/// The precision set by [`set_float32_matmul_precision`] ("highest" unless set).
+#[napi(catch_unwind)]
+pub fn float32_matmul_precision() -> String {
+    peft_core::engine::amx::float32_matmul_precision().name().to_string()
+}
+
+/// Whether this CPU and kernel let the engine use AMX (what "high" and "medium" need).
+#[napi(catch_unwind)]
+pub fn amx_available() -> bool {
+    peft_core::engine::amx::available()
+}
+
 /// Tell V8 about `delta` bytes of native memory (negative: freed) and keep [`REPORTED`] in step.
 fn report_external(env: &Env, delta: i64) -> napi::Result<()> {
     env.adjust_external_memory(delta)?;

@@ -41,6 +41,38 @@ impl View {
         View { ptr: self.ptr, rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
     }
 
+    /// Element `(i, j)` (`i < rows`, `j < cols`, which the caller guarantees).
+    #[inline(always)]
+    pub(crate) fn at(&self, i: usize, j: usize) -> f32 {
+        debug_assert!(i < self.rows && j < self.cols);
+        // SAFETY: inside the bounds-checked viewed region.
+        unsafe { *self.ptr.offset(i as isize * self.rs + j as isize * self.cs) }
+    }
+
+    /// The row stride in elements.
+    pub(crate) fn row_stride(&self) -> isize {
+        self.rs
+    }
+
+    /// The column stride in elements.
+    pub(crate) fn col_stride(&self) -> isize {
+        self.cs
+    }
+
+    /// The address of row `i`'s first element (`i < rows`).
+    pub(crate) fn row_ptr(&self, i: usize) -> *const f32 {
+        assert!(i < self.rows);
+        // SAFETY: inside the viewed region.
+        unsafe { self.ptr.offset(i as isize * self.rs) }
+    }
+
+    /// The address of column `j`'s first element (`j < cols`).
+    pub(crate) fn col_ptr(&self, j: usize) -> *const f32 {
+        assert!(j < self.cols);
+        // SAFETY: inside the viewed region.
+        unsafe { self.ptr.offset(j as isize * self.cs) }
+    }
+
     /// Rows `r0 .. r0 + n` of the view.
     pub fn rows(self, r0: usize, n: usize) -> View {
         assert!(r0 + n <= self.rows);
@@ -91,6 +123,16 @@ impl Dst {
         Dst { ptr, rows, cols, ld }
     }
 
+    /// The first element's address.
+    pub(crate) fn ptr_mut(&mut self) -> *mut f32 {
+        self.ptr
+    }
+
+    /// The leading dimension (elements between rows).
+    pub(crate) fn ld(&self) -> usize {
+        self.ld
+    }
+
     /// Rows `r0 .. r0 + n`.
     pub fn rows(&mut self, r0: usize, n: usize) -> Dst {
         assert!(r0 + n <= self.rows);
@@ -105,6 +147,11 @@ impl Dst {
         Dst { ptr: unsafe { self.ptr.add(c0) }, rows: self.rows, cols: n, ld: self.ld }
     }
 }
+
+/// Products with fewer multiply-adds stay in f32 whatever the matmul precision.
+const AMX_MIN_WORK: usize = 1 << 22;
+/// Products with a longer inner dimension stay in f32 whatever the matmul precision.
+const AMX_MAX_K: usize = 8192;
 
 /// Products smaller than this many multiply-adds run on one thread (threading costs more).
 const PAR_MIN_WORK: usize = 1 << 20;
@@ -146,6 +193,18 @@ pub fn gemm(dst: &mut Dst, a: View, b: View, alpha: f32, acc: bool, threads: usi
         // the destination does not alias them.
         unsafe { narrow_nt_avx512(dst, a, b, alpha, acc) };
         return;
+    }
+    // Reduced internal precision on AMX where it is asked for (`set_float32_matmul_precision`),
+    // for products large enough that converting and packing the operands is repaid, and with an
+    // inner dimension short enough that the converted left operand stays in cache (the
+    // lm_head's input gradient, k = 49152, runs at half the f32 speed in bf16x3). Attention's
+    // products (k or n = head_dim) stay in f32.
+    if m >= 32 && n >= 128 && (128..=AMX_MAX_K).contains(&k) && m * n * k >= AMX_MIN_WORK {
+        let passes = super::amx::passes();
+        if passes > 0 {
+            super::amx::gemm(dst, a, b, alpha, acc, threads, passes);
+            return;
+        }
     }
     if super::ab_flags() & super::AB_GEMM_CRATE_SPLIT != 0 {
         // The earlier rule: the `gemm` crate's own rayon split, narrow outputs on one thread.
@@ -327,12 +386,12 @@ impl SyncPtr {
     }
 }
 #[derive(Clone, Copy)]
-struct SyncMut(*mut f32);
-// SAFETY: each task writes disjoint columns, see `gemv_nt`.
+pub(crate) struct SyncMut(pub(crate) *mut f32);
+// SAFETY: each task writes disjoint columns, see `gemv_nt` and `amx::gemm`.
 unsafe impl Send for SyncMut {}
 unsafe impl Sync for SyncMut {}
 impl SyncMut {
-    fn get(self) -> *mut f32 {
+    pub(crate) fn get(self) -> *mut f32 {
         self.0
     }
 }

@@ -24,6 +24,7 @@
 //! [`try_loss_and_grads`]. Setting the environment variable `PEFT_ENGINE=0` forces the general
 //! path (for comparisons).
 
+pub mod amx;
 pub mod gemm;
 mod llama;
 pub mod quant;
@@ -71,6 +72,14 @@ pub const AB_GEMM_CRATE_NARROW: u32 = 8;
 /// The training backward through every layer down to the input, whatever is trainable.
 #[doc(hidden)]
 pub const AB_FULL_BACKWARD: u32 = 16;
+
+/// Large products in bf16x3 on AMX (as `set_float32_matmul_precision(High)`).
+#[doc(hidden)]
+pub const AB_MATMUL_HIGH: u32 = 32;
+
+/// Large products in one bf16 pass on AMX (as `set_float32_matmul_precision(Medium)`).
+#[doc(hidden)]
+pub const AB_MATMUL_MEDIUM: u32 = 64;
 
 /// Sets the A/B switches (`AB_*`, for benchmarks only).
 #[doc(hidden)]
