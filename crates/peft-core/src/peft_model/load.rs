@@ -96,6 +96,7 @@ impl PeftModel {
         let mut cfg = cfg;
         cfg.add_task_head_modules();
         let tuner = cfg.tuner();
+        tuner.prepare_load(self, &mut cfg, &mut tensors, &wpath)?;
         if cfg.is_prompt_learning() {
             ctl.check()?; // the last point before the model changes
             if let Some(r) = tuner.load(self, name, &cfg, &mut tensors, &wpath) {
