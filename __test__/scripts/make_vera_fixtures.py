@@ -22,6 +22,8 @@ Run with torch 2.13 + transformers 5.18 + peft 0.21 (the venv of benches/README.
   `logits_other` with `other` active.
 - `gpt2_vera`: VeraConfig(r=4, target_modules=['c_attn', 'c_proj'], init_weights=False) on the
   tiny GPT-2 (Conv1D layers: HF sets fan_in_fan_out=True); logits adapted / merged / disabled.
+- `gpt2_vera_bias_all`, `gpt2_vera_bias_only`: bias="all" / "vera_only" on c_attn (biases trained
+  and saved with the adapter).
 """
 
 import json
@@ -208,7 +210,50 @@ def gpt2_case():
     })
 
 
+def gpt2_bias_cases():
+    """`gpt2_vera_bias_all` / `gpt2_vera_bias_only`: bias="all" / "vera_only" on c_attn; the biases
+    are trained and saved with the adapter (before saving, every trainable bias gets + 0.01 so the
+    file differs from the base)."""
+    from transformers import GPT2LMHeadModel
+    for bias, seed in [("all", 1720), ("vera_only", 1730)]:
+        torch.manual_seed(seed)
+        load2 = lambda: GPT2LMHeadModel.from_pretrained("models/gpt2", attn_implementation="eager").eval()
+        kwargs = dict(task_type="CAUSAL_LM", r=4, target_modules=["c_attn"], init_weights=False, bias=bias)
+        model = get_peft_model(load2(), VeraConfig(**kwargs))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if p.requires_grad and n.endswith(".bias"):
+                    p.add_(0.01)
+        out = f"cases/gpt2_vera_bias_{'all' if bias == 'all' else 'only'}"
+        os.makedirs(out, exist_ok=True)
+        model.save_pretrained(out)
+        trainable, total = fc.param_counts(model)
+        ids, mask, labels, _ = fc.lycoris_batch(seed, model.config.vocab_size)
+        model.eval()
+        with torch.no_grad():
+            adapted = model(input_ids=ids, attention_mask=mask).logits
+        model.zero_grad()
+        res = model(input_ids=ids, attention_mask=mask, labels=labels)
+        res.loss.backward()
+        grads = {f"grad.{n.replace('.default', '')}": p.grad.detach().clone().contiguous()
+                 for n, p in model.named_parameters() if p.requires_grad and "vera_lambda" in n}
+        fc.save_expected(out, {"input_ids": ids, "attention_mask": mask, "labels": labels, "logits_adapter": adapted,
+                               "loss": res.loss.detach().reshape(1).float(), **grads})
+        write_case(out, {
+            "description": f"VeRA r=4 on GPT-2 c_attn with bias={bias!r} (trainable biases + 0.01 before saving).",
+            "base_model": "models/gpt2",
+            "seed": seed,
+            "config_kwargs": kwargs,
+            "trainable_params": trainable,
+            "all_params": total,
+            "trainable_names": sorted(n for n, p in model.named_parameters() if p.requires_grad),
+            "adapter_keys": keys_of(f"{out}/adapter_model.safetensors"),
+            "tolerances": {"logits_atol": 1e-4, "logits_rtol": 1e-4, "loss_atol": 1e-5, "grad_rtol": 1e-4},
+        })
+
+
 if __name__ == "__main__":
     llama_cases()
     gpt2_case()
+    gpt2_bias_cases()
     print("vera fixtures written")

@@ -246,7 +246,7 @@ fn vera_config_parses_hf_options_and_refuses_bad_ones() {
         assert!(e.to_string().contains(what), "{e}");
     }
     let mut m = base_peft(CASE);
-    for (extra, what) in [(json!({"target_modules": ["embed_tokens"]}), "not supported"), (json!({"bias": "all"}), "bias"), (json!({"target_modules": ["nope"]}), "")] {
+    for (extra, what) in [(json!({"target_modules": ["embed_tokens"]}), "not supported"), (json!({"target_modules": ["nope"]}), "")] {
         let e = m.add_adapter("x", vera(extra), 1).unwrap_err();
         assert!(e.to_string().contains(what), "{e}");
     }
@@ -268,4 +268,35 @@ fn vera_dropout_applies_in_training_only() {
     let (ld, _, g) = loss_and_grads(&dropped, &batch(&exp), None, rng()).unwrap();
     assert!(ld.is_finite() && (ld - lp).abs() > 1e-7, "dropout: {ld} vs {lp}");
     assert!(dropped.trainable_parameters().iter().all(|(_, v)| g.get(v.as_tensor()).is_some()));
+}
+
+#[test]
+fn vera_bias_all_and_vera_only_match_hf() {
+    for case in ["gpt2_vera_bias_all", "gpt2_vera_bias_only"] {
+        let exp = Expected::load(case);
+        let cj = case_json(case);
+        let m = adapter_peft(case, true);
+        check_logits("adapter (saved biases loaded)", &m, &exp, "logits_adapter");
+        let (trainable, total) = m.nb_trainable_parameters();
+        assert_eq!((trainable as u64, total as u64), (cj["trainable_params"].as_u64().unwrap(), cj["all_params"].as_u64().unwrap()), "{case} counts");
+        let (loss, _, grads) = loss_and_grads(&m, &batch(&exp), None, None).unwrap();
+        let want = exp.get("loss").flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] as f64;
+        assert!((loss - want).abs() <= 1e-5, "{case} loss {loss} vs {want}");
+        for (k, v) in m.trainable_parameters().iter().filter(|(k, _)| k.contains("vera_lambda")) {
+            let e = exp.get(&format!("grad.{k}"));
+            assert_close(&format!("{case} grad.{k}"), grads.get(v.as_tensor()).unwrap(), e, 1e-4 * max_abs(e), 1e-4);
+        }
+        let out = temp_dir("vera-bias");
+        m.save_pretrained(&out, None).unwrap();
+        for f in ["adapter_model.safetensors", "adapter_config.json"] {
+            assert!(std::fs::read(out.join(f)).unwrap() == std::fs::read(case_dir(case).join(f)).unwrap(), "{case} {f} differs from HF's");
+        }
+        remove_dir(&out);
+        // A fresh adapter with the same config trains the same set of parameters as HF.
+        let mut fresh = base_peft(case);
+        let mut c = cj["config_kwargs"].clone();
+        c["peft_type"] = json!("VERA");
+        fresh.add_adapter("default", AdapterConfig::from_json(&c, None).unwrap(), 1).unwrap();
+        assert_eq!(fresh.nb_trainable_parameters().0 as u64, cj["trainable_params"].as_u64().unwrap(), "{case} fresh trainable count");
+    }
 }

@@ -12,7 +12,8 @@
 //!   regenerated on load from `projection_prng_key`, drawn exactly as torch's CPU
 //!   `torch.Generator().manual_seed(key)` + `uniform_` draw them (kaiming-uniform, `vera_A` then
 //!   `vera_B`), so new adapters' projections also equal HF's.
-//! - Not implemented: `bias` = `"all"` / `"vera_only"` (refused when injecting).
+//! - `bias` = `"all"` / `"vera_only"` trains and saves the base biases as LoRA's `"all"` /
+//!   `"lora_only"` do (HF treats every `"<method>_only"` alike).
 
 pub mod config;
 pub mod layer;

@@ -109,17 +109,16 @@ impl PeftModel {
     /// from an RNG seeded with `seed` / 1. `fan_in_fan_out` follows each target's layout, with
     /// HF's warning when it was set otherwise.
     ///
-    /// Errors (the model then unchanged): `InvalidAdapterConfig` for `bias` other than `"none"`
-    /// (not implemented), an embedding target (HF: only `nn.Linear` and `Conv1D`), a
+    /// `bias` = `"all"` / `"vera_only"` makes every base bias / those of the VeRA layers trainable
+    /// (HF `_mark_only_adapters_as_trainable`).
+    ///
+    /// Errors (the model then unchanged): `InvalidAdapterConfig` for an embedding target (HF: only `nn.Linear` and `Conv1D`), a
     /// `projection_prng_key` or `save_projection` other than the model's other VeRA adapters'
     /// (HF's messages), shared projections smaller than a target or of another rank (HF's
     /// messages; HF 0.21 accepts a smaller `r` there but its forward then fails), a file's
     /// projections that differ from the ones the model already shares; `ShapeMismatch` for a
     /// file's projections of the wrong shape; `NoTargetModules`.
     pub(crate) fn add_vera(&mut self, name: &str, mut cfg: VeraConfig, seed: u64) -> Result<Vec<String>> {
-        if cfg.bias != "none" {
-            return Err(bad(format!("VeRA with `bias` = {:?} is not supported by peft-node yet (only \"none\")", cfg.bias)));
-        }
         if cfg.base_model_name_or_path.is_none() {
             cfg.base_model_name_or_path = self.base.info().name_or_path.clone();
         }
@@ -233,8 +232,15 @@ impl PeftModel {
             };
             planned.insert(mname, Box::new(layer));
         }
-        self.install_planned(name, cfg.into(), planned, copies, |lin, name, l| {
+        let (bias, trainable) = (cfg.bias.clone(), !cfg.inference_mode);
+        let targeted = self.install_planned(name, cfg.into(), planned, copies, |lin, name, l| {
             lin.others.insert(name, l);
-        })
+        })?;
+        // HF `_mark_only_adapters_as_trainable`: `bias="all"` trains every bias, `"vera_only"`
+        // those of the VeRA layers (saved as `<module>.base_layer.bias`).
+        if bias != "none" && trainable {
+            self.make_biases_trainable(if bias == "vera_only" { "lora_only" } else { "all" })?;
+        }
+        Ok(targeted)
     }
 }
