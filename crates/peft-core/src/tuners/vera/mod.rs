@@ -12,6 +12,9 @@
 //!   regenerated on load from `projection_prng_key`, drawn exactly as torch's CPU
 //!   `torch.Generator().manual_seed(key)` + `uniform_` draw them (kaiming-uniform, `vera_A` then
 //!   `vera_B`), so new adapters' projections also equal HF's.
+//! - Mixed batches (`adapterNames`) give each row its own adapter's VeRA delta, as for LoHa /
+//!   LoKr; HF 0.21's `VeraModel` has no such hook and ignores `adapter_names` (every row gets the
+//!   active adapter), so these batches have no HF reference.
 //! - `bias` = `"all"` / `"vera_only"` trains and saves the base biases as LoRA's `"all"` /
 //!   `"lora_only"` do (HF treats every `"<method>_only"` alike).
 
