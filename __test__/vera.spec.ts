@@ -89,7 +89,13 @@ test('VeRA: a new adapter draws torch\'s projections for its key, is a no-op at 
   // A second adapter shares the projections (smaller targets are sliced).
   fresh.addAdapter('other', new VeraConfig({ r: 4, targetModules: ['k_proj'], projectionPrngKey: 7, initWeights: false }))
   fresh.setAdapter('other')
-  t.true(maxAbsDiff((await fresh.forward({ inputIds: ROWS })).logits, base) > 1e-4, 'a random VeRA adapter changes the output')
+  const other = (await fresh.forward({ inputIds: ROWS })).logits
+  t.true(maxAbsDiff(other, base) > 1e-4, 'a random VeRA adapter changes the output')
+  // Mixed batch: each row gets its own adapter (HF 0.21's VeraModel ignores adapter_names; this is LoHa / LoKr's rule).
+  const mixed = (await fresh.forward({ inputIds: ROWS, adapterNames: ['__base__', 'other'] })).logits
+  const [, s, v] = mixed.shape
+  const row = (x: Tensor, i: number) => Tensor.from(x.toFloat32Array().slice(i * s * v, (i + 1) * s * v), [1, s, v])
+  t.true(maxAbsDiff(row(mixed, 0), row(base, 0)) < 1e-5 && maxAbsDiff(row(mixed, 1), row(other, 1)) < 1e-5, 'mixed batch rows')
   // A folder saved with save_projection=true but without projections: HF's error, naming the file.
   const broken = path.join(tmpDir(t), 'broken')
   fs.mkdirSync(broken)
