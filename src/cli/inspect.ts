@@ -99,6 +99,10 @@ async function inspectAdapter(dir: string, sub = ''): Promise<Inspection> {
   if ((cfg.peft_type === 'LOHA' || cfg.peft_type === 'LOKR') && cfg.r !== undefined) {
     Object.assign(out, { r: cfg.r, alpha: cfg.alpha ?? null })
   }
+  if (cfg.peft_type === 'VERA') {
+    // VeRA: the shared projections (`base_model.vera_A` / `vera_B`) are saved only with save_projection.
+    Object.assign(out, { r: cfg.r ?? 256, projectionPrngKey: cfg.projection_prng_key ?? 0, saveProjection: cfg.save_projection ?? true })
+  }
   if (cfg.num_virtual_tokens !== undefined) out.numVirtualTokens = cfg.num_virtual_tokens
   Object.assign(out, {
     targetModules: cfg.target_modules ?? null,

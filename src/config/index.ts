@@ -12,12 +12,14 @@ import { MultitaskPromptTuningConfig } from './multitask-prompt-tuning'
 import { PromptEncoderConfig } from './p-tuning'
 import { PrefixTuningConfig } from './prefix-tuning'
 import { PromptTuningConfig } from './prompt-tuning'
+import { VeraConfig } from './vera'
 
 export type { TaskType } from './base'
 export { LoraConfig, HF_LORA_DEFAULTS, type LoraConfigOptions } from './lora'
 export { IA3Config, type IA3ConfigOptions } from './ia3'
 export { LoHaConfig, type LoHaConfigOptions } from './loha'
 export { LoKrConfig, type LoKrConfigOptions } from './lokr'
+export { VeraConfig, type VeraConfigOptions } from './vera'
 export type { PromptLearningConfigOptions } from './prompt-learning'
 export { PrefixTuningConfig, type PrefixTuningConfigOptions } from './prefix-tuning'
 export { PromptTuningConfig, type PromptTuningConfigOptions } from './prompt-tuning'
@@ -30,6 +32,7 @@ const REGISTRY = {
   IA3: IA3Config,
   LOHA: LoHaConfig,
   LOKR: LoKrConfig,
+  VERA: VeraConfig,
   PREFIX_TUNING: PrefixTuningConfig,
   PROMPT_TUNING: PromptTuningConfig,
   P_TUNING: PromptEncoderConfig,

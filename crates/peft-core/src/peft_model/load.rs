@@ -96,6 +96,7 @@ impl PeftModel {
         let mut cfg = cfg;
         cfg.add_task_head_modules();
         let tuner = cfg.tuner();
+        tuner.prepare_load(self, &mut cfg, &mut tensors, &wpath)?;
         if cfg.is_prompt_learning() {
             ctl.check()?; // the last point before the model changes
             if let Some(r) = tuner.load(self, name, &cfg, &mut tensors, &wpath) {
@@ -201,9 +202,9 @@ impl PeftModel {
                 msg: format!("no tensor of the file matches the adapter's modules (unexpected keys: {:?})", &result.unexpected_keys[..result.unexpected_keys.len().min(5)]),
             });
         }
-        let (bias_mode, trainable) = match cfg.as_lora() {
-            Some(c) => (c.bias.clone(), !c.inference_mode),
-            None => ("none".to_string(), false),
+        let (bias_mode, trainable) = match crate::tuners::lora::config_bias_mode(&cfg).as_str() {
+            "none" => ("none".to_string(), false),
+            b => (b.to_string(), !cfg.inference_mode()),
         };
         ctl.check()?; // the last point before the model changes
         self.add_adapter(name, cfg, 0)?;

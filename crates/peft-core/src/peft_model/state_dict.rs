@@ -176,6 +176,8 @@ impl PeftModel {
                 out.push((format!("{KEY_PREFIX}{m}.{p}"), v.as_tensor().detach()));
             }
         }
+        let cfg = self.peft_config(name)?;
+        out.extend(cfg.tuner().shared_state_dict(self, name, cfg)?);
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
     }

@@ -87,6 +87,12 @@ pub trait AdapterLayer: Send + Sync + std::fmt::Debug {
     /// The contribution `x ΔWᵀ` (or the tuner's cheaper equivalent) for input `x` `[..., in]`,
     /// `[..., out]` f32, tracked while `ctx.train`.
     fn forward_delta(&self, lin: &PeftLinear, x: &Tensor, ctx: &LinearCtx) -> Result<Tensor>;
+    /// Model-level buffers this layer references (HF `uses_shared_state`: VeRA's `vera_A` /
+    /// `vera_B`, shared by every layer and adapter of the model), by HF's attribute name. Empty
+    /// for tuners whose layers own all their state.
+    fn shared_tensors(&self) -> Vec<(&'static str, Tensor)> {
+        vec![]
+    }
     /// A boxed copy.
     fn clone_box(&self) -> Box<dyn AdapterLayer>;
 }

@@ -17,6 +17,7 @@ pub mod lora;
 pub mod lycoris;
 pub mod prompt;
 pub mod registry;
+pub mod vera;
 
 pub use config::{AdapterConfig, TunerConfig};
 pub use ia3::Ia3Config;
@@ -24,3 +25,4 @@ pub use linear::{LoraAdapter, PeftLinear, RowAdapters};
 pub use lora::{init, weighted};
 pub use lora::{InitLoraWeights, LoraConfig, TargetModules};
 pub use prompt::{PromptEncoder, PromptLearningConfig, PromptMethod};
+pub use vera::VeraConfig;

@@ -40,6 +40,21 @@ pub trait Tuner: Sync {
         let _ = (cfg, task, m, lin);
         vec![]
     }
+    /// Called by `load_adapter` with the file's tensors before its keys are matched to the
+    /// model: a tuner with model-level state (HF `uses_shared_state`, VeRA's projections) takes
+    /// its tensors out of `tensors` into `cfg` for [`Tuner::inject`].
+    ///
+    /// Errors: the tuner's (a missing tensor the config requires).
+    fn prepare_load(&self, model: &mut PeftModel, cfg: &mut AdapterConfig, tensors: &mut Vec<(String, Tensor)>, wpath: &Path) -> Result<()> {
+        let _ = (model, cfg, tensors, wpath);
+        Ok(())
+    }
+    /// Model-level tensors saved with adapter `name` besides its layers' slots, under their
+    /// on-disk keys (VeRA: `base_model.vera_A` / `base_model.vera_B`).
+    fn shared_state_dict(&self, model: &PeftModel, name: &str, cfg: &AdapterConfig) -> Result<Vec<(String, Tensor)>> {
+        let _ = (model, name, cfg);
+        Ok(vec![])
+    }
     /// Tuners that do not live in layers (prompt learning) load their own tensors; `None` means
     /// the generic layer loading applies.
     fn load(&self, model: &mut PeftModel, name: &str, cfg: &AdapterConfig, tensors: &mut Vec<(String, Tensor)>, wpath: &Path) -> Option<Result<LoadResult>> {
@@ -49,7 +64,7 @@ pub trait Tuner: Sync {
 }
 
 /// Every registered tuner.
-pub static TUNERS: &[&dyn Tuner] = &[&super::lora::LoraTuner, &super::ia3::Ia3Tuner, &super::loha::TUNER, &super::lokr::TUNER, &super::prompt::PromptTuner];
+pub static TUNERS: &[&dyn Tuner] = &[&super::lora::LoraTuner, &super::ia3::Ia3Tuner, &super::loha::TUNER, &super::lokr::TUNER, &super::vera::TUNER, &super::prompt::PromptTuner];
 
 /// The tuner registered for `peft_type`.
 pub fn tuner_for(peft_type: &str) -> Option<&'static dyn Tuner> {

@@ -12,6 +12,7 @@ pub mod config;
 pub mod init;
 pub mod layer;
 mod model;
+pub(crate) use model::config_bias_mode;
 pub mod weighted;
 
 pub use config::*;

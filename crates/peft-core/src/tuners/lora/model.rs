@@ -153,7 +153,7 @@ impl PeftModel {
             if !lin.saved_copies.is_empty() {
                 continue;
             }
-            if !lin.adapters.is_empty() {
+            if lin.has_adapters() {
                 out.push((format!("{KEY_PREFIX}{m}.base_layer.bias"), b.clone()));
             } else if mode == "all" {
                 out.push((format!("{KEY_PREFIX}{m}.bias"), b.clone()));
@@ -177,7 +177,7 @@ impl PeftModel {
             Ok(())
         };
         for (_, lin) in self.base.named_linears_mut() {
-            if !lin.saved_copies.is_empty() || (mode == "lora_only" && lin.adapters.is_empty()) {
+            if !lin.saved_copies.is_empty() || (mode == "lora_only" && !lin.has_adapters()) {
                 continue;
             }
             if let Some(b) = lin.bias.as_mut() {
@@ -192,8 +192,22 @@ impl PeftModel {
         Ok(())
     }
 
-    /// The `bias` setting of adapter `name` (`"none"` for non-LoRA adapters).
+    /// The `bias` setting of adapter `name` (see [`config_bias_mode`]).
     pub(crate) fn bias_mode(&self, name: &str) -> String {
-        self.peft_config(name).ok().and_then(|c| c.as_lora()).map(|c| c.bias.clone()).unwrap_or_else(|| "none".into())
+        self.peft_config(name).map(config_bias_mode).unwrap_or_else(|_| "none".into())
+    }
+}
+
+/// The `bias` setting of a config as the bias helpers read it: LoRA's `"none"` / `"all"` /
+/// `"lora_only"`; VeRA's `"vera_only"` reads as `"lora_only"` (HF treats every `"<method>_only"`
+/// alike: the biases of the adapted layers); `"none"` for tuners without the field.
+pub(crate) fn config_bias_mode(cfg: &crate::tuners::AdapterConfig) -> String {
+    if let Some(c) = cfg.as_lora() {
+        return c.bias.clone();
+    }
+    match cfg.get::<crate::tuners::VeraConfig>().map(|c| c.bias.as_str()) {
+        Some("vera_only") => "lora_only".into(),
+        Some(b) => b.into(),
+        None => "none".into(),
     }
 }

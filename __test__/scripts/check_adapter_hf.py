@@ -1,0 +1,27 @@
+"""Load an adapter folder written by peft-node with HF PEFT (PeftModel.from_pretrained over a
+transformers base) and write its logits for given token ids, so that a test can compare them with
+peft-node's.
+
+Usage: python check_adapter_hf.py <base-model-dir> <adapter-dir> <ids-json> <out.f32>
+  ids-json: [[id, ...], ...] (rows of equal length); out.f32 receives the logits, float32
+  little-endian, shape [rows, seq, vocab]. Prints one JSON line: {"shape": [...], "peft_type": ...,
+  "trainable": n, "total": n} (parameter counts of the loaded model with is_trainable=True).
+"""
+import json
+import sys
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+base_dir, adapter_dir, ids_json, out = sys.argv[1:5]
+torch.set_num_threads(1)
+base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, attn_implementation="eager").eval()
+model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True).eval()
+ids = torch.tensor(json.loads(ids_json), dtype=torch.long)
+with torch.no_grad():
+    logits = model(input_ids=ids).logits.float().numpy()
+logits.astype("<f4").tofile(out)
+trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+total = sum(p.numel() for p in model.parameters())
+print(json.dumps({"shape": list(logits.shape), "peft_type": str(model.peft_config["default"].peft_type.value), "trainable": trainable, "total": total}))

@@ -1,0 +1,153 @@
+//! `VeraConfig`: HF PEFT 0.21's VeRA config (`peft.tuners.vera.config.VeraConfig`; Kopiczko et
+//! al. 2024, "VeRA: Vector-based Random Matrix Adaptation"). Each targeted linear layer gets two
+//! trainable vectors, `vera_lambda_d` `[r]` and `vera_lambda_b` `[out]`, over one pair of frozen
+//! random projections shared by the whole model (`vera_A` `[r, max_in]`, `vera_B` `[max_out, r]`,
+//! saved as `base_model.vera_A` / `base_model.vera_B` when `save_projection`). See
+//! [`super::layer`] for the forward and `ΔW`.
+
+use super::layer::Projections;
+use crate::error::Result;
+use crate::targeting::{targets_from_json, TargetModules};
+use crate::tuners::config::RawConfig;
+use crate::tuners::lora::MAX_RANK;
+use serde_json::{json, Map, Number, Value};
+use std::path::Path;
+
+/// HF PEFT 0.21 defaults of every `VeraConfig` field, as written to adapter_config.json.
+pub fn hf_vera_defaults() -> Map<String, Value> {
+    match json!({
+        "auto_mapping": null, "base_model_name_or_path": null, "bias": "none", "d_initial": 0.1,
+        "fan_in_fan_out": false, "inference_mode": false, "init_weights": true, "layers_pattern": null,
+        "layers_to_transform": null, "modules_to_save": null, "peft_type": "VERA", "peft_version": "0.21.0",
+        "projection_prng_key": 0, "r": 256, "revision": null, "save_projection": true, "target_modules": null,
+        "task_type": null, "vera_dropout": 0.0
+    }) {
+        Value::Object(m) => m,
+        _ => unreachable!(),
+    }
+}
+
+/// HF PEFT's `VeraConfig`. See the module docs.
+#[derive(Debug, Clone)]
+pub struct VeraConfig {
+    /// The rank: rows of `vera_A`, columns of `vera_B`, length of `vera_lambda_d` (HF default 256).
+    pub r: usize,
+    pub target_modules: TargetModules,
+    /// Seed of the projections' `torch.Generator` (kaiming-uniform `vera_A` then `vera_B`); all
+    /// VeRA adapters of a model must share it (HF).
+    pub projection_prng_key: i64,
+    /// Save the projections in adapter_model.safetensors (`base_model.vera_A` / `vera_B`); when
+    /// false they are regenerated from `projection_prng_key` on load.
+    pub save_projection: bool,
+    /// Dropout on the adapter's input while training.
+    pub vera_dropout: f64,
+    /// The initial value of every `vera_lambda_d` entry (`init_weights=true`).
+    pub d_initial: f64,
+    /// Base weight stored `[in, out]` (GPT-2 `Conv1D`); HF sets it per target layer type.
+    pub fan_in_fan_out: bool,
+    /// `"none"`, `"all"` or `"vera_only"`.
+    pub bias: String,
+    /// `true`: `lambda_b = 0`, `lambda_d = d_initial` (a no-op); `false`: `lambda_b = 1`,
+    /// `lambda_d ~ N(0, 1)`.
+    pub init_weights: bool,
+    pub layers_to_transform: Option<Vec<usize>>,
+    pub layers_pattern: Option<Vec<String>>,
+    pub modules_to_save: Option<Vec<String>>,
+    pub task_type: Option<String>,
+    pub base_model_name_or_path: Option<String>,
+    pub inference_mode: bool,
+    /// Projections read from an adapter file, used by the injection that loads it (never
+    /// written to JSON; cleared once the adapter is injected).
+    pub(crate) loaded_projections: Option<Projections>,
+    raw: Map<String, Value>,
+    unknown: Vec<String>,
+}
+
+impl PartialEq for VeraConfig {
+    fn eq(&self, other: &Self) -> bool {
+        self.to_json() == other.to_json()
+    }
+}
+
+impl VeraConfig {
+    /// Build from an adapter_config.json object (missing fields take HF's defaults). Errors:
+    /// `InvalidAdapterConfig` naming the field: wrong types, `r` outside 1..=2^16, `vera_dropout`
+    /// outside [0, 1), `bias` other than `none` / `all` / `vera_only`, a `projection_prng_key`
+    /// that is not an integer, `layers_pattern` without `layers_to_transform`.
+    pub fn from_json(v: &Value, path: Option<&Path>) -> Result<Self> {
+        let rc = RawConfig::parse(v, path, hf_vera_defaults(), &["VERA"], "a VeraConfig")?;
+        let raw = &rc.raw;
+        let r = raw["r"].as_u64().filter(|r| *r >= 1 && *r as usize <= MAX_RANK)
+            .ok_or_else(|| rc.bad(format!("`r` should be a positive integer value (at most {MAX_RANK}), found {}", raw["r"])))? as usize;
+        let vera_dropout = raw["vera_dropout"].as_f64().filter(|p| (0.0..1.0).contains(p))
+            .ok_or_else(|| rc.bad(format!("`vera_dropout` must be a number in [0, 1), found {}", raw["vera_dropout"])))?;
+        let d_initial = raw["d_initial"].as_f64().ok_or_else(|| rc.bad(format!("`d_initial` must be a number, found {}", raw["d_initial"])))?;
+        let projection_prng_key = raw["projection_prng_key"].as_i64()
+            .ok_or_else(|| rc.bad(format!("`projection_prng_key` must be an integer, found {}", raw["projection_prng_key"])))?;
+        let bias = match raw["bias"].as_str() {
+            Some(b @ ("none" | "all" | "vera_only")) => b.to_string(),
+            _ => return Err(rc.bad(format!("`bias` must be \"none\", \"all\" or \"vera_only\", found {}", raw["bias"]))),
+        };
+        let target_modules = targets_from_json(&raw["target_modules"], "target_modules")
+            .map_err(|m| rc.bad(m))?
+            .ok_or_else(|| rc.bad("`target_modules` must be given (a list of module names, a regex string or \"all-linear\")".into()))?;
+        let (layers_to_transform, layers_pattern) = rc.layers()?;
+        Ok(VeraConfig {
+            r,
+            target_modules,
+            projection_prng_key,
+            save_projection: rc.bool("save_projection")?,
+            vera_dropout,
+            d_initial,
+            fan_in_fan_out: rc.bool("fan_in_fan_out")?,
+            bias,
+            init_weights: rc.bool("init_weights")?,
+            layers_to_transform,
+            layers_pattern,
+            modules_to_save: rc.modules_to_save()?,
+            task_type: rc.opt_str("task_type"),
+            base_model_name_or_path: rc.opt_str("base_model_name_or_path"),
+            inference_mode: rc.bool("inference_mode")?,
+            loaded_projections: None,
+            unknown: rc.unknown.clone(),
+            raw: rc.raw.clone(),
+        })
+    }
+
+    /// The module-targeting rule of this config (VeRA has no `exclude_modules`).
+    pub fn rule(&self) -> crate::targeting::Rule<'_> {
+        crate::targeting::Rule {
+            targets: &self.target_modules,
+            exclude: None,
+            layers: self.layers_to_transform.as_deref(),
+            layers_pattern: self.layers_pattern.as_deref(),
+            saved: self.modules_to_save.as_deref().unwrap_or(&[]),
+        }
+    }
+
+    /// Fields of the source JSON that HF's VeraConfig does not have.
+    pub fn unknown_fields(&self) -> &[String] {
+        &self.unknown
+    }
+
+    /// The config as HF's adapter_config.json object.
+    pub fn to_json(&self) -> Value {
+        let mut m = self.raw.clone();
+        // Python float fields: HF writes `0.0`, never `0` (JSON from JS loses the distinction).
+        for (k, p) in [("vera_dropout", self.vera_dropout), ("d_initial", self.d_initial)] {
+            m.insert(k.into(), Number::from_f64(p).map(Value::Number).unwrap_or(Value::Null));
+        }
+        m.insert("fan_in_fan_out".into(), Value::Bool(self.fan_in_fan_out));
+        let mut v = crate::tuners::config::layer_config_json(m, self, &None);
+        // VeraConfig has no `exclude_modules` field (the shared writer adds it).
+        if let Value::Object(o) = &mut v {
+            match self.raw.get("exclude_modules") {
+                Some(x) => o.insert("exclude_modules".into(), x.clone()),
+                None => o.remove("exclude_modules"),
+            };
+        }
+        v
+    }
+}
+
+crate::tuners::config::impl_tuner_config!(VeraConfig, "VERA");
