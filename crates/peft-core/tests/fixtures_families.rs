@@ -691,7 +691,8 @@ fn smollm3_config_and_modules() {
 /// and through the loader), never a panic.
 #[test]
 fn smollm3_bad_configs_are_coded_errors() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Edit)> = vec![
         ("no_rope_layers", Box::new(|v: &mut serde_json::Value| v["no_rope_layers"] = serde_json::json!([1, 1, 0]))),
         ("no_rope_layers", Box::new(|v: &mut serde_json::Value| v["no_rope_layers"] = serde_json::json!([])),),
         ("no_rope_layers[2]", Box::new(|v: &mut serde_json::Value| v["no_rope_layers"] = serde_json::json!([1, 1, 2, 0]))),
