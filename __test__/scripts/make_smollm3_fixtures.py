@@ -27,11 +27,9 @@ import fixture_common as fc
 
 fc.start()  # PYTHONHASHSEED=0, in the fixtures root
 
-import numpy as np
 import torch
 import gguf
 from transformers import SmolLM3Config, SmolLM3ForCausalLM
-from fixture_common import byte_tokens, permute
 
 
 S = 12
@@ -63,50 +61,8 @@ def inputs(seed, b=2, s=S):
 
 def write_gguf():
     # convert_hf_to_gguf.py: SmolLM3Model(LlamaModel) with model_arch SMOLLM3 (LlamaModel's
-    # parameters and tensors, q/k permuted).
-    from safetensors.numpy import load_file
-    cfg = json.load(open("models/smollm3/config.json"))
-    w = load_file("models/smollm3/model.safetensors")
-    H, NH, NKV = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    HD = H // NH
-    g = gguf.GGUFWriter("models/smollm3.gguf", gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.SMOLLM3])
-    g.add_name("tiny-smollm3-fixture")
-    g.add_context_length(cfg["max_position_embeddings"])
-    g.add_embedding_length(H)
-    g.add_block_count(cfg["num_hidden_layers"])
-    g.add_feed_forward_length(cfg["intermediate_size"])
-    g.add_rope_dimension_count(HD)
-    g.add_head_count(NH)
-    g.add_head_count_kv(NKV)
-    g.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    g.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
-    g.add_vocab_size(cfg["vocab_size"])
-    g.add_file_type(gguf.LlamaFileType.ALL_F32)
-    tokens = byte_tokens()
-    g.add_tokenizer_model("gpt2")
-    g.add_tokenizer_pre("gpt-2")
-    g.add_token_list(tokens)
-    g.add_token_types([gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.NORMAL] * 253)
-    g.add_token_merges(["Ġ t"])
-    g.add_bos_token_id(cfg["bos_token_id"])
-    g.add_eos_token_id(cfg["eos_token_id"])
-    g.add_pad_token_id(cfg["pad_token_id"])
-    g.add_add_bos_token(False)
-    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-    g.add_tensor("token_embd.weight", w["model.embed_tokens.weight"].astype(np.float32))
-    for i in range(cfg["num_hidden_layers"]):
-        for hf, gg in names.items():
-            t = w[f"model.layers.{i}.{hf}.weight"].astype(np.float32)
-            if gg == "attn_q":
-                t = permute(t, NH)
-            elif gg == "attn_k":
-                t = permute(t, NKV)
-            g.add_tensor(f"blk.{i}.{gg}.weight", np.ascontiguousarray(t))
-    g.add_tensor("output_norm.weight", w["model.norm.weight"].astype(np.float32))
-    assert cfg["tie_word_embeddings"]
-    fc.finish_gguf(g)
+    # parameters and tensors, q/k permuted; no head_dim in config.json, so no key/value length).
+    fc.write_decoder_gguf("smollm3", gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.SMOLLM3])
 
 
 def nope_effect(seed):
