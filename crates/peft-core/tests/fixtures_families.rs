@@ -720,6 +720,13 @@ fn smollm3_bad_configs_are_coded_errors() {
         assert_eq!(e.code(), "ERR_MODEL_CONFIG_INVALID", "{key} (loader): {e}");
         remove_dir(&dir);
     }
+    // A config built in code with flags for another number of layers.
+    let t = candle_core::safetensors::load(fixtures_dir().join("models/smollm3/model.safetensors"), &Device::Cpu).unwrap();
+    let mut c = hf_config("smollm3");
+    c.rope_layers = Some(vec![true; 3]);
+    let e = peft_core::model::llama::LlamaForCausalLM::from_tensors(c, t, DType::F32, &Device::Cpu).err().expect("refused");
+    assert_eq!(e.code(), "ERR_MODEL_CONFIG_INVALID", "{e}");
+    assert!(e.to_string().contains("no_rope_layers"), "{e}");
 }
 
 /// The NoPE layer matters: the same weights with every layer applying RoPE give other logits

@@ -119,7 +119,7 @@ pub const LLAMA_ARCHITECTURES: &[&str] = &[
 /// `layer_types` may only name `full_attention` (sliding-window layers are not supported).
 ///
 /// Errors: `InvalidModelConfig` naming the key for a `no_rope_layers` that is not a list of 0/1
-/// or is shorter than `num_hidden_layers`, an `no_rope_layer_interval` of 0 or not an integer,
+/// or is shorter than `num_hidden_layers`, a `no_rope_layer_interval` of 0 or not an integer,
 /// or a `layer_types` entry other than `full_attention`.
 pub(crate) fn smollm3_rope_layers(v: &Value, layers: usize, path: &Path) -> Result<Vec<bool>> {
     let bad = |msg: String| PeftError::InvalidModelConfig { path: path.to_path_buf(), msg };

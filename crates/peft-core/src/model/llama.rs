@@ -74,7 +74,8 @@ struct Ctx<'a> {
 impl LlamaForCausalLM {
     /// Build from HF-named tensors (`model.embed_tokens.weight`, ...), converted to `dtype`.
     ///
-    /// Errors: `ShapeMismatch` / `InvalidModelConfig` naming the missing or misshapen tensor.
+    /// Errors: `ShapeMismatch` / `InvalidModelConfig` naming the missing or misshapen tensor;
+    /// `InvalidModelConfig` for [`LlamaConfig::rope_layers`] of another length than the layers.
     pub fn from_tensors(config: LlamaConfig, t: HashMap<String, Tensor>, dtype: DType, device: &Device) -> Result<Self> {
         Self::from_tensors_for(config, t, dtype, device, Task::CausalLm, None)
     }
@@ -88,6 +89,9 @@ impl LlamaForCausalLM {
     pub fn from_tensors_for(config: LlamaConfig, mut t: HashMap<String, Tensor>, dtype: DType, device: &Device, task: Task, num_labels: Option<usize>) -> Result<Self> {
         let c = &config;
         let path = config_name(c);
+        if let Some(r) = c.rope_layers.as_ref().filter(|r| r.len() != c.num_hidden_layers) {
+            return Err(PeftError::InvalidModelConfig { path, msg: format!("`no_rope_layers` has {} entries for {} layers", r.len(), c.num_hidden_layers) });
+        }
         let mut take = |name: &str, shape: &[usize]| super::take_weight(&mut t, &[name], name, shape, dtype, device, &path);
         let h = c.hidden_size;
         let hd = c.head_dim;
