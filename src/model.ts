@@ -2,8 +2,8 @@
  * Base models and tokenizers: `AutoModelForCausalLM.fromPretrained(pathOrGguf)` (and the other
  * `AutoModelFor*` loaders, one per task head) and `AutoTokenizer.fromPretrained(pathOrGguf)`. A
  * model folder is a Hugging Face folder (config.json + model.safetensors or a sharded index); a
- * `.gguf` file is dequantized at load. Supported architectures: Llama (incl. Llama 3.x rope scaling), Mistral, Qwen2 and Qwen3
- * (causal LM, sequence classification), Gemma 3 text (`Gemma3ForCausalLM`, causal LM; its GGUF loads without a
+ * `.gguf` file is dequantized at load. Supported architectures: Llama (incl. Llama 3.x rope scaling), Mistral, Qwen2, Qwen3
+ * and SmolLM3 (its NoPE layers; causal LM, sequence classification), Gemma 3 text (`Gemma3ForCausalLM`, causal LM; its GGUF loads without a
  * tokenizer), Phi-3 / Phi-3.5 / Phi-4-mini (`Phi3ForCausalLM`, causal LM; fused `qkv_proj` / `gate_up_proj`
  * addressed as in HF PEFT), GPT-2 (causal LM, sequence classification), BERT,
  * RoBERTa and DistilBERT (sequence / token classification, question answering, feature

@@ -1,8 +1,9 @@
 """What the fixture generators share (make_family_fixtures.py, make_gemma3_fixtures.py,
-make_phi3_fixtures.py, make_lokr_fixtures.py, make_loha_fixtures.py, make_weighted_fixtures.py,
-make_hotswap_fixtures.py, make_scale_fixtures.py): the reproducible start, the test batches,
-greedy generation, gradients keyed by the on-disk adapter key, seeded adapters saved as HF writes
-them, the LoRA and prefix-tuning cases of the decoder families, and the GGUF helpers.
+make_phi3_fixtures.py, make_smollm3_fixtures.py, make_lokr_fixtures.py, make_loha_fixtures.py,
+make_weighted_fixtures.py, make_hotswap_fixtures.py, make_scale_fixtures.py): the reproducible
+start, the test batches, greedy generation, gradients keyed by the on-disk adapter key, seeded
+adapters saved as HF writes them, the LoRA and prefix-tuning cases of the decoder families, and
+the GGUF helpers (the Llama-layout writer shared by the llama / qwen3 / smollm3 GGUFs).
 
 Importing it changes nothing; a generator calls `start()` first (before torch is imported by
 anything else it needs), which re-executes it with PYTHONHASHSEED=0 and enters the fixtures root.
@@ -206,3 +207,89 @@ def finish_gguf(g):
     g.write_kv_data_to_file()
     g.write_tensors_to_file()
     g.close()
+
+
+def llama3_rope_factors(cfg):
+    """convert_hf_to_gguf.py LlamaModel.generate_extra_tensors: llama.cpp divides each RoPE frequency by its factor."""
+    import math
+    import numpy as np
+    import torch
+    rp = cfg["rope_parameters"]
+    base, dim = rp["rope_theta"], cfg["head_dim"]
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor, lo, hi, old = rp["factor"], rp["low_freq_factor"], rp["high_freq_factor"], rp["original_max_position_embeddings"]
+    low_wl, high_wl = old / lo, old / hi
+    out = []
+    for f in freqs:
+        wl = 2 * math.pi / f
+        if wl < high_wl:
+            out.append(1)
+        elif wl > low_wl:
+            out.append(factor)
+        else:
+            smooth = (old / wl - lo) / (hi - lo)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.array(out, dtype=np.float32)
+
+
+def write_decoder_gguf(name, arch):
+    """`models/<name>.gguf` from the HF folder `models/<name>`, as convert_hf_to_gguf.py's `LlamaModel`
+    (and its subclasses) writes a Llama-layout decoder: arch `llama` and `smollm3` (`SmolLM3Model(LlamaModel)`)
+    with q/k rows permuted, `qwen3` without (NEOX RoPE) and with attn_q_norm / attn_k_norm; key/value
+    lengths only where config.json states `head_dim`; llama3 scaling as `rope_freqs.weight`; no
+    `output.weight` when tied; the byte-level BPE (`gpt2`) vocabulary of `byte_tokens()`."""
+    import json
+    import numpy as np
+    import gguf
+    from safetensors.numpy import load_file
+    cfg = json.load(open(f"models/{name}/config.json"))
+    w = load_file(f"models/{name}/model.safetensors")
+    H, NH, NKV = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    HD = cfg.get("head_dim") or H // NH
+    g = gguf.GGUFWriter(f"models/{name}.gguf", arch)
+    g.add_name(f"tiny-{name}-fixture")
+    g.add_context_length(cfg["max_position_embeddings"])
+    g.add_embedding_length(H)
+    g.add_block_count(cfg["num_hidden_layers"])
+    g.add_feed_forward_length(cfg["intermediate_size"])
+    g.add_rope_dimension_count(HD)
+    g.add_head_count(NH)
+    g.add_head_count_kv(NKV)
+    if "head_dim" in cfg:
+        g.add_key_length(HD)
+        g.add_value_length(HD)
+    g.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    g.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
+    g.add_vocab_size(cfg["vocab_size"])
+    g.add_file_type(gguf.LlamaFileType.ALL_F32)
+    tokens = byte_tokens()
+    g.add_tokenizer_model("gpt2")
+    g.add_tokenizer_pre("gpt-2")
+    g.add_token_list(tokens)
+    g.add_token_types([gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.NORMAL] * 253)
+    g.add_token_merges(["Ġ t"])
+    g.add_bos_token_id(cfg["bos_token_id"])
+    g.add_eos_token_id(cfg["eos_token_id"])
+    g.add_pad_token_id(cfg["pad_token_id"])
+    g.add_add_bos_token(False)
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    if arch == "qwen3":
+        names.update({"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"})
+    permuted = arch in ("llama", "smollm3")
+    if cfg["rope_parameters"].get("rope_type") == "llama3":
+        g.add_tensor("rope_freqs.weight", llama3_rope_factors(cfg))
+    g.add_tensor("token_embd.weight", w["model.embed_tokens.weight"].astype(np.float32))
+    for i in range(cfg["num_hidden_layers"]):
+        for hf, gg in names.items():
+            t = w[f"model.layers.{i}.{hf}.weight"].astype(np.float32)
+            if permuted and gg == "attn_q":
+                t = permute(t, NH)
+            elif permuted and gg == "attn_k":
+                t = permute(t, NKV)
+            g.add_tensor(f"blk.{i}.{gg}.weight", np.ascontiguousarray(t))
+    g.add_tensor("output_norm.weight", w["model.norm.weight"].astype(np.float32))
+    if not cfg.get("tie_word_embeddings"):
+        g.add_tensor("output.weight", w["lm_head.weight"].astype(np.float32))
+    finish_gguf(g)

@@ -18,17 +18,13 @@ downloads. Run with torch 2.13 + transformers 5.18 + peft 0.21 + gguf from PyPI:
 """
 
 import json
-import math
 
 import fixture_common as fc
 
 fc.start()  # PYTHONHASHSEED=0, in the fixtures root
 
-import numpy as np
 import torch
-import gguf
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
-from fixture_common import byte_tokens, greedy, permute
 
 
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -66,79 +62,10 @@ def inputs(seed, vocab=256, b=2, s=S):
     return fc.padded_inputs(seed, vocab, 3, b, s)
 
 
-# --- GGUF (PyPI gguf = llama.cpp's gguf-py) ---------------------------------------------------
-
-def llama3_rope_factors(cfg):
-    # convert_hf_to_gguf.py LlamaModel.generate_extra_tensors (llama.cpp divides each frequency by its factor)
-    rp = cfg["rope_parameters"]
-    base, dim = rp["rope_theta"], cfg["head_dim"]
-    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    factor, lo, hi, old = rp["factor"], rp["low_freq_factor"], rp["high_freq_factor"], rp["original_max_position_embeddings"]
-    low_wl, high_wl = old / lo, old / hi
-    out = []
-    for f in freqs:
-        wl = 2 * math.pi / f
-        if wl < high_wl:
-            out.append(1)
-        elif wl > low_wl:
-            out.append(factor)
-        else:
-            smooth = (old / wl - lo) / (hi - lo)
-            out.append(1 / ((1 - smooth) / factor + smooth))
-    return np.array(out, dtype=np.float32)
-
+# --- GGUF: fixture_common.write_decoder_gguf (arch `llama` / `qwen3`) ---------------------------
 
 def write_gguf(name):
-    from safetensors.numpy import load_file
-    cfg = json.load(open(f"models/{name}/config.json"))
-    w = load_file(f"models/{name}/model.safetensors")
-    arch = "qwen3" if name == "qwen3" else "llama"
-    H, NH, NKV, HD = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
-    g = gguf.GGUFWriter(f"models/{name}.gguf", arch)
-    g.add_name(f"tiny-{name}-fixture")
-    g.add_context_length(cfg["max_position_embeddings"])
-    g.add_embedding_length(H)
-    g.add_block_count(cfg["num_hidden_layers"])
-    g.add_feed_forward_length(cfg["intermediate_size"])
-    g.add_rope_dimension_count(HD)
-    g.add_head_count(NH)
-    g.add_head_count_kv(NKV)
-    g.add_key_length(HD)
-    g.add_value_length(HD)
-    g.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
-    g.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
-    g.add_vocab_size(cfg["vocab_size"])
-    g.add_file_type(gguf.LlamaFileType.ALL_F32)
-    tokens = byte_tokens()
-    g.add_tokenizer_model("gpt2")
-    g.add_tokenizer_pre("gpt-2")
-    g.add_token_list(tokens)
-    g.add_token_types([gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.NORMAL] * 253)
-    g.add_token_merges(["Ġ t"])
-    g.add_bos_token_id(cfg["bos_token_id"])
-    g.add_eos_token_id(cfg["eos_token_id"])
-    g.add_pad_token_id(cfg["pad_token_id"])
-    g.add_add_bos_token(False)
-    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
-    if arch == "qwen3":
-        names.update({"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"})
-    if cfg["rope_parameters"].get("rope_type") == "llama3":
-        g.add_tensor("rope_freqs.weight", llama3_rope_factors(cfg))
-    g.add_tensor("token_embd.weight", w["model.embed_tokens.weight"].astype(np.float32))
-    for i in range(cfg["num_hidden_layers"]):
-        for hf, gg in names.items():
-            t = w[f"model.layers.{i}.{hf}.weight"].astype(np.float32)
-            if arch == "llama" and gg == "attn_q":
-                t = permute(t, NH)
-            elif arch == "llama" and gg == "attn_k":
-                t = permute(t, NKV)
-            g.add_tensor(f"blk.{i}.{gg}.weight", np.ascontiguousarray(t))
-    g.add_tensor("output_norm.weight", w["model.norm.weight"].astype(np.float32))
-    if not cfg.get("tie_word_embeddings"):
-        g.add_tensor("output.weight", w["lm_head.weight"].astype(np.float32))
-    fc.finish_gguf(g)
+    fc.write_decoder_gguf(name, "qwen3" if name == "qwen3" else "llama")
 
 
 # --- cases --------------------------------------------------------------------------------------

@@ -380,10 +380,11 @@ pub(crate) fn decoder_hf_name(name: &str, module: impl Fn(&str) -> Option<(&'sta
 }
 
 /// The head count whose q/k row permutation llama.cpp applied to GGUF tensor `name`: the
-/// attention heads for `attn_q`, the KV heads for `attn_k`, for the `llama` architecture only
-/// (its NEOX-RoPE architectures, Qwen2/Qwen3, keep Hugging Face's order); `None` otherwise.
+/// attention heads for `attn_q`, the KV heads for `attn_k`, for the `llama` and `smollm3`
+/// architectures only (convert_hf_to_gguf.py's `SmolLM3Model` is a `LlamaModel`; the NEOX-RoPE
+/// architectures, Qwen2/Qwen3, keep Hugging Face's order); `None` otherwise.
 fn permuted_heads(config: &LlamaConfig, name: &str) -> Option<usize> {
-    if config.model_type != "llama" {
+    if config.model_type != "llama" && config.model_type != "smollm3" {
         return None;
     }
     if name.contains(".attn_q.") {
@@ -463,9 +464,12 @@ fn opt_uint(content: &gguf_file::Content, key: &str, path: &Path) -> Result<Opti
     }
 }
 
-/// Build a [`LlamaConfig`] from the metadata of a `general.architecture = "llama"` or `"qwen3"`
-/// GGUF file (for `qwen3` the keys below are prefixed `qwen3.` instead of `llama.`, and the
-/// config gets `qk_norm`).
+/// Build a [`LlamaConfig`] from the metadata of a `general.architecture = "llama"`, `"qwen3"`
+/// or `"smollm3"` GGUF file (for `qwen3` / `smollm3` the keys below are prefixed with the
+/// architecture instead of `llama.`; `qwen3` gets `qk_norm`; `smollm3` gets
+/// `SmolLM3ForCausalLM`'s NoPE layers as llama.cpp builds them: no metadata key carries the
+/// pattern, llama.cpp fixes `n_no_rope_layer_step = 4`, so layer `i` skips RoPE when
+/// `(i + 1) % 4 == 0`, transformers' default `no_rope_layer_interval`).
 ///
 /// Keys (GGUF spec, "LLM" section): `llama.context_length` → `max_position_embeddings`,
 /// `llama.embedding_length` → `hidden_size`, `llama.feed_forward_length` →
@@ -487,10 +491,10 @@ pub fn llama_config_from_gguf(content: &gguf_file::Content, path: &Path) -> Resu
     let md = &content.metadata;
     let arch = meta::string(md, "general.architecture", path)?
         .ok_or_else(|| invalid(path, "missing metadata key `general.architecture`"))?;
-    if arch != "llama" && arch != "qwen3" {
+    if arch != "llama" && arch != "qwen3" && arch != "smollm3" {
         return Err(invalid(
             path,
-            format!("unsupported architecture `{arch}` (general.architecture); only `llama` and `qwen3` GGUF files are supported"),
+            format!("unsupported architecture `{arch}` (general.architecture); only `llama`, `qwen3` and `smollm3` GGUF files are supported here"),
         ));
     }
     let k = |key: &str| format!("{arch}.{key}");
@@ -578,6 +582,7 @@ pub fn llama_config_from_gguf(content: &gguf_file::Content, path: &Path) -> Resu
         // Llama 3.x scaling is stored as the tensor `rope_freqs.weight`, read by `load_gguf`.
         rope_scaling: None,
         qk_norm: arch == "qwen3",
+        rope_layers: (arch == "smollm3").then(|| (0..layers).map(|i| (i + 1) % SMOLLM3_NO_ROPE_LAYER_STEP != 0).collect()),
         max_position_embeddings: ctx,
         tie_word_embeddings: !content.tensor_infos.contains_key("output.weight"),
         attention_bias: content.tensor_infos.contains_key("blk.0.attn_q.bias"),
@@ -587,10 +592,18 @@ pub fn llama_config_from_gguf(content: &gguf_file::Content, path: &Path) -> Resu
         pad_token_id: pad,
         dtype: None,
         name_or_path: name,
-        architecture: if arch == "qwen3" { "Qwen3ForCausalLM".into() } else { "LlamaForCausalLM".into() },
+        architecture: match arch.as_str() {
+            "qwen3" => "Qwen3ForCausalLM".into(),
+            "smollm3" => "SmolLM3ForCausalLM".into(),
+            _ => "LlamaForCausalLM".into(),
+        },
         source_path: None,
     })
 }
+
+/// llama.cpp's `n_no_rope_layer_step` for arch `smollm3` (a constant there, not a metadata key):
+/// every fourth layer is a NoPE layer.
+pub const SMOLLM3_NO_ROPE_LAYER_STEP: usize = 4;
 
 /// The sizes every decoder GGUF file states under its architecture's prefix (`<arch>.`).
 pub(crate) struct GgufDims {

@@ -3,7 +3,7 @@
 //! several shapes (grouped-query attention, head_dim ≠ hidden/heads, attention biases, padded
 //! batches), for LoRA (q,k,v,o and all-linear, rsLoRA, several active adapters, dropout with a
 //! fixed seed, merged and disabled adapters) and prompt learning (prefix tuning with and without
-//! projection, prompt tuning, P-tuning, multitask prompt tuning).
+//! projection, prompt tuning, P-tuning, multitask prompt tuning); SmolLM3's NoPE layers.
 
 use candle_core::{DType, Device, Tensor};
 use peft_core::engine;
@@ -37,6 +37,11 @@ fn model(sh: &Shape, seed: u64) -> PeftModel {
         "head_dim": sh.head_dim, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256,
         "tie_word_embeddings": sh.tie,
     });
+    let mut cfg = cfg;
+    if sh.model_type == "smollm3" {
+        // NoPE layers at 1, 3, ...: a NoPE layer between RoPE layers.
+        cfg["no_rope_layers"] = (0..sh.layers).map(|i| u8::from(i % 2 == 0)).collect::<Vec<_>>().into();
+    }
     let config = LlamaConfig::from_json(&cfg, std::path::Path::new("engine-test")).unwrap();
     let mut r = rand::rngs::StdRng::seed_from_u64(seed);
     let normal = Normal::new(0.0f32, 0.15).unwrap();
@@ -219,7 +224,6 @@ fn prompt_tuning_ptuning_and_multitask() {
 /// logits with padding, and cached decoding, all against the general path.
 #[test]
 fn qwen3_qk_norm_training_inference_and_decoding() {
-    use peft_core::model::{ForwardOptions, KvCache};
     let sh = Shape { hidden: 32, heads: 4, kv: 2, head_dim: 12, inter: 40, layers: 2, vocab: 89, model_type: "qwen3", tie: true };
     let mut m = model(&sh, 21);
     m.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": "all-linear", "init_lora_weights": false})), 5).unwrap();
@@ -227,25 +231,54 @@ fn qwen3_qk_norm_training_inference_and_decoding() {
     let bt = batch(2, 13, 89, &[(4, true)], 29);
     compare_logits("qwen3 logits", &m, &bt, false, None);
     // a prefill and three cached steps, engine against general path
+    decoding_matches_the_general_path("qwen3", &m, &bt, sh.layers);
+}
+
+/// A prefill of the 2-row batch `bt` and three cached single-token steps: the last-position
+/// logits of every step are the same on the engine and on the general path.
+fn decoding_matches_the_general_path(what: &str, m: &PeftModel, bt: &Batch, layers: usize) {
+    use peft_core::model::{ForwardOptions, KvCache};
+    let (b, s) = (bt.batch_size, bt.seq_len);
+    assert_eq!(b, 2);
     let run = |general: bool| -> Vec<Vec<f32>> {
         engine::force_general_path(general);
-        let mut cache = KvCache::new(sh.layers);
+        let mut cache = KvCache::new(layers);
         let opts = ForwardOptions { attention_mask: Some(bt.attention_mask.clone()), last_only: true, ..Default::default() };
-        let mut out = vec![m.forward(&bt.input_ids, 2, 13, &opts, Some(&mut cache)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()];
+        let mut out = vec![m.forward(&bt.input_ids, b, s, &opts, Some(&mut cache)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()];
         let mut mask = bt.attention_mask.clone();
         for step in 0..3u32 {
-            let len = 13 + step as usize;
-            mask = (0..2).flat_map(|r| mask[r * len..(r + 1) * len].iter().copied().chain([1u8])).collect();
+            let len = s + step as usize;
+            mask = (0..b).flat_map(|r| mask[r * len..(r + 1) * len].iter().copied().chain([1u8])).collect();
             let opts = ForwardOptions { attention_mask: Some(mask.clone()), last_only: true, ..Default::default() };
-            out.push(m.forward(&[7 + step, 40 + step], 2, 1, &opts, Some(&mut cache)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            out.push(m.forward(&[7 + step, 40 + step], b, 1, &opts, Some(&mut cache)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
         }
         engine::force_general_path(false);
         out
     };
     for (i, (a, e)) in run(false).iter().zip(&run(true)).enumerate() {
         let diff = a.iter().zip(e).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-        assert!(diff <= 1e-5 * max_abs(e).max(1.0), "qwen3 decoding step {i}: logits differ by {diff}");
+        assert!(diff <= 1e-5 * max_abs(e).max(1.0), "{what} decoding step {i}: logits differ by {diff}");
     }
+}
+
+/// SmolLM3's NoPE layers (no RoPE on layers 1 and 3 of 4) in the engine: LoRA training on every
+/// linear (gradients through the NoPE layers' q/k without the RoPE transpose), prefix tuning
+/// training, inference logits with padding and cached decoding, all against the general path.
+#[test]
+fn smollm3_nope_training_inference_and_decoding() {
+    let sh = Shape { hidden: 32, heads: 4, kv: 2, head_dim: 8, inter: 40, layers: 4, vocab: 89, model_type: "smollm3", tie: true };
+    let mut m = model(&sh, 41);
+    assert_eq!(m.base.as_llama().unwrap().config.rope_layers, Some(vec![true, false, true, false]));
+    m.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": "all-linear", "init_lora_weights": false})), 5).unwrap();
+    compare("smollm3 all-linear", &m, &batch(3, 17, 89, &[(0, false), (5, true), (3, false)], 43), None);
+    let bt = batch(2, 13, 89, &[(4, true)], 47);
+    compare_logits("smollm3 logits", &m, &bt, false, None);
+    let pos: Vec<u32> = (0..2 * 13).map(|i| (i % 13) as u32 + 5).collect();
+    compare_logits("smollm3 explicit positions", &m, &bt, false, Some(pos));
+    decoding_matches_the_general_path("smollm3", &m, &bt, sh.layers);
+    let mut p = model(&sh, 42);
+    p.add_adapter("default", adapter(json!({"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 6})), 8).unwrap();
+    compare("smollm3 prefix tuning", &p, &batch(3, 15, 89, &[(0, false), (4, true), (2, false)], 53), None);
 }
 
 /// Mixed batches (HF's `adapter_names`): each row gets its own LoRA adapter (or none, also

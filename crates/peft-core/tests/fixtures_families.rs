@@ -20,6 +20,11 @@
 //!   original_max_position_embeddings, untied), `models/phi3_tied` (tied, sliding window 6),
 //!   cases `phi3_lora` (LoRA on the fused linears), `phi3_short`, `phi3_tied_lora`
 //!   (all-linear), `phi3_prefix`; the engine declines Phi-3 (general path).
+//! * SmolLM3 (`SmolLM3ForCausalLM`, made by `__test__/scripts/make_smollm3_fixtures.py`):
+//!   `models/smollm3` (4 layers, `no_rope_layers` [1, 1, 1, 0]: layer 3 is a NoPE layer, GQA,
+//!   tied, rope_theta 2e6) and `models/smollm3.gguf` (arch `smollm3`, llama.cpp's fixed NoPE step
+//!   of 4), cases `smollm3_lora` (LoRA on all seven linears) and `smollm3_prefix`; on the fused
+//!   engine and on the general path.
 //!
 //! Per LoRA case: base, adapter, disabled and merged logits (1e-4), loss, LoRA gradients (1e-4
 //! relative to the tensor's largest gradient), greedy ids with and without a KV cache; the GGUF
@@ -625,4 +630,224 @@ fn phi3_gguf_matches_hf() {
     gc.dtype = c.dtype.clone();
     gc.raw = c.raw.clone();
     assert_eq!(gc, c);
+}
+
+// ---------------------------------------------------------------------------------------------
+// SmolLM3
+// ---------------------------------------------------------------------------------------------
+
+fn smollm3_json() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures_dir().join("models/smollm3/config.json")).unwrap()).unwrap()
+}
+
+/// A copy of the `smollm3` folder with config.json edited by `edit`.
+fn smollm3_folder_with(tag: &str, edit: impl FnOnce(&mut serde_json::Value)) -> std::path::PathBuf {
+    let dir = temp_dir(tag);
+    copy_files(&fixtures_dir().join("models/smollm3"), &dir);
+    let mut v = smollm3_json();
+    edit(&mut v);
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&v).unwrap()).unwrap();
+    dir
+}
+
+#[test]
+fn smollm3_config_and_modules() {
+    let c = hf_config("smollm3");
+    assert_eq!((c.model_type.as_str(), c.architecture.as_str()), ("smollm3", "SmolLM3ForCausalLM"));
+    assert_eq!(c.rope_layers, Some(vec![true, true, true, false]));
+    assert!((0..3).all(|i| c.layer_uses_rope(i)) && !c.layer_uses_rope(3));
+    assert!(c.tie_word_embeddings && !c.attention_bias && !c.qk_norm && c.rope_scaling.is_none());
+    assert_eq!((c.rope_theta, c.head_dim, c.num_key_value_heads), (2_000_000.0, 8, 2));
+    let m = base_peft("smollm3_lora");
+    assert_eq!(m.base.info().architecture, "SmolLM3ForCausalLM");
+    let names = m.base.module_names();
+    assert!(names.contains(&"model.layers.3.self_attn.q_proj".to_string()) && names.contains(&"model.layers.3.mlp.down_proj".to_string()));
+    // Parameter count as transformers' named_parameters (tied lm_head once).
+    let per_layer = 32 * 32 * 2 + 16 * 32 * 2 + 3 * 64 * 32 + 2 * 32;
+    assert_eq!(m.base.base_param_count(), 256 * 32 + 4 * per_layer + 32);
+    // The model's config (JS `model.config`) reports the NoPE layers as config.json does.
+    assert_eq!(m.base.config_json()["no_rope_layers"], smollm3_json()["no_rope_layers"]);
+    // Without `no_rope_layers`, the pattern comes from `no_rope_layer_interval` (default 4).
+    let mut v = smollm3_json();
+    v.as_object_mut().unwrap().remove("no_rope_layers");
+    assert_eq!(LlamaConfig::from_json(&v, std::path::Path::new("config.json")).unwrap().rope_layers, c.rope_layers);
+    v["no_rope_layer_interval"] = 2.into();
+    assert_eq!(LlamaConfig::from_json(&v, std::path::Path::new("config.json")).unwrap().rope_layers, Some(vec![true, false, true, false]));
+    // Named by its architecture only: still SmolLM3 with its NoPE layers and default theta.
+    let mut v = smollm3_json();
+    v.as_object_mut().unwrap().remove("model_type");
+    v.as_object_mut().unwrap().remove("rope_parameters");
+    let d = LlamaConfig::from_json(&v, std::path::Path::new("config.json")).unwrap();
+    assert_eq!((d.model_type.as_str(), d.rope_layers.clone(), d.rope_theta), ("smollm3", c.rope_layers.clone(), 2_000_000.0));
+    // The GGUF config equals the HF one in everything the model uses.
+    let g = peft_core::gguf::read_gguf_config(&fixtures_dir().join("models/smollm3.gguf")).unwrap();
+    assert_eq!(
+        (g.model_type.as_str(), g.architecture.as_str(), g.rope_layers.clone(), g.tie_word_embeddings, g.num_key_value_heads, g.head_dim, g.rope_theta),
+        ("smollm3", "SmolLM3ForCausalLM", c.rope_layers.clone(), true, 2, 8, 2_000_000.0)
+    );
+}
+
+/// Bad SmolLM3 configs are refused with ERR_MODEL_CONFIG_INVALID naming the key (from the JSON
+/// and through the loader), never a panic.
+#[test]
+fn smollm3_bad_configs_are_coded_errors() {
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+    let cases: Vec<(&str, Edit)> = vec![
+        ("no_rope_layers", Box::new(|v: &mut serde_json::Value| v["no_rope_layers"] = serde_json::json!([1, 1, 0]))),
+        ("no_rope_layers", Box::new(|v: &mut serde_json::Value| v["no_rope_layers"] = serde_json::json!([])),),
+        ("no_rope_layers[2]", Box::new(|v: &mut serde_json::Value| v["no_rope_layers"] = serde_json::json!([1, 1, 2, 0]))),
+        ("no_rope_layers[0]", Box::new(|v: &mut serde_json::Value| v["no_rope_layers"] = serde_json::json!(["yes", 1, 1, 0]))),
+        ("no_rope_layers", Box::new(|v: &mut serde_json::Value| v["no_rope_layers"] = serde_json::json!(1))),
+        ("no_rope_layer_interval", Box::new(|v: &mut serde_json::Value| {
+            v.as_object_mut().unwrap().remove("no_rope_layers");
+            v["no_rope_layer_interval"] = 0.into();
+        })),
+        ("layer_types[1]", Box::new(|v: &mut serde_json::Value| v["layer_types"] = serde_json::json!(["full_attention", "sliding_attention", "full_attention", "full_attention"]))),
+        ("use_sliding_window", Box::new(|v: &mut serde_json::Value| {
+            v["use_sliding_window"] = true.into();
+            v["sliding_window"] = 4.into();
+        })),
+    ];
+    for (key, edit) in cases {
+        let mut v = smollm3_json();
+        edit(&mut v);
+        let e = LlamaConfig::from_json(&v, std::path::Path::new("config.json")).unwrap_err();
+        assert_eq!(e.code(), "ERR_MODEL_CONFIG_INVALID", "{key}: {e}");
+        assert!(e.to_string().contains(key), "{key}: the message should name the key: {e}");
+        visible(&format!("ok smollm3 bad `{key}`: {e}"));
+        let dir = smollm3_folder_with("smollm3-bad", edit);
+        let e = load_causal_lm(&dir, DType::F32, &Device::Cpu).err().unwrap_or_else(|| panic!("{key}: loaded"));
+        assert_eq!(e.code(), "ERR_MODEL_CONFIG_INVALID", "{key} (loader): {e}");
+        remove_dir(&dir);
+    }
+    // A config built in code with flags for another number of layers.
+    let t = candle_core::safetensors::load(fixtures_dir().join("models/smollm3/model.safetensors"), &Device::Cpu).unwrap();
+    let mut c = hf_config("smollm3");
+    c.rope_layers = Some(vec![true; 3]);
+    let e = peft_core::model::llama::LlamaForCausalLM::from_tensors(c, t, DType::F32, &Device::Cpu).err().expect("refused");
+    assert_eq!(e.code(), "ERR_MODEL_CONFIG_INVALID", "{e}");
+    assert!(e.to_string().contains("no_rope_layers"), "{e}");
+}
+
+/// The NoPE layer matters: the same weights with every layer applying RoPE give other logits
+/// (so the fixture tests below would notice RoPE applied to a NoPE layer).
+#[test]
+fn smollm3_nope_layer_changes_the_logits() {
+    let exp = Expected::load("smollm3_lora");
+    let dir = smollm3_folder_with("smollm3-all-rope", |v| v["no_rope_layers"] = serde_json::json!([1, 1, 1, 1]));
+    for general in [false, true] {
+        engine::force_general_path(general);
+        let m = PeftModel::new(load_causal_lm(&dir, DType::F32, &Device::Cpu).unwrap().model);
+        let got = forward_batch(&m, &exp);
+        let diff = max_abs(&(got - exp.get("logits_base")).unwrap());
+        assert!(diff > 1e-2, "all-RoPE logits should differ from the NoPE model's (general path {general}): {diff}");
+        visible(&format!("ok smollm3: all-RoPE vs NoPE logits differ by {diff:.4} (general path {general})"));
+    }
+    engine::force_general_path(false);
+    remove_dir(&dir);
+}
+
+#[test]
+fn smollm3_lora_logits_generate_engine() {
+    let exp = Expected::load("smollm3_lora");
+    assert!(engine_runs(&adapter_peft("smollm3_lora", false), &exp), "the engine should run SmolLM3 (NoPE layers)");
+    lora_logits_and_generate("smollm3_lora");
+}
+
+#[test]
+fn smollm3_lora_logits_generate_general_path() {
+    engine::force_general_path(true);
+    let exp = Expected::load("smollm3_lora");
+    assert!(!engine_runs(&adapter_peft("smollm3_lora", false), &exp));
+    lora_logits_and_generate("smollm3_lora");
+}
+
+#[test]
+fn smollm3_lora_loss_and_grads_engine() {
+    // The engine takes this training step (it is not silently left to the general path).
+    let exp = Expected::load("smollm3_lora");
+    let m = adapter_peft("smollm3_lora", true);
+    let (ids, b, s) = exp.ids("input_ids");
+    let batch = Batch { input_ids: ids, attention_mask: exp.mask("attention_mask"), labels: exp.i64s("labels"), batch_size: b, seq_len: s, ..Default::default() };
+    assert!(engine::try_loss_and_grads(&m, &batch, None, None).unwrap().is_some(), "the engine should train SmolLM3");
+    lora_loss_and_grads("smollm3_lora");
+}
+
+#[test]
+fn smollm3_lora_loss_and_grads_general_path() {
+    engine::force_general_path(true);
+    lora_loss_and_grads("smollm3_lora");
+}
+
+#[test]
+fn smollm3_gguf_matches_hf() {
+    gguf_matches_hf("smollm3_lora", "smollm3.gguf");
+    // An HF adapter over the GGUF base.
+    let exp = Expected::load("smollm3_lora");
+    let mut a = PeftModel::new(load_causal_lm(&fixtures_dir().join("models/smollm3.gguf"), DType::F32, &Device::Cpu).unwrap().model);
+    a.load_adapter(&case_dir("smollm3_lora"), "default", false, None).unwrap_or_else(|e| panic!("[{}] {e}", e.code()));
+    check_logits("GGUF smollm3.gguf + HF LoRA", &a, &exp, "logits_adapter");
+}
+
+#[test]
+fn smollm3_prefix_tuning() {
+    prefix_case("smollm3_prefix");
+}
+
+#[test]
+fn smollm3_resave_is_byte_identical() {
+    for case in ["smollm3_lora", "smollm3_prefix"] {
+        resave_case(case);
+    }
+}
+
+/// A merged SmolLM3 saved in HF format reloads with the same logits (config.json keeps
+/// `no_rope_layers`); GGUF exports (merged model, LoRA adapter) are refused with
+/// ERR_EXPORT_UNSUPPORTED, not written as a Llama file that would rotate the NoPE layer.
+#[test]
+fn smollm3_merged_save_and_export_refusals() {
+    let exp = Expected::load("smollm3_lora");
+    let mut m = adapter_peft("smollm3_lora", false);
+    m.merge_and_unload(None, false).unwrap();
+    let dir = temp_dir("smollm3-merged");
+    peft_core::export::save_merged_pretrained(&m, &dir, None, &Default::default()).unwrap_or_else(|e| panic!("[{}] {e}", e.code()));
+    let saved: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!((&saved["model_type"], &saved["no_rope_layers"]), (&smollm3_json()["model_type"], &smollm3_json()["no_rope_layers"]));
+    let re = PeftModel::new(load_causal_lm(&dir, DType::F32, &Device::Cpu).unwrap().model);
+    check_logits("merged, saved and reloaded", &re, &exp, "logits_merged");
+    let e = peft_core::export::export_merged_gguf(&m, &dir.join("m.gguf"), peft_core::export::GgmlType::F32).unwrap_err();
+    assert_eq!(e.code(), "ERR_EXPORT_UNSUPPORTED", "{e}");
+    for base in ["models/smollm3", "models/smollm3.gguf"] {
+        let opts = peft_core::export::LoraExportOptions { base_model: Some(fixtures_dir().join(base)), ..Default::default() };
+        let e = peft_core::export::export_gguf_lora(&case_dir("smollm3_lora"), &dir.join("a.gguf"), &opts).unwrap_err();
+        assert_eq!(e.code(), "ERR_EXPORT_UNSUPPORTED", "{base}: {e}");
+    }
+    remove_dir(&dir);
+}
+
+/// A SmolLM3 folder quantized at load (Q8_0, every decoder layer linear) runs on the engine's
+/// integer kernels with its NoPE layer: logits within 8-bit error of HF's, and the general path
+/// (candle graph + quantized linear op) gives the engine's numbers.
+#[test]
+fn smollm3_quantized_at_load() {
+    use peft_core::engine::quant::QuantType;
+    use peft_core::model::loader::{load_model, LoadRequest};
+    let exp = Expected::load("smollm3_lora");
+    let req = LoadRequest { quantize: Some(QuantType::Q8_0), ..Default::default() };
+    let m = PeftModel::new(load_model(&fixtures_dir().join("models/smollm3"), DType::F32, &Device::Cpu, &req).unwrap_or_else(|e| panic!("[{}] {e}", e.code())).model);
+    assert_eq!(m.base.named_linears().iter().filter(|(_, l)| l.quant.is_some()).count(), 7 * 4);
+    let want = exp.get("logits_base");
+    let scale = max_abs(want);
+    let fast = forward_batch(&m, &exp);
+    let diff = max_abs(&(&fast - want).unwrap());
+    // 8-bit weights and activations on a model this small (one Q8_0 block per 32-wide row):
+    // about 5% of the logit scale here; the NoPE handling itself is checked by the engine
+    // against the general path below (the general path's NoPE against HF above).
+    assert!(diff > 0.0 && diff <= 0.08 * scale, "Q8_0 vs HF f32 logits: {diff} (scale {scale})");
+    engine::force_general_path(true);
+    let slow = forward_batch(&m, &exp);
+    engine::force_general_path(false);
+    let d = max_abs(&(&fast - &slow).unwrap());
+    assert!(d <= 1e-4 * scale, "engine vs general path on the quantized SmolLM3: {d}");
+    visible(&format!("ok smollm3 Q8_0 at load: {diff:.3e} from HF f32 (scale {scale:.3}), engine vs general {d:.1e}"));
 }

@@ -184,6 +184,9 @@ struct Layer {
     /// Qwen3's per-head RMSNorm weights of the queries and keys (`self_attn.q_norm` /
     /// `k_norm`, `[head_dim]`), applied to each head before RoPE.
     qk_norm: Option<(Raw, Raw)>,
+    /// Whether RoPE rotates this layer's queries and keys (false for SmolLM3's NoPE layers:
+    /// neither the forward rotation nor its transpose in the backward is applied).
+    rope: bool,
     /// q, k, v, o, gate, up, down.
     lins: [Lin; 7],
 }
@@ -257,7 +260,7 @@ impl<'m> Plan<'m> {
             }
         }
         let mut layers = Vec::with_capacity(m.layers.len());
-        for l in &m.layers {
+        for (li, l) in m.layers.iter().enumerate() {
             let a = &l.self_attn;
             let f = &l.mlp;
             let qk_norm = match (&a.q_norm, &a.k_norm) {
@@ -269,6 +272,7 @@ impl<'m> Plan<'m> {
                 ln1: Raw::of(&l.input_layernorm)?,
                 ln2: Raw::of(&l.post_attention_layernorm)?,
                 qk_norm,
+                rope: m.config.layer_uses_rope(li),
                 lins: [
                     Lin::of(&a.q_proj, rows)?,
                     Lin::of(&a.k_proj, rows)?,
@@ -1161,13 +1165,9 @@ fn forward_layers(
             &mut a.lora[V],
             &mut ws.drop_x,
         );
-        {
+        if layer.rope {
             let t0 = step.prof.start();
             par::rope_inplace(&mut a.q, &ws.cos, &ws.sin, d.nh, d.hd, 1.0);
-            step.prof.add(P_FWD_ELT, t0);
-        }
-        {
-            let t0 = step.prof.start();
             par::rope_inplace(&mut a.k, &ws.cos, &ws.sin, d.nkv, d.hd, 1.0);
             step.prof.add(P_FWD_ELT, t0);
         }
@@ -1488,13 +1488,9 @@ fn run_in(
         if d.p > 0 {
             gprefix.push((gpk, gpv));
         }
-        {
+        if layer.rope {
             let t0 = step.prof.start();
             par::rope_inplace(gq, &ws.cos, &ws.sin, d.nh, d.hd, -1.0);
-            step.prof.add(P_BWD_ELT, t0);
-        }
-        {
-            let t0 = step.prof.start();
             par::rope_inplace(gk, &ws.cos, &ws.sin, d.nkv, d.hd, -1.0);
             step.prof.add(P_BWD_ELT, t0);
         }

@@ -101,7 +101,8 @@ pub fn llama_state_dict(m: &LlamaForCausalLM) -> Vec<(String, Tensor)> {
 }
 
 /// config.json as transformers 5 writes it for this model (the fields that differ from the
-/// defaults of `LlamaConfig` / `Qwen2Config` / `MistralConfig`, sorted by key).
+/// defaults of `LlamaConfig` / `Qwen2Config` / `MistralConfig`, sorted by key; SmolLM3's
+/// `no_rope_layers` written out).
 fn hf_config(m: &LlamaForCausalLM) -> serde_json::Value {
     let c = &m.config;
     let dtype = match m.dtype {
@@ -158,6 +159,14 @@ fn hf_config(m: &LlamaForCausalLM) -> serde_json::Value {
             o.insert("use_sliding_window".into(), false.into());
             o.insert("sliding_window".into(), serde_json::Value::Null);
             o.insert("max_window_layers".into(), c.num_hidden_layers.into());
+            o.insert("layer_types".into(), vec!["full_attention"; c.num_hidden_layers].into());
+        }
+        "smollm3" => {
+            o.remove("pretraining_tp");
+            let rope_layers: Vec<u8> = (0..c.num_hidden_layers).map(|i| u8::from(c.layer_uses_rope(i))).collect();
+            o.insert("no_rope_layers".into(), rope_layers.into());
+            o.insert("use_sliding_window".into(), false.into());
+            o.insert("sliding_window".into(), serde_json::Value::Null);
             o.insert("layer_types".into(), vec!["full_attention"; c.num_hidden_layers].into());
         }
         "mistral" => {

@@ -21,10 +21,10 @@ pub enum RopeScaling {
 }
 
 /// Architecture hyper-parameters of a Llama-family decoder (Llama, Llama 3.x, SmolLM2, Qwen2,
-/// Qwen3, Mistral).
+/// Qwen3, Mistral, SmolLM3).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
-    /// `model_type` from config.json ("llama", "qwen2", "mistral").
+    /// `model_type` from config.json ("llama", "qwen2", "qwen3", "mistral", "smollm3").
     pub model_type: String,
     pub vocab_size: usize,
     pub hidden_size: usize,
@@ -41,6 +41,13 @@ pub struct LlamaConfig {
     /// Qwen3: per-head RMSNorm of the queries and keys (`self_attn.q_norm` / `k_norm`, weight
     /// `[head_dim]`) after the projections' reshape to heads and before RoPE.
     pub qk_norm: bool,
+    /// SmolLM3's NoPE layers: `None` = every layer applies RoPE; `Some(v)` (one entry per layer)
+    /// = layer `i` applies RoPE to its queries and keys iff `v[i]`, and a `false` layer is a
+    /// NoPE layer (no position encoding at all). Read from config.json's `no_rope_layers`
+    /// (1 = RoPE, 0 = NoPE, as transformers' `SmolLM3Config`), else built from
+    /// `no_rope_layer_interval` (default 4: every fourth layer is NoPE); a `smollm3` GGUF gets
+    /// llama.cpp's fixed step of 4. See [`Self::layer_uses_rope`].
+    pub rope_layers: Option<Vec<bool>>,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
     /// q/k/v projections carry a bias (Qwen2, or Llama's `attention_bias`).
@@ -101,7 +108,55 @@ pub const LLAMA_ARCHITECTURES: &[&str] = &[
     "Qwen2ForSequenceClassification",
     "Qwen3ForCausalLM",
     "Qwen3ForSequenceClassification",
+    "SmolLM3ForCausalLM",
+    "SmolLM3ForSequenceClassification",
 ];
+
+/// SmolLM3's per-layer RoPE flags (`true` = the layer applies RoPE) from a config.json, as
+/// transformers' `SmolLM3Config.__post_init__`: `no_rope_layers` (1 = RoPE, 0 = NoPE; at least
+/// one entry per layer, entries past `num_hidden_layers` unused), else
+/// `no_rope_layer_interval` (default 4; layer `i` is NoPE when `(i + 1) % interval == 0`).
+/// `layer_types` may only name `full_attention` (sliding-window layers are not supported).
+///
+/// Errors: `InvalidModelConfig` naming the key for a `no_rope_layers` that is not a list of 0/1
+/// or is shorter than `num_hidden_layers`, a `no_rope_layer_interval` of 0 or not an integer,
+/// or a `layer_types` entry other than `full_attention`.
+pub(crate) fn smollm3_rope_layers(v: &Value, layers: usize, path: &Path) -> Result<Vec<bool>> {
+    let bad = |msg: String| PeftError::InvalidModelConfig { path: path.to_path_buf(), msg };
+    if let Some(lt) = v.get("layer_types").filter(|x| !x.is_null()) {
+        let arr = lt.as_array().ok_or_else(|| bad(format!("`layer_types` must be a list, found {lt}")))?;
+        if let Some((i, t)) = arr.iter().enumerate().find(|(_, t)| t.as_str() != Some("full_attention")) {
+            return Err(bad(format!("`layer_types[{i}]` is {t}: only \"full_attention\" layers are supported (sliding-window attention is not)")));
+        }
+    }
+    match v.get("no_rope_layers").filter(|x| !x.is_null()) {
+        Some(x) => {
+            let arr = x.as_array().ok_or_else(|| bad(format!("`no_rope_layers` must be a list of 0/1 (1 = the layer applies RoPE), found {x}")))?;
+            if arr.len() < layers {
+                return Err(bad(format!("`no_rope_layers` has {} entries; it needs one per layer (num_hidden_layers = {layers})", arr.len())));
+            }
+            arr.iter()
+                .take(layers)
+                .enumerate()
+                .map(|(i, e)| match (e.as_u64(), e.as_bool()) {
+                    (Some(0), _) | (_, Some(false)) => Ok(false),
+                    (Some(1), _) | (_, Some(true)) => Ok(true),
+                    _ => Err(bad(format!("`no_rope_layers[{i}]` must be 0 (NoPE) or 1 (RoPE), found {e}"))),
+                })
+                .collect()
+        }
+        None => {
+            let interval = match v.get("no_rope_layer_interval").filter(|x| !x.is_null()) {
+                None => 4,
+                Some(x) => match x.as_u64() {
+                    Some(n) if n > 0 => n as usize,
+                    _ => return Err(bad(format!("`no_rope_layer_interval` must be a positive integer, found {x}"))),
+                },
+            };
+            Ok((0..layers).map(|i| (i + 1) % interval != 0).collect())
+        }
+    }
+}
 
 /// The GPT-2 `architectures` values.
 pub const GPT2_ARCHITECTURES: &[&str] = &["GPT2LMHeadModel", "GPT2ForSequenceClassification"];
@@ -136,6 +191,7 @@ impl LlamaConfig {
                 "qwen2" => "Qwen2ForCausalLM".into(),
                 "mistral" => "MistralForCausalLM".into(),
                 "qwen3" => "Qwen3ForCausalLM".into(),
+                "smollm3" => "SmolLM3ForCausalLM".into(),
                 _ => "LlamaForCausalLM".into(),
             });
         if !LLAMA_ARCHITECTURES.contains(&architecture.as_str()) {
@@ -145,7 +201,15 @@ impl LlamaConfig {
                 supported_architectures().join(", ")
             )));
         }
-        let defaults = DecoderDefaults { heads: None, kv_heads: None, head_dim: None, rms_norm_eps: 1e-6, max_position_embeddings: 2048, tie_word_embeddings: false };
+        // SmolLM3 named only by its architecture is still SmolLM3 (NoPE layers, its defaults).
+        let smollm3 = model_type == "smollm3" || architecture.starts_with("SmolLM3");
+        let model_type = if smollm3 { "smollm3".to_string() } else { model_type };
+        let defaults = if smollm3 {
+            // transformers' SmolLM3Config defaults.
+            DecoderDefaults { heads: Some(16), kv_heads: Some(4), head_dim: None, rms_norm_eps: 1e-6, max_position_embeddings: 32768, tie_word_embeddings: true }
+        } else {
+            DecoderDefaults { heads: None, kv_heads: None, head_dim: None, rms_norm_eps: 1e-6, max_position_embeddings: 2048, tie_word_embeddings: false }
+        };
         let f = DecoderFields::from_json(v, path, &defaults)?;
         let rope_theta = match get_f64(v, "rope_theta", path)? {
             Some(t) => t,
@@ -153,7 +217,7 @@ impl LlamaConfig {
                 .get("rope_parameters")
                 .and_then(|p| p.get("rope_theta"))
                 .and_then(|t| t.as_f64())
-                .unwrap_or(10000.0),
+                .unwrap_or(if smollm3 { 2_000_000.0 } else { 10000.0 }),
         };
         // transformers 5 writes `rope_parameters` (rope_theta + the scaling fields); older
         // configs write `rope_scaling` (the scaling fields, `type` or `rope_type`).
@@ -195,6 +259,7 @@ impl LlamaConfig {
         if v.get("use_sliding_window").and_then(|x| x.as_bool()) == Some(true) {
             return Err(bad("`use_sliding_window: true` (sliding-window attention) is not supported".into()));
         }
+        let rope_layers = if smollm3 { Some(smollm3_rope_layers(v, f.num_hidden_layers, path)?) } else { None };
         let cfg = LlamaConfig {
             vocab_size: f.vocab_size,
             intermediate_size: f.intermediate_size,
@@ -207,6 +272,7 @@ impl LlamaConfig {
             rope_theta,
             rope_scaling,
             qk_norm: model_type == "qwen3",
+            rope_layers,
             max_position_embeddings: f.max_position_embeddings,
             tie_word_embeddings: f.tie_word_embeddings,
             attention_bias: v.get("attention_bias").and_then(|x| x.as_bool()).unwrap_or(model_type == "qwen2"),
@@ -221,6 +287,12 @@ impl LlamaConfig {
             source_path: None,
         };
         Ok(cfg)
+    }
+
+    /// Whether decoder layer `layer` applies RoPE (false for SmolLM3's NoPE layers, see
+    /// [`Self::rope_layers`]).
+    pub fn layer_uses_rope(&self, layer: usize) -> bool {
+        self.rope_layers.as_ref().is_none_or(|v| v.get(layer).copied().unwrap_or(true))
     }
 
     /// RoPE inverse frequencies `[head_dim / 2]`: `1 / theta^(2i/d)` with [`Self::rope_scaling`]

@@ -1,14 +1,16 @@
-//! Llama-family causal LM (Llama, Llama 3.x, SmolLM2, Qwen2, Qwen3, Mistral) with transformers'
-//! module names.
+//! Llama-family causal LM (Llama, Llama 3.x, SmolLM2, Qwen2, Qwen3, Mistral, SmolLM3) with
+//! transformers' module names.
 //!
 //! Per layer: `h = x + o_proj(attn(rope(q_proj(n1(x))), rope(k_proj(n1(x))), v_proj(n1(x))))`,
 //! `out = h + down_proj(silu(gate_proj(n2(h))) · up_proj(n2(h)))`, with RMSNorm `n1`, `n2`,
 //! grouped-query attention (`num_key_value_heads` ≤ `num_attention_heads`), rotate-half RoPE
 //! with the config's `rope_theta` (and Llama 3.x `llama3` frequency scaling), eager attention with an
 //! additive causal + padding mask. Qwen3 adds a per-head RMSNorm of q and k (`self_attn.q_norm` /
-//! `k_norm`, weight `[head_dim]`) between the reshape to heads and RoPE.
-//! Matches transformers' `LlamaForCausalLM` / `Qwen2ForCausalLM` / `Qwen3ForCausalLM` (eager
-//! attention).
+//! `k_norm`, weight `[head_dim]`) between the reshape to heads and RoPE. SmolLM3 has NoPE
+//! layers: where [`LlamaConfig::layer_uses_rope`] is false (config.json `no_rope_layers[i] == 0`)
+//! the layer's queries and keys are used (and cached) without RoPE.
+//! Matches transformers' `LlamaForCausalLM` / `Qwen2ForCausalLM` / `Qwen3ForCausalLM` /
+//! `SmolLM3ForCausalLM` (eager attention).
 
 use super::config::LlamaConfig;
 use super::decoder::{self, append_kv, config_name, linear_ctx, repeat_kv};
@@ -72,7 +74,8 @@ struct Ctx<'a> {
 impl LlamaForCausalLM {
     /// Build from HF-named tensors (`model.embed_tokens.weight`, ...), converted to `dtype`.
     ///
-    /// Errors: `ShapeMismatch` / `InvalidModelConfig` naming the missing or misshapen tensor.
+    /// Errors: `ShapeMismatch` / `InvalidModelConfig` naming the missing or misshapen tensor;
+    /// `InvalidModelConfig` for [`LlamaConfig::rope_layers`] of another length than the layers.
     pub fn from_tensors(config: LlamaConfig, t: HashMap<String, Tensor>, dtype: DType, device: &Device) -> Result<Self> {
         Self::from_tensors_for(config, t, dtype, device, Task::CausalLm, None)
     }
@@ -86,6 +89,9 @@ impl LlamaForCausalLM {
     pub fn from_tensors_for(config: LlamaConfig, mut t: HashMap<String, Tensor>, dtype: DType, device: &Device, task: Task, num_labels: Option<usize>) -> Result<Self> {
         let c = &config;
         let path = config_name(c);
+        if let Some(r) = c.rope_layers.as_ref().filter(|r| r.len() != c.num_hidden_layers) {
+            return Err(PeftError::InvalidModelConfig { path, msg: format!("`no_rope_layers` has {} entries for {} layers", r.len(), c.num_hidden_layers) });
+        }
         let mut take = |name: &str, shape: &[usize]| super::take_weight(&mut t, &[name], name, shape, dtype, device, &path);
         let h = c.hidden_size;
         let hd = c.head_dim;
@@ -218,7 +224,7 @@ impl LlamaForCausalLM {
         let mut h = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_mut().map(|c| &mut c.layers[i]);
-            h = self.layer_forward(layer, &h, &ctx, kv)?;
+            h = self.layer_forward(layer, &h, &ctx, kv, c.layer_uses_rope(i))?;
         }
         if self.info.task == Task::SeqCls {
             // LlamaForSequenceClassification: score every position, keep one per row; scoring
@@ -233,7 +239,8 @@ impl LlamaForCausalLM {
         self.lm_head.forward(&h, &ctx.lin)
     }
 
-    fn layer_forward(&self, l: &DecoderLayer, x: &Tensor, ctx: &Ctx, kv: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
+    /// One decoder layer; `use_rope` false for a NoPE layer (SmolLM3).
+    fn layer_forward(&self, l: &DecoderLayer, x: &Tensor, ctx: &Ctx, kv: Option<&mut Option<(Tensor, Tensor)>>, use_rope: bool) -> Result<Tensor> {
         let c = &self.config;
         let train = ctx.lin.train;
         let (b, s, _) = x.dims3()?;
@@ -248,8 +255,7 @@ impl LlamaForCausalLM {
         let q = q.transpose(1, 2)?;
         let k = k.transpose(1, 2)?;
         let v = l.self_attn.v_proj.forward(&n1, &ctx.lin)?.reshape((b, s, nkv, hd))?.transpose(1, 2)?;
-        let q = rope(&q, &ctx.cos, &ctx.sin, train)?;
-        let k = rope(&k, &ctx.cos, &ctx.sin, train)?;
+        let (q, k) = if use_rope { (rope(&q, &ctx.cos, &ctx.sin, train)?, rope(&k, &ctx.cos, &ctx.sin, train)?) } else { (q, k) };
         let (k, v) = append_kv(kv, k, v)?;
         let (k, v) = repeat_kv(k, v, nh)?;
         let scale = 1.0 / (hd as f64).sqrt();
@@ -287,7 +293,7 @@ impl BaseModel for LlamaForCausalLM {
     }
     fn config_json(&self) -> serde_json::Value {
         let c = &self.config;
-        serde_json::json!({
+        let mut v = serde_json::json!({
             "model_type": c.model_type, "architectures": [c.architecture], "vocab_size": c.vocab_size,
             "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
             "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
@@ -297,7 +303,11 @@ impl BaseModel for LlamaForCausalLM {
             "tie_word_embeddings": c.tie_word_embeddings, "bos_token_id": c.bos_token_id,
             "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id, "dtype": c.dtype,
             "_name_or_path": c.name_or_path,
-        })
+        });
+        if let Some(r) = &c.rope_layers {
+            v["no_rope_layers"] = r.iter().map(|&x| u8::from(x)).collect::<Vec<_>>().into();
+        }
+        v
     }
     fn device(&self) -> &Device {
         &self.device

@@ -388,6 +388,7 @@ pub fn architecture_of(v: &serde_json::Value) -> Option<String> {
             "t5" => "T5ForConditionalGeneration",
             "qwen2" => "Qwen2ForCausalLM",
             "qwen3" => "Qwen3ForCausalLM",
+            "smollm3" => "SmolLM3ForCausalLM",
             "gemma3_text" => "Gemma3ForCausalLM",
             "phi3" => "Phi3ForCausalLM",
             "mistral" => "MistralForCausalLM",
