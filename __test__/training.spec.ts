@@ -176,7 +176,7 @@ test('epoch counts whole passes when the batch is larger than the dataset', asyn
   )
 })
 
-test('setFloat32MatmulPrecision: PyTorch\'s three names round-trip, training still converges under "high", other values are refused with ERR_INVALID_ARGUMENT', async (t) => {
+test.serial('setFloat32MatmulPrecision: PyTorch\'s three names round-trip, training still converges under "high", other values are refused with ERR_INVALID_ARGUMENT', async (t) => {
   t.is(getFloat32MatmulPrecision(), 'highest')
   t.is(typeof amxAvailable(), 'boolean')
   try {

@@ -643,8 +643,9 @@ export type Float32MatmulPrecision = 'highest' | 'high' | 'medium'
  *   steps about 1.6× faster.
  *
  * It applies to the fused engine's products large enough to repay converting their operands
- * (the frozen base linears and the `lm_head` of Llama-family models in training and prefill;
- * attention, LoRA's low-rank products and decoding stay `float32`), and takes effect only where
+ * (the frozen base linears and the `lm_head` forward of Llama-family models over at least 64
+ * tokens, in training and prefill; attention, LoRA's low-rank products, decoding fewer than 64
+ * rows and the general path stay `float32`), and takes effect only where
  * {@link amxAvailable} is true (Sapphire Rapids or later, Linux 5.16+); elsewhere, as in
  * PyTorch when no faster algorithm exists, products stay `float32`. Never waits for a running
  * job: products started after the call use the new setting.
@@ -663,7 +664,11 @@ export function getFloat32MatmulPrecision(): Float32MatmulPrecision {
   return native.float32MatmulPrecision() as Float32MatmulPrecision
 }
 
-/** Whether this machine can run `'high'` / `'medium'` products (CPU with AMX-BF16, and the OS grants its tile state). */
+/**
+ * Whether this machine can run `'high'` / `'medium'` products: a CPU with AMX-TILE and AMX-BF16,
+ * and Linux 5.16+ granting the process the tile state (the first call asks for that permission,
+ * `arch_prctl(ARCH_REQ_XCOMP_PERM)`, once for the process).
+ */
 export function amxAvailable(): boolean {
   return native.amxAvailable()
 }

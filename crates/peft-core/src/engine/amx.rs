@@ -143,11 +143,13 @@ fn f32_of(h: u16) -> f32 {
     f32::from_bits((h as u32) << 16)
 }
 
-/// `x` split into (`hi`, `lo`) bfloat16 halves: `hi = bf16(x)`, `lo = bf16(x − hi)`.
+/// `x` split into (`hi`, `lo`) bfloat16 halves: `hi = bf16(x)`, `lo = bf16(x − hi)` (zero where
+/// `hi` is infinite or NaN).
 #[inline(always)]
 fn split(x: f32) -> (u16, u16) {
     let hi = bf16(x);
-    (hi, bf16(x - f32_of(hi)))
+    let h = f32_of(hi);
+    (hi, if h.is_finite() { bf16(x - h) } else { 0 })
 }
 
 /// The tile configuration: eight tiles of 16 rows × 64 bytes (16 × 16 `f32` or 16 × 32 bf16).
@@ -163,10 +165,11 @@ struct TileCfg {
 /// `dst = (acc ? dst : 0) + alpha · a · b` on AMX with `passes` bf16 passes (3: bf16x3, 1:
 /// bf16), split into `threads` column ranges on the current rayon pool.
 ///
-/// `A'` is converted once (rows split over the pool) into a buffer reused across calls; each
-/// task converts and packs the `B'` panels of its own 32-column blocks, one block at a time,
-/// into its own reused buffer (110 KiB for `k` = 576 in bf16x3), so the panel stays in L2 while
-/// every row block of `A'` runs over it.
+/// The rows of `a` are taken in panels of at most [`A_PANEL_BYTES`] of converted `A'` (up to
+/// 1024 rows). Per panel, `A'` is converted once (rows split over the pool) into a buffer
+/// reused across calls; each task converts and packs the `B'` panels of its own 32-column
+/// blocks, [`GROUP_COLS`] blocks at a time, into its own reused buffer (864 KiB for `k` = 576
+/// in bf16x3), which stays in L2 while every row block of `A'` runs over it.
 ///
 /// Panics if the shapes disagree or `passes` is neither 1 nor 3. The caller checks [`available`].
 pub(crate) fn gemm(dst: &mut Dst, a: View, b: View, alpha: f32, acc: bool, threads: usize, passes: usize) {
@@ -174,69 +177,86 @@ pub(crate) fn gemm(dst: &mut Dst, a: View, b: View, alpha: f32, acc: bool, threa
     assert!(b.rows == k && dst.rows == m && dst.cols == n, "amx gemm shape mismatch");
     assert!(passes == 1 || passes == 3);
     assert!(available(), "AMX is not available");
+    let kk = passes * k.div_ceil(32) * 32;
+    let panel = (A_PANEL_BYTES / (2 * kk) / 32 * 32).clamp(32, 1024);
+    let mut r0 = 0;
+    while r0 < m {
+        let mr = panel.min(m - r0);
+        gemm_panel(&mut dst.rows(r0, mr), a.rows(r0, mr), b, alpha, acc, threads, passes);
+        r0 += mr;
+    }
+}
+
+/// Converted `A'` per row panel at most (8 MiB): bounds the buffer each thread keeps.
+const A_PANEL_BYTES: usize = 8 << 20;
+
+/// [`gemm`] for one row panel.
+fn gemm_panel(dst: &mut Dst, a: View, b: View, alpha: f32, acc: bool, threads: usize, passes: usize) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
     let kp = k.div_ceil(32) * 32;
     let kk = passes * kp; // inner dimension of A'·B'
     let mp = m.div_ceil(32) * 32;
     let blocks = n.div_ceil(32);
     let chunks = threads.max(1).min(blocks);
     let per = blocks.div_ceil(chunks);
+    let chunks = blocks.div_ceil(per); // no empty chunk
     let (dp, ld) = (super::gemm::SyncMut(dst.ptr_mut()), dst.ld());
-    A_BUF.with(|abuf| {
-        let mut abuf = abuf.borrow_mut();
-        let ap = abuf.get(mp * kk);
-        {
-            use rayon::prelude::*;
-            let rows_per = if chunks > 1 { mp.div_ceil(chunks) } else { mp };
-            let pack = |(c, part): (usize, &mut [u16])| {
-                for (r, row) in part.chunks_exact_mut(kk).enumerate() {
-                    let i = c * rows_per + r;
-                    if i < m {
-                        pack_a_row(a, i, row, k, kp, passes);
-                    } else {
-                        row.fill(0);
+    // The buffer is taken out of its slot for the call (and put back after): a rayon wait below
+    // may run another product on this thread, which then finds the slot empty and uses its own.
+    let mut abuf = A_BUF.with(|c| std::mem::take(&mut *c.borrow_mut()));
+    let ap = abuf.get(mp * kk);
+    {
+        use rayon::prelude::*;
+        let rows_per = if chunks > 1 { mp.div_ceil(chunks) } else { mp };
+        let pack = |(c, part): (usize, &mut [u16])| {
+            for (r, row) in part.chunks_exact_mut(kk).enumerate() {
+                let i = c * rows_per + r;
+                if i < m {
+                    pack_a_row(a, i, row, k, kp, passes);
+                } else {
+                    row.fill(0);
+                }
+            }
+        };
+        if chunks > 1 {
+            ap.par_chunks_mut(rows_per * kk).enumerate().for_each(pack);
+        } else {
+            pack((0, ap));
+        }
+    }
+    let ap = &ap[..];
+    let run = |c: usize| {
+        let mut bbuf = B_BUF.with(|s| std::mem::take(&mut *s.borrow_mut()));
+        let bp = bbuf.get(GROUP_COLS * 32 * kk);
+        let (c0, c1) = (c * per, ((c + 1) * per).min(blocks));
+        // SAFETY: AMX is available (asserted in `gemm`) and this thread's tiles are configured
+        // before use (nothing below yields to rayon, so no other product runs on this thread
+        // meanwhile); the column blocks of chunk `c` belong to it alone; the packed operands hold
+        // mp × kk and GROUP_COLS × 32 × kk elements, which every tile load stays in.
+        unsafe {
+            let _cfg = Tiles::configure();
+            for g in (c0..c1).step_by(GROUP_COLS) {
+                let ge = (g + GROUP_COLS).min(c1);
+                for blk in g..ge {
+                    pack_b_block(b, blk * 32, &mut bp[(blk - g) * 32 * kk..], k, kp, passes);
+                }
+                for ib0 in (0..mp / 32).step_by(GROUP_ROWS) {
+                    let ib1 = (ib0 + GROUP_ROWS).min(mp / 32);
+                    for blk in g..ge {
+                        kernel(ap, &bp[(blk - g) * 32 * kk..], kk, ib0..ib1, blk, dp.get(), ld, m, n, alpha, acc);
                     }
                 }
-            };
-            if chunks > 1 {
-                ap.par_chunks_mut(rows_per * kk).enumerate().for_each(pack);
-            } else {
-                pack((0, ap));
             }
         }
-        let ap = &ap[..];
-        let run = |c: usize| {
-            B_BUF.with(|bbuf| {
-                let mut bbuf = bbuf.borrow_mut();
-                let bp = bbuf.get(GROUP_COLS * 32 * kk);
-                let (c0, c1) = (c * per, ((c + 1) * per).min(blocks));
-                // SAFETY: AMX is available (asserted above) and this thread's tiles are
-                // configured before use; the column blocks of chunk `c` belong to it alone; the
-                // packed operands hold mp × kk and GROUP_COLS × 32 × kk elements, which every
-                // tile load stays in.
-                unsafe {
-                    let _cfg = Tiles::configure();
-                    for g in (c0..c1).step_by(GROUP_COLS) {
-                        let ge = (g + GROUP_COLS).min(c1);
-                        for blk in g..ge {
-                            pack_b_block(b, blk * 32, &mut bp[(blk - g) * 32 * kk..], k, kp, passes);
-                        }
-                        for ib0 in (0..mp / 32).step_by(GROUP_ROWS) {
-                            let ib1 = (ib0 + GROUP_ROWS).min(mp / 32);
-                            for blk in g..ge {
-                                kernel(ap, &bp[(blk - g) * 32 * kk..], kk, ib0..ib1, blk, dp.get(), ld, m, n, alpha, acc);
-                            }
-                        }
-                    }
-                }
-            })
-        };
-        if chunks <= 1 {
-            run(0);
-        } else {
-            use rayon::prelude::*;
-            (0..chunks).into_par_iter().for_each(run);
-        }
-    });
+        B_BUF.with(|s| s.borrow_mut().keep_larger(bbuf));
+    };
+    if chunks <= 1 {
+        run(0);
+    } else {
+        use rayon::prelude::*;
+        (0..chunks).into_par_iter().for_each(run);
+    }
+    A_BUF.with(|s| s.borrow_mut().keep_larger(abuf));
 }
 
 /// A 64-byte aligned line of 32 bfloat16: tile rows that straddle two cache lines load about
@@ -246,9 +266,17 @@ pub(crate) fn gemm(dst: &mut Dst, a: View, b: View, alpha: f32, acc: bool, threa
 struct Line([u16; 32]);
 
 /// A reusable, 64-byte aligned buffer of bfloat16.
+#[derive(Default)]
 struct Buf(Vec<Line>);
 
 impl Buf {
+    /// Puts `other` in this slot if it is the larger buffer.
+    fn keep_larger(&mut self, other: Buf) {
+        if other.0.len() > self.0.len() {
+            *self = other;
+        }
+    }
+
     /// The first `len` elements (`len` a multiple of 32), grown as needed, contents unspecified.
     fn get(&mut self, len: usize) -> &mut [u16] {
         debug_assert!(len.is_multiple_of(32));
@@ -368,8 +396,14 @@ unsafe fn split16(x: std::arch::x86_64::__m512) -> (std::arch::x86_64::__m256i, 
         let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
         _mm512_srli_epi32::<16>(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))))
     };
-    let h = round(x);
-    let lo = _mm512_sub_ps(x, _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h)));
+    // A NaN keeps its upper half with the quiet bit set (rounding could carry it into an
+    // infinity or wrap it to zero); where hi is not finite, lo is zero (x − hi would be NaN).
+    let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+    let quiet = _mm512_or_si512(_mm512_srli_epi32::<16>(_mm512_castps_si512(x)), _mm512_set1_epi32(0x40));
+    let h = _mm512_mask_blend_epi32(nan, round(x), quiet);
+    let hf = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h));
+    let finite = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(_mm512_abs_ps(hf), _mm512_set1_ps(f32::INFINITY));
+    let lo = _mm512_maskz_sub_ps(finite, x, hf);
     (_mm512_cvtepi32_epi16(h), _mm512_cvtepi32_epi16(round(lo)))
 }
 
@@ -634,42 +668,50 @@ mod tests {
     }
 
     /// AMX products against an f64 reference on shapes with tails in every dimension, a
-    /// transposed (strided) right operand, accumulation and two threads: bf16x3 within
-    /// 2⁻¹⁴·Σ|a||b| per output, bf16 within 2⁻⁷·Σ|a||b|, and bf16x3 clearly closer than bf16.
+    /// transposed (strided) right operand, a transposed left operand (the scalar conversion), a
+    /// destination with a longer leading dimension (whose other elements must stay untouched),
+    /// accumulation, more threads than column blocks, and alpha 1 with whole 32 × 32 blocks (the
+    /// direct tile path): bf16x3 within 2⁻¹⁴·Σ|a||b| per output, bf16 within 2⁻⁷·Σ|a||b|, and
+    /// bf16x3 clearly closer than bf16.
     #[test]
     fn amx_products_match_f64_within_their_precision() {
         if !available() {
             eprintln!("skipped: no AMX on this machine");
             return;
         }
-        // (m, k, n, B transposed, accumulate, threads, alpha): alpha 1 with whole 32 × 32 blocks
-        // takes the direct tile path, the rest the staged one.
-        for &(m, k, n, trans, acc, threads, alpha) in &[
-            (32, 32, 32, false, false, 1, 0.5),
-            (45, 77, 50, true, true, 2, 0.5),
-            (130, 576, 192, true, false, 2, 0.5),
-            (17, 40, 33, false, true, 1, 0.5),
-            (96, 300, 320, true, true, 2, 1.0),
-            (64, 128, 288, false, false, 1, 1.0),
+        // (m, k, n, B transposed, A transposed, accumulate, threads, alpha, extra ld)
+        for &(m, k, n, trans, trans_a, acc, threads, alpha, pad) in &[
+            (32, 32, 32, false, false, false, 1, 0.5f32, 0),
+            (45, 77, 50, true, false, true, 2, 0.5, 3),
+            (130, 576, 192, true, false, false, 2, 0.5, 0),
+            (17, 40, 33, false, true, true, 1, 0.5, 0),
+            (96, 300, 320, true, false, true, 2, 1.0, 5),
+            (64, 128, 288, false, true, false, 3, 1.0, 0),
+            (70, 64, 40, true, false, true, 4, 1.0, 7),
         ] {
             let a = rand(m * k, 1 + m as u64);
             let w = rand(k * n, 2 + n as u64); // [k, n], or [n, k] when trans
-            let c0 = rand(m * n, 3);
+            let ld = n + pad;
+            let c0 = rand(m * ld, 3);
+            let aview = if trans_a { View::of(&a, k, m).t() } else { View::of(&a, m, k) };
             let bview = if trans { View::of(&w, n, k).t() } else { View::of(&w, k, n) };
             let mut worst = [0f64; 2];
             for (pi, passes) in [3usize, 1].into_iter().enumerate() {
                 let mut c = c0.clone();
-                gemm(&mut Dst::of(&mut c, m, n), View::of(&a, m, k), bview, alpha, acc, threads, passes);
+                gemm(&mut Dst::rm(&mut c, 0, m, n, ld), aview, bview, alpha, acc, threads, passes);
                 for i in 0..m {
+                    for j in n..ld {
+                        assert_eq!(c[i * ld + j], c0[i * ld + j], "element ({i}, {j}) outside the destination was written");
+                    }
                     for j in 0..n {
                         let (mut s, mut abs) = (0f64, 0f64);
                         for l in 0..k {
-                            let p = a[i * k + l] as f64 * bview.at(l, j) as f64;
+                            let p = aview.at(i, l) as f64 * bview.at(l, j) as f64;
                             s += p;
                             abs += p.abs();
                         }
-                        let want = alpha as f64 * s + if acc { c0[i * n + j] as f64 } else { 0.0 };
-                        let err = (c[i * n + j] as f64 - want).abs() / (alpha as f64 * abs);
+                        let want = alpha as f64 * s + if acc { c0[i * ld + j] as f64 } else { 0.0 };
+                        let err = (c[i * ld + j] as f64 - want).abs() / (alpha as f64 * abs);
                         worst[pi] = worst[pi].max(err);
                     }
                 }
@@ -678,6 +720,38 @@ mod tests {
             assert!(worst[0] <= 2f64.powi(-14), "bf16x3 error {} at {m}x{k}x{n}", worst[0]);
             assert!(worst[1] <= 2f64.powi(-7), "bf16 error {} at {m}x{k}x{n}", worst[1]);
             assert!(worst[0] * 16.0 < worst[1], "bf16x3 should be far closer than bf16");
+        }
+    }
+
+    /// The vector conversion (`split16`) equals the scalar one (`split`) bit for bit, including
+    /// ties, subnormals, infinities, NaN and the largest finite values.
+    #[test]
+    fn vector_and_scalar_bf16_splits_agree() {
+        if !(std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw")) {
+            eprintln!("skipped: no AVX-512");
+            return;
+        }
+        let mut xs: Vec<f32> = rand(4096, 9).iter().map(|x| x * 1e3).collect();
+        xs.extend([0.0, -0.0, 1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, f32::MIN_POSITIVE / 3.0, f32::MAX, f32::MIN, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -f32::NAN, f32::from_bits(0x7f80_0001), f32::from_bits(0xffff_ffff)]);
+        while xs.len() % 16 != 0 {
+            xs.push(0.5);
+        }
+        for chunk in xs.chunks(16) {
+            let (mut hv, mut lv) = ([0u16; 16], [0u16; 16]);
+            // SAFETY: AVX-512F/BW checked above; 16 floats in, 16 u16 out each.
+            unsafe {
+                use std::arch::x86_64::*;
+                let (h, l) = split16(_mm512_loadu_ps(chunk.as_ptr()));
+                _mm256_storeu_si256(hv.as_mut_ptr() as *mut __m256i, h);
+                _mm256_storeu_si256(lv.as_mut_ptr() as *mut __m256i, l);
+            }
+            for (i, &x) in chunk.iter().enumerate() {
+                let (h, l) = split(x);
+                assert_eq!((hv[i], lv[i]), (h, l), "x = {x:e} ({:#x})", x.to_bits());
+                if x.is_nan() {
+                    assert!(f32_of(h).is_nan(), "NaN must stay NaN");
+                }
+            }
         }
     }
 }

@@ -41,10 +41,12 @@ impl View {
         View { ptr: self.ptr, rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
     }
 
-    /// Element `(i, j)` (`i < rows`, `j < cols`, which the caller guarantees).
+    /// Element `(i, j)`.
+    ///
+    /// Panics if `i ≥ rows` or `j ≥ cols`.
     #[inline(always)]
     pub(crate) fn at(&self, i: usize, j: usize) -> f32 {
-        debug_assert!(i < self.rows && j < self.cols);
+        assert!(i < self.rows && j < self.cols);
         // SAFETY: inside the bounds-checked viewed region.
         unsafe { *self.ptr.offset(i as isize * self.rs + j as isize * self.cs) }
     }
@@ -195,11 +197,11 @@ pub fn gemm(dst: &mut Dst, a: View, b: View, alpha: f32, acc: bool, threads: usi
         return;
     }
     // Reduced internal precision on AMX where it is asked for (`set_float32_matmul_precision`),
-    // for products large enough that converting and packing the operands is repaid, and with an
-    // inner dimension short enough that the converted left operand stays in cache (the
-    // lm_head's input gradient, k = 49152, runs at half the f32 speed in bf16x3). Attention's
-    // products (k or n = head_dim) stay in f32.
-    if m >= 32 && n >= 128 && (128..=AMX_MAX_K).contains(&k) && m * n * k >= AMX_MIN_WORK {
+    // for products large enough that converting and packing the operands is repaid (at least 64
+    // rows: attention's 32-row query blocks and decoding stay in f32), and with an inner
+    // dimension short enough that the panels of the converted operands stay in L2 (the
+    // lm_head's input gradient, k = 49152, runs at half the f32 speed in bf16x3).
+    if m >= 64 && n >= 128 && (128..=AMX_MAX_K).contains(&k) && m * n * k >= AMX_MIN_WORK {
         let passes = super::amx::passes();
         if passes > 0 {
             super::amx::gemm(dst, a, b, alpha, acc, threads, passes);
