@@ -3,6 +3,12 @@
  * in one run because this machine's speed drifts; reports medians and the ratio of medians.
  *
  *   npm run bench -- [--rounds 3] [--python /path/to/python-with-torch-peft] [--only <substring>]
+ *     [--matmul-precision highest|high|medium]
+ *
+ * `--matmul-precision` sets the same float32 matmul precision on both sides before they run:
+ * `setFloat32MatmulPrecision` here, `torch.set_float32_matmul_precision` in HF's process (the
+ * reference script is run through a two-line wrapper, unchanged). The measures' names then end
+ * in `[matmul <precision>]`.
  *
  * `--only` keeps the measures whose name contains the substring (e.g. `--only 1x512`,
  * `--only all-linear`, `--only decode`) and runs only the jobs that produce them.
@@ -20,22 +26,34 @@ const rounds = Number(arg('rounds') ?? 3)
 const only = arg('only')
 const py = arg('python') ?? process.env.PEFT_BENCH_PYTHON ?? 'python3'
 const ref = process.env.PEFT_BENCH_REF ?? path.resolve(ROOT, '..', 'shared', 'reference', 'bench_ref.py')
+const precision = arg('matmul-precision')
+if (precision && !['highest', 'high', 'medium'].includes(precision)) {
+  console.error(`--matmul-precision must be highest, high or medium, found ${precision}`)
+  process.exit(2)
+}
+const suffix = precision ? ` [matmul ${precision}]` : ''
 
 function jsonLines(out: string): Array<Record<string, any>> {
   return out.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l))
 }
 function ours(only: string, extra: string[] = []) {
-  const out = execFileSync('node', [path.join(__dirname, 'train.bench.js'), '--only', only, ...extra], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'] })
+  const prec = precision ? ['--matmul-precision', precision] : []
+  const out = execFileSync('node', [path.join(__dirname, 'train.bench.js'), '--only', only, ...prec, ...extra], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'] })
   return jsonLines(out)[0]
 }
 function theirs(sub: string, extra: string[]) {
-  const out = execFileSync(py, [ref, sub, ...extra], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'], env: { ...process.env, PYTHONUNBUFFERED: '1' } })
+  // With a precision: run the reference unchanged after torch.set_float32_matmul_precision.
+  const cmd = precision
+    ? ['-c', `import runpy, sys, torch; torch.set_float32_matmul_precision(${JSON.stringify(precision)}); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name="__main__")`, ref, sub, ...extra]
+    : [ref, sub, ...extra]
+  const out = execFileSync(py, cmd, { encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'], env: { ...process.env, PYTHONUNBUFFERED: '1' } })
   return jsonLines(out).filter((r) => r.bench === sub)
 }
 const med = (xs: number[]) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]
 
 const rows: Record<string, { ours: number[]; hf: number[] }> = {}
-const add = (k: string, o: number, h: number) => {
+const add = (key: string, o: number, h: number) => {
+  const k = key + suffix
   if (only && !k.includes(only)) return
   rows[k] ??= { ours: [], hf: [] }; rows[k].ours.push(o); rows[k].hf.push(h)
 }

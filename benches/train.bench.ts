@@ -9,13 +9,17 @@
  * projections (q,k,v,o,gate,up,down; not lm_head), and `--batch` / `--seq` change the training
  * shape, with the same meaning as `bench_ref.py train`'s flags.
  *
+ * `--matmul-precision highest|high|medium` calls `setFloat32MatmulPrecision` first (PyTorch's
+ * `torch.set_float32_matmul_precision`; compare.ts sets the same on HF's side).
+ *
  *   node dist/benches/train.bench.js [--model file.gguf] [--only train|infer] [--method lora|prefix|prompt]
- *     [--target qkvo|all-linear] [--batch 4] [--seq 128] [--steps 6]
+ *     [--target qkvo|all-linear] [--batch 4] [--seq 128] [--steps 6] [--matmul-precision high]
  */
 import * as path from 'node:path'
 import * as fs from 'node:fs'
 import {
-  AutoModelForCausalLM, LoraConfig, PrefixTuningConfig, PromptTuningConfig, Trainer, getPeftModel, type PeftConfig, type PreTrainedModel, type PeftModel,
+  AutoModelForCausalLM, LoraConfig, PrefixTuningConfig, PromptTuningConfig, Trainer, getPeftModel, setFloat32MatmulPrecision,
+  type Float32MatmulPrecision, type PeftConfig, type PreTrainedModel, type PeftModel,
 } from '../src/index'
 
 const ROOT = path.resolve(__dirname, fs.existsSync(path.join(__dirname, '..', 'package.json')) ? '..' : '../..')
@@ -98,6 +102,8 @@ async function main() {
     console.error(`no model at ${modelPath}: run \`npm run demo\` once (it fetches SmolLM2-135M), or pass --model`)
     process.exit(2)
   }
+  const precision = arg('matmul-precision')
+  if (precision) setFloat32MatmulPrecision(precision as Float32MatmulPrecision)
   const only = arg('only')
   if (!only || only === 'train') await train(modelPath)
   if (!only || only === 'infer') await infer(modelPath)
