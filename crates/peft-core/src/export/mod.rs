@@ -32,6 +32,10 @@ pub fn gguf_architecture(cfg: &LlamaConfig) -> Result<(&'static str, bool)> {
     match cfg.model_type.as_str() {
         "llama" | "mistral" => Ok(("llama", true)),
         "qwen2" => Ok(("qwen2", false)),
+        "smollm3" => Err(PeftError::ExportUnsupported {
+            what: "architecture `smollm3`".into(),
+            msg: "GGUF export of SmolLM3 is not supported: its NoPE layers (no_rope_layers) would be rotated by a `llama` file, and llama.cpp's `smollm3` architecture fixes the NoPE layers at every fourth; export llama, SmolLM2, mistral or qwen2 models, or save the merged model as a transformers folder (`mergeAndUnload()` then `savePretrained(dir)`)".into(),
+        }),
         other => Err(PeftError::ExportUnsupported {
             what: format!("architecture `{other}`"),
             msg: "GGUF export supports the Llama family (llama, SmolLM2, mistral, qwen2)".into(),
