@@ -1,9 +1,11 @@
 """What the fixture generators share (make_family_fixtures.py, make_gemma3_fixtures.py,
 make_phi3_fixtures.py, make_smollm3_fixtures.py, make_lokr_fixtures.py, make_loha_fixtures.py,
-make_weighted_fixtures.py, make_hotswap_fixtures.py, make_scale_fixtures.py): the reproducible
-start, the test batches, greedy generation, gradients keyed by the on-disk adapter key, seeded
-adapters saved as HF writes them, the LoRA and prefix-tuning cases of the decoder families, and
-the GGUF helpers (the Llama-layout writer shared by the llama / qwen3 / smollm3 GGUFs).
+make_vera_fixtures.py, make_weighted_fixtures.py, make_hotswap_fixtures.py, make_scale_fixtures.py,
+make_tiny_llama_gguf.py): the reproducible start, the test batches, greedy generation, gradients
+keyed by the on-disk adapter key, seeded adapters saved as HF writes them, the adapter / disabled /
+merged logits and loss of the LoHa / VeRA cases, the LoRA and prefix-tuning cases of the decoder
+families, and the GGUF helpers (the byte-level vocabulary; the Llama-layout writer shared by the
+llama / llama3 / qwen3 / smollm3 GGUFs).
 
 Importing it changes nothing; a generator calls `start()` first (before torch is imported by
 anything else it needs), which re-executes it with PYTHONHASHSEED=0 and enters the fixtures root.
@@ -102,6 +104,49 @@ def adapter_grads(model):
     """`grad.<key>` of every trainable parameter, `.default` removed (LyCORIS' on-disk keys), contiguous."""
     return {f"grad.{n.replace('.default', '')}": p.grad.detach().clone().contiguous()
             for n, p in model.named_parameters() if p.requires_grad}
+
+
+def keys_of(path):
+    """The sorted tensor keys of a safetensors file."""
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        return sorted(f.keys())
+
+
+def save_adapter_and_batch(model, out, seed):
+    """Write `out` as `model.save_pretrained` does (the folder made first), then put the model in eval
+    mode; returns its (trainable, all) parameter counts and the `lycoris_batch(seed, …)` ids, mask, labels."""
+    os.makedirs(out, exist_ok=True)
+    model.save_pretrained(out)
+    trainable, total = param_counts(model)
+    ids, mask, labels, _ = lycoris_batch(seed, model.config.vocab_size)
+    model.eval()
+    return trainable, total, ids, mask, labels
+
+
+def adapter_logits(model, ids, mask, disabled=False, merged=False):
+    """No-grad logits of `model` on the batch: as is, with its adapter disabled (`disable_adapter()`),
+    or with the adapter merged (`merge_adapter()`, unmerged again afterwards)."""
+    import torch
+    with torch.no_grad():
+        if disabled:
+            with model.disable_adapter():
+                return model(input_ids=ids, attention_mask=mask).logits
+        if merged:
+            model.merge_adapter()
+            out = model(input_ids=ids, attention_mask=mask).logits
+            model.unmerge_adapter()
+            return out
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+def loss_and_grads(model, ids, mask, labels, grads=adapter_grads):
+    """Zero the gradients, backpropagate the loss on the batch (autograd on, the model's mode as is);
+    returns the loss as a float `[1]` tensor and `grads(model)`."""
+    model.zero_grad()
+    res = model(input_ids=ids, attention_mask=mask, labels=labels)
+    res.loss.backward()
+    return res.loss.detach().reshape(1).float(), grads(model)
 
 
 def save_expected(out, tensors):
@@ -209,6 +254,20 @@ def finish_gguf(g):
     g.close()
 
 
+def add_byte_vocab(g, cfg, tokens):
+    """The byte-level BPE (`gpt2`) vocabulary `tokens` (the first 3 control, one merge "Ġ t") and the
+    bos / eos / pad ids of `cfg`."""
+    import gguf
+    g.add_tokenizer_model("gpt2")
+    g.add_tokenizer_pre("gpt-2")
+    g.add_token_list(tokens)
+    g.add_token_types([gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.NORMAL] * (len(tokens) - 3))
+    g.add_token_merges(["Ġ t"])
+    g.add_bos_token_id(cfg["bos_token_id"])
+    g.add_eos_token_id(cfg["eos_token_id"])
+    g.add_pad_token_id(cfg["pad_token_id"])
+
+
 def llama3_rope_factors(cfg):
     """convert_hf_to_gguf.py LlamaModel.generate_extra_tensors: llama.cpp divides each RoPE frequency by its factor."""
     import math
@@ -232,12 +291,14 @@ def llama3_rope_factors(cfg):
     return np.array(out, dtype=np.float32)
 
 
-def write_decoder_gguf(name, arch):
-    """`models/<name>.gguf` from the HF folder `models/<name>`, as convert_hf_to_gguf.py's `LlamaModel`
-    (and its subclasses) writes a Llama-layout decoder: arch `llama` and `smollm3` (`SmolLM3Model(LlamaModel)`)
-    with q/k rows permuted, `qwen3` without (NEOX RoPE) and with attn_q_norm / attn_k_norm; key/value
-    lengths only where config.json states `head_dim`; llama3 scaling as `rope_freqs.weight`; no
-    `output.weight` when tied; the byte-level BPE (`gpt2`) vocabulary of `byte_tokens()`."""
+def write_decoder_gguf(name, arch, path=None, key_value_length=True):
+    """`models/<name>.gguf` (or `path`) from the HF folder `models/<name>`, as convert_hf_to_gguf.py's
+    `LlamaModel` (and its subclasses) writes a Llama-layout decoder: arch `llama` and `smollm3`
+    (`SmolLM3Model(LlamaModel)`) with q/k rows permuted, `qwen3` without (NEOX RoPE) and with
+    attn_q_norm / attn_k_norm; key/value lengths only where config.json states `head_dim` (and
+    `key_value_length`: make_tiny_llama_gguf.py's llama.gguf has none); llama3 scaling as
+    `rope_freqs.weight`; no `output.weight` when tied; the byte-level BPE (`gpt2`) vocabulary of
+    `byte_tokens()`."""
     import json
     import numpy as np
     import gguf
@@ -246,7 +307,7 @@ def write_decoder_gguf(name, arch):
     w = load_file(f"models/{name}/model.safetensors")
     H, NH, NKV = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     HD = cfg.get("head_dim") or H // NH
-    g = gguf.GGUFWriter(f"models/{name}.gguf", arch)
+    g = gguf.GGUFWriter(path or f"models/{name}.gguf", arch)
     g.add_name(f"tiny-{name}-fixture")
     g.add_context_length(cfg["max_position_embeddings"])
     g.add_embedding_length(H)
@@ -255,22 +316,14 @@ def write_decoder_gguf(name, arch):
     g.add_rope_dimension_count(HD)
     g.add_head_count(NH)
     g.add_head_count_kv(NKV)
-    if "head_dim" in cfg:
+    if key_value_length and "head_dim" in cfg:
         g.add_key_length(HD)
         g.add_value_length(HD)
     g.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     g.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
     g.add_vocab_size(cfg["vocab_size"])
     g.add_file_type(gguf.LlamaFileType.ALL_F32)
-    tokens = byte_tokens()
-    g.add_tokenizer_model("gpt2")
-    g.add_tokenizer_pre("gpt-2")
-    g.add_token_list(tokens)
-    g.add_token_types([gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.NORMAL] * 253)
-    g.add_token_merges(["Ġ t"])
-    g.add_bos_token_id(cfg["bos_token_id"])
-    g.add_eos_token_id(cfg["eos_token_id"])
-    g.add_pad_token_id(cfg["pad_token_id"])
+    add_byte_vocab(g, cfg, byte_tokens())
     g.add_add_bos_token(False)
     names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
              "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",

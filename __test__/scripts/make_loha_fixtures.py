@@ -20,7 +20,6 @@ import fixture_common as fc
 fc.start()  # PYTHONHASHSEED=0 (target_modules is a set in HF's config), in the fixtures root
 
 import torch
-from safetensors.torch import save_file
 from peft import LoHaConfig, get_peft_model
 from fixture_common import load_tiny_llama as load
 NAME = "llama_loha"
@@ -28,49 +27,25 @@ OUT = f"cases/{NAME}"
 
 
 def main():
-    os.makedirs(OUT, exist_ok=True)
     seed = 1500
     torch.manual_seed(seed)
     cfg = LoHaConfig(task_type="CAUSAL_LM", r=4, alpha=8, target_modules=["q_proj", "v_proj"], init_weights=False)
     model = get_peft_model(load(), cfg)
-    model.save_pretrained(OUT)
-    trainable, total = fc.param_counts(model)
-    ids, mask, labels, _ = fc.lycoris_batch(seed, model.config.vocab_size)
-    model.eval()
-    with torch.no_grad():
-        adapted = model(input_ids=ids, attention_mask=mask).logits
-        with model.disable_adapter():
-            disabled = model(input_ids=ids, attention_mask=mask).logits
-        base = load()(input_ids=ids, attention_mask=mask).logits
+    trainable, total, ids, mask, labels = fc.save_adapter_and_batch(model, OUT, seed)
+    adapted = fc.adapter_logits(model, ids, mask)
+    disabled = fc.adapter_logits(model, ids, mask, disabled=True)
+    base = fc.adapter_logits(load(), ids, mask)
     # Loss and gradients (eval mode, autograd on), keyed by the on-disk key.
-    model.zero_grad()
-    out = model(input_ids=ids, attention_mask=mask, labels=labels)
-    out.loss.backward()
-    grads = fc.adapter_grads(model)
-    with torch.no_grad():
-        model.merge_adapter()
-        merged = model(input_ids=ids, attention_mask=mask).logits
-        model.unmerge_adapter()
-        unmerged = model(input_ids=ids, attention_mask=mask).logits
-    save_file(
-        {
-            "input_ids": ids,
-            "attention_mask": mask,
-            "labels": labels,
-            "logits_adapter": adapted.contiguous(),
-            "logits_merged": merged.contiguous(),
-            "logits_unmerged": unmerged.contiguous(),
-            "logits_disabled": disabled.contiguous(),
-            "logits_base": base.contiguous(),
-            "loss": out.loss.detach().reshape(1).float(),
-            **grads,
-        },
-        f"{OUT}/expected.safetensors",
-    )
-    from safetensors import safe_open
-
-    with safe_open(f"{OUT}/adapter_model.safetensors", "pt") as f:
-        keys = sorted(f.keys())
+    loss, grads = fc.loss_and_grads(model, ids, mask, labels)
+    merged = fc.adapter_logits(model, ids, mask, merged=True)
+    unmerged = fc.adapter_logits(model, ids, mask)
+    fc.save_expected(OUT, {
+        "input_ids": ids, "attention_mask": mask, "labels": labels,
+        "logits_adapter": adapted, "logits_merged": merged, "logits_unmerged": unmerged,
+        "logits_disabled": disabled, "logits_base": base,
+        "loss": loss, **grads,
+    })
+    keys = fc.keys_of(f"{OUT}/adapter_model.safetensors")
     # A second option set for the TS LoHaConfig.toJSON test (not saved as an adapter).
     opts = LoHaConfig(
         r=8, alpha=16, rank_dropout=0.1, module_dropout=0.05, target_modules=["q_proj", "v_proj"],

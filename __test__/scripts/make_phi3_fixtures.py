@@ -115,14 +115,7 @@ def write_gguf(name="phi3"):
     g.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0)
     # A byte-level BPE vocabulary (`_set_vocab_gpt2`, as Phi-4-mini), the one make_family_fixtures.py writes.
     tokens = byte_tokens()[:127] + ["Ġt"]  # the vocabulary is 128: bytes up to "y" and the merge
-    g.add_tokenizer_model("gpt2")
-    g.add_tokenizer_pre("gpt-2")
-    g.add_token_list(tokens)
-    g.add_token_types([gguf.TokenType.CONTROL] * 3 + [gguf.TokenType.NORMAL] * 125)
-    g.add_token_merges(["Ġ t"])
-    g.add_bos_token_id(cfg["bos_token_id"])
-    g.add_eos_token_id(cfg["eos_token_id"])
-    g.add_pad_token_id(cfg["pad_token_id"])
+    fc.add_byte_vocab(g, cfg, tokens)
     names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
              "self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output",
              "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}

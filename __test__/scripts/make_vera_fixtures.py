@@ -36,12 +36,7 @@ fc.start()  # PYTHONHASHSEED=0 (target_modules is a set in HF's config), in the 
 import torch
 from peft import PeftModel, VeraConfig, get_peft_model
 from safetensors import safe_open
-from fixture_common import load_tiny_llama as load
-
-
-def keys_of(path):
-    with safe_open(path, "pt") as f:
-        return sorted(f.keys())
+from fixture_common import keys_of, load_tiny_llama as load
 
 
 def write_case(out, info):
@@ -53,6 +48,12 @@ def write_case(out, info):
     with open(f"{out}/case.json", "w") as f:
         json.dump(info, f, indent=2)
         f.write("\n")
+
+
+def load_gpt2():
+    """The tiny GPT-2 of `models/gpt2` (eager attention, eval mode)."""
+    from transformers import GPT2LMHeadModel
+    return GPT2LMHeadModel.from_pretrained("models/gpt2", attn_implementation="eager").eval()
 
 
 def randomise_lambda_b(model, seed):
@@ -70,31 +71,19 @@ def llama_cases():
     model = get_peft_model(load(), VeraConfig(**kwargs))
     randomise_lambda_b(model, seed + 2)
     out = "cases/llama_vera"
-    os.makedirs(out, exist_ok=True)
-    model.save_pretrained(out)
-    trainable, total = fc.param_counts(model)
-    ids, mask, labels, _ = fc.lycoris_batch(seed, model.config.vocab_size)
-    model.eval()
-    with torch.no_grad():
-        adapted = model(input_ids=ids, attention_mask=mask).logits
-        with model.disable_adapter():
-            disabled = model(input_ids=ids, attention_mask=mask).logits
-        base = load()(input_ids=ids, attention_mask=mask).logits
-    model.zero_grad()
-    res = model(input_ids=ids, attention_mask=mask, labels=labels)
-    res.loss.backward()
-    grads = fc.adapter_grads(model)
+    trainable, total, ids, mask, labels = fc.save_adapter_and_batch(model, out, seed)
+    adapted = fc.adapter_logits(model, ids, mask)
+    disabled = fc.adapter_logits(model, ids, mask, disabled=True)
+    base = fc.adapter_logits(load(), ids, mask)
+    loss, grads = fc.loss_and_grads(model, ids, mask, labels)
     greedy = fc.greedy(model, ids[:1, :5])
-    with torch.no_grad():
-        model.merge_adapter()
-        merged = model(input_ids=ids, attention_mask=mask).logits
-        model.unmerge_adapter()
-        unmerged = model(input_ids=ids, attention_mask=mask).logits
+    merged = fc.adapter_logits(model, ids, mask, merged=True)
+    unmerged = fc.adapter_logits(model, ids, mask)
     fc.save_expected(out, {
         "input_ids": ids, "attention_mask": mask, "labels": labels,
         "logits_adapter": adapted, "logits_merged": merged, "logits_unmerged": unmerged,
         "logits_disabled": disabled, "logits_base": base,
-        "loss": res.loss.detach().reshape(1).float(), "greedy": greedy, **grads,
+        "loss": loss, "greedy": greedy, **grads,
     })
     # A second option set for the TS VeraConfig.toJSON test (not saved as an adapter).
     opts = VeraConfig(
@@ -134,9 +123,7 @@ def llama_cases():
     model.base_model.vera_A._persistent = True
     model.base_model.vera_B._persistent = True
     # Check that HF itself reloads it (from the PRNG key) to the same logits.
-    again = PeftModel.from_pretrained(load(), out2).eval()
-    with torch.no_grad():
-        again_logits = again(input_ids=ids, attention_mask=mask).logits
+    again_logits = fc.adapter_logits(PeftModel.from_pretrained(load(), out2).eval(), ids, mask)
     assert (again_logits - adapted).abs().max() < 1e-5, "HF reload without projections differs"
     fc.save_expected(out2, {"input_ids": ids, "attention_mask": mask, "logits_adapter": adapted})
     write_case(out2, {
@@ -170,33 +157,20 @@ def llama_cases():
 
 
 def gpt2_case():
-    from transformers import GPT2LMHeadModel
     seed = 1710
     torch.manual_seed(seed)
-    load2 = lambda: GPT2LMHeadModel.from_pretrained("models/gpt2", attn_implementation="eager").eval()
     kwargs = dict(task_type="CAUSAL_LM", r=4, target_modules=["c_attn", "c_proj"], init_weights=False)
-    model = get_peft_model(load2(), VeraConfig(**kwargs))
+    model = get_peft_model(load_gpt2(), VeraConfig(**kwargs))
     randomise_lambda_b(model, seed + 2)
     out = "cases/gpt2_vera"
-    os.makedirs(out, exist_ok=True)
-    model.save_pretrained(out)
-    trainable, total = fc.param_counts(model)
-    ids, mask, labels, _ = fc.lycoris_batch(seed, model.config.vocab_size)
-    model.eval()
-    with torch.no_grad():
-        adapted = model(input_ids=ids, attention_mask=mask).logits
-        with model.disable_adapter():
-            disabled = model(input_ids=ids, attention_mask=mask).logits
-        model.merge_adapter()
-        merged = model(input_ids=ids, attention_mask=mask).logits
-        model.unmerge_adapter()
-    model.zero_grad()
-    res = model(input_ids=ids, attention_mask=mask, labels=labels)
-    res.loss.backward()
-    grads = fc.adapter_grads(model)
+    trainable, total, ids, mask, labels = fc.save_adapter_and_batch(model, out, seed)
+    adapted = fc.adapter_logits(model, ids, mask)
+    disabled = fc.adapter_logits(model, ids, mask, disabled=True)
+    merged = fc.adapter_logits(model, ids, mask, merged=True)
+    loss, grads = fc.loss_and_grads(model, ids, mask, labels)  # after the merge / unmerge round trip, as before
     fc.save_expected(out, {
         "input_ids": ids, "attention_mask": mask, "labels": labels, "logits_adapter": adapted,
-        "logits_merged": merged, "logits_disabled": disabled, "loss": res.loss.detach().reshape(1).float(), **grads,
+        "logits_merged": merged, "logits_disabled": disabled, "loss": loss, **grads,
     })
     write_case(out, {
         "description": "VeRA r=4 on GPT-2's c_attn (Conv1D 64->192) and c_proj (attention 64->64, MLP 256->64), init_weights=False, lambda_b = N(1, 0.5); HF sets fan_in_fan_out=True for Conv1D.",
@@ -214,31 +188,22 @@ def gpt2_bias_cases():
     """`gpt2_vera_bias_all` / `gpt2_vera_bias_only`: bias="all" / "vera_only" on c_attn; the biases
     are trained and saved with the adapter (before saving, every trainable bias gets + 0.01 so the
     file differs from the base)."""
-    from transformers import GPT2LMHeadModel
     for bias, seed in [("all", 1720), ("vera_only", 1730)]:
         torch.manual_seed(seed)
-        load2 = lambda: GPT2LMHeadModel.from_pretrained("models/gpt2", attn_implementation="eager").eval()
         kwargs = dict(task_type="CAUSAL_LM", r=4, target_modules=["c_attn"], init_weights=False, bias=bias)
-        model = get_peft_model(load2(), VeraConfig(**kwargs))
+        model = get_peft_model(load_gpt2(), VeraConfig(**kwargs))
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if p.requires_grad and n.endswith(".bias"):
                     p.add_(0.01)
         out = f"cases/gpt2_vera_bias_{'all' if bias == 'all' else 'only'}"
-        os.makedirs(out, exist_ok=True)
-        model.save_pretrained(out)
-        trainable, total = fc.param_counts(model)
-        ids, mask, labels, _ = fc.lycoris_batch(seed, model.config.vocab_size)
-        model.eval()
-        with torch.no_grad():
-            adapted = model(input_ids=ids, attention_mask=mask).logits
-        model.zero_grad()
-        res = model(input_ids=ids, attention_mask=mask, labels=labels)
-        res.loss.backward()
-        grads = {f"grad.{n.replace('.default', '')}": p.grad.detach().clone().contiguous()
-                 for n, p in model.named_parameters() if p.requires_grad and "vera_lambda" in n}
+        trainable, total, ids, mask, labels = fc.save_adapter_and_batch(model, out, seed)
+        adapted = fc.adapter_logits(model, ids, mask)
+        # The lambdas' gradients only (the trained biases have theirs too).
+        loss, grads = fc.loss_and_grads(model, ids, mask, labels, lambda m: {
+            k: v for k, v in fc.adapter_grads(m).items() if "vera_lambda" in k})
         fc.save_expected(out, {"input_ids": ids, "attention_mask": mask, "labels": labels, "logits_adapter": adapted,
-                               "loss": res.loss.detach().reshape(1).float(), **grads})
+                               "loss": loss, **grads})
         write_case(out, {
             "description": f"VeRA r=4 on GPT-2 c_attn with bias={bias!r} (trainable biases + 0.01 before saving).",
             "base_model": "models/gpt2",
