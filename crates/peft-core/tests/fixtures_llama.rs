@@ -11,7 +11,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use common::*;
 use peft_core::generate::{generate, GenerateOptions};
 use peft_core::peft_model::PeftModel;
@@ -62,10 +62,6 @@ fn check_generate(what: &str, m: &PeftModel, exp: &Expected, key: &str) {
         assert_eq!(got, want, "{} {what}: generate(use_cache={use_cache}) != `{key}`", exp.case);
     }
     visible(&format!("ok {} {what}: generate == {key} (use_cache true and false)", exp.case));
-}
-
-fn max_abs(t: &Tensor) -> f64 {
-    t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
 }
 
 /// Every injected module of `name` with (r, alpha, scaling) matches `case.json` ->

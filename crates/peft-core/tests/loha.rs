@@ -6,7 +6,6 @@
 
 mod common;
 
-use candle_core::{DType, Tensor};
 use common::*;
 use peft_core::peft_model::PeftModel;
 use peft_core::train::{loss_and_grads, Batch};
@@ -15,14 +14,6 @@ use serde_json::json;
 use std::collections::BTreeSet;
 
 const CASE: &str = "llama_loha";
-
-fn max_abs(t: &Tensor) -> f64 {
-    t.to_dtype(DType::F32).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() as f64
-}
-
-fn base_weights(m: &PeftModel) -> Vec<(String, Tensor)> {
-    m.base.named_linears().into_iter().map(|(n, l)| (n, l.weight.clone())).collect()
-}
 
 #[test]
 fn loha_logits_adapted_disabled_merged_match_hf() {
@@ -34,16 +25,7 @@ fn loha_logits_adapted_disabled_merged_match_hf() {
     check_logits("disabled", &m, &exp, "logits_disabled");
     check_logits("disabled = base", &m, &exp, "logits_base");
     m.set_disabled(false).unwrap();
-    let before = base_weights(&m);
-    m.merge_adapter(None, true).unwrap();
-    check_logits("merged", &m, &exp, "logits_merged");
-    m.unmerge_adapter().unwrap();
-    check_logits("unmerged", &m, &exp, "logits_unmerged");
-    // Unmerge restores the base weights (up to f32 rounding of + ΔW - ΔW).
-    for ((n, a), (_, b)) in before.iter().zip(base_weights(&m)) {
-        let d = max_abs(&(a - &b).unwrap());
-        assert!(d <= 1e-6, "{n}: unmerged weight differs from the base by {d:e}");
-    }
+    check_merge_unmerge(&mut m, &exp, |_| {});
     m.set_disabled(true).unwrap();
     check_logits("disabled after unmerge", &m, &exp, "logits_base");
 }
@@ -58,15 +40,7 @@ fn loha_merge_and_unload_matches_hf_merged() {
 
 #[test]
 fn loha_round_trip_is_byte_identical() {
-    let m = adapter_peft(CASE, false);
-    let out = temp_dir("loha-rt");
-    m.save_pretrained(&out, None).unwrap();
-    for f in ["adapter_model.safetensors", "adapter_config.json"] {
-        let ours = std::fs::read(out.join(f)).unwrap();
-        let theirs = std::fs::read(case_dir(CASE).join(f)).unwrap();
-        assert!(ours == theirs, "{f} differs from HF's:\n{}\nvs\n{}", String::from_utf8_lossy(&ours).chars().take(2000).collect::<String>(), String::from_utf8_lossy(&theirs).chars().take(2000).collect::<String>());
-    }
-    remove_dir(&out);
+    resave_case(CASE);
 }
 
 #[test]
@@ -82,9 +56,7 @@ fn loha_counts_status_and_gradients_match_hf() {
     assert!(status.iter().all(|s| s["module_type"] == "loha.Linear"), "{status:?}");
     assert_eq!(m.model_status().unwrap()["adapter_model_type"], "LoHaModel");
 
-    let (ids, b, s) = exp.ids("input_ids");
-    let batch = Batch { input_ids: ids, attention_mask: exp.mask("attention_mask"), labels: exp.i64s("labels"), batch_size: b, seq_len: s, task_ids: None, ..Default::default() };
-    let (loss, _, grads) = loss_and_grads(&m, &batch, None, None).unwrap_or_else(|e| panic!("loss_and_grads: [{}] {e}", e.code()));
+    let (loss, _, grads) = loss_and_grads(&m, &expected_batch(&exp), None, None).unwrap_or_else(|e| panic!("loss_and_grads: [{}] {e}", e.code()));
     let want = exp.get("loss").flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] as f64;
     visible(&format!("diff {CASE} loss: got {loss:.8} expected {want:.8}"));
     assert!((loss - want).abs() <= 1e-5, "loss {loss} vs {want}");

@@ -15,29 +15,16 @@
 
 mod common;
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use common::*;
 use peft_core::generate::{generate, GenerateOptions};
 use peft_core::peft_model::PeftModel;
-use peft_core::train::{loss_and_grads, Batch};
+use peft_core::train::loss_and_grads;
 use peft_core::tuners::config::AdapterConfig;
 use serde_json::json;
 use std::collections::BTreeSet;
 
 const CASES: [&str; 4] = ["llama_lokr", "llama_lokr_both", "llama_lokr_full", "llama_lokr_patterns"];
-
-fn max_abs(t: &Tensor) -> f64 {
-    t.to_dtype(DType::F32).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap() as f64
-}
-
-fn base_weights(m: &PeftModel) -> Vec<(String, Tensor)> {
-    m.base.named_linears().into_iter().map(|(n, l)| (n, l.weight.clone())).collect()
-}
-
-fn batch(exp: &Expected) -> Batch {
-    let (ids, b, s) = exp.ids("input_ids");
-    Batch { input_ids: ids, attention_mask: exp.mask("attention_mask"), labels: exp.i64s("labels"), batch_size: b, seq_len: s, task_ids: None, ..Default::default() }
-}
 
 fn check_generate(what: &str, m: &PeftModel, exp: &Expected, key: &str) {
     let (ids, b, s) = exp.ids("generate_input_ids");
@@ -86,16 +73,7 @@ fn lokr_logits_generate_merge_match_hf() {
         check_logits("disabled = base", &m, &exp, "logits_base");
         check_generate("disabled", &m, &exp, "generate_base");
         m.set_disabled(false).unwrap();
-        let before = base_weights(&m);
-        m.merge_adapter(None, true).unwrap();
-        check_logits("merged", &m, &exp, "logits_merged");
-        check_generate("merged", &m, &exp, "generate_merged");
-        m.unmerge_adapter().unwrap();
-        check_logits("unmerged", &m, &exp, "logits_unmerged");
-        for ((n, a), (_, b)) in before.iter().zip(base_weights(&m)) {
-            let d = max_abs(&(a - &b).unwrap());
-            assert!(d <= 1e-6, "{case} {n}: unmerged weight differs from the base by {d:e}");
-        }
+        check_merge_unmerge(&mut m, &exp, |m| check_generate("merged", m, &exp, "generate_merged"));
         let mut m = adapter_peft(case, false);
         m.merge_and_unload(None, true).unwrap();
         check_logits("merge_and_unload", &m, &exp, "logits_merged");
@@ -106,15 +84,7 @@ fn lokr_logits_generate_merge_match_hf() {
 #[test]
 fn lokr_round_trip_is_byte_identical() {
     for case in CASES {
-        let m = adapter_peft(case, false);
-        let out = temp_dir("lokr-rt");
-        m.save_pretrained(&out, None).unwrap();
-        for f in ["adapter_model.safetensors", "adapter_config.json"] {
-            let ours = std::fs::read(out.join(f)).unwrap();
-            let theirs = std::fs::read(case_dir(case).join(f)).unwrap();
-            assert!(ours == theirs, "{case} {f} differs from HF's:\n{}\nvs\n{}", String::from_utf8_lossy(&ours).chars().take(1500).collect::<String>(), String::from_utf8_lossy(&theirs).chars().take(1500).collect::<String>());
-        }
-        remove_dir(&out);
+        resave_case(case);
     }
 }
 
@@ -139,7 +109,7 @@ fn lokr_counts_status_shapes_and_gradients_match_hf() {
         got.sort();
         assert_eq!(got, want, "{case}: parameter shapes");
 
-        let (loss, _, grads) = loss_and_grads(&m, &batch(&exp), None, None).unwrap_or_else(|e| panic!("loss_and_grads: [{}] {e}", e.code()));
+        let (loss, _, grads) = loss_and_grads(&m, &expected_batch(&exp), None, None).unwrap_or_else(|e| panic!("loss_and_grads: [{}] {e}", e.code()));
         let want = exp.get("loss").flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] as f64;
         visible(&format!("diff {case} loss: got {loss:.8} expected {want:.8}"));
         assert!((loss - want).abs() <= 1e-5, "{case}: loss {loss} vs {want}");
@@ -176,7 +146,7 @@ fn lokr_inits_and_config_round_trip() {
             if !both {
                 assert_eq!(trainable as u64, case_json("llama_lokr")["trainable_params"].as_u64().unwrap());
             }
-            let (_, _, grads) = loss_and_grads(&m, &batch(&exp), None, None).unwrap();
+            let (_, _, grads) = loss_and_grads(&m, &expected_batch(&exp), None, None).unwrap();
             let zero = if both && zero_slot == "lokr_w1" { "lokr_w1_a" } else { zero_slot };
             for (k, v) in m.trainable_parameters() {
                 let w = max_abs(v.as_tensor());
@@ -259,11 +229,11 @@ fn lokr_dropouts_apply_in_training_only_and_gradients_flow() {
     let rng = || Some(std::sync::Arc::new(std::sync::Mutex::new(<rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(11))));
     let plain = make(json!({}));
     let eval = |m: &PeftModel| forward_batch(m, &exp);
-    let (lp, _, _) = loss_and_grads(&plain, &batch(&exp), None, rng()).unwrap();
+    let (lp, _, _) = loss_and_grads(&plain, &expected_batch(&exp), None, rng()).unwrap();
     for extra in [json!({"rank_dropout": 0.5}), json!({"rank_dropout": 0.5, "rank_dropout_scale": true})] {
         let rank = make(extra.clone());
         assert_eq!(max_abs(&(eval(&plain) - eval(&rank)).unwrap()), 0.0, "rank dropout acts in eval");
-        let (lr, _, gr) = loss_and_grads(&rank, &batch(&exp), None, rng()).unwrap();
+        let (lr, _, gr) = loss_and_grads(&rank, &expected_batch(&exp), None, rng()).unwrap();
         assert!(lr.is_finite() && (lr - lp).abs() > 1e-6, "{extra}: {lr} vs {lp}");
         for (k, v) in rank.trainable_parameters() {
             let g = gr.get(v.as_tensor()).unwrap_or_else(|| panic!("{extra}: no gradient for {k}"));
@@ -273,10 +243,10 @@ fn lokr_dropouts_apply_in_training_only_and_gradients_flow() {
     }
     let module = make(json!({"module_dropout": 0.999}));
     assert_eq!(max_abs(&(eval(&plain) - eval(&module)).unwrap()), 0.0, "module dropout acts in eval");
-    let (lm, _, _) = loss_and_grads(&module, &batch(&exp), None, rng()).unwrap();
+    let (lm, _, _) = loss_and_grads(&module, &expected_batch(&exp), None, rng()).unwrap();
     let mut base = make(json!({}));
     base.set_disabled(true).unwrap();
-    let (lb, _, _) = loss_and_grads(&base, &batch(&exp), None, rng()).unwrap_or_else(|e| panic!("disabled loss: [{}] {e}", e.code()));
+    let (lb, _, _) = loss_and_grads(&base, &expected_batch(&exp), None, rng()).unwrap_or_else(|e| panic!("disabled loss: [{}] {e}", e.code()));
     assert!((lm - lb).abs() <= 1e-6 && (lm - lp).abs() > 1e-6, "module dropout 0.999: {lm} vs base {lb}");
 }
 

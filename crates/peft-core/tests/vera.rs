@@ -8,30 +8,16 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use common::*;
 use peft_core::generate::{generate, GenerateOptions};
-use peft_core::peft_model::PeftModel;
-use peft_core::train::{loss_and_grads, Batch};
+use peft_core::train::loss_and_grads;
 use peft_core::tuners::config::AdapterConfig;
 use peft_core::tuners::vera::TorchGenerator;
 use serde_json::json;
 use std::collections::BTreeSet;
 
 const CASE: &str = "llama_vera";
-
-fn max_abs(t: &Tensor) -> f64 {
-    t.to_dtype(DType::F32).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() as f64
-}
-
-fn base_weights(m: &PeftModel) -> Vec<(String, Tensor)> {
-    m.base.named_linears().into_iter().map(|(n, l)| (n, l.weight.clone())).collect()
-}
-
-fn batch(exp: &Expected) -> Batch {
-    let (ids, b, s) = exp.ids("input_ids");
-    Batch { input_ids: ids, attention_mask: exp.mask("attention_mask"), labels: exp.i64s("labels"), batch_size: b, seq_len: s, task_ids: None, ..Default::default() }
-}
 
 fn file_tensor(case: &str, key: &str) -> Tensor {
     let t = peft_core::io::read_safetensors(&case_dir(case).join("adapter_model.safetensors"), &Device::Cpu).unwrap();
@@ -50,7 +36,7 @@ fn vera(extra: serde_json::Value) -> AdapterConfig {
 fn vera_logits_adapted_disabled_merged_and_greedy_match_hf() {
     let exp = Expected::load(CASE);
     let mut m = adapter_peft(CASE, false);
-    assert_eq!(m.peft_type().as_deref(), Some("VERA"));
+    assert_eq!(m.peft_type(), Some("VERA"));
     check_logits("adapter", &m, &exp, "logits_adapter");
     let (ids, _, s) = exp.ids("input_ids");
     let prompt: Vec<u32> = ids[..5.min(s)].to_vec();
@@ -63,15 +49,7 @@ fn vera_logits_adapted_disabled_merged_and_greedy_match_hf() {
     check_logits("disabled", &m, &exp, "logits_disabled");
     check_logits("disabled = base", &m, &exp, "logits_base");
     m.set_disabled(false).unwrap();
-    let before = base_weights(&m);
-    m.merge_adapter(None, true).unwrap();
-    check_logits("merged", &m, &exp, "logits_merged");
-    m.unmerge_adapter().unwrap();
-    check_logits("unmerged", &m, &exp, "logits_unmerged");
-    for ((n, a), (_, b)) in before.iter().zip(base_weights(&m)) {
-        let d = max_abs(&(a - &b).unwrap());
-        assert!(d <= 1e-6, "{n}: unmerged weight differs from the base by {d:e}");
-    }
+    check_merge_unmerge(&mut m, &exp, |_| {});
     let mut m = adapter_peft(CASE, false);
     m.merge_and_unload(None, true).unwrap();
     check_logits("merge_and_unload", &m, &exp, "logits_merged");
@@ -80,15 +58,7 @@ fn vera_logits_adapted_disabled_merged_and_greedy_match_hf() {
 #[test]
 fn vera_round_trip_is_byte_identical() {
     for case in [CASE, "llama_vera_noproj", "gpt2_vera"] {
-        let m = adapter_peft(case, false);
-        let out = temp_dir("vera-rt");
-        m.save_pretrained(&out, None).unwrap();
-        for f in ["adapter_model.safetensors", "adapter_config.json"] {
-            let ours = std::fs::read(out.join(f)).unwrap();
-            let theirs = std::fs::read(case_dir(case).join(f)).unwrap();
-            assert!(ours == theirs, "{case} {f} differs from HF's:\n{}\nvs\n{}", String::from_utf8_lossy(&ours).chars().take(1500).collect::<String>(), String::from_utf8_lossy(&theirs).chars().take(1500).collect::<String>());
-        }
-        remove_dir(&out);
+        resave_case(case);
     }
 }
 
@@ -105,8 +75,8 @@ fn vera_counts_status_and_gradients_match_hf() {
     assert!(status.iter().all(|s| s["module_type"] == "vera.Linear"), "{status:?}");
     assert_eq!(m.model_status().unwrap()["adapter_model_type"], "VeraModel");
     // The fused engine declines VeRA layers, so training takes the general path.
-    assert!(peft_core::engine::try_loss_and_grads(&m, &batch(&exp), None, None).unwrap().is_none(), "the engine must decline VeRA");
-    let (loss, _, grads) = loss_and_grads(&m, &batch(&exp), None, None).unwrap_or_else(|e| panic!("loss_and_grads: [{}] {e}", e.code()));
+    assert!(peft_core::engine::try_loss_and_grads(&m, &expected_batch(&exp), None, None).unwrap().is_none(), "the engine must decline VeRA");
+    let (loss, _, grads) = loss_and_grads(&m, &expected_batch(&exp), None, None).unwrap_or_else(|e| panic!("loss_and_grads: [{}] {e}", e.code()));
     let want = exp.get("loss").flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] as f64;
     visible(&format!("diff {CASE} loss: got {loss:.8} expected {want:.8}"));
     assert!((loss - want).abs() <= 1e-5, "loss {loss} vs {want}");
@@ -204,7 +174,7 @@ fn vera_gpt2_conv1d_matches_hf() {
     let exp = Expected::load(case);
     let mut m = adapter_peft(case, true);
     check_logits("adapter", &m, &exp, "logits_adapter");
-    let (loss, _, grads) = loss_and_grads(&m, &batch(&exp), None, None).unwrap();
+    let (loss, _, grads) = loss_and_grads(&m, &expected_batch(&exp), None, None).unwrap();
     let want = exp.get("loss").flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] as f64;
     assert!((loss - want).abs() <= 1e-5, "loss {loss} vs {want}");
     for (k, v) in &m.trainable_parameters() {
@@ -264,8 +234,8 @@ fn vera_dropout_applies_in_training_only() {
     let rng = || Some(std::sync::Arc::new(std::sync::Mutex::new(<rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(11))));
     let (plain, dropped) = (make(0.0), make(0.5));
     assert_eq!(max_abs(&(forward_batch(&plain, &exp) - forward_batch(&dropped, &exp)).unwrap()), 0.0, "dropout acts in eval");
-    let (lp, _, _) = loss_and_grads(&plain, &batch(&exp), None, rng()).unwrap();
-    let (ld, _, g) = loss_and_grads(&dropped, &batch(&exp), None, rng()).unwrap();
+    let (lp, _, _) = loss_and_grads(&plain, &expected_batch(&exp), None, rng()).unwrap();
+    let (ld, _, g) = loss_and_grads(&dropped, &expected_batch(&exp), None, rng()).unwrap();
     assert!(ld.is_finite() && (ld - lp).abs() > 1e-7, "dropout: {ld} vs {lp}");
     assert!(dropped.trainable_parameters().iter().all(|(_, v)| g.get(v.as_tensor()).is_some()));
 }
@@ -279,7 +249,7 @@ fn vera_bias_all_and_vera_only_match_hf() {
         check_logits("adapter (saved biases loaded)", &m, &exp, "logits_adapter");
         let (trainable, total) = m.nb_trainable_parameters();
         assert_eq!((trainable as u64, total as u64), (cj["trainable_params"].as_u64().unwrap(), cj["all_params"].as_u64().unwrap()), "{case} counts");
-        let (loss, _, grads) = loss_and_grads(&m, &batch(&exp), None, None).unwrap();
+        let (loss, _, grads) = loss_and_grads(&m, &expected_batch(&exp), None, None).unwrap();
         let want = exp.get("loss").flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] as f64;
         assert!((loss - want).abs() <= 1e-5, "{case} loss {loss} vs {want}");
         for (k, v) in m.trainable_parameters().iter().filter(|(k, _)| k.contains("vera_lambda")) {

@@ -128,28 +128,14 @@ fn detect() -> bool {
     false
 }
 
-/// bfloat16 of `x`, rounded to nearest even (finite inputs; a NaN stays a NaN).
-#[inline(always)]
-fn bf16(x: f32) -> u16 {
-    let b = x.to_bits();
-    if x.is_nan() {
-        return ((b >> 16) | 0x40) as u16;
-    }
-    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
-}
-
-#[inline(always)]
-fn f32_of(h: u16) -> f32 {
-    f32::from_bits((h as u32) << 16)
-}
-
-/// `x` split into (`hi`, `lo`) bfloat16 halves: `hi = bf16(x)`, `lo = bf16(x − hi)` (zero where
-/// `hi` is infinite or NaN).
+/// `x` split into (`hi`, `lo`) bfloat16 halves (the bits): `hi = bf16(x)`, `lo = bf16(x − hi)`,
+/// rounded to nearest even by the `half` crate (a NaN stays a NaN, quiet); `lo` is zero where
+/// `hi` is infinite or NaN.
 #[inline(always)]
 fn split(x: f32) -> (u16, u16) {
-    let hi = bf16(x);
-    let h = f32_of(hi);
-    (hi, if h.is_finite() { bf16(x - h) } else { 0 })
+    let hi = half::bf16::from_f32(x);
+    let h = hi.to_f32();
+    (hi.to_bits(), if h.is_finite() { half::bf16::from_f32(x - h).to_bits() } else { 0 })
 }
 
 /// The tile configuration: eight tiles of 16 rows × 64 bytes (16 × 16 `f32` or 16 × 32 bf16).
@@ -733,7 +719,7 @@ mod tests {
         }
         let mut xs: Vec<f32> = rand(4096, 9).iter().map(|x| x * 1e3).collect();
         xs.extend([0.0, -0.0, 1.0 + 1.0 / 256.0, 1.0 + 3.0 / 256.0, f32::MIN_POSITIVE / 3.0, f32::MAX, f32::MIN, f32::INFINITY, f32::NEG_INFINITY, f32::NAN, -f32::NAN, f32::from_bits(0x7f80_0001), f32::from_bits(0xffff_ffff)]);
-        while xs.len() % 16 != 0 {
+        while !xs.len().is_multiple_of(16) {
             xs.push(0.5);
         }
         for chunk in xs.chunks(16) {
@@ -749,7 +735,7 @@ mod tests {
                 let (h, l) = split(x);
                 assert_eq!((hv[i], lv[i]), (h, l), "x = {x:e} ({:#x})", x.to_bits());
                 if x.is_nan() {
-                    assert!(f32_of(h).is_nan(), "NaN must stay NaN");
+                    assert!(half::bf16::from_bits(h).is_nan(), "NaN must stay NaN");
                 }
             }
         }

@@ -162,11 +162,34 @@ const PAR_MIN_WORK: usize = 1 << 20;
 /// row count: a matrix-vector product is bound by reading the weight, which both cores speed up.
 const PAR_MIN_WEIGHT: usize = 1 << 16;
 
-/// `dst = (acc ? dst : 0) + alpha · a · b`, with `a` `[m, k]`, `b` `[k, n]`, `dst` `[m, n]`.
+/// `dst = (acc ? dst : 0) + alpha · a · b`, with `a` `[m, k]`, `b` `[k, n]`, `dst` `[m, n]`, at the
+/// process's matmul precision: a large product runs in bf16x3 / bf16 on AMX when
+/// [`super::amx::set_float32_matmul_precision`] asks for it, everything else as [`gemm_f32`].
 /// `threads > 1` lets a large product use the current rayon pool.
 ///
 /// Panics if the shapes do not agree.
 pub fn gemm(dst: &mut Dst, a: View, b: View, alpha: f32, acc: bool, threads: usize) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    // Products large enough that converting and packing the operands is repaid (64 rows or
+    // more: decoding stays f32), with an inner dimension short enough that the panels of the
+    // converted operands stay in L2 (the lm_head's input gradient, k = 49152, runs at half the
+    // f32 speed in bf16x3). Attention calls `gemm_f32` itself.
+    if m >= 64 && n >= 128 && (128..=AMX_MAX_K).contains(&k) && m * n * k >= AMX_MIN_WORK {
+        let passes = super::amx::passes();
+        if passes > 0 {
+            super::amx::gemm(dst, a, b, alpha, acc, threads, passes);
+            return;
+        }
+    }
+    gemm_f32(dst, a, b, alpha, acc, threads)
+}
+
+/// `dst = (acc ? dst : 0) + alpha · a · b` in f32 whatever the matmul precision (attention's
+/// products: scores and probabilities keep f32 as in the general path).
+/// `threads > 1` lets a large product use the current rayon pool.
+///
+/// Panics if the shapes do not agree.
+pub fn gemm_f32(dst: &mut Dst, a: View, b: View, alpha: f32, acc: bool, threads: usize) {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     assert!(b.rows == k && dst.rows == m && dst.cols == n, "gemm shape mismatch: [{m}x{k}]·[{}x{n}] -> [{}x{}]", b.rows, dst.rows, dst.cols);
     if m == 0 || n == 0 {
@@ -195,18 +218,6 @@ pub fn gemm(dst: &mut Dst, a: View, b: View, alpha: f32, acc: bool, threads: usi
         // the destination does not alias them.
         unsafe { narrow_nt_avx512(dst, a, b, alpha, acc) };
         return;
-    }
-    // Reduced internal precision on AMX where it is asked for (`set_float32_matmul_precision`),
-    // for products large enough that converting and packing the operands is repaid (at least 64
-    // rows: attention's 32-row query blocks and decoding stay in f32), and with an inner
-    // dimension short enough that the panels of the converted operands stay in L2 (the
-    // lm_head's input gradient, k = 49152, runs at half the f32 speed in bf16x3).
-    if m >= 64 && n >= 128 && (128..=AMX_MAX_K).contains(&k) && m * n * k >= AMX_MIN_WORK {
-        let passes = super::amx::passes();
-        if passes > 0 {
-            super::amx::gemm(dst, a, b, alpha, acc, threads, passes);
-            return;
-        }
     }
     if super::ab_flags() & super::AB_GEMM_CRATE_SPLIT != 0 {
         // The earlier rule: the `gemm` crate's own rayon split, narrow outputs on one thread.

@@ -5,7 +5,7 @@
 //! `t = P + s` key positions. Activations are stored as `[T, features]`, so a head is a strided
 //! column block and attention needs no transposes.
 
-use super::gemm::{gemm, Dst, View};
+use super::gemm::{gemm, gemm_f32, Dst, View};
 use super::simd;
 use crate::error::{PeftError, Result};
 use crate::model::llama::LlamaForCausalLM;
@@ -903,9 +903,9 @@ impl Step {
                     .unwrap_or(t);
                 let mut sc = Dst::rm(pr, i0 * t, n, t, t);
                 if let Some(pk) = pk {
-                    gemm(&mut sc.cols(0, p), qv.rows(i0, n), pk.t(), scale, false, 1);
+                    gemm_f32(&mut sc.cols(0, p), qv.rows(i0, n), pk.t(), scale, false, 1);
                 }
-                gemm(
+                gemm_f32(
                     &mut sc.cols(p, lim - p),
                     qv.rows(i0, n),
                     kv.rows(0, lim - p).t(),
@@ -941,8 +941,8 @@ impl Step {
                 let mut ob = out.rows(i0, n);
                 match pv {
                     Some(pv) => {
-                        gemm(&mut ob, pview.cols(0, p), pv, 1.0, false, 1);
-                        gemm(
+                        gemm_f32(&mut ob, pview.cols(0, p), pv, 1.0, false, 1);
+                        gemm_f32(
                             &mut ob,
                             pview.cols(p, lim - p),
                             vv.rows(0, lim - p),
@@ -951,7 +951,7 @@ impl Step {
                             1,
                         );
                     }
-                    None => gemm(&mut ob, pview.cols(0, lim), vv.rows(0, lim), 1.0, false, 1),
+                    None => gemm_f32(&mut ob, pview.cols(0, lim), vv.rows(0, lim), 1.0, false, 1),
                 }
             }
         });
@@ -1018,9 +1018,9 @@ impl Step {
                     let pview = View::rm(pr, i0 * t, n, t, t);
                     let mut gpd = Dst::rm(&mut gp, 0, n, t, t);
                     if let Some(pv) = pv {
-                        gemm(&mut gpd.cols(0, p), go.rows(i0, n), pv.t(), 1.0, false, 1);
+                        gemm_f32(&mut gpd.cols(0, p), go.rows(i0, n), pv.t(), 1.0, false, 1);
                     }
-                    gemm(
+                    gemm_f32(
                         &mut gpd.cols(p, lim - p),
                         go.rows(i0, n),
                         vv.rows(0, lim - p).t(),
@@ -1039,8 +1039,8 @@ impl Step {
                     let mut gqb = gqd.rows(i0, n);
                     match pk {
                         Some(pk) => {
-                            gemm(&mut gqb, gs.cols(0, p), pk, 1.0, false, 1);
-                            gemm(
+                            gemm_f32(&mut gqb, gs.cols(0, p), pk, 1.0, false, 1);
+                            gemm_f32(
                                 &mut gqb,
                                 gs.cols(p, lim - p),
                                 kv.rows(0, lim - p),
@@ -1049,11 +1049,11 @@ impl Step {
                                 1,
                             );
                         }
-                        None => gemm(&mut gqb, gs.cols(0, lim), kv.rows(0, lim), 1.0, false, 1),
+                        None => gemm_f32(&mut gqb, gs.cols(0, lim), kv.rows(0, lim), 1.0, false, 1),
                     }
                     let qb = qv.rows(i0, n);
                     let gob = go.rows(i0, n);
-                    gemm(
+                    gemm_f32(
                         &mut gkd.rows(0, lim - p),
                         gs.cols(p, lim - p).t(),
                         qb,
@@ -1061,7 +1061,7 @@ impl Step {
                         true,
                         1,
                     );
-                    gemm(
+                    gemm_f32(
                         &mut gvd.rows(0, lim - p),
                         pview.cols(p, lim - p).t(),
                         gob,
@@ -1070,8 +1070,8 @@ impl Step {
                         1,
                     );
                     if p > 0 {
-                        gemm(&mut gpkd, gs.cols(0, p).t(), qb, 1.0, true, 1);
-                        gemm(&mut gpvd, pview.cols(0, p).t(), gob, 1.0, true, 1);
+                        gemm_f32(&mut gpkd, gs.cols(0, p).t(), qb, 1.0, true, 1);
+                        gemm_f32(&mut gpvd, pview.cols(0, p).t(), gob, 1.0, true, 1);
                     }
                 }
             }
@@ -1343,7 +1343,7 @@ fn run_in(
             hc[r * h..(r + 1) * h].copy_from_slice(&hf[row * h..(row + 1) * h]);
         }
         let logits = buf(&mut ws.logits, c * d.vocab);
-        gemm(
+        gemm_f32(
             &mut Dst::of(logits, c, d.vocab),
             View::of(hc, c, h),
             View::of(plan.head.get(), d.vocab, h).t(),
@@ -1357,7 +1357,7 @@ fn run_in(
             .map(|(row, &(_, target))| simd::cross_entropy_row(row, target, w) / w as f64)
             .sum::<f64>();
         let ghc = buf(&mut ws.ghc, c * h);
-        gemm(
+        gemm_f32(
             &mut Dst::of(ghc, c, h),
             View::of(logits, c, d.vocab),
             View::of(plan.head.get(), d.vocab, h),

@@ -81,11 +81,11 @@ pub(crate) fn base_config(base: &Path) -> Result<LlamaConfig> {
     if crate::model::loader::is_gguf(base) {
         let content = crate::gguf::read_gguf_header(base)?;
         let arch = crate::gguf::meta::string(&content.metadata, "general.architecture", base)?.unwrap_or_default();
-        if arch == "smollm3" {
-            // Refused with the reason (its NoPE layers), as for a SmolLM3 folder.
-            super::gguf_architecture(&crate::gguf::read_gguf_config(base)?)?;
-        }
         if arch != "llama" {
+            // The architecture's own refusal where the exporter has one (SmolLM3: its NoPE layers).
+            if let Ok(cfg) = crate::gguf::read_gguf_config(base) {
+                super::gguf_architecture(&cfg)?;
+            }
             return Err(unsupported(format!("architecture `{arch}`"), format!("{}: only `llama` GGUF bases are supported", base.display())));
         }
         return crate::gguf::read_gguf_config(base);

@@ -227,3 +227,50 @@ pub fn copy_files(src: &Path, dst: &Path) {
         }
     }
 }
+
+/// The largest |x| of a tensor, as f64.
+pub fn max_abs(t: &Tensor) -> f64 {
+    t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+}
+
+/// The base model's linear weights by module name (to check that unmerging restores them).
+pub fn base_weights(m: &PeftModel) -> Vec<(String, Tensor)> {
+    m.base.named_linears().into_iter().map(|(n, l)| (n, l.weight.clone())).collect()
+}
+
+/// The case's training batch: `input_ids`, `attention_mask` and `labels` of expected.safetensors.
+pub fn expected_batch(exp: &Expected) -> peft_core::train::Batch {
+    let (ids, b, s) = exp.ids("input_ids");
+    peft_core::train::Batch { input_ids: ids, attention_mask: exp.mask("attention_mask"), labels: exp.i64s("labels"), batch_size: b, seq_len: s, task_ids: None, ..Default::default() }
+}
+
+/// Merges the active adapter (`merge_adapter`, safe merge), checks the merged logits
+/// (`logits_merged`) and `after_merge`, unmerges, checks `logits_unmerged`, and that every base
+/// weight is back within 1e-6 (f32 rounding of + ΔW − ΔW).
+pub fn check_merge_unmerge(m: &mut PeftModel, exp: &Expected, after_merge: impl Fn(&PeftModel)) {
+    let before = base_weights(m);
+    m.merge_adapter(None, true).unwrap();
+    check_logits("merged", m, exp, "logits_merged");
+    after_merge(m);
+    m.unmerge_adapter().unwrap();
+    check_logits("unmerged", m, exp, "logits_unmerged");
+    for ((n, a), (_, b)) in before.iter().zip(base_weights(m)) {
+        let d = max_abs(&(a - &b).unwrap());
+        assert!(d <= 1e-6, "{} {n}: unmerged weight differs from the base by {d:e}", exp.case);
+    }
+}
+
+/// Loads the HF adapter of `case`, saves it again, and asserts that `adapter_model.safetensors`
+/// and `adapter_config.json` are byte-identical to HF's files.
+pub fn resave_case(case: &str) {
+    let m = adapter_peft(case, false);
+    let out = temp_dir("resave");
+    m.save_pretrained(&out, None).unwrap();
+    for f in ["adapter_model.safetensors", "adapter_config.json"] {
+        let fx = std::fs::read(case_dir(case).join(f)).unwrap();
+        let ours = std::fs::read(out.join(f)).unwrap();
+        assert!(fx == ours, "{case}: re-saved {f} differs from HF's ({} vs {} bytes):\n{}", ours.len(), fx.len(), String::from_utf8_lossy(&ours[..ours.len().min(1500)]));
+        visible(&format!("ok {case}: re-saved {f} byte-identical ({} bytes)", ours.len()));
+    }
+    remove_dir(&out);
+}
