@@ -571,7 +571,10 @@ export interface FromPretrainedOptions extends ProgressOptions {
    *   tensors are dequantized at load.
    * - `'keep'` (GGUF files): those weights stay in their GGUF block type (Q8_0, Q4_0, Q4_1,
    *   Q4_K, Q6_K; other types are dequantized with a one-line notice on stderr). Q6_K is held
-   *   with one byte per 6-bit code (1.25 bytes per weight with its scales).
+   *   with one byte per 6-bit code (1.25 bytes per weight with its scales). The output head
+   *   stays quantized too, as llama.cpp computes the logits: the file's `output.weight`, or with
+   *   tied embeddings `token_embd.weight` (the embedding lookup then reads the table dequantized
+   *   to f32, so such a model holds the table twice).
    * - `'q8_0'` / `'q4_0'` (Llama-family model folders: Llama, Mistral, Qwen2, Qwen3): those weights,
    *   read from f32 / f16 / bf16 safetensors, are quantized at load to llama.cpp's Q8_0 (8-bit
    *   codes, one f16 scale `max|w|/127` per 32 weights, `q = round(w / d)`) or Q4_0 (4-bit,
@@ -586,7 +589,8 @@ export interface FromPretrainedOptions extends ProgressOptions {
    * (AVX-512 VNNI / AVX-VNNI / AVX2, chosen at run time) with activations quantized to 8 bits
    * per block of 32 as llama.cpp does, and the input gradient goes through dequantized tiles,
    * so LoRA adapters train through the quantized base. Memory: about 0.75 byte per weight for
-   * Q4_1 instead of 4 (SmolLM2-135M Q4_1: ~250 MB resident instead of ~620 MB). Outputs differ
+   * Q4_1 instead of 4 (SmolLM2-135M Q4_1: ~280 MB resident after loading, of which 113 MB is
+   * the f32 embedding table and 32 MB the Q8_0 head, instead of ~620 MB). Outputs differ
    * from the dequantized weights' by the 8-bit activation rounding (a per-product bound:
    * max|x| / 254 per element of each block of 32), and for `'q8_0'` / `'q4_0'` also from the
    * original weights by the weight rounding (at most half a step, `d / 2`, per weight). Adapters

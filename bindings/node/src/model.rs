@@ -310,10 +310,15 @@ pub fn load_model(
             let req = LoadRequest { task, num_labels: num_labels.map(|n| n as usize), seed: seed.unwrap_or(0) as u64, keep_quantized, quantize };
             let loaded = with_control(progress, flag, |ctl| loader::load_model_ctl(std::path::Path::new(&path), dt, &candle_core::Device::Cpu, &req, ctl))?;
             // Native memory: dense weights at the dtype's size, kept-quantized ones at theirs.
+            // A tied head kept quantized was not counted as a dense weight (the embedding
+            // table it shares stays dense for the lookup).
+            let tied = loaded.model.as_llama().is_some_and(|l| l.config.tie_word_embeddings);
             let (mut dense, mut packed) = (loaded.model.base_param_count(), 0usize);
-            for (_, l) in loaded.model.named_linears() {
+            for (name, l) in loaded.model.named_linears() {
                 if let Some(q) = &l.quant {
-                    dense -= q.rows() * q.cols();
+                    if !(tied && name == "lm_head") {
+                        dense = dense.saturating_sub(q.rows() * q.cols());
+                    }
                     packed += q.bytes();
                 }
             }

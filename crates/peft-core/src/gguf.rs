@@ -42,8 +42,10 @@ pub struct GgufModel {
     /// With [`load_gguf_opts`]`(keep_quantized = true)`: the decoder layers' linear weights
     /// (q/k/v/o, gate/up/down) whose GGUF type has integer kernels (`Q8_0`, `Q4_0`, `Q4_1`,
     /// `Q4_K`, `Q6_K`), kept quantized, by transformers name (`model.layers.0.self_attn.q_proj.weight`);
-    /// `tensors` then holds a zero-stride placeholder of the right shape for each. Empty
-    /// otherwise.
+    /// `tensors` then holds a zero-stride placeholder of the right shape for each. The output
+    /// head is kept too, as `lm_head.weight`: from `output.weight` (placeholder in `tensors`),
+    /// or with tied embeddings from `token_embd.weight` (whose dequantized table stays in
+    /// `tensors` for the embedding lookup). Empty otherwise.
     pub quantized: HashMap<String, std::sync::Arc<crate::engine::quant::QuantWeight>>,
     /// One line per GGUF type that was asked to stay quantized but was dequantized instead
     /// (no kernels for it), e.g. `"6 tensors of type Q6K dequantized to f32 (no integer kernels for this type)"`.
@@ -945,6 +947,24 @@ pub fn load_gguf_opts(path: &Path, dtype: DType, device: &Device, ctl: &crate::p
                 continue;
             } else if is_layer_linear(name) && !matches!(ty, candle_core::quantized::GgmlDType::F16 | candle_core::quantized::GgmlDType::BF16) {
                 *skipped.entry(format!("{ty:?}")).or_default() += 1;
+            }
+        }
+        // The output head: llama.cpp computes the logits with the file's quantized
+        // `output.weight` (or, with tied embeddings, `token_embd.weight`), and `keep` does the
+        // same; a tied table is also dequantized below for the embedding lookup.
+        let head = name == "output.weight" || (name == "token_embd.weight" && config.tie_word_embeddings);
+        if keep_quantized && head {
+            if let Some(qt) = crate::engine::quant::QuantType::from_ggml(ty) {
+                let dims = info.shape.dims().to_vec();
+                let (rows, cols) = (dims[0], dims[1]);
+                let raw = guarded_read(&content, name, path, |info| Ok(info.read(&mut reader, content.tensor_data_offset, &Device::Cpu)?.data()?.into_owned()))?;
+                let w = crate::engine::quant::QuantWeight::from_gguf_bytes("lm_head.weight", qt, rows, cols, &raw)?;
+                quantized.insert("lm_head.weight".to_string(), std::sync::Arc::new(w));
+                if name == "output.weight" {
+                    tensors.insert(hf, Tensor::zeros((), dtype, device)?.broadcast_as((rows, cols))?);
+                    counter.tick()?;
+                    continue;
+                }
             }
         }
         let mut t = read_dequantized(&content, &mut reader, name, path)?;

@@ -72,7 +72,8 @@ fn keep_holds_every_layer_linear_quantized_and_reports_it() {
     let m = load(true);
     let mut n = 0;
     for (name, lin) in m.base.named_linears() {
-        let is_layer = name.contains(".layers.");
+        // the layers' linears and the output head (`output.weight`, Q8_0 in this file)
+        let is_layer = name.contains(".layers.") || name == "lm_head";
         assert_eq!(lin.quant.is_some(), is_layer, "{name}");
         if let Some(q) = &lin.quant {
             n += 1;
@@ -82,7 +83,7 @@ fn keep_holds_every_layer_linear_quantized_and_reports_it() {
             assert!(lin.weight.stride().iter().all(|&s| s == 0), "{name}");
         }
     }
-    assert_eq!(n, 7 * m.base.num_layers());
+    assert_eq!(n, 7 * m.base.num_layers() + 1);
     assert!(load(false).base.named_linears().iter().all(|(_, l)| l.quant.is_none()));
 }
 
@@ -342,5 +343,99 @@ fn quantizing_a_model_folder_at_load() {
         let e = load_model(&p, DType::F32, &Device::Cpu, &req).err().expect("refused");
         assert_eq!(e.code(), "ERR_INVALID_ARGUMENT", "{e}");
         assert!(e.to_string().contains("quantization") && e.to_string().contains(needle), "{e}");
+    }
+}
+
+/// The Q8_0 tiny Llama GGUF without its `output.weight`: a model with tied embeddings, whose
+/// head is the Q8_0 `token_embd.weight` (written once per test process).
+fn tied_q8_gguf() -> PathBuf {
+    use candle_core::quantized::{gguf_file, QTensor};
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| {
+        let src = q8_gguf();
+        let mut f = std::fs::File::open(&src).unwrap();
+        let content = gguf_file::Content::read(&mut f).unwrap();
+        let mut tensors: Vec<(String, QTensor)> = Vec::new();
+        for name in content.tensor_infos.keys() {
+            if name != "output.weight" {
+                tensors.push((name.clone(), content.tensor(&mut f, name, &Device::Cpu).unwrap()));
+            }
+        }
+        assert!(tensors.iter().any(|(n, t)| n == "token_embd.weight" && t.dtype() == candle_core::quantized::GgmlDType::Q8_0));
+        let p = src.with_file_name("llama-tied-q8_0.gguf");
+        let md: Vec<(&str, &gguf_file::Value)> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        gguf_file::write(&mut std::fs::File::create(&p).unwrap(), &md, &ts).unwrap();
+        p
+    })
+    .clone()
+}
+
+fn load_tied(keep: bool) -> PeftModel {
+    let req = LoadRequest { keep_quantized: keep, ..Default::default() };
+    PeftModel::new(load_model(&tied_q8_gguf(), DType::F32, &Device::Cpu, &req).unwrap().model)
+}
+
+/// With tied embeddings, `keep` computes the logits from the file's quantized `token_embd`
+/// (as llama.cpp does), while the embedding lookup reads the same table dequantized: the
+/// lookup is exactly the dequantized model's, the logits are within the activation rounding,
+/// and the engine, the general path and training all use the quantized head.
+#[test]
+fn keep_computes_the_logits_from_the_quantized_tied_embedding() {
+    let (k, d) = (load_tied(true), load_tied(false));
+    let llama = k.base.as_llama().unwrap();
+    let q = llama.lm_head.quant.as_ref().expect("the tied head is kept quantized");
+    assert_eq!((q.quant_type().name(), q.rows(), q.cols()), ("Q8_0", llama.config.vocab_size, llama.config.hidden_size));
+    assert!(llama.lm_head.weight.stride().iter().all(|&s| s == 0), "the head's placeholder holds no data");
+    // the embedding table is the dequantized one, bit for bit
+    let table = |m: &PeftModel| m.base.as_llama().unwrap().embed_tokens.weight.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(table(&k), table(&d));
+    assert_eq!(llama.lm_head.dense_weight().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), table(&d));
+    let (a, b) = (logits(&k, &IDS), logits(&d, &IDS));
+    let scale = max_abs(&b);
+    let diff = max_diff(&a, &b);
+    eprintln!("tied: max |Δlogit| {diff:.3e} (max |logit| {scale:.3})");
+    assert!(diff <= 0.03 * scale && diff > 0.0, "{diff} vs scale {scale}");
+    let dg = max_diff(&a, &general_logits(&k, &IDS));
+    assert!(dg <= 1e-4 * scale, "engine vs general path under keep: {dg}");
+    // a training step: the engine (quantized head forward, dequantized panels backward) against
+    // the general path (quant_linear op), loss and every LoRA gradient
+    let mut k = k;
+    lora(&mut k);
+    let b = Batch { input_ids: IDS.to_vec(), attention_mask: vec![1; IDS.len()], labels: IDS.iter().map(|&t| t as i64).collect(), batch_size: 1, seq_len: IDS.len(), ..Default::default() };
+    // lora_B is zero at init: give it values so that lora_A's gradients are not all zero
+    for (name, v) in k.trainable_parameters() {
+        if name.contains("lora_B") {
+            let n = v.elem_count();
+            let vals: Vec<f32> = (0..n).map(|i| ((i * 7919 % 101) as f32 - 50.0) * 1e-3).collect();
+            v.set(&Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap()).unwrap();
+        }
+    }
+    let (le, _, ge) = engine::try_loss_and_grads(&k, &b, None, None).unwrap().expect("the engine runs a kept-quantized head");
+    engine::force_general_path(true);
+    let (lg, _, gg) = loss_and_grads(&k, &b, None, None).unwrap();
+    engine::force_general_path(false);
+    assert!((le - lg).abs() <= 1e-5 * lg.abs(), "loss: engine {le} vs general {lg}");
+    for (name, v) in k.trainable_parameters() {
+        let x = ge.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let y = gg.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let m = max_abs(&y);
+        assert!(m > 0.0, "zero gradient for {name}");
+        assert!(max_diff(&x, &y) <= 1e-3 * m, "{name}: engine vs general {} (max {m})", max_diff(&x, &y));
+    }
+}
+
+/// A model loaded with `keep` and no adapters exports the dequantized weights (the layers'
+/// placeholders hold no data): its merged state dict equals the dequantized model's.
+#[test]
+fn a_kept_quantized_model_exports_its_dequantized_weights() {
+    for (k, d) in [(load(true), load(false)), (load_tied(true), load_tied(false))] {
+        let (sk, sd) = (export::merged::llama_state_dict(k.base.as_llama().unwrap()), export::merged::llama_state_dict(d.base.as_llama().unwrap()));
+        assert_eq!(sk.len(), sd.len());
+        for ((nk, tk), (nd, td)) in sk.iter().zip(&sd) {
+            assert_eq!(nk, nd);
+            let (a, b) = (tk.flatten_all().unwrap().to_vec1::<f32>().unwrap(), td.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            assert!(a == b, "{nk} differs from the dequantized model's (max |Δ| {})", max_diff(&a, &b));
+        }
     }
 }

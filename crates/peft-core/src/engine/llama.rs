@@ -228,12 +228,53 @@ impl Dims {
     }
 }
 
+/// The output head's weight `[vocab, H]`: f32, or kept quantized (a GGUF base loaded with
+/// `quantization: 'keep'`, whose logits llama.cpp also computes from the file's quantized
+/// `output.weight` / tied `token_embd.weight`).
+enum Head {
+    F32(Raw),
+    Quant(Arc<super::quant::QuantWeight>),
+}
+
+impl Head {
+    /// `y[m, vocab] = x[m, H]·Wᵀ`; `precise` keeps an f32 head on f32 products whatever the
+    /// float32 matmul precision (the training loss). A quantized head runs the integer kernels
+    /// (activations rounded to 8 bits per block of 32, as for the layers).
+    fn logits(&self, x: &[f32], m: usize, h: usize, vocab: usize, y: &mut [f32], threads: usize, precise: bool) {
+        match self {
+            Head::F32(w) => {
+                let f = if precise { gemm_f32 } else { gemm };
+                f(&mut Dst::of(y, m, vocab), View::of(x, m, h), View::of(w.get(), vocab, h).t(), 1.0, false, threads)
+            }
+            Head::Quant(q) => {
+                // Shapes agree by construction (Plan::of checks q against [vocab, H]); a
+                // mismatch would leave NaN, never garbage.
+                if q.matmul_t(&x[..m * h], m, &mut y[..m * vocab], false).is_err() {
+                    y.fill(f32::NAN);
+                }
+            }
+        }
+    }
+
+    /// `gx[m, H] = g[m, vocab]·W` in f32 (a quantized head through dequantized panels of `W`).
+    fn input_grad(&self, g: &[f32], m: usize, h: usize, vocab: usize, gx: &mut [f32], threads: usize) {
+        match self {
+            Head::F32(w) => gemm_f32(&mut Dst::of(gx, m, h), View::of(g, m, vocab), View::of(w.get(), vocab, h), 1.0, false, threads),
+            Head::Quant(q) => {
+                if q.matmul(&g[..m * vocab], m, &mut gx[..m * h], false).is_err() {
+                    gx.fill(f32::NAN);
+                }
+            }
+        }
+    }
+}
+
 /// The model's weights as the engine reads them.
 struct Plan<'m> {
     model: &'m LlamaForCausalLM,
     layers: Vec<Layer>,
     norm: Raw,
-    head: Raw,
+    head: Head,
     embed: Raw,
     eps: f32,
 }
@@ -288,7 +329,11 @@ impl<'m> Plan<'m> {
             model: m,
             layers,
             norm: Raw::of(&m.norm)?,
-            head: Raw::of(&m.lm_head.weight)?,
+            head: match &m.lm_head.quant {
+                Some(q) if q.rows() == m.config.vocab_size && q.cols() == m.config.hidden_size => Head::Quant(q.clone()),
+                Some(_) => return None,
+                None => Head::F32(Raw::of(&m.lm_head.weight)?),
+            },
             embed: Raw::of(&m.embed_tokens.weight)?,
             eps: m.config.rms_norm_eps as f32,
         })
@@ -1343,28 +1388,14 @@ fn run_in(
             hc[r * h..(r + 1) * h].copy_from_slice(&hf[row * h..(row + 1) * h]);
         }
         let logits = buf(&mut ws.logits, c * d.vocab);
-        gemm_f32(
-            &mut Dst::of(logits, c, d.vocab),
-            View::of(hc, c, h),
-            View::of(plan.head.get(), d.vocab, h).t(),
-            1.0,
-            false,
-            threads,
-        );
+        plan.head.logits(hc, c, h, d.vocab, logits, threads, true);
         loss_sum += logits
             .par_chunks_mut(d.vocab)
             .zip(chunk.par_iter())
             .map(|(row, &(_, target))| simd::cross_entropy_row(row, target, w) / w as f64)
             .sum::<f64>();
         let ghc = buf(&mut ws.ghc, c * h);
-        gemm_f32(
-            &mut Dst::of(ghc, c, h),
-            View::of(logits, c, d.vocab),
-            View::of(plan.head.get(), d.vocab, h),
-            1.0,
-            false,
-            threads,
-        );
+        plan.head.input_grad(logits, c, h, d.vocab, ghc, threads);
         for (r, &(row, _)) in chunk.iter().enumerate() {
             ghf[row * h..(row + 1) * h].copy_from_slice(&ghc[r * h..(r + 1) * h]);
         }
@@ -2081,14 +2112,7 @@ pub fn try_forward(
             } else {
                 &ws.n
             };
-            gemm(
-                &mut Dst::of(&mut out, rows.len(), d.vocab),
-                View::of(src, rows.len(), h),
-                View::of(plan.head.get(), d.vocab, h).t(),
-                1.0,
-                false,
-                threads,
-            );
+            plan.head.logits(&src[..rows.len() * h], rows.len(), h, d.vocab, &mut out, threads, false);
             out
         })
     });

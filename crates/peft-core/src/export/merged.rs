@@ -59,6 +59,8 @@ fn plain_llama<'a>(m: &'a PeftModel, call: &str) -> Result<&'a LlamaForCausalLM>
 /// The model's weights under their transformers names, in module order (the `state_dict` that
 /// `save_pretrained` writes: a tied `lm_head` is left out).
 pub fn llama_state_dict(m: &LlamaForCausalLM) -> Vec<(String, Tensor)> {
+    // A weight kept quantized is written dequantized (its placeholder holds no data).
+    let dense = |lin: &crate::tuners::linear::PeftLinear| lin.dense_weight().unwrap_or_else(|_| lin.weight.clone());
     let mut out = vec![("model.embed_tokens.weight".to_string(), m.embed_tokens.weight.clone())];
     for (i, l) in m.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
@@ -69,7 +71,7 @@ pub fn llama_state_dict(m: &LlamaForCausalLM) -> Vec<(String, Tensor)> {
             ("self_attn.v_proj", &l.self_attn.v_proj),
             ("self_attn.o_proj", &l.self_attn.o_proj),
         ] {
-            out.push((format!("{p}.{n}.weight"), lin.weight.clone()));
+            out.push((format!("{p}.{n}.weight"), dense(lin)));
             if let Some(b) = &lin.bias {
                 out.push((format!("{p}.{n}.bias"), b.clone()));
             }
@@ -83,8 +85,7 @@ pub fn llama_state_dict(m: &LlamaForCausalLM) -> Vec<(String, Tensor)> {
             ("mlp.up_proj", &l.mlp.up_proj),
             ("mlp.down_proj", &l.mlp.down_proj),
         ] {
-            // A weight kept quantized is written dequantized (its placeholder holds no data).
-            out.push((format!("{p}.{n}.weight"), lin.dense_weight().unwrap_or_else(|_| lin.weight.clone())));
+            out.push((format!("{p}.{n}.weight"), dense(lin)));
             if let Some(b) = &lin.bias {
                 out.push((format!("{p}.{n}.bias"), b.clone()));
             }
@@ -93,8 +94,8 @@ pub fn llama_state_dict(m: &LlamaForCausalLM) -> Vec<(String, Tensor)> {
     }
     out.push(("model.norm.weight".into(), m.norm.clone()));
     match m.info().task {
-        Task::SeqCls => out.push(("score.weight".into(), m.lm_head.weight.clone())),
-        _ if !m.config.tie_word_embeddings => out.push(("lm_head.weight".into(), m.lm_head.weight.clone())),
+        Task::SeqCls => out.push(("score.weight".into(), dense(&m.lm_head))),
+        _ if !m.config.tie_word_embeddings => out.push(("lm_head.weight".into(), dense(&m.lm_head))),
         _ => {}
     }
     out

@@ -201,6 +201,10 @@ pub fn load_model_ctl(path: &Path, dtype: DType, device: &Device, req: &LoadRequ
         if let Some(n) = num_labels {
             init_missing(&mut g.tensors, "score.weight", n, g.config.hidden_size, &serde_json::Value::Null, req.seed, device, &mut newly_initialized)?;
         }
+        if task != Task::CausalLm {
+            // The kept output head belongs to `lm_head`, which a classification model replaces.
+            g.quantized.remove("lm_head.weight");
+        }
         let mut model = LlamaForCausalLM::from_tensors_for(g.config, g.tensors, dtype, device, task, num_labels)?;
         attach_quantized(&mut model, g.quantized)?;
         return Ok(LoadedModel { model: Box::new(model), tokenizer: Some(g.tokenizer), newly_initialized });
