@@ -3,12 +3,19 @@
  * in one run because this machine's speed drifts; reports medians and the ratio of medians.
  *
  *   npm run bench -- [--rounds 3] [--python /path/to/python-with-torch-peft] [--only <substring>]
- *     [--matmul-precision highest|high|medium]
+ *     [--matmul-precision highest|high|medium] [--quantization keep]
  *
  * `--matmul-precision` sets the same float32 matmul precision on both sides before they run:
  * `setFloat32MatmulPrecision` here, `torch.set_float32_matmul_precision` in HF's process (the
  * reference script is run through a two-line wrapper, unchanged). The measures' names then end
  * in `[matmul <precision>]`.
+ *
+ * `--quantization keep` loads peft-node's base with its GGUF weights kept quantized (QLoRA on the
+ * CPU, issue 20) while HF PEFT trains and infers in f32 as always; the measures' names then end in
+ * `[peft-node base kept quantized]` (the merged-decode row is left out: merging into a
+ * kept-quantized base is refused).
+ *
+ * Each row gives the ratio of the medians and, in `rounds`, the lowest and highest per-round ratio.
  *
  * `--only` keeps the measures whose name contains the substring (e.g. `--only 1x512`,
  * `--only all-linear`, `--only decode`) and runs only the jobs that produce them.
@@ -31,14 +38,20 @@ if (precision && !['highest', 'high', 'medium'].includes(precision)) {
   console.error(`--matmul-precision must be highest, high or medium, found ${precision}`)
   process.exit(2)
 }
-const suffix = precision ? ` [matmul ${precision}]` : ''
+const quantization = arg('quantization')
+if (quantization && quantization !== 'keep') {
+  console.error(`--quantization must be keep, found ${quantization}`)
+  process.exit(2)
+}
+const suffix = (precision ? ` [matmul ${precision}]` : '') + (quantization ? ' [peft-node base kept quantized]' : '')
 
 function jsonLines(out: string): Array<Record<string, any>> {
   return out.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l))
 }
 function ours(only: string, extra: string[] = []) {
   const prec = precision ? ['--matmul-precision', precision] : []
-  const out = execFileSync('node', [path.join(__dirname, 'train.bench.js'), '--only', only, ...prec, ...extra], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'] })
+  const quant = quantization ? ['--quantization', quantization] : []
+  const out = execFileSync('node', [path.join(__dirname, 'train.bench.js'), '--only', only, ...prec, ...quant, ...extra], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'] })
   return jsonLines(out)[0]
 }
 function theirs(sub: string, extra: string[]) {
@@ -95,7 +108,7 @@ jobs.push({
     add('prefill LoRA unmerged tokens/s', c.lora_qkvo_unmerged.prefill_tokens_per_s.median, hf('lora_qkvo_unmerged', 'prefill_full_logits_tokens_per_s'))
     add('decode base tokens/s', c.base.decode_tokens_per_s.median, hf('base', 'generate_decode_only_tokens_per_s'))
     add('decode LoRA unmerged tokens/s', c.lora_qkvo_unmerged.decode_tokens_per_s.median, hf('lora_qkvo_unmerged', 'generate_decode_only_tokens_per_s'))
-    add('decode LoRA merged tokens/s', c.lora_qkvo_merged.decode_tokens_per_s.median, hf('lora_qkvo_merged', 'generate_decode_only_tokens_per_s'))
+    if (c.lora_qkvo_merged) add('decode LoRA merged tokens/s', c.lora_qkvo_merged.decode_tokens_per_s.median, hf('lora_qkvo_merged', 'generate_decode_only_tokens_per_s'))
   },
 })
 const selected = jobs.filter((j) => !only || j.measures.some((m) => m.includes(only)))
@@ -109,7 +122,10 @@ for (let r = 0; r < rounds; r++) {
     job.run()
   }
 }
-const table = Object.entries(rows).map(([k, v]) => ({ measure: k, peft_node: +med(v.ours).toFixed(1), hf_peft: +med(v.hf).toFixed(1), ratio: +(med(v.ours) / med(v.hf)).toFixed(3) }))
+const table = Object.entries(rows).map(([k, v]) => {
+  const per = v.ours.map((o, i) => o / v.hf[i])
+  return { measure: k, peft_node: +med(v.ours).toFixed(1), hf_peft: +med(v.hf).toFixed(1), ratio: +(med(v.ours) / med(v.hf)).toFixed(3), rounds: `${Math.min(...per).toFixed(2)}-${Math.max(...per).toFixed(2)}` }
+})
 console.table(table)
 fs.mkdirSync(path.join(ROOT, 'benches', 'results'), { recursive: true })
 fs.writeFileSync(path.join(ROOT, 'benches', 'results', 'latest.json'), JSON.stringify({ date: new Date().toISOString(), rounds, ...(only ? { only } : {}), table, raw }, null, 2))

@@ -12,8 +12,12 @@
  * `--matmul-precision highest|high|medium` calls `setFloat32MatmulPrecision` first (PyTorch's
  * `torch.set_float32_matmul_precision`; compare.ts sets the same on HF's side).
  *
+ * `--quantization keep` loads the GGUF base with its weights kept quantized (QLoRA on the CPU);
+ * `infer` then skips the merged measure (merging into a kept-quantized base is refused).
+ *
  *   node dist/benches/train.bench.js [--model file.gguf] [--only train|infer] [--method lora|prefix|prompt]
  *     [--target qkvo|all-linear] [--batch 4] [--seq 128] [--steps 6] [--matmul-precision high]
+ *     [--quantization keep]
  */
 import * as path from 'node:path'
 import * as fs from 'node:fs'
@@ -30,8 +34,15 @@ function stats(xs: number[]) { return { median: median(xs), min: Math.min(...xs)
 
 function lcg(seed: number) { let s = seed >>> 0; return () => (s = (Math.imul(s, 1664525) + 1013904223) >>> 0) }
 
+/** Load options: `--quantization keep` keeps the GGUF weights quantized. */
+function loadOptions(): { quantization?: 'keep' } {
+  const q = arg('quantization')
+  if (q && q !== 'keep') throw new Error(`--quantization must be keep, found ${q}`)
+  return q ? { quantization: 'keep' } : {}
+}
+
 async function train(modelPath: string): Promise<void> {
-  const base = await AutoModelForCausalLM.fromPretrained(modelPath)
+  const base = await AutoModelForCausalLM.fromPretrained(modelPath, loadOptions())
   const vocab = base.config.vocab_size as number
   const method = arg('method') ?? 'lora'
   const target = arg('target') ?? 'qkvo'
@@ -64,7 +75,7 @@ async function train(modelPath: string): Promise<void> {
 }
 
 async function infer(modelPath: string): Promise<void> {
-  const base = await AutoModelForCausalLM.fromPretrained(modelPath)
+  const base = await AutoModelForCausalLM.fromPretrained(modelPath, loadOptions())
   const vocab = base.config.vocab_size as number
   const rnd = lcg(99)
   const prefillIds = [Array.from({ length: 256 }, () => rnd() % vocab)]
@@ -90,8 +101,10 @@ async function infer(modelPath: string): Promise<void> {
   out.base = await measure(base)
   const pm = getPeftModel(base, new LoraConfig({ r: 8, loraAlpha: 16, targetModules: ['q_proj', 'k_proj', 'v_proj', 'o_proj'], initLoraWeights: false }))
   out.lora_qkvo_unmerged = await measure(pm)
-  pm.mergeAdapter()
-  out.lora_qkvo_merged = await measure(pm)
+  if (!loadOptions().quantization) {
+    pm.mergeAdapter()
+    out.lora_qkvo_merged = await measure(pm)
+  }
   console.log(JSON.stringify(out))
   pm.dispose()
 }
