@@ -439,3 +439,21 @@ fn a_kept_quantized_model_exports_its_dequantized_weights() {
         }
     }
 }
+
+/// A sequence-classification model from a kept-quantized GGUF: the layers stay quantized, the
+/// new `score` head is a dense f32 layer (the file's output head belongs to `lm_head`, which it
+/// replaces), and it classifies.
+#[test]
+fn keep_with_a_classification_head_keeps_the_layers_and_a_dense_score() {
+    use peft_core::model::Task;
+    for path in [q8_gguf(), tied_q8_gguf()] {
+        let req = LoadRequest { keep_quantized: true, task: Some(Task::SeqCls), num_labels: Some(3), ..Default::default() };
+        let m = PeftModel::new(load_model(&path, DType::F32, &Device::Cpu, &req).unwrap().model);
+        for (name, lin) in m.base.named_linears() {
+            assert_eq!(lin.quant.is_some(), name.contains(".layers."), "{name}");
+        }
+        let t: Tensor = m.forward(&IDS, 1, IDS.len(), &ForwardOptions::default(), None).unwrap();
+        let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(v.len() >= 3 && v.iter().all(|x| x.is_finite()), "{:?}", t.dims());
+    }
+}
