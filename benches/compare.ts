@@ -111,7 +111,7 @@ jobs.push({
     if (c.lora_qkvo_merged) add('decode LoRA merged tokens/s', c.lora_qkvo_merged.decode_tokens_per_s.median, hf('lora_qkvo_merged', 'generate_decode_only_tokens_per_s'))
   },
 })
-const selected = jobs.filter((j) => !only || j.measures.some((m) => m.includes(only)))
+const selected = jobs.filter((j) => !only || j.measures.some((m) => (m + suffix).includes(only)))
 if (selected.length === 0) {
   console.error(`--only ${only} matches no measure; measures are:\n  ${jobs.flatMap((j) => j.measures).join('\n  ')}`)
   process.exit(2)

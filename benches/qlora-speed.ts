@@ -9,8 +9,10 @@
  * - decode: 64 greedy tokens after a 32-token prompt, one token per call (llama.cpp's `tg`),
  *   tokens/s = 64 / (time of 65 new tokens − time of the first).
  * peft-node runs the base alone and with a LoRA adapter (r = 8 on q,k,v,o, non-zero, unmerged:
- * merging into a kept-quantized base is refused). Prompts are the same random token ids on both
- * sides. Each child measures `--reps` times after one warm-up and reports the median.
+ * merging into a kept-quantized base is refused); llama.cpp runs without an adapter in every row.
+ * llama.cpp's decode goes through one `controlledEvaluate` call per token, so its figure includes
+ * a JavaScript round trip per token, as peft-node's `generate` does not. Prompts are the same
+ * random token ids on both sides. Each child measures `--reps` times after one warm-up and reports the median.
  *
  * Run: `npm run build && node --import=tsx benches/qlora-speed.ts [--model <gguf>] [--rounds 3]
  * [--reps 3] [--out <json>]` on an idle machine (default model
@@ -124,9 +126,9 @@ async function child(side: string): Promise<void> {
 }
 
 function runChild(side: string, modelPath: string, reps: number, vocab: number): unknown {
-  const r = spawnSync(process.execPath, ['--import=tsx', __filename, '--side', side, '--model', modelPath, '--reps', String(reps), '--vocab', String(vocab)], { encoding: 'utf8', cwd: ROOT, maxBuffer: 1 << 26 })
+  const r = spawnSync(process.execPath, ['--import=tsx', __filename, '--side', side, '--model', modelPath, '--reps', String(reps), '--vocab', String(vocab)], { encoding: 'utf8', cwd: ROOT, maxBuffer: 1 << 26, timeout: 600_000 })
   const line = (r.stdout ?? '').split('\n').find((l) => l.startsWith('RESULT '))
-  if (r.status !== 0 || !line) throw new Error(`${side} child failed (status ${r.status}):\n${r.stderr}`)
+  if (r.status !== 0 || !line) throw new Error(`${side} child failed (status ${r.status}${r.error ? `, ${r.error.message}` : ''}):\n${r.stderr}`)
   return JSON.parse(line.slice(7))
 }
 
@@ -151,7 +153,7 @@ async function main(): Promise<void> {
     const theirs = perRound.map((p) => p.llamacpp[what])
     const ratios = ours.map((x, i) => x / theirs[i])
     return {
-      measure: `${what} ${variant} tokens/s`,
+      measure: `${what} ${variant} tokens/s${variant === 'base' ? '' : ' (llama.cpp: no adapter)'}`,
       peft_node: +median(ours).toFixed(1),
       llama_cpp: +median(theirs).toFixed(1),
       ratio: +(median(ours) / median(theirs)).toFixed(3),

@@ -889,9 +889,10 @@ fn is_layer_linear(gguf_name: &str) -> bool {
         && gguf_name.ends_with(".weight")
 }
 
-/// [`load_gguf_ctl`], and with `keep_quantized` the decoder layers' linear weights of a type
-/// with integer kernels stay quantized ([`GgufModel::quantized`], QLoRA-style; q/k rows are
-/// un-permuted on the raw blocks, which is lossless). Other quantized types are dequantized as
+/// [`load_gguf_ctl`], and with `keep_quantized` the decoder layers' linear weights and the
+/// output head (`output.weight`, or a tied `token_embd.weight`) of a type with integer kernels
+/// stay quantized ([`GgufModel::quantized`], QLoRA-style; q/k rows are un-permuted on the raw
+/// blocks, which is lossless). Other quantized types are dequantized as
 /// before, with one line per type in [`GgufModel::notices`] (also printed to stderr).
 ///
 /// Errors: as [`load_gguf`]; `ERR_GGUF_INVALID` ([`PeftError::QuantInvalid`]) naming the
@@ -965,6 +966,8 @@ pub fn load_gguf_opts(path: &Path, dtype: DType, device: &Device, ctl: &crate::p
                     counter.tick()?;
                     continue;
                 }
+            } else if !matches!(ty, candle_core::quantized::GgmlDType::F32 | candle_core::quantized::GgmlDType::F16 | candle_core::quantized::GgmlDType::BF16) {
+                *skipped.entry(format!("{ty:?}")).or_default() += 1;
             }
         }
         let mut t = read_dequantized(&content, &mut reader, name, path)?;

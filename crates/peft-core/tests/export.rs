@@ -258,7 +258,7 @@ fn merged_gguf_and_hf_folder_reload_to_the_merged_logits() {
     let shards = std::fs::read_dir(&hf).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("model-")).count();
     assert!(shards >= 2, "{shards} shards");
     let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(hf.join("model.safetensors.index.json")).unwrap()).unwrap();
-    let n_params: usize = export::merged::llama_state_dict(m.base.as_llama().unwrap()).iter().map(|(_, t)| t.elem_count()).sum();
+    let n_params: usize = export::merged::llama_state_dict(m.base.as_llama().unwrap()).unwrap().iter().map(|(_, t)| t.elem_count()).sum();
     assert_eq!(index["metadata"]["total_parameters"].as_u64(), Some(n_params as u64));
     assert_eq!(index["metadata"]["total_size"].as_u64(), Some(4 * n_params as u64));
     assert_eq!(index["weight_map"].as_object().unwrap().len(), 21);

@@ -430,7 +430,7 @@ fn keep_computes_the_logits_from_the_quantized_tied_embedding() {
 #[test]
 fn a_kept_quantized_model_exports_its_dequantized_weights() {
     for (k, d) in [(load(true), load(false)), (load_tied(true), load_tied(false))] {
-        let (sk, sd) = (export::merged::llama_state_dict(k.base.as_llama().unwrap()), export::merged::llama_state_dict(d.base.as_llama().unwrap()));
+        let (sk, sd) = (export::merged::llama_state_dict(k.base.as_llama().unwrap()).unwrap(), export::merged::llama_state_dict(d.base.as_llama().unwrap()).unwrap());
         assert_eq!(sk.len(), sd.len());
         for ((nk, tk), (nd, td)) in sk.iter().zip(&sd) {
             assert_eq!(nk, nd);
@@ -456,4 +456,58 @@ fn keep_with_a_classification_head_keeps_the_layers_and_a_dense_score() {
         let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
         assert!(v.len() >= 3 && v.iter().all(|x| x.is_finite()), "{:?}", t.dims());
     }
+}
+
+/// The f32 tiny Llama GGUF with only its `output.weight` in Q8_0: under `keep` the head alone is
+/// quantized (as with a file whose layer types have no integer kernels).
+fn head_only_q8_gguf() -> PathBuf {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| {
+        let src = fixtures_dir().join("models/llama.gguf");
+        let mut f = std::fs::File::open(&src).unwrap();
+        let content = gguf_file::Content::read(&mut f).unwrap();
+        let mut tensors: Vec<(String, QTensor)> = Vec::new();
+        for name in content.tensor_infos.keys() {
+            let t = content.tensor(&mut f, name, &Device::Cpu).unwrap();
+            let t = if name == "output.weight" { QTensor::quantize(&t.dequantize(&Device::Cpu).unwrap(), GgmlDType::Q8_0).unwrap() } else { t };
+            tensors.push((name.clone(), t));
+        }
+        let d = std::env::temp_dir().join(format!("peft-qlora-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join("llama-head-q8_0.gguf");
+        let md: Vec<(&str, &gguf_file::Value)> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+        gguf_file::write(&mut std::fs::File::create(&p).unwrap(), &md, &ts).unwrap();
+        p
+    })
+    .clone()
+}
+
+/// A quantized head that holds no adapter does not stop merging the layers' adapters, and a
+/// trained `modules_to_save` copy of the head replaces the quantized head when merged and
+/// unloaded (it is not silently dropped).
+#[test]
+fn a_quantized_head_without_adapters_does_not_block_merging_and_its_trained_copy_wins() {
+    let req = LoadRequest { keep_quantized: true, ..Default::default() };
+    let mut m = PeftModel::new(load_model(&head_only_q8_gguf(), DType::F32, &Device::Cpu, &req).unwrap().model);
+    let quantized: Vec<String> = m.base.named_linears().into_iter().filter(|(_, l)| l.quant.is_some()).map(|(n, _)| n).collect();
+    assert_eq!(quantized, vec!["lm_head".to_string()]);
+    let cfg = AdapterConfig::from_json(&json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": false, "modules_to_save": ["lm_head"]}), None).unwrap();
+    m.add_adapter("default", cfg, 7).unwrap();
+    // a "trained" head copy: twice the (dequantized) head
+    for (name, lin) in m.base.named_linears() {
+        if name == "lm_head" {
+            let (w, _) = lin.saved_copies.get("default").expect("modules_to_save copy");
+            w.set(&(w.as_tensor() * 2.0).unwrap()).unwrap();
+        }
+    }
+    let before = logits(&m, &IDS);
+    m.merge_and_unload(None, false).unwrap();
+    let after = logits(&m, &IDS);
+    let head = m.base.named_linears().into_iter().find(|(n, _)| n == "lm_head").unwrap().1.quant.is_some();
+    assert!(!head, "the merged-in copy replaced the quantized head");
+    let scale = max_abs(&before);
+    let diff = max_diff(&before, &after);
+    assert!(diff <= 1e-5 * scale, "logits moved by {diff} (scale {scale}) when merging");
 }

@@ -256,7 +256,8 @@ impl Head {
         }
     }
 
-    /// `gx[m, H] = g[m, vocab]·W` in f32 (a quantized head through dequantized panels of `W`).
+    /// `gx[m, H] = g[m, vocab]·W`: an f32 head in f32; a quantized head through dequantized
+    /// panels of `W` at the float32 matmul precision (as the layers' input gradients).
     fn input_grad(&self, g: &[f32], m: usize, h: usize, vocab: usize, gx: &mut [f32], threads: usize) {
         match self {
             Head::F32(w) => gemm_f32(&mut Dst::of(gx, m, h), View::of(g, m, vocab), View::of(w.get(), vocab, h), 1.0, false, threads),

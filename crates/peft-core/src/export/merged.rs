@@ -57,10 +57,12 @@ fn plain_llama<'a>(m: &'a PeftModel, call: &str) -> Result<&'a LlamaForCausalLM>
 }
 
 /// The model's weights under their transformers names, in module order (the `state_dict` that
-/// `save_pretrained` writes: a tied `lm_head` is left out).
-pub fn llama_state_dict(m: &LlamaForCausalLM) -> Vec<(String, Tensor)> {
-    // A weight kept quantized is written dequantized (its placeholder holds no data).
-    let dense = |lin: &crate::tuners::linear::PeftLinear| lin.dense_weight().unwrap_or_else(|_| lin.weight.clone());
+/// `save_pretrained` writes: a tied `lm_head` is left out). A weight kept quantized is given
+/// dequantized (its placeholder holds no data).
+///
+/// Errors: candle errors from dequantizing a kept-quantized weight.
+pub fn llama_state_dict(m: &LlamaForCausalLM) -> Result<Vec<(String, Tensor)>> {
+    let dense = |lin: &crate::tuners::linear::PeftLinear| lin.dense_weight();
     let mut out = vec![("model.embed_tokens.weight".to_string(), m.embed_tokens.weight.clone())];
     for (i, l) in m.layers.iter().enumerate() {
         let p = format!("model.layers.{i}");
@@ -71,7 +73,7 @@ pub fn llama_state_dict(m: &LlamaForCausalLM) -> Vec<(String, Tensor)> {
             ("self_attn.v_proj", &l.self_attn.v_proj),
             ("self_attn.o_proj", &l.self_attn.o_proj),
         ] {
-            out.push((format!("{p}.{n}.weight"), dense(lin)));
+            out.push((format!("{p}.{n}.weight"), dense(lin)?));
             if let Some(b) = &lin.bias {
                 out.push((format!("{p}.{n}.bias"), b.clone()));
             }
@@ -85,7 +87,7 @@ pub fn llama_state_dict(m: &LlamaForCausalLM) -> Vec<(String, Tensor)> {
             ("mlp.up_proj", &l.mlp.up_proj),
             ("mlp.down_proj", &l.mlp.down_proj),
         ] {
-            out.push((format!("{p}.{n}.weight"), dense(lin)));
+            out.push((format!("{p}.{n}.weight"), dense(lin)?));
             if let Some(b) = &lin.bias {
                 out.push((format!("{p}.{n}.bias"), b.clone()));
             }
@@ -94,11 +96,11 @@ pub fn llama_state_dict(m: &LlamaForCausalLM) -> Vec<(String, Tensor)> {
     }
     out.push(("model.norm.weight".into(), m.norm.clone()));
     match m.info().task {
-        Task::SeqCls => out.push(("score.weight".into(), dense(&m.lm_head))),
-        _ if !m.config.tie_word_embeddings => out.push(("lm_head.weight".into(), dense(&m.lm_head))),
+        Task::SeqCls => out.push(("score.weight".into(), dense(&m.lm_head)?)),
+        _ if !m.config.tie_word_embeddings => out.push(("lm_head.weight".into(), dense(&m.lm_head)?)),
         _ => {}
     }
-    out
+    Ok(out)
 }
 
 /// config.json as transformers 5 writes it for this model (the fields that differ from the
@@ -238,7 +240,7 @@ pub fn save_merged_pretrained(m: &PeftModel, dir: &Path, tokenizer: Option<&Toke
         return Err(PeftError::invalid_arg("maxShardSize", "must be at least 1 byte"));
     }
     std::fs::create_dir_all(dir).map_err(|e| PeftError::io(dir, e))?;
-    let state = llama_state_dict(llama);
+    let state = llama_state_dict(llama)?;
     // Split in order, as transformers' `split_torch_state_dict_into_shards` does.
     let mut shards: Vec<Vec<(String, Tensor)>> = vec![vec![]];
     // A tensor larger than the limit gets a shard of its own, as in `huggingface_hub`.
@@ -393,7 +395,7 @@ pub fn export_merged_gguf(m: &PeftModel, out: &Path, outtype: GgmlType) -> Resul
     w.set("general.file_type", Value::U32(outtype.file_type()));
     w.set("general.quantization_version", Value::U32(2));
     let mut written = Vec::new();
-    for (hf, t) in llama_state_dict(llama) {
+    for (hf, t) in llama_state_dict(llama)? {
         let (module, leaf) = hf.rsplit_once('.').ok_or_else(|| PeftError::Internal(format!("bad name {hf}")))?;
         let g = hf_module_to_gguf(module).ok_or_else(|| PeftError::Internal(format!("no GGUF name for {hf}")))?;
         let mut t = t;

@@ -212,6 +212,8 @@ impl PeftModel {
             for (m, lin) in self.base.named_linears_mut() {
                 if let Some(t) = emb_weights.remove(&m) {
                     lin.weight = t.to_dtype(lin.weight.dtype())?;
+                    // the adapter's full weight replaces one that was kept quantized
+                    lin.quant = None;
                 }
             }
         }

@@ -93,6 +93,8 @@ impl PeftModel {
             if keep_copies {
                 if let Some((w, b)) = active.iter().find_map(|a| lin.saved_copies.get(a)) {
                     lin.weight = w.as_tensor().detach();
+                    // the trained copy replaces a weight that was kept quantized
+                    lin.quant = None;
                     if let Some(b) = b {
                         lin.bias = Some(b.as_tensor().detach());
                     }

@@ -295,7 +295,9 @@ impl PeftLinear {
     ///
     /// Errors: `InvalidState` when `safe` finds NaN/Inf (the weights are then unchanged).
     pub fn merge(&mut self, names: &[String], safe: bool) -> Result<()> {
-        if names.iter().any(|n| !self.merged.contains(n)) {
+        // Only a layer that holds one of the adapters refuses (a quantized `lm_head` with no
+        // adapter does not stop a merge of the layers' adapters).
+        if names.iter().any(|n| self.has_adapter(n) && !self.merged.contains(n)) {
             self.refuse_quantized("merge an adapter")?;
         }
         for name in names {
