@@ -55,6 +55,12 @@ test("quantization: 'keep' gives the dequantized logits up to 8-bit activation r
   lk.forEach((x, i) => t.true(Math.abs(x - ld[i]) <= 0.01 * Math.abs(ld[i]), `step ${i + 1}: ${x} vs ${ld[i]}`))
 
   await assertPeftError(t, () => pk.mergeAndUnload(), 'ERR_INVALID_STATE', ['quantized', "'dequantize'"])
+  // refused at once also while a job runs (the merge would otherwise be queued behind it)
+  const pending = pk.forward({ inputIds: ids() })
+  await assertPeftError(t, () => pk.mergeAndUnload(), 'ERR_INVALID_STATE', ['quantized', "'dequantize'"])
+  await assertPeftError(t, () => pk.mergeAdapter(), 'ERR_INVALID_STATE', ['quantized'])
+  t.deepEqual(pk.activeAdapters, ['default'])
+  await pending
   // the refused merge left the model as it was: still unmerged, still usable
   t.deepEqual(pk.getModelStatus().mergedAdapters, [])
   const again = (await pk.forward({ inputIds: ids() })).logits

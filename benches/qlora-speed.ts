@@ -11,7 +11,7 @@
  * peft-node runs the base alone and with a LoRA adapter (r = 8 on q,k,v,o, non-zero, unmerged:
  * merging into a kept-quantized base is refused); llama.cpp runs without an adapter in every row.
  * llama.cpp's decode goes through one `controlledEvaluate` call per token, so its figure includes
- * a JavaScript round trip per token, as peft-node's `generate` does not. Prompts are the same
+ * a JavaScript round trip per token, which peft-node's `generate` does not pay. Prompts are the same
  * random token ids on both sides. Each child measures `--reps` times after one warm-up and reports the median.
  *
  * Run: `npm run build && node --import=tsx benches/qlora-speed.ts [--model <gguf>] [--rounds 3]

@@ -589,8 +589,8 @@ export interface FromPretrainedOptions extends ProgressOptions {
    * (AVX-512 VNNI / AVX-VNNI / AVX2, chosen at run time) with activations quantized to 8 bits
    * per block of 32 as llama.cpp does, and the input gradient goes through dequantized tiles,
    * so LoRA adapters train through the quantized base. Memory: about 0.75 byte per weight for
-   * Q4_1 instead of 4 (SmolLM2-135M Q4_1: ~280 MB resident after loading, of which 113 MB is
-   * the f32 embedding table and 32 MB the Q8_0 head, instead of ~620 MB). Outputs differ
+   * Q4_1 instead of 4 (SmolLM2-135M Q4_1: ~290 MB resident after loading, of which 113 MB is
+   * the f32 embedding table and 32 MB the Q8_0 head, instead of ~640 MB; Node.js adds ~50 MB). Outputs differ
    * from the dequantized weights' by the 8-bit activation rounding (a per-product bound:
    * max|x| / 254 per element of each block of 32), and for `'q8_0'` / `'q4_0'` also from the
    * original weights by the weight rounding (at most half a step, `d / 2`, per weight). Adapters

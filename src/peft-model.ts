@@ -574,6 +574,7 @@ export class PeftModel {
     rt.refuseWhileTraining('mergeAdapter')
     const names = adapterNames === undefined ? rt.active.slice() : checkNames(rt, adapterNames, 'adapterNames')
     this.refuseMergePromptLearning()
+    this.refuseMergeQuantized(names)
     const safe = options.safeMerge ?? false
     if (safe && !rt.idle) {
       throw busyError('mergeAdapter', 'safeMerge: true checks the merged weights and throws here if they are broken, so it needs the model now, and a job is running or queued on it. Await the pending calls first.')
@@ -585,6 +586,21 @@ export class PeftModel {
       peftWarning(fresh.length > 0 ? `Already following adapters were merged ${already.join(',')}. You are now additionally merging ${fresh.join(',')}.` : WARN_ALL_MERGED)
     }
     rt.merged = already.concat(fresh.filter((n) => rt.mergeable(n)))
+  }
+
+  /** Merging into a base weight kept quantized is refused at once (also while a job runs, when
+   * the merge itself would be queued), as the native merge refuses it. */
+  private refuseMergeQuantized(names: string[]): void {
+    const rt = this.rt
+    for (const name of names) {
+      if (rt.merged.includes(name)) continue
+      for (const [path] of rt.adapters.get(name)?.layers ?? []) {
+        const backend = rt.quantized.get(path)
+        if (backend !== undefined) {
+          throw new PeftError('ERR_INVALID_STATE', `invalid state: cannot merge an adapter on ${path}.weight: the base weight is kept quantized (${backend}); load the model with quantization: 'dequantize' to merge (as HF PEFT refuses merging into a 4-bit bitsandbytes base without dequantizing)`)
+        }
+      }
+    }
   }
 
   private refuseMergePromptLearning(): void {
@@ -623,6 +639,7 @@ export class PeftModel {
     rt.refuseWhileTraining('mergeAndUnload')
     const names = options.adapterNames === undefined ? rt.active.slice() : checkNames(rt, options.adapterNames, 'adapterNames')
     this.refuseMergePromptLearning()
+    this.refuseMergeQuantized(names)
     const safe = options.safeMerge ?? false
     if (safe && !rt.idle) {
       throw busyError('mergeAndUnload', 'safeMerge: true checks the merged weights and throws here if they are broken, so it needs the model now, and a job is running or queued on it. Await the pending calls first.')
