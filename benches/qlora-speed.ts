@@ -51,6 +51,24 @@ interface Rates {
   decode: number
 }
 
+/**
+ * Prefill and decode rates from `run(prompt, n)` (ms to evaluate `prompt` and produce `n` new
+ * tokens): one warm-up, then `reps` measurements, medians. The same procedure on both sides.
+ */
+async function rates(run: (prompt: number[], n: number) => Promise<number>, reps: number, vocab: number): Promise<Rates> {
+  const long = ids(PREFILL, 7, vocab)
+  const short = ids(PROMPT, 11, vocab)
+  const pre: number[] = []
+  const dec: number[] = []
+  await run(long, 1)
+  for (let r = 0; r < reps; r++) {
+    pre.push(PREFILL / ((await run(long, 1)) / 1000))
+    const first = await run(short, 1)
+    dec.push(NEW / (((await run(short, NEW + 1)) - first) / 1000))
+  }
+  return { prefill: median(pre), decode: median(dec) }
+}
+
 async function llamaCpp(modelPath: string, reps: number, vocab: number): Promise<Rates> {
   const { getLlama } = await import('node-llama-cpp')
   const llama = await getLlama({ gpu: false, build: 'never', logLevel: 'error' as never })
@@ -70,17 +88,7 @@ async function llamaCpp(modelPath: string, reps: number, vocab: number): Promise
       }
       return performance.now() - t
     }
-    const pre: number[] = []
-    const dec: number[] = []
-    const long = ids(PREFILL, 7, vocab)
-    const short = ids(PROMPT, 11, vocab)
-    await run(long, 1)
-    for (let r = 0; r < reps; r++) {
-      pre.push(PREFILL / ((await run(long, 1)) / 1000))
-      const first = await run(short, 1)
-      dec.push(NEW / (((await run(short, NEW + 1)) - first) / 1000))
-    }
-    return { prefill: median(pre), decode: median(dec) }
+    return await rates(run, reps, vocab)
   } finally {
     await context.dispose()
     await model.dispose()
@@ -92,24 +100,12 @@ async function peftNode(modelPath: string, reps: number, vocab: number): Promise
   const { AutoModelForCausalLM, getPeftModel, LoraConfig, setNumThreads } = await import('../src/index')
   setNumThreads(2)
   const base = await AutoModelForCausalLM.fromPretrained(modelPath, { quantization: 'keep' })
-  const long = [ids(PREFILL, 7, vocab)]
-  const short = [ids(PROMPT, 11, vocab)]
-  const measure = async (m: { generate: typeof base.generate }): Promise<Rates> => {
-    const gen = async (p: number[][], n: number) => {
+  const measure = (m: { generate: typeof base.generate }): Promise<Rates> =>
+    rates(async (prompt, n) => {
       const t = performance.now()
-      await m.generate(p, { maxNewTokens: n, eosTokenId: null })
+      await m.generate([prompt], { maxNewTokens: n, eosTokenId: null })
       return performance.now() - t
-    }
-    const pre: number[] = []
-    const dec: number[] = []
-    await gen(long, 1)
-    for (let r = 0; r < reps; r++) {
-      pre.push(PREFILL / ((await gen(long, 1)) / 1000))
-      const first = await gen(short, 1)
-      dec.push(NEW / (((await gen(short, NEW + 1)) - first) / 1000))
-    }
-    return { prefill: median(pre), decode: median(dec) }
-  }
+    }, reps, vocab)
   const out: Record<string, Rates> = { base: await measure(base) }
   const pm = getPeftModel(base, new LoraConfig({ r: 8, loraAlpha: 16, targetModules: ['q_proj', 'k_proj', 'v_proj', 'o_proj'], initLoraWeights: false }))
   out.lora_unmerged = await measure(pm)

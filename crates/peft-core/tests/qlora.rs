@@ -87,20 +87,28 @@ fn keep_holds_every_layer_linear_quantized_and_reports_it() {
     assert!(load(false).base.named_linears().iter().all(|(_, l)| l.quant.is_none()));
 }
 
-#[test]
-fn keep_logits_match_the_dequantized_model() {
-    let (k, d) = (load(true), load(false));
-    let (a, b) = (logits(&k, &IDS), logits(&d, &IDS));
+/// The logits of `k` (kept quantized) against those of `d` (dequantized): within 3% of the logit
+/// scale and not equal, and the general path equal to the engine's within 1e-4 of the scale.
+/// Returns both logits.
+fn check_keep_logits(k: &PeftModel, d: &PeftModel, what: &str) -> (Vec<f32>, Vec<f32>) {
+    let (a, b) = (logits(k, &IDS), logits(d, &IDS));
     let scale = max_abs(&b);
     let diff = max_diff(&a, &b);
-    eprintln!("max |Δlogit| {diff:.3e} (max |logit| {scale:.3})");
+    eprintln!("{what}: max |Δlogit| {diff:.3e} (max |logit| {scale:.3})");
     // 8-bit activations: ~0.4% relative error per product (max|x|/254 per element against
     // typical |x|), a few products deep; 3% of the logit scale leaves room, and the difference
     // must not be zero (the kernels ran).
     assert!(diff <= 0.03 * scale && diff > 0.0, "{diff} vs scale {scale}");
     // the general path (candle graph + quant_linear op) computes the same as the engine
-    let dg = max_diff(&a, &general_logits(&k, &IDS));
+    let dg = max_diff(&a, &general_logits(k, &IDS));
     assert!(dg <= 1e-4 * scale, "engine vs general path under keep: {dg}");
+    (a, b)
+}
+
+#[test]
+fn keep_logits_match_the_dequantized_model() {
+    let (k, d) = (load(true), load(false));
+    let (a, b) = check_keep_logits(&k, &d, "untied");
     // greedy next tokens agree at (almost) every position
     let vocab = b.len() / IDS.len();
     let argmax = |v: &[f32]| -> Vec<usize> { v.chunks(vocab).map(|r| r.iter().enumerate().fold((0, f32::MIN), |b, (i, &x)| if x > b.1 { (i, x) } else { b }).0).collect() };
@@ -346,26 +354,33 @@ fn quantizing_a_model_folder_at_load() {
     }
 }
 
+/// Writes `dst`: the GGUF `src` with its metadata and each tensor passed through `f` (dropped on
+/// `None`). Returns the written tensors' names and types.
+fn rewrite_gguf(src: &std::path::Path, dst: &std::path::Path, f: impl Fn(&str, candle_core::quantized::QTensor) -> Option<candle_core::quantized::QTensor>) -> Vec<(String, candle_core::quantized::GgmlDType)> {
+    use candle_core::quantized::{gguf_file, QTensor};
+    let mut file = std::fs::File::open(src).unwrap();
+    let content = gguf_file::Content::read(&mut file).unwrap();
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    for name in content.tensor_infos.keys() {
+        if let Some(t) = f(name, content.tensor(&mut file, name, &Device::Cpu).unwrap()) {
+            tensors.push((name.clone(), t));
+        }
+    }
+    let md: Vec<(&str, &gguf_file::Value)> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut std::fs::File::create(dst).unwrap(), &md, &ts).unwrap();
+    tensors.iter().map(|(n, t)| (n.clone(), t.dtype())).collect()
+}
+
 /// The Q8_0 tiny Llama GGUF without its `output.weight`: a model with tied embeddings, whose
 /// head is the Q8_0 `token_embd.weight` (written once per test process).
 fn tied_q8_gguf() -> PathBuf {
-    use candle_core::quantized::{gguf_file, QTensor};
     static P: OnceLock<PathBuf> = OnceLock::new();
     P.get_or_init(|| {
         let src = q8_gguf();
-        let mut f = std::fs::File::open(&src).unwrap();
-        let content = gguf_file::Content::read(&mut f).unwrap();
-        let mut tensors: Vec<(String, QTensor)> = Vec::new();
-        for name in content.tensor_infos.keys() {
-            if name != "output.weight" {
-                tensors.push((name.clone(), content.tensor(&mut f, name, &Device::Cpu).unwrap()));
-            }
-        }
-        assert!(tensors.iter().any(|(n, t)| n == "token_embd.weight" && t.dtype() == candle_core::quantized::GgmlDType::Q8_0));
         let p = src.with_file_name("llama-tied-q8_0.gguf");
-        let md: Vec<(&str, &gguf_file::Value)> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        gguf_file::write(&mut std::fs::File::create(&p).unwrap(), &md, &ts).unwrap();
+        let kept = rewrite_gguf(&src, &p, |name, t| (name != "output.weight").then_some(t));
+        assert!(kept.iter().any(|(n, t)| n == "token_embd.weight" && *t == candle_core::quantized::GgmlDType::Q8_0));
         p
     })
     .clone()
@@ -391,13 +406,7 @@ fn keep_computes_the_logits_from_the_quantized_tied_embedding() {
     let table = |m: &PeftModel| m.base.as_llama().unwrap().embed_tokens.weight.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(table(&k), table(&d));
     assert_eq!(llama.lm_head.dense_weight().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), table(&d));
-    let (a, b) = (logits(&k, &IDS), logits(&d, &IDS));
-    let scale = max_abs(&b);
-    let diff = max_diff(&a, &b);
-    eprintln!("tied: max |Δlogit| {diff:.3e} (max |logit| {scale:.3})");
-    assert!(diff <= 0.03 * scale && diff > 0.0, "{diff} vs scale {scale}");
-    let dg = max_diff(&a, &general_logits(&k, &IDS));
-    assert!(dg <= 1e-4 * scale, "engine vs general path under keep: {dg}");
+    check_keep_logits(&k, &d, "tied");
     // a training step: the engine (quantized head forward, dequantized panels backward) against
     // the general path (quant_linear op), loss and every LoRA gradient
     let mut k = k;
@@ -461,24 +470,13 @@ fn keep_with_a_classification_head_keeps_the_layers_and_a_dense_score() {
 /// The f32 tiny Llama GGUF with only its `output.weight` in Q8_0: under `keep` the head alone is
 /// quantized (as with a file whose layer types have no integer kernels).
 fn head_only_q8_gguf() -> PathBuf {
-    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    use candle_core::quantized::{GgmlDType, QTensor};
     static P: OnceLock<PathBuf> = OnceLock::new();
     P.get_or_init(|| {
-        let src = fixtures_dir().join("models/llama.gguf");
-        let mut f = std::fs::File::open(&src).unwrap();
-        let content = gguf_file::Content::read(&mut f).unwrap();
-        let mut tensors: Vec<(String, QTensor)> = Vec::new();
-        for name in content.tensor_infos.keys() {
-            let t = content.tensor(&mut f, name, &Device::Cpu).unwrap();
-            let t = if name == "output.weight" { QTensor::quantize(&t.dequantize(&Device::Cpu).unwrap(), GgmlDType::Q8_0).unwrap() } else { t };
-            tensors.push((name.clone(), t));
-        }
-        let d = std::env::temp_dir().join(format!("peft-qlora-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
-        let p = d.join("llama-head-q8_0.gguf");
-        let md: Vec<(&str, &gguf_file::Value)> = content.metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-        gguf_file::write(&mut std::fs::File::create(&p).unwrap(), &md, &ts).unwrap();
+        let p = q8_gguf().with_file_name("llama-head-q8_0.gguf");
+        rewrite_gguf(&fixtures_dir().join("models/llama.gguf"), &p, |name, t| {
+            Some(if name == "output.weight" { QTensor::quantize(&t.dequantize(&Device::Cpu).unwrap(), GgmlDType::Q8_0).unwrap() } else { t })
+        });
         p
     })
     .clone()
