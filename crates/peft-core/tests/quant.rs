@@ -211,7 +211,7 @@ fn large_products_split_over_the_pool_match_the_scalar_kernel() {
         for m in [1, 200] {
             let x = randn(m * k, &mut rng);
             let (mut a, mut b) = (vec![0f32; m * n], vec![0f32; m * n]);
-            w.matmul_t(&x, m, &mut a, false).unwrap();
+            w.matmul_t_with(Kernel::best(), &x, m, &mut a, false).unwrap();
             w.matmul_t_with(Kernel::Scalar, &x, m, &mut b, false).unwrap();
             for i in 0..m * n {
                 assert!((a[i] - b[i]).abs() <= 1e-4 * (1.0 + b[i].abs()), "{t:?} m={m} at {i}: {} vs {}", a[i], b[i]);
@@ -245,7 +245,7 @@ fn input_gradient_matches_f64_on_the_dequantized_weight() {
             let wd = w.dequantize();
             let dy = randn(m * n, &mut rng);
             let mut dx = vec![0.25f32; m * k];
-            w.matmul(&dy, m, &mut dx, true).unwrap();
+            w.matmul_panels(&dy, m, &mut dx, true).unwrap();
             for r in 0..m {
                 for c in 0..k {
                     let (mut acc, mut mag) = (0f64, 0f64);
@@ -258,9 +258,82 @@ fn input_gradient_matches_f64_on_the_dequantized_weight() {
                 }
             }
             let mut dx2 = vec![7f32; m * k];
-            w.matmul(&dy, m, &mut dx2, false).unwrap();
+            w.matmul_panels(&dy, m, &mut dx2, false).unwrap();
             for i in 0..m * k {
                 assert!((dx2[i] - (dx[i] - 0.25)).abs() <= 1e-5 * (1.0 + dx2[i].abs()));
+            }
+        }
+    }
+}
+
+/// The bf16 bound of the AMX path per output (each operand rounded to 8 significant bits), with room for `f32` accumulation (`k·2⁻²⁴` of
+/// the magnitude covers any summation order).
+fn bf16_bound(mag: f64, k: usize) -> f64 {
+    (2f64.powi(-7) + 2f64.powi(-16) + k as f64 * 2f64.powi(-24)) * mag + 1e-6
+}
+
+#[test]
+fn amx_bf16_forward_and_input_gradient_are_within_the_bf16_bound() {
+    if !peft_core::engine::amx::available() {
+        eprintln!("AMX-BF16 is not available on this CPU: the batched path is the integer kernels (tested above)");
+        let w = QuantWeight::from_gguf_bytes("w", QuantType::Q8_0, 32, 32, &random_blocks(QuantType::Q8_0, 32, 32, &mut StdRng::seed_from_u64(1))).unwrap();
+        let e = w.matmul_t_amx(&[0.0; 32 * 32], 32, &mut [0.0; 32 * 32], false).unwrap_err();
+        assert_eq!(e.code(), "ERR_INVALID_ARGUMENT");
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(12);
+    for t in TYPES {
+        // Rows of W not a multiple of 32 (a zero half panel), rows of x not a multiple of 32,
+        // and an input gradient whose inner dimension spans two 4096-row chunks.
+        for (m, n, k) in [(32, 32, 256), (40, 50, 512), (67, 100, 768), (33, 4200, 256)] {
+            let w = QuantWeight::from_gguf_bytes("w", t, n, k, &random_blocks(t, n, k, &mut rng)).unwrap();
+            let wd = w.dequantize();
+            let x = randn(m * k, &mut rng);
+            let (yr, _, mag) = reference(&x, &wd, m, n, k);
+            let mut y = vec![0.5f32; m * n];
+            w.matmul_t_amx(&x, m, &mut y, true).unwrap();
+            for i in 0..m * n {
+                let got = y[i] as f64 - 0.5;
+                assert!((got - yr[i]).abs() <= bf16_bound(mag[i], k), "{t:?} x·Wᵀ [{m}x{k}]·[{k}x{n}] at {i}: {got} vs {}", yr[i]);
+            }
+            let mut y2 = vec![9f32; m * n];
+            w.matmul_t_amx(&x, m, &mut y2, false).unwrap();
+            for i in 0..m * n {
+                assert!((y2[i] as f64 - (y[i] as f64 - 0.5)).abs() <= 1e-5 * (1.0 + y2[i].abs() as f64), "{t:?} overwrite at {i}");
+            }
+            // Routing: from AMX_MIN_ROWS rows matmul_t is this path, below it the integer kernel.
+            let mut y3 = vec![0f32; m * n];
+            w.matmul_t(&x, m, &mut y3, false).unwrap();
+            if peft_core::engine::quant::amx_bf16() {
+                assert_eq!(y3, y2, "{t:?}: matmul_t with {m} rows takes the AMX path");
+            }
+            let mut y1 = vec![0f32; n];
+            let mut y1k = vec![0f32; n];
+            w.matmul_t(&x[..k], 1, &mut y1, false).unwrap();
+            w.matmul_t_with(Kernel::best(), &x[..k], 1, &mut y1k, false).unwrap();
+            assert_eq!(y1, y1k, "{t:?}: one row takes the integer kernel");
+
+            let dy = randn(m * n, &mut rng);
+            let mut dx = vec![0.25f32; m * k];
+            w.matmul_amx(&dy, m, &mut dx, true).unwrap();
+            for r in 0..m {
+                for c in 0..k {
+                    let (mut acc, mut mg) = (0f64, 0f64);
+                    for j in 0..n {
+                        let p = dy[r * n + j] as f64 * wd[j * k + c] as f64;
+                        acc += p;
+                        mg += p.abs();
+                    }
+                    let got = dx[r * k + c] as f64 - 0.25;
+                    assert!((got - acc).abs() <= bf16_bound(mg, n), "{t:?} dY·W [{m}x{n}]·[{n}x{k}] ({r},{c}): {got} vs {acc}");
+                }
+            }
+            let mut dx2 = vec![3f32; m * k];
+            w.matmul(&dy, m, &mut dx2, false).unwrap();
+            if peft_core::engine::quant::amx_bf16() {
+                for i in 0..m * k {
+                    assert!((dx2[i] as f64 - (dx[i] as f64 - 0.25)).abs() <= 1e-5 * (1.0 + dx2[i].abs() as f64), "{t:?}: matmul with {m} rows takes the AMX path");
+                }
             }
         }
     }
@@ -385,3 +458,4 @@ fn quantizing_at_load_matches_llama_cpp_reference_rounding() {
     assert_gguf_err(QuantWeight::quantize("w", QuantType::Q4_1, 1, 32, &[0.5; 32]), &["w", "Q4_1", "not supported"]);
     assert_gguf_err(QuantWeight::quantize("w", QuantType::Q4_0, 1, 48, &[0.5; 48]), &["w", "multiple of 32"]);
 }
+

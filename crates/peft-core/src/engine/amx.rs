@@ -159,8 +159,40 @@ struct TileCfg {
 ///
 /// Panics if the shapes disagree or `passes` is neither 1 nor 3. The caller checks [`available`].
 pub(crate) fn gemm(dst: &mut Dst, a: View, b: View, alpha: f32, acc: bool, threads: usize, passes: usize) {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
-    assert!(b.rows == k && dst.rows == m && dst.cols == n, "amx gemm shape mismatch");
+    gemm_with(dst, a, &b, alpha, acc, threads, passes)
+}
+
+/// A right operand `B` `[k, n]` of [`gemm_with`] that converts and packs its own blocks of 32
+/// columns: an `f32` [`View`], or a weight kept quantized that dequantizes the block first
+/// ([`super::quant`]).
+pub(crate) trait PackB: Sync {
+    /// `k`.
+    fn rows(&self) -> usize;
+    /// `n`.
+    fn cols(&self) -> usize;
+    /// Columns `j0 .. j0 + 32` (zero past `n`, and past `k` up to `kp`) into `bp` in the layout
+    /// of [`pack_b_block`], with `passes` bf16 segments.
+    fn pack(&self, j0: usize, bp: &mut [u16], kp: usize, passes: usize);
+}
+
+impl PackB for View {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn cols(&self) -> usize {
+        self.cols
+    }
+    fn pack(&self, j0: usize, bp: &mut [u16], kp: usize, passes: usize) {
+        pack_b_block(*self, j0, bp, self.rows, kp, passes)
+    }
+}
+
+/// [`gemm`] with any [`PackB`] right operand.
+///
+/// Panics as [`gemm`].
+pub(crate) fn gemm_with<B: PackB>(dst: &mut Dst, a: View, b: &B, alpha: f32, acc: bool, threads: usize, passes: usize) {
+    let (m, k, n) = (a.rows, a.cols, b.cols());
+    assert!(b.rows() == k && dst.rows == m && dst.cols == n, "amx gemm shape mismatch");
     assert!(passes == 1 || passes == 3);
     assert!(available(), "AMX is not available");
     let kk = passes * k.div_ceil(32) * 32;
@@ -177,8 +209,8 @@ pub(crate) fn gemm(dst: &mut Dst, a: View, b: View, alpha: f32, acc: bool, threa
 const A_PANEL_BYTES: usize = 8 << 20;
 
 /// [`gemm`] for one row panel.
-fn gemm_panel(dst: &mut Dst, a: View, b: View, alpha: f32, acc: bool, threads: usize, passes: usize) {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
+fn gemm_panel<B: PackB>(dst: &mut Dst, a: View, b: &B, alpha: f32, acc: bool, threads: usize, passes: usize) {
+    let (m, k, n) = (a.rows, a.cols, b.cols());
     let kp = k.div_ceil(32) * 32;
     let kk = passes * kp; // inner dimension of A'·B'
     let mp = m.div_ceil(32) * 32;
@@ -224,7 +256,7 @@ fn gemm_panel(dst: &mut Dst, a: View, b: View, alpha: f32, acc: bool, threads: u
             for g in (c0..c1).step_by(GROUP_COLS) {
                 let ge = (g + GROUP_COLS).min(c1);
                 for blk in g..ge {
-                    pack_b_block(b, blk * 32, &mut bp[(blk - g) * 32 * kk..], k, kp, passes);
+                    b.pack(blk * 32, &mut bp[(blk - g) * 32 * kk..], kp, passes);
                 }
                 for ib0 in (0..mp / 32).step_by(GROUP_ROWS) {
                     let ib1 = (ib0 + GROUP_ROWS).min(mp / 32);
@@ -341,7 +373,7 @@ fn pack_a_row(a: View, i: usize, row: &mut [u16], k: usize, kp: usize, passes: u
 /// The `B'` panels of columns `j0 .. j0 + 32` of `b` (zero past `n`) in the pair-interleaved
 /// layout: panel `q` (columns `j0 + 16q ..`) is `[kk/2][16][2]`, element `(l, j)` of `B'` at
 /// `q·16·kk + (l/2)·32 + (j % 16)·2 + l % 2`; segments `[hi; lo; hi]` (passes 3) or `[hi]`.
-fn pack_b_block(b: View, j0: usize, bp: &mut [u16], k: usize, kp: usize, passes: usize) {
+pub(crate) fn pack_b_block(b: View, j0: usize, bp: &mut [u16], k: usize, kp: usize, passes: usize) {
     let kk = passes * kp;
     let n = b.cols;
     #[cfg(target_arch = "x86_64")]

@@ -45,7 +45,15 @@
 //! requantization of `W` along `out` (lossy: it would no longer be the file's weight) and double
 //! the memory, so it is not kept.
 //!
-//! AMX-INT8 (`tdpbusd`) is not used: its intrinsics are not stable in Rust 1.95.
+//! **Batched products on AMX** (from [`AMX_MIN_ROWS`] rows: prefill and training; see
+//! [`amx_bf16`]): where the CPU has AMX-BF16, both products run on the tile unit in bf16 with
+//! `f32` accumulation, as QLoRA computes (4-bit storage, bf16 compute). Each block of 32 rows
+//! (forward) or 32 columns (input gradient) of `W` is dequantized in registers and written
+//! straight into the tile layout ([`super::amx::PackB`]); nothing of `W` is kept in another
+//! form between calls. Error bound: `(2⁻⁷ + 2⁻¹⁶)·|x_i·W_ji|` per product term (both operands
+//! rounded to 8 significant bits). Decoding (one row) stays on the integer kernels, which read
+//! the packed codes once. AMX-INT8 (`tdpbusd`) is not used: a scale per 32 elements of both
+//! operands would have to be folded in after every 32-deep tile product.
 
 use crate::{PeftError, Result};
 use half::f16;
@@ -606,7 +614,34 @@ impl QuantWeight {
     ///
     /// Errors: `ERR_SHAPE_MISMATCH` when `x.len() != m·cols` or `y.len() != m·rows`.
     pub fn matmul_t(&self, x: &[f32], m: usize, y: &mut [f32], acc: bool) -> Result<()> {
+        if m >= AMX_MIN_ROWS && amx_bf16() {
+            return self.matmul_t_amx(x, m, y, acc);
+        }
         self.matmul_t_with(Kernel::best(), x, m, y, acc)
+    }
+
+    /// [`QuantWeight::matmul_t`] on AMX in bf16 (the batched path, see the module docs): blocks
+    /// of 32 rows of `W` are dequantized to `f32` and rounded to bf16, `x` is rounded to bf16,
+    /// and `TDPBF16PS` accumulates in `f32`. Error bound against `x·Wᵀ` in exact arithmetic on
+    /// the dequantized `W`: `|Δy_j| ≤ (2⁻⁷ + 2⁻¹⁶)·Σ_i |x_i·W_ji|` plus `f32` accumulation
+    /// rounding (the same order as the 8-bit activation bound of the integer kernels, see
+    /// [`amx_bf16`]).
+    ///
+    /// Errors: as `matmul_t`, and `ERR_INVALID_ARGUMENT` where AMX-BF16 is not available
+    /// ([`super::amx::available`]).
+    pub fn matmul_t_amx(&self, x: &[f32], m: usize, y: &mut [f32], acc: bool) -> Result<()> {
+        self.check_shapes("x·Wᵀ", x.len(), self.cols, m, y.len(), self.rows)?;
+        if !super::amx::available() {
+            return Err(PeftError::invalid_arg("kernel", "AMX-BF16 is not available on this CPU (or not granted by the kernel)"));
+        }
+        if m == 0 {
+            return Ok(());
+        }
+        let (n, k) = (self.rows, self.cols);
+        let threads = super::num_threads().max(1);
+        let mut dst = super::gemm::Dst::of(y, m, n);
+        super::pool().install(|| super::amx::gemm_with(&mut dst, super::gemm::View::of(x, m, k), &RowsT(self), 1.0, acc, threads, 1));
+        Ok(())
     }
 
     /// [`QuantWeight::matmul_t`] with a chosen kernel (for tests and benchmarks).
@@ -723,6 +758,48 @@ impl QuantWeight {
     ///
     /// Errors: `ERR_SHAPE_MISMATCH` when `dy.len() != m·rows` or `dx.len() != m·cols`.
     pub fn matmul(&self, dy: &[f32], m: usize, dx: &mut [f32], acc: bool) -> Result<()> {
+        if m >= AMX_MIN_ROWS && amx_bf16() {
+            return self.matmul_amx(dy, m, dx, acc);
+        }
+        self.matmul_panels(dy, m, dx, acc)
+    }
+
+    /// [`QuantWeight::matmul`] on AMX in bf16 (the batched path): `dY` and blocks of 32 columns
+    /// of the dequantized `W` rounded to bf16, `f32` accumulation, the inner dimension (`W`'s
+    /// rows) taken [`AMX_K_CHUNK`] at a time so that the converted operands stay in L2. Error
+    /// bound: `|ΔdX_i| ≤ (2⁻⁷ + 2⁻¹⁶)·Σ_j |dY_j·W_ji|` plus `f32` accumulation rounding.
+    ///
+    /// Errors: as `matmul`, and `ERR_INVALID_ARGUMENT` where AMX-BF16 is not available.
+    pub fn matmul_amx(&self, dy: &[f32], m: usize, dx: &mut [f32], acc: bool) -> Result<()> {
+        self.check_shapes("dY·W", dy.len(), self.rows, m, dx.len(), self.cols)?;
+        if !super::amx::available() {
+            return Err(PeftError::invalid_arg("kernel", "AMX-BF16 is not available on this CPU (or not granted by the kernel)"));
+        }
+        if m == 0 {
+            return Ok(());
+        }
+        let (n, k) = (self.rows, self.cols);
+        let threads = super::num_threads().max(1);
+        let mut dst = super::gemm::Dst::of(dx, m, k);
+        super::pool().install(|| {
+            let mut r0 = 0;
+            while r0 < n {
+                let kc = AMX_K_CHUNK.min(n - r0);
+                let a = super::gemm::View::rm(dy, r0, m, kc, n);
+                super::amx::gemm_with(&mut dst, a, &ColsOf { w: self, r0, rows: kc }, 1.0, acc || r0 > 0, threads, 1);
+                r0 += kc;
+            }
+        });
+        Ok(())
+    }
+
+    /// [`QuantWeight::matmul`] through dequantized `f32` panels: panels of up to 256 columns of
+    /// `W` are dequantized and multiplied with the engine's GEMM at the float32 matmul precision
+    /// ([`super::gemm::gemm`]), in parallel over panels; exact up to `f32` rounding at the
+    /// default precision.
+    ///
+    /// Errors: as `matmul`.
+    pub fn matmul_panels(&self, dy: &[f32], m: usize, dx: &mut [f32], acc: bool) -> Result<()> {
         self.check_shapes("dY·W", dy.len(), self.rows, m, dx.len(), self.cols)?;
         if m == 0 {
             return Ok(());
@@ -747,6 +824,275 @@ impl QuantWeight {
             super::pool().install(|| (0..panels).into_par_iter().for_each(task));
         }
         Ok(())
+    }
+}
+
+/// Rows of `x` (or `dY`) from which [`QuantWeight::matmul_t`] and [`QuantWeight::matmul`] take
+/// the AMX bf16 path where it is on ([`amx_bf16`]): below it (decoding, short prompts) the
+/// integer kernels read the packed codes directly, while the AMX path dequantizes the whole
+/// weight on every call.
+pub const AMX_MIN_ROWS: usize = 32;
+
+/// Inner-dimension chunk (rows of `W`) of the AMX input gradient: `dY` converted for 4096
+/// columns and a packed block of `W` (32 × 4096 bf16, 256 KiB) stay in L2 (the head's 49152
+/// rows at once would not).
+const AMX_K_CHUNK: usize = 4096;
+
+/// Whether batched products of weights kept quantized (at least [`AMX_MIN_ROWS`] rows) run on
+/// AMX in bf16: true where AMX-BF16 is available ([`super::amx::available`]) unless the
+/// environment sets `PEFT_QUANT_AMX=0` or caps the integer kernel with `PEFT_QUANT_KERNEL`
+/// (for comparisons). Read once per process.
+///
+/// This is the QLoRA arrangement (Dettmers et al. 2023: 4-bit storage, bf16 compute; HF's
+/// `bnb_4bit_compute_dtype=torch.bfloat16`). Rounding both operands to bf16 (8 significant
+/// bits, relative error ≤ 2⁻⁸ each) bounds the error per product term by
+/// `(2⁻⁷ + 2⁻¹⁶)·|x_i·W_ji|`; the integer kernels' bound for 8-bit activations is
+/// `|W_ji|·max_b|x|/254` per term, so the bf16 bound is the tighter one for activations below
+/// half their block's maximum and at most 2× looser at the maximum. One `TDPBF16PS` does 8192
+/// multiply-adds.
+pub fn amx_bf16() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        super::amx::available() && std::env::var_os("PEFT_QUANT_KERNEL").is_none() && std::env::var("PEFT_QUANT_AMX").map_or(true, |v| v != "0")
+    })
+}
+
+thread_local! {
+    /// Dequantized `f32` blocks of the AMX packing ([`RowsT`], [`ColsOf`]), reused across calls.
+    static DEQ: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `Wᵀ` `[cols, rows]` as the right operand of `x·Wᵀ` on AMX: block `j0 .. j0 + 32` is rows
+/// `j0 .. j0 + 32` of `W` (two groups of 16), dequantized.
+struct RowsT<'a>(&'a QuantWeight);
+
+impl super::amx::PackB for RowsT<'_> {
+    fn rows(&self) -> usize {
+        self.0.cols
+    }
+    fn cols(&self) -> usize {
+        self.0.rows
+    }
+    fn pack(&self, j0: usize, bp: &mut [u16], kp: usize, passes: usize) {
+        let w = self.0;
+        #[cfg(target_arch = "x86_64")]
+        if passes == 1 && kp == w.cols {
+            // SAFETY: AMX machines have AVX-512F/BW (checked by `amx::available`, the only way
+            // here); bp holds the block's 32 × kp elements (amx::gemm_with's contract).
+            unsafe { avx512::pack_rows_t(w, j0, bp) };
+            return;
+        }
+        let (k, nr) = (w.cols, 32.min(w.rows - j0));
+        DEQ.with(|c| {
+            let mut buf = c.borrow_mut();
+            if buf.len() < 32 * k {
+                buf.resize(32 * k, 0.0);
+            }
+            let mut blk = [[0f32; QK]; R];
+            for g in j0 / R..(j0 + nr).div_ceil(R) {
+                let lanes = R.min(w.rows - g * R);
+                for b in 0..k / QK {
+                    w.dequant_block(g, b, &mut blk);
+                    for (lane, vals) in blk.iter().enumerate().take(lanes) {
+                        let r = g * R + lane - j0;
+                        buf[r * k + b * QK..r * k + (b + 1) * QK].copy_from_slice(vals);
+                    }
+                }
+            }
+            super::amx::pack_b_block(super::gemm::View::of(&buf, nr, k).t(), 0, bp, k, kp, passes);
+        });
+    }
+}
+
+/// Rows `r0 .. r0 + rows` of `W` `[rows, cols]` as the right operand of `dY·W` on AMX: block
+/// `j0 .. j0 + 32` is one block of 32 columns of those rows, dequantized.
+struct ColsOf<'a> {
+    w: &'a QuantWeight,
+    r0: usize,
+    rows: usize,
+}
+
+impl super::amx::PackB for ColsOf<'_> {
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn cols(&self) -> usize {
+        self.w.cols
+    }
+    fn pack(&self, j0: usize, bp: &mut [u16], kp: usize, passes: usize) {
+        let (w, r0, kr) = (self.w, self.r0, self.rows);
+        #[cfg(target_arch = "x86_64")]
+        if passes == 1 {
+            // SAFETY: as in RowsT::pack; rows r0 .. r0 + kr lie inside W (matmul_amx's chunks).
+            unsafe { avx512::pack_cols(w, r0, kr, j0 / QK, bp, kp) };
+            return;
+        }
+        DEQ.with(|c| {
+            let mut buf = c.borrow_mut();
+            if buf.len() < kr * QK {
+                buf.resize(kr * QK, 0.0);
+            }
+            let mut blk = [[0f32; QK]; R];
+            for g in r0 / R..(r0 + kr).div_ceil(R) {
+                w.dequant_block(g, j0 / QK, &mut blk);
+                for (lane, vals) in blk.iter().enumerate() {
+                    let r = g * R + lane;
+                    if r >= r0 && r < r0 + kr {
+                        buf[(r - r0) * QK..(r - r0 + 1) * QK].copy_from_slice(vals);
+                    }
+                }
+            }
+            super::amx::pack_b_block(super::gemm::View::of(&buf, kr, QK), 0, bp, kr, kp, passes);
+        });
+    }
+}
+
+/// The AMX packers without the `f32` detour: codes dequantized in registers (`d·n + m`),
+/// rounded to bf16 (nearest even) and written straight into the pair-interleaved layout of
+/// [`super::amx::pack_b_block`] (single pass).
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{QuantWeight, QK, R};
+    use std::arch::x86_64::*;
+
+    /// 16 floats to bfloat16, round to nearest even (finite inputs: scales are checked at load).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn bf16(x: __m512) -> __m256i {
+        let b = _mm512_castps_si512(x);
+        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+        _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)))))
+    }
+
+    /// Per-row scale and additive term of group `g`, block `b` (elements 0..16 and 16..32:
+    /// they differ for `Q6_K` only): `w = s·n + a`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn scales(w: &QuantWeight, g: usize, b: usize) -> [(__m512, __m512); 2] {
+        let at = (g * (w.cols / QK) + b) * R;
+        let s = _mm512_loadu_ps(w.d.as_ptr().add(at));
+        let off = _mm512_set1_ps(-(w.ty.offset() as f32));
+        let a = if w.ty.has_min() { _mm512_loadu_ps(w.m.as_ptr().add(at)) } else { _mm512_mul_ps(s, off) };
+        if w.ty.half_scales() {
+            let s2 = _mm512_loadu_ps(w.d2.as_ptr().add(at));
+            [(s, a), (s2, _mm512_mul_ps(s2, off))]
+        } else {
+            [(s, a), (s, a)]
+        }
+    }
+
+    /// 64 codes `[16 rows][4 consecutive elements]` dequantized with the rows' `s`, `a` and
+    /// stored as two pair rows of a panel (`[16 rows][2]` bf16 each): elements 0, 1 at `out`,
+    /// elements 2, 3 at `out + 32`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn emit_rows(codes: __m512i, s: __m512, a: __m512, out: *mut u16) {
+        let mut h = [_mm256_setzero_si256(); 4];
+        for (i, hi) in h.iter_mut().enumerate() {
+            // Lanes 4i .. 4i + 4, each repeated for its 4 elements.
+            let base = 4 * i as i32;
+            let idx = _mm512_setr_epi32(base, base, base, base, base + 1, base + 1, base + 1, base + 1, base + 2, base + 2, base + 2, base + 2, base + 3, base + 3, base + 3, base + 3);
+            let n = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(match i {
+                0 => _mm512_extracti32x4_epi32::<0>(codes),
+                1 => _mm512_extracti32x4_epi32::<1>(codes),
+                2 => _mm512_extracti32x4_epi32::<2>(codes),
+                _ => _mm512_extracti32x4_epi32::<3>(codes),
+            }));
+            *hi = bf16(_mm512_fmadd_ps(n, _mm512_permutexvar_ps(idx, s), _mm512_permutexvar_ps(idx, a)));
+        }
+        let lo8 = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(h[0]), h[1]);
+        let hi8 = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(h[2]), h[3]);
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+        _mm512_storeu_si512(out as *mut __m512i, _mm512_permutex2var_epi32(lo8, even, hi8));
+        _mm512_storeu_si512(out.add(32) as *mut __m512i, _mm512_permutex2var_epi32(lo8, odd, hi8));
+    }
+
+    /// `RowsT` block `j0 .. j0 + 32`: rows `j0 ..` of `W` (groups `j0/16`, `j0/16 + 1`) as the
+    /// columns of two panels `[cols/2][16][2]`; a group past `W`'s rows is zero.
+    ///
+    /// # Safety
+    /// AVX-512F/BW; `bp` holds `32 · w.cols` elements; `j0` a multiple of 32 below `w.rows`.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn pack_rows_t(w: &QuantWeight, j0: usize, bp: &mut [u16]) {
+        let (k, nb, gbb) = (w.cols, w.cols / QK, w.ty.group_block_bytes());
+        debug_assert!(bp.len() >= 32 * k);
+        let mask = _mm512_set1_epi8(0x0F);
+        for q in 0..2 {
+            let g = j0 / R + q;
+            let panel = bp.as_mut_ptr().add(q * R * k);
+            if g * R >= w.rows {
+                std::ptr::write_bytes(panel, 0, R * k);
+                continue;
+            }
+            for b in 0..nb {
+                let [(s, a), (s2, a2)] = scales(w, g, b);
+                let qb = w.q.as_ptr().add((g * nb + b) * gbb);
+                let pr = panel.add(b * QK / 2 * 32); // pair row 16b
+                if w.ty.nibbles() {
+                    for j in 0..4 {
+                        let v = _mm512_loadu_si512(qb.add(j * 64) as *const __m512i);
+                        emit_rows(_mm512_and_si512(v, mask), s, a, pr.add(2 * j * 32));
+                        emit_rows(_mm512_and_si512(_mm512_srli_epi16::<4>(v), mask), s, a, pr.add((8 + 2 * j) * 32));
+                    }
+                } else {
+                    for j in 0..8 {
+                        let v = _mm512_loadu_si512(qb.add(j * 64) as *const __m512i);
+                        let (s, a) = if j < 4 { (s, a) } else { (s2, a2) };
+                        emit_rows(v, s, a, pr.add(2 * j * 32));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The 32 elements of block `b` of row `r`, dequantized to bf16: (elements 0..16, 16..32).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn row_bf16(w: &QuantWeight, r: usize, b: usize) -> (__m256i, __m256i) {
+        let (nb, gbb) = (w.cols / QK, w.ty.group_block_bytes());
+        let (g, lane) = (r / R, r % R);
+        let qb = w.q.as_ptr().add((g * nb + b) * gbb + lane * 4);
+        let at = (g * nb + b) * R + lane;
+        let d = *w.d.get_unchecked(at);
+        let off = -(w.ty.offset() as f32);
+        let (s0, a0) = (d, if w.ty.has_min() { *w.m.get_unchecked(at) } else { d * off });
+        let (s1, a1) = if w.ty.half_scales() {
+            let d2 = *w.d2.get_unchecked(at);
+            (d2, d2 * off)
+        } else {
+            (s0, a0)
+        };
+        let word = |j: usize| (qb.add(j * 64) as *const i32).read_unaligned();
+        let (n0, n1) = if w.ty.nibbles() {
+            let v = _mm_setr_epi32(word(0), word(1), word(2), word(3));
+            let m = _mm_set1_epi8(0x0F);
+            (_mm_and_si128(v, m), _mm_and_si128(_mm_srli_epi16::<4>(v), m))
+        } else {
+            (_mm_setr_epi32(word(0), word(1), word(2), word(3)), _mm_setr_epi32(word(4), word(5), word(6), word(7)))
+        };
+        let f = |n: __m128i, s: f32, a: f32| bf16(_mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(n)), _mm512_set1_ps(s), _mm512_set1_ps(a)));
+        (f(n0, s0, a0), f(n1, s1, a1))
+    }
+
+    /// `ColsOf` block: columns `32b .. 32b + 32` of rows `r0 .. r0 + kr` of `W` as two panels
+    /// `[kp/2][16][2]` (rows of `W` paired), zero past `kr`.
+    ///
+    /// # Safety
+    /// AVX-512F/BW; `bp` holds `32 · kp` elements, `kp ≥ kr` even; `r0 + kr ≤ w.rows`.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn pack_cols(w: &QuantWeight, r0: usize, kr: usize, b: usize, bp: &mut [u16], kp: usize) {
+        debug_assert!(bp.len() >= 32 * kp && r0 + kr <= w.rows);
+        let out = bp.as_mut_ptr();
+        let zero = _mm256_setzero_si256();
+        let pair = |e: __m256i, o: __m256i| _mm512_or_si512(_mm512_cvtepu16_epi32(e), _mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(o)));
+        for p in 0..kp / 2 {
+            let (ra, rb) = (2 * p, 2 * p + 1);
+            let (a0, a1) = if ra < kr { row_bf16(w, r0 + ra, b) } else { (zero, zero) };
+            let (b0, b1) = if rb < kr { row_bf16(w, r0 + rb, b) } else { (zero, zero) };
+            _mm512_storeu_si512(out.add(p * 32) as *mut __m512i, pair(a0, b0));
+            _mm512_storeu_si512(out.add(R * kp + p * 32) as *mut __m512i, pair(a1, b1));
+        }
     }
 }
 
