@@ -20,10 +20,12 @@
 //! kernels accumulate apart. At load the blocks are repacked (losslessly) into
 //! groups of 16 output rows, interleaved by 4 input elements, so that one 512-bit load holds four
 //! consecutive `n` of 16 rows and one `vpdpbusd` with a broadcast activation word accumulates all
-//! 16 rows (llama.cpp's "repacked" CPU layouts work the same way). Scales are kept as `f32`
-//! (`d`, and `m` for `Q4_1` / `Q4_K`, `d2` for `Q6_K`), so memory per weight is 1.125 bytes
-//! (`Q8_0`), 0.625 (`Q4_0`), 0.75 (`Q4_1`, `Q4_K`) and 1.25 (`Q6_K`: one byte per 6-bit code,
-//! against 0.82 in the file), against 4 for `f32`. Other GGUF types (`Q5_*`, `Q2_K`, `Q3_K`,
+//! 16 rows (llama.cpp's "repacked" CPU layouts work the same way). Scales (`d`, and `m` for
+//! `Q4_1` / `Q4_K`, `d2` for `Q6_K`) stay the file's f16 values where the type stores them so
+//! (`Q8_0`, `Q4_0`, `Q4_1`) and become `f32` for the K-quants (an f16 times a sub-block integer),
+//! so memory per weight is 1.0625 bytes (`Q8_0`), 0.5625 (`Q4_0`), 0.625 (`Q4_1`), as in the
+//! file, 0.75 (`Q4_K`, 0.5625 in the file) and 1.25 (`Q6_K`: one byte per 6-bit code, against
+//! 0.82 in the file), against 4 for `f32`. Other GGUF types (`Q5_*`, `Q2_K`, `Q3_K`,
 //! `Q5_K` ...) are not kept quantized: [`QuantType::from_ggml`] returns `None` and the loader
 //! dequantizes them as before.
 //!
@@ -143,6 +145,13 @@ impl QuantType {
         matches!(self, QuantType::Q4_0 | QuantType::Q4_1 | QuantType::Q4K)
     }
 
+    /// Whether the per-block scales (and minimums) are kept as the file's f16 values (`Q8_0`,
+    /// `Q4_0`, `Q4_1`: exact, and 2 bytes each instead of 4 read per decoded token); `Q4_K` /
+    /// `Q6_K` scales are products of an f16 and a sub-block integer, kept as f32.
+    fn f16_scales(self) -> bool {
+        matches!(self, QuantType::Q8_0 | QuantType::Q4_0 | QuantType::Q4_1)
+    }
+
     /// Whether each 32-element block has two scales, one per 16 elements (`Q6_K`).
     fn half_scales(self) -> bool {
         self == QuantType::Q6K
@@ -193,7 +202,7 @@ impl Kernel {
         match self {
             Kernel::Scalar => true,
             #[cfg(target_arch = "x86_64")]
-            Kernel::Avx2 => std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
+            Kernel::Avx2 => std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") && std::arch::is_x86_feature_detected!("f16c"),
             #[cfg(target_arch = "x86_64")]
             Kernel::AvxVnni => Kernel::Avx2.available() && std::arch::is_x86_feature_detected!("avxvnni"),
             #[cfg(target_arch = "x86_64")]
@@ -256,9 +265,9 @@ pub struct QuantWeight {
     /// 4-bit types: low nibble = element `4j + b`, high nibble = element `16 + 4j + b`).
     q: Vec<u8>,
     /// `[group][block][16 rows]` scales `d` (0 for padding rows).
-    d: Vec<f32>,
+    d: Scales,
     /// `[group][block][16 rows]` minimums `m` (types with a minimum only, else empty).
-    m: Vec<f32>,
+    m: Scales,
     /// `[group][block][16 rows]` scales of elements 16..32 of each block (`Q6_K` only, else
     /// empty); `d` then scales elements 0..16.
     d2: Vec<f32>,
@@ -270,6 +279,74 @@ pub struct QuantWeight {
 impl std::fmt::Debug for QuantWeight {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "QuantWeight({} {} [{}, {}])", self.name, self.ty.name(), self.rows, self.cols)
+    }
+}
+
+/// Per-row scale values of the packed layout, `[group][block][16 rows]`: f16 bits where the
+/// type stores them as f16 ([`QuantType::f16_scales`]), else f32; little-endian bytes, read with
+/// unaligned loads.
+struct Scales {
+    half: bool,
+    bytes: Vec<u8>,
+}
+
+impl Scales {
+    fn new(half: bool, n: usize) -> Scales {
+        Scales { half, bytes: vec![0u8; n * if half { 2 } else { 4 }] }
+    }
+
+    /// Sets value `i`. A value that f16 does not hold exactly cannot come here (`half` types
+    /// store the file's f16 values).
+    fn set(&mut self, i: usize, v: f32) {
+        if self.half {
+            let h = f16::from_f32(v);
+            debug_assert!(h.to_f32() == v || v.is_nan());
+            self.bytes[2 * i..2 * i + 2].copy_from_slice(&h.to_le_bytes());
+        } else {
+            self.bytes[4 * i..4 * i + 4].copy_from_slice(&v.to_le_bytes());
+        }
+    }
+
+    /// Value `i`.
+    fn get(&self, i: usize) -> f32 {
+        if self.half {
+            f16::from_le_bytes([self.bytes[2 * i], self.bytes[2 * i + 1]]).to_f32()
+        } else {
+            f32::from_le_bytes(self.bytes[4 * i..4 * i + 4].try_into().expect("4 bytes"))
+        }
+    }
+
+    /// The address of value `i` (`i` within the values, or one past the end).
+    fn ptr(&self, i: usize) -> *const u8 {
+        self.bytes[i * if self.half { 2 } else { 4 }..].as_ptr()
+    }
+
+    /// Value `i` behind a raw pointer from [`Scales::ptr`].
+    ///
+    /// # Safety
+    /// `p` must point at values of the given kind with `i` inside them.
+    unsafe fn read(p: *const u8, i: usize, half: bool) -> f32 {
+        if half {
+            f16::from_le_bytes([*p.add(2 * i), *p.add(2 * i + 1)]).to_f32()
+        } else {
+            f32::from_le_bytes(std::ptr::read_unaligned(p.add(4 * i) as *const [u8; 4]))
+        }
+    }
+
+    /// 16 values from `i` (AVX-512F; f16 through `vcvtph2ps`).
+    ///
+    /// # Safety
+    /// AVX-512F; values `i .. i + 16` exist.
+    #[cfg(target_arch = "x86_64")]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load16(&self, i: usize) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        if self.half {
+            _mm512_cvtph_ps(_mm256_loadu_si256(self.bytes.as_ptr().add(2 * i) as *const __m256i))
+        } else {
+            _mm512_loadu_ps(self.bytes.as_ptr().add(4 * i) as *const f32)
+        }
     }
 }
 
@@ -323,8 +400,8 @@ impl QuantWeight {
             rows,
             cols,
             q: vec![0u8; groups * nb * gbb],
-            d: vec![0f32; groups * nb * R],
-            m: if ty.has_min() { vec![0f32; groups * nb * R] } else { Vec::new() },
+            d: Scales::new(ty.f16_scales(), groups * nb * R),
+            m: Scales::new(ty.f16_scales(), if ty.has_min() { groups * nb * R } else { 0 }),
             d2: if ty.half_scales() { vec![0f32; groups * nb * R] } else { Vec::new() },
             at_load: false,
         };
@@ -354,9 +431,9 @@ impl QuantWeight {
                             w.q[base + ((i / 4) * R + lane) * 4 + i % 4] = v;
                         }
                     }
-                    w.d[(g * nb + b) * R + lane] = d;
+                    w.d.set((g * nb + b) * R + lane, d);
                     if ty.has_min() {
-                        w.m[(g * nb + b) * R + lane] = m;
+                        w.m.set((g * nb + b) * R + lane, m);
                     }
                     if ty.half_scales() {
                         w.d2[(g * nb + b) * R + lane] = d2;
@@ -529,7 +606,7 @@ impl QuantWeight {
     }
     /// Bytes held (codes and scales, including the padding rows of the last group).
     pub fn bytes(&self) -> usize {
-        self.q.len() + 4 * (self.d.len() + self.m.len() + self.d2.len())
+        self.q.len() + self.d.bytes.len() + self.m.bytes.len() + 4 * self.d2.len()
     }
 
     /// Block `b` (32 columns) of group `g` (16 rows) dequantized: `out[lane][i]` =
@@ -539,7 +616,7 @@ impl QuantWeight {
         let nb = self.cols / QK;
         let gbb = self.ty.group_block_bytes();
         let q = &self.q[(g * nb + b) * gbb..(g * nb + b + 1) * gbb];
-        let d = &self.d[(g * nb + b) * R..(g * nb + b + 1) * R];
+        let at = (g * nb + b) * R;
         let off = self.ty.offset() as f32;
         for (lane, o) in out.iter_mut().enumerate() {
             let mut n = [0u8; QK];
@@ -557,18 +634,20 @@ impl QuantWeight {
                 }
             }
             if self.ty.has_min() {
-                let m = self.m[(g * nb + b) * R + lane];
+                let (d, m) = (self.d.get(at + lane), self.m.get(at + lane));
                 for (v, &c) in o.iter_mut().zip(&n) {
-                    *v = d[lane] * c as f32 + m;
+                    *v = d * c as f32 + m;
                 }
             } else if self.ty.half_scales() {
                 let d2 = self.d2[(g * nb + b) * R + lane];
+                let d = self.d.get(at + lane);
                 for (i, (v, &c)) in o.iter_mut().zip(&n).enumerate() {
-                    *v = if i < QK / 2 { d[lane] } else { d2 } * (c as f32 - off);
+                    *v = if i < QK / 2 { d } else { d2 } * (c as f32 - off);
                 }
             } else {
+                let d = self.d.get(at + lane);
                 for (v, &c) in o.iter_mut().zip(&n) {
-                    *v = d[lane] * (c as f32 - off);
+                    *v = d * (c as f32 - off);
                 }
             }
         }
@@ -724,8 +803,8 @@ impl QuantWeight {
         let args = Args {
             nb,
             wq: self.q[g * nb * gbb..(g + 1) * nb * gbb].as_ptr(),
-            wd: self.d[g * nb * R..(g + 1) * nb * R].as_ptr(),
-            wm: if self.ty.has_min() { self.m[g * nb * R..(g + 1) * nb * R].as_ptr() } else { std::ptr::null() },
+            wd: self.d.ptr(g * nb * R),
+            wm: if self.ty.has_min() { self.m.ptr(g * nb * R) } else { std::ptr::null() },
             xq: xa.q[r * xa.k..].as_ptr(),
             ldx: xa.k,
             xs: xa.s[r * nb..].as_ptr(),
@@ -970,9 +1049,9 @@ mod avx512 {
     #[target_feature(enable = "avx512f,avx512bw")]
     unsafe fn scales(w: &QuantWeight, g: usize, b: usize) -> [(__m512, __m512); 2] {
         let at = (g * (w.cols / QK) + b) * R;
-        let s = _mm512_loadu_ps(w.d.as_ptr().add(at));
+        let s = w.d.load16(at);
         let off = _mm512_set1_ps(-(w.ty.offset() as f32));
-        let a = if w.ty.has_min() { _mm512_loadu_ps(w.m.as_ptr().add(at)) } else { _mm512_mul_ps(s, off) };
+        let a = if w.ty.has_min() { w.m.load16(at) } else { _mm512_mul_ps(s, off) };
         if w.ty.half_scales() {
             let s2 = _mm512_loadu_ps(w.d2.as_ptr().add(at));
             [(s, a), (s2, _mm512_mul_ps(s2, off))]
@@ -1054,9 +1133,9 @@ mod avx512 {
         let (g, lane) = (r / R, r % R);
         let qb = w.q.as_ptr().add((g * nb + b) * gbb + lane * 4);
         let at = (g * nb + b) * R + lane;
-        let d = *w.d.get_unchecked(at);
+        let d = w.d.get(at);
         let off = -(w.ty.offset() as f32);
-        let (s0, a0) = (d, if w.ty.has_min() { *w.m.get_unchecked(at) } else { d * off });
+        let (s0, a0) = (d, if w.ty.has_min() { w.m.get(at) } else { d * off });
         let (s1, a1) = if w.ty.half_scales() {
             let d2 = *w.d2.get_unchecked(at);
             (d2, d2 * off)
@@ -1150,8 +1229,10 @@ impl QAct {
 struct Args {
     nb: usize,
     wq: *const u8,
-    wd: *const f32,
-    wm: *const f32,
+    /// Scales `d` ([`Scales`]: f16 bits for the types of [`QuantType::f16_scales`], else f32).
+    wd: *const u8,
+    /// Minimums `m`, stored as `wd` (types with a minimum), else null.
+    wm: *const u8,
     xq: *const i8,
     ldx: usize,
     xs: *const f32,
@@ -1183,7 +1264,7 @@ fn scalar_kernel(a: &Args, mr: usize, out: &mut [[f32; R]; 8]) {
                     for i in 0..QK {
                         dots[i / 16] += wq[((i / 4) * R + lane) * 4 + i % 4] as i32 * xq[i] as i32;
                     }
-                    let (d, d2) = unsafe { (*a.wd.add(b * R + lane), *a.wd2.add(b * R + lane)) };
+                    let (d, d2) = unsafe { (Scales::read(a.wd, b * R + lane, false), *a.wd2.add(b * R + lane)) };
                     *ol += dots[0] as f32 * d * s;
                     *ol += dots[1] as f32 * d2 * s;
                 }
@@ -1204,10 +1285,11 @@ fn scalar_kernel(a: &Args, mr: usize, out: &mut [[f32; R]; 8]) {
                     };
                     dot += n as i32 * xq[i] as i32;
                 }
-                let d = unsafe { *a.wd.add(b * R + lane) };
+                let half = a.ty.f16_scales();
+                let d = unsafe { Scales::read(a.wd, b * R + lane, half) };
                 *ol += dot as f32 * d * s;
                 if a.ty.has_min() {
-                    *ol += unsafe { *a.wm.add(b * R + lane) } * (s * sum as f32);
+                    *ol += unsafe { Scales::read(a.wm, b * R + lane, half) } * (s * sum as f32);
                 }
             }
         }
@@ -1227,8 +1309,9 @@ mod x86 {
     /// AVX-512 VNNI: `MR` rows of x against one 16-row group, one zmm per row.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
     unsafe fn k512<const MR: usize, const T: u8>(a: &Args, out: &mut [[f32; R]; 8]) {
-        // T: 0 = Q8_0 (offset 128), 1 = Q4_0 (offset 8), 2 = with minimum (Q4_1, Q4_K),
-        // 3 = Q6_K (offset 32, two scales per block)
+        // T: 0 = Q8_0 (offset 128), 1 = Q4_0 (offset 8), 2 = Q4_K (with minimum), 3 = Q6_K
+        // (offset 32, two scales per block), 4 = Q4_1 (with minimum); f16 scales for 0, 1, 4.
+        let (min, half) = (T == 2 || T == 4, T == 0 || T == 1 || T == 4);
         let off: i32 = match T {
             0 => 128,
             1 => 8,
@@ -1256,7 +1339,7 @@ mod x86 {
                         hi[r] = _mm512_dpbusd_epi32(hi[r], w2, _mm512_set1_epi32(xword(a, r, b, j + 4)));
                     }
                 }
-                let d = _mm512_loadu_ps(a.wd.add(b * R));
+                let d = _mm512_loadu_ps(a.wd.add(4 * b * R) as *const f32);
                 let d2 = _mm512_loadu_ps(a.wd2.add(b * R));
                 for r in 0..MR {
                     let s = _mm512_set1_ps(*a.xs.add(r * a.ldb + b));
@@ -1288,12 +1371,12 @@ mod x86 {
                     }
                 }
             }
-            let d = _mm512_loadu_ps(a.wd.add(b * R));
-            let m = if T == 2 { _mm512_loadu_ps(a.wm.add(b * R)) } else { d };
+            let d = load16(a.wd, b * R, half);
+            let m = if min { load16(a.wm, b * R, half) } else { d };
             for r in 0..MR {
                 let s = *a.xs.add(r * a.ldb + b);
                 facc[r] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(iacc[r]), d), _mm512_set1_ps(s), facc[r]);
-                if T == 2 {
+                if min {
                     facc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(*a.xss.add(r * a.ldb + b)), facc[r]);
                 }
             }
@@ -1322,7 +1405,8 @@ mod x86 {
             QuantType::Q8_0 => go!(0),
             QuantType::Q4_0 => go!(1),
             QuantType::Q6K => go!(3),
-            _ => go!(2),
+            QuantType::Q4_1 => go!(4),
+            QuantType::Q4K => go!(2),
         }
     }
 
@@ -1348,6 +1432,8 @@ mod x86 {
                     _ => 0,
                 };
                 let gbb = if T == 0 { R * QK } else { R * QK / 2 };
+                // T as in k512; f16 scales for 0, 1, 4.
+                let (min, half) = (T == 2 || T == 4, T == 0 || T == 1 || T == 4);
                 let ones = _mm256_set1_epi16(1);
                 let lo4 = _mm256_set1_epi8(0x0F);
                 let flip = _mm256_set1_epi8(-128i8);
@@ -1375,7 +1461,7 @@ mod x86 {
                             }
                         }
                         for h in 0..2 {
-                            let d = _mm256_loadu_ps(a.wd.add(b * R + h * 8));
+                            let d = _mm256_loadu_ps(a.wd.add(4 * (b * R + h * 8)) as *const f32);
                             let d2 = _mm256_loadu_ps(a.wd2.add(b * R + h * 8));
                             for r in 0..MR {
                                 let s = _mm256_set1_ps(*a.xs.add(r * a.ldb + b));
@@ -1420,12 +1506,12 @@ mod x86 {
                         }
                     }
                     for h in 0..2 {
-                        let d = _mm256_loadu_ps(a.wd.add(b * R + h * 8));
+                        let d = load8(a.wd, b * R + h * 8, half);
                         for r in 0..MR {
                             let s = *a.xs.add(r * a.ldb + b);
                             facc[r][h] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(iacc[r][h]), d), _mm256_set1_ps(s), facc[r][h]);
-                            if T == 2 {
-                                let m = _mm256_loadu_ps(a.wm.add(b * R + h * 8));
+                            if min {
+                                let m = load8(a.wm, b * R + h * 8, half);
                                 facc[r][h] = _mm256_fmadd_ps(m, _mm256_set1_ps(*a.xss.add(r * a.ldb + b)), facc[r][h]);
                             }
                         }
@@ -1438,8 +1524,28 @@ mod x86 {
             }
         };
     }
-    k256!(k256_vnni, "avx2,fma,avxvnni", true);
-    k256!(k256_avx2, "avx2,fma", false);
+    k256!(k256_vnni, "avx2,fma,f16c,avxvnni", true);
+    k256!(k256_avx2, "avx2,fma,f16c", false);
+
+    /// 16 scales at element `i` of `p` ([`super::Scales`] bytes: f16 when `half`, else f32).
+    #[inline(always)]
+    unsafe fn load16(p: *const u8, i: usize, half: bool) -> __m512 {
+        if half {
+            _mm512_cvtph_ps(_mm256_loadu_si256(p.add(2 * i) as *const __m256i))
+        } else {
+            _mm512_loadu_ps(p.add(4 * i) as *const f32)
+        }
+    }
+
+    /// 8 scales at element `i` of `p`, as [`load16`].
+    #[inline(always)]
+    unsafe fn load8(p: *const u8, i: usize, half: bool) -> __m256 {
+        if half {
+            _mm256_cvtph_ps(_mm_loadu_si128(p.add(2 * i) as *const __m128i))
+        } else {
+            _mm256_loadu_ps(p.add(4 * i) as *const f32)
+        }
+    }
 
     pub(super) unsafe fn dispatch_256<const VNNI: bool>(a: &Args, mr: usize, out: &mut [[f32; R]; 8]) {
         macro_rules! go {
@@ -1455,10 +1561,12 @@ mod x86 {
             (false, QuantType::Q6K) => go!(k256_avx2, 3),
             (true, QuantType::Q8_0) => go!(k256_vnni, 0),
             (true, QuantType::Q4_0) => go!(k256_vnni, 1),
-            (true, _) => go!(k256_vnni, 2),
+            (true, QuantType::Q4_1) => go!(k256_vnni, 4),
+            (true, QuantType::Q4K) => go!(k256_vnni, 2),
             (false, QuantType::Q8_0) => go!(k256_avx2, 0),
             (false, QuantType::Q4_0) => go!(k256_avx2, 1),
-            (false, _) => go!(k256_avx2, 2),
+            (false, QuantType::Q4_1) => go!(k256_avx2, 4),
+            (false, QuantType::Q4K) => go!(k256_avx2, 2),
         }
     }
 }
