@@ -582,17 +582,22 @@ export interface FromPretrainedOptions extends ProgressOptions {
    *   (`quantize_row_q8_0_ref` / `quantize_row_q4_0_ref`; the same blocks `llama-quantize`
    *   writes without an importance matrix) and kept in that form. A weight whose input size is
    *   not a multiple of 32 stays dense (notice on stderr). Peak memory while loading is still
-   *   the checkpoint's; the resident model then holds 1.125 (Q8_0) or 0.625 (Q4_0) bytes per
+   *   the checkpoint's; the resident model then holds 1.0625 (Q8_0) or 0.5625 (Q4_0) bytes per
    *   such weight instead of 4.
    *
-   * With a weight kept quantized, the frozen base products run on integer dot-product kernels
-   * (AVX-512 VNNI / AVX-VNNI / AVX2, chosen at run time) with activations quantized to 8 bits
-   * per block of 32 as llama.cpp does, and the input gradient goes through dequantized tiles,
-   * so LoRA adapters train through the quantized base. Memory: about 0.75 byte per weight for
-   * Q4_1 instead of 4 (SmolLM2-135M Q4_1: ~290 MB resident after loading, of which 113 MB is
-   * the f32 embedding table and 32 MB the Q8_0 head, instead of ~640 MB; Node.js adds ~50 MB). Outputs differ
+   * With a weight kept quantized, the frozen base products of fewer than 32 rows (decoding,
+   * short prompts) run on integer dot-product kernels (AVX-512 VNNI / AVX-VNNI / AVX2, chosen at
+   * run time) with activations quantized to 8 bits per block of 32 as llama.cpp does; from 32
+   * rows (prefill, training), on CPUs with AMX-BF16 (Intel Sapphire Rapids and later), the
+   * forward and input-gradient products run on the AMX tiles in bf16 with f32 accumulation
+   * (QLoRA's bf16 compute), elsewhere the input gradient goes through dequantized f32 tiles;
+   * LoRA adapters train through the quantized base. `PEFT_QUANT_AMX=0` in the environment turns
+   * the AMX path off. Memory: 0.625 byte per weight for Q4_1 instead of 4 (the file's size;
+   * SmolLM2-135M Q4_1: ~250 MB resident after loading, of which 113 MB is the f32 embedding
+   * table and 30 MB the Q8_0 head, instead of ~640 MB; Node.js adds ~50 MB). Outputs differ
    * from the dequantized weights' by the 8-bit activation rounding (a per-product bound:
-   * max|x| / 254 per element of each block of 32), and for `'q8_0'` / `'q4_0'` also from the
+   * max|x| / 254 per element of each block of 32) or, on AMX, by the bf16 rounding of both
+   * operands (at most (2⁻⁷ + 2⁻¹⁶)·|x·w| per product), and for `'q8_0'` / `'q4_0'` also from the
    * original weights by the weight rounding (at most half a step, `d / 2`, per weight). Adapters
    * stay f32 and are saved as ordinary HF adapters for the unquantized base (as HF documents
    * for QLoRA adapters). Merging into a kept-quantized base is refused (`ERR_INVALID_STATE`),

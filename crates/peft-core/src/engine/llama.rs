@@ -89,7 +89,8 @@ struct Lin {
     /// The f32 weight `[out, in]`, or `None` when it is kept quantized (`q`).
     w: Option<Raw>,
     /// The weight kept quantized (QLoRA-style, `engine::quant`): the base products use the
-    /// integer kernels (forward) and dequantized panels (input gradient).
+    /// integer kernels (forward, under 32 rows), AMX in bf16 (32 rows or more where the CPU has
+    /// it, both directions) or dequantized panels (input gradient without AMX).
     q: Option<Arc<super::quant::QuantWeight>>,
     bias: Option<Raw>,
     out: usize,
@@ -238,8 +239,9 @@ enum Head {
 
 impl Head {
     /// `y[m, vocab] = x[m, H]·Wᵀ`; `precise` keeps an f32 head on f32 products whatever the
-    /// float32 matmul precision (the training loss). A quantized head runs the integer kernels
-    /// (activations rounded to 8 bits per block of 32, as for the layers).
+    /// float32 matmul precision (the training loss). A quantized head runs as the layers do
+    /// ([`super::quant::QuantWeight::matmul_t`]: integer kernels with 8-bit activations, or
+    /// AMX in bf16 from 32 rows).
     fn logits(&self, x: &[f32], m: usize, h: usize, vocab: usize, y: &mut [f32], threads: usize, precise: bool) {
         match self {
             Head::F32(w) => {
@@ -256,8 +258,8 @@ impl Head {
         }
     }
 
-    /// `gx[m, H] = g[m, vocab]·W`: an f32 head in f32; a quantized head through dequantized
-    /// panels of `W` at the float32 matmul precision (as the layers' input gradients).
+    /// `gx[m, H] = g[m, vocab]·W`: an f32 head in f32; a quantized head as the layers' input
+    /// gradients ([`super::quant::QuantWeight::matmul`]).
     fn input_grad(&self, g: &[f32], m: usize, h: usize, vocab: usize, gx: &mut [f32], threads: usize) {
         match self {
             Head::F32(w) => gemm_f32(&mut Dst::of(gx, m, h), View::of(g, m, vocab), View::of(w.get(), vocab, h), 1.0, false, threads),

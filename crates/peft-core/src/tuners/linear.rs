@@ -58,7 +58,7 @@ pub struct PeftLinear {
     /// `(scaling · B A)ᵀ` to the table. Looked up with [`PeftLinear::forward_embedding`].
     pub is_embedding: bool,
     /// The base weight kept quantized (a GGUF base loaded with `quantization: 'keep'`,
-    /// QLoRA-style): when set, the base product uses its integer kernels and `weight` is only a
+    /// QLoRA-style): when set, the base product uses its kernels (`engine::quant`) and `weight` is only a
     /// zero-stride `[out, in]` placeholder that holds no data (its shape is still right).
     /// Merging into such a base is refused (`ERR_INVALID_STATE`), as HF refuses merging into a
     /// bitsandbytes 4-bit base without dequantizing.
