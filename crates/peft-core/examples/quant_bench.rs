@@ -30,7 +30,11 @@ fn main() -> peft_core::Result<()> {
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!("threads {threads}; kernels {:?} (best {:?}); loadavg {}", Kernel::all_available(), Kernel::best(), load.trim());
     let shapes = [(576usize, 576usize), (1536, 576), (576, 1536), (49152, 576)];
-    println!("{:>12} {:>5} {:>10} {:>11} {:>11} {:>11} {:>11} | {:>10} {:>11}", "W [out,in]", "rows", "f32 x·Wᵀ", "Q8_0 best", "Q8_0 avx2", "Q4_1 best", "Q4_1 avx2", "f32 dY·W", "Q4_1 dY·W");
+    let amx = peft_core::engine::amx::available();
+    println!(
+        "{:>12} {:>5} {:>10} {:>11} {:>11} {:>11} {:>11} {:>11} | {:>10} {:>11} {:>11}",
+        "W [out,in]", "rows", "f32 x·Wᵀ", "Q8_0 best", "Q8_0 avx2", "Q4_1 best", "Q4_1 avx2", "Q4_1 amx", "f32 dY·W", "Q4_1 panels", "Q4_1 amx"
+    );
     let mut seed = 1u64;
     let mut rnd = move || {
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -61,9 +65,12 @@ fn main() -> peft_core::Result<()> {
             let q4b = run(&q41, Kernel::best(), &mut y);
             let q4a = run(&q41, Kernel::Avx2, &mut y);
             let f32_bwd = time_best(|| gemm(&mut Dst::of(&mut dx, m, k), View::of(&dy, m, n), View::of(&wdq, n, k), 1.0, false, threads));
-            let q4bwd = time_best(|| q41.matmul(&dy, m, &mut dx, false).unwrap());
+            let q4bwd = time_best(|| q41.matmul_panels(&dy, m, &mut dx, false).unwrap());
+            // AMX bf16 (the batched path): NaN where the CPU has no AMX.
+            let q4amx = if amx { time_best(|| q41.matmul_t_amx(&x, m, &mut y, false).unwrap()) } else { f64::NAN };
+            let q4amxb = if amx { time_best(|| q41.matmul_amx(&dy, m, &mut dx, false).unwrap()) } else { f64::NAN };
             println!(
-                "{:>12} {:>5} {:>10.1} {:>11.1} {:>11.1} {:>11.1} {:>11.1} | {:>10.1} {:>11.1}",
+                "{:>12} {:>5} {:>10.1} {:>11.1} {:>11.1} {:>11.1} {:>11.1} {:>11.1} | {:>10.1} {:>11.1} {:>11.1}",
                 format!("{n}x{k}"),
                 m,
                 flop / f32_fwd,
@@ -71,12 +78,14 @@ fn main() -> peft_core::Result<()> {
                 flop / q8a,
                 flop / q4b,
                 flop / q4a,
+                flop / q4amx,
                 flop / f32_bwd,
-                flop / q4bwd
+                flop / q4bwd,
+                flop / q4amxb
             );
         }
     }
-    println!("GFLOP/s = 2·rows·out·in / best time; weights: f32 {} B/weight, Q8_0 1.125, Q4_1 0.75 (repacked)", 4);
+    println!("GFLOP/s = 2·rows·out·in / best time; weights: f32 {} B/weight, Q8_0 1.0625, Q4_1 0.625 (repacked, the file's f16 scales)", 4);
     println!("loadavg after: {}", std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim());
     Ok(())
 }

@@ -112,6 +112,10 @@ fn keep_logits_match_the_dequantized_model() {
     // AMX where the CPU has it), the same bound holds, and the general path agrees with the engine.
     let long: Vec<u32> = (0..40u32).map(|i| (i * 53 + 9) % 250 + 1).collect();
     assert!(long.len() >= engine::quant::AMX_MIN_ROWS);
+    // Where the CPU has AMX this test runs the AMX path (unless the environment turned it off).
+    if engine::amx::available() && std::env::var_os("PEFT_QUANT_AMX").is_none() && std::env::var_os("PEFT_QUANT_KERNEL").is_none() {
+        assert!(engine::quant::amx_bf16());
+    }
     let (la, lb) = (logits(&k, &long), logits(&d, &long));
     let scale = max_abs(&lb);
     let diff = max_diff(&la, &lb);

@@ -283,9 +283,10 @@ fn amx_bf16_forward_and_input_gradient_are_within_the_bf16_bound() {
     }
     let mut rng = StdRng::seed_from_u64(12);
     for t in TYPES {
-        // Rows of W not a multiple of 32 (a zero half panel), rows of x not a multiple of 32,
-        // and an input gradient whose inner dimension spans two 4096-row chunks.
-        for (m, n, k) in [(32, 32, 256), (40, 50, 512), (67, 100, 768), (33, 4200, 256)] {
+        // Rows of W not a multiple of 32 and odd (a zero half panel, an odd inner dimension for
+        // the input gradient), rows of x not a multiple of 32, and an input gradient whose inner
+        // dimension spans two 4096-row chunks.
+        for (m, n, k) in [(32, 32, 256), (40, 49, 512), (67, 100, 768), (33, 4201, 256)] {
             let w = QuantWeight::from_gguf_bytes("w", t, n, k, &random_blocks(t, n, k, &mut rng)).unwrap();
             let wd = w.dequantize();
             let x = randn(m * k, &mut rng);

@@ -88,9 +88,10 @@ impl Lora {
 struct Lin {
     /// The f32 weight `[out, in]`, or `None` when it is kept quantized (`q`).
     w: Option<Raw>,
-    /// The weight kept quantized (QLoRA-style, `engine::quant`): the base products use the
-    /// integer kernels (forward, under 32 rows), AMX in bf16 (32 rows or more where the CPU has
-    /// it, both directions) or dequantized panels (input gradient without AMX).
+    /// The weight kept quantized (QLoRA-style, `engine::quant`): the base products run as
+    /// `QuantWeight::matmul_t` / `matmul` route them (AMX in bf16 from 32 rows where the CPU
+    /// has it; otherwise the integer kernels forward and dequantized panels for the input
+    /// gradient).
     q: Option<Arc<super::quant::QuantWeight>>,
     bias: Option<Raw>,
     out: usize,

@@ -686,10 +686,13 @@ impl QuantWeight {
         Ok(())
     }
 
-    /// `y = (acc ? y : 0) + x·Wᵀ`: `x` `[m, cols]` f32 row-major, `y` `[m, rows]` f32 row-major,
-    /// through [`Kernel::best`]. Activations are quantized to 8 bits per block of 32 (error
-    /// bound in the module docs). Runs on the engine's thread pool: blocked over 16-row groups of
-    /// `W` and 64-row tiles of `x`; one row (decoding) is split over groups only.
+    /// `y = (acc ? y : 0) + x·Wᵀ`: `x` `[m, cols]` f32 row-major, `y` `[m, rows]` f32 row-major.
+    /// From [`AMX_MIN_ROWS`] rows where [`amx_bf16`] is on (whatever the rows are: a prompt, a
+    /// training batch, or 32 or more sequences decoding together), on AMX in bf16
+    /// ([`QuantWeight::matmul_t_amx`]); otherwise through [`Kernel::best`] with activations
+    /// quantized to 8 bits per block of 32 (error bound in the module docs), on the engine's
+    /// thread pool, blocked over 16-row groups of `W` and 64-row tiles of `x` (one row, decoding,
+    /// is split over groups only).
     ///
     /// Errors: `ERR_SHAPE_MISMATCH` when `x.len() != m·cols` or `y.len() != m·rows`.
     pub fn matmul_t(&self, x: &[f32], m: usize, y: &mut [f32], acc: bool) -> Result<()> {
@@ -831,9 +834,10 @@ impl QuantWeight {
     }
 
     /// `dX = (acc ? dX : 0) + dY·W`: `dy` `[m, rows]` f32, `dx` `[m, cols]` f32 (the input
-    /// gradient of `x·Wᵀ`). Panels of up to 256 columns of `W` are dequantized to f32 and multiplied
-    /// with the engine's f32 GEMM, in parallel over panels on the engine's pool; no activation
-    /// quantization (exact up to f32 rounding against `dY·W` on the dequantized weight).
+    /// gradient of `x·Wᵀ`). From [`AMX_MIN_ROWS`] rows where [`amx_bf16`] is on, on AMX in bf16
+    /// ([`QuantWeight::matmul_amx`], relative error about 2⁻⁷ per product term); otherwise
+    /// through dequantized `f32` panels ([`QuantWeight::matmul_panels`]: exact up to `f32`
+    /// rounding at the default matmul precision).
     ///
     /// Errors: `ERR_SHAPE_MISMATCH` when `dy.len() != m·rows` or `dx.len() != m·cols`.
     pub fn matmul(&self, dy: &[f32], m: usize, dx: &mut [f32], acc: bool) -> Result<()> {
@@ -845,7 +849,7 @@ impl QuantWeight {
 
     /// [`QuantWeight::matmul`] on AMX in bf16 (the batched path): `dY` and blocks of 32 columns
     /// of the dequantized `W` rounded to bf16, `f32` accumulation, the inner dimension (`W`'s
-    /// rows) taken [`AMX_K_CHUNK`] at a time so that the converted operands stay in L2. Error
+    /// rows) taken [`AMX_K_CHUNK`] at a time (bounds the converted `dY` panel). Error
     /// bound: `|ΔdX_i| ≤ (2⁻⁷ + 2⁻¹⁶)·Σ_j |dY_j·W_ji|` plus `f32` accumulation rounding.
     ///
     /// Errors: as `matmul`, and `ERR_INVALID_ARGUMENT` where AMX-BF16 is not available.
@@ -912,9 +916,10 @@ impl QuantWeight {
 /// weight on every call.
 pub const AMX_MIN_ROWS: usize = 32;
 
-/// Inner-dimension chunk (rows of `W`) of the AMX input gradient: `dY` converted for 4096
-/// columns and a packed block of `W` (32 × 4096 bf16, 256 KiB) stay in L2 (the head's 49152
-/// rows at once would not).
+/// Inner-dimension chunk (rows of `W`) of the AMX input gradient: one packed block of `W` is
+/// 32 × 4096 bf16 (256 KiB, L2-resident while the rows of `dY` pass over it) and the converted
+/// `dY` panel at most 8 KiB per row; the head's 49152 rows at once would make each block
+/// 3 MiB.
 const AMX_K_CHUNK: usize = 4096;
 
 /// Whether batched products of weights kept quantized (at least [`AMX_MIN_ROWS`] rows) run on
@@ -1312,6 +1317,7 @@ mod x86 {
         // T: 0 = Q8_0 (offset 128), 1 = Q4_0 (offset 8), 2 = Q4_K (with minimum), 3 = Q6_K
         // (offset 32, two scales per block), 4 = Q4_1 (with minimum); f16 scales for 0, 1, 4.
         let (min, half) = (T == 2 || T == 4, T == 0 || T == 1 || T == 4);
+        debug_assert_eq!(half, a.ty.f16_scales());
         let off: i32 = match T {
             0 => 128,
             1 => 8,
@@ -1434,6 +1440,7 @@ mod x86 {
                 let gbb = if T == 0 { R * QK } else { R * QK / 2 };
                 // T as in k512; f16 scales for 0, 1, 4.
                 let (min, half) = (T == 2 || T == 4, T == 0 || T == 1 || T == 4);
+                debug_assert_eq!(half, a.ty.f16_scales());
                 let ones = _mm256_set1_epi16(1);
                 let lo4 = _mm256_set1_epi8(0x0F);
                 let flip = _mm256_set1_epi8(-128i8);
@@ -1528,7 +1535,8 @@ mod x86 {
     k256!(k256_avx2, "avx2,fma,f16c", false);
 
     /// 16 scales at element `i` of `p` ([`super::Scales`] bytes: f16 when `half`, else f32).
-    #[inline(always)]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
     unsafe fn load16(p: *const u8, i: usize, half: bool) -> __m512 {
         if half {
             _mm512_cvtph_ps(_mm256_loadu_si256(p.add(2 * i) as *const __m256i))
@@ -1538,7 +1546,8 @@ mod x86 {
     }
 
     /// 8 scales at element `i` of `p`, as [`load16`].
-    #[inline(always)]
+    #[inline]
+    #[target_feature(enable = "avx,f16c")]
     unsafe fn load8(p: *const u8, i: usize, half: bool) -> __m256 {
         if half {
             _mm256_cvtph_ps(_mm_loadu_si128(p.add(2 * i) as *const __m128i))
@@ -1579,5 +1588,84 @@ unsafe impl Sync for SyncMut {}
 impl SyncMut {
     fn get(self) -> *mut f32 {
         self.0
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::super::amx::pack_b_block;
+    use super::super::gemm::View;
+    use super::*;
+
+    /// GGUF blocks of `ty` with random codes and finite f16 scales in [2⁻⁸, 2⁻⁴).
+    fn random_blocks(ty: QuantType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+        let mut s = seed;
+        let mut byte = move || {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (s >> 56) as u8
+        };
+        let n = rows * cols / ty.block_elems();
+        let mut out = Vec::with_capacity(n * ty.block_bytes());
+        for _ in 0..n {
+            let mut blk: Vec<u8> = (0..ty.block_bytes()).map(|_| byte()).collect();
+            let mut scale = |at: usize, b: u8| {
+                let v = f16::from_f32((1.0 + b as f32 / 256.0) / 2f32.powi(4 + (b % 5) as i32));
+                blk[at..at + 2].copy_from_slice(&v.to_le_bytes());
+            };
+            let (b0, b1) = (byte(), byte());
+            match ty {
+                QuantType::Q8_0 | QuantType::Q4_0 => scale(0, b0),
+                QuantType::Q4_1 | QuantType::Q4K => {
+                    scale(0, b0);
+                    scale(2, b1);
+                }
+                QuantType::Q6K => scale(208, b0),
+            }
+            out.extend(blk);
+        }
+        out
+    }
+
+    /// The first index where `got` and `want` differ as bf16 values (`-0` and `+0` are equal:
+    /// a `Q6_K` code at its offset dequantizes to `d·0`, signed like `d` through the `f32` path
+    /// and `+0` through the packer's `n·d − 32·d`).
+    fn first_diff(got: &[u16], want: &[u16]) -> Option<(usize, u16, u16)> {
+        let z = |v: u16| if v == 0x8000 { 0 } else { v };
+        got.iter().zip(want).enumerate().find(|(_, (a, b))| z(**a) != z(**b)).map(|(i, (a, b))| (i, *a, *b))
+    }
+
+    /// The AVX-512 packers write exactly what the `f32` packer writes from the dequantized
+    /// weight (bf16 round to nearest even of the same `f32` values), for every type, a row count
+    /// that is neither a multiple of 32 nor even, and row chunks starting off the 16-row groups.
+    #[test]
+    fn avx512_packers_equal_the_f32_packer_on_the_dequantized_weight() {
+        if !(std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw")) {
+            eprintln!("no AVX-512F/BW: the packers are not used on this CPU");
+            return;
+        }
+        let types = [QuantType::Q8_0, QuantType::Q4_0, QuantType::Q4_1, QuantType::Q4K, QuantType::Q6K];
+        for (t, ty) in types.into_iter().enumerate() {
+            for (rows, cols) in [(49usize, 256usize), (32, 512), (17, 256)] {
+                let w = QuantWeight::from_gguf_bytes("w", ty, rows, cols, &random_blocks(ty, rows, cols, 7 + t as u64)).unwrap();
+                let wd = w.dequantize();
+                for j0 in (0..rows).step_by(32) {
+                    let (mut got, mut want) = (vec![1u16; 32 * cols], vec![2u16; 32 * cols]);
+                    // SAFETY: AVX-512F/BW checked above; got holds 32 · cols; j0 < rows.
+                    unsafe { avx512::pack_rows_t(&w, j0, &mut got) };
+                    pack_b_block(View::of(&wd, rows, cols).t(), j0, &mut want, cols, cols, 1);
+                    assert_eq!(first_diff(&got, &want), None, "{ty:?} [{rows}, {cols}] rows from {j0}");
+                }
+                for (r0, kr) in [(0, rows), (16, rows - 16), (3, 7), (1, rows - 1)] {
+                    let kp = kr.div_ceil(32) * 32;
+                    for b in 0..cols / QK {
+                        let (mut got, mut want) = (vec![1u16; 32 * kp], vec![2u16; 32 * kp]);
+                        // SAFETY: as above; got holds 32 · kp; r0 + kr ≤ rows.
+                        unsafe { avx512::pack_cols(&w, r0, kr, b, &mut got, kp) };
+                        pack_b_block(View::rm(&wd, r0 * cols + b * QK, kr, QK, cols), 0, &mut want, kr, kp, 1);
+                        assert_eq!(first_diff(&got, &want), None, "{ty:?} [{rows}, {cols}] rows {r0}..{} block {b}", r0 + kr);
+                    }
+                }
+            }
+        }
     }
 }
