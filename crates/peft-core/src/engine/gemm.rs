@@ -368,6 +368,16 @@ fn gemv_nt(dst: &mut Dst, a: View, b: View, alpha: f32, acc: bool, threads: usiz
             let x = |i: usize| std::slice::from_raw_parts(ap.get().add(i * ald), k);
             let y = |i: usize| std::slice::from_raw_parts_mut(dp.get().add(i * dld + j0), j1 - j0);
             let w = std::slice::from_raw_parts(wp.get().add(j0 * wld), (j1 - j0 - 1) * wld + k);
+            // Rows of 8 or 16 (the `B` side of a rank-8 / rank-16 LoRA, `h·Bᵀ`): dot products
+            // across 16 rows at once (see `short_rows_avx512`), where one row at a time leaves
+            // most of a vector empty.
+            #[cfg(target_arch = "x86_64")]
+            if (k == 8 || k == 16) && wld == k && super::simd::level() >= 3 && super::ab_flags() & super::AB_GEMM_CRATE_GEMV == 0 {
+                for i in 0..m {
+                    short_rows_avx512(w, k, x(i), y(i), alpha, acc);
+                }
+                return;
+            }
             match m {
                 1 => super::simd::gemv_rows(w, wld, k, &[x(0)], &mut [y(0)], alpha, acc),
                 2 => super::simd::gemv_rows(w, wld, k, &[x(0), x(1)], &mut [y(0), y(1)], alpha, acc),
@@ -385,6 +395,61 @@ fn gemv_nt(dst: &mut Dst, a: View, b: View, alpha: f32, acc: bool, threads: usiz
     let per = n.div_ceil(chunks).div_ceil(4) * 4;
     use rayon::prelude::*;
     (0..n.div_ceil(per)).into_par_iter().for_each(|c| run(c * per, ((c + 1) * per).min(n)));
+}
+
+/// `y[j] = (acc ? y[j] : 0) + alpha·Σ_c w[j·k + c]·x[c]` for contiguous rows of `k` = 8 or 16
+/// elements: 16 rows at a time, their products held two rows per vector (`k` = 16: one row,
+/// folded to two half-rows first), then summed per row by three rounds of lane permutes and
+/// adds (8 lanes → 4 → 2 → 1), which leaves the 16 row sums in row order in one vector. Rows
+/// past the last multiple of 16 are summed one at a time.
+///
+/// # Safety
+/// AVX-512F; `w` holds `y.len()` rows of `k` elements, `x` at least `k`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn short_rows_avx512(w: &[f32], k: usize, x: &[f32], y: &mut [f32], alpha: f32, acc: bool) {
+    use std::arch::x86_64::*;
+    debug_assert!((k == 8 || k == 16) && x.len() >= k && w.len() >= y.len() * k);
+    let n = y.len();
+    let idx = |v: [i32; 16]| _mm512_loadu_si512(v.as_ptr() as *const __m512i);
+    // Round 1: groups of 8 lanes → 4; round 2: 4 → 2; round 3: 2 → 1 (each index vector picks
+    // the first half of every group from both inputs, +offset the second half).
+    let r1 = idx([0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27]);
+    let r2 = idx([0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29]);
+    let r3 = idx([0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30]);
+    // k = 16: lanes 0..8 and 8..16 of two rows' products → [row a half sums | row b half sums].
+    let r0 = idx([0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23]);
+    let fold = |a: __m512, b: __m512, ix: __m512i, off: i32| _mm512_add_ps(_mm512_permutex2var_ps(a, ix, b), _mm512_permutex2var_ps(a, _mm512_add_epi32(ix, _mm512_set1_epi32(off)), b));
+    let xv = if k == 8 {
+        let h = _mm256_loadu_ps(x.as_ptr());
+        _mm512_insertf32x8::<1>(_mm512_castps256_ps512(h), h)
+    } else {
+        _mm512_loadu_ps(x.as_ptr())
+    };
+    let mut j = 0;
+    while j + 16 <= n {
+        let base = w.as_ptr().add(j * k);
+        let mut p = [_mm512_setzero_ps(); 8];
+        for (i, pi) in p.iter_mut().enumerate() {
+            *pi = if k == 8 {
+                _mm512_mul_ps(_mm512_loadu_ps(base.add(16 * i)), xv)
+            } else {
+                let a = _mm512_mul_ps(_mm512_loadu_ps(base.add(32 * i)), xv);
+                let b = _mm512_mul_ps(_mm512_loadu_ps(base.add(32 * i + 16)), xv);
+                fold(a, b, r0, 8)
+            };
+        }
+        let q = [fold(p[0], p[1], r1, 4), fold(p[2], p[3], r1, 4), fold(p[4], p[5], r1, 4), fold(p[6], p[7], r1, 4)];
+        let h = [fold(q[0], q[1], r2, 2), fold(q[2], q[3], r2, 2)];
+        let z = _mm512_mul_ps(fold(h[0], h[1], r3, 1), _mm512_set1_ps(alpha));
+        let out = y.as_mut_ptr().add(j);
+        _mm512_storeu_ps(out, if acc { _mm512_add_ps(_mm512_loadu_ps(out), z) } else { z });
+        j += 16;
+    }
+    for (jj, o) in y.iter_mut().enumerate().skip(j) {
+        let s: f32 = w[jj * k..jj * k + k].iter().zip(x).map(|(a, b)| a * b).sum();
+        *o = if acc { *o + alpha * s } else { alpha * s };
+    }
 }
 
 /// Raw operand pointers for [`gemv_nt`]'s tasks.
@@ -461,6 +526,27 @@ mod tests {
             gemm(&mut Dst::of(&mut c, m, n), View::of(&a, m, k), View::rm(&w, 0, n, k, ld).t(), 1.0, false, 1);
             for (x, y) in c.iter().zip(&want) {
                 assert!((x - y).abs() <= 1e-4 * y.abs().max(1.0));
+            }
+        }
+    }
+
+    #[test]
+    fn short_row_products_match_naive() {
+        // h·Bᵀ for a rank-8 / rank-16 LoRA B [n, r] (contiguous rows of 8 or 16) with 1..=4 rows
+        // of h: the 16-rows-at-once kernel, with a tail of n % 16 rows, alpha and acc.
+        for (m, k, n) in [(1, 8, 576), (2, 8, 37), (4, 16, 1536), (3, 16, 21), (1, 8, 5)] {
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 31) % 17) as f32 * 0.25 - 2.0).collect();
+            let w: Vec<f32> = (0..n * k).map(|i| ((i * 7) % 13) as f32 * 0.5 - 3.0).collect();
+            let wt: Vec<f32> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect(); // [k, n]
+            let want = naive(&a, &wt, m, k, n);
+            let mut c = vec![1f32; m * n];
+            gemm(&mut Dst::of(&mut c, m, n), View::of(&a, m, k), View::of(&w, n, k).t(), 2.0, true, 2);
+            for (i, (x, y)) in c.iter().zip(&want).enumerate() {
+                assert!((x - (1.0 + 2.0 * y)).abs() <= 1e-5 * y.abs().max(1.0), "[{m}x{k}]x[{k}x{n}] at {i}: {x} vs {}", 1.0 + 2.0 * y);
+            }
+            gemm(&mut Dst::of(&mut c, m, n), View::of(&a, m, k), View::of(&w, n, k).t(), 1.0, false, 1);
+            for (x, y) in c.iter().zip(&want) {
+                assert!((x - y).abs() <= 1e-5 * y.abs().max(1.0));
             }
         }
     }
