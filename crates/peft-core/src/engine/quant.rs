@@ -713,14 +713,11 @@ impl QuantWeight {
     /// ([`super::amx::available`]).
     pub fn matmul_t_amx(&self, x: &[f32], m: usize, y: &mut [f32], acc: bool) -> Result<()> {
         self.check_shapes("x·Wᵀ", x.len(), self.cols, m, y.len(), self.rows)?;
-        if !super::amx::available() {
-            return Err(PeftError::invalid_arg("kernel", "AMX-BF16 is not available on this CPU (or not granted by the kernel)"));
-        }
+        amx_required()?;
         if m == 0 {
             return Ok(());
         }
-        let (n, k) = (self.rows, self.cols);
-        let threads = super::num_threads().max(1);
+        let (n, k, threads) = (self.rows, self.cols, super::num_threads().max(1));
         let mut dst = super::gemm::Dst::of(y, m, n);
         super::pool().install(|| super::amx::gemm_with(&mut dst, super::gemm::View::of(x, m, k), &RowsT(self), 1.0, acc, threads, 1));
         Ok(())
@@ -855,14 +852,11 @@ impl QuantWeight {
     /// Errors: as `matmul`, and `ERR_INVALID_ARGUMENT` where AMX-BF16 is not available.
     pub fn matmul_amx(&self, dy: &[f32], m: usize, dx: &mut [f32], acc: bool) -> Result<()> {
         self.check_shapes("dY·W", dy.len(), self.rows, m, dx.len(), self.cols)?;
-        if !super::amx::available() {
-            return Err(PeftError::invalid_arg("kernel", "AMX-BF16 is not available on this CPU (or not granted by the kernel)"));
-        }
+        amx_required()?;
         if m == 0 {
             return Ok(());
         }
-        let (n, k) = (self.rows, self.cols);
-        let threads = super::num_threads().max(1);
+        let (n, k, threads) = (self.rows, self.cols, super::num_threads().max(1));
         let mut dst = super::gemm::Dst::of(dx, m, k);
         super::pool().install(|| {
             let mut r0 = 0;
@@ -941,9 +935,13 @@ pub fn amx_bf16() -> bool {
     })
 }
 
-thread_local! {
-    /// Dequantized `f32` blocks of the AMX packing ([`RowsT`], [`ColsOf`]), reused across calls.
-    static DEQ: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+/// `ERR_INVALID_ARGUMENT` where AMX-BF16 cannot run (the AMX products' precondition).
+fn amx_required() -> Result<()> {
+    if super::amx::available() {
+        Ok(())
+    } else {
+        Err(PeftError::invalid_arg("kernel", "AMX-BF16 is not available on this CPU (or not granted by the kernel)"))
+    }
 }
 
 /// `Wᵀ` `[cols, rows]` as the right operand of `x·Wᵀ` on AMX: block `j0 .. j0 + 32` is rows
@@ -957,34 +955,18 @@ impl super::amx::PackB for RowsT<'_> {
     fn cols(&self) -> usize {
         self.0.rows
     }
+    /// Single pass only (the quantized products are bf16); AMX runs only on x86_64 with
+    /// AVX-512F/BW, so there is no other packer.
     fn pack(&self, j0: usize, bp: &mut [u16], kp: usize, passes: usize) {
-        let w = self.0;
+        assert!(passes == 1 && kp == self.0.cols, "quantized AMX products are single-pass");
         #[cfg(target_arch = "x86_64")]
-        if passes == 1 && kp == w.cols {
-            // SAFETY: AMX machines have AVX-512F/BW (checked by `amx::available`, the only way
-            // here); bp holds the block's 32 × kp elements (amx::gemm_with's contract).
-            unsafe { avx512::pack_rows_t(w, j0, bp) };
-            return;
-        }
-        let (k, nr) = (w.cols, 32.min(w.rows - j0));
-        DEQ.with(|c| {
-            let mut buf = c.borrow_mut();
-            if buf.len() < 32 * k {
-                buf.resize(32 * k, 0.0);
-            }
-            let mut blk = [[0f32; QK]; R];
-            for g in j0 / R..(j0 + nr).div_ceil(R) {
-                let lanes = R.min(w.rows - g * R);
-                for b in 0..k / QK {
-                    w.dequant_block(g, b, &mut blk);
-                    for (lane, vals) in blk.iter().enumerate().take(lanes) {
-                        let r = g * R + lane - j0;
-                        buf[r * k + b * QK..r * k + (b + 1) * QK].copy_from_slice(vals);
-                    }
-                }
-            }
-            super::amx::pack_b_block(super::gemm::View::of(&buf, nr, k).t(), 0, bp, k, kp, passes);
-        });
+        // SAFETY: AMX machines have AVX-512F/BW (checked by `amx::available`, the only way
+        // here); bp holds the block's 32 × kp elements (amx::gemm_with's contract).
+        unsafe {
+            avx512::pack_rows_t(self.0, j0, bp)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("AMX is x86_64 only ({j0}, {})", bp.len());
     }
 }
 
@@ -1003,31 +985,16 @@ impl super::amx::PackB for ColsOf<'_> {
     fn cols(&self) -> usize {
         self.w.cols
     }
+    /// Single pass only, as [`RowsT`]'s.
     fn pack(&self, j0: usize, bp: &mut [u16], kp: usize, passes: usize) {
-        let (w, r0, kr) = (self.w, self.r0, self.rows);
+        assert!(passes == 1, "quantized AMX products are single-pass");
         #[cfg(target_arch = "x86_64")]
-        if passes == 1 {
-            // SAFETY: as in RowsT::pack; rows r0 .. r0 + kr lie inside W (matmul_amx's chunks).
-            unsafe { avx512::pack_cols(w, r0, kr, j0 / QK, bp, kp) };
-            return;
-        }
-        DEQ.with(|c| {
-            let mut buf = c.borrow_mut();
-            if buf.len() < kr * QK {
-                buf.resize(kr * QK, 0.0);
-            }
-            let mut blk = [[0f32; QK]; R];
-            for g in r0 / R..(r0 + kr).div_ceil(R) {
-                w.dequant_block(g, j0 / QK, &mut blk);
-                for (lane, vals) in blk.iter().enumerate() {
-                    let r = g * R + lane;
-                    if r >= r0 && r < r0 + kr {
-                        buf[(r - r0) * QK..(r - r0 + 1) * QK].copy_from_slice(vals);
-                    }
-                }
-            }
-            super::amx::pack_b_block(super::gemm::View::of(&buf, kr, QK), 0, bp, kr, kp, passes);
-        });
+        // SAFETY: as in RowsT::pack; rows r0 .. r0 + rows lie inside W (matmul_amx's chunks).
+        unsafe {
+            avx512::pack_cols(self.w, self.r0, self.rows, j0 / QK, bp, kp)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        unreachable!("AMX is x86_64 only ({j0}, {kp}, {})", bp.len());
     }
 }
 
