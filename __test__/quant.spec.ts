@@ -6,7 +6,7 @@
  */
 import test from 'ava'
 import * as path from 'node:path'
-import { AutoModelForCausalLM, LoraConfig, PeftModel, Tensor, Trainer, exportGguf, getPeftModel, type PreTrainedModel } from '../src/index'
+import { AutoModelForCausalLM, LoraConfig, PeftModel, Tensor, Trainer, amxAvailable, exportGguf, getPeftModel, quantizationKernels, type PreTrainedModel } from '../src/index'
 import { FIXTURES, LLAMA, assertPeftError, disposeLater, maxAbsDiff, tmpDir } from './helpers'
 
 const TINY_GGUF = path.join(FIXTURES, 'models', 'llama.gguf')
@@ -133,3 +133,15 @@ for (const [q, bound, lossTol] of [['q8_0', 0.03, 0.005], ['q4_0', 0.2, 0.01]] a
     await assertPeftError(t, () => pq.mergeAndUnload(), 'ERR_INVALID_STATE', ['quantized'])
   })
 }
+
+test('quantizationKernels names the compute path this CPU takes', (t) => {
+  const k = quantizationKernels()
+  t.deepEqual(Object.keys(k).sort(), ['batched', 'fewRows', 'inputGradient'])
+  t.true(['avx512vnni', 'avxvnni', 'avx2', 'scalar'].includes(k.fewRows), k.fewRows)
+  const env = process.env.PEFT_QUANT_KERNEL !== undefined || process.env.PEFT_QUANT_AMX === '0'
+  if (!env) {
+    t.is(k.batched, amxAvailable() ? 'amx-bf16' : k.fewRows)
+    t.is(k.inputGradient, amxAvailable() ? 'amx-bf16' : 'f32-panels')
+  }
+  t.log(JSON.stringify(k))
+})

@@ -20,6 +20,8 @@ export {
   setFloat32MatmulPrecision,
   getFloat32MatmulPrecision,
   amxAvailable,
+  quantizationKernels,
+  type QuantizationKernels,
   type Float32MatmulPrecision,
   type AutoModelLoader,
   type FromPretrainedOptions,

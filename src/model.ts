@@ -682,6 +682,31 @@ export function amxAvailable(): boolean {
   return native.amxAvailable()
 }
 
+/** The kernels that products through base weights kept quantized run on (see
+ * {@link quantizationKernels}). */
+export interface QuantizationKernels {
+  /** `x·Wᵀ` for fewer than 32 rows (decoding): the widest integer dot-product kernel this CPU
+   * has (`'avx512vnni'`, `'avxvnni'`, `'avx2'` or `'scalar'`), activations quantized to 8 bits. */
+  fewRows: string
+  /** `x·Wᵀ` from 32 rows (prefill, training): `'amx-bf16'` where {@link amxAvailable} is
+   * true (weights dequantized in registers to bfloat16, `float32` accumulation, as QLoRA's bf16
+   * compute dtype), else the integer kernel. */
+  batched: string
+  /** The input gradient `dY·W` in training from 32 rows: `'amx-bf16'`, or `'f32-panels'`
+   * (dequantized panels, `float32` products). */
+  inputGradient: string
+}
+
+/**
+ * Which kernels the products through base weights kept quantized (`quantization: 'keep' |
+ * 'q8_0' | 'q4_0'`) run on in this process, chosen once from the CPU's features (and the
+ * `PEFT_QUANT_KERNEL` / `PEFT_QUANT_AMX=0` environment variables, for comparisons). Status
+ * reports name the storage format (`quantizationBackend`); this names the compute path.
+ */
+export function quantizationKernels(): QuantizationKernels {
+  return JSON.parse(native.quantizationKernelsJson()) as QuantizationKernels
+}
+
 /** @internal Shared loader of the `AutoModelFor*` objects. */
 async function loadFor(task: ModelTaskType, pathOrGguf: string, options: FromPretrainedOptions): Promise<PreTrainedModel> {
   if (typeof pathOrGguf !== 'string' || !pathOrGguf) throw invalidArgument('pathOrGguf', 'must be a non-empty string')

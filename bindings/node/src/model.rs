@@ -262,6 +262,14 @@ pub fn amx_available() -> bool {
     peft_core::engine::amx::available()
 }
 
+/// The kernels of the products of weights kept quantized (`quantization: 'keep' | 'q8_0' |
+/// 'q4_0'`) on this machine: `{ fewRows, batched, inputGradient }` as JSON.
+#[napi(catch_unwind)]
+pub fn quantization_kernels_json() -> String {
+    let k = peft_core::engine::quant::kernel_paths();
+    serde_json::json!({ "fewRows": k.few_rows, "batched": k.batched, "inputGradient": k.input_gradient }).to_string()
+}
+
 /// Tell V8 about `delta` bytes of native memory (negative: freed) and keep [`REPORTED`] in step.
 fn report_external(env: &Env, delta: i64) -> napi::Result<()> {
     env.adjust_external_memory(delta)?;

@@ -221,6 +221,65 @@ fn large_products_split_over_the_pool_match_the_scalar_kernel() {
 }
 
 #[test]
+fn shared_input_products_equal_separate_products_bit_for_bit() {
+    // q/k/v-like parts (rows 96 / 48 / 40: a partial last group), two weight types, biases and
+    // LoRA terms of ranks 8 (the AVX-512 short-row kernel), 4 and 16, for 1 to 4 rows (decoding):
+    // matmul_t_multi must give what matmul_t_with + a bias add + gemm's h·Bᵀ give, exactly.
+    use peft_core::engine::gemm::{gemm, Dst, View};
+    use peft_core::engine::quant::{matmul_t_multi, MultiPart};
+    let mut rng = StdRng::seed_from_u64(12);
+    let k = 256;
+    let specs = [(QuantType::Q4_1, 96, vec![8]), (QuantType::Q8_0, 48, vec![]), (QuantType::Q4_1, 40, vec![4, 16])];
+    let ws: Vec<QuantWeight> = specs.iter().map(|(t, n, _)| QuantWeight::from_gguf_bytes("w", *t, *n, k, &random_blocks(*t, *n, k, &mut rng)).unwrap()).collect();
+    let biases: Vec<Vec<f32>> = specs.iter().map(|(_, n, _)| randn(*n, &mut rng)).collect();
+    let bs: Vec<Vec<Vec<f32>>> = specs.iter().map(|(_, n, rs)| rs.iter().map(|r| randn(n * r, &mut rng)).collect()).collect();
+    for m in 1..=4 {
+        let x = randn(m * k, &mut rng);
+        let hs: Vec<Vec<Vec<f32>>> = specs.iter().map(|(_, _, rs)| rs.iter().map(|r| randn(m * r, &mut rng)).collect()).collect();
+        // separate: base, bias, then each h·Bᵀ through gemm (as the engine's lin_fwd does)
+        let mut want: Vec<Vec<f32>> = Vec::new();
+        for (p, (_, n, rs)) in specs.iter().enumerate() {
+            let mut y = vec![0f32; m * n];
+            ws[p].matmul_t_with(Kernel::best(), &x, m, &mut y, false).unwrap();
+            for row in y.chunks_mut(*n) {
+                for (v, b) in row.iter_mut().zip(&biases[p]) {
+                    *v += b;
+                }
+            }
+            for (l, r) in rs.iter().enumerate() {
+                gemm(&mut Dst::of(&mut y, m, *n), View::of(&hs[p][l], m, *r), View::of(&bs[p][l], *n, *r).t(), 1.0, true, 2);
+            }
+            want.push(y);
+        }
+        let mut got: Vec<Vec<f32>> = specs.iter().map(|(_, n, _)| vec![f32::NAN; m * n]).collect();
+        let mut parts: Vec<MultiPart> = got
+            .iter_mut()
+            .enumerate()
+            .map(|(p, y)| MultiPart {
+                w: &ws[p],
+                y,
+                bias: Some(&biases[p]),
+                lora: specs[p].2.iter().enumerate().map(|(l, r)| (&hs[p][l][..], &bs[p][l][..], *r)).collect(),
+            })
+            .collect();
+        matmul_t_multi(&x, m, &mut parts, false).unwrap();
+        for p in 0..specs.len() {
+            for (i, (a, b)) in got[p].iter().zip(&want[p]).enumerate() {
+                assert_eq!(a.to_bits(), b.to_bits(), "m={m} part {p} at {i}: {a} vs {b}");
+            }
+        }
+    }
+    // shape errors name the weight; more than 4 rows with LoRA terms is refused
+    let mut y = vec![0f32; 5];
+    let err = matmul_t_multi(&vec![0f32; k], 1, &mut [MultiPart { w: &ws[1], y: &mut y, bias: None, lora: vec![] }], false).unwrap_err();
+    assert_eq!(err.code(), "ERR_SHAPE_MISMATCH");
+    let (h, b) = (vec![0f32; 5 * 8], vec![0f32; 96 * 8]);
+    let mut y = vec![0f32; 5 * 96];
+    let err = matmul_t_multi(&vec![0f32; 5 * k], 5, &mut [MultiPart { w: &ws[0], y: &mut y, bias: None, lora: vec![(&h[..], &b[..], 8)] }], false).unwrap_err();
+    assert_eq!(err.code(), "ERR_INVALID_ARGUMENT");
+}
+
+#[test]
 fn non_finite_activations_give_nan_outputs() {
     let mut rng = StdRng::seed_from_u64(5);
     let (n, k) = (20, 64);

@@ -366,24 +366,10 @@ fn gemv_nt(dst: &mut Dst, a: View, b: View, alpha: f32, acc: bool, threads: usiz
         // rows, which no other chunk writes.
         unsafe {
             let x = |i: usize| std::slice::from_raw_parts(ap.get().add(i * ald), k);
-            let y = |i: usize| std::slice::from_raw_parts_mut(dp.get().add(i * dld + j0), j1 - j0);
             let w = std::slice::from_raw_parts(wp.get().add(j0 * wld), (j1 - j0 - 1) * wld + k);
-            // Rows of 8 or 16 (the `B` side of a rank-8 / rank-16 LoRA, `h·Bᵀ`): dot products
-            // across 16 rows at once (see `short_rows_avx512`), where one row at a time leaves
-            // most of a vector empty.
-            #[cfg(target_arch = "x86_64")]
-            if (k == 8 || k == 16) && wld == k && super::simd::level() >= 3 && super::ab_flags() & super::AB_GEMM_CRATE_GEMV == 0 {
-                for i in 0..m {
-                    short_rows_avx512(w, k, x(i), y(i), alpha, acc);
-                }
-                return;
-            }
-            match m {
-                1 => super::simd::gemv_rows(w, wld, k, &[x(0)], &mut [y(0)], alpha, acc),
-                2 => super::simd::gemv_rows(w, wld, k, &[x(0), x(1)], &mut [y(0), y(1)], alpha, acc),
-                3 => super::simd::gemv_rows(w, wld, k, &[x(0), x(1), x(2)], &mut [y(0), y(1), y(2)], alpha, acc),
-                _ => super::simd::gemv_rows(w, wld, k, &[x(0), x(1), x(2), x(3)], &mut [y(0), y(1), y(2), y(3)], alpha, acc),
-            }
+            let mut ys: Vec<&mut [f32]> = (0..m).map(|i| std::slice::from_raw_parts_mut(dp.get().add(i * dld + j0), j1 - j0)).collect();
+            let xs: Vec<&[f32]> = (0..m).map(x).collect();
+            gemv_block(w, wld, k, &xs, &mut ys, alpha, acc);
         }
     };
     let chunks = if threads > 1 && n * k >= PAR_MIN_WEIGHT { (threads * 4).min(n / 16).max(1) } else { 1 };
@@ -395,6 +381,35 @@ fn gemv_nt(dst: &mut Dst, a: View, b: View, alpha: f32, acc: bool, threads: usiz
     let per = n.div_ceil(chunks).div_ceil(4) * 4;
     use rayon::prelude::*;
     (0..n.div_ceil(per)).into_par_iter().for_each(|c| run(c * per, ((c + 1) * per).min(n)));
+}
+
+/// `ys[i][j] = (acc ? ys[i][j] : 0) + alpha·Σ_c w[j·ld + c]·xs[i][c]` for up to
+/// [`GEMV_MAX_ROWS`] rows `xs` (each at least `k` long) against the rows of `w` (`ys[i].len()`
+/// rows of `k` elements, leading dimension `ld`): the block kernel of [`gemv_nt`], also used
+/// by the quantized products' LoRA epilogue (`engine::quant::matmul_t_multi`), so that a
+/// 16-row-aligned block of `W` gives the same numbers as the whole product.
+///
+/// Panics if `xs` holds more than [`GEMV_MAX_ROWS`] rows or fewer than `ys`, or `w` is short.
+pub(crate) fn gemv_block(w: &[f32], ld: usize, k: usize, xs: &[&[f32]], ys: &mut [&mut [f32]], alpha: f32, acc: bool) {
+    let m = ys.len();
+    assert!(m <= GEMV_MAX_ROWS && xs.len() >= m && xs.iter().all(|x| x.len() >= k));
+    let n = ys.first().map_or(0, |y| y.len());
+    if n == 0 || m == 0 {
+        return;
+    }
+    assert!(ys.iter().all(|y| y.len() == n) && w.len() >= (n - 1) * ld + k, "gemv_block: short operands");
+    // Rows of 8 or 16 (the `B` side of a rank-8 / rank-16 LoRA, `h·Bᵀ`): dot products
+    // across 16 rows at once (see `short_rows_avx512`), where one row at a time leaves
+    // most of a vector empty.
+    #[cfg(target_arch = "x86_64")]
+    if (k == 8 || k == 16) && ld == k && super::simd::level() >= 3 && super::ab_flags() & super::AB_GEMM_CRATE_GEMV == 0 {
+        for (x, y) in xs.iter().zip(ys.iter_mut()) {
+            // SAFETY: AVX-512F is present (level 3); `w` holds n rows of k, `x` at least k.
+            unsafe { short_rows_avx512(w, k, x, y, alpha, acc) };
+        }
+        return;
+    }
+    super::simd::gemv_rows(w, ld, k, &xs[..m], ys, alpha, acc)
 }
 
 /// `y[j] = (acc ? y[j] : 0) + alpha·Σ_c w[j·k + c]·x[c]` for contiguous rows of `k` = 8 or 16

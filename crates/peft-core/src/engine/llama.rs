@@ -790,6 +790,59 @@ impl Step {
         self.prof.add(P_FWD_LORA, t0);
     }
 
+    /// Decoding through kept-quantized weights: the linears in `lins` share their input `x`
+    /// (q/k/v, gate/up; or one linear alone, o and down), so their base products, biases and LoRA `h·Bᵀ` terms run as one
+    /// [`super::quant::matmul_t_multi`] (one activation quantization and one pass over the pool
+    /// instead of one per linear, and the adapters' `B` side shared out over the threads with
+    /// the base rows), giving the same numbers as one [`Self::lin_fwd`] each. Returns false,
+    /// doing nothing, where that route does not apply: a linear not kept quantized, more than 4
+    /// tokens, LoRA dropout in training, or a mixed batch.
+    fn lin_fwd_shared(&self, lins: &[&Lin], x: &[f32], ys: &mut [&mut [f32]], saves: &mut [&mut Vec<LoraAct>]) -> bool {
+        let t = self.d.tok();
+        if t > 4
+            || super::ab_flags() & super::AB_SEPARATE_DECODE_PRODUCTS != 0
+            || lins
+                .iter()
+                .any(|l| l.q.is_none() || l.loras.iter().any(|lo| lo.rows.is_some() || (self.train && lo.dropout > 0.0)))
+        {
+            return false;
+        }
+        let t0 = self.prof.start();
+        // h = scaling · x Aᵀ for every adapter, as lin_fwd computes it.
+        for (lin, sv) in lins.iter().zip(saves.iter_mut()) {
+            sv.resize_with(lin.loras.len(), LoraAct::default);
+            for (lo, a) in lin.loras.iter().zip(sv.iter_mut()) {
+                a.seed = None;
+                gemm(
+                    &mut Dst::of(buf(&mut a.h, t * lo.r), t, lo.r),
+                    View::of(x, t, lin.inp),
+                    View::of(lo.a.get(), lo.r, lin.inp).t(),
+                    lo.scaling,
+                    false,
+                    self.threads,
+                );
+            }
+        }
+        let mut parts: Vec<super::quant::MultiPart> = Vec::with_capacity(lins.len());
+        for ((lin, y), sv) in lins.iter().zip(ys.iter_mut()).zip(saves.iter()) {
+            let Some(w) = lin.q.as_deref() else { return false };
+            parts.push(super::quant::MultiPart {
+                w,
+                y: &mut y[..t * lin.out],
+                bias: lin.bias.as_ref().map(|b| b.get()),
+                lora: lin.loras.iter().zip(sv.iter()).map(|(lo, a)| (&a.h[..], lo.b.get(), lo.r)).collect(),
+            });
+        }
+        // Shapes agree by construction (see lin_fwd); a mismatch would leave NaN, never garbage.
+        if super::quant::matmul_t_multi(&x[..t * lins[0].inp], t, &mut parts, false).is_err() {
+            for p in parts {
+                p.y.fill(f32::NAN);
+            }
+        }
+        self.prof.add(P_FWD_LIN, t0);
+        true
+    }
+
     /// Backward of [`Self::lin_fwd`]: `gx (+)= gy W + Σ scaling · mask ⊙ (gy B) A`, and the
     /// adapters' gradients `∂B = gyᵀ h`, `∂A = scaling · (gy B)ᵀ dropout(x)`. With `need_gx`
     /// false only the adapters' gradients are computed (`gx` is left as it is).
@@ -1187,33 +1240,47 @@ fn forward_layers(
         // With Qwen3's q/k norm the projections land in `q_raw` / `k_raw` and are normalised
         // per head (rows of `head_dim`) into `q` / `k`.
         let (qdst, kdst) = if layer.qk_norm.is_some() { (&mut a.q_raw, &mut a.k_raw) } else { (&mut a.q, &mut a.k) };
-        step.lin_fwd(
-            &layer.lins[Q],
-            n1,
-            buf(qdst, tk * qd),
-            &mut a.lora[Q],
-            &mut ws.drop_x,
-        );
-        step.lin_fwd(
-            &layer.lins[K],
-            n1,
-            buf(kdst, tk * kd),
-            &mut a.lora[K],
-            &mut ws.drop_x,
-        );
+        let qkv_shared = {
+            let [lq, lk, lv] = a.lora.get_disjoint_mut([Q, K, V]).expect("distinct indices");
+            step.lin_fwd_shared(
+                &[&layer.lins[Q], &layer.lins[K], &layer.lins[V]],
+                n1,
+                &mut [buf(qdst, tk * qd), buf(kdst, tk * kd), buf(&mut a.v, tk * kd)],
+                &mut [lq, lk, lv],
+            )
+        };
+        if !qkv_shared {
+            let (qdst, kdst) = if layer.qk_norm.is_some() { (&mut a.q_raw, &mut a.k_raw) } else { (&mut a.q, &mut a.k) };
+            step.lin_fwd(
+                &layer.lins[Q],
+                n1,
+                buf(qdst, tk * qd),
+                &mut a.lora[Q],
+                &mut ws.drop_x,
+            );
+            step.lin_fwd(
+                &layer.lins[K],
+                n1,
+                buf(kdst, tk * kd),
+                &mut a.lora[K],
+                &mut ws.drop_x,
+            );
+        }
         if let Some((qn, kn)) = &layer.qk_norm {
             let t0 = step.prof.start();
             par::rms_norm_fwd(&a.q_raw, qn.get(), plan.eps, buf(&mut a.q, tk * qd), buf(&mut a.rstd_q, tk * d.nh));
             par::rms_norm_fwd(&a.k_raw, kn.get(), plan.eps, buf(&mut a.k, tk * kd), buf(&mut a.rstd_k, tk * d.nkv));
             step.prof.add(P_FWD_ELT, t0);
         }
-        step.lin_fwd(
-            &layer.lins[V],
-            n1,
-            buf(&mut a.v, tk * kd),
-            &mut a.lora[V],
-            &mut ws.drop_x,
-        );
+        if !qkv_shared {
+            step.lin_fwd(
+                &layer.lins[V],
+                n1,
+                buf(&mut a.v, tk * kd),
+                &mut a.lora[V],
+                &mut ws.drop_x,
+            );
+        }
         if layer.rope {
             let t0 = step.prof.start();
             par::rope_inplace(&mut a.q, &ws.cos, &ws.sin, d.nh, d.hd, 1.0);
@@ -1231,7 +1298,9 @@ fn forward_layers(
             out.push((a.k.clone(), a.v.clone()));
         }
         let tmp = buf(&mut ws.tmp_h, tk * h);
-        step.lin_fwd(&layer.lins[O], &a.attn, tmp, &mut a.lora[O], &mut ws.drop_x);
+        if !step.lin_fwd_shared(&[&layer.lins[O]], &a.attn, &mut [&mut *tmp], &mut [&mut a.lora[O]]) {
+            step.lin_fwd(&layer.lins[O], &a.attn, tmp, &mut a.lora[O], &mut ws.drop_x);
+        }
         {
             let t0 = step.prof.start();
             par::add_to(&a.x, tmp, buf(&mut a.hmid, tk * h));
@@ -1249,20 +1318,31 @@ fn forward_layers(
             );
             step.prof.add(P_FWD_ELT, t0);
         }
-        step.lin_fwd(
-            &layer.lins[GATE],
-            n2,
-            buf(&mut a.g, tk * inter),
-            &mut a.lora[GATE],
-            &mut ws.drop_x,
-        );
-        step.lin_fwd(
-            &layer.lins[UP],
-            n2,
-            buf(&mut a.u, tk * inter),
-            &mut a.lora[UP],
-            &mut ws.drop_x,
-        );
+        let gu_shared = {
+            let [lg, lu] = a.lora.get_disjoint_mut([GATE, UP]).expect("distinct indices");
+            step.lin_fwd_shared(
+                &[&layer.lins[GATE], &layer.lins[UP]],
+                n2,
+                &mut [buf(&mut a.g, tk * inter), buf(&mut a.u, tk * inter)],
+                &mut [lg, lu],
+            )
+        };
+        if !gu_shared {
+            step.lin_fwd(
+                &layer.lins[GATE],
+                n2,
+                buf(&mut a.g, tk * inter),
+                &mut a.lora[GATE],
+                &mut ws.drop_x,
+            );
+            step.lin_fwd(
+                &layer.lins[UP],
+                n2,
+                buf(&mut a.u, tk * inter),
+                &mut a.lora[UP],
+                &mut ws.drop_x,
+            );
+        }
         let act = buf(&mut ws.act, tk * inter);
         {
             let t0 = step.prof.start();
@@ -1270,13 +1350,9 @@ fn forward_layers(
             step.prof.add(P_FWD_ELT, t0);
         }
         let tmp = buf(&mut ws.tmp_h, tk * h);
-        step.lin_fwd(
-            &layer.lins[DOWN],
-            act,
-            tmp,
-            &mut a.lora[DOWN],
-            &mut ws.drop_x,
-        );
+        if !step.lin_fwd_shared(&[&layer.lins[DOWN]], act, &mut [&mut *tmp], &mut [&mut a.lora[DOWN]]) {
+            step.lin_fwd(&layer.lins[DOWN], act, tmp, &mut a.lora[DOWN], &mut ws.drop_x);
+        }
         let last = li + 1 == nl;
         let next = if save && !last {
             buf(&mut rest[0].x, tk * h)

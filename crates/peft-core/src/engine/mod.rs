@@ -81,6 +81,10 @@ pub const AB_MATMUL_HIGH: u32 = 32;
 /// Large products in one bf16 pass on AMX (as `set_float32_matmul_precision(Medium)`).
 #[doc(hidden)]
 pub const AB_MATMUL_MEDIUM: u32 = 64;
+/// Decoding through kept-quantized weights runs q/k/v and gate/up as separate products with
+/// the LoRA terms after each, instead of one shared product per input
+/// (`engine::quant::matmul_t_multi`).
+pub const AB_SEPARATE_DECODE_PRODUCTS: u32 = 128;
 
 /// Sets the A/B switches (`AB_*`, for benchmarks only).
 #[doc(hidden)]

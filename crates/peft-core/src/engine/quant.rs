@@ -743,58 +743,7 @@ impl QuantWeight {
     }
 
     fn run_t(&self, kernel: Kernel, xa: &QAct, y: &mut [f32], acc: bool) {
-        let (m, n) = (xa.m, self.rows);
-        let groups = n.div_ceil(R);
-        let threads = super::num_threads().max(1);
-        // Tiles of x rows x chunks of groups, enough tasks for the pool, each small enough that
-        // a group's codes (nb x 512 bytes) stay in L1 while the tile's rows pass over it.
-        let mt = if m <= 4 { m } else { 64.min(m) };
-        let mtiles = m.div_ceil(mt);
-        let work = m * n * self.cols;
-        let want_tasks = if work < (1 << 18) || threads == 1 { 1 } else { threads * 4 };
-        let gchunks = (want_tasks.div_ceil(mtiles)).clamp(1, groups);
-        let gper = groups.div_ceil(gchunks);
-        let gchunks = groups.div_ceil(gper);
-        let yp = SyncMut(y.as_mut_ptr());
-        let task = |t: usize| {
-            let (ti, gc) = (t / gchunks, t % gchunks);
-            let (r0, r1) = (ti * mt, ((ti + 1) * mt).min(m));
-            let (g0, g1) = (gc * gper, ((gc + 1) * gper).min(groups));
-            for g in g0..g1 {
-                let mut r = r0;
-                while r < r1 {
-                    let mr = match kernel {
-                        Kernel::Avx512Vnni => (r1 - r).min(8),
-                        Kernel::Avx2 | Kernel::AvxVnni => (r1 - r).min(2),
-                        Kernel::Scalar => 1,
-                    };
-                    let mut out = [[0f32; R]; 8];
-                    self.kernel_call(kernel, g, xa, r, mr, &mut out);
-                    let cols = R.min(n - g * R);
-                    for (i, o) in out.iter().enumerate().take(mr) {
-                        // SAFETY: row r+i, columns g*16 .. g*16+cols of y are written by this task
-                        // only (tasks own disjoint (row tile, group) pairs) and lie inside y
-                        // (checked by check_shapes).
-                        let dst = unsafe { std::slice::from_raw_parts_mut(yp.get().add((r + i) * n + g * R), cols) };
-                        if acc {
-                            for (d, v) in dst.iter_mut().zip(o) {
-                                *d += v;
-                            }
-                        } else {
-                            dst.copy_from_slice(&o[..cols]);
-                        }
-                    }
-                    r += mr;
-                }
-            }
-        };
-        let ntasks = mtiles * gchunks;
-        if ntasks == 1 {
-            task(0);
-        } else {
-            use rayon::prelude::*;
-            super::pool().install(|| (0..ntasks).into_par_iter().for_each(task));
-        }
+        run_parts(kernel, xa, &mut [MultiPart { w: self, y, bias: None, lora: Vec::new() }], acc);
     }
 
     fn kernel_call(&self, kernel: Kernel, g: usize, xa: &QAct, r: usize, mr: usize, out: &mut [[f32; R]; 8]) {
@@ -933,6 +882,27 @@ pub fn amx_bf16() -> bool {
     *ON.get_or_init(|| {
         super::amx::available() && std::env::var_os("PEFT_QUANT_KERNEL").is_none() && std::env::var("PEFT_QUANT_AMX").map_or(true, |v| v != "0")
     })
+}
+
+/// Which kernels the products of weights kept quantized run on in this process (for status
+/// reports; the values are [`Kernel::name`]s and `"amx-bf16"` / `"f32-panels"`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelPaths {
+    /// `x·Wᵀ` below [`AMX_MIN_ROWS`] rows (decoding): the integer kernel, e.g. `"avx512vnni"`.
+    pub few_rows: &'static str,
+    /// `x·Wᵀ` from [`AMX_MIN_ROWS`] rows (prefill, training): `"amx-bf16"` where [`amx_bf16`]
+    /// is on, else the integer kernel.
+    pub batched: &'static str,
+    /// `dY·W` (the input gradient in training) from [`AMX_MIN_ROWS`] rows: `"amx-bf16"` where
+    /// [`amx_bf16`] is on, else `"f32-panels"` (dequantized panels, f32 products).
+    pub input_gradient: &'static str,
+}
+
+/// The kernels chosen for this CPU and environment (`PEFT_QUANT_KERNEL`, `PEFT_QUANT_AMX`).
+pub fn kernel_paths() -> KernelPaths {
+    let k = Kernel::best().name();
+    let amx = amx_bf16();
+    KernelPaths { few_rows: k, batched: if amx { "amx-bf16" } else { k }, input_gradient: if amx { "amx-bf16" } else { "f32-panels" } }
 }
 
 /// `ERR_INVALID_ARGUMENT` where AMX-BF16 cannot run (the AMX products' precondition).
@@ -1544,6 +1514,152 @@ mod x86 {
             (false, QuantType::Q4_1) => go!(k256_avx2, 4),
             (false, QuantType::Q4K) => go!(k256_avx2, 2),
         }
+    }
+}
+
+/// One weight of [`matmul_t_multi`]: `y` `[m, w.rows()]` receives `x·Wᵀ`, then `bias`
+/// (`[w.rows()]`), then each LoRA term `(h, B, r)`: `y += h·Bᵀ` with `h` `[m, r]` (already
+/// scaled) and `B` `[w.rows(), r]`, all row-major f32.
+pub struct MultiPart<'a> {
+    pub w: &'a QuantWeight,
+    pub y: &'a mut [f32],
+    pub bias: Option<&'a [f32]>,
+    pub lora: Vec<(&'a [f32], &'a [f32], usize)>,
+}
+
+/// Several quantized products that share their input, in one pass over the thread pool:
+/// `y_p = (acc ? y_p : 0) + x·W_pᵀ (+ bias_p) (+ Σ h·B_pᵀ)` for every part `p` (the q/k/v or
+/// gate/up projections of a decoder layer while decoding), with `x` `[m, cols]` quantized to
+/// 8 bits once for all of them and the parts' 16-row groups shared out as one task list, each
+/// task adding the bias and the LoRA terms for the groups it computed. The outputs equal what
+/// [`QuantWeight::matmul_t_with`] followed by a bias add and the `h·Bᵀ` product of
+/// `engine::gemm` (`m ≤ 4` rows) give, bit for bit: the same kernels on the same 16-row blocks
+/// (where `B` has 2¹⁶ elements or more, `gemm` splits its rows over threads at multiples of 4,
+/// and the few rows that then sum in another order differ in rounding only).
+///
+/// This is the integer-kernel route (decoding); callers keep batched products (from
+/// [`AMX_MIN_ROWS`] rows, where [`amx_bf16`] is on) on [`QuantWeight::matmul_t`].
+///
+/// Errors: `ERR_SHAPE_MISMATCH` naming the weight when the parts' `cols` differ from `x`'s or a
+/// `y`, bias, `h` or `B` has the wrong length; `ERR_INVALID_ARGUMENT` when `m` is above 4 with
+/// LoRA terms.
+pub fn matmul_t_multi(x: &[f32], m: usize, parts: &mut [MultiPart], acc: bool) -> Result<()> {
+    for p in parts.iter() {
+        let (w, n) = (p.w, p.w.rows);
+        w.check_shapes("x·Wᵀ", x.len(), w.cols, m, p.y.len(), n)?;
+        let bad = |what: &str, e: usize, f: usize| PeftError::ShapeMismatch { name: format!("{} ({what})", w.name), expected: vec![e], found: vec![f] };
+        if let Some(b) = p.bias {
+            if b.len() != n {
+                return Err(bad("bias", n, b.len()));
+            }
+        }
+        for &(h, b, r) in &p.lora {
+            if h.len() != m * r {
+                return Err(bad("LoRA h", m * r, h.len()));
+            }
+            if b.len() != n * r {
+                return Err(bad("LoRA B", n * r, b.len()));
+            }
+        }
+        if !p.lora.is_empty() && m > 4 {
+            return Err(PeftError::invalid_arg("m", format!("the LoRA epilogue takes at most 4 rows, not {m}")));
+        }
+    }
+    let Some(first) = parts.first() else { return Ok(()) };
+    if m == 0 {
+        return Ok(());
+    }
+    let cols = first.w.cols;
+    let kernel = Kernel::best();
+    let mut xa = QAct::quantize(x, m, cols);
+    if parts.iter().any(|p| p.w.ty.half_scales()) {
+        xa.sum16 = xa.q.chunks_exact(QK / 2).map(|c| c.iter().map(|&v| v as i32).sum()).collect();
+    }
+    run_parts(kernel, &xa, parts, acc);
+    Ok(())
+}
+
+/// The task loop of [`QuantWeight::run_t`] and [`matmul_t_multi`] (shapes checked by them).
+fn run_parts(kernel: Kernel, xa: &QAct, parts: &mut [MultiPart], acc: bool) {
+    let m = xa.m;
+    // The parts' groups, numbered one after another.
+    let mut first_group = Vec::with_capacity(parts.len() + 1);
+    let mut groups = 0;
+    let mut work = 0;
+    for p in parts.iter() {
+        first_group.push(groups);
+        groups += p.w.rows.div_ceil(R);
+        work += m * p.w.rows * p.w.cols;
+    }
+    first_group.push(groups);
+    let threads = super::num_threads().max(1);
+    // Tiles of x rows x chunks of groups, enough tasks for the pool, each small enough that
+    // a group's codes (nb x 512 bytes) stay in L1 while the tile's rows pass over it.
+    let mt = if m <= 4 { m } else { 64.min(m) };
+    let mtiles = m.div_ceil(mt);
+    let want_tasks = if work < (1 << 18) || threads == 1 { 1 } else { threads * 4 };
+    let gchunks = (want_tasks.div_ceil(mtiles)).clamp(1, groups.max(1));
+    let gper = groups.div_ceil(gchunks).max(1);
+    let gchunks = groups.div_ceil(gper);
+    let ys: Vec<SyncMut> = parts.iter_mut().map(|p| SyncMut(p.y.as_mut_ptr())).collect();
+    let parts = &*parts;
+    let task = |t: usize| {
+        let (ti, gc) = (t / gchunks, t % gchunks);
+        let (r0, r1) = (ti * mt, ((ti + 1) * mt).min(m));
+        let (g0, g1) = (gc * gper, ((gc + 1) * gper).min(groups));
+        let mut pi = 0;
+        for gg in g0..g1 {
+            while gg >= first_group[pi + 1] {
+                pi += 1;
+            }
+            let (part, g) = (&parts[pi], gg - first_group[pi]);
+            let (w, n) = (part.w, part.w.rows);
+            let cols = R.min(n - g * R);
+            let mut r = r0;
+            while r < r1 {
+                let mr = match kernel {
+                    Kernel::Avx512Vnni => (r1 - r).min(8),
+                    Kernel::Avx2 | Kernel::AvxVnni => (r1 - r).min(2),
+                    Kernel::Scalar => 1,
+                };
+                let mut out = [[0f32; R]; 8];
+                w.kernel_call(kernel, g, xa, r, mr, &mut out);
+                for (i, o) in out.iter().enumerate().take(mr) {
+                    // SAFETY: row r+i, columns g*16 .. g*16+cols of this part's y are written by
+                    // this task only (tasks own disjoint (row tile, group) pairs) and lie inside
+                    // y (checked by the callers).
+                    let dst = unsafe { std::slice::from_raw_parts_mut(ys[pi].get().add((r + i) * n + g * R), cols) };
+                    if acc {
+                        for (d, v) in dst.iter_mut().zip(o) {
+                            *d += v;
+                        }
+                    } else {
+                        dst.copy_from_slice(&o[..cols]);
+                    }
+                    if let Some(b) = part.bias {
+                        for (d, v) in dst.iter_mut().zip(&b[g * R..g * R + cols]) {
+                            *d += v;
+                        }
+                    }
+                }
+                r += mr;
+            }
+            // The LoRA terms for this group's rows of B, all x rows of the tile at once (as
+            // `gemm`'s `gemv_nt` takes them).
+            for &(h, b, rk) in &part.lora {
+                let hs: Vec<&[f32]> = (r0..r1).map(|i| &h[i * rk..(i + 1) * rk]).collect();
+                // SAFETY: as above, the same disjoint region of y.
+                let mut dsts: Vec<&mut [f32]> = (r0..r1).map(|i| unsafe { std::slice::from_raw_parts_mut(ys[pi].get().add(i * n + g * R), cols) }).collect();
+                super::gemm::gemv_block(&b[g * R * rk..(g * R + cols) * rk], rk, rk, &hs, &mut dsts, 1.0, true);
+            }
+        }
+    };
+    let ntasks = mtiles * gchunks;
+    if ntasks == 1 {
+        task(0);
+    } else {
+        use rayon::prelude::*;
+        super::pool().install(|| (0..ntasks).into_par_iter().for_each(task));
     }
 }
 
