@@ -1139,20 +1139,16 @@ impl QAct {
         let nb = k / QK;
         let mut a = QAct { m, k, q: vec![0i8; m * k], s: vec![0f32; m * nb], sum: vec![0i32; m * nb], ss: Vec::new(), sum16: Vec::new() };
         type Item<'a> = (&'a [f32], (&'a mut [i8], (&'a mut f32, &'a mut i32)));
+        #[cfg(target_arch = "x86_64")]
+        let wide = super::simd::level() >= 3;
         let fill = |(xb, (qb, (s, sum))): Item| {
-            let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
-            // NaN when the block holds a NaN or an infinity (x·0 is NaN for those only).
-            let poison = xb.iter().fold(0f32, |a, v| a + v * 0.0);
-            let d = amax / 127.0;
-            let id = if d > 0.0 { 127.0 / amax } else { 0.0 };
-            let mut t = 0i32;
-            for (q, v) in qb.iter_mut().zip(xb) {
-                let c = (v * id).round().clamp(-127.0, 127.0) as i32;
-                *q = c as i8;
-                t += c;
+            #[cfg(target_arch = "x86_64")]
+            if wide {
+                // SAFETY: AVX-512F is present (level 3); the block has QK = 32 elements.
+                unsafe { quantize_block_avx512(xb, qb, s, sum) };
+                return;
             }
-            *s = d + poison;
-            *sum = t;
+            quantize_block(xb, qb, s, sum);
         };
         if m * k >= 1 << 16 {
             use rayon::prelude::*;
@@ -1164,6 +1160,65 @@ impl QAct {
         a.ss = a.s.iter().zip(&a.sum).map(|(&s, &t)| s * t as f32).collect();
         a
     }
+}
+
+/// One block of 32 activations to 8 bits ([`QAct::quantize`]): scale `d = max|x|/127` (NaN
+/// when the block holds a NaN or an infinity, so that the product is NaN as in `f32`), codes
+/// `round(x/d)` (ties away from zero) clamped to ±127, and their sum.
+fn quantize_block(xb: &[f32], qb: &mut [i8], s: &mut f32, sum: &mut i32) {
+    let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+    // NaN when the block holds a NaN or an infinity (x·0 is NaN for those only).
+    let poison = xb.iter().fold(0f32, |a, v| a + v * 0.0);
+    let d = amax / 127.0;
+    let id = if d > 0.0 { 127.0 / amax } else { 0.0 };
+    let mut t = 0i32;
+    for (q, v) in qb.iter_mut().zip(xb) {
+        let c = (v * id).round().clamp(-127.0, 127.0) as i32;
+        *q = c as i8;
+        t += c;
+    }
+    *s = d + poison;
+    *sum = t;
+}
+
+/// One block of [`QAct::quantize`] on AVX-512, equal to the scalar code bit for bit: scale
+/// `max|x|/127` (NaN when the block holds a NaN or an infinity), codes `round(x·127/max|x|)`
+/// with ties away from zero (as `f32::round`) clamped to ±127 (0 for NaN), and their sum.
+///
+/// # Safety
+/// AVX-512F; `xb` and `qb` hold 32 elements.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn quantize_block_avx512(xb: &[f32], qb: &mut [i8], s: &mut f32, sum: &mut i32) {
+    use std::arch::x86_64::*;
+    debug_assert!(xb.len() == QK && qb.len() == QK);
+    let v = [_mm512_loadu_ps(xb.as_ptr()), _mm512_loadu_ps(xb.as_ptr().add(16))];
+    // max|x| ignoring NaN (vmaxps returns its second operand when either is NaN, as
+    // `f32::max` keeps the number); non-finite lanes are those where x·0 is not 0.
+    let zero = _mm512_setzero_ps();
+    let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v[1]), _mm512_max_ps(_mm512_abs_ps(v[0]), zero)));
+    let bad = _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(_mm512_mul_ps(v[0], zero), zero) | _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(_mm512_mul_ps(v[1], zero), zero);
+    let d = amax / 127.0;
+    let id = _mm512_set1_ps(if d > 0.0 { 127.0 / amax } else { 0.0 });
+    let lim = _mm512_set1_ps(127.0);
+    let mut total = _mm512_setzero_si512();
+    for (h, &vh) in v.iter().enumerate() {
+        let y = _mm512_mul_ps(vh, id);
+        // Round to nearest even, then move exact ties away from zero (`f32::round`).
+        let r = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(y);
+        let t = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
+        let frac = _mm512_sub_ps(y, t);
+        let tie = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(_mm512_abs_ps(frac), _mm512_set1_ps(0.5));
+        let away = _mm512_add_ps(t, _mm512_mul_ps(frac, _mm512_set1_ps(2.0)));
+        let r = _mm512_mask_blend_ps(tie, r, away);
+        let r = _mm512_max_ps(_mm512_min_ps(r, lim), _mm512_set1_ps(-127.0));
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(y, y);
+        let c = _mm512_maskz_cvtps_epi32(!nan, r);
+        _mm_storeu_si128(qb.as_mut_ptr().add(16 * h) as *mut __m128i, _mm512_cvtepi32_epi8(c));
+        total = _mm512_add_epi32(total, c);
+    }
+    *s = if bad != 0 { f32::NAN } else { d };
+    *sum = _mm512_reduce_add_epi32(total);
 }
 
 /// Raw operands of one kernel call: one group of 16 rows of `W` over all `nb` blocks, and
@@ -1707,6 +1762,58 @@ mod tests {
             out.extend(blk);
         }
         out
+    }
+
+    /// The AVX-512 activation quantizer gives the scalar one's codes, scale and sum bit for bit:
+    /// random blocks at several magnitudes, exact ties (x/d = k + 0.5), zeros, subnormals, and
+    /// blocks with a NaN or an infinity.
+    #[test]
+    fn avx512_activation_quantizer_equals_the_scalar_one() {
+        if super::super::simd::level() < 3 {
+            return;
+        }
+        let mut seed = 0x9e3779b97f4a7c15u64;
+        let mut rnd = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 11) as f64 / (1u64 << 53) as f64
+        };
+        let mut blocks: Vec<[f32; QK]> = Vec::new();
+        for mag in [1e-30f32, 1e-3, 1.0, 37.5, 1e30] {
+            for _ in 0..200 {
+                blocks.push(std::array::from_fn(|_| ((rnd() * 2.0 - 1.0) as f32) * mag));
+            }
+        }
+        // ties: max 127 makes x/d = x exactly, so k + 0.5 values are exact ties
+        for _ in 0..50 {
+            let mut b: [f32; QK] = std::array::from_fn(|_| ((rnd() * 254.0).floor() - 127.0) as f32 + 0.5);
+            b[0] = 127.0;
+            blocks.push(b);
+            b[0] = -127.0;
+            blocks.push(b);
+        }
+        blocks.push([0.0; QK]);
+        blocks.push(std::array::from_fn(|i| if i % 2 == 0 { 1e-45 } else { -3e-44 }));
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut b: [f32; QK] = std::array::from_fn(|i| i as f32 - 7.5);
+            b[19] = bad;
+            blocks.push(b);
+        }
+        for (n, b) in blocks.iter().enumerate() {
+            let (mut qa, mut sa, mut ta) = ([0i8; QK], 0f32, 0i32);
+            let (mut qb, mut sb, mut tb) = ([0i8; QK], 0f32, 0i32);
+            quantize_block(b, &mut qa, &mut sa, &mut ta);
+            // SAFETY: AVX-512F checked above; 32-element blocks.
+            unsafe { quantize_block_avx512(b, &mut qb, &mut sb, &mut tb) };
+            let poisoned = sa.is_nan();
+            // (a NaN's sign and payload do not matter: the block's products are NaN either way)
+            assert!(if poisoned { sb.is_nan() } else { sa.to_bits() == sb.to_bits() }, "block {n}: scale {sa} vs {sb}");
+            if !poisoned {
+                assert_eq!(qa, qb, "block {n}: {b:?}");
+                assert_eq!(ta, tb, "block {n}");
+            }
+        }
     }
 
     /// The first index where `got` and `want` differ as bf16 values (`-0` and `+0` are equal:
