@@ -745,7 +745,8 @@ pub(crate) fn read_dequantized(content: &gguf_file::Content, reader: &mut BufRea
 }
 
 /// The file's tokenizer; `None` with a notice in `notices` for a tokenizer model that is not
-/// built (llama.cpp's SentencePiece `llama`).
+/// built (neither byte-level BPE `gpt2` nor SentencePiece `llama`, e.g. `t5`), or a byte-level
+/// split declared with a SentencePiece vocabulary.
 ///
 /// Errors: `GgufInvalid` for malformed tokenizer metadata.
 pub(crate) fn optional_tokenizer(content: &gguf_file::Content, path: &Path, notices: &mut Vec<String>) -> Result<Option<Tokenizer>> {
