@@ -17,7 +17,8 @@ tokenizer-only GGUF files in `spm_tokenizers/` and what transformers 5.18 makes 
     stored as real spaces, no dummy prefix, a partial byte table (bytes >= 0xF0 missing, so 4-byte
     UTF-8 falls back to `<unk>`); add_space_prefix false).
 * `expected.json`: for each file (and for `models/gemma3.gguf` of make_gemma3_fixtures.py, which
-  is only read), transformers' `AutoTokenizer.from_pretrained(dir,
+  is only read, with 6 greedy tokens of the HF folder `models/gemma3` after a prompt that the GGUF's
+  tokenizer encoded), transformers' `AutoTokenizer.from_pretrained(dir,
   gguf_file=...)`: its class, len, special tokens and ids, added tokens, and per test string the ids
   with and without special tokens, the tokens, and the decodes with and without
   `skip_special_tokens`; plus decodes of hand-made id lists (byte tokens that form invalid UTF-8,
@@ -29,7 +30,7 @@ the same BPE with a Prepend("▁") + Replace(" ", "▁") normalizer and no pre-t
 `GemmaTokenizer` (Replace(" ", "▁"), unk "<unk>", merges ordered by token position, multi-space
 tokens respelled as "▁"); it ignores add_bos_token / add_eos_token and add_space_prefix.
 
-Run with transformers 5.18 + tokenizers 0.23 + PyPI gguf + sentencepiece:
+Run with torch 2.13 + transformers 5.18 + tokenizers 0.23 + PyPI gguf + sentencepiece:
 
     /work/venv-hf/bin/python __test__/scripts/make_spm_tokenizer_fixtures.py
 """
@@ -229,6 +230,17 @@ def observe(name, folder=OUT):
     }
 
 
+def gemma3_generate(prompt="hello world\nthe model"):
+    import torch
+    from transformers import AutoTokenizer, Gemma3ForCausalLM
+    t = AutoTokenizer.from_pretrained("models", gguf_file="gemma3.gguf")
+    m = Gemma3ForCausalLM.from_pretrained("models/gemma3", attn_implementation="eager").eval()
+    ids = t.encode(prompt)
+    out = fc.greedy(m, torch.tensor([ids]))[0].tolist()
+    return {"prompt": prompt, "input_ids": ids, "output_ids": out, "text": t.decode(out),
+            "new_text_skip_special": t.decode(out[len(ids):], skip_special_tokens=True)}
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     llama = llama_vocab()
@@ -244,8 +256,10 @@ def main():
                 "versions": {"transformers": transformers.__version__, "tokenizers": tokenizers.__version__,
                              "sentencepiece": spm.__version__, "gguf": "PyPI gguf"},
                 "tokenizers": {name: observe(name) for name in ("llama", "phi3", "gemma")}}
-    # The Gemma 3 model fixture's vocabulary (make_gemma3_fixtures.py; read, not rewritten).
+    # The Gemma 3 model fixture's vocabulary (make_gemma3_fixtures.py; read, not rewritten), and
+    # 6 greedy tokens of its HF folder after a prompt tokenized by the GGUF's tokenizer.
     expected["tokenizers"]["models/gemma3"] = observe("gemma3", "models")
+    expected["tokenizers"]["models/gemma3"]["generate"] = gemma3_generate()
     with open(f"{OUT}/expected.json", "w") as f:
         json.dump(expected, f, indent=1, ensure_ascii=False)
         f.write("\n")
