@@ -22,7 +22,7 @@ test('gemma3: fromPretrained + LoRA forward matches HF logits (adapter, disabled
   t.deepEqual(await pm.generate(exp.generate_input_ids, { maxNewTokens: 6, eosTokenId: null }), idRows(exp.generate_adapter))
 })
 
-test('gemma3: the GGUF loads (no tokenizer: SentencePiece) and gives the HF base logits', async (t) => {
+test('gemma3: the GGUF loads and gives the HF base logits', async (t) => {
   const exp = await expected('gemma3_lora_all')
   const base = disposeLater(t, await AutoModelForCausalLM.fromPretrained(path.join(FIXTURES, 'models', 'gemma3.gguf')))
   t.is(base.architecture, 'Gemma3ForCausalLM')

@@ -814,7 +814,7 @@ export function nativeChatOptions(o: ChatTemplateOptions = {}): NativeTypes.Chat
   }
 }
 
-/** A HF `tokenizers` tokenizer (tokenizer.json, or the byte-level BPE stored in a GGUF file). */
+/** A HF `tokenizers` tokenizer (tokenizer.json, or the byte-level BPE or SentencePiece vocabulary stored in a GGUF file). */
 export class PreTrainedTokenizer {
   /** @internal */
   constructor(readonly native: NativeTypes.NativeTokenizer) {}
@@ -891,7 +891,7 @@ export class PreTrainedTokenizer {
 }
 
 export const AutoTokenizer = {
-  /** Load from a model folder (tokenizer.json) or a .gguf file. Errors: `ERR_NOT_FOUND`, `ERR_TOKENIZER`. */
+  /** Load from a model folder (tokenizer.json) or a .gguf file. Errors: `ERR_NOT_FOUND`, `ERR_TOKENIZER`, `ERR_GGUF_INVALID` (malformed tokenizer metadata, naming the key). */
   async fromPretrained(pathOrGguf: string): Promise<PreTrainedTokenizer> {
     const n = await callAsync(() => native.loadTokenizer(pathOrGguf))
     return new PreTrainedTokenizer(n)

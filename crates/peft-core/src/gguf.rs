@@ -191,6 +191,26 @@ pub(crate) mod meta {
             Some(v) => Err(invalid(path, format!("metadata `{key}` must be an array, found {}", type_name(v)))),
         }
     }
+
+    /// An array of numbers (floats or integers) as f64; `None` when absent.
+    pub fn float_array(md: &HashMap<String, Value>, key: &str, path: &Path) -> Result<Option<Vec<f64>>> {
+        match md.get(key) {
+            None => Ok(None),
+            Some(Value::Array(a)) => a
+                .iter()
+                .enumerate()
+                .map(|(i, v)| match v {
+                    Value::F32(x) => Ok(*x as f64),
+                    Value::F64(x) => Ok(*x),
+                    other => as_i128(other).map(|x| x as f64).ok_or_else(|| {
+                        invalid(path, format!("metadata `{key}`[{i}] must be a number, found {}", type_name(other)))
+                    }),
+                })
+                .collect::<Result<Vec<_>>>()
+                .map(Some),
+            Some(v) => Err(invalid(path, format!("metadata `{key}` must be an array, found {}", type_name(v)))),
+        }
+    }
 }
 
 /// The smallest possible GGUF v2/v3 file: magic (4) + version (4) + tensor count (8) +
@@ -725,7 +745,8 @@ pub(crate) fn read_dequantized(content: &gguf_file::Content, reader: &mut BufRea
 }
 
 /// The file's tokenizer; `None` with a notice in `notices` for a tokenizer model that is not
-/// built (llama.cpp's SentencePiece `llama`).
+/// built (neither byte-level BPE `gpt2` nor SentencePiece `llama`, e.g. `t5`), or a byte-level
+/// split declared with a SentencePiece vocabulary.
 ///
 /// Errors: `GgufInvalid` for malformed tokenizer metadata.
 pub(crate) fn optional_tokenizer(content: &gguf_file::Content, path: &Path, notices: &mut Vec<String>) -> Result<Option<Tokenizer>> {

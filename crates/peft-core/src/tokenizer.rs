@@ -9,6 +9,9 @@
 //! associates with `tokenizer.ggml.pre`), a `ByteLevel` decoder, and every *control* token
 //! (`tokenizer.ggml.token_type == 3`) registered as a special added token so that text such
 //! as `<|im_start|>` encodes to its single id, exactly as with the original `tokenizer.json`.
+//! SentencePiece vocabularies (`tokenizer.ggml.model = "llama"`: Llama 2, Phi-3, Gemma) are
+//! rebuilt as transformers 5.18 rebuilds them from a GGUF (a byte-fallback `BPE` with the `▁`
+//! normalizer / pre-tokenizer and decoder of each family), see the `spm` module.
 
 use crate::chat_template::{token_mask, ChatTemplate, RenderContext};
 use crate::error::{PeftError, Result};
@@ -25,6 +28,8 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, SplitDelimiterBehavior};
+
+mod spm;
 
 /// The default system prompt that SmolLM2's chat template inserts when a conversation does
 /// not start with a system message (from the `chat_template` shipped with
@@ -304,8 +309,18 @@ impl Tokenizer {
 
     /// Build the tokenizer embedded in GGUF metadata (GGUF spec, "tokenizer.ggml.*" keys).
     ///
-    /// Only byte-level BPE (`tokenizer.ggml.model == "gpt2"`, used by SmolLM2, Llama 3,
-    /// Qwen2, StarCoder, ...) is supported. The Hugging Face pipeline is reconstructed from:
+    /// Two tokenizer models are supported. SentencePiece (`tokenizer.ggml.model == "llama"`:
+    /// Llama 2, Mistral v0.1, Phi-3 / Phi-3.5-mini, Gemma 1-3) is built as transformers 5.18
+    /// builds it from a GGUF: a byte-fallback `BPE` over `tokenizer.ggml.tokens` with the merges
+    /// of `tokenizer.ggml.merges` or, without them, those implied by the vocabulary ordered by
+    /// `tokenizer.ggml.scores` (Gemma: by token position); the `▁` normalizer / pre-tokenizer
+    /// and decoder of the family chosen by `general.architecture` (`phi3`; `gemma`, `gemma2`,
+    /// `gemma3`; anything else as Llama); control tokens (and the class's default special
+    /// tokens) special, user-defined tokens added; `add_bos_token` / `add_eos_token` ignored,
+    /// as transformers ignores them (nothing is added by `encode(.., true)`).
+    ///
+    /// Byte-level BPE (`tokenizer.ggml.model == "gpt2"`, used by SmolLM2, Llama 3, Qwen2,
+    /// Phi-4-mini, StarCoder, ...): the Hugging Face pipeline is reconstructed from:
     ///
     /// * `tokenizer.ggml.tokens` (token strings, in byte-level alphabet, index = id) and
     ///   `tokenizer.ggml.merges` (`"left right"` strings, in rank order) → `BPE` model;
@@ -325,20 +340,25 @@ impl Tokenizer {
     /// The decoder is `ByteLevel`. If a token string occurs twice in the list, the first id
     /// wins for encoding (the later id cannot be represented by a `BPE` vocabulary).
     ///
-    /// Errors: `Tokenizer` (naming `path`) for an unsupported tokenizer model or
-    /// pre-tokenizer; `GgufInvalid` (naming `path`) when keys are missing, of the wrong type,
-    /// inconsistent (token_type length, special id out of range) or merges reference
-    /// unknown tokens.
+    /// Errors: `Tokenizer` (naming `path`) for an unsupported tokenizer model (e.g. `t5`) or
+    /// pre-tokenizer (a byte-level split with a SentencePiece vocabulary); `GgufInvalid`
+    /// (naming `path` and the key) when keys are missing (`tokenizer.ggml.tokens`; for
+    /// SentencePiece `general.architecture`, and `tokenizer.ggml.scores` when there are no
+    /// merges), of the wrong type, inconsistent (token_type / scores length, a NaN score,
+    /// special id out of range) or merges reference unknown tokens.
     pub fn from_gguf(content: &gguf_file::Content, path: &Path) -> Result<Self> {
         use crate::gguf::meta;
         let bad = |msg: String| PeftError::GgufInvalid { path: path.to_path_buf(), msg };
         let md = &content.metadata;
         let model = meta::string(md, "tokenizer.ggml.model", path)?
             .ok_or_else(|| bad("missing metadata key `tokenizer.ggml.model` (the file has no tokenizer)".into()))?;
+        if model == "llama" {
+            return spm::from_gguf(content, path);
+        }
         if model != "gpt2" {
             return Err(PeftError::Tokenizer(format!(
-                "{}: GGUF tokenizer model `{model}` is not supported (only byte-level BPE, \
-                 tokenizer.ggml.model = \"gpt2\"); load the model's tokenizer.json instead",
+                "{}: GGUF tokenizer model `tokenizer.ggml.model = {model}` is not supported (supported: byte-level \
+                 BPE `gpt2`, SentencePiece `llama`); load the model's tokenizer.json instead",
                 path.display()
             )));
         }

@@ -400,20 +400,22 @@ fn gemma3_lora_loss_and_grads() {
 }
 
 /// The GGUF (norms stored as 1 + w, llama.cpp names) loads through the loader and gives the HF
-/// folder's logits and greedy ids; its SentencePiece (`llama`) tokenizer is not built here, so
-/// it loads without one. Without `gemma3.attention.scale` llama.cpp's rule (head_dim) applies.
+/// folder's logits and greedy ids; its SentencePiece (`llama`) tokenizer is built (compared with
+/// transformers id for id in spm_tokenizer.rs). Without `gemma3.attention.scale` llama.cpp's rule
+/// (head_dim) applies.
 #[test]
 fn gemma3_gguf_matches_hf() {
     let exp = Expected::load("gemma3_lora_all");
     let path = fixtures_dir().join("models/gemma3.gguf");
     let loaded = load_causal_lm(&path, DType::F32, &Device::Cpu).unwrap_or_else(|e| panic!("[{}] {e}", e.code()));
-    assert!(loaded.tokenizer.is_none(), "the gemma3 GGUF's SentencePiece tokenizer is not supported");
+    let tok = loaded.tokenizer.as_ref().expect("gemma3.gguf: the SentencePiece tokenizer is built");
+    assert_eq!((tok.bos_token_id(), tok.eos_token_id(), tok.pad_token_id()), (Some(2), Some(1), Some(0)));
     assert_eq!(loaded.model.info().architecture, "Gemma3ForCausalLM");
     let m = PeftModel::new(loaded.model);
     check_logits("GGUF gemma3.gguf base", &m, &exp, "logits_base");
     check_generate("GGUF gemma3.gguf base", &m, &exp, "generate_base");
     let g = peft_core::gguf::load_gguf_gemma3(&path, DType::F32, &Device::Cpu, &Default::default()).unwrap();
-    assert!(g.notices.iter().any(|n| n.contains("`llama`")), "{:?}", g.notices);
+    assert!(g.tokenizer.is_some() && !g.notices.iter().any(|n| n.contains("tokenizer")), "{:?}", g.notices);
     let mut content = peft_core::gguf::read_gguf_header(&path).unwrap();
     content.metadata.remove("gemma3.attention.scale");
     assert_eq!(peft_core::gguf::gemma3_config_from_gguf(&content, &path).unwrap().query_pre_attn_scalar, 32.0);
@@ -573,6 +575,51 @@ fn phi3_merged_exports_refused() {
         visible(&format!("phi3 exportGgufLora over {base}: {:?}", r.as_ref().map(|_| ()).map_err(|e| e.to_string())));
         assert_eq!(r.unwrap_err().code(), "ERR_EXPORT_UNSUPPORTED", "{base}");
     }
+    remove_dir(&dir);
+}
+
+/// A Phi-3 GGUF with llama.cpp's SentencePiece vocabulary (Phi-3 / Phi-3.5-mini): phi3.gguf's
+/// weights with the `tokenizer.*` metadata of `spm_tokenizers/phi3.gguf`, written here with
+/// candle. The loader builds the tokenizer (ids equal transformers', as in spm_tokenizer.rs) and
+/// the weights still give the HF folder's logits.
+#[test]
+fn phi3_gguf_with_sentencepiece_tokenizer() {
+    use candle_core::quantized::gguf_file;
+    let src = fixtures_dir().join("models/phi3.gguf");
+    let spm = fixtures_dir().join("spm_tokenizers/phi3.gguf");
+    let model = peft_core::gguf::read_gguf_header(&src).unwrap();
+    let vocab = peft_core::gguf::read_gguf_header(&spm).unwrap();
+    let mut md: Vec<(String, gguf_file::Value)> =
+        model.metadata.iter().filter(|(k, _)| !k.starts_with("tokenizer.")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    md.extend(vocab.metadata.iter().filter(|(k, _)| k.starts_with("tokenizer.")).map(|(k, v)| (k.clone(), v.clone())));
+    md.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut reader = std::io::BufReader::new(std::fs::File::open(&src).unwrap());
+    let mut names: Vec<&String> = model.tensor_infos.keys().collect();
+    names.sort();
+    let tensors: Vec<(String, candle_core::quantized::QTensor)> =
+        names.iter().map(|n| (n.to_string(), model.tensor(&mut reader, n, &Device::Cpu).unwrap())).collect();
+    let dir = temp_dir("phi3-spm");
+    let path = dir.join("phi3-spm.gguf");
+    let mut w = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+    let md_refs: Vec<(&str, &gguf_file::Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let t_refs: Vec<(&str, &candle_core::quantized::QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    gguf_file::write(&mut w, &md_refs, &t_refs).unwrap();
+    drop(w);
+
+    let g = peft_core::gguf::load_gguf_phi3(&path, DType::F32, &Device::Cpu, &Default::default())
+        .unwrap_or_else(|e| panic!("[{}] {e}", e.code()));
+    assert!(!g.notices.iter().any(|n| n.contains("tokenizer")), "{:?}", g.notices);
+    let tok = g.tokenizer.expect("the SentencePiece tokenizer is built");
+    let exp: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures_dir().join("spm_tokenizers/expected.json")).unwrap()).unwrap();
+    for case in exp["tokenizers"]["phi3"]["texts"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        let ids: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        assert_eq!(tok.encode(text, true).unwrap(), ids, "{text:?}");
+    }
+    let loaded = load_causal_lm(&path, DType::F32, &Device::Cpu).unwrap_or_else(|e| panic!("[{}] {e}", e.code()));
+    assert!(loaded.tokenizer.is_some());
+    check_logits("GGUF phi3 + SentencePiece vocabulary", &PeftModel::new(loaded.model), &Expected::load("phi3_lora"), "logits_base");
     remove_dir(&dir);
 }
 

@@ -598,10 +598,10 @@ fn malformed_gguf_files_are_errors_not_panics() {
 #[test]
 fn unsupported_gguf_tokenizer_is_refused() {
     let mut g = tiny_builder(false, false);
-    g.kv("tokenizer.ggml.model", Mv::Str("llama".into()));
-    let p = write_tmp("spm.gguf", &g.build());
+    g.kv("tokenizer.ggml.model", Mv::Str("t5".into()));
+    let p = write_tmp("unigram.gguf", &g.build());
     match read_gguf_tokenizer(&p) {
-        Err(PeftError::Tokenizer(msg)) => assert!(msg.contains("`llama` is not supported"), "{msg}"),
+        Err(PeftError::Tokenizer(msg)) => assert!(msg.contains("`tokenizer.ggml.model = t5` is not supported"), "{msg}"),
         other => panic!("expected a Tokenizer error, got {other:?}"),
     }
     let mut g = tiny_builder(false, false);

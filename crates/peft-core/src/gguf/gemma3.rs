@@ -21,8 +21,12 @@
 //! head_dim, or hidden / heads for the 62-layer 27B model, as llama.cpp's `f_attention_scale`). The vocabulary size is the embedding's row count.
 //!
 //! The tokenizer: llama.cpp writes Gemma's SentencePiece model (`tokenizer.ggml.model =
-//! "llama"`), which [`Tokenizer::from_gguf`] does not build; the model then loads without a
-//! tokenizer (a notice says so). A byte-level BPE (`gpt2`) tokenizer is read as for Llama.
+//! "llama"`), which [`Tokenizer::from_gguf`] builds as transformers' `GemmaTokenizer` (byte
+//! fallback, `▁` for spaces, no prefix space, merges in token order; `<mask>` is added as a
+//! special token when the vocabulary lacks it, as in transformers). A byte-level BPE (`gpt2`)
+//! tokenizer is read as for Llama. Another tokenizer model (or a byte-level split with a
+//! SentencePiece vocabulary) loads the model without a tokenizer, with a notice; malformed
+//! tokenizer metadata is `GgufInvalid` naming the key.
 
 use super::{check_tensor_shapes, decoder_tensor_shapes, dtype_name, embedding_rows, invalid, load_arch_weights, meta, open_gguf, opt_uint, optional_tokenizer, validate_tensor_infos, ArchWeights, GgufDims};
 use crate::error::Result;
@@ -39,7 +43,8 @@ pub struct GgufGemma3 {
     pub config: Gemma3Config,
     /// Dequantized weights by transformers name (norm weights as transformers' `w`).
     pub tensors: HashMap<String, Tensor>,
-    /// `None` for llama.cpp's SentencePiece tokenizer (see the module docs).
+    /// The file's tokenizer; `None` for a tokenizer model that is not built (see the module
+    /// docs and `notices`).
     pub tokenizer: Option<Tokenizer>,
     pub notices: Vec<String>,
 }

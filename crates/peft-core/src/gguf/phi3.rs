@@ -18,9 +18,11 @@
 //! factors are chosen per forward by sequence length as transformers does (llama.cpp chooses
 //! by context size), so the file gives the HF folder's logits.
 //!
-//! The tokenizer: a byte-level BPE (`gpt2`, Phi-4-mini) is built; llama.cpp's SentencePiece
-//! (`llama`, Phi-3 / Phi-3.5-mini) is not, and the model then loads without a tokenizer (a
-//! notice says so).
+//! The tokenizer: a byte-level BPE (`gpt2`, Phi-4-mini) and llama.cpp's SentencePiece
+//! (`llama`, Phi-3 / Phi-3.5-mini) are built, the latter as transformers builds Phi-3's from a
+//! GGUF (byte fallback, a `▁` prepended and spaces as `▁` by the normalizer, no pre-tokenizer).
+//! Another tokenizer model loads the model without a tokenizer, with a notice; malformed
+//! tokenizer metadata is `GgufInvalid` naming the key.
 
 use super::{check_tensor_shapes, decoder_tensor_shapes, dtype_name, embedding_rows, invalid, load_arch_weights, meta, open_gguf, opt_uint, optional_tokenizer, read_dequantized, validate_tensor_infos, ArchWeights, GgufDims};
 use crate::error::Result;
@@ -37,7 +39,8 @@ pub struct GgufPhi3 {
     pub config: Phi3Config,
     /// Dequantized weights by transformers name.
     pub tensors: HashMap<String, Tensor>,
-    /// `None` for llama.cpp's SentencePiece tokenizer (see the module docs).
+    /// The file's tokenizer; `None` for a tokenizer model that is not built (see the module
+    /// docs and `notices`).
     pub tokenizer: Option<Tokenizer>,
     pub notices: Vec<String>,
 }
