@@ -367,9 +367,10 @@ fn gemv_nt(dst: &mut Dst, a: View, b: View, alpha: f32, acc: bool, threads: usiz
         unsafe {
             let x = |i: usize| std::slice::from_raw_parts(ap.get().add(i * ald), k);
             let w = std::slice::from_raw_parts(wp.get().add(j0 * wld), (j1 - j0 - 1) * wld + k);
-            let mut ys: Vec<&mut [f32]> = (0..m).map(|i| std::slice::from_raw_parts_mut(dp.get().add(i * dld + j0), j1 - j0)).collect();
-            let xs: Vec<&[f32]> = (0..m).map(x).collect();
-            gemv_block(w, wld, k, &xs, &mut ys, alpha, acc);
+            // (fixed arrays, no allocation per call: decoding makes hundreds of these per token)
+            let mut ys: [&mut [f32]; GEMV_MAX_ROWS] = std::array::from_fn(|i| if i < m { std::slice::from_raw_parts_mut(dp.get().add(i * dld + j0), j1 - j0) } else { &mut [] });
+            let xs: [&[f32]; GEMV_MAX_ROWS] = std::array::from_fn(|i| if i < m { x(i) } else { &[] });
+            gemv_block(w, wld, k, &xs[..m], &mut ys[..m], alpha, acc);
         }
     };
     let chunks = if threads > 1 && n * k >= PAR_MIN_WEIGHT { (threads * 4).min(n / 16).max(1) } else { 1 };

@@ -1702,10 +1702,12 @@ fn run_parts(kernel: Kernel, xa: &QAct, parts: &mut [MultiPart], acc: bool) {
             // The LoRA terms for this group's rows of B, all x rows of the tile at once (as
             // `gemm`'s `gemv_nt` takes them).
             for &(h, b, rk) in &part.lora {
-                let hs: Vec<&[f32]> = (r0..r1).map(|i| &h[i * rk..(i + 1) * rk]).collect();
+                // (m ≤ 4 rows here: matmul_t_multi refuses more with LoRA terms)
+                let rows = r1 - r0;
+                let hs: [&[f32]; 4] = std::array::from_fn(|i| if i < rows { &h[(r0 + i) * rk..(r0 + i + 1) * rk] } else { &[] });
                 // SAFETY: as above, the same disjoint region of y.
-                let mut dsts: Vec<&mut [f32]> = (r0..r1).map(|i| unsafe { std::slice::from_raw_parts_mut(ys[pi].get().add(i * n + g * R), cols) }).collect();
-                super::gemm::gemv_block(&b[g * R * rk..(g * R + cols) * rk], rk, rk, &hs, &mut dsts, 1.0, true);
+                let mut dsts: [&mut [f32]; 4] = std::array::from_fn(|i| if i < rows { unsafe { std::slice::from_raw_parts_mut(ys[pi].get().add((r0 + i) * n + g * R), cols) } } else { &mut [] });
+                super::gemm::gemv_block(&b[g * R * rk..(g * R + cols) * rk], rk, rk, &hs[..rows], &mut dsts[..rows], 1.0, true);
             }
         }
     };
