@@ -241,7 +241,11 @@ impl PeftLinear {
                     }
                     self.lora_path(&sub, ad, ctx)?
                 } else if let Some(l) = self.others.get(name) {
-                    l.forward_delta(self, &sub, ctx)?
+                    if !l.mixed_batch() {
+                        return Err(mixed_refused(l.as_ref()));
+                    }
+                    let ys = y.index_select(&idx, 0)?;
+                    (l.apply(self, &sub, ys.clone(), ctx)? - ys)?
                 } else {
                     continue;
                 };
@@ -260,7 +264,7 @@ impl PeftLinear {
                 };
                 y = (y + delta.to_dtype(x.dtype())?)?;
             } else if let Some(l) = self.others.get(name) {
-                y = (y + l.forward_delta(self, x, ctx)?.to_dtype(x.dtype())?)?;
+                y = l.apply(self, x, y, ctx)?;
             }
         }
         Ok(y)
@@ -309,8 +313,13 @@ impl PeftLinear {
             } else if self.adapters.contains_key(name) {
                 self.merge_lora(name, safe)?;
             } else if let Some(l) = self.others.get(name) {
-                let delta = l.delta_weight(self)?;
-                let w = (self.weight.to_dtype(DType::F32)? + if self.transposed { delta.t()? } else { delta })?;
+                let w = match l.merged_weight(self) {
+                    Some(w) => w?.to_dtype(DType::F32)?,
+                    None => {
+                        let delta = l.delta_weight(self)?;
+                        (self.weight.to_dtype(DType::F32)? + if self.transposed { delta.t()? } else { delta })?
+                    }
+                };
                 if safe && !w.sum_all()?.to_scalar::<f32>()?.is_finite() {
                     return Err(PeftError::InvalidState(format!("NaNs or Infs detected in the merged weights; the adapter `{name}` seems broken")));
                 }
@@ -331,9 +340,14 @@ impl PeftLinear {
             } else if self.adapters.contains_key(&name) {
                 self.unmerge_lora(&name)?;
             } else if let Some(l) = self.others.get(&name) {
-                let delta = l.delta_weight(self)?;
-                let w = (self.weight.to_dtype(DType::F32)? - if self.transposed { delta.t()? } else { delta })?;
-                self.weight = w.to_dtype(self.weight.dtype())?.contiguous()?;
+                self.weight = match l.unmerged_weight(self) {
+                    Some(w) => w?,
+                    None => {
+                        let delta = l.delta_weight(self)?;
+                        let w = (self.weight.to_dtype(DType::F32)? - if self.transposed { delta.t()? } else { delta })?;
+                        w.to_dtype(self.weight.dtype())?.contiguous()?
+                    }
+                };
             }
         }
         Ok(())
@@ -457,6 +471,14 @@ impl PeftLinear {
         self.merged.clear();
         self.disabled = false;
     }
+}
+
+/// The error for a mixed batch naming an adapter whose layer takes no per-row adapters.
+pub(crate) fn mixed_refused(l: &dyn AdapterLayer) -> PeftError {
+    PeftError::invalid_arg(
+        "adapterNames",
+        format!("per-row adapters (mixed batches) are not available for {} layers (HF PEFT 0.21's {} has no such hook and ignores `adapter_names`)", l.peft_type(), l.module_type()),
+    )
 }
 
 /// The rows of a mixed batch grouped by adapter name: `(name, row indices as a u32 tensor)`,
