@@ -28,7 +28,7 @@ mod model;
 
 pub use config::*;
 pub use layer::TrainableTokensLayer;
-pub(crate) use model::tied_modules;
+pub(crate) use model::{lora_expected_tokens, tied_modules};
 
 use crate::error::Result;
 use crate::model::Task;

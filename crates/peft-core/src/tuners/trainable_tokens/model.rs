@@ -111,3 +111,63 @@ impl PeftModel {
         })
     }
 }
+
+impl PeftModel {
+    /// LoRA's `trainable_token_indices` (HF `LoraModel` wrapping the embedding(s) in a
+    /// `TrainableTokensWrapper`, `_set_trainable`): a trainable-tokens layer under the slot
+    /// `token_adapter.trainable_tokens_delta` on the input embedding (list form) or on every
+    /// module whose name ends with a key of the dict form, rows starting as the base rows; a tied
+    /// `lm_head` follows the input embedding's layer (not saved, as in HF). Returns the planned
+    /// layers by module; the caller installs them with the LoRA layers.
+    ///
+    /// Errors: `InvalidAdapterConfig` naming `trainable_token_indices` for a key that matches no
+    /// module (HF's message), an index outside the table (HF's `IndexError` message), or a module
+    /// that LoRA also targets (not supported here).
+    pub(crate) fn plan_lora_trainable_tokens(&self, cfg: &crate::tuners::lora::LoraConfig, lora_targets: &[String], rng: &mut rand::rngs::StdRng) -> Result<HashMap<String, Box<dyn AdapterLayer>>> {
+        let mut out: HashMap<String, Box<dyn AdapterLayer>> = HashMap::new();
+        let Some(spec) = cfg.trainable_token_indices() else { return Ok(out) };
+        let bad = |msg: String| PeftError::InvalidAdapterConfig { path: None, msg: format!("`trainable_token_indices`: {msg}") };
+        let emb = input_embedding_name(self);
+        let names: Vec<String> = self.base.named_linears().into_iter().map(|(m, _)| m).collect();
+        let mut owner = None;
+        for (key, ids) in spec {
+            let matched: Vec<String> = if key.is_empty() { emb.clone().into_iter().collect() } else { names.iter().filter(|m| m.ends_with(&key)).cloned().collect() };
+            if matched.is_empty() {
+                let key = if key.is_empty() { "embed_tokens".to_string() } else { key };
+                return Err(bad(format!("Target modules {{'{key}'}} not found in the base model. Please check the target modules and try again.")));
+            }
+            for m in matched {
+                if lora_targets.contains(&m) {
+                    return Err(bad(format!("`{m}` is also a LoRA target (`target_modules`); LoRA and trainable tokens on the same layer are not supported here")));
+                }
+                let l = new_layer(self, &m, &ids, true, super::layer::TOKEN_ADAPTER_DELTA, true, rng).map_err(|e| match e {
+                    PeftError::InvalidAdapterConfig { msg, .. } => bad(msg.replace("`token_indices`: ", "")),
+                    e => e,
+                })?;
+                if Some(&m) == emb.as_ref() {
+                    owner = Some(l.clone());
+                }
+                out.insert(m, Box::new(l));
+            }
+        }
+        if let Some(owner) = owner {
+            for (m, l) in tied_layers(self, &owner)? {
+                if lora_targets.contains(&m) {
+                    return Err(bad(format!("`{m}` is tied to the input embedding and is also a LoRA target (`target_modules`); not supported here")));
+                }
+                out.insert(m, Box::new(l));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// LoRA's expected `token_adapter.trainable_tokens_delta` of module `m` (layer `lin`) for
+/// `trainable_token_indices`, `(slot, [k, dim])` (loading checks the file's tensors with it).
+pub(crate) fn lora_expected_tokens(cfg: &crate::tuners::lora::LoraConfig, m: &str, lin: &crate::tuners::linear::PeftLinear) -> Option<(Slot, Vec<usize>)> {
+    let spec = cfg.trainable_token_indices()?;
+    let (_, dim) = lin.weight.dims2().ok()?;
+    spec.into_iter()
+        .find(|(key, _)| if key.is_empty() { lin.is_embedding } else { m.ends_with(key.as_str()) })
+        .map(|(_, ids)| (super::layer::TOKEN_ADAPTER_DELTA, vec![ids.len(), dim]))
+}
