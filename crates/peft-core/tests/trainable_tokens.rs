@@ -99,6 +99,8 @@ fn trainable_tokens_counts_and_gradients_match_hf() {
     // GPT-2: the embedding and the tied lm_head.
     let status = adapter_peft("gpt2_tt", false).layer_status().unwrap();
     assert_eq!(status.len(), 2, "{status:?}");
+    // HF's module_type is the class name (`TrainableTokensLayer` has no `peft.` repr prefix).
+    assert!(status.iter().all(|s| s["module_type"] == "TrainableTokensLayer"), "{status:?}");
 }
 
 #[test]
@@ -178,6 +180,18 @@ fn trainable_tokens_two_adapters_with_overlapping_rows() {
     check_logits("default still active", &m, &exp, "logits_adapter");
     m.set_adapter(&["b".to_string()]).unwrap();
     check_logits("b (no-op)", &m, &exp, "logits_base");
+    // Both active: disjoint rows each replace their own; overlapping rows give HF's error.
+    m.set_adapter(&["default".to_string(), "b".to_string()]).unwrap();
+    check_logits("default + b (b a no-op)", &m, &exp, "logits_adapter");
+    let idx = token_indices(case);
+    m.add_adapter("c", tt(json!({"token_indices": [idx[0]], "target_modules": "model.embed_tokens"})), 1).unwrap();
+    m.set_adapter(&["default".to_string(), "c".to_string()]).unwrap();
+    let (ids, b, s) = exp.ids("input_ids");
+    let e = m.forward(&ids, b, s, &Default::default(), None).unwrap_err();
+    assert_eq!(e.code(), "ERR_INVALID_STATE");
+    assert!(e.to_string().contains("Token indices of adapter c are already defined"), "{e}");
+    let e = m.merge_adapter(None, false).unwrap_err();
+    assert!(e.to_string().contains("Token indices of adapter c are already defined"), "{e}");
 }
 
 #[test]

@@ -118,6 +118,12 @@ pub trait AdapterLayer: Send + Sync + std::fmt::Debug {
         let _ = lin;
         None
     }
+    /// For tuners that replace rows of the base table (trainable tokens): the rows. Two such
+    /// adapters active or merged together must not share a row (HF
+    /// `_check_overlapping_tokens`, see [`PeftLinear::check_disjoint_rows`]).
+    fn replaced_rows(&self) -> Option<&[u32]> {
+        None
+    }
     /// Whether mixed batches (`adapterNames`) may route rows to this layer.
     fn mixed_batch(&self) -> bool {
         true

@@ -253,6 +253,9 @@ impl PeftLinear {
             }
             return Ok(y);
         }
+        if self.active.len() > 1 && !self.others.is_empty() {
+            self.check_disjoint_rows(&self.active)?;
+        }
         for name in &self.active {
             if self.merged.contains(name) {
                 continue;
@@ -304,6 +307,9 @@ impl PeftLinear {
         if names.iter().any(|n| self.has_adapter(n) && !self.merged.contains(n)) {
             self.refuse_quantized("merge an adapter")?;
         }
+        if !self.others.is_empty() {
+            self.check_disjoint_rows(names)?;
+        }
         for name in names {
             if self.merged.contains(name) {
                 continue;
@@ -349,6 +355,34 @@ impl PeftLinear {
                     }
                 };
             }
+        }
+        Ok(())
+    }
+
+    /// HF `TrainableTokensLayer._check_overlapping_tokens`: the merged adapters and `names`
+    /// (in that order, each once) whose layers replace rows ([`AdapterLayer::replaced_rows`])
+    /// must replace disjoint rows.
+    ///
+    /// Errors: `InvalidState` with HF's message naming the first adapter that overlaps.
+    pub fn check_disjoint_rows(&self, names: &[String]) -> Result<()> {
+        let mut order: Vec<&String> = Vec::new();
+        for n in self.merged.iter().chain(names) {
+            if !order.contains(&n) {
+                order.push(n);
+            }
+        }
+        if order.len() <= 1 {
+            return Ok(());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for n in order {
+            let Some(rows) = self.others.get(n).and_then(|l| l.replaced_rows()) else { continue };
+            if rows.iter().any(|r| seen.contains(r)) {
+                return Err(PeftError::InvalidState(format!(
+                    "Token indices of adapter {n} are already defined and would result in undefined merging behavior. Only disjunct token indices are currently supported."
+                )));
+            }
+            seen.extend(rows.iter().copied());
         }
         Ok(())
     }

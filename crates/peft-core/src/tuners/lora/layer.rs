@@ -135,6 +135,9 @@ impl PeftLinear {
             }
             return Ok(y);
         }
+        if self.active.len() > 1 && !self.others.is_empty() {
+            self.check_disjoint_rows(&self.active)?;
+        }
         for name in &self.active {
             if self.merged.contains(name) {
                 continue;

@@ -165,7 +165,7 @@ impl AdapterLayer for TrainableTokensLayer {
         "TRAINABLE_TOKENS"
     }
     fn module_type(&self) -> &'static str {
-        "trainable_tokens.TrainableTokensLayer"
+        "TrainableTokensLayer"
     }
     fn params(&self) -> Vec<Param<'_>> {
         if self.tied {
@@ -228,6 +228,9 @@ impl AdapterLayer for TrainableTokensLayer {
     }
     fn unmerged_weight(&self, lin: &PeftLinear) -> Option<Result<Tensor>> {
         Some(self.with_rows(lin, &self.original))
+    }
+    fn replaced_rows(&self) -> Option<&[u32]> {
+        Some(&self.indices)
     }
     fn mixed_batch(&self) -> bool {
         self.mixed_batch
