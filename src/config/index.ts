@@ -12,6 +12,7 @@ import { MultitaskPromptTuningConfig } from './multitask-prompt-tuning'
 import { PromptEncoderConfig } from './p-tuning'
 import { PrefixTuningConfig } from './prefix-tuning'
 import { PromptTuningConfig } from './prompt-tuning'
+import { TrainableTokensConfig } from './trainable-tokens'
 import { VeraConfig } from './vera'
 
 export type { TaskType } from './base'
@@ -20,6 +21,7 @@ export { IA3Config, type IA3ConfigOptions } from './ia3'
 export { LoHaConfig, type LoHaConfigOptions } from './loha'
 export { LoKrConfig, type LoKrConfigOptions } from './lokr'
 export { VeraConfig, type VeraConfigOptions } from './vera'
+export { TrainableTokensConfig, type TrainableTokensConfigOptions } from './trainable-tokens'
 export type { PromptLearningConfigOptions } from './prompt-learning'
 export { PrefixTuningConfig, type PrefixTuningConfigOptions } from './prefix-tuning'
 export { PromptTuningConfig, type PromptTuningConfigOptions } from './prompt-tuning'
@@ -33,6 +35,7 @@ const REGISTRY = {
   LOHA: LoHaConfig,
   LOKR: LoKrConfig,
   VERA: VeraConfig,
+  TRAINABLE_TOKENS: TrainableTokensConfig,
   PREFIX_TUNING: PrefixTuningConfig,
   PROMPT_TUNING: PromptTuningConfig,
   P_TUNING: PromptEncoderConfig,

@@ -40,6 +40,13 @@ export interface LoraConfigOptions {
    * `modulesToSave` or `targetModules`, HF ties the adapter's copies; peft-node does not, and
    * refuses such a config (`ERR_ADAPTER_CONFIG_INVALID`). Otherwise HF's warnings. */
   ensureWeightTying?: boolean
+  /**
+   * Train only these rows of the embedding(s), next to the LoRA layers (HF `trainable_token_indices`, see
+   * `TrainableTokensConfig`): a list of token ids for the input embedding, or `{ moduleName: ids }` (module names
+   * matched by suffix, e.g. `{ embed_tokens: [...] }`). Saved as `<module>.token_adapter.trainable_tokens_delta`
+   * `[ids.length, dim]`; a `lm_head` tied to the input embedding follows it. Default null.
+   */
+  trainableTokenIndices?: number[] | Record<string, number[]> | null
 }
 
 /** HF PEFT 0.21 defaults of every LoraConfig field (snake_case, as on disk). */
@@ -63,6 +70,7 @@ const FIELDS: Array<[keyof LoraConfigOptions, string]> = [
   ['layersToTransform', 'layers_to_transform'], ['layersPattern', 'layers_pattern'], ['rankPattern', 'rank_pattern'],
   ['alphaPattern', 'alpha_pattern'], ['taskType', 'task_type'], ['baseModelNameOrPath', 'base_model_name_or_path'],
   ['revision', 'revision'], ['inferenceMode', 'inference_mode'], ['ensureWeightTying', 'ensure_weight_tying'],
+  ['trainableTokenIndices', 'trainable_token_indices'],
 ]
 
 export class LoraConfig implements LoraConfigOptions {
@@ -87,6 +95,7 @@ export class LoraConfig implements LoraConfigOptions {
   revision: string | null = null
   inferenceMode = false
   ensureWeightTying = false
+  trainableTokenIndices: number[] | Record<string, number[]> | null = null
   /** Fields of a loaded adapter_config.json that this class does not name (kept as they are). */
   readonly extra: Record<string, unknown> = {}
 

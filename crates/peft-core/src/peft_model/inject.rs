@@ -94,6 +94,9 @@ impl PeftModel {
     /// Errors: `InvalidAdapterConfig` naming `ensure_weight_tying` in that last case.
     pub(crate) fn check_tied_modules(&mut self, cfg: &AdapterConfig) -> Result<()> {
         const EMBEDDING_LAYER_NAMES: [&str; 2] = ["embed_tokens", "lm_head"];
+        if cfg.tuner().ties_embedding_adapters() {
+            return Ok(());
+        }
         let Some(targets) = cfg.common().target_modules() else { return Ok(()) };
         let mts = cfg.modules_to_save();
         let json = cfg.to_json();

@@ -93,6 +93,45 @@ pub trait AdapterLayer: Send + Sync + std::fmt::Debug {
     fn shared_tensors(&self) -> Vec<(&'static str, Tensor)> {
         vec![]
     }
+    /// The layer's output given the base output `y` (and the adapters applied before it) for
+    /// input `x` `[..., in]`, in `y`'s dtype. Weight-delta tuners add
+    /// [`AdapterLayer::forward_delta`] (the default); trainable tokens replace output columns.
+    fn apply(&self, lin: &PeftLinear, x: &Tensor, y: Tensor, ctx: &LinearCtx) -> Result<Tensor> {
+        Ok((y + self.forward_delta(lin, x, ctx)?.to_dtype(x.dtype())?)?)
+    }
+    /// An embedding lookup: `y` `[..., dim]` holds the rows of token ids `ids` looked up so far;
+    /// returns the adapted rows (trainable tokens replace theirs). The default leaves them as
+    /// they are (tuners that do not adapt embeddings never sit on one).
+    fn apply_embedding(&self, lin: &PeftLinear, ids: &Tensor, y: Tensor, ctx: &LinearCtx) -> Result<Tensor> {
+        let _ = (lin, ids, ctx);
+        Ok(y)
+    }
+    /// For tuners whose merge replaces weights instead of adding `ΔW` (trainable tokens, HF
+    /// `index_copy`): the merged base weight, in the base dtype and layout. `None` (the
+    /// default): merging adds [`AdapterLayer::delta_weight`].
+    fn merged_weight(&self, lin: &PeftLinear) -> Option<Result<Tensor>> {
+        let _ = lin;
+        None
+    }
+    /// The twin of [`AdapterLayer::merged_weight`] for unmerging (the base weight restored).
+    fn unmerged_weight(&self, lin: &PeftLinear) -> Option<Result<Tensor>> {
+        let _ = lin;
+        None
+    }
+    /// For tuners that replace rows of the base table (trainable tokens): the rows. Two such
+    /// adapters active or merged together must not share a row (HF
+    /// `_check_overlapping_tokens`, see [`PeftLinear::check_disjoint_rows`]).
+    fn replaced_rows(&self) -> Option<&[u32]> {
+        None
+    }
+    /// Whether mixed batches (`adapterNames`) may route rows to this layer.
+    fn mixed_batch(&self) -> bool {
+        true
+    }
+    /// The concrete layer, for tuners that look at their own layers (trainable tokens' tying).
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
     /// A boxed copy.
     fn clone_box(&self) -> Box<dyn AdapterLayer>;
 }

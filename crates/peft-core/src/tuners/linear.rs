@@ -241,13 +241,20 @@ impl PeftLinear {
                     }
                     self.lora_path(&sub, ad, ctx)?
                 } else if let Some(l) = self.others.get(name) {
-                    l.forward_delta(self, &sub, ctx)?
+                    if !l.mixed_batch() {
+                        return Err(mixed_refused(l.as_ref()));
+                    }
+                    let ys = y.index_select(&idx, 0)?;
+                    (l.apply(self, &sub, ys.clone(), ctx)? - ys)?
                 } else {
                     continue;
                 };
                 y = y.index_add(&idx, &delta.to_dtype(y.dtype())?, 0)?;
             }
             return Ok(y);
+        }
+        if self.active.len() > 1 && !self.others.is_empty() {
+            self.check_disjoint_rows(&self.active)?;
         }
         for name in &self.active {
             if self.merged.contains(name) {
@@ -260,7 +267,7 @@ impl PeftLinear {
                 };
                 y = (y + delta.to_dtype(x.dtype())?)?;
             } else if let Some(l) = self.others.get(name) {
-                y = (y + l.forward_delta(self, x, ctx)?.to_dtype(x.dtype())?)?;
+                y = l.apply(self, x, y, ctx)?;
             }
         }
         Ok(y)
@@ -300,6 +307,9 @@ impl PeftLinear {
         if names.iter().any(|n| self.has_adapter(n) && !self.merged.contains(n)) {
             self.refuse_quantized("merge an adapter")?;
         }
+        if !self.others.is_empty() {
+            self.check_disjoint_rows(names)?;
+        }
         for name in names {
             if self.merged.contains(name) {
                 continue;
@@ -309,8 +319,13 @@ impl PeftLinear {
             } else if self.adapters.contains_key(name) {
                 self.merge_lora(name, safe)?;
             } else if let Some(l) = self.others.get(name) {
-                let delta = l.delta_weight(self)?;
-                let w = (self.weight.to_dtype(DType::F32)? + if self.transposed { delta.t()? } else { delta })?;
+                let w = match l.merged_weight(self) {
+                    Some(w) => w?.to_dtype(DType::F32)?,
+                    None => {
+                        let delta = l.delta_weight(self)?;
+                        (self.weight.to_dtype(DType::F32)? + if self.transposed { delta.t()? } else { delta })?
+                    }
+                };
                 if safe && !w.sum_all()?.to_scalar::<f32>()?.is_finite() {
                     return Err(PeftError::InvalidState(format!("NaNs or Infs detected in the merged weights; the adapter `{name}` seems broken")));
                 }
@@ -331,10 +346,43 @@ impl PeftLinear {
             } else if self.adapters.contains_key(&name) {
                 self.unmerge_lora(&name)?;
             } else if let Some(l) = self.others.get(&name) {
-                let delta = l.delta_weight(self)?;
-                let w = (self.weight.to_dtype(DType::F32)? - if self.transposed { delta.t()? } else { delta })?;
-                self.weight = w.to_dtype(self.weight.dtype())?.contiguous()?;
+                self.weight = match l.unmerged_weight(self) {
+                    Some(w) => w?,
+                    None => {
+                        let delta = l.delta_weight(self)?;
+                        let w = (self.weight.to_dtype(DType::F32)? - if self.transposed { delta.t()? } else { delta })?;
+                        w.to_dtype(self.weight.dtype())?.contiguous()?
+                    }
+                };
             }
+        }
+        Ok(())
+    }
+
+    /// HF `TrainableTokensLayer._check_overlapping_tokens`: the merged adapters and `names`
+    /// (in that order, each once) whose layers replace rows ([`AdapterLayer::replaced_rows`])
+    /// must replace disjoint rows.
+    ///
+    /// Errors: `InvalidState` with HF's message naming the first adapter that overlaps.
+    pub fn check_disjoint_rows(&self, names: &[String]) -> Result<()> {
+        let mut order: Vec<&String> = Vec::new();
+        for n in self.merged.iter().chain(names) {
+            if !order.contains(&n) {
+                order.push(n);
+            }
+        }
+        if order.len() <= 1 {
+            return Ok(());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for n in order {
+            let Some(rows) = self.others.get(n).and_then(|l| l.replaced_rows()) else { continue };
+            if rows.iter().any(|r| seen.contains(r)) {
+                return Err(PeftError::InvalidState(format!(
+                    "Token indices of adapter {n} are already defined and would result in undefined merging behavior. Only disjunct token indices are currently supported."
+                )));
+            }
+            seen.extend(rows.iter().copied());
         }
         Ok(())
     }
@@ -457,6 +505,14 @@ impl PeftLinear {
         self.merged.clear();
         self.disabled = false;
     }
+}
+
+/// The error for a mixed batch naming an adapter whose layer takes no per-row adapters.
+pub(crate) fn mixed_refused(l: &dyn AdapterLayer) -> PeftError {
+    PeftError::invalid_arg(
+        "adapterNames",
+        format!("per-row adapters (mixed batches) are not available for {} layers (HF PEFT 0.21's {} has no such hook and ignores `adapter_names`)", l.peft_type(), l.module_type()),
+    )
 }
 
 /// The rows of a mixed batch grouped by adapter name: `(name, row indices as a u32 tensor)`,

@@ -17,6 +17,7 @@ pub mod lora;
 pub mod lycoris;
 pub mod prompt;
 pub mod registry;
+pub mod trainable_tokens;
 pub mod vera;
 
 pub use config::{AdapterConfig, TunerConfig};
@@ -25,4 +26,5 @@ pub use linear::{LoraAdapter, PeftLinear, RowAdapters};
 pub use lora::{init, weighted};
 pub use lora::{InitLoraWeights, LoraConfig, TargetModules};
 pub use prompt::{PromptEncoder, PromptLearningConfig, PromptMethod};
+pub use trainable_tokens::TrainableTokensConfig;
 pub use vera::VeraConfig;

@@ -26,6 +26,12 @@ pub trait Tuner: Sync {
     fn slots(&self) -> &'static [Slot] {
         &[]
     }
+    /// Whether the tuner ties its own adapters of the input embedding and a tied `lm_head` (HF
+    /// `TrainableTokensModel` overrides `_get_tied_target_modules`), so the tied-module warnings
+    /// of `check_tied_modules` do not apply.
+    fn ties_embedding_adapters(&self) -> bool {
+        false
+    }
     /// Parse HF's adapter_config.json object into this tuner's config.
     ///
     /// Errors: `InvalidAdapterConfig` naming the field.
@@ -64,7 +70,7 @@ pub trait Tuner: Sync {
 }
 
 /// Every registered tuner.
-pub static TUNERS: &[&dyn Tuner] = &[&super::lora::LoraTuner, &super::ia3::Ia3Tuner, &super::loha::TUNER, &super::lokr::TUNER, &super::vera::TUNER, &super::prompt::PromptTuner];
+pub static TUNERS: &[&dyn Tuner] = &[&super::lora::LoraTuner, &super::ia3::Ia3Tuner, &super::loha::TUNER, &super::lokr::TUNER, &super::vera::TUNER, &super::trainable_tokens::TUNER, &super::prompt::PromptTuner];
 
 /// The tuner registered for `peft_type`.
 pub fn tuner_for(peft_type: &str) -> Option<&'static dyn Tuner> {

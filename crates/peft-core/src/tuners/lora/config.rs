@@ -167,6 +167,7 @@ impl LoraConfig {
         let rank_pattern = rc.rank_pattern(MAX_RANK)?;
         let alpha_pattern = rc.alpha_pattern()?;
         let opt_str = |k: &str| raw[k].as_str().map(String::from);
+        trainable_token_indices_of(&raw["trainable_token_indices"]).map_err(bad)?;
         Ok(LoraConfig {
             r,
             lora_alpha,
@@ -190,6 +191,13 @@ impl LoraConfig {
             unknown: rc.unknown.clone(),
             raw: rc.raw.clone(),
         })
+    }
+
+    /// `trainable_token_indices` (HF: a list of token ids for the input embedding, or a dict of
+    /// module name → token ids): `None` when unset; `Some` pairs of `(module key, ids)` where an
+    /// empty key means the input embedding. See [`crate::tuners::trainable_tokens`].
+    pub fn trainable_token_indices(&self) -> Option<Vec<(String, Vec<i64>)>> {
+        trainable_token_indices_of(self.raw.get("trainable_token_indices").unwrap_or(&Value::Null)).ok().flatten()
     }
 
     /// Parse an adapter_config.json file.
@@ -282,5 +290,21 @@ mod tests {
             assert_eq!(e.code(), "ERR_ADAPTER_CONFIG_INVALID");
             assert!(e.to_string().contains(field), "{e}");
         }
+    }
+}
+
+/// `trainable_token_indices` as `(module key, ids)` pairs (`""` for the list form).
+fn trainable_token_indices_of(v: &Value) -> std::result::Result<Option<Vec<(String, Vec<i64>)>>, String> {
+    use crate::tuners::trainable_tokens::config::parse_token_indices;
+    let err = |m: String| m.replace("`token_indices`", "`trainable_token_indices`");
+    match v {
+        Value::Null => Ok(None),
+        Value::Array(_) => Ok(Some(vec![(String::new(), parse_token_indices(v).map_err(err)?)])),
+        Value::Object(o) => o
+            .iter()
+            .map(|(k, x)| Ok((k.clone(), parse_token_indices(x).map_err(|m| err(m).replace("(token ids)", &format!("(token ids) for `{k}`")))?)))
+            .collect::<std::result::Result<Vec<_>, String>>()
+            .map(Some),
+        other => Err(format!("`trainable_token_indices` must be a list of token ids or an object of module name -> token ids, found {other}")),
     }
 }

@@ -103,7 +103,7 @@ impl PeftLinear {
             None => self.weight.clone(),
         };
         let mut y = table.index_select(ids, 0)?.reshape((b, s, dim))?;
-        if self.disabled || self.adapters.is_empty() {
+        if self.disabled || (self.adapters.is_empty() && self.others.is_empty()) {
             return Ok(y);
         }
         let delta = |ad: &LoraAdapter, ids: &Tensor, rows: usize| -> Result<Tensor> {
@@ -118,6 +118,16 @@ impl PeftLinear {
             }
             let ids2 = ids.reshape((b, s))?;
             for (name, idx) in row_groups(rows, ids.device())? {
+                if let Some(l) = self.others.get(name) {
+                    if !l.mixed_batch() {
+                        return Err(crate::tuners::linear::mixed_refused(l.as_ref()));
+                    }
+                    let sub = ids2.index_select(&idx, 0)?;
+                    let ys = y.index_select(&idx, 0)?;
+                    let d = (l.apply_embedding(self, &sub, ys.clone(), ctx)? - ys)?;
+                    y = y.index_add(&idx, &d, 0)?;
+                    continue;
+                }
                 let Some(ad) = self.adapters.get(name) else { continue };
                 let sub = ids2.index_select(&idx, 0)?.flatten_all()?;
                 let d = delta(ad, &sub, idx.dim(0)?)?.to_dtype(y.dtype())?;
@@ -125,12 +135,17 @@ impl PeftLinear {
             }
             return Ok(y);
         }
+        if self.active.len() > 1 && !self.others.is_empty() {
+            self.check_disjoint_rows(&self.active)?;
+        }
         for name in &self.active {
             if self.merged.contains(name) {
                 continue;
             }
             if let Some(ad) = self.adapters.get(name) {
                 y = (y + delta(ad, ids, b)?.to_dtype(table.dtype())?)?;
+            } else if let Some(l) = self.others.get(name) {
+                y = l.apply_embedding(self, ids, y, ctx)?;
             }
         }
         Ok(y)

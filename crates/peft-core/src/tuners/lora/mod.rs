@@ -26,6 +26,9 @@ use crate::tuners::linear::PeftLinear;
 use crate::tuners::registry::Tuner;
 use std::path::Path;
 
+/// LoRA's slots ([`layer::SLOTS`]) plus the trainable-tokens slot of `trainable_token_indices`.
+static SLOTS_WITH_TOKENS: [Slot; 6] = [layer::LORA_A, layer::LORA_B, layer::LORA_EMBEDDING_A, layer::LORA_EMBEDDING_B, layer::LORA_MAGNITUDE, crate::tuners::trainable_tokens::layer::TOKEN_ADAPTER_DELTA];
+
 /// The LoRA tuner (HF `LoraModel`), registered for `peft_type` `"LORA"`.
 pub struct LoraTuner;
 
@@ -39,8 +42,9 @@ impl Tuner for LoraTuner {
     fn prefix(&self) -> Option<&'static str> {
         Some("lora_")
     }
+    /// LoRA's slots and the `token_adapter.trainable_tokens_delta` of `trainable_token_indices`.
     fn slots(&self) -> &'static [Slot] {
-        layer::SLOTS
+        &SLOTS_WITH_TOKENS
     }
     fn parse_config(&self, v: &serde_json::Value, path: Option<&Path>) -> Result<AdapterConfig> {
         Ok(LoraConfig::from_json(v, path)?.into())
@@ -52,7 +56,7 @@ impl Tuner for LoraTuner {
     fn expected_params(&self, cfg: &AdapterConfig, task: Task, m: &str, lin: &PeftLinear) -> Vec<(Slot, Vec<usize>)> {
         let Some(c) = cfg.as_lora() else { return vec![] };
         if c.rule().select(m, is_output_head(task, m)) != crate::targeting::Selection::Target {
-            return vec![];
+            return crate::tuners::trainable_tokens::lora_expected_tokens(c, m, lin).into_iter().collect();
         }
         let r = c.rank_for(m);
         let (sa, sb) = layer::LoraAdapter::ab_slots(lin.is_embedding);

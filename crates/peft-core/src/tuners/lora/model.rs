@@ -113,6 +113,7 @@ impl PeftModel {
         if planned.is_empty() {
             return Err(self.no_targets(&cfg.to_json()["target_modules"], &misses, cfg.layers_to_transform.as_deref(), cfg.layers_pattern.as_deref()));
         }
+        let mut tokens = self.plan_lora_trainable_tokens(&cfg, &targeted_modules(&planned), &mut rng)?;
         let task = cfg.task_type.as_deref().and_then(Task::from_task_type);
         let mut copies = self.plan_saved_copies(name, &cfg.modules_to_save.clone().unwrap_or_default(), task)?;
         let first = self.configs.is_empty();
@@ -127,6 +128,11 @@ impl PeftModel {
             }
             if let Some(res) = residuals.remove(&mname) {
                 lin.weight = res;
+            }
+        }
+        for (mname, lin) in self.base.named_linears_mut() {
+            if let Some(l) = tokens.remove(&mname) {
+                lin.others.insert(name.to_string(), l);
             }
         }
         let (bias_mode, trainable) = (cfg.bias.clone(), !cfg.inference_mode);
@@ -210,4 +216,8 @@ pub(crate) fn config_bias_mode(cfg: &crate::tuners::AdapterConfig) -> String {
         Some(b) => b.into(),
         None => "none".into(),
     }
+}
+
+fn targeted_modules(planned: &[(String, LoraAdapter)]) -> Vec<String> {
+    planned.iter().map(|(n, _)| n.clone()).collect()
 }
