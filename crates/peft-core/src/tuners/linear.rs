@@ -244,8 +244,14 @@ impl PeftLinear {
                     if !l.mixed_batch() {
                         return Err(mixed_refused(l.as_ref()));
                     }
-                    let ys = y.index_select(&idx, 0)?;
-                    (l.apply(self, &sub, ys.clone(), ctx)? - ys)?
+                    if l.replaced_rows().is_none() {
+                        // Weight-delta tuners: their delta itself (no round trip through y).
+                        l.forward_delta(self, &sub, ctx)?
+                    } else {
+                        // Row-replacing layers (trainable tokens): the change they make to these rows.
+                        let ys = y.index_select(&idx, 0)?;
+                        (l.apply(self, &sub, ys.clone(), ctx)? - ys)?
+                    }
                 } else {
                     continue;
                 };
