@@ -148,68 +148,47 @@ pub(crate) mod meta {
         }
     }
 
-    /// An array of strings, borrowed; `None` when absent.
-    pub fn string_array<'a>(
+    /// An array whose elements `elem` converts (`None` for a wrong element, reported as
+    /// "metadata `key`[i] must be <what>"); `None` when the key is absent.
+    fn array<'a, T>(
         md: &'a HashMap<String, Value>,
         key: &str,
         path: &Path,
-    ) -> Result<Option<Vec<&'a str>>> {
+        what: &str,
+        elem: impl Fn(&'a Value) -> Option<T>,
+    ) -> Result<Option<Vec<T>>> {
         match md.get(key) {
             None => Ok(None),
             Some(Value::Array(a)) => a
                 .iter()
                 .enumerate()
-                .map(|(i, v)| match v {
-                    Value::String(s) => Ok(s.as_str()),
-                    other => Err(invalid(
-                        path,
-                        format!("metadata `{key}`[{i}] must be a string, found {}", type_name(other)),
-                    )),
-                })
+                .map(|(i, v)| elem(v).ok_or_else(|| invalid(path, format!("metadata `{key}`[{i}] must be {what}, found {}", type_name(v)))))
                 .collect::<Result<Vec<_>>>()
                 .map(Some),
             Some(v) => Err(invalid(path, format!("metadata `{key}` must be an array, found {}", type_name(v)))),
         }
+    }
+
+    /// An array of strings, borrowed; `None` when absent.
+    pub fn string_array<'a>(md: &'a HashMap<String, Value>, key: &str, path: &Path) -> Result<Option<Vec<&'a str>>> {
+        array(md, key, path, "a string", |v| match v {
+            Value::String(s) => Some(s.as_str()),
+            _ => None,
+        })
     }
 
     /// An array of integers (any integer type) as i64; `None` when absent.
     pub fn int_array(md: &HashMap<String, Value>, key: &str, path: &Path) -> Result<Option<Vec<i64>>> {
-        match md.get(key) {
-            None => Ok(None),
-            Some(Value::Array(a)) => a
-                .iter()
-                .enumerate()
-                .map(|(i, v)| match as_i128(v) {
-                    Some(x) if x >= i64::MIN as i128 && x <= i64::MAX as i128 => Ok(x as i64),
-                    _ => Err(invalid(
-                        path,
-                        format!("metadata `{key}`[{i}] must be an integer, found {}", type_name(v)),
-                    )),
-                })
-                .collect::<Result<Vec<_>>>()
-                .map(Some),
-            Some(v) => Err(invalid(path, format!("metadata `{key}` must be an array, found {}", type_name(v)))),
-        }
+        array(md, key, path, "an integer", |v| as_i128(v).and_then(|x| i64::try_from(x).ok()))
     }
 
     /// An array of numbers (floats or integers) as f64; `None` when absent.
     pub fn float_array(md: &HashMap<String, Value>, key: &str, path: &Path) -> Result<Option<Vec<f64>>> {
-        match md.get(key) {
-            None => Ok(None),
-            Some(Value::Array(a)) => a
-                .iter()
-                .enumerate()
-                .map(|(i, v)| match v {
-                    Value::F32(x) => Ok(*x as f64),
-                    Value::F64(x) => Ok(*x),
-                    other => as_i128(other).map(|x| x as f64).ok_or_else(|| {
-                        invalid(path, format!("metadata `{key}`[{i}] must be a number, found {}", type_name(other)))
-                    }),
-                })
-                .collect::<Result<Vec<_>>>()
-                .map(Some),
-            Some(v) => Err(invalid(path, format!("metadata `{key}` must be an array, found {}", type_name(v)))),
-        }
+        array(md, key, path, "a number", |v| match v {
+            Value::F32(x) => Some(*x as f64),
+            Value::F64(x) => Some(*x),
+            other => as_i128(other).map(|x| x as f64),
+        })
     }
 }
 

@@ -843,6 +843,16 @@ impl Step {
         true
     }
 
+    /// Linears sharing the input `x`: one [`Self::lin_fwd_shared`] product where it applies,
+    /// else one [`Self::lin_fwd`] each.
+    fn lin_fwd_group(&self, lins: &[&Lin], x: &[f32], ys: &mut [&mut [f32]], saves: &mut [&mut Vec<LoraAct>], drop_x: &mut Vec<f32>) {
+        if !self.lin_fwd_shared(lins, x, ys, saves) {
+            for ((lin, y), sv) in lins.iter().zip(ys.iter_mut()).zip(saves.iter_mut()) {
+                self.lin_fwd(lin, x, y, sv, drop_x);
+            }
+        }
+    }
+
     /// Backward of [`Self::lin_fwd`]: `gx (+)= gy W + Σ scaling · mask ⊙ (gy B) A`, and the
     /// adapters' gradients `∂B = gyᵀ h`, `∂A = scaling · (gy B)ᵀ dropout(x)`. With `need_gx`
     /// false only the adapters' gradients are computed (`gx` is left as it is).
@@ -1240,29 +1250,13 @@ fn forward_layers(
         // With Qwen3's q/k norm the projections land in `q_raw` / `k_raw` and are normalised
         // per head (rows of `head_dim`) into `q` / `k`.
         let (qdst, kdst) = if layer.qk_norm.is_some() { (&mut a.q_raw, &mut a.k_raw) } else { (&mut a.q, &mut a.k) };
-        let qkv_shared = {
+        {
             let [lq, lk, lv] = a.lora.get_disjoint_mut([Q, K, V]).expect("distinct indices");
-            step.lin_fwd_shared(
+            step.lin_fwd_group(
                 &[&layer.lins[Q], &layer.lins[K], &layer.lins[V]],
                 n1,
                 &mut [buf(qdst, tk * qd), buf(kdst, tk * kd), buf(&mut a.v, tk * kd)],
                 &mut [lq, lk, lv],
-            )
-        };
-        if !qkv_shared {
-            let (qdst, kdst) = if layer.qk_norm.is_some() { (&mut a.q_raw, &mut a.k_raw) } else { (&mut a.q, &mut a.k) };
-            step.lin_fwd(
-                &layer.lins[Q],
-                n1,
-                buf(qdst, tk * qd),
-                &mut a.lora[Q],
-                &mut ws.drop_x,
-            );
-            step.lin_fwd(
-                &layer.lins[K],
-                n1,
-                buf(kdst, tk * kd),
-                &mut a.lora[K],
                 &mut ws.drop_x,
             );
         }
@@ -1271,15 +1265,6 @@ fn forward_layers(
             par::rms_norm_fwd(&a.q_raw, qn.get(), plan.eps, buf(&mut a.q, tk * qd), buf(&mut a.rstd_q, tk * d.nh));
             par::rms_norm_fwd(&a.k_raw, kn.get(), plan.eps, buf(&mut a.k, tk * kd), buf(&mut a.rstd_k, tk * d.nkv));
             step.prof.add(P_FWD_ELT, t0);
-        }
-        if !qkv_shared {
-            step.lin_fwd(
-                &layer.lins[V],
-                n1,
-                buf(&mut a.v, tk * kd),
-                &mut a.lora[V],
-                &mut ws.drop_x,
-            );
         }
         if layer.rope {
             let t0 = step.prof.start();
@@ -1298,9 +1283,7 @@ fn forward_layers(
             out.push((a.k.clone(), a.v.clone()));
         }
         let tmp = buf(&mut ws.tmp_h, tk * h);
-        if !step.lin_fwd_shared(&[&layer.lins[O]], &a.attn, &mut [&mut *tmp], &mut [&mut a.lora[O]]) {
-            step.lin_fwd(&layer.lins[O], &a.attn, tmp, &mut a.lora[O], &mut ws.drop_x);
-        }
+        step.lin_fwd_group(&[&layer.lins[O]], &a.attn, &mut [tmp], &mut [&mut a.lora[O]], &mut ws.drop_x);
         {
             let t0 = step.prof.start();
             par::add_to(&a.x, tmp, buf(&mut a.hmid, tk * h));
@@ -1318,28 +1301,13 @@ fn forward_layers(
             );
             step.prof.add(P_FWD_ELT, t0);
         }
-        let gu_shared = {
+        {
             let [lg, lu] = a.lora.get_disjoint_mut([GATE, UP]).expect("distinct indices");
-            step.lin_fwd_shared(
+            step.lin_fwd_group(
                 &[&layer.lins[GATE], &layer.lins[UP]],
                 n2,
                 &mut [buf(&mut a.g, tk * inter), buf(&mut a.u, tk * inter)],
                 &mut [lg, lu],
-            )
-        };
-        if !gu_shared {
-            step.lin_fwd(
-                &layer.lins[GATE],
-                n2,
-                buf(&mut a.g, tk * inter),
-                &mut a.lora[GATE],
-                &mut ws.drop_x,
-            );
-            step.lin_fwd(
-                &layer.lins[UP],
-                n2,
-                buf(&mut a.u, tk * inter),
-                &mut a.lora[UP],
                 &mut ws.drop_x,
             );
         }
@@ -1350,9 +1318,7 @@ fn forward_layers(
             step.prof.add(P_FWD_ELT, t0);
         }
         let tmp = buf(&mut ws.tmp_h, tk * h);
-        if !step.lin_fwd_shared(&[&layer.lins[DOWN]], act, &mut [&mut *tmp], &mut [&mut a.lora[DOWN]]) {
-            step.lin_fwd(&layer.lins[DOWN], act, tmp, &mut a.lora[DOWN], &mut ws.drop_x);
-        }
+        step.lin_fwd_group(&[&layer.lins[DOWN]], act, &mut [tmp], &mut [&mut a.lora[DOWN]], &mut ws.drop_x);
         let last = li + 1 == nl;
         let next = if save && !last {
             buf(&mut rest[0].x, tk * h)
