@@ -128,6 +128,14 @@ pub trait AdapterLayer: Send + Sync + std::fmt::Debug {
     fn mixed_batch(&self) -> bool {
         true
     }
+    /// In a mixed batch, what this layer adds to the output rows `idx` of `y` (the batch's output
+    /// so far), given those rows' input `x`: [`AdapterLayer::forward_delta`] for weight-delta
+    /// tuners (the default); row-replacing layers return the change [`AdapterLayer::apply`]
+    /// makes to those rows.
+    fn mixed_delta(&self, lin: &PeftLinear, x: &Tensor, y: &Tensor, idx: &Tensor, ctx: &LinearCtx) -> Result<Tensor> {
+        let _ = (y, idx);
+        self.forward_delta(lin, x, ctx)
+    }
     /// The concrete layer, for tuners that look at their own layers (trainable tokens' tying).
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         None

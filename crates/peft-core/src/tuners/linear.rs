@@ -244,14 +244,7 @@ impl PeftLinear {
                     if !l.mixed_batch() {
                         return Err(mixed_refused(l.as_ref()));
                     }
-                    if l.replaced_rows().is_none() {
-                        // Weight-delta tuners: their delta itself (no round trip through y).
-                        l.forward_delta(self, &sub, ctx)?
-                    } else {
-                        // Row-replacing layers (trainable tokens): the change they make to these rows.
-                        let ys = y.index_select(&idx, 0)?;
-                        (l.apply(self, &sub, ys.clone(), ctx)? - ys)?
-                    }
+                    l.mixed_delta(self, &sub, &y, &idx, ctx)?
                 } else {
                     continue;
                 };

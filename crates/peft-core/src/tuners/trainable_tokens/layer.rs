@@ -235,6 +235,10 @@ impl AdapterLayer for TrainableTokensLayer {
     fn mixed_batch(&self) -> bool {
         self.mixed_batch
     }
+    fn mixed_delta(&self, lin: &PeftLinear, x: &Tensor, y: &Tensor, idx: &Tensor, ctx: &LinearCtx) -> Result<Tensor> {
+        let ys = y.index_select(idx, 0)?;
+        Ok((self.apply(lin, x, ys.clone(), ctx)? - ys)?)
+    }
     fn clone_box(&self) -> Box<dyn AdapterLayer> {
         Box::new(self.clone())
     }
