@@ -547,3 +547,82 @@ fn matmul_precision_high_and_medium_stay_close_to_f32() {
         assert!(worst > 0.0, "{}: identical to f32, the AMX path did not run", p.name());
     }
 }
+
+/// A random Gemma 3 text decoder: layers `sliding` (true = sliding_attention) with
+/// `sliding_window` 6 (shorter than the batches below, so the window masks keys), a
+/// `query_pre_attn_scalar` other than head_dim, `linear` RoPE scaling on the full layers, norm
+/// weights around 0 (scales `1 + w`), tied embeddings.
+fn gemma3(seed: u64, sliding: &[bool]) -> PeftModel {
+    gemma3_with(seed, sliding, None)
+}
+
+fn gemma3_with(seed: u64, sliding: &[bool], softcap: Option<f64>) -> PeftModel {
+    use peft_core::model::gemma3::{Gemma3Config, Gemma3ForCausalLM};
+    let (h, heads, kv, hd, inter, vocab) = (32usize, 4usize, 2usize, 12usize, 40usize, 89usize);
+    let types: Vec<&str> = sliding.iter().map(|&s| if s { "sliding_attention" } else { "full_attention" }).collect();
+    let cfg = json!({
+        "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "vocab_size": vocab, "hidden_size": h,
+        "intermediate_size": inter, "num_hidden_layers": sliding.len(), "num_attention_heads": heads,
+        "num_key_value_heads": kv, "head_dim": hd, "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 20,
+        "sliding_window": 6, "layer_types": types, "max_position_embeddings": 256, "tie_word_embeddings": true,
+        "hidden_activation": "gelu_pytorch_tanh", "final_logit_softcapping": softcap,
+        "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0}, "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
+    });
+    let config = Gemma3Config::from_json(&cfg, std::path::Path::new("engine-gemma3")).unwrap();
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+    let normal = Normal::new(0.0f32, 0.15).unwrap();
+    let mut t = HashMap::new();
+    let mut put = |name: String, shape: Vec<usize>, norm: bool, r: &mut rand::rngs::StdRng| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = if norm { (0..n).map(|_| r.random_range(-0.2f32..0.2)).collect() } else { (0..n).map(|_| normal.sample(r)).collect() };
+        t.insert(name, Tensor::from_vec(v, shape, &Device::Cpu).unwrap());
+    };
+    let (q, kvd) = (heads * hd, kv * hd);
+    put("model.embed_tokens.weight".into(), vec![vocab, h], false, &mut r);
+    for i in 0..sliding.len() {
+        let p = format!("model.layers.{i}");
+        for (n, o, inp) in [("self_attn.q_proj", q, h), ("self_attn.k_proj", kvd, h), ("self_attn.v_proj", kvd, h), ("self_attn.o_proj", h, q), ("mlp.gate_proj", inter, h), ("mlp.up_proj", inter, h), ("mlp.down_proj", h, inter)] {
+            put(format!("{p}.{n}.weight"), vec![o, inp], false, &mut r);
+        }
+        put(format!("{p}.self_attn.q_norm.weight"), vec![hd], true, &mut r);
+        put(format!("{p}.self_attn.k_norm.weight"), vec![hd], true, &mut r);
+        for n in ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"] {
+            put(format!("{p}.{n}.weight"), vec![h], true, &mut r);
+        }
+    }
+    put("model.norm.weight".into(), vec![h], true, &mut r);
+    PeftModel::new(Box::new(Gemma3ForCausalLM::from_tensors(config, t, DType::F32, &Device::Cpu).unwrap()))
+}
+
+/// Gemma 3 in the engine (four norms per layer, GeGLU, q/k norms, scaled embeddings,
+/// `query_pre_attn_scalar`, sliding-window and full layers with two RoPE tables): LoRA training
+/// on every linear with padded rows (the window shorter than the rows), inference logits,
+/// cached decoding past the window, prefix tuning and prompt tuning, all against the general
+/// path; logit soft-capping is left to the general path.
+#[test]
+fn gemma3_training_inference_and_decoding() {
+    let sliding = [true, false, true];
+    let mut m = gemma3(61, &sliding);
+    m.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": "all-linear", "init_lora_weights": false})), 5).unwrap();
+    compare("gemma3 all-linear", &m, &batch(3, 17, 89, &[(0, false), (5, true), (3, false)], 63), None);
+    let bt = batch(2, 13, 89, &[(4, true)], 67);
+    compare_logits("gemma3 logits", &m, &bt, false, None);
+    compare_logits("gemma3 last-only logits", &m, &bt, true, None);
+    decoding_matches_the_general_path("gemma3", &m, &bt, sliding.len());
+    let mut p = gemma3(62, &sliding);
+    p.add_adapter("default", adapter(json!({"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 4})), 8).unwrap();
+    compare("gemma3 prefix tuning", &p, &batch(3, 9, 89, &[(0, false), (2, true), (3, false)], 71), None);
+    let mut pt = gemma3(63, &sliding);
+    pt.add_adapter("default", adapter(json!({"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 5})), 9).unwrap();
+    compare("gemma3 prompt tuning", &pt, &batch(2, 11, 89, &[(3, true)], 73), None);
+}
+
+/// `final_logit_softcapping` (Gemma 2 style) is not computed by the engine: the general path runs.
+#[test]
+fn gemma3_softcapping_goes_to_the_general_path() {
+    let m = gemma3_with(64, &[true, false], Some(30.0));
+    assert_eq!(m.base.as_gemma3().unwrap().config.final_logit_softcapping, Some(30.0));
+    assert!(engine::try_loss_and_grads(&m, &batch(1, 8, 89, &[], 1), None, None).unwrap().is_none());
+    let m = gemma3(64, &[true, false]);
+    assert!(engine::try_loss_and_grads(&m, &batch(1, 8, 89, &[], 1), None, None).unwrap().is_some());
+}

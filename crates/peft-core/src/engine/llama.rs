@@ -1,4 +1,6 @@
-//! The engine's Llama-family training step: explicit forward and backward per decoder layer.
+//! The engine's decoder step (the Llama family, and Gemma 3 through the same layer with its
+//! extra norms, GeGLU and sliding windows; see [`Arch`] and [`Layer`]): explicit forward and
+//! backward per decoder layer.
 //!
 //! Shapes (row-major, token-major): `T = b·s` tokens, `H` hidden, `QD = heads·head_dim`,
 //! `KD = kv_heads·head_dim`, `I` intermediate, `P` prefix length (prefix tuning, else 0),
@@ -189,6 +191,17 @@ struct Layer {
     /// Whether RoPE rotates this layer's queries and keys (false for SmolLM3's NoPE layers:
     /// neither the forward rotation nor its transpose in the backward is applied).
     rope: bool,
+    /// Which of [`Arch::inv_freq`]'s RoPE tables the layer uses (Gemma 3: 0 for sliding
+    /// layers, 1 for full-attention layers; 0 everywhere else).
+    rope_table: usize,
+    /// Gemma 3's sliding layers: a query at position `i` sees keys at positions `> i - window`.
+    window: Option<usize>,
+    /// Gemma 3: RMSNorm scales (`1 + w`) applied to the attention output after `o_proj`
+    /// (`post_attention_layernorm`) and to the MLP output after `down_proj`
+    /// (`post_feedforward_layernorm`), before each residual add. (`ln2` is then the
+    /// `pre_feedforward_layernorm`.)
+    post_attn: Option<Raw>,
+    post_ff: Option<Raw>,
     /// q, k, v, o, gate, up, down.
     lins: [Lin; 7],
 }
@@ -273,17 +286,76 @@ impl Head {
     }
 }
 
+/// What differs between the decoder families the engine computes (Llama and its relatives;
+/// Gemma 3), read from the model's config.
+struct Arch {
+    vocab: usize,
+    h: usize,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    inter: usize,
+    max_pos: usize,
+    device: candle_core::Device,
+    /// RoPE inverse frequencies `[hd / 2]` per table ([`Layer::rope_table`]).
+    inv_freq: Vec<Vec<f32>>,
+    /// Gemma 3: input embeddings are multiplied by `sqrt(hidden)` (f32).
+    embed_scale: Option<f32>,
+    /// Attention scores' scale: `head_dim^-1/2`, or Gemma 3's `query_pre_attn_scalar^-1/2`.
+    attn_scale: f32,
+    /// The MLP's activation is `gelu_pytorch_tanh` (GeGLU, Gemma 3) instead of SiLU (SwiGLU).
+    gelu: bool,
+}
+
 /// The model's weights as the engine reads them.
 struct Plan<'m> {
-    model: &'m LlamaForCausalLM,
+    arch: Arch,
     layers: Vec<Layer>,
     norm: Raw,
     head: Head,
     embed: Raw,
     eps: f32,
+    _model: std::marker::PhantomData<&'m ()>,
+}
+
+/// Whether an embedding or output head carries something the engine does not compute (an
+/// unmerged adapter of any tuner, a modules_to_save copy, a bias).
+fn live_table(l: &PeftLinear) -> bool {
+    let live = !l.disabled
+        && l.active.iter().any(|n| {
+            (l.adapters.contains_key(n) && !l.merged.contains(n))
+                || l.saved_copies.contains_key(n)
+                || l.ia3.contains_key(n)
+                || l.others.contains_key(n)
+        });
+    live || l.bias.is_some()
+}
+
+/// The output head of `[vocab, hidden]`: f32, or kept quantized.
+fn head_of(l: &PeftLinear, vocab: usize, h: usize) -> Option<Head> {
+    match &l.quant {
+        Some(q) if q.rows() == vocab && q.cols() == h => Some(Head::Quant(q.clone())),
+        Some(_) => None,
+        None => Some(Head::F32(Raw::of(&l.weight)?)),
+    }
+}
+
+/// The seven linears of a decoder layer, in [`Layer::lins`] order.
+fn lins_of(ls: [&PeftLinear; 7], rows: Option<&crate::tuners::linear::RowAdapters>) -> Option<[Lin; 7]> {
+    Some([
+        Lin::of(ls[0], rows)?,
+        Lin::of(ls[1], rows)?,
+        Lin::of(ls[2], rows)?,
+        Lin::of(ls[3], rows)?,
+        Lin::of(ls[4], rows)?,
+        Lin::of(ls[5], rows)?,
+        Lin::of(ls[6], rows)?,
+    ])
 }
 
 impl<'m> Plan<'m> {
+    /// The plan of a Llama-family model (Llama 2/3, SmolLM2/3, Qwen2/3, Mistral), or `None`
+    /// when it needs the general path.
     fn of(m: &'m LlamaForCausalLM, rows: Option<&crate::tuners::linear::RowAdapters>) -> Option<Plan<'m>> {
         if m.dtype != DType::F32
             || !m.device.is_cpu()
@@ -292,18 +364,10 @@ impl<'m> Plan<'m> {
             return None;
         }
         // The embedding and the head must be plain tables (no LoRA, no modules_to_save copy).
-        for l in [&m.embed_tokens, &m.lm_head] {
-            let live = !l.disabled
-                && l.active.iter().any(|n| {
-                    (l.adapters.contains_key(n) && !l.merged.contains(n))
-                        || l.saved_copies.contains_key(n)
-                        || l.ia3.contains_key(n)
-                        || l.others.contains_key(n)
-                });
-            if live || l.bias.is_some() {
-                return None;
-            }
+        if live_table(&m.embed_tokens) || live_table(&m.lm_head) {
+            return None;
         }
+        let c = &m.config;
         let mut layers = Vec::with_capacity(m.layers.len());
         for (li, l) in m.layers.iter().enumerate() {
             let a = &l.self_attn;
@@ -317,29 +381,95 @@ impl<'m> Plan<'m> {
                 ln1: Raw::of(&l.input_layernorm)?,
                 ln2: Raw::of(&l.post_attention_layernorm)?,
                 qk_norm,
-                rope: m.config.layer_uses_rope(li),
-                lins: [
-                    Lin::of(&a.q_proj, rows)?,
-                    Lin::of(&a.k_proj, rows)?,
-                    Lin::of(&a.v_proj, rows)?,
-                    Lin::of(&a.o_proj, rows)?,
-                    Lin::of(&f.gate_proj, rows)?,
-                    Lin::of(&f.up_proj, rows)?,
-                    Lin::of(&f.down_proj, rows)?,
-                ],
+                rope: c.layer_uses_rope(li),
+                rope_table: 0,
+                window: None,
+                post_attn: None,
+                post_ff: None,
+                lins: lins_of([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &f.gate_proj, &f.up_proj, &f.down_proj], rows)?,
+            });
+        }
+        let ok = c.head_dim % 2 == 0 && c.num_key_value_heads > 0 && c.num_attention_heads % c.num_key_value_heads == 0;
+        if !ok {
+            return None;
+        }
+        Some(Plan {
+            arch: Arch {
+                vocab: c.vocab_size,
+                h: c.hidden_size,
+                nh: c.num_attention_heads,
+                nkv: c.num_key_value_heads,
+                hd: c.head_dim,
+                inter: c.intermediate_size,
+                max_pos: c.max_position_embeddings,
+                device: m.device.clone(),
+                inv_freq: vec![m.inv_freq().to_vec()],
+                embed_scale: None,
+                attn_scale: 1.0 / (c.head_dim as f32).sqrt(),
+                gelu: false,
+            },
+            layers,
+            norm: Raw::of(&m.norm)?,
+            head: head_of(&m.lm_head, c.vocab_size, c.hidden_size)?,
+            embed: Raw::of(&m.embed_tokens.weight)?,
+            eps: c.rms_norm_eps as f32,
+            _model: std::marker::PhantomData,
+        })
+    }
+
+    /// The plan of a Gemma 3 text decoder (four norms per layer with `1 + w` scales, q/k norms,
+    /// GeGLU, scaled embeddings, `query_pre_attn_scalar`, sliding-window layers with their own
+    /// RoPE table), or `None` when it needs the general path (logit soft-capping, f16/bf16, ...).
+    fn of_gemma3(m: &'m crate::model::gemma3::Gemma3ForCausalLM, rows: Option<&crate::tuners::linear::RowAdapters>) -> Option<Plan<'m>> {
+        let c = &m.config;
+        if m.dtype != DType::F32 || !m.device.is_cpu() || c.final_logit_softcapping.is_some() {
+            return None;
+        }
+        if live_table(&m.embed_tokens) || live_table(&m.lm_head) {
+            return None;
+        }
+        let ok = c.head_dim % 2 == 0 && c.num_key_value_heads > 0 && c.num_attention_heads % c.num_key_value_heads == 0;
+        if !ok || c.sliding_layers.len() != m.layers.len() {
+            return None;
+        }
+        let mut layers = Vec::with_capacity(m.layers.len());
+        for l in &m.layers {
+            let a = &l.self_attn;
+            let f = &l.mlp;
+            layers.push(Layer {
+                ln1: Raw::of(l.input_layernorm.scale())?,
+                ln2: Raw::of(l.pre_feedforward_layernorm.scale())?,
+                qk_norm: Some((Raw::of(a.q_norm.scale())?, Raw::of(a.k_norm.scale())?)),
+                rope: true,
+                rope_table: usize::from(!l.sliding),
+                window: if l.sliding { c.sliding_window } else { None },
+                post_attn: Some(Raw::of(l.post_attention_layernorm.scale())?),
+                post_ff: Some(Raw::of(l.post_feedforward_layernorm.scale())?),
+                lins: lins_of([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &f.gate_proj, &f.up_proj, &f.down_proj], rows)?,
             });
         }
         Some(Plan {
-            model: m,
-            layers,
-            norm: Raw::of(&m.norm)?,
-            head: match &m.lm_head.quant {
-                Some(q) if q.rows() == m.config.vocab_size && q.cols() == m.config.hidden_size => Head::Quant(q.clone()),
-                Some(_) => return None,
-                None => Head::F32(Raw::of(&m.lm_head.weight)?),
+            arch: Arch {
+                vocab: c.vocab_size,
+                h: c.hidden_size,
+                nh: c.num_attention_heads,
+                nkv: c.num_key_value_heads,
+                hd: c.head_dim,
+                inter: c.intermediate_size,
+                max_pos: c.max_position_embeddings,
+                device: m.device.clone(),
+                inv_freq: vec![c.inv_freq(true), c.inv_freq(false)],
+                // `sqrt(hidden)` rounded to f32, as transformers' scaled embedding in f32.
+                embed_scale: Some((c.hidden_size as f32).sqrt()),
+                attn_scale: c.query_pre_attn_scalar.powf(-0.5) as f32,
+                gelu: true,
             },
+            layers,
+            norm: Raw::of(m.norm.scale())?,
+            head: head_of(&m.lm_head, c.vocab_size, c.hidden_size)?,
             embed: Raw::of(&m.embed_tokens.weight)?,
-            eps: m.config.rms_norm_eps as f32,
+            eps: c.rms_norm_eps as f32,
+            _model: std::marker::PhantomData,
         })
     }
 }
@@ -379,6 +509,12 @@ struct LayerActs {
     /// Gate and up projections `[T, I]`.
     g: Vec<f32>,
     u: Vec<f32>,
+    /// Gemma 3: `o_proj`'s and `down_proj`'s outputs `[T, H]` before their post-norms, and
+    /// those norms' reciprocal RMS `[T]`.
+    o_raw: Vec<f32>,
+    rstd_po: Vec<f32>,
+    d_raw: Vec<f32>,
+    rstd_pf: Vec<f32>,
     lora: [Vec<LoraAct>; 7],
 }
 
@@ -405,6 +541,11 @@ struct Workspace {
     gn: Vec<f32>,
     cos: Vec<f32>,
     sin: Vec<f32>,
+    /// The second RoPE table (Gemma 3's full-attention layers).
+    cos2: Vec<f32>,
+    sin2: Vec<f32>,
+    /// Gemma 3: the gradient of a post-normed branch (`o_proj` or `down_proj` output) `[T, H]`.
+    gpost: Vec<f32>,
     rstd_f: Vec<f32>,
     drop_x: Vec<f32>,
     drop_m: Vec<f32>,
@@ -485,29 +626,36 @@ struct MaskInfo {
     dead: Vec<bool>,
     /// Per b: whether the row has masked keys inside its causal window (holes to zero).
     holes: Vec<bool>,
+    /// Per (b, i): the first key column inside a sliding window (Gemma 3's sliding layers:
+    /// keys at positions `> P + i - window`); all 0 without a window.
+    lo: Vec<usize>,
 }
 
 impl MaskInfo {
-    fn new(d: &Dims, keys: Option<Vec<u8>>) -> MaskInfo {
+    /// The masks of `d`'s attention: causal, the key mask `keys` (`[b, t]`), and with `window`
+    /// a sliding window over key positions (as `windowed_causal_mask` builds it for the general
+    /// path: key `j` is seen by query `i` when `j ≤ P + i` and `j + window > P + i`).
+    fn new(d: &Dims, keys: Option<Vec<u8>>, window: Option<usize>) -> MaskInfo {
         let (b, s, p, t) = (d.b, d.s, d.p, d.t());
         let mut limit = vec![0; b * s];
         let mut dead = vec![false; b * s];
         let mut holes = vec![false; b];
+        let mut lo = vec![0; b * s];
         for bi in 0..b {
             let km = keys.as_ref().map(|k| &k[bi * t..(bi + 1) * t]);
             holes[bi] = km.is_some_and(|k| k.contains(&0));
-            let mut seen = 0usize;
-            let mut j = 0usize;
+            // `seen[j]`: unmasked keys among columns 0..j (a prefix count).
+            let mut seen = vec![0usize; t + 1];
+            for j in 0..t {
+                seen[j + 1] = seen[j] + usize::from(km.map(|k| k[j] != 0).unwrap_or(true));
+            }
             for i in 0..s {
-                while j <= p + i {
-                    if km.map(|k| k[j] != 0).unwrap_or(true) {
-                        seen += 1;
-                    }
-                    j += 1;
-                }
                 let idx = bi * s + i;
-                dead[idx] = seen == 0;
-                limit[idx] = if seen == 0 { t } else { p + i + 1 };
+                let first = window.map(|w| (p + i + 1).saturating_sub(w)).unwrap_or(0);
+                let visible = seen[p + i + 1] - seen[first];
+                lo[idx] = first;
+                dead[idx] = visible == 0;
+                limit[idx] = if visible == 0 { t } else { p + i + 1 };
             }
         }
         MaskInfo {
@@ -515,6 +663,7 @@ impl MaskInfo {
             limit,
             dead,
             holes,
+            lo,
         }
     }
 }
@@ -596,6 +745,30 @@ mod par {
             .zip(u.par_chunks_mut(p))
             .zip(ga.par_chunks(p))
             .for_each(|((g, u), ga)| simd::silu_mul_bwd_inplace(g, u, ga));
+    }
+
+    /// The gated MLP's activation: `a = act(g) · u` with SiLU (SwiGLU) or, with `gelu`, the
+    /// tanh-approximated GELU (GeGLU).
+    pub fn glu(gelu: bool, g: &[f32], u: &[f32], a: &mut [f32]) {
+        if !gelu {
+            return silu_mul(g, u, a);
+        }
+        let p = per_elems(a.len());
+        a.par_chunks_mut(p)
+            .zip(g.par_chunks(p).zip(u.par_chunks(p)))
+            .for_each(|(a, (g, u))| simd::gelu_tanh_mul(g, u, a));
+    }
+
+    /// Backward of [`glu`], in place as [`silu_mul_bwd_inplace`].
+    pub fn glu_bwd_inplace(gelu: bool, g: &mut [f32], u: &mut [f32], ga: &[f32]) {
+        if !gelu {
+            return silu_mul_bwd_inplace(g, u, ga);
+        }
+        let p = per_elems(ga.len());
+        g.par_chunks_mut(p)
+            .zip(u.par_chunks_mut(p))
+            .zip(ga.par_chunks(p))
+            .for_each(|((g, u), ga)| simd::gelu_tanh_mul_bwd_inplace(g, u, ga));
     }
 
     pub fn add_to(a: &[f32], b: &[f32], y: &mut [f32]) {
@@ -707,12 +880,34 @@ struct Step {
     /// Training: LoRA dropout is applied.
     train: bool,
     mask: MaskInfo,
+    /// The masks of the sliding-window layers (Gemma 3), and which layers use them.
+    mask_w: Option<MaskInfo>,
+    windowed: Vec<bool>,
+    /// Attention scores' scale ([`Arch::attn_scale`]).
+    attn_scale: f32,
     threads: usize,
     rng: Option<Arc<Mutex<rand::rngs::StdRng>>>,
     prefix: Vec<Prefix>,
 }
 
 impl Step {
+    /// The step's masks for layer `l`'s attention, and its attention settings taken from `plan`.
+    fn masks(plan: &Plan, d: &Dims, keys: Option<Vec<u8>>) -> (MaskInfo, Option<MaskInfo>, Vec<bool>) {
+        let window = plan.layers.iter().find_map(|l| l.window);
+        // A window no query can reach past (every key within it) changes nothing.
+        let window = window.filter(|&w| w < d.t());
+        let windowed: Vec<bool> = plan.layers.iter().map(|l| window.is_some() && l.window.is_some()).collect();
+        let mask_w = window.map(|w| MaskInfo::new(d, keys.clone(), Some(w)));
+        (MaskInfo::new(d, keys, None), mask_w, windowed)
+    }
+
+    fn mask_for(&self, l: usize) -> &MaskInfo {
+        match (&self.mask_w, self.windowed.get(l)) {
+            (Some(m), Some(true)) => m,
+            _ => &self.mask,
+        }
+    }
+
     /// `y = x Wᵀ + b + Σ scaling · (dropout(x) Aᵀ) Bᵀ`, saving each adapter's `[T, r]` product.
     fn lin_fwd(
         &self,
@@ -987,7 +1182,8 @@ impl Step {
         let d = self.d;
         let (s, p, t, hd, qd, kd) = (d.s, d.p, d.t(), d.hd, d.qd(), d.kd());
         let rep = d.nh / d.nkv;
-        let scale = 1.0 / (hd as f32).sqrt();
+        let scale = self.attn_scale;
+        let mask = self.mask_for(l);
         let probs_p = SendPtr(probs.as_mut_ptr());
         let attn_p = SendPtr(attn.as_mut_ptr());
         let attn_len = attn.len();
@@ -1006,11 +1202,11 @@ impl Step {
                 unsafe { std::slice::from_raw_parts_mut(probs_p.ptr().add(bh * s * t), s * t) };
             assert!(bi * s * qd + (s - 1) * qd + h * hd + hd <= attn_len);
             let mut out = unsafe { Dst::raw(attn_p.ptr().add(bi * s * qd + h * hd), s, hd, qd) };
-            let keys = self.mask.keys.as_ref().map(|km| &km[bi * t..(bi + 1) * t]);
+            let keys = mask.keys.as_ref().map(|km| &km[bi * t..(bi + 1) * t]);
             for i0 in (0..s).step_by(RB) {
                 let n = RB.min(s - i0);
                 let lim = (i0..i0 + n)
-                    .map(|i| self.mask.limit[bi * s + i])
+                    .map(|i| mask.limit[bi * s + i])
                     .max()
                     .unwrap_or(t);
                 let mut sc = Dst::rm(pr, i0 * t, n, t, t);
@@ -1028,20 +1224,25 @@ impl Step {
                 for i in i0..i0 + n {
                     let row = &mut pr[i * t..(i + 1) * t];
                     let idx = bi * s + i;
-                    if self.mask.dead[idx] {
+                    if mask.dead[idx] {
                         simd::softmax_prefix(row, 0);
                         continue;
                     }
-                    let valid = self.mask.limit[idx];
-                    if let (Some(km), true) = (keys, self.mask.holes[bi]) {
-                        for (x, &m) in row[..valid].iter_mut().zip(km) {
-                            if m == 0 {
+                    let valid = mask.limit[idx];
+                    let lo = mask.lo[idx];
+                    let km = keys.filter(|_| mask.holes[bi]);
+                    if km.is_some() || lo > 0 {
+                        // Keys outside the window or masked: f32::MIN for the softmax (exp
+                        // underflows to 0, as the general path's additive mask), then exactly 0.
+                        let masked = |j: usize| j < lo || km.is_some_and(|k| k[j] == 0);
+                        for (j, x) in row[..valid].iter_mut().enumerate() {
+                            if masked(j) {
                                 *x = f32::MIN;
                             }
                         }
                         simd::softmax_prefix(row, valid);
-                        for (x, &m) in row[..valid].iter_mut().zip(km) {
-                            if m == 0 {
+                        for (j, x) in row[..valid].iter_mut().enumerate() {
+                            if masked(j) {
                                 *x = 0.0;
                             }
                         }
@@ -1087,7 +1288,8 @@ impl Step {
         let d = self.d;
         let (s, p, t, hd, qd, kd) = (d.s, d.p, d.t(), d.hd, d.qd(), d.kd());
         let rep = d.nh / d.nkv;
-        let scale = 1.0 / (hd as f32).sqrt();
+        let scale = self.attn_scale;
+        let mask = self.mask_for(l);
         gk.fill(0.0);
         gv.fill(0.0);
         gpk.fill(0.0);
@@ -1124,7 +1326,7 @@ impl Step {
                 for i0 in (0..s).step_by(RB) {
                     let n = RB.min(s - i0);
                     let lim = (i0..i0 + n)
-                        .map(|i| self.mask.limit[bi * s + i])
+                        .map(|i| mask.limit[bi * s + i])
                         .max()
                         .unwrap_or(t);
                     let pview = View::rm(pr, i0 * t, n, t, t);
@@ -1201,20 +1403,23 @@ struct Scratch {
     lora_tmp2: Vec<f32>,
 }
 
-/// Fills the RoPE tables for `positions` (`[T]`), as `LlamaForCausalLM::forward_embeds` does.
+/// Fills the RoPE tables for `positions` (`[T]`), as `LlamaForCausalLM::forward_embeds` does:
+/// `ws.cos` / `ws.sin` from the first of [`Arch::inv_freq`], `ws.cos2` / `ws.sin2` from the second.
 fn rope_tables(plan: &Plan, ws: &mut Workspace, positions: &[u32], half: usize) {
-    let inv = plan.model.inv_freq();
     let tk = positions.len();
-    let cos = buf(&mut ws.cos, tk * half);
-    for (i, &p) in positions.iter().enumerate() {
-        for (j, f) in inv.iter().enumerate() {
-            cos[i * half + j] = (p as f32 * f).cos();
+    for (ti, inv) in plan.arch.inv_freq.iter().enumerate().take(2) {
+        let (cos, sin) = if ti == 0 { (&mut ws.cos, &mut ws.sin) } else { (&mut ws.cos2, &mut ws.sin2) };
+        let cos = buf(cos, tk * half);
+        for (i, &p) in positions.iter().enumerate() {
+            for (j, f) in inv.iter().enumerate() {
+                cos[i * half + j] = (p as f32 * f).cos();
+            }
         }
-    }
-    let sin = buf(&mut ws.sin, tk * half);
-    for (i, &p) in positions.iter().enumerate() {
-        for (j, f) in inv.iter().enumerate() {
-            sin[i * half + j] = (p as f32 * f).sin();
+        let sin = buf(sin, tk * half);
+        for (i, &p) in positions.iter().enumerate() {
+            for (j, f) in inv.iter().enumerate() {
+                sin[i * half + j] = (p as f32 * f).sin();
+            }
         }
     }
 }
@@ -1268,8 +1473,9 @@ fn forward_layers(
         }
         if layer.rope {
             let t0 = step.prof.start();
-            par::rope_inplace(&mut a.q, &ws.cos, &ws.sin, d.nh, d.hd, 1.0);
-            par::rope_inplace(&mut a.k, &ws.cos, &ws.sin, d.nkv, d.hd, 1.0);
+            let (cos, sin) = if layer.rope_table == 1 { (&ws.cos2, &ws.sin2) } else { (&ws.cos, &ws.sin) };
+            par::rope_inplace(&mut a.q, cos, sin, d.nh, d.hd, 1.0);
+            par::rope_inplace(&mut a.k, cos, sin, d.nkv, d.hd, 1.0);
             step.prof.add(P_FWD_ELT, t0);
         }
         buf(&mut a.probs, d.b * d.nh * d.s * d.t());
@@ -1282,11 +1488,16 @@ fn forward_layers(
         if let Some(out) = kv_out.as_mut() {
             out.push((a.k.clone(), a.v.clone()));
         }
-        let tmp = buf(&mut ws.tmp_h, tk * h);
+        // Gemma 3: `o_proj`'s output is kept (`o_raw`) and post-normed into `tmp_h`.
+        let o_dst = if layer.post_attn.is_some() { &mut a.o_raw } else { &mut ws.tmp_h };
+        let tmp = buf(o_dst, tk * h);
         step.lin_fwd_group(&[&layer.lins[O]], &a.attn, &mut [tmp], &mut [&mut a.lora[O]], &mut ws.drop_x);
         {
             let t0 = step.prof.start();
-            par::add_to(&a.x, tmp, buf(&mut a.hmid, tk * h));
+            if let Some(pn) = &layer.post_attn {
+                par::rms_norm_fwd(&a.o_raw, pn.get(), plan.eps, buf(&mut ws.tmp_h, tk * h), buf(&mut a.rstd_po, tk));
+            }
+            par::add_to(&a.x, &ws.tmp_h, buf(&mut a.hmid, tk * h));
             step.prof.add(P_FWD_ELT, t0);
         }
         let n2 = buf(&mut ws.n, tk * h);
@@ -1314,11 +1525,17 @@ fn forward_layers(
         let act = buf(&mut ws.act, tk * inter);
         {
             let t0 = step.prof.start();
-            par::silu_mul(&a.g, &a.u, act);
+            par::glu(plan.arch.gelu, &a.g, &a.u, act);
             step.prof.add(P_FWD_ELT, t0);
         }
-        let tmp = buf(&mut ws.tmp_h, tk * h);
+        let d_dst = if layer.post_ff.is_some() { &mut a.d_raw } else { &mut ws.tmp_h };
+        let tmp = buf(d_dst, tk * h);
         step.lin_fwd_group(&[&layer.lins[DOWN]], act, &mut [tmp], &mut [&mut a.lora[DOWN]], &mut ws.drop_x);
+        if let Some(pn) = &layer.post_ff {
+            let t0 = step.prof.start();
+            par::rms_norm_fwd(&a.d_raw, pn.get(), plan.eps, buf(&mut ws.tmp_h, tk * h), buf(&mut a.rstd_pf, tk));
+            step.prof.add(P_FWD_ELT, t0);
+        }
         let last = li + 1 == nl;
         let next = if save && !last {
             buf(&mut rest[0].x, tk * h)
@@ -1389,11 +1606,15 @@ fn run_in(
     threads: usize,
 ) -> StepResult {
     let nl = plan.layers.len();
+    let (mask, mask_w, windowed) = Step::masks(plan, &d, keys);
     let step = Step {
         prof: Prof::new(),
         d,
         train: true,
-        mask: MaskInfo::new(&d, keys),
+        mask,
+        mask_w,
+        windowed,
+        attn_scale: plan.arch.attn_scale,
         threads,
         rng,
         prefix,
@@ -1482,14 +1703,26 @@ fn run_in(
         if needs(DOWN) {
             {
                 let t0 = step.prof.start();
-                par::silu_mul(&a.g, &a.u, act);
+                par::glu(plan.arch.gelu, &a.g, &a.u, act);
                 step.prof.add(P_BWD_ELT, t0);
             }
         }
+        // Gemma 3: back through the post-feedforward norm to `down_proj`'s output.
+        let gy_down: &[f32] = match &layer.post_ff {
+            Some(pn) => {
+                let t0 = step.prof.start();
+                let gp = buf(&mut ws.gpost, tk * h);
+                gp.fill(0.0);
+                par::rms_norm_bwd_acc(&a.d_raw, pn.get(), &a.rstd_pf, &ws.g, gp);
+                step.prof.add(P_BWD_ELT, t0);
+                &ws.gpost
+            }
+            None => &ws.g,
+        };
         let gi = buf(&mut ws.gi, tk * inter);
         step.lin_bwd(
             &layer.lins[DOWN],
-            &ws.g,
+            gy_down,
             act,
             gi,
             false,
@@ -1500,7 +1733,7 @@ fn run_in(
         );
         {
             let t0 = step.prof.start();
-            par::silu_mul_bwd_inplace(&mut a.g, &mut a.u, gi);
+            par::glu_bwd_inplace(plan.arch.gelu, &mut a.g, &mut a.u, gi);
             step.prof.add(P_BWD_ELT, t0);
         }
         let n2 = buf(&mut ws.n2, tk * h);
@@ -1540,10 +1773,21 @@ fn run_in(
             step.prof.add(P_BWD_ELT, t0);
         }
         // attention
+        let gy_o: &[f32] = match &layer.post_attn {
+            Some(pn) => {
+                let t0 = step.prof.start();
+                let gp = buf(&mut ws.gpost, tk * h);
+                gp.fill(0.0);
+                par::rms_norm_bwd_acc(&a.o_raw, pn.get(), &a.rstd_po, &ws.g, gp);
+                step.prof.add(P_BWD_ELT, t0);
+                &ws.gpost
+            }
+            None => &ws.g,
+        };
         let gattn = buf(&mut ws.gattn, tk * qd);
         step.lin_bwd(
             &layer.lins[O],
-            &ws.g,
+            gy_o,
             &a.attn,
             gattn,
             false,
@@ -1567,8 +1811,9 @@ fn run_in(
         }
         if layer.rope {
             let t0 = step.prof.start();
-            par::rope_inplace(gq, &ws.cos, &ws.sin, d.nh, d.hd, -1.0);
-            par::rope_inplace(gk, &ws.cos, &ws.sin, d.nkv, d.hd, -1.0);
+            let (cos, sin) = if layer.rope_table == 1 { (&ws.cos2, &ws.sin2) } else { (&ws.cos, &ws.sin) };
+            par::rope_inplace(gq, cos, sin, d.nh, d.hd, -1.0);
+            par::rope_inplace(gk, cos, sin, d.nkv, d.hd, -1.0);
             step.prof.add(P_BWD_ELT, t0);
         }
         // Qwen3: back through the per-head q/k RMSNorm (its weights are frozen).
@@ -1759,14 +2004,14 @@ impl KvStore {
 
 /// The Llama model behind `model` and its engine plan, when the engine can run it (see
 /// [`Plan::of`]; also an even head_dim and a whole number of query heads per kv head).
-fn plan_for<'m>(model: &'m PeftModel, rows: Option<&crate::tuners::linear::RowAdapters>) -> Option<(&'m LlamaForCausalLM, Plan<'m>)> {
-    let llama = model.base.as_llama()?;
-    let plan = Plan::of(llama, rows)?;
-    let c = &llama.config;
-    let ok = c.head_dim % 2 == 0
-        && c.num_key_value_heads > 0
-        && c.num_attention_heads % c.num_key_value_heads == 0;
-    ok.then_some((llama, plan))
+/// The engine's plan of `model`'s base (a Llama-family or Gemma 3 decoder), or `None` when the
+/// general path must run it.
+fn plan_for<'m>(model: &'m PeftModel, rows: Option<&crate::tuners::linear::RowAdapters>) -> Option<Plan<'m>> {
+    match (model.base.as_llama(), model.base.as_gemma3()) {
+        (Some(llama), _) => Plan::of(llama, rows),
+        (None, Some(gemma)) => Plan::of_gemma3(gemma, rows),
+        _ => None,
+    }
 }
 
 /// `InvalidArgument` naming `inputIds` for an id outside the vocabulary (the general path's error).
@@ -1796,10 +2041,10 @@ pub fn try_loss_and_grads(
     if !super::enabled() || batch.token_type_ids.is_some() || batch.decoder_input_ids.is_some() {
         return Ok(None);
     }
-    let Some((llama, plan)) = plan_for(model, None) else {
+    let Some(plan) = plan_for(model, None) else {
         return Ok(None);
     };
-    let c = &llama.config;
+    let c = &plan.arch;
     let prompt = model.active_prompt();
     // Prompt learning and LoRA adapters never coexist (HF refuses the mix); a prompt adapter
     // with a LoRA adapter active elsewhere would need both paths.
@@ -1812,12 +2057,18 @@ pub fn try_loss_and_grads(
         return Ok(None);
     }
     let (b, s) = (batch.batch_size, batch.seq_len);
-    check_ids(&batch.input_ids, c.vocab_size)?;
-    let h = c.hidden_size;
+    check_ids(&batch.input_ids, c.vocab)?;
+    let h = c.h;
     let embed = plan.embed.get();
+    let escale = plan.arch.embed_scale;
+    // Token embeddings (times Gemma 3's `sqrt(hidden)`, as the base model's `embed` computes them).
     let gather = |ids: &[u32], out: &mut Vec<f32>| {
+        let start = out.len();
         for &id in ids {
             out.extend_from_slice(&embed[id as usize * h..(id as usize + 1) * h]);
+        }
+        if let Some(sc) = escale {
+            out[start..].iter_mut().for_each(|v| *v *= sc);
         }
     };
     let threads = super::num_threads();
@@ -1826,11 +2077,11 @@ pub fn try_loss_and_grads(
         s,
         p: 0,
         h,
-        nh: c.num_attention_heads,
-        nkv: c.num_key_value_heads,
-        hd: c.head_dim,
-        inter: c.intermediate_size,
-        vocab: c.vocab_size,
+        nh: c.nh,
+        nkv: c.nkv,
+        hd: c.hd,
+        inter: c.inter,
+        vocab: c.vocab,
     };
     let rng_ref = rng.as_deref();
     // Inputs per method, mirroring `PeftModel::prompt_forward` and `BaseModel::forward`.
@@ -1866,7 +2117,7 @@ pub fn try_loss_and_grads(
                     };
                     prefix.push(Prefix { k, v, cap: n });
                 }
-                if prefix.len() != llama.layers.len() {
+                if prefix.len() != plan.layers.len() {
                     return Ok(None);
                 }
                 gather(&batch.input_ids, &mut x0);
@@ -1893,12 +2144,12 @@ pub fn try_loss_and_grads(
         }
     }
     let total = dims.t();
-    if total > c.max_position_embeddings {
+    if total > c.max_pos {
         return Err(PeftError::invalid_arg(
             "inputIds",
             format!(
                 "sequence length {total} exceeds max_position_embeddings {}",
-                c.max_position_embeddings
+                c.max_pos
             ),
         ));
     }
@@ -1947,7 +2198,7 @@ pub fn try_loss_and_grads(
     } else {
         0.0
     };
-    let dev = llama.device.clone();
+    let dev = plan.arch.device.clone();
     // Gradients of the prompt encoders: backpropagate the engine's input gradient through
     // candle's graph of the prompt tables (`Σ prompts ⊙ g` has gradient `g` w.r.t. `prompts`).
     let mut store = if let (Some(p), Some(gx)) = (&prompts, &res.gx) {
@@ -2016,22 +2267,22 @@ pub fn try_forward(
     if model.active_prompt().is_some() || b == 0 || s == 0 || ids.len() != b * s {
         return Ok(None);
     }
-    let Some((llama, plan)) = plan_for(model, opts.adapter_rows.as_ref()) else {
+    let Some(plan) = plan_for(model, opts.adapter_rows.as_ref()) else {
         return Ok(None);
     };
-    let c = &llama.config;
-    check_ids(ids, c.vocab_size)?;
+    let c = &plan.arch;
+    check_ids(ids, c.vocab)?;
     // A KV cache enters as the attention's prefix (`[b, kv_heads, past, hd]` per layer, keys
     // after RoPE, as the general path stores them); the new keys/values are appended after.
-    let (nkv, hd) = (c.num_key_value_heads, c.head_dim);
+    let (nkv, hd) = (c.nkv, c.hd);
     let past = cache.as_ref().map(|c| c.seq_len()).unwrap_or(0);
     let total = past + s;
-    if total > c.max_position_embeddings {
+    if total > c.max_pos {
         return Err(PeftError::invalid_arg(
             "inputIds",
             format!(
                 "sequence length {total} exceeds max_position_embeddings {}",
-                c.max_position_embeddings
+                c.max_pos
             ),
         ));
     }
@@ -2046,7 +2297,7 @@ pub fn try_forward(
     let legacy_cache = super::ab_flags() & super::AB_CAT_KV_CACHE != 0;
     let mut prefix = Vec::new();
     if let Some(cache) = cache.as_mut() {
-        if cache.layers.len() != llama.layers.len() || !cache.cross.is_empty() {
+        if cache.layers.len() != plan.layers.len() || !cache.cross.is_empty() {
             return Ok(None);
         }
         for l in &cache.layers {
@@ -2074,8 +2325,8 @@ pub fn try_forward(
                 hd,
                 past,
                 total,
-                c.max_position_embeddings,
-                &llama.device,
+                c.max_pos,
+                &plan.arch.device,
             )?;
             if past > 0 {
                 for (k, v) in &st.bufs {
@@ -2099,22 +2350,25 @@ pub fn try_forward(
             .flat_map(|_| (past..total).map(|p| p as u32))
             .collect(),
     };
-    let h = c.hidden_size;
+    let h = c.h;
     let embed = plan.embed.get();
     let mut x0 = Vec::with_capacity(b * s * h);
     for &id in ids {
         x0.extend_from_slice(&embed[id as usize * h..(id as usize + 1) * h]);
+    }
+    if let Some(sc) = plan.arch.embed_scale {
+        x0.iter_mut().for_each(|v| *v *= sc);
     }
     let d = Dims {
         b,
         s,
         p: past,
         h,
-        nh: c.num_attention_heads,
-        nkv: c.num_key_value_heads,
-        hd: c.head_dim,
-        inter: c.intermediate_size,
-        vocab: c.vocab_size,
+        nh: c.nh,
+        nkv: c.nkv,
+        hd: c.hd,
+        inter: c.inter,
+        vocab: c.vocab,
     };
     let mut kv_out: Option<Vec<(Vec<f32>, Vec<f32>)>> = cache.as_ref().map(|_| Vec::new());
     let keys = opts
@@ -2122,11 +2376,15 @@ pub fn try_forward(
         .clone()
         .filter(|k| k.contains(&0));
     let threads = super::num_threads();
+    let (mask, mask_w, windowed) = Step::masks(&plan, &d, keys);
     let step = Step {
         prof: Prof::new(),
         d,
         train: false,
-        mask: MaskInfo::new(&d, keys),
+        mask,
+        mask_w,
+        windowed,
+        attn_scale: plan.arch.attn_scale,
         threads,
         rng: None,
         prefix,
@@ -2179,8 +2437,8 @@ pub fn try_forward(
         };
         if legacy_cache {
             for (slot, (k, v)) in cache.layers.iter_mut().zip(kv) {
-                let k = Tensor::from_vec(to_heads(&k), (b, nkv, s, hd), &llama.device)?;
-                let v = Tensor::from_vec(to_heads(&v), (b, nkv, s, hd), &llama.device)?;
+                let k = Tensor::from_vec(to_heads(&k), (b, nkv, s, hd), &plan.arch.device)?;
+                let v = Tensor::from_vec(to_heads(&v), (b, nkv, s, hd), &plan.arch.device)?;
                 *slot = Some(match slot.take() {
                     Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
                     None => (k, v),
@@ -2197,8 +2455,8 @@ pub fn try_forward(
             st.ids.clear();
             st.len = 0;
             for ((slot, (k, v)), (kb, vb)) in cache.layers.iter_mut().zip(kv).zip(&st.bufs) {
-                let k = Tensor::from_vec(to_heads(&k), (b, nkv, s, hd), &llama.device)?;
-                let v = Tensor::from_vec(to_heads(&v), (b, nkv, s, hd), &llama.device)?;
+                let k = Tensor::from_vec(to_heads(&k), (b, nkv, s, hd), &plan.arch.device)?;
+                let v = Tensor::from_vec(to_heads(&v), (b, nkv, s, hd), &plan.arch.device)?;
                 kb.slice_set(&k, 2, past)?;
                 vb.slice_set(&v, 2, past)?;
                 let (k, v) = (kb.narrow(2, 0, total)?, vb.narrow(2, 0, total)?);
@@ -2212,6 +2470,6 @@ pub fn try_forward(
     Ok(Some(Tensor::from_vec(
         logits,
         (b, t, d.vocab),
-        &llama.device,
+        &plan.arch.device,
     )?))
 }

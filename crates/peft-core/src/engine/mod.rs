@@ -1,6 +1,8 @@
 //! The fused CPU engine for the decoder hot path (issue 12).
 //!
-//! A training step of a Llama-family model (Llama, SmolLM2, Qwen2, Qwen3, Mistral, SmolLM3) with LoRA adapters
+//! A training step of a Llama-family model (Llama, SmolLM2, Qwen2, Qwen3, Mistral, SmolLM3) or of
+//! Gemma 3 (four `1 + w` RMSNorms per layer, GeGLU, scaled embeddings, sliding-window layers with
+//! their own RoPE table; not with `final_logit_softcapping`) with LoRA adapters
 //! (plain or rsLoRA, dropout, several active adapters, any of the seven linear modules) or with
 //! prefix tuning / prompt tuning / P-tuning / multitask prompt tuning runs here as an explicit
 //! forward and backward pass per decoder layer on `f32` buffers that are reused across steps,
@@ -9,7 +11,8 @@
 //! * no gradient is formed for frozen weights, and no graph node allocates, zero-fills or adds a
 //!   gradient buffer; the residual stream's gradient flows through one buffer in place;
 //! * LoRA's low-rank product is accumulated straight into the base product's output;
-//! * RMSNorm (and Qwen3's per-head q/k RMSNorm), RoPE, SwiGLU and softmax have hand-written,
+//! * RMSNorm (and the per-head q/k RMSNorm of Qwen3 and Gemma 3), RoPE, SwiGLU, GeGLU (tanh
+//!   approximation) and softmax have hand-written,
 //!   vectorised backward passes ([`simd`]), dispatched at run time to AVX-512 or AVX2; SmolLM3's
 //!   NoPE layers skip RoPE in both directions;
 //! * attention runs in parallel over (batch × key/value head), skips the causal upper triangle

@@ -285,6 +285,49 @@ multiversion! {
     }
 }
 
+/// `1 − tanh(z) = 2 / (e^{2z} + 1)` with [`exp_f32`] (`z` clamped to ±40, where `e^{2z}` is
+/// still a normal f32 and `1 − tanh` below 1e-34). Returned instead of `tanh` itself so that `1 − tanh²` = `s (2 − s)` keeps its
+/// precision near ±1. Branch-free so that loops over it vectorise.
+#[inline(always)]
+fn one_minus_tanh(z: f32) -> f32 {
+    let z = z.clamp(-40.0, 40.0);
+    2.0 / (exp_f32(2.0 * z) + 1.0)
+}
+
+/// `√(2/π)`, the tanh approximation's inner scale.
+const GELU_C: f32 = 0.797_884_56;
+/// The cubic coefficient of the tanh approximation.
+const GELU_A: f32 = 0.044_715;
+
+multiversion! {
+    /// GeGLU forward with the tanh approximation (transformers' `gelu_pytorch_tanh`, Gemma's MLP:
+    /// `act_fn(gate_proj(x)) * up_proj(x)`): `a = gelu(g) · u`,
+    /// `gelu(x) = x/2 · (1 + tanh(√(2/π) (x + 0.044715 x³)))`.
+    pub fn gelu_tanh_mul(g: &[f32], u: &[f32], a: &mut [f32]) {
+        for ((o, &x), &ui) in a.iter_mut().zip(g).zip(u) {
+            let s = one_minus_tanh(GELU_C * (x + GELU_A * x * x * x));
+            *o = 0.5 * x * (2.0 - s) * ui;
+        }
+    }
+}
+
+multiversion! {
+    /// Backward of [`gelu_tanh_mul`], in place: on entry `g`, `u` hold the forward inputs and
+    /// `ga` the gradient of `a`; on exit `g` holds `∂L/∂g = ga · u · gelu'(g)` with
+    /// `gelu'(x) = (1 + t)/2 + x/2 · (1 − t²) · √(2/π) (1 + 3 · 0.044715 x²)`, and `u` holds
+    /// `∂L/∂u = ga · gelu(g)`.
+    pub fn gelu_tanh_mul_bwd_inplace(g: &mut [f32], u: &mut [f32], ga: &[f32]) {
+        for ((gi, ui), &gai) in g.iter_mut().zip(u.iter_mut()).zip(ga) {
+            let x = *gi;
+            // s = 1 − t, so 1 + t = 2 − s and 1 − t² = s (2 − s).
+            let s = one_minus_tanh(GELU_C * (x + GELU_A * x * x * x));
+            let d = 0.5 * (2.0 - s) + 0.5 * x * (s * (2.0 - s)) * GELU_C * (1.0 + 3.0 * GELU_A * x * x);
+            *gi = gai * *ui * d;
+            *ui = gai * 0.5 * x * (2.0 - s);
+        }
+    }
+}
+
 multiversion! {
     /// Softmax of `row[..valid]` in place with the rest zeroed, as candle's softmax over a row
     /// whose masked entries hold `f32::MIN` (their `exp` underflows to exactly 0). `valid` = 0
@@ -426,6 +469,29 @@ mod tests {
         }
         assert!(worst < 3e-7, "worst relative error {worst}");
         assert_eq!(exp_f32(0.0), 1.0);
+    }
+
+    /// GeGLU (tanh approximation) forward and backward against f64 evaluations of the same
+    /// formulas, over the range activations reach and beyond the tanh clamp.
+    #[test]
+    fn gelu_tanh_mul_and_backward_match_f64() {
+        let gelu = |x: f64| 0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x)).tanh());
+        let xs: Vec<f32> = (0..4001).map(|i| -20.0 + i as f32 * 0.01).collect();
+        let us: Vec<f32> = xs.iter().enumerate().map(|(i, _)| 0.5 + (i % 7) as f32 * 0.25).collect();
+        let mut a = vec![0f32; xs.len()];
+        gelu_tanh_mul(&xs, &us, &mut a);
+        let ga: Vec<f32> = (0..xs.len()).map(|i| 1.0 - (i % 5) as f32 * 0.3).collect();
+        let (mut g, mut u) = (xs.clone(), us.clone());
+        gelu_tanh_mul_bwd_inplace(&mut g, &mut u, &ga);
+        for i in 0..xs.len() {
+            let (x, uu, gg) = (xs[i] as f64, us[i] as f64, ga[i] as f64);
+            let want = gelu(x) * uu;
+            assert!((a[i] as f64 - want).abs() <= 1e-6 * want.abs().max(1.0), "gelu·u at {x}: {} vs {want}", a[i]);
+            let h = 1e-5;
+            let d = (gelu(x + h) - gelu(x - h)) / (2.0 * h);
+            assert!((g[i] as f64 - gg * uu * d).abs() <= 2e-6 * (gg * uu).abs().max(1.0), "∂g at {x}: {} vs {}", g[i], gg * uu * d);
+            assert!((u[i] as f64 - gg * gelu(x)).abs() <= 1e-6 * (gg * gelu(x)).abs().max(1.0), "∂u at {x}");
+        }
     }
 
     #[test]

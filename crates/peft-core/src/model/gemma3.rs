@@ -21,8 +21,10 @@
 //! `attn_logit_softcapping` is read but not applied: transformers 5.18's `Gemma3Attention` does
 //! not pass it to the attention function either (so the logits match theirs).
 //!
-//! The fused engine does not compute this architecture (`as_llama` is `None`): inference and
-//! training run here, on the general candle path.
+//! The fused engine (`crate::engine`) computes this architecture too (`as_gemma3`): LoRA and
+//! prefix / prompt training, inference and cached decoding in f32 on the CPU, with the same
+//! numbers; it declines `final_logit_softcapping` (unset in Gemma 3's released configs), which
+//! then runs here, as does everything the engine declines for Llama.
 
 use super::config::{get_f64, get_usize, supported_architectures};
 use super::decoder::{self, append_kv, config_name, linear_ctx, repeat_kv, DecoderDefaults, DecoderFields};
@@ -252,6 +254,11 @@ impl GemmaNorm {
         Ok(GemmaNorm { weight, scale })
     }
 
+    /// The f32 scale `1 + w` `[dim]` that the forward multiplies by (what the fused engine reads).
+    pub fn scale(&self) -> &Tensor {
+        &self.scale
+    }
+
     /// `x / sqrt(mean(x²) + eps) · (1 + w)` over the last dimension, in f32, cast back to `x`'s
     /// dtype (transformers' `Gemma3RMSNorm`).
     pub fn forward(&self, x: &Tensor, eps: f64, train: bool) -> Result<Tensor> {
@@ -417,6 +424,9 @@ impl Gemma3ForCausalLM {
 impl BaseModel for Gemma3ForCausalLM {
     fn info(&self) -> &ModelInfo {
         &self.info
+    }
+    fn as_gemma3(&self) -> Option<&Gemma3ForCausalLM> {
+        Some(self)
     }
     fn config_json(&self) -> Value {
         self.config.to_json()

@@ -242,6 +242,10 @@ pub trait BaseModel: Send + Sync {
     fn as_llama(&self) -> Option<&llama::LlamaForCausalLM> {
         None
     }
+    /// The model as a Gemma 3 text decoder, for the fused engine (`None` for other families).
+    fn as_gemma3(&self) -> Option<&gemma3::Gemma3ForCausalLM> {
+        None
+    }
     /// The model's config as transformers names it (the config.json fields this crate reads).
     fn config_json(&self) -> serde_json::Value;
     /// The device the weights live on.
