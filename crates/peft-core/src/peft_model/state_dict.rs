@@ -104,7 +104,7 @@ impl PeftModel {
             }
             let w = self.unmerged_base_weight(lin)?;
             if targeted {
-                if !lin.adapters.is_empty() {
+                if lin.loras().next().is_some() {
                     out.push((format!("{KEY_PREFIX}{m}.base_layer.weight"), w));
                 }
             } else {
@@ -118,7 +118,7 @@ impl PeftModel {
     pub(crate) fn unmerged_base_weight(&self, lin: &crate::tuners::linear::PeftLinear) -> Result<Tensor> {
         let mut w = lin.dense_weight()?.to_dtype(DType::F32)?;
         for n in &lin.merged {
-            if lin.adapters.contains_key(n) {
+            if lin.lora(n).is_some() {
                 let d = lin.delta_weight(n)?;
                 let d = if lin.transposed { d.t()? } else { d };
                 w = (w - d)?;

@@ -56,7 +56,7 @@ impl PeftModel {
                 let b: Vec<f32> = (0..dim * r).map(|_| n.sample(&mut rng)).collect();
                 let a = Var::from_tensor(&Tensor::from_vec(a, (r, num), &device)?)?;
                 let b = Var::from_tensor(&Tensor::from_vec(b, (dim, r), &device)?)?;
-                planned.push((mname, LoraAdapter { a, b, r, alpha, scaling: cfg.scaling(r, alpha), dropout: cfg.lora_dropout, magnitude: None, merged_norm: None }));
+                planned.push((mname, LoraAdapter { a, b, r, alpha, scaling: cfg.scaling(r, alpha), dropout: cfg.lora_dropout, magnitude: None, merged_norm: None, embedding: true }));
                 continue;
             }
             // HF `_create_new_module`: the layer type decides `fan_in_fan_out` (with a warning).
@@ -86,7 +86,7 @@ impl PeftModel {
                 };
                 let res = if lin.transposed { res.t()?.contiguous()? } else { res };
                 residuals.insert(mname.clone(), res.to_dtype(lin.weight.dtype())?);
-                let ad = LoraAdapter { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)?, r, alpha, scaling, dropout: cfg.lora_dropout, magnitude: None, merged_norm: None };
+                let ad = LoraAdapter { a: Var::from_tensor(&a)?, b: Var::from_tensor(&b)?, r, alpha, scaling, dropout: cfg.lora_dropout, magnitude: None, merged_norm: None, embedding: false };
                 planned.push((mname, ad));
                 continue;
             }
@@ -103,7 +103,7 @@ impl PeftModel {
             };
             let a = Var::from_tensor(&Tensor::from_vec(a, (r, inf), &device)?)?;
             let b = Var::from_tensor(&Tensor::from_vec(b, (outf, r), &device)?)?;
-            let mut ad = LoraAdapter { a, b, r, alpha, scaling: cfg.scaling(r, alpha), dropout: cfg.lora_dropout, magnitude: None, merged_norm: None };
+            let mut ad = LoraAdapter { a, b, r, alpha, scaling: cfg.scaling(r, alpha), dropout: cfg.lora_dropout, magnitude: None, merged_norm: None, embedding: false };
             if cfg.use_dora {
                 // DoRA starts with m = ‖W + s·B A‖ per row (HF `DoraLinearLayer.update_layer`).
                 ad.magnitude = Some(Var::from_tensor(&lin.dora_weight_norm(&ad)?)?);
@@ -121,7 +121,7 @@ impl PeftModel {
         let mut planned: std::collections::HashMap<String, LoraAdapter> = planned.into_iter().collect();
         for (mname, lin) in self.base.named_linears_mut() {
             if let Some(ad) = planned.remove(&mname) {
-                lin.adapters.insert(name.to_string(), ad);
+                lin.layers.insert(name.to_string(), Box::new(ad));
             }
             if let Some(c) = copies.remove(&mname) {
                 lin.saved_copies.insert(name.to_string(), c);
@@ -132,7 +132,7 @@ impl PeftModel {
         }
         for (mname, lin) in self.base.named_linears_mut() {
             if let Some(l) = tokens.remove(&mname) {
-                lin.others.insert(name.to_string(), l);
+                lin.layers.insert(name.to_string(), l);
             }
         }
         let (bias_mode, trainable) = (cfg.bias.clone(), !cfg.inference_mode);
