@@ -232,15 +232,9 @@ impl PeftModel {
             };
             planned.insert(mname, Box::new(layer));
         }
-        let (bias, trainable) = (cfg.bias.clone(), !cfg.inference_mode);
-        let targeted = self.install_planned(name, cfg.into(), planned, copies, |lin, name, l| {
+        // `bias` ("all" / "vera_only") is HF's generic handling (`crate::peft_model::bias`).
+        self.install_planned(name, cfg.into(), planned, copies, |lin, name, l| {
             lin.layers.insert(name, l);
-        })?;
-        // HF `_mark_only_adapters_as_trainable`: `bias="all"` trains every bias, `"vera_only"`
-        // those of the VeRA layers (saved as `<module>.base_layer.bias`).
-        if bias != "none" && trainable {
-            self.make_biases_trainable(if bias == "vera_only" { "lora_only" } else { "all" })?;
-        }
-        Ok(targeted)
+        })
     }
 }
