@@ -144,6 +144,12 @@ pub trait AdapterLayer: Send + Sync + std::fmt::Debug {
     fn as_any(&self) -> Option<&dyn std::any::Any> {
         None
     }
+    /// The sub-module of the host under which HF's `get_layer_status` names this layer
+    /// (`Some("token_adapter")` for LoRA's `trainable_token_indices`, HF's
+    /// `TrainableTokensWrapper.token_adapter`); `None` (the default): the host module itself.
+    fn status_submodule(&self) -> Option<&'static str> {
+        None
+    }
     /// The mutable twin of [`AdapterLayer::as_any`] (LoRA's scaling, hotswap and weighted
     /// adapters edit their layers in place). `None` by default.
     fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
