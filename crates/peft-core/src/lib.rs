@@ -34,6 +34,7 @@ pub mod engine;
 pub mod error;
 pub mod export;
 pub mod gguf;
+pub(crate) mod gguf_container;
 pub mod generate;
 pub mod io;
 pub mod keys;

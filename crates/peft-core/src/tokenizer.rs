@@ -236,7 +236,8 @@ impl Tokenizer {
                 .map(|e| e.eq_ignore_ascii_case("gguf"))
                 .unwrap_or(false);
             if is_gguf {
-                return crate::gguf::read_gguf_tokenizer(path);
+                let (content, _, _) = crate::gguf_container::open_gguf(path)?;
+                return Tokenizer::from_gguf(&content, path);
             }
             if path.extension().and_then(|e| e.to_str()) != Some("json") {
                 return Err(PeftError::invalid_arg(
@@ -347,7 +348,7 @@ impl Tokenizer {
     /// merges), of the wrong type, inconsistent (token_type / scores length, a NaN score,
     /// special id out of range) or merges reference unknown tokens.
     pub fn from_gguf(content: &gguf_file::Content, path: &Path) -> Result<Self> {
-        use crate::gguf::meta;
+        use crate::gguf_container::meta;
         let bad = |msg: String| PeftError::GgufInvalid { path: path.to_path_buf(), msg };
         let md = &content.metadata;
         let model = meta::string(md, "tokenizer.ggml.model", path)?

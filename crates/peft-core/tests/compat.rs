@@ -169,3 +169,32 @@ fn tied_embeddings_warn_as_hf() {
     assert_eq!(e.code(), "ERR_ADAPTER_CONFIG_INVALID");
     assert!(e.to_string().contains("ensure_weight_tying"), "{e}");
 }
+
+/// HF `PeftModel.save_pretrained` writes `auto_mapping` (the base model's transformers class
+/// and module) into a fresh adapter_config.json when the config has no `task_type`, and keeps
+/// `null` with one; reference: `cases/compat_save_status.json`
+/// (`__test__/scripts/make_save_status_fixtures.py`).
+#[test]
+fn fresh_save_writes_hf_auto_mapping() {
+    let p = fixtures_dir().join("cases/compat_save_status.json");
+    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let cases = [
+        ("llama_lora", "llama", json!({"peft_type": "LORA", "r": 2, "target_modules": ["q_proj", "v_proj"]})),
+        ("gpt2_lora", "gpt2", json!({"peft_type": "LORA", "r": 2, "target_modules": ["c_attn"]})),
+        ("llama_ia3", "llama", json!({"peft_type": "IA3", "target_modules": ["k_proj", "down_proj"], "feedforward_modules": ["down_proj"]})),
+        ("gemma3_lora", "gemma3", json!({"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"]})),
+        ("llama_lora_causal", "llama", json!({"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"})),
+    ];
+    for (case, model, cfg) in cases {
+        let mut m = base_of(model);
+        m.add_adapter("default", lora(cfg), 0).unwrap_or_else(|e| panic!("{case}: [{}] {e}", e.code()));
+        let dir = temp_dir(&format!("auto_mapping_{case}"));
+        m.save_pretrained(&dir, None).unwrap_or_else(|e| panic!("{case}: [{}] {e}", e.code()));
+        let got: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_config.json")).unwrap()).unwrap();
+        let exp = &reference["configs"][case];
+        assert!(exp.is_object(), "{case}: no reference");
+        assert_eq!(got["auto_mapping"], exp["auto_mapping"], "{case}: auto_mapping");
+        assert_eq!(got["task_type"], exp["task_type"], "{case}: task_type");
+        remove_dir(&dir);
+    }
+}

@@ -149,7 +149,7 @@ fn lora_export_names_permutation_and_folded_scales_match_hf() {
         m.load_adapter(&case_dir(case), "default", false, None).unwrap();
         let mut n = 0;
         for (path, lin) in m.base.named_linears() {
-            let Some(ad) = lin.adapters.get("default") else { continue };
+            let Some(ad) = lin.lora("default") else { continue };
             let (a, b) = &pairs[&path];
             let want = (ad.b.as_tensor().matmul(ad.a.as_tensor()).unwrap() * ad.scaling).unwrap();
             let got = b.matmul(a).unwrap();

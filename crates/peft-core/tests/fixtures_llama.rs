@@ -83,7 +83,7 @@ fn check_adapter_layers(case: &str, m: &PeftModel) {
             .base
             .named_linears()
             .into_iter()
-            .filter_map(|(k, l)| l.adapters.get(name).map(|a| (k, (a.r, a.alpha, a.scaling))))
+            .filter_map(|(k, l)| l.lora(name).map(|a| (k, (a.r, a.alpha, a.scaling))))
             .collect();
         assert_eq!(
             got.keys().collect::<Vec<_>>(),
@@ -211,7 +211,7 @@ mod llama_ia3 {
         let cj = case_json("llama_ia3");
         let want = cj["adapter_layers"]["default"].as_object().unwrap();
         let got: BTreeMap<String, (bool, Vec<usize>)> =
-            m.base.named_linears().into_iter().filter_map(|(k, l)| l.ia3.get("default").map(|a| (k, (a.feedforward, a.l.dims().to_vec())))).collect();
+            m.base.named_linears().into_iter().filter_map(|(k, l)| l.ia3("default").map(|a| (k, (a.feedforward, a.l.dims().to_vec())))).collect();
         assert_eq!(got.len(), want.len());
         for (k, v) in want {
             let shape: Vec<usize> = v["ia3_l_shape"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
@@ -347,7 +347,7 @@ fn llama_lora_patterns_rank_alpha_layers() {
         .base
         .named_linears()
         .into_iter()
-        .filter_map(|(k, l)| l.adapters.get("default").map(|a| (k, (a.r, a.scaling))))
+        .filter_map(|(k, l)| l.lora("default").map(|a| (k, (a.r, a.scaling))))
         .collect();
     // README: q_proj r=2 (scaling 4), v_proj alpha 32 (scaling 8), layer-1 down_proj r=6 alpha=3
     // (scaling 0.5), others r=4 alpha=8 (scaling 2).

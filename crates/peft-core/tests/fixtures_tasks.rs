@@ -307,7 +307,7 @@ fn pissa_and_olora_match_hf() {
         m.add_adapter("default", cfg, 1).unwrap();
         let mut worst = (0f64, 0f64);
         for (name, lin) in m.base.named_linears() {
-            if lin.adapters.is_empty() {
+            if lin.loras().next().is_none() {
                 continue;
             }
             let delta = lin.delta_weight("default").unwrap();
@@ -337,7 +337,7 @@ fn pissa_converts_to_lora_for_the_original_base() {
     m.save_pretrained(&initial, None).unwrap();
     // "Train": move A and B.
     for (_, lin) in m.base.named_linears_mut() {
-        if let Some(ad) = lin.adapters.get_mut("default") {
+        if let Some(ad) = lin.lora_mut("default") {
             ad.a = candle_core::Var::from_tensor(&(ad.a.as_tensor() * 1.3).unwrap()).unwrap();
             ad.b = candle_core::Var::from_tensor(&(ad.b.as_tensor() + 0.01).unwrap()).unwrap();
         }

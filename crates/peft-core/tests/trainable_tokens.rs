@@ -245,3 +245,31 @@ fn lora_trainable_token_indices_new_adapter_and_errors() {
     assert!(e.to_string().contains("trainable_token_indices") && e.to_string().contains("embed_tokens"), "{e}");
     assert!(m.adapter_names().is_empty());
 }
+
+/// HF `get_layer_status` names the standalone layer after the embedding (`model.<m>`) and the
+/// layer of LoRA's `trainable_token_indices` after its wrapper's sub-module
+/// (`model.<m>.token_adapter`); reference: `cases/compat_save_status.json`
+/// (`__test__/scripts/make_save_status_fixtures.py`).
+#[test]
+fn trainable_tokens_layer_status_names_match_hf() {
+    let p = fixtures_dir().join("cases/compat_save_status.json");
+    let reference: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    for case in STANDALONE.iter().chain(WITH_LORA.iter()) {
+        let m = adapter_peft(case, false);
+        let got: BTreeSet<(String, String)> = m
+            .layer_status()
+            .unwrap()
+            .iter()
+            .filter(|s| s["module_type"] == "TrainableTokensLayer")
+            .map(|s| (s["name"].as_str().unwrap().to_string(), s["module_type"].as_str().unwrap().to_string()))
+            .collect();
+        let exp: BTreeSet<(String, String)> = reference["layer_status"][case]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e[0].as_str().unwrap().to_string(), e[1].as_str().unwrap().to_string()))
+            .collect();
+        assert!(!exp.is_empty(), "{case}: no reference");
+        assert_eq!(got, exp, "{case}");
+    }
+}

@@ -111,11 +111,12 @@ impl Lin {
         if l.transposed || l.is_embedding {
             return None;
         }
+        // Only plain LoRA layers are computed here (see `PeftLinear::lora`).
         if !l.disabled
             && (!l.saved_copies.is_empty()
                 || l.active
                     .iter()
-                    .any(|n| (l.ia3.contains_key(n) || l.others.contains_key(n)) && !l.merged.contains(n)))
+                    .any(|n| l.has_adapter(n) && l.lora(n).is_none() && !l.merged.contains(n)))
         {
             return None;
         }
@@ -131,10 +132,10 @@ impl Lin {
             names.sort();
             names.dedup();
             for name in names {
-                if l.others.contains_key(name) || l.saved_copies.contains_key(name) || l.ia3.contains_key(name) {
+                if l.saved_copies.contains_key(name) || (l.has_adapter(name) && l.lora(name).is_none()) {
                     return None;
                 }
-                let Some(ad) = l.adapters.get(name) else {
+                let Some(ad) = l.lora(name) else {
                     continue;
                 };
                 if ad.magnitude.is_some() {
@@ -147,7 +148,7 @@ impl Lin {
                 if l.merged.contains(name) {
                     continue;
                 }
-                let Some(ad) = l.adapters.get(name) else {
+                let Some(ad) = l.lora(name) else {
                     continue;
                 };
                 if ad.magnitude.is_some() {
@@ -323,10 +324,8 @@ struct Plan<'m> {
 fn live_table(l: &PeftLinear) -> bool {
     let live = !l.disabled
         && l.active.iter().any(|n| {
-            (l.adapters.contains_key(n) && !l.merged.contains(n))
+            (l.has_adapter(n) && (l.lora(n).is_none() || !l.merged.contains(n)))
                 || l.saved_copies.contains_key(n)
-                || l.ia3.contains_key(n)
-                || l.others.contains_key(n)
         });
     live || l.bias.is_some()
 }

@@ -80,7 +80,7 @@ pub(crate) fn base_config(base: &Path) -> Result<LlamaConfig> {
     }
     if crate::model::loader::is_gguf(base) {
         let content = crate::gguf::read_gguf_header(base)?;
-        let arch = crate::gguf::meta::string(&content.metadata, "general.architecture", base)?.unwrap_or_default();
+        let arch = crate::gguf_container::meta::string(&content.metadata, "general.architecture", base)?.unwrap_or_default();
         if arch != "llama" {
             // The architecture's own refusal where the exporter has one (SmolLM3: its NoPE layers).
             if let Ok(cfg) = crate::gguf::read_gguf_config(base) {

@@ -258,8 +258,12 @@ pub(crate) fn named_linears<L>(embed: L, layers: impl IntoIterator<Item = Vec<(&
     out
 }
 
-/// The seven linears of a Llama-style layer with their names: `self_attn.{q,k,v,o}_proj`,
-/// `mlp.{gate,up,down}_proj`.
+/// The module paths (below `model.layers.N.`) of a Llama-style layer's seven linears, in the
+/// order `[q, k, v, o, gate, up, down]`: the one declaration that loading (`from_tensors`, which
+/// destructures it in that order) and listing ([`llama_layer_linears`]) share.
+pub(crate) const LLAMA_LAYER_LINEARS: [&str; 7] = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
+
+/// The seven linears of a Llama-style layer with their names ([`LLAMA_LAYER_LINEARS`]).
 pub(crate) fn llama_layer_linears<L>([q, k, v, o]: [L; 4], [gate, up, down]: [L; 3]) -> Vec<(&'static str, L)> {
-    vec![("self_attn.q_proj", q), ("self_attn.k_proj", k), ("self_attn.v_proj", v), ("self_attn.o_proj", o), ("mlp.gate_proj", gate), ("mlp.up_proj", up), ("mlp.down_proj", down)]
+    LLAMA_LAYER_LINEARS.into_iter().zip([q, k, v, o, gate, up, down]).collect()
 }

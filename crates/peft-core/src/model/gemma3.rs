@@ -339,13 +339,9 @@ impl Gemma3ForCausalLM {
                 let b = if bias { Some(take(&format!("{p}.{name}.bias"), &[out])?) } else { None };
                 Ok(PeftLinear::new(w, b, false))
             };
-            let self_attn_lin = (
-                lin("self_attn.q_proj", q_out, h, c.attention_bias)?,
-                lin("self_attn.k_proj", kv_out, h, c.attention_bias)?,
-                lin("self_attn.v_proj", kv_out, h, c.attention_bias)?,
-                lin("self_attn.o_proj", h, q_out, c.attention_bias)?,
-            );
-            let mlp = Mlp { gate_proj: lin("mlp.gate_proj", f, h, false)?, up_proj: lin("mlp.up_proj", f, h, false)?, down_proj: lin("mlp.down_proj", h, f, false)? };
+            let [q, k, v, o, gate, up, down] = decoder::LLAMA_LAYER_LINEARS;
+            let self_attn_lin = (lin(q, q_out, h, c.attention_bias)?, lin(k, kv_out, h, c.attention_bias)?, lin(v, kv_out, h, c.attention_bias)?, lin(o, h, q_out, c.attention_bias)?);
+            let mlp = Mlp { gate_proj: lin(gate, f, h, false)?, up_proj: lin(up, f, h, false)?, down_proj: lin(down, h, f, false)? };
             let mut norm = |name: &str, dim: usize| -> Result<GemmaNorm> { GemmaNorm::new(take(&format!("{p}.{name}.weight"), &[dim])?) };
             let (q_proj, k_proj, v_proj, o_proj) = self_attn_lin;
             let self_attn = Attention { q_proj, k_proj, v_proj, o_proj, q_norm: norm("self_attn.q_norm", hd)?, k_norm: norm("self_attn.k_norm", hd)? };

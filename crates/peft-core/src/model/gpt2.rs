@@ -96,6 +96,11 @@ pub struct LayerNorm {
     pub bias: Tensor,
 }
 
+/// The module paths (below `transformer.h.N.`) of a block's Conv1D layers, in the order
+/// `[c_attn, attn_c_proj, c_fc, mlp_c_proj]` of [`Gpt2Block`]'s fields: the one declaration that
+/// loading and listing share.
+const BLOCK_LINEARS: [&str; 4] = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"];
+
 /// One GPT-2 block (`transformer.h.{i}`).
 pub struct Gpt2Block {
     pub ln_1: LayerNorm,
@@ -183,13 +188,14 @@ impl Gpt2LMHeadModel {
                 let b = take(&format!("{p}.{name}.bias"), &[out])?;
                 Ok(PeftLinear::new(w, Some(b), true))
             };
+            let [c_attn, attn_c_proj, c_fc, mlp_c_proj] = BLOCK_LINEARS;
             h.push(Gpt2Block {
                 ln_1,
-                c_attn: conv("attn.c_attn", e, 3 * e)?,
-                attn_c_proj: conv("attn.c_proj", e, e)?,
+                c_attn: conv(c_attn, e, 3 * e)?,
+                attn_c_proj: conv(attn_c_proj, e, e)?,
                 ln_2,
-                c_fc: conv("mlp.c_fc", e, inner)?,
-                mlp_c_proj: conv("mlp.c_proj", inner, e)?,
+                c_fc: conv(c_fc, e, inner)?,
+                mlp_c_proj: conv(mlp_c_proj, inner, e)?,
             });
         }
         let ln_f = LayerNorm { weight: take("ln_f.weight", &[e])?, bias: take("ln_f.bias", &[e])? };
@@ -301,8 +307,8 @@ impl BaseModel for Gpt2LMHeadModel {
         let mut out = vec![("transformer.wte".to_string(), wte)];
         for (i, l) in h.into_iter().enumerate() {
             let Gpt2Block { c_attn, attn_c_proj, c_fc, mlp_c_proj, .. } = l;
-            let named = [("attn.c_attn", c_attn), ("attn.c_proj", attn_c_proj), ("mlp.c_fc", c_fc), ("mlp.c_proj", mlp_c_proj)];
-            out.extend(named.into_iter().map(|(n, lin)| (format!("transformer.h.{i}.{n}"), lin)));
+            let named = BLOCK_LINEARS.into_iter().zip([c_attn, attn_c_proj, c_fc, mlp_c_proj]);
+            out.extend(named.map(|(n, lin)| (format!("transformer.h.{i}.{n}"), lin)));
         }
         out.push((head_name.to_string(), lm_head));
         out

@@ -106,18 +106,19 @@ impl LlamaForCausalLM {
                 let b = if bias { Some(take(&format!("{p}.{name}.bias"), &[out])?) } else { None };
                 Ok(PeftLinear::new(w, b, false))
             };
+            let [q, k, v, o, gate, up, down] = decoder::LLAMA_LAYER_LINEARS;
             let self_attn = Attention {
-                q_proj: lin("self_attn.q_proj", q_out, h, c.attention_bias)?,
-                k_proj: lin("self_attn.k_proj", kv_out, h, c.attention_bias)?,
-                v_proj: lin("self_attn.v_proj", kv_out, h, c.attention_bias)?,
-                o_proj: lin("self_attn.o_proj", h, q_out, c.attention_bias && c.model_type != "qwen2")?,
+                q_proj: lin(q, q_out, h, c.attention_bias)?,
+                k_proj: lin(k, kv_out, h, c.attention_bias)?,
+                v_proj: lin(v, kv_out, h, c.attention_bias)?,
+                o_proj: lin(o, h, q_out, c.attention_bias && c.model_type != "qwen2")?,
                 q_norm: None,
                 k_norm: None,
             };
             let mlp = Mlp {
-                gate_proj: lin("mlp.gate_proj", c.intermediate_size, h, c.mlp_bias)?,
-                up_proj: lin("mlp.up_proj", c.intermediate_size, h, c.mlp_bias)?,
-                down_proj: lin("mlp.down_proj", h, c.intermediate_size, c.mlp_bias)?,
+                gate_proj: lin(gate, c.intermediate_size, h, c.mlp_bias)?,
+                up_proj: lin(up, c.intermediate_size, h, c.mlp_bias)?,
+                down_proj: lin(down, h, c.intermediate_size, c.mlp_bias)?,
             };
             let mut self_attn = self_attn;
             if c.qk_norm {

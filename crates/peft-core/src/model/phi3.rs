@@ -45,6 +45,10 @@ use std::path::{Path, PathBuf};
 /// The `architectures` values read as Phi-3 decoders.
 pub const PHI3_ARCHITECTURES: &[&str] = &["Phi3ForCausalLM"];
 
+/// The module paths (below `model.layers.N.`) of a Phi-3 layer's linears in transformers'
+/// module order `[o, qkv, gate_up, down]`: the one declaration loading and listing share.
+const LAYER_LINEARS: [&str; 4] = ["self_attn.o_proj", "self_attn.qkv_proj", "mlp.gate_up_proj", "mlp.down_proj"];
+
 /// transformers' `longrope` parameters.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LongRope {
@@ -306,8 +310,9 @@ impl Phi3ForCausalLM {
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let mut lin = |name: &str, out: usize, inp: usize| -> Result<PeftLinear> { Ok(PeftLinear::new(take(&format!("{p}.{name}.weight"), &[out, inp])?, None, false)) };
-            let self_attn = Attention { qkv_proj: lin("self_attn.qkv_proj", qkv_out, h)?, o_proj: lin("self_attn.o_proj", h, q_out)? };
-            let mlp = Mlp { gate_up_proj: lin("mlp.gate_up_proj", 2 * f, h)?, down_proj: lin("mlp.down_proj", h, f)? };
+            let [o, qkv, gate_up, down] = LAYER_LINEARS;
+            let self_attn = Attention { qkv_proj: lin(qkv, qkv_out, h)?, o_proj: lin(o, h, q_out)? };
+            let mlp = Mlp { gate_up_proj: lin(gate_up, 2 * f, h)?, down_proj: lin(down, h, f)? };
             layers.push(DecoderLayer {
                 input_layernorm: take(&format!("{p}.input_layernorm.weight"), &[h])?,
                 self_attn,
@@ -428,7 +433,7 @@ impl BaseModel for Phi3ForCausalLM {
         let Phi3ForCausalLM { embed_tokens, layers, lm_head, .. } = this;
         let layers = IntoIterator::into_iter(layers).map(|l| {
             let DecoderLayer { self_attn: Attention { qkv_proj, o_proj }, mlp: Mlp { gate_up_proj, down_proj }, .. } = l;
-            vec![("self_attn.o_proj", o_proj), ("self_attn.qkv_proj", qkv_proj), ("mlp.gate_up_proj", gate_up_proj), ("mlp.down_proj", down_proj)]
+            LAYER_LINEARS.into_iter().zip([o_proj, qkv_proj, gate_up_proj, down_proj]).collect::<Vec<_>>()
         });
         decoder::named_linears(embed_tokens, layers, ("lm_head", lm_head))
     });

@@ -128,7 +128,7 @@ impl PeftModel {
             for (slot, v) in grown {
                 lin.set_adapter_param(name, &slot, v)?;
             }
-            if let Some(ad) = lin.adapters.get_mut(name) {
+            if let Some(ad) = lin.lora_mut(name) {
                 ad.r = ad.a.dims()[0];
                 if any {
                     ad.scaling = new_lora.scaling(new_lora.rank_for(&m), new_lora.alpha_for(&m));

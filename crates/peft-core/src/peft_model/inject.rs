@@ -81,6 +81,13 @@ impl PeftModel {
         cfg.add_task_head_modules();
         self.check_tied_modules(&cfg)?;
         let tuner = cfg.tuner();
+        // HF `BaseTuner._check_new_adapter_config`: at most one adapter with a trainable bias.
+        if BiasMode::of(&cfg) != BiasMode::None && self.configs.iter().any(|(_, c)| BiasMode::of(c) != BiasMode::None) {
+            return Err(PeftError::InvalidAdapterConfig {
+                path: None,
+                msg: format!("{} supports only 1 adapter with bias. When using multiple adapters, set bias to 'none' for all adapters.", tuner.model_class()),
+            });
+        }
         tuner.inject(self, name, cfg, seed)
     }
 
@@ -206,15 +213,18 @@ impl PeftModel {
     }
 
     /// Record a newly injected adapter's config; the model's first adapter becomes active (as
-    /// `get_peft_model` does), later ones are not.
+    /// `get_peft_model` does), later ones are not. A trainable adapter's config `bias` makes the
+    /// base biases it names trainable (HF `_mark_only_adapters_as_trainable`, see
+    /// [`BiasMode`]).
     pub(crate) fn register(&mut self, name: &str, cfg: AdapterConfig, first: bool) -> Result<()> {
+        let bias = if cfg.inference_mode() { BiasMode::None } else { BiasMode::of(&cfg) };
         self.configs.push((name.to_string(), cfg));
         if first {
-            self.set_adapter(&[name.to_string()])
+            self.set_adapter(&[name.to_string()])?;
         } else {
             self.sync_layers();
-            Ok(())
         }
+        self.make_biases_trainable(bias)
     }
 
     pub(crate) fn sync_layers(&mut self) {

@@ -202,10 +202,7 @@ impl PeftModel {
                 msg: format!("no tensor of the file matches the adapter's modules (unexpected keys: {:?})", &result.unexpected_keys[..result.unexpected_keys.len().min(5)]),
             });
         }
-        let (bias_mode, trainable) = match crate::tuners::lora::config_bias_mode(&cfg).as_str() {
-            "none" => ("none".to_string(), false),
-            b => (b.to_string(), !cfg.inference_mode()),
-        };
+        let (bias_mode, trainable) = (BiasMode::of(&cfg), !cfg.inference_mode());
         ctl.check()?; // the last point before the model changes
         self.add_adapter(name, cfg, 0)?;
         if !emb_weights.is_empty() {
@@ -228,8 +225,8 @@ impl PeftModel {
                     *b = t.to_dtype(b.dtype())?;
                 }
             }
-            if bias_mode != "none" && trainable {
-                self.make_biases_trainable(&bias_mode)?;
+            if trainable {
+                self.make_biases_trainable(bias_mode)?;
             }
         }
         for (m, lin) in self.base.named_linears_mut() {

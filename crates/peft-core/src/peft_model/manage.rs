@@ -161,7 +161,7 @@ impl PeftModel {
         }
         self.refuse_scale_while_merged("setAdapterScale")?;
         for (_, lin) in self.base.named_linears_mut() {
-            if let Some(ad) = lin.adapters.get_mut(name) {
+            if let Some(ad) = lin.lora_mut(name) {
                 ad.scaling = scale * lora.scaling(ad.r, ad.alpha);
             }
         }
@@ -183,7 +183,7 @@ impl PeftModel {
         self.refuse_scale_while_merged("rescaleAdapterScale")?;
         let mut saved = Vec::new();
         for (path, lin) in self.base.named_linears_mut() {
-            for (name, ad) in lin.adapters.iter_mut() {
+            for (name, ad) in lin.loras_mut() {
                 saved.push((path.clone(), name.clone(), ad.scaling));
                 ad.scaling *= multiplier;
             }
@@ -208,7 +208,7 @@ impl PeftModel {
         for (path, lin) in self.base.named_linears_mut() {
             if let Some(list) = by_path.get(&path) {
                 for (name, s) in list {
-                    if let Some(ad) = lin.adapters.get_mut(name) {
+                    if let Some(ad) = lin.lora_mut(name) {
                         ad.scaling = *s;
                     }
                 }

@@ -12,6 +12,7 @@ use candle_core::{DType, Tensor, Var};
 use rand::Rng;
 use std::path::{Path, PathBuf};
 
+mod bias;
 mod inject;
 mod manage;
 mod state_dict;
@@ -23,6 +24,7 @@ mod status;
 
 /// Prefix of every key in adapter_model.safetensors (`base_model.model.<module path>...`).
 pub use crate::keys::KEY_PREFIX;
+pub(crate) use bias::BiasMode;
 use crate::keys::{strip_adapter_name, with_adapter_name};
 /// The adapter name meaning "no adapter" in mixed batches.
 pub const BASE_ADAPTER: &str = "__base__";

@@ -64,7 +64,7 @@ impl PeftModel {
             tensors.extend(self.embedding_layers_to_save(name, embeddings)?);
             let mut saved = cfg.clone();
             saved.set_inference_mode(true);
-            let mut config_text = saved.to_json_string();
+            let mut config_text = python_json_dumps(&self.config_json_to_save(&saved));
             if let Some(initial) = &opts.path_initial_model_for_weight_conversion {
                 let (t, c) = self.convert_mutated_init(tensors, &saved, initial)?;
                 tensors = t;
@@ -195,7 +195,7 @@ impl PeftModel {
                 .map_err(|e| PeftError::SafetensorsInvalid { path: wpath.clone(), msg: format!("tensor `{k}` does not fit the trained adapter: {e}") })?;
             out.push((k, merged));
         }
-        let mut j = saved.to_json();
+        let mut j = self.config_json_to_save(saved);
         j["init_lora_weights"] = serde_json::Value::Bool(true);
         j["r"] = serde_json::json!(c.r * 2);
         let alpha = &j["lora_alpha"];
@@ -215,5 +215,28 @@ impl PeftModel {
             }
         }
         Ok((out, j))
+    }
+
+    /// The adapter_config.json object `save_pretrained` writes for `saved`: its JSON, and, when
+    /// `task_type` is unset, HF's `auto_mapping` (`PeftModel.save_pretrained`):
+    /// `{"base_model_class": <the base model's transformers class>, "parent_library":
+    /// "transformers.models.<type>.modeling_<type>"}`. An `auto_mapping` the config already
+    /// holds (a file HF wrote for this base) is kept as it is.
+    pub(crate) fn config_json_to_save(&self, saved: &AdapterConfig) -> serde_json::Value {
+        let mut j = saved.to_json();
+        if saved.common().task_type().is_none() && j.get("auto_mapping").is_none_or(|v| v.is_null()) {
+            if let Some(obj) = j.as_object_mut() {
+                let info = self.base.info();
+                // transformers' module folder: the model_type, less Gemma 3's `_text` suffix
+                // (`Gemma3ForCausalLM` lives in `transformers.models.gemma3.modeling_gemma3`).
+                let folder = info.model_type.strip_suffix("_text").unwrap_or(&info.model_type);
+                let mapping = serde_json::json!({
+                    "base_model_class": info.architecture,
+                    "parent_library": format!("transformers.models.{folder}.modeling_{folder}"),
+                });
+                obj.insert("auto_mapping".into(), mapping);
+            }
+        }
+        j
     }
 }

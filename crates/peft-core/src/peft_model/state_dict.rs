@@ -37,7 +37,7 @@ impl PeftModel {
                 continue;
             }
             let mut out = Vec::new();
-            for (k, b) in self.bias_entries(&self.bias_mode(name)) {
+            for (k, b) in self.bias_entries(self.bias_mode(name)) {
                 if b.is_variable() {
                     if let Ok(v) = Var::from_tensor(&b) {
                         out.push((k, v));
@@ -104,7 +104,7 @@ impl PeftModel {
             }
             let w = self.unmerged_base_weight(lin)?;
             if targeted {
-                if !lin.adapters.is_empty() {
+                if lin.loras().next().is_some() {
                     out.push((format!("{KEY_PREFIX}{m}.base_layer.weight"), w));
                 }
             } else {
@@ -118,7 +118,7 @@ impl PeftModel {
     pub(crate) fn unmerged_base_weight(&self, lin: &crate::tuners::linear::PeftLinear) -> Result<Tensor> {
         let mut w = lin.dense_weight()?.to_dtype(DType::F32)?;
         for n in &lin.merged {
-            if lin.adapters.contains_key(n) {
+            if lin.lora(n).is_some() {
                 let d = lin.delta_weight(n)?;
                 let d = if lin.transposed { d.t()? } else { d };
                 w = (w - d)?;
@@ -148,27 +148,8 @@ impl PeftModel {
             out.sort_by(|a, b| a.0.cmp(&b.0));
             return Ok(out);
         }
-        let bias_mode = self.bias_mode(name);
-        for (k, b) in self.bias_entries(&bias_mode) {
-            out.push((k, b.detach()));
-        }
+        out.extend(self.bias_state_dict(name));
         for (m, lin) in self.base.named_linears() {
-            // HF `bias="all"` keeps every state-dict key holding "bias", so a `modules_to_save`
-            // wrapper also contributes its frozen original's bias (`<m>.original_module.bias`) and
-            // each copy's bias under the wrapper's own key (`<m>.modules_to_save.<adapter>.bias`,
-            // the saved adapter's name removed). HF loads the first back into the base and
-            // reports the second as unexpected; both are written so files stay byte-identical.
-            if bias_mode == "all" && !lin.saved_copies.is_empty() {
-                if let Some(b) = &lin.bias {
-                    out.push((format!("{KEY_PREFIX}{m}.original_module.bias"), b.detach()));
-                }
-                for (n, (_, b)) in &lin.saved_copies {
-                    if let Some(b) = b {
-                        let slot = if n == name { "modules_to_save".to_string() } else { format!("modules_to_save.{n}") };
-                        out.push((format!("{KEY_PREFIX}{m}.{slot}.bias"), b.as_tensor().detach()));
-                    }
-                }
-            }
             for (slot, v) in lin.adapter_params(name) {
                 out.push((format!("{KEY_PREFIX}{}", slot.disk_key(&m)), v.as_tensor().detach()));
             }

@@ -5,7 +5,10 @@ use super::*;
 impl PeftModel {
     /// HF `get_layer_status`: one entry per adapter layer (`lora.Linear`, `ia3.Linear`, or
     /// `ModulesToSaveWrapper`), named as in HF's `base_model.named_modules()`
-    /// (`model.<module path>`), as a JSON array with HF's field names.
+    /// (`model.<module path>`, plus the layer's [`AdapterLayer::status_submodule`] such as
+    /// `.token_adapter`), as a JSON array with HF's field names.
+    ///
+    /// [`AdapterLayer::status_submodule`]: crate::tuners::layer::AdapterLayer::status_submodule
     ///
     /// Errors: `InvalidState` for prompt-learning models (HF: not supported there) or a model
     /// without adapter layers.
@@ -19,10 +22,11 @@ impl PeftModel {
         }
         let mut out = Vec::new();
         for (path, lin) in self.base.named_linears() {
-            let (module_type, mut available): (&str, Vec<String>) = if !lin.saved_copies.is_empty() {
-                ("ModulesToSaveWrapper", lin.saved_copies.keys().cloned().collect())
+            let (module_type, mut available, sub): (&str, Vec<String>, Option<&str>) = if !lin.saved_copies.is_empty() {
+                ("ModulesToSaveWrapper", lin.saved_copies.keys().cloned().collect(), None)
             } else if lin.has_adapters() {
-                (lin.tuner_module_type(), lin.tuner_adapter_names().into_iter().cloned().collect())
+                let sub = lin.layers.values().next().and_then(|l| l.status_submodule());
+                (lin.tuner_module_type(), lin.tuner_adapter_names().into_iter().cloned().collect(), sub)
             } else {
                 continue;
             };
@@ -37,7 +41,10 @@ impl PeftModel {
             let devices: serde_json::Map<String, serde_json::Value> =
                 available.iter().map(|a| (a.clone(), json!([device_type(self.base.device())]))).collect();
             out.push(json!({
-                "name": format!("model.{path}"),
+                "name": match sub {
+                    Some(s) => format!("model.{path}.{s}"),
+                    None => format!("model.{path}"),
+                },
                 "module_type": module_type,
                 "enabled": !lin.disabled,
                 "active_adapters": self.active,

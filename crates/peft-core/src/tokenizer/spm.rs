@@ -29,7 +29,7 @@
 
 use super::Tokenizer;
 use crate::error::{PeftError, Result};
-use crate::gguf::meta;
+use crate::gguf_container::meta;
 use candle_core::quantized::gguf_file;
 use std::collections::HashMap;
 use std::path::Path;

@@ -44,6 +44,11 @@ pub trait TunerConfig: Send + Sync + std::fmt::Debug + Any {
     }
     /// The config as HF's adapter_config.json object.
     fn to_json(&self) -> Value;
+    /// The `bias` field as HF reads it (`getattr(config, "bias", "none")`, see
+    /// `crate::peft_model::bias`): `None` when the config has no such field.
+    fn bias(&self) -> Option<String> {
+        self.to_json().get("bias").and_then(|b| b.as_str()).map(String::from)
+    }
     /// A boxed copy.
     fn clone_box(&self) -> Box<dyn TunerConfig>;
     fn as_any(&self) -> &dyn Any;

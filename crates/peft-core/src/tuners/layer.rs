@@ -63,14 +63,17 @@ impl Slot {
 /// A parameter of an adapter layer: its slot and variable.
 pub type Param<'a> = (Slot, &'a Var);
 
-/// The layer of a tuner whose effect on a linear layer is a weight delta `ΔW` `[out, in]`
-/// (LoHa, LoKr, VeRA, ... : HF's `BaseTunerLayer` subclasses with `get_delta_weight`).
-/// [`PeftLinear`] keeps such layers per adapter name and, for every active unmerged one, adds
-/// [`AdapterLayer::forward_delta`] to the base output, merges by adding
-/// [`AdapterLayer::delta_weight`] and unmerges by subtracting it.
-///
-/// LoRA/DoRA and (IA)³ implement the same slot contract ([`AdapterLayer::params`]) but keep
-/// typed storage in [`PeftLinear`], because the fused engine reads them directly.
+/// The layer one adapter of one tuner adds to one linear layer or embedding table (HF's
+/// `BaseTunerLayer` subclasses: `lora.Linear`, `ia3.Linear`, `loha.Linear`, ...).
+/// [`PeftLinear`] keeps these layers per adapter name in one map ([`PeftLinear::layers`]) and
+/// names no tuner: for every active unmerged layer it calls [`AdapterLayer::apply`] (by default
+/// the base output plus [`AdapterLayer::forward_delta`]), merges by adding
+/// [`AdapterLayer::delta_weight`] and unmerges by subtracting it. Tuners whose layer is more than
+/// a weight delta override the hooks with defaults: LoRA/DoRA (`apply`, `merge_into`,
+/// `unmerge_from`), (IA)³ (`forward_host`: the active vectors together scale the input or the
+/// output), trainable tokens (`merged_weight`, `replaced_rows`). Code that needs a tuner's own
+/// type (the fused engine reading LoRA's `A`/`B`) downcasts with [`AdapterLayer::as_any`]
+/// through accessors in that tuner's folder (`PeftLinear::lora`).
 pub trait AdapterLayer: Send + Sync + std::fmt::Debug {
     /// HF `peft_type` of the tuner.
     fn peft_type(&self) -> &'static str;
@@ -136,8 +139,58 @@ pub trait AdapterLayer: Send + Sync + std::fmt::Debug {
         let _ = (y, idx);
         self.forward_delta(lin, x, ctx)
     }
-    /// The concrete layer, for tuners that look at their own layers (trainable tokens' tying).
+    /// The concrete layer, for tuners that look at their own layers (trainable tokens' tying,
+    /// LoRA's typed accessors).
     fn as_any(&self) -> Option<&dyn std::any::Any> {
+        None
+    }
+    /// The sub-module of the host under which HF's `get_layer_status` names this layer
+    /// (`Some("token_adapter")` for LoRA's `trainable_token_indices`, HF's
+    /// `TrainableTokensWrapper.token_adapter`); `None` (the default): the host module itself.
+    fn status_submodule(&self) -> Option<&'static str> {
+        None
+    }
+    /// The mutable twin of [`AdapterLayer::as_any`] (LoRA's scaling, hotswap and weighted
+    /// adapters edit their layers in place). `None` by default.
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        None
+    }
+    /// The kind of the layer as the bindings report it (`"lora"`, `"lora_embedding"`, `"ia3"`,
+    /// `"loha"`): by default [`AdapterLayer::module_type`] without its class.
+    fn adapter_kind(&self) -> &'static str {
+        self.module_type().split('.').next().unwrap_or("adapter")
+    }
+    /// For tuners whose active layers together replace the host's forward instead of adding to
+    /// the base output ((IA)³, HF `ia3.Linear.forward`: the product of every active vector
+    /// scales the input or the output once): the host's output for `x` `[..., in]`, in `x`'s
+    /// dtype. `None` (the default): the per-adapter path ([`AdapterLayer::apply`]). The host
+    /// asks its active unmerged layers in order, before the base product, and uses the first
+    /// answer.
+    fn forward_host(&self, lin: &PeftLinear, x: &Tensor, ctx: &LinearCtx) -> Option<Result<Tensor>> {
+        let _ = (lin, x, ctx);
+        None
+    }
+    /// In a mixed batch, what this layer adds to the looked-up rows `y` `[n, s, dim]` of token
+    /// ids `ids` `[n, s]` of an embedding table: by default the change
+    /// [`AdapterLayer::apply_embedding`] makes; tuners with an additive form return it directly
+    /// (no `(y + δ) − y` rounding round trip).
+    fn mixed_embedding_delta(&self, lin: &PeftLinear, ids: &Tensor, y: &Tensor, ctx: &LinearCtx) -> Result<Tensor> {
+        Ok((self.apply_embedding(lin, ids, y.clone(), ctx)? - y)?)
+    }
+    /// For tuners whose merge is more than replacing the weight ((IA)³ also scales the bias,
+    /// DoRA keeps the row norm it merged with): merge this layer (adapter `name`) into `lin`'s
+    /// base parameters, checking for NaN/Inf first when `safe` (with the tuner's HF message).
+    /// The host takes the layer out of its map during the call and records the merge itself.
+    /// `None` (the default): the host merges [`AdapterLayer::merged_weight`] or adds
+    /// [`AdapterLayer::delta_weight`].
+    fn merge_into(&mut self, lin: &mut PeftLinear, name: &str, safe: bool) -> Option<Result<()>> {
+        let _ = (lin, name, safe);
+        None
+    }
+    /// The twin of [`AdapterLayer::merge_into`] for unmerging. `None` (the default): the host
+    /// uses [`AdapterLayer::unmerged_weight`] or subtracts [`AdapterLayer::delta_weight`].
+    fn unmerge_from(&mut self, lin: &mut PeftLinear) -> Option<Result<()>> {
+        let _ = lin;
         None
     }
     /// A boxed copy.

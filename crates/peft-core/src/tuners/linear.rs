@@ -1,28 +1,27 @@
 //! The host layer of every tuner (HF `BaseTunerLayer` plus the wrapped base layer): a linear
 //! layer (or embedding table) of the base model with the adapters each tuner adds to it.
 //!
-//! `y = f(x)` with, per active unmerged adapter:
+//! `y = f(x)` with the [`AdapterLayer`] of each active unmerged adapter applied in turn
+//! ([`AdapterLayer::apply`]; by default `y += forward_delta(x)`), for example:
 //! * LoRA / DoRA ([`crate::tuners::lora::layer`]): `y += scaling · (dropout(x) Aᵀ) Bᵀ`, or DoRA's
 //!   magnitude-rescaled form;
-//! * (IA)³ ([`crate::tuners::ia3::layer`]): `y = (x Wᵀ + b) ⊙ l`, or `(x ⊙ l) Wᵀ + b` for
-//!   feed-forward modules;
-//! * any other tuner ([`AdapterLayer`], a weight delta): `y += forward_delta(x)`;
+//! * (IA)³ ([`crate::tuners::ia3::layer`], through [`AdapterLayer::forward_host`]):
+//!   `y = (x Wᵀ + b) ⊙ l`, or `(x ⊙ l) Wᵀ + b` for feed-forward modules;
+//! * weight-delta tuners (LoHa, LoKr, VeRA): `y += x ΔWᵀ`;
 //! * a `modules_to_save` copy (HF `ModulesToSaveWrapper`) replaces `(W, b)` while its adapter is
 //!   active.
 //!
+//! The host names no tuner: every layer sits in [`PeftLinear::layers`], and code that needs a
+//! tuner's own type uses that tuner's accessors (`PeftLinear::lora`, `PeftLinear::ia3`).
 //! Every adapter's parameters are listed under HF's slot names by [`PeftLinear::adapter_params`],
 //! which is what saving, loading, training, counting and casting use.
 
-use super::ia3::layer::IA3_L;
 use super::layer::{AdapterLayer, Param, Slot};
 use crate::error::{PeftError, Result};
 use crate::ops::frozen_linear;
 use candle_core::{DType, Tensor, Var};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-
-pub use super::ia3::layer::Ia3Adapter;
-pub use super::lora::layer::LoraAdapter;
 
 /// Per-row adapter choice of a mixed batch (`adapter_names` in HF): `None` = base model.
 pub type RowAdapters = Arc<Vec<Option<String>>>;
@@ -37,8 +36,6 @@ pub struct PeftLinear {
     pub bias: Option<Tensor>,
     /// Weight stored `[in, out]` (HF `fan_in_fan_out`).
     pub transposed: bool,
-    /// LoRA / DoRA adapters per adapter name.
-    pub adapters: BTreeMap<String, LoraAdapter>,
     /// Names of the adapters that take part in `forward`.
     pub active: Vec<String>,
     /// Names of the adapters whose delta is currently added into `weight`.
@@ -48,10 +45,8 @@ pub struct PeftLinear {
     /// `modules_to_save` copies per adapter: a trainable copy of (weight, bias) that replaces the
     /// base parameters while that adapter is active (HF `ModulesToSaveWrapper`). Kept in the base dtype.
     pub saved_copies: BTreeMap<String, (Var, Option<Var>)>,
-    /// (IA)³ vectors per adapter.
-    pub ia3: BTreeMap<String, Ia3Adapter>,
-    /// The layers of every other tuner (weight-delta tuners, see [`AdapterLayer`]) per adapter name.
-    pub others: BTreeMap<String, Box<dyn AdapterLayer>>,
+    /// The tuner layer of each adapter here (any tuner, see [`AdapterLayer`]) per adapter name.
+    pub layers: BTreeMap<String, Box<dyn AdapterLayer>>,
     /// An embedding table `[num_embeddings, dim]` (HF `lora.Embedding`), stored as a
     /// `transposed` layer with `in = num_embeddings`, `out = dim`: its LoRA `A` `[r, num]` and `B`
     /// `[dim, r]` are HF's `lora_embedding_A` / `lora_embedding_B`, and merging adds
@@ -83,13 +78,11 @@ impl PeftLinear {
             weight,
             bias,
             transposed,
-            adapters: BTreeMap::new(),
             active: vec![],
             merged: vec![],
             disabled: false,
             saved_copies: BTreeMap::new(),
-            ia3: BTreeMap::new(),
-            others: BTreeMap::new(),
+            layers: BTreeMap::new(),
             is_embedding: false,
             quant: None,
         }
@@ -208,25 +201,13 @@ impl PeftLinear {
         if !self.saved_copies.is_empty() && !self.disabled {
             return self.forward_with_copies(x, ctx);
         }
-        if !self.disabled && !self.ia3.is_empty() {
-            if let Some((l, ff)) = self.ia3_scaling(ctx.train) {
-                if ctx.rows.is_some() {
-                    return Err(PeftError::invalid_arg("adapterNames", "per-row adapters (mixed batches) are available for LoRA adapters only"));
-                }
-                let dt = x.dtype();
-                return Ok(if ff {
-                    let xs = x.to_dtype(DType::F32)?.broadcast_mul(&l)?.to_dtype(dt)?;
-                    self.base(&xs, self.bias_for(ctx.train).as_ref())?
-                } else {
-                    let y = self.base(x, self.bias_for(ctx.train).as_ref())?;
-                    y.to_dtype(DType::F32)?.broadcast_mul(&l)?.to_dtype(dt)?
-                });
-            }
+        if self.disabled || self.layers.is_empty() {
+            return self.base(x, self.bias_for(ctx.train).as_ref());
+        }
+        if let Some(y) = self.active_layers().find_map(|(_, l)| l.forward_host(self, x, ctx)) {
+            return y;
         }
         let mut y = self.base(x, self.bias_for(ctx.train).as_ref())?;
-        if self.disabled || (self.adapters.is_empty() && self.others.is_empty()) {
-            return Ok(y);
-        }
         if let Some(rows) = ctx.rows {
             // Mixed batch: each row gets its own adapter's delta (or none).
             let b = x.dim(0)?;
@@ -234,42 +215,81 @@ impl PeftLinear {
                 return Err(PeftError::invalid_arg("adapterNames", format!("has {} names for a batch of {b} rows", rows.len())));
             }
             for (name, idx) in row_groups(rows, x.device())? {
+                let Some(l) = self.layers.get(name) else { continue };
+                if !l.mixed_batch() {
+                    return Err(mixed_refused(l.as_ref()));
+                }
                 let sub = x.index_select(&idx, 0)?;
-                let delta = if let Some(ad) = self.adapters.get(name) {
-                    if ad.magnitude.is_some() {
-                        return Err(PeftError::invalid_arg("adapterNames", "Cannot pass `adapter_names` when DoRA is enabled."));
-                    }
-                    self.lora_path(&sub, ad, ctx)?
-                } else if let Some(l) = self.others.get(name) {
-                    if !l.mixed_batch() {
-                        return Err(mixed_refused(l.as_ref()));
-                    }
-                    l.mixed_delta(self, &sub, &y, &idx, ctx)?
-                } else {
-                    continue;
-                };
+                let delta = l.mixed_delta(self, &sub, &y, &idx, ctx)?;
                 y = y.index_add(&idx, &delta.to_dtype(y.dtype())?, 0)?;
             }
             return Ok(y);
         }
-        if self.active.len() > 1 && !self.others.is_empty() {
+        if self.active.len() > 1 && self.replaces_rows() {
             self.check_disjoint_rows(&self.active)?;
         }
-        for name in &self.active {
-            if self.merged.contains(name) {
-                continue;
-            }
-            if let Some(ad) = self.adapters.get(name) {
-                let delta = match &ad.magnitude {
-                    Some(m) => self.dora_delta(x, &y, ad, m, ctx)?,
-                    None => self.lora_path(x, ad, ctx)?,
-                };
-                y = (y + delta.to_dtype(x.dtype())?)?;
-            } else if let Some(l) = self.others.get(name) {
-                y = l.apply(self, x, y, ctx)?;
-            }
+        for (_, l) in self.active_layers() {
+            y = l.apply(self, x, y, ctx)?;
         }
         Ok(y)
+    }
+
+    /// Embedding lookup (HF `lora.Embedding.forward`, `TrainableTokensLayer.forward`): `ids`
+    /// `[b·s]` u32 → `[b, s, dim]` (base dtype): the table's rows (a modules_to_save copy's when
+    /// an active adapter has one), then each active unmerged layer's
+    /// [`AdapterLayer::apply_embedding`]. A mixed batch (`ctx.rows`) adds each row's own
+    /// adapter ([`AdapterLayer::mixed_embedding_delta`]).
+    ///
+    /// Errors: `InvalidArgument` for a mixed batch with modules_to_save copies of the table, a
+    /// row count that does not match, or a row naming a layer without mixed-batch support.
+    pub fn forward_embedding(&self, ids: &Tensor, b: usize, s: usize, ctx: &LinearCtx) -> Result<Tensor> {
+        let dim = self.out_features();
+        let copy = if self.disabled { None } else { self.active.iter().find_map(|n| self.copy_params(n, ctx.train)) };
+        if copy.is_some() && ctx.rows.is_some() {
+            return Err(PeftError::invalid_arg("adapterNames", "per-row adapters (mixed batches) are not available with a modules_to_save copy of the embedding layer"));
+        }
+        let table = match &copy {
+            Some((w, _)) => w.clone(),
+            None => self.weight.clone(),
+        };
+        let mut y = table.index_select(ids, 0)?.reshape((b, s, dim))?;
+        if self.disabled || self.layers.is_empty() {
+            return Ok(y);
+        }
+        if let Some(rows) = ctx.rows {
+            if rows.len() != b {
+                return Err(PeftError::invalid_arg("adapterNames", format!("has {} names for a batch of {b} rows", rows.len())));
+            }
+            let ids2 = ids.reshape((b, s))?;
+            for (name, idx) in row_groups(rows, ids.device())? {
+                let Some(l) = self.layers.get(name) else { continue };
+                if !l.mixed_batch() {
+                    return Err(mixed_refused(l.as_ref()));
+                }
+                let sub = ids2.index_select(&idx, 0)?;
+                let ys = y.index_select(&idx, 0)?;
+                let d = l.mixed_embedding_delta(self, &sub, &ys, ctx)?;
+                y = y.index_add(&idx, &d, 0)?;
+            }
+            return Ok(y);
+        }
+        if self.active.len() > 1 && self.replaces_rows() {
+            self.check_disjoint_rows(&self.active)?;
+        }
+        for (_, l) in self.active_layers() {
+            y = l.apply_embedding(self, ids, y, ctx)?;
+        }
+        Ok(y)
+    }
+
+    /// The layers of the active, unmerged adapters, in activation order.
+    pub fn active_layers(&self) -> impl Iterator<Item = (&String, &dyn AdapterLayer)> {
+        self.active.iter().filter(|n| !self.merged.contains(n)).filter_map(|n| self.layers.get(n).map(|l| (n, l.as_ref())))
+    }
+
+    /// Whether a layer here replaces rows of the base table ([`AdapterLayer::replaced_rows`]).
+    fn replaces_rows(&self) -> bool {
+        self.layers.values().any(|l| l.replaced_rows().is_some())
     }
 
     /// Forward of a module with modules_to_save copies: the first active adapter that has a copy
@@ -294,10 +314,11 @@ impl PeftLinear {
         }
     }
 
-    /// Merge each named adapter into the base weights (HF `merge`): LoRA adds `scaling · B A`
-    /// (DoRA rescales rows), (IA)³ scales rows or columns, other tuners add their `ΔW`. Adapters
-    /// already merged are skipped, so merging twice never adds a delta twice. With `safe`, the
-    /// merged weight is checked for NaN/Inf before it replaces the old one.
+    /// Merge each named adapter into the base weights (HF `merge`): each layer's
+    /// [`AdapterLayer::merge_into`] (LoRA adds `scaling · B A`, DoRA rescales rows, (IA)³ scales
+    /// rows or columns), else its [`AdapterLayer::merged_weight`] or `W + ΔW`. Adapters already
+    /// merged are skipped, so merging twice never adds a delta twice. With `safe`, the merged
+    /// weight is checked for NaN/Inf before it replaces the old one.
     ///
     /// Errors: `InvalidState` when `safe` finds NaN/Inf (the weights are then unchanged).
     pub fn merge(&mut self, names: &[String], safe: bool) -> Result<()> {
@@ -306,55 +327,67 @@ impl PeftLinear {
         if names.iter().any(|n| self.has_adapter(n) && !self.merged.contains(n)) {
             self.refuse_quantized("merge an adapter")?;
         }
-        if !self.others.is_empty() {
+        if self.replaces_rows() {
             self.check_disjoint_rows(names)?;
         }
         for name in names {
             if self.merged.contains(name) {
                 continue;
             }
-            if let Some(ia) = self.ia3.get(name) {
-                self.merge_ia3(name, ia.clone(), safe)?;
-            } else if self.adapters.contains_key(name) {
-                self.merge_lora(name, safe)?;
-            } else if let Some(l) = self.others.get(name) {
-                let w = match l.merged_weight(self) {
-                    Some(w) => w?.to_dtype(DType::F32)?,
-                    None => {
-                        let delta = l.delta_weight(self)?;
-                        (self.weight.to_dtype(DType::F32)? + if self.transposed { delta.t()? } else { delta })?
-                    }
-                };
-                if safe && !w.sum_all()?.to_scalar::<f32>()?.is_finite() {
-                    return Err(PeftError::InvalidState(format!("NaNs or Infs detected in the merged weights; the adapter `{name}` seems broken")));
-                }
-                self.weight = w.to_dtype(self.weight.dtype())?.contiguous()?;
-                self.merged.push(name.clone());
-            }
+            // The layer leaves the map while it edits the host, and comes back whatever happens.
+            let Some(mut l) = self.layers.remove(name) else { continue };
+            let done = self.merge_layer(name, l.as_mut(), safe);
+            self.layers.insert(name.clone(), l);
+            done?;
+            self.merged.push(name.clone());
         }
         Ok(())
     }
 
-    /// Undo every merged adapter (HF `unmerge`), newest first: LoRA deltas are subtracted, DoRA
-    /// weights divided by their merge factor, (IA)³ scalings divided out, other tuners' `ΔW`
-    /// subtracted.
+    fn merge_layer(&mut self, name: &str, l: &mut dyn AdapterLayer, safe: bool) -> Result<()> {
+        if let Some(done) = l.merge_into(self, name, safe) {
+            return done;
+        }
+        let w = match l.merged_weight(self) {
+            Some(w) => w?.to_dtype(DType::F32)?,
+            None => {
+                let delta = l.delta_weight(self)?;
+                (self.weight.to_dtype(DType::F32)? + if self.transposed { delta.t()? } else { delta })?
+            }
+        };
+        if safe && !w.sum_all()?.to_scalar::<f32>()?.is_finite() {
+            return Err(PeftError::InvalidState(format!("NaNs or Infs detected in the merged weights; the adapter `{name}` seems broken")));
+        }
+        self.weight = w.to_dtype(self.weight.dtype())?.contiguous()?;
+        Ok(())
+    }
+
+    /// Undo every merged adapter (HF `unmerge`), newest first: each layer's
+    /// [`AdapterLayer::unmerge_from`] (LoRA deltas subtracted, DoRA weights divided by their
+    /// merge factor, (IA)³ scalings divided out), else its [`AdapterLayer::unmerged_weight`] or
+    /// `W − ΔW`.
     pub fn unmerge(&mut self) -> Result<()> {
         while let Some(name) = self.merged.pop() {
-            if let Some(ia) = self.ia3.get(&name).cloned() {
-                self.unmerge_ia3(&ia)?;
-            } else if self.adapters.contains_key(&name) {
-                self.unmerge_lora(&name)?;
-            } else if let Some(l) = self.others.get(&name) {
-                self.weight = match l.unmerged_weight(self) {
-                    Some(w) => w?,
-                    None => {
-                        let delta = l.delta_weight(self)?;
-                        let w = (self.weight.to_dtype(DType::F32)? - if self.transposed { delta.t()? } else { delta })?;
-                        w.to_dtype(self.weight.dtype())?.contiguous()?
-                    }
-                };
-            }
+            let Some(mut l) = self.layers.remove(&name) else { continue };
+            let done = self.unmerge_layer(l.as_mut());
+            self.layers.insert(name, l);
+            done?;
         }
+        Ok(())
+    }
+
+    fn unmerge_layer(&mut self, l: &mut dyn AdapterLayer) -> Result<()> {
+        if let Some(done) = l.unmerge_from(self) {
+            return done;
+        }
+        self.weight = match l.unmerged_weight(self) {
+            Some(w) => w?,
+            None => {
+                let delta = l.delta_weight(self)?;
+                let w = (self.weight.to_dtype(DType::F32)? - if self.transposed { delta.t()? } else { delta })?;
+                w.to_dtype(self.weight.dtype())?.contiguous()?
+            }
+        };
         Ok(())
     }
 
@@ -375,7 +408,7 @@ impl PeftLinear {
         }
         let mut seen = std::collections::HashSet::new();
         for n in order {
-            let Some(rows) = self.others.get(n).and_then(|l| l.replaced_rows()) else { continue };
+            let Some(rows) = self.layers.get(n).and_then(|l| l.replaced_rows()) else { continue };
             if rows.iter().any(|r| seen.contains(r)) {
                 return Err(PeftError::InvalidState(format!(
                     "Token indices of adapter {n} are already defined and would result in undefined merging behavior. Only disjunct token indices are currently supported."
@@ -388,83 +421,47 @@ impl PeftLinear {
 
     /// Whether adapter `name` has a tuner layer here (any tuner; `modules_to_save` copies aside).
     pub fn has_adapter(&self, name: &str) -> bool {
-        self.adapters.contains_key(name) || self.ia3.contains_key(name) || self.others.contains_key(name)
+        self.layers.contains_key(name)
     }
 
     /// Whether any tuner layer is attached (`modules_to_save` copies aside).
     pub fn has_adapters(&self) -> bool {
-        !self.adapters.is_empty() || !self.ia3.is_empty() || !self.others.is_empty()
+        !self.layers.is_empty()
     }
 
     /// Every parameter adapter `name` holds in this layer, under HF's slot names (see
     /// [`Slot`]), in HF's state-dict order; `modules_to_save` copies are not included (see
     /// [`Self::saved_copies`]).
     pub fn adapter_params(&self, name: &str) -> Vec<Param<'_>> {
-        let mut out = Vec::new();
-        if let Some(ad) = self.adapters.get(name) {
-            out.extend(ad.params(self.is_embedding));
-        }
-        if let Some(ia) = self.ia3.get(name) {
-            out.push((IA3_L, &ia.l));
-        }
-        if let Some(l) = self.others.get(name) {
-            out.extend(l.params());
-        }
-        out
+        self.layers.get(name).map(|l| l.params()).unwrap_or_default()
     }
 
     /// Replace the variable in `slot` of adapter `name` (loading, casting).
     ///
     /// Errors: `InvalidArgument` when the adapter has no such slot in this layer.
     pub fn set_adapter_param(&mut self, name: &str, slot: &Slot, v: Var) -> Result<()> {
-        if let Some(ad) = self.adapters.get_mut(name) {
-            if ad.set_param(slot, v.clone(), self.is_embedding) {
-                return Ok(());
-            }
+        match self.layers.get_mut(name) {
+            Some(l) => l.set_param(slot, v),
+            None => Err(PeftError::invalid_arg("adapterName", format!("adapter `{name}` has no `{}` here", slot.name))),
         }
-        if let Some(ia) = self.ia3.get_mut(name) {
-            if *slot == IA3_L {
-                ia.l = v;
-                return Ok(());
-            }
-        }
-        if let Some(l) = self.others.get_mut(name) {
-            return l.set_param(slot, v);
-        }
-        Err(PeftError::invalid_arg("adapterName", format!("adapter `{name}` has no `{}` here", slot.name)))
     }
 
     /// HF's class name of this layer once adapted (`lora.Linear`, `lora.Embedding`, `ia3.Linear`,
-    /// or the other tuner's [`AdapterLayer::module_type`]), as `get_layer_status` reports it.
+    /// ...: [`AdapterLayer::module_type`]), as `get_layer_status` reports it.
     pub fn tuner_module_type(&self) -> &'static str {
-        if !self.adapters.is_empty() {
-            if self.is_embedding { "lora.Embedding" } else { "lora.Linear" }
-        } else if !self.ia3.is_empty() {
-            "ia3.Linear"
-        } else {
-            self.others.values().next().map(|l| l.module_type()).unwrap_or("Linear")
-        }
+        self.layers.values().next().map(|l| l.module_type()).unwrap_or("Linear")
     }
 
-    /// The kind of adapter `name`'s layer here, as the bindings report it: `"lora"`,
-    /// `"lora_embedding"`, `"ia3"`, or another tuner's module type without its class
-    /// (`"loha"` for `loha.Linear`); `None` when the adapter has no tuner layer here.
+    /// The kind of adapter `name`'s layer here, as the bindings report it
+    /// ([`AdapterLayer::adapter_kind`]: `"lora"`, `"lora_embedding"`, `"ia3"`, `"loha"`, ...);
+    /// `None` when the adapter has no tuner layer here.
     pub fn adapter_kind(&self, name: &str) -> Option<&'static str> {
-        if self.adapters.contains_key(name) {
-            Some(if self.is_embedding { "lora_embedding" } else { "lora" })
-        } else if self.ia3.contains_key(name) {
-            Some("ia3")
-        } else {
-            self.others.get(name).map(|l| l.module_type().split('.').next().unwrap_or("adapter"))
-        }
+        self.layers.get(name).map(|l| l.adapter_kind())
     }
 
     /// Names of the adapters with a tuner layer here (sorted, each once).
     pub fn tuner_adapter_names(&self) -> Vec<&String> {
-        let mut v: Vec<&String> = self.adapters.keys().chain(self.ia3.keys()).chain(self.others.keys()).collect();
-        v.sort();
-        v.dedup();
-        v
+        self.layers.keys().collect()
     }
 
     /// Every parameter of every adapter here: tuner slots and `modules_to_save` copies.
@@ -488,18 +485,14 @@ impl PeftLinear {
 
     /// Remove adapter `name` from this layer: its tuner layer and its `modules_to_save` copy.
     pub fn remove_adapter(&mut self, name: &str) {
-        self.adapters.remove(name);
-        self.ia3.remove(name);
-        self.others.remove(name);
+        self.layers.remove(name);
         self.saved_copies.remove(name);
     }
 
     /// Remove every adapter (tuner layers, copies, merge and activation state).
     pub fn clear_adapters(&mut self) {
         self.saved_copies.clear();
-        self.adapters.clear();
-        self.ia3.clear();
-        self.others.clear();
+        self.layers.clear();
         self.active.clear();
         self.merged.clear();
         self.disabled = false;

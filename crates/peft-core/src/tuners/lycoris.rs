@@ -265,7 +265,7 @@ impl PeftModel {
             return Err(self.no_targets(&cfg.to_json()["target_modules"], &misses, cfg.layers_to_transform.as_deref(), cfg.layers_pattern.as_deref()));
         }
         self.install_planned(name, cfg.into(), planned, copies, |lin, name, l| {
-            lin.others.insert(name, l);
+            lin.layers.insert(name, l);
         })
     }
 }

@@ -21,8 +21,10 @@ pub mod trainable_tokens;
 pub mod vera;
 
 pub use config::{AdapterConfig, TunerConfig};
+pub use ia3::layer::Ia3Adapter;
 pub use ia3::Ia3Config;
-pub use linear::{LoraAdapter, PeftLinear, RowAdapters};
+pub use linear::{PeftLinear, RowAdapters};
+pub use lora::layer::LoraAdapter;
 pub use lora::{init, weighted};
 pub use lora::{InitLoraWeights, LoraConfig, TargetModules};
 pub use prompt::{PromptEncoder, PromptLearningConfig, PromptMethod};

@@ -45,7 +45,7 @@ impl PeftModel {
             return Err(self.no_targets(&cfg.to_json()["target_modules"], &misses, None, None));
         }
         self.install_planned(name, cfg.into(), planned, copies, |lin, name, ad| {
-            lin.ia3.insert(name, ad);
+            lin.layers.insert(name, Box::new(ad));
         })
     }
 }

@@ -3,7 +3,7 @@
 //! for linear layers: `ΔW = (w1_a w1_b) ⊙ (w2_a w2_b) · alpha / r`.
 //!
 //! - [`config`]: `LoHaConfig`; [`layer`]: the four factors, forward, `ΔW`, dropouts; `model`:
-//!   a new layer's factors. The layer lives in [`PeftLinear::others`] (the fused engine then
+//!   a new layer's factors. The layer lives in [`PeftLinear::layers`] (the fused engine then
 //!   takes the general path). What LoHa shares with LoKr (config fields, injection, registry
 //!   entry, dropout draws) is [`crate::tuners::lycoris`].
 

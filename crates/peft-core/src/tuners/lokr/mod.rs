@@ -5,7 +5,7 @@
 //!
 //! - [`config`]: `LoKrConfig`; [`layer`]: `factorization`, the factor shapes, forward, `ΔW`,
 //!   dropouts; `model`: a new layer's factors with HF's three initialisations. The layer lives
-//!   in [`PeftLinear::others`] (the fused engine then takes the general path). What LoKr shares
+//!   in [`PeftLinear::layers`] (the fused engine then takes the general path). What LoKr shares
 //!   with LoHa (config fields, injection, registry entry, dropout draws) is
 //!   [`crate::tuners::lycoris`].
 //! - Not implemented: HF's `Conv1d` / `Conv2d` LoKr layers (`lokr_t2`, `use_effective_conv2d`);

@@ -10,8 +10,8 @@
 //!   `lora_embedding_A` / `lora_embedding_B` parameters.
 
 use crate::error::{PeftError, Result};
-use crate::tuners::layer::{Param, Slot};
-use crate::tuners::linear::{dropout, row_groups, LinearCtx, PeftLinear};
+use crate::tuners::layer::{AdapterLayer, Param, Slot};
+use crate::tuners::linear::{dropout, LinearCtx, PeftLinear};
 use candle_core::{DType, Tensor, Var};
 
 /// `lora_A` of a linear layer: `<m>.lora_A.<adapter>.weight`, on disk `<m>.lora_A.weight`.
@@ -28,7 +28,8 @@ pub const LORA_MAGNITUDE: Slot = Slot { name: "lora_magnitude_vector", model_par
 /// Every LoRA slot.
 pub const SLOTS: &[Slot] = &[LORA_A, LORA_B, LORA_EMBEDDING_A, LORA_EMBEDDING_B, LORA_MAGNITUDE];
 
-/// One LoRA adapter of one layer.
+/// One LoRA adapter of one layer (HF `lora.Linear` / `lora.Embedding` for one adapter name),
+/// hosted in [`PeftLinear::layers`] and read back with [`PeftLinear::lora`].
 #[derive(Debug, Clone)]
 pub struct LoraAdapter {
     /// `lora_A.weight`, `[r, in_features]`, f32.
@@ -45,6 +46,9 @@ pub struct LoraAdapter {
     pub magnitude: Option<Var>,
     /// DoRA: the row norm `‖W + s·B A‖` used when merging, kept to unmerge exactly.
     pub merged_norm: Option<Tensor>,
+    /// The adapter sits on an embedding table (HF `lora.Embedding`: slots `lora_embedding_A` /
+    /// `lora_embedding_B`, `A` `[r, num_embeddings]`, `B` `[dim, r]`).
+    pub embedding: bool,
 }
 
 impl LoraAdapter {
@@ -58,19 +62,42 @@ impl LoraAdapter {
         }
     }
 
+    /// `scaling · B A`, `[out, in]` f32 (HF `get_delta_weight`).
+    pub fn delta(&self) -> Result<Tensor> {
+        Ok((self.b.as_tensor().to_dtype(DType::F32)?.matmul(&self.a.as_tensor().to_dtype(DType::F32)?)? * self.scaling)?)
+    }
+
+    /// The embedding contribution `scaling · A[:, ids]ᵀ Bᵀ` for token ids `ids` (any shape,
+    /// `rows · s` ids) as `[rows, s, dim]` f32 (no dropout, as in HF `lora.Embedding`).
+    fn embedding_delta(&self, ids: &Tensor, rows: usize, s: usize, dim: usize, train: bool) -> Result<Tensor> {
+        let a = if train { self.a.as_tensor().clone() } else { self.a.as_tensor().detach() };
+        let bm = if train { self.b.as_tensor().clone() } else { self.b.as_tensor().detach() };
+        let xa = a.t()?.contiguous()?.index_select(&ids.flatten_all()?, 0)?; // [n, r]
+        Ok((xa.matmul(&bm.t()?)? * self.scaling)?.reshape((rows, s, dim))?)
+    }
+}
+
+impl AdapterLayer for LoraAdapter {
+    fn peft_type(&self) -> &'static str {
+        "LORA"
+    }
+    fn module_type(&self) -> &'static str {
+        if self.embedding { "lora.Embedding" } else { "lora.Linear" }
+    }
+    fn adapter_kind(&self) -> &'static str {
+        if self.embedding { "lora_embedding" } else { "lora" }
+    }
     /// A, B and (DoRA) the magnitude under their slots.
-    pub fn params(&self, embedding: bool) -> Vec<Param<'_>> {
-        let (sa, sb) = Self::ab_slots(embedding);
+    fn params(&self) -> Vec<Param<'_>> {
+        let (sa, sb) = Self::ab_slots(self.embedding);
         let mut out = vec![(sa, &self.a), (sb, &self.b)];
         if let Some(m) = &self.magnitude {
             out.push((LORA_MAGNITUDE, m));
         }
         out
     }
-
-    /// Replace the variable of `slot`; false when this adapter has no such slot.
-    pub fn set_param(&mut self, slot: &Slot, v: Var, embedding: bool) -> bool {
-        let (sa, sb) = Self::ab_slots(embedding);
+    fn set_param(&mut self, slot: &Slot, v: Var) -> Result<()> {
+        let (sa, sb) = Self::ab_slots(self.embedding);
         if *slot == sa {
             self.a = v;
         } else if *slot == sb {
@@ -78,86 +105,93 @@ impl LoraAdapter {
         } else if *slot == LORA_MAGNITUDE && self.magnitude.is_some() {
             self.magnitude = Some(v);
         } else {
-            return false;
+            return Err(PeftError::invalid_arg("slot", format!("this {} layer has no `{}`", self.module_type(), slot.name)));
         }
-        true
+        Ok(())
+    }
+    fn delta_weight(&self, _lin: &PeftLinear) -> Result<Tensor> {
+        self.delta()
+    }
+    /// `s · dropout(x) Aᵀ Bᵀ`, or DoRA's delta over the base output.
+    fn forward_delta(&self, lin: &PeftLinear, x: &Tensor, ctx: &LinearCtx) -> Result<Tensor> {
+        match &self.magnitude {
+            Some(m) => {
+                let y = lin.base(x, lin.bias_for(ctx.train).as_ref())?;
+                lin.dora_delta(x, &y, self, m, ctx)
+            }
+            None => lin.lora_path(x, self, ctx),
+        }
+    }
+    fn apply(&self, lin: &PeftLinear, x: &Tensor, y: Tensor, ctx: &LinearCtx) -> Result<Tensor> {
+        let delta = match &self.magnitude {
+            Some(m) => lin.dora_delta(x, &y, self, m, ctx)?,
+            None => lin.lora_path(x, self, ctx)?,
+        };
+        Ok((y + delta.to_dtype(x.dtype())?)?)
+    }
+    fn apply_embedding(&self, _lin: &PeftLinear, ids: &Tensor, y: Tensor, ctx: &LinearCtx) -> Result<Tensor> {
+        let (rows, s, dim) = y.dims3()?;
+        let d = self.embedding_delta(ids, rows, s, dim, ctx.train)?;
+        Ok((&y + d.to_dtype(y.dtype())?)?)
+    }
+    fn mixed_embedding_delta(&self, _lin: &PeftLinear, ids: &Tensor, y: &Tensor, ctx: &LinearCtx) -> Result<Tensor> {
+        let (rows, s, dim) = y.dims3()?;
+        Ok(self.embedding_delta(ids, rows, s, dim, ctx.train)?.to_dtype(y.dtype())?)
+    }
+    /// HF refuses `adapter_names` with DoRA.
+    fn mixed_delta(&self, lin: &PeftLinear, x: &Tensor, _y: &Tensor, _idx: &Tensor, ctx: &LinearCtx) -> Result<Tensor> {
+        if self.magnitude.is_some() {
+            return Err(PeftError::invalid_arg("adapterNames", "Cannot pass `adapter_names` when DoRA is enabled."));
+        }
+        lin.lora_path(x, self, ctx)
+    }
+    fn merge_into(&mut self, lin: &mut PeftLinear, name: &str, safe: bool) -> Option<Result<()>> {
+        Some(lin.merge_lora(name, self, safe))
+    }
+    fn unmerge_from(&mut self, lin: &mut PeftLinear) -> Option<Result<()>> {
+        Some(lin.unmerge_lora(self))
+    }
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
+    }
+    fn clone_box(&self) -> Box<dyn AdapterLayer> {
+        Box::new(self.clone())
     }
 }
 
+/// Typed access to the LoRA layers a [`PeftLinear`] hosts (the fused engine, weighted adapters,
+/// hotswap, scaling, PiSSA / OLoRA and the tests read and edit them through these).
 impl PeftLinear {
-    /// Embedding lookup (HF `lora.Embedding.forward`): `ids` `[b·s]` u32 → `[b, s, dim]` (base
-    /// dtype): the table's rows (a modules_to_save copy's when an active adapter has one) plus,
-    /// for each active unmerged LoRA adapter, `scaling · A[:, ids]ᵀ Bᵀ` (no dropout, as in HF).
-    /// A mixed batch (`ctx.rows`) adds each row's own adapter.
-    ///
-    /// Errors: `InvalidArgument` for a mixed batch with modules_to_save copies of the table, or
-    /// a row count that does not match.
-    pub fn forward_embedding(&self, ids: &Tensor, b: usize, s: usize, ctx: &LinearCtx) -> Result<Tensor> {
-        let dim = self.out_features();
-        let copy = if self.disabled { None } else { self.active.iter().find_map(|n| self.copy_params(n, ctx.train)) };
-        if copy.is_some() && ctx.rows.is_some() {
-            return Err(PeftError::invalid_arg("adapterNames", "per-row adapters (mixed batches) are not available with a modules_to_save copy of the embedding layer"));
-        }
-        let table = match &copy {
-            Some((w, _)) => w.clone(),
-            None => self.weight.clone(),
-        };
-        let mut y = table.index_select(ids, 0)?.reshape((b, s, dim))?;
-        if self.disabled || (self.adapters.is_empty() && self.others.is_empty()) {
-            return Ok(y);
-        }
-        let delta = |ad: &LoraAdapter, ids: &Tensor, rows: usize| -> Result<Tensor> {
-            let a = if ctx.train { ad.a.as_tensor().clone() } else { ad.a.as_tensor().detach() };
-            let bm = if ctx.train { ad.b.as_tensor().clone() } else { ad.b.as_tensor().detach() };
-            let xa = a.t()?.contiguous()?.index_select(ids, 0)?; // [n, r]
-            Ok((xa.matmul(&bm.t()?)? * ad.scaling)?.reshape((rows, s, dim))?)
-        };
-        if let Some(rows) = ctx.rows {
-            if rows.len() != b {
-                return Err(PeftError::invalid_arg("adapterNames", format!("has {} names for a batch of {b} rows", rows.len())));
-            }
-            let ids2 = ids.reshape((b, s))?;
-            for (name, idx) in row_groups(rows, ids.device())? {
-                if let Some(l) = self.others.get(name) {
-                    if !l.mixed_batch() {
-                        return Err(crate::tuners::linear::mixed_refused(l.as_ref()));
-                    }
-                    let sub = ids2.index_select(&idx, 0)?;
-                    let ys = y.index_select(&idx, 0)?;
-                    let d = (l.apply_embedding(self, &sub, ys.clone(), ctx)? - ys)?;
-                    y = y.index_add(&idx, &d, 0)?;
-                    continue;
-                }
-                let Some(ad) = self.adapters.get(name) else { continue };
-                let sub = ids2.index_select(&idx, 0)?.flatten_all()?;
-                let d = delta(ad, &sub, idx.dim(0)?)?.to_dtype(y.dtype())?;
-                y = y.index_add(&idx, &d, 0)?;
-            }
-            return Ok(y);
-        }
-        if self.active.len() > 1 && !self.others.is_empty() {
-            self.check_disjoint_rows(&self.active)?;
-        }
-        for name in &self.active {
-            if self.merged.contains(name) {
-                continue;
-            }
-            if let Some(ad) = self.adapters.get(name) {
-                y = (y + delta(ad, ids, b)?.to_dtype(table.dtype())?)?;
-            } else if let Some(l) = self.others.get(name) {
-                y = l.apply_embedding(self, ids, y, ctx)?;
-            }
-        }
-        Ok(y)
+    /// LoRA adapter `name` of this layer (`None`: no such adapter, or not a LoRA one).
+    pub fn lora(&self, name: &str) -> Option<&LoraAdapter> {
+        self.layers.get(name)?.as_any()?.downcast_ref::<LoraAdapter>()
+    }
+
+    /// The mutable twin of [`PeftLinear::lora`].
+    pub fn lora_mut(&mut self, name: &str) -> Option<&mut LoraAdapter> {
+        self.layers.get_mut(name)?.as_any_mut()?.downcast_mut::<LoraAdapter>()
+    }
+
+    /// Every LoRA adapter of this layer with its name, sorted by name.
+    pub fn loras(&self) -> impl Iterator<Item = (&String, &LoraAdapter)> {
+        self.layers.iter().filter_map(|(n, l)| Some((n, l.as_any()?.downcast_ref::<LoraAdapter>()?)))
+    }
+
+    /// The mutable twin of [`PeftLinear::loras`].
+    pub fn loras_mut(&mut self) -> impl Iterator<Item = (&String, &mut LoraAdapter)> {
+        self.layers.iter_mut().filter_map(|(n, l)| Some((n, l.as_any_mut()?.downcast_mut::<LoraAdapter>()?)))
     }
 
     /// `scaling · B A` as a `[out, in]` f32 tensor (HF `get_delta_weight`).
+    ///
+    /// Errors: `AdapterNotFound` when `name` is not a LoRA adapter of this layer (listing those
+    /// that are).
     pub fn delta_weight(&self, name: &str) -> Result<Tensor> {
-        let ad = self.adapters.get(name).ok_or_else(|| PeftError::AdapterNotFound {
-            name: name.into(),
-            available: self.adapters.keys().cloned().collect(),
-        })?;
-        Ok((ad.b.as_tensor().to_dtype(DType::F32)?.matmul(&ad.a.as_tensor().to_dtype(DType::F32)?)? * ad.scaling)?)
+        let ad = self.lora(name).ok_or_else(|| PeftError::AdapterNotFound { name: name.into(), available: self.loras().map(|(n, _)| n.clone()).collect() })?;
+        ad.delta()
     }
 
     /// DoRA's `‖W + s·B A‖` per output row, `[out]` f32, detached (HF `get_weight_norm`).
@@ -217,11 +251,10 @@ impl PeftLinear {
         Ok(y.reshape(out)?)
     }
 
-    /// Merge LoRA adapter `name` (see [`PeftLinear::merge`]); DoRA keeps the row norm it used
-    /// so that unmerging is exact.
-    pub(crate) fn merge_lora(&mut self, name: &String, safe: bool) -> Result<()> {
-        let Some(ad) = self.adapters.get(name).cloned() else { return Ok(()) };
-        let delta = self.delta_weight(name)?;
+    /// Merge LoRA adapter `ad` (named `name`) into the base weight (see [`PeftLinear::merge`]);
+    /// DoRA keeps the row norm it used so that unmerging is exact.
+    pub(crate) fn merge_lora(&mut self, name: &str, ad: &mut LoraAdapter, safe: bool) -> Result<()> {
+        let delta = ad.delta()?;
         let (w, norm) = match &ad.magnitude {
             // DoRA: W' = (m / ‖W + ΔW‖_row) ⊙ (W + ΔW) (HF `DoraLinearVariant.merge_safe`).
             Some(m) => {
@@ -245,18 +278,14 @@ impl PeftLinear {
             }
         }
         self.weight = w.to_dtype(self.weight.dtype())?.contiguous()?;
-        if let Some(ad) = self.adapters.get_mut(name) {
-            ad.merged_norm = norm;
-        }
-        self.merged.push(name.clone());
+        ad.merged_norm = norm;
         Ok(())
     }
 
-    /// Undo the merge of LoRA adapter `name` (see [`PeftLinear::unmerge`]).
-    pub(crate) fn unmerge_lora(&mut self, name: &str) -> Result<()> {
-        let ad = self.adapters.get(name).cloned();
-        let delta = self.delta_weight(name)?;
-        let w = match ad.as_ref().and_then(|a| a.magnitude.clone().zip(a.merged_norm.clone())) {
+    /// Undo the merge of LoRA adapter `ad` (see [`PeftLinear::unmerge`]).
+    pub(crate) fn unmerge_lora(&mut self, ad: &LoraAdapter) -> Result<()> {
+        let delta = ad.delta()?;
+        let w = match ad.magnitude.clone().zip(ad.merged_norm.clone()) {
             Some((m, norm)) => {
                 let factor = (m.as_tensor().detach().to_dtype(DType::F32)? / norm)?;
                 let orig = (self.weight_out_in_f32()?.broadcast_div(&factor.unsqueeze(1)?)? - delta)?;

@@ -12,7 +12,6 @@ pub mod config;
 pub mod init;
 pub mod layer;
 mod model;
-pub(crate) use model::config_bias_mode;
 pub mod weighted;
 
 pub use config::*;

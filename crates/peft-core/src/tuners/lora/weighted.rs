@@ -240,7 +240,7 @@ impl PeftModel {
         for (m, lin) in self.base.named_linears() {
             let mut srcs = Vec::new();
             for (a, &w) in o.adapters.iter().zip(&o.weights) {
-                if let Some(ad) = lin.adapters.get(a) {
+                if let Some(ad) = lin.lora(a) {
                     srcs.push(Source { a: flat(ad.a.as_tensor())?, b: flat(ad.b.as_tensor())?, r: ad.r, scaling: ad.scaling, weight: w });
                 }
             }
@@ -259,7 +259,7 @@ impl PeftModel {
         self.add_adapter(&o.adapter_name, cfg, 0)?;
         let mut plans: std::collections::HashMap<String, (Tensor, Tensor)> = plans.into_iter().map(|(m, a, b)| (m, (a, b))).collect();
         for (m, lin) in self.base.named_linears_mut() {
-            let Some(ad) = lin.adapters.get_mut(&o.adapter_name) else { continue };
+            let Some(ad) = lin.lora_mut(&o.adapter_name) else { continue };
             if let Some((a, b)) = plans.remove(&m) {
                 ad.a = Var::from_tensor(&a)?;
                 ad.b = Var::from_tensor(&b)?;

@@ -167,6 +167,11 @@ impl AdapterLayer for TrainableTokensLayer {
     fn module_type(&self) -> &'static str {
         "TrainableTokensLayer"
     }
+    /// Under LoRA (`trainable_token_indices`) HF wraps the table in a `TrainableTokensWrapper`
+    /// and reports the layer as `<m>.token_adapter`.
+    fn status_submodule(&self) -> Option<&'static str> {
+        (self.slot == TOKEN_ADAPTER_DELTA).then_some("token_adapter")
+    }
     fn params(&self) -> Vec<Param<'_>> {
         if self.tied {
             vec![]

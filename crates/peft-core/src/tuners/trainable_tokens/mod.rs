@@ -19,7 +19,7 @@
 //! - Mixed batches: with LoRA's option each row gets its adapter's tokens (HF's
 //!   `AuxiliaryTrainingWrapper`); the standalone tuner refuses `adapterNames` (HF 0.21's
 //!   `TrainableTokensModel` has no such hook and silently ignores them).
-//! - The layers live in [`PeftLinear::others`], so the fused engine takes the general path while
+//! - The layers live in [`PeftLinear::layers`], so the fused engine takes the general path while
 //!   an unmerged adapter is active on the embedding or head.
 
 pub mod config;
@@ -93,7 +93,7 @@ impl Tuner for TrainableTokensTuner {
     fn shared_state_dict(&self, model: &PeftModel, name: &str, _cfg: &AdapterConfig) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::new();
         for (m, lin) in model.base.named_linears() {
-            let Some(l) = lin.others.get(name).and_then(|l| l.as_any()).and_then(|a| a.downcast_ref::<TrainableTokensLayer>()) else { continue };
+            let Some(l) = lin.layers.get(name).and_then(|l| l.as_any()).and_then(|a| a.downcast_ref::<TrainableTokensLayer>()) else { continue };
             if let Some(t) = l.tied_delta() {
                 out.push((format!("{KEY_PREFIX}{}", l.slot.disk_key(&m)), t));
             }

@@ -107,7 +107,7 @@ impl PeftModel {
             }
         }
         self.install_planned(name, cfg.into(), planned, HashMap::new(), |lin, name, l| {
-            lin.others.insert(name, l);
+            lin.layers.insert(name, l);
         })
     }
 }

@@ -6,7 +6,7 @@
 //!   `ΔW`; `model`: injection (the projections sized to the largest targeted layer, created from
 //!   `projection_prng_key` with torch's generator, loaded from a file, or shared with the model's
 //!   earlier VeRA adapters, with HF's checks) and [`TorchGenerator`]. The layer lives in
-//!   [`PeftLinear::others`] (the fused engine then takes the general path).
+//!   [`PeftLinear::layers`] (the fused engine then takes the general path).
 //! - Files: the lambdas at `<module>.vera_lambda_b` / `.vera_lambda_d`; the projections at
 //!   `base_model.vera_A` / `base_model.vera_B` when `save_projection` (HF's default), otherwise
 //!   regenerated on load from `projection_prng_key`, drawn exactly as torch's CPU

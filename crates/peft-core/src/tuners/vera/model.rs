@@ -88,7 +88,7 @@ impl PeftModel {
     /// adapter (`None`; all VeRA adapters of a model share one pair, as in HF).
     pub(crate) fn vera_projections(&self, name: Option<&str>) -> Option<Projections> {
         for (_, lin) in self.base.named_linears() {
-            for (n, l) in &lin.others {
+            for (n, l) in &lin.layers {
                 if name.map(|x| x == n).unwrap_or(true) && l.peft_type() == "VERA" {
                     let s = l.shared_tensors();
                     let get = |k: &str| s.iter().find(|(n, _)| *n == k).map(|(_, t)| t.clone());
@@ -232,15 +232,9 @@ impl PeftModel {
             };
             planned.insert(mname, Box::new(layer));
         }
-        let (bias, trainable) = (cfg.bias.clone(), !cfg.inference_mode);
-        let targeted = self.install_planned(name, cfg.into(), planned, copies, |lin, name, l| {
-            lin.others.insert(name, l);
-        })?;
-        // HF `_mark_only_adapters_as_trainable`: `bias="all"` trains every bias, `"vera_only"`
-        // those of the VeRA layers (saved as `<module>.base_layer.bias`).
-        if bias != "none" && trainable {
-            self.make_biases_trainable(if bias == "vera_only" { "lora_only" } else { "all" })?;
-        }
-        Ok(targeted)
+        // `bias` ("all" / "vera_only") is HF's generic handling (`crate::peft_model::bias`).
+        self.install_planned(name, cfg.into(), planned, copies, |lin, name, l| {
+            lin.layers.insert(name, l);
+        })
     }
 }
