@@ -6,7 +6,9 @@
 //!   magnitude-rescaled form;
 //! * (IA)³ ([`crate::tuners::ia3::layer`]): `y = (x Wᵀ + b) ⊙ l`, or `(x ⊙ l) Wᵀ + b` for
 //!   feed-forward modules;
-//! * any other tuner ([`AdapterLayer`], a weight delta): `y += forward_delta(x)`;
+//! * any other tuner ([`AdapterLayer`], a weight delta): `y += forward_delta(x)`; a tuner that
+//!   transforms the input instead (OFT: `y = f(x R)`) does so before the base product
+//!   ([`AdapterLayer::transform_input`]);
 //! * a `modules_to_save` copy (HF `ModulesToSaveWrapper`) replaces `(W, b)` while its adapter is
 //!   active.
 //!
@@ -223,7 +225,16 @@ impl PeftLinear {
                 });
             }
         }
-        let mut y = self.base(x, self.bias_for(ctx.train).as_ref())?;
+        // Tuners that transform the input (OFT) act before the base product, in activation order.
+        let mut xin: Option<Tensor> = None;
+        if !self.disabled && ctx.rows.is_none() && !self.others.is_empty() {
+            for name in self.active.iter().filter(|n| !self.merged.contains(n)) {
+                if let Some(t) = self.others.get(name).and_then(|l| l.transform_input(self, xin.as_ref().unwrap_or(x), ctx)) {
+                    xin = Some(t?);
+                }
+            }
+        }
+        let mut y = self.base(xin.as_ref().unwrap_or(x), self.bias_for(ctx.train).as_ref())?;
         if self.disabled || (self.adapters.is_empty() && self.others.is_empty()) {
             return Ok(y);
         }

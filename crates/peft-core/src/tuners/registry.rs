@@ -32,6 +32,14 @@ pub trait Tuner: Sync {
     fn ties_embedding_adapters(&self) -> bool {
         false
     }
+    /// The base biases adapter config `cfg` trains and saves (HF's `bias` field, read by
+    /// `config_bias_mode`): `"none"`, `"all"` or `"lora_only"` (the biases of the adapted layers;
+    /// HF treats every `"<method>_only"` alike). `None` (the default): the tuner has no such
+    /// field, or its config is one the bias helpers read directly (LoRA, VeRA).
+    fn bias_mode(&self, cfg: &AdapterConfig) -> Option<String> {
+        let _ = cfg;
+        None
+    }
     /// Parse HF's adapter_config.json object into this tuner's config.
     ///
     /// Errors: `InvalidAdapterConfig` naming the field.
@@ -70,7 +78,7 @@ pub trait Tuner: Sync {
 }
 
 /// Every registered tuner.
-pub static TUNERS: &[&dyn Tuner] = &[&super::lora::LoraTuner, &super::ia3::Ia3Tuner, &super::loha::TUNER, &super::lokr::TUNER, &super::vera::TUNER, &super::trainable_tokens::TUNER, &super::prompt::PromptTuner];
+pub static TUNERS: &[&dyn Tuner] = &[&super::lora::LoraTuner, &super::ia3::Ia3Tuner, &super::loha::TUNER, &super::lokr::TUNER, &super::vera::TUNER, &super::oft::TUNER, &super::trainable_tokens::TUNER, &super::prompt::PromptTuner];
 
 /// The tuner registered for `peft_type`.
 pub fn tuner_for(peft_type: &str) -> Option<&'static dyn Tuner> {

@@ -214,7 +214,7 @@ pub(crate) fn config_bias_mode(cfg: &crate::tuners::AdapterConfig) -> String {
     match cfg.get::<crate::tuners::VeraConfig>().map(|c| c.bias.as_str()) {
         Some("vera_only") => "lora_only".into(),
         Some(b) => b.into(),
-        None => "none".into(),
+        None => cfg.tuner().bias_mode(cfg).unwrap_or_else(|| "none".into()),
     }
 }
 
