@@ -206,7 +206,8 @@ impl PeftModel {
 
 /// The `bias` setting of a config as the bias helpers read it: LoRA's `"none"` / `"all"` /
 /// `"lora_only"`; VeRA's `"vera_only"` reads as `"lora_only"` (HF treats every `"<method>_only"`
-/// alike: the biases of the adapted layers); `"none"` for tuners without the field.
+/// alike: the biases of the adapted layers); other tuners' from their
+/// [`crate::tuners::registry::Tuner::bias_mode`] (OFT's `"oft_only"`); `"none"` for tuners without the field.
 pub(crate) fn config_bias_mode(cfg: &crate::tuners::AdapterConfig) -> String {
     if let Some(c) = cfg.as_lora() {
         return c.bias.clone();
