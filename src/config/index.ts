@@ -9,6 +9,7 @@ import { LoHaConfig } from './loha'
 import { LoKrConfig } from './lokr'
 import { LoraConfig } from './lora'
 import { MultitaskPromptTuningConfig } from './multitask-prompt-tuning'
+import { OFTConfig } from './oft'
 import { PromptEncoderConfig } from './p-tuning'
 import { PrefixTuningConfig } from './prefix-tuning'
 import { PromptTuningConfig } from './prompt-tuning'
@@ -21,6 +22,7 @@ export { IA3Config, type IA3ConfigOptions } from './ia3'
 export { LoHaConfig, type LoHaConfigOptions } from './loha'
 export { LoKrConfig, type LoKrConfigOptions } from './lokr'
 export { VeraConfig, type VeraConfigOptions } from './vera'
+export { OFTConfig, type OFTConfigOptions } from './oft'
 export { TrainableTokensConfig, type TrainableTokensConfigOptions } from './trainable-tokens'
 export type { PromptLearningConfigOptions } from './prompt-learning'
 export { PrefixTuningConfig, type PrefixTuningConfigOptions } from './prefix-tuning'
@@ -35,6 +37,7 @@ const REGISTRY = {
   LOHA: LoHaConfig,
   LOKR: LoKrConfig,
   VERA: VeraConfig,
+  OFT: OFTConfig,
   TRAINABLE_TOKENS: TrainableTokensConfig,
   PREFIX_TUNING: PrefixTuningConfig,
   PROMPT_TUNING: PromptTuningConfig,

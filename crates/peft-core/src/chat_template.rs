@@ -133,7 +133,7 @@ fn py_json_str(s: &str, ensure_ascii: bool, out: &mut String) {
 }
 
 /// Python's `repr(float)` as `json.dumps` writes it.
-fn py_float(f: f64) -> String {
+pub(crate) fn py_float(f: f64) -> String {
     if f.is_nan() {
         return "NaN".into();
     }

@@ -519,8 +519,48 @@ fn unique() -> u64 {
     N.fetch_add(1, Ordering::Relaxed)
 }
 
+/// serde_json's pretty printer with floats written as Python's `repr(float)` (`6e-05`,
+/// `1e+16`, `1000000000000000.0`), where serde_json would write `6e-5`, `1e16`, `1e15`.
+struct PyFloatFormatter<'a>(serde_json::ser::PrettyFormatter<'a>);
+
+impl serde_json::ser::Formatter for PyFloatFormatter<'_> {
+    fn write_f64<W: ?Sized + std::io::Write>(&mut self, w: &mut W, v: f64) -> std::io::Result<()> {
+        w.write_all(crate::chat_template::py_float(v).as_bytes())
+    }
+    fn write_f32<W: ?Sized + std::io::Write>(&mut self, w: &mut W, v: f32) -> std::io::Result<()> {
+        self.write_f64(w, v as f64)
+    }
+    fn begin_array<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.0.begin_array(w)
+    }
+    fn end_array<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.0.end_array(w)
+    }
+    fn begin_array_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+        self.0.begin_array_value(w, first)
+    }
+    fn end_array_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.0.end_array_value(w)
+    }
+    fn begin_object<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.0.begin_object(w)
+    }
+    fn end_object<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.0.end_object(w)
+    }
+    fn begin_object_key<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
+        self.0.begin_object_key(w, first)
+    }
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.0.begin_object_value(w)
+    }
+    fn end_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.0.end_object_value(w)
+    }
+}
+
 /// JSON text as Python's `json.dumps(value, indent=2, sort_keys=True)` writes it
-/// (`ensure_ascii`: non-ASCII characters escaped as `\uXXXX`).
+/// (`ensure_ascii`: non-ASCII characters escaped as `\uXXXX`; floats as Python's `repr`).
 pub fn python_json_dumps(v: &serde_json::Value) -> String {
     fn sort(v: &serde_json::Value) -> serde_json::Value {
         match v {
@@ -537,7 +577,10 @@ pub fn python_json_dumps(v: &serde_json::Value) -> String {
             other => other.clone(),
         }
     }
-    let text = serde_json::to_string_pretty(&sort(v)).expect("JSON values serialize");
+    let mut buf = Vec::new();
+    let mut ser = serde_json::Serializer::with_formatter(&mut buf, PyFloatFormatter(serde_json::ser::PrettyFormatter::new()));
+    serde::Serialize::serialize(&sort(v), &mut ser).expect("JSON values serialize");
+    let text = String::from_utf8(buf).expect("serde_json writes UTF-8");
     let mut out = String::with_capacity(text.len());
     for ch in text.chars() {
         if ch.is_ascii() {
@@ -560,6 +603,9 @@ mod tests {
     fn python_json_format() {
         let v = serde_json::json!({"b": [1, 2], "a": {}, "c": 0.0, "d": "é", "e": []});
         assert_eq!(python_json_dumps(&v), "{\n  \"a\": {},\n  \"b\": [\n    1,\n    2\n  ],\n  \"c\": 0.0,\n  \"d\": \"\\u00e9\",\n  \"e\": []\n}");
+        // Python's float repr (OFT's `eps` default 6e-05).
+        let f = serde_json::json!({"a": 6e-5, "b": 1e16, "c": 1e15, "d": 0.0001, "e": 0.5, "f": -2.5e-7});
+        assert_eq!(python_json_dumps(&f), "{\n  \"a\": 6e-05,\n  \"b\": 1e+16,\n  \"c\": 1000000000000000.0,\n  \"d\": 0.0001,\n  \"e\": 0.5,\n  \"f\": -2.5e-07\n}");
     }
 
     #[test]

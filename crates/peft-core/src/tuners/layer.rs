@@ -102,6 +102,15 @@ pub trait AdapterLayer: Send + Sync + std::fmt::Debug {
     fn apply(&self, lin: &PeftLinear, x: &Tensor, y: Tensor, ctx: &LinearCtx) -> Result<Tensor> {
         Ok((y + self.forward_delta(lin, x, ctx)?.to_dtype(x.dtype())?)?)
     }
+    /// For tuners that act on the layer's input (HF OFT: `base_layer(x R)`): the input `[..., in]`
+    /// the base layer then sees, in `x`'s dtype, given the input `x` as the adapters applied
+    /// before this one left it. `None` (the default): the input passes unchanged. A layer that
+    /// returns `Some` also overrides [`AdapterLayer::apply`] (its effect is already in the base
+    /// output). Not called for mixed batches.
+    fn transform_input(&self, lin: &PeftLinear, x: &Tensor, ctx: &LinearCtx) -> Option<Result<Tensor>> {
+        let _ = (lin, x, ctx);
+        None
+    }
     /// An embedding lookup: `y` `[..., dim]` holds the rows of token ids `ids` looked up so far;
     /// returns the adapted rows (trainable tokens replace theirs). The default leaves them as
     /// they are (tuners that do not adapt embeddings never sit on one).

@@ -8,6 +8,8 @@
 //! * (IA)³ ([`crate::tuners::ia3::layer`], through [`AdapterLayer::forward_host`]):
 //!   `y = (x Wᵀ + b) ⊙ l`, or `(x ⊙ l) Wᵀ + b` for feed-forward modules;
 //! * weight-delta tuners (LoHa, LoKr, VeRA): `y += x ΔWᵀ`;
+//! * a tuner that transforms the input instead (OFT: `y = f(x R)`) does so before the base
+//!   product ([`AdapterLayer::transform_input`]);
 //! * a `modules_to_save` copy (HF `ModulesToSaveWrapper`) replaces `(W, b)` while its adapter is
 //!   active.
 //!
@@ -207,7 +209,16 @@ impl PeftLinear {
         if let Some(y) = self.active_layers().find_map(|(_, l)| l.forward_host(self, x, ctx)) {
             return y;
         }
-        let mut y = self.base(x, self.bias_for(ctx.train).as_ref())?;
+        // Tuners that transform the input (OFT) act before the base product, in activation order.
+        let mut xin: Option<Tensor> = None;
+        if ctx.rows.is_none() {
+            for (_, l) in self.active_layers() {
+                if let Some(t) = l.transform_input(self, xin.as_ref().unwrap_or(x), ctx) {
+                    xin = Some(t?);
+                }
+            }
+        }
+        let mut y = self.base(xin.as_ref().unwrap_or(x), self.bias_for(ctx.train).as_ref())?;
         if let Some(rows) = ctx.rows {
             // Mixed batch: each row gets its own adapter's delta (or none).
             let b = x.dim(0)?;
