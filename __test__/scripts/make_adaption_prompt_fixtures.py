@@ -18,6 +18,9 @@ Run with torch 2.13 + transformers 5.18 + peft 0.21 (the venv of benches/README.
   `other` active, `logits_adapter` with `default` active again.
 - `llama3_adaption_prompt`: adapter_len=5, adapter_layers=2 on the tiny Llama 3.x model (llama3
   RoPE scaling of the recomputed queries); logits, loss, gradients, greedy ids.
+- `mistral_adaption_prompt`: adapter_len=3, adapter_layers=2 on `models/mistral`, a tiny
+  MistralForCausalLM written here with the tiny Llama's weights (`model_type` "mistral", HF's other
+  supported Llama-family type; no sliding window); logits, loss, gradients, greedy ids.
 """
 
 import json
@@ -35,6 +38,26 @@ from fixture_common import keys_of, load_tiny_llama as load
 def load_llama3():
     from transformers import LlamaForCausalLM
     return LlamaForCausalLM.from_pretrained("models/llama3", attn_implementation="eager").eval()
+
+
+def make_tiny_mistral():
+    """`models/mistral`: MistralForCausalLM with the tiny Llama's config values and weights."""
+    from transformers import MistralConfig, MistralForCausalLM
+    llama = load()
+    c = llama.config
+    cfg = MistralConfig(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                        num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
+                        num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim, max_position_embeddings=c.max_position_embeddings,
+                        rms_norm_eps=c.rms_norm_eps, rope_theta=10000.0, sliding_window=None, tie_word_embeddings=False,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    m = MistralForCausalLM(cfg)
+    m.load_state_dict(llama.state_dict())
+    m.save_pretrained("models/mistral")
+
+
+def load_mistral():
+    from transformers import MistralForCausalLM
+    return MistralForCausalLM.from_pretrained("models/mistral", attn_implementation="eager").eval()
 
 
 def write_case(out, info):
@@ -162,6 +185,12 @@ def main():
     kwargs3 = dict(task_type="CAUSAL_LM", adapter_len=5, adapter_layers=2)
     _, _, _, info3 = full_case(out3, load_llama3, "models/llama3", 1810, kwargs3)
     write_case(out3, {"description": "Adaption prompt adapter_len=5, adapter_layers=2 on the tiny Llama 3.x model (llama3 RoPE scaling); gates := N(0.5, 0.2).", **info3})
+
+    make_tiny_mistral()
+    out4 = "cases/mistral_adaption_prompt"
+    kwargs4 = dict(task_type="CAUSAL_LM", adapter_len=3, adapter_layers=2)
+    _, _, _, info4 = full_case(out4, load_mistral, "models/mistral", 1820, kwargs4)
+    write_case(out4, {"description": "Adaption prompt adapter_len=3, adapter_layers=2 on models/mistral (MistralForCausalLM with the tiny Llama's weights); gates := N(0.5, 0.2).", **info4})
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 //! Adaption prompt (LLaMA-Adapter; issue 15) against HF PEFT 0.21:
 //! `__test__/fixtures/cases/llama_adaption_prompt` (adapter_len=4, adapter_layers=1 on the tiny
 //! GQA Llama, gate set to a seeded non-zero value), `llama_adaption_prompt_multi` (a second
-//! adapter on both layers) and `llama3_adaption_prompt` (Llama 3.x RoPE scaling); made by
+//! adapter on both layers), `llama3_adaption_prompt` (Llama 3.x RoPE scaling) and
+//! `mistral_adaption_prompt` (`model_type` "mistral"); made by
 //! `__test__/scripts/make_adaption_prompt_fixtures.py`.
 //!
 //! Run: `cargo test -p peft-core --release --test adaption_prompt`.
@@ -32,7 +33,7 @@ fn hf_loss(exp: &Expected) -> f64 {
 
 #[test]
 fn adaption_prompt_logits_disabled_and_greedy_match_hf() {
-    for case in [CASE, "llama3_adaption_prompt"] {
+    for case in [CASE, "llama3_adaption_prompt", "mistral_adaption_prompt"] {
         let exp = Expected::load(case);
         let mut m = adapter_peft(case, false);
         assert_eq!(m.peft_type(), Some("ADAPTION_PROMPT"));
@@ -55,7 +56,7 @@ fn adaption_prompt_logits_disabled_and_greedy_match_hf() {
 
 #[test]
 fn adaption_prompt_loss_gradients_and_counts_match_hf() {
-    for case in [CASE, "llama3_adaption_prompt"] {
+    for case in [CASE, "llama3_adaption_prompt", "mistral_adaption_prompt"] {
         let exp = Expected::load(case);
         let cj = case_json(case);
         let m = adapter_peft(case, true);
@@ -82,7 +83,7 @@ fn adaption_prompt_loss_gradients_and_counts_match_hf() {
 
 #[test]
 fn adaption_prompt_round_trip_is_byte_identical() {
-    for case in [CASE, "llama3_adaption_prompt"] {
+    for case in [CASE, "llama3_adaption_prompt", "mistral_adaption_prompt"] {
         resave_case(case);
     }
 }

@@ -8,7 +8,9 @@
 //! additive causal + padding mask. Qwen3 adds a per-head RMSNorm of q and k (`self_attn.q_norm` /
 //! `k_norm`, weight `[head_dim]`) between the reshape to heads and RoPE. SmolLM3 has NoPE
 //! layers: where [`LlamaConfig::layer_uses_rope`] is false (config.json `no_rope_layers[i] == 0`)
-//! the layer's queries and keys are used (and cached) without RoPE.
+//! the layer's queries and keys are used (and cached) without RoPE. An attention module that
+//! carries a live adaption prompt ([`crate::tuners::adaption_prompt`], HF `AdaptedAttention`)
+//! adds its gated attention over the learned prompt to `o_proj`'s output.
 //! Matches transformers' `LlamaForCausalLM` / `Qwen2ForCausalLM` / `Qwen3ForCausalLM` /
 //! `SmolLM3ForCausalLM` (eager attention).
 
