@@ -394,6 +394,9 @@ export class PeftModel {
     if (names.length === 0) throw invalidArgument('adapterName', 'at least one adapter name is required')
     checkNames(rt, names, 'adapterName')
     if (rt.isPromptLearning() && names.length > 1) throw invalidArgument('adapterName', 'prompt-learning models have exactly one active adapter')
+    if (names.length > 1 && names.some((n) => rt.isAttentionAdapter(n))) {
+      throw invalidArgument('adapterName', 'adaption prompt models have exactly one active adapter (HF `AdaptionPromptModel.set_adapter` takes one name)')
+    }
     rt.mutate('setAdapter', () => {
       call(() => this.n.setAdapter(names))
       rt.emitNativeWarnings([WARN_SET_WHILE_MERGED])
@@ -574,6 +577,7 @@ export class PeftModel {
     rt.refuseWhileTraining('mergeAdapter')
     const names = adapterNames === undefined ? rt.active.slice() : checkNames(rt, adapterNames, 'adapterNames')
     this.refuseMergePromptLearning()
+    this.refuseMergeAdaptionPrompt(names)
     this.refuseMergeQuantized(names)
     const safe = options.safeMerge ?? false
     if (safe && !rt.idle) {
@@ -600,6 +604,17 @@ export class PeftModel {
           throw new PeftError('ERR_INVALID_STATE', `invalid state: cannot merge an adapter on ${path}.weight: the base weight is kept quantized (${backend}); load the model with quantization: 'dequantize' to merge (as HF PEFT refuses merging into a 4-bit bitsandbytes base without dequantizing)`)
         }
       }
+    }
+  }
+
+  /** Adaption prompts cannot be merged (HF's `AdaptionPromptModel` has no merge), refused at once as the native merge refuses them. */
+  private refuseMergeAdaptionPrompt(names: string[]): void {
+    const n = names.find((x) => this.rt.isAttentionAdapter(x))
+    if (n !== undefined) {
+      throw new PeftError(
+        'ERR_INVALID_STATE',
+        `invalid state: adapter \`${n}\` is an adaption prompt, which cannot be merged: it adds attention over learned prompt tokens instead of changing weights (HF's AdaptionPromptModel has no merge_adapter / merge_and_unload: "'LlamaForCausalLM' object has no attribute 'merge_and_unload'")`,
+      )
     }
   }
 
@@ -639,6 +654,7 @@ export class PeftModel {
     rt.refuseWhileTraining('mergeAndUnload')
     const names = options.adapterNames === undefined ? rt.active.slice() : checkNames(rt, options.adapterNames, 'adapterNames')
     this.refuseMergePromptLearning()
+    this.refuseMergeAdaptionPrompt(names)
     this.refuseMergeQuantized(names)
     const safe = options.safeMerge ?? false
     if (safe && !rt.idle) {
@@ -707,6 +723,12 @@ export class PeftModel {
   getLayerStatus(): TunerLayerStatus[] {
     const rt = this.rt
     rt.checkAlive()
+    if ([...rt.adapters.keys()].some((n) => rt.isAttentionAdapter(n))) {
+      throw new PeftError(
+        'ERR_INVALID_STATE',
+        'invalid state: layer and model status are not available for adaption prompt adapters: they wrap attention modules, not layers (HF: "get_layer_status() got an invalid PeftModel instance; prefix tuning and adaption prompt are not supported.")',
+      )
+    }
     if (rt.isPromptLearning()) {
       throw new PeftError(
         'ERR_INVALID_STATE',

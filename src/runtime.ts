@@ -22,7 +22,7 @@ import type { NativeTypes } from './native'
  * edit here. The layer's module type is `'<kind>.Linear'` except for `'lora_embedding'`
  * (`lora.Embedding`) and `'modules_to_save'` (`ModulesToSaveWrapper`).
  */
-export type LayerKind = 'lora' | 'lora_embedding' | 'ia3' | 'modules_to_save' | (string & {})
+export type LayerKind = 'lora' | 'lora_embedding' | 'ia3' | 'modules_to_save' | 'adaption_prompt' | (string & {})
 
 /** What the snapshot keeps about one adapter (from the native `adapterInfoJson`). */
 export interface AdapterInfo {
@@ -126,6 +126,11 @@ export class ModelRuntime {
         'refused while a Trainer is training this model: it would change the adapters being trained. Call it after train() resolves.',
       )
     }
+  }
+
+  /** Whether adapter `name` is an adaption prompt (its layers are attention modules it wraps). */
+  isAttentionAdapter(name: string): boolean {
+    return (this.adapters.get(name)?.layers ?? []).some(([, kind]) => kind === 'adaption_prompt')
   }
 
   isPromptLearning(): boolean {

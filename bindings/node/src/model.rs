@@ -551,8 +551,9 @@ impl NativeModel {
     /// (adapter_config.json text), `peftType`, `modelClass` (HF's tuner model class, from the
     /// tuner registry), `promptLearning`, `inferenceMode`, `trainable` (parameters training
     /// updates while it is active), `params` (all its parameters) and `layers` (`[path, kind]`
-    /// for each layer that carries it; kind `lora`, `lora_embedding`, `ia3`, `modules_to_save` or
-    /// another tuner's module-type prefix, `loha` for `loha.Linear`). Errors:
+    /// for each layer that carries it; kind `lora`, `lora_embedding`, `ia3`, `modules_to_save`,
+    /// `adaption_prompt` for an attention module wrapped by an adaption prompt, or another
+    /// tuner's module-type prefix, `loha` for `loha.Linear`). Errors:
     /// `ERR_ADAPTER_NOT_FOUND`.
     #[napi(catch_unwind)]
     pub fn adapter_info_json(&self, name: String) -> napi::Result<String> {
@@ -575,6 +576,12 @@ impl NativeModel {
                     if let Some(kind) = l.adapter_kind(&name) {
                         params += l.adapter_params(&name).iter().map(|(_, v)| v.elem_count()).sum::<usize>();
                         layers.push(serde_json::json!([path, kind]));
+                    }
+                }
+                for (path, h) in m.base.named_attention_prompts() {
+                    if let Some(a) = h.adapters.get(&name) {
+                        params += a.params().iter().map(|(_, v)| v.elem_count()).sum::<usize>();
+                        layers.push(serde_json::json!([path, "adaption_prompt"]));
                     }
                 }
                 Ok(serde_json::json!({

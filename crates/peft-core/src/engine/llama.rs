@@ -370,6 +370,11 @@ impl<'m> Plan<'m> {
         let mut layers = Vec::with_capacity(m.layers.len());
         for (li, l) in m.layers.iter().enumerate() {
             let a = &l.self_attn;
+            // An attention module that carries a live adapter of its own (an adaption prompt)
+            // is computed by the general path.
+            if a.prompts.live().is_some() {
+                return None;
+            }
             let f = &l.mlp;
             let qk_norm = match (&a.q_norm, &a.k_norm) {
                 (Some(q), Some(k)) => Some((Raw::of(q)?, Raw::of(k)?)),

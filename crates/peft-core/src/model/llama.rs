@@ -8,7 +8,9 @@
 //! additive causal + padding mask. Qwen3 adds a per-head RMSNorm of q and k (`self_attn.q_norm` /
 //! `k_norm`, weight `[head_dim]`) between the reshape to heads and RoPE. SmolLM3 has NoPE
 //! layers: where [`LlamaConfig::layer_uses_rope`] is false (config.json `no_rope_layers[i] == 0`)
-//! the layer's queries and keys are used (and cached) without RoPE.
+//! the layer's queries and keys are used (and cached) without RoPE. An attention module that
+//! carries a live adaption prompt ([`crate::tuners::adaption_prompt`], HF `AdaptedAttention`)
+//! adds its gated attention over the learned prompt to `o_proj`'s output.
 //! Matches transformers' `LlamaForCausalLM` / `Qwen2ForCausalLM` / `Qwen3ForCausalLM` /
 //! `SmolLM3ForCausalLM` (eager attention).
 
@@ -18,6 +20,7 @@ use super::{BaseModel, ModelInfo, Task};
 pub use super::forward::{ForwardOptions, KvCache};
 use crate::error::{PeftError, Result};
 use crate::ops::{rms_norm, rope, softmax_last};
+use crate::tuners::adaption_prompt::layer::{AttentionProjections, AttentionPrompts};
 use crate::tuners::linear::{LinearCtx, PeftLinear};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -30,6 +33,9 @@ pub struct Attention {
     /// Qwen3: per-head RMSNorm weights `[head_dim]` of the queries and keys.
     pub q_norm: Option<Tensor>,
     pub k_norm: Option<Tensor>,
+    /// Adaption prompts wrapped around this attention (HF `AdaptedAttention`; see
+    /// [`crate::tuners::adaption_prompt`]).
+    pub prompts: AttentionPrompts,
 }
 
 pub struct Mlp {
@@ -114,6 +120,7 @@ impl LlamaForCausalLM {
                 o_proj: lin(o, h, q_out, c.attention_bias && c.model_type != "qwen2")?,
                 q_norm: None,
                 k_norm: None,
+                prompts: AttentionPrompts::default(),
             };
             let mlp = Mlp {
                 gate_proj: lin(gate, c.intermediate_size, h, c.mlp_bias)?,
@@ -270,6 +277,15 @@ impl LlamaForCausalLM {
         let probs = softmax_last(&scores, train)?.to_dtype(self.dtype)?;
         let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, nh * hd))?;
         let o = l.self_attn.o_proj.forward(&attn, &ctx.lin)?;
+        // An adaption prompt adds its gated attention over the prompt (HF `AdaptedAttention`).
+        let o = match l.self_attn.prompts.live() {
+            Some(ap) => {
+                let a = &l.self_attn;
+                let p = AttentionProjections { k_proj: &a.k_proj, v_proj: &a.v_proj, o_proj: &a.o_proj, num_heads: nh, num_key_value_heads: nkv, head_dim: hd };
+                (o + ap.output(&q, &p, &ctx.lin)?)?
+            }
+            None => o,
+        };
         let h = (x + o)?;
         let n2 = rms_norm(&h, &l.post_attention_layernorm, c.rms_norm_eps, train)?;
         let g = l.mlp.gate_proj.forward(&n2, &ctx.lin)?;
@@ -331,6 +347,12 @@ impl BaseModel for LlamaForCausalLM {
     }
     fn named_norm_biases(&self) -> Vec<(String, &Tensor)> {
         vec![]
+    }
+    fn named_attention_prompts(&self) -> Vec<(String, &AttentionPrompts)> {
+        self.layers.iter().enumerate().map(|(i, l)| (format!("model.layers.{i}.self_attn"), &l.self_attn.prompts)).collect()
+    }
+    fn named_attention_prompts_mut(&mut self) -> Vec<(String, &mut AttentionPrompts)> {
+        self.layers.iter_mut().enumerate().map(|(i, l)| (format!("model.layers.{i}.self_attn"), &mut l.self_attn.prompts)).collect()
     }
     fn module_names(&self) -> Vec<String> {
         LlamaForCausalLM::module_names(self)

@@ -263,6 +263,16 @@ pub trait BaseModel: Send + Sync {
     fn named_norm_biases_mut(&mut self) -> Vec<(String, &mut Tensor)>;
     /// Read-only twin of [`BaseModel::named_norm_biases_mut`].
     fn named_norm_biases(&self) -> Vec<(String, &Tensor)>;
+    /// The attention modules that can host adaption prompts (HF `AdaptedAttention` wraps
+    /// them), with their module paths (`model.layers.<i>.self_attn`) in layer order; empty for
+    /// models whose attention does not take them (the default).
+    fn named_attention_prompts(&self) -> Vec<(String, &crate::tuners::adaption_prompt::AttentionPrompts)> {
+        vec![]
+    }
+    /// Mutable twin of [`BaseModel::named_attention_prompts`] (same names, same order).
+    fn named_attention_prompts_mut(&mut self) -> Vec<(String, &mut crate::tuners::adaption_prompt::AttentionPrompts)> {
+        vec![]
+    }
     /// Every module path (for error messages and targeting).
     fn module_names(&self) -> Vec<String>;
     /// Number of base-model parameters, tied weights counted once (as torch's `named_parameters`).

@@ -215,6 +215,9 @@ impl PeftModel {
             }
             for n in rows.iter().flatten() {
                 self.peft_config(n)?;
+                if self.is_attention_adapter(n) {
+                    return Err(PeftError::invalid_arg("adapterNames", format!("per-row adapters (mixed batches) are not available with adaption prompt adapters (`{n}`)")));
+                }
             }
         }
         Ok(())

@@ -238,5 +238,9 @@ impl PeftModel {
                 .collect();
             lin.disabled = disabled;
         }
+        for (_, host) in self.base.named_attention_prompts_mut() {
+            host.active = active.iter().find(|a| host.adapters.contains_key(*a)).cloned();
+            host.disabled = disabled;
+        }
     }
 }

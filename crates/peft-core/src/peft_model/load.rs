@@ -97,11 +97,11 @@ impl PeftModel {
         cfg.add_task_head_modules();
         let tuner = cfg.tuner();
         tuner.prepare_load(self, &mut cfg, &mut tensors, &wpath)?;
-        if cfg.is_prompt_learning() {
-            ctl.check()?; // the last point before the model changes
-            if let Some(r) = tuner.load(self, name, &cfg, &mut tensors, &wpath) {
-                return r;
-            }
+        // Tuners that do not live in linear layers (prompt learning, adaption prompt) load their
+        // own tensors; the others leave them to the generic layer loading below.
+        ctl.check()?; // the last point before such a tuner changes the model
+        if let Some(r) = tuner.load(self, name, &cfg, &mut tensors, &wpath) {
+            return r;
         }
         // Build the expected key map from the config before touching the model.
         let mut expected: std::collections::HashMap<String, (String, bool, Vec<usize>)> = Default::default();

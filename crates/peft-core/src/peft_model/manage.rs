@@ -16,6 +16,9 @@ impl PeftModel {
         if self.is_prompt_learning() && names.len() > 1 {
             return Err(PeftError::invalid_arg("adapterName", "prompt-learning models have exactly one active adapter"));
         }
+        if names.len() > 1 && names.iter().any(|n| self.is_attention_adapter(n)) {
+            return Err(PeftError::invalid_arg("adapterName", "adaption prompt models have exactly one active adapter (HF `AdaptionPromptModel.set_adapter` takes one name)"));
+        }
         if !self.merged_adapters().is_empty() {
             // HF LoraModel.set_adapter: unmerge first (with this warning).
             self.warnings.push("Adapter cannot be set when the model is merged. Unmerging the model first.".into());
@@ -50,6 +53,11 @@ impl PeftModel {
             return Err(PeftError::InvalidState(format!(
                 "{} adapters cannot be merged: they do not change the base model's weights",
                 self.peft_type().unwrap_or_default()
+            )));
+        }
+        if let Some(n) = names.iter().find(|n| self.is_attention_adapter(n)) {
+            return Err(PeftError::InvalidState(format!(
+                "adapter `{n}` is an adaption prompt, which cannot be merged: it adds attention over learned prompt tokens instead of changing weights (HF's AdaptionPromptModel has no merge_adapter / merge_and_unload: \"'LlamaForCausalLM' object has no attribute 'merge_and_unload'\")"
             )));
         }
         // A base kept quantized cannot take a merge: refuse before any layer changes.
@@ -102,6 +110,9 @@ impl PeftModel {
             }
             lin.clear_adapters();
         }
+        for (_, host) in self.base.named_attention_prompts_mut() {
+            *host = Default::default();
+        }
         self.configs.clear();
         self.prompt_encoders.clear();
         self.active.clear();
@@ -116,6 +127,9 @@ impl PeftModel {
         }
         for (_, lin) in self.base.named_linears_mut() {
             lin.remove_adapter(name);
+        }
+        for (_, host) in self.base.named_attention_prompts_mut() {
+            host.adapters.remove(name);
         }
         self.prompt_encoders.remove(name);
         self.configs.retain(|(n, _)| n != name);

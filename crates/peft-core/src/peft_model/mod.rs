@@ -216,7 +216,15 @@ impl PeftModel {
 
     /// Module paths that carry adapter `name`.
     pub fn adapter_modules(&self, name: &str) -> Vec<String> {
-        self.base.named_linears().into_iter().filter(|(_, l)| l.has_adapter(name)).map(|(n, _)| n).collect()
+        let mut out: Vec<String> = self.base.named_linears().into_iter().filter(|(_, l)| l.has_adapter(name)).map(|(n, _)| n).collect();
+        out.extend(self.base.named_attention_prompts().into_iter().filter(|(_, h)| h.adapters.contains_key(name)).map(|(n, _)| n));
+        out
+    }
+
+    /// Whether adapter `name` lives in attention modules (an adaption prompt, HF
+    /// `AdaptedAttention`) rather than in linear layers or a prompt encoder.
+    pub(crate) fn is_attention_adapter(&self, name: &str) -> bool {
+        self.base.named_attention_prompts().iter().any(|(_, h)| h.adapters.contains_key(name))
     }
 
     /// Bytes of native memory held by the model's weights: the base parameters (tied weights
@@ -230,6 +238,9 @@ impl PeftModel {
         }
         for e in self.prompt_encoders.values() {
             n += e.vars().iter().map(|(_, v)| bytes(v)).sum::<usize>();
+        }
+        for (_, host) in self.base.named_attention_prompts() {
+            n += host.all_vars().into_iter().map(bytes).sum::<usize>();
         }
         n
     }

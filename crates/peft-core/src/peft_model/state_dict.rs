@@ -52,6 +52,11 @@ impl PeftModel {
                     out.push((format!("{KEY_PREFIX}{m}.{p}"), v.clone()));
                 }
             }
+            for (m, host) in self.base.named_attention_prompts() {
+                for (p, v) in host.adapters.get(name).map(|a| a.params()).into_iter().flatten() {
+                    out.push((format!("{KEY_PREFIX}{m}.{p}"), v.clone()));
+                }
+            }
             groups.push((name.clone(), out));
         }
         groups
@@ -62,7 +67,8 @@ impl PeftModel {
         let trainable: usize = self.trainable_parameters().iter().map(|(_, v)| v.elem_count()).sum();
         let adapters: usize = self.base.named_linears().iter().flat_map(|(_, l)| l.all_adapter_vars()).map(|v| v.elem_count()).sum();
         let prompts: usize = self.prompt_encoders.values().map(|e| e.param_count()).sum();
-        (trainable, self.base.base_param_count() + adapters + prompts)
+        let attention: usize = self.base.named_attention_prompts().iter().flat_map(|(_, h)| h.all_vars()).map(|v| v.elem_count()).sum();
+        (trainable, self.base.base_param_count() + adapters + prompts + attention)
     }
 
     /// The base embedding layers saved with adapter `name` (HF `get_peft_model_state_dict`'s
@@ -157,6 +163,11 @@ impl PeftModel {
                 out.push((format!("{KEY_PREFIX}{m}.{p}"), v.as_tensor().detach()));
             }
         }
+        for (m, host) in self.base.named_attention_prompts() {
+            for (p, v) in host.adapters.get(name).map(|a| a.params()).into_iter().flatten() {
+                out.push((format!("{KEY_PREFIX}{m}.{p}"), v.as_tensor().detach()));
+            }
+        }
         let cfg = self.peft_config(name)?;
         out.extend(cfg.tuner().shared_state_dict(self, name, cfg)?);
         out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -169,6 +180,12 @@ impl PeftModel {
             let cast: Vec<_> = lin.adapter_params(name).into_iter().map(|(s, v)| Ok((s, Var::from_tensor(&v.as_tensor().to_dtype(dtype)?)?))).collect::<Result<_>>()?;
             for (slot, v) in cast {
                 lin.set_adapter_param(name, &slot, v)?;
+            }
+        }
+        for (_, host) in self.base.named_attention_prompts_mut() {
+            if let Some(a) = host.adapters.get_mut(name) {
+                a.prompt = Var::from_tensor(&a.prompt.as_tensor().to_dtype(dtype)?)?;
+                a.gate = Var::from_tensor(&a.gate.as_tensor().to_dtype(dtype)?)?;
             }
         }
         Ok(())

@@ -14,6 +14,11 @@ impl PeftModel {
     /// without adapter layers.
     pub fn layer_status(&self) -> Result<Vec<serde_json::Value>> {
         use serde_json::json;
+        if self.configs.iter().any(|(n, _)| self.is_attention_adapter(n)) {
+            return Err(PeftError::InvalidState(
+                "layer and model status are not available for adaption prompt adapters: they wrap attention modules, not layers (HF: \"get_layer_status() got an invalid PeftModel instance; prefix tuning and adaption prompt are not supported.\")".into(),
+            ));
+        }
         if self.is_prompt_learning() {
             return Err(PeftError::InvalidState(format!(
                 "layer and model status are not available for prompt-learning adapters ({}): they do not change the model's layers (HF's get_layer_status() refuses them too)",

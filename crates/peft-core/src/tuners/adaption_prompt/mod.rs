@@ -1,0 +1,63 @@
+//! Adaption prompt (Zhang et al. 2023, "LLaMA-Adapter: Efficient Fine-tuning of Language Models
+//! with Zero-init Attention") as HF PEFT 0.21 implements it (`AdaptionPromptModel`,
+//! `peft.tuners.adaption_prompt`) for the Llama family (`model_type` `llama` and `mistral`,
+//! HF's `TRANSFORMERS_MODEL_CONFIG`; other model types are refused with HF's
+//! `Unsupported model type for adaption prompt: '<type>'.`, and GPT-2, which HF wraps with
+//! `AdaptedAttentionGPT`, is not implemented here).
+//!
+//! - [`config`]: `AdaptionPromptConfig` (`adapter_len`, `adapter_layers`, `target_modules`);
+//!   [`layer`]: the per-layer prompt `[1, adapter_len, hidden]` and gate `[1]` and their
+//!   contribution to the attention output (the math is there); `model`: which attention modules
+//!   are wrapped (the top `adapter_layers`), initialisation and loading.
+//! - The parameters live in the base model's attention modules
+//!   ([`crate::model::BaseModel::named_attention_prompts`], the Llama family's
+//!   `self_attn`); a module carrying a live prompt makes the fused engine leave the model to the
+//!   general path.
+//! - Files: `<layer>.self_attn.adaption_prompt` and `<layer>.self_attn.adaption_gate` under
+//!   `base_model.model.`, without adapter name (as HF writes them).
+//! - As in HF: one adapter is active at a time (several adapters may be added and switched);
+//!   merging is refused (HF's `AdaptionPromptModel` has no merge); no mixed batches; no
+//!   `modules_to_save`; `get_layer_status` refuses it.
+
+pub mod config;
+pub mod layer;
+mod model;
+
+pub use config::AdaptionPromptConfig;
+pub use layer::{AdaptedAttention, AttentionPrompts};
+pub use model::SUPPORTED_MODEL_TYPES;
+
+use crate::error::Result;
+use crate::peft_model::{LoadResult, PeftModel};
+use crate::tuners::config::AdapterConfig;
+use crate::tuners::registry::Tuner;
+use candle_core::Tensor;
+use serde_json::Value;
+use std::path::Path;
+
+/// The adaption prompt tuner (HF `AdaptionPromptModel`), registered for `peft_type`
+/// `"ADAPTION_PROMPT"`.
+pub struct AdaptionPromptTuner;
+
+/// The registry entry.
+pub static TUNER: AdaptionPromptTuner = AdaptionPromptTuner;
+
+impl Tuner for AdaptionPromptTuner {
+    fn peft_types(&self) -> &'static [&'static str] {
+        &["ADAPTION_PROMPT"]
+    }
+    fn model_class(&self) -> &'static str {
+        "AdaptionPromptModel"
+    }
+    fn parse_config(&self, v: &Value, path: Option<&Path>) -> Result<AdapterConfig> {
+        Ok(AdaptionPromptConfig::from_json(v, path)?.into())
+    }
+    fn inject(&self, model: &mut PeftModel, name: &str, cfg: AdapterConfig, seed: u64) -> Result<Vec<String>> {
+        let c = cfg.get::<AdaptionPromptConfig>().expect("an AdaptionPromptConfig").clone();
+        model.add_adaption_prompt(name, c, seed, Default::default())
+    }
+    fn load(&self, model: &mut PeftModel, name: &str, cfg: &AdapterConfig, tensors: &mut Vec<(String, Tensor)>, wpath: &Path) -> Option<Result<LoadResult>> {
+        let c = cfg.get::<AdaptionPromptConfig>()?.clone();
+        Some(model.load_adaption_prompt(name, c, std::mem::take(tensors), wpath))
+    }
+}
