@@ -1594,6 +1594,20 @@ fn run(
     })
 }
 
+/// The gradient of a branch's output before its post-norm (Gemma 3's post-attention and
+/// post-feedforward RMSNorms, scale `norm`): from the residual gradient `g` `[T, H]`, through
+/// the norm of the saved pre-norm output `raw` (reciprocal RMS `rstd`), into `scratch`. Without
+/// a post-norm the branch's gradient is `g` itself.
+fn post_norm_bwd<'a>(step: &Step, norm: Option<&Raw>, raw: &[f32], rstd: &[f32], g: &'a [f32], scratch: &'a mut Vec<f32>) -> &'a [f32] {
+    let Some(pn) = norm else { return g };
+    let t0 = step.prof.start();
+    let gp = buf(scratch, g.len());
+    gp.fill(0.0);
+    par::rms_norm_bwd_acc(raw, pn.get(), rstd, g, gp);
+    step.prof.add(P_BWD_ELT, t0);
+    &scratch[..]
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_in(
     ws: &mut Workspace,
@@ -1712,17 +1726,7 @@ fn run_in(
             }
         }
         // Gemma 3: back through the post-feedforward norm to `down_proj`'s output.
-        let gy_down: &[f32] = match &layer.post_ff {
-            Some(pn) => {
-                let t0 = step.prof.start();
-                let gp = buf(&mut ws.gpost, tk * h);
-                gp.fill(0.0);
-                par::rms_norm_bwd_acc(&a.d_raw, pn.get(), &a.rstd_pf, &ws.g, gp);
-                step.prof.add(P_BWD_ELT, t0);
-                &ws.gpost
-            }
-            None => &ws.g,
-        };
+        let gy_down = post_norm_bwd(&step, layer.post_ff.as_ref(), &a.d_raw, &a.rstd_pf, &ws.g, &mut ws.gpost);
         let gi = buf(&mut ws.gi, tk * inter);
         step.lin_bwd(
             &layer.lins[DOWN],
@@ -1777,17 +1781,7 @@ fn run_in(
             step.prof.add(P_BWD_ELT, t0);
         }
         // attention
-        let gy_o: &[f32] = match &layer.post_attn {
-            Some(pn) => {
-                let t0 = step.prof.start();
-                let gp = buf(&mut ws.gpost, tk * h);
-                gp.fill(0.0);
-                par::rms_norm_bwd_acc(&a.o_raw, pn.get(), &a.rstd_po, &ws.g, gp);
-                step.prof.add(P_BWD_ELT, t0);
-                &ws.gpost
-            }
-            None => &ws.g,
-        };
+        let gy_o = post_norm_bwd(&step, layer.post_attn.as_ref(), &a.o_raw, &a.rstd_po, &ws.g, &mut ws.gpost);
         let gattn = buf(&mut ws.gattn, tk * qd);
         step.lin_bwd(
             &layer.lins[O],
