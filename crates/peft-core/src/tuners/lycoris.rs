@@ -15,8 +15,7 @@
 use crate::error::{PeftError, Result};
 use crate::model::Task;
 use crate::peft_model::{is_output_head, PeftModel};
-use crate::targeting::{targets_from_json, TargetModules};
-use crate::tuners::config::{AdapterConfig, RawConfig};
+use crate::tuners::config::{AdapterConfig, LayerCommon, LayerFields, RawConfig};
 use crate::tuners::layer::{AdapterLayer, Slot};
 use crate::tuners::linear::{LinearCtx, PeftLinear};
 use crate::tuners::lora::MAX_RANK;
@@ -81,20 +80,25 @@ pub struct LycorisConfig<K> {
     pub rank_dropout: f64,
     /// Training only: the whole adapter is skipped for a forward with this probability.
     pub module_dropout: f64,
-    pub target_modules: TargetModules,
-    pub exclude_modules: Option<TargetModules>,
-    pub layers_to_transform: Option<Vec<usize>>,
-    pub layers_pattern: Option<Vec<String>>,
     pub rank_pattern: Vec<(String, usize)>,
     pub alpha_pattern: Vec<(String, f64)>,
-    pub modules_to_save: Option<Vec<String>>,
-    pub task_type: Option<String>,
-    pub base_model_name_or_path: Option<String>,
-    pub inference_mode: bool,
     /// The method's own fields (LoHa's `init_weights`, LoKr's `decompose_both`, ...).
     pub own: K,
-    raw: Map<String, Value>,
-    unknown: Vec<String>,
+    /// The fields every layer tuner's config has.
+    pub common: LayerCommon,
+}
+
+impl<K> std::ops::Deref for LycorisConfig<K> {
+    type Target = LayerCommon;
+    fn deref(&self) -> &LayerCommon {
+        &self.common
+    }
+}
+
+impl<K> std::ops::DerefMut for LycorisConfig<K> {
+    fn deref_mut(&mut self) -> &mut LayerCommon {
+        &mut self.common
+    }
 }
 
 impl<K: LycorisKind> LycorisConfig<K> {
@@ -120,46 +124,17 @@ impl<K: LycorisKind> LycorisConfig<K> {
             raw[k].as_f64().filter(|p| (0.0..1.0).contains(p)).ok_or_else(|| rc.bad(format!("`{k}` must be a number in [0, 1), found {}", raw[k])))
         };
         let (rank_dropout, module_dropout) = (prob("rank_dropout")?, prob("module_dropout")?);
-        let target_modules = targets_from_json(&raw["target_modules"], "target_modules")
-            .map_err(|m| rc.bad(m))?
-            .ok_or_else(|| rc.bad("`target_modules` must be given (a list of module names, a regex string or \"all-linear\")".into()))?;
-        let exclude_modules = targets_from_json(&raw["exclude_modules"], "exclude_modules").map_err(|m| rc.bad(m))?;
-        let (layers_to_transform, layers_pattern) = rc.layers()?;
+        let common = LayerCommon::parse(&rc, LayerFields::ALL)?;
         Ok(LycorisConfig {
             r,
             alpha,
             rank_dropout,
             module_dropout,
-            target_modules,
-            exclude_modules,
-            layers_to_transform,
-            layers_pattern,
             rank_pattern: rc.rank_pattern(MAX_RANK)?,
             alpha_pattern: rc.alpha_pattern()?,
             own: K::parse(&rc)?,
-            modules_to_save: rc.modules_to_save()?,
-            task_type: rc.opt_str("task_type"),
-            base_model_name_or_path: rc.opt_str("base_model_name_or_path"),
-            inference_mode: rc.bool("inference_mode")?,
-            unknown: rc.unknown.clone(),
-            raw: rc.raw.clone(),
+            common,
         })
-    }
-
-    /// The module-targeting rule of this config.
-    pub fn rule(&self) -> crate::targeting::Rule<'_> {
-        crate::targeting::Rule {
-            targets: &self.target_modules,
-            exclude: self.exclude_modules.as_ref(),
-            layers: self.layers_to_transform.as_deref(),
-            layers_pattern: self.layers_pattern.as_deref(),
-            saved: self.modules_to_save.as_deref().unwrap_or(&[]),
-        }
-    }
-
-    /// Fields of the source JSON that HF's config class does not have.
-    pub fn unknown_fields(&self) -> &[String] {
-        &self.unknown
     }
 
     /// Effective rank of module `name` (HF `rank_pattern` lookup via `get_pattern_key`, else `r`).
@@ -174,12 +149,12 @@ impl<K: LycorisKind> LycorisConfig<K> {
 
     /// The config as HF's adapter_config.json object.
     pub fn to_json(&self) -> Value {
-        let mut m = self.raw.clone();
-        // Python float fields: HF writes `0.0`, never `0` (JSON from JS loses the distinction).
-        for (k, p) in [("rank_dropout", self.rank_dropout), ("module_dropout", self.module_dropout)] {
-            m.insert(k.into(), Number::from_f64(p).map(Value::Number).unwrap_or(Value::Null));
-        }
-        crate::tuners::config::layer_config_json(m, self, &self.exclude_modules)
+        self.common.to_json_with(|m| {
+            // Python float fields: HF writes `0.0`, never `0` (JSON from JS loses the distinction).
+            for (k, p) in [("rank_dropout", self.rank_dropout), ("module_dropout", self.module_dropout)] {
+                m.insert(k.into(), Number::from_f64(p).map(Value::Number).unwrap_or(Value::Null));
+            }
+        })
     }
 }
 
