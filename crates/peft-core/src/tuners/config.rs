@@ -152,6 +152,33 @@ macro_rules! impl_tuner_config {
 }
 pub(crate) use impl_tuner_config;
 
+/// `Deref` / `DerefMut` of a tuner's config to the shared part it holds in its `common` field
+/// ([`LayerCommon`] or [`PeftCommon`]), so that `cfg.task_type` or `cfg.target_modules` read the
+/// same on every config: `impl_deref_common!(T => LayerCommon)`, or
+/// `impl_deref_common!(<K> T<K> => LayerCommon)` for a generic config.
+macro_rules! impl_deref_common {
+    (<$g:ident> $ty:ty => $target:ty) => {
+        $crate::tuners::config::impl_deref_common!(@impl [$g] $ty => $target);
+    };
+    ($ty:ty => $target:ty) => {
+        $crate::tuners::config::impl_deref_common!(@impl [] $ty => $target);
+    };
+    (@impl [$($g:ident)?] $ty:ty => $target:ty) => {
+        impl$(<$g>)? std::ops::Deref for $ty {
+            type Target = $target;
+            fn deref(&self) -> &$target {
+                &self.common
+            }
+        }
+        impl$(<$g>)? std::ops::DerefMut for $ty {
+            fn deref_mut(&mut self) -> &mut $target {
+                &mut self.common
+            }
+        }
+    };
+}
+pub(crate) use impl_deref_common;
+
 /// `(layers_to_transform, layers_pattern)` of a config (see [`RawConfig::layers`]).
 pub type LayerSelection = (Option<Vec<usize>>, Option<Vec<String>>);
 

@@ -88,18 +88,7 @@ pub struct LycorisConfig<K> {
     pub common: LayerCommon,
 }
 
-impl<K> std::ops::Deref for LycorisConfig<K> {
-    type Target = LayerCommon;
-    fn deref(&self) -> &LayerCommon {
-        &self.common
-    }
-}
-
-impl<K> std::ops::DerefMut for LycorisConfig<K> {
-    fn deref_mut(&mut self) -> &mut LayerCommon {
-        &mut self.common
-    }
-}
+crate::tuners::config::impl_deref_common!(<K> LycorisConfig<K> => LayerCommon);
 
 impl<K: LycorisKind> LycorisConfig<K> {
     /// HF PEFT 0.21 defaults of every field of the method's config, as written to
@@ -212,20 +201,12 @@ impl PeftModel {
     /// Errors: `InvalidAdapterConfig` for an embedding or a GPT-2 `Conv1D` target (HF: "Target
     /// module of type ... not supported") or when nothing matches. The model is then unchanged.
     pub(crate) fn add_lycoris<K: LycorisKind>(&mut self, name: &str, mut cfg: LycorisConfig<K>, seed: u64) -> Result<Vec<String>> {
-        if cfg.base_model_name_or_path.is_none() {
-            cfg.base_model_name_or_path = self.base.info().name_or_path.clone();
-        }
-        let task = cfg.task_type.as_deref().and_then(Task::from_task_type);
-        let copies = self.plan_saved_copies(name, &cfg.modules_to_save.clone().unwrap_or_default(), task)?;
+        let copies = self.prepare_layer_adapter(name, &mut cfg.common)?;
+        let selected = self.select_layers(&cfg)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let device = self.base.device().clone();
         let mut planned: HashMap<String, Box<dyn AdapterLayer>> = HashMap::new();
-        let mut misses = crate::targeting::Misses::default();
-        for (mname, lin) in self.base.named_linears() {
-            let sel = cfg.rule().select(&mname, lin.is_embedding || is_output_head(self.base.task(), &mname));
-            if !misses.note(&mname, sel, cfg.layers_pattern.as_deref()) {
-                continue;
-            }
+        for (mname, lin) in self.base.named_linears().into_iter().filter(|(m, _)| selected.contains(m)) {
             if lin.is_embedding || lin.transposed {
                 let kind = if lin.is_embedding { "Embedding" } else { "Conv1D" };
                 return Err(PeftError::InvalidAdapterConfig {
@@ -235,9 +216,6 @@ impl PeftModel {
             }
             let layer = K::new_layer(&cfg, lin, cfg.rank_for(&mname), cfg.alpha_for(&mname), &mut rng, &device)?;
             planned.insert(mname, layer);
-        }
-        if planned.is_empty() {
-            return Err(self.no_targets(&cfg.to_json()["target_modules"], &misses, cfg.layers_to_transform.as_deref(), cfg.layers_pattern.as_deref()));
         }
         self.install_planned(name, cfg.into(), planned, copies, |lin, name, l| {
             lin.layers.insert(name, l);

@@ -39,18 +39,7 @@ pub struct AdaptionPromptConfig {
     pub common: PeftCommon,
 }
 
-impl std::ops::Deref for AdaptionPromptConfig {
-    type Target = PeftCommon;
-    fn deref(&self) -> &PeftCommon {
-        &self.common
-    }
-}
-
-impl std::ops::DerefMut for AdaptionPromptConfig {
-    fn deref_mut(&mut self) -> &mut PeftCommon {
-        &mut self.common
-    }
-}
+crate::tuners::config::impl_deref_common!(AdaptionPromptConfig => PeftCommon);
 
 impl PartialEq for AdaptionPromptConfig {
     fn eq(&self, other: &Self) -> bool {

@@ -33,18 +33,7 @@ pub struct Ia3Config {
     pub common: LayerCommon,
 }
 
-impl std::ops::Deref for Ia3Config {
-    type Target = LayerCommon;
-    fn deref(&self) -> &LayerCommon {
-        &self.common
-    }
-}
-
-impl std::ops::DerefMut for Ia3Config {
-    fn deref_mut(&mut self) -> &mut LayerCommon {
-        &mut self.common
-    }
-}
+crate::tuners::config::impl_deref_common!(Ia3Config => LayerCommon);
 
 impl Ia3Config {
     /// Build from an adapter_config.json object. Errors: `InvalidAdapterConfig` naming the

@@ -50,18 +50,7 @@ pub struct LoraConfig {
     pub common: LayerCommon,
 }
 
-impl std::ops::Deref for LoraConfig {
-    type Target = LayerCommon;
-    fn deref(&self) -> &LayerCommon {
-        &self.common
-    }
-}
-
-impl std::ops::DerefMut for LoraConfig {
-    fn deref_mut(&mut self) -> &mut LayerCommon {
-        &mut self.common
-    }
-}
+crate::tuners::config::impl_deref_common!(LoraConfig => LayerCommon);
 
 /// Largest accepted rank; larger values are refused before anything is allocated.
 pub const MAX_RANK: usize = 1 << 16;

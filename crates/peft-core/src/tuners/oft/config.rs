@@ -68,18 +68,7 @@ pub struct OftConfig {
     pub common: LayerCommon,
 }
 
-impl std::ops::Deref for OftConfig {
-    type Target = LayerCommon;
-    fn deref(&self) -> &LayerCommon {
-        &self.common
-    }
-}
-
-impl std::ops::DerefMut for OftConfig {
-    fn deref_mut(&mut self) -> &mut LayerCommon {
-        &mut self.common
-    }
-}
+crate::tuners::config::impl_deref_common!(OftConfig => LayerCommon);
 
 impl PartialEq for OftConfig {
     fn eq(&self, other: &Self) -> bool {

@@ -37,18 +37,7 @@ pub struct TrainableTokensConfig {
     pub common: PeftCommon,
 }
 
-impl std::ops::Deref for TrainableTokensConfig {
-    type Target = PeftCommon;
-    fn deref(&self) -> &PeftCommon {
-        &self.common
-    }
-}
-
-impl std::ops::DerefMut for TrainableTokensConfig {
-    fn deref_mut(&mut self) -> &mut PeftCommon {
-        &mut self.common
-    }
-}
+crate::tuners::config::impl_deref_common!(TrainableTokensConfig => PeftCommon);
 
 impl PartialEq for TrainableTokensConfig {
     fn eq(&self, other: &Self) -> bool {

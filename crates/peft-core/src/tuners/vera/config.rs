@@ -55,18 +55,7 @@ pub struct VeraConfig {
     pub(crate) loaded_projections: Option<Projections>,
 }
 
-impl std::ops::Deref for VeraConfig {
-    type Target = LayerCommon;
-    fn deref(&self) -> &LayerCommon {
-        &self.common
-    }
-}
-
-impl std::ops::DerefMut for VeraConfig {
-    fn deref_mut(&mut self) -> &mut LayerCommon {
-        &mut self.common
-    }
-}
+crate::tuners::config::impl_deref_common!(VeraConfig => LayerCommon);
 
 impl PartialEq for VeraConfig {
     fn eq(&self, other: &Self) -> bool {
