@@ -284,3 +284,16 @@ impl PeftModel {
         }
     }
 }
+
+/// HF `_create_new_module`: the target's layout decides `fan_in_fan_out` (true for a GPT-2
+/// `Conv1D`, false for an `nn.Linear`), with HF's warning pushed to `warnings` when the config
+/// said otherwise.
+pub(crate) fn fit_fan_in_fan_out(warnings: &mut Vec<String>, lin: &crate::tuners::linear::PeftLinear, fan_in_fan_out: &mut bool) {
+    if lin.transposed && !*fan_in_fan_out {
+        warnings.push("fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True.".into());
+        *fan_in_fan_out = true;
+    } else if !lin.transposed && *fan_in_fan_out {
+        warnings.push("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting fan_in_fan_out to False.".into());
+        *fan_in_fan_out = false;
+    }
+}

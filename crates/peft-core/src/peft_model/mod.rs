@@ -25,6 +25,7 @@ mod status;
 /// Prefix of every key in adapter_model.safetensors (`base_model.model.<module path>...`).
 pub use crate::keys::KEY_PREFIX;
 pub(crate) use bias::BiasMode;
+pub(crate) use inject::fit_fan_in_fan_out;
 use crate::keys::{strip_adapter_name, with_adapter_name};
 /// The adapter name meaning "no adapter" in mixed batches.
 pub const BASE_ADAPTER: &str = "__base__";

@@ -449,6 +449,12 @@ impl LayerCommon {
         }
     }
 
+    /// Is module `m` a target of this config on a model with head `task` (the output head is no
+    /// `"all-linear"` target)? What the tuners' load-time shape checks ask.
+    pub fn selects(&self, m: &str, task: crate::model::Task) -> bool {
+        self.rule().select(m, crate::peft_model::is_output_head(task, m)) == crate::targeting::Selection::Target
+    }
+
     /// HF's adapter_config.json object: as [`PeftCommon::to_json_with`], with `target_modules`,
     /// `exclude_modules` (when the class has it) and `modules_to_save` written back too.
     pub fn to_json_with(&self, own: impl FnOnce(&mut Map<String, Value>)) -> Value {

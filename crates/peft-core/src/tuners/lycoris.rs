@@ -14,7 +14,7 @@
 
 use crate::error::{PeftError, Result};
 use crate::model::Task;
-use crate::peft_model::{is_output_head, PeftModel};
+use crate::peft_model::PeftModel;
 use crate::tuners::config::{AdapterConfig, LayerCommon, LayerFields, RawConfig};
 use crate::tuners::layer::{AdapterLayer, Slot};
 use crate::tuners::linear::{LinearCtx, PeftLinear};
@@ -186,7 +186,7 @@ impl<K: LycorisKind> Tuner for LycorisTuner<K> {
     }
     fn expected_params(&self, cfg: &AdapterConfig, task: Task, m: &str, lin: &PeftLinear) -> Vec<(Slot, Vec<usize>)> {
         let Some(c) = cfg.get::<LycorisConfig<K>>() else { return vec![] };
-        if lin.is_embedding || c.rule().select(m, is_output_head(task, m)) != crate::targeting::Selection::Target {
+        if lin.is_embedding || !c.selects(m, task) {
             return vec![];
         }
         K::param_shapes(c, lin, c.rank_for(m))

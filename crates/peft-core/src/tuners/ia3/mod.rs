@@ -12,7 +12,7 @@ pub use config::*;
 
 use crate::error::Result;
 use crate::model::Task;
-use crate::peft_model::{is_output_head, PeftModel};
+use crate::peft_model::PeftModel;
 use crate::tuners::config::AdapterConfig;
 use crate::tuners::layer::Slot;
 use crate::tuners::linear::PeftLinear;
@@ -44,7 +44,7 @@ impl Tuner for Ia3Tuner {
     }
     fn expected_params(&self, cfg: &AdapterConfig, task: Task, m: &str, lin: &PeftLinear) -> Vec<(Slot, Vec<usize>)> {
         let Some(c) = cfg.as_ia3() else { return vec![] };
-        if c.rule().select(m, is_output_head(task, m)) != crate::targeting::Selection::Target {
+        if !c.selects(m, task) {
             return vec![];
         }
         let shape = if c.is_feedforward(m) { vec![1, lin.in_features()] } else { vec![lin.out_features(), 1] };

@@ -18,7 +18,7 @@ pub use config::*;
 
 use crate::error::Result;
 use crate::model::Task;
-use crate::peft_model::{is_output_head, PeftModel};
+use crate::peft_model::PeftModel;
 use crate::tuners::config::AdapterConfig;
 use crate::tuners::layer::Slot;
 use crate::tuners::linear::PeftLinear;
@@ -54,7 +54,7 @@ impl Tuner for LoraTuner {
     }
     fn expected_params(&self, cfg: &AdapterConfig, task: Task, m: &str, lin: &PeftLinear) -> Vec<(Slot, Vec<usize>)> {
         let Some(c) = cfg.as_lora() else { return vec![] };
-        if c.rule().select(m, is_output_head(task, m)) != crate::targeting::Selection::Target {
+        if !c.selects(m, task) {
             return crate::tuners::trainable_tokens::lora_expected_tokens(c, m, lin).into_iter().collect();
         }
         let r = c.rank_for(m);

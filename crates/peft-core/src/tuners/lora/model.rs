@@ -45,14 +45,7 @@ impl PeftModel {
                 planned.push((mname, LoraAdapter { a, b, r, alpha, scaling: cfg.scaling(r, alpha), dropout: cfg.lora_dropout, magnitude: None, merged_norm: None, embedding: true }));
                 continue;
             }
-            // HF `_create_new_module`: the layer type decides `fan_in_fan_out` (with a warning).
-            if lin.transposed && !cfg.fan_in_fan_out {
-                self.warnings.push("fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True.".into());
-                cfg.fan_in_fan_out = true;
-            } else if !lin.transposed && cfg.fan_in_fan_out {
-                self.warnings.push("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting fan_in_fan_out to False.".into());
-                cfg.fan_in_fan_out = false;
-            }
+            crate::peft_model::fit_fan_in_fan_out(&mut self.warnings, lin, &mut cfg.fan_in_fan_out);
             let r = cfg.rank_for(&mname);
             let alpha = cfg.alpha_for(&mname);
             let (inf, outf) = (lin.in_features(), lin.out_features());

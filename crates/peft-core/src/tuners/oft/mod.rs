@@ -29,7 +29,7 @@ pub use config::*;
 
 use crate::error::{PeftError, Result};
 use crate::model::Task;
-use crate::peft_model::{is_output_head, PeftModel};
+use crate::peft_model::PeftModel;
 use crate::tuners::config::AdapterConfig;
 use crate::tuners::layer::Slot;
 use crate::tuners::linear::PeftLinear;
@@ -67,7 +67,7 @@ impl Tuner for OftTuner {
     /// `oft_R` `[r, n]` (`[1, n]` with `block_share`) with the layer's own `r` / block size.
     fn expected_params(&self, cfg: &AdapterConfig, task: Task, m: &str, lin: &PeftLinear) -> Vec<(Slot, Vec<usize>)> {
         let Some(c) = cfg.get::<OftConfig>() else { return vec![] };
-        if lin.is_embedding || lin.transposed || c.rule().select(m, is_output_head(task, m)) != crate::targeting::Selection::Target {
+        if lin.is_embedding || lin.transposed || !c.selects(m, task) {
             return vec![];
         }
         let (r, k, _) = c.layer_dims(lin.in_features());

@@ -27,7 +27,7 @@ pub use model::TorchGenerator;
 
 use crate::error::{PeftError, Result};
 use crate::model::Task;
-use crate::peft_model::{is_output_head, PeftModel};
+use crate::peft_model::PeftModel;
 use crate::tuners::config::AdapterConfig;
 use crate::tuners::layer::Slot;
 use crate::tuners::linear::PeftLinear;
@@ -69,7 +69,7 @@ impl Tuner for VeraTuner {
     }
     fn expected_params(&self, cfg: &AdapterConfig, task: Task, m: &str, lin: &PeftLinear) -> Vec<(Slot, Vec<usize>)> {
         let Some(c) = cfg.get::<VeraConfig>() else { return vec![] };
-        if lin.is_embedding || c.rule().select(m, is_output_head(task, m)) != crate::targeting::Selection::Target {
+        if lin.is_embedding || !c.selects(m, task) {
             return vec![];
         }
         vec![(layer::VERA_LAMBDA_B, vec![lin.out_features()]), (layer::VERA_LAMBDA_D, vec![c.r])]

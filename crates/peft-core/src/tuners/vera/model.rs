@@ -145,13 +145,7 @@ impl PeftModel {
                     "Target module `{mname}` (Embedding) is not supported. Currently, only `torch.nn.Linear` (optionally quantized) and `transformers.pytorch_utils.Conv1D` are supported."
                 )));
             }
-            if lin.transposed && !cfg.fan_in_fan_out {
-                self.warnings.push("fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True.".into());
-                cfg.fan_in_fan_out = true;
-            } else if !lin.transposed && cfg.fan_in_fan_out {
-                self.warnings.push("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting fan_in_fan_out to False.".into());
-                cfg.fan_in_fan_out = false;
-            }
+            crate::peft_model::fit_fan_in_fan_out(&mut self.warnings, lin, &mut cfg.fan_in_fan_out);
             targets.push((mname, lin.in_features(), lin.out_features()));
         }
         let max_in = targets.iter().map(|t| t.1).max().unwrap_or(0);
