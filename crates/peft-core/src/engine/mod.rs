@@ -34,7 +34,7 @@ mod llama;
 pub mod quant;
 pub mod simd;
 
-pub use llama::{try_forward, try_loss_and_grads, KvStore};
+pub use llama::{try_forward, try_loss_and_grads, try_loss_and_grads_with, KvStore};
 
 use std::sync::{Arc, Mutex, OnceLock};
 

@@ -10,6 +10,7 @@
 
 pub mod bert;
 pub mod config;
+pub(crate) mod checkpoint;
 pub(crate) mod decoder;
 pub mod forward;
 pub mod gemma3;
