@@ -2,12 +2,13 @@
  * Gradient checkpointing from JS (transformers' `gradient_checkpointing_enable` / the
  * Trainer's `gradient_checkpointing`): the Trainer option and the model setting train with the
  * same loss trajectory as without it (bit for bit on the fused engine, LoRA dropout included);
- * prefix tuning is refused with HF's text; models it does not cover and bad values are refused
- * with codes naming `gradientCheckpointing`.
+ * GPT-2 (the general path) matches within float rounding; prefix tuning is refused with HF's
+ * text; models it does not cover and bad values are refused with codes naming
+ * `gradientCheckpointing`.
  */
 import test from 'ava'
 import * as path from 'node:path'
-import { AutoModelForCausalLM, LoraConfig, PeftModel, PrefixTuningConfig, Trainer, getPeftModel, type TrainExample } from '../src/index'
+import { AutoModelForCausalLM, AutoModelForSeq2SeqLM, LoraConfig, PeftModel, PrefixTuningConfig, Trainer, getPeftModel, type TrainExample } from '../src/index'
 import { FIXTURES, assertPeftError, disposeLater, loadLlama } from './helpers'
 
 type T = Parameters<typeof disposeLater>[0]
@@ -67,10 +68,25 @@ test('prefix tuning is refused with HF text', async (t) => {
   t.is(out.globalStep, 1)
 })
 
+test('GPT-2 (general path) trains with the loss trajectory of a run without it', async (t) => {
+  const run = async (gradientCheckpointing: boolean) => {
+    const gpt2 = disposeLater(t, await AutoModelForCausalLM.fromPretrained(path.join(FIXTURES, 'models', 'gpt2')))
+    const g = disposeLater(t, getPeftModel(gpt2, new LoraConfig({ r: 2, loraAlpha: 4, loraDropout: 0.1, targetModules: ['c_attn'], taskType: 'CAUSAL_LM' }), 'default', { seed: 2 }))
+    const rows = Array.from({ length: 6 }, (_, i) => ({ inputIds: [1, ...Array.from({ length: 6 + i }, (_, j) => 3 + ((i * 7 + j * 5) % 120))] }))
+    const out = await new Trainer(g, { ...options, maxSteps: 3, gradientCheckpointing }).train(rows)
+    return out.logHistory.map((s) => s.loss)
+  }
+  const plain = await run(false)
+  const ckpt = await run(true)
+  t.is(ckpt.length, plain.length)
+  plain.forEach((l, i) => t.true(Math.abs(l - ckpt[i]) <= 1e-6 * Math.abs(l), `step ${i + 1}: ${l} vs ${ckpt[i]}`))
+})
+
 test('bad values and uncovered models are refused naming gradientCheckpointing', async (t) => {
   const pm = await newModel(t)
   await assertPeftError(t, () => new Trainer(pm, { ...options, gradientCheckpointing: 'yes' as unknown as boolean }), 'ERR_INVALID_ARGUMENT', ['gradientCheckpointing'])
-  const gpt2 = disposeLater(t, await AutoModelForCausalLM.fromPretrained(path.join(FIXTURES, 'models', 'gpt2')))
-  const g = disposeLater(t, getPeftModel(gpt2, new LoraConfig({ r: 2, targetModules: ['c_attn'], taskType: 'CAUSAL_LM' })))
-  await assertPeftError(t, () => new Trainer(g, { ...options, maxSteps: 1, gradientCheckpointing: true }).train([{ inputIds: [1, 5, 9, 13, 17, 21] }]), 'ERR_INVALID_ARGUMENT', ['gradientCheckpointing', 'GPT2LMHeadModel'])
+  const t5 = disposeLater(t, await AutoModelForSeq2SeqLM.fromPretrained(path.join(FIXTURES, 'models', 't5')))
+  const g = disposeLater(t, getPeftModel(t5, new LoraConfig({ r: 2, targetModules: ['q', 'v'], taskType: 'SEQ_2_SEQ_LM' })))
+  const rows = [{ inputIds: [5, 17, 33, 9, 120], labels: [44, 9, 33, 1] }]
+  await assertPeftError(t, () => new Trainer(g, { ...options, maxSteps: 1, gradientCheckpointing: true }).train(rows), 'ERR_INVALID_ARGUMENT', ['gradientCheckpointing', 'SEQ_2_SEQ_LM'])
 })

@@ -388,8 +388,8 @@ export class PeftModel {
    * general path; LoRA dropout reuses the first forward's masks, as torch's checkpoint restores
    * the RNG state). Saves: the activations of all layers but one (on SmolLM2-135M, LoRA q,k,v,o,
    * batch 4×128: see the README's training section). Costs: one more forward pass through the
-   * layers per step. Runs on the Llama family (Llama, SmolLM2/3, Qwen2/3, Mistral) and Gemma 3
-   * with causal-LM heads; other models refuse the training step with `ERR_INVALID_ARGUMENT`
+   * layers per step. Runs on the Llama family (Llama, SmolLM2/3, Qwen2/3, Mistral), Gemma 3,
+   * Phi-3 and GPT-2 with causal-LM heads; other models and heads refuse the training step with `ERR_INVALID_ARGUMENT`
    * naming `gradientCheckpointing`. HF's `gradient_checkpointing_kwargs` (`use_reentrant`,
    * `preserve_rng_state`, ...) have no counterpart: the recomputation is always layer-wise and
    * non-reentrant and always replays the dropout masks.

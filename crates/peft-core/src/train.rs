@@ -368,14 +368,15 @@ pub fn loss_and_grads(model: &PeftModel, batch: &Batch, total_items: Option<usiz
 /// [`loss_and_grads`] with gradient checkpointing on (`ckpt`) or off, whatever the model's
 /// setting: on the fused engine where it runs the model (see
 /// [`crate::engine::try_loss_and_grads_with`]), else through the general path's layer-wise
-/// driver (`model::checkpoint`) for the Llama family and Gemma 3 (causal LM head). The loss is
+/// driver (`model::checkpoint`) for the Llama family, Gemma 3, Phi-3 and GPT-2 (causal LM
+/// head; [`crate::model::BaseModel::layer_stack`]). The loss is
 /// the same as without it; gradients are the same bit for bit on the engine and up to float
 /// rounding (summation order) on the general path.
 ///
 /// Errors: those of [`loss_and_grads`]; with `ckpt`, `InvalidArgument` naming
 /// `gradientCheckpointing` for prefix tuning (HF's text, `PREFIX_TUNING does not work with
-/// gradient checkpointing.`) and for a model or head the driver does not cover (GPT-2, BERT,
-/// T5, Phi-3, heads other than causal LM).
+/// gradient checkpointing.`) and for a model or head the driver does not cover (BERT, T5,
+/// heads other than causal LM).
 pub fn loss_and_grads_with(model: &PeftModel, batch: &Batch, total_items: Option<usize>, rng: Option<Arc<Mutex<rand::rngs::StdRng>>>, ckpt: bool) -> Result<(f64, usize, GradStore)> {
     batch.validate(model)?;
     if ckpt {
@@ -411,16 +412,13 @@ fn checkpointed_loss_and_grads(model: &PeftModel, batch: &Batch, total_items: Op
         )));
     }
     let (x0, o) = model.forward_inputs(&batch.input_ids, batch.batch_size, batch.seq_len, opts)?;
-    let stack = match (model.base.as_llama(), model.base.as_gemma3()) {
-        (Some(m), _) => m.layer_stack(&x0, &o)?,
-        (None, Some(m)) => m.layer_stack(&x0, &o)?,
-        _ => {
-            return Err(refuse(format!(
-                "is not available for {} models (supported: the Llama family and Gemma 3)",
-                model.base.info().architecture
-            )))
-        }
+    let Some(stack) = model.base.layer_stack(&x0, &o) else {
+        return Err(refuse(format!(
+            "is not available for {} models (supported: the Llama family, Gemma 3, Phi-3 and GPT-2)",
+            model.base.info().architecture
+        )));
     };
+    let stack = stack?;
     let keep: std::collections::HashSet<candle_core::TensorId> = model.trainable_parameters().iter().map(|(_, v)| v.as_tensor().id()).collect();
     let ((loss_val, n), grads) = crate::model::checkpoint::checkpointed_backward(&*stack, &x0, o.dropout_rng.as_deref(), &keep, |logits| {
         let (mean, n) = task_loss(model, logits, batch)?;

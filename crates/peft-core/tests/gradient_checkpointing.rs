@@ -4,8 +4,9 @@
 //! float rounding on the general path (its layer-wise driver sums the gradients in another
 //! order) — on random tiny Llama models with grouped-query attention and padded rows (LoRA
 //! with dropout, LoRA on the embedding, prompt tuning, DoRA, (IA)³) and on Gemma 3; trainer runs
-//! with it follow the same loss trajectory; prefix tuning and uncovered models are refused with
-//! coded errors naming `gradientCheckpointing` (HF's text for prefix tuning).
+//! with it follow the same loss trajectory; Phi-3 and GPT-2 on the general path; prefix tuning
+//! and uncovered models (T5) are refused with coded errors naming `gradientCheckpointing`
+//! (HF's text for prefix tuning).
 
 mod common;
 
@@ -320,16 +321,30 @@ fn prefix_tuning_is_refused_with_hf_text() {
     assert!(loss_and_grads_with(&p, &llama_batch(55), None, None, false).is_ok());
 }
 
+/// Phi-3 and GPT-2 (general path only): LoRA with dropout (and GPT-2's fused `c_attn`).
+#[test]
+fn phi3_and_gpt2_with_and_without() {
+    let load = |name: &str| PeftModel::new(load_causal_lm(&fixtures_dir().join("models").join(name), DType::F32, &Device::Cpu).unwrap().model);
+    let mut p = load("phi3");
+    p.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": ["qkv_proj", "o_proj", "gate_up_proj"], "init_lora_weights": false})), 71).unwrap();
+    let vocab = p.base.info().vocab_size;
+    same("phi3 general LoRA + dropout", &p, &batch(2, 12, vocab, &[(3, true)], 72), true, 1e-6);
+    let mut g = load("gpt2");
+    g.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": ["c_attn", "c_proj"], "init_lora_weights": false})), 73).unwrap();
+    let vocab = g.base.info().vocab_size;
+    same("gpt2 general LoRA + dropout", &g, &batch(2, 12, vocab, &[(0, false), (4, false)], 74), true, 1e-6);
+}
+
 #[test]
 fn uncovered_models_are_refused() {
-    let path = fixtures_dir().join("models/gpt2");
+    let path = fixtures_dir().join("models/t5");
     let mut m = PeftModel::new(load_causal_lm(&path, DType::F32, &Device::Cpu).unwrap().model);
-    m.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 2, "target_modules": ["c_attn"]})), 61).unwrap();
+    m.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 2, "target_modules": ["q", "v"]})), 61).unwrap();
     let ids: Vec<u32> = (1..9).collect();
     let b = Batch { input_ids: ids.clone(), attention_mask: vec![1; 8], labels: ids.iter().map(|&i| i as i64).collect(), batch_size: 1, seq_len: 8, ..Default::default() };
     let e = loss_and_grads_with(&m, &b, None, None, true).unwrap_err();
     assert_eq!(e.code(), "ERR_INVALID_ARGUMENT");
-    assert!(e.to_string().contains("`gradientCheckpointing`") && e.to_string().contains("GPT2LMHeadModel"), "{e}");
+    assert!(e.to_string().contains("`gradientCheckpointing`") && e.to_string().contains("SEQ_2_SEQ_LM"), "{e}");
     // The trainer refuses at its step, before any update.
     m.set_gradient_checkpointing(true).unwrap();
     let mut tr = Trainer::new(&m, TrainingArgs::default()).unwrap();

@@ -30,8 +30,13 @@ use std::collections::HashSet;
 use std::sync::Mutex;
 
 /// A decoder's layers for one forward pass, run one at a time (the per-pass context, such as
-/// RoPE tables and masks, is held by the implementer).
-pub(crate) trait LayerStack {
+/// RoPE tables and masks, is held by the implementer). See [`super::BaseModel::layer_stack`].
+pub trait LayerStack {
+    /// What the first layer sees, from the input embeddings `x` (GPT-2 adds its position
+    /// embeddings; the identity elsewhere). Gradients flow back through it.
+    fn input(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.clone())
+    }
     /// Number of decoder layers.
     fn num_layers(&self) -> usize;
     /// Layer `i` on `x` `[b, s, hidden]` → `[b, s, hidden]`, with LoRA dropout drawn from `rng`.
@@ -55,6 +60,7 @@ pub(crate) fn checkpointed_backward<R>(
     keep: &HashSet<TensorId>,
     loss: impl FnOnce(&Tensor) -> Result<(Tensor, R)>,
 ) -> Result<(R, GradStore)> {
+    let x0 = &stack.input(x0)?;
     let n = stack.num_layers();
     let snapshot = || rng.map(|r| r.lock().unwrap_or_else(|p| p.into_inner()).clone());
     // Forward: keep each layer's input and the generator's state before it.
@@ -87,7 +93,7 @@ pub(crate) fn checkpointed_backward<R>(
     take(grads, &mut store)?;
     // Backward, top layer first: recompute the layer from its input, backpropagate `g`.
     for i in (0..n).rev() {
-        let (x, state) = saved.pop().expect("one saved input per layer");
+        let (x, state) = saved.pop().ok_or_else(|| PeftError::Internal(format!("gradient checkpointing: no saved input for layer {i}")))?;
         let xi = Var::from_tensor(&x)?;
         drop(x);
         let local = state.map(Mutex::new);

@@ -421,6 +421,9 @@ impl BaseModel for Gemma3ForCausalLM {
     fn info(&self) -> &ModelInfo {
         &self.info
     }
+    fn layer_stack<'a>(&'a self, x: &Tensor, opts: &'a ForwardOptions) -> Option<Result<Box<dyn super::checkpoint::LayerStack + 'a>>> {
+        Some(self.ctx(x, opts, None).map(|ctx| Box::new(Stack { m: self, ctx, opts }) as Box<dyn super::checkpoint::LayerStack>))
+    }
     fn as_gemma3(&self) -> Option<&Gemma3ForCausalLM> {
         Some(self)
     }
@@ -507,14 +510,9 @@ impl Gemma3ForCausalLM {
         }
     }
 
-    /// The layers of one training forward of `x` `[b, s, hidden]` (no cache), run one at a time
-    /// by gradient checkpointing's driver ([`super::checkpoint`]).
-    pub(crate) fn layer_stack<'a>(&'a self, x: &Tensor, opts: &'a ForwardOptions) -> Result<Box<dyn super::checkpoint::LayerStack + 'a>> {
-        Ok(Box::new(Stack { m: self, ctx: self.ctx(x, opts, None)?, opts }))
-    }
 }
 
-/// [`Gemma3ForCausalLM`]'s layers for one forward (see [`Gemma3ForCausalLM::layer_stack`]).
+/// [`Gemma3ForCausalLM`]'s layers for one forward (see [`BaseModel::layer_stack`]).
 struct Stack<'a> {
     m: &'a Gemma3ForCausalLM,
     ctx: Ctx<'a>,

@@ -244,11 +244,6 @@ impl LlamaForCausalLM {
         Ok(Ctx { lin: linear_ctx(opts), cos, sin, mask })
     }
 
-    /// The layers of one training forward of `x` `[b, s, hidden]` (no cache), run one at a time
-    /// by gradient checkpointing's driver ([`super::checkpoint`]).
-    pub(crate) fn layer_stack<'a>(&'a self, x: &Tensor, opts: &'a ForwardOptions) -> Result<Box<dyn super::checkpoint::LayerStack + 'a>> {
-        Ok(Box::new(Stack { m: self, ctx: self.ctx(x, opts, None)?, opts }))
-    }
 
     /// Final norm and head on the last layer's output `h` `[b, s, hidden]` (pooled rows for
     /// sequence classification).
@@ -316,7 +311,7 @@ impl LlamaForCausalLM {
     }
 }
 
-/// [`LlamaForCausalLM`]'s layers for one forward (see [`LlamaForCausalLM::layer_stack`]).
+/// [`LlamaForCausalLM`]'s layers for one forward (see [`BaseModel::layer_stack`]).
 struct Stack<'a> {
     m: &'a LlamaForCausalLM,
     ctx: Ctx<'a>,
@@ -339,6 +334,9 @@ impl super::checkpoint::LayerStack for Stack<'_> {
 impl BaseModel for LlamaForCausalLM {
     fn info(&self) -> &ModelInfo {
         &self.info
+    }
+    fn layer_stack<'a>(&'a self, x: &Tensor, opts: &'a ForwardOptions) -> Option<Result<Box<dyn super::checkpoint::LayerStack + 'a>>> {
+        Some(self.ctx(x, opts, None).map(|ctx| Box::new(Stack { m: self, ctx, opts }) as Box<dyn super::checkpoint::LayerStack>))
     }
     fn as_llama(&self) -> Option<&LlamaForCausalLM> {
         Some(self)

@@ -9,7 +9,8 @@
 //!
 //! Where it runs: the fused engine (Llama family, Gemma 3; LoRA, prompt tuning, P-tuning,
 //! multitask prompt tuning) and the general path's layer-wise driver
-//! ([`crate::train::checkpoint`]) for the decoder families listed there. Prefix tuning is
+//! ([`crate::model::checkpoint`]) for the models that implement
+//! [`crate::model::BaseModel::layer_stack`] (Llama family, Gemma 3, Phi-3, GPT-2; causal LM). Prefix tuning is
 //! refused with HF's error (`PREFIX_TUNING does not work with gradient checkpointing.`, raised
 //! by HF `PeftModel._setup_prompt_encoder`); any other model the driver does not cover is
 //! refused by the training step with an error naming `gradientCheckpointing`.
