@@ -410,8 +410,7 @@ export class PeftModel {
 
   /** Whether gradient checkpointing is on (transformers' `is_gradient_checkpointing`). */
   get isGradientCheckpointing(): boolean {
-    this.rt.checkAlive()
-    return call(() => this.n.gradientCheckpointing())
+    return this.rt.gradientCheckpointing
   }
 
   private setGradientCheckpointing(on: boolean): void {
@@ -422,6 +421,7 @@ export class PeftModel {
       throw invalidArgument('gradientCheckpointing', 'PREFIX_TUNING does not work with gradient checkpointing.')
     }
     rt.mutate(on ? 'gradientCheckpointingEnable' : 'gradientCheckpointingDisable', () => call(() => this.n.setGradientCheckpointing(on)))
+    rt.gradientCheckpointing = on
   }
 
   /**
