@@ -348,7 +348,7 @@ fn uncovered_models_are_refused() {
     // The trainer refuses at its step, before any update.
     m.set_gradient_checkpointing(true).unwrap();
     let mut tr = Trainer::new(&m, TrainingArgs::default()).unwrap();
-    let e = tr.step(&m, &[b.clone()]).unwrap_err();
+    let e = tr.step(&m, std::slice::from_ref(&b)).unwrap_err();
     assert!(e.to_string().contains("`gradientCheckpointing`"), "{e}");
     assert_eq!(tr.global_step(), 0);
     m.set_gradient_checkpointing(false).unwrap();
