@@ -379,6 +379,52 @@ export class PeftModel {
   }
 
   /**
+   * Turn gradient checkpointing on for this model's training steps (transformers'
+   * `gradient_checkpointing_enable()` with PEFT's `prepare_model_for_gradient_checkpointing`;
+   * `new Trainer(model, { gradientCheckpointing: true })` does the same for its own run).
+   * Each decoder layer keeps only its input `[batch, seq, hidden]` during the forward; the
+   * backward recomputes that layer's activations just before its gradients are formed. Losses
+   * and gradients are unchanged (bit for bit on the fused engine, to float rounding on the
+   * general path; LoRA dropout reuses the first forward's masks, as torch's checkpoint restores
+   * the RNG state). Saves: the activations of all layers but one (on SmolLM2-135M, LoRA q,k,v,o,
+   * batch 4×128: see the README's training section). Costs: one more forward pass through the
+   * layers per step. Runs on the Llama family (Llama, SmolLM2/3, Qwen2/3, Mistral), Gemma 3,
+   * Phi-3 and GPT-2 with causal-LM heads; other models and heads refuse the training step with `ERR_INVALID_ARGUMENT`
+   * naming `gradientCheckpointing`. HF's `gradient_checkpointing_kwargs` (`use_reentrant`,
+   * `preserve_rng_state`, ...) have no counterpart: the recomputation is always layer-wise and
+   * non-reentrant and always replays the dropout masks.
+   *
+   * Errors: `ERR_INVALID_ARGUMENT` naming `gradientCheckpointing` with HF's text
+   * (`PREFIX_TUNING does not work with gradient checkpointing.`) when the model holds a
+   * prefix-tuning adapter; `ERR_BUSY` while a Trainer trains the model; `ERR_INVALID_STATE`
+   * after `dispose()`.
+   */
+  gradientCheckpointingEnable(): void {
+    this.setGradientCheckpointing(true)
+  }
+
+  /** Turn gradient checkpointing off (transformers' `gradient_checkpointing_disable()`). Errors: as `gradientCheckpointingEnable`, less the prefix-tuning one. */
+  gradientCheckpointingDisable(): void {
+    this.setGradientCheckpointing(false)
+  }
+
+  /** Whether gradient checkpointing is on (transformers' `is_gradient_checkpointing`). */
+  get isGradientCheckpointing(): boolean {
+    return this.rt.gradientCheckpointing
+  }
+
+  private setGradientCheckpointing(on: boolean): void {
+    const rt = this.rt
+    rt.checkAlive()
+    rt.refuseWhileTraining(on ? 'gradientCheckpointingEnable' : 'gradientCheckpointingDisable')
+    if (on && Object.values(this.peftConfig).some((c) => c.peftType === 'PREFIX_TUNING')) {
+      throw invalidArgument('gradientCheckpointing', 'PREFIX_TUNING does not work with gradient checkpointing.')
+    }
+    rt.mutate(on ? 'gradientCheckpointingEnable' : 'gradientCheckpointingDisable', () => call(() => this.n.setGradientCheckpointing(on)))
+    rt.gradientCheckpointing = on
+  }
+
+  /**
    * Activate one adapter, or several (summed). Applied now when the model is idle, else queued
    * behind the calls made before it (they compute with the previous adapter); `activeAdapters`
    * shows the change at once. When adapters are merged, they are unmerged first with HF's

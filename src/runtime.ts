@@ -76,6 +76,8 @@ export class ModelRuntime {
   readonly adapters = new Map<string, AdapterInfo>()
   /** The active adapters as of the last call. */
   active: string[] = []
+  /** Gradient checkpointing as last set on the model (read without waiting for the native lock). */
+  gradientCheckpointing = false
   /** Merged adapters as of the last call, in merge order. */
   merged: string[] = []
   /** Open `disableAdapter` scopes; adapters are disabled while > 0. */

@@ -92,6 +92,20 @@ export interface TrainerOptions {
    * transformers), `constant_with_warmup`.
    */
   lrSchedulerType?: LrSchedulerType
+  /**
+   * Gradient checkpointing for this run (transformers' `gradient_checkpointing`, default
+   * false; see `PeftModel.gradientCheckpointingEnable`, which turns it on for every run):
+   * each decoder layer keeps only its input during the forward and its activations are
+   * recomputed in the backward. Same losses and gradients; peak memory holds one layer's
+   * activations instead of all of them; each step costs one more forward pass through the
+   * layers (SmolLM2-135M figures in the README's training section). Llama family, Gemma 3,
+   * Phi-3 and GPT-2 (causal LM); refused for other models and heads with `ERR_INVALID_ARGUMENT` naming
+   * `gradientCheckpointing`, and for prefix tuning with HF's text
+   * (`PREFIX_TUNING does not work with gradient checkpointing.`). HF's
+   * `gradient_checkpointing_kwargs` have no counterpart (the recomputation is always
+   * layer-wise, non-reentrant, and replays the dropout masks).
+   */
+  gradientCheckpointing?: boolean
   /** Warm-up as a fraction of `maxSteps` (`ceil(maxSteps × warmupRatio)`), used when `warmupSteps` is 0. */
   warmupRatio?: number
   /** Evaluation data (`eval_dataset`): TRL-format rows or a file, or `TrainExample`s. */
@@ -180,6 +194,7 @@ const TRAINER_OPTIONS = [
   'maxGradNorm', 'adamBeta1', 'adamBeta2', 'adamEpsilon', 'seed', 'tokenizer', 'maxLength', 'assistantOnlyLoss', 'completionOnlyLoss',
   'chatTemplate', 'templateKwargs', 'lrSchedulerType', 'warmupRatio', 'evalDataset', 'valSetSize', 'evalSteps', 'perDeviceEvalBatchSize',
   'onEvaluate', 'saveTotalLimit', 'saveOnAbort', 'packing', 'shuffle', 'onStep', 'signal', 'outputDir', 'saveSteps', 'resumeFromCheckpoint',
+  'gradientCheckpointing',
 ] as const
 
 export class Trainer {
@@ -189,7 +204,7 @@ export class Trainer {
       TrainerOptions,
       | 'tokenizer' | 'maxLength' | 'onStep' | 'signal' | 'maxSteps' | 'numTrainEpochs' | 'outputDir' | 'saveSteps' | 'resumeFromCheckpoint'
       | 'assistantOnlyLoss' | 'completionOnlyLoss' | 'chatTemplate' | 'templateKwargs' | 'warmupRatio' | 'evalDataset' | 'valSetSize' | 'evalSteps'
-      | 'onEvaluate' | 'saveTotalLimit' | 'saveOnAbort' | 'packing'
+      | 'onEvaluate' | 'saveTotalLimit' | 'saveOnAbort' | 'packing' | 'gradientCheckpointing'
     >
   > &
     TrainerOptions
@@ -246,6 +261,10 @@ export class Trainer {
     if (o.valSetSize !== undefined && o.evalDataset !== undefined) throw invalidArgument('valSetSize', 'cannot be combined with evalDataset; give one of them')
     if (o.valSetSize !== undefined && !(o.valSetSize > 0)) throw invalidArgument('valSetSize', `must be a fraction in (0, 1) or a positive integer, found ${o.valSetSize}`)
     if (o.saveTotalLimit !== undefined && !o.outputDir) throw invalidArgument('outputDir', 'is required with saveTotalLimit')
+    if (o.gradientCheckpointing !== undefined && typeof o.gradientCheckpointing !== 'boolean')
+      throw invalidArgument('gradientCheckpointing', `must be a boolean, found ${JSON.stringify(o.gradientCheckpointing)}`)
+    if (o.gradientCheckpointing && Object.values(model.peftConfig).some((c) => c.peftType === 'PREFIX_TUNING'))
+      throw invalidArgument('gradientCheckpointing', 'PREFIX_TUNING does not work with gradient checkpointing.')
   }
 
   /** Whether `data` is a TRL-format dataset (a path, a Dataset, or rows with `messages` / `prompt` / `completion`). */
@@ -351,6 +370,7 @@ export class Trainer {
               adamEpsilon: o.adamEpsilon,
               maxGradNorm: o.maxGradNorm,
               seed: o.seed,
+              gradientCheckpointing: o.gradientCheckpointing ?? false,
             }),
         )
       }),

@@ -403,6 +403,19 @@ impl NativeModel {
         })
     }
 
+    /// Gradient checkpointing on or off for training steps (see
+    /// `PeftModel::set_gradient_checkpointing`; refused for prefix tuning with HF's text).
+    #[napi(catch_unwind)]
+    pub fn set_gradient_checkpointing(&self, on: bool) -> napi::Result<()> {
+        guard(|| with_model(&self.inner, |m| m.set_gradient_checkpointing(on)))
+    }
+
+    /// Whether gradient checkpointing is on.
+    #[napi(catch_unwind)]
+    pub fn gradient_checkpointing(&self) -> napi::Result<bool> {
+        guard(|| with_model(&self.inner, |m| Ok(m.gradient_checkpointing())))
+    }
+
     #[napi(catch_unwind)]
     pub fn set_adapter(&self, names: Vec<String>) -> napi::Result<()> {
         guard(|| with_model(&self.inner, |m| m.set_adapter(&names)))

@@ -21,6 +21,8 @@ pub struct TrainingArgsJs {
     pub seed: u32,
     /// transformers' `lr_scheduler_type` (`linear` when absent).
     pub lr_scheduler_type: Option<String>,
+    /// transformers' `gradient_checkpointing` (off when absent).
+    pub gradient_checkpointing: Option<bool>,
 }
 
 #[napi(object)]
@@ -104,6 +106,7 @@ impl NativeTrainer {
                 Some(n) => guard(|| LrSchedule::parse(n))?,
                 None => LrSchedule::Linear,
             },
+            gradient_checkpointing: args.gradient_checkpointing.unwrap_or(false),
         };
         let trainer = guard(|| with_model(&model.inner, |m| Trainer::new(m, a)))?;
         Ok(NativeTrainer { trainer: Arc::new(Mutex::new(trainer)), model: model.inner.clone() })

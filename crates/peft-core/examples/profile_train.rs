@@ -13,6 +13,8 @@
 //!   (forward `x·Wᵀ` and input gradient `g·W`), interleaved, `iters` rounds.
 //! * `prefill`: one forward pass (no gradients) over `batch × seq` tokens, `iters` times:
 //!   tokens/s (the prompt-processing figure; `1 256` is llama.cpp's `pp256`).
+//! * `PEFT_CKPT=1`: training steps with gradient checkpointing (run under `/usr/bin/time -v`
+//!   with `engine` or `general` alone for the peak RSS of one path).
 //! * `PEFT_QUANT=keep`: load a GGUF base with its layer weights kept quantized (issue 20);
 //!   the resident set size after loading is printed either way.
 //! * `PEFT_AB=a,b,...` (with `engine` or `decode`): runs `iters` rounds, each trying the engine
@@ -68,6 +70,10 @@ fn main() -> peft_core::Result<()> {
     }
     if method == "merged" {
         m.merge_adapter(None, false)?;
+    }
+    if std::env::var("PEFT_CKPT").as_deref() == Ok("1") {
+        m.set_gradient_checkpointing(true)?;
+        println!("gradient checkpointing on");
     }
     let variants: Vec<u32> = std::env::var("PEFT_AB").ok().map(|v| v.split(',').map(|x| x.trim().parse().expect("PEFT_AB: numbers")).collect()).unwrap_or_default();
     if which == "decode" || !variants.is_empty() {

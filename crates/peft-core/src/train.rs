@@ -31,6 +31,12 @@ pub struct TrainingArgs {
     pub seed: u64,
     /// The learning-rate schedule (transformers' `lr_scheduler_type`; default linear).
     pub lr_scheduler_type: LrSchedule,
+    /// Gradient checkpointing for this trainer's steps (transformers' `gradient_checkpointing`;
+    /// default off): the same losses and gradients, one decoder layer's activations in memory
+    /// instead of all of them, one more forward pass of the layers per step. On when either
+    /// this or the model's own setting ([`PeftModel::set_gradient_checkpointing`]) is on. See
+    /// `peft_model::checkpointing` for where it runs and what is refused.
+    pub gradient_checkpointing: bool,
 }
 
 /// transformers' learning-rate schedules (`SchedulerType`), as the factor applied to the base
@@ -111,6 +117,7 @@ impl Default for TrainingArgs {
             max_grad_norm: 1.0,
             seed: 42,
             lr_scheduler_type: LrSchedule::Linear,
+            gradient_checkpointing: false,
         }
     }
 }
@@ -353,14 +360,37 @@ pub const TRAINABLE_FILE: &str = "trainable_parameters.safetensors";
 
 /// Loss (mean over label tokens) and gradients of the trainable parameters for one batch,
 /// scaled by `scale` (for accumulation). Returns `(loss, label tokens, grads)`.
+/// Gradient checkpointing follows the model's setting ([`PeftModel::gradient_checkpointing`]).
 pub fn loss_and_grads(model: &PeftModel, batch: &Batch, total_items: Option<usize>, rng: Option<Arc<Mutex<rand::rngs::StdRng>>>) -> Result<(f64, usize, GradStore)> {
+    loss_and_grads_with(model, batch, total_items, rng, model.gradient_checkpointing())
+}
+
+/// [`loss_and_grads`] with gradient checkpointing on (`ckpt`) or off, whatever the model's
+/// setting: on the fused engine where it runs the model (see
+/// [`crate::engine::try_loss_and_grads_with`]), else through the general path's layer-wise
+/// driver (`model::checkpoint`) for the Llama family, Gemma 3, Phi-3 and GPT-2 (causal LM
+/// head; [`crate::model::BaseModel::layer_stack`]). The loss is
+/// the same as without it; gradients are the same bit for bit on the engine and up to float
+/// rounding (summation order) on the general path.
+///
+/// Errors: those of [`loss_and_grads`]; with `ckpt`, `InvalidArgument` naming
+/// `gradientCheckpointing` for prefix tuning (HF's text, `PREFIX_TUNING does not work with
+/// gradient checkpointing.`) and for a model or head the driver does not cover (BERT, T5,
+/// heads other than causal LM).
+pub fn loss_and_grads_with(model: &PeftModel, batch: &Batch, total_items: Option<usize>, rng: Option<Arc<Mutex<rand::rngs::StdRng>>>, ckpt: bool) -> Result<(f64, usize, GradStore)> {
     batch.validate(model)?;
+    if ckpt {
+        model.check_gradient_checkpointing()?;
+    }
     if model.base.task() == Task::CausalLm {
-        if let Some(out) = crate::engine::try_loss_and_grads(model, batch, total_items, rng.clone())? {
+        if let Some(out) = crate::engine::try_loss_and_grads_with(model, batch, total_items, rng.clone(), ckpt)? {
             return Ok(out);
         }
     }
     let opts = ForwardOptions { train: true, dropout_rng: rng, ..batch.forward_options(model) };
+    if ckpt {
+        return checkpointed_loss_and_grads(model, batch, total_items, &opts);
+    }
     let logits = model.forward(&batch.input_ids, batch.batch_size, batch.seq_len, &opts, None)?;
     let (mean, n) = task_loss(model, &logits, batch)?;
     let loss_val = mean.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? as f64;
@@ -369,6 +399,36 @@ pub fn loss_and_grads(model: &PeftModel, batch: &Batch, total_items: Option<usiz
         _ => mean,
     };
     let grads = scaled.backward()?;
+    Ok((loss_val, n, grads))
+}
+
+/// The general path's training step with gradient checkpointing (see [`loss_and_grads_with`]).
+fn checkpointed_loss_and_grads(model: &PeftModel, batch: &Batch, total_items: Option<usize>, opts: &ForwardOptions) -> Result<(f64, usize, GradStore)> {
+    let refuse = |why: String| PeftError::invalid_arg("gradientCheckpointing", why);
+    if model.base.task() != Task::CausalLm {
+        return Err(refuse(format!(
+            "is available for causal language models only (CAUSAL_LM); this model has a {} head",
+            model.base.task().task_type()
+        )));
+    }
+    let (x0, o) = model.forward_inputs(&batch.input_ids, batch.batch_size, batch.seq_len, opts)?;
+    let Some(stack) = model.base.layer_stack(&x0, &o) else {
+        return Err(refuse(format!(
+            "is not available for {} models (supported: the Llama family, Gemma 3, Phi-3 and GPT-2)",
+            model.base.info().architecture
+        )));
+    };
+    let stack = stack?;
+    let keep: std::collections::HashSet<candle_core::TensorId> = model.trainable_parameters().iter().map(|(_, v)| v.as_tensor().id()).collect();
+    let ((loss_val, n), grads) = crate::model::checkpoint::checkpointed_backward(&*stack, &x0, o.dropout_rng.as_deref(), &keep, |logits| {
+        let (mean, n) = task_loss(model, logits, batch)?;
+        let loss_val = mean.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? as f64;
+        let scaled = match total_items {
+            Some(t) if t > 0 => (mean * (n as f64 / t as f64))?,
+            _ => mean,
+        };
+        Ok((scaled, (loss_val, n)))
+    })?;
     Ok((loss_val, n, grads))
 }
 
@@ -479,6 +539,9 @@ impl Trainer {
             return Err(PeftError::InvalidState(
                 "the model has no trainable parameters (is the active adapter loaded with isTrainable: false?)".into(),
             ));
+        }
+        if args.gradient_checkpointing && model.has_prefix_tuning() {
+            return Err(crate::peft_model::prefix_checkpointing_refusal());
         }
         if !(args.learning_rate.is_finite() && args.learning_rate >= 0.0) {
             return Err(PeftError::invalid_arg("learningRate", format!("must be a non-negative number, found {}", args.learning_rate)));
@@ -664,7 +727,8 @@ impl Trainer {
         let mut last: Option<GradStore> = None;
         let rng = self.step_rng();
         for b in micro_batches {
-            let (loss, n, grads) = loss_and_grads(model, b, Some(total_items), Some(rng.clone()))?;
+            let ckpt = self.args.gradient_checkpointing || model.gradient_checkpointing();
+            let (loss, n, grads) = loss_and_grads_with(model, b, Some(total_items), Some(rng.clone()), ckpt)?;
             loss_sum += loss * n as f64;
             items += n;
             tokens += b.attention_mask.iter().filter(|&&m| m != 0).count();

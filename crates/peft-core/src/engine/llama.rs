@@ -522,11 +522,36 @@ struct LayerActs {
     lora: [Vec<LoraAct>; 7],
 }
 
+/// What gradient checkpointing keeps of one decoder layer between the forward and the backward:
+/// its input and the dropout seeds its LoRA adapters drew, from which the backward recomputes
+/// the layer's [`LayerActs`] (bit for bit) into one shared buffer.
+#[derive(Default)]
+struct LayerCheckpoint {
+    /// Layer input `[T, H]`.
+    x: Vec<f32>,
+    /// Per linear module, per adapter: the dropout seed drawn by the forward.
+    seeds: [Vec<Option<u64>>; 7],
+}
+
+/// What [`forward_layers`] keeps for a backward.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    /// Nothing: all layers share one set of buffers (inference).
+    Nothing,
+    /// Every layer's activations.
+    All,
+    /// Gradient checkpointing: every layer's input and dropout seeds (`Workspace::ckpt`); the
+    /// layers share one set of activation buffers.
+    Inputs,
+}
+
 /// Buffers reused across steps (an arena): activations and scratch space.
 #[derive(Default)]
 struct Workspace {
     dims: Option<Dims>,
     acts: Vec<LayerActs>,
+    /// Gradient checkpointing: what each layer keeps instead of its [`LayerActs`].
+    ckpt: Vec<LayerCheckpoint>,
     /// Output of the last layer `[T, H]`.
     out: Vec<f32>,
     n: Vec<f32>,
@@ -892,6 +917,9 @@ struct Step {
     threads: usize,
     rng: Option<Arc<Mutex<rand::rngs::StdRng>>>,
     prefix: Vec<Prefix>,
+    /// Gradient checkpointing's recomputation of a layer: LoRA dropout reuses the seeds in the
+    /// layer's [`LoraAct::seed`] (those of its first forward) instead of drawing new ones.
+    replay: std::sync::atomic::AtomicBool,
 }
 
 impl Step {
@@ -950,7 +978,8 @@ impl Step {
         for (lo, sv) in lin.loras.iter().zip(saves.iter_mut()) {
             let h = buf(&mut sv.h, t * lo.r);
             let xin: &[f32] = if self.train && lo.dropout > 0.0 {
-                let seed = super::dropout_seed(self.rng.as_deref());
+                let replayed = sv.seed.filter(|_| self.replay.load(std::sync::atomic::Ordering::Relaxed));
+                let seed = replayed.unwrap_or_else(|| super::dropout_seed(self.rng.as_deref()));
                 sv.seed = Some(seed);
                 let dx = buf(drop_x, t * lin.inp);
                 super::dropout_mask(seed, lo.dropout, dx);
@@ -1429,27 +1458,92 @@ fn rope_tables(plan: &Plan, ws: &mut Workspace, positions: &[u32], half: usize) 
 }
 
 /// The decoder layers' forward from `x0` `[T, H]`; the last layer's output is left in
-/// `ws.out`. With `save`, every layer keeps its activations for the backward; without, all
-/// layers share one set of buffers (inference).
+/// `ws.out`. What is kept for a backward is `keep`'s choice.
 fn forward_layers(
     step: &Step,
     plan: &Plan,
     ws: &mut Workspace,
     x0: &[f32],
-    save: bool,
+    keep: Keep,
     mut kv_out: Option<&mut Vec<(Vec<f32>, Vec<f32>)>>,
 ) {
     let d = step.d;
     let nl = plan.layers.len();
-    let (tk, h, qd, kd, inter) = (d.tok(), d.h, d.qd(), d.kd(), d.inter);
-    ws.acts
-        .resize_with(if save { nl } else { 1 }, LayerActs::default);
-    buf(&mut ws.acts[0].x, tk * h).copy_from_slice(x0);
+    let tk_h = d.tok() * d.h;
+    let all = keep == Keep::All;
+    // The layer buffers leave the workspace for the loop (moves, no copies) so that a layer
+    // can borrow them beside the workspace's scratch buffers.
+    let mut acts = std::mem::take(&mut ws.acts);
+    let mut out = std::mem::take(&mut ws.out);
+    acts.resize_with(if all { nl } else { 1 }, LayerActs::default);
+    if keep == Keep::Inputs {
+        ws.ckpt.resize_with(nl, LayerCheckpoint::default);
+    } else if keep == Keep::All {
+        ws.ckpt = Vec::new();
+    }
+    buf(&mut acts[0].x, tk_h).copy_from_slice(x0);
     for li in 0..nl {
-        let layer = &plan.layers[li];
-        let ai = if save { li } else { 0 };
-        let (before, rest) = ws.acts.split_at_mut(ai + 1);
+        let ai = if all { li } else { 0 };
+        let last = li + 1 == nl;
+        let (before, rest) = acts.split_at_mut(ai + 1);
         let a = &mut before[ai];
+        let next = if all && !last { &mut rest[0].x } else { &mut out };
+        layer_fwd(step, plan, ws, li, a, next, kv_out.as_deref_mut());
+        if keep == Keep::Inputs {
+            // The layer's input moves to its checkpoint (the checkpoint's old buffer comes back
+            // as scratch), and its dropout seeds are noted for the recomputation.
+            let c = &mut ws.ckpt[li];
+            std::mem::swap(&mut c.x, &mut a.x);
+            for (seeds, saves) in c.seeds.iter_mut().zip(&a.lora) {
+                seeds.clear();
+                seeds.extend(saves.iter().map(|sv| sv.seed));
+            }
+        }
+        if !all && !last {
+            std::mem::swap(&mut acts[0].x, &mut out);
+        }
+    }
+    ws.acts = acts;
+    ws.out = out;
+}
+
+/// Gradient checkpointing: recomputes layer `li`'s activations into `ws.acts[0]` from its
+/// checkpoint (input and dropout seeds), exactly as its first forward made them. The layer's
+/// output is written to `ws.out`, which the backward no longer reads.
+fn recompute_layer(step: &Step, plan: &Plan, ws: &mut Workspace, li: usize) {
+    let mut acts = std::mem::take(&mut ws.acts);
+    let mut out = std::mem::take(&mut ws.out);
+    let a = &mut acts[0];
+    let c = &mut ws.ckpt[li];
+    std::mem::swap(&mut a.x, &mut c.x);
+    for (saves, seeds) in a.lora.iter_mut().zip(&c.seeds) {
+        saves.resize_with(seeds.len(), LoraAct::default);
+        for (sv, &seed) in saves.iter_mut().zip(seeds) {
+            sv.seed = seed;
+        }
+    }
+    step.replay.store(true, std::sync::atomic::Ordering::Relaxed);
+    layer_fwd(step, plan, ws, li, a, &mut out, None);
+    step.replay.store(false, std::sync::atomic::Ordering::Relaxed);
+    ws.acts = acts;
+    ws.out = out;
+}
+
+/// One decoder layer's forward from `a.x` `[T, H]` into `next` `[T, H]`, keeping its
+/// activations in `a`.
+fn layer_fwd(
+    step: &Step,
+    plan: &Plan,
+    ws: &mut Workspace,
+    li: usize,
+    a: &mut LayerActs,
+    next: &mut Vec<f32>,
+    kv_out: Option<&mut Vec<(Vec<f32>, Vec<f32>)>>,
+) {
+    let d = step.d;
+    let (tk, h, qd, kd, inter) = (d.tok(), d.h, d.qd(), d.kd(), d.inter);
+    {
+        let layer = &plan.layers[li];
         let n1 = buf(&mut ws.n, tk * h);
         {
             let t0 = step.prof.start();
@@ -1489,7 +1583,7 @@ fn forward_layers(
             step.attn_fwd(li, &a.q, &a.k, &a.v, &mut a.probs, &mut a.attn);
             step.prof.add(P_FWD_ATTN, t0);
         }
-        if let Some(out) = kv_out.as_mut() {
+        if let Some(out) = kv_out {
             out.push((a.k.clone(), a.v.clone()));
         }
         // Gemma 3: `o_proj`'s output is kept (`o_raw`) and post-normed into `tmp_h`.
@@ -1540,19 +1634,11 @@ fn forward_layers(
             par::rms_norm_fwd(&a.d_raw, pn.get(), plan.eps, buf(&mut ws.tmp_h, tk * h), buf(&mut a.rstd_pf, tk));
             step.prof.add(P_FWD_ELT, t0);
         }
-        let last = li + 1 == nl;
-        let next = if save && !last {
-            buf(&mut rest[0].x, tk * h)
-        } else {
-            buf(&mut ws.out, tk * h)
-        };
+        let next = buf(next, tk * h);
         {
             let t0 = step.prof.start();
             par::add_to(&a.hmid, &ws.tmp_h, next);
             step.prof.add(P_FWD_ELT, t0);
-        }
-        if !save && !last {
-            std::mem::swap(&mut ws.acts[0].x, &mut ws.out);
         }
     }
 }
@@ -1586,10 +1672,11 @@ fn run(
     want_gx: bool,
     rng: Option<Arc<Mutex<rand::rngs::StdRng>>>,
     threads: usize,
+    ckpt: bool,
 ) -> StepResult {
     with_workspace(true, d, |ws| {
         run_in(
-            ws, plan, d, x0, keys, positions, labels, weight, prefix, want_gx, rng, threads,
+            ws, plan, d, x0, keys, positions, labels, weight, prefix, want_gx, rng, threads, ckpt,
         )
     })
 }
@@ -1622,6 +1709,7 @@ fn run_in(
     want_gx: bool,
     rng: Option<Arc<Mutex<rand::rngs::StdRng>>>,
     threads: usize,
+    ckpt: bool,
 ) -> StepResult {
     let nl = plan.layers.len();
     let (mask, mask_w, windowed) = Step::masks(plan, &d, keys);
@@ -1636,10 +1724,13 @@ fn run_in(
         threads,
         rng,
         prefix,
+        replay: std::sync::atomic::AtomicBool::new(false),
     };
     rope_tables(plan, ws, positions, d.hd / 2);
     // ---- forward ----
-    forward_layers(&step, plan, ws, x0, true, None);
+    // With gradient checkpointing only each layer's input is kept; the backward recomputes
+    // the layer's activations from it, one layer at a time.
+    forward_layers(&step, plan, ws, x0, if ckpt { Keep::Inputs } else { Keep::All }, None);
     let (tk, h, qd, kd, inter) = (d.tok(), d.h, d.qd(), d.kd(), d.inter);
     // ---- final norm, lm_head and cross-entropy, chunked over scored rows ----
     let t_head = step.prof.start();
@@ -1714,7 +1805,13 @@ fn run_in(
     for li in (lowest..nl).rev() {
         let need_in = li > lowest || want_gx || super::ab_flags() & super::AB_FULL_BACKWARD != 0;
         let layer = &plan.layers[li];
-        let a = &mut ws.acts[li];
+        let ai = if ckpt {
+            recompute_layer(&step, plan, ws, li);
+            0
+        } else {
+            li
+        };
+        let a = &mut ws.acts[ai];
         // MLP
         let needs = |m: usize| !layer.lins[m].loras.is_empty();
         let act = buf(&mut ws.act, tk * inter);
@@ -2036,6 +2133,27 @@ pub fn try_loss_and_grads(
     total_items: Option<usize>,
     rng: Option<Arc<Mutex<rand::rngs::StdRng>>>,
 ) -> Result<Option<(f64, usize, GradStore)>> {
+    try_loss_and_grads_with(model, batch, total_items, rng, model.gradient_checkpointing())
+}
+
+/// [`try_loss_and_grads`] with gradient checkpointing on (`ckpt`) or off, whatever the model's
+/// setting. With it, the forward keeps each decoder layer's input `[T, H]` (and its LoRA
+/// dropout seeds) instead of its activations, and the backward recomputes one layer's
+/// activations at a time into a shared buffer just before that layer's backward: the same
+/// loss and gradients bit for bit, one layer's activations in memory instead of all of them,
+/// for one more forward pass of the layers above the lowest trainable one.
+///
+/// Errors: those of [`try_loss_and_grads`].
+pub fn try_loss_and_grads_with(
+    model: &PeftModel,
+    batch: &Batch,
+    total_items: Option<usize>,
+    rng: Option<Arc<Mutex<rand::rngs::StdRng>>>,
+    ckpt: bool,
+) -> Result<Option<(f64, usize, GradStore)>> {
+    if ckpt {
+        model.check_gradient_checkpointing()?;
+    }
     if !super::enabled() || batch.token_type_ids.is_some() || batch.decoder_input_ids.is_some() {
         return Ok(None);
     }
@@ -2189,6 +2307,7 @@ pub fn try_loss_and_grads(
             want_gx,
             rng,
             threads,
+            ckpt,
         )
     });
     let mean = if res.n > 0 {
@@ -2386,6 +2505,7 @@ pub fn try_forward(
         threads,
         rng: None,
         prefix,
+        replay: std::sync::atomic::AtomicBool::new(false),
     };
     let rows: Vec<usize> = if opts.last_only {
         (0..b).map(|r| r * s + s - 1).collect()
@@ -2395,7 +2515,7 @@ pub fn try_forward(
     let logits = super::pool().install(|| {
         with_workspace(false, d, |ws| {
             rope_tables(&plan, ws, &positions, d.hd / 2);
-            forward_layers(&step, &plan, ws, &x0, false, kv_out.as_mut());
+            forward_layers(&step, &plan, ws, &x0, Keep::Nothing, kv_out.as_mut());
             let hf = buf(&mut ws.n, d.tok() * h);
             par::rms_norm_fwd(
                 &ws.out,

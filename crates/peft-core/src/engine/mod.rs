@@ -19,6 +19,9 @@
 //!   in blocks of rows and reads q/k/v in place (no transposes);
 //! * `lm_head` and the cross-entropy are fused and chunked over rows: no `[tokens × vocab]`
 //!   tensor exists, and rows without a label are skipped.
+//! * with gradient checkpointing ([`try_loss_and_grads_with`]), the forward keeps each layer's
+//!   input and LoRA dropout seeds only, and the backward recomputes one layer's activations at a
+//!   time into a shared buffer, replaying the seeds: the same numbers bit for bit.
 //!
 //! The engine computes exactly what the general path (`PeftModel::forward` + candle's
 //! `backward`) computes, up to float rounding; `crates/peft-core/tests/engine.rs` compares the
@@ -34,7 +37,7 @@ mod llama;
 pub mod quant;
 pub mod simd;
 
-pub use llama::{try_forward, try_loss_and_grads, KvStore};
+pub use llama::{try_forward, try_loss_and_grads, try_loss_and_grads_with, KvStore};
 
 use std::sync::{Arc, Mutex, OnceLock};
 

@@ -421,6 +421,9 @@ impl BaseModel for Gemma3ForCausalLM {
     fn info(&self) -> &ModelInfo {
         &self.info
     }
+    fn layer_stack<'a>(&'a self, x: &Tensor, opts: &'a ForwardOptions) -> Option<Result<Box<dyn super::checkpoint::LayerStack + 'a>>> {
+        Some(self.ctx(x, opts, None).map(|ctx| Box::new(Stack { m: self, ctx, opts }) as Box<dyn super::checkpoint::LayerStack>))
+    }
     fn as_gemma3(&self) -> Option<&Gemma3ForCausalLM> {
         Some(self)
     }
@@ -470,26 +473,61 @@ impl BaseModel for Gemma3ForCausalLM {
         self.embed_scaled(ids, b, s, &linear_ctx(opts))
     }
     fn forward_embeds(&self, x: &Tensor, opts: &ForwardOptions, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
-        let (b, s, _) = x.dims3()?;
-        let c = &self.config;
-        let (past, positions) = decoder::positions(opts, cache.as_deref(), b, s, c.max_position_embeddings)?;
-        let rope = [self.rope_tables(&positions, b, s, &self.inv_freq_local)?, self.rope_tables(&positions, b, s, &self.inv_freq_global)?];
-        let mask = [
-            super::windowed_causal_mask(opts.attention_mask.as_ref(), b, s, past, c.sliding_window, &self.device)?,
-            super::causal_mask(opts.attention_mask.as_ref(), b, s, past, &self.device)?,
-        ];
-        let ctx = Ctx { lin: linear_ctx(opts), rope, mask };
+        let ctx = self.ctx(x, opts, cache.as_deref())?;
         let mut h = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_mut().map(|c| &mut c.layers[i]);
             h = self.layer_forward(layer, &h, &ctx, kv)?;
         }
-        let h = if opts.last_only { h.narrow(1, s - 1, 1)? } else { h };
+        self.head_forward(&h, &ctx, opts)
+    }
+}
+
+impl Gemma3ForCausalLM {
+    /// What every layer of one forward of `x` `[b, s, hidden]` shares (see [`Ctx`]).
+    fn ctx<'o>(&self, x: &Tensor, opts: &'o ForwardOptions, cache: Option<&KvCache>) -> Result<Ctx<'o>> {
+        let (b, s, _) = x.dims3()?;
+        let c = &self.config;
+        let (past, positions) = decoder::positions(opts, cache, b, s, c.max_position_embeddings)?;
+        let rope = [self.rope_tables(&positions, b, s, &self.inv_freq_local)?, self.rope_tables(&positions, b, s, &self.inv_freq_global)?];
+        let mask = [
+            super::windowed_causal_mask(opts.attention_mask.as_ref(), b, s, past, c.sliding_window, &self.device)?,
+            super::causal_mask(opts.attention_mask.as_ref(), b, s, past, &self.device)?,
+        ];
+        Ok(Ctx { lin: linear_ctx(opts), rope, mask })
+    }
+
+    /// Final norm, head and logit soft-capping on the last layer's output `h` `[b, s, hidden]`.
+    fn head_forward(&self, h: &Tensor, ctx: &Ctx, opts: &ForwardOptions) -> Result<Tensor> {
+        let c = &self.config;
+        let s = h.dim(1)?;
+        let h = if opts.last_only { h.narrow(1, s - 1, 1)? } else { h.clone() };
         let h = self.norm.forward(&h, c.rms_norm_eps, opts.train)?;
         let logits = self.lm_head.forward(&h, &ctx.lin)?;
         match c.final_logit_softcapping {
             Some(cap) => Ok(((logits / cap)?.tanh()? * cap)?),
             None => Ok(logits),
         }
+    }
+
+}
+
+/// [`Gemma3ForCausalLM`]'s layers for one forward (see [`BaseModel::layer_stack`]).
+struct Stack<'a> {
+    m: &'a Gemma3ForCausalLM,
+    ctx: Ctx<'a>,
+    opts: &'a ForwardOptions,
+}
+
+impl super::checkpoint::LayerStack for Stack<'_> {
+    fn num_layers(&self) -> usize {
+        self.m.layers.len()
+    }
+    fn layer(&self, i: usize, x: &Tensor, rng: Option<&std::sync::Mutex<rand::rngs::StdRng>>) -> Result<Tensor> {
+        let ctx = Ctx { lin: LinearCtx { rng, ..self.ctx.lin }, rope: self.ctx.rope.clone(), mask: self.ctx.mask.clone() };
+        self.m.layer_forward(&self.m.layers[i], x, &ctx, None)
+    }
+    fn head(&self, h: &Tensor) -> Result<Tensor> {
+        self.m.head_forward(h, &self.ctx, self.opts)
     }
 }

@@ -410,14 +410,86 @@ impl BaseModel for Gpt2LMHeadModel {
             let kv = cache.as_mut().map(|c| &mut c.layers[i]);
             h = self.block_forward(l, &h, &lin, mask.as_ref(), kv)?;
         }
+        self.head_forward(&h, &lin, opts)
+    }
+
+    fn layer_stack<'a>(&'a self, x: &Tensor, opts: &'a ForwardOptions) -> Option<Result<Box<dyn super::checkpoint::LayerStack + 'a>>> {
+        let stack = || -> Result<Box<dyn super::checkpoint::LayerStack + 'a>> {
+            let (b, s, _) = x.dims3()?;
+            // The same positions and mask as `forward_embeds` without a cache.
+            let probe = self.forward_parts(b, s, opts)?;
+            Ok(Box::new(Stack { m: self, pe: probe.0, mask: probe.1, opts }))
+        };
+        Some(stack())
+    }
+}
+
+impl Gpt2LMHeadModel {
+    /// Position embeddings `[b, s, n_embd]` and the additive mask of a forward of `s` new
+    /// positions without a cache.
+    fn forward_parts(&self, b: usize, s: usize, opts: &ForwardOptions) -> Result<(Tensor, Option<Tensor>)> {
+        let c = &self.config;
+        if s > c.n_positions {
+            return Err(PeftError::invalid_arg("inputIds", format!("sequence length {s} exceeds n_positions {}", c.n_positions)));
+        }
+        let positions: Vec<u32> = match &opts.position_ids {
+            Some(p) => {
+                if p.len() != b * s {
+                    return Err(PeftError::invalid_arg("positionIds", format!("expected {} values", b * s)));
+                }
+                if let Some(bad) = p.iter().find(|&&q| q as usize >= c.n_positions) {
+                    return Err(PeftError::invalid_arg("positionIds", format!("position {bad} exceeds n_positions {}", c.n_positions)));
+                }
+                p.clone()
+            }
+            None => (0..b).flat_map(|_| (0..s).map(|p| p as u32)).collect(),
+        };
+        let pos = Tensor::from_vec(positions, b * s, &self.device)?;
+        let pe = self.wpe.index_select(&pos, 0)?.reshape((b, s, c.n_embd))?;
+        Ok((pe, causal_mask(opts.attention_mask.as_ref(), b, s, 0, &self.device)?))
+    }
+
+    /// Final layer norm and head on the last block's output `h` `[b, s, n_embd]` (pooled rows
+    /// for sequence classification).
+    fn head_forward(&self, h: &Tensor, lin: &LinearCtx, opts: &ForwardOptions) -> Result<Tensor> {
+        let (b, s, _) = h.dims3()?;
         if self.info.task == Task::SeqCls {
             let idx = opts.pool_index.clone().unwrap_or_else(|| vec![s - 1; b]);
-            let h = super::gather_rows(&h, &idx)?;
+            let h = super::gather_rows(h, &idx)?;
             let h = self.ln(&h, &self.ln_f, opts.train)?;
-            return Ok(self.lm_head.forward(&h, &lin)?.squeeze(1)?);
+            return Ok(self.lm_head.forward(&h, lin)?.squeeze(1)?);
         }
-        let h = if opts.last_only { h.narrow(1, s - 1, 1)? } else { h };
+        let h = if opts.last_only { h.narrow(1, s - 1, 1)? } else { h.clone() };
         let h = self.ln(&h, &self.ln_f, opts.train)?;
-        self.lm_head.forward(&h, &lin)
+        self.lm_head.forward(&h, lin)
+    }
+}
+
+/// [`Gpt2LMHeadModel`]'s blocks for one forward (see [`BaseModel::layer_stack`]).
+struct Stack<'a> {
+    m: &'a Gpt2LMHeadModel,
+    pe: Tensor,
+    mask: Option<Tensor>,
+    opts: &'a ForwardOptions,
+}
+
+impl Stack<'_> {
+    fn lin<'r>(&'r self, rng: Option<&'r std::sync::Mutex<rand::rngs::StdRng>>) -> LinearCtx<'r> {
+        LinearCtx { train: self.opts.train, rows: self.opts.adapter_rows.as_ref(), rng }
+    }
+}
+
+impl super::checkpoint::LayerStack for Stack<'_> {
+    fn input(&self, x: &Tensor) -> Result<Tensor> {
+        Ok((x.to_dtype(self.m.dtype)? + &self.pe)?)
+    }
+    fn num_layers(&self) -> usize {
+        self.m.h.len()
+    }
+    fn layer(&self, i: usize, x: &Tensor, rng: Option<&std::sync::Mutex<rand::rngs::StdRng>>) -> Result<Tensor> {
+        self.m.block_forward(&self.m.h[i], x, &self.lin(rng), self.mask.as_ref(), None)
+    }
+    fn head(&self, h: &Tensor) -> Result<Tensor> {
+        self.m.head_forward(h, &self.lin(self.opts.dropout_rng.as_deref()), self.opts)
     }
 }

@@ -219,30 +219,46 @@ impl LlamaForCausalLM {
     /// Forward from input embeddings `[b, s, hidden]` (prompt learning prepends virtual tokens
     /// here). See [`Self::forward`].
     pub fn forward_embeds(&self, x: &Tensor, opts: &ForwardOptions, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let ctx = self.ctx(x, opts, cache.as_deref())?;
+        let c = &self.config;
+        let mut h = x.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let kv = cache.as_mut().map(|c| &mut c.layers[i]);
+            h = self.layer_forward(layer, &h, &ctx, kv, c.layer_uses_rope(i))?;
+        }
+        self.head_forward(&h, &ctx, opts)
+    }
+
+    /// What every layer of one forward of `x` `[b, s, hidden]` shares: RoPE tables for the
+    /// positions and the additive mask.
+    fn ctx<'o>(&self, x: &Tensor, opts: &'o ForwardOptions, cache: Option<&KvCache>) -> Result<Ctx<'o>> {
         let (b, s, _) = x.dims3()?;
         let c = &self.config;
-        let (past, positions) = decoder::positions(opts, cache.as_deref(), b, s, c.max_position_embeddings)?;
+        let (past, positions) = decoder::positions(opts, cache, b, s, c.max_position_embeddings)?;
         // Positions → rope tables [b, s, head_dim/2].
         let angles = decoder::rope_angles(&positions, &self.inv_freq, b, s, &self.device)?;
         let cos = angles.cos()?.to_dtype(self.dtype)?;
         let sin = angles.sin()?.to_dtype(self.dtype)?;
         // Additive mask [b, 1, s, total]; skipped when causal-only and s == 1.
         let mask = super::causal_mask(opts.attention_mask.as_ref(), b, s, past, &self.device)?;
-        let ctx = Ctx { lin: linear_ctx(opts), cos, sin, mask };
-        let mut h = x.clone();
-        for (i, layer) in self.layers.iter().enumerate() {
-            let kv = cache.as_mut().map(|c| &mut c.layers[i]);
-            h = self.layer_forward(layer, &h, &ctx, kv, c.layer_uses_rope(i))?;
-        }
+        Ok(Ctx { lin: linear_ctx(opts), cos, sin, mask })
+    }
+
+
+    /// Final norm and head on the last layer's output `h` `[b, s, hidden]` (pooled rows for
+    /// sequence classification).
+    fn head_forward(&self, h: &Tensor, ctx: &Ctx, opts: &ForwardOptions) -> Result<Tensor> {
+        let (b, s, _) = h.dims3()?;
+        let c = &self.config;
         if self.info.task == Task::SeqCls {
             // LlamaForSequenceClassification: score every position, keep one per row; scoring
             // only the pooled rows gives the same numbers with less work.
             let idx = opts.pool_index.clone().unwrap_or_else(|| vec![s - 1; b]);
-            let h = super::gather_rows(&h, &idx)?;
+            let h = super::gather_rows(h, &idx)?;
             let h = rms_norm(&h, &self.norm, c.rms_norm_eps, opts.train)?;
             return Ok(self.lm_head.forward(&h, &ctx.lin)?.squeeze(1)?);
         }
-        let h = if opts.last_only { h.narrow(1, s - 1, 1)? } else { h };
+        let h = if opts.last_only { h.narrow(1, s - 1, 1)? } else { h.clone() };
         let h = rms_norm(&h, &self.norm, c.rms_norm_eps, opts.train)?;
         self.lm_head.forward(&h, &ctx.lin)
     }
@@ -295,9 +311,32 @@ impl LlamaForCausalLM {
     }
 }
 
+/// [`LlamaForCausalLM`]'s layers for one forward (see [`BaseModel::layer_stack`]).
+struct Stack<'a> {
+    m: &'a LlamaForCausalLM,
+    ctx: Ctx<'a>,
+    opts: &'a ForwardOptions,
+}
+
+impl super::checkpoint::LayerStack for Stack<'_> {
+    fn num_layers(&self) -> usize {
+        self.m.layers.len()
+    }
+    fn layer(&self, i: usize, x: &Tensor, rng: Option<&std::sync::Mutex<rand::rngs::StdRng>>) -> Result<Tensor> {
+        let ctx = Ctx { lin: LinearCtx { rng, ..self.ctx.lin }, cos: self.ctx.cos.clone(), sin: self.ctx.sin.clone(), mask: self.ctx.mask.clone() };
+        self.m.layer_forward(&self.m.layers[i], x, &ctx, None, self.m.config.layer_uses_rope(i))
+    }
+    fn head(&self, h: &Tensor) -> Result<Tensor> {
+        self.m.head_forward(h, &self.ctx, self.opts)
+    }
+}
+
 impl BaseModel for LlamaForCausalLM {
     fn info(&self) -> &ModelInfo {
         &self.info
+    }
+    fn layer_stack<'a>(&'a self, x: &Tensor, opts: &'a ForwardOptions) -> Option<Result<Box<dyn super::checkpoint::LayerStack + 'a>>> {
+        Some(self.ctx(x, opts, None).map(|ctx| Box::new(Stack { m: self, ctx, opts }) as Box<dyn super::checkpoint::LayerStack>))
     }
     fn as_llama(&self) -> Option<&LlamaForCausalLM> {
         Some(self)

@@ -10,6 +10,7 @@
 
 pub mod bert;
 pub mod config;
+pub mod checkpoint;
 pub(crate) mod decoder;
 pub mod forward;
 pub mod gemma3;
@@ -245,6 +246,13 @@ pub trait BaseModel: Send + Sync {
     }
     /// The model as a Gemma 3 text decoder, for the fused engine (`None` for other families).
     fn as_gemma3(&self) -> Option<&gemma3::Gemma3ForCausalLM> {
+        None
+    }
+    /// Gradient checkpointing on the general path: the model's layers for one training forward
+    /// of the input embeddings `x` `[b, s, hidden]` (no cache), run one at a time by
+    /// [`checkpoint`]'s driver; `None` for a model without it (the step is then refused).
+    fn layer_stack<'a>(&'a self, x: &Tensor, opts: &'a ForwardOptions) -> Option<Result<Box<dyn checkpoint::LayerStack + 'a>>> {
+        let _ = (x, opts);
         None
     }
     /// The model's config as transformers names it (the config.json fields this crate reads).

@@ -473,19 +473,64 @@ impl BaseModel for Phi3ForCausalLM {
                 _ => {}
             }
         }
-        let (inv_freq, scale) = c.inv_freq(seq_len);
-        let angles = decoder::rope_angles(&positions, &inv_freq, b, s, &self.device)?;
-        let (cos, sin) = if scale == 1.0 { (angles.cos()?, angles.sin()?) } else { ((angles.cos()? * scale as f64)?, (angles.sin()? * scale as f64)?) };
-        let (cos, sin) = (cos.to_dtype(self.dtype)?, sin.to_dtype(self.dtype)?);
-        let mask = super::windowed_causal_mask(opts.attention_mask.as_ref(), b, s, past, c.sliding_window, &self.device)?;
-        let ctx = Ctx { lin: linear_ctx(opts), cos, sin, mask };
+        let ctx = self.ctx(opts, &positions, b, s, past, seq_len)?;
         let mut h = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_mut().map(|c| &mut c.layers[i]);
             h = self.layer_forward(layer, &h, &ctx, kv)?;
         }
-        let h = if opts.last_only { h.narrow(1, s - 1, 1)? } else { h };
-        let h = rms_norm(&h, &self.norm, c.rms_norm_eps, opts.train)?;
+        self.head_forward(&h, &ctx, opts)
+    }
+
+    fn layer_stack<'a>(&'a self, x: &Tensor, opts: &'a ForwardOptions) -> Option<Result<Box<dyn super::checkpoint::LayerStack + 'a>>> {
+        let stack = || -> Result<Box<dyn super::checkpoint::LayerStack + 'a>> {
+            let (b, s, _) = x.dims3()?;
+            let (past, positions) = decoder::positions(opts, None, b, s, self.config.max_position_embeddings)?;
+            let seq_len = positions.iter().max().map(|&p| p as usize + 1).unwrap_or(0);
+            Ok(Box::new(Stack { m: self, ctx: self.ctx(opts, &positions, b, s, past, seq_len)?, opts }))
+        };
+        Some(stack())
+    }
+}
+
+impl Phi3ForCausalLM {
+    /// What every layer of one forward shares: the RoPE tables of `positions` `[b, s]` (longrope
+    /// factors chosen by `seq_len`, the largest position + 1) and the additive mask.
+    fn ctx<'o>(&self, opts: &'o ForwardOptions, positions: &[u32], b: usize, s: usize, past: usize, seq_len: usize) -> Result<Ctx<'o>> {
+        let c = &self.config;
+        let (inv_freq, scale) = c.inv_freq(seq_len);
+        let angles = decoder::rope_angles(positions, &inv_freq, b, s, &self.device)?;
+        let (cos, sin) = if scale == 1.0 { (angles.cos()?, angles.sin()?) } else { ((angles.cos()? * scale as f64)?, (angles.sin()? * scale as f64)?) };
+        let (cos, sin) = (cos.to_dtype(self.dtype)?, sin.to_dtype(self.dtype)?);
+        let mask = super::windowed_causal_mask(opts.attention_mask.as_ref(), b, s, past, c.sliding_window, &self.device)?;
+        Ok(Ctx { lin: linear_ctx(opts), cos, sin, mask })
+    }
+
+    /// Final norm and head on the last layer's output `h` `[b, s, hidden]`.
+    fn head_forward(&self, h: &Tensor, ctx: &Ctx, opts: &ForwardOptions) -> Result<Tensor> {
+        let s = h.dim(1)?;
+        let h = if opts.last_only { h.narrow(1, s - 1, 1)? } else { h.clone() };
+        let h = rms_norm(&h, &self.norm, self.config.rms_norm_eps, opts.train)?;
         self.lm_head.forward(&h, &ctx.lin)
+    }
+}
+
+/// [`Phi3ForCausalLM`]'s layers for one forward (see [`BaseModel::layer_stack`]).
+struct Stack<'a> {
+    m: &'a Phi3ForCausalLM,
+    ctx: Ctx<'a>,
+    opts: &'a ForwardOptions,
+}
+
+impl super::checkpoint::LayerStack for Stack<'_> {
+    fn num_layers(&self) -> usize {
+        self.m.layers.len()
+    }
+    fn layer(&self, i: usize, x: &Tensor, rng: Option<&std::sync::Mutex<rand::rngs::StdRng>>) -> Result<Tensor> {
+        let ctx = Ctx { lin: LinearCtx { rng, ..self.ctx.lin }, cos: self.ctx.cos.clone(), sin: self.ctx.sin.clone(), mask: self.ctx.mask.clone() };
+        self.m.layer_forward(&self.m.layers[i], x, &ctx, None)
+    }
+    fn head(&self, h: &Tensor) -> Result<Tensor> {
+        self.m.head_forward(h, &self.ctx, self.opts)
     }
 }

@@ -97,19 +97,7 @@ impl PeftModel {
         let cached = cache.as_ref().map(|c| c.seq_len()).unwrap_or(0);
         let first = cached == 0;
         let past_real = cached.saturating_sub(n);
-        let mut o = opts.clone();
-        if let Some(m) = &opts.attention_mask {
-            if m.len() != b * (past_real + s) {
-                return Err(PeftError::invalid_arg("attentionMask", format!("has {} values, expected {b} × {}", m.len(), past_real + s)));
-            }
-            let w = past_real + s;
-            let mut ext = Vec::with_capacity(b * (n + w));
-            for r in 0..b {
-                ext.extend(std::iter::repeat_n(1u8, n));
-                ext.extend_from_slice(&m[r * w..(r + 1) * w]);
-            }
-            o.attention_mask = Some(ext);
-        }
+        let mut o = prompt_options(opts, b, s, n, past_real)?;
         let rng = opts.dropout_rng.as_deref();
         if cfg.method == PromptMethod::PrefixTuning {
             o.position_ids = opts.position_ids.as_ref().map(|p| p.iter().map(|&x| x + n as u32).collect());
@@ -125,6 +113,48 @@ impl PeftModel {
             }
             return self.base.forward(ids, b, s, &o, Some(cache));
         }
+        let x = self.prompt_embeds(enc, n, ids, b, s, opts, first, &mut o)?;
+        self.base.forward_embeds(&x, &o, cache)
+    }
+
+    /// The input embeddings `[b, s_total, hidden]` and forward options that [`Self::forward`]
+    /// hands to the base model's `forward_embeds` for a forward of the whole sequence without a
+    /// cache (causal LMs; with prompt tuning / P-tuning / multitask prompt tuning the virtual
+    /// tokens come first). Gradient checkpointing's driver runs the layers from here.
+    ///
+    /// Errors: as [`Self::forward`]; `InvalidArgument` naming `gradientCheckpointing` for
+    /// prefix tuning (HF's text).
+    pub(crate) fn forward_inputs(&self, ids: &[u32], b: usize, s: usize, opts: &ForwardOptions) -> Result<(Tensor, ForwardOptions)> {
+        match self.active_prompt() {
+            None => {
+                self.check_rows(opts, b)?;
+                if ids.len() != b * s {
+                    return Err(PeftError::invalid_arg("inputIds", format!("has {} ids, expected batch {b} × seq {s}", ids.len())));
+                }
+                Ok((self.base.embed_with(ids, b, s, opts)?, opts.clone()))
+            }
+            Some((cfg, _)) if cfg.method == PromptMethod::PrefixTuning => Err(super::checkpointing::prefix_refusal()),
+            Some((cfg, enc)) => {
+                if opts.adapter_rows.is_some() {
+                    return Err(PeftError::invalid_arg("adapterNames", "per-row adapters (mixed batches) are not available with prompt learning"));
+                }
+                if ids.len() != b * s {
+                    return Err(PeftError::invalid_arg("inputIds", format!("has {} ids, expected batch {b} × seq {s}", ids.len())));
+                }
+                let n = cfg.total_virtual_tokens();
+                let mut o = prompt_options(opts, b, s, n, 0)?;
+                let x = self.prompt_embeds(enc, n, ids, b, s, opts, true, &mut o)?;
+                Ok((x, o))
+            }
+        }
+    }
+
+    /// Prompt tuning / P-tuning / multitask prompt tuning: the input embeddings with the
+    /// virtual tokens in front on the first step (`first`), and `o` adjusted for them
+    /// (position ids dropped, token types extended).
+    #[allow(clippy::too_many_arguments)]
+    fn prompt_embeds(&self, enc: &PromptEncoder, n: usize, ids: &[u32], b: usize, s: usize, opts: &ForwardOptions, first: bool, o: &mut ForwardOptions) -> Result<Tensor> {
+        let rng = opts.dropout_rng.as_deref();
         o.position_ids = None;
         // HF `PeftModelFor{SequenceClassification,TokenClassification,QuestionAnswering}`: the
         // virtual tokens get segment 0; `PeftModelForFeatureExtraction` drops token types.
@@ -145,7 +175,7 @@ impl PeftModel {
         } else {
             x
         };
-        self.base.forward_embeds(&x, &o, cache)
+        Ok(x)
     }
 
     /// HF `PeftModelForSeq2SeqLM.forward` for prompt learning (`ids`, `attention_mask`: the
@@ -222,4 +252,25 @@ impl PeftModel {
         }
         Ok(())
     }
+}
+
+/// `opts` for a prompt-learning forward of `s` real tokens after `past_real` cached ones, with
+/// the attention mask extended by `n` leading ones for the virtual tokens.
+///
+/// Errors: `InvalidArgument` naming `attentionMask` when it does not have `b × (past_real + s)` values.
+fn prompt_options(opts: &ForwardOptions, b: usize, s: usize, n: usize, past_real: usize) -> Result<ForwardOptions> {
+    let mut o = opts.clone();
+    if let Some(m) = &opts.attention_mask {
+        if m.len() != b * (past_real + s) {
+            return Err(PeftError::invalid_arg("attentionMask", format!("has {} values, expected {b} × {}", m.len(), past_real + s)));
+        }
+        let w = past_real + s;
+        let mut ext = Vec::with_capacity(b * (n + w));
+        for r in 0..b {
+            ext.extend(std::iter::repeat_n(1u8, n));
+            ext.extend_from_slice(&m[r * w..(r + 1) * w]);
+        }
+        o.attention_mask = Some(ext);
+    }
+    Ok(o)
 }

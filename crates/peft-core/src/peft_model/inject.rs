@@ -14,6 +14,11 @@ impl PeftModel {
         if self.configs.iter().any(|(n, _)| n == name) {
             return Err(PeftError::AdapterExists(name.into()));
         }
+        // HF `_setup_prompt_encoder`: a prefix-tuning adapter on a model with gradient
+        // checkpointing on is refused.
+        if self.gradient_checkpointing && cfg.as_prompt().is_some_and(|p| p.method == PromptMethod::PrefixTuning) {
+            return Err(super::checkpointing::prefix_refusal());
+        }
         if let Some(existing) = self.peft_type() {
             if existing != cfg.peft_type() {
                 return Err(PeftError::InvalidAdapterConfig {

@@ -21,10 +21,12 @@ mod load;
 mod hotswap;
 mod forward;
 mod status;
+mod checkpointing;
 
 /// Prefix of every key in adapter_model.safetensors (`base_model.model.<module path>...`).
 pub use crate::keys::KEY_PREFIX;
 pub(crate) use bias::BiasMode;
+pub(crate) use checkpointing::prefix_refusal as prefix_checkpointing_refusal;
 pub(crate) use inject::fit_fan_in_fan_out;
 use crate::keys::{strip_adapter_name, with_adapter_name};
 /// The adapter name meaning "no adapter" in mixed batches.
@@ -108,6 +110,8 @@ pub struct PeftModel {
     /// LoRA scalings saved by [`Self::rescale_adapter_scale`] (module path, adapter, value), one
     /// entry per nested call.
     pub(crate) saved_scalings: Vec<Vec<(String, String, f64)>>,
+    /// Gradient checkpointing in training steps (see [`Self::set_gradient_checkpointing`]).
+    pub(crate) gradient_checkpointing: bool,
 }
 
 /// Check an adapter name is usable, also as a folder name (HF saves non-default adapters in a
@@ -141,7 +145,7 @@ pub(crate) fn kaiming_uniform(rng: &mut rand::rngs::StdRng, rows: usize, cols: u
 impl PeftModel {
     /// Wrap a base model (no adapters yet).
     pub fn new(base: Box<dyn BaseModel>) -> Self {
-        PeftModel { base, configs: vec![], prompt_encoders: HashMap::new(), active: vec![], disabled: false, warnings: vec![], saved_scalings: vec![] }
+        PeftModel { base, configs: vec![], prompt_encoders: HashMap::new(), active: vec![], disabled: false, warnings: vec![], saved_scalings: vec![], gradient_checkpointing: false }
     }
 
     /// Adapter names in the order they were added.
