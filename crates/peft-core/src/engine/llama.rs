@@ -2036,7 +2036,12 @@ pub fn try_loss_and_grads(
     total_items: Option<usize>,
     rng: Option<Arc<Mutex<rand::rngs::StdRng>>>,
 ) -> Result<Option<(f64, usize, GradStore)>> {
-    if !super::enabled() || batch.token_type_ids.is_some() || batch.decoder_input_ids.is_some() {
+    if !super::enabled()
+        || batch.token_type_ids.is_some()
+        || batch.decoder_input_ids.is_some()
+        || batch.input_type_mask.is_some()
+        || model.active_cpt().is_some()
+    {
         return Ok(None);
     }
     let Some(plan) = plan_for(model, None) else {
