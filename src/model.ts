@@ -44,6 +44,13 @@ export interface ForwardInput {
   /** QUESTION_ANS: answer start / end token per row (`[batch]`); with them the output has `loss`. */
   startPositions?: number[]
   endPositions?: number[]
+  /**
+   * CPT adapters: the token type of every input token `[batch, seq]` for the loss (HF's
+   * `input_type_mask`: 0 = not scored, then per in-context example `4k+1` input template, `4k+2`
+   * input, `4k+3` output template, `4k+4` label; only label types are scored). Absent, every
+   * token counts as type 4, as in HF. Refused (`ERR_INVALID_ARGUMENT`) with other adapters.
+   */
+  inputTypeMask?: number[][]
 }
 
 export interface ForwardOutput {
@@ -249,6 +256,14 @@ export class PreTrainedModel {
     if ((startPositions === undefined) !== (endPositions === undefined)) {
       throw invalidArgument(startPositions ? 'endPositions' : 'startPositions', 'startPositions and endPositions go together')
     }
+    let inputTypeMask: number[] | undefined
+    if (input.inputTypeMask !== undefined) {
+      const m = input.inputTypeMask
+      if (!Array.isArray(m) || m.length !== batch || m.some((row) => !Array.isArray(row) || row.length !== seq || row.some((x) => !Number.isInteger(x) || x < 0))) {
+        throw invalidArgument('inputTypeMask', `must be [${batch}, ${seq}] non-negative integers`)
+      }
+      inputTypeMask = m.flat()
+    }
     const rt = this.runtime
     const state = rt.captureForCompute()
     const r = await callAsync(() =>
@@ -262,6 +277,7 @@ export class PreTrainedModel {
           labels,
           startPositions,
           endPositions,
+          inputTypeMask,
         })
       }),
     )

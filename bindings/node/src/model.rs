@@ -156,6 +156,8 @@ pub struct ForwardExtra {
     /// QUESTION_ANS: answer start / end per row.
     pub start_positions: Option<Vec<i32>>,
     pub end_positions: Option<Vec<i32>>,
+    /// CPT: token types `[b, s]` for the loss (HF `input_type_mask`).
+    pub input_type_mask: Option<Vec<i64>>,
 }
 
 #[napi(object)]
@@ -648,6 +650,7 @@ impl NativeModel {
                         labels: None,
                         start_positions: None,
                         end_positions: None,
+                        input_type_mask: None,
                     });
                     let to64 = |v: Option<Vec<i32>>| v.map(|v| v.into_iter().map(|x| x as i64).collect::<Vec<i64>>());
                     let wants_loss = e.labels.is_some() || e.start_positions.is_some();
@@ -662,6 +665,7 @@ impl NativeModel {
                         end_positions: to64(e.end_positions),
                         decoder_input_ids: e.decoder_input_ids,
                         decoder_attention_mask: e.decoder_attention_mask,
+                        input_type_mask: e.input_type_mask,
                         input_ids: ids,
                     };
                     // The batch's own options (decoder ids from labels for seq2seq), with the
