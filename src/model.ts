@@ -26,6 +26,14 @@ export interface ForwardInput {
   attentionMask?: Tensor | number[][]
   /** One adapter name per row for mixed batches (`'__base__'` = no adapter). */
   adapterNames?: string[]
+  /**
+   * With `adapterNames`: one scale per row multiplying that row's LoRA delta (HF's `set_scale`
+   * applied to the row alone; llama.cpp's per-request LoRA scale). 1 = the adapter as it is;
+   * ignored on `'__base__'` rows. Errors (`ERR_INVALID_ARGUMENT`, naming `adapterScales`): a
+   * length other than the batch size, a non-finite value, no `adapterNames`, or a scale other
+   * than 1 on a row whose adapter is not LoRA.
+   */
+  adapterScales?: number[]
   /** Multitask prompt tuning: one task id per row. */
   taskIds?: number[]
   /** BERT-family segment ids `[batch, seq]` (default all 0). */
@@ -132,6 +140,8 @@ export interface GenerateOptions {
   useCache?: boolean
   attentionMask?: Tensor | number[][]
   adapterNames?: string[]
+  /** With `adapterNames`: each row's LoRA scale (see `ForwardInput.adapterScales`). */
+  adapterScales?: number[]
   /** Multitask prompt tuning: one task id per row. */
   taskIds?: number[]
   /**
@@ -270,6 +280,7 @@ export class PreTrainedModel {
       rt.schedule(() => {
         rt.applyCompute(state)
         return this.native.forward(ids, batch, seq, mask, input.adapterNames, {
+          adapterScales: input.adapterScales,
           taskIds,
           tokenTypeIds,
           decoderInputIds,
@@ -463,6 +474,7 @@ export class PreTrainedModel {
           padTokenId: options.padTokenId ?? (this.config.pad_token_id as number | null) ?? 0,
           useCache: options.useCache ?? true,
           taskIds,
+          adapterScales: options.adapterScales,
         },
         options.adapterNames,
         flag,
