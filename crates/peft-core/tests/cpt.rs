@@ -231,3 +231,29 @@ fn cpt_refusals_carry_codes() {
     assert!(e.to_string().contains("cpt_token_ids"), "{e}");
     assert!(m3.adapter_names().is_empty(), "a refused adapter leaves the model unchanged");
 }
+
+#[test]
+fn cpt_checkpoint_resume_continues_hf_trajectory() {
+    // Two steps, a checkpoint, a fresh model resumed from it, two more steps: HF's steps 3 and 4.
+    let exp = Expected::load(CASE);
+    let want = exp.get("train_loss").to_vec1::<f32>().unwrap();
+    let args = TrainingArgs { learning_rate: 0.01, max_steps: 4, max_grad_norm: 0.0, weight_decay: 0.0, lr_scheduler_type: LrSchedule::Constant, ..Default::default() };
+    let batch = cpt_batch(&exp);
+    let m = fresh_model();
+    let mut tr = Trainer::new(&m, args.clone()).unwrap();
+    for _ in 0..2 {
+        tr.step(&m, std::slice::from_ref(&batch)).unwrap();
+    }
+    let dir = temp_dir("cpt-ckpt");
+    let ckpt = tr.save_checkpoint(&m, &dir.join("checkpoint-2"), json!({})).unwrap();
+    let m2 = fresh_model();
+    let mut tr2 = Trainer::new(&m2, args).unwrap();
+    tr2.load_checkpoint(&m2, &ckpt).unwrap_or_else(|e| panic!("load_checkpoint: [{}] {e}", e.code()));
+    assert_close("delta after resume", &delta_of(&m2), &delta_of(&m), 0.0, 0.0);
+    for w in &want[2..] {
+        let out = tr2.step(&m2, std::slice::from_ref(&batch)).unwrap();
+        assert!((out.loss - *w as f64).abs() <= 2e-5, "resumed step {}: loss {} vs {w}", out.step, out.loss);
+    }
+    assert_close("delta after 4 steps (resumed)", &delta_of(&m2), exp.get("train_delta"), 1e-5, 1e-3);
+    remove_dir(&dir);
+}
