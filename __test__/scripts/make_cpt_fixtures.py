@@ -23,6 +23,11 @@ task_type CAUSAL_LM) on the tiny Llama of `__test__/fixtures/models/llama`.
   `greedy` ids (with and without cache: equal).
 - `case.json`: parameter counts (HF get_nb_trainable_parameters of the fresh and of the loaded
   model), the config's to_dict of a second option set, HF's refusals.
+
+`gpt2_cpt`: the same config on the tiny GPT-2 of `__test__/fixtures/models/gpt2` (learned
+position embeddings; batch ids below its vocabulary of 192): the trajectory (`train_loss`,
+`train_table`), the saved adapter, `logits_adapter` and `greedy` of the reloaded adapter,
+`loss_decay` and the masked gradient of the trained model.
 """
 
 import json
@@ -42,11 +47,11 @@ TOKEN_IDS = [11, 23, 37, 5, 90, 11, 41, 52, 5, 77]
 TYPES = [1, 2, 2, 3, 4, 5, 6, 6, 7, 8]
 
 
-def batch():
+def batch(vocab=256):
     """[2, 7]: row 0 = template, input x2, output template, label x2, template; row 1 ends in
     2 pads (type 0, mask 0, label -100). Types: 1 input template, 2 input, 3 output template, 4 label."""
     g = torch.Generator().manual_seed(1901)
-    ids = torch.randint(3, 256, (2, 7), generator=g)
+    ids = torch.randint(3, vocab, (2, 7), generator=g)
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[1, -2:] = 0
     ids[1, -2:] = 0
@@ -161,5 +166,60 @@ def enc_grad(model):
     return model.prompt_encoder["default"].delta_embedding.weight.grad.detach().clone()
 
 
+def gpt2_case():
+    from transformers import GPT2LMHeadModel
+    load_gpt2 = lambda: GPT2LMHeadModel.from_pretrained("models/gpt2", attn_implementation="eager").eval()  # noqa: E731
+    out_dir = "cases/gpt2_cpt"
+    torch.manual_seed(1910)
+    ids, mask, labels, types = batch(vocab=192)
+    model = get_peft_model(load_gpt2(), cfg())
+    counts = model.get_nb_trainable_parameters()
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01, weight_decay=0.0)
+    losses = []
+    for _ in range(STEPS):
+        opt.zero_grad()
+        out = run(model, ids, mask, labels, types)
+        out.loss.backward()
+        opt.step()
+        losses.append(float(out.loss.detach()))
+    model.eval()
+    with torch.no_grad():
+        table = model.get_prompt_embedding_to_save("default").clone()
+        delta = model.prompt_encoder["default"].get_projection().clone()
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    if os.path.exists(f"{out_dir}/README.md"):
+        os.remove(f"{out_dir}/README.md")
+    model.zero_grad()
+    out = run(model, ids, mask, labels, types)
+    out.loss.backward()
+    res = {"loss_decay": out.loss.detach().reshape(1).float(),
+           "grad_decay.prompt_encoder.default.delta_embedding.weight": enc_grad(model)}
+    loaded = PeftModel.from_pretrained(load_gpt2(), out_dir).eval()
+    with torch.no_grad():
+        logits = loaded(input_ids=ids, attention_mask=mask).logits
+    greedy = fc.greedy(loaded, ids[:1, :5])
+    assert torch.equal(greedy, fc.greedy(loaded, ids[:1, :5], use_cache=False))
+    fc.save_expected(out_dir, {
+        "input_ids": ids, "attention_mask": mask, "labels": labels, "input_type_mask": types,
+        "logits_adapter": logits, "greedy": greedy, "train_loss": torch.tensor(losses, dtype=torch.float32),
+        "train_delta": delta, "train_table": table, **res,
+    })
+    info = {
+        "name": "gpt2_cpt", "generator": "make_cpt_fixtures.py",
+        "description": "llama_cpt's CPT config on the tiny GPT-2, trained 4 AdamW steps (lr 0.01) in HF, saved, reloaded.",
+        "base_model": "models/gpt2", "steps": STEPS, "lr": 0.01,
+        "fresh_trainable_params": counts[0], "fresh_all_params": counts[1],
+        "adapter_keys": keys_of(f"{out_dir}/adapter_model.safetensors"),
+        "tolerances": {"logits_atol": 1e-4, "loss_atol": 1e-5, "grad_rtol": 1e-4},
+        "versions": fc.versions(),
+    }
+    with open(f"{out_dir}/case.json", "w") as f:
+        json.dump(info, f, indent=2)
+        f.write("\n")
+
+
 if __name__ == "__main__":
     main()
+    gpt2_case()

@@ -1,7 +1,7 @@
 //! CPT, context-aware prompt tuning (issue 15), against HF PEFT 0.21:
 //! `__test__/fixtures/cases/llama_cpt` (CPTConfig with two in-context examples, types 1..8, decay
-//! loss 0.8, projection eps 0.2 / format 0.1, trained 4 AdamW steps in HF, saved), made by
-//! `__test__/scripts/make_cpt_fixtures.py`.
+//! loss 0.8, projection eps 0.2 / format 0.1, trained 4 AdamW steps in HF, saved) and `gpt2_cpt`
+//! (the same on the tiny GPT-2), made by `__test__/scripts/make_cpt_fixtures.py`.
 //!
 //! Run: `cargo test --profile test-release -p peft-core --test cpt`.
 
@@ -18,19 +18,24 @@ use serde_json::json;
 const CASE: &str = "llama_cpt";
 
 fn file_config() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(case_dir(CASE).join("adapter_config.json")).unwrap()).unwrap()
+    file_config_of(CASE)
 }
 
-/// The case's config as a trainable (fresh) adapter config.
-fn fresh_config() -> AdapterConfig {
-    let mut v = file_config();
-    v["inference_mode"] = json!(false);
-    AdapterConfig::from_json(&v, None).unwrap_or_else(|e| panic!("[{}] {e}", e.code()))
+fn file_config_of(case: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(case_dir(case).join("adapter_config.json")).unwrap()).unwrap()
 }
 
 fn fresh_model() -> peft_core::peft_model::PeftModel {
-    let mut m = base_peft(CASE);
-    m.add_adapter("default", fresh_config(), 0).unwrap_or_else(|e| panic!("add_adapter: [{}] {e}", e.code()));
+    fresh_model_of(CASE)
+}
+
+/// The case's base with the case's config added as a trainable (fresh) adapter.
+fn fresh_model_of(case: &str) -> peft_core::peft_model::PeftModel {
+    let mut v = file_config_of(case);
+    v["inference_mode"] = json!(false);
+    let cfg = AdapterConfig::from_json(&v, None).unwrap_or_else(|e| panic!("[{}] {e}", e.code()));
+    let mut m = base_peft(case);
+    m.add_adapter("default", cfg, 0).unwrap_or_else(|e| panic!("add_adapter: [{}] {e}", e.code()));
     m
 }
 
@@ -256,4 +261,41 @@ fn cpt_checkpoint_resume_continues_hf_trajectory() {
     }
     assert_close("delta after 4 steps (resumed)", &delta_of(&m2), exp.get("train_delta"), 1e-5, 1e-3);
     remove_dir(&dir);
+}
+
+#[test]
+fn cpt_on_gpt2_matches_hf() {
+    const G: &str = "gpt2_cpt";
+    let exp = Expected::load(G);
+    let m = adapter_peft(G, false);
+    check_logits("gpt2 loaded", &m, &exp, "logits_adapter");
+    let (ids, _, _) = exp.ids("input_ids");
+    let opts = GenerateOptions { max_new_tokens: 6, eos_token_ids: vec![], pad_token_id: 0, ..Default::default() };
+    for use_cache in [true, false] {
+        let got = generate(&m, &ids[..5], 1, 5, None, None, &GenerateOptions { use_cache, ..opts.clone() }, &|| false).unwrap();
+        assert_eq!(got, exp.rows_u32("greedy"), "gpt2 greedy ids (use_cache={use_cache})");
+    }
+    resave_case(G);
+    let cj = case_json(G);
+    // HF's training steps, then the loss and masked gradient at HF's trained delta.
+    let m = fresh_model_of(G);
+    let (trainable, total) = m.nb_trainable_parameters();
+    assert_eq!((trainable as u64, total as u64), (cj["fresh_trainable_params"].as_u64().unwrap(), cj["fresh_all_params"].as_u64().unwrap()));
+    let args = TrainingArgs { learning_rate: 0.01, max_steps: 4, max_grad_norm: 0.0, weight_decay: 0.0, lr_scheduler_type: LrSchedule::Constant, ..Default::default() };
+    let mut tr = Trainer::new(&m, args).unwrap();
+    let batch = cpt_batch(&exp);
+    for (i, w) in exp.get("train_loss").to_vec1::<f32>().unwrap().iter().enumerate() {
+        let out = tr.step(&m, std::slice::from_ref(&batch)).unwrap();
+        assert!((out.loss - *w as f64).abs() <= 2e-5, "gpt2 step {i}: loss {} vs {w}", out.loss);
+    }
+    let sd: std::collections::HashMap<String, Tensor> = m.adapter_state_dict("default").unwrap().into_iter().collect();
+    assert_close("gpt2 prompt_embeddings after 4 steps", &sd["prompt_embeddings"], exp.get("train_table"), 1e-5, 1e-4);
+    let m = fresh_model_of(G);
+    set_delta(&m, exp.get("train_delta"));
+    let (loss, _, grads) = loss_and_grads(&m, &batch, None, None).unwrap();
+    let want = exp.get("loss_decay").to_vec1::<f32>().unwrap()[0] as f64;
+    assert!((loss - want).abs() <= 1e-5, "gpt2 loss_decay {loss} vs {want}");
+    let v = m.trainable_parameters()[0].1.clone();
+    let e = exp.get("grad_decay.prompt_encoder.default.delta_embedding.weight");
+    assert_close("gpt2 grad_decay", grads.get(v.as_tensor()).unwrap(), e, 1e-4 * max_abs(e), 1e-4);
 }
