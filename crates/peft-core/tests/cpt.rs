@@ -299,3 +299,13 @@ fn cpt_on_gpt2_matches_hf() {
     let e = exp.get("grad_decay.prompt_encoder.default.delta_embedding.weight");
     assert_close("gpt2 grad_decay", grads.get(v.as_tensor()).unwrap(), e, 1e-4 * max_abs(e), 1e-4);
 }
+
+#[test]
+fn cpt_is_refused_on_models_that_are_not_causal_lms() {
+    // HF: CPTConfig only supports CAUSAL_LM; a BERT sequence classifier cannot host it.
+    let mut m = base_peft("bert_lora_seqcls");
+    let e = m.add_adapter("default", AdapterConfig::from_json(&json!({"peft_type": "CPT", "task_type": "CAUSAL_LM", "cpt_token_ids": [1, 2]}), None).unwrap(), 0).unwrap_err();
+    assert_eq!(e.code(), "ERR_ADAPTER_CONFIG_INVALID");
+    assert!(e.to_string().contains("CAUSAL_LM"), "{e}");
+    assert!(m.adapter_names().is_empty());
+}
