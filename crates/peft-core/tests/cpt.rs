@@ -309,3 +309,15 @@ fn cpt_is_refused_on_models_that_are_not_causal_lms() {
     assert!(e.to_string().contains("CAUSAL_LM"), "{e}");
     assert!(m.adapter_names().is_empty());
 }
+
+#[test]
+fn cpt_trainer_step_with_bad_labels_is_a_coded_error() {
+    let exp = Expected::load(CASE);
+    let m = fresh_model();
+    let mut tr = Trainer::new(&m, TrainingArgs::default()).unwrap();
+    let mut b = cpt_batch(&exp);
+    b.labels.truncate(5);
+    let e = tr.step(&m, &[b]).unwrap_err();
+    assert_eq!(e.code(), "ERR_INVALID_ARGUMENT");
+    assert!(e.to_string().contains("labels"), "{e}");
+}

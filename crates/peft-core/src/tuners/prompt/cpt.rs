@@ -219,8 +219,12 @@ impl CptHead {
 /// HF's CPT labels and types for a causal-LM batch: `(labels, types)` `[b, n + s]` each, labels
 /// `-100` where the type is not a label type (see the module docs).
 ///
-/// Errors: `InvalidArgument` naming `inputTypeMask` (wrong length, negative values).
+/// Errors: `InvalidArgument` naming `labels` (not `b × s` values) or `inputTypeMask` (wrong
+/// length, negative values).
 pub fn cpt_labels(opts: &CptOptions, labels: &[i64], input_type_mask: Option<&[i64]>, b: usize, s: usize) -> Result<(Vec<i64>, Vec<i64>)> {
+    if labels.len() != b * s {
+        return Err(PeftError::invalid_arg("labels", format!("has {} values, expected batch {b} × seq {s}", labels.len())));
+    }
     if let Some(m) = input_type_mask {
         if m.len() != b * s {
             return Err(PeftError::invalid_arg("inputTypeMask", format!("has {} values, expected batch {b} × seq {s}", m.len())));
@@ -370,6 +374,7 @@ mod tests {
         let (l, _) = cpt_labels(&o, &[10, 11], None, 1, 2).unwrap();
         assert_eq!(l, vec![-100, -100, -100, 7, 10, 11]);
         assert_eq!(cpt_labels(&o, &[10], Some(&[1, 2]), 1, 1).unwrap_err().code(), "ERR_INVALID_ARGUMENT");
+        assert!(cpt_labels(&o, &[10, 11], None, 1, 3).unwrap_err().to_string().contains("labels"));
     }
 
     #[test]
