@@ -26,6 +26,14 @@ export interface ForwardInput {
   attentionMask?: Tensor | number[][]
   /** One adapter name per row for mixed batches (`'__base__'` = no adapter). */
   adapterNames?: string[]
+  /**
+   * With `adapterNames`: one scale per row multiplying that row's LoRA delta (HF's `set_scale`
+   * applied to the row alone; llama.cpp's per-request LoRA scale). 1 = the adapter as it is;
+   * ignored on `'__base__'` rows. Errors (`ERR_INVALID_ARGUMENT`, naming `adapterScales`): a
+   * length other than the batch size, a non-finite value, no `adapterNames`, or a scale other
+   * than 1 on a row whose adapter is not LoRA.
+   */
+  adapterScales?: number[]
   /** Multitask prompt tuning: one task id per row. */
   taskIds?: number[]
   /** BERT-family segment ids `[batch, seq]` (default all 0). */
@@ -44,6 +52,13 @@ export interface ForwardInput {
   /** QUESTION_ANS: answer start / end token per row (`[batch]`); with them the output has `loss`. */
   startPositions?: number[]
   endPositions?: number[]
+  /**
+   * CPT adapters: the token type of every input token `[batch, seq]` for the loss (HF's
+   * `input_type_mask`: 0 = not scored, then per in-context example `4k+1` input template, `4k+2`
+   * input, `4k+3` output template, `4k+4` label; only label types are scored). Absent, every
+   * token counts as type 4, as in HF. Refused (`ERR_INVALID_ARGUMENT`) with other adapters.
+   */
+  inputTypeMask?: number[][]
 }
 
 export interface ForwardOutput {
@@ -125,6 +140,8 @@ export interface GenerateOptions {
   useCache?: boolean
   attentionMask?: Tensor | number[][]
   adapterNames?: string[]
+  /** With `adapterNames`: each row's LoRA scale (see `ForwardInput.adapterScales`). */
+  adapterScales?: number[]
   /** Multitask prompt tuning: one task id per row. */
   taskIds?: number[]
   /**
@@ -249,12 +266,21 @@ export class PreTrainedModel {
     if ((startPositions === undefined) !== (endPositions === undefined)) {
       throw invalidArgument(startPositions ? 'endPositions' : 'startPositions', 'startPositions and endPositions go together')
     }
+    let inputTypeMask: number[] | undefined
+    if (input.inputTypeMask !== undefined) {
+      const m = input.inputTypeMask
+      if (!Array.isArray(m) || m.length !== batch || m.some((row) => !Array.isArray(row) || row.length !== seq || row.some((x) => !Number.isInteger(x) || x < 0))) {
+        throw invalidArgument('inputTypeMask', `must be [${batch}, ${seq}] non-negative integers`)
+      }
+      inputTypeMask = m.flat()
+    }
     const rt = this.runtime
     const state = rt.captureForCompute()
     const r = await callAsync(() =>
       rt.schedule(() => {
         rt.applyCompute(state)
         return this.native.forward(ids, batch, seq, mask, input.adapterNames, {
+          adapterScales: input.adapterScales,
           taskIds,
           tokenTypeIds,
           decoderInputIds,
@@ -262,6 +288,7 @@ export class PreTrainedModel {
           labels,
           startPositions,
           endPositions,
+          inputTypeMask,
         })
       }),
     )
@@ -447,6 +474,7 @@ export class PreTrainedModel {
           padTokenId: options.padTokenId ?? (this.config.pad_token_id as number | null) ?? 0,
           useCache: options.useCache ?? true,
           taskIds,
+          adapterScales: options.adapterScales,
         },
         options.adapterNames,
         flag,

@@ -2,10 +2,12 @@
 transformers base) and write its logits for given token ids, so that a test can compare them with
 peft-node's.
 
-Usage: python check_adapter_hf.py <base-model-dir> <adapter-dir> <ids-json> <out.f32>
+Usage: python check_adapter_hf.py <base-model-dir> <adapter-dir> <ids-json> <out.f32> [--inference]
   ids-json: [[id, ...], ...] (rows of equal length); out.f32 receives the logits, float32
   little-endian, shape [rows, seq, vocab]. Prints one JSON line: {"shape": [...], "peft_type": ...,
   "trainable": n, "total": n} (parameter counts of the loaded model with is_trainable=True).
+  --inference: load with is_trainable=False (HF refuses is_trainable=True for prompt-learning
+  adapters such as CPT).
 """
 import json
 import sys
@@ -17,7 +19,7 @@ from transformers import AutoModelForCausalLM
 base_dir, adapter_dir, ids_json, out = sys.argv[1:5]
 torch.set_num_threads(1)
 base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, attn_implementation="eager").eval()
-model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True).eval()
+model = PeftModel.from_pretrained(base, adapter_dir, is_trainable="--inference" not in sys.argv[5:]).eval()
 ids = torch.tensor(json.loads(ids_json), dtype=torch.long)
 with torch.no_grad():
     logits = model(input_ids=ids).logits.float().numpy()

@@ -5,6 +5,7 @@
  * registry, and `src/index.ts` re-exports this module as it is.
  */
 import { AdaptionPromptConfig } from './adaption-prompt'
+import { CPTConfig } from './cpt'
 import { IA3Config } from './ia3'
 import { LoHaConfig } from './loha'
 import { LoKrConfig } from './lokr'
@@ -31,6 +32,7 @@ export { PrefixTuningConfig, type PrefixTuningConfigOptions } from './prefix-tun
 export { PromptTuningConfig, type PromptTuningConfigOptions } from './prompt-tuning'
 export { PromptEncoderConfig, type PromptEncoderConfigOptions } from './p-tuning'
 export { MultitaskPromptTuningConfig, type MultitaskPromptTuningConfigOptions } from './multitask-prompt-tuning'
+export { CPTConfig, type CPTConfigOptions } from './cpt'
 
 /** HF `peft_type` → the class that reads its adapter_config.json. */
 const REGISTRY = {
@@ -45,6 +47,7 @@ const REGISTRY = {
   PROMPT_TUNING: PromptTuningConfig,
   P_TUNING: PromptEncoderConfig,
   MULTITASK_PROMPT_TUNING: MultitaskPromptTuningConfig,
+  CPT: CPTConfig,
   ADAPTION_PROMPT: AdaptionPromptConfig,
 } as const
 

@@ -15,10 +15,13 @@ import type { ModelTaskType as TaskType, PreTrainedTokenizer } from '../model'
  * - TOKEN_CLS: `{ inputIds, labels }` (one class index per token, -100 = ignored);
  * - QUESTION_ANS: `{ inputIds, startPosition, endPosition }` (token indices of the answer);
  * - SEQ_2_SEQ_LM: `{ inputIds, labels }` (target ids) or `{ text, target }`.
- * `tokenTypeIds` (BERT segments) may accompany `inputIds`; `taskId` is for multitask prompt tuning.
+ * `tokenTypeIds` (BERT segments) may accompany `inputIds`; `taskId` is for multitask prompt tuning;
+ * `inputTypeMask` (one token type per input id, HF's `input_type_mask`) is for CPT adapters:
+ * batches pad it with 0 (not scored), as HF's CPT example collator does; rows without one get
+ * type 4 (HF's default) on their tokens when another row of the batch has one.
  */
 export type TrainExample = (
-  | { inputIds: number[]; labels?: number[]; label?: number; tokenTypeIds?: number[]; startPosition?: number; endPosition?: number }
+  | { inputIds: number[]; labels?: number[]; label?: number; tokenTypeIds?: number[]; startPosition?: number; endPosition?: number; inputTypeMask?: number[] }
   | { text: string; label?: number; target?: string }
 ) & { taskId?: number }
 
@@ -30,6 +33,7 @@ export interface Row {
   start?: number
   end?: number
   taskId?: number
+  inputTypeMask?: number[]
 }
 
 /**
@@ -44,6 +48,7 @@ export function examplesToRows(examples: TrainExample[], task: TaskType, tok: Pr
     let tokenTypeIds: number[] | undefined
     let start: number | undefined
     let end: number | undefined
+    let inputTypeMask: number[] | undefined
     const needLabel = () => {
       const l = (ex as { label?: unknown }).label
       if (!isInt(l) || (l as number) < 0) throw invalidArgument('examples', `example ${i} needs an integer \`label\` (class index) for a SEQ_CLS model, found ${JSON.stringify(l)}`)
@@ -63,6 +68,10 @@ export function examplesToRows(examples: TrainExample[], task: TaskType, tok: Pr
       tokenTypeIds = ex.tokenTypeIds
       if (tokenTypeIds !== undefined && (!Array.isArray(tokenTypeIds) || tokenTypeIds.length !== ids.length)) {
         throw invalidArgument('examples', `example ${i}: tokenTypeIds must have one entry per input id`)
+      }
+      inputTypeMask = ex.inputTypeMask
+      if (inputTypeMask !== undefined && (!Array.isArray(inputTypeMask) || inputTypeMask.length !== ids.length || inputTypeMask.some((x) => !isInt(x) || x < 0))) {
+        throw invalidArgument('examples', `example ${i}: inputTypeMask must have one non-negative integer type per input id`)
       }
       if (task === 'SEQ_CLS') labels = needLabel()
       else if (task === 'QUESTION_ANS') {
@@ -85,6 +94,7 @@ export function examplesToRows(examples: TrainExample[], task: TaskType, tok: Pr
     if (maxLength) {
       ids = ids.slice(0, maxLength)
       tokenTypeIds = tokenTypeIds?.slice(0, maxLength)
+      inputTypeMask = inputTypeMask?.slice(0, maxLength)
       if (task === 'CAUSAL_LM' || task === 'TOKEN_CLS' || task === 'SEQ_2_SEQ_LM') labels = labels.slice(0, maxLength)
     }
     // causal-LM labels are shifted inside the model: one token has nothing to predict (and a
@@ -93,7 +103,7 @@ export function examplesToRows(examples: TrainExample[], task: TaskType, tok: Pr
     if (ex.taskId !== undefined && !(Number.isInteger(ex.taskId) && ex.taskId >= 0)) {
       throw invalidArgument('examples', `example ${i}: taskId must be a non-negative integer, found ${ex.taskId}`)
     }
-    return { ids, labels, tokenTypeIds, start, end, taskId: ex.taskId }
+    return { ids, labels, tokenTypeIds, start, end, taskId: ex.taskId, inputTypeMask }
   })
 }
 
@@ -105,11 +115,14 @@ export function collate(rows: Row[], padId: number, task: TaskType) {
   let labels: number[] = []
   const typed = rows.some((r) => r.tokenTypeIds !== undefined)
   const tokenTypeIds: number[] = []
+  const cpt = rows.some((r) => r.inputTypeMask !== undefined)
+  const inputTypeMask: number[] = []
   for (const r of rows) {
     const n = r.ids.length
     inputIds.push(...r.ids, ...Array(seq - n).fill(padId))
     attentionMask.push(...Array(n).fill(1), ...Array(seq - n).fill(0))
     if (typed) tokenTypeIds.push(...(r.tokenTypeIds ?? Array(n).fill(0)), ...Array(seq - n).fill(0))
+    if (cpt) inputTypeMask.push(...(r.inputTypeMask ?? Array(n).fill(4)), ...Array(seq - n).fill(0))
     if (task === 'CAUSAL_LM' || task === 'TOKEN_CLS') labels.push(...r.labels, ...Array(seq - n).fill(-100))
   }
   if (task === 'SEQ_CLS') labels = rows.map((r) => r.labels[0])
@@ -129,5 +142,6 @@ export function collate(rows: Row[], padId: number, task: TaskType) {
     tokenTypeIds: typed ? tokenTypeIds : undefined,
     startPositions: qa ? rows.map((r) => r.start as number) : undefined,
     endPositions: qa ? rows.map((r) => r.end as number) : undefined,
+    inputTypeMask: cpt ? inputTypeMask : undefined,
   }
 }

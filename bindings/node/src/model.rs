@@ -156,6 +156,10 @@ pub struct ForwardExtra {
     /// QUESTION_ANS: answer start / end per row.
     pub start_positions: Option<Vec<i32>>,
     pub end_positions: Option<Vec<i32>>,
+    /// CPT: token types `[b, s]` for the loss (HF `input_type_mask`).
+    pub input_type_mask: Option<Vec<i64>>,
+    /// Mixed batches: each row's scale of its LoRA adapter (with `adapter_names`).
+    pub adapter_scales: Option<Vec<f64>>,
 }
 
 #[napi(object)]
@@ -171,6 +175,8 @@ pub struct GenerateArgs {
     pub use_cache: bool,
     /// Multitask prompt tuning: one task id per row.
     pub task_ids: Option<Vec<u32>>,
+    /// Mixed batches: each row's scale of its LoRA adapter (with `adapter_names`).
+    pub adapter_scales: Option<Vec<f64>>,
 }
 
 #[napi(object)]
@@ -661,7 +667,10 @@ impl NativeModel {
                         labels: None,
                         start_positions: None,
                         end_positions: None,
+                        input_type_mask: None,
+                        adapter_scales: None,
                     });
+                    let adapter_scales = e.adapter_scales.map(std::sync::Arc::new);
                     let to64 = |v: Option<Vec<i32>>| v.map(|v| v.into_iter().map(|x| x as i64).collect::<Vec<i64>>());
                     let wants_loss = e.labels.is_some() || e.start_positions.is_some();
                     let batch = peft_core::train::Batch {
@@ -675,11 +684,12 @@ impl NativeModel {
                         end_positions: to64(e.end_positions),
                         decoder_input_ids: e.decoder_input_ids,
                         decoder_attention_mask: e.decoder_attention_mask,
+                        input_type_mask: e.input_type_mask,
                         input_ids: ids,
                     };
                     // The batch's own options (decoder ids from labels for seq2seq), with the
                     // caller's mask as given (None = no padding) and per-row adapters.
-                    let opts = ForwardOptions { attention_mask: mask, adapter_rows: rows, ..batch.forward_options(m) };
+                    let opts = ForwardOptions { attention_mask: mask, adapter_rows: rows, adapter_scales, ..batch.forward_options(m) };
                     let logits = m.forward(&batch.input_ids, b, s, &opts, None)?;
                     let loss = if wants_loss {
                         batch.validate(m)?;
@@ -743,10 +753,11 @@ impl NativeModel {
             pad_token_id: args.pad_token_id,
             use_cache: args.use_cache,
             task_ids: args.task_ids,
+            adapter_scales: args.adapter_scales,
         };
         Ok(AsyncTask::new(Job::plain(move || {
             with_model(&inner, |m| {
-                m.check_rows(&ForwardOptions { adapter_rows: rows.clone(), ..Default::default() }, b)?;
+                m.check_rows(&ForwardOptions { adapter_rows: rows.clone(), adapter_scales: o.adapter_scales.clone().map(std::sync::Arc::new), ..Default::default() }, b)?;
                 let start = if m.base.task() == peft_core::model::Task::Seq2SeqLm { 1 } else { s };
                 let mut steps = 0u32;
                 // per row: the text already sent (decoded new tokens, without special tokens)

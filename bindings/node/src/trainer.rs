@@ -45,6 +45,8 @@ pub struct BatchJs {
     pub decoder_input_ids: Option<Vec<u32>>,
     /// SEQ_2_SEQ_LM: decoder mask `[b, t]`.
     pub decoder_attention_mask: Option<Vec<u8>>,
+    /// CPT: token types `[b, s]` (HF `input_type_mask`; 0 on padding).
+    pub input_type_mask: Option<Vec<i64>>,
 }
 
 #[napi(object)]
@@ -78,6 +80,7 @@ fn to_batches(batches: Vec<BatchJs>) -> Vec<Batch> {
             end_positions: b.end_positions.map(|v| v.into_iter().map(|x| x as i64).collect()),
             decoder_input_ids: b.decoder_input_ids,
             decoder_attention_mask: b.decoder_attention_mask,
+            input_type_mask: b.input_type_mask,
         })
         .collect()
 }

@@ -33,6 +33,9 @@ pub struct GenerateOptions {
     pub use_cache: bool,
     /// Multitask prompt tuning: one task id per row.
     pub task_ids: Option<Vec<u32>>,
+    /// Mixed batches: one scale per row for its LoRA adapter (see
+    /// `ForwardOptions::adapter_scales`); `None` = all 1.
+    pub adapter_scales: Option<Vec<f64>>,
 }
 
 impl Default for GenerateOptions {
@@ -48,6 +51,7 @@ impl Default for GenerateOptions {
             pad_token_id: 0,
             use_cache: true,
             task_ids: None,
+            adapter_scales: None,
         }
     }
 }
@@ -240,6 +244,7 @@ pub fn generate_with(
             attention_mask: Some(mask.clone()),
             position_ids: Some(pos),
             adapter_rows: adapter_rows.clone(),
+            adapter_scales: o.adapter_scales.clone().map(std::sync::Arc::new),
             last_only: true,
             task_ids: o.task_ids.clone(),
             ..Default::default()
@@ -328,6 +333,7 @@ fn generate_seq2seq(
         let opts = ForwardOptions {
             attention_mask: Some(mask.clone()),
             adapter_rows: adapter_rows.clone(),
+            adapter_scales: o.adapter_scales.clone().map(std::sync::Arc::new),
             last_only: true,
             task_ids: o.task_ids.clone(),
             decoder_input_ids: Some(decoder_input_ids),

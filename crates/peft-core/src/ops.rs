@@ -372,6 +372,19 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &[i64], b: usize, s: usize, shift
     Ok((loss, n))
 }
 
+/// Weighted cross-entropy `Σ_i w_i · (logsumexp(x_i) − x_i,t_i)` over the rows of `logits`
+/// `[n, vocab]` (any float dtype, computed in f32; one fused op, as [`causal_lm_loss`]); rows
+/// with weight 0 are skipped. `targets` and `weights` have `n` entries, every target below
+/// `vocab`. Used by losses that weight tokens (CPT's decayed loss).
+pub fn weighted_cross_entropy(logits: &Tensor, targets: Vec<u32>, weights: Vec<f32>) -> candle_core::Result<Tensor> {
+    let (n, vocab) = logits.dims2()?;
+    if targets.len() != n || weights.len() != n || targets.iter().any(|&t| t as usize >= vocab) {
+        candle_core::bail!("weighted_cross_entropy: {n} rows of {vocab} logits, {} targets, {} weights", targets.len(), weights.len());
+    }
+    let logits = logits.to_dtype(DType::F32)?.contiguous()?;
+    logits.apply_op1(CrossEntropy { targets: std::sync::Arc::new(targets), weights: std::sync::Arc::new(weights) })
+}
+
 /// Fused weighted cross-entropy over rows of `[n, vocab]` f32 logits: `Σ_i w_i · (lse_i − x_i,t_i)`.
 struct CrossEntropy {
     targets: std::sync::Arc<Vec<u32>>,

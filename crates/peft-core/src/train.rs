@@ -149,6 +149,10 @@ pub struct Batch {
     pub decoder_input_ids: Option<Vec<u32>>,
     /// Seq2seq: decoder mask `[b, t]`.
     pub decoder_attention_mask: Option<Vec<u8>>,
+    /// CPT: the token type of every input token `[b, s]` (HF's `input_type_mask`: `0` not
+    /// scored, then per example `4k+1` input template, `4k+2` input, `4k+3` output template,
+    /// `4k+4` label); absent, every token counts as type 4.
+    pub input_type_mask: Option<Vec<i64>>,
 }
 
 impl Batch {
@@ -206,6 +210,14 @@ impl Batch {
         }
         if info.task == Task::FeatureExtraction {
             return Err(PeftError::invalid_arg("batch", "a FEATURE_EXTRACTION model has no loss to train on"));
+        }
+        if let Some(m) = &self.input_type_mask {
+            if model.active_cpt().is_none() {
+                return Err(PeftError::invalid_arg("inputTypeMask", "is only used by CPT adapters (the active adapter is not one)"));
+            }
+            if m.len() != n || m.iter().any(|&t| t < 0) {
+                return Err(PeftError::invalid_arg("inputTypeMask", format!("must hold {} × {} non-negative token types", self.batch_size, self.seq_len)));
+            }
         }
         if info.task == Task::SeqCls && info.num_labels == Some(1) {
             return Err(PeftError::invalid_arg("labels", "regression (num_labels = 1) is not supported; use at least 2 labels"));
@@ -453,6 +465,12 @@ pub fn extended_labels(model: &PeftModel, batch: &Batch) -> (Vec<i64>, usize) {
 /// classification and QA).
 fn label_items(model: &PeftModel, batch: &Batch) -> usize {
     match model.base.task() {
+        Task::CausalLm if model.active_cpt().is_some() => {
+            let c = model.active_cpt().expect("checked");
+            let Ok((labels, types)) = crate::tuners::prompt::cpt::cpt_labels(c, &batch.labels, batch.input_type_mask.as_deref(), batch.batch_size, batch.seq_len) else { return 0 };
+            let t = c.cpt_token_ids.len() + batch.seq_len;
+            crate::tuners::prompt::cpt::cpt_loss_weights(c, &labels, &types, batch.batch_size, t, usize::MAX).2
+        }
         Task::CausalLm => {
             let (labels, s) = extended_labels(model, batch);
             (0..batch.batch_size).map(|r| (1..s).filter(|&i| labels.get(r * s + i).map(|&l| l >= 0).unwrap_or(false)).count()).sum()
@@ -481,11 +499,16 @@ pub fn shift_right(labels: &[i64], b: usize, start: u32, pad: u32) -> Vec<u32> {
 /// cross-entropy for causal LMs; cross-entropy over `[b, num_labels]` (SEQ_CLS), over every
 /// token (TOKEN_CLS, `-100` ignored) and over decoder positions (SEQ_2_SEQ_LM, unshifted); for
 /// QA the mean of the start and end cross-entropies with positions clamped to `[0, s]` and `s`
-/// ignored (`BertForQuestionAnswering`).
+/// ignored (`BertForQuestionAnswering`). With an active CPT adapter, HF's CPT loss
+/// ([`crate::tuners::prompt::cpt::cpt_loss`], using `batch.input_type_mask`).
 ///
-/// Errors: `InvalidArgument` when the logits' shape does not fit the batch.
+/// Errors: `InvalidArgument` when the logits' shape does not fit the batch (or, for CPT, when
+/// the type mask leaves no label position).
 pub fn task_loss(model: &PeftModel, logits: &Tensor, batch: &Batch) -> Result<(Tensor, usize)> {
     let b = batch.batch_size;
+    if let (Task::CausalLm, Some(c)) = (model.base.task(), model.active_cpt()) {
+        return crate::tuners::prompt::cpt::cpt_loss(c, logits, &batch.labels, batch.input_type_mask.as_deref(), b, batch.seq_len);
+    }
     Ok(match model.base.task() {
         Task::CausalLm => {
             let (labels, seq) = extended_labels(model, batch);
@@ -764,6 +787,7 @@ impl Trainer {
         let lr = self.current_lr();
         self.opt.set_learning_rate(lr);
         self.opt.step(&store)?;
+        model.after_optimizer_step()?;
         self.step += 1;
         let loss = if items > 0 { loss_sum / items as f64 } else { 0.0 };
         if !loss.is_finite() {

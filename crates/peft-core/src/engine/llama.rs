@@ -86,6 +86,20 @@ impl Lora {
     }
 }
 
+/// A mixed batch (`adapterNames`): the adapter of each row and, with `adapterScales`, each
+/// row's scale of its LoRA delta (`None` = all 1).
+#[derive(Clone, Copy)]
+struct Mixed<'a> {
+    rows: &'a crate::tuners::linear::RowAdapters,
+    scales: Option<&'a [f64]>,
+}
+
+impl Mixed<'_> {
+    fn scale(&self, row: usize) -> f64 {
+        self.scales.and_then(|s| s.get(row).copied()).unwrap_or(1.0)
+    }
+}
+
 /// A frozen linear layer `y = x Wᵀ + b` with its active LoRA adapters.
 struct Lin {
     /// The f32 weight `[out, in]`, or `None` when it is kept quantized (`q`).
@@ -106,8 +120,9 @@ impl Lin {
     /// tuners' layers, modules_to_save copies, a trainable bias, a transposed or non-f32 weight).
     /// With `rows` (a mixed batch), each named adapter applies to its own rows only, whether it
     /// is active or not, as `PeftLinear::forward` does; an adapter of another tuner, a
-    /// modules_to_save copy or DoRA named by a row is left to the general path.
-    fn of(l: &PeftLinear, rows: Option<&crate::tuners::linear::RowAdapters>) -> Option<Lin> {
+    /// modules_to_save copy or DoRA named by a row is left to the general path. Rows of one
+    /// adapter with different scales become one entry per scale (`scaling · scale`).
+    fn of(l: &PeftLinear, mixed: Option<Mixed<'_>>) -> Option<Lin> {
         if l.transposed || l.is_embedding {
             return None;
         }
@@ -127,7 +142,8 @@ impl Lin {
             return None;
         }
         let mut loras = Vec::new();
-        if let (Some(rows), false) = (rows, l.disabled) {
+        if let (Some(mx), false) = (mixed, l.disabled) {
+            let rows = mx.rows;
             let mut names: Vec<&String> = rows.iter().flatten().collect();
             names.sort();
             names.dedup();
@@ -141,7 +157,15 @@ impl Lin {
                 if ad.magnitude.is_some() {
                     return None;
                 }
-                loras.push(Lora::of(ad, Some(Arc::new(rows.iter().map(|r| r.as_ref() == Some(name)).collect())))?);
+                let mut scales: Vec<f64> = (0..rows.len()).filter(|&i| rows[i].as_ref() == Some(name)).map(|i| mx.scale(i)).collect();
+                scales.sort_by(f64::total_cmp);
+                scales.dedup();
+                for sc in scales {
+                    let mask = (0..rows.len()).map(|i| rows[i].as_ref() == Some(name) && mx.scale(i) == sc).collect();
+                    let mut lo = Lora::of(ad, Some(Arc::new(mask)))?;
+                    lo.scaling = (ad.scaling * sc) as f32;
+                    loras.push(lo);
+                }
             }
         } else if !l.disabled {
             for name in &l.active {
@@ -340,7 +364,7 @@ fn head_of(l: &PeftLinear, vocab: usize, h: usize) -> Option<Head> {
 }
 
 /// The seven linears of a decoder layer, in [`Layer::lins`] order.
-fn lins_of(ls: [&PeftLinear; 7], rows: Option<&crate::tuners::linear::RowAdapters>) -> Option<[Lin; 7]> {
+fn lins_of(ls: [&PeftLinear; 7], rows: Option<Mixed<'_>>) -> Option<[Lin; 7]> {
     Some([
         Lin::of(ls[0], rows)?,
         Lin::of(ls[1], rows)?,
@@ -355,7 +379,7 @@ fn lins_of(ls: [&PeftLinear; 7], rows: Option<&crate::tuners::linear::RowAdapter
 impl<'m> Plan<'m> {
     /// The plan of a Llama-family model (Llama 2/3, SmolLM2/3, Qwen2/3, Mistral), or `None`
     /// when it needs the general path.
-    fn of(m: &'m LlamaForCausalLM, rows: Option<&crate::tuners::linear::RowAdapters>) -> Option<Plan<'m>> {
+    fn of(m: &'m LlamaForCausalLM, rows: Option<Mixed<'_>>) -> Option<Plan<'m>> {
         if m.dtype != DType::F32
             || !m.device.is_cpu()
             || crate::model::BaseModel::task(m) != Task::CausalLm
@@ -424,7 +448,7 @@ impl<'m> Plan<'m> {
     /// The plan of a Gemma 3 text decoder (four norms per layer with `1 + w` scales, q/k norms,
     /// GeGLU, scaled embeddings, `query_pre_attn_scalar`, sliding-window layers with their own
     /// RoPE table), or `None` when it needs the general path (logit soft-capping, f16/bf16, ...).
-    fn of_gemma3(m: &'m crate::model::gemma3::Gemma3ForCausalLM, rows: Option<&crate::tuners::linear::RowAdapters>) -> Option<Plan<'m>> {
+    fn of_gemma3(m: &'m crate::model::gemma3::Gemma3ForCausalLM, rows: Option<Mixed<'_>>) -> Option<Plan<'m>> {
         let c = &m.config;
         if m.dtype != DType::F32 || !m.device.is_cpu() || c.final_logit_softcapping.is_some() {
             return None;
@@ -2101,7 +2125,7 @@ impl KvStore {
 /// [`Plan::of`]; also an even head_dim and a whole number of query heads per kv head).
 /// The engine's plan of `model`'s base (a Llama-family or Gemma 3 decoder), or `None` when the
 /// general path must run it.
-fn plan_for<'m>(model: &'m PeftModel, rows: Option<&crate::tuners::linear::RowAdapters>) -> Option<Plan<'m>> {
+fn plan_for<'m>(model: &'m PeftModel, rows: Option<Mixed<'_>>) -> Option<Plan<'m>> {
     match (model.base.as_llama(), model.base.as_gemma3()) {
         (Some(llama), _) => Plan::of(llama, rows),
         (None, Some(gemma)) => Plan::of_gemma3(gemma, rows),
@@ -2154,7 +2178,12 @@ pub fn try_loss_and_grads_with(
     if ckpt {
         model.check_gradient_checkpointing()?;
     }
-    if !super::enabled() || batch.token_type_ids.is_some() || batch.decoder_input_ids.is_some() {
+    if !super::enabled()
+        || batch.token_type_ids.is_some()
+        || batch.decoder_input_ids.is_some()
+        || batch.input_type_mask.is_some()
+        || model.active_cpt().is_some()
+    {
         return Ok(None);
     }
     let Some(plan) = plan_for(model, None) else {
@@ -2384,7 +2413,8 @@ pub fn try_forward(
     if model.active_prompt().is_some() || b == 0 || s == 0 || ids.len() != b * s {
         return Ok(None);
     }
-    let Some(plan) = plan_for(model, opts.adapter_rows.as_ref()) else {
+    let mixed = opts.adapter_rows.as_ref().map(|rows| Mixed { rows, scales: opts.adapter_scales.as_deref().map(|v| v.as_slice()) });
+    let Some(plan) = plan_for(model, mixed) else {
         return Ok(None);
     };
     let c = &plan.arch;

@@ -81,6 +81,9 @@ pub struct ForwardOptions {
     pub train: bool,
     /// Mixed batch adapters, one per row (`None` = base).
     pub adapter_rows: Option<RowAdapters>,
+    /// Mixed batch: one scale per row (with `adapter_rows`), multiplying that row's LoRA
+    /// scaling (HF `set_scale` per row; llama.cpp's per-request LoRA scale). `None` = all 1.
+    pub adapter_scales: Option<std::sync::Arc<Vec<f64>>>,
     /// Compute logits for the last position only (generation).
     pub last_only: bool,
     /// Seeded source of LoRA dropout masks while training.

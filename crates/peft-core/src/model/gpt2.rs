@@ -376,7 +376,7 @@ impl BaseModel for Gpt2LMHeadModel {
             return Err(PeftError::invalid_arg("inputIds", format!("token id {bad} is outside the vocabulary (size {vocab})")));
         }
         let idx = Tensor::from_slice(ids, b * s, &self.device)?;
-        let ctx = LinearCtx { train: opts.train, rows: opts.adapter_rows.as_ref(), rng: opts.dropout_rng.as_deref() };
+        let ctx = LinearCtx { train: opts.train, rows: opts.adapter_rows.as_ref(), row_scales: opts.adapter_scales.as_ref(), rng: opts.dropout_rng.as_deref() };
         self.wte.forward_embedding(&idx, b, s, &ctx)
     }
 
@@ -404,7 +404,7 @@ impl BaseModel for Gpt2LMHeadModel {
         let pos = Tensor::from_vec(positions, b * s, &self.device)?;
         let pe = self.wpe.index_select(&pos, 0)?.reshape((b, s, c.n_embd))?;
         let mask = causal_mask(opts.attention_mask.as_ref(), b, s, past, &self.device)?;
-        let lin = LinearCtx { train: opts.train, rows: opts.adapter_rows.as_ref(), rng: opts.dropout_rng.as_deref() };
+        let lin = LinearCtx { train: opts.train, rows: opts.adapter_rows.as_ref(), row_scales: opts.adapter_scales.as_ref(), rng: opts.dropout_rng.as_deref() };
         let mut h = (x.to_dtype(self.dtype)? + pe)?;
         for (i, l) in self.h.iter().enumerate() {
             let kv = cache.as_mut().map(|c| &mut c.layers[i]);
@@ -475,7 +475,7 @@ struct Stack<'a> {
 
 impl Stack<'_> {
     fn lin<'r>(&'r self, rng: Option<&'r std::sync::Mutex<rand::rngs::StdRng>>) -> LinearCtx<'r> {
-        LinearCtx { train: self.opts.train, rows: self.opts.adapter_rows.as_ref(), rng }
+        LinearCtx { train: self.opts.train, rows: self.opts.adapter_rows.as_ref(), row_scales: self.opts.adapter_scales.as_ref(), rng }
     }
 }
 

@@ -313,7 +313,7 @@ pub fn relative_position_bucket(rel: i64, bidirectional: bool, num_buckets: usiz
 }
 
 fn lin_ctx(opts: &ForwardOptions) -> LinearCtx<'_> {
-    LinearCtx { train: opts.train, rows: opts.adapter_rows.as_ref(), rng: opts.dropout_rng.as_deref() }
+    LinearCtx { train: opts.train, rows: opts.adapter_rows.as_ref(), row_scales: opts.adapter_scales.as_ref(), rng: opts.dropout_rng.as_deref() }
 }
 
 impl T5ForConditionalGeneration {
@@ -774,7 +774,7 @@ mod tests {
         // x = [1, -1]; wi_0 = I, wi_1 = diag(2, 3), wo = I → act([1, -1]) · [2, -3].
         let ff = T5DenseReluDense::Gated { wi_0: lin(&[1., 0., 0., 1.]), wi_1: lin(&[2., 0., 0., 3.]), wo: lin(&[1., 0., 0., 1.]) };
         let x = Tensor::from_slice(&[1f32, -1.], (1, 2), &Device::Cpu).unwrap();
-        let ctx = LinearCtx { train: false, rows: None, rng: None };
+        let ctx = LinearCtx { train: false, rows: None, row_scales: None, rng: None };
         let run = |a| -> Vec<f32> { ff.forward(a, &x, &ctx).unwrap().flatten_all().unwrap().to_vec1().unwrap() };
         let close = |got: Vec<f32>, want: [f32; 2]| got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-5);
         assert!(close(run(T5Activation::Relu), [2.0, 0.0]));

@@ -87,6 +87,9 @@ impl PeftModel {
         if opts.adapter_rows.is_some() {
             return Err(PeftError::invalid_arg("adapterNames", "per-row adapters (mixed batches) are not available with prompt learning"));
         }
+        if opts.adapter_scales.is_some() {
+            return Err(PeftError::invalid_arg("adapterScales", "per-row scales need per-row LoRA adapters (adapterNames); prompt learning has neither"));
+        }
         if ids.len() != b * s {
             return Err(PeftError::invalid_arg("inputIds", format!("has {} ids, expected batch {b} × seq {s}", ids.len())));
         }
@@ -231,8 +234,35 @@ impl PeftModel {
         self.base.forward_embeds(&x, &o, cache)
     }
 
-    /// Validate a mixed-batch request.
+    /// Validate a mixed-batch request: `adapterNames` (one per row, existing adapters or
+    /// `__base__`, none merged, not training) and `adapterScales` (only with `adapterNames`, one
+    /// finite number per row; a scale other than 1 only on rows of LoRA adapters, the only ones
+    /// with a scale; ignored on `__base__` rows).
+    ///
+    /// Errors: `InvalidArgument` naming `adapterNames` / `adapterScales`; `InvalidState` while
+    /// training or merged.
     pub fn check_rows(&self, opts: &ForwardOptions, b: usize) -> Result<()> {
+        if let Some(sc) = &opts.adapter_scales {
+            let Some(rows) = &opts.adapter_rows else {
+                return Err(PeftError::invalid_arg("adapterScales", "needs adapterNames (the adapter of each row)"));
+            };
+            if sc.len() != b {
+                return Err(PeftError::invalid_arg("adapterScales", format!("has {} scales but the batch has {b} rows", sc.len())));
+            }
+            if let Some(x) = sc.iter().find(|x| !x.is_finite()) {
+                return Err(PeftError::invalid_arg("adapterScales", format!("must be finite numbers, found {x}")));
+            }
+            for (r, (name, &s)) in rows.iter().zip(sc.iter()).enumerate() {
+                let Some(n) = name else { continue };
+                if s != 1.0 {
+                    if let Ok(cfg) = self.peft_config(n) {
+                        if cfg.as_lora().is_none() {
+                            return Err(PeftError::invalid_arg("adapterScales", format!("row {r} uses `{n}`, a {} adapter: only LoRA adapters have a scale", cfg.peft_type())));
+                        }
+                    }
+                }
+            }
+        }
         if let Some(rows) = &opts.adapter_rows {
             if rows.len() != b {
                 return Err(PeftError::invalid_arg("adapterNames", format!("has {} names but the batch has {b} rows", rows.len())));

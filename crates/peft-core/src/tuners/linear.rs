@@ -69,6 +69,9 @@ pub struct LinearCtx<'a> {
     pub train: bool,
     /// Mixed batch: which adapter each row uses (overrides `active`).
     pub rows: Option<&'a RowAdapters>,
+    /// Mixed batch: each row's scale of its LoRA adapter's delta (`None` = all 1; see
+    /// `ForwardOptions::adapter_scales`).
+    pub row_scales: Option<&'a Arc<Vec<f64>>>,
     /// Source of dropout masks while training.
     pub rng: Option<&'a std::sync::Mutex<rand::rngs::StdRng>>,
 }
@@ -231,7 +234,7 @@ impl PeftLinear {
                     return Err(mixed_refused(l.as_ref()));
                 }
                 let sub = x.index_select(&idx, 0)?;
-                let delta = l.mixed_delta(self, &sub, &y, &idx, ctx)?;
+                let delta = scale_rows(l.as_ref(), l.mixed_delta(self, &sub, &y, &idx, ctx)?, &idx, ctx)?;
                 y = y.index_add(&idx, &delta.to_dtype(y.dtype())?, 0)?;
             }
             return Ok(y);
@@ -279,8 +282,8 @@ impl PeftLinear {
                 }
                 let sub = ids2.index_select(&idx, 0)?;
                 let ys = y.index_select(&idx, 0)?;
-                let d = l.mixed_embedding_delta(self, &sub, &ys, ctx)?;
-                y = y.index_add(&idx, &d, 0)?;
+                let d = scale_rows(l.as_ref(), l.mixed_embedding_delta(self, &sub, &ys, ctx)?, &idx, ctx)?;
+                y = y.index_add(&idx, &d.to_dtype(y.dtype())?, 0)?;
             }
             return Ok(y);
         }
@@ -516,6 +519,25 @@ pub(crate) fn mixed_refused(l: &dyn AdapterLayer) -> PeftError {
         "adapterNames",
         format!("per-row adapters (mixed batches) are not available for {} layers (HF PEFT 0.21's {} has no such hook and ignores `adapter_names`)", l.peft_type(), l.module_type()),
     )
+}
+
+/// A LoRA layer's mixed-batch delta for the batch rows `idx` (first dimension of `delta`), each
+/// multiplied by its row's scale in `ctx.row_scales` (HF `set_scale` per row: the delta is
+/// linear in the scaling). Other tuners' deltas are returned as they are (only LoRA has a
+/// scale; `PeftModel::check_rows` refuses a scale other than 1 for their rows).
+fn scale_rows(l: &dyn AdapterLayer, delta: Tensor, idx: &Tensor, ctx: &LinearCtx) -> Result<Tensor> {
+    let Some(scales) = ctx.row_scales else { return Ok(delta) };
+    if l.as_any().and_then(|a| a.downcast_ref::<crate::tuners::lora::layer::LoraAdapter>()).is_none() {
+        return Ok(delta);
+    }
+    let f: Vec<f32> = idx.to_vec1::<u32>()?.iter().map(|&r| scales.get(r as usize).copied().unwrap_or(1.0) as f32).collect();
+    if f.iter().all(|&x| x == 1.0) {
+        return Ok(delta);
+    }
+    let mut shape = vec![1usize; delta.rank()];
+    shape[0] = f.len();
+    let f = Tensor::from_vec(f, shape, delta.device())?.to_dtype(delta.dtype())?;
+    Ok(delta.broadcast_mul(&f)?)
 }
 
 /// The rows of a mixed batch grouped by adapter name: `(name, row indices as a u32 tensor)`,

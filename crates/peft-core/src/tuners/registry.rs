@@ -70,7 +70,7 @@ pub trait Tuner: Sync {
 }
 
 /// Every registered tuner.
-pub static TUNERS: &[&dyn Tuner] = &[&super::lora::LoraTuner, &super::ia3::Ia3Tuner, &super::loha::TUNER, &super::lokr::TUNER, &super::vera::TUNER, &super::oft::TUNER, &super::trainable_tokens::TUNER, &super::prompt::PromptTuner, &super::adaption_prompt::TUNER];
+pub static TUNERS: &[&dyn Tuner] = &[&super::lora::LoraTuner, &super::ia3::Ia3Tuner, &super::loha::TUNER, &super::lokr::TUNER, &super::vera::TUNER, &super::oft::TUNER, &super::trainable_tokens::TUNER, &super::prompt::PromptTuner, &super::prompt::cpt::TUNER, &super::adaption_prompt::TUNER];
 
 /// The tuner registered for `peft_type`.
 pub fn tuner_for(peft_type: &str) -> Option<&'static dyn Tuner> {

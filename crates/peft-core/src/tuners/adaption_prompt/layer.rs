@@ -63,7 +63,7 @@ impl AdaptedAttention {
         let prompt = self.prompt.as_tensor().to_dtype(dtype)?;
         let len = prompt.dim(1)?;
         // The prompt's own keys/values: one set for the whole batch (no per-row adapters).
-        let lctx = LinearCtx { train: ctx.train, rows: None, rng: ctx.rng };
+        let lctx = LinearCtx { train: ctx.train, rows: None, row_scales: None, rng: ctx.rng };
         let heads = |t: Tensor| -> Result<Tensor> { Ok(t.reshape((1, len, p.num_key_value_heads, hd))?.transpose(1, 2)?.contiguous()?) };
         let k = heads(p.k_proj.forward(&prompt, &lctx)?)?;
         let v = heads(p.v_proj.forward(&prompt, &lctx)?)?;

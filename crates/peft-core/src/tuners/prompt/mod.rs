@@ -10,9 +10,12 @@
 //! `num_layers · 2 · token_dim`). Reparameterisations (the P-tuning MLP/LSTM, the prefix
 //! projection MLP) are not stored: a loaded adapter uses the stored table directly. Multitask
 //! prompt tuning also stores `prefix_task_cols` `[num_tasks, n, num_ranks]` and
-//! `prefix_task_rows` `[num_tasks, num_ranks, token_dim]`.
+//! `prefix_task_rows` `[num_tasks, num_ranks, token_dim]`. CPT (context-aware prompt tuning, see
+//! [`cpt`]) stores its table `E[cpt_token_ids] + P(δ)` the same way.
 
+pub mod cpt;
 mod model;
+pub use cpt::{CptHead, CptOptions};
 pub use model::PromptTuner;
 
 use crate::error::{PeftError, Result};
@@ -34,6 +37,9 @@ pub enum PromptMethod {
     PTuning,
     /// `MULTITASK_PROMPT_TUNING`: a shared prompt times a rank-`num_ranks` task-specific matrix.
     MultitaskPromptTuning,
+    /// `CPT`: context-aware prompt tuning (in-context examples as virtual tokens plus a
+    /// norm-bounded trainable delta; see [`cpt`]).
+    Cpt,
 }
 
 impl PromptMethod {
@@ -44,6 +50,7 @@ impl PromptMethod {
             PromptMethod::PromptTuning => "PROMPT_TUNING",
             PromptMethod::PTuning => "P_TUNING",
             PromptMethod::MultitaskPromptTuning => "MULTITASK_PROMPT_TUNING",
+            PromptMethod::Cpt => "CPT",
         }
     }
     /// Parse HF's `peft_type` string.
@@ -53,6 +60,7 @@ impl PromptMethod {
             "PROMPT_TUNING" => PromptMethod::PromptTuning,
             "P_TUNING" => PromptMethod::PTuning,
             "MULTITASK_PROMPT_TUNING" => PromptMethod::MultitaskPromptTuning,
+            "CPT" => PromptMethod::Cpt,
             _ => return None,
         })
     }
@@ -82,6 +90,7 @@ fn defaults_for(method: PromptMethod) -> Map<String, Value> {
             "prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": null, "tokenizer_kwargs": null, "tokenizer_name_or_path": null,
             "prompt_tuning_init_state_dict_path": null, "prompt_tuning_init_task": 0, "num_ranks": 1, "num_tasks": 1
         }),
+        PromptMethod::Cpt => cpt::defaults(),
     };
     let (Value::Object(m), Value::Object(e)) = (&mut v, extra) else { unreachable!() };
     m.extend(e);
@@ -89,7 +98,8 @@ fn defaults_for(method: PromptMethod) -> Map<String, Value> {
 }
 
 /// HF PEFT's prompt-learning configs (`PrefixTuningConfig`, `PromptTuningConfig`,
-/// `PromptEncoderConfig`, `MultitaskPromptTuningConfig`) in one type, selected by `method`.
+/// `PromptEncoderConfig`, `MultitaskPromptTuningConfig`, `CPTConfig`) in one type, selected by
+/// `method`.
 /// Fields that do not apply to a method keep their defaults and are not written.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PromptLearningConfig {
@@ -123,6 +133,8 @@ pub struct PromptLearningConfig {
     pub task_type: Option<String>,
     pub base_model_name_or_path: Option<String>,
     pub inference_mode: bool,
+    /// CPT's own fields (`Some` exactly when `method` is [`PromptMethod::Cpt`]).
+    pub cpt: Option<CptOptions>,
     raw: Map<String, Value>,
     unknown: Vec<String>,
 }
@@ -140,7 +152,7 @@ impl PromptLearningConfig {
         let obj = v.as_object().ok_or_else(|| bad("the top level must be a JSON object".into()))?;
         let method = match obj.get("peft_type").and_then(|x| x.as_str()) {
             Some(s) => PromptMethod::parse(s).ok_or_else(|| {
-                bad(format!("`peft_type` {s:?} is not a prompt-learning method (PREFIX_TUNING, PROMPT_TUNING, P_TUNING, MULTITASK_PROMPT_TUNING)"))
+                bad(format!("`peft_type` {s:?} is not a prompt-learning method (PREFIX_TUNING, PROMPT_TUNING, P_TUNING, MULTITASK_PROMPT_TUNING, CPT)"))
             })?,
             None => return Err(bad(format!("`peft_type` must be a string, found {:?}", obj.get("peft_type")))),
         };
@@ -165,12 +177,27 @@ impl PromptLearningConfig {
             Some(Value::Array(a)) if a.iter().all(|x| x.is_string()) => {}
             Some(other) => return Err(bad(format!("`modules_to_save` must be a list of strings or null, found {other}"))),
         }
-        let num_virtual_tokens = opt_size("num_virtual_tokens", MAX_VIRTUAL_TOKENS)?
-            .ok_or_else(|| bad("`num_virtual_tokens` must be given (a positive integer)".into()))?;
+        // CPT (HF `CPTConfig.__post_init__`): one virtual token per `cpt_token_ids` entry, one
+        // transformer submodule, whatever the file says.
+        let cpt = match method {
+            PromptMethod::Cpt => {
+                let task = match raw.get("task_type") {
+                    Some(Value::String(t)) => Some(t.as_str()),
+                    _ => None,
+                };
+                Some(CptOptions::from_raw(&raw, task, path)?)
+            }
+            _ => None,
+        };
+        let num_virtual_tokens = match &cpt {
+            Some(c) => c.cpt_token_ids.len(),
+            None => opt_size("num_virtual_tokens", MAX_VIRTUAL_TOKENS)?
+                .ok_or_else(|| bad("`num_virtual_tokens` must be given (a positive integer)".into()))?,
+        };
         let token_dim = opt_size("token_dim", MAX_DIM)?;
         let num_layers = opt_size("num_layers", 4096)?;
         let num_attention_heads = opt_size("num_attention_heads", MAX_DIM)?;
-        let num_transformer_submodules = opt_size("num_transformer_submodules", 2)?;
+        let num_transformer_submodules = if cpt.is_some() { Some(1) } else { opt_size("num_transformer_submodules", 2)? };
         let encoder_hidden_size = opt_size("encoder_hidden_size", MAX_DIM)?;
         let get_bool = |k: &str| -> Result<bool> {
             match raw.get(k) {
@@ -262,6 +289,7 @@ impl PromptLearningConfig {
             task_type: opt_str("task_type")?,
             base_model_name_or_path: opt_str("base_model_name_or_path")?,
             inference_mode,
+            cpt,
             raw,
             unknown,
         })
@@ -380,6 +408,12 @@ impl PromptLearningConfig {
                     m.insert("prompt_tuning_init_state_dict_path".into(), s(&self.prompt_tuning_init_state_dict_path));
                 }
             }
+            PromptMethod::Cpt => {
+                m.insert("tokenizer_name_or_path".into(), s(&self.tokenizer_name_or_path));
+                if let Some(c) = &self.cpt {
+                    c.write(&mut m);
+                }
+            }
         }
         let sorted: BTreeMap<String, Value> = m.into_iter().collect();
         serde_json::to_value(sorted).expect("a map of JSON values serializes")
@@ -442,6 +476,8 @@ pub enum PromptHead {
     /// P-tuning LSTM: bidirectional `encoder_num_layers`-layer LSTM, then
     /// `Linear(2h, 2h) → ReLU → Linear(2h, token_dim)`.
     PtuningLstm { layers: Vec<[LstmDirection; 2]>, dropout: f64, mlp: (TrainLinear, TrainLinear) },
+    /// CPT: the table is `embedding + P(δ)` with `embedding` frozen and δ trainable (see [`cpt`]).
+    Cpt(CptHead),
 }
 
 /// The per-adapter prompt encoder (HF `PrefixEncoder` / `PromptEmbedding` / `PromptEncoder` /
@@ -531,6 +567,10 @@ impl PromptEncoder {
                 TrainLinear::new(&mut rng, hidden, hidden, false, device)?,
                 TrainLinear::new(&mut rng, hidden, td, false, device)?,
             ),
+            PromptMethod::Cpt => {
+                let opts = cfg.cpt.as_ref().ok_or_else(|| missing("cpt_token_ids"))?;
+                PromptHead::Cpt(CptHead::new(opts, td, device)?)
+            }
             _ => PromptHead::Direct,
         };
         let task = if cfg.method == PromptMethod::MultitaskPromptTuning {
@@ -554,8 +594,13 @@ impl PromptEncoder {
         Ok(PromptEncoder { embedding: Var::from_tensor(&table.to_dtype(DType::F32)?)?, head: PromptHead::Direct, task })
     }
 
-    /// Every trainable parameter with a descriptive name (for counting and optimizers).
+    /// Every trainable parameter with a descriptive name (HF's parameter names under the
+    /// encoder; for optimizers). CPT trains only `delta_embedding.weight` (its `embedding` is
+    /// frozen).
     pub fn vars(&self) -> Vec<(String, Var)> {
+        if let PromptHead::Cpt(h) = &self.head {
+            return vec![("delta_embedding.weight".to_string(), h.delta.clone())];
+        }
         let mut out = vec![("embedding.weight".to_string(), self.embedding.clone())];
         let lin = |out: &mut Vec<(String, Var)>, name: &str, l: &TrainLinear| {
             let v = l.vars();
@@ -563,7 +608,7 @@ impl PromptEncoder {
             out.push((format!("{name}.bias"), v[1].clone()));
         };
         match &self.head {
-            PromptHead::Direct => {}
+            PromptHead::Direct | PromptHead::Cpt(_) => {}
             PromptHead::PrefixMlp(a, b) => {
                 lin(&mut out, "transform.0", a);
                 lin(&mut out, "transform.2", b);
@@ -593,9 +638,21 @@ impl PromptEncoder {
         out
     }
 
-    /// Number of parameters (HF counts all of them as trainable unless in inference mode).
+    /// Number of parameters (HF counts all of them as trainable unless in inference mode;
+    /// CPT's frozen `embedding` counts here but not in [`Self::vars`]).
     pub fn param_count(&self) -> usize {
-        self.vars().iter().map(|(_, v)| v.elem_count()).sum()
+        let frozen = if matches!(self.head, PromptHead::Cpt(_)) { self.embedding.elem_count() } else { 0 };
+        frozen + self.vars().iter().map(|(_, v)| v.elem_count()).sum::<usize>()
+    }
+
+    /// The encoder's part of the trainer's after-optimizer-step hook: CPT projects its delta
+    /// back into its norm bounds (HF does this at the start of every forward); the other heads
+    /// have nothing to do.
+    pub fn after_optimizer_step(&self) -> Result<()> {
+        match &self.head {
+            PromptHead::Cpt(h) => h.project(),
+            _ => Ok(()),
+        }
     }
 
     /// The prompt table `[rows, dim]` f32 after the reparameterisation head (not the multitask
@@ -604,6 +661,7 @@ impl PromptEncoder {
         let e = self.embedding.as_tensor();
         Ok(match &self.head {
             PromptHead::Direct => e.clone(),
+            PromptHead::Cpt(h) => h.table(e)?,
             PromptHead::PrefixMlp(a, b) => b.forward(&a.forward(e)?.tanh()?)?,
             PromptHead::PtuningMlp(a, b, c) => c.forward(&b.forward(&a.forward(e)?.relu()?)?.relu()?)?,
             PromptHead::PtuningLstm { layers, dropout, mlp } => {

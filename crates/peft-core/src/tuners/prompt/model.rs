@@ -107,7 +107,13 @@ impl PeftModel {
             None => {
                 let rows = cfg.table_rows();
                 let use_vocab = !cfg.inference_mode && matches!(cfg.method, PromptMethod::PromptTuning | PromptMethod::MultitaskPromptTuning);
-                let init = if use_vocab && cfg.prompt_tuning_init == "TEXT" {
+                let init = if let (Some(c), false) = (&cfg.cpt, cfg.inference_mode) {
+                    // HF `CPTEmbedding`: the rows of the word embeddings of `cpt_token_ids`, in f32.
+                    if let Some(id) = c.cpt_token_ids.iter().find(|&&x| x as usize >= dims.vocab_size) {
+                        return Err(bad(format!("`cpt_token_ids` holds {id}, outside the model's vocabulary ({})", dims.vocab_size)));
+                    }
+                    PromptInit::FromVocab { word_embeddings: self.base.word_embeddings(), ids: c.cpt_token_ids.clone() }
+                } else if use_vocab && cfg.prompt_tuning_init == "TEXT" {
                     let tpath = PathBuf::from(cfg.tokenizer_name_or_path.clone().unwrap_or_default());
                     let tok = crate::tokenizer::Tokenizer::from_pretrained(&tpath)?;
                     let ids = tok.encode(cfg.prompt_tuning_init_text.as_deref().unwrap_or(""), true)?;
@@ -212,7 +218,11 @@ impl PeftModel {
             }
         }
         result.missing_keys.sort();
-        let enc = PromptEncoder::from_table(&table, task)?;
+        let mut enc = PromptEncoder::from_table(&table, task)?;
+        if let Some(c) = &cfg.cpt {
+            // HF: the saved table goes into `embedding`; the delta starts at zero.
+            enc.head = super::PromptHead::Cpt(super::CptHead::new(c, td, self.base.device())?);
+        }
         self.add_prompt(name, cfg, 0, Some(enc))?;
         for (m, lin) in self.base.named_linears_mut() {
             let dtype = lin.weight.dtype();
