@@ -355,7 +355,10 @@ pub const TRAINABLE_FILE: &str = "trainable_parameters.safetensors";
 /// scaled by `scale` (for accumulation). Returns `(loss, label tokens, grads)`.
 pub fn loss_and_grads(model: &PeftModel, batch: &Batch, total_items: Option<usize>, rng: Option<Arc<Mutex<rand::rngs::StdRng>>>) -> Result<(f64, usize, GradStore)> {
     batch.validate(model)?;
-    if model.base.task() == Task::CausalLm {
+    // The tuners' loss terms (AdaLoRA's orthogonal regularisation), added to each micro-batch's
+    // loss as HF's tuner model adds them to `outputs.loss`; the fused engine computes none.
+    let extra = loss_terms(model, true)?;
+    if model.base.task() == Task::CausalLm && extra.is_none() {
         if let Some(out) = crate::engine::try_loss_and_grads(model, batch, total_items, rng.clone())? {
             return Ok(out);
         }
@@ -363,13 +366,46 @@ pub fn loss_and_grads(model: &PeftModel, batch: &Batch, total_items: Option<usiz
     let opts = ForwardOptions { train: true, dropout_rng: rng, ..batch.forward_options(model) };
     let logits = model.forward(&batch.input_ids, batch.batch_size, batch.seq_len, &opts, None)?;
     let (mean, n) = task_loss(model, &logits, batch)?;
-    let loss_val = mean.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? as f64;
-    let scaled = match total_items {
+    let mut loss_val = mean.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? as f64;
+    let mut scaled = match total_items {
         Some(t) if t > 0 => (mean * (n as f64 / t as f64))?,
         _ => mean,
     };
+    if let Some(x) = extra {
+        loss_val += x.to_scalar::<f32>()? as f64;
+        scaled = (scaled.to_dtype(candle_core::DType::F32)? + x)?;
+    }
     let grads = scaled.backward()?;
     Ok((loss_val, n, grads))
+}
+
+/// The sum of every adapter's [`crate::tuners::registry::Tuner::loss_term`] (a scalar f32
+/// tensor, tracked when `train`), or `None` when no tuner adds one.
+///
+/// Errors: the tuners'.
+pub fn loss_terms(model: &PeftModel, train: bool) -> Result<Option<Tensor>> {
+    let mut sum: Option<Tensor> = None;
+    for (name, cfg) in &model.configs {
+        if let Some(t) = cfg.tuner().loss_term(model, name, cfg, train)? {
+            sum = Some(match sum {
+                Some(s) => (s + t)?,
+                None => t,
+            });
+        }
+    }
+    Ok(sum)
+}
+
+/// Run every adapter's [`crate::tuners::registry::Tuner::after_step`] hook after the optimizer
+/// step with 0-based index `global_step` and the gradients `grads` it applied (AdaLoRA's
+/// `update_and_allocate`).
+///
+/// Errors: the tuners'.
+pub fn after_optimizer_step(model: &PeftModel, global_step: usize, grads: &GradStore) -> Result<()> {
+    for (name, cfg) in &model.configs {
+        cfg.tuner().after_step(model, name, cfg, global_step, grads)?;
+    }
+    Ok(())
 }
 
 /// Labels as the loss sees them: with prompt tuning / P-tuning the logits include the virtual
@@ -646,7 +682,11 @@ impl Trainer {
         let opts = batch.forward_options(model);
         let logits = model.forward(&batch.input_ids, batch.batch_size, batch.seq_len, &opts, None)?.detach();
         let (mean, n) = task_loss(model, &logits, batch)?;
-        Ok((mean.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?, n))
+        let extra = match loss_terms(model, false)? {
+            Some(x) => x.to_scalar::<f32>()? as f64,
+            None => 0.0,
+        };
+        Ok((mean.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? + extra, n))
     }
 
     /// One optimizer step over `micro_batches` (gradient accumulation): the loss of each is
@@ -700,6 +740,7 @@ impl Trainer {
         let lr = self.current_lr();
         self.opt.set_learning_rate(lr);
         self.opt.step(&store)?;
+        after_optimizer_step(model, self.step, &store)?;
         self.step += 1;
         let loss = if items > 0 { loss_sum / items as f64 } else { 0.0 };
         if !loss.is_finite() {

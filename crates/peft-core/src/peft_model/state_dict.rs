@@ -170,6 +170,7 @@ impl PeftModel {
         }
         let cfg = self.peft_config(name)?;
         out.extend(cfg.tuner().shared_state_dict(self, name, cfg)?);
+        cfg.tuner().finish_state_dict(self, name, cfg, &mut out)?;
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
     }
