@@ -115,6 +115,13 @@ export interface TrainerOptions {
   /** Shuffle examples each epoch (seeded; default true). */
   shuffle?: boolean
   onStep?: (info: StepInfo) => void
+  /**
+   * Run the tuners' after-step logic after every optimizer step (default true): for AdaLoRA, HF's
+   * `update_and_allocate(step)` with the 0-based step (importance update, budget masking,
+   * `rankPattern`). `false` leaves it to you: call `model.updateAndAllocate(globalStep)` yourself
+   * (e.g. from `onStep`), which uses the gradients of the step just taken.
+   */
+  tunerStepHooks?: boolean
   signal?: AbortSignal
   /** Folder for checkpoints (`<outputDir>/checkpoint-<step>/`); needed with `saveSteps` or `resumeFromCheckpoint: true`. */
   outputDir?: string
@@ -180,6 +187,7 @@ const TRAINER_OPTIONS = [
   'maxGradNorm', 'adamBeta1', 'adamBeta2', 'adamEpsilon', 'seed', 'tokenizer', 'maxLength', 'assistantOnlyLoss', 'completionOnlyLoss',
   'chatTemplate', 'templateKwargs', 'lrSchedulerType', 'warmupRatio', 'evalDataset', 'valSetSize', 'evalSteps', 'perDeviceEvalBatchSize',
   'onEvaluate', 'saveTotalLimit', 'saveOnAbort', 'packing', 'shuffle', 'onStep', 'signal', 'outputDir', 'saveSteps', 'resumeFromCheckpoint',
+  'tunerStepHooks',
 ] as const
 
 export class Trainer {
@@ -189,7 +197,7 @@ export class Trainer {
       TrainerOptions,
       | 'tokenizer' | 'maxLength' | 'onStep' | 'signal' | 'maxSteps' | 'numTrainEpochs' | 'outputDir' | 'saveSteps' | 'resumeFromCheckpoint'
       | 'assistantOnlyLoss' | 'completionOnlyLoss' | 'chatTemplate' | 'templateKwargs' | 'warmupRatio' | 'evalDataset' | 'valSetSize' | 'evalSteps'
-      | 'onEvaluate' | 'saveTotalLimit' | 'saveOnAbort' | 'packing'
+      | 'onEvaluate' | 'saveTotalLimit' | 'saveOnAbort' | 'packing' | 'tunerStepHooks'
     >
   > &
     TrainerOptions
@@ -319,6 +327,9 @@ export class Trainer {
       return await this.run(rt, data, evalData, atCall)
     } finally {
       rt.training = false
+      // Tuners may change their configs while training (AdaLoRA's rank_pattern): refresh the
+      // adapters' snapshot once the steps are done.
+      await rt.schedule(() => rt.resync()).catch(() => {})
     }
   }
 
@@ -351,6 +362,7 @@ export class Trainer {
               adamEpsilon: o.adamEpsilon,
               maxGradNorm: o.maxGradNorm,
               seed: o.seed,
+              tunerStepHooks: o.tunerStepHooks ?? true,
             }),
         )
       }),

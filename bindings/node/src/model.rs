@@ -462,6 +462,12 @@ impl NativeModel {
         guard(|| with_model(&self.inner, |m| m.delete_adapter(&name)))
     }
 
+    /// AdaLoRA: HF `update_and_allocate(global_step)` with the gradients of the last trainer step.
+    #[napi(catch_unwind)]
+    pub fn update_and_allocate(&self, global_step: u32) -> napi::Result<()> {
+        guard(|| with_model(&self.inner, |m| m.update_and_allocate_recorded(global_step as usize)))
+    }
+
     #[napi(catch_unwind)]
     pub fn adapter_names(&self) -> napi::Result<Vec<String>> {
         guard(|| with_model(&self.inner, |m| Ok(m.adapter_names())))

@@ -21,6 +21,8 @@ pub struct TrainingArgsJs {
     pub seed: u32,
     /// transformers' `lr_scheduler_type` (`linear` when absent).
     pub lr_scheduler_type: Option<String>,
+    /// Run the tuners' after-step logic (AdaLoRA's `update_and_allocate`) after every step (default true).
+    pub tuner_step_hooks: Option<bool>,
 }
 
 #[napi(object)]
@@ -104,6 +106,7 @@ impl NativeTrainer {
                 Some(n) => guard(|| LrSchedule::parse(n))?,
                 None => LrSchedule::Linear,
             },
+            tuner_step_hooks: args.tuner_step_hooks.unwrap_or(true),
         };
         let trainer = guard(|| with_model(&model.inner, |m| Trainer::new(m, a)))?;
         Ok(NativeTrainer { trainer: Arc::new(Mutex::new(trainer)), model: model.inner.clone() })

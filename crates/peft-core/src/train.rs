@@ -31,6 +31,11 @@ pub struct TrainingArgs {
     pub seed: u64,
     /// The learning-rate schedule (transformers' `lr_scheduler_type`; default linear).
     pub lr_scheduler_type: LrSchedule,
+    /// Run the tuners' after-step logic after every optimizer step (default true): AdaLoRA's
+    /// `update_and_allocate` with the 0-based step. `false` leaves it to the caller
+    /// ([`PeftModel::update_and_allocate_recorded`], TS `updateAndAllocate`); the step's
+    /// gradients are still recorded for it.
+    pub tuner_step_hooks: bool,
 }
 
 /// transformers' learning-rate schedules (`SchedulerType`), as the factor applied to the base
@@ -111,6 +116,7 @@ impl Default for TrainingArgs {
             max_grad_norm: 1.0,
             seed: 42,
             lr_scheduler_type: LrSchedule::Linear,
+            tuner_step_hooks: true,
         }
     }
 }
@@ -396,12 +402,12 @@ pub fn loss_terms(model: &PeftModel, train: bool) -> Result<Option<Tensor>> {
     Ok(sum)
 }
 
-/// Run every adapter's [`crate::tuners::registry::Tuner::after_step`] hook after the optimizer
-/// step with 0-based index `global_step` and the gradients `grads` it applied (AdaLoRA's
-/// `update_and_allocate`).
+/// Run every adapter's [`crate::tuners::registry::Tuner::after_step`] hook after an optimizer
+/// step with the gradients `grads` it applied and its 0-based index `global_step` (`None`:
+/// record only, the caller runs the step logic; AdaLoRA's `update_and_allocate`).
 ///
 /// Errors: the tuners'.
-pub fn after_optimizer_step(model: &PeftModel, global_step: usize, grads: &GradStore) -> Result<()> {
+pub fn after_optimizer_step(model: &PeftModel, global_step: Option<usize>, grads: &GradStore) -> Result<()> {
     for (name, cfg) in &model.configs {
         cfg.tuner().after_step(model, name, cfg, global_step, grads)?;
     }
@@ -691,7 +697,10 @@ impl Trainer {
 
     /// One optimizer step over `micro_batches` (gradient accumulation): the loss of each is
     /// weighted by its share of all label tokens (transformers' `num_items_in_batch`), gradients
-    /// are summed, clipped to `max_grad_norm`, and AdamW is applied.
+    /// are summed, clipped to `max_grad_norm`, and AdamW is applied; then the tuners' after-step
+    /// hooks run with the clipped gradients (AdaLoRA's `update_and_allocate(step)`, 0-based, see
+    /// [`TrainingArgs::tuner_step_hooks`]). The loss includes the tuners' loss terms
+    /// ([`loss_terms`]: AdaLoRA's orthogonal regularisation).
     pub fn step(&mut self, model: &PeftModel, micro_batches: &[Batch]) -> Result<StepOutput> {
         if micro_batches.is_empty() {
             return Err(PeftError::invalid_arg("batches", "at least one micro-batch is required"));
@@ -740,7 +749,7 @@ impl Trainer {
         let lr = self.current_lr();
         self.opt.set_learning_rate(lr);
         self.opt.step(&store)?;
-        after_optimizer_step(model, self.step, &store)?;
+        after_optimizer_step(model, self.args.tuner_step_hooks.then_some(self.step), &store)?;
         self.step += 1;
         let loss = if items > 0 { loss_sum / items as f64 } else { 0.0 };
         if !loss.is_finite() {

@@ -81,8 +81,10 @@ pub trait Tuner: Sync {
     /// Called by the trainer after each optimizer step (parameters updated, `grads` the step's
     /// gradients as applied, after clipping) for every adapter `name` of this tuner, with the
     /// 0-based `global_step` (HF: what a training loop calls between `optimizer.step()` and
-    /// `zero_grad()`, AdaLoRA's `update_and_allocate`). The default does nothing.
-    fn after_step(&self, model: &PeftModel, name: &str, cfg: &AdapterConfig, global_step: usize, grads: &GradStore) -> Result<()> {
+    /// `zero_grad()`, AdaLoRA's `update_and_allocate`). `global_step` is `None` when the
+    /// trainer leaves that logic to the caller (`TrainingArgs::tuner_step_hooks` off): the tuner
+    /// only records what a later call needs. The default does nothing.
+    fn after_step(&self, model: &PeftModel, name: &str, cfg: &AdapterConfig, global_step: Option<usize>, grads: &GradStore) -> Result<()> {
         let _ = (model, name, cfg, global_step, grads);
         Ok(())
     }

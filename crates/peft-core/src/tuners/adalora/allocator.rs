@@ -17,7 +17,7 @@
 //! - after `total_step − tfinal`, the recorded pattern is applied to `lora_E` again every step.
 
 use super::config::AdaLoraConfig;
-use super::layer::AdaLoraLayer;
+use super::layer::{AdaLoraLayer, NAMES};
 use crate::error::{PeftError, Result};
 use crate::peft_model::PeftModel;
 use candle_core::backprop::GradStore;
@@ -53,26 +53,38 @@ fn f32_of(v: &Var) -> Result<Tensor> {
     Ok(v.as_tensor().detach().to_dtype(DType::F32)?)
 }
 
-/// HF `update_ipt` for one layer.
-fn update_importance(l: &AdaLoraLayer, c: &AdaLoraConfig, grads: &GradStore) -> Result<()> {
+/// Record the gradients of the optimizer step just taken (`None` where `grads` has none).
+pub(crate) fn record_gradients(l: &AdaLoraLayer, grads: &GradStore) {
     let mut imp = l.importance.lock().unwrap_or_else(|e| e.into_inner());
-    for (slot, v) in [("lora_A", &l.a), ("lora_B", &l.b), ("lora_E", &l.e)] {
-        let p = f32_of(v)?;
+    imp.grads.clear();
+    for slot in NAMES {
+        if let Some(g) = grads.get(l.var(slot).as_tensor()) {
+            imp.grads.insert(slot, g.clone());
+        }
+    }
+}
+
+/// HF `update_ipt` for one layer, with the gradients recorded by [`record_gradients`] (zeros
+/// where none was).
+fn update_importance(l: &AdaLoraLayer, c: &AdaLoraConfig) -> Result<()> {
+    let mut imp = l.importance.lock().unwrap_or_else(|e| e.into_inner());
+    for slot in NAMES {
+        let p = f32_of(l.var(slot))?;
         if p.elem_count() == 0 {
             continue;
         }
-        let g = match grads.get(v.as_tensor()) {
+        let g = match imp.grads.get(slot) {
             Some(g) => g.to_dtype(DType::F32)?,
             None => p.zeros_like()?,
         };
         let ipt = (&p * &g)?.abs()?;
-        let (avg, unc) = match imp.get(slot) {
+        let (avg, unc) = match imp.ema.get(slot) {
             Some((a, u)) => (a.clone(), u.clone()),
             None => (p.zeros_like()?, p.zeros_like()?),
         };
         let avg = ((avg * c.beta1)? + (&ipt * (1.0 - c.beta1))?)?;
         let unc = ((unc * c.beta2)? + ((&ipt - &avg)?.abs()? * (1.0 - c.beta2))?)?;
-        imp.insert(slot, (avg, unc));
+        imp.ema.insert(slot, (avg, unc));
     }
     Ok(())
 }
@@ -81,7 +93,7 @@ fn update_importance(l: &AdaLoraLayer, c: &AdaLoraConfig, grads: &GradStore) -> 
 fn triplet_scores(l: &AdaLoraLayer) -> Result<Vec<f32>> {
     let r = l.rank();
     let imp = l.importance.lock().unwrap_or_else(|e| e.into_inner());
-    let score = |slot: &str| -> Result<Option<Tensor>> { Ok(imp.get(slot).map(|(a, u)| a * u).transpose()?) };
+    let score = |slot: &str| -> Result<Option<Tensor>> { Ok(imp.ema.get(slot).map(|(a, u)| a * u).transpose()?) };
     let (Some(sa), Some(sb), Some(se)) = (score("lora_A")?, score("lora_B")?, score("lora_E")?) else {
         return Ok(vec![0.0; r]);
     };
@@ -123,9 +135,16 @@ fn mask_to_budget(ls: &[(String, &AdaLoraLayer)], init_bgt: usize, budget: usize
     Ok(pattern)
 }
 
-/// HF `AdaLoraModel.update_and_allocate(global_step)` for adapter `name` with config `c`, given
-/// the step's gradients.
-pub(crate) fn update_and_allocate(model: &PeftModel, name: &str, c: &AdaLoraConfig, global_step: usize, grads: &GradStore) -> Result<()> {
+/// Record the gradients `grads` of the step just taken in adapter `name`'s layers.
+pub(crate) fn record(model: &PeftModel, name: &str, grads: &GradStore) {
+    for (_, l) in layers(model, name) {
+        record_gradients(l, grads);
+    }
+}
+
+/// HF `AdaLoraModel.update_and_allocate(global_step)` for adapter `name` with config `c`, with
+/// the gradients last recorded ([`record`]).
+pub(crate) fn update_and_allocate(model: &PeftModel, name: &str, c: &AdaLoraConfig, global_step: usize) -> Result<()> {
     let ls = layers(model, name);
     let init_bgt = c.init_r * ls.len();
     let target_bgt = c.target_r * ls.len();
@@ -133,7 +152,7 @@ pub(crate) fn update_and_allocate(model: &PeftModel, name: &str, c: &AdaLoraConf
     let step = global_step as i64;
     if step < end {
         for (_, l) in &ls {
-            update_importance(l, c, grads)?;
+            update_importance(l, c)?;
         }
         let (budget, mask) = budget_schedule(c, init_bgt, target_bgt, global_step);
         if mask {
@@ -143,7 +162,7 @@ pub(crate) fn update_and_allocate(model: &PeftModel, name: &str, c: &AdaLoraConf
         let (budget, _) = budget_schedule(c, init_bgt, target_bgt, global_step);
         c.set_rank_pattern(Some(mask_to_budget(&ls, init_bgt, budget)?));
         for (_, l) in &ls {
-            l.importance.lock().unwrap_or_else(|e| e.into_inner()).clear();
+            l.importance.lock().unwrap_or_else(|e| e.into_inner()).ema.clear();
         }
     } else {
         let Some(pattern) = c.rank_pattern() else {

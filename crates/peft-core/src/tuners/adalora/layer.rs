@@ -24,15 +24,23 @@ use candle_core::{DType, Tensor, Var};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+/// The slot names of a layer's parameters, in HF's order.
+pub(crate) const NAMES: [&str; 3] = ["lora_A", "lora_B", "lora_E"];
+
 pub const LORA_A: Slot = Slot::param("lora_A");
 pub const LORA_B: Slot = Slot::param("lora_B");
 pub const LORA_E: Slot = Slot::param("lora_E");
 /// Every AdaLoRA slot, in HF's state-dict order.
 pub const SLOTS: [Slot; 3] = [LORA_A, LORA_B, LORA_E];
 
-/// The allocator's moving averages of one parameter (HF `exp_avg_ipt[n]`, `exp_avg_unc[n]`), by
-/// slot name.
-pub(crate) type Importance = HashMap<&'static str, (Tensor, Tensor)>;
+/// The allocator's state of one layer: per slot name, the moving averages (HF `exp_avg_ipt[n]`,
+/// `exp_avg_unc[n]`) and the gradient of the last optimizer step the trainer recorded (torch's
+/// `p.grad` until `zero_grad`, for [`crate::PeftModel::update_and_allocate_recorded`]).
+#[derive(Debug, Default)]
+pub(crate) struct Importance {
+    pub ema: HashMap<&'static str, (Tensor, Tensor)>,
+    pub grads: HashMap<&'static str, Tensor>,
+}
 
 /// One AdaLoRA adapter of one linear layer.
 #[derive(Debug, Clone)]
@@ -53,6 +61,15 @@ pub struct AdaLoraLayer {
 }
 
 impl AdaLoraLayer {
+    /// The variable of slot `name` (`lora_A`, `lora_B`, `lora_E`).
+    pub(crate) fn var(&self, name: &str) -> &Var {
+        match name {
+            "lora_A" => &self.a,
+            "lora_B" => &self.b,
+            _ => &self.e,
+        }
+    }
+
     /// The current rank (rows of `lora_A`).
     pub fn rank(&self) -> usize {
         self.a.as_tensor().dims().first().copied().unwrap_or(0)
@@ -112,6 +129,10 @@ impl AdapterLayer for AdaLoraLayer {
         let h = xf.matmul(&self.scaled_a(ctx.train)?.t()?)?;
         let y = h.matmul(&Self::t(&self.b, ctx.train)?.t()?)?;
         Ok((y * self.factor())?.reshape(out_dims)?)
+    }
+    /// HF's layer class is not `<kind>.Linear`: the bindings report the whole class.
+    fn adapter_kind(&self) -> &'static str {
+        "adalora.SVDLinear"
     }
     /// HF's `SVDLinear.forward` ignores `adapter_names`; mixed batches are refused here.
     fn mixed_batch(&self) -> bool {

@@ -87,9 +87,17 @@ impl Tuner for AdaLoraTuner {
             _ => Ok(None),
         }
     }
-    fn after_step(&self, model: &PeftModel, name: &str, cfg: &AdapterConfig, global_step: usize, grads: &GradStore) -> Result<()> {
+    /// Records the step's gradients in the trainable adapter's layers, then (with a step index)
+    /// runs HF's `update_and_allocate`.
+    fn after_step(&self, model: &PeftModel, name: &str, cfg: &AdapterConfig, global_step: Option<usize>, grads: &GradStore) -> Result<()> {
         match cfg.get::<AdaLoraConfig>() {
-            Some(c) if !c.inference_mode => allocator::update_and_allocate(model, name, c, global_step, grads),
+            Some(c) if !c.inference_mode => {
+                allocator::record(model, name, grads);
+                match global_step {
+                    Some(step) => allocator::update_and_allocate(model, name, c, step),
+                    None => Ok(()),
+                }
+            }
             _ => Ok(()),
         }
     }

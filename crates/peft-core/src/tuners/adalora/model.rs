@@ -57,6 +57,10 @@ fn trainable(model: &PeftModel) -> Option<(&str, &AdaLoraConfig)> {
     model.configs.iter().find_map(|(n, c)| c.get::<AdaLoraConfig>().filter(|c| !c.inference_mode).map(|c| (n.as_str(), c)))
 }
 
+fn trainable_or_err(model: &PeftModel) -> Result<(&str, &AdaLoraConfig)> {
+    trainable(model).ok_or_else(|| PeftError::InvalidState("the model has no trainable AdaLoRA adapter (update_and_allocate needs one whose inference_mode is false)".into()))
+}
+
 /// HF `AdaLoraModel.forward`'s orthogonal regularisation of adapter `name`:
 /// `orth_reg_weight · mean over every lora_A and lora_B of ‖P Pᵀ − I‖_F` (`‖QᵀQ − I‖_F` for `B`),
 /// a scalar f32 tensor (tracked when `train`). `None` when the weight is 0 or the adapter has no
@@ -137,17 +141,34 @@ impl PeftModel {
     /// HF `AdaLoraModel.update_and_allocate(global_step)` for the model's trainable AdaLoRA
     /// adapter, given the gradients `grads` of the optimizer step just taken (call it after the
     /// optimizer step, before the gradients are dropped, with the 0-based step index as HF's
-    /// AdaLoRA examples do; [`crate::train::Trainer::step`] calls it itself). Updates the
-    /// importance averages, masks `lora_E` rows down to the step's budget and records the
-    /// config's `rank_pattern` (see [`super::allocator`]).
+    /// AdaLoRA examples do; [`crate::train::Trainer::step`] calls it itself unless
+    /// [`crate::train::TrainingArgs::tuner_step_hooks`] is off). Updates the importance
+    /// averages, masks `lora_E` rows down to the step's budget and records the config's
+    /// `rank_pattern` (see [`super::allocator`]).
     ///
     /// Errors: `InvalidState` when the model has no trainable AdaLoRA adapter (HF: an
     /// `AttributeError`), when the budget does not lie below `init_r · layers` (`target_r` ≥
     /// `init_r`; HF: torch's `kthvalue` error), or when a step after `total_step − tfinal` finds
     /// no rank pattern.
     pub fn update_and_allocate(&self, global_step: usize, grads: &GradStore) -> Result<()> {
-        let (name, cfg) = trainable(self).ok_or_else(|| PeftError::InvalidState("the model has no trainable AdaLoRA adapter (update_and_allocate needs one whose inference_mode is false)".into()))?;
-        super::allocator::update_and_allocate(self, name, cfg, global_step, grads)
+        let (name, cfg) = trainable_or_err(self)?;
+        super::allocator::record(self, name, grads);
+        super::allocator::update_and_allocate(self, name, cfg, global_step)
+    }
+
+    /// [`Self::update_and_allocate`] with the gradients of the last optimizer step the
+    /// [`crate::train::Trainer`] took (kept by the AdaLoRA layers, as torch keeps `p.grad` until
+    /// `zero_grad`): for loops that run the trainer with `tuner_step_hooks` off and allocate
+    /// themselves (TS `PeftModel.updateAndAllocate(globalStep)`).
+    ///
+    /// Errors: as [`Self::update_and_allocate`]; `InvalidState` when no step was recorded.
+    pub fn update_and_allocate_recorded(&self, global_step: usize) -> Result<()> {
+        let (name, cfg) = trainable_or_err(self)?;
+        let ls: Vec<_> = self.base.named_linears().into_iter().filter_map(|(_, lin)| lin.layers.get(name).and_then(|l| l.as_any()).and_then(|a| a.downcast_ref::<AdaLoraLayer>()).map(|l| l.importance.lock().unwrap_or_else(|e| e.into_inner()).grads.is_empty())).collect();
+        if ls.iter().all(|empty| *empty) {
+            return Err(PeftError::InvalidState(format!("AdaLoRA adapter `{name}` has no gradients of an optimizer step to allocate with (run a Trainer step first)")));
+        }
+        super::allocator::update_and_allocate(self, name, cfg, global_step)
     }
 
     /// Inject an AdaLoRA adapter (HF `AdaLoraModel`): one [`AdaLoraLayer`] per targeted linear /
@@ -213,7 +234,7 @@ impl PeftModel {
                 ranknum: if r == 0 { 0.0 } else { cfg.init_r as f64 },
                 scaling: if cfg.lora_alpha > 0.0 { cfg.lora_alpha } else { r as f64 },
                 dropout: cfg.lora_dropout,
-                importance: Arc::new(Mutex::new(HashMap::new())),
+                importance: Arc::new(Mutex::new(Default::default())),
             };
             planned.insert(mname, Box::new(layer));
         }
