@@ -328,8 +328,9 @@ export class Trainer {
     } finally {
       rt.training = false
       // Tuners may change their configs while training (AdaLoRA's rank_pattern): refresh the
-      // adapters' snapshot once the steps are done.
-      await rt.schedule(() => rt.resync()).catch(() => {})
+      // adapters' snapshot once the steps are done (at once when the model is idle, else after
+      // the calls queued before it; train() does not wait for those).
+      rt.schedule(() => rt.resync()).catch(() => {})
     }
   }
 
