@@ -581,6 +581,7 @@ impl NativeModel {
                     }
                     if let Some(kind) = l.adapter_kind(&name) {
                         params += l.adapter_params(&name).iter().map(|(_, v)| v.elem_count()).sum::<usize>();
+                        params += l.layers.get(&name).map(|x| x.frozen_param_count()).unwrap_or(0);
                         layers.push(serde_json::json!([path, kind]));
                     }
                 }

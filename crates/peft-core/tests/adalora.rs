@@ -127,7 +127,8 @@ fn adalora_round_trip_is_byte_identical() {
 fn adalora_loss_with_orth_reg_gradients_and_counts_match_hf() {
     let cj = case_json(CASE);
     let m = adapter_peft(CASE, true);
-    assert_eq!(m.nb_trainable_parameters().0 as u64, cj["trainable_params"].as_u64().unwrap(), "trainable parameters");
+    let (trainable, total) = m.nb_trainable_parameters();
+    assert_eq!((trainable as u64, total as u64), (cj["trainable_params"].as_u64().unwrap(), cj["all_params"].as_u64().unwrap()), "trainable / all parameters (HF counts ranknum)");
     let status = m.layer_status().unwrap();
     assert_eq!(status.len(), 6, "{status:?}");
     assert!(status.iter().all(|s| s["module_type"] == "adalora.SVDLinear"), "{status:?}");
@@ -150,7 +151,12 @@ fn adalora_loss_with_orth_reg_gradients_and_counts_match_hf() {
     let mut cfg = cfg;
     cfg.set_inference_mode(false);
     f.add_adapter("default", cfg, 3).unwrap();
-    assert_eq!(f.nb_trainable_parameters().0 as u64, case_json(INIT)["trainable_params"].as_u64().unwrap(), "fresh adapter's trainable count");
+    let (trainable, total) = f.nb_trainable_parameters();
+    assert_eq!((trainable as u64, total as u64), (case_json(INIT)["trainable_params"].as_u64().unwrap(), case_json(INIT)["all_params"].as_u64().unwrap()), "fresh adapter's counts");
+    // HF warns that AdaLoRA ignores LoRA's `r`.
+    let mut w = base_peft(INIT);
+    w.add_adapter("default", adalora(json!({"r": 4})), 1).unwrap();
+    assert!(w.take_warnings().iter().any(|x| x.starts_with("Note that `r` is not used in AdaLora")));
 }
 
 #[test]

@@ -202,6 +202,12 @@ pub trait AdapterLayer: Send + Sync + std::fmt::Debug {
         let _ = lin;
         None
     }
+    /// Elements of parameters HF's layer registers that are neither trained nor saved (AdaLoRA's
+    /// `ranknum`, one per layer): HF's `get_nb_trainable_parameters` counts them in the total.
+    /// Default 0.
+    fn frozen_param_count(&self) -> usize {
+        0
+    }
     /// A boxed copy.
     fn clone_box(&self) -> Box<dyn AdapterLayer>;
 }

@@ -239,6 +239,12 @@ impl AdaLoraConfig {
         }
     }
 
+    /// Whether the file sets LoRA's `r` to another value than its default 8 (HF then warns that
+    /// AdaLoRA ignores it).
+    pub fn sets_lora_r(&self) -> bool {
+        self.raw.get("r").and_then(|r| r.as_u64()) != Some(8)
+    }
+
     /// The current rank pattern (`None` until the allocator first masks, or as loaded).
     pub fn rank_pattern(&self) -> Option<RankPattern> {
         self.rank_pattern.lock().unwrap_or_else(|e| e.into_inner()).clone()

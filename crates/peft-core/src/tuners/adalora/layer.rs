@@ -130,6 +130,10 @@ impl AdapterLayer for AdaLoraLayer {
         let y = h.matmul(&Self::t(&self.b, ctx.train)?.t()?)?;
         Ok((y * self.factor())?.reshape(out_dims)?)
     }
+    /// HF's `ranknum` (a one-element parameter, frozen and not saved).
+    fn frozen_param_count(&self) -> usize {
+        1
+    }
     /// HF's layer class is not `<kind>.Linear`: the bindings report the whole class.
     fn adapter_kind(&self) -> &'static str {
         "adalora.SVDLinear"

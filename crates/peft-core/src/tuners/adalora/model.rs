@@ -188,6 +188,9 @@ impl PeftModel {
         if !cfg.inference_mode && trainable(self).is_some() {
             return Err(bad(ONE_TRAINABLE.into()));
         }
+        if cfg.sets_lora_r() {
+            self.warnings.push("Note that `r` is not used in AdaLora and will be ignored.If you intended to set the initial rank, use `init_r` instead.".into());
+        }
         let task = cfg.task_type.as_deref().and_then(Task::from_task_type);
         let copies = self.plan_saved_copies(name, &cfg.modules_to_save.clone().unwrap_or_default(), task)?;
         let mut targets: Vec<(String, usize, usize, usize)> = Vec::new();
