@@ -39,6 +39,15 @@ test('AdaLoraConfig: toJSON equals HF adapter_config.json (with a rank_pattern);
   t.throws(() => new AdaLoraConfig({ rank: 4 } as never))
 })
 
+test('peft-node inspect: an AdaLoRA folder reports its adapted modules, init_r / target_r and the pruned ranks in the file', async (t) => {
+  const { inspectPath } = await import('../src/cli/inspect')
+  const x = await inspectPath(caseDir(CASE))
+  t.is(x.peftType, 'ADALORA')
+  t.is(x.adaptedModules, 6)
+  t.is(x.tensors, 18)
+  t.deepEqual([x.initR, x.targetR, x.totalStep, x.ranksInFile], [6, 3, 10, [0, 2, 4, 6]])
+})
+
 test('AdaLoRA: HF folder with a rank_pattern matches HF logits; merge / unmerge; greedy ids; byte-identical re-save', async (t) => {
   const exp = await expected(CASE)
   const pm = disposeLater(t, await PeftModel.fromPretrained(disposeLater(t, await loadLlama()), caseDir(CASE)))
