@@ -3,7 +3,7 @@
 //! checked (magic, version, alignment), candle's parser run under `catch_unwind`, tensor byte
 //! ranges checked against the file size, and typed metadata readers ([`meta`]) whose errors
 //! name the file and key (`PeftError::GgufInvalid`). Knows neither models nor tokenizers: the
-//! model loader ([`crate::gguf`]) and the tokenizer ([`crate::tokenizer`]) both read files
+//! model loader ([`crate::model::gguf`]) and the tokenizer ([`crate::tokenizer`]) both read files
 //! through it.
 
 use crate::error::{PeftError, Result};

@@ -33,7 +33,6 @@ pub mod chat_template;
 pub mod engine;
 pub mod error;
 pub mod export;
-pub mod gguf;
 pub(crate) mod gguf_container;
 pub mod generate;
 pub mod io;
@@ -49,3 +48,5 @@ pub mod train;
 pub mod tuners;
 
 pub use error::{PeftError, Result};
+/// GGUF model loading lives with the models ([`model::gguf`]); this keeps its public path.
+pub use model::gguf;

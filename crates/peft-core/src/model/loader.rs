@@ -158,7 +158,7 @@ pub fn load_model_ctl(path: &Path, dtype: DType, device: &Device, req: &LoadRequ
             ));
         }
     }
-    if is_gguf(path) && crate::gguf::gguf_architecture(path)? == "gemma3" {
+    if is_gguf(path) && super::gguf::gguf_architecture(path)? == "gemma3" {
         let task = req.task.unwrap_or(Task::CausalLm);
         if task != Task::CausalLm {
             return Err(PeftError::InvalidModelConfig { path: path.into(), msg: format!("Gemma 3 has no {} head here (supported: CAUSAL_LM)", task.task_type()) });
@@ -166,14 +166,14 @@ pub fn load_model_ctl(path: &Path, dtype: DType, device: &Device, req: &LoadRequ
         if req.keep_quantized {
             return Err(PeftError::invalid_arg("quantization", "'keep' is not supported for Gemma 3 GGUF files (the fused engine does not run Gemma 3); load with quantization: 'dequantize'"));
         }
-        let mut g = crate::gguf::load_gguf_gemma3(path, dtype, device, ctl)?;
+        let mut g = super::gguf::load_gguf_gemma3(path, dtype, device, ctl)?;
         ctl.check()?;
         g.config.name_or_path = Some(path.to_string_lossy().into_owned());
         g.config.source_path = Some(path.to_path_buf());
         let model = Gemma3ForCausalLM::from_tensors(g.config, g.tensors, dtype, device)?;
         return Ok(LoadedModel { model: Box::new(model), tokenizer: g.tokenizer, newly_initialized: vec![] });
     }
-    if is_gguf(path) && crate::gguf::gguf_architecture(path)? == "phi3" {
+    if is_gguf(path) && super::gguf::gguf_architecture(path)? == "phi3" {
         let task = req.task.unwrap_or(Task::CausalLm);
         if task != Task::CausalLm {
             return Err(PeftError::InvalidModelConfig { path: path.into(), msg: format!("Phi-3 has no {} head here (supported: CAUSAL_LM)", task.task_type()) });
@@ -181,7 +181,7 @@ pub fn load_model_ctl(path: &Path, dtype: DType, device: &Device, req: &LoadRequ
         if req.keep_quantized {
             return Err(PeftError::invalid_arg("quantization", "'keep' is not supported for Phi-3 GGUF files (the fused engine does not run Phi-3); load with quantization: 'dequantize'"));
         }
-        let mut g = crate::gguf::load_gguf_phi3(path, dtype, device, ctl)?;
+        let mut g = super::gguf::load_gguf_phi3(path, dtype, device, ctl)?;
         ctl.check()?;
         g.config.name_or_path = Some(path.to_string_lossy().into_owned());
         g.config.source_path = Some(path.to_path_buf());
@@ -189,7 +189,7 @@ pub fn load_model_ctl(path: &Path, dtype: DType, device: &Device, req: &LoadRequ
         return Ok(LoadedModel { model: Box::new(model), tokenizer: g.tokenizer, newly_initialized: vec![] });
     }
     if is_gguf(path) {
-        let mut g = crate::gguf::load_gguf_opts(path, dtype, device, ctl, req.keep_quantized)?;
+        let mut g = super::gguf::load_gguf_opts(path, dtype, device, ctl, req.keep_quantized)?;
         ctl.check()?;
         // As for HF folders, the source path is the model's name (GGUF's `general.name` is a
         // display name, not something HF can load an adapter's base model from).

@@ -13,6 +13,7 @@ pub mod config;
 pub(crate) mod decoder;
 pub mod forward;
 pub mod gemma3;
+pub mod gguf;
 pub mod gpt2;
 pub mod llama;
 pub mod loader;

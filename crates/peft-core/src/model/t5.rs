@@ -272,11 +272,12 @@ impl Weights {
 
     fn attention(&mut self, prefix: &str, c: &T5Config, relative_bias: bool) -> Result<T5Attention> {
         let (d, inner) = (c.d_model, c.num_heads * c.d_kv);
+        let [q, k, v, o] = attn_names(prefix.to_string());
         Ok(T5Attention {
-            q: self.linear(&format!("{prefix}.q"), inner, d)?,
-            k: self.linear(&format!("{prefix}.k"), inner, d)?,
-            v: self.linear(&format!("{prefix}.v"), inner, d)?,
-            o: self.linear(&format!("{prefix}.o"), d, inner)?,
+            q: self.linear(&q, inner, d)?,
+            k: self.linear(&k, inner, d)?,
+            v: self.linear(&v, inner, d)?,
+            o: self.linear(&o, d, inner)?,
             relative_attention_bias: if relative_bias {
                 Some(self.take(&format!("{prefix}.relative_attention_bias.weight"), &[c.relative_attention_num_buckets, c.num_heads])?)
             } else {
@@ -342,11 +343,11 @@ impl T5ForConditionalGeneration {
                     None
                 };
                 let fi = if is_dec { 2 } else { 1 };
-                let q = format!("{p}.{fi}.DenseReluDense");
-                let ff_mod = if c.is_gated_act {
-                    T5DenseReluDense::Gated { wi_0: w.linear(&format!("{q}.wi_0"), ff, d)?, wi_1: w.linear(&format!("{q}.wi_1"), ff, d)?, wo: w.linear(&format!("{q}.wo"), d, ff)? }
-                } else {
-                    T5DenseReluDense::Plain { wi: w.linear(&format!("{q}.wi"), ff, d)?, wo: w.linear(&format!("{q}.wo"), d, ff)? }
+                let names = ff_names(format!("{p}.{fi}"), c.is_gated_act);
+                let ff_mod = match names.as_slice() {
+                    [wi_0, wi_1, wo] => T5DenseReluDense::Gated { wi_0: w.linear(wi_0, ff, d)?, wi_1: w.linear(wi_1, ff, d)?, wo: w.linear(wo, d, ff)? },
+                    [wi, wo] => T5DenseReluDense::Plain { wi: w.linear(wi, ff, d)?, wo: w.linear(wo, d, ff)? },
+                    _ => unreachable!("ff_names gives 2 or 3 names"),
                 };
                 let ff_norm = w.take(&format!("{p}.{fi}.layer_norm.weight"), &[d])?;
                 blocks.push(T5Block { self_attn_norm, self_attn, cross, ff_norm, ff: ff_mod });
@@ -557,10 +558,14 @@ impl T5ForConditionalGeneration {
     }
 }
 
+/// The linears of one `T5Attention` under prefix `p` (`...SelfAttention` / `...EncDecAttention`),
+/// in module order: the names the loader reads and `named_linears` lists.
 fn attn_names(p: String) -> [String; 4] {
     ["q", "k", "v", "o"].map(|n| format!("{p}.{n}"))
 }
 
+/// The linears of `{p}.DenseReluDense` in module order (`wi`, `wo`; gated: `wi_0`, `wi_1`, `wo`):
+/// the names the loader reads and `named_linears` lists.
 fn ff_names(p: String, gated: bool) -> Vec<String> {
     let names: &[&str] = if gated { &["wi_0", "wi_1", "wo"] } else { &["wi", "wo"] };
     names.iter().map(|n| format!("{p}.DenseReluDense.{n}")).collect()

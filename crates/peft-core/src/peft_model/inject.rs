@@ -153,6 +153,46 @@ impl PeftModel {
         }
     }
 
+    /// HF `BaseTuner.inject_adapter`'s first steps for a tuner whose adapters live on named
+    /// linear layers: the model's `name_or_path` as `base_model_name_or_path` when the config has
+    /// none, and the `modules_to_save` copies of adapter `name` planned
+    /// ([`Self::plan_saved_copies`]).
+    pub(crate) fn prepare_layer_adapter(&mut self, name: &str, c: &mut crate::tuners::config::LayerCommon) -> Result<HashMap<String, (Var, Option<Var>)>> {
+        self.fill_base_model_name(c);
+        let task = c.task_type.as_deref().and_then(Task::from_task_type);
+        self.plan_saved_copies(name, &c.modules_to_save.clone().unwrap_or_default(), task)
+    }
+
+    /// The model's `name_or_path` as the config's `base_model_name_or_path` when it has none
+    /// (HF `inject_adapter`).
+    pub(crate) fn fill_base_model_name(&self, c: &mut crate::tuners::config::PeftCommon) {
+        if c.base_model_name_or_path.is_none() {
+            c.base_model_name_or_path = self.base.info().name_or_path.clone();
+        }
+    }
+
+    /// The linear modules a layer tuner's config selects (HF `_check_target_module_exists` over
+    /// `named_modules`; `"all-linear"` leaves out the output head and embeddings).
+    ///
+    /// Errors: `NoTargetModules` with HF's message (which names the layer selection or the
+    /// targets that matched nothing) when none is selected.
+    pub(crate) fn select_layers(&self, c: &crate::tuners::config::LayerCommon) -> Result<std::collections::HashSet<String>> {
+        let mut misses = crate::targeting::Misses::default();
+        let mut selected = std::collections::HashSet::new();
+        let rule = c.rule();
+        for (mname, lin) in self.base.named_linears() {
+            let sel = rule.select(&mname, lin.is_embedding || is_output_head(self.base.task(), &mname));
+            if misses.note(&mname, sel, c.layers_pattern.as_deref()) {
+                selected.insert(mname);
+            }
+        }
+        if selected.is_empty() {
+            let targets = crate::targeting::targets_to_json(&Some(c.target_modules.clone()));
+            return Err(self.no_targets(&targets, &misses, c.layers_to_transform.as_deref(), c.layers_pattern.as_deref()));
+        }
+        Ok(selected)
+    }
+
     /// HF `ModulesToSaveWrapper` for `modules_to_save`: a trainable copy of each listed linear
     /// module (matched by full name or dotted suffix) for adapter `name`, as `module → (weight,
     /// bias)`. Nothing is changed on the model. Entries that match nothing are ignored, as HF's

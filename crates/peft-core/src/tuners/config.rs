@@ -55,15 +55,19 @@ pub trait TunerConfig: Send + Sync + std::fmt::Debug + Any {
     fn as_any_mut(&mut self) -> &mut dyn Any;
 }
 
-/// Implements [`TunerConfig`] (and `From<T> for AdapterConfig`) for a config struct with the
-/// common fields as plain fields (`task_type`, `inference_mode`, `base_model_name_or_path`) and
-/// inherent `unknown_fields()` / `to_json()`:
-/// - `impl_tuner_config!(T, "PEFT_TYPE")`: a tuner that injects into layers, with
-///   `modules_to_save` and `target_modules` fields;
+/// Implements [`TunerConfig`] (and `From<T> for AdapterConfig`) for a config struct whose
+/// common fields (`task_type`, `inference_mode`, `base_model_name_or_path`) read as `self.field`
+/// (plain fields, or through `Deref` to a [`PeftCommon`]) and with an inherent `to_json()`:
+/// - `impl_tuner_config!(T, "PEFT_TYPE")`: a tuner that injects into layers, with a
+///   [`LayerCommon`] field named `common` that it derefs to;
 /// - `impl_tuner_config!(<K: Bound> T<K>, K::PEFT_TYPE_EXPR)`: the same for a generic config
 ///   (one type parameter with one bound);
 /// - `impl_tuner_config!(T, prompt: |c| c.peft_type_expr)`: a prompt-learning config, whose
-///   `modules_to_save` goes through its inherent `modules_to_save()` / `set_modules_to_save()`.
+///   `modules_to_save` goes through its inherent `modules_to_save()` / `set_modules_to_save()`,
+///   with an inherent `unknown_fields()`;
+/// - `impl_tuner_config!(@impl [] T, |c| "PEFT_TYPE", is_prompt_learning, items...)`: the rest
+///   spelled out (`modules_to_save`, `set_modules_to_save`, `unknown_fields`, optionally
+///   `target_modules`).
 macro_rules! impl_tuner_config {
     (<$g:ident: $bound:path> $ty:ty, $peft_type:expr) => {
         $crate::tuners::config::impl_tuner_config!(@layer [$g: $bound] $ty, $peft_type);
@@ -82,6 +86,9 @@ macro_rules! impl_tuner_config {
             fn target_modules(&self) -> Option<&$crate::targeting::TargetModules> {
                 Some(&self.target_modules)
             }
+            fn unknown_fields(&self) -> &[String] {
+                self.common.unknown_fields()
+            }
         );
     };
     ($ty:ty, prompt: |$c:ident| $peft_type:expr) => {
@@ -91,6 +98,9 @@ macro_rules! impl_tuner_config {
             }
             fn set_modules_to_save(&mut self, v: Option<Vec<String>>) {
                 <$ty>::set_modules_to_save(self, v)
+            }
+            fn unknown_fields(&self) -> &[String] {
+                <$ty>::unknown_fields(self)
             }
         );
     };
@@ -119,9 +129,6 @@ macro_rules! impl_tuner_config {
             fn set_base_model_name_or_path(&mut self, v: Option<String>) {
                 self.base_model_name_or_path = v;
             }
-            fn unknown_fields(&self) -> &[String] {
-                <$ty>::unknown_fields(self)
-            }
             fn to_json(&self) -> serde_json::Value {
                 <$ty>::to_json(self)
             }
@@ -144,6 +151,33 @@ macro_rules! impl_tuner_config {
     };
 }
 pub(crate) use impl_tuner_config;
+
+/// `Deref` / `DerefMut` of a tuner's config to the shared part it holds in its `common` field
+/// ([`LayerCommon`] or [`PeftCommon`]), so that `cfg.task_type` or `cfg.target_modules` read the
+/// same on every config: `impl_deref_common!(T => LayerCommon)`, or
+/// `impl_deref_common!(<K> T<K> => LayerCommon)` for a generic config.
+macro_rules! impl_deref_common {
+    (<$g:ident> $ty:ty => $target:ty) => {
+        $crate::tuners::config::impl_deref_common!(@impl [$g] $ty => $target);
+    };
+    ($ty:ty => $target:ty) => {
+        $crate::tuners::config::impl_deref_common!(@impl [] $ty => $target);
+    };
+    (@impl [$($g:ident)?] $ty:ty => $target:ty) => {
+        impl$(<$g>)? std::ops::Deref for $ty {
+            type Target = $target;
+            fn deref(&self) -> &$target {
+                &self.common
+            }
+        }
+        impl$(<$g>)? std::ops::DerefMut for $ty {
+            fn deref_mut(&mut self) -> &mut $target {
+                &mut self.common
+            }
+        }
+    };
+}
+pub(crate) use impl_deref_common;
 
 /// `(layers_to_transform, layers_pattern)` of a config (see [`RawConfig::layers`]).
 pub type LayerSelection = (Option<Vec<usize>>, Option<Vec<String>>);
@@ -255,12 +289,13 @@ impl<'p> RawConfig<'p> {
         Ok((layers_to_transform, layers_pattern))
     }
 
-    /// `modules_to_save`: `null` or a list of strings.
+    /// `modules_to_save`: `null`, a list of strings, or one string (a one-name list).
     ///
     /// Errors: `InvalidAdapterConfig` for anything else.
     pub fn modules_to_save(&self) -> Result<Option<Vec<String>>> {
         match &self.raw["modules_to_save"] {
             Value::Null => Ok(None),
+            Value::String(s) => Ok(Some(vec![s.clone()])),
             Value::Array(a) => Ok(Some(
                 a.iter()
                     .map(|x| x.as_str().map(String::from).ok_or_else(|| self.bad(format!("`modules_to_save` must hold strings, found {x}"))))
@@ -271,21 +306,161 @@ impl<'p> RawConfig<'p> {
     }
 }
 
-/// HF's adapter_config.json object of a tuner that injects into layers: `m` (the source fields
-/// kept verbatim, with the tuner's own typed fields already written back) plus the fields every
-/// such config has (`target_modules`, `exclude_modules`, `inference_mode`,
-/// `base_model_name_or_path`, `task_type`, `modules_to_save`, `peft_version`), keys sorted as
-/// HF's `json.dumps(sort_keys=True)` writes them.
-pub(crate) fn layer_config_json(mut m: Map<String, Value>, c: &dyn TunerConfig, exclude: &Option<TargetModules>) -> Value {
-    let opt_str = |v: Option<&str>| v.map(|s| Value::String(s.into())).unwrap_or(Value::Null);
-    m.insert("target_modules".into(), crate::targeting::targets_to_json(&c.target_modules().cloned()));
-    m.insert("exclude_modules".into(), crate::targeting::targets_to_json(exclude));
-    m.insert("inference_mode".into(), Value::Bool(c.inference_mode()));
-    m.insert("base_model_name_or_path".into(), opt_str(c.base_model_name_or_path()));
-    m.insert("task_type".into(), opt_str(c.task_type()));
-    m.insert("modules_to_save".into(), c.modules_to_save().map(Value::from).unwrap_or(Value::Null));
-    m.insert("peft_version".into(), Value::String("0.21.0".into()));
-    Value::Object(m.into_iter().collect::<std::collections::BTreeMap<_, _>>().into_iter().collect())
+/// The fields of HF's `PeftConfig` base class that every config here keeps typed
+/// (`task_type`, `base_model_name_or_path`, `revision`, `inference_mode`), with the whole
+/// source object (`raw`, merged over the tuner's HF defaults) and the names of the fields HF's
+/// class lacks (`unknown`). A tuner's config holds one (directly, or inside a [`LayerCommon`])
+/// and derefs to it, so `cfg.task_type` reads the same on every config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeftCommon {
+    pub task_type: Option<String>,
+    pub base_model_name_or_path: Option<String>,
+    pub revision: Option<String>,
+    pub inference_mode: bool,
+    /// The complete JSON object, HF field names, as it will be written; holds the fields this
+    /// crate does not act on.
+    pub(crate) raw: Map<String, Value>,
+    unknown: Vec<String>,
+}
+
+impl PeftCommon {
+    /// Read the common fields of a parsed config.
+    ///
+    /// Errors: `InvalidAdapterConfig` naming the field: `task_type`, `base_model_name_or_path` or
+    /// `revision` that is neither a string nor `null`, an `inference_mode` that is not a boolean.
+    pub fn parse(rc: &RawConfig) -> Result<Self> {
+        let opt_str = |k: &str| -> Result<Option<String>> {
+            match rc.raw.get(k).unwrap_or(&Value::Null) {
+                Value::Null => Ok(None),
+                Value::String(s) => Ok(Some(s.clone())),
+                other => Err(rc.bad(format!("`{k}` must be a string or null, found {other}"))),
+            }
+        };
+        Ok(PeftCommon {
+            task_type: opt_str("task_type")?,
+            base_model_name_or_path: opt_str("base_model_name_or_path")?,
+            revision: opt_str("revision")?,
+            inference_mode: rc.bool("inference_mode")?,
+            raw: rc.raw.clone(),
+            unknown: rc.unknown.clone(),
+        })
+    }
+
+    /// Fields of the source JSON that HF's config class does not have (kept, not acted on).
+    pub fn unknown_fields(&self) -> &[String] {
+        &self.unknown
+    }
+
+    /// HF's adapter_config.json object: the source fields, with `own` writing the tuner's typed
+    /// fields back, then the common ones (`inference_mode`, `base_model_name_or_path`,
+    /// `task_type`, `peft_version`), keys sorted as HF's `json.dumps(sort_keys=True)` writes them.
+    pub fn to_json_with(&self, own: impl FnOnce(&mut Map<String, Value>)) -> Value {
+        let mut m = self.raw.clone();
+        own(&mut m);
+        let opt_str = |v: &Option<String>| v.clone().map(Value::String).unwrap_or(Value::Null);
+        m.insert("inference_mode".into(), Value::Bool(self.inference_mode));
+        m.insert("base_model_name_or_path".into(), opt_str(&self.base_model_name_or_path));
+        m.insert("task_type".into(), opt_str(&self.task_type));
+        m.insert("peft_version".into(), Value::String("0.21.0".into()));
+        Value::Object(m.into_iter().collect::<std::collections::BTreeMap<_, _>>().into_iter().collect())
+    }
+}
+
+/// Which of the optional targeting fields a layer tuner's HF config class has.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LayerFields {
+    /// `exclude_modules` (VeRA has none).
+    pub exclude_modules: bool,
+    /// `layers_to_transform` / `layers_pattern` ((IA)³ has none).
+    pub layer_selection: bool,
+}
+
+impl LayerFields {
+    /// Every targeting field (LoRA, LyCORIS, OFT).
+    pub const ALL: LayerFields = LayerFields { exclude_modules: true, layer_selection: true };
+}
+
+/// What the configs of tuners that inject into named layers share (HF `LoraConfig`,
+/// `IA3Config`, `VeraConfig`, `LycorisConfig`, `OFTConfig`, ...): the [`PeftCommon`] fields plus
+/// the targeting ones, parsed, checked and written back once. Derefs to [`PeftCommon`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerCommon {
+    pub peft: PeftCommon,
+    /// `target_modules` (required: a list of names, a regex string or `"all-linear"`).
+    pub target_modules: TargetModules,
+    pub exclude_modules: Option<TargetModules>,
+    pub layers_to_transform: Option<Vec<usize>>,
+    pub layers_pattern: Option<Vec<String>>,
+    pub modules_to_save: Option<Vec<String>>,
+    fields: LayerFields,
+}
+
+impl std::ops::Deref for LayerCommon {
+    type Target = PeftCommon;
+    fn deref(&self) -> &PeftCommon {
+        &self.peft
+    }
+}
+
+impl std::ops::DerefMut for LayerCommon {
+    fn deref_mut(&mut self) -> &mut PeftCommon {
+        &mut self.peft
+    }
+}
+
+impl LayerCommon {
+    /// Read the common and targeting fields of a parsed config; `fields` says which optional
+    /// ones its HF class has (the others stay in `raw` as they were).
+    ///
+    /// Errors: as [`PeftCommon::parse`], and `InvalidAdapterConfig` naming the field for a
+    /// missing or malformed `target_modules`, a malformed `exclude_modules` or
+    /// `modules_to_save`, and (HF `__post_init__`) `layers_pattern` without
+    /// `layers_to_transform`.
+    pub fn parse(rc: &RawConfig, fields: LayerFields) -> Result<Self> {
+        let target_modules = crate::targeting::targets_from_json(&rc.raw["target_modules"], "target_modules")
+            .map_err(|m| rc.bad(m))?
+            .ok_or_else(|| rc.bad("`target_modules` must be given (a list of module names, a regex string or \"all-linear\")".into()))?;
+        let exclude_modules = if fields.exclude_modules {
+            crate::targeting::targets_from_json(rc.raw.get("exclude_modules").unwrap_or(&Value::Null), "exclude_modules").map_err(|m| rc.bad(m))?
+        } else {
+            None
+        };
+        let (layers_to_transform, layers_pattern) = if fields.layer_selection { rc.layers()? } else { (None, None) };
+        Ok(LayerCommon {
+            peft: PeftCommon::parse(rc)?,
+            target_modules,
+            exclude_modules,
+            layers_to_transform,
+            layers_pattern,
+            modules_to_save: rc.modules_to_save()?,
+            fields,
+        })
+    }
+
+    /// The module-targeting rule of this config (target/exclude modules, the layer selection,
+    /// and `modules_to_save`, which HF never adapts).
+    pub fn rule(&self) -> crate::targeting::Rule<'_> {
+        crate::targeting::Rule {
+            targets: &self.target_modules,
+            exclude: self.exclude_modules.as_ref(),
+            layers: self.layers_to_transform.as_deref(),
+            layers_pattern: self.layers_pattern.as_deref(),
+            saved: self.modules_to_save.as_deref().unwrap_or(&[]),
+        }
+    }
+
+    /// HF's adapter_config.json object: as [`PeftCommon::to_json_with`], with `target_modules`,
+    /// `exclude_modules` (when the class has it) and `modules_to_save` written back too.
+    pub fn to_json_with(&self, own: impl FnOnce(&mut Map<String, Value>)) -> Value {
+        self.peft.to_json_with(|m| {
+            own(m);
+            m.insert("target_modules".into(), crate::targeting::targets_to_json(&Some(self.target_modules.clone())));
+            if self.fields.exclude_modules {
+                m.insert("exclude_modules".into(), crate::targeting::targets_to_json(&self.exclude_modules));
+            }
+            m.insert("modules_to_save".into(), self.modules_to_save.clone().map(Value::from).unwrap_or(Value::Null));
+        })
+    }
 }
 
 /// One adapter's config: any registered tuner's (HF `PeftConfig` subclasses). See the module docs.

@@ -72,9 +72,9 @@ pub type Param<'a> = (Slot, &'a Var);
 /// a weight delta override the hooks with defaults: LoRA/DoRA (`apply`, `merge_into`,
 /// `unmerge_from`), (IA)³ (`forward_host`: the active vectors together scale the input or the
 /// output), trainable tokens (`merged_weight`, `replaced_rows`). Code that needs a tuner's own
-/// type (the fused engine reading LoRA's `A`/`B`) downcasts with [`AdapterLayer::as_any`]
+/// type (the fused engine reading LoRA's `A`/`B`) downcasts with [`LayerBox::as_any`]
 /// through accessors in that tuner's folder (`PeftLinear::lora`).
-pub trait AdapterLayer: Send + Sync + std::fmt::Debug {
+pub trait AdapterLayer: LayerBox + Send + Sync + std::fmt::Debug {
     /// HF `peft_type` of the tuner.
     fn peft_type(&self) -> &'static str;
     /// HF's class name of the adapted layer (`"loha.Linear"`), as `get_layer_status` reports it.
@@ -148,20 +148,10 @@ pub trait AdapterLayer: Send + Sync + std::fmt::Debug {
         let _ = (y, idx);
         self.forward_delta(lin, x, ctx)
     }
-    /// The concrete layer, for tuners that look at their own layers (trainable tokens' tying,
-    /// LoRA's typed accessors).
-    fn as_any(&self) -> Option<&dyn std::any::Any> {
-        None
-    }
     /// The sub-module of the host under which HF's `get_layer_status` names this layer
     /// (`Some("token_adapter")` for LoRA's `trainable_token_indices`, HF's
     /// `TrainableTokensWrapper.token_adapter`); `None` (the default): the host module itself.
     fn status_submodule(&self) -> Option<&'static str> {
-        None
-    }
-    /// The mutable twin of [`AdapterLayer::as_any`] (LoRA's scaling, hotswap and weighted
-    /// adapters edit their layers in place). `None` by default.
-    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
         None
     }
     /// The kind of the layer as the bindings report it (`"lora"`, `"lora_embedding"`, `"ia3"`,
@@ -208,8 +198,31 @@ pub trait AdapterLayer: Send + Sync + std::fmt::Debug {
     fn frozen_param_count(&self) -> usize {
         0
     }
+}
+
+/// Copying and downcasting a boxed [`AdapterLayer`]: implemented once for every `Clone` layer
+/// type, so a tuner's layer writes none of it.
+pub trait LayerBox {
     /// A boxed copy.
     fn clone_box(&self) -> Box<dyn AdapterLayer>;
+    /// The concrete layer, for tuners that look at their own layers (trainable tokens' tying,
+    /// LoRA's typed accessors, which downcast it). Always `Some`.
+    fn as_any(&self) -> Option<&dyn std::any::Any>;
+    /// The mutable twin of [`LayerBox::as_any`] (LoRA's scaling, hotswap and weighted adapters
+    /// edit their layers in place).
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any>;
+}
+
+impl<T: AdapterLayer + Clone + 'static> LayerBox for T {
+    fn clone_box(&self) -> Box<dyn AdapterLayer> {
+        Box::new(self.clone())
+    }
+    fn as_any(&self) -> Option<&dyn std::any::Any> {
+        Some(self)
+    }
+    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
+        Some(self)
+    }
 }
 
 impl Clone for Box<dyn AdapterLayer> {

@@ -15,8 +15,7 @@
 use crate::error::{PeftError, Result};
 use crate::model::Task;
 use crate::peft_model::{is_output_head, PeftModel};
-use crate::targeting::{targets_from_json, TargetModules};
-use crate::tuners::config::{AdapterConfig, RawConfig};
+use crate::tuners::config::{AdapterConfig, LayerCommon, LayerFields, RawConfig};
 use crate::tuners::layer::{AdapterLayer, Slot};
 use crate::tuners::linear::{LinearCtx, PeftLinear};
 use crate::tuners::lora::MAX_RANK;
@@ -81,21 +80,15 @@ pub struct LycorisConfig<K> {
     pub rank_dropout: f64,
     /// Training only: the whole adapter is skipped for a forward with this probability.
     pub module_dropout: f64,
-    pub target_modules: TargetModules,
-    pub exclude_modules: Option<TargetModules>,
-    pub layers_to_transform: Option<Vec<usize>>,
-    pub layers_pattern: Option<Vec<String>>,
     pub rank_pattern: Vec<(String, usize)>,
     pub alpha_pattern: Vec<(String, f64)>,
-    pub modules_to_save: Option<Vec<String>>,
-    pub task_type: Option<String>,
-    pub base_model_name_or_path: Option<String>,
-    pub inference_mode: bool,
     /// The method's own fields (LoHa's `init_weights`, LoKr's `decompose_both`, ...).
     pub own: K,
-    raw: Map<String, Value>,
-    unknown: Vec<String>,
+    /// The fields every layer tuner's config has.
+    pub common: LayerCommon,
 }
+
+crate::tuners::config::impl_deref_common!(<K> LycorisConfig<K> => LayerCommon);
 
 impl<K: LycorisKind> LycorisConfig<K> {
     /// HF PEFT 0.21 defaults of every field of the method's config, as written to
@@ -120,46 +113,17 @@ impl<K: LycorisKind> LycorisConfig<K> {
             raw[k].as_f64().filter(|p| (0.0..1.0).contains(p)).ok_or_else(|| rc.bad(format!("`{k}` must be a number in [0, 1), found {}", raw[k])))
         };
         let (rank_dropout, module_dropout) = (prob("rank_dropout")?, prob("module_dropout")?);
-        let target_modules = targets_from_json(&raw["target_modules"], "target_modules")
-            .map_err(|m| rc.bad(m))?
-            .ok_or_else(|| rc.bad("`target_modules` must be given (a list of module names, a regex string or \"all-linear\")".into()))?;
-        let exclude_modules = targets_from_json(&raw["exclude_modules"], "exclude_modules").map_err(|m| rc.bad(m))?;
-        let (layers_to_transform, layers_pattern) = rc.layers()?;
+        let common = LayerCommon::parse(&rc, LayerFields::ALL)?;
         Ok(LycorisConfig {
             r,
             alpha,
             rank_dropout,
             module_dropout,
-            target_modules,
-            exclude_modules,
-            layers_to_transform,
-            layers_pattern,
             rank_pattern: rc.rank_pattern(MAX_RANK)?,
             alpha_pattern: rc.alpha_pattern()?,
             own: K::parse(&rc)?,
-            modules_to_save: rc.modules_to_save()?,
-            task_type: rc.opt_str("task_type"),
-            base_model_name_or_path: rc.opt_str("base_model_name_or_path"),
-            inference_mode: rc.bool("inference_mode")?,
-            unknown: rc.unknown.clone(),
-            raw: rc.raw.clone(),
+            common,
         })
-    }
-
-    /// The module-targeting rule of this config.
-    pub fn rule(&self) -> crate::targeting::Rule<'_> {
-        crate::targeting::Rule {
-            targets: &self.target_modules,
-            exclude: self.exclude_modules.as_ref(),
-            layers: self.layers_to_transform.as_deref(),
-            layers_pattern: self.layers_pattern.as_deref(),
-            saved: self.modules_to_save.as_deref().unwrap_or(&[]),
-        }
-    }
-
-    /// Fields of the source JSON that HF's config class does not have.
-    pub fn unknown_fields(&self) -> &[String] {
-        &self.unknown
     }
 
     /// Effective rank of module `name` (HF `rank_pattern` lookup via `get_pattern_key`, else `r`).
@@ -174,12 +138,12 @@ impl<K: LycorisKind> LycorisConfig<K> {
 
     /// The config as HF's adapter_config.json object.
     pub fn to_json(&self) -> Value {
-        let mut m = self.raw.clone();
-        // Python float fields: HF writes `0.0`, never `0` (JSON from JS loses the distinction).
-        for (k, p) in [("rank_dropout", self.rank_dropout), ("module_dropout", self.module_dropout)] {
-            m.insert(k.into(), Number::from_f64(p).map(Value::Number).unwrap_or(Value::Null));
-        }
-        crate::tuners::config::layer_config_json(m, self, &self.exclude_modules)
+        self.common.to_json_with(|m| {
+            // Python float fields: HF writes `0.0`, never `0` (JSON from JS loses the distinction).
+            for (k, p) in [("rank_dropout", self.rank_dropout), ("module_dropout", self.module_dropout)] {
+                m.insert(k.into(), Number::from_f64(p).map(Value::Number).unwrap_or(Value::Null));
+            }
+        })
     }
 }
 
@@ -237,20 +201,12 @@ impl PeftModel {
     /// Errors: `InvalidAdapterConfig` for an embedding or a GPT-2 `Conv1D` target (HF: "Target
     /// module of type ... not supported") or when nothing matches. The model is then unchanged.
     pub(crate) fn add_lycoris<K: LycorisKind>(&mut self, name: &str, mut cfg: LycorisConfig<K>, seed: u64) -> Result<Vec<String>> {
-        if cfg.base_model_name_or_path.is_none() {
-            cfg.base_model_name_or_path = self.base.info().name_or_path.clone();
-        }
-        let task = cfg.task_type.as_deref().and_then(Task::from_task_type);
-        let copies = self.plan_saved_copies(name, &cfg.modules_to_save.clone().unwrap_or_default(), task)?;
+        let copies = self.prepare_layer_adapter(name, &mut cfg.common)?;
+        let selected = self.select_layers(&cfg)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let device = self.base.device().clone();
         let mut planned: HashMap<String, Box<dyn AdapterLayer>> = HashMap::new();
-        let mut misses = crate::targeting::Misses::default();
-        for (mname, lin) in self.base.named_linears() {
-            let sel = cfg.rule().select(&mname, lin.is_embedding || is_output_head(self.base.task(), &mname));
-            if !misses.note(&mname, sel, cfg.layers_pattern.as_deref()) {
-                continue;
-            }
+        for (mname, lin) in self.base.named_linears().into_iter().filter(|(m, _)| selected.contains(m)) {
             if lin.is_embedding || lin.transposed {
                 let kind = if lin.is_embedding { "Embedding" } else { "Conv1D" };
                 return Err(PeftError::InvalidAdapterConfig {
@@ -260,9 +216,6 @@ impl PeftModel {
             }
             let layer = K::new_layer(&cfg, lin, cfg.rank_for(&mname), cfg.alpha_for(&mname), &mut rng, &device)?;
             planned.insert(mname, layer);
-        }
-        if planned.is_empty() {
-            return Err(self.no_targets(&cfg.to_json()["target_modules"], &misses, cfg.layers_to_transform.as_deref(), cfg.layers_pattern.as_deref()));
         }
         self.install_planned(name, cfg.into(), planned, copies, |lin, name, l| {
             lin.layers.insert(name, l);

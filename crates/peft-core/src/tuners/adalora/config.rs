@@ -13,7 +13,7 @@
 
 use crate::error::Result;
 use crate::targeting::TargetModules;
-use crate::tuners::config::RawConfig;
+use crate::tuners::config::{LayerCommon, LayerFields, RawConfig};
 use crate::tuners::lora::{InitLoraWeights, LoraConfig, MAX_RANK};
 use serde_json::{json, Map, Number, Value};
 use std::path::Path;
@@ -72,8 +72,6 @@ pub struct AdaLoraConfig {
     /// `scaling` of every layer (HF: `lora_alpha` if > 0, else the layer's rank).
     pub lora_alpha: f64,
     pub lora_dropout: f64,
-    pub target_modules: TargetModules,
-    pub exclude_modules: Option<TargetModules>,
     /// Base weight stored `[in, out]` (GPT-2 `Conv1D`); HF sets it per target layer type.
     pub fan_in_fan_out: bool,
     /// `"none"`, `"all"` or `"lora_only"`.
@@ -81,18 +79,15 @@ pub struct AdaLoraConfig {
     /// HF: any true value (`true`, `"gaussian"`, ...) gives `lora_E = 0`, `lora_A`, `lora_B` ~
     /// N(0, 0.02²); `false` gives N(0, 1) for all three.
     pub init_lora_weights: InitLoraWeights,
-    pub layers_to_transform: Option<Vec<usize>>,
-    pub layers_pattern: Option<Vec<String>>,
-    pub modules_to_save: Option<Vec<String>>,
-    pub task_type: Option<String>,
-    pub base_model_name_or_path: Option<String>,
-    pub inference_mode: bool,
     /// The allocator's rank pattern (HF mutates `config.rank_pattern` in `update_and_allocate`;
     /// so does [`crate::PeftModel::update_and_allocate`] through this lock).
     rank_pattern: Mutex<Option<RankPattern>>,
-    raw: Map<String, Value>,
-    unknown: Vec<String>,
+    /// The fields every layer tuner's config has (targeting, `task_type`, ...; `cfg.field`
+    /// reads them through `Deref`).
+    pub common: LayerCommon,
 }
+
+crate::tuners::config::impl_deref_common!(AdaLoraConfig => LayerCommon);
 
 impl Clone for AdaLoraConfig {
     fn clone(&self) -> Self {
@@ -108,20 +103,11 @@ impl Clone for AdaLoraConfig {
             total_step: self.total_step,
             lora_alpha: self.lora_alpha,
             lora_dropout: self.lora_dropout,
-            target_modules: self.target_modules.clone(),
-            exclude_modules: self.exclude_modules.clone(),
             fan_in_fan_out: self.fan_in_fan_out,
             bias: self.bias.clone(),
             init_lora_weights: self.init_lora_weights.clone(),
-            layers_to_transform: self.layers_to_transform.clone(),
-            layers_pattern: self.layers_pattern.clone(),
-            modules_to_save: self.modules_to_save.clone(),
-            task_type: self.task_type.clone(),
-            base_model_name_or_path: self.base_model_name_or_path.clone(),
-            inference_mode: self.inference_mode,
             rank_pattern: Mutex::new(self.rank_pattern()),
-            raw: self.raw.clone(),
-            unknown: self.unknown.clone(),
+            common: self.common.clone(),
         }
     }
 }
@@ -156,13 +142,14 @@ impl AdaLoraConfig {
         as_lora.insert("r".into(), json!(8));
         as_lora.insert("rank_pattern".into(), json!({}));
         let lora = LoraConfig::from_json(&Value::Object(as_lora), path)?;
+        let common = LayerCommon::parse(&rc, LayerFields::ALL)?;
         if lora.use_dora {
             return Err(rc.bad("PeftType.ADALORA does not support DoRA. (`use_dora`)".into()));
         }
         if raw.get("loftq_config").is_some_and(|l| !l.is_null() && l != &json!({})) {
             return Err(rc.bad("PeftType.ADALORA does not support LOFTQ. (`loftq_config`)".into()));
         }
-        if matches!(lora.target_modules, TargetModules::Regex(_)) && lora.layers_to_transform.is_some() {
+        if matches!(lora.common.target_modules, TargetModules::Regex(_)) && lora.layers_to_transform.is_some() {
             return Err(rc.bad("`layers_to_transform` cannot be used when `target_modules` is a str.".into()));
         }
         let uint = |k: &str, max: usize| -> Result<usize> {
@@ -211,32 +198,12 @@ impl AdaLoraConfig {
             total_step,
             lora_alpha: lora.lora_alpha,
             lora_dropout: lora.lora_dropout,
-            target_modules: lora.target_modules,
-            exclude_modules: lora.exclude_modules,
             fan_in_fan_out: lora.fan_in_fan_out,
             bias: lora.bias,
             init_lora_weights: lora.init_lora_weights,
-            layers_to_transform: lora.layers_to_transform,
-            layers_pattern: lora.layers_pattern,
-            modules_to_save: lora.modules_to_save,
-            task_type: lora.task_type,
-            base_model_name_or_path: lora.base_model_name_or_path,
-            inference_mode: lora.inference_mode,
             rank_pattern: Mutex::new(rank_pattern),
-            unknown: rc.unknown.clone(),
-            raw: rc.raw.clone(),
+            common,
         })
-    }
-
-    /// The module-targeting rule of this config.
-    pub fn rule(&self) -> crate::targeting::Rule<'_> {
-        crate::targeting::Rule {
-            targets: &self.target_modules,
-            exclude: self.exclude_modules.as_ref(),
-            layers: self.layers_to_transform.as_deref(),
-            layers_pattern: self.layers_pattern.as_deref(),
-            saved: self.modules_to_save.as_deref().unwrap_or(&[]),
-        }
     }
 
     /// Whether the file sets LoRA's `r` to another value than its default 8 (HF then warns that
@@ -264,28 +231,23 @@ impl AdaLoraConfig {
         self.rank_pattern()?.into_iter().find(|(k, _)| *k == key).map(|(_, v)| v)
     }
 
-    /// Fields of the source JSON that HF's AdaLoraConfig does not have.
-    pub fn unknown_fields(&self) -> &[String] {
-        &self.unknown
-    }
-
     /// The config as HF's adapter_config.json object.
     pub fn to_json(&self) -> Value {
-        let mut m = self.raw.clone();
-        // Python float fields: HF writes `0.0`, never `0` (JSON from JS loses the distinction).
-        for (k, p) in [("lora_dropout", self.lora_dropout), ("beta1", self.beta1), ("beta2", self.beta2), ("orth_reg_weight", self.orth_reg_weight)] {
-            m.insert(k.into(), Number::from_f64(p).map(Value::Number).unwrap_or(Value::Null));
-        }
-        m.insert("fan_in_fan_out".into(), Value::Bool(self.fan_in_fan_out));
-        m.insert("bias".into(), Value::String(self.bias.clone()));
-        m.insert(
-            "rank_pattern".into(),
-            match self.rank_pattern() {
-                Some(p) => Value::Object(p.into_iter().map(|(k, v)| (k, Value::from(v))).collect()),
-                None => Value::Null,
-            },
-        );
-        crate::tuners::config::layer_config_json(m, self, &self.exclude_modules)
+        self.common.to_json_with(|m| {
+            // Python float fields: HF writes `0.0`, never `0` (JSON from JS loses the distinction).
+            for (k, p) in [("lora_dropout", self.lora_dropout), ("beta1", self.beta1), ("beta2", self.beta2), ("orth_reg_weight", self.orth_reg_weight)] {
+                m.insert(k.into(), Number::from_f64(p).map(Value::Number).unwrap_or(Value::Null));
+            }
+            m.insert("fan_in_fan_out".into(), Value::Bool(self.fan_in_fan_out));
+            m.insert("bias".into(), Value::String(self.bias.clone()));
+            m.insert(
+                "rank_pattern".into(),
+                match self.rank_pattern() {
+                    Some(p) => Value::Object(p.into_iter().map(|(k, v)| (k, Value::from(v))).collect()),
+                    None => Value::Null,
+                },
+            );
+        })
     }
 }
 

@@ -5,7 +5,7 @@
 //! (`target_modules`, HF's `"self_attn"` for the Llama family).
 
 use crate::error::{PeftError, Result};
-use crate::tuners::config::{RawConfig, TunerConfig};
+use crate::tuners::config::{PeftCommon, RawConfig};
 use serde_json::{json, Map, Value};
 use std::path::Path;
 
@@ -35,12 +35,11 @@ pub struct AdaptionPromptConfig {
     /// The attention submodule that is wrapped; `None` until the adapter is added, when HF's
     /// `prepare_config` sets the model type's default (`"self_attn"`).
     pub target_modules: Option<String>,
-    pub task_type: Option<String>,
-    pub base_model_name_or_path: Option<String>,
-    pub inference_mode: bool,
-    raw: Map<String, Value>,
-    unknown: Vec<String>,
+    /// The fields every config has (`task_type`, ...; `cfg.field` reads them through `Deref`).
+    pub common: PeftCommon,
 }
+
+crate::tuners::config::impl_deref_common!(AdaptionPromptConfig => PeftCommon);
 
 impl PartialEq for AdaptionPromptConfig {
     fn eq(&self, other: &Self) -> bool {
@@ -78,92 +77,30 @@ impl AdaptionPromptConfig {
             Value::String(s) => Some(s.clone()),
             other => return Err(rc.bad(format!("`target_modules` (option `targetModules`) must be the name of the attention submodule (a string, \"self_attn\"), found {other}"))),
         };
-        let opt_str = |k: &str| -> Result<Option<String>> {
-            match &rc.raw[k] {
-                Value::Null => Ok(None),
-                Value::String(s) => Ok(Some(s.clone())),
-                other => Err(rc.bad(format!("`{k}` must be a string or null, found {other}"))),
-            }
-        };
-        Ok(AdaptionPromptConfig {
-            adapter_len,
-            adapter_layers,
-            target_modules,
-            task_type: opt_str("task_type")?,
-            base_model_name_or_path: opt_str("base_model_name_or_path")?,
-            inference_mode: rc.bool("inference_mode")?,
-            unknown: rc.unknown.clone(),
-            raw: rc.raw,
-        })
-    }
-
-    /// Fields of the source JSON that HF's AdaptionPromptConfig does not have.
-    pub fn unknown_fields(&self) -> &[String] {
-        &self.unknown
+        Ok(AdaptionPromptConfig { adapter_len, adapter_layers, target_modules, common: PeftCommon::parse(&rc)? })
     }
 
     /// The config as HF's adapter_config.json object (keys sorted, as HF's
     /// `json.dumps(sort_keys=True)` writes them).
     pub fn to_json(&self) -> Value {
-        let mut m = self.raw.clone();
-        let opt_str = |v: &Option<String>| v.clone().map(Value::String).unwrap_or(Value::Null);
-        m.insert("adapter_len".into(), json!(self.adapter_len));
-        m.insert("adapter_layers".into(), json!(self.adapter_layers));
-        m.insert("target_modules".into(), opt_str(&self.target_modules));
-        m.insert("task_type".into(), opt_str(&self.task_type));
-        m.insert("base_model_name_or_path".into(), opt_str(&self.base_model_name_or_path));
-        m.insert("inference_mode".into(), Value::Bool(self.inference_mode));
-        m.insert("peft_version".into(), Value::String("0.21.0".into()));
-        Value::Object(m.into_iter().collect::<std::collections::BTreeMap<_, _>>().into_iter().collect())
+        self.common.to_json_with(|m| {
+            m.insert("adapter_len".into(), json!(self.adapter_len));
+            m.insert("adapter_layers".into(), json!(self.adapter_layers));
+            m.insert("target_modules".into(), self.target_modules.clone().map(Value::String).unwrap_or(Value::Null));
+        })
     }
 }
 
-impl TunerConfig for AdaptionPromptConfig {
-    fn peft_type(&self) -> &'static str {
-        "ADAPTION_PROMPT"
-    }
-    fn task_type(&self) -> Option<&str> {
-        self.task_type.as_deref()
-    }
-    fn inference_mode(&self) -> bool {
-        self.inference_mode
-    }
-    fn set_inference_mode(&mut self, on: bool) {
-        self.inference_mode = on;
-    }
-    fn base_model_name_or_path(&self) -> Option<&str> {
-        self.base_model_name_or_path.as_deref()
-    }
-    fn set_base_model_name_or_path(&mut self, v: Option<String>) {
-        self.base_model_name_or_path = v;
-    }
+crate::tuners::config::impl_tuner_config!(@impl [] AdaptionPromptConfig, |_c| "ADAPTION_PROMPT", false,
     /// HF's `AdaptionPromptConfig` has no `modules_to_save`.
     fn modules_to_save(&self) -> Option<Vec<String>> {
         None
     }
     fn set_modules_to_save(&mut self, _v: Option<Vec<String>>) {}
     fn unknown_fields(&self) -> &[String] {
-        &self.unknown
+        self.common.unknown_fields()
     }
-    fn to_json(&self) -> Value {
-        AdaptionPromptConfig::to_json(self)
-    }
-    fn clone_box(&self) -> Box<dyn TunerConfig> {
-        Box::new(self.clone())
-    }
-    fn as_any(&self) -> &dyn std::any::Any {
-        self
-    }
-    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
-        self
-    }
-}
-
-impl From<AdaptionPromptConfig> for crate::tuners::config::AdapterConfig {
-    fn from(c: AdaptionPromptConfig) -> Self {
-        crate::tuners::config::AdapterConfig::new(c)
-    }
-}
+);
 
 /// The `InvalidAdapterConfig` error of a config that does not fit the model.
 pub(crate) fn misfit(msg: String) -> PeftError {

@@ -5,7 +5,7 @@
 
 use crate::targeting::{targets_from_json, targets_to_json, TargetModules};
 use crate::error::Result;
-use crate::tuners::config::RawConfig;
+use crate::tuners::config::{LayerCommon, LayerFields, RawConfig};
 use serde_json::{json, Map, Value};
 use std::path::Path;
 
@@ -24,20 +24,16 @@ pub fn hf_ia3_defaults() -> Map<String, Value> {
 /// HF PEFT's `IA3Config`. See the module docs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Ia3Config {
-    pub target_modules: TargetModules,
-    pub exclude_modules: Option<TargetModules>,
     /// Modules whose input (not output) is scaled; must be among the targets.
     pub feedforward_modules: Option<TargetModules>,
     pub fan_in_fan_out: bool,
     /// `true`: vectors start at 1 (a no-op); `false`: N(0, 1) (for tests).
     pub init_ia3_weights: bool,
-    pub modules_to_save: Option<Vec<String>>,
-    pub task_type: Option<String>,
-    pub base_model_name_or_path: Option<String>,
-    pub inference_mode: bool,
-    raw: Map<String, Value>,
-    unknown: Vec<String>,
+    /// The fields every layer tuner's config has (`IA3Config` has no layer selection).
+    pub common: LayerCommon,
 }
+
+crate::tuners::config::impl_deref_common!(Ia3Config => LayerCommon);
 
 impl Ia3Config {
     /// Build from an adapter_config.json object. Errors: `InvalidAdapterConfig` naming the
@@ -46,45 +42,14 @@ impl Ia3Config {
         let rc = RawConfig::parse(v, path, hf_ia3_defaults(), &["IA3"], "an IA3Config")?;
         let bad = |msg: String| rc.bad(msg);
         let raw = &rc.raw;
-        let target_modules = targets_from_json(&raw["target_modules"], "target_modules")
-            .map_err(bad)?
-            .ok_or_else(|| bad("`target_modules` must be given (a list of module names, a regex string or \"all-linear\")".into()))?;
-        let exclude_modules = targets_from_json(&raw["exclude_modules"], "exclude_modules").map_err(bad)?;
+        let common = LayerCommon::parse(&rc, LayerFields { exclude_modules: true, layer_selection: false })?;
         let feedforward_modules = targets_from_json(&raw["feedforward_modules"], "feedforward_modules").map_err(bad)?;
-        if let (Some(TargetModules::List(ff)), TargetModules::List(t)) = (&feedforward_modules, &target_modules) {
+        if let (Some(TargetModules::List(ff)), TargetModules::List(t)) = (&feedforward_modules, &common.target_modules) {
             if !ff.iter().all(|f| t.contains(f)) {
                 return Err(bad("`feedforward_modules` should be a subset of `target_modules`".into()));
             }
         }
-        Ok(Ia3Config {
-            target_modules,
-            exclude_modules,
-            feedforward_modules,
-            fan_in_fan_out: rc.bool("fan_in_fan_out")?,
-            init_ia3_weights: rc.bool("init_ia3_weights")?,
-            modules_to_save: rc.modules_to_save()?,
-            task_type: rc.opt_str("task_type"),
-            base_model_name_or_path: rc.opt_str("base_model_name_or_path"),
-            inference_mode: rc.bool("inference_mode")?,
-            unknown: rc.unknown.clone(),
-            raw: rc.raw.clone(),
-        })
-    }
-
-    /// The module-targeting rule of this config (IA3 has no layer selection).
-    pub fn rule(&self) -> crate::targeting::Rule<'_> {
-        crate::targeting::Rule {
-            targets: &self.target_modules,
-            exclude: self.exclude_modules.as_ref(),
-            layers: None,
-            layers_pattern: None,
-            saved: self.modules_to_save.as_deref().unwrap_or(&[]),
-        }
-    }
-
-    /// Fields of the source JSON that HF's IA3Config does not have.
-    pub fn unknown_fields(&self) -> &[String] {
-        &self.unknown
+        Ok(Ia3Config { feedforward_modules, fan_in_fan_out: rc.bool("fan_in_fan_out")?, init_ia3_weights: rc.bool("init_ia3_weights")?, common })
     }
 
     /// Is the module `name` (a target) a feed-forward module (input scaled)?
@@ -94,9 +59,9 @@ impl Ia3Config {
 
     /// The config as HF's adapter_config.json object.
     pub fn to_json(&self) -> Value {
-        let mut m = self.raw.clone();
-        m.insert("feedforward_modules".into(), targets_to_json(&self.feedforward_modules));
-        crate::tuners::config::layer_config_json(m, self, &self.exclude_modules)
+        self.common.to_json_with(|m| {
+            m.insert("feedforward_modules".into(), targets_to_json(&self.feedforward_modules));
+        })
     }
 }
 

@@ -73,15 +73,6 @@ impl AdapterLayer for Ia3Adapter {
     fn unmerge_from(&mut self, lin: &mut PeftLinear) -> Option<Result<()>> {
         Some(lin.unmerge_ia3(self))
     }
-    fn as_any(&self) -> Option<&dyn std::any::Any> {
-        Some(self)
-    }
-    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
-        Some(self)
-    }
-    fn clone_box(&self) -> Box<dyn AdapterLayer> {
-        Box::new(self.clone())
-    }
 }
 
 impl Ia3Adapter {

@@ -3,8 +3,7 @@
 use super::layer::Ia3Adapter;
 use super::Ia3Config;
 use crate::error::{PeftError, Result};
-use crate::model::Task;
-use crate::peft_model::{is_output_head, PeftModel};
+use crate::peft_model::PeftModel;
 use candle_core::{Tensor, Var};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
@@ -14,21 +13,13 @@ impl PeftModel {
     /// Inject an (IA)³ adapter (HF `IA3Model`): one vector per targeted linear layer, `[out, 1]`
     /// or `[1, in]` for feed-forward modules; ones with `init_ia3_weights` (a no-op), else N(0, 1).
     pub(crate) fn add_ia3(&mut self, name: &str, mut cfg: Ia3Config, seed: u64) -> Result<Vec<String>> {
-        if cfg.base_model_name_or_path.is_none() {
-            cfg.base_model_name_or_path = self.base.info().name_or_path.clone();
-        }
-        let task = cfg.task_type.as_deref().and_then(Task::from_task_type);
-        let copies = self.plan_saved_copies(name, &cfg.modules_to_save.clone().unwrap_or_default(), task)?;
+        let copies = self.prepare_layer_adapter(name, &mut cfg.common)?;
+        let selected = self.select_layers(&cfg)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let normal = Normal::new(0.0f32, 1.0).map_err(|e| PeftError::Internal(e.to_string()))?;
         let device = self.base.device().clone();
         let mut planned: HashMap<String, Ia3Adapter> = HashMap::new();
-        let mut misses = crate::targeting::Misses::default();
-        for (mname, lin) in self.base.named_linears() {
-            let sel = cfg.rule().select(&mname, lin.is_embedding || is_output_head(self.base.task(), &mname));
-            if !misses.note(&mname, sel, None) {
-                continue;
-            }
+        for (mname, lin) in self.base.named_linears().into_iter().filter(|(m, _)| selected.contains(m)) {
             if lin.is_embedding {
                 return Err(PeftError::InvalidAdapterConfig {
                     path: None,
@@ -40,9 +31,6 @@ impl PeftModel {
             let n = shape.0 * shape.1;
             let v: Vec<f32> = if cfg.init_ia3_weights { vec![1.0; n] } else { (0..n).map(|_| normal.sample(&mut rng)).collect() };
             planned.insert(mname, Ia3Adapter { l: Var::from_tensor(&Tensor::from_vec(v, shape, &device)?)?, feedforward: ff });
-        }
-        if planned.is_empty() {
-            return Err(self.no_targets(&cfg.to_json()["target_modules"], &misses, None, None));
         }
         self.install_planned(name, cfg.into(), planned, copies, |lin, name, ad| {
             lin.layers.insert(name, Box::new(ad));

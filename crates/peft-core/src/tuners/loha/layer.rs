@@ -87,7 +87,4 @@ impl AdapterLayer for LohaLayer {
         let y = x.to_dtype(DType::F32)?.reshape((m, inf))?.matmul(&dw.t()?)?;
         Ok(y.reshape(out_dims)?)
     }
-    fn clone_box(&self) -> Box<dyn AdapterLayer> {
-        Box::new(self.clone())
-    }
 }

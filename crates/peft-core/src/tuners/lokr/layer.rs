@@ -213,9 +213,6 @@ impl AdapterLayer for LokrLayer {
         }
         Ok(y.reshape(out_dims)?)
     }
-    fn clone_box(&self) -> Box<dyn AdapterLayer> {
-        Box::new(self.clone())
-    }
 }
 
 #[cfg(test)]

@@ -2,7 +2,7 @@
 //! `adapter_config.json` with HF's names and values.
 //!
 //! Fields this crate acts on are typed; every other field is kept verbatim (unknown fields of a
-//! loaded file are preserved and reported by [`LoraConfig::unknown_fields`]).
+//! loaded file are preserved and reported by [`crate::tuners::config::PeftCommon::unknown_fields`]).
 
 use crate::error::{PeftError, Result};
 use serde_json::{json, Map, Value};
@@ -36,8 +36,6 @@ pub enum InitLoraWeights {
 pub struct LoraConfig {
     pub r: usize,
     pub lora_alpha: f64,
-    pub target_modules: TargetModules,
-    pub exclude_modules: Option<TargetModules>,
     pub lora_dropout: f64,
     pub fan_in_fan_out: bool,
     /// `"none"`, `"all"` or `"lora_only"`.
@@ -45,20 +43,14 @@ pub struct LoraConfig {
     pub use_rslora: bool,
     pub use_dora: bool,
     pub init_lora_weights: InitLoraWeights,
-    pub modules_to_save: Option<Vec<String>>,
-    pub layers_to_transform: Option<Vec<usize>>,
-    pub layers_pattern: Option<Vec<String>>,
     pub rank_pattern: Vec<(String, usize)>,
     pub alpha_pattern: Vec<(String, f64)>,
-    pub task_type: Option<String>,
-    pub base_model_name_or_path: Option<String>,
-    pub revision: Option<String>,
-    pub inference_mode: bool,
-    /// The complete JSON object, HF field names, as it will be written (kept in sync by
-    /// [`LoraConfig::to_json`]); holds fields this crate does not act on.
-    raw: Map<String, Value>,
-    unknown: Vec<String>,
+    /// The fields every layer tuner's config has (targeting, `task_type`, ...; `cfg.field`
+    /// reads them through `Deref`).
+    pub common: LayerCommon,
 }
+
+crate::tuners::config::impl_deref_common!(LoraConfig => LayerCommon);
 
 /// Largest accepted rank; larger values are refused before anything is allocated.
 pub const MAX_RANK: usize = 1 << 16;
@@ -83,7 +75,7 @@ pub fn hf_lora_defaults() -> Map<String, Value> {
     }
 }
 
-use crate::targeting::targets_from_json;
+use crate::tuners::config::{LayerCommon, LayerFields};
 
 impl LoraConfig {
     /// Build from an adapter_config.json object (HF snake_case). Missing fields take HF's
@@ -110,17 +102,13 @@ impl LoraConfig {
             .as_f64()
             .filter(|p| (0.0..1.0).contains(p))
             .ok_or_else(|| bad(format!("`lora_dropout` must be a number in [0, 1), found {}", raw["lora_dropout"])))?;
-        let target_modules = targets_from_json(&raw["target_modules"], "target_modules")
-            .map_err(bad)?
-            .ok_or_else(|| bad("`target_modules` must be given (a list of module names, a regex string or \"all-linear\")".into()))?;
-        let exclude_modules = targets_from_json(&raw["exclude_modules"], "exclude_modules").map_err(bad)?;
+        let common = LayerCommon::parse(&rc, LayerFields::ALL)?;
         let get_bool = |k: &str| -> Result<bool> {
             raw[k].as_bool().ok_or_else(|| bad(format!("`{k}` must be a boolean, found {}", raw[k])))
         };
         let fan_in_fan_out = get_bool("fan_in_fan_out")?;
         let use_rslora = get_bool("use_rslora")?;
         let use_dora = get_bool("use_dora")?;
-        let inference_mode = get_bool("inference_mode")?;
         let bias = raw["bias"].as_str().unwrap_or("").to_string();
         if !["none", "all", "lora_only"].contains(&bias.as_str()) {
             return Err(bad(format!("`bias` must be \"none\", \"all\" or \"lora_only\", found {}", raw["bias"])));
@@ -140,56 +128,21 @@ impl LoraConfig {
             }
             other => return Err(bad(format!("`init_lora_weights` must be true, false, \"gaussian\", \"pissa\", \"pissa_niter_<n>\" or \"olora\", found {other}"))),
         };
-        let str_list = |k: &str| -> Result<Option<Vec<String>>> {
-            match &raw[k] {
-                Value::Null => Ok(None),
-                Value::String(s) => Ok(Some(vec![s.clone()])),
-                Value::Array(a) => a
-                    .iter()
-                    .map(|x| x.as_str().map(String::from).ok_or_else(|| bad(format!("`{k}` must hold strings, found {x}"))))
-                    .collect::<Result<Vec<_>>>()
-                    .map(Some),
-                other => Err(bad(format!("`{k}` must be a list of strings, found {other}"))),
-            }
-        };
-        let modules_to_save = str_list("modules_to_save")?;
-        let layers_pattern = str_list("layers_pattern")?;
-        let layers_to_transform = match &raw["layers_to_transform"] {
-            Value::Null => None,
-            Value::Number(n) => Some(vec![n.as_u64().ok_or_else(|| bad("`layers_to_transform` must be non-negative".into()))? as usize]),
-            Value::Array(a) => Some(
-                a.iter()
-                    .map(|x| x.as_u64().map(|n| n as usize).ok_or_else(|| bad(format!("`layers_to_transform` must hold integers, found {x}"))))
-                    .collect::<Result<Vec<_>>>()?,
-            ),
-            other => return Err(bad(format!("`layers_to_transform` must be an integer or a list, found {other}"))),
-        };
         let rank_pattern = rc.rank_pattern(MAX_RANK)?;
         let alpha_pattern = rc.alpha_pattern()?;
-        let opt_str = |k: &str| raw[k].as_str().map(String::from);
         trainable_token_indices_of(&raw["trainable_token_indices"]).map_err(bad)?;
         Ok(LoraConfig {
             r,
             lora_alpha,
-            target_modules,
-            exclude_modules,
             lora_dropout,
             fan_in_fan_out,
             bias,
             use_rslora,
             use_dora,
             init_lora_weights,
-            modules_to_save,
-            layers_to_transform,
-            layers_pattern,
             rank_pattern,
             alpha_pattern,
-            task_type: opt_str("task_type"),
-            base_model_name_or_path: opt_str("base_model_name_or_path"),
-            revision: opt_str("revision"),
-            inference_mode,
-            unknown: rc.unknown.clone(),
-            raw: rc.raw.clone(),
+            common,
         })
     }
 
@@ -210,31 +163,14 @@ impl LoraConfig {
         Self::from_json(&v, Some(path))
     }
 
-    /// The module-targeting rule of this config (target/exclude modules, the layer selection,
-    /// and `modules_to_save`, which HF never adapts).
-    pub fn rule(&self) -> crate::targeting::Rule<'_> {
-        crate::targeting::Rule {
-            targets: &self.target_modules,
-            exclude: self.exclude_modules.as_ref(),
-            layers: self.layers_to_transform.as_deref(),
-            layers_pattern: self.layers_pattern.as_deref(),
-            saved: self.modules_to_save.as_deref().unwrap_or(&[]),
-        }
-    }
-
-    /// Fields of the source JSON that HF PEFT 0.21's LoraConfig does not have (kept, not acted on).
-    pub fn unknown_fields(&self) -> &[String] {
-        &self.unknown
-    }
-
     /// The config as HF's adapter_config.json object (all fields, sorted keys when serialized).
     pub fn to_json(&self) -> Value {
-        let mut m = self.raw.clone();
-        m.insert("fan_in_fan_out".into(), Value::Bool(self.fan_in_fan_out));
-        m.insert("bias".into(), Value::String(self.bias.clone()));
-        // A Python float field: HF writes `0.0`, never `0` (JSON from JS loses the distinction).
-        m.insert("lora_dropout".into(), serde_json::Number::from_f64(self.lora_dropout).map(Value::Number).unwrap_or(Value::Null));
-        crate::tuners::config::layer_config_json(m, self, &self.exclude_modules)
+        self.common.to_json_with(|m| {
+            m.insert("fan_in_fan_out".into(), Value::Bool(self.fan_in_fan_out));
+            m.insert("bias".into(), Value::String(self.bias.clone()));
+            // A Python float field: HF writes `0.0`, never `0` (JSON from JS loses the distinction).
+            m.insert("lora_dropout".into(), serde_json::Number::from_f64(self.lora_dropout).map(Value::Number).unwrap_or(Value::Null));
+        })
     }
 
     /// `adapter_config.json` text exactly as HF writes it (`json.dumps(indent=2, sort_keys=True)`).
@@ -285,6 +221,10 @@ mod tests {
             (json!({"peft_type": "LORA", "target_modules": 3}), "`target_modules`"),
             (json!({"peft_type": "LORA", "target_modules": "("}), "`target_modules`"),
             (json!({"peft_type": "IA3", "target_modules": ["q"]}), "`peft_type`"),
+            // HF `LoraConfig.__post_init__`; read by the shared `LayerCommon` parser.
+            (json!({"peft_type": "LORA", "target_modules": ["q"], "layers_pattern": "layers"}), "`layers_to_transform`"),
+            (json!({"peft_type": "LORA", "target_modules": ["q"], "task_type": 3}), "`task_type`"),
+            (json!({"peft_type": "LORA", "target_modules": ["q"], "modules_to_save": [1]}), "`modules_to_save`"),
         ] {
             let e = LoraConfig::from_json(&v, None).unwrap_err();
             assert_eq!(e.code(), "ERR_ADAPTER_CONFIG_INVALID");

@@ -151,15 +151,6 @@ impl AdapterLayer for LoraAdapter {
     fn unmerge_from(&mut self, lin: &mut PeftLinear) -> Option<Result<()>> {
         Some(lin.unmerge_lora(self))
     }
-    fn as_any(&self) -> Option<&dyn std::any::Any> {
-        Some(self)
-    }
-    fn as_any_mut(&mut self) -> Option<&mut dyn std::any::Any> {
-        Some(self)
-    }
-    fn clone_box(&self) -> Box<dyn AdapterLayer> {
-        Box::new(self.clone())
-    }
 }
 
 /// Typed access to the LoRA layers a [`PeftLinear`] hosts (the fused engine, weighted adapters,

@@ -7,7 +7,7 @@ use super::layer::LoraAdapter;
 use super::{InitLoraWeights, LoraConfig};
 use crate::error::{PeftError, Result};
 use crate::model::Task;
-use crate::peft_model::{is_output_head, kaiming_uniform, PeftModel};
+use crate::peft_model::{kaiming_uniform, PeftModel};
 use candle_core::{DType, Tensor, Var};
 use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
@@ -15,20 +15,13 @@ use std::collections::HashMap;
 
 impl PeftModel {
     pub(crate) fn add_lora(&mut self, name: &str, mut cfg: LoraConfig, seed: u64) -> Result<Vec<String>> {
-        if cfg.base_model_name_or_path.is_none() {
-            cfg.base_model_name_or_path = self.base.info().name_or_path.clone();
-        }
+        self.fill_base_model_name(&mut cfg.common);
+        let selected = self.select_layers(&cfg)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let device = self.base.device().clone();
         let mut planned: Vec<(String, LoraAdapter)> = Vec::new();
         let mut residuals: HashMap<String, Tensor> = HashMap::new();
-        let mut misses = crate::targeting::Misses::default();
-        for (mname, lin) in self.base.named_linears() {
-            // `all-linear` leaves out the output head and embedding layers (they are no nn.Linear).
-            let sel = cfg.rule().select(&mname, lin.is_embedding || is_output_head(self.base.task(), &mname));
-            if !misses.note(&mname, sel, cfg.layers_pattern.as_deref()) {
-                continue;
-            }
+        for (mname, lin) in self.base.named_linears().into_iter().filter(|(m, _)| selected.contains(m)) {
             if lin.is_embedding {
                 // HF `lora.Embedding`: A [r, num_embeddings], B [dim, r]; init_lora_weights=True
                 // gives A = 0, B ~ N(0, 1) (`reset_lora_parameters`), False keeps randn for both.
@@ -102,9 +95,6 @@ impl PeftModel {
                 ad.magnitude = Some(Var::from_tensor(&lin.dora_weight_norm(&ad)?)?);
             }
             planned.push((mname, ad));
-        }
-        if planned.is_empty() {
-            return Err(self.no_targets(&cfg.to_json()["target_modules"], &misses, cfg.layers_to_transform.as_deref(), cfg.layers_pattern.as_deref()));
         }
         let mut tokens = self.plan_lora_trainable_tokens(&cfg, &targeted_modules(&planned), &mut rng)?;
         let task = cfg.task_type.as_deref().and_then(Task::from_task_type);

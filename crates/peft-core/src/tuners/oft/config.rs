@@ -10,8 +10,7 @@
 //! per layer from its `in_features`, after HF's adjustment of a value that does not divide it.
 
 use crate::error::Result;
-use crate::targeting::{targets_from_json, TargetModules};
-use crate::tuners::config::RawConfig;
+use crate::tuners::config::{LayerCommon, LayerFields, RawConfig};
 use serde_json::{json, Map, Number, Value};
 use std::path::Path;
 
@@ -44,17 +43,12 @@ pub struct OftConfig {
     /// HF's "multiplicative dropout" probability. HF 0.21 builds the dropout layer but never calls
     /// it in `forward`, so it has no effect there; it has none here either (kept for the file).
     pub module_dropout: f64,
-    pub target_modules: TargetModules,
-    pub exclude_modules: Option<TargetModules>,
     /// Base weight stored `[in, out]`; HF sets it to false for `nn.Linear` targets (with a warning).
     pub fan_in_fan_out: bool,
     /// `"none"`, `"all"` or `"oft_only"`.
     pub bias: String,
     /// `true`: `oft_R = 0` (the identity rotation, a no-op); `false`: `oft_R ~ N(0, 0.1²)`.
     pub init_weights: bool,
-    pub layers_to_transform: Option<Vec<usize>>,
-    pub layers_pattern: Option<Vec<String>>,
-    pub modules_to_save: Option<Vec<String>>,
     /// Constrained OFT: before every use, each block's skew matrix is projected into the ball of
     /// radius `eps / √blocks` (and written back into `oft_R`, as HF does).
     pub coft: bool,
@@ -67,15 +61,14 @@ pub struct OftConfig {
     pub use_cayley_neumann: bool,
     /// Terms of the Neumann series (HF default 5).
     pub num_cayley_neumann_terms: usize,
-    pub task_type: Option<String>,
-    pub base_model_name_or_path: Option<String>,
-    pub inference_mode: bool,
     /// The source file was written before PEFT 0.18 with `use_cayley_neumann` (HF's
     /// `check_kwargs` warning: the series changed in 0.18).
     pub(crate) pre_018_neumann: bool,
-    raw: Map<String, Value>,
-    unknown: Vec<String>,
+    /// The fields every layer tuner's config has.
+    pub common: LayerCommon,
 }
+
+crate::tuners::config::impl_deref_common!(OftConfig => LayerCommon);
 
 impl PartialEq for OftConfig {
     fn eq(&self, other: &Self) -> bool {
@@ -131,11 +124,7 @@ impl OftConfig {
             Some(b @ ("none" | "all" | "oft_only")) => b.to_string(),
             _ => return Err(rc.bad(format!("`bias` must be \"none\", \"all\" or \"oft_only\", found {}", raw["bias"]))),
         };
-        let target_modules = targets_from_json(&raw["target_modules"], "target_modules")
-            .map_err(|m| rc.bad(m))?
-            .ok_or_else(|| rc.bad("`target_modules` must be given (a list of module names, a regex string or \"all-linear\")".into()))?;
-        let exclude_modules = targets_from_json(&raw["exclude_modules"], "exclude_modules").map_err(|m| rc.bad(m))?;
-        let (layers_to_transform, layers_pattern) = rc.layers()?;
+        let common = LayerCommon::parse(&rc, LayerFields::ALL)?;
         let use_cayley_neumann = rc.bool("use_cayley_neumann")?;
         // HF `check_kwargs`: the file's own `peft_version` (absent before 0.18).
         let file_version = v.get("peft_version").and_then(|x| x.as_str()).unwrap_or("0.0.0");
@@ -144,37 +133,17 @@ impl OftConfig {
             r,
             oft_block_size,
             module_dropout,
-            target_modules,
-            exclude_modules,
             fan_in_fan_out: rc.bool("fan_in_fan_out")?,
             bias,
             init_weights: rc.bool("init_weights")?,
-            layers_to_transform,
-            layers_pattern,
-            modules_to_save: rc.modules_to_save()?,
             coft: rc.bool("coft")?,
             eps,
             block_share: rc.bool("block_share")?,
             use_cayley_neumann,
             num_cayley_neumann_terms,
-            task_type: rc.opt_str("task_type"),
-            base_model_name_or_path: rc.opt_str("base_model_name_or_path"),
-            inference_mode: rc.bool("inference_mode")?,
             pre_018_neumann,
-            unknown: rc.unknown.clone(),
-            raw: rc.raw.clone(),
+            common,
         })
-    }
-
-    /// The module-targeting rule of this config.
-    pub fn rule(&self) -> crate::targeting::Rule<'_> {
-        crate::targeting::Rule {
-            targets: &self.target_modules,
-            exclude: self.exclude_modules.as_ref(),
-            layers: self.layers_to_transform.as_deref(),
-            layers_pattern: self.layers_pattern.as_deref(),
-            saved: self.modules_to_save.as_deref().unwrap_or(&[]),
-        }
     }
 
     /// `(r, oft_block_size, adjusted)` of a layer with `in_features` inputs (HF
@@ -203,20 +172,15 @@ impl OftConfig {
         }
     }
 
-    /// Fields of the source JSON that HF's OFTConfig does not have.
-    pub fn unknown_fields(&self) -> &[String] {
-        &self.unknown
-    }
-
     /// The config as HF's adapter_config.json object.
     pub fn to_json(&self) -> Value {
-        let mut m = self.raw.clone();
-        // Python float fields: HF writes `0.0` / `6e-05`, never `0` (JSON from JS loses the distinction).
-        for (k, p) in [("module_dropout", self.module_dropout), ("eps", self.eps)] {
-            m.insert(k.into(), Number::from_f64(p).map(Value::Number).unwrap_or(Value::Null));
-        }
-        m.insert("fan_in_fan_out".into(), Value::Bool(self.fan_in_fan_out));
-        crate::tuners::config::layer_config_json(m, self, &self.exclude_modules)
+        self.common.to_json_with(|m| {
+            // Python float fields: HF writes `0.0` / `6e-05`, never `0` (JSON from JS loses the distinction).
+            for (k, p) in [("module_dropout", self.module_dropout), ("eps", self.eps)] {
+                m.insert(k.into(), Number::from_f64(p).map(Value::Number).unwrap_or(Value::Null));
+            }
+            m.insert("fan_in_fan_out".into(), Value::Bool(self.fan_in_fan_out));
+        })
     }
 }
 

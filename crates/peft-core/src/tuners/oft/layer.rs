@@ -329,9 +329,6 @@ impl AdapterLayer for OftLayer {
     fn mixed_batch(&self) -> bool {
         false
     }
-    fn clone_box(&self) -> Box<dyn AdapterLayer> {
-        Box::new(self.clone())
-    }
 }
 
 #[cfg(test)]

@@ -4,8 +4,7 @@
 use super::layer::OftLayer;
 use super::OftConfig;
 use crate::error::{PeftError, Result};
-use crate::model::Task;
-use crate::peft_model::{is_output_head, PeftModel};
+use crate::peft_model::PeftModel;
 use crate::tuners::layer::AdapterLayer;
 use crate::tuners::linear::PeftLinear;
 use candle_core::{Device, Tensor, Var};
@@ -71,21 +70,13 @@ impl PeftModel {
     /// Errors (the model then unchanged): `InvalidAdapterConfig` for a GPT-2 `Conv1D` target (HF's
     /// `TypeError` text) or an embedding target (not built here); `NoTargetModules`.
     pub(crate) fn add_oft(&mut self, name: &str, mut cfg: OftConfig, seed: u64) -> Result<Vec<String>> {
-        if cfg.base_model_name_or_path.is_none() {
-            cfg.base_model_name_or_path = self.base.info().name_or_path.clone();
-        }
-        let task = cfg.task_type.as_deref().and_then(Task::from_task_type);
-        let copies = self.plan_saved_copies(name, &cfg.modules_to_save.clone().unwrap_or_default(), task)?;
+        let copies = self.prepare_layer_adapter(name, &mut cfg.common)?;
+        let selected = self.select_layers(&cfg)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let device = self.base.device().clone();
         let mut planned: HashMap<String, Box<dyn AdapterLayer>> = HashMap::new();
         let mut notes = Vec::new();
-        let mut misses = crate::targeting::Misses::default();
-        for (mname, lin) in self.base.named_linears() {
-            let sel = cfg.rule().select(&mname, lin.is_embedding || is_output_head(self.base.task(), &mname));
-            if !misses.note(&mname, sel, cfg.layers_pattern.as_deref()) {
-                continue;
-            }
+        for (mname, lin) in self.base.named_linears().into_iter().filter(|(m, _)| selected.contains(m)) {
             if let Some(e) = unsupported_target(&mname, lin) {
                 return Err(e);
             }
@@ -94,9 +85,6 @@ impl PeftModel {
                 notes.push(n); // HF's `warnings.warn`: each distinct message once
             }
             planned.insert(mname, Box::new(layer));
-        }
-        if planned.is_empty() {
-            return Err(self.no_targets(&cfg.to_json()["target_modules"], &misses, cfg.layers_to_transform.as_deref(), cfg.layers_pattern.as_deref()));
         }
         if cfg.pre_018_neumann {
             self.warnings.push("The cayley-neumann parameterization has been slightly changed to be more numerically stable in PEFT 0.18.0. Please retrain your adapter weights with newer PEFT versions. Alternatively, downgrade PEFT to version 0.17.0 to use the old parameterization.".into());

@@ -5,7 +5,7 @@
 
 use crate::error::Result;
 use crate::targeting::{targets_from_json, targets_to_json, TargetModules};
-use crate::tuners::config::RawConfig;
+use crate::tuners::config::{PeftCommon, RawConfig};
 use serde_json::{json, Map, Value};
 use std::path::Path;
 
@@ -33,12 +33,11 @@ pub struct TrainableTokensConfig {
     /// `true` (HF's default): the trainable rows start as the embedding's rows (a no-op);
     /// `false`: N(0, 1).
     pub init_weights: bool,
-    pub task_type: Option<String>,
-    pub base_model_name_or_path: Option<String>,
-    pub inference_mode: bool,
-    raw: Map<String, Value>,
-    unknown: Vec<String>,
+    /// The fields every config has (`task_type`, ...; `cfg.field` reads them through `Deref`).
+    pub common: PeftCommon,
 }
+
+crate::tuners::config::impl_deref_common!(TrainableTokensConfig => PeftCommon);
 
 impl PartialEq for TrainableTokensConfig {
     fn eq(&self, other: &Self) -> bool {
@@ -61,31 +60,17 @@ impl TrainableTokensConfig {
             token_indices,
             target_modules,
             init_weights: rc.bool("init_weights")?,
-            task_type: rc.opt_str("task_type"),
-            base_model_name_or_path: rc.opt_str("base_model_name_or_path"),
-            inference_mode: rc.bool("inference_mode")?,
-            unknown: rc.unknown.clone(),
-            raw: rc.raw.clone(),
+            common: PeftCommon::parse(&rc)?,
         })
-    }
-
-    /// Fields of the source JSON that HF's TrainableTokensConfig does not have.
-    pub fn unknown_fields(&self) -> &[String] {
-        &self.unknown
     }
 
     /// The config as HF's adapter_config.json object (keys sorted, as HF writes them).
     pub fn to_json(&self) -> Value {
-        let mut m = self.raw.clone();
-        let opt_str = |v: &Option<String>| v.clone().map(Value::String).unwrap_or(Value::Null);
-        m.insert("token_indices".into(), Value::from(self.token_indices.clone()));
-        m.insert("target_modules".into(), targets_to_json(&self.target_modules));
-        m.insert("init_weights".into(), Value::Bool(self.init_weights));
-        m.insert("inference_mode".into(), Value::Bool(self.inference_mode));
-        m.insert("base_model_name_or_path".into(), opt_str(&self.base_model_name_or_path));
-        m.insert("task_type".into(), opt_str(&self.task_type));
-        m.insert("peft_version".into(), Value::String("0.21.0".into()));
-        Value::Object(m.into_iter().collect::<std::collections::BTreeMap<_, _>>().into_iter().collect())
+        self.common.to_json_with(|m| {
+            m.insert("token_indices".into(), Value::from(self.token_indices.clone()));
+            m.insert("target_modules".into(), targets_to_json(&self.target_modules));
+            m.insert("init_weights".into(), Value::Bool(self.init_weights));
+        })
     }
 }
 
@@ -102,5 +87,8 @@ crate::tuners::config::impl_tuner_config!(@impl [] TrainableTokensConfig, |_c| "
     fn set_modules_to_save(&mut self, _v: Option<Vec<String>>) {}
     fn target_modules(&self) -> Option<&crate::targeting::TargetModules> {
         self.target_modules.as_ref()
+    }
+    fn unknown_fields(&self) -> &[String] {
+        self.common.unknown_fields()
     }
 );

@@ -244,10 +244,4 @@ impl AdapterLayer for TrainableTokensLayer {
         let ys = y.index_select(idx, 0)?;
         Ok((self.apply(lin, x, ys.clone(), ctx)? - ys)?)
     }
-    fn clone_box(&self) -> Box<dyn AdapterLayer> {
-        Box::new(self.clone())
-    }
-    fn as_any(&self) -> Option<&dyn std::any::Any> {
-        Some(self)
-    }
 }

@@ -7,8 +7,7 @@
 
 use super::layer::Projections;
 use crate::error::Result;
-use crate::targeting::{targets_from_json, TargetModules};
-use crate::tuners::config::RawConfig;
+use crate::tuners::config::{LayerCommon, LayerFields, RawConfig};
 use crate::tuners::lora::MAX_RANK;
 use serde_json::{json, Map, Number, Value};
 use std::path::Path;
@@ -32,7 +31,6 @@ pub fn hf_vera_defaults() -> Map<String, Value> {
 pub struct VeraConfig {
     /// The rank: rows of `vera_A`, columns of `vera_B`, length of `vera_lambda_d` (HF default 256).
     pub r: usize,
-    pub target_modules: TargetModules,
     /// Seed of the projections' `torch.Generator` (kaiming-uniform `vera_A` then `vera_B`); all
     /// VeRA adapters of a model must share it (HF).
     pub projection_prng_key: i64,
@@ -50,18 +48,14 @@ pub struct VeraConfig {
     /// `true`: `lambda_b = 0`, `lambda_d = d_initial` (a no-op); `false`: `lambda_b = 1`,
     /// `lambda_d ~ N(0, 1)`.
     pub init_weights: bool,
-    pub layers_to_transform: Option<Vec<usize>>,
-    pub layers_pattern: Option<Vec<String>>,
-    pub modules_to_save: Option<Vec<String>>,
-    pub task_type: Option<String>,
-    pub base_model_name_or_path: Option<String>,
-    pub inference_mode: bool,
+    /// The fields every layer tuner's config has (`VeraConfig` has no `exclude_modules`).
+    pub common: LayerCommon,
     /// Projections read from an adapter file, used by the injection that loads it (never
     /// written to JSON; cleared once the adapter is injected).
     pub(crate) loaded_projections: Option<Projections>,
-    raw: Map<String, Value>,
-    unknown: Vec<String>,
 }
+
+crate::tuners::config::impl_deref_common!(VeraConfig => LayerCommon);
 
 impl PartialEq for VeraConfig {
     fn eq(&self, other: &Self) -> bool {
@@ -88,13 +82,9 @@ impl VeraConfig {
             Some(b @ ("none" | "all" | "vera_only")) => b.to_string(),
             _ => return Err(rc.bad(format!("`bias` must be \"none\", \"all\" or \"vera_only\", found {}", raw["bias"]))),
         };
-        let target_modules = targets_from_json(&raw["target_modules"], "target_modules")
-            .map_err(|m| rc.bad(m))?
-            .ok_or_else(|| rc.bad("`target_modules` must be given (a list of module names, a regex string or \"all-linear\")".into()))?;
-        let (layers_to_transform, layers_pattern) = rc.layers()?;
+        let common = LayerCommon::parse(&rc, LayerFields { exclude_modules: false, layer_selection: true })?;
         Ok(VeraConfig {
             r,
-            target_modules,
             projection_prng_key,
             save_projection: rc.bool("save_projection")?,
             vera_dropout,
@@ -102,51 +92,20 @@ impl VeraConfig {
             fan_in_fan_out: rc.bool("fan_in_fan_out")?,
             bias,
             init_weights: rc.bool("init_weights")?,
-            layers_to_transform,
-            layers_pattern,
-            modules_to_save: rc.modules_to_save()?,
-            task_type: rc.opt_str("task_type"),
-            base_model_name_or_path: rc.opt_str("base_model_name_or_path"),
-            inference_mode: rc.bool("inference_mode")?,
+            common,
             loaded_projections: None,
-            unknown: rc.unknown.clone(),
-            raw: rc.raw.clone(),
         })
-    }
-
-    /// The module-targeting rule of this config (VeRA has no `exclude_modules`).
-    pub fn rule(&self) -> crate::targeting::Rule<'_> {
-        crate::targeting::Rule {
-            targets: &self.target_modules,
-            exclude: None,
-            layers: self.layers_to_transform.as_deref(),
-            layers_pattern: self.layers_pattern.as_deref(),
-            saved: self.modules_to_save.as_deref().unwrap_or(&[]),
-        }
-    }
-
-    /// Fields of the source JSON that HF's VeraConfig does not have.
-    pub fn unknown_fields(&self) -> &[String] {
-        &self.unknown
     }
 
     /// The config as HF's adapter_config.json object.
     pub fn to_json(&self) -> Value {
-        let mut m = self.raw.clone();
-        // Python float fields: HF writes `0.0`, never `0` (JSON from JS loses the distinction).
-        for (k, p) in [("vera_dropout", self.vera_dropout), ("d_initial", self.d_initial)] {
-            m.insert(k.into(), Number::from_f64(p).map(Value::Number).unwrap_or(Value::Null));
-        }
-        m.insert("fan_in_fan_out".into(), Value::Bool(self.fan_in_fan_out));
-        let mut v = crate::tuners::config::layer_config_json(m, self, &None);
-        // VeraConfig has no `exclude_modules` field (the shared writer adds it).
-        if let Value::Object(o) = &mut v {
-            match self.raw.get("exclude_modules") {
-                Some(x) => o.insert("exclude_modules".into(), x.clone()),
-                None => o.remove("exclude_modules"),
-            };
-        }
-        v
+        self.common.to_json_with(|m| {
+            // Python float fields: HF writes `0.0`, never `0` (JSON from JS loses the distinction).
+            for (k, p) in [("vera_dropout", self.vera_dropout), ("d_initial", self.d_initial)] {
+                m.insert(k.into(), Number::from_f64(p).map(Value::Number).unwrap_or(Value::Null));
+            }
+            m.insert("fan_in_fan_out".into(), Value::Bool(self.fan_in_fan_out));
+        })
     }
 }
 

@@ -97,7 +97,4 @@ impl AdapterLayer for VeraLayer {
     fn shared_tensors(&self) -> Vec<(&'static str, Tensor)> {
         vec![("vera_A", self.proj.a.clone()), ("vera_B", self.proj.b.clone())]
     }
-    fn clone_box(&self) -> Box<dyn AdapterLayer> {
-        Box::new(self.clone())
-    }
 }

@@ -5,8 +5,7 @@
 use super::layer::{Projections, VeraLayer};
 use super::VeraConfig;
 use crate::error::{PeftError, Result};
-use crate::model::Task;
-use crate::peft_model::{is_output_head, PeftModel};
+use crate::peft_model::PeftModel;
 use crate::tuners::layer::AdapterLayer;
 use candle_core::{Device, Tensor, Var};
 use rand::SeedableRng;
@@ -119,9 +118,6 @@ impl PeftModel {
     /// projections that differ from the ones the model already shares; `ShapeMismatch` for a
     /// file's projections of the wrong shape; `NoTargetModules`.
     pub(crate) fn add_vera(&mut self, name: &str, mut cfg: VeraConfig, seed: u64) -> Result<Vec<String>> {
-        if cfg.base_model_name_or_path.is_none() {
-            cfg.base_model_name_or_path = self.base.info().name_or_path.clone();
-        }
         for (_, other) in &self.configs {
             let Some(o) = other.get::<VeraConfig>() else { continue };
             if o.projection_prng_key != cfg.projection_prng_key {
@@ -139,16 +135,11 @@ impl PeftModel {
                 )));
             }
         }
-        let task = cfg.task_type.as_deref().and_then(Task::from_task_type);
-        let copies = self.plan_saved_copies(name, &cfg.modules_to_save.clone().unwrap_or_default(), task)?;
+        let copies = self.prepare_layer_adapter(name, &mut cfg.common)?;
+        let selected = self.select_layers(&cfg)?;
         // Targets (HF `_find_dim` + `_create_and_replace`), in module order.
         let mut targets: Vec<(String, usize, usize)> = Vec::new();
-        let mut misses = crate::targeting::Misses::default();
-        for (mname, lin) in self.base.named_linears() {
-            let sel = cfg.rule().select(&mname, lin.is_embedding || is_output_head(self.base.task(), &mname));
-            if !misses.note(&mname, sel, cfg.layers_pattern.as_deref()) {
-                continue;
-            }
+        for (mname, lin) in self.base.named_linears().into_iter().filter(|(m, _)| selected.contains(m)) {
             if lin.is_embedding {
                 return Err(bad(format!(
                     "Target module `{mname}` (Embedding) is not supported. Currently, only `torch.nn.Linear` (optionally quantized) and `transformers.pytorch_utils.Conv1D` are supported."
@@ -162,9 +153,6 @@ impl PeftModel {
                 cfg.fan_in_fan_out = false;
             }
             targets.push((mname, lin.in_features(), lin.out_features()));
-        }
-        if targets.is_empty() {
-            return Err(self.no_targets(&cfg.to_json()["target_modules"], &misses, cfg.layers_to_transform.as_deref(), cfg.layers_pattern.as_deref()));
         }
         let max_in = targets.iter().map(|t| t.1).max().unwrap_or(0);
         let max_out = targets.iter().map(|t| t.2).max().unwrap_or(0);
