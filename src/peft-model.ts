@@ -738,6 +738,28 @@ export class PeftModel {
   }
 
   /**
+   * AdaLoRA (HF `AdaLoraModel.update_and_allocate(global_step)`): update the importance scores of
+   * the model's trainable AdaLoRA adapter with the gradients of the last `Trainer` step, mask the
+   * `lora_E` rows below the budget of step `globalStep` (0-based; the cubic schedule between `tinit`
+   * and `totalStep − tfinal`, every `deltaT` steps) and record the config's `rankPattern`. The
+   * `Trainer` does this itself after every step unless `tunerStepHooks: false`; then call it from
+   * `onStep` (`({ step }) => model.updateAndAllocate(step - 1)`). Queued behind running calls.
+   * Errors: `ERR_INVALID_ARGUMENT` (`globalStep` not a non-negative integer), `ERR_INVALID_STATE`
+   * (no trainable AdaLoRA adapter, no step trained yet, `targetR` ≥ `initR`, disposed).
+   */
+  async updateAndAllocate(globalStep: number): Promise<void> {
+    const rt = this.rt
+    rt.checkAlive()
+    if (!Number.isInteger(globalStep) || globalStep < 0) throw invalidArgument('globalStep', `must be a non-negative integer, found ${String(globalStep)}`)
+    await callAsync(() =>
+      rt.schedule(() => {
+        call(() => this.n.updateAndAllocate(globalStep))
+        rt.resync() // the config's rankPattern changed
+      }),
+    )
+  }
+
+  /**
    * Remove adapter `adapterName` (HF `delete_adapter`); when it was the only active one, the
    * first remaining adapter becomes active. Applied now when idle, else queued. Errors:
    * `ERR_ADAPTER_NOT_FOUND`, `ERR_INVALID_STATE` (merged: unmerge first; disposed), `ERR_BUSY`
@@ -800,7 +822,7 @@ export class PeftModel {
       const e = byLayer.get(p)
       if (!e) continue
       // HF's module type of the layer: a ModulesToSaveWrapper wraps the whole module
-      const [moduleType, names] = e.saved.length > 0 ? ['ModulesToSaveWrapper', e.saved] : [e.kind === 'lora_embedding' ? 'lora.Embedding' : `${e.kind}.Linear`, e.tuned]
+      const [moduleType, names] = e.saved.length > 0 ? ['ModulesToSaveWrapper', e.saved] : [e.kind === 'lora_embedding' ? 'lora.Embedding' : e.kind.includes('.') ? e.kind : `${e.kind}.Linear`, e.tuned]
       const available = [...names].sort()
       out.push({
         name: `model.${p}`,

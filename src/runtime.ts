@@ -20,7 +20,8 @@ import type { NativeTypes } from './native'
  * core reports it: `'lora'`, `'lora_embedding'`, `'ia3'`, `'modules_to_save'`, or for any other
  * tuner the prefix of HF's layer class (`'loha'` for `loha.Linear`), so that a new tuner needs no
  * edit here. The layer's module type is `'<kind>.Linear'` except for `'lora_embedding'`
- * (`lora.Embedding`) and `'modules_to_save'` (`ModulesToSaveWrapper`).
+ * (`lora.Embedding`), `'modules_to_save'` (`ModulesToSaveWrapper`) and kinds that are a whole
+ * class name already (`'adalora.SVDLinear'`).
  */
 export type LayerKind = 'lora' | 'lora_embedding' | 'ia3' | 'modules_to_save' | 'adaption_prompt' | (string & {})
 

@@ -129,6 +129,13 @@ export interface TrainerOptions {
   /** Shuffle examples each epoch (seeded; default true). */
   shuffle?: boolean
   onStep?: (info: StepInfo) => void
+  /**
+   * Run the tuners' after-step logic after every optimizer step (default true): for AdaLoRA, HF's
+   * `update_and_allocate(step)` with the 0-based step (importance update, budget masking,
+   * `rankPattern`). `false` leaves it to you: call `model.updateAndAllocate(globalStep)` yourself
+   * (e.g. from `onStep`), which uses the gradients of the step just taken.
+   */
+  tunerStepHooks?: boolean
   signal?: AbortSignal
   /** Folder for checkpoints (`<outputDir>/checkpoint-<step>/`); needed with `saveSteps` or `resumeFromCheckpoint: true`. */
   outputDir?: string
@@ -195,6 +202,7 @@ const TRAINER_OPTIONS = [
   'chatTemplate', 'templateKwargs', 'lrSchedulerType', 'warmupRatio', 'evalDataset', 'valSetSize', 'evalSteps', 'perDeviceEvalBatchSize',
   'onEvaluate', 'saveTotalLimit', 'saveOnAbort', 'packing', 'shuffle', 'onStep', 'signal', 'outputDir', 'saveSteps', 'resumeFromCheckpoint',
   'gradientCheckpointing',
+  'tunerStepHooks',
 ] as const
 
 export class Trainer {
@@ -204,7 +212,7 @@ export class Trainer {
       TrainerOptions,
       | 'tokenizer' | 'maxLength' | 'onStep' | 'signal' | 'maxSteps' | 'numTrainEpochs' | 'outputDir' | 'saveSteps' | 'resumeFromCheckpoint'
       | 'assistantOnlyLoss' | 'completionOnlyLoss' | 'chatTemplate' | 'templateKwargs' | 'warmupRatio' | 'evalDataset' | 'valSetSize' | 'evalSteps'
-      | 'onEvaluate' | 'saveTotalLimit' | 'saveOnAbort' | 'packing' | 'gradientCheckpointing'
+      | 'onEvaluate' | 'saveTotalLimit' | 'saveOnAbort' | 'packing' | 'gradientCheckpointing' | 'tunerStepHooks'
     >
   > &
     TrainerOptions
@@ -338,6 +346,10 @@ export class Trainer {
       return await this.run(rt, data, evalData, atCall)
     } finally {
       rt.training = false
+      // Tuners may change their configs while training (AdaLoRA's rank_pattern): refresh the
+      // adapters' snapshot once the steps are done (at once when the model is idle, else after
+      // the calls queued before it; train() does not wait for those).
+      rt.schedule(() => rt.resync()).catch(() => {})
     }
   }
 
@@ -371,6 +383,7 @@ export class Trainer {
               maxGradNorm: o.maxGradNorm,
               seed: o.seed,
               gradientCheckpointing: o.gradientCheckpointing ?? false,
+              tunerStepHooks: o.tunerStepHooks ?? true,
             }),
         )
       }),

@@ -103,6 +103,10 @@ async function inspectAdapter(dir: string, sub = ''): Promise<Inspection> {
     // VeRA: the shared projections (`base_model.vera_A` / `vera_B`) are saved only with save_projection.
     Object.assign(out, { r: cfg.r ?? 256, projectionPrngKey: cfg.projection_prng_key ?? 0, saveProjection: cfg.save_projection ?? true })
   }
+  if (cfg.peft_type === 'ADALORA') {
+    // AdaLoRA: the layers start at init_r; with a rank_pattern the file holds the kept triplets only.
+    Object.assign(out, { initR: cfg.init_r ?? 12, targetR: cfg.target_r ?? 8, totalStep: cfg.total_step ?? null, ranksInFile: [...ranks].sort((a, b) => a - b) })
+  }
   if (cfg.num_virtual_tokens !== undefined) out.numVirtualTokens = cfg.num_virtual_tokens
   Object.assign(out, {
     targetModules: cfg.target_modules ?? null,

@@ -4,6 +4,7 @@
  * its export and one registry line below: the `PeftConfig` union and `PEFT_TYPES` follow from the
  * registry, and `src/index.ts` re-exports this module as it is.
  */
+import { AdaLoraConfig } from './adalora'
 import { AdaptionPromptConfig } from './adaption-prompt'
 import { CPTConfig } from './cpt'
 import { IA3Config } from './ia3'
@@ -27,6 +28,7 @@ export { VeraConfig, type VeraConfigOptions } from './vera'
 export { OFTConfig, type OFTConfigOptions } from './oft'
 export { TrainableTokensConfig, type TrainableTokensConfigOptions } from './trainable-tokens'
 export { AdaptionPromptConfig, type AdaptionPromptConfigOptions } from './adaption-prompt'
+export { AdaLoraConfig, type AdaLoraConfigOptions } from './adalora'
 export type { PromptLearningConfigOptions } from './prompt-learning'
 export { PrefixTuningConfig, type PrefixTuningConfigOptions } from './prefix-tuning'
 export { PromptTuningConfig, type PromptTuningConfigOptions } from './prompt-tuning'
@@ -49,6 +51,7 @@ const REGISTRY = {
   MULTITASK_PROMPT_TUNING: MultitaskPromptTuningConfig,
   CPT: CPTConfig,
   ADAPTION_PROMPT: AdaptionPromptConfig,
+  ADALORA: AdaLoraConfig,
 } as const
 
 /** Any config `getPeftModel` / `addAdapter` accept: an instance of a registered class. */

@@ -481,6 +481,12 @@ impl NativeModel {
         guard(|| with_model(&self.inner, |m| m.delete_adapter(&name)))
     }
 
+    /// AdaLoRA: HF `update_and_allocate(global_step)` with the gradients of the last trainer step.
+    #[napi(catch_unwind)]
+    pub fn update_and_allocate(&self, global_step: u32) -> napi::Result<()> {
+        guard(|| with_model(&self.inner, |m| m.update_and_allocate_recorded(global_step as usize)))
+    }
+
     #[napi(catch_unwind)]
     pub fn adapter_names(&self) -> napi::Result<Vec<String>> {
         guard(|| with_model(&self.inner, |m| Ok(m.adapter_names())))
@@ -594,6 +600,7 @@ impl NativeModel {
                     }
                     if let Some(kind) = l.adapter_kind(&name) {
                         params += l.adapter_params(&name).iter().map(|(_, v)| v.elem_count()).sum::<usize>();
+                        params += l.layers.get(&name).map(|x| x.frozen_param_count()).unwrap_or(0);
                         layers.push(serde_json::json!([path, kind]));
                     }
                 }

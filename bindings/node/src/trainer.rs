@@ -23,6 +23,8 @@ pub struct TrainingArgsJs {
     pub lr_scheduler_type: Option<String>,
     /// transformers' `gradient_checkpointing` (off when absent).
     pub gradient_checkpointing: Option<bool>,
+    /// Run the tuners' after-step logic (AdaLoRA's `update_and_allocate`) after every step (default true).
+    pub tuner_step_hooks: Option<bool>,
 }
 
 #[napi(object)]
@@ -110,6 +112,7 @@ impl NativeTrainer {
                 None => LrSchedule::Linear,
             },
             gradient_checkpointing: args.gradient_checkpointing.unwrap_or(false),
+            tuner_step_hooks: args.tuner_step_hooks.unwrap_or(true),
         };
         let trainer = guard(|| with_model(&model.inner, |m| Trainer::new(m, a)))?;
         Ok(NativeTrainer { trainer: Arc::new(Mutex::new(trainer)), model: model.inner.clone() })

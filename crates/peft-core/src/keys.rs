@@ -33,6 +33,9 @@ pub fn strip_adapter_name(k: &str) -> String {
                 Some(a) => a,
                 None => continue,
             },
+            // `<m>.lora_A.weight` is already LoRA's on-disk key, not `<m>.lora_A.<adapter>` of
+            // AdaLoRA's same-named parameter slot.
+            None if crate::tuners::registry::all_slots().any(|o| o.name == slot.name && o.disk_param == Some(rest)) => continue,
             None => rest,
         };
         if !adapter.is_empty() && !adapter.contains('.') {
@@ -78,5 +81,16 @@ mod tests {
         }
         assert_eq!(with_adapter_name("m.q.lora_B.weight", "x"), "m.q.lora_B.x.weight");
         assert_eq!(with_adapter_name("m.v.lora_magnitude_vector", "x"), "m.v.lora_magnitude_vector.x.weight");
+    }
+
+    #[test]
+    fn adalora_parameter_slots_leave_lora_disk_keys_alone() {
+        // AdaLoRA's `lora_A` / `lora_B` are parameter slots (`<m>.lora_A.<adapter>`), LoRA's are
+        // modules (`<m>.lora_A.<adapter>.weight`): LoRA's disk key must not read as an adapter `weight`.
+        assert_eq!(strip_adapter_name("m.q.lora_A.weight"), "m.q.lora_A.weight");
+        assert_eq!(strip_adapter_name("m.q.lora_A.default"), "m.q.lora_A");
+        assert_eq!(strip_adapter_name("m.q.lora_E.default"), "m.q.lora_E");
+        assert_eq!(with_adapter_name("m.q.lora_E", "x"), "m.q.lora_E.x");
+        assert_eq!(with_adapter_name("m.q.lora_B", "x"), "m.q.lora_B.x");
     }
 }

@@ -37,6 +37,11 @@ pub struct TrainingArgs {
     /// this or the model's own setting ([`PeftModel::set_gradient_checkpointing`]) is on. See
     /// `peft_model::checkpointing` for where it runs and what is refused.
     pub gradient_checkpointing: bool,
+    /// Run the tuners' after-step logic after every optimizer step (default true): AdaLoRA's
+    /// `update_and_allocate` with the 0-based step. `false` leaves it to the caller
+    /// ([`PeftModel::update_and_allocate_recorded`], TS `updateAndAllocate`); the step's
+    /// gradients are still recorded for it.
+    pub tuner_step_hooks: bool,
 }
 
 /// transformers' learning-rate schedules (`SchedulerType`), as the factor applied to the base
@@ -118,6 +123,7 @@ impl Default for TrainingArgs {
             seed: 42,
             lr_scheduler_type: LrSchedule::Linear,
             gradient_checkpointing: false,
+            tuner_step_hooks: true,
         }
     }
 }
@@ -394,28 +400,35 @@ pub fn loss_and_grads_with(model: &PeftModel, batch: &Batch, total_items: Option
     if ckpt {
         model.check_gradient_checkpointing()?;
     }
-    if model.base.task() == Task::CausalLm {
+    // The tuners' loss terms (AdaLoRA's orthogonal regularisation), added to each micro-batch's
+    // loss as HF's tuner model adds them to `outputs.loss`; the fused engine computes none.
+    let extra = loss_terms(model, true)?;
+    if model.base.task() == Task::CausalLm && extra.is_none() {
         if let Some(out) = crate::engine::try_loss_and_grads_with(model, batch, total_items, rng.clone(), ckpt)? {
             return Ok(out);
         }
     }
     let opts = ForwardOptions { train: true, dropout_rng: rng, ..batch.forward_options(model) };
     if ckpt {
-        return checkpointed_loss_and_grads(model, batch, total_items, &opts);
+        return checkpointed_loss_and_grads(model, batch, total_items, &opts, extra);
     }
     let logits = model.forward(&batch.input_ids, batch.batch_size, batch.seq_len, &opts, None)?;
     let (mean, n) = task_loss(model, &logits, batch)?;
-    let loss_val = mean.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? as f64;
-    let scaled = match total_items {
+    let mut loss_val = mean.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? as f64;
+    let mut scaled = match total_items {
         Some(t) if t > 0 => (mean * (n as f64 / t as f64))?,
         _ => mean,
     };
+    if let Some(x) = extra {
+        loss_val += x.to_scalar::<f32>()? as f64;
+        scaled = (scaled.to_dtype(candle_core::DType::F32)? + x)?;
+    }
     let grads = scaled.backward()?;
     Ok((loss_val, n, grads))
 }
 
 /// The general path's training step with gradient checkpointing (see [`loss_and_grads_with`]).
-fn checkpointed_loss_and_grads(model: &PeftModel, batch: &Batch, total_items: Option<usize>, opts: &ForwardOptions) -> Result<(f64, usize, GradStore)> {
+fn checkpointed_loss_and_grads(model: &PeftModel, batch: &Batch, total_items: Option<usize>, opts: &ForwardOptions, extra: Option<Tensor>) -> Result<(f64, usize, GradStore)> {
     let refuse = |why: String| PeftError::invalid_arg("gradientCheckpointing", why);
     if model.base.task() != Task::CausalLm {
         return Err(refuse(format!(
@@ -434,14 +447,49 @@ fn checkpointed_loss_and_grads(model: &PeftModel, batch: &Batch, total_items: Op
     let keep: std::collections::HashSet<candle_core::TensorId> = model.trainable_parameters().iter().map(|(_, v)| v.as_tensor().id()).collect();
     let ((loss_val, n), grads) = crate::model::checkpoint::checkpointed_backward(&*stack, &x0, o.dropout_rng.as_deref(), &keep, |logits| {
         let (mean, n) = task_loss(model, logits, batch)?;
-        let loss_val = mean.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? as f64;
-        let scaled = match total_items {
+        let mut loss_val = mean.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? as f64;
+        let mut scaled = match total_items {
             Some(t) if t > 0 => (mean * (n as f64 / t as f64))?,
             _ => mean,
         };
+        // The tuners' loss terms depend on adapter parameters only: their gradients are taken
+        // with the head's (the driver keeps every trainable parameter's gradient).
+        if let Some(x) = extra {
+            loss_val += x.to_scalar::<f32>()? as f64;
+            scaled = (scaled.to_dtype(candle_core::DType::F32)? + x)?;
+        }
         Ok((scaled, (loss_val, n)))
     })?;
     Ok((loss_val, n, grads))
+}
+
+/// The sum of every adapter's [`crate::tuners::registry::Tuner::loss_term`] (a scalar f32
+/// tensor, tracked when `train`), or `None` when no tuner adds one.
+///
+/// Errors: the tuners'.
+pub fn loss_terms(model: &PeftModel, train: bool) -> Result<Option<Tensor>> {
+    let mut sum: Option<Tensor> = None;
+    for (name, cfg) in &model.configs {
+        if let Some(t) = cfg.tuner().loss_term(model, name, cfg, train)? {
+            sum = Some(match sum {
+                Some(s) => (s + t)?,
+                None => t,
+            });
+        }
+    }
+    Ok(sum)
+}
+
+/// Run every adapter's [`crate::tuners::registry::Tuner::after_step`] hook after an optimizer
+/// step with the gradients `grads` it applied and its 0-based index `global_step` (`None`:
+/// record only, the caller runs the step logic; AdaLoRA's `update_and_allocate`).
+///
+/// Errors: the tuners'.
+pub fn after_optimizer_step(model: &PeftModel, global_step: Option<usize>, grads: &GradStore) -> Result<()> {
+    for (name, cfg) in &model.configs {
+        cfg.tuner().after_step(model, name, cfg, global_step, grads)?;
+    }
+    Ok(())
 }
 
 /// Labels as the loss sees them: with prompt tuning / P-tuning the logits include the virtual
@@ -732,12 +780,19 @@ impl Trainer {
         let opts = batch.forward_options(model);
         let logits = model.forward(&batch.input_ids, batch.batch_size, batch.seq_len, &opts, None)?.detach();
         let (mean, n) = task_loss(model, &logits, batch)?;
-        Ok((mean.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?, n))
+        let extra = match loss_terms(model, false)? {
+            Some(x) => x.to_scalar::<f32>()? as f64,
+            None => 0.0,
+        };
+        Ok((mean.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()? + extra, n))
     }
 
     /// One optimizer step over `micro_batches` (gradient accumulation): the loss of each is
     /// weighted by its share of all label tokens (transformers' `num_items_in_batch`), gradients
-    /// are summed, clipped to `max_grad_norm`, and AdamW is applied.
+    /// are summed, clipped to `max_grad_norm`, and AdamW is applied; then the tuners' after-step
+    /// hooks run with the clipped gradients (AdaLoRA's `update_and_allocate(step)`, 0-based, see
+    /// [`TrainingArgs::tuner_step_hooks`]). The loss includes the tuners' loss terms
+    /// ([`loss_terms`]: AdaLoRA's orthogonal regularisation).
     pub fn step(&mut self, model: &PeftModel, micro_batches: &[Batch]) -> Result<StepOutput> {
         if micro_batches.is_empty() {
             return Err(PeftError::invalid_arg("batches", "at least one micro-batch is required"));
@@ -787,7 +842,7 @@ impl Trainer {
         let lr = self.current_lr();
         self.opt.set_learning_rate(lr);
         self.opt.step(&store)?;
-        model.after_optimizer_step()?;
+        after_optimizer_step(model, self.args.tuner_step_hooks.then_some(self.step), &store)?;
         self.step += 1;
         let loss = if items > 0 { loss_sum / items as f64 } else { 0.0 };
         if !loss.is_finite() {

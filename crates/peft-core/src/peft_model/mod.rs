@@ -213,24 +213,6 @@ impl PeftModel {
         self.active_prompt().and_then(|(c, _)| c.cpt.as_ref())
     }
 
-    /// The after-optimizer-step hook of the adapters training updates (the active ones not in
-    /// inference mode): each tuner restores what its parameters must satisfy after an update
-    /// (CPT projects its delta back into its norm bounds). The trainer calls it after every
-    /// step; a caller running its own optimizer over [`Self::trainable_parameters`] should too.
-    ///
-    /// Errors: tensor errors only.
-    pub fn after_optimizer_step(&self) -> Result<()> {
-        for name in &self.active {
-            if self.peft_config(name).map(|c| c.inference_mode()).unwrap_or(true) {
-                continue;
-            }
-            if let Some(enc) = self.prompt_encoders.get(name) {
-                enc.after_optimizer_step()?;
-            }
-        }
-        Ok(())
-    }
-
     pub(crate) fn not_found(&self, name: &str) -> PeftError {
         PeftError::AdapterNotFound { name: name.into(), available: self.adapter_names() }
     }

@@ -65,7 +65,8 @@ impl PeftModel {
     /// `(trainable, all)` parameter counts as HF `get_nb_trainable_parameters` reports them.
     pub fn nb_trainable_parameters(&self) -> (usize, usize) {
         let trainable: usize = self.trainable_parameters().iter().map(|(_, v)| v.elem_count()).sum();
-        let adapters: usize = self.base.named_linears().iter().flat_map(|(_, l)| l.all_adapter_vars()).map(|v| v.elem_count()).sum();
+        let adapters: usize = self.base.named_linears().iter().flat_map(|(_, l)| l.all_adapter_vars()).map(|v| v.elem_count()).sum::<usize>()
+            + self.base.named_linears().iter().flat_map(|(_, l)| l.layers.values()).map(|l| l.frozen_param_count()).sum::<usize>();
         let prompts: usize = self.prompt_encoders.values().map(|e| e.param_count()).sum();
         let attention: usize = self.base.named_attention_prompts().iter().flat_map(|(_, h)| h.all_vars()).map(|v| v.elem_count()).sum();
         (trainable, self.base.base_param_count() + adapters + prompts + attention)
@@ -170,6 +171,7 @@ impl PeftModel {
         }
         let cfg = self.peft_config(name)?;
         out.extend(cfg.tuner().shared_state_dict(self, name, cfg)?);
+        cfg.tuner().finish_state_dict(self, name, cfg, &mut out)?;
         out.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(out)
     }

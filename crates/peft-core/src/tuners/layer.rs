@@ -192,6 +192,12 @@ pub trait AdapterLayer: LayerBox + Send + Sync + std::fmt::Debug {
         let _ = lin;
         None
     }
+    /// Elements of parameters HF's layer registers that are neither trained nor saved (AdaLoRA's
+    /// `ranknum`, one per layer): HF's `get_nb_trainable_parameters` counts them in the total.
+    /// Default 0.
+    fn frozen_param_count(&self) -> usize {
+        0
+    }
 }
 
 /// Copying and downcasting a boxed [`AdapterLayer`]: implemented once for every `Clone` layer

@@ -7,6 +7,7 @@
 //! [`registry::TUNERS`]; a LyCORIS method's folder holds its [`lycoris::LycorisKind`] and its
 //! layer, the rest is [`lycoris`]'s.
 
+pub mod adalora;
 pub mod adaption_prompt;
 pub mod config;
 pub mod ia3;
@@ -22,6 +23,7 @@ pub mod registry;
 pub mod trainable_tokens;
 pub mod vera;
 
+pub use adalora::AdaLoraConfig;
 pub use adaption_prompt::AdaptionPromptConfig;
 pub use config::{AdapterConfig, TunerConfig};
 pub use ia3::layer::Ia3Adapter;

@@ -8,6 +8,7 @@ use super::linear::PeftLinear;
 use crate::error::Result;
 use crate::model::Task;
 use crate::peft_model::{LoadResult, PeftModel};
+use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 use serde_json::Value;
 use std::path::Path;
@@ -61,6 +62,32 @@ pub trait Tuner: Sync {
         let _ = (model, name, cfg);
         Ok(vec![])
     }
+    /// Post-process adapter `name`'s tensors (on-disk keys) before they are saved, after
+    /// [`Tuner::shared_state_dict`] (HF `_get_adapter_state_dict` overrides: AdaLoRA drops the
+    /// triplets its `rank_pattern` masked).
+    ///
+    /// Errors: the tuner's.
+    fn finish_state_dict(&self, model: &PeftModel, name: &str, cfg: &AdapterConfig, tensors: &mut Vec<(String, Tensor)>) -> Result<()> {
+        let _ = (model, name, cfg, tensors);
+        Ok(())
+    }
+    /// A term this tuner adds to every loss computed with adapter `name` (HF tuner models that
+    /// override `forward` to add to `outputs.loss`: AdaLoRA's orthogonal regularisation): a
+    /// scalar f32 tensor, tracked for gradients when `train`. `None` (the default): nothing.
+    fn loss_term(&self, model: &PeftModel, name: &str, cfg: &AdapterConfig, train: bool) -> Result<Option<Tensor>> {
+        let _ = (model, name, cfg, train);
+        Ok(None)
+    }
+    /// Called by the trainer after each optimizer step (parameters updated, `grads` the step's
+    /// gradients as applied, after clipping) for every adapter `name` of this tuner, with the
+    /// 0-based `global_step` (HF: what a training loop calls between `optimizer.step()` and
+    /// `zero_grad()`, AdaLoRA's `update_and_allocate`). `global_step` is `None` when the
+    /// trainer leaves that logic to the caller (`TrainingArgs::tuner_step_hooks` off): the tuner
+    /// only records what a later call needs. The default does nothing.
+    fn after_step(&self, model: &PeftModel, name: &str, cfg: &AdapterConfig, global_step: Option<usize>, grads: &GradStore) -> Result<()> {
+        let _ = (model, name, cfg, global_step, grads);
+        Ok(())
+    }
     /// Tuners that do not live in layers (prompt learning) load their own tensors; `None` means
     /// the generic layer loading applies.
     fn load(&self, model: &mut PeftModel, name: &str, cfg: &AdapterConfig, tensors: &mut Vec<(String, Tensor)>, wpath: &Path) -> Option<Result<LoadResult>> {
@@ -70,7 +97,7 @@ pub trait Tuner: Sync {
 }
 
 /// Every registered tuner.
-pub static TUNERS: &[&dyn Tuner] = &[&super::lora::LoraTuner, &super::ia3::Ia3Tuner, &super::loha::TUNER, &super::lokr::TUNER, &super::vera::TUNER, &super::oft::TUNER, &super::trainable_tokens::TUNER, &super::prompt::PromptTuner, &super::prompt::cpt::TUNER, &super::adaption_prompt::TUNER];
+pub static TUNERS: &[&dyn Tuner] = &[&super::lora::LoraTuner, &super::ia3::Ia3Tuner, &super::loha::TUNER, &super::lokr::TUNER, &super::vera::TUNER, &super::oft::TUNER, &super::trainable_tokens::TUNER, &super::prompt::PromptTuner, &super::prompt::cpt::TUNER, &super::adaption_prompt::TUNER, &super::adalora::TUNER];
 
 /// The tuner registered for `peft_type`.
 pub fn tuner_for(peft_type: &str) -> Option<&'static dyn Tuner> {

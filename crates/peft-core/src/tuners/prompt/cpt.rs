@@ -35,6 +35,7 @@ use crate::model::Task;
 use crate::peft_model::{LoadResult, PeftModel};
 use crate::tuners::config::AdapterConfig;
 use crate::tuners::registry::Tuner;
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use serde_json::{json, Map, Value};
 use std::path::Path;
@@ -338,6 +339,20 @@ impl Tuner for CptTuner {
             return Err(PeftError::InvalidAdapterConfig { path: None, msg: format!("CPT needs a causal LM; this model is {}", model.base.task().task_type()) });
         }
         model.add_prompt(name, c, seed, None).map(|_| vec![])
+    }
+    /// HF projects the CPT delta into its norm bounds at the start of every forward; here that
+    /// happens after every optimizer step that trained adapter `name` (active, not in inference
+    /// mode), which gives the next forward the same values. Runs whatever `global_step` says
+    /// (the projection is not step logic a caller takes over).
+    fn after_step(&self, model: &PeftModel, name: &str, cfg: &AdapterConfig, global_step: Option<usize>, grads: &GradStore) -> Result<()> {
+        let _ = (global_step, grads);
+        if cfg.inference_mode() || !model.active_adapters().iter().any(|a| a == name) {
+            return Ok(());
+        }
+        match model.prompt_encoders.get(name) {
+            Some(enc) => enc.after_optimizer_step(),
+            None => Ok(()),
+        }
     }
     fn load(&self, model: &mut PeftModel, name: &str, cfg: &AdapterConfig, tensors: &mut Vec<(String, Tensor)>, wpath: &Path) -> Option<Result<LoadResult>> {
         let c = cfg.as_prompt()?.clone();
