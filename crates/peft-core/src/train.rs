@@ -414,15 +414,7 @@ pub fn loss_and_grads_with(model: &PeftModel, batch: &Batch, total_items: Option
     }
     let logits = model.forward(&batch.input_ids, batch.batch_size, batch.seq_len, &opts, None)?;
     let (mean, n) = task_loss(model, &logits, batch)?;
-    let mut loss_val = mean.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? as f64;
-    let mut scaled = match total_items {
-        Some(t) if t > 0 => (mean * (n as f64 / t as f64))?,
-        _ => mean,
-    };
-    if let Some(x) = extra {
-        loss_val += x.to_scalar::<f32>()? as f64;
-        scaled = (scaled.to_dtype(candle_core::DType::F32)? + x)?;
-    }
+    let (loss_val, scaled) = step_loss(mean, n, total_items, extra)?;
     let grads = scaled.backward()?;
     Ok((loss_val, n, grads))
 }
@@ -447,20 +439,29 @@ fn checkpointed_loss_and_grads(model: &PeftModel, batch: &Batch, total_items: Op
     let keep: std::collections::HashSet<candle_core::TensorId> = model.trainable_parameters().iter().map(|(_, v)| v.as_tensor().id()).collect();
     let ((loss_val, n), grads) = crate::model::checkpoint::checkpointed_backward(&*stack, &x0, o.dropout_rng.as_deref(), &keep, |logits| {
         let (mean, n) = task_loss(model, logits, batch)?;
-        let mut loss_val = mean.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? as f64;
-        let mut scaled = match total_items {
-            Some(t) if t > 0 => (mean * (n as f64 / t as f64))?,
-            _ => mean,
-        };
         // The tuners' loss terms depend on adapter parameters only: their gradients are taken
         // with the head's (the driver keeps every trainable parameter's gradient).
-        if let Some(x) = extra {
-            loss_val += x.to_scalar::<f32>()? as f64;
-            scaled = (scaled.to_dtype(candle_core::DType::F32)? + x)?;
-        }
+        let (loss_val, scaled) = step_loss(mean, n, total_items, extra)?;
         Ok((scaled, (loss_val, n)))
     })?;
     Ok((loss_val, n, grads))
+}
+
+/// A micro-batch's loss to differentiate: the task loss `mean` over its `n` label items, scaled
+/// by `n / total_items` for gradient accumulation (transformers' `num_items_in_batch`), plus
+/// the tuners' loss terms `extra` (unscaled, as HF adds them to each `outputs.loss`). Returns
+/// `(the reported loss: mean + extra, the tensor to differentiate)`.
+fn step_loss(mean: Tensor, n: usize, total_items: Option<usize>, extra: Option<Tensor>) -> Result<(f64, Tensor)> {
+    let mut loss_val = mean.to_dtype(candle_core::DType::F32)?.to_scalar::<f32>()? as f64;
+    let mut scaled = match total_items {
+        Some(t) if t > 0 => (mean * (n as f64 / t as f64))?,
+        _ => mean,
+    };
+    if let Some(x) = extra {
+        loss_val += x.to_scalar::<f32>()? as f64;
+        scaled = (scaled.to_dtype(candle_core::DType::F32)? + x)?;
+    }
+    Ok((loss_val, scaled))
 }
 
 /// The sum of every adapter's [`crate::tuners::registry::Tuner::loss_term`] (a scalar f32

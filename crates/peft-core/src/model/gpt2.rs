@@ -383,8 +383,36 @@ impl BaseModel for Gpt2LMHeadModel {
 
     fn forward_embeds(&self, x: &Tensor, opts: &ForwardOptions, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
-        let c = &self.config;
         let past = cache.as_ref().map(|c| c.seq_len()).unwrap_or(0);
+        let (pe, mask) = self.forward_parts(b, s, past, opts)?;
+        let lin = LinearCtx { train: opts.train, rows: opts.adapter_rows.as_ref(), row_scales: opts.adapter_scales.as_ref(), rng: opts.dropout_rng.as_deref() };
+        let mut h = (x.to_dtype(self.dtype)? + pe)?;
+        for (i, l) in self.h.iter().enumerate() {
+            let kv = cache.as_mut().map(|c| &mut c.layers[i]);
+            h = self.block_forward(l, &h, &lin, mask.as_ref(), kv)?;
+        }
+        self.head_forward(&h, &lin, opts)
+    }
+
+    fn layer_stack<'a>(&'a self, x: &Tensor, opts: &'a ForwardOptions) -> Option<Result<Box<dyn super::checkpoint::LayerStack + 'a>>> {
+        let stack = || -> Result<Box<dyn super::checkpoint::LayerStack + 'a>> {
+            let (b, s, _) = x.dims3()?;
+            // The same positions and mask as `forward_embeds` without a cache.
+            let probe = self.forward_parts(b, s, 0, opts)?;
+            Ok(Box::new(Stack { m: self, pe: probe.0, mask: probe.1, opts }))
+        };
+        Some(stack())
+    }
+}
+
+impl Gpt2LMHeadModel {
+    /// Position embeddings `[b, s, n_embd]` and the additive mask of a forward of `s` new
+    /// positions after `past` cached ones.
+    ///
+    /// Errors: `InvalidArgument` naming `inputIds` when `past + s` exceeds `n_positions`, or
+    /// `positionIds` of the wrong length or beyond `n_positions`.
+    fn forward_parts(&self, b: usize, s: usize, past: usize, opts: &ForwardOptions) -> Result<(Tensor, Option<Tensor>)> {
+        let c = &self.config;
         let total = past + s;
         if total > c.n_positions {
             return Err(PeftError::invalid_arg("inputIds", format!("sequence length {total} exceeds n_positions {}", c.n_positions)));
@@ -403,50 +431,7 @@ impl BaseModel for Gpt2LMHeadModel {
         };
         let pos = Tensor::from_vec(positions, b * s, &self.device)?;
         let pe = self.wpe.index_select(&pos, 0)?.reshape((b, s, c.n_embd))?;
-        let mask = causal_mask(opts.attention_mask.as_ref(), b, s, past, &self.device)?;
-        let lin = LinearCtx { train: opts.train, rows: opts.adapter_rows.as_ref(), row_scales: opts.adapter_scales.as_ref(), rng: opts.dropout_rng.as_deref() };
-        let mut h = (x.to_dtype(self.dtype)? + pe)?;
-        for (i, l) in self.h.iter().enumerate() {
-            let kv = cache.as_mut().map(|c| &mut c.layers[i]);
-            h = self.block_forward(l, &h, &lin, mask.as_ref(), kv)?;
-        }
-        self.head_forward(&h, &lin, opts)
-    }
-
-    fn layer_stack<'a>(&'a self, x: &Tensor, opts: &'a ForwardOptions) -> Option<Result<Box<dyn super::checkpoint::LayerStack + 'a>>> {
-        let stack = || -> Result<Box<dyn super::checkpoint::LayerStack + 'a>> {
-            let (b, s, _) = x.dims3()?;
-            // The same positions and mask as `forward_embeds` without a cache.
-            let probe = self.forward_parts(b, s, opts)?;
-            Ok(Box::new(Stack { m: self, pe: probe.0, mask: probe.1, opts }))
-        };
-        Some(stack())
-    }
-}
-
-impl Gpt2LMHeadModel {
-    /// Position embeddings `[b, s, n_embd]` and the additive mask of a forward of `s` new
-    /// positions without a cache.
-    fn forward_parts(&self, b: usize, s: usize, opts: &ForwardOptions) -> Result<(Tensor, Option<Tensor>)> {
-        let c = &self.config;
-        if s > c.n_positions {
-            return Err(PeftError::invalid_arg("inputIds", format!("sequence length {s} exceeds n_positions {}", c.n_positions)));
-        }
-        let positions: Vec<u32> = match &opts.position_ids {
-            Some(p) => {
-                if p.len() != b * s {
-                    return Err(PeftError::invalid_arg("positionIds", format!("expected {} values", b * s)));
-                }
-                if let Some(bad) = p.iter().find(|&&q| q as usize >= c.n_positions) {
-                    return Err(PeftError::invalid_arg("positionIds", format!("position {bad} exceeds n_positions {}", c.n_positions)));
-                }
-                p.clone()
-            }
-            None => (0..b).flat_map(|_| (0..s).map(|p| p as u32)).collect(),
-        };
-        let pos = Tensor::from_vec(positions, b * s, &self.device)?;
-        let pe = self.wpe.index_select(&pos, 0)?.reshape((b, s, c.n_embd))?;
-        Ok((pe, causal_mask(opts.attention_mask.as_ref(), b, s, 0, &self.device)?))
+        Ok((pe, causal_mask(opts.attention_mask.as_ref(), b, s, past, &self.device)?))
     }
 
     /// Final layer norm and head on the last block's output `h` `[b, s, n_embd]` (pooled rows
