@@ -5,99 +5,19 @@
 //! fixed seed, merged and disabled adapters) and prompt learning (prefix tuning with and without
 //! projection, prompt tuning, P-tuning, multitask prompt tuning); SmolLM3's NoPE layers.
 
-use candle_core::{DType, Device, Tensor};
+mod common;
+
+use common::random::*;
 use peft_core::engine;
-use peft_core::model::llama::LlamaForCausalLM;
-use peft_core::model::config::LlamaConfig;
 use peft_core::peft_model::PeftModel;
 use peft_core::train::{loss_and_grads, Batch};
 use peft_core::tuners::AdapterConfig;
-use rand::{Rng, SeedableRng};
-use rand_distr::{Distribution, Normal};
+use rand::SeedableRng;
 use serde_json::json;
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-
-struct Shape {
-    hidden: usize,
-    heads: usize,
-    kv: usize,
-    head_dim: usize,
-    inter: usize,
-    layers: usize,
-    vocab: usize,
-    model_type: &'static str,
-    tie: bool,
-}
-
-fn model(sh: &Shape, seed: u64) -> PeftModel {
-    let cfg = json!({
-        "model_type": sh.model_type, "vocab_size": sh.vocab, "hidden_size": sh.hidden, "intermediate_size": sh.inter,
-        "num_hidden_layers": sh.layers, "num_attention_heads": sh.heads, "num_key_value_heads": sh.kv,
-        "head_dim": sh.head_dim, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256,
-        "tie_word_embeddings": sh.tie,
-    });
-    let mut cfg = cfg;
-    if sh.model_type == "smollm3" {
-        // NoPE layers at 1, 3, ...: a NoPE layer between RoPE layers.
-        cfg["no_rope_layers"] = (0..sh.layers).map(|i| u8::from(i % 2 == 0)).collect::<Vec<_>>().into();
-    }
-    let config = LlamaConfig::from_json(&cfg, std::path::Path::new("engine-test")).unwrap();
-    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
-    let normal = Normal::new(0.0f32, 0.15).unwrap();
-    let mut t = HashMap::new();
-    let mut put = |name: String, shape: Vec<usize>, norm: bool, r: &mut rand::rngs::StdRng| {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = if norm { (0..n).map(|_| 1.0 + r.random_range(-0.2f32..0.2)).collect() } else { (0..n).map(|_| normal.sample(r)).collect() };
-        t.insert(name, Tensor::from_vec(v, shape, &Device::Cpu).unwrap());
-    };
-    let (h, q, kv) = (sh.hidden, sh.heads * sh.head_dim, sh.kv * sh.head_dim);
-    put("model.embed_tokens.weight".into(), vec![sh.vocab, h], false, &mut r);
-    for i in 0..sh.layers {
-        let p = format!("model.layers.{i}");
-        for (n, o, inp) in [("self_attn.q_proj", q, h), ("self_attn.k_proj", kv, h), ("self_attn.v_proj", kv, h), ("self_attn.o_proj", h, q), ("mlp.gate_proj", sh.inter, h), ("mlp.up_proj", sh.inter, h), ("mlp.down_proj", h, sh.inter)] {
-            put(format!("{p}.{n}.weight"), vec![o, inp], false, &mut r);
-        }
-        if sh.model_type == "qwen2" {
-            for (n, o) in [("q_proj", q), ("k_proj", kv), ("v_proj", kv)] {
-                put(format!("{p}.self_attn.{n}.bias"), vec![o], false, &mut r);
-            }
-        }
-        if sh.model_type == "qwen3" {
-            put(format!("{p}.self_attn.q_norm.weight"), vec![sh.head_dim], true, &mut r);
-            put(format!("{p}.self_attn.k_norm.weight"), vec![sh.head_dim], true, &mut r);
-        }
-        put(format!("{p}.input_layernorm.weight"), vec![h], true, &mut r);
-        put(format!("{p}.post_attention_layernorm.weight"), vec![h], true, &mut r);
-    }
-    put("model.norm.weight".into(), vec![h], true, &mut r);
-    if !sh.tie {
-        put("lm_head.weight".into(), vec![sh.vocab, h], false, &mut r);
-    }
-    PeftModel::new(Box::new(LlamaForCausalLM::from_tensors(config, t, DType::F32, &Device::Cpu).unwrap()))
-}
 
 fn adapter(v: serde_json::Value) -> AdapterConfig {
     AdapterConfig::from_json(&v, None).unwrap()
-}
-
-/// A batch with ragged rows: row i keeps `s - pad_i` tokens, padded on the left or the right.
-fn batch(b: usize, s: usize, vocab: usize, pads: &[(usize, bool)], seed: u64) -> Batch {
-    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut ids = vec![0u32; b * s];
-    let mut mask = vec![1u8; b * s];
-    let mut labels = vec![-100i64; b * s];
-    for bi in 0..b {
-        let (pad, left) = pads.get(bi).copied().unwrap_or((0, false));
-        for i in 0..s {
-            let is_pad = if left { i < pad } else { i >= s - pad };
-            let id = r.random_range(0..vocab as u32);
-            ids[bi * s + i] = if is_pad { 0 } else { id };
-            mask[bi * s + i] = u8::from(!is_pad);
-            labels[bi * s + i] = if is_pad || r.random_bool(0.1) { -100 } else { id as i64 };
-        }
-    }
-    Batch { input_ids: ids, attention_mask: mask, labels, batch_size: b, seq_len: s, ..Default::default() }
 }
 
 fn max_abs(v: &[f32]) -> f32 {
@@ -137,22 +57,22 @@ fn gqa() -> Shape {
 
 #[test]
 fn lora_qkvo_gqa_padded_batch() {
-    let mut m = model(&gqa(), 1);
+    let mut m = random_llama(&gqa(), 1);
     m.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "init_lora_weights": false})), 3).unwrap();
-    let b = batch(3, 37, 97, &[(0, false), (5, true), (9, false)], 11);
+    let b = ragged_batch(3, 37, 97, &[(0, false), (5, true), (9, false)], 11);
     compare("q,k,v,o padded", &m, &b, None);
     compare("q,k,v,o with num_items_in_batch", &m, &b, Some(123));
     // unpadded, one row, and a batch long enough for several attention row blocks
-    compare("unpadded", &m, &batch(2, 70, 97, &[], 12), None);
-    compare("one row", &m, &batch(1, 5, 97, &[], 13), None);
+    compare("unpadded", &m, &ragged_batch(2, 70, 97, &[], 12), None);
+    compare("one row", &m, &ragged_batch(1, 5, 97, &[], 13), None);
 }
 
 #[test]
 fn lora_all_linear_rslora_qwen2_biases_tied() {
     let sh = Shape { hidden: 24, heads: 6, kv: 3, head_dim: 4, inter: 40, layers: 3, vocab: 61, model_type: "qwen2", tie: true };
-    let mut m = model(&sh, 2);
+    let mut m = random_llama(&sh, 2);
     m.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 3, "lora_alpha": 5, "use_rslora": true, "target_modules": "all-linear", "init_lora_weights": false})), 4).unwrap();
-    compare("all-linear rsLoRA", &m, &batch(2, 19, 61, &[(4, true)], 21), None);
+    compare("all-linear rsLoRA", &m, &ragged_batch(2, 19, 61, &[(4, true)], 21), None);
 }
 
 #[test]
@@ -160,27 +80,27 @@ fn lora_on_upper_layers_only() {
     // The backward stops at the lowest adapted layer (its q/k/v input gradient is not computed):
     // adapters on layer 2 of 4 (attention and MLP), then on the top layer's MLP only.
     let sh = Shape { layers: 4, ..gqa() };
-    let mut m = model(&sh, 5);
+    let mut m = random_llama(&sh, 5);
     m.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"], "layers_to_transform": [2, 3], "init_lora_weights": false})), 3).unwrap();
-    compare("layers 2-3", &m, &batch(2, 21, 97, &[(3, true)], 31), None);
-    let mut m = model(&sh, 6);
+    compare("layers 2-3", &m, &ragged_batch(2, 21, 97, &[(3, true)], 31), None);
+    let mut m = random_llama(&sh, 6);
     m.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["down_proj"], "layers_to_transform": [3], "init_lora_weights": false})), 3).unwrap();
-    compare("top layer MLP only", &m, &batch(2, 21, 97, &[], 32), None);
+    compare("top layer MLP only", &m, &ragged_batch(2, 21, 97, &[], 32), None);
 }
 
 #[test]
 fn lora_dropout_with_a_fixed_seed() {
-    let mut m = model(&gqa(), 3);
+    let mut m = random_llama(&gqa(), 3);
     m.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 4, "lora_alpha": 16, "lora_dropout": 0.3, "target_modules": ["q_proj", "v_proj", "gate_proj", "down_proj"], "init_lora_weights": false})), 5).unwrap();
-    compare("dropout 0.3", &m, &batch(2, 23, 97, &[(3, false)], 31), None);
+    compare("dropout 0.3", &m, &ragged_batch(2, 23, 97, &[(3, false)], 31), None);
 }
 
 #[test]
 fn several_adapters_merged_and_disabled() {
-    let mut m = model(&gqa(), 4);
+    let mut m = random_llama(&gqa(), 4);
     m.add_adapter("a", adapter(json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "up_proj"], "init_lora_weights": false})), 6).unwrap();
     m.add_adapter("b", adapter(json!({"peft_type": "LORA", "r": 5, "lora_alpha": 3, "target_modules": ["q_proj", "k_proj", "down_proj"], "init_lora_weights": false})), 7).unwrap();
-    let bt = batch(2, 17, 97, &[(2, true)], 41);
+    let bt = ragged_batch(2, 17, 97, &[(2, true)], 41);
     m.set_adapter(&["a".to_string(), "b".to_string()]).unwrap();
     compare("two active adapters", &m, &bt, None);
     m.set_adapter(&["b".to_string()]).unwrap();
@@ -194,9 +114,9 @@ fn several_adapters_merged_and_disabled() {
 #[test]
 fn prefix_tuning_with_and_without_projection() {
     for (proj, tag) in [(false, "prefix"), (true, "prefix+projection")] {
-        let mut m = model(&gqa(), 5);
+        let mut m = random_llama(&gqa(), 5);
         m.add_adapter("default", adapter(json!({"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 6, "prefix_projection": proj, "encoder_hidden_size": 16})), 8).unwrap();
-        compare(tag, &m, &batch(3, 21, 97, &[(0, false), (4, true), (6, false)], 51), None);
+        compare(tag, &m, &ragged_batch(3, 21, 97, &[(0, false), (4, true), (6, false)], 51), None);
     }
 }
 
@@ -209,9 +129,9 @@ fn prompt_tuning_ptuning_and_multitask() {
         ("multitask", json!({"peft_type": "MULTITASK_PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 4, "num_tasks": 3})),
     ];
     for (tag, cfg) in cases {
-        let mut m = model(&gqa(), 6);
+        let mut m = random_llama(&gqa(), 6);
         m.add_adapter("default", adapter(cfg), 9).unwrap();
-        let mut b = batch(2, 15, 97, &[(3, true)], 61);
+        let mut b = ragged_batch(2, 15, 97, &[(3, true)], 61);
         if tag == "multitask" {
             b.task_ids = Some(vec![2, 0]);
         }
@@ -225,10 +145,10 @@ fn prompt_tuning_ptuning_and_multitask() {
 #[test]
 fn qwen3_qk_norm_training_inference_and_decoding() {
     let sh = Shape { hidden: 32, heads: 4, kv: 2, head_dim: 12, inter: 40, layers: 2, vocab: 89, model_type: "qwen3", tie: true };
-    let mut m = model(&sh, 21);
+    let mut m = random_llama(&sh, 21);
     m.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": "all-linear", "init_lora_weights": false})), 5).unwrap();
-    compare("qwen3 all-linear", &m, &batch(3, 17, 89, &[(0, false), (5, true), (3, false)], 23), None);
-    let bt = batch(2, 13, 89, &[(4, true)], 29);
+    compare("qwen3 all-linear", &m, &ragged_batch(3, 17, 89, &[(0, false), (5, true), (3, false)], 23), None);
+    let bt = ragged_batch(2, 13, 89, &[(4, true)], 29);
     compare_logits("qwen3 logits", &m, &bt, false, None);
     // a prefill and three cached steps, engine against general path
     decoding_matches_the_general_path("qwen3", &m, &bt, sh.layers);
@@ -267,18 +187,18 @@ fn decoding_matches_the_general_path(what: &str, m: &PeftModel, bt: &Batch, laye
 #[test]
 fn smollm3_nope_training_inference_and_decoding() {
     let sh = Shape { hidden: 32, heads: 4, kv: 2, head_dim: 8, inter: 40, layers: 4, vocab: 89, model_type: "smollm3", tie: true };
-    let mut m = model(&sh, 41);
+    let mut m = random_llama(&sh, 41);
     assert_eq!(m.base.as_llama().unwrap().config.rope_layers, Some(vec![true, false, true, false]));
     m.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": "all-linear", "init_lora_weights": false})), 5).unwrap();
-    compare("smollm3 all-linear", &m, &batch(3, 17, 89, &[(0, false), (5, true), (3, false)], 43), None);
-    let bt = batch(2, 13, 89, &[(4, true)], 47);
+    compare("smollm3 all-linear", &m, &ragged_batch(3, 17, 89, &[(0, false), (5, true), (3, false)], 43), None);
+    let bt = ragged_batch(2, 13, 89, &[(4, true)], 47);
     compare_logits("smollm3 logits", &m, &bt, false, None);
     let pos: Vec<u32> = (0..2 * 13).map(|i| (i % 13) as u32 + 5).collect();
     compare_logits("smollm3 explicit positions", &m, &bt, false, Some(pos));
     decoding_matches_the_general_path("smollm3", &m, &bt, sh.layers);
-    let mut p = model(&sh, 42);
+    let mut p = random_llama(&sh, 42);
     p.add_adapter("default", adapter(json!({"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 6})), 8).unwrap();
-    compare("smollm3 prefix tuning", &p, &batch(3, 15, 89, &[(0, false), (4, true), (2, false)], 53), None);
+    compare("smollm3 prefix tuning", &p, &ragged_batch(3, 15, 89, &[(0, false), (4, true), (2, false)], 53), None);
 }
 
 /// Mixed batches (HF's `adapter_names`): each row gets its own LoRA adapter (or none, also
@@ -287,12 +207,12 @@ fn smollm3_nope_training_inference_and_decoding() {
 #[test]
 fn mixed_batches_match_the_general_path() {
     use peft_core::model::{ForwardOptions, KvCache};
-    let mut m = model(&gqa(), 31);
+    let mut m = random_llama(&gqa(), 31);
     m.add_adapter("a", adapter(json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"], "init_lora_weights": false})), 6).unwrap();
     m.add_adapter("b", adapter(json!({"peft_type": "LORA", "r": 2, "lora_alpha": 6, "use_rslora": true, "target_modules": ["k_proj", "o_proj", "up_proj", "v_proj"], "init_lora_weights": false})), 7).unwrap();
     m.set_adapter(&["a".to_string()]).unwrap();
     let (b, s) = (5, 11);
-    let bt = batch(b, s, 97, &[(0, false), (3, true), (0, false), (2, false), (4, true)], 33);
+    let bt = ragged_batch(b, s, 97, &[(0, false), (3, true), (0, false), (2, false), (4, true)], 33);
     let names = |v: &[Option<&str>]| -> Arc<Vec<Option<String>>> { Arc::new(v.iter().map(|n| n.map(String::from)).collect()) };
     let rows = names(&[Some("a"), None, Some("b"), Some("b"), None]);
     let run = |m: &PeftModel, general: bool, last_only: bool, cache: Option<&mut KvCache>| -> Vec<f32> {
@@ -338,15 +258,15 @@ fn mixed_batches_match_the_general_path() {
 
 #[test]
 fn engine_declines_what_it_does_not_compute() {
-    let mut m = model(&gqa(), 7);
+    let mut m = random_llama(&gqa(), 7);
     m.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "use_dora": true})), 1).unwrap();
-    assert!(engine::try_loss_and_grads(&m, &batch(1, 8, 97, &[], 1), None, None).unwrap().is_none(), "DoRA goes through the general path");
-    let mut m = model(&gqa(), 7);
+    assert!(engine::try_loss_and_grads(&m, &ragged_batch(1, 8, 97, &[], 1), None, None).unwrap().is_none(), "DoRA goes through the general path");
+    let mut m = random_llama(&gqa(), 7);
     m.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "modules_to_save": ["lm_head"]})), 1).unwrap();
-    assert!(engine::try_loss_and_grads(&m, &batch(1, 8, 97, &[], 1), None, None).unwrap().is_none(), "modules_to_save goes through the general path");
-    let mut m = model(&gqa(), 7);
+    assert!(engine::try_loss_and_grads(&m, &ragged_batch(1, 8, 97, &[], 1), None, None).unwrap().is_none(), "modules_to_save goes through the general path");
+    let mut m = random_llama(&gqa(), 7);
     m.add_adapter("default", adapter(json!({"peft_type": "IA3", "target_modules": ["k_proj", "down_proj"], "feedforward_modules": ["down_proj"]})), 1).unwrap();
-    assert!(engine::try_loss_and_grads(&m, &batch(1, 8, 97, &[], 1), None, None).unwrap().is_none(), "IA3 goes through the general path");
+    assert!(engine::try_loss_and_grads(&m, &ragged_batch(1, 8, 97, &[], 1), None, None).unwrap().is_none(), "IA3 goes through the general path");
 }
 
 /// The engine's inference forward against the general path's logits.
@@ -369,8 +289,8 @@ fn compare_logits(what: &str, m: &PeftModel, b: &Batch, last_only: bool, positio
 
 #[test]
 fn inference_logits_match_the_general_path() {
-    let mut m = model(&gqa(), 8);
-    let bt = batch(3, 29, 97, &[(0, false), (6, true), (4, false)], 71);
+    let mut m = random_llama(&gqa(), 8);
+    let bt = ragged_batch(3, 29, 97, &[(0, false), (6, true), (4, false)], 71);
     compare_logits("base", &m, &bt, false, None);
     m.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.2, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"], "init_lora_weights": false})), 3).unwrap();
     compare_logits("LoRA unmerged", &m, &bt, false, None);
@@ -383,9 +303,9 @@ fn inference_logits_match_the_general_path() {
     m.set_disabled(true).unwrap();
     compare_logits("disabled", &m, &bt, false, None);
     let sh = Shape { hidden: 24, heads: 6, kv: 3, head_dim: 4, inter: 40, layers: 3, vocab: 61, model_type: "qwen2", tie: true };
-    let mut q = model(&sh, 9);
+    let mut q = random_llama(&sh, 9);
     q.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 3, "lora_alpha": 5, "use_rslora": true, "target_modules": "all-linear", "init_lora_weights": false})), 4).unwrap();
-    compare_logits("qwen2 all-linear", &q, &batch(2, 40, 61, &[(7, true)], 81), false, None);
+    compare_logits("qwen2 all-linear", &q, &ragged_batch(2, 40, 61, &[(7, true)], 81), false, None);
 }
 
 /// Cached decoding: a prefill then single-token steps with a KV cache, through the engine and
@@ -394,10 +314,10 @@ fn inference_logits_match_the_general_path() {
 #[test]
 fn cached_decoding_matches_the_general_path() {
     use peft_core::model::{ForwardOptions, KvCache};
-    let mut m = model(&gqa(), 10);
+    let mut m = random_llama(&gqa(), 10);
     m.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "o_proj", "up_proj"], "init_lora_weights": false})), 3).unwrap();
     let (b, s) = (2, 9);
-    let bt = batch(b, s, 97, &[(0, false), (3, true)], 91);
+    let bt = ragged_batch(b, s, 97, &[(0, false), (3, true)], 91);
     let run = |general: bool| -> (Vec<Vec<f32>>, KvCache) {
         engine::force_general_path(general);
         let mut cache = KvCache::new(2);
@@ -448,10 +368,10 @@ fn cached_decoding_matches_the_general_path() {
 #[test]
 fn cached_decoding_grows_and_mixes_paths() {
     use peft_core::model::{ForwardOptions, KvCache};
-    let mut m = model(&gqa(), 12);
+    let mut m = random_llama(&gqa(), 12);
     m.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"], "init_lora_weights": false})), 3).unwrap();
     let (b, s) = (2, 7);
-    let bt = batch(b, s, 97, &[(0, false), (2, true)], 93);
+    let bt = ragged_batch(b, s, 97, &[(0, false), (2, true)], 93);
     let mask_for = |len: usize| -> Vec<u8> {
         (0..b).flat_map(|r| (0..len).map(move |i| if r == 1 && i < 2 { 0 } else { 1 })).collect()
     };
@@ -523,9 +443,9 @@ fn matmul_precision_high_and_medium_stay_close_to_f32() {
     }
     let _reset = Reset;
     let sh = Shape { hidden: 256, heads: 4, kv: 2, head_dim: 64, inter: 512, layers: 2, vocab: 512, model_type: "llama", tie: false };
-    let mut m = model(&sh, 31);
+    let mut m = random_llama(&sh, 31);
     m.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": "all-linear", "init_lora_weights": false})), 5).unwrap();
-    let b = batch(2, 64, sh.vocab, &[(5, false)], 8);
+    let b = ragged_batch(2, 64, sh.vocab, &[(5, false)], 8);
     let run = |p: MatmulPrecision| {
         amx::set_float32_matmul_precision(p);
         let (l, _, g) = engine::try_loss_and_grads(&m, &b, None, None).unwrap().expect("the engine runs this model");
@@ -548,51 +468,6 @@ fn matmul_precision_high_and_medium_stay_close_to_f32() {
     }
 }
 
-/// A random Gemma 3 text decoder: layers `sliding` (true = sliding_attention) with
-/// `sliding_window` 6 (shorter than the batches below, so the window masks keys), a
-/// `query_pre_attn_scalar` other than head_dim, `linear` RoPE scaling on the full layers, norm
-/// weights around 0 (scales `1 + w`), tied embeddings.
-fn gemma3(seed: u64, sliding: &[bool]) -> PeftModel {
-    gemma3_with(seed, sliding, None)
-}
-
-fn gemma3_with(seed: u64, sliding: &[bool], softcap: Option<f64>) -> PeftModel {
-    use peft_core::model::gemma3::{Gemma3Config, Gemma3ForCausalLM};
-    let (h, heads, kv, hd, inter, vocab) = (32usize, 4usize, 2usize, 12usize, 40usize, 89usize);
-    let types: Vec<&str> = sliding.iter().map(|&s| if s { "sliding_attention" } else { "full_attention" }).collect();
-    let cfg = json!({
-        "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "vocab_size": vocab, "hidden_size": h,
-        "intermediate_size": inter, "num_hidden_layers": sliding.len(), "num_attention_heads": heads,
-        "num_key_value_heads": kv, "head_dim": hd, "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 20,
-        "sliding_window": 6, "layer_types": types, "max_position_embeddings": 256, "tie_word_embeddings": true,
-        "hidden_activation": "gelu_pytorch_tanh", "final_logit_softcapping": softcap,
-        "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0}, "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
-    });
-    let config = Gemma3Config::from_json(&cfg, std::path::Path::new("engine-gemma3")).unwrap();
-    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
-    let normal = Normal::new(0.0f32, 0.15).unwrap();
-    let mut t = HashMap::new();
-    let mut put = |name: String, shape: Vec<usize>, norm: bool, r: &mut rand::rngs::StdRng| {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = if norm { (0..n).map(|_| r.random_range(-0.2f32..0.2)).collect() } else { (0..n).map(|_| normal.sample(r)).collect() };
-        t.insert(name, Tensor::from_vec(v, shape, &Device::Cpu).unwrap());
-    };
-    let (q, kvd) = (heads * hd, kv * hd);
-    put("model.embed_tokens.weight".into(), vec![vocab, h], false, &mut r);
-    for i in 0..sliding.len() {
-        let p = format!("model.layers.{i}");
-        for (n, o, inp) in [("self_attn.q_proj", q, h), ("self_attn.k_proj", kvd, h), ("self_attn.v_proj", kvd, h), ("self_attn.o_proj", h, q), ("mlp.gate_proj", inter, h), ("mlp.up_proj", inter, h), ("mlp.down_proj", h, inter)] {
-            put(format!("{p}.{n}.weight"), vec![o, inp], false, &mut r);
-        }
-        put(format!("{p}.self_attn.q_norm.weight"), vec![hd], true, &mut r);
-        put(format!("{p}.self_attn.k_norm.weight"), vec![hd], true, &mut r);
-        for n in ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"] {
-            put(format!("{p}.{n}.weight"), vec![h], true, &mut r);
-        }
-    }
-    put("model.norm.weight".into(), vec![h], true, &mut r);
-    PeftModel::new(Box::new(Gemma3ForCausalLM::from_tensors(config, t, DType::F32, &Device::Cpu).unwrap()))
-}
 
 /// Gemma 3 in the engine (four norms per layer, GeGLU, q/k norms, scaled embeddings,
 /// `query_pre_attn_scalar`, sliding-window and full layers with two RoPE tables): LoRA training
@@ -602,27 +477,27 @@ fn gemma3_with(seed: u64, sliding: &[bool], softcap: Option<f64>) -> PeftModel {
 #[test]
 fn gemma3_training_inference_and_decoding() {
     let sliding = [true, false, true];
-    let mut m = gemma3(61, &sliding);
+    let mut m = random_gemma3(61, &sliding, None);
     m.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": "all-linear", "init_lora_weights": false})), 5).unwrap();
-    compare("gemma3 all-linear", &m, &batch(3, 17, 89, &[(0, false), (5, true), (3, false)], 63), None);
-    let bt = batch(2, 13, 89, &[(4, true)], 67);
+    compare("gemma3 all-linear", &m, &ragged_batch(3, 17, 89, &[(0, false), (5, true), (3, false)], 63), None);
+    let bt = ragged_batch(2, 13, 89, &[(4, true)], 67);
     compare_logits("gemma3 logits", &m, &bt, false, None);
     compare_logits("gemma3 last-only logits", &m, &bt, true, None);
     decoding_matches_the_general_path("gemma3", &m, &bt, sliding.len());
-    let mut p = gemma3(62, &sliding);
+    let mut p = random_gemma3(62, &sliding, None);
     p.add_adapter("default", adapter(json!({"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 4})), 8).unwrap();
-    compare("gemma3 prefix tuning", &p, &batch(3, 9, 89, &[(0, false), (2, true), (3, false)], 71), None);
-    let mut pt = gemma3(63, &sliding);
+    compare("gemma3 prefix tuning", &p, &ragged_batch(3, 9, 89, &[(0, false), (2, true), (3, false)], 71), None);
+    let mut pt = random_gemma3(63, &sliding, None);
     pt.add_adapter("default", adapter(json!({"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 5})), 9).unwrap();
-    compare("gemma3 prompt tuning", &pt, &batch(2, 11, 89, &[(3, true)], 73), None);
+    compare("gemma3 prompt tuning", &pt, &ragged_batch(2, 11, 89, &[(3, true)], 73), None);
 }
 
 /// `final_logit_softcapping` (Gemma 2 style) is not computed by the engine: the general path runs.
 #[test]
 fn gemma3_softcapping_goes_to_the_general_path() {
-    let m = gemma3_with(64, &[true, false], Some(30.0));
+    let m = random_gemma3(64, &[true, false], Some(30.0));
     assert_eq!(m.base.as_gemma3().unwrap().config.final_logit_softcapping, Some(30.0));
-    assert!(engine::try_loss_and_grads(&m, &batch(1, 8, 89, &[], 1), None, None).unwrap().is_none());
-    let m = gemma3(64, &[true, false]);
-    assert!(engine::try_loss_and_grads(&m, &batch(1, 8, 89, &[], 1), None, None).unwrap().is_some());
+    assert!(engine::try_loss_and_grads(&m, &ragged_batch(1, 8, 89, &[], 1), None, None).unwrap().is_none());
+    let m = random_gemma3(64, &[true, false], None);
+    assert!(engine::try_loss_and_grads(&m, &ragged_batch(1, 8, 89, &[], 1), None, None).unwrap().is_some());
 }

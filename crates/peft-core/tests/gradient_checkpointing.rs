@@ -11,19 +11,16 @@
 mod common;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
+use common::random::*;
 use common::*;
 use peft_core::engine;
-use peft_core::model::config::LlamaConfig;
-use peft_core::model::llama::LlamaForCausalLM;
 use peft_core::model::loader::load_causal_lm;
 use peft_core::peft_model::PeftModel;
 use peft_core::train::{loss_and_grads_with, Batch, Trainer, TrainingArgs};
 use peft_core::tuners::AdapterConfig;
 use rand::{Rng, SeedableRng};
-use rand_distr::{Distribution, Normal};
 use serde_json::json;
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 const PREFIX_TEXT: &str = "PREFIX_TUNING does not work with gradient checkpointing.";
@@ -31,99 +28,17 @@ const PREFIX_TEXT: &str = "PREFIX_TUNING does not work with gradient checkpointi
 /// A random Llama with grouped-query attention (6 query heads over 2 key/value heads,
 /// head_dim 8 ≠ hidden / heads), 3 layers.
 fn llama(seed: u64) -> PeftModel {
-    let (h, heads, kv, hd, inter, layers, vocab) = (40usize, 6usize, 2usize, 8usize, 56usize, 3usize, 97usize);
-    let cfg = json!({
-        "model_type": "llama", "vocab_size": vocab, "hidden_size": h, "intermediate_size": inter,
-        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv,
-        "head_dim": hd, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 256,
-        "tie_word_embeddings": false,
-    });
-    let config = LlamaConfig::from_json(&cfg, std::path::Path::new("gc-test")).unwrap();
-    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
-    let normal = Normal::new(0.0f32, 0.15).unwrap();
-    let mut t = HashMap::new();
-    let mut put = |name: String, shape: Vec<usize>, norm: bool, r: &mut rand::rngs::StdRng| {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = if norm { (0..n).map(|_| 1.0 + r.random_range(-0.2f32..0.2)).collect() } else { (0..n).map(|_| normal.sample(r)).collect() };
-        t.insert(name, Tensor::from_vec(v, shape, &Device::Cpu).unwrap());
-    };
-    let (q, kvd) = (heads * hd, kv * hd);
-    put("model.embed_tokens.weight".into(), vec![vocab, h], false, &mut r);
-    for i in 0..layers {
-        let p = format!("model.layers.{i}");
-        for (n, o, inp) in [("self_attn.q_proj", q, h), ("self_attn.k_proj", kvd, h), ("self_attn.v_proj", kvd, h), ("self_attn.o_proj", h, q), ("mlp.gate_proj", inter, h), ("mlp.up_proj", inter, h), ("mlp.down_proj", h, inter)] {
-            put(format!("{p}.{n}.weight"), vec![o, inp], false, &mut r);
-        }
-        put(format!("{p}.input_layernorm.weight"), vec![h], true, &mut r);
-        put(format!("{p}.post_attention_layernorm.weight"), vec![h], true, &mut r);
-    }
-    put("model.norm.weight".into(), vec![h], true, &mut r);
-    put("lm_head.weight".into(), vec![vocab, h], false, &mut r);
-    PeftModel::new(Box::new(LlamaForCausalLM::from_tensors(config, t, DType::F32, &Device::Cpu).unwrap()))
+    let sh = Shape { hidden: 40, heads: 6, kv: 2, head_dim: 8, inter: 56, layers: 3, vocab: 97, model_type: "llama", tie: false };
+    random_llama(&sh, seed)
 }
 
 /// A random Gemma 3 text decoder (sliding, full, sliding layers; window 6, shorter than the rows).
 fn gemma3(seed: u64) -> PeftModel {
-    use peft_core::model::gemma3::{Gemma3Config, Gemma3ForCausalLM};
-    let sliding = [true, false, true];
-    let (h, heads, kv, hd, inter, vocab) = (32usize, 4usize, 2usize, 12usize, 40usize, 89usize);
-    let types: Vec<&str> = sliding.iter().map(|&s| if s { "sliding_attention" } else { "full_attention" }).collect();
-    let cfg = json!({
-        "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "vocab_size": vocab, "hidden_size": h,
-        "intermediate_size": inter, "num_hidden_layers": sliding.len(), "num_attention_heads": heads,
-        "num_key_value_heads": kv, "head_dim": hd, "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 20,
-        "sliding_window": 6, "layer_types": types, "max_position_embeddings": 256, "tie_word_embeddings": true,
-        "hidden_activation": "gelu_pytorch_tanh",
-        "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0}, "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}},
-    });
-    let config = Gemma3Config::from_json(&cfg, std::path::Path::new("gc-gemma3")).unwrap();
-    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
-    let normal = Normal::new(0.0f32, 0.15).unwrap();
-    let mut t = HashMap::new();
-    let mut put = |name: String, shape: Vec<usize>, norm: bool, r: &mut rand::rngs::StdRng| {
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = if norm { (0..n).map(|_| r.random_range(-0.2f32..0.2)).collect() } else { (0..n).map(|_| normal.sample(r)).collect() };
-        t.insert(name, Tensor::from_vec(v, shape, &Device::Cpu).unwrap());
-    };
-    let (q, kvd) = (heads * hd, kv * hd);
-    put("model.embed_tokens.weight".into(), vec![vocab, h], false, &mut r);
-    for i in 0..sliding.len() {
-        let p = format!("model.layers.{i}");
-        for (n, o, inp) in [("self_attn.q_proj", q, h), ("self_attn.k_proj", kvd, h), ("self_attn.v_proj", kvd, h), ("self_attn.o_proj", h, q), ("mlp.gate_proj", inter, h), ("mlp.up_proj", inter, h), ("mlp.down_proj", h, inter)] {
-            put(format!("{p}.{n}.weight"), vec![o, inp], false, &mut r);
-        }
-        put(format!("{p}.self_attn.q_norm.weight"), vec![hd], true, &mut r);
-        put(format!("{p}.self_attn.k_norm.weight"), vec![hd], true, &mut r);
-        for n in ["input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"] {
-            put(format!("{p}.{n}.weight"), vec![h], true, &mut r);
-        }
-    }
-    put("model.norm.weight".into(), vec![h], true, &mut r);
-    PeftModel::new(Box::new(Gemma3ForCausalLM::from_tensors(config, t, DType::F32, &Device::Cpu).unwrap()))
+    random_gemma3(seed, &[true, false, true], None)
 }
 
 fn adapter(v: serde_json::Value) -> AdapterConfig {
     AdapterConfig::from_json(&v, None).unwrap()
-}
-
-/// A batch with ragged rows: row i keeps `s - pad_i` tokens, padded on the left or the right;
-/// about a tenth of the real tokens carry no label.
-fn batch(b: usize, s: usize, vocab: usize, pads: &[(usize, bool)], seed: u64) -> Batch {
-    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut ids = vec![0u32; b * s];
-    let mut mask = vec![1u8; b * s];
-    let mut labels = vec![-100i64; b * s];
-    for bi in 0..b {
-        let (pad, left) = pads.get(bi).copied().unwrap_or((0, false));
-        for i in 0..s {
-            let is_pad = if left { i < pad } else { i >= s - pad };
-            let id = r.random_range(0..vocab as u32);
-            ids[bi * s + i] = if is_pad { 0 } else { id };
-            mask[bi * s + i] = u8::from(!is_pad);
-            labels[bi * s + i] = if is_pad || r.random_bool(0.1) { -100 } else { id as i64 };
-        }
-    }
-    Batch { input_ids: ids, attention_mask: mask, labels, batch_size: b, seq_len: s, ..Default::default() }
 }
 
 /// One step's loss, scored tokens and gradients, on the engine (`general` false) or the
@@ -197,7 +112,7 @@ fn engine_matches_general(what: &str, m: &PeftModel, b: &Batch) {
 }
 
 fn llama_batch(seed: u64) -> Batch {
-    batch(3, 13, 97, &[(0, false), (4, true), (3, false)], seed)
+    ragged_batch(3, 13, 97, &[(0, false), (4, true), (3, false)], seed)
 }
 
 #[test]
@@ -218,7 +133,7 @@ fn engine_lora_is_bit_equal_with_and_without() {
 fn engine_prompt_tuning_is_bit_equal_with_and_without() {
     let mut m = llama(7);
     m.add_adapter("default", adapter(json!({"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 5})), 8).unwrap();
-    let b = batch(2, 11, 97, &[(3, true), (2, false)], 9);
+    let b = ragged_batch(2, 11, 97, &[(3, true), (2, false)], 9);
     same("engine prompt tuning", &m, &b, false, 0.0);
     same("general prompt tuning", &m, &b, true, 1e-6);
     engine_matches_general("prompt tuning", &m, &b);
@@ -232,7 +147,7 @@ fn engine_prompt_tuning_is_bit_equal_with_and_without() {
 fn gemma3_with_and_without() {
     let mut m = gemma3(21);
     m.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": "all-linear", "init_lora_weights": false})), 22).unwrap();
-    let b = batch(3, 17, 89, &[(0, false), (5, true), (3, false)], 23);
+    let b = ragged_batch(3, 17, 89, &[(0, false), (5, true), (3, false)], 23);
     same("gemma3 engine LoRA all-linear + dropout", &m, &b, false, 0.0);
     same("gemma3 general LoRA all-linear + dropout", &m, &b, true, 1e-6);
     engine_matches_general("gemma3 LoRA", &m, &b);
@@ -328,11 +243,11 @@ fn phi3_and_gpt2_with_and_without() {
     let mut p = load("phi3");
     p.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": ["qkv_proj", "o_proj", "gate_up_proj"], "init_lora_weights": false})), 71).unwrap();
     let vocab = p.base.info().vocab_size;
-    same("phi3 general LoRA + dropout", &p, &batch(2, 12, vocab, &[(3, true)], 72), true, 1e-6);
+    same("phi3 general LoRA + dropout", &p, &ragged_batch(2, 12, vocab, &[(3, true)], 72), true, 1e-6);
     let mut g = load("gpt2");
     g.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": ["c_attn", "c_proj"], "init_lora_weights": false})), 73).unwrap();
     let vocab = g.base.info().vocab_size;
-    same("gpt2 general LoRA + dropout", &g, &batch(2, 12, vocab, &[(0, false), (4, false)], 74), true, 1e-6);
+    same("gpt2 general LoRA + dropout", &g, &ragged_batch(2, 12, vocab, &[(0, false), (4, false)], 74), true, 1e-6);
 }
 
 #[test]

@@ -6,6 +6,8 @@
 
 #![allow(dead_code)]
 
+pub mod random;
+
 use candle_core::{DType, Device, Tensor};
 use peft_core::model::loader::load_causal_lm;
 use peft_core::model::ForwardOptions;
