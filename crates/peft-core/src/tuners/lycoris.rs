@@ -165,25 +165,7 @@ impl<K> Default for LycorisTuner<K> {
 }
 
 impl<K: LycorisKind> Tuner for LycorisTuner<K> {
-    fn peft_types(&self) -> &'static [&'static str] {
-        K::PEFT_TYPES
-    }
-    fn model_class(&self) -> &'static str {
-        K::MODEL_CLASS
-    }
-    fn prefix(&self) -> Option<&'static str> {
-        Some(K::PREFIX)
-    }
-    fn slots(&self) -> &'static [Slot] {
-        K::SLOTS
-    }
-    fn parse_config(&self, v: &Value, path: Option<&Path>) -> Result<AdapterConfig> {
-        Ok(LycorisConfig::<K>::from_json(v, path)?.into())
-    }
-    fn inject(&self, model: &mut PeftModel, name: &str, cfg: AdapterConfig, seed: u64) -> Result<Vec<String>> {
-        let c = cfg.get::<LycorisConfig<K>>().expect("a LyCORIS config of this method").clone();
-        model.add_lycoris(name, c, seed)
-    }
+    crate::tuners::registry::declare_tuner!(peft_types: K::PEFT_TYPES, model_class: K::MODEL_CLASS, prefix: K::PREFIX, slots: K::SLOTS, config: LycorisConfig<K>, inject: add_lycoris);
     fn expected_params(&self, cfg: &AdapterConfig, task: Task, m: &str, lin: &PeftLinear) -> Vec<(Slot, Vec<usize>)> {
         let Some(c) = cfg.get::<LycorisConfig<K>>() else { return vec![] };
         if lin.is_embedding || !c.selects(m, task) {

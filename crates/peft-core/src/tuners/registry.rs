@@ -96,6 +96,35 @@ pub trait Tuner: Sync {
     }
 }
 
+/// The declarative part of a layer tuner's [`Tuner`] impl, written inside `impl Tuner for T {}`
+/// (HF `register_peft_method(name, config_cls, model_cls, prefix)`): its `peft_type`s, HF's
+/// tuner model class, the parameter prefix and slots (the key grammar), parsing with
+/// `Config::from_json`, and injection with `PeftModel::<inject>(name, config, seed)`.
+macro_rules! declare_tuner {
+    (peft_types: $pt:expr, model_class: $mc:expr, prefix: $pf:expr, slots: $slots:expr, config: $cfg:ty, inject: $add:ident $(,)?) => {
+        fn peft_types(&self) -> &'static [&'static str] {
+            $pt
+        }
+        fn model_class(&self) -> &'static str {
+            $mc
+        }
+        fn prefix(&self) -> Option<&'static str> {
+            Some($pf)
+        }
+        fn slots(&self) -> &'static [$crate::tuners::layer::Slot] {
+            $slots
+        }
+        fn parse_config(&self, v: &serde_json::Value, path: Option<&std::path::Path>) -> $crate::error::Result<$crate::tuners::config::AdapterConfig> {
+            Ok(<$cfg>::from_json(v, path)?.into())
+        }
+        fn inject(&self, model: &mut $crate::peft_model::PeftModel, name: &str, cfg: $crate::tuners::config::AdapterConfig, seed: u64) -> $crate::error::Result<Vec<String>> {
+            let c = cfg.get::<$cfg>().expect(concat!("a ", stringify!($cfg))).clone();
+            model.$add(name, c, seed)
+        }
+    };
+}
+pub(crate) use declare_tuner;
+
 /// Every registered tuner.
 pub static TUNERS: &[&dyn Tuner] = &[&super::lora::LoraTuner, &super::ia3::Ia3Tuner, &super::loha::TUNER, &super::lokr::TUNER, &super::vera::TUNER, &super::oft::TUNER, &super::trainable_tokens::TUNER, &super::prompt::PromptTuner, &super::prompt::cpt::TUNER, &super::adaption_prompt::TUNER, &super::adalora::TUNER];
 

@@ -38,8 +38,6 @@ use crate::tuners::linear::PeftLinear;
 use crate::tuners::registry::Tuner;
 use candle_core::backprop::GradStore;
 use candle_core::Tensor;
-use serde_json::Value;
-use std::path::Path;
 
 /// The AdaLoRA tuner (HF `AdaLoraModel`), registered for `peft_type` `"ADALORA"`.
 pub struct AdaLoraTuner;
@@ -48,25 +46,7 @@ pub struct AdaLoraTuner;
 pub static TUNER: AdaLoraTuner = AdaLoraTuner;
 
 impl Tuner for AdaLoraTuner {
-    fn peft_types(&self) -> &'static [&'static str] {
-        &["ADALORA"]
-    }
-    fn model_class(&self) -> &'static str {
-        "AdaLoraModel"
-    }
-    fn prefix(&self) -> Option<&'static str> {
-        Some("lora_")
-    }
-    fn slots(&self) -> &'static [Slot] {
-        &layer::SLOTS
-    }
-    fn parse_config(&self, v: &Value, path: Option<&Path>) -> Result<AdapterConfig> {
-        Ok(AdaLoraConfig::from_json(v, path)?.into())
-    }
-    fn inject(&self, model: &mut PeftModel, name: &str, cfg: AdapterConfig, seed: u64) -> Result<Vec<String>> {
-        let c = cfg.get::<AdaLoraConfig>().expect("an AdaLoraConfig").clone();
-        model.add_adalora(name, c, seed)
-    }
+    crate::tuners::registry::declare_tuner!(peft_types: &["ADALORA"], model_class: "AdaLoraModel", prefix: "lora_", slots: &layer::SLOTS, config: AdaLoraConfig, inject: add_adalora);
     fn expected_params(&self, cfg: &AdapterConfig, task: Task, m: &str, lin: &PeftLinear) -> Vec<(Slot, Vec<usize>)> {
         let Some(c) = cfg.get::<AdaLoraConfig>() else { return vec![] };
         if lin.is_embedding || c.rule().select(m, is_output_head(task, m)) != crate::targeting::Selection::Target {

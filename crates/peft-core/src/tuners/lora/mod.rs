@@ -16,14 +16,11 @@ pub mod weighted;
 
 pub use config::*;
 
-use crate::error::Result;
 use crate::model::Task;
-use crate::peft_model::PeftModel;
 use crate::tuners::config::AdapterConfig;
 use crate::tuners::layer::Slot;
 use crate::tuners::linear::PeftLinear;
 use crate::tuners::registry::Tuner;
-use std::path::Path;
 
 /// LoRA's slots ([`layer::SLOTS`]) plus the trainable-tokens slot of `trainable_token_indices`.
 static SLOTS_WITH_TOKENS: [Slot; 6] = [layer::LORA_A, layer::LORA_B, layer::LORA_EMBEDDING_A, layer::LORA_EMBEDDING_B, layer::LORA_MAGNITUDE, crate::tuners::trainable_tokens::layer::TOKEN_ADAPTER_DELTA];
@@ -32,26 +29,8 @@ static SLOTS_WITH_TOKENS: [Slot; 6] = [layer::LORA_A, layer::LORA_B, layer::LORA
 pub struct LoraTuner;
 
 impl Tuner for LoraTuner {
-    fn peft_types(&self) -> &'static [&'static str] {
-        &["LORA"]
-    }
-    fn model_class(&self) -> &'static str {
-        "LoraModel"
-    }
-    fn prefix(&self) -> Option<&'static str> {
-        Some("lora_")
-    }
-    /// LoRA's slots and the `token_adapter.trainable_tokens_delta` of `trainable_token_indices`.
-    fn slots(&self) -> &'static [Slot] {
-        &SLOTS_WITH_TOKENS
-    }
-    fn parse_config(&self, v: &serde_json::Value, path: Option<&Path>) -> Result<AdapterConfig> {
-        Ok(LoraConfig::from_json(v, path)?.into())
-    }
-    fn inject(&self, model: &mut PeftModel, name: &str, cfg: AdapterConfig, seed: u64) -> Result<Vec<String>> {
-        let c = cfg.as_lora().expect("a LORA config").clone();
-        model.add_lora(name, c, seed)
-    }
+    // LoRA's slots and the `token_adapter.trainable_tokens_delta` of `trainable_token_indices`.
+    crate::tuners::registry::declare_tuner!(peft_types: &["LORA"], model_class: "LoraModel", prefix: "lora_", slots: &SLOTS_WITH_TOKENS, config: LoraConfig, inject: add_lora);
     fn expected_params(&self, cfg: &AdapterConfig, task: Task, m: &str, lin: &PeftLinear) -> Vec<(Slot, Vec<usize>)> {
         let Some(c) = cfg.as_lora() else { return vec![] };
         if !c.selects(m, task) {

@@ -35,7 +35,6 @@ use crate::tuners::layer::Slot;
 use crate::tuners::linear::PeftLinear;
 use crate::tuners::registry::Tuner;
 use candle_core::Tensor;
-use serde_json::Value;
 use std::path::Path;
 
 /// The OFT tuner (HF `OFTModel`), registered for `peft_type` `"OFT"`.
@@ -45,25 +44,7 @@ pub struct OftTuner;
 pub static TUNER: OftTuner = OftTuner;
 
 impl Tuner for OftTuner {
-    fn peft_types(&self) -> &'static [&'static str] {
-        &["OFT"]
-    }
-    fn model_class(&self) -> &'static str {
-        "OFTModel"
-    }
-    fn prefix(&self) -> Option<&'static str> {
-        Some("oft_")
-    }
-    fn slots(&self) -> &'static [Slot] {
-        &layer::SLOTS
-    }
-    fn parse_config(&self, v: &Value, path: Option<&Path>) -> Result<AdapterConfig> {
-        Ok(OftConfig::from_json(v, path)?.into())
-    }
-    fn inject(&self, model: &mut PeftModel, name: &str, cfg: AdapterConfig, seed: u64) -> Result<Vec<String>> {
-        let c = cfg.get::<OftConfig>().expect("an OFTConfig").clone();
-        model.add_oft(name, c, seed)
-    }
+    crate::tuners::registry::declare_tuner!(peft_types: &["OFT"], model_class: "OFTModel", prefix: "oft_", slots: &layer::SLOTS, config: OftConfig, inject: add_oft);
     /// `oft_R` `[r, n]` (`[1, n]` with `block_share`) with the layer's own `r` / block size.
     fn expected_params(&self, cfg: &AdapterConfig, task: Task, m: &str, lin: &PeftLinear) -> Vec<(Slot, Vec<usize>)> {
         let Some(c) = cfg.get::<OftConfig>() else { return vec![] };

@@ -38,7 +38,6 @@ use crate::tuners::layer::Slot;
 use crate::tuners::linear::PeftLinear;
 use crate::tuners::registry::Tuner;
 use candle_core::Tensor;
-use serde_json::Value;
 use std::path::Path;
 
 /// The trainable-tokens tuner (HF `TrainableTokensModel`), registered for `peft_type`
@@ -49,27 +48,9 @@ pub struct TrainableTokensTuner;
 pub static TUNER: TrainableTokensTuner = TrainableTokensTuner;
 
 impl Tuner for TrainableTokensTuner {
-    fn peft_types(&self) -> &'static [&'static str] {
-        &["TRAINABLE_TOKENS"]
-    }
-    fn model_class(&self) -> &'static str {
-        "TrainableTokensModel"
-    }
-    fn prefix(&self) -> Option<&'static str> {
-        Some("trainable_tokens_")
-    }
-    fn slots(&self) -> &'static [Slot] {
-        &layer::SLOTS
-    }
+    crate::tuners::registry::declare_tuner!(peft_types: &["TRAINABLE_TOKENS"], model_class: "TrainableTokensModel", prefix: "trainable_tokens_", slots: &layer::SLOTS, config: TrainableTokensConfig, inject: add_trainable_tokens);
     fn ties_embedding_adapters(&self) -> bool {
         true
-    }
-    fn parse_config(&self, v: &Value, path: Option<&Path>) -> Result<AdapterConfig> {
-        Ok(TrainableTokensConfig::from_json(v, path)?.into())
-    }
-    fn inject(&self, model: &mut PeftModel, name: &str, cfg: AdapterConfig, seed: u64) -> Result<Vec<String>> {
-        let c = cfg.get::<TrainableTokensConfig>().expect("a TrainableTokensConfig").clone();
-        model.add_trainable_tokens(name, c, seed)
     }
     fn expected_params(&self, cfg: &AdapterConfig, _task: Task, m: &str, lin: &PeftLinear) -> Vec<(Slot, Vec<usize>)> {
         let Some(c) = cfg.get::<TrainableTokensConfig>() else { return vec![] };

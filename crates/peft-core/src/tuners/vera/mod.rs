@@ -33,7 +33,6 @@ use crate::tuners::layer::Slot;
 use crate::tuners::linear::PeftLinear;
 use crate::tuners::registry::Tuner;
 use candle_core::Tensor;
-use serde_json::Value;
 use std::path::Path;
 
 /// The on-disk keys of the shared projections (HF removes the adapter name from
@@ -48,25 +47,7 @@ pub struct VeraTuner;
 pub static TUNER: VeraTuner = VeraTuner;
 
 impl Tuner for VeraTuner {
-    fn peft_types(&self) -> &'static [&'static str] {
-        &["VERA"]
-    }
-    fn model_class(&self) -> &'static str {
-        "VeraModel"
-    }
-    fn prefix(&self) -> Option<&'static str> {
-        Some("vera_lambda_")
-    }
-    fn slots(&self) -> &'static [Slot] {
-        &layer::SLOTS
-    }
-    fn parse_config(&self, v: &Value, path: Option<&Path>) -> Result<AdapterConfig> {
-        Ok(VeraConfig::from_json(v, path)?.into())
-    }
-    fn inject(&self, model: &mut PeftModel, name: &str, cfg: AdapterConfig, seed: u64) -> Result<Vec<String>> {
-        let c = cfg.get::<VeraConfig>().expect("a VeraConfig").clone();
-        model.add_vera(name, c, seed)
-    }
+    crate::tuners::registry::declare_tuner!(peft_types: &["VERA"], model_class: "VeraModel", prefix: "vera_lambda_", slots: &layer::SLOTS, config: VeraConfig, inject: add_vera);
     fn expected_params(&self, cfg: &AdapterConfig, task: Task, m: &str, lin: &PeftLinear) -> Vec<(Slot, Vec<usize>)> {
         let Some(c) = cfg.get::<VeraConfig>() else { return vec![] };
         if lin.is_embedding || !c.selects(m, task) {
