@@ -11,7 +11,6 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::*;
-use peft_core::generate::{generate, GenerateOptions};
 use peft_core::peft_model::PeftModel;
 use peft_core::train::{loss_and_grads, Trainer, TrainingArgs};
 use peft_core::tuners::adalora::{AdaLoraConfig, ONE_TRAINABLE};
@@ -24,11 +23,7 @@ const CASE: &str = "llama_adalora";
 const GPT2: &str = "gpt2_adalora";
 
 fn adalora(extra: serde_json::Value) -> AdapterConfig {
-    let mut c = json!({"peft_type": "ADALORA", "task_type": "CAUSAL_LM", "init_r": 4, "target_r": 2, "total_step": 10, "target_modules": ["q_proj", "v_proj"]});
-    for (k, v) in extra.as_object().unwrap() {
-        c[k] = v.clone();
-    }
-    AdapterConfig::from_json(&c, None).unwrap_or_else(|e| panic!("[{}] {e}", e.code()))
+    config_with(json!({"peft_type": "ADALORA", "task_type": "CAUSAL_LM", "init_r": 4, "target_r": 2, "total_step": 10, "target_modules": ["q_proj", "v_proj"]}), extra)
 }
 
 /// Checks the loss (with the orthogonal regularisation) and every gradient of `m` against the
@@ -76,13 +71,7 @@ fn adalora_with_rank_pattern_logits_disabled_merged_and_greedy_match_hf() {
         }
     }
     check_logits("adapter", &m, &exp, "logits_adapter");
-    let (ids, _, s) = exp.ids("input_ids");
-    let prompt: Vec<u32> = ids[..5.min(s)].to_vec();
-    let opts = GenerateOptions { max_new_tokens: 6, eos_token_ids: vec![], pad_token_id: 0, use_cache: true, ..Default::default() };
-    for use_cache in [true, false] {
-        let got = generate(&m, &prompt, 1, 5, None, None, &GenerateOptions { use_cache, ..opts.clone() }, &|| false).unwrap();
-        assert_eq!(got, exp.rows_u32("greedy"), "greedy ids (use_cache={use_cache})");
-    }
+    check_greedy("", &m, &exp);
     m.set_disabled(true).unwrap();
     check_logits("disabled", &m, &exp, "logits_disabled");
     m.set_disabled(false).unwrap();

@@ -20,11 +20,7 @@ use std::collections::BTreeSet;
 const CASE: &str = "llama_adaption_prompt";
 
 fn config(extra: serde_json::Value) -> AdapterConfig {
-    let mut c = json!({"peft_type": "ADAPTION_PROMPT", "task_type": "CAUSAL_LM", "adapter_len": 4, "adapter_layers": 1});
-    for (k, v) in extra.as_object().unwrap() {
-        c[k] = v.clone();
-    }
-    AdapterConfig::from_json(&c, None).unwrap_or_else(|e| panic!("[{}] {e}", e.code()))
+    config_with(json!({"peft_type": "ADAPTION_PROMPT", "task_type": "CAUSAL_LM", "adapter_len": 4, "adapter_layers": 1}), extra)
 }
 
 fn hf_loss(exp: &Expected) -> f64 {

@@ -10,7 +10,6 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use peft_core::generate::{generate, GenerateOptions};
 use peft_core::model::loader::{load_causal_lm, load_model, LoadRequest};
 use peft_core::model::Task;
 use peft_core::peft_model::PeftModel;
@@ -23,11 +22,7 @@ const CASE: &str = "llama_oft";
 const VARIANTS: &str = "llama_oft_variants";
 
 fn oft(extra: serde_json::Value) -> AdapterConfig {
-    let mut c = json!({"peft_type": "OFT", "task_type": "CAUSAL_LM", "r": 0, "oft_block_size": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]});
-    for (k, v) in extra.as_object().unwrap() {
-        c[k] = v.clone();
-    }
-    AdapterConfig::from_json(&c, None).unwrap_or_else(|e| panic!("[{}] {e}", e.code()))
+    config_with(json!({"peft_type": "OFT", "task_type": "CAUSAL_LM", "r": 0, "oft_block_size": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]}), extra)
 }
 
 /// Checks the loss and every `oft_R` gradient of `m` against the case's `loss` / `grad.<key>`
@@ -56,13 +51,7 @@ fn oft_logits_adapted_disabled_merged_and_greedy_match_hf() {
     let mut m = adapter_peft(CASE, false);
     assert_eq!(m.peft_type(), Some("OFT"));
     check_logits("adapter", &m, &exp, "logits_adapter");
-    let (ids, _, s) = exp.ids("input_ids");
-    let prompt: Vec<u32> = ids[..5.min(s)].to_vec();
-    let opts = GenerateOptions { max_new_tokens: 6, eos_token_ids: vec![], pad_token_id: 0, use_cache: true, ..Default::default() };
-    for use_cache in [true, false] {
-        let got = generate(&m, &prompt, 1, 5, None, None, &GenerateOptions { use_cache, ..opts.clone() }, &|| false).unwrap();
-        assert_eq!(got, exp.rows_u32("greedy"), "greedy ids (use_cache={use_cache})");
-    }
+    check_greedy("", &m, &exp);
     m.set_disabled(true).unwrap();
     check_logits("disabled", &m, &exp, "logits_disabled");
     check_logits("disabled = base", &m, &exp, "logits_base");

@@ -8,7 +8,6 @@
 mod common;
 
 use common::*;
-use peft_core::generate::{generate, GenerateOptions};
 use peft_core::train::loss_and_grads;
 use peft_core::tuners::config::AdapterConfig;
 use serde_json::json;
@@ -22,11 +21,7 @@ fn token_indices(case: &str) -> Vec<i64> {
 }
 
 fn tt(extra: serde_json::Value) -> AdapterConfig {
-    let mut c = json!({"peft_type": "TRAINABLE_TOKENS"});
-    for (k, v) in extra.as_object().unwrap() {
-        c[k] = v.clone();
-    }
-    AdapterConfig::from_json(&c, None).unwrap_or_else(|e| panic!("[{}] {e}", e.code()))
+    config_with(json!({"peft_type": "TRAINABLE_TOKENS"}), extra)
 }
 
 /// Adapted, disabled, merged / unmerged and merge_and_unload logits, greedy ids.
@@ -34,12 +29,7 @@ fn check_forward_paths(case: &str, exact_unmerge: bool) {
     let exp = Expected::load(case);
     let mut m = adapter_peft(case, false);
     check_logits("adapter", &m, &exp, "logits_adapter");
-    let (ids, _, _) = exp.ids("input_ids");
-    let opts = GenerateOptions { max_new_tokens: 6, eos_token_ids: vec![], pad_token_id: 0, use_cache: true, ..Default::default() };
-    for use_cache in [true, false] {
-        let got = generate(&m, &ids[..5], 1, 5, None, None, &GenerateOptions { use_cache, ..opts.clone() }, &|| false).unwrap();
-        assert_eq!(got, exp.rows_u32("greedy"), "{case}: greedy ids (use_cache={use_cache})");
-    }
+    check_greedy(&format!("{case}:"), &m, &exp);
     m.set_disabled(true).unwrap();
     check_logits("disabled", &m, &exp, "logits_disabled");
     check_logits("disabled = base", &m, &exp, "logits_base");

@@ -10,7 +10,6 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::*;
-use peft_core::generate::{generate, GenerateOptions};
 use peft_core::train::loss_and_grads;
 use peft_core::tuners::config::AdapterConfig;
 use peft_core::tuners::vera::TorchGenerator;
@@ -25,11 +24,7 @@ fn file_tensor(case: &str, key: &str) -> Tensor {
 }
 
 fn vera(extra: serde_json::Value) -> AdapterConfig {
-    let mut c = json!({"peft_type": "VERA", "task_type": "CAUSAL_LM", "r": 4, "target_modules": ["q_proj", "v_proj", "down_proj"], "projection_prng_key": 7});
-    for (k, v) in extra.as_object().unwrap() {
-        c[k] = v.clone();
-    }
-    AdapterConfig::from_json(&c, None).unwrap_or_else(|e| panic!("[{}] {e}", e.code()))
+    config_with(json!({"peft_type": "VERA", "task_type": "CAUSAL_LM", "r": 4, "target_modules": ["q_proj", "v_proj", "down_proj"], "projection_prng_key": 7}), extra)
 }
 
 #[test]
@@ -38,13 +33,7 @@ fn vera_logits_adapted_disabled_merged_and_greedy_match_hf() {
     let mut m = adapter_peft(CASE, false);
     assert_eq!(m.peft_type(), Some("VERA"));
     check_logits("adapter", &m, &exp, "logits_adapter");
-    let (ids, _, s) = exp.ids("input_ids");
-    let prompt: Vec<u32> = ids[..5.min(s)].to_vec();
-    let opts = GenerateOptions { max_new_tokens: 6, eos_token_ids: vec![], pad_token_id: 0, use_cache: true, ..Default::default() };
-    for use_cache in [true, false] {
-        let got = generate(&m, &prompt, 1, 5, None, None, &GenerateOptions { use_cache, ..opts.clone() }, &|| false).unwrap();
-        assert_eq!(got, exp.rows_u32("greedy"), "greedy ids (use_cache={use_cache})");
-    }
+    check_greedy("", &m, &exp);
     m.set_disabled(true).unwrap();
     check_logits("disabled", &m, &exp, "logits_disabled");
     check_logits("disabled = base", &m, &exp, "logits_base");

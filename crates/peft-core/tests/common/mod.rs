@@ -276,3 +276,25 @@ pub fn resave_case(case: &str) {
     }
     remove_dir(&out);
 }
+
+/// An adapter config: `base` (HF's adapter_config.json fields of the test's tuner) with the
+/// fields of `extra` set over it. Panics, naming the error code, when it does not parse.
+pub fn config_with(mut base: serde_json::Value, extra: serde_json::Value) -> peft_core::tuners::config::AdapterConfig {
+    for (k, v) in extra.as_object().expect("extra fields: a JSON object") {
+        base[k] = v.clone();
+    }
+    peft_core::tuners::config::AdapterConfig::from_json(&base, None).unwrap_or_else(|e| panic!("[{}] {e}", e.code()))
+}
+
+/// Greedy generation of 6 tokens from the case's first five `input_ids`, with and without the
+/// KV cache, equals HF's `greedy` ids.
+pub fn check_greedy(what: &str, m: &PeftModel, exp: &Expected) {
+    use peft_core::generate::{generate, GenerateOptions};
+    let (ids, _, s) = exp.ids("input_ids");
+    let prompt: Vec<u32> = ids[..5.min(s)].to_vec();
+    for use_cache in [true, false] {
+        let opts = GenerateOptions { max_new_tokens: 6, eos_token_ids: vec![], pad_token_id: 0, use_cache, ..Default::default() };
+        let got = generate(m, &prompt, 1, 5, None, None, &opts, &|| false).unwrap();
+        assert_eq!(got, exp.rows_u32("greedy"), "{what} greedy ids (use_cache={use_cache})");
+    }
+}
