@@ -755,7 +755,7 @@ impl BaseModel for BertModel {
             return Err(PeftError::invalid_arg("inputIds", format!("token id {bad} is outside the vocabulary (size {vocab})")));
         }
         let idx = Tensor::from_slice(ids, b * s, &self.device)?;
-        let ctx = LinearCtx { train: opts.train, rows: opts.adapter_rows.as_ref(), row_scales: opts.adapter_scales.as_ref(), rng: opts.dropout_rng.as_deref() };
+        let ctx = opts.linear_ctx();
         self.word_embeddings.forward_embedding(&idx, b, s, &ctx)
     }
 
@@ -871,7 +871,7 @@ impl BaseModel for BertModel {
         };
         let mut h = self.ln(&e, &self.embed_norm, opts.train)?;
         let mask = self.padding_mask(opts.attention_mask.as_ref(), b, total)?;
-        let lin = LinearCtx { train: opts.train, rows: opts.adapter_rows.as_ref(), row_scales: opts.adapter_scales.as_ref(), rng: opts.dropout_rng.as_deref() };
+        let lin = opts.linear_ctx();
         for (l, p) in self.layers.iter().zip(&prefix) {
             h = self.layer_forward(l, &h, &lin, mask.as_ref(), p.as_ref())?;
         }

@@ -155,10 +155,6 @@ pub(crate) fn model_info(c: &impl DecoderConfig, architecture: String, model_typ
     }
 }
 
-/// The linear context of one forward pass (training mode, mixed-batch rows, dropout source).
-pub(crate) fn linear_ctx(opts: &ForwardOptions) -> LinearCtx<'_> {
-    LinearCtx { train: opts.train, rows: opts.adapter_rows.as_ref(), row_scales: opts.adapter_scales.as_ref(), rng: opts.dropout_rng.as_deref() }
-}
 
 /// Embedding rows of `ids` `[b, s]` → `[b, s, hidden]` (with LoRA-on-embedding adapters in `ctx`).
 ///

@@ -103,3 +103,11 @@ pub struct ForwardOptions {
     /// Encoder-decoder models: `[b, past + t]` 1/0 decoder mask (`None` = all ones).
     pub decoder_attention_mask: Option<Vec<u8>>,
 }
+
+impl ForwardOptions {
+    /// The linear layers' context of this forward pass: training mode, the mixed-batch rows and
+    /// their scales, and the dropout source.
+    pub(crate) fn linear_ctx(&self) -> crate::tuners::linear::LinearCtx<'_> {
+        crate::tuners::linear::LinearCtx { train: self.train, rows: self.adapter_rows.as_ref(), row_scales: self.adapter_scales.as_ref(), rng: self.dropout_rng.as_deref() }
+    }
+}

@@ -27,7 +27,7 @@
 //! then runs here, as does everything the engine declines for Llama.
 
 use super::config::{get_f64, get_usize, supported_architectures};
-use super::decoder::{self, append_kv, config_name, linear_ctx, repeat_kv, DecoderDefaults, DecoderFields};
+use super::decoder::{self, append_kv, config_name, repeat_kv, DecoderDefaults, DecoderFields};
 use super::{BaseModel, ModelInfo, Task};
 pub use super::forward::{ForwardOptions, KvCache};
 use crate::error::{PeftError, Result};
@@ -470,7 +470,7 @@ impl BaseModel for Gemma3ForCausalLM {
         self.embed_scaled(ids, b, s, &LinearCtx::default())
     }
     fn embed_with(&self, ids: &[u32], b: usize, s: usize, opts: &ForwardOptions) -> Result<Tensor> {
-        self.embed_scaled(ids, b, s, &linear_ctx(opts))
+        self.embed_scaled(ids, b, s, &opts.linear_ctx())
     }
     fn forward_embeds(&self, x: &Tensor, opts: &ForwardOptions, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let ctx = self.ctx(x, opts, cache.as_deref())?;
@@ -494,7 +494,7 @@ impl Gemma3ForCausalLM {
             super::windowed_causal_mask(opts.attention_mask.as_ref(), b, s, past, c.sliding_window, &self.device)?,
             super::causal_mask(opts.attention_mask.as_ref(), b, s, past, &self.device)?,
         ];
-        Ok(Ctx { lin: linear_ctx(opts), rope, mask })
+        Ok(Ctx { lin: opts.linear_ctx(), rope, mask })
     }
 
     /// Final norm, head and logit soft-capping on the last layer's output `h` `[b, s, hidden]`.

@@ -376,7 +376,7 @@ impl BaseModel for Gpt2LMHeadModel {
             return Err(PeftError::invalid_arg("inputIds", format!("token id {bad} is outside the vocabulary (size {vocab})")));
         }
         let idx = Tensor::from_slice(ids, b * s, &self.device)?;
-        let ctx = LinearCtx { train: opts.train, rows: opts.adapter_rows.as_ref(), row_scales: opts.adapter_scales.as_ref(), rng: opts.dropout_rng.as_deref() };
+        let ctx = opts.linear_ctx();
         self.wte.forward_embedding(&idx, b, s, &ctx)
     }
 
@@ -385,7 +385,7 @@ impl BaseModel for Gpt2LMHeadModel {
         let (b, s, _) = x.dims3()?;
         let past = cache.as_ref().map(|c| c.seq_len()).unwrap_or(0);
         let (pe, mask) = self.forward_parts(b, s, past, opts)?;
-        let lin = LinearCtx { train: opts.train, rows: opts.adapter_rows.as_ref(), row_scales: opts.adapter_scales.as_ref(), rng: opts.dropout_rng.as_deref() };
+        let lin = opts.linear_ctx();
         let mut h = (x.to_dtype(self.dtype)? + pe)?;
         for (i, l) in self.h.iter().enumerate() {
             let kv = cache.as_mut().map(|c| &mut c.layers[i]);

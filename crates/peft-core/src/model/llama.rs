@@ -15,7 +15,7 @@
 //! `SmolLM3ForCausalLM` (eager attention).
 
 use super::config::LlamaConfig;
-use super::decoder::{self, append_kv, config_name, linear_ctx, repeat_kv};
+use super::decoder::{self, append_kv, config_name, repeat_kv};
 use super::{BaseModel, ModelInfo, Task};
 pub use super::forward::{ForwardOptions, KvCache};
 use crate::error::{PeftError, Result};
@@ -241,7 +241,7 @@ impl LlamaForCausalLM {
         let sin = angles.sin()?.to_dtype(self.dtype)?;
         // Additive mask [b, 1, s, total]; skipped when causal-only and s == 1.
         let mask = super::causal_mask(opts.attention_mask.as_ref(), b, s, past, &self.device)?;
-        Ok(Ctx { lin: linear_ctx(opts), cos, sin, mask })
+        Ok(Ctx { lin: opts.linear_ctx(), cos, sin, mask })
     }
 
 
@@ -345,7 +345,7 @@ impl BaseModel for LlamaForCausalLM {
         true
     }
     fn embed_with(&self, ids: &[u32], b: usize, s: usize, opts: &ForwardOptions) -> Result<Tensor> {
-        self.embed_with_ctx(ids, b, s, &linear_ctx(opts))
+        self.embed_with_ctx(ids, b, s, &opts.linear_ctx())
     }
     fn config_json(&self) -> serde_json::Value {
         let c = &self.config;

@@ -31,7 +31,7 @@
 //! training run here, on the general candle path.
 
 use super::config::{get_f64, get_usize, supported_architectures};
-use super::decoder::{self, append_kv, config_name, linear_ctx, repeat_kv, DecoderDefaults, DecoderFields};
+use super::decoder::{self, append_kv, config_name, repeat_kv, DecoderDefaults, DecoderFields};
 use super::{BaseModel, ModelInfo, Task};
 pub use super::forward::{ForwardOptions, KvCache};
 use crate::error::{PeftError, Result};
@@ -457,7 +457,7 @@ impl BaseModel for Phi3ForCausalLM {
         self.embed_ctx(ids, b, s, &LinearCtx::default())
     }
     fn embed_with(&self, ids: &[u32], b: usize, s: usize, opts: &ForwardOptions) -> Result<Tensor> {
-        self.embed_ctx(ids, b, s, &linear_ctx(opts))
+        self.embed_ctx(ids, b, s, &opts.linear_ctx())
     }
     fn forward_embeds(&self, x: &Tensor, opts: &ForwardOptions, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
@@ -503,7 +503,7 @@ impl Phi3ForCausalLM {
         let (cos, sin) = if scale == 1.0 { (angles.cos()?, angles.sin()?) } else { ((angles.cos()? * scale as f64)?, (angles.sin()? * scale as f64)?) };
         let (cos, sin) = (cos.to_dtype(self.dtype)?, sin.to_dtype(self.dtype)?);
         let mask = super::windowed_causal_mask(opts.attention_mask.as_ref(), b, s, past, c.sliding_window, &self.device)?;
-        Ok(Ctx { lin: linear_ctx(opts), cos, sin, mask })
+        Ok(Ctx { lin: opts.linear_ctx(), cos, sin, mask })
     }
 
     /// Final norm and head on the last layer's output `h` `[b, s, hidden]`.

@@ -312,9 +312,6 @@ pub fn relative_position_bucket(rel: i64, bidirectional: bool, num_buckets: usiz
     (ret + large) as usize
 }
 
-fn lin_ctx(opts: &ForwardOptions) -> LinearCtx<'_> {
-    LinearCtx { train: opts.train, rows: opts.adapter_rows.as_ref(), row_scales: opts.adapter_scales.as_ref(), rng: opts.dropout_rng.as_deref() }
-}
 
 impl T5ForConditionalGeneration {
     /// Build from HF-named tensors (`shared.weight`, `encoder.block.0.layer.0.SelfAttention.q.weight`,
@@ -476,7 +473,7 @@ impl T5ForConditionalGeneration {
     pub fn encode(&self, x: &Tensor, mask: Option<&Vec<u8>>, opts: &ForwardOptions) -> Result<Tensor> {
         let (b, s, _) = x.dims3()?;
         let c = &self.config;
-        let lin = lin_ctx(opts);
+        let lin = opts.linear_ctx();
         let table = self.encoder[0].self_attn.relative_attention_bias.as_ref().expect("encoder block 0 has the bias table");
         let bias = self.position_bias(table, true, s, s, 0)?;
         let bias = match self.key_mask(mask, b, s, "attentionMask")? {
@@ -510,7 +507,7 @@ impl T5ForConditionalGeneration {
         if let Some(bad) = ids.iter().find(|&&i| i as usize >= c.vocab_size) {
             return Err(PeftError::invalid_arg("decoderInputIds", format!("token id {bad} is outside the vocabulary (size {})", c.vocab_size)));
         }
-        let lin = lin_ctx(opts);
+        let lin = opts.linear_ctx();
         let n_dec = self.decoder.len();
         if let Some(cache) = cache.as_deref_mut() {
             if cache.layers.len() < n_dec {
