@@ -7,6 +7,7 @@
 import { AdaLoraConfig } from './adalora'
 import { AdaptionPromptConfig } from './adaption-prompt'
 import { CPTConfig } from './cpt'
+import { HRAConfig } from './hra'
 import { IA3Config } from './ia3'
 import { LoHaConfig } from './loha'
 import { LoKrConfig } from './lokr'
@@ -35,6 +36,7 @@ export { PromptTuningConfig, type PromptTuningConfigOptions } from './prompt-tun
 export { PromptEncoderConfig, type PromptEncoderConfigOptions } from './p-tuning'
 export { MultitaskPromptTuningConfig, type MultitaskPromptTuningConfigOptions } from './multitask-prompt-tuning'
 export { CPTConfig, type CPTConfigOptions } from './cpt'
+export { HRAConfig, type HRAConfigOptions } from './hra'
 
 /** HF `peft_type` → the class that reads its adapter_config.json. */
 const REGISTRY = {
@@ -52,6 +54,7 @@ const REGISTRY = {
   CPT: CPTConfig,
   ADAPTION_PROMPT: AdaptionPromptConfig,
   ADALORA: AdaLoraConfig,
+  HRA: HRAConfig,
 } as const
 
 /** Any config `getPeftModel` / `addAdapter` accept: an instance of a registered class. */

@@ -155,9 +155,12 @@ pub trait AdapterLayer: LayerBox + Send + Sync + std::fmt::Debug {
         None
     }
     /// The kind of the layer as the bindings report it (`"lora"`, `"lora_embedding"`, `"ia3"`,
-    /// `"loha"`): by default [`AdapterLayer::module_type`] without its class.
+    /// `"loha"`): by default [`AdapterLayer::module_type`] without its class when the class is
+    /// `Linear` (the facade writes `<kind>.Linear` back), else the whole module type
+    /// (`"adalora.SVDLinear"`, `"hra.HRALinear"`).
     fn adapter_kind(&self) -> &'static str {
-        self.module_type().split('.').next().unwrap_or("adapter")
+        let t = self.module_type();
+        t.strip_suffix(".Linear").unwrap_or(t)
     }
     /// For tuners whose active layers together replace the host's forward instead of adding to
     /// the base output ((IA)³, HF `ia3.Linear.forward`: the product of every active vector

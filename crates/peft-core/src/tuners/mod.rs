@@ -10,6 +10,7 @@
 pub mod adalora;
 pub mod adaption_prompt;
 pub mod config;
+pub mod hra;
 pub mod ia3;
 pub mod layer;
 pub mod linear;

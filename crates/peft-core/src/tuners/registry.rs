@@ -126,7 +126,7 @@ macro_rules! declare_tuner {
 pub(crate) use declare_tuner;
 
 /// Every registered tuner.
-pub static TUNERS: &[&dyn Tuner] = &[&super::lora::LoraTuner, &super::ia3::Ia3Tuner, &super::loha::TUNER, &super::lokr::TUNER, &super::vera::TUNER, &super::oft::TUNER, &super::trainable_tokens::TUNER, &super::prompt::PromptTuner, &super::prompt::cpt::TUNER, &super::adaption_prompt::TUNER, &super::adalora::TUNER];
+pub static TUNERS: &[&dyn Tuner] = &[&super::lora::LoraTuner, &super::ia3::Ia3Tuner, &super::loha::TUNER, &super::lokr::TUNER, &super::vera::TUNER, &super::oft::TUNER, &super::trainable_tokens::TUNER, &super::prompt::PromptTuner, &super::prompt::cpt::TUNER, &super::adaption_prompt::TUNER, &super::adalora::TUNER, &super::hra::TUNER];
 
 /// The tuner registered for `peft_type`.
 pub fn tuner_for(peft_type: &str) -> Option<&'static dyn Tuner> {

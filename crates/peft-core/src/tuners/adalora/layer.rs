@@ -134,10 +134,6 @@ impl AdapterLayer for AdaLoraLayer {
     fn frozen_param_count(&self) -> usize {
         1
     }
-    /// HF's layer class is not `<kind>.Linear`: the bindings report the whole class.
-    fn adapter_kind(&self) -> &'static str {
-        "adalora.SVDLinear"
-    }
     /// HF's `SVDLinear.forward` ignores `adapter_names`; mixed batches are refused here.
     fn mixed_batch(&self) -> bool {
         false
