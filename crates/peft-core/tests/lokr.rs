@@ -91,7 +91,6 @@ fn lokr_round_trip_is_byte_identical() {
 #[test]
 fn lokr_counts_status_shapes_and_gradients_match_hf() {
     for case in CASES {
-        let exp = Expected::load(case);
         let cj = case_json(case);
         let m = trainable_without_dropout(case);
         let (trainable, total) = m.nb_trainable_parameters();
@@ -109,25 +108,8 @@ fn lokr_counts_status_shapes_and_gradients_match_hf() {
         got.sort();
         assert_eq!(got, want, "{case}: parameter shapes");
 
-        let (loss, _, grads) = loss_and_grads(&m, &expected_batch(&exp), None, None).unwrap_or_else(|e| panic!("loss_and_grads: [{}] {e}", e.code()));
-        let want = exp.get("loss").flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] as f64;
-        visible(&format!("diff {case} loss: got {loss:.8} expected {want:.8}"));
-        assert!((loss - want).abs() <= 1e-5, "{case}: loss {loss} vs {want}");
-        let params = m.trainable_parameters();
-        let keys: BTreeSet<String> = params.iter().map(|(k, _)| k.clone()).collect();
-        let want_keys: BTreeSet<String> = exp.t.keys().filter_map(|k| k.strip_prefix("grad.")).map(String::from).collect();
-        assert_eq!(keys, want_keys, "{case}: trainable parameters vs HF's grad.* keys");
-        let mut worst = 0f64;
-        for (k, v) in &params {
-            let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{case}: no gradient for {k}"));
-            let e = exp.get(&format!("grad.{k}"));
-            let scale = max_abs(e);
-            assert!(scale > 0.0, "{case}: HF's gradient of {k} is zero");
-            // 1e-4 relative to the gradient's scale.
-            let d = assert_close(&format!("{case} grad.{k}"), g, e, 1e-4 * scale, 1e-4);
-            worst = worst.max(d / scale);
-        }
-        visible(&format!("ok {case}: counts {trainable}/{total}, loss, {} gradients (max |diff| / max |grad| = {worst:.2e})", params.len()));
+        let (n, worst) = check_hf_loss_and_grads(case, &m);
+        visible(&format!("ok {case}: counts {trainable}/{total}, loss, {n} gradients (max |diff| / max |grad| = {worst:.2e})"));
     }
 }
 

@@ -14,7 +14,6 @@ use peft_core::train::loss_and_grads;
 use peft_core::tuners::config::AdapterConfig;
 use peft_core::tuners::vera::TorchGenerator;
 use serde_json::json;
-use std::collections::BTreeSet;
 
 const CASE: &str = "llama_vera";
 
@@ -65,20 +64,7 @@ fn vera_counts_status_and_gradients_match_hf() {
     assert_eq!(m.model_status().unwrap()["adapter_model_type"], "VeraModel");
     // The fused engine declines VeRA layers, so training takes the general path.
     assert!(peft_core::engine::try_loss_and_grads(&m, &expected_batch(&exp), None, None).unwrap().is_none(), "the engine must decline VeRA");
-    let (loss, _, grads) = loss_and_grads(&m, &expected_batch(&exp), None, None).unwrap_or_else(|e| panic!("loss_and_grads: [{}] {e}", e.code()));
-    let want = exp.get("loss").flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] as f64;
-    visible(&format!("diff {CASE} loss: got {loss:.8} expected {want:.8}"));
-    assert!((loss - want).abs() <= 1e-5, "loss {loss} vs {want}");
-    let params = m.trainable_parameters();
-    let keys: BTreeSet<String> = params.iter().map(|(k, _)| k.clone()).collect();
-    let want_keys: BTreeSet<String> = exp.t.keys().filter_map(|k| k.strip_prefix("grad.")).map(String::from).collect();
-    assert_eq!(keys, want_keys, "trainable parameters vs HF's grad.* keys");
-    for (k, v) in &params {
-        let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {k}"));
-        let e = exp.get(&format!("grad.{k}"));
-        assert!(max_abs(e) > 0.0);
-        assert_close(&format!("grad.{k}"), g, e, 1e-4 * max_abs(e), 1e-4);
-    }
+    check_hf_loss_and_grads(CASE, &m);
 }
 
 #[test]

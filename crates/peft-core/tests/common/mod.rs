@@ -298,3 +298,37 @@ pub fn check_greedy(what: &str, m: &PeftModel, exp: &Expected) {
         assert_eq!(got, exp.rows_u32("greedy"), "{what} greedy ids (use_cache={use_cache})");
     }
 }
+
+/// The loss and every trainable gradient of `m` on the case's batch (`input_ids`,
+/// `attention_mask`, `labels` of `expected.safetensors`, through `train::loss_and_grads`)
+/// against HF's: the loss within 1e-5 of `loss`; the trainable parameters exactly HF's
+/// `grad.<key>` keys; each gradient of HF's shape, HF's not all zero, and within
+/// `1e-4 · max |HF's|` absolute plus 1e-4 relative. HF's empty gradients (AdaLoRA's rank-0
+/// layers) are only shape-checked. Returns the number of gradients compared and the largest
+/// `max |diff| / max |HF's|`.
+pub fn check_hf_loss_and_grads(case: &str, m: &PeftModel) -> (usize, f64) {
+    let exp = Expected::load(case);
+    let (loss, _, grads) = peft_core::train::loss_and_grads(m, &expected_batch(&exp), None, None).unwrap_or_else(|e| panic!("loss_and_grads: [{}] {e}", e.code()));
+    let want = exp.get("loss").flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] as f64;
+    visible(&format!("diff {case} loss: got {loss:.8} expected {want:.8}"));
+    assert!((loss - want).abs() <= 1e-5, "{case}: loss {loss} vs {want}");
+    let params = m.trainable_parameters();
+    let keys: std::collections::BTreeSet<String> = params.iter().map(|(k, _)| k.clone()).collect();
+    let want_keys: std::collections::BTreeSet<String> = exp.t.keys().filter_map(|k| k.strip_prefix("grad.")).map(String::from).collect();
+    assert_eq!(keys, want_keys, "{case}: trainable parameters vs HF's grad.* keys");
+    let (mut checked, mut worst) = (0, 0f64);
+    for (k, v) in &params {
+        let e = exp.get(&format!("grad.{k}"));
+        assert_eq!(v.dims(), e.dims(), "{case}: shape of {k}");
+        if e.elem_count() == 0 {
+            continue;
+        }
+        let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{case}: no gradient for {k}"));
+        let scale = max_abs(e);
+        assert!(scale > 0.0, "{case}: HF's gradient of {k} is zero");
+        let d = assert_close(&format!("{case} grad.{k}"), g, e, 1e-4 * scale, 1e-4);
+        worst = worst.max(d / scale);
+        checked += 1;
+    }
+    (checked, worst)
+}
