@@ -1,4 +1,5 @@
 /** Shared helpers for the ava tests (fixture paths, numeric comparison, temp folders). */
+import { execFileSync } from 'node:child_process'
 import * as fs from 'node:fs'
 import * as os from 'node:os'
 import * as path from 'node:path'
@@ -125,6 +126,40 @@ export async function assertPeftError(
 export function hfPython(): string | null {
   const p = process.env.PEFT_HF_PYTHON ?? '/work/venv-hf/bin/python'
   return fs.existsSync(p) ? p : null
+}
+
+/** What `scripts/check_adapter_hf.py` reports of an adapter folder HF PEFT loaded. */
+export interface HfAdapterReport {
+  peft_type: string
+  trainable: number
+  total: number
+  shape: number[]
+}
+
+/**
+ * HF PEFT loads the adapter folder `dir` over the base model `base` (`scripts/check_adapter_hf.py`,
+ * `args` appended, e.g. `--inference`) and computes the logits of `rows`; asserts they have the
+ * shape of `ours` and lie within 1e-4 of it (logged as `what`). Returns HF's report for further
+ * checks, or null (logged as skipped) when no Python with torch + peft is found
+ * (`PEFT_HF_PYTHON`).
+ */
+export function checkLogitsInHf(t: ExecutionContext, base: string, dir: string, rows: number[][], ours: Tensor, what: string, args: string[] = []): HfAdapterReport | null {
+  const py = hfPython()
+  if (!py) {
+    t.log('skipped: HF PEFT check (no Python with torch + peft; set PEFT_HF_PYTHON)')
+    return null
+  }
+  const f = path.join(dir, 'hf.f32')
+  const script = path.join(__dirname, 'scripts', 'check_adapter_hf.py')
+  const out = execFileSync(py, [script, base, dir, JSON.stringify(rows), f, ...args], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] })
+  const info = JSON.parse(out.trim().split('\n').pop() as string) as HfAdapterReport
+  t.deepEqual(info.shape, [...ours.shape], `${what}: HF's logits shape`)
+  const buf = fs.readFileSync(f)
+  const theirs = Tensor.from(new Float32Array(buf.buffer, buf.byteOffset, buf.byteLength / 4), ours.shape)
+  const diff = maxAbsDiff(theirs, ours)
+  t.log(`HF PEFT vs peft-node logits of ${what}: max |diff| = ${diff.toExponential(2)}`)
+  t.true(diff <= 1e-4, `${what}: ${diff}`)
+  return info
 }
 
 /**
