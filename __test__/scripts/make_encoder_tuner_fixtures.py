@@ -1,0 +1,165 @@
+"""HF PEFT 0.21 reference cases for the layer tuners on T5 and BERT (issue 15: "on GPT-2 / BERT / T5
+wherever HF supports the method there"): `__test__/fixtures/cases/{t5,bert}_<tuner>` for LoRA, IA3,
+LoHa, LoKr, VeRA, OFT, AdaLoRA and HRA, each on `nn.Linear` layers of the tiny models.
+
+Run with torch 2.13 + transformers 5.18 + peft 0.21 (the venv of benches/README.md):
+
+    python __test__/scripts/make_encoder_tuner_fixtures.py
+
+- T5 (`models/t5`, `T5ForConditionalGeneration`, task_type SEQ_2_SEQ_LM): targets `q`, `v` (every
+  self- and cross-attention) and `wo`; the batch is `input_ids` / `attention_mask` `[2, 7]` (row 1
+  right-padded by 2) with `labels` `[2, 5]` (-100 on row 1's last), `decoder_input_ids` = T5's
+  `_shift_right(labels)`.
+- BERT (`models/bert`, `BertForSequenceClassification` with 3 labels, task_type SEQ_CLS, so HF adds
+  `classifier` to modules_to_save): targets `query`, `value` and `intermediate.dense`; the batch is
+  `[2, 7]` ids (row 1 padded by 2) with class labels `[2]`.
+- Each tuner starts from HF's non-identity init where it has one (`init_*_weights=False`); parameters
+  that are still all zero (AdaLoRA's `lora_E`, the IA3 vectors' ones, OFT's small `oft_R`) are then
+  drawn N(0, 0.1²) (OFT: its values times 3), and the classifier copy gets N(0, 0.05²) added: the
+  values on disk are the truth.
+- Writes the adapter folder, `expected.safetensors` (inputs, labels, logits adapted / merged /
+  unmerged / disabled, loss, `grad.<key>` of every trainable parameter under its on-disk key) and
+  `case.json` (counts, keys, tolerances).
+"""
+
+import json
+import os
+
+import fixture_common as fc
+
+fc.start()  # PYTHONHASHSEED=0 (target_modules is a set in HF's config), in the fixtures root
+
+import torch
+from peft import (AdaLoraConfig, HRAConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, VeraConfig,
+                  get_peft_model)
+
+FAMILIES = {
+    "t5": dict(task="SEQ_2_SEQ_LM", targets=["q", "v", "wo"], ff=["wo"]),
+    "bert": dict(task="SEQ_CLS", targets=["query", "value", "intermediate.dense"], ff=["intermediate.dense"]),
+}
+
+
+def configs(fam):
+    f = FAMILIES[fam]
+    common = dict(task_type=f["task"], target_modules=f["targets"])
+    return {
+        "lora": LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **common),
+        "ia3": IA3Config(feedforward_modules=f["ff"], init_ia3_weights=False, **common),
+        "loha": LoHaConfig(r=4, alpha=8, init_weights=False, **common),
+        "lokr": LoKrConfig(r=4, alpha=8, init_weights=False, **common),
+        "vera": VeraConfig(r=8, init_weights=False, **common),
+        "oft": OFTConfig(oft_block_size=8, init_weights=False, **common),
+        "adalora": AdaLoraConfig(init_r=4, target_r=2, total_step=10, **common),
+        "hra": HRAConfig(r=4, init_weights=False, **common),
+    }
+
+
+def load(fam):
+    if fam == "t5":
+        from transformers import T5ForConditionalGeneration
+        # PEFT 0.21's PeftModelForSeq2SeqLM reads a generation hook that transformers 5.18 renamed;
+        # alias it (only `generate` uses it, this script does not).
+        if not hasattr(T5ForConditionalGeneration, "_prepare_encoder_decoder_kwargs_for_generation"):
+            T5ForConditionalGeneration._prepare_encoder_decoder_kwargs_for_generation = T5ForConditionalGeneration._prepare_text_encoder_decoder_kwargs_for_generation
+        return T5ForConditionalGeneration.from_pretrained("models/t5", attn_implementation="eager").eval()
+    from transformers import BertForSequenceClassification
+    return BertForSequenceClassification.from_pretrained("models/bert", attn_implementation="eager").eval()
+
+
+def batch(fam, seed, vocab):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (2, 7), generator=g)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, -2:] = 0
+    ids[1, -2:] = 0
+    if fam == "t5":
+        labels = torch.randint(3, vocab, (2, 5), generator=g)
+        labels[1, -1] = -100
+    else:
+        labels = torch.tensor([2, 0])
+    return ids, mask, labels
+
+
+def perturb(model, tuner):
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if "modules_to_save" in n:
+                p.add_(torch.randn_like(p) * 0.05)
+            elif tuner == "oft":
+                p.mul_(3.0)
+            elif bool((p == 0).all()) or (tuner == "ia3" and bool((p == 1).all())):
+                p.copy_(torch.randn_like(p) * 0.1 + (1.0 if tuner == "ia3" else 0.0))
+
+
+def run(model, fam, ids, mask, labels, disabled=False, merged=False):
+    kw = dict(input_ids=ids, attention_mask=mask)
+    if fam == "t5":
+        kw["decoder_input_ids"] = model.get_base_model()._shift_right(labels)
+    with torch.no_grad():
+        if disabled:
+            with model.disable_adapter():
+                return model(**kw).logits
+        if merged:
+            model.merge_adapter()
+            out = model(**kw).logits
+            model.unmerge_adapter()
+            return out
+        return model(**kw).logits
+
+
+def case(fam, tuner, cfg, seed):
+    torch.manual_seed(seed)
+    model = get_peft_model(load(fam), cfg)
+    perturb(model, tuner)
+    out = f"cases/{fam}_{tuner}"
+    os.makedirs(out, exist_ok=True)
+    model.save_pretrained(out)
+    card = f"{out}/README.md"
+    if os.path.exists(card):
+        os.remove(card)
+    trainable, total = fc.param_counts(model)
+    ids, mask, labels = batch(fam, seed, model.config.vocab_size)
+    model.eval()
+    adapted = run(model, fam, ids, mask, labels)
+    disabled = run(model, fam, ids, mask, labels, disabled=True)
+    model.zero_grad()
+    kw = dict(input_ids=ids, attention_mask=mask, labels=labels)
+    res = model(**kw)
+    loss = res.loss  # eval mode: AdaLoRA's orthogonal regularisation is added in training mode only
+    loss.backward()
+    # On-disk keys: the classifier copy is saved as `classifier.weight` (modules_to_save dropped).
+    grads = {k.replace(".modules_to_save", ""): v for k, v in fc.adapter_grads(model).items()}
+    merged = run(model, fam, ids, mask, labels, merged=True)
+    unmerged = run(model, fam, ids, mask, labels)
+    tensors = {"input_ids": ids, "attention_mask": mask, "labels": labels, "logits_adapter": adapted,
+               "logits_merged": merged, "logits_unmerged": unmerged, "logits_disabled": disabled,
+               "loss": loss.detach().reshape(1).float(), **grads}
+    if fam == "t5":
+        tensors["decoder_input_ids"] = model.get_base_model()._shift_right(labels)
+    fc.save_expected(out, tensors)
+    info = {
+        "name": os.path.basename(out), "generator": "make_encoder_tuner_fixtures.py",
+        "description": f"{type(cfg).__name__} on {fam} ({FAMILIES[fam]['task']}), targets {FAMILIES[fam]['targets']}, perturbed off the identity (see the generator).",
+        "base_model": f"models/{fam}", "seed": seed, "peft_type": str(cfg.peft_type.value),
+        "trainable_params": trainable, "all_params": total,
+        "adapter_keys": fc.keys_of(f"{out}/adapter_model.safetensors"),
+        "merged_vs_adapter_max_abs": float((merged - adapted).abs().max()),
+        "adapter_vs_disabled_max_abs": float((adapted - disabled).abs().max()),
+        "tolerances": {"logits_atol": 1e-4, "logits_rtol": 1e-4, "loss_atol": 1e-5, "grad_rtol": 1e-4},
+        "versions": fc.versions(),
+    }
+    with open(f"{out}/case.json", "w") as f:
+        json.dump(info, f, indent=2)
+        f.write("\n")
+    print(out, trainable, float(loss), info["adapter_vs_disabled_max_abs"], info["merged_vs_adapter_max_abs"])
+
+
+if __name__ == "__main__":
+    seed = 2100
+    for fam in FAMILIES:
+        for tuner, cfg in configs(fam).items():
+            case(fam, tuner, cfg, seed)
+            seed += 1
+    print("encoder tuner fixtures written")
