@@ -1,11 +1,15 @@
-"""HF PEFT 0.21 reference cases for the layer tuners on T5 and BERT (issue 15: "on GPT-2 / BERT / T5
-wherever HF supports the method there"): `__test__/fixtures/cases/{t5,bert}_<tuner>` for LoRA, IA3,
-LoHa, LoKr, VeRA, OFT, AdaLoRA and HRA, each on `nn.Linear` layers of the tiny models.
+"""HF PEFT 0.21 reference cases for the layer tuners on GPT-2, T5 and BERT (issue 15: "on GPT-2 / BERT / T5
+wherever HF supports the method there"): `__test__/fixtures/cases/{gpt2,t5,bert}_<tuner>` for LoRA,
+IA3, LoHa, LoKr, VeRA, OFT, AdaLoRA and HRA wherever HF applies them.
 
 Run with torch 2.13 + transformers 5.18 + peft 0.21 (the venv of benches/README.md):
 
     python __test__/scripts/make_encoder_tuner_fixtures.py
 
+- GPT-2 (`models/gpt2`, `GPT2LMHeadModel`, CAUSAL_LM): LoRA and IA3 on `c_attn` and `mlp.c_proj` (IA3:
+  feed-forward); `[2, 7]` ids, row 1 padded by 2, labels = ids with -100 on the padding. Of the other
+  tuners HF 0.21 applies to GPT-2's `Conv1D` layers, VeRA and AdaLoRA have their own GPT-2 cases
+  (`gpt2_vera*`, `gpt2_adalora`); LoHa, LoKr, OFT and HRA refuse them.
 - T5 (`models/t5`, `T5ForConditionalGeneration`, task_type SEQ_2_SEQ_LM): targets `q`, `v` (every
   self- and cross-attention) and `wo`; the batch is `input_ids` / `attention_mask` `[2, 7]` (row 1
   right-padded by 2) with `labels` `[2, 5]` (-100 on row 1's last), `decoder_input_ids` = T5's
@@ -34,6 +38,7 @@ from peft import (AdaLoraConfig, HRAConfig, IA3Config, LoHaConfig, LoKrConfig, L
                   get_peft_model)
 
 FAMILIES = {
+    "gpt2": dict(task="CAUSAL_LM", targets=["c_attn", "mlp.c_proj"], ff=["mlp.c_proj"], tuners=["lora", "ia3"]),
     "t5": dict(task="SEQ_2_SEQ_LM", targets=["q", "v", "wo"], ff=["wo"]),
     "bert": dict(task="SEQ_CLS", targets=["query", "value", "intermediate.dense"], ff=["intermediate.dense"]),
 }
@@ -42,7 +47,7 @@ FAMILIES = {
 def configs(fam):
     f = FAMILIES[fam]
     common = dict(task_type=f["task"], target_modules=f["targets"])
-    return {
+    every = {
         "lora": LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **common),
         "ia3": IA3Config(feedforward_modules=f["ff"], init_ia3_weights=False, **common),
         "loha": LoHaConfig(r=4, alpha=8, init_weights=False, **common),
@@ -52,9 +57,13 @@ def configs(fam):
         "adalora": AdaLoraConfig(init_r=4, target_r=2, total_step=10, **common),
         "hra": HRAConfig(r=4, init_weights=False, **common),
     }
+    return {k: v for k, v in every.items() if k in f.get("tuners", every)}
 
 
 def load(fam):
+    if fam == "gpt2":
+        from transformers import GPT2LMHeadModel
+        return GPT2LMHeadModel.from_pretrained("models/gpt2", attn_implementation="eager").eval()
     if fam == "t5":
         from transformers import T5ForConditionalGeneration
         # PEFT 0.21's PeftModelForSeq2SeqLM reads a generation hook that transformers 5.18 renamed;
@@ -75,6 +84,8 @@ def batch(fam, seed, vocab):
     if fam == "t5":
         labels = torch.randint(3, vocab, (2, 5), generator=g)
         labels[1, -1] = -100
+    elif fam == "gpt2":
+        labels = ids.masked_fill(mask == 0, -100)
     else:
         labels = torch.tensor([2, 0])
     return ids, mask, labels
@@ -158,7 +169,7 @@ def case(fam, tuner, cfg, seed):
 
 if __name__ == "__main__":
     seed = 2100
-    for fam in FAMILIES:
+    for fam in ["t5", "bert", "gpt2"]:  # the seeds of the first two families stay as first written
         for tuner, cfg in configs(fam).items():
             case(fam, tuner, cfg, seed)
             seed += 1

@@ -1,9 +1,10 @@
-//! Every layer tuner on the encoder and encoder-decoder families against HF PEFT 0.21 (issue 15:
+//! Every layer tuner on the encoder and encoder-decoder families, and LoRA and IA3 on GPT-2's
+//! `Conv1D` layers, against HF PEFT 0.21 (issue 15:
 //! "on GPT-2 / BERT / T5 wherever HF supports the method there"): LoRA, IA3, LoHa, LoKr, VeRA,
 //! OFT, AdaLoRA and HRA on T5 (`T5ForConditionalGeneration`, SEQ_2_SEQ_LM: `q`, `v` of every
 //! self- and cross-attention and `wo`) and on BERT (`BertForSequenceClassification`, SEQ_CLS:
 //! `query`, `value`, `intermediate.dense`, with HF's `classifier` copy in modules_to_save).
-//! `__test__/fixtures/cases/{t5,bert}_<tuner>`, made by
+//! `__test__/fixtures/cases/{t5,bert}_<tuner>` and `gpt2_{lora,ia3}`, made by
 //! `__test__/scripts/make_encoder_tuner_fixtures.py`: for each, the parameter counts, adapter /
 //! disabled / merged / unmerged logits, the loss and every trainable gradient, and a
 //! byte-identical re-save of HF's files.
@@ -34,6 +35,14 @@ fn check_case(case: &str) {
     check_merge_unmerge_within(&mut m, &exp, 1e-5, |_| {});
     resave_case(case);
     visible(&format!("ok {case}: counts {trainable}/{total}, logits (adapter, disabled, merged, unmerged), loss, {n} gradients (max |diff| / max |grad| = {worst:.2e}), re-save"));
+}
+
+#[test]
+fn lora_and_ia3_on_gpt2_conv1d_match_hf() {
+    // VeRA and AdaLoRA on GPT-2 have their own cases (tests/vera.rs, tests/adalora.rs).
+    for t in ["lora", "ia3"] {
+        check_case(&format!("gpt2_{t}"));
+    }
 }
 
 #[test]
