@@ -17,6 +17,7 @@ Run with torch 2.13 + transformers 5.18 + peft 0.21 (the venv of benches/README.
 - BERT (`models/bert`, `BertForSequenceClassification` with 3 labels, task_type SEQ_CLS, so HF adds
   `classifier` to modules_to_save): targets `query`, `value` and `intermediate.dense`; the batch is
   `[2, 7]` ids (row 1 padded by 2) with class labels `[2]`.
+- BERT also gets trainable tokens (`bert_tt`) on `word_embeddings`, on ids the batch uses.
 - Each tuner starts from HF's non-identity init where it has one (`init_*_weights=False`); parameters
   that are still all zero (AdaLoRA's `lora_E`, the IA3 vectors' ones, OFT's small `oft_R`) are then
   drawn N(0, 0.1²) (OFT: its values times 3), and the classifier copy gets N(0, 0.05²) added: the
@@ -34,13 +35,13 @@ import fixture_common as fc
 fc.start()  # PYTHONHASHSEED=0 (target_modules is a set in HF's config), in the fixtures root
 
 import torch
-from peft import (AdaLoraConfig, HRAConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, VeraConfig,
-                  get_peft_model)
+from peft import (AdaLoraConfig, HRAConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, TrainableTokensConfig,
+                  VeraConfig, get_peft_model)
 
 FAMILIES = {
     "gpt2": dict(task="CAUSAL_LM", targets=["c_attn", "mlp.c_proj"], ff=["mlp.c_proj"], tuners=["lora", "ia3"]),
     "t5": dict(task="SEQ_2_SEQ_LM", targets=["q", "v", "wo"], ff=["wo"]),
-    "bert": dict(task="SEQ_CLS", targets=["query", "value", "intermediate.dense"], ff=["intermediate.dense"]),
+    "bert": dict(task="SEQ_CLS", targets=["query", "value", "intermediate.dense"], ff=["intermediate.dense"], embedding="word_embeddings"),
 }
 
 
@@ -57,6 +58,8 @@ def configs(fam):
         "adalora": AdaLoraConfig(init_r=4, target_r=2, total_step=10, **common),
         "hra": HRAConfig(r=4, init_weights=False, **common),
     }
+    if "embedding" in f:
+        every["tt"] = None  # made per case: its token indices come from the case's batch
     return {k: v for k, v in every.items() if k in f.get("tuners", every)}
 
 
@@ -171,6 +174,15 @@ if __name__ == "__main__":
     seed = 2100
     for fam in ["t5", "bert", "gpt2"]:  # the seeds of the first two families stay as first written
         for tuner, cfg in configs(fam).items():
-            case(fam, tuner, cfg, seed)
-            seed += 1
+            if tuner != "tt":
+                case(fam, tuner, cfg, seed)
+                seed += 1
+    seed += 1  # (the seed of a T5 case on `shared`, which peft-node does not adapt yet)
+    for fam, vocab in [("bert", 160)]:  # trainable tokens on the input embedding, added later
+        ids = batch(fam, seed, vocab)[0]
+        tokens = sorted({int(i) for i in ids[0, :4]} | {int(ids[1, 0])})  # ids the batch uses, in both rows
+        f = FAMILIES[fam]
+        cfg = TrainableTokensConfig(task_type=f["task"], target_modules=[f["embedding"]], token_indices=tokens, init_weights=False)
+        case(fam, "tt", cfg, seed)
+        seed += 1
     print("encoder tuner fixtures written")
