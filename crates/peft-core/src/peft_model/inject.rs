@@ -1,6 +1,7 @@
 //! Adding adapters (HF `inject_adapter` / `add_adapter`): targeting, initialisation, `modules_to_save` copies and trainable biases.
 
 use super::*;
+use crate::tuners::layer::AdapterLayer;
 
 impl PeftModel {
     /// Inject a new adapter (HF `add_adapter` / `inject_adapter`). The first adapter of a model is
@@ -231,6 +232,38 @@ impl PeftModel {
         Ok(copies)
     }
 
+    /// HF `BaseTuner.inject_adapter` for a tuner whose adapter is one [`AdapterLayer`] per
+    /// targeted linear module: the config's common steps ([`Self::prepare_layer_adapter`]), the
+    /// selected modules ([`Self::select_layers`]), and `make`'s layer for each of them in module
+    /// order, drawn from one RNG seeded with `seed`; returns the planned layers and the
+    /// `modules_to_save` copies for [`Self::install_layers`]. Nothing on the model changes.
+    ///
+    /// Errors: `NoTargetModules`; the first error of `make` (a target the tuner refuses).
+    pub(crate) fn plan_layers<C>(&mut self, name: &str, cfg: &mut C, seed: u64, mut make: impl FnMut(&C, &str, &crate::tuners::linear::PeftLinear, &mut rand::rngs::StdRng, &candle_core::Device) -> Result<Box<dyn AdapterLayer>>) -> Result<PlannedLayers>
+    where
+        C: std::ops::DerefMut<Target = crate::tuners::config::LayerCommon>,
+    {
+        use rand::SeedableRng;
+        let copies = self.prepare_layer_adapter(name, cfg)?;
+        let selected = self.select_layers(cfg)?;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let device = self.base.device().clone();
+        let mut layers = HashMap::new();
+        for (mname, lin) in self.base.named_linears().into_iter().filter(|(m, _)| selected.contains(m)) {
+            let layer = make(cfg, &mname, lin, &mut rng, &device)?;
+            layers.insert(mname, layer);
+        }
+        Ok(PlannedLayers { layers, copies })
+    }
+
+    /// Install what [`Self::plan_layers`] planned for adapter `name` with its config
+    /// ([`Self::install_planned`]). Returns the targeted module paths, sorted.
+    pub(crate) fn install_layers(&mut self, name: &str, cfg: AdapterConfig, planned: PlannedLayers) -> Result<Vec<String>> {
+        self.install_planned(name, cfg, planned.layers, planned.copies, |lin, name, l| {
+            lin.layers.insert(name, l);
+        })
+    }
+
     /// The end of injecting adapter `name` (HF `inject_adapter`) for a tuner whose layers are
     /// planned first and installed only when every target is valid: each planned layer into its
     /// module with `put`, the `modules_to_save` copies, then the config (the model's first
@@ -301,4 +334,11 @@ pub(crate) fn fit_fan_in_fan_out(warnings: &mut Vec<String>, lin: &crate::tuners
         warnings.push("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting fan_in_fan_out to False.".into());
         *fan_in_fan_out = false;
     }
+}
+
+/// The layers a tuner planned for one adapter ([`PeftModel::plan_layers`]), by module path, and
+/// its `modules_to_save` copies.
+pub(crate) struct PlannedLayers {
+    pub layers: HashMap<String, Box<dyn AdapterLayer>>,
+    pub copies: HashMap<String, (Var, Option<Var>)>,
 }

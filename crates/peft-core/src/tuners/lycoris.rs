@@ -23,7 +23,6 @@ use crate::tuners::registry::Tuner;
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Map, Number, Value};
-use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::path::Path;
 
@@ -183,12 +182,7 @@ impl PeftModel {
     /// Errors: `InvalidAdapterConfig` for an embedding or a GPT-2 `Conv1D` target (HF: "Target
     /// module of type ... not supported") or when nothing matches. The model is then unchanged.
     pub(crate) fn add_lycoris<K: LycorisKind>(&mut self, name: &str, mut cfg: LycorisConfig<K>, seed: u64) -> Result<Vec<String>> {
-        let copies = self.prepare_layer_adapter(name, &mut cfg.common)?;
-        let selected = self.select_layers(&cfg)?;
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let device = self.base.device().clone();
-        let mut planned: HashMap<String, Box<dyn AdapterLayer>> = HashMap::new();
-        for (mname, lin) in self.base.named_linears().into_iter().filter(|(m, _)| selected.contains(m)) {
+        let planned = self.plan_layers(name, &mut cfg, seed, |cfg, mname, lin, rng, device| {
             if lin.is_embedding || lin.transposed {
                 let kind = if lin.is_embedding { "Embedding" } else { "Conv1D" };
                 return Err(PeftError::InvalidAdapterConfig {
@@ -196,12 +190,9 @@ impl PeftModel {
                     msg: format!("Target module `{mname}` of type {kind} not supported, currently only adapters for Conv2d, Conv1d, Linear are supported ({} here: Linear)", K::NAME),
                 });
             }
-            let layer = K::new_layer(&cfg, lin, cfg.rank_for(&mname), cfg.alpha_for(&mname), &mut rng, &device)?;
-            planned.insert(mname, layer);
-        }
-        self.install_planned(name, cfg.into(), planned, copies, |lin, name, l| {
-            lin.layers.insert(name, l);
-        })
+            K::new_layer(cfg, lin, cfg.rank_for(mname), cfg.alpha_for(mname), rng, device)
+        })?;
+        self.install_layers(name, cfg.into(), planned)
     }
 }
 

@@ -8,8 +8,6 @@ use crate::peft_model::PeftModel;
 use crate::tuners::layer::AdapterLayer;
 use crate::tuners::linear::PeftLinear;
 use candle_core::{Device, Tensor, Var};
-use rand::SeedableRng;
-use std::collections::HashMap;
 
 /// HF's refusal of a layer type HRA does not adapt (`TypeError` of `_create_new_module`): GPT-2's
 /// `Conv1D` and embeddings.
@@ -49,23 +47,16 @@ impl PeftModel {
     /// Errors (the model then unchanged): `InvalidAdapterConfig` for a GPT-2 `Conv1D` or an
     /// embedding target (HF's `TypeError` text); `NoTargetModules`.
     pub(crate) fn add_hra(&mut self, name: &str, mut cfg: HraConfig, seed: u64) -> Result<Vec<String>> {
-        let copies = self.prepare_layer_adapter(name, &mut cfg.common)?;
-        let selected = self.select_layers(&cfg)?;
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let device = self.base.device().clone();
-        let mut planned: HashMap<String, Box<dyn AdapterLayer>> = HashMap::new();
-        for (mname, lin) in self.base.named_linears().into_iter().filter(|(m, _)| selected.contains(m)) {
-            if let Some(e) = unsupported_target(&mname, lin) {
+        let planned = self.plan_layers(name, &mut cfg, seed, |cfg, mname, lin, rng, device| {
+            if let Some(e) = unsupported_target(mname, lin) {
                 return Err(e);
             }
-            let u = init_u(&cfg, lin.in_features(), &mut rng, &device)?;
-            planned.insert(mname, Box::new(HraLayer { u: Var::from_tensor(&u)?, r: cfg.r, apply_gs: cfg.apply_gs }));
-        }
-        if cfg.init_weights && cfg.r % 2 != 0 && !planned.is_empty() {
+            let u = init_u(cfg, lin.in_features(), rng, device)?;
+            Ok(Box::new(HraLayer { u: Var::from_tensor(&u)?, r: cfg.r, apply_gs: cfg.apply_gs }) as Box<dyn AdapterLayer>)
+        })?;
+        if cfg.init_weights && cfg.r % 2 != 0 {
             self.warnings.push("The symmetric initialization can NOT be performed when r is odd!".into());
         }
-        self.install_planned(name, cfg.into(), planned, copies, |lin, name, l| {
-            lin.layers.insert(name, l);
-        })
+        self.install_layers(name, cfg.into(), planned)
     }
 }
