@@ -385,6 +385,26 @@ impl Phi3ForCausalLM {
         Ok(())
     }
 
+    /// For the fused engine's cached forward (`past` cached positions, largest position + 1
+    /// `seq_len`): whether [`BaseModel::forward_embeds`] would re-rotate the cached keys to the
+    /// long factors (the engine then declines that forward, and this model runs it).
+    pub(crate) fn rerotates_cache(&self, cache: &mut KvCache, past: usize, seq_len: usize) -> bool {
+        let Some(lr) = &self.config.longrope else { return false };
+        matches!(cache.model_state::<LongRopeCache>().short_from, Some(from) if seq_len > lr.original_max_position_embeddings && from < past)
+    }
+
+    /// After the fused engine ran a cached forward that needed no re-rotation: the longrope
+    /// state [`BaseModel::forward_embeds`] leaves with the cache (the first position rotated
+    /// with the short factors), so that either path may run the next step.
+    pub(crate) fn note_cached_forward(&self, cache: &mut KvCache, past: usize, seq_len: usize) {
+        if let Some(lr) = &self.config.longrope {
+            let st = cache.model_state::<LongRopeCache>();
+            if st.short_from.is_none() && seq_len <= lr.original_max_position_embeddings {
+                st.short_from = Some(past);
+            }
+        }
+    }
+
     fn layer_forward(&self, l: &DecoderLayer, x: &Tensor, ctx: &Ctx, kv: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
         let c = &self.config;
         let (train, eps) = (ctx.lin.train, c.rms_norm_eps);
@@ -418,6 +438,9 @@ impl Phi3ForCausalLM {
 impl BaseModel for Phi3ForCausalLM {
     fn info(&self) -> &ModelInfo {
         &self.info
+    }
+    fn as_phi3(&self) -> Option<&Phi3ForCausalLM> {
+        Some(self)
     }
     fn config_json(&self) -> Value {
         self.config.to_json()
