@@ -1,6 +1,8 @@
 //! The engine's decoder step (the Llama family, and Gemma 3 through the same layer with its
-//! extra norms, GeGLU and sliding windows; see [`Arch`] and [`Layer`]): explicit forward and
-//! backward per decoder layer.
+//! extra norms, GeGLU and sliding windows, and Phi-3 with its fused q|k|v and gate|up linears
+//! ([`Layer::fused`]), partial RoPE ([`Arch::rotary`]) and per-forward longrope tables
+//! ([`Plan::rope_of`]); see [`Arch`] and [`Layer`]): explicit forward and backward per decoder
+//! layer.
 //!
 //! Shapes (row-major, token-major): `T = b·s` tokens, `H` hidden, `QD = heads·head_dim`,
 //! `KD = kv_heads·head_dim`, `I` intermediate, `P` prefix length (prefix tuning, else 0),

@@ -27,8 +27,12 @@
 //! `f = factor`, else `max_position_embeddings / original`; 1 when `f ≤ 1`). `sliding_window` (Phi-3-mini) restricts keys to the last
 //! `sliding_window` positions, as transformers' sliding-window causal mask.
 //!
-//! The fused engine does not compute this architecture (`as_llama` is `None`): inference and
-//! training run here, on the general candle path.
+//! The fused engine ([`crate::engine`]) computes this architecture too (f32 on the CPU:
+//! training, logits and cached decoding with LoRA on any of the four linears, one LoRA over
+//! each fused output, several adapters, mixed batches, prefix and prompt tuning), reading the
+//! weights through [`BaseModel::as_phi3`] and the RoPE tables through [`Phi3Config::inv_freq`].
+//! What it does not cover runs here, on the general candle path, and so does the one cached
+//! step that re-rotates the cached keys to the long factors (the engine declines it).
 
 use super::config::{get_f64, get_usize, supported_architectures};
 use super::decoder::{self, append_kv, config_name, repeat_kv, DecoderDefaults, DecoderFields};
