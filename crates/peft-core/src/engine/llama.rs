@@ -535,9 +535,7 @@ impl<'m> Plan<'m> {
             _model: std::marker::PhantomData,
         })
     }
-}
 
-impl<'m> Plan<'m> {
     /// The plan of a Phi-3 decoder (fused `qkv_proj` and `gate_up_proj`, see [`Layer::fused`];
     /// partial RoPE; longrope tables chosen per forward, [`Plan::rope_of`]; `sliding_window` on
     /// every layer), or `None` when it needs the general path (f16/bf16, a non-CPU device, an
