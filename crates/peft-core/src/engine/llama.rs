@@ -549,8 +549,8 @@ impl<'m> Plan<'m> {
             return None;
         }
         let ok = c.num_key_value_heads > 0
-            && c.num_attention_heads % c.num_key_value_heads == 0
-            && c.rotary_dim % 2 == 0
+            && c.num_attention_heads.is_multiple_of(c.num_key_value_heads)
+            && c.rotary_dim.is_multiple_of(2)
             && c.rotary_dim > 0
             && c.rotary_dim <= c.head_dim;
         if !ok {
