@@ -2,8 +2,8 @@
  * Phi-3 (issue 18) through the public JS API: the tiny Phi3ForCausalLM fixture
  * (`__test__/scripts/make_phi3_fixtures.py`, HF PEFT 0.21: fused qkv_proj / gate_up_proj,
  * partial RoPE, longrope past the original length) loaded from its HF folder and from its GGUF,
- * with the HF LoRA adapter on the fused linears (general path: the fused engine does not run
- * Phi-3).
+ * with the HF LoRA adapter on the fused linears (computed by the fused engine, which runs
+ * Phi-3's fused linears, partial RoPE and longrope).
  */
 import test from 'ava'
 import * as path from 'node:path'

@@ -3,7 +3,8 @@
 //! several shapes (grouped-query attention, head_dim ≠ hidden/heads, attention biases, padded
 //! batches), for LoRA (q,k,v,o and all-linear, rsLoRA, several active adapters, dropout with a
 //! fixed seed, merged and disabled adapters) and prompt learning (prefix tuning with and without
-//! projection, prompt tuning, P-tuning, multitask prompt tuning); SmolLM3's NoPE layers.
+//! projection, prompt tuning, P-tuning, multitask prompt tuning); SmolLM3's NoPE layers; Gemma 3;
+//! Phi-3 (fused `qkv_proj` / `gate_up_proj`, partial RoPE, longrope, sliding window).
 
 mod common;
 
@@ -27,8 +28,13 @@ fn max_abs(v: &[f32]) -> f32 {
 /// Runs both paths with the same seeded generator and compares the loss and every trainable
 /// gradient (relative to the gradient's largest entry).
 fn compare(what: &str, m: &PeftModel, b: &Batch, total: Option<usize>) {
+    compare_with(what, m, b, total, false)
+}
+
+/// [`compare`], with the engine's gradient checkpointing on (`ckpt`) against the general path.
+fn compare_with(what: &str, m: &PeftModel, b: &Batch, total: Option<usize>, ckpt: bool) {
     let rng = || Some(Arc::new(Mutex::new(rand::rngs::StdRng::seed_from_u64(99))));
-    let fast = engine::try_loss_and_grads(m, b, total, rng()).unwrap();
+    let fast = if ckpt { engine::try_loss_and_grads_with(m, b, total, rng(), true) } else { engine::try_loss_and_grads(m, b, total, rng()) }.unwrap();
     let (l1, n1, g1) = fast.unwrap_or_else(|| panic!("{what}: the engine declined a model it should run"));
     engine::force_general_path(true);
     let (l2, n2, g2) = loss_and_grads(m, b, total, rng()).unwrap();
@@ -500,4 +506,185 @@ fn gemma3_softcapping_goes_to_the_general_path() {
     assert!(engine::try_loss_and_grads(&m, &ragged_batch(1, 8, 89, &[], 1), None, None).unwrap().is_none());
     let m = random_gemma3(64, &[true, false], None);
     assert!(engine::try_loss_and_grads(&m, &ragged_batch(1, 8, 89, &[], 1), None, None).unwrap().is_some());
+}
+
+
+/// LoRA on Phi-3's four linears (the fused `qkv_proj` and `gate_up_proj` included, one LoRA each
+/// over the whole fused output): r 4, dropout `dropout`.
+fn phi3_lora(seed: u64, dropout: f64) -> PeftModel {
+    let mut m = random_phi3(seed, 2, Some(7));
+    m.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_dropout": dropout, "target_modules": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], "init_lora_weights": false})), 5).unwrap();
+    m
+}
+
+/// Phi-3 training on the engine (fused linears with one LoRA each, GQA, partial RoPE 0.75,
+/// longrope, sliding window 7 shorter than the rows, padded rows): loss and every LoRA
+/// gradient against the general path, with the long factors (17 positions > original 10) and
+/// the short ones (8 positions), with LoRA dropout, and with gradient checkpointing.
+#[test]
+fn phi3_lora_training_matches_the_general_path() {
+    let m = phi3_lora(81, 0.0);
+    let long = ragged_batch(3, 17, 83, &[(0, false), (5, true), (3, false)], 82);
+    let short = ragged_batch(2, 8, 83, &[(2, true)], 83);
+    compare("phi3 long factors", &m, &long, None);
+    compare("phi3 short factors", &m, &short, None);
+    compare_with("phi3 gradient checkpointing", &m, &long, None, true);
+    let d = phi3_lora(84, 0.2);
+    compare("phi3 dropout", &d, &long, Some(40));
+    compare_with("phi3 dropout + gradient checkpointing", &d, &long, None, true);
+    // LoRA on the fused MLP only, in the top layer: the backward stops above layer 0
+    let mut top = random_phi3(85, 3, None);
+    top.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 3, "lora_alpha": 5, "use_rslora": true, "target_modules": ["gate_up_proj"], "layers_to_transform": [2], "init_lora_weights": false})), 6).unwrap();
+    compare("phi3 top gate_up_proj only, no window", &top, &long, None);
+}
+
+/// Phi-3 inference on the engine: full and last-only logits with padding, explicit positions,
+/// both longrope factor sets, merged and disabled adapters.
+#[test]
+fn phi3_logits_match_the_general_path() {
+    let mut m = phi3_lora(91, 0.1);
+    let long = ragged_batch(2, 15, 83, &[(4, true)], 92);
+    let short = ragged_batch(3, 9, 83, &[(0, false), (2, true), (3, false)], 93);
+    compare_logits("phi3 logits, long factors", &m, &long, false, None);
+    compare_logits("phi3 last-only logits", &m, &long, true, None);
+    compare_logits("phi3 logits, short factors", &m, &short, false, None);
+    // positions 2..10 (within the original length) and 4..12 (past it)
+    for (off, tag) in [(1u32, "phi3 explicit positions (short)"), (3, "phi3 explicit positions (long)")] {
+        let pos: Vec<u32> = (0..3 * 9).map(|i| (i % 9) as u32 + off).collect();
+        compare_logits(tag, &m, &short, false, Some(pos));
+    }
+    m.merge_adapter(None, false).unwrap();
+    compare_logits("phi3 merged", &m, &long, false, None);
+    m.unmerge_adapter().unwrap();
+    m.set_disabled(true).unwrap();
+    compare_logits("phi3 disabled", &m, &short, false, None);
+}
+
+/// Phi-3 cached decoding on the engine: a prefill within the original length (short factors),
+/// then single-token steps across it. The step that crosses it re-rotates the cached keys to
+/// the long factors on the general path (`Phi3ForCausalLM`); the engine declines exactly that
+/// step and runs all the others on the same cache. Every step's logits, and the final cache,
+/// match a general-path-only run; a prefill already past the original length runs on the
+/// engine throughout.
+#[test]
+fn phi3_cached_decoding_matches_the_general_path() {
+    use peft_core::model::{ForwardOptions, KvCache};
+    let m = phi3_lora(95, 0.0);
+    for (s, steps, want_declined) in [(7usize, 6u32, 1usize), (12, 3, 0)] {
+        let bt = ragged_batch(2, s, 83, &[(0, false), (3, true)], 96);
+        let b = 2;
+        // (logits per step, final cache, steps the engine declined)
+        let run = |general: bool| -> (Vec<Vec<f32>>, KvCache, usize) {
+            let mut cache = KvCache::new(2);
+            let mut declined = 0;
+            let mut fwd = |ids: &[u32], n: usize, mask: &[u8], cache: &mut KvCache| -> Vec<f32> {
+                let opts = ForwardOptions { attention_mask: Some(mask.to_vec()), last_only: true, ..Default::default() };
+                let fast = if general { None } else { engine::try_forward(&m, ids, b, n, &opts, Some(&mut *cache)).unwrap() };
+                let y = match fast {
+                    Some(y) => y,
+                    None => {
+                        declined += usize::from(!general);
+                        engine::force_general_path(true);
+                        let y = m.forward(ids, b, n, &opts, Some(&mut *cache)).unwrap();
+                        engine::force_general_path(false);
+                        y
+                    }
+                };
+                y.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            };
+            let mut out = vec![fwd(&bt.input_ids, s, &bt.attention_mask, &mut cache)];
+            let mut mask = bt.attention_mask.clone();
+            for step in 0..steps {
+                let len = s + step as usize;
+                mask = (0..b).flat_map(|r| mask[r * len..(r + 1) * len].iter().copied().chain([1u8])).collect();
+                out.push(fwd(&[7 + step, 40 + step], 1, &mask, &mut cache));
+            }
+            (out, cache, declined)
+        };
+        let (fast, fc, declined) = run(false);
+        let (slow, sc, _) = run(true);
+        assert_eq!(declined, want_declined, "prefill {s}: steps the engine declined");
+        for (i, (a, e)) in fast.iter().zip(&slow).enumerate() {
+            let diff = a.iter().zip(e).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(diff <= 1e-5 * max_abs(e).max(1.0), "phi3 prefill {s}, decoding step {i}: logits differ by {diff}");
+        }
+        for (l, (a, e)) in fc.layers.iter().zip(&sc.layers).enumerate() {
+            let (a, e) = (a.as_ref().unwrap(), e.as_ref().unwrap());
+            for (x, y) in [(&a.0, &e.0), (&a.1, &e.1)] {
+                assert_eq!(x.dims(), y.dims(), "layer {l}");
+                let x = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let diff = x.iter().zip(&y).fold(0f32, |m, (p, q)| m.max((p - q).abs()));
+                assert!(diff <= 1e-5 * max_abs(&y).max(1.0), "phi3 prefill {s}, layer {l}: cache differs by {diff}");
+            }
+        }
+    }
+    // and through `PeftModel::forward` (the engine where it applies), as `decoding_matches_the_general_path`
+    decoding_matches_the_general_path("phi3", &m, &ragged_batch(2, 8, 83, &[(2, true)], 97), 2);
+}
+
+/// Phi-3 prefix tuning and prompt tuning on the engine (long and short factors), and mixed
+/// batches of two LoRA adapters (logits and cached decoding).
+#[test]
+fn phi3_prompt_learning_and_mixed_batches() {
+    use peft_core::model::{ForwardOptions, KvCache};
+    let mut p = random_phi3(101, 2, Some(7));
+    p.add_adapter("default", adapter(json!({"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 4})), 8).unwrap();
+    compare("phi3 prefix tuning, long", &p, &ragged_batch(3, 11, 83, &[(0, false), (2, true), (3, false)], 102), None);
+    compare("phi3 prefix tuning, short", &p, &ragged_batch(2, 5, 83, &[(1, true)], 103), None);
+    let mut pt = random_phi3(104, 2, Some(7));
+    pt.add_adapter("default", adapter(json!({"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": 5})), 9).unwrap();
+    compare("phi3 prompt tuning, long", &pt, &ragged_batch(2, 11, 83, &[(3, true)], 105), None);
+    compare("phi3 prompt tuning, short", &pt, &ragged_batch(2, 4, 83, &[], 106), None);
+
+    let mut m = random_phi3(107, 2, Some(7));
+    m.add_adapter("a", adapter(json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["qkv_proj", "down_proj"], "init_lora_weights": false})), 6).unwrap();
+    m.add_adapter("b", adapter(json!({"peft_type": "LORA", "r": 2, "lora_alpha": 6, "use_rslora": true, "target_modules": ["qkv_proj", "o_proj", "gate_up_proj"], "init_lora_weights": false})), 7).unwrap();
+    m.set_adapter(&["a".to_string()]).unwrap();
+    let (b, s) = (3, 12);
+    let bt = ragged_batch(b, s, 83, &[(0, false), (3, true), (2, false)], 108);
+    let rows: Arc<Vec<Option<String>>> = Arc::new(vec![Some("a".into()), None, Some("b".into())]);
+    let opts = ForwardOptions { attention_mask: Some(bt.attention_mask.clone()), adapter_rows: Some(rows.clone()), ..Default::default() };
+    let fast = engine::try_forward(&m, &bt.input_ids, b, s, &opts, None).unwrap().expect("the engine runs a Phi-3 LoRA mixed batch");
+    engine::force_general_path(true);
+    let slow = m.forward(&bt.input_ids, b, s, &opts, None).unwrap();
+    engine::force_general_path(false);
+    let (fast, slow) = (fast.flatten_all().unwrap().to_vec1::<f32>().unwrap(), slow.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    let diff = fast.iter().zip(&slow).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+    assert!(diff <= 1e-5 * max_abs(&slow).max(1.0), "phi3 mixed batch logits differ by {diff}");
+    let decode = |general: bool| -> Vec<Vec<f32>> {
+        engine::force_general_path(general);
+        let mut cache = KvCache::new(2);
+        let opts = ForwardOptions { attention_mask: Some(bt.attention_mask.clone()), last_only: true, adapter_rows: Some(rows.clone()), ..Default::default() };
+        let mut out = vec![m.forward(&bt.input_ids, b, s, &opts, Some(&mut cache)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()];
+        let mut mask = bt.attention_mask.clone();
+        for step in 0..3u32 {
+            let len = s + step as usize;
+            mask = (0..b).flat_map(|r| mask[r * len..(r + 1) * len].iter().copied().chain([1u8])).collect();
+            let opts = ForwardOptions { attention_mask: Some(mask.clone()), last_only: true, adapter_rows: Some(rows.clone()), ..Default::default() };
+            let ids: Vec<u32> = (0..b as u32).map(|r| 3 + r * 11 + step).collect();
+            out.push(m.forward(&ids, b, 1, &opts, Some(&mut cache)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        }
+        engine::force_general_path(false);
+        out
+    };
+    for (i, (a, e)) in decode(false).iter().zip(&decode(true)).enumerate() {
+        let diff = a.iter().zip(e).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(diff <= 1e-5 * max_abs(e).max(1.0), "phi3 mixed batch decoding step {i}: logits differ by {diff}");
+    }
+}
+
+/// What the engine does not compute on Phi-3 goes to the general path: DoRA on the fused
+/// `qkv_proj`, and LoRA on the embedding.
+#[test]
+fn phi3_engine_declines_what_it_does_not_compute() {
+    let bt = ragged_batch(1, 8, 83, &[], 1);
+    let m = phi3_lora(111, 0.0);
+    assert!(engine::try_loss_and_grads(&m, &bt, None, None).unwrap().is_some(), "the engine runs Phi-3 LoRA");
+    let mut d = random_phi3(112, 2, None);
+    d.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["qkv_proj"], "use_dora": true})), 1).unwrap();
+    assert!(engine::try_loss_and_grads(&d, &bt, None, None).unwrap().is_none(), "DoRA goes through the general path");
+    let mut e = random_phi3(113, 2, None);
+    e.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["embed_tokens", "qkv_proj"]})), 1).unwrap();
+    assert!(engine::try_loss_and_grads(&e, &bt, None, None).unwrap().is_none(), "LoRA on the embedding goes through the general path");
 }

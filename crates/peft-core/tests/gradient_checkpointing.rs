@@ -4,9 +4,9 @@
 //! float rounding on the general path (its layer-wise driver sums the gradients in another
 //! order) — on random tiny Llama models with grouped-query attention and padded rows (LoRA
 //! with dropout, LoRA on the embedding, prompt tuning, DoRA, (IA)³) and on Gemma 3; trainer runs
-//! with it follow the same loss trajectory; Phi-3 and GPT-2 on the general path; prefix tuning
-//! and uncovered models (T5) are refused with coded errors naming `gradientCheckpointing`
-//! (HF's text for prefix tuning).
+//! with it follow the same loss trajectory; Phi-3 on the engine and on the general path, GPT-2
+//! on the general path; prefix tuning and uncovered models (T5) are refused with coded errors
+//! naming `gradientCheckpointing` (HF's text for prefix tuning).
 
 mod common;
 
@@ -151,6 +151,19 @@ fn gemma3_with_and_without() {
     same("gemma3 engine LoRA all-linear + dropout", &m, &b, false, 0.0);
     same("gemma3 general LoRA all-linear + dropout", &m, &b, true, 1e-6);
     engine_matches_general("gemma3 LoRA", &m, &b);
+}
+
+/// Phi-3 on the engine (fused qkv_proj / gate_up_proj, partial RoPE, longrope past the original
+/// length; the HF fixture model): bit for bit with and without, and against the general path.
+#[test]
+fn phi3_engine_with_and_without() {
+    let mut p = PeftModel::new(load_causal_lm(&fixtures_dir().join("models/phi3"), DType::F32, &Device::Cpu).unwrap().model);
+    p.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], "init_lora_weights": false})), 75).unwrap();
+    let vocab = p.base.info().vocab_size;
+    let b = ragged_batch(3, 12, vocab, &[(0, false), (3, true), (2, false)], 76);
+    assert!(engine::try_loss_and_grads_with(&p, &b, None, None, true).unwrap().is_some(), "the engine runs Phi-3 LoRA with checkpointing");
+    same("phi3 engine LoRA + dropout", &p, &b, false, 0.0);
+    engine_matches_general("phi3 LoRA + dropout", &p, &b);
 }
 
 #[test]

@@ -1,6 +1,8 @@
 //! The engine's decoder step (the Llama family, and Gemma 3 through the same layer with its
-//! extra norms, GeGLU and sliding windows; see [`Arch`] and [`Layer`]): explicit forward and
-//! backward per decoder layer.
+//! extra norms, GeGLU and sliding windows, and Phi-3 with its fused q|k|v and gate|up linears
+//! ([`Layer::fused`]), partial RoPE ([`Arch::rotary`]) and per-forward longrope tables
+//! ([`Plan::rope_of`]); see [`Arch`] and [`Layer`]): explicit forward and backward per decoder
+//! layer.
 //!
 //! Shapes (row-major, token-major): `T = b·s` tokens, `H` hidden, `QD = heads·head_dim`,
 //! `KD = kv_heads·head_dim`, `I` intermediate, `P` prefix length (prefix tuning, else 0),
@@ -116,6 +118,19 @@ struct Lin {
 }
 
 impl Lin {
+    /// The empty place of a linear that a fused one computes (see [`Layer::fused`]): no weight,
+    /// no adapter; never run.
+    fn none() -> Lin {
+        Lin {
+            w: None,
+            q: None,
+            bias: None,
+            out: 0,
+            inp: 0,
+            loras: Vec::new(),
+        }
+    }
+
     /// `None` when the layer carries something the engine does not compute (DoRA, (IA)³, other
     /// tuners' layers, modules_to_save copies, a trainable bias, a transposed or non-f32 weight).
     /// With `rows` (a mixed batch), each named adapter applies to its own rows only, whether it
@@ -227,6 +242,13 @@ struct Layer {
     /// `pre_feedforward_layernorm`.)
     post_attn: Option<Raw>,
     post_ff: Option<Raw>,
+    /// Phi-3's fused linears: `lins[Q]` is `self_attn.qkv_proj` (`[QD + 2·KD, H]`: q rows, then
+    /// k, then v) and `lins[GATE]` is `mlp.gate_up_proj` (`[2·I, H]`: gate rows, then up), each
+    /// with its LoRA adapters over the whole fused output, as HF PEFT's keys address them;
+    /// `lins[K]`, `lins[V]` and `lins[UP]` are then empty ([`Lin::none`]). The fused product is
+    /// computed into a `[T, out]` buffer and its column blocks copied out to q/k/v (g/u); the
+    /// backward copies their gradients back into one `[T, out]` gradient.
+    fused: bool,
     /// q, k, v, o, gate, up, down.
     lins: [Lin; 7],
 }
@@ -322,8 +344,11 @@ struct Arch {
     inter: usize,
     max_pos: usize,
     device: candle_core::Device,
-    /// RoPE inverse frequencies `[hd / 2]` per table ([`Layer::rope_table`]).
+    /// RoPE inverse frequencies `[rotary / 2]` per table ([`Layer::rope_table`]).
     inv_freq: Vec<Vec<f32>>,
+    /// Dimensions of each head that RoPE rotates (even): `hd`, or Phi-3's
+    /// `head_dim · partial_rotary_factor` (the rest of the head passes through).
+    rotary: usize,
     /// Gemma 3: input embeddings are multiplied by `sqrt(hidden)` (f32).
     embed_scale: Option<f32>,
     /// Attention scores' scale: `head_dim^-1/2`, or Gemma 3's `query_pre_attn_scalar^-1/2`.
@@ -340,6 +365,10 @@ struct Plan<'m> {
     head: Head,
     embed: Raw,
     eps: f32,
+    /// Phi-3: the RoPE table is chosen per forward by the model's own
+    /// [`Phi3Config::inv_freq`](crate::model::phi3::Phi3Config::inv_freq) (longrope's short or
+    /// long factors and attention factor) instead of [`Arch::inv_freq`].
+    rope_of: Option<&'m crate::model::phi3::Phi3Config>,
     _model: std::marker::PhantomData<&'m ()>,
 }
 
@@ -414,6 +443,7 @@ impl<'m> Plan<'m> {
                 window: None,
                 post_attn: None,
                 post_ff: None,
+                fused: false,
                 lins: lins_of([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &f.gate_proj, &f.up_proj, &f.down_proj], rows)?,
             });
         }
@@ -432,6 +462,7 @@ impl<'m> Plan<'m> {
                 max_pos: c.max_position_embeddings,
                 device: m.device.clone(),
                 inv_freq: vec![m.inv_freq().to_vec()],
+                rotary: c.head_dim,
                 embed_scale: None,
                 attn_scale: 1.0 / (c.head_dim as f32).sqrt(),
                 gelu: false,
@@ -441,6 +472,7 @@ impl<'m> Plan<'m> {
             head: head_of(&m.lm_head, c.vocab_size, c.hidden_size)?,
             embed: Raw::of(&m.embed_tokens.weight)?,
             eps: c.rms_norm_eps as f32,
+            rope_of: None,
             _model: std::marker::PhantomData,
         })
     }
@@ -473,6 +505,7 @@ impl<'m> Plan<'m> {
                 window: if l.sliding { c.sliding_window } else { None },
                 post_attn: Some(Raw::of(l.post_attention_layernorm.scale())?),
                 post_ff: Some(Raw::of(l.post_feedforward_layernorm.scale())?),
+                fused: false,
                 lins: lins_of([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &f.gate_proj, &f.up_proj, &f.down_proj], rows)?,
             });
         }
@@ -487,6 +520,7 @@ impl<'m> Plan<'m> {
                 max_pos: c.max_position_embeddings,
                 device: m.device.clone(),
                 inv_freq: vec![c.inv_freq(true), c.inv_freq(false)],
+                rotary: c.head_dim,
                 // `sqrt(hidden)` rounded to f32, as transformers' scaled embedding in f32.
                 embed_scale: Some((c.hidden_size as f32).sqrt()),
                 attn_scale: c.query_pre_attn_scalar.powf(-0.5) as f32,
@@ -497,6 +531,77 @@ impl<'m> Plan<'m> {
             head: head_of(&m.lm_head, c.vocab_size, c.hidden_size)?,
             embed: Raw::of(&m.embed_tokens.weight)?,
             eps: c.rms_norm_eps as f32,
+            rope_of: None,
+            _model: std::marker::PhantomData,
+        })
+    }
+
+    /// The plan of a Phi-3 decoder (fused `qkv_proj` and `gate_up_proj`, see [`Layer::fused`];
+    /// partial RoPE; longrope tables chosen per forward, [`Plan::rope_of`]; `sliding_window` on
+    /// every layer), or `None` when it needs the general path (f16/bf16, a non-CPU device, an
+    /// adapter the engine does not compute).
+    fn of_phi3(m: &'m crate::model::phi3::Phi3ForCausalLM, rows: Option<Mixed<'_>>) -> Option<Plan<'m>> {
+        let c = &m.config;
+        if m.dtype != DType::F32 || !m.device.is_cpu() || crate::model::BaseModel::task(m) != Task::CausalLm {
+            return None;
+        }
+        if live_table(&m.embed_tokens) || live_table(&m.lm_head) {
+            return None;
+        }
+        let ok = c.num_key_value_heads > 0
+            && c.num_attention_heads.is_multiple_of(c.num_key_value_heads)
+            && c.rotary_dim.is_multiple_of(2)
+            && c.rotary_dim > 0
+            && c.rotary_dim <= c.head_dim;
+        if !ok {
+            return None;
+        }
+        let (qd, kd, inter) = (c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, c.intermediate_size);
+        let mut layers = Vec::with_capacity(m.layers.len());
+        for l in &m.layers {
+            let a = &l.self_attn;
+            let f = &l.mlp;
+            let qkv = Lin::of(&a.qkv_proj, rows)?;
+            let gate_up = Lin::of(&f.gate_up_proj, rows)?;
+            if qkv.out != qd + 2 * kd || gate_up.out != 2 * inter {
+                return None;
+            }
+            layers.push(Layer {
+                ln1: Raw::of(&l.input_layernorm)?,
+                ln2: Raw::of(&l.post_attention_layernorm)?,
+                qk_norm: None,
+                rope: true,
+                rope_table: 0,
+                window: c.sliding_window,
+                post_attn: None,
+                post_ff: None,
+                fused: true,
+                lins: [qkv, Lin::none(), Lin::none(), Lin::of(&a.o_proj, rows)?, gate_up, Lin::none(), Lin::of(&f.down_proj, rows)?],
+            });
+        }
+        Some(Plan {
+            arch: Arch {
+                vocab: c.vocab_size,
+                h: c.hidden_size,
+                nh: c.num_attention_heads,
+                nkv: c.num_key_value_heads,
+                hd: c.head_dim,
+                inter,
+                max_pos: c.max_position_embeddings,
+                device: m.device.clone(),
+                // Unused: `rope_of` gives each forward's table.
+                inv_freq: Vec::new(),
+                rotary: c.rotary_dim,
+                embed_scale: None,
+                attn_scale: 1.0 / (c.head_dim as f32).sqrt(),
+                gelu: false,
+            },
+            layers,
+            norm: Raw::of(&m.norm)?,
+            head: head_of(&m.lm_head, c.vocab_size, c.hidden_size)?,
+            embed: Raw::of(&m.embed_tokens.weight)?,
+            eps: c.rms_norm_eps as f32,
+            rope_of: Some(c),
             _model: std::marker::PhantomData,
         })
     }
@@ -608,6 +713,10 @@ struct Workspace {
     logits: Vec<f32>,
     hc: Vec<f32>,
     ghc: Vec<f32>,
+    /// Phi-3 ([`Layer::fused`]): the fused `qkv_proj` output `[T, QD + 2·KD]` and `gate_up_proj`
+    /// output `[T, 2·I]`, or their gradients in the backward.
+    fused_qkv: Vec<f32>,
+    fused_gu: Vec<f32>,
 }
 
 /// The token ranges `(first, count)` of the maximal runs of selected batch rows (`s` tokens
@@ -627,6 +736,44 @@ fn row_runs(sel: &[bool], s: usize) -> Vec<(usize, usize)> {
         runs.push((r0 * s, (r - r0) * s));
     }
     runs
+}
+
+/// Copies the column blocks of `src` (`[tk, Σ wᵢ]`, row-major) into `parts` (`[tk, wᵢ]` each,
+/// in order): a fused linear's output split into its parts ([`Layer::fused`]).
+fn split_cols(src: &[f32], tk: usize, parts: &mut [&mut [f32]]) {
+    if tk == 0 {
+        return;
+    }
+    let width = src.len() / tk;
+    let mut off = 0;
+    for p in parts.iter_mut() {
+        let w = p.len() / tk;
+        if w > 0 {
+            for (dst, row) in p.chunks_exact_mut(w).zip(src.chunks_exact(width)) {
+                dst.copy_from_slice(&row[off..off + w]);
+            }
+        }
+        off += w;
+    }
+}
+
+/// The inverse of [`split_cols`]: `parts` (`[tk, wᵢ]` each) side by side into `dst`
+/// (`[tk, Σ wᵢ]`): the parts' gradients joined into the fused linear's output gradient.
+fn join_cols(parts: &[&[f32]], tk: usize, dst: &mut [f32]) {
+    if tk == 0 {
+        return;
+    }
+    let width = dst.len() / tk;
+    let mut off = 0;
+    for p in parts {
+        let w = p.len() / tk;
+        if w > 0 {
+            for (src, row) in p.chunks_exact(w).zip(dst.chunks_exact_mut(width)) {
+                row[off..off + w].copy_from_slice(src);
+            }
+        }
+        off += w;
+    }
 }
 
 /// A buffer of exactly `n` elements, reusing the allocation (contents unspecified).
@@ -759,20 +906,22 @@ mod par {
             .for_each(|((gx, r), (x, gy))| simd::rms_norm_bwd_acc(x, w, r, gy, gx));
     }
 
+    /// RoPE on the first `rd` dimensions of each head ([`simd::rope_inplace`]).
     pub fn rope_inplace(
         x: &mut [f32],
         cos: &[f32],
         sin: &[f32],
         heads: usize,
         hd: usize,
+        rd: usize,
         sign: f32,
     ) {
-        let half = hd / 2;
+        let half = rd / 2;
         let rows = cos.len() / half;
         let p = per(rows);
         x.par_chunks_mut(p * heads * hd)
             .zip(cos.par_chunks(p * half).zip(sin.par_chunks(p * half)))
-            .for_each(|(x, (c, s))| simd::rope_inplace(x, c, s, heads, hd, sign));
+            .for_each(|(x, (c, s))| simd::rope_inplace(x, c, s, heads, hd, rd, sign));
     }
 
     /// Elementwise kernels: chunks of whole cache lines per thread; one chunk (no hand-off to
@@ -1460,22 +1609,37 @@ struct Scratch {
     lora_tmp2: Vec<f32>,
 }
 
-/// Fills the RoPE tables for `positions` (`[T]`), as `LlamaForCausalLM::forward_embeds` does:
-/// `ws.cos` / `ws.sin` from the first of [`Arch::inv_freq`], `ws.cos2` / `ws.sin2` from the second.
-fn rope_tables(plan: &Plan, ws: &mut Workspace, positions: &[u32], half: usize) {
+/// Fills the RoPE tables `[T, rotary / 2]` for `positions` (`[T]`), as
+/// `LlamaForCausalLM::forward_embeds` does: `ws.cos` / `ws.sin` from the first of
+/// [`Arch::inv_freq`], `ws.cos2` / `ws.sin2` from the second. With [`Plan::rope_of`] (Phi-3)
+/// the one table is the model's own choice for this forward (longrope: short or long factors
+/// by the largest position + 1), cos and sin times its attention factor, as
+/// `Phi3ForCausalLM`'s forward computes them.
+fn rope_tables(plan: &Plan, ws: &mut Workspace, positions: &[u32]) {
+    let half = plan.arch.rotary / 2;
     let tk = positions.len();
-    for (ti, inv) in plan.arch.inv_freq.iter().enumerate().take(2) {
+    let per_forward;
+    let (tables, scale): (&[Vec<f32>], f32) = match plan.rope_of {
+        Some(c) => {
+            let seq_len = positions.iter().max().map_or(0, |&p| p as usize + 1);
+            let (inv, scale) = c.inv_freq(seq_len);
+            per_forward = [inv];
+            (&per_forward, scale)
+        }
+        None => (&plan.arch.inv_freq, 1.0),
+    };
+    for (ti, inv) in tables.iter().enumerate().take(2) {
         let (cos, sin) = if ti == 0 { (&mut ws.cos, &mut ws.sin) } else { (&mut ws.cos2, &mut ws.sin2) };
         let cos = buf(cos, tk * half);
         for (i, &p) in positions.iter().enumerate() {
             for (j, f) in inv.iter().enumerate() {
-                cos[i * half + j] = (p as f32 * f).cos();
+                cos[i * half + j] = (p as f32 * f).cos() * scale;
             }
         }
         let sin = buf(sin, tk * half);
         for (i, &p) in positions.iter().enumerate() {
             for (j, f) in inv.iter().enumerate() {
-                sin[i * half + j] = (p as f32 * f).sin();
+                sin[i * half + j] = (p as f32 * f).sin() * scale;
             }
         }
     }
@@ -1577,7 +1741,14 @@ fn layer_fwd(
         // With Qwen3's q/k norm the projections land in `q_raw` / `k_raw` and are normalised
         // per head (rows of `head_dim`) into `q` / `k`.
         let (qdst, kdst) = if layer.qk_norm.is_some() { (&mut a.q_raw, &mut a.k_raw) } else { (&mut a.q, &mut a.k) };
-        {
+        if layer.fused {
+            // Phi-3: one `qkv_proj` product (and its LoRA terms), split into q, k, v.
+            let qkv = buf(&mut ws.fused_qkv, tk * (qd + 2 * kd));
+            step.lin_fwd_group(&[&layer.lins[Q]], n1, &mut [&mut *qkv], &mut [&mut a.lora[Q]], &mut ws.drop_x);
+            let t0 = step.prof.start();
+            split_cols(qkv, tk, &mut [buf(qdst, tk * qd), buf(kdst, tk * kd), buf(&mut a.v, tk * kd)]);
+            step.prof.add(P_FWD_ELT, t0);
+        } else {
             let [lq, lk, lv] = a.lora.get_disjoint_mut([Q, K, V]).expect("distinct indices");
             step.lin_fwd_group(
                 &[&layer.lins[Q], &layer.lins[K], &layer.lins[V]],
@@ -1596,8 +1767,8 @@ fn layer_fwd(
         if layer.rope {
             let t0 = step.prof.start();
             let (cos, sin) = if layer.rope_table == 1 { (&ws.cos2, &ws.sin2) } else { (&ws.cos, &ws.sin) };
-            par::rope_inplace(&mut a.q, cos, sin, d.nh, d.hd, 1.0);
-            par::rope_inplace(&mut a.k, cos, sin, d.nkv, d.hd, 1.0);
+            par::rope_inplace(&mut a.q, cos, sin, d.nh, d.hd, plan.arch.rotary, 1.0);
+            par::rope_inplace(&mut a.k, cos, sin, d.nkv, d.hd, plan.arch.rotary, 1.0);
             step.prof.add(P_FWD_ELT, t0);
         }
         buf(&mut a.probs, d.b * d.nh * d.s * d.t());
@@ -1634,7 +1805,14 @@ fn layer_fwd(
             );
             step.prof.add(P_FWD_ELT, t0);
         }
-        {
+        if layer.fused {
+            // Phi-3: one `gate_up_proj` product, split into gate and up.
+            let gu = buf(&mut ws.fused_gu, tk * 2 * inter);
+            step.lin_fwd_group(&[&layer.lins[GATE]], n2, &mut [&mut *gu], &mut [&mut a.lora[GATE]], &mut ws.drop_x);
+            let t0 = step.prof.start();
+            split_cols(gu, tk, &mut [buf(&mut a.g, tk * inter), buf(&mut a.u, tk * inter)]);
+            step.prof.add(P_FWD_ELT, t0);
+        } else {
             let [lg, lu] = a.lora.get_disjoint_mut([GATE, UP]).expect("distinct indices");
             step.lin_fwd_group(
                 &[&layer.lins[GATE], &layer.lins[UP]],
@@ -1750,7 +1928,7 @@ fn run_in(
         prefix,
         replay: std::sync::atomic::AtomicBool::new(false),
     };
-    rope_tables(plan, ws, positions, d.hd / 2);
+    rope_tables(plan, ws, positions);
     // ---- forward ----
     // With gradient checkpointing only each layer's input is kept; the backward recomputes
     // the layer's activations from it, one layer at a time.
@@ -1874,28 +2052,37 @@ fn run_in(
             }
         }
         let gn = buf(&mut ws.gn, tk * h);
-        step.lin_bwd(
-            &layer.lins[GATE],
-            &a.g,
-            n2,
-            gn,
-            false,
-            true,
-            &a.lora[GATE],
-            &mut grads,
-            &mut scratch,
-        );
-        step.lin_bwd(
-            &layer.lins[UP],
-            &a.u,
-            n2,
-            gn,
-            true,
-            true,
-            &a.lora[UP],
-            &mut grads,
-            &mut scratch,
-        );
+        if layer.fused {
+            // Phi-3: the gate and up gradients side by side, `gate_up_proj`'s output gradient.
+            let t0 = step.prof.start();
+            let gu = buf(&mut ws.fused_gu, tk * 2 * inter);
+            join_cols(&[&a.g[..], &a.u[..]], tk, gu);
+            step.prof.add(P_BWD_ELT, t0);
+            step.lin_bwd(&layer.lins[GATE], gu, n2, gn, false, true, &a.lora[GATE], &mut grads, &mut scratch);
+        } else {
+            step.lin_bwd(
+                &layer.lins[GATE],
+                &a.g,
+                n2,
+                gn,
+                false,
+                true,
+                &a.lora[GATE],
+                &mut grads,
+                &mut scratch,
+            );
+            step.lin_bwd(
+                &layer.lins[UP],
+                &a.u,
+                n2,
+                gn,
+                true,
+                true,
+                &a.lora[UP],
+                &mut grads,
+                &mut scratch,
+            );
+        }
         {
             let t0 = step.prof.start();
             par::rms_norm_bwd_acc(&a.hmid, layer.ln2.get(), &a.rstd2, gn, &mut ws.g);
@@ -1931,8 +2118,8 @@ fn run_in(
         if layer.rope {
             let t0 = step.prof.start();
             let (cos, sin) = if layer.rope_table == 1 { (&ws.cos2, &ws.sin2) } else { (&ws.cos, &ws.sin) };
-            par::rope_inplace(gq, cos, sin, d.nh, d.hd, -1.0);
-            par::rope_inplace(gk, cos, sin, d.nkv, d.hd, -1.0);
+            par::rope_inplace(gq, cos, sin, d.nh, d.hd, plan.arch.rotary, -1.0);
+            par::rope_inplace(gk, cos, sin, d.nkv, d.hd, plan.arch.rotary, -1.0);
             step.prof.add(P_BWD_ELT, t0);
         }
         // Qwen3: back through the per-head q/k RMSNorm (its weights are frozen).
@@ -1959,39 +2146,48 @@ fn run_in(
             }
         }
         let gn = buf(&mut ws.gn, tk * h);
-        step.lin_bwd(
-            &layer.lins[Q],
-            gq,
-            n1,
-            gn,
-            false,
-            need_in,
-            &a.lora[Q],
-            &mut grads,
-            &mut scratch,
-        );
-        step.lin_bwd(
-            &layer.lins[K],
-            gk,
-            n1,
-            gn,
-            true,
-            need_in,
-            &a.lora[K],
-            &mut grads,
-            &mut scratch,
-        );
-        step.lin_bwd(
-            &layer.lins[V],
-            gv,
-            n1,
-            gn,
-            true,
-            need_in,
-            &a.lora[V],
-            &mut grads,
-            &mut scratch,
-        );
+        if layer.fused {
+            // Phi-3: the q, k, v gradients side by side, `qkv_proj`'s output gradient.
+            let t0 = step.prof.start();
+            let gqkv = buf(&mut ws.fused_qkv, tk * (qd + 2 * kd));
+            join_cols(&[gq, gk, &*gv], tk, gqkv);
+            step.prof.add(P_BWD_ELT, t0);
+            step.lin_bwd(&layer.lins[Q], gqkv, n1, gn, false, need_in, &a.lora[Q], &mut grads, &mut scratch);
+        } else {
+            step.lin_bwd(
+                &layer.lins[Q],
+                gq,
+                n1,
+                gn,
+                false,
+                need_in,
+                &a.lora[Q],
+                &mut grads,
+                &mut scratch,
+            );
+            step.lin_bwd(
+                &layer.lins[K],
+                gk,
+                n1,
+                gn,
+                true,
+                need_in,
+                &a.lora[K],
+                &mut grads,
+                &mut scratch,
+            );
+            step.lin_bwd(
+                &layer.lins[V],
+                gv,
+                n1,
+                gn,
+                true,
+                need_in,
+                &a.lora[V],
+                &mut grads,
+                &mut scratch,
+            );
+        }
         if need_in {
             let t0 = step.prof.start();
             par::rms_norm_bwd_acc(&a.x, layer.ln1.get(), &a.rstd1, gn, &mut ws.g);
@@ -2121,16 +2317,16 @@ impl KvStore {
     }
 }
 
-/// The Llama model behind `model` and its engine plan, when the engine can run it (see
-/// [`Plan::of`]; also an even head_dim and a whole number of query heads per kv head).
-/// The engine's plan of `model`'s base (a Llama-family or Gemma 3 decoder), or `None` when the
-/// general path must run it.
+/// The engine's plan of `model`'s base (a Llama-family, Gemma 3 or Phi-3 decoder: [`Plan::of`],
+/// [`Plan::of_gemma3`], [`Plan::of_phi3`]), or `None` when the general path must run it.
 fn plan_for<'m>(model: &'m PeftModel, rows: Option<Mixed<'_>>) -> Option<Plan<'m>> {
-    match (model.base.as_llama(), model.base.as_gemma3()) {
-        (Some(llama), _) => Plan::of(llama, rows),
-        (None, Some(gemma)) => Plan::of_gemma3(gemma, rows),
-        _ => None,
+    if let Some(llama) = model.base.as_llama() {
+        return Plan::of(llama, rows);
     }
+    if let Some(gemma) = model.base.as_gemma3() {
+        return Plan::of_gemma3(gemma, rows);
+    }
+    Plan::of_phi3(model.base.as_phi3()?, rows)
 }
 
 /// `InvalidArgument` naming `inputIds` for an id outside the vocabulary (the general path's error).
@@ -2441,6 +2637,26 @@ pub fn try_forward(
             ));
         }
     }
+    let positions: Vec<u32> = match &opts.position_ids {
+        Some(p) if p.len() != b * s => {
+            return Err(PeftError::invalid_arg(
+                "positionIds",
+                format!("expected {} values", b * s),
+            ))
+        }
+        Some(p) => p.clone(),
+        None => (0..b)
+            .flat_map(|_| (past..total).map(|p| p as u32))
+            .collect(),
+    };
+    // Phi-3's longrope: a cached step that crosses the original length re-rotates the cached
+    // keys to the long factors (`Phi3ForCausalLM::forward_embeds`); that step is left to it.
+    let seq_len = positions.iter().max().map_or(0, |&p| p as usize + 1);
+    if let (Some(phi3), Some(cache)) = (model.base.as_phi3(), cache.as_mut()) {
+        if phi3.rerotates_cache(cache, past, seq_len) {
+            return Ok(None);
+        }
+    }
     let legacy_cache = super::ab_flags() & super::AB_CAT_KV_CACHE != 0;
     let mut prefix = Vec::new();
     if let Some(cache) = cache.as_mut() {
@@ -2485,18 +2701,6 @@ pub fn try_forward(
             }
         }
     }
-    let positions: Vec<u32> = match &opts.position_ids {
-        Some(p) if p.len() != b * s => {
-            return Err(PeftError::invalid_arg(
-                "positionIds",
-                format!("expected {} values", b * s),
-            ))
-        }
-        Some(p) => p.clone(),
-        None => (0..b)
-            .flat_map(|_| (past..total).map(|p| p as u32))
-            .collect(),
-    };
     let h = c.h;
     let embed = plan.embed.get();
     let mut x0 = Vec::with_capacity(b * s * h);
@@ -2544,7 +2748,7 @@ pub fn try_forward(
     };
     let logits = super::pool().install(|| {
         with_workspace(false, d, |ws| {
-            rope_tables(&plan, ws, &positions, d.hd / 2);
+            rope_tables(&plan, ws, &positions);
             forward_layers(&step, &plan, ws, &x0, Keep::Nothing, kv_out.as_mut());
             let hf = buf(&mut ws.n, d.tok() * h);
             par::rms_norm_fwd(
@@ -2569,6 +2773,9 @@ pub fn try_forward(
         })
     });
     if let (Some(cache), Some(kv)) = (cache, kv_out) {
+        if let Some(phi3) = model.base.as_phi3() {
+            phi3.note_cached_forward(cache, past, seq_len);
+        }
         // Append the new keys/values, `[b, kv_heads, s, hd]`, to each layer's cache.
         let kd = nkv * hd;
         let to_heads = |x: &[f32]| -> Vec<f32> {

@@ -1,9 +1,12 @@
 //! The fused CPU engine for the decoder hot path (issue 12).
 //!
-//! A training step of a Llama-family model (Llama, SmolLM2, Qwen2, Qwen3, Mistral, SmolLM3) or of
+//! A training step of a Llama-family model (Llama, SmolLM2, Qwen2, Qwen3, Mistral, SmolLM3), of
 //! Gemma 3 (four `1 + w` RMSNorms per layer, GeGLU, scaled embeddings, sliding-window layers with
-//! their own RoPE table; not with `final_logit_softcapping`) with LoRA adapters
-//! (plain or rsLoRA, dropout, several active adapters, any of the seven linear modules) or with
+//! their own RoPE table; not with `final_logit_softcapping`) or of Phi-3 (fused `qkv_proj` and
+//! `gate_up_proj`, each one product with one LoRA over its whole output as HF PEFT's keys address
+//! it; partial RoPE; `longrope` short or long factors chosen per forward with the attention
+//! factor; `sliding_window`) with LoRA adapters
+//! (plain or rsLoRA, dropout, several active adapters, any of the layers' linear modules) or with
 //! prefix tuning / prompt tuning / P-tuning / multitask prompt tuning runs here as an explicit
 //! forward and backward pass per decoder layer on `f32` buffers that are reused across steps,
 //! instead of candle's per-op autograd graph over the frozen base:
@@ -11,7 +14,8 @@
 //! * no gradient is formed for frozen weights, and no graph node allocates, zero-fills or adds a
 //!   gradient buffer; the residual stream's gradient flows through one buffer in place;
 //! * LoRA's low-rank product is accumulated straight into the base product's output;
-//! * RMSNorm (and the per-head q/k RMSNorm of Qwen3 and Gemma 3), RoPE, SwiGLU, GeGLU (tanh
+//! * RMSNorm (and the per-head q/k RMSNorm of Qwen3 and Gemma 3), RoPE (whole or, Phi-3's
+//!   `partial_rotary_factor`, on the first dimensions of each head), SwiGLU, GeGLU (tanh
 //!   approximation) and softmax have hand-written,
 //!   vectorised backward passes ([`simd`]), dispatched at run time to AVX-512 or AVX2; SmolLM3's
 //!   NoPE layers skip RoPE in both directions;
@@ -27,7 +31,8 @@
 //! `backward`) computes, up to float rounding; `crates/peft-core/tests/engine.rs` compares the
 //! two on random shapes. Anything it does not cover (DoRA, (IA)³, LoRA bias or
 //! `modules_to_save`, LoRA on embeddings or the head, other families, other dtypes, other task
-//! heads, mixed-adapter batches naming another tuner or DoRA) goes through the general path, chosen per step by
+//! heads, mixed-adapter batches naming another tuner or DoRA, Phi-3's cached step that re-rotates
+//! the cache to longrope's long factors) goes through the general path, chosen per step by
 //! [`try_loss_and_grads`]. Setting the environment variable `PEFT_ENGINE=0` forces the general
 //! path (for comparisons).
 

@@ -238,12 +238,15 @@ multiversion! {
 
 multiversion! {
     /// Rotate-half RoPE in place on token-major rows: `x` `[rows, heads · hd]`, `cos`/`sin`
-    /// `[rows, hd/2]`. `sign = 1` applies the rotation (forward), `-1` its transpose (backward).
-    pub fn rope_inplace(x: &mut [f32], cos: &[f32], sin: &[f32], heads: usize, hd: usize, sign: f32) {
-        let half = hd / 2;
+    /// `[rows, rd/2]`. The first `rd` (even, `≤ hd`) dimensions of each head are rotated
+    /// (rotate-half within them; `rd < hd` is partial RoPE, Phi-3's `partial_rotary_factor`) and
+    /// the rest pass through. `sign = 1` applies the rotation (forward), `-1` its transpose
+    /// (backward).
+    pub fn rope_inplace(x: &mut [f32], cos: &[f32], sin: &[f32], heads: usize, hd: usize, rd: usize, sign: f32) {
+        let half = rd / 2;
         for ((row, c), s) in x.chunks_exact_mut(heads * hd).zip(cos.chunks_exact(half)).zip(sin.chunks_exact(half)) {
             for h in row.chunks_exact_mut(hd) {
-                let (a, b) = h.split_at_mut(half);
+                let (a, b) = h[..2 * half].split_at_mut(half);
                 for i in 0..half {
                     let (x1, x2) = (a[i], b[i]);
                     let si = sign * s[i];

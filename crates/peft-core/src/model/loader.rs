@@ -179,7 +179,7 @@ pub fn load_model_ctl(path: &Path, dtype: DType, device: &Device, req: &LoadRequ
             return Err(PeftError::InvalidModelConfig { path: path.into(), msg: format!("Phi-3 has no {} head here (supported: CAUSAL_LM)", task.task_type()) });
         }
         if req.keep_quantized {
-            return Err(PeftError::invalid_arg("quantization", "'keep' is not supported for Phi-3 GGUF files (the fused engine does not run Phi-3); load with quantization: 'dequantize'"));
+            return Err(PeftError::invalid_arg("quantization", "'keep' is not supported for Phi-3 GGUF files (their weights are dequantized at load); load with quantization: 'dequantize'"));
         }
         let mut g = super::gguf::load_gguf_phi3(path, dtype, device, ctl)?;
         ctl.check()?;

@@ -244,6 +244,10 @@ pub trait BaseModel: Send + Sync {
     fn as_llama(&self) -> Option<&llama::LlamaForCausalLM> {
         None
     }
+    /// The model as a Phi-3 decoder, for the fused engine (`None` for other families).
+    fn as_phi3(&self) -> Option<&phi3::Phi3ForCausalLM> {
+        None
+    }
     /// The model as a Gemma 3 text decoder, for the fused engine (`None` for other families).
     fn as_gemma3(&self) -> Option<&gemma3::Gemma3ForCausalLM> {
         None

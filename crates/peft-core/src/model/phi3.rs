@@ -27,8 +27,12 @@
 //! `f = factor`, else `max_position_embeddings / original`; 1 when `f ≤ 1`). `sliding_window` (Phi-3-mini) restricts keys to the last
 //! `sliding_window` positions, as transformers' sliding-window causal mask.
 //!
-//! The fused engine does not compute this architecture (`as_llama` is `None`): inference and
-//! training run here, on the general candle path.
+//! The fused engine ([`crate::engine`]) computes this architecture too (f32 on the CPU:
+//! training, logits and cached decoding with LoRA on any of the four linears, one LoRA over
+//! each fused output, several adapters, mixed batches, prefix and prompt tuning), reading the
+//! weights through [`BaseModel::as_phi3`] and the RoPE tables through [`Phi3Config::inv_freq`].
+//! What it does not cover runs here, on the general candle path, and so does the one cached
+//! step that re-rotates the cached keys to the long factors (the engine declines it).
 
 use super::config::{get_f64, get_usize, supported_architectures};
 use super::decoder::{self, append_kv, config_name, repeat_kv, DecoderDefaults, DecoderFields};
@@ -385,6 +389,26 @@ impl Phi3ForCausalLM {
         Ok(())
     }
 
+    /// For the fused engine's cached forward (`past` cached positions, largest position + 1
+    /// `seq_len`): whether [`BaseModel::forward_embeds`] would re-rotate the cached keys to the
+    /// long factors (the engine then declines that forward, and this model runs it).
+    pub(crate) fn rerotates_cache(&self, cache: &mut KvCache, past: usize, seq_len: usize) -> bool {
+        let Some(lr) = &self.config.longrope else { return false };
+        matches!(cache.model_state::<LongRopeCache>().short_from, Some(from) if seq_len > lr.original_max_position_embeddings && from < past)
+    }
+
+    /// After the fused engine ran a cached forward that needed no re-rotation: the longrope
+    /// state [`BaseModel::forward_embeds`] leaves with the cache (the first position rotated
+    /// with the short factors), so that either path may run the next step.
+    pub(crate) fn note_cached_forward(&self, cache: &mut KvCache, past: usize, seq_len: usize) {
+        if let Some(lr) = &self.config.longrope {
+            let st = cache.model_state::<LongRopeCache>();
+            if st.short_from.is_none() && seq_len <= lr.original_max_position_embeddings {
+                st.short_from = Some(past);
+            }
+        }
+    }
+
     fn layer_forward(&self, l: &DecoderLayer, x: &Tensor, ctx: &Ctx, kv: Option<&mut Option<(Tensor, Tensor)>>) -> Result<Tensor> {
         let c = &self.config;
         let (train, eps) = (ctx.lin.train, c.rms_norm_eps);
@@ -418,6 +442,9 @@ impl Phi3ForCausalLM {
 impl BaseModel for Phi3ForCausalLM {
     fn info(&self) -> &ModelInfo {
         &self.info
+    }
+    fn as_phi3(&self) -> Option<&Phi3ForCausalLM> {
+        Some(self)
     }
     fn config_json(&self) -> Value {
         self.config.to_json()

@@ -135,3 +135,49 @@ pub fn random_gemma3(seed: u64, sliding: &[bool], softcap: Option<f64>) -> PeftM
     put("model.norm.weight".into(), vec![h], true, &mut r);
     PeftModel::new(Box::new(Gemma3ForCausalLM::from_tensors(config, t, DType::F32, &Device::Cpu).unwrap()))
 }
+
+/// A random Phi-3 decoder (fused `qkv_proj` / `gate_up_proj`): hidden 32, 4 query heads over 2
+/// key/value heads of head_dim 16 (≠ hidden / heads), `partial_rotary_factor` 0.75 (12 of 16
+/// dimensions rotated), `longrope` with `original_max_position_embeddings` 10 (a forward whose largest position + 1
+/// exceeds 10 uses the long factors, else the short ones; attention factor from
+/// `max_position_embeddings` 256 / 10), `sliding_window` `window` (`None`: absent), untied
+/// embeddings, weights N(0, 0.15²), norm weights 1 ± 0.2.
+pub fn random_phi3(seed: u64, layers: usize, window: Option<usize>) -> PeftModel {
+    use peft_core::model::phi3::{Phi3Config, Phi3ForCausalLM};
+    let (h, heads, kv, hd, inter, vocab) = (32usize, 4usize, 2usize, 16usize, 40usize, 83usize);
+    let rd = hd * 3 / 4;
+    let short: Vec<f64> = (0..rd / 2).map(|i| 1.0 + 0.15 * i as f64).collect();
+    let long: Vec<f64> = (0..rd / 2).map(|i| 1.0 + 1.7 * i as f64 * i as f64).collect();
+    let cfg = json!({
+        "model_type": "phi3", "architectures": ["Phi3ForCausalLM"], "vocab_size": vocab, "hidden_size": h,
+        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv, "head_dim": hd, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+        "max_position_embeddings": 256, "original_max_position_embeddings": 10, "sliding_window": window,
+        "tie_word_embeddings": false,
+        "rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+            "short_factor": short, "long_factor": long, "original_max_position_embeddings": 10},
+    });
+    let config = Phi3Config::from_json(&cfg, std::path::Path::new("engine-phi3")).unwrap();
+    assert_eq!((config.rotary_dim, config.head_dim), (rd, hd));
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed);
+    let normal = Normal::new(0.0f32, 0.15).unwrap();
+    let mut t = HashMap::new();
+    let mut put = |name: String, shape: Vec<usize>, norm: bool, r: &mut rand::rngs::StdRng| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = if norm { (0..n).map(|_| 1.0 + r.random_range(-0.2f32..0.2)).collect() } else { (0..n).map(|_| normal.sample(r)).collect() };
+        t.insert(name, Tensor::from_vec(v, shape, &Device::Cpu).unwrap());
+    };
+    let (q, kvd) = (heads * hd, kv * hd);
+    put("model.embed_tokens.weight".into(), vec![vocab, h], false, &mut r);
+    for i in 0..layers {
+        let p = format!("model.layers.{i}");
+        for (n, o, inp) in [("self_attn.qkv_proj", q + 2 * kvd, h), ("self_attn.o_proj", h, q), ("mlp.gate_up_proj", 2 * inter, h), ("mlp.down_proj", h, inter)] {
+            put(format!("{p}.{n}.weight"), vec![o, inp], false, &mut r);
+        }
+        put(format!("{p}.input_layernorm.weight"), vec![h], true, &mut r);
+        put(format!("{p}.post_attention_layernorm.weight"), vec![h], true, &mut r);
+    }
+    put("model.norm.weight".into(), vec![h], true, &mut r);
+    put("lm_head.weight".into(), vec![vocab, h], false, &mut r);
+    PeftModel::new(Box::new(Phi3ForCausalLM::from_tensors(config, t, DType::F32, &Device::Cpu).unwrap()))
+}
