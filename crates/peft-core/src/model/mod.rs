@@ -313,12 +313,26 @@ pub trait BaseModel: Send + Sync {
             return Err(PeftError::invalid_arg("inputIds", format!("has {} ids, expected batch {b} × seq {s}", ids.len())));
         }
         let x = self.embed_with(ids, b, s, opts)?;
+        match self.ids_options(ids, b, s, opts, cache.as_deref())? {
+            Some(o) => self.forward_embeds(&x, &o, cache),
+            None => self.forward_embeds(&x, opts, cache),
+        }
+    }
+    /// The options [`BaseModel::forward`] hands to [`BaseModel::forward_embeds`] for the token
+    /// ids `ids` `[b, s]` after the positions in `cache`: decoder models' sequence
+    /// classification pools each row's last non-pad token (`pool_index`, unless given);
+    /// RoBERTa counts its positions from the ids. `None`: `opts` as they are. Gradient
+    /// checkpointing's driver starts from the same options.
+    ///
+    /// Errors: `InvalidArgument` when the ids do not fit `b × s`.
+    fn ids_options(&self, ids: &[u32], b: usize, s: usize, opts: &ForwardOptions, cache: Option<&KvCache>) -> Result<Option<ForwardOptions>> {
+        let _ = cache;
         if self.task() == Task::SeqCls && opts.pool_index.is_none() && self.pools_last_token() {
             let mut o = opts.clone();
             o.pool_index = Some(last_non_pad_indices(ids, b, s, self.info().pad_token_id)?);
-            return self.forward_embeds(&x, &o, cache);
+            return Ok(Some(o));
         }
-        self.forward_embeds(&x, opts, cache)
+        Ok(None)
     }
     /// Whether sequence classification pools the last non-pad token (decoder models: Llama,
     /// GPT-2) rather than a fixed token (BERT's `[CLS]`).
