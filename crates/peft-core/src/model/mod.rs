@@ -249,8 +249,13 @@ pub trait BaseModel: Send + Sync {
         None
     }
     /// Gradient checkpointing on the general path: the model's layers for one training forward
-    /// of the input embeddings `x` `[b, s, hidden]` (no cache), run one at a time by
-    /// [`checkpoint`]'s driver; `None` for a model without it (the step is then refused).
+    /// of the input embeddings `x` `[b, s, hidden]` (no cache; `opts` as
+    /// [`BaseModel::ids_options`] gives them), run one at a time by [`checkpoint`]'s driver; an
+    /// encoder-decoder returns its decoder's stack holding the encoder's
+    /// ([`checkpoint::LayerStack::encoder`]). `None` for a model without it (the step is then
+    /// refused); every model here has one.
+    ///
+    /// Errors (inside the `Some`): those of [`BaseModel::forward_embeds`] for `x` and `opts`.
     fn layer_stack<'a>(&'a self, x: &Tensor, opts: &'a ForwardOptions) -> Option<Result<Box<dyn checkpoint::LayerStack + 'a>>> {
         let _ = (x, opts);
         None
