@@ -86,18 +86,25 @@ pub(crate) struct Layers<'a, M, C> {
     ctx: C,
     opts: &'a ForwardOptions,
     n: usize,
-    input: Option<fn(&M, &Tensor, &C) -> Result<Tensor>>,
-    layer: fn(&M, usize, &Tensor, &C) -> Result<Tensor>,
-    head: fn(&M, &Tensor, &C, &ForwardOptions) -> Result<Tensor>,
+    input: Option<InputFn<M, C>>,
+    layer: LayerFn<M, C>,
+    head: HeadFn<M, C>,
 }
+
+/// [`Layers`]' input function: `(model, x, ctx)` → the first layer's input.
+pub(crate) type InputFn<M, C> = fn(&M, &Tensor, &C) -> Result<Tensor>;
+/// [`Layers`]' layer function: `(model, i, x, ctx)` → layer `i`'s output.
+pub(crate) type LayerFn<M, C> = fn(&M, usize, &Tensor, &C) -> Result<Tensor>;
+/// [`Layers`]' head function: `(model, h, ctx, opts)` → logits.
+pub(crate) type HeadFn<M, C> = fn(&M, &Tensor, &C, &ForwardOptions) -> Result<Tensor>;
 
 impl<'a, M, C: 'a> Layers<'a, M, C> {
     /// `n` layers of `m` over `ctx` (see [`Layers`]).
-    pub(crate) fn new(m: &'a M, ctx: C, opts: &'a ForwardOptions, n: usize, layer: fn(&M, usize, &Tensor, &C) -> Result<Tensor>, head: fn(&M, &Tensor, &C, &ForwardOptions) -> Result<Tensor>) -> Self {
+    pub(crate) fn new(m: &'a M, ctx: C, opts: &'a ForwardOptions, n: usize, layer: LayerFn<M, C>, head: HeadFn<M, C>) -> Self {
         Layers { m, ctx, opts, n, input: None, layer, head }
     }
     /// With `input` before the first layer (see [`LayerStack::input`]).
-    pub(crate) fn with_input(self, input: fn(&M, &Tensor, &C) -> Result<Tensor>) -> Self {
+    pub(crate) fn with_input(self, input: InputFn<M, C>) -> Self {
         Layers { input: Some(input), ..self }
     }
     /// As the boxed stack [`super::BaseModel::layer_stack`] returns.
@@ -287,7 +294,7 @@ fn drive<R>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{DType, Device};
+    use candle_core::Device;
 
     /// Layers `tanh(x·W_i + e)` reading a side input `e = 2·p` (a graph of its own), head
     /// `h·v`; the input `x0 = 3·q` has a graph too.
@@ -343,7 +350,7 @@ mod tests {
         let (t, p, q, x0) = toy(wrong);
         let mut h = x0.clone();
         for i in 0..3 {
-            h = t.layer(i, &h, &[t.e.clone()]).unwrap();
+            h = t.layer(i, &h, std::slice::from_ref(&t.e)).unwrap();
         }
         let plain = t.head(&h).unwrap().sqr().unwrap().sum_all().unwrap().backward().unwrap();
         let keep: HashSet<TensorId> = [&p, &q, &t.v].into_iter().chain(t.w.iter()).map(|v| v.as_tensor().id()).collect();
@@ -362,6 +369,5 @@ mod tests {
         }
         let (plain, ck) = checkpointed(true);
         assert!(plain.iter().zip(&ck).any(|(a, b)| a.iter().zip(b).any(|(x, y)| (x - y).abs() > 1e-3)), "a wrong recomputation is caught");
-        let _ = DType::F32;
     }
 }

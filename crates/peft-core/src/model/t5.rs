@@ -584,7 +584,7 @@ impl T5ForConditionalGeneration {
     /// cross-attention over the encoder output `enc` with `cross_bias`, feed-forward. `slots`:
     /// this block's self- and cross-attention cache entries.
     #[allow(clippy::too_many_arguments)]
-    fn decoder_block(&self, blk: &T5Block, h: &Tensor, self_bias: &Tensor, enc: &Tensor, cross_bias: Option<&Tensor>, lin: &LinearCtx, slots: Option<(&mut Option<(Tensor, Tensor)>, &mut Option<(Tensor, Tensor)>)>) -> Result<Tensor> {
+    fn decoder_block(&self, blk: &T5Block, h: &Tensor, self_bias: &Tensor, enc: &Tensor, cross_bias: Option<&Tensor>, lin: &LinearCtx, slots: Option<(&mut KvSlot, &mut KvSlot)>) -> Result<Tensor> {
         let eps = self.config.layer_norm_epsilon;
         let (self_slot, cross_slot) = match slots {
             Some((a, c)) => (Some(a), Some(c)),
@@ -610,6 +610,9 @@ impl T5ForConditionalGeneration {
         self.lm_head.forward(&h, lin)
     }
 }
+
+/// One layer's cached keys and values `[b, heads, t, d_kv]` each (see [`KvCache`]).
+type KvSlot = Option<(Tensor, Tensor)>;
 
 /// What every decoder block of one forward shares: the linears' context, the self-attention
 /// position bias plus causal/padding mask `[1|b, heads, t, past + t]` (f32), the
