@@ -389,8 +389,9 @@ export class PeftModel {
    * the RNG state). Saves: the activations of all layers but one (on SmolLM2-135M, LoRA q,k,v,o,
    * batch 4×128: see the README's training section). Costs: one more forward pass through the
    * layers per step. Runs on the Llama family (Llama, SmolLM2/3, Qwen2/3, Mistral), Gemma 3,
-   * Phi-3 and GPT-2 with causal-LM heads; other models and heads refuse the training step with `ERR_INVALID_ARGUMENT`
-   * naming `gradientCheckpointing`. HF's `gradient_checkpointing_kwargs` (`use_reentrant`,
+   * Phi-3, GPT-2, BERT / DistilBERT / RoBERTa and T5, every head (T5: encoder and decoder
+   * layers, the encoder output's gradient summed over every decoder layer's cross-attention);
+   * prompt tuning and P-tuning work with it. HF's `gradient_checkpointing_kwargs` (`use_reentrant`,
    * `preserve_rng_state`, ...) have no counterpart: the recomputation is always layer-wise and
    * non-reentrant and always replays the dropout masks.
    *

@@ -99,8 +99,8 @@ export interface TrainerOptions {
    * recomputed in the backward. Same losses and gradients; peak memory holds one layer's
    * activations instead of all of them; each step costs one more forward pass through the
    * layers (SmolLM2-135M figures in the README's training section). Llama family, Gemma 3,
-   * Phi-3 and GPT-2 (causal LM); refused for other models and heads with `ERR_INVALID_ARGUMENT` naming
-   * `gradientCheckpointing`, and for prefix tuning with HF's text
+   * Phi-3, GPT-2, BERT / DistilBERT / RoBERTa and T5, every head; refused for prefix tuning
+   * with `ERR_INVALID_ARGUMENT` naming `gradientCheckpointing` and HF's text
    * (`PREFIX_TUNING does not work with gradient checkpointing.`). HF's
    * `gradient_checkpointing_kwargs` have no counterpart (the recomputation is always
    * layer-wise, non-reentrant, and replays the dropout masks).

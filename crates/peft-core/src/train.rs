@@ -386,15 +386,14 @@ pub fn loss_and_grads(model: &PeftModel, batch: &Batch, total_items: Option<usiz
 /// [`loss_and_grads`] with gradient checkpointing on (`ckpt`) or off, whatever the model's
 /// setting: on the fused engine where it runs the model (see
 /// [`crate::engine::try_loss_and_grads_with`]), else through the general path's layer-wise
-/// driver (`model::checkpoint`) for the Llama family, Gemma 3, Phi-3 and GPT-2 (causal LM
-/// head; [`crate::model::BaseModel::layer_stack`]). The loss is
+/// driver (`model::checkpoint`) for the Llama family, Gemma 3, Phi-3, GPT-2, the BERT family
+/// and T5, every head ([`crate::model::BaseModel::layer_stack`]). The loss is
 /// the same as without it; gradients are the same bit for bit on the engine and up to float
 /// rounding (summation order) on the general path.
 ///
 /// Errors: those of [`loss_and_grads`]; with `ckpt`, `InvalidArgument` naming
 /// `gradientCheckpointing` for prefix tuning (HF's text, `PREFIX_TUNING does not work with
-/// gradient checkpointing.`) and for a model or head the driver does not cover (BERT, T5,
-/// heads other than causal LM).
+/// gradient checkpointing.`) and for a model without a layer stack.
 pub fn loss_and_grads_with(model: &PeftModel, batch: &Batch, total_items: Option<usize>, rng: Option<Arc<Mutex<rand::rngs::StdRng>>>, ckpt: bool) -> Result<(f64, usize, GradStore)> {
     batch.validate(model)?;
     if ckpt {
@@ -421,19 +420,12 @@ pub fn loss_and_grads_with(model: &PeftModel, batch: &Batch, total_items: Option
 
 /// The general path's training step with gradient checkpointing (see [`loss_and_grads_with`]).
 fn checkpointed_loss_and_grads(model: &PeftModel, batch: &Batch, total_items: Option<usize>, opts: &ForwardOptions, extra: Option<Tensor>) -> Result<(f64, usize, GradStore)> {
-    let refuse = |why: String| PeftError::invalid_arg("gradientCheckpointing", why);
-    if model.base.task() != Task::CausalLm {
-        return Err(refuse(format!(
-            "is available for causal language models only (CAUSAL_LM); this model has a {} head",
-            model.base.task().task_type()
-        )));
-    }
     let (x0, o) = model.forward_inputs(&batch.input_ids, batch.batch_size, batch.seq_len, opts)?;
     let Some(stack) = model.base.layer_stack(&x0, &o) else {
-        return Err(refuse(format!(
-            "is not available for {} models (supported: the Llama family, Gemma 3, Phi-3 and GPT-2)",
-            model.base.info().architecture
-        )));
+        return Err(PeftError::invalid_arg(
+            "gradientCheckpointing",
+            format!("is not available for {} models (supported: the Llama family, Gemma 3, Phi-3, GPT-2, BERT, DistilBERT, RoBERTa and T5)", model.base.info().architecture),
+        ));
     };
     let stack = stack?;
     let keep: std::collections::HashSet<candle_core::TensorId> = model.trainable_parameters().iter().map(|(_, v)| v.as_tensor().id()).collect();

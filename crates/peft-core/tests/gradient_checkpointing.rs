@@ -1,12 +1,13 @@
 //! Gradient checkpointing (transformers' `gradient_checkpointing_enable` + PEFT's
 //! `prepare_model_for_gradient_checkpointing`): a training step with it gives the loss and
-//! every trainable gradient of the step without it — bit for bit on the fused engine, within
-//! float rounding on the general path (its layer-wise driver sums the gradients in another
-//! order) — on random tiny Llama models with grouped-query attention and padded rows (LoRA
-//! with dropout, LoRA on the embedding, prompt tuning, DoRA, (IA)³) and on Gemma 3; trainer runs
-//! with it follow the same loss trajectory; Phi-3 on the engine and on the general path, GPT-2
-//! on the general path; prefix tuning and uncovered models (T5) are refused with coded errors
-//! naming `gradientCheckpointing` (HF's text for prefix tuning).
+//! every trainable gradient of the step without it — bit for bit on the fused engine and on
+//! the BERT family, within float rounding elsewhere on the general path (its layer-wise driver
+//! may sum the gradients in another order) — on random tiny Llama models with grouped-query
+//! attention and padded rows (LoRA with dropout, LoRA on the embedding, prompt tuning, DoRA,
+//! (IA)³) and on Gemma 3; trainer runs with it follow the same loss trajectory; Phi-3 on the
+//! engine and on the general path; GPT-2, a Llama sequence classifier, BERT / DistilBERT / RoBERTa on every head and T5 (the encoder
+//! output feeding every decoder layer) on the general path; prefix tuning is refused with a
+//! coded error naming `gradientCheckpointing` (HF's text).
 
 mod common;
 
@@ -15,7 +16,8 @@ use candle_core::{DType, Device};
 use common::random::*;
 use common::*;
 use peft_core::engine;
-use peft_core::model::loader::load_causal_lm;
+use peft_core::model::loader::{load_causal_lm, load_model, LoadRequest};
+use peft_core::model::Task;
 use peft_core::peft_model::PeftModel;
 use peft_core::train::{loss_and_grads_with, Batch, Trainer, TrainingArgs};
 use peft_core::tuners::AdapterConfig;
@@ -69,6 +71,12 @@ fn flat(g: &GradStore, var: &candle_core::Var, what: &str, name: &str) -> Vec<f3
 /// and every trainable gradient equal: bit for bit (`rel` = 0) or within `rel` of the
 /// gradient's largest entry. Returns the checkpointed step.
 fn same(what: &str, m: &PeftModel, b: &Batch, general: bool, rel: f32) -> (f64, GradStore) {
+    same_with(what, m, b, general, rel, |_| false)
+}
+
+/// [`same`], where the parameters that `zero_ok` names may have a zero gradient (QA's
+/// `qa_outputs.bias`: it shifts every position's logit alike, so the loss does not depend on it).
+fn same_with(what: &str, m: &PeftModel, b: &Batch, general: bool, rel: f32, zero_ok: impl Fn(&str) -> bool) -> (f64, GradStore) {
     let (l0, n0, g0, r0) = step(m, b, general, false);
     let (l1, n1, g1, r1) = step(m, b, general, true);
     assert_eq!(n0, n1, "{what}: scored tokens");
@@ -84,7 +92,7 @@ fn same(what: &str, m: &PeftModel, b: &Batch, general: bool, rel: f32) -> (f64, 
         let a = flat(&g0, var, what, name);
         let c = flat(&g1, var, what, name);
         let scale = a.iter().fold(0f32, |s, x| s.max(x.abs()));
-        assert!(scale > 1e-7, "{what}: gradient of {name} is zero");
+        assert!(scale > 1e-7 || zero_ok(name), "{what}: gradient of {name} is zero");
         if rel == 0.0 {
             assert!(a.iter().zip(&c).all(|(x, y)| x.to_bits() == y.to_bits()), "{what}: gradient of {name} is not bit-equal");
         } else {
@@ -263,22 +271,151 @@ fn phi3_and_gpt2_with_and_without() {
     same("gpt2 general LoRA + dropout", &g, &ragged_batch(2, 12, vocab, &[(0, false), (4, false)], 74), true, 1e-6);
 }
 
+/// A fixture model (`__test__/fixtures/models/<name>`) with the head of `task` (new heads
+/// initialised from seed 42).
+fn fixture(name: &str, task: Option<Task>) -> PeftModel {
+    let req = LoadRequest { task, seed: 42, ..Default::default() };
+    PeftModel::new(load_model(&fixtures_dir().join("models").join(name), DType::F32, &Device::Cpu, &req).unwrap_or_else(|e| panic!("{name}: [{}] {e}", e.code())).model)
+}
+
+/// A BERT-family batch of 3 rows of 9 tokens, the second padded by 4, the third by 2, with
+/// segment ids (when `types`) and labels for `task`.
+fn bert_batch(task: Task, vocab: usize, types: bool, seed: u64) -> Batch {
+    let mut b = ragged_batch(3, 9, vocab, &[(0, false), (4, false), (2, false)], seed);
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed + 1);
+    b.token_type_ids = types.then(|| (0..27).map(|i| u32::from(i % 9 >= 5)).collect());
+    match task {
+        Task::SeqCls => b.labels = vec![2, 0, 1],
+        Task::TokenCls => b.labels = b.attention_mask.iter().map(|&m| if m == 0 { -100 } else { r.random_range(0..3) }).collect(),
+        Task::QuestionAns => {
+            b.labels = vec![];
+            b.start_positions = Some(vec![1, 3, 9]); // 9 = seq_len: ignored, as HF clamps it
+            b.end_positions = Some(vec![4, 4, 6]);
+        }
+        _ => {}
+    }
+    b
+}
+
+/// The BERT family on every head: LoRA with dropout (the head in `modules_to_save`, LoRA on
+/// `word_embeddings` so the stack's input has a graph of its own), (IA)³ and LoHa, prompt
+/// tuning; DistilBERT and RoBERTa (positions from the ids); padded rows, segment ids.
 #[test]
-fn uncovered_models_are_refused() {
-    let path = fixtures_dir().join("models/t5");
-    let mut m = PeftModel::new(load_causal_lm(&path, DType::F32, &Device::Cpu).unwrap().model);
-    m.add_adapter("default", adapter(json!({"peft_type": "LORA", "r": 2, "target_modules": ["q", "v"]})), 61).unwrap();
-    let ids: Vec<u32> = (1..9).collect();
-    let b = Batch { input_ids: ids.clone(), attention_mask: vec![1; 8], labels: ids.iter().map(|&i| i as i64).collect(), batch_size: 1, seq_len: 8, ..Default::default() };
-    let e = loss_and_grads_with(&m, &b, None, None, true).unwrap_err();
-    assert_eq!(e.code(), "ERR_INVALID_ARGUMENT");
-    assert!(e.to_string().contains("`gradientCheckpointing`") && e.to_string().contains("SEQ_2_SEQ_LM"), "{e}");
-    // The trainer refuses at its step, before any update.
-    m.set_gradient_checkpointing(true).unwrap();
-    let mut tr = Trainer::new(&m, TrainingArgs::default()).unwrap();
-    let e = tr.step(&m, std::slice::from_ref(&b)).unwrap_err();
-    assert!(e.to_string().contains("`gradientCheckpointing`"), "{e}");
-    assert_eq!(tr.global_step(), 0);
-    m.set_gradient_checkpointing(false).unwrap();
-    assert!(tr.step(&m, &[b]).is_ok());
+fn bert_family_with_and_without() {
+    let lora = |extra: serde_json::Value| {
+        let mut v = json!({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": ["word_embeddings", "query", "value", "dense"], "init_lora_weights": false});
+        v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        adapter(v)
+    };
+    for (task, tag) in [(Task::SeqCls, "SEQ_CLS"), (Task::TokenCls, "TOKEN_CLS"), (Task::QuestionAns, "QUESTION_ANS")] {
+        let mut m = fixture("bert", Some(task));
+        let head = if task == Task::QuestionAns { "qa_outputs" } else { "classifier" };
+        m.add_adapter("default", lora(json!({"task_type": tag, "modules_to_save": [head]})), 81).unwrap();
+        let names: Vec<String> = m.trainable_parameters().into_iter().map(|(n, _)| n).collect();
+        assert!(names.iter().any(|n| n.ends_with(&format!("{head}.weight"))), "{tag}: the head copy trains: {names:?}");
+        let zero_ok = |n: &str| n.ends_with("qa_outputs.bias");
+        same_with(&format!("bert {tag} LoRA + dropout + modules_to_save"), &m, &bert_batch(task, 160, true, 82), true, 0.0, zero_ok);
+    }
+    let b = bert_batch(Task::SeqCls, 160, true, 83);
+    let mut i = fixture("bert", Some(Task::SeqCls));
+    i.add_adapter("default", adapter(json!({"peft_type": "IA3", "task_type": "SEQ_CLS", "target_modules": ["value", "output.dense"], "feedforward_modules": ["output.dense"], "init_ia3_weights": false})), 84).unwrap();
+    same("bert IA3", &i, &b, true, 0.0);
+    let mut h = fixture("bert", Some(Task::SeqCls));
+    h.add_adapter("default", adapter(json!({"peft_type": "LOHA", "task_type": "SEQ_CLS", "r": 4, "alpha": 8, "target_modules": ["value", "intermediate.dense"], "init_weights": false})), 85).unwrap();
+    same("bert LoHa", &h, &b, true, 0.0);
+    let mut p = fixture("bert", Some(Task::SeqCls));
+    p.add_adapter("default", adapter(json!({"peft_type": "PROMPT_TUNING", "task_type": "SEQ_CLS", "num_virtual_tokens": 3})), 86).unwrap();
+    same("bert prompt tuning", &p, &b, true, 0.0);
+    for name in ["distilbert", "roberta"] {
+        let mut m = fixture(name, Some(Task::SeqCls));
+        let vocab = m.base.info().vocab_size;
+        let targets = if name == "distilbert" { json!(["q_lin", "v_lin", "lin1"]) } else { json!(["query", "value", "dense"]) };
+        m.add_adapter("default", adapter(json!({"peft_type": "LORA", "task_type": "SEQ_CLS", "r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": targets, "init_lora_weights": false})), 87).unwrap();
+        let mut b = bert_batch(Task::SeqCls, vocab, false, 88);
+        if name == "roberta" {
+            // RoBERTa's positions come from the ids: padding must be its pad id.
+            let pad = m.base.info().pad_token_id.unwrap();
+            for (id, &mask) in b.input_ids.iter_mut().zip(&b.attention_mask) {
+                if mask == 0 {
+                    *id = pad;
+                } else if *id == pad {
+                    *id = pad + 2;
+                }
+            }
+        }
+        same(&format!("{name} LoRA + dropout"), &m, &b, true, 0.0);
+    }
+}
+
+/// A T5 batch: 2 encoder rows of 9 tokens (the second padded by 3), labels of 6 (the first
+/// row's last 2 ignored with -100), decoder inputs shifted from them.
+fn t5_batch(seed: u64) -> Batch {
+    let mut b = ragged_batch(2, 9, 128, &[(0, false), (3, false)], seed);
+    let mut r = rand::rngs::StdRng::seed_from_u64(seed + 1);
+    b.labels = (0..12).map(|i| if i == 4 || i == 5 { -100 } else { r.random_range(2..128) }).collect();
+    b
+}
+
+/// T5: the decoder's cross-attention reads the encoder output in every layer; its gradient
+/// sums over the recomputed decoder layers and flows back through the encoder's stack. LoRA
+/// with dropout on both stacks (self- and cross-attention, feed-forward) with `lm_head` in
+/// `modules_to_save`, (IA)³, LoHa, prompt tuning (virtual tokens before the encoder input).
+#[test]
+fn t5_with_and_without() {
+    let b = t5_batch(91);
+    let mut m = fixture("t5", None);
+    m.add_adapter("default", adapter(json!({"peft_type": "LORA", "task_type": "SEQ_2_SEQ_LM", "r": 4, "lora_alpha": 8, "lora_dropout": 0.1, "target_modules": ["q", "k", "v", "o", "wi"], "modules_to_save": ["lm_head"], "init_lora_weights": false})), 92).unwrap();
+    let names: Vec<String> = m.trainable_parameters().into_iter().map(|(n, _)| n).collect();
+    for part in ["encoder.block.0.layer.0", "decoder.block.1.layer.1.EncDecAttention.k", "lm_head"] {
+        assert!(names.iter().any(|n| n.contains(part)), "{part} trains: {names:?}");
+    }
+    same("t5 LoRA + dropout + modules_to_save lm_head", &m, &b, true, 1e-6);
+    let mut i = fixture("t5", None);
+    i.add_adapter("default", adapter(json!({"peft_type": "IA3", "task_type": "SEQ_2_SEQ_LM", "target_modules": ["k", "v", "wo"], "feedforward_modules": ["wo"], "init_ia3_weights": false})), 93).unwrap();
+    same("t5 IA3", &i, &b, true, 1e-6);
+    let mut h = fixture("t5", None);
+    h.add_adapter("default", adapter(json!({"peft_type": "LOHA", "task_type": "SEQ_2_SEQ_LM", "r": 4, "alpha": 8, "target_modules": ["q", "v"], "init_weights": false})), 94).unwrap();
+    same("t5 LoHa", &h, &b, true, 1e-6);
+    let mut p = fixture("t5", None);
+    p.add_adapter("default", adapter(json!({"peft_type": "PROMPT_TUNING", "task_type": "SEQ_2_SEQ_LM", "num_virtual_tokens": 3})), 95).unwrap();
+    same("t5 prompt tuning", &p, &b, true, 1e-6);
+}
+
+/// Sequence classification on a decoder (last non-pad token pooled) through the general driver.
+#[test]
+fn llama_seq_cls_with_and_without() {
+    let mut m = fixture("llama_seqcls", None);
+    assert_eq!(m.base.task(), Task::SeqCls);
+    m.add_adapter("default", adapter(json!({"peft_type": "LORA", "task_type": "SEQ_CLS", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": false})), 96).unwrap();
+    let vocab = m.base.info().vocab_size;
+    let mut b = ragged_batch(3, 8, vocab, &[(0, false), (3, false), (2, false)], 97);
+    let pad = m.base.info().pad_token_id.unwrap();
+    for (id, &mask) in b.input_ids.iter_mut().zip(&b.attention_mask) {
+        if mask == 0 {
+            *id = pad;
+        } else if *id == pad {
+            *id = pad + 1;
+        }
+    }
+    b.labels = vec![1, 0, 1];
+    same("llama SEQ_CLS LoRA", &m, &b, true, 1e-6);
+}
+
+/// Prefix tuning stays refused with HF's text on BERT and T5; the trainer refuses at its step,
+/// before any update.
+#[test]
+fn prefix_tuning_on_bert_and_t5_is_refused() {
+    for (name, task, b) in [("bert", Some(Task::SeqCls), bert_batch(Task::SeqCls, 160, false, 98)), ("t5", None, t5_batch(99))] {
+        let mut m = fixture(name, task);
+        let tt = if name == "t5" { "SEQ_2_SEQ_LM" } else { "SEQ_CLS" };
+        m.add_adapter("default", adapter(json!({"peft_type": "PREFIX_TUNING", "task_type": tt, "num_virtual_tokens": 3})), 100).unwrap();
+        let e = loss_and_grads_with(&m, &b, None, None, true).unwrap_err();
+        assert_eq!(e.code(), "ERR_INVALID_ARGUMENT");
+        assert!(e.to_string().contains("`gradientCheckpointing`") && e.to_string().contains(PREFIX_TEXT), "{name}: {e}");
+        let mut tr = Trainer::new(&m, TrainingArgs::default()).unwrap();
+        assert!(m.set_gradient_checkpointing(true).is_err());
+        let args = TrainingArgs { gradient_checkpointing: true, ..Default::default() };
+        assert!(Trainer::new(&m, args).is_err());
+        assert!(tr.step(&m, std::slice::from_ref(&b)).is_ok(), "{name}: without it prefix tuning trains");
+    }
 }

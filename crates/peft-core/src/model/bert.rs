@@ -761,30 +761,29 @@ impl BaseModel for BertModel {
 
     /// RoBERTa computes its positions from the ids (transformers'
     /// `create_position_ids_from_input_ids`): real tokens count from `padding_idx + 1` (after the
-    /// prefix, if any), padding keeps `padding_idx`. BERT and DistilBERT use `past .. past + s`.
-    fn forward(&self, ids: &[u32], b: usize, s: usize, opts: &ForwardOptions, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        let x = self.embed_with(ids, b, s, opts)?;
-        if self.config.family == BertFamily::Roberta && opts.position_ids.is_none() && s > 0 {
-            let pad = self.config.pad_token_id.unwrap_or(1);
-            let past = cache.as_deref().and_then(|c| c.layers.first().cloned().flatten()).map(|(k, _)| k.dim(2)).transpose()?.unwrap_or(0) as u32;
-            let positions = ids
-                .chunks(s)
-                .flat_map(|row| {
-                    let mut n = 0u32;
-                    row.iter().map(move |&id| {
-                        if id == pad {
-                            pad
-                        } else {
-                            n += 1;
-                            n + past + pad
-                        }
-                    })
-                })
-                .collect();
-            let o = ForwardOptions { position_ids: Some(positions), ..opts.clone() };
-            return self.forward_embeds(&x, &o, cache);
+    /// prefix, if any), padding keeps `padding_idx`. BERT and DistilBERT use `past .. past + s`
+    /// (`forward_embeds`' default).
+    fn ids_options(&self, ids: &[u32], _b: usize, s: usize, opts: &ForwardOptions, cache: Option<&KvCache>) -> Result<Option<ForwardOptions>> {
+        if self.config.family != BertFamily::Roberta || opts.position_ids.is_some() || s == 0 {
+            return Ok(None);
         }
-        self.forward_embeds(&x, opts, cache)
+        let pad = self.config.pad_token_id.unwrap_or(1);
+        let past = cache.and_then(|c| c.layers.first().cloned().flatten()).map(|(k, _)| k.dim(2)).transpose()?.unwrap_or(0) as u32;
+        let positions = ids
+            .chunks(s)
+            .flat_map(|row| {
+                let mut n = 0u32;
+                row.iter().map(move |&id| {
+                    if id == pad {
+                        pad
+                    } else {
+                        n += 1;
+                        n + past + pad
+                    }
+                })
+            })
+            .collect();
+        Ok(Some(ForwardOptions { position_ids: Some(positions), ..opts.clone() }))
     }
 
     /// See the module docs. `x`: `[b, s, hidden]`; `opts.attention_mask`: `b × (past + s)`
@@ -795,7 +794,7 @@ impl BaseModel for BertModel {
     /// or out of range, a sequence (prefix included) longer than `max_position_embeddings`, or
     /// a cache that does not fit (layer count, batch size, heads, head size).
     fn forward_embeds(&self, x: &Tensor, opts: &ForwardOptions, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        let (b, s, _) = x.dims3()?;
+        let (b, _, _) = x.dims3()?;
         let c = &self.config;
         let nh = c.num_attention_heads;
         let hd = c.hidden_size / nh;
@@ -824,6 +823,40 @@ impl BaseModel for BertModel {
                 ));
             }
         }
+        let ctx = self.ctx(x, opts, past)?;
+        let mut h = self.embeddings(x, &ctx)?;
+        for (l, p) in self.layers.iter().zip(&prefix) {
+            h = self.layer_forward(l, &h, &ctx.lin, ctx.mask.as_ref(), p.as_ref())?;
+        }
+        self.head_forward(&h, &ctx, opts)
+    }
+
+    /// Gradient checkpointing: the embeddings (positions, token types, LayerNorm) as the
+    /// stack's input, one `BertLayer` at a time, then the task head (see
+    /// [`BaseModel::layer_stack`]). Every head is covered; prefix tuning is refused earlier.
+    fn layer_stack<'a>(&'a self, x: &Tensor, opts: &'a ForwardOptions) -> Option<Result<Box<dyn super::checkpoint::LayerStack + 'a>>> {
+        let input = |m: &Self, x: &Tensor, ctx: &Ctx| m.embeddings(x, ctx);
+        let layer = |m: &Self, i: usize, x: &Tensor, ctx: &Ctx| m.layer_forward(&m.layers[i], x, &ctx.lin, ctx.mask.as_ref(), None);
+        Some(self.ctx(x, opts, 0).map(|ctx| super::checkpoint::Layers::new(self, ctx, opts, self.layers.len(), layer, Self::head_forward).with_input(input).boxed()))
+    }
+}
+
+/// What every layer of one [`BertModel`] forward shares: the linears' context, the position and
+/// token type embeddings `[b, s, hidden]` and the additive padding mask `[b, 1, 1, past + s]`.
+struct Ctx<'a> {
+    lin: LinearCtx<'a>,
+    pe: Tensor,
+    te: Option<Tensor>,
+    mask: Option<Tensor>,
+}
+
+impl BertModel {
+    /// The [`Ctx`] of a forward of `x` `[b, s, hidden]` after `past` prefix positions.
+    ///
+    /// Errors: see [`BaseModel::forward_embeds`] (positions, token types, mask).
+    fn ctx<'o>(&self, x: &Tensor, opts: &'o ForwardOptions, past: usize) -> Result<Ctx<'o>> {
+        let (b, s, _) = x.dims3()?;
+        let c = &self.config;
         let total = past + s;
         if total > c.max_position_embeddings {
             return Err(PeftError::invalid_arg("inputIds", format!("sequence length {total} exceeds max_position_embeddings {}", c.max_position_embeddings)));
@@ -865,26 +898,36 @@ impl BaseModel for BertModel {
             None => vec![0; b * s],
         };
         let pe = self.lookup(&self.position_embeddings, positions, b, s)?;
-        let e = match &self.token_type_embeddings {
-            Some(table) => ((x.to_dtype(self.dtype)? + self.lookup(table, types, b, s)?)? + pe)?,
-            None => (x.to_dtype(self.dtype)? + pe)?,
+        let te = match &self.token_type_embeddings {
+            Some(table) => Some(self.lookup(table, types, b, s)?),
+            None => None,
         };
-        let mut h = self.ln(&e, &self.embed_norm, opts.train)?;
         let mask = self.padding_mask(opts.attention_mask.as_ref(), b, total)?;
-        let lin = opts.linear_ctx();
-        for (l, p) in self.layers.iter().zip(&prefix) {
-            h = self.layer_forward(l, &h, &lin, mask.as_ref(), p.as_ref())?;
-        }
+        Ok(Ctx { lin: opts.linear_ctx(), pe, te, mask })
+    }
+
+    /// `LayerNorm(x + token_type_embeddings + position_embeddings)` (the embeddings module).
+    fn embeddings(&self, x: &Tensor, ctx: &Ctx) -> Result<Tensor> {
+        let e = match &ctx.te {
+            Some(te) => ((x.to_dtype(self.dtype)? + te)? + &ctx.pe)?,
+            None => (x.to_dtype(self.dtype)? + &ctx.pe)?,
+        };
+        self.ln(&e, &self.embed_norm, ctx.lin.train)
+    }
+
+    /// The task head on the last layer's output `h` `[b, s, hidden]` (see the module docs).
+    fn head_forward(&self, h: &Tensor, ctx: &Ctx, _opts: &ForwardOptions) -> Result<Tensor> {
+        let lin = &ctx.lin;
         match self.info.task {
             Task::SeqCls => {
                 let pooler = self.pooler.as_ref().ok_or_else(|| PeftError::Internal("sequence classification without pooler".into()))?;
                 let first = h.narrow(1, 0, 1)?.squeeze(1)?;
-                let pooled = pooler.forward(&first, &lin)?;
-                let pooled = if c.family == BertFamily::DistilBert { pooled.relu()? } else { pooled.tanh()? };
-                self.head.as_ref().ok_or_else(|| PeftError::Internal("missing classifier".into()))?.forward(&pooled, &lin)
+                let pooled = pooler.forward(&first, lin)?;
+                let pooled = if self.config.family == BertFamily::DistilBert { pooled.relu()? } else { pooled.tanh()? };
+                self.head.as_ref().ok_or_else(|| PeftError::Internal("missing classifier".into()))?.forward(&pooled, lin)
             }
-            Task::TokenCls | Task::QuestionAns => self.head.as_ref().ok_or_else(|| PeftError::Internal("missing head".into()))?.forward(&h, &lin),
-            _ => Ok(h),
+            Task::TokenCls | Task::QuestionAns => self.head.as_ref().ok_or_else(|| PeftError::Internal("missing head".into()))?.forward(h, lin),
+            _ => Ok(h.clone()),
         }
     }
 }

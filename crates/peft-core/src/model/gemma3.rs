@@ -422,7 +422,8 @@ impl BaseModel for Gemma3ForCausalLM {
         &self.info
     }
     fn layer_stack<'a>(&'a self, x: &Tensor, opts: &'a ForwardOptions) -> Option<Result<Box<dyn super::checkpoint::LayerStack + 'a>>> {
-        Some(self.ctx(x, opts, None).map(|ctx| Box::new(Stack { m: self, ctx, opts }) as Box<dyn super::checkpoint::LayerStack>))
+        let layer = |m: &Self, i: usize, x: &Tensor, ctx: &Ctx| m.layer_forward(&m.layers[i], x, ctx, None);
+        Some(self.ctx(x, opts, None).map(|ctx| super::checkpoint::Layers::new(self, ctx, opts, self.layers.len(), layer, Self::head_forward).boxed()))
     }
     fn as_gemma3(&self) -> Option<&Gemma3ForCausalLM> {
         Some(self)
@@ -510,24 +511,4 @@ impl Gemma3ForCausalLM {
         }
     }
 
-}
-
-/// [`Gemma3ForCausalLM`]'s layers for one forward (see [`BaseModel::layer_stack`]).
-struct Stack<'a> {
-    m: &'a Gemma3ForCausalLM,
-    ctx: Ctx<'a>,
-    opts: &'a ForwardOptions,
-}
-
-impl super::checkpoint::LayerStack for Stack<'_> {
-    fn num_layers(&self) -> usize {
-        self.m.layers.len()
-    }
-    fn layer(&self, i: usize, x: &Tensor, rng: Option<&std::sync::Mutex<rand::rngs::StdRng>>) -> Result<Tensor> {
-        let ctx = Ctx { lin: LinearCtx { rng, ..self.ctx.lin }, rope: self.ctx.rope.clone(), mask: self.ctx.mask.clone() };
-        self.m.layer_forward(&self.m.layers[i], x, &ctx, None)
-    }
-    fn head(&self, h: &Tensor) -> Result<Tensor> {
-        self.m.head_forward(h, &self.ctx, self.opts)
-    }
 }

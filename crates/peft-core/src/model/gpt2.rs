@@ -398,11 +398,23 @@ impl BaseModel for Gpt2LMHeadModel {
         let stack = || -> Result<Box<dyn super::checkpoint::LayerStack + 'a>> {
             let (b, s, _) = x.dims3()?;
             // The same positions and mask as `forward_embeds` without a cache.
-            let probe = self.forward_parts(b, s, 0, opts)?;
-            Ok(Box::new(Stack { m: self, pe: probe.0, mask: probe.1, opts }))
+            let (pe, mask) = self.forward_parts(b, s, 0, opts)?;
+            let ctx = StackCtx { pe, mask, lin: opts.linear_ctx() };
+            let input = |m: &Self, x: &Tensor, c: &StackCtx| Ok((x.to_dtype(m.dtype)? + &c.pe)?);
+            let layer = |m: &Self, i: usize, x: &Tensor, c: &StackCtx| m.block_forward(&m.h[i], x, &c.lin, c.mask.as_ref(), None);
+            let head = |m: &Self, h: &Tensor, c: &StackCtx, opts: &ForwardOptions| m.head_forward(h, &c.lin, opts);
+            Ok(super::checkpoint::Layers::new(self, ctx, opts, self.h.len(), layer, head).with_input(input).boxed())
         };
         Some(stack())
     }
+}
+
+/// What [`Gpt2LMHeadModel`]'s blocks share in one forward (see [`BaseModel::layer_stack`]):
+/// position embeddings `[b, s, n_embd]`, the additive mask and the linears' context.
+struct StackCtx<'a> {
+    pe: Tensor,
+    mask: Option<Tensor>,
+    lin: LinearCtx<'a>,
 }
 
 impl Gpt2LMHeadModel {
@@ -447,34 +459,5 @@ impl Gpt2LMHeadModel {
         let h = if opts.last_only { h.narrow(1, s - 1, 1)? } else { h.clone() };
         let h = self.ln(&h, &self.ln_f, opts.train)?;
         self.lm_head.forward(&h, lin)
-    }
-}
-
-/// [`Gpt2LMHeadModel`]'s blocks for one forward (see [`BaseModel::layer_stack`]).
-struct Stack<'a> {
-    m: &'a Gpt2LMHeadModel,
-    pe: Tensor,
-    mask: Option<Tensor>,
-    opts: &'a ForwardOptions,
-}
-
-impl Stack<'_> {
-    fn lin<'r>(&'r self, rng: Option<&'r std::sync::Mutex<rand::rngs::StdRng>>) -> LinearCtx<'r> {
-        LinearCtx { train: self.opts.train, rows: self.opts.adapter_rows.as_ref(), row_scales: self.opts.adapter_scales.as_ref(), rng }
-    }
-}
-
-impl super::checkpoint::LayerStack for Stack<'_> {
-    fn input(&self, x: &Tensor) -> Result<Tensor> {
-        Ok((x.to_dtype(self.m.dtype)? + &self.pe)?)
-    }
-    fn num_layers(&self) -> usize {
-        self.m.h.len()
-    }
-    fn layer(&self, i: usize, x: &Tensor, rng: Option<&std::sync::Mutex<rand::rngs::StdRng>>) -> Result<Tensor> {
-        self.m.block_forward(&self.m.h[i], x, &self.lin(rng), self.mask.as_ref(), None)
-    }
-    fn head(&self, h: &Tensor) -> Result<Tensor> {
-        self.m.head_forward(h, &self.lin(self.opts.dropout_rng.as_deref()), self.opts)
     }
 }

@@ -311,32 +311,13 @@ impl LlamaForCausalLM {
     }
 }
 
-/// [`LlamaForCausalLM`]'s layers for one forward (see [`BaseModel::layer_stack`]).
-struct Stack<'a> {
-    m: &'a LlamaForCausalLM,
-    ctx: Ctx<'a>,
-    opts: &'a ForwardOptions,
-}
-
-impl super::checkpoint::LayerStack for Stack<'_> {
-    fn num_layers(&self) -> usize {
-        self.m.layers.len()
-    }
-    fn layer(&self, i: usize, x: &Tensor, rng: Option<&std::sync::Mutex<rand::rngs::StdRng>>) -> Result<Tensor> {
-        let ctx = Ctx { lin: LinearCtx { rng, ..self.ctx.lin }, cos: self.ctx.cos.clone(), sin: self.ctx.sin.clone(), mask: self.ctx.mask.clone() };
-        self.m.layer_forward(&self.m.layers[i], x, &ctx, None, self.m.config.layer_uses_rope(i))
-    }
-    fn head(&self, h: &Tensor) -> Result<Tensor> {
-        self.m.head_forward(h, &self.ctx, self.opts)
-    }
-}
-
 impl BaseModel for LlamaForCausalLM {
     fn info(&self) -> &ModelInfo {
         &self.info
     }
     fn layer_stack<'a>(&'a self, x: &Tensor, opts: &'a ForwardOptions) -> Option<Result<Box<dyn super::checkpoint::LayerStack + 'a>>> {
-        Some(self.ctx(x, opts, None).map(|ctx| Box::new(Stack { m: self, ctx, opts }) as Box<dyn super::checkpoint::LayerStack>))
+        let layer = |m: &Self, i: usize, x: &Tensor, ctx: &Ctx| m.layer_forward(&m.layers[i], x, ctx, None, m.config.layer_uses_rope(i));
+        Some(self.ctx(x, opts, None).map(|ctx| super::checkpoint::Layers::new(self, ctx, opts, self.layers.len(), layer, Self::head_forward).boxed()))
     }
     fn as_llama(&self) -> Option<&LlamaForCausalLM> {
         Some(self)

@@ -253,8 +253,13 @@ pub trait BaseModel: Send + Sync {
         None
     }
     /// Gradient checkpointing on the general path: the model's layers for one training forward
-    /// of the input embeddings `x` `[b, s, hidden]` (no cache), run one at a time by
-    /// [`checkpoint`]'s driver; `None` for a model without it (the step is then refused).
+    /// of the input embeddings `x` `[b, s, hidden]` (no cache; `opts` as
+    /// [`BaseModel::ids_options`] gives them), run one at a time by [`checkpoint`]'s driver; an
+    /// encoder-decoder returns its decoder's stack holding the encoder's
+    /// ([`checkpoint::LayerStack::encoder`]). `None` for a model without it (the step is then
+    /// refused); every model here has one.
+    ///
+    /// Errors (inside the `Some`): those of [`BaseModel::forward_embeds`] for `x` and `opts`.
     fn layer_stack<'a>(&'a self, x: &Tensor, opts: &'a ForwardOptions) -> Option<Result<Box<dyn checkpoint::LayerStack + 'a>>> {
         let _ = (x, opts);
         None
@@ -317,12 +322,26 @@ pub trait BaseModel: Send + Sync {
             return Err(PeftError::invalid_arg("inputIds", format!("has {} ids, expected batch {b} × seq {s}", ids.len())));
         }
         let x = self.embed_with(ids, b, s, opts)?;
+        match self.ids_options(ids, b, s, opts, cache.as_deref())? {
+            Some(o) => self.forward_embeds(&x, &o, cache),
+            None => self.forward_embeds(&x, opts, cache),
+        }
+    }
+    /// The options [`BaseModel::forward`] hands to [`BaseModel::forward_embeds`] for the token
+    /// ids `ids` `[b, s]` after the positions in `cache`: decoder models' sequence
+    /// classification pools each row's last non-pad token (`pool_index`, unless given);
+    /// RoBERTa counts its positions from the ids. `None`: `opts` as they are. Gradient
+    /// checkpointing's driver starts from the same options.
+    ///
+    /// Errors: `InvalidArgument` when the ids do not fit `b × s`.
+    fn ids_options(&self, ids: &[u32], b: usize, s: usize, opts: &ForwardOptions, cache: Option<&KvCache>) -> Result<Option<ForwardOptions>> {
+        let _ = cache;
         if self.task() == Task::SeqCls && opts.pool_index.is_none() && self.pools_last_token() {
             let mut o = opts.clone();
             o.pool_index = Some(last_non_pad_indices(ids, b, s, self.info().pad_token_id)?);
-            return self.forward_embeds(&x, &o, cache);
+            return Ok(Some(o));
         }
-        self.forward_embeds(&x, opts, cache)
+        Ok(None)
     }
     /// Whether sequence classification pools the last non-pad token (decoder models: Llama,
     /// GPT-2) rather than a fixed token (BERT's `[CLS]`).

@@ -514,7 +514,8 @@ impl BaseModel for Phi3ForCausalLM {
             let (b, s, _) = x.dims3()?;
             let (past, positions) = decoder::positions(opts, None, b, s, self.config.max_position_embeddings)?;
             let seq_len = positions.iter().max().map(|&p| p as usize + 1).unwrap_or(0);
-            Ok(Box::new(Stack { m: self, ctx: self.ctx(opts, &positions, b, s, past, seq_len)?, opts }))
+            let layer = |m: &Self, i: usize, x: &Tensor, ctx: &Ctx| m.layer_forward(&m.layers[i], x, ctx, None);
+            Ok(super::checkpoint::Layers::new(self, self.ctx(opts, &positions, b, s, past, seq_len)?, opts, self.layers.len(), layer, Self::head_forward).boxed())
         };
         Some(stack())
     }
@@ -539,25 +540,5 @@ impl Phi3ForCausalLM {
         let h = if opts.last_only { h.narrow(1, s - 1, 1)? } else { h.clone() };
         let h = rms_norm(&h, &self.norm, self.config.rms_norm_eps, opts.train)?;
         self.lm_head.forward(&h, &ctx.lin)
-    }
-}
-
-/// [`Phi3ForCausalLM`]'s layers for one forward (see [`BaseModel::layer_stack`]).
-struct Stack<'a> {
-    m: &'a Phi3ForCausalLM,
-    ctx: Ctx<'a>,
-    opts: &'a ForwardOptions,
-}
-
-impl super::checkpoint::LayerStack for Stack<'_> {
-    fn num_layers(&self) -> usize {
-        self.m.layers.len()
-    }
-    fn layer(&self, i: usize, x: &Tensor, rng: Option<&std::sync::Mutex<rand::rngs::StdRng>>) -> Result<Tensor> {
-        let ctx = Ctx { lin: LinearCtx { rng, ..self.ctx.lin }, cos: self.ctx.cos.clone(), sin: self.ctx.sin.clone(), mask: self.ctx.mask.clone() };
-        self.m.layer_forward(&self.m.layers[i], x, &ctx, None)
-    }
-    fn head(&self, h: &Tensor) -> Result<Tensor> {
-        self.m.head_forward(h, &self.ctx, self.opts)
     }
 }

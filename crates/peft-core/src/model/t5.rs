@@ -25,6 +25,7 @@
 
 use super::config::{get_f64, get_usize, token_ids};
 use super::forward::{ForwardOptions, KvCache};
+use super::checkpoint::LayerStack;
 use super::{causal_mask, BaseModel, ModelInfo, Task};
 use crate::error::{PeftError, Result};
 use crate::ops::{rms_norm, softmax_last};
@@ -471,23 +472,39 @@ impl T5ForConditionalGeneration {
     ///
     /// Errors: `InvalidArgument` (`attentionMask`) for a mask of the wrong length.
     pub fn encode(&self, x: &Tensor, mask: Option<&Vec<u8>>, opts: &ForwardOptions) -> Result<Tensor> {
-        let (b, s, _) = x.dims3()?;
-        let c = &self.config;
         let lin = opts.linear_ctx();
-        let table = self.encoder[0].self_attn.relative_attention_bias.as_ref().expect("encoder block 0 has the bias table");
-        let bias = self.position_bias(table, true, s, s, 0)?;
-        let bias = match self.key_mask(mask, b, s, "attentionMask")? {
-            Some(m) => bias.broadcast_add(&m)?,
-            None => bias,
-        };
+        let bias = self.encoder_bias(x, mask)?;
         let mut h = x.to_dtype(self.dtype)?;
         for blk in &self.encoder {
-            let n = rms_norm(&h, &blk.self_attn_norm, c.layer_norm_epsilon, lin.train)?;
-            h = (&h + self.attention(&blk.self_attn, &n, None, Some(&bias), &lin, None)?)?;
-            let n = rms_norm(&h, &blk.ff_norm, c.layer_norm_epsilon, lin.train)?;
-            h = (&h + self.feed_forward(&blk.ff, &n, &lin)?)?;
+            h = self.encoder_block(blk, &h, &bias, &lin)?;
         }
-        Ok(rms_norm(&h, &self.encoder_final_layer_norm, c.layer_norm_epsilon, lin.train)?)
+        self.encoder_final(&h, &lin)
+    }
+
+    /// The encoder's relative position bias plus padding mask `[1|b, heads, s, s]` (f32), shared
+    /// by every encoder block, for input embeddings `x` `[b, s, d_model]`.
+    fn encoder_bias(&self, x: &Tensor, mask: Option<&Vec<u8>>) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let table = self.encoder[0].self_attn.relative_attention_bias.as_ref().expect("encoder block 0 has the bias table");
+        let bias = self.position_bias(table, true, s, s, 0)?;
+        Ok(match self.key_mask(mask, b, s, "attentionMask")? {
+            Some(m) => bias.broadcast_add(&m)?,
+            None => bias,
+        })
+    }
+
+    /// One encoder block on `h` `[b, s, d_model]` with the stack's `bias`.
+    fn encoder_block(&self, blk: &T5Block, h: &Tensor, bias: &Tensor, lin: &LinearCtx) -> Result<Tensor> {
+        let eps = self.config.layer_norm_epsilon;
+        let n = rms_norm(h, &blk.self_attn_norm, eps, lin.train)?;
+        let h = (h + self.attention(&blk.self_attn, &n, None, Some(bias), lin, None)?)?;
+        let n = rms_norm(&h, &blk.ff_norm, eps, lin.train)?;
+        Ok((&h + self.feed_forward(&blk.ff, &n, lin)?)?)
+    }
+
+    /// `encoder.final_layer_norm`.
+    fn encoder_final(&self, h: &Tensor, lin: &LinearCtx) -> Result<Tensor> {
+        Ok(rms_norm(h, &self.encoder_final_layer_norm, self.config.layer_norm_epsilon, lin.train)?)
     }
 
     /// The decoder and `lm_head`: decoder ids `[b, t]` over the encoder output `enc`
@@ -495,19 +512,8 @@ impl T5ForConditionalGeneration {
     /// (`[b, 1, vocab]` with `last_only`). `cache` supplies past self-attention keys/values
     /// (e.g. a prefix) and the cross-attention keys/values, and receives the new ones.
     fn decode(&self, enc: &Tensor, enc_mask: Option<&Vec<u8>>, opts: &ForwardOptions, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
-        let c = &self.config;
         let (b, s_enc, _) = enc.dims3()?;
-        let ids = opts.decoder_input_ids.as_ref().ok_or_else(|| {
-            PeftError::invalid_arg("decoderInputIds", "T5ForConditionalGeneration needs decoder input ids (or labels to derive them from while training)")
-        })?;
-        if ids.is_empty() || !ids.len().is_multiple_of(b) {
-            return Err(PeftError::invalid_arg("decoderInputIds", format!("has {} ids, expected batch {b} × target length", ids.len())));
-        }
-        let t = ids.len() / b;
-        if let Some(bad) = ids.iter().find(|&&i| i as usize >= c.vocab_size) {
-            return Err(PeftError::invalid_arg("decoderInputIds", format!("token id {bad} is outside the vocabulary (size {})", c.vocab_size)));
-        }
-        let lin = opts.linear_ctx();
+        let t = self.decoder_len(opts, b)?;
         let n_dec = self.decoder.len();
         if let Some(cache) = cache.as_deref_mut() {
             if cache.layers.len() < n_dec {
@@ -523,6 +529,39 @@ impl T5ForConditionalGeneration {
             }
         }
         let past = cache.as_ref().map(|c| c.seq_len()).unwrap_or(0);
+        let ctx = self.decoder_ctx(s_enc, enc_mask, opts, b, t, past)?;
+        let mut h = ctx.x.clone();
+        for (i, blk) in self.decoder.iter().enumerate() {
+            let slots = cache.as_deref_mut().map(|c| (&mut c.layers[i], &mut c.cross[i]));
+            h = self.decoder_block(blk, &h, &ctx.self_bias, enc, ctx.cross_bias.as_ref(), &ctx.lin, slots)?;
+        }
+        self.decoder_head(&h, &ctx.lin, opts.last_only)
+    }
+
+    /// The decoder's target length `t` from `opts.decoder_input_ids` (`b × t` ids, each in the
+    /// vocabulary).
+    ///
+    /// Errors: `InvalidArgument` naming `decoderInputIds`.
+    fn decoder_len(&self, opts: &ForwardOptions, b: usize) -> Result<usize> {
+        let ids = opts.decoder_input_ids.as_ref().ok_or_else(|| {
+            PeftError::invalid_arg("decoderInputIds", "T5ForConditionalGeneration needs decoder input ids (or labels to derive them from while training)")
+        })?;
+        if ids.is_empty() || !ids.len().is_multiple_of(b) {
+            return Err(PeftError::invalid_arg("decoderInputIds", format!("has {} ids, expected batch {b} × target length", ids.len())));
+        }
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= self.config.vocab_size) {
+            return Err(PeftError::invalid_arg("decoderInputIds", format!("token id {bad} is outside the vocabulary (size {})", self.config.vocab_size)));
+        }
+        Ok(ids.len() / b)
+    }
+
+    /// What every decoder block of one forward of `t` new positions after `past` shares (see
+    /// [`DecoderCtx`]) over an encoder output of `s_enc` positions; the ids were checked by
+    /// [`Self::decoder_len`].
+    ///
+    /// Errors: `InvalidArgument` for a decoder mask of the wrong length or an encoder mask
+    /// that does not fit `b × s_enc`.
+    fn decoder_ctx<'o>(&self, s_enc: usize, enc_mask: Option<&Vec<u8>>, opts: &'o ForwardOptions, b: usize, t: usize, past: usize) -> Result<DecoderCtx<'o>> {
         if let Some(m) = &opts.decoder_attention_mask {
             if m.len() != b * (past + t) {
                 return Err(PeftError::invalid_arg("decoderAttentionMask", format!("has {} values, expected {b} × {} (cached + new positions)", m.len(), past + t)));
@@ -535,23 +574,110 @@ impl T5ForConditionalGeneration {
             None => self_bias,
         };
         let cross_bias = self.key_mask(enc_mask, b, s_enc, "attentionMask")?;
+        let ids = opts.decoder_input_ids.as_deref().unwrap_or_default();
         let idx = Tensor::from_slice(ids, b * t, &self.device)?;
-        let mut h = self.shared.index_select(&idx, 0)?.reshape((b, t, c.d_model))?;
-        for (i, blk) in self.decoder.iter().enumerate() {
-            let n = rms_norm(&h, &blk.self_attn_norm, c.layer_norm_epsilon, lin.train)?;
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            h = (&h + self.attention(&blk.self_attn, &n, None, Some(&self_bias), &lin, slot)?)?;
-            let (norm, cross) = blk.cross.as_ref().expect("decoder blocks have cross-attention");
-            let n = rms_norm(&h, norm, c.layer_norm_epsilon, lin.train)?;
-            let slot = cache.as_deref_mut().map(|c| &mut c.cross[i]);
-            h = (&h + self.attention(cross, &n, Some(enc), cross_bias.as_ref(), &lin, slot)?)?;
-            let n = rms_norm(&h, &blk.ff_norm, c.layer_norm_epsilon, lin.train)?;
-            h = (&h + self.feed_forward(&blk.ff, &n, &lin)?)?;
-        }
-        let h = if opts.last_only { h.narrow(1, t - 1, 1)? } else { h };
+        let x = self.shared.index_select(&idx, 0)?.reshape((b, t, self.config.d_model))?;
+        Ok(DecoderCtx { lin: opts.linear_ctx(), self_bias, cross_bias, x })
+    }
+
+    /// One decoder block on `h` `[b, t, d_model]`: self-attention with `self_bias`,
+    /// cross-attention over the encoder output `enc` with `cross_bias`, feed-forward. `slots`:
+    /// this block's self- and cross-attention cache entries.
+    #[allow(clippy::too_many_arguments)]
+    fn decoder_block(&self, blk: &T5Block, h: &Tensor, self_bias: &Tensor, enc: &Tensor, cross_bias: Option<&Tensor>, lin: &LinearCtx, slots: Option<(&mut KvSlot, &mut KvSlot)>) -> Result<Tensor> {
+        let eps = self.config.layer_norm_epsilon;
+        let (self_slot, cross_slot) = match slots {
+            Some((a, c)) => (Some(a), Some(c)),
+            None => (None, None),
+        };
+        let n = rms_norm(h, &blk.self_attn_norm, eps, lin.train)?;
+        let h = (h + self.attention(&blk.self_attn, &n, None, Some(self_bias), lin, self_slot)?)?;
+        let (norm, cross) = blk.cross.as_ref().expect("decoder blocks have cross-attention");
+        let n = rms_norm(&h, norm, eps, lin.train)?;
+        let h = (&h + self.attention(cross, &n, Some(enc), cross_bias, lin, cross_slot)?)?;
+        let n = rms_norm(&h, &blk.ff_norm, eps, lin.train)?;
+        Ok((&h + self.feed_forward(&blk.ff, &n, lin)?)?)
+    }
+
+    /// `decoder.final_layer_norm`, the output scaling and `lm_head` on the last decoder block's
+    /// output `h` `[b, t, d_model]` (the last position only with `last_only`).
+    fn decoder_head(&self, h: &Tensor, lin: &LinearCtx, last_only: bool) -> Result<Tensor> {
+        let c = &self.config;
+        let t = h.dim(1)?;
+        let h = if last_only { h.narrow(1, t - 1, 1)? } else { h.clone() };
         let h = rms_norm(&h, &self.decoder_final_layer_norm, c.layer_norm_epsilon, lin.train)?;
         let h = if c.scale_decoder_outputs { (h * (c.d_model as f64).powf(-0.5))? } else { h };
-        self.lm_head.forward(&h, &lin)
+        self.lm_head.forward(&h, lin)
+    }
+}
+
+/// One layer's cached keys and values `[b, heads, t, d_kv]` each (see [`KvCache`]).
+type KvSlot = Option<(Tensor, Tensor)>;
+
+/// What every decoder block of one forward shares: the linears' context, the self-attention
+/// position bias plus causal/padding mask `[1|b, heads, t, past + t]` (f32), the
+/// cross-attention padding mask `[b, 1, 1, s_enc]` and the decoder's input embeddings
+/// `[b, t, d_model]` (`shared` rows of the decoder ids, unscaled).
+struct DecoderCtx<'a> {
+    lin: LinearCtx<'a>,
+    self_bias: Tensor,
+    cross_bias: Option<Tensor>,
+    x: Tensor,
+}
+
+/// Gradient checkpointing: [`T5ForConditionalGeneration`]'s encoder blocks for one forward; its
+/// head is `encoder.final_layer_norm`, its side input the position bias (see
+/// [`BaseModel::layer_stack`]).
+struct EncoderStack<'a> {
+    m: &'a T5ForConditionalGeneration,
+    lin: LinearCtx<'a>,
+    bias: Tensor,
+}
+
+impl LayerStack for EncoderStack<'_> {
+    fn input(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.to_dtype(self.m.dtype)?)
+    }
+    fn num_layers(&self) -> usize {
+        self.m.encoder.len()
+    }
+    fn side_inputs(&self) -> Vec<Tensor> {
+        vec![self.bias.clone()]
+    }
+    fn layer(&self, i: usize, x: &Tensor, side: &[Tensor]) -> Result<Tensor> {
+        self.m.encoder_block(&self.m.encoder[i], x, &side[0], &self.lin)
+    }
+    fn head(&self, h: &Tensor) -> Result<Tensor> {
+        self.m.encoder_final(h, &self.lin)
+    }
+}
+
+/// Gradient checkpointing: the decoder blocks, whose side inputs are the self-attention bias
+/// and the encoder output (every block's cross-attention reads it), over `encoder`.
+struct DecoderStack<'a> {
+    m: &'a T5ForConditionalGeneration,
+    ctx: DecoderCtx<'a>,
+    encoder: EncoderStack<'a>,
+}
+
+impl LayerStack for DecoderStack<'_> {
+    fn num_layers(&self) -> usize {
+        self.m.decoder.len()
+    }
+    fn side_inputs(&self) -> Vec<Tensor> {
+        vec![self.ctx.self_bias.clone()]
+    }
+    fn layer(&self, i: usize, x: &Tensor, side: &[Tensor]) -> Result<Tensor> {
+        let [self_bias, enc] = side else {
+            return Err(PeftError::Internal(format!("T5 decoder layer {i}: expected the bias and the encoder output as side inputs, got {}", side.len())));
+        };
+        self.m.decoder_block(&self.m.decoder[i], x, self_bias, enc, self.ctx.cross_bias.as_ref(), &self.ctx.lin, None)
+    }
+    fn head(&self, h: &Tensor) -> Result<Tensor> {
+        self.m.decoder_head(h, &self.ctx.lin, false)
+    }
+    fn encoder(&self) -> Option<(&dyn LayerStack, &Tensor)> {
+        Some((&self.encoder, &self.ctx.x))
     }
 }
 
@@ -742,6 +868,28 @@ impl BaseModel for T5ForConditionalGeneration {
             }
         }
         self.decode(&enc, mask.as_ref(), opts, cache)
+    }
+
+    /// Gradient checkpointing: the encoder's blocks on `x` (head: `encoder.final_layer_norm`),
+    /// then the decoder's on the `decoder_input_ids` embeddings with the encoder output as a
+    /// side input of every block (head: final norm, scaling, `lm_head`); see
+    /// [`super::checkpoint`]. Prefix tuning is refused earlier.
+    ///
+    /// Errors: as [`BaseModel::forward_embeds`] (masks, decoder ids).
+    fn layer_stack<'a>(&'a self, x: &Tensor, opts: &'a ForwardOptions) -> Option<Result<Box<dyn LayerStack + 'a>>> {
+        let stack = || -> Result<Box<dyn LayerStack + 'a>> {
+            let (b, s, _) = x.dims3()?;
+            if let Some(m) = &opts.attention_mask {
+                if m.len() != b * s {
+                    return Err(PeftError::invalid_arg("attentionMask", format!("has {} values, expected {b} × {s}", m.len())));
+                }
+            }
+            let encoder = EncoderStack { m: self, lin: opts.linear_ctx(), bias: self.encoder_bias(x, opts.attention_mask.as_ref())? };
+            let t = self.decoder_len(opts, b)?;
+            let ctx = self.decoder_ctx(s, opts.attention_mask.as_ref(), opts, b, t, 0)?;
+            Ok(Box::new(DecoderStack { m: self, ctx, encoder }))
+        };
+        Some(stack())
     }
 
     /// Decoder blocks (the self-attention layers of a [`KvCache`]); `info().num_hidden_layers`

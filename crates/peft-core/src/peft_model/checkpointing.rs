@@ -10,10 +10,13 @@
 //! Where it runs: the fused engine (Llama family, Gemma 3; LoRA, prompt tuning, P-tuning,
 //! multitask prompt tuning) and the general path's layer-wise driver
 //! ([`crate::model::checkpoint`]) for the models that implement
-//! [`crate::model::BaseModel::layer_stack`] (Llama family, Gemma 3, Phi-3, GPT-2; causal LM). Prefix tuning is
+//! [`crate::model::BaseModel::layer_stack`]: the Llama family, Gemma 3, Phi-3, GPT-2, BERT,
+//! DistilBERT, RoBERTa (every head) and T5 (encoder and decoder stacks; the encoder output
+//! reaches every decoder layer's cross-attention), as transformers' `GradientCheckpointingLayer`s
+//! cover them. Prompt tuning and P-tuning work with it (HF allows them); prefix tuning is
 //! refused with HF's error (`PREFIX_TUNING does not work with gradient checkpointing.`, raised
-//! by HF `PeftModel._setup_prompt_encoder`); any other model the driver does not cover is
-//! refused by the training step with an error naming `gradientCheckpointing`.
+//! by HF `PeftModel._setup_prompt_encoder`); a model without a layer stack would be refused by
+//! the training step with an error naming `gradientCheckpointing`.
 
 use super::*;
 

@@ -123,7 +123,9 @@ impl PeftModel {
     /// The input embeddings `[b, s_total, hidden]` and forward options that [`Self::forward`]
     /// hands to the base model's `forward_embeds` for a forward of the whole sequence without a
     /// cache (causal LMs; with prompt tuning / P-tuning / multitask prompt tuning the virtual
-    /// tokens come first). Gradient checkpointing's driver runs the layers from here.
+    /// tokens come first; for SEQ_2_SEQ_LM the encoder's input embeddings, as
+    /// [`Self::prompt_forward_seq2seq`] builds them). Gradient checkpointing's driver runs the
+    /// layers from here.
     ///
     /// Errors: as [`Self::forward`]; `InvalidArgument` naming `gradientCheckpointing` for
     /// prefix tuning (HF's text).
@@ -134,7 +136,9 @@ impl PeftModel {
                 if ids.len() != b * s {
                     return Err(PeftError::invalid_arg("inputIds", format!("has {} ids, expected batch {b} × seq {s}", ids.len())));
                 }
-                Ok((self.base.embed_with(ids, b, s, opts)?, opts.clone()))
+                let x = self.base.embed_with(ids, b, s, opts)?;
+                let o = self.base.ids_options(ids, b, s, opts, None)?.unwrap_or_else(|| opts.clone());
+                Ok((x, o))
             }
             Some((cfg, _)) if cfg.method == PromptMethod::PrefixTuning => Err(super::checkpointing::prefix_refusal()),
             Some((cfg, enc)) => {
@@ -143,6 +147,9 @@ impl PeftModel {
                 }
                 if ids.len() != b * s {
                     return Err(PeftError::invalid_arg("inputIds", format!("has {} ids, expected batch {b} × seq {s}", ids.len())));
+                }
+                if self.base.task() == Task::Seq2SeqLm {
+                    return self.seq2seq_prompt_inputs(cfg, enc, ids, b, s, opts);
                 }
                 let n = cfg.total_virtual_tokens();
                 let mut o = prompt_options(opts, b, s, n, 0)?;
@@ -219,19 +226,31 @@ impl PeftModel {
             }
             return self.base.forward(ids, b, s, &o, Some(cache));
         }
-        let x = self.base.embed(ids, b, s)?;
         if cache.as_ref().map(|c| c.encoder_hidden.is_some()).unwrap_or(false) {
+            let x = self.base.embed(ids, b, s)?;
             return self.base.forward_embeds(&x, &o, cache);
         }
+        let (x, o) = self.seq2seq_prompt_inputs(cfg, enc, ids, b, s, opts)?;
+        self.base.forward_embeds(&x, &o, cache)
+    }
+
+    /// Prompt tuning / P-tuning on SEQ_2_SEQ_LM: the encoder's input embeddings with the first
+    /// `num_virtual_tokens` rows of the prompt table in front, and `opts` with as many leading
+    /// ones on the encoder mask (see [`Self::prompt_forward_seq2seq`]).
+    ///
+    /// Errors: `InvalidArgument` naming `attentionMask` when it does not have `b × s` values.
+    fn seq2seq_prompt_inputs(&self, cfg: &PromptLearningConfig, enc: &PromptEncoder, ids: &[u32], b: usize, s: usize, opts: &ForwardOptions) -> Result<(Tensor, ForwardOptions)> {
+        let n = cfg.num_virtual_tokens;
+        let mut o = opts.clone();
         if let Some(m) = &opts.attention_mask {
             if m.len() != b * s {
                 return Err(PeftError::invalid_arg("attentionMask", format!("has {} values, expected {b} × {s}", m.len())));
             }
-            o.attention_mask = Some(ones_first(m, "attentionMask")?);
+            o.attention_mask = Some((0..b).flat_map(|r| std::iter::repeat_n(1u8, n).chain(m[r * s..(r + 1) * s].iter().copied())).collect());
         }
-        let prompts = enc.batch_prompts(b, None, opts.train, rng)?.narrow(1, 0, n)?.to_dtype(self.base.dtype())?;
-        let x = Tensor::cat(&[&prompts, &x], 1)?;
-        self.base.forward_embeds(&x, &o, cache)
+        let x = self.base.embed(ids, b, s)?;
+        let prompts = enc.batch_prompts(b, None, opts.train, opts.dropout_rng.as_deref())?.narrow(1, 0, n)?.to_dtype(self.base.dtype())?;
+        Ok((Tensor::cat(&[&prompts, &x], 1)?, o))
     }
 
     /// Validate a mixed-batch request: `adapterNames` (one per row, existing adapters or
