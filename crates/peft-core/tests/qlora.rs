@@ -615,3 +615,34 @@ fn adalora_training_with_rank_allocation_over_a_kept_quantized_base_matches_the_
     assert!(max_diff(&logits(&again, &IDS), &before) <= 1e-5 * max_abs(&before));
     std::fs::remove_dir_all(&out).ok();
 }
+
+/// An adapter on the input embedding of a tied model: merging rotates / shifts the shared table,
+/// which HF's tied `lm_head` then uses too. Dequantized, the head follows the merged table (and
+/// the base table again after unmerging); kept quantized, the head cannot follow, so the merge is
+/// refused before anything changes.
+#[test]
+fn merging_an_embedding_adapter_of_a_tied_model_moves_the_head_or_is_refused_when_it_is_quantized() {
+    let oft = || AdapterConfig::from_json(&json!({"peft_type": "OFT", "r": 0, "oft_block_size": 16, "target_modules": ["embed_tokens"], "init_weights": false}), None).unwrap();
+    let head = |m: &PeftModel| m.base.as_llama().unwrap().lm_head.weight.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let table = |m: &PeftModel| m.base.as_llama().unwrap().embed_tokens.weight.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mut d = load_tied(false);
+    d.add_adapter("default", oft(), 9).unwrap();
+    let base_head = head(&d);
+    let adapted = logits(&d, &IDS);
+    d.merge_adapter(None, true).unwrap();
+    assert_eq!(head(&d), table(&d), "the tied head holds the merged table");
+    assert!(max_diff(&head(&d), &base_head) > 1e-3);
+    assert!(max_diff(&logits(&d, &IDS), &adapted) > 1e-3, "merged, the head sees the rotated table too (as HF)");
+    d.unmerge_adapter().unwrap();
+    assert!(max_diff(&head(&d), &base_head) <= 1e-5 * max_abs(&base_head));
+    assert!(max_diff(&logits(&d, &IDS), &adapted) <= 1e-4 * max_abs(&adapted));
+
+    let mut k = load_tied(true);
+    k.add_adapter("default", oft(), 9).unwrap();
+    let before = logits(&k, &IDS);
+    let e = k.merge_adapter(None, false).unwrap_err();
+    assert_eq!(e.code(), "ERR_INVALID_STATE");
+    assert!(e.to_string().contains("model.embed_tokens") && e.to_string().contains("lm_head") && e.to_string().contains("quantized"), "{e}");
+    assert!(k.base.named_linears().iter().all(|(_, l)| l.merged.is_empty()));
+    assert_eq!(logits(&k, &IDS), before);
+}

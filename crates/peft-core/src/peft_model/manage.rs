@@ -66,6 +66,16 @@ impl PeftModel {
                 lin.refuse_quantized("merge an adapter")?;
             }
         }
+        // A tied output head kept quantized (a GGUF with tied embeddings under `keep`) cannot
+        // follow a merge into the embedding table that HF's shared weight would give it.
+        let tied_cfg = self.base.config_json()["tie_word_embeddings"].as_bool() == Some(true);
+        let lins = self.base.named_linears();
+        let quant_head = lins.iter().find(|(m, l)| m == "lm_head" && l.quant.is_some() && !l.has_adapters() && l.saved_copies.is_empty());
+        if let (true, Some((h, head))) = (tied_cfg, quant_head) {
+            if let Some((e, _)) = lins.iter().find(|(_, l)| l.is_embedding && names.iter().any(|n| l.has_adapter(n) && !l.merged.contains(n))) {
+                head.refuse_quantized(&format!("merge an adapter of `{e}` (tied to `{h}`)"))?;
+            }
+        }
         let tied = self.tied_tables();
         let mut done = Ok(());
         for (_, lin) in self.base.named_linears_mut() {
