@@ -28,6 +28,7 @@
 //!   per-row hook and ignores `adapter_names`.
 //!
 //! [`AdapterLayer::transform_input`]: crate::tuners::layer::AdapterLayer::transform_input
+//! [`AdapterLayer::apply_embedding`]: crate::tuners::layer::AdapterLayer::apply_embedding
 
 pub mod config;
 pub mod layer;
