@@ -403,3 +403,23 @@ fn oft_embedding_variants_block_share_exact_cayley_and_coft_round_trip() {
         assert!(max_abs(&(a - &b).unwrap()) <= 1e-5 * max_abs(a), "{n}: not restored");
     }
 }
+
+#[test]
+fn oft_embedding_refuses_mixed_batches_and_leaves_the_layer_as_hf_names_it() {
+    // HF 0.21's oft.Embedding.forward ignores `adapter_names`: mixed batches are refused, naming
+    // the layer class.
+    let exp = Expected::load(EMB);
+    let m = adapter_peft(EMB, false);
+    let (ids, b, s) = exp.ids("input_ids");
+    let opts = peft_core::model::ForwardOptions {
+        attention_mask: Some(exp.mask("attention_mask")),
+        adapter_rows: Some(std::sync::Arc::new(vec![Some("default".to_string()), None])),
+        ..Default::default()
+    };
+    let e = m.forward(&ids, b, s, &opts, None).unwrap_err();
+    assert_eq!(e.code(), "ERR_INVALID_ARGUMENT");
+    assert!(e.to_string().contains("adapterNames") && e.to_string().contains("OFT"), "{e}");
+    let emb = m.base.named_linears().into_iter().find(|(n, _)| n == "model.embed_tokens").unwrap().1;
+    assert_eq!(emb.tuner_module_type(), "oft.Embedding");
+    assert_eq!(emb.adapter_kind("default"), Some("oft.Embedding"));
+}

@@ -324,6 +324,15 @@ impl AdapterLayer for OftLayer {
             "oft.Linear"
         }
     }
+    /// `"oft"`; `"oft.Embedding"` on an embedding (the bindings report the whole class, as for
+    /// LoRA's `lora.Embedding`).
+    fn adapter_kind(&self) -> &'static str {
+        if self.embedding {
+            "oft.Embedding"
+        } else {
+            "oft"
+        }
+    }
     fn params(&self) -> Vec<Param<'_>> {
         vec![(if self.embedding { OFT_EMBEDDING_R } else { OFT_R }, &self.weight)]
     }
