@@ -206,10 +206,11 @@ fn oft_config_parses_hf_options_and_refuses_bad_ones() {
     assert!(m.adapter_names().is_empty());
 }
 
-#[test]
-fn oft_refuses_mixed_batches_and_old_checkpoints() {
-    let exp = Expected::load(CASE);
-    let m = adapter_peft(CASE, false);
+/// `m` (the case's adapter loaded) on the case's batch as a mixed batch (`default` on row 0, the
+/// base on row 1): refused, naming `adapterNames` and OFT (HF 0.21's OFT layers ignore
+/// `adapter_names`).
+fn check_mixed_refused(case: &str, m: &PeftModel) {
+    let exp = Expected::load(case);
     let (ids, b, s) = exp.ids("input_ids");
     let opts = peft_core::model::ForwardOptions {
         attention_mask: Some(exp.mask("attention_mask")),
@@ -219,6 +220,11 @@ fn oft_refuses_mixed_batches_and_old_checkpoints() {
     let e = m.forward(&ids, b, s, &opts, None).unwrap_err();
     assert_eq!(e.code(), "ERR_INVALID_ARGUMENT");
     assert!(e.to_string().contains("adapterNames") && e.to_string().contains("OFT"), "{e}");
+}
+
+#[test]
+fn oft_refuses_mixed_batches_and_old_checkpoints() {
+    check_mixed_refused(CASE, &adapter_peft(CASE, false));
     // A PEFT <= 0.15 file (`oft_r` keys): HF's error.
     let dir = temp_dir("oft-old");
     std::fs::copy(case_dir(CASE).join("adapter_config.json"), dir.join("adapter_config.json")).unwrap();
@@ -405,19 +411,9 @@ fn oft_embedding_variants_block_share_exact_cayley_and_coft_round_trip() {
 
 #[test]
 fn oft_embedding_refuses_mixed_batches_and_leaves_the_layer_as_hf_names_it() {
-    // HF 0.21's oft.Embedding.forward ignores `adapter_names`: mixed batches are refused, naming
-    // the layer class.
-    let exp = Expected::load(EMB);
+    // HF 0.21's oft.Embedding.forward ignores `adapter_names`: mixed batches are refused.
     let m = adapter_peft(EMB, false);
-    let (ids, b, s) = exp.ids("input_ids");
-    let opts = peft_core::model::ForwardOptions {
-        attention_mask: Some(exp.mask("attention_mask")),
-        adapter_rows: Some(std::sync::Arc::new(vec![Some("default".to_string()), None])),
-        ..Default::default()
-    };
-    let e = m.forward(&ids, b, s, &opts, None).unwrap_err();
-    assert_eq!(e.code(), "ERR_INVALID_ARGUMENT");
-    assert!(e.to_string().contains("adapterNames") && e.to_string().contains("OFT"), "{e}");
+    check_mixed_refused(EMB, &m);
     let emb = m.base.named_linears().into_iter().find(|(n, _)| n == "model.embed_tokens").unwrap().1;
     assert_eq!(emb.tuner_module_type(), "oft.Embedding");
     assert_eq!(emb.adapter_kind("default"), Some("oft.Embedding"));
