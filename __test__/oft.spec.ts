@@ -2,7 +2,8 @@
  * OFT (issue 15) through the TypeScript API: `OFTConfig` writes HF's adapter_config.json, HF's OFT
  * folders load and match HF's logits (Cayley-Neumann; block sharing, the exact Cayley transform
  * and COFT), merge / unmerge, HF's refusals carry stable codes, training changes only the OFT
- * weights, and an adapter peft-node writes loads in HF PEFT to the same logits.
+ * weights, and an adapter peft-node writes loads in HF PEFT to the same logits. OFT on embeddings
+ * (HF `oft.Embedding`): the Llama's `embed_tokens` and GPT-2's `wte` (tied to `lm_head`).
  */
 import test from 'ava'
 import { execFileSync } from 'node:child_process'
@@ -86,7 +87,6 @@ test('OFT: a new adapter is a no-op at init, has HF\'s trainable count and keys,
   await assertPeftError(t, () => fresh.addAdapter('z', new OFTConfig({ r: 0, oftBlockSize: 0, targetModules: ['q_proj'] })), 'ERR_ADAPTER_CONFIG_INVALID', ['Either `r` or `oft_block_size`', 'must be non-zero'])
   await assertPeftError(t, () => fresh.addAdapter('d', new OFTConfig({ oftBlockSize: 8, moduleDropout: 2, targetModules: ['q_proj'] })), 'ERR_ADAPTER_CONFIG_INVALID', ['module_dropout'])
   await assertPeftError(t, () => fresh.addAdapter('x', new OFTConfig({ oftBlockSize: 8, bias: 'lora_only' as never, targetModules: ['q_proj'] })), 'ERR_ADAPTER_CONFIG_INVALID', ['bias'])
-  await assertPeftError(t, () => fresh.addAdapter('e', new OFTConfig({ oftBlockSize: 8, targetModules: ['embed_tokens'] })), 'ERR_ADAPTER_CONFIG_INVALID', ['not supported'])
   t.deepEqual(fresh.getModelStatus().availableAdapters, ['default'], 'refused adapters leave nothing behind')
   // GPT-2's Conv1D: HF's TypeError text.
   const gpt2 = disposeLater(t, await AutoModelForCausalLM.fromPretrained(path.join(FIXTURES, 'models', 'gpt2')))
@@ -122,5 +122,54 @@ test('OFT trains only the OFT weights (general path), reloads, and loads in HF P
   const theirs = Tensor.from(new Float32Array(buf.buffer, buf.byteOffset, buf.byteLength / 4), ours.shape)
   const diff = maxAbsDiff(theirs, ours)
   t.log(`HF PEFT vs peft-node logits of a peft-node OFT adapter: max |diff| = ${diff.toExponential(2)}`)
+  t.true(diff <= 1e-4, `${diff}`)
+})
+
+test('OFT on embeddings: HF folders (Llama embed_tokens; GPT-2 wte tied to lm_head) match HF logits, merged too; a trained wte adapter loads in HF PEFT', async (t) => {
+  for (const [name, load] of [['llama_oft_embedding', loadLlama], ['gpt2_oft_wte', () => AutoModelForCausalLM.fromPretrained(path.join(FIXTURES, 'models', 'gpt2'))]] as const) {
+    const exp = await expected(name)
+    const pm = disposeLater(t, await PeftModel.fromPretrained(disposeLater(t, await load()), caseDir(name)))
+    // Re-saved before any merge (unmerging restores the table only up to f32 rounding, and HF
+    // writes the table of a targeted embed_tokens with the adapter).
+    const again = path.join(tmpDir(t), name)
+    await pm.savePretrained(again)
+    for (const f of ['adapter_config.json', 'adapter_model.safetensors']) {
+      t.true(fs.readFileSync(path.join(again, f)).equals(fs.readFileSync(path.join(caseDir(name), f))), `${name} ${f} byte-identical`)
+    }
+    const batch = { inputIds: exp.input_ids, attentionMask: exp.attention_mask }
+    assertClose(t, (await pm.forward(batch)).logits, exp.logits_adapter, `${name} logits_adapter`)
+    t.deepEqual(await pm.generate([idRows(exp.input_ids)[0].slice(0, 5)], { maxNewTokens: 6, eosTokenId: null, padTokenId: 0 }), idRows(exp.greedy), `${name} greedy`)
+    assertClose(t, await pm.disableAdapter(async () => (await pm.forward(batch)).logits), exp.logits_disabled, `${name} logits_disabled`)
+    // GPT-2: the merged table is also the tied head's (HF merges into the shared weight).
+    pm.mergeAdapter()
+    assertClose(t, (await pm.forward(batch)).logits, exp.logits_merged, `${name} logits_merged`)
+    pm.unmergeAdapter()
+    assertClose(t, (await pm.forward(batch)).logits, exp.logits_unmerged, `${name} logits_unmerged`)
+    t.is(pm.getLayerStatus().filter((l) => l.moduleType === 'oft.Embedding').length, 1, name)
+  }
+  // A fresh adapter on GPT-2's wte trains, saves HF's keys and loads in HF PEFT to the same logits.
+  const gpt2Dir = path.join(FIXTURES, 'models', 'gpt2')
+  const pm = disposeLater(t, getPeftModel(await AutoModelForCausalLM.fromPretrained(gpt2Dir), new OFTConfig({ r: 4, oftBlockSize: 0, targetModules: ['wte'], taskType: 'CAUSAL_LM' })))
+  const out = await new Trainer(pm, { learningRate: 0.05, maxSteps: 8, perDeviceTrainBatchSize: 2, shuffle: false }).train(ROWS.map((r) => ({ inputIds: r.map((x) => x % 192) })))
+  t.true(out.metrics.lastLoss < out.metrics.firstLoss, `${out.metrics.firstLoss} -> ${out.metrics.lastLoss}`)
+  const dir = path.join(tmpDir(t), 'wte')
+  await pm.savePretrained(dir)
+  const saved = await loadSafetensors(path.join(dir, 'adapter_model.safetensors'))
+  t.deepEqual(Object.keys(saved), ['base_model.model.transformer.wte.oft_embedding_R.weight'])
+  const rows = ROWS.map((r) => r.map((x) => x % 192))
+  const ours = (await pm.forward({ inputIds: rows })).logits
+  const py = hfPython()
+  if (!py) {
+    t.log('skipped: HF PEFT check (no Python with torch + peft; set PEFT_HF_PYTHON)')
+    return
+  }
+  const f = path.join(dir, 'hf.f32')
+  const info = JSON.parse(execFileSync(py, [path.join(__dirname, 'scripts', 'check_adapter_hf.py'), gpt2Dir, dir, JSON.stringify(rows), f], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] }).trim().split('\n').pop() as string)
+  t.is(info.peft_type, 'OFT')
+  t.deepEqual([info.trainable, info.total], pm.getNbTrainableParameters(), 'HF counts the same parameters')
+  const buf = fs.readFileSync(f)
+  const theirs = Tensor.from(new Float32Array(buf.buffer, buf.byteOffset, buf.byteLength / 4), ours.shape)
+  const diff = maxAbsDiff(theirs, ours)
+  t.log(`HF PEFT vs peft-node logits of a peft-node OFT wte adapter: max |diff| = ${diff.toExponential(2)}`)
   t.true(diff <= 1e-4, `${diff}`)
 })

@@ -1,5 +1,5 @@
 """HF PEFT 0.21 reference cases for OFT (issue 15): `__test__/fixtures/cases/{llama_oft, llama_oft_variants,
-llama_oft_neumann3}`.
+llama_oft_neumann3, llama_oft_embedding, gpt2_oft_wte}`.
 
 Run with torch 2.13 + transformers 5.18 + peft 0.21 (the venv of benches/README.md):
 
@@ -22,6 +22,16 @@ Run with torch 2.13 + transformers 5.18 + peft 0.21 (the venv of benches/README.
 - `llama_oft_neumann3`: `llama_oft`'s options with num_cayley_neumann_terms=3; logits only.
 - `bert_bias` in `llama_oft/case.json`: OFT on the tiny BERT's query/value with bias="oft_only" / "all"
   (trainable count and saved keys: the biases HF trains and saves with the adapter).
+
+- `llama_oft_embedding`: OFTConfig(oft_block_size=8, target_modules=['embed_tokens', 'q_proj', 'down_proj'],
+  init_weights=False) on the tiny Llama (untied embeddings): HF's `oft.Embedding` rotates the looked-up rows
+  `[..., 64]` blockwise (`oft_embedding_R`, 8 blocks of 8), the linears as in `llama_oft`. `oft_R` /
+  `oft_embedding_R` scaled by 3. Adapter / merged / unmerged / disabled / base logits, loss, gradients, greedy
+  ids.
+- `gpt2_oft_wte`: OFTConfig(r=4, oft_block_size=0, target_modules=['wte'], init_weights=False; weights as
+  initialised, not scaled) on the tiny GPT-2, whose `lm_head` is tied to `wte`: unmerged, only the looked-up rows are rotated (the head keeps the
+  base table); merging rewrites the shared table in place (`W R`), so the merged logits also see the rotated
+  head (`logits_merged` differs from `logits_adapter`; `merge_and_unload` keeps it).
 
 HF 0.21 refuses OFT on GPT-2's `Conv1D` layers (`TypeError: Target module Conv1D(nf=192, nx=64) is not
 supported. ...`); `case.json` of `llama_oft` records that message (`gpt2_refusal`).
@@ -53,13 +63,13 @@ def write_case(out, info):
 def scale_oft(model, factor):
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if "oft_R" in n:
+            if "oft_R" in n or "oft_embedding_R" in n:
                 p.mul_(factor)
 
 
 def oft_grads(model):
-    """`grad.<key>` of every `oft_R` weight under its on-disk key (`.default` removed)."""
-    return {k: v for k, v in fc.adapter_grads(model).items() if "oft_R" in k}
+    """`grad.<key>` of every `oft_R` / `oft_embedding_R` weight under its on-disk key (`.default` removed)."""
+    return {k: v for k, v in fc.adapter_grads(model).items() if "oft_R" in k or "oft_embedding_R" in k}
 
 
 def bert_bias():
@@ -177,7 +187,71 @@ def llama_oft_variants():
     })
 
 
+def load_gpt2():
+    """The tiny GPT-2 of `models/gpt2` (eager attention, eval mode); `lm_head` tied to `wte`."""
+    from transformers import GPT2LMHeadModel
+    return GPT2LMHeadModel.from_pretrained("models/gpt2", attn_implementation="eager").eval()
+
+
+def embedding_case(out, load, seed, kwargs, description, scale):
+    """An OFT case on an embedding (+ linears), weights scaled by `scale`: adapter, merged,
+    merge_and_unload, unmerged, disabled and base logits, loss, gradients, greedy ids (adapter and
+    merged); `case.json` with counts and keys."""
+    torch.manual_seed(seed)
+    model = get_peft_model(load(), OFTConfig(**kwargs))
+    scale_oft(model, scale)
+    trainable, total, ids, mask, labels = fc.save_adapter_and_batch(model, out, seed)
+    adapted = fc.adapter_logits(model, ids, mask)
+    disabled = fc.adapter_logits(model, ids, mask, disabled=True)
+    base = fc.adapter_logits(load(), ids, mask)
+    loss, grads = fc.loss_and_grads(model, ids, mask, labels, oft_grads)
+    greedy = fc.greedy(model, ids[:1, :5])
+    merged = fc.adapter_logits(model, ids, mask, merged=True)
+    unmerged = fc.adapter_logits(model, ids, mask)
+    model.merge_adapter()
+    greedy_merged = fc.greedy(model, ids[:1, :5])
+    model.unmerge_adapter()
+    unloaded = model.merge_and_unload()
+    with torch.no_grad():
+        merged_unloaded = unloaded(input_ids=ids, attention_mask=mask).logits
+    fc.save_expected(out, {
+        "input_ids": ids, "attention_mask": mask, "labels": labels,
+        "logits_adapter": adapted, "logits_merged": merged, "logits_unmerged": unmerged,
+        "logits_merge_and_unload": merged_unloaded,
+        "logits_disabled": disabled, "logits_base": base,
+        "loss": loss, "greedy": greedy, "greedy_merged": greedy_merged, **grads,
+    })
+    write_case(out, {
+        "description": description,
+        "base_model": "models/" + ("gpt2" if load is load_gpt2 else "llama"),
+        "seed": seed,
+        "config_kwargs": kwargs,
+        "trainable_params": trainable,
+        "all_params": total,
+        "adapter_keys": keys_of(f"{out}/adapter_model.safetensors"),
+        "merged_vs_adapter_max_abs": float((merged - adapted).abs().max()),
+        "adapter_vs_base_max_abs": float((adapted - base).abs().max()),
+        "tolerances": {"logits_atol": 1e-4, "logits_rtol": 1e-4, "loss_atol": 1e-5, "grad_rtol": 1e-4},
+    })
+
+
+def oft_embedding_cases():
+    embedding_case(
+        "cases/llama_oft_embedding", load, 1830,
+        dict(task_type="CAUSAL_LM", oft_block_size=8, target_modules=["embed_tokens", "q_proj", "down_proj"], init_weights=False),
+        "OFT oft_block_size=8 on embed_tokens (oft.Embedding: the looked-up rows [.., 64] rotated by 8 blocks of 8, oft_embedding_R) and q_proj/down_proj, Cayley-Neumann (5 terms), init_weights=False, weights scaled by 3; untied embeddings.",
+        3.0,
+    )
+    embedding_case(
+        "cases/gpt2_oft_wte", load_gpt2, 1840,
+        dict(task_type="CAUSAL_LM", r=4, oft_block_size=0, target_modules=["wte"], init_weights=False),
+        "OFT r=4 (blocks of 16) on GPT-2's wte (oft.Embedding), init_weights=False (N(0, 0.1), not scaled: blocks of 16 scaled by 3 make the 5-term series far from orthogonal and its inverse ill-conditioned). lm_head is tied to wte: unmerged only the looked-up rows are rotated; merging rotates the shared table in place, so the merged logits also see the rotated head.",
+        1.0,
+    )
+
+
 if __name__ == "__main__":
     llama_oft()
     llama_oft_variants()
+    oft_embedding_cases()
     print("oft fixtures written")

@@ -50,7 +50,10 @@ export interface OFTConfig extends OFTConfigOptions {}
  * block-diagonal orthogonal matrix `R` `[in, in]`, `y = (x R) Wᵀ + b`, made of `in / k` blocks of
  * `k × k` (`k` = `oftBlockSize`), each the Cayley transform of a skew-symmetric matrix whose upper
  * triangle trains: `oft_R` `[blocks, k (k - 1) / 2]` (`[1, …]` with `blockShare`). Merging gives
- * `W Rᵀ`; unmerging multiplies by `R⁻ᵀ`.
+ * `W Rᵀ`; unmerging multiplies by `R⁻ᵀ`. A targeted embedding table `W` `[vocab, dim]` (the Llama
+ * family's `embed_tokens`, GPT-2's `wte`; HF `oft.Embedding`) rotates its looked-up rows instead,
+ * `y = W[ids] R` with `R` `[dim, dim]`, held in `oft_embedding_R`; merging gives `W R` (with tied
+ * embeddings the output head then sees the merged table, as in HF).
  */
 export class OFTConfig extends SnakeCaseConfig {
   readonly peftType = 'OFT' as const

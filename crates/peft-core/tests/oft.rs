@@ -1,7 +1,9 @@
 //! OFT (issue 15) against HF PEFT 0.21: `__test__/fixtures/cases/llama_oft` (OFTConfig
 //! oft_block_size=8 on q_proj/v_proj/down_proj of the tiny Llama, Cayley-Neumann with 5 terms,
 //! init_weights=False), `llama_oft_variants` (r=3 adjusted per layer, block_share, the exact
-//! Cayley transform, COFT with eps=0.5) and `llama_oft_neumann3` (3 Neumann terms); made by
+//! Cayley transform, COFT with eps=0.5) and `llama_oft_neumann3` (3 Neumann terms); OFT on
+//! embeddings (HF `oft.Embedding`): `llama_oft_embedding` (embed_tokens + q_proj/down_proj of the
+//! tiny Llama, untied) and `gpt2_oft_wte` (GPT-2's wte, tied to lm_head); made by
 //! `__test__/scripts/make_oft_fixtures.py`.
 //!
 //! Run: `cargo test -p peft-core --release --test oft`.
@@ -197,18 +199,18 @@ fn oft_config_parses_hf_options_and_refuses_bad_ones() {
     assert_eq!(e.code(), "ERR_ADAPTER_CONFIG_INVALID");
     let hf_msg = case_json(CASE)["gpt2_refusal"].as_str().unwrap().to_string();
     assert!(e.to_string().contains(&hf_msg), "{e}\nvs HF: {hf_msg}");
+    // (Embeddings, refused here before, are adapted now: see the `oft_embedding_*` tests.)
     let mut m = base_peft(CASE);
-    for (extra, what) in [(json!({"target_modules": ["embed_tokens"]}), "not supported"), (json!({"target_modules": ["nope"]}), "")] {
-        let e = m.add_adapter("x", oft(extra), 1).unwrap_err();
-        assert!(e.to_string().contains(what), "{e}");
-    }
+    let e = m.add_adapter("x", oft(json!({"target_modules": ["nope"]})), 1).unwrap_err();
+    assert_eq!(e.code(), "ERR_NO_TARGET_MODULES", "{e}");
     assert!(m.adapter_names().is_empty());
 }
 
-#[test]
-fn oft_refuses_mixed_batches_and_old_checkpoints() {
-    let exp = Expected::load(CASE);
-    let m = adapter_peft(CASE, false);
+/// `m` (the case's adapter loaded) on the case's batch as a mixed batch (`default` on row 0, the
+/// base on row 1): refused, naming `adapterNames` and OFT (HF 0.21's OFT layers ignore
+/// `adapter_names`).
+fn check_mixed_refused(case: &str, m: &PeftModel) {
+    let exp = Expected::load(case);
     let (ids, b, s) = exp.ids("input_ids");
     let opts = peft_core::model::ForwardOptions {
         attention_mask: Some(exp.mask("attention_mask")),
@@ -218,6 +220,11 @@ fn oft_refuses_mixed_batches_and_old_checkpoints() {
     let e = m.forward(&ids, b, s, &opts, None).unwrap_err();
     assert_eq!(e.code(), "ERR_INVALID_ARGUMENT");
     assert!(e.to_string().contains("adapterNames") && e.to_string().contains("OFT"), "{e}");
+}
+
+#[test]
+fn oft_refuses_mixed_batches_and_old_checkpoints() {
+    check_mixed_refused(CASE, &adapter_peft(CASE, false));
     // A PEFT <= 0.15 file (`oft_r` keys): HF's error.
     let dir = temp_dir("oft-old");
     std::fs::copy(case_dir(CASE).join("adapter_config.json"), dir.join("adapter_config.json")).unwrap();
@@ -251,4 +258,163 @@ fn oft_bias_oft_only_and_all_train_and_save_hfs_biases() {
         assert_eq!(saved.into_iter().collect::<BTreeSet<_>>(), want_keys.into_iter().collect::<BTreeSet<_>>(), "{bias}: saved keys");
         remove_dir(&out);
     }
+}
+
+const EMB: &str = "llama_oft_embedding";
+const WTE: &str = "gpt2_oft_wte";
+
+/// Greedy ids of `m` from the case's first five `input_ids` (KV cache on and off) against `key`.
+fn check_greedy_key(what: &str, m: &PeftModel, exp: &Expected, key: &str) {
+    use peft_core::generate::{generate, GenerateOptions};
+    let (ids, _, _) = exp.ids("input_ids");
+    for use_cache in [true, false] {
+        let opts = GenerateOptions { max_new_tokens: 6, eos_token_ids: vec![], pad_token_id: 0, use_cache, ..Default::default() };
+        let got = generate(m, &ids[..5], 1, 5, None, None, &opts, &|| false).unwrap();
+        assert_eq!(got, exp.rows_u32(key), "{what} greedy ids (use_cache={use_cache})");
+    }
+}
+
+/// The checks both embedding cases share: adapter / disabled / base logits, greedy ids, merge
+/// (safe) and unmerge with the base weights restored, merged greedy ids, merge_and_unload,
+/// HF's counts, layer status, gradients, and the byte-identical re-save.
+fn check_embedding_case(case: &str, emb_module: &str, linears: usize) {
+    let exp = Expected::load(case);
+    let cj = case_json(case);
+    let mut m = adapter_peft(case, false);
+    check_logits("adapter", &m, &exp, "logits_adapter");
+    check_greedy("adapter", &m, &exp);
+    m.set_disabled(true).unwrap();
+    check_logits("disabled", &m, &exp, "logits_disabled");
+    check_logits("disabled = base", &m, &exp, "logits_base");
+    m.set_disabled(false).unwrap();
+    // Merge (safe) and unmerge: the base weights come back within f32 rounding of `W R R⁻¹`
+    // (HF inverts in f32 too; the 5-term series of the scaled test weights is not orthogonal, so
+    // the inverse amplifies the rounding: 1e-4 of each weight's largest entry; merging moves
+    // them by O(1) of it).
+    let before = base_weights(&m);
+    m.merge_adapter(None, true).unwrap();
+    check_logits("merged", &m, &exp, "logits_merged");
+    check_greedy_key("merged", &m, &exp, "greedy_merged");
+    m.unmerge_adapter().unwrap();
+    check_logits("unmerged", &m, &exp, "logits_unmerged");
+    for ((n, a), (_, b)) in before.iter().zip(base_weights(&m)) {
+        let d = max_abs(&(a - &b).unwrap());
+        assert!(d <= 1e-4 * max_abs(a), "{case} {n}: unmerged weight differs from the base by {d:e}");
+    }
+    let mut u = adapter_peft(case, false);
+    u.merge_and_unload(None, false).unwrap();
+    check_logits("merge_and_unload", &u, &exp, "logits_merge_and_unload");
+
+    let m = adapter_peft(case, true);
+    let (trainable, total) = m.nb_trainable_parameters();
+    assert_eq!((trainable as u64, total as u64), (cj["trainable_params"].as_u64().unwrap(), cj["all_params"].as_u64().unwrap()), "{case}: HF's counts");
+    let status = m.layer_status().unwrap();
+    assert_eq!(status.len(), linears + 1, "{status:?}");
+    let emb: Vec<_> = status.iter().filter(|s| s["module_type"] == "oft.Embedding").collect();
+    assert_eq!(emb.len(), 1, "{status:?}");
+    assert!(emb[0]["name"].as_str().unwrap().ends_with(emb_module), "{:?}", emb[0]);
+    check_grads(case, &m);
+    resave_case(case);
+}
+
+#[test]
+fn oft_embedding_on_llama_embed_tokens_matches_hf() {
+    check_embedding_case(EMB, "model.embed_tokens", 4);
+}
+
+#[test]
+fn oft_embedding_on_gpt2_tied_wte_matches_hf() {
+    // lm_head is tied to wte: unmerged, only the looked-up rows rotate (HF's merged logits differ
+    // from the adapter's by `merged_vs_adapter_max_abs`); merged, the shared table `W R` is also
+    // the head's, as HF's in-place merge leaves it.
+    assert!(case_json(WTE)["merged_vs_adapter_max_abs"].as_f64().unwrap() > 0.1);
+    check_embedding_case(WTE, "transformer.wte", 0);
+    // The head holds the merged table while merged and the base table again after unmerging.
+    let mut m = adapter_peft(WTE, false);
+    let table = |m: &PeftModel, name: &str| m.base.named_linears().into_iter().find(|(n, _)| n == name).unwrap().1.weight.clone();
+    let base = table(&m, "lm_head");
+    m.merge_adapter(None, false).unwrap();
+    assert_eq!(max_abs(&(table(&m, "lm_head") - table(&m, "transformer.wte")).unwrap()), 0.0);
+    assert!(max_abs(&(table(&m, "lm_head") - &base).unwrap()) > 1e-3);
+    m.unmerge_adapter().unwrap();
+    assert!(max_abs(&(table(&m, "lm_head") - &base).unwrap()) <= 1e-5 * max_abs(&base));
+}
+
+#[test]
+fn oft_embedding_fresh_adapter_is_a_no_op_trains_saves_and_reloads() {
+    let exp = Expected::load(EMB);
+    let cj = case_json(EMB);
+    let mut m = base_peft(EMB);
+    let cfg = oft(json!({"target_modules": ["embed_tokens", "q_proj", "down_proj"]}));
+    assert_eq!(m.add_adapter("default", cfg, 3).unwrap().len(), 5);
+    check_logits("fresh OFT on embed_tokens (init_weights=True)", &m, &exp, "logits_base");
+    assert_eq!(m.nb_trainable_parameters().0 as u64, cj["trainable_params"].as_u64().unwrap(), "HF's trainable count");
+    let emb_key = "model.embed_tokens.oft_embedding_R.weight";
+    let (_, _, grads) = loss_and_grads(&m, &expected_batch(&exp), None, None).unwrap();
+    for (k, v) in m.trainable_parameters() {
+        let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {k}"));
+        assert!(max_abs(g) > 0.0, "{k}: zero gradient at the identity");
+        v.set(&(v.as_tensor() - (g * 0.5).unwrap()).unwrap()).unwrap();
+    }
+    assert!(m.trainable_parameters().iter().any(|(k, _)| k.ends_with(emb_key)), "{:?}", m.trainable_parameters().iter().map(|(k, _)| k).collect::<Vec<_>>());
+    let moved = forward_batch(&m, &exp);
+    assert!(max_abs(&(&moved - exp.get("logits_base")).unwrap()) > 1e-4, "the step changes the logits");
+    // Saved as HF saves it: the OFT weights plus the base table (`save_embedding_layers="auto"`).
+    let out = temp_dir("oft-emb");
+    m.save_pretrained(&out, None).unwrap();
+    let saved: BTreeSet<String> = peft_core::io::read_safetensors(&out.join("adapter_model.safetensors"), &Device::Cpu).unwrap().into_iter().map(|(k, _)| k).collect();
+    let want: BTreeSet<String> = cj["adapter_keys"].as_array().unwrap().iter().map(|k| k.as_str().unwrap().to_string()).collect();
+    assert_eq!(saved, want, "saved keys");
+    let mut again = base_peft(EMB);
+    let res = again.load_adapter(&out, "default", false, None).unwrap();
+    assert!(res.missing_keys.is_empty() && res.unexpected_keys.is_empty(), "{:?} {:?}", res.missing_keys, res.unexpected_keys);
+    let d = max_abs(&(forward_batch(&again, &exp) - &moved).unwrap());
+    assert!(d <= 1e-6, "reloaded logits differ by {d}");
+    remove_dir(&out);
+    // A shape that does not fit the table's dim is refused naming the key.
+    let bad = temp_dir("oft-emb-bad");
+    std::fs::copy(case_dir(EMB).join("adapter_config.json"), bad.join("adapter_config.json")).unwrap();
+    let t = Tensor::zeros((4, 120), DType::F32, &Device::Cpu).unwrap();
+    let bytes = peft_core::io::safetensors_bytes(&[(format!("base_model.model.{emb_key}"), t)], None).unwrap();
+    std::fs::write(bad.join("adapter_model.safetensors"), bytes).unwrap();
+    let mut fresh = base_peft(EMB);
+    let e = fresh.load_adapter(&bad, "default", false, None).unwrap_err();
+    assert_eq!(e.code(), "ERR_SHAPE_MISMATCH", "{e}");
+    assert!(e.to_string().contains("oft_embedding_R"), "{e}");
+    assert!(fresh.adapter_names().is_empty());
+    remove_dir(&bad);
+}
+
+#[test]
+fn oft_embedding_variants_block_share_exact_cayley_and_coft_round_trip() {
+    // Options HF computes with the same rotation module (no fixture of their own): block sharing,
+    // the exact transform and COFT on the table; merging then unmerging restores it, and the
+    // merged logits equal the unmerged ones (untied Llama).
+    let exp = Expected::load(EMB);
+    let mut m = base_peft(EMB);
+    let cfg = oft(json!({"target_modules": ["embed_tokens"], "oft_block_size": 16, "block_share": true, "use_cayley_neumann": false, "coft": true, "eps": 0.5, "init_weights": false}));
+    m.add_adapter("default", cfg, 5).unwrap();
+    let params = m.trainable_parameters();
+    assert_eq!(params.len(), 1);
+    assert_eq!(params[0].1.dims(), [1, 120]);
+    let adapted = forward_batch(&m, &exp);
+    assert!(max_abs(&(&adapted - exp.get("logits_base")).unwrap()) > 1e-3, "the rotation changes the logits");
+    let before = base_weights(&m);
+    m.merge_adapter(None, true).unwrap();
+    let merged = forward_batch(&m, &exp);
+    assert!(max_abs(&(&merged - &adapted).unwrap()) <= 1e-4, "merged vs adapter");
+    m.unmerge_adapter().unwrap();
+    for ((n, a), (_, b)) in before.iter().zip(base_weights(&m)) {
+        assert!(max_abs(&(a - &b).unwrap()) <= 1e-5 * max_abs(a), "{n}: not restored");
+    }
+}
+
+#[test]
+fn oft_embedding_refuses_mixed_batches_and_leaves_the_layer_as_hf_names_it() {
+    // HF 0.21's oft.Embedding.forward ignores `adapter_names`: mixed batches are refused.
+    let m = adapter_peft(EMB, false);
+    check_mixed_refused(EMB, &m);
+    let emb = m.base.named_linears().into_iter().find(|(n, _)| n == "model.embed_tokens").unwrap().1;
+    assert_eq!(emb.tuner_module_type(), "oft.Embedding");
+    assert_eq!(emb.adapter_kind("default"), Some("oft.Embedding"));
 }

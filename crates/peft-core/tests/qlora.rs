@@ -523,3 +523,126 @@ fn a_quantized_head_without_adapters_does_not_block_merging_and_its_trained_copy
     let diff = max_diff(&before, &after);
     assert!(diff <= 1e-5 * scale, "logits moved by {diff} (scale {scale}) when merging");
 }
+
+/// AdaLoRA (issue 15) on q/v/down_proj with a budget schedule over 6 steps; `init` is
+/// `init_lora_weights` (`false`: lora_E is drawn too, so the SVD delta is non-zero before
+/// training; `true`: HF's default, lora_E = 0).
+fn adalora(m: &mut PeftModel, init: bool) -> Vec<String> {
+    let cfg = AdapterConfig::from_json(
+        &json!({"peft_type": "ADALORA", "task_type": "CAUSAL_LM", "init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 2, "deltaT": 1, "total_step": 6,
+                "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"], "init_lora_weights": init}),
+        None,
+    )
+    .unwrap();
+    m.add_adapter("default", cfg, 13).unwrap()
+}
+
+#[test]
+fn adalora_over_a_kept_quantized_base_adds_its_svd_delta_to_the_quantized_output() {
+    // HF `adalora.bnb.SVDLinear8bitLt` / `SVDLinear4bit` / `gptq.SVDQuantLinear`: the base runs
+    // quantized and `(x (P ⊙ Λ)ᵀ Qᵀ) · s / (ranknum + 1e-5)` is added to its output. Here: the
+    // same file kept quantized and dequantized, the same adapter (same seed), layer by layer.
+    let (mut k, mut d) = (load(true), load(false));
+    let targeted = adalora(&mut k, false);
+    assert_eq!(targeted, adalora(&mut d, false));
+    assert_eq!(targeted.len(), 3 * k.base.num_layers());
+    let x = Tensor::randn(0f32, 1.0, (5, 1), &Device::Cpu).unwrap();
+    let ctx = peft_core::tuners::linear::LinearCtx::default();
+    for ((name, lk), (_, ld)) in k.base.named_linears().into_iter().zip(d.base.named_linears()).filter(|((n, _), _)| targeted.contains(n)) {
+        assert!(lk.quant.is_some() && ld.quant.is_none(), "{name}");
+        let x = x.broadcast_as((5, lk.in_features())).unwrap().contiguous().unwrap();
+        let x = x.broadcast_mul(&Tensor::arange(0f32, lk.in_features() as f32, &Device::Cpu).unwrap().affine(0.01, -0.3).unwrap().unsqueeze(0).unwrap()).unwrap();
+        let out = |l: &peft_core::tuners::linear::PeftLinear, off: bool| {
+            let mut l = l.clone();
+            l.disabled = off;
+            l.forward(&x, &ctx).unwrap()
+        };
+        let (yk, bk, yd, bd) = (out(lk, false), out(lk, true), out(ld, false), out(ld, true));
+        let (dk, dd) = ((&yk - &bk).unwrap(), (&yd - &bd).unwrap());
+        let v = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let scale = max_abs(&v(&dd));
+        assert!(scale > 1e-3, "{name}: the SVD delta is not zero ({scale})");
+        // The delta does not depend on the base: equal up to the f32 rounding of `y - base`.
+        let dd_diff = max_diff(&v(&dk), &v(&dd));
+        assert!(dd_diff <= 1e-5 * (1.0 + max_abs(&v(&yd))), "{name}: delta over the quantized base differs by {dd_diff}");
+        // The base outputs differ only by the kernels' activation quantization.
+        let bdiff = max_diff(&v(&bk), &v(&bd));
+        assert!(bdiff > 0.0 && bdiff <= 0.02 * max_abs(&v(&bd)), "{name}: base {bdiff}");
+    }
+    // Through the network: within the kept model's tolerance of the dequantized logits, and the
+    // adapter moves the logits far more than the quantization does.
+    let (lk, ld) = check_keep_logits(&k, &d, "AdaLoRA keep vs dequantize");
+    k.set_disabled(true).unwrap();
+    let off = logits(&k, &IDS);
+    k.set_disabled(false).unwrap();
+    assert!(max_diff(&lk, &off) > 10.0 * max_diff(&lk, &ld), "adapter effect {} vs quantization {}", max_diff(&lk, &off), max_diff(&lk, &ld));
+    // Merging into the quantized base is refused, as for LoRA.
+    let e = k.merge_adapter(None, false).unwrap_err();
+    assert_eq!(e.code(), "ERR_INVALID_STATE");
+    assert!(e.to_string().contains("quantized"), "{e}");
+    assert_eq!(logits(&k, &IDS), lk);
+}
+
+#[test]
+fn adalora_training_with_rank_allocation_over_a_kept_quantized_base_matches_the_dequantized_run() {
+    let (mut k, mut d) = (load(true), load(false));
+    adalora(&mut k, true);
+    adalora(&mut d, true);
+    let run = |m: &PeftModel| -> Vec<f64> {
+        let mut tr = peft_core::train::Trainer::new(m, peft_core::train::TrainingArgs { learning_rate: 1e-2, max_steps: 6, seed: 3, ..Default::default() }).unwrap();
+        (0..6).map(|_| tr.step(m, std::slice::from_ref(&batch())).unwrap().loss).collect()
+    };
+    let (lk, ld) = (run(&k), run(&d));
+    eprintln!("AdaLoRA keep {lk:?}\ndequantize {ld:?}");
+    // The quantization moves the loss by ~1e-5 of it; 1e-3 is well below what training moves it
+    // (an adapter that did nothing over the quantized base would fail here).
+    for (i, (a, b)) in lk.iter().zip(&ld).enumerate() {
+        assert!((a - b).abs() <= 1e-3 * b.abs(), "step {i}: loss {a} (keep) vs {b} (dequantize)");
+    }
+    assert!(lk[5] < lk[0] - 10.0 * 1e-3 * lk[0], "the loss must go down by more than the tolerance: {lk:?}");
+    // The budget phase ended (total_step - tfinal = 4): both keep target_r triplets per layer.
+    for m in [&k, &d] {
+        let cfg = m.peft_config("default").unwrap().get::<peft_core::tuners::adalora::AdaLoraConfig>().unwrap().clone();
+        let pattern = cfg.rank_pattern().expect("a rank pattern after the budgeting phase");
+        assert_eq!(pattern.iter().map(|(_, v)| v.iter().filter(|x| **x).count()).sum::<usize>(), 2 * 3 * m.base.num_layers(), "{pattern:?}");
+    }
+    // The pruned adapter trained over the quantized base saves, and reloads over it unchanged.
+    let before = logits(&k, &IDS);
+    let out = std::env::temp_dir().join(format!("peft-qlora-adalora-{}", std::process::id()));
+    k.save_pretrained(&out, None).unwrap();
+    let mut again = load(true);
+    again.load_adapter(&out, "default", false, None).unwrap();
+    assert!(max_diff(&logits(&again, &IDS), &before) <= 1e-5 * max_abs(&before));
+    std::fs::remove_dir_all(&out).ok();
+}
+
+/// An adapter on the input embedding of a tied model: merging rotates / shifts the shared table,
+/// which HF's tied `lm_head` then uses too. Dequantized, the head follows the merged table (and
+/// the base table again after unmerging); kept quantized, the head cannot follow, so the merge is
+/// refused before anything changes.
+#[test]
+fn merging_an_embedding_adapter_of_a_tied_model_moves_the_head_or_is_refused_when_it_is_quantized() {
+    let oft = || AdapterConfig::from_json(&json!({"peft_type": "OFT", "r": 0, "oft_block_size": 16, "target_modules": ["embed_tokens"], "init_weights": false}), None).unwrap();
+    let head = |m: &PeftModel| m.base.as_llama().unwrap().lm_head.weight.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let table = |m: &PeftModel| m.base.as_llama().unwrap().embed_tokens.weight.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let mut d = load_tied(false);
+    d.add_adapter("default", oft(), 9).unwrap();
+    let base_head = head(&d);
+    let adapted = logits(&d, &IDS);
+    d.merge_adapter(None, true).unwrap();
+    assert_eq!(head(&d), table(&d), "the tied head holds the merged table");
+    assert!(max_diff(&head(&d), &base_head) > 1e-3);
+    assert!(max_diff(&logits(&d, &IDS), &adapted) > 1e-3, "merged, the head sees the rotated table too (as HF)");
+    d.unmerge_adapter().unwrap();
+    assert!(max_diff(&head(&d), &base_head) <= 1e-5 * max_abs(&base_head));
+    assert!(max_diff(&logits(&d, &IDS), &adapted) <= 1e-4 * max_abs(&adapted));
+
+    let mut k = load_tied(true);
+    k.add_adapter("default", oft(), 9).unwrap();
+    let before = logits(&k, &IDS);
+    let e = k.merge_adapter(None, false).unwrap_err();
+    assert_eq!(e.code(), "ERR_INVALID_STATE");
+    assert!(e.to_string().contains("model.embed_tokens") && e.to_string().contains("lm_head") && e.to_string().contains("quantized"), "{e}");
+    assert!(k.base.named_linears().iter().all(|(_, l)| l.merged.is_empty()));
+    assert_eq!(logits(&k, &IDS), before);
+}

@@ -66,18 +66,68 @@ impl PeftModel {
                 lin.refuse_quantized("merge an adapter")?;
             }
         }
-        for (_, lin) in self.base.named_linears_mut() {
-            lin.merge(&names, safe_merge)?;
+        // A tied output head kept quantized (a GGUF with tied embeddings under `keep`) cannot
+        // follow a merge into the embedding table that HF's shared weight would give it.
+        let tied_cfg = self.base.config_json()["tie_word_embeddings"].as_bool() == Some(true);
+        let lins = self.base.named_linears();
+        let quant_head = lins.iter().find(|(m, l)| m == "lm_head" && l.quant.is_some() && !l.has_adapters() && l.saved_copies.is_empty());
+        if let (true, Some((h, head))) = (tied_cfg, quant_head) {
+            if let Some((e, _)) = lins.iter().find(|(_, l)| l.is_embedding && names.iter().any(|n| l.has_adapter(n) && !l.merged.contains(n))) {
+                head.refuse_quantized(&format!("merge an adapter of `{e}` (tied to `{h}`)"))?;
+            }
         }
-        Ok(())
+        let tied = self.tied_tables();
+        let mut done = Ok(());
+        for (_, lin) in self.base.named_linears_mut() {
+            done = lin.merge(&names, safe_merge);
+            if done.is_err() {
+                break;
+            }
+        }
+        self.retie_tables(&tied);
+        done
     }
 
     /// Subtract every merged adapter from the base weights again.
     pub fn unmerge_adapter(&mut self) -> Result<()> {
+        let tied = self.tied_tables();
+        let mut done = Ok(());
         for (_, lin) in self.base.named_linears_mut() {
-            lin.unmerge()?;
+            done = lin.unmerge();
+            if done.is_err() {
+                break;
+            }
         }
-        Ok(())
+        self.retie_tables(&tied);
+        done
+    }
+
+    /// `(embedding, head)` module pairs whose weights are one tensor (tied word embeddings: a
+    /// causal LM's `lm_head` built from the input embedding's table), where the head holds no
+    /// adapter, copy or quantized weight of its own. HF ties the two to one `Parameter`, so a
+    /// merge into the embedding (OFT `W R`, LoRA `W + ΔW`, written into the parameter in place or
+    /// through `weight.data`) changes the head too; [`Self::retie_tables`] does the same here.
+    fn tied_tables(&self) -> Vec<(String, String)> {
+        let lins = self.base.named_linears();
+        let mut out = Vec::new();
+        for (e, el) in lins.iter().filter(|(_, l)| l.is_embedding) {
+            for (h, hl) in lins.iter().filter(|(_, l)| !l.is_embedding && l.quant.is_none() && !l.has_adapters() && l.saved_copies.is_empty()) {
+                if hl.weight.id() == el.weight.id() {
+                    out.push((e.clone(), h.clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Points each head of `pairs` (from [`Self::tied_tables`]) at its embedding's current table.
+    fn retie_tables(&mut self, pairs: &[(String, String)]) {
+        for (e, h) in pairs {
+            let table = self.base.named_linears().into_iter().find(|(m, _)| m == e).map(|(_, l)| l.weight.clone());
+            if let (Some(w), Some((_, head))) = (table, self.base.named_linears_mut().into_iter().find(|(m, _)| m == h)) {
+                head.weight = w;
+            }
+        }
     }
 
     /// Merge the given (default: active) adapters and remove all adapter state, leaving a plain

@@ -74,8 +74,9 @@ impl PeftModel {
 
     /// The base embedding layers saved with adapter `name` (HF `get_peft_model_state_dict`'s
     /// `save_embedding_layers`): with `Auto`, only when the config's `target_modules` names an
-    /// embedding layer (`embed_tokens` / `lm_head`, HF's `EMBEDDING_LAYER_NAMES`). When targeted,
-    /// each of the input and output embeddings that carries LoRA adapters is saved as
+    /// embedding layer (`embed_tokens` / `lm_head`, HF's `EMBEDDING_LAYER_NAMES`) and the adapter
+    /// does not use trainable tokens. When targeted, each of the input and output embeddings that
+    /// carries adapters of any tuner (HF `has_valid_embedding_base_layer`) is saved as
     /// `<module>.base_layer.weight`; with `Yes` and no targeted embedding, both are saved as
     /// `<module>.weight` (the input embedding `model.embed_tokens` / `transformer.wte`, and
     /// `lm_head` on causal LMs). Weights are the unmerged base weights, in the base dtype.
@@ -95,10 +96,12 @@ impl PeftModel {
             }
             _ => false,
         };
+        // HF: `using_trainable_tokens` leaves `auto` to its vocabulary-resize check (false here).
+        let uses_tt = cfg.peft_type() == "TRAINABLE_TOKENS" || !cfg.to_json()["trainable_token_indices"].is_null();
         let save = match mode {
             SaveEmbeddingLayers::No => false,
             SaveEmbeddingLayers::Yes => true,
-            SaveEmbeddingLayers::Auto => targeted,
+            SaveEmbeddingLayers::Auto => targeted && !uses_tt,
         };
         let mut out = Vec::new();
         if !save {
@@ -111,7 +114,7 @@ impl PeftModel {
             }
             let w = self.unmerged_base_weight(lin)?;
             if targeted {
-                if lin.loras().next().is_some() {
+                if lin.has_adapters() {
                     out.push((format!("{KEY_PREFIX}{m}.base_layer.weight"), w));
                 }
             } else {

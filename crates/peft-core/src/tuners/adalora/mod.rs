@@ -20,6 +20,12 @@
 //! - The fused engine computes plain LoRA only and leaves AdaLoRA layers to the general path;
 //!   mixed batches (`adapterNames`) are refused (HF's `SVDLinear` ignores `adapter_names`).
 //! - `bias` = `"all"` / `"lora_only"` trains and saves the base biases (LoRA's handling).
+//! - A base kept quantized (a GGUF loaded with `quantization: 'keep'`): the base product runs
+//!   through the quantized kernels and the SVD delta is added to its output, as HF's
+//!   `adalora.bnb.SVDLinear8bitLt` / `SVDLinear4bit` and `adalora.gptq.SVDQuantLinear` do
+//!   (the layer never reads the base weight); training and rank allocation work as over a dense
+//!   base, and merging is refused (`ERR_INVALID_STATE`), as for LoRA (tested in `tests/qlora.rs`
+//!   against the same file dequantized).
 
 pub mod allocator;
 pub mod config;

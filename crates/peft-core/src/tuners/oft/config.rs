@@ -4,10 +4,12 @@
 //! Each targeted linear layer (in → out) rotates its input by a block-diagonal orthogonal matrix
 //! made of `r` blocks of `oft_block_size × oft_block_size` (`r · oft_block_size = in`), each the
 //! Cayley transform of a skew-symmetric matrix whose upper triangle is trainable (`oft_R`,
-//! `[r, oft_block_size · (oft_block_size - 1) / 2]`). See [`super::layer`] for the math.
+//! `[r, oft_block_size · (oft_block_size - 1) / 2]`); a targeted embedding table splits its
+//! embedding dimension instead (`oft_embedding_R`). See [`super::layer`] for the math.
 //!
 //! Exactly one of `r` and `oft_block_size` is non-zero (HF's `__post_init__`); the other follows
-//! per layer from its `in_features`, after HF's adjustment of a value that does not divide it.
+//! per layer from its `in_features` (an embedding's `dim`), after HF's adjustment of a value that
+//! does not divide it.
 
 use crate::error::Result;
 use crate::tuners::config::{LayerCommon, LayerFields, RawConfig};

@@ -23,6 +23,12 @@
 //! supplied to autograd as `R - ½ (I + R)(Q - stop(Q))(I + R)` with `R` constant: the value is
 //! `R` exactly, the derivative the transform's.
 //!
+//! Embeddings (HF `oft.Embedding`): for a table `W` `[num_embeddings, dim]` the blocks split the
+//! embedding dimension (`r · k = dim`) and the looked-up rows are rotated, `y = W[ids] R` (HF's
+//! forward: `oft_embedding_R(base_layer(x))`); the parameter is `oft_embedding_R` `[r, n]`.
+//! Merge: `W ← W R` (HF `torch.mm(W, R)`, in place, so a tied output head sees it too); unmerge:
+//! `W ← W R⁻¹`.
+//!
 //! HF 0.21 builds a `MultiplicativeDropoutLayer` for `module_dropout > 0` but its forward never
 //! calls it, so `module_dropout` changes nothing, there or here.
 
@@ -33,15 +39,23 @@ use candle_core::{DType, Device, Tensor, Var};
 
 /// `<module>.oft_R.<adapter>.weight` in the model, `<module>.oft_R.weight` on disk.
 pub const OFT_R: Slot = Slot::module("oft_R");
-/// Every OFT slot of a linear layer.
-pub const SLOTS: [Slot; 1] = [OFT_R];
+/// An embedding's rotation (HF `oft.Embedding.oft_embedding_R`):
+/// `<module>.oft_embedding_R.<adapter>.weight` in the model, `<module>.oft_embedding_R.weight` on
+/// disk.
+pub const OFT_EMBEDDING_R: Slot = Slot::module("oft_embedding_R");
+/// Every OFT slot (linear layers, embeddings).
+pub const SLOTS: [Slot; 2] = [OFT_R, OFT_EMBEDDING_R];
 
-/// One OFT adapter of one linear layer.
+/// One OFT adapter of one linear layer or embedding table.
 #[derive(Debug, Clone)]
 pub struct OftLayer {
-    /// `oft_R` `[rows, n]` (`rows` = `r`, or 1 with `block_share`), trainable.
+    /// `oft_R` (`oft_embedding_R` on an embedding) `[rows, n]` (`rows` = `r`, or 1 with
+    /// `block_share`), trainable.
     pub weight: Var,
-    /// Blocks per layer (`in / block_size`).
+    /// HF `oft.Embedding`: the looked-up rows `[..., dim]` are rotated (`r · block_size = dim`);
+    /// otherwise (HF `oft.Linear`) the input `[..., in]`.
+    pub embedding: bool,
+    /// Blocks per layer (`in / block_size`, `dim / block_size` on an embedding).
     pub r: usize,
     /// `k`: the side of a block.
     pub block_size: usize,
@@ -185,10 +199,19 @@ impl OftLayer {
         Self::block_diag(&self.layer_blocks(false)?)
     }
 
-    /// `x` `[..., in]` rotated blockwise (`x R`), in `x`'s dtype (HF `OFTRotationModule.forward`:
-    /// computed in the weight's dtype).
+    /// The rotated dimension of `lin`: its inputs, or an embedding table's `dim`.
+    pub fn rotated_dim(lin: &PeftLinear) -> usize {
+        if lin.is_embedding {
+            lin.out_features()
+        } else {
+            lin.in_features()
+        }
+    }
+
+    /// `x` `[..., in]` (the looked-up rows `[..., dim]` of an embedding) rotated blockwise
+    /// (`x R`), in `x`'s dtype (HF `OFTRotationModule.forward`: computed in the weight's dtype).
     pub fn rotate(&self, lin: &PeftLinear, x: &Tensor, train: bool) -> Result<Tensor> {
-        let inf = lin.in_features();
+        let inf = Self::rotated_dim(lin);
         let dims = x.dims().to_vec();
         if dims.last() != Some(&inf) || self.r * self.block_size != inf {
             return Err(PeftError::ShapeMismatch { name: "OFT input".into(), expected: vec![inf], found: dims });
@@ -209,6 +232,13 @@ impl OftLayer {
         let merged = mat.matmul(&w.t()?.contiguous()?)?.t()?; // (M Wᵀ)ᵀ = W Mᵀ
         let merged = if lin.transposed { merged.t()? } else { merged };
         Ok(merged.to_dtype(lin.weight.dtype())?.contiguous()?)
+    }
+
+    /// An embedding table `[num, dim]` (f32) times `mat` `[dim, dim]`, in the base dtype (HF
+    /// `oft.Embedding.merge`: `torch.mm(W, R)`).
+    fn table_times(lin: &PeftLinear, mat: &Tensor) -> Result<Tensor> {
+        let w = lin.weight.to_dtype(DType::F32)?;
+        Ok(w.matmul(mat)?.to_dtype(lin.weight.dtype())?.contiguous()?)
     }
 }
 
@@ -288,44 +318,87 @@ impl AdapterLayer for OftLayer {
         "OFT"
     }
     fn module_type(&self) -> &'static str {
-        "oft.Linear"
+        if self.embedding {
+            "oft.Embedding"
+        } else {
+            "oft.Linear"
+        }
+    }
+    /// `"oft"`; `"oft.Embedding"` on an embedding (the bindings report the whole class, as for
+    /// LoRA's `lora.Embedding`).
+    fn adapter_kind(&self) -> &'static str {
+        if self.embedding {
+            "oft.Embedding"
+        } else {
+            "oft"
+        }
     }
     fn params(&self) -> Vec<Param<'_>> {
-        vec![(OFT_R, &self.weight)]
+        vec![(if self.embedding { OFT_EMBEDDING_R } else { OFT_R }, &self.weight)]
     }
     fn set_param(&mut self, slot: &Slot, v: Var) -> Result<()> {
-        match slot.name {
-            "oft_R" => self.weight = v,
-            other => return Err(PeftError::invalid_arg("slot", format!("an OFT linear layer has no `{other}`"))),
+        match (slot.name, self.embedding) {
+            ("oft_R", false) | ("oft_embedding_R", true) => self.weight = v,
+            (other, emb) => {
+                let what = if emb { "embedding" } else { "linear layer" };
+                return Err(PeftError::invalid_arg("slot", format!("an OFT {what} has no `{other}`")));
+            }
         }
         Ok(())
     }
-    /// `W Rᵀ - W` `[out, in]` f32: the change merging makes (merging itself uses
-    /// [`AdapterLayer::merged_weight`]).
+    /// `W Rᵀ - W` `[out, in]` f32 (an embedding: `(W R - W)ᵀ` `[dim, num]`): the change merging
+    /// makes (merging itself uses [`AdapterLayer::merged_weight`]).
     fn delta_weight(&self, lin: &PeftLinear) -> Result<Tensor> {
         let w = lin.weight_out_in_f32()?;
+        if self.embedding {
+            // `w` is the table transposed, `[dim, num]`: (W R)ᵀ = Rᵀ Wᵀ.
+            return Ok((self.rotation()?.t()?.matmul(&w)? - w)?);
+        }
         Ok((w.matmul(&self.rotation()?.t()?)? - w)?)
     }
-    /// `(x R - x) Wᵀ` (no bias): what the rotation adds to the base output.
+    /// `(x R - x) Wᵀ` (no bias): what the rotation adds to the base output. Embeddings rotate
+    /// their looked-up rows instead ([`AdapterLayer::apply_embedding`]).
+    ///
+    /// Errors: `InvalidState` on an embedding.
     fn forward_delta(&self, lin: &PeftLinear, x: &Tensor, ctx: &LinearCtx) -> Result<Tensor> {
+        if self.embedding {
+            return Err(PeftError::InvalidState("an OFT embedding rotates its looked-up rows; it has no linear forward".into()));
+        }
         let d = (self.rotate(lin, x, ctx.train)? - x)?;
         Ok(lin.base(&d, None)?.to_dtype(DType::F32)?)
     }
     fn transform_input(&self, lin: &PeftLinear, x: &Tensor, ctx: &LinearCtx) -> Option<Result<Tensor>> {
+        if self.embedding {
+            return None;
+        }
         Some(self.rotate(lin, x, ctx.train))
+    }
+    /// HF `oft.Embedding.forward`: the looked-up rows `y` `[..., dim]` rotated blockwise (`y R`).
+    fn apply_embedding(&self, lin: &PeftLinear, _ids: &Tensor, y: Tensor, ctx: &LinearCtx) -> Result<Tensor> {
+        if !self.embedding {
+            return Ok(y);
+        }
+        self.rotate(lin, &y, ctx.train)
     }
     /// The rotation acted on the input ([`AdapterLayer::transform_input`]): the output is the
     /// base layer's.
     fn apply(&self, _lin: &PeftLinear, _x: &Tensor, y: Tensor, _ctx: &LinearCtx) -> Result<Tensor> {
         Ok(y)
     }
+    /// `W Rᵀ` (an embedding table: `W R`), in the base dtype and layout.
     fn merged_weight(&self, lin: &PeftLinear) -> Option<Result<Tensor>> {
+        if self.embedding {
+            return Some(self.rotation().and_then(|r| Self::table_times(lin, &r)));
+        }
         Some(self.rotation().and_then(|r| Self::weight_times_t(lin, &r)))
     }
+    /// `W R⁻ᵀ` (an embedding table: `W R⁻¹`, HF `torch.linalg.inv`).
     fn unmerged_weight(&self, lin: &PeftLinear) -> Option<Result<Tensor>> {
-        Some(self.layer_blocks(false).and_then(|b| invert_blocks(&b)).and_then(|b| Self::block_diag(&b)).and_then(|inv| Self::weight_times_t(lin, &inv)))
+        let inv = self.layer_blocks(false).and_then(|b| invert_blocks(&b)).and_then(|b| Self::block_diag(&b));
+        Some(inv.and_then(|inv| if self.embedding { Self::table_times(lin, &inv) } else { Self::weight_times_t(lin, &inv) }))
     }
-    /// HF 0.21's `oft.Linear` has no per-row adapter hook (it ignores `adapter_names`).
+    /// HF 0.21's `oft.Linear` and `oft.Embedding` have no per-row adapter hook (they ignore
+    /// `adapter_names`).
     fn mixed_batch(&self) -> bool {
         false
     }
@@ -339,6 +412,7 @@ mod tests {
         let rows = vals.len() / OftLayer::n_elements(k);
         OftLayer {
             weight: Var::from_tensor(&Tensor::from_vec(vals, (rows, OftLayer::n_elements(k)), &Device::Cpu).unwrap()).unwrap(),
+            embedding: false,
             r,
             block_size: k,
             block_share: rows == 1 && r > 1,

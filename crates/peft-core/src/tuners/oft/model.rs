@@ -12,29 +12,25 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 use std::collections::HashMap;
 
-/// HF's refusal of a layer type OFT does not adapt: GPT-2 `Conv1D` (HF 0.21: `TypeError`), and
-/// embeddings, which HF adapts (`oft.Embedding`) but peft-node does not.
+/// HF's refusal of a layer type OFT does not adapt: GPT-2 `Conv1D` (HF 0.21: `TypeError`).
+/// Linear layers (HF `oft.Linear`) and embedding tables (HF `oft.Embedding`) are adapted.
 pub(super) fn unsupported_target(mname: &str, lin: &PeftLinear) -> Option<PeftError> {
-    let msg = if lin.is_embedding {
-        format!(
-            "Target module `{mname}` (Embedding) is not supported: peft-node's OFT adapts linear layers only (HF 0.21's `oft.Embedding` is not built here)."
-        )
-    } else if lin.transposed {
-        format!(
-            "Target module Conv1D(nf={}, nx={}) is not supported. Currently, only `torch.nn.Linear`, `torch.nn.Conv2d`, `torch.nn.Embedding` (optionally quantized) are supported. (module `{mname}`: HF PEFT 0.21's OFT refuses GPT-2's Conv1D layers with this TypeError)",
-            lin.out_features(),
-            lin.in_features()
-        )
-    } else {
+    if lin.is_embedding || !lin.transposed {
         return None;
-    };
+    }
+    let msg = format!(
+        "Target module Conv1D(nf={}, nx={}) is not supported. Currently, only `torch.nn.Linear`, `torch.nn.Conv2d`, `torch.nn.Embedding` (optionally quantized) are supported. (module `{mname}`: HF PEFT 0.21's OFT refuses GPT-2's Conv1D layers with this TypeError)",
+        lin.out_features(),
+        lin.in_features()
+    );
     Some(PeftError::InvalidAdapterConfig { path: None, msg })
 }
 
-/// A new OFT layer for a linear layer with `in_features` inputs: `oft_R` `[r, n]` (`[1, n]`
-/// with `block_share`), zero (`init_weights`, the identity rotation) or N(0, 0.1²) drawn from
-/// `rng`; plus HF's adjustment warning when `r` / `oft_block_size` does not divide `in_features`.
-pub(super) fn new_layer(cfg: &OftConfig, in_features: usize, rng: &mut rand::rngs::StdRng, device: &Device) -> Result<(OftLayer, Option<String>)> {
+/// A new OFT layer rotating `in_features` values (a linear layer's inputs, an embedding
+/// table's `dim` when `embedding`): `oft_R` / `oft_embedding_R` `[r, n]` (`[1, n]` with
+/// `block_share`), zero (`init_weights`, the identity rotation) or N(0, 0.1²) drawn from `rng`;
+/// plus HF's adjustment warning when `r` / `oft_block_size` does not divide `in_features`.
+pub(super) fn new_layer(cfg: &OftConfig, in_features: usize, embedding: bool, rng: &mut rand::rngs::StdRng, device: &Device) -> Result<(OftLayer, Option<String>)> {
     let (r, block_size, note) = cfg.layer_dims(in_features);
     let rows = if cfg.block_share { 1 } else { r };
     let n = OftLayer::n_elements(block_size);
@@ -46,6 +42,7 @@ pub(super) fn new_layer(cfg: &OftConfig, in_features: usize, rng: &mut rand::rng
     };
     let layer = OftLayer {
         weight: Var::from_tensor(&Tensor::from_vec(vals, (rows, n), device)?)?,
+        embedding,
         r,
         block_size,
         block_share: cfg.block_share,
@@ -59,16 +56,18 @@ pub(super) fn new_layer(cfg: &OftConfig, in_features: usize, rng: &mut rand::rng
 }
 
 impl PeftModel {
-    /// Inject an OFT adapter (HF `OFTModel`): one [`OftLayer`] per targeted linear layer, in
-    /// module order, with per-layer `r` / `oft_block_size` (HF's adjustment and its warning when
-    /// the configured value does not divide the layer's inputs). `fan_in_fan_out` is reset to
-    /// false with HF's warning (every OFT target is an `nn.Linear`). `bias` = `"all"` /
+    /// Inject an OFT adapter (HF `OFTModel`): one [`OftLayer`] per targeted linear layer or
+    /// embedding table (HF `oft.Embedding`, rotating the embedding dimension), in module order,
+    /// with per-layer `r` / `oft_block_size` (HF's adjustment and its warning when the
+    /// configured value does not divide the rotated dimension). `fan_in_fan_out` is reset to
+    /// false with HF's warning when a linear layer is targeted (HF `_create_new_module`; an
+    /// embedding alone leaves it as it is). `bias` = `"all"` /
     /// `"oft_only"` makes every base bias / those of the OFT layers trainable (HF
     /// `_mark_only_adapters_as_trainable`). A config read from a file of PEFT < 0.18 with
     /// `use_cayley_neumann` gives HF's warning (the series changed in 0.18).
     ///
     /// Errors (the model then unchanged): `InvalidAdapterConfig` for a GPT-2 `Conv1D` target (HF's
-    /// `TypeError` text) or an embedding target (not built here); `NoTargetModules`.
+    /// `TypeError` text); `NoTargetModules`.
     pub(crate) fn add_oft(&mut self, name: &str, mut cfg: OftConfig, seed: u64) -> Result<Vec<String>> {
         let copies = self.prepare_layer_adapter(name, &mut cfg.common)?;
         let selected = self.select_layers(&cfg)?;
@@ -76,11 +75,13 @@ impl PeftModel {
         let device = self.base.device().clone();
         let mut planned: HashMap<String, Box<dyn AdapterLayer>> = HashMap::new();
         let mut notes = Vec::new();
+        let mut any_linear = false;
         for (mname, lin) in self.base.named_linears().into_iter().filter(|(m, _)| selected.contains(m)) {
             if let Some(e) = unsupported_target(&mname, lin) {
                 return Err(e);
             }
-            let (layer, note) = new_layer(&cfg, lin.in_features(), &mut rng, &device)?;
+            any_linear |= !lin.is_embedding;
+            let (layer, note) = new_layer(&cfg, OftLayer::rotated_dim(lin), lin.is_embedding, &mut rng, &device)?;
             if let Some(n) = note.filter(|n| !notes.contains(n)) {
                 notes.push(n); // HF's `warnings.warn`: each distinct message once
             }
@@ -89,7 +90,7 @@ impl PeftModel {
         if cfg.pre_018_neumann {
             self.warnings.push("The cayley-neumann parameterization has been slightly changed to be more numerically stable in PEFT 0.18.0. Please retrain your adapter weights with newer PEFT versions. Alternatively, downgrade PEFT to version 0.17.0 to use the old parameterization.".into());
         }
-        if cfg.fan_in_fan_out {
+        if cfg.fan_in_fan_out && any_linear {
             self.warnings.push("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting fan_in_fan_out to False.".into());
             cfg.fan_in_fan_out = false;
         }
