@@ -30,21 +30,7 @@ fn oft(extra: serde_json::Value) -> AdapterConfig {
 /// Checks the loss and every `oft_R` gradient of `m` against the case's `loss` / `grad.<key>`
 /// (1e-4 relative to each gradient's scale).
 fn check_grads(case: &str, m: &PeftModel) {
-    let exp = Expected::load(case);
-    let (loss, _, grads) = loss_and_grads(m, &expected_batch(&exp), None, None).unwrap_or_else(|e| panic!("loss_and_grads: [{}] {e}", e.code()));
-    let want = exp.get("loss").flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] as f64;
-    visible(&format!("diff {case} loss: got {loss:.8} expected {want:.8}"));
-    assert!((loss - want).abs() <= 1e-5, "{case}: loss {loss} vs {want}");
-    let params = m.trainable_parameters();
-    let keys: BTreeSet<String> = params.iter().map(|(k, _)| k.clone()).collect();
-    let want_keys: BTreeSet<String> = exp.t.keys().filter_map(|k| k.strip_prefix("grad.")).map(String::from).collect();
-    assert_eq!(keys, want_keys, "{case}: trainable parameters vs HF's grad.* keys");
-    for (k, v) in &params {
-        let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {k}"));
-        let e = exp.get(&format!("grad.{k}"));
-        assert!(max_abs(e) > 0.0, "{k}: HF's gradient is zero");
-        assert_close(&format!("{case} grad.{k}"), g, e, 1e-4 * max_abs(e), 1e-4);
-    }
+    check_hf_loss_and_grads(case, m);
 }
 
 #[test]

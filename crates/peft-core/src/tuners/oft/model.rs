@@ -8,9 +8,7 @@ use crate::peft_model::PeftModel;
 use crate::tuners::layer::AdapterLayer;
 use crate::tuners::linear::PeftLinear;
 use candle_core::{Device, Tensor, Var};
-use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
-use std::collections::HashMap;
 
 /// HF's refusal of a layer type OFT does not adapt: GPT-2 `Conv1D` (HF 0.21: `TypeError`).
 /// Linear layers (HF `oft.Linear`) and embedding tables (HF `oft.Embedding`) are adapted.
@@ -69,24 +67,19 @@ impl PeftModel {
     /// Errors (the model then unchanged): `InvalidAdapterConfig` for a GPT-2 `Conv1D` target (HF's
     /// `TypeError` text); `NoTargetModules`.
     pub(crate) fn add_oft(&mut self, name: &str, mut cfg: OftConfig, seed: u64) -> Result<Vec<String>> {
-        let copies = self.prepare_layer_adapter(name, &mut cfg.common)?;
-        let selected = self.select_layers(&cfg)?;
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let device = self.base.device().clone();
-        let mut planned: HashMap<String, Box<dyn AdapterLayer>> = HashMap::new();
         let mut notes = Vec::new();
         let mut any_linear = false;
-        for (mname, lin) in self.base.named_linears().into_iter().filter(|(m, _)| selected.contains(m)) {
-            if let Some(e) = unsupported_target(&mname, lin) {
+        let planned = self.plan_layers(name, &mut cfg, seed, |cfg, mname, lin, rng, device| {
+            if let Some(e) = unsupported_target(mname, lin) {
                 return Err(e);
             }
             any_linear |= !lin.is_embedding;
-            let (layer, note) = new_layer(&cfg, OftLayer::rotated_dim(lin), lin.is_embedding, &mut rng, &device)?;
+            let (layer, note) = new_layer(cfg, OftLayer::rotated_dim(lin), lin.is_embedding, rng, device)?;
             if let Some(n) = note.filter(|n| !notes.contains(n)) {
                 notes.push(n); // HF's `warnings.warn`: each distinct message once
             }
-            planned.insert(mname, Box::new(layer));
-        }
+            Ok(Box::new(layer) as Box<dyn AdapterLayer>)
+        })?;
         if cfg.pre_018_neumann {
             self.warnings.push("The cayley-neumann parameterization has been slightly changed to be more numerically stable in PEFT 0.18.0. Please retrain your adapter weights with newer PEFT versions. Alternatively, downgrade PEFT to version 0.17.0 to use the old parameterization.".into());
         }
@@ -97,8 +90,6 @@ impl PeftModel {
         self.warnings.extend(notes);
         // `bias: "all" | "oft_only"` (HF `_mark_only_adapters_as_trainable`) is applied by the
         // generic registration (`peft_model/bias.rs`), as for every tuner with a `bias` field.
-        self.install_planned(name, cfg.into(), planned, copies, |lin, name, l| {
-            lin.layers.insert(name, l);
-        })
+        self.install_layers(name, cfg.into(), planned)
     }
 }
