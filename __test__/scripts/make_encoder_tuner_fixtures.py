@@ -18,6 +18,9 @@ Run with torch 2.13 + transformers 5.18 + peft 0.21 (the venv of benches/README.
   `classifier` to modules_to_save): targets `query`, `value` and `intermediate.dense`; the batch is
   `[2, 7]` ids (row 1 padded by 2) with class labels `[2]`.
 - BERT also gets trainable tokens (`bert_tt`) on `word_embeddings`, on ids the batch uses.
+- Issue 18's decoder families (`models/{llama3,qwen3,gemma3,smollm3,phi3}`, CAUSAL_LM): IA3, LoHa, LoKr,
+  VeRA, OFT, AdaLoRA and HRA on `q_proj`, `v_proj`, `down_proj` (Phi-3: the fused `qkv_proj`, `o_proj`,
+  `gate_up_proj`); IA3's feed-forward module is `down_proj` (`gate_up_proj`).
 - Each tuner starts from HF's non-identity init where it has one (`init_*_weights=False`); parameters
   that are still all zero (AdaLoRA's `lora_E`, the IA3 vectors' ones, OFT's small `oft_R`) are then
   drawn N(0, 0.1²) (OFT: its values times 3), and the classifier copy gets N(0, 0.05²) added: the
@@ -38,9 +41,15 @@ import torch
 from peft import (AdaLoraConfig, HRAConfig, IA3Config, LoHaConfig, LoKrConfig, LoraConfig, OFTConfig, TrainableTokensConfig,
                   VeraConfig, get_peft_model)
 
+DECODER_TUNERS = ["ia3", "loha", "lokr", "vera", "oft", "adalora", "hra"]
+
 FAMILIES = {
     "gpt2": dict(task="CAUSAL_LM", targets=["c_attn", "mlp.c_proj"], ff=["mlp.c_proj"], tuners=["lora", "ia3"]),
     "t5": dict(task="SEQ_2_SEQ_LM", targets=["q", "v", "wo"], ff=["wo"]),
+    # Issue 18's decoder families (their LoRA and prefix cases come from their own generators).
+    **{f: dict(task="CAUSAL_LM", targets=["q_proj", "v_proj", "down_proj"], ff=["down_proj"], tuners=DECODER_TUNERS)
+       for f in ["llama3", "qwen3", "gemma3", "smollm3"]},
+    "phi3": dict(task="CAUSAL_LM", targets=["qkv_proj", "o_proj", "gate_up_proj"], ff=["gate_up_proj"], tuners=DECODER_TUNERS),
     "bert": dict(task="SEQ_CLS", targets=["query", "value", "intermediate.dense"], ff=["intermediate.dense"], embedding="word_embeddings"),
 }
 
@@ -64,6 +73,9 @@ def configs(fam):
 
 
 def load(fam):
+    if fam in ("llama3", "qwen3", "gemma3", "smollm3", "phi3"):
+        from transformers import AutoModelForCausalLM
+        return AutoModelForCausalLM.from_pretrained(f"models/{fam}", attn_implementation="eager").eval()
     if fam == "gpt2":
         from transformers import GPT2LMHeadModel
         return GPT2LMHeadModel.from_pretrained("models/gpt2", attn_implementation="eager").eval()
@@ -87,7 +99,7 @@ def batch(fam, seed, vocab):
     if fam == "t5":
         labels = torch.randint(3, vocab, (2, 5), generator=g)
         labels[1, -1] = -100
-    elif fam == "gpt2":
+    elif FAMILIES[fam]["task"] == "CAUSAL_LM":
         labels = ids.masked_fill(mask == 0, -100)
     else:
         labels = torch.tensor([2, 0])
@@ -185,4 +197,9 @@ if __name__ == "__main__":
         cfg = TrainableTokensConfig(task_type=f["task"], target_modules=[f["embedding"]], token_indices=tokens, init_weights=False)
         case(fam, "tt", cfg, seed)
         seed += 1
+    seed = 2300
+    for fam in ["llama3", "qwen3", "gemma3", "smollm3", "phi3"]:  # issue 18's families, every layer tuner but LoRA
+        for tuner, cfg in configs(fam).items():
+            case(fam, tuner, cfg, seed)
+            seed += 1
     print("encoder tuner fixtures written")

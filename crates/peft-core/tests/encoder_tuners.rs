@@ -1,10 +1,13 @@
-//! Every layer tuner on the encoder and encoder-decoder families, and LoRA and IA3 on GPT-2's
-//! `Conv1D` layers, against HF PEFT 0.21 (issue 15:
+//! Every layer tuner on the encoder and encoder-decoder families, LoRA and IA3 on GPT-2's
+//! `Conv1D` layers, and every layer tuner but LoRA (which has its own cases) on issue 18's
+//! decoder families (Llama 3.x, Qwen3, Gemma 3, SmolLM3, Phi-3 with its fused `qkv_proj` /
+//! `gate_up_proj`), against HF PEFT 0.21 (issue 15:
 //! "on GPT-2 / BERT / T5 wherever HF supports the method there"): LoRA, IA3, LoHa, LoKr, VeRA,
 //! OFT, AdaLoRA and HRA on T5 (`T5ForConditionalGeneration`, SEQ_2_SEQ_LM: `q`, `v` of every
 //! self- and cross-attention and `wo`) and on BERT (`BertForSequenceClassification`, SEQ_CLS:
 //! `query`, `value`, `intermediate.dense`, with HF's `classifier` copy in modules_to_save).
-//! `__test__/fixtures/cases/{t5,bert}_<tuner>` and `gpt2_{lora,ia3}`, made by
+//! `__test__/fixtures/cases/{t5,bert}_<tuner>`, `gpt2_{lora,ia3}` and
+//! `{llama3,qwen3,gemma3,smollm3,phi3}_<tuner>`, made by
 //! `__test__/scripts/make_encoder_tuner_fixtures.py`: for each, the parameter counts, adapter /
 //! disabled / merged / unmerged logits, the loss and every trainable gradient, and a
 //! byte-identical re-save of HF's files.
@@ -60,4 +63,13 @@ fn every_layer_tuner_on_bert_matches_hf() {
     }
     // Trainable tokens on `word_embeddings` (rows the batch uses).
     check_case("bert_tt");
+}
+
+#[test]
+fn every_layer_tuner_on_the_newer_decoder_families_matches_hf() {
+    for fam in ["llama3", "qwen3", "gemma3", "smollm3", "phi3"] {
+        for t in TUNERS.iter().filter(|t| **t != "lora") {
+            check_case(&format!("{fam}_{t}"));
+        }
+    }
 }

@@ -9,13 +9,11 @@ mod common;
 
 use candle_core::{DType, Device};
 use common::*;
-use peft_core::model::loader::{load_causal_lm, load_model, LoadRequest};
-use peft_core::model::Task;
+use peft_core::model::loader::load_causal_lm;
 use peft_core::peft_model::PeftModel;
 use peft_core::train::loss_and_grads;
 use peft_core::tuners::config::AdapterConfig;
 use serde_json::json;
-use std::collections::BTreeSet;
 
 const CASE: &str = "llama_hra";
 const GS: &str = "llama_hra_gs";
@@ -67,15 +65,8 @@ fn hra_round_trip_is_byte_identical() {
 
 #[test]
 fn hra_counts_status_and_gradients_match_hf() {
-    let cj = case_json(CASE);
     let m = adapter_peft(CASE, true);
-    let (trainable, total) = m.nb_trainable_parameters();
-    assert_eq!(trainable as u64, cj["trainable_params"].as_u64().unwrap(), "trainable parameters");
-    assert_eq!(total as u64, cj["all_params"].as_u64().unwrap(), "all parameters");
-    let status = m.layer_status().unwrap();
-    assert_eq!(status.len(), 6, "{status:?}");
-    assert!(status.iter().all(|s| s["module_type"] == "hra.HRALinear"), "{status:?}");
-    assert_eq!(m.model_status().unwrap()["adapter_model_type"], "HRAModel");
+    check_counts_and_status(CASE, &m, 6, "hra.HRALinear", "HRAModel");
     check_hf_loss_and_grads(CASE, &m);
 }
 
@@ -195,22 +186,6 @@ fn hra_refuses_mixed_batches() {
 
 #[test]
 fn hra_bias_hra_only_and_all_train_and_save_hfs_biases() {
-    // The tiny BERT (nn.Linear layers with biases), HRA on query/value: HF's trainable counts and
-    // saved keys (`bert_bias` of case.json).
-    let cj = case_json(CASE);
-    for bias in ["hra_only", "all"] {
-        let want = &cj["bert_bias"][bias];
-        let req = LoadRequest { task: Some(Task::FeatureExtraction), seed: 42, ..Default::default() };
-        let l = load_model(&fixtures_dir().join("models").join("bert"), DType::F32, &Device::Cpu, &req).unwrap();
-        let mut m = PeftModel::new(l.model);
-        let cfg = AdapterConfig::from_json(&json!({"peft_type": "HRA", "r": 4, "target_modules": ["query", "value"], "bias": bias}), None).unwrap();
-        m.add_adapter("default", cfg, 1).unwrap();
-        assert_eq!(m.nb_trainable_parameters().0 as u64, want["trainable_params"].as_u64().unwrap(), "{bias}: trainable count");
-        let out = temp_dir("hra-bias");
-        m.save_pretrained(&out, None).unwrap();
-        let saved: Vec<String> = peft_core::io::read_safetensors(&out.join("adapter_model.safetensors"), &Device::Cpu).unwrap().into_iter().map(|(k, _)| k).collect();
-        let want_keys: Vec<String> = want["adapter_keys"].as_array().unwrap().iter().map(|k| k.as_str().unwrap().to_string()).collect();
-        assert_eq!(saved.into_iter().collect::<BTreeSet<_>>(), want_keys.into_iter().collect::<BTreeSet<_>>(), "{bias}: saved keys");
-        remove_dir(&out);
-    }
+    // HRA on the tiny BERT's query/value: HF's trainable counts and saved keys.
+    check_bert_bias(CASE, &["hra_only", "all"], |bias| json!({"peft_type": "HRA", "r": 4, "target_modules": ["query", "value"], "bias": bias}));
 }

@@ -44,15 +44,8 @@ fn loha_round_trip_is_byte_identical() {
 
 #[test]
 fn loha_counts_status_and_gradients_match_hf() {
-    let cj = case_json(CASE);
     let m = adapter_peft(CASE, true);
-    let (trainable, total) = m.nb_trainable_parameters();
-    assert_eq!(trainable as u64, cj["trainable_params"].as_u64().unwrap(), "trainable parameters");
-    assert_eq!(total as u64, cj["all_params"].as_u64().unwrap(), "all parameters");
-    let status = m.layer_status().unwrap();
-    assert_eq!(status.len(), 4, "{status:?}");
-    assert!(status.iter().all(|s| s["module_type"] == "loha.Linear"), "{status:?}");
-    assert_eq!(m.model_status().unwrap()["adapter_model_type"], "LoHaModel");
+    check_counts_and_status(CASE, &m, 4, "loha.Linear", "LoHaModel");
 
     check_hf_loss_and_grads(CASE, &m);
 }

@@ -12,8 +12,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use peft_core::model::loader::{load_causal_lm, load_model, LoadRequest};
-use peft_core::model::Task;
+use peft_core::model::loader::load_causal_lm;
 use peft_core::peft_model::PeftModel;
 use peft_core::train::loss_and_grads;
 use peft_core::tuners::config::AdapterConfig;
@@ -63,15 +62,8 @@ fn oft_round_trip_is_byte_identical() {
 
 #[test]
 fn oft_counts_status_and_gradients_match_hf() {
-    let cj = case_json(CASE);
     let m = adapter_peft(CASE, true);
-    let (trainable, total) = m.nb_trainable_parameters();
-    assert_eq!(trainable as u64, cj["trainable_params"].as_u64().unwrap(), "trainable parameters");
-    assert_eq!(total as u64, cj["all_params"].as_u64().unwrap(), "all parameters");
-    let status = m.layer_status().unwrap();
-    assert_eq!(status.len(), 6, "{status:?}");
-    assert!(status.iter().all(|s| s["module_type"] == "oft.Linear"), "{status:?}");
-    assert_eq!(m.model_status().unwrap()["adapter_model_type"], "OFTModel");
+    check_counts_and_status(CASE, &m, 6, "oft.Linear", "OFTModel");
     check_grads(CASE, &m);
 }
 
@@ -226,24 +218,8 @@ fn oft_refuses_mixed_batches_and_old_checkpoints() {
 
 #[test]
 fn oft_bias_oft_only_and_all_train_and_save_hfs_biases() {
-    // The tiny BERT (nn.Linear layers with biases), OFT on query/value: HF's trainable counts and
-    // saved keys (`bert_bias` of case.json).
-    let cj = case_json(CASE);
-    for bias in ["oft_only", "all"] {
-        let want = &cj["bert_bias"][bias];
-        let req = LoadRequest { task: Some(Task::FeatureExtraction), seed: 42, ..Default::default() };
-        let l = load_model(&fixtures_dir().join("models").join("bert"), DType::F32, &Device::Cpu, &req).unwrap();
-        let mut m = PeftModel::new(l.model);
-        let cfg = AdapterConfig::from_json(&json!({"peft_type": "OFT", "oft_block_size": 8, "target_modules": ["query", "value"], "bias": bias}), None).unwrap();
-        m.add_adapter("default", cfg, 1).unwrap();
-        assert_eq!(m.nb_trainable_parameters().0 as u64, want["trainable_params"].as_u64().unwrap(), "{bias}: trainable count");
-        let out = temp_dir("oft-bias");
-        m.save_pretrained(&out, None).unwrap();
-        let saved: Vec<String> = peft_core::io::read_safetensors(&out.join("adapter_model.safetensors"), &Device::Cpu).unwrap().into_iter().map(|(k, _)| k).collect();
-        let want_keys: Vec<String> = want["adapter_keys"].as_array().unwrap().iter().map(|k| k.as_str().unwrap().to_string()).collect();
-        assert_eq!(saved.into_iter().collect::<BTreeSet<_>>(), want_keys.into_iter().collect::<BTreeSet<_>>(), "{bias}: saved keys");
-        remove_dir(&out);
-    }
+    // OFT on the tiny BERT's query/value: HF's trainable counts and saved keys.
+    check_bert_bias(CASE, &["oft_only", "all"], |bias| json!({"peft_type": "OFT", "oft_block_size": 8, "target_modules": ["query", "value"], "bias": bias}));
 }
 
 const EMB: &str = "llama_oft_embedding";

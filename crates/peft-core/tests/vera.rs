@@ -53,15 +53,8 @@ fn vera_round_trip_is_byte_identical() {
 #[test]
 fn vera_counts_status_and_gradients_match_hf() {
     let exp = Expected::load(CASE);
-    let cj = case_json(CASE);
     let m = adapter_peft(CASE, true);
-    let (trainable, total) = m.nb_trainable_parameters();
-    assert_eq!(trainable as u64, cj["trainable_params"].as_u64().unwrap(), "trainable parameters");
-    assert_eq!(total as u64, cj["all_params"].as_u64().unwrap(), "all parameters");
-    let status = m.layer_status().unwrap();
-    assert_eq!(status.len(), 6, "{status:?}");
-    assert!(status.iter().all(|s| s["module_type"] == "vera.Linear"), "{status:?}");
-    assert_eq!(m.model_status().unwrap()["adapter_model_type"], "VeraModel");
+    check_counts_and_status(CASE, &m, 6, "vera.Linear", "VeraModel");
     // The fused engine declines VeRA layers, so training takes the general path.
     assert!(peft_core::engine::try_loss_and_grads(&m, &expected_batch(&exp), None, None).unwrap().is_none(), "the engine must decline VeRA");
     check_hf_loss_and_grads(CASE, &m);

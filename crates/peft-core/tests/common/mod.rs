@@ -343,3 +343,40 @@ pub fn check_hf_loss_and_grads(case: &str, m: &PeftModel) -> (usize, f64) {
     }
     (checked, worst)
 }
+
+/// HF's parameter counts of `m` (`trainable_params` / `all_params` of the case's `case.json`),
+/// its layer status (`layers` layers, each of HF's `module_type`) and HF's tuner model class
+/// (`get_model_status().adapter_model_type`).
+pub fn check_counts_and_status(case: &str, m: &PeftModel, layers: usize, module_type: &str, model_class: &str) {
+    let cj = case_json(case);
+    let (trainable, total) = m.nb_trainable_parameters();
+    assert_eq!(trainable as u64, cj["trainable_params"].as_u64().unwrap(), "{case}: trainable parameters");
+    assert_eq!(total as u64, cj["all_params"].as_u64().unwrap(), "{case}: all parameters");
+    let status = m.layer_status().unwrap();
+    assert_eq!(status.len(), layers, "{case}: {status:?}");
+    assert!(status.iter().all(|s| s["module_type"] == module_type), "{case}: {status:?}");
+    assert_eq!(m.model_status().unwrap()["adapter_model_type"], model_class, "{case}: model class");
+}
+
+/// HF's `bias` handling on the tiny BERT (feature extraction, `nn.Linear` layers with biases):
+/// for each `bias` value, the adapter `config(bias)` gives HF's trainable count and saves HF's
+/// keys (the biases it trains included), `bert_bias.<bias>` of the case's `case.json`.
+pub fn check_bert_bias(case: &str, biases: &[&str], config: impl Fn(&str) -> serde_json::Value) {
+    use peft_core::model::loader::{load_model, LoadRequest};
+    let cj = case_json(case);
+    for bias in biases {
+        let want = &cj["bert_bias"][*bias];
+        let req = LoadRequest { task: Some(peft_core::model::Task::FeatureExtraction), seed: 42, ..Default::default() };
+        let l = load_model(&fixtures_dir().join("models").join("bert"), DType::F32, &Device::Cpu, &req).unwrap();
+        let mut m = PeftModel::new(l.model);
+        let cfg = peft_core::tuners::config::AdapterConfig::from_json(&config(bias), None).unwrap();
+        m.add_adapter("default", cfg, 1).unwrap();
+        assert_eq!(m.nb_trainable_parameters().0 as u64, want["trainable_params"].as_u64().unwrap(), "{case} {bias}: trainable count");
+        let out = temp_dir("bert-bias");
+        m.save_pretrained(&out, None).unwrap();
+        let saved: std::collections::BTreeSet<String> = peft_core::io::read_safetensors(&out.join("adapter_model.safetensors"), &Device::Cpu).unwrap().into_iter().map(|(k, _)| k).collect();
+        let want_keys: std::collections::BTreeSet<String> = want["adapter_keys"].as_array().unwrap().iter().map(|k| k.as_str().unwrap().to_string()).collect();
+        assert_eq!(saved, want_keys, "{case} {bias}: saved keys");
+        remove_dir(&out);
+    }
+}
