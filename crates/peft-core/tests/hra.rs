@@ -162,7 +162,7 @@ fn hra_config_parses_hf_options_and_refuses_bad_ones() {
     let hf_msg = case_json(CASE)["gpt2_refusal"].as_str().unwrap().to_string();
     assert!(e.to_string().contains(&hf_msg), "{e}\nvs HF: {hf_msg}");
     let mut m = base_peft(CASE);
-    for (extra, what) in [(json!({"target_modules": ["embed_tokens"]}), "Target module Embedding("), (json!({"target_modules": ["nope"]}), "")] {
+    for (extra, what) in [(json!({"target_modules": ["embed_tokens"]}), "Target module Embedding(256, 64) is not supported"), (json!({"target_modules": ["nope"]}), "")] {
         let e = m.add_adapter("x", hra(extra), 1).unwrap_err();
         assert!(e.to_string().contains(what), "{e}");
     }

@@ -380,3 +380,30 @@ fn oft_embedding_refuses_mixed_batches_and_leaves_the_layer_as_hf_names_it() {
     assert_eq!(emb.tuner_module_type(), "oft.Embedding");
     assert_eq!(emb.adapter_kind("default"), Some("oft.Embedding"));
 }
+
+#[test]
+fn a_reloaded_embedding_adapter_keeps_the_tied_head() {
+    // The tiny Qwen3 ties `lm_head` to `embed_tokens`. An adapter on the embedding saves the base
+    // table with it (HF `save_embedding_layers="auto"`); loading it must keep the head on the same
+    // table (HF copies into the one tied `Parameter`), so that a merge moves the head as it does
+    // before saving.
+    let dir = fixtures_dir().join("models").join("qwen3");
+    let load = || PeftModel::new(load_causal_lm(&dir, DType::F32, &Device::Cpu).unwrap().model);
+    let (ids, b, s, mask) = (vec![5u32, 17, 33, 9, 120, 44, 12, 200, 64, 3, 99, 150], 2, 6, vec![1u8; 12]);
+    let mut m = load();
+    m.add_adapter("default", oft(json!({"target_modules": ["embed_tokens"], "init_weights": false})), 3).unwrap();
+    let unmerged = forward(&m, &ids, b, s, &mask, None);
+    let out = temp_dir("oft-tied-reload");
+    m.save_pretrained(&out, None).unwrap();
+    let saved: Vec<String> = peft_core::io::read_safetensors(&out.join("adapter_model.safetensors"), &Device::Cpu).unwrap().into_iter().map(|(k, _)| k).collect();
+    assert!(saved.iter().any(|k| k.ends_with("embed_tokens.base_layer.weight")), "{saved:?}");
+    m.merge_adapter(None, true).unwrap();
+    let merged = forward(&m, &ids, b, s, &mask, None);
+    assert!(max_abs(&(&merged - &unmerged).unwrap()) > 1e-2, "the merge moves the tied head");
+    let mut r = load();
+    r.load_adapter(&out, "default", false, None).unwrap();
+    assert_close("reloaded", &forward(&r, &ids, b, s, &mask, None), &unmerged, 1e-5, 1e-5);
+    r.merge_adapter(None, true).unwrap();
+    assert_close("reloaded, then merged", &forward(&r, &ids, b, s, &mask, None), &merged, 1e-5, 1e-5);
+    remove_dir(&out);
+}

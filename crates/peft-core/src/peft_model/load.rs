@@ -206,11 +206,34 @@ impl PeftModel {
         ctl.check()?; // the last point before the model changes
         self.add_adapter(name, cfg, 0)?;
         if !emb_weights.is_empty() {
+            // Tied word embeddings: HF's input embedding and `lm_head` hold one `Parameter`, and
+            // its non-strict `load_state_dict` copies the saved table into it in place, so the
+            // head gets the table too. Here a head is tied when it holds the embedding's very
+            // tensor (or its quantized weight) and the file has no table of its own for it.
+            let mut tied: Vec<(String, String)> = Vec::new();
+            {
+                let lins = self.base.named_linears();
+                for (e, el) in lins.iter().filter(|(m, l)| l.is_embedding && emb_weights.contains_key(m)) {
+                    for (h, hl) in lins.iter().filter(|(m, l)| !l.is_embedding && !emb_weights.contains_key(m)) {
+                        let same_quant = matches!((&el.quant, &hl.quant), (Some(a), Some(b)) if std::sync::Arc::ptr_eq(a, b));
+                        if hl.weight.id() == el.weight.id() || same_quant {
+                            tied.push((e.clone(), h.clone()));
+                        }
+                    }
+                }
+            }
             for (m, lin) in self.base.named_linears_mut() {
                 if let Some(t) = emb_weights.remove(&m) {
                     lin.weight = t.to_dtype(lin.weight.dtype())?;
                     // the adapter's full weight replaces one that was kept quantized
                     lin.quant = None;
+                }
+            }
+            for (e, h) in tied {
+                let table = self.base.named_linears().into_iter().find(|(m, _)| *m == e).map(|(_, l)| l.weight.clone());
+                if let (Some(w), Some((_, head))) = (table, self.base.named_linears_mut().into_iter().find(|(m, _)| *m == h)) {
+                    head.weight = w;
+                    head.quant = None;
                 }
             }
         }

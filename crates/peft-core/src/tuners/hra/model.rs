@@ -13,7 +13,9 @@ use candle_core::{Device, Tensor, Var};
 /// `Conv1D` and embeddings.
 pub(super) fn unsupported_target(mname: &str, lin: &PeftLinear) -> Option<PeftError> {
     let module = if lin.is_embedding {
-        format!("Embedding({}, {})", lin.out_features(), lin.in_features())
+        // torch's repr: `Embedding(num_embeddings, embedding_dim)`.
+        let (rows, dim) = (lin.in_features(), lin.out_features());
+        format!("Embedding({rows}, {dim})")
     } else if lin.transposed {
         format!("Conv1D(nf={}, nx={})", lin.out_features(), lin.in_features())
     } else {
