@@ -229,13 +229,7 @@ impl PeftModel {
                     lin.quant = None;
                 }
             }
-            for (e, h) in tied {
-                let table = self.base.named_linears().into_iter().find(|(m, _)| *m == e).map(|(_, l)| l.weight.clone());
-                if let (Some(w), Some((_, head))) = (table, self.base.named_linears_mut().into_iter().find(|(m, _)| *m == h)) {
-                    head.weight = w;
-                    head.quant = None;
-                }
-            }
+            self.retie_tables(&tied);
         }
         if !biases.is_empty() {
             for (m, lin) in self.base.named_linears_mut() {

@@ -120,12 +120,15 @@ impl PeftModel {
         out
     }
 
-    /// Points each head of `pairs` (from [`Self::tied_tables`]) at its embedding's current table.
-    fn retie_tables(&mut self, pairs: &[(String, String)]) {
+    /// Points each head of `pairs` (embedding, head) at its embedding's current table, which it
+    /// then holds in full (a head that was kept quantized drops its quantized copy). Pairs come
+    /// from [`Self::tied_tables`] (merging) or from loading a saved embedding table.
+    pub(super) fn retie_tables(&mut self, pairs: &[(String, String)]) {
         for (e, h) in pairs {
             let table = self.base.named_linears().into_iter().find(|(m, _)| m == e).map(|(_, l)| l.weight.clone());
             if let (Some(w), Some((_, head))) = (table, self.base.named_linears_mut().into_iter().find(|(m, _)| m == h)) {
                 head.weight = w;
+                head.quant = None;
             }
         }
     }

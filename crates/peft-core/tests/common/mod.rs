@@ -380,3 +380,23 @@ pub fn check_bert_bias(case: &str, biases: &[&str], config: impl Fn(&str) -> ser
         remove_dir(&out);
     }
 }
+
+/// One SGD step (lr 0.5) on the case's batch from the current adapter of `m`: every trainable
+/// parameter's key ends with `suffix` and has a non-zero gradient, the step moves the logits off
+/// `logits_base` by more than 1e-4, and no base weight changes.
+pub fn check_one_step_trains_only(m: &PeftModel, exp: &Expected, suffix: &str) {
+    let before = base_weights(m);
+    let (_, _, grads) = peft_core::train::loss_and_grads(m, &expected_batch(exp), None, None).unwrap();
+    let params = m.trainable_parameters();
+    assert!(params.iter().all(|(k, _)| k.ends_with(suffix)), "{:?}", params.iter().map(|(k, _)| k).collect::<Vec<_>>());
+    for (k, v) in &params {
+        let g = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("no gradient for {k}"));
+        assert!(max_abs(g) > 0.0, "{k}: zero gradient at the identity");
+        v.set(&(v.as_tensor() - (g * 0.5).unwrap()).unwrap()).unwrap();
+    }
+    let moved = forward_batch(m, exp);
+    assert!(max_abs(&(moved - exp.get("logits_base")).unwrap()) > 1e-4, "the step changes the logits");
+    for ((n, a), (_, b)) in before.iter().zip(base_weights(m)) {
+        assert_eq!(max_abs(&(a - &b).unwrap()), 0.0, "{n}: base weight changed");
+    }
+}
