@@ -204,6 +204,20 @@ pub fn gemm_f32(dst: &mut Dst, a: View, b: View, alpha: f32, acc: bool, threads:
         }
         return;
     }
+    // A rank-side product large enough to repay a second thread (every LoRA product of a
+    // training step but the k/v projections' 512 × 192 × 8 ones): one block per thread.
+    // Measured on SmolLM2, 4 × 128, interleaved (`PEFT_AB=0,256`): the LoRA phases of an
+    // all-linear step fall from 184 to 149 ms (median of 8), of a q,k,v,o step from 61 to 50 ms.
+    if threads > 1
+        && m.min(n).min(k) < 64
+        && m.max(n) >= 128
+        && m > GEMV_MAX_ROWS
+        && m * n * k >= SKINNY_PAR_MIN_WORK
+        && super::ab_flags() & super::AB_SKINNY_ONE_THREAD == 0
+    {
+        split_skinny(dst, a, b, alpha, acc, threads);
+        return;
+    }
     // A few rows against a row-major weight (`x·Wᵀ` while decoding): a streaming kernel over
     // the weight's rows, split across threads by output columns (see [`gemv_nt`]).
     if m <= GEMV_MAX_ROWS && a.cs == 1 && b.rs == 1 && super::ab_flags() & super::AB_GEMM_CRATE_GEMV == 0 {
@@ -228,9 +242,9 @@ pub fn gemm_f32(dst: &mut Dst, a: View, b: View, alpha: f32, acc: bool, threads:
         unsafe { gemm_seq(dst.ptr, dst.ld, a, b, alpha, acc, par) };
         return;
     }
-    // A skinny product (a LoRA rank-r side: m, n or k below 64) runs on one thread: threading
-    // costs more than it gains there (benches/README.md: rank-8 shapes run at 24-58 GFLOP/s on
-    // two threads against 43-156 on one). Few rows against a large weight are memory-bound and
+    // A smaller skinny product (a LoRA rank-r side: m, n or k below 64) runs on one thread: the
+    // `gemm` crate's own split costs more than it gains there (benches/README.md: rank-8 shapes
+    // run at 24-58 GFLOP/s on two threads against 43-156 on one). Few rows against a large weight are memory-bound and
     // are split whatever their count, so that both cores stream the weight.
     let skinny = m.min(n).min(k) < 64;
     let big = m * n * k >= PAR_MIN_WORK || n * k >= PAR_MIN_WEIGHT;
@@ -269,6 +283,36 @@ pub fn gemm_f32(dst: &mut Dst, a: View, b: View, alpha: f32, acc: bool, threads:
     }
 }
 
+/// A rank-side product (one of `m`, `n`, `k` below 64) cut along the longer of its rows and
+/// columns into one block per thread, each block running the single-threaded route of
+/// [`gemm_f32`] (the narrow kernel or one `gemm` crate call): these products stream a full-size
+/// operand or destination (`h·Bᵀ` adds into the `[T, out]` output), so two cores read and write
+/// it twice as fast.
+fn split_skinny(dst: &mut Dst, a: View, b: View, alpha: f32, acc: bool, threads: usize) {
+    let (m, n) = (a.rows, b.cols);
+    let along_rows = m >= n;
+    let len = if along_rows { m } else { n };
+    let per = len.div_ceil(threads).div_ceil(16) * 16;
+    let blocks = len.div_ceil(per);
+    let (dp, dld, drows, dcols) = (SyncMut(dst.ptr), dst.ld, dst.rows, dst.cols);
+    let run = |c: usize| {
+        let (i0, n_i) = (c * per, per.min(len - c * per));
+        // SAFETY: block `c` covers rows (or columns) i0 .. i0 + n_i of the destination, which no
+        // other block writes; the operand views are sub-views of bounds-checked views.
+        let mut whole = unsafe { Dst::raw(dp.get(), drows, dcols, dld) };
+        if along_rows {
+            gemm_f32(&mut whole.rows(i0, n_i), a.rows(i0, n_i), b, alpha, acc, 1)
+        } else {
+            gemm_f32(&mut whole.cols(i0, n_i), a, b.cols(i0, n_i), alpha, acc, 1)
+        }
+    };
+    use rayon::prelude::*;
+    (0..blocks).into_par_iter().for_each(run);
+}
+
+/// Rank-side products from this many multiply-adds run one block per thread ([`split_skinny`]).
+const SKINNY_PAR_MIN_WORK: usize = 1 << 20;
+
 /// One `gemm` crate call: `dst = (acc ? dst : 0) + alpha · a · b` with `dst` row-major at
 /// `dst_ptr` (leading dimension `ld`).
 ///
@@ -287,8 +331,8 @@ const NARROW_MAX: usize = 32;
 /// `W` `[n, k]` in rows of unit stride, `a` `[m, k]` in rows of unit stride. Two rows of `a`
 /// against eight rows of `W` at a time: sixteen AVX-512 accumulators, each `a` element loaded
 /// once per eight rows of `W` (which stay in L1: 8 × k floats), fused multiply-adds, one
-/// horizontal sum per output. Single-threaded: at 512 × 576 × 8 the product takes ~30 µs, less
-/// than handing half of it to another thread costs.
+/// horizontal sum per output. Single-threaded; [`gemm_f32`] hands it
+/// one block of rows per thread from 2^20 multiply-adds ([`split_skinny`]).
 ///
 /// # Safety
 /// The CPU must support AVX-512F; the views must be in bounds and not alias `dst`.
@@ -523,6 +567,35 @@ mod tests {
         let mut wide = vec![0f32; m * (n + 5)];
         gemm(&mut Dst::rm(&mut wide, 0, m, n + 5, n + 5).cols(5, n), View::of(&a, m, k), View::of(&b, k, n), 1.0, false, 1);
         assert_eq!(wide[5..5 + n], want[..n]);
+    }
+
+    #[test]
+    fn split_rank_side_products_match_one_thread() {
+        // The LoRA rank sides large enough for `split_skinny`: x·Aᵀ (narrow output), h·Bᵀ
+        // (k = 8, accumulated into a wider destination's column block), hᵀ·gy and tmpᵀ·x
+        // (8 rows, split by columns); each equals the one-thread route bit for bit.
+        for (m, k, n, nt) in [(512, 576, 8, true), (512, 1536, 8, true), (512, 8, 1536, true), (8, 512, 1536, false), (8, 512, 576, false), (333, 8, 1000, true)] {
+            assert!(m * n * k >= SKINNY_PAR_MIN_WORK);
+            let a: Vec<f32> = (0..m * k).map(|i| ((i * 31) % 17) as f32 * 0.25 - 2.0).collect();
+            let w: Vec<f32> = (0..n * k).map(|i| ((i * 7) % 13) as f32 * 0.5 - 3.0).collect();
+            // b = Wᵀ ([k, n] as a view of the row-major [n, k]) for x·Wᵀ, else b = W as [k, n].
+            let b = |w: &[f32]| if nt { View::of(w, n, k).t() } else { View::of(w, k, n) };
+            let bk: Vec<f32> = if nt { (0..k * n).map(|i| w[(i % n) * k + i / n]).collect() } else { w.clone() };
+            let want = naive(&a, &bk, m, k, n);
+            let (ld, off) = (n + 7, 3);
+            let mut one = vec![0.5f32; m * ld];
+            let mut two = one.clone();
+            gemm(&mut Dst::rm(&mut one, 0, m, ld, ld).cols(off, n), View::of(&a, m, k), b(&w), 0.5, true, 1);
+            gemm(&mut Dst::rm(&mut two, 0, m, ld, ld).cols(off, n), View::of(&a, m, k), b(&w), 0.5, true, 2);
+            assert_eq!(one, two, "[{m}x{k}]·[{k}x{n}]");
+            for i in 0..m {
+                for j in 0..ld {
+                    let got = two[i * ld + j];
+                    let exp = if (off..off + n).contains(&j) { 0.5 + 0.5 * want[i * n + j - off] } else { 0.5 };
+                    assert!((got - exp).abs() <= 1e-4 * exp.abs().max(1.0), "[{m}x{k}]·[{k}x{n}] at ({i},{j}): {got} vs {exp}");
+                }
+            }
+        }
     }
 
     #[test]

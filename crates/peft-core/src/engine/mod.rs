@@ -96,6 +96,9 @@ pub const AB_MATMUL_MEDIUM: u32 = 64;
 /// the LoRA terms after each, instead of one shared product per input
 /// (`engine::quant::matmul_t_multi`).
 pub const AB_SEPARATE_DECODE_PRODUCTS: u32 = 128;
+/// Rank-side (skinny) products on one thread, as before session 16, instead of one block per
+/// thread from 2^20 multiply-adds (`gemm::split_skinny`).
+pub const AB_SKINNY_ONE_THREAD: u32 = 256;
 
 /// Sets the A/B switches (`AB_*`, for benchmarks only).
 #[doc(hidden)]
