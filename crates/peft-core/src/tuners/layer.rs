@@ -203,6 +203,57 @@ pub trait AdapterLayer: LayerBox + Send + Sync + std::fmt::Debug {
     }
 }
 
+/// The declarative head of an [`AdapterLayer`] impl, written inside `impl AdapterLayer for T {}`
+/// (HF `BaseTunerLayer`'s `adapter_layer_names`: the parameter attributes a layer registers per
+/// adapter). It writes the four methods that only restate the layer's data:
+///
+/// - `peft_type` (HF's `peft_type`) and `module_type` (HF's layer class, `"ia3.Linear"`);
+/// - `params`: each listed slot with its `Var` field, in the order given (HF's state-dict
+///   order);
+/// - `set_param`: replaces the field of the slot with that name; any other slot is refused with
+///   `InvalidArgument` naming `slot` (`"<layer> has no `<slot>`"`, see [`no_slot`]).
+///
+/// ```ignore
+/// impl AdapterLayer for VeraLayer {
+///     declare_layer!(peft_type: "VERA", module_type: "vera.Linear", layer: "a VeRA linear layer",
+///         slots: [VERA_LAMBDA_B => lambda_b, VERA_LAMBDA_D => lambda_d]);
+///     fn delta_weight(&self, lin: &PeftLinear) -> Result<Tensor> { ... }
+/// }
+/// ```
+///
+/// Layers whose slots depend on their state (LoRA's embedding slots and DoRA magnitude, LoKr's
+/// full or factored `w1` / `w2`, OFT's embedding slot, trainable tokens' tying) write `params` /
+/// `set_param` themselves.
+macro_rules! declare_layer {
+    (peft_type: $pt:expr, module_type: $mt:expr, layer: $what:expr, slots: [$($slot:expr => $field:ident),+ $(,)?] $(,)?) => {
+        fn peft_type(&self) -> &'static str {
+            $pt
+        }
+        fn module_type(&self) -> &'static str {
+            $mt
+        }
+        fn params(&self) -> Vec<$crate::tuners::layer::Param<'_>> {
+            vec![$(($slot, &self.$field)),+]
+        }
+        fn set_param(&mut self, slot: &$crate::tuners::layer::Slot, v: candle_core::Var) -> $crate::error::Result<()> {
+            $(
+                if slot.name == $slot.name {
+                    self.$field = v;
+                    return Ok(());
+                }
+            )+
+            Err($crate::tuners::layer::no_slot($what, slot))
+        }
+    };
+}
+pub(crate) use declare_layer;
+
+/// The `InvalidArgument` error of [`AdapterLayer::set_param`] for a slot the layer does not
+/// have: `"<layer> has no `<slot>`"` (`layer` with its article: `"an HRA linear layer"`).
+pub fn no_slot(layer: &str, slot: &Slot) -> crate::error::PeftError {
+    crate::error::PeftError::invalid_arg("slot", format!("{layer} has no `{}`", slot.name))
+}
+
 /// Copying and downcasting a boxed [`AdapterLayer`]: implemented once for every `Clone` layer
 /// type, so a tuner's layer writes none of it.
 pub trait LayerBox {

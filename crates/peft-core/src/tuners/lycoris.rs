@@ -13,9 +13,8 @@
 //! shapes, a new layer) and its layer (an [`AdapterLayer`]).
 
 use crate::error::{PeftError, Result};
-use crate::model::Task;
 use crate::peft_model::PeftModel;
-use crate::tuners::config::{AdapterConfig, LayerCommon, LayerFields, RawConfig};
+use crate::tuners::config::{LayerCommon, LayerFields, RawConfig};
 use crate::tuners::layer::{AdapterLayer, Slot};
 use crate::tuners::linear::{LinearCtx, PeftLinear};
 use crate::tuners::lora::MAX_RANK;
@@ -56,16 +55,13 @@ pub trait LycorisKind: Sized + Clone + PartialEq + std::fmt::Debug + Send + Sync
 /// HF PEFT 0.21 defaults of the fields every LyCORIS config has, as written to
 /// adapter_config.json (the method adds its own with [`LycorisKind::own_defaults`]).
 pub fn lycoris_defaults() -> Map<String, Value> {
-    match json!({
+    crate::tuners::config::json_object(json!({
         "alpha": 8, "alpha_pattern": {}, "auto_mapping": null, "base_model_name_or_path": null,
         "exclude_modules": null, "inference_mode": false, "layers_pattern": null,
         "layers_to_transform": null, "module_dropout": 0.0, "modules_to_save": null,
         "peft_version": "0.21.0", "r": 8, "rank_dropout": 0.0, "rank_pattern": {}, "revision": null,
         "target_modules": null, "task_type": null
-    }) {
-        Value::Object(m) => m,
-        _ => unreachable!(),
-    }
+    }))
 }
 
 /// A LyCORIS config (HF `LycorisConfig` and its subclasses `LoHaConfig`, `LoKrConfig`): the
@@ -104,14 +100,8 @@ impl<K: LycorisKind> LycorisConfig<K> {
     /// and the method's own checks).
     pub fn from_json(v: &Value, path: Option<&Path>) -> Result<Self> {
         let rc = RawConfig::parse(v, path, Self::hf_defaults(), K::PEFT_TYPES, K::CONFIG_CLASS)?;
-        let raw = &rc.raw;
-        let r = raw["r"].as_u64().filter(|r| *r >= 1 && *r as usize <= MAX_RANK)
-            .ok_or_else(|| rc.bad(format!("`r` should be a positive integer value (at most {MAX_RANK}), found {}", raw["r"])))? as usize;
-        let alpha = raw["alpha"].as_f64().ok_or_else(|| rc.bad(format!("`alpha` must be a number, found {}", raw["alpha"])))?;
-        let prob = |k: &str| -> Result<f64> {
-            raw[k].as_f64().filter(|p| (0.0..1.0).contains(p)).ok_or_else(|| rc.bad(format!("`{k}` must be a number in [0, 1), found {}", raw[k])))
-        };
-        let (rank_dropout, module_dropout) = (prob("rank_dropout")?, prob("module_dropout")?);
+        let (r, alpha) = (rc.rank("r", MAX_RANK)?, rc.number("alpha")?);
+        let (rank_dropout, module_dropout) = (rc.prob("rank_dropout")?, rc.prob("module_dropout")?);
         let common = LayerCommon::parse(&rc, LayerFields::ALL)?;
         Ok(LycorisConfig {
             r,
@@ -164,14 +154,8 @@ impl<K> Default for LycorisTuner<K> {
 }
 
 impl<K: LycorisKind> Tuner for LycorisTuner<K> {
-    crate::tuners::registry::declare_tuner!(peft_types: K::PEFT_TYPES, model_class: K::MODEL_CLASS, prefix: K::PREFIX, slots: K::SLOTS, config: LycorisConfig<K>, inject: add_lycoris);
-    fn expected_params(&self, cfg: &AdapterConfig, task: Task, m: &str, lin: &PeftLinear) -> Vec<(Slot, Vec<usize>)> {
-        let Some(c) = cfg.get::<LycorisConfig<K>>() else { return vec![] };
-        if lin.is_embedding || !c.selects(m, task) {
-            return vec![];
-        }
-        K::param_shapes(c, lin, c.rank_for(m))
-    }
+    crate::tuners::registry::declare_tuner!(peft_types: K::PEFT_TYPES, model_class: K::MODEL_CLASS, prefix: K::PREFIX, slots: K::SLOTS, config: LycorisConfig<K>, inject: add_lycoris,
+        expected: |c, m, lin| if !lin.is_embedding => K::param_shapes(c, lin, c.rank_for(m)));
 }
 
 impl PeftModel {

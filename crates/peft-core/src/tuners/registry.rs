@@ -100,7 +100,24 @@ pub trait Tuner: Sync {
 /// (HF `register_peft_method(name, config_cls, model_cls, prefix)`): its `peft_type`s, HF's
 /// tuner model class, the parameter prefix and slots (the key grammar), parsing with
 /// `Config::from_json`, and injection with `PeftModel::<inject>(name, config, seed)`.
+///
+/// With `expected: |c, m, lin| if ADAPTS => SHAPES` it also writes [`Tuner::expected_params`]
+/// (the load-time shape check, HF's `_create_and_replace` seen from the file): for a config of
+/// the tuner's type `c` that selects module `m` ([`crate::tuners::config::LayerCommon::selects`])
+/// whose layer `lin` is a kind the tuner adapts (`ADAPTS`), the `(slot, shape)` list `SHAPES`;
+/// nothing otherwise.
 macro_rules! declare_tuner {
+    (peft_types: $pt:expr, model_class: $mc:expr, prefix: $pf:expr, slots: $slots:expr, config: $cfg:ty, inject: $add:ident,
+     expected: |$c:ident, $m:ident, $lin:ident| if $adapts:expr => $shapes:expr $(,)?) => {
+        $crate::tuners::registry::declare_tuner!(peft_types: $pt, model_class: $mc, prefix: $pf, slots: $slots, config: $cfg, inject: $add);
+        fn expected_params(&self, cfg: &$crate::tuners::config::AdapterConfig, task: $crate::model::Task, $m: &str, $lin: &$crate::tuners::linear::PeftLinear) -> Vec<($crate::tuners::layer::Slot, Vec<usize>)> {
+            let Some($c) = cfg.get::<$cfg>() else { return vec![] };
+            if !($adapts) || !$c.selects($m, task) {
+                return vec![];
+            }
+            $shapes
+        }
+    };
     (peft_types: $pt:expr, model_class: $mc:expr, prefix: $pf:expr, slots: $slots:expr, config: $cfg:ty, inject: $add:ident $(,)?) => {
         fn peft_types(&self) -> &'static [&'static str] {
             $pt

@@ -32,10 +32,7 @@ impl LycorisKind for Loha {
     const PREFIX: &'static str = "hada_";
     const SLOTS: &'static [Slot] = &layer::SLOTS;
     fn own_defaults() -> Map<String, Value> {
-        match json!({"init_weights": true, "peft_type": "LOHA", "use_effective_conv2d": false}) {
-            Value::Object(m) => m,
-            _ => unreachable!(),
-        }
+        crate::tuners::config::json_object(json!({"init_weights": true, "peft_type": "LOHA", "use_effective_conv2d": false}))
     }
     fn parse(rc: &RawConfig) -> Result<Self> {
         Ok(Loha { use_effective_conv2d: rc.bool("use_effective_conv2d")?, init_weights: rc.bool("init_weights")? })

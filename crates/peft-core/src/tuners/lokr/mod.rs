@@ -36,20 +36,16 @@ impl LycorisKind for Lokr {
     const PREFIX: &'static str = "lokr_";
     const SLOTS: &'static [Slot] = &layer::SLOTS;
     fn own_defaults() -> Map<String, Value> {
-        match json!({
+        crate::tuners::config::json_object(json!({
             "decompose_both": false, "decompose_factor": -1, "init_weights": true, "peft_type": "LOKR",
             "rank_dropout_scale": false, "use_effective_conv2d": false
-        }) {
-            Value::Object(m) => m,
-            _ => unreachable!(),
-        }
+        }))
     }
     /// Errors: `InvalidAdapterConfig` for non-boolean flags, a non-integer `decompose_factor`
     /// and `init_weights` other than `true` / `false` / `"lycoris"`.
     fn parse(rc: &RawConfig) -> Result<Self> {
-        let raw = &rc.raw;
-        let decompose_factor = raw["decompose_factor"].as_i64().ok_or_else(|| rc.bad(format!("`decompose_factor` must be an integer, found {}", raw["decompose_factor"])))?;
-        let init_weights = match &raw["init_weights"] {
+        let decompose_factor = rc.int("decompose_factor")?;
+        let init_weights = match &rc.raw["init_weights"] {
             Value::Bool(true) => LokrInit::Zero,
             Value::Bool(false) => LokrInit::Random,
             Value::String(s) if s == "lycoris" => LokrInit::Lycoris,
