@@ -133,23 +133,19 @@ impl OftConfig {
     /// `in_features` when it does not divide it (HF `adjust_oft_parameters`; `adjusted` then
     /// holds HF's warning), and the other one derived from it.
     pub fn layer_dims(&self, in_features: usize) -> (usize, usize, Option<String>) {
-        if self.r == 0 {
-            let mut bs = self.oft_block_size;
-            let mut note = None;
-            if in_features % bs != 0 || bs > in_features {
-                let old = bs;
-                bs = adjust_oft_parameters(in_features, bs);
-                note = Some(format!("Invalid `oft_block_size` ({old})! Adjusted `oft_block_size` to ({bs})."));
+        // The configured value of `field`, or its adjustment with HF's warning.
+        let fit = |field: &str, v: usize| {
+            if in_features % v == 0 && v <= in_features {
+                return (v, None);
             }
+            let adjusted = adjust_oft_parameters(in_features, v);
+            (adjusted, Some(format!("Invalid `{field}` ({v})! Adjusted `{field}` to ({adjusted}).")))
+        };
+        if self.r == 0 {
+            let (bs, note) = fit("oft_block_size", self.oft_block_size);
             (in_features / bs, bs, note)
         } else {
-            let mut r = self.r;
-            let mut note = None;
-            if in_features % r != 0 || r > in_features {
-                let old = r;
-                r = adjust_oft_parameters(in_features, r);
-                note = Some(format!("Invalid `r` ({old})! Adjusted `r` to ({r})."));
-            }
+            let (r, note) = fit("r", self.r);
             (r, in_features / r, note)
         }
     }
