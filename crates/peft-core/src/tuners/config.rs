@@ -298,7 +298,7 @@ impl<'p> RawConfig<'p> {
 
     /// A module-name field as HF's configs take one (`target_modules`, `exclude_modules`,
     /// `feedforward_modules`): `null` or absent → `None`, else a list of names, a regex string
-    /// or `"all-linear"` (see [`crate::targeting::targets_from_json`]).
+    /// or `"all-linear"` (as `crate::targeting::targets_from_json` reads them).
     ///
     /// Errors: `InvalidAdapterConfig` naming `k` for other JSON types or an invalid regex.
     pub fn targets(&self, k: &str) -> Result<Option<TargetModules>> {
@@ -699,5 +699,35 @@ impl AdapterConfig {
     /// `adapter_config.json` text exactly as HF writes it.
     pub fn to_json_string(&self) -> String {
         crate::io::python_json_dumps(&self.to_json())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The typed readers keep the messages the configs wrote by hand before them.
+    #[test]
+    fn readers_report_the_field_with_the_configs_messages() {
+        let defaults = json_object(json!({"peft_type": "X", "r": 0, "bias": "some", "p": 1.5, "a": "x", "k": 1.5, "n": -1, "t": 3}));
+        let rc = RawConfig::parse(&json!({}), None, defaults, &["X"], "an XConfig").unwrap();
+        let msg = |e: PeftError| {
+            assert_eq!(e.code(), "ERR_ADAPTER_CONFIG_INVALID");
+            e.to_string()
+        };
+        assert!(msg(rc.rank("r", 8).unwrap_err()).contains("`r` should be a positive integer value (at most 8), found 0"));
+        assert!(msg(rc.one_of("bias", &["none", "all", "x_only"]).unwrap_err()).contains("`bias` must be \"none\", \"all\" or \"x_only\", found \"some\""));
+        assert!(msg(rc.one_of("bias", &["none", "all"]).unwrap_err()).contains("`bias` must be \"none\" or \"all\", found \"some\""));
+        assert!(msg(rc.prob("p").unwrap_err()).contains("`p` must be a number in [0, 1), found 1.5"));
+        assert!(msg(rc.number("a").unwrap_err()).contains("`a` must be a number, found \"x\""));
+        assert!(msg(rc.int("k").unwrap_err()).contains("`k` must be an integer, found 1.5"));
+        assert!(msg(rc.uint("n", 4).unwrap_err()).contains("`n` must be a non-negative integer (at most 4), found -1"));
+        assert!(msg(rc.uint("t", 2).unwrap_err()).contains("`t` must be a non-negative integer (at most 2), found 3"));
+        assert!(msg(rc.targets("t").unwrap_err()).contains("`t`"));
+        assert_eq!(rc.uint("t", 3).unwrap(), 3);
+        assert_eq!(rc.number("k").unwrap(), 1.5);
+        assert_eq!(rc.targets("absent").unwrap(), None);
+        assert!(json_object(json!([1])).is_empty());
     }
 }

@@ -284,3 +284,27 @@ impl Clone for Box<dyn AdapterLayer> {
         self.clone_box()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tuners::ia3::layer::{Ia3Adapter, IA3_L};
+    use candle_core::Device;
+
+    /// `declare_layer!`'s `set_param` replaces the slot's field and refuses other slots, naming
+    /// `slot` with the layer's message.
+    #[test]
+    fn declared_layer_sets_its_slots_and_refuses_others() {
+        let var = |v: f32| Var::from_tensor(&Tensor::new(&[v], &Device::Cpu).unwrap()).unwrap();
+        let mut l = Ia3Adapter { l: var(1.0), feedforward: false };
+        assert_eq!((l.peft_type(), l.module_type()), ("IA3", "ia3.Linear"));
+        l.set_param(&IA3_L, var(2.0)).unwrap();
+        let params = l.params();
+        assert_eq!(params.len(), 1);
+        assert_eq!(params[0].0, IA3_L);
+        assert_eq!(params[0].1.as_tensor().to_vec1::<f32>().unwrap(), [2.0]);
+        let e = l.set_param(&Slot::param("lora_A"), var(3.0)).unwrap_err();
+        assert_eq!(e.code(), "ERR_INVALID_ARGUMENT");
+        assert!(e.to_string().contains("an ia3.Linear layer has no `lora_A`"), "{e}");
+    }
+}
