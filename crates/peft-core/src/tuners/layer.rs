@@ -211,7 +211,8 @@ pub trait AdapterLayer: LayerBox + Send + Sync + std::fmt::Debug {
 /// - `params`: each listed slot with its `Var` field, in the order given (HF's state-dict
 ///   order);
 /// - `set_param`: replaces the field of the slot with that name; any other slot is refused with
-///   `InvalidArgument` naming `slot` (`"<layer> has no `<slot>`"`, see [`no_slot`]).
+///   `InvalidArgument` naming `slot` (the message `<layer> has no` and the slot's name, see
+///   [`no_slot`]).
 ///
 /// ```ignore
 /// impl AdapterLayer for VeraLayer {
@@ -249,7 +250,8 @@ macro_rules! declare_layer {
 pub(crate) use declare_layer;
 
 /// The `InvalidArgument` error of [`AdapterLayer::set_param`] for a slot the layer does not
-/// have: `"<layer> has no `<slot>`"` (`layer` with its article: `"an HRA linear layer"`).
+/// have, its message `<layer> has no` and the slot's name in backticks (`layer` with its article:
+/// `"an HRA linear layer"`).
 pub fn no_slot(layer: &str, slot: &Slot) -> crate::error::PeftError {
     crate::error::PeftError::invalid_arg("slot", format!("{layer} has no `{}`", slot.name))
 }

@@ -17,6 +17,7 @@
 //!   and so is a runtime scale (HF: "Scaling operation for HRA not supported").
 //!
 //! [`AdapterLayer::forward_host`]: crate::tuners::layer::AdapterLayer::forward_host
+//! [`PeftLinear::layers`]: crate::tuners::linear::PeftLinear::layers
 
 pub mod config;
 pub mod layer;

@@ -29,6 +29,7 @@
 //!
 //! [`AdapterLayer::transform_input`]: crate::tuners::layer::AdapterLayer::transform_input
 //! [`AdapterLayer::apply_embedding`]: crate::tuners::layer::AdapterLayer::apply_embedding
+//! [`PeftLinear::layers`]: crate::tuners::linear::PeftLinear::layers
 
 pub mod config;
 pub mod layer;

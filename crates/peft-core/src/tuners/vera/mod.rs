@@ -17,6 +17,8 @@
 //!   active adapter), so these batches have no HF reference.
 //! - `bias` = `"all"` / `"vera_only"` trains and saves the base biases as LoRA's `"all"` /
 //!   `"lora_only"` do (HF treats every `"<method>_only"` alike).
+//!
+//! [`PeftLinear::layers`]: crate::tuners::linear::PeftLinear::layers
 
 pub mod config;
 pub mod layer;
