@@ -21,7 +21,7 @@ use crate::error::Result;
 use crate::tuners::config::RawConfig;
 use crate::tuners::layer::{AdapterLayer, Slot};
 use crate::tuners::linear::PeftLinear;
-use crate::tuners::lycoris::{LycorisKind, LycorisTuner};
+use crate::tuners::lycoris::{LycorisKind, LycorisNames, LycorisTuner};
 use candle_core::Device;
 use serde_json::{json, Map, Value};
 
@@ -29,12 +29,7 @@ use serde_json::{json, Map, Value};
 pub static TUNER: LycorisTuner<Lokr> = LycorisTuner::new();
 
 impl LycorisKind for Lokr {
-    const PEFT_TYPES: &'static [&'static str] = &["LOKR"];
-    const CONFIG_CLASS: &'static str = "LoKrConfig";
-    const MODEL_CLASS: &'static str = "LoKrModel";
-    const NAME: &'static str = "LoKr";
-    const PREFIX: &'static str = "lokr_";
-    const SLOTS: &'static [Slot] = &layer::SLOTS;
+    const NAMES: LycorisNames = LycorisNames { peft_types: &["LOKR"], config_class: "LoKrConfig", model_class: "LoKrModel", name: "LoKr", prefix: "lokr_", slots: &layer::SLOTS };
     fn own_defaults() -> Map<String, Value> {
         crate::tuners::config::json_object(json!({
             "decompose_both": false, "decompose_factor": -1, "init_weights": true, "peft_type": "LOKR",
