@@ -243,14 +243,38 @@ impl PeftModel {
     where
         C: std::ops::DerefMut<Target = crate::tuners::config::LayerCommon>,
     {
+        self.plan_layers_with(name, cfg, seed, |_, _, _| Ok(()), |cfg, _, m, lin, rng, device| make(cfg, m, lin, rng, device))
+    }
+
+    /// [`Self::plan_layers`] for a tuner with model-level state its layers share (HF
+    /// `uses_shared_state`; VeRA's `vera_A` / `vera_B`, HF `_pre_injection_hook` +
+    /// `_init_vera_A_vera_B`): once the modules are selected and before any layer is made,
+    /// `shared` sees the model, the config and the selected module paths in module order, checks
+    /// them and returns the state (`S`) that `make` then receives for every layer. Nothing on the
+    /// model changes but its warnings.
+    ///
+    /// Errors: `NoTargetModules`; the error of `shared`; the first error of `make`.
+    pub(crate) fn plan_layers_with<C, S>(
+        &mut self,
+        name: &str,
+        cfg: &mut C,
+        seed: u64,
+        shared: impl FnOnce(&mut Self, &mut C, &[String]) -> Result<S>,
+        mut make: impl FnMut(&C, &S, &str, &crate::tuners::linear::PeftLinear, &mut rand::rngs::StdRng, &candle_core::Device) -> Result<Box<dyn AdapterLayer>>,
+    ) -> Result<PlannedLayers>
+    where
+        C: std::ops::DerefMut<Target = crate::tuners::config::LayerCommon>,
+    {
         use rand::SeedableRng;
         let copies = self.prepare_layer_adapter(name, cfg)?;
         let selected = self.select_layers(cfg)?;
+        let ordered: Vec<String> = self.base.named_linears().into_iter().map(|(m, _)| m).filter(|m| selected.contains(m)).collect();
+        let state = shared(self, cfg, &ordered)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let device = self.base.device().clone();
         let mut layers = HashMap::new();
         for (mname, lin) in self.base.named_linears().into_iter().filter(|(m, _)| selected.contains(m)) {
-            let layer = make(cfg, &mname, lin, &mut rng, &device)?;
+            let layer = make(cfg, &state, &mname, lin, &mut rng, &device)?;
             layers.insert(mname, layer);
         }
         Ok(PlannedLayers { layers, copies })

@@ -155,13 +155,24 @@ pub(crate) use impl_tuner_config;
 /// `Deref` / `DerefMut` of a tuner's config to the shared part it holds in its `common` field
 /// ([`LayerCommon`] or [`PeftCommon`]), so that `cfg.task_type` or `cfg.target_modules` read the
 /// same on every config: `impl_deref_common!(T => LayerCommon)`, or
-/// `impl_deref_common!(<K> T<K> => LayerCommon)` for a generic config.
+/// `impl_deref_common!(<K> T<K> => LayerCommon)` for a generic config. With `; eq_by_json`
+/// (`impl_deref_common!(T => LayerCommon; eq_by_json)`) it also implements `PartialEq` as
+/// equality of the configs' adapter_config.json objects (`to_json()`), for configs holding
+/// fields without `PartialEq` (AdaLoRA's lock) or equal whenever HF would write the same file.
 macro_rules! impl_deref_common {
     (<$g:ident> $ty:ty => $target:ty) => {
         $crate::tuners::config::impl_deref_common!(@impl [$g] $ty => $target);
     };
     ($ty:ty => $target:ty) => {
         $crate::tuners::config::impl_deref_common!(@impl [] $ty => $target);
+    };
+    ($ty:ty => $target:ty; eq_by_json) => {
+        $crate::tuners::config::impl_deref_common!(@impl [] $ty => $target);
+        impl PartialEq for $ty {
+            fn eq(&self, other: &Self) -> bool {
+                self.to_json() == other.to_json()
+            }
+        }
     };
     (@impl [$($g:ident)?] $ty:ty => $target:ty) => {
         impl$(<$g>)? std::ops::Deref for $ty {
@@ -178,6 +189,15 @@ macro_rules! impl_deref_common {
     };
 }
 pub(crate) use impl_deref_common;
+
+/// The map of a JSON object (HF's defaults tables, written as `json!({...})` literals); an empty
+/// map for any other value.
+pub fn json_object(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
 
 /// `(layers_to_transform, layers_pattern)` of a config (see [`RawConfig::layers`]).
 pub type LayerSelection = (Option<Vec<usize>>, Option<Vec<String>>);
@@ -219,6 +239,70 @@ impl<'p> RawConfig<'p> {
     /// A boolean field. Errors: `InvalidAdapterConfig` for another JSON type.
     pub fn bool(&self, k: &str) -> Result<bool> {
         self.raw[k].as_bool().ok_or_else(|| self.bad(format!("`{k}` must be a boolean, found {}", self.raw[k])))
+    }
+
+    /// Field `k` as `read` takes it, else `InvalidAdapterConfig` with `msg` of the field's value
+    /// (the tuner's own message, HF's where it has one). The typed readers below are this with
+    /// the messages every config shares.
+    pub fn field<T>(&self, k: &str, read: impl FnOnce(&Value) -> Option<T>, msg: impl FnOnce(&Value) -> String) -> Result<T> {
+        let v = &self.raw[k];
+        read(v).ok_or_else(|| self.bad(msg(v)))
+    }
+
+    /// A number field (a Python `float` / `int`: `lora_alpha`, `alpha`, `d_initial`, ...).
+    /// Errors: `InvalidAdapterConfig` "`k` must be a number, found …".
+    pub fn number(&self, k: &str) -> Result<f64> {
+        self.field(k, |x| x.as_f64(), |x| format!("`{k}` must be a number, found {x}"))
+    }
+
+    /// A probability in `[0, 1)` (the dropouts: `lora_dropout`, `vera_dropout`, `rank_dropout`,
+    /// `module_dropout`). Errors: `InvalidAdapterConfig` "`k` must be a number in [0, 1), found …".
+    pub fn prob(&self, k: &str) -> Result<f64> {
+        self.field(k, |x| x.as_f64().filter(|p| (0.0..1.0).contains(p)), |x| format!("`{k}` must be a number in [0, 1), found {x}"))
+    }
+
+    /// An integer field (VeRA's `projection_prng_key`). Errors: `InvalidAdapterConfig` "`k`
+    /// must be an integer, found …".
+    pub fn int(&self, k: &str) -> Result<i64> {
+        self.field(k, |x| x.as_i64(), |x| format!("`{k}` must be an integer, found {x}"))
+    }
+
+    /// A non-negative integer of at most `max` (OFT's `r` / `oft_block_size`, AdaLoRA's
+    /// `init_r`, ...). Errors: `InvalidAdapterConfig` "`k` must be a non-negative integer (at
+    /// most `max`), found …".
+    pub fn uint(&self, k: &str, max: usize) -> Result<usize> {
+        self.field(k, |x| x.as_u64().filter(|n| *n as usize <= max).map(|n| n as usize), |x| format!("`{k}` must be a non-negative integer (at most {max}), found {x}"))
+    }
+
+    /// A rank in `1..=max` (VeRA's and LyCORIS's `r`; HF `update_layer`: "`r` should be a
+    /// positive integer value"). Errors: `InvalidAdapterConfig` "`k` should be a positive
+    /// integer value (at most `max`), found …".
+    pub fn rank(&self, k: &str, max: usize) -> Result<usize> {
+        self.field(k, |x| x.as_u64().filter(|n| *n >= 1 && *n as usize <= max).map(|n| n as usize), |x| {
+            format!("`{k}` should be a positive integer value (at most {max}), found {x}")
+        })
+    }
+
+    /// A string field that must be one of `choices` (`bias`: `"none"`, `"all"` or the tuner's
+    /// `"<method>_only"`). Errors: `InvalidAdapterConfig` "`k` must be "a", "b" or "c", found …".
+    pub fn one_of(&self, k: &str, choices: &[&str]) -> Result<String> {
+        self.field(k, |x| x.as_str().filter(|s| choices.contains(s)).map(String::from), |x| {
+            let quoted: Vec<String> = choices.iter().map(|c| format!("{c:?}")).collect();
+            let list = match quoted.split_last() {
+                Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+                _ => quoted.join(""),
+            };
+            format!("`{k}` must be {list}, found {x}")
+        })
+    }
+
+    /// A module-name field as HF's configs take one (`target_modules`, `exclude_modules`,
+    /// `feedforward_modules`): `null` or absent → `None`, else a list of names, a regex string
+    /// or `"all-linear"` (as `crate::targeting::targets_from_json` reads them).
+    ///
+    /// Errors: `InvalidAdapterConfig` naming `k` for other JSON types or an invalid regex.
+    pub fn targets(&self, k: &str) -> Result<Option<TargetModules>> {
+        crate::targeting::targets_from_json(self.raw.get(k).unwrap_or(&Value::Null), k).map_err(|m| self.bad(m))
     }
 
     /// An optional string field (`null` → `None`).
@@ -417,14 +501,10 @@ impl LayerCommon {
     /// `modules_to_save`, and (HF `__post_init__`) `layers_pattern` without
     /// `layers_to_transform`.
     pub fn parse(rc: &RawConfig, fields: LayerFields) -> Result<Self> {
-        let target_modules = crate::targeting::targets_from_json(&rc.raw["target_modules"], "target_modules")
-            .map_err(|m| rc.bad(m))?
+        let target_modules = rc
+            .targets("target_modules")?
             .ok_or_else(|| rc.bad("`target_modules` must be given (a list of module names, a regex string or \"all-linear\")".into()))?;
-        let exclude_modules = if fields.exclude_modules {
-            crate::targeting::targets_from_json(rc.raw.get("exclude_modules").unwrap_or(&Value::Null), "exclude_modules").map_err(|m| rc.bad(m))?
-        } else {
-            None
-        };
+        let exclude_modules = if fields.exclude_modules { rc.targets("exclude_modules")? } else { None };
         let (layers_to_transform, layers_pattern) = if fields.layer_selection { rc.layers()? } else { (None, None) };
         Ok(LayerCommon {
             peft: PeftCommon::parse(rc)?,
@@ -619,5 +699,35 @@ impl AdapterConfig {
     /// `adapter_config.json` text exactly as HF writes it.
     pub fn to_json_string(&self) -> String {
         crate::io::python_json_dumps(&self.to_json())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The typed readers keep the messages the configs wrote by hand before them.
+    #[test]
+    fn readers_report_the_field_with_the_configs_messages() {
+        let defaults = json_object(json!({"peft_type": "X", "r": 0, "bias": "some", "p": 1.5, "a": "x", "k": 1.5, "n": -1, "t": 3}));
+        let rc = RawConfig::parse(&json!({}), None, defaults, &["X"], "an XConfig").unwrap();
+        let msg = |e: PeftError| {
+            assert_eq!(e.code(), "ERR_ADAPTER_CONFIG_INVALID");
+            e.to_string()
+        };
+        assert!(msg(rc.rank("r", 8).unwrap_err()).contains("`r` should be a positive integer value (at most 8), found 0"));
+        assert!(msg(rc.one_of("bias", &["none", "all", "x_only"]).unwrap_err()).contains("`bias` must be \"none\", \"all\" or \"x_only\", found \"some\""));
+        assert!(msg(rc.one_of("bias", &["none", "all"]).unwrap_err()).contains("`bias` must be \"none\" or \"all\", found \"some\""));
+        assert!(msg(rc.prob("p").unwrap_err()).contains("`p` must be a number in [0, 1), found 1.5"));
+        assert!(msg(rc.number("a").unwrap_err()).contains("`a` must be a number, found \"x\""));
+        assert!(msg(rc.int("k").unwrap_err()).contains("`k` must be an integer, found 1.5"));
+        assert!(msg(rc.uint("n", 4).unwrap_err()).contains("`n` must be a non-negative integer (at most 4), found -1"));
+        assert!(msg(rc.uint("t", 2).unwrap_err()).contains("`t` must be a non-negative integer (at most 2), found 3"));
+        assert!(msg(rc.targets("t").unwrap_err()).contains("`t`"));
+        assert_eq!(rc.uint("t", 3).unwrap(), 3);
+        assert_eq!(rc.number("k").unwrap(), 1.5);
+        assert_eq!(rc.targets("absent").unwrap(), None);
+        assert!(json_object(json!([1])).is_empty());
     }
 }

@@ -203,6 +203,59 @@ pub trait AdapterLayer: LayerBox + Send + Sync + std::fmt::Debug {
     }
 }
 
+/// The declarative head of an [`AdapterLayer`] impl, written inside `impl AdapterLayer for T {}`
+/// (HF `BaseTunerLayer`'s `adapter_layer_names`: the parameter attributes a layer registers per
+/// adapter). It writes the four methods that only restate the layer's data:
+///
+/// - `peft_type` (HF's `peft_type`) and `module_type` (HF's layer class, `"ia3.Linear"`);
+/// - `params`: each listed slot with its `Var` field, in the order given (HF's state-dict
+///   order);
+/// - `set_param`: replaces the field of the slot with that name; any other slot is refused with
+///   `InvalidArgument` naming `slot` (the message `<layer> has no` and the slot's name, see
+///   [`no_slot`]).
+///
+/// ```ignore
+/// impl AdapterLayer for VeraLayer {
+///     declare_layer!(peft_type: "VERA", module_type: "vera.Linear", layer: "a VeRA linear layer",
+///         slots: [VERA_LAMBDA_B => lambda_b, VERA_LAMBDA_D => lambda_d]);
+///     fn delta_weight(&self, lin: &PeftLinear) -> Result<Tensor> { ... }
+/// }
+/// ```
+///
+/// Layers whose slots depend on their state (LoRA's embedding slots and DoRA magnitude, LoKr's
+/// full or factored `w1` / `w2`, OFT's embedding slot, trainable tokens' tying) write `params` /
+/// `set_param` themselves.
+macro_rules! declare_layer {
+    (peft_type: $pt:expr, module_type: $mt:expr, layer: $what:expr, slots: [$($slot:expr => $field:ident),+ $(,)?] $(,)?) => {
+        fn peft_type(&self) -> &'static str {
+            $pt
+        }
+        fn module_type(&self) -> &'static str {
+            $mt
+        }
+        fn params(&self) -> Vec<$crate::tuners::layer::Param<'_>> {
+            vec![$(($slot, &self.$field)),+]
+        }
+        fn set_param(&mut self, slot: &$crate::tuners::layer::Slot, v: candle_core::Var) -> $crate::error::Result<()> {
+            $(
+                if slot.name == $slot.name {
+                    self.$field = v;
+                    return Ok(());
+                }
+            )+
+            Err($crate::tuners::layer::no_slot($what, slot))
+        }
+    };
+}
+pub(crate) use declare_layer;
+
+/// The `InvalidArgument` error of [`AdapterLayer::set_param`] for a slot the layer does not
+/// have, its message `<layer> has no` and the slot's name in backticks (`layer` with its article:
+/// `"an HRA linear layer"`).
+pub fn no_slot(layer: &str, slot: &Slot) -> crate::error::PeftError {
+    crate::error::PeftError::invalid_arg("slot", format!("{layer} has no `{}`", slot.name))
+}
+
 /// Copying and downcasting a boxed [`AdapterLayer`]: implemented once for every `Clone` layer
 /// type, so a tuner's layer writes none of it.
 pub trait LayerBox {
@@ -231,5 +284,29 @@ impl<T: AdapterLayer + Clone + 'static> LayerBox for T {
 impl Clone for Box<dyn AdapterLayer> {
     fn clone(&self) -> Self {
         self.clone_box()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tuners::ia3::layer::{Ia3Adapter, IA3_L};
+    use candle_core::Device;
+
+    /// `declare_layer!`'s `set_param` replaces the slot's field and refuses other slots, naming
+    /// `slot` with the layer's message.
+    #[test]
+    fn declared_layer_sets_its_slots_and_refuses_others() {
+        let var = |v: f32| Var::from_tensor(&Tensor::new(&[v], &Device::Cpu).unwrap()).unwrap();
+        let mut l = Ia3Adapter { l: var(1.0), feedforward: false };
+        assert_eq!((l.peft_type(), l.module_type()), ("IA3", "ia3.Linear"));
+        l.set_param(&IA3_L, var(2.0)).unwrap();
+        let params = l.params();
+        assert_eq!(params.len(), 1);
+        assert_eq!(params[0].0, IA3_L);
+        assert_eq!(params[0].1.as_tensor().to_vec1::<f32>().unwrap(), [2.0]);
+        let e = l.set_param(&Slot::param("lora_A"), var(3.0)).unwrap_err();
+        assert_eq!(e.code(), "ERR_INVALID_ARGUMENT");
+        assert!(e.to_string().contains("an ia3.Linear layer has no `lora_A`"), "{e}");
     }
 }

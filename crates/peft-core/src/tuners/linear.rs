@@ -221,31 +221,12 @@ impl PeftLinear {
                 }
             }
         }
-        let mut y = self.base(xin.as_ref().unwrap_or(x), self.bias_for(ctx.train).as_ref())?;
+        let y = self.base(xin.as_ref().unwrap_or(x), self.bias_for(ctx.train).as_ref())?;
         if let Some(rows) = ctx.rows {
             // Mixed batch: each row gets its own adapter's delta (or none).
-            let b = x.dim(0)?;
-            if rows.len() != b {
-                return Err(PeftError::invalid_arg("adapterNames", format!("has {} names for a batch of {b} rows", rows.len())));
-            }
-            for (name, idx) in row_groups(rows, x.device())? {
-                let Some(l) = self.layers.get(name) else { continue };
-                if !l.mixed_batch() {
-                    return Err(mixed_refused(l.as_ref()));
-                }
-                let sub = x.index_select(&idx, 0)?;
-                let delta = scale_rows(l.as_ref(), l.mixed_delta(self, &sub, &y, &idx, ctx)?, &idx, ctx)?;
-                y = y.index_add(&idx, &delta.to_dtype(y.dtype())?, 0)?;
-            }
-            return Ok(y);
+            return self.add_row_deltas(y, rows, x.dim(0)?, ctx, |l, idx, y| l.mixed_delta(self, &x.index_select(idx, 0)?, y, idx, ctx));
         }
-        if self.active.len() > 1 && self.replaces_rows() {
-            self.check_disjoint_rows(&self.active)?;
-        }
-        for (_, l) in self.active_layers() {
-            y = l.apply(self, x, y, ctx)?;
-        }
-        Ok(y)
+        self.through_active(y, |l, y| l.apply(self, x, y, ctx))
     }
 
     /// Embedding lookup (HF `lora.Embedding.forward`, `TrainableTokensLayer.forward`): `ids`
@@ -266,32 +247,48 @@ impl PeftLinear {
             Some((w, _)) => w.clone(),
             None => self.weight.clone(),
         };
-        let mut y = table.index_select(ids, 0)?.reshape((b, s, dim))?;
+        let y = table.index_select(ids, 0)?.reshape((b, s, dim))?;
         if self.disabled || self.layers.is_empty() {
             return Ok(y);
         }
         if let Some(rows) = ctx.rows {
-            if rows.len() != b {
-                return Err(PeftError::invalid_arg("adapterNames", format!("has {} names for a batch of {b} rows", rows.len())));
-            }
             let ids2 = ids.reshape((b, s))?;
-            for (name, idx) in row_groups(rows, ids.device())? {
-                let Some(l) = self.layers.get(name) else { continue };
-                if !l.mixed_batch() {
-                    return Err(mixed_refused(l.as_ref()));
-                }
-                let sub = ids2.index_select(&idx, 0)?;
-                let ys = y.index_select(&idx, 0)?;
-                let d = scale_rows(l.as_ref(), l.mixed_embedding_delta(self, &sub, &ys, ctx)?, &idx, ctx)?;
-                y = y.index_add(&idx, &d.to_dtype(y.dtype())?, 0)?;
-            }
-            return Ok(y);
+            return self.add_row_deltas(y, rows, b, ctx, |l, idx, y| l.mixed_embedding_delta(self, &ids2.index_select(idx, 0)?, &y.index_select(idx, 0)?, ctx));
         }
+        self.through_active(y, |l, y| l.apply_embedding(self, ids, y, ctx))
+    }
+
+    /// A mixed batch (HF `_mixed_batch_forward`) of [`Self::forward`] and
+    /// [`Self::forward_embedding`]: for the rows of each adapter `rows` names, adds
+    /// `delta(layer, idx, y)` (what that adapter's layer adds to rows `idx`, given the output `y`
+    /// `[b, ...]` so far), scaled per row (`adapterScales`), in `y`'s dtype. Rows of
+    /// `"__base__"` or of an adapter without a layer here get nothing.
+    ///
+    /// Errors: `InvalidArgument` naming `adapterNames` when `rows` does not hold `b` names or
+    /// routes rows to a layer without mixed-batch support.
+    fn add_row_deltas(&self, mut y: Tensor, rows: &RowAdapters, b: usize, ctx: &LinearCtx, delta: impl Fn(&dyn AdapterLayer, &Tensor, &Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        if rows.len() != b {
+            return Err(PeftError::invalid_arg("adapterNames", format!("has {} names for a batch of {b} rows", rows.len())));
+        }
+        for (name, idx) in row_groups(rows, y.device())? {
+            let Some(l) = self.layers.get(name) else { continue };
+            if !l.mixed_batch() {
+                return Err(mixed_refused(l.as_ref()));
+            }
+            let d = scale_rows(l.as_ref(), delta(l.as_ref(), &idx, &y)?, &idx, ctx)?;
+            y = y.index_add(&idx, &d.to_dtype(y.dtype())?, 0)?;
+        }
+        Ok(y)
+    }
+
+    /// `y` through every active unmerged layer in activation order (`step`), once row-replacing
+    /// layers active together are known not to share a row ([`Self::check_disjoint_rows`]).
+    fn through_active(&self, mut y: Tensor, step: impl Fn(&dyn AdapterLayer, Tensor) -> Result<Tensor>) -> Result<Tensor> {
         if self.active.len() > 1 && self.replaces_rows() {
             self.check_disjoint_rows(&self.active)?;
         }
         for (_, l) in self.active_layers() {
-            y = l.apply_embedding(self, ids, y, ctx)?;
+            y = step(l, y)?;
         }
         Ok(y)
     }

@@ -13,9 +13,8 @@
 //! shapes, a new layer) and its layer (an [`AdapterLayer`]).
 
 use crate::error::{PeftError, Result};
-use crate::model::Task;
 use crate::peft_model::PeftModel;
-use crate::tuners::config::{AdapterConfig, LayerCommon, LayerFields, RawConfig};
+use crate::tuners::config::{LayerCommon, LayerFields, RawConfig};
 use crate::tuners::layer::{AdapterLayer, Slot};
 use crate::tuners::linear::{LinearCtx, PeftLinear};
 use crate::tuners::lora::MAX_RANK;
@@ -26,21 +25,29 @@ use serde_json::{json, Map, Number, Value};
 use std::marker::PhantomData;
 use std::path::Path;
 
+/// The names under which HF registers a LyCORIS method (`register_peft_method` and its config
+/// and model classes).
+#[derive(Debug, Clone, Copy)]
+pub struct LycorisNames {
+    /// HF's `peft_type` (one entry: `&["LOHA"]`).
+    pub peft_types: &'static [&'static str],
+    /// HF's config class (`"LoHaConfig"`), named in config errors.
+    pub config_class: &'static str,
+    /// HF's tuner model class (`"LoHaModel"`).
+    pub model_class: &'static str,
+    /// The method's name in messages (`"LoHa"`).
+    pub name: &'static str,
+    /// HF's parameter-name prefix (`"hada_"`).
+    pub prefix: &'static str,
+    /// Every slot of the method's linear layer, in HF's state-dict order.
+    pub slots: &'static [Slot],
+}
+
 /// One LyCORIS method (LoHa, LoKr): its names, its own config fields (the value itself, kept in
 /// [`LycorisConfig::own`]) and what its layers look like.
 pub trait LycorisKind: Sized + Clone + PartialEq + std::fmt::Debug + Send + Sync + 'static {
-    /// HF's `peft_type` (one entry: `&["LOHA"]`).
-    const PEFT_TYPES: &'static [&'static str];
-    /// HF's config class (`"LoHaConfig"`), named in config errors.
-    const CONFIG_CLASS: &'static str;
-    /// HF's tuner model class (`"LoHaModel"`).
-    const MODEL_CLASS: &'static str;
-    /// The method's name in messages (`"LoHa"`).
-    const NAME: &'static str;
-    /// HF's parameter-name prefix (`"hada_"`).
-    const PREFIX: &'static str;
-    /// Every slot of the method's linear layer, in HF's state-dict order.
-    const SLOTS: &'static [Slot];
+    /// The method's HF names.
+    const NAMES: LycorisNames;
     /// HF PEFT 0.21 defaults of the method's own fields (`peft_type` included); the common
     /// ones are [`lycoris_defaults`].
     fn own_defaults() -> Map<String, Value>;
@@ -56,16 +63,13 @@ pub trait LycorisKind: Sized + Clone + PartialEq + std::fmt::Debug + Send + Sync
 /// HF PEFT 0.21 defaults of the fields every LyCORIS config has, as written to
 /// adapter_config.json (the method adds its own with [`LycorisKind::own_defaults`]).
 pub fn lycoris_defaults() -> Map<String, Value> {
-    match json!({
+    crate::tuners::config::json_object(json!({
         "alpha": 8, "alpha_pattern": {}, "auto_mapping": null, "base_model_name_or_path": null,
         "exclude_modules": null, "inference_mode": false, "layers_pattern": null,
         "layers_to_transform": null, "module_dropout": 0.0, "modules_to_save": null,
         "peft_version": "0.21.0", "r": 8, "rank_dropout": 0.0, "rank_pattern": {}, "revision": null,
         "target_modules": null, "task_type": null
-    }) {
-        Value::Object(m) => m,
-        _ => unreachable!(),
-    }
+    }))
 }
 
 /// A LyCORIS config (HF `LycorisConfig` and its subclasses `LoHaConfig`, `LoKrConfig`): the
@@ -103,15 +107,9 @@ impl<K: LycorisKind> LycorisConfig<K> {
     /// outside [0, 1), invalid pattern regexes, `layers_pattern` without `layers_to_transform`,
     /// and the method's own checks).
     pub fn from_json(v: &Value, path: Option<&Path>) -> Result<Self> {
-        let rc = RawConfig::parse(v, path, Self::hf_defaults(), K::PEFT_TYPES, K::CONFIG_CLASS)?;
-        let raw = &rc.raw;
-        let r = raw["r"].as_u64().filter(|r| *r >= 1 && *r as usize <= MAX_RANK)
-            .ok_or_else(|| rc.bad(format!("`r` should be a positive integer value (at most {MAX_RANK}), found {}", raw["r"])))? as usize;
-        let alpha = raw["alpha"].as_f64().ok_or_else(|| rc.bad(format!("`alpha` must be a number, found {}", raw["alpha"])))?;
-        let prob = |k: &str| -> Result<f64> {
-            raw[k].as_f64().filter(|p| (0.0..1.0).contains(p)).ok_or_else(|| rc.bad(format!("`{k}` must be a number in [0, 1), found {}", raw[k])))
-        };
-        let (rank_dropout, module_dropout) = (prob("rank_dropout")?, prob("module_dropout")?);
+        let rc = RawConfig::parse(v, path, Self::hf_defaults(), K::NAMES.peft_types, K::NAMES.config_class)?;
+        let (r, alpha) = (rc.rank("r", MAX_RANK)?, rc.number("alpha")?);
+        let (rank_dropout, module_dropout) = (rc.prob("rank_dropout")?, rc.prob("module_dropout")?);
         let common = LayerCommon::parse(&rc, LayerFields::ALL)?;
         Ok(LycorisConfig {
             r,
@@ -146,7 +144,7 @@ impl<K: LycorisKind> LycorisConfig<K> {
     }
 }
 
-crate::tuners::config::impl_tuner_config!(<K: LycorisKind> LycorisConfig<K>, K::PEFT_TYPES[0]);
+crate::tuners::config::impl_tuner_config!(<K: LycorisKind> LycorisConfig<K>, K::NAMES.peft_types[0]);
 
 /// The registry entry of a LyCORIS method (HF `LycorisTuner`).
 pub struct LycorisTuner<K>(PhantomData<K>);
@@ -164,14 +162,8 @@ impl<K> Default for LycorisTuner<K> {
 }
 
 impl<K: LycorisKind> Tuner for LycorisTuner<K> {
-    crate::tuners::registry::declare_tuner!(peft_types: K::PEFT_TYPES, model_class: K::MODEL_CLASS, prefix: K::PREFIX, slots: K::SLOTS, config: LycorisConfig<K>, inject: add_lycoris);
-    fn expected_params(&self, cfg: &AdapterConfig, task: Task, m: &str, lin: &PeftLinear) -> Vec<(Slot, Vec<usize>)> {
-        let Some(c) = cfg.get::<LycorisConfig<K>>() else { return vec![] };
-        if lin.is_embedding || !c.selects(m, task) {
-            return vec![];
-        }
-        K::param_shapes(c, lin, c.rank_for(m))
-    }
+    crate::tuners::registry::declare_tuner!(peft_types: K::NAMES.peft_types, model_class: K::NAMES.model_class, prefix: K::NAMES.prefix, slots: K::NAMES.slots, config: LycorisConfig<K>, inject: add_lycoris,
+        expected: |c, m, lin| if !lin.is_embedding => K::param_shapes(c, lin, c.rank_for(m)));
 }
 
 impl PeftModel {
@@ -187,7 +179,7 @@ impl PeftModel {
                 let kind = if lin.is_embedding { "Embedding" } else { "Conv1D" };
                 return Err(PeftError::InvalidAdapterConfig {
                     path: None,
-                    msg: format!("Target module `{mname}` of type {kind} not supported, currently only adapters for Conv2d, Conv1d, Linear are supported ({} here: Linear)", K::NAME),
+                    msg: format!("Target module `{mname}` of type {kind} not supported, currently only adapters for Conv2d, Conv1d, Linear are supported ({} here: Linear)", K::NAMES.name),
                 });
             }
             K::new_layer(cfg, lin, cfg.rank_for(mname), cfg.alpha_for(mname), rng, device)

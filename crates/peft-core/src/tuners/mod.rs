@@ -6,6 +6,18 @@
 //! into a model ([`registry::Tuner`]). Adding a tuner means one new folder and one line in
 //! [`registry::TUNERS`]; a LyCORIS method's folder holds its [`lycoris::LycorisKind`] and its
 //! layer, the rest is [`lycoris`]'s.
+//!
+//! A layer tuner's folder states only its own data and math:
+//! - `config.rs`: HF's defaults table and the fields, read with [`config::RawConfig`]'s typed
+//!   readers (`rank`, `prob`, `number`, `one_of`, `targets`, ...: the checks and messages every
+//!   config shares) over [`config::LayerCommon`] (the targeting fields);
+//! - `layer.rs`: its [`layer::AdapterLayer`], whose head (`peft_type`, `module_type`, the
+//!   slot → field list behind `params` / `set_param`) is one `declare_layer!` line (defined in [`layer`]);
+//! - `model.rs`: the per-layer construction passed to `PeftModel::plan_layers` (or
+//!   `plan_layers_with`, for model-level state shared by the layers: VeRA's projections), then
+//!   `install_layers`;
+//! - `mod.rs`: the [`registry::Tuner`] impl, one `declare_tuner!` (defined in [`registry`]: names, prefix,
+//!   slots, config, injection and the load-time shapes) plus the hooks the tuner overrides.
 
 pub mod adalora;
 pub mod adaption_prompt;

@@ -96,30 +96,55 @@ pub trait Tuner: Sync {
     }
 }
 
-/// The declarative part of a layer tuner's [`Tuner`] impl, written inside `impl Tuner for T {}`
-/// (HF `register_peft_method(name, config_cls, model_cls, prefix)`): its `peft_type`s, HF's
-/// tuner model class, the parameter prefix and slots (the key grammar), parsing with
-/// `Config::from_json`, and injection with `PeftModel::<inject>(name, config, seed)`.
+/// The declarative part of a tuner's [`Tuner`] impl, written inside `impl Tuner for T {}` (HF
+/// `register_peft_method(name, config_cls, model_cls, prefix)`):
+///
+/// - `declare_tuner!(peft_types: P, model_class: M, config: C, inject: |model, name, c, seed| E)`:
+///   its `peft_type`s, HF's tuner model class, parsing with `C::from_json`, and injection as `E`
+///   with `c` the adapter's `C` (prompt learning, adaption prompt);
+/// - `declare_tuner!(peft_types: P, model_class: M, prefix: X, slots: S, config: C, inject: add)`:
+///   a layer tuner's, with the parameter prefix and slots (the key grammar) and injection with
+///   `PeftModel::<add>(name, config, seed)`.
+///
+/// With `expected: |c, m, lin| if ADAPTS => SHAPES` it also writes [`Tuner::expected_params`]
+/// (the load-time shape check, HF's `_create_and_replace` seen from the file): for a config of
+/// the tuner's type `c` that selects module `m` ([`crate::tuners::config::LayerCommon::selects`])
+/// whose layer `lin` is a kind the tuner adapts (`ADAPTS`), the `(slot, shape)` list `SHAPES`;
+/// nothing otherwise.
 macro_rules! declare_tuner {
-    (peft_types: $pt:expr, model_class: $mc:expr, prefix: $pf:expr, slots: $slots:expr, config: $cfg:ty, inject: $add:ident $(,)?) => {
+    (peft_types: $pt:expr, model_class: $mc:expr, prefix: $pf:expr, slots: $slots:expr, config: $cfg:ty, inject: $add:ident,
+     expected: |$c:ident, $m:ident, $lin:ident| if $adapts:expr => $shapes:expr $(,)?) => {
+        $crate::tuners::registry::declare_tuner!(peft_types: $pt, model_class: $mc, prefix: $pf, slots: $slots, config: $cfg, inject: $add);
+        fn expected_params(&self, cfg: &$crate::tuners::config::AdapterConfig, task: $crate::model::Task, $m: &str, $lin: &$crate::tuners::linear::PeftLinear) -> Vec<($crate::tuners::layer::Slot, Vec<usize>)> {
+            let Some($c) = cfg.get::<$cfg>() else { return vec![] };
+            if !($adapts) || !$c.selects($m, task) {
+                return vec![];
+            }
+            $shapes
+        }
+    };
+    (peft_types: $pt:expr, model_class: $mc:expr, config: $cfg:ty, inject: |$model:ident, $name:ident, $c:ident, $seed:ident| $inject:expr $(,)?) => {
         fn peft_types(&self) -> &'static [&'static str] {
             $pt
         }
         fn model_class(&self) -> &'static str {
             $mc
         }
+        fn parse_config(&self, v: &serde_json::Value, path: Option<&std::path::Path>) -> $crate::error::Result<$crate::tuners::config::AdapterConfig> {
+            Ok(<$cfg>::from_json(v, path)?.into())
+        }
+        fn inject(&self, $model: &mut $crate::peft_model::PeftModel, $name: &str, cfg: $crate::tuners::config::AdapterConfig, $seed: u64) -> $crate::error::Result<Vec<String>> {
+            let $c = cfg.get::<$cfg>().expect(concat!("a ", stringify!($cfg))).clone();
+            $inject
+        }
+    };
+    (peft_types: $pt:expr, model_class: $mc:expr, prefix: $pf:expr, slots: $slots:expr, config: $cfg:ty, inject: $add:ident $(,)?) => {
+        $crate::tuners::registry::declare_tuner!(peft_types: $pt, model_class: $mc, config: $cfg, inject: |model, name, c, seed| model.$add(name, c, seed));
         fn prefix(&self) -> Option<&'static str> {
             Some($pf)
         }
         fn slots(&self) -> &'static [$crate::tuners::layer::Slot] {
             $slots
-        }
-        fn parse_config(&self, v: &serde_json::Value, path: Option<&std::path::Path>) -> $crate::error::Result<$crate::tuners::config::AdapterConfig> {
-            Ok(<$cfg>::from_json(v, path)?.into())
-        }
-        fn inject(&self, model: &mut $crate::peft_model::PeftModel, name: &str, cfg: $crate::tuners::config::AdapterConfig, seed: u64) -> $crate::error::Result<Vec<String>> {
-            let c = cfg.get::<$cfg>().expect(concat!("a ", stringify!($cfg))).clone();
-            model.$add(name, c, seed)
         }
     };
 }

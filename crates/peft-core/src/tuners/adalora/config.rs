@@ -87,7 +87,7 @@ pub struct AdaLoraConfig {
     pub common: LayerCommon,
 }
 
-crate::tuners::config::impl_deref_common!(AdaLoraConfig => LayerCommon);
+crate::tuners::config::impl_deref_common!(AdaLoraConfig => LayerCommon; eq_by_json);
 
 impl Clone for AdaLoraConfig {
     fn clone(&self) -> Self {
@@ -109,12 +109,6 @@ impl Clone for AdaLoraConfig {
             rank_pattern: Mutex::new(self.rank_pattern()),
             common: self.common.clone(),
         }
-    }
-}
-
-impl PartialEq for AdaLoraConfig {
-    fn eq(&self, other: &Self) -> bool {
-        self.to_json() == other.to_json()
     }
 }
 
@@ -152,16 +146,11 @@ impl AdaLoraConfig {
         if matches!(lora.common.target_modules, TargetModules::Regex(_)) && lora.layers_to_transform.is_some() {
             return Err(rc.bad("`layers_to_transform` cannot be used when `target_modules` is a str.".into()));
         }
-        let uint = |k: &str, max: usize| -> Result<usize> {
-            raw[k].as_u64().filter(|n| *n as usize <= max).map(|n| n as usize)
-                .ok_or_else(|| rc.bad(format!("`{k}` must be a non-negative integer (at most {max}), found {}", raw[k])))
-        };
-        let init_r = uint("init_r", MAX_RANK)?;
-        let target_r = uint("target_r", MAX_RANK)?;
-        let tinit = uint("tinit", usize::MAX >> 1)?;
-        let tfinal = uint("tfinal", usize::MAX >> 1)?;
-        let delta_t = raw["deltaT"].as_u64().filter(|n| *n >= 1).map(|n| n as usize)
-            .ok_or_else(|| rc.bad(format!("`deltaT` must be a positive integer (the masking interval in steps), found {}", raw["deltaT"])))?;
+        let (init_r, target_r) = (rc.uint("init_r", MAX_RANK)?, rc.uint("target_r", MAX_RANK)?);
+        let (tinit, tfinal) = (rc.uint("tinit", usize::MAX >> 1)?, rc.uint("tfinal", usize::MAX >> 1)?);
+        let delta_t = rc.field("deltaT", |x| x.as_u64().filter(|n| *n >= 1).map(|n| n as usize), |x| {
+            format!("`deltaT` must be a positive integer (the masking interval in steps), found {x}")
+        })?;
         let total_step = match raw["total_step"].as_i64() {
             Some(t) if t > 0 => t as usize,
             _ if raw["total_step"].is_null() || raw["total_step"].as_f64().is_some_and(|t| t <= 0.0) => {
@@ -170,13 +159,10 @@ impl AdaLoraConfig {
             _ => return Err(rc.bad(format!("`total_step` must be a positive integer, found {}", raw["total_step"]))),
         };
         let unit = |k: &str| -> Result<f64> {
-            raw[k].as_f64().filter(|b| *b > 0.0 && *b < 1.0)
-                .ok_or_else(|| rc.bad(format!("`{k}` must be a number in (0, 1) (HF's RankAllocator asserts it), found {}", raw[k])))
+            rc.field(k, |x| x.as_f64().filter(|b| *b > 0.0 && *b < 1.0), |x| format!("`{k}` must be a number in (0, 1) (HF's RankAllocator asserts it), found {x}"))
         };
-        let beta1 = unit("beta1")?;
-        let beta2 = unit("beta2")?;
-        let orth_reg_weight = raw["orth_reg_weight"].as_f64()
-            .ok_or_else(|| rc.bad(format!("`orth_reg_weight` must be a number, found {}", raw["orth_reg_weight"])))?;
+        let (beta1, beta2) = (unit("beta1")?, unit("beta2")?);
+        let orth_reg_weight = rc.number("orth_reg_weight")?;
         if orth_reg_weight < 0.0 {
             return Err(rc.bad(format!("`orth_reg_weight` should be greater than or equal to 0, but the value passed is {}", py_float(orth_reg_weight))));
         }

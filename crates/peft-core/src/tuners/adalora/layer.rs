@@ -16,8 +16,8 @@
 //! Parameters are HF `nn.ParameterDict` entries: saved as `<module>.lora_A` / `.lora_B` /
 //! `.lora_E` (no `.weight`).
 
-use crate::error::{PeftError, Result};
-use crate::tuners::layer::{AdapterLayer, Param, Slot};
+use crate::error::Result;
+use crate::tuners::layer::{AdapterLayer, Slot};
 use crate::tuners::linear::{dropout, LinearCtx, PeftLinear};
 use crate::tuners::lycoris::rows_and_out_dims;
 use candle_core::{DType, Tensor, Var};
@@ -92,24 +92,7 @@ impl AdaLoraLayer {
 }
 
 impl AdapterLayer for AdaLoraLayer {
-    fn peft_type(&self) -> &'static str {
-        "ADALORA"
-    }
-    fn module_type(&self) -> &'static str {
-        "adalora.SVDLinear"
-    }
-    fn params(&self) -> Vec<Param<'_>> {
-        vec![(LORA_A, &self.a), (LORA_B, &self.b), (LORA_E, &self.e)]
-    }
-    fn set_param(&mut self, slot: &Slot, v: Var) -> Result<()> {
-        match slot.name {
-            "lora_A" => self.a = v,
-            "lora_B" => self.b = v,
-            "lora_E" => self.e = v,
-            other => return Err(PeftError::invalid_arg("slot", format!("an AdaLoRA layer has no `{other}`"))),
-        }
-        Ok(())
-    }
+    crate::tuners::layer::declare_layer!(peft_type: "ADALORA", module_type: "adalora.SVDLinear", layer: "an AdaLoRA layer", slots: [LORA_A => a, LORA_B => b, LORA_E => e]);
     fn delta_weight(&self, lin: &PeftLinear) -> Result<Tensor> {
         if self.rank() == 0 {
             return Ok(Tensor::zeros((lin.out_features(), lin.in_features()), DType::F32, lin.weight.device())?);

@@ -36,11 +36,8 @@ pub use config::*;
 pub use model::ONE_TRAINABLE;
 
 use crate::error::Result;
-use crate::model::Task;
-use crate::peft_model::{is_output_head, PeftModel};
+use crate::peft_model::PeftModel;
 use crate::tuners::config::AdapterConfig;
-use crate::tuners::layer::Slot;
-use crate::tuners::linear::PeftLinear;
 use crate::tuners::registry::Tuner;
 use candle_core::backprop::GradStore;
 use candle_core::Tensor;
@@ -52,15 +49,11 @@ pub struct AdaLoraTuner;
 pub static TUNER: AdaLoraTuner = AdaLoraTuner;
 
 impl Tuner for AdaLoraTuner {
-    crate::tuners::registry::declare_tuner!(peft_types: &["ADALORA"], model_class: "AdaLoraModel", prefix: "lora_", slots: &layer::SLOTS, config: AdaLoraConfig, inject: add_adalora);
-    fn expected_params(&self, cfg: &AdapterConfig, task: Task, m: &str, lin: &PeftLinear) -> Vec<(Slot, Vec<usize>)> {
-        let Some(c) = cfg.get::<AdaLoraConfig>() else { return vec![] };
-        if lin.is_embedding || c.rule().select(m, is_output_head(task, m)) != crate::targeting::Selection::Target {
-            return vec![];
-        }
-        let r = model::rank_of(c, m).unwrap_or(c.init_r);
-        vec![(layer::LORA_A, vec![r, lin.in_features()]), (layer::LORA_B, vec![lin.out_features(), r]), (layer::LORA_E, vec![r, 1])]
-    }
+    crate::tuners::registry::declare_tuner!(peft_types: &["ADALORA"], model_class: "AdaLoraModel", prefix: "lora_", slots: &layer::SLOTS, config: AdaLoraConfig, inject: add_adalora,
+        expected: |c, m, lin| if !lin.is_embedding => {
+            let r = model::rank_of(c, m).unwrap_or(c.init_r);
+            vec![(layer::LORA_A, vec![r, lin.in_features()]), (layer::LORA_B, vec![lin.out_features(), r]), (layer::LORA_E, vec![r, 1])]
+        });
     fn finish_state_dict(&self, model: &PeftModel, name: &str, cfg: &AdapterConfig, tensors: &mut Vec<(String, Tensor)>) -> Result<()> {
         match cfg.get::<AdaLoraConfig>() {
             Some(c) => model::resize_state_dict(model, name, c, tensors),

@@ -7,12 +7,10 @@ use super::config::AdaLoraConfig;
 use super::layer::AdaLoraLayer;
 use crate::error::{PeftError, Result};
 use crate::keys::KEY_PREFIX;
-use crate::model::Task;
-use crate::peft_model::{is_output_head, PeftModel};
+use crate::peft_model::PeftModel;
 use crate::tuners::layer::AdapterLayer;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
-use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -182,67 +180,53 @@ impl PeftModel {
     /// in inference mode (HF's message [`ONE_TRAINABLE`]), an embedding target (HF's message),
     /// a `rank_pattern` entry whose length is not `init_r`; `NoTargetModules`.
     pub(crate) fn add_adalora(&mut self, name: &str, mut cfg: AdaLoraConfig, seed: u64) -> Result<Vec<String>> {
-        if cfg.base_model_name_or_path.is_none() {
-            cfg.base_model_name_or_path = self.base.info().name_or_path.clone();
-        }
         if !cfg.inference_mode && trainable(self).is_some() {
             return Err(bad(ONE_TRAINABLE.into()));
         }
         if cfg.sets_lora_r() {
             self.warnings.push("Note that `r` is not used in AdaLora and will be ignored.If you intended to set the initial rank, use `init_r` instead.".into());
         }
-        let task = cfg.task_type.as_deref().and_then(Task::from_task_type);
-        let copies = self.plan_saved_copies(name, &cfg.modules_to_save.clone().unwrap_or_default(), task)?;
-        let mut targets: Vec<(String, usize, usize, usize)> = Vec::new();
-        let mut misses = crate::targeting::Misses::default();
-        for (mname, lin) in self.base.named_linears() {
-            let sel = cfg.rule().select(&mname, lin.is_embedding || is_output_head(self.base.task(), &mname));
-            if !misses.note(&mname, sel, cfg.layers_pattern.as_deref()) {
-                continue;
-            }
-            if lin.is_embedding {
-                return Err(bad(format!(
-                    "Target module `{mname}` (Embedding) is not supported. Currently, only `torch.nn.Linear`, `Conv1D`, and `torch.nn.Conv2d` are supported."
-                )));
-            }
-            if lin.transposed && !cfg.fan_in_fan_out {
-                self.warnings.push("fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True.".into());
-                cfg.fan_in_fan_out = true;
-            } else if !lin.transposed && cfg.fan_in_fan_out {
-                self.warnings.push("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting fan_in_fan_out to False.".into());
-                cfg.fan_in_fan_out = false;
-            }
-            let r = rank_of(&cfg, &mname)?;
-            targets.push((mname, lin.in_features(), lin.out_features(), r));
-        }
-        if targets.is_empty() {
-            return Err(self.no_targets(&cfg.to_json()["target_modules"], &misses, cfg.layers_to_transform.as_deref(), cfg.layers_pattern.as_deref()));
-        }
-        let device = self.base.device().clone();
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let random = cfg.init_lora_weights == crate::tuners::lora::InitLoraWeights::Random;
-        let mut planned: HashMap<String, Box<dyn AdapterLayer>> = HashMap::new();
-        for (mname, inf, outf, r) in targets {
-            let (a, e, b) = if random {
-                (normal(&mut rng, r * inf, 1.0)?, normal(&mut rng, r, 1.0)?, normal(&mut rng, outf * r, 1.0)?)
-            } else {
-                let a = normal(&mut rng, r * inf, 0.02)?;
-                let b = normal(&mut rng, outf * r, 0.02)?;
-                (a, vec![0f32; r], b)
-            };
-            let layer = AdaLoraLayer {
-                a: var(a, (r, inf), &device)?,
-                e: var(e, (r, 1), &device)?,
-                b: var(b, (outf, r), &device)?,
-                ranknum: if r == 0 { 0.0 } else { cfg.init_r as f64 },
-                scaling: if cfg.lora_alpha > 0.0 { cfg.lora_alpha } else { r as f64 },
-                dropout: cfg.lora_dropout,
-                importance: Arc::new(Mutex::new(Default::default())),
-            };
-            planned.insert(mname, Box::new(layer));
-        }
-        self.install_planned(name, cfg.into(), planned, copies, |lin, name, l| {
-            lin.layers.insert(name, l);
-        })
+        let planned = self.plan_layers_with(
+            name,
+            &mut cfg,
+            seed,
+            |model, cfg, selected| {
+                // HF `_create_new_module` per target, in module order: embeddings refused,
+                // `fan_in_fan_out` fitted to the layout, the rank of the kept triplets.
+                let mut ranks = HashMap::new();
+                for (mname, lin) in model.base.named_linears().into_iter().filter(|(m, _)| selected.contains(m)) {
+                    if lin.is_embedding {
+                        return Err(bad(format!(
+                            "Target module `{mname}` (Embedding) is not supported. Currently, only `torch.nn.Linear`, `Conv1D`, and `torch.nn.Conv2d` are supported."
+                        )));
+                    }
+                    crate::peft_model::fit_fan_in_fan_out(&mut model.warnings, lin, &mut cfg.fan_in_fan_out);
+                    let r = rank_of(cfg, &mname)?;
+                    ranks.insert(mname, r);
+                }
+                Ok(ranks)
+            },
+            |cfg, ranks, mname, lin, rng, device| {
+                let (r, inf, outf) = (ranks.get(mname).copied().unwrap_or(cfg.init_r), lin.in_features(), lin.out_features());
+                let (a, e, b) = if random {
+                    (normal(rng, r * inf, 1.0)?, normal(rng, r, 1.0)?, normal(rng, outf * r, 1.0)?)
+                } else {
+                    let a = normal(rng, r * inf, 0.02)?;
+                    let b = normal(rng, outf * r, 0.02)?;
+                    (a, vec![0f32; r], b)
+                };
+                Ok(Box::new(AdaLoraLayer {
+                    a: var(a, (r, inf), device)?,
+                    e: var(e, (r, 1), device)?,
+                    b: var(b, (outf, r), device)?,
+                    ranknum: if r == 0 { 0.0 } else { cfg.init_r as f64 },
+                    scaling: if cfg.lora_alpha > 0.0 { cfg.lora_alpha } else { r as f64 },
+                    dropout: cfg.lora_dropout,
+                    importance: Arc::new(Mutex::new(Default::default())),
+                }) as Box<dyn AdapterLayer>)
+            },
+        )?;
+        self.install_layers(name, cfg.into(), planned)
     }
 }

@@ -14,14 +14,11 @@ pub const MAX_ADAPTER_LEN: usize = 1 << 14;
 
 /// HF PEFT 0.21 defaults of every `AdaptionPromptConfig` field, as written to adapter_config.json.
 pub fn hf_adaption_prompt_defaults() -> Map<String, Value> {
-    match json!({
+    crate::tuners::config::json_object(json!({
         "adapter_layers": null, "adapter_len": null, "auto_mapping": null, "base_model_name_or_path": null,
         "inference_mode": false, "peft_type": "ADAPTION_PROMPT", "peft_version": "0.21.0", "revision": null,
         "target_modules": null, "task_type": null
-    }) {
-        Value::Object(m) => m,
-        _ => unreachable!(),
-    }
+    }))
 }
 
 /// HF PEFT's `AdaptionPromptConfig`. See the module docs.
@@ -39,13 +36,7 @@ pub struct AdaptionPromptConfig {
     pub common: PeftCommon,
 }
 
-crate::tuners::config::impl_deref_common!(AdaptionPromptConfig => PeftCommon);
-
-impl PartialEq for AdaptionPromptConfig {
-    fn eq(&self, other: &Self) -> bool {
-        self.to_json() == other.to_json()
-    }
-}
+crate::tuners::config::impl_deref_common!(AdaptionPromptConfig => PeftCommon; eq_by_json);
 
 impl AdaptionPromptConfig {
     /// A config with HF's defaults and the two required sizes.

@@ -32,7 +32,6 @@ use crate::peft_model::{LoadResult, PeftModel};
 use crate::tuners::config::AdapterConfig;
 use crate::tuners::registry::Tuner;
 use candle_core::Tensor;
-use serde_json::Value;
 use std::path::Path;
 
 /// The adaption prompt tuner (HF `AdaptionPromptModel`), registered for `peft_type`
@@ -43,19 +42,8 @@ pub struct AdaptionPromptTuner;
 pub static TUNER: AdaptionPromptTuner = AdaptionPromptTuner;
 
 impl Tuner for AdaptionPromptTuner {
-    fn peft_types(&self) -> &'static [&'static str] {
-        &["ADAPTION_PROMPT"]
-    }
-    fn model_class(&self) -> &'static str {
-        "AdaptionPromptModel"
-    }
-    fn parse_config(&self, v: &Value, path: Option<&Path>) -> Result<AdapterConfig> {
-        Ok(AdaptionPromptConfig::from_json(v, path)?.into())
-    }
-    fn inject(&self, model: &mut PeftModel, name: &str, cfg: AdapterConfig, seed: u64) -> Result<Vec<String>> {
-        let c = cfg.get::<AdaptionPromptConfig>().expect("an AdaptionPromptConfig").clone();
-        model.add_adaption_prompt(name, c, seed, Default::default())
-    }
+    crate::tuners::registry::declare_tuner!(peft_types: &["ADAPTION_PROMPT"], model_class: "AdaptionPromptModel", config: AdaptionPromptConfig,
+        inject: |model, name, c, seed| model.add_adaption_prompt(name, c, seed, Default::default()));
     fn load(&self, model: &mut PeftModel, name: &str, cfg: &AdapterConfig, tensors: &mut Vec<(String, Tensor)>, wpath: &Path) -> Option<Result<LoadResult>> {
         let c = cfg.get::<AdaptionPromptConfig>()?.clone();
         Some(model.load_adaption_prompt(name, c, std::mem::take(tensors), wpath))

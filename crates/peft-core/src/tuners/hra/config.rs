@@ -11,15 +11,12 @@ use std::path::Path;
 
 /// HF PEFT 0.21 defaults of every `HRAConfig` field, as written to adapter_config.json.
 pub fn hf_hra_defaults() -> Map<String, Value> {
-    match json!({
+    crate::tuners::config::json_object(json!({
         "apply_GS": false, "auto_mapping": null, "base_model_name_or_path": null, "bias": "none",
         "exclude_modules": null, "inference_mode": false, "init_weights": true, "layers_pattern": null,
         "layers_to_transform": null, "modules_to_save": null, "peft_type": "HRA", "peft_version": "0.21.0",
         "r": 8, "revision": null, "target_modules": null, "task_type": null
-    }) {
-        Value::Object(m) => m,
-        _ => unreachable!(),
-    }
+    }))
 }
 
 /// The largest `r` accepted (a layer's `hra_u` holds `in · r` values).
@@ -43,13 +40,7 @@ pub struct HraConfig {
     pub common: LayerCommon,
 }
 
-crate::tuners::config::impl_deref_common!(HraConfig => LayerCommon);
-
-impl PartialEq for HraConfig {
-    fn eq(&self, other: &Self) -> bool {
-        self.to_json() == other.to_json()
-    }
-}
+crate::tuners::config::impl_deref_common!(HraConfig => LayerCommon; eq_by_json);
 
 impl HraConfig {
     /// Build from an adapter_config.json object (missing fields take HF's defaults).
@@ -60,21 +51,11 @@ impl HraConfig {
     /// `layers_to_transform` (HF's `__post_init__`).
     pub fn from_json(v: &Value, path: Option<&Path>) -> Result<Self> {
         let rc = RawConfig::parse(v, path, hf_hra_defaults(), &["HRA"], "an HRAConfig")?;
-        let raw = &rc.raw;
-        let r = raw["r"].as_u64().filter(|n| *n >= 1 && *n as usize <= MAX_HRA_R).map(|n| n as usize).ok_or_else(|| {
-            rc.bad(format!("`r` should be a positive integer value (at most {MAX_HRA_R}) but the value passed is {}", raw["r"]))
+        let r = rc.field("r", |x| x.as_u64().filter(|n| *n >= 1 && *n as usize <= MAX_HRA_R).map(|n| n as usize), |x| {
+            format!("`r` should be a positive integer value (at most {MAX_HRA_R}) but the value passed is {x}")
         })?;
-        let bias = match raw["bias"].as_str() {
-            Some(b @ ("none" | "all" | "hra_only")) => b.to_string(),
-            _ => return Err(rc.bad(format!("`bias` must be \"none\", \"all\" or \"hra_only\", found {}", raw["bias"]))),
-        };
-        Ok(HraConfig {
-            r,
-            apply_gs: rc.bool("apply_GS")?,
-            init_weights: rc.bool("init_weights")?,
-            bias,
-            common: LayerCommon::parse(&rc, LayerFields::ALL)?,
-        })
+        let bias = rc.one_of("bias", &["none", "all", "hra_only"])?;
+        Ok(HraConfig { r, apply_gs: rc.bool("apply_GS")?, init_weights: rc.bool("init_weights")?, bias, common: LayerCommon::parse(&rc, LayerFields::ALL)? })
     }
 
     /// The config as HF's adapter_config.json object.

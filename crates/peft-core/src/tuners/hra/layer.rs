@@ -17,7 +17,7 @@
 //! HF 0.21's `HRALinear` has no per-row hook (no `adapter_names`): mixed batches are refused.
 
 use crate::error::{PeftError, Result};
-use crate::tuners::layer::{AdapterLayer, Param, Slot};
+use crate::tuners::layer::{AdapterLayer, Slot};
 use crate::tuners::linear::{LinearCtx, PeftLinear};
 use candle_core::{DType, Tensor, Var};
 
@@ -119,22 +119,7 @@ impl HraLayer {
 }
 
 impl AdapterLayer for HraLayer {
-    fn peft_type(&self) -> &'static str {
-        "HRA"
-    }
-    fn module_type(&self) -> &'static str {
-        "hra.HRALinear"
-    }
-    fn params(&self) -> Vec<Param<'_>> {
-        vec![(HRA_U, &self.u)]
-    }
-    fn set_param(&mut self, slot: &Slot, v: Var) -> Result<()> {
-        match slot.name {
-            "hra_u" => self.u = v,
-            other => return Err(PeftError::invalid_arg("slot", format!("an HRA linear layer has no `{other}`"))),
-        }
-        Ok(())
-    }
+    crate::tuners::layer::declare_layer!(peft_type: "HRA", module_type: "hra.HRALinear", layer: "an HRA linear layer", slots: [HRA_U => u]);
     /// `W H - W` `[out, in]` f32: the change merging makes (merging itself uses
     /// [`AdapterLayer::merged_weight`]).
     fn delta_weight(&self, lin: &PeftLinear) -> Result<Tensor> {

@@ -17,6 +17,7 @@
 //!   and so is a runtime scale (HF: "Scaling operation for HRA not supported").
 //!
 //! [`AdapterLayer::forward_host`]: crate::tuners::layer::AdapterLayer::forward_host
+//! [`PeftLinear::layers`]: crate::tuners::linear::PeftLinear::layers
 
 pub mod config;
 pub mod layer;
@@ -24,10 +25,6 @@ mod model;
 
 pub use config::*;
 
-use crate::model::Task;
-use crate::tuners::config::AdapterConfig;
-use crate::tuners::layer::Slot;
-use crate::tuners::linear::PeftLinear;
 use crate::tuners::registry::Tuner;
 
 /// The HRA tuner (HF `HRAModel`), registered for `peft_type` `"HRA"`.
@@ -37,13 +34,7 @@ pub struct HraTuner;
 pub static TUNER: HraTuner = HraTuner;
 
 impl Tuner for HraTuner {
-    crate::tuners::registry::declare_tuner!(peft_types: &["HRA"], model_class: "HRAModel", prefix: "hra_", slots: &layer::SLOTS, config: HraConfig, inject: add_hra);
-    /// `hra_u` `[in, r]` on every selected linear layer.
-    fn expected_params(&self, cfg: &AdapterConfig, task: Task, m: &str, lin: &PeftLinear) -> Vec<(Slot, Vec<usize>)> {
-        let Some(c) = cfg.get::<HraConfig>() else { return vec![] };
-        if lin.is_embedding || lin.transposed || !c.selects(m, task) {
-            return vec![];
-        }
-        vec![(layer::HRA_U, vec![lin.in_features(), c.r])]
-    }
+    // `hra_u` `[in, r]` on every selected linear layer.
+    crate::tuners::registry::declare_tuner!(peft_types: &["HRA"], model_class: "HRAModel", prefix: "hra_", slots: &layer::SLOTS, config: HraConfig, inject: add_hra,
+        expected: |c, _m, lin| if !lin.is_embedding && !lin.transposed => vec![(layer::HRA_U, vec![lin.in_features(), c.r])]);
 }

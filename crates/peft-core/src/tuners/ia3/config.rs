@@ -3,7 +3,7 @@
 //! a learned vector `ia3_l`: `[out, 1]` scaling the layer's output (bias included), or, for
 //! `feedforward_modules`, `[1, in]` scaling its input. Saved as `<module>.ia3_l` (no `.weight`).
 
-use crate::targeting::{targets_from_json, targets_to_json, TargetModules};
+use crate::targeting::{targets_to_json, TargetModules};
 use crate::error::Result;
 use crate::tuners::config::{LayerCommon, LayerFields, RawConfig};
 use serde_json::{json, Map, Value};
@@ -11,14 +11,11 @@ use std::path::Path;
 
 /// HF PEFT 0.21 defaults of every `IA3Config` field, as written to adapter_config.json.
 pub fn hf_ia3_defaults() -> Map<String, Value> {
-    match json!({
+    crate::tuners::config::json_object(json!({
         "auto_mapping": null, "base_model_name_or_path": null, "exclude_modules": null, "fan_in_fan_out": false,
         "feedforward_modules": null, "inference_mode": false, "init_ia3_weights": true, "modules_to_save": null,
         "peft_type": "IA3", "peft_version": "0.21.0", "revision": null, "target_modules": null, "task_type": null
-    }) {
-        Value::Object(m) => m,
-        _ => unreachable!(),
-    }
+    }))
 }
 
 /// HF PEFT's `IA3Config`. See the module docs.
@@ -40,13 +37,11 @@ impl Ia3Config {
     /// field (wrong types, invalid regex, feedforward modules that are not targets).
     pub fn from_json(v: &Value, path: Option<&Path>) -> Result<Self> {
         let rc = RawConfig::parse(v, path, hf_ia3_defaults(), &["IA3"], "an IA3Config")?;
-        let bad = |msg: String| rc.bad(msg);
-        let raw = &rc.raw;
         let common = LayerCommon::parse(&rc, LayerFields { exclude_modules: true, layer_selection: false })?;
-        let feedforward_modules = targets_from_json(&raw["feedforward_modules"], "feedforward_modules").map_err(bad)?;
+        let feedforward_modules = rc.targets("feedforward_modules")?;
         if let (Some(TargetModules::List(ff)), TargetModules::List(t)) = (&feedforward_modules, &common.target_modules) {
             if !ff.iter().all(|f| t.contains(f)) {
-                return Err(bad("`feedforward_modules` should be a subset of `target_modules`".into()));
+                return Err(rc.bad("`feedforward_modules` should be a subset of `target_modules`".into()));
             }
         }
         Ok(Ia3Config { feedforward_modules, fan_in_fan_out: rc.bool("fan_in_fan_out")?, init_ia3_weights: rc.bool("init_ia3_weights")?, common })

@@ -4,7 +4,7 @@
 //! multiply.
 
 use crate::error::{PeftError, Result};
-use crate::tuners::layer::{AdapterLayer, Param, Slot};
+use crate::tuners::layer::{AdapterLayer, Slot};
 use crate::tuners::linear::{LinearCtx, PeftLinear};
 use candle_core::{DType, Tensor, Var};
 
@@ -21,22 +21,7 @@ pub struct Ia3Adapter {
 }
 
 impl AdapterLayer for Ia3Adapter {
-    fn peft_type(&self) -> &'static str {
-        "IA3"
-    }
-    fn module_type(&self) -> &'static str {
-        "ia3.Linear"
-    }
-    fn params(&self) -> Vec<Param<'_>> {
-        vec![(IA3_L, &self.l)]
-    }
-    fn set_param(&mut self, slot: &Slot, v: Var) -> Result<()> {
-        if *slot != IA3_L {
-            return Err(PeftError::invalid_arg("slot", format!("an ia3.Linear layer has no `{}`", slot.name)));
-        }
-        self.l = v;
-        Ok(())
-    }
+    crate::tuners::layer::declare_layer!(peft_type: "IA3", module_type: "ia3.Linear", layer: "an ia3.Linear layer", slots: [IA3_L => l]);
     /// The weight change of a merge, `W ⊙ l − W` `[out, in]` f32 (the bias change of an output
     /// vector is not part of it).
     fn delta_weight(&self, lin: &PeftLinear) -> Result<Tensor> {

@@ -10,23 +10,12 @@ mod model;
 
 pub use config::*;
 
-use crate::model::Task;
-use crate::tuners::config::AdapterConfig;
-use crate::tuners::layer::Slot;
-use crate::tuners::linear::PeftLinear;
 use crate::tuners::registry::Tuner;
 
 /// The (IA)³ tuner (HF `IA3Model`), registered for `peft_type` `"IA3"`.
 pub struct Ia3Tuner;
 
 impl Tuner for Ia3Tuner {
-    crate::tuners::registry::declare_tuner!(peft_types: &["IA3"], model_class: "IA3Model", prefix: "ia3_", slots: &[layer::IA3_L], config: Ia3Config, inject: add_ia3);
-    fn expected_params(&self, cfg: &AdapterConfig, task: Task, m: &str, lin: &PeftLinear) -> Vec<(Slot, Vec<usize>)> {
-        let Some(c) = cfg.as_ia3() else { return vec![] };
-        if !c.selects(m, task) {
-            return vec![];
-        }
-        let shape = if c.is_feedforward(m) { vec![1, lin.in_features()] } else { vec![lin.out_features(), 1] };
-        vec![(layer::IA3_L, shape)]
-    }
+    crate::tuners::registry::declare_tuner!(peft_types: &["IA3"], model_class: "IA3Model", prefix: "ia3_", slots: &[layer::IA3_L], config: Ia3Config, inject: add_ia3,
+        expected: |c, m, lin| if true => vec![(layer::IA3_L, if c.is_feedforward(m) { vec![1, lin.in_features()] } else { vec![lin.out_features(), 1] })]);
 }

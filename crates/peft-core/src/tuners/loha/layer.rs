@@ -4,8 +4,8 @@
 //! adapter for a whole forward with that probability and `rank_dropout` keeps each output row of
 //! `ΔW` with probability `1 - p`, dividing the 0/1 mask by its mean.
 
-use crate::error::{PeftError, Result};
-use crate::tuners::layer::{AdapterLayer, Param, Slot};
+use crate::error::Result;
+use crate::tuners::layer::{AdapterLayer, Slot};
 use crate::tuners::linear::{LinearCtx, PeftLinear};
 use crate::tuners::lycoris::{draw_dropout, rows_and_out_dims, Dropout};
 use candle_core::{DType, Tensor, Var};
@@ -47,26 +47,7 @@ impl LohaLayer {
 }
 
 impl AdapterLayer for LohaLayer {
-    fn peft_type(&self) -> &'static str {
-        "LOHA"
-    }
-    fn module_type(&self) -> &'static str {
-        "loha.Linear"
-    }
-    fn params(&self) -> Vec<Param<'_>> {
-        vec![(HADA_W1_A, &self.w1_a), (HADA_W1_B, &self.w1_b), (HADA_W2_A, &self.w2_a), (HADA_W2_B, &self.w2_b)]
-    }
-    fn set_param(&mut self, slot: &Slot, v: Var) -> Result<()> {
-        let dst = match slot.name {
-            "hada_w1_a" => &mut self.w1_a,
-            "hada_w1_b" => &mut self.w1_b,
-            "hada_w2_a" => &mut self.w2_a,
-            "hada_w2_b" => &mut self.w2_b,
-            other => return Err(PeftError::invalid_arg("slot", format!("a LoHa linear layer has no `{other}`"))),
-        };
-        *dst = v;
-        Ok(())
-    }
+    crate::tuners::layer::declare_layer!(peft_type: "LOHA", module_type: "loha.Linear", layer: "a LoHa linear layer", slots: [HADA_W1_A => w1_a, HADA_W1_B => w1_b, HADA_W2_A => w2_a, HADA_W2_B => w2_b]);
     fn delta_weight(&self, _lin: &PeftLinear) -> Result<Tensor> {
         self.delta(false)
     }

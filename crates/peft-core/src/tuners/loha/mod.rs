@@ -17,7 +17,7 @@ use crate::error::Result;
 use crate::tuners::config::RawConfig;
 use crate::tuners::layer::{AdapterLayer, Slot};
 use crate::tuners::linear::PeftLinear;
-use crate::tuners::lycoris::{LycorisKind, LycorisTuner};
+use crate::tuners::lycoris::{LycorisKind, LycorisNames, LycorisTuner};
 use candle_core::Device;
 use serde_json::{json, Map, Value};
 
@@ -25,17 +25,9 @@ use serde_json::{json, Map, Value};
 pub static TUNER: LycorisTuner<Loha> = LycorisTuner::new();
 
 impl LycorisKind for Loha {
-    const PEFT_TYPES: &'static [&'static str] = &["LOHA"];
-    const CONFIG_CLASS: &'static str = "LoHaConfig";
-    const MODEL_CLASS: &'static str = "LoHaModel";
-    const NAME: &'static str = "LoHa";
-    const PREFIX: &'static str = "hada_";
-    const SLOTS: &'static [Slot] = &layer::SLOTS;
+    const NAMES: LycorisNames = LycorisNames { peft_types: &["LOHA"], config_class: "LoHaConfig", model_class: "LoHaModel", name: "LoHa", prefix: "hada_", slots: &layer::SLOTS };
     fn own_defaults() -> Map<String, Value> {
-        match json!({"init_weights": true, "peft_type": "LOHA", "use_effective_conv2d": false}) {
-            Value::Object(m) => m,
-            _ => unreachable!(),
-        }
+        crate::tuners::config::json_object(json!({"init_weights": true, "peft_type": "LOHA", "use_effective_conv2d": false}))
     }
     fn parse(rc: &RawConfig) -> Result<Self> {
         Ok(Loha { use_effective_conv2d: rc.bool("use_effective_conv2d")?, init_weights: rc.bool("init_weights")? })

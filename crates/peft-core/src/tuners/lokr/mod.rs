@@ -21,7 +21,7 @@ use crate::error::Result;
 use crate::tuners::config::RawConfig;
 use crate::tuners::layer::{AdapterLayer, Slot};
 use crate::tuners::linear::PeftLinear;
-use crate::tuners::lycoris::{LycorisKind, LycorisTuner};
+use crate::tuners::lycoris::{LycorisKind, LycorisNames, LycorisTuner};
 use candle_core::Device;
 use serde_json::{json, Map, Value};
 
@@ -29,27 +29,18 @@ use serde_json::{json, Map, Value};
 pub static TUNER: LycorisTuner<Lokr> = LycorisTuner::new();
 
 impl LycorisKind for Lokr {
-    const PEFT_TYPES: &'static [&'static str] = &["LOKR"];
-    const CONFIG_CLASS: &'static str = "LoKrConfig";
-    const MODEL_CLASS: &'static str = "LoKrModel";
-    const NAME: &'static str = "LoKr";
-    const PREFIX: &'static str = "lokr_";
-    const SLOTS: &'static [Slot] = &layer::SLOTS;
+    const NAMES: LycorisNames = LycorisNames { peft_types: &["LOKR"], config_class: "LoKrConfig", model_class: "LoKrModel", name: "LoKr", prefix: "lokr_", slots: &layer::SLOTS };
     fn own_defaults() -> Map<String, Value> {
-        match json!({
+        crate::tuners::config::json_object(json!({
             "decompose_both": false, "decompose_factor": -1, "init_weights": true, "peft_type": "LOKR",
             "rank_dropout_scale": false, "use_effective_conv2d": false
-        }) {
-            Value::Object(m) => m,
-            _ => unreachable!(),
-        }
+        }))
     }
     /// Errors: `InvalidAdapterConfig` for non-boolean flags, a non-integer `decompose_factor`
     /// and `init_weights` other than `true` / `false` / `"lycoris"`.
     fn parse(rc: &RawConfig) -> Result<Self> {
-        let raw = &rc.raw;
-        let decompose_factor = raw["decompose_factor"].as_i64().ok_or_else(|| rc.bad(format!("`decompose_factor` must be an integer, found {}", raw["decompose_factor"])))?;
-        let init_weights = match &raw["init_weights"] {
+        let decompose_factor = rc.int("decompose_factor")?;
+        let init_weights = match &rc.raw["init_weights"] {
             Value::Bool(true) => LokrInit::Zero,
             Value::Bool(false) => LokrInit::Random,
             Value::String(s) if s == "lycoris" => LokrInit::Lycoris,

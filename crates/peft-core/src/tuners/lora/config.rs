@@ -69,10 +69,7 @@ pub fn hf_lora_defaults() -> Map<String, Value> {
         "target_parameters": null, "task_type": null, "trainable_token_indices": null, "use_bdlora": null,
         "use_dora": false, "use_qalora": false, "use_rslora": false, "velora_config": null
     });
-    match v {
-        Value::Object(m) => m,
-        _ => unreachable!(),
-    }
+    crate::tuners::config::json_object(v)
 }
 
 use crate::tuners::config::{LayerCommon, LayerFields};
@@ -95,24 +92,10 @@ impl LoraConfig {
         if r == 0 || r > MAX_RANK {
             return Err(bad(format!("`r` must be between 1 and {MAX_RANK}, found {r}")));
         }
-        let lora_alpha = raw["lora_alpha"]
-            .as_f64()
-            .ok_or_else(|| bad(format!("`lora_alpha` must be a number, found {}", raw["lora_alpha"])))?;
-        let lora_dropout = raw["lora_dropout"]
-            .as_f64()
-            .filter(|p| (0.0..1.0).contains(p))
-            .ok_or_else(|| bad(format!("`lora_dropout` must be a number in [0, 1), found {}", raw["lora_dropout"])))?;
+        let (lora_alpha, lora_dropout) = (rc.number("lora_alpha")?, rc.prob("lora_dropout")?);
         let common = LayerCommon::parse(&rc, LayerFields::ALL)?;
-        let get_bool = |k: &str| -> Result<bool> {
-            raw[k].as_bool().ok_or_else(|| bad(format!("`{k}` must be a boolean, found {}", raw[k])))
-        };
-        let fan_in_fan_out = get_bool("fan_in_fan_out")?;
-        let use_rslora = get_bool("use_rslora")?;
-        let use_dora = get_bool("use_dora")?;
-        let bias = raw["bias"].as_str().unwrap_or("").to_string();
-        if !["none", "all", "lora_only"].contains(&bias.as_str()) {
-            return Err(bad(format!("`bias` must be \"none\", \"all\" or \"lora_only\", found {}", raw["bias"])));
-        }
+        let (fan_in_fan_out, use_rslora, use_dora) = (rc.bool("fan_in_fan_out")?, rc.bool("use_rslora")?, rc.bool("use_dora")?);
+        let bias = rc.one_of("bias", &["none", "all", "lora_only"])?;
         let init_lora_weights = match &raw["init_lora_weights"] {
             Value::Bool(true) => InitLoraWeights::Default,
             Value::Bool(false) => InitLoraWeights::Random,

@@ -18,17 +18,14 @@ use std::path::Path;
 
 /// HF PEFT 0.21 defaults of every `OFTConfig` field, as written to adapter_config.json.
 pub fn hf_oft_defaults() -> Map<String, Value> {
-    match json!({
+    crate::tuners::config::json_object(json!({
         "auto_mapping": null, "base_model_name_or_path": null, "bias": "none", "block_share": false,
         "coft": false, "eps": 6e-5, "exclude_modules": null, "fan_in_fan_out": false, "inference_mode": false,
         "init_weights": true, "layers_pattern": null, "layers_to_transform": null, "module_dropout": 0.0,
         "modules_to_save": null, "num_cayley_neumann_terms": 5, "oft_block_size": 32, "peft_type": "OFT",
         "peft_version": "0.21.0", "r": 0, "revision": null, "target_modules": null, "task_type": null,
         "use_cayley_neumann": true
-    }) {
-        Value::Object(m) => m,
-        _ => unreachable!(),
-    }
+    }))
 }
 
 /// The largest `r` / `oft_block_size` accepted (a block of 2^16 would already hold 2^31
@@ -70,13 +67,7 @@ pub struct OftConfig {
     pub common: LayerCommon,
 }
 
-crate::tuners::config::impl_deref_common!(OftConfig => LayerCommon);
-
-impl PartialEq for OftConfig {
-    fn eq(&self, other: &Self) -> bool {
-        self.to_json() == other.to_json()
-    }
-}
+crate::tuners::config::impl_deref_common!(OftConfig => LayerCommon; eq_by_json);
 
 /// `"0.17.1@abc"` → `(0, 17, 1)`; `None` when it does not start with a dotted version.
 fn version_triple(v: &str) -> Option<(u64, u64, u64)> {
@@ -102,12 +93,7 @@ impl OftConfig {
                 "OFT has been updated since PEFT 0.14.0. Your trained adapter weights are incompatible with the latest version of OFT. Please retrain your adapter weights with newer PEFT versions. Alternatively, downgrade PEFT to version 0.13.0 to use the old adapter weights. (the config has no `oft_block_size`)".into(),
             ));
         }
-        let raw = &rc.raw;
-        let dim = |k: &str| -> Result<usize> {
-            raw[k].as_u64().filter(|n| *n as usize <= MAX_OFT_DIM).map(|n| n as usize)
-                .ok_or_else(|| rc.bad(format!("`{k}` must be a non-negative integer (at most {MAX_OFT_DIM}), found {}", raw[k])))
-        };
-        let (r, oft_block_size) = (dim("r")?, dim("oft_block_size")?);
+        let (r, oft_block_size) = (rc.uint("r", MAX_OFT_DIM)?, rc.uint("oft_block_size", MAX_OFT_DIM)?);
         if r == 0 && oft_block_size == 0 {
             return Err(rc.bad(format!("Either `r` or `oft_block_size` must be non-zero. Currently, r = {r} and oft_block_size = {oft_block_size}.")));
         }
@@ -116,16 +102,10 @@ impl OftConfig {
                 "You can only specify either r ({r}) or oft_block_size ({oft_block_size}), but not both simultaneously, because r x oft_block_size == in_features."
             )));
         }
-        let module_dropout = raw["module_dropout"].as_f64().filter(|p| (0.0..1.0).contains(p))
-            .ok_or_else(|| rc.bad(format!("`module_dropout` must be a number in [0, 1), found {}", raw["module_dropout"])))?;
-        let eps = raw["eps"].as_f64().filter(|e| *e >= 0.0 && e.is_finite())
-            .ok_or_else(|| rc.bad(format!("`eps` must be a non-negative number, found {}", raw["eps"])))?;
-        let num_cayley_neumann_terms = raw["num_cayley_neumann_terms"].as_u64().filter(|n| *n <= 1 << 10)
-            .ok_or_else(|| rc.bad(format!("`num_cayley_neumann_terms` must be a non-negative integer (at most 1024), found {}", raw["num_cayley_neumann_terms"])))? as usize;
-        let bias = match raw["bias"].as_str() {
-            Some(b @ ("none" | "all" | "oft_only")) => b.to_string(),
-            _ => return Err(rc.bad(format!("`bias` must be \"none\", \"all\" or \"oft_only\", found {}", raw["bias"]))),
-        };
+        let module_dropout = rc.prob("module_dropout")?;
+        let eps = rc.field("eps", |x| x.as_f64().filter(|e| *e >= 0.0 && e.is_finite()), |x| format!("`eps` must be a non-negative number, found {x}"))?;
+        let num_cayley_neumann_terms = rc.uint("num_cayley_neumann_terms", 1 << 10)?;
+        let bias = rc.one_of("bias", &["none", "all", "oft_only"])?;
         let common = LayerCommon::parse(&rc, LayerFields::ALL)?;
         let use_cayley_neumann = rc.bool("use_cayley_neumann")?;
         // HF `check_kwargs`: the file's own `peft_version` (absent before 0.18).
@@ -153,23 +133,19 @@ impl OftConfig {
     /// `in_features` when it does not divide it (HF `adjust_oft_parameters`; `adjusted` then
     /// holds HF's warning), and the other one derived from it.
     pub fn layer_dims(&self, in_features: usize) -> (usize, usize, Option<String>) {
-        if self.r == 0 {
-            let mut bs = self.oft_block_size;
-            let mut note = None;
-            if in_features % bs != 0 || bs > in_features {
-                let old = bs;
-                bs = adjust_oft_parameters(in_features, bs);
-                note = Some(format!("Invalid `oft_block_size` ({old})! Adjusted `oft_block_size` to ({bs})."));
+        // The configured value of `field`, or its adjustment with HF's warning.
+        let fit = |field: &str, v: usize| {
+            if in_features % v == 0 && v <= in_features {
+                return (v, None);
             }
+            let adjusted = adjust_oft_parameters(in_features, v);
+            (adjusted, Some(format!("Invalid `{field}` ({v})! Adjusted `{field}` to ({adjusted}).")))
+        };
+        if self.r == 0 {
+            let (bs, note) = fit("oft_block_size", self.oft_block_size);
             (in_features / bs, bs, note)
         } else {
-            let mut r = self.r;
-            let mut note = None;
-            if in_features % r != 0 || r > in_features {
-                let old = r;
-                r = adjust_oft_parameters(in_features, r);
-                note = Some(format!("Invalid `r` ({old})! Adjusted `r` to ({r})."));
-            }
+            let (r, note) = fit("r", self.r);
             (r, in_features / r, note)
         }
     }

@@ -29,6 +29,7 @@
 //!
 //! [`AdapterLayer::transform_input`]: crate::tuners::layer::AdapterLayer::transform_input
 //! [`AdapterLayer::apply_embedding`]: crate::tuners::layer::AdapterLayer::apply_embedding
+//! [`PeftLinear::layers`]: crate::tuners::linear::PeftLinear::layers
 
 pub mod config;
 pub mod layer;
@@ -37,11 +38,8 @@ mod model;
 pub use config::*;
 
 use crate::error::{PeftError, Result};
-use crate::model::Task;
 use crate::peft_model::PeftModel;
 use crate::tuners::config::AdapterConfig;
-use crate::tuners::layer::Slot;
-use crate::tuners::linear::PeftLinear;
 use crate::tuners::registry::Tuner;
 use candle_core::Tensor;
 use std::path::Path;
@@ -53,18 +51,14 @@ pub struct OftTuner;
 pub static TUNER: OftTuner = OftTuner;
 
 impl Tuner for OftTuner {
-    crate::tuners::registry::declare_tuner!(peft_types: &["OFT"], model_class: "OFTModel", prefix: "oft_", slots: &layer::SLOTS, config: OftConfig, inject: add_oft);
-    /// `oft_R` `[r, n]` (`[1, n]` with `block_share`) with the layer's own `r` / block size;
-    /// `oft_embedding_R` on an embedding table (blocks over its `dim`).
-    fn expected_params(&self, cfg: &AdapterConfig, task: Task, m: &str, lin: &PeftLinear) -> Vec<(Slot, Vec<usize>)> {
-        let Some(c) = cfg.get::<OftConfig>() else { return vec![] };
-        if (lin.transposed && !lin.is_embedding) || !c.selects(m, task) {
-            return vec![];
-        }
-        let (r, k, _) = c.layer_dims(layer::OftLayer::rotated_dim(lin));
-        let slot = if lin.is_embedding { layer::OFT_EMBEDDING_R } else { layer::OFT_R };
-        vec![(slot, vec![if c.block_share { 1 } else { r }, layer::OftLayer::n_elements(k)])]
-    }
+    // `oft_R` `[r, n]` (`[1, n]` with `block_share`) with the layer's own `r` / block size;
+    // `oft_embedding_R` on an embedding table (blocks over its `dim`).
+    crate::tuners::registry::declare_tuner!(peft_types: &["OFT"], model_class: "OFTModel", prefix: "oft_", slots: &layer::SLOTS, config: OftConfig, inject: add_oft,
+        expected: |c, _m, lin| if lin.is_embedding || !lin.transposed => {
+            let (r, k, _) = c.layer_dims(layer::OftLayer::rotated_dim(lin));
+            let slot = if lin.is_embedding { layer::OFT_EMBEDDING_R } else { layer::OFT_R };
+            vec![(slot, vec![if c.block_share { 1 } else { r }, layer::OftLayer::n_elements(k)])]
+        });
     /// HF `OFTModel._remap_adapter_state_dict_for_load`: a file of PEFT ≤ 0.15's OFT (keys with
     /// `.oft_r.`) is refused.
     fn prepare_load(&self, _model: &mut PeftModel, _cfg: &mut AdapterConfig, tensors: &mut Vec<(String, Tensor)>, wpath: &Path) -> Result<()> {

@@ -34,6 +34,7 @@ use crate::error::{PeftError, Result};
 use crate::model::Task;
 use crate::peft_model::{LoadResult, PeftModel};
 use crate::tuners::config::AdapterConfig;
+use super::PromptLearningConfig;
 use crate::tuners::registry::Tuner;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
@@ -324,22 +325,11 @@ pub struct CptTuner;
 pub static TUNER: CptTuner = CptTuner;
 
 impl Tuner for CptTuner {
-    fn peft_types(&self) -> &'static [&'static str] {
-        &["CPT"]
-    }
-    fn model_class(&self) -> &'static str {
-        "PeftModel"
-    }
-    fn parse_config(&self, v: &Value, path: Option<&Path>) -> Result<AdapterConfig> {
-        Ok(super::PromptLearningConfig::from_json(v, path)?.into())
-    }
-    fn inject(&self, model: &mut PeftModel, name: &str, cfg: AdapterConfig, seed: u64) -> Result<Vec<String>> {
-        let c = cfg.as_prompt().expect("a CPT config").clone();
-        if model.base.task() != Task::CausalLm {
-            return Err(PeftError::InvalidAdapterConfig { path: None, msg: format!("CPT needs a causal LM; this model is {}", model.base.task().task_type()) });
-        }
-        model.add_prompt(name, c, seed, None).map(|_| vec![])
-    }
+    crate::tuners::registry::declare_tuner!(peft_types: &["CPT"], model_class: "PeftModel", config: PromptLearningConfig,
+        inject: |model, name, c, seed| match model.base.task() {
+            Task::CausalLm => model.add_prompt(name, c, seed, None).map(|_| vec![]),
+            other => Err(PeftError::InvalidAdapterConfig { path: None, msg: format!("CPT needs a causal LM; this model is {}", other.task_type()) }),
+        });
     /// HF projects the CPT delta into its norm bounds at the start of every forward; here that
     /// happens after every optimizer step that trained adapter `name` (active, not in inference
     /// mode), which gives the next forward the same values. Runs whatever `global_step` says

@@ -20,20 +20,9 @@ use std::path::{Path, PathBuf};
 pub struct PromptTuner;
 
 impl Tuner for PromptTuner {
-    fn peft_types(&self) -> &'static [&'static str] {
-        &["PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING"]
-    }
-    /// Prompt learning has no tuner model; status refuses it before asking (HF: PeftModel).
-    fn model_class(&self) -> &'static str {
-        "PeftModel"
-    }
-    fn parse_config(&self, v: &serde_json::Value, path: Option<&Path>) -> Result<AdapterConfig> {
-        Ok(PromptLearningConfig::from_json(v, path)?.into())
-    }
-    fn inject(&self, model: &mut PeftModel, name: &str, cfg: AdapterConfig, seed: u64) -> Result<Vec<String>> {
-        let c = cfg.as_prompt().expect("a prompt-learning config").clone();
-        model.add_prompt(name, c, seed, None).map(|_| vec![])
-    }
+    // Prompt learning has no tuner model; status refuses it before asking (HF: PeftModel).
+    crate::tuners::registry::declare_tuner!(peft_types: &["PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING"], model_class: "PeftModel", config: PromptLearningConfig,
+        inject: |model, name, c, seed| model.add_prompt(name, c, seed, None).map(|_| vec![]));
     fn load(&self, model: &mut PeftModel, name: &str, cfg: &AdapterConfig, tensors: &mut Vec<(String, Tensor)>, wpath: &Path) -> Option<Result<LoadResult>> {
         let c = cfg.as_prompt()?.clone();
         Some(model.load_prompt(name, c, std::mem::take(tensors), wpath))

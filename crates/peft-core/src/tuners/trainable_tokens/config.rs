@@ -4,21 +4,18 @@
 //! per targeted layer); see [`super::layer`] for the forward and merge.
 
 use crate::error::Result;
-use crate::targeting::{targets_from_json, targets_to_json, TargetModules};
+use crate::targeting::{targets_to_json, TargetModules};
 use crate::tuners::config::{PeftCommon, RawConfig};
 use serde_json::{json, Map, Value};
 use std::path::Path;
 
 /// HF PEFT 0.21 defaults of every `TrainableTokensConfig` field, as written to adapter_config.json.
 pub fn hf_trainable_tokens_defaults() -> Map<String, Value> {
-    match json!({
+    crate::tuners::config::json_object(json!({
         "auto_mapping": null, "base_model_name_or_path": null, "inference_mode": false, "init_weights": true,
         "peft_type": "TRAINABLE_TOKENS", "peft_version": "0.21.0", "revision": null, "target_modules": null,
         "task_type": null, "token_indices": []
-    }) {
-        Value::Object(m) => m,
-        _ => unreachable!(),
-    }
+    }))
 }
 
 /// HF PEFT's `TrainableTokensConfig`. See the module docs.
@@ -37,13 +34,7 @@ pub struct TrainableTokensConfig {
     pub common: PeftCommon,
 }
 
-crate::tuners::config::impl_deref_common!(TrainableTokensConfig => PeftCommon);
-
-impl PartialEq for TrainableTokensConfig {
-    fn eq(&self, other: &Self) -> bool {
-        self.to_json() == other.to_json()
-    }
-}
+crate::tuners::config::impl_deref_common!(TrainableTokensConfig => PeftCommon; eq_by_json);
 
 impl TrainableTokensConfig {
     /// Build from an adapter_config.json object (missing fields take HF's defaults).
@@ -53,9 +44,8 @@ impl TrainableTokensConfig {
     /// another type.
     pub fn from_json(v: &Value, path: Option<&Path>) -> Result<Self> {
         let rc = RawConfig::parse(v, path, hf_trainable_tokens_defaults(), &["TRAINABLE_TOKENS"], "a TrainableTokensConfig")?;
-        let raw = &rc.raw;
-        let token_indices = parse_token_indices(&raw["token_indices"]).map_err(|m| rc.bad(m))?;
-        let target_modules = targets_from_json(&raw["target_modules"], "target_modules").map_err(|m| rc.bad(m))?;
+        let token_indices = parse_token_indices(&rc.raw["token_indices"]).map_err(|m| rc.bad(m))?;
+        let target_modules = rc.targets("target_modules")?;
         Ok(TrainableTokensConfig {
             token_indices,
             target_modules,

@@ -14,16 +14,13 @@ use std::path::Path;
 
 /// HF PEFT 0.21 defaults of every `VeraConfig` field, as written to adapter_config.json.
 pub fn hf_vera_defaults() -> Map<String, Value> {
-    match json!({
+    crate::tuners::config::json_object(json!({
         "auto_mapping": null, "base_model_name_or_path": null, "bias": "none", "d_initial": 0.1,
         "fan_in_fan_out": false, "inference_mode": false, "init_weights": true, "layers_pattern": null,
         "layers_to_transform": null, "modules_to_save": null, "peft_type": "VERA", "peft_version": "0.21.0",
         "projection_prng_key": 0, "r": 256, "revision": null, "save_projection": true, "target_modules": null,
         "task_type": null, "vera_dropout": 0.0
-    }) {
-        Value::Object(m) => m,
-        _ => unreachable!(),
-    }
+    }))
 }
 
 /// HF PEFT's `VeraConfig`. See the module docs.
@@ -55,13 +52,7 @@ pub struct VeraConfig {
     pub(crate) loaded_projections: Option<Projections>,
 }
 
-crate::tuners::config::impl_deref_common!(VeraConfig => LayerCommon);
-
-impl PartialEq for VeraConfig {
-    fn eq(&self, other: &Self) -> bool {
-        self.to_json() == other.to_json()
-    }
-}
+crate::tuners::config::impl_deref_common!(VeraConfig => LayerCommon; eq_by_json);
 
 impl VeraConfig {
     /// Build from an adapter_config.json object (missing fields take HF's defaults). Errors:
@@ -70,18 +61,11 @@ impl VeraConfig {
     /// that is not an integer, `layers_pattern` without `layers_to_transform`.
     pub fn from_json(v: &Value, path: Option<&Path>) -> Result<Self> {
         let rc = RawConfig::parse(v, path, hf_vera_defaults(), &["VERA"], "a VeraConfig")?;
-        let raw = &rc.raw;
-        let r = raw["r"].as_u64().filter(|r| *r >= 1 && *r as usize <= MAX_RANK)
-            .ok_or_else(|| rc.bad(format!("`r` should be a positive integer value (at most {MAX_RANK}), found {}", raw["r"])))? as usize;
-        let vera_dropout = raw["vera_dropout"].as_f64().filter(|p| (0.0..1.0).contains(p))
-            .ok_or_else(|| rc.bad(format!("`vera_dropout` must be a number in [0, 1), found {}", raw["vera_dropout"])))?;
-        let d_initial = raw["d_initial"].as_f64().ok_or_else(|| rc.bad(format!("`d_initial` must be a number, found {}", raw["d_initial"])))?;
-        let projection_prng_key = raw["projection_prng_key"].as_i64()
-            .ok_or_else(|| rc.bad(format!("`projection_prng_key` must be an integer, found {}", raw["projection_prng_key"])))?;
-        let bias = match raw["bias"].as_str() {
-            Some(b @ ("none" | "all" | "vera_only")) => b.to_string(),
-            _ => return Err(rc.bad(format!("`bias` must be \"none\", \"all\" or \"vera_only\", found {}", raw["bias"]))),
-        };
+        let r = rc.rank("r", MAX_RANK)?;
+        let vera_dropout = rc.prob("vera_dropout")?;
+        let d_initial = rc.number("d_initial")?;
+        let projection_prng_key = rc.int("projection_prng_key")?;
+        let bias = rc.one_of("bias", &["none", "all", "vera_only"])?;
         let common = LayerCommon::parse(&rc, LayerFields { exclude_modules: false, layer_selection: true })?;
         Ok(VeraConfig {
             r,

@@ -13,8 +13,8 @@
 //! `.vera_lambda_d`, no `.weight`); the projections are buffers shared by every VeRA layer and
 //! adapter of the model (HF's `BufferDict`), saved once as `base_model.vera_A` / `vera_B`.
 
-use crate::error::{PeftError, Result};
-use crate::tuners::layer::{AdapterLayer, Param, Slot};
+use crate::error::Result;
+use crate::tuners::layer::{AdapterLayer, Slot};
 use crate::tuners::linear::{dropout, LinearCtx, PeftLinear};
 use crate::tuners::lycoris::rows_and_out_dims;
 use candle_core::{DType, Tensor, Var};
@@ -60,23 +60,7 @@ impl VeraLayer {
 }
 
 impl AdapterLayer for VeraLayer {
-    fn peft_type(&self) -> &'static str {
-        "VERA"
-    }
-    fn module_type(&self) -> &'static str {
-        "vera.Linear"
-    }
-    fn params(&self) -> Vec<Param<'_>> {
-        vec![(VERA_LAMBDA_B, &self.lambda_b), (VERA_LAMBDA_D, &self.lambda_d)]
-    }
-    fn set_param(&mut self, slot: &Slot, v: Var) -> Result<()> {
-        match slot.name {
-            "vera_lambda_b" => self.lambda_b = v,
-            "vera_lambda_d" => self.lambda_d = v,
-            other => return Err(PeftError::invalid_arg("slot", format!("a VeRA linear layer has no `{other}`"))),
-        }
-        Ok(())
-    }
+    crate::tuners::layer::declare_layer!(peft_type: "VERA", module_type: "vera.Linear", layer: "a VeRA linear layer", slots: [VERA_LAMBDA_B => lambda_b, VERA_LAMBDA_D => lambda_d]);
     fn delta_weight(&self, lin: &PeftLinear) -> Result<Tensor> {
         let (a, b) = self.sliced(lin)?;
         let lb = Self::t(&self.lambda_b, false)?.unsqueeze(1)?;

@@ -17,6 +17,8 @@
 //!   active adapter), so these batches have no HF reference.
 //! - `bias` = `"all"` / `"vera_only"` trains and saves the base biases as LoRA's `"all"` /
 //!   `"lora_only"` do (HF treats every `"<method>_only"` alike).
+//!
+//! [`PeftLinear::layers`]: crate::tuners::linear::PeftLinear::layers
 
 pub mod config;
 pub mod layer;
@@ -26,11 +28,8 @@ pub use config::*;
 pub use model::TorchGenerator;
 
 use crate::error::{PeftError, Result};
-use crate::model::Task;
 use crate::peft_model::PeftModel;
 use crate::tuners::config::AdapterConfig;
-use crate::tuners::layer::Slot;
-use crate::tuners::linear::PeftLinear;
 use crate::tuners::registry::Tuner;
 use candle_core::Tensor;
 use std::path::Path;
@@ -47,14 +46,8 @@ pub struct VeraTuner;
 pub static TUNER: VeraTuner = VeraTuner;
 
 impl Tuner for VeraTuner {
-    crate::tuners::registry::declare_tuner!(peft_types: &["VERA"], model_class: "VeraModel", prefix: "vera_lambda_", slots: &layer::SLOTS, config: VeraConfig, inject: add_vera);
-    fn expected_params(&self, cfg: &AdapterConfig, task: Task, m: &str, lin: &PeftLinear) -> Vec<(Slot, Vec<usize>)> {
-        let Some(c) = cfg.get::<VeraConfig>() else { return vec![] };
-        if lin.is_embedding || !c.selects(m, task) {
-            return vec![];
-        }
-        vec![(layer::VERA_LAMBDA_B, vec![lin.out_features()]), (layer::VERA_LAMBDA_D, vec![c.r])]
-    }
+    crate::tuners::registry::declare_tuner!(peft_types: &["VERA"], model_class: "VeraModel", prefix: "vera_lambda_", slots: &layer::SLOTS, config: VeraConfig, inject: add_vera,
+        expected: |c, _m, lin| if !lin.is_embedding => vec![(layer::VERA_LAMBDA_B, vec![lin.out_features()]), (layer::VERA_LAMBDA_D, vec![c.r])]);
     /// Takes `base_model.vera_A` / `base_model.vera_B` out of the file's tensors into the config
     /// (HF `_remap_adapter_state_dict_for_load`). With `save_projection` they must be there (HF's
     /// error); without it they are ignored with HF's warning and regenerated from the key.

@@ -8,9 +8,7 @@ use crate::error::{PeftError, Result};
 use crate::peft_model::PeftModel;
 use crate::tuners::layer::AdapterLayer;
 use candle_core::{Device, Tensor, Var};
-use rand::SeedableRng;
 use rand_distr::{Distribution, Normal};
-use std::collections::HashMap;
 
 /// torch's CPU generator (`torch.Generator().manual_seed(seed)`, `at::mt19937`) as far as
 /// `Tensor.uniform_` on float32 uses it: MT19937 seeded with the low 32 bits of the seed, each
@@ -135,8 +133,36 @@ impl PeftModel {
                 )));
             }
         }
-        let copies = self.prepare_layer_adapter(name, &mut cfg.common)?;
-        let selected = self.select_layers(&cfg)?;
+        let normal = Normal::new(0.0f32, 1.0).map_err(|e| PeftError::Internal(e.to_string()))?;
+        let planned = self.plan_layers_with(name, &mut cfg, seed, |model, cfg, selected| model.vera_shared_projections(cfg, selected), |cfg, proj, _mname, lin, rng, device| {
+            let outf = lin.out_features();
+            let (lb, ld) = if cfg.init_weights {
+                (vec![0f32; outf], vec![cfg.d_initial as f32; cfg.r])
+            } else {
+                (vec![1f32; outf], (0..cfg.r).map(|_| normal.sample(rng)).collect())
+            };
+            Ok(Box::new(VeraLayer {
+                lambda_b: Var::from_tensor(&Tensor::from_vec(lb, outf, device)?)?,
+                lambda_d: Var::from_tensor(&Tensor::from_vec(ld, cfg.r, device)?)?,
+                proj: proj.clone(),
+                r: cfg.r,
+                dropout: cfg.vera_dropout,
+            }) as Box<dyn AdapterLayer>)
+        })?;
+        // `bias` ("all" / "vera_only") is HF's generic handling (`crate::peft_model::bias`).
+        self.install_layers(name, cfg.into(), planned)
+    }
+
+    /// The projections adapter `cfg`'s layers share, for its `selected` modules (in module
+    /// order; the `shared` step of [`PeftModel::plan_layers_with`]): HF `_find_dim` (the largest
+    /// in / out features of the targets, each target's `fan_in_fan_out` fitted with HF's
+    /// warning), then the model's existing pair (checked against a file's), the file's
+    /// (`cfg.loaded_projections`, shape-checked) or a new pair drawn from
+    /// `projection_prng_key` (HF `_init_vera_A_vera_B`), then `update_layer`'s checks of the
+    /// pair against every target.
+    ///
+    /// Errors: see [`PeftModel::add_vera`].
+    fn vera_shared_projections(&mut self, cfg: &mut VeraConfig, selected: &[String]) -> Result<Projections> {
         // Targets (HF `_find_dim` + `_create_and_replace`), in module order.
         let mut targets: Vec<(String, usize, usize)> = Vec::new();
         for (mname, lin) in self.base.named_linears().into_iter().filter(|(m, _)| selected.contains(m)) {
@@ -196,27 +222,6 @@ impl PeftModel {
                 cfg.r
             )));
         }
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let normal = Normal::new(0.0f32, 1.0).map_err(|e| PeftError::Internal(e.to_string()))?;
-        let mut planned: HashMap<String, Box<dyn AdapterLayer>> = HashMap::new();
-        for (mname, _, outf) in targets {
-            let (lb, ld) = if cfg.init_weights {
-                (vec![0f32; outf], vec![cfg.d_initial as f32; cfg.r])
-            } else {
-                (vec![1f32; outf], (0..cfg.r).map(|_| normal.sample(&mut rng)).collect())
-            };
-            let layer = VeraLayer {
-                lambda_b: Var::from_tensor(&Tensor::from_vec(lb, outf, &device)?)?,
-                lambda_d: Var::from_tensor(&Tensor::from_vec(ld, cfg.r, &device)?)?,
-                proj: proj.clone(),
-                r: cfg.r,
-                dropout: cfg.vera_dropout,
-            };
-            planned.insert(mname, Box::new(layer));
-        }
-        // `bias` ("all" / "vera_only") is HF's generic handling (`crate::peft_model::bias`).
-        self.install_planned(name, cfg.into(), planned, copies, |lin, name, l| {
-            lin.layers.insert(name, l);
-        })
+        Ok(proj)
     }
 }
