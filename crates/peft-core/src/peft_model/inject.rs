@@ -73,7 +73,7 @@ impl PeftModel {
             ));
         }
         if let Some(c) = cfg.as_lora() {
-            let names: Vec<String> = self.base.named_linears().into_iter().map(|(n, _)| n).collect();
+            let names: Vec<String> = self.base.named_layers().into_iter().map(|(n, _)| n).collect();
             for (what, keys) in [("rank_pattern", c.rank_pattern.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>()), ("alpha_pattern", c.alpha_pattern.iter().map(|(k, _)| k.clone()).collect())] {
                 for k in keys {
                     let hit = names.iter().any(|n| crate::targeting::pattern_lookup(&[(k.clone(), ())], n).is_some());
@@ -186,7 +186,7 @@ impl PeftModel {
         let mut misses = crate::targeting::Misses::default();
         let mut selected = std::collections::HashSet::new();
         let rule = c.rule();
-        for (mname, lin) in self.base.named_linears() {
+        for (mname, lin) in self.base.named_layers() {
             let sel = rule.select(&mname, lin.is_embedding || is_output_head(self.base.task(), &mname));
             if misses.note(&mname, sel, c.layers_pattern.as_deref()) {
                 selected.insert(mname);
@@ -208,7 +208,7 @@ impl PeftModel {
         let mut unmatched = Vec::new();
         for w in wanted {
             let mut found = false;
-            for (mname, lin) in self.base.named_linears() {
+            for (mname, lin) in self.base.named_layers() {
                 if saves_module(&mname, w) {
                     let wt = Var::from_tensor(&lin.dense_weight()?.copy()?)?;
                     let b = match &lin.bias {
@@ -249,7 +249,7 @@ impl PeftModel {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let device = self.base.device().clone();
         let mut layers = HashMap::new();
-        for (mname, lin) in self.base.named_linears().into_iter().filter(|(m, _)| selected.contains(m)) {
+        for (mname, lin) in self.base.named_layers().into_iter().filter(|(m, _)| selected.contains(m)) {
             let layer = make(cfg, &mname, lin, &mut rng, &device)?;
             layers.insert(mname, layer);
         }
@@ -272,7 +272,7 @@ impl PeftModel {
         let mut targeted: Vec<String> = planned.keys().cloned().collect();
         targeted.sort();
         let first = self.configs.is_empty();
-        for (mname, lin) in self.base.named_linears_mut() {
+        for (mname, lin) in self.base.named_layers_mut() {
             if let Some(l) = planned.remove(&mname) {
                 put(lin, name.to_string(), l);
             }
@@ -283,7 +283,7 @@ impl PeftModel {
     }
 
     pub(crate) fn install_saved_copies(&mut self, name: &str, mut copies: HashMap<String, (Var, Option<Var>)>) {
-        for (mname, lin) in self.base.named_linears_mut() {
+        for (mname, lin) in self.base.named_layers_mut() {
             if let Some(c) = copies.remove(&mname) {
                 lin.saved_copies.insert(name.to_string(), c);
             }
@@ -308,7 +308,7 @@ impl PeftModel {
     pub(crate) fn sync_layers(&mut self) {
         let active = self.active.clone();
         let disabled = self.disabled;
-        for (_, lin) in self.base.named_linears_mut() {
+        for (_, lin) in self.base.named_layers_mut() {
             lin.active = active
                 .iter()
                 .filter(|a| lin.has_adapter(a) || lin.saved_copies.contains_key(*a))
