@@ -180,3 +180,28 @@ fn lora_on_t5_shared_never_reaches_the_forward_as_in_hf() {
     check_tables_restored(case, &mut m, &before);
     resave_case(case);
 }
+
+#[test]
+fn t5_embedding_adapters_warn_as_hf() {
+    const TIED: &str = "Model has `tie_word_embeddings=True` and a tied layer is part of the adapter, ";
+    // LoRA on `embed_tokens`: HF's injection warning (LoRA has `ensure_weight_tying`), and its
+    // merge warning naming the two tied targets in module order.
+    let mut m = adapter_peft("t5_lora_emb", true);
+    let w = m.take_warnings();
+    assert!(w.iter().any(|x| x.starts_with(&format!("{TIED}but `ensure_weight_tying` is not set to True."))), "{w:?}");
+    m.merge_adapter(None, false).unwrap();
+    let w = m.take_warnings();
+    let merge = "Model with `tie_word_embeddings=True` and the tied_target_modules=['encoder.embed_tokens', 'decoder.embed_tokens'] are part of the adapter. This can lead to complications.";
+    assert!(w.iter().any(|x| x.starts_with(merge) && x.ends_with("model = AutoModelForCausalLM.from_pretrained(untied_model_dir)\n```\n")), "{w:?}");
+    // Trainable tokens on `embed_tokens`: HF's TrainableTokensModel warns at injection (no
+    // `ensure_weight_tying` field), never on merge (its `_get_tied_target_modules` is empty).
+    let mut m = adapter_peft("t5_tt_embed", true);
+    let w = m.take_warnings();
+    assert!(w.iter().any(|x| x.starts_with(&format!("{TIED}but no implementation exists to tie the adapters."))), "{w:?}");
+    m.merge_adapter(None, false).unwrap();
+    assert!(!m.take_warnings().iter().any(|x| x.contains("tied_target_modules")));
+    // On `shared` (not one of HF's embedding layer names) nothing is said.
+    let mut m = adapter_peft("t5_tt", true);
+    m.merge_adapter(None, false).unwrap();
+    assert_eq!(m.take_warnings(), Vec::<String>::new());
+}

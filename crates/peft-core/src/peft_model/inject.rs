@@ -97,8 +97,9 @@ impl PeftModel {
         tuner.inject(self, name, cfg, seed)
     }
 
-    /// HF `BaseTuner._check_tied_modules` for a LoRA or IA3 config on a model whose `lm_head`
-    /// is tied to the input embedding (`tie_word_embeddings`): when the adapter wraps a tied
+    /// HF `BaseTuner._check_tied_modules` for a layer tuner's config on a model whose `lm_head`
+    /// (T5: also both stacks' `embed_tokens`) is tied to the input embedding
+    /// (`tie_word_embeddings`): when the adapter wraps a tied
     /// layer (an `embed_tokens` / `lm_head` entry in `modules_to_save` or `target_modules`), HF's
     /// warning; with `ensure_weight_tying`, HF's warnings when nothing tied is involved. HF 0.21
     /// implements `ensure_weight_tying` for a tied layer in the adapter by tying the adapter's
@@ -107,9 +108,8 @@ impl PeftModel {
     /// Errors: `InvalidAdapterConfig` naming `ensure_weight_tying` in that last case.
     pub(crate) fn check_tied_modules(&mut self, cfg: &AdapterConfig) -> Result<()> {
         const EMBEDDING_LAYER_NAMES: [&str; 2] = ["embed_tokens", "lm_head"];
-        if cfg.tuner().ties_embedding_adapters() {
-            return Ok(());
-        }
+        // (Trainable tokens too: HF's `TrainableTokensModel` warns here when `target_modules`
+        // names `embed_tokens` on a tied model, e.g. T5's two stacks, which it does not tie.)
         let Some(targets) = cfg.common().target_modules() else { return Ok(()) };
         let mts = cfg.modules_to_save();
         let json = cfg.to_json();
@@ -123,7 +123,8 @@ impl PeftModel {
             TargetModules::Regex(r) => EMBEDDING_LAYER_NAMES.iter().any(|n| regex::Regex::new(&format!("^(?:{r})$")).map(|re| re.is_match(n)).unwrap_or(false)),
             TargetModules::AllLinear => false,
         };
-        let tied = self.base.config_json()["tie_word_embeddings"].as_bool() == Some(true) && matches!(self.base.task(), Task::CausalLm | Task::Seq2SeqLm);
+        // HF `_get_module_names_tied_with_embedding` non-empty.
+        let tied = !self.base.tied_to_input_embedding().is_empty();
         if ensure {
             if !tied {
                 self.warnings.push("You have requested `ensure_weight_tying`, but no tied modules were found in the model".into());

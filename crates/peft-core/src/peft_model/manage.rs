@@ -2,6 +2,9 @@
 
 use super::*;
 
+/// The example code of HF's tied-merge warning (`_check_merge_allowed`), as it prints it.
+const TIED_MERGE_EXAMPLE: &str = "\n```python\nfrom transformers import AutoModelForCausalLM\n\n# Load original tied model\nmodel = AutoModelForCausalLM.from_pretrained(\"google/gemma-2-2b-it\", tie_word_embeddings=False)\n\n# Set the randomly initialized lm_head to the previously tied embeddings\nmodel.lm_head.weight.data = model.model.embed_tokens.weight.data.clone()\n\n# Save the untied model\nuntied_model_dir = \"dir/for/untied/model\"\nmodel.save_pretrained(untied_model_dir)\nmodel.config.save_pretrained(untied_model_dir)\n\n# Now use the original model but in untied format\nmodel = AutoModelForCausalLM.from_pretrained(untied_model_dir)\n```\n";
+
 impl PeftModel {
     /// Make `names` the active adapters (HF `set_adapter`; several names are summed).
     ///
@@ -76,7 +79,35 @@ impl PeftModel {
                 head.refuse_quantized(&format!("merge an adapter of `{e}` (tied to `{h}`)"))?;
             }
         }
+        self.warn_tied_targets();
         self.edit_tied_weights(|lin| lin.merge(&names, safe_merge))
+    }
+
+    /// HF `BaseTuner._check_merge_allowed`'s warning: with `tie_word_embeddings`, a merge when
+    /// a targeted module is named like an embedding layer (`embed_tokens`, `lm_head`: T5's two
+    /// stacks' `embed_tokens`, a Llama's `model.embed_tokens`), in HF's words. Trainable tokens,
+    /// which tie their layers (HF `TrainableTokensModel._get_tied_target_modules` returns
+    /// nothing), and LoRA's `trainable_token_indices` wrappers (not targets) do not count.
+    fn warn_tied_targets(&mut self) {
+        const EMBEDDING_LAYER_NAMES: [&str; 2] = ["embed_tokens", "lm_head"];
+        if self.base.config_json()["tie_word_embeddings"].as_bool() != Some(true) {
+            return;
+        }
+        let untied: Vec<&String> = self.configs.iter().filter(|(_, c)| !c.tuner().ties_embedding_adapters()).map(|(n, _)| n).collect();
+        let tied: Vec<String> = self
+            .base
+            .named_layers()
+            .into_iter()
+            .filter(|(m, l)| EMBEDDING_LAYER_NAMES.contains(&m.rsplit('.').next().unwrap_or(m)) && l.layers.iter().any(|(n, a)| untied.contains(&n) && a.peft_type() != "TRAINABLE_TOKENS"))
+            .map(|(m, _)| format!("'{m}'"))
+            .collect();
+        if tied.is_empty() {
+            return;
+        }
+        self.warnings.push(format!(
+            "Model with `tie_word_embeddings=True` and the tied_target_modules=[{}] are part of the adapter. This can lead to complications. You can opt to merge the adapter after cloning the weights (to untie the embeddings). You can untie the embeddings by loading the model with `tie_word_embeddings=False`. For example:{TIED_MERGE_EXAMPLE}",
+            tied.join(", ")
+        ));
     }
 
     /// Subtract every merged adapter from the base weights again.
