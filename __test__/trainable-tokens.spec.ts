@@ -8,7 +8,7 @@
 import test from 'ava'
 import * as fs from 'node:fs'
 import * as path from 'node:path'
-import { AutoModelForCausalLM, LoraConfig, PeftModel, TrainableTokensConfig, Trainer, configFromJSON, getPeftModel, loadSafetensors } from '../src/index'
+import { AutoModelForCausalLM, AutoModelForSeq2SeqLM, LoraConfig, PeftModel, TrainableTokensConfig, Trainer, configFromJSON, getPeftModel, loadSafetensors } from '../src/index'
 import { FIXTURES, LLAMA, assertClose, assertPeftError, caseDir, checkLogitsInHf, disposeLater, expected, idRows, loadLlama, maxAbsDiff, tmpDir } from './helpers'
 
 const GPT2 = path.join(FIXTURES, 'models', 'gpt2')
@@ -106,4 +106,31 @@ test('Trainable tokens train (general path), change only the chosen rows, reload
     const info = checkLogitsInHf(t, c.startsWith('gpt2') ? GPT2 : LLAMA, dir, ROWS, ours, `${c}: a peft-node adapter`)
     if (info) t.deepEqual([info.trainable, info.total], pm.getNbTrainableParameters(), `${c}: HF counts the same parameters`)
   }
+})
+
+test("T5: trainable tokens on `shared` tie HF's three modules (both stacks' embed_tokens, lm_head), save all four keys, train, and load in HF PEFT to the same logits", async (t) => {
+  const T5 = path.join(FIXTURES, 'models', 't5')
+  const exp = await expected('t5_tt')
+  const input = { inputIds: exp.input_ids, attentionMask: exp.attention_mask, decoderInputIds: exp.decoder_input_ids }
+  const hf = disposeLater(t, await PeftModel.fromPretrained(disposeLater(t, await AutoModelForSeq2SeqLM.fromPretrained(T5)), caseDir('t5_tt')))
+  assertClose(t, (await hf.forward(input)).logits, exp.logits_adapter, 't5_tt logits_adapter')
+  const tokens: number[] = readJSON(path.join(caseDir('t5_tt'), 'adapter_config.json')).token_indices
+  const pm = disposeLater(t, getPeftModel(await AutoModelForSeq2SeqLM.fromPretrained(T5), new TrainableTokensConfig({ tokenIndices: tokens, targetModules: ['shared'], taskType: 'SEQ_2_SEQ_LM' })))
+  const examples = [
+    { inputIds: [tokens[0], tokens[1], 9, 120, tokens[2], 44, 7], labels: [tokens[3], 9, tokens[0], 1] },
+    { inputIds: [81, tokens[4], 100, 64, 3], labels: [64, tokens[1], 1] },
+  ]
+  const out = await new Trainer(pm, { learningRate: 0.05, maxSteps: 8, perDeviceTrainBatchSize: 2, shuffle: false }).train(examples)
+  t.true(out.metrics.lastLoss < out.metrics.firstLoss, `${out.metrics.firstLoss} -> ${out.metrics.lastLoss}`)
+  const dir = path.join(tmpDir(t), 't5_tt')
+  await pm.savePretrained(dir)
+  const saved = await loadSafetensors(path.join(dir, 'adapter_model.safetensors'))
+  t.deepEqual(Object.keys(saved).sort(), caseJSON('t5_tt').adapter_keys, "HF's four keys")
+  const keys = Object.keys(saved)
+  for (const k of keys) t.true(maxAbsDiff(saved[k], saved[keys[0]]) === 0, `${k} holds the one delta`)
+  const enc = [[tokens[0], 17, tokens[2], 9, 120], [tokens[4], 12, 100, 64, 3]]
+  const dec = [[0, tokens[1], 9], [0, 64, tokens[3]]]
+  const ours = (await pm.forward({ inputIds: enc, decoderInputIds: dec })).logits
+  const info = checkLogitsInHf(t, T5, dir, enc, ours, 't5_tt: a peft-node adapter', ['--decoder-ids', JSON.stringify(dec)])
+  if (info) t.deepEqual([info.peft_type, info.trainable, info.total], ['TRAINABLE_TOKENS', caseJSON('t5_tt').trainable_params, caseJSON('t5_tt').all_params])
 })

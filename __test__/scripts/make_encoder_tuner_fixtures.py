@@ -18,6 +18,18 @@ Run with torch 2.13 + transformers 5.18 + peft 0.21 (the venv of benches/README.
   `classifier` to modules_to_save): targets `query`, `value` and `intermediate.dense`; the batch is
   `[2, 7]` ids (row 1 padded by 2) with class labels `[2]`.
 - BERT also gets trainable tokens (`bert_tt`) on `word_embeddings`, on ids the batch uses.
+- T5's embedding modules (`python make_encoder_tuner_fixtures.py t5-embedding` writes only these):
+  transformers 5.18 ties `encoder.embed_tokens`, `decoder.embed_tokens` and `lm_head` to `shared`
+  (`_tied_weights_keys`), and the stacks call their own `embed_tokens`, never `shared`.
+  `t5_tt`: trainable tokens on `shared` (HF puts layers tied to it on the three tied modules and
+  saves the delta under all four keys); `t5_tt_embed`: on `embed_tokens` (two independent layers,
+  nothing tied, HF's tying warning); `t5_lora_tt`: LoRA on `q`, `v` with
+  `trainable_token_indices` (list form: `shared`, the tied modules follow, one key saved);
+  `t5_lora_emb`: LoRA on `embed_tokens` (two `lora.Embedding`s on one table: a merge adds both
+  deltas to it, so both stacks and `lm_head` see `W + ΔE + ΔD`); `t5_oft_emb`: OFT the same way;
+  `t5_lora_shared`: LoRA on `shared`, which the forward never calls (adapter logits = base
+  logits, no gradient: HF's `grad` is None, so no `grad.*` is written), while a merge writes into
+  the one table and changes the model.
 - Issue 18's decoder families (`models/{llama3,qwen3,gemma3,smollm3,phi3}`, CAUSAL_LM): IA3, LoHa, LoKr,
   VeRA, OFT, AdaLoRA and HRA on `q_proj`, `v_proj`, `down_proj` (Phi-3: the fused `qkv_proj`, `o_proj`,
   `gate_up_proj`); IA3's feed-forward module is `down_proj` (`gate_up_proj`).
@@ -135,10 +147,16 @@ def run(model, fam, ids, mask, labels, disabled=False, merged=False):
         return model(**kw).logits
 
 
-def case(fam, tuner, cfg, seed):
+def case(fam, tuner, cfg, seed, description=None, kind=None):
     torch.manual_seed(seed)
     model = get_peft_model(load(fam), cfg)
-    perturb(model, tuner)
+    perturb(model, kind or tuner)
+    if "tt" in tuner and tuner != "tt":
+        # LoRA's token rows (and `t5_tt_embed`'s second layer) start as the base rows: move them.
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "trainable_tokens_delta" in n and tuner != "tt_embed":
+                    p.add_(0.5 * torch.randn_like(p))
     out = f"cases/{fam}_{tuner}"
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(out)
@@ -154,9 +172,12 @@ def case(fam, tuner, cfg, seed):
     kw = dict(input_ids=ids, attention_mask=mask, labels=labels)
     res = model(**kw)
     loss = res.loss  # eval mode: AdaLoRA's orthogonal regularisation is added in training mode only
-    loss.backward()
+    if loss.requires_grad:  # not for LoRA on T5's `shared`: nothing trainable is reached
+        loss.backward()
     # On-disk keys: the classifier copy is saved as `classifier.weight` (modules_to_save dropped).
-    grads = {k.replace(".modules_to_save", ""): v for k, v in fc.adapter_grads(model).items()}
+    # A parameter the forward never reaches (LoRA on T5's `shared`) has no gradient in HF.
+    grads = {f"grad.{n.replace('.default', '')}".replace(".modules_to_save", ""): p.grad.detach().clone().contiguous()
+             for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
     merged = run(model, fam, ids, mask, labels, merged=True)
     unmerged = run(model, fam, ids, mask, labels)
     tensors = {"input_ids": ids, "attention_mask": mask, "labels": labels, "logits_adapter": adapted,
@@ -167,7 +188,7 @@ def case(fam, tuner, cfg, seed):
     fc.save_expected(out, tensors)
     info = {
         "name": os.path.basename(out), "generator": "make_encoder_tuner_fixtures.py",
-        "description": f"{type(cfg).__name__} on {fam} ({FAMILIES[fam]['task']}), targets {FAMILIES[fam]['targets']}, perturbed off the identity (see the generator).",
+        "description": description or f"{type(cfg).__name__} on {fam} ({FAMILIES[fam]['task']}), targets {FAMILIES[fam]['targets']}, perturbed off the identity (see the generator).",
         "base_model": f"models/{fam}", "seed": seed, "peft_type": str(cfg.peft_type.value),
         "trainable_params": trainable, "all_params": total,
         "adapter_keys": fc.keys_of(f"{out}/adapter_model.safetensors"),
@@ -182,14 +203,44 @@ def case(fam, tuner, cfg, seed):
     print(out, trainable, float(loss), info["adapter_vs_disabled_max_abs"], info["merged_vs_adapter_max_abs"])
 
 
+def t5_embedding_cases(seed):
+    """The T5 embedding cases (see the module docs), from `seed` on; the token indices of each are
+    ids its own batch uses (in both rows)."""
+    task = dict(task_type="SEQ_2_SEQ_LM")
+    specs = [
+        ("tt", lambda t: TrainableTokensConfig(target_modules=["shared"], token_indices=t, init_weights=False, **task), "tt",
+         "TrainableTokensConfig on T5's `shared` (tied: encoder/decoder embed_tokens, lm_head)"),
+        ("tt_embed", lambda t: TrainableTokensConfig(target_modules=["embed_tokens"], token_indices=t, init_weights=False, **task), "tt",
+         "TrainableTokensConfig on T5's `embed_tokens` (two independent layers)"),
+        ("lora_tt", lambda t: LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], init_lora_weights=False, trainable_token_indices=t, **task), "lora",
+         "LoraConfig on q, v with trainable_token_indices (list form: `shared`, tied modules follow)"),
+        ("lora_emb", lambda t: LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens"], init_lora_weights=False, **task), "lora",
+         "LoraConfig on T5's `embed_tokens` (two lora.Embedding on one table)"),
+        ("oft_emb", lambda t: OFTConfig(oft_block_size=8, target_modules=["embed_tokens"], init_weights=False, **task), "oft",
+         "OFTConfig on T5's `embed_tokens` (two OFT Embedding layers on one table)"),
+        ("lora_shared", lambda t: LoraConfig(r=4, lora_alpha=8, target_modules=["shared"], init_lora_weights=False, **task), "lora",
+         "LoraConfig on T5's `shared`, which the forward never calls (merging still changes the one table)"),
+    ]
+    for tuner, make, kind, desc in specs:
+        ids = batch("t5", seed, 128)[0]
+        tokens = sorted({int(i) for i in ids[0, :4]} | {int(ids[1, 0])})
+        case("t5", tuner, make(tokens), seed, description=desc, kind=kind)
+        seed += 1
+    return seed
+
+
 if __name__ == "__main__":
+    import sys
+    if sys.argv[1:] == ["t5-embedding"]:
+        t5_embedding_cases(2118)
+        sys.exit(0)
     seed = 2100
     for fam in ["t5", "bert", "gpt2"]:  # the seeds of the first two families stay as first written
         for tuner, cfg in configs(fam).items():
             if tuner != "tt":
                 case(fam, tuner, cfg, seed)
                 seed += 1
-    seed += 1  # (the seed of a T5 case on `shared`, which peft-node does not adapt yet)
+    seed += 1  # the seed of `t5_tt` (the T5 embedding cases, written by `t5_embedding_cases` from 2118)
     for fam, vocab in [("bert", 160)]:  # trainable tokens on the input embedding, added later
         ids = batch(fam, seed, vocab)[0]
         tokens = sorted({int(i) for i in ids[0, :4]} | {int(ids[1, 0])})  # ids the batch uses, in both rows
@@ -202,4 +253,5 @@ if __name__ == "__main__":
         for tuner, cfg in configs(fam).items():
             case(fam, tuner, cfg, seed)
             seed += 1
+    t5_embedding_cases(2118)
     print("encoder tuner fixtures written")

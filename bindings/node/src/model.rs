@@ -328,7 +328,7 @@ pub fn load_model(
             // table it shares stays dense for the lookup).
             let tied = loaded.model.as_llama().is_some_and(|l| l.config.tie_word_embeddings);
             let (mut dense, mut packed) = (loaded.model.base_param_count(), 0usize);
-            for (name, l) in loaded.model.named_linears() {
+            for (name, l) in loaded.model.named_layers() {
                 if let Some(q) = &l.quant {
                     if !(tied && name == "lm_head") {
                         dense = dense.saturating_sub(q.rows() * q.cols());
@@ -559,11 +559,11 @@ impl NativeModel {
                     candle_core::Device::Cuda(_) => "cuda",
                     candle_core::Device::Metal(_) => "mps",
                 };
-                let layers: Vec<String> = m.base.named_linears().into_iter().map(|(p, _)| p).collect();
+                let layers: Vec<String> = m.base.named_layers().into_iter().map(|(p, _)| p).collect();
                 // Layers whose base weight is kept quantized: path -> backend ("gguf-<TYPE>", "q8_0", ...).
                 let quantized: serde_json::Map<String, serde_json::Value> = m
                     .base
-                    .named_linears()
+                    .named_layers()
                     .into_iter()
                     .filter_map(|(p, l)| l.quant.as_ref().map(|q| (p, serde_json::json!(q.backend()))))
                     .collect();
@@ -593,7 +593,7 @@ impl NativeModel {
                     .sum();
                 let mut params = m.prompt_encoder(&name).map(|e| e.param_count()).unwrap_or(0);
                 let mut layers = Vec::new();
-                for (path, l) in m.base.named_linears() {
+                for (path, l) in m.base.named_layers() {
                     if let Some((w, b)) = l.saved_copies.get(&name) {
                         params += w.elem_count() + b.as_ref().map(|b| b.elem_count()).unwrap_or(0);
                         layers.push(serde_json::json!([path, "modules_to_save"]));

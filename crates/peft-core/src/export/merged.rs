@@ -37,7 +37,7 @@ fn unsupported(what: impl Into<String>, msg: impl Into<String>) -> PeftError {
 /// The Llama model of `m`, checked to carry no adapter.
 fn plain_llama<'a>(m: &'a PeftModel, call: &str) -> Result<&'a LlamaForCausalLM> {
     let names = m.adapter_names();
-    let carries = m.base.named_linears().iter().any(|(_, l)| l.has_adapters() || !l.saved_copies.is_empty());
+    let carries = m.base.named_layers().iter().any(|(_, l)| l.has_adapters() || !l.saved_copies.is_empty());
     if !names.is_empty() || carries {
         return Err(PeftError::InvalidState(format!(
             "{call}: the model still carries adapters {names:?}; call mergeAndUnload() (or unload()) first, or export the adapter with exportGgufLora"

@@ -216,6 +216,16 @@ macro_rules! named_twins {
             $body
         }
     };
+    (layers: |$this:ident| $body:block) => {
+        fn named_layers(&self) -> Vec<(String, &$crate::tuners::linear::PeftLinear)> {
+            let $this = self;
+            $body
+        }
+        fn named_layers_mut(&mut self) -> Vec<(String, &mut $crate::tuners::linear::PeftLinear)> {
+            let $this = self;
+            $body
+        }
+    };
     (norm_biases: |$this:ident| $body:block) => {
         fn named_norm_biases(&self) -> Vec<(String, &candle_core::Tensor)> {
             let $this = self;
@@ -275,6 +285,18 @@ pub trait BaseModel: Send + Sync {
     fn named_linears(&self) -> Vec<(String, &PeftLinear)>;
     /// Mutable twin of [`BaseModel::named_linears`] (same names, same order).
     fn named_linears_mut(&mut self) -> Vec<(String, &mut PeftLinear)>;
+    /// Every module adapters can sit on, with its transformers module path, in module order:
+    /// [`BaseModel::named_linears`] plus embedding tables that model lists apart (T5's
+    /// `shared`, `encoder.embed_tokens`, `decoder.embed_tokens`, which its `named_linears`
+    /// leaves out). What targeting, injection, merging, saving and loading walk. Default:
+    /// `named_linears`.
+    fn named_layers(&self) -> Vec<(String, &PeftLinear)> {
+        self.named_linears()
+    }
+    /// Mutable twin of [`BaseModel::named_layers`] (same names, same order).
+    fn named_layers_mut(&mut self) -> Vec<(String, &mut PeftLinear)> {
+        self.named_linears_mut()
+    }
     /// Biases of modules that are not linear layers (GPT-2's LayerNorm `ln_1`, `ln_2`, `ln_f`),
     /// as `(module path, bias [hidden])`; empty for Llama (RMSNorm has no bias). Used by LoRA's
     /// `bias: "all"`.
@@ -290,6 +312,19 @@ pub trait BaseModel: Send + Sync {
     /// Mutable twin of [`BaseModel::named_attention_prompts`] (same names, same order).
     fn named_attention_prompts_mut(&mut self) -> Vec<(String, &mut crate::tuners::adaption_prompt::AttentionPrompts)> {
         vec![]
+    }
+    /// The modules whose weight is the input embedding's table (HF
+    /// `_get_module_names_tied_with_embedding`: the targets of transformers'
+    /// `_tied_weights_keys` whose source is the input embedding, empty when config.json says
+    /// `tie_word_embeddings: false`), sorted. Trainable tokens put a layer tied to the input
+    /// embedding's on each. Default: `lm_head` of a causal or seq2seq LM under
+    /// `tie_word_embeddings`; T5 adds the stacks' `embed_tokens`.
+    fn tied_to_input_embedding(&self) -> Vec<String> {
+        let tied = self.config_json()["tie_word_embeddings"].as_bool() == Some(true) && matches!(self.task(), Task::CausalLm | Task::Seq2SeqLm);
+        if !tied {
+            return vec![];
+        }
+        self.named_layers().into_iter().map(|(m, _)| m).filter(|m| m == "lm_head").collect()
     }
     /// Every module path (for error messages and targeting).
     fn module_names(&self) -> Vec<String>;

@@ -18,8 +18,14 @@
 //! cached positions (a prefix-tuning prefix counts), as transformers' `compute_bias` does with
 //! `past_seen_tokens`. Cross-attention has no position bias.
 //!
-//! The word embeddings `shared` feed both stacks (no scaling); `lm_head` is tied to `shared`
-//! unless the checkpoint has its own `lm_head.weight`. T5's own dropout (`dropout_rate`) is not
+//! The word embeddings `shared` feed both stacks (no scaling) through the stacks' own modules
+//! `encoder.embed_tokens` and `decoder.embed_tokens`, which hold the same table (transformers
+//! 5.18 ties them to `shared.weight` through `_tied_weights_keys`; `shared` itself is never
+//! called in the forward). `lm_head` is tied to `shared` unless the checkpoint has its own
+//! `lm_head.weight`. All three embedding modules are embedding-kind [`PeftLinear`]s sharing one
+//! tensor, so adapters can sit on each as HF PEFT puts them there (a LoRA or OFT layer on
+//! `shared` alone never reaches the forward, as in HF; a merge into any of them changes the one
+//! table, see `PeftModel::merge_adapter`). T5's own dropout (`dropout_rate`) is not
 //! applied, also while training (as for the other base models here; LoRA dropout is).
 //! Matches transformers 5.18's `T5ForConditionalGeneration` with eager attention.
 
@@ -233,8 +239,14 @@ pub struct T5Block {
 pub struct T5ForConditionalGeneration {
     /// The parsed config.json.
     pub config: T5Config,
-    /// `shared.weight` `[vocab, d_model]`: the encoder's and decoder's token embeddings.
-    pub shared: Tensor,
+    /// `shared` `[vocab, d_model]` (an embedding-kind [`PeftLinear`]): the model's input
+    /// embedding (`get_input_embeddings`); its table is the one the two stacks' `embed_tokens`
+    /// (and a tied `lm_head`) hold.
+    pub shared: PeftLinear,
+    /// `encoder.embed_tokens`: the table of `shared`, looked up for the encoder's input ids.
+    pub encoder_embed_tokens: PeftLinear,
+    /// `decoder.embed_tokens`: the table of `shared`, looked up for the decoder's input ids.
+    pub decoder_embed_tokens: PeftLinear,
     /// `encoder.block.{i}` (`num_layers` blocks).
     pub encoder: Vec<T5Block>,
     /// `encoder.final_layer_norm.weight`.
@@ -316,8 +328,10 @@ pub fn relative_position_bucket(rel: i64, bidirectional: bool, num_buckets: usiz
 
 impl T5ForConditionalGeneration {
     /// Build from HF-named tensors (`shared.weight`, `encoder.block.0.layer.0.SelfAttention.q.weight`,
-    /// ...), converted to `dtype`. `encoder.embed_tokens.weight` / `decoder.embed_tokens.weight`
-    /// are ignored (tied to `shared`); `lm_head.weight` is used when present.
+    /// ...), converted to `dtype`. With `tie_word_embeddings` (the default), `encoder.embed_tokens`
+    /// and `decoder.embed_tokens` hold `shared`'s table (one tensor) and their checkpoint keys
+    /// are ignored; without it each holds its own (`<stack>.embed_tokens.weight`, or a copy of
+    /// `shared.weight` when the checkpoint has none). `lm_head.weight` is used when present.
     ///
     /// Errors: `InvalidModelConfig` naming a missing tensor, `ShapeMismatch` naming a misshapen one.
     pub fn from_tensors(config: T5Config, t: HashMap<String, Tensor>, dtype: DType, device: &Device) -> Result<Self> {
@@ -353,6 +367,17 @@ impl T5ForConditionalGeneration {
             let final_norm = w.take(&format!("{stack}.final_layer_norm.weight"), &[d])?;
             stacks.push((blocks, final_norm));
         }
+        // transformers ties the stacks' tables to `shared` only under `tie_word_embeddings`;
+        // without it they are separate parameters, read from the checkpoint when it has them.
+        let mut stack_table = |stack: &str| -> Result<Tensor> {
+            let key = format!("{stack}.embed_tokens.weight");
+            match (c.tie_word_embeddings, w.t.contains_key(&key)) {
+                (true, _) => Ok(shared.clone()),
+                (false, true) => w.take(&key, &[c.vocab_size, d]),
+                (false, false) => Ok(shared.copy()?),
+            }
+        };
+        let (encoder_table, decoder_table) = (stack_table("encoder")?, stack_table("decoder")?);
         let lm_head_tied = !w.t.contains_key("lm_head.weight");
         let lm_w = if lm_head_tied { shared.clone() } else { w.take("lm_head.weight", &[c.vocab_size, d])? };
         let (decoder, decoder_final_layer_norm) = stacks.pop().expect("two stacks");
@@ -378,7 +403,9 @@ impl T5ForConditionalGeneration {
         };
         Ok(T5ForConditionalGeneration {
             lm_head: PeftLinear::new(lm_w, None, false),
-            shared,
+            encoder_embed_tokens: PeftLinear::embedding(encoder_table),
+            decoder_embed_tokens: PeftLinear::embedding(decoder_table),
+            shared: PeftLinear::embedding(shared),
             encoder,
             encoder_final_layer_norm,
             decoder,
@@ -575,9 +602,14 @@ impl T5ForConditionalGeneration {
         };
         let cross_bias = self.key_mask(enc_mask, b, s_enc, "attentionMask")?;
         let ids = opts.decoder_input_ids.as_deref().unwrap_or_default();
+        let vocab = self.config.vocab_size;
+        if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
+            return Err(PeftError::invalid_arg("decoderInputIds", format!("token id {bad} is outside the vocabulary (size {vocab})")));
+        }
+        let lin = opts.linear_ctx();
         let idx = Tensor::from_slice(ids, b * t, &self.device)?;
-        let x = self.shared.index_select(&idx, 0)?.reshape((b, t, self.config.d_model))?;
-        Ok(DecoderCtx { lin: opts.linear_ctx(), self_bias, cross_bias, x })
+        let x = self.decoder_embed_tokens.forward_embedding(&idx, b, t, &lin)?;
+        Ok(DecoderCtx { lin, self_bias, cross_bias, x })
     }
 
     /// One decoder block on `h` `[b, t, d_model]`: self-attention with `self_bias`,
@@ -617,7 +649,7 @@ type KvSlot = Option<(Tensor, Tensor)>;
 /// What every decoder block of one forward shares: the linears' context, the self-attention
 /// position bias plus causal/padding mask `[1|b, heads, t, past + t]` (f32), the
 /// cross-attention padding mask `[b, 1, 1, s_enc]` and the decoder's input embeddings
-/// `[b, t, d_model]` (`shared` rows of the decoder ids, unscaled).
+/// `[b, t, d_model]` (`decoder.embed_tokens` rows of the decoder ids, with its adapters, unscaled).
 struct DecoderCtx<'a> {
     lin: LinearCtx<'a>,
     self_bias: Tensor,
@@ -728,14 +760,26 @@ impl BaseModel for T5ForConditionalGeneration {
         self.dtype
     }
 
-    // `encoder.block.{i}.layer.0.SelfAttention.{q,k,v,o}`, `encoder.block.{i}.layer.1.DenseReluDense.{wi,wo}`
-    // (gated: `wi_0`, `wi_1`, `wo`), then per decoder block `layer.0.SelfAttention`,
+    /// The linear layers (`nn.Linear`): [`BaseModel::named_layers`] without the three
+    /// embedding tables.
+    fn named_linears(&self) -> Vec<(String, &PeftLinear)> {
+        self.named_layers().into_iter().filter(|(_, l)| !l.is_embedding).collect()
+    }
+
+    fn named_linears_mut(&mut self) -> Vec<(String, &mut PeftLinear)> {
+        self.named_layers_mut().into_iter().filter(|(_, l)| !l.is_embedding).collect()
+    }
+
+    // `shared`, `encoder.embed_tokens`, `encoder.block.{i}.layer.0.SelfAttention.{q,k,v,o}`,
+    // `encoder.block.{i}.layer.1.DenseReluDense.{wi,wo}` (gated: `wi_0`, `wi_1`, `wo`), then
+    // `decoder.embed_tokens` and per decoder block `layer.0.SelfAttention`,
     // `layer.1.EncDecAttention`, `layer.2.DenseReluDense`, and `lm_head` last (module order).
-    super::named_twins!(linears: |this| {
-        let T5ForConditionalGeneration { config, encoder, decoder, lm_head, .. } = this;
+    super::named_twins!(layers: |this| {
+        let T5ForConditionalGeneration { config, shared, encoder_embed_tokens, decoder_embed_tokens, encoder, decoder, lm_head, .. } = this;
         let gated = config.is_gated_act;
-        let mut out = Vec::new();
-        for (stack, blocks) in [("encoder", encoder), ("decoder", decoder)] {
+        let mut out = vec![("shared".to_string(), shared)];
+        for (stack, embed, blocks) in [("encoder", encoder_embed_tokens, encoder), ("decoder", decoder_embed_tokens, decoder)] {
+            out.push((format!("{stack}.embed_tokens"), embed));
             for (i, blk) in blocks.into_iter().enumerate() {
                 let p = format!("{stack}.block.{i}.layer");
                 let T5Block { self_attn, cross, ff, .. } = blk;
@@ -804,18 +848,18 @@ impl BaseModel for T5ForConditionalGeneration {
         out
     }
 
-    /// `shared`, every linear except a tied `lm_head`, the layer norms and the two bias tables
-    /// (as `named_parameters` counts them).
+    /// `shared`, every linear except a tied `lm_head` and the stacks' `embed_tokens` (tied to
+    /// `shared`), the layer norms and the two bias tables (as `named_parameters` counts them).
     fn base_param_count(&self) -> usize {
         let tied = self.lm_head_tied;
-        let mut n = self.shared.elem_count() + self.encoder_final_layer_norm.elem_count() + self.decoder_final_layer_norm.elem_count();
+        let mut n = self.encoder_final_layer_norm.elem_count() + self.decoder_final_layer_norm.elem_count();
         for blk in self.encoder.iter().chain(&self.decoder) {
             n += blk.self_attn_norm.elem_count() + blk.ff_norm.elem_count();
             n += blk.cross.as_ref().map(|(w, _)| w.elem_count()).unwrap_or(0);
             n += blk.self_attn.relative_attention_bias.as_ref().map(|t| t.elem_count()).unwrap_or(0);
         }
-        for (name, lin) in self.named_linears() {
-            if name == "lm_head" && tied {
+        for (name, lin) in self.named_layers() {
+            if (name == "lm_head" && tied) || (name.ends_with(".embed_tokens") && self.config.tie_word_embeddings) {
                 continue;
             }
             n += lin.base_param_count();
@@ -824,16 +868,30 @@ impl BaseModel for T5ForConditionalGeneration {
     }
 
     fn word_embeddings(&self) -> &Tensor {
-        &self.shared
+        &self.shared.weight
     }
 
     fn embed(&self, ids: &[u32], b: usize, s: usize) -> Result<Tensor> {
-        let vocab = self.config.vocab_size;
-        if let Some(bad) = ids.iter().find(|&&i| i as usize >= vocab) {
-            return Err(PeftError::invalid_arg("inputIds", format!("token id {bad} is outside the vocabulary (size {vocab})")));
+        self.embed_with(ids, b, s, &ForwardOptions::default())
+    }
+
+    /// The encoder's input embeddings: `encoder.embed_tokens` (HF's `T5Stack` calls its own
+    /// module, not `shared`) with its adapters.
+    fn embed_with(&self, ids: &[u32], b: usize, s: usize, opts: &ForwardOptions) -> Result<Tensor> {
+        super::decoder::embed_ids(&self.encoder_embed_tokens, self.config.vocab_size, ids, b, s, &self.device, &opts.linear_ctx())
+    }
+
+    /// transformers' `_tied_weights_keys` under `tie_word_embeddings`: the two stacks'
+    /// `embed_tokens` and `lm_head` (when the checkpoint has no `lm_head.weight` of its own).
+    fn tied_to_input_embedding(&self) -> Vec<String> {
+        if !self.config.tie_word_embeddings {
+            return vec![];
         }
-        let idx = Tensor::from_slice(ids, b * s, &self.device)?;
-        Ok(self.shared.index_select(&idx, 0)?.reshape((b, s, self.config.d_model))?)
+        let mut out = vec!["decoder.embed_tokens".to_string(), "encoder.embed_tokens".to_string()];
+        if self.lm_head_tied {
+            out.push("lm_head".into());
+        }
+        out
     }
 
     /// `x`: encoder input embeddings `[b, s, d_model]` with `opts.attention_mask` `[b, s]`;

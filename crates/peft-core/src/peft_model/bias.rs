@@ -44,7 +44,7 @@ impl PeftModel {
         if mode == BiasMode::None {
             return out;
         }
-        for (m, lin) in self.base.named_linears() {
+        for (m, lin) in self.base.named_layers() {
             let Some(b) = &lin.bias else { continue };
             if !lin.saved_copies.is_empty() {
                 continue;
@@ -76,7 +76,7 @@ impl PeftModel {
         if mode != BiasMode::All {
             return out;
         }
-        for (m, lin) in self.base.named_linears() {
+        for (m, lin) in self.base.named_layers() {
             if lin.saved_copies.is_empty() {
                 continue;
             }
@@ -105,7 +105,7 @@ impl PeftModel {
             }
             Ok(())
         };
-        for (_, lin) in self.base.named_linears_mut() {
+        for (_, lin) in self.base.named_layers_mut() {
             if !lin.saved_copies.is_empty() || (mode == BiasMode::AdaptedOnly && !lin.has_adapters()) {
                 continue;
             }

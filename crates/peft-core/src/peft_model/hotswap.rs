@@ -72,7 +72,7 @@ impl PeftModel {
         // The adapter's parameters as the file names them: disk key -> (shape, rank dimension:
         // rows of `lora_A` / `lora_embedding_A`, columns of `lora_B` / `lora_embedding_B`).
         let mut expected: HashMap<String, (Vec<usize>, Option<usize>)> = HashMap::new();
-        for (m, lin) in self.base.named_linears() {
+        for (m, lin) in self.base.named_layers() {
             for (slot, var) in lin.adapter_params(name) {
                 let rank_dim = if slot.name.ends_with("_A") { Some(0) } else if slot.name.ends_with("_B") { Some(1) } else { None };
                 expected.insert(slot.disk_key(&m), (var.dims().to_vec(), rank_dim));
@@ -100,7 +100,7 @@ impl PeftModel {
             return Err(PeftError::SafetensorsInvalid { path: wpath, msg: format!("Hot swapping the adapter did not succeed, unexpected keys found: {}.", unexpected.join(", ")) });
         }
         let new_lora = new_lora.clone();
-        for (m, lin) in self.base.named_linears_mut() {
+        for (m, lin) in self.base.named_layers_mut() {
             let params: Vec<_> = lin.adapter_params(name).into_iter().map(|(s, v)| (s, v.clone())).collect();
             let mut any = false;
             let mut grown = Vec::new();

@@ -73,7 +73,7 @@ impl PeftModel {
             ));
         }
         if let Some(c) = cfg.as_lora() {
-            let names: Vec<String> = self.base.named_linears().into_iter().map(|(n, _)| n).collect();
+            let names: Vec<String> = self.base.named_layers().into_iter().map(|(n, _)| n).collect();
             for (what, keys) in [("rank_pattern", c.rank_pattern.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>()), ("alpha_pattern", c.alpha_pattern.iter().map(|(k, _)| k.clone()).collect())] {
                 for k in keys {
                     let hit = names.iter().any(|n| crate::targeting::pattern_lookup(&[(k.clone(), ())], n).is_some());
@@ -97,8 +97,9 @@ impl PeftModel {
         tuner.inject(self, name, cfg, seed)
     }
 
-    /// HF `BaseTuner._check_tied_modules` for a LoRA or IA3 config on a model whose `lm_head`
-    /// is tied to the input embedding (`tie_word_embeddings`): when the adapter wraps a tied
+    /// HF `BaseTuner._check_tied_modules` for a layer tuner's config on a model whose `lm_head`
+    /// (T5: also both stacks' `embed_tokens`) is tied to the input embedding
+    /// (`tie_word_embeddings`): when the adapter wraps a tied
     /// layer (an `embed_tokens` / `lm_head` entry in `modules_to_save` or `target_modules`), HF's
     /// warning; with `ensure_weight_tying`, HF's warnings when nothing tied is involved. HF 0.21
     /// implements `ensure_weight_tying` for a tied layer in the adapter by tying the adapter's
@@ -107,9 +108,8 @@ impl PeftModel {
     /// Errors: `InvalidAdapterConfig` naming `ensure_weight_tying` in that last case.
     pub(crate) fn check_tied_modules(&mut self, cfg: &AdapterConfig) -> Result<()> {
         const EMBEDDING_LAYER_NAMES: [&str; 2] = ["embed_tokens", "lm_head"];
-        if cfg.tuner().ties_embedding_adapters() {
-            return Ok(());
-        }
+        // (Trainable tokens too: HF's `TrainableTokensModel` warns here when `target_modules`
+        // names `embed_tokens` on a tied model, e.g. T5's two stacks, which it does not tie.)
         let Some(targets) = cfg.common().target_modules() else { return Ok(()) };
         let mts = cfg.modules_to_save();
         let json = cfg.to_json();
@@ -123,7 +123,8 @@ impl PeftModel {
             TargetModules::Regex(r) => EMBEDDING_LAYER_NAMES.iter().any(|n| regex::Regex::new(&format!("^(?:{r})$")).map(|re| re.is_match(n)).unwrap_or(false)),
             TargetModules::AllLinear => false,
         };
-        let tied = self.base.config_json()["tie_word_embeddings"].as_bool() == Some(true) && matches!(self.base.task(), Task::CausalLm | Task::Seq2SeqLm);
+        // HF `_get_module_names_tied_with_embedding` non-empty.
+        let tied = !self.base.tied_to_input_embedding().is_empty();
         if ensure {
             if !tied {
                 self.warnings.push("You have requested `ensure_weight_tying`, but no tied modules were found in the model".into());
@@ -186,7 +187,7 @@ impl PeftModel {
         let mut misses = crate::targeting::Misses::default();
         let mut selected = std::collections::HashSet::new();
         let rule = c.rule();
-        for (mname, lin) in self.base.named_linears() {
+        for (mname, lin) in self.base.named_layers() {
             let sel = rule.select(&mname, lin.is_embedding || is_output_head(self.base.task(), &mname));
             if misses.note(&mname, sel, c.layers_pattern.as_deref()) {
                 selected.insert(mname);
@@ -208,7 +209,7 @@ impl PeftModel {
         let mut unmatched = Vec::new();
         for w in wanted {
             let mut found = false;
-            for (mname, lin) in self.base.named_linears() {
+            for (mname, lin) in self.base.named_layers() {
                 if saves_module(&mname, w) {
                     let wt = Var::from_tensor(&lin.dense_weight()?.copy()?)?;
                     let b = match &lin.bias {
@@ -268,12 +269,12 @@ impl PeftModel {
         use rand::SeedableRng;
         let copies = self.prepare_layer_adapter(name, cfg)?;
         let selected = self.select_layers(cfg)?;
-        let ordered: Vec<String> = self.base.named_linears().into_iter().map(|(m, _)| m).filter(|m| selected.contains(m)).collect();
+        let ordered: Vec<String> = self.base.named_layers().into_iter().map(|(m, _)| m).filter(|m| selected.contains(m)).collect();
         let state = shared(self, cfg, &ordered)?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let device = self.base.device().clone();
         let mut layers = HashMap::new();
-        for (mname, lin) in self.base.named_linears().into_iter().filter(|(m, _)| selected.contains(m)) {
+        for (mname, lin) in self.base.named_layers().into_iter().filter(|(m, _)| selected.contains(m)) {
             let layer = make(cfg, &state, &mname, lin, &mut rng, &device)?;
             layers.insert(mname, layer);
         }
@@ -296,7 +297,7 @@ impl PeftModel {
         let mut targeted: Vec<String> = planned.keys().cloned().collect();
         targeted.sort();
         let first = self.configs.is_empty();
-        for (mname, lin) in self.base.named_linears_mut() {
+        for (mname, lin) in self.base.named_layers_mut() {
             if let Some(l) = planned.remove(&mname) {
                 put(lin, name.to_string(), l);
             }
@@ -307,7 +308,7 @@ impl PeftModel {
     }
 
     pub(crate) fn install_saved_copies(&mut self, name: &str, mut copies: HashMap<String, (Var, Option<Var>)>) {
-        for (mname, lin) in self.base.named_linears_mut() {
+        for (mname, lin) in self.base.named_layers_mut() {
             if let Some(c) = copies.remove(&mname) {
                 lin.saved_copies.insert(name.to_string(), c);
             }
@@ -332,7 +333,7 @@ impl PeftModel {
     pub(crate) fn sync_layers(&mut self) {
         let active = self.active.clone();
         let disabled = self.disabled;
-        for (_, lin) in self.base.named_linears_mut() {
+        for (_, lin) in self.base.named_layers_mut() {
             lin.active = active
                 .iter()
                 .filter(|a| lin.has_adapter(a) || lin.saved_copies.contains_key(*a))

@@ -105,7 +105,7 @@ impl PeftModel {
         }
         // Build the expected key map from the config before touching the model.
         let mut expected: std::collections::HashMap<String, (String, bool, Vec<usize>)> = Default::default();
-        for (m, lin) in self.base.named_linears() {
+        for (m, lin) in self.base.named_layers() {
             for (slot, shape) in tuner.expected_params(&cfg, self.base.task(), &m, lin) {
                 expected.insert(slot.disk_key(&m), (m.clone(), true, shape));
             }
@@ -117,10 +117,13 @@ impl PeftModel {
                 }
             }
         }
+        for k in crate::tuners::trainable_tokens::lora_unheld_token_keys(self, &cfg) {
+            expected.remove(&k);
+        }
         // Base biases in the file (HF `bias="all" | "lora_only"`): loaded into the base layers
         // whatever the config says (HF's non-strict `load_state_dict`), replacing their values.
         let mut bias_shapes: std::collections::HashMap<String, Vec<usize>> = Default::default();
-        for (m, lin) in self.base.named_linears() {
+        for (m, lin) in self.base.named_layers() {
             if let Some(b) = &lin.bias {
                 if !expected.contains_key(&format!("{m}.bias")) {
                     bias_shapes.insert(m.clone(), b.dims().to_vec());
@@ -134,7 +137,7 @@ impl PeftModel {
         // `<m>.weight` of the input embedding / lm_head replace the base weights, as HF's
         // non-strict `load_state_dict` does.
         let mut emb_shapes: std::collections::HashMap<String, Vec<usize>> = Default::default();
-        for (m, lin) in self.base.named_linears() {
+        for (m, lin) in self.base.named_layers() {
             if lin.is_embedding || (m == "lm_head" && self.base.task() == Task::CausalLm) {
                 emb_shapes.insert(m.clone(), lin.weight.dims().to_vec());
             }
@@ -206,33 +209,24 @@ impl PeftModel {
         ctl.check()?; // the last point before the model changes
         self.add_adapter(name, cfg, 0)?;
         if !emb_weights.is_empty() {
-            // Tied word embeddings: HF's input embedding and `lm_head` hold one `Parameter`, and
-            // its non-strict `load_state_dict` copies the saved table into it in place, so the
-            // head gets the table too. Here a head is tied when it holds the embedding's very
-            // tensor (or its quantized weight) and the file has no table of its own for it.
-            let mut tied: Vec<(String, String)> = Vec::new();
-            {
-                let lins = self.base.named_linears();
-                for (e, el) in lins.iter().filter(|(m, l)| l.is_embedding && emb_weights.contains_key(m)) {
-                    for (h, hl) in lins.iter().filter(|(m, l)| !l.is_embedding && !emb_weights.contains_key(m)) {
-                        let same_quant = matches!((&el.quant, &hl.quant), (Some(a), Some(b)) if std::sync::Arc::ptr_eq(a, b));
-                        if hl.weight.id() == el.weight.id() || same_quant {
-                            tied.push((e.clone(), h.clone()));
-                        }
-                    }
-                }
-            }
-            for (m, lin) in self.base.named_linears_mut() {
+            // Tied word embeddings: HF's input embedding and `lm_head` (T5: `shared`, both
+            // stacks' `embed_tokens`, `lm_head`) hold one `Parameter`, and its non-strict
+            // `load_state_dict` copies the saved table into it in place, so the tied modules get
+            // the table too (those without a table of their own in the file).
+            let groups = self.tie_groups();
+            let mut loaded = Vec::new();
+            for (m, lin) in self.base.named_layers_mut() {
                 if let Some(t) = emb_weights.remove(&m) {
                     lin.weight = t.to_dtype(lin.weight.dtype())?;
                     // the adapter's full weight replaces one that was kept quantized
                     lin.quant = None;
+                    loaded.push(m);
                 }
             }
-            self.retie_tables(&tied);
+            self.retie_tables(&groups, &loaded);
         }
         if !biases.is_empty() {
-            for (m, lin) in self.base.named_linears_mut() {
+            for (m, lin) in self.base.named_layers_mut() {
                 if let Some(t) = biases.remove(&m) {
                     lin.bias = Some(t.to_dtype(lin.weight.dtype())?);
                 }
@@ -246,7 +240,7 @@ impl PeftModel {
                 self.make_biases_trainable(bias_mode)?;
             }
         }
-        for (m, lin) in self.base.named_linears_mut() {
+        for (m, lin) in self.base.named_layers_mut() {
             // Adapter weights are kept in f32 (HF `autocast_adapter_dtype`; see `cast_adapter`).
             let slots: Vec<_> = lin.adapter_params(name).into_iter().map(|(s, _)| s).collect();
             for slot in slots {

@@ -2,6 +2,9 @@
 
 use super::*;
 
+/// The example code of HF's tied-merge warning (`_check_merge_allowed`), as it prints it.
+const TIED_MERGE_EXAMPLE: &str = "\n```python\nfrom transformers import AutoModelForCausalLM\n\n# Load original tied model\nmodel = AutoModelForCausalLM.from_pretrained(\"google/gemma-2-2b-it\", tie_word_embeddings=False)\n\n# Set the randomly initialized lm_head to the previously tied embeddings\nmodel.lm_head.weight.data = model.model.embed_tokens.weight.data.clone()\n\n# Save the untied model\nuntied_model_dir = \"dir/for/untied/model\"\nmodel.save_pretrained(untied_model_dir)\nmodel.config.save_pretrained(untied_model_dir)\n\n# Now use the original model but in untied format\nmodel = AutoModelForCausalLM.from_pretrained(untied_model_dir)\n```\n";
+
 impl PeftModel {
     /// Make `names` the active adapters (HF `set_adapter`; several names are summed).
     ///
@@ -61,7 +64,7 @@ impl PeftModel {
             )));
         }
         // A base kept quantized cannot take a merge: refuse before any layer changes.
-        for (_, lin) in self.base.named_linears() {
+        for (_, lin) in self.base.named_layers() {
             if names.iter().any(|n| lin.has_adapter(n) && !lin.merged.contains(n)) {
                 lin.refuse_quantized("merge an adapter")?;
             }
@@ -69,66 +72,113 @@ impl PeftModel {
         // A tied output head kept quantized (a GGUF with tied embeddings under `keep`) cannot
         // follow a merge into the embedding table that HF's shared weight would give it.
         let tied_cfg = self.base.config_json()["tie_word_embeddings"].as_bool() == Some(true);
-        let lins = self.base.named_linears();
+        let lins = self.base.named_layers();
         let quant_head = lins.iter().find(|(m, l)| m == "lm_head" && l.quant.is_some() && !l.has_adapters() && l.saved_copies.is_empty());
         if let (true, Some((h, head))) = (tied_cfg, quant_head) {
             if let Some((e, _)) = lins.iter().find(|(_, l)| l.is_embedding && names.iter().any(|n| l.has_adapter(n) && !l.merged.contains(n))) {
                 head.refuse_quantized(&format!("merge an adapter of `{e}` (tied to `{h}`)"))?;
             }
         }
-        let tied = self.tied_tables();
-        let mut done = Ok(());
-        for (_, lin) in self.base.named_linears_mut() {
-            done = lin.merge(&names, safe_merge);
-            if done.is_err() {
-                break;
-            }
+        self.warn_tied_targets();
+        self.edit_tied_weights(|lin| lin.merge(&names, safe_merge))
+    }
+
+    /// HF `BaseTuner._check_merge_allowed`'s warning: with `tie_word_embeddings`, a merge when
+    /// a targeted module is named like an embedding layer (`embed_tokens`, `lm_head`: T5's two
+    /// stacks' `embed_tokens`, a Llama's `model.embed_tokens`), in HF's words. Trainable tokens,
+    /// which tie their layers (HF `TrainableTokensModel._get_tied_target_modules` returns
+    /// nothing), and LoRA's `trainable_token_indices` wrappers (not targets) do not count.
+    fn warn_tied_targets(&mut self) {
+        const EMBEDDING_LAYER_NAMES: [&str; 2] = ["embed_tokens", "lm_head"];
+        if self.base.config_json()["tie_word_embeddings"].as_bool() != Some(true) {
+            return;
         }
-        self.retie_tables(&tied);
-        done
+        let untied: Vec<&String> = self.configs.iter().filter(|(_, c)| !c.tuner().ties_embedding_adapters()).map(|(n, _)| n).collect();
+        let tied: Vec<String> = self
+            .base
+            .named_layers()
+            .into_iter()
+            .filter(|(m, l)| EMBEDDING_LAYER_NAMES.contains(&m.rsplit('.').next().unwrap_or(m)) && l.layers.iter().any(|(n, a)| untied.contains(&n) && a.peft_type() != "TRAINABLE_TOKENS"))
+            .map(|(m, _)| format!("'{m}'"))
+            .collect();
+        if tied.is_empty() {
+            return;
+        }
+        self.warnings.push(format!(
+            "Model with `tie_word_embeddings=True` and the tied_target_modules=[{}] are part of the adapter. This can lead to complications. You can opt to merge the adapter after cloning the weights (to untie the embeddings). You can untie the embeddings by loading the model with `tie_word_embeddings=False`. For example:{TIED_MERGE_EXAMPLE}",
+            tied.join(", ")
+        ));
     }
 
     /// Subtract every merged adapter from the base weights again.
     pub fn unmerge_adapter(&mut self) -> Result<()> {
-        let tied = self.tied_tables();
-        let mut done = Ok(());
-        for (_, lin) in self.base.named_linears_mut() {
-            done = lin.unmerge();
-            if done.is_err() {
-                break;
-            }
-        }
-        self.retie_tables(&tied);
-        done
+        self.edit_tied_weights(|lin| lin.unmerge())
     }
 
-    /// `(embedding, head)` module pairs whose weights are one tensor (tied word embeddings: a
-    /// causal LM's `lm_head` built from the input embedding's table), where the head holds no
-    /// adapter, copy or quantized weight of its own. HF ties the two to one `Parameter`, so a
-    /// merge into the embedding (OFT `W R`, LoRA `W + ΔW`, written into the parameter in place or
-    /// through `weight.data`) changes the head too; [`Self::retie_tables`] does the same here.
-    fn tied_tables(&self) -> Vec<(String, String)> {
-        let lins = self.base.named_linears();
-        let mut out = Vec::new();
+    /// Runs `edit` (a merge or unmerge) on every linear in module order, as HF's
+    /// `merge_adapter` / `unmerge_adapter` visit `named_modules`; a module whose weight it
+    /// changes hands the new table to the other modules of its tie group ([`Self::tie_groups`])
+    /// before the next module runs. HF's tied modules hold one `Parameter` that each merge edits
+    /// in place (`weight.data += ΔW`, `weight.data = W R`, `index_copy`), so a later module of
+    /// the group merges into what the earlier ones left (T5's two `embed_tokens` with LoRA:
+    /// `W + ΔE + ΔD` for both stacks, `shared` and a tied `lm_head`). Stops at the first error.
+    fn edit_tied_weights(&mut self, mut edit: impl FnMut(&mut crate::tuners::linear::PeftLinear) -> Result<()>) -> Result<()> {
+        let groups = self.tie_groups();
+        let mut lins = self.base.named_layers_mut();
+        let index: HashMap<String, usize> = lins.iter().enumerate().map(|(i, (m, _))| (m.clone(), i)).collect();
+        for i in 0..lins.len() {
+            let before = lins[i].1.weight.id();
+            edit(&mut *lins[i].1)?;
+            if lins[i].1.weight.id() == before {
+                continue;
+            }
+            let Some(group) = groups.iter().find(|g| g.contains(&lins[i].0)) else { continue };
+            let w = lins[i].1.weight.clone();
+            for j in group.iter().filter_map(|m| index.get(m)).copied().filter(|&j| j != i) {
+                lins[j].1.weight = w.clone();
+                lins[j].1.quant = None;
+            }
+        }
+        Ok(())
+    }
+
+    /// The modules that hold one table (HF's tied parameters: a causal LM's `lm_head` built from
+    /// the input embedding's weight, T5's `shared` with both stacks' `embed_tokens` and its tied
+    /// `lm_head`), as groups of module paths in module order, each led by an embedding-kind
+    /// module: every linear whose weight is that embedding's very tensor, or the same kept
+    /// quantized weight. The one tie rule of merging, unmerging and loading a saved table.
+    pub(crate) fn tie_groups(&self) -> Vec<Vec<String>> {
+        let lins = self.base.named_layers();
+        let same = |a: &crate::tuners::linear::PeftLinear, b: &crate::tuners::linear::PeftLinear| {
+            a.weight.id() == b.weight.id() || matches!((&a.quant, &b.quant), (Some(x), Some(y)) if std::sync::Arc::ptr_eq(x, y))
+        };
+        let mut groups: Vec<Vec<String>> = Vec::new();
         for (e, el) in lins.iter().filter(|(_, l)| l.is_embedding) {
-            for (h, hl) in lins.iter().filter(|(_, l)| !l.is_embedding && l.quant.is_none() && !l.has_adapters() && l.saved_copies.is_empty()) {
-                if hl.weight.id() == el.weight.id() {
-                    out.push((e.clone(), h.clone()));
-                }
+            if groups.iter().any(|g| g.contains(e)) {
+                continue;
+            }
+            let group: Vec<String> = lins.iter().filter(|(_, l)| same(el, l)).map(|(m, _)| m.clone()).collect();
+            if group.len() > 1 {
+                groups.push(group);
             }
         }
-        out
+        groups
     }
 
-    /// Points each head of `pairs` (embedding, head) at its embedding's current table, which it
-    /// then holds in full (a head that was kept quantized drops its quantized copy). Pairs come
-    /// from [`Self::tied_tables`] (merging) or from loading a saved embedding table.
-    pub(super) fn retie_tables(&mut self, pairs: &[(String, String)]) {
-        for (e, h) in pairs {
-            let table = self.base.named_linears().into_iter().find(|(m, _)| m == e).map(|(_, l)| l.weight.clone());
-            if let (Some(w), Some((_, head))) = (table, self.base.named_linears_mut().into_iter().find(|(m, _)| m == h)) {
-                head.weight = w;
-                head.quant = None;
+    /// Points every other module of the tie group of each module in `loaded` at that module's
+    /// current table (a module that was kept quantized drops its quantized copy); `groups` come
+    /// from [`Self::tie_groups`] before the tables were replaced (loading a saved embedding
+    /// table: HF's non-strict `load_state_dict` copies it into the one tied `Parameter`).
+    /// Modules of `loaded` keep their own table.
+    pub(super) fn retie_tables(&mut self, groups: &[Vec<String>], loaded: &[String]) {
+        for m in loaded {
+            let Some(group) = groups.iter().find(|g| g.contains(m)) else { continue };
+            let Some(w) = self.base.named_layers().into_iter().find(|(n, _)| n == m).map(|(_, l)| l.weight.clone()) else { continue };
+            for (n, lin) in self.base.named_layers_mut() {
+                if group.contains(&n) && !loaded.contains(&n) {
+                    lin.weight = w.clone();
+                    lin.quant = None;
+                }
             }
         }
     }
@@ -150,7 +200,7 @@ impl PeftModel {
 
     pub(crate) fn strip_adapters(&mut self, keep_copies: bool) {
         let active = self.active.clone();
-        for (_, lin) in self.base.named_linears_mut() {
+        for (_, lin) in self.base.named_layers_mut() {
             if keep_copies {
                 if let Some((w, b)) = active.iter().find_map(|a| lin.saved_copies.get(a)) {
                     lin.weight = w.as_tensor().detach();
@@ -178,7 +228,7 @@ impl PeftModel {
         if self.merged_adapters().iter().any(|m| m == name) {
             return Err(PeftError::InvalidState(format!("adapter `{name}` is merged; unmerge it before deleting it")));
         }
-        for (_, lin) in self.base.named_linears_mut() {
+        for (_, lin) in self.base.named_layers_mut() {
             lin.remove_adapter(name);
         }
         for (_, host) in self.base.named_attention_prompts_mut() {
@@ -227,7 +277,7 @@ impl PeftModel {
             return Err(PeftError::invalid_arg("scale", format!("must be a finite number, found {scale}")));
         }
         self.refuse_scale_while_merged("setAdapterScale")?;
-        for (_, lin) in self.base.named_linears_mut() {
+        for (_, lin) in self.base.named_layers_mut() {
             if let Some(ad) = lin.lora_mut(name) {
                 ad.scaling = scale * lora.scaling(ad.r, ad.alpha);
             }
@@ -249,7 +299,7 @@ impl PeftModel {
         }
         self.refuse_scale_while_merged("rescaleAdapterScale")?;
         let mut saved = Vec::new();
-        for (path, lin) in self.base.named_linears_mut() {
+        for (path, lin) in self.base.named_layers_mut() {
             for (name, ad) in lin.loras_mut() {
                 saved.push((path.clone(), name.clone(), ad.scaling));
                 ad.scaling *= multiplier;
@@ -272,7 +322,7 @@ impl PeftModel {
         for (path, name, s) in saved {
             by_path.entry(path).or_default().push((name, s));
         }
-        for (path, lin) in self.base.named_linears_mut() {
+        for (path, lin) in self.base.named_layers_mut() {
             if let Some(list) = by_path.get(&path) {
                 for (name, s) in list {
                     if let Some(ad) = lin.lora_mut(name) {

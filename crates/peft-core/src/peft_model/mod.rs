@@ -227,7 +227,7 @@ impl PeftModel {
 
     /// Module paths that carry adapter `name`.
     pub fn adapter_modules(&self, name: &str) -> Vec<String> {
-        let mut out: Vec<String> = self.base.named_linears().into_iter().filter(|(_, l)| l.has_adapter(name)).map(|(n, _)| n).collect();
+        let mut out: Vec<String> = self.base.named_layers().into_iter().filter(|(_, l)| l.has_adapter(name)).map(|(n, _)| n).collect();
         out.extend(self.base.named_attention_prompts().into_iter().filter(|(_, h)| h.adapters.contains_key(name)).map(|(n, _)| n));
         out
     }
@@ -244,7 +244,7 @@ impl PeftModel {
     pub fn native_bytes(&self) -> usize {
         let bytes = |v: &Var| v.elem_count() * v.dtype().size_in_bytes();
         let mut n = self.base.base_param_count() * self.base.dtype().size_in_bytes();
-        for (_, l) in self.base.named_linears() {
+        for (_, l) in self.base.named_layers() {
             n += l.all_adapter_vars().into_iter().map(bytes).sum::<usize>();
         }
         for e in self.prompt_encoders.values() {
@@ -258,7 +258,7 @@ impl PeftModel {
 
     /// Names of merged adapters (in any layer).
     pub fn merged_adapters(&self) -> Vec<String> {
-        let mut out: Vec<String> = self.base.named_linears().into_iter().flat_map(|(_, l)| l.merged.clone()).collect();
+        let mut out: Vec<String> = self.base.named_layers().into_iter().flat_map(|(_, l)| l.merged.clone()).collect();
         out.sort();
         out.dedup();
         out

@@ -25,7 +25,7 @@ impl PeftModel {
             }
             if let Some(enc) = self.prompt_encoders.get(name) {
                 let mut vars: Vec<(String, Var)> = enc.vars().into_iter().map(|(p, v)| (format!("prompt_encoder.{name}.{p}"), v)).collect();
-                for (m, lin) in self.base.named_linears() {
+                for (m, lin) in self.base.named_layers() {
                     if let Some((w, b)) = lin.saved_copies.get(name) {
                         vars.push((format!("base_model.{m}.weight"), w.clone()));
                         if let Some(b) = b {
@@ -44,7 +44,7 @@ impl PeftModel {
                     }
                 }
             }
-            for (m, lin) in self.base.named_linears() {
+            for (m, lin) in self.base.named_layers() {
                 for (slot, v) in lin.adapter_params(name) {
                     out.push((format!("{KEY_PREFIX}{}", slot.disk_key(&m)), v.clone()));
                 }
@@ -65,8 +65,8 @@ impl PeftModel {
     /// `(trainable, all)` parameter counts as HF `get_nb_trainable_parameters` reports them.
     pub fn nb_trainable_parameters(&self) -> (usize, usize) {
         let trainable: usize = self.trainable_parameters().iter().map(|(_, v)| v.elem_count()).sum();
-        let adapters: usize = self.base.named_linears().iter().flat_map(|(_, l)| l.all_adapter_vars()).map(|v| v.elem_count()).sum::<usize>()
-            + self.base.named_linears().iter().flat_map(|(_, l)| l.layers.values()).map(|l| l.frozen_param_count()).sum::<usize>();
+        let adapters: usize = self.base.named_layers().iter().flat_map(|(_, l)| l.all_adapter_vars()).map(|v| v.elem_count()).sum::<usize>()
+            + self.base.named_layers().iter().flat_map(|(_, l)| l.layers.values()).map(|l| l.frozen_param_count()).sum::<usize>();
         let prompts: usize = self.prompt_encoders.values().map(|e| e.param_count()).sum();
         let attention: usize = self.base.named_attention_prompts().iter().flat_map(|(_, h)| h.all_vars()).map(|v| v.elem_count()).sum();
         (trainable, self.base.base_param_count() + adapters + prompts + attention)
@@ -90,7 +90,7 @@ impl PeftModel {
             Some(crate::tuners::lora::TargetModules::List(l)) => names.iter().any(|n| l.iter().any(|x| x == n)),
             Some(crate::tuners::lora::TargetModules::Regex(r)) => {
                 let re = regex::Regex::new(&format!("^(?:{r})$")).ok();
-                self.base.named_linears().iter().any(|(m, _)| {
+                self.base.named_layers().iter().any(|(m, _)| {
                     names.iter().any(|n| m == n || m.ends_with(&format!(".{n}"))) && re.as_ref().map(|re| re.is_match(m)).unwrap_or(false)
                 })
             }
@@ -107,9 +107,12 @@ impl PeftModel {
         if !save {
             return Ok(out);
         }
-        for (m, lin) in self.base.named_linears() {
+        // HF looks at `get_input_embeddings()` (the first embedding: T5's `shared`, not the
+        // stacks' `embed_tokens` tied to it) and `get_output_embeddings()`.
+        let input = crate::tuners::trainable_tokens::input_embedding_name(self);
+        for (m, lin) in self.base.named_layers() {
             let is_output = m == "lm_head" && self.base.task() == Task::CausalLm;
-            if !(lin.is_embedding || is_output) {
+            if !(Some(&m) == input.as_ref() || is_output) {
                 continue;
             }
             let w = self.unmerged_base_weight(lin)?;
@@ -147,7 +150,7 @@ impl PeftModel {
                 out.push(("prefix_task_cols".to_string(), c.as_tensor().detach()));
                 out.push(("prefix_task_rows".to_string(), r.as_tensor().detach()));
             }
-            for (m, lin) in self.base.named_linears() {
+            for (m, lin) in self.base.named_layers() {
                 if let Some((w, b)) = lin.saved_copies.get(name) {
                     out.push((format!("base_model.{m}.weight"), w.as_tensor().detach()));
                     if let Some(b) = b {
@@ -159,7 +162,7 @@ impl PeftModel {
             return Ok(out);
         }
         out.extend(self.bias_state_dict(name));
-        for (m, lin) in self.base.named_linears() {
+        for (m, lin) in self.base.named_layers() {
             for (slot, v) in lin.adapter_params(name) {
                 out.push((format!("{KEY_PREFIX}{}", slot.disk_key(&m)), v.as_tensor().detach()));
             }
@@ -181,7 +184,7 @@ impl PeftModel {
 
     /// Store adapter `name`'s weights in `dtype` (HF `_cast_adapter_dtype` with autocast off).
     pub(crate) fn cast_adapter(&mut self, name: &str, dtype: DType) -> Result<()> {
-        for (_, lin) in self.base.named_linears_mut() {
+        for (_, lin) in self.base.named_layers_mut() {
             let cast: Vec<_> = lin.adapter_params(name).into_iter().map(|(s, v)| Ok((s, Var::from_tensor(&v.as_tensor().to_dtype(dtype)?)?))).collect::<Result<_>>()?;
             for (slot, v) in cast {
                 lin.set_adapter_param(name, &slot, v)?;

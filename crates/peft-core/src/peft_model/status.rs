@@ -26,7 +26,7 @@ impl PeftModel {
             )));
         }
         let mut out = Vec::new();
-        for (path, lin) in self.base.named_linears() {
+        for (path, lin) in self.base.named_layers() {
             let (module_type, mut available, sub): (&str, Vec<String>, Option<&str>) = if !lin.saved_copies.is_empty() {
                 ("ModulesToSaveWrapper", lin.saved_copies.keys().cloned().collect(), None)
             } else if lin.has_adapters() {

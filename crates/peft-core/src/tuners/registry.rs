@@ -28,8 +28,8 @@ pub trait Tuner: Sync {
         &[]
     }
     /// Whether the tuner ties its own adapters of the input embedding and a tied `lm_head` (HF
-    /// `TrainableTokensModel` overrides `_get_tied_target_modules`), so the tied-module warnings
-    /// of `check_tied_modules` do not apply.
+    /// `TrainableTokensModel` overrides `_get_tied_target_modules`), so HF's warning on merging
+    /// an adapter with tied targets (`_check_merge_allowed`) does not apply.
     fn ties_embedding_adapters(&self) -> bool {
         false
     }

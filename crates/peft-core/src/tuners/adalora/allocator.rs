@@ -43,7 +43,7 @@ pub fn budget_schedule(c: &AdaLoraConfig, init_bgt: usize, target_bgt: usize, st
 fn layers<'m>(model: &'m PeftModel, name: &str) -> Vec<(String, &'m AdaLoraLayer)> {
     model
         .base
-        .named_linears()
+        .named_layers()
         .into_iter()
         .filter_map(|(m, lin)| lin.layers.get(name).and_then(|l| l.as_any()).and_then(|a| a.downcast_ref::<AdaLoraLayer>()).map(|l| (m, l)))
         .collect()

@@ -69,7 +69,7 @@ pub(crate) fn orth_regularization(model: &PeftModel, name: &str, cfg: &AdaLoraCo
     }
     let mut sum: Option<Tensor> = None;
     let mut n = 0usize;
-    for (_, lin) in model.base.named_linears() {
+    for (_, lin) in model.base.named_layers() {
         let Some(l) = lin.layers.get(name).and_then(|l| l.as_any()).and_then(|a| a.downcast_ref::<AdaLoraLayer>()) else { continue };
         for (v, is_a) in [(&l.a, true), (&l.b, false)] {
             n += 1;
@@ -104,7 +104,7 @@ pub(crate) fn orth_regularization(model: &PeftModel, name: &str, cfg: &AdaLoraCo
 pub(crate) fn resize_state_dict(model: &PeftModel, name: &str, cfg: &AdaLoraConfig, tensors: &mut [(String, Tensor)]) -> Result<()> {
     let Some(pattern) = cfg.rank_pattern() else { return Ok(()) };
     let masks: HashMap<String, Vec<bool>> = pattern.into_iter().filter_map(|(k, v)| k.strip_suffix(".lora_E").map(|m| (m.to_string(), v))).collect();
-    for (m, lin) in model.base.named_linears() {
+    for (m, lin) in model.base.named_layers() {
         if !lin.layers.get(name).is_some_and(|l| l.peft_type() == "ADALORA") {
             continue;
         }
@@ -162,7 +162,7 @@ impl PeftModel {
     /// Errors: as [`Self::update_and_allocate`]; `InvalidState` when no step was recorded.
     pub fn update_and_allocate_recorded(&self, global_step: usize) -> Result<()> {
         let (name, cfg) = trainable_or_err(self)?;
-        let ls: Vec<_> = self.base.named_linears().into_iter().filter_map(|(_, lin)| lin.layers.get(name).and_then(|l| l.as_any()).and_then(|a| a.downcast_ref::<AdaLoraLayer>()).map(|l| l.importance.lock().unwrap_or_else(|e| e.into_inner()).grads.is_empty())).collect();
+        let ls: Vec<_> = self.base.named_layers().into_iter().filter_map(|(_, lin)| lin.layers.get(name).and_then(|l| l.as_any()).and_then(|a| a.downcast_ref::<AdaLoraLayer>()).map(|l| l.importance.lock().unwrap_or_else(|e| e.into_inner()).grads.is_empty())).collect();
         if ls.iter().all(|empty| *empty) {
             return Err(PeftError::InvalidState(format!("AdaLoRA adapter `{name}` has no gradients of an optimizer step to allocate with (run a Trainer step first)")));
         }
@@ -195,7 +195,7 @@ impl PeftModel {
                 // HF `_create_new_module` per target, in module order: embeddings refused,
                 // `fan_in_fan_out` fitted to the layout, the rank of the kept triplets.
                 let mut ranks = HashMap::new();
-                for (mname, lin) in model.base.named_linears().into_iter().filter(|(m, _)| selected.contains(m)) {
+                for (mname, lin) in model.base.named_layers().into_iter().filter(|(m, _)| selected.contains(m)) {
                     if lin.is_embedding {
                         return Err(bad(format!(
                             "Target module `{mname}` (Embedding) is not supported. Currently, only `torch.nn.Linear`, `Conv1D`, and `torch.nn.Conv2d` are supported."

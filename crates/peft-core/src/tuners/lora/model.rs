@@ -21,7 +21,7 @@ impl PeftModel {
         let device = self.base.device().clone();
         let mut planned: Vec<(String, LoraAdapter)> = Vec::new();
         let mut residuals: HashMap<String, Tensor> = HashMap::new();
-        for (mname, lin) in self.base.named_linears().into_iter().filter(|(m, _)| selected.contains(m)) {
+        for (mname, lin) in self.base.named_layers().into_iter().filter(|(m, _)| selected.contains(m)) {
             if lin.is_embedding {
                 // HF `lora.Embedding`: A [r, num_embeddings], B [dim, r]; init_lora_weights=True
                 // gives A = 0, B ~ N(0, 1) (`reset_lora_parameters`), False keeps randn for both.
@@ -95,7 +95,7 @@ impl PeftModel {
         let first = self.configs.is_empty();
         let targeted: Vec<String> = planned.iter().map(|(n, _)| n.clone()).collect();
         let mut planned: std::collections::HashMap<String, LoraAdapter> = planned.into_iter().collect();
-        for (mname, lin) in self.base.named_linears_mut() {
+        for (mname, lin) in self.base.named_layers_mut() {
             if let Some(ad) = planned.remove(&mname) {
                 lin.layers.insert(name.to_string(), Box::new(ad));
             }
@@ -106,7 +106,7 @@ impl PeftModel {
                 lin.weight = res;
             }
         }
-        for (mname, lin) in self.base.named_linears_mut() {
+        for (mname, lin) in self.base.named_layers_mut() {
             if let Some(l) = tokens.remove(&mname) {
                 lin.layers.insert(name.to_string(), l);
             }

@@ -163,7 +163,7 @@ impl PeftModel {
             }
         }
         // HF `_check_add_weighted_adapter`.
-        let saved_twice = self.base.named_linears().into_iter().find(|(_, l)| o.adapters.iter().filter(|a| l.saved_copies.contains_key(*a)).count() > 1);
+        let saved_twice = self.base.named_layers().into_iter().find(|(_, l)| o.adapters.iter().filter(|a| l.saved_copies.contains_key(*a)).count() > 1);
         if let Some((m, _)) = saved_twice {
             return Err(PeftError::invalid_arg("adapters", format!("Cannot add weighted adapters if they target the same module with modules_to_save, but found `{m}`.")));
         }
@@ -237,7 +237,7 @@ impl PeftModel {
         let mut plans: Vec<(String, Tensor, Tensor)> = Vec::new();
         let mut rng = rand::rngs::StdRng::seed_from_u64(o.seed);
         let mut any = false;
-        for (m, lin) in self.base.named_linears() {
+        for (m, lin) in self.base.named_layers() {
             let mut srcs = Vec::new();
             for (a, &w) in o.adapters.iter().zip(&o.weights) {
                 if let Some(ad) = lin.lora(a) {
@@ -258,7 +258,7 @@ impl PeftModel {
         }
         self.add_adapter(&o.adapter_name, cfg, 0)?;
         let mut plans: std::collections::HashMap<String, (Tensor, Tensor)> = plans.into_iter().map(|(m, a, b)| (m, (a, b))).collect();
-        for (m, lin) in self.base.named_linears_mut() {
+        for (m, lin) in self.base.named_layers_mut() {
             let Some(ad) = lin.lora_mut(&o.adapter_name) else { continue };
             if let Some((a, b)) = plans.remove(&m) {
                 ad.a = Var::from_tensor(&a)?;

@@ -145,7 +145,7 @@ impl PeftModel {
         // modules_to_save copies (`base_model.<module>.weight` / `.bias`) and their shapes.
         let mts = cfg.modules_to_save().unwrap_or_default();
         let mut copy_shapes: HashMap<String, Vec<usize>> = HashMap::new();
-        for (m, lin) in self.base.named_linears() {
+        for (m, lin) in self.base.named_layers() {
             if mts.iter().any(|w| saves_module(&m, w)) {
                 copy_shapes.insert(format!("base_model.{m}.weight"), lin.weight.dims().to_vec());
                 if let Some(b) = &lin.bias {
@@ -213,7 +213,7 @@ impl PeftModel {
             enc.head = super::PromptHead::Cpt(super::CptHead::new(c, td, self.base.device())?);
         }
         self.add_prompt(name, cfg, 0, Some(enc))?;
-        for (m, lin) in self.base.named_linears_mut() {
+        for (m, lin) in self.base.named_layers_mut() {
             let dtype = lin.weight.dtype();
             if let Some((w, b)) = lin.saved_copies.get_mut(name) {
                 if let Some(t) = copy_tensors.remove(&format!("base_model.{m}.weight")) {

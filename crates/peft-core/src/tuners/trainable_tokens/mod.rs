@@ -28,7 +28,7 @@ mod model;
 
 pub use config::*;
 pub use layer::TrainableTokensLayer;
-pub(crate) use model::{lora_expected_tokens, tied_modules};
+pub(crate) use model::{input_embedding_name, lora_expected_tokens, lora_unheld_token_keys, tied_modules};
 
 use crate::error::Result;
 use crate::model::Task;
@@ -64,8 +64,19 @@ impl Tuner for TrainableTokensTuner {
         }
     }
     /// Drops the tied layers' copies of the delta (`lm_head.trainable_tokens_delta`, which HF
-    /// writes but loads into the same parameter as the embedding's).
-    fn prepare_load(&self, model: &mut PeftModel, _cfg: &mut AdapterConfig, tensors: &mut Vec<(String, Tensor)>, _wpath: &Path) -> Result<()> {
+    /// writes but loads into the same parameter as the embedding's), when the adapter targets
+    /// the input embedding (HF ties only then: T5's `embed_tokens` targeted alone hold deltas
+    /// of their own).
+    fn prepare_load(&self, model: &mut PeftModel, cfg: &mut AdapterConfig, tensors: &mut Vec<(String, Tensor)>, _wpath: &Path) -> Result<()> {
+        let owner = model::input_embedding_name(model);
+        let ties = match (cfg.get::<TrainableTokensConfig>().and_then(|c| c.target_modules.as_ref()), owner) {
+            (_, None) => false,
+            (None, Some(_)) => true,
+            (Some(t), Some(o)) => crate::targeting::matches_target(t, &o, false),
+        };
+        if !ties {
+            return Ok(());
+        }
         let tied: Vec<String> = tied_modules(model).into_iter().map(|m| format!("{KEY_PREFIX}{}", layer::TRAINABLE_TOKENS_DELTA.disk_key(&m))).collect();
         tensors.retain(|(k, _)| !tied.contains(k));
         Ok(())
@@ -73,7 +84,7 @@ impl Tuner for TrainableTokensTuner {
     /// The tied layers' delta under their own keys (HF saves `lm_head.trainable_tokens_delta`).
     fn shared_state_dict(&self, model: &PeftModel, name: &str, _cfg: &AdapterConfig) -> Result<Vec<(String, Tensor)>> {
         let mut out = Vec::new();
-        for (m, lin) in model.base.named_linears() {
+        for (m, lin) in model.base.named_layers() {
             let Some(l) = lin.layers.get(name).and_then(|l| l.as_any()).and_then(|a| a.downcast_ref::<TrainableTokensLayer>()) else { continue };
             if let Some(t) = l.tied_delta() {
                 out.push((format!("{KEY_PREFIX}{}", l.slot.disk_key(&m)), t));

@@ -5,7 +5,6 @@
 use super::layer::{original_rows, TrainableTokensLayer, TRAINABLE_TOKENS_DELTA};
 use super::TrainableTokensConfig;
 use crate::error::{PeftError, Result};
-use crate::model::Task;
 use crate::peft_model::{is_output_head, PeftModel};
 use crate::targeting::{Rule, Selection, TargetModules};
 use crate::tuners::layer::{AdapterLayer, Slot};
@@ -17,23 +16,20 @@ use std::collections::HashMap;
 /// The input embedding's module path (HF `_get_input_embeddings_name`): the model's first
 /// embedding table (`model.embed_tokens`, `transformer.wte`, ...).
 pub(crate) fn input_embedding_name(model: &PeftModel) -> Option<String> {
-    model.base.named_linears().into_iter().find(|(_, l)| l.is_embedding).map(|(m, _)| m)
+    model.base.named_layers().into_iter().find(|(_, l)| l.is_embedding).map(|(m, _)| m)
 }
 
-/// The modules tied to the input embedding (HF `_get_module_names_tied_with_embedding` under
-/// `tie_word_embeddings`): `lm_head` of a causal / seq2seq LM with tied word embeddings.
+/// The modules tied to the input embedding (HF `_get_module_names_tied_with_embedding`, see
+/// [`crate::model::BaseModel::tied_to_input_embedding`]): a tied `lm_head`; on T5 also
+/// `encoder.embed_tokens` and `decoder.embed_tokens`.
 pub(crate) fn tied_modules(model: &PeftModel) -> Vec<String> {
-    let tied = model.base.config_json()["tie_word_embeddings"].as_bool() == Some(true) && matches!(model.base.task(), Task::CausalLm | Task::Seq2SeqLm);
-    if !tied {
-        return vec![];
-    }
-    model.base.named_linears().into_iter().map(|(m, _)| m).filter(|m| m == "lm_head").collect()
+    model.base.tied_to_input_embedding()
 }
 
 /// A new trainable-tokens layer on module `m` of `model` (HF `update_layer`): `delta` starts as
 /// the base rows (`init_weights`) or N(0, 1) from `rng`.
 pub(crate) fn new_layer(model: &PeftModel, m: &str, indices: &[i64], init_weights: bool, slot: Slot, mixed_batch: bool, rng: &mut rand::rngs::StdRng) -> Result<TrainableTokensLayer> {
-    let lins = model.base.named_linears();
+    let lins = model.base.named_layers();
     let lin = lins.iter().find(|(n, _)| n == m).map(|(_, l)| *l).ok_or_else(|| PeftError::Internal(format!("no module `{m}`")))?;
     let (rows, dim) = lin.weight.dims2()?;
     let idx = super::layer::checked_indices(indices, rows)?;
@@ -52,7 +48,7 @@ pub(crate) fn new_layer(model: &PeftModel, m: &str, indices: &[i64], init_weight
 pub(crate) fn tied_layers(model: &PeftModel, owner: &TrainableTokensLayer) -> Result<Vec<(String, TrainableTokensLayer)>> {
     let tied = tied_modules(model);
     let mut out = Vec::new();
-    for (m, lin) in model.base.named_linears() {
+    for (m, lin) in model.base.named_layers() {
         if tied.contains(&m) {
             out.push((m, TrainableTokensLayer::tied_to(owner, lin)?));
         }
@@ -81,7 +77,7 @@ impl PeftModel {
         let rule = Rule { targets: &targets, exclude: None, layers: None, layers_pattern: None, saved: &[] };
         let mut misses = crate::targeting::Misses::default();
         let mut names = Vec::new();
-        for (m, _) in self.base.named_linears() {
+        for (m, _) in self.base.named_layers() {
             let sel = rule.select(&m, is_output_head(self.base.task(), &m));
             if misses.note(&m, sel, None) && sel == Selection::Target {
                 names.push(m);
@@ -128,7 +124,7 @@ impl PeftModel {
         let Some(spec) = cfg.trainable_token_indices() else { return Ok(out) };
         let bad = |msg: String| PeftError::InvalidAdapterConfig { path: None, msg: format!("`trainable_token_indices`: {msg}") };
         let emb = input_embedding_name(self);
-        let names: Vec<String> = self.base.named_linears().into_iter().map(|(m, _)| m).collect();
+        let names: Vec<String> = self.base.named_layers().into_iter().map(|(m, _)| m).collect();
         let mut owner = None;
         for (key, ids) in spec {
             let matched: Vec<String> = if key.is_empty() { emb.clone().into_iter().collect() } else { names.iter().filter(|m| m.ends_with(&key)).cloned().collect() };
@@ -170,4 +166,17 @@ pub(crate) fn lora_expected_tokens(cfg: &crate::tuners::lora::LoraConfig, m: &st
     spec.into_iter()
         .find(|(key, _)| if key.is_empty() { lin.is_embedding } else { m.ends_with(key.as_str()) })
         .map(|(_, ids)| (super::layer::TOKEN_ADAPTER_DELTA, vec![ids.len(), dim]))
+}
+
+/// The `token_adapter.trainable_tokens_delta` keys that [`lora_expected_tokens`] lists but no
+/// layer holds: LoRA's list-form `trainable_token_indices` wraps only the input embedding (HF
+/// `get_input_embeddings()`), so on T5 the other embedding modules (`encoder.embed_tokens`,
+/// `decoder.embed_tokens`, tied to `shared`) get tied layers without a parameter and no key.
+pub(crate) fn lora_unheld_token_keys(model: &PeftModel, cfg: &crate::tuners::config::AdapterConfig) -> Vec<String> {
+    let Some(spec) = cfg.as_lora().and_then(|c| c.trainable_token_indices()) else { return vec![] };
+    if !spec.iter().any(|(k, _)| k.is_empty()) {
+        return vec![];
+    }
+    let input = input_embedding_name(model);
+    model.base.named_layers().into_iter().filter(|(m, l)| l.is_embedding && Some(m) != input.as_ref()).map(|(m, _)| super::layer::TOKEN_ADAPTER_DELTA.disk_key(&m)).collect()
 }

@@ -84,7 +84,7 @@ impl PeftModel {
     /// The VeRA projections the model holds: those of adapter `name` (`Some`), or of any VeRA
     /// adapter (`None`; all VeRA adapters of a model share one pair, as in HF).
     pub(crate) fn vera_projections(&self, name: Option<&str>) -> Option<Projections> {
-        for (_, lin) in self.base.named_linears() {
+        for (_, lin) in self.base.named_layers() {
             for (n, l) in &lin.layers {
                 if name.map(|x| x == n).unwrap_or(true) && l.peft_type() == "VERA" {
                     let s = l.shared_tensors();
@@ -165,7 +165,7 @@ impl PeftModel {
     fn vera_shared_projections(&mut self, cfg: &mut VeraConfig, selected: &[String]) -> Result<Projections> {
         // Targets (HF `_find_dim` + `_create_and_replace`), in module order.
         let mut targets: Vec<(String, usize, usize)> = Vec::new();
-        for (mname, lin) in self.base.named_linears().into_iter().filter(|(m, _)| selected.contains(m)) {
+        for (mname, lin) in self.base.named_layers().into_iter().filter(|(m, _)| selected.contains(m)) {
             if lin.is_embedding {
                 return Err(bad(format!(
                     "Target module `{mname}` (Embedding) is not supported. Currently, only `torch.nn.Linear` (optionally quantized) and `transformers.pytorch_utils.Conv1D` are supported."
