@@ -26,18 +26,12 @@ fn check_case_logits(case: &str) {
     let exp = Expected::load(case);
     let mut m = adapter_peft(case, false);
     assert_eq!(m.peft_type(), Some("HRA"));
-    check_logits("adapter", &m, &exp, "logits_adapter");
+    check_adapter_then_disabled(&mut m, &exp);
     check_greedy("", &m, &exp);
-    m.set_disabled(true).unwrap();
-    check_logits("disabled", &m, &exp, "logits_disabled");
-    check_logits("disabled = base", &m, &exp, "logits_base");
-    m.set_disabled(false).unwrap();
     // Merge (W H) and unmerge (W H⁻¹): the base weights come back within 1e-6.
     check_merge_unmerge(&mut m, &exp, |_| {});
     check_logits("unmerged", &m, &exp, "logits_unmerged");
-    let mut m = adapter_peft(case, false);
-    m.merge_and_unload(None, true).unwrap();
-    check_logits("merge_and_unload", &m, &exp, "logits_merged");
+    check_merge_and_unload(case, &exp);
 }
 
 #[test]
@@ -113,20 +107,9 @@ fn hra_two_active_adapters_multiply_in_activation_order() {
 
 #[test]
 fn hra_config_parses_hf_options_and_refuses_bad_ones() {
-    let hf = case_json(CASE)["options_to_dict"].clone();
-    let c = AdapterConfig::from_json(&hf, None).unwrap();
-    assert!(c.unknown_fields().is_empty(), "{:?}", c.unknown_fields());
-    let mut want = hf.clone();
-    want["peft_version"] = json!("0.21.0");
-    assert_eq!(c.to_json(), want);
-    let base = |extra: serde_json::Value| {
-        let mut c = json!({"peft_type": "HRA", "r": 4, "target_modules": ["q_proj"]});
-        for (k, v) in extra.as_object().unwrap() {
-            c[k] = v.clone();
-        }
-        c
-    };
-    for (bad, what) in [
+    check_hf_options_roundtrip(CASE);
+    let base = |extra: serde_json::Value| json_with(json!({"peft_type": "HRA", "r": 4, "target_modules": ["q_proj"]}), extra);
+    check_config_refusals(&[
         (base(json!({"r": 0})), "`r` should be a positive integer value"),
         (base(json!({"r": -1})), "`r`"),
         (base(json!({"r": "4"})), "`r`"),
@@ -135,11 +118,7 @@ fn hra_config_parses_hf_options_and_refuses_bad_ones() {
         (base(json!({"bias": "lora_only"})), "bias"),
         (base(json!({"layers_pattern": "layers"})), "layers_to_transform"),
         (json!({"peft_type": "HRA", "r": 8}), "target_modules"),
-    ] {
-        let e = AdapterConfig::from_json(&bad, None).unwrap_err();
-        assert_eq!(e.code(), "ERR_ADAPTER_CONFIG_INVALID", "{bad}");
-        assert!(e.to_string().contains(what), "{bad}: {e}");
-    }
+    ]);
     // HF's refusal of GPT-2's Conv1D (case.json records HF's TypeError text) and of embeddings.
     let gpt2 = load_causal_lm(&fixtures_dir().join("models").join("gpt2"), DType::F32, &Device::Cpu).unwrap();
     let mut g = PeftModel::new(gpt2.model);
@@ -157,17 +136,7 @@ fn hra_config_parses_hf_options_and_refuses_bad_ones() {
 
 #[test]
 fn hra_refuses_mixed_batches() {
-    let exp = Expected::load(CASE);
-    let m = adapter_peft(CASE, false);
-    let (ids, b, s) = exp.ids("input_ids");
-    let opts = peft_core::model::ForwardOptions {
-        attention_mask: Some(exp.mask("attention_mask")),
-        adapter_rows: Some(std::sync::Arc::new(vec![Some("default".to_string()), None])),
-        ..Default::default()
-    };
-    let e = m.forward(&ids, b, s, &opts, None).unwrap_err();
-    assert_eq!(e.code(), "ERR_INVALID_ARGUMENT");
-    assert!(e.to_string().contains("adapterNames") && e.to_string().contains("HRA"), "{e}");
+    check_mixed_batch_refused(CASE, &adapter_peft(CASE, false), &["HRA"]);
 }
 
 #[test]

@@ -27,12 +27,8 @@ fn tt(extra: serde_json::Value) -> AdapterConfig {
 fn check_forward_paths(case: &str, exact_unmerge: bool) {
     let exp = Expected::load(case);
     let mut m = adapter_peft(case, false);
-    check_logits("adapter", &m, &exp, "logits_adapter");
+    check_adapter_then_disabled(&mut m, &exp);
     check_greedy(&format!("{case}:"), &m, &exp);
-    m.set_disabled(true).unwrap();
-    check_logits("disabled", &m, &exp, "logits_disabled");
-    check_logits("disabled = base", &m, &exp, "logits_base");
-    m.set_disabled(false).unwrap();
     // Rows are replaced, not added: unmerging restores the base exactly.
     let before = base_weights(&m);
     check_merge_unmerge(&mut m, &exp, |_| {});
@@ -133,17 +129,7 @@ fn trainable_tokens_refuse_bad_input_as_hf() {
     let e = g.add_adapter("default", tt(json!({"token_indices": [1], "target_modules": ["c_attn"]})), 1).unwrap_err();
     assert!(e.to_string().contains("TrainableTokensLayer wraps an unknown layer type"), "{e}");
     // Mixed batches: HF's standalone tuner has no hook for them; refused here.
-    let exp = Expected::load(case);
-    let m = adapter_peft(case, false);
-    let (ids, b, s) = exp.ids("input_ids");
-    let opts = peft_core::model::ForwardOptions {
-        attention_mask: Some(exp.mask("attention_mask")),
-        adapter_rows: Some(std::sync::Arc::new(vec![Some("default".to_string()), None])),
-        ..Default::default()
-    };
-    let e = m.forward(&ids, b, s, &opts, None).unwrap_err();
-    assert_eq!(e.code(), "ERR_INVALID_ARGUMENT");
-    assert!(e.to_string().contains("adapterNames"), "{e}");
+    check_mixed_batch_refused(case, &adapter_peft(case, false), &[]);
 }
 
 #[test]

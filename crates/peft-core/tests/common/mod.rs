@@ -273,6 +273,65 @@ pub fn check_merge_unmerge_within(m: &mut PeftModel, exp: &Expected, tol: f64, a
     }
 }
 
+/// The adapter's logits (`logits_adapter`), then with the adapter disabled HF's
+/// `logits_disabled` and the base's `logits_base`; the adapter is enabled again after.
+pub fn check_adapter_then_disabled(m: &mut PeftModel, exp: &Expected) {
+    check_logits("adapter", m, exp, "logits_adapter");
+    m.set_disabled(true).unwrap();
+    check_logits("disabled", m, exp, "logits_disabled");
+    check_logits("disabled = base", m, exp, "logits_base");
+    m.set_disabled(false).unwrap();
+}
+
+/// A fresh load of `case`'s HF adapter, merged into the base and unloaded (safe merge), gives
+/// HF's `logits_merged`.
+pub fn check_merge_and_unload(case: &str, exp: &Expected) {
+    let mut m = adapter_peft(case, false);
+    m.merge_and_unload(None, true).unwrap();
+    check_logits("merge_and_unload", &m, exp, "logits_merged");
+}
+
+/// HF's `options_to_dict` of `case` (its config as HF wrote it) parses with no unknown fields
+/// and is written back as HF's dict, `peft_version` "0.21.0" added.
+pub fn check_hf_options_roundtrip(case: &str) {
+    let hf = case_json(case)["options_to_dict"].clone();
+    let c = peft_core::tuners::config::AdapterConfig::from_json(&hf, None).unwrap();
+    assert!(c.unknown_fields().is_empty(), "{:?}", c.unknown_fields());
+    let mut want = hf.clone();
+    want["peft_version"] = serde_json::json!("0.21.0");
+    assert_eq!(c.to_json(), want);
+}
+
+/// `base` with the fields of `extra` set over it.
+pub fn json_with(mut base: serde_json::Value, extra: serde_json::Value) -> serde_json::Value {
+    for (k, v) in extra.as_object().expect("extra fields: a JSON object") {
+        base[k] = v.clone();
+    }
+    base
+}
+
+/// Each config is refused by `AdapterConfig::from_json` with `ERR_ADAPTER_CONFIG_INVALID` and a
+/// message containing its text.
+pub fn check_config_refusals(cases: &[(serde_json::Value, &str)]) {
+    for (bad, what) in cases {
+        let e = peft_core::tuners::config::AdapterConfig::from_json(bad, None).unwrap_err();
+        assert_eq!(e.code(), "ERR_ADAPTER_CONFIG_INVALID", "{bad}");
+        assert!(e.to_string().contains(what), "{bad}: {e}");
+    }
+}
+
+/// A forward of `case`'s batch through `m` as a mixed batch (row 0 on adapter `default`, row 1
+/// on the base) is refused with `ERR_INVALID_ARGUMENT`, naming `adapterNames` and every text
+/// of `names` (the tuner's).
+pub fn check_mixed_batch_refused(case: &str, m: &PeftModel, names: &[&str]) {
+    let exp = Expected::load(case);
+    let (ids, b, s) = exp.ids("input_ids");
+    let opts = ForwardOptions { attention_mask: Some(exp.mask("attention_mask")), adapter_rows: Some(Arc::new(vec![Some("default".to_string()), None])), ..Default::default() };
+    let e = m.forward(&ids, b, s, &opts, None).unwrap_err();
+    assert_eq!(e.code(), "ERR_INVALID_ARGUMENT");
+    assert!(e.to_string().contains("adapterNames") && names.iter().all(|n| e.to_string().contains(n)), "{e}");
+}
+
 /// Loads the HF adapter of `case`, saves it again, and asserts that `adapter_model.safetensors`
 /// and `adapter_config.json` are byte-identical to HF's files.
 pub fn resave_case(case: &str) {
@@ -290,11 +349,8 @@ pub fn resave_case(case: &str) {
 
 /// An adapter config: `base` (HF's adapter_config.json fields of the test's tuner) with the
 /// fields of `extra` set over it. Panics, naming the error code, when it does not parse.
-pub fn config_with(mut base: serde_json::Value, extra: serde_json::Value) -> peft_core::tuners::config::AdapterConfig {
-    for (k, v) in extra.as_object().expect("extra fields: a JSON object") {
-        base[k] = v.clone();
-    }
-    peft_core::tuners::config::AdapterConfig::from_json(&base, None).unwrap_or_else(|e| panic!("[{}] {e}", e.code()))
+pub fn config_with(base: serde_json::Value, extra: serde_json::Value) -> peft_core::tuners::config::AdapterConfig {
+    peft_core::tuners::config::AdapterConfig::from_json(&json_with(base, extra), None).unwrap_or_else(|e| panic!("[{}] {e}", e.code()))
 }
 
 /// Greedy generation of 6 tokens from the case's first five `input_ids`, with and without the
