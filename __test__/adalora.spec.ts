@@ -8,8 +8,8 @@
 import test from 'ava'
 import * as fs from 'node:fs'
 import * as path from 'node:path'
-import { AdaLoraConfig, PeftModel, Trainer, configFromJSON, getPeftModel, loadSafetensors } from '../src/index'
-import { LLAMA, assertClose, assertPeftError, caseDir, checkLogitsInHf, disposeLater, expected, idRows, loadLlama, maxAbsDiff, tmpDir } from './helpers'
+import { AdaLoraConfig, PeftModel, Trainer, getPeftModel, loadSafetensors } from '../src/index'
+import { LLAMA, assertPeftError, caseDir, checkAdapterDisabledMerged, checkConfigRoundTrip, checkLogitsInHf, disposeLater, expected, loadLlama, maxAbsDiff, tmpDir } from './helpers'
 
 const CASE = 'llama_adalora'
 const INIT = 'llama_adalora_init'
@@ -25,10 +25,7 @@ test('AdaLoraConfig: toJSON equals HF adapter_config.json (with a rank_pattern);
   const json = cfg.toJSON()
   json.target_modules = [...(json.target_modules as string[])].sort()
   t.deepEqual(json, { ...hf, target_modules: [...hf.target_modules].sort() })
-  t.is(JSON.stringify(Object.keys(cfg.toJSON())), JSON.stringify(Object.keys(hf)), 'keys in HF order')
-  const back = configFromJSON(hf)
-  t.true(back instanceof AdaLoraConfig)
-  t.deepEqual(back.toJSON(), hf)
+  checkConfigRoundTrip(t, cfg, hf, AdaLoraConfig)
   // HF's AdaLoraConfig(...).to_dict() of another option set (case.json).
   const opts = readJSON(path.join(caseDir(INIT), 'case.json')).options_to_dict
   t.deepEqual(new AdaLoraConfig({
@@ -51,15 +48,7 @@ test('AdaLoRA: HF folder with a rank_pattern matches HF logits; merge / unmerge;
   const exp = await expected(CASE)
   const pm = disposeLater(t, await PeftModel.fromPretrained(disposeLater(t, await loadLlama()), caseDir(CASE)))
   t.is(pm.peftType, 'ADALORA')
-  const batch = { inputIds: exp.input_ids, attentionMask: exp.attention_mask }
-  assertClose(t, (await pm.forward(batch)).logits, exp.logits_adapter, 'logits_adapter')
-  const prompt = [idRows(exp.input_ids)[0].slice(0, 5)]
-  t.deepEqual(await pm.generate(prompt, { maxNewTokens: 6, eosTokenId: null, padTokenId: 0 }), idRows(exp.greedy))
-  assertClose(t, await pm.disableAdapter(async () => (await pm.forward(batch)).logits), exp.logits_disabled, 'logits_disabled')
-  pm.mergeAdapter()
-  assertClose(t, (await pm.forward(batch)).logits, exp.logits_merged, 'logits_merged')
-  pm.unmergeAdapter()
-  assertClose(t, (await pm.forward(batch)).logits, exp.logits_adapter, 'logits after unmerge')
+  await checkAdapterDisabledMerged(t, pm, exp, CASE, 'logits_adapter')
   const layers = pm.getLayerStatus()
   t.is(layers.length, 6)
   t.true(layers.every((l) => l.moduleType === 'adalora.SVDLinear'), JSON.stringify(layers[0]))

@@ -4,7 +4,7 @@ import * as fs from 'node:fs'
 import * as os from 'node:os'
 import * as path from 'node:path'
 import type { ExecutionContext } from 'ava'
-import { AutoModelForCausalLM, PeftError, Tensor, loadSafetensors, type PreTrainedModel } from '../src/index'
+import { AutoModelForCausalLM, PeftError, Tensor, configFromJSON, loadSafetensors, type PeftConfig, type PeftModel, type PreTrainedModel } from '../src/index'
 
 export const FIXTURES = path.join(__dirname, 'fixtures')
 export const LLAMA = path.join(FIXTURES, 'models', 'llama')
@@ -179,4 +179,32 @@ export async function captureWarnings<T>(fn: () => Promise<T> | T): Promise<{ re
   } finally {
     process.off('warning', onWarning)
   }
+}
+
+/**
+ * `cfg.toJSON()` has HF's keys in HF's order (`hf`: HF's adapter_config.json), and
+ * `configFromJSON(hf)` gives a `cls` that writes `hf` back.
+ */
+export function checkConfigRoundTrip(t: ExecutionContext, cfg: PeftConfig, hf: Record<string, unknown>, cls: abstract new (...args: never[]) => PeftConfig): void {
+  t.is(JSON.stringify(Object.keys(cfg.toJSON())), JSON.stringify(Object.keys(hf)), 'keys in HF order')
+  const back = configFromJSON(hf)
+  t.true(back instanceof cls)
+  t.deepEqual(back.toJSON(), hf)
+}
+
+/**
+ * A loaded HF adapter on the case's batch: `logits_adapter`, greedy ids (`greedy`, 6 tokens from
+ * the first five ids), `logits_disabled` inside `disableAdapter`, `logits_merged` after
+ * `mergeAdapter`, and `exp[unmergedKey]` after `unmergeAdapter`.
+ */
+export async function checkAdapterDisabledMerged(t: ExecutionContext, pm: PeftModel, exp: Record<string, Tensor>, what: string, unmergedKey = 'logits_unmerged'): Promise<void> {
+  const batch = { inputIds: exp.input_ids, attentionMask: exp.attention_mask }
+  assertClose(t, (await pm.forward(batch)).logits, exp.logits_adapter, `${what} logits_adapter`)
+  const prompt = [idRows(exp.input_ids)[0].slice(0, 5)]
+  t.deepEqual(await pm.generate(prompt, { maxNewTokens: 6, eosTokenId: null, padTokenId: 0 }), idRows(exp.greedy), `${what} greedy`)
+  assertClose(t, await pm.disableAdapter(async () => (await pm.forward(batch)).logits), exp.logits_disabled, `${what} logits_disabled`)
+  pm.mergeAdapter()
+  assertClose(t, (await pm.forward(batch)).logits, exp.logits_merged, `${what} logits_merged`)
+  pm.unmergeAdapter()
+  assertClose(t, (await pm.forward(batch)).logits, exp[unmergedKey], `${what} ${unmergedKey}`)
 }

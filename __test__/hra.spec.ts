@@ -7,8 +7,8 @@
 import test from 'ava'
 import * as fs from 'node:fs'
 import * as path from 'node:path'
-import { AutoModelForCausalLM, HRAConfig, PeftModel, Trainer, configFromJSON, getPeftModel, loadSafetensors } from '../src/index'
-import { FIXTURES, LLAMA, assertClose, assertPeftError, caseDir, checkLogitsInHf, disposeLater, expected, idRows, loadLlama, maxAbsDiff, tmpDir } from './helpers'
+import { AutoModelForCausalLM, HRAConfig, PeftModel, Trainer, getPeftModel, loadSafetensors } from '../src/index'
+import { FIXTURES, LLAMA, assertPeftError, caseDir, checkAdapterDisabledMerged, checkConfigRoundTrip, checkLogitsInHf, disposeLater, expected, loadLlama, maxAbsDiff, tmpDir } from './helpers'
 
 const CASE = 'llama_hra'
 const readJSON = (p: string) => JSON.parse(fs.readFileSync(p, 'utf8'))
@@ -21,10 +21,7 @@ test('HRAConfig: toJSON equals HF adapter_config.json; configFromJSON reads it b
     baseModelNameOrPath: 'models/llama', inferenceMode: true,
   })
   t.deepEqual(cfg.toJSON(), hf)
-  t.is(JSON.stringify(Object.keys(cfg.toJSON())), JSON.stringify(Object.keys(hf)), 'keys in HF order')
-  const back = configFromJSON(hf)
-  t.true(back instanceof HRAConfig)
-  t.deepEqual(back.toJSON(), hf)
+  checkConfigRoundTrip(t, cfg, hf, HRAConfig)
   // HF's HRAConfig(...).to_dict() of another option set (case.json).
   const opts = readJSON(path.join(caseDir(CASE), 'case.json')).options_to_dict
   t.deepEqual(new HRAConfig({
@@ -40,15 +37,7 @@ test('HRA: HF folders match HF logits (reflection chain; Gram-Schmidt); merge / 
     const exp = await expected(c)
     const pm = disposeLater(t, await PeftModel.fromPretrained(disposeLater(t, await loadLlama()), caseDir(c)))
     t.is(pm.peftType, 'HRA')
-    const batch = { inputIds: exp.input_ids, attentionMask: exp.attention_mask }
-    assertClose(t, (await pm.forward(batch)).logits, exp.logits_adapter, `${c} logits_adapter`)
-    const prompt = [idRows(exp.input_ids)[0].slice(0, 5)]
-    t.deepEqual(await pm.generate(prompt, { maxNewTokens: 6, eosTokenId: null, padTokenId: 0 }), idRows(exp.greedy))
-    assertClose(t, await pm.disableAdapter(async () => (await pm.forward(batch)).logits), exp.logits_disabled, `${c} logits_disabled`)
-    pm.mergeAdapter()
-    assertClose(t, (await pm.forward(batch)).logits, exp.logits_merged, `${c} logits_merged`)
-    pm.unmergeAdapter()
-    assertClose(t, (await pm.forward(batch)).logits, exp.logits_unmerged, `${c} logits_unmerged`)
+    await checkAdapterDisabledMerged(t, pm, exp, c)
     const layers = pm.getLayerStatus()
     t.is(layers.length, 6)
     t.true(layers.every((l) => l.moduleType === 'hra.HRALinear'), JSON.stringify(layers[0]))

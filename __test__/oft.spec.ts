@@ -8,8 +8,8 @@
 import test from 'ava'
 import * as fs from 'node:fs'
 import * as path from 'node:path'
-import { AutoModelForCausalLM, OFTConfig, PeftModel, Trainer, configFromJSON, getPeftModel, loadSafetensors } from '../src/index'
-import { FIXTURES, LLAMA, assertClose, assertPeftError, caseDir, checkLogitsInHf, disposeLater, expected, idRows, loadLlama, maxAbsDiff, tmpDir } from './helpers'
+import { AutoModelForCausalLM, OFTConfig, PeftModel, Trainer, getPeftModel, loadSafetensors } from '../src/index'
+import { FIXTURES, LLAMA, assertClose, assertPeftError, caseDir, checkAdapterDisabledMerged, checkConfigRoundTrip, checkLogitsInHf, disposeLater, expected, loadLlama, maxAbsDiff, tmpDir } from './helpers'
 
 const CASE = 'llama_oft'
 const readJSON = (p: string) => JSON.parse(fs.readFileSync(p, 'utf8'))
@@ -22,10 +22,7 @@ test('OFTConfig: toJSON equals HF adapter_config.json; configFromJSON reads it b
     baseModelNameOrPath: 'models/llama', inferenceMode: true,
   })
   t.deepEqual(cfg.toJSON(), hf)
-  t.is(JSON.stringify(Object.keys(cfg.toJSON())), JSON.stringify(Object.keys(hf)), 'keys in HF order')
-  const back = configFromJSON(hf)
-  t.true(back instanceof OFTConfig)
-  t.deepEqual(back.toJSON(), hf)
+  checkConfigRoundTrip(t, cfg, hf, OFTConfig)
   // HF's OFTConfig(...).to_dict() of another option set (case.json).
   const opts = readJSON(path.join(caseDir(CASE), 'case.json')).options_to_dict
   t.deepEqual(new OFTConfig({
@@ -41,15 +38,7 @@ test('OFT: HF folders match HF logits (Neumann series; block sharing + exact Cay
   const exp = await expected(CASE)
   const pm = disposeLater(t, await PeftModel.fromPretrained(disposeLater(t, await loadLlama()), caseDir(CASE)))
   t.is(pm.peftType, 'OFT')
-  const batch = { inputIds: exp.input_ids, attentionMask: exp.attention_mask }
-  assertClose(t, (await pm.forward(batch)).logits, exp.logits_adapter, 'logits_adapter')
-  const prompt = [idRows(exp.input_ids)[0].slice(0, 5)]
-  t.deepEqual(await pm.generate(prompt, { maxNewTokens: 6, eosTokenId: null, padTokenId: 0 }), idRows(exp.greedy))
-  assertClose(t, await pm.disableAdapter(async () => (await pm.forward(batch)).logits), exp.logits_disabled, 'logits_disabled')
-  pm.mergeAdapter()
-  assertClose(t, (await pm.forward(batch)).logits, exp.logits_merged, 'logits_merged')
-  pm.unmergeAdapter()
-  assertClose(t, (await pm.forward(batch)).logits, exp.logits_unmerged, 'logits_unmerged')
+  await checkAdapterDisabledMerged(t, pm, exp, CASE)
   const layers = pm.getLayerStatus()
   t.is(layers.length, 6)
   t.true(layers.every((l) => l.moduleType === 'oft.Linear'), JSON.stringify(layers[0]))
@@ -123,15 +112,8 @@ test('OFT on embeddings: HF folders (Llama embed_tokens; GPT-2 wte tied to lm_he
     for (const f of ['adapter_config.json', 'adapter_model.safetensors']) {
       t.true(fs.readFileSync(path.join(again, f)).equals(fs.readFileSync(path.join(caseDir(name), f))), `${name} ${f} byte-identical`)
     }
-    const batch = { inputIds: exp.input_ids, attentionMask: exp.attention_mask }
-    assertClose(t, (await pm.forward(batch)).logits, exp.logits_adapter, `${name} logits_adapter`)
-    t.deepEqual(await pm.generate([idRows(exp.input_ids)[0].slice(0, 5)], { maxNewTokens: 6, eosTokenId: null, padTokenId: 0 }), idRows(exp.greedy), `${name} greedy`)
-    assertClose(t, await pm.disableAdapter(async () => (await pm.forward(batch)).logits), exp.logits_disabled, `${name} logits_disabled`)
     // GPT-2: the merged table is also the tied head's (HF merges into the shared weight).
-    pm.mergeAdapter()
-    assertClose(t, (await pm.forward(batch)).logits, exp.logits_merged, `${name} logits_merged`)
-    pm.unmergeAdapter()
-    assertClose(t, (await pm.forward(batch)).logits, exp.logits_unmerged, `${name} logits_unmerged`)
+    await checkAdapterDisabledMerged(t, pm, exp, name)
     t.is(pm.getLayerStatus().filter((l) => l.moduleType === 'oft.Embedding').length, 1, name)
   }
   // A fresh adapter on GPT-2's wte trains, saves HF's keys and loads in HF PEFT to the same logits.
