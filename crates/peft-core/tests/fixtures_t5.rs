@@ -452,3 +452,33 @@ fn bf16_forward_stays_close_to_f32() {
     assert!(d < 0.05 * scale, "bf16 logits differ by {d} (max |logit| {scale})");
     visible(&format!("ok bf16 forward: max diff {d:.3e} vs fp32 reference (max |logit| {scale:.3})"));
 }
+
+/// transformers 5 ties T5's `encoder.embed_tokens`, `decoder.embed_tokens` and `lm_head` to
+/// `shared` whatever config.json's `tie_word_embeddings` says, unless the checkpoint holds the
+/// module's own table with other values (`make_t5_tie_fixtures.py`: a v1.1-style config with its
+/// own `lm_head` and a duplicate encoder table equal to `shared`; a default config with an
+/// encoder table of its own). Base logits, HF's `num_parameters()`, which modules are tied, and a
+/// LoRA on `embed_tokens`: adapter, merged (a merge into a tied table reaches every module tied to
+/// it, and only those) and unmerged logits, and the byte-identical re-save.
+#[test]
+fn t5_ties_embedding_modules_as_transformers_5_does() {
+    for case in ["t5_v11_lora_emb", "t5_own_encoder_table_lora_emb"] {
+        let exp = Expected::load(case);
+        let cj = case_json(case);
+        let base = base_peft(case);
+        check(&format!("{case} base"), &base, &exp, "logits_base");
+        assert_eq!(base.base.base_param_count() as u64, cj["base_num_parameters"].as_u64().unwrap(), "{case}: HF's num_parameters()");
+        let mut tied = base.base.tied_to_input_embedding();
+        tied.sort();
+        let mut want: Vec<String> = cj["tied_to_shared"].as_object().unwrap().iter().filter(|(_, v)| v.as_bool() == Some(true)).map(|(k, _)| k.clone()).collect();
+        want.sort();
+        assert_eq!(tied, want, "{case}: the modules tied to `shared`");
+        let mut m = adapter_peft(case, false);
+        check(&format!("{case} adapter"), &m, &exp, "logits_adapter");
+        m.merge_adapter(None, true).unwrap();
+        check(&format!("{case} merged"), &m, &exp, "logits_merged");
+        m.unmerge_adapter().unwrap();
+        check(&format!("{case} unmerged"), &m, &exp, "logits_unmerged");
+        resave_case(case);
+    }
+}

@@ -21,8 +21,9 @@
 //! The word embeddings `shared` feed both stacks (no scaling) through the stacks' own modules
 //! `encoder.embed_tokens` and `decoder.embed_tokens`, which hold the same table (transformers
 //! 5.18 ties them to `shared.weight` through `_tied_weights_keys`; `shared` itself is never
-//! called in the forward). `lm_head` is tied to `shared` unless the checkpoint has its own
-//! `lm_head.weight`. All three embedding modules are embedding-kind [`PeftLinear`]s sharing one
+//! called in the forward), and so is `lm_head`, whatever config.json's `tie_word_embeddings`
+//! says; a module whose own table is in the checkpoint with other values (FLAN-T5's
+//! `lm_head.weight`) keeps it, untied, as transformers does. All three embedding modules are embedding-kind [`PeftLinear`]s sharing one
 //! tensor, so adapters can sit on each as HF PEFT puts them there (a LoRA or OFT layer on
 //! `shared` alone never reaches the forward, as in HF; a merge into any of them changes the one
 //! table, see `PeftModel::merge_adapter`). T5's own dropout (`dropout_rate`) is not
@@ -255,7 +256,7 @@ pub struct T5ForConditionalGeneration {
     pub decoder: Vec<T5Block>,
     /// `decoder.final_layer_norm.weight`.
     pub decoder_final_layer_norm: Tensor,
-    /// `lm_head` `[vocab, d_model]`, no bias (tied to `shared` unless the checkpoint has one).
+    /// `lm_head` `[vocab, d_model]`, no bias (tied to `shared` unless the checkpoint has one with other values).
     pub lm_head: PeftLinear,
     /// Where the weights live.
     pub device: Device,
@@ -264,6 +265,8 @@ pub struct T5ForConditionalGeneration {
     info: ModelInfo,
     /// `lm_head` shares `shared`'s weight (counted once).
     lm_head_tied: bool,
+    /// `encoder.embed_tokens` / `decoder.embed_tokens` share `shared`'s weight.
+    stacks_tied: [bool; 2],
 }
 
 /// Checkpoint tensors being taken apart by name.
@@ -328,10 +331,11 @@ pub fn relative_position_bucket(rel: i64, bidirectional: bool, num_buckets: usiz
 
 impl T5ForConditionalGeneration {
     /// Build from HF-named tensors (`shared.weight`, `encoder.block.0.layer.0.SelfAttention.q.weight`,
-    /// ...), converted to `dtype`. With `tie_word_embeddings` (the default), `encoder.embed_tokens`
-    /// and `decoder.embed_tokens` hold `shared`'s table (one tensor) and their checkpoint keys
-    /// are ignored; without it each holds its own (`<stack>.embed_tokens.weight`, or a copy of
-    /// `shared.weight` when the checkpoint has none). `lm_head.weight` is used when present.
+    /// ...), converted to `dtype`. `encoder.embed_tokens`, `decoder.embed_tokens` and `lm_head`
+    /// hold `shared`'s table (one tensor), as transformers 5 ties them whatever
+    /// `tie_word_embeddings` says, unless the checkpoint has the module's own table
+    /// (`<stack>.embed_tokens.weight`, `lm_head.weight`) with other values than `shared.weight`
+    /// (FLAN-T5's separate `lm_head`, for one): then that table, untied.
     ///
     /// Errors: `InvalidModelConfig` naming a missing tensor, `ShapeMismatch` naming a misshapen one.
     pub fn from_tensors(config: T5Config, t: HashMap<String, Tensor>, dtype: DType, device: &Device) -> Result<Self> {
@@ -367,19 +371,21 @@ impl T5ForConditionalGeneration {
             let final_norm = w.take(&format!("{stack}.final_layer_norm.weight"), &[d])?;
             stacks.push((blocks, final_norm));
         }
-        // transformers ties the stacks' tables to `shared` only under `tie_word_embeddings`;
-        // without it they are separate parameters, read from the checkpoint when it has them.
-        let mut stack_table = |stack: &str| -> Result<Tensor> {
-            let key = format!("{stack}.embed_tokens.weight");
-            match (c.tie_word_embeddings, w.t.contains_key(&key)) {
-                (true, _) => Ok(shared.clone()),
-                (false, true) => w.take(&key, &[c.vocab_size, d]),
-                (false, false) => Ok(shared.copy()?),
+        // transformers 5 ties `encoder.embed_tokens`, `decoder.embed_tokens` and `lm_head` to
+        // `shared` whatever config.json says (`T5Config` forces `tie_word_embeddings` and reads a
+        // `false` as `scale_decoder_outputs = false`), except a module whose own table is in the
+        // checkpoint with other values than `shared` ("... so we will NOT tie them").
+        let mut alias = |key: &str| -> Result<(Tensor, bool)> {
+            if !w.t.contains_key(key) {
+                return Ok((shared.clone(), true));
             }
+            let own = w.take(key, &[c.vocab_size, d])?;
+            let same = (&own - &shared)?.abs()?.max_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()? == 0.0;
+            Ok(if same { (shared.clone(), true) } else { (own, false) })
         };
-        let (encoder_table, decoder_table) = (stack_table("encoder")?, stack_table("decoder")?);
-        let lm_head_tied = !w.t.contains_key("lm_head.weight");
-        let lm_w = if lm_head_tied { shared.clone() } else { w.take("lm_head.weight", &[c.vocab_size, d])? };
+        let (encoder_table, encoder_tied) = alias("encoder.embed_tokens.weight")?;
+        let (decoder_table, decoder_tied) = alias("decoder.embed_tokens.weight")?;
+        let (lm_w, lm_head_tied) = alias("lm_head.weight")?;
         let (decoder, decoder_final_layer_norm) = stacks.pop().expect("two stacks");
         let (encoder, encoder_final_layer_norm) = stacks.pop().expect("two stacks");
         let info = ModelInfo {
@@ -414,6 +420,7 @@ impl T5ForConditionalGeneration {
             dtype,
             info,
             lm_head_tied,
+            stacks_tied: [encoder_tied, decoder_tied],
             config,
         })
     }
@@ -859,7 +866,7 @@ impl BaseModel for T5ForConditionalGeneration {
             n += blk.self_attn.relative_attention_bias.as_ref().map(|t| t.elem_count()).unwrap_or(0);
         }
         for (name, lin) in self.named_layers() {
-            if (name == "lm_head" && tied) || (name.ends_with(".embed_tokens") && self.config.tie_word_embeddings) {
+            if (name == "lm_head" && tied) || (name == "encoder.embed_tokens" && self.stacks_tied[0]) || (name == "decoder.embed_tokens" && self.stacks_tied[1]) {
                 continue;
             }
             n += lin.base_param_count();
@@ -881,15 +888,15 @@ impl BaseModel for T5ForConditionalGeneration {
         super::decoder::embed_ids(&self.encoder_embed_tokens, self.config.vocab_size, ids, b, s, &self.device, &opts.linear_ctx())
     }
 
-    /// transformers' `_tied_weights_keys` under `tie_word_embeddings`: the two stacks'
-    /// `embed_tokens` and `lm_head` (when the checkpoint has no `lm_head.weight` of its own).
+    /// transformers' `_tied_weights_keys` as transformers 5 applies them to T5 (always, whatever
+    /// config.json's `tie_word_embeddings`): the two stacks' `embed_tokens` and `lm_head`, each
+    /// unless the checkpoint holds its own table with other values than `shared`.
     fn tied_to_input_embedding(&self) -> Vec<String> {
-        if !self.config.tie_word_embeddings {
-            return vec![];
-        }
-        let mut out = vec!["decoder.embed_tokens".to_string(), "encoder.embed_tokens".to_string()];
-        if self.lm_head_tied {
-            out.push("lm_head".into());
+        let mut out = Vec::new();
+        for (name, tied) in [("decoder.embed_tokens", self.stacks_tied[1]), ("encoder.embed_tokens", self.stacks_tied[0]), ("lm_head", self.lm_head_tied)] {
+            if tied {
+                out.push(name.to_string());
+            }
         }
         out
     }
