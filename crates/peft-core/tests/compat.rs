@@ -198,3 +198,33 @@ fn fresh_save_writes_hf_auto_mapping() {
         remove_dir(&dir);
     }
 }
+
+/// HF `add_adapter` / `get_peft_model` warn when the adapter's name is part of its method's
+/// parameter prefix (`PEFT_TYPE_TO_PREFIX_MAPPING`, which HF 0.21 has for every method): the
+/// prefix comes from the registry, for layer tuners and prompt learning alike.
+#[test]
+fn adapter_names_inside_the_method_prefix_warn_as_hf() {
+    let warned = |cfg: serde_json::Value, name: &str| -> Vec<String> {
+        let mut m = base_peft("llama_lora_qv");
+        m.add_adapter(name, AdapterConfig::from_json(&cfg, None).unwrap(), 1).unwrap();
+        m.take_warnings().into_iter().filter(|w| w.contains("should not be contained in the prefix")).collect()
+    };
+    let lin = |t: &str| json!({"peft_type": t, "target_modules": ["q_proj"], "task_type": "CAUSAL_LM"});
+    let prompt = |t: &str| json!({"peft_type": t, "task_type": "CAUSAL_LM", "num_virtual_tokens": 2});
+    for (cfg, name, prefix) in [
+        (lin("LORA"), "lora", "lora_"),
+        (lin("LOHA"), "hada", "hada_"),
+        (lin("LOKR"), "lokr", "lokr_"),
+        (lin("VERA"), "vera", "vera_lambda_"),
+        (lin("HRA"), "hra", "hra_"),
+        (lin("IA3"), "ia3", "ia3_"),
+        (json!({"peft_type": "OFT", "oft_block_size": 8, "r": 0, "target_modules": ["q_proj"]}), "oft", "oft_"),
+        (prompt("PROMPT_TUNING"), "prompt", "prompt_tuning_"),
+        (prompt("PREFIX_TUNING"), "tuning", "prefix_tuning_"),
+        (prompt("P_TUNING"), "p", "p_tuning_"),
+    ] {
+        let w = warned(cfg.clone(), name);
+        assert_eq!(w, vec![format!("Adapter name '{name}' should not be contained in the prefix '{prefix}'. This may lead to reinitialization of the adapter weights during loading.")], "{cfg}");
+        assert!(warned(cfg.clone(), "default").is_empty(), "{cfg}: `default` is not in `{prefix}`");
+    }
+}

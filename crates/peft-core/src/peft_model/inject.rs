@@ -58,7 +58,7 @@ impl PeftModel {
                 })
             }
         }
-        if let Some(prefix) = tuner_prefix(cfg.peft_type()) {
+        if let Some(prefix) = crate::tuners::registry::tuner_for(cfg.peft_type()).and_then(|t| t.prefix(cfg.peft_type())) {
             if prefix.contains(name) {
                 self.warnings.push(format!(
                     "Adapter name '{name}' should not be contained in the prefix '{prefix}'. This may lead to reinitialization of the adapter weights during loading."

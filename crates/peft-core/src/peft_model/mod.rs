@@ -66,15 +66,6 @@ impl Default for LoadOptions {
     }
 }
 
-/// HF `PEFT_TYPE_TO_PREFIX_MAPPING`: the parameter-name prefix of a tuner's weights.
-fn tuner_prefix(peft_type: &str) -> Option<&'static str> {
-    match peft_type {
-        "LORA" => Some("lora_"),
-        "IA3" => Some("ia3_"),
-        _ => None,
-    }
-}
-
 /// A base model with adapters. See the module docs.
 /// Options of [`PeftModel::save_pretrained_with`] (HF `save_pretrained` keyword arguments).
 #[derive(Debug, Clone, Default)]

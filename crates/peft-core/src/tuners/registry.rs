@@ -19,8 +19,9 @@ pub trait Tuner: Sync {
     fn peft_types(&self) -> &'static [&'static str];
     /// HF's tuner model class (`"LoraModel"`), as `get_model_status` reports it.
     fn model_class(&self) -> &'static str;
-    /// HF `PEFT_TYPE_TO_PREFIX_MAPPING`: the prefix of the tuner's parameter names (`"lora_"`).
-    fn prefix(&self) -> Option<&'static str> {
+    /// HF `PEFT_TYPE_TO_PREFIX_MAPPING`: the prefix of `peft_type`'s parameter names
+    /// (`"lora_"`, `"prompt_tuning_"`), which HF warns an adapter name must not be part of.
+    fn prefix(&self, _peft_type: &str) -> Option<&'static str> {
         None
     }
     /// The parameter slots the tuner's layers hold (the key grammar, see [`Slot`]).
@@ -140,7 +141,7 @@ macro_rules! declare_tuner {
     };
     (peft_types: $pt:expr, model_class: $mc:expr, prefix: $pf:expr, slots: $slots:expr, config: $cfg:ty, inject: $add:ident $(,)?) => {
         $crate::tuners::registry::declare_tuner!(peft_types: $pt, model_class: $mc, config: $cfg, inject: |model, name, c, seed| model.$add(name, c, seed));
-        fn prefix(&self) -> Option<&'static str> {
+        fn prefix(&self, _peft_type: &str) -> Option<&'static str> {
             Some($pf)
         }
         fn slots(&self) -> &'static [$crate::tuners::layer::Slot] {

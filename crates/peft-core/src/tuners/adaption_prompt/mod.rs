@@ -44,6 +44,9 @@ pub static TUNER: AdaptionPromptTuner = AdaptionPromptTuner;
 impl Tuner for AdaptionPromptTuner {
     crate::tuners::registry::declare_tuner!(peft_types: &["ADAPTION_PROMPT"], model_class: "AdaptionPromptModel", config: AdaptionPromptConfig,
         inject: |model, name, c, seed| model.add_adaption_prompt(name, c, seed, Default::default()));
+    fn prefix(&self, _peft_type: &str) -> Option<&'static str> {
+        Some("adaption_prompt_")
+    }
     fn load(&self, model: &mut PeftModel, name: &str, cfg: &AdapterConfig, tensors: &mut Vec<(String, Tensor)>, wpath: &Path) -> Option<Result<LoadResult>> {
         let c = cfg.get::<AdaptionPromptConfig>()?.clone();
         Some(model.load_adaption_prompt(name, c, std::mem::take(tensors), wpath))

@@ -330,6 +330,9 @@ impl Tuner for CptTuner {
             Task::CausalLm => model.add_prompt(name, c, seed, None).map(|_| vec![]),
             other => Err(PeftError::InvalidAdapterConfig { path: None, msg: format!("CPT needs a causal LM; this model is {}", other.task_type()) }),
         });
+    fn prefix(&self, _peft_type: &str) -> Option<&'static str> {
+        Some("cpt_")
+    }
     /// HF projects the CPT delta into its norm bounds at the start of every forward; here that
     /// happens after every optimizer step that trained adapter `name` (active, not in inference
     /// mode), which gives the next forward the same values. Runs whatever `global_step` says

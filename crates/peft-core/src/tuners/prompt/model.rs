@@ -23,6 +23,15 @@ impl Tuner for PromptTuner {
     // Prompt learning has no tuner model; status refuses it before asking (HF: PeftModel).
     crate::tuners::registry::declare_tuner!(peft_types: &["PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING"], model_class: "PeftModel", config: PromptLearningConfig,
         inject: |model, name, c, seed| model.add_prompt(name, c, seed, None).map(|_| vec![]));
+    fn prefix(&self, peft_type: &str) -> Option<&'static str> {
+        match peft_type {
+            "PREFIX_TUNING" => Some("prefix_tuning_"),
+            "PROMPT_TUNING" => Some("prompt_tuning_"),
+            "P_TUNING" => Some("p_tuning_"),
+            "MULTITASK_PROMPT_TUNING" => Some("multitask_prompt_tuning_"),
+            _ => None,
+        }
+    }
     fn load(&self, model: &mut PeftModel, name: &str, cfg: &AdapterConfig, tensors: &mut Vec<(String, Tensor)>, wpath: &Path) -> Option<Result<LoadResult>> {
         let c = cfg.as_prompt()?.clone();
         Some(model.load_prompt(name, c, std::mem::take(tensors), wpath))
