@@ -215,7 +215,7 @@ pub fn gemm_f32(dst: &mut Dst, a: View, b: View, alpha: f32, acc: bool, threads:
         && m * n * k >= SKINNY_PAR_MIN_WORK
         && super::ab_flags() & super::AB_SKINNY_ONE_THREAD == 0
     {
-        split_skinny(dst, a, b, alpha, acc, threads);
+        split_blocks(dst, a, b, alpha, acc, threads, |d, a, b, alpha, acc| gemm_f32(d, a, b, alpha, acc, 1));
         return;
     }
     // A few rows against a row-major weight (`x·Wᵀ` while decoding): a streaming kernel over
@@ -257,43 +257,25 @@ pub fn gemm_f32(dst: &mut Dst, a: View, b: View, alpha: f32, acc: bool, threads:
     // column dimensions, and each block runs single-threaded. On SmolLM2's training shapes with
     // 2 threads this reaches 310-390 GFLOP/s where the `gemm` crate's own rayon split reaches
     // 270-350 (and 190 for the n = 192 k/v projections, which it did not speed up at all).
-    let along_rows = m >= n;
-    let len = if along_rows { m } else { n };
-    let chunks = threads.min(len / 32).max(1);
-    let per = len.div_ceil(chunks).div_ceil(16) * 16;
-    let blocks = len.div_ceil(per);
-    let (dp, dld) = (SyncMut(dst.ptr), dst.ld);
-    let run = |c: usize| {
-        let (i0, n_i) = (c * per, per.min(len - c * per));
-        // SAFETY: block `c` covers rows (or columns) i0 .. i0 + n_i of the destination, which no
-        // other block writes; the operand views are sub-views of bounds-checked views.
-        unsafe {
-            if along_rows {
-                gemm_seq(dp.get().add(i0 * dld), dld, a.rows(i0, n_i), b, alpha, acc, Parallelism::None)
-            } else {
-                gemm_seq(dp.get().add(i0), dld, a, b.cols(i0, n_i), alpha, acc, Parallelism::None)
-            }
-        }
-    };
-    if blocks == 1 {
-        run(0);
-    } else {
-        use rayon::prelude::*;
-        (0..blocks).into_par_iter().for_each(run);
-    }
+    split_blocks(dst, a, b, alpha, acc, threads.min(m.max(n) / 32).max(1), |d, a, b, alpha, acc| {
+        // SAFETY: `d` is the block's own destination region; bounds checked when built.
+        unsafe { gemm_seq(d.ptr, d.ld, a, b, alpha, acc, Parallelism::None) }
+    });
 }
 
-/// A rank-side product (one of `m`, `n`, `k` below 64) cut along the longer of its rows and
-/// columns into one block per thread, each block running the single-threaded route of
-/// [`gemm_f32`] (the narrow kernel or one `gemm` crate call): these products stream a full-size
-/// operand or destination (`h·Bᵀ` adds into the `[T, out]` output), so two cores read and write
-/// it twice as fast.
-fn split_skinny(dst: &mut Dst, a: View, b: View, alpha: f32, acc: bool, threads: usize) {
+/// `dst = (acc ? dst : 0) + alpha · a · b` cut along the longer of its row and column
+/// dimensions into `blocks` blocks (of a multiple of 16 rows or columns), run in parallel on the
+/// current rayon pool, each by `single` on one thread (one `gemm` crate call for large products;
+/// [`gemm_f32`]'s one-thread route, the narrow kernel or one crate call, for rank-side ones).
+/// Large products use one block per thread; so do rank-side ones
+/// (one of `m`, `n`, `k` below 64) from [`SKINNY_PAR_MIN_WORK`] multiply-adds: they stream a
+/// full-size operand or destination (`h·Bᵀ` adds into the `[T, out]` output), so two cores read
+/// and write it twice as fast.
+fn split_blocks(dst: &mut Dst, a: View, b: View, alpha: f32, acc: bool, blocks: usize, single: impl Fn(&mut Dst, View, View, f32, bool) + Sync) {
     let (m, n) = (a.rows, b.cols);
     let along_rows = m >= n;
     let len = if along_rows { m } else { n };
-    let per = len.div_ceil(threads).div_ceil(16) * 16;
-    let blocks = len.div_ceil(per);
+    let per = len.div_ceil(blocks).div_ceil(16) * 16;
     let (dp, dld, drows, dcols) = (SyncMut(dst.ptr), dst.ld, dst.rows, dst.cols);
     let run = |c: usize| {
         let (i0, n_i) = (c * per, per.min(len - c * per));
@@ -301,16 +283,21 @@ fn split_skinny(dst: &mut Dst, a: View, b: View, alpha: f32, acc: bool, threads:
         // other block writes; the operand views are sub-views of bounds-checked views.
         let mut whole = unsafe { Dst::raw(dp.get(), drows, dcols, dld) };
         if along_rows {
-            gemm_f32(&mut whole.rows(i0, n_i), a.rows(i0, n_i), b, alpha, acc, 1)
+            single(&mut whole.rows(i0, n_i), a.rows(i0, n_i), b, alpha, acc)
         } else {
-            gemm_f32(&mut whole.cols(i0, n_i), a, b.cols(i0, n_i), alpha, acc, 1)
+            single(&mut whole.cols(i0, n_i), a, b.cols(i0, n_i), alpha, acc)
         }
     };
-    use rayon::prelude::*;
-    (0..blocks).into_par_iter().for_each(run);
+    match len.div_ceil(per) {
+        1 => run(0),
+        nb => {
+            use rayon::prelude::*;
+            (0..nb).into_par_iter().for_each(run)
+        }
+    }
 }
 
-/// Rank-side products from this many multiply-adds run one block per thread ([`split_skinny`]).
+/// Rank-side products from this many multiply-adds run one block per thread ([`split_blocks`]).
 const SKINNY_PAR_MIN_WORK: usize = 1 << 20;
 
 /// One `gemm` crate call: `dst = (acc ? dst : 0) + alpha · a · b` with `dst` row-major at
@@ -332,7 +319,7 @@ const NARROW_MAX: usize = 32;
 /// against eight rows of `W` at a time: sixteen AVX-512 accumulators, each `a` element loaded
 /// once per eight rows of `W` (which stay in L1: 8 × k floats), fused multiply-adds, one
 /// horizontal sum per output. Single-threaded; [`gemm_f32`] hands it
-/// one block of rows per thread from 2^20 multiply-adds ([`split_skinny`]).
+/// one block of rows per thread from 2^20 multiply-adds ([`split_blocks`]).
 ///
 /// # Safety
 /// The CPU must support AVX-512F; the views must be in bounds and not alias `dst`.
@@ -571,7 +558,7 @@ mod tests {
 
     #[test]
     fn split_rank_side_products_match_one_thread() {
-        // The LoRA rank sides large enough for `split_skinny`: x·Aᵀ (narrow output), h·Bᵀ
+        // The LoRA rank sides large enough for `split_blocks`: x·Aᵀ (narrow output), h·Bᵀ
         // (k = 8, accumulated into a wider destination's column block), hᵀ·gy and tmpᵀ·x
         // (8 rows, split by columns); each equals the one-thread route bit for bit.
         for (m, k, n, nt) in [(512, 576, 8, true), (512, 1536, 8, true), (512, 8, 1536, true), (8, 512, 1536, false), (8, 512, 576, false), (333, 8, 1000, true)] {

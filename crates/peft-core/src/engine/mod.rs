@@ -97,7 +97,7 @@ pub const AB_MATMUL_MEDIUM: u32 = 64;
 /// (`engine::quant::matmul_t_multi`).
 pub const AB_SEPARATE_DECODE_PRODUCTS: u32 = 128;
 /// Rank-side (skinny) products on one thread, as before session 16, instead of one block per
-/// thread from 2^20 multiply-adds (`gemm::split_skinny`).
+/// thread from 2^20 multiply-adds (`gemm::split_blocks`).
 pub const AB_SKINNY_ONE_THREAD: u32 = 256;
 
 /// Sets the A/B switches (`AB_*`, for benchmarks only).

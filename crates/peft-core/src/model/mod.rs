@@ -203,38 +203,27 @@ pub fn init_normal(out: usize, inp: usize, std: f64, seed: u64, device: &Device)
 
 /// Declares a model's layers with their transformers module paths once, and expands that one
 /// body into both [`BaseModel::named_linears`] and [`BaseModel::named_linears_mut`] (and the
-/// `named_norm_biases` pair): the body destructures `$this` (`&Self` in one, `&mut Self` in the
+/// `named_layers` and `named_norm_biases` pairs): the body destructures `$this` (`&Self` in one, `&mut Self` in the
 /// other; match ergonomics give `&` or `&mut` bindings), so the two lists cannot drift apart.
 macro_rules! named_twins {
+    (@twins $name:ident, $name_mut:ident, $item:ty, |$this:ident| $body:block) => {
+        fn $name(&self) -> Vec<(String, &$item)> {
+            let $this = self;
+            $body
+        }
+        fn $name_mut(&mut self) -> Vec<(String, &mut $item)> {
+            let $this = self;
+            $body
+        }
+    };
     (linears: |$this:ident| $body:block) => {
-        fn named_linears(&self) -> Vec<(String, &$crate::tuners::linear::PeftLinear)> {
-            let $this = self;
-            $body
-        }
-        fn named_linears_mut(&mut self) -> Vec<(String, &mut $crate::tuners::linear::PeftLinear)> {
-            let $this = self;
-            $body
-        }
+        $crate::model::named_twins!(@twins named_linears, named_linears_mut, $crate::tuners::linear::PeftLinear, |$this| $body);
     };
     (layers: |$this:ident| $body:block) => {
-        fn named_layers(&self) -> Vec<(String, &$crate::tuners::linear::PeftLinear)> {
-            let $this = self;
-            $body
-        }
-        fn named_layers_mut(&mut self) -> Vec<(String, &mut $crate::tuners::linear::PeftLinear)> {
-            let $this = self;
-            $body
-        }
+        $crate::model::named_twins!(@twins named_layers, named_layers_mut, $crate::tuners::linear::PeftLinear, |$this| $body);
     };
     (norm_biases: |$this:ident| $body:block) => {
-        fn named_norm_biases(&self) -> Vec<(String, &candle_core::Tensor)> {
-            let $this = self;
-            $body
-        }
-        fn named_norm_biases_mut(&mut self) -> Vec<(String, &mut candle_core::Tensor)> {
-            let $this = self;
-            $body
-        }
+        $crate::model::named_twins!(@twins named_norm_biases, named_norm_biases_mut, candle_core::Tensor, |$this| $body);
     };
 }
 pub(crate) use named_twins;

@@ -107,7 +107,6 @@ impl PeftModel {
     ///
     /// Errors: `InvalidAdapterConfig` naming `ensure_weight_tying` in that last case.
     pub(crate) fn check_tied_modules(&mut self, cfg: &AdapterConfig) -> Result<()> {
-        const EMBEDDING_LAYER_NAMES: [&str; 2] = ["embed_tokens", "lm_head"];
         // (Trainable tokens too: HF's `TrainableTokensModel` warns here when `target_modules`
         // names `embed_tokens` on a tied model, e.g. T5's two stacks, which it does not tie.)
         let Some(targets) = cfg.common().target_modules() else { return Ok(()) };

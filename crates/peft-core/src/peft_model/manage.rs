@@ -89,7 +89,6 @@ impl PeftModel {
     /// which tie their layers (HF `TrainableTokensModel._get_tied_target_modules` returns
     /// nothing), and LoRA's `trainable_token_indices` wrappers (not targets) do not count.
     fn warn_tied_targets(&mut self) {
-        const EMBEDDING_LAYER_NAMES: [&str; 2] = ["embed_tokens", "lm_head"];
         if self.base.config_json()["tie_word_embeddings"].as_bool() != Some(true) {
             return;
         }
@@ -132,11 +131,9 @@ impl PeftModel {
             if lins[i].1.weight.id() == before {
                 continue;
             }
-            let Some(group) = groups.iter().find(|g| g.contains(&lins[i].0)) else { continue };
-            let w = lins[i].1.weight.clone();
-            for j in group.iter().filter_map(|m| index.get(m)).copied().filter(|&j| j != i) {
-                lins[j].1.weight = w.clone();
-                lins[j].1.quant = None;
+            if let Some(group) = groups.iter().find(|g| g.contains(&lins[i].0)) {
+                let to: Vec<usize> = group.iter().filter_map(|m| index.get(m)).copied().filter(|&j| j != i).collect();
+                share_table(&mut lins, i, &to);
             }
         }
         Ok(())
@@ -171,15 +168,12 @@ impl PeftModel {
     /// table: HF's non-strict `load_state_dict` copies it into the one tied `Parameter`).
     /// Modules of `loaded` keep their own table.
     pub(super) fn retie_tables(&mut self, groups: &[Vec<String>], loaded: &[String]) {
+        let mut lins = self.base.named_layers_mut();
         for m in loaded {
             let Some(group) = groups.iter().find(|g| g.contains(m)) else { continue };
-            let Some(w) = self.base.named_layers().into_iter().find(|(n, _)| n == m).map(|(_, l)| l.weight.clone()) else { continue };
-            for (n, lin) in self.base.named_layers_mut() {
-                if group.contains(&n) && !loaded.contains(&n) {
-                    lin.weight = w.clone();
-                    lin.quant = None;
-                }
-            }
+            let Some(from) = lins.iter().position(|(n, _)| n == m) else { continue };
+            let to: Vec<usize> = lins.iter().enumerate().filter(|(_, (n, _))| group.contains(n) && !loaded.contains(n)).map(|(j, _)| j).collect();
+            share_table(&mut lins, from, &to);
         }
     }
 
@@ -332,5 +326,15 @@ impl PeftModel {
             }
         }
         true
+    }
+}
+
+/// Points the modules at `to` (indices into `lins`) at the table of module `from`, as one tied
+/// `Parameter` (a module that was kept quantized drops its quantized copy).
+fn share_table(lins: &mut [(String, &mut crate::tuners::linear::PeftLinear)], from: usize, to: &[usize]) {
+    let w = lins[from].1.weight.clone();
+    for &j in to {
+        lins[j].1.weight = w.clone();
+        lins[j].1.quant = None;
     }
 }

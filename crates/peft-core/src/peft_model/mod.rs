@@ -66,6 +66,10 @@ impl Default for LoadOptions {
     }
 }
 
+/// HF `EMBEDDING_LAYER_NAMES`: the last path components of the modules HF treats as embedding
+/// layers when it checks tied weights (`_check_tied_modules`, `_check_merge_allowed`).
+pub(crate) const EMBEDDING_LAYER_NAMES: [&str; 2] = ["embed_tokens", "lm_head"];
+
 /// A base model with adapters. See the module docs.
 /// Options of [`PeftModel::save_pretrained_with`] (HF `save_pretrained` keyword arguments).
 #[derive(Debug, Clone, Default)]
