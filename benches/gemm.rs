@@ -492,8 +492,9 @@ mod bench {
             .ok()
             .and_then(|s| {
                 let name = s.lines().find(|l| l.starts_with("model name"))?.split(':').nth(1)?.trim().to_string();
-                let model = s.lines().find(|l| l.starts_with("model\t"))?.split(':').nth(1)?.trim().to_string();
-                Some(format!("{name} (family 6 model {model})"))
+                let field = |key: &str| s.lines().find(|l| l.split(':').next().map(str::trim) == Some(key)).and_then(|l| l.split(':').nth(1)).map(|v| v.trim().to_string());
+                let (family, model) = (field("cpu family")?, field("model")?);
+                Some(format!("{name} (family {family} model {model})"))
             })
             .unwrap_or_else(|| "unknown".into())
     }
