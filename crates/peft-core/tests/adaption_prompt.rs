@@ -54,10 +54,8 @@ fn adaption_prompt_logits_disabled_and_greedy_match_hf() {
 fn adaption_prompt_loss_gradients_and_counts_match_hf() {
     for case in [CASE, "llama3_adaption_prompt", "mistral_adaption_prompt"] {
         let exp = Expected::load(case);
-        let cj = case_json(case);
         let m = adapter_peft(case, true);
-        let (trainable, total) = m.nb_trainable_parameters();
-        assert_eq!((trainable as u64, total as u64), (cj["trainable_params"].as_u64().unwrap(), cj["all_params"].as_u64().unwrap()), "{case} counts");
+        check_hf_counts(case, &m);
         // The fused engine declines a model whose attention carries an adaption prompt.
         assert!(peft_core::engine::try_loss_and_grads(&m, &expected_batch(&exp), None, None).unwrap().is_none(), "the engine must decline adaption prompts");
         let (loss, _, grads) = loss_and_grads(&m, &expected_batch(&exp), None, None).unwrap_or_else(|e| panic!("loss_and_grads: [{}] {e}", e.code()));

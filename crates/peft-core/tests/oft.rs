@@ -64,10 +64,8 @@ fn oft_counts_status_and_gradients_match_hf() {
 #[test]
 fn oft_variants_block_share_exact_cayley_and_coft_match_hf() {
     let exp = Expected::load(VARIANTS);
-    let cj = case_json(VARIANTS);
     let mut m = adapter_peft(VARIANTS, true);
-    let (trainable, total) = m.nb_trainable_parameters();
-    assert_eq!((trainable as u64, total as u64), (cj["trainable_params"].as_u64().unwrap(), cj["all_params"].as_u64().unwrap()), "counts");
+    check_hf_counts(VARIANTS, &m);
     // The file holds unprojected weights: COFT projects them during the forward and writes them back.
     check_logits("adapter (COFT projects)", &m, &exp, "logits_adapter");
     for (k, v) in m.trainable_parameters() {
@@ -198,7 +196,6 @@ fn check_greedy_key(what: &str, m: &PeftModel, exp: &Expected, key: &str) {
 /// HF's counts, layer status, gradients, and the byte-identical re-save.
 fn check_embedding_case(case: &str, emb_module: &str, linears: usize) {
     let exp = Expected::load(case);
-    let cj = case_json(case);
     let mut m = adapter_peft(case, false);
     check_adapter_then_disabled(&mut m, &exp);
     check_greedy("adapter", &m, &exp);
@@ -221,8 +218,7 @@ fn check_embedding_case(case: &str, emb_module: &str, linears: usize) {
     check_logits("merge_and_unload", &u, &exp, "logits_merge_and_unload");
 
     let m = adapter_peft(case, true);
-    let (trainable, total) = m.nb_trainable_parameters();
-    assert_eq!((trainable as u64, total as u64), (cj["trainable_params"].as_u64().unwrap(), cj["all_params"].as_u64().unwrap()), "{case}: HF's counts");
+    check_hf_counts(case, &m);
     let status = m.layer_status().unwrap();
     assert_eq!(status.len(), linears + 1, "{status:?}");
     let emb: Vec<_> = status.iter().filter(|s| s["module_type"] == "oft.Embedding").collect();

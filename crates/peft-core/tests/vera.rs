@@ -200,8 +200,7 @@ fn vera_bias_all_and_vera_only_match_hf() {
         let cj = case_json(case);
         let m = adapter_peft(case, true);
         check_logits("adapter (saved biases loaded)", &m, &exp, "logits_adapter");
-        let (trainable, total) = m.nb_trainable_parameters();
-        assert_eq!((trainable as u64, total as u64), (cj["trainable_params"].as_u64().unwrap(), cj["all_params"].as_u64().unwrap()), "{case} counts");
+        check_hf_counts(case, &m);
         let (loss, _, grads) = loss_and_grads(&m, &expected_batch(&exp), None, None).unwrap();
         let want = exp.get("loss").flatten_all().unwrap().to_vec1::<f32>().unwrap()[0] as f64;
         assert!((loss - want).abs() <= 1e-5, "{case} loss {loss} vs {want}");

@@ -400,6 +400,13 @@ pub fn check_hf_loss_and_grads(case: &str, m: &PeftModel) -> (usize, f64) {
     (checked, worst)
 }
 
+/// HF's parameter counts of `m`: `trainable_params` and `all_params` of the case's `case.json`.
+pub fn check_hf_counts(case: &str, m: &PeftModel) {
+    let cj = case_json(case);
+    let (trainable, total) = m.nb_trainable_parameters();
+    assert_eq!((trainable as u64, total as u64), (cj["trainable_params"].as_u64().unwrap(), cj["all_params"].as_u64().unwrap()), "{case}: HF's parameter counts");
+}
+
 /// HF's parameter counts of `m` (`trainable_params` / `all_params` of the case's `case.json`),
 /// its layer status (`layers` layers, each of HF's `module_type`) and HF's tuner model class
 /// (`get_model_status().adapter_model_type`).
