@@ -646,3 +646,38 @@ fn merging_an_embedding_adapter_of_a_tied_model_moves_the_head_or_is_refused_whe
     assert!(k.base.named_linears().iter().all(|(_, l)| l.merged.is_empty()));
     assert_eq!(logits(&k, &IDS), before);
 }
+
+/// An adapter saved with its embedding table (HF `save_embedding_layers`) replaces the table
+/// of a tied model on load, and HF's tied head, the same `Parameter`, computes the logits from
+/// the loaded table too. Kept quantized, the head holds a quantized copy of the file's table
+/// (`tie_groups` still counts it in the embedding's group): it drops that copy and takes the
+/// loaded table, as the dequantized model's head does.
+#[test]
+fn loading_a_saved_table_into_a_tied_model_moves_a_kept_quantized_head_too() {
+    use peft_core::peft_model::{SaveEmbeddingLayers, SaveOptions};
+    let cfg = || AdapterConfig::from_json(&json!({"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"]}), None).unwrap();
+    let mut src = load_tied(false);
+    src.add_adapter("default", cfg(), 1).unwrap();
+    // a "fine-tuned" table: the tied embedding and head hold one tensor, replaced for both
+    let table = (&src.base.as_llama().unwrap().embed_tokens.weight * 1.5).unwrap();
+    for (name, lin) in src.base.named_linears_mut() {
+        if name == "model.embed_tokens" || name == "lm_head" {
+            lin.weight = table.clone();
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("peft-qlora-tied-table-{}", std::process::id()));
+    src.save_pretrained_with(&dir, None, &SaveOptions { save_embedding_layers: SaveEmbeddingLayers::Yes, ..Default::default() }).unwrap();
+    let (mut k, mut d) = (load_tied(true), load_tied(false));
+    let before = logits(&k, &IDS);
+    assert_eq!(k.tie_groups(), vec![vec!["model.embed_tokens".to_string(), "lm_head".to_string()]]);
+    k.load_adapter(&dir, "default", false, None).unwrap();
+    d.load_adapter(&dir, "default", false, None).unwrap();
+    let head = &k.base.as_llama().unwrap().lm_head;
+    assert!(head.quant.is_none(), "the head dropped its quantized copy of the old table");
+    let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(flat(&head.weight), flat(&table));
+    assert_eq!(flat(&k.base.as_llama().unwrap().embed_tokens.weight), flat(&table));
+    let (a, _) = check_keep_logits(&k, &d, "tied, loaded table");
+    assert!(max_diff(&a, &before) > 0.1 * max_abs(&before), "the loaded table changed the logits");
+    std::fs::remove_dir_all(&dir).ok();
+}

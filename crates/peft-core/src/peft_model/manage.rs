@@ -69,13 +69,15 @@ impl PeftModel {
                 lin.refuse_quantized("merge an adapter")?;
             }
         }
-        // A tied output head kept quantized (a GGUF with tied embeddings under `keep`) cannot
-        // follow a merge into the embedding table that HF's shared weight would give it.
-        let tied_cfg = self.base.config_json()["tie_word_embeddings"].as_bool() == Some(true);
+        // A module kept quantized in a tie group (a GGUF's tied output head under `keep`)
+        // cannot follow a merge into the group's embedding table that HF's one shared weight
+        // would give it: refuse before any layer changes.
         let lins = self.base.named_layers();
-        let quant_head = lins.iter().find(|(m, l)| m == "lm_head" && l.quant.is_some() && !l.has_adapters() && l.saved_copies.is_empty());
-        if let (true, Some((h, head))) = (tied_cfg, quant_head) {
-            if let Some((e, _)) = lins.iter().find(|(_, l)| l.is_embedding && names.iter().any(|n| l.has_adapter(n) && !l.merged.contains(n))) {
+        let lin = |m: &str| lins.iter().find(|(n, _)| n == m).map(|(_, l)| *l);
+        for group in self.tie_groups() {
+            let merging = group.iter().find(|m| lin(m).is_some_and(|l| l.is_embedding && names.iter().any(|n| l.has_adapter(n) && !l.merged.contains(n))));
+            let kept = group.iter().filter_map(|m| lin(m).map(|l| (m, l))).find(|(_, l)| l.quant.is_some() && !l.has_adapters() && l.saved_copies.is_empty());
+            if let (Some(e), Some((h, head))) = (merging, kept) {
                 head.refuse_quantized(&format!("merge an adapter of `{e}` (tied to `{h}`)"))?;
             }
         }
@@ -143,11 +145,18 @@ impl PeftModel {
     /// the input embedding's weight, T5's `shared` with both stacks' `embed_tokens` and its tied
     /// `lm_head`), as groups of module paths in module order, each led by an embedding-kind
     /// module: every linear whose weight is that embedding's very tensor, or the same kept
-    /// quantized weight. The one tie rule of merging, unmerging and loading a saved table.
-    pub(crate) fn tie_groups(&self) -> Vec<Vec<String>> {
+    /// quantized weight, or (with `tie_word_embeddings`) a head kept quantized from the
+    /// embedding's own table: a GGUF's tied `token_embd` under `quantization: 'keep'` gives the
+    /// head a quantized copy of the table and the embedding a dequantized one (llama.cpp's
+    /// split), where HF holds one `Parameter`. The one tie rule of merging, unmerging and
+    /// loading a saved table.
+    pub fn tie_groups(&self) -> Vec<Vec<String>> {
         let lins = self.base.named_layers();
-        let same = |a: &crate::tuners::linear::PeftLinear, b: &crate::tuners::linear::PeftLinear| {
-            a.weight.id() == b.weight.id() || matches!((&a.quant, &b.quant), (Some(x), Some(y)) if std::sync::Arc::ptr_eq(x, y))
+        let tied_cfg = self.base.config_json()["tie_word_embeddings"].as_bool() == Some(true);
+        let same = |e: &crate::tuners::linear::PeftLinear, b: &crate::tuners::linear::PeftLinear| {
+            e.weight.id() == b.weight.id()
+                || matches!((&e.quant, &b.quant), (Some(x), Some(y)) if std::sync::Arc::ptr_eq(x, y))
+                || (tied_cfg && !b.is_embedding && b.quant.as_ref().is_some_and(|q| e.weight.dims() == [q.rows(), q.cols()]))
         };
         let mut groups: Vec<Vec<String>> = Vec::new();
         for (e, el) in lins.iter().filter(|(_, l)| l.is_embedding) {
