@@ -292,12 +292,7 @@ impl PeftModel {
             if !self.merged_adapters().is_empty() {
                 return Err(PeftError::InvalidState("adapterNames (mixed batches) cannot be used while adapters are merged".into()));
             }
-            for n in rows.iter().flatten() {
-                self.peft_config(n)?;
-                if self.is_attention_adapter(n) {
-                    return Err(PeftError::invalid_arg("adapterNames", format!("per-row adapters (mixed batches) are not available with adaption prompt adapters (`{n}`)")));
-                }
-            }
+            self.check_allowed(Operation::MixedBatch, rows.iter().flatten())?;
         }
         Ok(())
     }

@@ -16,11 +16,8 @@ impl PeftModel {
         for n in names {
             self.peft_config(n)?;
         }
-        if self.is_prompt_learning() && names.len() > 1 {
-            return Err(PeftError::invalid_arg("adapterName", "prompt-learning models have exactly one active adapter"));
-        }
-        if names.len() > 1 && names.iter().any(|n| self.is_attention_adapter(n)) {
-            return Err(PeftError::invalid_arg("adapterName", "adaption prompt models have exactly one active adapter (HF `AdaptionPromptModel.set_adapter` takes one name)"));
+        if names.len() > 1 {
+            self.check_allowed(Operation::SeveralActive, names)?;
         }
         if !self.merged_adapters().is_empty() {
             // HF LoraModel.set_adapter: unmerge first (with this warning).
@@ -52,17 +49,7 @@ impl PeftModel {
         for n in &names {
             self.peft_config(n)?;
         }
-        if self.is_prompt_learning() {
-            return Err(PeftError::InvalidState(format!(
-                "{} adapters cannot be merged: they do not change the base model's weights",
-                self.peft_type().unwrap_or_default()
-            )));
-        }
-        if let Some(n) = names.iter().find(|n| self.is_attention_adapter(n)) {
-            return Err(PeftError::InvalidState(format!(
-                "adapter `{n}` is an adaption prompt, which cannot be merged: it adds attention over learned prompt tokens instead of changing weights (HF's AdaptionPromptModel has no merge_adapter / merge_and_unload: \"'LlamaForCausalLM' object has no attribute 'merge_and_unload'\")"
-            )));
-        }
+        self.check_allowed(Operation::Merge, &names)?;
         // A base kept quantized cannot take a merge: refuse before any layer changes.
         for (_, lin) in self.base.named_layers() {
             if names.iter().any(|n| lin.has_adapter(n) && !lin.merged.contains(n)) {

@@ -4,6 +4,7 @@
 use crate::error::{PeftError, Result};
 use crate::io::{python_json_dumps, read_safetensors, write_atomic};
 use crate::model::{BaseModel, ForwardOptions, KvCache, Task};
+use crate::tuners::registry::Operation;
 use crate::tuners::lora::{InitLoraWeights, TargetModules};
 use crate::tuners::prompt::{ModelDims, PromptEncoder, PromptLearningConfig, PromptMethod};
 use crate::tuners::AdapterConfig;
@@ -227,10 +228,18 @@ impl PeftModel {
         out
     }
 
-    /// Whether adapter `name` lives in attention modules (an adaption prompt, HF
-    /// `AdaptedAttention`) rather than in linear layers or a prompt encoder.
-    pub(crate) fn is_attention_adapter(&self, name: &str) -> bool {
-        self.base.named_attention_prompts().iter().any(|(_, h)| h.adapters.contains_key(name))
+    /// The first refusal of `op` by the tuner of one of the adapters `names`, in order (see
+    /// [`crate::tuners::registry::Tuner::refusal`]).
+    ///
+    /// Errors: `AdapterNotFound` for an unknown name; the tuner's refusal.
+    pub(crate) fn check_allowed<'a>(&self, op: Operation, names: impl IntoIterator<Item = &'a String>) -> Result<()> {
+        for n in names {
+            let cfg = self.peft_config(n)?;
+            if let Some(e) = cfg.tuner().refusal(op, n, cfg) {
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     /// Bytes of native memory held by the model's weights: the base parameters (tied weights

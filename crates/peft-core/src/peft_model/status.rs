@@ -10,21 +10,11 @@ impl PeftModel {
     ///
     /// [`AdapterLayer::status_submodule`]: crate::tuners::layer::AdapterLayer::status_submodule
     ///
-    /// Errors: `InvalidState` for prompt-learning models (HF: not supported there) or a model
-    /// without adapter layers.
+    /// Errors: `InvalidState` for prompt-learning and adaption-prompt models (their tuners' refusal
+    /// of [`Operation::Status`]; HF: not supported there) or a model without adapter layers.
     pub fn layer_status(&self) -> Result<Vec<serde_json::Value>> {
         use serde_json::json;
-        if self.configs.iter().any(|(n, _)| self.is_attention_adapter(n)) {
-            return Err(PeftError::InvalidState(
-                "layer and model status are not available for adaption prompt adapters: they wrap attention modules, not layers (HF: \"get_layer_status() got an invalid PeftModel instance; prefix tuning and adaption prompt are not supported.\")".into(),
-            ));
-        }
-        if self.is_prompt_learning() {
-            return Err(PeftError::InvalidState(format!(
-                "layer and model status are not available for prompt-learning adapters ({}): they do not change the model's layers (HF's get_layer_status() refuses them too)",
-                self.peft_type().unwrap_or_default()
-            )));
-        }
+        self.check_allowed(Operation::Status, self.configs.iter().map(|(n, _)| n))?;
         let mut out = Vec::new();
         for (path, lin) in self.base.named_layers() {
             let (module_type, mut available, sub): (&str, Vec<String>, Option<&str>) = if !lin.saved_copies.is_empty() {

@@ -5,13 +5,27 @@
 use super::config::AdapterConfig;
 use super::layer::Slot;
 use super::linear::PeftLinear;
-use crate::error::Result;
+use crate::error::{PeftError, Result};
 use crate::model::Task;
 use crate::peft_model::{LoadResult, PeftModel};
 use candle_core::backprop::GradStore;
 use candle_core::Tensor;
 use serde_json::Value;
 use std::path::Path;
+
+/// The [`PeftModel`] operations that the adapters of some tuners refuse, as HF's models raise
+/// for them (see [`Tuner::refusal`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Operation {
+    /// `set_adapter` with several names at once.
+    SeveralActive,
+    /// `merge_adapter` / `merge_and_unload` of the adapter.
+    Merge,
+    /// `get_layer_status` / `get_model_status` of a model that holds the adapter.
+    Status,
+    /// The adapter named for rows of a mixed batch (`adapter_names`).
+    MixedBatch,
+}
 
 /// The model-level tuner contract (HF `BaseTuner` plus its registration).
 pub trait Tuner: Sync {
@@ -33,6 +47,12 @@ pub trait Tuner: Sync {
     /// an adapter with tied targets (`_check_merge_allowed`) does not apply.
     fn ties_embedding_adapters(&self) -> bool {
         false
+    }
+    /// HF's refusal of `op` for adapter `name` of this tuner (config `cfg`): the error the model
+    /// returns before anything changes, or `None` when the tuner allows it (the default).
+    fn refusal(&self, op: Operation, name: &str, cfg: &AdapterConfig) -> Option<PeftError> {
+        let _ = (op, name, cfg);
+        None
     }
     /// Parse HF's adapter_config.json object into this tuner's config.
     ///

@@ -27,10 +27,10 @@ pub use config::AdaptionPromptConfig;
 pub use layer::{AdaptedAttention, AttentionPrompts};
 pub use model::SUPPORTED_MODEL_TYPES;
 
-use crate::error::Result;
+use crate::error::{PeftError, Result};
 use crate::peft_model::{LoadResult, PeftModel};
 use crate::tuners::config::AdapterConfig;
-use crate::tuners::registry::Tuner;
+use crate::tuners::registry::{Operation, Tuner};
 use candle_core::Tensor;
 use std::path::Path;
 
@@ -46,6 +46,20 @@ impl Tuner for AdaptionPromptTuner {
         inject: |model, name, c, seed| model.add_adaption_prompt(name, c, seed, Default::default()));
     fn prefix(&self, _peft_type: &str) -> Option<&'static str> {
         Some("adaption_prompt_")
+    }
+    /// HF's `AdaptionPromptModel` takes one active adapter, has no merge and no layer status,
+    /// and HF's mixed batches do not reach its attention wrappers.
+    fn refusal(&self, op: Operation, name: &str, _cfg: &AdapterConfig) -> Option<PeftError> {
+        Some(match op {
+            Operation::SeveralActive => PeftError::invalid_arg("adapterName", "adaption prompt models have exactly one active adapter (HF `AdaptionPromptModel.set_adapter` takes one name)"),
+            Operation::Merge => PeftError::InvalidState(format!(
+                "adapter `{name}` is an adaption prompt, which cannot be merged: it adds attention over learned prompt tokens instead of changing weights (HF's AdaptionPromptModel has no merge_adapter / merge_and_unload: \"'LlamaForCausalLM' object has no attribute 'merge_and_unload'\")"
+            )),
+            Operation::Status => PeftError::InvalidState(
+                "layer and model status are not available for adaption prompt adapters: they wrap attention modules, not layers (HF: \"get_layer_status() got an invalid PeftModel instance; prefix tuning and adaption prompt are not supported.\")".into(),
+            ),
+            Operation::MixedBatch => PeftError::invalid_arg("adapterNames", format!("per-row adapters (mixed batches) are not available with adaption prompt adapters (`{name}`)")),
+        })
     }
     fn load(&self, model: &mut PeftModel, name: &str, cfg: &AdapterConfig, tensors: &mut Vec<(String, Tensor)>, wpath: &Path) -> Option<Result<LoadResult>> {
         let c = cfg.get::<AdaptionPromptConfig>()?.clone();

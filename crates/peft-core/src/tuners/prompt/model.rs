@@ -9,7 +9,7 @@ use crate::model::Task;
 use crate::peft_model::{saves_module, LoadResult, PeftModel, KEY_PREFIX};
 use rand::{Rng, SeedableRng};
 use crate::tuners::config::AdapterConfig;
-use crate::tuners::registry::Tuner;
+use crate::tuners::registry::{Operation, Tuner};
 use candle_core::{DType, Tensor, Var};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -30,6 +30,19 @@ impl Tuner for PromptTuner {
             "P_TUNING" => Some("p_tuning_"),
             "MULTITASK_PROMPT_TUNING" => Some("multitask_prompt_tuning_"),
             _ => None,
+        }
+    }
+    /// HF's prompt-learning `PeftModel` has one active adapter, no merge (the base weights do
+    /// not change) and no layer status. (Mixed batches are refused by the prompt forward.)
+    fn refusal(&self, op: Operation, _name: &str, cfg: &AdapterConfig) -> Option<PeftError> {
+        match op {
+            Operation::SeveralActive => Some(PeftError::invalid_arg("adapterName", "prompt-learning models have exactly one active adapter")),
+            Operation::Merge => Some(PeftError::InvalidState(format!("{} adapters cannot be merged: they do not change the base model's weights", cfg.peft_type()))),
+            Operation::Status => Some(PeftError::InvalidState(format!(
+                "layer and model status are not available for prompt-learning adapters ({}): they do not change the model's layers (HF's get_layer_status() refuses them too)",
+                cfg.peft_type()
+            ))),
+            Operation::MixedBatch => None,
         }
     }
     fn load(&self, model: &mut PeftModel, name: &str, cfg: &AdapterConfig, tensors: &mut Vec<(String, Tensor)>, wpath: &Path) -> Option<Result<LoadResult>> {
