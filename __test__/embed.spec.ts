@@ -74,7 +74,7 @@ const isBusy = (e: unknown, method: string) => e instanceof PeftError && e.code 
 
 // ---- blocking ----
 
-test.serial('during training every sync getter and method returns at once: event-loop delay p99 < 50 ms, max < 100 ms', async (t) => {
+test.serial('during training every sync getter and method returns at once: the event loop turns many times per training step', async (t) => {
   const base = disposeLater(t, await loadLlama())
   const pm = disposeLater(t, getPeftModel(base, new LoraConfig({ r: 8, targetModules: ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'up_proj', 'down_proj'] }), 'default', { seed: 1 }))
   pm.addAdapter('other', new LoraConfig({ r: 4, targetModules: ['q_proj'] }), { seed: 2 })
@@ -179,12 +179,15 @@ test.serial('during training every sync getter and method returns at once: event
   t.log(`${iterations} iterations calling ${calls.size} getters/methods; event-loop delay p50 ${(h.percentile(50) / 1e6).toFixed(1)} ms, p99 ${p99.toFixed(1)} ms, max ${max.toFixed(1)} ms; slowest call ${worstCall} ${worstCallMs.toFixed(2)} ms`)
   t.is(out.globalStep, 8)
   t.false(out.aborted)
-  t.true(iterations > 8, 'the loop ran while steps ran')
+  // A call that waited for the model (held by the running step) would stall the loop for the
+  // rest of that step, leaving about one iteration per step; returning at once, the loop turns
+  // tens of times per step (217-352 iterations over 8 steps in CI runs). No wall-clock bound:
+  // the delays above are logged, and a loaded machine stretches them (CI saw a 108.8 ms max
+  // with its slowest call taking 9.5 ms, i.e. the process was off the CPU, not waiting).
+  t.true(iterations >= 4 * out.globalStep, `${iterations} loop iterations over ${out.globalStep} steps`)
   for (const m of ['setAdapter', 'mergeAdapter', 'unmergeAdapter', 'deleteAdapter', 'mergeAndUnload', 'unload', 'addAdapter']) {
     t.is(refused.get(m), calls.get(m), `${m} was refused with ERR_BUSY each time`)
   }
-  t.true(p99 < 50, `p99 event-loop delay ${p99.toFixed(1)} ms`)
-  t.true(max < 100, `max event-loop delay ${max.toFixed(1)} ms`)
   // nothing changed the adapters
   t.deepEqual(pm.activeAdapters, ['default'])
   t.deepEqual(Object.keys(pm.peftConfig), ['default', 'other'])
@@ -217,7 +220,8 @@ test('dispose() never blocks: calls made before it complete, then the model is f
   pm.dispose()
   const took = performance.now() - t0
   t.log(`dispose() returned in ${took.toFixed(2)} ms with 4 forwards queued`)
-  t.true(took < 50, `dispose() took ${took.toFixed(1)} ms`)
+  // returned without waiting: had it waited for the queued forwards, it would have freed the
+  // model before returning (the time is logged, not bounded)
   t.false(base.native.disposed, 'not freed while calls made before dispose() are pending')
   await assertPeftError(t, () => pm.forward(x), 'ERR_INVALID_STATE', ['dispose'])
   await assertPeftError(t, () => pm.activeAdapters, 'ERR_INVALID_STATE')
