@@ -452,7 +452,45 @@ export class PeftModel {
       rt.merged = []
       peftWarning(WARN_SET_WHILE_MERGED)
     }
+    rt.resetGradFlags(names)
     rt.active = names
+  }
+
+  /**
+   * Enable (`true`, the default) or disable gradients of the given adapters' parameters, their
+   * tuner layers and modules_to_save copies (HF `PeftModel.set_requires_grad`), until the next
+   * `setAdapter`, which resets every tuner layer to "active and not in inference mode" and the
+   * copies of the adapters it deactivates or activates (other copies keep their flag, as HF's
+   * `ModulesToSaveWrapper`). `getLayerStatus` / `getModelStatus` report the flags and
+   * `getNbTrainableParameters` counts them. A `Trainer` trains the active adapters that require
+   * gradients: freezing one of two active adapters trains only the other; an inactive adapter
+   * that requires gradients is counted but not trained (the forward does not use it). Applied
+   * now when the model is idle, else queued behind the calls made before it.
+   *
+   * Errors: `ERR_ADAPTER_NOT_FOUND` (HF ignores unknown names); `ERR_INVALID_ARGUMENT` when
+   * `requiresGrad` is not a boolean; `ERR_INVALID_STATE` for prompt-learning adapters (HF: a
+   * `TypeError`) and adaption prompts (HF's `AdaptionPromptModel` has no such method) or after
+   * `dispose()`; `ERR_BUSY` while a Trainer trains the model.
+   */
+  setRequiresGrad(adapterNames: string | string[], requiresGrad = true): void {
+    const rt = this.rt
+    rt.checkAlive()
+    rt.refuseWhileTraining('setRequiresGrad')
+    const names = [adapterNames].flat()
+    if (typeof requiresGrad !== 'boolean') throw invalidArgument('requiresGrad', `must be a boolean, found ${typeof requiresGrad}`)
+    checkNames(rt, names, 'adapterNames')
+    for (const n of names) {
+      const a = rt.adapters.get(n) as AdapterInfo
+      if (a.promptLearning) throw new PeftError('ERR_INVALID_STATE', `invalid state: Setting \`requires_grad\` is not supported for prompt learning methods like ${a.peftType}.`)
+      if (rt.isAttentionAdapter(n)) {
+        throw new PeftError('ERR_INVALID_STATE', `invalid state: setRequiresGrad is not available for adaption prompt adapters (\`${n}\`): HF's AdaptionPromptModel has no set_requires_grad`)
+      }
+    }
+    rt.mutate('setRequiresGrad', () => call(() => this.n.setRequiresGrad(names, requiresGrad)))
+    for (const n of names) {
+      rt.gradFlags.layers.set(n, requiresGrad)
+      rt.gradFlags.copies.set(n, requiresGrad)
+    }
   }
 
   /**
@@ -779,6 +817,8 @@ export class PeftModel {
       rt.afterNativeChange()
     })
     rt.adapters.delete(adapterName)
+    rt.gradFlags.layers.delete(adapterName)
+    rt.gradFlags.copies.delete(adapterName)
     rt.active = rt.active.filter((a) => a !== adapterName)
     const first = rt.adapters.keys().next()
     if (rt.active.length === 0 && !first.done) rt.active = [first.value]
@@ -831,7 +871,7 @@ export class PeftModel {
         enabled: !rt.disabled,
         activeAdapters: rt.active.slice(),
         mergedAdapters: rt.merged.filter((m) => e.tuned.includes(m)),
-        requiresGrad: Object.fromEntries(available.map((a) => [a, rt.active.includes(a) && !(rt.adapters.get(a) as AdapterInfo).inferenceMode])),
+        requiresGrad: Object.fromEntries(available.map((a) => [a, rt.requiresGrad(a, e.saved.length > 0 ? 'copies' : 'layers')])),
         availableAdapters: available,
         devices: Object.fromEntries(available.map((a) => [a, [rt.device]])),
         quantizationBackend: rt.quantized.get(p) ?? null,
@@ -882,8 +922,9 @@ export class PeftModel {
     }
   }
 
-  /** `[trainable, all]` parameter counts, as HF's `get_nb_trainable_parameters` (for the
-   * active adapters as of the last call); never waits. */
+  /** `[trainable, all]` parameter counts, as HF's `get_nb_trainable_parameters`: trainable
+   * counts the parameters that require gradients (the active adapters not in inference mode,
+   * as changed by `setRequiresGrad`) as of the last call; never waits. */
   getNbTrainableParameters(): [number, number] {
     const rt = this.rt
     rt.checkAlive()
@@ -891,7 +932,8 @@ export class PeftModel {
     let total = rt.baseParams
     for (const a of rt.adapters.values()) {
       total += a.params
-      if (rt.active.includes(a.name)) trainable += a.trainable
+      if (rt.requiresGrad(a.name, 'layers')) trainable += a.gradParams[0]
+      if (rt.requiresGrad(a.name, 'copies')) trainable += a.gradParams[1]
     }
     return [trainable, total]
   }

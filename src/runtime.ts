@@ -35,8 +35,9 @@ export interface AdapterInfo {
   modelClass: string
   promptLearning: boolean
   inferenceMode: boolean
-  /** Parameters training updates while this adapter is active. */
-  trainable: number
+  /** `[layers, copies]`: parameters that can take gradients, in the adapter's tuner layers (or
+   * prompt encoder) and in its modules_to_save copies, whatever their `requiresGrad`. */
+  gradParams: [number, number]
   /** All of the adapter's parameters. */
   params: number
   /** `[module path, kind]` of every layer that carries the adapter. */
@@ -81,6 +82,9 @@ export class ModelRuntime {
   gradientCheckpointing = false
   /** Merged adapters as of the last call, in merge order. */
   merged: string[] = []
+  /** `setRequiresGrad` since the last `setAdapter`, per adapter: `[layers, copies]` flags
+   * (see `requiresGrad`). */
+  readonly gradFlags = { layers: new Map<string, boolean>(), copies: new Map<string, boolean>() }
   /** Open `disableAdapter` scopes; adapters are disabled while > 0. */
   private disableDepth = 0
   /** Whether the native model's adapters are disabled now (applied lazily before each job). */
@@ -134,6 +138,20 @@ export class ModelRuntime {
   /** Whether adapter `name` is an adaption prompt (its layers are attention modules it wraps). */
   isAttentionAdapter(name: string): boolean {
     return (this.adapters.get(name)?.layers ?? []).some(([, kind]) => kind === 'adaption_prompt')
+  }
+
+  /** HF's `requires_grad` of adapter `name`'s tuner layers (`layers`) or modules_to_save
+   * copies (`copies`): what `setRequiresGrad` set since the last `setAdapter`, else active and
+   * not in inference mode (the core's `PeftModel::requires_grad`). */
+  requiresGrad(name: string, part: 'layers' | 'copies'): boolean {
+    return this.gradFlags[part].get(name) ?? (this.active.includes(name) && !(this.adapters.get(name)?.inferenceMode ?? true))
+  }
+
+  /** HF `set_adapter`'s reset of `requires_grad`: every tuner layer, and the copies of the
+   * adapters it deactivates and activates (the core's `set_adapter`). */
+  resetGradFlags(next: string[]): void {
+    this.gradFlags.layers.clear()
+    for (const n of [...this.active, ...next]) this.gradFlags.copies.delete(n)
   }
 
   isPromptLearning(): boolean {

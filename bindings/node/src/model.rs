@@ -10,7 +10,7 @@ use peft_core::generate::{generate_with, GenerateHooks, GenerateOptions, Step, S
 use peft_core::progress::Control;
 use peft_core::model::loader::{self as loader, LoadRequest};
 use peft_core::model::{ForwardOptions, Task};
-use peft_core::peft_model::{PeftModel, SaveEmbeddingLayers, SaveOptions, BASE_ADAPTER};
+use peft_core::peft_model::{GradPart, PeftModel, SaveEmbeddingLayers, SaveOptions, BASE_ADAPTER};
 use peft_core::tuners::AdapterConfig;
 use peft_core::PeftError;
 use napi::bindgen_prelude::ObjectFinalize;
@@ -427,6 +427,12 @@ impl NativeModel {
         guard(|| with_model(&self.inner, |m| m.set_adapter(&names)))
     }
 
+    /// HF `set_requires_grad` (see `PeftModel::set_requires_grad`).
+    #[napi(catch_unwind)]
+    pub fn set_requires_grad(&self, names: Vec<String>, requires_grad: bool) -> napi::Result<()> {
+        guard(|| with_model(&self.inner, |m| m.set_requires_grad(&names, requires_grad)))
+    }
+
     /// HF `LoraLayer.set_scale` on every layer holding `name` (see `PeftModel::set_adapter_scale`).
     #[napi(catch_unwind)]
     pub fn set_adapter_scale(&self, name: String, scale: f64) -> napi::Result<()> {
@@ -574,8 +580,9 @@ impl NativeModel {
 
     /// Everything the JS facade's snapshot keeps about adapter `name`, as JSON: `config`
     /// (adapter_config.json text), `peftType`, `modelClass` (HF's tuner model class, from the
-    /// tuner registry), `promptLearning`, `inferenceMode`, `trainable` (parameters training
-    /// updates while it is active), `params` (all its parameters) and `layers` (`[path, kind]`
+    /// tuner registry), `promptLearning`, `inferenceMode`, `gradParams` (`[layers, copies]`: the
+    /// parameters that can take gradients, in its tuner layers or prompt encoder and in its
+    /// modules_to_save copies, whatever their `requires_grad`), `params` (all its parameters) and `layers` (`[path, kind]`
     /// for each layer that carries it; kind `lora`, `lora_embedding`, `ia3`, `modules_to_save`,
     /// `adaption_prompt` for an attention module wrapped by an adaption prompt, or another
     /// tuner's module-type prefix, `loha` for `loha.Linear`). Errors:
@@ -586,11 +593,10 @@ impl NativeModel {
             with_model(&self.inner, |m| {
                 let cfg = m.peft_config(&name)?;
                 let (peft_type, prompt, inference) = (cfg.peft_type(), cfg.is_prompt_learning(), cfg.inference_mode());
-                let trainable: usize = m
-                    .trainable_parameters_of(std::slice::from_ref(&name))
-                    .iter()
-                    .flat_map(|(_, vs)| vs.iter().map(|(_, v)| v.elem_count()))
-                    .sum();
+                let mut grad_params = [0usize; 2];
+                for (part, _, v) in m.adapter_param_parts(&name) {
+                    grad_params[(part == GradPart::Copies) as usize] += v.elem_count();
+                }
                 let mut params = m.prompt_encoder(&name).map(|e| e.param_count()).unwrap_or(0);
                 let mut layers = Vec::new();
                 for (path, l) in m.base.named_layers() {
@@ -617,7 +623,7 @@ impl NativeModel {
                     "modelClass": cfg.tuner().model_class(),
                     "promptLearning": prompt,
                     "inferenceMode": inference,
-                    "trainable": trainable,
+                    "gradParams": grad_params,
                     "params": params,
                     "layers": layers,
                 })

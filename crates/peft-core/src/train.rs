@@ -601,7 +601,7 @@ impl Trainer {
         let vars = model.trainable_parameters();
         if vars.is_empty() {
             return Err(PeftError::InvalidState(
-                "the model has no trainable parameters (is the active adapter loaded with isTrainable: false?)".into(),
+                "the model has no trainable parameters (is the active adapter loaded with isTrainable: false, or frozen with setRequiresGrad?)".into(),
             ));
         }
         if args.gradient_checkpointing && model.has_prefix_tuning() {

@@ -235,6 +235,20 @@ fn cpt_refusals_carry_codes() {
     assert_eq!(e.code(), "ERR_ADAPTER_CONFIG_INVALID");
     assert!(e.to_string().contains("cpt_token_ids"), "{e}");
     assert!(m3.adapter_names().is_empty(), "a refused adapter leaves the model unchanged");
+    // Refused as every prompt-learning adapter is (HF's PeftModel for prompt learning: one
+    // active adapter, no merge, no layer status, `set_requires_grad` a TypeError).
+    let mut m = fresh_model();
+    let e = m.merge_adapter(None, false).unwrap_err();
+    assert_eq!(e.code(), "ERR_INVALID_STATE");
+    assert!(e.to_string().contains("CPT adapters cannot be merged"), "{e}");
+    let e = m.layer_status().unwrap_err();
+    assert!(e.to_string().contains("prompt-learning adapters (CPT)"), "{e}");
+    let e = m.set_requires_grad(&["default".to_string()], false).unwrap_err();
+    assert!(e.to_string().contains("Setting `requires_grad` is not supported for prompt learning methods like CPT."), "{e}");
+    m.add_adapter("second", AdapterConfig::from_json(&file_config(), None).unwrap(), 0).unwrap();
+    let e = m.set_adapter(&["default".to_string(), "second".to_string()]).unwrap_err();
+    assert_eq!(e.code(), "ERR_INVALID_ARGUMENT");
+    assert!(e.to_string().contains("exactly one active adapter"), "{e}");
 }
 
 #[test]

@@ -24,6 +24,12 @@ impl PeftModel {
             self.warnings.push("Adapter cannot be set when the model is merged. Unmerging the model first.".into());
             self.unmerge_adapter()?;
         }
+        // HF: `set_adapter` resets `requires_grad` of every tuner layer, and each
+        // ModulesToSaveWrapper that of the copies it deactivates and activates.
+        self.grad_flags.layers.clear();
+        for n in self.active.iter().chain(names) {
+            self.grad_flags.copies.remove(n);
+        }
         self.active = names.to_vec();
         self.sync_layers();
         Ok(())
@@ -226,6 +232,8 @@ impl PeftModel {
         }
         self.prompt_encoders.remove(name);
         self.configs.retain(|(n, _)| n != name);
+        self.grad_flags.layers.remove(name);
+        self.grad_flags.copies.remove(name);
         self.active.retain(|n| n != name);
         if self.active.is_empty() {
             if let Some((n, _)) = self.configs.first() {

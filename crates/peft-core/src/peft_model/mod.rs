@@ -8,7 +8,7 @@ use crate::tuners::registry::Operation;
 use crate::tuners::lora::{InitLoraWeights, TargetModules};
 use crate::tuners::prompt::{ModelDims, PromptEncoder, PromptLearningConfig, PromptMethod};
 use crate::tuners::AdapterConfig;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use candle_core::{DType, Tensor, Var};
 use rand::Rng;
 use std::path::{Path, PathBuf};
@@ -108,6 +108,34 @@ pub struct PeftModel {
     pub(crate) saved_scalings: Vec<Vec<(String, String, f64)>>,
     /// Gradient checkpointing in training steps (see [`Self::set_gradient_checkpointing`]).
     pub(crate) gradient_checkpointing: bool,
+    /// What [`Self::set_requires_grad`] set (see [`Self::requires_grad`]).
+    pub(crate) grad_flags: GradFlags,
+}
+
+/// The two kinds of parameters whose `requires_grad` HF tracks apart for an adapter: those of
+/// its tuner layers (`BaseTunerLayer`, LoRA bias included) and its modules_to_save copies
+/// (`ModulesToSaveWrapper`), which `set_adapter` resets by different rules.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GradPart {
+    Layers,
+    Copies,
+}
+
+/// `requires_grad` set by [`PeftModel::set_requires_grad`], per adapter and [`GradPart`]; an
+/// adapter without an entry follows HF's default (active and not in inference mode).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct GradFlags {
+    pub(crate) layers: BTreeMap<String, bool>,
+    pub(crate) copies: BTreeMap<String, bool>,
+}
+
+impl GradFlags {
+    fn part(&self, part: GradPart) -> &BTreeMap<String, bool> {
+        match part {
+            GradPart::Layers => &self.layers,
+            GradPart::Copies => &self.copies,
+        }
+    }
 }
 
 /// Check an adapter name is usable, also as a folder name (HF saves non-default adapters in a
@@ -141,7 +169,7 @@ pub(crate) fn kaiming_uniform(rng: &mut rand::rngs::StdRng, rows: usize, cols: u
 impl PeftModel {
     /// Wrap a base model (no adapters yet).
     pub fn new(base: Box<dyn BaseModel>) -> Self {
-        PeftModel { base, configs: vec![], prompt_encoders: HashMap::new(), active: vec![], disabled: false, warnings: vec![], saved_scalings: vec![], gradient_checkpointing: false }
+        PeftModel { base, configs: vec![], prompt_encoders: HashMap::new(), active: vec![], disabled: false, warnings: vec![], saved_scalings: vec![], gradient_checkpointing: false, grad_flags: GradFlags::default() }
     }
 
     /// Adapter names in the order they were added.

@@ -3,8 +3,9 @@
 use super::*;
 
 impl PeftModel {
-    /// Adapter parameters that training updates: those of the active adapters whose config is
-    /// not in inference mode, as `(key as saved on disk, Var)`.
+    /// Adapter parameters that training updates: those of the active adapters that require
+    /// gradients ([`Self::requires_grad`]: by default, not in inference mode), as `(key as
+    /// saved on disk, Var)`.
     pub fn trainable_parameters(&self) -> Vec<(String, Var)> {
         self.trainable_parameters_by_adapter().into_iter().flat_map(|(_, v)| v).collect()
     }
@@ -15,56 +16,115 @@ impl PeftModel {
     }
 
     /// The parameters training would update for each of `names` if they were the active
-    /// adapters (unknown names and adapters in inference mode give nothing), grouped by adapter.
+    /// adapters (unknown names give nothing; each [`GradPart`] counts when
+    /// [`Self::set_requires_grad`] enabled it, or by default when the adapter is not in
+    /// inference mode), grouped by adapter.
     pub fn trainable_parameters_of(&self, names: &[String]) -> Vec<(String, Vec<(String, Var)>)> {
         let mut groups = Vec::new();
         for name in names {
-            let Ok(cfg) = self.peft_config(name) else { continue };
-            if cfg.inference_mode() {
+            if self.peft_config(name).is_err() {
                 continue;
             }
-            if let Some(enc) = self.prompt_encoders.get(name) {
-                let mut vars: Vec<(String, Var)> = enc.vars().into_iter().map(|(p, v)| (format!("prompt_encoder.{name}.{p}"), v)).collect();
-                for (m, lin) in self.base.named_layers() {
-                    if let Some((w, b)) = lin.saved_copies.get(name) {
-                        vars.push((format!("base_model.{m}.weight"), w.clone()));
-                        if let Some(b) = b {
-                            vars.push((format!("base_model.{m}.bias"), b.clone()));
-                        }
-                    }
-                }
-                groups.push((name.clone(), vars));
-                continue;
+            let out: Vec<(String, Var)> = self.adapter_param_parts(name).into_iter().filter(|(part, _, _)| self.grad_flag(name, *part, true)).map(|(_, k, v)| (k, v)).collect();
+            if !out.is_empty() {
+                groups.push((name.clone(), out));
             }
-            let mut out = Vec::new();
-            for (k, b) in self.bias_entries(self.bias_mode(name)) {
-                if b.is_variable() {
-                    if let Ok(v) = Var::from_tensor(&b) {
-                        out.push((k, v));
-                    }
-                }
-            }
-            for (m, lin) in self.base.named_layers() {
-                for (slot, v) in lin.adapter_params(name) {
-                    out.push((format!("{KEY_PREFIX}{}", slot.disk_key(&m)), v.clone()));
-                }
-                for (p, v) in lin.saved_copy_params(name) {
-                    out.push((format!("{KEY_PREFIX}{m}.{p}"), v.clone()));
-                }
-            }
-            for (m, host) in self.base.named_attention_prompts() {
-                for (p, v) in host.adapters.get(name).map(|a| a.params()).into_iter().flatten() {
-                    out.push((format!("{KEY_PREFIX}{m}.{p}"), v.clone()));
-                }
-            }
-            groups.push((name.clone(), out));
         }
         groups
     }
 
-    /// `(trainable, all)` parameter counts as HF `get_nb_trainable_parameters` reports them.
+    /// Every trainable-kind parameter of adapter `name`, whatever its flags, each with its
+    /// [`GradPart`]: the tuner layers' (or the prompt encoder's), LoRA's bias entries and the
+    /// adaption prompts' are `Layers`, the modules_to_save copies `Copies`. Keys as saved on
+    /// disk, in the order training has always used (bias entries, then module by module).
+    pub fn adapter_param_parts(&self, name: &str) -> Vec<(GradPart, String, Var)> {
+        let mut out = Vec::new();
+        let layer_copies = |out: &mut Vec<(GradPart, String, Var)>, m: &str, lin: &crate::tuners::linear::PeftLinear, prompt: bool| {
+            if prompt {
+                if let Some((w, b)) = lin.saved_copies.get(name) {
+                    out.push((GradPart::Copies, format!("base_model.{m}.weight"), w.clone()));
+                    if let Some(b) = b {
+                        out.push((GradPart::Copies, format!("base_model.{m}.bias"), b.clone()));
+                    }
+                }
+            } else {
+                for (p, v) in lin.saved_copy_params(name) {
+                    out.push((GradPart::Copies, format!("{KEY_PREFIX}{m}.{p}"), v.clone()));
+                }
+            }
+        };
+        if let Some(enc) = self.prompt_encoders.get(name) {
+            out.extend(enc.vars().into_iter().map(|(p, v)| (GradPart::Layers, format!("prompt_encoder.{name}.{p}"), v)));
+            for (m, lin) in self.base.named_layers() {
+                layer_copies(&mut out, &m, lin, true);
+            }
+            return out;
+        }
+        for (k, b) in self.bias_entries(self.bias_mode(name)) {
+            if b.is_variable() {
+                if let Ok(v) = Var::from_tensor(&b) {
+                    out.push((GradPart::Layers, k, v));
+                }
+            }
+        }
+        for (m, lin) in self.base.named_layers() {
+            for (slot, v) in lin.adapter_params(name) {
+                out.push((GradPart::Layers, format!("{KEY_PREFIX}{}", slot.disk_key(&m)), v.clone()));
+            }
+            layer_copies(&mut out, &m, lin, false);
+        }
+        for (m, host) in self.base.named_attention_prompts() {
+            for (p, v) in host.adapters.get(name).map(|a| a.params()).into_iter().flatten() {
+                out.push((GradPart::Layers, format!("{KEY_PREFIX}{m}.{p}"), v.clone()));
+            }
+        }
+        out
+    }
+
+    /// `requires_grad` of adapter `name`'s `part` if the adapter were active (`active`) or not:
+    /// what [`Self::set_requires_grad`] set since the last `set_adapter`, else HF's default,
+    /// `active` and not in inference mode.
+    fn grad_flag(&self, name: &str, part: GradPart, active: bool) -> bool {
+        match self.grad_flags.part(part).get(name) {
+            Some(&on) => on,
+            None => active && self.peft_config(name).map(|c| !c.inference_mode()).unwrap_or(false),
+        }
+    }
+
+    /// HF's `requires_grad` of adapter `name`'s parameters of `part`, as `get_layer_status`
+    /// reports it: set by [`Self::set_requires_grad`] since the last `set_adapter`, else `true`
+    /// for an active adapter that is not in inference mode.
+    pub fn requires_grad(&self, name: &str, part: GradPart) -> bool {
+        self.grad_flag(name, part, self.active.iter().any(|a| a == name))
+    }
+
+    /// HF `set_requires_grad(adapter_names, requires_grad)`: enable or disable gradients of the
+    /// given adapters' parameters (tuner layers and modules_to_save copies) until the next
+    /// `set_adapter`, which resets every tuner layer and the copies of the adapters it
+    /// deactivates or activates (HF `ModulesToSaveWrapper.set_adapter`; other copies keep their
+    /// flag). Training updates the active adapters that require gradients; an inactive adapter
+    /// counts as trainable in [`Self::nb_trainable_parameters`] but is not used by the forward.
+    ///
+    /// Errors: `AdapterNotFound` for an unknown name (HF ignores it); `InvalidState` for
+    /// prompt-learning and adaption-prompt adapters (HF: a `TypeError`, and no such method).
+    pub fn set_requires_grad(&mut self, names: &[String], requires_grad: bool) -> Result<()> {
+        self.check_allowed(Operation::SetRequiresGrad, names)?;
+        for n in names {
+            self.grad_flags.layers.insert(n.clone(), requires_grad);
+            self.grad_flags.copies.insert(n.clone(), requires_grad);
+        }
+        Ok(())
+    }
+
+    /// `(trainable, all)` parameter counts as HF `get_nb_trainable_parameters` reports them:
+    /// trainable counts every adapter part that requires gradients ([`Self::requires_grad`]).
     pub fn nb_trainable_parameters(&self) -> (usize, usize) {
-        let trainable: usize = self.trainable_parameters().iter().map(|(_, v)| v.elem_count()).sum();
+        let trainable: usize = self
+            .configs
+            .iter()
+            .flat_map(|(n, _)| self.adapter_param_parts(n).into_iter().filter(|(part, _, _)| self.requires_grad(n, *part)))
+            .map(|(_, _, v)| v.elem_count())
+            .sum();
         let adapters: usize = self.base.named_layers().iter().flat_map(|(_, l)| l.all_adapter_vars()).map(|v| v.elem_count()).sum::<usize>()
             + self.base.named_layers().iter().flat_map(|(_, l)| l.layers.values()).map(|l| l.frozen_param_count()).sum::<usize>();
         let prompts: usize = self.prompt_encoders.values().map(|e| e.param_count()).sum();

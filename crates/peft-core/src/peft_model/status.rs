@@ -29,8 +29,8 @@ impl PeftModel {
             let requires_grad: serde_json::Map<String, serde_json::Value> = available
                 .iter()
                 .map(|a| {
-                    let trainable = self.active.contains(a) && self.peft_config(a).map(|c| !c.inference_mode()).unwrap_or(false);
-                    (a.clone(), json!(trainable))
+                    let part = if lin.saved_copies.is_empty() { GradPart::Layers } else { GradPart::Copies };
+                    (a.clone(), json!(self.requires_grad(a, part)))
                 })
                 .collect();
             let devices: serde_json::Map<String, serde_json::Value> =

@@ -25,6 +25,8 @@ pub enum Operation {
     Status,
     /// The adapter named for rows of a mixed batch (`adapter_names`).
     MixedBatch,
+    /// `set_requires_grad` of the adapter.
+    SetRequiresGrad,
 }
 
 /// The model-level tuner contract (HF `BaseTuner` plus its registration).

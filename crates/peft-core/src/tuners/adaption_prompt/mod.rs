@@ -47,8 +47,8 @@ impl Tuner for AdaptionPromptTuner {
     fn prefix(&self, _peft_type: &str) -> Option<&'static str> {
         Some("adaption_prompt_")
     }
-    /// HF's `AdaptionPromptModel` takes one active adapter, has no merge and no layer status,
-    /// and HF's mixed batches do not reach its attention wrappers.
+    /// HF's `AdaptionPromptModel` takes one active adapter, has no merge, no layer status and
+    /// no `set_requires_grad`, and HF's mixed batches do not reach its attention wrappers.
     fn refusal(&self, op: Operation, name: &str, _cfg: &AdapterConfig) -> Option<PeftError> {
         Some(match op {
             Operation::SeveralActive => PeftError::invalid_arg("adapterName", "adaption prompt models have exactly one active adapter (HF `AdaptionPromptModel.set_adapter` takes one name)"),
@@ -59,6 +59,9 @@ impl Tuner for AdaptionPromptTuner {
                 "layer and model status are not available for adaption prompt adapters: they wrap attention modules, not layers (HF: \"get_layer_status() got an invalid PeftModel instance; prefix tuning and adaption prompt are not supported.\")".into(),
             ),
             Operation::MixedBatch => PeftError::invalid_arg("adapterNames", format!("per-row adapters (mixed batches) are not available with adaption prompt adapters (`{name}`)")),
+            Operation::SetRequiresGrad => PeftError::InvalidState(format!(
+                "setRequiresGrad is not available for adaption prompt adapters (`{name}`): HF's AdaptionPromptModel has no set_requires_grad"
+            )),
         })
     }
     fn load(&self, model: &mut PeftModel, name: &str, cfg: &AdapterConfig, tensors: &mut Vec<(String, Tensor)>, wpath: &Path) -> Option<Result<LoadResult>> {

@@ -333,6 +333,9 @@ impl Tuner for CptTuner {
     fn prefix(&self, _peft_type: &str) -> Option<&'static str> {
         Some("cpt_")
     }
+    fn refusal(&self, op: crate::tuners::registry::Operation, _name: &str, cfg: &AdapterConfig) -> Option<PeftError> {
+        super::refusal(op, cfg)
+    }
     /// HF projects the CPT delta into its norm bounds at the start of every forward; here that
     /// happens after every optimizer step that trained adapter `name` (active, not in inference
     /// mode), which gives the next forward the same values. Runs whatever `global_step` says

@@ -787,6 +787,24 @@ pub fn text_init_ids(text_ids: &[u32], rows: usize) -> Result<Vec<u32>> {
 
 crate::tuners::config::impl_tuner_config!(PromptLearningConfig, prompt: |c| c.method.as_str());
 
+/// HF's refusals for prompt-learning adapters (every prompt-learning tuner: prefix, prompt,
+/// P-tuning, multitask prompt tuning, CPT): HF's `PeftModel` for them takes one active adapter,
+/// cannot merge (the base weights do not change), has no layer status, and raises a `TypeError`
+/// from `set_requires_grad`. Mixed batches are refused by the prompt forward itself.
+pub(crate) fn refusal(op: crate::tuners::registry::Operation, cfg: &crate::tuners::AdapterConfig) -> Option<PeftError> {
+    use crate::tuners::registry::Operation;
+    match op {
+        Operation::SeveralActive => Some(PeftError::invalid_arg("adapterName", "prompt-learning models have exactly one active adapter")),
+        Operation::Merge => Some(PeftError::InvalidState(format!("{} adapters cannot be merged: they do not change the base model's weights", cfg.peft_type()))),
+        Operation::Status => Some(PeftError::InvalidState(format!(
+            "layer and model status are not available for prompt-learning adapters ({}): they do not change the model's layers (HF's get_layer_status() refuses them too)",
+            cfg.peft_type()
+        ))),
+        Operation::SetRequiresGrad => Some(PeftError::InvalidState(format!("Setting `requires_grad` is not supported for prompt learning methods like {}.", cfg.peft_type()))),
+        Operation::MixedBatch => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

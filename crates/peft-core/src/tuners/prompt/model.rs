@@ -32,18 +32,8 @@ impl Tuner for PromptTuner {
             _ => None,
         }
     }
-    /// HF's prompt-learning `PeftModel` has one active adapter, no merge (the base weights do
-    /// not change) and no layer status. (Mixed batches are refused by the prompt forward.)
     fn refusal(&self, op: Operation, _name: &str, cfg: &AdapterConfig) -> Option<PeftError> {
-        match op {
-            Operation::SeveralActive => Some(PeftError::invalid_arg("adapterName", "prompt-learning models have exactly one active adapter")),
-            Operation::Merge => Some(PeftError::InvalidState(format!("{} adapters cannot be merged: they do not change the base model's weights", cfg.peft_type()))),
-            Operation::Status => Some(PeftError::InvalidState(format!(
-                "layer and model status are not available for prompt-learning adapters ({}): they do not change the model's layers (HF's get_layer_status() refuses them too)",
-                cfg.peft_type()
-            ))),
-            Operation::MixedBatch => None,
-        }
+        super::refusal(op, cfg)
     }
     fn load(&self, model: &mut PeftModel, name: &str, cfg: &AdapterConfig, tensors: &mut Vec<(String, Tensor)>, wpath: &Path) -> Option<Result<LoadResult>> {
         let c = cfg.as_prompt()?.clone();
