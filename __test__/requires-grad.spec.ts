@@ -81,6 +81,8 @@ test('a Trainer trains the active adapter that requires gradients and leaves the
   t.true(Object.keys(before.a).length === 8 && Object.keys(before.b).length === 4, 'LoRA A and B: q/v (a), k (b), 2 layers')
   t.notDeepEqual(after.a, before.a, 'the adapter that requires gradients trained')
   t.deepEqual(after.b, before.b, 'the frozen active adapter did not move')
+  // the snapshot re-read from the native model after training keeps the flags
+  t.deepEqual(pm.getModelStatus().requiresGrad, { a: true, b: false })
   // freezing every active adapter leaves nothing to train
   pm.setRequiresGrad(['a', 'b'], false)
   t.deepEqual(pm.getNbTrainableParameters()[0], 0)

@@ -751,6 +751,8 @@ export class PeftModel {
       rt.afterNativeChange()
     })
     rt.adapters.clear()
+    rt.gradFlags.layers.clear()
+    rt.gradFlags.copies.clear()
     rt.active = []
     rt.merged = []
     return this.baseModel
@@ -771,6 +773,8 @@ export class PeftModel {
       rt.afterNativeChange()
     })
     rt.adapters.clear()
+    rt.gradFlags.layers.clear()
+    rt.gradFlags.copies.clear()
     rt.active = []
     rt.merged = []
     return this.baseModel

@@ -285,6 +285,11 @@ export class ModelRuntime {
       this.adapters.clear()
       for (const n of call(() => this.native.adapterNames())) this.readAdapter(n)
       this.active = call(() => this.native.activeAdapters())
+      const flags = JSON.parse(call(() => this.native.gradFlagsJson())) as Record<'layers' | 'copies', Record<string, boolean>>
+      for (const part of ['layers', 'copies'] as const) {
+        this.gradFlags[part].clear()
+        for (const [n, b] of Object.entries(flags[part])) this.gradFlags[part].set(n, b)
+      }
       this.nativeDisabled = call(() => this.native.isDisabled())
       const merged = new Set(call(() => this.native.mergedAdapters()))
       this.merged = this.merged.filter((m) => merged.has(m)).concat([...merged].filter((m) => !this.merged.includes(m)))

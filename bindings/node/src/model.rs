@@ -427,6 +427,18 @@ impl NativeModel {
         guard(|| with_model(&self.inner, |m| m.set_adapter(&names)))
     }
 
+    /// The `setRequiresGrad` flags in force, as JSON `{"layers": {adapter: bool}, "copies":
+    /// {...}}` (for the JS snapshot's resync).
+    #[napi(catch_unwind)]
+    pub fn grad_flags_json(&self) -> napi::Result<String> {
+        guard(|| {
+            with_model(&self.inner, |m| {
+                let obj = |p: GradPart| serde_json::Value::Object(m.grad_flags(p).into_iter().map(|(n, b)| (n, serde_json::Value::Bool(b))).collect());
+                Ok(serde_json::json!({"layers": obj(GradPart::Layers), "copies": obj(GradPart::Copies)}).to_string())
+            })
+        })
+    }
+
     /// HF `set_requires_grad` (see `PeftModel::set_requires_grad`).
     #[napi(catch_unwind)]
     pub fn set_requires_grad(&self, names: Vec<String>, requires_grad: bool) -> napi::Result<()> {

@@ -215,6 +215,7 @@ impl PeftModel {
         self.configs.clear();
         self.prompt_encoders.clear();
         self.active.clear();
+        self.grad_flags = GradFlags::default();
         self.disabled = false;
     }
 

@@ -116,6 +116,12 @@ impl PeftModel {
         Ok(())
     }
 
+    /// The flags [`Self::set_requires_grad`] set that are still in force, per [`GradPart`]:
+    /// `(adapter, requires_grad)` sorted by name (adapters without one follow the default).
+    pub fn grad_flags(&self, part: GradPart) -> Vec<(String, bool)> {
+        self.grad_flags.part(part).iter().map(|(n, &b)| (n.clone(), b)).collect()
+    }
+
     /// `(trainable, all)` parameter counts as HF `get_nb_trainable_parameters` reports them:
     /// trainable counts every adapter part that requires gradients ([`Self::requires_grad`]).
     pub fn nb_trainable_parameters(&self) -> (usize, usize) {
