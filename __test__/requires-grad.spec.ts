@@ -8,7 +8,7 @@
 import test from 'ava'
 import * as fs from 'node:fs'
 import * as path from 'node:path'
-import { LoraConfig, PromptTuningConfig, Trainer, getPeftModel, loadSafetensors, type PeftModel, type TrainExample } from '../src/index'
+import { LoraConfig, PeftModel, PromptTuningConfig, Trainer, getPeftModel, loadSafetensors, type TrainExample } from '../src/index'
 import { call } from '../src/errors'
 import { assertPeftError, caseDir, disposeLater, loadLlama, tmpDir } from './helpers'
 
@@ -17,7 +17,11 @@ interface Step {
   requires_grad: Record<string, boolean | 'irregular'>
   nb_trainable: [number, number]
 }
-const want = JSON.parse(fs.readFileSync(`${caseDir('requires_grad')}.json`, 'utf8')) as { steps: Step[]; prompt_error: string }
+const want = JSON.parse(fs.readFileSync(`${caseDir('requires_grad')}.json`, 'utf8')) as {
+  steps: Step[]
+  prompt_error: string
+  frozen_then_set: [Record<string, boolean>, [number, number], Record<string, boolean>, [number, number]]
+}
 
 const nativeStatus = (pm: PeftModel) => JSON.parse(call(() => pm.baseModel.native.modelStatusJson())) as { requires_grad: Record<string, unknown>; trainable_params: number }
 
@@ -43,7 +47,7 @@ test('setRequiresGrad follows HF through addAdapter, loadAdapter, setAdapter and
         await (pm as PeftModel).loadAdapter(mdir, a1 as string)
         break
       case 'setAdapter':
-        ;(pm as PeftModel).setAdapter(a1 as string)
+        ;(pm as PeftModel).setAdapter(a1 as string, (a2 ?? {}) as { inferenceMode?: boolean })
         break
       case 'deleteAdapter':
         ;(pm as PeftModel).deleteAdapter(a1 as string)
@@ -58,6 +62,17 @@ test('setRequiresGrad follows HF through addAdapter, loadAdapter, setAdapter and
     t.deepEqual(n.requires_grad, step.requires_grad, `the native model agrees after ${JSON.stringify(step.call)}`)
     t.is(n.trainable_params, step.nb_trainable[0])
   }
+  // loaded frozen (HF `PeftModel.from_pretrained`), then `setAdapter` makes it trainable, as HF
+  const fz = disposeLater(t, await PeftModel.fromPretrained(await loadLlama(), mdir))
+  const [rg0, n0, rg1, n1] = want.frozen_then_set
+  t.deepEqual([fz.getModelStatus().requiresGrad, fz.getNbTrainableParameters()], [rg0, n0])
+  fz.setAdapter('default')
+  t.deepEqual([fz.getModelStatus().requiresGrad, fz.getNbTrainableParameters()], [rg1, n1])
+  t.deepEqual(nativeStatus(fz).requires_grad, rg1)
+  // two adapters with a modules_to_save copy of lm_head cannot be active together (HF refuses)
+  await fz.loadAdapter(mdir, 'other')
+  await assertPeftError(t, () => fz.setAdapter(['default', 'other']), 'ERR_INVALID_ARGUMENT', ['modules_to_save copy of `lm_head`'])
+  t.deepEqual(fz.activeAdapters, ['default'])
 })
 
 test('a Trainer trains the active adapter that requires gradients and leaves the frozen one bit-identical', async (t) => {
@@ -93,6 +108,7 @@ test('setRequiresGrad refusals: unknown names, a non-boolean flag, prompt learni
   const pm = disposeLater(t, getPeftModel(await loadLlama(), new LoraConfig({ r: 2, targetModules: ['q_proj'] })))
   await assertPeftError(t, () => pm.setRequiresGrad('nope'), 'ERR_ADAPTER_NOT_FOUND', ['nope'])
   await assertPeftError(t, () => pm.setRequiresGrad('default', 'yes' as unknown as boolean), 'ERR_INVALID_ARGUMENT', ['requiresGrad'])
+  await assertPeftError(t, () => pm.setRequiresGrad('default', undefined), 'ERR_INVALID_ARGUMENT', ['requiresGrad', 'undefined'])
   const data: TrainExample[] = Array.from({ length: 8 }, (_, i) => ({ inputIds: [10 + i, 20, 30, 40] }))
   const training = new Trainer(pm, { learningRate: 1e-3, maxSteps: 2, perDeviceTrainBatchSize: 8 }).train(data)
   await assertPeftError(t, () => pm.setRequiresGrad('default', false), 'ERR_BUSY', ['setRequiresGrad'])

@@ -426,42 +426,64 @@ export class PeftModel {
   }
 
   /**
-   * Activate one adapter, or several (summed). Applied now when the model is idle, else queued
-   * behind the calls made before it (they compute with the previous adapter); `activeAdapters`
-   * shows the change at once. When adapters are merged, they are unmerged first with HF's
-   * warning (emitted by this call). Errors: `ERR_ADAPTER_NOT_FOUND`, `ERR_INVALID_ARGUMENT`
-   * (no name; several for a prompt-learning model), `ERR_BUSY` while a Trainer trains the model,
-   * `ERR_INVALID_STATE` after `dispose()`.
+   * Activate one adapter, or several (summed; HF's `PeftModel.set_adapter` takes one name, its
+   * `base_model.set_adapter` a list). Applied now when the model is idle, else queued behind the
+   * calls made before it (they compute with the previous adapter); `activeAdapters` shows the
+   * change at once. When adapters are merged, they are unmerged first with HF's warning (emitted
+   * by this call).
+   *
+   * As HF's `set_adapter(adapter_name, inference_mode=False)`, it also sets `requires_grad`: the
+   * activated adapters become trainable unless `options.inferenceMode` is true, even one loaded
+   * with `isTrainable: false` (its saved config keeps `inference_mode`), and every other
+   * adapter is frozen; see `setRequiresGrad`. Prompt-learning adapters keep their flags.
+   *
+   * Errors: `ERR_ADAPTER_NOT_FOUND`, `ERR_INVALID_ARGUMENT` (no name; several for a
+   * prompt-learning or adaption-prompt model; several that each hold a modules_to_save copy of
+   * the same module, which HF's `ModulesToSaveWrapper` refuses), `ERR_BUSY` while a Trainer
+   * trains the model, `ERR_INVALID_STATE` after `dispose()`.
    */
-  setAdapter(adapterName: string | string[]): void {
+  setAdapter(adapterName: string | string[], options: { inferenceMode?: boolean } = {}): void {
     const rt = this.rt
     rt.checkAlive()
     rt.refuseWhileTraining('setAdapter')
     const names = [adapterName].flat()
     if (names.length === 0) throw invalidArgument('adapterName', 'at least one adapter name is required')
     checkNames(rt, names, 'adapterName')
+    const inferenceMode = options.inferenceMode ?? false
+    if (typeof inferenceMode !== 'boolean') throw invalidArgument('inferenceMode', `must be a boolean, found ${typeof inferenceMode}`)
+    if (names.length > 1) {
+      for (const p of rt.layerOrder) {
+        const holders = names.filter((n) => (rt.adapters.get(n) as AdapterInfo).layers.some(([q, kind]) => q === p && kind === 'modules_to_save'))
+        if (holders.length > 1) {
+          throw invalidArgument(
+            'adapterName',
+            `adapters ${JSON.stringify(holders)} each hold a modules_to_save copy of \`${p}\`: only one of them can be active (HF's ModulesToSaveWrapper: "Only one adapter can be set at a time")`,
+          )
+        }
+      }
+    }
     if (rt.isPromptLearning() && names.length > 1) throw invalidArgument('adapterName', 'prompt-learning models have exactly one active adapter')
     if (names.length > 1 && names.some((n) => rt.isAttentionAdapter(n))) {
       throw invalidArgument('adapterName', 'adaption prompt models have exactly one active adapter (HF `AdaptionPromptModel.set_adapter` takes one name)')
     }
     rt.mutate('setAdapter', () => {
-      call(() => this.n.setAdapter(names))
+      call(() => this.n.setAdapter(names, inferenceMode))
       rt.emitNativeWarnings([WARN_SET_WHILE_MERGED])
     })
     if (rt.merged.length > 0) {
       rt.merged = []
       peftWarning(WARN_SET_WHILE_MERGED)
     }
-    rt.resetGradFlags(names)
+    rt.setAdapterGradFlags(names, inferenceMode)
     rt.active = names
   }
 
   /**
    * Enable (`true`, the default) or disable gradients of the given adapters' parameters, their
    * tuner layers and modules_to_save copies (HF `PeftModel.set_requires_grad`), until the next
-   * `setAdapter`, which resets every tuner layer to "active and not in inference mode" and the
-   * copies of the adapters it deactivates or activates (other copies keep their flag, as HF's
-   * `ModulesToSaveWrapper`). `getLayerStatus` / `getModelStatus` report the flags and
+   * `setAdapter`, which makes the adapters it activates trainable and freezes every other
+   * adapter's tuner layers and the copies of the adapters it deactivates (other copies keep
+   * their flag, as HF's `ModulesToSaveWrapper`). `getLayerStatus` / `getModelStatus` report the flags and
    * `getNbTrainableParameters` counts them. A `Trainer` trains the active adapters that require
    * gradients: freezing one of two active adapters trains only the other; an inactive adapter
    * that requires gradients is counted but not trained (the forward does not use it). Applied
@@ -477,6 +499,9 @@ export class PeftModel {
     rt.checkAlive()
     rt.refuseWhileTraining('setRequiresGrad')
     const names = [adapterNames].flat()
+    // an explicit `undefined` is refused (HF: `requires_grad=None` is a TypeError); only an
+    // omitted flag means true
+    if (arguments.length > 1 && typeof arguments[1] !== 'boolean') throw invalidArgument('requiresGrad', `must be a boolean, found ${typeof arguments[1]}`)
     if (typeof requiresGrad !== 'boolean') throw invalidArgument('requiresGrad', `must be a boolean, found ${typeof requiresGrad}`)
     checkNames(rt, names, 'adapterNames')
     for (const n of names) {

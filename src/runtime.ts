@@ -147,11 +147,18 @@ export class ModelRuntime {
     return this.gradFlags[part].get(name) ?? (this.active.includes(name) && !(this.adapters.get(name)?.inferenceMode ?? true))
   }
 
-  /** HF `set_adapter`'s reset of `requires_grad`: every tuner layer, and the copies of the
-   * adapters it deactivates and activates (the core's `set_adapter`). */
-  resetGradFlags(next: string[]): void {
-    this.gradFlags.layers.clear()
-    for (const n of [...this.active, ...next]) this.gradFlags.copies.delete(n)
+  /** Whether adapter `name` holds a modules_to_save copy of some module. */
+  hasCopies(name: string): boolean {
+    return (this.adapters.get(name)?.layers ?? []).some(([, kind]) => kind === 'modules_to_save')
+  }
+
+  /** HF `set_adapter(next, inferenceMode)`'s `requires_grad` (the core's `set_adapter_with`):
+   * the tuner layers of `next` get `!inferenceMode`, every other adapter's `false`
+   * (prompt-learning encoders keep theirs); the copies of `next` get `!inferenceMode` and those
+   * of the adapters it deactivates `false`. */
+  setAdapterGradFlags(next: string[], inferenceMode: boolean): void {
+    for (const a of this.adapters.values()) if (!a.promptLearning) this.gradFlags.layers.set(a.name, next.includes(a.name) && !inferenceMode)
+    for (const n of [...this.active, ...next]) if (this.hasCopies(n)) this.gradFlags.copies.set(n, next.includes(n) && !inferenceMode)
   }
 
   isPromptLearning(): boolean {

@@ -320,8 +320,8 @@ export class Trainer {
    * Each optimizer step runs off the JS thread, queued with the model's other calls (a
    * `forward` made from `onStep` runs between steps). Steps always run with the adapters that
    * were active when `train()` was called, enabled and unmerged: while training, methods that
-   * would change them (`setAdapter`, `mergeAdapter`, `unmergeAdapter`, `deleteAdapter`,
-   * `mergeAndUnload`, `unload`, `addAdapter`, `loadAdapter`) throw `ERR_BUSY`, and a
+   * would change them (`setAdapter`, `setRequiresGrad`, `mergeAdapter`, `unmergeAdapter`,
+   * `deleteAdapter`, `mergeAndUnload`, `unload`, `addAdapter`, `loadAdapter`) throw `ERR_BUSY`, and a
    * `disableAdapter` scope affects forward / generate calls only. Errors: `ERR_INVALID_ARGUMENT`,
    * `ERR_INVALID_STATE` (adapters disabled or merged when called, no trainable parameter, the
    * model disposed during training), `ERR_BUSY` (another Trainer is training the model),

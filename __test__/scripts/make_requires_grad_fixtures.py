@@ -3,7 +3,8 @@ the given adapters until the next `set_adapter`; refused for prompt learning): a
 sequence of calls on the tiny Llama with LoRA adapters `a` (q/v, r 2, active), `b` (q, r 4),
 `c` (v, r 2, added later) and `m` (LoRA on q with `modules_to_save` ["lm_head"], loaded with
 `is_trainable=False`), and after each call the model status' `requires_grad` and
-`get_nb_trainable_parameters()`.
+`get_nb_trainable_parameters()`; then `set_adapter` on the frozen `m`, with `inference_mode=True`, and
+`PeftModel.from_pretrained` (frozen) before and after `set_adapter("default")`.
 
 Run with torch 2.13 + transformers 5.18 + peft 0.21 from PyPI:
 
@@ -11,7 +12,8 @@ Run with torch 2.13 + transformers 5.18 + peft 0.21 from PyPI:
 
 It writes `__test__/fixtures/cases/requires_grad.json`: `{"steps": [{"call": [method, args...],
 "requires_grad": {adapter: bool | "irregular"}, "nb_trainable": [trainable, all]}, ...],
-"prompt_error": <HF's TypeError message for a prompt-tuning model>}`.
+"prompt_error": <HF's TypeError message for a prompt-tuning model>, "frozen_then_set": [status
+requires_grad, counts, status requires_grad, counts]}`.
 """
 
 import json
@@ -60,6 +62,20 @@ def main():
     record(["setRequiresGrad", "a", True])
     pm.delete_adapter("c")
     record(["deleteAdapter", "c"])
+    # `set_adapter` makes the adapter trainable even when it was loaded frozen
+    pm.set_adapter("m")
+    record(["setAdapter", "m"])
+    pm.set_adapter("a", inference_mode=True)
+    record(["setAdapter", "a", {"inferenceMode": True}])
+    pm.set_adapter("b")
+    record(["setAdapter", "b"])
+
+    # a model loaded frozen (`PeftModel.from_pretrained`, is_trainable=False) and set active again
+    fz = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("models/llama").eval(), mdir)
+    frozen = [dict(fz.get_model_status().requires_grad), list(fz.get_nb_trainable_parameters())]
+    fz.set_adapter("default")
+    frozen.append(dict(fz.get_model_status().requires_grad))
+    frozen.append(list(fz.get_nb_trainable_parameters()))
 
     pt = get_peft_model(AutoModelForCausalLM.from_pretrained("models/llama").eval(), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
     try:
@@ -68,7 +84,7 @@ def main():
     except TypeError as e:
         prompt_error = str(e)
     with open("cases/requires_grad.json", "w") as f:
-        json.dump({"steps": steps, "prompt_error": prompt_error}, f, indent=2, sort_keys=True)
+        json.dump({"steps": steps, "prompt_error": prompt_error, "frozen_then_set": frozen}, f, indent=2, sort_keys=True)
         f.write("\n")
 
 

@@ -422,9 +422,10 @@ impl NativeModel {
         guard(|| with_model(&self.inner, |m| Ok(m.gradient_checkpointing())))
     }
 
+    /// HF `set_adapter(names, inference_mode)` (see `PeftModel::set_adapter_with`).
     #[napi(catch_unwind)]
-    pub fn set_adapter(&self, names: Vec<String>) -> napi::Result<()> {
-        guard(|| with_model(&self.inner, |m| m.set_adapter(&names)))
+    pub fn set_adapter(&self, names: Vec<String>, inference_mode: Option<bool>) -> napi::Result<()> {
+        guard(|| with_model(&self.inner, |m| m.set_adapter_with(&names, inference_mode.unwrap_or(false))))
     }
 
     /// The `setRequiresGrad` flags in force, as JSON `{"layers": {adapter: bool}, "copies":

@@ -52,7 +52,10 @@ fn set_requires_grad_follows_hf_through_add_load_set_and_delete() {
             "loadAdapter" => {
                 pm.load_adapter(&mdir, call[1].as_str().unwrap(), false, None).unwrap();
             }
-            "setAdapter" => pm.set_adapter(&names(&call[1])).unwrap(),
+            "setAdapter" => {
+                let frozen = call.get(2).is_some_and(|o| o["inferenceMode"] == json!(true));
+                pm.set_adapter_with(&names(&call[1]), frozen).unwrap()
+            }
             "deleteAdapter" => pm.delete_adapter(call[1].as_str().unwrap()).unwrap(),
             other => panic!("{other}"),
         }
@@ -61,6 +64,23 @@ fn set_requires_grad_follows_hf_through_add_load_set_and_delete() {
         let (t, all) = pm.nb_trainable_parameters();
         assert_eq!(json!([t, all]), step["nb_trainable"], "get_nb_trainable_parameters after {call:?}");
     }
+    // loaded frozen (HF `PeftModel.from_pretrained`), then `set_adapter` makes it trainable
+    let mut fz = base_peft("llama_lora_qv");
+    fz.load_adapter(&mdir, "default", false, None).unwrap();
+    let counts = |m: &PeftModel| json!([m.nb_trainable_parameters().0, m.nb_trainable_parameters().1]);
+    let ft = &want["frozen_then_set"];
+    assert_eq!(fz.model_status().unwrap()["requires_grad"], ft[0]);
+    assert_eq!(counts(&fz), ft[1]);
+    assert!(fz.trainable_parameters().is_empty());
+    fz.set_adapter(&["default".to_string()]).unwrap();
+    assert_eq!(fz.model_status().unwrap()["requires_grad"], ft[2]);
+    assert_eq!(counts(&fz), ft[3]);
+    assert_eq!(fz.trainable_parameters().len(), 2 * 2 + 1, "q_proj A/B of 2 layers and the lm_head copy");
+    // several adapters with a modules_to_save copy of one module cannot be active together (HF)
+    fz.load_adapter(&mdir, "other", false, None).unwrap();
+    let e = fz.set_adapter(&["default".to_string(), "other".to_string()]).unwrap_err();
+    assert_eq!(e.code(), "ERR_INVALID_ARGUMENT");
+    assert!(e.to_string().contains("modules_to_save copy of `lm_head`"), "{e}");
     remove_dir(&mdir);
 
     // refusals: an unknown name (HF ignores it; a typo deserves an error), prompt learning

@@ -322,10 +322,12 @@ impl PeftModel {
         let bias = if cfg.inference_mode() { BiasMode::None } else { BiasMode::of(&cfg) };
         self.configs.push((name.to_string(), cfg));
         if first {
-            self.set_adapter(&[name.to_string()])?;
-        } else {
-            self.sync_layers();
+            // active without `set_adapter`'s explicit `requires_grad`: the default (trainable
+            // unless the config is in inference mode) is HF's state after `get_peft_model` /
+            // `PeftModel.from_pretrained`
+            self.active = vec![name.to_string()];
         }
+        self.sync_layers();
         self.make_biases_trainable(bias)
     }
 

@@ -6,10 +6,27 @@ use super::*;
 const TIED_MERGE_EXAMPLE: &str = "\n```python\nfrom transformers import AutoModelForCausalLM\n\n# Load original tied model\nmodel = AutoModelForCausalLM.from_pretrained(\"google/gemma-2-2b-it\", tie_word_embeddings=False)\n\n# Set the randomly initialized lm_head to the previously tied embeddings\nmodel.lm_head.weight.data = model.model.embed_tokens.weight.data.clone()\n\n# Save the untied model\nuntied_model_dir = \"dir/for/untied/model\"\nmodel.save_pretrained(untied_model_dir)\nmodel.config.save_pretrained(untied_model_dir)\n\n# Now use the original model but in untied format\nmodel = AutoModelForCausalLM.from_pretrained(untied_model_dir)\n```\n";
 
 impl PeftModel {
-    /// Make `names` the active adapters (HF `set_adapter`; several names are summed).
+    /// Make `names` the active adapters (HF `set_adapter`; several names are summed), trainable
+    /// ([`Self::set_adapter_with`] with `inference_mode` false, HF's default).
     ///
-    /// Errors: `AdapterNotFound` for an unknown name, `InvalidArgument` for an empty list.
+    /// Errors: as [`Self::set_adapter_with`].
     pub fn set_adapter(&mut self, names: &[String]) -> Result<()> {
+        self.set_adapter_with(names, false)
+    }
+
+    /// HF `set_adapter(adapter_name, inference_mode)`: make `names` the active adapters and set
+    /// `requires_grad` as HF does: the tuner layers of `names` get `!inference_mode` (whatever
+    /// their config's `inference_mode`: an adapter loaded frozen becomes trainable, as in HF)
+    /// and every other adapter's `false`; the modules_to_save copies of `names` get
+    /// `!inference_mode` and those of the adapters it deactivates `false` (other copies keep
+    /// their flag, HF's `ModulesToSaveWrapper.set_adapter`). Prompt-learning encoders keep theirs
+    /// (HF's `set_adapter` leaves them). See [`Self::requires_grad`].
+    ///
+    /// Errors: `AdapterNotFound` for an unknown name; `InvalidArgument` for an empty list, for
+    /// several names with a prompt-learning or adaption-prompt adapter, or for several adapters
+    /// with a modules_to_save copy of the same module (HF's `ModulesToSaveWrapper`: "Only one
+    /// adapter can be set at a time").
+    pub fn set_adapter_with(&mut self, names: &[String], inference_mode: bool) -> Result<()> {
         if names.is_empty() {
             return Err(PeftError::invalid_arg("adapterName", "at least one adapter name is required"));
         }
@@ -18,17 +35,31 @@ impl PeftModel {
         }
         if names.len() > 1 {
             self.check_allowed(Operation::SeveralActive, names)?;
+            for (m, lin) in self.base.named_layers() {
+                let holders: Vec<&String> = names.iter().filter(|n| lin.saved_copies.contains_key(*n)).collect();
+                if holders.len() > 1 {
+                    return Err(PeftError::invalid_arg(
+                        "adapterName",
+                        format!("adapters {holders:?} each hold a modules_to_save copy of `{m}`: only one of them can be active (HF's ModulesToSaveWrapper: \"Only one adapter can be set at a time\")"),
+                    ));
+                }
+            }
         }
         if !self.merged_adapters().is_empty() {
             // HF LoraModel.set_adapter: unmerge first (with this warning).
             self.warnings.push("Adapter cannot be set when the model is merged. Unmerging the model first.".into());
             self.unmerge_adapter()?;
         }
-        // HF: `set_adapter` resets `requires_grad` of every tuner layer, and each
-        // ModulesToSaveWrapper that of the copies it deactivates and activates.
-        self.grad_flags.layers.clear();
+        let on = |n: &String| names.contains(n) && !inference_mode;
+        for (n, c) in &self.configs {
+            if !c.is_prompt_learning() {
+                self.grad_flags.layers.insert(n.clone(), on(n));
+            }
+        }
         for n in self.active.iter().chain(names) {
-            self.grad_flags.copies.remove(n);
+            if self.base.named_layers().iter().any(|(_, l)| l.saved_copies.contains_key(n)) {
+                self.grad_flags.copies.insert(n.clone(), on(n));
+            }
         }
         self.active = names.to_vec();
         self.sync_layers();
