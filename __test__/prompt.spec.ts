@@ -17,6 +17,7 @@ import {
   Trainer,
   configFromJSON,
   getPeftModel,
+  loadSafetensors,
   type PeftConfig,
 } from '../src/index'
 import { LLAMA, assertClose, assertPeftError, caseDir, disposeLater, expected, idRows, loadLlama, maxAbsDiff, tmpDir } from './helpers'
@@ -164,4 +165,33 @@ test('bad prompt-learning configs are refused naming the field', async (t) => {
     'ERR_NOT_FOUND',
     ['/nonexistent/tok'],
   )
+})
+
+test('getPromptEmbeddingToSave (HF get_prompt_embedding_to_save): the table savePretrained writes, for every method; HF folders give HF’s saved table; LoRA refused', async (t) => {
+  // a fresh adapter of each method, trained a little so that the encoders' outputs are not their init
+  for (const [tag, config] of methods()) {
+    const pm = getPeftModel(disposeLater(t, await loadLlama()), config, 'default', { seed: 3 })
+    const multitask = config.peftType === 'MULTITASK_PROMPT_TUNING'
+    await new Trainer(pm, { learningRate: 0.1, maxSteps: 2, perDeviceTrainBatchSize: 2, seed: 1 }).train(ROWS.map((r, i) => ({ inputIds: r, ...(multitask ? { taskId: i } : {}) })))
+    const table = await pm.getPromptEmbeddingToSave('default')
+    const dir = tmpDir(t)
+    await pm.savePretrained(dir)
+    const saved = (await loadSafetensors(path.join(dir, 'adapter_model.safetensors'))).prompt_embeddings
+    t.deepEqual([...table.shape], [...saved.shape], `${tag}: shape`)
+    t.deepEqual(Array.from(table.toFloat32Array()), Array.from(saved.toFloat32Array()), `${tag}: the saved table, bit for bit`)
+  }
+  // HF's folders: `prompt_embeddings` is what HF's get_prompt_embedding_to_save returned when it saved them
+  for (const name of CASES) {
+    const pm = disposeLater(t, await PeftModel.fromPretrained(await loadLlama(), caseDir(name)))
+    const hf = (await loadSafetensors(path.join(caseDir(name), 'adapter_model.safetensors'))).prompt_embeddings
+    const table = await pm.getPromptEmbeddingToSave('default')
+    t.deepEqual([...table.shape], [...hf.shape], name)
+    t.is(maxAbsDiff(table, hf), 0, name)
+    t.true(pm.hasActiveEnabledAdapter)
+    await pm.disableAdapter(async () => t.false(pm.hasActiveEnabledAdapter))
+    t.true(pm.hasActiveEnabledAdapter)
+  }
+  const lora = disposeLater(t, getPeftModel(await loadLlama(), new LoraConfig({ r: 2, targetModules: ['q_proj'] })))
+  await assertPeftError(t, () => lora.getPromptEmbeddingToSave('default'), 'ERR_INVALID_ARGUMENT', ['not a prompt-learning'])
+  await assertPeftError(t, () => lora.getPromptEmbeddingToSave('nope'), 'ERR_ADAPTER_NOT_FOUND')
 })

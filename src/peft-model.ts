@@ -10,7 +10,7 @@ import { busyError, type AdapterInfo, type ModelRuntime } from './runtime'
 import { LoraConfig, configFromJSON, type PeftConfig } from './config'
 import { PreTrainedModel, type ForwardInput, type ForwardOutput, type GenerateOptions, type GenerateStream } from './model'
 import { checkCallback, checkSignal, JobControl, type ProgressOptions } from './progress'
-import type { Tensor } from './tensor'
+import { Tensor } from './tensor'
 
 export interface LoadAdapterOptions extends ProgressOptions {
   adapterName?: string
@@ -624,6 +624,36 @@ export class PeftModel {
   get isPromptLearning(): boolean {
     this.rt.checkAlive()
     return this.rt.isPromptLearning()
+  }
+
+  /** Whether calls made now use an adapter (HF `has_active_enabled_adapter`): false while a
+   * `disableAdapter` scope is open or when the model holds no adapter, else true. (HF also
+   * answers true for a non-prompt model with no active adapter, which cannot happen here.) */
+  get hasActiveEnabledAdapter(): boolean {
+    this.rt.checkAlive()
+    return !this.rt.disabled && this.rt.active.length > 0
+  }
+
+  /**
+   * The table `savePretrained` writes as `prompt_embeddings` for prompt-learning adapter
+   * `adapterName` (HF `get_prompt_embedding_to_save`): f32, computed by its encoder from the
+   * virtual tokens, `[numVirtualTokens × numTransformerSubmodules, tokenDim]` for prompt tuning,
+   * P-tuning and CPT, `[numVirtualTokens, numLayers × 2 × tokenDim]` for prefix tuning, the
+   * shared table for multitask prompt tuning. Queued behind the model's earlier calls.
+   *
+   * Errors: `ERR_ADAPTER_NOT_FOUND`; `ERR_INVALID_ARGUMENT` for an adapter that is not prompt
+   * learning (HF: a `KeyError`); `ERR_INVALID_STATE` after `dispose()`.
+   */
+  async getPromptEmbeddingToSave(adapterName: string): Promise<Tensor> {
+    const rt = this.rt
+    rt.checkAlive()
+    checkNames(rt, [adapterName], 'adapterName')
+    const a = rt.adapters.get(adapterName) as AdapterInfo
+    if (!a.promptLearning) {
+      throw invalidArgument('adapterName', `\`${adapterName}\` is a ${a.peftType} adapter, not a prompt-learning one: it has no prompt embedding`)
+    }
+    const r = await callAsync(() => rt.schedule(() => this.n.promptEmbeddingToSave(adapterName)))
+    return Tensor.from(r.data, r.shape)
   }
 
   /** The base model's dtype as torch names it (`'float32'`, `'bfloat16'`, `'float16'`; HF `base_model_torch_dtype`). */

@@ -131,6 +131,13 @@ pub struct ForwardResult {
     pub loss: Option<f64>,
 }
 
+/// A row-major f32 tensor.
+#[napi(object)]
+pub struct TensorF32 {
+    pub data: Float32Array,
+    pub shape: Vec<u32>,
+}
+
 #[napi(object)]
 pub struct TaskInfo {
     /// HF `task_type` of the model's head.
@@ -426,6 +433,22 @@ impl NativeModel {
     #[napi(catch_unwind)]
     pub fn set_adapter(&self, names: Vec<String>, inference_mode: Option<bool>) -> napi::Result<()> {
         guard(|| with_model(&self.inner, |m| m.set_adapter_with(&names, inference_mode.unwrap_or(false))))
+    }
+
+    /// HF `get_prompt_embedding_to_save` (see `PeftModel::prompt_embedding_to_save`), as f32.
+    #[napi(ts_return_type = "Promise<TensorF32>")]
+    pub fn prompt_embedding_to_save(&self, name: String) -> AsyncTask<Job<(Vec<f32>, Vec<u32>), TensorF32>> {
+        let inner = self.inner.clone();
+        AsyncTask::new(Job::new(
+            move || {
+                with_model(&inner, |m| {
+                    let t = m.prompt_embedding_to_save(&name)?.to_dtype(candle_core::DType::F32)?;
+                    let shape = t.dims().iter().map(|&d| d as u32).collect();
+                    Ok((t.flatten_all()?.to_vec1::<f32>()?, shape))
+                })
+            },
+            |_, (data, shape)| Ok(TensorF32 { data: data.into(), shape }),
+        ))
     }
 
     /// The `setRequiresGrad` flags in force, as JSON `{"layers": {adapter: bool}, "copies":

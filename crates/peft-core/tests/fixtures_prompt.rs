@@ -395,3 +395,24 @@ fn prompt_adapter_file_errors() {
     let _ = AdapterConfig::from_file(&case_dir("llama_ptuning").join("adapter_config.json")).unwrap();
     remove_dir(&dir);
 }
+
+/// HF `get_prompt_embedding_to_save`: for HF's folders, the table HF saved (HF computed it with
+/// that function); the state dict's `prompt_embeddings` is the same tensor; a LoRA adapter has
+/// none.
+#[test]
+fn prompt_embedding_to_save_is_the_saved_table() {
+    for case in ["llama_prefix", "llama_prefix_proj", "llama_prompt_random", "llama_ptuning"] {
+        let m = adapter_peft(case, false);
+        let t = m.prompt_embedding_to_save("default").unwrap();
+        let hf = peft_core::io::read_safetensors(&case_dir(case).join("adapter_model.safetensors"), &Device::Cpu).unwrap();
+        let want = &hf.iter().find(|(k, _)| k == "prompt_embeddings").unwrap().1;
+        assert_eq!(t.dims(), want.dims(), "{case}");
+        assert_eq!(max_diff(&t, want), 0.0, "{case}");
+        let sd = m.adapter_state_dict("default").unwrap();
+        assert_eq!(max_diff(&t, &sd.iter().find(|(k, _)| k == "prompt_embeddings").unwrap().1), 0.0, "{case}");
+    }
+    let mut l = base_peft("llama_lora_qv");
+    l.add_adapter("default", AdapterConfig::from_json(&json!({"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"]}), None).unwrap(), 1).unwrap();
+    assert_eq!(l.prompt_embedding_to_save("default").unwrap_err().code(), "ERR_INVALID_ARGUMENT");
+    assert_eq!(l.prompt_embedding_to_save("nope").unwrap_err().code(), "ERR_ADAPTER_NOT_FOUND");
+}

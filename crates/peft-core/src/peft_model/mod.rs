@@ -207,6 +207,22 @@ impl PeftModel {
         self.prompt_encoders.get(name)
     }
 
+    /// HF `get_prompt_embedding_to_save(adapter_name)`: the table `save_pretrained` writes as
+    /// `prompt_embeddings` for prompt-learning adapter `name`, computed by its encoder from the
+    /// virtual tokens (`[num_virtual_tokens · num_transformer_submodules, token_dim]` for prompt
+    /// tuning, P-tuning and CPT; `[num_virtual_tokens, num_layers · 2 · token_dim]` for prefix
+    /// tuning; the shared table for multitask prompt tuning), detached, in the encoder's dtype.
+    ///
+    /// Errors: `AdapterNotFound`; `InvalidArgument` for an adapter that is not prompt learning
+    /// (HF: a `KeyError` from `prompt_encoder[adapter_name]`).
+    pub fn prompt_embedding_to_save(&self, name: &str) -> Result<Tensor> {
+        let cfg = self.peft_config(name)?;
+        let enc = self.prompt_encoders.get(name).ok_or_else(|| {
+            PeftError::invalid_arg("adapterName", format!("`{name}` is a {} adapter, not a prompt-learning one: it has no prompt embedding", cfg.peft_type()))
+        })?;
+        enc.table_to_save()
+    }
+
     /// Dimensions of the base model that prompt-learning configs are derived from.
     pub fn model_dims(&self) -> ModelDims {
         let c = self.base.info();
