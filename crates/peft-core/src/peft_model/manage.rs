@@ -33,9 +33,10 @@ impl PeftModel {
         for n in names {
             self.peft_config(n)?;
         }
+        let layers = self.base.named_layers();
         if names.len() > 1 {
             self.check_allowed(Operation::SeveralActive, names)?;
-            for (m, lin) in self.base.named_layers() {
+            for (m, lin) in &layers {
                 let holders: Vec<&String> = names.iter().filter(|n| lin.saved_copies.contains_key(*n)).collect();
                 if holders.len() > 1 {
                     return Err(PeftError::invalid_arg(
@@ -45,6 +46,9 @@ impl PeftModel {
                 }
             }
         }
+        // the adapters whose modules_to_save copies change flag (see below)
+        let with_copies: Vec<String> = self.active.iter().chain(names).filter(|n| layers.iter().any(|(_, l)| l.saved_copies.contains_key(*n))).cloned().collect();
+        drop(layers);
         if !self.merged_adapters().is_empty() {
             // HF LoraModel.set_adapter: unmerge first (with this warning).
             self.warnings.push("Adapter cannot be set when the model is merged. Unmerging the model first.".into());
@@ -56,10 +60,9 @@ impl PeftModel {
                 self.grad_flags.layers.insert(n.clone(), on(n));
             }
         }
-        for n in self.active.iter().chain(names) {
-            if self.base.named_layers().iter().any(|(_, l)| l.saved_copies.contains_key(n)) {
-                self.grad_flags.copies.insert(n.clone(), on(n));
-            }
+        for n in with_copies {
+            let v = on(&n);
+            self.grad_flags.copies.insert(n, v);
         }
         self.active = names.to_vec();
         self.sync_layers();

@@ -39,24 +39,14 @@ impl PeftModel {
     /// disk, in the order training has always used (bias entries, then module by module).
     pub fn adapter_param_parts(&self, name: &str) -> Vec<(GradPart, String, Var)> {
         let mut out = Vec::new();
-        let layer_copies = |out: &mut Vec<(GradPart, String, Var)>, m: &str, lin: &crate::tuners::linear::PeftLinear, prompt: bool| {
-            if prompt {
-                if let Some((w, b)) = lin.saved_copies.get(name) {
-                    out.push((GradPart::Copies, format!("base_model.{m}.weight"), w.clone()));
-                    if let Some(b) = b {
-                        out.push((GradPart::Copies, format!("base_model.{m}.bias"), b.clone()));
-                    }
-                }
-            } else {
-                for (p, v) in lin.saved_copy_params(name) {
-                    out.push((GradPart::Copies, format!("{KEY_PREFIX}{m}.{p}"), v.clone()));
-                }
-            }
-        };
         if let Some(enc) = self.prompt_encoders.get(name) {
+            // (prompt learning keys its modules_to_save copies as HF's prompt-learning state dict)
             out.extend(enc.vars().into_iter().map(|(p, v)| (GradPart::Layers, format!("prompt_encoder.{name}.{p}"), v)));
             for (m, lin) in self.base.named_layers() {
-                layer_copies(&mut out, &m, lin, true);
+                if let Some((w, b)) = lin.saved_copies.get(name) {
+                    out.push((GradPart::Copies, format!("base_model.{m}.weight"), w.clone()));
+                    out.extend(b.iter().map(|b| (GradPart::Copies, format!("base_model.{m}.bias"), b.clone())));
+                }
             }
             return out;
         }
@@ -71,7 +61,9 @@ impl PeftModel {
             for (slot, v) in lin.adapter_params(name) {
                 out.push((GradPart::Layers, format!("{KEY_PREFIX}{}", slot.disk_key(&m)), v.clone()));
             }
-            layer_copies(&mut out, &m, lin, false);
+            for (p, v) in lin.saved_copy_params(name) {
+                out.push((GradPart::Copies, format!("{KEY_PREFIX}{m}.{p}"), v.clone()));
+            }
         }
         for (m, host) in self.base.named_attention_prompts() {
             for (p, v) in host.adapters.get(name).map(|a| a.params()).into_iter().flatten() {
